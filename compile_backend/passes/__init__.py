@@ -1,0 +1,1 @@
+"""FX passes of the pagedllm compile backend, one pass a file."""

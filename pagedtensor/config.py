@@ -1,0 +1,201 @@
+"""MemoryConfig: the budgets and policies of one pager, with size parsing and validation.
+
+Sizes are ints (bytes) or strings with a unit. Decimal units count powers of ten and binary units
+powers of two, as the SI and IEC define them:
+
+    "512B", "4KB" = 4_000, "4KiB" = 4_096, "512MB" = 512 * 10**6, "512MiB" = 512 * 2**20,
+    "24GB" = 24 * 10**9, "24GiB" = 24 * 2**30, "1TB", "1TiB".
+
+Units are case-insensitive ("24gib" works); a bare number string ("4096") is bytes. Fractions are
+allowed where the result is a whole number of bytes ("1.5GiB").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Optional, Union
+
+import torch
+
+SizeLike = Union[int, str]
+
+UNIT_BYTES: dict[str, int] = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+MIN_PAGE_SIZE = 4096
+EVICTION_POLICIES = ("lru", "2q")
+PREFETCH_STRATEGIES = ("none", "sequential")
+COMPRESSIONS = (None, "zstd")
+
+_SIZE_PATTERN = re.compile(r"^\s*(?P<number>[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(?P<unit>[a-zA-Z]*)\s*$")
+
+
+def parse_size(value: SizeLike, field: str = "size") -> int:
+    """Return ``value`` in bytes; ``field`` names the setting in error messages.
+
+    Raises:
+        TypeError: ``value`` is neither an int nor a str (bools are rejected too).
+        ValueError: unknown unit, malformed number, negative, or not a whole number of bytes.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{field}: expected an int or a size string like '24GiB', got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{field}: size must not be negative, got {value!r}")
+        return value
+    match = _SIZE_PATTERN.match(value)
+    if match is None:
+        if value.strip().startswith("-"):
+            raise ValueError(f"{field}: size must not be negative, got {value!r}")
+        raise ValueError(f"{field}: cannot parse size {value!r}; use e.g. '512MB', '24GiB' or an int of bytes")
+    unit = match.group("unit").lower() or "b"
+    if unit not in UNIT_BYTES:
+        raise ValueError(
+            f"{field}: unknown unit {match.group('unit')!r} in {value!r}; "
+            f"known units: {', '.join(sorted(UNIT_BYTES, key=UNIT_BYTES.__getitem__))} (case-insensitive)"
+        )
+    number = float(match.group("number"))
+    if not math.isfinite(number):
+        raise ValueError(f"{field}: size {value!r} is not finite")
+    exact = number * UNIT_BYTES[unit]
+    nbytes = round(exact)
+    if abs(exact - nbytes) > 1e-6 * max(1.0, exact):
+        raise ValueError(f"{field}: {value!r} is not a whole number of bytes")
+    return nbytes
+
+
+def format_size(nbytes: int) -> str:
+    """Human-readable binary size, e.g. ``format_size(3 * 2**30) == '3.00 GiB'``."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def default_device() -> torch.device:
+    """``cuda`` (the current CUDA device) when one is available, else ``cpu``."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """Budgets and policies of one :class:`~pagedtensor.pager.Pager`.
+
+    Attributes:
+        vram_limit: bytes of device memory the pager may hold (its device-tier slabs).
+        host_memory: bytes of (pinned, where CUDA exists) host memory the pager may hold.
+        nvme_path: folder for the disk tier's page files; ``None`` means no disk tier.
+        disk_limit: bytes the disk tier may hold; ``None`` means only the file system limits it.
+        page_size: bytes per page: a power of two, at least 4 KiB.
+        eviction_policy: ``"lru"`` or ``"2q"``.
+        prefetch_strategy: ``"none"`` or ``"sequential"`` (a fault also prefetches the pages that
+            follow, ``prefetch_pages`` of them).
+        prefetch_pages: how many pages ``"sequential"`` prefetches after a fault.
+        compression: ``None`` or ``"zstd"`` (pages are compressed on the disk tier only).
+        device: the device tier's device; default ``cuda`` if available, else ``cpu`` (the CPU then
+            plays the device tier, so the whole pager runs on machines without a GPU).
+        slab_size: bytes per slab that the device and host tiers grow by (rounded to pages).
+
+    Sizes accept ints or strings such as ``"24GB"`` (10**9) and ``"24GiB"`` (2**30). The instance
+    holds normalized values: sizes as ints, ``device`` as a ``torch.device``.
+    """
+
+    vram_limit: SizeLike = "8GiB"
+    host_memory: SizeLike = "16GiB"
+    nvme_path: Optional[str] = None
+    disk_limit: Optional[SizeLike] = None
+    page_size: SizeLike = "2MiB"
+    eviction_policy: str = "lru"
+    prefetch_strategy: str = "sequential"
+    prefetch_pages: int = 4
+    compression: Optional[str] = None
+    device: Union[str, torch.device, None] = None
+    slab_size: SizeLike = "1GiB"
+
+    def __post_init__(self) -> None:
+        set_field = object.__setattr__  # frozen dataclass: normalize once, here
+        for field in ("vram_limit", "host_memory", "page_size", "slab_size"):
+            set_field(self, field, parse_size(getattr(self, field), field))
+        if self.disk_limit is not None:
+            set_field(self, "disk_limit", parse_size(self.disk_limit, "disk_limit"))
+        for field in ("vram_limit", "host_memory", "slab_size") + (("disk_limit",) if self.disk_limit is not None else ()):
+            if getattr(self, field) == 0:
+                raise ValueError(f"{field}: budget must be greater than zero, got {getattr(self, field)!r}")
+        page_size = self.page_size
+        if page_size < MIN_PAGE_SIZE or page_size & (page_size - 1):
+            raise ValueError(f"page_size: must be a power of two of at least 4 KiB (4096), got {page_size!r}")
+        for field in ("vram_limit", "host_memory") + (("disk_limit",) if self.disk_limit is not None else ()):
+            if getattr(self, field) < page_size:
+                raise ValueError(f"{field}: budget {getattr(self, field)!r} is smaller than one page ({page_size} bytes)")
+        if not isinstance(self.eviction_policy, str) or self.eviction_policy.lower() not in EVICTION_POLICIES:
+            raise ValueError(f"eviction_policy: unknown policy {self.eviction_policy!r}; choose one of {EVICTION_POLICIES}")
+        set_field(self, "eviction_policy", self.eviction_policy.lower())
+        if not isinstance(self.prefetch_strategy, str) or self.prefetch_strategy.lower() not in PREFETCH_STRATEGIES:
+            raise ValueError(
+                f"prefetch_strategy: unknown strategy {self.prefetch_strategy!r}; choose one of {PREFETCH_STRATEGIES}"
+            )
+        set_field(self, "prefetch_strategy", self.prefetch_strategy.lower())
+        if isinstance(self.prefetch_pages, bool) or not isinstance(self.prefetch_pages, int) or self.prefetch_pages < 0:
+            raise ValueError(f"prefetch_pages: expected a non-negative int, got {self.prefetch_pages!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression: unknown codec {self.compression!r}; choose one of {COMPRESSIONS}")
+        if self.nvme_path is not None and not isinstance(self.nvme_path, (str, bytes)) and not hasattr(self.nvme_path, "__fspath__"):
+            raise TypeError(f"nvme_path: expected a path or None, got {self.nvme_path!r}")
+        if self.nvme_path is not None:
+            import os
+
+            path = os.fsdecode(os.fspath(self.nvme_path))
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise ValueError(f"nvme_path: {path!r} exists and is not a directory")
+            set_field(self, "nvme_path", path)
+        if self.compression is not None and self.nvme_path is None:
+            raise ValueError(f"compression: {self.compression!r} applies to the disk tier, but nvme_path is None")
+        set_field(self, "device", _parse_device(self.device))
+        # Slabs hold whole pages.
+        set_field(self, "slab_size", max(page_size, self.slab_size - self.slab_size % page_size))
+
+    @property
+    def device_pages(self) -> int:
+        """Pages the device tier may hold."""
+        return self.vram_limit // self.page_size
+
+    @property
+    def host_pages(self) -> int:
+        """Pages the host tier may hold."""
+        return self.host_memory // self.page_size
+
+    @property
+    def disk_pages(self) -> Optional[int]:
+        """Pages the disk tier may hold (``None``: unlimited)."""
+        return None if self.disk_limit is None else self.disk_limit // self.page_size
+
+
+def _parse_device(device: Union[str, torch.device, None]) -> torch.device:
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device: cannot parse {device!r}: {error}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: only 'cpu' and 'cuda' devices are supported, got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} requested but CUDA is not available on this machine")
+        if parsed.index is None:
+            parsed = torch.device("cuda", torch.cuda.current_device())
+        if parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA devices")
+    return parsed

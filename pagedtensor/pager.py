@@ -1,0 +1,699 @@
+"""Pager: the control plane. Page table, residency, budgets, eviction, and the pin/unpin protocol.
+
+An :class:`Allocation` is a run of fixed-size pages. Each :class:`Page` may have a copy on each
+tier; the topmost copy (device over host over disk) is authoritative and every lower copy is a
+clean cache of it. A page is *dirty* when its top copy is its only copy: evicting it must write it
+back. Writing a page on the device drops its lower copies, so a stale copy never exists.
+
+Budgets are hard: the device tier never holds more than ``vram_limit`` of slabs, the host tier
+never more than ``host_memory``. Under pressure the policy chooses unpinned victims; the spill chain
+is device → host → disk, and only dirty pages move (a clean page just drops its copy).
+
+Note:
+    Stream and event ordering, on CUDA:
+
+    * Host→device copies run on ``engine.h2d_stream``, write-backs on ``engine.d2h_stream``.
+    * :meth:`Pager.ensure_resident` returns :class:`ResidentPages` holding the events of the copies
+      that filled its pages; the caller's stream waits on them (:meth:`ResidentPages.wait`).
+    * :meth:`ResidentPages.release` records an event on the caller's stream: the page's device slot
+      is not overwritten (by a later fault) nor read for write-back until that event completes.
+      The side stream waits on it; the host never does.
+    * A host slot remembers the last copy that read or wrote it. Copies wait on it on the GPU; the
+      CPU synchronizes on it only before disk I/O touches that slot.
+
+    On a machine without CUDA the device tier is CPU memory and every copy is synchronous.
+
+Thread-safety: every public method takes the pager's lock; prefetches run on one worker thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+
+from pagedtensor.config import MemoryConfig
+from pagedtensor.errors import OutOfPagesError
+from pagedtensor.metrics import PagerMetrics
+from pagedtensor.policies import make_policy
+from pagedtensor.tiers import DeviceTier, DiskTier, HostTier
+from pagedtensor.transfer import Event, TransferEngine, coalesce_runs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Page:
+    """One entry of the page table. Compared and hashed by identity."""
+
+    allocation_id: int
+    index: int
+    nbytes: int
+    device_slot: Optional[int] = None
+    host_slot: Optional[int] = None
+    disk_slot: Optional[int] = None
+    pin_count: int = 0
+    ready: Event = None  # the copy that filled ``device_slot``
+
+    @property
+    def tier(self) -> Optional[str]:
+        """The tier of the authoritative copy; ``None`` for a page never written (reads as zeros)."""
+        if self.device_slot is not None:
+            return "device"
+        if self.host_slot is not None:
+            return "host"
+        if self.disk_slot is not None:
+            return "disk"
+        return None
+
+    @property
+    def dirty(self) -> bool:
+        """Whether the top copy is the only copy (evicting it from its tier means writing it back)."""
+        copies = (self.device_slot is not None) + (self.host_slot is not None) + (self.disk_slot is not None)
+        return copies == 1 and self.disk_slot is None
+
+
+@dataclass(frozen=True)
+class PageInfo:
+    """A read-only snapshot of one page-table entry."""
+
+    index: int
+    tier: Optional[str]
+    device_slot: Optional[int]
+    host_slot: Optional[int]
+    disk_slot: Optional[int]
+    dirty: bool
+    pin_count: int
+
+
+@dataclass(eq=False)
+class Allocation:
+    """A run of pages holding ``nbytes`` bytes. Created by :meth:`Pager.allocate`."""
+
+    id: int
+    nbytes: int
+    page_size: int
+    pages: list[Page] = field(repr=False)
+    name: Optional[str] = None
+    freed: bool = False
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.pages)
+
+    def page_range(self, byte_start: int, byte_stop: int) -> tuple[int, int]:
+        """The pages ``[first, stop)`` that hold bytes ``[byte_start, byte_stop)``."""
+        if not 0 <= byte_start <= byte_stop <= self.nbytes:
+            raise IndexError(f"byte range [{byte_start}, {byte_stop}) is outside allocation {self.id} of {self.nbytes} bytes")
+        if byte_start == byte_stop:
+            return byte_start // self.page_size, byte_start // self.page_size
+        return byte_start // self.page_size, -(-byte_stop // self.page_size)
+
+
+class ResidentPages:
+    """Pages ``[start, stop)`` of an allocation, resident and pinned on the device tier.
+
+    Use as a context manager, or call :meth:`release` exactly once.
+
+    Note:
+        The pages' bytes are valid on a stream only after :meth:`wait` on that stream (it waits on
+        the copy events). :meth:`release` records an event on the releasing stream that orders any
+        later reuse of the slots after the work that stream has enqueued so far.
+    """
+
+    def __init__(self, pager: "Pager", allocation: Allocation, start: int, stop: int, pages: list[Page], events: list[Event]) -> None:
+        self.pager = pager
+        self.allocation = allocation
+        self.start = start
+        self.stop = stop
+        self.pages = pages
+        self.events = events
+        self._dirty: set[int] = set()
+        self.released = False
+
+    def wait(self, stream: Optional[torch.cuda.Stream] = None) -> None:
+        """Make ``stream`` (default: the current stream) wait for the copies that filled the pages."""
+        if self.pager.engine.is_cuda:
+            stream = stream if stream is not None else torch.cuda.current_stream(self.pager.device)
+            for event in self.events:
+                stream.wait_event(event)
+
+    def views(self) -> list[torch.Tensor]:
+        """One uint8 device view per page (the last page of the allocation may be shorter)."""
+        tier = self.pager.device_tier
+        return [tier.page(page.device_slot)[: page.nbytes] for page in self.pages]
+
+    def runs(self) -> list[tuple[int, torch.Tensor]]:
+        """Maximal runs of pages adjacent in device memory: ``(first page offset in range, view)``."""
+        tier = self.pager.device_tier
+        runs: list[tuple[int, torch.Tensor]] = []
+        run_start = 0
+        for offset in range(1, len(self.pages) + 1):
+            if offset == len(self.pages) or not tier.adjacent(self.pages[offset - 1].device_slot, self.pages[offset].device_slot):
+                count = offset - run_start
+                nbytes = sum(page.nbytes for page in self.pages[run_start:offset])
+                runs.append((run_start, tier.run(self.pages[run_start].device_slot, count)[:nbytes]))
+                run_start = offset
+        return runs
+
+    def contiguous(self) -> Optional[torch.Tensor]:
+        """One view over every page when their device slots are adjacent; otherwise ``None``."""
+        runs = self.runs()
+        return runs[0][1] if len(runs) == 1 else None
+
+    def mark_dirty(self, indices: Optional[Iterable[int]] = None) -> None:
+        """Record that the pages at ``indices`` (allocation page numbers; default: all) were written."""
+        self._dirty.update(range(self.start, self.stop) if indices is None else indices)
+
+    def release(self, *, dirty: Union[bool, Iterable[int]] = False, stream: Optional[torch.cuda.Stream] = None) -> None:
+        """Unpin the pages; ``dirty`` (True or allocation page numbers) marks pages written.
+
+        Note:
+            Records an event on ``stream`` (default: the current stream): the slots are reused only
+            after the work enqueued on it so far.
+        """
+        if self.released:
+            raise RuntimeError(f"pages [{self.start}, {self.stop}) of allocation {self.allocation.id} were already released")
+        if dirty is True:
+            self.mark_dirty()
+        elif dirty is not False:
+            self.mark_dirty(dirty)
+        self.released = True
+        self.pager._release(self, self._dirty, stream)
+
+    def __enter__(self) -> "ResidentPages":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self.released:
+            self.release()
+
+
+class Pager:
+    """Moves fixed-size pages between device memory, host memory and disk under hard budgets."""
+
+    def __init__(self, config: Optional[MemoryConfig] = None, *, registry: object = None) -> None:
+        self.config = config if config is not None else MemoryConfig()
+        self.device = self.config.device
+        self.page_size = self.config.page_size
+        self.device_tier = DeviceTier(self.config)
+        self.host_tier = HostTier(self.config)
+        self.disk_tier: Optional[DiskTier] = None
+        if self.config.nvme_path is not None:
+            self.disk_tier = DiskTier(self.config.nvme_path, self.page_size, self.config.disk_pages, self.config.compression)
+        self.engine = TransferEngine(self.device)
+        self.device_policy = make_policy(self.config.eviction_policy, self.device_tier.capacity_pages)
+        self.host_policy = make_policy(self.config.eviction_policy, self.host_tier.capacity_pages)
+        self.metrics = PagerMetrics(registry)
+        self._lock = threading.RLock()
+        self._allocations: dict[int, Allocation] = {}
+        self._ids = itertools.count()
+        self._device_fences: dict[int, dict[int, Event]] = {}  # slot -> {stream id: event}
+        self._host_fences: dict[int, Event] = {}  # slot -> last copy touching it
+        self._prefetcher: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self.closed = False
+
+    # ------------------------------------------------------------------ allocations
+
+    def allocate(self, nbytes: int, *, name: Optional[str] = None) -> Allocation:
+        """A new allocation of ``nbytes`` (its pages read as zeros until written). Takes no memory yet."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+            raise TypeError(f"nbytes: expected an int, got {nbytes!r}")
+        if nbytes <= 0:
+            raise ValueError(f"nbytes: expected a positive size, got {nbytes!r}")
+        with self._lock:
+            self._check_open()
+            allocation_id = next(self._ids)
+            count = -(-nbytes // self.page_size)
+            last = nbytes - (count - 1) * self.page_size
+            pages = [Page(allocation_id, index, self.page_size) for index in range(count)]
+            pages[-1].nbytes = last
+            allocation = Allocation(allocation_id, nbytes, self.page_size, pages, name)
+            self._allocations[allocation_id] = allocation
+            return allocation
+
+    def free(self, allocation: Allocation) -> None:
+        """Release every copy of every page of ``allocation``. Its pages must not be pinned."""
+        with self._lock:
+            self._check_allocation(allocation)
+            pinned = [page.index for page in allocation.pages if page.pin_count]
+            if pinned:
+                raise RuntimeError(f"free: allocation {allocation.id} has pinned pages {pinned[:8]}; release them first")
+            for page in allocation.pages:
+                self._drop_device_copy(page, forget=True)
+                self._drop_host_copy(page, forget=True)
+                self._drop_disk_copy(page)
+            allocation.freed = True
+            del self._allocations[allocation.id]
+            self._publish_residency()
+
+    # ------------------------------------------------------------------ residency
+
+    def ensure_resident(
+        self, allocation: Allocation, start: int = 0, stop: Optional[int] = None, *, discard: Iterable[int] = ()
+    ) -> ResidentPages:
+        """Bring pages ``[start, stop)`` to the device tier and pin them there.
+
+        ``discard`` names pages (allocation page numbers) the caller overwrites completely: their
+        old bytes are not copied in (a missing one gets a zero-filled slot) and their lower copies
+        are dropped once the slot is secured.
+
+        Enqueues the copies and returns at once; the returned pages are usable on a stream after
+        :meth:`ResidentPages.wait`. With ``prefetch_strategy="sequential"`` a fault also schedules
+        a prefetch of the ``prefetch_pages`` pages that follow.
+
+        Raises:
+            OutOfPagesError: the pages do not fit on the device tier beside the pinned pages.
+        """
+        with self._lock:
+            start, stop = self._check_range(allocation, start, stop)
+            pages = allocation.pages[start:stop]
+            for page in pages:
+                page.pin_count += 1
+            try:
+                missing = self._bring_to_device(pages, frozenset(discard))
+            except BaseException:
+                for page in pages:
+                    page.pin_count -= 1
+                raise
+            self.metrics.count("faults", len(missing))
+            self.metrics.count("hits", len(pages) - len(missing))
+            events = list({id(page.ready): page.ready for page in pages if page.ready is not None}.values())
+            resident = ResidentPages(self, allocation, start, stop, pages, events)
+        if missing and self.config.prefetch_strategy == "sequential" and self.config.prefetch_pages:
+            ahead = min(allocation.num_pages, stop + self.config.prefetch_pages)
+            if ahead > stop:
+                self.prefetch(allocation, stop, ahead)
+        return resident
+
+    def prefetch(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> concurrent.futures.Future:
+        """Bring pages ``[start, stop)`` to the device tier in the background, without pinning them.
+
+        Returns at once; the future completes when the copies are enqueued (not finished: a later
+        :meth:`ensure_resident` of these pages returns their copy events). A prefetch that cannot
+        fit is logged and its future carries the error; it never fails the caller.
+        """
+        with self._lock:
+            start, stop = self._check_range(allocation, start, stop)
+            if self._prefetcher is None:
+                self._prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedllm-prefetch")
+            return self._prefetcher.submit(self._prefetch_now, allocation, start, stop)
+
+    def evict_all(self) -> None:
+        """Move every unpinned page off the device tier (host overflow goes to disk)."""
+        with self._lock:
+            self._check_open()
+            victims = self.device_policy.victims(self.device_tier.used_pages, self._device_evictable)
+            self._evict_from_device(victims)
+            self._publish_residency()
+
+    def synchronize(self) -> None:
+        """Block until every enqueued transfer has finished (prefetches included)."""
+        with self._lock:
+            prefetcher = self._prefetcher
+        if prefetcher is not None:
+            prefetcher.submit(lambda: None).result()
+        self.engine.synchronize()
+
+    # ------------------------------------------------------------------ bytes in and out
+
+    def write(self, allocation: Allocation, data: torch.Tensor, offset: int = 0) -> None:
+        """Copy ``data``'s bytes into ``allocation`` at byte ``offset`` (blocking the current stream's order).
+
+        Pages the write covers completely are not faulted in first: their old bytes are discarded.
+        """
+        source = _as_bytes(data)
+        first, stop = allocation.page_range(offset, offset + source.numel())
+        for chunk_start, chunk_stop in self._chunks(first, stop):
+            chunk_begin = max(offset, chunk_start * self.page_size)
+            chunk_end = min(offset + source.numel(), chunk_stop * self.page_size, allocation.nbytes)
+            covered = [
+                index
+                for index in range(chunk_start, chunk_stop)
+                if chunk_begin <= index * self.page_size and index * self.page_size + allocation.pages[index].nbytes <= chunk_end
+            ]
+            resident = self.ensure_resident(allocation, chunk_start, chunk_stop, discard=covered)
+            try:
+                resident.wait()
+                for run_offset, view in resident.runs():
+                    run_begin = (chunk_start + run_offset) * self.page_size
+                    lo, hi = max(run_begin, chunk_begin), min(run_begin + view.numel(), chunk_end)
+                    if lo < hi:
+                        view[lo - run_begin : hi - run_begin].copy_(source[lo - offset : hi - offset], non_blocking=True)
+            finally:
+                resident.release(dirty=True)
+
+    def read(self, allocation: Allocation, offset: int = 0, nbytes: Optional[int] = None) -> torch.Tensor:
+        """A CPU uint8 copy of ``nbytes`` (default: to the end) of ``allocation`` from byte ``offset``."""
+        nbytes = allocation.nbytes - offset if nbytes is None else nbytes
+        first, stop = allocation.page_range(offset, offset + nbytes)
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        for chunk_start, chunk_stop in self._chunks(first, stop):
+            with self.ensure_resident(allocation, chunk_start, chunk_stop) as resident:
+                resident.wait()
+                for run_offset, view in resident.runs():
+                    run_begin = (chunk_start + run_offset) * self.page_size
+                    lo, hi = max(run_begin, offset), min(run_begin + view.numel(), offset + nbytes)
+                    if lo < hi:
+                        out[lo - offset : hi - offset].copy_(view[lo - run_begin : hi - run_begin])
+        return out
+
+    # ------------------------------------------------------------------ inspection
+
+    def stats(self) -> dict:
+        """Counters since creation, plus ``resident_bytes`` per tier (``device``, ``host``, ``disk``)."""
+        with self._lock:
+            stats: dict = dict(self.metrics.values)
+            stats["resident_bytes"] = self._resident_bytes()
+            stats["device_slab_bytes"] = self.device_tier.slab_bytes
+            stats["host_slab_bytes"] = self.host_tier.slab_bytes
+            stats["allocations"] = len(self._allocations)
+            return stats
+
+    def page_table(self, allocation: Allocation) -> list[PageInfo]:
+        """A snapshot of ``allocation``'s page-table entries."""
+        with self._lock:
+            self._check_allocation(allocation)
+            return [
+                PageInfo(p.index, p.tier, p.device_slot, p.host_slot, p.disk_slot, p.dirty, p.pin_count) for p in allocation.pages
+            ]
+
+    def close(self) -> None:
+        """Finish pending transfers and release every tier. The pager cannot be used afterwards."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            prefetcher, self._prefetcher = self._prefetcher, None
+        if prefetcher is not None:
+            prefetcher.shutdown(wait=True)
+        with self._lock:
+            self.engine.synchronize()
+            for allocation in list(self._allocations.values()):
+                allocation.freed = True
+            self._allocations.clear()
+            self.device_tier.close()
+            self.host_tier.close()
+            if self.disk_tier is not None:
+                self.disk_tier.close()
+
+    def __enter__(self) -> "Pager":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals: faults
+
+    def _bring_to_device(self, pages: Sequence[Page], discard: frozenset[int] = frozenset()) -> list[Page]:
+        """Give every page of ``pages`` (all pinned by the caller) a filled device slot.
+
+        Pages whose index is in ``discard`` will be overwritten whole by the caller: once they hold
+        a device slot their lower copies are dropped and the slot is zero-filled instead.
+        Returns the pages that were missing. On error, pages not yet filled keep no device slot.
+        """
+        missing = [page for page in pages if page.device_slot is None]
+        for page in pages:
+            if page.device_slot is not None:
+                self.device_policy.touch(page)
+        if not missing:
+            return missing
+        self._make_device_room(len(missing))
+        for page, slot in zip(missing, self.device_tier.allocate(len(missing))):
+            page.device_slot = slot
+            if page.index in discard:
+                self._drop_host_copy(page, forget=True)
+                self._drop_disk_copy(page)
+        filled: set[Page] = set()
+        try:
+            from_host = [page for page in missing if page.host_slot is not None]
+            from_disk = [page for page in missing if page.host_slot is None and page.disk_slot is not None]
+            # Pages that hold host copies go first: staging disk pages may evict those copies.
+            self._copy_host_to_device(from_host)
+            filled.update(from_host)
+            zeros = [page for page in missing if page.host_slot is None and page.disk_slot is None]
+            self._zero_on_device(zeros)
+            filled.update(zeros)
+            for chunk in _chunked(from_disk, max(1, self.host_tier.capacity_pages // 2)):
+                self._stage_from_disk(chunk)
+                self._copy_host_to_device(chunk)
+                filled.update(chunk)
+        finally:
+            for page in missing:  # in request order, so the policy sees the order of use
+                if page in filled:
+                    self.device_policy.insert(page)
+                else:
+                    self._free_device_slot(page)
+            self._publish_residency()
+        return missing
+
+    def _copy_host_to_device(self, pages: Sequence[Page]) -> None:
+        if not pages:
+            return
+        pairs = [(page.host_slot, page.device_slot) for page in pages]
+        runs = coalesce_runs(pairs, self.host_tier, self.device_tier)
+        wait_for = [self._host_fences.get(host_slot) for host_slot, _ in pairs]
+        wait_for += [event for _, device_slot in pairs for event in self._device_fences.pop(device_slot, {}).values()]
+        event = self.engine.copy(self.engine.h2d_stream, runs, self.host_tier, self.device_tier, wait_for)
+        for page in pages:
+            page.ready = event
+            self._host_fences[page.host_slot] = event
+            self.host_policy.touch(page)
+        self.metrics.count("bytes_h2d", len(pages) * self.page_size)
+
+    def _zero_on_device(self, pages: Sequence[Page]) -> None:
+        """Pages never written (or fully overwritten next) get zero-filled device slots."""
+        if not pages:
+            return
+        slots = [page.device_slot for page in pages]
+        wait_for = [event for slot in slots for event in self._device_fences.pop(slot, {}).values()]
+        event = self.engine.zero(slots, self.device_tier, wait_for)
+        for page in pages:
+            page.ready = event
+
+    def _stage_from_disk(self, pages: Sequence[Page]) -> None:
+        """Read ``pages`` (no host copy, a disk copy) from disk into new host slots. Blocks on disk I/O."""
+        self._make_host_room(len(pages))
+        host_slots = self.host_tier.allocate(len(pages))
+        try:
+            self._sync_host_slots(host_slots)
+            moved = self.disk_tier.read_pages([(page.disk_slot, self.host_tier.page(slot)) for page, slot in zip(pages, host_slots)])
+        except BaseException:
+            self.host_tier.free(host_slots)
+            raise
+        for page, slot in zip(pages, host_slots):
+            page.host_slot = slot
+            self.host_policy.insert(page)
+        self.metrics.count("bytes_from_disk", moved)
+
+    def _prefetch_now(self, allocation: Allocation, start: int, stop: int) -> int:
+        with self._lock:
+            if allocation.freed or self.closed:
+                return 0
+            pages = allocation.pages[start:stop]
+            for page in pages:
+                page.pin_count += 1
+            try:
+                missing = self._bring_to_device(pages)
+            except OutOfPagesError as error:
+                log.info("prefetch of pages [%d, %d) of allocation %d skipped: %s", start, stop, allocation.id, error)
+                raise
+            finally:
+                for page in pages:
+                    page.pin_count -= 1
+            self.metrics.count("prefetched_pages", len(missing))
+            return len(missing)
+
+    # ------------------------------------------------------------------ internals: eviction
+
+    def _device_evictable(self, page: Page) -> bool:
+        return page.pin_count == 0
+
+    def _make_device_room(self, count: int) -> None:
+        shortfall = count - self.device_tier.free_pages
+        if shortfall <= 0:
+            return
+        victims = self.device_policy.victims(shortfall, self._device_evictable)
+        if len(victims) < shortfall:
+            raise OutOfPagesError(
+                f"device tier: {count} pages needed, {self.device_tier.free_pages} free and only {len(victims)} evictable "
+                f"(vram_limit={self.config.vram_limit} bytes = {self.device_tier.capacity_pages} pages of {self.page_size}; "
+                f"the rest are pinned)"
+            )
+        self._evict_from_device(victims)
+
+    def _evict_from_device(self, victims: Sequence[Page]) -> None:
+        """Move ``victims`` (unpinned, device-resident) off the device; dirty ones are written back to host."""
+        for chunk in _chunked(victims, max(1, self.host_tier.capacity_pages // 2)):
+            dirty = [page for page in chunk if page.host_slot is None and page.disk_slot is None]
+            if dirty:
+                self._make_host_room(len(dirty))
+                host_slots = self.host_tier.allocate(len(dirty))
+                pairs = [(page.device_slot, slot) for page, slot in zip(dirty, host_slots)]
+                runs = coalesce_runs(pairs, self.device_tier, self.host_tier)
+                wait_for = [page.ready for page in dirty]
+                wait_for += [event for page in dirty for event in self._device_fences.get(page.device_slot, {}).values()]
+                wait_for += [self._host_fences.get(slot) for slot in host_slots]
+                event = self.engine.copy(self.engine.d2h_stream, runs, self.device_tier, self.host_tier, wait_for)
+                for page, slot in zip(dirty, host_slots):
+                    page.host_slot = slot
+                    self._host_fences[slot] = event
+                    self._device_fences[page.device_slot] = {-1: event}
+                    self.host_policy.insert(page)
+                self.metrics.count("bytes_d2h", len(dirty) * self.page_size)
+            for page in chunk:
+                self._drop_device_copy(page)
+            self.metrics.count("evictions", len(chunk))
+
+    def _make_host_room(self, count: int) -> None:
+        """Free ``count`` host slots, moving host-only pages to disk. Blocks on disk I/O."""
+        shortfall = count - self.host_tier.free_pages
+        if shortfall <= 0:
+            return
+        victims = self.host_policy.victims(shortfall, lambda page: True)
+        to_disk = [page for page in victims if page.device_slot is None and page.disk_slot is None]
+        if len(victims) < shortfall:
+            raise OutOfPagesError(f"host tier: {count} pages needed, {self.host_tier.free_pages} free of {self.host_tier.capacity_pages}")
+        if to_disk:
+            if self.disk_tier is None:
+                raise OutOfPagesError(
+                    f"host tier full (host_memory={self.config.host_memory} bytes) and no disk tier (nvme_path=None): "
+                    f"cannot spill {len(to_disk)} pages"
+                )
+            free_disk = None if self.disk_tier.capacity_pages is None else self.disk_tier.capacity_pages - self.disk_tier.used_pages
+            if free_disk is not None and free_disk < len(to_disk):
+                raise OutOfPagesError(f"disk tier full (disk_limit={self.config.disk_limit} bytes): cannot spill {len(to_disk)} pages")
+            self._sync_host_slots([page.host_slot for page in to_disk])
+            disk_slots = [self.disk_tier.allocate_slot() for _ in to_disk]
+            try:
+                moved = self.disk_tier.write_pages([(slot, self.host_tier.page(page.host_slot)) for page, slot in zip(to_disk, disk_slots)])
+            except BaseException:
+                for slot in disk_slots:
+                    self.disk_tier.free_slot(slot)
+                raise
+            for page, slot in zip(to_disk, disk_slots):
+                page.disk_slot = slot
+            self.metrics.count("bytes_to_disk", moved)
+        for page in victims:
+            self._drop_host_copy(page)
+        self.metrics.count("host_evictions", len(victims))
+
+    def _sync_host_slots(self, slots: Iterable[int]) -> None:
+        """Block the host until the copies touching these host slots are done (before CPU I/O on them)."""
+        for slot in slots:
+            event = self._host_fences.pop(slot, None)
+            if event is not None:
+                event.synchronize()
+
+    # ------------------------------------------------------------------ internals: dropping copies
+
+    def _drop_device_copy(self, page: Page, forget: bool = False) -> None:
+        if page.device_slot is None:
+            return
+        if forget:
+            self.device_policy.forget(page)
+        else:
+            self.device_policy.remove(page)
+        self._free_device_slot(page)
+
+    def _free_device_slot(self, page: Page) -> None:
+        if page.device_slot is None:
+            return
+        if page.ready is not None:
+            # A later copy into this slot must not overtake the one that filled it.
+            self._device_fences.setdefault(page.device_slot, {})[-2] = page.ready
+        self.device_tier.free([page.device_slot])
+        page.device_slot = None
+        page.ready = None
+
+    def _drop_host_copy(self, page: Page, forget: bool = False) -> None:
+        if page.host_slot is None:
+            return
+        if forget:
+            self.host_policy.forget(page)
+        else:
+            self.host_policy.remove(page)
+        self.host_tier.free([page.host_slot])
+        page.host_slot = None
+
+    def _drop_disk_copy(self, page: Page) -> None:
+        if page.disk_slot is not None:
+            self.disk_tier.free_slot(page.disk_slot)
+            page.disk_slot = None
+
+    # ------------------------------------------------------------------ internals: release
+
+    def _release(self, resident: ResidentPages, dirty: set[int], stream: Optional[torch.cuda.Stream]) -> None:
+        event = None
+        stream_id = 0
+        if self.engine.is_cuda:
+            stream = stream if stream is not None else torch.cuda.current_stream(self.device)
+            event = torch.cuda.Event()
+            event.record(stream)
+            stream_id = stream.stream_id
+        with self._lock:
+            for page in resident.pages:
+                if event is not None:
+                    self._device_fences.setdefault(page.device_slot, {})[stream_id] = event
+                if page.index in dirty:
+                    self._drop_host_copy(page, forget=True)
+                    self._drop_disk_copy(page)
+                page.pin_count -= 1
+            self._publish_residency()
+
+    # ------------------------------------------------------------------ internals: checks
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this Pager is closed")
+
+    def _check_allocation(self, allocation: Allocation) -> None:
+        self._check_open()
+        if not isinstance(allocation, Allocation):
+            raise TypeError(f"allocation: expected an Allocation, got {type(allocation).__name__}")
+        if allocation.freed or self._allocations.get(allocation.id) is not allocation:
+            raise ValueError(f"allocation {allocation.id} is freed or belongs to another pager")
+
+    def _check_range(self, allocation: Allocation, start: int, stop: Optional[int]) -> tuple[int, int]:
+        self._check_allocation(allocation)
+        stop = allocation.num_pages if stop is None else stop
+        if not 0 <= start <= stop <= allocation.num_pages:
+            raise IndexError(f"page range [{start}, {stop}) is outside allocation {allocation.id} of {allocation.num_pages} pages")
+        return start, stop
+
+    def _chunks(self, first: int, stop: int) -> Iterator[tuple[int, int]]:
+        """Split pages ``[first, stop)`` into ranges that fit on the device tier at once."""
+        size = max(1, self.device_tier.capacity_pages // 2)
+        for start in range(first, stop, size):
+            yield start, min(stop, start + size)
+
+    def _resident_bytes(self) -> dict[str, int]:
+        return {
+            "device": self.device_tier.used_pages * self.page_size,
+            "host": self.host_tier.used_pages * self.page_size,
+            "disk": 0 if self.disk_tier is None else self.disk_tier.used_pages * self.page_size,
+        }
+
+    def _publish_residency(self) -> None:
+        for tier, nbytes in self._resident_bytes().items():
+            self.metrics.set_resident(tier, nbytes)
+
+
+def _chunked(items: Sequence[Page], size: int) -> Iterator[Sequence[Page]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _as_bytes(data: torch.Tensor) -> torch.Tensor:
+    """``data``'s bytes as a flat contiguous uint8 tensor (a view when ``data`` is contiguous)."""
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(f"data: expected a torch.Tensor, got {type(data).__name__}")
+    flat = data.detach().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    return flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)

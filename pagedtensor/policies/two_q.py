@@ -1,0 +1,94 @@
+"""2Q (Johnson & Shasha, VLDB 1994): scan-resistant LRU.
+
+A page seen once enters ``a1in``, a FIFO of about a quarter of the tier. When ``a1in`` is over its
+share, its oldest page is evicted first and its key remembered in ``a1out`` (a ghost queue of keys
+only, half the tier). A page that comes back while remembered in ``a1out`` has proved it is reused
+and enters ``am``, an LRU of hot pages. One scan over a large tensor therefore flushes ``a1in`` but
+leaves the hot set in ``am`` alone.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Optional
+
+from pagedtensor.policies.base import EvictionPolicy, K
+
+A1IN_SHARE = 0.25
+A1OUT_SHARE = 0.5
+
+
+class TwoQPolicy(EvictionPolicy[K]):
+    """2Q with ``a1in`` (FIFO), ``a1out`` (ghost keys) and ``am`` (LRU)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.a1in_limit = max(1, int(capacity * A1IN_SHARE))
+        self.a1out_limit = max(1, int(capacity * A1OUT_SHARE))
+        self.a1in: OrderedDict[K, None] = OrderedDict()
+        self.a1out: OrderedDict[K, None] = OrderedDict()
+        self.am: OrderedDict[K, None] = OrderedDict()
+
+    def insert(self, key: K) -> None:
+        if key in self.a1in or key in self.am:
+            raise KeyError(f"TwoQPolicy.insert: key {key!r} is already resident")
+        if key in self.a1out:
+            del self.a1out[key]
+            self.am[key] = None
+        else:
+            self.a1in[key] = None
+
+    def touch(self, key: K) -> None:
+        if key in self.am:
+            self.am.move_to_end(key)
+        elif key not in self.a1in:
+            raise KeyError(f"TwoQPolicy.touch: key {key!r} is not resident")
+        # A page in a1in stays where it is: one burst of uses is one use.
+
+    def remove(self, key: K) -> None:
+        if key in self.a1in:
+            del self.a1in[key]
+            self.a1out[key] = None
+            while len(self.a1out) > self.a1out_limit:
+                self.a1out.popitem(last=False)
+        else:
+            del self.am[key]
+
+    def forget(self, key: K) -> None:
+        """Drop every trace of ``key``, ghost included (the page was freed, not evicted)."""
+        self.a1in.pop(key, None)
+        self.am.pop(key, None)
+        self.a1out.pop(key, None)
+
+    def victim(self, evictable: Callable[[K], bool]) -> Optional[K]:
+        queues = (self.a1in, self.am) if len(self.a1in) > self.a1in_limit else (self.am, self.a1in)
+        for queue in queues:
+            for key in queue:
+                if evictable(key):
+                    return key
+        return None
+
+    def victims(self, count: int, evictable: Callable[[K], bool]) -> list[K]:
+        """Victims in the order repeated :meth:`victim` and :meth:`remove` calls would give."""
+        chosen: list[K] = []
+        a1in_left = len(self.a1in)
+        a1in_keys = (key for key in self.a1in if evictable(key))
+        am_keys = (key for key in self.am if evictable(key))
+        while len(chosen) < count:
+            first, second = (a1in_keys, am_keys) if a1in_left > self.a1in_limit else (am_keys, a1in_keys)
+            key = next(first, None)
+            from_a1in = first is a1in_keys
+            if key is None:
+                key = next(second, None)
+                from_a1in = second is a1in_keys
+            if key is None:
+                break
+            chosen.append(key)
+            a1in_left -= from_a1in
+        return chosen
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.a1in or key in self.am
+
+    def __len__(self) -> int:
+        return len(self.a1in) + len(self.am)

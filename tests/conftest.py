@@ -1,0 +1,61 @@
+"""Test configuration shared by every test module.
+
+Triton kernels run under the interpreter when no CUDA device is present; ``TRITON_INTERPRET`` must
+be set before any module with ``@triton.jit`` is imported, so it is set here, first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+
+def _has_cuda_device() -> bool:
+    """Whether a CUDA device is present, decided without importing torch (so the env var lands first)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        result = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.returncode == 0 and "GPU" in result.stdout
+
+
+HAS_CUDA = _has_cuda_device()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402  (after TRITON_INTERPRET)
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.register_profile("dev", deadline=None, max_examples=10)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (runs on the H100)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def nvme_dir(tmp_path):
+    """A folder for a disk tier's page files, removed after the test."""
+    path = tmp_path / "nvme"
+    path.mkdir()
+    return str(path)

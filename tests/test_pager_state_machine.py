@@ -1,0 +1,231 @@
+"""Stateful property tests of the pager: random allocate / write / read / prefetch / pin / evict / free.
+
+Budgets are a few pages on every tier, so pages spill device → host → disk and come back all the
+time. The model keeps the bytes of every allocation and, for LRU, the order the device tier should
+hold, so the test checks:
+
+* every read returns the bytes last written (zeros where never written);
+* device and host never hold more than their budgets;
+* the device tier holds exactly the pages the LRU model predicts, so every victim was the least
+  recently used unpinned page;
+* pinned pages stay on the device, in the same slot, until released;
+* the page table is coherent: a dirty page has exactly one copy; the counters add up.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
+
+from pagedtensor import MemoryConfig, Pager
+
+PAGE = 4096
+DEVICE_PAGES = 4
+HOST_PAGES = 3
+
+
+class PagerMachine(RuleBasedStateMachine):
+    policy = "lru"
+    compression = None
+
+    allocations = Bundle("allocations")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nvme = tempfile.mkdtemp(prefix="pager-sm-")
+        config = MemoryConfig(
+            vram_limit=DEVICE_PAGES * PAGE,
+            host_memory=HOST_PAGES * PAGE,
+            nvme_path=self.nvme,
+            page_size=PAGE,
+            eviction_policy=self.policy,
+            prefetch_strategy="none",
+            compression=self.compression,
+            device="cpu",
+        )
+        self.pager = Pager(config)
+        self.data: dict[int, torch.Tensor] = {}  # allocation id -> expected bytes
+        self.live: dict[int, object] = {}
+        self.lru: list[tuple[int, int]] = []  # device-resident (allocation id, page), least recent first
+        self.pinned: list[tuple[object, dict[tuple[int, int], int]]] = []  # (ResidentPages, slots at pin)
+
+    def teardown(self) -> None:
+        for resident, _ in self.pinned:
+            resident.release()
+        self.pager.close()
+        shutil.rmtree(self.nvme, ignore_errors=True)
+
+    # ------------------------------------------------------------------ the LRU model
+
+    def _pinned_keys(self) -> set[tuple[int, int]]:
+        return {key for _, slots in self.pinned for key in slots}
+
+    def _model_fault(self, allocation_id: int, start: int, stop: int) -> None:
+        """What ``ensure_resident`` does to the device LRU order."""
+        keys = [(allocation_id, index) for index in range(start, stop)]
+        resident = set(self.lru)
+        for key in keys:
+            if key in resident:
+                self.lru.remove(key)
+                self.lru.append(key)
+        missing = [key for key in keys if key not in resident]
+        shortfall = len(missing) - (DEVICE_PAGES - len(self.lru))
+        protected = self._pinned_keys() | set(keys)
+        victims = [key for key in self.lru if key not in protected][: max(0, shortfall)]
+        for key in victims:
+            self.lru.remove(key)
+        self.lru.extend(missing)
+
+    def _model_chunks(self, allocation_id: int, first: int, stop: int) -> None:
+        size = max(1, DEVICE_PAGES // 2)
+        for start in range(first, stop, size):
+            self._model_fault(allocation_id, start, min(stop, start + size))
+
+    # ------------------------------------------------------------------ rules
+
+    @rule(target=allocations, pages=st.integers(1, 4), tail=st.integers(0, PAGE - 1))
+    def allocate(self, pages: int, tail: int):
+        nbytes = (pages - 1) * PAGE + max(1, tail)
+        allocation = self.pager.allocate(nbytes)
+        self.data[allocation.id] = torch.zeros(nbytes, dtype=torch.uint8)
+        self.live[allocation.id] = allocation
+        return allocation
+
+    @rule(allocation=allocations, data=st.data())
+    def write(self, allocation, data):
+        if allocation.id not in self.live:
+            return
+        nbytes = allocation.nbytes
+        offset = data.draw(st.integers(0, nbytes - 1), label="offset")
+        length = data.draw(st.integers(1, nbytes - offset), label="length")
+        seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+        payload = torch.randint(0, 256, (length,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+        self.pager.write(allocation, payload, offset)
+        self.data[allocation.id][offset : offset + length] = payload
+        self._model_chunks(allocation.id, *allocation.page_range(offset, offset + length))
+
+    @rule(allocation=allocations, data=st.data())
+    def read(self, allocation, data):
+        if allocation.id not in self.live:
+            return
+        offset = data.draw(st.integers(0, allocation.nbytes - 1), label="offset")
+        length = data.draw(st.integers(1, allocation.nbytes - offset), label="length")
+        got = self.pager.read(allocation, offset, length)
+        expected = self.data[allocation.id][offset : offset + length]
+        assert torch.equal(got, expected), f"allocation {allocation.id} bytes [{offset}, {offset + length}) differ"
+        self._model_chunks(allocation.id, *allocation.page_range(offset, offset + length))
+
+    @rule(allocation=allocations, data=st.data())
+    def prefetch(self, allocation, data):
+        if allocation.id not in self.live:
+            return
+        start = data.draw(st.integers(0, allocation.num_pages - 1), label="start")
+        stop = data.draw(st.integers(start + 1, min(allocation.num_pages, start + 2)), label="stop")
+        self.pager.prefetch(allocation, start, stop).result()
+        self._model_fault(allocation.id, start, stop)
+
+    @precondition(lambda self: not self.pinned)
+    @rule(allocation=allocations, data=st.data())
+    def pin(self, allocation, data):
+        if allocation.id not in self.live:
+            return
+        index = data.draw(st.integers(0, allocation.num_pages - 1), label="page")
+        resident = self.pager.ensure_resident(allocation, index, index + 1)
+        self._model_fault(allocation.id, index, index + 1)
+        slots = {(allocation.id, page.index): page.device_slot for page in resident.pages}
+        self.pinned.append((resident, slots))
+
+    @precondition(lambda self: bool(self.pinned))
+    @rule(write=st.booleans(), value=st.integers(0, 255))
+    def unpin(self, write: bool, value: int):
+        resident, slots = self.pinned.pop()
+        if write:
+            resident.wait()
+            for view in resident.views():
+                view.fill_(value)
+            for allocation_id, index in slots:
+                page = resident.allocation.pages[index]
+                self.data[allocation_id][index * PAGE : index * PAGE + page.nbytes] = value
+        resident.release(dirty=write)
+
+    @rule()
+    def evict_all(self):
+        self.pager.evict_all()
+        pinned = self._pinned_keys()
+        self.lru = [key for key in self.lru if key in pinned]
+        assert self.pager.stats()["resident_bytes"]["device"] == len(pinned) * PAGE
+
+    @rule(allocation=consumes(allocations))
+    def free(self, allocation):
+        if allocation.id not in self.live or allocation.id in {a for a, _ in self._pinned_keys()}:
+            return
+        self.pager.free(allocation)
+        del self.live[allocation.id]
+        self.lru = [key for key in self.lru if key[0] != allocation.id]
+
+    # ------------------------------------------------------------------ invariants
+
+    @invariant()
+    def budgets_hold(self):
+        stats = self.pager.stats()
+        assert stats["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
+        assert stats["resident_bytes"]["host"] <= HOST_PAGES * PAGE
+        assert stats["device_slab_bytes"] <= DEVICE_PAGES * PAGE
+        assert stats["host_slab_bytes"] <= HOST_PAGES * PAGE
+
+    @invariant()
+    def page_table_is_coherent(self):
+        device = host = disk = 0
+        for allocation in self.live.values():
+            for info in self.pager.page_table(allocation):
+                copies = sum(slot is not None for slot in (info.device_slot, info.host_slot, info.disk_slot))
+                if info.dirty:
+                    assert copies == 1 and info.disk_slot is None, info
+                device += info.device_slot is not None
+                host += info.host_slot is not None
+                disk += info.disk_slot is not None
+        resident = self.pager.stats()["resident_bytes"]
+        assert resident == {"device": device * PAGE, "host": host * PAGE, "disk": disk * PAGE}
+
+    @invariant()
+    def pinned_pages_stay(self):
+        for resident, slots in self.pinned:
+            for (allocation_id, index), slot in slots.items():
+                page = resident.allocation.pages[index]
+                assert page.device_slot == slot and page.pin_count > 0, (allocation_id, index, page)
+
+    @invariant()
+    def device_holds_what_the_model_predicts(self):
+        if self.policy != "lru":
+            return
+        actual = {
+            (allocation.id, info.index)
+            for allocation in self.live.values()
+            for info in self.pager.page_table(allocation)
+            if info.device_slot is not None
+        }
+        assert actual == set(self.lru), f"device holds {sorted(actual)}, LRU model predicts {sorted(self.lru)}"
+        assert self.pager.device_policy.order() == [
+            self.live[allocation_id].pages[index] for allocation_id, index in self.lru
+        ], "device LRU order differs from the model"
+
+
+class TwoQPagerMachine(PagerMachine):
+    policy = "2q"
+
+
+class CompressedPagerMachine(PagerMachine):
+    compression = "zstd"
+
+
+TestPagerLRU = PagerMachine.TestCase
+TestPagerLRU.settings = settings(max_examples=300, stateful_step_count=50, deadline=None)
+TestPager2Q = TwoQPagerMachine.TestCase
+TestPager2Q.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
+TestPagerZstd = CompressedPagerMachine.TestCase
+TestPagerZstd.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
