@@ -1,0 +1,443 @@
+"""DiskTier: page slots in a file, batched I/O, compression, checksums, capacity, lifetime."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import logging
+import os
+import tempfile
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pagedtensor.errors import OutOfPagesError, PageCorruptionError
+from pagedtensor.tiers import disk, diskio
+from pagedtensor.tiers.disk import DiskTier
+
+try:
+    import zstandard  # noqa: F401
+
+    HAVE_ZSTD = True
+except ImportError:
+    HAVE_ZSTD = False
+
+URING_REASON = diskio.uring_unavailable_reason()
+ENGINES = [
+    "threads",
+    pytest.param("io_uring", marks=pytest.mark.skipif(URING_REASON is not None, reason=f"io_uring: {URING_REASON}")),
+]
+COMPRESSIONS = [
+    None,
+    pytest.param("zstd", marks=pytest.mark.skipif(not HAVE_ZSTD, reason="zstandard is not installed")),
+]
+PAGE = 16384
+
+
+def aligned_page(nbytes: int = PAGE) -> torch.Tensor:
+    base = torch.empty(nbytes + 4096, dtype=torch.uint8)
+    offset = (-base.data_ptr()) % 4096
+    return base[offset : offset + nbytes]
+
+
+def unaligned_page(nbytes: int = PAGE) -> torch.Tensor:
+    base = torch.empty(nbytes + 4096 + 64, dtype=torch.uint8)
+    offset = (-base.data_ptr()) % 4096 + 64
+    page = base[offset : offset + nbytes]
+    assert page.data_ptr() % 4096 != 0
+    return page
+
+
+def random_page(generator: torch.Generator, aligned: bool, compressible: bool) -> torch.Tensor:
+    page = aligned_page() if aligned else unaligned_page()
+    if compressible:  # a few random runs in zeros: zstd shrinks it well below the page
+        page.zero_()
+        page[:1000] = torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=generator)
+    else:
+        page.copy_(torch.randint(0, 256, (PAGE,), dtype=torch.uint8, generator=generator))
+    return page
+
+
+@pytest.fixture
+def make_tier(tmp_path):
+    tiers: list[DiskTier] = []
+
+    def make(**kwargs) -> DiskTier:
+        kwargs.setdefault("path", str(tmp_path / "pages"))
+        kwargs.setdefault("page_size", PAGE)
+        kwargs.setdefault("capacity_pages", None)
+        tier = DiskTier(**kwargs)
+        tiers.append(tier)
+        return tier
+
+    yield make
+    for tier in tiers:
+        tier.close()
+
+
+def flip_byte(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        value = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([value ^ 0x5A]))
+
+
+# ---- round trips ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_round_trip_batch_larger_than_queue(make_tier, monkeypatch, engine, compression, aligned) -> None:
+    monkeypatch.setattr(disk, "QUEUE_DEPTH", 4)
+    tier = make_tier(engine=engine, compression=compression)
+    assert tier.engine_name == engine
+    generator = torch.Generator().manual_seed(7)
+    pages = [random_page(generator, aligned, compressible=i % 2 == 0) for i in range(20)]
+    slots = [tier.allocate_slot() for _ in pages]
+    assert slots == list(range(20))
+    written = tier.write_pages(list(zip(slots, pages)))
+    targets = [aligned_page() if aligned else unaligned_page() for _ in pages]
+    read = tier.read_pages(list(zip(slots, targets)))
+    for page, target in zip(pages, targets):
+        assert torch.equal(page, target)
+    assert written == read
+    if compression is None:
+        assert written == 20 * PAGE
+    else:  # compressible pages shrink to a few blocks, random ones are stored raw
+        assert 10 * PAGE < written < 20 * PAGE
+        assert written % 4096 == 0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_slot_reuse_after_free(make_tier, engine) -> None:
+    tier = make_tier(engine=engine, capacity_pages=4)
+    generator = torch.Generator().manual_seed(1)
+    slots = [tier.allocate_slot() for _ in range(4)]
+    pages = [random_page(generator, True, False) for _ in slots]
+    tier.write_pages(list(zip(slots, pages)))
+    tier.free_slot(2)
+    tier.free_slot(1)
+    assert tier.used_pages == 2
+    assert tier.allocate_slot() == 1  # lowest free first
+    assert tier.allocate_slot() == 2
+    with pytest.raises(ValueError, match="slot 1 .* holds no page"):
+        tier.read_pages([(1, aligned_page())])
+    fresh = random_page(generator, True, True)
+    tier.write_pages([(2, fresh)])
+    out = [aligned_page() for _ in range(3)]
+    tier.read_pages([(0, out[0]), (2, out[1]), (3, out[2])])
+    assert torch.equal(out[0], pages[0])
+    assert torch.equal(out[1], fresh)
+    assert torch.equal(out[2], pages[3])
+
+
+def test_any_dtype_with_page_size_bytes(make_tier) -> None:
+    tier = make_tier()
+    page = torch.randn(PAGE // 4)
+    slot = tier.allocate_slot()
+    tier.write_pages([(slot, page)])
+    out = torch.empty(PAGE // 2, dtype=torch.float16)
+    tier.read_pages([(slot, out)])
+    assert torch.equal(out.view(torch.float32), page)
+
+
+def test_buffered_io_when_o_direct_is_missing(make_tier, monkeypatch) -> None:
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    tier = make_tier()
+    assert not tier.direct_io
+    page = unaligned_page()
+    page.copy_(torch.randint(0, 256, (PAGE,), dtype=torch.uint8))
+    slot = tier.allocate_slot()
+    tier.write_pages([(slot, page)])
+    out = unaligned_page()
+    tier.read_pages([(slot, out)])
+    assert torch.equal(page, out)
+
+
+def test_works_without_the_c_extension(make_tier, monkeypatch) -> None:
+    monkeypatch.setattr(diskio, "load_library", lambda: None)
+    monkeypatch.setattr(diskio, "uring_unavailable_reason", lambda: "the C extension is not built")
+    tier = make_tier()
+    assert tier.engine_name == "threads"
+    assert tier.checksum_name == "crc32"
+    page = torch.randint(0, 256, (PAGE,), dtype=torch.uint8)
+    slot = tier.allocate_slot()
+    tier.write_pages([(slot, page)])
+    flip_byte(tier.file_path, 5)
+    with pytest.raises(PageCorruptionError, match="crc32 expected"):
+        tier.read_pages([(slot, torch.empty(PAGE, dtype=torch.uint8))])
+
+
+def test_concurrent_batches_from_threads(make_tier) -> None:
+    tier = make_tier()
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        try:
+            generator = torch.Generator().manual_seed(seed)
+            for _ in range(3):
+                slots = [tier.allocate_slot() for _ in range(4)]
+                pages = [random_page(generator, seed % 2 == 0, False) for _ in slots]
+                tier.write_pages(list(zip(slots, pages)))
+                out = [aligned_page() for _ in slots]
+                tier.read_pages(list(zip(slots, out)))
+                assert all(torch.equal(p, o) for p, o in zip(pages, out))
+                for slot in slots:
+                    tier.free_slot(slot)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert tier.used_pages == 0
+
+
+def test_logs_engine_choice(make_tier, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="pagedtensor.tiers.disk"):
+        tier = make_tier()
+    assert f"engine {tier.engine_name}" in caplog.text
+
+
+# ---- corruption ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_flipped_byte_raises(make_tier, engine, compression) -> None:
+    tier = make_tier(engine=engine, compression=compression)
+    generator = torch.Generator().manual_seed(3)
+    pages = [random_page(generator, True, compressible=True) for _ in range(3)]
+    slots = [tier.allocate_slot() for _ in pages]
+    tier.write_pages(list(zip(slots, pages)))
+    flip_byte(tier.file_path, slots[1] * PAGE + 17)
+    out = [aligned_page() for _ in pages]
+    with pytest.raises(PageCorruptionError) as info:
+        tier.read_pages(list(zip(slots, out)))
+    message = str(info.value)
+    assert f"slot {slots[1]}" in message and tier.file_path in message and "expected 0x" in message
+    assert torch.equal(out[0], pages[0]) and torch.equal(out[2], pages[2])  # the good pages still arrive
+    assert not torch.equal(out[1], pages[1])  # zeroed, never the page
+    assert int(out[1].count_nonzero()) == 0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_truncated_file_raises(make_tier, engine) -> None:
+    tier = make_tier(engine=engine)
+    generator = torch.Generator().manual_seed(4)
+    pages = [random_page(generator, True, False) for _ in range(2)]
+    slots = [tier.allocate_slot() for _ in pages]
+    tier.write_pages(list(zip(slots, pages)))
+    os.truncate(tier.file_path, PAGE + 4096)
+    with pytest.raises(PageCorruptionError, match=f"short read of slot {slots[1]}"):
+        tier.read_pages([(slots[1], aligned_page())])
+    out = aligned_page()
+    tier.read_pages([(slots[0], out)])
+    assert torch.equal(out, pages[0])
+
+
+def test_unwritten_and_unallocated_slots_raise(make_tier) -> None:
+    tier = make_tier()
+    slot = tier.allocate_slot()
+    with pytest.raises(ValueError, match=f"slot {slot} .* holds no page"):
+        tier.read_pages([(slot, aligned_page())])
+    with pytest.raises(ValueError, match="slot 5 .* not allocated"):
+        tier.read_pages([(5, aligned_page())])
+    with pytest.raises(ValueError, match="slot 5 .* not allocated"):
+        tier.write_pages([(5, aligned_page())])
+    with pytest.raises(ValueError, match="not allocated"):
+        tier.free_slot(5)
+    with pytest.raises(ValueError, match="twice"):
+        tier.write_pages([(slot, aligned_page()), (slot, aligned_page())])
+    with pytest.raises(ValueError, match="8192 bytes"):
+        tier.write_pages([(slot, torch.zeros(8192, dtype=torch.uint8))])
+    with pytest.raises(ValueError, match="contiguous"):
+        tier.write_pages([(slot, torch.zeros(2 * PAGE, dtype=torch.uint8)[::2])])
+
+
+def test_failed_write_forgets_the_page_and_raises(make_tier, monkeypatch) -> None:
+    tier = make_tier()
+    slots = [tier.allocate_slot() for _ in range(2)]
+    pages = [torch.full((PAGE,), i, dtype=torch.uint8) for i in range(2)]
+    tier.write_pages(list(zip(slots, pages)))
+    monkeypatch.setattr(tier._engine, "submit", lambda requests: [PAGE, -errno.ENOSPC])
+    with pytest.raises(OSError, match=f"slot {slots[1]}") as info:
+        tier.write_pages(list(zip(slots, pages)))
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    out = aligned_page()
+    tier.read_pages([(slots[0], out)])
+    assert torch.equal(out, pages[0])
+    with pytest.raises(ValueError, match="holds no page"):
+        tier.read_pages([(slots[1], out)])
+
+
+def test_read_io_error_raises_oserror_and_zeroes(make_tier, monkeypatch) -> None:
+    tier = make_tier()
+    slot = tier.allocate_slot()
+    tier.write_pages([(slot, torch.full((PAGE,), 9, dtype=torch.uint8))])
+    monkeypatch.setattr(tier._engine, "submit", lambda requests: [-errno.EIO])
+    out = torch.full((PAGE,), 9, dtype=torch.uint8)
+    with pytest.raises(OSError, match=f"slot {slot}"):
+        tier.read_pages([(slot, out)])
+    assert int(out.count_nonzero()) == 0
+
+
+# ---- capacity, arguments, lifetime ---------------------------------------------------------------
+
+
+def test_capacity_limit(make_tier) -> None:
+    tier = make_tier(capacity_pages=2)
+    assert tier.has_free_slot()
+    assert [tier.allocate_slot(), tier.allocate_slot()] == [0, 1]
+    assert not tier.has_free_slot()
+    assert tier.used_pages == 2
+    with pytest.raises(OutOfPagesError, match="2 slots"):
+        tier.allocate_slot()
+    tier.free_slot(0)
+    assert tier.has_free_slot()
+    assert tier.allocate_slot() == 0
+    empty = make_tier(capacity_pages=0)
+    assert not empty.has_free_slot()
+    unlimited = make_tier(capacity_pages=None)
+    assert [unlimited.allocate_slot() for _ in range(100)] == list(range(100))
+    assert unlimited.has_free_slot()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"page_size": 5000}, "page_size.*5000"),
+        ({"page_size": 2048}, "page_size.*2048"),
+        ({"page_size": 0}, "page_size.*0"),
+        ({"compression": "lz4"}, "compression.*'lz4'"),
+        ({"engine": "spdk"}, "engine.*'spdk'"),
+        ({"capacity_pages": -1}, "capacity_pages.*-1"),
+        ({"path": ""}, "path"),
+    ],
+)
+def test_bad_arguments_raise_value_error(tmp_path, kwargs, pattern) -> None:
+    arguments = {"path": str(tmp_path), "page_size": PAGE, "capacity_pages": None, **kwargs}
+    with pytest.raises(ValueError, match=pattern):
+        DiskTier(**arguments)
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_argument_types_raise_type_error(tmp_path) -> None:
+    with pytest.raises(TypeError, match="page_size"):
+        DiskTier(str(tmp_path), 4096.0, None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="capacity_pages"):
+        DiskTier(str(tmp_path), 4096, "10")  # type: ignore[arg-type]
+
+
+def test_io_uring_requested_but_unavailable(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(diskio, "uring_unavailable_reason", lambda: "io_uring setup failed: Operation not permitted")
+    with pytest.raises(RuntimeError, match='engine="io_uring" is unavailable: .*not permitted'):
+        DiskTier(str(tmp_path), PAGE, None, engine="io_uring")
+    tier = DiskTier(str(tmp_path), PAGE, None, engine="auto")
+    assert tier.engine_name == "threads"
+    tier.close()
+
+
+def test_zstd_missing_names_the_setting(tmp_path, monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_zstd(name, *args, **kwargs):
+        if name == "zstandard":
+            raise ImportError("No module named 'zstandard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_zstd)
+    with pytest.raises(ImportError, match='compression="zstd"'):
+        DiskTier(str(tmp_path), PAGE, None, compression="zstd")
+
+
+def test_file_lifetime(tmp_path) -> None:
+    folder = tmp_path / "a" / "b"
+    first = DiskTier(str(folder), PAGE, None)
+    second = DiskTier(folder, PAGE, None)  # a PathLike works too
+    assert first.file_path != second.file_path
+    assert os.path.dirname(first.file_path) == str(folder)
+    first.close()
+    first.close()  # idempotent
+    assert not os.path.exists(first.file_path)
+    with pytest.raises(ValueError, match="closed"):
+        first.allocate_slot()
+    path = second.file_path
+    del second
+    gc.collect()
+    assert not os.path.exists(path)
+    with DiskTier(str(folder), PAGE, None) as third:
+        path = third.file_path
+        assert os.path.exists(path)
+    assert not os.path.exists(path)
+
+
+# ---- property test -------------------------------------------------------------------------------
+
+LOGICAL_SLOTS = 4
+operations = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("write"),
+            st.lists(st.integers(0, LOGICAL_SLOTS - 1), min_size=1, max_size=LOGICAL_SLOTS, unique=True),
+            st.integers(0, 2**31),
+        ),
+        st.tuples(st.just("read"), st.lists(st.integers(0, LOGICAL_SLOTS - 1), min_size=1, max_size=4), st.just(0)),
+        st.tuples(st.just("free"), st.lists(st.integers(0, LOGICAL_SLOTS - 1), min_size=1, max_size=1), st.just(0)),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=operations, compression=st.sampled_from([None, "zstd"] if HAVE_ZSTD else [None]), aligned=st.booleans())
+def test_reads_return_last_write(ops, compression, aligned) -> None:
+    page_size = 4096
+    with tempfile.TemporaryDirectory() as folder, DiskTier(folder, page_size, LOGICAL_SLOTS, compression) as tier:
+        slot_of: dict[int, int] = {}  # logical slot -> tier slot
+        model: dict[int, bytes] = {}  # logical slot -> last bytes written
+        make = aligned_page if aligned else unaligned_page
+        for op, logical_slots, seed in ops:
+            if op == "write":
+                generator = torch.Generator().manual_seed(seed)
+                items = []
+                for index, logical in enumerate(logical_slots):
+                    if logical not in slot_of:
+                        slot_of[logical] = tier.allocate_slot()
+                    page = make(page_size)
+                    page.zero_()
+                    length = (seed + index * 997) % (page_size + 1)  # short runs compress, long ones do not
+                    page[:length] = torch.randint(0, 256, (length,), dtype=torch.uint8, generator=generator)
+                    items.append((slot_of[logical], page))
+                    model[logical] = bytes(page.tolist())
+                tier.write_pages(items)
+            elif op == "read":
+                written = [logical for logical in logical_slots if logical in model]
+                unwritten = [logical for logical in logical_slots if logical in slot_of and logical not in model]
+                if unwritten:
+                    with pytest.raises(ValueError, match="holds no page"):
+                        tier.read_pages([(slot_of[unwritten[0]], make(page_size))])
+                outs = [make(page_size) for _ in written]
+                tier.read_pages([(slot_of[logical], out) for logical, out in zip(written, outs)])
+                for logical, out in zip(written, outs):
+                    assert bytes(out.tolist()) == model[logical]
+            else:
+                logical = logical_slots[0]
+                if logical in slot_of:
+                    tier.free_slot(slot_of.pop(logical))
+                    model.pop(logical, None)
+                else:
+                    with pytest.raises(ValueError):
+                        tier.free_slot(LOGICAL_SLOTS + logical)
+            assert tier.used_pages == len(slot_of)
