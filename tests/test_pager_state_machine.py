@@ -32,6 +32,7 @@ HOST_PAGES = 3
 class PagerMachine(RuleBasedStateMachine):
     policy = "lru"
     compression = None
+    device = "cpu"
 
     allocations = Bundle("allocations")
 
@@ -46,7 +47,7 @@ class PagerMachine(RuleBasedStateMachine):
             eviction_policy=self.policy,
             prefetch_strategy="none",
             compression=self.compression,
-            device="cpu",
+            device=self.device,
         )
         self.pager = Pager(config)
         self.data: dict[int, torch.Tensor] = {}  # allocation id -> expected bytes

@@ -1,0 +1,82 @@
+"""The pager on a real CUDA device: side streams, events, pinned host slabs.
+
+The same state machine as on the CPU, with ``device="cuda"``: every copy is asynchronous, so a
+missing wait or a slot reused before its last reader finished shows up as wrong bytes. Plus checks of
+the stream protocol at sizes where copies take long enough for races to bite.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import settings
+
+from pagedtensor import MemoryConfig, Pager
+from tests.test_pager_state_machine import PagerMachine, TwoQPagerMachine
+
+pytestmark = pytest.mark.gpu
+
+
+class CudaPagerMachine(PagerMachine):
+    device = "cuda"
+
+
+class CudaTwoQPagerMachine(TwoQPagerMachine):
+    device = "cuda"
+
+
+TestCudaPagerLRU = pytest.mark.gpu(CudaPagerMachine.TestCase)
+TestCudaPagerLRU.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
+TestCudaPager2Q = pytest.mark.gpu(CudaTwoQPagerMachine.TestCase)
+TestCudaPager2Q.settings = settings(max_examples=60, stateful_step_count=50, deadline=None)
+
+
+def test_host_slabs_are_pinned_and_copies_async():
+    with Pager(MemoryConfig(vram_limit="64MiB", host_memory="64MiB", page_size="1MiB", device="cuda")) as pager:
+        allocation = pager.allocate(32 * 2**20)
+        pager.write(allocation, torch.randint(0, 256, (32 * 2**20,), dtype=torch.uint8, device="cuda"))
+        pager.evict_all()
+        assert all(slab.is_pinned() for slab in pager.host_tier.slabs)
+        with pager.ensure_resident(allocation) as resident:
+            assert resident.events, "a fault from host must hand back the copy's event"
+
+
+def test_compute_right_after_fault_sees_the_bytes():
+    """No host sync between the fault and the compute: only the event orders them."""
+    page = 2**20
+    with Pager(MemoryConfig(vram_limit=48 * page, host_memory=256 * page, page_size=page, prefetch_strategy="none", device="cuda")) as pager:
+        tensors = [torch.randn(16 * page // 4, device="cuda") for _ in range(8)]
+        allocations = []
+        for tensor in tensors:
+            allocation = pager.allocate(tensor.numel() * 4)
+            pager.write(allocation, tensor)
+            allocations.append(allocation)
+        for round_ in range(3):
+            for tensor, allocation in zip(tensors, allocations):
+                with pager.ensure_resident(allocation) as resident:
+                    resident.wait()
+                    got = torch.cat([view.view(torch.float32) for view in resident.views()])
+                    scale = float(round_ + 2)
+                    for view in resident.views():
+                        view.view(torch.float32).mul_(scale)
+                    resident.mark_dirty()
+                    assert torch.equal(got, tensor), f"round {round_}: fault returned stale bytes"
+                tensor.mul_(scale)
+            pager.evict_all()
+        assert pager.stats()["bytes_d2h"] > 0 and pager.stats()["bytes_h2d"] > 0
+
+
+def test_prefetch_overlaps_with_fault_of_same_pages():
+    page = 2**20
+    with Pager(MemoryConfig(vram_limit=64 * page, host_memory=128 * page, page_size=page, prefetch_strategy="sequential", prefetch_pages=8, device="cuda")) as pager:
+        data = torch.randint(0, 256, (64 * page,), dtype=torch.uint8, device="cuda")
+        allocation = pager.allocate(data.numel())
+        pager.write(allocation, data)
+        pager.evict_all()
+        for start in range(0, 64, 8):
+            with pager.ensure_resident(allocation, start, start + 8) as resident:
+                resident.wait()
+                got = torch.cat(resident.views())
+                assert torch.equal(got, data[start * page : (start + 8) * page])
+        pager.synchronize()
+        assert pager.stats()["prefetched_pages"] > 0
