@@ -31,14 +31,30 @@ TestCudaPager2Q = pytest.mark.gpu(CudaTwoQPagerMachine.TestCase)
 TestCudaPager2Q.settings = settings(max_examples=60, stateful_step_count=50, deadline=None)
 
 
-def test_host_slabs_are_pinned_and_copies_async():
-    with Pager(MemoryConfig(vram_limit="64MiB", host_memory="64MiB", page_size="1MiB", device="cuda")) as pager:
+def test_fault_from_host_is_asynchronous():
+    """A fault queued behind a busy H2D stream returns at once: the host slabs are page-locked.
+
+    (``Tensor.is_pinned`` only knows the caching host allocator, not ``cudaHostRegister``.)
+    """
+    import time
+
+    with Pager(MemoryConfig(vram_limit="64MiB", host_memory="64MiB", page_size="1MiB", prefetch_strategy="none", device="cuda")) as pager:
         allocation = pager.allocate(32 * 2**20)
-        pager.write(allocation, torch.randint(0, 256, (32 * 2**20,), dtype=torch.uint8, device="cuda"))
+        data = torch.randint(0, 256, (32 * 2**20,), dtype=torch.uint8, device="cuda")
+        pager.write(allocation, data)
         pager.evict_all()
-        assert all(slab.is_pinned() for slab in pager.host_tier.slabs)
-        with pager.ensure_resident(allocation) as resident:
-            assert resident.events, "a fault from host must hand back the copy's event"
+        pager.synchronize()
+        with torch.cuda.stream(pager.engine.h2d_stream):
+            torch.cuda._sleep(int(2e9))  # about a second of GPU time ahead of the fault's copies
+        start = time.perf_counter()
+        resident = pager.ensure_resident(allocation)
+        enqueue_s = time.perf_counter() - start
+        assert resident.events, "a fault from host must hand back the copy's event"
+        assert not resident.events[0].query(), "the copy cannot have finished behind the sleep"
+        assert enqueue_s < 0.2, f"ensure_resident blocked the host for {enqueue_s:.3f} s"
+        resident.wait()
+        assert torch.equal(torch.cat(resident.views()), data)
+        resident.release()
 
 
 def test_compute_right_after_fault_sees_the_bytes():

@@ -1,0 +1,19 @@
+# The two commands of the README. Both create .venv on first use.
+VENV ?= .venv
+PYTEST_ARGS ?=
+
+.PHONY: demo test gpu-suite clean
+
+demo:  ## install into .venv and run the main job
+	bash .ci/install
+	$(VENV)/bin/pagedllm demo
+
+test:  ## install with test dependencies into .venv and run the full test suite
+	bash .ci/install dev
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+gpu-suite:  ## on a CUDA machine: the GPU tests and benchmarks, results under benchmarks/results/
+	bash benchmarks/gpu_suite.sh
+
+clean:
+	rm -rf build *.egg-info pagedtensor/_diskio*.so .pytest_cache .hypothesis
