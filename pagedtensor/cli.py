@@ -28,11 +28,12 @@ def run_demo(
     nvme_path: Optional[str] = None,
     compression: Optional[str] = None,
     device: Optional[str] = None,
-    out=sys.stdout,
+    out=None,
 ) -> bool:
     """Write ``size`` random bytes through a pager with a small device and host budget, read them
     back page by page, and report the pager's counters. Returns whether every byte
     matched."""
+    out = out if out is not None else sys.stdout
     with tempfile.TemporaryDirectory(prefix="pagedllm-demo-") as scratch:
         config = MemoryConfig(
             vram_limit=vram_limit,

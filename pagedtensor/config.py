@@ -13,7 +13,7 @@ allowed where the result is a whole number of bytes ("1.5GiB").
 from __future__ import annotations
 
 import dataclasses
-import math
+import decimal
 import re
 from typing import Optional, Union
 
@@ -64,14 +64,10 @@ def parse_size(value: SizeLike, field: str = "size") -> int:
             f"{field}: unknown unit {match.group('unit')!r} in {value!r}; "
             f"known units: {', '.join(sorted(UNIT_BYTES, key=UNIT_BYTES.__getitem__))} (case-insensitive)"
         )
-    number = float(match.group("number"))
-    if not math.isfinite(number):
-        raise ValueError(f"{field}: size {value!r} is not finite")
-    exact = number * UNIT_BYTES[unit]
-    nbytes = round(exact)
-    if abs(exact - nbytes) > 1e-6 * max(1.0, exact):
+    exact = decimal.Decimal(match.group("number")) * UNIT_BYTES[unit]  # exact: no float rounding
+    if exact != exact.to_integral_value():
         raise ValueError(f"{field}: {value!r} is not a whole number of bytes")
-    return nbytes
+    return int(exact)
 
 
 def format_size(nbytes: int) -> str:

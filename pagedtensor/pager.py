@@ -101,6 +101,7 @@ class Allocation:
     pages: list[Page] = field(repr=False)
     name: Optional[str] = None
     freed: bool = False
+    version: int = 0  # bumped each time pages are released dirty (written); caches of the bytes compare it
 
     @property
     def num_pages(self) -> int:
@@ -326,6 +327,8 @@ class Pager:
         """Copy ``data``'s bytes into ``allocation`` at byte ``offset`` (blocking the current stream's order).
 
         Pages the write covers completely are not faulted in first: their old bytes are discarded.
+        The write goes in chunks of half the device tier; if one fails (``OutOfPagesError``), the
+        chunks before it hold the new bytes and the rest keep their old bytes.
         """
         source = _as_bytes(data)
         first, stop = allocation.page_range(offset, offset + source.numel())
@@ -555,7 +558,13 @@ class Pager:
         shortfall = count - self.host_tier.free_pages
         if shortfall <= 0:
             return
-        victims = self.host_policy.victims(shortfall, lambda page: True)
+        if self.disk_tier is None:
+            # Nowhere to spill: only host copies that are clean caches of a device copy may go.
+            victims = self.host_policy.victims(shortfall, lambda page: page.device_slot is not None)
+            if len(victims) < shortfall:
+                victims = self.host_policy.victims(shortfall, lambda page: True)  # fails below, naming why
+        else:
+            victims = self.host_policy.victims(shortfall, lambda page: True)
         to_disk = [page for page in victims if page.device_slot is None and page.disk_slot is None]
         if len(victims) < shortfall:
             raise OutOfPagesError(f"host tier: {count} pages needed, {self.host_tier.free_pages} free of {self.host_tier.capacity_pages}")
@@ -563,7 +572,8 @@ class Pager:
             if self.disk_tier is None:
                 raise OutOfPagesError(
                     f"host tier full (host_memory={self.config.host_memory} bytes) and no disk tier (nvme_path=None): "
-                    f"cannot spill {len(to_disk)} pages"
+                    f"cannot spill {len(to_disk)} pages. Without a disk tier, moving pages between device and host "
+                    f"needs a free slot in one of them: free an allocation, raise host_memory, or set nvme_path"
                 )
             free_disk = None if self.disk_tier.capacity_pages is None else self.disk_tier.capacity_pages - self.disk_tier.used_pages
             if free_disk is not None and free_disk < len(to_disk):
@@ -637,6 +647,8 @@ class Pager:
             event.record(stream)
             stream_id = stream.stream_id
         with self._lock:
+            if dirty:
+                resident.allocation.version += 1
             for page in resident.pages:
                 if event is not None:
                     self._device_fences.setdefault(page.device_slot, {})[stream_id] = event

@@ -1,0 +1,111 @@
+"""MemoryConfig: size parsing (property tests) and one test per kind of bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pagedtensor import MemoryConfig, format_size, parse_size
+from pagedtensor.config import UNIT_BYTES
+
+units = st.sampled_from(sorted(UNIT_BYTES))
+
+
+@given(number=st.integers(0, 10**6), unit=units, spaces=st.sampled_from(["", " "]), upper=st.booleans())
+def test_integer_sizes_parse_exactly(number, unit, spaces, upper):
+    text = f"{number}{spaces}{unit.upper() if upper else unit}"
+    assert parse_size(text) == number * UNIT_BYTES[unit]
+
+
+@given(st.integers(0, 2**60))
+def test_ints_and_bare_numbers_are_bytes(nbytes):
+    assert parse_size(nbytes) == nbytes
+    assert parse_size(str(nbytes)) == nbytes
+
+
+@given(whole=st.integers(0, 10**6), unit=st.sampled_from(["KiB", "MiB", "GiB"]))
+def test_exact_fractions_parse(whole, unit):
+    assert parse_size(f"{whole}.5{unit}") == whole * UNIT_BYTES[unit.lower()] + UNIT_BYTES[unit.lower()] // 2
+
+
+def test_format_size():
+    assert format_size(3 * 2**30) == "3.00 GiB" and format_size(512) == "512 B" and format_size(1536) == "1.50 KiB"
+
+
+def test_decimal_and_binary_units_differ():
+    assert parse_size("24GB") == 24 * 10**9
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("512MB") == 512 * 10**6
+    assert parse_size("4KiB") == 4096
+    assert parse_size("1.5GiB") == 3 * 2**29
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("24XB", "unknown unit 'XB'"), ("-1GB", "negative"), (-5, "negative"), ("lots", "cannot parse"), ("1.0000001KB", "whole number")],
+)
+def test_bad_sizes_name_field_and_value(value, message):
+    with pytest.raises(ValueError, match=message) as error:
+        parse_size(value, "vram_limit")
+    assert "vram_limit" in str(error.value) and repr(value) in str(error.value)
+
+
+@pytest.mark.parametrize("value", [1.5, None, True, [1]])
+def test_size_of_wrong_type_is_type_error(value):
+    with pytest.raises(TypeError, match="host_memory"):
+        parse_size(value, "host_memory")
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, value",
+    [
+        ({"vram_limit": 0}, "vram_limit", "0"),
+        ({"host_memory": "0GB"}, "host_memory", "0"),
+        ({"vram_limit": "-2GiB"}, "vram_limit", "-2GiB"),
+        ({"vram_limit": "2GQ"}, "vram_limit", "2GQ"),
+        ({"page_size": 3000}, "page_size", "3000"),
+        ({"page_size": "2KiB"}, "page_size", "2048"),
+        ({"page_size": 6 * 4096}, "page_size", "24576"),
+        ({"eviction_policy": "mru"}, "eviction_policy", "mru"),
+        ({"prefetch_strategy": "psychic"}, "prefetch_strategy", "psychic"),
+        ({"compression": "lz4", "nvme_path": "/tmp"}, "compression", "lz4"),
+        ({"compression": "zstd"}, "compression", "zstd"),
+        ({"device": "tpu"}, "device", "tpu"),
+        ({"vram_limit": 1024, "page_size": 4096}, "vram_limit", "1024"),
+        ({"prefetch_pages": -1}, "prefetch_pages", "-1"),
+        ({"disk_limit": 0, "nvme_path": "/tmp"}, "disk_limit", "0"),
+    ],
+)
+def test_bad_config_names_field_and_value(kwargs, field, value):
+    with pytest.raises(ValueError) as error:
+        MemoryConfig(**{"device": "cpu", **kwargs})
+    assert field in str(error.value) and value in str(error.value)
+
+
+def test_cuda_device_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="device: 'cuda'"):
+        MemoryConfig(device="cuda")
+
+
+def test_nvme_path_that_is_a_file(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(ValueError, match="nvme_path"):
+        MemoryConfig(nvme_path=str(path), device="cpu")
+
+
+def test_normalized_values():
+    config = MemoryConfig(vram_limit="24GiB", host_memory="64GB", page_size="2MiB", eviction_policy="2Q", device="cpu", slab_size="1GiB")
+    assert (config.vram_limit, config.host_memory, config.page_size) == (24 * 2**30, 64 * 10**9, 2**21)
+    assert config.eviction_policy == "2q" and config.device == torch.device("cpu")
+    assert config.device_pages == 24 * 2**30 // 2**21
+    assert config.slab_size % config.page_size == 0
+
+
+def test_default_device_is_cuda_when_available():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert MemoryConfig().device.type == expected

@@ -1,0 +1,208 @@
+"""Pager behaviour beyond the state machine: errors that lose nothing, corruption, granularity,
+write-back of dirty pages only, prefetch, threads, metrics."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from pagedtensor import MemoryConfig, OutOfPagesError, PageCorruptionError, Pager
+
+PAGE = 4096
+
+
+def make_pager(nvme=None, device_pages=4, host_pages=4, **kwargs) -> Pager:
+    defaults = dict(prefetch_strategy="none", device="cpu")
+    return Pager(MemoryConfig(vram_limit=device_pages * PAGE, host_memory=host_pages * PAGE, page_size=PAGE, nvme_path=nvme, **{**defaults, **kwargs}))
+
+
+def random_bytes(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_stats_has_every_counter_and_tier():
+    with make_pager() as pager:
+        stats = pager.stats()
+        for key in ("faults", "hits", "evictions", "bytes_h2d", "bytes_d2h", "bytes_to_disk", "bytes_from_disk"):
+            assert stats[key] == 0
+        assert stats["resident_bytes"] == {"device": 0, "host": 0, "disk": 0}
+
+
+def test_faults_only_the_requested_pages():
+    with make_pager(device_pages=8) as pager:
+        allocation = pager.allocate(8 * PAGE)
+        with pager.ensure_resident(allocation, 2, 5):
+            pass
+        assert pager.stats()["faults"] == 3
+        assert [info.tier for info in pager.page_table(allocation)] == [None, None, "device", "device", "device", None, None, None]
+        with pager.ensure_resident(allocation, 3, 6):
+            pass
+        assert (pager.stats()["faults"], pager.stats()["hits"]) == (4, 2)
+
+
+def test_only_dirty_pages_are_written_back(nvme_dir):
+    with make_pager(nvme_dir) as pager:
+        allocation = pager.allocate(2 * PAGE)
+        pager.write(allocation, random_bytes(2 * PAGE))
+        pager.evict_all()
+        assert pager.stats()["bytes_d2h"] == 2 * PAGE
+        with pager.ensure_resident(allocation):  # read only: pages stay clean
+            pass
+        pager.evict_all()
+        assert pager.stats()["bytes_d2h"] == 2 * PAGE, "a clean page was written back"
+        with pager.ensure_resident(allocation) as pages:
+            pages.mark_dirty([1])
+        pager.evict_all()
+        assert pager.stats()["bytes_d2h"] == 3 * PAGE, "exactly the dirty page is written back"
+
+
+def test_pinning_more_than_the_device_holds_fails_and_loses_nothing():
+    with make_pager(device_pages=4, host_pages=16) as pager:
+        allocation = pager.allocate(6 * PAGE)
+        data = random_bytes(6 * PAGE)
+        pager.write(allocation, data)
+        with pager.ensure_resident(allocation, 0, 3):
+            with pytest.raises(OutOfPagesError, match=r"device tier: \d pages needed.*pinned"):
+                pager.ensure_resident(allocation, 3, 6)
+            assert all(info.pin_count == 1 for info in pager.page_table(allocation)[:3])
+            assert all(info.pin_count == 0 for info in pager.page_table(allocation)[3:])
+        assert torch.equal(pager.read(allocation), data)
+
+
+def test_pinned_pages_survive_evict_all():
+    with make_pager() as pager:
+        allocation = pager.allocate(3 * PAGE)
+        pager.write(allocation, random_bytes(3 * PAGE))
+        with pager.ensure_resident(allocation, 1, 2) as pinned:
+            slot = pinned.pages[0].device_slot
+            pager.evict_all()
+            assert [info.tier for info in pager.page_table(allocation)] == ["host", "device", "host"]
+            assert pinned.pages[0].device_slot == slot
+
+
+def test_full_host_without_disk_raises_and_keeps_data():
+    with make_pager(device_pages=2, host_pages=2) as pager:
+        first = pager.allocate(3 * PAGE)  # 3 of the 4 slots: moving pages needs one free slot
+        data = random_bytes(3 * PAGE)
+        pager.write(first, data)
+        second = pager.allocate(2 * PAGE)
+        with pytest.raises(OutOfPagesError, match="nvme_path=None"):
+            pager.write(second, random_bytes(2 * PAGE, seed=1))
+        with pytest.raises(OutOfPagesError):
+            pager.evict_all()
+        pager.free(second)  # the failed write took nothing of the first allocation
+        assert torch.equal(pager.read(first), data)
+        assert torch.equal(pager.read(first), data)
+
+
+def test_corrupted_disk_page_raises_never_returns_wrong_bytes(nvme_dir):
+    with make_pager(nvme_dir, device_pages=2, host_pages=2) as pager:
+        allocation = pager.allocate(8 * PAGE)
+        data = random_bytes(8 * PAGE)
+        pager.write(allocation, data)
+        pager.evict_all()
+        on_disk = [info for info in pager.page_table(allocation) if info.tier == "disk"]
+        assert on_disk, "the test needs pages on the disk tier"
+        victim = on_disk[0]
+        with open(pager.disk_tier.file_path, "r+b") as handle:
+            handle.seek(victim.disk_slot * PAGE + 100)
+            byte = handle.read(1)
+            handle.seek(victim.disk_slot * PAGE + 100)
+            handle.write(bytes([byte[0] ^ 0xFF]))
+        with pytest.raises(PageCorruptionError):
+            pager.read(allocation, victim.index * PAGE, PAGE)
+        for info in on_disk[1:]:  # the other pages still read back right
+            assert torch.equal(pager.read(allocation, info.index * PAGE, PAGE), data[info.index * PAGE : (info.index + 1) * PAGE])
+
+
+def test_sequential_prefetch_brings_the_next_pages():
+    with make_pager(device_pages=8, host_pages=8, prefetch_strategy="sequential", prefetch_pages=3) as pager:
+        allocation = pager.allocate(8 * PAGE)
+        pager.write(allocation, random_bytes(8 * PAGE))
+        pager.evict_all()
+        before = pager.stats()
+        with pager.ensure_resident(allocation, 0, 2):
+            pass
+        pager.synchronize()
+        assert [info.tier for info in pager.page_table(allocation)][:6] == ["device"] * 5 + ["host"]
+        assert pager.stats()["prefetched_pages"] - before["prefetched_pages"] == 3
+        with pager.ensure_resident(allocation, 2, 5):
+            pass
+        assert pager.stats()["hits"] - before["hits"] == 3
+
+
+def test_threads_share_one_pager(nvme_dir):
+    # Each thread pins at most 3 pages at a time and the prefetcher at most 4: 16 pages never run out.
+    with make_pager(nvme_dir, device_pages=16, host_pages=4, prefetch_strategy="sequential") as pager:
+        errors: list[BaseException] = []
+
+        def worker(seed: int) -> None:
+            try:
+                allocation = pager.allocate(2 * PAGE + 1 + seed)
+                data = random_bytes(allocation.nbytes, seed)
+                for _ in range(5):
+                    pager.write(allocation, data)
+                    assert torch.equal(pager.read(allocation), data)
+                    data = data.roll(1)
+                pager.free(allocation)
+            except BaseException as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        assert pager.stats()["resident_bytes"]["device"] <= 16 * PAGE
+
+
+def test_prometheus_metrics_match_stats(nvme_dir):
+    with make_pager(nvme_dir, device_pages=2, host_pages=2) as pager:
+        allocation = pager.allocate(6 * PAGE)
+        pager.write(allocation, random_bytes(6 * PAGE))
+        pager.read(allocation)
+        stats = pager.stats()
+        samples = {
+            (sample.name, sample.labels.get("tier")): sample.value
+            for family in text_string_to_metric_families(pager.metrics.exposition().decode())
+            for sample in family.samples
+        }
+        for key in ("faults", "hits", "evictions", "bytes_h2d", "bytes_d2h", "bytes_to_disk", "bytes_from_disk"):
+            assert samples[(f"pagedllm_{key}_total", None)] == stats[key]
+        for tier, nbytes in stats["resident_bytes"].items():
+            assert samples[("pagedllm_resident_bytes", tier)] == nbytes
+
+
+def test_misuse_is_a_clear_error():
+    with make_pager() as pager:
+        with pytest.raises(ValueError, match="nbytes"):
+            pager.allocate(0)
+        with pytest.raises(TypeError, match="nbytes"):
+            pager.allocate(1.5)
+        allocation = pager.allocate(2 * PAGE)
+        with pytest.raises(IndexError, match=r"\[1, 3\)"):
+            pager.ensure_resident(allocation, 1, 3)
+        resident = pager.ensure_resident(allocation)
+        with pytest.raises(RuntimeError, match="pinned"):
+            pager.free(allocation)
+        resident.release()
+        with pytest.raises(RuntimeError, match="already released"):
+            resident.release()
+        pager.free(allocation)
+        with pytest.raises(ValueError, match="freed"):
+            pager.read(allocation)
+    with pytest.raises(RuntimeError, match="closed"):
+        pager.allocate(PAGE)
+
+
+def test_free_returns_every_slot(nvme_dir):
+    with make_pager(nvme_dir, device_pages=2, host_pages=2) as pager:
+        allocation = pager.allocate(8 * PAGE)
+        pager.write(allocation, random_bytes(8 * PAGE))
+        assert sum(pager.stats()["resident_bytes"].values()) >= 8 * PAGE
+        pager.free(allocation)
+        assert pager.stats()["resident_bytes"] == {"device": 0, "host": 0, "disk": 0}
