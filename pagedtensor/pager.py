@@ -306,7 +306,11 @@ class Pager:
             return self._prefetcher.submit(self._prefetch_now, allocation, start, stop)
 
     def evict_all(self) -> None:
-        """Move every unpinned page off the device tier (host overflow goes to disk)."""
+        """Move every unpinned page off the device tier (host overflow goes to disk).
+
+        Prefetches queued before the call finish first, so none of them lands after it.
+        """
+        self._drain_prefetches()
         with self._lock:
             self._check_open()
             victims = self.device_policy.victims(self.device_tier.used_pages, self._device_evictable)
@@ -315,11 +319,15 @@ class Pager:
 
     def synchronize(self) -> None:
         """Block until every enqueued transfer has finished (prefetches included)."""
+        self._drain_prefetches()
+        self.engine.synchronize()
+
+    def _drain_prefetches(self) -> None:
+        """Wait until the prefetches queued so far have run (never call it holding the lock)."""
         with self._lock:
             prefetcher = self._prefetcher
         if prefetcher is not None:
             prefetcher.submit(lambda: None).result()
-        self.engine.synchronize()
 
     # ------------------------------------------------------------------ bytes in and out
 

@@ -7,7 +7,6 @@ import gc
 import logging
 import os
 import tempfile
-import threading
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from hypothesis import strategies as st
 from pagedtensor.errors import OutOfPagesError, PageCorruptionError
 from pagedtensor.tiers import disk, diskio
 from pagedtensor.tiers.disk import DiskTier
+from tests.support import run_in_threads
 
 try:
     import zstandard  # noqa: F401
@@ -175,28 +175,20 @@ def test_works_without_the_c_extension(make_tier, monkeypatch) -> None:
 
 def test_concurrent_batches_from_threads(make_tier) -> None:
     tier = make_tier()
-    errors: list[BaseException] = []
 
     def worker(seed: int) -> None:
-        try:
-            generator = torch.Generator().manual_seed(seed)
-            for _ in range(3):
-                slots = [tier.allocate_slot() for _ in range(4)]
-                pages = [random_page(generator, seed % 2 == 0, False) for _ in slots]
-                tier.write_pages(list(zip(slots, pages)))
-                out = [aligned_page() for _ in slots]
-                tier.read_pages(list(zip(slots, out)))
-                assert all(torch.equal(p, o) for p, o in zip(pages, out))
-                for slot in slots:
-                    tier.free_slot(slot)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            slots = [tier.allocate_slot() for _ in range(4)]
+            pages = [random_page(generator, seed % 2 == 0, False) for _ in slots]
+            tier.write_pages(list(zip(slots, pages)))
+            out = [aligned_page() for _ in slots]
+            tier.read_pages(list(zip(slots, out)))
+            assert all(torch.equal(p, o) for p, o in zip(pages, out))
+            for slot in slots:
+                tier.free_slot(slot)
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = run_in_threads(worker, 4)
     assert not errors, errors
     assert tier.used_pages == 0
 

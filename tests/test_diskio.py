@@ -14,6 +14,7 @@ import torch
 
 from pagedtensor.tiers import diskio
 from pagedtensor.tiers.diskio import OP_READ, OP_WRITE, IoRequest
+from tests.support import run_in_threads
 
 LIB = diskio.load_library()
 URING_REASON = diskio.uring_unavailable_reason()
@@ -142,27 +143,19 @@ def test_short_read_at_end_of_file_and_errors(tmp_path, engine_name: str) -> Non
 def test_engine_is_thread_safe(tmp_path, engine_name: str) -> None:
     engine = diskio.open_engine(engine_name, depth=8)
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
-    errors: list[BaseException] = []
 
     def worker(index: int) -> None:
-        try:
-            size, count = 4096, 16
-            base = index * count * size
-            sources = [torch.full((size,), index * 16 + i, dtype=torch.uint8) for i in range(count)]
-            writes = [IoRequest(OP_WRITE, fd, t.data_ptr(), size, base + i * size) for i, t in enumerate(sources)]
-            assert engine.submit(writes) == [size] * count
-            targets = [torch.empty(size, dtype=torch.uint8) for _ in range(count)]
-            reads = [IoRequest(OP_READ, fd, t.data_ptr(), size, base + i * size) for i, t in enumerate(targets)]
-            assert engine.submit(reads) == [size] * count
-            assert all(torch.equal(s, t) for s, t in zip(sources, targets))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        size, count = 4096, 16
+        base = index * count * size
+        sources = [torch.full((size,), index * 16 + i, dtype=torch.uint8) for i in range(count)]
+        writes = [IoRequest(OP_WRITE, fd, t.data_ptr(), size, base + i * size) for i, t in enumerate(sources)]
+        assert engine.submit(writes) == [size] * count
+        targets = [torch.empty(size, dtype=torch.uint8) for _ in range(count)]
+        reads = [IoRequest(OP_READ, fd, t.data_ptr(), size, base + i * size) for i, t in enumerate(targets)]
+        assert engine.submit(reads) == [size] * count
+        assert all(torch.equal(s, t) for s, t in zip(sources, targets))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = run_in_threads(worker, 6)
     engine.close()
     os.close(fd)
     assert not errors, errors

@@ -3,13 +3,13 @@ write-back of dirty pages only, prefetch, threads, metrics."""
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagedtensor import MemoryConfig, OutOfPagesError, PageCorruptionError, Pager
+from tests.support import run_in_threads
 
 PAGE = 4096
 
@@ -137,25 +137,17 @@ def test_sequential_prefetch_brings_the_next_pages():
 def test_threads_share_one_pager(nvme_dir):
     # Each thread pins at most 3 pages at a time and the prefetcher at most 4: 16 pages never run out.
     with make_pager(nvme_dir, device_pages=16, host_pages=4, prefetch_strategy="sequential") as pager:
-        errors: list[BaseException] = []
 
         def worker(seed: int) -> None:
-            try:
-                allocation = pager.allocate(2 * PAGE + 1 + seed)
-                data = random_bytes(allocation.nbytes, seed)
-                for _ in range(5):
-                    pager.write(allocation, data)
-                    assert torch.equal(pager.read(allocation), data)
-                    data = data.roll(1)
-                pager.free(allocation)
-            except BaseException as error:  # noqa: BLE001 - reported below
-                errors.append(error)
+            allocation = pager.allocate(2 * PAGE + 1 + seed)
+            data = random_bytes(allocation.nbytes, seed)
+            for _ in range(5):
+                pager.write(allocation, data)
+                assert torch.equal(pager.read(allocation), data)
+                data = data.roll(1)
+            pager.free(allocation)
 
-        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        errors = run_in_threads(worker, 4)
         assert not errors, errors
         assert pager.stats()["resident_bytes"]["device"] <= 16 * PAGE
 

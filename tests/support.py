@@ -1,0 +1,24 @@
+"""Helpers shared by test modules."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+
+def run_in_threads(worker: Callable[[int], None], count: int) -> list[BaseException]:
+    """Run ``worker(i)`` for ``i`` in ``range(count)`` on as many threads; return what they raised."""
+    errors: list[BaseException] = []
+
+    def guarded(index: int) -> None:
+        try:
+            worker(index)
+        except BaseException as error:  # noqa: BLE001 - handed back to the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
