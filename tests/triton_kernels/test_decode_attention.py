@@ -1,0 +1,194 @@
+"""paged_decode_attention against the fp32 reference (Triton interpreter on the CPU, the H100 for `gpu`)."""
+
+import math
+
+import pytest
+import torch
+
+from pagedtensor.triton_kernels import paged_decode_attention
+from pagedtensor.triton_kernels._common import kernel_device
+from pagedtensor.triton_kernels.decode_attention import _paged_decode_attention_op
+from pagedtensor.triton_kernels.reference import (
+    LSE_TOLERANCE,
+    decode_attention_reference,
+    random_paged_kv,
+    tolerance,
+)
+
+DEVICE = kernel_device()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def check_decode(kv, q, *, num_splits=None, scale=None, what=""):
+    out, lse = paged_decode_attention(q, kv.k_pages, kv.v_pages, kv.block_table, kv.seq_lens,
+                                      scale=scale, return_lse=True, num_splits=num_splits)  # fmt: skip
+    ref_out, ref_lse = decode_attention_reference(q, kv.k_pages, kv.v_pages, kv.block_table, kv.seq_lens, scale=scale)
+    assert out.dtype == q.dtype and out.shape == q.shape, f"{what}: out {out.dtype} {tuple(out.shape)}"
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:2], f"{what}: lse {lse.dtype} {tuple(lse.shape)}"
+    torch.testing.assert_close(out.float(), ref_out, **tolerance(q.dtype), msg=lambda m: f"decode out, {what}: {m}")
+    atol, rtol = LSE_TOLERANCE
+    torch.testing.assert_close(lse, ref_lse, atol=atol, rtol=rtol, msg=lambda m: f"decode lse, {what}: {m}")
+    return out, lse
+
+
+def make_case(seq_lens, *, num_heads, num_kv_heads, head_dim, page_tokens, dtype, seed, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    kv = random_paged_kv(seq_lens, page_tokens=page_tokens, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         dtype=dtype, device=device, generator=gen)  # fmt: skip
+    q = torch.randn((len(seq_lens), num_heads, head_dim), generator=gen).to(device=device, dtype=dtype)
+    return kv, q
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("num_splits", [None, 3], ids=["one-split", "split-k"])
+def test_decode_matches_reference(dtype, group, num_splits):
+    # lengths end mid-page, on a page boundary, and at one token; the block table is shuffled
+    kv, q = make_case([37, 1, 16, 50], num_heads=2 * group, num_kv_heads=2, head_dim=64, page_tokens=16,
+                      dtype=dtype, seed=group)  # fmt: skip
+    check_decode(kv, q, num_splits=num_splits, what=f"{dtype} group={group} splits={num_splits}")
+
+
+@pytest.mark.parametrize(
+    "head_dim,page_tokens,group,dtype",
+    [(128, 32, 4, torch.float16), (256, 16, 2, torch.bfloat16), (32, 256, 1, torch.float32), (64, 48, 3, torch.float16)],
+    ids=["d128-p32", "d256-p16", "d32-p256", "d64-p48-g3"],
+)
+def test_decode_head_dims_and_page_sizes(head_dim, page_tokens, group, dtype):
+    kv, q = make_case([page_tokens + 9, 3], num_heads=group, num_kv_heads=1, head_dim=head_dim,
+                      page_tokens=page_tokens, dtype=dtype, seed=head_dim)  # fmt: skip
+    check_decode(kv, q, num_splits=2, what=f"d{head_dim} p{page_tokens} g{group} {dtype}")
+
+
+def test_decode_many_splits_some_empty_and_custom_scale():
+    # more splits than blocks of the shortest sequence: empty splits must merge as nothing
+    kv, q = make_case([90, 2, 33], num_heads=4, num_kv_heads=4, head_dim=16, page_tokens=16,
+                      dtype=torch.float32, seed=11)  # fmt: skip
+    check_decode(kv, q, num_splits=6, scale=0.3, what="6 splits, scale 0.3")
+
+
+def test_decode_empty_sequence_gives_zeros_and_minus_inf():
+    kv, q = make_case([0, 20], num_heads=2, num_kv_heads=1, head_dim=16, page_tokens=16, dtype=torch.float16, seed=12)
+    for splits in (None, 2):
+        out, lse = check_decode(kv, q, num_splits=splits, what=f"empty sequence, splits={splits}")
+        assert torch.equal(out[0], torch.zeros_like(out[0])), "an empty sequence must give zeros"
+        assert torch.isneginf(lse[0]).all(), f"an empty sequence must give lse -inf, got {lse[0]}"
+
+
+def test_decode_int64_page_offsets():
+    """Pages referenced beyond 2**31 elements of a lazily allocated pool (only they are written)."""
+    page_tokens, num_kv_heads, head_dim = 16, 1, 64
+    num_pages = 2**31 // (page_tokens * num_kv_heads * head_dim) + 16
+    shape = (num_pages, page_tokens, num_kv_heads, head_dim)
+    k_pages = torch.empty(shape, dtype=torch.float16, device=DEVICE)
+    v_pages = torch.empty(shape, dtype=torch.float16, device=DEVICE)
+    used = [num_pages - 1, 5, num_pages - 9]
+    assert used[0] * k_pages.stride(0) > 2**31
+    gen = torch.Generator().manual_seed(13)
+    for page in used:
+        k_pages[page] = torch.randn(shape[1:], generator=gen).to(device=DEVICE, dtype=torch.float16)
+        v_pages[page] = torch.randn(shape[1:], generator=gen).to(device=DEVICE, dtype=torch.float16)
+    block_table = torch.tensor([used], dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.tensor([41], dtype=torch.int32, device=DEVICE)
+    q = torch.randn((1, 4, head_dim), generator=gen).to(device=DEVICE, dtype=torch.float16)
+    kv = type("KV", (), dict(k_pages=k_pages, v_pages=v_pages, block_table=block_table, seq_lens=seq_lens))
+    check_decode(kv, q, num_splits=2, what="pages past 2**31 elements")
+
+
+def test_decode_op_passes_opcheck_and_compiles():
+    kv, q = make_case([20, 5], num_heads=4, num_kv_heads=2, head_dim=16, page_tokens=16, dtype=torch.float16, seed=14)
+    pages = (kv.k_pages.nan_to_num(), kv.v_pages.nan_to_num())
+    torch.library.opcheck(_paged_decode_attention_op, (q, *pages, kv.block_table, kv.seq_lens, 0.25, 2))
+
+    def attend(q, k_pages, v_pages, block_table, seq_lens):
+        return paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens, return_lse=True)
+
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    out, lse = compiled(q, *pages, kv.block_table, kv.seq_lens)
+    ref_out, ref_lse = attend(q, *pages, kv.block_table, kv.seq_lens)
+    torch.testing.assert_close(out, ref_out, atol=0, rtol=0, msg=lambda m: f"compiled decode: {m}")
+    torch.testing.assert_close(lse, ref_lse, atol=0, rtol=0, msg=lambda m: f"compiled decode lse: {m}")
+
+
+def test_decode_bad_arguments_name_the_argument():
+    kv, q = make_case([20], num_heads=4, num_kv_heads=2, head_dim=16, page_tokens=16, dtype=torch.float16, seed=15)
+    args = (kv.k_pages, kv.v_pages, kv.block_table, kv.seq_lens)
+    with pytest.raises(TypeError, match="q dtype torch.float32 differs from k_pages dtype torch.float16"):
+        paged_decode_attention(q.float(), *args)
+    with pytest.raises(ValueError, match="q must have 3 dimensions"):
+        paged_decode_attention(q[None], *args)
+    with pytest.raises(ValueError, match="num_heads 3 is not a multiple of num_kv_heads 2"):
+        paged_decode_attention(q[:, :3], *args)
+    with pytest.raises(ValueError, match="q head_dim 8 differs"):
+        paged_decode_attention(q[..., :8], *args)
+    with pytest.raises(ValueError, match="v_pages shape"):
+        paged_decode_attention(q, kv.k_pages, kv.v_pages[:-1], kv.block_table, kv.seq_lens)
+    with pytest.raises(ValueError, match="block_table must have 1 rows"):
+        paged_decode_attention(q, kv.k_pages, kv.v_pages, kv.block_table.repeat(2, 1), kv.seq_lens)
+    with pytest.raises(TypeError, match="block_table must have dtype torch.int32"):
+        paged_decode_attention(q, kv.k_pages, kv.v_pages, kv.block_table.long(), kv.seq_lens)
+    with pytest.raises(ValueError, match="scale must be a positive finite float, got -1.0"):
+        paged_decode_attention(q, *args, scale=-1.0)
+    with pytest.raises(ValueError, match="num_splits must be a positive int or None, got 0"):
+        paged_decode_attention(q, *args, num_splits=0)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):
+        paged_decode_attention([1.0], *args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,page_tokens",
+    [(32, 32, 128, 16), (32, 8, 128, 16), (32, 4, 64, 256), (16, 2, 256, 32), (8, 1, 128, 64)],
+    ids=["llama2", "llama3", "g8-d64-p256", "g8-d256-p32", "mqa-p64"],
+)
+def test_gpu_decode_matches_reference(dtype, num_heads, num_kv_heads, head_dim, page_tokens):
+    kv, q = make_case([4133, 1, 700, 2 * page_tokens], num_heads=num_heads, num_kv_heads=num_kv_heads,
+                      head_dim=head_dim, page_tokens=page_tokens, dtype=dtype, seed=16, device="cuda")  # fmt: skip
+    what = f"gpu {dtype} {num_heads}/{num_kv_heads} heads d{head_dim} p{page_tokens}"
+    check_decode(kv, q, what=what)  # default (SM-count) split
+    check_decode(kv, q, num_splits=1, what=what + " one split")
+    check_decode(kv, q, num_splits=7, what=what + " 7 splits")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_decode_fp32_and_cuda_graph():
+    kv, q = make_case([3000, 17], num_heads=8, num_kv_heads=2, head_dim=128, page_tokens=16,
+                      dtype=torch.float32, seed=17, device="cuda")  # fmt: skip
+    check_decode(kv, q, what="gpu fp32")
+    args = (q, kv.k_pages, kv.v_pages, kv.block_table, kv.seq_lens)
+    expected = paged_decode_attention(*args)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        paged_decode_attention(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        out = paged_decode_attention(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected), "decode under a CUDA graph differs from eager"
+    assert math.isfinite(out.float().abs().max().item())
+
+
+def test_decode_goes_through_the_custom_op_under_a_dispatch_mode():
+    """Eager calls on plain tensors launch directly; a dispatch mode (or a tensor subclass) sees the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    kv, q = make_case([20], num_heads=2, num_kv_heads=1, head_dim=16, page_tokens=16, dtype=torch.float16, seed=18)
+    args = (q, kv.k_pages, kv.v_pages, kv.block_table, kv.seq_lens)
+    with RecordOps() as mode:
+        out = paged_decode_attention(*args)
+    assert any("pagedllm.paged_decode_attention" in op for op in mode.ops), mode.ops
+    torch.testing.assert_close(out, paged_decode_attention(*args), atol=0, rtol=0)

@@ -1,0 +1,166 @@
+"""paged_gather / paged_scatter against the plain-torch references (Triton interpreter on the CPU)."""
+
+import pytest
+import torch
+
+from pagedtensor.triton_kernels import paged_gather, paged_scatter
+from pagedtensor.triton_kernels._common import kernel_device
+from pagedtensor.triton_kernels.gather import _paged_gather_op, _paged_scatter_op
+from pagedtensor.triton_kernels.reference import gather_reference, random_paged_kv, scatter_reference
+
+DEVICE = kernel_device()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_same(actual, expected, what):
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "page_tokens,num_heads,head_dim", [(16, 2, 64), (32, 3, 16), (256, 1, 32)], ids=["p16", "p32-h3", "p256"]
+)
+def test_gather_matches_reference(dtype, page_tokens, num_heads, head_dim):
+    gen = torch.Generator().manual_seed(1)
+    seq_lens = [page_tokens * 2 + 5, 1, page_tokens, 0]  # mid-page end, one token, full page, empty
+    kv = random_paged_kv(seq_lens, page_tokens=page_tokens, num_kv_heads=num_heads, head_dim=head_dim,
+                         dtype=dtype, device=DEVICE, generator=gen)  # fmt: skip
+    out = paged_gather(kv.k_pages, kv.block_table, kv.seq_lens)
+    expected = gather_reference(kv.k_pages, kv.block_table, kv.seq_lens)
+    assert out.shape == (4, kv.block_table.shape[1] * page_tokens, num_heads, head_dim)
+    assert not out.isnan().any(), "gather read a poisoned slot or left an output element unwritten"
+    assert_same(out, expected, f"gather {dtype} page_tokens={page_tokens}")
+
+
+def test_gather_max_len_truncates_and_pads():
+    gen = torch.Generator().manual_seed(2)
+    kv = random_paged_kv([40, 7], page_tokens=16, num_kv_heads=1, head_dim=16, dtype=torch.float16,
+                         device=DEVICE, generator=gen)  # fmt: skip
+    for max_len in (5, 40, 70):
+        out = paged_gather(kv.k_pages, kv.block_table, kv.seq_lens, max_len=max_len)
+        assert_same(out, gather_reference(kv.k_pages, kv.block_table, kv.seq_lens, max_len), f"max_len={max_len}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scatter_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(3)
+    kv = random_paged_kv([45, 20, 33], page_tokens=16, num_kv_heads=2, head_dim=32, dtype=dtype,
+                         device=DEVICE, generator=gen)  # fmt: skip
+    src = torch.randn((3, 9, 2, 32), generator=gen).to(device=DEVICE, dtype=dtype)
+    start_pos = torch.tensor([30, 11, 0], dtype=torch.int32, device=DEVICE)  # crosses pages, starts mid-page
+    expected = scatter_reference(src, kv.k_pages, kv.block_table, start_pos)
+    paged_scatter(src, kv.k_pages, kv.block_table, start_pos)
+    assert_same(kv.k_pages, expected, f"scatter {dtype}")
+
+
+def test_scatter_int_start_drops_tokens_past_the_block_table():
+    gen = torch.Generator().manual_seed(4)
+    kv = random_paged_kv([32, 32], page_tokens=16, num_kv_heads=1, head_dim=16, dtype=torch.float32,
+                         device=DEVICE, generator=gen)  # fmt: skip
+    src = torch.randn((2, 6, 1, 16), generator=gen).to(DEVICE)
+    expected = scatter_reference(src, kv.k_pages, kv.block_table, 29)  # positions 29..34; 32.. are dropped
+    paged_scatter(src, kv.k_pages, kv.block_table, 29)
+    assert_same(kv.k_pages, expected, "scatter past the end of the block table")
+
+
+def test_scatter_then_gather_round_trip_non_contiguous_src():
+    gen = torch.Generator().manual_seed(5)
+    kv = random_paged_kv([48], page_tokens=16, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16,
+                         device=DEVICE, generator=gen)  # fmt: skip
+    src = torch.randn((1, 2, 48, 16), generator=gen).to(device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
+    paged_scatter(src, kv.k_pages, kv.block_table, 0)
+    assert_same(paged_gather(kv.k_pages, kv.block_table, kv.seq_lens), src, "round trip")
+
+
+def test_int64_page_offsets():
+    """A pool of more than 2**31 elements: the pages referenced lie past int32 element offsets.
+
+    ``torch.empty`` reserves the pool without touching it; only the referenced pages are written.
+    """
+    page_tokens, num_heads, head_dim = 16, 2, 64
+    page_elems = page_tokens * num_heads * head_dim
+    num_pages = 2**31 // page_elems + 64
+    pages = torch.empty((num_pages, page_tokens, num_heads, head_dim), dtype=torch.float16, device=DEVICE)
+    high = [num_pages - 1, num_pages - 50, 7]  # the first two start beyond 2**31 elements
+    assert high[1] * pages.stride(0) > 2**31
+    block_table = torch.tensor([high], dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.tensor([40], dtype=torch.int32, device=DEVICE)
+    gen = torch.Generator().manual_seed(6)
+    for page in high:
+        pages[page] = torch.randn((page_tokens, num_heads, head_dim), generator=gen).to(device=DEVICE, dtype=pages.dtype)
+    assert_same(paged_gather(pages, block_table, seq_lens), gather_reference(pages, block_table, seq_lens), "gather")
+    src = torch.randn((1, 20, num_heads, head_dim), generator=gen).to(device=DEVICE, dtype=pages.dtype)
+    paged_scatter(src, pages, block_table, 10)
+    assert_same(pages[high[0], 10:16], src[0, :6], "scatter into the first page")
+    assert_same(pages[high[1], :14], src[0, 6:], "scatter into a page beyond 2**31 elements")
+
+
+def test_custom_ops_pass_opcheck():
+    kv = random_paged_kv([20, 3], page_tokens=16, num_kv_heads=1, head_dim=16, dtype=torch.float16,
+                         device=DEVICE, generator=torch.Generator().manual_seed(7))  # fmt: skip
+    torch.library.opcheck(_paged_gather_op, (kv.k_pages, kv.block_table, kv.seq_lens, 32))
+    src = torch.randn((2, 3, 1, 16), dtype=torch.float16, device=DEVICE)
+    start = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(_paged_scatter_op, (src, kv.k_pages.nan_to_num(), kv.block_table, start))
+
+
+def test_gather_and_scatter_compile():
+    kv = random_paged_kv([20, 9], page_tokens=16, num_kv_heads=1, head_dim=16, dtype=torch.float16,
+                         device=DEVICE, generator=torch.Generator().manual_seed(8))  # fmt: skip
+    src = torch.randn((2, 4, 1, 16), dtype=torch.float16, device=DEVICE)
+
+    def step(src, pages, block_table, seq_lens):
+        paged_scatter(src, pages, block_table, 5)
+        return paged_gather(pages, block_table, seq_lens)
+
+    pages = kv.k_pages.clone()
+    expected = step(src, kv.k_pages.clone(), kv.block_table, kv.seq_lens)
+    out = torch.compile(step, backend="aot_eager", fullgraph=True)(src, pages, kv.block_table, kv.seq_lens)
+    assert_same(out, expected, "compiled gather")
+    assert_same(pages, scatter_reference(src, kv.k_pages, kv.block_table, 5), "compiled scatter")
+
+
+def test_bad_arguments_name_the_argument():
+    kv = random_paged_kv([20], page_tokens=16, num_kv_heads=1, head_dim=16, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(TypeError, match="block_table.*int64"):
+        paged_gather(kv.k_pages, kv.block_table.long(), kv.seq_lens)
+    with pytest.raises(TypeError, match="seq_lens"):
+        paged_gather(kv.k_pages, kv.block_table, kv.seq_lens.float())
+    with pytest.raises(ValueError, match="pages must have 4 dimensions"):
+        paged_gather(kv.k_pages[0], kv.block_table, kv.seq_lens)
+    with pytest.raises(ValueError, match="head_dim must be one of .* got 24"):
+        paged_gather(torch.zeros((2, 16, 1, 24), dtype=torch.float16, device=DEVICE), kv.block_table, kv.seq_lens)
+    with pytest.raises(TypeError, match="pages must have dtype"):
+        paged_gather(kv.k_pages.to(torch.int8), kv.block_table, kv.seq_lens)
+    with pytest.raises(ValueError, match="max_len .* -1"):
+        paged_gather(kv.k_pages, kv.block_table, kv.seq_lens, max_len=-1)
+    with pytest.raises(ValueError, match="seq_lens must have 1 entries"):
+        paged_gather(kv.k_pages, kv.block_table, kv.seq_lens.repeat(2))
+    src = torch.zeros((1, 2, 1, 16), dtype=torch.float16, device=DEVICE)
+    with pytest.raises(TypeError, match="src must have dtype"):
+        paged_scatter(src.float(), kv.k_pages, kv.block_table, 0)
+    with pytest.raises(ValueError, match="start_pos must be >= 0, got -3"):
+        paged_scatter(src, kv.k_pages, kv.block_table, -3)
+    with pytest.raises(ValueError, match="src .* does not match"):
+        paged_scatter(torch.zeros((1, 2, 2, 16), dtype=torch.float16, device=DEVICE), kv.k_pages, kv.block_table, 0)
+    with pytest.raises(TypeError, match="start_pos"):
+        paged_scatter(src, kv.k_pages, kv.block_table, 1.5)
+
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("page_tokens", [16, 256])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_gather_scatter(dtype, page_tokens):
+    gen = torch.Generator().manual_seed(9)
+    kv = random_paged_kv([5000, 300, 777, 4096], page_tokens=page_tokens, num_kv_heads=8, head_dim=128,
+                         dtype=dtype, device="cuda", generator=gen)  # fmt: skip
+    out = paged_gather(kv.k_pages, kv.block_table, kv.seq_lens)
+    assert_same(out, gather_reference(kv.k_pages, kv.block_table, kv.seq_lens), f"gpu gather {dtype}")
+    src = torch.randn((4, 300, 8, 128), generator=gen).to(device="cuda", dtype=dtype)
+    start = torch.tensor([4700, 0, 400, 3000], dtype=torch.int32, device="cuda")
+    expected = scatter_reference(src, kv.k_pages, kv.block_table, start)
+    paged_scatter(src, kv.k_pages, kv.block_table, start)
+    assert_same(kv.k_pages, expected, f"gpu scatter {dtype}")

@@ -1,0 +1,160 @@
+"""paged_prefill_attention against the fp32 reference (Triton interpreter on the CPU, the H100 for `gpu`)."""
+
+import pytest
+import torch
+
+from pagedtensor.triton_kernels import paged_prefill_attention
+from pagedtensor.triton_kernels._common import kernel_device
+from pagedtensor.triton_kernels.prefill_attention import _paged_prefill_attention_op
+from pagedtensor.triton_kernels.reference import LSE_TOLERANCE, attention_reference, random_paged_kv, tolerance
+
+DEVICE = kernel_device()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def check_prefill(kv, q, q_start, *, causal=True, scale=None, what=""):
+    out, lse = paged_prefill_attention(q, kv.k_pages, kv.v_pages, kv.block_table, kv.seq_lens, q_start,
+                                       scale=scale, causal=causal, return_lse=True)  # fmt: skip
+    ref_out, ref_lse = attention_reference(q, kv.k_pages, kv.v_pages, kv.block_table, kv.seq_lens, q_start,
+                                           scale=scale, causal=causal)  # fmt: skip
+    assert out.dtype == q.dtype and out.shape == q.shape, f"{what}: out {out.dtype} {tuple(out.shape)}"
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3], f"{what}: lse {lse.dtype} {tuple(lse.shape)}"
+    torch.testing.assert_close(out.float(), ref_out, **tolerance(q.dtype), msg=lambda m: f"prefill out, {what}: {m}")
+    atol, rtol = LSE_TOLERANCE
+    torch.testing.assert_close(lse, ref_lse, atol=atol, rtol=rtol, msg=lambda m: f"prefill lse, {what}: {m}")
+    return out, lse
+
+
+def make_case(seq_lens, q_len, *, num_heads, num_kv_heads, head_dim, page_tokens, dtype, seed, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    kv = random_paged_kv(seq_lens, page_tokens=page_tokens, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         dtype=dtype, device=device, generator=gen)  # fmt: skip
+    q = torch.randn((len(seq_lens), q_len, num_heads, head_dim), generator=gen).to(device=device, dtype=dtype)
+    return kv, q
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_prefill_chunk_at_end_of_context(dtype, group):
+    # chunks of 19 queries ending each sequence (the usual chunked prefill), one of them the whole prompt
+    seq_lens = [53, 19, 40]
+    kv, q = make_case(seq_lens, 19, num_heads=group, num_kv_heads=1, head_dim=32, page_tokens=16,
+                      dtype=dtype, seed=group)  # fmt: skip
+    q_start = torch.tensor([n - 19 for n in seq_lens], dtype=torch.int32, device=DEVICE)
+    check_prefill(kv, q, q_start, what=f"{dtype} group={group}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefill_non_causal_with_int_start(dtype):
+    kv, q = make_case([37, 30], 7, num_heads=4, num_kv_heads=2, head_dim=64, page_tokens=16, dtype=dtype, seed=21)
+    check_prefill(kv, q, 30, causal=False, what=f"non-causal {dtype}")
+    check_prefill(kv, q, 30, causal=True, scale=0.2, what=f"causal int q_start {dtype}")
+
+
+@pytest.mark.parametrize(
+    "head_dim,page_tokens,dtype",
+    [(128, 32, torch.float16), (256, 16, torch.bfloat16), (64, 256, torch.float16), (16, 24, torch.float32)],
+    ids=["d128-p32", "d256-p16", "d64-p256", "d16-p24"],
+)
+def test_prefill_head_dims_and_page_sizes(head_dim, page_tokens, dtype):
+    kv, q = make_case([45, 9], 9, num_heads=2, num_kv_heads=1, head_dim=head_dim, page_tokens=page_tokens,
+                      dtype=dtype, seed=head_dim)  # fmt: skip
+    check_prefill(kv, q, torch.tensor([36, 0], dtype=torch.int32, device=DEVICE), what=f"d{head_dim} p{page_tokens}")
+
+
+def test_prefill_queries_without_keys_give_zeros_and_minus_inf():
+    kv, q = make_case([0, 12], 5, num_heads=2, num_kv_heads=2, head_dim=16, page_tokens=16,
+                      dtype=torch.float16, seed=22)  # fmt: skip
+    out, lse = check_prefill(kv, q, torch.tensor([0, 7], dtype=torch.int32, device=DEVICE), what="empty sequence")
+    assert torch.equal(out[0], torch.zeros_like(out[0])), "queries of an empty sequence must give zeros"
+    assert torch.isneginf(lse[0]).all(), f"queries of an empty sequence must give lse -inf, got {lse[0]}"
+
+
+def test_prefill_in_chunks_equals_whole_prompt():
+    kv, q = make_case([41], 41, num_heads=4, num_kv_heads=1, head_dim=32, page_tokens=16,
+                      dtype=torch.float32, seed=23)  # fmt: skip
+    args = (kv.k_pages, kv.v_pages, kv.block_table)
+    whole = paged_prefill_attention(q, *args, kv.seq_lens, 0)
+    parts = []
+    for start, stop in ((0, 16), (16, 30), (30, 41)):
+        lens = torch.tensor([stop], dtype=torch.int32, device=DEVICE)  # keys written so far
+        parts.append(paged_prefill_attention(q[:, start:stop], *args, lens, start))
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, atol=1e-5, rtol=1e-5,
+                               msg=lambda m: f"chunked prefill vs whole prompt: {m}")  # fmt: skip
+
+
+def test_prefill_int64_page_offsets():
+    page_tokens, head_dim = 16, 64
+    num_pages = 2**31 // (page_tokens * head_dim) + 8
+    shape = (num_pages, page_tokens, 1, head_dim)
+    k_pages = torch.empty(shape, dtype=torch.float16, device=DEVICE)
+    v_pages = torch.empty(shape, dtype=torch.float16, device=DEVICE)
+    used = [3, num_pages - 1, num_pages - 5]
+    assert used[1] * k_pages.stride(0) > 2**31
+    gen = torch.Generator().manual_seed(24)
+    for page in used:
+        k_pages[page] = torch.randn(shape[1:], generator=gen).to(device=DEVICE, dtype=torch.float16)
+        v_pages[page] = torch.randn(shape[1:], generator=gen).to(device=DEVICE, dtype=torch.float16)
+    kv = type("KV", (), dict(k_pages=k_pages, v_pages=v_pages,
+                             block_table=torch.tensor([used], dtype=torch.int32, device=DEVICE),
+                             seq_lens=torch.tensor([44], dtype=torch.int32, device=DEVICE)))  # fmt: skip
+    q = torch.randn((1, 20, 2, head_dim), generator=gen).to(device=DEVICE, dtype=torch.float16)
+    check_prefill(kv, q, 24, what="pages past 2**31 elements")
+
+
+def test_prefill_op_passes_opcheck_and_compiles():
+    kv, q = make_case([20, 9], 4, num_heads=2, num_kv_heads=1, head_dim=16, page_tokens=16,
+                      dtype=torch.float16, seed=25)  # fmt: skip
+    pages = (kv.k_pages.nan_to_num(), kv.v_pages.nan_to_num())
+    start = torch.tensor([16, 5], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(_paged_prefill_attention_op, (q, *pages, kv.block_table, kv.seq_lens, start, 0.25, True))
+
+    def attend(q, k_pages, v_pages, block_table, seq_lens, q_start):
+        return paged_prefill_attention(q, k_pages, v_pages, block_table, seq_lens, q_start)
+
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, *pages, kv.block_table, kv.seq_lens, start),
+                               attend(q, *pages, kv.block_table, kv.seq_lens, start), atol=0, rtol=0)  # fmt: skip
+
+
+def test_prefill_bad_arguments_name_the_argument():
+    kv, q = make_case([20], 4, num_heads=2, num_kv_heads=1, head_dim=16, page_tokens=16, dtype=torch.float16, seed=26)
+    args = (kv.k_pages, kv.v_pages, kv.block_table, kv.seq_lens)
+    with pytest.raises(ValueError, match="q must have 4 dimensions"):
+        paged_prefill_attention(q[0], *args, 0)
+    with pytest.raises(ValueError, match="q_start must be >= 0, got -1"):
+        paged_prefill_attention(q, *args, -1)
+    with pytest.raises(TypeError, match="q_start must have dtype torch.int32"):
+        paged_prefill_attention(q, *args, torch.tensor([0]))
+    with pytest.raises(ValueError, match="q_start must have 1 entries"):
+        paged_prefill_attention(q, *args, torch.tensor([0, 1], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        paged_prefill_attention(q, *args, 0, causal=1)
+    with pytest.raises(TypeError, match="q dtype torch.bfloat16 differs"):
+        paged_prefill_attention(q.bfloat16(), *args, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,page_tokens",
+    [(32, 32, 128, 16), (32, 8, 128, 16), (8, 1, 64, 256), (8, 2, 256, 32)],
+    ids=["llama2", "llama3", "mqa-d64-p256", "d256-p32"],
+)
+def test_gpu_prefill_matches_reference(dtype, num_heads, num_kv_heads, head_dim, page_tokens):
+    seq_lens = [1100, 300, 517]
+    kv, q = make_case(seq_lens, 300, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                      page_tokens=page_tokens, dtype=dtype, seed=27, device="cuda")  # fmt: skip
+    q_start = torch.tensor([n - 300 for n in seq_lens], dtype=torch.int32, device="cuda")
+    what = f"gpu {dtype} {num_heads}/{num_kv_heads} heads d{head_dim} p{page_tokens}"
+    check_prefill(kv, q, q_start, what=what)
+    check_prefill(kv, q, q_start, causal=False, what=what + " non-causal")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_prefill_fp32():
+    kv, q = make_case([700, 129], 129, num_heads=4, num_kv_heads=2, head_dim=128, page_tokens=16,
+                      dtype=torch.float32, seed=28, device="cuda")  # fmt: skip
+    check_prefill(kv, q, torch.tensor([571, 0], dtype=torch.int32, device="cuda"), what="gpu fp32")

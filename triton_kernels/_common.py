@@ -1,0 +1,172 @@
+"""Shared pieces of the paged kernels: argument checks, launch geometry and output allocation.
+
+The kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter
+(``TRITON_INTERPRET=1``, read when a ``@triton.jit`` module is imported). Every check raises a
+``TypeError`` (wrong type or dtype) or a ``ValueError`` (wrong shape, value or device) that names
+the argument and the value it got.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+# Value every kernel output and workspace is filled with before a launch, or None for torch.empty.
+# Tests set it to NaN so that an element a kernel forgot to write fails the comparison.
+POISON: float | None = None
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_device() -> torch.device:
+    """The device the kernels run on here: CUDA when compiled, CPU under the interpreter."""
+    return torch.device("cpu") if interpreting() or not torch.cuda.is_available() else torch.device("cuda")
+
+
+def new_buffer(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output or workspace tensor: uninitialised, or filled with ``POISON`` when set."""
+    if POISON is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, POISON, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 for the interpreter (keeps grids small)."""
+    if device.type != "cuda" or interpreting():
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def call_kernel_directly(*tensors: torch.Tensor) -> bool:
+    """Whether a public function may launch its kernel without going through its custom op.
+
+    The op's dispatch costs host time on every call (tens of microseconds, comparable to a decode
+    kernel). Plain eager calls on plain tensors skip it; under ``torch.compile`` / export tracing, with
+    tensor subclasses (e.g. ``PagedTensor``, fake tensors) or with a dispatch mode active, the op is
+    called so that tracing, ``__torch_dispatch__`` and modes see it.
+    """
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return all(type(t) is torch.Tensor for t in tensors)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def check_tensor(name: str, value: object, ndim: int, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    """``value`` is a tensor of ``ndim`` dimensions with one of ``dtypes``."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    if value.dtype not in dtypes:
+        allowed = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}; got {value.dtype}")
+    return value
+
+
+def check_device(device: torch.device, **tensors: torch.Tensor) -> None:
+    """All ``tensors`` lie on ``device``, and the kernels can run there."""
+    for name, tensor in tensors.items():
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device}, expected {device} (the device of the pages)")
+    if device.type == "cuda":
+        if interpreting():
+            raise ValueError(f"tensors are on {device} but TRITON_INTERPRET=1 runs kernels on the CPU")
+    elif device.type == "cpu":
+        if not interpreting():
+            raise ValueError("tensors are on cpu: the Triton kernels need a CUDA device, or TRITON_INTERPRET=1")
+    else:
+        raise ValueError(f"tensors are on {device}: only cuda (or cpu under TRITON_INTERPRET=1) is supported")
+
+
+def check_pages(name: str, pages: object) -> torch.Tensor:
+    """A page pool ``[num_pages, page_tokens, num_kv_heads, head_dim]`` with a unit last stride."""
+    pages = check_tensor(name, pages, 4, KV_DTYPES)
+    num_pages, page_tokens, num_heads, head_dim = pages.shape
+    if num_pages < 1 or page_tokens < 1 or num_heads < 1:
+        raise ValueError(f"{name} must be [num_pages, page_tokens, num_kv_heads, head_dim], got {tuple(pages.shape)}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"{name} head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    if pages.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in head_dim, got strides {tuple(pages.stride())}")
+    return pages
+
+
+def check_kv_pages(k_pages: object, v_pages: object) -> tuple[torch.Tensor, torch.Tensor]:
+    k_pages = check_pages("k_pages", k_pages)
+    v_pages = check_pages("v_pages", v_pages)
+    if v_pages.shape != k_pages.shape:
+        raise ValueError(f"v_pages shape {tuple(v_pages.shape)} differs from k_pages shape {tuple(k_pages.shape)}")
+    if v_pages.dtype != k_pages.dtype:
+        raise TypeError(f"v_pages dtype {v_pages.dtype} differs from k_pages dtype {k_pages.dtype}")
+    return k_pages, v_pages
+
+
+def check_block_table(block_table: object, seq_lens: object, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``block_table`` ``[batch, max_pages]`` int32 and ``seq_lens`` ``[batch]`` int32."""
+    block_table = check_tensor("block_table", block_table, 2, (torch.int32,))
+    seq_lens = check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
+    if batch is not None and block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have {batch} rows (the batch), got shape {tuple(block_table.shape)}")
+    if seq_lens.shape[0] != block_table.shape[0]:
+        raise ValueError(f"seq_lens must have {block_table.shape[0]} entries (the batch), got shape {tuple(seq_lens.shape)}")
+    if block_table.shape[1] < 1:
+        raise ValueError(f"block_table must have at least one column, got shape {tuple(block_table.shape)}")
+    if block_table.stride(-1) != 1:
+        block_table = block_table.contiguous()
+    if seq_lens.stride(0) != 1:
+        seq_lens = seq_lens.contiguous()
+    return block_table, seq_lens
+
+
+def check_positions(name: str, value: object, batch: int, device: torch.device) -> torch.Tensor:
+    """An ``int`` or an int32 ``[batch]`` tensor of token positions, as an int32 ``[batch]`` tensor."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or an int32 tensor, got bool {value}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+        return torch.full((batch,), value, dtype=torch.int32, device=device)
+    value = check_tensor(name, value, 1, (torch.int32,))
+    if value.shape[0] != batch:
+        raise ValueError(f"{name} must have {batch} entries (the batch), got shape {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device}, expected {device} (the device of the pages)")
+    return value.contiguous()
+
+
+def resolve_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    return float(scale)
+
+
+def dot_options(dtype: torch.dtype) -> tuple[bool, str]:
+    """(upcast dot operands to fp32, dot input precision) for a KV dtype.
+
+    The interpreter computes bf16 ``tl.dot`` wrongly (triton issue 11584): operands are upcast to fp32
+    there. fp32 inputs use exact ("ieee") dots instead of tf32 on the GPU.
+    """
+    upcast = interpreting() and dtype == torch.bfloat16
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    return upcast, precision

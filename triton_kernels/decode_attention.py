@@ -1,0 +1,397 @@
+"""Paged decode attention: one query token per sequence against its paged keys and values.
+
+Layout (vLLM-compatible): ``k_pages``/``v_pages`` ``[num_pages, page_tokens, num_kv_heads, head_dim]``,
+``block_table`` ``[batch, max_pages]`` int32 (page indices in logical order), ``seq_lens`` ``[batch]``
+int32, ``q`` ``[batch, num_heads, head_dim]``. Query head ``h`` reads KV head ``h // (num_heads //
+num_kv_heads)`` (grouped-query attention, any ratio).
+
+Kernel plan. One program takes one KV head of one sequence and the whole group of query heads that
+read it, so each K/V byte is loaded once per group, and one slice ("split") of the context. The
+number of splits grows until the grid fills the GPU (a batch of one with 8 KV heads cannot fill 132
+SMs otherwise). Each split writes its partial output, normalised, and its log-sum-exp; a second
+small kernel merges the splits exactly. With one split the first kernel writes the result itself.
+
+Inside a program the context is walked ``BLOCK_N`` tokens at a time; each token finds its page
+through the block table (so any page size works and a block may straddle pages), the page index is
+widened to int64 before it is multiplied by the page stride. Scores and the value sum use ``tl.dot``
+with the query group padded to 16 rows (the GPU's minimum); on an H100 this beat an elementwise
+product and sum in fp32 even for a group of one (MHA), since decode is bound by memory, not math.
+
+``lse`` is the natural log of the sum over visible keys of ``exp(scale * q . k)``, in fp32,
+``[batch, num_heads]``; a sequence with no keys gets output 0 and lse ``-inf``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedtensor.triton_kernels._common import (
+    call_kernel_directly,
+    check_block_table,
+    check_device,
+    check_kv_pages,
+    check_tensor,
+    dot_options,
+    interpreting,
+    new_buffer,
+    next_power_of_2,
+    resolve_scale,
+    sm_count,
+)
+
+LOG2E = 1.4426950408889634
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLaunch:
+    """How the decode kernel is launched for one geometry."""
+
+    block_n: int  # context tokens per loop step
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int  # split the context until the grid holds this many programs per SM
+    min_split_tokens: int  # never split finer than this
+
+
+def decode_launch_config(group: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeLaunch:
+    """Launch parameters for a query group size, head size and dtype (tuned on an H100)."""
+    if interpreting() or device.type != "cuda":
+        return DecodeLaunch(block_n=16, num_warps=4, num_stages=1, programs_per_sm=1, min_split_tokens=16)
+    # H100, fp16, 16-token pages, GPU time (benchmarks/bench_paged_attention.py --tune): 32 tokens a step,
+    # 4 warps, 2 stages, 4 programs per SM averaged 86% of copy bandwidth over Llama-2/3 heads at batch 1
+    # and 8; 64 tokens with 1 stage 77%, any 8-warp config at most 84%. A grid just over a whole number
+    # of waves leaves a tail of a few programs that cannot keep the memory busy (up to -20%).
+    return DecodeLaunch(block_n=32, num_warps=4, num_stages=2, programs_per_sm=4, min_split_tokens=256)
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, launch: DecodeLaunch, device: torch.device) -> int:
+    """Splits of the context per (sequence, KV head) so the grid fills the device."""
+    programs = batch * num_kv_heads
+    target = sm_count(device) * launch.programs_per_sm
+    if programs >= target:
+        return 1
+    splits = triton.cdiv(target, programs)
+    return max(1, min(splits, triton.cdiv(max_len, launch.min_split_tokens)))
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_pages_ptr,
+    v_pages_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    lse_ptr,
+    qk_scale_log2,
+    num_kv_heads,
+    tokens_per_split,
+    stride_q_batch: tl.int64,
+    stride_q_head: tl.int64,
+    stride_k_page: tl.int64,
+    stride_k_token: tl.int64,
+    stride_k_head: tl.int64,
+    stride_v_page: tl.int64,
+    stride_v_token: tl.int64,
+    stride_v_head: tl.int64,
+    stride_bt_batch: tl.int64,
+    stride_out_batch: tl.int64,
+    stride_out_head: tl.int64,
+    stride_out_split: tl.int64,
+    stride_lse_batch: tl.int64,
+    stride_lse_head: tl.int64,
+    stride_lse_split: tl.int64,
+    QUERY_GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_TOKENS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_seq_head = tl.program_id(0)
+    split = tl.program_id(1)
+    batch = (pid_seq_head // num_kv_heads).to(tl.int64)
+    kv_head = (pid_seq_head % num_kv_heads).to(tl.int64)
+
+    seq_len = tl.load(seq_lens_ptr + batch)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_g = offs_g < QUERY_GROUP
+    heads = kv_head * QUERY_GROUP + offs_g
+    q = tl.load(
+        q_ptr + batch * stride_q_batch + heads[:, None] * stride_q_head + offs_d[None, :],
+        mask=mask_g[:, None],
+        other=0.0,
+    )
+    if DOT_UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+
+    block_table_row_ptr = block_table_ptr + batch * stride_bt_batch
+    k_head_ptr = k_pages_ptr + kv_head * stride_k_head
+    v_head_ptr = v_pages_ptr + kv_head * stride_v_head
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS, mask=mask_n, other=0).to(tl.int64)
+        slot = (offs_n % PAGE_TOKENS).to(tl.int64)
+        k_offs = page * stride_k_page + slot * stride_k_token
+        v_offs = page * stride_v_page + slot * stride_v_token
+        k = tl.load(k_head_ptr + k_offs[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_head_ptr + v_offs[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+
+        if DOT_UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    out_row_ptr = out_ptr + batch * stride_out_batch + split * stride_out_split
+    tl.store(
+        out_row_ptr + heads[:, None] * stride_out_head + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask_g[:, None],
+    )
+    tl.store(lse_ptr + batch * stride_lse_batch + split * stride_lse_split + heads * stride_lse_head, lse, mask=mask_g)
+
+
+@triton.jit
+def _decode_merge_splits_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    lse_ptr,
+    num_heads,
+    num_splits,
+    stride_po_batch: tl.int64,
+    stride_po_head: tl.int64,
+    stride_po_split: tl.int64,
+    stride_pl_batch: tl.int64,
+    stride_pl_head: tl.int64,
+    stride_out_batch: tl.int64,
+    stride_out_head: tl.int64,
+    stride_lse_batch: tl.int64,
+    stride_lse_head: tl.int64,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    CHUNK_SPLITS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    batch = (pid // num_heads).to(tl.int64)
+    head = (pid % num_heads).to(tl.int64)
+    part_lse_row_ptr = part_lse_ptr + batch * stride_pl_batch + head * stride_pl_head
+    part_out_row_ptr = part_out_ptr + batch * stride_po_batch + head * stride_po_head
+
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    lse_all = tl.load(part_lse_row_ptr + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+    m = tl.max(lse_all, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    denom = tl.sum(tl.exp(lse_all - m_safe), axis=0)
+
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for s0 in range(0, num_splits, CHUNK_SPLITS):
+        offs_c = s0 + tl.arange(0, CHUNK_SPLITS)
+        mask_c = offs_c < num_splits
+        w = tl.exp(tl.load(part_lse_row_ptr + offs_c, mask=mask_c, other=float("-inf")) - m_safe)
+        part = tl.load(
+            part_out_row_ptr + offs_c[:, None] * stride_po_split + offs_d[None, :], mask=mask_c[:, None], other=0.0
+        )
+        acc += tl.sum(w[:, None] * part, axis=0)
+
+    has_keys = denom > 0.0
+    out = acc / tl.where(has_keys, denom, 1.0)
+    lse = tl.where(has_keys, m_safe + tl.log(tl.where(has_keys, denom, 1.0)), float("-inf"))
+    tl.store(out_ptr + batch * stride_out_batch + head * stride_out_head + offs_d, out.to(out_ptr.dtype.element_ty))
+    tl.store(lse_ptr + batch * stride_lse_batch + head * stride_lse_head, lse)
+
+
+def _launch_decode(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, num_heads, head_dim = q.shape
+    _, page_tokens, num_kv_heads, _ = k_pages.shape
+    group = num_heads // num_kv_heads
+    out = new_buffer((batch, num_heads, head_dim), q.dtype, q.device)
+    lse = new_buffer((batch, num_heads), torch.float32, q.device)
+    if batch == 0:
+        return out, lse
+
+    launch = decode_launch_config(group, head_dim, q.dtype, q.device)
+    max_len = block_table.shape[1] * page_tokens
+    if num_splits <= 0:
+        num_splits = choose_num_splits(batch, num_kv_heads, max_len, launch, q.device)
+    tokens_per_split = triton.cdiv(triton.cdiv(max_len, num_splits), launch.block_n) * launch.block_n
+    num_splits = triton.cdiv(max_len, tokens_per_split)
+
+    if num_splits == 1:
+        part_out, part_lse = out, lse
+        stride_out_split, stride_lse_split = 0, 0
+    else:
+        part_out = new_buffer((batch, num_heads, num_splits, head_dim), torch.float32, q.device)
+        part_lse = new_buffer((batch, num_heads, num_splits), torch.float32, q.device)
+        stride_out_split, stride_lse_split = part_out.stride(2), part_lse.stride(2)
+
+    upcast, precision = dot_options(q.dtype)
+    _decode_split_kernel[(batch * num_kv_heads, num_splits)](
+        q_ptr=q,
+        k_pages_ptr=k_pages,
+        v_pages_ptr=v_pages,
+        block_table_ptr=block_table,
+        seq_lens_ptr=seq_lens,
+        out_ptr=part_out,
+        lse_ptr=part_lse,
+        qk_scale_log2=scale * LOG2E,
+        num_kv_heads=num_kv_heads,
+        tokens_per_split=tokens_per_split,
+        stride_q_batch=q.stride(0),
+        stride_q_head=q.stride(1),
+        stride_k_page=k_pages.stride(0),
+        stride_k_token=k_pages.stride(1),
+        stride_k_head=k_pages.stride(2),
+        stride_v_page=v_pages.stride(0),
+        stride_v_token=v_pages.stride(1),
+        stride_v_head=v_pages.stride(2),
+        stride_bt_batch=block_table.stride(0),
+        stride_out_batch=part_out.stride(0),
+        stride_out_head=part_out.stride(1),
+        stride_out_split=stride_out_split,
+        stride_lse_batch=part_lse.stride(0),
+        stride_lse_head=part_lse.stride(1),
+        stride_lse_split=stride_lse_split,
+        QUERY_GROUP=group,
+        BLOCK_G=max(16, next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        PAGE_TOKENS=page_tokens,
+        BLOCK_N=launch.block_n,
+        DOT_UPCAST=upcast,
+        DOT_PRECISION=precision,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
+    )
+    if num_splits > 1:
+        block_splits = next_power_of_2(num_splits)
+        _decode_merge_splits_kernel[(batch * num_heads,)](
+            part_out_ptr=part_out,
+            part_lse_ptr=part_lse,
+            out_ptr=out,
+            lse_ptr=lse,
+            num_heads=num_heads,
+            num_splits=num_splits,
+            stride_po_batch=part_out.stride(0),
+            stride_po_head=part_out.stride(1),
+            stride_po_split=part_out.stride(2),
+            stride_pl_batch=part_lse.stride(0),
+            stride_pl_head=part_lse.stride(1),
+            stride_out_batch=out.stride(0),
+            stride_out_head=out.stride(1),
+            stride_lse_batch=lse.stride(0),
+            stride_lse_head=lse.stride(1),
+            HEAD_DIM=head_dim,
+            BLOCK_SPLITS=block_splits,
+            CHUNK_SPLITS=min(block_splits, 64),  # partials of up to 64 splits in one round trip
+            num_warps=8 if min(block_splits, 64) * head_dim >= 8192 else 4,
+        )
+    return out, lse
+
+
+@torch.library.custom_op("pagedllm::paged_decode_attention", mutates_args=())
+def _paged_decode_attention_op(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_decode(q, k_pages, v_pages, block_table, seq_lens, scale, num_splits)
+
+
+@_paged_decode_attention_op.register_fake
+def _paged_decode_attention_fake(q, k_pages, v_pages, block_table, seq_lens, scale, num_splits):
+    batch, num_heads, head_dim = q.shape
+    return q.new_empty((batch, num_heads, head_dim)), q.new_empty((batch, num_heads), dtype=torch.float32)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+    num_splits: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one query token per sequence over its paged keys and values.
+
+    Args:
+        q: ``[batch, num_heads, head_dim]``, fp16/bf16/fp32, the dtype of the pages.
+        k_pages, v_pages: ``[num_pages, page_tokens, num_kv_heads, head_dim]``; ``num_heads`` must be a
+            multiple of ``num_kv_heads``; head_dim a power of two from 16 to 256.
+        block_table: ``[batch, max_pages]`` int32, the pages of each sequence in logical order. Only the
+            entries of pages below ``seq_lens`` are read.
+        seq_lens: ``[batch]`` int32, keys per sequence (``<= max_pages * page_tokens``).
+        scale: score scale, default ``head_dim ** -0.5``.
+        return_lse: also return the log-sum-exp, for :func:`merge_attention_partials`.
+        num_splits: context splits per (sequence, KV head); default chosen from the context bound
+            ``max_pages * page_tokens`` and the SM count (no host sync).
+
+    Returns:
+        ``out`` ``[batch, num_heads, head_dim]`` in q's dtype, and with ``return_lse`` the fp32 ``lse``
+        ``[batch, num_heads]``: natural log of the sum of ``exp(scale * q . k)`` over the keys. A
+        sequence of length 0 gives zeros and ``-inf``.
+    """
+    q = check_tensor("q", q, 3, (torch.float16, torch.bfloat16, torch.float32))
+    k_pages, v_pages = check_kv_pages(k_pages, v_pages)
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_pages.shape[2]
+    if q.dtype != k_pages.dtype:
+        raise TypeError(f"q dtype {q.dtype} differs from k_pages dtype {k_pages.dtype}")
+    if head_dim != k_pages.shape[3]:
+        raise ValueError(f"q head_dim {head_dim} differs from k_pages head_dim {k_pages.shape[3]}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"q num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    block_table, seq_lens = check_block_table(block_table, seq_lens, batch)
+    check_device(k_pages.device, q=q, v_pages=v_pages, block_table=block_table, seq_lens=seq_lens)
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    args = (q, k_pages, v_pages, block_table, seq_lens, resolve_scale(scale, head_dim), num_splits or 0)
+    if call_kernel_directly(q, k_pages, v_pages, block_table, seq_lens):
+        out, lse = _launch_decode(*args)
+    else:
+        out, lse = _paged_decode_attention_op(*args)
+    return (out, lse) if return_lse else out

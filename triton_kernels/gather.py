@@ -1,0 +1,257 @@
+"""Paged gather and scatter: move tokens between a page pool and a dense ``[batch, tokens, heads, dim]``.
+
+``pages`` is ``[num_pages, page_tokens, num_heads, head_dim]`` (vLLM layout), ``block_table``
+``[batch, max_pages]`` int32 lists each sequence's pages in logical order: token ``t`` of sequence
+``b`` lies in page ``block_table[b, t // page_tokens]`` at slot ``t % page_tokens``.
+
+One program copies ``BLOCK_T`` tokens of one sequence, a chunk of the ``num_heads * head_dim`` row
+at a time; each token finds its page through the block table, and the page index is widened to
+int64 before it meets the page stride.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedtensor.triton_kernels._common import (
+    call_kernel_directly,
+    check_block_table,
+    check_device,
+    check_pages,
+    check_positions,
+    check_tensor,
+    interpreting,
+    new_buffer,
+    next_power_of_2,
+)
+
+
+def _block_sizes(num_heads: int, head_dim: int) -> tuple[int, int]:
+    """(tokens, row elements) per program step."""
+    row = next_power_of_2(num_heads * head_dim)
+    if interpreting():
+        return 16, min(row, 4096)
+    return 16, min(row, 1024)
+
+
+@triton.jit
+def _paged_gather_kernel(
+    pages_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    max_len,
+    max_pages,
+    num_heads,
+    stride_p_page: tl.int64,
+    stride_p_token: tl.int64,
+    stride_p_head: tl.int64,
+    stride_bt_batch: tl.int64,
+    stride_out_batch: tl.int64,
+    stride_out_token: tl.int64,
+    HEAD_DIM: tl.constexpr,
+    PAGE_TOKENS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    seq_len = tl.load(seq_lens_ptr + batch)
+    in_out = offs_t < max_len
+    logical_page = offs_t // PAGE_TOKENS
+    valid = in_out & (offs_t < seq_len) & (logical_page < max_pages)
+    page = tl.load(block_table_ptr + batch * stride_bt_batch + logical_page, mask=valid, other=0).to(tl.int64)
+    src_row = page * stride_p_page + (offs_t % PAGE_TOKENS).to(tl.int64) * stride_p_token
+    dst_row = batch * stride_out_batch + offs_t.to(tl.int64) * stride_out_token
+    row_len = num_heads * HEAD_DIM
+    for r0 in range(0, row_len, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < row_len
+        src_col = (offs_r // HEAD_DIM).to(tl.int64) * stride_p_head + offs_r % HEAD_DIM
+        x = tl.load(pages_ptr + src_row[:, None] + src_col[None, :], mask=valid[:, None] & mask_r[None, :], other=0.0)
+        tl.store(out_ptr + dst_row[:, None] + offs_r[None, :], x, mask=in_out[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _paged_scatter_kernel(
+    src_ptr,
+    pages_ptr,
+    block_table_ptr,
+    start_pos_ptr,
+    num_new,
+    max_pages,
+    num_heads,
+    stride_src_batch: tl.int64,
+    stride_src_token: tl.int64,
+    stride_src_head: tl.int64,
+    stride_p_page: tl.int64,
+    stride_p_token: tl.int64,
+    stride_p_head: tl.int64,
+    stride_bt_batch: tl.int64,
+    HEAD_DIM: tl.constexpr,
+    PAGE_TOKENS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    pos = tl.load(start_pos_ptr + batch) + offs_t
+    logical_page = pos // PAGE_TOKENS
+    valid = (offs_t < num_new) & (pos >= 0) & (logical_page < max_pages)
+    page = tl.load(block_table_ptr + batch * stride_bt_batch + logical_page, mask=valid, other=0).to(tl.int64)
+    dst_row = page * stride_p_page + (pos % PAGE_TOKENS).to(tl.int64) * stride_p_token
+    src_row = batch * stride_src_batch + offs_t.to(tl.int64) * stride_src_token
+    row_len = num_heads * HEAD_DIM
+    for r0 in range(0, row_len, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask = valid[:, None] & (offs_r < row_len)[None, :]
+        head = (offs_r // HEAD_DIM).to(tl.int64)
+        dim = offs_r % HEAD_DIM
+        x = tl.load(src_ptr + src_row[:, None] + (head * stride_src_head + dim)[None, :], mask=mask)
+        tl.store(pages_ptr + dst_row[:, None] + (head * stride_p_head + dim)[None, :], x, mask=mask)
+
+
+def _launch_gather(pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, max_len: int) -> torch.Tensor:
+    _, page_tokens, num_heads, head_dim = pages.shape
+    batch, max_pages = block_table.shape
+    out = new_buffer((batch, max_len, num_heads, head_dim), pages.dtype, pages.device)
+    if batch == 0 or max_len == 0:
+        return out
+    block_t, block_r = _block_sizes(num_heads, head_dim)
+    _paged_gather_kernel[(triton.cdiv(max_len, block_t), batch)](
+        pages_ptr=pages,
+        block_table_ptr=block_table,
+        seq_lens_ptr=seq_lens,
+        out_ptr=out,
+        max_len=max_len,
+        max_pages=max_pages,
+        num_heads=num_heads,
+        stride_p_page=pages.stride(0),
+        stride_p_token=pages.stride(1),
+        stride_p_head=pages.stride(2),
+        stride_bt_batch=block_table.stride(0),
+        stride_out_batch=out.stride(0),
+        stride_out_token=out.stride(1),
+        HEAD_DIM=head_dim,
+        PAGE_TOKENS=page_tokens,
+        BLOCK_T=block_t,
+        BLOCK_R=block_r,
+        num_warps=4,
+    )
+    return out
+
+
+@torch.library.custom_op("pagedllm::paged_gather", mutates_args=())
+def _paged_gather_op(pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, max_len: int) -> torch.Tensor:
+    return _launch_gather(pages, block_table, seq_lens, max_len)
+
+
+@_paged_gather_op.register_fake
+def _paged_gather_fake(pages, block_table, seq_lens, max_len):
+    return pages.new_empty((block_table.shape[0], max_len, pages.shape[2], pages.shape[3]))
+
+
+def paged_gather(
+    pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, *, max_len: int | None = None
+) -> torch.Tensor:
+    """Copy each sequence's tokens out of the page pool into a dense, zero-padded tensor.
+
+    Args:
+        pages: ``[num_pages, page_tokens, num_heads, head_dim]``.
+        block_table: ``[batch, max_pages]`` int32; only entries of pages below ``seq_lens`` are read.
+        seq_lens: ``[batch]`` int32 tokens per sequence.
+        max_len: tokens in the output; default ``max_pages * page_tokens`` (known without a host sync).
+
+    Returns:
+        ``[batch, max_len, num_heads, head_dim]`` in the pages' dtype; token ``t >= seq_lens[b]`` is zero.
+    """
+    pages = check_pages("pages", pages)
+    block_table, seq_lens = check_block_table(block_table, seq_lens)
+    check_device(pages.device, block_table=block_table, seq_lens=seq_lens)
+    if max_len is None:
+        max_len = block_table.shape[1] * pages.shape[1]
+    elif isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
+        raise ValueError(f"max_len must be a non-negative int or None, got {max_len!r}")
+    if call_kernel_directly(pages, block_table, seq_lens):
+        return _launch_gather(pages, block_table, seq_lens, max_len)
+    return _paged_gather_op(pages, block_table, seq_lens, max_len)
+
+
+def _launch_scatter(src: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, start_pos: torch.Tensor) -> None:
+    batch, num_new, num_heads, head_dim = src.shape
+    if batch == 0 or num_new == 0:
+        return
+    block_t, block_r = _block_sizes(num_heads, head_dim)
+    _paged_scatter_kernel[(triton.cdiv(num_new, block_t), batch)](
+        src_ptr=src,
+        pages_ptr=pages,
+        block_table_ptr=block_table,
+        start_pos_ptr=start_pos,
+        num_new=num_new,
+        max_pages=block_table.shape[1],
+        num_heads=num_heads,
+        stride_src_batch=src.stride(0),
+        stride_src_token=src.stride(1),
+        stride_src_head=src.stride(2),
+        stride_p_page=pages.stride(0),
+        stride_p_token=pages.stride(1),
+        stride_p_head=pages.stride(2),
+        stride_bt_batch=block_table.stride(0),
+        HEAD_DIM=head_dim,
+        PAGE_TOKENS=pages.shape[1],
+        BLOCK_T=block_t,
+        BLOCK_R=block_r,
+        num_warps=4,
+    )
+
+
+@torch.library.custom_op("pagedllm::paged_scatter", mutates_args=("pages",))
+def _paged_scatter_op(src: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, start_pos: torch.Tensor) -> None:
+    _launch_scatter(src, pages, block_table, start_pos)
+
+
+@_paged_scatter_op.register_fake
+def _paged_scatter_fake(src, pages, block_table, start_pos):
+    return None
+
+
+def paged_scatter(
+    src: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, start_pos: int | torch.Tensor
+) -> None:
+    """Write new tokens into their pages, in place.
+
+    Token ``i`` of ``src[b]`` goes to logical position ``start_pos[b] + i`` of sequence ``b``: page
+    ``block_table[b, pos // page_tokens]``, slot ``pos % page_tokens``. Positions past the block
+    table (``pos >= max_pages * page_tokens``) are dropped; the caller allocates pages first. Every
+    written position must map to its own slot (two positions sharing a page slot race).
+
+    Args:
+        src: ``[batch, num_new, num_heads, head_dim]`` in the pages' dtype.
+        pages: ``[num_pages, page_tokens, num_heads, head_dim]``, written in place.
+        block_table: ``[batch, max_pages]`` int32.
+        start_pos: an int, or an int32 ``[batch]`` tensor: position of ``src[b, 0]``.
+    """
+    pages = check_pages("pages", pages)
+    src = check_tensor("src", src, 4, (pages.dtype,))
+    block_table = check_tensor("block_table", block_table, 2, (torch.int32,))
+    batch = src.shape[0]
+    if src.shape[2:] != pages.shape[2:]:
+        raise ValueError(
+            f"src [batch, num_new, num_heads, head_dim] {tuple(src.shape)} does not match pages heads and dim "
+            f"{tuple(pages.shape[2:])}"
+        )
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have {batch} rows (the batch of src), got shape {tuple(block_table.shape)}")
+    start_pos = check_positions("start_pos", start_pos, batch, pages.device)
+    check_device(pages.device, src=src, block_table=block_table)
+    if src.stride(-1) != 1:
+        src = src.contiguous()
+    block_table = block_table.contiguous()
+    if call_kernel_directly(src, pages, block_table, start_pos):
+        _launch_scatter(src, pages, block_table, start_pos)
+    else:
+        _paged_scatter_op(src, pages, block_table, start_pos)
