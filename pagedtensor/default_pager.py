@@ -1,0 +1,42 @@
+"""The process-wide default pager that :meth:`PagedTensor.wrap` uses when it is given none.
+
+The default pager is created on first use from a default :class:`~pagedtensor.config.MemoryConfig`
+(its tiers take memory only as pages arrive). Replace it with :func:`set_default_pager`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+from pagedtensor.config import MemoryConfig
+from pagedtensor.pager import Pager
+
+_lock = threading.Lock()
+_default: Optional[Pager] = None
+
+
+def get_default_pager() -> Pager:
+    """The default pager; created from ``MemoryConfig()`` on first use (or again after it was closed)."""
+    global _default
+    with _lock:
+        if _default is None or _default.closed:
+            _default = Pager(MemoryConfig())
+        return _default
+
+
+def set_default_pager(pager: Optional[Pager]) -> Optional[Pager]:
+    """Make ``pager`` the default; ``None`` returns to a lazily created ``MemoryConfig()`` pager.
+
+    Returns the previous default (``None`` if none was created yet). The previous pager is not
+    closed: tensors wrapped on it keep working.
+
+    Raises:
+        TypeError: ``pager`` is neither a :class:`Pager` nor ``None``.
+    """
+    global _default
+    if pager is not None and not isinstance(pager, Pager):
+        raise TypeError(f"set_default_pager: expected a Pager or None, got {type(pager).__name__}")
+    with _lock:
+        previous, _default = _default, pager
+        return previous

@@ -1,0 +1,771 @@
+"""The op table of :class:`~pagedtensor.tensor.PagedTensor` and the dispatcher every aten op goes through.
+
+``PagedTensor.__torch_dispatch__`` is one line: ``DISPATCHER.dispatch(func, types, args, kwargs)``.
+The dispatcher tries, in this order:
+
+0. **Traced tensors forward.** A PagedTensor rebuilt by ``__tensor_unflatten__`` (only at a
+   ``torch.compile`` boundary) holds a dense inner tensor; the op runs on it.
+1. **A registered handler** for the op (``@implements([aten.op, ...])``; an op registers once):
+
+   * view ops (``view``, ``as_strided``, ``slice``, ``select``, ``t``/``transpose``/``permute``,
+     ``expand``, ``unsqueeze``/``squeeze``, ``alias``, ``detach``, ``_unsafe_view``, ``split``,
+     ``unbind``, ``unfold``, ``diagonal``, ...): the op runs on a meta tensor with the same layout
+     and the result is a PagedTensor over the same pages. Nothing faults in.
+   * dim-0 row gathers (``index_select`` on dim 0, ``embedding``, ``index.Tensor`` with one index
+     tensor on dim 0): only the pages holding the selected rows fault in, run by run.
+   * ops that read only metadata (``new_*``, ``*_like``, ``is_same_size``): nothing faults in.
+
+2. **Fault in and run dense** (every other op): the pages each PagedTensor argument reaches (its
+   byte span ``[storage_offset, last reachable element]``) fault in, once per allocation; the op
+   runs on dense views of them (zero-copy when the device slots are adjacent, else on a gathered
+   temporary); arguments the op writes (in-place, ``out=``, per the op's schema) are written back
+   and only the pages they touch are marked dirty; results are plain tensors, except that an
+   in-place or ``out=`` op returns the PagedTensor it wrote. A view op without a handler is
+   recognized by its schema and handled like step 1.
+3. **NotImplementedError** naming the op and the argument types: ops that change a PagedTensor's
+   shape, strides or storage in place (``resize_``, ``set_``, ``t_``, ... : the ``inplace_view``
+   tag), ``out=`` that would resize a PagedTensor, views needing the conjugate/negative bit, and
+   higher-order operators. Never a silently wrong result.
+
+Note:
+    Stream order, on CUDA: :meth:`ResidentPages.wait` makes the current stream wait for the copies
+    that filled the pages; the op (and any gather / write-back copy) is enqueued on the current
+    stream; :meth:`ResidentPages.release` then records an event on it, so a slot is reused only
+    after the op. Results that could alias a device slot are cloned before the release. There is
+    no host sync, except that a row gather reads its index tensor on the host.
+
+An op needs every page it touches resident at once: an op whose span does not fit in
+``vram_limit`` beside the pinned pages raises :class:`~pagedtensor.errors.OutOfPagesError`
+(row gathers need only one run of adjacent pages at a time; :meth:`materialize` any size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+from torch._ops import OpOverload, OpOverloadPacket
+from torch.utils._python_dispatch import return_and_correct_aliasing
+
+from pagedtensor.errors import OutOfPagesError
+from pagedtensor.pager import ResidentPages
+from pagedtensor.tensor import PagedStorage, PagedTensor, _pending_frees, drain_pending_frees, element_span
+
+aten = torch.ops.aten
+
+Handler = Callable[[OpOverload, tuple, tuple, dict], Any]
+"""``handler(func, types, args, kwargs)``: the result of ``func`` on PagedTensor arguments."""
+
+# Pages touched by a strided write are found by splitting it into blocks; above this many blocks
+# the whole byte span counts as touched (a superset: extra dirty pages cost a write-back, no error).
+_MAX_TOUCH_BLOCKS = 4096
+
+
+# In-place resizers that the ``inplace_view`` tag does not mark.
+_RESIZING_OPS = frozenset({"_resize_output_", "resize_as_sparse_", "sparse_resize_", "sparse_resize_and_clear_"})
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """What an op's schema says about aliasing, read once per op."""
+
+    written: tuple[tuple[int, str], ...]
+    """``(position, name)`` of each argument the op writes (``Tensor(a!)``)."""
+    out_names: frozenset[str]
+    """The written arguments that are keyword-only (``out=``): torch may resize them."""
+    is_view: bool
+    """A result aliases an input without writing it."""
+    changes_metadata: bool
+    """The op changes its input's shape, strides or storage in place (the ``inplace_view`` tag)."""
+    returns_written: bool
+    """A result is a written argument (in-place and ``out=`` ops)."""
+
+    @classmethod
+    def of(cls, func: OpOverload) -> "OpInfo":
+        schema = func._schema
+        written = tuple(
+            (position, argument.name)
+            for position, argument in enumerate(schema.arguments)
+            if argument.alias_info is not None and argument.alias_info.is_write
+        )
+        returns = [r.alias_info for r in schema.returns if r.alias_info is not None]
+        return cls(
+            written=written,
+            out_names=frozenset(a.name for a in schema.arguments if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write),
+            is_view=any(not alias.is_write for alias in returns),
+            changes_metadata=torch.Tag.inplace_view in func.tags or func.overloadpacket.__name__ in _RESIZING_OPS,
+            returns_written=any(alias.is_write for alias in returns),
+        )
+
+
+class PagedDispatcher:
+    """Routes aten ops on PagedTensors: traced → registered handler → fault in and run dense → error."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[OpOverload, Handler] = {}
+        self._infos: dict[OpOverload, OpInfo] = {}
+
+    # ------------------------------------------------------------------ the op table
+
+    def implements(self, ops: Iterable[Union[OpOverload, OpOverloadPacket]]) -> Callable[[Handler], Handler]:
+        """Register the decorated function as the handler of ``ops`` (a packet means all its overloads).
+
+        Raises:
+            ValueError: an op already has a handler.
+        """
+        overloads: list[OpOverload] = []
+        for op in ops:
+            if isinstance(op, OpOverloadPacket):
+                overloads.extend(getattr(op, name) for name in op.overloads())
+            elif isinstance(op, OpOverload):
+                overloads.append(op)
+            else:
+                raise TypeError(f"implements: expected aten ops, got {op!r}")
+
+        def register(handler: Handler) -> Handler:
+            taken = [str(op) for op in overloads if op in self.handlers]
+            if taken:
+                raise ValueError(f"implements: {', '.join(taken)} already handled by {self.handlers[overloads[0]].__qualname__}")
+            for op in overloads:
+                self.handlers[op] = handler
+            return handler
+
+        return register
+
+    def info(self, func: OpOverload) -> OpInfo:
+        info = self._infos.get(func)
+        if info is None:
+            info = self._infos[func] = OpInfo.of(func)
+        return info
+
+    # ------------------------------------------------------------------ dispatch
+
+    def dispatch(self, func: Any, types: tuple, args: tuple, kwargs: dict) -> Any:
+        """Run ``func`` on arguments containing PagedTensors; see the module docstring for the order."""
+        if not isinstance(func, OpOverload):
+            raise NotImplementedError(f"PagedTensor: {func} is not an aten op and is not supported{_describe(args, kwargs)}")
+        leaves = _paged_leaves(args, kwargs)
+        if any(leaf._inner is not None for leaf in leaves):
+            return self._forward_traced(func, leaves, args, kwargs)
+        handler = self.handlers.get(func)
+        if handler is not None:
+            return handler(func, types, args, kwargs)
+        return self.run_paged(func, types, args, kwargs, leaves)
+
+    def run_paged(self, func: OpOverload, types: tuple, args: tuple, kwargs: dict, leaves: Optional[list[PagedTensor]] = None) -> Any:
+        """Step 2: fault in the pages the PagedTensor arguments reach, run ``func`` dense, write back."""
+        info = self.info(func)
+        if info.changes_metadata:
+            raise NotImplementedError(
+                f"PagedTensor: {func} changes a tensor's shape, strides or storage in place, which a PagedTensor "
+                f"does not support{_describe(args, kwargs)}"
+            )
+        if info.is_view:
+            return view_of_pages(func, types, args, kwargs)
+        if leaves is None:
+            leaves = _paged_leaves(args, kwargs)
+        if _pending_frees:
+            drain_pending_frees()
+        if not info.written and len(leaves) == 1:
+            return _read_one(func, args, kwargs, leaves[0])
+        written = _written_leaves(info, args, kwargs)
+
+        # One window of resident pages per allocation, over the union of its arguments' spans.
+        groups: dict[int, _Group] = {}
+        for leaf in leaves:
+            lo, hi = _byte_span(leaf)
+            if lo == hi:
+                continue
+            group = groups.get(id(leaf._paged))
+            if group is None:
+                groups[id(leaf._paged)] = _Group(leaf._paged, lo, hi, leaf)
+            else:
+                group.add(lo, hi, leaf)
+        for leaf in written:
+            group = groups.get(id(leaf._paged))
+            if group is not None:
+                group.written.append(leaf)
+        if info.out_names:
+            # torch resizes an out= tensor of the wrong shape: in a private copy that cannot reach
+            # the device slab (the resize is then refused below, and nothing is written back).
+            for name in info.out_names:
+                for leaf in _paged_leaves((kwargs.get(name),), {}):
+                    group = groups.get(id(leaf._paged))
+                    if group is not None:
+                        group.private = True
+        discard = _overwritten_pages(func, args, written, groups)
+
+        windows: list[tuple[_Group, _Window]] = []
+        try:
+            for group in groups.values():
+                windows.append((group, _Window(group.storage, group.lo, group.hi, discard.get(id(group.storage), ()), group.private)))
+        except OutOfPagesError as error:
+            _release_all(windows, failed=True)
+            raise _too_many_pages(func, error) from error
+        except BaseException:
+            _release_all(windows, failed=True)
+            raise
+
+        dense: dict[int, torch.Tensor] = {}
+        by_storage = {id(group.storage): window for group, window in windows}
+        for leaf in leaves:
+            window = by_storage.get(id(leaf._paged))
+            dense[id(leaf)] = window.dense(leaf) if window is not None else _empty_like_leaf(leaf)
+        dense_args, dense_kwargs = _substitute(args, kwargs, dense)
+        try:
+            out = func(*dense_args, **dense_kwargs)
+            for leaf in written:
+                view = dense[id(leaf)]
+                if view.shape != leaf.shape or view.stride() != leaf.stride():
+                    raise NotImplementedError(
+                        f"PagedTensor: {func} would resize its PagedTensor output from {list(leaf.shape)} to "
+                        f"{list(view.shape)}; pass an out= tensor of the result's shape{_describe(args, kwargs)}"
+                    )
+            if info.returns_written and written:
+                result_of = {id(dense[id(leaf)]): leaf for leaf in written}
+                out = _map_tensors(out, lambda t: result_of.get(id(t), t))
+            slabs = {window.slab_ptr for _, window in windows if not window.gathered}
+            if slabs:
+                out = _map_tensors(out, lambda t: _unalias(t, slabs))
+        except BaseException:
+            _release_all(windows, failed=True)
+            raise
+        for group, window in windows:
+            if group.written:
+                for leaf in group.written:
+                    window.write_back(*_byte_span(leaf))
+                window.release(dirty=_dirty_pages(group.written, window.page_size))
+            else:
+                window.release()
+        return out
+
+    def materialize(self, tensor: PagedTensor, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+        """A new dense tensor with ``tensor``'s values, size and strides; see :meth:`PagedTensor.materialize`."""
+        if tensor._inner is not None:
+            inner = tensor._inner
+            return inner.clone() if device is None else inner.to(device, copy=True)
+        target = _normalize_device(tensor.device if device is None else torch.device(device))
+        lo, hi = _byte_span(tensor)
+        if lo == hi:
+            return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=target)
+        storage = tensor._paged
+        pager = storage.pager
+        data = None
+        first, stop = storage.allocation.page_range(lo, hi)
+        if target == _normalize_device(pager.device) and stop - first <= pager.device_tier.capacity_pages:
+            try:
+                window = _Window(storage, lo, hi)
+            except OutOfPagesError:
+                window = None  # pinned pages leave no room: read in chunks below
+            if window is not None:
+                try:
+                    data = window.bytes(lo, hi).clone()
+                finally:
+                    window.release()
+        if data is None:
+            data = pager.read(storage.allocation, lo, hi - lo).to(target)
+        return data.view(tensor.dtype).as_strided(tensor.shape, tensor.stride(), 0)
+
+    def _forward_traced(self, func: OpOverload, leaves: list[PagedTensor], args: tuple, kwargs: dict) -> Any:
+        """Step 0: run on the inner tensors; views stay (traced) PagedTensors, like in eager mode.
+
+        Under AOT tracing (``aot_eager``/``inductor``: the inner tensors are functional) an op that
+        writes a PagedTensor input raises: the compiled graph would write the materialized copy,
+        never the pages. Mutate PagedTensors outside compiled regions, or compile with ``eager``.
+        """
+        info = self.info(func)
+        if info.written:
+            from torch._subclasses.functional_tensor import FunctionalTensor
+
+            for leaf in _written_leaves(info, args, kwargs):
+                if isinstance(leaf._inner, FunctionalTensor):
+                    raise NotImplementedError(
+                        f"PagedTensor: {func} writes a PagedTensor input inside a compiled graph; the graph sees a "
+                        f"materialized copy, so the write would never reach the pages. Write outside the compiled "
+                        f"region or compile with backend='eager'{_describe(args, kwargs)}"
+                    )
+        inner = {id(leaf): leaf._inner if leaf._inner is not None else leaf._dense for leaf in leaves}
+        inner_args, inner_kwargs = _substitute(args, kwargs, inner)
+        out = func(*inner_args, **inner_kwargs)
+        if info.is_view:
+            out = _map_tensors(out, PagedTensor._from_inner)
+        return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+def _read_one(func: OpOverload, args: tuple, kwargs: dict, leaf: PagedTensor) -> Any:
+    """The common case of step 2, kept short: an op that reads one PagedTensor and writes none."""
+    lo, hi = _byte_span(leaf)
+    try:
+        dense = _Window(leaf._paged, lo, hi) if lo != hi else None
+    except OutOfPagesError as error:
+        raise _too_many_pages(func, error) from error
+    try:
+        view = dense.dense(leaf) if dense is not None else _empty_like_leaf(leaf)
+        if len(args) == 1 and not kwargs:
+            out = func(view)
+        else:
+            dense_args, dense_kwargs = _substitute(args, kwargs, {id(leaf): view})
+            out = func(*dense_args, **dense_kwargs)
+        if dense is not None and not dense.gathered:
+            out = _map_tensors(out, lambda t: _unalias(t, (dense.slab_ptr,)))
+    finally:
+        if dense is not None:
+            dense.release()
+    return out
+
+
+DISPATCHER = PagedDispatcher()
+implements = DISPATCHER.implements
+
+
+# ---------------------------------------------------------------------- windows of resident pages
+
+
+class _Group:
+    """The PagedTensor arguments of one op that share an allocation, and their union byte span."""
+
+    __slots__ = ("storage", "lo", "hi", "leaves", "written", "private")
+
+    def __init__(self, storage: PagedStorage, lo: int, hi: int, leaf: PagedTensor) -> None:
+        self.storage = storage
+        self.lo, self.hi = lo, hi
+        self.leaves = [leaf]
+        self.written: list[PagedTensor] = []
+        self.private = False  # run on a gathered copy even when the slots are adjacent
+
+    def add(self, lo: int, hi: int, leaf: PagedTensor) -> None:
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        self.leaves.append(leaf)
+
+
+class _Window:
+    """Pages holding bytes ``[lo, hi)`` of an allocation, resident and pinned, as one uint8 tensor.
+
+    ``buf`` views the device slots directly when they are adjacent (zero-copy); otherwise (or when
+    ``private``) it is a temporary the runs are gathered into, and :meth:`write_back` scatters
+    written bytes back.
+    """
+
+    __slots__ = ("resident", "page_size", "first_byte", "runs", "buf", "gathered")
+
+    def __init__(self, storage: PagedStorage, lo: int, hi: int, discard: Iterable[int] = (), private: bool = False) -> None:
+        allocation = storage.allocation
+        self.page_size = page_size = allocation.page_size
+        first, stop = lo // page_size, -(-hi // page_size)
+        self.first_byte = first * page_size
+        self.resident: ResidentPages = storage.pager.ensure_resident(allocation, first, stop, discard=discard)
+        try:
+            self.resident.wait()
+            self.runs = _single_run(self.resident) or self.resident.runs()
+            if len(self.runs) == 1 and not private:
+                self.buf = self.runs[0][1]
+                self.gathered = False
+            else:
+                total = sum(view.numel() for _, view in self.runs)
+                self.buf = torch.empty(total, dtype=torch.uint8, device=self.runs[0][1].device)
+                for page_offset, view in self.runs:
+                    start = page_offset * page_size
+                    self.buf[start : start + view.numel()].copy_(view)
+                self.gathered = True
+        except BaseException:
+            self.resident.release()
+            raise
+
+    @property
+    def slab_ptr(self) -> int:
+        return self.buf.untyped_storage().data_ptr()
+
+    def bytes(self, lo: int, hi: int) -> torch.Tensor:
+        """Bytes ``[lo, hi)`` of the allocation (a view of ``buf``)."""
+        return self.buf[lo - self.first_byte : hi - self.first_byte]
+
+    def typed(self, dtype: torch.dtype) -> torch.Tensor:
+        """``buf`` as a flat tensor of ``dtype`` (trailing bytes short of an element dropped)."""
+        buf = self.buf
+        tail = buf.numel() % dtype.itemsize
+        return (buf[: buf.numel() - tail] if tail else buf).view(dtype)
+
+    def dense(self, tensor: PagedTensor) -> torch.Tensor:
+        """``tensor`` as a dense strided view of ``buf``."""
+        typed = self.typed(tensor.dtype)  # as_strided offsets count from the slab's start
+        return typed.as_strided(tensor.shape, tensor.stride(), typed.storage_offset() + tensor._offset - self.first_byte // tensor.dtype.itemsize)
+
+    def write_back(self, lo: int, hi: int) -> None:
+        """Copy bytes ``[lo, hi)`` of a gathered ``buf`` back into the device slots (current stream)."""
+        if not self.gathered:
+            return
+        for page_offset, view in self.runs:
+            start = self.first_byte + page_offset * self.page_size
+            a, b = max(lo, start), min(hi, start + view.numel())
+            if a < b:
+                view[a - start : b - start].copy_(self.buf[a - self.first_byte : b - self.first_byte])
+
+    def release(self, dirty: Iterable[int] = ()) -> None:
+        self.resident.release(dirty=dirty if dirty else False)
+
+
+def _single_run(resident: ResidentPages) -> Optional[list[tuple[int, torch.Tensor]]]:
+    """``resident.runs()`` when all slots are adjacent (the common case), found with one list compare
+    instead of a Python step per page; ``None`` otherwise."""
+    pages = resident.pages
+    tier = resident.pager.device_tier
+    first = pages[0].device_slot
+    count = len(pages)
+    if first // tier.slab_pages != (first + count - 1) // tier.slab_pages:
+        return None
+    if [page.device_slot for page in pages] != list(range(first, first + count)):
+        return None
+    nbytes = (count - 1) * resident.allocation.page_size + pages[-1].nbytes
+    return [(0, tier.run(first, count)[:nbytes])]
+
+
+def _too_many_pages(func: OpOverload, error: OutOfPagesError) -> OutOfPagesError:
+    return OutOfPagesError(f"{func}: its PagedTensor arguments need more pages at once than the device tier can hold: {error}")
+
+
+def _release_all(windows: Sequence[tuple[_Group, _Window]], failed: bool) -> None:
+    """Release after an error: zero-copy pages an op may have written count as dirty (conservative)."""
+    for group, window in windows:
+        if window.resident.released:
+            continue
+        dirty = _dirty_pages(group.written, window.page_size) if failed and group.written and not window.gathered else ()
+        window.release(dirty)
+
+
+# ---------------------------------------------------------------------- spans and pages
+
+
+def _byte_span(tensor: PagedTensor) -> tuple[int, int]:
+    """Bytes ``[lo, hi)`` of the allocation that ``tensor`` can reach (empty when it has no elements)."""
+    lo, hi = element_span(tensor.shape, tensor.stride(), tensor._offset)
+    itemsize = tensor.dtype.itemsize
+    return lo * itemsize, hi * itemsize
+
+
+def touched_pages(size: Sequence[int], stride: Sequence[int], offset: int, itemsize: int, page_size: int) -> list[int]:
+    """Pages (allocation page numbers) holding at least one element of a strided view, in order.
+
+    A view with gaps of a page or more (every other row of a wide matrix, a column block) is split
+    into blocks along its largest strides, so the pages in its gaps are left out. Above
+    ``_MAX_TOUCH_BLOCKS`` blocks the whole span is returned (a superset).
+    """
+    lo, hi = element_span(size, stride, offset)
+    if lo == hi:
+        return []
+    dims = sorted(((s, n) for n, s in zip(size, stride) if n > 1), reverse=True)
+    starts = [lo]
+    level = 0
+    while level < len(dims):
+        step, count = dims[level]
+        inner_reach = sum((n - 1) * s for s, n in dims[level + 1 :])
+        if (step - inner_reach - 1) * itemsize < page_size or len(starts) * count > _MAX_TOUCH_BLOCKS:
+            break  # gaps at this level are shorter than a page (or too many blocks): no page is skipped
+        starts = [start + i * step for start in starts for i in range(count)]
+        level += 1
+    reach = sum((n - 1) * s for s, n in dims[level:]) + 1
+    pages: list[int] = []
+    for start in starts:
+        first, last = start * itemsize // page_size, ((start + reach) * itemsize - 1) // page_size
+        if pages and first <= pages[-1]:
+            first = pages[-1] + 1
+        pages.extend(range(first, last + 1))
+    return pages
+
+
+def _dirty_pages(written: Iterable[PagedTensor], page_size: int) -> set[int]:
+    dirty: set[int] = set()
+    for leaf in written:
+        dirty.update(touched_pages(leaf.shape, leaf.stride(), leaf._offset, leaf.dtype.itemsize, page_size))
+    return dirty
+
+
+_OVERWRITING = frozenset({aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default})
+
+
+def _overwritten_pages(func: OpOverload, args: tuple, written: list[PagedTensor], groups: dict[int, _Group]) -> dict[int, list[int]]:
+    """Pages an op overwrites whole (``copy_``/``fill_``/``zero_`` of a dense target): not faulted in.
+
+    Only when nothing else in the op reads that allocation and the op cannot fail after its checks
+    (a failing op must leave the old bytes).
+    """
+    if func not in _OVERWRITING or len(written) != 1 or args[0] is not written[0]:
+        return {}
+    target = written[0]
+    group = groups.get(id(target._paged))
+    if group is None or len(group.leaves) != 1:
+        return {}
+    lo, hi = _byte_span(target)
+    if hi - lo != target.numel() * target.dtype.itemsize:
+        return {}  # gaps or overlaps: not every byte of the span is written
+    if func is aten.copy_.default:
+        source = args[1]
+        if not isinstance(source, torch.Tensor) or source.dim() > target.dim():
+            return {}
+        try:
+            if torch.broadcast_shapes(source.shape, target.shape) != target.shape:
+                return {}
+        except RuntimeError:
+            return {}
+    elif func is aten.fill_.Tensor and (not isinstance(args[1], torch.Tensor) or args[1].dim() != 0):
+        return {}
+    allocation = group.storage.allocation
+    page_size = allocation.page_size
+    first, stop = allocation.page_range(lo, hi)
+    covered = [
+        index
+        for index in range(first, stop)
+        if lo <= index * page_size and index * page_size + allocation.pages[index].nbytes <= hi
+    ]
+    return {id(group.storage): covered}
+
+
+# ---------------------------------------------------------------------- arguments
+
+
+def _paged_leaves(args: tuple, kwargs: dict) -> list[PagedTensor]:
+    """The PagedTensors among the arguments (top level and inside lists/tuples)."""
+    leaves = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, PagedTensor):
+            leaves.append(value)
+        elif type(value) in (list, tuple):
+            leaves.extend(item for item in value if isinstance(item, PagedTensor))
+    return leaves
+
+
+def _written_leaves(info: OpInfo, args: tuple, kwargs: dict) -> list[PagedTensor]:
+    written = []
+    for position, name in info.written:
+        value = args[position] if position < len(args) else kwargs.get(name)
+        if isinstance(value, PagedTensor):
+            written.append(value)
+        elif type(value) in (list, tuple):
+            written.extend(item for item in value if isinstance(item, PagedTensor))
+    return written
+
+
+def _substitute(args: tuple, kwargs: dict, replacement: dict[int, torch.Tensor]) -> tuple[tuple, dict]:
+    """``args``/``kwargs`` with each PagedTensor replaced by ``replacement[id(it)]``."""
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, PagedTensor):
+            return replacement[id(value)]
+        if type(value) in (list, tuple) and any(isinstance(item, PagedTensor) for item in value):
+            return type(value)(replacement[id(item)] if isinstance(item, PagedTensor) else item for item in value)
+        return value
+
+    return tuple(swap(value) for value in args), {name: swap(value) for name, value in kwargs.items()}
+
+
+def _map_tensors(out: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    if isinstance(out, torch.Tensor):
+        return fn(out)
+    if type(out) in (list, tuple):
+        return type(out)(_map_tensors(item, fn) for item in out)
+    return out
+
+
+def _unalias(tensor: torch.Tensor, slabs: set[int]) -> torch.Tensor:
+    """A result that shares a device slab (an op whose schema hides an alias) must not outlive the pin."""
+    if isinstance(tensor, PagedTensor) or tensor.untyped_storage().data_ptr() not in slabs:
+        return tensor
+    copy = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
+    return copy.copy_(tensor) if _is_dense(tensor) else tensor.clone()
+
+
+def _is_dense(tensor: torch.Tensor) -> bool:
+    lo, hi = element_span(tensor.shape, tensor.stride(), 0)
+    return hi - lo == tensor.numel()
+
+
+def _empty_like_leaf(leaf: PagedTensor) -> torch.Tensor:
+    return torch.empty_strided(leaf.shape, leaf.stride(), dtype=leaf.dtype, device=leaf.device)
+
+
+
+
+def _normalize_device(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _describe(args: tuple, kwargs: dict) -> str:
+    def name(value: Any) -> str:
+        if type(value) in (list, tuple):
+            return f"{type(value).__name__}[{', '.join(name(item) for item in value)}]"
+        return type(value).__name__
+
+    parts = [name(value) for value in args] + [f"{key}={name(value)}" for key, value in kwargs.items()]
+    return f" (argument types: {', '.join(parts)})"
+
+
+# ---------------------------------------------------------------------- handlers: views
+
+
+def _meta_like(tensor: PagedTensor) -> torch.Tensor:
+    """A meta tensor with ``tensor``'s layout over a storage as large as its allocation."""
+    elements = tensor._paged.nbytes // tensor.dtype.itemsize
+    base = torch.empty((elements,), dtype=tensor.dtype, device="meta")
+    return base.as_strided(tensor.shape, tensor.stride(), tensor._offset)
+
+
+_VIEW_OPS = [
+    aten.view, aten._unsafe_view, aten._reshape_alias, aten.as_strided, aten.slice, aten.select, aten.narrow,
+    aten.t, aten.transpose, aten.permute, aten.expand, aten.unsqueeze, aten.squeeze, aten.alias, aten.detach,
+    aten.split, aten.split_with_sizes, aten.unbind, aten.unfold, aten.diagonal, aten.view_as_real,
+    aten.view_as_complex, aten.lift_fresh,
+]
+
+
+@implements(_VIEW_OPS)
+def view_of_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """A view op: run it on a meta tensor of the same layout; the results are PagedTensors over the
+    same pages (nothing faults in)."""
+    source = args[0]
+    if not isinstance(source, PagedTensor):  # the view is of a plain argument
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    metas = {id(leaf): _meta_like(leaf) for leaf in _paged_leaves(args, kwargs)}
+    meta_args, meta_kwargs = _substitute(args, kwargs, metas)
+    try:
+        out = func(*meta_args, **meta_kwargs)
+    except NotImplementedError as error:
+        raise NotImplementedError(f"PagedTensor: view op {func} has no meta kernel{_describe(args, kwargs)}: {error}") from error
+
+    def to_paged(meta: torch.Tensor) -> PagedTensor:
+        if meta.is_conj() or meta.is_neg():
+            raise NotImplementedError(f"PagedTensor: {func} sets the conjugate/negative bit, which a PagedTensor does not carry{_describe(args, kwargs)}")
+        byte_offset = meta.storage_offset() * meta.dtype.itemsize
+        return PagedTensor._make(source._paged, byte_offset // meta.dtype.itemsize, tuple(meta.shape), meta.stride(), meta.dtype)
+
+    return _map_tensors(out, to_paged)
+
+
+# ---------------------------------------------------------------------- handlers: metadata only
+
+
+@implements([aten.new_empty, aten.new_empty_strided, aten.new_zeros, aten.new_ones, aten.new_full])
+def new_from_metadata(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``new_*`` reads only the dtype and device of ``self``."""
+    source = args[0]
+    stand_in = torch.empty(0, dtype=source.dtype, device=source.device)
+    return func(stand_in, *args[1:], **kwargs)
+
+
+@implements([aten.empty_like, aten.zeros_like, aten.ones_like, aten.full_like, aten.rand_like, aten.randn_like, aten.randint_like])
+def like_from_metadata(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``*_like`` reads only the size, strides, dtype and device of ``self``: an uninitialized stand-in."""
+    source = args[0]
+    if not isinstance(source, PagedTensor):
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    stand_in = torch.empty_strided(source.shape, source.stride(), dtype=source.dtype, device=source.device)
+    return func(stand_in, *args[1:], **kwargs)
+
+
+@implements([aten.is_same_size.default])
+def is_same_size(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> bool:
+    return args[0].shape == args[1].shape
+
+
+# ---------------------------------------------------------------------- handlers: row gathers
+
+
+@implements([aten.index_select.default, aten.embedding.default, aten.index.Tensor])
+def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """Select rows along dim 0: fault in only the pages holding the selected rows.
+
+    The distinct rows are copied, one run of adjacent pages at a time, into a compact table; the op
+    then runs on that table with the indices renumbered, so its result is bitwise the dense one.
+    Any other form of the op (another dim, a mask, several index tensors) runs the generic way.
+
+    Note:
+        Reads the index tensor on the host (a sync when it lives on the GPU).
+    """
+    request = _row_request(func, args, kwargs)
+    if request is None:
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    table, index = request
+    rows_total = table.shape[0]
+    flat = index.reshape(-1).to("cpu", torch.int64)
+    if func is aten.index.Tensor:
+        flat = torch.where(flat < 0, flat + rows_total, flat)
+    if int(flat.min()) < 0 or int(flat.max()) >= rows_total:
+        return DISPATCHER.run_paged(func, types, args, kwargs)  # torch raises its own error
+    rows, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+    itemsize, page_size = table.dtype.itemsize, table._paged.allocation.page_size
+    row_size, row_stride = tuple(table.shape[1:]), table.stride()[1:]
+    row_reach = element_span(row_size, row_stride, 0)[1]
+    step = table.stride(0)
+    starts = (table._offset + rows * step) * itemsize
+    ends = starts + row_reach * itemsize
+    first_pages, last_pages = starts // page_size, (ends - 1) // page_size
+    breaks = (torch.nonzero(first_pages[1:] > last_pages[:-1] + 1).flatten() + 1).tolist()
+    bounds = [0, *breaks, rows.numel()]
+    if _pending_frees:
+        drain_pending_frees()
+    device = table.device
+    parts = []
+    for a, b in zip(bounds, bounds[1:]):
+        run_rows = rows[a:b]
+        first_row = int(run_rows[0])
+        window = _Window(table._paged, int(starts[a]), int(ends[b - 1]))
+        try:
+            typed = window.typed(table.dtype)
+            block = typed.as_strided(
+                (int(run_rows[-1]) - first_row + 1, *row_size),
+                (step, *row_stride),
+                typed.storage_offset() + table._offset + first_row * step - window.first_byte // itemsize,
+            )
+            parts.append(block.index_select(0, (run_rows - first_row).to(device)))
+        finally:
+            window.release()
+    compact = parts[0] if len(parts) == 1 else torch.cat(parts)
+    renumbered = inverse.reshape(index.shape).to(index.device if func is aten.index.Tensor else device)
+    result = _call_with_table(func, compact, renumbered)
+    # The dense op lays its result out after the table's strides: the same layout, exactly.
+    layout = _call_with_table(func, _meta_like(table), index.to("meta"))
+    if result.stride() != layout.stride():
+        result = torch.empty_strided(layout.shape, layout.stride(), dtype=result.dtype, device=result.device).copy_(result)
+    return result
+
+
+def _call_with_table(func: OpOverload, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    if func is aten.index_select.default:
+        return func(table, 0, index)
+    if func is aten.embedding.default:
+        return func(table, index)
+    return func(table, [index])
+
+
+def _row_request(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[PagedTensor, torch.Tensor]]:
+    """``(table, index)`` when ``func`` selects whole rows of a PagedTensor along dim 0, else ``None``."""
+    if kwargs:
+        return None
+    table = args[0]
+    if func is aten.index_select.default:
+        dim, index = args[1], args[2]
+        if not isinstance(table, PagedTensor) or table.dim() == 0 or dim not in (0, -table.dim()):
+            return None
+        if not isinstance(index, torch.Tensor) or index.dim() > 1 or index.device != table.device:
+            return None
+    elif func is aten.embedding.default:
+        index = args[1]
+        if not isinstance(table, PagedTensor) or table.dim() != 2 or not isinstance(index, torch.Tensor):
+            return None
+        if index.device != table.device:
+            return None
+    else:
+        indices = args[1]
+        if not isinstance(table, PagedTensor) or table.dim() == 0 or not indices or not isinstance(indices[0], torch.Tensor):
+            return None
+        if any(item is not None for item in indices[1:]):
+            return None
+        index = indices[0]
+    if table._inner is not None or table.numel() == 0 or table.stride(0) == 0:
+        return None
+    if isinstance(index, PagedTensor):
+        index = index.materialize()
+    if index.dtype not in (torch.int64, torch.int32) or index.numel() == 0:
+        return None
+    return table, index

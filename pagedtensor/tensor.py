@@ -1,0 +1,410 @@
+"""PagedTensor: a tensor whose bytes live in a pager's pages and fault in when an op touches them.
+
+``PagedTensor.wrap(t)`` moves ``t``'s bytes into a :class:`~pagedtensor.pager.Pager` and returns a
+wrapper subclass with ``t``'s shape, dtype and strides on the pager's compute device. Every aten op
+on it goes through ``__torch_dispatch__`` into :data:`pagedtensor.dispatch.DISPATCHER`, which faults
+in only the pages the op reads or writes, runs the op on dense data, and writes back what it wrote.
+
+A PagedTensor is one of two kinds:
+
+* **paged** (every tensor users make): it holds a :class:`PagedStorage` (the pager and one
+  ``Allocation``, shared by all views) and its own ``storage_offset`` in elements. Views of it
+  are PagedTensors over the same pages.
+* **traced** (made only by ``__tensor_unflatten__`` at a ``torch.compile`` boundary): it holds a
+  dense inner tensor and forwards every op to it.
+
+The compile contract: ``__tensor_flatten__`` names one inner tensor, ``_dense``, and no metadata (it
+is static: Dynamo guards on it, so residency never goes in it). For a paged tensor ``_dense`` is its
+materialized dense copy, cached until the allocation is next written (``Allocation.version``): a
+compiled graph sees a PagedTensor as a dense tensor at its boundary, and Dynamo's guards and AOT's
+runtime unwrapping, which read ``_dense`` on every call, reuse one copy. The copy stays alive as long
+as the PagedTensor or until it is written; :meth:`PagedTensor.drop_materialized` frees it early.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import ClassVar, Optional, Union
+
+import torch
+
+from pagedtensor.default_pager import get_default_pager
+from pagedtensor.pager import Allocation, Pager
+
+log = logging.getLogger(__name__)
+
+TIER_NAMES = ("device", "host", "disk", "unwritten")
+"""Keys of :meth:`PagedTensor.residency`: the tier of each page's authoritative copy; ``unwritten``
+counts pages never written (they read as zeros)."""
+
+# Dtypes with no storage of their own (sub-byte placeholders, raw bit containers): wrap rejects them.
+_UNSUPPORTED_DTYPES = frozenset(
+    getattr(torch, name)
+    for name in (
+        "bits1x8", "bits2x4", "bits4x2", "bits8", "bits16",
+        "uint1", "uint2", "uint3", "uint4", "uint5", "uint6", "uint7",
+        "int1", "int2", "int3", "int4", "int5", "int6", "int7",
+    )
+    if hasattr(torch, name)
+)
+# A strided source whose byte span is larger than this many times its elements (a sparse view of a
+# big storage) is stored compacted (contiguous) instead of with its strides.
+_MAX_SPAN_RATIO = 2
+
+
+class PagedStorage:
+    """The pages behind a PagedTensor and all of its views: one allocation of one pager.
+
+    ``allocation`` is ``None`` for a tensor of zero bytes. The allocation is freed when the last
+    PagedTensor over it is garbage collected.
+    """
+
+    __slots__ = ("pager", "allocation", "__weakref__")
+
+    def __init__(self, pager: Pager, allocation: Optional[Allocation]) -> None:
+        self.pager = pager
+        self.allocation = allocation
+        if allocation is not None:
+            weakref.finalize(self, _free_allocation, pager, allocation)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.allocation is None else self.allocation.nbytes
+
+    @property
+    def version(self) -> int:
+        """Changes whenever pages of the allocation are written (released dirty)."""
+        return 0 if self.allocation is None else self.allocation.version
+
+
+_pending_frees: list[tuple[Pager, Allocation]] = []
+
+
+def _free_allocation(pager: Pager, allocation: Allocation) -> None:
+    """Finalizer of a PagedStorage: free its allocation, or defer it when this thread is inside the
+    pager (a garbage collection may run anywhere, including halfway through a pager method)."""
+    if pager.closed or allocation.freed:
+        return
+    lock = pager._lock
+    if getattr(lock, "_is_owned", lambda: False)():
+        _pending_frees.append((pager, allocation))
+        return
+    _free_now(pager, allocation)
+
+
+def _free_now(pager: Pager, allocation: Allocation) -> None:
+    try:
+        if not pager.closed and not allocation.freed:
+            pager.free(allocation)
+    except Exception as error:  # a finalizer must not raise; a pinned page means an op is still running
+        log.warning("could not free allocation %d of a collected PagedTensor: %s", allocation.id, error)
+
+
+def drain_pending_frees() -> None:
+    """Free the allocations whose finalizers ran inside a pager call (called before each fault-in)."""
+    while _pending_frees:
+        pager, allocation = _pending_frees.pop()
+        _free_now(pager, allocation)
+
+
+def element_span(size: tuple[int, ...], stride: tuple[int, ...], offset: int) -> tuple[int, int]:
+    """Elements ``[lo, hi)`` of the storage that a ``size``/``stride`` view at ``offset`` can reach.
+
+    Empty (``lo == hi``) when the view has no elements. Strides are never negative in torch.
+    """
+    reach = 0
+    for n, s in zip(size, stride):
+        if n == 0:
+            return offset, offset
+        reach += (n - 1) * s
+    return offset, offset + reach + 1
+
+
+class PagedTensor(torch.Tensor):
+    """A tensor whose bytes live in a :class:`~pagedtensor.pager.Pager`; see the module docstring.
+
+    Make one with :meth:`wrap`. Every torch op works on it and gives exactly the result it gives on
+    the dense tensor: views are PagedTensors sharing its pages, other results are plain tensors.
+    """
+
+    # The traceable-subclass contract, declared once: the inner tensors and the static attributes
+    # that __tensor_flatten__ / __tensor_unflatten__ carry.
+    _inner_tensor_names: ClassVar[tuple[str, ...]] = ("_dense",)
+    _static_attribute_names: ClassVar[tuple[str, ...]] = ()
+
+    _paged: Optional[PagedStorage]
+    _offset: int
+    _inner: Optional[torch.Tensor]
+    _materialized: Optional[tuple[int, torch.Tensor]]
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, *args: object, **kwargs: object) -> "PagedTensor":
+        raise TypeError("PagedTensor cannot be constructed directly; use PagedTensor.wrap(tensor, pager=None)")
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def wrap(cls, t: torch.Tensor, pager: Optional[Pager] = None, *, name: Optional[str] = None) -> "PagedTensor":
+        """Move ``t``'s bytes into ``pager`` (default: :func:`~pagedtensor.get_default_pager`).
+
+        Returns a PagedTensor with ``t``'s shape, dtype, strides and ``requires_grad`` on the
+        pager's device. ``t`` is not changed; its bytes are copied. A PagedTensor on the same pager
+        is returned as is; one on another pager is copied over.
+
+        Strides are kept exactly (expanded and overlapping views included, stored by their byte
+        span), except for a sparse view whose span exceeds twice its elements: that one is stored
+        compacted and gets contiguous strides.
+
+        Note:
+            The bytes go through :meth:`Pager.write`: into device pages, chunked by the device budget
+            (pages spill to host as the budget fills). A CPU source bound for the host tier thus
+            crosses to the device and back; fine for now, slow for tensors far above ``vram_limit``.
+
+        Raises:
+            TypeError: ``t`` is not a tensor, is a tensor subclass of another kind, or ``pager`` is
+                not a Pager.
+            ValueError: ``t``'s dtype, layout or device cannot be paged (sub-byte or quantized
+                dtypes, sparse or nested layouts, meta tensors).
+        """
+        if pager is None:
+            pager = get_default_pager()
+        elif not isinstance(pager, Pager):
+            raise TypeError(f"PagedTensor.wrap: pager must be a Pager or None, got {type(pager).__name__}")
+        if isinstance(t, PagedTensor):
+            if t._paged is not None and t._paged.pager is pager:
+                return t
+            data = t.materialize()
+            return cls.wrap(data.requires_grad_(t.requires_grad) if data.is_floating_point() else data, pager, name=name)
+        _check_wrappable(t)
+        if _pending_frees:
+            drain_pending_frees()
+        data = t.detach()
+        lo, hi = element_span(tuple(data.shape), data.stride(), data.storage_offset())
+        if hi - lo > _MAX_SPAN_RATIO * data.numel():
+            data = data.contiguous()
+            lo, hi = element_span(tuple(data.shape), data.stride(), data.storage_offset())
+        nbytes = (hi - lo) * data.element_size()
+        if nbytes == 0:
+            storage = PagedStorage(pager, None)
+        else:
+            allocation = pager.allocate(nbytes, name=name)
+            try:
+                pager.write(allocation, data.as_strided((hi - lo,), (1,), lo))
+            except BaseException:
+                pager.free(allocation)
+                raise
+            storage = PagedStorage(pager, allocation)
+        return cls._make(storage, 0, tuple(data.shape), data.stride(), data.dtype, requires_grad=t.requires_grad)
+
+    @classmethod
+    def _make(
+        cls,
+        storage: PagedStorage,
+        offset: int,
+        size: tuple[int, ...],
+        stride: tuple[int, ...],
+        dtype: torch.dtype,
+        requires_grad: bool = False,
+    ) -> "PagedTensor":
+        """A paged PagedTensor viewing ``storage`` at element ``offset`` (in units of ``dtype``)."""
+        out = torch.Tensor._make_wrapper_subclass(
+            cls, size, strides=stride, storage_offset=offset, dtype=dtype, device=storage.pager.device, requires_grad=requires_grad
+        )
+        out._paged = storage
+        out._offset = offset
+        out._inner = None
+        out._materialized = None
+        return out
+
+    @classmethod
+    def _from_inner(
+        cls, inner: torch.Tensor, size: Optional[tuple[int, ...]] = None, stride: Optional[tuple[int, ...]] = None
+    ) -> "PagedTensor":
+        """A traced PagedTensor forwarding every op to the dense ``inner`` (compile boundary only)."""
+        out = torch.Tensor._make_wrapper_subclass(
+            cls,
+            inner.shape if size is None else size,
+            strides=inner.stride() if stride is None else stride,
+            storage_offset=inner.storage_offset(),
+            dtype=inner.dtype,
+            device=inner.device,
+            layout=inner.layout,
+            requires_grad=inner.requires_grad,
+        )
+        out._paged = None
+        out._offset = inner.storage_offset()
+        out._inner = inner
+        out._materialized = None
+        return out
+
+    # ------------------------------------------------------------------ the traceable-subclass contract
+
+    def __tensor_flatten__(self) -> tuple[list[str], tuple]:
+        return list(self._inner_tensor_names), tuple(getattr(self, name) for name in self._static_attribute_names)
+
+    @staticmethod
+    def __tensor_unflatten__(
+        inner_tensors: dict[str, torch.Tensor], metadata: tuple, outer_size: tuple[int, ...], outer_stride: tuple[int, ...]
+    ) -> "PagedTensor":
+        if len(metadata) != len(PagedTensor._static_attribute_names):
+            raise ValueError(f"PagedTensor.__tensor_unflatten__: expected {len(PagedTensor._static_attribute_names)} attributes, got {metadata!r}")
+        out = PagedTensor._from_inner(inner_tensors[PagedTensor._inner_tensor_names[0]], outer_size, outer_stride)
+        for name, value in zip(PagedTensor._static_attribute_names, metadata):
+            setattr(out, name, value)
+        return out
+
+    @property
+    def _dense(self) -> torch.Tensor:
+        """The inner tensor of the compile contract: the dense data with this tensor's size and strides."""
+        if self._inner is not None:
+            return self._inner
+        version = self._paged.version
+        cached = self._materialized
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        dense = self.materialize()
+        self._materialized = (version, dense)
+        return dense
+
+    def _stable_hash_for_caching(self) -> str:
+        """AOT autograd's cache key for this subclass: its static layout (the metadata is empty)."""
+        return f"PagedTensor:{self.dtype}:{tuple(self.shape)}:{self.stride()}:{self.device}:{self.requires_grad}"
+
+    def drop_materialized(self) -> None:
+        """Free the dense copy a ``torch.compile`` boundary cached (it is rebuilt when needed)."""
+        self._materialized = None
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206 - torch's protocol
+        return _DISPATCHER.dispatch(func, types, args, kwargs or {})
+
+    # ------------------------------------------------------------------ inspection
+
+    @property
+    def pager(self) -> Optional[Pager]:
+        """The pager holding the pages (``None`` for a traced tensor)."""
+        return None if self._paged is None else self._paged.pager
+
+    @property
+    def allocation(self) -> Optional[Allocation]:
+        """The pager allocation holding the pages (shared by all views; ``None`` if zero bytes or traced)."""
+        return None if self._paged is None else self._paged.allocation
+
+    def page_range(self) -> tuple[int, int]:
+        """Allocation pages ``[first, stop)`` holding the bytes this tensor (view) can reach."""
+        allocation = self.allocation
+        if allocation is None:
+            return 0, 0
+        lo, hi = element_span(tuple(self.shape), self.stride(), self._offset)
+        es = self.element_size()
+        return allocation.page_range(lo * es, hi * es)
+
+    def residency(self) -> dict[str, int]:
+        """Page counts per tier (``device``, ``host``, ``disk``, ``unwritten``) of this tensor's pages.
+
+        Only the pages this tensor (view) reaches are counted.
+        """
+        counts = dict.fromkeys(TIER_NAMES, 0)
+        if self.allocation is None:
+            return counts
+        first, stop = self.page_range()
+        for info in self.pager.page_table(self.allocation)[first:stop]:
+            counts[info.tier or "unwritten"] += 1
+        return counts
+
+    def materialize(self, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+        """A new dense tensor with this tensor's values, size and strides (storage offset 0).
+
+        On ``device`` (default: the compute device). When the pages fit on the device tier at once
+        they fault in there and are copied; otherwise (or for another device) they are read through
+        the pager in chunks, so any size works.
+        """
+        return _DISPATCHER.materialize(self, device)
+
+    def tolist(self) -> list:  # Tensor.tolist reads the data pointer directly
+        return self.materialize("cpu").tolist()
+
+    def numpy(self, *, force: bool = False):  # noqa: ANN201 - numpy is optional
+        return self.materialize("cpu").numpy(force=force)
+
+    def __array__(self, dtype=None):  # noqa: ANN001, ANN204
+        array = self.materialize("cpu").numpy()
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def __repr__(self, *, tensor_contents: object = None) -> str:
+        head = f"PagedTensor(shape={list(self.shape)}, dtype={self.dtype}, device={self.device}"
+        if self._paged is None:
+            return f"{head}, traced)"
+        if self.allocation is None:
+            return f"{head}, pages=0)"
+        if self.pager.closed:
+            return f"{head}, pager closed)"
+        first, stop = self.page_range()
+        residency = ", ".join(f"{tier}={count}" for tier, count in self.residency().items() if count or tier != "unwritten")
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"{head}, pages={stop - first} of {self.pager.page_size} B, residency({residency}){grad})"
+
+    # ------------------------------------------------------------------ serialization and copies
+
+    def __reduce_ex__(self, protocol: int):  # noqa: ANN204
+        # The data is saved (materialized on the CPU), never the pager: loading wraps it again on
+        # the default pager of the loading process. The compute device is recorded too: compile
+        # caches pickle example inputs to key compiled graphs, and a CUDA tensor must never key
+        # like a CPU one. A traced tensor (fake, at a compile boundary) pickles its inner tensor.
+        is_param = bool(getattr(self, "_is_param", False))
+        if self._inner is not None:
+            return _rebuild_paged_tensor, (self._inner, self.requires_grad, is_param, str(self._inner.device))
+        return _rebuild_paged_tensor, (self.materialize("cpu"), self.requires_grad, is_param, str(self.device))
+
+    def __deepcopy__(self, memo: dict) -> "PagedTensor":
+        if id(self) in memo:
+            return memo[id(self)]
+        copied = PagedTensor.wrap(self.materialize(), self.pager)
+        if self.requires_grad:
+            copied.requires_grad_(True)
+        if getattr(self, "_is_param", False):
+            copied = torch.nn.Parameter(copied, requires_grad=self.requires_grad)
+        memo[id(self)] = copied
+        return copied
+
+
+def _rebuild_paged_tensor(data: torch.Tensor, requires_grad: bool, is_param: bool = False, saved_from: str = "") -> torch.Tensor:
+    """Unpickle a PagedTensor: wrap the saved dense data on the default pager (``saved_from``, the
+    device it was computed on when saved, is informational)."""
+    tensor = PagedTensor.wrap(data)
+    if requires_grad:
+        tensor.requires_grad_(True)
+    if is_param:
+        return torch.nn.Parameter(tensor, requires_grad=requires_grad)
+    return tensor
+
+
+# torch.load(weights_only=True) (the default) accepts only allowlisted globals.
+torch.serialization.add_safe_globals([_rebuild_paged_tensor])
+
+
+def _check_wrappable(t: object) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"PagedTensor.wrap: expected a torch.Tensor, got {type(t).__name__}")
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        raise TypeError(
+            f"PagedTensor.wrap: cannot page a tensor subclass of another kind ({type(t).__module__}.{type(t).__qualname__}); "
+            "pass a plain tensor"
+        )
+    if t.layout != torch.strided:
+        raise ValueError(f"PagedTensor.wrap: only strided tensors can be paged, got layout {t.layout}")
+    if t.is_nested:
+        raise ValueError("PagedTensor.wrap: nested tensors cannot be paged")
+    if t.is_quantized or t.dtype in _UNSUPPORTED_DTYPES:
+        raise ValueError(f"PagedTensor.wrap: unsupported dtype {t.dtype}")
+    if t.device.type == "meta":
+        raise ValueError("PagedTensor.wrap: a meta tensor has no data to page")
+    if t.is_conj() or t.is_neg():
+        raise ValueError("PagedTensor.wrap: resolve the conjugate/negative bit first (t.resolve_conj().resolve_neg())")
+
+
+# Bound last: dispatch.py imports PagedTensor from this module.
+from pagedtensor.dispatch import DISPATCHER as _DISPATCHER  # noqa: E402

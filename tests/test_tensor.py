@@ -1,0 +1,471 @@
+"""PagedTensor: wrap, the dispatcher's precedence, page-granular faults, dirty tracking, views,
+nn.Parameter, save/load, residency and repr. CPU pagers with 4 KiB pages and budgets of a few pages."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pagedtensor
+from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
+from pagedtensor.dispatch import DISPATCHER, implements, touched_pages
+
+PAGE = 4096
+aten = torch.ops.aten
+
+
+def make_pager(device_pages: int = 8, host_pages: int = 256, device: str = "cpu", **overrides) -> Pager:
+    config = dict(
+        page_size=PAGE,
+        vram_limit=device_pages * PAGE,
+        host_memory=host_pages * PAGE,
+        slab_size=max(device_pages, host_pages) * PAGE,
+        prefetch_strategy="none",
+        device=device,
+    )
+    config.update(overrides)
+    return Pager(MemoryConfig(**config))
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def pager(request):
+    """A pager with 8 device pages of 4 KiB; on the CPU, and on the GPU where there is one."""
+    with make_pager(device=request.param) as p:
+        yield p
+
+
+@pytest.fixture
+def default_pager():
+    """A small default pager for tests that load or wrap without naming one."""
+    p = make_pager()
+    previous = pagedtensor.set_default_pager(p)
+    yield p
+    pagedtensor.set_default_pager(previous)
+    p.close()
+
+
+def rows_tensor(rows: int = 16, cols: int = 256, dtype=torch.float32, seed: int = 0, device="cpu") -> torch.Tensor:
+    """fp32 rows of 1 KiB: four rows a page."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=g).to(device=device, dtype=dtype)
+
+
+def delta(pager: Pager, before: dict, *names: str) -> dict:
+    after = pager.stats()
+    return {name: after[name] - before[name] for name in names}
+
+
+# ---------------------------------------------------------------------- wrap
+
+
+def test_wrap_keeps_shape_dtype_strides_and_values(pager):
+    x = rows_tensor(device=pager.device)
+    t = PagedTensor.wrap(x, pager)
+    assert isinstance(t, PagedTensor)
+    assert (t.shape, t.dtype, t.stride(), t.device) == (x.shape, x.dtype, x.stride(), pager.device)
+    assert torch.equal(t.materialize(), x)
+    assert t.allocation.nbytes == x.numel() * 4
+    assert pager.stats()["allocations"] == 1
+
+
+def test_wrap_keeps_strides_of_transposed_and_expanded_sources(pager):
+    base = rows_tensor(8, 64, device=pager.device)
+    transposed = PagedTensor.wrap(base.t(), pager)
+    assert transposed.stride() == base.t().stride()
+    assert torch.equal(transposed.materialize(), base.t())
+    expanded_source = torch.arange(8.0).reshape(8, 1).expand(8, 512)
+    expanded = PagedTensor.wrap(expanded_source, pager)
+    assert expanded.stride() == (1, 0)
+    assert expanded.allocation.nbytes == 8 * 4  # only the span is stored
+    assert torch.equal(expanded.materialize("cpu"), expanded_source)
+    assert torch.equal(expanded.sum(1).cpu(), expanded_source.sum(1))
+
+
+def test_wrap_compacts_a_sparse_view(pager):
+    big = rows_tensor(64, 256, device=pager.device)
+    sparse = big[::16, :4]
+    t = PagedTensor.wrap(sparse, pager)
+    assert t.is_contiguous() and t.allocation.nbytes == sparse.numel() * 4
+    assert torch.equal(t.materialize(), sparse)
+
+
+def test_wrap_zero_elements_and_requires_grad(pager):
+    empty = PagedTensor.wrap(torch.empty(0, 5), pager)
+    assert empty.shape == (0, 5) and empty.allocation is None
+    assert (empty + 1).shape == (0, 5) and empty.device == pager.device
+    assert empty.sum().item() == 0
+    leaf = PagedTensor.wrap(torch.ones(3, requires_grad=True), pager)
+    assert leaf.requires_grad and leaf.is_leaf
+
+
+def test_wrap_of_a_paged_tensor(pager):
+    t = PagedTensor.wrap(rows_tensor(device=pager.device), pager)
+    assert PagedTensor.wrap(t, pager) is t
+    with make_pager() as other:
+        moved = PagedTensor.wrap(t[2:5], other)
+        assert moved.pager is other and torch.equal(moved.materialize("cpu"), t[2:5].materialize("cpu"))
+
+
+@pytest.mark.parametrize(
+    "bad, error, words",
+    [
+        ([1.0, 2.0], TypeError, "list"),
+        (torch.ones(3, device="meta"), ValueError, "meta"),
+        (torch.eye(3).to_sparse(), ValueError, "strided"),
+        (torch.empty(4, dtype=torch.uint4) if hasattr(torch, "uint4") else torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8), ValueError, "dtype"),
+    ],
+)
+def test_wrap_rejects_bad_input(pager, bad, error, words):
+    with pytest.raises(error, match=words):
+        PagedTensor.wrap(bad, pager)
+
+
+def test_wrap_rejects_other_subclasses_and_bad_pagers(pager):
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    with pytest.raises(TypeError, match="TwoTensor"):
+        PagedTensor.wrap(TwoTensor(torch.ones(2), torch.ones(2)), pager)
+    with pytest.raises(TypeError, match="pager"):
+        PagedTensor.wrap(torch.ones(2), pager="cuda")
+    with pytest.raises(TypeError, match="wrap"):
+        PagedTensor(torch.ones(2))
+    with pytest.raises(TypeError, match="Pager"):
+        pagedtensor.set_default_pager("big")
+
+
+def test_default_pager_is_replaceable(default_pager):
+    assert pagedtensor.get_default_pager() is default_pager
+    t = PagedTensor.wrap(torch.ones(4))
+    assert t.pager is default_pager
+
+
+# ---------------------------------------------------------------------- dispatch precedence
+
+
+def test_op_table_rejects_a_second_registration():
+    with pytest.raises(ValueError, match="already handled"):
+
+        @implements([aten.view.default])
+        def again(func, types, args, kwargs):  # pragma: no cover - never registered
+            return None
+
+    assert DISPATCHER.handlers[aten.view.default].__name__ == "view_of_pages"
+
+
+def test_unsupported_ops_raise_naming_op_and_argument_types(pager):
+    t = PagedTensor.wrap(rows_tensor(4, 8, device=pager.device), pager)
+    with pytest.raises(NotImplementedError, match=r"aten\.t_\.default.*argument types: PagedTensor"):
+        t.t_()
+    with pytest.raises(NotImplementedError, match=r"aten\.resize_\.default.*PagedTensor, list"):
+        t.resize_(64)
+    out = PagedTensor.wrap(torch.zeros(3), pager)
+    neighbour = PagedTensor.wrap(torch.full((1024,), 5.0), pager)  # the next device slot
+    with pytest.raises(NotImplementedError, match="resize its PagedTensor output"):
+        torch.add(rows_tensor(64, 256, device=pager.device), 1, out=out)  # torch would resize out to 64 KiB
+    assert torch.equal(out.materialize("cpu"), torch.zeros(3))
+    assert torch.equal(neighbour.materialize("cpu"), torch.full((1024,), 5.0))
+
+
+def test_fallback_returns_plain_tensors_equal_to_dense(pager):
+    x, y = rows_tensor(seed=1, device=pager.device), rows_tensor(seed=2, device=pager.device)
+    a, b = PagedTensor.wrap(x, pager), PagedTensor.wrap(y, pager)
+    cases = [
+        (lambda p, q: p + q),
+        (lambda p, q: torch.mm(p, q.t())),
+        (lambda p, q: p.sum(0)),
+        (lambda p, q: torch.cat([p, q])),
+        (lambda p, q: torch.where(p > 0, p, q)),
+        (lambda p, q: p.max(1)),
+        (lambda p, q: p.to(torch.float16)),
+        (lambda p, q: p @ p.t()),  # two views of one allocation in one op
+    ]
+    for fn in cases:
+        expected, got = fn(x, y), fn(a, b)
+        for e, g in zip(expected if isinstance(expected, tuple) else (expected,), got if isinstance(got, tuple) else (got,)):
+            assert type(g) is torch.Tensor
+            assert torch.equal(g, e)
+    assert a[3, 7].item() == x[3, 7].item()
+    assert a.tolist() == x.tolist()
+    assert (a.numpy() == x.cpu().numpy()).all()
+
+
+def test_meta_only_ops_fault_nothing(pager):
+    t = PagedTensor.wrap(rows_tensor(device=pager.device), pager)
+    pager.evict_all()
+    before = pager.stats()
+    z, e, n = torch.zeros_like(t), torch.empty_like(t), t.new_ones(3)
+    assert type(z) is torch.Tensor and z.shape == t.shape and e.stride() == t.stride() and n.dtype == t.dtype
+    assert delta(pager, before, "faults", "hits") == {"faults": 0, "hits": 0}
+
+
+# ---------------------------------------------------------------------- page-granular faults
+
+
+@pytest.mark.parametrize(
+    "read, rows",
+    [
+        (lambda t: t[5:7].sum(), [5, 6]),
+        (lambda t: t.select(0, 9).sum(), [9]),
+        (lambda t: t.narrow(0, 12, 3).clone(), [12, 13, 14]),
+        (lambda t: t.index_select(0, torch.tensor([1, 14, 1], device=t.device)), [1, 14]),
+        (lambda t: F.embedding(torch.tensor([[0, 13], [13, 0]], device=t.device), t), [0, 13]),
+        (lambda t: t[torch.tensor([-1, 4])], [15, 4]),
+        (lambda t: t[9:11, 3:5] * 2, [9, 10]),
+    ],
+)
+def test_reads_fault_only_the_pages_of_the_rows_they_touch(pager, read, rows):
+    x = rows_tensor(device=pager.device)  # 16 rows of 1 KiB: rows 4k..4k+3 on page k
+    t = PagedTensor.wrap(x, pager)
+    pager.evict_all()
+    before = pager.stats()
+    assert torch.equal(read(t), read(x))
+    pages = {row // 4 for row in rows}
+    assert delta(pager, before, "faults", "bytes_h2d") == {"faults": len(pages), "bytes_h2d": len(pages) * PAGE}
+    table = pager.page_table(t.allocation)
+    assert {info.index for info in table if info.tier == "device"} == pages
+
+
+def test_row_gather_over_several_runs_fits_a_tiny_budget():
+    with make_pager(device_pages=2) as small:
+        x = rows_tensor(64, 256)  # 16 pages, budget 2
+        t = PagedTensor.wrap(x, small)
+        index = torch.tensor([0, 63, 20, 21, 40, 0])
+        before = small.stats()
+        assert torch.equal(t[index], x[index])
+        assert torch.equal(F.embedding(index, t), x[index])
+        assert delta(small, before, "faults")["faults"] <= 2 * 4  # pages 0, 15, 5, 10, each at most once a call
+        with pytest.raises(OutOfPagesError, match="need more pages at once"):
+            t.sum()  # a full reduction needs all 16 pages at once
+        assert torch.equal(t.materialize(), x)  # materialize reads in chunks
+
+
+def test_view_ops_fault_nothing_and_share_pages(pager):
+    t = PagedTensor.wrap(rows_tensor(device=pager.device), pager)
+    pager.evict_all()
+    before = pager.stats()
+    views = [t[2:6], t.t(), t.view(4, 4, 256), t.unsqueeze(0), t[3], t.transpose(0, 1)[5:], t.unbind(0)[7], t.split(5)[1], t.detach()]
+    assert all(type(v) is PagedTensor and v.allocation is t.allocation for v in views)
+    assert delta(pager, before, "faults", "hits") == {"faults": 0, "hits": 0}
+    assert t[2:6].storage_offset() == 2 * 256
+
+
+def test_views_alias_their_base(pager):
+    x = rows_tensor(device=pager.device)
+    t = PagedTensor.wrap(x, pager)
+    v = t[4:8, ::2]
+    v.fill_(7.0)
+    x[4:8, ::2].fill_(7.0)
+    assert torch.equal(t.materialize(), x)
+    t.mul_(2)
+    x.mul_(2)
+    assert torch.equal(v.materialize(), x[4:8, ::2])
+    as_int = t.view(torch.int32)
+    as_int[0, 0] = 12345
+    x.view(torch.int32)[0, 0] = 12345
+    assert torch.equal(t.materialize(), x)
+
+
+# ---------------------------------------------------------------------- writes and dirty pages
+
+
+def faulted_clean(pager: Pager, x: torch.Tensor) -> PagedTensor:
+    """A PagedTensor whose pages are all on the device and clean (host copies kept)."""
+    t = PagedTensor.wrap(x, pager)
+    pager.evict_all()
+    t.sum()
+    assert not any(info.dirty for info in pager.page_table(t.allocation))
+    return t
+
+
+def dirty_pages(pager: Pager, t: PagedTensor) -> set[int]:
+    return {info.index for info in pager.page_table(t.allocation) if info.dirty}
+
+
+@pytest.mark.parametrize(
+    "write, pages",
+    [
+        (lambda t: t[5].add_(1), {1}),
+        (lambda t: t[7:9].zero_(), {1, 2}),
+        (lambda t: t[::8].mul_(3), {0, 2}),  # rows 0 and 8: the pages in between stay clean
+        (lambda t: t[:, :4].fill_(1), {0, 1, 2, 3}),
+        (lambda t: torch.add(t[12], 1, out=t[12]), {3}),
+        (lambda t: torch.sum(t[:2], 0, out=t[13]), {3}),
+        (lambda t: t[14:].copy_(torch.ones(2, 256)), {3}),
+        (lambda t: t.select(0, 2).clamp_(-0.5, 0.5), {0}),
+    ],
+)
+def test_writes_mark_only_touched_pages_dirty(pager, write, pages):
+    x = rows_tensor(device=pager.device)
+    t = faulted_clean(pager, x)
+    write(t)
+    write(x)
+    assert dirty_pages(pager, t) == pages
+    pager.evict_all()  # dirty pages are written back, clean ones dropped
+    assert torch.equal(t.materialize(), x)
+
+
+def test_in_place_returns_the_paged_tensor_and_out_returns_out(pager):
+    t = PagedTensor.wrap(rows_tensor(device=pager.device), pager)
+    assert t.add_(1) is t
+    out = PagedTensor.wrap(torch.zeros(16, 256), pager)
+    assert torch.add(t, t, out=out) is out
+    values, indices = PagedTensor.wrap(torch.zeros(16), pager), torch.zeros(16, dtype=torch.long, device=pager.device)
+    got = torch.max(t, 1, out=(values, indices))
+    assert got[0] is values and got[1] is indices
+    assert torch.equal(values.materialize(), t.materialize().max(1).values)
+
+
+def test_copy_over_whole_pages_does_not_fault_them(pager):
+    t = PagedTensor.wrap(rows_tensor(device=pager.device), pager)
+    pager.evict_all()
+    before = pager.stats()
+    t[4:12].copy_(torch.full((8, 256), 2.0))
+    assert delta(pager, before, "faults", "bytes_h2d") == {"faults": 2, "bytes_h2d": 0}
+    assert torch.equal(t[4:12].materialize("cpu"), torch.full((8, 256), 2.0))
+    with pytest.raises(RuntimeError):
+        t[0:4].copy_(torch.ones(3, 5))  # a failing copy keeps the old bytes
+    assert torch.equal(t[0:4].materialize("cpu"), rows_tensor()[0:4])
+
+
+def test_ops_on_pages_with_scattered_device_slots(pager):
+    x, y = rows_tensor(seed=3, device=pager.device), rows_tensor(seed=4, device=pager.device)
+    a, b = PagedTensor.wrap(x, pager), PagedTensor.wrap(y, pager)
+    pager.evict_all()
+    a[0].sum(), b[0].sum(), a[8].sum(), b[8].sum(), a[15].sum()  # interleave a's and b's slots
+    assert torch.equal(a + b, x + y)
+    slots = [info.device_slot for info in pager.page_table(a.allocation)]
+    assert slots != list(range(slots[0], slots[0] + 4))  # not adjacent: the op ran on a gathered copy
+    a.mul_(-1)  # written through a gathered temporary and scattered back
+    x.mul_(-1)
+    assert torch.equal(a.materialize(), x)
+    pager.evict_all()
+    assert torch.equal(a.materialize(), x)
+
+
+# ---------------------------------------------------------------------- nn.Parameter, save/load, inspection
+
+
+def test_nn_parameter_forward_and_backward():
+    with make_pager(device_pages=16) as pager:
+        torch.manual_seed(0)
+        dense = torch.nn.Linear(256, 8)
+        paged = copy.deepcopy(dense)
+        paged.weight = torch.nn.Parameter(PagedTensor.wrap(dense.weight.detach(), pager))
+        assert type(paged.weight) is PagedTensor and paged.weight.requires_grad
+        assert type(paged.weight.detach()) is PagedTensor
+        x = torch.randn(4, 256)
+        assert torch.equal(paged(x), dense(x))
+        paged(x).square().sum().backward()
+        dense(x).square().sum().backward()
+        assert torch.equal(paged.weight.grad, dense.weight.grad)
+        with torch.no_grad():
+            paged.weight.sub_(paged.weight.grad)
+            dense.weight.sub_(dense.weight.grad)
+        assert torch.equal(paged(x), dense(x))
+
+
+def test_save_load_round_trip(default_pager):
+    with make_pager() as pager:
+        x = rows_tensor()
+        t = PagedTensor.wrap(x, pager)
+        buffer = io.BytesIO()
+        torch.save({"t": t, "view": t[2:4].t()}, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer)  # weights_only=True
+    assert type(loaded["t"]) is PagedTensor and loaded["t"].pager is default_pager
+    assert torch.equal(loaded["t"].materialize(), x)
+    assert loaded["view"].stride() == x[2:4].t().stride() and torch.equal(loaded["view"].materialize(), x[2:4].t())
+
+
+def test_state_dict_with_paged_parameter_round_trips(default_pager):
+    model = torch.nn.Linear(256, 4)
+    model.weight = torch.nn.Parameter(PagedTensor.wrap(model.weight.detach()))
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer)
+    assert type(state["weight"]) is PagedTensor
+    assert torch.equal(state["weight"].materialize(), model.weight.materialize())
+    clone = copy.deepcopy(model)
+    assert type(clone.weight) is PagedTensor and isinstance(clone.weight, torch.nn.Parameter)
+    assert torch.equal(clone.weight.materialize(), model.weight.materialize())
+
+
+def test_residency_and_repr(pager):
+    t = PagedTensor.wrap(rows_tensor(device=pager.device), pager)
+    assert t.residency() == {"device": 4, "host": 0, "disk": 0, "unwritten": 0}
+    pager.evict_all()
+    t[0].sum()
+    assert t.residency() == {"device": 1, "host": 3, "disk": 0, "unwritten": 0}
+    assert t[4:8].residency() == {"device": 0, "host": 1, "disk": 0, "unwritten": 0}
+    text = repr(t)
+    assert "PagedTensor(shape=[16, 256]" in text and "device=1" in text and "host=3" in text
+    assert "float32" in str(t)
+
+
+def test_materialize_to_another_device_and_large_tensors():
+    with make_pager(device_pages=2) as pager:
+        x = rows_tensor(64, 256)
+        t = PagedTensor.wrap(x, pager)
+        dense = t[::3].t().materialize("cpu")
+        assert dense.stride() == x[::3].t().stride() and torch.equal(dense, x[::3].t())
+
+
+def test_collected_tensors_free_their_pages(pager):
+    t = PagedTensor.wrap(rows_tensor(device=pager.device), pager)
+    view = t[2:4]
+    del t
+    gc.collect()
+    assert pager.stats()["allocations"] == 1  # the view keeps the pages
+    del view
+    gc.collect()
+    assert pager.stats()["allocations"] == 0
+    assert pager.stats()["resident_bytes"]["device"] == 0
+
+
+def test_ops_after_the_pager_closed_raise():
+    pager = make_pager()
+    t = PagedTensor.wrap(torch.ones(8), pager)
+    pager.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        t + 1
+    assert "pager closed" in repr(t)
+
+
+def test_touched_pages_skips_gaps_of_a_page_or_more():
+    # rows of 1 KiB, 4 a page: every 8th row touches every other page
+    assert touched_pages((2, 256), (8 * 256, 1), 0, 4, PAGE) == [0, 2]
+    assert touched_pages((16, 4), (256, 1), 0, 4, PAGE) == [0, 1, 2, 3]
+    assert touched_pages((3,), (1,), 1023, 4, PAGE) == [0, 1]
+    assert touched_pages((0, 5), (5, 1), 0, 4, PAGE) == []
+
+
+@pytest.mark.gpu
+def test_gpu_ops_on_a_side_stream_after_faults_from_pinned_host():
+    """Faults fill pages on the pager's H2D stream; an op on another stream waits for them, and its
+    release orders the slots' reuse after it (a later fault evicts and refills them)."""
+    with make_pager(device_pages=4, device="cuda") as pager:
+        x, y = rows_tensor(device="cuda", seed=5), rows_tensor(device="cuda", seed=6)
+        a, b = PagedTensor.wrap(x, pager), PagedTensor.wrap(y, pager)
+        pager.evict_all()
+        assert pager.host_tier.pinned
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            got = (a * 2).sum(0)
+            a[3].add_(1)
+            rows = b[torch.tensor([15, 0], device="cuda")]  # evicts a's pages: written back after the add
+            again = a.sum(1)
+        side.synchronize()
+        expected = (x * 2).sum(0)
+        x[3].add_(1)
+        assert torch.equal(got, expected)
+        assert torch.equal(rows, y[torch.tensor([15, 0], device="cuda")])
+        assert torch.equal(again, x.sum(1))
+        pager.evict_all()
+        assert torch.equal(a.materialize(), x) and torch.equal(a.materialize("cpu"), x.cpu())

@@ -1,0 +1,147 @@
+"""The traceable wrapper-subclass contract of PagedTensor, checked once for every backend rung:
+flatten/unflatten round trip with static metadata, then ``torch.compile(fullgraph=True)`` with
+``eager``, ``aot_eager`` and ``inductor`` giving results bitwise equal to the same compiled function
+on the dense tensors, without recompiling when residency or data change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from pagedtensor import MemoryConfig, PagedTensor, Pager
+
+PAGE = 4096
+BACKENDS = ["eager", "aot_eager", "inductor"]
+
+
+@pytest.fixture
+def pager():
+    with Pager(MemoryConfig(page_size=PAGE, vram_limit=16 * PAGE, host_memory=256 * PAGE, slab_size=16 * PAGE, prefetch_strategy="none", device="cpu")) as p:
+        yield p
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def inputs(pager: Pager):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 64, generator=g)  # 2 pages
+    w = torch.randn(48, 64, generator=g).t()  # transposed source: strides kept
+    return x, w, PagedTensor.wrap(x, pager), PagedTensor.wrap(w, pager)
+
+
+def program(x: torch.Tensor, w: torch.Tensor):
+    hidden = torch.relu(x @ w)
+    return hidden.sum(0) + x[4:8].mean(), hidden.amax(), x.t()
+
+
+def assert_bitwise(got, expected) -> None:
+    for g, e in zip(got, expected):
+        g = g.materialize() if isinstance(g, PagedTensor) else g
+        assert g.shape == e.shape and g.dtype == e.dtype
+        assert torch.equal(g, e), (g - e).abs().max()
+
+
+def test_flatten_unflatten_round_trip(pager):
+    x, _, t, _ = inputs(pager)
+    names, metadata = t.__tensor_flatten__()
+    assert names == ["_dense"] and metadata == ()
+    inner = {name: getattr(t, name) for name in names}
+    assert type(inner["_dense"]) is torch.Tensor and inner["_dense"].stride() == t.stride()
+    rebuilt = PagedTensor.__tensor_unflatten__(inner, metadata, t.shape, t.stride())
+    assert type(rebuilt) is PagedTensor and rebuilt.pager is None
+    assert (rebuilt.shape, rebuilt.stride(), rebuilt.dtype) == (t.shape, t.stride(), t.dtype)
+    assert torch.equal(rebuilt.materialize(), x)
+    assert type(rebuilt[2:4]) is PagedTensor and torch.equal((rebuilt * 2)[3], x[3] * 2)
+    assert "traced" in repr(rebuilt)
+
+
+def test_flatten_metadata_is_static_and_dense_is_cached_until_written(pager):
+    x, _, t, _ = inputs(pager)
+    first = t._dense
+    assert t._dense is first  # Dynamo's guards and AOT's unwrapping read it every call
+    pager.evict_all()
+    assert t.__tensor_flatten__()[1] == () and t._dense is first  # residency changes nothing
+    t[0].add_(1)
+    x[0].add_(1)
+    again = t._dense
+    assert again is not first and torch.equal(again, x)
+    t.drop_materialized()
+    assert t._materialized is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_matches_dense_bitwise(pager, backend):
+    x, w, px, pw = inputs(pager)
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(program, backend=counter, fullgraph=True)
+    expected = compiled(x, w)  # the same backend on dense tensors: inductor's kernels differ from eager's
+    if backend != "inductor":
+        assert_bitwise(expected, program(x, w))
+    got = compiled(px, pw)
+    assert_bitwise(got, expected)
+    frames = counter.frame_count
+    pager.evict_all()  # residency is not guarded on: no recompile
+    assert_bitwise(compiled(px, pw), expected)
+    px[1].mul_(-1)  # new data reaches the next call
+    x[1].mul_(-1)
+    assert_bitwise(compiled(px, pw), compiled(x, w))
+    assert counter.frame_count == frames
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_module_with_paged_parameter(pager, backend):
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 16)
+    paged = torch.nn.Linear(64, 16)
+    paged.load_state_dict(dense.state_dict())
+    paged.weight = torch.nn.Parameter(PagedTensor.wrap(dense.weight.detach(), pager))
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        got = torch.compile(paged, backend=backend, fullgraph=True)(x)
+        expected = torch.compile(dense, backend=backend, fullgraph=True)(x)
+    assert torch.equal(got, expected) and torch.equal(got, dense(x).detach())
+
+
+def test_writing_a_paged_input_inside_an_aot_graph_fails_loudly(pager):
+    _, _, px, _ = inputs(pager)
+
+    def bump(t):
+        t.add_(1)
+        return t.sum()
+
+    with pytest.raises(Exception, match="writes a PagedTensor input inside a compiled graph"):
+        torch.compile(bump, backend="aot_eager", fullgraph=True)(px)
+    before = px.materialize()
+    torch.compile(bump, backend="eager", fullgraph=True)(px)  # eager runs the ops on the pages
+    assert torch.equal(px.materialize(), before + 1)
+
+
+@pytest.mark.gpu
+def test_inductor_on_the_gpu_matches_dense_bitwise():
+    config = MemoryConfig(page_size=PAGE, vram_limit=16 * PAGE, host_memory=256 * PAGE, prefetch_strategy="none", device="cuda")
+    with Pager(config) as gpu_pager:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x, w = torch.randn(32, 64, device="cuda", generator=g), torch.randn(48, 64, device="cuda", generator=g).t()
+        px, pw = PagedTensor.wrap(x, gpu_pager), PagedTensor.wrap(w, gpu_pager)
+        gpu_pager.evict_all()
+        compiled = torch.compile(program, backend="inductor", fullgraph=True)
+        assert_bitwise(compiled(px, pw), compiled(x, w))
+
+
+def test_pickled_form_keys_by_device(pager):
+    """Compile caches pickle example inputs to key compiled graphs: the pickled form of a PagedTensor
+    (paged, or traced at a compile boundary) must carry its compute device, or a CUDA input could
+    reuse a graph compiled for the CPU."""
+    _, _, t, _ = inputs(pager)
+    fn, args = t.__reduce_ex__(2)
+    assert args[-1] == str(t.device)
+    traced = PagedTensor.__tensor_unflatten__({"_dense": t._dense}, (), t.shape, t.stride())
+    fn, args = traced.__reduce_ex__(2)
+    assert args[0] is traced._inner and args[-1] == str(t.device)
+    assert t._stable_hash_for_caching().endswith(f"{t.device}:False")
