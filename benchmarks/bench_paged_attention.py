@@ -27,13 +27,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -42,6 +39,11 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import run_metadata  # noqa: E402
 
 from pagedtensor.triton_kernels import decode_attention, paged_decode_attention, paged_prefill_attention, prefill_attention
 from pagedtensor.triton_kernels.reference import TOLERANCES
@@ -58,17 +60,6 @@ DECODE_BANDWIDTH_TARGET = 0.80  # of the device-to-device copy bandwidth
 PREFILL_THROUGHPUT_TARGET = 0.70  # of SDPA flash
 L2_BYTES = 50 * 2**20
 DEVICE = "cuda"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        )  # fmt: skip
-        return out.stdout.strip() or "uncommitted"
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
 
 
 def bench_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
@@ -437,14 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     report = {
         "benchmark": "paged_attention",
-        "device": torch.cuda.get_device_name(),
+        **run_metadata(),
         "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([sys.executable, *sys.argv]),
         "dtype": str(dtype).removeprefix("torch."),
         "page_tokens": args.page_tokens,
         "timing": "triton.testing.do_bench median (warm-up, L2 flushed before each repetition), inputs under "

@@ -2,19 +2,29 @@
 # The GPU suite: installs the project on the device machine, runs every test marked `gpu` and the
 # benchmarks, and writes logs and JSON under $OUT (default benchmarks/results/). One call, one run.
 #
-# Usage: bash benchmarks/gpu_suite.sh [pytest paths...]     (default: tests)
+#   PAGEDLLM_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_suite.sh [pytest args...]
+#   BENCHES="pager_transfers paged_attention" bash benchmarks/gpu_suite.sh     (a subset)
+#   TESTS=none bash benchmarks/gpu_suite.sh                                     (benchmarks only)
+#
+# The device machine's copy of the tree may lack .git: pass the commit in PAGEDLLM_COMMIT.
+# Each phase has a time limit, so one runaway phase cannot take the others' results with it.
 set -uo pipefail
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-export PAGEDLLM_COMMIT="${PAGEDLLM_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+export PAGEDLLM_COMMIT="${PAGEDLLM_COMMIT:-$(git rev-parse HEAD 2>/dev/null | head -1)}"
+: "${PAGEDLLM_COMMIT:=unknown}"
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i "warning\|!!\|\*\*\*\|^ *$" | tail -2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+echo "commit $PAGEDLLM_COMMIT"
 status=0
-tests=("${@:-tests}")
-python3 -m pytest "${tests[@]}" -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 || status=1
-for bench in ${BENCHES:-pager_transfers}; do
+if [ "${TESTS:-all}" != "none" ]; then
+  timeout "${TEST_LIMIT_S:-300}" python3 -m pytest "${@:-tests}" -m gpu -q -p no:cacheprovider 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -8 || status=1
+fi
+for bench in ${BENCHES:-pager_transfers paged_attention dispatch_overhead host_sum}; do
   echo "== bench_$bench"
-  python3 -m "benchmarks.bench_$bench" --out "$OUT/$bench.json" 2>&1 | tee "$OUT/bench_$bench.log" | tail -20 || status=1
+  timeout "${BENCH_LIMIT_S:-150}" python3 -m "benchmarks.bench_$bench" --out "$OUT/$bench.json" 2>&1 \
+    | tee "$OUT/bench_$bench.log" | tail -14 || status=1
 done
 exit $status
