@@ -4,9 +4,10 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test gpu-suite clean
 
-demo:  ## install into .venv and run the main job
-	bash .ci/install
+demo:  ## install into .venv and run the main job: a real question answered with a paged KV cache
+	bash .ci/install demo
 	$(VENV)/bin/pagedllm demo
+	$(VENV)/bin/pagedllm ask
 
 test:  ## install with test dependencies into .venv and run the full test suite
 	bash .ci/install dev

@@ -22,7 +22,7 @@ if [ "${TESTS:-all}" != "none" ]; then
   timeout "${TEST_LIMIT_S:-300}" python3 -m pytest "${@:-tests}" -m gpu -q -p no:cacheprovider 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -8 || status=1
 fi
-for bench in ${BENCHES:-pager_transfers paged_attention dispatch_overhead host_sum}; do
+for bench in ${BENCHES:-pager_transfers paged_attention dispatch_overhead host_sum long_context}; do
   echo "== bench_$bench"
   timeout "${BENCH_LIMIT_S:-150}" python3 -m "benchmarks.bench_$bench" --out "$OUT/$bench.json" 2>&1 \
     | tail -14 || status=1   # the JSON holds the results; the device returns at most 8 files

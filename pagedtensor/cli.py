@@ -1,5 +1,7 @@
 """The ``pagedllm`` command.
 
+    pagedllm ask      answer a real question with SmolLM2-135M-Instruct, paged and unpaged, under a
+                      KV budget smaller than the cache needs; print the answer and the paging stats
     pagedllm demo     page a tensor several times larger than the device budget through all three
                       tiers, then check that every byte came back
 """
@@ -17,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from pagedtensor.config import MemoryConfig, format_size, parse_size
+from pagedtensor.hf.ask import add_ask_arguments, main_from_args
 from pagedtensor.pager import Pager
 
 
@@ -102,6 +105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo.add_argument("--nvme-path", default=None, help="folder for the disk tier (default: a temporary folder)")
     demo.add_argument("--compression", default=None, choices=["zstd"], help="compress pages on disk")
     demo.add_argument("--device", default=None, help="device tier (default: cuda if available, else cpu)")
+    ask = commands.add_parser("ask", help="answer a question with a paged KV cache (SmolLM2-135M-Instruct)")
+    add_ask_arguments(ask)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.command == "demo":
@@ -115,6 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             device=args.device,
         )
         return 0 if ok else 1
+    if args.command == "ask":
+        return main_from_args(args)
     return 2
 
 

@@ -13,6 +13,7 @@ SUBPACKAGES = [
     "pagedtensor",
     "pagedtensor.tiers",
     "pagedtensor.policies",
+    "pagedtensor.hf",
     "pagedtensor.triton_kernels",
     "pagedtensor.compile_backend",
     "pagedtensor.compile_backend.passes",

@@ -1,0 +1,218 @@
+"""The ``"pagedllm"`` attention implementation for transformers: Triton paged kernels on the pages.
+
+Registered with ``transformers.AttentionInterface`` under :data:`ATTENTION_NAME`. Each call follows
+the :class:`~pagedtensor.hf.cache.PagedKVCache` update of the same layer (found through
+:data:`~pagedtensor.hf.cache.ACTIVE_UPDATE`, since transformers does not hand the cache to attention
+functions) and computes one partial per :class:`~pagedtensor.hf.cache.KeyPiece` the cache yields:
+first the pages resident on the device, then the pages streamed in group by group. Partials are
+merged exactly by log-sum-exp. A decode step uses ``paged_decode_attention``; a prefill chunk uses
+``paged_prefill_attention`` (causal on the chunk's own pages, with positions shifted per piece).
+
+Cases the kernels do not cover fall back to SDPA on keys and values materialized from the pages,
+with an explicit mask (padding, causality, sliding window): a head size the kernels lack, logit
+soft-capping, a sliding window the context has outgrown, an explicit attention mask, dropout, or
+CPU tensors without the Triton interpreter. Without a paged cache behind the call (``use_cache=False``
+or another cache), it runs SDPA on the keys and values it was given.
+
+Note:
+    Everything runs on the current (compute) stream. Block tables are staged in pinned host memory
+    and copied with ``non_blocking=True``; the cache pins the pages of a piece until the kernel reading
+    them is enqueued, and releasing records the event that orders any reuse of their slots.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from pagedtensor.hf.cache import ACTIVE_UPDATE, ATTENTION_NAME, KeyPiece, PagedKVCache
+
+log = logging.getLogger(__name__)
+
+KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Whether the running forward fills a PagedKVCache (set by enable_paging's forward pre-hook): then
+# the cache knows the padding and the mask function hands attention the 2D mask as it is, instead
+# of a [batch, 1, q_len, kv_len] mask (which would not fit at long context).
+PAGED_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("pagedllm_paged_forward", default=False)
+
+_registered = False
+
+
+def register_attention() -> str:
+    """Register :func:`pagedllm_attention` and :func:`pagedllm_mask` with transformers as ``"pagedllm"``
+    (idempotent); return the name."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(ATTENTION_NAME, pagedllm_attention)
+        AttentionMaskInterface.register(ATTENTION_NAME, pagedllm_mask)
+        _registered = True
+    return ATTENTION_NAME
+
+
+def pagedllm_mask(**kwargs) -> Optional[torch.Tensor]:
+    """transformers mask function for ``"pagedllm"``: the 2D padding mask as it is when a
+    :class:`PagedKVCache` is being filled (the cache keeps the padding), else SDPA's mask."""
+    if PAGED_FORWARD.get():
+        return kwargs.get("attention_mask")
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(**kwargs)
+
+
+def pagedllm_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: ``query`` ``[batch, heads, q_len, head_dim]`` → ``[batch, q_len, heads, head_dim]``."""
+    active = ACTIVE_UPDATE.get()
+    layer_idx = getattr(module, "layer_idx", None)
+    if active is None or active.layer_idx != layer_idx or active.key is not key:
+        return _sdpa_without_cache(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    ACTIVE_UPDATE.set(None)
+    cache = active.cache
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        attention_mask = None  # padding: the cache stored real tokens only and knows where they start
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    reason = _fallback_reason(cache, layer_idx, query, attention_mask, dropout if module.training else 0.0, window, kwargs)
+    if reason is not None:
+        log.debug("pagedllm attention, layer %s: SDPA on dense pages (%s)", layer_idx, reason)
+        keys, values = cache.dense_kv(layer_idx)
+        mask = attention_mask if attention_mask is not None else cache.dense_mask(layer_idx, query.shape[2], window)
+        return _sdpa(query, keys, values, mask, scaling, dropout if module.training else 0.0), None
+    return paged_attention(cache, layer_idx, query, scaling), None
+
+
+def paged_attention(cache: PagedKVCache, layer_idx: int, query: torch.Tensor, scaling: Optional[float] = None) -> torch.Tensor:
+    """Attention of ``query`` ``[batch, heads, q_len, head_dim]`` over the layer's pages (its last
+    update included); returns ``[batch, q_len, heads, head_dim]``."""
+    from pagedtensor.triton_kernels import paged_decode_attention, paged_prefill_attention
+
+    batch, heads, q_len, head_dim = query.shape
+    q = query.transpose(1, 2)  # [batch, q_len, heads, head_dim], unit last stride
+    decode = cache.is_decode(layer_idx)
+    outs: list[torch.Tensor] = []
+    lses: list[torch.Tensor] = []
+    for piece in cache.key_pieces(layer_idx):
+        k_pages, v_pages = cache.key_pools(piece.slab)
+        block_table, seq_lens, q_start = _tables(piece, query.device)
+        if decode:
+            out, lse = paged_decode_attention(q[:, 0], k_pages, v_pages, block_table, seq_lens, scale=scaling, return_lse=True)
+            out, lse = out[:, None], lse[:, None]
+        else:
+            out, lse = paged_prefill_attention(
+                q, k_pages, v_pages, block_table, seq_lens, q_start if q_start is not None else 0,
+                scale=scaling, causal=q_start is not None, return_lse=True,
+            )
+        outs.append(out)
+        lses.append(lse)
+    if not outs:
+        return torch.zeros_like(q)
+    if len(outs) == 1:
+        return outs[0]
+    return merge_partials(outs, lses)
+
+
+def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
+    """Exact log-sum-exp merge of attention partials over disjoint key sets, in one pass (fp32).
+
+    Same formula as :func:`pagedtensor.triton_kernels.merge_attention_partials`, over stacked
+    partials so that many streamed groups cost a few kernels rather than a few per group.
+    """
+    lse = torch.stack(lses).float()  # [P, ...]
+    shift = lse.amax(dim=0)
+    shift = torch.where(torch.isneginf(shift), torch.zeros_like(shift), shift)
+    weights = torch.exp(lse - shift)  # empty partials weigh exactly 0
+    denom = weights.sum(dim=0)
+    acc = (weights.unsqueeze(-1) * torch.stack(outs).float()).sum(dim=0)
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return (acc / denom.unsqueeze(-1)).to(outs[0].dtype)
+
+
+def _tables(piece: KeyPiece, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The piece's block table, lengths and query starts as int32 tensors on ``device`` (one copy)."""
+    batch = len(piece.seq_lens)
+    width = max(1, max(len(row) for row in piece.block_table))
+    flat: list[int] = []
+    for row in piece.block_table:
+        flat.extend(row)
+        flat.extend([0] * (width - len(row)))
+    flat.extend(piece.seq_lens)
+    if piece.q_start is not None:
+        flat.extend(piece.q_start)
+    if device.type == "cuda":
+        staged = torch.tensor(flat, dtype=torch.int32, pin_memory=True).to(device, non_blocking=True)
+    else:
+        staged = torch.tensor(flat, dtype=torch.int32, device=device)
+    block_table = staged[: batch * width].view(batch, width)
+    seq_lens = staged[batch * width : batch * width + batch]
+    q_start = staged[batch * width + batch :] if piece.q_start is not None else None
+    return block_table, seq_lens, q_start
+
+
+def _fallback_reason(cache: PagedKVCache, layer_idx: int, query: torch.Tensor, attention_mask, dropout: float, window, kwargs) -> Optional[str]:
+    from pagedtensor.triton_kernels._common import interpreting
+
+    if query.shape[-1] not in KERNEL_HEAD_DIMS:
+        return f"head_dim {query.shape[-1]} not in {KERNEL_HEAD_DIMS}"
+    if query.dtype not in KERNEL_DTYPES or query.dtype != cache.dtype:
+        return f"dtype {query.dtype}"
+    if query.device.type == "cpu" and not interpreting():
+        return "CPU tensors without TRITON_INTERPRET=1"
+    if query.device.type not in ("cpu", "cuda"):
+        return f"device {query.device}"
+    if attention_mask is not None:
+        return "an explicit attention mask"
+    if dropout:
+        return "dropout"
+    if kwargs.get("softcap") is not None:
+        return "logit soft-capping"
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        return "attention sink logits"
+    if window is not None and cache.get_seq_length(layer_idx) > window:
+        return f"sliding window {window} outgrown"
+    if query.shape[1] % cache.num_kv_heads:
+        return "heads not a multiple of kv heads"
+    return None
+
+
+def _sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor], scaling, dropout: float) -> torch.Tensor:
+    """SDPA with grouped kv heads expanded; ``mask`` boolean (True = visible) or additive; returns ``[b, q, h, d]``."""
+    group = query.shape[1] // keys.shape[1]
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+    if mask is not None and mask.dtype == torch.bool:
+        # A query that sees no key (a pad) would give NaN: let it see everything; its output is unused.
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def _sdpa_without_cache(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+    """No paged cache behind this call: transformers' SDPA on the given keys and values."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        # a 2D padding mask (a forward that was expected to fill a paged cache): causal, bottom-right aligned
+        q_len, kv_len = query.shape[2], key.shape[2]
+        query_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)
+        key_pos = torch.arange(kv_len, device=query.device)
+        causal = (key_pos[None, :] <= query_pos[:, None])[None, None]
+        mask = causal & attention_mask.bool()[:, None, None, -kv_len:].to(query.device)
+        return _sdpa(query, key, value, mask, scaling, dropout if module.training else 0.0), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

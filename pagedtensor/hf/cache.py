@@ -1,0 +1,887 @@
+"""PagedKVCache: a ``transformers`` Cache whose keys and values live in pager pages.
+
+Layout. One pager page holds the keys and then the values of ``page_tokens`` consecutive tokens of
+one sequence in one layer: ``[2, page_tokens, num_kv_heads, head_dim]`` in the model's dtype, where
+``page_tokens = page_size // (2 * num_kv_heads * head_dim * itemsize)`` (any slack at the end of a
+page is unused). The pages of one (layer, sequence) are a list of pager allocations ("segments")
+read as one logical run of pages: logical page ``p`` is page ``p % segment_pages`` of segment
+``p // segment_pages``. A device-tier slab viewed as ``[slots, page_tokens, kv_heads, head_dim]``
+with a page stride is the Triton kernels' page pool, and a page's device slot is its index in the
+block table: attention reads pages where they lie, with no gather.
+
+Padding. Only real tokens are stored: with a left-padded batch, sequence ``b`` holds
+``length[b] <= total`` tokens and its pad positions (a prefix) are never written. ``total`` (what
+``get_seq_length`` returns) counts pads too, as transformers expects. The padding of each forward
+comes from :meth:`PagedKVCache.begin_forward`, which :func:`~pagedtensor.hf.model.enable_paging`
+calls with the 2D attention mask before every forward. (Without it every token is stored; then the
+``"pagedllm"`` attention receives transformers' 4D mask and computes SDPA on the dense pages: exact.)
+
+Residency. The first ``sink_pages`` pages (attention sinks) and the newest page of every (layer,
+sequence) are pinned on the device while they fit in ``hot_fraction`` of the device budget. Other
+pages stay wherever the budget leaves them; when room is needed the cache evicts pages itself, from
+the layer whose next use is furthest away (for the cyclic layer order of decoding, the layer just
+computed), so the pages the next layers need stay put. Pages that are not on the device are
+*streamed*: brought in a group of at most ``stream_group_bytes`` at a time into free slots, used,
+and dropped again (they are clean: the host copy stays), so the resident set is never churned. A
+window of two groups of free slots is kept, so the copy of group ``g+1`` (H2D stream) runs while
+group ``g`` is read (compute stream). Nothing in a forward synchronizes the host with the device,
+so the host runs ahead: the copies of layer ``l + 1``'s missing pages are queued on the H2D stream
+while the device still computes layer ``l``, and the H2D stream moves pages back to back, each copy
+waiting only for the kernel that last read its destination slots.
+
+Note:
+    Stream and event ordering, on CUDA. Every page this cache touches is pinned with
+    :meth:`Pager.ensure_resident` (copies on the pager's H2D stream; the compute stream waits on
+    their events with :meth:`ResidentPages.wait`) and released with :meth:`ResidentPages.release`
+    right after the kernels reading or writing it are *enqueued* (an event on the compute stream
+    orders any reuse of the slot). A streamed group is evicted only once the next group holds its
+    slots, so consecutive groups alternate between two sets of slots. Write-backs of dirty pages run
+    on the pager's D2H stream; the cache keeps ``2 * stream_group_pages`` slots free after each write,
+    so the next write lands in slots whose write-back finished long before. Block tables reach the
+    device through pinned staging tensors (``non_blocking`` copies, lifetimes held by the caching host
+    allocator's events). The host never synchronizes with the device here, except in
+    :meth:`PagedKVCache.begin_forward` when a padding mask has to be read (once per forward).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import logging
+import math
+import weakref
+from typing import Iterable, Iterator, Optional
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from pagedtensor.config import MemoryConfig, SizeLike, format_size, parse_size
+from pagedtensor.pager import Allocation, Page, Pager, ResidentPages
+
+log = logging.getLogger(__name__)
+
+ATTENTION_NAME = "pagedllm"
+DEFAULT_STREAM_GROUP_BYTES = 128 * 2**20
+DEFAULT_SEGMENT_PAGES = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ActiveUpdate:
+    """The last :meth:`PagedKVCache.update` on this thread: the attention function that follows it
+    in the same layer finds its cache here (transformers does not pass the cache to it)."""
+
+    cache: "PagedKVCache"
+    layer_idx: int
+    key: torch.Tensor
+
+
+ACTIVE_UPDATE: contextvars.ContextVar[Optional[ActiveUpdate]] = contextvars.ContextVar("pagedllm_active_update", default=None)
+
+
+@dataclasses.dataclass
+class KeyPiece:
+    """Keys of one attention kernel call: per sequence, page slots of one device slab.
+
+    ``block_table[b]`` lists slots local to slab ``slab`` (a partial page only last);
+    ``seq_lens[b]`` counts the keys they hold. ``q_start`` is ``None`` when every query sees every
+    key of the piece; otherwise the piece is a run of consecutive pages read causally and
+    ``q_start[b]`` is the position of the chunk's first query counted from the piece's first key
+    (negative for pad queries, which then see nothing).
+    """
+
+    slab: int
+    block_table: list[list[int]]
+    seq_lens: list[int]
+    q_start: Optional[list[int]] = None
+
+
+class _SequencePages:
+    """The pages of one sequence in one layer."""
+
+    __slots__ = ("segments", "length", "hot")
+
+    def __init__(self) -> None:
+        self.segments: list[Allocation] = []
+        self.length = 0  # real tokens stored (pads excluded)
+        self.hot: dict[int, ResidentPages] = {}  # logical page -> long-lived pin
+
+
+class PagedLayer(CacheLayerMixin):
+    """One decoder layer's view of a :class:`PagedKVCache` (transformers talks to layers)."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+    supports_early_init = False
+
+    def __init__(self, cache: "PagedKVCache", layer_idx: int) -> None:
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.seqs: list[_SequencePages] = []
+        self.total = 0  # tokens seen, pads included (transformers' sequence length)
+        self.cursor = 0  # tokens of the current forward already appended
+        self.len_before: list[int] = []  # per sequence, stored tokens before the last update
+        self.last_q_len = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.cache._init_geometry(key_states)
+        self.device = key_states.device
+        self.seqs = [_SequencePages() for _ in range(key_states.shape[0])]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(key_states, value_states, self.layer_idx)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.total + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.total
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.cache._free_layer(self)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.cache._crop_layer(self, tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.cache._reorder_layer(self, beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if repeats != 1 and self.total > 0:
+            raise NotImplementedError("PagedKVCache cannot repeat filled sequences (beam search / num_return_sequences after prefill)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.cache._select_layer(self, indices)
+
+    def offload(self) -> None:  # the pager moves pages; transformers' own offloading does not apply
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+
+class PagedKVCache(Cache):
+    """A transformers ``Cache`` keeping K/V in pages of a :class:`~pagedtensor.pager.Pager`.
+
+    Args:
+        config: the model config (its text config gives the number of layers); or pass ``num_layers``.
+        pager: the pager holding the pages (shared, e.g. with the model's other paged tensors). Its
+            ``prefetch_strategy`` should be ``"none"``: the cache schedules its own transfers.
+        memory_config: used to create a pager when ``pager`` is None (the cache then owns and closes it).
+        num_layers: decoder layers, when no config is given.
+        sink_pages: first pages of every sequence kept pinned on the device (attention sinks).
+        hot_fraction: sink and newest pages are pinned only while they take at most this share of
+            the device budget.
+        stream_group_bytes: bytes of pages streamed in per kernel call.
+        max_tokens: expected tokens per sequence (prompt + new tokens): sizes the page segments.
+
+    With the ``"pagedllm"`` attention implementation, :meth:`update` returns the new keys and values
+    unchanged and the attention reads the pages; with any other implementation it returns the dense
+    keys and values of the layer, materialized from the pages (exact, for tests and short contexts).
+    """
+
+    def __init__(
+        self,
+        config: object = None,
+        *,
+        pager: Optional[Pager] = None,
+        memory_config: Optional[MemoryConfig] = None,
+        num_layers: Optional[int] = None,
+        sink_pages: int = 1,
+        hot_fraction: float = 0.25,
+        stream_group_bytes: SizeLike = DEFAULT_STREAM_GROUP_BYTES,
+        max_tokens: Optional[int] = None,
+    ) -> None:
+        text_config = None
+        if config is not None:
+            text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+            num_layers = getattr(text_config, "num_hidden_layers", num_layers)
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers: expected a positive int (or a config with num_hidden_layers), got {num_layers!r}")
+        if isinstance(sink_pages, bool) or not isinstance(sink_pages, int) or sink_pages < 0:
+            raise ValueError(f"sink_pages: expected a non-negative int, got {sink_pages!r}")
+        if not isinstance(hot_fraction, (int, float)) or not 0 <= hot_fraction <= 1:
+            raise ValueError(f"hot_fraction: expected a number in [0, 1], got {hot_fraction!r}")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValueError(f"max_tokens: expected a positive int or None, got {max_tokens!r}")
+        owns_pager = pager is None
+        if pager is None:
+            pager = Pager(streaming_config(memory_config if memory_config is not None else MemoryConfig()))
+        elif memory_config is not None:
+            raise ValueError("pass either pager or memory_config, not both")
+        if not isinstance(pager, Pager):
+            raise TypeError(f"pager: expected a pagedtensor.Pager, got {type(pager).__name__}")
+        if pager.config.prefetch_strategy != "none":
+            log.warning("PagedKVCache: the pager's prefetch_strategy is %r; the cache schedules its own transfers and "
+                        "sequential prefetches only take slots it needs (use streaming_config())", pager.config.prefetch_strategy)
+        super().__init__(layers=[PagedLayer(self, index) for index in range(num_layers)])
+        self.config = config
+        self.pager = pager
+        self.sink_pages = sink_pages
+        self.hot_fraction = float(hot_fraction)
+        self.stream_group_bytes = parse_size(stream_group_bytes, "stream_group_bytes")
+        self.max_tokens = max_tokens
+        # Geometry, set by the first update.
+        self.dtype: Optional[torch.dtype] = None
+        self.device: Optional[torch.device] = None
+        self.batch_size_: Optional[int] = None
+        self.num_kv_heads = 0
+        self.head_dim = 0
+        self.page_tokens = 0
+        self.segment_pages = DEFAULT_SEGMENT_PAGES
+        self.group_pages = 1
+        self.window_pages = 2
+        self.hot_enabled = False
+        self._forward_pads: Optional[list[int]] = None
+        self._pools: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._pending_stream: list[tuple[Allocation, int, int]] = []  # the last streamed group, evicted after the next
+        self._allocations: list[Allocation] = []
+        self._hot_pins: dict[int, ResidentPages] = {}
+        self.closed = False
+        self._finalizer = weakref.finalize(self, _release_pages, pager, self._allocations, self._hot_pins, owns_pager)
+
+    # ------------------------------------------------------------------ transformers Cache API
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``key_states``/``value_states`` ``[batch, kv_heads, q_len, head_dim]`` to layer ``layer_idx``.
+
+        Returns them unchanged under the ``"pagedllm"`` attention (which reads the pages), else the
+        layer's dense keys and values ``[batch, kv_heads, total, head_dim]`` (pads zero).
+        """
+        if self.closed:
+            raise RuntimeError("this PagedKVCache is closed")
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        self._check_states(key_states, value_states)
+        q_len = key_states.shape[2]
+        counts = self._take_valid(layer, q_len)
+        layer.len_before = [seq.length for seq in layer.seqs]
+        for b, seq in enumerate(layer.seqs):
+            n = counts[b]
+            if n:
+                self._write_tokens(layer, seq, key_states[b], value_states[b], q_len - n, n)
+        layer.total += q_len
+        layer.last_q_len = q_len
+        self._keep_window(layer_idx)
+        if self.uses_paged_attention:
+            ACTIVE_UPDATE.set(ActiveUpdate(self, layer_idx, key_states))
+            return key_states, value_states
+        ACTIVE_UPDATE.set(None)
+        return self.dense_kv(layer_idx)
+
+    @property
+    def uses_paged_attention(self) -> bool:
+        """Whether the model attends with the ``"pagedllm"`` implementation (then update() returns no dense K/V)."""
+        return getattr(self.config, "_attn_implementation", None) == ATTENTION_NAME
+
+    def begin_forward(self, attention_mask: Optional[torch.Tensor], q_len: int) -> None:
+        """Record the padding of the next forward (its ``q_len`` new tokens) from a 2D attention mask.
+
+        Only left padding is supported: in every sequence the masked tokens come before every real
+        one. Reads the mask on the host (one synchronization) unless it is all ones.
+        """
+        for layer in self.layers:
+            layer.cursor = 0
+        self._forward_pads = None
+        if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            return
+        new = attention_mask[:, -q_len:] if q_len else attention_mask[:, :0]
+        if new.shape[1] != q_len or bool(new.bool().all()):
+            return
+        valid = new.bool().cpu()
+        counts = valid.sum(dim=1).tolist()
+        suffix = torch.arange(q_len)[None, :] >= (q_len - torch.tensor(counts))[:, None]
+        if not torch.equal(valid, suffix):
+            raise ValueError("PagedKVCache supports left padding only: in each sequence of the attention mask, "
+                             "masked tokens must all come before the real ones")
+        self._forward_pads = [q_len - count for count in counts]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if layer_idx >= len(self.layers):
+            return 0
+        return self.layers[layer_idx].total
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def reset(self) -> None:
+        """Drop every token (pages freed); the cache can be filled again."""
+        for layer in self.layers:
+            self._free_layer(layer)
+
+    def close(self) -> None:
+        """Free every page (and close the pager if this cache created it). Idempotent."""
+        if not self.closed:
+            self.closed = True
+            self._pending_stream = []
+            self._finalizer()
+
+    # ------------------------------------------------------------------ geometry
+
+    def _init_geometry(self, key_states: torch.Tensor) -> None:
+        batch, kv_heads, _, head_dim = key_states.shape
+        if self.dtype is not None:
+            if (batch, kv_heads, head_dim, key_states.dtype) != (self.batch_size_, self.num_kv_heads, self.head_dim, self.dtype):
+                raise ValueError(
+                    f"layer states {tuple(key_states.shape)} {key_states.dtype} differ from the cache's batch "
+                    f"{self.batch_size_}, kv heads {self.num_kv_heads}, head_dim {self.head_dim}, {self.dtype}"
+                )
+            return
+        if key_states.device != self.pager.device:
+            raise ValueError(
+                f"the model's keys are on {key_states.device} but the pager's device tier is {self.pager.device}: "
+                f"use MemoryConfig(device={str(key_states.device)!r}) or move the model"
+            )
+        token_bytes = 2 * kv_heads * head_dim * key_states.element_size()
+        page_tokens = self.pager.page_size // token_bytes
+        if page_tokens < 1:
+            raise ValueError(
+                f"page_size: {self.pager.page_size} bytes cannot hold the keys and values of one token "
+                f"({token_bytes} bytes for {kv_heads} kv heads x {head_dim} x {key_states.dtype}); use a page_size of at least "
+                f"{1 << max(12, (token_bytes - 1).bit_length())}"
+            )
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size_, self.num_kv_heads, self.head_dim = batch, kv_heads, head_dim
+        self.page_tokens = page_tokens
+        if self.max_tokens is not None:
+            self.segment_pages = max(1, math.ceil(self.max_tokens / page_tokens))
+        capacity = self.pager.device_tier.capacity_pages
+        hot = len(self.layers) * batch * (self.sink_pages + 1)
+        self.hot_enabled = hot <= self.hot_fraction * capacity
+        spare = capacity - (hot if self.hot_enabled else 0)
+        self.group_pages = max(1, min(self.stream_group_bytes // self.pager.page_size, spare // 4))
+        self.window_pages = 2 * self.group_pages
+        log.debug(
+            "PagedKVCache: %d tokens per page of %s, %d device slots, streaming groups of %d pages, hot pins %s",
+            page_tokens, format_size(self.pager.page_size), capacity, self.group_pages, "on" if self.hot_enabled else "off",
+        )
+
+    def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.shape != value_states.shape:
+            raise ValueError(f"key_states {tuple(key_states.shape)} and value_states {tuple(value_states.shape)} differ")
+        if key_states.dim() != 4 or key_states.shape[0] != self.batch_size_ or key_states.shape[1] != self.num_kv_heads:
+            raise ValueError(
+                f"expected states [batch={self.batch_size_}, kv_heads={self.num_kv_heads}, q_len, {self.head_dim}], "
+                f"got {tuple(key_states.shape)}"
+            )
+        if key_states.dtype != self.dtype or value_states.dtype != self.dtype:
+            raise TypeError(f"expected {self.dtype} states, got {key_states.dtype} / {value_states.dtype}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def page_count(self, length: int) -> int:
+        """Pages holding ``length`` tokens."""
+        return -(-length // self.page_tokens)
+
+    # ------------------------------------------------------------------ pages: addressing
+
+    def _page(self, seq: _SequencePages, index: int) -> Page:
+        return seq.segments[index // self.segment_pages].pages[index % self.segment_pages]
+
+    def _ensure_segments(self, layer: PagedLayer, seq: _SequencePages, pages: int) -> None:
+        while len(seq.segments) * self.segment_pages < pages:
+            allocation = self.pager.allocate(
+                self.segment_pages * self.pager.page_size, name=f"kv.layer{layer.layer_idx}.seg{len(seq.segments)}"
+            )
+            seq.segments.append(allocation)
+            self._allocations.append(allocation)
+
+    def _ranges(self, seq: _SequencePages, pages: Iterable[int]) -> Iterator[tuple[Allocation, int, int, int]]:
+        """``(allocation, start, stop, first logical page)`` for runs of consecutive ``pages`` (sorted) in one segment."""
+        run_start = previous = None
+        for page in pages:
+            if previous is not None and page == previous + 1 and page % self.segment_pages != 0:
+                previous = page
+                continue
+            if run_start is not None:
+                yield self._range(seq, run_start, previous + 1)
+            run_start = previous = page
+        if run_start is not None:
+            yield self._range(seq, run_start, previous + 1)
+
+    def _range(self, seq: _SequencePages, start: int, stop: int) -> tuple[Allocation, int, int, int]:
+        segment, offset = divmod(start, self.segment_pages)
+        return seq.segments[segment], offset, offset + stop - start, start
+
+    def page_kv(self, view: torch.Tensor) -> torch.Tensor:
+        """A page's uint8 view as ``[2, page_tokens, kv_heads, head_dim]`` (keys, values)."""
+        elements = 2 * self.page_tokens * self.num_kv_heads * self.head_dim
+        return view.view(self.dtype)[:elements].view(2, self.page_tokens, self.num_kv_heads, self.head_dim)
+
+    def key_pools(self, slab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device slab ``slab`` as the kernels' key and value page pools ``[slots, page_tokens, kv_heads, head_dim]``."""
+        tensor = self.pager.device_tier.slabs[slab]
+        cached = self._pools.get(slab)
+        if cached is not None and cached[0] is tensor:
+            return cached[1], cached[2]
+        page_elements = self.pager.page_size // torch.empty((), dtype=self.dtype).element_size()
+        flat = tensor.view(self.dtype)
+        slots = tensor.numel() // self.pager.page_size
+        token_elements = self.num_kv_heads * self.head_dim
+        shape = (slots, self.page_tokens, self.num_kv_heads, self.head_dim)
+        strides = (page_elements, token_elements, self.head_dim, 1)
+        keys = flat.as_strided(shape, strides, flat.storage_offset())
+        values = flat.as_strided(shape, strides, flat.storage_offset() + self.page_tokens * token_elements)
+        self._pools[slab] = (tensor, keys, values)
+        return keys, values
+
+    def slot_location(self, slot: int) -> tuple[int, int]:
+        """``(slab, slot within the slab)`` of a device slot."""
+        return divmod(slot, self.pager.device_tier.slab_pages)
+
+    # ------------------------------------------------------------------ writes
+
+    def _take_valid(self, layer: PagedLayer, q_len: int) -> list[int]:
+        """Real tokens per sequence among the next ``q_len`` of this forward (the pads of a chunk come first)."""
+        start = layer.cursor
+        layer.cursor += q_len
+        if self._forward_pads is None:
+            return [q_len] * len(layer.seqs)
+        if len(self._forward_pads) != len(layer.seqs):
+            raise ValueError(f"the attention mask has {len(self._forward_pads)} rows but the batch has {len(layer.seqs)}")
+        counts = []
+        for b, pads in enumerate(self._forward_pads):
+            pads_here = min(q_len, max(0, pads - start))
+            if pads_here and layer.seqs[b].length:
+                raise ValueError("PagedKVCache supports left padding only: a masked token follows real tokens")
+            counts.append(q_len - pads_here)
+        return counts
+
+    def _write_tokens(self, layer: PagedLayer, seq: _SequencePages, keys: torch.Tensor, values: torch.Tensor, offset: int, count: int) -> None:
+        """Write ``keys[:, offset:offset+count]`` (``[kv_heads, q_len, head_dim]``) and values after the stored tokens."""
+        pt = self.page_tokens
+        start, end = seq.length, seq.length + count
+        first, stop = start // pt, self.page_count(end)
+        self._ensure_segments(layer, seq, stop)
+        for group_start in range(first, stop, self.group_pages):
+            group = range(group_start, min(stop, group_start + self.group_pages))
+            missing = sum(1 for index in group if self._page(seq, index).device_slot is None)
+            self._make_room(layer.layer_idx, missing)
+            for allocation, lo, hi, logical in self._ranges(seq, group):
+                fresh = [lo + i for i in range(hi - lo) if (logical + i) * pt >= start]
+                resident = self.pager.ensure_resident(allocation, lo, hi, discard=fresh)
+                try:
+                    resident.wait()
+                    for i, view in enumerate(resident.views()):
+                        page_start = (logical + i) * pt
+                        t0, t1 = max(start, page_start), min(end, page_start + pt)
+                        kv = self.page_kv(view)
+                        source = offset + t0 - start
+                        kv[0, t0 - page_start : t1 - page_start].copy_(keys[:, source : source + t1 - t0].transpose(0, 1))
+                        kv[1, t0 - page_start : t1 - page_start].copy_(values[:, source : source + t1 - t0].transpose(0, 1))
+                finally:
+                    resident.release(dirty=True)
+        seq.length = end
+        self._update_hot(seq)
+
+    def _update_hot(self, seq: _SequencePages) -> None:
+        """Pin the sink pages and the newest page of ``seq``; unpin the page that stopped being newest."""
+        if not self.hot_enabled or seq.length == 0:
+            return
+        pages = self.page_count(seq.length)
+        wanted = set(range(min(self.sink_pages, pages))) | {pages - 1}
+        for index in sorted(set(seq.hot) - wanted):
+            pin = seq.hot.pop(index)
+            self._hot_pins.pop(id(pin), None)
+            pin.release()
+        for index in sorted(wanted - set(seq.hot)):
+            allocation, lo, hi, _ = self._range(seq, index, index + 1)
+            pin = self.pager.ensure_resident(allocation, lo, hi)
+            seq.hot[index] = pin
+            self._hot_pins[id(pin)] = pin
+
+    # ------------------------------------------------------------------ room on the device
+
+    def _make_room(self, layer_idx: int, needed: int) -> None:
+        """Evict pages until ``needed`` device slots are free, from the layer used furthest in the future.
+
+        For the cyclic layer order of decoding that is the layer just computed (``layer_idx - 1``),
+        then the one before, ... and the current layer last. Pinned pages stay.
+        """
+        tier = self.pager.device_tier
+        short = min(needed, tier.capacity_pages) - tier.free_pages
+        if short <= 0:
+            return
+        self._evict_pending()
+        short = min(needed, tier.capacity_pages) - tier.free_pages
+        count = len(self.layers)
+        for step in range(1, count + 1):
+            layer = self.layers[(layer_idx - step) % count]
+            for seq in layer.seqs:
+                for allocation in seq.segments:
+                    pages = allocation.pages
+                    index = 0
+                    while index < len(pages) and short > 0:
+                        if pages[index].device_slot is None or pages[index].pin_count:
+                            index += 1
+                            continue
+                        stop = index
+                        while (stop < len(pages) and stop - index < short and pages[stop].device_slot is not None
+                               and pages[stop].pin_count == 0):
+                            stop += 1
+                        short -= self.pager.evict(allocation, index, stop)
+                        index = stop
+                    if short <= 0:
+                        return
+
+    def _keep_window(self, layer_idx: int) -> None:
+        """Keep two streaming groups of slots free, counting the last streamed group (it leaves when the
+        next group arrives: evicting it now would make the next copy wait for the kernel reading it)."""
+        pending = sum(hi - lo for _, lo, hi in self._pending_stream)
+        self._make_room(layer_idx, self.window_pages - pending)
+
+    def _evict_pending(self) -> None:
+        pending, self._pending_stream = self._pending_stream, []
+        for allocation, lo, hi in pending:
+            if not allocation.freed:
+                self.pager.evict(allocation, lo, hi)
+
+    # ------------------------------------------------------------------ reads: dense
+
+    def dense_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values ``[batch, kv_heads, total, head_dim]``; sequence ``b`` fills the
+        last ``length[b]`` positions (its pads, first, are zeros)."""
+        layer = self.layers[layer_idx]
+        shape = (len(layer.seqs), self.num_kv_heads, layer.total, self.head_dim)
+        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        pt = self.page_tokens
+        for b, seq in enumerate(layer.seqs):
+            pad = layer.total - seq.length
+            pages = self.page_count(seq.length)
+            for group_start in range(0, pages, self.group_pages):
+                group = range(group_start, min(pages, group_start + self.group_pages))
+                for allocation, lo, hi, logical in self._ranges(seq, group):
+                    with self.pager.ensure_resident(allocation, lo, hi) as resident:
+                        resident.wait()
+                        for i, view in enumerate(resident.views()):
+                            t0 = (logical + i) * pt
+                            t1 = min(seq.length, t0 + pt)
+                            kv = self.page_kv(view)
+                            keys[b, :, pad + t0 : pad + t1] = kv[0, : t1 - t0].transpose(0, 1)
+                            values[b, :, pad + t0 : pad + t1] = kv[1, : t1 - t0].transpose(0, 1)
+        return keys, values
+
+    def dense_mask(self, layer_idx: int, q_len: int, sliding_window: Optional[int] = None) -> torch.Tensor:
+        """Boolean ``[batch, 1, q_len, total]`` mask for :meth:`dense_kv` and the last ``q_len`` queries:
+        causal, pads hidden, and (with ``sliding_window``) keys at most ``window - 1`` positions back."""
+        layer = self.layers[layer_idx]
+        total = layer.total
+        key_pos = torch.arange(total, device=self.device)
+        query_pos = torch.arange(total - q_len, total, device=self.device)
+        visible = key_pos[None, :] <= query_pos[:, None]
+        if sliding_window is not None:
+            visible &= key_pos[None, :] > query_pos[:, None] - sliding_window
+        starts = torch.tensor([total - seq.length for seq in layer.seqs], device=self.device)
+        mask = visible[None] & (key_pos[None, None, :] >= starts[:, None, None])
+        return mask[:, None]
+
+    # ------------------------------------------------------------------ reads: pieces for the paged kernels
+
+    def is_decode(self, layer_idx: int) -> bool:
+        """Whether the last update of the layer added exactly one real token to every sequence."""
+        layer = self.layers[layer_idx]
+        return layer.last_q_len == 1 and all(seq.length == before + 1 for seq, before in zip(layer.seqs, layer.len_before))
+
+    def key_pieces(self, layer_idx: int) -> Iterator[KeyPiece]:
+        """The layer's pages as kernel calls, pinned while the caller enqueues each call.
+
+        Decode (one new token per sequence): every page is visible; the newest (partial) page comes
+        last in its row. Prefill of a chunk: pages wholly before the chunk are visible to every
+        query; the pages from the one holding the chunk's first token on are read causally.
+        Resident pages come first (one call per slab), then the missing pages, streamed in groups of
+        ``group_pages``; each streamed group is evicted once the next one holds its slots.
+        """
+        layer = self.layers[layer_idx]
+        pt = self.page_tokens
+        decode = self.is_decode(layer_idx)
+        batch = len(layer.seqs)
+        lengths = [seq.length for seq in layer.seqs]
+        q_len = layer.last_q_len
+        # per sequence: far pages (every key visible) and the first near page (causal from there)
+        near_first = [self.page_count(lengths[b]) if decode else layer.len_before[b] // pt for b in range(batch)]
+        ends = [self.page_count(length) for length in lengths]
+
+        fast = self._single_resident_slab(layer, ends)
+        if fast is not None:
+            slab, tables, pins = fast
+            try:
+                if decode:
+                    yield KeyPiece(slab, tables, lengths)
+                else:
+                    yield KeyPiece(slab, tables, lengths, [length - q_len for length in lengths])
+            finally:
+                for pin in pins:
+                    pin.release()
+            return
+
+        # Phase A: resident pages, pinned (all hits), one call per slab (and per causal run).
+        far_missing: list[list[int]] = [[] for _ in range(batch)]
+        near_missing: list[list[int]] = [[] for _ in range(batch)]
+        pins: list[ResidentPages] = []
+        far_rows: dict[int, list[list[int]]] = {}
+        far_lens: dict[int, list[int]] = {}
+        near_runs: list[list[tuple[int, int, list[int]]]] = [[] for _ in range(batch)]  # (slab, first page, slots)
+        try:
+            for b, seq in enumerate(layer.seqs):
+                resident = [p for p in range(ends[b]) if self._page(seq, p).device_slot is not None]
+                resident_set = set(resident)
+                for p in range(ends[b]):
+                    if p not in resident_set:
+                        (far_missing if p < near_first[b] else near_missing)[b].append(p)
+                for allocation, lo, hi, _ in self._ranges(seq, resident):
+                    pins.append(self.pager.ensure_resident(allocation, lo, hi))
+                tail = None
+                for p in resident:
+                    slab, local = self.slot_location(self._page(seq, p).device_slot)
+                    if p < near_first[b]:
+                        tokens = min(pt, lengths[b] - p * pt)
+                        if tokens < pt:
+                            tail = (slab, local, tokens)
+                            continue
+                        far_rows.setdefault(slab, [[] for _ in range(batch)])[b].append(local)
+                        far_lens.setdefault(slab, [0] * batch)[b] += pt
+                    else:
+                        runs = near_runs[b]
+                        if runs and runs[-1][0] == slab and runs[-1][1] + len(runs[-1][2]) == p:
+                            runs[-1][2].append(local)
+                        else:
+                            runs.append((slab, p, [local]))
+                if tail is not None:
+                    slab, local, tokens = tail
+                    far_rows.setdefault(slab, [[] for _ in range(batch)])[b].append(local)
+                    far_lens.setdefault(slab, [0] * batch)[b] += tokens
+            for pin in pins:
+                pin.wait()
+            for slab in sorted(far_rows):
+                yield KeyPiece(slab, far_rows[slab], far_lens[slab])
+            yield from self._causal_pieces(near_runs, lengths, q_len)
+        finally:
+            for pin in pins:
+                pin.release()
+
+        # Phase B: missing pages, streamed a group at a time.
+        if any(far_missing) or any(near_missing):
+            self._keep_window(layer_idx)
+        for b, seq in enumerate(layer.seqs):
+            for pages, causal in ((far_missing[b], False), (near_missing[b], True)):
+                for group_start in range(0, len(pages), self.group_pages):
+                    group = pages[group_start : group_start + self.group_pages]
+                    yield from self._streamed_pieces(layer, b, group, causal, lengths, q_len)
+
+    def _single_resident_slab(self, layer: PagedLayer, ends: list[int]):
+        """Slab, logical block tables and pins when every page of the layer is resident in one slab."""
+        slab_pages = self.pager.device_tier.slab_pages
+        slab = None
+        tables: list[list[int]] = []
+        for seq, end in zip(layer.seqs, ends):
+            row = []
+            for p in range(end):
+                slot = self._page(seq, p).device_slot
+                if slot is None:
+                    return None
+                if slab is None:
+                    slab = slot // slab_pages
+                elif slot // slab_pages != slab:
+                    return None
+                row.append(slot - slab * slab_pages)
+            tables.append(row)
+        if slab is None:
+            slab = 0
+            if not self.pager.device_tier.slabs:
+                return None
+        pins = []
+        try:
+            for seq, end in zip(layer.seqs, ends):
+                for allocation, lo, hi, _ in self._ranges(seq, range(end)):
+                    pins.append(self.pager.ensure_resident(allocation, lo, hi))
+        except BaseException:
+            for pin in pins:
+                pin.release()
+            raise
+        for pin in pins:
+            pin.wait()
+        return slab, tables, pins
+
+    def _causal_pieces(self, runs: list[list[tuple[int, int, list[int]]]], lengths: list[int], q_len: int) -> Iterator[KeyPiece]:
+        """Causal calls over runs of consecutive pages: call ``i`` takes the ``i``-th run of every sequence."""
+        pt = self.page_tokens
+        batch = len(runs)
+        for i in range(max((len(r) for r in runs), default=0)):
+            by_slab: dict[int, KeyPiece] = {}
+            for b in range(batch):
+                if i >= len(runs[b]):
+                    continue
+                slab, first, slots = runs[b][i]
+                piece = by_slab.get(slab)
+                if piece is None:
+                    piece = by_slab[slab] = KeyPiece(slab, [[] for _ in range(batch)], [0] * batch, [0] * batch)
+                piece.block_table[b] = slots
+                piece.seq_lens[b] = min(lengths[b], (first + len(slots)) * pt) - first * pt
+                piece.q_start[b] = lengths[b] - q_len - first * pt
+            for slab in sorted(by_slab):
+                yield by_slab[slab]
+
+    def _streamed_pieces(self, layer: PagedLayer, b: int, group: list[int], causal: bool, lengths: list[int], q_len: int) -> Iterator[KeyPiece]:
+        seq = layer.seqs[b]
+        batch = len(layer.seqs)
+        pt = self.page_tokens
+        pins: list[ResidentPages] = []
+        ranges = list(self._ranges(seq, group))
+        try:
+            for allocation, lo, hi, _ in ranges:
+                pins.append(self.pager.ensure_resident(allocation, lo, hi))
+            # The previous group leaves only now, so this one took other slots (ping-pong).
+            self._evict_pending()
+            for pin in pins:
+                pin.wait()
+            if causal:
+                runs: list[tuple[int, int, list[int]]] = []
+                for p in group:
+                    slab, local = self.slot_location(self._page(seq, p).device_slot)
+                    if runs and runs[-1][0] == slab and runs[-1][1] + len(runs[-1][2]) == p:
+                        runs[-1][2].append(local)
+                    else:
+                        runs.append((slab, p, [local]))
+                per_seq = [[] for _ in range(batch)]
+                for run in runs:
+                    per_seq[b] = [run]
+                    yield from self._causal_pieces(per_seq, lengths, q_len)
+            else:
+                rows: dict[int, list[int]] = {}
+                tokens: dict[int, int] = {}
+                tail = None
+                for p in group:
+                    slab, local = self.slot_location(self._page(seq, p).device_slot)
+                    count = min(pt, lengths[b] - p * pt)
+                    if count < pt:
+                        tail = (slab, local, count)
+                        continue
+                    rows.setdefault(slab, []).append(local)
+                    tokens[slab] = tokens.get(slab, 0) + count
+                if tail is not None:
+                    rows.setdefault(tail[0], []).append(tail[1])
+                    tokens[tail[0]] = tokens.get(tail[0], 0) + tail[2]
+                for slab in sorted(rows):
+                    table = [[] for _ in range(batch)]
+                    lens = [0] * batch
+                    table[b], lens[b] = rows[slab], tokens[slab]
+                    yield KeyPiece(slab, table, lens)
+        finally:
+            for pin in pins:
+                pin.release()
+            self._pending_stream.extend((allocation, lo, hi) for allocation, lo, hi, _ in ranges)
+
+    # ------------------------------------------------------------------ batch edits, freeing
+
+    def _free_layer(self, layer: PagedLayer) -> None:
+        self._pending_stream = [entry for entry in self._pending_stream if not any(entry[0] in seq.segments for seq in layer.seqs)]
+        for seq in layer.seqs:
+            self._free_sequence(seq)
+        layer.seqs = [_SequencePages() for _ in layer.seqs]
+        layer.total = 0
+        layer.cursor = 0
+        layer.len_before = []
+        layer.last_q_len = 0
+
+    def _free_sequence(self, seq: _SequencePages) -> None:
+        for pin in seq.hot.values():
+            self._hot_pins.pop(id(pin), None)
+            pin.release()
+        seq.hot.clear()
+        for allocation in seq.segments:
+            if not allocation.freed:
+                self.pager.free(allocation)
+            if allocation in self._allocations:
+                self._allocations.remove(allocation)
+        seq.segments = []
+        seq.length = 0
+
+    def _crop_layer(self, layer: PagedLayer, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop: pass a negative number of tokens to remove, got {tokens_to_remove}")
+        remove = min(-tokens_to_remove, layer.total)
+        if remove == 0:
+            return
+        for seq in layer.seqs:
+            seq.length = max(0, seq.length - remove)
+            for index in [index for index in seq.hot if index >= self.page_count(seq.length)]:
+                pin = seq.hot.pop(index)
+                self._hot_pins.pop(id(pin), None)
+                pin.release()
+            self._update_hot(seq)
+        layer.total -= remove
+
+    def _reorder_layer(self, layer: PagedLayer, beam_idx: torch.LongTensor) -> None:
+        order = [int(i) for i in beam_idx.tolist()]
+        if order == list(range(len(layer.seqs))) or layer.total == 0:
+            return
+        if sorted(order) != list(range(len(layer.seqs))):
+            raise NotImplementedError("PagedKVCache does not support beam search (sequences would share pages)")
+        layer.seqs = [layer.seqs[i] for i in order]
+
+    def _select_layer(self, layer: PagedLayer, indices: torch.Tensor) -> None:
+        keep = [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
+        if len(set(keep)) != len(keep):
+            raise NotImplementedError("PagedKVCache cannot duplicate sequences")
+        for b, seq in enumerate(layer.seqs):
+            if b not in keep:
+                self._free_sequence(seq)
+        layer.seqs = [layer.seqs[i] for i in keep]
+        self.batch_size_ = len(keep)
+
+    # ------------------------------------------------------------------ inspection
+
+    def stats(self) -> dict:
+        """The pager's counters plus this cache's pages per tier and its geometry."""
+        tiers = {"device": 0, "host": 0, "disk": 0, "unwritten": 0}
+        for allocation in self._allocations:
+            for page in allocation.pages:
+                tiers[page.tier or "unwritten"] += 1
+        stats = self.pager.stats()
+        stats["kv_pages"] = tiers
+        stats["page_tokens"] = self.page_tokens
+        stats["stream_group_pages"] = self.group_pages
+        stats["hot_pins"] = len(self._hot_pins)
+        return stats
+
+    def __repr__(self) -> str:
+        tokens = self.layers[0].total if self.layers else 0
+        return (
+            f"PagedKVCache(layers={len(self.layers)}, batch={self.batch_size_}, tokens={tokens}, "
+            f"page_tokens={self.page_tokens}, pager={self.pager.config.device})"
+        )
+
+
+def streaming_config(config: MemoryConfig) -> MemoryConfig:
+    """``config`` with the pager's own prefetching off (the KV cache schedules its transfers)."""
+    if config.prefetch_strategy == "none":
+        return config
+    return dataclasses.replace(config, prefetch_strategy="none")
+
+
+def _release_pages(pager: Pager, allocations: list[Allocation], hot_pins: dict[int, ResidentPages], owns_pager: bool) -> None:
+    """Finalizer of a cache: unpin and free its pages (it must not reference the cache)."""
+    if pager.closed:
+        return
+    try:
+        for pin in list(hot_pins.values()):
+            if not pin.released:
+                pin.release()
+        hot_pins.clear()
+        for allocation in allocations:
+            if not allocation.freed:
+                pager.free(allocation)
+        allocations.clear()
+    finally:
+        if owns_pager:
+            pager.close()

@@ -1,0 +1,520 @@
+"""Paging for Hugging Face causal LMs: :func:`enable_paging` and :class:`PagedModel`.
+
+``enable_paging(model, MemoryConfig(...))`` returns the same model, changed in place:
+
+* ``model.generate(...)`` fills a fresh :class:`~pagedtensor.hf.cache.PagedKVCache` on the model's
+  pager unless the call brings its own cache (or asks for beam search, ``cache_implementation`` or
+  ``use_cache=False``); the cache's pages are freed when ``generate`` returns, unless the output
+  carries the cache.
+* the model attends with ``"pagedllm"`` (Triton kernels on the pages) when the pager's device is a
+  GPU or the Triton interpreter is on; otherwise it keeps its attention and the cache hands it
+  dense keys and values read from the pages (exact, slower).
+* a forward pre-hook tells the cache the padding of each forward (from the 2D attention mask).
+* chunked prefill: with ``"pagedllm"``, a decoder layer given more than ``prefill_chunk_size``
+  tokens runs them chunk by chunk (all chunks of layer 0, then of layer 1, ...), so activations stay
+  bounded and each chunk attends to the layer's pages, which stay resident while the layer runs; the
+  final norm runs in chunks too. Only the positions ``generate`` needs get logits (it passes
+  ``logits_to_keep=1``).
+
+Works with transformers 5.17 (``past_key_values=``) and 5.2x (``cache=``): the keyword is read
+from the model's ``forward`` signature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import time
+from typing import Any, Optional
+
+import torch
+
+from pagedtensor.config import MemoryConfig, SizeLike, parse_size
+from pagedtensor.hf.attention import PAGED_FORWARD, register_attention
+from pagedtensor.hf.cache import ATTENTION_NAME, DEFAULT_STREAM_GROUP_BYTES, PagedKVCache, streaming_config
+from pagedtensor.pager import Pager
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFILL_CHUNK = 2048
+STATE_ATTRIBUTE = "_pagedllm"
+
+
+@dataclasses.dataclass
+class PagingState:
+    """What :func:`enable_paging` attached to a model (``model._pagedllm``)."""
+
+    pager: Pager
+    attn_implementation: str
+    prefill_chunk_size: int
+    sink_pages: int
+    hot_fraction: float
+    stream_group_bytes: int
+    cache_keyword: str
+    original_generate: Any
+    hooks: list = dataclasses.field(default_factory=list)
+    in_place: bool = False  # this forward may overwrite layer inputs (no grad, no captured hidden states)
+
+    def new_cache(self, model: torch.nn.Module, max_tokens: Optional[int] = None) -> PagedKVCache:
+        return PagedKVCache(
+            model.config,
+            pager=self.pager,
+            sink_pages=self.sink_pages,
+            hot_fraction=self.hot_fraction,
+            stream_group_bytes=self.stream_group_bytes,
+            max_tokens=max_tokens,
+        )
+
+
+def enable_paging(
+    model: torch.nn.Module,
+    memory_config: Optional[MemoryConfig] = None,
+    *,
+    pager: Optional[Pager] = None,
+    attn_implementation: str = "auto",
+    prefill_chunk_size: Optional[int] = None,
+    sink_pages: int = 1,
+    hot_fraction: float = 0.25,
+    stream_group_bytes: SizeLike = DEFAULT_STREAM_GROUP_BYTES,
+) -> torch.nn.Module:
+    """Make ``model`` (a transformers causal LM) generate with a paged KV cache; returns ``model``.
+
+    Args:
+        model: a ``PreTrainedModel`` with ``generate``, on the pager's device.
+        memory_config: budgets of the pager created for the model (default ``MemoryConfig()``); the
+            pager's own prefetching is turned off (the cache schedules its transfers).
+        pager: an existing pager to use instead (then ``memory_config`` must be None).
+        attn_implementation: ``"pagedllm"``, ``"auto"`` (``"pagedllm"`` on a GPU or under the Triton
+            interpreter, else the model's own), or any transformers implementation (the cache then
+            returns dense keys and values).
+        prefill_chunk_size: tokens per prefill chunk under ``"pagedllm"`` (default:
+            ``memory_config.prefill_chunk_size`` if the config has it, else 2048).
+        sink_pages, hot_fraction, stream_group_bytes: see :class:`~pagedtensor.hf.cache.PagedKVCache`.
+    """
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "generate") or not hasattr(model, "config"):
+        raise TypeError(f"model: expected a transformers causal LM (a PreTrainedModel with generate), got {type(model).__name__}")
+    if getattr(model, STATE_ATTRIBUTE, None) is not None:
+        raise ValueError("enable_paging: paging is already enabled on this model")
+    if pager is not None and memory_config is not None:
+        raise ValueError("enable_paging: pass either memory_config or pager, not both")
+    if pager is None:
+        pager = Pager(streaming_config(memory_config if memory_config is not None else MemoryConfig()))
+    if prefill_chunk_size is None:
+        prefill_chunk_size = getattr(pager.config, "prefill_chunk_size", None) or DEFAULT_PREFILL_CHUNK
+    if isinstance(prefill_chunk_size, bool) or not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1:
+        raise ValueError(f"prefill_chunk_size: expected a positive int, got {prefill_chunk_size!r}")
+    model_device = _model_device(model)
+    if model_device is not None and model_device != pager.device:
+        raise ValueError(f"the model is on {model_device} but the pager's device tier is {pager.device}: move the model or set MemoryConfig(device=...)")
+
+    register_attention()
+    if attn_implementation == "auto":
+        from pagedtensor.triton_kernels._common import interpreting
+
+        use_kernels = pager.device.type == "cuda" or interpreting()
+        attn_implementation = ATTENTION_NAME if use_kernels else model.config._attn_implementation
+    if attn_implementation != model.config._attn_implementation:
+        _set_attn_implementation(model, attn_implementation)
+
+    state = PagingState(
+        pager=pager,
+        attn_implementation=attn_implementation,
+        prefill_chunk_size=prefill_chunk_size,
+        sink_pages=sink_pages,
+        hot_fraction=hot_fraction,
+        stream_group_bytes=parse_size(stream_group_bytes, "stream_group_bytes"),
+        cache_keyword=cache_keyword(model),
+        original_generate=model.generate,
+    )
+    state.hooks.append(model.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True))
+    state.hooks.append(model.register_forward_hook(_end_forward_hook))
+    for layer in _decoder_layers(model):
+        layer.forward = _chunked_layer_forward(layer.forward, state)
+    norm = _final_norm(model)
+    if norm is not None:
+        norm.forward = _chunked_rowwise_forward(norm.forward, state)
+    setattr(model, STATE_ATTRIBUTE, state)
+    model.generate = _paged_generate(model, state)
+    return model
+
+
+def paging_state(model: torch.nn.Module) -> Optional[PagingState]:
+    """The :class:`PagingState` of a model given to :func:`enable_paging`, else None."""
+    return getattr(model, STATE_ATTRIBUTE, None)
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """``"cache"`` (transformers 5.2x) or ``"past_key_values"`` (5.17): how ``forward``/``generate`` name the cache."""
+    parameters = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+# ---------------------------------------------------------------------- generate
+
+
+def _paged_generate(model: torch.nn.Module, state: PagingState):
+    original = state.original_generate
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        cache = None
+        if _wants_paged_cache(model, kwargs):
+            inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+            max_tokens = None
+            if isinstance(inputs, torch.Tensor) and inputs.dim() == 2:
+                config = kwargs.get("generation_config") or model.generation_config
+                new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+                max_tokens = inputs.shape[1] + new if new else kwargs.get("max_length", getattr(config, "max_length", None))
+            cache = state.new_cache(model, max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None)
+            kwargs[state.cache_keyword] = cache
+        try:
+            output = original(*args, **kwargs)
+        except BaseException:
+            if cache is not None:
+                cache.close()
+            raise
+        if cache is not None and not _carries(output, cache):
+            cache.close()
+        return output
+
+    return generate
+
+
+def _wants_paged_cache(model: torch.nn.Module, kwargs: dict) -> bool:
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        return False
+    config = kwargs.get("generation_config") or model.generation_config
+    if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+        return False
+    if kwargs.get("cache_implementation", getattr(config, "cache_implementation", None)) is not None:
+        return False
+    if (kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1) > 1:
+        log.warning("enable_paging: beam search keeps the default cache (PagedKVCache does not share pages between beams)")
+        return False
+    if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
+        return False
+    return True
+
+
+def _carries(output: object, cache: PagedKVCache) -> bool:
+    """Whether a generate output holds ``cache`` (field ``cache`` on transformers 5.2x, ``past_key_values`` on 5.17)."""
+    fields = getattr(type(output), "__dataclass_fields__", {})
+    name = "cache" if "cache" in fields else "past_key_values"
+    return name in fields and getattr(output, name, None) is cache
+
+
+# ---------------------------------------------------------------------- forward hooks and wrappers
+
+
+def _find_cache(kwargs: dict) -> Optional[PagedKVCache]:
+    for name in ("cache", "past_key_values"):
+        value = kwargs.get(name)
+        if isinstance(value, PagedKVCache):
+            return value
+    return None
+
+
+def _begin_forward_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    inputs = kwargs.get("input_ids")
+    if inputs is None and args:
+        inputs = args[0]
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    mask = kwargs.get("attention_mask")
+    cache = _find_cache(kwargs)
+    PAGED_FORWARD.set(cache is not None)
+    state = paging_state(module)
+    if state is not None:
+        config = getattr(module, "config", None)
+        captures = any(
+            kwargs.get(name, getattr(config, name, False)) for name in ("output_hidden_states", "output_attentions")
+        )
+        state.in_place = cache is not None and not captures and not torch.is_grad_enabled() and kwargs.get("inputs_embeds") is None
+    if cache is not None and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
+        cache.begin_forward(mask, inputs.shape[1])
+
+
+def _end_forward_hook(module: torch.nn.Module, args: tuple, output: object) -> None:
+    PAGED_FORWARD.set(False)
+    state = paging_state(module)
+    if state is not None:
+        state.in_place = False
+
+
+def _chunked_layer_forward(forward, state: PagingState):
+    """A decoder layer's forward that runs a long input in chunks of ``prefill_chunk_size`` tokens.
+
+    When nothing captures hidden states (and without autograd), each chunk's output overwrites the
+    chunk's rows of the input, which no later chunk reads: one sequence-long buffer serves every layer.
+    """
+
+    @functools.wraps(forward)
+    def chunked(hidden_states, *args, **kwargs):
+        chunk = state.prefill_chunk_size
+        cache = _find_cache(kwargs)
+        if (
+            args
+            or cache is None
+            or not cache.uses_paged_attention
+            or not isinstance(hidden_states, torch.Tensor)
+            or hidden_states.dim() != 3
+            or hidden_states.shape[1] <= chunk
+            or (isinstance(kwargs.get("attention_mask"), torch.Tensor) and kwargs["attention_mask"].dim() != 2)
+        ):
+            return forward(hidden_states, *args, **kwargs)
+        length = hidden_states.shape[1]
+        out = None
+        for start in range(0, length, chunk):
+            stop = min(length, start + chunk)
+            piece = dict(kwargs)
+            embeddings = kwargs.get("position_embeddings")
+            if embeddings is not None:
+                piece["position_embeddings"] = tuple(_slice_tokens(t, length, start, stop) for t in embeddings)
+            if kwargs.get("position_ids") is not None:
+                piece["position_ids"] = kwargs["position_ids"][..., start:stop]
+            result = forward(hidden_states[:, start:stop], **piece)
+            hidden = result[0] if isinstance(result, tuple) else result
+            if out is None:
+                same_shape = hidden.shape[-1] == hidden_states.shape[-1] and hidden.dtype == hidden_states.dtype
+                out = hidden_states if state.in_place and same_shape else hidden_states.new_empty(
+                    (hidden_states.shape[0], length, hidden.shape[-1]), dtype=hidden.dtype
+                )
+            out[:, start:stop] = hidden
+        return out
+
+    return chunked
+
+
+def _slice_tokens(tensor: torch.Tensor, length: int, start: int, stop: int) -> torch.Tensor:
+    """``tensor``'s slice ``[start, stop)`` along its token dimension (the last one of size ``length`` before the feature dim)."""
+    if not isinstance(tensor, torch.Tensor):
+        return tensor
+    for dim in range(tensor.dim() - 2, -1, -1):
+        if tensor.shape[dim] == length:
+            return tensor.narrow(dim, start, stop - start)
+    return tensor
+
+
+def _chunked_rowwise_forward(forward, state: PagingState):
+    """A row-wise module (the final norm) applied chunk by chunk on long inputs: same result, bounded temporaries."""
+
+    @functools.wraps(forward)
+    def chunked(hidden_states, *args, **kwargs):
+        chunk = state.prefill_chunk_size
+        if args or kwargs or not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 or hidden_states.shape[1] <= chunk:
+            return forward(hidden_states, *args, **kwargs)
+        if state.attn_implementation != ATTENTION_NAME:
+            return forward(hidden_states)
+        out = None
+        for start in range(0, hidden_states.shape[1], chunk):
+            part = forward(hidden_states[:, start : start + chunk])
+            if out is None:
+                same = part.shape[2:] == hidden_states.shape[2:] and part.dtype == hidden_states.dtype
+                out = hidden_states if state.in_place and same else part.new_empty(hidden_states.shape[:2] + part.shape[2:])
+            out[:, start : start + part.shape[1]] = part
+        return out
+
+    return chunked
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules holding a ``self_attn`` with a ``layer_idx``: the decoder layers."""
+    return [module for module in model.modules() if hasattr(getattr(module, "self_attn", None), "layer_idx")]
+
+
+def _final_norm(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None) or getattr(model, "model", None)
+    norm = getattr(base, "norm", None)
+    return norm if isinstance(norm, torch.nn.Module) else None
+
+
+def _model_device(model: torch.nn.Module) -> Optional[torch.device]:
+    for parameter in model.parameters():
+        device = parameter.device
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
+    return None
+
+
+def _set_attn_implementation(model: torch.nn.Module, name: str) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        setter(name)
+    if model.config._attn_implementation != name:
+        model.config._attn_implementation = name
+
+
+# ---------------------------------------------------------------------- measuring
+
+
+@dataclasses.dataclass
+class GenerationMeasurement:
+    """``generate``'s usual output plus what one measured call took."""
+
+    output: Any
+    sequences: torch.Tensor
+    new_tokens: int
+    time_to_first_token_s: float
+    tokens_per_second: Optional[float]  # decode rate after the first token
+    total_s: float
+    peak_memory_gb: Optional[float]  # GiB (2**30 bytes) of CUDA memory allocated at peak; None on CPU
+    paging: dict = dataclasses.field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:  # behave like the wrapped output for its fields
+        if name in ("output", "__setstate__"):
+            raise AttributeError(name)
+        return getattr(self.output, name)
+
+
+class _TimingStreamer:
+    """A generate streamer that notes when the first new token exists (and forwards to another)."""
+
+    def __init__(self, inner: Any, on_first_token) -> None:
+        self.inner = inner
+        self.on_first_token = on_first_token
+        self.calls = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls == 2:  # the first call carries the prompt
+            if torch.cuda.is_available() and isinstance(value, torch.Tensor) and value.is_cuda:
+                torch.cuda.synchronize(value.device)
+            self.on_first_token()
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
+
+
+def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = None, **kwargs) -> GenerationMeasurement:
+    """Run ``model.generate(*args, **kwargs)`` and measure time to first token, decode tokens/s,
+    peak CUDA memory and (with a ``pager``) the bytes the pager moved per decoded token."""
+    inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    prompt_len = inputs.shape[1] if isinstance(inputs, torch.Tensor) else 0
+    cuda = torch.cuda.is_available() and _model_device(model) is not None and _model_device(model).type == "cuda"
+    marks: dict[str, Any] = {}
+
+    def first_token() -> None:
+        marks["first"] = time.perf_counter()
+        if pager is not None:
+            marks["stats"] = pager.stats()
+
+    kwargs["streamer"] = _TimingStreamer(kwargs.get("streamer"), first_token)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = pager.stats() if pager is not None else None
+    start = time.perf_counter()
+    output = model.generate(*args, **kwargs)
+    if cuda:
+        torch.cuda.synchronize()
+    end = time.perf_counter()
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    new_tokens = sequences.shape[1] - prompt_len
+    first = marks.get("first", end)
+    paging: dict = {}
+    if pager is not None:
+        after = pager.stats()
+        at_first = marks.get("stats", after)
+        decoded = max(1, new_tokens - 1)
+        paging = {
+            "prefill": {key: at_first[key] - before[key] for key in ("bytes_h2d", "bytes_d2h", "bytes_to_disk", "bytes_from_disk", "evictions", "faults")},
+            "decode": {key: after[key] - at_first[key] for key in ("bytes_h2d", "bytes_d2h", "bytes_to_disk", "bytes_from_disk", "evictions", "faults")},
+            "bytes_h2d_per_token": (after["bytes_h2d"] - at_first["bytes_h2d"]) / decoded,
+            "resident_bytes_at_first_token": at_first["resident_bytes"],
+            "resident_bytes": after["resident_bytes"],
+        }
+    return GenerationMeasurement(
+        output=output,
+        sequences=sequences,
+        new_tokens=new_tokens,
+        time_to_first_token_s=first - start,
+        tokens_per_second=(new_tokens - 1) / (end - first) if new_tokens > 1 and end > first else None,
+        total_s=end - start,
+        peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        paging=paging,
+    )
+
+
+# ---------------------------------------------------------------------- PagedModel
+
+
+class PagedModel:
+    """A transformers causal LM with paging enabled, plus its tokenizer and pager.
+
+    Attribute access falls through to the wrapped model; ``generate`` is the model's (paged), with
+    ``measure_memory=True`` returning a :class:`GenerationMeasurement` (the usual output in
+    ``.output``/``.sequences``, plus ``peak_memory_gb``, ``tokens_per_second`` and
+    ``time_to_first_token_s``).
+    """
+
+    def __init__(self, model: torch.nn.Module, memory_config: Optional[MemoryConfig] = None, *, tokenizer: Any = None, **paging: Any) -> None:
+        if paging_state(model) is None:
+            enable_paging(model, memory_config, **paging)
+        elif memory_config is not None or paging:
+            raise ValueError("PagedModel: the model already has paging enabled; pass neither memory_config nor paging options")
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        memory_config: Optional[MemoryConfig] = None,
+        *,
+        gguf_file: Optional[str] = None,
+        dtype: Any = None,
+        load_tokenizer: bool = True,
+        paging: Optional[dict] = None,
+        **hf_kwargs: Any,
+    ) -> "PagedModel":
+        """Load ``name_or_path`` with ``AutoModelForCausalLM`` (a GGUF file with ``gguf_file=``), move it
+        to the pager's device and enable paging. ``paging`` holds :func:`enable_paging` options."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        config = memory_config if memory_config is not None else MemoryConfig()
+        if gguf_file is not None:
+            hf_kwargs["gguf_file"] = gguf_file
+        if dtype is not None:
+            hf_kwargs["dtype"] = dtype
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **hf_kwargs)
+        model.to(config.device)
+        model.eval()
+        tokenizer = None
+        if load_tokenizer:
+            tokenizer_kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tokenizer_kwargs)
+            except (OSError, ValueError) as error:
+                log.warning("PagedModel.from_pretrained: no tokenizer for %s (%s)", name_or_path, error)
+        return cls(model, config, tokenizer=tokenizer, **(paging or {}))
+
+    @property
+    def pager(self) -> Pager:
+        return paging_state(self.model).pager
+
+    def generate(self, *args: Any, measure_memory: bool = False, **kwargs: Any) -> Any:
+        """``model.generate`` with a paged KV cache; see the class docstring for ``measure_memory``."""
+        if not measure_memory:
+            return self.model.generate(*args, **kwargs)
+        return measure_generate(self.model, *args, pager=self.pager, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("model", "tokenizer"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def close(self) -> None:
+        """Close the pager (free every tier). The model cannot generate with paging afterwards."""
+        self.pager.close()
+
+    def __repr__(self) -> str:
+        return f"PagedModel({type(self.model).__name__}, pager={self.pager.config})"

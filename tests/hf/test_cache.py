@@ -1,0 +1,193 @@
+"""PagedKVCache on its own: pages, padding, residency, key pieces, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pagedtensor import MemoryConfig, Pager
+from pagedtensor.hf import PagedKVCache
+from pagedtensor.hf.attention import merge_partials, paged_attention
+from pagedtensor.hf.cache import ACTIVE_UPDATE, streaming_config
+from pagedtensor.triton_kernels import merge_attention_partials
+from tests.hf.tiny_models import PAGE
+
+KV_HEADS, HEADS, HEAD_DIM = 2, 4, 16
+
+
+def _pager(nvme_dir, vram_pages=4, host_pages=3, slab_pages=2) -> Pager:
+    return Pager(streaming_config(MemoryConfig(
+        vram_limit=vram_pages * PAGE, host_memory=host_pages * PAGE, page_size=PAGE, nvme_path=nvme_dir,
+        device="cpu", slab_size=slab_pages * PAGE,
+    )))
+
+
+def _states(batch, tokens, seed):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, KV_HEADS, tokens, HEAD_DIM)
+    return torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+
+
+def _fill(cache, layers, batch, chunks, pads=None):
+    """Append ``chunks`` (token counts) to every layer; returns the dense keys/values written per layer."""
+    written = [[None, None] for _ in range(layers)]
+    total = 0
+    for step, q_len in enumerate(chunks):
+        mask = None
+        if pads is not None:
+            total += q_len
+            mask = torch.ones(batch, total, dtype=torch.long)
+            for b, pad in enumerate(pads):
+                mask[b, :pad] = 0
+        cache.begin_forward(mask, q_len)
+        for layer in range(layers):
+            keys, values = _states(batch, q_len, seed=100 * step + layer)
+            cache.update(keys, values, layer)
+            for i, new in enumerate((keys, values)):
+                old = written[layer][i]
+                written[layer][i] = new if old is None else torch.cat([old, new], dim=2)
+    return written
+
+
+def test_dense_kv_round_trips_through_host_and_disk(nvme_dir):
+    pager = _pager(nvme_dir)
+    cache = PagedKVCache(pager=pager, num_layers=2, stream_group_bytes=PAGE)
+    written = _fill(cache, 2, 2, [37, 1, 1, 20])
+    for layer in range(2):
+        keys, values = cache.dense_kv(layer)
+        assert torch.equal(keys, written[layer][0])
+        assert torch.equal(values, written[layer][1])
+    stats = pager.stats()
+    assert stats["bytes_to_disk"] > 0 and stats["bytes_from_disk"] > 0
+    assert cache.get_seq_length() == 59
+    cache.close()
+    assert pager.stats()["allocations"] == 0
+
+
+def test_left_padding_stores_real_tokens_only(nvme_dir):
+    cache = PagedKVCache(pager=_pager(nvme_dir, vram_pages=8), num_layers=1)
+    written = _fill(cache, 1, 3, [30, 1], pads=[0, 5, 29])
+    layer = cache.layers[0]
+    assert [seq.length for seq in layer.seqs] == [31, 26, 2]
+    keys, _ = cache.dense_kv(0)
+    for b, pad in enumerate([0, 5, 29]):
+        assert torch.equal(keys[b, :, pad:], written[0][0][b, :, pad:])
+        assert not keys[b, :, :pad].any()
+    mask = cache.dense_mask(0, 1)
+    assert mask.shape == (3, 1, 1, 31)
+    assert mask[2, 0, 0].sum() == 2
+
+
+def test_right_padding_is_rejected(nvme_dir):
+    cache = PagedKVCache(pager=_pager(nvme_dir), num_layers=1)
+    mask = torch.tensor([[1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="left padding"):
+        cache.begin_forward(mask, 4)
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_paged_attention_with_pages_everywhere(decode, nvme_dir):
+    """Keys spread over device slabs, host and disk: the pieces cover every key exactly once."""
+    pager = _pager(nvme_dir, vram_pages=6, host_pages=3, slab_pages=2)
+    cache = PagedKVCache(pager=pager, num_layers=1, stream_group_bytes=2 * PAGE, sink_pages=0)
+    cache.config = type("Config", (), {"_attn_implementation": "pagedllm"})()
+    chunks = [45, 1] if decode else [45, 21]
+    written = _fill(cache, 1, 2, chunks)
+    assert isinstance(ACTIVE_UPDATE.get().cache, PagedKVCache)
+    layer = cache.layers[0]
+    # scatter residency: evict every other page of each sequence
+    for seq in layer.seqs:
+        for allocation in seq.segments:
+            for index in range(0, allocation.num_pages, 2):
+                pager.evict(allocation, index, index + 1)
+    q_len = chunks[-1]
+    query = torch.randn(2, HEADS, q_len, HEAD_DIM, generator=torch.Generator().manual_seed(7))
+    got = paged_attention(cache, 0, query, scaling=0.25)
+    keys = written[0][0].repeat_interleave(HEADS // KV_HEADS, dim=1)
+    values = written[0][1].repeat_interleave(HEADS // KV_HEADS, dim=1)
+    total = keys.shape[2]
+    visible = torch.arange(total)[None, :] <= torch.arange(total - q_len, total)[:, None]
+    expected = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=0.25)
+    torch.testing.assert_close(got, expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    assert cache.is_decode(0) == decode
+    assert pager.stats()["bytes_from_disk"] > 0
+
+
+def test_merge_partials_matches_kernel_module():
+    generator = torch.Generator().manual_seed(3)
+    outs = [torch.randn(2, 5, 4, 16, generator=generator) for _ in range(4)]
+    lses = [torch.randn(2, 5, 4, generator=generator) for _ in range(4)]
+    lses[1][0, 0] = float("-inf")
+    outs[1][0, 0] = 0
+    expected, _ = merge_attention_partials(outs, lses)
+    torch.testing.assert_close(merge_partials(outs, lses), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_streaming_keeps_resident_pages_and_evicts_streamed_ones(nvme_dir):
+    """Pages that were not resident are streamed through free slots and dropped; resident ones stay."""
+    pager = _pager(nvme_dir, vram_pages=8, host_pages=64, slab_pages=8)
+    cache = PagedKVCache(pager=pager, num_layers=2, stream_group_bytes=PAGE, sink_pages=0, hot_fraction=0.0)
+    cache.config = type("Config", (), {"_attn_implementation": "pagedllm"})()
+    _fill(cache, 2, 1, [16 * 6, 1])
+    page_count = cache.page_count(97)
+    before = {p: cache._page(cache.layers[1].seqs[0], p).device_slot for p in range(page_count)}
+    query = torch.randn(1, HEADS, 1, HEAD_DIM)
+    paged_attention(cache, 0, query)
+    after = {p: cache._page(cache.layers[1].seqs[0], p).device_slot for p in range(page_count)}
+    assert {p for p, s in before.items() if s is not None} == {p for p, s in after.items() if s is not None}
+    layer0 = [cache._page(cache.layers[0].seqs[0], p).device_slot for p in range(page_count)]
+    # layer 0's streamed pages were dropped again (but the last group, evicted when the next one arrives)
+    assert sum(slot is not None for slot in layer0) <= cache.window_pages + 1
+
+
+def test_page_size_too_small_names_the_field(nvme_dir):
+    pager = Pager(MemoryConfig(vram_limit=8 * PAGE, host_memory=8 * PAGE, page_size=PAGE, device="cpu", prefetch_strategy="none"))
+    cache = PagedKVCache(pager=pager, num_layers=1)
+    keys = torch.zeros(1, 8, 1, 256)  # 16 KiB of K+V per token
+    with pytest.raises(ValueError, match="page_size"):
+        cache.update(keys, keys, 0)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_layers"):
+        PagedKVCache()
+    with pytest.raises(ValueError, match="sink_pages"):
+        PagedKVCache(num_layers=1, sink_pages=-1)
+    with pytest.raises(TypeError, match="pager"):
+        PagedKVCache(num_layers=1, pager="not a pager")
+
+
+def test_select_and_crop(nvme_dir):
+    cache = PagedKVCache(pager=_pager(nvme_dir, vram_pages=8), num_layers=1)
+    written = _fill(cache, 1, 3, [20, 1])
+    cache.crop(-1)
+    assert cache.get_seq_length() == 20
+    cache.batch_select_indices(torch.tensor([0, 2]))
+    keys, _ = cache.dense_kv(0)
+    assert torch.equal(keys, written[0][0][[0, 2], :, :20])
+    with pytest.raises(NotImplementedError):
+        cache.reorder_cache(torch.tensor([0, 0]))
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    assert math.isclose(cache.pager.stats()["allocations"], 0)
+
+
+def test_pager_evict_moves_only_unpinned_device_pages(nvme_dir):
+    """Pager.evict (added for the cache): dirty pages written back, clean ones dropped, pinned ones kept."""
+    pager = _pager(nvme_dir, vram_pages=4, host_pages=8)
+    allocation = pager.allocate(4 * PAGE)
+    data = torch.arange(4 * PAGE, dtype=torch.int32).to(torch.uint8)
+    pager.write(allocation, data)
+    pinned = pager.ensure_resident(allocation, 3, 4)
+    assert pager.evict(allocation) == 3
+    stats = pager.stats()
+    assert stats["bytes_d2h"] == 3 * PAGE
+    assert [info.tier for info in pager.page_table(allocation)] == ["host", "host", "host", "device"]
+    with pager.ensure_resident(allocation, 0, 1):
+        pass
+    assert pager.evict(allocation, 0, 1) == 1
+    assert pager.stats()["bytes_d2h"] == 3 * PAGE  # clean: the host copy stayed
+    pinned.release()
+    assert torch.equal(pager.read(allocation), data)

