@@ -50,7 +50,7 @@ GIB = 2**30
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--contexts", default="8192,32768,65536", help="prompt lengths, comma-separated")
+    parser.add_argument("--contexts", default="65536,32768,8192", help="prompt lengths, comma-separated (64K first: the headline)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default 32)")
     parser.add_argument("--offload-new-tokens", type=int, default=4, help="tokens for the slow HF offloaded run (default 4)")
     parser.add_argument("--cap-gib", type=float, default=24.0, help="GPU memory cap of the capped runs, GiB (default 24)")
@@ -299,6 +299,30 @@ def _repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _write(args: argparse.Namespace, results: list, verdicts: dict, wall_s: float, write_results, transformers_version: str) -> None:
+    """Write the results so far (with their verdicts) to ``args.out``."""
+    write_results(args.out, {
+        "benchmark": "long_context",
+        "transformers": transformers_version,
+        "model": {"shape": "Llama-2-7B" if (args.layers, args.hidden, args.heads) == (32, 4096, 32) else "custom",
+                  "layers": args.layers, "hidden": args.hidden, "heads": args.heads, "kv_heads": args.heads,
+                  "intermediate": args.intermediate, "vocab": args.vocab, "dtype": "float16", "weights": f"random, seed {args.seed}"},
+        "settings": {k: getattr(args, k) for k in ("new_tokens", "offload_new_tokens", "cap_gib", "page_size", "chunk",
+                                                   "kv_vram_gib", "margin_gib", "retry_margin_gib", "host_gib", "stream_group")},
+        "targets": {**TARGETS, "peak_gib": args.cap_gib, "pcie_h2d_bytes_per_s": PCIE_H2D_BYTES_PER_S},
+        "notes": [
+            "each configuration runs in its own subprocess after one untimed warm-up generate",
+            "paged warm-up runs at the full context so the pinned host slabs exist before timing; cold_time_to_first_token_s is that first run",
+            f"the HF offloaded cache decodes ~0.2 tokens/s, so it generates {args.offload_new_tokens} tokens",
+            "peak_gib is torch.cuda.max_memory_allocated in GiB; the cap is set with torch.cuda.set_per_process_memory_fraction",
+            "bound_tok_s = 54 GB/s / (bytes the pager moved host->device per decoded token)",
+        ],
+        "runs": results,
+        "verdicts": verdicts,
+        "wall_s": wall_s,
+    })
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.child is not None:
@@ -317,7 +341,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     unknown = set(kinds) - set(RUN_KINDS)
     if unknown:
         raise SystemExit(f"--runs: unknown configurations {sorted(unknown)}; choose from {RUN_KINDS}")
-    results = []
+    results: list[dict[str, Any]] = []
     started = time.perf_counter()
     for context in contexts:
         for kind in kinds:
@@ -325,6 +349,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             results.append(result)
             summary = {k: result.get(k) for k in ("status", "time_to_first_token_s", "decode_tokens_per_s", "peak_gib", "wall_s")}
             print(f"[{time.perf_counter() - started:6.1f} s] {kind:10s} {context:6d}: {summary}", flush=True)
+            # Written after every configuration: a run cut short still leaves what it measured.
+            _write(args, results, judge(results, args), time.perf_counter() - started, write_results, transformers.__version__)
     verdicts = judge(results, args)
     rows = []
     for result in results:
@@ -343,26 +369,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     print_table(rows, ["run", "context", "status", "ttft_s", "decode_tok_s", "peak_GiB", "new_tokens", "GB_h2d/token", "bound_tok_s", "kv_vram_GiB"])
     for context, verdict in verdicts.items():
         print(f"context {context}: {verdict}")
-    write_results(args.out, {
-        "benchmark": "long_context",
-        "transformers": transformers.__version__,
-        "model": {"shape": "Llama-2-7B" if (args.layers, args.hidden, args.heads) == (32, 4096, 32) else "custom",
-                  "layers": args.layers, "hidden": args.hidden, "heads": args.heads, "kv_heads": args.heads,
-                  "intermediate": args.intermediate, "vocab": args.vocab, "dtype": "float16", "weights": f"random, seed {args.seed}"},
-        "settings": {k: getattr(args, k) for k in ("new_tokens", "offload_new_tokens", "cap_gib", "page_size", "chunk",
-                                                   "kv_vram_gib", "margin_gib", "retry_margin_gib", "host_gib", "stream_group")},
-        "targets": {**TARGETS, "peak_gib": args.cap_gib, "pcie_h2d_bytes_per_s": PCIE_H2D_BYTES_PER_S},
-        "notes": [
-            "each configuration runs in its own subprocess after one untimed warm-up generate",
-            "paged warm-up runs at the full context so the pinned host slabs exist before timing; cold_time_to_first_token_s is that first run",
-            f"the HF offloaded cache decodes ~0.2 tokens/s, so it generates {args.offload_new_tokens} tokens",
-            "peak_gib is torch.cuda.max_memory_allocated in GiB; the cap is set with torch.cuda.set_per_process_memory_fraction",
-            "bound_tok_s = 54 GB/s / (bytes the pager moved host->device per decoded token)",
-        ],
-        "runs": results,
-        "verdicts": verdicts,
-        "wall_s": time.perf_counter() - started,
-    })
     print(f"wrote {args.out}")
     return 0
 
