@@ -32,6 +32,19 @@ def kernel_device() -> torch.device:
     return torch.device("cpu") if interpreting() or not torch.cuda.is_available() else torch.device("cuda")
 
 
+def kv_pool_strides(k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor) -> dict[str, int]:
+    """The stride keywords every attention kernel takes for its K/V page pools and block table."""
+    return {
+        "stride_k_page": k_pages.stride(0),
+        "stride_k_token": k_pages.stride(1),
+        "stride_k_head": k_pages.stride(2),
+        "stride_v_page": v_pages.stride(0),
+        "stride_v_token": v_pages.stride(1),
+        "stride_v_head": v_pages.stride(2),
+        "stride_bt_batch": block_table.stride(0),
+    }
+
+
 def new_buffer(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An output or workspace tensor: uninitialised, or filled with ``POISON`` when set."""
     if POISON is None:
