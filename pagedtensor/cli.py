@@ -21,6 +21,7 @@ import torch
 from pagedtensor.config import MemoryConfig, format_size, parse_size
 from pagedtensor.hf.ask import add_ask_arguments, main_from_args
 from pagedtensor.pager import Pager
+from pagedtensor.report import print_rows, traffic_rows
 
 
 def run_demo(
@@ -77,19 +78,11 @@ def run_demo(
             ("tensor", format_size(size), f"{size / min(config.vram_limit, size) if config.vram_limit else 0:.1f}x the device budget"),
             ("write", f"{write_s:.2f} s", f"{size / write_s / 1e6:.0f} MB/s"),
             ("read back, page by page", f"{read_s:.2f} s", f"{size / read_s / 1e6:.0f} MB/s"),
-            ("faults", str(stats["faults"]), f"{after_write['faults']} while writing"),
-            ("hits", str(stats["hits"]), ""),
-            ("evictions device→host", str(stats["evictions"]), f"host→disk {stats['host_evictions']}"),
-            ("bytes host→device", format_size(stats["bytes_h2d"]), ""),
-            ("bytes device→host", format_size(stats["bytes_d2h"]), ""),
-            ("bytes host→disk", format_size(stats["bytes_to_disk"]), f"disk engine: {engine}"),
-            ("bytes disk→host", format_size(stats["bytes_from_disk"]), ""),
-            ("resident at end", ", ".join(f"{tier} {format_size(n)}" for tier, n in stats["resident_bytes"].items()), ""),
+            ("faults while writing", str(after_write["faults"]), ""),
+            *traffic_rows(stats, engine),
             ("every byte came back", "yes" if ok else "NO", f"sha256 {got[:16]}…"),
         ]
-        width = max(len(name) for name, _, _ in rows)
-        for name, value, note in rows:
-            print(f"  {name.ljust(width)}  {value:>14}  {note}", file=out)
+        print_rows(rows, out)
         return ok
 
 

