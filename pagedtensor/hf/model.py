@@ -474,9 +474,17 @@ class PagedModel:
         **hf_kwargs: Any,
     ) -> "PagedModel":
         """Load ``name_or_path`` with ``AutoModelForCausalLM`` (a GGUF file with ``gguf_file=``), move it
-        to the pager's device and enable paging. ``paging`` holds :func:`enable_paging` options."""
+        to the pager's device and enable paging. ``paging`` holds :func:`enable_paging` options.
+        With ``tp_plan="auto"`` (under ``torchrun``): this rank's tensor-parallel shard, paged with
+        ``memory_config`` as this rank's own budget (:func:`pagedtensor.hf.distributed.load_tensor_parallel`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if hf_kwargs.get("tp_plan") is not None:  # tensor parallel under torchrun: one pager per rank
+            from pagedtensor.hf.distributed import load_tensor_parallel
+
+            if gguf_file is not None:
+                hf_kwargs["gguf_file"] = gguf_file
+            return load_tensor_parallel(name_or_path, memory_config, dtype=dtype, load_tokenizer=load_tokenizer, paging=paging, **hf_kwargs)
         config = memory_config if memory_config is not None else MemoryConfig()
         if gguf_file is not None:
             hf_kwargs["gguf_file"] = gguf_file

@@ -1,0 +1,180 @@
+"""Tensor-parallel paged generation on 2 CPU processes (gloo) equals the one-process run.
+
+Each rank pages only its own KV head (the tiny Llama has 2) under its own budget of a few pages, so
+pages go to host and disk on both ranks. Weights are sharded two ways: by transformers'
+``tp_plan="auto"`` (DTensors, from a saved checkpoint) and by :func:`shard_by_heads`. Greedy tokens
+must equal the one-process unpaged and paged runs, for batch 1 and a left-padded batch of 3, with
+SDPA on the pages and with the ``"pagedllm"`` attention; logits agree to fp32 rounding (the
+row-parallel all-reduce sums in another order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pagedtensor.hf import enable_paging
+from pagedtensor.hf.distributed import (
+    check_tensor_parallel_heads,
+    enable_tensor_parallel_paging,
+    rank_memory_config,
+    shard_by_heads,
+)
+from tests.hf.tiny_models import TINY, prompts, tiny_budget, tiny_pair
+
+WORLD_SIZE = 2
+NEW_TOKENS = 8  # as in tests/hf/tp_worker.py
+WORKER_TIMEOUT_S = 120
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with the gloo backend is not available"
+)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _loopback_interface() -> str | None:
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except (OSError, AttributeError):
+        return None
+    return next((name for name in ("lo", "lo0") if name in names), None)
+
+
+def _launch(sharding: str, tmp_path, checkpoint: str | None = None) -> list[dict]:
+    """Run ``tp_worker.py`` as ranks 0 and 1 on loopback; return each rank's JSON."""
+    out, nvme = tmp_path / "out", tmp_path / "nvme"
+    out.mkdir()
+    nvme.mkdir()
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(WORLD_SIZE),
+               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    interface = _loopback_interface()
+    if interface is not None:
+        env["GLOO_SOCKET_IFNAME"] = interface
+    command = [sys.executable, os.path.join(REPO_ROOT, "tests", "hf", "tp_worker.py"), "--sharding", sharding,
+               "--nvme", str(nvme), "--out", str(out)] + (["--checkpoint", checkpoint] if checkpoint else [])
+    logs = [open(tmp_path / f"rank{rank}.log", "w+") for rank in range(WORLD_SIZE)]
+    workers = [
+        subprocess.Popen(command, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        for rank, log in enumerate(logs)
+    ]
+    try:
+        codes = [worker.wait(timeout=WORKER_TIMEOUT_S) for worker in workers]
+    except subprocess.TimeoutExpired:
+        codes = None
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    tails = []
+    for rank, log in enumerate(logs):
+        log.seek(0)
+        tails.append(f"--- rank {rank}:\n" + "".join(log.readlines()[-25:]))
+        log.close()
+    assert codes == [0] * WORLD_SIZE, f"workers exited with {codes}\n" + "\n".join(tails)
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+
+
+def _generate(model, batch: int):
+    ids, mask = prompts(batch)
+    return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The one-process runs (unpaged, and paged with SDPA on a few pages) and the checkpoint the ranks load."""
+    reference, paged = tiny_pair("llama", attn="sdpa")
+    checkpoint = tmp_path_factory.mktemp("tiny-llama")
+    reference.save_pretrained(str(checkpoint))
+    enable_paging(paged, tiny_budget(str(tmp_path_factory.mktemp("nvme"))), attn_implementation="sdpa", prefill_chunk_size=16)
+    runs = {}
+    for batch in (1, 3):
+        runs[batch] = {"unpaged": _generate(reference, batch), "paged": _generate(paged, batch)}
+        assert torch.equal(runs[batch]["unpaged"].sequences, runs[batch]["paged"].sequences)
+    return {"checkpoint": str(checkpoint), "runs": runs}
+
+
+@pytest.mark.parametrize("sharding", ["tp_plan", "shard_by_heads"])
+def test_two_ranks_equal_one_process(sharding, one_process, tmp_path):
+    ranks = _launch(sharding, tmp_path, one_process["checkpoint"] if sharding == "tp_plan" else None)
+    for result in ranks:
+        assert result["world_size"] == WORLD_SIZE
+        assert "computes 2 KV heads, expected num_key_value_heads 2 / world size 2 = 1" in result.get("unsharded_error", ""), result.get("unsharded_error")
+        assert sorted(result["runs"]) == ["pagedllm-1", "pagedllm-3", "sdpa-1", "sdpa-3"]
+        for key, run in result["runs"].items():
+            batch = int(key.split("-")[1])
+            expected = one_process["runs"][batch]
+            where = f"rank {result['rank']}, {sharding}, {key}"
+            assert run["sequences"] == expected["unpaged"].sequences.tolist(), where
+            assert run["sequences"] == expected["paged"].sequences.tolist(), where
+            assert len(run["logits"]) == len(expected["unpaged"].logits), where
+            for step, (got, want) in enumerate(zip(run["logits"], expected["unpaged"].logits)):
+                torch.testing.assert_close(torch.tensor(got), want, atol=1e-4, rtol=1e-4, msg=lambda m: f"{where}, step {step}: {m}")
+            assert run["kv_heads"] == TINY["num_key_value_heads"] // WORLD_SIZE, where  # the rank pages its own KV heads only
+            stats = run["stats"]
+            assert stats["bytes_d2h"] > 0 and stats["bytes_to_disk"] > 0, (where, stats)
+            assert stats["bytes_from_disk"] > 0 and stats["bytes_h2d"] > 0, (where, stats)
+    for key, run in ranks[0]["runs"].items():
+        assert run["sequences"] == ranks[1]["runs"][key]["sequences"], key
+
+
+def test_world_size_must_divide_kv_heads():
+    reference, _ = tiny_pair("llama")
+    check_tensor_parallel_heads(reference.config, 2)
+    with pytest.raises(ValueError, match=r"world size 4 .*num_key_value_heads 2"):
+        check_tensor_parallel_heads(reference.config, 4)
+    with pytest.raises(ValueError, match=r"world size 3 .*num_key_value_heads 2"):
+        check_tensor_parallel_heads(reference.config, 3)
+    with pytest.raises(ValueError, match="world_size"):
+        check_tensor_parallel_heads(reference.config, 0)
+
+
+def test_rank_budget_is_its_own(nvme_dir):
+    budget = tiny_budget(nvme_dir)
+    config = rank_memory_config(budget, torch.device("cpu"))
+    assert (config.vram_limit, config.host_memory, config.device) == (budget.vram_limit, budget.host_memory, torch.device("cpu"))
+    with pytest.raises(TypeError, match="memory_config"):
+        rank_memory_config({"vram_limit": 1}, torch.device("cpu"))
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo group of one process on an in-memory store (no sockets)."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shard_by_heads_rejects_fused_projections(one_rank_group):
+    _, phi3 = tiny_pair("phi3")
+    with pytest.raises(TypeError, match="q_proj"):
+        shard_by_heads(phi3)
+
+
+def test_one_rank_is_plain_paging(one_rank_group, nvme_dir):
+    """World size 1: sharding keeps every head, and paged output equals the unpaged model's."""
+    reference, model = tiny_pair("qwen2")  # q/k/v biases: kept on the column-parallel side
+    shard_by_heads(model)
+    with pytest.raises(ValueError, match="already sharded"):
+        shard_by_heads(model)
+    enable_tensor_parallel_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa", prefill_chunk_size=16)
+    expected, got = _generate(reference, 3), _generate(model, 3)
+    assert torch.equal(got.sequences, expected.sequences)
