@@ -41,6 +41,11 @@ import sys
 import time
 from typing import Any, Optional
 
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import common_prefix, repo_root  # noqa: E402
+
 PCIE_H2D_BYTES_PER_S = 54e9  # pinned host→device, one large copy, H100 PCIe Gen5 (DESIGN.md)
 TARGETS = {"decode_tokens_per_s": 2.0, "ttft_vs_native": 1.15}
 RUN_KINDS = ("paged", "native", "native_cap", "offloaded")
@@ -243,7 +248,7 @@ def _run_subprocess(args: argparse.Namespace, kind: str, context: int, margin_gi
         command += ["--kv-vram-gib", str(args.kv_vram_gib)]
     start = time.perf_counter()
     try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, cwd=_repo_root())
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, cwd=repo_root())
     except subprocess.TimeoutExpired:
         return {"run": kind, "context": context, "status": "timeout", "wall_s": args.timeout}
     for line in completed.stdout.splitlines():
@@ -275,7 +280,7 @@ def judge(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, 
             verdict["ttft_vs_native"] = ratio
             verdict["ttft_target_met"] = ratio <= TARGETS["ttft_vs_native"]
             verdict["tokens_equal_native"] = paged["tokens"] == native["tokens"]
-            verdict["tokens_matching_prefix"] = _common_prefix(paged["tokens"], native["tokens"])
+            verdict["tokens_matching_prefix"] = common_prefix(paged["tokens"], native["tokens"])
         for kind in ("native_cap", "offloaded"):
             other = by_key.get((kind, context))
             if other is not None:
@@ -284,19 +289,6 @@ def judge(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, 
                     verdict[f"decode_speedup_vs_{kind}"] = paged["decode_tokens_per_s"] / other["decode_tokens_per_s"]
         verdicts[str(context)] = verdict
     return verdicts
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    count = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        count += 1
-    return count
-
-
-def _repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write(args: argparse.Namespace, results: list, verdicts: dict, wall_s: float, write_results, transformers_version: str) -> None:

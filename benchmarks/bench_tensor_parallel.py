@@ -40,6 +40,11 @@ import tempfile
 import time
 from typing import Any, Optional
 
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import common_prefix, repo_root  # noqa: E402
+
 from pagedtensor.hf.distributed import COLUMN_PARALLEL, NCCL_SAFE_ENV, ROW_PARALLEL
 
 GIB = 2**30
@@ -268,7 +273,7 @@ def run_world(args: argparse.Namespace, world: int) -> dict[str, Any]:
         start = time.perf_counter()
         try:
             completed = subprocess.run(child_command(args, world, out), env=env, capture_output=True, text=True,
-                                       timeout=args.timeout, cwd=_repo_root())
+                                       timeout=args.timeout, cwd=repo_root())
         except subprocess.TimeoutExpired:
             return {"world_size": world, "status": "timeout", "wall_s": args.timeout}
         if not os.path.exists(out):
@@ -297,22 +302,9 @@ def judge(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, 
             verdict.update(scaling_vs_linear=scaling, scaling_target_met=scaling >= SCALING_TARGET,
                            speedup=result["decode_tokens_per_s"] / base["decode_tokens_per_s"],
                            tokens_equal_one_gpu=result["tokens"] == base["tokens"],
-                           tokens_matching_prefix=_common_prefix(result["tokens"], base["tokens"]))
+                           tokens_matching_prefix=common_prefix(result["tokens"], base["tokens"]))
         verdicts[str(world)] = verdict
     return verdicts
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    count = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        count += 1
-    return count
-
-
-def _repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
