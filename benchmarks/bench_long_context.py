@@ -44,7 +44,7 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import common_prefix, repo_root  # noqa: E402
+from benchmarks.common import common_prefix, meta_llama, repo_root  # noqa: E402
 
 PCIE_H2D_BYTES_PER_S = 54e9  # pinned host→device, one large copy, H100 PCIe Gen5 (DESIGN.md)
 TARGETS = {"decode_tokens_per_s": 2.0, "ttft_vs_native": 1.15}
@@ -89,32 +89,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def build_model(args: argparse.Namespace, max_positions: int):
     """Random-weight Llama-2-7B-shaped model in fp16 on the GPU, built without a CPU copy."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        vocab_size=args.vocab,
-        max_position_embeddings=max(4096, max_positions),
-        rms_norm_eps=1e-5,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    config._attn_implementation = "sdpa"
+    model = meta_llama(args, max_positions)
+    config = model.config
     device = torch.device(args.device)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
-    try:
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default_dtype)
     model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     with torch.no_grad():

@@ -43,7 +43,7 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import common_prefix, repo_root  # noqa: E402
+from benchmarks.common import common_prefix, meta_llama, repo_root  # noqa: E402
 
 from pagedtensor.hf.distributed import COLUMN_PARALLEL, NCCL_SAFE_ENV, ROW_PARALLEL
 
@@ -84,25 +84,11 @@ def build_sharded_model(args: argparse.Namespace, device, max_positions: int):
     """This rank's shard of the random-weight model: meta build, shard, allocate, fill from full tensors."""
     import torch
     import torch.distributed as dist
-    from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from pagedtensor.hf.distributed import shard_by_heads
 
-    config = LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
-        max_position_embeddings=max(4096, max_positions), rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1,
-        eos_token_id=None, tie_word_embeddings=False,
-    )
-    config._attn_implementation = "sdpa"
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
-    try:
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default_dtype)
+    model = meta_llama(args, max_positions)
     shard_by_heads(model)
     model.to_empty(device=device)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -123,7 +109,7 @@ def build_sharded_model(args: argparse.Namespace, device, max_positions: int):
                 full = full.narrow(dim, rank * size, size)
             parameter.copy_(full)
             del full
-    model.model.rotary_emb = LlamaRotaryEmbedding(config=config).to(device)  # its buffers were left empty
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=model.config).to(device)  # its buffers were left empty
     model.eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0

@@ -80,3 +80,32 @@ def common_prefix(a: list[int], b: list[int]) -> int:
             break
         count += 1
     return count
+
+
+def meta_llama(args: Any, max_positions: int):
+    """A Llama (``args``: layers, hidden, heads, intermediate, vocab) with MHA, SDPA attention and fp16
+    parameters on the meta device: the benchmarks place and fill it themselves, with no CPU copy."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        vocab_size=args.vocab,
+        max_position_embeddings=max(4096, max_positions),
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device("meta"):
+            return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
