@@ -559,7 +559,8 @@ class Pager:
         for chunk in _chunked(victims, max(1, self.host_tier.capacity_pages // 2)):
             dirty = [page for page in chunk if page.host_slot is None and page.disk_slot is None]
             if dirty:
-                self._make_host_room(len(dirty))
+                # The chunk's clean pages keep their host copies: those become their only copies.
+                self._make_host_room(len(dirty), keep=frozenset(chunk))
                 host_slots = self.host_tier.allocate(len(dirty))
                 pairs = [(page.device_slot, slot) for page, slot in zip(dirty, host_slots)]
                 runs = coalesce_runs(pairs, self.device_tier, self.host_tier)
@@ -577,18 +578,20 @@ class Pager:
                 self._drop_device_copy(page)
             self.metrics.count("evictions", len(chunk))
 
-    def _make_host_room(self, count: int) -> None:
-        """Free ``count`` host slots, moving host-only pages to disk. Blocks on disk I/O."""
+    def _make_host_room(self, count: int, keep: frozenset = frozenset()) -> None:
+        """Free ``count`` host slots, moving host-only pages to disk. Blocks on disk I/O.
+
+        The host copies of the pages in ``keep`` stay (pages leaving the device right after)."""
         shortfall = count - self.host_tier.free_pages
         if shortfall <= 0:
             return
         if self.disk_tier is None:
             # Nowhere to spill: only host copies that are clean caches of a device copy may go.
-            victims = self.host_policy.victims(shortfall, lambda page: page.device_slot is not None)
+            victims = self.host_policy.victims(shortfall, lambda page: page.device_slot is not None and page not in keep)
             if len(victims) < shortfall:
-                victims = self.host_policy.victims(shortfall, lambda page: True)  # fails below, naming why
+                victims = self.host_policy.victims(shortfall, lambda page: page not in keep)  # fails below, naming why
         else:
-            victims = self.host_policy.victims(shortfall, lambda page: True)
+            victims = self.host_policy.victims(shortfall, lambda page: page not in keep)
         to_disk = [page for page in victims if page.device_slot is None and page.disk_slot is None]
         if len(victims) < shortfall:
             raise OutOfPagesError(f"host tier: {count} pages needed, {self.host_tier.free_pages} free of {self.host_tier.capacity_pages}")

@@ -15,6 +15,10 @@
   bounded and each chunk attends to the layer's pages, which stay resident while the layer runs; the
   final norm runs in chunks too. Only the positions ``generate`` needs get logits (it passes
   ``logits_to_keep=1``).
+* ``page_weights=True``: the parameters of every decoder layer become
+  :class:`~pagedtensor.tensor.PagedTensor` parameters on the same pager as the KV cache, so weights
+  and KV pages compete for one budget under one eviction policy; a forward pre-hook on layer ``i``
+  prefetches layer ``i + 1``'s weights (layer 0's after the last layer, for the next token).
 
 Works with transformers 5.17 (``past_key_values=``) and 5.2x (``cache=``): the keyword is read
 from the model's ``forward`` signature.
@@ -55,6 +59,7 @@ class PagingState:
     cache_keyword: str
     original_generate: Any
     hooks: list = dataclasses.field(default_factory=list)
+    weight_allocations: list = dataclasses.field(default_factory=list)  # per decoder layer, with page_weights=True
     in_place: bool = False  # this forward may overwrite layer inputs (no grad, no captured hidden states)
 
     def new_cache(self, model: torch.nn.Module, max_tokens: Optional[int] = None) -> PagedKVCache:
@@ -78,6 +83,7 @@ def enable_paging(
     sink_pages: int = 1,
     hot_fraction: float = 0.25,
     stream_group_bytes: SizeLike = DEFAULT_STREAM_GROUP_BYTES,
+    page_weights: bool = False,
 ) -> torch.nn.Module:
     """Make ``model`` (a transformers causal LM) generate with a paged KV cache; returns ``model``.
 
@@ -92,6 +98,13 @@ def enable_paging(
         prefill_chunk_size: tokens per prefill chunk under ``"pagedllm"`` (default:
             ``memory_config.prefill_chunk_size`` if the config has it, else 2048).
         sink_pages, hot_fraction, stream_group_bytes: see :class:`~pagedtensor.hf.cache.PagedKVCache`.
+        page_weights: also page the weights: every parameter of every decoder layer is replaced by a
+            ``PagedTensor`` parameter on the pager (one budget for weights and KV; an op faults in
+            the pages of the weights it reads), and a forward pre-hook on layer ``i`` prefetches
+            layer ``i + 1``'s weights (layer 0's after the last). The embeddings, the final norm and
+            ``lm_head`` stay dense: they are used by every token outside the layer loop (and the
+            embedding is often tied to ``lm_head``), and the norm is tiny. Outputs are unchanged (the
+            same ops run on the same data). Every single weight must fit in the device budget.
     """
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "generate") or not hasattr(model, "config"):
         raise TypeError(f"model: expected a transformers causal LM (a PreTrainedModel with generate), got {type(model).__name__}")
@@ -128,6 +141,8 @@ def enable_paging(
         cache_keyword=cache_keyword(model),
         original_generate=model.generate,
     )
+    if page_weights:
+        _page_layer_weights(model, state)
     state.hooks.append(model.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True))
     state.hooks.append(model.register_forward_hook(_end_forward_hook))
     for layer in _decoder_layers(model):
@@ -322,6 +337,59 @@ def _chunked_rowwise_forward(forward, state: PagingState):
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Modules holding a ``self_attn`` with a ``layer_idx``: the decoder layers."""
     return [module for module in model.modules() if hasattr(getattr(module, "self_attn", None), "layer_idx")]
+
+
+def _layer_list(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's decoder layers: the first ``nn.ModuleList`` with ``num_hidden_layers`` modules
+    (Llama, Mistral, Qwen2, Gemma, Phi-3: ``model.model.layers``)."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    count = getattr(text_config, "num_hidden_layers", None)
+    if count:
+        for module in model.modules():
+            if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+                return module
+    raise ValueError(f"page_weights: cannot find the decoder layers of {type(model).__name__} (no nn.ModuleList of num_hidden_layers={count} modules)")
+
+
+def _page_layer_weights(model: torch.nn.Module, state: PagingState) -> None:
+    """Replace every parameter of every decoder layer by a PagedTensor parameter on ``state.pager``
+    and hook the layer-ahead prefetch (layer ``i``'s pre-hook prefetches layer ``i + 1``'s weights)."""
+    from pagedtensor.tensor import PagedTensor
+
+    pager = state.pager
+    layers = _layer_list(model)
+    per_layer: list[list] = []
+    for index, layer in enumerate(layers):
+        allocations = []
+        for module_name, module in layer.named_modules():
+            for name, parameter in list(module._parameters.items()):
+                if parameter is None or isinstance(parameter, PagedTensor):
+                    continue
+                paged = PagedTensor.wrap(parameter.detach(), pager, name=f"layers.{index}.{module_name + '.' if module_name else ''}{name}")
+                module._parameters[name] = torch.nn.Parameter(paged, requires_grad=False)
+                if paged.allocation is not None:
+                    allocations.append(paged.allocation)
+        per_layer.append(allocations)
+    state.weight_allocations = per_layer
+    for index, layer in enumerate(layers):
+        upcoming = per_layer[(index + 1) % len(per_layer)]
+        if upcoming:
+            state.hooks.append(layer.register_forward_pre_hook(_prefetch_hook(pager, upcoming)))
+
+
+def _prefetch_hook(pager: Pager, allocations: list):
+    """A forward pre-hook that prefetches ``allocations`` (the next layer's weights) to the device tier."""
+
+    def prefetch(module: torch.nn.Module, args: tuple) -> None:
+        if pager.closed:
+            return
+        for allocation in allocations:
+            # Skip weights already on the device (each weight is one allocation, faulted in whole).
+            if not allocation.freed and any(page.device_slot is None for page in allocation.pages):
+                pager.prefetch(allocation)
+
+    return prefetch
 
 
 def _final_norm(model: torch.nn.Module) -> Optional[torch.nn.Module]:

@@ -134,7 +134,7 @@ def test_ask_answers_a_real_question_identically():
     text = out.getvalue()
     assert "identical to the unpaged run: yes" in text
     assert "Paris" in text
-    assert "bytes host→disk" in text and "weight paging is not built yet" in text
+    assert "bytes host→disk" in text and "budget (weights and KV cache, one pager)" in text
 
 
 def test_hand_made_paged_cache_without_enable_paging(nvme_dir):

@@ -1,0 +1,172 @@
+"""``enable_paging(..., page_weights=True)``: decoder-layer weights and the KV cache share one pager.
+
+Tiny random-weight models under a budget smaller than their layer weights alone: generation is
+exact (same tokens, bitwise-equal logits under SDPA), weight pages leave the device between tokens
+and come back (through host and disk), and the layer-ahead prefetch hook issues prefetches.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedtensor import enable_paging
+from pagedtensor.hf import paging_state
+from pagedtensor.tensor import PagedTensor
+from tests.hf.tiny_models import PAGE, prompts, tiny_budget, tiny_pair
+
+NEW_TOKENS = 6
+VRAM_PAGES = 24  # the two layers' weights alone take 72 pages (Llama) / 73 (Qwen2, with biases)
+HOST_PAGES = 16
+
+
+def _generate(model, ids, mask, **kwargs):
+    return model.generate(
+        ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+        return_dict_in_generate=True, **kwargs,
+    )
+
+
+def _layer_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for layer in model.model.layers for p in layer.parameters())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_paged_weights_are_exact_under_a_small_budget(family, nvme_dir):
+    reference, model = tiny_pair(family, attn="sdpa")
+    ids, mask = prompts(3)
+    expected = _generate(reference, ids, mask)
+    budget = tiny_budget(nvme_dir, vram_pages=VRAM_PAGES, host_pages=HOST_PAGES)
+    assert budget.vram_limit + budget.host_memory < _layer_bytes(model)  # weights alone overflow device + host
+    enable_paging(model, budget, attn_implementation="sdpa", prefill_chunk_size=16, page_weights=True)
+    state = paging_state(model)
+    pager = state.pager
+
+    # Every decoder-layer parameter is a PagedTensor parameter on the KV cache's pager; the rest stays dense.
+    for layer in model.model.layers:
+        for name, parameter in layer.named_parameters():
+            assert isinstance(parameter, torch.nn.Parameter) and isinstance(parameter, PagedTensor), name
+            assert parameter.pager is pager and not parameter.requires_grad, name
+    assert not isinstance(model.model.embed_tokens.weight, PagedTensor)
+    assert not isinstance(model.model.norm.weight, PagedTensor)
+    assert not isinstance(model.lm_head.weight, PagedTensor)
+    assert len(state.weight_allocations) == len(model.model.layers)
+    if family == "qwen2":
+        assert isinstance(model.model.layers[0].self_attn.q_proj.bias, PagedTensor)
+
+    # The page table of layer 0's q_proj weight after each forward (between tokens).
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    tiers: list[list[str]] = []
+    hook = model.register_forward_hook(lambda *_: tiers.append([info.tier for info in pager.page_table(weight.allocation)]))
+    try:
+        got = _generate(model, ids, mask)
+    finally:
+        hook.remove()
+
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        assert torch.equal(a, b), f"logits differ at step {step}: {(a - b).abs().max()}"
+
+    stats = pager.stats()
+    assert stats["bytes_d2h"] > 0 and stats["bytes_to_disk"] > 0, stats
+    assert stats["bytes_from_disk"] > 0 and stats["bytes_h2d"] > 0, stats
+    # Every token reads all layer weights back to the device: far more than the KV cache ever holds.
+    kv_bytes = 2 * len(model.model.layers) * 3 * ids.shape[1] * 2 * 16 * 4 * 2  # generous: 2x the KV of 3 x 40+ tokens
+    assert stats["bytes_h2d"] > NEW_TOKENS * _layer_bytes(model) // 2 > kv_bytes, stats
+    assert len(tiers) == NEW_TOKENS
+    assert all(any(tier != "device" for tier in pages) for pages in tiers), tiers  # off the device between tokens
+    assert any(tier in ("host", "disk") for pages in tiers for tier in pages), tiers
+    assert stats["prefetched_pages"] > 0, stats
+    # the weights are intact in the pager
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.equal(p.materialize() if isinstance(p, PagedTensor) else p, q), name
+
+
+def test_layer_ahead_prefetch_order(nvme_dir, monkeypatch):
+    """Layer i's pre-hook prefetches layer i+1's weight allocations; the last layer's prefetches layer 0's."""
+    reference, model = tiny_pair("llama", attn="sdpa", num_hidden_layers=3)
+    ids, mask = prompts(1, length=20)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=48, host_pages=HOST_PAGES), attn_implementation="sdpa", page_weights=True)
+    state = paging_state(model)
+    pager = state.pager
+    owner = {allocation.id: index for index, allocations in enumerate(state.weight_allocations) for allocation in allocations}
+    events: list[tuple[str, int]] = []
+    original = pager.prefetch
+
+    def spy(allocation, *args, **kwargs):
+        events.append(("prefetch", owner[allocation.id]))
+        return original(allocation, *args, **kwargs)
+
+    monkeypatch.setattr(pager, "prefetch", spy)
+    for index, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(lambda module, args, index=index: events.append(("run", index)))
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, expected)
+    prefetched = [layer for kind, layer in events if kind == "prefetch"]
+    assert prefetched, events
+    pending: list[int] = []
+    runs = 0
+    for kind, layer in events:  # hooks registered later run later: layer i's prefetches come just before ("run", i)
+        if kind == "prefetch":
+            pending.append(layer)
+        else:
+            runs += 1
+            assert all(target == (layer + 1) % 3 for target in pending), (layer, pending, events)
+            pending = []
+    assert runs == 3 * 3 and not pending  # 3 forwards (prefill + 2 decode steps) x 3 layers
+    assert pager.stats()["prefetched_pages"] > 0
+
+
+def test_page_weights_off_keeps_dense_parameters(nvme_dir):
+    _, model = tiny_pair("llama")
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa")
+    assert not any(isinstance(p, PagedTensor) for p in model.parameters())
+    assert paging_state(model).weight_allocations == []
+
+
+def test_paged_weights_with_pagedllm_attention(nvme_dir):
+    """The Triton kernels (interpreted on the CPU) read the KV pages; the weights are paged beside them."""
+    reference, model = tiny_pair("llama", attn="sdpa")
+    ids, mask = prompts(1, length=24)
+    expected = _generate(reference, ids, mask)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=VRAM_PAGES, host_pages=HOST_PAGES), attn_implementation="pagedllm",
+                  prefill_chunk_size=16, page_weights=True)
+    got = _generate(model, ids, mask)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert paging_state(model).pager.stats()["bytes_from_disk"] > 0
+
+
+def test_evicting_keeps_the_only_host_copy_of_clean_pages(nvme_dir):
+    """Pager regression (found by weight paging under a tight budget): evicting a dirty page and a
+    clean page together must not drop the clean page's host copy to make room for the dirty one."""
+    from pagedtensor.config import MemoryConfig
+    from pagedtensor.pager import Pager
+
+    config = MemoryConfig(vram_limit=8 * PAGE, host_memory=4 * PAGE, page_size=PAGE, nvme_path=nvme_dir, device="cpu",
+                          slab_size=PAGE, prefetch_strategy="none")
+    with Pager(config) as pager:
+        allocations = [pager.allocate(PAGE) for _ in range(5)]
+        for value, allocation in enumerate(allocations[:4], start=1):
+            pager.write(allocation, torch.full((PAGE,), value, dtype=torch.uint8))
+        pager.evict_all()  # pages 1-4 on the host only; the host is full
+        pager.write(allocations[4], torch.full((PAGE,), 5, dtype=torch.uint8))  # dirty, oldest on the device
+        for allocation in allocations[:4]:  # device copies beside clean host copies; the first is the host's LRU
+            with pager.ensure_resident(allocation):
+                pass
+        pager.evict_all()  # one chunk holds page 5 (dirty) and page 1 (clean, its host copy its only other copy)
+        assert [int(pager.read(allocation)[0]) for allocation in allocations] == [1, 2, 3, 4, 5]
+
+
+def test_phi3_fused_weights_at_the_edge_of_the_budget(nvme_dir):
+    """Phi-3's fused gate_up_proj (16 pages) takes the whole device tier: every other page leaves."""
+    reference, model = tiny_pair("phi3", attn="sdpa")
+    ids, mask = prompts(3)
+    expected = _generate(reference, ids, mask)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=16, host_pages=8), attn_implementation="sdpa", page_weights=True)
+    got = _generate(model, ids, mask)
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        assert torch.equal(a, b), f"logits differ at step {step}: {(a - b).abs().max()}"
