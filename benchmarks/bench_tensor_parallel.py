@@ -293,37 +293,13 @@ def judge(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, 
     return verdicts
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    if args.child:
-        result = run_rank(args)
-        if result is not None:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as handle:
-                json.dump(result, handle, indent=2)
-        return 0
-    import torch
+def write_report(args: argparse.Namespace, results: list[dict[str, Any]], started: float) -> dict[str, Any]:
+    """Judge ``results`` so far and write the JSON; the driver calls it after every world size, so a
+    run cut short still leaves the world sizes it finished. Returns the verdicts."""
     import transformers
 
-    from benchmarks.common import print_table, write_results
+    from benchmarks.common import write_results
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_tensor_parallel needs CUDA devices (--device cpu only checks the plumbing)", file=sys.stderr)
-        return 2
-    worlds = [int(n) for n in args.gpus.split(",") if n]
-    results: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    for world in worlds:
-        if args.device == "cuda" and world > torch.cuda.device_count():
-            results.append({"world_size": world, "status": "skipped", "error": f"{torch.cuda.device_count()} GPUs here"})
-            continue
-        if args.heads % world:
-            results.append({"world_size": world, "status": "skipped", "error": f"{world} does not divide {args.heads} KV heads"})
-            continue
-        result = run_world(args, world)
-        results.append(result)
-        print(f"[{time.perf_counter() - started:6.1f} s] N={world}: " + json.dumps(
-            {k: result.get(k) for k in ("status", "time_to_first_token_s", "decode_tokens_per_s", "peak_gib_max", "error")}), flush=True)
     verdicts = judge(results, args)
     write_results(args.out, {
         "benchmark": "tensor_parallel",
@@ -347,6 +323,41 @@ def main(argv: Optional[list[str]] = None) -> int:
         "verdicts": verdicts,
         "wall_s": time.perf_counter() - started,
     })
+    return verdicts
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        result = run_rank(args)
+        if result is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as handle:
+                json.dump(result, handle, indent=2)
+        return 0
+    import torch
+
+    from benchmarks.common import print_table
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_tensor_parallel needs CUDA devices (--device cpu only checks the plumbing)", file=sys.stderr)
+        return 2
+    worlds = [int(n) for n in args.gpus.split(",") if n]
+    results: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for world in worlds:
+        if args.device == "cuda" and world > torch.cuda.device_count():
+            results.append({"world_size": world, "status": "skipped", "error": f"{torch.cuda.device_count()} GPUs here"})
+            continue
+        if args.heads % world:
+            results.append({"world_size": world, "status": "skipped", "error": f"{world} does not divide {args.heads} KV heads"})
+            continue
+        result = run_world(args, world)
+        results.append(result)
+        write_report(args, results, started)
+        print(f"[{time.perf_counter() - started:6.1f} s] N={world}: " + json.dumps(
+            {k: result.get(k) for k in ("status", "time_to_first_token_s", "decode_tokens_per_s", "peak_gib_max", "error")}), flush=True)
+    verdicts = write_report(args, results, started)
     rows = [{
         "gpus": r["world_size"], "status": r.get("status"), "ttft_s": r.get("time_to_first_token_s"),
         "decode_tok_s": r.get("decode_tokens_per_s"), "peak_GiB_max": r.get("peak_gib_max"),
