@@ -180,6 +180,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
             decode_tokens_per_s=measured.tokens_per_second,
             total_s=measured.total_s,
             peak_gib=measured.peak_memory_gb,
+            allocator_retries=measured.allocator_retries,
             peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB if cuda else None,
             new_tokens=measured.new_tokens,
             tokens=measured.sequences[0, context:].tolist(),

@@ -193,6 +193,7 @@ def run_rank(args: argparse.Namespace) -> Optional[dict[str, Any]]:
             decode_tokens_per_s=measured.tokens_per_second,
             total_s=measured.total_s,
             peak_gib=measured.peak_memory_gb,
+            allocator_retries=measured.allocator_retries,
             peak_reserved_gib=torch.cuda.max_memory_reserved(info.device) / GIB if cuda else None,
             bytes_h2d_per_token=measured.paging["bytes_h2d_per_token"],
             prefill_bytes_d2h=measured.paging["prefill"]["bytes_d2h"],

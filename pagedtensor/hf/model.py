@@ -430,6 +430,9 @@ class GenerationMeasurement:
     total_s: float
     peak_memory_gb: Optional[float]  # GiB (2**30 bytes) of CUDA memory allocated at peak; None on CPU
     paging: dict = dataclasses.field(default_factory=dict)
+    # Times the CUDA caching allocator hit its limit, freed its cache and retried during the call (each
+    # retry synchronizes the device: a sign that the budget leaves the allocator too little room); None on CPU.
+    allocator_retries: Optional[int] = None
 
     def __getattr__(self, name: str) -> Any:  # behave like the wrapped output for its fields
         if name in ("output", "__setstate__"):
@@ -476,6 +479,7 @@ def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = Non
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        retries_before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     before = pager.stats() if pager is not None else None
     start = time.perf_counter()
     output = model.generate(*args, **kwargs)
@@ -506,6 +510,7 @@ def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = Non
         total_s=end - start,
         peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         paging=paging,
+        allocator_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries_before if cuda else None,
     )
 
 
