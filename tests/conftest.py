@@ -47,7 +47,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (runs on the H100)")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (runs on the GPU machine: benchmarks/gpu_suite.sh)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
