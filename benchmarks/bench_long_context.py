@@ -29,6 +29,8 @@ Usage (on the H100)::
     python -m benchmarks.bench_long_context                       # 8K, 32K, 64K; JSON to benchmarks/results/long_context_h100.json
     python -m benchmarks.bench_long_context --contexts 65536 --runs paged,native
     python -m benchmarks.bench_long_context --layers 2 --contexts 4096 --out /tmp/smoke.json   # a quick smoke run
+    python -m benchmarks.bench_long_context --device cpu --runs paged,native --contexts 512 --layers 2 --hidden 128 \
+        --heads 4 --intermediate 256 --vocab 512 --page-size 64KiB --chunk 128 --kv-vram-gib 0.001 --out /tmp/lc_cpu.json   # plumbing, CPU
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import common_prefix, meta_llama, repo_root  # noqa: E402
+from benchmarks.common import LayerTimeline, common_prefix, meta_llama, repo_root  # noqa: E402
 
 PCIE_H2D_BYTES_PER_S = 54e9  # pinned host→device, one large copy, H100 PCIe Gen5 (DESIGN.md)
 TARGETS = {"decode_tokens_per_s": 2.0, "ttft_vs_native": 1.15}
@@ -78,6 +80,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=int, default=240, help="seconds per configuration subprocess (default 240)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda", help="cuda (default); cpu only checks the plumbing on tiny shapes")
+    parser.add_argument("--no-timeline", dest="timeline", action="store_false",
+                        help="skip the extra prefill of the paged and native runs that times each layer (prefill_timeline)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--context", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -199,6 +203,15 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
                 decode_bytes_d2h=measured.paging["decode"]["bytes_d2h"],
                 resident_device_gib=resident / GIB,
             )
+        if args.timeline and kind in ("paged", "native"):
+            # One more prefill (max_new_tokens=1), layer by layer: where the paged TTFT differs from native.
+            timeline = LayerTimeline(model, list(model.model.layers))
+            try:
+                timeline.start()
+                measure_generate(model, prompt, pager=pager, max_new_tokens=1, **generate_kwargs)
+                result["prefill_timeline"] = timeline.summary()
+            finally:
+                timeline.remove()
     except torch.cuda.OutOfMemoryError as error:
         result.update(status="oom", error=str(error).splitlines()[0][:300], peak_gib=torch.cuda.max_memory_allocated() / GIB if cuda else None)
     return result
@@ -226,6 +239,8 @@ def _run_subprocess(args: argparse.Namespace, kind: str, context: int, margin_gi
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.kv_vram_gib is not None:
         command += ["--kv-vram-gib", str(args.kv_vram_gib)]
+    if not args.timeline:
+        command.append("--no-timeline")
     start = time.perf_counter()
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, cwd=repo_root())
@@ -288,6 +303,9 @@ def _write(args: argparse.Namespace, results: list, verdicts: dict, wall_s: floa
             f"the HF offloaded cache decodes ~0.2 tokens/s, so it generates {args.offload_new_tokens} tokens",
             "peak_gib is torch.cuda.max_memory_allocated in GiB; the cap is set with torch.cuda.set_per_process_memory_fraction",
             "bound_tok_s = 54 GB/s / (bytes the pager moved host->device per decoded token)",
+            "prefill_timeline (paged and native): one more prefill after the measured run, with CUDA events at each "
+            "decoder layer's start and end (GPU ms) and the host clock (host ms); not part of the timed figures",
+            "allocator_retries: times the CUDA caching allocator freed its cache and retried in the measured run",
         ],
         "runs": results,
         "verdicts": verdicts,

@@ -8,7 +8,8 @@ import os
 import platform
 import subprocess
 import sys
-from typing import Any
+import time
+from typing import Any, Optional
 
 import torch
 
@@ -109,3 +110,97 @@ def meta_llama(args: Any, max_positions: int):
             return LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default_dtype)
+
+
+class LayerTimeline:
+    """Where the first forward after :meth:`start` (a prefill) spends its time, layer by layer.
+
+    Forward pre/post hooks on ``model`` and on each of ``layers`` note the host clock and, on CUDA,
+    record timing events on the current stream. After the forward (and a synchronize, which
+    ``measure_generate`` does), :meth:`summary` gives per layer the GPU time between its events and
+    the host time between its hooks, plus the time before the first layer (embeddings, masks,
+    rotary tables) and after the last (final norm, ``lm_head``). A layer whose host time exceeds its
+    GPU time kept the GPU waiting on Python; the GPU times compared side by side between a paged and
+    an unpaged run show which layers (the first ones whose KV fits, the later ones that evict) carry
+    a gap.
+
+    Note:
+        Events are recorded on the current stream when the hook runs: no host synchronization is
+        added, so the timed forward runs as it would untimed.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: list) -> None:
+        self.cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
+        self.recording = False
+        self.marks: list[tuple[str, int, float, Any]] = []  # (kind, layer or -1, host seconds, event or None)
+        self.handles = [model.register_forward_pre_hook(self._hook("model_start", -1)),
+                        model.register_forward_hook(self._model_end)]
+        for index, layer in enumerate(layers):
+            self.handles.append(layer.register_forward_pre_hook(self._hook("layer_start", index)))
+            self.handles.append(layer.register_forward_hook(self._hook("layer_end", index)))
+
+    def start(self) -> None:
+        """Record the next forward (only that one)."""
+        self.marks = []
+        self.recording = True
+
+    def _mark(self, kind: str, index: int) -> None:
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        self.marks.append((kind, index, time.perf_counter(), event))
+
+    def _hook(self, kind: str, index: int):
+        def hook(*_args: Any) -> None:
+            if self.recording:
+                self._mark(kind, index)
+
+        return hook
+
+    def _model_end(self, *_args: Any) -> None:
+        if self.recording:
+            self._mark("model_end", -1)
+            self.recording = False
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def summary(self) -> dict[str, Any]:
+        """Milliseconds: per layer (GPU on CUDA, host always), before the first layer and after the last."""
+        if not self.marks or self.marks[0][0] != "model_start" or self.marks[-1][0] != "model_end":
+            return {"complete": False}
+        if self.cuda:
+            torch.cuda.synchronize()
+        starts = {index: (host, event) for kind, index, host, event in self.marks if kind == "layer_start"}
+        ends = {index: (host, event) for kind, index, host, event in self.marks if kind == "layer_end"}
+        layers = sorted(set(starts) & set(ends))
+        if not layers:
+            return {"complete": False}
+        (_, _, model_host0, model_event0), (_, _, model_host1, model_event1) = self.marks[0], self.marks[-1]
+
+        def gpu_ms(a: Any, b: Any) -> Optional[float]:
+            return a.elapsed_time(b) if a is not None and b is not None else None
+
+        def rounded(values: list) -> list:
+            return [None if v is None else round(v, 3) for v in values]
+
+        layer_gpu = [gpu_ms(starts[i][1], ends[i][1]) for i in layers]
+        layer_host = [(ends[i][0] - starts[i][0]) * 1e3 for i in layers]
+        first, last = layers[0], layers[-1]
+        return {
+            "complete": True,
+            "layers": len(layers),
+            "total_gpu_ms": gpu_ms(model_event0, model_event1),
+            "total_host_ms": (model_host1 - model_host0) * 1e3,
+            "before_layers_gpu_ms": gpu_ms(model_event0, starts[first][1]),
+            "after_layers_gpu_ms": gpu_ms(ends[last][1], model_event1),
+            "before_layers_host_ms": (starts[first][0] - model_host0) * 1e3,
+            "after_layers_host_ms": (model_host1 - ends[last][0]) * 1e3,
+            "layers_gpu_ms_sum": None if None in layer_gpu else sum(layer_gpu),
+            "layers_host_ms_sum": sum(layer_host),
+            "layer_gpu_ms": rounded(layer_gpu),
+            "layer_host_ms": rounded(layer_host),
+        }

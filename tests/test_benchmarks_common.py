@@ -1,0 +1,35 @@
+"""The benchmarks' shared helpers that run on a CPU: the per-layer prefill timeline."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.common import LayerTimeline
+from tests.hf.tiny_models import prompts, tiny_pair
+
+
+def test_layer_timeline_records_only_the_first_forward_after_start():
+    _, model = tiny_pair("llama", attn="sdpa", num_hidden_layers=3)
+    ids, mask = prompts(1, length=20)
+    layers = list(model.model.layers)
+    timeline = LayerTimeline(model, layers)
+    try:
+        assert timeline.summary() == {"complete": False}  # nothing recorded before start()
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+        assert timeline.marks == []  # not started: the hooks record nothing
+        timeline.start()
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)  # prefill + 2 decode steps
+    finally:
+        timeline.remove()
+    assert len(timeline.marks) == 2 + 2 * len(layers)  # the prefill only
+    summary = timeline.summary()
+    assert summary["complete"] and summary["layers"] == 3
+    assert len(summary["layer_host_ms"]) == 3 and all(ms > 0 for ms in summary["layer_host_ms"])
+    assert summary["total_host_ms"] >= summary["layers_host_ms_sum"] > 0
+    assert summary["before_layers_host_ms"] >= 0 and summary["after_layers_host_ms"] >= 0
+    assert summary["total_gpu_ms"] is None and summary["layer_gpu_ms"] == [None] * 3  # no CUDA events on a CPU model
+    # removed: a later forward records nothing, even after start()
+    timeline.start()
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert timeline.marks == []
