@@ -100,6 +100,24 @@ def test_gpu_fp16_disk_tier(nvme_dir):
     assert stats["bytes_to_disk"] > 0 and stats["bytes_from_disk"] > 0, stats
 
 
+def test_gpu_paged_weights_stream_every_token(nvme_dir):
+    """page_weights=True on CUDA: decoder weights (~38 MB) and KV share a 6 MiB device budget, so the
+    weights stream in from pinned host memory every token, on the H2D stream beside the compute."""
+    reference, model = _pair(torch.float32, seed=3)
+    ids, mask = _prompts(1, 600)
+    expected = _generate(reference, ids, mask, 8)
+    layer_bytes = sum(p.numel() * p.element_size() for layer in model.model.layers for p in layer.parameters())
+    enable_paging(model, _budget(nvme_dir, vram_pages=96, slab_pages=96), attn_implementation="pagedllm",
+                  prefill_chunk_size=256, page_weights=True)
+    got = _generate(model, ids, mask, 8)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+    stats = paging_state(model).pager.stats()
+    assert stats["bytes_h2d"] > 4 * layer_bytes, (stats, layer_bytes)
+    assert stats["prefetched_pages"] > 0, stats
+
+
 def test_gpu_everything_resident_moves_nothing(nvme_dir):
     reference, model = _pair(torch.float32, seed=2)
     ids, mask = _prompts(1, 700)
@@ -130,3 +148,7 @@ def test_gpu_long_context_bench_smoke(tmp_path):
     assert paged["status"] == "ok", paged
     assert paged["bytes_h2d_per_token"] > 0
     assert "tokens_matching_prefix" in results["verdicts"]["8192"]
+    for run in results["runs"]:
+        timeline = run["prefill_timeline"]
+        assert timeline["complete"] and timeline["layers"] == 2, timeline
+        assert timeline["total_gpu_ms"] > 0 and all(ms > 0 for ms in timeline["layer_gpu_ms"]), timeline
