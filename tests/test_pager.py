@@ -198,3 +198,24 @@ def test_free_returns_every_slot(nvme_dir):
         assert sum(pager.stats()["resident_bytes"].values()) >= 8 * PAGE
         pager.free(allocation)
         assert pager.stats()["resident_bytes"] == {"device": 0, "host": 0, "disk": 0}
+
+
+@pytest.mark.parametrize("with_disk", [True, False])
+def test_evicting_keeps_the_only_host_copy_of_clean_pages(tmp_path, with_disk):
+    """Regression (found by weight paging under a tight budget): evicting a dirty page and a clean
+    page in one chunk must not drop the clean page's host copy to make room for the dirty one."""
+    with make_pager(str(tmp_path) if with_disk else None, device_pages=8, host_pages=4) as pager:
+        allocations = [pager.allocate(PAGE) for _ in range(5)]
+        for value, allocation in enumerate(allocations[:4], start=1):
+            pager.write(allocation, torch.full((PAGE,), value, dtype=torch.uint8))
+        pager.evict_all()  # pages 1-4 on the host only; the host is full
+        pager.write(allocations[4], torch.full((PAGE,), 5, dtype=torch.uint8))  # dirty, oldest on the device
+        for allocation in allocations[:4]:  # device copies beside clean host copies; the first is the host's LRU
+            with pager.ensure_resident(allocation):
+                pass
+        if with_disk:
+            pager.evict_all()  # one chunk holds page 5 (dirty) and page 1 (clean, its host copy its only other copy)
+        else:
+            with pytest.raises(OutOfPagesError):  # no room for page 5 anywhere: refused, nothing dropped
+                pager.evict_all()
+        assert [int(pager.read(allocation)[0]) for allocation in allocations] == [1, 2, 3, 4, 5]

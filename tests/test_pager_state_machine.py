@@ -9,6 +9,8 @@ hold, so the test checks:
 * the device tier holds exactly the pages the LRU model predicts, so every victim was the least
   recently used unpinned page;
 * pinned pages stay on the device, in the same slot, until released;
+* (``scan``) reading everything in a drawn order returns every byte, whatever mix of dirty and clean
+  copies the reads leave on the device for the next eviction;
 * the page table is coherent: a dirty page has exactly one copy; the counters add up.
 """
 
@@ -33,6 +35,8 @@ class PagerMachine(RuleBasedStateMachine):
     policy = "lru"
     compression = None
     device = "cpu"
+    device_pages = DEVICE_PAGES
+    host_pages = HOST_PAGES
 
     allocations = Bundle("allocations")
 
@@ -40,8 +44,8 @@ class PagerMachine(RuleBasedStateMachine):
         super().__init__()
         self.nvme = tempfile.mkdtemp(prefix="pager-sm-")
         config = MemoryConfig(
-            vram_limit=DEVICE_PAGES * PAGE,
-            host_memory=HOST_PAGES * PAGE,
+            vram_limit=self.device_pages * PAGE,
+            host_memory=self.host_pages * PAGE,
             nvme_path=self.nvme,
             page_size=PAGE,
             eviction_policy=self.policy,
@@ -75,7 +79,7 @@ class PagerMachine(RuleBasedStateMachine):
                 self.lru.remove(key)
                 self.lru.append(key)
         missing = [key for key in keys if key not in resident]
-        shortfall = len(missing) - (DEVICE_PAGES - len(self.lru))
+        shortfall = len(missing) - (self.device_pages - len(self.lru))
         protected = self._pinned_keys() | set(keys)
         victims = [key for key in self.lru if key not in protected][: max(0, shortfall)]
         for key in victims:
@@ -83,7 +87,7 @@ class PagerMachine(RuleBasedStateMachine):
         self.lru.extend(missing)
 
     def _model_chunks(self, allocation_id: int, first: int, stop: int) -> None:
-        size = max(1, DEVICE_PAGES // 2)
+        size = max(1, self.device_pages // 2)
         for start in range(first, stop, size):
             self._model_fault(allocation_id, start, min(stop, start + size))
 
@@ -120,6 +124,16 @@ class PagerMachine(RuleBasedStateMachine):
         expected = self.data[allocation.id][offset : offset + length]
         assert torch.equal(got, expected), f"allocation {allocation.id} bytes [{offset}, {offset + length}) differ"
         self._model_chunks(allocation.id, *allocation.page_range(offset, offset + length))
+
+    @rule(data=st.data())
+    def scan(self, data):
+        """Every live allocation read in full, in a drawn order: many clean device copies at once,
+        in any order relative to the dirty pages already there."""
+        order = data.draw(st.permutations(sorted(self.live)), label="order")
+        for allocation_id in order:
+            got = self.pager.read(self.live[allocation_id])
+            assert torch.equal(got, self.data[allocation_id]), f"allocation {allocation_id} differs on a full read"
+            self._model_chunks(allocation_id, 0, self.live[allocation_id].num_pages)
 
     @rule(allocation=allocations, data=st.data())
     def prefetch(self, allocation, data):
@@ -174,10 +188,10 @@ class PagerMachine(RuleBasedStateMachine):
     @invariant()
     def budgets_hold(self):
         stats = self.pager.stats()
-        assert stats["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
-        assert stats["resident_bytes"]["host"] <= HOST_PAGES * PAGE
-        assert stats["device_slab_bytes"] <= DEVICE_PAGES * PAGE
-        assert stats["host_slab_bytes"] <= HOST_PAGES * PAGE
+        assert stats["resident_bytes"]["device"] <= self.device_pages * PAGE
+        assert stats["resident_bytes"]["host"] <= self.host_pages * PAGE
+        assert stats["device_slab_bytes"] <= self.device_pages * PAGE
+        assert stats["host_slab_bytes"] <= self.host_pages * PAGE
 
     @invariant()
     def page_table_is_coherent(self):
@@ -224,9 +238,21 @@ class CompressedPagerMachine(PagerMachine):
     compression = "zstd"
 
 
+class WideHostPagerMachine(PagerMachine):
+    """A device tier twice the host tier: evictions move two pages per chunk (half the host tier),
+    so one chunk can hold a dirty page and a clean page whose host copy is its only other copy.
+    Making host room for the dirty page must not drop that copy (with ``scan`` this machine finds
+    the pager bug that lost it)."""
+
+    device_pages = 8
+    host_pages = 4
+
+
 TestPagerLRU = PagerMachine.TestCase
 TestPagerLRU.settings = settings(max_examples=300, stateful_step_count=50, deadline=None)
 TestPager2Q = TwoQPagerMachine.TestCase
 TestPager2Q.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
+TestPagerWideHost = WideHostPagerMachine.TestCase
+TestPagerWideHost.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
 TestPagerZstd = CompressedPagerMachine.TestCase
 TestPagerZstd.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)

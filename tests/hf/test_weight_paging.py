@@ -139,27 +139,6 @@ def test_paged_weights_with_pagedllm_attention(nvme_dir):
     assert paging_state(model).pager.stats()["bytes_from_disk"] > 0
 
 
-def test_evicting_keeps_the_only_host_copy_of_clean_pages(nvme_dir):
-    """Pager regression (found by weight paging under a tight budget): evicting a dirty page and a
-    clean page together must not drop the clean page's host copy to make room for the dirty one."""
-    from pagedtensor.config import MemoryConfig
-    from pagedtensor.pager import Pager
-
-    config = MemoryConfig(vram_limit=8 * PAGE, host_memory=4 * PAGE, page_size=PAGE, nvme_path=nvme_dir, device="cpu",
-                          slab_size=PAGE, prefetch_strategy="none")
-    with Pager(config) as pager:
-        allocations = [pager.allocate(PAGE) for _ in range(5)]
-        for value, allocation in enumerate(allocations[:4], start=1):
-            pager.write(allocation, torch.full((PAGE,), value, dtype=torch.uint8))
-        pager.evict_all()  # pages 1-4 on the host only; the host is full
-        pager.write(allocations[4], torch.full((PAGE,), 5, dtype=torch.uint8))  # dirty, oldest on the device
-        for allocation in allocations[:4]:  # device copies beside clean host copies; the first is the host's LRU
-            with pager.ensure_resident(allocation):
-                pass
-        pager.evict_all()  # one chunk holds page 5 (dirty) and page 1 (clean, its host copy its only other copy)
-        assert [int(pager.read(allocation)[0]) for allocation in allocations] == [1, 2, 3, 4, 5]
-
-
 def test_phi3_fused_weights_at_the_edge_of_the_budget(nvme_dir):
     """Phi-3's fused gate_up_proj (16 pages) takes the whole device tier: every other page leaves."""
     reference, model = tiny_pair("phi3", attn="sdpa")
