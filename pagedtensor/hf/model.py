@@ -112,6 +112,8 @@ def enable_paging(
         raise ValueError("enable_paging: paging is already enabled on this model")
     if pager is not None and memory_config is not None:
         raise ValueError("enable_paging: pass either memory_config or pager, not both")
+    if not isinstance(page_weights, bool):
+        raise TypeError(f"page_weights: expected True or False, got {page_weights!r}")
     if pager is None:
         pager = Pager(streaming_config(memory_config if memory_config is not None else MemoryConfig()))
     if prefill_chunk_size is None:
@@ -339,26 +341,15 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if hasattr(getattr(module, "self_attn", None), "layer_idx")]
 
 
-def _layer_list(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's decoder layers: the first ``nn.ModuleList`` with ``num_hidden_layers`` modules
-    (Llama, Mistral, Qwen2, Gemma, Phi-3: ``model.model.layers``)."""
-    config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    count = getattr(text_config, "num_hidden_layers", None)
-    if count:
-        for module in model.modules():
-            if isinstance(module, torch.nn.ModuleList) and len(module) == count:
-                return module
-    raise ValueError(f"page_weights: cannot find the decoder layers of {type(model).__name__} (no nn.ModuleList of num_hidden_layers={count} modules)")
-
-
 def _page_layer_weights(model: torch.nn.Module, state: PagingState) -> None:
     """Replace every parameter of every decoder layer by a PagedTensor parameter on ``state.pager``
     and hook the layer-ahead prefetch (layer ``i``'s pre-hook prefetches layer ``i + 1``'s weights)."""
     from pagedtensor.tensor import PagedTensor
 
     pager = state.pager
-    layers = _layer_list(model)
+    layers = _decoder_layers(model)
+    if not layers:
+        raise ValueError(f"page_weights: found no decoder layers in {type(model).__name__} (modules with a self_attn.layer_idx)")
     per_layer: list[list] = []
     for index, layer in enumerate(layers):
         allocations = []

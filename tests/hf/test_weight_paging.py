@@ -149,3 +149,9 @@ def test_phi3_fused_weights_at_the_edge_of_the_budget(nvme_dir):
     assert torch.equal(got.sequences, expected.sequences)
     for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
         assert torch.equal(a, b), f"logits differ at step {step}: {(a - b).abs().max()}"
+
+
+def test_page_weights_must_be_a_bool(nvme_dir):
+    _, model = tiny_pair("llama")
+    with pytest.raises(TypeError, match="page_weights: expected True or False, got 'yes'"):
+        enable_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa", page_weights="yes")
