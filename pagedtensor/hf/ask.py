@@ -35,7 +35,7 @@ DEFAULT_QUESTION = "What is the capital of France, and what is it famous for?"
 # Every decode step streams the paged weights (~425 MB) through the budget: pages of 256 KiB keep the
 # per-page bookkeeping (a few thousand page moves per token) well under the copy time on a CPU.
 DEFAULT_PAGE_SIZE_TEXT = "256KiB"
-DEFAULT_PAGE_SIZE = 256 * 2**10
+DEFAULT_PAGE_SIZE = parse_size(DEFAULT_PAGE_SIZE_TEXT, "page_size")
 
 
 def smollm2_path() -> tuple[str, str]:
