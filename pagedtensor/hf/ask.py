@@ -6,9 +6,9 @@ far smaller than the weights plus the KV cache — prints the answer, whether th
 token for token, and the pager's counters (pages moved to host and disk and back).
 
 The weights are paged too (``enable_paging(..., page_weights=True)``): the decoder layers' weights
-and the KV cache share one pager and one budget. By default the device budget is a quarter of the
-weights and the host budget a quarter more, so the rest of the weights live on disk and stream
-through host and device every token. The embedding (tied to ``lm_head``) and the final norm stay
+and the KV cache share one pager and one budget. By default the device and host budgets are a
+quarter of the weights each, so the rest of the weights live on disk and stream through host and
+device every token. The embedding (tied to ``lm_head``) and the final norm stay
 dense: they are used every token outside the layer loop.
 """
 
