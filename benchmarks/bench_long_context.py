@@ -46,7 +46,7 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import LayerTimeline, common_prefix, meta_llama, repo_root  # noqa: E402
+from benchmarks.common import LayerTimeline, common_prefix, kernel_profile, meta_llama, repo_root  # noqa: E402
 
 PCIE_H2D_BYTES_PER_S = 54e9  # pinned host→device, one large copy, H100 PCIe Gen5 (DESIGN.md)
 TARGETS = {"decode_tokens_per_s": 2.0, "ttft_vs_native": 1.15}
@@ -82,6 +82,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", help="cuda (default); cpu only checks the plumbing on tiny shapes")
     parser.add_argument("--no-timeline", dest="timeline", action="store_false",
                         help="skip the extra prefill of the paged and native runs that times each layer (prefill_timeline)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one more prefill of the paged and native runs with torch.profiler (kernel_profile)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--context", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -212,6 +214,9 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
                 result["prefill_timeline"] = timeline.summary()
             finally:
                 timeline.remove()
+        if args.profile and kind in ("paged", "native"):
+            result["prefill_kernel_profile"] = kernel_profile(
+                lambda: measure_generate(model, prompt, pager=pager, max_new_tokens=1, **generate_kwargs))
     except torch.cuda.OutOfMemoryError as error:
         result.update(status="oom", error=str(error).splitlines()[0][:300], peak_gib=torch.cuda.max_memory_allocated() / GIB if cuda else None)
     return result
@@ -241,6 +246,8 @@ def _run_subprocess(args: argparse.Namespace, kind: str, context: int, margin_gi
         command += ["--kv-vram-gib", str(args.kv_vram_gib)]
     if not args.timeline:
         command.append("--no-timeline")
+    if args.profile:
+        command.append("--profile")
     start = time.perf_counter()
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, cwd=repo_root())
@@ -305,6 +312,8 @@ def _write(args: argparse.Namespace, results: list, verdicts: dict, wall_s: floa
             "bound_tok_s = 54 GB/s / (bytes the pager moved host->device per decoded token)",
             "prefill_timeline (paged and native): one more prefill after the measured run, with CUDA events at each "
             "decoder layer's start and end (GPU ms) and the host clock (host ms); not part of the timed figures",
+            "prefill_kernel_profile (--profile, paged and native): one more prefill under torch.profiler; the kernels "
+            "with the most device time and the host calls that synchronise or allocate",
             "allocator_retries: times the CUDA caching allocator freed its cache and retried in the measured run",
         ],
         "runs": results,

@@ -18,8 +18,9 @@ replaying the call captured in a CUDA graph (the GPU time, what the targets judg
 kernel takes less time than its Python launch path) and as a plain eager call (host launch cost
 included, reported beside it). One JSON is written and one table printed.
 
-Run: ``python benchmarks/bench_paged_attention.py [--out PATH] [--tune] [--profile-launch]``
-(``--tune`` also sweeps the kernels' launch parameters on representative shapes; ``--profile-launch``
+Run: ``python benchmarks/bench_paged_attention.py [--out PATH] [--tune [--tune-kernels decode]] [--breakdown]
+[--profile-launch] [--skip-main]`` (``--tune`` also sweeps the kernels' launch parameters on representative
+shapes; ``--breakdown`` gives the device time of each kernel of a decode call; ``--profile-launch``
 breaks down the host cost of an eager decode call).
 """
 
@@ -277,19 +278,46 @@ def bench_prefill(model: str, context: int, page_tokens: int, dtype: torch.dtype
     }  # fmt: skip
 
 
-def tune(page_tokens: int, dtype: torch.dtype, copy_gbs: float) -> list[dict]:
-    """Sweep launch parameters of both kernels on representative shapes (restores the defaults).
+TUNE_DECODE_SHAPES = (
+    # (model, batch, context): the shapes furthest from the bandwidth target first, then references
+    ("llama3-8b", 1, 8192), ("llama2-7b", 1, 8192), ("llama3-8b", 1, 32768), ("llama2-7b", 1, 32768),
+    ("llama3-8b", 8, 8192),
+)  # fmt: skip
 
-    Decode configs are timed from CUDA graphs (GPU time only), prefill eagerly.
+
+def tune_decode_launches() -> list[decode_attention.DecodeLaunch]:
+    """The decode launch configurations swept by ``--tune``."""
+    steps = [(16, 4), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]  # (block_n, num_warps)
+    splits = [(4, 256), (4, 64), (8, 128), (8, 256), (16, 64), (16, 128)]  # (programs_per_sm, min_split_tokens)
+    return [decode_attention.DecodeLaunch(n, w, st, pps, ms) for n, w in steps for st in (2, 3, 4) for pps, ms in splits]
+
+
+def decode_kernel_breakdown(model: str, batch: int, context: int, page_tokens: int, dtype: torch.dtype) -> dict:
+    """Device time per kernel of 20 eager decode calls (split kernel vs merge kernel), via torch.profiler."""
+    from benchmarks.common import kernel_profile
+
+    num_heads, num_kv_heads, head_dim = MODELS[model]
+    k_pages, v_pages, block_table, seq_lens, _, _ = make_paged_kv(batch, context, num_kv_heads, head_dim, page_tokens, dtype)
+    q = torch.randn((batch, num_heads, head_dim), dtype=dtype, device=DEVICE)
+    call = functools.partial(paged_decode_attention, q, k_pages, v_pages, block_table, seq_lens)
+    call()
+    profile = kernel_profile(lambda: [call() for _ in range(20)], top=6)
+    del k_pages, v_pages, block_table, seq_lens, q
+    torch.cuda.empty_cache()
+    return {"model": model, "batch": batch, "context": context, "calls": 20, **profile}
+
+
+def tune(page_tokens: int, dtype: torch.dtype, copy_gbs: float, results: list, save: Callable[[], None],
+         kernels: tuple[str, ...] = ("decode", "prefill")) -> list[dict]:
+    """Sweep launch parameters of the kernels on representative shapes (restores the defaults).
+
+    Decode configs are timed from CUDA graphs (GPU time only), prefill eagerly. Rows are appended to
+    ``results`` and ``save()`` is called after every shape, so a sweep cut short keeps what it measured.
     """
-    results = []
     default_decode = decode_attention.decode_launch_config
     default_prefill = prefill_attention.prefill_launch_config
     try:
-        for model, batch, context in (
-            ("llama2-7b", 1, 32768), ("llama2-7b", 1, 131072), ("llama2-7b", 8, 8192), ("llama3-8b", 1, 32768),
-            ("llama3-8b", 8, 32768),
-        ):  # fmt: skip
+        for model, batch, context in TUNE_DECODE_SHAPES if "decode" in kernels else ():
             num_heads, num_kv_heads, head_dim = MODELS[model]
             k_pages, v_pages, block_table, seq_lens, _, _ = make_paged_kv(
                 batch, context, num_kv_heads, head_dim, page_tokens, dtype
@@ -298,10 +326,7 @@ def tune(page_tokens: int, dtype: torch.dtype, copy_gbs: float) -> list[dict]:
             kv_bytes = 2 * k_pages.numel() * k_pages.element_size()
             call = functools.partial(paged_decode_attention, q, k_pages, v_pages, block_table, seq_lens)
             expected = call()
-            for block_n, warps, stages, pps in (
-                (n, w, st, p) for n in (32, 64) for w in (4,) for st in (2, 3) for p in (2, 4, 8, 16)
-            ):
-                launch = decode_attention.DecodeLaunch(block_n, warps, stages, pps, 256)
+            for launch in tune_decode_launches():
                 decode_attention.decode_launch_config = lambda *a, _l=launch: _l
                 try:
                     ok, _ = check("tune", call(), expected, dtype)
@@ -316,13 +341,15 @@ def tune(page_tokens: int, dtype: torch.dtype, copy_gbs: float) -> list[dict]:
                 results.append({"kernel": "decode", "model": model, "batch": batch, "context": context,
                                 **dataclasses.asdict(launch), "time_us": ms * 1e3 if ms else None,
                                 "bandwidth_frac_of_copy": frac, "error": err})  # fmt: skip
-                print(f"  tune decode {model} b{batch} {context} {launch}: "
-                      f"{'%.1f us %.3f of copy' % (ms * 1e3, frac) if ms else err}", flush=True)  # fmt: skip
             decode_attention.decode_launch_config = default_decode
+            rows = [r for r in results if r["kernel"] == "decode" and (r["model"], r["batch"], r["context"]) == (model, batch, context)]
+            best = max((r for r in rows if r["bandwidth_frac_of_copy"] and not r["error"]), key=lambda r: r["bandwidth_frac_of_copy"], default=None)
+            print(f"  tune decode {model} b{batch} {context}: best {best}", flush=True)
             del k_pages, v_pages, block_table, seq_lens, q, expected, call
             torch.cuda.empty_cache()
+            save()
 
-        for model in ("llama3-8b",):
+        for model in ("llama3-8b",) if "prefill" in kernels else ():
             num_heads, num_kv_heads, head_dim = MODELS[model]
             context = 16384
             k_pages, v_pages, block_table, seq_lens, _, _ = make_paged_kv(
@@ -418,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
                                                       "paged_attention_h100.json"))  # fmt: skip
     parser.add_argument("--page-tokens", type=int, default=16)
     parser.add_argument("--tune", action="store_true", help="also sweep launch parameters")
+    parser.add_argument("--tune-kernels", default="decode,prefill", help="kernels --tune sweeps (default decode,prefill)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="device time per kernel (split vs merge) of decode on the shapes furthest from the target")
     parser.add_argument("--skip-main", action="store_true", help="only the --tune / --profile-launch parts")
     parser.add_argument("--profile-launch", action="store_true", help="profile the host cost of a decode call")
     args = parser.parse_args(argv)
@@ -485,8 +515,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile_launch:
         report["launch_profile"] = profile_launch()
         save()
+    if args.breakdown:
+        report["decode_kernel_breakdown"] = [
+            decode_kernel_breakdown(model, batch, context, args.page_tokens, dtype) for model, batch, context in TUNE_DECODE_SHAPES[:3]
+        ]
+        save()
     if args.tune:
-        report["tuning"] = tune(args.page_tokens, dtype, copy_gbs)
+        report["tuning"] = []
+        tune(args.page_tokens, dtype, copy_gbs, report["tuning"], save, tuple(args.tune_kernels.split(",")))
         save()
     report["all_pass"] = bool(rows) and not errors and all(
         r["correct"] and r.get("pass_bandwidth", True) and r["pass_vs_sdpa"] for r in rows

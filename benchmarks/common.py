@@ -204,3 +204,48 @@ class LayerTimeline:
             "layer_gpu_ms": rounded(layer_gpu),
             "layer_host_ms": rounded(layer_host),
         }
+
+
+SYNC_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaFree", "cudaMalloc",
+              "cudaHostAlloc", "cudaFreeHost", "cudaMemcpy")
+
+
+def kernel_profile(fn: Any, top: int = 25) -> dict[str, Any]:
+    """Run ``fn()`` once under ``torch.profiler`` and summarise where the device time went.
+
+    Returns the ``top`` device kernels and copies by total device time (name, calls, ms), the total
+    device time of all of them, and the count of host calls that synchronise or (re)allocate memory
+    (``cudaStreamSynchronize``, ``cudaFree``, ...): a prefill that should run ahead of the GPU and
+    makes such calls is stalling. On a CPU-only machine the kernel lists are empty.
+
+    Note:
+        The profiler adds host overhead; compare the device times, not the wall time, between runs.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    start = time.perf_counter()
+    with profile(activities=activities, record_shapes=False, with_stack=False) as prof:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3
+    averages = prof.key_averages()
+
+    def device_us(event: Any) -> float:
+        return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0) or 0.0)
+
+    kernels = []
+    host_calls: dict[str, int] = {}
+    for event in averages:
+        if event.key in SYNC_CALLS or any(event.key.startswith(name) for name in SYNC_CALLS):
+            host_calls[event.key] = host_calls.get(event.key, 0) + int(event.count)
+        if str(getattr(event, "device_type", "")).endswith("CUDA") and device_us(event) > 0:
+            kernels.append({"name": event.key[:160], "calls": int(event.count), "device_ms": round(device_us(event) / 1e3, 3)})
+    kernels.sort(key=lambda row: row["device_ms"], reverse=True)
+    return {
+        "wall_ms_profiled": round(wall_ms, 1),
+        "device_ms_total": round(sum(row["device_ms"] for row in kernels), 1),
+        "top": kernels[:top],
+        "host_sync_and_alloc_calls": host_calls,
+    }

@@ -33,3 +33,14 @@ def test_layer_timeline_records_only_the_first_forward_after_start():
     with torch.no_grad():
         model(ids, attention_mask=mask)
     assert timeline.marks == []
+
+
+def test_kernel_profile_runs_the_function_once_and_reports_its_shape():
+    from benchmarks.common import kernel_profile
+
+    calls = []
+    profile = kernel_profile(lambda: calls.append(torch.ones(64).sum()))
+    assert len(calls) == 1
+    assert set(profile) == {"wall_ms_profiled", "device_ms_total", "top", "host_sync_and_alloc_calls"}
+    assert profile["wall_ms_profiled"] > 0
+    assert profile["top"] == [] and profile["device_ms_total"] == 0  # no device kernels on a CPU-only machine
