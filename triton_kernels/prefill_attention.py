@@ -11,6 +11,13 @@ query of the program sees in full run without masks; only the blocks on the caus
 last, partial block pay for masking. Each key finds its page through the block table; the page index
 is widened to int64 before it meets the page stride. Heavy (late) query blocks are launched first.
 
+Two ways to load a key block. When a block never straddles a page (``page_tokens`` a multiple of
+``BLOCK_N``) and the pools allow it (see :func:`kv_descriptors`), the pools are read through Hopper
+tensor-memory-accelerator descriptors: the pool is a 2D array of token rows, one block is one
+``[BLOCK_N, head_dim]`` box at ``(page * rows_per_page + offset, kv_head * head_stride)``, so a block
+costs one block-table entry and one bulk copy. Otherwise (and on GPUs before Hopper) each key row
+is gathered with its own address.
+
 ``lse`` is ``[batch, q_len, num_heads]`` fp32, the natural log of the sum of ``exp(scale * q . k)``
 over the visible keys; a query that sees no key gets output 0 and lse ``-inf``.
 """
@@ -22,6 +29,11 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton without host-side tensor descriptors: every launch gathers rows
+    TensorDescriptor = None
 
 from pagedtensor.triton_kernels._common import (
     call_kernel_directly,
@@ -40,6 +52,11 @@ from pagedtensor.triton_kernels._common import (
 LOG2E = 1.4426950408889634
 
 
+# Read whole key blocks through tensor descriptors where the pools allow it (tests switch it off to
+# cover the row-gather path on the same shapes).
+USE_TENSOR_DESCRIPTORS = True
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefillLaunch:
     block_m: int
@@ -48,8 +65,8 @@ class PrefillLaunch:
     num_stages: int
 
 
-def prefill_launch_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> PrefillLaunch:
-    """Block sizes for a head size and dtype (tuned on an H100)."""
+def prefill_launch_config(head_dim: int, dtype: torch.dtype, device: torch.device, page_tokens: int = 16) -> PrefillLaunch:
+    """Block sizes for a head size, dtype and page size (tuned on an H100)."""
     if interpreting() or device.type != "cuda":
         return PrefillLaunch(block_m=16, block_n=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
@@ -58,6 +75,72 @@ def prefill_launch_config(head_dim: int, dtype: torch.dtype, device: torch.devic
         return PrefillLaunch(block_m=64, block_n=32, num_warps=4, num_stages=2)
     # H100, fp16, head_dim 128, 16K causal: 440 TFLOP/s (4 warps, 4 stages); 8 warps 362, BLOCK_N 128 208
     return PrefillLaunch(block_m=128, block_n=64, num_warps=4, num_stages=4)
+
+
+def tensor_descriptors_supported(device: torch.device) -> bool:
+    """Whether key blocks can be read through tensor descriptors on ``device`` (Hopper and later, or
+    the interpreter)."""
+    if not USE_TENSOR_DESCRIPTORS or TensorDescriptor is None:
+        return False
+    if interpreting():
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def kv_descriptors(k_pages: torch.Tensor, v_pages: torch.Tensor, block_n: int):
+    """``(k_descriptor, v_descriptor, rows_per_page)`` reading ``[block_n, head_dim]`` key/value boxes
+    of the pools seen as 2D arrays of token rows, or None when the pools do not allow it.
+
+    Needs: ``page_tokens`` a multiple of ``block_n`` (a box never leaves its page), the same page and
+    token strides for keys and values, a page stride that is a whole number of token rows, unit
+    stride along ``head_dim``, 16-byte aligned bases and row strides (the copy engine's rule), and row
+    and column coordinates below 2**31.
+    """
+    if not tensor_descriptors_supported(k_pages.device):
+        return None
+    num_pages, page_tokens, num_kv_heads, head_dim = k_pages.shape
+    if num_pages == 0 or page_tokens % block_n:
+        return None
+    page_stride, row_stride, head_stride, unit = k_pages.stride()
+    if v_pages.stride() != k_pages.stride() or unit != 1 or row_stride <= 0 or page_stride % row_stride:
+        return None
+    item = k_pages.element_size()
+    if (row_stride * item) % 16 or k_pages.data_ptr() % 16 or v_pages.data_ptr() % 16:
+        return None
+    rows_per_page = page_stride // row_stride
+    rows = (num_pages - 1) * rows_per_page + page_tokens
+    columns = (num_kv_heads - 1) * head_stride + head_dim
+    if rows >= 2**31 or columns >= 2**31 or head_stride < 0:
+        return None
+    descriptors = tuple(
+        TensorDescriptor(pool, [rows, columns], [row_stride, 1], [block_n, head_dim]) for pool in (k_pages, v_pages)
+    )
+    return descriptors[0], descriptors[1], rows_per_page
+
+
+@triton.jit
+def _softmax_step(q, k, v, acc, m_i, l_i, visible, qk_scale_log2, MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """One key block of the online softmax: scores, running max and sum, accumulator update.
+    ``visible`` ([BLOCK_M, BLOCK_N]) is used only when ``MASKED``."""
+    if DOT_UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # a row that has seen no key yet keeps m = -inf: subtract 0 instead so exp2 gives 0, not NaN
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_sub = m_new
+    alpha = tl.exp2(m_i - m_sub)
+    p = tl.exp2(s - m_sub[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -85,10 +168,11 @@ def _prefill_block(
     DOT_UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """A key block gathered row by row (any page size)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
+    mask_n = offs_n < seq_len
     if MASKED:
-        mask_n = offs_n < seq_len
         page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS, mask=mask_n, other=0).to(tl.int64)
     else:
         page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS).to(tl.int64)
@@ -101,28 +185,48 @@ def _prefill_block(
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    if DOT_UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    visible = mask_n[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= q_pos[:, None])
+    return _softmax_step(q, k, v, acc, m_i, l_i, visible, qk_scale_log2, MASKED, DOT_UPCAST, DOT_PRECISION)
 
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+
+@triton.jit
+def _prefill_block_tma(
+    q,
+    acc,
+    m_i,
+    l_i,
+    q_pos,
+    n0,
+    seq_len,
+    block_table_row_ptr,
+    k_desc,
+    v_desc,
+    rows_per_page,
+    column,
+    qk_scale_log2,
+    PAGE_TOKENS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """A key block read as one box per pool (the block lies in one page)."""
+    page = tl.load(block_table_row_ptr + n0 // PAGE_TOKENS)
+    row = page * rows_per_page + n0 % PAGE_TOKENS
+    k = k_desc.load([row, column])
+    v = v_desc.load([row, column])
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < seq_len
     if MASKED:
-        visible = mask_n[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # a row that has seen no key yet keeps m = -inf: subtract 0 instead so exp2 gives 0, not NaN
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_sub = m_new
-    alpha = tl.exp2(m_i - m_sub)
-    p = tl.exp2(s - m_sub[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
+        # rows past the sequence hold whatever the page held: keep them out of the value sum
+        v = tl.where(mask_n[:, None], v, tl.zeros_like(v))
+    visible = mask_n[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= q_pos[:, None])
+    return _softmax_step(q, k, v, acc, m_i, l_i, visible, qk_scale_log2, MASKED, DOT_UPCAST, DOT_PRECISION)
 
 
 @triton.jit
@@ -154,6 +258,9 @@ def _prefill_kernel(
     stride_lse_batch: tl.int64,
     stride_lse_token: tl.int64,
     stride_lse_head: tl.int64,
+    k_desc,
+    v_desc,
+    rows_per_page,
     QUERY_GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PAGE_TOKENS: tl.constexpr,
@@ -162,6 +269,7 @@ def _prefill_kernel(
     CAUSAL: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_DESCRIPTORS: tl.constexpr,
 ):
     m_block = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy causal blocks first
     pid_seq_head = tl.program_id(1)
@@ -200,19 +308,32 @@ def _prefill_kernel(
     block_table_row_ptr = block_table_ptr + batch * stride_bt_batch
     k_head_ptr = k_pages_ptr + kv_head * stride_k_head
     v_head_ptr = v_pages_ptr + kv_head * stride_v_head
+    column = (kv_head * stride_k_head).to(tl.int32)  # the head's first column in a descriptor's token row
 
     for n0 in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _prefill_block(
-            q, acc, m_i, l_i, q_pos, n0, seq_len, block_table_row_ptr, k_head_ptr, v_head_ptr, qk_scale_log2,
-            stride_k_page, stride_k_token, stride_v_page, stride_v_token,
-            HEAD_DIM, PAGE_TOKENS, BLOCK_N, False, CAUSAL, DOT_UPCAST, DOT_PRECISION,
-        )  # fmt: skip
+        if USE_DESCRIPTORS:
+            acc, m_i, l_i = _prefill_block_tma(
+                q, acc, m_i, l_i, q_pos, n0, seq_len, block_table_row_ptr, k_desc, v_desc, rows_per_page, column,
+                qk_scale_log2, PAGE_TOKENS, BLOCK_N, False, CAUSAL, DOT_UPCAST, DOT_PRECISION,
+            )  # fmt: skip
+        else:
+            acc, m_i, l_i = _prefill_block(
+                q, acc, m_i, l_i, q_pos, n0, seq_len, block_table_row_ptr, k_head_ptr, v_head_ptr, qk_scale_log2,
+                stride_k_page, stride_k_token, stride_v_page, stride_v_token,
+                HEAD_DIM, PAGE_TOKENS, BLOCK_N, False, CAUSAL, DOT_UPCAST, DOT_PRECISION,
+            )  # fmt: skip
     for n0 in range(full_end, kv_end, BLOCK_N):
-        acc, m_i, l_i = _prefill_block(
-            q, acc, m_i, l_i, q_pos, n0, seq_len, block_table_row_ptr, k_head_ptr, v_head_ptr, qk_scale_log2,
-            stride_k_page, stride_k_token, stride_v_page, stride_v_token,
-            HEAD_DIM, PAGE_TOKENS, BLOCK_N, True, CAUSAL, DOT_UPCAST, DOT_PRECISION,
-        )  # fmt: skip
+        if USE_DESCRIPTORS:
+            acc, m_i, l_i = _prefill_block_tma(
+                q, acc, m_i, l_i, q_pos, n0, seq_len, block_table_row_ptr, k_desc, v_desc, rows_per_page, column,
+                qk_scale_log2, PAGE_TOKENS, BLOCK_N, True, CAUSAL, DOT_UPCAST, DOT_PRECISION,
+            )  # fmt: skip
+        else:
+            acc, m_i, l_i = _prefill_block(
+                q, acc, m_i, l_i, q_pos, n0, seq_len, block_table_row_ptr, k_head_ptr, v_head_ptr, qk_scale_log2,
+                stride_k_page, stride_k_token, stride_v_page, stride_v_token,
+                HEAD_DIM, PAGE_TOKENS, BLOCK_N, True, CAUSAL, DOT_UPCAST, DOT_PRECISION,
+            )  # fmt: skip
 
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -246,8 +367,10 @@ def _launch_prefill(
     lse = new_buffer((batch, q_len, num_heads), torch.float32, q.device)
     if batch == 0 or q_len == 0:
         return out, lse
-    launch = prefill_launch_config(head_dim, q.dtype, q.device)
+    launch = prefill_launch_config(head_dim, q.dtype, q.device, page_tokens)
     upcast, precision = dot_options(q.dtype)
+    descriptors = kv_descriptors(k_pages, v_pages, launch.block_n)
+    k_desc, v_desc, rows_per_page = descriptors if descriptors is not None else (None, None, 0)
     _prefill_kernel[(triton.cdiv(q_len, launch.block_m), batch * num_heads)](
         q_ptr=q,
         k_pages_ptr=k_pages,
@@ -270,6 +393,9 @@ def _launch_prefill(
         stride_lse_batch=lse.stride(0),
         stride_lse_token=lse.stride(1),
         stride_lse_head=lse.stride(2),
+        k_desc=k_desc,
+        v_desc=v_desc,
+        rows_per_page=rows_per_page,
         QUERY_GROUP=num_heads // num_kv_heads,
         HEAD_DIM=head_dim,
         PAGE_TOKENS=page_tokens,
@@ -278,6 +404,7 @@ def _launch_prefill(
         CAUSAL=causal,
         DOT_UPCAST=upcast,
         DOT_PRECISION=precision,
+        USE_DESCRIPTORS=descriptors is not None,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )

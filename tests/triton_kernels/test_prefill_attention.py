@@ -5,11 +5,20 @@ import torch
 
 from pagedtensor.triton_kernels import paged_prefill_attention
 from pagedtensor.triton_kernels._common import kernel_device
-from pagedtensor.triton_kernels.prefill_attention import _paged_prefill_attention_op
+from pagedtensor.triton_kernels import prefill_attention
+from pagedtensor.triton_kernels.prefill_attention import _paged_prefill_attention_op, kv_descriptors
 from pagedtensor.triton_kernels.reference import LSE_TOLERANCE, attention_reference, random_paged_kv, tolerance
 
 DEVICE = kernel_device()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True, params=["descriptors", "row-gather"])
+def key_block_loads(request, monkeypatch):
+    """Every test runs twice: key blocks read through tensor descriptors where the pools allow it, and
+    gathered row by row; a test asserting which path ran can read the parameter."""
+    monkeypatch.setattr(prefill_attention, "USE_TENSOR_DESCRIPTORS", request.param == "descriptors")
+    return request.param
 
 
 def check_prefill(kv, q, q_start, *, causal=True, scale=None, what=""):
@@ -60,6 +69,46 @@ def test_prefill_head_dims_and_page_sizes(head_dim, page_tokens, dtype):
     kv, q = make_case([45, 9], 9, num_heads=2, num_kv_heads=1, head_dim=head_dim, page_tokens=page_tokens,
                       dtype=dtype, seed=head_dim)  # fmt: skip
     check_prefill(kv, q, torch.tensor([36, 0], dtype=torch.int32, device=DEVICE), what=f"d{head_dim} p{page_tokens}")
+
+
+def test_descriptors_are_used_exactly_where_the_pools_allow(key_block_loads):
+    kv, _ = make_case([40], 1, num_heads=2, num_kv_heads=2, head_dim=32, page_tokens=32, dtype=torch.float16, seed=3)
+    described = kv_descriptors(kv.k_pages, kv.v_pages, 16)
+    if key_block_loads == "row-gather" or (DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9):
+        assert described is None
+        return
+    k_desc, v_desc, rows_per_page = described
+    assert rows_per_page == 32 and k_desc.shape == [kv.k_pages.shape[0] * 32, 64] and k_desc.block_shape == [16, 32]
+    assert kv_descriptors(kv.k_pages, kv.v_pages, 64) is None  # a 64-token block would straddle 32-token pages
+    # keys and values interleaved in one pool, as the KV cache lays out a page: [K rows, V rows] per page
+    pool = torch.zeros((kv.k_pages.shape[0], 2, 32, 2, 32), dtype=torch.float16, device=DEVICE)
+    k_pages, v_pages = pool[:, 0], pool[:, 1]
+    _, _, rows_per_page = kv_descriptors(k_pages, v_pages, 16)
+    assert rows_per_page == 64
+    assert kv_descriptors(k_pages, v_pages.contiguous(), 16) is None  # value strides differ from key strides
+    odd = torch.zeros((4, 32, 1, 13), dtype=torch.float16, device=DEVICE)[..., :8]  # 26-byte rows: not 16-byte aligned
+    assert kv_descriptors(odd, odd, 16) is None
+
+
+@pytest.mark.parametrize("page_tokens", [32, 128])
+def test_prefill_interleaved_pool_like_the_cache(page_tokens):
+    # one pool holding per page the keys then the values of its tokens: the cache's layout
+    gen = torch.Generator().manual_seed(31)
+    num_pages, heads, head_dim = 6, 2, 32
+    pool = torch.full((num_pages, 2, page_tokens, heads, head_dim), float("nan"), dtype=torch.float16)
+    seq_len = page_tokens * 9 // 2 + 6  # ends mid-page: the tail of the last page stays NaN and must not leak
+    table = [4, 0, 5, 2, 1]
+    tokens = torch.randn((2, seq_len, heads, head_dim), generator=gen).half()
+    for logical, page in enumerate(table):
+        chunk = tokens[:, logical * page_tokens : (logical + 1) * page_tokens]
+        pool[page, :, : chunk.shape[1]] = chunk
+    pool = pool.to(DEVICE)
+    kv = type("KV", (), dict(k_pages=pool[:, 0], v_pages=pool[:, 1],
+                             block_table=torch.tensor([table], dtype=torch.int32, device=DEVICE),
+                             seq_lens=torch.tensor([seq_len], dtype=torch.int32, device=DEVICE)))  # fmt: skip
+    q = torch.randn((1, 40, 4, head_dim), generator=gen).half().to(DEVICE)
+    check_prefill(kv, q, seq_len - 40, what="interleaved pool")
+    check_prefill(kv, q, seq_len - 40, causal=False, what="interleaved pool, non-causal")
 
 
 def test_prefill_queries_without_keys_give_zeros_and_minus_inf():
@@ -139,8 +188,8 @@ def test_prefill_bad_arguments_name_the_argument():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     "num_heads,num_kv_heads,head_dim,page_tokens",
-    [(32, 32, 128, 16), (32, 8, 128, 16), (8, 1, 64, 256), (8, 2, 256, 32)],
-    ids=["llama2", "llama3", "mqa-d64-p256", "d256-p32"],
+    [(32, 32, 128, 16), (32, 8, 128, 16), (32, 32, 128, 256), (32, 8, 128, 128), (8, 1, 64, 256), (8, 2, 256, 32)],
+    ids=["llama2", "llama3", "llama2-p256", "llama3-p128", "mqa-d64-p256", "d256-p32"],
 )
 def test_gpu_prefill_matches_reference(dtype, num_heads, num_kv_heads, head_dim, page_tokens):
     seq_lens = [1100, 300, 517]
