@@ -36,6 +36,9 @@ def run_metadata() -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
+    settings = {name: os.environ[name] for name in ("PYTORCH_CUDA_ALLOC_CONF", "CUDA_VISIBLE_DEVICES") if name in os.environ}
+    if settings:
+        meta["environment"] = settings
     try:
         import triton
 

@@ -58,15 +58,19 @@ class DecodeLaunch:
     min_split_tokens: int  # never split finer than this
 
 
-def decode_launch_config(group: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeLaunch:
-    """Launch parameters for a query group size, head size and dtype (tuned on an H100)."""
+def decode_launch_config(group: int, head_dim: int, dtype: torch.dtype, device: torch.device, programs: int = 1) -> DecodeLaunch:
+    """Launch parameters for a query group size, head size, dtype and ``programs`` = batch x KV heads
+    (the grid before splitting the context), tuned on an H200 and an H100."""
     if interpreting() or device.type != "cuda":
         return DecodeLaunch(block_n=16, num_warps=4, num_stages=1, programs_per_sm=1, min_split_tokens=16)
-    # H100, fp16, 16-token pages, GPU time (benchmarks/bench_paged_attention.py --tune): 32 tokens a step,
-    # 4 warps, 2 stages, 4 programs per SM averaged 86% of copy bandwidth over Llama-2/3 heads at batch 1
-    # and 8; 64 tokens with 1 stage 77%, any 8-warp config at most 84%. A grid just over a whole number
-    # of waves leaves a tail of a few programs that cannot keep the memory busy (up to -20%).
-    return DecodeLaunch(block_n=32, num_warps=4, num_stages=2, programs_per_sm=4, min_split_tokens=256)
+    # H200, fp16, 16-token pages, GPU time (bench_paged_attention.py --tune; results/decode_tune_h200.json):
+    # 64 tokens a step beat 32 on every batch-1 shape (Llama-2 b1 32K: 141 us against 157), with 4
+    # programs per SM; a grid already 64 sequence-heads wide does best with 8 (Llama-3 b8 8K: 84 us
+    # against 92). 8 warps and 128-token steps were slower everywhere; more stages did not help.
+    # A 64-token step of 256-byte rows is the largest that leaves shared memory for two stages.
+    block_n = 64 if head_dim * torch.finfo(dtype).bits // 8 <= 256 else 32
+    return DecodeLaunch(block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=4 if programs < 64 else 8,
+                        min_split_tokens=256)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, launch: DecodeLaunch, device: torch.device) -> int:
@@ -247,7 +251,7 @@ def _launch_decode(
     if batch == 0:
         return out, lse
 
-    launch = decode_launch_config(group, head_dim, q.dtype, q.device)
+    launch = decode_launch_config(group, head_dim, q.dtype, q.device, batch * num_kv_heads)
     max_len = block_table.shape[1] * page_tokens
     if num_splits <= 0:
         num_splits = choose_num_splits(batch, num_kv_heads, max_len, launch, q.device)
