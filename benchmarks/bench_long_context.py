@@ -46,7 +46,7 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import LayerTimeline, common_prefix, kernel_profile, meta_llama, repo_root  # noqa: E402
+from benchmarks.common import LayerTimeline, common_prefix, kernel_profile, meta_llama, pinned_h2d_gb_per_s, repo_root  # noqa: E402
 
 PCIE_H2D_BYTES_PER_S = 54e9  # pinned host→device, one large copy, H100 PCIe Gen5 (DESIGN.md)
 TARGETS = {"decode_tokens_per_s": 2.0, "ttft_vs_native": 1.15}
@@ -71,8 +71,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--page-size", default="4MiB", help="pager page size (default 4MiB: 256 tokens of K+V at this shape)")
     parser.add_argument("--chunk", type=int, default=2048, help="prefill chunk, tokens (default 2048)")
     parser.add_argument("--kv-vram-gib", type=float, default=None, help="KV device budget, GiB (default: cap - weights - activations)")
-    parser.add_argument("--margin-gib", type=float, default=0.75,
-                        help="headroom kept under the cap for the allocator and workspaces (default 0.75; a paged run that "
+    parser.add_argument("--margin-gib", type=float, default=0.4,
+                        help="headroom kept under the cap for the allocator and workspaces (default 0.4; a paged run that "
                              "runs out of memory is retried once with --retry-margin-gib more)")
     parser.add_argument("--retry-margin-gib", type=float, default=0.75, help="extra headroom of the retry (default 0.75)")
     parser.add_argument("--host-gib", type=float, default=48.0, help="pinned host budget of the pager, GiB (default 48)")
@@ -139,6 +139,8 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         result["memory_fraction"] = fraction
     new_tokens = args.offload_new_tokens if kind == "offloaded" else args.new_tokens
     result["new_tokens_requested"] = new_tokens
+    if kind == "paged" and cuda:
+        result["h2d_copy_gb_per_s"] = pinned_h2d_gb_per_s()  # this machine's baseline, before the model takes memory
     generator = torch.Generator().manual_seed(args.seed + 1)
     prompt = torch.randint(10, args.vocab, (1, context), generator=generator).to(args.device)
     mask = torch.ones_like(prompt)
@@ -201,6 +203,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
                 pcie_bound_tokens_per_s=PCIE_H2D_BYTES_PER_S / per_token if per_token else None,
                 exact_bound_tokens_per_s=PCIE_H2D_BYTES_PER_S / exact_bound_bytes if exact_bound_bytes else None,
                 achieved_h2d_gb_per_s=per_token * measured.tokens_per_second / 1e9 if measured.tokens_per_second else None,
+                measured_bound_tokens_per_s=result["h2d_copy_gb_per_s"] * 1e9 / per_token if per_token and result.get("h2d_copy_gb_per_s") else None,
                 prefill_bytes_d2h=measured.paging["prefill"]["bytes_d2h"],
                 decode_bytes_d2h=measured.paging["decode"]["bytes_d2h"],
                 resident_device_gib=resident / GIB,
@@ -309,7 +312,8 @@ def _write(args: argparse.Namespace, results: list, verdicts: dict, wall_s: floa
             "paged warm-up runs at the full context so the pinned host slabs exist before timing; cold_time_to_first_token_s is that first run",
             f"the HF offloaded cache decodes ~0.2 tokens/s, so it generates {args.offload_new_tokens} tokens",
             "peak_gib is torch.cuda.max_memory_allocated in GiB; the cap is set with torch.cuda.set_per_process_memory_fraction",
-            "bound_tok_s = 54 GB/s / (bytes the pager moved host->device per decoded token)",
+            "bound_tok_s = 54 GB/s / (bytes the pager moved host->device per decoded token); measured_bound_tokens_per_s uses "
+            "h2d_copy_gb_per_s, one plain pinned 1 GiB copy_ measured in the same paged subprocess before the model loads",
             "prefill_timeline (paged and native): one more prefill after the measured run, with CUDA events at each "
             "decoder layer's start and end (GPU ms) and the host clock (host ms); not part of the timed figures",
             "prefill_kernel_profile (--profile, paged and native): one more prefill under torch.profiler; the kernels "

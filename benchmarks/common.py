@@ -252,3 +252,23 @@ def kernel_profile(fn: Any, top: int = 25) -> dict[str, Any]:
         "top": kernels[:top],
         "host_sync_and_alloc_calls": host_calls,
     }
+
+
+def pinned_h2d_gb_per_s(nbytes: int = 2**30, repeats: int = 5) -> Optional[float]:
+    """Bandwidth of one plain pinned host→device ``copy_`` of ``nbytes`` (GB/s, CUDA events), the
+    baseline a paged run's host→device traffic is judged against in the same run; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    device.copy_(host, non_blocking=True)  # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        device.copy_(host, non_blocking=True)
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / repeats
+    del host, device
+    torch.cuda.empty_cache()
+    return nbytes / seconds / 1e9
