@@ -119,10 +119,80 @@ def kv_descriptors(k_pages: torch.Tensor, v_pages: torch.Tensor, block_n: int):
 
 
 @triton.jit
-def _softmax_step(q, k, v, acc, m_i, l_i, visible, qk_scale_log2, MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
-    """One key block of the online softmax: scores, running max and sum, accumulator update.
-    ``visible`` ([BLOCK_M, BLOCK_N]) is used only when ``MASKED``."""
+def _gather_block(offs_n, mask_n, block_table_row_ptr, k_head_ptr, v_head_ptr, stride_k_page, stride_k_token,
+                  stride_v_page, stride_v_token, HEAD_DIM: tl.constexpr, PAGE_TOKENS: tl.constexpr, MASKED: tl.constexpr):
+    """Keys and values of tokens ``offs_n``, each row found through the block table (any page size)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    if MASKED:
+        page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS, mask=mask_n, other=0).to(tl.int64)
+    else:
+        page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS).to(tl.int64)
+    slot = (offs_n % PAGE_TOKENS).to(tl.int64)
+    k_ptrs = k_head_ptr + (page * stride_k_page + slot * stride_k_token)[:, None] + offs_d[None, :]
+    v_ptrs = v_head_ptr + (page * stride_v_page + slot * stride_v_token)[:, None] + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=mask_n[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    return k, v
+
+
+@triton.jit
+def _described_block(n0, block_table_row_ptr, k_desc, v_desc, rows_per_page, column, PAGE_TOKENS: tl.constexpr):
+    """Keys and values of the block starting at token ``n0``, one box per pool (the block lies in one page)."""
+    page = tl.load(block_table_row_ptr + n0 // PAGE_TOKENS)
+    row = page * rows_per_page + n0 % PAGE_TOKENS
+    return k_desc.load([row, column]), v_desc.load([row, column])
+
+
+@triton.jit
+def _prefill_block(
+    q,
+    acc,
+    m_i,
+    l_i,
+    q_pos,
+    n0,
+    seq_len,
+    block_table_row_ptr,
+    k_head_ptr,
+    v_head_ptr,
+    k_desc,
+    v_desc,
+    rows_per_page,
+    column,
+    qk_scale_log2,
+    stride_k_page,
+    stride_k_token,
+    stride_v_page,
+    stride_v_token,
+    HEAD_DIM: tl.constexpr,
+    PAGE_TOKENS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    USE_DESCRIPTORS: tl.constexpr,
+):
+    """One key block of the online softmax: load it, then scores, running max and sum, accumulator."""
+    if USE_DESCRIPTORS:
+        k, v = _described_block(n0, block_table_row_ptr, k_desc, v_desc, rows_per_page, column, PAGE_TOKENS)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < seq_len
+        if MASKED:
+            # rows past the sequence hold whatever the page held: keep them out of the value sum
+            v = tl.where(mask_n[:, None], v, tl.zeros_like(v))
+    else:
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < seq_len
+        k, v = _gather_block(offs_n, mask_n, block_table_row_ptr, k_head_ptr, v_head_ptr, stride_k_page, stride_k_token,
+                             stride_v_page, stride_v_token, HEAD_DIM, PAGE_TOKENS, MASKED)  # fmt: skip
+    visible = mask_n[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= q_pos[:, None])
     if DOT_UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -141,92 +211,6 @@ def _softmax_step(q, k, v, acc, m_i, l_i, visible, qk_scale_log2, MASKED: tl.con
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
-
-
-@triton.jit
-def _prefill_block(
-    q,
-    acc,
-    m_i,
-    l_i,
-    q_pos,
-    n0,
-    seq_len,
-    block_table_row_ptr,
-    k_head_ptr,
-    v_head_ptr,
-    qk_scale_log2,
-    stride_k_page,
-    stride_k_token,
-    stride_v_page,
-    stride_v_token,
-    HEAD_DIM: tl.constexpr,
-    PAGE_TOKENS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """A key block gathered row by row (any page size)."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask_n = offs_n < seq_len
-    if MASKED:
-        page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS, mask=mask_n, other=0).to(tl.int64)
-    else:
-        page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS).to(tl.int64)
-    slot = (offs_n % PAGE_TOKENS).to(tl.int64)
-    k_ptrs = k_head_ptr + (page * stride_k_page + slot * stride_k_token)[:, None] + offs_d[None, :]
-    v_ptrs = v_head_ptr + (page * stride_v_page + slot * stride_v_token)[:, None] + offs_d[None, :]
-    if MASKED:
-        k = tl.load(k_ptrs, mask=mask_n[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=mask_n[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    visible = mask_n[None, :]
-    if CAUSAL:
-        visible = visible & (offs_n[None, :] <= q_pos[:, None])
-    return _softmax_step(q, k, v, acc, m_i, l_i, visible, qk_scale_log2, MASKED, DOT_UPCAST, DOT_PRECISION)
-
-
-@triton.jit
-def _prefill_block_tma(
-    q,
-    acc,
-    m_i,
-    l_i,
-    q_pos,
-    n0,
-    seq_len,
-    block_table_row_ptr,
-    k_desc,
-    v_desc,
-    rows_per_page,
-    column,
-    qk_scale_log2,
-    PAGE_TOKENS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """A key block read as one box per pool (the block lies in one page)."""
-    page = tl.load(block_table_row_ptr + n0 // PAGE_TOKENS)
-    row = page * rows_per_page + n0 % PAGE_TOKENS
-    k = k_desc.load([row, column])
-    v = v_desc.load([row, column])
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < seq_len
-    if MASKED:
-        # rows past the sequence hold whatever the page held: keep them out of the value sum
-        v = tl.where(mask_n[:, None], v, tl.zeros_like(v))
-    visible = mask_n[None, :]
-    if CAUSAL:
-        visible = visible & (offs_n[None, :] <= q_pos[:, None])
-    return _softmax_step(q, k, v, acc, m_i, l_i, visible, qk_scale_log2, MASKED, DOT_UPCAST, DOT_PRECISION)
 
 
 @triton.jit
@@ -311,29 +295,17 @@ def _prefill_kernel(
     column = (kv_head * stride_k_head).to(tl.int32)  # the head's first column in a descriptor's token row
 
     for n0 in range(0, full_end, BLOCK_N):
-        if USE_DESCRIPTORS:
-            acc, m_i, l_i = _prefill_block_tma(
-                q, acc, m_i, l_i, q_pos, n0, seq_len, block_table_row_ptr, k_desc, v_desc, rows_per_page, column,
-                qk_scale_log2, PAGE_TOKENS, BLOCK_N, False, CAUSAL, DOT_UPCAST, DOT_PRECISION,
-            )  # fmt: skip
-        else:
-            acc, m_i, l_i = _prefill_block(
-                q, acc, m_i, l_i, q_pos, n0, seq_len, block_table_row_ptr, k_head_ptr, v_head_ptr, qk_scale_log2,
-                stride_k_page, stride_k_token, stride_v_page, stride_v_token,
-                HEAD_DIM, PAGE_TOKENS, BLOCK_N, False, CAUSAL, DOT_UPCAST, DOT_PRECISION,
-            )  # fmt: skip
+        acc, m_i, l_i = _prefill_block(
+            q, acc, m_i, l_i, q_pos, n0, seq_len, block_table_row_ptr, k_head_ptr, v_head_ptr, k_desc, v_desc,
+            rows_per_page, column, qk_scale_log2, stride_k_page, stride_k_token, stride_v_page, stride_v_token,
+            HEAD_DIM, PAGE_TOKENS, BLOCK_N, False, CAUSAL, DOT_UPCAST, DOT_PRECISION, USE_DESCRIPTORS,
+        )  # fmt: skip
     for n0 in range(full_end, kv_end, BLOCK_N):
-        if USE_DESCRIPTORS:
-            acc, m_i, l_i = _prefill_block_tma(
-                q, acc, m_i, l_i, q_pos, n0, seq_len, block_table_row_ptr, k_desc, v_desc, rows_per_page, column,
-                qk_scale_log2, PAGE_TOKENS, BLOCK_N, True, CAUSAL, DOT_UPCAST, DOT_PRECISION,
-            )  # fmt: skip
-        else:
-            acc, m_i, l_i = _prefill_block(
-                q, acc, m_i, l_i, q_pos, n0, seq_len, block_table_row_ptr, k_head_ptr, v_head_ptr, qk_scale_log2,
-                stride_k_page, stride_k_token, stride_v_page, stride_v_token,
-                HEAD_DIM, PAGE_TOKENS, BLOCK_N, True, CAUSAL, DOT_UPCAST, DOT_PRECISION,
-            )  # fmt: skip
+        acc, m_i, l_i = _prefill_block(
+            q, acc, m_i, l_i, q_pos, n0, seq_len, block_table_row_ptr, k_head_ptr, v_head_ptr, k_desc, v_desc,
+            rows_per_page, column, qk_scale_log2, stride_k_page, stride_k_token, stride_v_page, stride_v_token,
+            HEAD_DIM, PAGE_TOKENS, BLOCK_N, True, CAUSAL, DOT_UPCAST, DOT_PRECISION, USE_DESCRIPTORS,
+        )  # fmt: skip
 
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)

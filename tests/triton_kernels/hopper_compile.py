@@ -1,0 +1,93 @@
+"""Compile the attention kernels for an H100/H200 (sm_90) on a machine without a GPU.
+
+Run as ``python -m tests.triton_kernels.hopper_compile`` with ``TRITON_INTERPRET`` unset: the
+interpreter replaces ``@triton.jit`` functions, so the CPU tests cannot see whether the compiled
+path builds. This compiles to PTX what the GPU would launch — the launch configurations the
+kernels pick on CUDA, the prefill kernel with key blocks read through tensor descriptors and
+gathered row by row, fp16 and bf16 — and prints one line per kernel. Exit status 1 if any fails.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from pagedtensor.triton_kernels import decode_attention, prefill_attention
+
+TARGET = GPUTarget("cuda", 90, 32)
+CUDA = torch.device("cuda")  # only its type is read: nothing touches a GPU
+
+
+def signature(kernel, pointers: dict[str, str], constants: dict[str, object], descriptor: str | None) -> ASTSource:
+    """The kernel's source specialised like a launch: pointer element types by name, int64 strides,
+    int32 scalars, fp32 scales, a tensor descriptor type (or constexpr None) for ``*_desc``."""
+    types: dict[str, str] = {}
+    for index, name in enumerate(kernel.arg_names):
+        if kernel.params[index].is_constexpr or name in constants:
+            types[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            types[name] = pointers.get(name, "*i32")
+        elif name.startswith("stride"):
+            types[name] = "i64"
+        elif name.endswith("_desc"):
+            types[name] = descriptor or "constexpr"
+        elif "scale" in name:
+            types[name] = "fp32"
+        else:
+            types[name] = "i32"
+    values = dict(constants)
+    for name in kernel.arg_names:
+        if name.endswith("_desc") and descriptor is None:
+            values[name] = None
+    return ASTSource(fn=kernel, signature=types, constexprs={(kernel.arg_names.index(k),): v for k, v in values.items()})
+
+
+def compile_prefill(dtype: torch.dtype, descriptors: bool) -> str:
+    head_dim, page_tokens = 128, 256
+    launch = prefill_attention.prefill_launch_config(head_dim, dtype, CUDA, page_tokens)
+    element = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    pointers = {name: f"*{element}" for name in ("q_ptr", "k_pages_ptr", "v_pages_ptr", "out_ptr")} | {"lse_ptr": "*fp32"}
+    _, precision = prefill_attention.dot_options(dtype)
+    constants = dict(QUERY_GROUP=4, HEAD_DIM=head_dim, PAGE_TOKENS=page_tokens, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+                     CAUSAL=True, DOT_UPCAST=False, DOT_PRECISION=precision, USE_DESCRIPTORS=descriptors)  # fmt: skip
+    descriptor = f"tensordesc<{element}[{launch.block_n}, {head_dim}]>" if descriptors else None
+    source = signature(prefill_attention._prefill_kernel, pointers, constants, descriptor)
+    compiled = triton.compile(source, target=TARGET, options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+    return f"prefill {element} descriptors={descriptors} {launch}: {len(compiled.asm['ptx'])} bytes of PTX"
+
+
+def compile_decode(dtype: torch.dtype, group: int) -> str:
+    head_dim, page_tokens = 128, 16
+    launch = decode_attention.decode_launch_config(group, head_dim, dtype, CUDA, 8)
+    element = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    pointers = {name: f"*{element}" for name in ("q_ptr", "k_pages_ptr", "v_pages_ptr")} | {"out_ptr": "*fp32", "lse_ptr": "*fp32"}
+    _, precision = decode_attention.dot_options(dtype)
+    constants = dict(QUERY_GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE_TOKENS=page_tokens,
+                     BLOCK_N=launch.block_n, DOT_UPCAST=False, DOT_PRECISION=precision)  # fmt: skip
+    source = signature(decode_attention._decode_split_kernel, pointers, constants, None)
+    compiled = triton.compile(source, target=TARGET, options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+    return f"decode {element} group={group} {launch}: {len(compiled.asm['ptx'])} bytes of PTX"
+
+
+def main() -> int:
+    if prefill_attention.interpreting():
+        print("unset TRITON_INTERPRET: the interpreter does not compile kernels", file=sys.stderr)
+        return 2
+    jobs = [lambda d=d, t=t: compile_prefill(d, t) for d in (torch.float16, torch.bfloat16) for t in (True, False)]
+    jobs += [lambda d=d, g=g: compile_decode(d, g) for d in (torch.float16, torch.bfloat16) for g in (1, 4)]
+    failed = 0
+    for job in jobs:
+        try:
+            print(job(), flush=True)
+        except Exception as error:  # noqa: BLE001 - every failure is printed, the exit status reports them
+            failed += 1
+            print(f"FAILED: {error!r}"[:2000], flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
