@@ -290,7 +290,7 @@ def chunked_prefill_calls(model: str, context: int, page_tokens: int, chunk: int
     """A whole prompt's chunked prefill over paged KV, as the KV cache runs it layer by layer: chunk
     ``c`` attends causally to keys ``[0, (c + 1) * chunk)``. Returns (run all chunks, SDPA over the whole
     prompt with the default backend choice (what Hugging Face's native run uses), the same with flash,
-    the query and dense K/V to free)."""
+    check the last chunk against SDPA, the key and value pools)."""
     num_heads, num_kv_heads, head_dim = MODELS[model]
     group = num_heads // num_kv_heads
     k_pages, v_pages, block_table, _, k, v = make_paged_kv(1, context, num_kv_heads, head_dim, page_tokens, dtype)
@@ -317,7 +317,7 @@ def chunked_prefill_calls(model: str, context: int, page_tokens: int, chunk: int
         expected = sdpa_default()[:, :, start:].transpose(1, 2)
         return check(f"chunked prefill {model} {context}", out, expected, dtype)
 
-    return ours, sdpa_default, sdpa_flash, check_last_chunk
+    return ours, sdpa_default, sdpa_flash, check_last_chunk, (k_pages, v_pages)
 
 
 def bench_chunked_prefill(model: str, context: int, page_tokens: int, chunk: int, dtype: torch.dtype) -> dict:
@@ -325,10 +325,11 @@ def bench_chunked_prefill(model: str, context: int, page_tokens: int, chunk: int
     attention share of the long-context TTFT, paged against Hugging Face native."""
     from pagedtensor.triton_kernels import prefill_attention as module
 
-    num_heads, num_kv_heads, head_dim = MODELS[model]
-    ours, sdpa_default, sdpa_flash, check_last_chunk = chunked_prefill_calls(model, context, page_tokens, chunk, dtype)
+    num_heads, _, head_dim = MODELS[model]
+    ours, sdpa_default, sdpa_flash, check_last_chunk, pools = chunked_prefill_calls(model, context, page_tokens, chunk, dtype)
     correct, max_err = check_last_chunk()
-    launch = module.prefill_launch_config(head_dim, dtype, torch.device(DEVICE), page_tokens)
+    launch = module.prefill_launch_config(head_dim, dtype, torch.device(DEVICE))
+    descriptors = module.kv_descriptors(*pools, launch.block_n) is not None
     ours_ms = bench_ms(ours, warmup=200, rep=1000)
     default_ms = bench_ms(sdpa_default, warmup=200, rep=1000)
     try:
@@ -341,17 +342,12 @@ def bench_chunked_prefill(model: str, context: int, page_tokens: int, chunk: int
         "kind": "chunked_prefill", "model": model, "batch": 1, "context": context, "chunk": chunk,
         "page_tokens": page_tokens, "dtype": str(dtype).removeprefix("torch."), "correct": correct,
         "max_abs_err_vs_sdpa": max_err, "launch": dataclasses.asdict(launch),
-        "descriptors": module.kv_descriptors(*_probe_pools(num_kv_heads, head_dim, page_tokens, dtype), launch.block_n) is not None,
+        "descriptors": descriptors,
         "time_ms": ours_ms, "tflops": flops / (ours_ms * 1e-3) / 1e12,
         "sdpa_default_time_ms": default_ms, "sdpa_default_tflops": flops / (default_ms * 1e-3) / 1e12,
         "sdpa_flash_time_ms": flash_ms,
         "time_vs_sdpa_default": ours_ms / default_ms,
     }  # fmt: skip
-
-
-def _probe_pools(num_kv_heads: int, head_dim: int, page_tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    pools = torch.empty((2, 2, page_tokens, num_kv_heads, head_dim), dtype=dtype, device=DEVICE)
-    return pools[0], pools[1]
 
 
 TUNE_DECODE_SHAPES = (
@@ -428,7 +424,7 @@ def tune(page_tokens: int, dtype: torch.dtype, copy_gbs: float, results: list, s
         for model in ("llama2-7b", "llama3-8b") if "prefill" in kernels else ():
             num_heads, num_kv_heads, head_dim = MODELS[model]
             context = 32768
-            ours, _, _, check_last_chunk = chunked_prefill_calls(model, context, CHUNKED_PAGE_TOKENS, PREFILL_CHUNK, dtype)
+            ours, _, _, check_last_chunk, _ = chunked_prefill_calls(model, context, CHUNKED_PAGE_TOKENS, PREFILL_CHUNK, dtype)
             flops = 4 * num_heads * head_dim * context * (context + 1) / 2
             for descriptors in (True, False):
                 prefill_attention.USE_TENSOR_DESCRIPTORS = descriptors
@@ -450,7 +446,6 @@ def tune(page_tokens: int, dtype: torch.dtype, copy_gbs: float, results: list, s
                                     "time_ms": ms, "tflops": flops / (ms * 1e-3) / 1e12 if ms else None, "error": err})  # fmt: skip
                     print(f"  tune chunked prefill {model} {context} descriptors={descriptors} {launch}: "
                           f"{'%.2f ms %.0f TFLOP/s' % (ms, flops / (ms * 1e-3) / 1e12) if ms else err}", flush=True)  # fmt: skip
-                prefill_attention.USE_TENSOR_DESCRIPTORS = True
                 save()
             del ours, check_last_chunk
             torch.cuda.empty_cache()

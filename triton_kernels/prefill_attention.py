@@ -65,8 +65,9 @@ class PrefillLaunch:
     num_stages: int
 
 
-def prefill_launch_config(head_dim: int, dtype: torch.dtype, device: torch.device, page_tokens: int = 16) -> PrefillLaunch:
-    """Block sizes for a head size, dtype and page size (tuned on an H100)."""
+def prefill_launch_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> PrefillLaunch:
+    """Block sizes for a head size and dtype (tuned on an H100; on an H200 the same blocks are the best
+    swept with tensor descriptors, results/prefill_tune_h200.json)."""
     if interpreting() or device.type != "cuda":
         return PrefillLaunch(block_m=16, block_n=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
@@ -339,7 +340,7 @@ def _launch_prefill(
     lse = new_buffer((batch, q_len, num_heads), torch.float32, q.device)
     if batch == 0 or q_len == 0:
         return out, lse
-    launch = prefill_launch_config(head_dim, q.dtype, q.device, page_tokens)
+    launch = prefill_launch_config(head_dim, q.dtype, q.device)
     upcast, precision = dot_options(q.dtype)
     descriptors = kv_descriptors(k_pages, v_pages, launch.block_n)
     k_desc, v_desc, rows_per_page = descriptors if descriptors is not None else (None, None, 0)

@@ -48,7 +48,7 @@ def signature(kernel, pointers: dict[str, str], constants: dict[str, object], de
 
 def compile_prefill(dtype: torch.dtype, descriptors: bool) -> str:
     head_dim, page_tokens = 128, 256
-    launch = prefill_attention.prefill_launch_config(head_dim, dtype, CUDA, page_tokens)
+    launch = prefill_attention.prefill_launch_config(head_dim, dtype, CUDA)
     element = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     pointers = {name: f"*{element}" for name in ("q_ptr", "k_pages_ptr", "v_pages_ptr", "out_ptr")} | {"lse_ptr": "*fp32"}
     _, precision = prefill_attention.dot_options(dtype)
