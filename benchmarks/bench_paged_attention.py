@@ -456,6 +456,117 @@ def tune(page_tokens: int, dtype: torch.dtype, copy_gbs: float, results: list, s
     return results
 
 
+SPLIT_SWEEP_SHAPES = (
+    # the shapes under the decode bandwidth target on the H200 (0fd688d), then two that meet it
+    ("llama2-7b", 1, 8192), ("llama2-7b", 1, 65536), ("llama2-7b", 1, 131072), ("llama3-8b", 1, 8192),
+    ("llama3-8b", 1, 32768), ("llama3-8b", 1, 65536), ("llama3-8b", 8, 8192), ("llama2-7b", 1, 32768),
+    ("llama2-7b", 8, 8192),
+)  # fmt: skip
+SPLIT_SWEEP_STEPS = ((64, 4, 2), (64, 4, 3), (32, 4, 2), (32, 4, 3), (128, 4, 2), (64, 8, 2))  # block_n, warps, stages
+SPLIT_SWEEP_WAVES = (0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 5, 6, 8, 12, 16)  # programs per SM the split counts aim at
+
+
+def compiled_kernels(kernel) -> list[dict]:
+    """Registers, spills and shared memory of every compiled specialisation of a Triton kernel, and how
+    many of its programs fit on one SM of device 0 (the occupancy the split count should fill)."""
+    props = torch.cuda.get_device_properties(0)
+    regs_per_sm = getattr(props, "regs_per_multiprocessor", 65536)
+    smem_per_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
+    threads_per_sm = getattr(props, "max_threads_per_multi_processor", 2048)
+    rows = []
+    for cache in kernel.device_caches.values():
+        for compiled in cache[0].values():
+            warps, shared = compiled.metadata.num_warps, compiled.metadata.shared
+            regs = getattr(compiled, "n_regs", None)
+            by_regs = regs_per_sm // (((regs + 7) // 8 * 8) * 32 * warps) if regs else None
+            by_smem = smem_per_sm // (shared + 1024)
+            occupancy = min(x for x in (by_regs, by_smem, threads_per_sm // (32 * warps), 32) if x is not None)
+            rows.append({"num_warps": warps, "num_stages": compiled.metadata.num_stages, "shared_bytes": shared,
+                         "registers": regs, "spills": getattr(compiled, "n_spills", None),
+                         "programs_per_sm": occupancy, "constants": str(getattr(compiled.src, "constants", ""))[:400]})  # fmt: skip
+    return rows
+
+
+def graph_us(calls: list[Callable[[], object]], back_to_back: int = 1) -> float:
+    """GPU time of one call: each call captured in a CUDA graph, ``back_to_back`` calls per graph
+    (rotating through ``calls``) so that launching the graph is amortised over them."""
+    sequence = [calls[i % len(calls)] for i in range(back_to_back)]
+    graphs = Graphed([lambda: [c() for c in sequence]])
+    ms = bench_ms(graphs, 5, 30)
+    del graphs
+    return ms * 1e3 / back_to_back
+
+
+def split_sweep(page_tokens: int, dtype: torch.dtype, copy_gbs: float, report: dict, save: Callable[[], None]) -> None:
+    """Why short decode shapes miss the bandwidth target: for each shape in ``SPLIT_SWEEP_SHAPES``, the
+    time of a plain copy and a plain sum of the same bytes, of a one-element kernel (the fixed cost of
+    the measurement), the default call one graph each and 8 back to back, then every split count
+    aimed at whole waves for each launch step in ``SPLIT_SWEEP_STEPS``; and the compiled resources
+    (registers, shared memory, programs per SM) of each step."""
+    default_decode = decode_attention.decode_launch_config
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tiny = torch.zeros(1, device=DEVICE)
+    report["graph_one_element_kernel_us"] = graph_us([lambda: tiny.add_(1)])
+    shapes, sweep = [], []
+    report["split_sweep"] = {"shapes": shapes, "sweep": sweep}
+    try:
+        for model, batch, context in SPLIT_SWEEP_SHAPES:
+            num_heads, num_kv_heads, head_dim = MODELS[model]
+            kv_bytes = 2 * batch * context * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+            def make():
+                pools = make_paged_kv(batch, context, num_kv_heads, head_dim, page_tokens, dtype)[:4]
+                return torch.randn((batch, num_heads, head_dim), dtype=dtype, device=DEVICE), *pools
+
+            sets = rotated(make, kv_bytes)  # back-to-back calls read more than twice the L2 between reuses
+            q, k_pages, v_pages, block_table, seq_lens = sets[0]
+            src = torch.randn(kv_bytes // 4, dtype=dtype, device=DEVICE)
+            dst = torch.empty_like(src)
+            flat = torch.cat([k_pages.flatten(), v_pages.flatten()])
+            expected = paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens)
+            default = [functools.partial(paged_decode_attention, *inputs) for inputs in sets]
+            shape = {"model": model, "batch": batch, "context": context, "kv_bytes": kv_bytes,
+                     "copy_same_bytes_us": graph_us([lambda: dst.copy_(src)]),
+                     "sum_same_bytes_us": graph_us([lambda: flat.sum(dtype=torch.float32)]),
+                     "default_us": graph_us(default[:1]), "default_back_to_back_us": graph_us(default, max(8, len(default))), "back_to_back_calls": max(8, len(default))}  # fmt: skip
+            del src, dst, flat
+            for key in ("copy_same_bytes_us", "sum_same_bytes_us", "default_us", "default_back_to_back_us"):
+                shape[key.replace("_us", "_frac_of_copy")] = kv_bytes / (shape[key] * 1e-6) / 1e9 / copy_gbs
+            shapes.append(shape)
+            print(f"  sweep {model} b{batch} {context}: {json.dumps({k: round(v, 3) for k, v in shape.items() if isinstance(v, float)})}", flush=True)
+            programs = batch * num_kv_heads
+            counts = sorted({max(1, math.ceil(w * sms / programs)) for w in SPLIT_SWEEP_WAVES} | {1})
+            counts = [c for c in counts if c <= context // 32]
+            for block_n, warps, stages in SPLIT_SWEEP_STEPS:
+                launch = decode_attention.DecodeLaunch(block_n, warps, stages, 1, 16)
+                decode_attention.decode_launch_config = lambda *a, _l=launch: _l
+                for splits in counts:
+                    tokens = triton.cdiv(triton.cdiv(context, splits), block_n) * block_n
+                    call = functools.partial(paged_decode_attention, q, k_pages, v_pages, block_table, seq_lens, num_splits=splits)
+                    try:
+                        ok, _ = check("sweep", call(), expected, dtype)
+                        us = graph_us([call])
+                    except Exception as exc:  # noqa: BLE001 - a config that fails to compile is recorded
+                        us, err = None, repr(exc)[:200]
+                    else:
+                        err = None if ok else "wrong result"
+                    sweep.append({"model": model, "batch": batch, "context": context, "block_n": block_n, "num_warps": warps,
+                                  "num_stages": stages, "num_splits": triton.cdiv(context, tokens), "programs": programs * triton.cdiv(context, tokens),
+                                  "time_us": us, "bandwidth_frac_of_copy": kv_bytes / (us * 1e-6) / 1e9 / copy_gbs if us else None,
+                                  "error": err})  # fmt: skip
+            decode_attention.decode_launch_config = default_decode
+            rows = [r for r in sweep if (r["model"], r["batch"], r["context"]) == (model, batch, context) and r["time_us"]]
+            for r in sorted(rows, key=lambda r: r["time_us"])[:3]:
+                print(f"    {r}", flush=True)
+            del sets, k_pages, v_pages, block_table, seq_lens, q, expected, default
+            torch.cuda.empty_cache()
+            save()
+    finally:
+        decode_attention.decode_launch_config = default_decode
+    report["split_sweep"]["compiled"] = compiled_kernels(decode_attention._decode_split_kernel)
+    save()
+
+
 def profile_launch() -> dict:
     """Where the host time of one eager decode call goes (Llama-3-8B heads, batch 1, 8K context)."""
     import cProfile
@@ -526,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="device time per kernel (split vs merge) of decode on the shapes furthest from the target")
     parser.add_argument("--skip-main", action="store_true", help="only the --tune / --profile-launch parts")
     parser.add_argument("--chunked", action="store_true", help="with --skip-main: still run the chunked-prefill rows")
+    parser.add_argument("--split-sweep", action="store_true",
+                        help="decode split counts x launch steps on the shapes under the target, with same-bytes baselines")
     parser.add_argument("--profile-launch", action="store_true", help="profile the host cost of a decode call")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -605,6 +718,8 @@ def main(argv: list[str] | None = None) -> int:
             decode_kernel_breakdown(model, batch, context, args.page_tokens, dtype) for model, batch, context in TUNE_DECODE_SHAPES[:3]
         ]
         save()
+    if args.split_sweep:
+        split_sweep(args.page_tokens, dtype, copy_gbs, report, save)
     if args.tune:
         report["tuning"] = []
         tune(args.page_tokens, dtype, copy_gbs, report["tuning"], save, tuple(args.tune_kernels.split(",")))
