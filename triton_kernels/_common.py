@@ -57,6 +57,25 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def programs_per_sm(compiled: object, device: torch.device) -> int | None:
+    """How many programs of a compiled Triton kernel one SM of ``device`` holds at once, the least of
+    what its registers, shared memory and thread slots allow; None if the kernel does not report its
+    registers (the launch then falls back to its tuned estimate)."""
+    try:
+        compiled._init_handles()  # Triton loads the binary, and learns its registers, on first use
+        registers, shared, warps = compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps
+    except (AttributeError, RuntimeError):
+        return None
+    if not registers:
+        return None
+    props = torch.cuda.get_device_properties(device)
+    threads = 32 * warps
+    by_registers = getattr(props, "regs_per_multiprocessor", 65536) // (math.ceil(registers / 8) * 8 * threads)
+    by_shared = getattr(props, "shared_memory_per_multiprocessor", 233472) // (shared + 1024)  # 1 KiB reserved a block
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // threads
+    return max(1, min(by_registers, by_shared, by_threads, 32))
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 1 for the interpreter (keeps grids small)."""
     if device.type != "cuda" or interpreting():

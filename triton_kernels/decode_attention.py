@@ -7,8 +7,10 @@ num_kv_heads)`` (grouped-query attention, any ratio).
 
 Kernel plan. One program takes one KV head of one sequence and the whole group of query heads that
 read it, so each K/V byte is loaded once per group, and one slice ("split") of the context. The
-number of splits grows until the grid fills the GPU (a batch of one with 8 KV heads cannot fill 132
-SMs otherwise). Each split writes its partial output, normalised, and its log-sum-exp; a second
+number of splits grows until the grid is one wave of resident programs, as many as the compiled
+kernel's registers and shared memory let every SM hold at once (a batch of one with 8 KV heads cannot
+fill 132 SMs otherwise, and a grid a little over one wave runs its last programs on an idle GPU).
+Each split writes its partial output, normalised, and its log-sum-exp; a second
 small kernel merges the splits exactly. With one split the first kernel writes the result itself.
 
 Inside a program the context is walked ``BLOCK_N`` tokens at a time; each token finds its page
@@ -40,6 +42,7 @@ from pagedtensor.triton_kernels._common import (
     kv_pool_strides,
     new_buffer,
     next_power_of_2,
+    programs_per_sm,
     resolve_scale,
     sm_count,
 )
@@ -54,7 +57,7 @@ class DecodeLaunch:
     block_n: int  # context tokens per loop step
     num_warps: int
     num_stages: int
-    programs_per_sm: int  # split the context until the grid holds this many programs per SM
+    programs_per_sm: int  # resident programs per SM assumed where the compiled kernel does not report its own
     min_split_tokens: int  # never split finer than this
 
 
@@ -63,24 +66,30 @@ def decode_launch_config(group: int, head_dim: int, dtype: torch.dtype, device: 
     (the grid before splitting the context), tuned on an H200 and an H100."""
     if interpreting() or device.type != "cuda":
         return DecodeLaunch(block_n=16, num_warps=4, num_stages=1, programs_per_sm=1, min_split_tokens=16)
-    # H200, fp16, 16-token pages, GPU time (bench_paged_attention.py --tune; results/decode_tune_h200.json):
-    # 64 tokens a step beat 32 on every batch-1 shape (Llama-2 b1 32K: 141 us against 157), with 4
-    # programs per SM; a grid already 64 sequence-heads wide does best with 8 (Llama-3 b8 8K: 84 us
-    # against 92). 8 warps and 128-token steps were slower everywhere; more stages did not help.
-    # A 64-token step of 256-byte rows is the largest that leaves shared memory for two stages.
+    # H200, fp16, 16-token pages, GPU time (bench_paged_attention.py --split-sweep;
+    # results/decode_split_sweep_h200.json): 64 tokens a step with 4 warps and 2 stages was the fastest
+    # step on every shape once the split count was right (32-token steps tie on the smallest); it
+    # compiles to ~124 registers and 38 KiB of shared memory, 4 resident programs per SM. More
+    # stages, 8 warps or 128-token steps were slower. A 64-token step of 256-byte rows is the largest
+    # that leaves shared memory for two stages.
     block_n = 64 if head_dim * torch.finfo(dtype).bits // 8 <= 256 else 32
-    return DecodeLaunch(block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=4 if programs < 64 else 8,
-                        min_split_tokens=256)
+    return DecodeLaunch(block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=4, min_split_tokens=block_n)
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, launch: DecodeLaunch, device: torch.device) -> int:
-    """Splits of the context per (sequence, KV head) so the grid fills the device."""
+def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, launch: DecodeLaunch, device: torch.device,
+                      resident_per_sm: int | None = None) -> int:
+    """Splits of the context per (sequence, KV head): as many as one wave of resident programs holds.
+
+    ``resident_per_sm`` is how many programs of the compiled kernel fit on an SM at once (default the
+    launch's estimate). A grid just over a whole wave leaves a tail of programs that run after the
+    rest with the SMs mostly idle: on the H200 Llama-2-7B at 128K ran at 76% of copy bandwidth with
+    544 programs and 101% with 480, for 528 resident (results/decode_split_sweep_h200.json).
+    """  # fmt: skip
+    slots = sm_count(device) * (resident_per_sm or launch.programs_per_sm)
     programs = batch * num_kv_heads
-    target = sm_count(device) * launch.programs_per_sm
-    if programs >= target:
+    if programs >= slots:
         return 1
-    splits = triton.cdiv(target, programs)
-    return max(1, min(splits, triton.cdiv(max_len, launch.min_split_tokens)))
+    return max(1, min(slots // programs, triton.cdiv(max_len, launch.min_split_tokens)))
 
 
 @triton.jit
@@ -234,6 +243,56 @@ def _decode_merge_splits_kernel(
     tl.store(lse_ptr + batch * stride_lse_batch + head * stride_lse_head, lse)
 
 
+def _split_kernel_args(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
+                       seq_lens: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor, scale: float,
+                       tokens_per_split: int, split_strides: tuple[int, int], launch: DecodeLaunch) -> dict:
+    """Every argument of ``_decode_split_kernel`` and its launch options, for ``part_out``/``part_lse``
+    (the outputs themselves when unsplit, with ``split_strides`` 0)."""
+    group = q.shape[1] // k_pages.shape[2]
+    upcast, precision = dot_options(q.dtype)
+    return dict(
+        q_ptr=q, k_pages_ptr=k_pages, v_pages_ptr=v_pages, block_table_ptr=block_table, seq_lens_ptr=seq_lens,
+        out_ptr=part_out, lse_ptr=part_lse, qk_scale_log2=scale * LOG2E, num_kv_heads=k_pages.shape[2],
+        tokens_per_split=tokens_per_split, stride_q_batch=q.stride(0), stride_q_head=q.stride(1),
+        **kv_pool_strides(k_pages, v_pages, block_table),
+        stride_out_batch=part_out.stride(0), stride_out_head=part_out.stride(1), stride_out_split=split_strides[0],
+        stride_lse_batch=part_lse.stride(0), stride_lse_head=part_lse.stride(1), stride_lse_split=split_strides[1],
+        QUERY_GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=q.shape[2], PAGE_TOKENS=k_pages.shape[1],
+        BLOCK_N=launch.block_n, DOT_UPCAST=upcast, DOT_PRECISION=precision,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
+    )  # fmt: skip
+
+
+def _split_buffers(batch: int, num_heads: int, num_splits: int, head_dim: int, device: torch.device):
+    """fp32 partial outputs ``[batch, num_heads, num_splits, head_dim]`` and log-sum-exps."""
+    part_out = new_buffer((batch, num_heads, num_splits, head_dim), torch.float32, device)
+    part_lse = new_buffer((batch, num_heads, num_splits), torch.float32, device)
+    return part_out, part_lse
+
+
+_RESIDENT_PER_SM: dict[tuple, int | None] = {}
+
+
+def resident_programs_per_sm(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
+                             seq_lens: torch.Tensor, launch: DecodeLaunch) -> int | None:
+    """Programs of the split kernel, as compiled for these inputs and ``launch``, that one SM holds at
+    once (None off CUDA or where Triton does not report registers). Compiled without launching (no
+    stream work, so safe during CUDA graph capture) once per geometry and cached."""
+    if interpreting() or q.device.type != "cuda":
+        return None
+    key = (q.device, q.dtype, q.shape[1] // k_pages.shape[2], q.shape[2], k_pages.shape[1], launch)
+    if key not in _RESIDENT_PER_SM:
+        part_out, part_lse = _split_buffers(q.shape[0], q.shape[1], 2, q.shape[2], q.device)
+        args = _split_kernel_args(q, k_pages, v_pages, block_table, seq_lens, part_out, part_lse, 1.0, launch.block_n,
+                                  (part_out.stride(2), part_lse.stride(2)), launch)  # fmt: skip
+        try:
+            compiled = _decode_split_kernel.warmup(grid=(1, 1), **args)
+        except RuntimeError:  # e.g. a CUDA API the capture of a graph forbids: use the estimate, ask again later
+            return None
+        _RESIDENT_PER_SM[key] = programs_per_sm(compiled, q.device)
+    return _RESIDENT_PER_SM[key]
+
+
 def _launch_decode(
     q: torch.Tensor,
     k_pages: torch.Tensor,
@@ -245,57 +304,27 @@ def _launch_decode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, num_heads, head_dim = q.shape
     _, page_tokens, num_kv_heads, _ = k_pages.shape
-    group = num_heads // num_kv_heads
     out = new_buffer((batch, num_heads, head_dim), q.dtype, q.device)
     lse = new_buffer((batch, num_heads), torch.float32, q.device)
     if batch == 0:
         return out, lse
 
-    launch = decode_launch_config(group, head_dim, q.dtype, q.device, batch * num_kv_heads)
+    launch = decode_launch_config(num_heads // num_kv_heads, head_dim, q.dtype, q.device, batch * num_kv_heads)
     max_len = block_table.shape[1] * page_tokens
     if num_splits <= 0:
-        num_splits = choose_num_splits(batch, num_kv_heads, max_len, launch, q.device)
+        resident = resident_programs_per_sm(q, k_pages, v_pages, block_table, seq_lens, launch)
+        num_splits = choose_num_splits(batch, num_kv_heads, max_len, launch, q.device, resident)
     tokens_per_split = triton.cdiv(triton.cdiv(max_len, num_splits), launch.block_n) * launch.block_n
     num_splits = triton.cdiv(max_len, tokens_per_split)
 
     if num_splits == 1:
-        part_out, part_lse = out, lse
-        stride_out_split, stride_lse_split = 0, 0
+        part_out, part_lse, split_strides = out, lse, (0, 0)
     else:
-        part_out = new_buffer((batch, num_heads, num_splits, head_dim), torch.float32, q.device)
-        part_lse = new_buffer((batch, num_heads, num_splits), torch.float32, q.device)
-        stride_out_split, stride_lse_split = part_out.stride(2), part_lse.stride(2)
-
-    upcast, precision = dot_options(q.dtype)
+        part_out, part_lse = _split_buffers(batch, num_heads, num_splits, head_dim, q.device)
+        split_strides = (part_out.stride(2), part_lse.stride(2))
     _decode_split_kernel[(batch * num_kv_heads, num_splits)](
-        q_ptr=q,
-        k_pages_ptr=k_pages,
-        v_pages_ptr=v_pages,
-        block_table_ptr=block_table,
-        seq_lens_ptr=seq_lens,
-        out_ptr=part_out,
-        lse_ptr=part_lse,
-        qk_scale_log2=scale * LOG2E,
-        num_kv_heads=num_kv_heads,
-        tokens_per_split=tokens_per_split,
-        stride_q_batch=q.stride(0),
-        stride_q_head=q.stride(1),
-        **kv_pool_strides(k_pages, v_pages, block_table),
-        stride_out_batch=part_out.stride(0),
-        stride_out_head=part_out.stride(1),
-        stride_out_split=stride_out_split,
-        stride_lse_batch=part_lse.stride(0),
-        stride_lse_head=part_lse.stride(1),
-        stride_lse_split=stride_lse_split,
-        QUERY_GROUP=group,
-        BLOCK_G=max(16, next_power_of_2(group)),
-        HEAD_DIM=head_dim,
-        PAGE_TOKENS=page_tokens,
-        BLOCK_N=launch.block_n,
-        DOT_UPCAST=upcast,
-        DOT_PRECISION=precision,
-        num_warps=launch.num_warps,
-        num_stages=launch.num_stages,
+        **_split_kernel_args(q, k_pages, v_pages, block_table, seq_lens, part_out, part_lse, scale, tokens_per_split,
+                             split_strides, launch)  # fmt: skip
     )
     if num_splits > 1:
         block_splits = next_power_of_2(num_splits)

@@ -24,7 +24,8 @@ CUDA = torch.device("cuda")  # only its type is read: nothing touches a GPU
 
 def signature(kernel, pointers: dict[str, str], constants: dict[str, object], descriptor: str | None) -> ASTSource:
     """The kernel's source specialised like a launch: pointer element types by name, int64 strides,
-    int32 scalars, fp32 scales, a tensor descriptor type (or constexpr None) for ``*_desc``."""
+    int32 scalars, fp32 scales, a tensor descriptor type (or constexpr None) for ``*_desc``, pointers
+    and strides 16-divisible."""
     types: dict[str, str] = {}
     for index, name in enumerate(kernel.arg_names):
         if kernel.params[index].is_constexpr or name in constants:
@@ -43,7 +44,12 @@ def signature(kernel, pointers: dict[str, str], constants: dict[str, object], de
     for name in kernel.arg_names:
         if name.endswith("_desc") and descriptor is None:
             values[name] = None
-    return ASTSource(fn=kernel, signature=types, constexprs={(kernel.arg_names.index(k),): v for k, v in values.items()})
+    # A launch marks pointers and integers divisible by 16 as such (Triton's "D" specialisation); the
+    # pools, strides and buffers of real launches are, and without the mark loads are not vectorised.
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+               if types[name].startswith("*") or types[name] == "i64"}  # fmt: skip
+    return ASTSource(fn=kernel, signature=types, constexprs={(kernel.arg_names.index(k),): v for k, v in values.items()},
+                     attrs=aligned)  # fmt: skip
 
 
 def compile_prefill(dtype: torch.dtype, descriptors: bool) -> str:

@@ -4,9 +4,11 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from pagedtensor.triton_kernels import paged_decode_attention
-from pagedtensor.triton_kernels._common import kernel_device
+from pagedtensor.triton_kernels import decode_attention, paged_decode_attention
+from pagedtensor.triton_kernels._common import kernel_device, programs_per_sm
 from pagedtensor.triton_kernels.decode_attention import _paged_decode_attention_op
 from pagedtensor.triton_kernels.reference import (
     LSE_TOLERANCE,
@@ -173,6 +175,25 @@ def test_gpu_decode_fp32_and_cuda_graph():
     assert math.isfinite(out.float().abs().max().item())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_decode_first_call_inside_graph_capture_matches_eager():
+    """A geometry first met while a CUDA graph is captured (kernel not compiled yet, its occupancy not
+    yet known) splits the context as eager calls do: the replay equals the eager result bit for bit."""
+    decode_attention._RESIDENT_PER_SM.clear()
+    kv, q = make_case([5000, 40], num_heads=12, num_kv_heads=3, head_dim=64, page_tokens=32,
+                      dtype=torch.float16, seed=19, device="cuda")  # fmt: skip
+    args = (q, kv.k_pages, kv.v_pages, kv.block_table, kv.seq_lens)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode_attention(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert decode_attention._RESIDENT_PER_SM, "the occupancy was not learned during capture"
+    assert torch.equal(out, paged_decode_attention(*args)), "first call under capture split differently from eager"
+    check_decode(kv, q, what="gpu first call under capture")
+
+
 def test_decode_goes_through_the_custom_op_under_a_dispatch_mode():
     """Eager calls on plain tensors launch directly; a dispatch mode (or a tensor subclass) sees the op."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -192,3 +213,51 @@ def test_decode_goes_through_the_custom_op_under_a_dispatch_mode():
         out = paged_decode_attention(*args)
     assert any("pagedllm.paged_decode_attention" in op for op in mode.ops), mode.ops
     torch.testing.assert_close(out, paged_decode_attention(*args), atol=0, rtol=0)
+
+
+@given(
+    batch=st.integers(1, 64),
+    num_kv_heads=st.integers(1, 64),
+    max_len=st.integers(1, 1 << 20),
+    sms=st.integers(1, 200),
+    resident=st.one_of(st.none(), st.integers(1, 32)),
+    block_n=st.sampled_from([16, 32, 64]),
+)
+def test_split_count_fills_at_most_one_wave(batch, num_kv_heads, max_len, sms, resident, block_n):
+    """The chosen split count, after the launch rounds each split to whole steps, never makes the grid
+    exceed one wave of resident programs unless one split alone does, and never splits finer than a step."""
+    launch = decode_attention.DecodeLaunch(block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=3, min_split_tokens=block_n)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decode_attention, "sm_count", lambda device: sms)
+        splits = decode_attention.choose_num_splits(batch, num_kv_heads, max_len, launch, torch.device("cuda"), resident)
+    tokens_per_split = math.ceil(math.ceil(max_len / splits) / block_n) * block_n
+    launched = math.ceil(max_len / tokens_per_split)
+    slots = sms * (resident or launch.programs_per_sm)
+    assert 1 <= launched <= splits <= max(1, math.ceil(max_len / block_n))
+    if batch * num_kv_heads < slots:
+        assert batch * num_kv_heads * launched <= slots
+        assert splits == min(slots // (batch * num_kv_heads), math.ceil(max_len / block_n))
+    else:
+        assert splits == 1
+
+
+def test_programs_per_sm_is_the_tightest_resource(monkeypatch):
+    """Registers, shared memory and threads each bound the resident programs; a kernel that does not
+    report its registers gives None."""
+    import types
+
+    props = types.SimpleNamespace(regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=233472,
+                                  max_threads_per_multi_processor=2048)  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+
+    def compiled(registers, shared, warps):
+        metadata = types.SimpleNamespace(shared=shared, num_warps=warps)
+        return types.SimpleNamespace(_init_handles=lambda: None, n_regs=registers, metadata=metadata)
+
+    cuda = torch.device("cuda")
+    assert programs_per_sm(compiled(124, 38912, 4), cuda) == 4  # registers: 65536 // (128 * 128)
+    assert programs_per_sm(compiled(64, 73728, 4), cuda) == 3  # shared memory: 233472 // (73728 + 1024)
+    assert programs_per_sm(compiled(16, 1024, 8), cuda) == 8  # threads: 2048 // 256
+    assert programs_per_sm(compiled(255, 0, 8), cuda) == 1  # never below one
+    assert programs_per_sm(compiled(None, 1024, 4), cuda) is None
+    assert programs_per_sm(object(), cuda) is None
