@@ -83,7 +83,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, launch: Decod
     ``resident_per_sm`` is how many programs of the compiled kernel fit on an SM at once (default the
     launch's estimate). A grid just over a whole wave leaves a tail of programs that run after the
     rest with the SMs mostly idle: on the H200 Llama-2-7B at 128K ran at 76% of copy bandwidth with
-    544 programs and 101% with 480, for 528 resident (results/decode_split_sweep_h200.json).
+    544 programs and 99-101% with 480, for 528 resident (results/decode_split_sweep*_h200.json).
     """  # fmt: skip
     slots = sm_count(device) * (resident_per_sm or launch.programs_per_sm)
     programs = batch * num_kv_heads
