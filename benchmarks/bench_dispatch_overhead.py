@@ -26,6 +26,7 @@ Usage: python benchmarks/bench_dispatch_overhead.py [--page-size 2MiB] [--sizes 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -135,17 +136,71 @@ def measure_size(label: str, nbytes: int, page_size: int, device: str) -> list[d
     return rows
 
 
+def profile_ops(nbytes: int, page_size: int, ops: list[str], device: str, calls: int = 200) -> list[dict]:
+    """Where the extra device time of a paged op on a resident tensor comes from: ``calls`` calls of
+    each op, paged and plain, under ``torch.profiler`` (device kernels and copies, every CUDA runtime
+    call with its count and host time), and the count of host-synchronising calls that
+    ``torch.cuda.set_sync_debug_mode`` reports."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    numel, pages = nbytes // 4, -(-nbytes // page_size)
+    config = MemoryConfig(vram_limit=max(4, 2 * pages + 4) * page_size, host_memory=max(4, 2 * pages + 4) * page_size,
+                          page_size=page_size, prefetch_strategy="none", device=device)  # fmt: skip
+    report = []
+    with Pager(config) as pager:
+        x, y = torch.randn(numel, device=device), torch.randn(numel, device=device)
+        px, py = PagedTensor.wrap(x.clone(), pager), PagedTensor.wrap(y.clone(), pager)
+        for name in ops:
+            for kind, args in (("plain", (x, y)), ("paged", (px, py))):
+                op = OPS[name]
+                for _ in range(10):
+                    op(*args)
+                synchronize()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    if device == "cuda":
+                        torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        op(*args)
+                    finally:
+                        if device == "cuda":
+                            torch.cuda.set_sync_debug_mode("default")
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(calls):
+                        op(*args)
+                    synchronize()
+                runtime, device = {}, {}
+                for event in prof.key_averages():
+                    device_us = float(getattr(event, "self_device_time_total", 0.0) or 0.0)
+                    if str(getattr(event, "device_type", "")).endswith("CUDA") and device_us > 0:
+                        device[event.key[:120]] = {"calls": int(event.count), "device_us_per_op": round(device_us / calls, 2)}
+                    elif event.key.startswith("cuda"):
+                        runtime[event.key] = {"calls_per_op": round(event.count / calls, 2),
+                                              "host_us_per_op": round(float(event.self_cpu_time_total) / calls, 2)}  # fmt: skip
+                report.append({"op": name, "kind": kind, "bytes": nbytes, "calls": calls, "device": device, "cuda_runtime": runtime,
+                               "sync_debug_warnings": [str(w.message)[:300] for w in caught]})  # fmt: skip
+                print(f"  profile {name} {kind}: {json.dumps(report[-1])[:1500]}", flush=True)
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--page-size", default="2MiB", help="pager page size (default 2MiB, MemoryConfig's default)")
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated subset of {list(SIZES)}")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke check of the script only")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dispatch_overhead.json"))
+    parser.add_argument("--profile", default="", help="comma-separated ops to profile at 1 MB instead of the timing run (e.g. mul_scalar,add)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_dispatch_overhead: needs a CUDA device (or --device cpu for a smoke check)", file=sys.stderr)
         return 2
     page_size = parse_size(args.page_size, "--page-size")
+    if args.profile:
+        write_results(args.out, {"benchmark": "dispatch_overhead_profile", "page_size": page_size,
+                                 "profiles": profile_ops(SIZES["1MB"], page_size, args.profile.split(","), args.device)})  # fmt: skip
+        return 0
     rows = []
     for label in args.sizes.split(","):
         rows.extend(measure_size(label, SIZES[label], page_size, args.device))
