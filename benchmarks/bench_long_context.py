@@ -182,7 +182,9 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
                 generate_kwargs["cache_implementation"] = "offloaded"
             model.generate(warm_prompt, do_sample=False, max_new_tokens=2, attention_mask=mask[:, : warm_prompt.shape[1]],
                            **({"cache_implementation": "offloaded"} if kind == "offloaded" else {}))
-        measured = measure_generate(model, prompt, pager=pager, max_new_tokens=new_tokens, **generate_kwargs)
+        measured = measure_generate(model, prompt, pager=pager, max_new_tokens=new_tokens, output_logits=True,
+                                    return_dict_in_generate=True, **generate_kwargs)  # fmt: skip
+        result.update(top2_of_each_step(measured.output))
         result.update(
             time_to_first_token_s=measured.time_to_first_token_s,
             decode_tokens_per_s=measured.tokens_per_second,
@@ -226,6 +228,18 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- parent: all configurations
+
+
+def top2_of_each_step(output: Any) -> dict[str, list]:
+    """The two highest-scoring tokens of each generated step and the gap between their logits: where
+    two runs' greedy tokens part, whether the first of them had a near tie there."""
+    import torch
+
+    logits = getattr(output, "logits", None)
+    if not logits:
+        return {}
+    top = torch.stack([step[0].float() for step in logits]).topk(2, dim=-1)
+    return {"top2_tokens": top.indices.tolist(), "top2_logit_gap": [round(v, 5) for v in (top.values[:, 0] - top.values[:, 1]).tolist()]}
 
 
 def run_configuration(args: argparse.Namespace, kind: str, context: int) -> dict[str, Any]:
@@ -285,7 +299,10 @@ def judge(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, 
             verdict["ttft_vs_native"] = ratio
             verdict["ttft_target_met"] = ratio <= TARGETS["ttft_vs_native"]
             verdict["tokens_equal_native"] = paged["tokens"] == native["tokens"]
-            verdict["tokens_matching_prefix"] = common_prefix(paged["tokens"], native["tokens"])
+            verdict["tokens_matching_prefix"] = step = common_prefix(paged["tokens"], native["tokens"])
+            if step < min(len(paged["tokens"]), len(native["tokens"])) and "top2_tokens" in paged and "top2_tokens" in native:
+                verdict["first_divergence"] = {"step": step, "native_top2": native["top2_tokens"][step], "paged_top2": paged["top2_tokens"][step],
+                                               "native_logit_gap": native["top2_logit_gap"][step], "paged_logit_gap": paged["top2_logit_gap"][step]}  # fmt: skip
         for kind in ("native_cap", "offloaded"):
             other = by_key.get((kind, context))
             if other is not None:
