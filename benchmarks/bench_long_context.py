@@ -69,7 +69,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--intermediate", type=int, default=11008, help="MLP size (default 11008)")
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary (default 32000)")
     parser.add_argument("--page-size", default="4MiB", help="pager page size (default 4MiB: 256 tokens of K+V at this shape)")
-    parser.add_argument("--chunk", type=int, default=2048, help="prefill chunk, tokens (default 2048)")
+    parser.add_argument("--chunk", type=int, default=8192,
+                        help="prefill chunk, tokens (default 8192: on an H200 at 64K, TTFT 1.09x native against 1.14x with 2048, decode unchanged)")
     parser.add_argument("--kv-vram-gib", type=float, default=None, help="KV device budget, GiB (default: cap - weights - activations)")
     parser.add_argument("--margin-gib", type=float, default=0.4,
                         help="headroom kept under the cap for the allocator and workspaces (default 0.4; a paged run that "
