@@ -445,11 +445,10 @@ class Pager:
         Returns the pages that were missing. On error, pages not yet filled keep no device slot.
         """
         missing = [page for page in pages if page.device_slot is None]
-        for page in pages:
-            if page.device_slot is not None:
-                self.device_policy.touch(page)
-        if not missing:
+        if not missing:  # all resident, the common case: one batched touch, no per-page test
+            self.device_policy.touch_all(pages)
             return missing
+        self.device_policy.touch_all([page for page in pages if page.device_slot is not None])
         self._make_device_room(len(missing))
         for page, slot in zip(missing, self.device_tier.allocate(len(missing))):
             page.device_slot = slot
@@ -677,10 +676,11 @@ class Pager:
             if dirty:
                 resident.allocation.version += 1
             dropped = False
+            fences = self._device_fences
             for page in resident.pages:
                 if event is not None:
-                    self._device_fences.setdefault(page.device_slot, {})[stream_id] = event
-                if page.index in dirty:
+                    fences.setdefault(page.device_slot, {})[stream_id] = event
+                if dirty and page.index in dirty:
                     dropped = dropped or page.host_slot is not None or page.disk_slot is not None
                     self._drop_host_copy(page, forget=True)
                     self._drop_disk_copy(page)

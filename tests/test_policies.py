@@ -71,3 +71,29 @@ def test_double_insert_is_an_error():
         policy.insert("x")
         with pytest.raises(KeyError):
             policy.insert("x")
+
+
+@pytest.mark.parametrize("name", ["lru", "2q"])
+@given(ops=st.lists(st.tuples(st.sampled_from(["insert", "touch_all", "remove"]), st.lists(st.integers(0, 9), max_size=6)), max_size=40))
+def test_touch_all_equals_touching_each_key_in_order(name, ops):
+    """The batched touch the pager uses for an op's pages leaves the same eviction order as one
+    touch per key, and rejects a key that is not resident the same way."""
+    batched, single = make_policy(name, 8), make_policy(name, 8)
+    resident: set[int] = set()
+    for op, keys in ops:
+        if op == "insert":
+            for key in keys:
+                if key not in resident:
+                    batched.insert(key), single.insert(key), resident.add(key)
+        elif op == "remove":
+            for key in keys:
+                if key in resident:
+                    batched.remove(key), single.remove(key), resident.discard(key)
+        elif all(key in resident for key in keys):
+            batched.touch_all(keys)
+            for key in keys:
+                single.touch(key)
+        else:
+            with pytest.raises(KeyError):
+                batched.touch_all([key for key in keys if key not in resident][:1])
+        assert batched.victims(10, lambda k: True) == single.victims(10, lambda k: True)

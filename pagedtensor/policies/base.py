@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Callable, Generic, Hashable, Optional, TypeVar
+from typing import Callable, Generic, Hashable, Iterable, Optional, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
@@ -27,6 +27,12 @@ class EvictionPolicy(abc.ABC, Generic[K]):
     @abc.abstractmethod
     def touch(self, key: K) -> None:
         """``key``, already in the tier, was used."""
+
+    def touch_all(self, keys: Iterable[K]) -> None:
+        """Every key of ``keys``, each already in the tier, was used, in that order (one call for
+        the pages of one op; subclasses replace the per-key method call with a tighter loop)."""
+        for key in keys:
+            self.touch(key)
 
     @abc.abstractmethod
     def remove(self, key: K) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 from pagedtensor.policies.base import EvictionPolicy, K
 
@@ -22,6 +22,11 @@ class LRUPolicy(EvictionPolicy[K]):
 
     def touch(self, key: K) -> None:
         self._order.move_to_end(key)
+
+    def touch_all(self, keys: Iterable[K]) -> None:
+        move_to_end = self._order.move_to_end
+        for key in keys:
+            move_to_end(key)
 
     def remove(self, key: K) -> None:
         del self._order[key]

@@ -10,7 +10,7 @@ leaves the hot set in ``am`` alone.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 from pagedtensor.policies.base import EvictionPolicy, K
 
@@ -44,6 +44,14 @@ class TwoQPolicy(EvictionPolicy[K]):
         elif key not in self.a1in:
             raise KeyError(f"TwoQPolicy.touch: key {key!r} is not resident")
         # A page in a1in stays where it is: one burst of uses is one use.
+
+    def touch_all(self, keys: Iterable[K]) -> None:
+        am, a1in = self.am, self.a1in
+        for key in keys:
+            if key in am:
+                am.move_to_end(key)
+            elif key not in a1in:
+                raise KeyError(f"TwoQPolicy.touch: key {key!r} is not resident")
 
     def remove(self, key: K) -> None:
         if key in self.a1in:
