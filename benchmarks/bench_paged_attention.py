@@ -388,7 +388,7 @@ TUNE_DECODE_SHAPES = (
 def tune_decode_launches() -> list[decode_attention.DecodeLaunch]:
     """The decode launch configurations swept by ``--tune``."""
     steps = [(16, 4), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]  # (block_n, num_warps); splits: one wave
-    return [decode_attention.DecodeLaunch(n, w, st, 4, n) for n, w in steps for st in (2, 3, 4)]
+    return [decode_attention.DecodeLaunch(n, w, st, 4) for n, w in steps for st in (2, 3, 4)]
 
 
 def decode_kernel_breakdown(model: str, batch: int, context: int, page_tokens: int, dtype: torch.dtype) -> dict:
@@ -549,7 +549,7 @@ def split_sweep(page_tokens: int, dtype: torch.dtype, copy_gbs: float, report: d
             counts = sorted({max(1, math.ceil(w * sms / programs)) for w in SPLIT_SWEEP_WAVES} | {1})
             counts = [c for c in counts if c <= context // 32]
             for block_n, warps, stages in SPLIT_SWEEP_STEPS:
-                launch = decode_attention.DecodeLaunch(block_n, warps, stages, 1, 16)
+                launch = decode_attention.DecodeLaunch(block_n, warps, stages, 1)  # splits passed explicitly
                 decode_attention.decode_launch_config = lambda *a, _l=launch: _l
                 for splits in counts:
                     tokens = triton.cdiv(triton.cdiv(context, splits), block_n) * block_n

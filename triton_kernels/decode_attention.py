@@ -58,14 +58,13 @@ class DecodeLaunch:
     num_warps: int
     num_stages: int
     programs_per_sm: int  # resident programs per SM assumed where the compiled kernel does not report its own
-    min_split_tokens: int  # never split finer than this
 
 
-def decode_launch_config(group: int, head_dim: int, dtype: torch.dtype, device: torch.device, programs: int = 1) -> DecodeLaunch:
-    """Launch parameters for a query group size, head size, dtype and ``programs`` = batch x KV heads
-    (the grid before splitting the context), tuned on an H200 and an H100."""
+def decode_launch_config(group: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeLaunch:
+    """Launch parameters for a query group size, head size and dtype, tuned on an H200 (the split
+    count is chosen per call by :func:`choose_num_splits`)."""
     if interpreting() or device.type != "cuda":
-        return DecodeLaunch(block_n=16, num_warps=4, num_stages=1, programs_per_sm=1, min_split_tokens=16)
+        return DecodeLaunch(block_n=16, num_warps=4, num_stages=1, programs_per_sm=1)
     # H200, fp16, 16-token pages, GPU time (bench_paged_attention.py --split-sweep;
     # results/decode_split_sweep_h200.json): 64 tokens a step with 4 warps and 2 stages was the fastest
     # step on every shape once the split count was right (32-token steps tie on the smallest); it
@@ -73,12 +72,13 @@ def decode_launch_config(group: int, head_dim: int, dtype: torch.dtype, device: 
     # stages, 8 warps or 128-token steps were slower. A 64-token step of 256-byte rows is the largest
     # that leaves shared memory for two stages.
     block_n = 64 if head_dim * torch.finfo(dtype).bits // 8 <= 256 else 32
-    return DecodeLaunch(block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=4, min_split_tokens=block_n)
+    return DecodeLaunch(block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=4)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, launch: DecodeLaunch, device: torch.device,
                       resident_per_sm: int | None = None) -> int:
-    """Splits of the context per (sequence, KV head): as many as one wave of resident programs holds.
+    """Splits of the context per (sequence, KV head): as many as one wave of resident programs holds,
+    never finer than one loop step.
 
     ``resident_per_sm`` is how many programs of the compiled kernel fit on an SM at once (default the
     launch's estimate). A grid just over a whole wave leaves a tail of programs that run after the
@@ -89,7 +89,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, launch: Decod
     programs = batch * num_kv_heads
     if programs >= slots:
         return 1
-    return max(1, min(slots // programs, triton.cdiv(max_len, launch.min_split_tokens)))
+    return max(1, min(slots // programs, triton.cdiv(max_len, launch.block_n)))
 
 
 @triton.jit
@@ -309,7 +309,7 @@ def _launch_decode(
     if batch == 0:
         return out, lse
 
-    launch = decode_launch_config(num_heads // num_kv_heads, head_dim, q.dtype, q.device, batch * num_kv_heads)
+    launch = decode_launch_config(num_heads // num_kv_heads, head_dim, q.dtype, q.device)
     max_len = block_table.shape[1] * page_tokens
     if num_splits <= 0:
         resident = resident_programs_per_sm(q, k_pages, v_pages, block_table, seq_lens, launch)

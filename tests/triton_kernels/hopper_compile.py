@@ -68,7 +68,7 @@ def compile_prefill(dtype: torch.dtype, descriptors: bool) -> str:
 
 def compile_decode(dtype: torch.dtype, group: int) -> str:
     head_dim, page_tokens = 128, 16
-    launch = decode_attention.decode_launch_config(group, head_dim, dtype, CUDA, 8)
+    launch = decode_attention.decode_launch_config(group, head_dim, dtype, CUDA)
     element = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     pointers = {name: f"*{element}" for name in ("q_ptr", "k_pages_ptr", "v_pages_ptr")} | {"out_ptr": "*fp32", "lse_ptr": "*fp32"}
     _, precision = decode_attention.dot_options(dtype)

@@ -226,7 +226,7 @@ def test_decode_goes_through_the_custom_op_under_a_dispatch_mode():
 def test_split_count_fills_at_most_one_wave(batch, num_kv_heads, max_len, sms, resident, block_n):
     """The chosen split count, after the launch rounds each split to whole steps, never makes the grid
     exceed one wave of resident programs unless one split alone does, and never splits finer than a step."""
-    launch = decode_attention.DecodeLaunch(block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=3, min_split_tokens=block_n)
+    launch = decode_attention.DecodeLaunch(block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=3)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(decode_attention, "sm_count", lambda device: sms)
         splits = decode_attention.choose_num_splits(batch, num_kv_heads, max_len, launch, torch.device("cuda"), resident)
