@@ -37,7 +37,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import print_table, write_results  # noqa: E402
+from benchmarks.common import kernel_profile, print_table, write_results  # noqa: E402
 from pagedtensor import MemoryConfig, PagedTensor, Pager, parse_size  # noqa: E402
 
 SIZES = {"4KB": 4 * 1024, "1MB": 2**20, "256MB": 256 * 2**20}
@@ -138,12 +138,10 @@ def measure_size(label: str, nbytes: int, page_size: int, device: str) -> list[d
 
 def profile_ops(nbytes: int, page_size: int, ops: list[str], device: str, calls: int = 200) -> list[dict]:
     """Where the extra device time of a paged op on a resident tensor comes from: ``calls`` calls of
-    each op, paged and plain, under ``torch.profiler`` (device kernels and copies, every CUDA runtime
-    call with its count and host time), and the count of host-synchronising calls that
-    ``torch.cuda.set_sync_debug_mode`` reports."""
+    each op, paged and plain, through :func:`benchmarks.common.kernel_profile` (device kernels and
+    copies, every CUDA runtime call), and the synchronising calls ``torch.cuda.set_sync_debug_mode``
+    reports for one call."""
     import warnings
-
-    from torch.profiler import ProfilerActivity, profile
 
     numel, pages = nbytes // 4, -(-nbytes // page_size)
     config = MemoryConfig(vram_limit=max(4, 2 * pages + 4) * page_size, host_memory=max(4, 2 * pages + 4) * page_size,
@@ -167,20 +165,14 @@ def profile_ops(nbytes: int, page_size: int, ops: list[str], device: str, calls:
                     finally:
                         if device == "cuda":
                             torch.cuda.set_sync_debug_mode("default")
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    for _ in range(calls):
-                        op(*args)
-                    synchronize()
-                runtime, device = {}, {}
-                for event in prof.key_averages():
-                    device_us = float(getattr(event, "self_device_time_total", 0.0) or 0.0)
-                    if str(getattr(event, "device_type", "")).endswith("CUDA") and device_us > 0:
-                        device[event.key[:120]] = {"calls": int(event.count), "device_us_per_op": round(device_us / calls, 2)}
-                    elif event.key.startswith("cuda"):
-                        runtime[event.key] = {"calls_per_op": round(event.count / calls, 2),
-                                              "host_us_per_op": round(float(event.self_cpu_time_total) / calls, 2)}  # fmt: skip
-                report.append({"op": name, "kind": kind, "bytes": nbytes, "calls": calls, "device": device, "cuda_runtime": runtime,
-                               "sync_debug_warnings": [str(w.message)[:300] for w in caught]})  # fmt: skip
+                profile = kernel_profile(lambda: [op(*args) for _ in range(calls)])
+                report.append({
+                    "op": name, "kind": kind, "bytes": nbytes, "calls": calls,
+                    "device_us_per_op": {row["name"][:120]: round(row["device_ms"] * 1e3 / calls, 2) for row in profile["top"]},
+                    "cuda_runtime_per_op": {key: {"calls": round(row["calls"] / calls, 2), "host_us": round(row["host_ms"] * 1e3 / calls, 2)}
+                                            for key, row in profile["cuda_runtime_calls"].items()},
+                    "sync_debug_warnings": [str(w.message)[:300] for w in caught],
+                })  # fmt: skip
                 print(f"  profile {name} {kind}: {json.dumps(report[-1])[:1500]}", flush=True)
     return report
 

@@ -217,9 +217,10 @@ def kernel_profile(fn: Any, top: int = 25) -> dict[str, Any]:
     """Run ``fn()`` once under ``torch.profiler`` and summarise where the device time went.
 
     Returns the ``top`` device kernels and copies by total device time (name, calls, ms), the total
-    device time of all of them, and the count of host calls that synchronise or (re)allocate memory
+    device time of all of them, the count of host calls that synchronise or (re)allocate memory
     (``cudaStreamSynchronize``, ``cudaFree``, ...): a prefill that should run ahead of the GPU and
-    makes such calls is stalling. On a CPU-only machine the kernel lists are empty.
+    makes such calls is stalling, and every CUDA runtime call with its count and host ms. On a
+    CPU-only machine the kernel and call lists are empty.
 
     Note:
         The profiler adds host overhead; compare the device times, not the wall time, between runs.
@@ -240,17 +241,21 @@ def kernel_profile(fn: Any, top: int = 25) -> dict[str, Any]:
 
     kernels = []
     host_calls: dict[str, int] = {}
+    runtime: dict[str, dict[str, float]] = {}
     for event in averages:
         if event.key in SYNC_CALLS or any(event.key.startswith(name) for name in SYNC_CALLS):
             host_calls[event.key] = host_calls.get(event.key, 0) + int(event.count)
         if str(getattr(event, "device_type", "")).endswith("CUDA") and device_us(event) > 0:
             kernels.append({"name": event.key[:160], "calls": int(event.count), "device_ms": round(device_us(event) / 1e3, 3)})
+        elif event.key.startswith("cuda"):
+            runtime[event.key] = {"calls": int(event.count), "host_ms": round(float(event.self_cpu_time_total) / 1e3, 3)}
     kernels.sort(key=lambda row: row["device_ms"], reverse=True)
     return {
         "wall_ms_profiled": round(wall_ms, 1),
         "device_ms_total": round(sum(row["device_ms"] for row in kernels), 1),
         "top": kernels[:top],
         "host_sync_and_alloc_calls": host_calls,
+        "cuda_runtime_calls": runtime,
     }
 
 

@@ -41,6 +41,7 @@ def test_kernel_profile_runs_the_function_once_and_reports_its_shape():
     calls = []
     profile = kernel_profile(lambda: calls.append(torch.ones(64).sum()))
     assert len(calls) == 1
-    assert set(profile) == {"wall_ms_profiled", "device_ms_total", "top", "host_sync_and_alloc_calls"}
+    assert set(profile) == {"wall_ms_profiled", "device_ms_total", "top", "host_sync_and_alloc_calls", "cuda_runtime_calls"}
     assert profile["wall_ms_profiled"] > 0
     assert profile["top"] == [] and profile["device_ms_total"] == 0  # no device kernels on a CPU-only machine
+    assert profile["cuda_runtime_calls"] == {}  # nor CUDA runtime calls
