@@ -77,6 +77,11 @@ def bench_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> floa
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def gb_per_s(nbytes: int, ms: float) -> float:
+    """Bytes moved in ``ms`` milliseconds, in GB/s."""
+    return nbytes / (ms * 1e-3) / 1e9
+
+
 def rotate(calls: list[Callable[[], object]]) -> Callable[[], object]:
     """One callable that runs ``calls`` in turn, one per invocation."""
     state = {"i": 0}
@@ -144,7 +149,7 @@ def copy_bandwidth_gbs(nbytes: int = 2 * 2**30) -> float:
     ms = bench_ms(lambda: dst.copy_(src))
     del src, dst
     torch.cuda.empty_cache()
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+    return gb_per_s(2 * nbytes, ms)
 
 
 def rotated(make: Callable[[], tuple], nbytes: int) -> list[tuple]:
@@ -245,9 +250,9 @@ def bench_decode(model: str, batch: int, context: int, page_tokens: int, dtype: 
         pass
     del sets, ours, sdpa, q, k, v
     torch.cuda.empty_cache()
-    bw = kv_bytes / (ours_ms * 1e-3) / 1e9
-    b2b_bw = kv_bytes / (ours_b2b_us * 1e-6) / 1e9
-    eager_bw = kv_bytes / (ours_eager_ms * 1e-3) / 1e9
+    bw = gb_per_s(kv_bytes, ours_ms)
+    b2b_bw = gb_per_s(kv_bytes, ours_b2b_us / 1e3)
+    eager_bw = gb_per_s(kv_bytes, ours_eager_ms)
     return {
         "kind": "decode", "model": model, "batch": batch, "context": context, "page_tokens": page_tokens,
         "dtype": str(dtype).removeprefix("torch."), "kv_bytes": kv_bytes, "correct": correct,
@@ -257,7 +262,7 @@ def bench_decode(model: str, batch: int, context: int, page_tokens: int, dtype: 
         "speedup_vs_sdpa": sdpa_ms / ours_ms,
         "back_to_back_calls": calls, "back_to_back_time_us": ours_b2b_us, "back_to_back_bandwidth_frac_of_copy": b2b_bw / copy_gbs,
         "sdpa_back_to_back_time_us": sdpa_b2b_us,
-        "sum_same_bytes_back_to_back_frac_of_copy": kv_bytes / (sum_b2b_us * 1e-6) / 1e9 / copy_gbs,
+        "sum_same_bytes_back_to_back_frac_of_copy": gb_per_s(kv_bytes, sum_b2b_us / 1e3) / copy_gbs,
         "pass_bandwidth_back_to_back": b2b_bw >= DECODE_BANDWIDTH_TARGET * copy_gbs,
         "pass_vs_sdpa_back_to_back": ours_b2b_us < sdpa_b2b_us,
         "eager_time_us": ours_eager_ms * 1e3, "eager_bandwidth_frac_of_copy": eager_bw / copy_gbs,
@@ -436,7 +441,7 @@ def tune(page_tokens: int, dtype: torch.dtype, copy_gbs: float, results: list, s
                     ms, err = None, repr(exc)[:200]
                 else:
                     err = None if ok else "wrong result"
-                frac = kv_bytes / (ms * 1e-3) / 1e9 / copy_gbs if ms else None
+                frac = gb_per_s(kv_bytes, ms) / copy_gbs if ms else None
                 results.append({"kernel": "decode", "model": model, "batch": batch, "context": context,
                                 **dataclasses.asdict(launch), "time_us": ms * 1e3 if ms else None,
                                 "bandwidth_frac_of_copy": frac, "error": err})  # fmt: skip
@@ -542,7 +547,7 @@ def split_sweep(page_tokens: int, dtype: torch.dtype, copy_gbs: float, report: d
                      "back_to_back_calls": max(BACK_TO_BACK_CALLS, len(default))}  # fmt: skip
             del src, dst, flat
             for key in ("copy_same_bytes_us", "sum_same_bytes_us", "default_us", "default_back_to_back_us"):
-                shape[key.replace("_us", "_frac_of_copy")] = kv_bytes / (shape[key] * 1e-6) / 1e9 / copy_gbs
+                shape[key.replace("_us", "_frac_of_copy")] = gb_per_s(kv_bytes, shape[key] / 1e3) / copy_gbs
             shapes.append(shape)
             print(f"  sweep {model} b{batch} {context}: {json.dumps({k: round(v, 3) for k, v in shape.items() if isinstance(v, float)})}", flush=True)
             programs = batch * num_kv_heads
@@ -563,7 +568,7 @@ def split_sweep(page_tokens: int, dtype: torch.dtype, copy_gbs: float, report: d
                         err = None if ok else "wrong result"
                     sweep.append({"model": model, "batch": batch, "context": context, "block_n": block_n, "num_warps": warps,
                                   "num_stages": stages, "num_splits": triton.cdiv(context, tokens), "programs": programs * triton.cdiv(context, tokens),
-                                  "time_us": us, "bandwidth_frac_of_copy": kv_bytes / (us * 1e-6) / 1e9 / copy_gbs if us else None,
+                                  "time_us": us, "bandwidth_frac_of_copy": gb_per_s(kv_bytes, us / 1e3) / copy_gbs if us else None,
                                   "error": err})  # fmt: skip
             decode_attention.decode_launch_config = default_decode
             rows = [r for r in sweep if (r["model"], r["batch"], r["context"]) == (model, batch, context) and r["time_us"]]
