@@ -13,6 +13,10 @@ Two timings per op, both medians:
   sees it; it is reported with its own ratio (``wall_ratio``), checked against the same target as
   information only (``wall_ok``).
 
+A third column, ``floor``, times the same op on :class:`ForwardingTensor`: the least any Python
+``__torch_dispatch__`` subclass costs (it unwraps one held tensor and calls the op; views stay
+subclass instances, as a PagedTensor's do). What a paged op costs above it is the pager's own work.
+
 Each size gets a fresh pager (default page size, 2 MiB), so the pages of a tensor sit in adjacent
 device slots and ops run zero-copy on them, as they do for a tensor faulted in as a whole. Paged
 results are checked bitwise against the plain ones before timing.
@@ -51,6 +55,34 @@ OPS = {
     "add_inplace": lambda x, y: x.add_(1.0),
     "slice_sum": lambda x, y: x[1:].sum(),
 }
+
+
+class ForwardingTensor(torch.Tensor):
+    """The floor of a ``__torch_dispatch__`` wrapper subclass: every op runs on the held tensor.
+
+    View results are wrapped again and in-place ops return their (wrapped) input, as for a
+    PagedTensor; nothing else happens per op.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, inner: torch.Tensor) -> "ForwardingTensor":
+        out = torch.Tensor._make_wrapper_subclass(
+            cls, inner.shape, strides=inner.stride(), storage_offset=inner.storage_offset(), dtype=inner.dtype, device=inner.device
+        )
+        out.inner = inner
+        return out
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206 - torch's protocol
+        out = func(*(a.inner if isinstance(a, ForwardingTensor) else a for a in args), **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            if args and isinstance(args[0], ForwardingTensor) and out is args[0].inner:
+                return args[0]
+            if func.is_view:
+                return ForwardingTensor(out)
+        return out
 
 
 def synchronize() -> None:
@@ -97,6 +129,7 @@ def measure_size(label: str, nbytes: int, page_size: int, device: str) -> list[d
         y = torch.randn(numel, device=device, generator=g)
         px, py = PagedTensor.wrap(x, pager), PagedTensor.wrap(y, pager)
         assert px.residency()["device"] == pages and py.residency()["device"] == pages, "not fully resident"
+        fx, fy = ForwardingTensor(x.clone()), ForwardingTensor(y.clone())
         calls = (2000 if nbytes <= 2**20 else 200) if device != "cpu" else 20
         for name, op in OPS.items():
             x.copy_(px.materialize())  # timed in-place ops change both sides differently: start equal
@@ -107,6 +140,8 @@ def measure_size(label: str, nbytes: int, page_size: int, device: str) -> list[d
             paged_gpu = gpu_median_us(lambda: op(px, py), device)
             plain_wall = wall_median_us(lambda: op(x, y), calls)
             paged_wall = wall_median_us(lambda: op(px, py), calls)
+            floor_gpu = gpu_median_us(lambda: op(fx, fy), device)
+            floor_wall = wall_median_us(lambda: op(fx, fy), calls)
             checked = nbytes >= TARGET_FROM_BYTES
             gpu_ratio = paged_gpu / plain_gpu
             wall_ratio = paged_wall / plain_wall
@@ -123,6 +158,10 @@ def measure_size(label: str, nbytes: int, page_size: int, device: str) -> list[d
                     "paged_wall_us": paged_wall,
                     "wall_ratio": wall_ratio,
                     "wall_overhead_us": paged_wall - plain_wall,
+                    "floor_gpu_us": floor_gpu,
+                    "floor_wall_us": floor_wall,
+                    "floor_wall_ratio": floor_wall / plain_wall,
+                    "pager_wall_us": paged_wall - floor_wall,
                     "bitwise_equal": bitwise,
                     "target": f"<= {TARGET_RATIO}x" if checked else "report only",
                     "pass": (gpu_ratio <= TARGET_RATIO and bitwise) if checked else bitwise,
@@ -177,6 +216,45 @@ def profile_ops(nbytes: int, page_size: int, ops: list[str], device: str, calls:
     return report
 
 
+def host_profile_ops(nbytes: int, page_size: int, ops: list[str], device: str, calls: int = 2000, top: int = 25) -> list[dict]:
+    """Where the host time of a paged op goes: ``cProfile`` over ``calls`` calls of each op on a
+    resident tensor; the ``top`` functions by own time, in µs per op (cProfile adds its own cost
+    per Python call, so the figures are relative, not absolute)."""
+    import cProfile
+    import pstats
+
+    numel, pages = nbytes // 4, -(-nbytes // page_size)
+    config = MemoryConfig(vram_limit=max(4, 2 * pages + 4) * page_size, host_memory=max(4, 2 * pages + 4) * page_size,
+                          page_size=page_size, prefetch_strategy="none", device=device)  # fmt: skip
+    report = []
+    with Pager(config) as pager:
+        px = PagedTensor.wrap(torch.randn(numel, device=device), pager)
+        py = PagedTensor.wrap(torch.randn(numel, device=device), pager)
+        for name in ops:
+            op = OPS[name]
+            for _ in range(50):
+                op(px, py)
+            synchronize()
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(calls):
+                op(px, py)
+            profiler.disable()
+            synchronize()
+            stats = pstats.Stats(profiler).stats  # {(file, line, function): (calls, primitive, own s, cumulative s, callers)}
+            rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+            report.append({
+                "op": name, "bytes": nbytes, "calls": calls,
+                "top_own_us_per_op": [
+                    {"function": f"{os.path.basename(key[0])}:{key[1]}({key[2]})", "calls_per_op": round(value[0] / calls, 2),
+                     "own_us": round(value[2] * 1e6 / calls, 2), "cumulative_us": round(value[3] * 1e6 / calls, 2)}
+                    for key, value in rows
+                ],
+            })  # fmt: skip
+            print(f"  host profile {name}: " + ", ".join(f"{r['function']} {r['own_us']}" for r in report[-1]["top_own_us_per_op"][:8]), flush=True)
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--page-size", default="2MiB", help="pager page size (default 2MiB, MemoryConfig's default)")
@@ -184,11 +262,16 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke check of the script only")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dispatch_overhead.json"))
     parser.add_argument("--profile", default="", help="comma-separated ops to profile at 1 MB instead of the timing run (e.g. mul_scalar,add)")
+    parser.add_argument("--host-profile", default="", help="comma-separated ops whose Python host time to profile (cProfile) at 1 MB instead")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_dispatch_overhead: needs a CUDA device (or --device cpu for a smoke check)", file=sys.stderr)
         return 2
     page_size = parse_size(args.page_size, "--page-size")
+    if args.host_profile:
+        write_results(args.out, {"benchmark": "dispatch_overhead_host_profile", "page_size": page_size,
+                                 "profiles": host_profile_ops(SIZES["1MB"], page_size, args.host_profile.split(","), args.device)})  # fmt: skip
+        return 0
     if args.profile:
         write_results(args.out, {"benchmark": "dispatch_overhead_profile", "page_size": page_size,
                                  "profiles": profile_ops(SIZES["1MB"], page_size, args.profile.split(","), args.device)})  # fmt: skip
@@ -209,7 +292,8 @@ def main() -> int:
             "rows": rows,
         },
     )
-    print_table(rows, ["size", "op", "plain_gpu_us", "paged_gpu_us", "gpu_ratio", "plain_wall_us", "paged_wall_us", "wall_ratio", "bitwise_equal", "pass"])
+    print_table(rows, ["size", "op", "plain_gpu_us", "paged_gpu_us", "gpu_ratio", "plain_wall_us", "paged_wall_us", "wall_ratio",
+                       "floor_wall_us", "floor_wall_ratio", "bitwise_equal", "pass"])  # fmt: skip
     print(f"pass: {passed}  (results in {args.out})")
     return 0 if passed else 1
 

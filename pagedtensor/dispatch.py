@@ -41,6 +41,7 @@ An op needs every page it touches resident at once: an op whose span does not fi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -149,6 +150,8 @@ class PagedDispatcher:
         if any(leaf._inner is not None for leaf in leaves):
             return self._forward_traced(func, leaves, args, kwargs)
         handler = self.handlers.get(func)
+        if handler is view_of_pages:
+            return view_of_pages(func, types, args, kwargs, leaves)
         if handler is not None:
             return handler(func, types, args, kwargs)
         return self.run_paged(func, types, args, kwargs, leaves)
@@ -162,14 +165,14 @@ class PagedDispatcher:
                 f"does not support{_describe(args, kwargs)}"
             )
         if info.is_view:
-            return view_of_pages(func, types, args, kwargs)
+            return view_of_pages(func, types, args, kwargs, leaves)
         if leaves is None:
             leaves = _paged_leaves(args, kwargs)
         if _pending_frees:
             drain_pending_frees()
         if not info.written and len(leaves) == 1:
             return _read_one(func, args, kwargs, leaves[0])
-        written = _written_leaves(info, args, kwargs)
+        written = _written_leaves(info, args, kwargs) if info.written else []
 
         # One window of resident pages per allocation, over the union of its arguments' spans.
         groups: dict[int, _Group] = {}
@@ -194,24 +197,24 @@ class PagedDispatcher:
                     group = groups.get(id(leaf._paged))
                     if group is not None:
                         group.private = True
-        discard = _overwritten_pages(func, args, written, groups)
+        discard = _overwritten_pages(func, args, written, groups) if func in _OVERWRITING else {}
 
-        windows: list[tuple[_Group, _Window]] = []
+        opened: list[_Group] = []
         try:
             for group in groups.values():
-                windows.append((group, _Window(group.storage, group.lo, group.hi, discard.get(id(group.storage), ()), group.private)))
+                group.window = _Window(group.storage, group.lo, group.hi, discard.get(id(group.storage), ()), group.private)
+                opened.append(group)
         except OutOfPagesError as error:
-            _release_all(windows, failed=True)
+            _release_all(opened, failed=True)
             raise _too_many_pages(func, error) from error
         except BaseException:
-            _release_all(windows, failed=True)
+            _release_all(opened, failed=True)
             raise
 
         dense: dict[int, torch.Tensor] = {}
-        by_storage = {id(group.storage): window for group, window in windows}
         for leaf in leaves:
-            window = by_storage.get(id(leaf._paged))
-            dense[id(leaf)] = window.dense(leaf) if window is not None else _empty_like_leaf(leaf)
+            group = groups.get(id(leaf._paged))
+            dense[id(leaf)] = group.window.dense(leaf) if group is not None else _empty_like_leaf(leaf)
         dense_args, dense_kwargs = _substitute(args, kwargs, dense)
         try:
             out = func(*dense_args, **dense_kwargs)
@@ -225,13 +228,14 @@ class PagedDispatcher:
             if info.returns_written and written:
                 result_of = {id(dense[id(leaf)]): leaf for leaf in written}
                 out = _map_tensors(out, lambda t: result_of.get(id(t), t))
-            slabs = {window.slab_ptr for _, window in windows if not window.gathered}
-            if slabs:
-                out = _map_tensors(out, lambda t: _unalias(t, slabs))
+            zero_copy = [group.window for group in opened if not group.window.gathered]
+            if zero_copy:
+                out = _map_tensors(out, lambda t: _unalias(t, zero_copy))
         except BaseException:
-            _release_all(windows, failed=True)
+            _release_all(opened, failed=True)
             raise
-        for group, window in windows:
+        for group in opened:
+            window = group.window
             if group.written:
                 for leaf in group.written:
                     window.write_back(*_byte_span(leaf))
@@ -296,22 +300,28 @@ class PagedDispatcher:
 def _read_one(func: OpOverload, args: tuple, kwargs: dict, leaf: PagedTensor) -> Any:
     """The common case of step 2, kept short: an op that reads one PagedTensor and writes none."""
     lo, hi = _byte_span(leaf)
+    if lo == hi:
+        dense_args, dense_kwargs = _substitute(args, kwargs, {id(leaf): _empty_like_leaf(leaf)})
+        return func(*dense_args, **dense_kwargs)
     try:
-        dense = _Window(leaf._paged, lo, hi) if lo != hi else None
+        window = _Window(leaf._paged, lo, hi)
     except OutOfPagesError as error:
         raise _too_many_pages(func, error) from error
     try:
-        view = dense.dense(leaf) if dense is not None else _empty_like_leaf(leaf)
+        view = window.dense(leaf)
         if len(args) == 1 and not kwargs:
             out = func(view)
         else:
             dense_args, dense_kwargs = _substitute(args, kwargs, {id(leaf): view})
             out = func(*dense_args, **dense_kwargs)
-        if dense is not None and not dense.gathered:
-            out = _map_tensors(out, lambda t: _unalias(t, (dense.slab_ptr,)))
+        if not window.gathered:
+            if isinstance(out, torch.Tensor):
+                if window.shares_slab(out):
+                    out = _unalias(out, (window,))
+            else:
+                out = _map_tensors(out, lambda t: _unalias(t, (window,)))
     finally:
-        if dense is not None:
-            dense.release()
+        window.release()
     return out
 
 
@@ -325,7 +335,7 @@ implements = DISPATCHER.implements
 class _Group:
     """The PagedTensor arguments of one op that share an allocation, and their union byte span."""
 
-    __slots__ = ("storage", "lo", "hi", "leaves", "written", "private")
+    __slots__ = ("storage", "lo", "hi", "leaves", "written", "private", "window")
 
     def __init__(self, storage: PagedStorage, lo: int, hi: int, leaf: PagedTensor) -> None:
         self.storage = storage
@@ -333,6 +343,7 @@ class _Group:
         self.leaves = [leaf]
         self.written: list[PagedTensor] = []
         self.private = False  # run on a gathered copy even when the slots are adjacent
+        self.window: Optional[_Window] = None  # set once its pages are resident and pinned
 
     def add(self, lo: int, hi: int, leaf: PagedTensor) -> None:
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
@@ -347,7 +358,7 @@ class _Window:
     written bytes back.
     """
 
-    __slots__ = ("resident", "page_size", "first_byte", "runs", "buf", "gathered")
+    __slots__ = ("resident", "page_size", "first_byte", "runs", "buf", "gathered", "slab_span")
 
     def __init__(self, storage: PagedStorage, lo: int, hi: int, discard: Iterable[int] = (), private: bool = False) -> None:
         allocation = storage.allocation
@@ -357,10 +368,12 @@ class _Window:
         self.resident: ResidentPages = storage.pager.ensure_resident(allocation, first, stop, discard=discard)
         try:
             self.resident.wait()
-            self.runs = _single_run(self.resident) or self.resident.runs()
-            if len(self.runs) == 1 and not private:
-                self.buf = self.runs[0][1]
+            run = _single_run(self.resident)
+            self.runs = [(0, run)] if run is not None else self.resident.runs()
+            if run is not None and not private:
+                self.buf = run
                 self.gathered = False
+                self.slab_span = storage.pager.device_tier.slab_span(self.resident.pages[0].device_slot)
             else:
                 total = sum(view.numel() for _, view in self.runs)
                 self.buf = torch.empty(total, dtype=torch.uint8, device=self.runs[0][1].device)
@@ -368,13 +381,15 @@ class _Window:
                     start = page_offset * page_size
                     self.buf[start : start + view.numel()].copy_(view)
                 self.gathered = True
+                self.slab_span = (0, 0)
         except BaseException:
             self.resident.release()
             raise
 
-    @property
-    def slab_ptr(self) -> int:
-        return self.buf.untyped_storage().data_ptr()
+    def shares_slab(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` lies in the device slab this window views (never when gathered)."""
+        lo, hi = self.slab_span
+        return lo <= tensor.data_ptr() < hi
 
     def bytes(self, lo: int, hi: int) -> torch.Tensor:
         """Bytes ``[lo, hi)`` of the allocation (a view of ``buf``)."""
@@ -405,28 +420,29 @@ class _Window:
         self.resident.release(dirty=dirty if dirty else False)
 
 
-def _single_run(resident: ResidentPages) -> Optional[list[tuple[int, torch.Tensor]]]:
-    """``resident.runs()`` when all slots are adjacent (the common case), found with one list compare
-    instead of a Python step per page; ``None`` otherwise."""
+def _single_run(resident: ResidentPages) -> Optional[torch.Tensor]:
+    """One view of all the pages when their slots are adjacent (the common case), found with one
+    list compare instead of a Python step per page; ``None`` otherwise."""
     pages = resident.pages
     tier = resident.pager.device_tier
     first = pages[0].device_slot
     count = len(pages)
-    if first // tier.slab_pages != (first + count - 1) // tier.slab_pages:
-        return None
-    if [page.device_slot for page in pages] != list(range(first, first + count)):
-        return None
-    nbytes = (count - 1) * resident.allocation.page_size + pages[-1].nbytes
-    return [(0, tier.run(first, count)[:nbytes])]
+    if count > 1:
+        if first // tier.slab_pages != (first + count - 1) // tier.slab_pages:
+            return None
+        if [page.device_slot for page in pages] != list(range(first, first + count)):
+            return None
+    return tier.run(first, count, (count - 1) * resident.allocation.page_size + pages[-1].nbytes)
 
 
 def _too_many_pages(func: OpOverload, error: OutOfPagesError) -> OutOfPagesError:
     return OutOfPagesError(f"{func}: its PagedTensor arguments need more pages at once than the device tier can hold: {error}")
 
 
-def _release_all(windows: Sequence[tuple[_Group, _Window]], failed: bool) -> None:
+def _release_all(groups: Sequence[_Group], failed: bool) -> None:
     """Release after an error: zero-copy pages an op may have written count as dirty (conservative)."""
-    for group, window in windows:
+    for group in groups:
+        window = group.window
         if window.resident.released:
             continue
         dirty = _dirty_pages(group.written, window.page_size) if failed and group.written and not window.gathered else ()
@@ -437,10 +453,16 @@ def _release_all(windows: Sequence[tuple[_Group, _Window]], failed: bool) -> Non
 
 
 def _byte_span(tensor: PagedTensor) -> tuple[int, int]:
-    """Bytes ``[lo, hi)`` of the allocation that ``tensor`` can reach (empty when it has no elements)."""
-    lo, hi = element_span(tensor.shape, tensor.stride(), tensor._offset)
-    itemsize = tensor.dtype.itemsize
-    return lo * itemsize, hi * itemsize
+    """Bytes ``[lo, hi)`` of the allocation that ``tensor`` can reach (empty when it has no elements).
+
+    Computed once per tensor: a PagedTensor's size, strides and offset never change.
+    """
+    span = tensor._span
+    if span is None:
+        lo, hi = element_span(tensor.shape, tensor.stride(), tensor._offset)
+        itemsize = tensor.dtype.itemsize
+        span = tensor._span = (lo * itemsize, hi * itemsize)
+    return span
 
 
 def touched_pages(size: Sequence[int], stride: Sequence[int], offset: int, itemsize: int, page_size: int) -> list[int]:
@@ -453,6 +475,8 @@ def touched_pages(size: Sequence[int], stride: Sequence[int], offset: int, items
     lo, hi = element_span(size, stride, offset)
     if lo == hi:
         return []
+    if hi - lo <= math.prod(size):  # no gaps: every page of the span (a superset when elements overlap)
+        return list(range(lo * itemsize // page_size, (hi * itemsize - 1) // page_size + 1))
     dims = sorted(((s, n) for n, s in zip(size, stride) if n > 1), reverse=True)
     starts = [lo]
     level = 0
@@ -566,9 +590,10 @@ def _map_tensors(out: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     return out
 
 
-def _unalias(tensor: torch.Tensor, slabs: set[int]) -> torch.Tensor:
-    """A result that shares a device slab (an op whose schema hides an alias) must not outlive the pin."""
-    if isinstance(tensor, PagedTensor) or tensor.untyped_storage().data_ptr() not in slabs:
+def _unalias(tensor: torch.Tensor, windows: Sequence[_Window]) -> torch.Tensor:
+    """A result that shares a device slab (an op whose schema hides an alias) must not outlive the
+    pin: it is copied out."""
+    if isinstance(tensor, PagedTensor) or not any(window.shares_slab(tensor) for window in windows):
         return tensor
     copy = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
     return copy.copy_(tensor) if _is_dense(tensor) else tensor.clone()
@@ -605,10 +630,14 @@ def _describe(args: tuple, kwargs: dict) -> str:
 
 
 def _meta_like(tensor: PagedTensor) -> torch.Tensor:
-    """A meta tensor with ``tensor``'s layout over a storage as large as its allocation."""
-    elements = tensor._paged.nbytes // tensor.dtype.itemsize
-    base = torch.empty((elements,), dtype=tensor.dtype, device="meta")
-    return base.as_strided(tensor.shape, tensor.stride(), tensor._offset)
+    """A meta tensor with ``tensor``'s layout over a storage as large as its allocation.
+
+    Made once per PagedTensor (its layout never changes) from one meta base per allocation and dtype.
+    """
+    meta = tensor._meta
+    if meta is None:
+        meta = tensor._meta = tensor._paged.meta_base(tensor.dtype).as_strided(tensor.shape, tensor.stride(), tensor._offset)
+    return meta
 
 
 _VIEW_OPS = [
@@ -620,26 +649,29 @@ _VIEW_OPS = [
 
 
 @implements(_VIEW_OPS)
-def view_of_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+def view_of_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict, leaves: Optional[list[PagedTensor]] = None) -> Any:
     """A view op: run it on a meta tensor of the same layout; the results are PagedTensors over the
-    same pages (nothing faults in)."""
+    same pages (nothing faults in). ``leaves``: the PagedTensor arguments, when the caller has them."""
     source = args[0]
     if not isinstance(source, PagedTensor):  # the view is of a plain argument
         return DISPATCHER.run_paged(func, types, args, kwargs)
-    metas = {id(leaf): _meta_like(leaf) for leaf in _paged_leaves(args, kwargs)}
-    meta_args, meta_kwargs = _substitute(args, kwargs, metas)
+    if leaves is None:
+        leaves = _paged_leaves(args, kwargs)
     try:
-        out = func(*meta_args, **meta_kwargs)
+        if len(leaves) == 1:  # the source is the only PagedTensor argument: the common case
+            out = func(_meta_like(source), *args[1:], **kwargs)
+        else:
+            meta_args, meta_kwargs = _substitute(args, kwargs, {id(leaf): _meta_like(leaf) for leaf in leaves})
+            out = func(*meta_args, **meta_kwargs)
     except NotImplementedError as error:
         raise NotImplementedError(f"PagedTensor: view op {func} has no meta kernel{_describe(args, kwargs)}: {error}") from error
 
     def to_paged(meta: torch.Tensor) -> PagedTensor:
         if meta.is_conj() or meta.is_neg():
             raise NotImplementedError(f"PagedTensor: {func} sets the conjugate/negative bit, which a PagedTensor does not carry{_describe(args, kwargs)}")
-        byte_offset = meta.storage_offset() * meta.dtype.itemsize
-        return PagedTensor._make(source._paged, byte_offset // meta.dtype.itemsize, tuple(meta.shape), meta.stride(), meta.dtype)
+        return PagedTensor._make(source._paged, meta.storage_offset(), tuple(meta.shape), meta.stride(), meta.dtype)
 
-    return _map_tensors(out, to_paged)
+    return to_paged(out) if isinstance(out, torch.Tensor) else _map_tensors(out, to_paged)
 
 
 # ---------------------------------------------------------------------- handlers: metadata only

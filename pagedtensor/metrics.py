@@ -1,14 +1,17 @@
-"""Pager counters, kept as plain ints and mirrored as Prometheus metrics in a registry per pager.
+"""Pager counters, kept as plain ints and read by Prometheus at scrape time.
 
 ``PagerMetrics.count`` is the one place a counter changes, so ``Pager.stats()`` and a Prometheus
-scrape of ``metrics.registry`` always agree. The pager counts per batch of pages, never per page.
+scrape of ``metrics.registry`` always agree. The pager counts per batch of pages, never per page,
+under its lock. A count is one dict update: the Prometheus families are built only when the
+registry is collected (``PagerCollector``), so the fault-in path never takes the client's locks.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 COUNTER_HELP: dict[str, str] = {
     "faults": "Pages requested on the device tier that were not resident there",
@@ -22,31 +25,61 @@ COUNTER_HELP: dict[str, str] = {
     "bytes_from_disk": "Bytes read from the disk tier's files",
 }
 TIERS = ("device", "host", "disk")
+RESIDENT_HELP = "Bytes of pages held per tier"
+
+ResidentBytes = Callable[[], dict[str, int]]
+"""Returns the bytes of pages each tier holds now (keys: ``TIERS``)."""
 
 
 class PagerMetrics:
-    """The counters of one pager and their Prometheus twins in ``registry``."""
+    """The counters of one pager, exposed in ``registry`` as ``<namespace>_<name>_total`` counters
+    and a ``<namespace>_resident_bytes{tier=...}`` gauge read from ``resident_bytes`` at scrape time.
 
-    def __init__(self, registry: Optional[CollectorRegistry] = None, namespace: str = "pagedllm") -> None:
+    Raises:
+        ValueError: ``registry`` already holds metrics of these names (another pager's, say).
+    """
+
+    def __init__(
+        self, registry: Optional[CollectorRegistry] = None, namespace: str = "pagedllm", resident_bytes: Optional[ResidentBytes] = None
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.values: dict[str, int] = dict.fromkeys(COUNTER_HELP, 0)
-        self._counters = {
-            name: Counter(f"{namespace}_{name}", help_text, registry=self.registry) for name, help_text in COUNTER_HELP.items()
-        }
-        self._resident = Gauge(f"{namespace}_resident_bytes", "Bytes of pages held per tier", ["tier"], registry=self.registry)
-        for tier in TIERS:
-            self._resident.labels(tier=tier).set(0)
+        self.namespace = namespace
+        self._resident_bytes = resident_bytes if resident_bytes is not None else (lambda: dict.fromkeys(TIERS, 0))
+        self.registry.register(PagerCollector(self))
 
     def count(self, name: str, amount: int = 1) -> None:
-        """Add ``amount`` to counter ``name``."""
-        if amount:
-            self.values[name] += amount
-            self._counters[name].inc(amount)
+        """Add ``amount`` to counter ``name`` (the caller holds the pager's lock)."""
+        self.values[name] += amount
 
-    def set_resident(self, tier: str, nbytes: int) -> None:
-        """Record that ``tier`` holds ``nbytes`` of pages now."""
-        self._resident.labels(tier=tier).set(nbytes)
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes of pages each tier holds now."""
+        return self._resident_bytes()
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)
+
+
+class PagerCollector:
+    """A Prometheus collector that builds the families of one :class:`PagerMetrics` when scraped."""
+
+    def __init__(self, metrics: PagerMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples (the registry checks names against its other collectors)."""
+        prefix = self.metrics.namespace
+        for name, help_text in COUNTER_HELP.items():
+            yield CounterMetricFamily(f"{prefix}_{name}", help_text)
+        yield GaugeMetricFamily(f"{prefix}_resident_bytes", RESIDENT_HELP, labels=["tier"])
+
+    def collect(self) -> Iterator[Metric]:
+        prefix = self.metrics.namespace
+        values = dict(self.metrics.values)  # one snapshot: counters never tear across families
+        for name, help_text in COUNTER_HELP.items():
+            yield CounterMetricFamily(f"{prefix}_{name}", help_text, value=values[name])
+        resident = GaugeMetricFamily(f"{prefix}_resident_bytes", RESIDENT_HELP, labels=["tier"])
+        for tier, nbytes in self.metrics.resident_bytes().items():
+            resident.add_metric([tier], nbytes)
+        yield resident

@@ -46,6 +46,8 @@ from pagedtensor.transfer import Event, TransferEngine, coalesce_runs
 
 log = logging.getLogger(__name__)
 
+_NO_PAGES: frozenset[int] = frozenset()
+
 
 @dataclass(eq=False)
 class Page:
@@ -139,8 +141,8 @@ class ResidentPages:
 
     def wait(self, stream: Optional[torch.cuda.Stream] = None) -> None:
         """Make ``stream`` (default: the current stream) wait for the copies that filled the pages."""
-        if self.pager.engine.is_cuda:
-            stream = stream if stream is not None else torch.cuda.current_stream(self.pager.device)
+        if self.events:
+            stream = stream if stream is not None else self.pager.engine.current_stream()
             for event in self.events:
                 stream.wait_event(event)
 
@@ -210,8 +212,8 @@ class Pager:
         self.engine = TransferEngine(self.device)
         self.device_policy = make_policy(self.config.eviction_policy, self.device_tier.capacity_pages)
         self.host_policy = make_policy(self.config.eviction_policy, self.host_tier.capacity_pages)
-        self.metrics = PagerMetrics(registry)
         self._lock = threading.RLock()
+        self.metrics = PagerMetrics(registry, resident_bytes=self._locked_resident_bytes)
         self._allocations: dict[int, Allocation] = {}
         self._ids = itertools.count()
         self._device_fences: dict[int, dict[int, Event]] = {}  # slot -> {stream id: event}
@@ -251,7 +253,6 @@ class Pager:
                 self._drop_disk_copy(page)
             allocation.freed = True
             del self._allocations[allocation.id]
-            self._publish_residency()
 
     # ------------------------------------------------------------------ residency
 
@@ -272,25 +273,50 @@ class Pager:
             OutOfPagesError: the pages do not fit on the device tier beside the pinned pages.
         """
         with self._lock:
-            start, stop = self._check_range(allocation, start, stop)
+            if stop is None or type(allocation) is not Allocation or self._allocations.get(allocation.id) is not allocation:
+                start, stop = self._check_range(allocation, start, stop)  # raises naming what is wrong
+            elif not 0 <= start <= stop <= len(allocation.pages):
+                self._check_range(allocation, start, stop)
             pages = allocation.pages[start:stop]
             for page in pages:
                 page.pin_count += 1
             try:
-                missing = self._bring_to_device(pages, frozenset(discard))
+                missing = self._bring_to_device(pages, frozenset(discard) if discard else _NO_PAGES)
             except BaseException:
                 for page in pages:
                     page.pin_count -= 1
                 raise
-            self.metrics.count("faults", len(missing))
-            self.metrics.count("hits", len(pages) - len(missing))
-            events = list({id(page.ready): page.ready for page in pages if page.ready is not None}.values())
-            resident = ResidentPages(self, allocation, start, stop, pages, events)
+            values = self.metrics.values
+            values["faults"] += len(missing)
+            values["hits"] += len(pages) - len(missing)
+            resident = ResidentPages(self, allocation, start, stop, pages, self._unfinished_copies(pages))
         if missing and self.config.prefetch_strategy == "sequential" and self.config.prefetch_pages:
             ahead = min(allocation.num_pages, stop + self.config.prefetch_pages)
             if ahead > stop:
                 self.prefetch(allocation, stop, ahead)
         return resident
+
+    def _unfinished_copies(self, pages: Sequence[Page]) -> list[Event]:
+        """The distinct events of the copies that filled ``pages`` and may still be running.
+
+        A copy found finished is forgotten (``page.ready = None``): a stream reading the page needs
+        no wait, and a later copy into the slot no fence. So an op on pages that faulted in long ago
+        enqueues no wait at all. During CUDA graph capture the events are not queried (a query is
+        not allowed then) and all of them are returned.
+        """
+        events: dict[int, torch.cuda.Event] = {}
+        for page in pages:
+            event = page.ready
+            if event is not None and id(event) not in events:
+                events[id(event)] = event
+        if not events or torch.cuda.is_current_stream_capturing():
+            return list(events.values())
+        finished = {key for key, event in events.items() if event.query()}
+        if finished:
+            for page in pages:
+                if page.ready is not None and id(page.ready) in finished:
+                    page.ready = None
+        return [event for key, event in events.items() if key not in finished]
 
     def prefetch(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> concurrent.futures.Future:
         """Bring pages ``[start, stop)`` to the device tier in the background, without pinning them.
@@ -315,7 +341,6 @@ class Pager:
             self._check_open()
             victims = self.device_policy.victims(self.device_tier.used_pages, self._device_evictable)
             self._evict_from_device(victims)
-            self._publish_residency()
 
     def evict(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> int:
         """Move the unpinned device-resident pages of ``[start, stop)`` off the device tier.
@@ -330,7 +355,6 @@ class Pager:
             victims = [page for page in allocation.pages[start:stop] if page.device_slot is not None and page.pin_count == 0]
             if victims:
                 self._evict_from_device(victims)
-                self._publish_residency()
             return len(victims)
 
     def synchronize(self) -> None:
@@ -475,7 +499,6 @@ class Pager:
                     self.device_policy.insert(page)
                 else:
                     self._free_device_slot(page)
-            self._publish_residency()
         return missing
 
     def _copy_host_to_device(self, pages: Sequence[Page]) -> None:
@@ -668,25 +691,25 @@ class Pager:
         event = None
         stream_id = 0
         if self.engine.is_cuda:
-            stream = stream if stream is not None else torch.cuda.current_stream(self.device)
+            stream = stream if stream is not None else self.engine.current_stream()
             event = torch.cuda.Event()
             event.record(stream)
             stream_id = stream.stream_id
         with self._lock:
             if dirty:
                 resident.allocation.version += 1
-            dropped = False
             fences = self._device_fences
             for page in resident.pages:
                 if event is not None:
-                    fences.setdefault(page.device_slot, {})[stream_id] = event
+                    slot_fences = fences.get(page.device_slot)
+                    if slot_fences is None:
+                        fences[page.device_slot] = {stream_id: event}
+                    else:
+                        slot_fences[stream_id] = event
                 if dirty and page.index in dirty:
-                    dropped = dropped or page.host_slot is not None or page.disk_slot is not None
                     self._drop_host_copy(page, forget=True)
                     self._drop_disk_copy(page)
                 page.pin_count -= 1
-            if dropped:  # the gauges cost ~18 us a call: publish only when residency changed
-                self._publish_residency()
 
     # ------------------------------------------------------------------ internals: checks
 
@@ -721,9 +744,9 @@ class Pager:
             "disk": 0 if self.disk_tier is None else self.disk_tier.used_pages * self.page_size,
         }
 
-    def _publish_residency(self) -> None:
-        for tier, nbytes in self._resident_bytes().items():
-            self.metrics.set_resident(tier, nbytes)
+    def _locked_resident_bytes(self) -> dict[str, int]:
+        with self._lock:
+            return self._resident_bytes()
 
 
 def _chunked(items: Sequence[Page], size: int) -> Iterator[Sequence[Page]]:

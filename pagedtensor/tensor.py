@@ -60,17 +60,25 @@ class PagedStorage:
     PagedTensor over it is garbage collected.
     """
 
-    __slots__ = ("pager", "allocation", "__weakref__")
+    __slots__ = ("pager", "allocation", "_meta_bases", "__weakref__")
 
     def __init__(self, pager: Pager, allocation: Optional[Allocation]) -> None:
         self.pager = pager
         self.allocation = allocation
+        self._meta_bases: dict[torch.dtype, torch.Tensor] = {}
         if allocation is not None:
             weakref.finalize(self, _free_allocation, pager, allocation)
 
     @property
     def nbytes(self) -> int:
         return 0 if self.allocation is None else self.allocation.nbytes
+
+    def meta_base(self, dtype: torch.dtype) -> torch.Tensor:
+        """A flat meta tensor of ``dtype`` as long as the allocation: the base that view ops run on."""
+        base = self._meta_bases.get(dtype)
+        if base is None:
+            base = self._meta_bases[dtype] = torch.empty((self.nbytes // dtype.itemsize,), dtype=dtype, device="meta")
+        return base
 
     @property
     def version(self) -> int:
@@ -137,6 +145,8 @@ class PagedTensor(torch.Tensor):
     _offset: int
     _inner: Optional[torch.Tensor]
     _materialized: Optional[tuple[int, torch.Tensor]]
+    _span: Optional[tuple[int, int]]  # bytes [lo, hi) of the allocation it reaches, set on first use
+    _meta: Optional[torch.Tensor]  # a meta tensor of the same layout, set on the first view op
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -217,6 +227,8 @@ class PagedTensor(torch.Tensor):
         out._offset = offset
         out._inner = None
         out._materialized = None
+        out._span = None
+        out._meta = None
         return out
 
     @classmethod
@@ -238,6 +250,8 @@ class PagedTensor(torch.Tensor):
         out._offset = inner.storage_offset()
         out._inner = inner
         out._materialized = None
+        out._span = None
+        out._meta = None
         return out
 
     # ------------------------------------------------------------------ the traceable-subclass contract

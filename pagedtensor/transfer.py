@@ -69,6 +69,10 @@ class TransferEngine:
         self.h2d_stream: Optional[torch.cuda.Stream] = torch.cuda.Stream(device) if self.is_cuda else None
         self.d2h_stream: Optional[torch.cuda.Stream] = torch.cuda.Stream(device) if self.is_cuda else None
 
+    def current_stream(self) -> Optional[torch.cuda.Stream]:
+        """The calling thread's current stream on the engine's device (``None`` without CUDA)."""
+        return torch.cuda.current_stream(self.device) if self.is_cuda else None
+
     def copy(
         self,
         stream: Optional[torch.cuda.Stream],

@@ -169,6 +169,24 @@ def test_prometheus_metrics_match_stats(nvme_dir):
             assert samples[("pagedllm_resident_bytes", tier)] == nbytes
 
 
+def test_metrics_are_read_at_scrape_time_and_names_stay_unique(nvme_dir):
+    """Counters change without touching Prometheus; a scrape reads them. A second pager on the same
+    registry is refused (its metric names would collide), as the client's own metrics are."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    config = MemoryConfig(vram_limit=2 * PAGE, host_memory=4 * PAGE, page_size=PAGE, device="cpu")
+    with Pager(config, registry=registry) as pager:
+        allocation = pager.allocate(3 * PAGE)
+        pager.write(allocation, random_bytes(3 * PAGE))
+        first = registry.get_sample_value("pagedllm_hits_total")
+        pager.ensure_resident(allocation, 2, 3).release()
+        assert registry.get_sample_value("pagedllm_hits_total") == first + 1 == pager.stats()["hits"]
+        assert registry.get_sample_value("pagedllm_resident_bytes", {"tier": "device"}) == pager.stats()["resident_bytes"]["device"]
+        with pytest.raises(ValueError, match="Duplicated"):
+            Pager(config, registry=registry)
+
+
 def test_misuse_is_a_clear_error():
     with make_pager() as pager:
         with pytest.raises(ValueError, match="nbytes"):

@@ -96,3 +96,34 @@ def test_prefetch_overlaps_with_fault_of_same_pages():
                 assert torch.equal(got, data[start * page : (start + 8) * page])
         pager.synchronize()
         assert pager.stats()["prefetched_pages"] > 0
+
+
+def test_a_finished_copy_is_forgotten():
+    """Pages whose fault-in copy has finished hand back no event: an op on them enqueues no wait.
+
+    A copy still running (behind a sleep on the H2D stream) is handed back; once it has finished, the
+    next ``ensure_resident`` of the same pages returns no event and clears ``page.ready``, and the
+    bytes stay right when the slot is reused afterwards.
+    """
+    page = 2**20
+    with Pager(MemoryConfig(vram_limit=8 * page, host_memory=32 * page, page_size=page, prefetch_strategy="none", device="cuda")) as pager:
+        data = torch.randint(0, 256, (4 * page,), dtype=torch.uint8, device="cuda")
+        allocation = pager.allocate(data.numel())
+        pager.write(allocation, data)
+        pager.evict_all()
+        pager.synchronize()
+        with torch.cuda.stream(pager.engine.h2d_stream):
+            torch.cuda._sleep(int(2e8))
+        with pager.ensure_resident(allocation) as resident:
+            assert resident.events, "a copy behind the sleep must be waited on"
+            resident.wait()
+            assert torch.equal(torch.cat(resident.views()), data)
+        pager.synchronize()
+        with pager.ensure_resident(allocation) as resident:
+            assert resident.events == [], "a finished copy must not be waited on again"
+            assert all(page.ready is None for page in resident.pages)
+            resident.wait()
+            assert torch.equal(torch.cat(resident.views()), data)
+        other = pager.allocate(8 * page)  # reuses every slot: the fences still order it after the reads
+        pager.write(other, torch.zeros(8 * page, dtype=torch.uint8, device="cuda"))
+        assert torch.equal(pager.read(allocation).to("cuda"), data)

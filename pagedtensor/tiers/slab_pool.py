@@ -9,7 +9,7 @@ slots and their transfers coalesce into few large copies.
 from __future__ import annotations
 
 import heapq
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -76,13 +76,23 @@ class SlabPool:
         start = index * self.page_size
         return self.slabs[slab][start : start + self.page_size]
 
-    def run(self, slot: int, count: int) -> torch.Tensor:
-        """One uint8 view of ``count`` adjacent slots starting at ``slot`` (all in one slab)."""
+    def run(self, slot: int, count: int, nbytes: Optional[int] = None) -> torch.Tensor:
+        """One uint8 view of ``count`` adjacent slots starting at ``slot`` (all in one slab), cut to
+        its first ``nbytes`` bytes when given."""
         slab, index = divmod(slot, self.slab_pages)
         if index + count > self.slab_pages:
             raise ValueError(f"{self.name} tier: run of {count} slots from {slot} crosses a slab boundary")
+        if nbytes is not None and not 0 <= nbytes <= count * self.page_size:
+            raise ValueError(f"{self.name} tier: {nbytes} bytes do not fit a run of {count} slots")
         start = index * self.page_size
-        return self.slabs[slab][start : start + count * self.page_size]
+        return self.slabs[slab][start : start + (count * self.page_size if nbytes is None else nbytes)]
+
+    def slab_span(self, slot: int) -> tuple[int, int]:
+        """Device addresses ``[first, end)`` of the slab holding ``slot``: a tensor whose data
+        pointer falls inside shares that slab's memory."""
+        slab = self.slabs[slot // self.slab_pages]
+        first = slab.data_ptr()
+        return first, first + slab.numel()
 
     def adjacent(self, slot: int, next_slot: int) -> bool:
         """Whether ``next_slot`` directly follows ``slot`` in memory."""
