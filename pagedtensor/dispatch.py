@@ -50,7 +50,8 @@ from torch._ops import OpOverload, OpOverloadPacket
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from pagedtensor.errors import OutOfPagesError
-from pagedtensor.pager import ResidentPages
+from pagedtensor.pager import Page, ResidentPages
+from pagedtensor.tiers.slab_pool import SlabPool
 from pagedtensor.tensor import PagedStorage, PagedTensor, _pending_frees, drain_pending_frees, element_span
 
 aten = torch.ops.aten
@@ -353,12 +354,13 @@ class _Group:
 class _Window:
     """Pages holding bytes ``[lo, hi)`` of an allocation, resident and pinned, as one uint8 tensor.
 
-    ``buf`` views the device slots directly when they are adjacent (zero-copy); otherwise (or when
-    ``private``) it is a temporary the runs are gathered into, and :meth:`write_back` scatters
-    written bytes back.
+    When the pages sit in adjacent device slots (and the window is not ``private``) the window is
+    zero-copy: :meth:`dense` views the slab itself and ``buf`` (made on first use) is a view of
+    the slots. Otherwise ``buf`` is a temporary the runs are gathered into, and :meth:`write_back`
+    scatters written bytes back.
     """
 
-    __slots__ = ("resident", "page_size", "first_byte", "runs", "buf", "gathered", "slab_span")
+    __slots__ = ("resident", "tier", "page_size", "first_byte", "nbytes", "runs", "gathered", "slab", "slab_byte", "slab_span", "_buf")
 
     def __init__(self, storage: PagedStorage, lo: int, hi: int, discard: Iterable[int] = (), private: bool = False) -> None:
         allocation = storage.allocation
@@ -368,23 +370,35 @@ class _Window:
         self.resident: ResidentPages = storage.pager.ensure_resident(allocation, first, stop, discard=discard)
         try:
             self.resident.wait()
-            run = _single_run(self.resident)
-            self.runs = [(0, run)] if run is not None else self.resident.runs()
-            if run is not None and not private:
-                self.buf = run
+            self.tier = tier = storage.pager.device_tier
+            pages = self.resident.pages
+            self.nbytes = (len(pages) - 1) * page_size + pages[-1].nbytes
+            first_slot = _adjacent_slots(pages, tier)
+            if first_slot is not None and not private:
                 self.gathered = False
-                self.slab_span = storage.pager.device_tier.slab_span(self.resident.pages[0].device_slot)
+                self.slab, slot_in_slab = divmod(first_slot, tier.slab_pages)
+                self.slab_byte = slot_in_slab * page_size  # where byte ``first_byte`` sits in the slab
+                self.slab_span = tier.slab_spans[self.slab]
+                self.runs: Optional[list[tuple[int, torch.Tensor]]] = None
+                self._buf: Optional[torch.Tensor] = None
             else:
-                total = sum(view.numel() for _, view in self.runs)
-                self.buf = torch.empty(total, dtype=torch.uint8, device=self.runs[0][1].device)
+                self.runs = [(0, tier.run(first_slot, len(pages), self.nbytes))] if first_slot is not None else self.resident.runs()
+                self._buf = buf = torch.empty(self.nbytes, dtype=torch.uint8, device=self.runs[0][1].device)
                 for page_offset, view in self.runs:
                     start = page_offset * page_size
-                    self.buf[start : start + view.numel()].copy_(view)
+                    buf[start : start + view.numel()].copy_(view)
                 self.gathered = True
                 self.slab_span = (0, 0)
         except BaseException:
             self.resident.release()
             raise
+
+    @property
+    def buf(self) -> torch.Tensor:
+        """The window's bytes as one uint8 tensor: a view of the slots, or the gathered copy."""
+        if self._buf is None:
+            self._buf = self.tier.slabs[self.slab][self.slab_byte : self.slab_byte + self.nbytes]
+        return self._buf
 
     def shares_slab(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` lies in the device slab this window views (never when gathered)."""
@@ -402,9 +416,13 @@ class _Window:
         return (buf[: buf.numel() - tail] if tail else buf).view(dtype)
 
     def dense(self, tensor: PagedTensor) -> torch.Tensor:
-        """``tensor`` as a dense strided view of ``buf``."""
-        typed = self.typed(tensor.dtype)  # as_strided offsets count from the slab's start
-        return typed.as_strided(tensor.shape, tensor.stride(), typed.storage_offset() + tensor._offset - self.first_byte // tensor.dtype.itemsize)
+        """``tensor`` as a dense strided view of the slab (zero-copy) or of the gathered ``buf``."""
+        itemsize = tensor.dtype.itemsize
+        if self.gathered:
+            return self.typed(tensor.dtype).as_strided(tensor.shape, tensor.stride(), tensor._offset - self.first_byte // itemsize)
+        # Slabs and pages are whole multiples of every itemsize (a page is a power of two >= 4 KiB).
+        typed = self.tier.typed_slab(self.slab, tensor.dtype)
+        return typed.as_strided(tensor.shape, tensor.stride(), tensor._offset + (self.slab_byte - self.first_byte) // itemsize)
 
     def write_back(self, lo: int, hi: int) -> None:
         """Copy bytes ``[lo, hi)`` of a gathered ``buf`` back into the device slots (current stream)."""
@@ -420,11 +438,9 @@ class _Window:
         self.resident.release(dirty=dirty if dirty else False)
 
 
-def _single_run(resident: ResidentPages) -> Optional[torch.Tensor]:
-    """One view of all the pages when their slots are adjacent (the common case), found with one
-    list compare instead of a Python step per page; ``None`` otherwise."""
-    pages = resident.pages
-    tier = resident.pager.device_tier
+def _adjacent_slots(pages: Sequence[Page], tier: SlabPool) -> Optional[int]:
+    """The first page's device slot when the pages sit in adjacent slots of one slab (the common
+    case), found with one list compare instead of a Python step per page; ``None`` otherwise."""
     first = pages[0].device_slot
     count = len(pages)
     if count > 1:
@@ -432,7 +448,7 @@ def _single_run(resident: ResidentPages) -> Optional[torch.Tensor]:
             return None
         if [page.device_slot for page in pages] != list(range(first, first + count)):
             return None
-    return tier.run(first, count, (count - 1) * resident.allocation.page_size + pages[-1].nbytes)
+    return first
 
 
 def _too_many_pages(func: OpOverload, error: OutOfPagesError) -> OutOfPagesError:

@@ -60,6 +60,9 @@ def coalesce_runs(pairs: Sequence[tuple[int, int]], src: SlabPool, dst: SlabPool
     return runs
 
 
+_MAX_CACHED_STREAMS = 256
+
+
 class TransferEngine:
     """Copies between slab pools on the H2D and D2H side streams of ``device``."""
 
@@ -68,10 +71,24 @@ class TransferEngine:
         self.is_cuda = device.type == "cuda"
         self.h2d_stream: Optional[torch.cuda.Stream] = torch.cuda.Stream(device) if self.is_cuda else None
         self.d2h_stream: Optional[torch.cuda.Stream] = torch.cuda.Stream(device) if self.is_cuda else None
+        self._device_index = (device.index if device.index is not None else torch.cuda.current_device()) if self.is_cuda else -1
+        self._streams: dict[int, torch.cuda.Stream] = {}  # stream id -> its Stream object
 
     def current_stream(self) -> Optional[torch.cuda.Stream]:
-        """The calling thread's current stream on the engine's device (``None`` without CUDA)."""
-        return torch.cuda.current_stream(self.device) if self.is_cuda else None
+        """The calling thread's current stream on the engine's device (``None`` without CUDA).
+
+        ``torch.cuda.current_stream`` builds a new Stream object each call (a few µs of Python on
+        every op); this asks for the current stream's id and keeps one object per id.
+        """
+        if not self.is_cuda:
+            return None
+        stream_id, device_index, device_type = torch._C._cuda_getCurrentStream(self._device_index)
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            if len(self._streams) >= _MAX_CACHED_STREAMS:  # a program that makes streams without end
+                self._streams.clear()
+            stream = self._streams[stream_id] = torch.cuda.Stream(stream_id=stream_id, device_index=device_index, device_type=device_type)
+        return stream
 
     def copy(
         self,

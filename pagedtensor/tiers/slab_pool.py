@@ -34,6 +34,8 @@ class SlabPool:
         self.slab_pages = max(1, min(slab_pages, capacity_pages))
         self._allocate_slab = allocate_slab
         self.slabs: list[torch.Tensor] = []
+        self.slab_spans: list[tuple[int, int]] = []  # addresses [first, end) of each slab's memory
+        self._typed_slabs: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._free: list[int] = []  # heap of free slots inside grown slabs
         self._grown_pages = 0
         self.used_pages = 0
@@ -87,12 +89,13 @@ class SlabPool:
         start = index * self.page_size
         return self.slabs[slab][start : start + (count * self.page_size if nbytes is None else nbytes)]
 
-    def slab_span(self, slot: int) -> tuple[int, int]:
-        """Device addresses ``[first, end)`` of the slab holding ``slot``: a tensor whose data
-        pointer falls inside shares that slab's memory."""
-        slab = self.slabs[slot // self.slab_pages]
-        first = slab.data_ptr()
-        return first, first + slab.numel()
+    def typed_slab(self, slab: int, dtype: torch.dtype) -> torch.Tensor:
+        """Slab number ``slab`` as one flat tensor of ``dtype`` (made once per slab and dtype; the
+        page size is a power of two of at least 4 KiB, so every slab holds whole elements)."""
+        typed = self._typed_slabs.get((slab, dtype))
+        if typed is None:
+            typed = self._typed_slabs[(slab, dtype)] = self.slabs[slab].view(dtype)
+        return typed
 
     def adjacent(self, slot: int, next_slot: int) -> bool:
         """Whether ``next_slot`` directly follows ``slot`` in memory."""
@@ -101,6 +104,8 @@ class SlabPool:
     def close(self) -> None:
         """Drop every slab (the memory returns to its allocator)."""
         self.slabs.clear()
+        self.slab_spans.clear()
+        self._typed_slabs.clear()
         self._free.clear()
         self._grown_pages = 0
         self.used_pages = 0
@@ -114,6 +119,7 @@ class SlabPool:
             raise RuntimeError(f"{self.name} tier: slab allocator returned {slab.dtype} x {slab.numel()}, expected uint8 x {pages * self.page_size}")
         first = len(self.slabs) * self.slab_pages
         self.slabs.append(slab)
+        self.slab_spans.append((slab.data_ptr(), slab.data_ptr() + slab.numel()))
         for slot in range(first, first + pages):
             heapq.heappush(self._free, slot)
         self._grown_pages += pages
