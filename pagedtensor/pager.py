@@ -14,7 +14,9 @@ Note:
 
     * Host→device copies run on ``engine.h2d_stream``, write-backs on ``engine.d2h_stream``.
     * :meth:`Pager.ensure_resident` returns :class:`ResidentPages` holding the events of the copies
-      that filled its pages; the caller's stream waits on them (:meth:`ResidentPages.wait`).
+      that filled its pages and may still be running; the caller's stream waits on them
+      (:meth:`ResidentPages.wait`). A copy seen finished (``Event.query``) is forgotten, so ops on
+      pages that are long resident enqueue no wait.
     * :meth:`ResidentPages.release` records an event on the caller's stream: the page's device slot
       is not overwritten (by a later fault) nor read for write-back until that event completes.
       The side stream waits on it; the host never does.
@@ -60,7 +62,7 @@ class Page:
     host_slot: Optional[int] = None
     disk_slot: Optional[int] = None
     pin_count: int = 0
-    ready: Event = None  # the copy that filled ``device_slot``
+    ready: Event = None  # the copy that filled ``device_slot``; None once it is known to have finished
 
     @property
     def tier(self) -> Optional[str]:
