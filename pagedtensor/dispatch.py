@@ -235,14 +235,15 @@ class PagedDispatcher:
         except BaseException:
             _release_all(opened, failed=True)
             raise
+        event = _shared_release_event(opened)
         for group in opened:
             window = group.window
             if group.written:
                 for leaf in group.written:
                     window.write_back(*_byte_span(leaf))
-                window.release(dirty=_dirty_pages(group.written, window.page_size))
+                window.release(_dirty_pages(group.written, window.page_size), event)
             else:
-                window.release()
+                window.release(event=event)
         return out
 
     def materialize(self, tensor: PagedTensor, device: Union[str, torch.device, None] = None) -> torch.Tensor:
@@ -434,8 +435,9 @@ class _Window:
             if a < b:
                 view[a - start : b - start].copy_(self.buf[a - self.first_byte : b - self.first_byte])
 
-    def release(self, dirty: Iterable[int] = ()) -> None:
-        self.resident.release(dirty=dirty if dirty else False)
+    def release(self, dirty: Iterable[int] = (), event: Optional[torch.cuda.Event] = None) -> None:
+        """Unpin the pages (``dirty``: the pages written); ``event``: see :meth:`ResidentPages.release`."""
+        self.resident.release(dirty=dirty if dirty else False, event=event)
 
 
 def _adjacent_slots(pages: Sequence[Page], tier: SlabPool) -> Optional[int]:
@@ -449,6 +451,17 @@ def _adjacent_slots(pages: Sequence[Page], tier: SlabPool) -> Optional[int]:
         if [page.device_slot for page in pages] != list(range(first, first + count)):
             return None
     return first
+
+
+def _shared_release_event(groups: Sequence[_Group]) -> Optional[torch.cuda.Event]:
+    """One event on the current stream, after the op, for every window of a multi-allocation op on
+    one CUDA pager (each release would otherwise record its own at the same point); else ``None``."""
+    if len(groups) < 2:
+        return None
+    pager = groups[0].storage.pager
+    if not pager.engine.is_cuda or any(group.storage.pager is not pager for group in groups):
+        return None
+    return pager.engine.record()
 
 
 def _too_many_pages(func: OpOverload, error: OutOfPagesError) -> OutOfPagesError:

@@ -175,12 +175,15 @@ class ResidentPages:
         """Record that the pages at ``indices`` (allocation page numbers; default: all) were written."""
         self._dirty.update(range(self.start, self.stop) if indices is None else indices)
 
-    def release(self, *, dirty: Union[bool, Iterable[int]] = False, stream: Optional[torch.cuda.Stream] = None) -> None:
+    def release(
+        self, *, dirty: Union[bool, Iterable[int]] = False, stream: Optional[torch.cuda.Stream] = None, event: Event = None
+    ) -> None:
         """Unpin the pages; ``dirty`` (True or allocation page numbers) marks pages written.
 
         Note:
             Records an event on ``stream`` (default: the current stream): the slots are reused only
-            after the work enqueued on it so far.
+            after the work enqueued on it so far. ``event``, when given, is one the caller has just
+            recorded on ``stream`` after that work (several releases at one point share it).
         """
         if self.released:
             raise RuntimeError(f"pages [{self.start}, {self.stop}) of allocation {self.allocation.id} were already released")
@@ -189,7 +192,7 @@ class ResidentPages:
         elif dirty is not False:
             self.mark_dirty(dirty)
         self.released = True
-        self.pager._release(self, self._dirty, stream)
+        self.pager._release(self, self._dirty, stream, event)
 
     def __enter__(self) -> "ResidentPages":
         return self
@@ -689,13 +692,12 @@ class Pager:
 
     # ------------------------------------------------------------------ internals: release
 
-    def _release(self, resident: ResidentPages, dirty: set[int], stream: Optional[torch.cuda.Stream]) -> None:
-        event = None
+    def _release(self, resident: ResidentPages, dirty: set[int], stream: Optional[torch.cuda.Stream], event: Event = None) -> None:
         stream_id = 0
         if self.engine.is_cuda:
             stream = stream if stream is not None else self.engine.current_stream()
-            event = torch.cuda.Event()
-            event.record(stream)
+            if event is None:
+                event = self.engine.record(stream)
             stream_id = stream.stream_id
         with self._lock:
             if dirty:

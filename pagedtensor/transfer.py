@@ -112,7 +112,7 @@ class TransferEngine:
             self._wait(stream, wait_for)
             for run in runs:
                 dst.run(run.dst_slot, run.count).copy_(src.run(run.src_slot, run.count), non_blocking=True)
-            return self._record(stream)
+            return self.record(stream)
 
     def zero(self, slots: Sequence[int], pool: SlabPool, wait_for: Iterable[Event] = ()) -> Event:
         """Fill ``slots`` of ``pool`` with zeros on the H2D stream; return the event after it."""
@@ -125,7 +125,7 @@ class TransferEngine:
             self._wait(self.h2d_stream, wait_for)
             for run in runs:
                 pool.run(run.dst_slot, run.count).zero_()
-            return self._record(self.h2d_stream)
+            return self.record(self.h2d_stream)
 
     def synchronize(self) -> None:
         """Block the host until both side streams are idle."""
@@ -141,8 +141,10 @@ class TransferEngine:
                 seen.add(id(event))
                 stream.wait_event(event)
 
-    @staticmethod
-    def _record(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    def record(self, stream: Optional[torch.cuda.Stream] = None) -> Event:
+        """A new event recorded on ``stream`` (default: the current stream); ``None`` without CUDA."""
+        if not self.is_cuda:
+            return None
         event = torch.cuda.Event()
-        event.record(stream)
+        event.record(stream if stream is not None else self.current_stream())
         return event
