@@ -216,7 +216,10 @@ class PagedDispatcher:
         for leaf in leaves:
             group = groups.get(id(leaf._paged))
             dense[id(leaf)] = group.window.dense(leaf) if group is not None else _empty_like_leaf(leaf)
-        dense_args, dense_kwargs = _substitute(args, kwargs, dense)
+        if len(leaves) == 1 and args and args[0] is leaves[0]:  # one PagedTensor, first: no search
+            dense_args, dense_kwargs = (dense[id(leaves[0])], *args[1:]), kwargs
+        else:
+            dense_args, dense_kwargs = _substitute(args, kwargs, dense)
         try:
             out = func(*dense_args, **dense_kwargs)
             for leaf in written:
@@ -228,7 +231,10 @@ class PagedDispatcher:
                     )
             if info.returns_written and written:
                 result_of = {id(dense[id(leaf)]): leaf for leaf in written}
-                out = _map_tensors(out, lambda t: result_of.get(id(t), t))
+                if isinstance(out, torch.Tensor):
+                    out = result_of.get(id(out), out)
+                else:
+                    out = _map_tensors(out, lambda t: result_of.get(id(t), t))
             zero_copy = [group.window for group in opened if not group.window.gathered]
             if zero_copy:
                 out = _map_tensors(out, lambda t: _unalias(t, zero_copy))
@@ -311,8 +317,8 @@ def _read_one(func: OpOverload, args: tuple, kwargs: dict, leaf: PagedTensor) ->
         raise _too_many_pages(func, error) from error
     try:
         view = window.dense(leaf)
-        if len(args) == 1 and not kwargs:
-            out = func(view)
+        if args and args[0] is leaf:  # the only PagedTensor argument, first: no search
+            out = func(view, *args[1:], **kwargs)
         else:
             dense_args, dense_kwargs = _substitute(args, kwargs, {id(leaf): view})
             out = func(*dense_args, **dense_kwargs)
