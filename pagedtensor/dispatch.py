@@ -380,7 +380,7 @@ class _Window:
             self.tier = tier = storage.pager.device_tier
             pages = self.resident.pages
             self.nbytes = (len(pages) - 1) * page_size + pages[-1].nbytes
-            first_slot = _adjacent_slots(pages, tier)
+            first_slot = _adjacent_slots(self.resident.slots, tier)
             if first_slot is not None and not private:
                 self.gathered = False
                 self.slab, slot_in_slab = divmod(first_slot, tier.slab_pages)
@@ -446,15 +446,15 @@ class _Window:
         self.resident.release(dirty=dirty if dirty else False, event=event)
 
 
-def _adjacent_slots(pages: Sequence[Page], tier: SlabPool) -> Optional[int]:
-    """The first page's device slot when the pages sit in adjacent slots of one slab (the common
-    case), found with one list compare instead of a Python step per page; ``None`` otherwise."""
-    first = pages[0].device_slot
-    count = len(pages)
+def _adjacent_slots(slots: list[int], tier: SlabPool) -> Optional[int]:
+    """The first of ``slots`` (pages' device slots, in page order) when they are adjacent slots of
+    one slab (the common case), found with one list compare; ``None`` otherwise."""
+    first = slots[0]
+    count = len(slots)
     if count > 1:
         if first // tier.slab_pages != (first + count - 1) // tier.slab_pages:
             return None
-        if [page.device_slot for page in pages] != list(range(first, first + count)):
+        if slots != list(range(first, first + count)):
             return None
     return first
 

@@ -9,6 +9,11 @@ Budgets are hard: the device tier never holds more than ``vram_limit`` of slabs,
 never more than ``host_memory``. Under pressure the policy chooses unpinned victims; the spill chain
 is device → host → disk, and only dirty pages move (a clean page just drops its copy).
 
+An op on pages already resident takes no Python step per page in its bookkeeping: a pin is one
+count per pinned range of the allocation (:attr:`Allocation.pins`), the policy's touch is one
+deferred run (:class:`~pagedtensor.policies.DeferredTouches`), and a release's fence is one bulk
+update of the releasing stream's slot map.
+
 Note:
     Stream and event ordering, on CUDA:
 
@@ -33,6 +38,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import logging
+import operator
 import threading
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Sequence, Union
@@ -42,16 +48,19 @@ import torch
 from pagedtensor.config import MemoryConfig
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.metrics import PagerMetrics
-from pagedtensor.policies import make_policy
+from pagedtensor.policies import DeferredTouches, make_policy
 from pagedtensor.tiers import DeviceTier, DiskTier, HostTier
 from pagedtensor.transfer import Event, TransferEngine, coalesce_runs
 
 log = logging.getLogger(__name__)
 
 _NO_PAGES: frozenset[int] = frozenset()
+_DEVICE_SLOT = operator.attrgetter("device_slot")
+_READY = operator.attrgetter("ready")
+_NO_MISSING: list["Page"] = []  # never mutated: what ensure_resident found missing when nothing was
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Page:
     """One entry of the page table. Compared and hashed by identity."""
 
@@ -61,8 +70,19 @@ class Page:
     device_slot: Optional[int] = None
     host_slot: Optional[int] = None
     disk_slot: Optional[int] = None
-    pin_count: int = 0
     ready: Event = None  # the copy that filled ``device_slot``; None once it is known to have finished
+    # The allocation's pinned page ranges, ``(start, stop) -> count`` (shared by its pages): pinning
+    # a run of pages is one dict update, not one step per page.
+    pins: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)
+
+    @property
+    def pin_count(self) -> int:
+        """How many pinned ranges hold this page (it may not leave the device tier while > 0)."""
+        pins = self.pins
+        if not pins:
+            return 0
+        index = self.index
+        return sum(count for (start, stop), count in pins.items() if start <= index < stop)
 
     @property
     def tier(self) -> Optional[str]:
@@ -106,6 +126,7 @@ class Allocation:
     name: Optional[str] = None
     freed: bool = False
     version: int = 0  # bumped each time pages are released dirty (written); caches of the bytes compare it
+    pins: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)  # pinned ranges, shared with its pages
 
     @property
     def num_pages(self) -> int:
@@ -131,12 +152,15 @@ class ResidentPages:
         later reuse of the slots after the work that stream has enqueued so far.
     """
 
-    def __init__(self, pager: "Pager", allocation: Allocation, start: int, stop: int, pages: list[Page], events: list[Event]) -> None:
+    def __init__(
+        self, pager: "Pager", allocation: Allocation, start: int, stop: int, pages: list[Page], slots: list[int], events: list[Event]
+    ) -> None:
         self.pager = pager
         self.allocation = allocation
         self.start = start
         self.stop = stop
         self.pages = pages
+        self.slots = slots  # the pages' device slots (fixed while they are pinned)
         self.events = events
         self._dirty: set[int] = set()
         self.released = False
@@ -215,13 +239,16 @@ class Pager:
         if self.config.nvme_path is not None:
             self.disk_tier = DiskTier(self.config.nvme_path, self.page_size, self.config.disk_pages, self.config.compression)
         self.engine = TransferEngine(self.device)
-        self.device_policy = make_policy(self.config.eviction_policy, self.device_tier.capacity_pages)
+        # An op on resident pages records its touch as one run (applied before the order is read).
+        self.device_policy = DeferredTouches(make_policy(self.config.eviction_policy, self.device_tier.capacity_pages))
         self.host_policy = make_policy(self.config.eviction_policy, self.host_tier.capacity_pages)
         self._lock = threading.RLock()
         self.metrics = PagerMetrics(registry, resident_bytes=self._locked_resident_bytes)
         self._allocations: dict[int, Allocation] = {}
         self._ids = itertools.count()
-        self._device_fences: dict[int, dict[int, Event]] = {}  # slot -> {stream id: event}
+        # stream id -> {device slot: event after that stream's last use of the slot}; -1 is the D2H
+        # copy of an evicted page, -2 the copy that filled a slot since freed.
+        self._device_fences: dict[int, dict[int, Event]] = {}
         self._host_fences: dict[int, Event] = {}  # slot -> last copy touching it
         self._prefetcher: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.closed = False
@@ -239,9 +266,10 @@ class Pager:
             allocation_id = next(self._ids)
             count = -(-nbytes // self.page_size)
             last = nbytes - (count - 1) * self.page_size
-            pages = [Page(allocation_id, index, self.page_size) for index in range(count)]
+            pins: dict[tuple[int, int], int] = {}
+            pages = [Page(allocation_id, index, self.page_size, pins=pins) for index in range(count)]
             pages[-1].nbytes = last
-            allocation = Allocation(allocation_id, nbytes, self.page_size, pages, name)
+            allocation = Allocation(allocation_id, nbytes, self.page_size, pages, name, pins=pins)
             self._allocations[allocation_id] = allocation
             return allocation
 
@@ -249,7 +277,7 @@ class Pager:
         """Release every copy of every page of ``allocation``. Its pages must not be pinned."""
         with self._lock:
             self._check_allocation(allocation)
-            pinned = [page.index for page in allocation.pages if page.pin_count]
+            pinned = [page.index for page in allocation.pages if page.pin_count] if allocation.pins else []
             if pinned:
                 raise RuntimeError(f"free: allocation {allocation.id} has pinned pages {pinned[:8]}; release them first")
             for page in allocation.pages:
@@ -283,18 +311,23 @@ class Pager:
             elif not 0 <= start <= stop <= len(allocation.pages):
                 self._check_range(allocation, start, stop)
             pages = allocation.pages[start:stop]
-            for page in pages:
-                page.pin_count += 1
-            try:
-                missing = self._bring_to_device(pages, frozenset(discard) if discard else _NO_PAGES)
-            except BaseException:
-                for page in pages:
-                    page.pin_count -= 1
-                raise
+            slots = list(map(_DEVICE_SLOT, pages))
+            pins = allocation.pins
+            _pin(pins, start, stop)
+            if None in slots:
+                try:
+                    missing = self._bring_to_device(pages, frozenset(discard) if discard else _NO_PAGES)
+                except BaseException:
+                    _unpin(pins, start, stop)
+                    raise
+                slots = list(map(_DEVICE_SLOT, pages))
+            else:  # all resident, the common case: ``discard`` only concerns missing pages
+                missing = _NO_MISSING
+                self.device_policy.touch_run((allocation.id, start, stop), pages)
             values = self.metrics.values
             values["faults"] += len(missing)
             values["hits"] += len(pages) - len(missing)
-            resident = ResidentPages(self, allocation, start, stop, pages, self._unfinished_copies(pages))
+            resident = ResidentPages(self, allocation, start, stop, pages, slots, self._unfinished_copies(pages))
         if missing and self.config.prefetch_strategy == "sequential" and self.config.prefetch_pages:
             ahead = min(allocation.num_pages, stop + self.config.prefetch_pages)
             if ahead > stop:
@@ -309,9 +342,11 @@ class Pager:
         enqueues no wait at all. During CUDA graph capture the events are not queried (a query is
         not allowed then) and all of them are returned.
         """
+        readies = list(map(_READY, pages))
+        if readies.count(None) == len(readies):  # all finished long ago, the common case
+            return []
         events: dict[int, torch.cuda.Event] = {}
-        for page in pages:
-            event = page.ready
+        for event in readies:
             if event is not None and id(event) not in events:
                 events[id(event)] = event
         if not events or torch.cuda.is_current_stream_capturing():
@@ -512,7 +547,7 @@ class Pager:
         pairs = [(page.host_slot, page.device_slot) for page in pages]
         runs = coalesce_runs(pairs, self.host_tier, self.device_tier)
         wait_for = [self._host_fences.get(host_slot) for host_slot, _ in pairs]
-        wait_for += [event for _, device_slot in pairs for event in self._device_fences.pop(device_slot, {}).values()]
+        wait_for += self._take_device_fences([device_slot for _, device_slot in pairs])
         event = self.engine.copy(self.engine.h2d_stream, runs, self.host_tier, self.device_tier, wait_for)
         for page in pages:
             page.ready = event
@@ -525,7 +560,7 @@ class Pager:
         if not pages:
             return
         slots = [page.device_slot for page in pages]
-        wait_for = [event for slot in slots for event in self._device_fences.pop(slot, {}).values()]
+        wait_for = self._take_device_fences(slots)
         event = self.engine.zero(slots, self.device_tier, wait_for)
         for page in pages:
             page.ready = event
@@ -550,16 +585,15 @@ class Pager:
             if allocation.freed or self.closed:
                 return 0
             pages = allocation.pages[start:stop]
-            for page in pages:
-                page.pin_count += 1
+            pins = allocation.pins
+            _pin(pins, start, stop)
             try:
                 missing = self._bring_to_device(pages)
             except OutOfPagesError as error:
                 log.info("prefetch of pages [%d, %d) of allocation %d skipped: %s", start, stop, allocation.id, error)
                 raise
             finally:
-                for page in pages:
-                    page.pin_count -= 1
+                _unpin(pins, start, stop)
             self.metrics.count("prefetched_pages", len(missing))
             return len(missing)
 
@@ -592,13 +626,14 @@ class Pager:
                 pairs = [(page.device_slot, slot) for page, slot in zip(dirty, host_slots)]
                 runs = coalesce_runs(pairs, self.device_tier, self.host_tier)
                 wait_for = [page.ready for page in dirty]
-                wait_for += [event for page in dirty for event in self._device_fences.get(page.device_slot, {}).values()]
+                # The D2H copy waits for the slots' last uses and stands in for them afterwards.
+                wait_for += self._take_device_fences([page.device_slot for page in dirty])
                 wait_for += [self._host_fences.get(slot) for slot in host_slots]
                 event = self.engine.copy(self.engine.d2h_stream, runs, self.device_tier, self.host_tier, wait_for)
                 for page, slot in zip(dirty, host_slots):
                     page.host_slot = slot
                     self._host_fences[slot] = event
-                    self._device_fences[page.device_slot] = {-1: event}
+                    self._device_fences.setdefault(-1, {})[page.device_slot] = event
                     self.host_policy.insert(page)
                 self.metrics.count("bytes_d2h", len(dirty) * self.page_size)
             for page in chunk:
@@ -670,7 +705,7 @@ class Pager:
             return
         if page.ready is not None:
             # A later copy into this slot must not overtake the one that filled it.
-            self._device_fences.setdefault(page.device_slot, {})[-2] = page.ready
+            self._device_fences.setdefault(-2, {})[page.device_slot] = page.ready
         self.device_tier.free([page.device_slot])
         page.device_slot = None
         page.ready = None
@@ -700,20 +735,30 @@ class Pager:
                 event = self.engine.record(stream)
             stream_id = stream.stream_id
         with self._lock:
+            if event is not None:
+                stream_fences = self._device_fences.get(stream_id)
+                if stream_fences is None:
+                    stream_fences = self._device_fences[stream_id] = {}
+                stream_fences.update(dict.fromkeys(resident.slots, event))
             if dirty:
                 resident.allocation.version += 1
-            fences = self._device_fences
-            for page in resident.pages:
+                for page in resident.pages:
+                    if page.index in dirty:
+                        self._drop_host_copy(page, forget=True)
+                        self._drop_disk_copy(page)
+            _unpin(resident.allocation.pins, resident.start, resident.stop)
+
+    def _take_device_fences(self, slots: Sequence[int]) -> list[Event]:
+        """Remove and return the fences of device ``slots`` (every stream's), before a copy into them."""
+        events: list[Event] = []
+        for stream_id, stream_fences in list(self._device_fences.items()):
+            for slot in slots:
+                event = stream_fences.pop(slot, None)
                 if event is not None:
-                    slot_fences = fences.get(page.device_slot)
-                    if slot_fences is None:
-                        fences[page.device_slot] = {stream_id: event}
-                    else:
-                        slot_fences[stream_id] = event
-                if dirty and page.index in dirty:
-                    self._drop_host_copy(page, forget=True)
-                    self._drop_disk_copy(page)
-                page.pin_count -= 1
+                    events.append(event)
+            if not stream_fences:
+                del self._device_fences[stream_id]
+        return events
 
     # ------------------------------------------------------------------ internals: checks
 
@@ -751,6 +796,22 @@ class Pager:
     def _locked_resident_bytes(self) -> dict[str, int]:
         with self._lock:
             return self._resident_bytes()
+
+
+def _pin(pins: dict[tuple[int, int], int], start: int, stop: int) -> None:
+    """Pin pages ``[start, stop)`` once more (``pins``: their allocation's pinned ranges)."""
+    key = (start, stop)
+    pins[key] = pins.get(key, 0) + 1
+
+
+def _unpin(pins: dict[tuple[int, int], int], start: int, stop: int) -> None:
+    """Undo one :func:`_pin` of ``[start, stop)``."""
+    key = (start, stop)
+    count = pins[key] - 1
+    if count:
+        pins[key] = count
+    else:
+        del pins[key]
 
 
 def _chunked(items: Sequence[Page], size: int) -> Iterator[Sequence[Page]]:

@@ -144,21 +144,26 @@ class PagerMachine(RuleBasedStateMachine):
         self.pager.prefetch(allocation, start, stop).result()
         self._model_fault(allocation.id, start, stop)
 
-    @precondition(lambda self: not self.pinned)
+    @precondition(lambda self: len(self.pinned) < 2)
     @rule(allocation=allocations, data=st.data())
     def pin(self, allocation, data):
+        """Pin one or two pages; two pins may overlap or repeat a range, holding at most two pages
+        between them (reads fault two pages at a time into the rest of the device tier)."""
         if allocation.id not in self.live:
             return
-        index = data.draw(st.integers(0, allocation.num_pages - 1), label="page")
-        resident = self.pager.ensure_resident(allocation, index, index + 1)
-        self._model_fault(allocation.id, index, index + 1)
+        start = data.draw(st.integers(0, allocation.num_pages - 1), label="start")
+        stop = data.draw(st.integers(start + 1, min(allocation.num_pages, start + 2)), label="stop")
+        if len(self._pinned_keys() | {(allocation.id, index) for index in range(start, stop)}) > 2:
+            return
+        resident = self.pager.ensure_resident(allocation, start, stop)
+        self._model_fault(allocation.id, start, stop)
         slots = {(allocation.id, page.index): page.device_slot for page in resident.pages}
         self.pinned.append((resident, slots))
 
     @precondition(lambda self: bool(self.pinned))
-    @rule(write=st.booleans(), value=st.integers(0, 255))
-    def unpin(self, write: bool, value: int):
-        resident, slots = self.pinned.pop()
+    @rule(write=st.booleans(), value=st.integers(0, 255), data=st.data())
+    def unpin(self, write: bool, value: int, data):
+        resident, slots = self.pinned.pop(data.draw(st.integers(0, len(self.pinned) - 1), label="which"))
         if write:
             resident.wait()
             for view in resident.views():
@@ -213,6 +218,16 @@ class PagerMachine(RuleBasedStateMachine):
             for (allocation_id, index), slot in slots.items():
                 page = resident.allocation.pages[index]
                 assert page.device_slot == slot and page.pin_count > 0, (allocation_id, index, page)
+
+    @invariant()
+    def pin_counts_are_the_held_pins(self):
+        """Each page's pin count is the number of unreleased pins covering it; no pin outlives its release."""
+        for allocation in self.live.values():
+            expected = [
+                sum(resident.allocation is allocation and resident.start <= index < resident.stop for resident, _ in self.pinned)
+                for index in range(allocation.num_pages)
+            ]
+            assert [info.pin_count for info in self.pager.page_table(allocation)] == expected, (allocation.id, allocation.pins)
 
     @invariant()
     def device_holds_what_the_model_predicts(self):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedtensor.policies import LRUPolicy, TwoQPolicy, make_policy
+from pagedtensor.policies import DeferredTouches, LRUPolicy, TwoQPolicy, make_policy
 
 
 def test_lru_evicts_least_recently_used():
@@ -97,3 +97,64 @@ def test_touch_all_equals_touching_each_key_in_order(name, ops):
             with pytest.raises(KeyError):
                 batched.touch_all([key for key in keys if key not in resident][:1])
         assert batched.victims(10, lambda k: True) == single.victims(10, lambda k: True)
+
+
+RUNS = [(0, 1, 2), (2, 3), (4,), (1, 5, 6, 7), (8, 9), (3, 0)]
+
+
+@pytest.mark.parametrize("name", ["lru", "2q"])
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("insert"), st.integers(0, 9)),
+            st.tuples(st.just("remove"), st.integers(0, 9)),
+            st.tuples(st.just("forget"), st.integers(0, 9)),
+            st.tuples(st.just("touch_run"), st.integers(0, len(RUNS) - 1)),
+            st.tuples(st.just("touch_run"), st.integers(0, len(RUNS) - 1)),  # likelier: runs between flushes
+            st.tuples(st.just("touch_run"), st.integers(0, len(RUNS) - 1)),
+            st.tuples(st.just("touch"), st.integers(0, 9)),
+            st.tuples(st.just("victims"), st.integers(1, 10)),
+        ),
+        max_size=60,
+    ),
+    max_pending=st.integers(1, 4),
+)
+@settings(max_examples=300)
+def test_deferred_touches_give_the_eager_order(name, ops, max_pending):
+    """Runs recorded by ``touch_run`` (deduplicated by run id, applied before any other call) leave
+    exactly the victims and order of touching every key at once, whatever falls between them."""
+    lazy, eager = DeferredTouches(make_policy(name, 8), max_pending), make_policy(name, 8)
+    for key in range(10):
+        lazy.insert(key), eager.insert(key)
+    resident = set(range(10))
+    for op, arg in ops:
+        if op == "insert" and arg not in resident:
+            lazy.insert(arg), eager.insert(arg), resident.add(arg)
+        elif op in ("remove", "forget") and arg in resident:
+            getattr(lazy, op)(arg), getattr(eager, op)(arg), resident.discard(arg)
+        elif op == "touch_run" and resident.issuperset(RUNS[arg]):
+            lazy.touch_run(("run", arg), list(RUNS[arg]))
+            eager.touch_all(RUNS[arg])
+        elif op == "touch" and arg in resident:
+            lazy.touch(arg), eager.touch(arg)
+        elif op == "victims":
+            assert lazy.victims(arg, lambda k: k % 3 != 0) == eager.victims(arg, lambda k: k % 3 != 0)
+        assert len(lazy) == len(eager) and all((key in lazy) == (key in eager) for key in range(10))
+        assert len(lazy._pending) <= max_pending
+    assert lazy.victims(10, lambda k: True) == eager.victims(10, lambda k: True)
+    if name == "lru":
+        assert lazy.order() == eager.order()
+
+
+def test_deferred_touches_record_a_repeated_run_once():
+    """The same op on the same pages again replaces its record: the pending work stays one run."""
+    lazy = DeferredTouches(make_policy("lru", 4))
+    for key in "abcd":
+        lazy.insert(key)
+    for _ in range(1000):
+        lazy.touch_run("ab", ["a", "b"])
+        lazy.touch_run("c", ["c"])
+    assert list(lazy._pending) == ["ab", "c"]
+    assert lazy.order() == ["d", "a", "b", "c"] and not lazy._pending
+    with pytest.raises(ValueError, match="max_pending_runs.*0"):
+        DeferredTouches(make_policy("lru", 4), 0)

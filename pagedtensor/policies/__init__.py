@@ -8,6 +8,7 @@ policy when a key arrives (``insert``), is used (``touch``) and leaves (``remove
 from __future__ import annotations
 
 from pagedtensor.policies.base import EvictionPolicy
+from pagedtensor.policies.deferred import DeferredTouches
 from pagedtensor.policies.lru import LRUPolicy
 from pagedtensor.policies.two_q import TwoQPolicy
 
@@ -23,4 +24,4 @@ def make_policy(name: str, capacity: int) -> EvictionPolicy:
     return policy_class(capacity)
 
 
-__all__ = ["EvictionPolicy", "LRUPolicy", "TwoQPolicy", "POLICIES", "make_policy"]
+__all__ = ["DeferredTouches", "EvictionPolicy", "LRUPolicy", "TwoQPolicy", "POLICIES", "make_policy"]
