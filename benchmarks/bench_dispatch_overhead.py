@@ -24,7 +24,7 @@ results are checked bitwise against the plain ones before timing.
 ``--device cpu`` runs the same code with the CPU as the device tier (``gpu_us`` is then wall time):
 a smoke check of the script, not a measurement.
 
-Usage: python benchmarks/bench_dispatch_overhead.py [--page-size 2MiB] [--sizes 4KB,1MB,256MB] [--out FILE]
+Usage: python benchmarks/bench_dispatch_overhead.py [--page-size 2MiB] [--sizes 4KB,1MB,256MB,1GB] [--out FILE]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from benchmarks.common import kernel_profile, print_table, write_results  # noqa: E402
 from pagedtensor import MemoryConfig, PagedTensor, Pager, parse_size  # noqa: E402
 
-SIZES = {"4KB": 4 * 1024, "1MB": 2**20, "256MB": 256 * 2**20}
+SIZES = {"4KB": 4 * 1024, "1MB": 2**20, "256MB": 256 * 2**20, "1GB": 2**30}
 TARGET_RATIO = 1.05
 TARGET_FROM_BYTES = 2**20
 
