@@ -45,46 +45,36 @@ class DeferredTouches(EvictionPolicy[K]):
         for keys in pending.values():
             touch_all(keys)
 
-    def insert(self, key: K) -> None:
+    def _applied(self) -> EvictionPolicy[K]:
+        """The wrapped policy with every recorded run applied (what any other call must see)."""
         if self._pending:
             self.flush()
-        self.policy.insert(key)
+        return self.policy
+
+    def insert(self, key: K) -> None:
+        self._applied().insert(key)
 
     def touch(self, key: K) -> None:
-        if self._pending:
-            self.flush()
-        self.policy.touch(key)
+        self._applied().touch(key)
 
     def touch_all(self, keys: Iterable[K]) -> None:
-        if self._pending:
-            self.flush()
-        self.policy.touch_all(keys)
+        self._applied().touch_all(keys)
 
     def remove(self, key: K) -> None:
-        if self._pending:
-            self.flush()
-        self.policy.remove(key)
+        self._applied().remove(key)
 
     def forget(self, key: K) -> None:
-        if self._pending:
-            self.flush()
-        self.policy.forget(key)
+        self._applied().forget(key)
 
     def victim(self, evictable: Callable[[K], bool]) -> Optional[K]:
-        if self._pending:
-            self.flush()
-        return self.policy.victim(evictable)
+        return self._applied().victim(evictable)
 
     def victims(self, count: int, evictable: Callable[[K], bool]) -> list[K]:
-        if self._pending:
-            self.flush()
-        return self.policy.victims(count, evictable)
+        return self._applied().victims(count, evictable)
 
     def order(self) -> list[K]:
         """The wrapped policy's eviction order, with every recorded run applied."""
-        if self._pending:
-            self.flush()
-        return self.policy.order()  # type: ignore[attr-defined] - the policies that have one
+        return self._applied().order()  # type: ignore[attr-defined] - the policies that have one
 
     def __contains__(self, key: object) -> bool:  # touches never change who is resident
         return key in self.policy
