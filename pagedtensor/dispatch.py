@@ -50,8 +50,7 @@ from torch._ops import OpOverload, OpOverloadPacket
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from pagedtensor.errors import OutOfPagesError
-from pagedtensor.pager import Page, ResidentPages
-from pagedtensor.tiers.slab_pool import SlabPool
+from pagedtensor.pager import ResidentPages
 from pagedtensor.tensor import PagedStorage, PagedTensor, _pending_frees, drain_pending_frees, element_span
 
 aten = torch.ops.aten
@@ -378,9 +377,8 @@ class _Window:
         try:
             self.resident.wait()
             self.tier = tier = storage.pager.device_tier
-            pages = self.resident.pages
-            self.nbytes = (len(pages) - 1) * page_size + pages[-1].nbytes
-            first_slot = _adjacent_slots(self.resident.slots, tier)
+            self.nbytes = self.resident.nbytes
+            first_slot = tier.first_of_run(self.resident.slots)
             if first_slot is not None and not private:
                 self.gathered = False
                 self.slab, slot_in_slab = divmod(first_slot, tier.slab_pages)
@@ -389,7 +387,7 @@ class _Window:
                 self.runs: Optional[list[tuple[int, torch.Tensor]]] = None
                 self._buf: Optional[torch.Tensor] = None
             else:
-                self.runs = [(0, tier.run(first_slot, len(pages), self.nbytes))] if first_slot is not None else self.resident.runs()
+                self.runs = self.resident.runs()
                 self._buf = buf = torch.empty(self.nbytes, dtype=torch.uint8, device=self.runs[0][1].device)
                 for page_offset, view in self.runs:
                     start = page_offset * page_size
@@ -444,19 +442,6 @@ class _Window:
     def release(self, dirty: Iterable[int] = (), event: Optional[torch.cuda.Event] = None) -> None:
         """Unpin the pages (``dirty``: the pages written); ``event``: see :meth:`ResidentPages.release`."""
         self.resident.release(dirty=dirty if dirty else False, event=event)
-
-
-def _adjacent_slots(slots: list[int], tier: SlabPool) -> Optional[int]:
-    """The first of ``slots`` (pages' device slots, in page order) when they are adjacent slots of
-    one slab (the common case), found with one list compare; ``None`` otherwise."""
-    first = slots[0]
-    count = len(slots)
-    if count > 1:
-        if first // tier.slab_pages != (first + count - 1) // tier.slab_pages:
-            return None
-        if slots != list(range(first, first + count)):
-            return None
-    return first
 
 
 def _shared_release_event(groups: Sequence[_Group]) -> Optional[torch.cuda.Event]:

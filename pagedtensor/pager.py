@@ -57,7 +57,6 @@ log = logging.getLogger(__name__)
 _NO_PAGES: frozenset[int] = frozenset()
 _DEVICE_SLOT = operator.attrgetter("device_slot")
 _READY = operator.attrgetter("ready")
-_NO_MISSING: list["Page"] = []  # never mutated: what ensure_resident found missing when nothing was
 
 
 @dataclass(eq=False, slots=True)
@@ -177,16 +176,24 @@ class ResidentPages:
         tier = self.pager.device_tier
         return [tier.page(page.device_slot)[: page.nbytes] for page in self.pages]
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes the pages hold (the allocation's last page may be shorter)."""
+        return (len(self.pages) - 1) * self.allocation.page_size + self.pages[-1].nbytes if self.pages else 0
+
     def runs(self) -> list[tuple[int, torch.Tensor]]:
         """Maximal runs of pages adjacent in device memory: ``(first page offset in range, view)``."""
         tier = self.pager.device_tier
+        slots = self.slots
+        first = tier.first_of_run(slots)
+        if first is not None:  # the common case: one run, found without a Python step per page
+            return [(0, tier.run(first, len(slots), self.nbytes))]
         runs: list[tuple[int, torch.Tensor]] = []
         run_start = 0
-        for offset in range(1, len(self.pages) + 1):
-            if offset == len(self.pages) or not tier.adjacent(self.pages[offset - 1].device_slot, self.pages[offset].device_slot):
-                count = offset - run_start
+        for offset in range(1, len(slots) + 1):
+            if offset == len(slots) or not tier.adjacent(slots[offset - 1], slots[offset]):
                 nbytes = sum(page.nbytes for page in self.pages[run_start:offset])
-                runs.append((run_start, tier.run(self.pages[run_start].device_slot, count)[:nbytes]))
+                runs.append((run_start, tier.run(slots[run_start], offset - run_start, nbytes)))
                 run_start = offset
         return runs
 
@@ -322,11 +329,10 @@ class Pager:
                     raise
                 slots = list(map(_DEVICE_SLOT, pages))
             else:  # all resident, the common case: ``discard`` only concerns missing pages
-                missing = _NO_MISSING
+                missing = ()
                 self.device_policy.touch_run((allocation.id, start, stop), pages)
-            values = self.metrics.values
-            values["faults"] += len(missing)
-            values["hits"] += len(pages) - len(missing)
+            self.metrics.count("faults", len(missing))
+            self.metrics.count("hits", len(pages) - len(missing))
             resident = ResidentPages(self, allocation, start, stop, pages, slots, self._unfinished_copies(pages))
         if missing and self.config.prefetch_strategy == "sequential" and self.config.prefetch_pages:
             ahead = min(allocation.num_pages, stop + self.config.prefetch_pages)

@@ -53,3 +53,14 @@ def test_slab_pool_grows_lazily_and_respects_capacity():
     assert slabs.adjacent(2, 3) and not slabs.adjacent(3, 4)
     with pytest.raises(ValueError, match="crosses a slab boundary"):
         slabs.run(3, 2)
+
+
+CONSECUTIVE_SLOTS = st.builds(lambda first, count: list(range(first, first + count)), st.integers(0, 20), st.integers(1, 6))
+
+
+@given(slab=st.integers(1, 6), slots=st.one_of(st.lists(st.integers(0, 23), max_size=8), CONSECUTIVE_SLOTS))
+def test_first_of_run_is_the_page_by_page_adjacency(slab, slots):
+    """``first_of_run`` (one list compare) agrees with ``adjacent`` asked of every neighbouring pair."""
+    tier = pool(24, slab)
+    one_run = bool(slots) and all(tier.adjacent(a, b) for a, b in zip(slots, slots[1:]))
+    assert tier.first_of_run(slots) == (slots[0] if one_run else None)

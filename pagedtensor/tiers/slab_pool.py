@@ -97,6 +97,20 @@ class SlabPool:
             typed = self._typed_slabs[(slab, dtype)] = self.slabs[slab].view(dtype)
         return typed
 
+    def first_of_run(self, slots: list[int]) -> Optional[int]:
+        """``slots[0]`` when ``slots`` are adjacent slots of one slab, in order (one view covers them
+        all), found with one list compare; ``None`` otherwise (or when ``slots`` is empty)."""
+        if not slots:
+            return None
+        first = slots[0]
+        count = len(slots)
+        if count > 1:
+            if first // self.slab_pages != (first + count - 1) // self.slab_pages:
+                return None
+            if slots != list(range(first, first + count)):
+                return None
+        return first
+
     def adjacent(self, slot: int, next_slot: int) -> bool:
         """Whether ``next_slot`` directly follows ``slot`` in memory."""
         return next_slot == slot + 1 and next_slot % self.slab_pages != 0
