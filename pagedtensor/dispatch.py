@@ -378,7 +378,7 @@ class _Window:
             self.resident.wait()
             self.tier = tier = storage.pager.device_tier
             self.nbytes = self.resident.nbytes
-            first_slot = tier.first_of_run(self.resident.slots)
+            first_slot = self.resident.first_slot
             if first_slot is not None and not private:
                 self.gathered = False
                 self.slab, slot_in_slab = divmod(first_slot, tier.slab_pages)

@@ -11,8 +11,9 @@ is device → host → disk, and only dirty pages move (a clean page just drops 
 
 An op on pages already resident takes no Python step per page in its bookkeeping: a pin is one
 count per pinned range of the allocation (:attr:`Allocation.pins`), the policy's touch is one
-deferred run (:class:`~pagedtensor.policies.DeferredTouches`), and a release's fence is one bulk
-update of the releasing stream's slot map.
+deferred run (:class:`~pagedtensor.policies.DeferredTouches`), a release's fence is one bulk
+update of the releasing stream's slot map, and the pages' slots come from the allocation's
+:class:`ResidentRun` while no page of the pager has moved since it was recorded.
 
 Note:
     Stream and event ordering, on CUDA:
@@ -55,6 +56,7 @@ from pagedtensor.transfer import Event, TransferEngine, coalesce_runs
 log = logging.getLogger(__name__)
 
 _NO_PAGES: frozenset[int] = frozenset()
+_UNKNOWN = object()  # ResidentPages.first_slot not yet found
 _DEVICE_SLOT = operator.attrgetter("device_slot")
 _READY = operator.attrgetter("ready")
 
@@ -114,6 +116,23 @@ class PageInfo:
     pin_count: int
 
 
+@dataclass(frozen=True, eq=False, slots=True)
+class ResidentRun:
+    """Pages ``[start, stop)`` of an allocation as last found all resident with no copy in flight.
+
+    Valid while the pager's residency epoch is still ``epoch``: the epoch moves on whenever any
+    page gains or loses a device slot or a copy into a slot starts, so a current record's
+    ``slots`` are the pages' slots and none of them waits on a copy.
+    """
+
+    epoch: int
+    start: int
+    stop: int
+    pages: list[Page]
+    slots: list[int]
+    first_slot: Optional[int]  # ``slots[0]`` when the slots are one run of adjacent slots, else None
+
+
 @dataclass(eq=False)
 class Allocation:
     """A run of pages holding ``nbytes`` bytes. Created by :meth:`Pager.allocate`."""
@@ -126,6 +145,7 @@ class Allocation:
     freed: bool = False
     version: int = 0  # bumped each time pages are released dirty (written); caches of the bytes compare it
     pins: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)  # pinned ranges, shared with its pages
+    resident_run: Optional[ResidentRun] = field(default=None, repr=False)  # the last range found resident
 
     @property
     def num_pages(self) -> int:
@@ -152,17 +172,29 @@ class ResidentPages:
     """
 
     def __init__(
-        self, pager: "Pager", allocation: Allocation, start: int, stop: int, pages: list[Page], slots: list[int], events: list[Event]
-    ) -> None:
+        self, pager: "Pager", allocation: Allocation, start: int, stop: int, pages: list[Page], slots: list[int], events: list[Event],
+        first_slot: Optional[int] = None,
+    ) -> None:  # fmt: skip
         self.pager = pager
         self.allocation = allocation
         self.start = start
         self.stop = stop
-        self.pages = pages
-        self.slots = slots  # the pages' device slots (fixed while they are pinned)
+        self.pages = pages  # shared with the allocation's ResidentRun: read only
+        self.slots = slots  # the pages' device slots (fixed while they are pinned; read only)
         self.events = events
+        # ``slots[0]`` when the slots are one adjacent run: the pager passes it when known, else it
+        # is found on first use.
+        self._first_slot = first_slot if first_slot is not None else _UNKNOWN
         self._dirty: set[int] = set()
         self.released = False
+
+    @property
+    def first_slot(self) -> Optional[int]:
+        """The first slot when the pages sit in adjacent device slots of one slab (one view covers
+        them all), else ``None``."""
+        if self._first_slot is _UNKNOWN:
+            self._first_slot = self.pager.device_tier.first_of_run(self.slots)
+        return self._first_slot
 
     def wait(self, stream: Optional[torch.cuda.Stream] = None) -> None:
         """Make ``stream`` (default: the current stream) wait for the copies that filled the pages."""
@@ -185,7 +217,7 @@ class ResidentPages:
         """Maximal runs of pages adjacent in device memory: ``(first page offset in range, view)``."""
         tier = self.pager.device_tier
         slots = self.slots
-        first = tier.first_of_run(slots)
+        first = self.first_slot
         if first is not None:  # the common case: one run, found without a Python step per page
             return [(0, tier.run(first, len(slots), self.nbytes))]
         runs: list[tuple[int, torch.Tensor]] = []
@@ -257,6 +289,9 @@ class Pager:
         # copy of an evicted page, -2 the copy that filled a slot since freed.
         self._device_fences: dict[int, dict[int, Event]] = {}
         self._host_fences: dict[int, Event] = {}  # slot -> last copy touching it
+        # Moves on whenever a page gains or loses a device slot or a copy into a slot starts; an
+        # Allocation.resident_run recorded at an older epoch is stale.
+        self._residency_epoch = 0
         self._prefetcher: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.closed = False
 
@@ -317,9 +352,16 @@ class Pager:
                 start, stop = self._check_range(allocation, start, stop)  # raises naming what is wrong
             elif not 0 <= start <= stop <= len(allocation.pages):
                 self._check_range(allocation, start, stop)
+            pins = allocation.pins
+            run = allocation.resident_run
+            if run is not None and run.epoch == self._residency_epoch and run.start == start and run.stop == stop:
+                # The same pages as last time and nothing has moved since: no step per page.
+                _pin(pins, start, stop)
+                self.device_policy.touch_run((allocation.id, start, stop), run.pages)
+                self.metrics.count("hits", stop - start)
+                return ResidentPages(self, allocation, start, stop, run.pages, run.slots, [], run.first_slot)
             pages = allocation.pages[start:stop]
             slots = list(map(_DEVICE_SLOT, pages))
-            pins = allocation.pins
             _pin(pins, start, stop)
             if None in slots:
                 try:
@@ -333,7 +375,10 @@ class Pager:
                 self.device_policy.touch_run((allocation.id, start, stop), pages)
             self.metrics.count("faults", len(missing))
             self.metrics.count("hits", len(pages) - len(missing))
-            resident = ResidentPages(self, allocation, start, stop, pages, slots, self._unfinished_copies(pages))
+            events = self._unfinished_copies(pages)
+            resident = ResidentPages(self, allocation, start, stop, pages, slots, events)
+            if not events:
+                allocation.resident_run = ResidentRun(self._residency_epoch, start, stop, pages, slots, resident.first_slot)
         if missing and self.config.prefetch_strategy == "sequential" and self.config.prefetch_pages:
             ahead = min(allocation.num_pages, stop + self.config.prefetch_pages)
             if ahead > stop:
@@ -520,6 +565,7 @@ class Pager:
             return missing
         self.device_policy.touch_all([page for page in pages if page.device_slot is not None])
         self._make_device_room(len(missing))
+        self._residency_epoch += 1
         for page, slot in zip(missing, self.device_tier.allocate(len(missing))):
             page.device_slot = slot
             if page.index in discard:
@@ -555,6 +601,7 @@ class Pager:
         wait_for = [self._host_fences.get(host_slot) for host_slot, _ in pairs]
         wait_for += self._take_device_fences([device_slot for _, device_slot in pairs])
         event = self.engine.copy(self.engine.h2d_stream, runs, self.host_tier, self.device_tier, wait_for)
+        self._residency_epoch += 1
         for page in pages:
             page.ready = event
             self._host_fences[page.host_slot] = event
@@ -568,6 +615,7 @@ class Pager:
         slots = [page.device_slot for page in pages]
         wait_for = self._take_device_fences(slots)
         event = self.engine.zero(slots, self.device_tier, wait_for)
+        self._residency_epoch += 1
         for page in pages:
             page.ready = event
 
@@ -713,6 +761,7 @@ class Pager:
             # A later copy into this slot must not overtake the one that filled it.
             self._device_fences.setdefault(-2, {})[page.device_slot] = page.ready
         self.device_tier.free([page.device_slot])
+        self._residency_epoch += 1
         page.device_slot = None
         page.ready = None
 

@@ -230,6 +230,19 @@ class PagerMachine(RuleBasedStateMachine):
             assert [info.pin_count for info in self.pager.page_table(allocation)] == expected, (allocation.id, allocation.pins)
 
     @invariant()
+    def current_resident_runs_are_true(self):
+        """A resident run the pager would still use (recorded at the current epoch) names the pages'
+        present slots, with no copy in flight into them."""
+        for allocation in self.live.values():
+            run = allocation.resident_run
+            if run is None or run.epoch != self.pager._residency_epoch:
+                continue
+            pages = allocation.pages[run.start : run.stop]
+            assert [page.device_slot for page in pages] == run.slots, (allocation.id, run)
+            assert all(page.ready is None for page in pages), (allocation.id, run)
+            assert run.first_slot == self.pager.device_tier.first_of_run(run.slots), (allocation.id, run)
+
+    @invariant()
     def device_holds_what_the_model_predicts(self):
         if self.policy != "lru":
             return
