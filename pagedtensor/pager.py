@@ -41,7 +41,7 @@ import itertools
 import logging
 import operator
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -59,6 +59,8 @@ _NO_PAGES: frozenset[int] = frozenset()
 _UNKNOWN = object()  # ResidentPages.first_slot not yet found
 _DEVICE_SLOT = operator.attrgetter("device_slot")
 _READY = operator.attrgetter("ready")
+_HOST_SLOT = operator.attrgetter("host_slot")
+_DISK_SLOT = operator.attrgetter("disk_slot")
 
 
 @dataclass(eq=False, slots=True)
@@ -122,7 +124,9 @@ class ResidentRun:
 
     Valid while the pager's residency epoch is still ``epoch``: the epoch moves on whenever any
     page gains or loses a device slot or a copy into a slot starts, so a current record's
-    ``slots`` are the pages' slots and none of them waits on a copy.
+    ``slots`` are the pages' slots and none of them waits on a copy. A page gains a host or disk
+    copy only while it has no device slot or just before losing it, so while the record is current
+    ``lower_copies`` False stays true (a write then has no lower copy to drop).
     """
 
     epoch: int
@@ -131,6 +135,7 @@ class ResidentRun:
     pages: list[Page]
     slots: list[int]
     first_slot: Optional[int]  # ``slots[0]`` when the slots are one run of adjacent slots, else None
+    lower_copies: bool  # whether any of the pages may have a host or disk copy
 
 
 @dataclass(eq=False)
@@ -378,7 +383,8 @@ class Pager:
             events = self._unfinished_copies(pages)
             resident = ResidentPages(self, allocation, start, stop, pages, slots, events)
             if not events:
-                allocation.resident_run = ResidentRun(self._residency_epoch, start, stop, pages, slots, resident.first_slot)
+                allocation.resident_run = ResidentRun(self._residency_epoch, start, stop, pages, slots, resident.first_slot,
+                                                      _has_lower_copies(pages))  # fmt: skip
         if missing and self.config.prefetch_strategy == "sequential" and self.config.prefetch_pages:
             ahead = min(allocation.num_pages, stop + self.config.prefetch_pages)
             if ahead > stop:
@@ -796,11 +802,17 @@ class Pager:
                     stream_fences = self._device_fences[stream_id] = {}
                 stream_fences.update(dict.fromkeys(resident.slots, event))
             if dirty:
-                resident.allocation.version += 1
-                for page in resident.pages:
-                    if page.index in dirty:
-                        self._drop_host_copy(page, forget=True)
-                        self._drop_disk_copy(page)
+                allocation = resident.allocation
+                allocation.version += 1
+                run = allocation.resident_run
+                current = run is not None and run.epoch == self._residency_epoch and run.start == resident.start and run.stop == resident.stop
+                if not current or run.lower_copies:
+                    for page in resident.pages:
+                        if page.index in dirty:
+                            self._drop_host_copy(page, forget=True)
+                            self._drop_disk_copy(page)
+                    if current and dirty.issuperset(range(run.start, run.stop)):  # every lower copy is gone
+                        allocation.resident_run = replace(run, lower_copies=False)
             _unpin(resident.allocation.pins, resident.start, resident.stop)
 
     def _take_device_fences(self, slots: Sequence[int]) -> list[Event]:
@@ -867,6 +879,12 @@ def _unpin(pins: dict[tuple[int, int], int], start: int, stop: int) -> None:
         pins[key] = count
     else:
         del pins[key]
+
+
+def _has_lower_copies(pages: Sequence[Page]) -> bool:
+    """Whether any of ``pages`` has a host or a disk copy (two C-level scans, no Python step per page)."""
+    count = len(pages)
+    return list(map(_HOST_SLOT, pages)).count(None) != count or list(map(_DISK_SLOT, pages)).count(None) != count
 
 
 def _chunked(items: Sequence[Page], size: int) -> Iterator[Sequence[Page]]:

@@ -237,3 +237,29 @@ def test_evicting_keeps_the_only_host_copy_of_clean_pages(tmp_path, with_disk):
             with pytest.raises(OutOfPagesError):  # no room for page 5 anywhere: refused, nothing dropped
                 pager.evict_all()
         assert [int(pager.read(allocation)[0]) for allocation in allocations] == [1, 2, 3, 4, 5]
+
+
+def test_writes_to_a_remembered_resident_range_drop_every_stale_lower_copy():
+    """An allocation's remembered resident range knows whether its pages still have host copies: a
+    write to some of the pages leaves the others' copies (and the record) in place, so a later write
+    to all of them still drops every copy that went stale, and eviction writes it back."""
+    with make_pager(device_pages=4, host_pages=4) as pager:
+        allocation = pager.allocate(2 * PAGE)
+        pager.write(allocation, torch.full((2 * PAGE,), 1, dtype=torch.uint8))
+        pager.evict_all()
+        with pager.ensure_resident(allocation, 0, 2):  # clean device copies beside the host copies
+            pass
+        assert allocation.resident_run.lower_copies
+        with pager.ensure_resident(allocation, 0, 2) as pages:  # the remembered range
+            pages.views()[0].fill_(7)
+            pages.mark_dirty([0])
+        assert [info.host_slot is not None for info in pager.page_table(allocation)] == [False, True]
+        assert allocation.resident_run.lower_copies, "page 1 still has its host copy"
+        with pager.ensure_resident(allocation, 0, 2) as pages:
+            for view in pages.views():
+                view.fill_(9)
+            pages.mark_dirty()
+        assert [info.host_slot for info in pager.page_table(allocation)] == [None, None]
+        assert not allocation.resident_run.lower_copies
+        pager.evict_all()
+        assert torch.equal(pager.read(allocation), torch.full((2 * PAGE,), 9, dtype=torch.uint8))

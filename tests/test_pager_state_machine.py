@@ -163,15 +163,20 @@ class PagerMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.pinned))
     @rule(write=st.booleans(), value=st.integers(0, 255), data=st.data())
     def unpin(self, write: bool, value: int, data):
+        """Release a pin, after writing all of its pages (``dirty=True``) or some of them (``dirty``
+        names the pages written) or none."""
         resident, slots = self.pinned.pop(data.draw(st.integers(0, len(self.pinned) - 1), label="which"))
+        dirty: object = False
         if write:
+            indices = [index for _, index in slots]
+            written = data.draw(st.one_of(st.just(indices), st.lists(st.sampled_from(indices), unique=True)), label="written")
+            dirty = True if written == indices else written
             resident.wait()
-            for view in resident.views():
-                view.fill_(value)
-            for allocation_id, index in slots:
-                page = resident.allocation.pages[index]
-                self.data[allocation_id][index * PAGE : index * PAGE + page.nbytes] = value
-        resident.release(dirty=write)
+            for page, view in zip(resident.pages, resident.views()):
+                if page.index in written:
+                    view.fill_(value)
+                    self.data[page.allocation_id][page.index * PAGE : page.index * PAGE + page.nbytes] = value
+        resident.release(dirty=dirty)
 
     @rule()
     def evict_all(self):
@@ -241,6 +246,8 @@ class PagerMachine(RuleBasedStateMachine):
             assert [page.device_slot for page in pages] == run.slots, (allocation.id, run)
             assert all(page.ready is None for page in pages), (allocation.id, run)
             assert run.first_slot == self.pager.device_tier.first_of_run(run.slots), (allocation.id, run)
+            if not run.lower_copies:
+                assert all(page.host_slot is None and page.disk_slot is None for page in pages), (allocation.id, run)
 
     @invariant()
     def device_holds_what_the_model_predicts(self):
