@@ -216,12 +216,19 @@ def fused_call(q, k_pages, v_pages, block_table, seq_lens, counters=None, fused=
         BLOCK_N=launch.block_n, CHUNK_SPLITS=min(64, next_power_of_2(num_splits)), num_warps=launch.num_warps, num_stages=launch.num_stages, FUSED=fused, TRIGGER_EARLY=trigger_early,
         ONE_PASS=one_pass and num_splits <= 64, HOST_BOUNDS=host_bounds, max_len=block_table.shape[1] * k_pages.shape[1])
     if merge:
-        bs = next_power_of_2(num_splits)
-        _merge_pdl_kernel[(batch * num_heads,)](part_out, part_lse, out, lse, num_heads, num_splits, part_out.stride(0), part_out.stride(1),
-                                                part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-                                                lse.stride(0), lse.stride(1), HEAD_DIM=head_dim, BLOCK_SPLITS=bs, CHUNK_SPLITS=min(bs, 64),
-                                                num_warps=8 if min(bs, 64) * head_dim >= 8192 else 4, launch_pdl=pdl)
+        launch_merge(part_out, part_lse, out, lse, num_splits, pdl)
     return out
+
+
+def launch_merge(part_out, part_lse, out, lse, num_splits, pdl):
+    """The merge kernel over ``num_splits`` partials, launched with programmatic dependent launch
+    when ``pdl`` (its ``gdc_wait`` is a no-op otherwise)."""
+    batch, num_heads, head_dim = out.shape
+    bs = next_power_of_2(num_splits)
+    _merge_pdl_kernel[(batch * num_heads,)](part_out, part_lse, out, lse, num_heads, num_splits, part_out.stride(0), part_out.stride(1),
+                                            part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
+                                            lse.stride(0), lse.stride(1), HEAD_DIM=head_dim, BLOCK_SPLITS=bs, CHUNK_SPLITS=min(bs, 64),
+                                            num_warps=8 if min(bs, 64) * head_dim >= 8192 else 4, launch_pdl=pdl)
 
 
 def pdl_call(q, k_pages, v_pages, block_table, seq_lens):
@@ -233,11 +240,7 @@ def pdl_call(q, k_pages, v_pages, block_table, seq_lens):
                                 (part_out.stride(2), part_lse.stride(2)), launch))
     out = torch.empty_like(q)
     lse = torch.empty((batch, num_heads), dtype=torch.float32, device=q.device)
-    bs = next_power_of_2(num_splits)
-    _merge_pdl_kernel[(batch * num_heads,)](part_out, part_lse, out, lse, num_heads, num_splits, part_out.stride(0), part_out.stride(1),
-                                            part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-                                            lse.stride(0), lse.stride(1), HEAD_DIM=head_dim, BLOCK_SPLITS=bs, CHUNK_SPLITS=min(bs, 64),
-                                            num_warps=8 if min(bs, 64) * head_dim >= 8192 else 4, launch_pdl=True)
+    launch_merge(part_out, part_lse, out, lse, num_splits, pdl=True)
     return out
 
 
