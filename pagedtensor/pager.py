@@ -56,7 +56,6 @@ from pagedtensor.transfer import Event, TransferEngine, coalesce_runs
 log = logging.getLogger(__name__)
 
 _NO_PAGES: frozenset[int] = frozenset()
-_UNKNOWN = object()  # ResidentPages.first_slot not yet found
 _DEVICE_SLOT = operator.attrgetter("device_slot")
 _READY = operator.attrgetter("ready")
 _HOST_SLOT = operator.attrgetter("host_slot")
@@ -123,10 +122,11 @@ class ResidentRun:
     """Pages ``[start, stop)`` of an allocation as last found all resident with no copy in flight.
 
     Valid while the pager's residency epoch is still ``epoch``: the epoch moves on whenever any
-    page gains or loses a device slot or a copy into a slot starts, so a current record's
-    ``slots`` are the pages' slots and none of them waits on a copy. A page gains a host or disk
-    copy only while it has no device slot or just before losing it, so while the record is current
-    ``lower_copies`` False stays true (a write then has no lower copy to drop).
+    page loses its device slot. A page of the record gets a new slot, or a copy into its slot, only
+    after losing the slot it had, so a current record's ``slots`` are the pages' slots and none of
+    them waits on a copy. A page gains a host or disk copy only while it has no device slot or just
+    before losing it, so while the record is current ``lower_copies`` False stays true (a write
+    then has no lower copy to drop).
     """
 
     epoch: int
@@ -178,7 +178,7 @@ class ResidentPages:
 
     def __init__(
         self, pager: "Pager", allocation: Allocation, start: int, stop: int, pages: list[Page], slots: list[int], events: list[Event],
-        first_slot: Optional[int] = None,
+        first_slot: Optional[int],
     ) -> None:  # fmt: skip
         self.pager = pager
         self.allocation = allocation
@@ -187,19 +187,11 @@ class ResidentPages:
         self.pages = pages  # shared with the allocation's ResidentRun: read only
         self.slots = slots  # the pages' device slots (fixed while they are pinned; read only)
         self.events = events
-        # ``slots[0]`` when the slots are one adjacent run: the pager passes it when known, else it
-        # is found on first use.
-        self._first_slot = first_slot if first_slot is not None else _UNKNOWN
+        # ``slots[0]`` when the pages sit in adjacent device slots of one slab (one view covers
+        # them all), else None.
+        self.first_slot = first_slot
         self._dirty: set[int] = set()
         self.released = False
-
-    @property
-    def first_slot(self) -> Optional[int]:
-        """The first slot when the pages sit in adjacent device slots of one slab (one view covers
-        them all), else ``None``."""
-        if self._first_slot is _UNKNOWN:
-            self._first_slot = self.pager.device_tier.first_of_run(self.slots)
-        return self._first_slot
 
     def wait(self, stream: Optional[torch.cuda.Stream] = None) -> None:
         """Make ``stream`` (default: the current stream) wait for the copies that filled the pages."""
@@ -294,8 +286,8 @@ class Pager:
         # copy of an evicted page, -2 the copy that filled a slot since freed.
         self._device_fences: dict[int, dict[int, Event]] = {}
         self._host_fences: dict[int, Event] = {}  # slot -> last copy touching it
-        # Moves on whenever a page gains or loses a device slot or a copy into a slot starts; an
-        # Allocation.resident_run recorded at an older epoch is stale.
+        # Moves on whenever a page loses its device slot; an Allocation.resident_run recorded at an
+        # older epoch is stale.
         self._residency_epoch = 0
         self._prefetcher: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.closed = False
@@ -358,9 +350,8 @@ class Pager:
             elif not 0 <= start <= stop <= len(allocation.pages):
                 self._check_range(allocation, start, stop)
             pins = allocation.pins
-            run = allocation.resident_run
-            if run is not None and run.epoch == self._residency_epoch and run.start == start and run.stop == stop:
-                # The same pages as last time and nothing has moved since: no step per page.
+            run = self._current_run(allocation, start, stop)
+            if run is not None:  # the same pages as last time and nothing has moved since: no step per page
                 _pin(pins, start, stop)
                 self.device_policy.touch_run((allocation.id, start, stop), run.pages)
                 self.metrics.count("hits", stop - start)
@@ -381,9 +372,10 @@ class Pager:
             self.metrics.count("faults", len(missing))
             self.metrics.count("hits", len(pages) - len(missing))
             events = self._unfinished_copies(pages)
-            resident = ResidentPages(self, allocation, start, stop, pages, slots, events)
+            first_slot = self.device_tier.first_of_run(slots)
+            resident = ResidentPages(self, allocation, start, stop, pages, slots, events, first_slot)
             if not events:
-                allocation.resident_run = ResidentRun(self._residency_epoch, start, stop, pages, slots, resident.first_slot,
+                allocation.resident_run = ResidentRun(self._residency_epoch, start, stop, pages, slots, first_slot,
                                                       _has_lower_copies(pages))  # fmt: skip
         if missing and self.config.prefetch_strategy == "sequential" and self.config.prefetch_pages:
             ahead = min(allocation.num_pages, stop + self.config.prefetch_pages)
@@ -571,7 +563,6 @@ class Pager:
             return missing
         self.device_policy.touch_all([page for page in pages if page.device_slot is not None])
         self._make_device_room(len(missing))
-        self._residency_epoch += 1
         for page, slot in zip(missing, self.device_tier.allocate(len(missing))):
             page.device_slot = slot
             if page.index in discard:
@@ -607,7 +598,6 @@ class Pager:
         wait_for = [self._host_fences.get(host_slot) for host_slot, _ in pairs]
         wait_for += self._take_device_fences([device_slot for _, device_slot in pairs])
         event = self.engine.copy(self.engine.h2d_stream, runs, self.host_tier, self.device_tier, wait_for)
-        self._residency_epoch += 1
         for page in pages:
             page.ready = event
             self._host_fences[page.host_slot] = event
@@ -621,7 +611,6 @@ class Pager:
         slots = [page.device_slot for page in pages]
         wait_for = self._take_device_fences(slots)
         event = self.engine.zero(slots, self.device_tier, wait_for)
-        self._residency_epoch += 1
         for page in pages:
             page.ready = event
 
@@ -804,16 +793,22 @@ class Pager:
             if dirty:
                 allocation = resident.allocation
                 allocation.version += 1
-                run = allocation.resident_run
-                current = run is not None and run.epoch == self._residency_epoch and run.start == resident.start and run.stop == resident.stop
-                if not current or run.lower_copies:
+                run = self._current_run(allocation, resident.start, resident.stop)
+                if run is None or run.lower_copies:
                     for page in resident.pages:
                         if page.index in dirty:
                             self._drop_host_copy(page, forget=True)
                             self._drop_disk_copy(page)
-                    if current and dirty.issuperset(range(run.start, run.stop)):  # every lower copy is gone
+                    if run is not None and dirty.issuperset(range(run.start, run.stop)):  # every lower copy is gone
                         allocation.resident_run = replace(run, lower_copies=False)
             _unpin(resident.allocation.pins, resident.start, resident.stop)
+
+    def _current_run(self, allocation: Allocation, start: int, stop: int) -> Optional[ResidentRun]:
+        """The allocation's remembered resident range when it is ``[start, stop)`` and still current."""
+        run = allocation.resident_run
+        if run is not None and run.epoch == self._residency_epoch and run.start == start and run.stop == stop:
+            return run
+        return None
 
     def _take_device_fences(self, slots: Sequence[int]) -> list[Event]:
         """Remove and return the fences of device ``slots`` (every stream's), before a copy into them."""
