@@ -19,14 +19,18 @@ bytes), and sweeps each reader's launch parameters:
   plus the shipped merge; checked against the shipped call.
 - ``shipped`` (the public call) and ``shipped_split_only`` (its split kernel, no merge), and
   ``torch.sum`` of the same bytes, for reference in the same run.
+- ``shipped_kernels_*`` (``--parts split``): the shipped split kernel, alone and with the merge, under
+  other launch parameters (loop step, warps, stages including 1, split counts of 2-8 programs per SM).
 
-Run: ``python3 benchmarks/decode_read_ceiling.py --out PATH`` on a CUDA machine (about 3 minutes).
+Run: ``python3 benchmarks/decode_read_ceiling.py --out PATH [--parts readers,split]`` on a CUDA machine
+(about 1.5 minutes a part).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import math
 import os
@@ -242,20 +246,48 @@ def decode_tma_call(inputs, context: int, programs: int, warps: int, stages: int
     return call
 
 
-def shipped_split_only(inputs) -> Callable[[], object]:
-    """The shipped split kernel with the shipped launch and split count, without its merge."""
+def shipped_geometry(inputs, launch: da.DecodeLaunch | None = None, programs_per_sm: int | None = None):
+    """The shipped launch (or ``launch``) and its tokens per split and split count, for one wave of
+    ``programs_per_sm`` programs per SM (default: as many as the compiled kernel holds, as shipped)."""
     q, k_pages, v_pages, block_table, seq_lens = inputs
     batch, num_heads, head_dim = q.shape
-    launch = da.decode_launch_config(num_heads // k_pages.shape[2], head_dim, q.dtype, q.device)
+    launch = launch or da.decode_launch_config(num_heads // k_pages.shape[2], head_dim, q.dtype, q.device)
     max_len = block_table.shape[1] * k_pages.shape[1]
-    resident = da.resident_programs_per_sm(q, k_pages, v_pages, block_table, seq_lens, launch)
+    resident = programs_per_sm or da.resident_programs_per_sm(q, k_pages, v_pages, block_table, seq_lens, launch)
     splits = da.choose_num_splits(batch, k_pages.shape[2], max_len, launch, q.device, resident)
     tokens = triton.cdiv(triton.cdiv(max_len, splits), launch.block_n) * launch.block_n
-    splits = triton.cdiv(max_len, tokens)
+    return launch, tokens, triton.cdiv(max_len, tokens)
+
+
+def shipped_split_only(inputs, launch: da.DecodeLaunch | None = None, programs_per_sm: int | None = None):
+    """The shipped split kernel (shipped launch and split count unless given), without its merge."""
+    q, k_pages, v_pages, block_table, seq_lens = inputs
+    batch, num_heads, head_dim = q.shape
+    launch, tokens, splits = shipped_geometry(inputs, launch, programs_per_sm)
     part_out, part_lse = da._split_buffers(batch, num_heads, splits, head_dim, q.device)
     args = da._split_kernel_args(q, k_pages, v_pages, block_table, seq_lens, part_out, part_lse,
                                  resolve_scale(None, head_dim), tokens, (part_out.stride(2), part_lse.stride(2)), launch)
-    return lambda: da._decode_split_kernel[(batch * k_pages.shape[2], splits)](**args)
+
+    def call() -> torch.Tensor:
+        da._decode_split_kernel[(batch * k_pages.shape[2], splits)](**args)
+        return part_out
+
+    return call
+
+
+def shipped_with_launch(inputs, launch: da.DecodeLaunch, programs_per_sm: int):
+    """The public call (split kernel and merge) with ``launch`` in place of the shipped one."""
+    _, _, splits = shipped_geometry(inputs, launch, programs_per_sm)
+
+    def call() -> torch.Tensor:
+        shipped_config = da.decode_launch_config
+        da.decode_launch_config = lambda *args: launch
+        try:
+            return da.paged_decode_attention(*inputs, num_splits=splits)
+        finally:
+            da.decode_launch_config = shipped_config
+
+    return call
 
 
 def best_b2b_us(calls: list[Callable[[], object]], repeats: int = 2) -> float:
@@ -290,7 +322,10 @@ def best(rows: list[dict]) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--parts", default="readers,split",
+                        help="readers: the read-only kernels and the TMA decode; split: the shipped kernels' launch sweep")
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     copy_gbs = copy_bandwidth_gbs()
@@ -328,41 +363,21 @@ def main(argv: list[str] | None = None) -> int:
             err = abs(float(call().sum(dtype=torch.float64)) - totals[index])
             return err, err <= 1e-5 * scale_of_sum[index]
 
-        rows: list[dict] = []
-        if kv_bytes not in contiguous_cache:
-            configs = [{"programs_per_sm": p, "block": b, "warps": w} for p in (1, 2, 4, 8) for b in (2048, 4096, 8192)
-                       for w in (4, 8)]
-            contiguous_cache[kv_bytes] = sweep(
-                "contiguous", configs,
-                lambda programs_per_sm, block, warps: [contiguous_reader(f, programs_per_sm * sms, block, warps) for f in flats],
-                kv_bytes, copy_gbs, check_read)
-        rows += contiguous_cache[kv_bytes]
-        inputs = [s for s in sets]
-        configs = [{"programs_per_sm": p, "block_n": n, "warps": w, "stages": st} for p in (2, 4, 8) for n in (32, 64, 128)
-                   for w in (4, 8) for st in (1, 2, 3)]
-        rows += sweep("paged_rows", configs,
-                      lambda programs_per_sm, block_n, warps, stages: [
-                          paged_rows_reader(s, context, programs_per_sm * sms, block_n, warps, stages) for s in inputs],
-                      kv_bytes, copy_gbs, check_read)
-        configs = [{"programs_per_sm": p, "warps": w, "stages": st} for p in (2, 4, 8, 16) for w in (1, 2, 4)
-                   for st in (2, 3, 4, 6)]
-        rows += sweep("paged_rows_tma", configs,
-                      lambda programs_per_sm, warps, stages: [
-                          paged_rows_tma_reader(s, context, programs_per_sm * sms, warps, stages) for s in inputs],
-                      kv_bytes, copy_gbs, check_read)
-
         def check_decode(call: Callable[[], torch.Tensor]) -> tuple[float, bool]:
-            """The TMA decode call against the shipped one (fp16 outputs of fp32 accumulations)."""
+            """A decode call against the shipped one (fp16 outputs of fp32 accumulations)."""
             err = float((call().float() - expected.float()).abs().max())
             return err, err <= 2e-3
 
-        configs = [{"programs_per_sm": p, "warps": w, "stages": st} for p in (2, 4, 8) for w in (4, 8) for st in (2, 3, 4, 6)]
-        rows += sweep("decode_tma", configs,
-                      lambda programs_per_sm, warps, stages: [
-                          decode_tma_call(s, context, programs_per_sm * sms, warps, stages) for s in inputs],
-                      kv_bytes, copy_gbs, check=check_decode)
-        shape["best"] = {name: best([r for r in rows if r["variant"] == name])
-                         for name in ("contiguous", "paged_rows", "paged_rows_tma", "decode_tma")}
+        inputs = list(sets)
+        rows: list[dict] = []
+        if "split" in parts:
+            rows += shipped_kernels_sweep(inputs, check_decode, kv_bytes, copy_gbs)
+        if "readers" in parts:
+            rows += readers_sweep(inputs, flats, context, check_read, check_decode, kv_bytes, copy_gbs, sms,
+                                  contiguous_cache)
+        names = ("contiguous", "paged_rows", "paged_rows_tma", "decode_tma", "shipped_kernels_split_only",
+                 "shipped_kernels_with_merge")
+        shape["best"] = {name: best([r for r in rows if r["variant"] == name]) for name in names}
         shape["errors"] = [r for r in rows if "error" in r][:5]
         shape["rows"] = rows
         print(json.dumps({"shape": [model, batch, context], "best": shape["best"]}), flush=True)
@@ -371,6 +386,61 @@ def main(argv: list[str] | None = None) -> int:
         del sets, inputs, expected, shipped, flats
         torch.cuda.empty_cache()
     return 0
+
+
+def readers_sweep(inputs, flats, context, check_read, check_decode, kv_bytes, copy_gbs, sms, contiguous_cache) -> list[dict]:
+    """The read-only kernels and the TMA decode, each over its launch parameters."""
+    rows: list[dict] = []
+    if kv_bytes not in contiguous_cache:
+        configs = [{"programs_per_sm": p, "block": b, "warps": w} for p in (1, 2, 4, 8) for b in (2048, 4096, 8192)
+                   for w in (4, 8)]
+        contiguous_cache[kv_bytes] = sweep(
+            "contiguous", configs,
+            lambda programs_per_sm, block, warps: [contiguous_reader(f, programs_per_sm * sms, block, warps) for f in flats],
+            kv_bytes, copy_gbs, check_read)
+    rows += contiguous_cache[kv_bytes]
+    configs = [{"programs_per_sm": p, "block_n": n, "warps": w, "stages": st} for p in (2, 4, 8) for n in (32, 64, 128)
+               for w in (4, 8) for st in (1, 2, 3)]
+    rows += sweep("paged_rows", configs,
+                  lambda programs_per_sm, block_n, warps, stages: [
+                      paged_rows_reader(s, context, programs_per_sm * sms, block_n, warps, stages) for s in inputs],
+                  kv_bytes, copy_gbs, check_read)
+    configs = [{"programs_per_sm": p, "warps": w, "stages": st} for p in (2, 4, 8, 16) for w in (1, 2, 4)
+               for st in (2, 3, 4, 6)]
+    rows += sweep("paged_rows_tma", configs,
+                  lambda programs_per_sm, warps, stages: [
+                      paged_rows_tma_reader(s, context, programs_per_sm * sms, warps, stages) for s in inputs],
+                  kv_bytes, copy_gbs, check_read)
+
+    configs = [{"programs_per_sm": p, "warps": w, "stages": st} for p in (2, 4, 8) for w in (4, 8) for st in (2, 3, 4, 6)]
+    rows += sweep("decode_tma", configs,
+                  lambda programs_per_sm, warps, stages: [
+                      decode_tma_call(s, context, programs_per_sm * sms, warps, stages) for s in inputs],
+                  kv_bytes, copy_gbs, check=check_decode)
+    return rows
+
+
+def shipped_kernels_sweep(inputs, check_decode, kv_bytes: int, copy_gbs: float) -> list[dict]:
+    """The shipped split kernel and merge under other launch parameters: loop step, warps, stages, and
+    the split count of one wave of 2-8 programs per SM; each config timed without and with the merge,
+    after its full call is checked against the shipped one."""
+    rows: list[dict] = []
+    for block_n, warps, stages, per_sm in itertools.product((16, 32, 64), (4, 8), (1, 2, 3), (2, 3, 4, 5, 6, 8)):
+        launch = da.DecodeLaunch(block_n, warps, stages, per_sm)
+        config = {"block_n": block_n, "warps": warps, "stages": stages, "programs_per_sm": per_sm}
+        try:
+            full = [shipped_with_launch(s, launch, per_sm) for s in inputs]
+            err, ok = check_decode(full[0])
+            splits = shipped_geometry(inputs[0], launch, per_sm)[2]
+            timed = {"shipped_kernels_split_only": [shipped_split_only(s, launch, per_sm) for s in inputs],
+                     "shipped_kernels_with_merge": full}
+            for name, calls in timed.items():
+                us = best_b2b_us(calls)
+                rows.append({"variant": name, **config, "splits": splits, "err": err, "ok": ok, "b2b_us": round(us, 2),
+                             "b2b_frac_of_copy": round(gb_per_s(kv_bytes, us / 1e3) / copy_gbs, 4)})
+        except Exception as exc:  # noqa: BLE001 - an experiment records what fails
+            rows.append({"variant": "shipped_kernels_with_merge", **config, "error": repr(exc)[:300]})
+    return rows
 
 
 if __name__ == "__main__":
