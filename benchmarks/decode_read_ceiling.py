@@ -227,7 +227,6 @@ def decode_tma_call(inputs, context: int, programs: int, warps: int, stages: int
     lse = torch.empty((batch, num_heads), dtype=torch.float32, device=q.device)
     k_desc, v_desc = page_rows_descriptor(k_pages), page_rows_descriptor(v_pages)
     _, precision = dot_options(q.dtype)
-    block_splits = next_power_of_2(splits)
 
     def call() -> torch.Tensor:
         _decode_split_tma_kernel[(batch * num_kv_heads, splits)](
@@ -236,11 +235,7 @@ def decode_tma_call(inputs, context: int, programs: int, warps: int, stages: int
             part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
             QUERY_GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
             PAGE_TOKENS=k_pages.shape[1], STAGES=stages, DOT_PRECISION=precision, num_warps=warps)
-        da._decode_merge_splits_kernel[(batch * num_heads,)](
-            part_out, part_lse, out, lse, num_heads, splits, part_out.stride(0), part_out.stride(1), part_out.stride(2),
-            part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-            HEAD_DIM=head_dim, BLOCK_SPLITS=block_splits, CHUNK_SPLITS=min(block_splits, 64),
-            num_warps=8 if min(block_splits, 64) * head_dim >= 8192 else 4)
+        da.merge_splits(part_out, part_lse, out, lse)
         return out
 
     return call

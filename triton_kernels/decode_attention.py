@@ -209,38 +209,97 @@ def _decode_merge_splits_kernel(
     stride_out_head: tl.int64,
     stride_lse_batch: tl.int64,
     stride_lse_head: tl.int64,
-    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
     CHUNK_SPLITS: tl.constexpr,
 ):
+    # Program (batch * num_heads + head, d): dimensions [d * BLOCK_D, (d + 1) * BLOCK_D) of one head's
+    # output; the program with d == 0 also writes the head's lse.
     pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
     batch = (pid // num_heads).to(tl.int64)
     head = (pid % num_heads).to(tl.int64)
     part_lse_row_ptr = part_lse_ptr + batch * stride_pl_batch + head * stride_pl_head
     part_out_row_ptr = part_out_ptr + batch * stride_po_batch + head * stride_po_head
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
 
-    offs_s = tl.arange(0, BLOCK_SPLITS)
-    lse_all = tl.load(part_lse_row_ptr + offs_s, mask=offs_s < num_splits, other=float("-inf"))
-    m = tl.max(lse_all, axis=0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    denom = tl.sum(tl.exp(lse_all - m_safe), axis=0)
-
-    offs_d = tl.arange(0, HEAD_DIM)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for s0 in range(0, num_splits, CHUNK_SPLITS):
-        offs_c = s0 + tl.arange(0, CHUNK_SPLITS)
-        mask_c = offs_c < num_splits
-        w = tl.exp(tl.load(part_lse_row_ptr + offs_c, mask=mask_c, other=float("-inf")) - m_safe)
-        part = tl.load(
-            part_out_row_ptr + offs_c[:, None] * stride_po_split + offs_d[None, :], mask=mask_c[:, None], other=0.0
-        )
-        acc += tl.sum(w[:, None] * part, axis=0)
+    if BLOCK_SPLITS <= CHUNK_SPLITS:
+        # One round trip: the log-sum-exps and the partial rows load together.
+        offs_s = tl.arange(0, BLOCK_SPLITS)
+        mask_s = offs_s < num_splits
+        lse_all = tl.load(part_lse_row_ptr + offs_s, mask=mask_s, other=float("-inf"))
+        part = tl.load(part_out_row_ptr + offs_s[:, None] * stride_po_split + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+        m = tl.max(lse_all, axis=0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp(lse_all - m_safe)
+        denom = tl.sum(w, axis=0)
+        acc = tl.sum(w[:, None] * part, axis=0)
+    else:
+        # Many splits: the maximum first, then the partials CHUNK_SPLITS rows at a time.
+        offs_s = tl.arange(0, BLOCK_SPLITS)
+        lse_all = tl.load(part_lse_row_ptr + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+        m = tl.max(lse_all, axis=0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        denom = tl.sum(tl.exp(lse_all - m_safe), axis=0)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, num_splits, CHUNK_SPLITS):
+            offs_c = s0 + tl.arange(0, CHUNK_SPLITS)
+            mask_c = offs_c < num_splits
+            w = tl.exp(tl.load(part_lse_row_ptr + offs_c, mask=mask_c, other=float("-inf")) - m_safe)
+            part = tl.load(
+                part_out_row_ptr + offs_c[:, None] * stride_po_split + offs_d[None, :], mask=mask_c[:, None], other=0.0
+            )
+            acc += tl.sum(w[:, None] * part, axis=0)
 
     has_keys = denom > 0.0
     out = acc / tl.where(has_keys, denom, 1.0)
     lse = tl.where(has_keys, m_safe + tl.log(tl.where(has_keys, denom, 1.0)), float("-inf"))
     tl.store(out_ptr + batch * stride_out_batch + head * stride_out_head + offs_d, out.to(out_ptr.dtype.element_ty))
-    tl.store(lse_ptr + batch * stride_lse_batch + head * stride_lse_head, lse)
+    tl.store(lse_ptr + batch * stride_lse_batch + head * stride_lse_head, lse, mask=pid_d == 0)
+
+
+MERGE_PARTIAL_ELEMENTS = 2048  # fp32 partial elements one merge program loads at once (8 KiB)
+MERGE_CHUNK_SPLITS = 64  # splits merged in one round trip; more take a pass for the maximum first
+
+
+def merge_launch(num_splits: int, head_dim: int) -> tuple[int, int, int]:
+    """``(BLOCK_SPLITS, CHUNK_SPLITS, BLOCK_D)`` of the merge kernel: each program loads at most
+    ``MERGE_PARTIAL_ELEMENTS`` partial elements at once, so a head with many splits is merged by
+    several programs, each over a slice of head_dim (on the H200 the merge of 64 splits of 128
+    dimensions per head took ~4 us back to back as one program per head)."""
+    block_splits = next_power_of_2(num_splits)
+    chunk_splits = min(block_splits, MERGE_CHUNK_SPLITS)
+    block_d = min(head_dim, max(16, MERGE_PARTIAL_ELEMENTS // chunk_splits))
+    return block_splits, chunk_splits, block_d
+
+
+def merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Launch the merge of split partials ``part_out`` ``[batch, num_heads, num_splits, head_dim]`` (fp32)
+    and ``part_lse`` ``[batch, num_heads, num_splits]`` into ``out`` ``[batch, num_heads, head_dim]`` and
+    ``lse`` ``[batch, num_heads]``, on the current stream after the split kernel that wrote them."""
+    batch, num_heads, num_splits, head_dim = part_out.shape
+    block_splits, chunk_splits, block_d = merge_launch(num_splits, head_dim)
+    _decode_merge_splits_kernel[(batch * num_heads, head_dim // block_d)](
+        part_out_ptr=part_out,
+        part_lse_ptr=part_lse,
+        out_ptr=out,
+        lse_ptr=lse,
+        num_heads=num_heads,
+        num_splits=num_splits,
+        stride_po_batch=part_out.stride(0),
+        stride_po_head=part_out.stride(1),
+        stride_po_split=part_out.stride(2),
+        stride_pl_batch=part_lse.stride(0),
+        stride_pl_head=part_lse.stride(1),
+        stride_out_batch=out.stride(0),
+        stride_out_head=out.stride(1),
+        stride_lse_batch=lse.stride(0),
+        stride_lse_head=lse.stride(1),
+        BLOCK_D=block_d,
+        BLOCK_SPLITS=block_splits,
+        CHUNK_SPLITS=chunk_splits,
+        num_warps=4,
+    )
 
 
 def _split_kernel_args(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
@@ -327,28 +386,7 @@ def _launch_decode(
                              split_strides, launch)  # fmt: skip
     )
     if num_splits > 1:
-        block_splits = next_power_of_2(num_splits)
-        _decode_merge_splits_kernel[(batch * num_heads,)](
-            part_out_ptr=part_out,
-            part_lse_ptr=part_lse,
-            out_ptr=out,
-            lse_ptr=lse,
-            num_heads=num_heads,
-            num_splits=num_splits,
-            stride_po_batch=part_out.stride(0),
-            stride_po_head=part_out.stride(1),
-            stride_po_split=part_out.stride(2),
-            stride_pl_batch=part_lse.stride(0),
-            stride_pl_head=part_lse.stride(1),
-            stride_out_batch=out.stride(0),
-            stride_out_head=out.stride(1),
-            stride_lse_batch=lse.stride(0),
-            stride_lse_head=lse.stride(1),
-            HEAD_DIM=head_dim,
-            BLOCK_SPLITS=block_splits,
-            CHUNK_SPLITS=min(block_splits, 64),  # partials of up to 64 splits in one round trip
-            num_warps=8 if min(block_splits, 64) * head_dim >= 8192 else 4,
-        )
+        merge_splits(part_out, part_lse, out, lse)
     return out, lse
 
 

@@ -69,6 +69,40 @@ def test_decode_many_splits_some_empty_and_custom_scale():
     check_decode(kv, q, num_splits=6, scale=0.3, what="6 splits, scale 0.3")
 
 
+@pytest.mark.parametrize(
+    "head_dim,seq_lens,num_splits",
+    [(64, [1100, 300], 100), (256, [250, 40], 16)],
+    ids=["over-64-splits-two-passes", "head-dim-sliced-one-pass"],
+)
+def test_decode_merge_paths(head_dim, seq_lens, num_splits):
+    """The merge of more splits than one round trip takes (a pass for the maximum, then chunks), and the
+    merge of a head by several programs, each over a slice of head_dim (the shorter sequence leaves
+    many splits empty)."""
+    kv, q = make_case(seq_lens, num_heads=2, num_kv_heads=1, head_dim=head_dim, page_tokens=16,
+                      dtype=torch.float16, seed=head_dim)  # fmt: skip
+    launch = decode_attention.decode_launch_config(2, head_dim, q.dtype, q.device)
+    max_len = kv.block_table.shape[1] * 16
+    splits = math.ceil(max_len / (math.ceil(math.ceil(max_len / num_splits) / launch.block_n) * launch.block_n))
+    block_splits, chunk_splits, block_d = decode_attention.merge_launch(splits, head_dim)
+    if head_dim == 64:
+        assert block_splits > chunk_splits, f"{splits} splits should take the two-pass merge"
+    else:
+        assert block_splits <= chunk_splits and block_d < head_dim, f"{splits} splits, block_d {block_d}"
+    check_decode(kv, q, num_splits=num_splits, what=f"{splits} splits, head_dim {head_dim}")
+
+
+@given(num_splits=st.integers(2, 1 << 14), head_dim=st.sampled_from([16, 32, 64, 128, 256]))
+def test_merge_launch_bounds_what_one_program_loads(num_splits, head_dim):
+    """Each merge program covers whole splits in chunks of at most MERGE_CHUNK_SPLITS and a power-of-two
+    slice of head_dim that divides it, loading at most MERGE_PARTIAL_ELEMENTS partials at once unless
+    the slice is already the 16-dimension minimum."""
+    block_splits, chunk_splits, block_d = decode_attention.merge_launch(num_splits, head_dim)
+    assert block_splits >= num_splits and block_splits & (block_splits - 1) == 0
+    assert chunk_splits == min(block_splits, decode_attention.MERGE_CHUNK_SPLITS)
+    assert head_dim % block_d == 0 and block_d & (block_d - 1) == 0 and block_d >= min(16, head_dim)
+    assert chunk_splits * block_d <= decode_attention.MERGE_PARTIAL_ELEMENTS or block_d == 16
+
+
 def test_decode_empty_sequence_gives_zeros_and_minus_inf():
     kv, q = make_case([0, 20], num_heads=2, num_kv_heads=1, head_dim=16, page_tokens=16, dtype=torch.float16, seed=12)
     for splits in (None, 2):
