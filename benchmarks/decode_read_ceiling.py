@@ -20,8 +20,7 @@ bytes), and sweeps each reader's launch parameters:
 - ``shipped`` (the public call) and ``shipped_split_only`` (its split kernel, no merge), and
   ``torch.sum`` of the same bytes, for reference in the same run.
 - ``shipped_kernels_*`` (``--parts split``): the shipped split kernel, alone and with the merge, under
-  other launch parameters (loop step, warps, stages including 1, split counts of 2-8 programs per SM);
-  ``--parts elementwise`` sweeps its elementwise path (scores and value sums without ``tl.dot``).
+  other launch parameters (loop step, warps, stages including 1, split counts of 2-8 programs per SM).
 
 Run: ``python3 benchmarks/decode_read_ceiling.py --out PATH [--parts readers,split]`` on a CUDA machine
 (about 1.5 minutes a part).
@@ -319,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--parts", default="readers,split",
-                        help="readers: the read-only kernels and the TMA decode; split: the shipped kernels' launch sweep; "
-                             "elementwise: the same sweep with elementwise scores")
+                        help="readers: the read-only kernels and the TMA decode; split: the shipped kernels' launch sweep")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     torch.manual_seed(0)
@@ -369,18 +367,12 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict] = []
         if "split" in parts:
             rows += shipped_kernels_sweep(inputs, check_decode, kv_bytes, copy_gbs)
-        if "elementwise" in parts:
-            rows += shipped_kernels_sweep(inputs, check_decode, kv_bytes, copy_gbs, dot_scores=False)
         if "readers" in parts:
             rows += readers_sweep(inputs, flats, context, check_read, check_decode, kv_bytes, copy_gbs, sms,
                                   contiguous_cache)
         names = ("contiguous", "paged_rows", "paged_rows_tma", "decode_tma", "shipped_kernels_split_only",
                  "shipped_kernels_with_merge")
         shape["best"] = {name: best([r for r in rows if r["variant"] == name]) for name in names}
-        for dot_scores in (True, False):
-            kind = "dot" if dot_scores else "elementwise"
-            for name in names[-2:]:
-                shape["best"][f"{name}_{kind}"] = best([r for r in rows if r["variant"] == name and r.get("dot_scores") == dot_scores])
         shape["errors"] = [r for r in rows if "error" in r][:5]
         shape["rows"] = rows
         print(json.dumps({"shape": [model, batch, context], "best": shape["best"]}), flush=True)
@@ -423,15 +415,14 @@ def readers_sweep(inputs, flats, context, check_read, check_decode, kv_bytes, co
     return rows
 
 
-def shipped_kernels_sweep(inputs, check_decode, kv_bytes: int, copy_gbs: float, dot_scores: bool = True) -> list[dict]:
+def shipped_kernels_sweep(inputs, check_decode, kv_bytes: int, copy_gbs: float) -> list[dict]:
     """The shipped split kernel and merge under other launch parameters: loop step, warps, stages, and
-    the split count of one wave of 2-8 programs per SM, with ``tl.dot`` scores or elementwise ones; each
-    config timed without and with the merge, after its full call is checked against the shipped one."""
+    the split count of one wave of 2-8 programs per SM; each config timed without and with the merge,
+    after its full call is checked against the shipped one."""
     rows: list[dict] = []
-    space = ((16, 32, 64), (4, 8), (1, 2, 3), (2, 3, 4, 5, 6, 8)) if dot_scores else ((16, 32, 64), (4, 8), (1, 2), (2, 4, 6, 8))
-    for block_n, warps, stages, per_sm in itertools.product(*space):
-        launch = da.DecodeLaunch(block_n, warps, stages, per_sm, dot_scores)
-        config = {"block_n": block_n, "warps": warps, "stages": stages, "programs_per_sm": per_sm, "dot_scores": dot_scores}
+    for block_n, warps, stages, per_sm in itertools.product((16, 32, 64), (4, 8), (1, 2, 3), (2, 3, 4, 5, 6, 8)):
+        launch = da.DecodeLaunch(block_n, warps, stages, per_sm)
+        config = {"block_n": block_n, "warps": warps, "stages": stages, "programs_per_sm": per_sm}
         try:
             full = [shipped_with_launch(s, launch, per_sm) for s in inputs]
             err, ok = check_decode(full[0])

@@ -58,7 +58,6 @@ class DecodeLaunch:
     num_warps: int
     num_stages: int
     programs_per_sm: int  # resident programs per SM assumed where the compiled kernel does not report its own
-    dot_scores: bool = True  # scores and value sums by tl.dot (query group padded to 16 rows), else elementwise in fp32
 
 
 def decode_launch_config(group: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeLaunch:
@@ -127,7 +126,6 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    DOT_SCORES: tl.constexpr,
 ):
     pid_seq_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -170,10 +168,7 @@ def _decode_split_kernel(
         if DOT_UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        if DOT_SCORES:
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        else:
-            s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2) * qk_scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         s = tl.where(mask_n[None, :], s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -181,10 +176,7 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
-        if DOT_SCORES:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        else:
-            acc += tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
 
     has_keys = l_i > 0.0
@@ -324,9 +316,8 @@ def _split_kernel_args(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Te
         **kv_pool_strides(k_pages, v_pages, block_table),
         stride_out_batch=part_out.stride(0), stride_out_head=part_out.stride(1), stride_out_split=split_strides[0],
         stride_lse_batch=part_lse.stride(0), stride_lse_head=part_lse.stride(1), stride_lse_split=split_strides[1],
-        QUERY_GROUP=group, BLOCK_G=max(16 if launch.dot_scores else 1, next_power_of_2(group)), HEAD_DIM=q.shape[2],
-        PAGE_TOKENS=k_pages.shape[1], BLOCK_N=launch.block_n, DOT_UPCAST=upcast, DOT_PRECISION=precision,
-        DOT_SCORES=launch.dot_scores,
+        QUERY_GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=q.shape[2], PAGE_TOKENS=k_pages.shape[1],
+        BLOCK_N=launch.block_n, DOT_UPCAST=upcast, DOT_PRECISION=precision,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
 

@@ -51,19 +51,6 @@ def test_decode_matches_reference(dtype, group, num_splits):
     check_decode(kv, q, num_splits=num_splits, what=f"{dtype} group={group} splits={num_splits}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("group", [1, 3, 8])
-def test_decode_elementwise_scores_match_reference(dtype, group, monkeypatch):
-    """The split kernel's elementwise path (scores and value sums in fp32 without tl.dot, the query group
-    unpadded) agrees with the reference as the tl.dot path does, split and unsplit."""
-    launch = decode_attention.DecodeLaunch(block_n=16, num_warps=4, num_stages=1, programs_per_sm=1, dot_scores=False)
-    monkeypatch.setattr(decode_attention, "decode_launch_config", lambda *args: launch)
-    kv, q = make_case([37, 1, 16, 50], num_heads=2 * group, num_kv_heads=2, head_dim=32, page_tokens=16,
-                      dtype=dtype, seed=20 + group)  # fmt: skip
-    for splits in (1, 3):
-        check_decode(kv, q, num_splits=splits, what=f"elementwise {dtype} group={group} splits={splits}")
-
-
 @pytest.mark.parametrize(
     "head_dim,page_tokens,group,dtype",
     [(128, 32, 4, torch.float16), (256, 16, 2, torch.bfloat16), (32, 256, 1, torch.float32), (64, 48, 3, torch.float16)],
