@@ -11,13 +11,16 @@ number of splits grows until the grid is one wave of resident programs, as many 
 kernel's registers and shared memory let every SM hold at once (a batch of one with 8 KV heads cannot
 fill 132 SMs otherwise, and a grid a little over one wave runs its last programs on an idle GPU).
 Each split writes its partial output, normalised, and its log-sum-exp; a second
-small kernel merges the splits exactly. With one split the first kernel writes the result itself.
+small kernel merges the splits exactly, loading a head's log-sum-exps and partials in one round trip
+(up to 64 splits) and spreading a head with many splits over several programs, each over a slice of
+head_dim. With one split the first kernel writes the result itself.
 
 Inside a program the context is walked ``BLOCK_N`` tokens at a time; each token finds its page
 through the block table (so any page size works and a block may straddle pages), the page index is
 widened to int64 before it is multiplied by the page stride. Scores and the value sum use ``tl.dot``
 with the query group padded to 16 rows (the GPU's minimum); on an H100 this beat an elementwise
-product and sum in fp32 even for a group of one (MHA), since decode is bound by memory, not math.
+product and sum in fp32 even for a group of one (MHA), and on the H200 the elementwise form was
+1.7-5.4x slower at its best launch (results/decode_elementwise_sweep_h200.json, code at f05b26f).
 
 ``lse`` is the natural log of the sum over visible keys of ``exp(scale * q . k)``, in fp32,
 ``[batch, num_heads]``; a sequence with no keys gets output 0 and lse ``-inf``.
