@@ -557,7 +557,7 @@ def split_sweep(page_tokens: int, dtype: torch.dtype, copy_gbs: float, report: d
                 launch = decode_attention.DecodeLaunch(block_n, warps, stages, 1)  # splits passed explicitly
                 decode_attention.decode_launch_config = lambda *a, _l=launch: _l
                 for splits in counts:
-                    tokens = triton.cdiv(triton.cdiv(context, splits), block_n) * block_n
+                    _, launched = decode_attention.split_context(context, splits, block_n)
                     call = functools.partial(paged_decode_attention, q, k_pages, v_pages, block_table, seq_lens, num_splits=splits)
                     try:
                         ok, _ = check("sweep", call(), expected, dtype)
@@ -567,7 +567,7 @@ def split_sweep(page_tokens: int, dtype: torch.dtype, copy_gbs: float, report: d
                     else:
                         err = None if ok else "wrong result"
                     sweep.append({"model": model, "batch": batch, "context": context, "block_n": block_n, "num_warps": warps,
-                                  "num_stages": stages, "num_splits": triton.cdiv(context, tokens), "programs": programs * triton.cdiv(context, tokens),
+                                  "num_stages": stages, "num_splits": launched, "programs": programs * launched,
                                   "time_us": us, "bandwidth_frac_of_copy": gb_per_s(kv_bytes, us / 1e3) / copy_gbs if us else None,
                                   "error": err})  # fmt: skip
             decode_attention.decode_launch_config = default_decode

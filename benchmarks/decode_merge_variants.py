@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_paged_attention import MODELS, graph_us, bench_ms, Graphed, make_paged_kv, rotated, copy_bandwidth_gbs, gb_per_s  # noqa
+from benchmarks.bench_paged_attention import MODELS, graph_us, make_paged_kv, rotated, copy_bandwidth_gbs, gb_per_s  # noqa
 from pagedtensor.triton_kernels import decode_attention as da
 from pagedtensor.triton_kernels._common import kv_pool_strides, next_power_of_2, resolve_scale
 
@@ -61,18 +61,9 @@ def _fused_kernel(
     if TRIGGER_EARLY:
         gdc_launch_dependents()
     pid_seq_head = tl.program_id(0)
-    split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    batch = (pid_seq_head // num_kv_heads).to(tl.int64)
-    kv_head = (pid_seq_head % num_kv_heads).to(tl.int64)
-    seq_len = tl.load(seq_lens_ptr + batch)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, seq_len)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask_g = offs_g < QUERY_GROUP
-    heads = kv_head * QUERY_GROUP + offs_g
-    q = tl.load(q_ptr + batch * stride_q_batch + heads[:, None] * stride_q_head + offs_d[None, :], mask=mask_g[:, None], other=0.0)
+    batch, kv_head, split, start, end, heads, mask_g, offs_d, q = da._split_program(
+        q_ptr, seq_lens_ptr, num_kv_heads, tokens_per_split, stride_q_batch, stride_q_head, QUERY_GROUP, BLOCK_G, HEAD_DIM)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
@@ -105,14 +96,10 @@ def _fused_kernel(
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
-    has_keys = l_i > 0.0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    da._store_split(out_ptr, lse_ptr, acc, m_i, l_i, batch, split, heads, mask_g, offs_d, stride_out_batch, stride_out_head,
+                    stride_out_split, stride_lse_batch, stride_lse_head, stride_lse_split)
     out_row_ptr = out_ptr + batch * stride_out_batch
     lse_row_ptr = lse_ptr + batch * stride_lse_batch
-    tl.store(out_row_ptr + split * stride_out_split + heads[:, None] * stride_out_head + offs_d[None, :], out, mask=mask_g[:, None])
-    tl.store(lse_row_ptr + split * stride_lse_split + heads * stride_lse_head, lse, mask=mask_g)
     if FUSED:
         tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + pid_seq_head, 1, sem="acq_rel", scope="gpu")
@@ -185,21 +172,10 @@ def _merge_pdl_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, num_heads, n
     tl.store(lse_ptr + batch * stride_lse_batch + head * stride_lse_head, lse)
 
 
-def geometry(q, k_pages, block_table):
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_pages.shape[2]
-    launch = da.decode_launch_config(num_heads // num_kv_heads, head_dim, q.dtype, q.device)
-    max_len = block_table.shape[1] * k_pages.shape[1]
-    resident = da.resident_programs_per_sm(q, k_pages, k_pages, block_table, torch.zeros(batch, dtype=torch.int32, device=q.device), launch)
-    num_splits = da.choose_num_splits(batch, num_kv_heads, max_len, launch, q.device, resident)
-    tps = triton.cdiv(triton.cdiv(max_len, num_splits), launch.block_n) * launch.block_n
-    return launch, triton.cdiv(max_len, tps), tps
-
-
 def fused_call(q, k_pages, v_pages, block_table, seq_lens, counters=None, fused=True, trigger_early=False, merge=False, one_pass=False, host_bounds=False, pdl=True):
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[2]
-    launch, num_splits, tps = geometry(q, k_pages, block_table)
+    launch, tps, num_splits = da.decode_geometry(q, k_pages, v_pages, block_table, seq_lens)
     part_out, part_lse = da._split_buffers(batch, num_heads, num_splits, head_dim, q.device)
     out = torch.empty_like(q)
     lse = torch.empty((batch, num_heads), dtype=torch.float32, device=q.device)
@@ -233,7 +209,7 @@ def launch_merge(part_out, part_lse, out, lse, num_splits, pdl):
 
 def pdl_call(q, k_pages, v_pages, block_table, seq_lens):
     batch, num_heads, head_dim = q.shape
-    launch, num_splits, tps = geometry(q, k_pages, block_table)
+    launch, tps, num_splits = da.decode_geometry(q, k_pages, v_pages, block_table, seq_lens)
     part_out, part_lse = da._split_buffers(batch, num_heads, num_splits, head_dim, q.device)
     da._decode_split_kernel[(batch * k_pages.shape[2], num_splits)](
         **da._split_kernel_args(q, k_pages, v_pages, block_table, seq_lens, part_out, part_lse, resolve_scale(None, head_dim), tps,

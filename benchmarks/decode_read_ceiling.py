@@ -32,7 +32,6 @@ import argparse
 import functools
 import itertools
 import json
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -122,41 +121,22 @@ def _decode_split_tma_kernel(q_ptr, k_desc, v_desc, block_table_ptr, seq_lens_pt
                              stride_lse_split, QUERY_GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                              HEAD_DIM: tl.constexpr, PAGE_TOKENS: tl.constexpr, STAGES: tl.constexpr,
                              DOT_PRECISION: tl.constexpr):
-    pid_seq_head = tl.program_id(0)
-    split = tl.program_id(1)
-    batch = pid_seq_head // num_kv_heads
-    kv_head = pid_seq_head % num_kv_heads
-    seq_len = tl.load(seq_lens_ptr + batch)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, seq_len)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask_g = offs_g < QUERY_GROUP
-    heads = kv_head * QUERY_GROUP + offs_g
-    q = tl.load(q_ptr + batch.to(tl.int64) * stride_q_batch + heads[:, None] * stride_q_head + offs_d[None, :],
-                mask=mask_g[:, None], other=0.0)
+    """The shipped split kernel (its own prologue, block step and epilogue) with each step's K and V
+    loaded as one TMA box of one page of one head."""
+    batch, kv_head, split, start, end, heads, mask_g, offs_d, q = da._split_program(
+        q_ptr, seq_lens_ptr, num_kv_heads, tokens_per_split, stride_q_batch, stride_q_head, QUERY_GROUP, BLOCK_G, HEAD_DIM)
+    column = (kv_head * HEAD_DIM).to(tl.int32)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     for n0 in tl.range(start, end, PAGE_TOKENS, num_stages=STAGES):
         page = tl.load(block_table_ptr + batch * stride_bt_batch + n0 // PAGE_TOKENS)
-        k = k_desc.load([page * PAGE_TOKENS, kv_head * HEAD_DIM])
-        v = v_desc.load([page * PAGE_TOKENS, kv_head * HEAD_DIM])
+        k = k_desc.load([page * PAGE_TOKENS, column])
+        v = v_desc.load([page * PAGE_TOKENS, column])
         mask_n = n0 + tl.arange(0, PAGE_TOKENS) < end
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
-    has_keys = l_i > 0.0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    out_row_ptr = out_ptr + batch.to(tl.int64) * stride_out_batch + split * stride_out_split
-    tl.store(out_row_ptr + heads[:, None] * stride_out_head + offs_d[None, :], acc / l_safe[:, None], mask=mask_g[:, None])
-    tl.store(lse_ptr + batch * stride_lse_batch + split * stride_lse_split + heads * stride_lse_head, lse, mask=mask_g)
+        m_i, l_i, acc = da._attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION)
+    da._store_split(out_ptr, lse_ptr, acc, m_i, l_i, batch, split, heads, mask_g, offs_d, stride_out_batch,
+                    stride_out_head, stride_out_split, stride_lse_batch, stride_lse_head, stride_lse_split)
 
 
 def page_rows_descriptor(pages: torch.Tensor):
@@ -167,8 +147,7 @@ def page_rows_descriptor(pages: torch.Tensor):
 
 
 def contiguous_reader(flat: torch.Tensor, programs: int, block: int, warps: int) -> Callable[[], object]:
-    chunk = triton.cdiv(triton.cdiv(flat.numel(), programs), block) * block
-    grid = triton.cdiv(flat.numel(), chunk)
+    chunk, grid = da.split_context(flat.numel(), programs, block)
     out = torch.empty(grid, dtype=torch.float32, device=flat.device)
     def call() -> torch.Tensor:
         _read_contiguous_kernel[(grid,)](flat, out, flat.numel(), chunk, BLOCK=block, num_warps=warps)
@@ -179,9 +158,7 @@ def contiguous_reader(flat: torch.Tensor, programs: int, block: int, warps: int)
 
 def split_geometry(context: int, programs: int, seq_heads: int, step: int) -> tuple[int, int]:
     """Tokens per split (a multiple of ``step``) and the split count for about ``programs`` programs."""
-    splits = max(1, programs // seq_heads)
-    tokens = triton.cdiv(triton.cdiv(context, splits), step) * step
-    return tokens, triton.cdiv(context, tokens)
+    return da.split_context(context, max(1, programs // seq_heads), step)
 
 
 def paged_rows_reader(inputs, context: int, programs: int, block_n: int, warps: int, stages: int):
@@ -244,14 +221,7 @@ def decode_tma_call(inputs, context: int, programs: int, warps: int, stages: int
 def shipped_geometry(inputs, launch: da.DecodeLaunch | None = None, programs_per_sm: int | None = None):
     """The shipped launch (or ``launch``) and its tokens per split and split count, for one wave of
     ``programs_per_sm`` programs per SM (default: as many as the compiled kernel holds, as shipped)."""
-    q, k_pages, v_pages, block_table, seq_lens = inputs
-    batch, num_heads, head_dim = q.shape
-    launch = launch or da.decode_launch_config(num_heads // k_pages.shape[2], head_dim, q.dtype, q.device)
-    max_len = block_table.shape[1] * k_pages.shape[1]
-    resident = programs_per_sm or da.resident_programs_per_sm(q, k_pages, v_pages, block_table, seq_lens, launch)
-    splits = da.choose_num_splits(batch, k_pages.shape[2], max_len, launch, q.device, resident)
-    tokens = triton.cdiv(triton.cdiv(max_len, splits), launch.block_n) * launch.block_n
-    return launch, tokens, triton.cdiv(max_len, tokens)
+    return da.decode_geometry(*inputs, launch=launch, resident_per_sm=programs_per_sm)
 
 
 def shipped_split_only(inputs, launch: da.DecodeLaunch | None = None, programs_per_sm: int | None = None):

@@ -96,6 +96,59 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, launch: Decod
 
 
 @triton.jit
+def _split_program(q_ptr, seq_lens_ptr, num_kv_heads, tokens_per_split, stride_q_batch, stride_q_head,
+                   QUERY_GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The (sequence, KV head) and context slice of program ``(batch * num_kv_heads + kv_head, split)``,
+    and the query rows of its group (``BLOCK_G`` rows, those past the group zero): returns ``batch``,
+    ``kv_head`` (int64), ``split``, ``start``, ``end`` (tokens ``[start, end)``), ``heads``, ``mask_g``,
+    ``offs_d`` and ``q``."""
+    pid_seq_head = tl.program_id(0)
+    split = tl.program_id(1)
+    batch = (pid_seq_head // num_kv_heads).to(tl.int64)
+    kv_head = (pid_seq_head % num_kv_heads).to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + batch)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_g = offs_g < QUERY_GROUP
+    heads = kv_head * QUERY_GROUP + offs_g
+    q = tl.load(q_ptr + batch * stride_q_batch + heads[:, None] * stride_q_head + offs_d[None, :], mask=mask_g[:, None],
+                other=0.0)  # fmt: skip
+    return batch, kv_head, split, start, end, heads, mask_g, offs_d, q
+
+
+@triton.jit
+def _attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION: tl.constexpr):
+    """One block of keys ``k`` and values ``v`` (rows where ``mask_n`` is false ignored) into the
+    running maximum ``m_i`` and sum ``l_i`` (base 2) and the unnormalised output ``acc``; returns the
+    three updated. The block must hold at least one visible key."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    s = tl.where(mask_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_split(out_ptr, lse_ptr, acc, m_i, l_i, batch, split, heads, mask_g, offs_d, stride_out_batch,
+                 stride_out_head, stride_out_split, stride_lse_batch, stride_lse_head, stride_lse_split):
+    """A split's normalised output rows and natural-log lse (0 and -inf where it saw no key)."""
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    out_row_ptr = out_ptr + batch * stride_out_batch + split * stride_out_split
+    tl.store(out_row_ptr + heads[:, None] * stride_out_head + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=mask_g[:, None])  # fmt: skip
+    tl.store(lse_ptr + batch * stride_lse_batch + split * stride_lse_split + heads * stride_lse_head, lse, mask=mask_g)
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,
     k_pages_ptr,
@@ -130,23 +183,8 @@ def _decode_split_kernel(
     DOT_UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_seq_head = tl.program_id(0)
-    split = tl.program_id(1)
-    batch = (pid_seq_head // num_kv_heads).to(tl.int64)
-    kv_head = (pid_seq_head % num_kv_heads).to(tl.int64)
-
-    seq_len = tl.load(seq_lens_ptr + batch)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, seq_len)
-
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask_g = offs_g < QUERY_GROUP
-    heads = kv_head * QUERY_GROUP + offs_g
-    q = tl.load(
-        q_ptr + batch * stride_q_batch + heads[:, None] * stride_q_head + offs_d[None, :],
-        mask=mask_g[:, None],
-        other=0.0,
+    batch, kv_head, split, start, end, heads, mask_g, offs_d, q = _split_program(
+        q_ptr, seq_lens_ptr, num_kv_heads, tokens_per_split, stride_q_batch, stride_q_head, QUERY_GROUP, BLOCK_G, HEAD_DIM
     )
     if DOT_UPCAST:
         q = q.to(tl.float32)
@@ -167,32 +205,13 @@ def _decode_split_kernel(
         v_offs = page * stride_v_page + slot * stride_v_token
         k = tl.load(k_head_ptr + k_offs[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         v = tl.load(v_head_ptr + v_offs[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-
         if DOT_UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_i, l_i, acc = _attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION)
 
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    has_keys = l_i > 0.0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    out_row_ptr = out_ptr + batch * stride_out_batch + split * stride_out_split
-    tl.store(
-        out_row_ptr + heads[:, None] * stride_out_head + offs_d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=mask_g[:, None],
-    )
-    tl.store(lse_ptr + batch * stride_lse_batch + split * stride_lse_split + heads * stride_lse_head, lse, mask=mask_g)
+    _store_split(out_ptr, lse_ptr, acc, m_i, l_i, batch, split, heads, mask_g, offs_d, stride_out_batch, stride_out_head,
+                 stride_out_split, stride_lse_batch, stride_lse_head, stride_lse_split)  # fmt: skip
 
 
 @triton.jit
@@ -226,24 +245,18 @@ def _decode_merge_splits_kernel(
     part_out_row_ptr = part_out_ptr + batch * stride_po_batch + head * stride_po_head
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
 
-    if BLOCK_SPLITS <= CHUNK_SPLITS:
-        # One round trip: the log-sum-exps and the partial rows load together.
-        offs_s = tl.arange(0, BLOCK_SPLITS)
-        mask_s = offs_s < num_splits
-        lse_all = tl.load(part_lse_row_ptr + offs_s, mask=mask_s, other=float("-inf"))
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    mask_s = offs_s < num_splits
+    lse_all = tl.load(part_lse_row_ptr + offs_s, mask=mask_s, other=float("-inf"))
+    if BLOCK_SPLITS <= CHUNK_SPLITS:  # the partial rows load beside the log-sum-exps: one round trip
         part = tl.load(part_out_row_ptr + offs_s[:, None] * stride_po_split + offs_d[None, :], mask=mask_s[:, None], other=0.0)
-        m = tl.max(lse_all, axis=0)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.exp(lse_all - m_safe)
-        denom = tl.sum(w, axis=0)
-        acc = tl.sum(w[:, None] * part, axis=0)
-    else:
-        # Many splits: the maximum first, then the partials CHUNK_SPLITS rows at a time.
-        offs_s = tl.arange(0, BLOCK_SPLITS)
-        lse_all = tl.load(part_lse_row_ptr + offs_s, mask=offs_s < num_splits, other=float("-inf"))
-        m = tl.max(lse_all, axis=0)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        denom = tl.sum(tl.exp(lse_all - m_safe), axis=0)
+    m = tl.max(lse_all, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w_all = tl.exp(lse_all - m_safe)
+    denom = tl.sum(w_all, axis=0)
+    if BLOCK_SPLITS <= CHUNK_SPLITS:
+        acc = tl.sum(w_all[:, None] * part, axis=0)
+    else:  # many splits: the partials CHUNK_SPLITS rows at a time, after the maximum
         acc = tl.zeros([BLOCK_D], tl.float32)
         for s0 in range(0, num_splits, CHUNK_SPLITS):
             offs_c = s0 + tl.arange(0, CHUNK_SPLITS)
@@ -355,6 +368,30 @@ def resident_programs_per_sm(q: torch.Tensor, k_pages: torch.Tensor, v_pages: to
     return _RESIDENT_PER_SM[key]
 
 
+def split_context(max_len: int, num_splits: int, block_n: int) -> tuple[int, int]:
+    """Tokens per split for about ``num_splits`` splits of ``max_len`` tokens, in whole ``block_n``
+    loop steps, and the split count that then covers the context."""
+    tokens_per_split = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
+    return tokens_per_split, triton.cdiv(max_len, tokens_per_split)
+
+
+def decode_geometry(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
+                    seq_lens: torch.Tensor, num_splits: int = 0, launch: DecodeLaunch | None = None,
+                    resident_per_sm: int | None = None) -> tuple[DecodeLaunch, int, int]:
+    """The launch (default :func:`decode_launch_config`), tokens per split and split count of a decode
+    call; ``num_splits`` 0 fills one wave of ``resident_per_sm`` programs per SM (default: as many as
+    the compiled kernel holds)."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_pages.shape[2]
+    launch = launch or decode_launch_config(num_heads // num_kv_heads, head_dim, q.dtype, q.device)
+    max_len = block_table.shape[1] * k_pages.shape[1]
+    if num_splits <= 0:
+        resident = resident_per_sm or resident_programs_per_sm(q, k_pages, v_pages, block_table, seq_lens, launch)
+        num_splits = choose_num_splits(batch, num_kv_heads, max_len, launch, q.device, resident)
+    tokens_per_split, num_splits = split_context(max_len, num_splits, launch.block_n)
+    return launch, tokens_per_split, num_splits
+
+
 def _launch_decode(
     q: torch.Tensor,
     k_pages: torch.Tensor,
@@ -365,19 +402,13 @@ def _launch_decode(
     num_splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, num_heads, head_dim = q.shape
-    _, page_tokens, num_kv_heads, _ = k_pages.shape
+    num_kv_heads = k_pages.shape[2]
     out = new_buffer((batch, num_heads, head_dim), q.dtype, q.device)
     lse = new_buffer((batch, num_heads), torch.float32, q.device)
     if batch == 0:
         return out, lse
 
-    launch = decode_launch_config(num_heads // num_kv_heads, head_dim, q.dtype, q.device)
-    max_len = block_table.shape[1] * page_tokens
-    if num_splits <= 0:
-        resident = resident_programs_per_sm(q, k_pages, v_pages, block_table, seq_lens, launch)
-        num_splits = choose_num_splits(batch, num_kv_heads, max_len, launch, q.device, resident)
-    tokens_per_split = triton.cdiv(triton.cdiv(max_len, num_splits), launch.block_n) * launch.block_n
-    num_splits = triton.cdiv(max_len, tokens_per_split)
+    launch, tokens_per_split, num_splits = decode_geometry(q, k_pages, v_pages, block_table, seq_lens, num_splits)
 
     if num_splits == 1:
         part_out, part_lse, split_strides = out, lse, (0, 0)

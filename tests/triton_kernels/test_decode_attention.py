@@ -80,9 +80,7 @@ def test_decode_merge_paths(head_dim, seq_lens, num_splits):
     many splits empty)."""
     kv, q = make_case(seq_lens, num_heads=2, num_kv_heads=1, head_dim=head_dim, page_tokens=16,
                       dtype=torch.float16, seed=head_dim)  # fmt: skip
-    launch = decode_attention.decode_launch_config(2, head_dim, q.dtype, q.device)
-    max_len = kv.block_table.shape[1] * 16
-    splits = math.ceil(max_len / (math.ceil(math.ceil(max_len / num_splits) / launch.block_n) * launch.block_n))
+    _, _, splits = decode_attention.decode_geometry(q, kv.k_pages, kv.v_pages, kv.block_table, kv.seq_lens, num_splits)
     block_splits, chunk_splits, block_d = decode_attention.merge_launch(splits, head_dim)
     if head_dim == 64:
         assert block_splits > chunk_splits, f"{splits} splits should take the two-pass merge"
