@@ -1,0 +1,217 @@
+"""Experiment behind a decode design decision: what does the split kernel's start-up chain cost?
+Not a product benchmark; its kernel is a throwaway variant of ``_decode_split_kernel``.
+
+Each program of the shipped split kernel waits on three dependent memory round trips before its first
+K/V bytes are in flight: ``seq_lens`` (its loop bound and masks), then the block-table entries of its
+first step (masked by that bound), then the K/V rows. On the 128 MiB decode shapes a program runs
+only about 8 loop steps, so this chain is a visible part of the call. Variants, each with the shipped
+launch and split count, timed split kernel alone and followed by the shipped merge (calls back to back
+in one CUDA graph on cold inputs, as ``decode_read_ceiling.py`` times them), checked against the
+shipped call:
+
+* ``shipped``: the shipped split kernel.
+* ``host_bounds``: the loop bound from the host (``min(split end, max_pages * page_tokens)``), the
+  block table read up to that bound and the K/V rows masked by ``seq_lens``, so the block-table and
+  ``seq_lens`` loads are in flight together; the block step guards a block with no visible key. (It
+  walks every split to the host bound: fine here, where every sequence is full, but a ragged batch
+  would pay masked steps.)
+* ``prefetch_table``: the shipped loop, after an L2 prefetch (``prefetch.global.L2``) of the split's
+  block-table entries issued before ``seq_lens`` returns, so the table load after it hits L2.
+* ``maxnreg_<N>``: the shipped loop compiled with at most N registers a thread, so more programs fit
+  on an SM, with the split count of one wave of that many.
+
+Run: ``python3 benchmarks/decode_startup_variants.py --out PATH`` on a CUDA machine (about a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.bench_paged_attention import MODELS, copy_bandwidth_gbs, gb_per_s, make_paged_kv, rotated  # noqa: E402
+from benchmarks.common import write_results  # noqa: E402
+from benchmarks.decode_read_ceiling import PAGE_TOKENS, SHAPES, best_b2b_us, shipped_split_only  # noqa: E402
+
+from pagedtensor.triton_kernels import decode_attention as da  # noqa: E402
+from pagedtensor.triton_kernels._common import programs_per_sm, resolve_scale  # noqa: E402
+
+PREFETCH_LINES = 4  # 128-byte lines of block-table entries prefetched per program (128 pages)
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """``prefetch.global.L2`` of every address in ``ptrs`` (no value; impure so it is kept)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _attend_block_guarded(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION: tl.constexpr):
+    """``da._attend_block`` that also takes a block with no visible key (it leaves the state as it was)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    s = tl.where(mask_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_split_startup_kernel(
+    q_ptr, k_pages_ptr, v_pages_ptr, block_table_ptr, seq_lens_ptr, out_ptr, lse_ptr, qk_scale_log2, num_kv_heads,
+    tokens_per_split, stride_q_batch: tl.int64, stride_q_head: tl.int64, stride_k_page: tl.int64,
+    stride_k_token: tl.int64, stride_k_head: tl.int64, stride_v_page: tl.int64, stride_v_token: tl.int64,
+    stride_v_head: tl.int64, stride_bt_batch: tl.int64, stride_out_batch: tl.int64, stride_out_head: tl.int64,
+    stride_out_split: tl.int64, stride_lse_batch: tl.int64, stride_lse_head: tl.int64, stride_lse_split: tl.int64,
+    QUERY_GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_TOKENS: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, max_pages,
+    HOST_BOUNDS: tl.constexpr, PREFETCH_TABLE: tl.constexpr, PREFETCH_LINES: tl.constexpr,
+):
+    if PREFETCH_TABLE:  # before the seq_lens load below, so the two are in flight together
+        first_entry = tl.program_id(1) * (tokens_per_split // PAGE_TOKENS)
+        entries = tl.minimum(first_entry + tl.arange(0, PREFETCH_LINES) * 32, max_pages - 1)
+        _prefetch_l2(block_table_ptr + (tl.program_id(0) // num_kv_heads).to(tl.int64) * stride_bt_batch + entries)
+    batch, kv_head, split, start, end, heads, mask_g, offs_d, q = da._split_program(
+        q_ptr, seq_lens_ptr, num_kv_heads, tokens_per_split, stride_q_batch, stride_q_head, QUERY_GROUP, BLOCK_G, HEAD_DIM
+    )
+    if DOT_UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    block_table_row_ptr = block_table_ptr + batch * stride_bt_batch
+    k_head_ptr = k_pages_ptr + kv_head * stride_k_head
+    v_head_ptr = v_pages_ptr + kv_head * stride_v_head
+    if HOST_BOUNDS:
+        loop_end = tl.minimum(start + tokens_per_split, max_pages * PAGE_TOKENS)
+    else:
+        loop_end = end
+    for n0 in range(start, loop_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS, mask=offs_n < loop_end, other=0).to(tl.int64)
+        slot = (offs_n % PAGE_TOKENS).to(tl.int64)
+        k = tl.load(k_head_ptr + (page * stride_k_page + slot * stride_k_token)[:, None] + offs_d[None, :],
+                    mask=mask_n[:, None], other=0.0)  # fmt: skip
+        v = tl.load(v_head_ptr + (page * stride_v_page + slot * stride_v_token)[:, None] + offs_d[None, :],
+                    mask=mask_n[:, None], other=0.0)  # fmt: skip
+        if DOT_UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if HOST_BOUNDS:
+            m_i, l_i, acc = _attend_block_guarded(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION)
+        else:
+            m_i, l_i, acc = da._attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION)
+    da._store_split(out_ptr, lse_ptr, acc, m_i, l_i, batch, split, heads, mask_g, offs_d, stride_out_batch,
+                    stride_out_head, stride_out_split, stride_lse_batch, stride_lse_head, stride_lse_split)
+
+
+def startup_variant(inputs, host_bounds: bool, prefetch_table: bool, merge: bool,
+                    maxnreg: int | None = None) -> Callable[[], torch.Tensor]:
+    """The variant kernel at the shipped launch and split count (with ``maxnreg``, the split count of
+    one wave of the programs an SM then holds), with the shipped merge when ``merge`` (returns the
+    output) or alone (returns the partials)."""
+    q, k_pages, v_pages, block_table, seq_lens = inputs
+    batch, num_heads, head_dim = q.shape
+    launch, tokens, splits = da.decode_geometry(*inputs)
+    part_out, part_lse = da._split_buffers(batch, num_heads, splits, head_dim, q.device)
+    args = da._split_kernel_args(q, k_pages, v_pages, block_table, seq_lens, part_out, part_lse,
+                                 resolve_scale(None, head_dim), tokens, (part_out.stride(2), part_lse.stride(2)), launch)
+    args.update(max_pages=block_table.shape[1], HOST_BOUNDS=host_bounds, PREFETCH_TABLE=prefetch_table,
+                PREFETCH_LINES=PREFETCH_LINES)
+    resident = da.resident_programs_per_sm(q, k_pages, v_pages, block_table, seq_lens, launch)
+    if maxnreg:
+        args["maxnreg"] = maxnreg
+        resident = programs_per_sm(_decode_split_startup_kernel.warmup(grid=(1, 1), **args), q.device)
+        launch, tokens, splits = da.decode_geometry(*inputs, resident_per_sm=resident)
+        part_out, part_lse = da._split_buffers(batch, num_heads, splits, head_dim, q.device)
+        args.update(out_ptr=part_out, lse_ptr=part_lse, tokens_per_split=tokens, stride_out_split=part_out.stride(2),
+                    stride_lse_split=part_lse.stride(2))
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, num_heads), dtype=torch.float32, device=q.device)
+
+    def call() -> torch.Tensor:
+        _decode_split_startup_kernel[(batch * k_pages.shape[2], splits)](**args)
+        if not merge:
+            return part_out
+        da.merge_splits(part_out, part_lse, out, lse)
+        return out
+
+    call.splits, call.resident = splits, resident  # recorded in the results
+    return call
+
+
+VARIANTS = {"host_bounds": dict(host_bounds=True, prefetch_table=False),
+            "prefetch_table": dict(host_bounds=False, prefetch_table=True),
+            "host_bounds_prefetch_table": dict(host_bounds=True, prefetch_table=True),
+            **{f"maxnreg_{n}": dict(host_bounds=False, prefetch_table=False, maxnreg=n) for n in (80, 96, 104)}}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds of every variant")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    copy_gbs = copy_bandwidth_gbs()
+    report = {"benchmark": "decode_startup_variants", "copy_bandwidth_gbs": copy_gbs,
+              "timing": "per call, calls back to back in one CUDA graph rotating among input copies that together exceed "
+                        "twice the L2 (cold bytes each call), least of two graph timings (each a do_bench median); "
+                        "every variant timed once per round, rounds interleaved",
+              "shapes": []}  # fmt: skip
+    dtype = torch.float16
+    for model, batch, context in SHAPES:
+        num_heads, num_kv_heads, head_dim = MODELS[model]
+        kv_bytes = 2 * batch * context * num_kv_heads * head_dim * 2
+
+        def make():
+            pools = make_paged_kv(batch, context, num_kv_heads, head_dim, PAGE_TOKENS, dtype)[:4]
+            return torch.randn((batch, num_heads, head_dim), dtype=dtype, device="cuda"), *pools
+
+        sets = rotated(make, kv_bytes)
+        expected = da.paged_decode_attention(*sets[0])
+        shape = {"model": model, "batch": batch, "context": context, "kv_bytes": kv_bytes,
+                 "splits": da.decode_geometry(*sets[0])[2], "variants": {}}  # fmt: skip
+        timed: dict[str, list[Callable[[], object]]] = {
+            "shipped_split_only": [shipped_split_only(s) for s in sets],
+            "shipped": [functools.partial(da.paged_decode_attention, *s) for s in sets],
+        }
+        for name, flags in VARIANTS.items():
+            full = [startup_variant(s, merge=True, **flags) for s in sets]
+            err = float((full[0]().float() - expected.float()).abs().max())
+            shape["variants"][name] = {"max_abs_err_vs_shipped": err, "ok": err <= 2e-3, "splits": full[0].splits,
+                                       "programs_per_sm": full[0].resident}
+            timed[f"{name}_split_only"] = [startup_variant(s, merge=False, **flags) for s in sets]
+            timed[name] = full
+        samples: dict[str, list[float]] = {name: [] for name in timed}
+        for _ in range(args.rounds):
+            for name, calls in timed.items():
+                samples[name].append(round(best_b2b_us(calls), 2))
+        shape["b2b_us"] = samples
+        shape["b2b_frac_of_copy"] = {name: [round(gb_per_s(kv_bytes, us / 1e3) / copy_gbs, 4) for us in values]
+                                     for name, values in samples.items()}  # fmt: skip
+        print(json.dumps(shape), flush=True)
+        report["shapes"].append(shape)
+        write_results(args.out, report)
+        del sets, timed, expected
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
