@@ -17,6 +17,9 @@ shipped call:
   would pay masked steps.)
 * ``prefetch_table``: the shipped loop, after an L2 prefetch (``prefetch.global.L2``) of the split's
   block-table entries issued before ``seq_lens`` returns, so the table load after it hits L2.
+* ``carry_table``: the shipped loop bound, with each step's block-table entries loaded one step
+  ahead and carried, the first step's before the loop (bounded by the host's split end, not
+  ``seq_lens``), so the first table load is in flight beside ``seq_lens``; a ragged batch pays nothing.
 * ``maxnreg_<N>``: the shipped loop compiled with at most N registers a thread, so more programs fit
   on an SM, with the split count of one wave of that many.
 
@@ -81,6 +84,7 @@ def _decode_split_startup_kernel(
     QUERY_GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_TOKENS: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, max_pages,
     HOST_BOUNDS: tl.constexpr, PREFETCH_TABLE: tl.constexpr, PREFETCH_LINES: tl.constexpr,
+    CARRY_TABLE: tl.constexpr,
 ):
     if PREFETCH_TABLE:  # before the seq_lens load below, so the two are in flight together
         first_entry = tl.program_id(1) * (tokens_per_split // PAGE_TOKENS)
@@ -97,14 +101,20 @@ def _decode_split_startup_kernel(
     block_table_row_ptr = block_table_ptr + batch * stride_bt_batch
     k_head_ptr = k_pages_ptr + kv_head * stride_k_head
     v_head_ptr = v_pages_ptr + kv_head * stride_v_head
-    if HOST_BOUNDS:
-        loop_end = tl.minimum(start + tokens_per_split, max_pages * PAGE_TOKENS)
-    else:
-        loop_end = end
+    table_end = tl.minimum(start + tokens_per_split, max_pages * PAGE_TOKENS)  # the split's entries, from the host
+    loop_end = table_end if HOST_BOUNDS else end
+    if CARRY_TABLE:  # the first step's entries, not waiting on seq_lens
+        offs_next = start + tl.arange(0, BLOCK_N)
+        page_next = tl.load(block_table_row_ptr + offs_next // PAGE_TOKENS, mask=offs_next < table_end, other=0)
     for n0 in range(start, loop_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS, mask=offs_n < loop_end, other=0).to(tl.int64)
+        if CARRY_TABLE:  # this step's entries were loaded a step ahead; load the next step's
+            page = page_next.to(tl.int64)
+            offs_next = offs_n + BLOCK_N
+            page_next = tl.load(block_table_row_ptr + offs_next // PAGE_TOKENS, mask=offs_next < table_end, other=0)
+        else:
+            page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS, mask=offs_n < loop_end, other=0).to(tl.int64)
         slot = (offs_n % PAGE_TOKENS).to(tl.int64)
         k = tl.load(k_head_ptr + (page * stride_k_page + slot * stride_k_token)[:, None] + offs_d[None, :],
                     mask=mask_n[:, None], other=0.0)  # fmt: skip
@@ -121,7 +131,7 @@ def _decode_split_startup_kernel(
                     stride_out_head, stride_out_split, stride_lse_batch, stride_lse_head, stride_lse_split)
 
 
-def startup_variant(inputs, host_bounds: bool, prefetch_table: bool, merge: bool,
+def startup_variant(inputs, host_bounds: bool, prefetch_table: bool, merge: bool, carry_table: bool = False,
                     maxnreg: int | None = None) -> Callable[[], torch.Tensor]:
     """The variant kernel at the shipped launch and split count (with ``maxnreg``, the split count of
     one wave of the programs an SM then holds), with the shipped merge when ``merge`` (returns the
@@ -132,16 +142,18 @@ def startup_variant(inputs, host_bounds: bool, prefetch_table: bool, merge: bool
     part_out, part_lse = da._split_buffers(batch, num_heads, splits, head_dim, q.device)
     args = da._split_kernel_args(q, k_pages, v_pages, block_table, seq_lens, part_out, part_lse,
                                  resolve_scale(None, head_dim), tokens, (part_out.stride(2), part_lse.stride(2)), launch)
-    args.update(max_pages=block_table.shape[1], HOST_BOUNDS=host_bounds, PREFETCH_TABLE=prefetch_table,
-                PREFETCH_LINES=PREFETCH_LINES)
+    flags = dict(max_pages=block_table.shape[1], HOST_BOUNDS=host_bounds, PREFETCH_TABLE=prefetch_table,
+                 PREFETCH_LINES=PREFETCH_LINES, CARRY_TABLE=carry_table, **({"maxnreg": maxnreg} if maxnreg else {}))
+    args.update(flags)
     resident = da.resident_programs_per_sm(q, k_pages, v_pages, block_table, seq_lens, launch)
-    if maxnreg:
-        args["maxnreg"] = maxnreg
+    if maxnreg:  # the split count of one wave of the programs an SM holds under the cap
         resident = programs_per_sm(_decode_split_startup_kernel.warmup(grid=(1, 1), **args), q.device)
         launch, tokens, splits = da.decode_geometry(*inputs, resident_per_sm=resident)
         part_out, part_lse = da._split_buffers(batch, num_heads, splits, head_dim, q.device)
-        args.update(out_ptr=part_out, lse_ptr=part_lse, tokens_per_split=tokens, stride_out_split=part_out.stride(2),
-                    stride_lse_split=part_lse.stride(2))
+        args = da._split_kernel_args(q, k_pages, v_pages, block_table, seq_lens, part_out, part_lse,
+                                     resolve_scale(None, head_dim), tokens, (part_out.stride(2), part_lse.stride(2)),
+                                     launch)  # fmt: skip
+        args.update(flags)
     out = torch.empty_like(q)
     lse = torch.empty((batch, num_heads), dtype=torch.float32, device=q.device)
 
@@ -159,7 +171,8 @@ def startup_variant(inputs, host_bounds: bool, prefetch_table: bool, merge: bool
 VARIANTS = {"host_bounds": dict(host_bounds=True, prefetch_table=False),
             "prefetch_table": dict(host_bounds=False, prefetch_table=True),
             "host_bounds_prefetch_table": dict(host_bounds=True, prefetch_table=True),
-            **{f"maxnreg_{n}": dict(host_bounds=False, prefetch_table=False, maxnreg=n) for n in (80, 96, 104)}}  # fmt: skip
+            "carry_table": dict(host_bounds=False, prefetch_table=False, carry_table=True),
+            **{f"maxnreg_{n}": dict(host_bounds=False, prefetch_table=False, maxnreg=n) for n in (80, 96)}}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
