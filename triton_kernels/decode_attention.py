@@ -17,7 +17,10 @@ head_dim. With one split the first kernel writes the result itself.
 
 Inside a program the context is walked ``BLOCK_N`` tokens at a time; each token finds its page
 through the block table (so any page size works and a block may straddle pages), the page index is
-widened to int64 before it is multiplied by the page stride. Scores and the value sum use ``tl.dot``
+widened to int64 before it is multiplied by the page stride. A step's block-table entries are loaded
+one step ahead, the first step's bounded by the table rather than by ``seq_lens``, so that load and
+the ``seq_lens`` load are in flight together: on the H200 this took 0.35-1.2 us off the 33-134 MB
+shapes (results/decode_startup_variants_h200.json). Scores and the value sum use ``tl.dot``
 with the query group padded to 16 rows (the GPU's minimum); on an H100 this beat an elementwise
 product and sum in fp32 even for a group of one (MHA), and on the H200 the elementwise form was
 1.7-5.4x slower at its best launch (results/decode_elementwise_sweep_h200.json, code at f05b26f).
@@ -160,6 +163,7 @@ def _decode_split_kernel(
     qk_scale_log2,
     num_kv_heads,
     tokens_per_split,
+    max_pages,
     stride_q_batch: tl.int64,
     stride_q_head: tl.int64,
     stride_k_page: tl.int64,
@@ -196,10 +200,18 @@ def _decode_split_kernel(
     block_table_row_ptr = block_table_ptr + batch * stride_bt_batch
     k_head_ptr = k_pages_ptr + kv_head * stride_k_head
     v_head_ptr = v_pages_ptr + kv_head * stride_v_head
+    # Each step's block-table entries are loaded one step ahead and carried, the first step's here,
+    # bounded by the split's end in the table (known without seq_lens), so this load is in flight
+    # beside the seq_lens load instead of after it. Entries at or past seq_len are read, never used.
+    table_end = tl.minimum(start + tokens_per_split, max_pages * PAGE_TOKENS)
+    offs_next = start + tl.arange(0, BLOCK_N)
+    pages_next = tl.load(block_table_row_ptr + offs_next // PAGE_TOKENS, mask=offs_next < table_end, other=0)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS, mask=mask_n, other=0).to(tl.int64)
+        page = pages_next.to(tl.int64)
+        offs_next = offs_n + BLOCK_N
+        pages_next = tl.load(block_table_row_ptr + offs_next // PAGE_TOKENS, mask=offs_next < table_end, other=0)
         slot = (offs_n % PAGE_TOKENS).to(tl.int64)
         k_offs = page * stride_k_page + slot * stride_k_token
         v_offs = page * stride_v_page + slot * stride_v_token
@@ -328,7 +340,8 @@ def _split_kernel_args(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Te
     return dict(
         q_ptr=q, k_pages_ptr=k_pages, v_pages_ptr=v_pages, block_table_ptr=block_table, seq_lens_ptr=seq_lens,
         out_ptr=part_out, lse_ptr=part_lse, qk_scale_log2=scale * LOG2E, num_kv_heads=k_pages.shape[2],
-        tokens_per_split=tokens_per_split, stride_q_batch=q.stride(0), stride_q_head=q.stride(1),
+        tokens_per_split=tokens_per_split, max_pages=block_table.shape[1], stride_q_batch=q.stride(0),
+        stride_q_head=q.stride(1),
         **kv_pool_strides(k_pages, v_pages, block_table),
         stride_out_batch=part_out.stride(0), stride_out_head=part_out.stride(1), stride_out_split=split_strides[0],
         stride_lse_batch=part_lse.stride(0), stride_lse_head=part_lse.stride(1), stride_lse_split=split_strides[1],
@@ -460,8 +473,8 @@ def paged_decode_attention(
         q: ``[batch, num_heads, head_dim]``, fp16/bf16/fp32, the dtype of the pages.
         k_pages, v_pages: ``[num_pages, page_tokens, num_kv_heads, head_dim]``; ``num_heads`` must be a
             multiple of ``num_kv_heads``; head_dim a power of two from 16 to 256.
-        block_table: ``[batch, max_pages]`` int32, the pages of each sequence in logical order. Only the
-            entries of pages below ``seq_lens`` are read.
+        block_table: ``[batch, max_pages]`` int32, the pages of each sequence in logical order. Entries
+            of pages at or past ``seq_lens`` may hold anything: they may be read but are never followed.
         seq_lens: ``[batch]`` int32, keys per sequence (``<= max_pages * page_tokens``).
         scale: score scale, default ``head_dim ** -0.5``.
         return_lse: also return the log-sum-exp, for :func:`merge_attention_partials`.

@@ -129,6 +129,24 @@ def test_decode_int64_page_offsets():
     check_decode(kv, q, num_splits=2, what="pages past 2**31 elements")
 
 
+def check_block_table_past_each_sequence_is_never_followed(device, splits):
+    """Block-table entries past each sequence's pages hold -1, int32 max and an index past the pool:
+    the kernel reads them (a step ahead) but must never address memory through them."""
+    kv, q = make_case([70, 1, 16, 0], num_heads=4, num_kv_heads=2, head_dim=32, page_tokens=16,
+                      dtype=torch.float16, seed=14, device=device)  # fmt: skip
+    garbage = torch.tensor([-1, 2**31 - 1, kv.k_pages.shape[0] + 7], dtype=torch.int32, device=device)
+    pages_used = (kv.seq_lens + 15) // 16
+    past = torch.arange(kv.block_table.shape[1], device=device)[None, :] >= pages_used[:, None]
+    assert past.any(), "the case must have entries past some sequence's pages"
+    kv.block_table[past] = garbage[torch.arange(int(past.sum()), device=device) % 3]
+    for num_splits in splits:
+        check_decode(kv, q, num_splits=num_splits, what=f"garbage past seq_lens, splits={num_splits}")
+
+
+def test_decode_never_follows_block_table_entries_past_a_sequence():
+    check_block_table_past_each_sequence_is_never_followed(DEVICE, (None, 1, 3))
+
+
 def test_decode_op_passes_opcheck_and_compiles():
     kv, q = make_case([20, 5], num_heads=4, num_kv_heads=2, head_dim=16, page_tokens=16, dtype=torch.float16, seed=14)
     pages = (kv.k_pages.nan_to_num(), kv.v_pages.nan_to_num())
@@ -184,6 +202,12 @@ def test_gpu_decode_matches_reference(dtype, num_heads, num_kv_heads, head_dim, 
     check_decode(kv, q, what=what)  # default (SM-count) split
     check_decode(kv, q, num_splits=1, what=what + " one split")
     check_decode(kv, q, num_splits=7, what=what + " 7 splits")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_decode_never_follows_block_table_entries_past_a_sequence():
+    check_block_table_past_each_sequence_is_never_followed("cuda", (None, 1, 3))
 
 
 @pytest.mark.gpu
