@@ -20,10 +20,14 @@ shipped call:
 * ``carry_table``: the shipped loop bound, with each step's block-table entries loaded one step
   ahead and carried, the first step's before the loop (bounded by the host's split end, not
   ``seq_lens``), so the first table load is in flight beside ``seq_lens``; a ragged batch pays nothing.
+* ``fill_wave``: the shipped kernel with as many splits as fill every resident slot (tokens per split
+  not rounded to whole loop steps: 66 splits of 497 tokens instead of 64 of 512 for 8 KV heads over
+  32K), merged in one round trip of up to 128 splits.
 * ``maxnreg_<N>``: the shipped loop compiled with at most N registers a thread, so more programs fit
   on an SM, with the split count of one wave of that many.
 
-Run: ``python3 benchmarks/decode_startup_variants.py --out PATH`` on a CUDA machine (about a minute).
+Run: ``python3 benchmarks/decode_startup_variants.py --out PATH [--variants a,b]`` on a CUDA machine (about a
+minute).
 """
 
 from __future__ import annotations
@@ -168,17 +172,51 @@ def startup_variant(inputs, host_bounds: bool, prefetch_table: bool, merge: bool
     return call
 
 
+def fill_wave_call(inputs, merge: bool) -> Callable[[], torch.Tensor]:
+    """The shipped split kernel with the split count that fills every resident slot (tokens per split
+    not rounded to whole loop steps), then, when ``merge``, the shipped merge with up to 128 splits in
+    one round trip."""
+    q, k_pages, v_pages, block_table, seq_lens = inputs
+    batch, num_heads, head_dim = q.shape
+    launch = da.decode_launch_config(num_heads // k_pages.shape[2], head_dim, q.dtype, q.device)
+    resident = da.resident_programs_per_sm(q, k_pages, v_pages, block_table, seq_lens, launch)
+    max_len = block_table.shape[1] * k_pages.shape[1]
+    tokens = triton.cdiv(max_len, da.sm_count(q.device) * resident // (batch * k_pages.shape[2]))
+    splits = triton.cdiv(max_len, tokens)
+    part_out, part_lse = da._split_buffers(batch, num_heads, splits, head_dim, q.device)
+    args = da._split_kernel_args(q, k_pages, v_pages, block_table, seq_lens, part_out, part_lse,
+                                 resolve_scale(None, head_dim), tokens, (part_out.stride(2), part_lse.stride(2)), launch)
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, num_heads), dtype=torch.float32, device=q.device)
+
+    def call() -> torch.Tensor:
+        da._decode_split_kernel[(batch * k_pages.shape[2], splits)](**args)
+        if not merge:
+            return part_out
+        shipped_chunk, da.MERGE_CHUNK_SPLITS = da.MERGE_CHUNK_SPLITS, 128
+        try:
+            da.merge_splits(part_out, part_lse, out, lse)
+        finally:
+            da.MERGE_CHUNK_SPLITS = shipped_chunk
+        return out
+
+    call.splits, call.resident = splits, resident  # recorded in the results
+    return call
+
+
 VARIANTS = {"host_bounds": dict(host_bounds=True, prefetch_table=False),
             "prefetch_table": dict(host_bounds=False, prefetch_table=True),
             "host_bounds_prefetch_table": dict(host_bounds=True, prefetch_table=True),
             "carry_table": dict(host_bounds=False, prefetch_table=False, carry_table=True),
-            **{f"maxnreg_{n}": dict(host_bounds=False, prefetch_table=False, maxnreg=n) for n in (80, 96)}}  # fmt: skip
+            **{f"maxnreg_{n}": dict(host_bounds=False, prefetch_table=False, maxnreg=n) for n in (80, 96)},
+            "fill_wave": None}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds of every variant")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     copy_gbs = copy_bandwidth_gbs()
@@ -204,12 +242,14 @@ def main(argv: list[str] | None = None) -> int:
             "shipped_split_only": [shipped_split_only(s) for s in sets],
             "shipped": [functools.partial(da.paged_decode_attention, *s) for s in sets],
         }
-        for name, flags in VARIANTS.items():
-            full = [startup_variant(s, merge=True, **flags) for s in sets]
+        for name in args.variants.split(","):
+            flags = VARIANTS[name]
+            make_call = fill_wave_call if flags is None else functools.partial(startup_variant, **flags)
+            full = [make_call(s, merge=True) for s in sets]
             err = float((full[0]().float() - expected.float()).abs().max())
             shape["variants"][name] = {"max_abs_err_vs_shipped": err, "ok": err <= 2e-3, "splits": full[0].splits,
                                        "programs_per_sm": full[0].resident}
-            timed[f"{name}_split_only"] = [startup_variant(s, merge=False, **flags) for s in sets]
+            timed[f"{name}_split_only"] = [make_call(s, merge=False) for s in sets]
             timed[name] = full
         samples: dict[str, list[float]] = {name: [] for name in timed}
         for _ in range(args.rounds):
