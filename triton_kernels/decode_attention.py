@@ -19,7 +19,7 @@ Inside a program the context is walked ``BLOCK_N`` tokens at a time; each token 
 through the block table (so any page size works and a block may straddle pages), the page index is
 widened to int64 before it is multiplied by the page stride. A step's block-table entries are loaded
 one step ahead, the first step's bounded by the table rather than by ``seq_lens``, so that load and
-the ``seq_lens`` load are in flight together: on the H200 this took 0.35-1.2 us off the 33-134 MB
+the ``seq_lens`` load are in flight together: on the H200 this took 0.3-1.15 us off the 33-134 MB
 shapes (results/decode_startup_variants_h200.json). Scores and the value sum use ``tl.dot``
 with the query group padded to 16 rows (the GPU's minimum); on an H100 this beat an elementwise
 product and sum in fp32 even for a group of one (MHA), and on the H200 the elementwise form was
