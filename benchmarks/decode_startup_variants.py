@@ -23,6 +23,8 @@ shipped call:
 * ``fill_wave``: the shipped kernel with as many splits as fill every resident slot (tokens per split
   not rounded to whole loop steps: 66 splits of 497 tokens instead of 64 of 512 for 8 KV heads over
   32K), merged in one round trip of up to 128 splits.
+* ``merge_elements_<N>``: the shipped call with each merge program loading N partial elements at once
+  (shipped: ``MERGE_PARTIAL_ELEMENTS``), i.e. a head's head_dim cut into more or fewer slices.
 * ``maxnreg_<N>``: the shipped loop compiled with at most N registers a thread, so more programs fit
   on an SM, with the split count of one wave of that many.
 
@@ -204,12 +206,31 @@ def fill_wave_call(inputs, merge: bool) -> Callable[[], torch.Tensor]:
     return call
 
 
+def merge_elements_call(inputs, merge: bool, elements: int) -> Callable[[], torch.Tensor]:
+    """The shipped call with ``MERGE_PARTIAL_ELEMENTS`` set to ``elements`` (the split kernel alone when
+    not ``merge``: the shipped one)."""
+    if not merge:
+        return shipped_split_only(inputs)
+
+    def call() -> torch.Tensor:
+        shipped_elements, da.MERGE_PARTIAL_ELEMENTS = da.MERGE_PARTIAL_ELEMENTS, elements
+        try:
+            return da.paged_decode_attention(*inputs)
+        finally:
+            da.MERGE_PARTIAL_ELEMENTS = shipped_elements
+
+    call.splits = da.decode_geometry(*inputs)[2]
+    call.resident = da.resident_programs_per_sm(*inputs, da.decode_geometry(*inputs)[0])
+    return call
+
+
 VARIANTS = {"host_bounds": dict(host_bounds=True, prefetch_table=False),
             "prefetch_table": dict(host_bounds=False, prefetch_table=True),
             "host_bounds_prefetch_table": dict(host_bounds=True, prefetch_table=True),
             "carry_table": dict(host_bounds=False, prefetch_table=False, carry_table=True),
             **{f"maxnreg_{n}": dict(host_bounds=False, prefetch_table=False, maxnreg=n) for n in (80, 96)},
-            "fill_wave": None}  # fmt: skip
+            "fill_wave": fill_wave_call,
+            **{f"merge_elements_{n}": functools.partial(merge_elements_call, elements=n) for n in (1024, 4096, 8192)}}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name in args.variants.split(","):
             flags = VARIANTS[name]
-            make_call = fill_wave_call if flags is None else functools.partial(startup_variant, **flags)
+            make_call = flags if callable(flags) else functools.partial(startup_variant, **flags)
             full = [make_call(s, merge=True) for s in sets]
             err = float((full[0]().float() - expected.float()).abs().max())
             shape["variants"][name] = {"max_abs_err_vs_shipped": err, "ok": err <= 2e-3, "splits": full[0].splits,
