@@ -23,8 +23,10 @@ shipped call:
 * ``fill_wave``: the shipped kernel with as many splits as fill every resident slot (tokens per split
   not rounded to whole loop steps: 66 splits of 497 tokens instead of 64 of 512 for 8 KV heads over
   32K), merged in one round trip of up to 128 splits.
-* ``merge_elements_<N>``: the shipped call with each merge program loading N partial elements at once
-  (shipped: ``MERGE_PARTIAL_ELEMENTS``), i.e. a head's head_dim cut into more or fewer slices.
+* ``merge_block_d_<N>``: the shipped call with each merge program over N dimensions of a head
+  (shipped: ``MERGE_BLOCK_D``). Until 4f23dbd the merge sized its slices by the partial elements a
+  program loads (``MERGE_PARTIAL_ELEMENTS``, 2048), and ``merge_elements_<N>`` varied that
+  (results/decode_merge_elements_h200.json).
 * ``maxnreg_<N>``: the shipped loop compiled with at most N registers a thread, so more programs fit
   on an SM, with the split count of one wave of that many.
 
@@ -206,21 +208,21 @@ def fill_wave_call(inputs, merge: bool) -> Callable[[], torch.Tensor]:
     return call
 
 
-def merge_elements_call(inputs, merge: bool, elements: int) -> Callable[[], torch.Tensor]:
-    """The shipped call with ``MERGE_PARTIAL_ELEMENTS`` set to ``elements`` (the split kernel alone when
-    not ``merge``: the shipped one)."""
+def merge_block_d_call(inputs, merge: bool, block_d: int) -> Callable[[], torch.Tensor]:
+    """The shipped call with ``MERGE_BLOCK_D`` set to ``block_d`` (the split kernel alone when not
+    ``merge``: the shipped one)."""
     if not merge:
         return shipped_split_only(inputs)
 
     def call() -> torch.Tensor:
-        shipped_elements, da.MERGE_PARTIAL_ELEMENTS = da.MERGE_PARTIAL_ELEMENTS, elements
+        shipped_block_d, da.MERGE_BLOCK_D = da.MERGE_BLOCK_D, block_d
         try:
             return da.paged_decode_attention(*inputs)
         finally:
-            da.MERGE_PARTIAL_ELEMENTS = shipped_elements
+            da.MERGE_BLOCK_D = shipped_block_d
 
-    call.splits = da.decode_geometry(*inputs)[2]
-    call.resident = da.resident_programs_per_sm(*inputs, da.decode_geometry(*inputs)[0])
+    launch, _, call.splits = da.decode_geometry(*inputs)
+    call.resident = da.resident_programs_per_sm(*inputs, launch)
     return call
 
 
@@ -230,7 +232,7 @@ VARIANTS = {"host_bounds": dict(host_bounds=True, prefetch_table=False),
             "carry_table": dict(host_bounds=False, prefetch_table=False, carry_table=True),
             **{f"maxnreg_{n}": dict(host_bounds=False, prefetch_table=False, maxnreg=n) for n in (80, 96)},
             "fill_wave": fill_wave_call,
-            **{f"merge_elements_{n}": functools.partial(merge_elements_call, elements=n) for n in (1024, 4096, 8192)}}  # fmt: skip
+            **{f"merge_block_d_{n}": functools.partial(merge_block_d_call, block_d=n) for n in (32, 64, 128)}}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,8 +71,8 @@ def test_decode_many_splits_some_empty_and_custom_scale():
 
 @pytest.mark.parametrize(
     "head_dim,seq_lens,num_splits",
-    [(64, [1100, 300], 100), (256, [250, 40], 16)],
-    ids=["over-64-splits-two-passes", "head-dim-sliced-one-pass"],
+    [(64, [1100, 300], 100), (256, [250, 40], 16), (128, [1100, 300], 100)],
+    ids=["over-64-splits-two-passes", "head-dim-sliced-one-pass", "head-dim-sliced-two-passes"],
 )
 def test_decode_merge_paths(head_dim, seq_lens, num_splits):
     """The merge of more splits than one round trip takes (a pass for the maximum, then chunks), and the
@@ -82,23 +82,20 @@ def test_decode_merge_paths(head_dim, seq_lens, num_splits):
                       dtype=torch.float16, seed=head_dim)  # fmt: skip
     _, _, splits = decode_attention.decode_geometry(q, kv.k_pages, kv.v_pages, kv.block_table, kv.seq_lens, num_splits)
     block_splits, chunk_splits, block_d = decode_attention.merge_launch(splits, head_dim)
-    if head_dim == 64:
-        assert block_splits > chunk_splits, f"{splits} splits should take the two-pass merge"
-    else:
-        assert block_splits <= chunk_splits and block_d < head_dim, f"{splits} splits, block_d {block_d}"
+    assert (block_splits > chunk_splits) == (num_splits > 64), f"{splits} splits, {chunk_splits} a round trip"
+    assert (block_d < head_dim) == (head_dim > 64), f"head_dim {head_dim} merged {block_d} dimensions a program"
     check_decode(kv, q, num_splits=num_splits, what=f"{splits} splits, head_dim {head_dim}")
 
 
 @given(num_splits=st.integers(2, 1 << 14), head_dim=st.sampled_from([16, 32, 64, 128, 256]))
 def test_merge_launch_bounds_what_one_program_loads(num_splits, head_dim):
     """Each merge program covers whole splits in chunks of at most MERGE_CHUNK_SPLITS and a power-of-two
-    slice of head_dim that divides it, loading at most MERGE_PARTIAL_ELEMENTS partials at once unless
-    the slice is already the 16-dimension minimum."""
+    slice of head_dim, of at most MERGE_BLOCK_D dimensions, that divides it."""
     block_splits, chunk_splits, block_d = decode_attention.merge_launch(num_splits, head_dim)
     assert block_splits >= num_splits and block_splits & (block_splits - 1) == 0
     assert chunk_splits == min(block_splits, decode_attention.MERGE_CHUNK_SPLITS)
-    assert head_dim % block_d == 0 and block_d & (block_d - 1) == 0 and block_d >= min(16, head_dim)
-    assert chunk_splits * block_d <= decode_attention.MERGE_PARTIAL_ELEMENTS or block_d == 16
+    assert head_dim % block_d == 0 and block_d & (block_d - 1) == 0
+    assert block_d == min(head_dim, decode_attention.MERGE_BLOCK_D)
 
 
 def test_decode_empty_sequence_gives_zeros_and_minus_inf():
