@@ -293,9 +293,9 @@ MERGE_CHUNK_SPLITS = 64  # splits merged in one round trip; more take a pass for
 def merge_launch(num_splits: int, head_dim: int) -> tuple[int, int, int]:
     """``(BLOCK_SPLITS, CHUNK_SPLITS, BLOCK_D)`` of the merge kernel: a program merges a slice of at
     most ``MERGE_BLOCK_D`` dimensions of one head, loading at most ``MERGE_CHUNK_SPLITS`` splits of it
-    at once (16 KiB). On the H200, back to back on cold KV, slices of 64 beat 128 and 32 on each short
-    shape: Llama-2-7B b1 8K (16 splits) 0.4 us faster than one program a head, Llama-3-8B b1 32K (64
-    splits) 0.2 us faster than four (results/decode_merge_elements_h200.json); one program a head
+    at once (16 KiB). On the H200, back to back on cold KV, slices of 64 beat whole heads of 128 on
+    the short shapes (Llama-2-7B b1 8K, 16 splits: 0.4 us) and slices of 32 or 16 where there are 64
+    splits (Llama-3-8B b1 32K: 0.2 us; results/decode_merge_elements_h200.json); one program a head
     merging 64 splits took ~4 us."""
     block_splits = next_power_of_2(num_splits)
     chunk_splits = min(block_splits, MERGE_CHUNK_SPLITS)
