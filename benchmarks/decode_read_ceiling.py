@@ -255,6 +255,19 @@ def shipped_with_launch(inputs, launch: da.DecodeLaunch, programs_per_sm: int):
     return call
 
 
+def decode_input_sets(model: str, batch: int, context: int, dtype: torch.dtype) -> tuple[int, list[tuple]]:
+    """The KV bytes of a decode shape and enough copies of its inputs ``(q, k_pages, v_pages,
+    block_table, seq_lens)``, every sequence full, that together they exceed twice the L2."""
+    num_heads, num_kv_heads, head_dim = MODELS[model]
+    kv_bytes = 2 * batch * context * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+    def make():
+        pools = make_paged_kv(batch, context, num_kv_heads, head_dim, PAGE_TOKENS, dtype)[:4]
+        return torch.randn((batch, num_heads, head_dim), dtype=dtype, device=pools[0].device), *pools
+
+    return kv_bytes, rotated(make, kv_bytes)
+
+
 def best_b2b_us(calls: list[Callable[[], object]], repeats: int = 2) -> float:
     """Per-call GPU time of calls back to back in one graph (rotating among ``calls``), least of ``repeats``."""
     count = max(BACK_TO_BACK_CALLS, len(calls))
@@ -302,14 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float16
     contiguous_cache: dict[int, list[dict]] = {}
     for model, batch, context in SHAPES:
-        num_heads, num_kv_heads, head_dim = MODELS[model]
-        kv_bytes = 2 * batch * context * num_kv_heads * head_dim * 2
-
-        def make():
-            pools = make_paged_kv(batch, context, num_kv_heads, head_dim, PAGE_TOKENS, dtype)[:4]
-            return torch.randn((batch, num_heads, head_dim), dtype=dtype, device="cuda"), *pools
-
-        sets = rotated(make, kv_bytes)
+        kv_bytes, sets = decode_input_sets(model, batch, context, dtype)
         expected = da.paged_decode_attention(*sets[0])
         shape = {"model": model, "batch": batch, "context": context, "kv_bytes": kv_bytes}
         flats = [torch.cat([s[1].flatten(), s[2].flatten()]) for s in sets]

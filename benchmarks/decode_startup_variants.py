@@ -50,9 +50,9 @@ import triton.language as tl
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_paged_attention import MODELS, copy_bandwidth_gbs, gb_per_s, make_paged_kv, rotated  # noqa: E402
+from benchmarks.bench_paged_attention import copy_bandwidth_gbs, gb_per_s  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
-from benchmarks.decode_read_ceiling import PAGE_TOKENS, SHAPES, best_b2b_us, shipped_split_only  # noqa: E402
+from benchmarks.decode_read_ceiling import SHAPES, best_b2b_us, decode_input_sets, shipped_split_only  # noqa: E402
 
 from pagedtensor.triton_kernels import decode_attention as da  # noqa: E402
 from pagedtensor.triton_kernels._common import programs_per_sm, resolve_scale  # noqa: E402
@@ -118,19 +118,13 @@ def _decode_split_startup_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         if CARRY_TABLE:  # this step's entries were loaded a step ahead; load the next step's
-            page = page_next.to(tl.int64)
+            page = page_next
             offs_next = offs_n + BLOCK_N
             page_next = tl.load(block_table_row_ptr + offs_next // PAGE_TOKENS, mask=offs_next < table_end, other=0)
         else:
-            page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS, mask=offs_n < loop_end, other=0).to(tl.int64)
-        slot = (offs_n % PAGE_TOKENS).to(tl.int64)
-        k = tl.load(k_head_ptr + (page * stride_k_page + slot * stride_k_token)[:, None] + offs_d[None, :],
-                    mask=mask_n[:, None], other=0.0)  # fmt: skip
-        v = tl.load(v_head_ptr + (page * stride_v_page + slot * stride_v_token)[:, None] + offs_d[None, :],
-                    mask=mask_n[:, None], other=0.0)  # fmt: skip
-        if DOT_UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+            page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS, mask=offs_n < loop_end, other=0)
+        k, v = da._load_kv_block(k_head_ptr, v_head_ptr, page, offs_n, mask_n, offs_d, stride_k_page, stride_k_token,
+                                 stride_v_page, stride_v_token, PAGE_TOKENS, DOT_UPCAST)  # fmt: skip
         if HOST_BOUNDS:
             m_i, l_i, acc = _attend_block_guarded(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION)
         else:
@@ -250,14 +244,7 @@ def main(argv: list[str] | None = None) -> int:
               "shapes": []}  # fmt: skip
     dtype = torch.float16
     for model, batch, context in SHAPES:
-        num_heads, num_kv_heads, head_dim = MODELS[model]
-        kv_bytes = 2 * batch * context * num_kv_heads * head_dim * 2
-
-        def make():
-            pools = make_paged_kv(batch, context, num_kv_heads, head_dim, PAGE_TOKENS, dtype)[:4]
-            return torch.randn((batch, num_heads, head_dim), dtype=dtype, device="cuda"), *pools
-
-        sets = rotated(make, kv_bytes)
+        kv_bytes, sets = decode_input_sets(model, batch, context, dtype)
         expected = da.paged_decode_attention(*sets[0])
         shape = {"model": model, "batch": batch, "context": context, "kv_bytes": kv_bytes,
                  "splits": da.decode_geometry(*sets[0])[2], "variants": {}}  # fmt: skip
