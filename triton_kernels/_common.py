@@ -150,8 +150,10 @@ def check_kv_pages(k_pages: object, v_pages: object) -> tuple[torch.Tensor, torc
     return k_pages, v_pages
 
 
-def check_block_table(block_table: object, seq_lens: object, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``block_table`` ``[batch, max_pages]`` int32 and ``seq_lens`` ``[batch]`` int32."""
+def check_block_table(block_table: object, seq_lens: object, page_tokens: int,
+                      batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``block_table`` ``[batch, max_pages]`` int32 and ``seq_lens`` ``[batch]`` int32, with every token
+    position the table can address (``max_pages * page_tokens``) an int32, as the kernels compute them."""
     block_table = check_tensor("block_table", block_table, 2, (torch.int32,))
     seq_lens = check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
     if batch is not None and block_table.shape[0] != batch:
@@ -160,6 +162,9 @@ def check_block_table(block_table: object, seq_lens: object, batch: int | None =
         raise ValueError(f"seq_lens must have {block_table.shape[0]} entries (the batch), got shape {tuple(seq_lens.shape)}")
     if block_table.shape[1] < 1:
         raise ValueError(f"block_table must have at least one column, got shape {tuple(block_table.shape)}")
+    if block_table.shape[1] * page_tokens > 2**31 - 1:
+        raise ValueError(f"block_table has {block_table.shape[1]} pages of {page_tokens} tokens a row, "
+                         f"{block_table.shape[1] * page_tokens} token positions; at most 2**31 - 1 fit the int32 positions")  # fmt: skip
     if block_table.stride(-1) != 1:
         block_table = block_table.contiguous()
     if seq_lens.stride(0) != 1:

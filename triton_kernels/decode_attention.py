@@ -12,8 +12,8 @@ kernel's registers and shared memory let every SM hold at once (a batch of one w
 fill 132 SMs otherwise, and a grid a little over one wave runs its last programs on an idle GPU).
 Each split writes its partial output, normalised, and its log-sum-exp; a second
 small kernel merges the splits exactly, loading a head's log-sum-exps and partials in one round trip
-(up to 64 splits) and spreading a head with many splits over several programs, each over a slice of
-head_dim. With one split the first kernel writes the result itself.
+(up to 64 splits), each program over a slice of at most 64 dimensions of a head. With one split
+the first kernel writes the result itself.
 
 Inside a program the context is walked ``BLOCK_N`` tokens at a time; each token finds its page
 through the block table (so any page size works and a block may straddle pages), the page index is
@@ -510,7 +510,7 @@ def paged_decode_attention(
         raise ValueError(f"q head_dim {head_dim} differs from k_pages head_dim {k_pages.shape[3]}")
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"q num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    block_table, seq_lens = check_block_table(block_table, seq_lens, batch)
+    block_table, seq_lens = check_block_table(block_table, seq_lens, k_pages.shape[1], batch)
     check_device(k_pages.device, q=q, v_pages=v_pages, block_table=block_table, seq_lens=seq_lens)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")

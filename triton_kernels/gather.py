@@ -170,7 +170,7 @@ def paged_gather(
         ``[batch, max_len, num_heads, head_dim]`` in the pages' dtype; token ``t >= seq_lens[b]`` is zero.
     """
     pages = check_pages("pages", pages)
-    block_table, seq_lens = check_block_table(block_table, seq_lens)
+    block_table, seq_lens = check_block_table(block_table, seq_lens, pages.shape[1])
     check_device(pages.device, block_table=block_table, seq_lens=seq_lens)
     if max_len is None:
         max_len = block_table.shape[1] * pages.shape[1]

@@ -448,7 +448,7 @@ def paged_prefill_attention(
         raise ValueError(f"batch * num_heads must be <= 65535 (a grid dimension), got {batch} * {num_heads}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    block_table, seq_lens = check_block_table(block_table, seq_lens, batch)
+    block_table, seq_lens = check_block_table(block_table, seq_lens, k_pages.shape[1], batch)
     q_start = check_positions("q_start", q_start, batch, k_pages.device)
     check_device(k_pages.device, q=q, v_pages=v_pages, block_table=block_table, seq_lens=seq_lens)
     if q.stride(-1) != 1:

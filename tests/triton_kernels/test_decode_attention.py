@@ -178,6 +178,10 @@ def test_decode_bad_arguments_name_the_argument():
         paged_decode_attention(q, kv.k_pages, kv.v_pages, kv.block_table.long(), kv.seq_lens)
     with pytest.raises(ValueError, match="scale must be a positive finite float, got -1.0"):
         paged_decode_attention(q, *args, scale=-1.0)
+    big_pages = torch.zeros((1, 256, 2, 16), dtype=torch.float16, device=DEVICE)  # 2**23 pages of 256 tokens a row
+    wide_table = torch.zeros((1, 2**23), dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="block_table has 8388608 pages of 256 tokens a row, 2147483648 token positions"):
+        paged_decode_attention(q, big_pages, big_pages, wide_table, kv.seq_lens)
     with pytest.raises(ValueError, match="num_splits must be a positive int or None, got 0"):
         paged_decode_attention(q, *args, num_splits=0)
     with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):
