@@ -34,7 +34,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_paged_attention import MODELS, graph_us, make_paged_kv, rotated, copy_bandwidth_gbs, gb_per_s  # noqa
 from pagedtensor.triton_kernels import decode_attention as da
-from pagedtensor.triton_kernels._common import kv_pool_strides, next_power_of_2, resolve_scale
+from pagedtensor.triton_kernels._common import dot_options, kv_pool_strides, next_power_of_2, resolve_scale
 
 try:
     from triton.language.extra.cuda import gdc_wait, gdc_launch_dependents
@@ -56,7 +56,7 @@ def _fused_kernel(
     stride_fo_batch: tl.int64, stride_fo_head: tl.int64, stride_fl_batch: tl.int64, stride_fl_head: tl.int64,
     QUERY_GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_TOKENS: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNK_SPLITS: tl.constexpr, FUSED: tl.constexpr, TRIGGER_EARLY: tl.constexpr,
-    ONE_PASS: tl.constexpr, HOST_BOUNDS: tl.constexpr, max_len,
+    ONE_PASS: tl.constexpr, HOST_BOUNDS: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, max_len,
 ):
     if TRIGGER_EARLY:
         gdc_launch_dependents()
@@ -64,9 +64,7 @@ def _fused_kernel(
     num_splits = tl.num_programs(1)
     batch, kv_head, split, start, end, heads, mask_g, offs_d, q = da._split_program(
         q_ptr, seq_lens_ptr, num_kv_heads, tokens_per_split, stride_q_batch, stride_q_head, QUERY_GROUP, BLOCK_G, HEAD_DIM)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    m_i, l_i, acc = da._empty_state(BLOCK_G, HEAD_DIM)
     block_table_row_ptr = block_table_ptr + batch * stride_bt_batch
     k_head_ptr = k_pages_ptr + kv_head * stride_k_head
     v_head_ptr = v_pages_ptr + kv_head * stride_v_head
@@ -76,26 +74,10 @@ def _fused_kernel(
     for n0 in range(start, loop_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        if HOST_BOUNDS:
-            page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS, mask=offs_n < loop_end, other=0).to(tl.int64)
-        else:
-            page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS, mask=mask_n, other=0).to(tl.int64)
-        slot = (offs_n % PAGE_TOKENS).to(tl.int64)
-        k = tl.load(k_head_ptr + (page * stride_k_page + slot * stride_k_token)[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        v = tl.load(v_head_ptr + (page * stride_v_page + slot * stride_v_token)[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale_log2
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        if HOST_BOUNDS:
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_shift = m_new
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS, mask=offs_n < loop_end, other=0)
+        k, v = da._load_kv_block(k_head_ptr, v_head_ptr, page, offs_n, mask_n, offs_d, stride_k_page, stride_k_token,
+                                 stride_v_page, stride_v_token, PAGE_TOKENS, DOT_UPCAST)
+        m_i, l_i, acc = da._attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION, HOST_BOUNDS)
     da._store_split(out_ptr, lse_ptr, acc, m_i, l_i, batch, split, heads, mask_g, offs_d, stride_out_batch, stride_out_head,
                     stride_out_split, stride_lse_batch, stride_lse_head, stride_lse_split)
     out_row_ptr = out_ptr + batch * stride_out_batch
@@ -182,6 +164,7 @@ def fused_call(q, k_pages, v_pages, block_table, seq_lens, counters=None, fused=
     if counters is None and fused:
         counters = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=q.device)
     group = num_heads // num_kv_heads
+    upcast, precision = dot_options(q.dtype)
     _fused_kernel[(batch * num_kv_heads, num_splits)](
         q, k_pages, v_pages, block_table, seq_lens, part_out, part_lse, out, lse, counters,
         resolve_scale(None, head_dim) * da.LOG2E, num_kv_heads, tps, q.stride(0), q.stride(1),
@@ -190,7 +173,8 @@ def fused_call(q, k_pages, v_pages, block_table, seq_lens, counters=None, fused=
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         QUERY_GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=head_dim, PAGE_TOKENS=k_pages.shape[1],
         BLOCK_N=launch.block_n, CHUNK_SPLITS=min(64, next_power_of_2(num_splits)), num_warps=launch.num_warps, num_stages=launch.num_stages, FUSED=fused, TRIGGER_EARLY=trigger_early,
-        ONE_PASS=one_pass and num_splits <= 64, HOST_BOUNDS=host_bounds, max_len=block_table.shape[1] * k_pages.shape[1])
+        ONE_PASS=one_pass and num_splits <= 64, HOST_BOUNDS=host_bounds, DOT_UPCAST=upcast, DOT_PRECISION=precision,
+        max_len=block_table.shape[1] * k_pages.shape[1])
     if merge:
         launch_merge(part_out, part_lse, out, lse, num_splits, pdl)
     return out

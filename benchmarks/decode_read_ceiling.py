@@ -126,15 +126,13 @@ def _decode_split_tma_kernel(q_ptr, k_desc, v_desc, block_table_ptr, seq_lens_pt
     batch, kv_head, split, start, end, heads, mask_g, offs_d, q = da._split_program(
         q_ptr, seq_lens_ptr, num_kv_heads, tokens_per_split, stride_q_batch, stride_q_head, QUERY_GROUP, BLOCK_G, HEAD_DIM)
     column = (kv_head * HEAD_DIM).to(tl.int32)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    m_i, l_i, acc = da._empty_state(BLOCK_G, HEAD_DIM)
     for n0 in tl.range(start, end, PAGE_TOKENS, num_stages=STAGES):
         page = tl.load(block_table_ptr + batch * stride_bt_batch + n0 // PAGE_TOKENS)
         k = k_desc.load([page * PAGE_TOKENS, column])
         v = v_desc.load([page * PAGE_TOKENS, column])
         mask_n = n0 + tl.arange(0, PAGE_TOKENS) < end
-        m_i, l_i, acc = da._attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION)
+        m_i, l_i, acc = da._attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION, False)
     da._store_split(out_ptr, lse_ptr, acc, m_i, l_i, batch, split, heads, mask_g, offs_d, stride_out_batch,
                     stride_out_head, stride_out_split, stride_lse_batch, stride_lse_head, stride_lse_split)
 

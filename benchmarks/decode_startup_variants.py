@@ -1,9 +1,11 @@
 """Experiment behind a decode design decision: what does the split kernel's start-up chain cost?
 Not a product benchmark; its kernel is a throwaway variant of ``_decode_split_kernel``.
 
-Each program of the shipped split kernel waits on three dependent memory round trips before its first
-K/V bytes are in flight: ``seq_lens`` (its loop bound and masks), then the block-table entries of its
-first step (masked by that bound), then the K/V rows. On the 128 MiB decode shapes a program runs
+Each program of the split kernel as it was until 578dae7 waited on three dependent memory round trips
+before its first K/V bytes were in flight: ``seq_lens`` (its loop bound and masks), then the block-table
+entries of its first step (masked by that bound), then the K/V rows. (The kernel here with every flag
+off is that loop; ``carry_table`` below is what 578dae7 shipped, so since then ``shipped`` and
+``carry_table`` are the same loop.) On the 128 MiB decode shapes a program runs
 only about 8 loop steps, so this chain is a visible part of the call. Variants, each with the shipped
 launch and split count, timed split kernel alone and followed by the shipped merge (calls back to back
 in one CUDA graph on cold inputs, as ``decode_read_ceiling.py`` times them), checked against the
@@ -12,10 +14,10 @@ shipped call:
 * ``shipped``: the shipped split kernel.
 * ``host_bounds``: the loop bound from the host (``min(split end, max_pages * page_tokens)``), the
   block table read up to that bound and the K/V rows masked by ``seq_lens``, so the block-table and
-  ``seq_lens`` loads are in flight together; the block step guards a block with no visible key. (It
-  walks every split to the host bound: fine here, where every sequence is full, but a ragged batch
-  would pay masked steps.)
-* ``prefetch_table``: the shipped loop, after an L2 prefetch (``prefetch.global.L2``) of the split's
+  ``seq_lens`` loads are in flight together; the block step takes a block with no visible key
+  (``MAY_BE_EMPTY``). (It walks every split to the host bound: fine here, where every sequence is
+  full, but a ragged batch would pay masked steps.)
+* ``prefetch_table``: the loop of before 578dae7, after an L2 prefetch (``prefetch.global.L2``) of the split's
   block-table entries issued before ``seq_lens`` returns, so the table load after it hits L2.
 * ``carry_table``: the shipped loop bound, with each step's block-table entries loaded one step
   ahead and carried, the first step's before the loop (bounded by the host's split end, not
@@ -68,21 +70,6 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
-def _attend_block_guarded(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION: tl.constexpr):
-    """``da._attend_block`` that also takes a block with no visible key (it leaves the state as it was)."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-    s = tl.where(mask_n[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _decode_split_startup_kernel(
     q_ptr, k_pages_ptr, v_pages_ptr, block_table_ptr, seq_lens_ptr, out_ptr, lse_ptr, qk_scale_log2, num_kv_heads,
     tokens_per_split, stride_q_batch: tl.int64, stride_q_head: tl.int64, stride_k_page: tl.int64,
@@ -103,9 +90,7 @@ def _decode_split_startup_kernel(
     )
     if DOT_UPCAST:
         q = q.to(tl.float32)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    m_i, l_i, acc = da._empty_state(BLOCK_G, HEAD_DIM)
     block_table_row_ptr = block_table_ptr + batch * stride_bt_batch
     k_head_ptr = k_pages_ptr + kv_head * stride_k_head
     v_head_ptr = v_pages_ptr + kv_head * stride_v_head
@@ -125,10 +110,7 @@ def _decode_split_startup_kernel(
             page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS, mask=offs_n < loop_end, other=0)
         k, v = da._load_kv_block(k_head_ptr, v_head_ptr, page, offs_n, mask_n, offs_d, stride_k_page, stride_k_token,
                                  stride_v_page, stride_v_token, PAGE_TOKENS, DOT_UPCAST)  # fmt: skip
-        if HOST_BOUNDS:
-            m_i, l_i, acc = _attend_block_guarded(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION)
-        else:
-            m_i, l_i, acc = da._attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION)
+        m_i, l_i, acc = da._attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION, HOST_BOUNDS)
     da._store_split(out_ptr, lse_ptr, acc, m_i, l_i, batch, split, heads, mask_g, offs_d, stride_out_batch,
                     stride_out_head, stride_out_split, stride_lse_batch, stride_lse_head, stride_lse_split)
 

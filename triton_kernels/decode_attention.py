@@ -122,6 +122,14 @@ def _split_program(q_ptr, seq_lens_ptr, num_kv_heads, tokens_per_split, stride_q
 
 
 @triton.jit
+def _empty_state(BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A split's running state before its first block: maximum -inf, sum 0 and output 0 for each of
+    ``BLOCK_G`` query rows (base 2, as :func:`_attend_block` keeps them)."""
+    return (tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32),
+            tl.zeros([BLOCK_G, HEAD_DIM], tl.float32))  # fmt: skip
+
+
+@triton.jit
 def _load_kv_block(k_head_ptr, v_head_ptr, page, offs_n, mask_n, offs_d, stride_k_page, stride_k_token, stride_v_page,
                    stride_v_token, PAGE_TOKENS: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """The K and V rows of context tokens ``offs_n`` of one KV head, each in page ``page`` (its block-table
@@ -140,15 +148,22 @@ def _load_kv_block(k_head_ptr, v_head_ptr, page, offs_n, mask_n, offs_d, stride_
 
 
 @triton.jit
-def _attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION: tl.constexpr):
+def _attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION: tl.constexpr,
+                  MAY_BE_EMPTY: tl.constexpr):
     """One block of keys ``k`` and values ``v`` (rows where ``mask_n`` is false ignored) into the
     running maximum ``m_i`` and sum ``l_i`` (base 2) and the unnormalised output ``acc``; returns the
-    three updated. The block must hold at least one visible key."""
+    three updated. Without ``MAY_BE_EMPTY`` the block must hold at least one visible key (the shipped
+    loop stops at ``seq_lens``); with it, a block with none leaves the state as it was (the shift is 0
+    while the maximum is still -inf)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
     s = tl.where(mask_n[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    if MAY_BE_EMPTY:
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_shift = m_new
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(s - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -211,9 +226,7 @@ def _decode_split_kernel(
     if DOT_UPCAST:
         q = q.to(tl.float32)
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    m_i, l_i, acc = _empty_state(BLOCK_G, HEAD_DIM)
 
     block_table_row_ptr = block_table_ptr + batch * stride_bt_batch
     k_head_ptr = k_pages_ptr + kv_head * stride_k_head
@@ -232,7 +245,7 @@ def _decode_split_kernel(
         pages_next = tl.load(block_table_row_ptr + offs_next // PAGE_TOKENS, mask=offs_next < table_end, other=0)
         k, v = _load_kv_block(k_head_ptr, v_head_ptr, page, offs_n, mask_n, offs_d, stride_k_page, stride_k_token,
                               stride_v_page, stride_v_token, PAGE_TOKENS, DOT_UPCAST)  # fmt: skip
-        m_i, l_i, acc = _attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION)
+        m_i, l_i, acc = _attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION, False)
 
     _store_split(out_ptr, lse_ptr, acc, m_i, l_i, batch, split, heads, mask_g, offs_d, stride_out_batch, stride_out_head,
                  stride_out_split, stride_lse_batch, stride_lse_head, stride_lse_split)  # fmt: skip

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -96,6 +98,52 @@ def test_merge_launch_bounds_what_one_program_loads(num_splits, head_dim):
     assert chunk_splits == min(block_splits, decode_attention.MERGE_CHUNK_SPLITS)
     assert head_dim % block_d == 0 and block_d & (block_d - 1) == 0
     assert block_d == min(head_dim, decode_attention.MERGE_BLOCK_D)
+
+
+@triton.jit
+def _attend_blocks_kernel(q_ptr, k_ptr, v_ptr, visible_ptr, out_ptr, num_blocks, BLOCK_N: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, MAY_BE_EMPTY: tl.constexpr):
+    """16 query rows against ``num_blocks`` blocks of ``BLOCK_N`` keys through ``_attend_block``, keys
+    where ``visible`` is 0 masked; writes the normalised output."""
+    rows = tl.arange(0, 16)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :])
+    m_i = tl.full([16], float("-inf"), tl.float32)
+    l_i = tl.zeros([16], tl.float32)
+    acc = tl.zeros([16, HEAD_DIM], tl.float32)
+    for block in range(num_blocks):
+        keys = block * BLOCK_N + offs_n
+        k = tl.load(k_ptr + keys[:, None] * HEAD_DIM + offs_d[None, :])
+        v = tl.load(v_ptr + keys[:, None] * HEAD_DIM + offs_d[None, :])
+        mask_n = tl.load(visible_ptr + keys) != 0
+        m_i, l_i, acc = decode_attention._attend_block(q, k, v, mask_n, m_i, l_i, acc, 1.0, "ieee", MAY_BE_EMPTY)
+    tl.store(out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN case, on purpose
+def test_attend_block_may_be_empty_takes_blocks_with_no_visible_key():
+    """The block step with ``MAY_BE_EMPTY`` (the experiments' loops bounded by the host) gives softmax
+    attention over the visible keys when whole blocks, the first among them, have none; the shipped
+    step, whose loop never meets such a block, gives NaN on a leading empty block."""
+    gen = torch.Generator().manual_seed(21)
+    block_n, head_dim, num_blocks = 16, 16, 4
+    q, k, v = (torch.randn((rows, head_dim), generator=gen) for rows in (16, block_n * num_blocks, block_n * num_blocks))
+    visible = torch.zeros(block_n * num_blocks, dtype=torch.int32)
+    visible[block_n + 3 : 2 * block_n] = 1  # block 0 and block 3 empty, block 2 part visible
+    visible[2 * block_n : 2 * block_n + 5] = 1
+    scores = (q @ k.T) * math.log(2.0)  # the step weighs a key by 2 ** (q . k) at a scale of 1
+    scores[:, visible == 0] = float("-inf")
+    expected = torch.softmax(scores, dim=1) @ v
+    q, k, v, visible = (t.to(DEVICE) for t in (q, k, v, visible))
+    for may_be_empty in (True, False):
+        out = torch.empty((16, head_dim), device=DEVICE)
+        _attend_blocks_kernel[(1,)](q, k, v, visible, out, num_blocks, BLOCK_N=block_n, HEAD_DIM=head_dim,
+                                    MAY_BE_EMPTY=may_be_empty)  # fmt: skip
+        if may_be_empty:
+            torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
+        else:
+            assert out.isnan().all(), "the shipped step is expected to need a visible key in each block"
 
 
 def test_decode_empty_sequence_gives_zeros_and_minus_inf():
