@@ -5,10 +5,16 @@ interpreter replaces ``@triton.jit`` functions, so the CPU tests cannot see whet
 path builds. This compiles to PTX what the GPU would launch — the launch configurations the
 kernels pick on CUDA, the prefill kernel with key blocks read through tensor descriptors and
 gathered row by row, fp16 and bf16 — and prints one line per kernel. Exit status 1 if any fails.
+
+``python -m tests.triton_kernels.hopper_compile --decode-ptx FILE`` writes the decode split kernel's
+PTX for 54 geometries instead: run it at two commits and compare the files to show that a change to
+the decode source leaves the GPU code as it was.
 """
 
 from __future__ import annotations
 
+import itertools
+import re
 import sys
 
 import torch
@@ -66,23 +72,45 @@ def compile_prefill(dtype: torch.dtype, descriptors: bool) -> str:
     return f"prefill {element} descriptors={descriptors} {launch}: {len(compiled.asm['ptx'])} bytes of PTX"
 
 
-def compile_decode(dtype: torch.dtype, group: int) -> str:
-    head_dim, page_tokens = 128, 16
+def decode_ptx(dtype: torch.dtype, group: int, head_dim: int = 128, page_tokens: int = 16) -> tuple[str, str]:
+    """The decode split kernel's sm_90 PTX for one geometry at its CUDA launch, and a label."""
     launch = decode_attention.decode_launch_config(group, head_dim, dtype, CUDA)
-    element = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    element = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     pointers = {name: f"*{element}" for name in ("q_ptr", "k_pages_ptr", "v_pages_ptr")} | {"out_ptr": "*fp32", "lse_ptr": "*fp32"}
     _, precision = decode_attention.dot_options(dtype)
     constants = dict(QUERY_GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE_TOKENS=page_tokens,
                      BLOCK_N=launch.block_n, DOT_UPCAST=False, DOT_PRECISION=precision)  # fmt: skip
     source = signature(decode_attention._decode_split_kernel, pointers, constants, None)
     compiled = triton.compile(source, target=TARGET, options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
-    return f"decode {element} group={group} {launch}: {len(compiled.asm['ptx'])} bytes of PTX"
+    return f"decode {element} group={group} d{head_dim} p{page_tokens} {launch}", compiled.asm["ptx"]
+
+
+def compile_decode(dtype: torch.dtype, group: int) -> str:
+    label, ptx = decode_ptx(dtype, group)
+    return f"{label}: {len(ptx)} bytes of PTX"
+
+
+def write_decode_ptx(path: str) -> None:
+    """The decode split kernel's PTX for 54 geometries (3 dtypes, groups 1/4/8, head_dim 64/128/256,
+    16/32-token pages), source-line records and debug sections stripped, to ``path``: two commits
+    whose files compare equal launch the same decode kernel on an H100/H200 (a refactor's check)."""
+    sections = []
+    for dtype, group, head_dim, page_tokens in itertools.product((torch.float16, torch.bfloat16, torch.float32), (1, 4, 8),
+                                                                 (64, 128, 256), (16, 32)):  # fmt: skip
+        label, ptx = decode_ptx(dtype, group, head_dim, page_tokens)
+        lines = [line for line in ptx.split(".section\t.debug")[0].splitlines() if not re.match(r"\s*(\.loc|\.file|//)", line)]
+        sections.append(f"==== {label}\n" + "\n".join(lines))
+    with open(path, "w") as handle:
+        handle.write("\n".join(sections) + "\n")
 
 
 def main() -> int:
     if prefill_attention.interpreting():
         print("unset TRITON_INTERPRET: the interpreter does not compile kernels", file=sys.stderr)
         return 2
+    if len(sys.argv) == 3 and sys.argv[1] == "--decode-ptx":
+        write_decode_ptx(sys.argv[2])
+        return 0
     jobs = [lambda d=d, t=t: compile_prefill(d, t) for d in (torch.float16, torch.bfloat16) for t in (True, False)]
     jobs += [lambda d=d, g=g: compile_decode(d, g) for d in (torch.float16, torch.bfloat16) for g in (1, 4)]
     failed = 0
