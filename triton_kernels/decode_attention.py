@@ -131,8 +131,8 @@ def _empty_state(BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def _load_kv_block(k_head_ptr, v_head_ptr, page, offs_n, mask_n, offs_d, stride_k_page, stride_k_token, stride_v_page,
-                   stride_v_token, PAGE_TOKENS: tl.constexpr, DOT_UPCAST: tl.constexpr, CACHE_MODIFIER: tl.constexpr = "",
-                   EVICTION_POLICY: tl.constexpr = ""):
+                   stride_v_token, PAGE_TOKENS: tl.constexpr, DOT_UPCAST: tl.constexpr, CACHE_MODIFIER: tl.constexpr,
+                   EVICTION_POLICY: tl.constexpr):
     """The K and V rows of context tokens ``offs_n`` of one KV head, each in page ``page`` (its block-table
     entry, widened to int64 before the page stride multiplies it); rows where ``mask_n`` is false read
     nothing and are zero. fp32 when ``DOT_UPCAST``. ``CACHE_MODIFIER`` and ``EVICTION_POLICY`` are
@@ -248,7 +248,7 @@ def _decode_split_kernel(
         offs_next = offs_n + BLOCK_N
         pages_next = tl.load(block_table_row_ptr + offs_next // PAGE_TOKENS, mask=offs_next < table_end, other=0)
         k, v = _load_kv_block(k_head_ptr, v_head_ptr, page, offs_n, mask_n, offs_d, stride_k_page, stride_k_token,
-                              stride_v_page, stride_v_token, PAGE_TOKENS, DOT_UPCAST)  # fmt: skip
+                              stride_v_page, stride_v_token, PAGE_TOKENS, DOT_UPCAST, "", "")  # fmt: skip
         m_i, l_i, acc = _attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION, False)
 
     _store_split(out_ptr, lse_ptr, acc, m_i, l_i, batch, split, heads, mask_g, offs_d, stride_out_batch, stride_out_head,
