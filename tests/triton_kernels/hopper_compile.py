@@ -8,7 +8,10 @@ gathered row by row, fp16 and bf16 — and prints one line per kernel. Exit stat
 
 ``python -m tests.triton_kernels.hopper_compile --decode-ptx FILE`` writes the decode split kernel's
 PTX for 54 geometries instead: run it at two commits and compare the files to show that a change to
-the decode source leaves the GPU code as it was.
+the decode source leaves the GPU code as it was. It compiles with this machine's Triton, which may
+be newer than the GPU machine's (3.9 here, 3.6 on the H200 in December 2026): source that only an
+older front end rejects (a jit helper's default string argument, for one) passes here and fails
+there, so a change still needs one GPU run.
 """
 
 from __future__ import annotations
