@@ -1,47 +1,158 @@
-"""Run the decode split kernel and the paged-rows reader once each on Llama-3-8B batch 1 at 32K, for a
-profiler (Nsight Compute) to compare them. An experiment, not a product path.
+"""Why does the decode split kernel read slower than a plain reader of the same paged rows? An
+experiment, not a product path, on Llama-3-8B batch 1 at 32K (134 MB of KV).
 
 The shipped split kernel alone takes ~37.3 us back to back on cold KV there, the paged-rows reader of
 ``decode_read_ceiling.py`` (the same addressing, summing instead of attending; its fastest launch:
-32-token steps, 8 warps, 2 stages, 4 programs an SM) ~33.5 us. This script only launches them (each
-``--calls`` times, so a profiler can skip the first, compiling call); run it under
-``ncu --kernel-name regex:'_decode_split_kernel|_read_paged_rows_kernel' --launch-skip 1 --launch-count 2 ...``.
+32-token steps, 8 warps, 2 stages, 4 programs an SM) ~33.5 us. Nsight Compute (unlocked clocks) saw
+both take ~66.6-67.0 thousand SM cycles, the split kernel at an SM clock of 1.80 GHz and the reader
+at 1.96 GHz. Two modes:
 
-Run: ``python3 benchmarks/decode_kernel_profile.py [--calls N]`` on a CUDA machine.
+* ``--mode launch``: launch each kernel ``--calls`` times, for a profiler, e.g.
+  ``ncu --kernel-name _decode_split_kernel --launch-skip 1 --launch-count 1 --clock-control base ...``.
+* ``--mode clocks``: each of the shipped call, its split kernel alone, the reader and ``torch.sum`` of
+  a buffer of the same size, as one CUDA graph of calls back to back (rotating among input copies
+  that exceed twice the L2) replayed for ``--seconds``, while ``nvidia-smi`` samples the SM clock and
+  the power every 20 ms; writes the per-call time and the clock and power seen during the replays.
+
+Run: ``python3 benchmarks/decode_kernel_profile.py --mode clocks --out PATH`` on a CUDA machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import statistics
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 import torch
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.bench_paged_attention import copy_bandwidth_gbs, gb_per_s  # noqa: E402
+from benchmarks.common import write_results  # noqa: E402
 from benchmarks.decode_read_ceiling import decode_input_sets, paged_rows_reader, shipped_split_only  # noqa: E402
 
 from pagedtensor.triton_kernels import decode_attention as da  # noqa: E402
 
+MODEL, BATCH, CONTEXT = "llama3-8b", 1, 32768
+BACK_TO_BACK_CALLS = 8
+
+
+def kernels(sets: list[tuple], kv_bytes: int) -> dict[str, list[Callable[[], object]]]:
+    """The calls compared, one per input copy."""
+    sms = da.sm_count(sets[0][0].device)
+    flats = [torch.randn(kv_bytes // 2, dtype=torch.float16, device=sets[0][0].device) for _ in range(max(2, len(sets)))]
+    return {
+        "shipped": [lambda s=s: da.paged_decode_attention(*s) for s in sets],
+        "shipped_split_only": [shipped_split_only(s) for s in sets],
+        "paged_rows_reader": [paged_rows_reader(s, CONTEXT, 4 * sms, 32, 8, 2) for s in sets],
+        "torch_sum": [lambda f=f: f.sum() for f in flats],
+    }
+
+
+def _parse_samples(text: str, start: float, stop: float) -> list[tuple[float, float]]:
+    """``(sm_mhz, watts)`` of the nvidia-smi lines stamped inside ``[start, stop]`` (host epoch seconds)."""
+    samples = []
+    for line in text.splitlines():
+        parts = [part.strip() for part in line.split(",")]
+        if len(parts) != 3:
+            continue
+        try:
+            stamp = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            samples.append((stamp, float(parts[1]), float(parts[2])))
+        except ValueError:
+            continue
+    return [(mhz, watts) for stamp, mhz, watts in samples if start <= stamp <= stop]
+
+
+def sustained(calls: list[Callable[[], object]], seconds: float, device_index: int) -> dict:
+    """Replay one graph of calls back to back for about ``seconds`` while sampling clock and power."""
+    sequence = [calls[i % len(calls)] for i in range(max(BACK_TO_BACK_CALLS, len(calls)))]
+    for call in sequence:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in sequence:
+            call()
+    for _ in range(20):
+        graph.replay()
+    start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start_event.record()
+    graph.replay()
+    end_event.record()
+    end_event.synchronize()
+    replays = max(1, int(seconds * 1e3 / start_event.elapsed_time(end_event)))
+    sampler = subprocess.Popen(
+        ["nvidia-smi", "-i", str(device_index), "--query-gpu=timestamp,clocks.sm,power.draw", "--format=csv,noheader,nounits",
+         "-lms", "20"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(1.0)  # the sampler starts up
+    begin = time.time()
+    start_event.record()
+    for _ in range(replays):
+        graph.replay()
+    end_event.record()
+    end_event.synchronize()
+    finish = time.time()
+    time.sleep(0.1)
+    sampler.terminate()
+    text, _ = sampler.communicate()
+    # the first 200 ms of the window: the clock settles under the load
+    samples = _parse_samples(text, begin + 0.2, finish)
+    per_call_us = start_event.elapsed_time(end_event) * 1e3 / (replays * len(sequence))
+    return {
+        "per_call_us": round(per_call_us, 2),
+        "replays": replays,
+        "samples": len(samples),
+        "sm_mhz_median": statistics.median(m for m, _ in samples) if samples else None,
+        "sm_mhz_min": min(m for m, _ in samples) if samples else None,
+        "sm_mhz_max": max(m for m, _ in samples) if samples else None,
+        "power_w_median": statistics.median(w for _, w in samples) if samples else None,
+    }
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=3, help="launches of each kernel")
+    parser.add_argument("--mode", choices=("launch", "clocks"), default="launch")
+    parser.add_argument("--calls", type=int, default=3, help="launch mode: launches of each kernel")
+    parser.add_argument("--seconds", type=float, default=2.0, help="clocks mode: replay time of each call")
+    parser.add_argument("--rounds", type=int, default=2, help="clocks mode: interleaved rounds")
+    parser.add_argument("--out", help="clocks mode: the JSON to write")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    _, sets = decode_input_sets("llama3-8b", 1, 32768, torch.float16)
-    inputs = sets[0]
-    split = shipped_split_only(inputs)
-    reader = paged_rows_reader(inputs, 32768, 4 * da.sm_count(inputs[0].device), 32, 8, 2)
-    for _ in range(args.calls):
-        split()
-    for _ in range(args.calls):
-        reader()
-    torch.cuda.synchronize()
-    launch, tokens, splits = da.decode_geometry(*inputs)
-    print(f"split kernel: {launch}, {splits} splits of {tokens} tokens; reader: 32-token steps, 8 warps, 2 stages")
+    kv_bytes, sets = decode_input_sets(MODEL, BATCH, CONTEXT, torch.float16)
+    if args.mode == "launch":
+        inputs = sets[0]
+        split = shipped_split_only(inputs)
+        reader = paged_rows_reader(inputs, CONTEXT, 4 * da.sm_count(inputs[0].device), 32, 8, 2)
+        for call in [split] * args.calls + [reader] * args.calls:
+            call()
+        torch.cuda.synchronize()
+        launch, tokens, splits = da.decode_geometry(*inputs)
+        print(f"split kernel: {launch}, {splits} splits of {tokens} tokens; reader: 32-token steps, 8 warps, 2 stages")
+        return 0
+    copy_gbs = copy_bandwidth_gbs()
+    timed = kernels(sets, kv_bytes)
+    index = torch.cuda.current_device()
+    report = {"benchmark": "decode_kernel_profile", "model": MODEL, "batch": BATCH, "context": CONTEXT,
+              "kv_bytes": kv_bytes, "copy_bandwidth_gbs": copy_gbs,
+              "timing": f"one CUDA graph of {BACK_TO_BACK_CALLS} calls back to back on cold inputs replayed for about "
+                        f"{args.seconds} s; nvidia-smi samples (20 ms) of the SM clock and power inside the replays, "
+                        f"the first 200 ms left out; rounds interleaved",
+              "calls": {name: [] for name in timed}}  # fmt: skip
+    for _ in range(args.rounds):
+        for name, calls in timed.items():
+            row = sustained(calls, args.seconds, index)
+            row["frac_of_copy"] = round(gb_per_s(kv_bytes, row["per_call_us"] / 1e3) / copy_gbs, 4)
+            report["calls"][name].append(row)
+            print(name, row, flush=True)
+            if args.out:
+                write_results(args.out, report)
     return 0
 
 
