@@ -1,11 +1,16 @@
 """Why does the decode split kernel read slower than a plain reader of the same paged rows? An
 experiment, not a product path, on Llama-3-8B batch 1 at 32K (134 MB of KV).
 
-The shipped split kernel alone takes ~37.3 us back to back on cold KV there, the paged-rows reader of
-``decode_read_ceiling.py`` (the same addressing, summing instead of attending; its fastest launch:
-32-token steps, 8 warps, 2 stages, 4 programs an SM) ~33.5 us. Nsight Compute (unlocked clocks) saw
-both take ~66.6-67.0 thousand SM cycles, the split kernel at an SM clock of 1.80 GHz and the reader
-at 1.96 GHz. Two modes:
+The shipped split kernel alone takes ~37.3 us back to back on cold KV there (``graph_us``: do_bench of a
+graph of 8 calls), the paged-rows reader of ``decode_read_ceiling.py`` (the same addressing, summing
+instead of attending; its fastest launch: 32-token steps, 8 warps, 2 stages, 4 programs an SM)
+~33.5 us. Nsight Compute with unlocked clocks reported the two at about the same SM cycles (66.6 and
+67.0 thousand) but different average SM clocks (1.80 and 1.96 GHz), which raised the question of
+clocks; with base clocks it reported 54.1 and 51.9 thousand cycles (results/decode_kernel_ncu_h200.json).
+In ``--mode clocks`` nvidia-smi read 1980 MHz throughout for every call (results/decode_kernel_clocks_h200.json),
+so the clock is not the difference; that run also showed every call faster replayed back to back for
+seconds than in ``graph_us``, whose L2 flush and graph launch fall inside each graph of 8 calls.
+Two modes:
 
 * ``--mode launch``: launch each kernel ``--calls`` times, for a profiler, e.g.
   ``ncu --kernel-name _decode_split_kernel --launch-skip 1 --launch-count 1 --clock-control base ...``.
