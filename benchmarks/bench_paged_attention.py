@@ -22,7 +22,7 @@ the flush is a 256 MB memset, so the call starts with the L2 full of dirty lines
 launch, ~5 us on an H200, is inside the timing); the same calls back to back, 8 or more per graph
 rotating among copies that exceed twice the L2 (each call reads cold KV, as in a graphed decode
 loop), that graph timed by ``do_bench`` (so one flush and one graph launch fall inside every 8
-calls: ~1.5 us a call on an H200) and replayed back to back for 0.25 s ("sustained": nothing between
+calls: about 1.2 us a call on an H200) and replayed back to back for 0.25 s ("sustained": nothing between
 the graphs, set against the copy timed the same way); ``torch.sum`` of the same bytes is timed both
 ways too, as a plain read for reference; and as a plain eager call (host launch cost included,
 reported beside it). One JSON is written and one table printed.
