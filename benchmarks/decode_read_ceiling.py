@@ -22,8 +22,11 @@ bytes), and sweeps each reader's launch parameters:
 - ``shipped_kernels_*`` (``--parts split``): the shipped split kernel, alone and with the merge, under
   other launch parameters (loop step, warps, stages including 1, split counts of 2-8 programs per SM).
 
-Run: ``python3 benchmarks/decode_read_ceiling.py --out PATH [--parts readers,split]`` on a CUDA machine
-(about 1.5 minutes a part).
+Run: ``python3 benchmarks/decode_read_ceiling.py --out PATH [--parts readers,split] [--readers ...] [--shapes
+model:batch:context,...] [--timing graph|sustained]`` on a CUDA machine (about 1.5 minutes a part). ``--timing
+sustained`` replays each graph of calls back to back for 0.1 s instead of timing it with ``do_bench`` (whose
+L2 flush and graph launch fall inside every graph: ~1.2 us a call on the H200), against the copy issued
+back to back alike.
 """
 
 from __future__ import annotations
@@ -43,7 +46,16 @@ import triton.language as tl
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_paged_attention import MODELS, copy_bandwidth_gbs, gb_per_s, graph_us, make_paged_kv, rotated  # noqa: E402
+from benchmarks.bench_paged_attention import (  # noqa: E402
+    MODELS,
+    copy_bandwidth_gbs,
+    copy_bandwidth_sustained_gbs,
+    gb_per_s,
+    graph_us,
+    make_paged_kv,
+    rotated,
+    sustained_us,
+)
 from benchmarks.common import write_results  # noqa: E402
 
 from pagedtensor.triton_kernels import decode_attention as da  # noqa: E402
@@ -57,6 +69,8 @@ except ImportError:  # older Triton: the TMA variants are reported as errors
 SHAPES = [("llama3-8b", 1, 8192), ("llama2-7b", 1, 8192), ("llama3-8b", 1, 32768)]
 PAGE_TOKENS = 16
 BACK_TO_BACK_CALLS = 8
+TIMING = {"mode": "graph"}  # "graph": do_bench of the graph of calls; "sustained": that graph replayed back to back
+READERS = ("contiguous", "paged_rows", "paged_rows_tma", "decode_tma")
 
 
 @triton.jit
@@ -267,8 +281,11 @@ def decode_input_sets(model: str, batch: int, context: int, dtype: torch.dtype) 
 
 
 def best_b2b_us(calls: list[Callable[[], object]], repeats: int = 2) -> float:
-    """Per-call GPU time of calls back to back in one graph (rotating among ``calls``), least of ``repeats``."""
+    """Per-call GPU time of calls back to back in one graph (rotating among ``calls``), least of ``repeats``:
+    ``do_bench`` of the graph, or with ``--timing sustained`` the graph replayed back to back for 0.1 s."""
     count = max(BACK_TO_BACK_CALLS, len(calls))
+    if TIMING["mode"] == "sustained":
+        return sustained_us(calls, count, seconds=0.1, repeats=repeats)
     return min(graph_us(calls, count) for _ in range(repeats))
 
 
@@ -300,19 +317,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--parts", default="readers,split",
                         help="readers: the read-only kernels and the TMA decode; split: the shipped kernels' launch sweep")
+    parser.add_argument("--readers", default=",".join(READERS), help="the readers part's kernels (default all)")
+    parser.add_argument("--shapes", default=",".join(f"{m}:{b}:{c}" for m, b, c in SHAPES),
+                        help="model:batch:context, comma-separated (default the three short shapes)")
+    parser.add_argument("--timing", choices=("graph", "sustained"), default="graph",
+                        help="graph: do_bench of each graph of calls (an L2 flush before each); sustained: the graph "
+                             "replayed back to back for 0.1 s, against the copy timed alike")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
+    readers = set(args.readers.split(","))
+    shapes = [(m, int(b), int(c)) for m, b, c in (item.split(":") for item in args.shapes.split(","))]
+    TIMING["mode"] = args.timing
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    copy_gbs = copy_bandwidth_gbs()
+    copy_gbs = copy_bandwidth_sustained_gbs() if args.timing == "sustained" else copy_bandwidth_gbs()
     tiny = torch.zeros(1, device="cuda")
-    report = {"benchmark": "decode_read_ceiling", "copy_bandwidth_gbs": copy_gbs, "sm_count": sms,
+    how = ("each replayed back to back for 0.1 s, no L2 flush between (the copy issued back to back alike)"
+           if args.timing == "sustained" else "each a do_bench median")
+    report = {"benchmark": "decode_read_ceiling", "copy_bandwidth_gbs": copy_gbs, "sm_count": sms, "timing_mode": args.timing,
               "timing": "per call, calls back to back in one CUDA graph rotating among input copies that together exceed "
-                        "twice the L2 (cold bytes each call), least of two graph timings (each a do_bench median)",
+                        f"twice the L2 (cold bytes each call), least of two graph timings ({how})",
               "graph_one_element_kernel_b2b_us": best_b2b_us([lambda: tiny.add_(1)]), "shapes": []}
     dtype = torch.float16
     contiguous_cache: dict[int, list[dict]] = {}
-    for model, batch, context in SHAPES:
+    for model, batch, context in shapes:
         kv_bytes, sets = decode_input_sets(model, batch, context, dtype)
         expected = da.paged_decode_attention(*sets[0])
         shape = {"model": model, "batch": batch, "context": context, "kv_bytes": kv_bytes}
@@ -343,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += shipped_kernels_sweep(inputs, check_decode, kv_bytes, copy_gbs)
         if "readers" in parts:
             rows += readers_sweep(inputs, flats, context, check_read, check_decode, kv_bytes, copy_gbs, sms,
-                                  contiguous_cache)
+                                  contiguous_cache, readers)
         names = ("contiguous", "paged_rows", "paged_rows_tma", "decode_tma", "shipped_kernels_split_only",
                  "shipped_kernels_with_merge")
         shape["best"] = {name: best([r for r in rows if r["variant"] == name]) for name in names}
@@ -357,35 +385,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def readers_sweep(inputs, flats, context, check_read, check_decode, kv_bytes, copy_gbs, sms, contiguous_cache) -> list[dict]:
-    """The read-only kernels and the TMA decode, each over its launch parameters."""
+def readers_sweep(inputs, flats, context, check_read, check_decode, kv_bytes, copy_gbs, sms, contiguous_cache,
+                  readers=READERS) -> list[dict]:
+    """The read-only kernels and the TMA decode (those named in ``readers``), each over its launch parameters."""
     rows: list[dict] = []
-    if kv_bytes not in contiguous_cache:
-        configs = [{"programs_per_sm": p, "block": b, "warps": w} for p in (1, 2, 4, 8) for b in (2048, 4096, 8192)
-                   for w in (4, 8)]
-        contiguous_cache[kv_bytes] = sweep(
-            "contiguous", configs,
-            lambda programs_per_sm, block, warps: [contiguous_reader(f, programs_per_sm * sms, block, warps) for f in flats],
-            kv_bytes, copy_gbs, check_read)
-    rows += contiguous_cache[kv_bytes]
-    configs = [{"programs_per_sm": p, "block_n": n, "warps": w, "stages": st} for p in (2, 4, 8) for n in (32, 64, 128)
-               for w in (4, 8) for st in (1, 2, 3)]
-    rows += sweep("paged_rows", configs,
-                  lambda programs_per_sm, block_n, warps, stages: [
-                      paged_rows_reader(s, context, programs_per_sm * sms, block_n, warps, stages) for s in inputs],
-                  kv_bytes, copy_gbs, check_read)
-    configs = [{"programs_per_sm": p, "warps": w, "stages": st} for p in (2, 4, 8, 16) for w in (1, 2, 4)
-               for st in (2, 3, 4, 6)]
-    rows += sweep("paged_rows_tma", configs,
-                  lambda programs_per_sm, warps, stages: [
-                      paged_rows_tma_reader(s, context, programs_per_sm * sms, warps, stages) for s in inputs],
-                  kv_bytes, copy_gbs, check_read)
-
-    configs = [{"programs_per_sm": p, "warps": w, "stages": st} for p in (2, 4, 8) for w in (4, 8) for st in (2, 3, 4, 6)]
-    rows += sweep("decode_tma", configs,
-                  lambda programs_per_sm, warps, stages: [
-                      decode_tma_call(s, context, programs_per_sm * sms, warps, stages) for s in inputs],
-                  kv_bytes, copy_gbs, check=check_decode)
+    if "contiguous" in readers:
+        if kv_bytes not in contiguous_cache:
+            configs = [{"programs_per_sm": p, "block": b, "warps": w} for p in (1, 2, 4, 8) for b in (2048, 4096, 8192)
+                       for w in (4, 8)]
+            contiguous_cache[kv_bytes] = sweep(
+                "contiguous", configs,
+                lambda programs_per_sm, block, warps: [contiguous_reader(f, programs_per_sm * sms, block, warps) for f in flats],
+                kv_bytes, copy_gbs, check_read)
+        rows += contiguous_cache[kv_bytes]
+    if "paged_rows" in readers:
+        configs = [{"programs_per_sm": p, "block_n": n, "warps": w, "stages": st} for p in (2, 4, 8) for n in (32, 64, 128)
+                   for w in (4, 8) for st in (1, 2, 3)]
+        rows += sweep("paged_rows", configs,
+                      lambda programs_per_sm, block_n, warps, stages: [
+                          paged_rows_reader(s, context, programs_per_sm * sms, block_n, warps, stages) for s in inputs],
+                      kv_bytes, copy_gbs, check_read)
+    if "paged_rows_tma" in readers:
+        configs = [{"programs_per_sm": p, "warps": w, "stages": st} for p in (2, 4, 8, 16) for w in (1, 2, 4)
+                   for st in (2, 3, 4, 6)]
+        rows += sweep("paged_rows_tma", configs,
+                      lambda programs_per_sm, warps, stages: [
+                          paged_rows_tma_reader(s, context, programs_per_sm * sms, warps, stages) for s in inputs],
+                      kv_bytes, copy_gbs, check_read)
+    if "decode_tma" in readers:
+        configs = [{"programs_per_sm": p, "warps": w, "stages": st} for p in (2, 4, 8) for w in (4, 8) for st in (2, 3, 4, 6)]
+        rows += sweep("decode_tma", configs,
+                      lambda programs_per_sm, warps, stages: [
+                          decode_tma_call(s, context, programs_per_sm * sms, warps, stages) for s in inputs],
+                      kv_bytes, copy_gbs, check=check_decode)
     return rows
 
 
