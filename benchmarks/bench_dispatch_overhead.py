@@ -92,24 +92,29 @@ def synchronize() -> None:
 
 def gpu_median_us(fn, device: str) -> float:
     if device == "cpu":
-        return wall_median_us(fn, 20)
+        return wall_median_us(fn, 20)[0]
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
 
 
-def wall_median_us(fn, calls: int, repeats: int = 5) -> float:
+def wall_median_us(fn, calls: int, repeats: int = 5) -> tuple[float, float]:
+    """Per call: the wall time of ``calls`` calls then a synchronize, and the host time to issue them
+    (before the synchronize); medians of ``repeats``. Where the host time is the larger, the op is
+    bound by its host cost, not by the GPU."""
     for _ in range(10):
         fn()
     synchronize()
-    samples = []
+    walls, hosts = [], []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
+        issued = time.perf_counter()
         synchronize()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(samples)
+        walls.append((time.perf_counter() - start) / calls * 1e6)
+        hosts.append((issued - start) / calls * 1e6)
+    return statistics.median(walls), statistics.median(hosts)
 
 
 def measure_size(label: str, nbytes: int, page_size: int, device: str) -> list[dict]:
@@ -138,10 +143,10 @@ def measure_size(label: str, nbytes: int, page_size: int, device: str) -> list[d
             bitwise = bool(torch.equal(got, expected))
             plain_gpu = gpu_median_us(lambda: op(x, y), device)
             paged_gpu = gpu_median_us(lambda: op(px, py), device)
-            plain_wall = wall_median_us(lambda: op(x, y), calls)
-            paged_wall = wall_median_us(lambda: op(px, py), calls)
+            plain_wall, plain_host = wall_median_us(lambda: op(x, y), calls)
+            paged_wall, paged_host = wall_median_us(lambda: op(px, py), calls)
             floor_gpu = gpu_median_us(lambda: op(fx, fy), device)
-            floor_wall = wall_median_us(lambda: op(fx, fy), calls)
+            floor_wall, floor_host = wall_median_us(lambda: op(fx, fy), calls)
             checked = nbytes >= TARGET_FROM_BYTES
             gpu_ratio = paged_gpu / plain_gpu
             wall_ratio = paged_wall / plain_wall
@@ -158,6 +163,9 @@ def measure_size(label: str, nbytes: int, page_size: int, device: str) -> list[d
                     "paged_wall_us": paged_wall,
                     "wall_ratio": wall_ratio,
                     "wall_overhead_us": paged_wall - plain_wall,
+                    "plain_host_us": plain_host,
+                    "paged_host_us": paged_host,
+                    "floor_host_us": floor_host,
                     "floor_gpu_us": floor_gpu,
                     "floor_wall_us": floor_wall,
                     "floor_wall_ratio": floor_wall / plain_wall,
@@ -262,7 +270,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke check of the script only")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dispatch_overhead.json"))
     parser.add_argument("--profile", default="", help="comma-separated ops to profile at 1 MB instead of the timing run (e.g. mul_scalar,add)")
-    parser.add_argument("--host-profile", default="", help="comma-separated ops whose Python host time to profile (cProfile) at 1 MB instead")
+    parser.add_argument("--host-profile", default="", help="comma-separated ops whose Python host time to profile (cProfile) instead")
+    parser.add_argument("--profile-size", default="1MB", choices=list(SIZES), help="tensor size of --profile / --host-profile")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_dispatch_overhead: needs a CUDA device (or --device cpu for a smoke check)", file=sys.stderr)
@@ -270,11 +279,11 @@ def main() -> int:
     page_size = parse_size(args.page_size, "--page-size")
     if args.host_profile:
         write_results(args.out, {"benchmark": "dispatch_overhead_host_profile", "page_size": page_size,
-                                 "profiles": host_profile_ops(SIZES["1MB"], page_size, args.host_profile.split(","), args.device)})  # fmt: skip
+                                 "profiles": host_profile_ops(SIZES[args.profile_size], page_size, args.host_profile.split(","), args.device)})  # fmt: skip
         return 0
     if args.profile:
         write_results(args.out, {"benchmark": "dispatch_overhead_profile", "page_size": page_size,
-                                 "profiles": profile_ops(SIZES["1MB"], page_size, args.profile.split(","), args.device)})  # fmt: skip
+                                 "profiles": profile_ops(SIZES[args.profile_size], page_size, args.profile.split(","), args.device)})  # fmt: skip
         return 0
     rows = []
     for label in args.sizes.split(","):
