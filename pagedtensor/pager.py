@@ -11,8 +11,8 @@ is device → host → disk, and only dirty pages move (a clean page just drops 
 
 An op on pages already resident takes no Python step per page in its bookkeeping: a pin is one
 count per pinned range of the allocation (:attr:`Allocation.pins`), the policy's touch is one
-deferred run (:class:`~pagedtensor.policies.DeferredTouches`), a release's fence is one bulk
-update of the releasing stream's slot map, and the pages' slots come from the allocation's
+deferred run (:class:`~pagedtensor.policies.DeferredTouches`), a release's fence is one entry for
+its run of adjacent slots (:class:`~pagedtensor.fences.SlotFences`), and the pages' slots come from the allocation's
 :class:`ResidentRun` while no page of the pager has moved since it was recorded.
 
 Note:
@@ -48,6 +48,7 @@ import torch
 
 from pagedtensor.config import MemoryConfig
 from pagedtensor.errors import OutOfPagesError
+from pagedtensor.fences import SlotFences
 from pagedtensor.metrics import PagerMetrics
 from pagedtensor.policies import DeferredTouches, make_policy
 from pagedtensor.tiers import DeviceTier, DiskTier, HostTier
@@ -60,6 +61,8 @@ _DEVICE_SLOT = operator.attrgetter("device_slot")
 _READY = operator.attrgetter("ready")
 _HOST_SLOT = operator.attrgetter("host_slot")
 _DISK_SLOT = operator.attrgetter("disk_slot")
+_D2H_FENCES = -1  # stream id of the device-slot fences of write-back copies (engine.d2h_stream)
+_FILL_FENCES = -2  # stream id of the fences of fill copies whose slot was freed before they were seen done
 
 
 @dataclass(eq=False, slots=True)
@@ -284,7 +287,7 @@ class Pager:
         self._ids = itertools.count()
         # stream id -> {device slot: event after that stream's last use of the slot}; -1 is the D2H
         # copy of an evicted page, -2 the copy that filled a slot since freed.
-        self._device_fences: dict[int, dict[int, Event]] = {}
+        self._device_fences = SlotFences()  # per stream id: after which event each device slot may be overwritten
         self._host_fences: dict[int, Event] = {}  # slot -> last copy touching it
         # Moves on whenever a page loses its device slot; an Allocation.resident_run recorded at an
         # older epoch is stale.
@@ -596,7 +599,7 @@ class Pager:
         pairs = [(page.host_slot, page.device_slot) for page in pages]
         runs = coalesce_runs(pairs, self.host_tier, self.device_tier)
         wait_for = [self._host_fences.get(host_slot) for host_slot, _ in pairs]
-        wait_for += self._take_device_fences([device_slot for _, device_slot in pairs])
+        wait_for += self._device_fences.take([device_slot for _, device_slot in pairs])
         event = self.engine.copy(self.engine.h2d_stream, runs, self.host_tier, self.device_tier, wait_for)
         for page in pages:
             page.ready = event
@@ -609,7 +612,7 @@ class Pager:
         if not pages:
             return
         slots = [page.device_slot for page in pages]
-        wait_for = self._take_device_fences(slots)
+        wait_for = self._device_fences.take(slots)
         event = self.engine.zero(slots, self.device_tier, wait_for)
         for page in pages:
             page.ready = event
@@ -676,14 +679,14 @@ class Pager:
                 runs = coalesce_runs(pairs, self.device_tier, self.host_tier)
                 wait_for = [page.ready for page in dirty]
                 # The D2H copy waits for the slots' last uses and stands in for them afterwards.
-                wait_for += self._take_device_fences([page.device_slot for page in dirty])
+                wait_for += self._device_fences.take([page.device_slot for page in dirty])
                 wait_for += [self._host_fences.get(slot) for slot in host_slots]
                 event = self.engine.copy(self.engine.d2h_stream, runs, self.device_tier, self.host_tier, wait_for)
                 for page, slot in zip(dirty, host_slots):
                     page.host_slot = slot
                     self._host_fences[slot] = event
-                    self._device_fences.setdefault(-1, {})[page.device_slot] = event
                     self.host_policy.insert(page)
+                self._device_fences.record_slots(_D2H_FENCES, (page.device_slot for page in dirty), event)
                 self.metrics.count("bytes_d2h", len(dirty) * self.page_size)
             for page in chunk:
                 self._drop_device_copy(page)
@@ -754,7 +757,7 @@ class Pager:
             return
         if page.ready is not None:
             # A later copy into this slot must not overtake the one that filled it.
-            self._device_fences.setdefault(-2, {})[page.device_slot] = page.ready
+            self._device_fences.record_slots(_FILL_FENCES, (page.device_slot,), page.ready)
         self.device_tier.free([page.device_slot])
         self._residency_epoch += 1
         page.device_slot = None
@@ -786,10 +789,10 @@ class Pager:
             stream_id = stream.stream_id
         with self._lock:
             if event is not None:
-                stream_fences = self._device_fences.get(stream_id)
-                if stream_fences is None:
-                    stream_fences = self._device_fences[stream_id] = {}
-                stream_fences.update(dict.fromkeys(resident.slots, event))
+                if resident.first_slot is not None:  # adjacent slots: one fence for the run
+                    self._device_fences.record_run(stream_id, resident.first_slot, len(resident.slots), event)
+                else:
+                    self._device_fences.record_slots(stream_id, resident.slots, event)
             if dirty:
                 allocation = resident.allocation
                 allocation.version += 1
@@ -809,18 +812,6 @@ class Pager:
         if run is not None and run.epoch == self._residency_epoch and run.start == start and run.stop == stop:
             return run
         return None
-
-    def _take_device_fences(self, slots: Sequence[int]) -> list[Event]:
-        """Remove and return the fences of device ``slots`` (every stream's), before a copy into them."""
-        events: list[Event] = []
-        for stream_id, stream_fences in list(self._device_fences.items()):
-            for slot in slots:
-                event = stream_fences.pop(slot, None)
-                if event is not None:
-                    events.append(event)
-            if not stream_fences:
-                del self._device_fences[stream_id]
-        return events
 
     # ------------------------------------------------------------------ internals: checks
 

@@ -127,3 +127,27 @@ def test_a_finished_copy_is_forgotten():
         other = pager.allocate(8 * page)  # reuses every slot: the fences still order it after the reads
         pager.write(other, torch.zeros(8 * page, dtype=torch.uint8, device="cuda"))
         assert torch.equal(pager.read(allocation).to("cuda"), data)
+
+
+def test_slot_reuse_waits_for_a_read_of_the_run_still_queued():
+    """An op on a run of adjacent slots leaves one fence for the run (pagedtensor.fences); a fault
+    that reuses every slot while that op is still queued (behind a sleep on the current stream)
+    zero-fills them on the H2D stream only after it, so the op reads the old bytes."""
+    page = 2**20
+    with Pager(MemoryConfig(vram_limit=8 * page, host_memory=32 * page, page_size=page, prefetch_strategy="none", device="cuda")) as pager:
+        data = torch.randint(0, 256, (8 * page,), dtype=torch.uint8, device="cuda")
+        allocation = pager.allocate(data.numel())
+        pager.write(allocation, data)
+        pager.synchronize()
+        torch.cuda.synchronize()
+        resident = pager.ensure_resident(allocation)
+        assert resident.first_slot is not None, "the test needs a run of adjacent slots"
+        resident.wait()
+        torch.cuda._sleep(int(4e8))  # the read below runs well after the host has moved on
+        seen = resident.contiguous().clone()
+        resident.release()
+        other = pager.allocate(8 * page)
+        pager.write(other, torch.zeros(8 * page, dtype=torch.uint8, device="cuda"))  # evicts the run, zero-fills its slots
+        torch.cuda.synchronize()
+        assert torch.equal(seen, data), "a slot was overwritten before the op that read it ran"
+        assert torch.equal(pager.read(allocation).to("cuda"), data)
