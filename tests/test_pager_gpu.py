@@ -98,6 +98,21 @@ def test_prefetch_overlaps_with_fault_of_same_pages():
         assert pager.stats()["prefetched_pages"] > 0
 
 
+def _pager_of_mib_pages(device_pages: int) -> Pager:
+    """A CUDA pager of 1 MiB pages: ``device_pages`` on the device, 32 on the host, no prefetch."""
+    page = 2**20
+    return Pager(MemoryConfig(vram_limit=device_pages * page, host_memory=32 * page, page_size=page,
+                              prefetch_strategy="none", device="cuda"))  # fmt: skip
+
+
+def _written(pager: Pager, nbytes: int):
+    """A new allocation of ``nbytes`` random bytes, written through ``pager``, and those bytes."""
+    data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda")
+    allocation = pager.allocate(nbytes)
+    pager.write(allocation, data)
+    return allocation, data
+
+
 def test_a_finished_copy_is_forgotten():
     """Pages whose fault-in copy has finished hand back no event: an op on them enqueues no wait.
 
@@ -106,10 +121,8 @@ def test_a_finished_copy_is_forgotten():
     bytes stay right when the slot is reused afterwards.
     """
     page = 2**20
-    with Pager(MemoryConfig(vram_limit=8 * page, host_memory=32 * page, page_size=page, prefetch_strategy="none", device="cuda")) as pager:
-        data = torch.randint(0, 256, (4 * page,), dtype=torch.uint8, device="cuda")
-        allocation = pager.allocate(data.numel())
-        pager.write(allocation, data)
+    with _pager_of_mib_pages(device_pages=8) as pager:
+        allocation, data = _written(pager, 4 * page)
         pager.evict_all()
         pager.synchronize()
         with torch.cuda.stream(pager.engine.h2d_stream):
@@ -134,10 +147,8 @@ def test_slot_reuse_waits_for_a_read_of_the_run_still_queued():
     that reuses every slot while that op is still queued (behind a sleep on the current stream)
     zero-fills them on the H2D stream only after it, so the op reads the old bytes."""
     page = 2**20
-    with Pager(MemoryConfig(vram_limit=8 * page, host_memory=32 * page, page_size=page, prefetch_strategy="none", device="cuda")) as pager:
-        data = torch.randint(0, 256, (8 * page,), dtype=torch.uint8, device="cuda")
-        allocation = pager.allocate(data.numel())
-        pager.write(allocation, data)
+    with _pager_of_mib_pages(device_pages=8) as pager:
+        allocation, data = _written(pager, 8 * page)
         pager.synchronize()
         torch.cuda.synchronize()
         resident = pager.ensure_resident(allocation)
