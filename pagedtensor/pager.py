@@ -12,8 +12,8 @@ is device → host → disk, and only dirty pages move (a clean page just drops 
 An op on pages already resident takes no Python step per page in its bookkeeping: a pin is one
 count per pinned range of the allocation (:attr:`Allocation.pins`), the policy's touch is one
 deferred run (:class:`~pagedtensor.policies.DeferredTouches`), a release's fence is one entry for
-its run of adjacent slots (:class:`~pagedtensor.fences.SlotFences`), and the pages' slots come from the allocation's
-:class:`ResidentRun` while no page of the pager has moved since it was recorded.
+its run of adjacent slots (:class:`~pagedtensor.fences.SlotFences`), and the pages' slots come from
+the allocation's :class:`ResidentRun` while no page of the pager has moved since it was recorded.
 
 Note:
     Stream and event ordering, on CUDA:
@@ -285,9 +285,10 @@ class Pager:
         self.metrics = PagerMetrics(registry, resident_bytes=self._locked_resident_bytes)
         self._allocations: dict[int, Allocation] = {}
         self._ids = itertools.count()
-        # stream id -> {device slot: event after that stream's last use of the slot}; -1 is the D2H
-        # copy of an evicted page, -2 the copy that filled a slot since freed.
-        self._device_fences = SlotFences()  # per stream id: after which event each device slot may be overwritten
+        # Per stream id, the event after that stream's last use of each device slot (a run of adjacent
+        # slots at once); _D2H_FENCES are the write-back copies of evicted pages, _FILL_FENCES the
+        # copies that filled slots since freed.
+        self._device_fences = SlotFences()
         self._host_fences: dict[int, Event] = {}  # slot -> last copy touching it
         # Moves on whenever a page loses its device slot; an Allocation.resident_run recorded at an
         # older epoch is stale.
