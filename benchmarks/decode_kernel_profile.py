@@ -20,6 +20,9 @@ Two modes:
   the power every 20 ms; writes the per-call time and the clock and power seen during the replays.
 
 Run: ``python3 benchmarks/decode_kernel_profile.py --mode clocks --out PATH`` on a CUDA machine.
+(results/decode_kernel_clocks_h200.json came from this script at 70012e7, which captured and timed its
+own graph; it now times through ``bench_paged_attention``'s ``Graphed`` and ``per_step_back_to_back_us``
+and has not been rerun on a GPU since.)
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_paged_attention import copy_bandwidth_gbs, gb_per_s  # noqa: E402
+from benchmarks.bench_paged_attention import Graphed, copy_bandwidth_gbs, gb_per_s, per_step_back_to_back_us  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
 from benchmarks.decode_read_ceiling import decode_input_sets, paged_rows_reader, shipped_split_only  # noqa: E402
 
@@ -76,43 +79,25 @@ def _parse_samples(text: str, start: float, stop: float) -> list[tuple[float, fl
 
 
 def sustained(calls: list[Callable[[], object]], seconds: float, device_index: int) -> dict:
-    """Replay one graph of calls back to back for about ``seconds`` while sampling clock and power."""
+    """The calls timed like ``bench_paged_attention.sustained_us`` (one graph of them replayed back to
+    back for about ``seconds``) while nvidia-smi samples the SM clock and power every 20 ms."""
     sequence = [calls[i % len(calls)] for i in range(max(BACK_TO_BACK_CALLS, len(calls)))]
-    for call in sequence:
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in sequence:
-            call()
-    for _ in range(20):
-        graph.replay()
-    start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start_event.record()
-    graph.replay()
-    end_event.record()
-    end_event.synchronize()
-    replays = max(1, int(seconds * 1e3 / start_event.elapsed_time(end_event)))
+    graphed = Graphed([lambda: [c() for c in sequence]])
     sampler = subprocess.Popen(
         ["nvidia-smi", "-i", str(device_index), "--query-gpu=timestamp,clocks.sm,power.draw", "--format=csv,noheader,nounits",
          "-lms", "20"], stdout=subprocess.PIPE, text=True)  # fmt: skip
     time.sleep(1.0)  # the sampler starts up
     begin = time.time()
-    start_event.record()
-    for _ in range(replays):
-        graph.replay()
-    end_event.record()
-    end_event.synchronize()
+    per_call_us = per_step_back_to_back_us(graphed, seconds, repeats=1) / len(sequence)
     finish = time.time()
     time.sleep(0.1)
     sampler.terminate()
     text, _ = sampler.communicate()
-    # the first 200 ms of the window: the clock settles under the load
+    del graphed
+    # the first 200 ms of the window (warm-up and calibration replays): the clock settles under the load
     samples = _parse_samples(text, begin + 0.2, finish)
-    per_call_us = start_event.elapsed_time(end_event) * 1e3 / (replays * len(sequence))
     return {
         "per_call_us": round(per_call_us, 2),
-        "replays": replays,
         "samples": len(samples),
         "sm_mhz_median": statistics.median(m for m, _ in samples) if samples else None,
         "sm_mhz_min": min(m for m, _ in samples) if samples else None,
