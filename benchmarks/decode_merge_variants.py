@@ -76,7 +76,7 @@ def _fused_kernel(
         mask_n = offs_n < end
         page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS, mask=offs_n < loop_end, other=0)
         k, v = da._load_kv_block(k_head_ptr, v_head_ptr, page, offs_n, mask_n, offs_d, stride_k_page, stride_k_token,
-                                 stride_v_page, stride_v_token, PAGE_TOKENS, DOT_UPCAST, "", "")
+                                 stride_v_page, stride_v_token, PAGE_TOKENS, DOT_UPCAST)
         m_i, l_i, acc = da._attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION, HOST_BOUNDS)
     da._store_split(out_ptr, lse_ptr, acc, m_i, l_i, batch, split, heads, mask_g, offs_d, stride_out_batch, stride_out_head,
                     stride_out_split, stride_lse_batch, stride_lse_head, stride_lse_split)

@@ -29,10 +29,10 @@ shipped call:
   (shipped: ``MERGE_BLOCK_D``). Until 4f23dbd the merge sized its slices by the partial elements a
   program loads (``MERGE_PARTIAL_ELEMENTS``, 2048), and ``merge_elements_<N>`` varied that
   (results/decode_merge_elements_h200.json).
-* ``kv_evict_first``, ``kv_evict_last``: the shipped loop (``carry_table``) with an L2 eviction hint on
-  the K/V rows (``cp.async...L2::cache_hint``): ``evict_first`` lets the read-once K/V lines go first,
-  so the table, queries and partials stay. (The rows already skip L1: Triton loads them with
-  ``cp.async.cg``, so a ``.cg`` cache modifier changes nothing.)
+* ``kv_evict_first``, ``kv_evict_last`` (64540ae-5b0d927, results/decode_kv_eviction_h200.json): the
+  shipped loop with an L2 eviction hint on the K/V rows; no change on the H200, so the hint
+  parameters left the shipped helper. (The rows already skip L1: Triton loads them with
+  ``cp.async.cg``.)
 * ``maxnreg_<N>``: the shipped loop compiled with at most N registers a thread, so more programs fit
   on an SM, with the split count of one wave of that many.
 
@@ -83,7 +83,7 @@ def _decode_split_startup_kernel(
     QUERY_GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_TOKENS: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, max_pages,
     HOST_BOUNDS: tl.constexpr, PREFETCH_TABLE: tl.constexpr, PREFETCH_LINES: tl.constexpr,
-    CARRY_TABLE: tl.constexpr, KV_CACHE_MODIFIER: tl.constexpr, KV_EVICTION: tl.constexpr,
+    CARRY_TABLE: tl.constexpr,
 ):
     if PREFETCH_TABLE:  # before the seq_lens load below, so the two are in flight together
         first_entry = tl.program_id(1) * (tokens_per_split // PAGE_TOKENS)
@@ -113,15 +113,14 @@ def _decode_split_startup_kernel(
         else:
             page = tl.load(block_table_row_ptr + offs_n // PAGE_TOKENS, mask=offs_n < loop_end, other=0)
         k, v = da._load_kv_block(k_head_ptr, v_head_ptr, page, offs_n, mask_n, offs_d, stride_k_page, stride_k_token,
-                                 stride_v_page, stride_v_token, PAGE_TOKENS, DOT_UPCAST, KV_CACHE_MODIFIER,
-                                 KV_EVICTION)  # fmt: skip
+                                 stride_v_page, stride_v_token, PAGE_TOKENS, DOT_UPCAST)  # fmt: skip
         m_i, l_i, acc = da._attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION, HOST_BOUNDS)
     da._store_split(out_ptr, lse_ptr, acc, m_i, l_i, batch, split, heads, mask_g, offs_d, stride_out_batch,
                     stride_out_head, stride_out_split, stride_lse_batch, stride_lse_head, stride_lse_split)
 
 
 def startup_variant(inputs, host_bounds: bool, prefetch_table: bool, merge: bool, carry_table: bool = False,
-                    maxnreg: int | None = None, kv_cache_modifier: str = "", kv_eviction: str = "") -> Callable[[], torch.Tensor]:
+                    maxnreg: int | None = None) -> Callable[[], torch.Tensor]:
     """The variant kernel at the shipped launch and split count (with ``maxnreg``, the split count of
     one wave of the programs an SM then holds), with the shipped merge when ``merge`` (returns the
     output) or alone (returns the partials)."""
@@ -132,8 +131,7 @@ def startup_variant(inputs, host_bounds: bool, prefetch_table: bool, merge: bool
     args = da._split_kernel_args(q, k_pages, v_pages, block_table, seq_lens, part_out, part_lse,
                                  resolve_scale(None, head_dim), tokens, (part_out.stride(2), part_lse.stride(2)), launch)
     flags = dict(max_pages=block_table.shape[1], HOST_BOUNDS=host_bounds, PREFETCH_TABLE=prefetch_table,
-                 PREFETCH_LINES=PREFETCH_LINES, CARRY_TABLE=carry_table, KV_CACHE_MODIFIER=kv_cache_modifier,
-                 KV_EVICTION=kv_eviction, **({"maxnreg": maxnreg} if maxnreg else {}))
+                 PREFETCH_LINES=PREFETCH_LINES, CARRY_TABLE=carry_table, **({"maxnreg": maxnreg} if maxnreg else {}))
     args.update(flags)
     resident = da.resident_programs_per_sm(q, k_pages, v_pages, block_table, seq_lens, launch)
     if maxnreg:  # the split count of one wave of the programs an SM holds under the cap
@@ -213,9 +211,6 @@ VARIANTS = {"host_bounds": dict(host_bounds=True, prefetch_table=False),
             "host_bounds_prefetch_table": dict(host_bounds=True, prefetch_table=True),
             "carry_table": dict(host_bounds=False, prefetch_table=False, carry_table=True),
             **{f"maxnreg_{n}": dict(host_bounds=False, prefetch_table=False, maxnreg=n) for n in (80, 96)},
-            **{f"kv_{name}": dict(host_bounds=False, prefetch_table=False, carry_table=True, **hint)
-               for name, hint in (("evict_first", dict(kv_eviction="evict_first")),
-                                  ("evict_last", dict(kv_eviction="evict_last")))},
             "fill_wave": fill_wave_call,
             **{f"merge_block_d_{n}": functools.partial(merge_block_d_call, block_d=n) for n in (32, 64, 128)}}  # fmt: skip
 

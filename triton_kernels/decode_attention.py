@@ -131,20 +131,17 @@ def _empty_state(BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def _load_kv_block(k_head_ptr, v_head_ptr, page, offs_n, mask_n, offs_d, stride_k_page, stride_k_token, stride_v_page,
-                   stride_v_token, PAGE_TOKENS: tl.constexpr, DOT_UPCAST: tl.constexpr, CACHE_MODIFIER: tl.constexpr,
-                   EVICTION_POLICY: tl.constexpr):
+                   stride_v_token, PAGE_TOKENS: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """The K and V rows of context tokens ``offs_n`` of one KV head, each in page ``page`` (its block-table
     entry, widened to int64 before the page stride multiplies it); rows where ``mask_n`` is false read
-    nothing and are zero. fp32 when ``DOT_UPCAST``. ``CACHE_MODIFIER`` and ``EVICTION_POLICY`` are
-    ``tl.load``'s hints (the shipped kernel passes none)."""
+    nothing and are zero. fp32 when ``DOT_UPCAST``. (L2 eviction hints on these loads changed nothing
+    on the H200: results/decode_kv_eviction_h200.json, code at 5b0d927.)"""
     page = page.to(tl.int64)
     slot = (offs_n % PAGE_TOKENS).to(tl.int64)
     k_offs = page * stride_k_page + slot * stride_k_token
     v_offs = page * stride_v_page + slot * stride_v_token
-    k = tl.load(k_head_ptr + k_offs[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0,
-                cache_modifier=CACHE_MODIFIER, eviction_policy=EVICTION_POLICY)
-    v = tl.load(v_head_ptr + v_offs[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0,
-                cache_modifier=CACHE_MODIFIER, eviction_policy=EVICTION_POLICY)
+    k = tl.load(k_head_ptr + k_offs[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+    v = tl.load(v_head_ptr + v_offs[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
     if DOT_UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -248,7 +245,7 @@ def _decode_split_kernel(
         offs_next = offs_n + BLOCK_N
         pages_next = tl.load(block_table_row_ptr + offs_next // PAGE_TOKENS, mask=offs_next < table_end, other=0)
         k, v = _load_kv_block(k_head_ptr, v_head_ptr, page, offs_n, mask_n, offs_d, stride_k_page, stride_k_token,
-                              stride_v_page, stride_v_token, PAGE_TOKENS, DOT_UPCAST, "", "")  # fmt: skip
+                              stride_v_page, stride_v_token, PAGE_TOKENS, DOT_UPCAST)  # fmt: skip
         m_i, l_i, acc = _attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION, False)
 
     _store_split(out_ptr, lse_ptr, acc, m_i, l_i, batch, split, heads, mask_g, offs_d, stride_out_batch, stride_out_head,
