@@ -25,6 +25,7 @@ results are checked bitwise against the plain ones before timing.
 a smoke check of the script, not a measurement.
 
 Usage: python benchmarks/bench_dispatch_overhead.py [--page-size 2MiB] [--sizes 4KB,1MB,256MB,1GB] [--out FILE]
+       python benchmarks/bench_dispatch_overhead.py --gap-probe mul_scalar,sum [--profile-size 1MB] --out FILE
 """
 
 from __future__ import annotations
@@ -263,6 +264,87 @@ def host_profile_ops(nbytes: int, page_size: int, ops: list[str], device: str, c
     return report
 
 
+def _busy_wait_us(us: float) -> None:
+    end = time.perf_counter() + us * 1e-6
+    while time.perf_counter() < end:
+        pass
+
+
+def _queued_behind_us(fn, calls: int = 200) -> float:
+    """Median device time between events around each of ``calls`` calls of ``fn``, all enqueued
+    behind a ~50 ms ``torch.cuda._sleep``: the GPU is still busy when the host finishes issuing, so
+    no interval contains time the GPU spent waiting for the host (unlike ``do_bench``'s)."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # ~50 ms at 1.98 GHz: longer than issuing the calls below
+    for start, end in zip(starts, ends):
+        start.record()
+        fn()
+        end.record()
+    issued = time.perf_counter()
+    torch.cuda.synchronize()
+    waited = time.perf_counter() - issued
+    if waited < 1e-3:  # the sleep ran out before the host had issued every call
+        raise RuntimeError(f"_queued_behind_us: the GPU caught up with the host ({waited * 1e6:.0f} us left); lengthen the sleep")
+    return statistics.median(start.elapsed_time(end) * 1e3 for start, end in zip(starts, ends))
+
+
+def gap_probe(nbytes: int, page_size: int, ops: list[str]) -> dict:
+    """Where the extra ``gpu_us`` (``do_bench``) of a paged op on a resident tensor comes from.
+
+    For each op, ``do_bench`` medians of: the plain op; the plain op followed by recording a new
+    ``torch.cuda.Event`` (what a paged op's release does); the plain op after the host busy-waits
+    15, 30 and 45 us (host time alone, no device work); the ``ForwardingTensor`` floor; the paged op.
+    Beside each, the same call timed with the GPU kept behind the host (:func:`_queued_behind_us`),
+    and the host time of one call. Also the device time of ``do_bench``'s 256 MB L2 flush. If the
+    paged op's ``do_bench`` time follows the host-wait rows while its queued-behind time equals the
+    plain op's, the extra time is the GPU waiting for the host, not device work.
+    """
+    import triton.testing
+
+    numel, pages = nbytes // 4, -(-nbytes // page_size)
+    config = MemoryConfig(vram_limit=max(4, 2 * pages + 4) * page_size, host_memory=max(4, 2 * pages + 4) * page_size,
+                          page_size=page_size, prefetch_strategy="none", device="cuda")  # fmt: skip
+    cache = torch.empty(256 * 2**20 // 4, dtype=torch.int, device="cuda")
+    flush_ms = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        cache.zero_()
+        end.record()
+        end.synchronize()
+        flush_ms.append(start.elapsed_time(end))
+    del cache
+    report: dict = {"flush_256MB_device_us": statistics.median(flush_ms) * 1e3, "ops": {}}
+    with Pager(config) as pager:
+        x, y = torch.randn(numel, device="cuda"), torch.randn(numel, device="cuda")
+        px, py = PagedTensor.wrap(x.clone(), pager), PagedTensor.wrap(y.clone(), pager)
+        fx, fy = ForwardingTensor(x.clone()), ForwardingTensor(y.clone())
+        for name in ops:
+            op = OPS[name]
+            x.copy_(px.materialize())
+            variants = {
+                "plain": lambda: op(x, y),
+                "plain_then_event": lambda: (op(x, y), torch.cuda.Event().record()),
+                **{f"plain_after_host_wait_{us}us": (lambda us=us: (_busy_wait_us(us), op(x, y))) for us in (15, 30, 45)},
+                "floor": lambda: op(fx, fy),
+                "paged": lambda: op(px, py),
+            }
+            rows = {}
+            for _ in range(2):  # two interleaved rounds
+                for variant, fn in variants.items():
+                    row = rows.setdefault(variant, {"do_bench_us": [], "queued_behind_us": [], "host_us": []})
+                    row["do_bench_us"].append(round(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3, 2))
+                    row["queued_behind_us"].append(round(_queued_behind_us(fn), 2))
+                    row["host_us"].append(round(wall_median_us(fn, 500)[1], 2))
+            report["ops"][name] = rows
+            print(f"  gap probe {name}: " + json.dumps(rows), flush=True)
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--page-size", default="2MiB", help="pager page size (default 2MiB, MemoryConfig's default)")
@@ -271,7 +353,8 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dispatch_overhead.json"))
     parser.add_argument("--profile", default="", help="comma-separated ops to profile at 1 MB instead of the timing run (e.g. mul_scalar,add)")
     parser.add_argument("--host-profile", default="", help="comma-separated ops whose Python host time to profile (cProfile) instead")
-    parser.add_argument("--profile-size", default="1MB", choices=list(SIZES), help="tensor size of --profile / --host-profile")
+    parser.add_argument("--profile-size", default="1MB", choices=list(SIZES), help="tensor size of --profile / --host-profile / --gap-probe")
+    parser.add_argument("--gap-probe", default="", help="comma-separated ops: explain their extra do_bench time instead (CUDA only)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_dispatch_overhead: needs a CUDA device (or --device cpu for a smoke check)", file=sys.stderr)
@@ -280,6 +363,10 @@ def main() -> int:
     if args.host_profile:
         write_results(args.out, {"benchmark": "dispatch_overhead_host_profile", "page_size": page_size,
                                  "profiles": host_profile_ops(SIZES[args.profile_size], page_size, args.host_profile.split(","), args.device)})  # fmt: skip
+        return 0
+    if args.gap_probe:
+        write_results(args.out, {"benchmark": "dispatch_overhead_gap_probe", "page_size": page_size, "bytes": SIZES[args.profile_size],
+                                 **gap_probe(SIZES[args.profile_size], page_size, args.gap_probe.split(","))})  # fmt: skip
         return 0
     if args.profile:
         write_results(args.out, {"benchmark": "dispatch_overhead_profile", "page_size": page_size,
