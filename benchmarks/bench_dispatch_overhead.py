@@ -4,14 +4,24 @@ Question (PagedTensor issue): for 4 KB, 1 MB and 256 MB fp32 tensors whose pages
 GPU, how many µs does an op take on the PagedTensor and on a plain CUDA tensor, measured in the same
 run? Target: at 1 MB and above the paged op costs at most 1.05x the plain one.
 
-Two timings per op, both medians:
+Three timings per op, all medians:
 
-* ``gpu_us``: ``triton.testing.do_bench`` (CUDA events around each call, L2 flushed before each):
-  the time the op occupies the stream, the pager's copies and waits included. The pass/fail figure.
-* ``wall_us``: host wall-clock per op over back-to-back calls, then one sync. It includes the
-  Python ``__torch_dispatch__`` path, so for small tensors it is the dispatch overhead as the CPU
-  sees it; it is reported with its own ratio (``wall_ratio``), checked against the same target as
-  information only (``wall_ok``).
+* ``device_us``: CUDA events around each call, with every call enqueued behind a long
+  ``torch.cuda._sleep`` so the GPU is still busy when the host has issued them all: the time the op
+  occupies the stream (the pager's copies and waits included), with no time in which the GPU waited
+  for the host.
+* ``wall_us``: host wall-clock per op over back-to-back calls, then one sync, and ``host_us``, the
+  host time to issue them. Where ``host_us`` exceeds the device time the op is bound by its host
+  cost (the Python ``__torch_dispatch__`` path): for small tensors this is the dispatch overhead as
+  a program of such ops sees it.
+* ``gpu_us``: ``triton.testing.do_bench`` (CUDA events around each call, a 256 MB L2 flush before
+  each), the figure of earlier result files. It mixes the two above: once a call's host time exceeds
+  the flush's ~67 µs of device time, the GPU waits for the host inside the timed interval
+  (``--gap-probe`` shows it: results/dispatch_gap_probe_c22af56_h200.json).
+
+The target is checked on the first two: ``pass`` when, at 1 MB and above, the results are bitwise
+equal and the paged op is within 1.05x of the plain one both in device time (``device_ok``) and by
+wall (``wall_ok``).
 
 A third column, ``floor``, times the same op on :class:`ForwardingTensor`: the least any Python
 ``__torch_dispatch__`` subclass costs (it unwraps one held tensor and calls the op; views stay
@@ -21,7 +31,7 @@ Each size gets a fresh pager (default page size, 2 MiB), so the pages of a tenso
 device slots and ops run zero-copy on them, as they do for a tensor faulted in as a whole. Paged
 results are checked bitwise against the plain ones before timing.
 
-``--device cpu`` runs the same code with the CPU as the device tier (``gpu_us`` is then wall time):
+``--device cpu`` runs the same code with the CPU as the device tier (``gpu_us`` and ``device_us`` are then wall time):
 a smoke check of the script, not a measurement.
 
 Usage: python benchmarks/bench_dispatch_overhead.py [--page-size 2MiB] [--sizes 4KB,1MB,256MB,1GB] [--out FILE]
@@ -99,6 +109,41 @@ def gpu_median_us(fn, device: str) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
 
 
+def device_median_us(fn, device: str, calls: int) -> float:
+    """``fn``'s device time per call with no GPU idle time in it (:func:`queued_behind_us`); on a CPU
+    device tier, its wall time."""
+    if device == "cpu":
+        return wall_median_us(fn, 20)[0]
+    return queued_behind_us(fn, calls)
+
+
+def queued_behind_us(fn, calls: int = 200) -> float:
+    """Median device time between CUDA events around each of ``calls`` calls of ``fn``, all enqueued
+    behind a ~50 ms ``torch.cuda._sleep``: the GPU is still busy when the host has issued them all,
+    so no interval holds time in which the GPU waited for the host (``do_bench``'s can).
+
+    Raises:
+        RuntimeError: the sleep ended before the host had issued every call.
+    """
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # ~50 ms at 1.98 GHz
+    slept = torch.cuda.Event()
+    slept.record()
+    for start, end in zip(starts, ends):
+        start.record()
+        fn()
+        end.record()
+    caught_up = slept.query()
+    torch.cuda.synchronize()
+    if caught_up:
+        raise RuntimeError(f"queued_behind_us: the GPU caught up with the host within {calls} calls; lengthen the sleep")
+    return statistics.median(start.elapsed_time(end) * 1e3 for start, end in zip(starts, ends))
+
+
 def wall_median_us(fn, calls: int, repeats: int = 5) -> tuple[float, float]:
     """Per call: the wall time of ``calls`` calls then a synchronize, and the host time to issue them
     (before the synchronize); medians of ``repeats``. Where the host time is the larger, the op is
@@ -137,6 +182,7 @@ def measure_size(label: str, nbytes: int, page_size: int, device: str) -> list[d
         assert px.residency()["device"] == pages and py.residency()["device"] == pages, "not fully resident"
         fx, fy = ForwardingTensor(x.clone()), ForwardingTensor(y.clone())
         calls = (2000 if nbytes <= 2**20 else 200) if device != "cpu" else 20
+        queued_calls = 200 if nbytes <= 2**20 else 50
         for name, op in OPS.items():
             x.copy_(px.materialize())  # timed in-place ops change both sides differently: start equal
             got, expected = op(px, py), op(x, y)
@@ -144,12 +190,16 @@ def measure_size(label: str, nbytes: int, page_size: int, device: str) -> list[d
             bitwise = bool(torch.equal(got, expected))
             plain_gpu = gpu_median_us(lambda: op(x, y), device)
             paged_gpu = gpu_median_us(lambda: op(px, py), device)
+            plain_device = device_median_us(lambda: op(x, y), device, queued_calls)
+            paged_device = device_median_us(lambda: op(px, py), device, queued_calls)
             plain_wall, plain_host = wall_median_us(lambda: op(x, y), calls)
             paged_wall, paged_host = wall_median_us(lambda: op(px, py), calls)
             floor_gpu = gpu_median_us(lambda: op(fx, fy), device)
+            floor_device = device_median_us(lambda: op(fx, fy), device, queued_calls)
             floor_wall, floor_host = wall_median_us(lambda: op(fx, fy), calls)
             checked = nbytes >= TARGET_FROM_BYTES
             gpu_ratio = paged_gpu / plain_gpu
+            device_ratio = paged_device / plain_device
             wall_ratio = paged_wall / plain_wall
             rows.append(
                 {
@@ -160,6 +210,10 @@ def measure_size(label: str, nbytes: int, page_size: int, device: str) -> list[d
                     "plain_gpu_us": plain_gpu,
                     "paged_gpu_us": paged_gpu,
                     "gpu_ratio": gpu_ratio,
+                    "plain_device_us": plain_device,
+                    "paged_device_us": paged_device,
+                    "device_ratio": device_ratio,
+                    "floor_device_us": floor_device,
                     "plain_wall_us": plain_wall,
                     "paged_wall_us": paged_wall,
                     "wall_ratio": wall_ratio,
@@ -173,7 +227,8 @@ def measure_size(label: str, nbytes: int, page_size: int, device: str) -> list[d
                     "pager_wall_us": paged_wall - floor_wall,
                     "bitwise_equal": bitwise,
                     "target": f"<= {TARGET_RATIO}x" if checked else "report only",
-                    "pass": (gpu_ratio <= TARGET_RATIO and bitwise) if checked else bitwise,
+                    "pass": (device_ratio <= TARGET_RATIO and wall_ratio <= TARGET_RATIO and bitwise) if checked else bitwise,
+                    "device_ok": device_ratio <= TARGET_RATIO if checked else None,
                     "wall_ok": wall_ratio <= TARGET_RATIO if checked else None,
                 }
             )
@@ -270,35 +325,13 @@ def _busy_wait_us(us: float) -> None:
         pass
 
 
-def _queued_behind_us(fn, calls: int = 200) -> float:
-    """Median device time between events around each of ``calls`` calls of ``fn``, all enqueued
-    behind a ~50 ms ``torch.cuda._sleep``: the GPU is still busy when the host finishes issuing, so
-    no interval contains time the GPU spent waiting for the host (unlike ``do_bench``'s)."""
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(100_000_000)  # ~50 ms at 1.98 GHz: longer than issuing the calls below
-    for start, end in zip(starts, ends):
-        start.record()
-        fn()
-        end.record()
-    issued = time.perf_counter()
-    torch.cuda.synchronize()
-    waited = time.perf_counter() - issued
-    if waited < 1e-3:  # the sleep ran out before the host had issued every call
-        raise RuntimeError(f"_queued_behind_us: the GPU caught up with the host ({waited * 1e6:.0f} us left); lengthen the sleep")
-    return statistics.median(start.elapsed_time(end) * 1e3 for start, end in zip(starts, ends))
-
-
 def gap_probe(nbytes: int, page_size: int, ops: list[str]) -> dict:
     """Where the extra ``gpu_us`` (``do_bench``) of a paged op on a resident tensor comes from.
 
     For each op, ``do_bench`` medians of: the plain op; the plain op followed by recording a new
     ``torch.cuda.Event`` (what a paged op's release does); the plain op after the host busy-waits
     15, 30 and 45 us (host time alone, no device work); the ``ForwardingTensor`` floor; the paged op.
-    Beside each, the same call timed with the GPU kept behind the host (:func:`_queued_behind_us`),
+    Beside each, the same call timed with the GPU kept behind the host (:func:`queued_behind_us`),
     and the host time of one call. Also the device time of ``do_bench``'s 256 MB L2 flush. If the
     paged op's ``do_bench`` time follows the host-wait rows while its queued-behind time equals the
     plain op's, the extra time is the GPU waiting for the host, not device work.
@@ -338,7 +371,7 @@ def gap_probe(nbytes: int, page_size: int, ops: list[str]) -> dict:
                 for variant, fn in variants.items():
                     row = rows.setdefault(variant, {"do_bench_us": [], "queued_behind_us": [], "host_us": []})
                     row["do_bench_us"].append(round(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3, 2))
-                    row["queued_behind_us"].append(round(_queued_behind_us(fn), 2))
+                    row["queued_behind_us"].append(round(queued_behind_us(fn), 2))
                     row["host_us"].append(round(wall_median_us(fn, 500)[1], 2))
             report["ops"][name] = rows
             print(f"  gap probe {name}: " + json.dumps(rows), flush=True)
@@ -382,14 +415,15 @@ def main() -> int:
             "benchmark": "dispatch_overhead",
             "device_tier": args.device,
             "page_size": page_size,
-            "target": f"paged op <= {TARGET_RATIO}x plain op (gpu_us, do_bench median) for tensors of 1 MB and above",
+            "target": f"paged op <= {TARGET_RATIO}x plain op in device time (device_us) and by wall (wall_us) for tensors of 1 MB and above",
             "pass": passed,
+            "device_ok": all(row["device_ok"] is not False for row in rows),
             "wall_ok": all(row["wall_ok"] is not False for row in rows),
             "rows": rows,
         },
     )
-    print_table(rows, ["size", "op", "plain_gpu_us", "paged_gpu_us", "gpu_ratio", "plain_wall_us", "paged_wall_us", "wall_ratio",
-                       "floor_wall_us", "floor_wall_ratio", "bitwise_equal", "pass"])  # fmt: skip
+    print_table(rows, ["size", "op", "plain_device_us", "paged_device_us", "device_ratio", "plain_wall_us", "paged_wall_us", "wall_ratio",
+                       "floor_wall_ratio", "gpu_ratio", "bitwise_equal", "pass"])  # fmt: skip
     print(f"pass: {passed}  (results in {args.out})")
     return 0 if passed else 1
 
