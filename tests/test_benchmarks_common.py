@@ -1,4 +1,4 @@
-"""The benchmarks' shared helpers that run on a CPU: the per-layer prefill timeline."""
+"""The benchmarks' code that runs on a CPU: the per-layer prefill timeline, the kernel profile, the dispatch timing rows."""
 
 from __future__ import annotations
 
@@ -45,3 +45,19 @@ def test_kernel_profile_runs_the_function_once_and_reports_its_shape():
     assert profile["wall_ms_profiled"] > 0
     assert profile["top"] == [] and profile["device_ms_total"] == 0  # no device kernels on a CPU-only machine
     assert profile["cuda_runtime_calls"] == {}  # nor CUDA runtime calls
+
+
+def test_dispatch_overhead_rows_on_a_cpu_device_tier():
+    """The dispatch benchmark's timing path, with the CPU as the device tier: every op's paged result
+    is bitwise equal to the plain one, every timing is there, and the verdict follows the ratios."""
+    from benchmarks.bench_dispatch_overhead import OPS, TARGET_RATIO, measure_size
+
+    rows = measure_size("1MB", 2**20, 2**20, "cpu")
+    assert [row["op"] for row in rows] == list(OPS)
+    for row in rows:
+        assert row["bitwise_equal"], row["op"]
+        for kind in ("plain", "paged", "floor"):
+            assert row[f"{kind}_device_us"] > 0 and row[f"{kind}_wall_us"] > 0 and row[f"{kind}_gpu_us"] > 0
+        assert row["device_ok"] == (row["device_ratio"] <= TARGET_RATIO)
+        assert row["wall_ok"] == (row["wall_ratio"] <= TARGET_RATIO)
+        assert row["pass"] == (row["device_ok"] and row["wall_ok"])
