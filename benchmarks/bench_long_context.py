@@ -36,6 +36,7 @@ Usage (on the H100)::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -146,6 +147,8 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     prompt = torch.randint(10, args.vocab, (1, context), generator=generator).to(args.device)
     mask = torch.ones_like(prompt)
     warm_prompt = prompt[:, : min(context, 256)]
+    phase = "load"  # where an out-of-memory error happened: load, warm-up, measured, timeline or profile
+    cold = None
     try:
         model = build_model(args, context + new_tokens)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -176,13 +179,16 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
             kv_total = 2 * args.layers * args.hidden * 2 * (context + new_tokens)
             result.update(kv_vram_gib=kv_vram / GIB, kv_total_gib=kv_total / GIB, page_size=page_size)
             # Warm-up at the full context: grows the pinned host slabs once, as a server does at start.
+            phase = "warm-up"
             cold = measure_generate(model, prompt, pager=pager, max_new_tokens=2, **generate_kwargs)
             result["cold_time_to_first_token_s"] = cold.time_to_first_token_s
         else:
             if kind == "offloaded":
                 generate_kwargs["cache_implementation"] = "offloaded"
+            phase = "warm-up"
             model.generate(warm_prompt, do_sample=False, max_new_tokens=2, attention_mask=mask[:, : warm_prompt.shape[1]],
                            **({"cache_implementation": "offloaded"} if kind == "offloaded" else {}))
+        phase = "measured"
         measured = measure_generate(model, prompt, pager=pager, max_new_tokens=new_tokens, output_logits=True,
                                     return_dict_in_generate=True, **generate_kwargs)  # fmt: skip
         result.update(top2_of_each_step(measured.output))
@@ -211,8 +217,12 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
                 decode_bytes_d2h=measured.paging["decode"]["bytes_d2h"],
                 resident_device_gib=resident / GIB,
             )
+        # The measured output holds its KV cache: let it go before another prefill needs the memory.
+        measured = cold = None
+        gc.collect()
         if args.timeline and kind in ("paged", "native"):
             # One more prefill (max_new_tokens=1), layer by layer: where the paged TTFT differs from native.
+            phase = "timeline"
             timeline = LayerTimeline(model, list(model.model.layers))
             try:
                 timeline.start()
@@ -221,10 +231,13 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 timeline.remove()
         if args.profile and kind in ("paged", "native"):
+            phase = "profile"
             result["prefill_kernel_profile"] = kernel_profile(
                 lambda: measure_generate(model, prompt, pager=pager, max_new_tokens=1, **generate_kwargs))
     except torch.cuda.OutOfMemoryError as error:
-        result.update(status="oom", error=str(error).splitlines()[0][:300], peak_gib=torch.cuda.max_memory_allocated() / GIB if cuda else None)
+        # peak_gib stays the measured run's when that run finished; peak_at_error_gib is since the phase began.
+        result.update(status="oom", oom_phase=phase, error=str(error).splitlines()[0][:300],
+                      peak_at_error_gib=torch.cuda.max_memory_allocated() / GIB if cuda else None)
     return result
 
 
@@ -249,7 +262,7 @@ def run_configuration(args: argparse.Namespace, kind: str, context: int) -> dict
     result = _run_subprocess(args, kind, context, args.margin_gib)
     if kind == "paged" and result.get("status") == "oom" and args.kv_vram_gib is None and args.retry_margin_gib > 0:
         retry = _run_subprocess(args, kind, context, args.margin_gib + args.retry_margin_gib)
-        retry["first_attempt"] = {k: result.get(k) for k in ("status", "error", "margin_gib", "kv_vram_gib", "peak_gib")}
+        retry["first_attempt"] = {k: result.get(k) for k in ("status", "oom_phase", "error", "margin_gib", "kv_vram_gib", "peak_gib", "peak_at_error_gib")}
         return retry
     return result
 
