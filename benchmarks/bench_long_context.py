@@ -217,7 +217,8 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
                 decode_bytes_d2h=measured.paging["decode"]["bytes_d2h"],
                 resident_device_gib=resident / GIB,
             )
-        # The measured output holds its KV cache: let it go before another prefill needs the memory.
+        # Let the measured output (its logits, its KV cache) go before another prefill needs the memory: kept,
+        # it made the timeline prefill run out of memory under the cap at 875c96c (results/long_context_875c96c_h200.json).
         measured = cold = None
         gc.collect()
         if args.timeline and kind in ("paged", "native"):
