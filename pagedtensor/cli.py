@@ -18,8 +18,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from pagedtensor.config import MemoryConfig, format_size, parse_size
-from pagedtensor.hf.ask import add_ask_arguments, main_from_args
+from pagedtensor.cli_args import config_error, size_type
+from pagedtensor.config import MemoryConfig, format_size
+from pagedtensor.hf.ask import add_ask_arguments, ask_arguments_error, main_from_args
 from pagedtensor.pager import Pager
 from pagedtensor.report import print_rows, traffic_rows
 
@@ -91,10 +92,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="page a tensor larger than the device budget through all three tiers")
-    demo.add_argument("--size", default="256MiB", help="bytes to page (default 256MiB)")
-    demo.add_argument("--vram-limit", default="32MiB", help="device budget (default 32MiB)")
-    demo.add_argument("--host-memory", default="64MiB", help="host budget (default 64MiB)")
-    demo.add_argument("--page-size", default="1MiB", help="page size (default 1MiB)")
+    demo.add_argument("--size", type=size_type("--size"), default="256MiB", help="bytes to page (default 256MiB)")
+    demo.add_argument("--vram-limit", type=size_type("--vram-limit"), default="32MiB", help="device budget (default 32MiB)")
+    demo.add_argument("--host-memory", type=size_type("--host-memory"), default="64MiB", help="host budget (default 64MiB)")
+    demo.add_argument("--page-size", type=size_type("--page-size"), default="1MiB", help="page size (default 1MiB)")
     demo.add_argument("--nvme-path", default=None, help="folder for the disk tier (default: a temporary folder)")
     demo.add_argument("--compression", default=None, choices=["zstd"], help="compress pages on disk")
     demo.add_argument("--device", default=None, help="device tier (default: cuda if available, else cpu)")
@@ -103,17 +104,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.command == "demo":
+        # The disk tier's folder is a temporary one unless given: check compression against a given one only.
+        error = config_error(vram_limit=args.vram_limit, host_memory=args.host_memory, page_size=args.page_size,
+                             nvme_path=args.nvme_path, compression=args.compression if args.nvme_path else None, device=args.device)  # fmt: skip
+        if error is not None:
+            demo.error(error)
         ok = run_demo(
-            size=parse_size(args.size, "--size"),
-            vram_limit=parse_size(args.vram_limit, "--vram-limit"),
-            host_memory=parse_size(args.host_memory, "--host-memory"),
-            page_size=parse_size(args.page_size, "--page-size"),
+            size=args.size,
+            vram_limit=args.vram_limit,
+            host_memory=args.host_memory,
+            page_size=args.page_size,
             nvme_path=args.nvme_path,
             compression=args.compression,
             device=args.device,
         )
         return 0 if ok else 1
     if args.command == "ask":
+        error = ask_arguments_error(args)
+        if error is not None:
+            ask.error(error)
         return main_from_args(args)
     return 2
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from pagedtensor.cli import main, run_demo
 
 
@@ -19,3 +21,38 @@ def test_demo_moves_bytes_through_every_tier_and_checks_them():
 def test_cli_entry_point(capsys):
     assert main(["demo", "--size", "1MiB", "--vram-limit", "128KiB", "--host-memory", "256KiB", "--page-size", "16KiB", "--device", "cpu"]) == 0
     assert "every byte came back" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["demo", "--size", "banana"], ["--size", "'banana'"]),
+        (["demo", "--size", "0"], ["--size", "positive", "'0'"]),
+        (["demo", "--page-size", "3KiB"], ["page_size", "power of two", "3072"]),
+        (["demo", "--vram-limit", "1"], ["vram_limit", "smaller than one page"]),
+        (["demo", "--host-memory=-5MiB"], ["--host-memory", "negative"]),
+        (["demo", "--device", "tpu"], ["device", "'tpu'"]),
+        (["ask", "--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"]),
+        (["ask", "--page-size", "3KiB"], ["page_size", "3072"]),
+        (["ask", "--vram-limit", "1KiB"], ["vram_limit", "smaller than one page"]),
+    ],
+)
+def test_bad_arguments_are_usage_errors_naming_the_value(argv, named, capsys, tmp_path):
+    """A bad value stops the command before any work (``ask`` loads no model) with argparse's usage
+    error, exit status 2, and a message naming the option and the value, not a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"pagedllm {argv[0]}: error:" in err and "Traceback" not in err
+    for text in named:
+        assert text in err, (text, err)
+
+
+def test_demo_refuses_a_disk_folder_that_is_a_file(capsys, tmp_path):
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--nvme-path", str(a_file), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "nvme_path" in capsys.readouterr().err

@@ -26,6 +26,7 @@ from typing import Optional, Sequence, TextIO
 
 import torch
 
+from pagedtensor.cli_args import config_error, positive_int, size_type
 from pagedtensor.config import MemoryConfig, format_size, parse_size
 from pagedtensor.report import print_rows, traffic_rows
 
@@ -167,21 +168,31 @@ def run_ask(
 def add_ask_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``ask`` options, for ``pagedllm ask`` (see :func:`main_from_args`)."""
     parser.add_argument("question", nargs="?", default=DEFAULT_QUESTION, help="the question (default: a question about Paris)")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default 48)")
-    parser.add_argument("--vram-limit", default=None, help="device budget of weights and KV cache (default: a quarter of the weights)")
-    parser.add_argument("--host-memory", default=None, help="host budget (default: a quarter of the weights; the rest spills to disk)")
-    parser.add_argument("--page-size", default=DEFAULT_PAGE_SIZE_TEXT, help=f"page size (default {DEFAULT_PAGE_SIZE_TEXT})")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens to generate (default 48)")
+    parser.add_argument("--vram-limit", type=size_type("--vram-limit"), default=None,
+                        help="device budget of weights and KV cache (default: a quarter of the weights)")
+    parser.add_argument("--host-memory", type=size_type("--host-memory"), default=None,
+                        help="host budget (default: a quarter of the weights; the rest spills to disk)")
+    parser.add_argument("--page-size", type=size_type("--page-size"), default=DEFAULT_PAGE_SIZE_TEXT, help=f"page size (default {DEFAULT_PAGE_SIZE_TEXT})")
     parser.add_argument("--nvme-path", default=None, help="folder for the disk tier (default: a temporary folder)")
     parser.add_argument("--attn", default="auto", help="attention: auto, pagedllm, sdpa, eager (default auto)")
+
+
+def ask_arguments_error(args: argparse.Namespace) -> Optional[str]:
+    """Why the ``ask`` options cannot make a pager (page size, a given budget under one page, the disk
+    folder), or ``None``; checked before the model loads. A budget left out is a page here: the
+    quarter of the weights it defaults to is rounded to whole pages."""
+    return config_error(vram_limit=args.vram_limit or args.page_size, host_memory=args.host_memory or args.page_size,
+                        page_size=args.page_size, nvme_path=args.nvme_path, device="cpu")  # fmt: skip
 
 
 def main_from_args(args: argparse.Namespace) -> int:
     ok = run_ask(
         args.question,
         max_new_tokens=args.max_new_tokens,
-        vram_limit=None if args.vram_limit is None else parse_size(args.vram_limit, "--vram-limit"),
-        host_memory=None if args.host_memory is None else parse_size(args.host_memory, "--host-memory"),
-        page_size=parse_size(args.page_size, "--page-size"),
+        vram_limit=args.vram_limit,
+        host_memory=args.host_memory,
+        page_size=args.page_size,
         nvme_path=args.nvme_path,
         attn_implementation=args.attn,
     )
@@ -193,6 +204,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     add_ask_arguments(parser)
     args = parser.parse_args(argv)
+    error = ask_arguments_error(args)
+    if error is not None:
+        parser.error(error)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     return main_from_args(args)
 

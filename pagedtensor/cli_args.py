@@ -1,0 +1,48 @@
+"""Argument types and checks of the ``pagedllm`` command: a bad value is a usage error naming it.
+
+argparse reports an ``ArgumentTypeError`` raised by a ``type`` function as
+``pagedllm demo: error: argument --size: <message>`` and exits with status 2, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Optional
+
+from pagedtensor.config import MemoryConfig, parse_size
+
+
+def size_type(option: str) -> Callable[[str], int]:
+    """An argparse ``type`` for a positive size (``'256MiB'``, ``'4KiB'``, an int of bytes)."""
+
+    def size(text: str) -> int:
+        try:
+            value = parse_size(text, option)
+        except ValueError as error:  # argparse puts "argument <option>: " before the message
+            raise argparse.ArgumentTypeError(str(error).removeprefix(f"{option}: ")) from None
+        if value == 0:
+            raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+        return value
+
+    return size
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for an int of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def config_error(**settings: object) -> Optional[str]:
+    """Why ``MemoryConfig(**settings)`` would be refused (budget under a page, page size, device, disk
+    path), or ``None``; checked before any work starts, so the command fails as a usage error."""
+    try:
+        MemoryConfig(**settings)
+    except (ValueError, TypeError) as error:
+        return str(error)
+    return None
