@@ -112,6 +112,10 @@ def enable_paging(
         raise ValueError("enable_paging: paging is already enabled on this model")
     if pager is not None and memory_config is not None:
         raise ValueError("enable_paging: pass either memory_config or pager, not both")
+    if memory_config is not None and not isinstance(memory_config, MemoryConfig):
+        raise TypeError(f"memory_config: expected a MemoryConfig (e.g. MemoryConfig(vram_limit='8GiB')), got {type(memory_config).__name__}")
+    if pager is not None and not isinstance(pager, Pager):
+        raise TypeError(f"pager: expected a Pager, got {type(pager).__name__}")
     if not isinstance(page_weights, bool):
         raise TypeError(f"page_weights: expected True or False, got {page_weights!r}")
     if pager is None:

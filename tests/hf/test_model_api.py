@@ -78,6 +78,10 @@ def test_enable_paging_checks(nvme_dir):
         enable_paging(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="prefill_chunk_size"):
         enable_paging(model, tiny_budget(nvme_dir), prefill_chunk_size=0)
+    with pytest.raises(TypeError, match="memory_config: expected a MemoryConfig .* got dict"):
+        enable_paging(model, {"vram_limit": "1GiB"})
+    with pytest.raises(TypeError, match="pager: expected a Pager, got MemoryConfig"):
+        enable_paging(model, pager=tiny_budget(nvme_dir))
     enable_paging(model, tiny_budget(nvme_dir))
     with pytest.raises(ValueError, match="already"):
         enable_paging(model, tiny_budget(nvme_dir))
