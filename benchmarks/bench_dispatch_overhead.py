@@ -163,18 +163,20 @@ def wall_median_us(fn, calls: int, repeats: int = 5) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(hosts)
 
 
+def resident_pager(nbytes: int, page_size: int, device: str) -> Pager:
+    """A fresh pager with room for two fully resident tensors of ``nbytes`` (pages in adjacent device
+    slots) and no prefetching: the pager every measurement here runs its ops on."""
+    pages = -(-nbytes // page_size)
+    slots = max(4, 2 * pages + 4)
+    return Pager(MemoryConfig(vram_limit=slots * page_size, host_memory=slots * page_size, page_size=page_size,
+                              prefetch_strategy="none", device=device))  # fmt: skip
+
+
 def measure_size(label: str, nbytes: int, page_size: int, device: str) -> list[dict]:
     numel = nbytes // 4
     pages = -(-nbytes // page_size)
-    config = MemoryConfig(
-        vram_limit=max(4, 2 * pages + 4) * page_size,
-        host_memory=max(4, 2 * pages + 4) * page_size,
-        page_size=page_size,
-        prefetch_strategy="none",
-        device=device,
-    )
     rows = []
-    with Pager(config) as pager:
+    with resident_pager(nbytes, page_size, device) as pager:
         g = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(numel, device=device, generator=g)
         y = torch.randn(numel, device=device, generator=g)
@@ -246,11 +248,9 @@ def profile_ops(nbytes: int, page_size: int, ops: list[str], device: str, calls:
     reports for one call."""
     import warnings
 
-    numel, pages = nbytes // 4, -(-nbytes // page_size)
-    config = MemoryConfig(vram_limit=max(4, 2 * pages + 4) * page_size, host_memory=max(4, 2 * pages + 4) * page_size,
-                          page_size=page_size, prefetch_strategy="none", device=device)  # fmt: skip
+    numel = nbytes // 4
     report = []
-    with Pager(config) as pager:
+    with resident_pager(nbytes, page_size, device) as pager:
         x, y = torch.randn(numel, device=device), torch.randn(numel, device=device)
         px, py = PagedTensor.wrap(x.clone(), pager), PagedTensor.wrap(y.clone(), pager)
         for name in ops:
@@ -287,11 +287,9 @@ def host_profile_ops(nbytes: int, page_size: int, ops: list[str], device: str, c
     import cProfile
     import pstats
 
-    numel, pages = nbytes // 4, -(-nbytes // page_size)
-    config = MemoryConfig(vram_limit=max(4, 2 * pages + 4) * page_size, host_memory=max(4, 2 * pages + 4) * page_size,
-                          page_size=page_size, prefetch_strategy="none", device=device)  # fmt: skip
+    numel = nbytes // 4
     report = []
-    with Pager(config) as pager:
+    with resident_pager(nbytes, page_size, device) as pager:
         px = PagedTensor.wrap(torch.randn(numel, device=device), pager)
         py = PagedTensor.wrap(torch.randn(numel, device=device), pager)
         for name in ops:
@@ -338,9 +336,7 @@ def gap_probe(nbytes: int, page_size: int, ops: list[str]) -> dict:
     """
     import triton.testing
 
-    numel, pages = nbytes // 4, -(-nbytes // page_size)
-    config = MemoryConfig(vram_limit=max(4, 2 * pages + 4) * page_size, host_memory=max(4, 2 * pages + 4) * page_size,
-                          page_size=page_size, prefetch_strategy="none", device="cuda")  # fmt: skip
+    numel = nbytes // 4
     cache = torch.empty(256 * 2**20 // 4, dtype=torch.int, device="cuda")
     flush_ms = []
     for _ in range(20):
@@ -352,7 +348,7 @@ def gap_probe(nbytes: int, page_size: int, ops: list[str]) -> dict:
         flush_ms.append(start.elapsed_time(end))
     del cache
     report: dict = {"flush_256MB_device_us": statistics.median(flush_ms) * 1e3, "ops": {}}
-    with Pager(config) as pager:
+    with resident_pager(nbytes, page_size, "cuda") as pager:
         x, y = torch.randn(numel, device="cuda"), torch.randn(numel, device="cuda")
         px, py = PagedTensor.wrap(x.clone(), pager), PagedTensor.wrap(y.clone(), pager)
         fx, fy = ForwardingTensor(x.clone()), ForwardingTensor(y.clone())
