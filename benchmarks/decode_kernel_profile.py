@@ -20,9 +20,10 @@ Two modes:
   the power every 20 ms; writes the per-call time and the clock and power seen during the replays.
 
 Run: ``python3 benchmarks/decode_kernel_profile.py --mode clocks --out PATH`` on a CUDA machine.
-(results/decode_kernel_clocks_h200.json is from 998cd20, timing through ``bench_paged_attention``'s
-``Graphed`` and ``per_step_back_to_back_us``; the result of 70012e7, which captured and timed its own
-graph, agreed within 0.8 us a call and is in git history.)
+(results/decode_kernel_clocks_h200.json is from 998cd20, which built the graph here and timed it with
+``bench_paged_attention.per_step_back_to_back_us``; since the review after it the calls go through
+``bench_paged_attention.sustained_us``, which builds the same graph, not rerun on a GPU. The result
+of 70012e7, which captured and timed its own graph, agreed within 0.8 us a call and is in git history.)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_paged_attention import Graphed, copy_bandwidth_gbs, gb_per_s, per_step_back_to_back_us  # noqa: E402
+from benchmarks.bench_paged_attention import copy_bandwidth_gbs, gb_per_s, sustained_us  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
 from benchmarks.decode_read_ceiling import decode_input_sets, paged_rows_reader, shipped_split_only  # noqa: E402
 
@@ -79,21 +80,18 @@ def _parse_samples(text: str, start: float, stop: float) -> list[tuple[float, fl
 
 
 def sustained(calls: list[Callable[[], object]], seconds: float, device_index: int) -> dict:
-    """The calls timed like ``bench_paged_attention.sustained_us`` (one graph of them replayed back to
+    """The calls timed by ``bench_paged_attention.sustained_us`` (one graph of them replayed back to
     back for about ``seconds``) while nvidia-smi samples the SM clock and power every 20 ms."""
-    sequence = [calls[i % len(calls)] for i in range(max(BACK_TO_BACK_CALLS, len(calls)))]
-    graphed = Graphed([lambda: [c() for c in sequence]])
     sampler = subprocess.Popen(
         ["nvidia-smi", "-i", str(device_index), "--query-gpu=timestamp,clocks.sm,power.draw", "--format=csv,noheader,nounits",
          "-lms", "20"], stdout=subprocess.PIPE, text=True)  # fmt: skip
     time.sleep(1.0)  # the sampler starts up
     begin = time.time()
-    per_call_us = per_step_back_to_back_us(graphed, seconds, repeats=1) / len(sequence)
+    per_call_us = sustained_us(calls, max(BACK_TO_BACK_CALLS, len(calls)), seconds, repeats=1)
     finish = time.time()
     time.sleep(0.1)
     sampler.terminate()
     text, _ = sampler.communicate()
-    del graphed
     # the first 200 ms of the window (warm-up and calibration replays): the clock settles under the load
     samples = _parse_samples(text, begin + 0.2, finish)
     return {
