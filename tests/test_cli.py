@@ -37,7 +37,7 @@ def test_cli_entry_point(capsys):
         (["ask", "--vram-limit", "1KiB"], ["vram_limit", "smaller than one page"]),
     ],
 )
-def test_bad_arguments_are_usage_errors_naming_the_value(argv, named, capsys, tmp_path):
+def test_bad_arguments_are_usage_errors_naming_the_value(argv, named, capsys):
     """A bad value stops the command before any work (``ask`` loads no model) with argparse's usage
     error, exit status 2, and a message naming the option and the value, not a traceback."""
     with pytest.raises(SystemExit) as exit_info:

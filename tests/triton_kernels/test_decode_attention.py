@@ -109,9 +109,7 @@ def _attend_blocks_kernel(q_ptr, k_ptr, v_ptr, visible_ptr, out_ptr, num_blocks,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :])
-    m_i = tl.full([16], float("-inf"), tl.float32)
-    l_i = tl.zeros([16], tl.float32)
-    acc = tl.zeros([16, HEAD_DIM], tl.float32)
+    m_i, l_i, acc = decode_attention._empty_state(16, HEAD_DIM)
     for block in range(num_blocks):
         keys = block * BLOCK_N + offs_n
         k = tl.load(k_ptr + keys[:, None] * HEAD_DIM + offs_d[None, :])
