@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 
 import torch
@@ -89,10 +90,14 @@ def call_kernel_directly(*tensors: torch.Tensor) -> bool:
     The op's dispatch costs host time on every call (tens of microseconds, comparable to a decode
     kernel). Plain eager calls on plain tensors skip it; under ``torch.compile`` / export tracing, with
     tensor subclasses (e.g. ``PagedTensor``, fake tensors) or with a dispatch mode active, the op is
-    called so that tracing, ``__torch_dispatch__`` and modes see it.
+    called so that tracing, ``__torch_dispatch__`` and modes see it; and where an input requires grad
+    (grad mode on), so that autograd sees it: the ops have no backward, and a backward through one
+    raises rather than the output being silently cut off from the graph.
     """
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False  # the op records itself, so a backward through it raises instead of a silent detach
     return all(type(t) is torch.Tensor for t in tensors)
 
 
@@ -172,13 +177,69 @@ def check_block_table(block_table: object, seq_lens: object, page_tokens: int,
     return block_table, seq_lens
 
 
+CHECK_INDICES_VARIABLE = "PAGEDLLM_CHECK_INDICES"
+
+
+def host_checks_indices(device: torch.device) -> bool:
+    """Whether block-table entries and sequence lengths are checked on the host before a launch.
+
+    Always for CPU tensors (the interpreter: the check costs no transfer). For CUDA tensors only when
+    the environment variable ``PAGEDLLM_CHECK_INDICES`` is set to a value other than ``0``: the check
+    reads the tables back, a host sync per call, and cannot run while a CUDA graph is captured. Without
+    it the CUDA kernels trust the entries, as vLLM's and FlashAttention's do: a length past the table
+    is cut at the table, but an entry outside the pool is followed outside it.
+    """
+    if device.type == "cpu":
+        return True
+    return os.environ.get(CHECK_INDICES_VARIABLE, "0") not in ("", "0")
+
+
+def check_lengths_fit(seq_lens: torch.Tensor, capacity: int) -> None:
+    """Every ``seq_lens[b]`` is at most ``capacity`` (``max_pages * page_tokens``): the keys must lie in
+    the table. Checked where :func:`host_checks_indices` says so."""
+    if not host_checks_indices(seq_lens.device) or seq_lens.numel() == 0:
+        return
+    lengths = seq_lens.cpu()
+    over = (lengths > capacity).nonzero()
+    if over.numel():
+        b = int(over[0, 0])
+        raise ValueError(f"seq_lens[{b}] = {int(lengths[b])} exceeds the block table's capacity of {capacity} tokens "
+                         f"(max_pages * page_tokens)")  # fmt: skip
+
+
+def check_table_entries(block_table: torch.Tensor, num_pages: int, page_tokens: int, end: torch.Tensor,
+                        first: torch.Tensor | None = None, *, extra: int = 0, limit: int | None = None) -> None:
+    """Every entry of ``block_table`` that the tokens ``[first[b], min(end[b] + extra, limit))`` of row
+    ``b`` use (``first`` 0 by default; clipped to the table) names a page of the pool,
+    ``0 <= entry < num_pages``. Checked where :func:`host_checks_indices` says so (nothing is computed
+    otherwise); raises ``ValueError`` naming the first bad entry."""
+    if not host_checks_indices(block_table.device) or block_table.numel() == 0:
+        return
+    table = block_table.cpu()
+    max_pages = table.shape[1]
+    capacity = max_pages * page_tokens
+    end = (end.cpu().long() + extra).clamp(max=capacity if limit is None else min(limit, capacity))
+    first = torch.zeros_like(end) if first is None else first.cpu().long().clamp(min=0)
+    columns = torch.arange(max_pages)
+    used = ((columns[None, :] >= (first // page_tokens)[:, None]) & (columns[None, :] * page_tokens < end[:, None])
+            & (end > first)[:, None])  # fmt: skip
+    bad = (used & ((table < 0) | (table >= num_pages))).nonzero()
+    if bad.numel():
+        b, j = int(bad[0, 0]), int(bad[0, 1])
+        raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} is not a page of the pool: an entry that a "
+                         f"sequence uses must be in [0, {num_pages})")  # fmt: skip
+
+
 def check_positions(name: str, value: object, batch: int, device: torch.device) -> torch.Tensor:
-    """An ``int`` or an int32 ``[batch]`` tensor of token positions, as an int32 ``[batch]`` tensor."""
+    """An integer or an int32 ``[batch]`` tensor of token positions, as an int32 ``[batch]`` tensor."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or an int32 tensor, got bool {value}")
-    if isinstance(value, int):
+    if isinstance(value, numbers.Integral):
+        value = int(value)
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+        if value >= 2**31:
+            raise ValueError(f"{name} must be < 2**31 (an int32 position), got {value}")
         return torch.full((batch,), value, dtype=torch.int32, device=device)
     value = check_tensor(name, value, 1, (torch.int32,))
     if value.shape[0] != batch:

@@ -42,6 +42,8 @@ from pagedtensor.triton_kernels._common import (
     check_block_table,
     check_device,
     check_kv_pages,
+    check_lengths_fit,
+    check_table_entries,
     check_tensor,
     dot_options,
     interpreting,
@@ -174,8 +176,9 @@ def _attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION: 
 @triton.jit
 def _store_split(out_ptr, lse_ptr, acc, m_i, l_i, batch, split, heads, mask_g, offs_d, stride_out_batch,
                  stride_out_head, stride_out_split, stride_lse_batch, stride_lse_head, stride_lse_split):
-    """A split's normalised output rows and natural-log lse (0 and -inf where it saw no key)."""
-    has_keys = l_i > 0.0
+    """A split's normalised output rows and natural-log lse (0 and -inf where it saw no key; NaN where
+    a score was NaN, so the merge cannot mistake it for an empty split)."""
+    has_keys = l_i != 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
@@ -226,6 +229,7 @@ def _decode_split_kernel(
     )
     if DOT_UPCAST:
         q = q.to(tl.float32)
+    end = tl.minimum(end, max_pages * PAGE_TOKENS)  # a seq_lens past the table is cut at it (never read past the row)
 
     m_i, l_i, acc = _empty_state(BLOCK_G, HEAD_DIM)
 
@@ -305,7 +309,7 @@ def _decode_merge_splits_kernel(
             )
             acc += tl.sum(w[:, None] * part, axis=0)
 
-    has_keys = denom > 0.0
+    has_keys = denom != 0.0  # NaN (a NaN or +inf lse) propagates
     out = acc / tl.where(has_keys, denom, 1.0)
     lse = tl.where(has_keys, m_safe + tl.log(tl.where(has_keys, denom, 1.0)), float("-inf"))
     tl.store(out_ptr + batch * stride_out_batch + head * stride_out_head + offs_d, out.to(out_ptr.dtype.element_ty))
@@ -409,6 +413,9 @@ def resident_programs_per_sm(q: torch.Tensor, k_pages: torch.Tensor, v_pages: to
     return _RESIDENT_PER_SM[key]
 
 
+MAX_SPLITS = 65535  # the splits are the grid's second dimension, which CUDA caps at 65535
+
+
 def split_context(max_len: int, num_splits: int, block_n: int) -> tuple[int, int]:
     """Tokens per split for about ``num_splits`` splits of ``max_len`` tokens, in whole ``block_n``
     loop steps, and the split count that then covers the context."""
@@ -429,7 +436,7 @@ def decode_geometry(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     if num_splits <= 0:
         resident = resident_per_sm or resident_programs_per_sm(q, k_pages, v_pages, block_table, seq_lens, launch)
         num_splits = choose_num_splits(batch, num_kv_heads, max_len, launch, q.device, resident)
-    tokens_per_split, num_splits = split_context(max_len, num_splits, launch.block_n)
+    tokens_per_split, num_splits = split_context(max_len, min(num_splits, MAX_SPLITS), launch.block_n)
     return launch, tokens_per_split, num_splits
 
 
@@ -444,6 +451,8 @@ def _launch_decode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[2]
+    check_lengths_fit(seq_lens, block_table.shape[1] * k_pages.shape[1])
+    check_table_entries(block_table, k_pages.shape[0], k_pages.shape[1], seq_lens)
     out = new_buffer((batch, num_heads, head_dim), q.dtype, q.device)
     lse = new_buffer((batch, num_heads), torch.float32, q.device)
     if batch == 0:
@@ -501,13 +510,19 @@ def paged_decode_attention(
         q: ``[batch, num_heads, head_dim]``, fp16/bf16/fp32, the dtype of the pages.
         k_pages, v_pages: ``[num_pages, page_tokens, num_kv_heads, head_dim]``; ``num_heads`` must be a
             multiple of ``num_kv_heads``; head_dim a power of two from 16 to 256.
-        block_table: ``[batch, max_pages]`` int32, the pages of each sequence in logical order. Entries
-            of pages at or past ``seq_lens`` may hold anything: they may be read but are never followed.
+        block_table: ``[batch, max_pages]`` int32, the pages of each sequence in logical order, each
+            in ``[0, num_pages)``. Entries of pages at or past ``seq_lens`` may hold anything: they may
+            be read but are never followed.
         seq_lens: ``[batch]`` int32, keys per sequence (``<= max_pages * page_tokens``).
+
+            Both are checked on the host (``ValueError`` naming the bad entry) for CPU tensors, and for
+            CUDA tensors with ``PAGEDLLM_CHECK_INDICES=1`` (a host sync per call). Unchecked on CUDA, a
+            longer sequence is cut at the table, and an entry outside the pool is followed outside it.
         scale: score scale, default ``head_dim ** -0.5``.
         return_lse: also return the log-sum-exp, for :func:`merge_attention_partials`.
-        num_splits: context splits per (sequence, KV head); default chosen from the context bound
-            ``max_pages * page_tokens`` and the SM count (no host sync).
+        num_splits: context splits per (sequence, KV head), rounded to whole loop steps and capped at
+            65535 (CUDA's grid limit); default chosen from the context bound ``max_pages * page_tokens``
+            and the SM count (no host sync).
 
     Returns:
         ``out`` ``[batch, num_heads, head_dim]`` in q's dtype, and with ``return_lse`` the fp32 ``lse``

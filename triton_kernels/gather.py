@@ -21,6 +21,7 @@ from pagedtensor.triton_kernels._common import (
     check_device,
     check_pages,
     check_positions,
+    check_table_entries,
     check_tensor,
     interpreting,
     new_buffer,
@@ -118,6 +119,7 @@ def _paged_scatter_kernel(
 def _launch_gather(pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, max_len: int) -> torch.Tensor:
     _, page_tokens, num_heads, head_dim = pages.shape
     batch, max_pages = block_table.shape
+    check_table_entries(block_table, pages.shape[0], page_tokens, seq_lens, limit=max_len)
     out = new_buffer((batch, max_len, num_heads, head_dim), pages.dtype, pages.device)
     if batch == 0 or max_len == 0:
         return out
@@ -162,7 +164,10 @@ def paged_gather(
 
     Args:
         pages: ``[num_pages, page_tokens, num_heads, head_dim]``.
-        block_table: ``[batch, max_pages]`` int32; only entries of pages below ``seq_lens`` are read.
+        block_table: ``[batch, max_pages]`` int32; only entries of pages below ``seq_lens`` are read,
+            and each must be in ``[0, num_pages)``: checked on the host for CPU tensors, and for CUDA
+            tensors with ``PAGEDLLM_CHECK_INDICES=1`` (a host sync per call; unchecked, an entry outside
+            the pool is followed outside it).
         seq_lens: ``[batch]`` int32 tokens per sequence.
         max_len: tokens in the output; default ``max_pages * page_tokens`` (known without a host sync).
 
@@ -183,6 +188,7 @@ def paged_gather(
 
 def _launch_scatter(src: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, start_pos: torch.Tensor) -> None:
     batch, num_new, num_heads, head_dim = src.shape
+    check_table_entries(block_table, pages.shape[0], pages.shape[1], start_pos, start_pos, extra=num_new)
     if batch == 0 or num_new == 0:
         return
     block_t, block_r = _block_sizes(num_heads, head_dim)
@@ -232,7 +238,9 @@ def paged_scatter(
     Args:
         src: ``[batch, num_new, num_heads, head_dim]`` in the pages' dtype.
         pages: ``[num_pages, page_tokens, num_heads, head_dim]``, written in place.
-        block_table: ``[batch, max_pages]`` int32.
+        block_table: ``[batch, max_pages]`` int32; each entry a written position uses must be in
+            ``[0, num_pages)``, checked as in :func:`paged_gather` (unchecked, an entry outside the pool
+            is written outside it).
         start_pos: an int, or an int32 ``[batch]`` tensor: position of ``src[b, 0]``.
     """
     pages = check_pages("pages", pages)

@@ -7,7 +7,8 @@ For disjoint key sets ``K_1 .. K_n`` the attention over their union is
     lse = log(sum_i exp(lse_i)),   out = sum_i exp(lse_i - lse) * out_i
 
 which is what this module computes (in fp32, max-shifted). A partial over no keys has
-``lse = -inf`` and weight 0; if every partial is empty the result is zeros with ``lse = -inf``.
+``lse = -inf`` and weight 0; if every partial is empty the result is zeros with ``lse = -inf``. A NaN
+(or ``+inf``) lse makes the result NaN: a partial over corrupt keys is never taken for an empty one.
 
 Plain torch ops: they run on any device and trace under ``torch.compile`` as they are.
 """
@@ -48,6 +49,8 @@ def merge_attention_partials(
             )
         if tuple(lse.shape) != tuple(out.shape[:-1]):
             raise ValueError(f"lses[{i}] shape {tuple(lse.shape)} must be outs[{i}].shape[:-1] = {tuple(out.shape[:-1])}")
+        if not out.dtype.is_floating_point:
+            raise TypeError(f"outs[{i}] must be a floating tensor, got {out.dtype}")
         if not lse.dtype.is_floating_point:
             raise TypeError(f"lses[{i}] must be a floating tensor, got {lse.dtype}")
 
@@ -56,11 +59,11 @@ def merge_attention_partials(
     shift = torch.where(torch.isneginf(lse_max), torch.zeros_like(lse_max), lse_max)
     weights = torch.exp(lse_stack - shift)  # an empty partial (-inf) weighs exactly 0
     denom = weights.sum(dim=0)
-    has_keys = denom > 0
+    has_keys = denom != 0  # NaN (from a NaN or +inf lse) propagates rather than reading as "no keys"
     acc = torch.zeros(outs[0].shape, dtype=torch.float32, device=outs[0].device)
     for weight, out in zip(weights, outs):
         # where(): an empty partial may carry any value (even NaN) without touching the result
-        acc = acc + torch.where(weight.unsqueeze(-1) > 0, weight.unsqueeze(-1) * out.float(), 0.0)
+        acc = acc + torch.where(weight.unsqueeze(-1) != 0, weight.unsqueeze(-1) * out.float(), 0.0)
     safe_denom = torch.where(has_keys, denom, torch.ones_like(denom))
     out = (acc / safe_denom.unsqueeze(-1)).to(outs[0].dtype)
     lse = torch.where(has_keys, shift + torch.log(safe_denom), torch.full_like(denom, float("-inf")))

@@ -40,7 +40,9 @@ from pagedtensor.triton_kernels._common import (
     check_block_table,
     check_device,
     check_kv_pages,
+    check_lengths_fit,
     check_positions,
+    check_table_entries,
     check_tensor,
     dot_options,
     interpreting,
@@ -227,6 +229,7 @@ def _prefill_kernel(
     qk_scale_log2,
     q_len,
     num_heads,
+    max_pages,
     stride_q_batch: tl.int64,
     stride_q_token: tl.int64,
     stride_q_head: tl.int64,
@@ -262,7 +265,7 @@ def _prefill_kernel(
     head = (pid_seq_head % num_heads).to(tl.int64)
     kv_head = head // QUERY_GROUP
 
-    seq_len = tl.load(seq_lens_ptr + batch)
+    seq_len = tl.minimum(tl.load(seq_lens_ptr + batch), max_pages * PAGE_TOKENS)  # cut at the table
     q_first = tl.load(q_start_ptr + batch)
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -308,7 +311,7 @@ def _prefill_kernel(
             HEAD_DIM, PAGE_TOKENS, BLOCK_N, True, CAUSAL, DOT_UPCAST, DOT_PRECISION, USE_DESCRIPTORS,
         )  # fmt: skip
 
-    has_keys = l_i > 0.0
+    has_keys = l_i != 0.0  # a NaN score gives NaN, not the -inf of a query that saw no key
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
@@ -336,6 +339,8 @@ def _launch_prefill(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, q_len, num_heads, head_dim = q.shape
     _, page_tokens, num_kv_heads, _ = k_pages.shape
+    check_lengths_fit(seq_lens, block_table.shape[1] * page_tokens)
+    check_table_entries(block_table, k_pages.shape[0], page_tokens, seq_lens)
     out = new_buffer((batch, q_len, num_heads, head_dim), q.dtype, q.device)
     lse = new_buffer((batch, q_len, num_heads), torch.float32, q.device)
     if batch == 0 or q_len == 0:
@@ -356,6 +361,7 @@ def _launch_prefill(
         qk_scale_log2=scale * LOG2E,
         q_len=q_len,
         num_heads=num_heads,
+        max_pages=block_table.shape[1],
         stride_q_batch=q.stride(0),
         stride_q_token=q.stride(1),
         stride_q_head=q.stride(2),
@@ -422,8 +428,10 @@ def paged_prefill_attention(
         q: ``[batch, q_len, num_heads, head_dim]``, the pages' dtype; ``num_heads`` a multiple of
             ``num_kv_heads``.
         k_pages, v_pages: ``[num_pages, page_tokens, num_kv_heads, head_dim]``.
-        block_table: ``[batch, max_pages]`` int32; only entries of pages below ``seq_lens`` are read.
-        seq_lens: ``[batch]`` int32 keys per sequence, the chunk's own keys included.
+        block_table: ``[batch, max_pages]`` int32; only entries of pages below ``seq_lens`` are read,
+            and each must be in ``[0, num_pages)``.
+        seq_lens: ``[batch]`` int32 keys per sequence, the chunk's own keys included
+            (``<= max_pages * page_tokens``). Both are checked as in :func:`paged_decode_attention`.
         q_start: an int or an int32 ``[batch]`` tensor: absolute position of ``q[b, 0]``.
         scale: score scale, default ``head_dim ** -0.5``.
         causal: query at position ``p`` sees keys ``<= p`` only; else every key ``< seq_lens[b]``.

@@ -139,7 +139,7 @@ def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.
     weights = torch.exp(lse - shift)  # empty partials weigh exactly 0
     denom = weights.sum(dim=0)
     acc = (weights.unsqueeze(-1) * torch.stack(outs).float()).sum(dim=0)
-    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    denom = torch.where(denom != 0, denom, torch.ones_like(denom))  # NaN propagates
     return (acc / denom.unsqueeze(-1)).to(outs[0].dtype)
 
 

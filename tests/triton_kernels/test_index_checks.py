@@ -1,0 +1,176 @@
+"""Block tables, lengths and positions that the kernels cannot honour, and NaN keys.
+
+On the host (CPU tensors, or ``PAGEDLLM_CHECK_INDICES=1``) a length past the table or a used entry
+outside the pool is a ``ValueError`` naming it. Unchecked (CUDA by default), a length past the table
+is cut at the table by every kernel and every split count alike. A NaN score gives a NaN output and
+lse, never the ``-inf`` of "no keys" that a merge would drop.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from pagedtensor.triton_kernels import (
+    _common,
+    merge_attention_partials,
+    paged_decode_attention,
+    paged_gather,
+    paged_prefill_attention,
+    paged_scatter,
+)
+from pagedtensor.triton_kernels._common import host_checks_indices, kernel_device
+from pagedtensor.triton_kernels.reference import decode_attention_reference, prefill_attention_reference
+
+DEVICE = kernel_device()
+PAGE_TOKENS, HEADS, DIM = 16, 2, 16
+
+
+def pools(num_pages: int = 4, seed: int = 0, poison_page: int | None = 0):
+    """K and V pools of ``num_pages`` pages; ``poison_page`` (no sequence's) is NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn((num_pages, PAGE_TOKENS, HEADS, DIM), generator=gen)
+    v = torch.randn((num_pages, PAGE_TOKENS, HEADS, DIM), generator=gen)
+    if poison_page is not None:
+        k[poison_page] = float("nan")
+        v[poison_page] = float("nan")
+    return k.to(DEVICE), v.to(DEVICE)
+
+
+def table(*rows):
+    return torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+
+
+def lengths(*values):
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+def query(batch=1, q_len=None, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, HEADS, DIM) if q_len is None else (batch, q_len, HEADS, DIM)
+    return torch.randn(shape, generator=gen).to(DEVICE)
+
+
+def test_host_checks_indices_on_cpu_always_and_on_cuda_when_asked(monkeypatch):
+    monkeypatch.delenv("PAGEDLLM_CHECK_INDICES", raising=False)
+    assert host_checks_indices(torch.device("cpu"))
+    assert not host_checks_indices(torch.device("cuda", 0))
+    monkeypatch.setenv("PAGEDLLM_CHECK_INDICES", "0")
+    assert not host_checks_indices(torch.device("cuda", 0))
+    monkeypatch.setenv("PAGEDLLM_CHECK_INDICES", "1")
+    assert host_checks_indices(torch.device("cuda", 0))
+
+
+def test_a_length_past_the_table_is_named():
+    k, v = pools()
+    with pytest.raises(ValueError, match=r"seq_lens\[1\] = 49 exceeds the block table's capacity of 48 tokens"):
+        paged_decode_attention(query(2), k, v, table([1, 2, 3], [3, 2, 1]), lengths(48, 49))
+    with pytest.raises(ValueError, match=r"seq_lens\[0\] = 40 exceeds the block table's capacity of 32 tokens"):
+        paged_prefill_attention(query(1, 4), k, v, table([1, 2]), lengths(40), 36)
+
+
+def test_a_used_entry_outside_the_pool_is_named():
+    k, v = pools()
+    q = query(2)
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 4 is not a page of the pool: .* \[0, 4\)"):
+        paged_decode_attention(q, k, v, table([1, 2], [3, 4]), lengths(32, 17))
+    with pytest.raises(ValueError, match=r"block_table\[0, 0\] = -1 is not a page of the pool"):
+        paged_decode_attention(q, k, v, table([-1, 2], [3, 1]), lengths(5, 17))
+    with pytest.raises(ValueError, match=r"block_table\[0, 1\] = 9 is not a page of the pool"):
+        paged_prefill_attention(query(1, 2), k, v, table([1, 9]), lengths(18), 16)
+    with pytest.raises(ValueError, match=r"block_table\[0, 1\] = 7 is not a page of the pool"):
+        paged_gather(k, table([1, 7]), lengths(20))
+    src = torch.ones((1, 3, HEADS, DIM), device=DEVICE)
+    before = k.clone()
+    with pytest.raises(ValueError, match=r"block_table\[0, 1\] = 5 is not a page of the pool"):
+        paged_scatter(src, k, table([1, 5]), 15)  # positions 15..17 use pages 0 and 1 of the row
+    assert torch.equal(k.nan_to_num(), before.nan_to_num()), "a refused scatter wrote to the pool"
+
+
+def test_entries_no_token_uses_may_hold_anything():
+    k, v = pools()
+    q = query(1)
+    # a row's entries past its length, and before a scatter's first position, are never followed
+    out = paged_decode_attention(q, k, v, table([1, -7, 99]), lengths(16))
+    ref, _ = decode_attention_reference(q, k, v, table([1, 1, 1]), lengths(16))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    gathered = paged_gather(k, table([2, 1000]), lengths(16), max_len=16)
+    assert torch.equal(gathered[0], k[2])
+    paged_scatter(torch.zeros((1, 2, HEADS, DIM), device=DEVICE), k, table([-3, 3]), 16)
+    assert torch.equal(k[3, :2], torch.zeros_like(k[3, :2]))
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3])
+def test_unchecked_a_length_past_the_table_is_cut_at_the_table(monkeypatch, num_splits):
+    """What the CUDA kernels do without host checks: every split count reads the table's keys only
+    (page 0, NaN, is in no row: a split that ran past the row would read it through a zero entry)."""
+    k, v = pools()
+    q = query(1)
+    monkeypatch.setattr(_common, "host_checks_indices", lambda device: False)
+    out, lse = paged_decode_attention(q, k, v, table([1, 2, 3]), lengths(60), return_lse=True, num_splits=num_splits)
+    ref_out, ref_lse = decode_attention_reference(q, k, v, table([1, 2, 3]), lengths(48))
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_unchecked_prefill_cuts_a_length_past_the_table(monkeypatch):
+    k, v = pools(num_pages=5)
+    q = query(1, 4)
+    monkeypatch.setattr(_common, "host_checks_indices", lambda device: False)
+    # row [1, 2] in a table of 3 columns: the third column (page 0, NaN) lies past the row's capacity
+    wide = table([1, 2, 0])
+    out = paged_prefill_attention(q, k, v, wide[:, :2], lengths(40), 28, causal=False)
+    ref, _ = prefill_attention_reference(q, k, v, table([1, 2]), lengths(32), 28, causal=False)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_a_nan_key_gives_nan_out_and_lse_not_an_empty_partial(num_splits):
+    k, v = pools(num_pages=3, poison_page=None)
+    k[1, 3, :, 5] = float("nan")
+    q = query(1)
+    out, lse = paged_decode_attention(q, k, v, table([1, 2]), lengths(32), return_lse=True, num_splits=num_splits)
+    assert out.isnan().all() and lse.isnan().all(), f"out {out.flatten()[:4]}, lse {lse}"
+    q_chunk = query(1, 2)
+    out, lse = paged_prefill_attention(q_chunk, k, v, table([1, 2]), lengths(32), 30, return_lse=True)
+    assert out.isnan().all() and lse.isnan().all(), f"prefill lse {lse}"
+    clean, clean_lse = paged_decode_attention(q, k, v, table([2]), lengths(16), return_lse=True)
+    corrupt, corrupt_lse = paged_decode_attention(q, k, v, table([1]), lengths(16), return_lse=True)
+    merged, merged_lse = merge_attention_partials([corrupt, clean], [corrupt_lse, clean_lse])
+    assert merged.isnan().all() and merged_lse.isnan().all(), "the merge dropped a NaN partial"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_merge_propagates_a_nan_or_infinite_lse(bad):
+    outs = [torch.ones((1, 2, 4)), torch.full((1, 2, 4), 2.0)]
+    lses = [torch.full((1, 2), 0.5), torch.full((1, 2), bad)]
+    out, lse = merge_attention_partials(outs, lses)
+    assert out.isnan().all() and lse.isnan().all()
+    empty = [torch.zeros((1, 2, 4)), torch.full((1, 2), float("-inf"))]
+    out, lse = merge_attention_partials([outs[0], empty[0]], [lses[0], empty[1]])
+    assert torch.equal(out, outs[0]) and torch.equal(lse, lses[0]), "an empty partial must weigh nothing"
+
+
+def test_merge_refuses_integer_outputs():
+    with pytest.raises(TypeError, match=r"outs\[0\] must be a floating tensor, got torch.int64"):
+        merge_attention_partials([torch.ones(2, 3, dtype=torch.long)], [torch.zeros(2)])
+
+
+def test_positions_take_any_integer_and_name_an_out_of_range_one():
+    k, v = pools(poison_page=None)
+    q = query(1, 2)
+    expected = paged_prefill_attention(q, k, v, table([1, 2]), lengths(20), 18)
+    assert torch.equal(paged_prefill_attention(q, k, v, table([1, 2]), lengths(20), np.int64(18)), expected)
+    with pytest.raises(ValueError, match=r"q_start must be < 2\*\*31 \(an int32 position\), got 2147483648"):
+        paged_prefill_attention(q, k, v, table([1, 2]), lengths(20), 2**31)
+    with pytest.raises(ValueError, match=r"start_pos must be < 2\*\*31 \(an int32 position\), got 2147483648"):
+        paged_scatter(torch.zeros((1, 1, HEADS, DIM), device=DEVICE), k, table([1]), 2**31)
+
+
+def test_an_input_that_requires_grad_is_not_silently_detached():
+    k, v = pools(poison_page=None)
+    q = query(1).requires_grad_()
+    out = paged_decode_attention(q, k, v, table([1, 2]), lengths(20))
+    with pytest.raises(RuntimeError, match="autograd"):
+        out.sum().backward()
+    with torch.no_grad():
+        assert not paged_decode_attention(q, k, v, table([1, 2]), lengths(20)).requires_grad
