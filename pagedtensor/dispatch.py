@@ -406,7 +406,10 @@ class _Window:
         return self._buf
 
     def shares_slab(self, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor`` lies in the device slab this window views (never when gathered)."""
+        """Whether ``tensor`` lies in the device slab this window views (never when gathered). A
+        result of another layout (sparse: no single data pointer) counts as sharing it."""
+        if tensor.layout != torch.strided:
+            return True
         lo, hi = self.slab_span
         return lo <= tensor.data_ptr() < hi
 
@@ -460,12 +463,16 @@ def _too_many_pages(func: OpOverload, error: OutOfPagesError) -> OutOfPagesError
 
 
 def _release_all(groups: Sequence[_Group], failed: bool) -> None:
-    """Release after an error: zero-copy pages an op may have written count as dirty (conservative)."""
+    """Release after an error: zero-copy pages an op may have written count as dirty (conservative),
+    except pages faulted in zero-filled for an overwrite (``copy_``/``fill_``/``zero_``, which fail
+    before writing): those get their old bytes back from the pager."""
     for group in groups:
         window = group.window
         if window.resident.released:
             continue
-        dirty = _dirty_pages(group.written, window.page_size) if failed and group.written and not window.gathered else ()
+        dirty = _dirty_pages(group.written, window.page_size) if failed and group.written and not window.gathered else set()
+        if dirty and window.resident.overwritten:
+            dirty.difference_update(page.index for page in window.resident.overwritten)
         window.release(dirty)
 
 
@@ -539,9 +546,9 @@ def _overwritten_pages(func: OpOverload, args: tuple, written: list[PagedTensor]
     group = groups.get(id(target._paged))
     if group is None or len(group.leaves) != 1:
         return {}
+    if not _dense_and_non_overlapping(target.shape, target.stride()):
+        return {}  # gaps or overlaps (they can cancel out in the span's length): not every byte is written
     lo, hi = _byte_span(target)
-    if hi - lo != target.numel() * target.dtype.itemsize:
-        return {}  # gaps or overlaps: not every byte of the span is written
     if func is aten.copy_.default:
         source = args[1]
         if not isinstance(source, torch.Tensor) or source.dim() > target.dim():
@@ -562,6 +569,17 @@ def _overwritten_pages(func: OpOverload, args: tuple, written: list[PagedTensor]
         if lo <= index * page_size and index * page_size + allocation.pages[index].nbytes <= hi
     ]
     return {id(group.storage): covered}
+
+
+def _dense_and_non_overlapping(size: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether a layout's elements fill its span exactly once each: its strides, ordered, are the
+    contiguous strides of some permutation of its dims (dims of size 1 ignored)."""
+    expected = 1
+    for length, step in sorted(((s, t) for s, t in zip(size, stride) if s != 1), key=lambda pair: pair[1]):
+        if step != expected:
+            return False
+        expected *= length
+    return True
 
 
 # ---------------------------------------------------------------------- arguments
@@ -615,13 +633,10 @@ def _unalias(tensor: torch.Tensor, windows: Sequence[_Window]) -> torch.Tensor:
     pin: it is copied out."""
     if isinstance(tensor, PagedTensor) or not any(window.shares_slab(tensor) for window in windows):
         return tensor
+    if tensor.layout != torch.strided or not _dense_and_non_overlapping(tensor.shape, tensor.stride()):
+        return tensor.clone()
     copy = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
-    return copy.copy_(tensor) if _is_dense(tensor) else tensor.clone()
-
-
-def _is_dense(tensor: torch.Tensor) -> bool:
-    lo, hi = element_span(tensor.shape, tensor.stride(), 0)
-    return hi - lo == tensor.numel()
+    return copy.copy_(tensor)
 
 
 def _empty_like_leaf(leaf: PagedTensor) -> torch.Tensor:
@@ -665,6 +680,8 @@ _VIEW_OPS = [
     aten.t, aten.transpose, aten.permute, aten.expand, aten.unsqueeze, aten.squeeze, aten.alias, aten.detach,
     aten.split, aten.split_with_sizes, aten.unbind, aten.unfold, aten.diagonal, aten.view_as_real,
     aten.view_as_complex, aten.lift_fresh,
+    # views whose schema carries no alias annotation (torch returns views, without autograd's checks)
+    aten.unsafe_split, aten.unsafe_split_with_sizes,
 ]
 
 

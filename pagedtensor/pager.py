@@ -195,6 +195,9 @@ class ResidentPages:
         self.first_slot = first_slot
         self._dirty: set[int] = set()
         self.released = False
+        # Pages ``ensure_resident(discard=...)`` gave zero-filled slots while their lower copies stay:
+        # released without being marked dirty, they get their old bytes back.
+        self.overwritten: list[Page] = []
 
     def wait(self, stream: Optional[torch.cuda.Stream] = None) -> None:
         """Make ``stream`` (default: the current stream) wait for the copies that filled the pages."""
@@ -293,6 +296,10 @@ class Pager:
         # Moves on whenever a page loses its device slot; an Allocation.resident_run recorded at an
         # older epoch is stale.
         self._residency_epoch = 0
+        # Pages whose device slot was zero-filled for an overwrite (``ensure_resident(discard=...)``)
+        # while their host or disk copy still holds their bytes: that copy stays authoritative until
+        # a release marks the page dirty (the write is done) or gives the bytes back (it failed).
+        self._overwriting: set[Page] = set()
         self._prefetcher: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.closed = False
 
@@ -337,9 +344,11 @@ class Pager:
     ) -> ResidentPages:
         """Bring pages ``[start, stop)`` to the device tier and pin them there.
 
-        ``discard`` names pages (allocation page numbers) the caller overwrites completely: their
-        old bytes are not copied in (a missing one gets a zero-filled slot) and their lower copies
-        are dropped once the slot is secured.
+        ``discard`` names pages (allocation page numbers) the caller overwrites completely: a
+        missing one gets a zero-filled slot instead of its old bytes. Its host or disk copy stays
+        until the release: marked dirty there, the page holds what the caller wrote and the old copy
+        is dropped; not marked dirty (the write failed), the page gets its old bytes back. So a
+        failed overwrite loses nothing.
 
         Enqueues the copies and returns at once; the returned pages are usable on a stream after
         :meth:`ResidentPages.wait`. With ``prefetch_strategy="sequential"`` a fault also schedules
@@ -369,15 +378,18 @@ class Pager:
                 except BaseException:
                     _unpin(pins, start, stop)
                     raise
+                overwritten = [page for page in missing if page in self._overwriting] if discard else []
                 slots = list(map(_DEVICE_SLOT, pages))
             else:  # all resident, the common case: ``discard`` only concerns missing pages
-                missing = ()
+                missing = overwritten = ()
                 self.device_policy.touch_run((allocation.id, start, stop), pages)
             self.metrics.count("faults", len(missing))
             self.metrics.count("hits", len(pages) - len(missing))
             events = self._unfinished_copies(pages)
             first_slot = self.device_tier.first_of_run(slots)
             resident = ResidentPages(self, allocation, start, stop, pages, slots, events, first_slot)
+            if overwritten:
+                resident.overwritten = overwritten
             if not events:
                 allocation.resident_run = ResidentRun(self._residency_epoch, start, stop, pages, slots, first_slot,
                                                       _has_lower_copies(pages))  # fmt: skip
@@ -468,8 +480,9 @@ class Pager:
         """Copy ``data``'s bytes into ``allocation`` at byte ``offset`` (blocking the current stream's order).
 
         Pages the write covers completely are not faulted in first: their old bytes are discarded.
-        The write goes in chunks of half the device tier; if one fails (``OutOfPagesError``), the
-        chunks before it hold the new bytes and the rest keep their old bytes.
+        The write goes in chunks of half the device tier; if one fails (``OutOfPagesError``, a disk
+        error reading a page it covers in part), the chunks before it hold the new bytes and the
+        rest keep their old bytes.
         """
         source = _as_bytes(data)
         first, stop = allocation.page_range(offset, offset + source.numel())
@@ -482,6 +495,7 @@ class Pager:
                 if chunk_begin <= index * self.page_size and index * self.page_size + allocation.pages[index].nbytes <= chunk_end
             ]
             resident = self.ensure_resident(allocation, chunk_start, chunk_stop, discard=covered)
+            written = False
             try:
                 resident.wait()
                 for run_offset, view in resident.runs():
@@ -489,8 +503,10 @@ class Pager:
                     lo, hi = max(run_begin, chunk_begin), min(run_begin + view.numel(), chunk_end)
                     if lo < hi:
                         view[lo - run_begin : hi - run_begin].copy_(source[lo - offset : hi - offset], non_blocking=True)
+                written = True
             finally:
-                resident.release(dirty=True)
+                # A failed copy leaves the covered pages their old bytes and counts the rest as written.
+                resident.release(dirty=True if written else set(range(chunk_start, chunk_stop)).difference(covered))
 
     def read(self, allocation: Allocation, offset: int = 0, nbytes: Optional[int] = None) -> torch.Tensor:
         """A CPU uint8 copy of ``nbytes`` (default: to the end) of ``allocation`` from byte ``offset``."""
@@ -557,9 +573,10 @@ class Pager:
     def _bring_to_device(self, pages: Sequence[Page], discard: frozenset[int] = frozenset()) -> list[Page]:
         """Give every page of ``pages`` (all pinned by the caller) a filled device slot.
 
-        Pages whose index is in ``discard`` will be overwritten whole by the caller: once they hold
-        a device slot their lower copies are dropped and the slot is zero-filled instead.
-        Returns the pages that were missing. On error, pages not yet filled keep no device slot.
+        Pages whose index is in ``discard`` will be overwritten whole by the caller: their slot is
+        zero-filled instead, and those with a host or disk copy join ``_overwriting`` (the copy stays
+        authoritative until the caller's release). Returns the pages that were missing. On error,
+        pages not yet filled keep no device slot.
         """
         missing = [page for page in pages if page.device_slot is None]
         if not missing:  # all resident, the common case: one batched touch, no per-page test
@@ -569,28 +586,32 @@ class Pager:
         self._make_device_room(len(missing))
         for page, slot in zip(missing, self.device_tier.allocate(len(missing))):
             page.device_slot = slot
-            if page.index in discard:
-                self._drop_host_copy(page, forget=True)
-                self._drop_disk_copy(page)
+        copied = missing
+        if discard:
+            copied = [page for page in missing if page.index not in discard]
+            self._overwriting.update(page for page in missing if page.index in discard and _has_lower_copies((page,)))
         filled: set[Page] = set()
+        succeeded = False
         try:
-            from_host = [page for page in missing if page.host_slot is not None]
-            from_disk = [page for page in missing if page.host_slot is None and page.disk_slot is not None]
+            from_host = [page for page in copied if page.host_slot is not None]
+            from_disk = [page for page in copied if page.host_slot is None and page.disk_slot is not None]
             # Pages that hold host copies go first: staging disk pages may evict those copies.
             self._copy_host_to_device(from_host)
             filled.update(from_host)
-            zeros = [page for page in missing if page.host_slot is None and page.disk_slot is None]
+            zeros = [page for page in missing if (page.host_slot is None and page.disk_slot is None) or page.index in discard]
             self._zero_on_device(zeros)
             filled.update(zeros)
             for chunk in _chunked(from_disk, max(1, self.host_tier.capacity_pages // 2)):
                 self._stage_from_disk(chunk)
                 self._copy_host_to_device(chunk)
                 filled.update(chunk)
+            succeeded = True
         finally:
             for page in missing:  # in request order, so the policy sees the order of use
-                if page in filled:
+                if page in filled and (succeeded or page.index not in discard):
                     self.device_policy.insert(page)
-                else:
+                else:  # on error a zero-filled page to overwrite goes too: its lower copy is its bytes
+                    self._overwriting.discard(page)
                     self._free_device_slot(page)
         return missing
 
@@ -702,12 +723,15 @@ class Pager:
             return
         if self.disk_tier is None:
             # Nowhere to spill: only host copies that are clean caches of a device copy may go.
-            victims = self.host_policy.victims(shortfall, lambda page: page.device_slot is not None and page not in keep)
+            overwriting = self._overwriting
+            victims = self.host_policy.victims(
+                shortfall, lambda page: page.device_slot is not None and page not in keep and page not in overwriting
+            )
             if len(victims) < shortfall:
                 victims = self.host_policy.victims(shortfall, lambda page: page not in keep)  # fails below, naming why
         else:
             victims = self.host_policy.victims(shortfall, lambda page: page not in keep)
-        to_disk = [page for page in victims if page.device_slot is None and page.disk_slot is None]
+        to_disk = [page for page in victims if (page.device_slot is None or page in self._overwriting) and page.disk_slot is None]
         if len(victims) < shortfall:
             raise OutOfPagesError(f"host tier: {count} pages needed, {self.host_tier.free_pages} free of {self.host_tier.capacity_pages}")
         if to_disk:
@@ -797,6 +821,8 @@ class Pager:
             if dirty:
                 allocation = resident.allocation
                 allocation.version += 1
+                if self._overwriting:  # an overwrite is done: the device copy is the page's bytes now
+                    self._overwriting.difference_update(page for page in resident.pages if page.index in dirty)
                 run = self._current_run(allocation, resident.start, resident.stop)
                 if run is None or run.lower_copies:
                     for page in resident.pages:
@@ -806,6 +832,26 @@ class Pager:
                     if run is not None and dirty.issuperset(range(run.start, run.stop)):  # every lower copy is gone
                         allocation.resident_run = replace(run, lower_copies=False)
             _unpin(resident.allocation.pins, resident.start, resident.stop)
+            if resident.overwritten:
+                self._restore_overwritten(resident.overwritten)
+
+    def _restore_overwritten(self, pages: Sequence[Page]) -> None:
+        """Give pages whose overwrite was released without a write (it failed) their old bytes back:
+        the zero-filled device slot goes, and the host or disk copy is the page again. A page another
+        holder still pins keeps its slot, refilled from that copy (on the H2D stream, after the
+        slot's fences). Pages since written by another holder (no longer in ``_overwriting``) stay."""
+        pages = [page for page in pages if page in self._overwriting]
+        self._overwriting.difference_update(pages)
+        refill = [page for page in pages if page.pin_count]
+        for page in pages:
+            if not page.pin_count:
+                self._drop_device_copy(page, forget=True)
+        if refill:
+            self._residency_epoch += 1  # the slots get new copies: a recorded resident range is stale
+            from_disk = [page for page in refill if page.host_slot is None]
+            if from_disk:
+                self._stage_from_disk(from_disk)
+            self._copy_host_to_device(refill)
 
     def _current_run(self, allocation: Allocation, start: int, stop: int) -> Optional[ResidentRun]:
         """The allocation's remembered resident range when it is ``[start, stop)`` and still current."""

@@ -342,11 +342,49 @@ class PagedTensor(torch.Tensor):
         return self.materialize("cpu").tolist()
 
     def numpy(self, *, force: bool = False):  # noqa: ANN201 - numpy is optional
-        return self.materialize("cpu").numpy(force=force)
+        """A read-only NumPy copy of the values. An array cannot share a PagedTensor's pages (torch's
+        ``numpy()`` shares a CPU tensor's memory), so a write to it raises instead of being lost."""
+        if self.requires_grad and not force:
+            raise RuntimeError("Can't call numpy() on Tensor that requires grad. Use tensor.detach().numpy() instead.")
+        return self.__array__()
 
-    def __array__(self, dtype=None):  # noqa: ANN001, ANN204
-        array = self.materialize("cpu").numpy()
+    def __array__(self, dtype=None, copy=None):  # noqa: ANN001, ANN204
+        array = self.materialize("cpu").detach().numpy()
+        array.flags.writeable = False
         return array if dtype is None else array.astype(dtype, copy=False)
+
+    # ``t.data = value`` (what ``nn.Module.half()``, ``.double()`` and ``.to(dtype)`` do to each
+    # parameter) would change the wrapper's shape and dtype while it kept reading its old pages.
+    @property
+    def data(self) -> torch.Tensor:
+        """The tensor detached from autograd (a PagedTensor over the same pages)."""
+        return torch._C.TensorBase.data.__get__(self)
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        """``t.data = value``: ``t`` takes ``value``'s shape, strides, dtype and values, and stays paged.
+
+        A PagedTensor on the same pager is shared (its pages, as torch shares storage); any other
+        tensor is copied into this tensor's pager (a PagedTensor cannot share a plain tensor's memory).
+
+        Raises:
+            TypeError: ``value`` is not a tensor.
+            ValueError: ``value`` is on another device than this tensor's pager computes on.
+        """
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"PagedTensor.data: expected a tensor, got {type(value).__name__}")
+        if self._paged is None:
+            raise NotImplementedError("PagedTensor.data: cannot assign to a traced PagedTensor (inside torch.compile)")
+        if value.device != self.device:
+            raise ValueError(f"PagedTensor.data: the value is on {value.device}, but this tensor's pager computes on "
+                             f"{self.device}; move the value there, or wrap it on a pager of that device")  # fmt: skip
+        source = value if isinstance(value, PagedTensor) and value.pager is self.pager else PagedTensor.wrap(value.detach(), self.pager)
+        torch._C.TensorBase.data.__set__(self, source)  # shape, strides, offset and dtype
+        self._paged = source._paged
+        self._offset = source._offset
+        self._materialized = None
+        self._span = None
+        self._meta = None
 
     def __repr__(self, *, tensor_contents: object = None) -> str:
         head = f"PagedTensor(shape={list(self.shape)}, dtype={self.dtype}, device={self.device}"

@@ -263,3 +263,100 @@ def test_writes_to_a_remembered_resident_range_drop_every_stale_lower_copy():
         assert not allocation.resident_run.lower_copies
         pager.evict_all()
         assert torch.equal(pager.read(allocation), torch.full((2 * PAGE,), 9, dtype=torch.uint8))
+
+
+# ---------------------------------------------------------------------- overwrites that fail
+
+
+def test_a_write_that_fails_leaves_the_pages_it_covers_their_old_bytes(nvme_dir):
+    """A write covering page 1 whole and pages 0 and 2 in part must read pages 0 and 2 back from disk;
+    when that fails (the disk tier is full) page 1 keeps its old bytes, not a zero-filled slot."""
+    pager = Pager(MemoryConfig(vram_limit=6 * PAGE, host_memory=2 * PAGE, disk_limit=3 * PAGE, page_size=PAGE, device="cpu",
+                               slab_size=PAGE, nvme_path=nvme_dir, prefetch_strategy="none"))  # fmt: skip
+    with pager:
+        target = pager.allocate(3 * PAGE)
+        pager.write(target, torch.full((3 * PAGE,), 0xAB, dtype=torch.uint8))
+        pager.evict_all()
+        other = pager.allocate(2 * PAGE)
+        pager.write(other, torch.full((2 * PAGE,), 0x11, dtype=torch.uint8))
+        pager.evict_all()
+        with pytest.raises(OutOfPagesError, match="disk tier full"):
+            pager.write(target, torch.full((3 * PAGE - 200,), 0xCD, dtype=torch.uint8), offset=100)
+        pager.free(other)
+        assert torch.equal(pager.read(target), torch.full((3 * PAGE,), 0xAB, dtype=torch.uint8))
+
+
+def test_a_write_that_meets_a_corrupt_page_keeps_the_healthy_page_it_covers(nvme_dir):
+    pager = Pager(MemoryConfig(vram_limit=4 * PAGE, host_memory=PAGE, page_size=PAGE, device="cpu", slab_size=PAGE,
+                               nvme_path=nvme_dir, prefetch_strategy="none"))  # fmt: skip
+    with pager:
+        target = pager.allocate(2 * PAGE)
+        pager.write(target, torch.full((2 * PAGE,), 0xAB, dtype=torch.uint8))
+        pager.evict_all()
+        filler = pager.allocate(PAGE)
+        pager.write(filler, torch.ones(PAGE, dtype=torch.uint8))
+        pager.evict_all()
+        table = pager.page_table(target)
+        assert table[0].host_slot is None and table[1].disk_slot is not None
+        with open(pager.disk_tier.file_path, "r+b") as handle:  # page 1's disk copy goes bad
+            handle.seek(table[1].disk_slot * PAGE + 10)
+            handle.write(b"\x00\x01\x02")
+        with pytest.raises(PageCorruptionError):
+            pager.write(target, torch.full((PAGE + 100,), 0xCD, dtype=torch.uint8), offset=0)
+        assert torch.equal(pager.read(target, 0, PAGE), torch.full((PAGE,), 0xAB, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("with_disk", [False, True], ids=["host", "disk"])
+def test_an_overwrite_released_unwritten_gets_its_old_bytes_back(tmp_path, with_disk):
+    old = random_bytes(2 * PAGE, seed=3)
+    with make_pager(str(tmp_path) if with_disk else None, host_pages=2) as pager:
+        allocation = pager.allocate(2 * PAGE)
+        pager.write(allocation, old)
+        pager.evict_all()
+        if with_disk:  # push the host copies down to disk
+            pager.write(pager.allocate(2 * PAGE), random_bytes(2 * PAGE, seed=4))
+            pager.evict_all()
+        resident = pager.ensure_resident(allocation, discard=[0, 1])
+        assert torch.equal(resident.contiguous(), torch.zeros(2 * PAGE, dtype=torch.uint8)), "discarded pages are zero-filled"
+        resident.release()  # the overwrite failed: nothing was written
+        assert torch.equal(pager.read(allocation), old)
+        with pager.ensure_resident(allocation, discard=[1]) as pages:
+            pages.views()[1].fill_(7)
+            pages.mark_dirty([1])
+        assert torch.equal(pager.read(allocation), torch.cat([old[:PAGE], torch.full((PAGE,), 7, dtype=torch.uint8)]))
+        pager.evict_all()
+        assert torch.equal(pager.read(allocation, PAGE, PAGE), torch.full((PAGE,), 7, dtype=torch.uint8)), "the old copy came back"
+
+
+def test_an_overwrite_keeps_the_old_bytes_while_the_host_is_squeezed(nvme_dir):
+    """While pages are pinned zero-filled for an overwrite, their host copy is their only good one:
+    host pressure must spill it to disk, not drop it as a clean cache of the device copy."""
+    old = random_bytes(PAGE, seed=5)
+    with make_pager(nvme_dir, device_pages=4, host_pages=1) as pager:
+        target = pager.allocate(PAGE)
+        pager.write(target, old)
+        pager.evict_all()
+        assert pager.page_table(target)[0].tier == "host" and pager.page_table(target)[0].disk_slot is None
+        resident = pager.ensure_resident(target, discard=[0])
+        squeeze = pager.allocate(2 * PAGE)  # its dirty pages need the one host slot on eviction
+        pager.write(squeeze, random_bytes(2 * PAGE, seed=6))
+        pager.evict(squeeze)
+        resident.release()
+        assert torch.equal(pager.read(target), old)
+
+
+def test_an_overwrite_released_unwritten_while_another_holder_pins_the_page(nvme_dir):
+    old = random_bytes(PAGE, seed=7)
+    with make_pager(nvme_dir) as pager:
+        allocation = pager.allocate(PAGE)
+        pager.write(allocation, old)
+        pager.evict_all()
+        overwrite = pager.ensure_resident(allocation, discard=[0])
+        reader = pager.ensure_resident(allocation)  # sees the zero-filled slot, and keeps it pinned
+        slot = reader.slots[0]
+        overwrite.release()
+        reader.wait()
+        assert reader.pages[0].device_slot == slot, "a pinned page lost its slot"
+        assert torch.equal(reader.contiguous(), old), "the pinned slot was not refilled with the old bytes"
+        reader.release()
+        assert torch.equal(pager.read(allocation), old)

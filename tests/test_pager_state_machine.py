@@ -11,7 +11,9 @@ hold, so the test checks:
 * pinned pages stay on the device, in the same slot, until released;
 * (``scan``) reading everything in a drawn order returns every byte, whatever mix of dirty and clean
   copies the reads leave on the device for the next eviction;
-* the page table is coherent: a dirty page has exactly one copy; the counters add up.
+* the page table is coherent: a dirty page has exactly one copy; the counters add up;
+* (``pin`` with ``overwrite``) pages pinned to be overwritten whole (``discard``) read as zeros until
+  released; released written they hold what was written, released unwritten their old bytes.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class PagerMachine(RuleBasedStateMachine):
         self.live: dict[int, object] = {}
         self.lru: list[tuple[int, int]] = []  # device-resident (allocation id, page), least recent first
         self.pinned: list[tuple[object, dict[tuple[int, int], int]]] = []  # (ResidentPages, slots at pin)
+        # Pages pinned zero-filled for an overwrite while a lower copy holds their bytes: key -> those
+        # bytes, until a release marks the page written or its own release gives them back.
+        self.overwriting: dict[tuple[int, int], torch.Tensor] = {}
 
     def teardown(self) -> None:
         for resident, _ in self.pinned:
@@ -112,7 +117,10 @@ class PagerMachine(RuleBasedStateMachine):
         payload = torch.randint(0, 256, (length,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
         self.pager.write(allocation, payload, offset)
         self.data[allocation.id][offset : offset + length] = payload
-        self._model_chunks(allocation.id, *allocation.page_range(offset, offset + length))
+        first, stop = allocation.page_range(offset, offset + length)
+        self._model_chunks(allocation.id, first, stop)
+        for index in range(first, stop):  # written: an overwrite in flight on them is done
+            self.overwriting.pop((allocation.id, index), None)
 
     @rule(allocation=allocations, data=st.data())
     def read(self, allocation, data):
@@ -145,17 +153,27 @@ class PagerMachine(RuleBasedStateMachine):
         self._model_fault(allocation.id, start, stop)
 
     @precondition(lambda self: len(self.pinned) < 2)
-    @rule(allocation=allocations, data=st.data())
-    def pin(self, allocation, data):
+    @rule(allocation=allocations, overwrite=st.booleans(), data=st.data())
+    def pin(self, allocation, overwrite: bool, data):
         """Pin one or two pages; two pins may overlap or repeat a range, holding at most two pages
-        between them (reads fault two pages at a time into the rest of the device tier)."""
+        between them (reads fault two pages at a time into the rest of the device tier). With
+        ``overwrite`` some of them are named to be overwritten whole (``discard``)."""
         if allocation.id not in self.live:
             return
         start = data.draw(st.integers(0, allocation.num_pages - 1), label="start")
         stop = data.draw(st.integers(start + 1, min(allocation.num_pages, start + 2)), label="stop")
         if len(self._pinned_keys() | {(allocation.id, index) for index in range(start, stop)}) > 2:
             return
-        resident = self.pager.ensure_resident(allocation, start, stop)
+        discard = data.draw(st.lists(st.sampled_from(range(start, stop)), unique=True), label="discard") if overwrite else []
+        bytes_of = self.data[allocation.id]
+        zero_filled = [index for index in discard if allocation.pages[index].device_slot is None]
+        for index in zero_filled:
+            page = allocation.pages[index]
+            key = (allocation.id, index)
+            if page.host_slot is not None or page.disk_slot is not None:
+                self.overwriting[key] = bytes_of[index * PAGE : index * PAGE + page.nbytes].clone()
+            bytes_of[index * PAGE : index * PAGE + page.nbytes] = 0  # the slot reads as zeros until released
+        resident = self.pager.ensure_resident(allocation, start, stop, discard=discard)
         self._model_fault(allocation.id, start, stop)
         slots = {(allocation.id, page.index): page.device_slot for page in resident.pages}
         self.pinned.append((resident, slots))
@@ -177,6 +195,18 @@ class PagerMachine(RuleBasedStateMachine):
                     view.fill_(value)
                     self.data[page.allocation_id][page.index * PAGE : page.index * PAGE + page.nbytes] = value
         resident.release(dirty=dirty)
+        written_keys = {key for key in slots if dirty is True or (dirty and key[1] in dirty)}
+        for key in written_keys:
+            self.overwriting.pop(key, None)
+        still_pinned = self._pinned_keys()
+        for page in resident.overwritten:  # released unwritten: the old bytes are back
+            key = (page.allocation_id, page.index)
+            old = self.overwriting.pop(key, None)
+            if old is None:
+                continue
+            self.data[key[0]][key[1] * PAGE : key[1] * PAGE + page.nbytes] = old
+            if key not in still_pinned:  # the zero-filled slot is dropped; a pinned one is refilled
+                self.lru.remove(key)
 
     @rule()
     def evict_all(self):

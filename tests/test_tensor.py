@@ -511,3 +511,116 @@ def test_threads_run_ops_on_paged_tensors_of_one_pager(nvme_dir):
         assert not errors, errors
         stats = pager.stats()
         assert stats["bytes_to_disk"] > 0 and stats["bytes_from_disk"] > 0, stats
+
+
+# ---------------------------------------------------------------------- ops that fail, odd layouts, conversions
+
+
+def evicted(pager: Pager, x: torch.Tensor) -> PagedTensor:
+    """``x`` paged, with every page off the device (an overwrite then skips faulting them in)."""
+    paged = PagedTensor.wrap(x, pager)
+    pager.evict_all()
+    return paged
+
+
+@pytest.mark.parametrize(
+    "fail",
+    [
+        pytest.param(lambda t: t.fill_(300), id="fill_-overflow"),
+        pytest.param(lambda t: t.copy_(torch.empty(t.shape, dtype=t.dtype, device="meta")), id="copy_-from-meta"),
+        pytest.param(lambda t: t.zero_().copy_(torch.empty(3, dtype=t.dtype)), id="copy_-bad-shape"),
+    ],
+)
+def test_an_overwrite_that_fails_leaves_the_tensor_as_it_was(nvme_dir, fail):
+    x = torch.arange(8192, dtype=torch.int64).to(torch.uint8)
+    with make_pager(device_pages=16, host_pages=4, nvme_path=nvme_dir) as pager:
+        paged = evicted(pager, x)  # pages on the host and, past 4 of them, on disk
+        dense = x.clone()
+        with pytest.raises(RuntimeError) as dense_error:
+            fail(dense)
+        with pytest.raises(RuntimeError) as paged_error:
+            fail(paged)
+        assert type(paged_error.value) is type(dense_error.value)
+        assert torch.equal(paged.materialize(), dense), "the failed op changed the paged tensor unlike the dense one"
+
+
+def test_an_overwrite_whose_source_does_not_fit_keeps_the_destination():
+    with make_pager(device_pages=8) as pager:
+        destination = PagedTensor.wrap(torch.randn(2048), pager)  # 2 pages
+        source = PagedTensor.wrap(torch.randn(8 * 2048), pager)  # every 8th element: a span of 16 pages
+        before = destination.materialize()
+        pager.evict_all()
+        with pytest.raises(OutOfPagesError):
+            destination.copy_(source[::8])
+        assert torch.equal(destination.materialize(), before)
+
+
+def test_fill_of_a_view_whose_overlap_hides_its_gaps_writes_only_its_elements(pager):
+    x = torch.randn(4096)
+    paged = evicted(pager, x)
+    view = lambda t: t[:2048:2047].unsqueeze(1).expand(2, 1024)  # noqa: E731 - elements 0 and 2047, 1024 times each
+    view(x).fill_(7.0)
+    view(paged).fill_(7.0)
+    assert torch.equal(paged.materialize().cpu(), x)
+
+
+def test_unsafe_split_and_chunk_are_views(pager):
+    x = torch.zeros(4, 3)
+    paged = PagedTensor.wrap(x, pager)
+    for piece in paged.unsafe_split(2):
+        assert isinstance(piece, PagedTensor)
+        piece.add_(1)
+    for piece in paged.unsafe_chunk(4):
+        piece.mul_(3)
+    assert torch.equal(paged.materialize().cpu(), torch.full((4, 3), 3.0))
+
+
+def test_ops_returning_sparse_tensors(pager):
+    x = torch.randn(16, 24).relu()
+    paged = PagedTensor.wrap(x, pager)
+    assert torch.equal(paged.to_sparse().to_dense().cpu(), x)
+    assert torch.equal(paged.to_sparse_csr().to_dense().cpu(), x)
+
+
+@pytest.mark.parametrize("convert", ["half", "double", "bfloat16"])
+def test_module_dtype_conversion_keeps_weights_paged_and_converts_them(pager, convert):
+    torch.manual_seed(0)
+    weight = torch.randn(8, 8)
+    dense, paged = torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False)
+    dense.weight = torch.nn.Parameter(weight.clone())
+    paged.weight = torch.nn.Parameter(PagedTensor.wrap(weight.clone(), pager))
+    getattr(dense, convert)()
+    getattr(paged, convert)()
+    assert isinstance(paged.weight, PagedTensor) and isinstance(paged.weight, torch.nn.Parameter)
+    assert paged.weight.dtype == dense.weight.dtype and paged.weight.requires_grad
+    assert torch.equal(paged.weight.materialize().cpu(), dense.weight.detach())
+
+
+def test_data_assignment(pager):
+    device = pager.device
+    paged = PagedTensor.wrap(torch.arange(6.0).view(2, 3), pager)
+    paged.data = torch.full((3, 2), 5.0, dtype=torch.float64, device=device)
+    assert (paged.shape, paged.dtype) == ((3, 2), torch.float64)
+    assert torch.equal(paged.materialize().cpu(), torch.full((3, 2), 5.0, dtype=torch.float64))
+    paged.data = torch.zeros(2, 3, device=device)
+    assert torch.equal(paged.materialize().cpu(), torch.zeros(2, 3))
+    other = PagedTensor.wrap(torch.ones(4), pager)
+    paged.data = other[1:]  # a PagedTensor of the same pager: its pages are shared, as torch shares storage
+    other.add_(1)
+    assert torch.equal(paged.materialize().cpu(), torch.full((3,), 2.0))
+    with pytest.raises(ValueError, match=f"the value is on meta, but this tensor's pager computes on {paged.device}"):
+        paged.data = torch.empty(3, device="meta")
+    with pytest.raises(TypeError, match="expected a tensor, got list"):
+        paged.data = [1.0]
+
+
+def test_numpy_is_a_read_only_copy(pager):
+    paged = PagedTensor.wrap(torch.arange(3.0), pager)
+    array = paged.numpy()
+    assert array.tolist() == [0.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="read-only"):
+        array[0] = 5  # a write could never reach the pages: it must not pass silently
+    assert paged.tolist() == [0.0, 1.0, 2.0]
+    with pytest.raises(RuntimeError, match="Can't call numpy\\(\\) on Tensor that requires grad"):
+        PagedTensor.wrap(torch.zeros(2, requires_grad=True), pager).numpy()
+    assert PagedTensor.wrap(torch.zeros(2, requires_grad=True), pager).numpy(force=True).tolist() == [0.0, 0.0]
