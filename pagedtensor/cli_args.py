@@ -7,6 +7,7 @@ argparse reports an ``ArgumentTypeError`` raised by a ``type`` function as
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Callable, Optional
 
 from pagedtensor.config import MemoryConfig, parse_size
@@ -40,9 +41,16 @@ def positive_int(text: str) -> int:
 
 def config_error(**settings: object) -> Optional[str]:
     """Why ``MemoryConfig(**settings)`` would be refused (budget under a page, page size, device, disk
-    path), or ``None``; checked before any work starts, so the command fails as a usage error."""
+    path), or ``None``; checked before any work starts, so the command fails as a usage error. The
+    disk folder is created here (the command is about to use it), so a path that cannot be one fails
+    here too."""
     try:
-        MemoryConfig(**settings)
+        config = MemoryConfig(**settings)
     except (ValueError, TypeError) as error:
         return str(error)
+    if config.nvme_path is not None:
+        try:
+            os.makedirs(config.nvme_path, exist_ok=True)
+        except OSError as error:
+            return f"nvme_path: cannot create the folder {config.nvme_path!r}: {error.strerror or error}"
     return None

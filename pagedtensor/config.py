@@ -153,8 +153,15 @@ class MemoryConfig:
             import os
 
             path = os.fsdecode(os.fspath(self.nvme_path))
+            if not path:
+                raise ValueError("nvme_path: expected a folder path (or None for no disk tier), got ''")
             if os.path.exists(path) and not os.path.isdir(path):
                 raise ValueError(f"nvme_path: {path!r} exists and is not a directory")
+            ancestor = os.path.dirname(os.path.abspath(path))
+            while not os.path.exists(ancestor):
+                ancestor = os.path.dirname(ancestor)
+            if not os.path.isdir(ancestor):
+                raise ValueError(f"nvme_path: cannot create {path!r}: {ancestor!r} is not a directory")
             set_field(self, "nvme_path", path)
         if self.compression is not None and self.nvme_path is None:
             raise ValueError(f"compression: {self.compression!r} applies to the disk tier, but nvme_path is None")
@@ -195,3 +202,11 @@ def _parse_device(device: Union[str, torch.device, None]) -> torch.device:
         if parsed.index >= torch.cuda.device_count():
             raise ValueError(f"device: {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA devices")
     return parsed
+
+
+def check_memory_config(memory_config: object) -> None:
+    """``memory_config`` is a :class:`MemoryConfig` or ``None``; else a ``TypeError`` naming what it is
+    (checked before any work, e.g. before a model loads)."""
+    if memory_config is not None and not isinstance(memory_config, MemoryConfig):
+        raise TypeError(f"memory_config: expected a MemoryConfig (e.g. MemoryConfig(vram_limit='8GiB')), "
+                        f"got {type(memory_config).__name__}")  # fmt: skip

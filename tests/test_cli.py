@@ -49,10 +49,12 @@ def test_bad_arguments_are_usage_errors_naming_the_value(argv, named, capsys):
         assert text in err, (text, err)
 
 
-def test_demo_refuses_a_disk_folder_that_is_a_file(capsys, tmp_path):
+@pytest.mark.parametrize("under", ["", "sub"], ids=["the-file", "a-folder-under-it"])
+def test_demo_refuses_a_disk_folder_that_is_a_file(capsys, tmp_path, under):
     a_file = tmp_path / "not_a_folder"
     a_file.write_text("x")
     with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--nvme-path", str(a_file), "--device", "cpu"])
+        main(["demo", "--nvme-path", str(a_file / under) if under else str(a_file), "--device", "cpu"])
     assert exit_info.value.code == 2
-    assert "nvme_path" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nvme_path" in err and "Traceback" not in err

@@ -96,6 +96,10 @@ def test_nvme_path_that_is_a_file(tmp_path):
     path.write_text("x")
     with pytest.raises(ValueError, match="nvme_path"):
         MemoryConfig(nvme_path=str(path), device="cpu")
+    with pytest.raises(ValueError, match=r"nvme_path: cannot create '.*/file/sub/pages': '.*/file' is not a directory"):
+        MemoryConfig(nvme_path=str(path / "sub" / "pages"), device="cpu")
+    with pytest.raises(ValueError, match="nvme_path: expected a folder path .* got ''"):
+        MemoryConfig(nvme_path="", device="cpu")
 
 
 def test_normalized_values():

@@ -55,7 +55,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from pagedtensor.config import MemoryConfig, SizeLike, format_size, parse_size
+from pagedtensor.config import MemoryConfig, SizeLike, check_memory_config, format_size, parse_size
 from pagedtensor.pager import Allocation, Page, Pager, ResidentPages
 
 log = logging.getLogger(__name__)
@@ -209,6 +209,7 @@ class PagedKVCache(Cache):
             raise ValueError(f"hot_fraction: expected a number in [0, 1], got {hot_fraction!r}")
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
             raise ValueError(f"max_tokens: expected a positive int or None, got {max_tokens!r}")
+        check_memory_config(memory_config)
         owns_pager = pager is None
         if pager is None:
             pager = Pager(streaming_config(memory_config if memory_config is not None else MemoryConfig()))

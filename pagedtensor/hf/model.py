@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 import torch
 
-from pagedtensor.config import MemoryConfig, SizeLike, parse_size
+from pagedtensor.config import MemoryConfig, SizeLike, check_memory_config, parse_size
 from pagedtensor.hf.attention import PAGED_FORWARD, register_attention
 from pagedtensor.hf.cache import ATTENTION_NAME, DEFAULT_STREAM_GROUP_BYTES, PagedKVCache, streaming_config
 from pagedtensor.pager import Pager
@@ -112,8 +112,7 @@ def enable_paging(
         raise ValueError("enable_paging: paging is already enabled on this model")
     if pager is not None and memory_config is not None:
         raise ValueError("enable_paging: pass either memory_config or pager, not both")
-    if memory_config is not None and not isinstance(memory_config, MemoryConfig):
-        raise TypeError(f"memory_config: expected a MemoryConfig (e.g. MemoryConfig(vram_limit='8GiB')), got {type(memory_config).__name__}")
+    check_memory_config(memory_config)
     if pager is not None and not isinstance(pager, Pager):
         raise TypeError(f"pager: expected a Pager, got {type(pager).__name__}")
     if not isinstance(page_weights, bool):
@@ -547,6 +546,7 @@ class PagedModel:
         ``memory_config`` as this rank's own budget (:func:`pagedtensor.hf.distributed.load_tensor_parallel`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        check_memory_config(memory_config)
         if hf_kwargs.get("tp_plan") is not None:  # tensor parallel under torchrun: one pager per rank
             from pagedtensor.hf.distributed import load_tensor_parallel
 

@@ -114,6 +114,14 @@ def test_paged_model_measures_generate(nvme_dir):
     assert torch.equal(paged.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected)
 
 
+def test_a_memory_config_that_is_not_one_is_named_before_any_model_loads(tmp_path):
+    with pytest.raises(TypeError, match="memory_config: expected a MemoryConfig .* got dict"):
+        PagedModel.from_pretrained(str(tmp_path / "no-such-model"), memory_config={"vram_limit": "1GiB"})
+    ref, _ = tiny_pair("llama")
+    with pytest.raises(TypeError, match="memory_config: expected a MemoryConfig .* got dict"):
+        PagedKVCache(ref.config, memory_config={"vram_limit": "1GiB"})
+
+
 def test_paged_model_from_pretrained(tmp_path, nvme_dir):
     reference, _ = tiny_pair("llama")
     reference.save_pretrained(tmp_path / "tiny")
