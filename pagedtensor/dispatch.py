@@ -200,8 +200,11 @@ class PagedDispatcher:
         discard = _overwritten_pages(func, args, written, groups) if func in _OVERWRITING else {}
 
         opened: list[_Group] = []
+        # An overwritten allocation's window opens last: until its release the pages it overwrites
+        # keep their host copies, which the other windows' faults then need not make room around.
+        order = sorted(groups.values(), key=lambda group: id(group.storage) in discard) if discard else groups.values()
         try:
-            for group in groups.values():
+            for group in order:
                 group.window = _Window(group.storage, group.lo, group.hi, discard.get(id(group.storage), ()), group.private)
                 opened.append(group)
         except OutOfPagesError as error:
