@@ -745,6 +745,8 @@ class Pager:
                 )
             free_disk = None if self.disk_tier.capacity_pages is None else self.disk_tier.capacity_pages - self.disk_tier.used_pages
             if free_disk is not None and free_disk < len(to_disk):
+                free_disk += self._drop_duplicate_disk_copies(len(to_disk) - free_disk, frozenset(victims))
+            if free_disk is not None and free_disk < len(to_disk):
                 raise OutOfPagesError(f"disk tier full (disk_limit={self.config.disk_limit} bytes): cannot spill {len(to_disk)} pages")
             self._sync_host_slots([page.host_slot for page in to_disk])
             disk_slots = [self.disk_tier.allocate_slot() for _ in to_disk]
@@ -760,6 +762,22 @@ class Pager:
         for page in victims:
             self._drop_host_copy(page)
         self.metrics.count("host_evictions", len(victims))
+
+    def _drop_duplicate_disk_copies(self, count: int, leaving_host: frozenset) -> int:
+        """Free up to ``count`` disk slots holding clean caches: disk copies of pages that keep a device
+        or host copy (not the pages in ``leaving_host``, whose host copy is about to go, nor pages
+        being overwritten, whose device copy is not their bytes). Returns how many were freed. Runs
+        only when the disk tier is full: one pass over the page table."""
+        freed = 0
+        for allocation in self._allocations.values():
+            for page in allocation.pages:
+                if freed == count:
+                    return freed
+                if (page.disk_slot is not None and (page.device_slot is not None or page.host_slot is not None)
+                        and page not in leaving_host and page not in self._overwriting):  # fmt: skip
+                    self._drop_disk_copy(page)
+                    freed += 1
+        return freed
 
     def _sync_host_slots(self, slots: Iterable[int]) -> None:
         """Block the host until the copies touching these host slots are done (before CPU I/O on them)."""

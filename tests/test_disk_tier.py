@@ -433,3 +433,29 @@ def test_reads_return_last_write(ops, compression, aligned) -> None:
                     with pytest.raises(ValueError):
                         tier.free_slot(LOGICAL_SLOTS + logical)
             assert tier.used_pages == len(slot_of)
+
+
+def test_a_frame_header_claiming_a_huge_page_is_corruption(tmp_path) -> None:
+    """zstandard trusts a frame's declared size over max_output_size: a corrupt header (whose record
+    checksum matches) must be PageCorruptionError, not a huge allocation."""
+    pytest.importorskip("zstandard")
+    import ctypes
+
+    tier = DiskTier(str(tmp_path), PAGE, None, compression="zstd")
+    try:
+        slot = tier.allocate_slot()
+        tier.write_pages([(slot, torch.zeros(PAGE, dtype=torch.uint8))])
+        frame = b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + (2**40).to_bytes(8, "little") + b"\x01\x00\x00"  # claims 1 TiB
+        stored = bytearray(4096)
+        stored[: len(frame)] = frame
+        fd = os.open(tier.file_path, os.O_RDWR)
+        try:
+            os.pwrite(fd, bytes(stored), slot * PAGE)
+        finally:
+            os.close(fd)
+        checksum = tier._checksum(ctypes.addressof((ctypes.c_char * 4096).from_buffer(stored)), 4096)
+        tier._pages[slot] = disk._PageRecord(4096, len(frame), checksum)
+        with pytest.raises(PageCorruptionError, match="holds a frame of 1099511627776 bytes"):
+            tier.read_pages([(slot, torch.empty(PAGE, dtype=torch.uint8))])
+    finally:
+        tier.close()

@@ -235,3 +235,65 @@ def test_ring_create_reports_errno() -> None:
         assert err.value == -errno.EINVAL
     with pytest.raises(ValueError, match="depth"):
         diskio.UringEngine(0)
+
+
+class _Interrupted(BaseException):
+    """What the test's SIGINT handler raises (not KeyboardInterrupt, which would stop pytest)."""
+
+
+def test_thread_pool_returns_from_an_interrupted_batch_only_when_no_worker_is_left(monkeypatch) -> None:
+    """The caller frees or reuses a batch's buffers as soon as ``submit`` raises: requests already
+    running must have finished by then, and those not started must never run."""
+    import signal
+
+    started, finished = [], []
+
+    def slow_transfer(request: IoRequest) -> int:
+        started.append(request.offset)
+        time.sleep(0.3)
+        finished.append(request.offset)
+        return request.length
+
+    monkeypatch.setattr(diskio, "_transfer", slow_transfer)
+
+    def interrupt(signum, frame):
+        raise _Interrupted()
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    engine = diskio.ThreadPoolEngine(depth=2)
+    try:
+        timer = threading.Timer(0.1, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+        timer.start()
+        with pytest.raises(_Interrupted):
+            engine.submit([IoRequest(OP_READ, 0, 0, 1, offset) for offset in range(8)])  # 4 rounds of 0.3 s
+        timer.join()
+        assert started and sorted(started) == sorted(finished), "submit returned while workers still ran"
+        count = len(finished)
+        time.sleep(0.5)
+        assert len(finished) == count < 8, "requests of the abandoned batch ran after submit returned"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        engine.close()
+
+
+@pytest.mark.parametrize("engine_name", ENGINES)
+def test_engines_refuse_a_bad_request(engine_name: str) -> None:
+    engine = diskio.open_engine(engine_name, depth=4)
+    buffer = torch.zeros(16, dtype=torch.uint8)
+    try:
+        for bad in (IoRequest(7, 0, buffer.data_ptr(), 16, 0), IoRequest(OP_READ, 0, buffer.data_ptr(), 16, -1)):
+            with pytest.raises(ValueError, match="I/O request 0: expected op 0 \\(read\\) or 1 \\(write\\)"):
+                engine.submit([bad])
+    finally:
+        engine.close()
+
+
+@pytest.mark.skipif(URING_REASON is not None, reason=f"io_uring: {URING_REASON}")
+def test_uring_engine_collected_without_close_gives_its_ring_back() -> None:
+    import gc
+
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        diskio.UringEngine(depth=4)  # dropped at once
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before + 2, "io_uring descriptors leaked"

@@ -3,6 +3,7 @@ write-back of dirty pages only, prefetch, threads, metrics."""
 
 from __future__ import annotations
 
+import errno
 
 import pytest
 import torch
@@ -268,21 +269,25 @@ def test_writes_to_a_remembered_resident_range_drop_every_stale_lower_copy():
 # ---------------------------------------------------------------------- overwrites that fail
 
 
-def test_a_write_that_fails_leaves_the_pages_it_covers_their_old_bytes(nvme_dir):
+def test_a_write_that_fails_leaves_the_pages_it_covers_their_old_bytes(nvme_dir, monkeypatch):
     """A write covering page 1 whole and pages 0 and 2 in part must read pages 0 and 2 back from disk;
-    when that fails (the disk tier is full) page 1 keeps its old bytes, not a zero-filled slot."""
-    pager = Pager(MemoryConfig(vram_limit=6 * PAGE, host_memory=2 * PAGE, disk_limit=3 * PAGE, page_size=PAGE, device="cpu",
-                               slab_size=PAGE, nvme_path=nvme_dir, prefetch_strategy="none"))  # fmt: skip
-    with pager:
+    when that read fails (an I/O error) page 1 keeps its old bytes, not a zero-filled slot."""
+    with make_pager(nvme_dir, device_pages=6, host_pages=1) as pager:
         target = pager.allocate(3 * PAGE)
         pager.write(target, torch.full((3 * PAGE,), 0xAB, dtype=torch.uint8))
         pager.evict_all()
-        other = pager.allocate(2 * PAGE)
-        pager.write(other, torch.full((2 * PAGE,), 0x11, dtype=torch.uint8))
-        pager.evict_all()
-        with pytest.raises(OutOfPagesError, match="disk tier full"):
+        pager.write(pager.allocate(PAGE), torch.ones(PAGE, dtype=torch.uint8))
+        pager.evict_all()  # the target's pages are on disk only
+        assert all(info.tier == "disk" for info in pager.page_table(target))
+        real_read = pager.disk_tier.read_pages
+
+        def failing_read(pages):
+            raise OSError(errno.EIO, "injected read error")
+
+        monkeypatch.setattr(pager.disk_tier, "read_pages", failing_read)
+        with pytest.raises(OSError, match="injected read error"):
             pager.write(target, torch.full((3 * PAGE - 200,), 0xCD, dtype=torch.uint8), offset=100)
-        pager.free(other)
+        monkeypatch.setattr(pager.disk_tier, "read_pages", real_read)
         assert torch.equal(pager.read(target), torch.full((3 * PAGE,), 0xAB, dtype=torch.uint8))
 
 
@@ -360,3 +365,18 @@ def test_an_overwrite_released_unwritten_while_another_holder_pins_the_page(nvme
         assert torch.equal(reader.contiguous(), old), "the pinned slot was not refilled with the old bytes"
         reader.release()
         assert torch.equal(pager.read(allocation), old)
+
+
+def test_a_full_disk_tier_drops_clean_disk_copies_to_make_room(nvme_dir):
+    """Data that fits the budgets stays readable: reads leave pages with a disk copy under a device or
+    host copy, and a spill to a full disk tier frees those duplicates instead of failing."""
+    page = 65536
+    pager = Pager(MemoryConfig(vram_limit=2 * page, host_memory=2 * page, disk_limit=8 * page, page_size=page, slab_size=2 * page,
+                               nvme_path=nvme_dir, device="cpu", prefetch_strategy="none"))  # fmt: skip
+    with pager:
+        allocation = pager.allocate(10 * page)
+        data = random_bytes(10 * page, seed=8)
+        pager.write(allocation, data)
+        for _ in range(2):
+            assert torch.equal(pager.read(allocation), data)
+            assert torch.equal(pager.read(allocation, page, 2 * page), data[page : 3 * page])

@@ -419,10 +419,15 @@ class DiskTier:
                 f"{record.checksum:#010x}, got {actual:#010x}",
             )
         if record.compressed_length:
+            frame = _buffer(request.address, record.compressed_length)
             try:
-                page = decompressor.decompress(
-                    _buffer(request.address, record.compressed_length), max_output_size=self.page_size
-                )
+                # zstandard trusts a size in the frame header over max_output_size: check it first, so a
+                # corrupt header cannot ask for a huge allocation (MemoryError instead of this error).
+                declared = self._zstd.frame_content_size(frame)
+                if declared > self.page_size:
+                    return (PageCorruptionError, errno.EIO,
+                            f"disk tier: {where} holds a frame of {declared} bytes, expected {self.page_size}")  # fmt: skip
+                page = decompressor.decompress(frame, max_output_size=self.page_size)
             except self._zstd.ZstdError as exc:
                 return PageCorruptionError, errno.EIO, f"disk tier: cannot decompress {where}: {exc}"
             if len(page) != self.page_size:

@@ -25,8 +25,9 @@ import importlib.util
 import logging
 import os
 import threading
+import weakref
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, NamedTuple, Protocol, Sequence
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,16 @@ class IoRequest(NamedTuple):
     address: int
     length: int
     offset: int
+
+
+def check_requests(requests: Sequence[IoRequest]) -> None:
+    """Every request is a read or a write of a non-negative length at a non-negative offset; else a
+    ``ValueError`` naming it (an engine would otherwise do something else: a read, or I/O at the
+    file's current position)."""
+    for index, request in enumerate(requests):
+        if request.op not in (OP_READ, OP_WRITE) or request.offset < 0 or request.length < 0:
+            raise ValueError(f"I/O request {index}: expected op {OP_READ} (read) or {OP_WRITE} (write), a length and "
+                             f"an offset >= 0; got {request}")  # fmt: skip
 
 
 class _CRequest(ctypes.Structure):
@@ -175,12 +186,15 @@ class UringEngine:
         self._ring: int | None = ring
         self._lock = threading.Lock()  # guards _ring against close() during submit
         self.depth = int(lib.pt_ring_depth(ring))
+        # An engine collected without close() still gives its ring (a descriptor and three mappings) back.
+        self._finalizer = weakref.finalize(self, lib.pt_ring_destroy, ring)
 
     def submit(self, requests: Sequence[IoRequest]) -> list[int]:
         """Runs the batch with up to ``depth`` requests in flight; blocks until all completed."""
         count = len(requests)
         if count == 0:
             return []
+        check_requests(requests)
         array = (_CRequest * count)()
         for entry, request in zip(array, requests):
             entry.fd = request.fd
@@ -200,7 +214,7 @@ class UringEngine:
         """Destroys the ring; waits for a batch in progress. Idempotent."""
         with self._lock:
             if self._ring is not None:
-                self._lib.pt_ring_destroy(self._ring)
+                self._finalizer()  # destroys the ring, once
                 self._ring = None
 
 
@@ -244,13 +258,29 @@ class ThreadPoolEngine:
         )
 
     def submit(self, requests: Sequence[IoRequest]) -> list[int]:
-        """Runs the batch on the pool; blocks until all requests completed."""
+        """Runs the batch on the pool; blocks until all requests completed.
+
+        Also when interrupted (``KeyboardInterrupt`` while waiting): requests not started are
+        cancelled and the call returns (raising) only once no worker touches the batch's memory,
+        which the caller frees or reuses right after.
+        """
+        check_requests(requests)
         pool = self._pool
         if pool is None:
             raise ValueError("I/O engine is closed")
         if len(requests) == 1:
             return [_transfer(requests[0])]
-        return list(pool.map(_transfer, requests))
+        try:
+            futures = [pool.submit(_transfer, request) for request in requests]
+        except RuntimeError as error:  # close() shut the pool down meanwhile
+            raise ValueError("I/O engine is closed") from error
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            wait(futures)
+            raise
 
     def close(self) -> None:
         """Shuts the pool down after the batches in progress. Idempotent."""
