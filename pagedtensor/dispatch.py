@@ -66,13 +66,21 @@ _MAX_TOUCH_BLOCKS = 4096
 # In-place resizers that the ``inplace_view`` tag does not mark.
 _RESIZING_OPS = frozenset({"_resize_output_", "resize_as_sparse_", "sparse_resize_", "sparse_resize_and_clear_"})
 
+# Ops that write arguments their schema does not mark ``(a!)``: batch norm updates its running
+# statistics in place in training (CPU: native_batch_norm; CUDA: cudnn_/miopen_batch_norm).
+_UNMARKED_WRITES: dict[str, frozenset[str]] = {
+    name: frozenset({"running_mean", "running_var"})
+    for name in ("native_batch_norm", "_batch_norm_impl_index", "cudnn_batch_norm", "miopen_batch_norm",
+                 "batch_norm_update_stats")
+}
+
 
 @dataclass(frozen=True)
 class OpInfo:
     """What an op's schema says about aliasing, read once per op."""
 
     written: tuple[tuple[int, str], ...]
-    """``(position, name)`` of each argument the op writes (``Tensor(a!)``)."""
+    """``(position, name)`` of each argument the op writes (``Tensor(a!)``, or listed in ``_UNMARKED_WRITES``)."""
     out_names: frozenset[str]
     """The written arguments that are keyword-only (``out=``): torch may resize them."""
     is_view: bool
@@ -85,10 +93,11 @@ class OpInfo:
     @classmethod
     def of(cls, func: OpOverload) -> "OpInfo":
         schema = func._schema
+        unmarked = _UNMARKED_WRITES.get(func.overloadpacket.__name__, frozenset())
         written = tuple(
             (position, argument.name)
             for position, argument in enumerate(schema.arguments)
-            if argument.alias_info is not None and argument.alias_info.is_write
+            if (argument.alias_info is not None and argument.alias_info.is_write) or argument.name in unmarked
         )
         returns = [r.alias_info for r in schema.returns if r.alias_info is not None]
         return cls(

@@ -23,6 +23,7 @@ as the PagedTensor or until it is written; :meth:`PagedTensor.drop_materialized`
 
 from __future__ import annotations
 
+import copy
 import logging
 import weakref
 from typing import ClassVar, Optional, Union
@@ -72,6 +73,22 @@ class PagedStorage:
     @property
     def nbytes(self) -> int:
         return 0 if self.allocation is None else self.allocation.nbytes
+
+    def copy(self) -> "PagedStorage":
+        """A new allocation of the same pager holding these bytes (copied through the pager in chunks
+        of a quarter of the device tier, so any size fits)."""
+        if self.allocation is None:
+            return PagedStorage(self.pager, None)
+        pager, source = self.pager, self.allocation
+        target = pager.allocate(source.nbytes, name=source.name)
+        try:
+            chunk = max(pager.page_size, pager.device_tier.capacity_pages // 4 * pager.page_size)
+            for offset in range(0, source.nbytes, chunk):
+                pager.write(target, pager.read(source, offset, min(chunk, source.nbytes - offset)), offset)
+        except BaseException:
+            pager.free(target)
+            raise
+        return PagedStorage(pager, target)
 
     def meta_base(self, dtype: torch.dtype) -> torch.Tensor:
         """A flat meta tensor of ``dtype`` as long as the allocation: the base that view ops run on."""
@@ -353,6 +370,27 @@ class PagedTensor(torch.Tensor):
         array.flags.writeable = False
         return array if dtype is None else array.astype(dtype, copy=False)
 
+    # The wrapper's own storage is empty (no bytes, a null pointer): these would reach it and crash or
+    # export garbage, so each raises, naming what to use instead. (``untyped_storage()`` stays: torch
+    # itself reads it, e.g. torch.compile's metadata checks; writing through it is unsupported.)
+    def storage(self) -> torch.TypedStorage:
+        raise NotImplementedError(
+            "PagedTensor.storage: a PagedTensor's bytes live in pager pages, not in a torch storage; "
+            "use t.materialize() for a dense copy"
+        )
+
+    def share_memory_(self) -> "PagedTensor":
+        raise NotImplementedError(
+            "PagedTensor.share_memory_: pages live in this process's pager and cannot be shared with other "
+            "processes; share t.materialize() instead"
+        )
+
+    def __dlpack__(self, *args: object, **kwargs: object) -> object:
+        raise BufferError(
+            "PagedTensor.__dlpack__: a PagedTensor's bytes live in pager pages, so there is no memory to export "
+            "without a copy; export t.materialize() instead"
+        )
+
     # ``t.data = value`` (what ``nn.Module.half()``, ``.double()`` and ``.to(dtype)`` do to each
     # parameter) would change the wrapper's shape and dtype while it kept reading its old pages.
     @property
@@ -412,15 +450,38 @@ class PagedTensor(torch.Tensor):
         return _rebuild_paged_tensor, (self.materialize("cpu"), self.requires_grad, is_param, str(self.device))
 
     def __deepcopy__(self, memo: dict) -> "PagedTensor":
+        """A PagedTensor with copies of this one's pages, on the same pager, as torch deep-copies a
+        tensor: views copied together share their copied pages (one copy per allocation in
+        ``memo``), ``.grad`` and Python attributes are deep-copied, and a non-leaf is refused."""
         if id(self) in memo:
             return memo[id(self)]
-        copied = PagedTensor.wrap(self.materialize(), self.pager)
+        if not self.is_leaf:
+            raise RuntimeError(
+                "Only Tensors created explicitly by the user (graph leaves) support the deepcopy protocol at the moment"
+            )
+        if self._paged is None:  # traced: a dense inner tensor
+            copied = PagedTensor._from_inner(self._inner.clone(), tuple(self.shape), self.stride())
+        else:
+            key = ("PagedStorage", id(self._paged))
+            storage = memo.get(key)
+            if storage is None:
+                storage = memo[key] = self._paged.copy()
+            copied = PagedTensor._make(storage, self._offset, tuple(self.shape), self.stride(), self.dtype)
         if self.requires_grad:
             copied.requires_grad_(True)
         if getattr(self, "_is_param", False):
             copied = torch.nn.Parameter(copied, requires_grad=self.requires_grad)
         memo[id(self)] = copied
+        if self.grad is not None:
+            copied.grad = copy.deepcopy(self.grad, memo)
+        for name, value in self.__dict__.items():
+            if name not in _OWN_ATTRIBUTES:
+                setattr(copied, name, copy.deepcopy(value, memo))
         return copied
+
+
+# Attributes PagedTensor itself keeps in ``__dict__`` (a deep copy rebuilds them; the rest are users').
+_OWN_ATTRIBUTES = frozenset({"_paged", "_offset", "_inner", "_materialized", "_span", "_meta", "_is_param"})
 
 
 def _rebuild_paged_tensor(data: torch.Tensor, requires_grad: bool, is_param: bool = False, saved_from: str = "") -> torch.Tensor:

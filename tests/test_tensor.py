@@ -624,3 +624,48 @@ def test_numpy_is_a_read_only_copy(pager):
     with pytest.raises(RuntimeError, match="Can't call numpy\\(\\) on Tensor that requires grad"):
         PagedTensor.wrap(torch.zeros(2, requires_grad=True), pager).numpy()
     assert PagedTensor.wrap(torch.zeros(2, requires_grad=True), pager).numpy(force=True).tolist() == [0.0, 0.0]
+
+
+def test_batch_norm_training_updates_paged_running_statistics(pager):
+    """batch norm writes its running statistics in place though its schema does not mark them."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, device=pager.device)
+    dense, paged = torch.nn.BatchNorm2d(3).to(pager.device), torch.nn.BatchNorm2d(3).to(pager.device)
+    paged.running_mean = PagedTensor.wrap(torch.zeros(3), pager)
+    paged.running_var = PagedTensor.wrap(torch.ones(3), pager)
+    for _ in range(2):
+        assert torch.equal(paged(x), dense(x))
+        pager.evict_all()
+    assert torch.equal(paged.running_mean.materialize(), dense.running_mean)
+    assert torch.equal(paged.running_var.materialize(), dense.running_var)
+
+
+def test_deepcopy_keeps_views_shared_and_copies_grad_and_attributes(pager):
+    base = PagedTensor.wrap(torch.arange(8.0), pager).requires_grad_()
+    base.grad = torch.ones(8, device=pager.device)
+    base.note = {"kept": [1]}
+    view = base.detach()[2:5]
+    copied_base, copied_view = copy.deepcopy([base, view])
+    copied_base.detach()[3] = -1.0
+    assert copied_view.materialize()[1].item() == -1.0, "the copied view does not share the copied base's pages"
+    assert base.materialize()[3].item() == 3.0, "the copy shares the original's pages"
+    assert torch.equal(copied_base.grad.cpu(), torch.ones(8)) and copied_base.note == {"kept": [1]}
+    assert copied_base.note is not base.note
+    non_leaf = base[2:4]  # a view of a leaf that requires grad: a PagedTensor with a grad_fn
+    assert isinstance(non_leaf, PagedTensor) and not non_leaf.is_leaf
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(non_leaf)
+
+
+def test_storage_sharing_and_dlpack_raise_instead_of_crashing(pager):
+    paged = PagedTensor.wrap(torch.arange(4.0), pager)
+    with pytest.raises(NotImplementedError, match="share_memory_: pages live in this process's pager"):
+        paged.share_memory_()
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(paged, requires_grad=False)
+    with pytest.raises(NotImplementedError, match="share_memory_"):
+        module.share_memory()  # what multiprocessing users call on a model
+    with pytest.raises(NotImplementedError, match="PagedTensor.storage"):
+        paged.storage()
+    with pytest.raises(BufferError, match="export t.materialize\\(\\) instead"):
+        torch.from_dlpack(paged)
