@@ -90,9 +90,12 @@ def pagedllm_attention(
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     reason = _fallback_reason(cache, layer_idx, query, attention_mask, dropout if module.training else 0.0, window, kwargs)
     if reason is not None:
-        log.debug("pagedllm attention, layer %s: SDPA on dense pages (%s)", layer_idx, reason)
+        log.debug("pagedllm attention, layer %s: dense attention on the pages (%s)", layer_idx, reason)
         keys, values = cache.dense_kv(layer_idx)
         mask = attention_mask if attention_mask is not None else cache.dense_mask(layer_idx, query.shape[2], window)
+        eager = _model_eager_attention(module, kwargs)
+        if eager is not None:
+            return eager(module, query, keys, values, _additive(mask, query.dtype), dropout=dropout, scaling=scaling, **kwargs)
         return _sdpa(query, keys, values, mask, scaling, dropout if module.training else 0.0), None
     return paged_attention(cache, layer_idx, query, scaling), None
 
@@ -203,8 +206,32 @@ def _sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: O
     return out.transpose(1, 2).contiguous()
 
 
+def _model_eager_attention(module: torch.nn.Module, kwargs: dict):
+    """The model's own ``eager_attention_forward`` when the call needs what SDPA cannot do (logit
+    soft-capping, attention-sink logits), else None: it applies them exactly as the unpaged model's
+    eager attention does."""
+    if kwargs.get("softcap") is None and kwargs.get("s_aux") is None and kwargs.get("sinks") is None:
+        return None
+    import sys
+
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(f"pagedllm attention: {type(module).__name__} needs soft-capping or sink logits, "
+                                  "and its module has no eager_attention_forward to apply them")  # fmt: skip
+    return eager
+
+
+def _additive(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A boolean mask (True = visible) as the additive mask eager attention adds to its scores."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
 def _sdpa_without_cache(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
-    """No paged cache behind this call: transformers' SDPA on the given keys and values."""
+    """No paged cache behind this call: transformers' SDPA on the given keys and values (the model's
+    eager attention where SDPA cannot apply soft-capping or sink logits)."""
+    eager = _model_eager_attention(module, kwargs)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         # a 2D padding mask (a forward that was expected to fill a paged cache): causal, bottom-right aligned
         q_len, kv_len = query.shape[2], key.shape[2]
@@ -212,7 +239,11 @@ def _sdpa_without_cache(module, query, key, value, attention_mask, scaling, drop
         key_pos = torch.arange(kv_len, device=query.device)
         causal = (key_pos[None, :] <= query_pos[:, None])[None, None]
         mask = causal & attention_mask.bool()[:, None, None, -kv_len:].to(query.device)
+        if eager is not None:
+            return eager(module, query, key, value, _additive(mask, query.dtype), dropout=dropout, scaling=scaling, **kwargs)
         return _sdpa(query, key, value, mask, scaling, dropout if module.training else 0.0), None
+    if eager is not None:
+        return eager(module, query, key, value, _additive(attention_mask, query.dtype), dropout=dropout, scaling=scaling, **kwargs)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

@@ -61,6 +61,18 @@ class PagingState:
     hooks: list = dataclasses.field(default_factory=list)
     weight_allocations: list = dataclasses.field(default_factory=list)  # per decoder layer, with page_weights=True
     in_place: bool = False  # this forward may overwrite layer inputs (no grad, no captured hidden states)
+    # The decoder layers and the final norm, whose inputs a chunked forward may overwrite, and how many
+    # forward hooks enable_paging itself left on them: more means a user's hook may keep a buffer.
+    reused: list = dataclasses.field(default_factory=list)
+    own_hooks: int = 0
+
+    def user_hooks(self) -> bool:
+        """Whether a forward hook other than enable_paging's own may see a reused buffer."""
+        from torch.nn.modules import module as nn_module
+
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return True
+        return _hook_count(self.reused) != self.own_hooks
 
     def new_cache(self, model: torch.nn.Module, max_tokens: Optional[int] = None) -> PagedKVCache:
         return PagedKVCache(
@@ -155,8 +167,12 @@ def enable_paging(
     norm = _final_norm(model)
     if norm is not None:
         norm.forward = _chunked_rowwise_forward(norm.forward, state)
+    state.reused = [*_decoder_layers(model), *([norm] if norm is not None else [])]
+    state.own_hooks = _hook_count(state.reused)
     setattr(model, STATE_ATTRIBUTE, state)
     model.generate = _paged_generate(model, state)
+    if page_weights:
+        model.save_pretrained = _dense_save_pretrained(model, model.save_pretrained)
     return model
 
 
@@ -172,6 +188,23 @@ def cache_keyword(model: torch.nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------- generate
+
+
+def _dense_save_pretrained(model: torch.nn.Module, save_pretrained):
+    """``save_pretrained`` of a model with paged weights: the state dict it saves holds dense CPU copies
+    of them (read through the pager), so the files load anywhere, without pagedtensor. (transformers
+    tells tensors apart by their storage, which every PagedTensor's wrapper shares, and would refuse
+    them as shared tensors.)"""
+    from pagedtensor.tensor import PagedTensor
+
+    @functools.wraps(save_pretrained)
+    def save(*args, state_dict=None, **kwargs):
+        if state_dict is None:
+            state_dict = {name: value.materialize("cpu") if isinstance(value, PagedTensor) else value
+                          for name, value in model.state_dict().items()}  # fmt: skip
+        return save_pretrained(*args, state_dict=state_dict, **kwargs)
+
+    return save
 
 
 def _paged_generate(model: torch.nn.Module, state: PagingState):
@@ -250,10 +283,14 @@ def _begin_forward_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> N
         config = getattr(module, "config", None)
         captures = any(
             kwargs.get(name, getattr(config, name, False)) for name in ("output_hidden_states", "output_attentions")
-        )
+        ) or state.user_hooks()  # a hook may keep a layer's input or output, which in-place reuse overwrites
         state.in_place = cache is not None and not captures and not torch.is_grad_enabled() and kwargs.get("inputs_embeds") is None
     if cache is not None and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
         cache.begin_forward(mask, inputs.shape[1])
+
+
+def _hook_count(modules: list) -> int:
+    return sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in modules)
 
 
 def _end_forward_hook(module: torch.nn.Module, args: tuple, output: object) -> None:

@@ -1,0 +1,93 @@
+"""Model features the paged path must keep: logit soft-capping and attention-sink logits (computed
+by the model's own eager attention on the paged keys), forward hooks on decoder layers (no in-place
+reuse of a buffer a hook may keep), and save_pretrained with paged weights (dense files)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+from pagedtensor import enable_paging
+from pagedtensor.tensor import PagedTensor
+from tests.hf.tiny_models import TINY, prompts, tiny_budget, tiny_pair
+
+
+def _scaled_pair(config_class, model_class, extra: dict, scale):
+    config = config_class(**{**TINY, **extra})
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    reference = model_class(config).eval()
+    with torch.no_grad():
+        scale(reference)
+    paged = model_class(copy.deepcopy(config)).eval()
+    paged.load_state_dict(reference.state_dict())
+    return reference, paged
+
+
+def _scale_queries(model):  # large scores, so a cap of 1.0 changes the result
+    for layer in model.model.layers:
+        layer.self_attn.q_proj.weight.mul_(40)
+
+
+def _spread_sinks(model):  # sink logits large enough to matter
+    for layer in model.model.layers:
+        layer.self_attn.sinks.normal_(0, 3.0)
+
+
+@pytest.mark.parametrize(
+    "config_class,model_class,extra,scale",
+    [
+        pytest.param(transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+                     dict(head_dim=16, sliding_window=4096, query_pre_attn_scalar=16, attn_logit_softcapping=1.0,
+                          final_logit_softcapping=None), _scale_queries, id="gemma2-softcap"),
+        pytest.param(transformers.GptOssConfig, transformers.GptOssForCausalLM,
+                     dict(head_dim=16, sliding_window=4096, num_local_experts=4, num_experts_per_tok=2), _spread_sinks,
+                     id="gpt_oss-sinks"),
+    ],
+)  # fmt: skip
+def test_soft_capping_and_sink_logits_match_the_unpaged_model(nvme_dir, config_class, model_class, extra, scale):
+    reference, paged = _scaled_pair(config_class, model_class, extra, scale)
+    enable_paging(paged, tiny_budget(nvme_dir))
+    ids, mask = prompts(1, length=40)
+    settings = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    expected, got = reference.generate(ids, **settings), paged.generate(ids, **settings)
+    assert torch.equal(got.sequences, expected.sequences)
+    for want, have in zip(expected.logits, got.logits):
+        torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)
+
+
+def test_forward_hooks_on_decoder_layers_see_their_own_outputs(nvme_dir):
+    reference, paged = tiny_pair("llama")
+    enable_paging(paged, tiny_budget(nvme_dir), prefill_chunk_size=16)
+    ids, mask = prompts(1, length=40)
+
+    def prefill_outputs(model):
+        seen: list[torch.Tensor] = []
+        hooks = [layer.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+                 for layer in model.model.layers]  # fmt: skip
+        try:
+            tokens = model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return tokens, seen[: len(model.model.layers)]
+
+    expected_tokens, expected = prefill_outputs(reference)
+    tokens, got = prefill_outputs(paged)
+    assert torch.equal(tokens, expected_tokens)
+    assert len({t.data_ptr() for t in got}) == len(got), "two layers' recorded outputs are one reused buffer"
+    for want, have in zip(expected, got):
+        torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)
+
+
+def test_save_pretrained_with_paged_weights_writes_dense_files(nvme_dir, tmp_path):
+    reference, paged = tiny_pair("llama")
+    enable_paging(paged, tiny_budget(nvme_dir, vram_pages=24, host_pages=16), page_weights=True)
+    assert isinstance(paged.model.layers[0].self_attn.q_proj.weight, PagedTensor)
+    paged.save_pretrained(tmp_path / "saved")
+    reloaded = type(reference).from_pretrained(tmp_path / "saved").eval()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
