@@ -383,7 +383,8 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def _page_layer_weights(model: torch.nn.Module, state: PagingState) -> None:
     """Replace every parameter of every decoder layer by a PagedTensor parameter on ``state.pager``
-    and hook the layer-ahead prefetch (layer ``i``'s pre-hook prefetches layer ``i + 1``'s weights)."""
+    (``requires_grad=False``: paged weights are for inference) and hook the layer-ahead prefetch
+    (layer ``i``'s pre-hook prefetches layer ``i + 1``'s weights)."""
     from pagedtensor.tensor import PagedTensor
 
     pager = state.pager
