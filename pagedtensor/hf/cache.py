@@ -313,9 +313,13 @@ class PagedKVCache(Cache):
         return False
 
     def reset(self) -> None:
-        """Drop every token (pages freed); the cache can be filled again."""
+        """Drop every token (pages freed); the cache can be filled again, with any batch size (as
+        ``DynamicCache``): the geometry is learned again from the next states."""
         for layer in self.layers:
             self._free_layer(layer)
+            layer.seqs = []
+            layer.is_initialized = False
+        self.dtype = None
 
     def close(self) -> None:
         """Free every page (and close the pager if this cache created it). Idempotent."""
@@ -831,7 +835,14 @@ class PagedKVCache(Cache):
         layer.seqs = [layer.seqs[i] for i in order]
 
     def _select_layer(self, layer: PagedLayer, indices: torch.Tensor) -> None:
-        keep = [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
+        """Keep the sequences at ``indices`` (positions, or a boolean mask over the batch, as
+        ``DynamicCache`` takes them), in that order."""
+        indices = torch.as_tensor(indices)
+        if indices.dtype == torch.bool:
+            if indices.numel() != len(layer.seqs):
+                raise ValueError(f"batch_select_indices: a boolean mask of {indices.numel()} for a batch of {len(layer.seqs)}")
+            indices = indices.nonzero()
+        keep = [int(i) for i in indices.reshape(-1).tolist()]
         if len(set(keep)) != len(keep):
             raise NotImplementedError("PagedKVCache cannot duplicate sequences")
         for b, seq in enumerate(layer.seqs):

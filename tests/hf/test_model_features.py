@@ -91,3 +91,28 @@ def test_save_pretrained_with_paged_weights_writes_dense_files(nvme_dir, tmp_pat
     reloaded = type(reference).from_pretrained(tmp_path / "saved").eval()
     for name, tensor in reference.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+
+def test_cache_reset_takes_a_new_batch_and_selection_takes_a_boolean_mask(nvme_dir):
+    from transformers import DynamicCache
+
+    from pagedtensor.hf import PagedKVCache
+    from pagedtensor.hf.model import paging_state
+
+    reference, paged = tiny_pair("llama")
+    enable_paging(paged, tiny_budget(nvme_dir))
+    ids, mask = prompts(3)
+    settings = dict(max_new_tokens=3, do_sample=False)
+    dense_cache = DynamicCache(config=reference.config)
+    paged_cache = PagedKVCache(paged.config, pager=paging_state(paged).pager)
+    for model, cache in ((reference, dense_cache), (paged, paged_cache)):
+        model.generate(ids, attention_mask=mask, past_key_values=cache, **settings)
+        cache.reset()
+    expected = reference.generate(ids[:1], past_key_values=dense_cache, **settings)
+    assert torch.equal(paged.generate(ids[:1], past_key_values=paged_cache, **settings), expected)
+    paged_cache.reset()
+    paged.generate(ids, attention_mask=mask, past_key_values=paged_cache, **settings)
+    paged_cache.batch_select_indices(torch.tensor([True, False, True]))
+    assert paged_cache.layers[0].cache.batch_size_ == 2
+    with pytest.raises(ValueError, match="a boolean mask of 4 for a batch of 2"):
+        paged_cache.batch_select_indices(torch.tensor([True, False, True, True]))
