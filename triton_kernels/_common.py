@@ -194,31 +194,28 @@ def host_checks_indices(device: torch.device) -> bool:
     return os.environ.get(CHECK_INDICES_VARIABLE, "0") not in ("", "0")
 
 
-def check_lengths_fit(seq_lens: torch.Tensor, capacity: int) -> None:
-    """Every ``seq_lens[b]`` is at most ``capacity`` (``max_pages * page_tokens``): the keys must lie in
-    the table. Checked where :func:`host_checks_indices` says so."""
-    if not host_checks_indices(seq_lens.device) or seq_lens.numel() == 0:
-        return
-    lengths = seq_lens.cpu()
-    over = (lengths > capacity).nonzero()
-    if over.numel():
-        b = int(over[0, 0])
-        raise ValueError(f"seq_lens[{b}] = {int(lengths[b])} exceeds the block table's capacity of {capacity} tokens "
-                         f"(max_pages * page_tokens)")  # fmt: skip
-
-
 def check_table_entries(block_table: torch.Tensor, num_pages: int, page_tokens: int, end: torch.Tensor,
-                        first: torch.Tensor | None = None, *, extra: int = 0, limit: int | None = None) -> None:
+                        first: torch.Tensor | None = None, *, extra: int = 0, limit: int | None = None,
+                        lengths_fit: bool = False) -> None:
     """Every entry of ``block_table`` that the tokens ``[first[b], min(end[b] + extra, limit))`` of row
     ``b`` use (``first`` 0 by default; clipped to the table) names a page of the pool,
-    ``0 <= entry < num_pages``. Checked where :func:`host_checks_indices` says so (nothing is computed
-    otherwise); raises ``ValueError`` naming the first bad entry."""
+    ``0 <= entry < num_pages``; with ``lengths_fit`` (``end`` holds the sequence lengths) also every
+    ``end[b] <= max_pages * page_tokens``: the keys must lie in the table. Checked where
+    :func:`host_checks_indices` says so (nothing is computed otherwise); raises ``ValueError``
+    naming the first bad length or entry."""
     if not host_checks_indices(block_table.device) or block_table.numel() == 0:
         return
     table = block_table.cpu()
     max_pages = table.shape[1]
     capacity = max_pages * page_tokens
-    end = (end.cpu().long() + extra).clamp(max=capacity if limit is None else min(limit, capacity))
+    end = end.cpu().long()
+    if lengths_fit:
+        over = (end > capacity).nonzero()
+        if over.numel():
+            b = int(over[0, 0])
+            raise ValueError(f"seq_lens[{b}] = {int(end[b])} exceeds the block table's capacity of {capacity} tokens "
+                             f"(max_pages * page_tokens)")  # fmt: skip
+    end = (end + extra).clamp(max=capacity if limit is None else min(limit, capacity))
     first = torch.zeros_like(end) if first is None else first.cpu().long().clamp(min=0)
     columns = torch.arange(max_pages)
     used = ((columns[None, :] >= (first // page_tokens)[:, None]) & (columns[None, :] * page_tokens < end[:, None])

@@ -42,7 +42,6 @@ from pagedtensor.triton_kernels._common import (
     check_block_table,
     check_device,
     check_kv_pages,
-    check_lengths_fit,
     check_table_entries,
     check_tensor,
     dot_options,
@@ -451,8 +450,7 @@ def _launch_decode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[2]
-    check_lengths_fit(seq_lens, block_table.shape[1] * k_pages.shape[1])
-    check_table_entries(block_table, k_pages.shape[0], k_pages.shape[1], seq_lens)
+    check_table_entries(block_table, k_pages.shape[0], k_pages.shape[1], seq_lens, lengths_fit=True)
     out = new_buffer((batch, num_heads, head_dim), q.dtype, q.device)
     lse = new_buffer((batch, num_heads), torch.float32, q.device)
     if batch == 0:

@@ -182,10 +182,9 @@ def _fallback_reason(cache: PagedKVCache, layer_idx: int, query: torch.Tensor, a
         return "an explicit attention mask"
     if dropout:
         return "dropout"
-    if kwargs.get("softcap") is not None:
-        return "logit soft-capping"
-    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        return "attention sink logits"
+    needs_eager = _needs_model_eager(kwargs)
+    if needs_eager is not None:
+        return needs_eager
     if window is not None and cache.get_seq_length(layer_idx) > window:
         return f"sliding window {window} outgrown"
     if query.shape[1] % cache.num_kv_heads:
@@ -206,11 +205,20 @@ def _sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: O
     return out.transpose(1, 2).contiguous()
 
 
+def _needs_model_eager(kwargs: dict) -> Optional[str]:
+    """What the call asks for that neither the kernels nor SDPA apply (logit soft-capping,
+    attention-sink logits), or None."""
+    if kwargs.get("softcap") is not None:
+        return "logit soft-capping"
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        return "attention sink logits"
+    return None
+
+
 def _model_eager_attention(module: torch.nn.Module, kwargs: dict):
-    """The model's own ``eager_attention_forward`` when the call needs what SDPA cannot do (logit
-    soft-capping, attention-sink logits), else None: it applies them exactly as the unpaged model's
-    eager attention does."""
-    if kwargs.get("softcap") is None and kwargs.get("s_aux") is None and kwargs.get("sinks") is None:
+    """The model's own ``eager_attention_forward`` when :func:`_needs_model_eager` names something,
+    else None: it applies it exactly as the unpaged model's eager attention does."""
+    if _needs_model_eager(kwargs) is None:
         return None
     import sys
 
