@@ -102,6 +102,13 @@ class PagedStorage:
         """Changes whenever pages of the allocation are written (released dirty)."""
         return 0 if self.allocation is None else self.allocation.version
 
+    def __reduce_ex__(self, protocol: int):  # noqa: ANN204
+        # The allocation's bytes, read to the CPU, never the pager. Pickle saves this object once
+        # however many views refer to it, so views saved together load sharing one allocation, as
+        # torch's views share one storage.
+        data = None if self.allocation is None else self.pager.read(self.allocation)
+        return _rebuild_paged_storage, (data,)
+
 
 _pending_frees: list[tuple[Pager, Allocation]] = []
 
@@ -444,10 +451,13 @@ class PagedTensor(torch.Tensor):
         # the default pager of the loading process. The compute device is recorded too: compile
         # caches pickle example inputs to key compiled graphs, and a CUDA tensor must never key
         # like a CPU one. A traced tensor (fake, at a compile boundary) pickles its inner tensor.
+        # Views saved together share their PagedStorage (pickled once), as torch views share a
+        # storage; like torch, saving a view saves its whole allocation.
         is_param = bool(getattr(self, "_is_param", False))
         if self._inner is not None:
             return _rebuild_paged_tensor, (self._inner, self.requires_grad, is_param, str(self._inner.device))
-        return _rebuild_paged_tensor, (self.materialize("cpu"), self.requires_grad, is_param, str(self.device))
+        layout = (self._offset, tuple(self.shape), tuple(self.stride()), self.dtype)
+        return _rebuild_paged_view, (self._paged, layout, self.requires_grad, is_param, str(self.device))
 
     def __deepcopy__(self, memo: dict) -> "PagedTensor":
         """A PagedTensor with copies of this one's pages, on the same pager, as torch deep-copies a
@@ -484,10 +494,47 @@ class PagedTensor(torch.Tensor):
 _OWN_ATTRIBUTES = frozenset({"_paged", "_offset", "_inner", "_materialized", "_span", "_meta", "_is_param"})
 
 
+def _rebuild_paged_storage(data: Optional[torch.Tensor]) -> PagedStorage:
+    """Unpickle a PagedStorage: a new allocation of the default pager holding the saved bytes."""
+    pager = get_default_pager()
+    if data is None:
+        return PagedStorage(pager, None)
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+        raise ValueError(f"PagedStorage: expected the saved bytes as a 1-D uint8 tensor, got {type(data).__name__} {getattr(data, 'dtype', '')}")
+    allocation = pager.allocate(data.numel())
+    try:
+        pager.write(allocation, data)
+    except BaseException:
+        pager.free(allocation)
+        raise
+    return PagedStorage(pager, allocation)
+
+
+def _rebuild_paged_view(
+    storage: PagedStorage, layout: tuple, requires_grad: bool, is_param: bool = False, saved_from: str = ""
+) -> torch.Tensor:
+    """Unpickle a PagedTensor saved by pages: ``layout`` is (element offset, size, stride, dtype)
+    over ``storage`` (``saved_from``, the device it was computed on when saved, is informational)."""
+    offset, size, stride, dtype = layout
+    if not isinstance(storage, PagedStorage):
+        raise ValueError(f"PagedTensor: expected a PagedStorage to rebuild from, got {type(storage).__name__}")
+    lo, hi = element_span(tuple(size), tuple(stride), offset)
+    if hi > lo and (lo < 0 or hi * dtype.itemsize > storage.nbytes):
+        raise ValueError(
+            f"PagedTensor: saved view (offset {offset}, size {tuple(size)}, stride {tuple(stride)}, {dtype}) "
+            f"reaches past its {storage.nbytes}-byte storage"
+        )
+    tensor = PagedTensor._make(storage, offset, tuple(size), tuple(stride), dtype)
+    return _as_saved(tensor, requires_grad, is_param)
+
+
 def _rebuild_paged_tensor(data: torch.Tensor, requires_grad: bool, is_param: bool = False, saved_from: str = "") -> torch.Tensor:
-    """Unpickle a PagedTensor: wrap the saved dense data on the default pager (``saved_from``, the
-    device it was computed on when saved, is informational)."""
-    tensor = PagedTensor.wrap(data)
+    """Unpickle a PagedTensor saved as dense data (a traced tensor, or a file of an earlier release):
+    wrap the data on the default pager (``saved_from`` is informational)."""
+    return _as_saved(PagedTensor.wrap(data), requires_grad, is_param)
+
+
+def _as_saved(tensor: PagedTensor, requires_grad: bool, is_param: bool) -> torch.Tensor:
     if requires_grad:
         tensor.requires_grad_(True)
     if is_param:
@@ -496,7 +543,7 @@ def _rebuild_paged_tensor(data: torch.Tensor, requires_grad: bool, is_param: boo
 
 
 # torch.load(weights_only=True) (the default) accepts only allowlisted globals.
-torch.serialization.add_safe_globals([_rebuild_paged_tensor])
+torch.serialization.add_safe_globals([_rebuild_paged_tensor, _rebuild_paged_view, _rebuild_paged_storage])
 
 
 def _check_wrappable(t: object) -> None:

@@ -383,6 +383,43 @@ def test_save_load_round_trip(default_pager):
     assert loaded["view"].stride() == x[2:4].t().stride() and torch.equal(loaded["view"].materialize(), x[2:4].t())
 
 
+def test_views_saved_together_load_sharing_their_pages(default_pager):
+    """As torch views share a storage after torch.load, paged views share one allocation: the bytes
+    are saved once and a write through one loaded view shows through the others."""
+    with make_pager() as pager:
+        x = rows_tensor()
+        t = PagedTensor.wrap(x, pager)
+        buffer = io.BytesIO()
+        torch.save({"t": t, "rows": t[2:4], "bits": t.view(torch.int32)[5]}, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer)
+    assert loaded["t"].allocation is loaded["rows"].allocation is loaded["bits"].allocation
+    assert loaded["t"].allocation.nbytes == x.nbytes  # saved once, not once per view
+    assert torch.equal(loaded["bits"].materialize(), x.view(torch.int32)[5])
+    loaded["t"][3].fill_(7.0)
+    default_pager.evict_all()
+    assert torch.equal(loaded["rows"][1].materialize(), torch.full_like(x[3], 7.0))
+
+
+def test_a_file_of_dense_saved_data_still_loads(default_pager):
+    """Files written before views were saved by pages hold the dense data: they load as before."""
+    from pagedtensor.tensor import _rebuild_paged_tensor
+
+    class OldPagedTensor:
+        def __init__(self, data: torch.Tensor) -> None:
+            self.data = data
+
+        def __reduce_ex__(self, protocol: int):
+            return _rebuild_paged_tensor, (self.data, False, False, "cpu")
+
+    x = rows_tensor()
+    buffer = io.BytesIO()
+    torch.save(OldPagedTensor(x), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)
+    assert type(loaded) is PagedTensor and torch.equal(loaded.materialize(), x)
+
+
 def test_state_dict_with_paged_parameter_round_trips(default_pager):
     model = torch.nn.Linear(256, 4)
     model.weight = torch.nn.Parameter(PagedTensor.wrap(model.weight.detach()))
