@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
+import warnings
 import weakref
 from typing import ClassVar, Optional, Union
 
@@ -453,11 +455,13 @@ class PagedTensor(torch.Tensor):
         # like a CPU one. A traced tensor (fake, at a compile boundary) pickles its inner tensor.
         # Views saved together share their PagedStorage (pickled once), as torch views share a
         # storage; like torch, saving a view saves its whole allocation.
+        # The user's Python attributes travel along, as torch's tensors carry theirs.
         is_param = bool(getattr(self, "_is_param", False))
+        attributes = _user_attributes(self)
         if self._inner is not None:
-            return _rebuild_paged_tensor, (self._inner, self.requires_grad, is_param, str(self._inner.device))
+            return _rebuild_paged_tensor, (self._inner, self.requires_grad, is_param, str(self._inner.device), attributes)
         layout = (self._offset, tuple(self.shape), tuple(self.stride()), self.dtype)
-        return _rebuild_paged_view, (self._paged, layout, self.requires_grad, is_param, str(self.device))
+        return _rebuild_paged_view, (self._paged, layout, self.requires_grad, is_param, str(self.device), attributes)
 
     def __deepcopy__(self, memo: dict) -> "PagedTensor":
         """A PagedTensor with copies of this one's pages, on the same pager, as torch deep-copies a
@@ -494,13 +498,20 @@ class PagedTensor(torch.Tensor):
 _OWN_ATTRIBUTES = frozenset({"_paged", "_offset", "_inner", "_materialized", "_span", "_meta", "_is_param"})
 
 
-def _rebuild_paged_storage(data: Optional[torch.Tensor]) -> PagedStorage:
-    """Unpickle a PagedStorage: a new allocation of the default pager holding the saved bytes."""
-    pager = get_default_pager()
+def _rebuild_paged_storage(data: Optional[torch.Tensor]) -> Union[PagedStorage, torch.Tensor]:
+    """Unpickle a PagedStorage: a new allocation of the default pager holding the saved bytes.
+
+    Where the bytes cannot be paged yet, ``data`` itself comes back and the views over it load as
+    plain tensors: ``map_location="meta"`` (no bytes), and torch's legacy (non-zip) format, whose
+    loader fills each tensor's bytes only after the whole object is rebuilt.
+    """
     if data is None:
-        return PagedStorage(pager, None)
+        return PagedStorage(get_default_pager(), None)
     if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
         raise ValueError(f"PagedStorage: expected the saved bytes as a 1-D uint8 tensor, got {type(data).__name__} {getattr(data, 'dtype', '')}")
+    if not _bytes_are_loaded(data):
+        return data
+    pager = get_default_pager()
     allocation = pager.allocate(data.numel())
     try:
         pager.write(allocation, data)
@@ -511,35 +522,78 @@ def _rebuild_paged_storage(data: Optional[torch.Tensor]) -> PagedStorage:
 
 
 def _rebuild_paged_view(
-    storage: PagedStorage, layout: tuple, requires_grad: bool, is_param: bool = False, saved_from: str = ""
+    storage: Union[PagedStorage, torch.Tensor],
+    layout: tuple,
+    requires_grad: bool,
+    is_param: bool = False,
+    saved_from: str = "",
+    attributes: Optional[dict] = None,
 ) -> torch.Tensor:
     """Unpickle a PagedTensor saved by pages: ``layout`` is (element offset, size, stride, dtype)
-    over ``storage`` (``saved_from``, the device it was computed on when saved, is informational)."""
+    over ``storage``; ``attributes`` are the user's Python attributes (``saved_from``, the device it
+    was computed on when saved, is informational). Over plain saved bytes (see
+    :func:`_rebuild_paged_storage`) the view is a plain tensor sharing them."""
     offset, size, stride, dtype = layout
-    if not isinstance(storage, PagedStorage):
+    size, stride = tuple(size), tuple(stride)
+    if not isinstance(storage, (PagedStorage, torch.Tensor)):
         raise ValueError(f"PagedTensor: expected a PagedStorage to rebuild from, got {type(storage).__name__}")
-    lo, hi = element_span(tuple(size), tuple(stride), offset)
-    if hi > lo and (lo < 0 or hi * dtype.itemsize > storage.nbytes):
+    nbytes = storage.nbytes if isinstance(storage, PagedStorage) else storage.numel()
+    lo, hi = element_span(size, stride, offset)
+    if hi > lo and (lo < 0 or hi * dtype.itemsize > nbytes):
         raise ValueError(
-            f"PagedTensor: saved view (offset {offset}, size {tuple(size)}, stride {tuple(stride)}, {dtype}) "
-            f"reaches past its {storage.nbytes}-byte storage"
+            f"PagedTensor: saved view (offset {offset}, size {size}, stride {stride}, {dtype}) reaches past its {nbytes}-byte storage"
         )
-    tensor = PagedTensor._make(storage, offset, tuple(size), tuple(stride), dtype)
-    return _as_saved(tensor, requires_grad, is_param)
+    if isinstance(storage, PagedStorage):
+        tensor = PagedTensor._make(storage, offset, size, stride, dtype)
+    else:
+        tensor = torch.empty(0, dtype=dtype, device=storage.device).set_(storage.untyped_storage(), offset, size, stride)
+    return _as_saved(tensor, requires_grad, is_param, attributes)
 
 
-def _rebuild_paged_tensor(data: torch.Tensor, requires_grad: bool, is_param: bool = False, saved_from: str = "") -> torch.Tensor:
+def _rebuild_paged_tensor(
+    data: torch.Tensor, requires_grad: bool, is_param: bool = False, saved_from: str = "", attributes: Optional[dict] = None
+) -> torch.Tensor:
     """Unpickle a PagedTensor saved as dense data (a traced tensor, or a file of an earlier release):
-    wrap the data on the default pager (``saved_from`` is informational)."""
-    return _as_saved(PagedTensor.wrap(data), requires_grad, is_param)
+    wrap the data on the default pager (``saved_from`` is informational). Data that cannot be paged
+    yet (see :func:`_rebuild_paged_storage`) loads as the plain tensor it is."""
+    tensor = PagedTensor.wrap(data) if _bytes_are_loaded(data) else data
+    return _as_saved(tensor, requires_grad, is_param, attributes)
 
 
-def _as_saved(tensor: PagedTensor, requires_grad: bool, is_param: bool) -> torch.Tensor:
+def _as_saved(tensor: torch.Tensor, requires_grad: bool, is_param: bool, attributes: Optional[dict] = None) -> torch.Tensor:
     if requires_grad:
         tensor.requires_grad_(True)
     if is_param:
-        return torch.nn.Parameter(tensor, requires_grad=requires_grad)
+        tensor = torch.nn.Parameter(tensor, requires_grad=requires_grad)
+    for name, value in (attributes or {}).items():
+        setattr(tensor, name, value)
     return tensor
+
+
+def _user_attributes(tensor: torch.Tensor) -> Optional[dict]:
+    """The Python attributes a user set on ``tensor`` (saved and copied with it), or ``None``."""
+    attributes = {name: value for name, value in tensor.__dict__.items() if name not in _OWN_ATTRIBUTES}
+    return attributes or None
+
+
+def _bytes_are_loaded(data: torch.Tensor) -> bool:
+    """Whether ``data``, handed to a rebuild function by ``torch.load``, holds its bytes already: not
+    on the meta device, and not inside torch's legacy (non-zip) loader, which fills storages only
+    after unpickling (a PagedTensor would page uninitialized memory)."""
+    if data.device.type == "meta":
+        return False
+    legacy_load = getattr(getattr(torch.serialization, "_legacy_load", None), "__code__", None)
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is legacy_load:
+            warnings.warn(
+                "torch.load: a PagedTensor in a legacy-format (non-zip) file loads as a plain tensor, because that "
+                "format fills tensor bytes only after unpickling; PagedTensor.wrap it, or re-save in the default format",
+                stacklevel=2,
+            )
+            return False
+        frame = frame.f_back
+    return True
 
 
 # torch.load(weights_only=True) (the default) accepts only allowlisted globals.

@@ -401,6 +401,50 @@ def test_views_saved_together_load_sharing_their_pages(default_pager):
     assert torch.equal(loaded["rows"][1].materialize(), torch.full_like(x[3], 7.0))
 
 
+def test_a_legacy_format_file_loads_the_right_values_as_plain_tensors(default_pager):
+    """torch's legacy (non-zip) loader fills tensor bytes only after unpickling, so paging them at
+    rebuild time would page uninitialized memory: they load as plain tensors, views still shared."""
+    with make_pager() as pager:
+        x = rows_tensor()
+        t = PagedTensor.wrap(x, pager)
+        buffer = io.BytesIO()
+        torch.save({"t": t, "rows": t[2:4]}, buffer, _use_new_zipfile_serialization=False)
+    for weights_only in (True, False):
+        buffer.seek(0)
+        with pytest.warns(UserWarning, match="legacy-format"):
+            loaded = torch.load(buffer, weights_only=weights_only)
+        assert type(loaded["t"]) is torch.Tensor and torch.equal(loaded["t"], x)
+        assert torch.equal(loaded["rows"], x[2:4])
+        loaded["t"][3].fill_(7.0)
+        assert torch.equal(loaded["rows"][1], torch.full_like(x[3], 7.0))
+
+
+def test_map_location_meta_loads_meta_tensors(default_pager):
+    t = PagedTensor.wrap(rows_tensor())
+    buffer = io.BytesIO()
+    torch.save({"t": t, "view": t[1:3].t()}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, map_location="meta")
+    assert loaded["t"].is_meta and loaded["t"].shape == t.shape
+    assert loaded["view"].is_meta and loaded["view"].stride() == t[1:3].t().stride()
+
+
+def test_python_attributes_survive_save_load_and_copy(default_pager):
+    t = PagedTensor.wrap(rows_tensor())
+    t.tag = "embedding"
+    param = torch.nn.Parameter(PagedTensor.wrap(rows_tensor()))
+    param.tag = "weight"
+    for weights_only in (True, False):
+        buffer = io.BytesIO()
+        torch.save({"t": t, "param": param}, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=weights_only)
+        assert loaded["t"].tag == "embedding" and loaded["param"].tag == "weight"
+        assert isinstance(loaded["param"], torch.nn.Parameter)
+    shallow = copy.copy(t)
+    assert shallow.tag == "embedding" and shallow.allocation is t.allocation
+
+
 def test_a_file_of_dense_saved_data_still_loads(default_pager):
     """Files written before views were saved by pages hold the dense data: they load as before."""
     from pagedtensor.tensor import _rebuild_paged_tensor
