@@ -718,6 +718,11 @@ def view_of_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict, lea
     def to_paged(meta: torch.Tensor) -> PagedTensor:
         if meta.is_conj() or meta.is_neg():
             raise NotImplementedError(f"PagedTensor: {func} sets the conjugate/negative bit, which a PagedTensor does not carry{_describe(args, kwargs)}")
+        if torch.is_inference_mode_enabled() and not source.is_inference():
+            # A view of a normal tensor is a normal tensor, in inference mode too (it shares the
+            # base's version counter, which an inference tensor cannot).
+            with torch.inference_mode(False):
+                return PagedTensor._make(source._paged, meta.storage_offset(), tuple(meta.shape), meta.stride(), meta.dtype)
         return PagedTensor._make(source._paged, meta.storage_offset(), tuple(meta.shape), meta.stride(), meta.dtype)
 
     return to_paged(out) if isinstance(out, torch.Tensor) else _map_tensors(out, to_paged)

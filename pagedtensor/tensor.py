@@ -19,6 +19,8 @@ materialized dense copy, cached until the allocation is next written (``Allocati
 compiled graph sees a PagedTensor as a dense tensor at its boundary, and Dynamo's guards and AOT's
 runtime unwrapping, which read ``_dense`` on every call, reuse one copy. The copy stays alive as long
 as the PagedTensor or until it is written; :meth:`PagedTensor.drop_materialized` frees it early.
+The copy has the PagedTensor's storage offset (torch rebuilds returned views from it), so for a view
+at a nonzero offset it holds the allocation's elements from the first to the view's last.
 """
 
 from __future__ import annotations
@@ -305,9 +307,21 @@ class PagedTensor(torch.Tensor):
         cached = self._materialized
         if cached is not None and cached[0] == version:
             return cached[1]
-        dense = self.materialize()
+        dense = self.materialize() if self._offset == 0 else self._materialize_from_start()
         self._materialized = (version, dense)
         return dense
+
+    def _materialize_from_start(self) -> torch.Tensor:
+        """The dense data at this tensor's storage offset: the allocation's elements from the start
+        to the last one this tensor reaches, viewed with its size, strides and offset. Dynamo and
+        AOT autograd take the inner tensor's offset for the outer one's (they rebuild returned views
+        with it), so the two must agree; the cost is materializing the elements before the view."""
+        lo, hi = element_span(tuple(self.shape), self.stride(), self._offset)
+        if lo == hi:
+            return torch.empty(0, dtype=self.dtype, device=self.device).as_strided(self.shape, self.stride(), self._offset)
+        flat = PagedTensor._make(self._paged, 0, (hi,), (1,), self.dtype).materialize()
+        # set_, not as_strided: a view of ``flat`` would make Dynamo trace ``flat`` as its base.
+        return torch.empty(0, dtype=self.dtype, device=flat.device).set_(flat.untyped_storage(), self._offset, self.shape, self.stride())
 
     def _stable_hash_for_caching(self) -> str:
         """AOT autograd's cache key for this subclass: its static layout (the metadata is empty)."""

@@ -750,3 +750,18 @@ def test_storage_sharing_and_dlpack_raise_instead_of_crashing(pager):
         paged.storage()
     with pytest.raises(BufferError, match="export t.materialize\\(\\) instead"):
         torch.from_dlpack(paged)
+
+
+def test_views_under_inference_mode_of_a_tensor_wrapped_outside_it(pager):
+    """Weights are wrapped, then served under ``torch.inference_mode()``: a view of a normal tensor
+    is a normal tensor there too (it shares the base's version counter), as torch's views are."""
+    x = rows_tensor()
+    w = PagedTensor.wrap(x, pager)
+    inputs = torch.randn(3, x.shape[1])
+    with torch.inference_mode():
+        rows, transposed = w[2:4], w.t()
+        assert not rows.is_inference() and torch.equal(rows.materialize(), x[2:4])
+        assert torch.equal(transposed.materialize(), x.t())
+        assert torch.equal(torch.nn.functional.linear(inputs, w), torch.nn.functional.linear(inputs, x))
+        made_inside = PagedTensor.wrap(x, pager)
+        assert made_inside.is_inference() and made_inside[1:2].is_inference()

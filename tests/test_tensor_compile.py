@@ -140,8 +140,49 @@ def test_pickled_form_keys_by_device(pager):
     reuse a graph compiled for the CPU."""
     _, _, t, _ = inputs(pager)
     fn, args = t.__reduce_ex__(2)
-    assert args[-1] == str(t.device)
+    assert args[4] == str(t.device)  # (storage, layout, requires_grad, is_param, device, attributes)
     traced = PagedTensor.__tensor_unflatten__({"_dense": t._dense}, (), t.shape, t.stride())
     fn, args = traced.__reduce_ex__(2)
-    assert args[0] is traced._inner and args[-1] == str(t.device)
+    assert args[0] is traced._inner and args[3] == str(t.device)  # (data, requires_grad, is_param, device, attributes)
     assert t._stable_hash_for_caching().endswith(f"{t.device}:False")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_view_returned_from_an_offset_input_aliases_the_right_pages(pager, backend):
+    """The inner tensor has the outer tensor's storage offset: torch rebuilds returned views from it,
+    so a returned view of ``base[4:8]`` starts at row 5, and a write through it lands in rows 5-6."""
+    base = torch.arange(32 * 64, dtype=torch.float32).reshape(32, 64)
+    paged = PagedTensor.wrap(base, pager)
+    out = torch.compile(lambda t: t[1:3], backend=backend, fullgraph=True)(paged[4:8])
+    assert type(out) is PagedTensor and out.storage_offset() == base[5:7].storage_offset()
+    assert torch.equal(out.materialize(), base[5:7])
+    out.fill_(-1.0)
+    pager.evict_all()
+    expected = base.clone()
+    expected[5:7] = -1.0
+    assert torch.equal(paged.materialize(), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_through_a_returned_view_of_an_offset_input(pager, backend):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(16, 8, generator=g)
+    paged = PagedTensor.wrap(base, pager).requires_grad_()
+    dense = base.clone().requires_grad_()
+    compiled = torch.compile(lambda t: t.t(), backend=backend, fullgraph=True)
+    (compiled(paged[4:8]) * 3).sum().backward()
+    (dense[4:8].t() * 3).sum().backward()
+    assert torch.equal(paged.grad.materialize() if isinstance(paged.grad, PagedTensor) else paged.grad, dense.grad)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_offset_inputs_compile_with_dynamic_shapes_and_as_non_views(pager, backend):
+    base = torch.arange(32 * 64, dtype=torch.float32).reshape(32, 64)
+    paged = PagedTensor.wrap(base, pager)
+    dynamic = torch.compile(lambda t: t * 2, backend=backend, fullgraph=True, dynamic=True)
+    assert torch.equal(dynamic(paged[4:8]), base[4:8] * 2)
+    assert torch.equal(dynamic(paged[6:12]), base[6:12] * 2)
+    detached = torch.compile(lambda t: t.sum(0), backend=backend, fullgraph=True)
+    assert torch.equal(detached(paged[16:32].detach()), base[16:32].sum(0))
+    parameter = torch.nn.Parameter(paged[8:16].detach(), requires_grad=False)
+    assert torch.equal(detached(parameter), base[8:16].sum(0))
