@@ -380,3 +380,16 @@ def test_a_full_disk_tier_drops_clean_disk_copies_to_make_room(nvme_dir):
         for _ in range(2):
             assert torch.equal(pager.read(allocation), data)
             assert torch.equal(pager.read(allocation, page, 2 * page), data[page : 3 * page])
+
+
+def test_slabs_grown_under_inference_mode_take_writes_outside_it():
+    """A slab outlives the call that grew it, so it is never an inference tensor."""
+    with make_pager() as pager:
+        allocation = pager.allocate(2 * PAGE)
+        with torch.inference_mode():
+            pager.write(allocation, random_bytes(2 * PAGE))
+        other = pager.allocate(PAGE)
+        pager.write(other, random_bytes(PAGE, seed=1))  # zero-fills and writes a slot of a slab grown inside
+        pager.write(allocation, random_bytes(2 * PAGE, seed=2))
+        assert torch.equal(pager.read(allocation), random_bytes(2 * PAGE, seed=2))
+        assert torch.equal(pager.read(other), random_bytes(PAGE, seed=1))

@@ -128,7 +128,10 @@ class SlabPool:
         pages = min(self.slab_pages, self.capacity_pages - self._grown_pages)
         if pages <= 0:
             raise OutOfPagesError(f"{self.name} tier: budget of {self.capacity_pages} pages is fully grown")
-        slab = self._allocate_slab(pages * self.page_size)
+        # A slab outlives the call that grew it: never an inference tensor (one grown under
+        # torch.inference_mode() could not be written outside it).
+        with torch.inference_mode(False):
+            slab = self._allocate_slab(pages * self.page_size)
         if slab.dtype != torch.uint8 or slab.numel() != pages * self.page_size or not slab.is_contiguous():
             raise RuntimeError(f"{self.name} tier: slab allocator returned {slab.dtype} x {slab.numel()}, expected uint8 x {pages * self.page_size}")
         first = len(self.slabs) * self.slab_pages

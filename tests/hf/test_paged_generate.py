@@ -63,6 +63,21 @@ def test_pagedllm_attention_matches(family, batch, nvme_dir):
     _assert_spilled(paging_state(model).pager.stats())
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "pagedllm"])
+def test_generate_under_inference_mode_then_outside_it(attn, nvme_dir):
+    """The pager's slabs grow during the first generate; grown under torch.inference_mode() they
+    must still take writes from a later generate outside it."""
+    reference, model = tiny_pair("llama", attn="sdpa")
+    ids, mask = prompts(3)
+    expected = _generate(reference, ids, mask)
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation=attn, prefill_chunk_size=16)
+    with torch.inference_mode():
+        inside = _generate(model, ids, mask)
+    outside = _generate(model, ids, mask)
+    assert torch.equal(inside.sequences, expected.sequences)
+    assert torch.equal(outside.sequences, expected.sequences)
+
+
 def test_eager_attention_dense_path(nvme_dir):
     reference, model = tiny_pair("llama", attn="eager")
     ids, mask = prompts(3)
