@@ -208,6 +208,7 @@ class ResidentPages:
 
     def views(self) -> list[torch.Tensor]:
         """One uint8 device view per page (the last page of the allocation may be shorter)."""
+        self.pager._check_open()
         tier = self.pager.device_tier
         return [tier.page(page.device_slot)[: page.nbytes] for page in self.pages]
 
@@ -218,6 +219,7 @@ class ResidentPages:
 
     def runs(self) -> list[tuple[int, torch.Tensor]]:
         """Maximal runs of pages adjacent in device memory: ``(first page offset in range, view)``."""
+        self.pager._check_open()
         tier = self.pager.device_tier
         slots = self.slots
         first = self.first_slot
@@ -300,6 +302,8 @@ class Pager:
         # while their host or disk copy still holds their bytes: that copy stays authoritative until
         # a release marks the page dirty (the write is done) or gives the bytes back (it failed).
         self._overwriting: set[Page] = set()
+        # Pages _bring_to_device has given device slots it has not filled yet: that slot is no copy.
+        self._filling: set[Page] = set()
         self._prefetcher: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.closed = False
 
@@ -487,6 +491,7 @@ class Pager:
         rest keep their old bytes.
         """
         source = _as_bytes(data)
+        self._check_allocation(allocation)  # also when no byte is written
         first, stop = allocation.page_range(offset, offset + source.numel())
         for chunk_start, chunk_stop in self._chunks(first, stop):
             chunk_begin = max(offset, chunk_start * self.page_size)
@@ -512,6 +517,7 @@ class Pager:
 
     def read(self, allocation: Allocation, offset: int = 0, nbytes: Optional[int] = None) -> torch.Tensor:
         """A CPU uint8 copy of ``nbytes`` (default: to the end) of ``allocation`` from byte ``offset``."""
+        self._check_allocation(allocation)  # also when no byte is read
         nbytes = allocation.nbytes - offset if nbytes is None else nbytes
         first, stop = allocation.page_range(offset, offset + nbytes)
         out = torch.empty(nbytes, dtype=torch.uint8)
@@ -588,6 +594,7 @@ class Pager:
         self._make_device_room(len(missing))
         for page, slot in zip(missing, self.device_tier.allocate(len(missing))):
             page.device_slot = slot
+        self._filling.update(missing)
         copied = missing
         if discard:
             copied = [page for page in missing if page.index not in discard]
@@ -609,6 +616,7 @@ class Pager:
                 filled.update(chunk)
             succeeded = True
         finally:
+            self._filling.difference_update(missing)
             for page in missing:  # in request order, so the policy sees the order of use
                 if page in filled and (succeeded or page.index not in discard):
                     self.device_policy.insert(page)
@@ -766,15 +774,15 @@ class Pager:
     def _drop_duplicate_disk_copies(self, count: int, leaving_host: frozenset) -> int:
         """Free up to ``count`` disk slots holding clean caches: disk copies of pages that keep a device
         or host copy (not the pages in ``leaving_host``, whose host copy is about to go, nor pages
-        being overwritten, whose device copy is not their bytes). Returns how many were freed. Runs
-        only when the disk tier is full: one pass over the page table."""
+        being overwritten or being filled, whose device slot does not hold their bytes). Returns how
+        many were freed. Runs only when the disk tier is full: one pass over the page table."""
         freed = 0
         for allocation in self._allocations.values():
             for page in allocation.pages:
                 if freed == count:
                     return freed
                 if (page.disk_slot is not None and (page.device_slot is not None or page.host_slot is not None)
-                        and page not in leaving_host and page not in self._overwriting):  # fmt: skip
+                        and page not in leaving_host and page not in self._overwriting and page not in self._filling):  # fmt: skip
                     self._drop_disk_copy(page)
                     freed += 1
         return freed
@@ -826,6 +834,8 @@ class Pager:
     # ------------------------------------------------------------------ internals: release
 
     def _release(self, resident: ResidentPages, dirty: set[int], stream: Optional[torch.cuda.Stream], event: Event = None) -> None:
+        if self.closed:  # close() dropped every tier: nothing is pinned any more
+            return
         stream_id = 0
         if self.engine.is_cuda:
             stream = stream if stream is not None else self.engine.current_stream()

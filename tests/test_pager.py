@@ -393,3 +393,45 @@ def test_slabs_grown_under_inference_mode_take_writes_outside_it():
         pager.write(allocation, random_bytes(2 * PAGE, seed=2))
         assert torch.equal(pager.read(allocation), random_bytes(2 * PAGE, seed=2))
         assert torch.equal(pager.read(other), random_bytes(PAGE, seed=1))
+
+
+def test_a_page_staged_from_a_full_disk_keeps_its_disk_copy(tmp_path):
+    """Staging a disk-only page needs a host slot, and the host page that makes way must spill to a
+    full disk: the unfilled device slot given to the staged page is no copy of it, so its disk copy
+    is never dropped as a duplicate. The fault fails (OutOfPagesError) and every byte survives."""
+    with make_pager(nvme=str(tmp_path), device_pages=1, host_pages=1, disk_limit=2 * PAGE) as pager:
+        a, b, c = (pager.allocate(PAGE) for _ in range(3))
+        for seed, allocation in enumerate((a, b, c)):
+            pager.write(allocation, random_bytes(PAGE, seed))
+        assert pager.page_table(a)[0].tier == "disk"
+        with pytest.raises(OutOfPagesError, match="disk tier full"):
+            pager.read(a)
+        assert pager.page_table(a)[0].disk_slot is not None
+        pager.free(c)
+        assert torch.equal(pager.read(a), random_bytes(PAGE, 0))
+        assert torch.equal(pager.read(b), random_bytes(PAGE, 1))
+
+
+def test_release_after_close_is_a_no_op_and_views_name_the_closed_pager():
+    pager = make_pager()
+    allocation = pager.allocate(2 * PAGE)
+    pager.write(allocation, random_bytes(2 * PAGE))
+    pager.evict_all()
+    resident = pager.ensure_resident(allocation, 0, 2)
+    pager.close()
+    resident.release(dirty=True)
+    assert pager.stats()["resident_bytes"] == {"device": 0, "host": 0, "disk": 0}
+    with pytest.raises(RuntimeError, match="closed"):
+        resident.views()
+    with pytest.raises(RuntimeError, match="closed"):
+        resident.runs()
+
+
+def test_empty_reads_and_writes_check_the_allocation():
+    with make_pager() as pager:
+        allocation = pager.allocate(PAGE)
+        pager.free(allocation)
+        with pytest.raises(ValueError, match="freed"):
+            pager.read(allocation, 0, 0)
+        with pytest.raises(ValueError, match="freed"):
+            pager.write(allocation, torch.empty(0, dtype=torch.uint8))
