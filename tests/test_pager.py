@@ -4,9 +4,13 @@ write-back of dirty pages only, prefetch, threads, metrics."""
 from __future__ import annotations
 
 import errno
+import shutil
+import tempfile
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagedtensor import MemoryConfig, OutOfPagesError, PageCorruptionError, Pager
@@ -435,3 +439,40 @@ def test_empty_reads_and_writes_check_the_allocation():
             pager.read(allocation, 0, 0)
         with pytest.raises(ValueError, match="freed"):
             pager.write(allocation, torch.empty(0, dtype=torch.uint8))
+
+
+_OPS = st.lists(st.tuples(st.sampled_from(["write", "read", "evict_all"]), st.integers(0, 3), st.integers(0, 2**31 - 1)), min_size=1, max_size=30)
+
+
+@given(ops=_OPS, device_pages=st.integers(1, 3), host_pages=st.integers(1, 3), disk_pages=st.integers(1, 5))
+def test_a_tight_disk_tier_never_loses_bytes(ops, device_pages, host_pages, disk_pages):
+    """With every tier small, an operation either does its job or raises OutOfPagesError and changes
+    nothing: a read returns the last bytes written, and once other allocations are freed every
+    remaining one reads back whole. (One-page writes: a write is one chunk, so it is all or nothing.)"""
+    nvme = tempfile.mkdtemp(prefix="pager-tight-")
+    try:
+        with make_pager(nvme=nvme, device_pages=device_pages, host_pages=host_pages, disk_limit=disk_pages * PAGE) as pager:
+            allocations = [pager.allocate(PAGE) for _ in range(4)]
+            expected = [torch.zeros(PAGE, dtype=torch.uint8) for _ in allocations]
+            for op, index, seed in ops:
+                try:
+                    if op == "write":
+                        payload = random_bytes(PAGE, seed)
+                        pager.write(allocations[index], payload)
+                        expected[index] = payload
+                    elif op == "read":
+                        assert torch.equal(pager.read(allocations[index]), expected[index]), f"allocation {index}"
+                    else:
+                        pager.evict_all()
+                except OutOfPagesError:
+                    pass
+            for index in range(len(allocations) - 1):  # free one at a time; the last must read back
+                pager.free(allocations[index])
+                for later in range(index + 1, len(allocations)):
+                    try:
+                        assert torch.equal(pager.read(allocations[later]), expected[later]), f"allocation {later}"
+                    except OutOfPagesError:
+                        pass
+            assert torch.equal(pager.read(allocations[-1]), expected[-1])
+    finally:
+        shutil.rmtree(nvme, ignore_errors=True)
