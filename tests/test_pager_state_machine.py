@@ -18,9 +18,11 @@ hold, so the test checks:
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import tempfile
 
+import pytest
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -319,5 +321,7 @@ TestPager2Q = TwoQPagerMachine.TestCase
 TestPager2Q.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
 TestPagerWideHost = WideHostPagerMachine.TestCase
 TestPagerWideHost.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
-TestPagerZstd = CompressedPagerMachine.TestCase
+TestPagerZstd = pytest.mark.skipif(importlib.util.find_spec("zstandard") is None, reason="zstandard is not installed")(
+    CompressedPagerMachine.TestCase
+)
 TestPagerZstd.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)

@@ -755,9 +755,9 @@ def test_storage_sharing_and_dlpack_raise_instead_of_crashing(pager):
 def test_views_under_inference_mode_of_a_tensor_wrapped_outside_it(pager):
     """Weights are wrapped, then served under ``torch.inference_mode()``: a view of a normal tensor
     is a normal tensor there too (it shares the base's version counter), as torch's views are."""
-    x = rows_tensor()
+    x = rows_tensor(device=pager.device)
     w = PagedTensor.wrap(x, pager)
-    inputs = torch.randn(3, x.shape[1])
+    inputs = torch.randn(3, x.shape[1], device=pager.device)
     with torch.inference_mode():
         rows, transposed = w[2:4], w.t()
         assert not rows.is_inference() and torch.equal(rows.materialize(), x[2:4])
