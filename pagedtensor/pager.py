@@ -878,10 +878,19 @@ class Pager:
                 self._drop_device_copy(page, forget=True)
         if refill:
             self._residency_epoch += 1  # the slots get new copies: a recorded resident range is stale
+            self._copy_host_to_device([page for page in refill if page.host_slot is not None])
             from_disk = [page for page in refill if page.host_slot is None]
             if from_disk:
-                self._stage_from_disk(from_disk)
-            self._copy_host_to_device(refill)
+                # Straight from disk through transient buffers: staging through the host tier could
+                # need a spill to a full disk, and this refill must not fail (the slot is pinned).
+                buffers = [torch.empty(self.page_size, dtype=torch.uint8) for _ in from_disk]
+                moved = self.disk_tier.read_pages([(page.disk_slot, buffer) for page, buffer in zip(from_disk, buffers)])
+                slots = [page.device_slot for page in from_disk]
+                event = self.engine.upload(buffers, slots, self.device_tier, self._device_fences.take(slots))
+                for page in from_disk:
+                    page.ready = event
+                self.metrics.count("bytes_from_disk", moved)
+                self.metrics.count("bytes_h2d", len(from_disk) * self.page_size)
 
     def _current_run(self, allocation: Allocation, start: int, stop: int) -> Optional[ResidentRun]:
         """The allocation's remembered resident range when it is ``[start, stop)`` and still current."""

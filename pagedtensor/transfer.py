@@ -127,6 +127,24 @@ class TransferEngine:
                 pool.run(run.dst_slot, run.count).zero_()
             return self.record(self.h2d_stream)
 
+    def upload(self, sources: Sequence[torch.Tensor], slots: Sequence[int], pool: SlabPool, wait_for: Iterable[Event] = ()) -> Event:
+        """Copy CPU pages ``sources`` (pageable memory, any lifetime) into ``slots`` of ``pool`` on the
+        H2D stream after ``wait_for``; return the event after the copies.
+
+        Note:
+            Copies from pageable memory are synchronous with the host, so ``sources`` may be freed
+            when this returns; the device-side order is still the H2D stream's, after ``wait_for``.
+        """
+        if not self.is_cuda:
+            for source, slot in zip(sources, slots):
+                pool.page(slot).copy_(source)
+            return None
+        with torch.cuda.stream(self.h2d_stream):
+            self._wait(self.h2d_stream, wait_for)
+            for source, slot in zip(sources, slots):
+                pool.page(slot).copy_(source)
+            return self.record(self.h2d_stream)
+
     def synchronize(self) -> None:
         """Block the host until both side streams are idle."""
         if self.is_cuda:

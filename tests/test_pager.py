@@ -476,3 +476,25 @@ def test_a_tight_disk_tier_never_loses_bytes(ops, device_pages, host_pages, disk
             assert torch.equal(pager.read(allocations[-1]), expected[-1])
     finally:
         shutil.rmtree(nvme, ignore_errors=True)
+
+
+def test_an_unwritten_overwrite_refills_a_pinned_page_from_a_full_disk(tmp_path):
+    """The refill of a page another holder pins reads its disk copy straight into the slot: staging it
+    through a full host tier would spill to a full disk tier, which could only fail (or, dropping the
+    page's own disk copy as a duplicate of its zero-filled slot, lose it)."""
+    with make_pager(nvme=str(tmp_path), device_pages=2, host_pages=1, disk_limit=2 * PAGE) as pager:
+        a, b, c = (pager.allocate(PAGE) for _ in range(3))
+        for seed, allocation in enumerate((a, b, c)):
+            pager.write(allocation, random_bytes(PAGE, seed))
+        pager.evict_all()
+        tiers = {name: pager.page_table(allocation)[0].tier for name, allocation in zip("abc", (a, b, c))}
+        assert sorted(tiers.values()) == ["disk", "disk", "host"], tiers
+        target = next(allocation for name, allocation in zip("abc", (a, b, c)) if tiers[name] == "disk")
+        overwrite = pager.ensure_resident(target, discard=[0])
+        reader = pager.ensure_resident(target)  # pins the zero-filled slot
+        overwrite.release()  # the overwrite failed: the pinned slot gets the old bytes back
+        reader.wait()
+        assert torch.equal(reader.contiguous(), random_bytes(PAGE, (a, b, c).index(target)))
+        reader.release()
+        for seed, allocation in enumerate((a, b, c)):
+            assert torch.equal(pager.read(allocation), random_bytes(PAGE, seed))
