@@ -478,11 +478,12 @@ def test_a_tight_disk_tier_never_loses_bytes(ops, device_pages, host_pages, disk
         shutil.rmtree(nvme, ignore_errors=True)
 
 
-def test_an_unwritten_overwrite_refills_a_pinned_page_from_a_full_disk(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_an_unwritten_overwrite_refills_a_pinned_page_from_a_full_disk(tmp_path, device):
     """The refill of a page another holder pins reads its disk copy straight into the slot: staging it
     through a full host tier would spill to a full disk tier, which could only fail (or, dropping the
     page's own disk copy as a duplicate of its zero-filled slot, lose it)."""
-    with make_pager(nvme=str(tmp_path), device_pages=2, host_pages=1, disk_limit=2 * PAGE) as pager:
+    with make_pager(nvme=str(tmp_path), device_pages=2, host_pages=1, disk_limit=2 * PAGE, device=device) as pager:
         a, b, c = (pager.allocate(PAGE) for _ in range(3))
         for seed, allocation in enumerate((a, b, c)):
             pager.write(allocation, random_bytes(PAGE, seed))
@@ -494,7 +495,7 @@ def test_an_unwritten_overwrite_refills_a_pinned_page_from_a_full_disk(tmp_path)
         reader = pager.ensure_resident(target)  # pins the zero-filled slot
         overwrite.release()  # the overwrite failed: the pinned slot gets the old bytes back
         reader.wait()
-        assert torch.equal(reader.contiguous(), random_bytes(PAGE, (a, b, c).index(target)))
+        assert torch.equal(reader.contiguous().cpu(), random_bytes(PAGE, (a, b, c).index(target)))
         reader.release()
         for seed, allocation in enumerate((a, b, c)):
             assert torch.equal(pager.read(allocation), random_bytes(PAGE, seed))
