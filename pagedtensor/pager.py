@@ -570,6 +570,12 @@ class Pager:
             if self.disk_tier is not None:
                 self.disk_tier.close()
 
+    def __reduce_ex__(self, protocol: int):  # noqa: ANN204
+        raise TypeError(
+            "a Pager cannot be pickled or copied: it holds device slabs, pinned host memory and an open page file "
+            "(PagedTensors pickle their data, not their pager)"
+        )
+
     def __enter__(self) -> "Pager":
         return self
 

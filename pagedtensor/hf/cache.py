@@ -116,13 +116,22 @@ class PagedLayer(CacheLayerMixin):
 
     def __init__(self, cache: "PagedKVCache", layer_idx: int) -> None:
         super().__init__()
-        self.cache = cache
+        # A weak reference: a cycle between the cache and its layers would keep the cache, and its
+        # pinned device pages, alive until a full garbage collection after the user drops it.
+        self._cache = weakref.ref(cache)
         self.layer_idx = layer_idx
         self.seqs: list[_SequencePages] = []
         self.total = 0  # tokens seen, pads included (transformers' sequence length)
         self.cursor = 0  # tokens of the current forward already appended
         self.len_before: list[int] = []  # per sequence, stored tokens before the last update
         self.last_q_len = 0
+
+    @property
+    def cache(self) -> "PagedKVCache":
+        cache = self._cache()
+        if cache is None:
+            raise RuntimeError(f"layer {self.layer_idx} of a PagedKVCache that no longer exists")
+        return cache
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.cache._init_geometry(key_states)
@@ -256,6 +265,12 @@ class PagedKVCache(Cache):
         """
         if self.closed:
             raise RuntimeError("this PagedKVCache is closed")
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            raise RuntimeError(
+                "PagedKVCache keeps keys and values in pages, outside autograd: gradients would not flow through "
+                "the cached keys and values. Generate under torch.no_grad() or torch.inference_mode(), or train "
+                "with use_cache=False or a DynamicCache"
+            )
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)

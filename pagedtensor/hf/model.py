@@ -59,12 +59,24 @@ class PagingState:
     cache_keyword: str
     original_generate: Any
     hooks: list = dataclasses.field(default_factory=list)
-    weight_allocations: list = dataclasses.field(default_factory=list)  # per decoder layer, with page_weights=True
+    paged_layers: list = dataclasses.field(default_factory=list)  # the decoder layers whose weights are paged
     in_place: bool = False  # this forward may overwrite layer inputs (no grad, no captured hidden states)
     # The decoder layers and the final norm, whose inputs a chunked forward may overwrite, and how many
     # forward hooks enable_paging itself left on them: more means a user's hook may keep a buffer.
     reused: list = dataclasses.field(default_factory=list)
     own_hooks: int = 0
+
+    @property
+    def weight_allocations(self) -> list[list]:
+        """Per paged decoder layer, the allocations of its PagedTensor parameters now (``model.to(dtype)``
+        replaces them)."""
+        return [_weight_allocations(layer, self.pager) for layer in self.paged_layers]
+
+    def __deepcopy__(self, memo: dict) -> "PagingState":
+        raise TypeError(
+            "copy.deepcopy of a model after enable_paging: its pager (device slabs, pinned host memory, a page "
+            "file) cannot be copied. Deep-copy the model before enable_paging, then enable paging on each copy"
+        )
 
     def user_hooks(self) -> bool:
         """Whether a forward hook other than enable_paging's own may see a reused buffer."""
@@ -161,7 +173,7 @@ def enable_paging(
     if page_weights:
         _page_layer_weights(model, state)
     state.hooks.append(model.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True))
-    state.hooks.append(model.register_forward_hook(_end_forward_hook))
+    state.hooks.append(model.register_forward_hook(_end_forward_hook, always_call=True))  # also when forward raises
     for layer in _decoder_layers(model):
         layer.forward = _chunked_layer_forward(layer.forward, state)
     norm = _final_norm(model)
@@ -277,7 +289,7 @@ def _begin_forward_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> N
         inputs = kwargs.get("inputs_embeds")
     mask = kwargs.get("attention_mask")
     cache = _find_cache(kwargs)
-    PAGED_FORWARD.set(cache is not None)
+    PAGED_FORWARD.set(False)  # until begin_forward below has accepted the padding
     state = paging_state(module)
     if state is not None:
         config = getattr(module, "config", None)
@@ -287,6 +299,7 @@ def _begin_forward_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> N
         state.in_place = cache is not None and not captures and not torch.is_grad_enabled() and kwargs.get("inputs_embeds") is None
     if cache is not None and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
         cache.begin_forward(mask, inputs.shape[1])
+    PAGED_FORWARD.set(cache is not None)
 
 
 def _hook_count(modules: list) -> int:
@@ -391,34 +404,46 @@ def _page_layer_weights(model: torch.nn.Module, state: PagingState) -> None:
     layers = _decoder_layers(model)
     if not layers:
         raise ValueError(f"page_weights: found no decoder layers in {type(model).__name__} (modules with a self_attn.layer_idx)")
-    per_layer: list[list] = []
     for index, layer in enumerate(layers):
-        allocations = []
         for module_name, module in layer.named_modules():
             for name, parameter in list(module._parameters.items()):
                 if parameter is None or isinstance(parameter, PagedTensor):
                     continue
                 paged = PagedTensor.wrap(parameter.detach(), pager, name=f"layers.{index}.{module_name + '.' if module_name else ''}{name}")
                 module._parameters[name] = torch.nn.Parameter(paged, requires_grad=False)
-                if paged.allocation is not None:
-                    allocations.append(paged.allocation)
-        per_layer.append(allocations)
-    state.weight_allocations = per_layer
+    state.paged_layers = list(layers)
     for index, layer in enumerate(layers):
-        upcoming = per_layer[(index + 1) % len(per_layer)]
-        if upcoming:
-            state.hooks.append(layer.register_forward_pre_hook(_prefetch_hook(pager, upcoming)))
+        state.hooks.append(layer.register_forward_pre_hook(_prefetch_hook(pager, layers[(index + 1) % len(layers)])))
 
 
-def _prefetch_hook(pager: Pager, allocations: list):
-    """A forward pre-hook that prefetches ``allocations`` (the next layer's weights) to the device tier."""
+def _weight_allocations(layer: torch.nn.Module, pager: Pager) -> list:
+    """The allocations of ``layer``'s PagedTensor parameters on ``pager``."""
+    from pagedtensor.tensor import PagedTensor
+
+    return [
+        parameter.allocation
+        for parameter in layer.parameters()
+        if isinstance(parameter, PagedTensor) and parameter.pager is pager and parameter.allocation is not None
+    ]
+
+
+def _prefetch_hook(pager: Pager, upcoming: torch.nn.Module):
+    """A forward pre-hook that prefetches the ``upcoming`` layer's weights to the device tier.
+
+    The allocations are looked up again whenever one of those last seen is freed: ``model.to(dtype)``
+    or ``model.half()`` replaces every paged weight with a new one.
+    """
+    allocations: list = []
 
     def prefetch(module: torch.nn.Module, args: tuple) -> None:
+        nonlocal allocations
         if pager.closed:
             return
+        if not allocations or any(allocation.freed for allocation in allocations):
+            allocations = _weight_allocations(upcoming, pager)
         for allocation in allocations:
             # Skip weights already on the device (each weight is one allocation, faulted in whole).
-            if not allocation.freed and any(page.device_slot is None for page in allocation.pages):
+            if any(page.device_slot is None for page in allocation.pages):
                 pager.prefetch(allocation)
 
     return prefetch
@@ -472,26 +497,24 @@ class GenerationMeasurement:
         return getattr(self.output, name)
 
 
-class _TimingStreamer:
-    """A generate streamer that notes when the first new token exists (and forwards to another)."""
+class _FirstStepTimer:
+    """A logits processor that notes when the first new token's logits exist and changes nothing.
 
-    def __init__(self, inner: Any, on_first_token) -> None:
-        self.inner = inner
-        self.on_first_token = on_first_token
+    A logits processor runs at every step of every decoding mode (greedy, sampling, beam search),
+    unlike a streamer, which beam search refuses.
+    """
+
+    def __init__(self, on_first_step) -> None:
+        self.on_first_step = on_first_step
         self.calls = 0
 
-    def put(self, value: torch.Tensor) -> None:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        if self.calls == 2:  # the first call carries the prompt
-            if torch.cuda.is_available() and isinstance(value, torch.Tensor) and value.is_cuda:
-                torch.cuda.synchronize(value.device)
-            self.on_first_token()
-        if self.inner is not None:
-            self.inner.put(value)
-
-    def end(self) -> None:
-        if self.inner is not None:
-            self.inner.end()
+        if self.calls == 1:
+            if scores.is_cuda:
+                torch.cuda.synchronize(scores.device)
+            self.on_first_step()
+        return scores
 
 
 def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = None, **kwargs) -> GenerationMeasurement:
@@ -507,7 +530,9 @@ def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = Non
         if pager is not None:
             marks["stats"] = pager.stats()
 
-    kwargs["streamer"] = _TimingStreamer(kwargs.get("streamer"), first_token)
+    from transformers import LogitsProcessorList
+
+    kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), _FirstStepTimer(first_token)])
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -164,3 +164,78 @@ def test_hand_made_paged_cache_without_enable_paging(nvme_dir):
     got = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, **{cache_keyword(model): cache})
     assert torch.equal(got, expected)
     assert [seq.length for seq in cache.layers[0].seqs] == [22, 22, 22]
+
+
+def test_a_dropped_generate_output_frees_its_cache_without_a_garbage_collection(nvme_dir):
+    """The cache a generate output carries holds pinned device pages: its layers refer to it weakly,
+    so dropping the output frees them at once (no reference cycle waiting for a full collection)."""
+    import gc
+
+    reference, model = tiny_pair("llama")
+    ids, mask = prompts(1, length=20)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=16, host_pages=64), attn_implementation="sdpa")
+    pager = paging_state(model).pager
+    gc.disable()
+    try:
+        for _ in range(6):
+            output = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+            assert isinstance(output_cache(output), PagedKVCache)
+            del output
+            assert pager.stats()["allocations"] == 0
+            assert pager.stats()["resident_bytes"]["device"] == 0
+    finally:
+        gc.enable()
+
+
+def test_measure_memory_with_beam_search(nvme_dir):
+    """The measurement hooks a logits processor, which every decoding mode runs (beam search refuses
+    streamers)."""
+    reference, model = tiny_pair("llama")
+    ids, mask = prompts(1, length=12)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, num_beams=2)
+    paged = PagedModel(model, tiny_budget(nvme_dir), attn_implementation="sdpa")
+    result = paged.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, num_beams=2, measure_memory=True)
+    assert torch.equal(result.sequences, expected)
+    assert result.time_to_first_token_s > 0 and result.tokens_per_second > 0
+
+
+def test_paged_cache_refuses_keys_that_need_gradients(nvme_dir):
+    """Keys and values in pages are outside autograd: a forward with grad through a PagedKVCache
+    raises instead of returning gradients that silently miss the cached keys and values."""
+    from pagedtensor import Pager
+    from pagedtensor.hf.cache import streaming_config
+
+    _, model = tiny_pair("llama", attn="sdpa")
+    model.train()
+    ids, _ = prompts(1, length=8)
+    cache = PagedKVCache(model.config, pager=Pager(streaming_config(tiny_budget(nvme_dir, vram_pages=16))))
+    with pytest.raises(RuntimeError, match="outside autograd"):
+        model(ids, labels=ids, **{cache_keyword(model): cache})
+    with torch.no_grad():
+        model(ids, **{cache_keyword(model): PagedKVCache(model.config, pager=cache.pager)})  # inference is fine
+
+
+def test_deep_copying_a_paged_model_or_pickling_a_pager_is_refused_by_name(nvme_dir):
+    import copy
+    import pickle
+
+    _, model = tiny_pair("llama")
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa")
+    with pytest.raises(TypeError, match="before enable_paging"):
+        copy.deepcopy(model)
+    with pytest.raises(TypeError, match="cannot be pickled or copied"):
+        pickle.dumps(paging_state(model).pager)
+
+
+def test_a_failed_paged_forward_leaves_no_paged_forward_flag(nvme_dir):
+    """A forward that raises (here: right padding) must not leave the flag that tells the "pagedllm"
+    mask the cache skips pads: a later hand-made cache stores them and needs transformers' mask."""
+    from pagedtensor.hf.attention import PAGED_FORWARD
+
+    _, model = tiny_pair("llama")
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="pagedllm")
+    ids, mask = prompts(1, length=12)
+    mask[0, -3:] = 0  # right padding: refused
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    assert PAGED_FORWARD.get() is False

@@ -118,6 +118,25 @@ def test_layer_ahead_prefetch_order(nvme_dir, monkeypatch):
     assert pager.stats()["prefetched_pages"] > 0
 
 
+def test_the_prefetch_follows_weights_replaced_by_a_dtype_change(nvme_dir, monkeypatch):
+    """``model.to(dtype)`` gives every paged weight a new allocation (the old ones are freed): the
+    layer-ahead hooks look the weights up again and keep prefetching the live ones."""
+    reference, model = tiny_pair("llama", attn="sdpa")
+    ids, mask = prompts(1, length=20)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=VRAM_PAGES, host_pages=HOST_PAGES), attn_implementation="sdpa", page_weights=True)
+    state = paging_state(model)
+    before = {allocation.id for allocations in state.weight_allocations for allocation in allocations}
+    model.to(torch.float64).to(torch.float32)
+    live = {allocation.id for allocations in state.weight_allocations for allocation in allocations}
+    assert live and not live & before and len(state.weight_allocations) == len(model.model.layers)
+    prefetched: list = []
+    original = state.pager.prefetch
+    monkeypatch.setattr(state.pager, "prefetch", lambda allocation, *a, **k: prefetched.append(allocation) or original(allocation, *a, **k))
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False), expected)
+    assert prefetched and all(not allocation.freed and allocation.id in live for allocation in prefetched)
+
+
 def test_page_weights_off_keeps_dense_parameters(nvme_dir):
     _, model = tiny_pair("llama")
     enable_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa")
