@@ -169,12 +169,16 @@ class PagedDispatcher:
         """Step 2: fault in the pages the PagedTensor arguments reach, run ``func`` dense, write back."""
         info = self.info(func)
         if info.changes_metadata:
+            if _resizes_to_own_size(func, args, kwargs):
+                return args[0]  # torch's resize_ to the current size changes nothing (out= paths call it)
             raise NotImplementedError(
                 f"PagedTensor: {func} changes a tensor's shape, strides or storage in place, which a PagedTensor "
                 f"does not support{_describe(args, kwargs)}"
             )
         if info.is_view:
             return view_of_pages(func, types, args, kwargs, leaves)
+        if func is aten.copy_.default and _same_data(args[0], args[1]):
+            return args[0]  # torch's copy_ returns early for a view of the same data: nothing is written
         if leaves is None:
             leaves = _paged_leaves(args, kwargs)
         if _pending_frees:
@@ -583,6 +587,34 @@ def _overwritten_pages(func: OpOverload, args: tuple, written: list[PagedTensor]
     return {id(group.storage): covered}
 
 
+_RESIZES = frozenset({aten.resize_.default, aten.resize_as_.default, aten._resize_output_.default})
+
+
+def _resizes_to_own_size(func: OpOverload, args: tuple, kwargs: dict) -> bool:
+    """Whether ``func`` resizes a PagedTensor to the size it has, without a memory format: a no-op."""
+    if func not in _RESIZES or not isinstance(args[0], PagedTensor) or kwargs.get("memory_format") is not None:
+        return False
+    if func is aten.resize_as_.default:
+        return isinstance(args[1], torch.Tensor) and tuple(args[1].shape) == tuple(args[0].shape)
+    if func is aten._resize_output_.default and torch.device(args[2]) != args[0].device:
+        return False
+    return tuple(args[1]) == tuple(args[0].shape)
+
+
+def _same_data(target: Any, source: Any) -> bool:
+    """Whether a copy between two PagedTensors would leave every byte as it is: views of the same
+    bytes the same way (torch's copy_ returns early for those), or contiguous views of the same
+    bytes (torch's composites, ``matmul(out=)`` among them, copy a reshaped ``out`` back onto
+    ``out`` unless the two share a storage, which a wrapper subclass's views do not)."""
+    if not (isinstance(target, PagedTensor) and isinstance(source, PagedTensor)):
+        return False
+    if target._paged is None or target._paged is not source._paged or target._offset != source._offset or target.dtype != source.dtype:
+        return False
+    if target.shape == source.shape and target.stride() == source.stride():
+        return True
+    return target.numel() == source.numel() and target.is_contiguous() and source.is_contiguous()
+
+
 def _dense_and_non_overlapping(size: Sequence[int], stride: Sequence[int]) -> bool:
     """Whether a layout's elements fill its span exactly once each: its strides, ordered, are the
     contiguous strides of some permutation of its dims (dims of size 1 ignored)."""
@@ -718,6 +750,14 @@ def view_of_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict, lea
     def to_paged(meta: torch.Tensor) -> PagedTensor:
         if meta.is_conj() or meta.is_neg():
             raise NotImplementedError(f"PagedTensor: {func} sets the conjugate/negative bit, which a PagedTensor does not carry{_describe(args, kwargs)}")
+        if func is aten.as_strided.default:  # the only view op that can reach past the storage (meta checks nothing)
+            lo, hi = element_span(tuple(meta.shape), meta.stride(), meta.storage_offset())
+            if hi > lo and hi * meta.dtype.itemsize > source._paged.nbytes:
+                raise RuntimeError(
+                    f"setStorage: sizes {list(meta.shape)}, strides {list(meta.stride())}, storage offset "
+                    f"{meta.storage_offset()}, and itemsize {meta.dtype.itemsize} requiring a storage size of "
+                    f"{hi * meta.dtype.itemsize} are out of bounds for storage of size {source._paged.nbytes}"
+                )
         if torch.is_inference_mode_enabled() and not source.is_inference():
             # A view of a normal tensor is a normal tensor, in inference mode too (it shares the
             # base's version counter, which an inference tensor cannot).
@@ -772,12 +812,22 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
     if request is None:
         return DISPATCHER.run_paged(func, types, args, kwargs)
     table, index = request
+    if func is aten.index_select.default and index.dim() > 1:  # torch's check, which its meta kernel lacks
+        raise IndexError(f"PagedTensor: {func}: index_select(): Index is supposed to be a vector, got {index.dim()} dims")
+    if index.numel() == 0 or index.dtype not in (torch.int64, torch.int32):
+        # No row is needed: the meta kernel gives the empty result's layout, or torch's own error
+        # for an index dtype it refuses.
+        layout = _call_with_table(func, _meta_like(table), index.to("meta"))
+        if index.numel() == 0:
+            return torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=table.device)
+        return DISPATCHER.run_paged(func, types, args, kwargs)  # a dtype torch takes after all
     rows_total = table.shape[0]
     flat = index.reshape(-1).to("cpu", torch.int64)
     if func is aten.index.Tensor:
         flat = torch.where(flat < 0, flat + rows_total, flat)
-    if int(flat.min()) < 0 or int(flat.max()) >= rows_total:
-        return DISPATCHER.run_paged(func, types, args, kwargs)  # torch raises its own error
+    bad = flat[(flat < 0) | (flat >= rows_total)]
+    if bad.numel():  # checked here, before any page faults in (and before a CUDA kernel could assert)
+        raise IndexError(f"PagedTensor: {func}: index {int(bad[0])} is out of bounds for dimension 0 with size {rows_total}")
     rows, inverse = torch.unique(flat, sorted=True, return_inverse=True)
     itemsize, page_size = table.dtype.itemsize, table._paged.allocation.page_size
     row_size, row_stride = tuple(table.shape[1:]), table.stride()[1:]
@@ -833,7 +883,7 @@ def _row_request(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[
         dim, index = args[1], args[2]
         if not isinstance(table, PagedTensor) or table.dim() == 0 or dim not in (0, -table.dim()):
             return None
-        if not isinstance(index, torch.Tensor) or index.dim() > 1 or index.device != table.device:
+        if not isinstance(index, torch.Tensor) or index.device != table.device:
             return None
     elif func is aten.embedding.default:
         index = args[1]
@@ -852,6 +902,6 @@ def _row_request(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[
         return None
     if isinstance(index, PagedTensor):
         index = index.materialize()
-    if index.dtype not in (torch.int64, torch.int32) or index.numel() == 0:
-        return None
+    if func is aten.index.Tensor and index.dtype in (torch.bool, torch.uint8):
+        return None  # a mask, not row numbers
     return table, index

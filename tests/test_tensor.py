@@ -765,3 +765,53 @@ def test_views_under_inference_mode_of_a_tensor_wrapped_outside_it(pager):
         assert torch.equal(torch.nn.functional.linear(inputs, w), torch.nn.functional.linear(inputs, x))
         made_inside = PagedTensor.wrap(x, pager)
         assert made_inside.is_inference() and made_inside[1:2].is_inference()
+
+
+def test_row_gathers_that_need_no_rows_fault_nothing_in(pager):
+    """An empty index returns an empty result and a bad index raises IndexError, without faulting in
+    a table larger than the device tier (the generic path would need all of it at once)."""
+    x = rows_tensor(rows=64, device=pager.device)  # 16 pages; the device tier holds 8
+    table = PagedTensor.wrap(x, pager)
+    empty = torch.tensor([], dtype=torch.long, device=pager.device)
+    for gather in (lambda t: t[empty], lambda t: t.index_select(0, empty), lambda t: torch.embedding(t, empty.view(0, 3))):
+        got, expected = gather(table), gather(x)
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+    for bad in ([0, 64], [-65], [100]):
+        index = torch.tensor(bad, device=pager.device)
+        with pytest.raises(IndexError, match="out of bounds"):
+            table[index]
+        with pytest.raises(IndexError, match="out of bounds"):
+            table.index_select(0, index.clamp(min=-1))
+        with pytest.raises(IndexError, match="out of bounds"):
+            torch.embedding(table, index.abs())
+    with pytest.raises(IndexError, match="vector"):
+        table.index_select(0, torch.zeros(2, 2, dtype=torch.long, device=pager.device))
+    assert torch.equal(table[torch.tensor([-1, 0], device=pager.device)], x[[-1, 0]])
+
+
+def test_as_strided_past_the_allocation_raises_like_torch(pager):
+    t = PagedTensor.wrap(torch.arange(25.0, device=pager.device), pager)
+    with pytest.raises(RuntimeError, match="out of bounds for storage"):
+        t.as_strided((500,), (1,))
+    assert torch.equal(t.as_strided((5,), (5,), 0).materialize(), torch.arange(0.0, 25.0, 5.0, device=pager.device))
+
+
+def test_out_arguments_that_torch_reshapes_or_resizes_to_their_own_size(pager):
+    """matmul(out=) folds batch dims through a reshaped view of ``out`` and copies it back unless the
+    two share a storage; randn/empty(out=) resize ``out`` to the size it has: both work on a PagedTensor."""
+    g = torch.Generator().manual_seed(3)
+    for a, b in ((torch.randn(5, 5, 10, generator=g), torch.randn(10, generator=g)), (torch.randn(2, 5, 10, generator=g), torch.randn(10, 3, generator=g))):
+        a, b = a.to(pager.device), b.to(pager.device)
+        expected = torch.matmul(a, b)
+        out = PagedTensor.wrap(torch.zeros_like(expected), pager)
+        torch.matmul(a, b, out=out)
+        assert torch.equal(out.materialize(), expected)
+    out = PagedTensor.wrap(torch.zeros(3, 4, device=pager.device), pager)
+    torch.manual_seed(0)
+    expected = torch.randn(3, 4, device=pager.device)
+    torch.manual_seed(0)
+    torch.randn(3, 4, out=out)
+    assert torch.equal(out.materialize(), expected)
+    assert out.resize_(3, 4) is out and out.resize_as_(expected) is out
+    with pytest.raises(NotImplementedError, match="changes a tensor's shape"):
+        out.resize_(4, 4)
