@@ -211,7 +211,23 @@ class PagedDispatcher:
                     if group is not None:
                         group.private = True
         discard = _overwritten_pages(func, args, written, groups) if func in _OVERWRITING else {}
+        # Writers of one allocation take turns (locks in a fixed order: no deadlock between two ops
+        # writing the same two allocations).
+        locks = [group.storage.write_lock for group in sorted(groups.values(), key=lambda group: id(group.storage)) if group.written]
+        for lock in locks:
+            lock.acquire()
+        try:
+            return self._run_in_windows(func, info, args, kwargs, leaves, written, groups, discard)
+        finally:
+            for lock in reversed(locks):
+                lock.release()
 
+    def _run_in_windows(
+        self, func: OpOverload, info: OpInfo, args: tuple, kwargs: dict, leaves: list[PagedTensor],
+        written: list[PagedTensor], groups: dict[int, "_Group"], discard: dict[int, list[int]],
+    ) -> Any:  # fmt: skip
+        """The rest of :meth:`run_paged`: open one window per allocation, run ``func`` on dense views,
+        write back what it wrote and release the windows."""
         opened: list[_Group] = []
         # An overwritten allocation's window opens last: until its release the pages it overwrites
         # keep their host copies, which the other windows' faults then need not make room around.
@@ -272,6 +288,8 @@ class PagedDispatcher:
         if tensor._inner is not None:
             inner = tensor._inner
             return inner.clone() if device is None else inner.to(device, copy=True)
+        if _pending_frees:
+            drain_pending_frees()
         target = _normalize_device(tensor.device if device is None else torch.device(device))
         lo, hi = _byte_span(tensor)
         if lo == hi:

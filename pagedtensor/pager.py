@@ -40,7 +40,9 @@ import concurrent.futures
 import itertools
 import logging
 import operator
+import os
 import threading
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
@@ -270,6 +272,21 @@ class ResidentPages:
             self.release()
 
 
+_LIVE_PAGERS: "weakref.WeakSet[Pager]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child gets a copy of every pager: give each a fresh lock (a parent thread may have held
+    it at the fork) and no prefetch thread (threads do not survive a fork). Their disk tiers refuse
+    I/O in the child: the page file is the parent's."""
+    for pager in list(_LIVE_PAGERS):
+        pager._lock = threading.RLock()
+        pager._prefetcher = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Pager:
     """Moves fixed-size pages between device memory, host memory and disk under hard budgets."""
 
@@ -306,6 +323,7 @@ class Pager:
         self._filling: set[Page] = set()
         self._prefetcher: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.closed = False
+        _LIVE_PAGERS.add(self)
 
     # ------------------------------------------------------------------ allocations
 

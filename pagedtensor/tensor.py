@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import sys
+import threading
 import warnings
 import weakref
 from typing import ClassVar, Optional, Union
@@ -65,12 +66,15 @@ class PagedStorage:
     PagedTensor over it is garbage collected.
     """
 
-    __slots__ = ("pager", "allocation", "_meta_bases", "__weakref__")
+    __slots__ = ("pager", "allocation", "_meta_bases", "write_lock", "__weakref__")
 
     def __init__(self, pager: Pager, allocation: Optional[Allocation]) -> None:
         self.pager = pager
         self.allocation = allocation
         self._meta_bases: dict[torch.dtype, torch.Tensor] = {}
+        # Held by an op that writes these pages, from its fault-in to its write-back: an op on a
+        # gathered copy writes back its whole span, which must not undo another thread's write.
+        self.write_lock = threading.Lock()
         if allocation is not None:
             weakref.finalize(self, _free_allocation, pager, allocation)
 

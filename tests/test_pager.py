@@ -499,3 +499,39 @@ def test_an_unwritten_overwrite_refills_a_pinned_page_from_a_full_disk(tmp_path,
         reader.release()
         for seed, allocation in enumerate((a, b, c)):
             assert torch.equal(pager.read(allocation), random_bytes(PAGE, seed))
+
+
+def test_a_forked_child_cannot_use_the_disk_tier_and_leaves_the_page_file(tmp_path):
+    """A forked child has copies of the pager: pages in memory read fine, a page on disk raises a
+    RuntimeError naming the fork (the page file and I/O ring are the parent's; using them hung or
+    could overwrite the parent's slots), and closing the child's copy keeps the parent's file."""
+    import os
+
+    pager = make_pager(nvme=str(tmp_path), device_pages=2, host_pages=2)
+    allocations = [pager.allocate(PAGE) for _ in range(6)]
+    for seed, allocation in enumerate(allocations):
+        pager.write(allocation, random_bytes(PAGE, seed))
+    on_disk = next(index for index, allocation in enumerate(allocations) if pager.page_table(allocation)[0].tier == "disk")
+    in_memory = next(index for index, allocation in enumerate(allocations) if pager.page_table(allocation)[0].tier == "device")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        code = 1
+        try:
+            assert torch.equal(pager.read(allocations[in_memory]), random_bytes(PAGE, in_memory))
+            try:
+                pager.read(allocations[on_disk])
+            except RuntimeError as error:
+                code = 0 if "forked child" in str(error) else 2
+            pager.close()
+        finally:
+            os.write(write_end, bytes([code]))
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    assert os.read(read_end, 1) == bytes([0])
+    os.close(read_end)
+    assert os.path.exists(pager.disk_tier.file_path)
+    for seed, allocation in enumerate(allocations):
+        assert torch.equal(pager.read(allocation), random_bytes(PAGE, seed))
+    pager.close()

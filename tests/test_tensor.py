@@ -7,6 +7,7 @@ import copy
 import gc
 import io
 import random
+import threading
 
 import pytest
 import torch
@@ -551,6 +552,40 @@ def test_gpu_ops_on_a_side_stream_after_faults_from_pinned_host():
         assert torch.equal(again, x.sum(1))
         pager.evict_all()
         assert torch.equal(a.materialize(), x) and torch.equal(a.materialize("cpu"), x.cpu())
+
+
+def test_threads_writing_interleaved_rows_of_one_tensor_lose_no_update():
+    """Two threads add to the even and the odd rows of one PagedTensor. With 2-page slabs a 4-page
+    window is a gathered copy, written back over its whole span: the writers must take turns, or one
+    thread's write-back undoes the other's additions."""
+    from tests.support import run_in_threads
+
+    iterations = 100
+    with make_pager(device_pages=8, host_pages=64, slab_size=2 * PAGE) as pager:
+        paged = PagedTensor.wrap(torch.zeros(64, 64), pager)  # 4 pages
+        barrier = threading.Barrier(2)
+
+        def worker(parity: int) -> None:
+            rows = paged[parity::2]
+            barrier.wait()
+            for _ in range(iterations):
+                rows.add_(1)
+
+        assert run_in_threads(worker, 2) == []
+        assert torch.equal(paged.materialize(), torch.full((64, 64), float(iterations)))
+
+
+def test_materialize_frees_tensors_collected_inside_a_pager_call(pager):
+    """A PagedTensor collected while its pager's lock is held (a garbage collection inside a pager
+    call) is freed later: by the next materialize too, not only by the next dispatched op."""
+    keep = PagedTensor.wrap(rows_tensor(device=pager.device), pager)
+    dropped = PagedTensor.wrap(rows_tensor(seed=1, device=pager.device), pager)
+    with pager._lock:
+        del dropped
+        gc.collect()
+    assert pager.stats()["allocations"] == 2  # deferred
+    keep.materialize()
+    assert pager.stats()["allocations"] == 1
 
 
 def test_threads_run_ops_on_paged_tensors_of_one_pager(nvme_dir):

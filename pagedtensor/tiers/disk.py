@@ -118,18 +118,20 @@ def _open_page_file(folder: str) -> tuple[int, str, bool]:
     return direct_fd, file_path, True
 
 
-def _release(engine: IoEngine, fd: int, file_path: str) -> None:
-    """Closes the engine and the page file and deletes it (the finalizer of a DiskTier)."""
+def _release(engine: IoEngine, fd: int, file_path: str, owner_pid: int) -> None:
+    """Closes the engine and the page file and deletes it (the finalizer of a DiskTier). A forked
+    child closes its copies only: the file is the parent's."""
     try:
         engine.close()
     finally:
         try:
             os.close(fd)
         finally:
-            try:
-                os.unlink(file_path)
-            except FileNotFoundError:
-                pass
+            if os.getpid() == owner_pid:
+                try:
+                    os.unlink(file_path)
+                except FileNotFoundError:
+                    pass
 
 
 class DiskTier:
@@ -195,7 +197,8 @@ class DiskTier:
         except BaseException:
             self._engine.close()
             raise
-        self._finalizer = weakref.finalize(self, _release, self._engine, self._fd, self.file_path)
+        self._owner_pid = os.getpid()
+        self._finalizer = weakref.finalize(self, _release, self._engine, self._fd, self.file_path, self._owner_pid)
         self._lock = threading.Lock()
         self._allocated: set[int] = set()
         self._free: list[int] = []  # heap of freed slots below _next_slot
@@ -451,6 +454,12 @@ class DiskTier:
     def _check_open(self) -> None:
         if not self._finalizer.alive:
             raise ValueError(f"disk tier {self.file_path} is closed")
+        if os.getpid() != self._owner_pid:
+            raise RuntimeError(
+                f"disk tier {self.file_path} belongs to process {self._owner_pid}: a forked child cannot use it (its "
+                "page file slots and I/O ring are the parent's). Pass PagedTensors to workers by pickling (the spawn "
+                "start method, e.g. DataLoader(multiprocessing_context='spawn')), or materialize them before forking"
+            )
 
     def _check_allocated(self, slot: int) -> None:
         if isinstance(slot, bool) or not isinstance(slot, int):
