@@ -211,15 +211,15 @@ class PagedDispatcher:
                     if group is not None:
                         group.private = True
         discard = _overwritten_pages(func, args, written, groups) if func in _OVERWRITING else {}
-        # Writers of one allocation take turns (locks in a fixed order: no deadlock between two ops
-        # writing the same two allocations).
-        locks = [group.storage.write_lock for group in sorted(groups.values(), key=lambda group: id(group.storage)) if group.written]
+        # Writers of one allocation take turns, from fault-in to write-back (a gathered window writes
+        # back its whole span, which must not undo another thread's write).
+        locks = _write_locks(groups) if written else ()
         for lock in locks:
             lock.acquire()
         try:
             return self._run_in_windows(func, info, args, kwargs, leaves, written, groups, discard)
         finally:
-            for lock in reversed(locks):
+            for lock in locks:
                 lock.release()
 
     def _run_in_windows(
@@ -617,6 +617,15 @@ def _resizes_to_own_size(func: OpOverload, args: tuple, kwargs: dict) -> bool:
     if func is aten._resize_output_.default and torch.device(args[2]) != args[0].device:
         return False
     return tuple(args[1]) == tuple(args[0].shape)
+
+
+def _write_locks(groups: dict[int, "_Group"]) -> Sequence[Any]:
+    """The write locks of the allocations an op writes, in one fixed order (by id: two ops writing the
+    same two allocations cannot deadlock)."""
+    written = [group.storage for group in groups.values() if group.written]
+    if len(written) == 1:
+        return (written[0].write_lock,)
+    return [storage.write_lock for storage in sorted(written, key=id)]
 
 
 def _same_data(target: Any, source: Any) -> bool:
