@@ -76,7 +76,7 @@ def run_demo(
             engine = pager.disk_tier.engine_name if pager.disk_tier is not None else "none"
         ok = got == expected
         rows = [
-            ("tensor", format_size(size), f"{size / min(config.vram_limit, size) if config.vram_limit else 0:.1f}x the device budget"),
+            ("tensor", format_size(size), f"{size / config.vram_limit:.1f}x the device budget"),
             ("write", f"{write_s:.2f} s", f"{size / write_s / 1e6:.0f} MB/s"),
             ("read back, page by page", f"{read_s:.2f} s", f"{size / read_s / 1e6:.0f} MB/s"),
             ("faults while writing", str(after_write["faults"]), ""),

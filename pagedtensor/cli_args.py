@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from typing import Callable, Optional
 
 from pagedtensor.config import MemoryConfig, parse_size
@@ -53,4 +54,9 @@ def config_error(**settings: object) -> Optional[str]:
             os.makedirs(config.nvme_path, exist_ok=True)
         except OSError as error:
             return f"nvme_path: cannot create the folder {config.nvme_path!r}: {error.strerror or error}"
+        try:  # an existing folder may still refuse files (permissions, a read-only file system)
+            with tempfile.TemporaryFile(dir=config.nvme_path):
+                pass
+        except OSError as error:
+            return f"nvme_path: cannot create files in {config.nvme_path!r}: {error.strerror or error}"
     return None

@@ -37,7 +37,14 @@ EVICTION_POLICIES = ("lru", "2q")
 PREFETCH_STRATEGIES = ("none", "sequential")
 COMPRESSIONS = (None, "zstd")
 
-_SIZE_PATTERN = re.compile(r"^\s*(?P<number>[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(?P<unit>[a-zA-Z]*)\s*$")
+# Digits, an optional fraction, an optional exponent; the digit runs cannot overlap (a failed match
+# of a long string backtracks in linear time, not quadratic).
+_SIZE_PATTERN = re.compile(r"^\s*(?P<number>(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*(?P<unit>[a-zA-Z]*)\s*$")
+MAX_SIZE = 2**63 - 1
+"""The largest size in bytes (torch indexes memory with signed 64-bit ints)."""
+# The arithmetic of parse_size, whatever decimal context the calling program has set: exact (any
+# rounding traps) for numbers of up to a few hundred digits, and any exponent.
+_EXACT = decimal.Context(prec=400, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN, traps=[decimal.Inexact, decimal.Overflow])
 
 
 def parse_size(value: SizeLike, field: str = "size") -> int:
@@ -52,6 +59,8 @@ def parse_size(value: SizeLike, field: str = "size") -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"{field}: size must not be negative, got {value!r}")
+        if value > MAX_SIZE:
+            raise ValueError(f"{field}: size {value!r} is larger than the largest size, 2**63 - 1 bytes")
         return value
     match = _SIZE_PATTERN.match(value)
     if match is None:
@@ -64,8 +73,13 @@ def parse_size(value: SizeLike, field: str = "size") -> int:
             f"{field}: unknown unit {match.group('unit')!r} in {value!r}; "
             f"known units: {', '.join(sorted(UNIT_BYTES, key=UNIT_BYTES.__getitem__))} (case-insensitive)"
         )
-    exact = decimal.Decimal(match.group("number")) * UNIT_BYTES[unit]  # exact: no float rounding
-    if exact != exact.to_integral_value():
+    try:
+        exact = _EXACT.multiply(decimal.Decimal(match.group("number")), UNIT_BYTES[unit])  # no float rounding
+    except (decimal.Inexact, decimal.Overflow):
+        raise ValueError(f"{field}: size {value!r} has too many digits or is too large") from None
+    if exact > MAX_SIZE:
+        raise ValueError(f"{field}: size {value!r} is larger than the largest size, 2**63 - 1 bytes")
+    if exact != exact.to_integral_value(context=_EXACT):
         raise ValueError(f"{field}: {value!r} is not a whole number of bytes")
     return int(exact)
 

@@ -42,11 +42,20 @@ class PagerMetrics:
     def __init__(
         self, registry: Optional[CollectorRegistry] = None, namespace: str = "pagedllm", resident_bytes: Optional[ResidentBytes] = None
     ) -> None:
+        if registry is not None and not (callable(getattr(registry, "register", None)) and callable(getattr(registry, "unregister", None))):
+            raise TypeError(f"registry: expected a prometheus_client CollectorRegistry or None, got {type(registry).__name__}")
         self.registry = registry if registry is not None else CollectorRegistry()
         self.values: dict[str, int] = dict.fromkeys(COUNTER_HELP, 0)
         self.namespace = namespace
         self._resident_bytes = resident_bytes if resident_bytes is not None else (lambda: dict.fromkeys(TIERS, 0))
-        self.registry.register(PagerCollector(self))
+        self._collector: Optional[PagerCollector] = PagerCollector(self)
+        self.registry.register(self._collector)
+
+    def close(self) -> None:
+        """Take this pager's metrics out of the registry (a closed pager's names are free again)."""
+        if self._collector is not None:
+            self.registry.unregister(self._collector)
+            self._collector = None
 
     def count(self, name: str, amount: int = 1) -> None:
         """Add ``amount`` to counter ``name`` (the caller holds the pager's lock)."""

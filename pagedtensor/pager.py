@@ -587,6 +587,7 @@ class Pager:
             self.host_tier.close()
             if self.disk_tier is not None:
                 self.disk_tier.close()
+            self.metrics.close()
 
     def __reduce_ex__(self, protocol: int):  # noqa: ANN204
         raise TypeError(

@@ -35,6 +35,9 @@ def test_cli_entry_point(capsys):
         (["ask", "--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"]),
         (["ask", "--page-size", "3KiB"], ["page_size", "3072"]),
         (["ask", "--vram-limit", "1KiB"], ["vram_limit", "smaller than one page"]),
+        (["ask", "--attn", "bogus"], ["--attn", "'bogus'"]),
+        (["demo", "--size", "1e1000000"], ["--size", "'1e1000000'", "largest size"]),
+        (["demo", "--vram-limit", "1e400"], ["--vram-limit", "'1e400'", "largest size"]),
     ],
 )
 def test_bad_arguments_are_usage_errors_naming_the_value(argv, named, capsys):
@@ -58,3 +61,19 @@ def test_demo_refuses_a_disk_folder_that_is_a_file(capsys, tmp_path, under):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "nvme_path" in err and "Traceback" not in err
+
+
+def test_demo_states_the_tensor_against_the_device_budget():
+    out = io.StringIO()
+    assert run_demo(size=2**16, vram_limit=2**20, host_memory=2**20, page_size=2**14, device="cpu", out=out)
+    assert "0.1x the device budget" in out.getvalue()
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/sys/kernel"), reason="needs sysfs")
+def test_demo_refuses_a_disk_folder_it_cannot_write(capsys):
+    """An existing folder that refuses files (sysfs refuses even root) is a usage error too."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--nvme-path", "/sys/kernel", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "nvme_path: cannot create files in '/sys/kernel'" in err and "Traceback" not in err

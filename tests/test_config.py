@@ -113,3 +113,32 @@ def test_normalized_values():
 def test_default_device_is_cuda_when_available():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert MemoryConfig().device.type == expected
+
+
+def test_sizes_parse_exactly_whatever_the_callers_decimal_context():
+    import decimal
+
+    with decimal.localcontext(decimal.Context(prec=6, traps=[decimal.Inexact])):
+        assert parse_size("1.5GiB") == 3 * 2**29
+        assert MemoryConfig(vram_limit="24GiB", page_size="2MiB", device="cpu").vram_limit == 24 * 2**30
+    assert parse_size("1.000000000000000000000000000000KiB") == 1024  # more digits than decimal's default 28
+    with pytest.raises(ValueError, match="whole number"):
+        parse_size("1.0000000000000000000000000001KiB")
+
+
+@pytest.mark.parametrize("value", ["1e1000000", "1e400", "12345678901234567890123456789", 2**63, "9" * 500])
+def test_sizes_past_the_largest_name_field_and_value(value):
+    with pytest.raises(ValueError, match="vram_limit") as error:
+        parse_size(value, "vram_limit")
+    assert "largest size" in str(error.value) or "too many digits" in str(error.value)
+
+
+@pytest.mark.parametrize("text, expected", [(".5KiB", 512), ("0.25KiB", 256), ("2e3", 2000), ("1E1KB", 10000)])
+def test_number_forms(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["5.", ".", "1..5", "1" * 5000 + "!"])
+def test_malformed_numbers_are_refused(text):
+    with pytest.raises(ValueError, match="cannot parse"):
+        parse_size(text)

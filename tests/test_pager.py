@@ -535,3 +535,17 @@ def test_a_forked_child_cannot_use_the_disk_tier_and_leaves_the_page_file(tmp_pa
     for seed, allocation in enumerate(allocations):
         assert torch.equal(pager.read(allocation), random_bytes(PAGE, seed))
     pager.close()
+
+
+def test_a_closed_pager_frees_its_metric_names_and_a_bad_registry_is_named():
+    from prometheus_client import CollectorRegistry
+
+    config = MemoryConfig(vram_limit=4 * PAGE, host_memory=4 * PAGE, page_size=PAGE, device="cpu")
+    registry = CollectorRegistry()
+    with Pager(config, registry=registry):
+        with pytest.raises(ValueError):
+            Pager(config, registry=registry)  # a second live pager on one registry
+    with Pager(config, registry=registry) as pager:  # the closed one's names are free again
+        assert pager.metrics.registry is registry
+    with pytest.raises(TypeError, match="registry"):
+        Pager(config, registry="x")

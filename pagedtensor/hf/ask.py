@@ -175,7 +175,7 @@ def add_ask_arguments(parser: argparse.ArgumentParser) -> None:
                         help="host budget (default: a quarter of the weights; the rest spills to disk)")
     parser.add_argument("--page-size", type=size_type("--page-size"), default=DEFAULT_PAGE_SIZE_TEXT, help=f"page size (default {DEFAULT_PAGE_SIZE_TEXT})")
     parser.add_argument("--nvme-path", default=None, help="folder for the disk tier (default: a temporary folder)")
-    parser.add_argument("--attn", default="auto", help="attention: auto, pagedllm, sdpa, eager (default auto)")
+    parser.add_argument("--attn", default="auto", choices=("auto", "pagedllm", "sdpa", "eager"), help="attention (default auto)")
 
 
 def ask_arguments_error(args: argparse.Namespace) -> Optional[str]:
