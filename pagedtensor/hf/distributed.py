@@ -291,9 +291,21 @@ def enable_tensor_parallel_paging(
     if getattr(model, TENSOR_PARALLEL_ATTRIBUTE, None) is None:
         setattr(model, TENSOR_PARALLEL_ATTRIBUTE, TensorParallelShard(
             dist.get_rank(group), world, text.num_attention_heads // world, kv_heads // world, "tp_plan"))
+    _check_ranks_agree(group, attn_implementation=paging.get("attn_implementation", "auto"), prefill_chunk_size=paging.get("prefill_chunk_size"))
     device = _parameter_device(model)
     enable_paging(model, rank_memory_config(memory_config, device), **paging)
     return model
+
+
+def _check_ranks_agree(group: Optional[Any], **options: Any) -> None:
+    """Raise on every rank unless all ranks pass the same ``options``: the attention implementation
+    and the prefill chunk decide how many all-reduces a forward makes, and ranks that disagree
+    would meet mismatched collectives (a crash on gloo, a hang on NCCL). Budgets may differ."""
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, options, group=group)
+    if any(other != gathered[0] for other in gathered):
+        per_rank = "; ".join(f"rank {rank}: {', '.join(f'{k}={v!r}' for k, v in values.items())}" for rank, values in enumerate(gathered))
+        raise ValueError(f"enable_tensor_parallel_paging: every rank must pass the same {', '.join(options)} ({per_rank})")
 
 
 def _parameter_device(model: torch.nn.Module) -> torch.device:

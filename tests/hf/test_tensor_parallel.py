@@ -114,6 +114,8 @@ def test_two_ranks_equal_one_process(sharding, one_process, tmp_path):
     for result in ranks:
         assert result["world_size"] == WORLD_SIZE
         assert "computes 2 KV heads, expected num_key_value_heads 2 / world size 2 = 1" in result.get("unsharded_error", ""), result.get("unsharded_error")
+        mismatch = result.get("mismatch_error", "")  # raised on every rank, naming each rank's options
+        assert "every rank must pass the same" in mismatch and "prefill_chunk_size=16" in mismatch and "prefill_chunk_size=32" in mismatch, mismatch
         assert sorted(result["runs"]) == ["pagedllm-1", "pagedllm-3", "sdpa-1", "sdpa-3"]
         for key, run in result["runs"].items():
             batch = int(key.split("-")[1])

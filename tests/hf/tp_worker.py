@@ -75,6 +75,12 @@ def main() -> int:
         enable_tensor_parallel_paging(unsharded, rank_budget(args.nvme))
     except ValueError as error:  # every head on every rank: not a tensor-parallel shard
         result["unsharded_error"] = str(error)
+    _, mismatched = tiny_pair("llama", attn="sdpa")
+    try:  # ranks that chunk prefill differently would meet mismatched all-reduces
+        enable_tensor_parallel_paging(shard_by_heads(mismatched), rank_budget(os.path.join(args.nvme, f"rank{info.rank}-mismatch")),
+                                      attn_implementation="pagedllm", prefill_chunk_size=16 * (1 + info.rank))
+    except ValueError as error:
+        result["mismatch_error"] = str(error)
     for attention, model in paged_models(args, info.rank):
         pager = paging_state(model).pager
         for batch in (1, 3):
