@@ -404,6 +404,14 @@ def _page_layer_weights(model: torch.nn.Module, state: PagingState) -> None:
     layers = _decoder_layers(model)
     if not layers:
         raise ValueError(f"page_weights: found no decoder layers in {type(model).__name__} (modules with a self_attn.layer_idx)")
+    for index, layer in enumerate(layers):  # checked before any weight is replaced
+        for name, parameter in layer.named_parameters():
+            if type(parameter) not in (torch.nn.Parameter, torch.Tensor) and not isinstance(parameter, PagedTensor):
+                raise TypeError(
+                    f"page_weights=True: layers.{index}.{name} is a {type(parameter).__name__}, which cannot be paged "
+                    "(a tensor-parallel shard loaded with tp_plan='auto'?). Shard with "
+                    "pagedtensor.hf.distributed.shard_by_heads to page weights, or keep page_weights=False"
+                )
     for index, layer in enumerate(layers):
         for module_name, module in layer.named_modules():
             for name, parameter in list(module._parameters.items()):

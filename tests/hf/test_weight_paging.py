@@ -174,3 +174,16 @@ def test_page_weights_must_be_a_bool(nvme_dir):
     _, model = tiny_pair("llama")
     with pytest.raises(TypeError, match="page_weights: expected True or False, got 'yes'"):
         enable_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa", page_weights="yes")
+
+
+def test_page_weights_names_a_parameter_it_cannot_page_before_replacing_any(nvme_dir):
+    """A tensor subclass among the layer weights (a DTensor of tp_plan='auto', say) is named before
+    any weight becomes paged."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    _, model = tiny_pair("llama")
+    weight = model.model.layers[1].mlp.up_proj.weight.detach()
+    model.model.layers[1].mlp.up_proj.weight = torch.nn.Parameter(TwoTensor(weight, weight.clone()), requires_grad=False)
+    with pytest.raises(TypeError, match=r"layers\.1\.mlp\.up_proj\.weight is a TwoTensor"):
+        enable_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa", page_weights=True)
+    assert not any(isinstance(p, PagedTensor) for p in model.model.layers[0].parameters())
