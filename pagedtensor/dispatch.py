@@ -785,12 +785,13 @@ def view_of_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict, lea
                     f"{meta.storage_offset()}, and itemsize {meta.dtype.itemsize} requiring a storage size of "
                     f"{hi * meta.dtype.itemsize} are out of bounds for storage of size {source._paged.nbytes}"
                 )
+        layout = (source._paged, meta.storage_offset(), tuple(meta.shape), meta.stride(), meta.dtype)
         if torch.is_inference_mode_enabled() and not source.is_inference():
             # A view of a normal tensor is a normal tensor, in inference mode too (it shares the
             # base's version counter, which an inference tensor cannot).
             with torch.inference_mode(False):
-                return PagedTensor._make(source._paged, meta.storage_offset(), tuple(meta.shape), meta.stride(), meta.dtype)
-        return PagedTensor._make(source._paged, meta.storage_offset(), tuple(meta.shape), meta.stride(), meta.dtype)
+                return PagedTensor._make(*layout)
+        return PagedTensor._make(*layout)
 
     return to_paged(out) if isinstance(out, torch.Tensor) else _map_tensors(out, to_paged)
 

@@ -509,8 +509,9 @@ class Pager:
         rest keep their old bytes.
         """
         source = _as_bytes(data)
-        self._check_allocation(allocation)  # also when no byte is written
         first, stop = allocation.page_range(offset, offset + source.numel())
+        if first == stop:  # no chunk reaches ensure_resident, which checks the allocation
+            self._check_allocation(allocation)
         for chunk_start, chunk_stop in self._chunks(first, stop):
             chunk_begin = max(offset, chunk_start * self.page_size)
             chunk_end = min(offset + source.numel(), chunk_stop * self.page_size, allocation.nbytes)
@@ -535,9 +536,10 @@ class Pager:
 
     def read(self, allocation: Allocation, offset: int = 0, nbytes: Optional[int] = None) -> torch.Tensor:
         """A CPU uint8 copy of ``nbytes`` (default: to the end) of ``allocation`` from byte ``offset``."""
-        self._check_allocation(allocation)  # also when no byte is read
         nbytes = allocation.nbytes - offset if nbytes is None else nbytes
         first, stop = allocation.page_range(offset, offset + nbytes)
+        if first == stop:  # no chunk reaches ensure_resident, which checks the allocation
+            self._check_allocation(allocation)
         out = torch.empty(nbytes, dtype=torch.uint8)
         for chunk_start, chunk_stop in self._chunks(first, stop):
             with self.ensure_resident(allocation, chunk_start, chunk_stop) as resident:

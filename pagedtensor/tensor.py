@@ -31,7 +31,7 @@ import sys
 import threading
 import warnings
 import weakref
-from typing import ClassVar, Optional, Union
+from typing import Callable, ClassVar, Optional, Union
 
 import torch
 
@@ -82,21 +82,33 @@ class PagedStorage:
     def nbytes(self) -> int:
         return 0 if self.allocation is None else self.allocation.nbytes
 
+    @classmethod
+    def filled(cls, pager: Pager, nbytes: int, fill: Callable[[Allocation], None], name: Optional[str] = None) -> "PagedStorage":
+        """A new allocation of ``nbytes`` (none for zero bytes) that ``fill(allocation)`` writes; freed
+        again if ``fill`` raises, so a failed fill leaves nothing allocated."""
+        if nbytes == 0:
+            return cls(pager, None)
+        allocation = pager.allocate(nbytes, name=name)
+        try:
+            fill(allocation)
+        except BaseException:
+            pager.free(allocation)
+            raise
+        return cls(pager, allocation)
+
     def copy(self) -> "PagedStorage":
         """A new allocation of the same pager holding these bytes (copied through the pager in chunks
         of a quarter of the device tier, so any size fits)."""
-        if self.allocation is None:
-            return PagedStorage(self.pager, None)
         pager, source = self.pager, self.allocation
-        target = pager.allocate(source.nbytes, name=source.name)
-        try:
-            chunk = max(pager.page_size, pager.device_tier.capacity_pages // 4 * pager.page_size)
+        if source is None:
+            return PagedStorage(pager, None)
+        chunk = max(pager.page_size, pager.device_tier.capacity_pages // 4 * pager.page_size)
+
+        def fill(target: Allocation) -> None:
             for offset in range(0, source.nbytes, chunk):
                 pager.write(target, pager.read(source, offset, min(chunk, source.nbytes - offset)), offset)
-        except BaseException:
-            pager.free(target)
-            raise
-        return PagedStorage(pager, target)
+
+        return PagedStorage.filled(pager, source.nbytes, fill, name=source.name)
 
     def meta_base(self, dtype: torch.dtype) -> torch.Tensor:
         """A flat meta tensor of ``dtype`` as long as the allocation: the base that view ops run on."""
@@ -228,17 +240,8 @@ class PagedTensor(torch.Tensor):
         if hi - lo > _MAX_SPAN_RATIO * data.numel():
             data = data.contiguous()
             lo, hi = element_span(tuple(data.shape), data.stride(), data.storage_offset())
-        nbytes = (hi - lo) * data.element_size()
-        if nbytes == 0:
-            storage = PagedStorage(pager, None)
-        else:
-            allocation = pager.allocate(nbytes, name=name)
-            try:
-                pager.write(allocation, data.as_strided((hi - lo,), (1,), lo))
-            except BaseException:
-                pager.free(allocation)
-                raise
-            storage = PagedStorage(pager, allocation)
+        span = data.as_strided((hi - lo,), (1,), lo)
+        storage = PagedStorage.filled(pager, span.nbytes, lambda allocation: pager.write(allocation, span), name=name)
         return cls._make(storage, 0, tuple(data.shape), data.stride(), data.dtype, requires_grad=t.requires_grad)
 
     @classmethod
@@ -530,13 +533,7 @@ def _rebuild_paged_storage(data: Optional[torch.Tensor]) -> Union[PagedStorage, 
     if not _bytes_are_loaded(data):
         return data
     pager = get_default_pager()
-    allocation = pager.allocate(data.numel())
-    try:
-        pager.write(allocation, data)
-    except BaseException:
-        pager.free(allocation)
-        raise
-    return PagedStorage(pager, allocation)
+    return PagedStorage.filled(pager, data.numel(), lambda allocation: pager.write(allocation, data))
 
 
 def _rebuild_paged_view(
