@@ -754,7 +754,8 @@ class Pager:
     def _make_host_room(self, count: int, keep: frozenset = frozenset()) -> None:
         """Free ``count`` host slots, moving host-only pages to disk. Blocks on disk I/O.
 
-        The host copies of the pages in ``keep`` stay (pages leaving the device right after)."""
+        The host copies of the pages in ``keep`` stay (pages leaving the device right after), and so
+        do their disk copies, which may become their only copies."""
         shortfall = count - self.host_tier.free_pages
         if shortfall <= 0:
             return
@@ -780,7 +781,7 @@ class Pager:
                 )
             free_disk = None if self.disk_tier.capacity_pages is None else self.disk_tier.capacity_pages - self.disk_tier.used_pages
             if free_disk is not None and free_disk < len(to_disk):
-                free_disk += self._drop_duplicate_disk_copies(len(to_disk) - free_disk, frozenset(victims))
+                free_disk += self._drop_duplicate_disk_copies(len(to_disk) - free_disk, frozenset(victims) | keep)
             if free_disk is not None and free_disk < len(to_disk):
                 raise OutOfPagesError(f"disk tier full (disk_limit={self.config.disk_limit} bytes): cannot spill {len(to_disk)} pages")
             self._sync_host_slots([page.host_slot for page in to_disk])
@@ -798,9 +799,9 @@ class Pager:
             self._drop_host_copy(page)
         self.metrics.count("host_evictions", len(victims))
 
-    def _drop_duplicate_disk_copies(self, count: int, leaving_host: frozenset) -> int:
+    def _drop_duplicate_disk_copies(self, count: int, leaving: frozenset) -> int:
         """Free up to ``count`` disk slots holding clean caches: disk copies of pages that keep a device
-        or host copy (not the pages in ``leaving_host``, whose host copy is about to go, nor pages
+        or host copy (not the pages in ``leaving``, whose host or device copy is about to go, nor pages
         being overwritten or being filled, whose device slot does not hold their bytes). Returns how
         many were freed. Runs only when the disk tier is full: one pass over the page table."""
         freed = 0
@@ -809,7 +810,7 @@ class Pager:
                 if freed == count:
                     return freed
                 if (page.disk_slot is not None and (page.device_slot is not None or page.host_slot is not None)
-                        and page not in leaving_host and page not in self._overwriting and page not in self._filling):  # fmt: skip
+                        and page not in leaving and page not in self._overwriting and page not in self._filling):  # fmt: skip
                     self._drop_disk_copy(page)
                     freed += 1
         return freed

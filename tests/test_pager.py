@@ -441,6 +441,27 @@ def test_empty_reads_and_writes_check_the_allocation():
             pager.write(allocation, torch.empty(0, dtype=torch.uint8))
 
 
+def test_evicting_a_page_whose_other_copy_is_on_a_full_disk_keeps_that_copy(tmp_path):
+    """A clean page whose only other copy is on disk leaves the device in the same chunk as dirty
+    pages; making host room for the dirty ones must not free that disk copy as a duplicate of the
+    device copy about to go (it did: the page then had no copy and read back as zeros)."""
+    with make_pager(nvme=str(tmp_path), device_pages=6, host_pages=4, disk_limit=7 * PAGE, eviction_policy="lru") as pager:
+        expected = {}
+        for value, pages in ((1, 2), (2, 4), (3, 2), (4, 4)):
+            allocation = pager.allocate(pages * PAGE)
+            expected[allocation] = torch.full((pages * PAGE,), value, dtype=torch.uint8)
+            pager.write(allocation, expected[allocation])
+        pager.read(next(iter(expected)))
+        with pytest.raises(OutOfPagesError, match="disk tier full"):
+            pager.evict_all()  # 12 pages of bytes cannot fit in 4 host and 7 disk slots
+        allocations = list(expected)
+        for allocation in allocations:
+            assert all(info.tier is not None for info in pager.page_table(allocation)), f"allocation {allocation.id}"
+        for allocation in allocations[1:]:  # the tiers are full: make room to read the first back
+            pager.free(allocation)
+        assert torch.equal(pager.read(allocations[0]), expected[allocations[0]])
+
+
 _OPS = st.lists(st.tuples(st.sampled_from(["write", "read", "evict_all"]), st.integers(0, 3), st.integers(0, 2**31 - 1)), min_size=1, max_size=30)
 
 
