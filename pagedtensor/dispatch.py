@@ -796,6 +796,26 @@ def view_of_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict, lea
     return to_paged(out) if isinstance(out, torch.Tensor) else _map_tensors(out, to_paged)
 
 
+@implements([aten.as_strided_copy.default, aten.as_strided_scatter.default])
+def strided_over_the_allocation(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> torch.Tensor:
+    """``as_strided_copy`` and ``as_strided_scatter`` place elements by storage offset, which for a
+    PagedTensor counts from the start of its allocation (its storage), not from the device slab its
+    pages sit in (run dense on the slab, they read and wrote other tensors' slots).
+
+    ``as_strided_copy`` is the paged view (bounds-checked against the allocation) copied out, only its
+    pages faulting in; ``as_strided_scatter`` runs on the allocation materialized whole, as torch runs
+    it on a clone of the whole storage. Both return plain tensors."""
+    source = args[0]
+    if not isinstance(source, PagedTensor):  # a PagedTensor ``src`` only: the storage is a plain one
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    if func is aten.as_strided_copy.default:
+        view = aten.as_strided.default(source, *args[1:], **kwargs)
+        return aten.clone.default(view, memory_format=torch.contiguous_format)
+    whole = PagedTensor._make(source._paged, 0, (source._paged.nbytes // source.dtype.itemsize,), (1,), source.dtype)
+    dense = whole.materialize().as_strided(source.shape, source.stride(), source._offset)
+    return func(dense, *args[1:], **kwargs)
+
+
 # ---------------------------------------------------------------------- handlers: metadata only
 
 

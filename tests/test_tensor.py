@@ -831,6 +831,33 @@ def test_as_strided_past_the_allocation_raises_like_torch(pager):
     assert torch.equal(t.as_strided((5,), (5,), 0).materialize(), torch.arange(0.0, 25.0, 5.0, device=pager.device))
 
 
+@pytest.mark.parametrize("offset", [None, 0, 7, 1100])
+def test_as_strided_copy_and_scatter_count_the_offset_from_the_allocation(pager, offset):
+    """Their storage offset counts from the start of the tensor's storage: for a PagedTensor its
+    allocation, not the device slab its pages sit in (another tensor's pages fill the first slots)."""
+    other = PagedTensor.wrap(torch.full((1024,), 99.0, device=pager.device), pager)
+    base = torch.arange(2400.0, device=pager.device)
+    x = base[5:].reshape(-1, 5)[1:, 1:]  # offset 11 into its storage, not contiguous
+    paged = PagedTensor.wrap(base.clone(), pager)[5:].reshape(-1, 5)[1:, 1:]
+    _ = other + 1, paged + 1  # both fault in, to different slots
+    size, stride = (3, 4), (5, 2)
+    expected = torch.as_strided_copy(x, size, stride, offset)
+    got = torch.as_strided_copy(paged, size, stride, offset)
+    assert type(got) is torch.Tensor and got.stride() == expected.stride() and torch.equal(got, expected)
+    src = -torch.arange(12.0, device=pager.device).reshape(size)
+    expected = torch.as_strided_scatter(x, src, size, stride, offset)
+    got = torch.as_strided_scatter(paged, src, size, stride, offset)
+    assert type(got) is torch.Tensor and got.storage_offset() == expected.storage_offset() and got.stride() == expected.stride()
+    assert torch.equal(got, expected)
+    whole = (base.numel(),), (1,), 0  # the storage of each: a clone of the whole storage, scattered into
+    assert torch.equal(got.as_strided(*whole), expected.as_strided(*whole))
+    got = torch.as_strided_scatter(x, PagedTensor.wrap(src.clone(), pager), size, stride, offset)
+    assert torch.equal(got, expected)
+    assert torch.equal(paged.materialize(), x) and torch.equal(other.materialize(), torch.full_like(other.materialize(), 99.0))
+    with pytest.raises(RuntimeError, match="out of bounds for storage"):
+        torch.as_strided_copy(paged, (4,), (1,), 2398)
+
+
 def test_out_arguments_that_torch_reshapes_or_resizes_to_their_own_size(pager):
     """matmul(out=) folds batch dims through a reshaped view of ``out`` and copies it back unless the
     two share a storage; randn/empty(out=) resize ``out`` to the size it has: both work on a PagedTensor."""
