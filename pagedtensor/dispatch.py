@@ -89,6 +89,10 @@ class OpInfo:
     """The op changes its input's shape, strides or storage in place (the ``inplace_view`` tag)."""
     returns_written: bool
     """A result is a written argument (in-place and ``out=`` ops)."""
+    decomposes: bool
+    """The op is ``CompositeImplicitAutograd``: made of other ops, which it reaches us whole only below
+    autograd (in inference mode, say). Its schema's alias can mean "may alias" (``to``, ``contiguous``,
+    ``reshape``, ``flatten`` return a new tensor when they must), so it runs as its decomposition."""
 
     @classmethod
     def of(cls, func: OpOverload) -> "OpInfo":
@@ -106,6 +110,7 @@ class OpInfo:
             is_view=any(not alias.is_write for alias in returns),
             changes_metadata=torch.Tag.inplace_view in func.tags or func.overloadpacket.__name__ in _RESIZING_OPS,
             returns_written=any(alias.is_write for alias in returns),
+            decomposes=torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"),
         )
 
 
@@ -176,6 +181,10 @@ class PagedDispatcher:
                 f"does not support{_describe(args, kwargs)}"
             )
         if info.is_view:
+            if info.decomposes:
+                out = func.decompose(*args, **kwargs)
+                if out is not NotImplemented:
+                    return out
             return view_of_pages(func, types, args, kwargs, leaves)
         if func is aten.copy_.default and _same_data(args[0], args[1]):
             return args[0]  # torch's copy_ returns early for a view of the same data: nothing is written

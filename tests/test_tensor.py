@@ -802,6 +802,33 @@ def test_views_under_inference_mode_of_a_tensor_wrapped_outside_it(pager):
         assert made_inside.is_inference() and made_inside[1:2].is_inference()
 
 
+def test_ops_that_may_alias_convert_and_copy_under_inference_mode(pager):
+    """``to``, ``contiguous``, ``reshape`` and ``flatten`` return their input, a view or a new tensor
+    as needed; they reach the subclass whole under inference mode (below autograd), where their
+    schema's alias once made every result a view of the same bytes: converted dtypes and copied
+    layouts read the old bytes reinterpreted."""
+    x = rows_tensor(device=pager.device)
+    w = PagedTensor.wrap(x, pager)
+    with torch.inference_mode():
+        for op in (lambda t: t.to(torch.int32), lambda t: t.half(), lambda t: t.t().contiguous(), lambda t: t.t().reshape(-1),
+                   lambda t: t.t().flatten(), lambda t: t.to("cpu", torch.float64)):  # fmt: skip
+            got, expected = op(w), op(x)
+            got = got.materialize() if isinstance(got, PagedTensor) else got
+            assert got.dtype == expected.dtype and torch.equal(got.cpu(), expected.cpu())
+        assert w.contiguous() is w and w.to(torch.float32) is w
+        flat = w.reshape(-1)  # contiguous: a view, sharing the pages
+        assert isinstance(flat, PagedTensor) and flat.allocation is w.allocation
+        flat[:3] = 7.0
+    assert torch.equal(w.materialize()[0, :3], torch.full((3,), 7.0, device=pager.device))
+
+
+def test_second_derivatives_of_a_paged_input(pager):
+    """``torch.func.hessian`` moves a tangent ``.to("meta")`` below autograd."""
+    x = torch.arange(3.0, device=pager.device)
+    f = lambda v: (v.sin() * v).sum()  # noqa: E731
+    assert torch.equal(torch.func.hessian(f)(PagedTensor.wrap(x.clone(), pager)), torch.func.hessian(f)(x))
+
+
 def test_row_gathers_that_need_no_rows_fault_nothing_in(pager):
     """An empty index returns an empty result and a bad index raises IndexError, without faulting in
     a table larger than the device tier (the generic path would need all of it at once)."""
