@@ -805,7 +805,7 @@ def view_of_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict, lea
     return to_paged(out) if isinstance(out, torch.Tensor) else _map_tensors(out, to_paged)
 
 
-@implements([aten.as_strided_copy.default, aten.as_strided_scatter.default])
+@implements([aten.as_strided_copy, aten.as_strided_scatter])
 def strided_over_the_allocation(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> torch.Tensor:
     """``as_strided_copy`` and ``as_strided_scatter`` place elements by storage offset, which for a
     PagedTensor counts from the start of its allocation (its storage), not from the device slab its
@@ -813,10 +813,18 @@ def strided_over_the_allocation(func: OpOverload, types: tuple, args: tuple, kwa
 
     ``as_strided_copy`` is the paged view (bounds-checked against the allocation) copied out, only its
     pages faulting in; ``as_strided_scatter`` runs on the allocation materialized whole, as torch runs
-    it on a clone of the whole storage. Both return plain tensors."""
+    it on a clone of the whole storage. Both return plain tensors; their ``out=`` forms copy that
+    result into ``out``, as torch's do."""
     source = args[0]
-    if not isinstance(source, PagedTensor):  # a PagedTensor ``src`` only: the storage is a plain one
+    if not isinstance(source, PagedTensor):  # a PagedTensor ``src`` or ``out`` only: the storage is a plain one
         return DISPATCHER.run_paged(func, types, args, kwargs)
+    if "out" in kwargs:
+        out = kwargs["out"]
+        functional = getattr(func.overloadpacket, "default")
+        result = strided_over_the_allocation(functional, types, args, {k: v for k, v in kwargs.items() if k != "out"})
+        if out.shape != result.shape:
+            aten.resize_.default(out, result.shape)
+        return aten.copy_.default(out, result)
     if func is aten.as_strided_copy.default:
         view = aten.as_strided.default(source, *args[1:], **kwargs)
         return aten.clone.default(view, memory_format=torch.contiguous_format)

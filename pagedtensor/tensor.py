@@ -403,10 +403,19 @@ class PagedTensor(torch.Tensor):
     # The wrapper's own storage is empty (no bytes, a null pointer): these would reach it and crash or
     # export garbage, so each raises, naming what to use instead. (``untyped_storage()`` stays: torch
     # itself reads it, e.g. torch.compile's metadata checks; writing through it is unsupported.)
+    # RuntimeError, not NotImplementedError: safetensors takes the latter from ``storage()`` for a meta
+    # storage and goes on to read ``data_ptr()``.
     def storage(self) -> torch.TypedStorage:
-        raise NotImplementedError(
+        raise RuntimeError(
             "PagedTensor.storage: a PagedTensor's bytes live in pager pages, not in a torch storage; "
             "use t.materialize() for a dense copy"
+        )
+
+    def data_ptr(self) -> int:
+        raise RuntimeError(
+            "PagedTensor.data_ptr: a PagedTensor's bytes live in pager pages, not at one address (code that "
+            "reads memory at it, such as safetensors' save_file, would read none of them); use "
+            "t.materialize() for a dense copy"
         )
 
     def share_memory_(self) -> "PagedTensor":

@@ -781,10 +781,26 @@ def test_storage_sharing_and_dlpack_raise_instead_of_crashing(pager):
     module.weight = torch.nn.Parameter(paged, requires_grad=False)
     with pytest.raises(NotImplementedError, match="share_memory_"):
         module.share_memory()  # what multiprocessing users call on a model
-    with pytest.raises(NotImplementedError, match="PagedTensor.storage"):
+    with pytest.raises(RuntimeError, match="PagedTensor.storage") as raised:
         paged.storage()
+    assert not isinstance(raised.value, NotImplementedError)  # safetensors would take it for a meta storage
+    for tensor in (paged, paged[1:]):
+        with pytest.raises(RuntimeError, match="PagedTensor.data_ptr.*materialize"):
+            tensor.data_ptr()
     with pytest.raises(BufferError, match="export t.materialize\\(\\) instead"):
         torch.from_dlpack(paged)
+
+
+def test_safetensors_refuses_a_paged_tensor_by_name(pager, tmp_path):
+    """safetensors reads a tensor's bytes at ``data_ptr()``: a view at an offset crashed the process,
+    a whole tensor failed with "invalid shape, data type, or offset"."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    paged = PagedTensor.wrap(torch.randn(4, 8, device=pager.device), pager)
+    for tensor in (paged, paged[1:3]):
+        with pytest.raises(RuntimeError, match="PagedTensor.*materialize"):
+            safetensors_torch.save_file({"t": tensor}, str(tmp_path / "x.safetensors"))
+    safetensors_torch.save_file({"t": paged[1:3].materialize()}, str(tmp_path / "x.safetensors"))
+    assert torch.equal(safetensors_torch.load_file(str(tmp_path / "x.safetensors"), device=str(pager.device))["t"], paged[1:3].materialize())
 
 
 def test_views_under_inference_mode_of_a_tensor_wrapped_outside_it(pager):
@@ -880,6 +896,12 @@ def test_as_strided_copy_and_scatter_count_the_offset_from_the_allocation(pager,
     assert torch.equal(got.as_strided(*whole), expected.as_strided(*whole))
     got = torch.as_strided_scatter(x, PagedTensor.wrap(src.clone(), pager), size, stride, offset)
     assert torch.equal(got, expected)
+    for out in (torch.empty(0, device=pager.device), PagedTensor.wrap(torch.zeros(expected.shape, device=pager.device), pager)):
+        aten.as_strided_scatter.out(paged, src, size, stride, offset, out=out)
+        assert torch.equal(out.materialize() if isinstance(out, PagedTensor) else out, expected)
+    out = PagedTensor.wrap(torch.zeros(size, device=pager.device), pager)
+    aten.as_strided_copy.out(paged, size, stride, offset, out=out)
+    assert torch.equal(out.materialize(), torch.as_strided_copy(x, size, stride, offset))
     assert torch.equal(paged.materialize(), x) and torch.equal(other.materialize(), torch.full_like(other.materialize(), 99.0))
     with pytest.raises(RuntimeError, match="out of bounds for storage"):
         torch.as_strided_copy(paged, (4,), (1,), 2398)
