@@ -204,16 +204,16 @@ def cache_keyword(model: torch.nn.Module) -> str:
 
 def _dense_save_pretrained(model: torch.nn.Module, save_pretrained):
     """``save_pretrained`` of a model with paged weights: the state dict it saves holds dense CPU copies
-    of them (read through the pager), so the files load anywhere, without pagedtensor. (transformers
+    of them (read through the pager), so the files load anywhere, without pagedtensor; so does a
+    ``state_dict`` passed in. (transformers
     tells tensors apart by their storage, which every PagedTensor's wrapper shares, and would refuse
     them as shared tensors.)"""
     from pagedtensor.tensor import PagedTensor
 
     @functools.wraps(save_pretrained)
     def save(*args, state_dict=None, **kwargs):
-        if state_dict is None:
-            state_dict = {name: value.materialize("cpu") if isinstance(value, PagedTensor) else value
-                          for name, value in model.state_dict().items()}  # fmt: skip
+        state_dict = {name: value.materialize("cpu") if isinstance(value, PagedTensor) else value
+                      for name, value in (model.state_dict() if state_dict is None else state_dict).items()}  # fmt: skip
         return save_pretrained(*args, state_dict=state_dict, **kwargs)
 
     return save

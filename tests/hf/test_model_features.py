@@ -88,9 +88,11 @@ def test_save_pretrained_with_paged_weights_writes_dense_files(nvme_dir, tmp_pat
     enable_paging(paged, tiny_budget(nvme_dir, vram_pages=24, host_pages=16), page_weights=True)
     assert isinstance(paged.model.layers[0].self_attn.q_proj.weight, PagedTensor)
     paged.save_pretrained(tmp_path / "saved")
-    reloaded = type(reference).from_pretrained(tmp_path / "saved").eval()
-    for name, tensor in reference.state_dict().items():
-        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    paged.save_pretrained(tmp_path / "given", state_dict=paged.state_dict())  # a state dict passed in, paged
+    for folder in ("saved", "given"):
+        reloaded = type(reference).from_pretrained(tmp_path / folder).eval()
+        for name, tensor in reference.state_dict().items():
+            assert torch.equal(reloaded.state_dict()[name], tensor), f"{folder}: {name}"
 
 
 def test_cache_reset_takes_a_new_batch_and_selection_takes_a_boolean_mask(nvme_dir):
