@@ -271,6 +271,7 @@ class PagedKVCache(Cache):
                 "the cached keys and values. Generate under torch.no_grad() or torch.inference_mode(), or train "
                 "with use_cache=False or a DynamicCache"
             )
+        key_states, value_states = self._in_one_dtype(key_states, value_states)
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
@@ -382,6 +383,19 @@ class PagedKVCache(Cache):
             "PagedKVCache: %d tokens per page of %s, %d device slots, streaming groups of %d pages, hot pins %s",
             page_tokens, format_size(self.pager.page_size), capacity, self.group_pages, "on" if self.hot_enabled else "off",
         )
+
+    def _in_one_dtype(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values in the dtype both promote to, or in the cache's when that holds it exactly:
+        under autocast, Llama's rotary embedding leaves keys in float32 and values in bfloat16
+        (attention then casts both alike, so storing the wider type changes no result)."""
+        target = torch.promote_types(key_states.dtype, value_states.dtype)
+        if self.dtype is not None and torch.promote_types(target, self.dtype) == self.dtype:
+            target = self.dtype
+        if key_states.dtype != target:
+            key_states = key_states.to(target)
+        if value_states.dtype != target:
+            value_states = value_states.to(target)
+        return key_states, value_states
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if key_states.shape != value_states.shape:

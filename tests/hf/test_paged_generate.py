@@ -78,6 +78,19 @@ def test_generate_under_inference_mode_then_outside_it(attn, nvme_dir):
     assert torch.equal(outside.sequences, expected.sequences)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "pagedllm"])
+def test_generate_under_autocast(attn, nvme_dir):
+    """Under autocast, Llama's rotary embedding leaves keys in float32 and values in bfloat16: the
+    cache keeps both as float32 (exact for the values), and attention casts them as it would."""
+    reference, model = tiny_pair("llama", attn="eager" if attn == "eager" else "sdpa")
+    ids, mask = prompts(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _generate(reference, ids, mask)
+        enable_paging(model, tiny_budget(nvme_dir), attn_implementation=attn, prefill_chunk_size=16)
+        got = _generate(model, ids, mask)
+    assert torch.equal(got.sequences, expected.sequences)
+
+
 def test_eager_attention_dense_path(nvme_dir):
     reference, model = tiny_pair("llama", attn="eager")
     ids, mask = prompts(3)
