@@ -36,7 +36,9 @@ Note:
 
 An op needs every page it touches resident at once: an op whose span does not fit in
 ``vram_limit`` beside the pinned pages raises :class:`~pagedtensor.errors.OutOfPagesError`
-(row gathers need only one run of adjacent pages at a time; :meth:`materialize` any size).
+(row gathers need only one run of adjacent pages at a time; :meth:`materialize` any size), except
+an elementwise op over tensors of one layout, which runs a piece of pages at a time
+(:mod:`pagedtensor.pieces`).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.pager import ResidentPages
-from pagedtensor.tensor import PagedStorage, PagedTensor, _pending_frees, drain_pending_frees, element_span
+from pagedtensor.pieces import run_in_pieces
+from pagedtensor.tensor import PagedStorage, PagedTensor, _pending_frees, dense_and_non_overlapping, drain_pending_frees, element_span
 
 aten = torch.ops.aten
 
@@ -166,9 +169,16 @@ class PagedDispatcher:
         handler = self.handlers.get(func)
         if handler is view_of_pages:
             return view_of_pages(func, types, args, kwargs, leaves)
-        if handler is not None:
-            return handler(func, types, args, kwargs)
-        return self.run_paged(func, types, args, kwargs, leaves)
+        try:
+            if handler is not None:
+                return handler(func, types, args, kwargs)
+            return self.run_paged(func, types, args, kwargs, leaves)
+        except _OpTooLarge as error:
+            # An elementwise op runs a piece of pages at a time; any other raises.
+            out = NotImplemented if handler is not None else run_in_pieces(func, args, kwargs)
+            if out is NotImplemented:
+                raise OutOfPagesError(*error.args) from error.__cause__
+            return out
 
     def run_paged(self, func: OpOverload, types: tuple, args: tuple, kwargs: dict, leaves: Optional[list[PagedTensor]] = None) -> Any:
         """Step 2: fault in the pages the PagedTensor arguments reach, run ``func`` dense, write back."""
@@ -501,8 +511,13 @@ def _shared_release_event(groups: Sequence[_Group]) -> Optional[torch.cuda.Event
     return pager.engine.record()
 
 
+class _OpTooLarge(OutOfPagesError):
+    """The pages an op reaches do not fit on the device tier at once (raised to users as an
+    :class:`OutOfPagesError` when the op cannot run in pieces)."""
+
+
 def _too_many_pages(func: OpOverload, error: OutOfPagesError) -> OutOfPagesError:
-    return OutOfPagesError(f"{func}: its PagedTensor arguments need more pages at once than the device tier can hold: {error}")
+    return _OpTooLarge(f"{func}: its PagedTensor arguments need more pages at once than the device tier can hold: {error}")
 
 
 def _release_all(groups: Sequence[_Group], failed: bool) -> None:
@@ -589,7 +604,7 @@ def _overwritten_pages(func: OpOverload, args: tuple, written: list[PagedTensor]
     group = groups.get(id(target._paged))
     if group is None or len(group.leaves) != 1:
         return {}
-    if not _dense_and_non_overlapping(target.shape, target.stride()):
+    if not dense_and_non_overlapping(target.shape, target.stride()):
         return {}  # gaps or overlaps (they can cancel out in the span's length): not every byte is written
     lo, hi = _byte_span(target)
     if func is aten.copy_.default:
@@ -651,17 +666,6 @@ def _same_data(target: Any, source: Any) -> bool:
     return target.numel() == source.numel() and target.is_contiguous() and source.is_contiguous()
 
 
-def _dense_and_non_overlapping(size: Sequence[int], stride: Sequence[int]) -> bool:
-    """Whether a layout's elements fill its span exactly once each: its strides, ordered, are the
-    contiguous strides of some permutation of its dims (dims of size 1 ignored)."""
-    expected = 1
-    for length, step in sorted(((s, t) for s, t in zip(size, stride) if s != 1), key=lambda pair: pair[1]):
-        if step != expected:
-            return False
-        expected *= length
-    return True
-
-
 # ---------------------------------------------------------------------- arguments
 
 
@@ -713,7 +717,7 @@ def _unalias(tensor: torch.Tensor, windows: Sequence[_Window]) -> torch.Tensor:
     pin: it is copied out."""
     if isinstance(tensor, PagedTensor) or not any(window.shares_slab(tensor) for window in windows):
         return tensor
-    if tensor.layout != torch.strided or not _dense_and_non_overlapping(tensor.shape, tensor.stride()):
+    if tensor.layout != torch.strided or not dense_and_non_overlapping(tensor.shape, tensor.stride()):
         return tensor.clone()
     copy = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
     return copy.copy_(tensor)

@@ -16,8 +16,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 COUNTER_HELP: dict[str, str] = {
     "faults": "Pages requested on the device tier that were not resident there",
     "hits": "Pages requested on the device tier that were already resident",
-    "evictions": "Pages moved off the device tier to make room or by evict_all",
-    "host_evictions": "Pages moved off the host tier to make room",
+    "evictions": "Pages that left the device tier to make room or by evict_all (copied to the host first only when dirty)",
+    "host_evictions": "Pages that left the host tier to make room (written to disk first only when they had no other copy)",
     "prefetched_pages": "Pages brought to the device tier by prefetch",
     "bytes_h2d": "Bytes copied host tier to device tier",
     "bytes_d2h": "Bytes copied device tier to host tier (write-back of dirty pages)",

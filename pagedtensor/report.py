@@ -13,7 +13,8 @@ def traffic_rows(stats: dict, disk_engine: str = "") -> list[Row]:
     """Faults, evictions and bytes moved between each pair of tiers, from ``Pager.stats()``."""
     return [
         ("faults", str(stats["faults"]), f"hits {stats['hits']}, prefetched {stats['prefetched_pages']}"),
-        ("evictions device→host", str(stats["evictions"]), f"host→disk {stats['host_evictions']}"),
+        # Pages that left a tier: a page with no copy below is copied down first (the bytes rows).
+        ("pages evicted from device", str(stats["evictions"]), f"from host {stats['host_evictions']}"),
         ("bytes host→device", format_size(stats["bytes_h2d"]), ""),
         ("bytes device→host", format_size(stats["bytes_d2h"]), ""),
         ("bytes host→disk", format_size(stats["bytes_to_disk"]), f"disk engine: {disk_engine}" if disk_engine else ""),

@@ -31,7 +31,7 @@ import sys
 import threading
 import warnings
 import weakref
-from typing import Callable, ClassVar, Optional, Union
+from typing import Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 
@@ -171,6 +171,17 @@ def element_span(size: tuple[int, ...], stride: tuple[int, ...], offset: int) ->
             return offset, offset
         reach += (n - 1) * s
     return offset, offset + reach + 1
+
+
+def dense_and_non_overlapping(size: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether a layout's elements fill its span exactly once each: its strides, ordered, are the
+    contiguous strides of some permutation of its dims (dims of size 1 ignored)."""
+    expected = 1
+    for length, step in sorted(((s, t) for s, t in zip(size, stride) if s != 1), key=lambda pair: pair[1]):
+        if step != expected:
+            return False
+        expected *= length
+    return True
 
 
 class PagedTensor(torch.Tensor):

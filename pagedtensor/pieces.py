@@ -1,0 +1,130 @@
+"""Elementwise ops on PagedTensors larger than the device tier, run a piece of pages at a time.
+
+The dispatcher runs an op on dense views of every page its PagedTensor arguments reach, resident at
+once. An elementwise op (each result element made from the arguments' elements at the same index:
+the ``pointwise`` tag, and ``copy_``/``fill_``/``zero_``) gives the same bytes when it runs on
+consecutive pieces of its tensors, so when its pages cannot fit at once it runs piece by piece:
+each piece is an ordinary op on 1-D PagedTensor views of a run of pages, faulted in, run and written
+back like any op, before the next piece's pages fault in.
+
+It applies when every argument that is not a number or a 0-dim tensor has the same shape and
+strides, with no element reachable twice (so elements at the same index lie at the same distance
+from each tensor's storage offset), and the op writes only its first argument (in-place) or
+nothing (its result then has that layout too, as a plain tensor filled piece by piece).
+
+Note:
+    Stream order is each piece's op's (see :mod:`pagedtensor.dispatch`): the pieces run one after
+    another on the current stream. An in-place op that fails part-way (the device tier filled by
+    pins of another thread between pieces) leaves the pieces before the failing one written.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch._ops import OpOverload
+
+from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping
+
+aten = torch.ops.aten
+
+# Elementwise ops without the ``pointwise`` tag.
+_ELEMENTWISE = frozenset({aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default})
+
+
+def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any:
+    """Run the elementwise ``func`` piece by piece (see the module docstring); ``NotImplemented``
+    when it is not such an op, its tensors' layouts differ, or its tensors are no larger than a piece."""
+    if not _elementwise(func):
+        return NotImplemented
+    tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
+    if any(type(value) in (list, tuple) for value in (*args, *kwargs.values())):
+        return NotImplemented
+    shaped = [t for t in tensors if t.dim() > 0]
+    if not shaped or not any(isinstance(t, PagedTensor) for t in shaped):
+        return NotImplemented
+    reference = shaped[0]
+    shape, stride = tuple(reference.shape), reference.stride()
+    if any(tuple(t.shape) != shape or t.stride() != stride for t in shaped) or not dense_and_non_overlapping(shape, stride):
+        return NotImplemented
+    in_place = _writes_first_argument(func)
+    if in_place is None or (in_place and not isinstance(args[0], PagedTensor)):
+        return NotImplemented
+    result_layout = None
+    if not in_place:
+        result_layout = _result_layout(func, args, kwargs)
+        if result_layout is None or tuple(result_layout.shape) != shape or result_layout.stride() != stride:
+            return NotImplemented
+    piece_elements = _piece_elements(tensors)
+    numel = reference.numel()
+    if piece_elements is None or piece_elements >= numel:
+        return NotImplemented
+
+    out = None
+    if result_layout is not None:
+        out = torch.empty_strided(shape, stride, dtype=result_layout.dtype, device=reference.device)
+        flat_out = out.as_strided((numel,), (1,), 0)
+    start = 0
+    while start < numel:
+        stop = min(numel, start + piece_elements)
+        piece_args = tuple(_piece(value, start, stop) for value in args)
+        piece_kwargs = {name: _piece(value, start, stop) for name, value in kwargs.items()}
+        result = func(*piece_args, **piece_kwargs)
+        if out is not None:
+            flat_out[start:stop].copy_(result.materialize() if isinstance(result, PagedTensor) else result)
+        start = stop
+    return args[0] if in_place else out
+
+
+def _elementwise(func: OpOverload) -> bool:
+    return func in _ELEMENTWISE or (torch.Tag.pointwise in func.tags and torch.Tag.nondeterministic_seeded not in func.tags)
+
+
+def _writes_first_argument(func: OpOverload) -> Optional[bool]:
+    """True for an in-place op (it writes its first argument only), False for one that writes
+    nothing, None for any other (``out=``)."""
+    written = [i for i, argument in enumerate(func._schema.arguments) if argument.alias_info is not None and argument.alias_info.is_write]
+    if not written:
+        return False
+    return True if written == [0] else None
+
+
+def _result_layout(func: OpOverload, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """The op's result run on meta tensors of its arguments' layouts (None if not one tensor)."""
+
+    def meta(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+        return value
+
+    try:
+        result = func(*(meta(value) for value in args), **{name: meta(value) for name, value in kwargs.items()})
+    except (NotImplementedError, RuntimeError):
+        return None
+    return result if isinstance(result, torch.Tensor) else None
+
+
+def _piece_elements(tensors: list[torch.Tensor]) -> Optional[int]:
+    """Elements a piece holds: as many pages of the widest paged dtype as the device tier holds for
+    each allocation the op reaches at once, less one (a piece not starting on a page boundary
+    straddles one more); None when the device tier cannot hold two pages of each."""
+    paged = [t for t in tensors if isinstance(t, PagedTensor)]
+    allocations: dict[int, set[int]] = {}  # per pager
+    for t in paged:
+        allocations.setdefault(id(t.pager), set()).add(id(t._paged))
+    pagers = {id(t.pager): t.pager for t in paged}
+    piece_bytes = min((pager.device_tier.capacity_pages // len(allocations[key]) - 1) * pager.page_size for key, pager in pagers.items())
+    if piece_bytes < 1:
+        return None
+    return max(1, piece_bytes // max(t.dtype.itemsize for t in paged))
+
+
+def _piece(value: Any, start: int, stop: int) -> Any:
+    """Elements ``[start, stop)`` of a tensor's span as a 1-D view (a 0-dim tensor and a number
+    stay as they are)."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    if isinstance(value, PagedTensor):
+        return PagedTensor._make(value._paged, value._offset + start, (stop - start,), (1,), value.dtype)
+    return value.as_strided((stop - start,), (1,), value.storage_offset() + start)

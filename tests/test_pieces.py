@@ -1,0 +1,106 @@
+"""Elementwise ops on PagedTensors larger than the device tier run a piece of pages at a time
+(``pagedtensor/pieces.py``): results bitwise equal to dense, the device budget never exceeded, and
+ops that cannot run in pieces still raise ``OutOfPagesError``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
+
+PAGE = 4096
+DEVICE_PAGES = 6
+
+
+def make_pager(device: str = "cpu") -> Pager:
+    return Pager(MemoryConfig(vram_limit=DEVICE_PAGES * PAGE, host_memory=512 * PAGE, page_size=PAGE, slab_size=512 * PAGE,
+                              prefetch_strategy="none", device=device))  # fmt: skip
+
+
+def dense(t: torch.Tensor) -> torch.Tensor:
+    return t.materialize() if isinstance(t, PagedTensor) else t
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape or a.stride() != b.stride():
+        return False
+    if a.dtype.is_floating_point:
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_readme_example_scales_a_table_eight_times_the_device_tier(device):
+    with make_pager(device) as pager:
+        x = torch.randn(384, 256, device=device)  # 96 pages; the device tier holds 6
+        table = PagedTensor.wrap(x.clone(), pager)
+        table.mul_(2)
+        x.mul_(2)
+        assert torch.equal(table.materialize(), x)
+        other = PagedTensor.wrap(torch.rand(384, 256, device=device), pager)
+        assert torch.equal(table + other, x + other.materialize())
+        assert torch.equal(torch.where(x > 0, table, other), torch.where(x > 0, x, other.materialize()))
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
+        with pytest.raises(OutOfPagesError, match="need more pages at once"):
+            table.sum()  # a reduction is not elementwise: its order of additions needs every page at once
+        with pytest.raises(OutOfPagesError, match="need more pages at once"):
+            table + other.t().t().contiguous().t()  # layouts differ: elements at one index lie apart
+
+
+UNARY = {"neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "sigmoid": torch.sigmoid, "square": torch.square}
+BINARY = {"add": torch.add, "mul": torch.mul, "maximum": torch.maximum, "div": torch.div}
+IN_PLACE = {"mul_": lambda t, o: t.mul_(o), "add_": lambda t, o: t.add_(o, alpha=2), "copy_": lambda t, o: t.copy_(o),
+            "clamp_": lambda t, o: t.clamp_(min=-0.5), "fill_": lambda t, o: t.fill_(1.5), "zero_": lambda t, o: t.zero_()}  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.integers(8, 80),
+    cols=st.sampled_from([64, 96, 256]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.float64]),
+    transposed=st.booleans(),
+    offset=st.integers(0, 3),
+    kind=st.sampled_from(["unary", "binary", "in_place"]),
+    name=st.integers(0, 5),
+    other=st.sampled_from(["paged", "plain", "scalar", "0-dim", "same"]),
+    seed=st.integers(0, 2**16),
+)
+def test_elementwise_ops_in_pieces_equal_dense(rows, cols, dtype, transposed, offset, kind, name, other, seed):
+    """Any size (a few pages to many times the device tier), layout (a transposed view, a view at an
+    offset into its allocation) and second operand: bitwise equal to the same op on dense tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows * cols + offset, generator=generator).to(dtype)
+    second = torch.randn(rows * cols + offset, generator=generator).to(dtype)
+
+    def layout(flat: torch.Tensor) -> torch.Tensor:
+        t = flat[offset:].view(rows, cols)
+        return t.t() if transposed else t
+
+    with make_pager() as pager:
+        x, y = layout(base.clone()), layout(second.clone())
+        paged_x = layout(PagedTensor.wrap(base.clone(), pager))
+        paged_y = layout(PagedTensor.wrap(second.clone(), pager))
+        operands = {"paged": (paged_y, y), "plain": (y, y), "scalar": (0.75, 0.75), "0-dim": (torch.tensor(0.75, dtype=dtype),) * 2,
+                    "same": (paged_x, x)}  # fmt: skip
+        paged_other, dense_other = operands[other]
+        if kind == "unary":
+            op = list(UNARY.values())[name % len(UNARY)]
+            got, expected = op(paged_x), op(x)
+        elif kind == "binary":
+            op = list(BINARY.values())[name % len(BINARY)]
+            if other == "scalar" and op is torch.maximum:
+                op = torch.mul
+            got, expected = op(paged_x, paged_other), op(x, dense_other)
+        else:
+            op = list(IN_PLACE.values())[name % len(IN_PLACE)]
+            if other == "scalar" and op is IN_PLACE["copy_"]:
+                op = IN_PLACE["mul_"]
+            got, expected = op(paged_x, paged_other), op(x, dense_other)
+            assert got is paged_x
+        assert same_bits(dense(got), expected)
+        assert same_bits(paged_x.materialize(), x) and same_bits(paged_y.materialize(), y)
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
