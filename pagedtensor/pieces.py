@@ -10,7 +10,9 @@ back like any op, before the next piece's pages fault in.
 It applies when every argument that is not a number or a 0-dim tensor has the same shape and
 strides, with no element reachable twice (so elements at the same index lie at the same distance
 from each tensor's storage offset), and the op writes only its first argument (in-place) or
-nothing (its result then has that layout too, as a plain tensor filled piece by piece).
+nothing (its result then has that layout too, as a plain tensor filled piece by piece), and an
+in-place op reads no other view of the bytes it writes (the same elements excepted, as in
+``x.mul_(x)``).
 
 Note:
     Stream order is each piece's op's (see :mod:`pagedtensor.dispatch`): the pieces run one after
@@ -50,6 +52,10 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any:
         return NotImplemented
     in_place = _writes_first_argument(func)
     if in_place is None or (in_place and not isinstance(args[0], PagedTensor)):
+        return NotImplemented
+    if in_place and any(isinstance(t, PagedTensor) and t._paged is args[0]._paged and t._offset != args[0]._offset for t in shaped):
+        # Another view of the written bytes: a piece could read elements an earlier piece wrote
+        # (torch refuses a partial overlap, which no one piece need show).
         return NotImplemented
     result_layout = None
     if not in_place:

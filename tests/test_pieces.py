@@ -15,8 +15,8 @@ PAGE = 4096
 DEVICE_PAGES = 6
 
 
-def make_pager(device: str = "cpu") -> Pager:
-    return Pager(MemoryConfig(vram_limit=DEVICE_PAGES * PAGE, host_memory=512 * PAGE, page_size=PAGE, slab_size=512 * PAGE,
+def make_pager(device: str = "cpu", device_pages: int = DEVICE_PAGES) -> Pager:
+    return Pager(MemoryConfig(vram_limit=device_pages * PAGE, host_memory=512 * PAGE, page_size=PAGE, slab_size=512 * PAGE,
                               prefetch_strategy="none", device=device))  # fmt: skip
 
 
@@ -49,6 +49,21 @@ def test_the_readme_example_scales_a_table_eight_times_the_device_tier(device):
             table.sum()  # a reduction is not elementwise: its order of additions needs every page at once
         with pytest.raises(OutOfPagesError, match="need more pages at once"):
             table + other.t().t().contiguous().t()  # layouts differ: elements at one index lie apart
+        table.mul_(table)  # the same elements read and written: fine
+        assert torch.equal(table.materialize(), x * x)
+
+
+def test_an_in_place_op_reading_another_view_of_its_bytes_is_not_run_in_pieces():
+    """Torch refuses a partial overlap of the written and read elements; pieces of one page each
+    would not overlap, and each would read what the piece before it wrote."""
+    x, y = torch.arange(8192.0), torch.arange(8192.0)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        y[1024:].copy_(y[:-1024])
+    with make_pager(device_pages=2) as pager:  # pieces of one page (1024 elements)
+        flat = PagedTensor.wrap(x.clone(), pager)
+        with pytest.raises(OutOfPagesError):
+            flat[1024:].copy_(flat[:-1024])
+        assert torch.equal(flat.materialize(), x)
 
 
 UNARY = {"neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "sigmoid": torch.sigmoid, "square": torch.square}
