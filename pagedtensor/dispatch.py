@@ -53,7 +53,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.pager import ResidentPages
-from pagedtensor.pieces import run_in_pieces
+from pagedtensor.pieces import is_elementwise, run_in_pieces
 from pagedtensor.tensor import PagedStorage, PagedTensor, _pending_frees, dense_and_non_overlapping, drain_pending_frees, element_span
 
 aten = torch.ops.aten
@@ -92,10 +92,14 @@ class OpInfo:
     """The op changes its input's shape, strides or storage in place (the ``inplace_view`` tag)."""
     returns_written: bool
     """A result is a written argument (in-place and ``out=`` ops)."""
+    elementwise: bool
+    """Each result element comes from the arguments' elements at the same index (:func:`is_elementwise`):
+    an in-place form never resizes its input."""
     decomposes: bool
     """The op is ``CompositeImplicitAutograd``: made of other ops, which it reaches us whole only below
-    autograd (in inference mode, say). Its schema's alias can mean "may alias" (``to``, ``contiguous``,
-    ``reshape``, ``flatten`` return a new tensor when they must), so it runs as its decomposition."""
+    autograd (in inference mode, say). It runs as its decomposition, as it does on plain tensors: its
+    schema cannot say what aliases (``to``, ``contiguous``, ``reshape`` return a new tensor when they
+    must; ``type_as``, ``atleast_2d`` return their input without an alias annotation)."""
 
     @classmethod
     def of(cls, func: OpOverload) -> "OpInfo":
@@ -113,6 +117,7 @@ class OpInfo:
             is_view=any(not alias.is_write for alias in returns),
             changes_metadata=torch.Tag.inplace_view in func.tags or func.overloadpacket.__name__ in _RESIZING_OPS,
             returns_written=any(alias.is_write for alias in returns),
+            elementwise=is_elementwise(func),
             decomposes=torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"),
         )
 
@@ -190,11 +195,11 @@ class PagedDispatcher:
                 f"PagedTensor: {func} changes a tensor's shape, strides or storage in place, which a PagedTensor "
                 f"does not support{_describe(args, kwargs)}"
             )
+        if info.decomposes:  # reached whole below autograd: run what torch runs for plain tensors
+            out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         if info.is_view:
-            if info.decomposes:
-                out = func.decompose(*args, **kwargs)
-                if out is not NotImplemented:
-                    return out
             return view_of_pages(func, types, args, kwargs, leaves)
         if func is aten.copy_.default and _same_data(args[0], args[1]):
             return args[0]  # torch's copy_ returns early for a view of the same data: nothing is written
@@ -263,15 +268,26 @@ class PagedDispatcher:
             raise
 
         dense: dict[int, torch.Tensor] = {}
+        # An op that may resize what it writes (addbmm_ resizes a self of the wrong shape) writes
+        # through views that cannot grow past their window into other tensors' slots.
+        bounded = {id(leaf) for leaf in written} if written and not info.elementwise else ()
         for leaf in leaves:
             group = groups.get(id(leaf._paged))
-            dense[id(leaf)] = group.window.dense(leaf) if group is not None else _empty_like_leaf(leaf)
+            dense[id(leaf)] = group.window.dense(leaf, bounded=id(leaf) in bounded) if group is not None else _empty_like_leaf(leaf)
         if len(leaves) == 1 and args and args[0] is leaves[0]:  # one PagedTensor, first: no search
             dense_args, dense_kwargs = (dense[id(leaves[0])], *args[1:]), kwargs
         else:
             dense_args, dense_kwargs = _substitute(args, kwargs, dense)
         try:
-            out = func(*dense_args, **dense_kwargs)
+            try:
+                out = func(*dense_args, **dense_kwargs)
+            except RuntimeError as error:
+                if bounded and "not resizable" in str(error):
+                    raise NotImplementedError(
+                        f"PagedTensor: {func} would resize a PagedTensor it writes, which a PagedTensor does not "
+                        f"support; give it a tensor of the result's shape{_describe(args, kwargs)}"
+                    ) from error
+                raise
             for leaf in written:
                 view = dense[id(leaf)]
                 if view.shape != leaf.shape or view.stride() != leaf.stride():
@@ -476,11 +492,19 @@ class _Window:
         tail = buf.numel() % dtype.itemsize
         return (buf[: buf.numel() - tail] if tail else buf).view(dtype)
 
-    def dense(self, tensor: PagedTensor) -> torch.Tensor:
-        """``tensor`` as a dense strided view of the slab (zero-copy) or of the gathered ``buf``."""
+    def dense(self, tensor: PagedTensor, bounded: bool = False) -> torch.Tensor:
+        """``tensor`` as a dense strided view of the slab (zero-copy) or of the gathered ``buf``.
+
+        ``bounded``: a zero-copy view over a storage of the window's bytes only, which torch cannot
+        resize in place (a resize past it raises instead of growing into the next slots)."""
         itemsize = tensor.dtype.itemsize
         if self.gathered:
             return self.typed(tensor.dtype).as_strided(tensor.shape, tensor.stride(), tensor._offset - self.first_byte // itemsize)
+        if bounded:
+            slab = self.tier.slabs[self.slab]
+            storage = torch._C._construct_storage_from_data_pointer(slab.data_ptr() + self.slab_byte, slab.device, self.nbytes)
+            view = torch.empty(0, dtype=tensor.dtype, device=slab.device)
+            return view.set_(storage, tensor._offset - self.first_byte // itemsize, tensor.shape, tensor.stride())
         # Slabs and pages are whole multiples of every itemsize (a page is a power of two >= 4 KiB).
         typed = self.tier.typed_slab(self.slab, tensor.dtype)
         return typed.as_strided(tensor.shape, tensor.stride(), tensor._offset + (self.slab_byte - self.first_byte) // itemsize)
@@ -760,10 +784,11 @@ def _meta_like(tensor: PagedTensor) -> torch.Tensor:
 
 
 _VIEW_OPS = [
-    aten.view, aten._unsafe_view, aten._reshape_alias, aten.as_strided, aten.slice, aten.select, aten.narrow,
+    aten.view, aten._unsafe_view, aten._reshape_alias, aten.as_strided, aten.slice, aten.select, aten.narrow.default,
     aten.t, aten.transpose, aten.permute, aten.expand, aten.unsqueeze, aten.squeeze, aten.alias, aten.detach,
     aten.split, aten.split_with_sizes, aten.unbind, aten.unfold, aten.diagonal, aten.view_as_real,
     aten.view_as_complex, aten.lift_fresh,
+    # (narrow.Tensor, whose start is a tensor, decomposes: its start may be a PagedTensor)
     # views whose schema carries no alias annotation (torch returns views, without autograd's checks)
     aten.unsafe_split, aten.unsafe_split_with_sizes,
 ]

@@ -38,7 +38,7 @@ _ELEMENTWISE = frozenset({aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tens
 def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any:
     """Run the elementwise ``func`` piece by piece (see the module docstring); ``NotImplemented``
     when it is not such an op, its tensors' layouts differ, or its tensors are no larger than a piece."""
-    if not _elementwise(func):
+    if not is_elementwise(func):
         return NotImplemented
     tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
     if any(type(value) in (list, tuple) for value in (*args, *kwargs.values())):
@@ -53,10 +53,16 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any:
     in_place = _writes_first_argument(func)
     if in_place is None or (in_place and not isinstance(args[0], PagedTensor)):
         return NotImplemented
-    if in_place and any(isinstance(t, PagedTensor) and t._paged is args[0]._paged and t._offset != args[0]._offset for t in shaped):
+    if in_place and any(isinstance(t, PagedTensor) and t._paged is args[0]._paged and (t._offset != args[0]._offset or t.dim() == 0)
+                        for t in tensors):  # fmt: skip
         # Another view of the written bytes: a piece could read elements an earlier piece wrote
         # (torch refuses a partial overlap, which no one piece need show).
         return NotImplemented
+    # A 0-dim PagedTensor is read whole by every piece: read it once, so that no piece's window
+    # needs its page too.
+    args = tuple(_read_if_zero_dim(value) for value in args)
+    kwargs = {name: _read_if_zero_dim(value) for name, value in kwargs.items()}
+    tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
     result_layout = None
     if not in_place:
         result_layout = _result_layout(func, args, kwargs)
@@ -83,7 +89,9 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any:
     return args[0] if in_place else out
 
 
-def _elementwise(func: OpOverload) -> bool:
+def is_elementwise(func: OpOverload) -> bool:
+    """Whether each result element of ``func`` is made from its arguments' elements at the same index
+    only (the ``pointwise`` tag, not seeded by a generator; ``copy_``, ``fill_``, ``zero_``)."""
     return func in _ELEMENTWISE or (torch.Tag.pointwise in func.tags and torch.Tag.nondeterministic_seeded not in func.tags)
 
 
@@ -124,6 +132,10 @@ def _piece_elements(tensors: list[torch.Tensor]) -> Optional[int]:
     if piece_bytes < 1:
         return None
     return max(1, piece_bytes // max(t.dtype.itemsize for t in paged))
+
+
+def _read_if_zero_dim(value: Any) -> Any:
+    return value.materialize() if isinstance(value, PagedTensor) and value.dim() == 0 else value
 
 
 def _piece(value: Any, start: int, stop: int) -> Any:

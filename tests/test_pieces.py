@@ -64,6 +64,14 @@ def test_an_in_place_op_reading_another_view_of_its_bytes_is_not_run_in_pieces()
         with pytest.raises(OutOfPagesError):
             flat[1024:].copy_(flat[:-1024])
         assert torch.equal(flat.materialize(), x)
+    with make_pager() as pager:  # a 0-dim view of the written bytes: refused before any piece runs
+        flat = PagedTensor.wrap(x.clone(), pager)
+        for op in (lambda t: t.add_(t[5200]), lambda t: t.fill_(t[3])):
+            with pytest.raises((OutOfPagesError, RuntimeError)):
+                op(flat)
+            assert torch.equal(flat.materialize(), x)
+        other = PagedTensor.wrap(torch.arange(3.0), pager)  # a 0-dim view of another allocation is read once
+        assert torch.equal(flat.mul_(other[2]).materialize(), x * 2)
 
 
 UNARY = {"neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "sigmoid": torch.sigmoid, "square": torch.square}

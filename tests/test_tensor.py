@@ -835,7 +835,15 @@ def test_ops_that_may_alias_convert_and_copy_under_inference_mode(pager):
         flat = w.reshape(-1)  # contiguous: a view, sharing the pages
         assert isinstance(flat, PagedTensor) and flat.allocation is w.allocation
         flat[:3] = 7.0
-    assert torch.equal(w.materialize()[0, :3], torch.full((3,), 7.0, device=pager.device))
+        x[0, :3] = 7.0
+        # Ops returning their input (a view) with no alias annotation: writes through them land.
+        for op in (lambda t: t.type_as(t), lambda t: torch.atleast_2d(t), lambda t: t.sum_to_size(t.shape),
+                   lambda t: torch.broadcast_tensors(t)[0], lambda t: t.unsafe_chunk(1)[0]):  # fmt: skip
+            op(w).add_(1.0)
+            x.add_(1.0)
+        start = PagedTensor.wrap(torch.tensor(1, device=pager.device), pager)  # narrow.Tensor: a tensor start
+        assert torch.equal(torch.narrow(w, 1, start, 2).materialize(), x[:, 1:3])
+    assert torch.equal(w.materialize(), x)
 
 
 def test_second_derivatives_of_a_paged_input(pager):
@@ -905,6 +913,20 @@ def test_as_strided_copy_and_scatter_count_the_offset_from_the_allocation(pager,
     assert torch.equal(paged.materialize(), x) and torch.equal(other.materialize(), torch.full_like(other.materialize(), 99.0))
     with pytest.raises(RuntimeError, match="out of bounds for storage"):
         torch.as_strided_copy(paged, (4,), (1,), 2398)
+
+
+def test_an_in_place_op_that_would_resize_its_input_writes_no_other_tensor(pager):
+    """addbmm_ resizes a self of the wrong shape; run on a view of the device slab, the resize grew
+    it over the next slots and the op wrote another tensor's pages before the refusal."""
+    small = PagedTensor.wrap(torch.zeros(1, device=pager.device), pager)
+    neighbour = PagedTensor.wrap(torch.arange(4096.0, device=pager.device), pager)
+    _ = small + 1, neighbour + 1  # both resident, in adjacent slots
+    batch1, batch2 = torch.ones(3, 5, 4, device=pager.device), torch.ones(3, 4, 1100, device=pager.device)
+    assert torch.zeros(1, device=pager.device).addbmm_(batch1, batch2).shape == (5, 1100)  # torch resizes
+    with pytest.raises(NotImplementedError, match="would resize a PagedTensor it writes"):
+        small.addbmm_(batch1, batch2)
+    assert torch.equal(small.materialize(), torch.zeros(1, device=pager.device))
+    assert torch.equal(neighbour.materialize(), torch.arange(4096.0, device=pager.device))
 
 
 def test_out_arguments_that_torch_reshapes_or_resizes_to_their_own_size(pager):
