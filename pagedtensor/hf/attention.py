@@ -207,7 +207,9 @@ def _sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: O
 
 def _needs_model_eager(kwargs: dict) -> Optional[str]:
     """What the call asks for that neither the kernels nor SDPA apply (logit soft-capping,
-    attention-sink logits), or None."""
+    attention-sink logits, the attention weights of ``output_attentions=True``), or None."""
+    if kwargs.get("output_attentions"):
+        return "output_attentions (the attention weights)"
     if kwargs.get("softcap") is not None:
         return "logit soft-capping"
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
@@ -218,14 +220,15 @@ def _needs_model_eager(kwargs: dict) -> Optional[str]:
 def _model_eager_attention(module: torch.nn.Module, kwargs: dict):
     """The model's own ``eager_attention_forward`` when :func:`_needs_model_eager` names something,
     else None: it applies it exactly as the unpaged model's eager attention does."""
-    if _needs_model_eager(kwargs) is None:
+    needs = _needs_model_eager(kwargs)
+    if needs is None:
         return None
     import sys
 
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if eager is None:
-        raise NotImplementedError(f"pagedllm attention: {type(module).__name__} needs soft-capping or sink logits, "
-                                  "and its module has no eager_attention_forward to apply them")  # fmt: skip
+        raise NotImplementedError(f"pagedllm attention: {type(module).__name__} needs {needs}, "
+                                  "and its module has no eager_attention_forward to give it")  # fmt: skip
     return eager
 
 
