@@ -61,8 +61,9 @@ class PagingState:
     hooks: list = dataclasses.field(default_factory=list)
     paged_layers: list = dataclasses.field(default_factory=list)  # the decoder layers whose weights are paged
     in_place: bool = False  # this forward may overwrite layer inputs (no grad, no captured hidden states)
-    # The decoder layers and the final norm, whose inputs a chunked forward may overwrite, and how many
-    # forward hooks enable_paging itself left on them: more means a user's hook may keep a buffer.
+    # The modules that may see a buffer a chunked forward overwrites (the input embeddings, the decoder
+    # layers and their submodules, the final norm), and how many forward hooks enable_paging itself
+    # left on them: more means a user's hook may keep such a buffer.
     reused: list = dataclasses.field(default_factory=list)
     own_hooks: int = 0
 
@@ -179,7 +180,12 @@ def enable_paging(
     norm = _final_norm(model)
     if norm is not None:
         norm.forward = _chunked_rowwise_forward(norm.forward, state)
-    state.reused = [*_decoder_layers(model), *([norm] if norm is not None else [])]
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    state.reused = [
+        *([embeddings] if isinstance(embeddings, torch.nn.Module) else []),  # its output is layer 0's input
+        *(module for layer in _decoder_layers(model) for module in layer.modules()),  # chunks of their inputs
+        *([norm] if norm is not None else []),
+    ]
     state.own_hooks = _hook_count(state.reused)
     setattr(model, STATE_ATTRIBUTE, state)
     model.generate = _paged_generate(model, state)

@@ -83,6 +83,33 @@ def test_forward_hooks_on_decoder_layers_see_their_own_outputs(nvme_dir):
         torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)
 
 
+def test_hooks_on_the_embeddings_and_inside_decoder_layers_see_their_own_tensors(nvme_dir):
+    """A chunked prefill writes each chunk's output over its layer's input: a hook that keeps the
+    embeddings' output or a layer submodule's input (a chunk of that buffer) saw it overwritten."""
+    reference, paged = tiny_pair("llama")
+    enable_paging(paged, tiny_budget(nvme_dir), prefill_chunk_size=16)
+    ids, mask = prompts(1, length=40)
+
+    def prefill_tensors(model):
+        seen: list[torch.Tensor] = []
+        hooks = [model.model.embed_tokens.register_forward_hook(lambda m, a, out: seen.append(out)),
+                 model.model.layers[1].input_layernorm.register_forward_pre_hook(lambda m, a: seen.append(a[0]))]  # fmt: skip
+        try:
+            tokens = model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return tokens, seen
+
+    expected_tokens, expected = prefill_tensors(reference)
+    tokens, got = prefill_tensors(paged)
+    assert torch.equal(tokens, expected_tokens)
+    embedded = got[0]
+    assert torch.equal(embedded, reference.model.embed_tokens.weight[ids]), "the embeddings' output was overwritten"
+    chunks = torch.cat([t for t in got[1:] if t.shape[1] > 1], dim=1)  # the prefill's chunks, in order
+    torch.testing.assert_close(chunks, next(t for t in expected[1:] if t.shape[1] > 1), atol=1e-4, rtol=1e-4)
+
+
 def test_save_pretrained_with_paged_weights_writes_dense_files(nvme_dir, tmp_path):
     reference, paged = tiny_pair("llama")
     enable_paging(paged, tiny_budget(nvme_dir, vram_pages=24, host_pages=16), page_weights=True)
