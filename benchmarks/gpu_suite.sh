@@ -22,7 +22,7 @@ if [ "${TESTS:-all}" != "none" ]; then
   timeout "${TEST_LIMIT_S:-300}" python3 -m pytest "${@:-tests}" -m gpu -q -p no:cacheprovider 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -8 || status=1
 fi
-for bench in ${BENCHES:-pager_transfers paged_attention dispatch_overhead host_sum long_context}; do
+for bench in ${BENCHES:-pager_transfers paged_attention dispatch_overhead host_sum pieces long_context}; do
   echo "== bench_$bench"
   limit="${BENCH_LIMIT_S:-150}"
   [ "$bench" = long_context ] && limit="${LONG_CONTEXT_LIMIT_S:-600}"   # 8K, 32K, 64K with every baseline: ~6 min

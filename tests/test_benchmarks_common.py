@@ -61,3 +61,22 @@ def test_dispatch_overhead_rows_on_a_cpu_device_tier():
         assert row["device_ok"] == (row["device_ratio"] <= TARGET_RATIO)
         assert row["wall_ok"] == (row["wall_ratio"] <= TARGET_RATIO)
         assert row["pass"] == (row["device_ok"] and row["wall_ok"])
+
+
+def test_pieces_benchmark_on_a_cpu_device_tier(tmp_path, monkeypatch):
+    """The pieces benchmark's path, with the CPU as the device tier: a tensor four times the budget is
+    scaled in pieces, every run timed, both results bitwise equal to the expected values."""
+    import json
+    import sys
+
+    from benchmarks import bench_pieces
+
+    out = tmp_path / "pieces.json"
+    argv = ["bench_pieces", "--device", "cpu", "--gib", str(1 / 256), "--budget-gib", str(1 / 1024), "--page-size", "16KiB",
+            "--repeat", "1", "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    assert bench_pieces.main() == 0
+    results = json.loads(out.read_text())
+    assert results["paged_bitwise_equal"] and results["manual_bitwise_equal"]
+    assert [row["method"] for row in results["rows"]] == ["paged", "manual"]
+    assert results["pager_stats"]["faults"] >= 2 * (2**22 // 2**14)  # every page faulted in, twice (two rounds)
