@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
+from torch._C import DispatchKey
 from torch._ops import OpOverload, OpOverloadPacket
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
@@ -96,10 +97,12 @@ class OpInfo:
     """Each result element comes from the arguments' elements at the same index (:func:`is_elementwise`):
     an in-place form never resizes its input."""
     decomposes: bool
-    """The op is ``CompositeImplicitAutograd``: made of other ops, which it reaches us whole only below
-    autograd (in inference mode, say). It runs as its decomposition, as it does on plain tensors: its
-    schema cannot say what aliases (``to``, ``contiguous``, ``reshape`` return a new tensor when they
-    must; ``type_as``, ``atleast_2d`` return their input without an alias annotation)."""
+    """The op's only kernel is ``CompositeImplicitAutograd`` (made of other ops), which it reaches us
+    whole only below autograd (in inference mode, say). It runs that C++ kernel, as plain tensors do:
+    its schema cannot say what aliases (``to``, ``contiguous``, ``reshape`` return a new tensor when
+    they must; ``type_as``, ``dropout`` in eval return their input without an alias annotation). Not
+    ``OpOverload.decompose``, which prefers torch._decomp's Python versions (other bits, other
+    aliasing), nor for ops with a backend kernel too (``silu_backward``), which plain tensors run."""
 
     @classmethod
     def of(cls, func: OpOverload) -> "OpInfo":
@@ -118,8 +121,13 @@ class OpInfo:
             changes_metadata=torch.Tag.inplace_view in func.tags or func.overloadpacket.__name__ in _RESIZING_OPS,
             returns_written=any(alias.is_write for alias in returns),
             elementwise=is_elementwise(func),
-            decomposes=torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"),
+            decomposes=_has_kernel(func, "CompositeImplicitAutograd")
+            and not any(_has_kernel(func, key) for key in ("CPU", "CUDA", "CompositeExplicitAutograd")),
         )
+
+
+def _has_kernel(func: OpOverload, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key)
 
 
 class PagedDispatcher:
@@ -196,9 +204,7 @@ class PagedDispatcher:
                 f"does not support{_describe(args, kwargs)}"
             )
         if info.decomposes:  # reached whole below autograd: run what torch runs for plain tensors
-            out = func.decompose(*args, **kwargs)
-            if out is not NotImplemented:
-                return out
+            return func._op_dk(DispatchKey.CompositeImplicitAutograd, *args, **kwargs)
         if info.is_view:
             return view_of_pages(func, types, args, kwargs, leaves)
         if func is aten.copy_.default and _same_data(args[0], args[1]):
@@ -268,12 +274,13 @@ class PagedDispatcher:
             raise
 
         dense: dict[int, torch.Tensor] = {}
-        # An op that may resize what it writes (addbmm_ resizes a self of the wrong shape) writes
-        # through views that cannot grow past their window into other tensors' slots.
-        bounded = {id(leaf) for leaf in written} if written and not info.elementwise else ()
+        # An op that may resize what it writes (addbmm_ resizes a self of the wrong shape) sees the
+        # allocations it writes through views that cannot grow past their window into other tensors'
+        # slots: every view of one allocation over one storage, so torch's overlap checks still see them.
+        bounded = {id(leaf._paged) for leaf in written} if written and not info.elementwise else ()
         for leaf in leaves:
             group = groups.get(id(leaf._paged))
-            dense[id(leaf)] = group.window.dense(leaf, bounded=id(leaf) in bounded) if group is not None else _empty_like_leaf(leaf)
+            dense[id(leaf)] = group.window.dense(leaf, bounded=id(leaf._paged) in bounded) if group is not None else _empty_like_leaf(leaf)
         if len(leaves) == 1 and args and args[0] is leaves[0]:  # one PagedTensor, first: no search
             dense_args, dense_kwargs = (dense[id(leaves[0])], *args[1:]), kwargs
         else:
@@ -435,7 +442,8 @@ class _Window:
     scatters written bytes back.
     """
 
-    __slots__ = ("resident", "tier", "page_size", "first_byte", "nbytes", "runs", "gathered", "slab", "slab_byte", "slab_span", "_buf")
+    __slots__ = ("resident", "tier", "page_size", "first_byte", "nbytes", "runs", "gathered", "slab", "slab_byte", "slab_span", "_buf",
+                 "_bounded")  # fmt: skip
 
     def __init__(self, storage: PagedStorage, lo: int, hi: int, discard: Iterable[int] = (), private: bool = False) -> None:
         allocation = storage.allocation
@@ -455,6 +463,7 @@ class _Window:
                 self.slab_span = tier.slab_spans[self.slab]
                 self.runs: Optional[list[tuple[int, torch.Tensor]]] = None
                 self._buf: Optional[torch.Tensor] = None
+                self._bounded: Optional[torch.UntypedStorage] = None
             else:
                 self.runs = self.resident.runs()
                 self._buf = buf = torch.empty(self.nbytes, dtype=torch.uint8, device=self.runs[0][1].device)
@@ -495,16 +504,18 @@ class _Window:
     def dense(self, tensor: PagedTensor, bounded: bool = False) -> torch.Tensor:
         """``tensor`` as a dense strided view of the slab (zero-copy) or of the gathered ``buf``.
 
-        ``bounded``: a zero-copy view over a storage of the window's bytes only, which torch cannot
-        resize in place (a resize past it raises instead of growing into the next slots)."""
+        ``bounded``: a zero-copy view over a storage of the window's bytes only (one for every such
+        view of the window), which torch cannot resize in place: a resize past it raises instead of
+        growing into the next slots."""
         itemsize = tensor.dtype.itemsize
         if self.gathered:
             return self.typed(tensor.dtype).as_strided(tensor.shape, tensor.stride(), tensor._offset - self.first_byte // itemsize)
         if bounded:
             slab = self.tier.slabs[self.slab]
-            storage = torch._C._construct_storage_from_data_pointer(slab.data_ptr() + self.slab_byte, slab.device, self.nbytes)
+            if self._bounded is None:
+                self._bounded = torch._C._construct_storage_from_data_pointer(slab.data_ptr() + self.slab_byte, slab.device, self.nbytes)
             view = torch.empty(0, dtype=tensor.dtype, device=slab.device)
-            return view.set_(storage, tensor._offset - self.first_byte // itemsize, tensor.shape, tensor.stride())
+            return view.set_(self._bounded, tensor._offset - self.first_byte // itemsize, tensor.shape, tensor.stride())
         # Slabs and pages are whole multiples of every itemsize (a page is a power of two >= 4 KiB).
         typed = self.tier.typed_slab(self.slab, tensor.dtype)
         return typed.as_strided(tensor.shape, tensor.stride(), tensor._offset + (self.slab_byte - self.first_byte) // itemsize)

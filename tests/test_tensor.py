@@ -846,6 +846,45 @@ def test_ops_that_may_alias_convert_and_copy_under_inference_mode(pager):
     assert torch.equal(w.materialize(), x)
 
 
+def test_composite_ops_under_inference_mode_run_what_plain_tensors_run(pager):
+    """Below autograd a composite op runs its C++ kernel as on plain tensors: not torch._decomp's
+    Python version (matmul, interpolate, GRU: other bits; dropout in eval: a copy, not its input),
+    and not at all where a backend kernel exists (mish_backward)."""
+    generator = torch.Generator().manual_seed(0)
+    device = pager.device
+    g, x = torch.randn(8, 16, generator=generator).to(device), (torch.randn(8, 16, generator=generator) * 3).to(device)
+    image = torch.randn(1, 2, 5, 7, generator=generator).to(device)
+    gru = torch.nn.GRU(16, 6, batch_first=True).eval().to(device)
+    cases = [
+        lambda t, u: torch.ops.aten.mish_backward(t, u),
+        lambda t, u: torch.matmul(t, u.t()),
+        lambda t, u: F.interpolate(t[None, None], scale_factor=2.0, mode="bicubic"),
+        lambda t, u: gru(t[None])[0],
+    ]
+    with torch.inference_mode():
+        for op in cases:
+            expected = op(g, x)
+            got = op(PagedTensor.wrap(g.clone(), pager), PagedTensor.wrap(x.clone(), pager))
+            assert torch.equal(got.materialize() if isinstance(got, PagedTensor) else got, expected)
+        paged_image = PagedTensor.wrap(image.clone(), pager)
+        F.dropout(paged_image, p=0.5, training=False).mul_(2)  # returns its input, as for plain tensors
+        assert torch.equal(paged_image.materialize(), image * 2)
+
+
+def test_in_place_ops_reading_their_own_bytes_see_the_overlap_like_torch(pager):
+    """Non-elementwise in-place ops write through a view bounded to the window; the allocation's
+    other views in the op share that storage, so torch still refuses a partial overlap."""
+    x = torch.randn(6, 6, generator=torch.Generator().manual_seed(3)).to(pager.device)
+    index = torch.tensor([5, 1, 0], device=pager.device)
+    for op in (lambda t: t[:3].put_(index, t[2, :3]), lambda t: t[:4].index_add_(0, torch.tensor([0, 2], device=pager.device), t[1:3])):
+        with pytest.raises(RuntimeError, match="single memory location"):
+            op(x.clone())
+        paged = PagedTensor.wrap(x.clone(), pager)
+        with pytest.raises(RuntimeError, match="single memory location"):
+            op(paged)
+        assert torch.equal(paged.materialize(), x)
+
+
 def test_second_derivatives_of_a_paged_input(pager):
     """``torch.func.hessian`` moves a tangent ``.to("meta")`` below autograd."""
     x = torch.arange(3.0, device=pager.device)
