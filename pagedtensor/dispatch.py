@@ -51,6 +51,7 @@ import torch
 from torch._C import DispatchKey
 from torch._ops import OpOverload, OpOverloadPacket
 from torch.utils._python_dispatch import return_and_correct_aliasing
+from torch.utils._pytree import tree_leaves, tree_map
 
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.pager import ResidentPages
@@ -98,11 +99,12 @@ class OpInfo:
     an in-place form never resizes its input."""
     decomposes: bool
     """The op's only kernel is ``CompositeImplicitAutograd`` (made of other ops), which it reaches us
-    whole only below autograd (in inference mode, say). It runs that C++ kernel, as plain tensors do:
-    its schema cannot say what aliases (``to``, ``contiguous``, ``reshape`` return a new tensor when
-    they must; ``type_as``, ``dropout`` in eval return their input without an alias annotation). Not
-    ``OpOverload.decompose``, which prefers torch._decomp's Python versions (other bits, other
-    aliasing), nor for ops with a backend kernel too (``silu_backward``), which plain tensors run."""
+    whole only below autograd (in inference mode, say). Its schema cannot say what aliases (``to``,
+    ``contiguous``, ``reshape`` return a new tensor when they must; ``type_as``, ``dropout`` in eval
+    return their input without an alias annotation): when a run on meta tensors returns an argument
+    or a view of one, it runs that C++ kernel, as plain tensors do. Not ``OpOverload.decompose``,
+    which prefers torch._decomp's Python versions (other bits, other aliasing), nor for ops with a
+    backend kernel too (``silu_backward``), which plain tensors run."""
 
     @classmethod
     def of(cls, func: OpOverload) -> "OpInfo":
@@ -128,6 +130,27 @@ class OpInfo:
 
 def _has_kernel(func: OpOverload, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key)
+
+
+def _returns_an_input(func: OpOverload, args: tuple, kwargs: dict) -> bool:
+    """Whether ``func`` run on meta tensors of its arguments' layouts (a PagedTensor's over its
+    allocation's meta base) returns a tensor sharing a PagedTensor argument's storage; True when that
+    run fails (the op's own kernel then runs, which gets views right)."""
+
+    def meta(value: Any) -> Any:
+        if isinstance(value, PagedTensor):
+            return _meta_like(value)
+        if isinstance(value, torch.Tensor):
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+        return value
+
+    meta_args, meta_kwargs = tree_map(meta, (args, kwargs))
+    try:
+        out = func(*meta_args, **meta_kwargs)
+    except Exception:  # noqa: BLE001 - e.g. a PagedTensor read as a number (narrow's tensor start)
+        return True
+    inputs = {_meta_like(t).untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, PagedTensor)}
+    return any(isinstance(t, torch.Tensor) and t.untyped_storage()._cdata in inputs for t in tree_leaves(out))
 
 
 class PagedDispatcher:
@@ -203,9 +226,14 @@ class PagedDispatcher:
                 f"PagedTensor: {func} changes a tensor's shape, strides or storage in place, which a PagedTensor "
                 f"does not support{_describe(args, kwargs)}"
             )
-        if info.decomposes:  # reached whole below autograd: run what torch runs for plain tensors
-            return func._op_dk(DispatchKey.CompositeImplicitAutograd, *args, **kwargs)
-        if info.is_view:
+        if info.decomposes:
+            if _returns_an_input(func, args, kwargs):
+                # Reached whole below autograd, returning an argument or a view of one: its C++ kernel,
+                # as plain tensors run it, gives the PagedTensor or a view of it. (Any other result
+                # runs dense below, even if its schema says it may alias: the kernel's own subclass
+                # paths, as in linalg_svdvals, would give other bits.)
+                return func._op_dk(DispatchKey.CompositeImplicitAutograd, *args, **kwargs)
+        elif info.is_view:
             return view_of_pages(func, types, args, kwargs, leaves)
         if func is aten.copy_.default and _same_data(args[0], args[1]):
             return args[0]  # torch's copy_ returns early for a view of the same data: nothing is written

@@ -847,9 +847,10 @@ def test_ops_that_may_alias_convert_and_copy_under_inference_mode(pager):
 
 
 def test_composite_ops_under_inference_mode_run_what_plain_tensors_run(pager):
-    """Below autograd a composite op runs its C++ kernel as on plain tensors: not torch._decomp's
-    Python version (matmul, interpolate, GRU: other bits; dropout in eval: a copy, not its input),
-    and not at all where a backend kernel exists (mish_backward)."""
+    """Below autograd a composite op that returns its input runs its C++ kernel as on plain tensors
+    (dropout in eval returns its input; torch._decomp's Python version, a copy); any other runs dense,
+    as on plain tensors (matmul, interpolate, GRU, svdvals: the Python versions or the kernel's own
+    subclass path give other bits), and so does one with a backend kernel (mish_backward)."""
     generator = torch.Generator().manual_seed(0)
     device = pager.device
     g, x = torch.randn(8, 16, generator=generator).to(device), (torch.randn(8, 16, generator=generator) * 3).to(device)
@@ -860,6 +861,7 @@ def test_composite_ops_under_inference_mode_run_what_plain_tensors_run(pager):
         lambda t, u: torch.matmul(t, u.t()),
         lambda t, u: F.interpolate(t[None, None], scale_factor=2.0, mode="bicubic"),
         lambda t, u: gru(t[None])[0],
+        lambda t, u: torch.linalg.svdvals(u),  # its kernel's subclass path would compute U and V too
     ]
     with torch.inference_mode():
         for op in cases:

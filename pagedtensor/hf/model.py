@@ -61,6 +61,7 @@ class PagingState:
     hooks: list = dataclasses.field(default_factory=list)
     paged_layers: list = dataclasses.field(default_factory=list)  # the decoder layers whose weights are paged
     in_place: bool = False  # this forward may overwrite layer inputs (no grad, no captured hidden states)
+    chunked: bool = True  # this forward may run long inputs in chunks (not when attention weights are captured: one per layer)
     # The modules that may see a buffer a chunked forward overwrites (the input embeddings, the decoder
     # layers and their submodules, the final norm), and how many forward hooks enable_paging itself
     # left on them: more means a user's hook may keep such a buffer.
@@ -303,6 +304,7 @@ def _begin_forward_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> N
             kwargs.get(name, getattr(config, name, False)) for name in ("output_hidden_states", "output_attentions")
         ) or state.user_hooks()  # a hook may keep a layer's input or output, which in-place reuse overwrites
         state.in_place = cache is not None and not captures and not torch.is_grad_enabled() and kwargs.get("inputs_embeds") is None
+        state.chunked = not kwargs.get("output_attentions", getattr(config, "output_attentions", False))
     if cache is not None and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
         cache.begin_forward(mask, inputs.shape[1])
     PAGED_FORWARD.set(cache is not None)
@@ -317,6 +319,7 @@ def _end_forward_hook(module: torch.nn.Module, args: tuple, output: object) -> N
     state = paging_state(module)
     if state is not None:
         state.in_place = False
+        state.chunked = True
 
 
 def _chunked_layer_forward(forward, state: PagingState):
@@ -332,6 +335,7 @@ def _chunked_layer_forward(forward, state: PagingState):
         cache = _find_cache(kwargs)
         if (
             args
+            or not state.chunked
             or cache is None
             or not cache.uses_paged_attention
             or not isinstance(hidden_states, torch.Tensor)

@@ -93,17 +93,19 @@ def test_generate_under_autocast(attn, nvme_dir):
 
 def test_output_attentions_under_the_pagedllm_attention(nvme_dir):
     """The kernels give no attention weights: a call asking for them runs the model's eager attention
-    on the pages (it returned none, silently)."""
+    on the pages (it returned none, silently), and its prefill in one piece (in chunks it returned
+    one tensor per chunk per layer)."""
     reference, model = tiny_pair("llama", attn="eager")
     ids, mask = prompts(3)
     expected = _generate(reference, ids, mask, output_attentions=True)
-    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="pagedllm")
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="pagedllm", prefill_chunk_size=16)
     got = _generate(model, ids, mask, output_attentions=True)
     assert torch.equal(got.sequences, expected.sequences)
     assert [len(step) for step in got.attentions] == [len(step) for step in expected.attentions]
     for got_step, expected_step in zip(got.attentions, expected.attentions):
         for have, want in zip(got_step, expected_step):
             torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(_generate(model, ids, mask).sequences, expected.sequences)  # chunked again without them
 
 
 def test_eager_attention_dense_path(nvme_dir):
