@@ -209,6 +209,10 @@ def check_table_entries(block_table: torch.Tensor, num_pages: int, page_tokens: 
     max_pages = table.shape[1]
     capacity = max_pages * page_tokens
     end = end.cpu().long()
+    negative = (end < 0).nonzero()
+    if negative.numel():
+        b = int(negative[0, 0])
+        raise ValueError(f"seq_lens[{b}] = {int(end[b])} is negative")
     if lengths_fit:
         over = (end > capacity).nonzero()
         if over.numel():
@@ -227,22 +231,32 @@ def check_table_entries(block_table: torch.Tensor, num_pages: int, page_tokens: 
                          f"sequence uses must be in [0, {num_pages})")  # fmt: skip
 
 
-def check_positions(name: str, value: object, batch: int, device: torch.device) -> torch.Tensor:
-    """An integer or an int32 ``[batch]`` tensor of token positions, as an int32 ``[batch]`` tensor."""
+def check_positions(name: str, value: object, batch: int, device: torch.device, span: int = 0) -> torch.Tensor:
+    """An integer or an int32 ``[batch]`` tensor of token positions, as an int32 ``[batch]`` tensor.
+
+    Each position and the ``span`` tokens from it (a prefill's queries, a scatter's new tokens) must
+    be int32 positions, as the kernels compute them: checked for an integer, and for a tensor where
+    :func:`host_checks_indices` says so."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or an int32 tensor, got bool {value}")
     if isinstance(value, numbers.Integral):
         value = int(value)
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
-        if value >= 2**31:
-            raise ValueError(f"{name} must be < 2**31 (an int32 position), got {value}")
+        if value + span >= 2**31:
+            raise ValueError(f"{name} + {span} tokens must be < 2**31 (int32 positions), got {name} = {value}")
         return torch.full((batch,), value, dtype=torch.int32, device=device)
     value = check_tensor(name, value, 1, (torch.int32,))
     if value.shape[0] != batch:
         raise ValueError(f"{name} must have {batch} entries (the batch), got shape {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device}, expected {device} (the device of the pages)")
+    if host_checks_indices(device) and value.numel():
+        values = value.cpu().long()
+        bad = ((values < 0) | (values + span >= 2**31)).nonzero()
+        if bad.numel():
+            b = int(bad[0, 0])
+            raise ValueError(f"{name}[{b}] = {int(values[b])}: each {name} must be >= 0, and {name} + {span} tokens < 2**31")
     return value.contiguous()
 
 

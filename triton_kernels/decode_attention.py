@@ -482,7 +482,9 @@ def _paged_decode_attention_op(
     scale: float,
     num_splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_decode(q, k_pages, v_pages, block_table, seq_lens, scale, num_splits)
+    # Called directly (torch.ops.pagedllm...), the launch still gets the unit strides it assumes.
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    return _launch_decode(q, k_pages, v_pages, block_table.contiguous(), seq_lens.contiguous(), scale, num_splits)
 
 
 @_paged_decode_attention_op.register_fake

@@ -149,7 +149,8 @@ def _launch_gather(pages: torch.Tensor, block_table: torch.Tensor, seq_lens: tor
 
 @torch.library.custom_op("pagedllm::paged_gather", mutates_args=())
 def _paged_gather_op(pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, max_len: int) -> torch.Tensor:
-    return _launch_gather(pages, block_table, seq_lens, max_len)
+    # Called directly (torch.ops.pagedllm...), the launch still gets the unit strides it assumes.
+    return _launch_gather(pages, block_table.contiguous(), seq_lens.contiguous(), max_len)
 
 
 @_paged_gather_op.register_fake
@@ -217,7 +218,9 @@ def _launch_scatter(src: torch.Tensor, pages: torch.Tensor, block_table: torch.T
 
 @torch.library.custom_op("pagedllm::paged_scatter", mutates_args=("pages",))
 def _paged_scatter_op(src: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, start_pos: torch.Tensor) -> None:
-    _launch_scatter(src, pages, block_table, start_pos)
+    # Called directly (torch.ops.pagedllm...), the launch still gets the unit strides it assumes.
+    src = src if src.stride(-1) == 1 else src.contiguous()
+    _launch_scatter(src, pages, block_table.contiguous(), start_pos.contiguous())
 
 
 @_paged_scatter_op.register_fake
@@ -254,7 +257,7 @@ def paged_scatter(
         )
     if block_table.shape[0] != batch:
         raise ValueError(f"block_table must have {batch} rows (the batch of src), got shape {tuple(block_table.shape)}")
-    start_pos = check_positions("start_pos", start_pos, batch, pages.device)
+    start_pos = check_positions("start_pos", start_pos, batch, pages.device, span=src.shape[1])
     check_device(pages.device, src=src, block_table=block_table)
     if src.stride(-1) != 1:
         src = src.contiguous()

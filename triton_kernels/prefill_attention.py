@@ -399,6 +399,9 @@ def _paged_prefill_attention_op(
     scale: float,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # Called directly (torch.ops.pagedllm...), the launch still gets the unit strides it assumes.
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_table, seq_lens, q_start = block_table.contiguous(), seq_lens.contiguous(), q_start.contiguous()
     return _launch_prefill(q, k_pages, v_pages, block_table, seq_lens, q_start, scale, causal)
 
 
@@ -455,7 +458,7 @@ def paged_prefill_attention(
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     block_table, seq_lens = check_block_table(block_table, seq_lens, k_pages.shape[1], batch)
-    q_start = check_positions("q_start", q_start, batch, k_pages.device)
+    q_start = check_positions("q_start", q_start, batch, k_pages.device, span=q.shape[1])
     check_device(k_pages.device, q=q, v_pages=v_pages, block_table=block_table, seq_lens=seq_lens)
     if q.stride(-1) != 1:
         q = q.contiguous()

@@ -160,10 +160,39 @@ def test_positions_take_any_integer_and_name_an_out_of_range_one():
     q = query(1, 2)
     expected = paged_prefill_attention(q, k, v, table([1, 2]), lengths(20), 18)
     assert torch.equal(paged_prefill_attention(q, k, v, table([1, 2]), lengths(20), np.int64(18)), expected)
-    with pytest.raises(ValueError, match=r"q_start must be < 2\*\*31 \(an int32 position\), got 2147483648"):
+    with pytest.raises(ValueError, match=r"q_start \+ 2 tokens must be < 2\*\*31 \(int32 positions\), got q_start = 2147483648"):
         paged_prefill_attention(q, k, v, table([1, 2]), lengths(20), 2**31)
-    with pytest.raises(ValueError, match=r"start_pos must be < 2\*\*31 \(an int32 position\), got 2147483648"):
+    with pytest.raises(ValueError, match=r"start_pos \+ 1 tokens must be < 2\*\*31 \(int32 positions\), got start_pos = 2147483648"):
         paged_scatter(torch.zeros((1, 1, HEADS, DIM), device=DEVICE), k, table([1]), 2**31)
+
+
+def test_positions_whose_tokens_pass_int32_are_refused():
+    """The queries of a prefill at q_start span q_len positions, which the kernel computes in int32:
+    a q_start that fits with a last query past 2**31 - 1 gave every query of its block wrong results."""
+    k, v = pools(poison_page=None)
+    with pytest.raises(ValueError, match=r"q_start \+ 1 tokens must be < 2\*\*31"):
+        paged_prefill_attention(query(1, 1), k, v, table([1, 2]), lengths(20), 2**31 - 1)
+    with pytest.raises(ValueError, match=r"q_start\[0\] = 2147483646: each q_start must be >= 0, and q_start \+ 4 tokens"):
+        paged_prefill_attention(query(1, 4), k, v, table([1, 2]), lengths(20), torch.tensor([2**31 - 2], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match=r"start_pos\[0\] = -2: each start_pos must be >= 0"):
+        paged_scatter(torch.zeros((1, 4, HEADS, DIM), device=DEVICE), k, table([1]), torch.tensor([-2], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match=r"seq_lens\[0\] = -5 is negative"):
+        paged_decode_attention(query(1), k, v, table([1, 2]), torch.tensor([-5], dtype=torch.int32, device=DEVICE))
+
+
+def test_the_registered_ops_called_directly_take_any_strides():
+    """torch.ops.pagedllm.* (what a compiled graph calls) make the inputs the kernels read by unit
+    stride contiguous, as the public functions do."""
+    k, v = pools(poison_page=None)
+    block_table = table([1, 2])
+    q = query(1)
+    expected = paged_decode_attention(q, k, v, block_table, lengths(20))
+    wide = torch.zeros(q.shape[:-1] + (2 * q.shape[-1],), dtype=q.dtype, device=DEVICE)
+    wide[..., ::2] = q
+    got, _ = torch.ops.pagedllm.paged_decode_attention(wide[..., ::2], k, v, block_table, lengths(20), q.shape[-1] ** -0.5, 1)
+    assert torch.equal(got, expected)
+    transposed = block_table.t().contiguous().t()
+    assert torch.equal(torch.ops.pagedllm.paged_gather(k, transposed, lengths(20), 20), paged_gather(k, block_table, lengths(20))[:, :20])
 
 
 def test_an_input_that_requires_grad_is_not_silently_detached():
