@@ -235,8 +235,8 @@ def check_positions(name: str, value: object, batch: int, device: torch.device, 
     """An integer or an int32 ``[batch]`` tensor of token positions, as an int32 ``[batch]`` tensor.
 
     Each position and the ``span`` tokens from it (a prefill's queries, a scatter's new tokens) must
-    be int32 positions, as the kernels compute them: checked for an integer, and for a tensor where
-    :func:`host_checks_indices` says so."""
+    be int32 positions, as the kernels compute them: checked here for an integer, and for a tensor by
+    :func:`check_position_values` inside the op (where :func:`host_checks_indices` says so)."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or an int32 tensor, got bool {value}")
     if isinstance(value, numbers.Integral):
@@ -251,13 +251,20 @@ def check_positions(name: str, value: object, batch: int, device: torch.device, 
         raise ValueError(f"{name} must have {batch} entries (the batch), got shape {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device}, expected {device} (the device of the pages)")
-    if host_checks_indices(device) and value.numel():
-        values = value.cpu().long()
-        bad = ((values < 0) | (values + span >= 2**31)).nonzero()
-        if bad.numel():
-            b = int(bad[0, 0])
-            raise ValueError(f"{name}[{b}] = {int(values[b])}: each {name} must be >= 0, and {name} + {span} tokens < 2**31")
     return value.contiguous()
+
+
+def check_position_values(name: str, positions: torch.Tensor, span: int) -> None:
+    """Every entry of ``positions`` is >= 0 and, with the ``span`` tokens from it, an int32 position;
+    checked where :func:`host_checks_indices` says so (inside the op: a compiled graph cannot read
+    the values); raises ``ValueError`` naming the first bad entry."""
+    if not host_checks_indices(positions.device) or positions.numel() == 0:
+        return
+    values = positions.cpu().long()
+    bad = ((values < 0) | (values + span >= 2**31)).nonzero()
+    if bad.numel():
+        b = int(bad[0, 0])
+        raise ValueError(f"{name}[{b}] = {int(values[b])}: each {name} must be >= 0, and {name} + {span} tokens < 2**31")
 
 
 def resolve_scale(scale: float | None, head_dim: int) -> float:

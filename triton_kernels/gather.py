@@ -20,6 +20,7 @@ from pagedtensor.triton_kernels._common import (
     check_block_table,
     check_device,
     check_pages,
+    check_position_values,
     check_positions,
     check_table_entries,
     check_tensor,
@@ -189,6 +190,7 @@ def paged_gather(
 
 def _launch_scatter(src: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, start_pos: torch.Tensor) -> None:
     batch, num_new, num_heads, head_dim = src.shape
+    check_position_values("start_pos", start_pos, num_new)
     check_table_entries(block_table, pages.shape[0], pages.shape[1], start_pos, start_pos, extra=num_new)
     if batch == 0 or num_new == 0:
         return

@@ -40,6 +40,7 @@ from pagedtensor.triton_kernels._common import (
     check_block_table,
     check_device,
     check_kv_pages,
+    check_position_values,
     check_positions,
     check_table_entries,
     check_tensor,
@@ -339,6 +340,7 @@ def _launch_prefill(
     batch, q_len, num_heads, head_dim = q.shape
     _, page_tokens, num_kv_heads, _ = k_pages.shape
     check_table_entries(block_table, k_pages.shape[0], page_tokens, seq_lens, lengths_fit=True)
+    check_position_values("q_start", q_start, q_len)
     out = new_buffer((batch, q_len, num_heads, head_dim), q.dtype, q.device)
     lse = new_buffer((batch, q_len, num_heads), torch.float32, q.device)
     if batch == 0 or q_len == 0:
