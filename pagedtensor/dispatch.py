@@ -132,10 +132,10 @@ def _has_kernel(func: OpOverload, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key)
 
 
-def _returns_an_input(func: OpOverload, args: tuple, kwargs: dict) -> bool:
+def _returns_an_input(func: OpOverload, args: tuple, kwargs: dict) -> Optional[bool]:
     """Whether ``func`` run on meta tensors of its arguments' layouts (a PagedTensor's over its
-    allocation's meta base) returns a tensor sharing a PagedTensor argument's storage; True when that
-    run fails (the op's own kernel then runs, which gets views right)."""
+    allocation's meta base) returns a tensor sharing a PagedTensor argument's storage; None when that
+    run fails (it needed a value, such as narrow's tensor start)."""
 
     def meta(value: Any) -> Any:
         if isinstance(value, PagedTensor):
@@ -148,7 +148,7 @@ def _returns_an_input(func: OpOverload, args: tuple, kwargs: dict) -> bool:
     try:
         out = func(*meta_args, **meta_kwargs)
     except Exception:  # noqa: BLE001 - e.g. a PagedTensor read as a number (narrow's tensor start)
-        return True
+        return None
     inputs = {_meta_like(t).untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, PagedTensor)}
     return any(isinstance(t, torch.Tensor) and t.untyped_storage()._cdata in inputs for t in tree_leaves(out))
 
@@ -227,12 +227,19 @@ class PagedDispatcher:
                 f"does not support{_describe(args, kwargs)}"
             )
         if info.decomposes:
-            if _returns_an_input(func, args, kwargs):
-                # Reached whole below autograd, returning an argument or a view of one: its C++ kernel,
-                # as plain tensors run it, gives the PagedTensor or a view of it. (Any other result
-                # runs dense below, even if its schema says it may alias: the kernel's own subclass
-                # paths, as in linalg_svdvals, would give other bits.)
-                return func._op_dk(DispatchKey.CompositeImplicitAutograd, *args, **kwargs)
+            aliases = _returns_an_input(func, args, kwargs)
+            if aliases is not False:
+                # Reached whole below autograd, returning an argument or a view of one (or perhaps:
+                # the meta run needed a PagedTensor's values): its C++ kernel, as plain tensors run
+                # it, gives the PagedTensor or a view of it. (Any other result runs dense below, even
+                # if its schema says it may alias: the kernel's own subclass paths, as in
+                # linalg_svdvals, would give other bits.)
+                try:
+                    return func._op_dk(DispatchKey.CompositeImplicitAutograd, *args, **kwargs)
+                except RuntimeError:
+                    if aliases is not None:
+                        raise
+                    # The kernel read a PagedTensor's memory itself (tensor_split's indices): dense.
         elif info.is_view:
             return view_of_pages(func, types, args, kwargs, leaves)
         if func is aten.copy_.default and _same_data(args[0], args[1]):
