@@ -255,16 +255,18 @@ def check_positions(name: str, value: object, batch: int, device: torch.device, 
 
 
 def check_position_values(name: str, positions: torch.Tensor, span: int) -> None:
-    """Every entry of ``positions`` is >= 0 and, with the ``span`` tokens from it, an int32 position;
-    checked where :func:`host_checks_indices` says so (inside the op: a compiled graph cannot read
-    the values); raises ``ValueError`` naming the first bad entry."""
+    """Every entry of ``positions``, with the ``span`` tokens from it, stays below 2**31 (int32
+    positions); checked where :func:`host_checks_indices` says so (inside the op: a compiled graph
+    cannot read the values); raises ``ValueError`` naming the first bad entry. (A negative entry is
+    allowed: a left-padded row's chunk starts before its first token, whose earlier positions see no
+    key, or are dropped by a scatter.)"""
     if not host_checks_indices(positions.device) or positions.numel() == 0:
         return
     values = positions.cpu().long()
-    bad = ((values < 0) | (values + span >= 2**31)).nonzero()
+    bad = (values + span >= 2**31).nonzero()
     if bad.numel():
         b = int(bad[0, 0])
-        raise ValueError(f"{name}[{b}] = {int(values[b])}: each {name} must be >= 0, and {name} + {span} tokens < 2**31")
+        raise ValueError(f"{name}[{b}] = {int(values[b])}: {name} + {span} tokens must be < 2**31 (int32 positions)")
 
 
 def resolve_scale(scale: float | None, head_dim: int) -> float:
