@@ -132,7 +132,53 @@ def _has_kernel(func: OpOverload, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key)
 
 
+# Answers of _returns_an_input by op and argument layouts: a composite op in an inference loop
+# meets the same layouts each call, and its meta run costs more than the op's own dispatch.
+_RETURNS_AN_INPUT: dict[tuple, Optional[bool]] = {}
+_RETURNS_AN_INPUT_LIMIT = 4096
+_KEYABLE = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
 def _returns_an_input(func: OpOverload, args: tuple, kwargs: dict) -> Optional[bool]:
+    """Whether ``func`` returns one of its PagedTensor arguments or a view of one, remembered per op
+    and argument layouts (:func:`_layout_key`); see :func:`_meta_run_returns_an_input`."""
+    key = _layout_key(func, args, kwargs)
+    if key is not None and key in _RETURNS_AN_INPUT:
+        return _RETURNS_AN_INPUT[key]
+    answer = _meta_run_returns_an_input(func, args, kwargs)
+    if key is not None:
+        if len(_RETURNS_AN_INPUT) >= _RETURNS_AN_INPUT_LIMIT:
+            _RETURNS_AN_INPUT.clear()
+        _RETURNS_AN_INPUT[key] = answer
+    return answer
+
+
+def _layout_key(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple]:
+    """What a meta run of ``func`` sees: each tensor's layout (and which PagedTensors share an
+    allocation), every other value, in their lists; None if a value cannot be a key."""
+    allocations: dict[int, int] = {}
+
+    def part(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            allocation = allocations.setdefault(id(value._paged), len(allocations)) if isinstance(value, PagedTensor) else -1
+            return allocation, tuple(value.shape), value.stride(), value.storage_offset(), value.dtype, value.device
+        if type(value) in (list, tuple):
+            return type(value), tuple(part(item) for item in value)
+        if isinstance(value, _KEYABLE):
+            return type(value), value
+        raise _NotAKey
+
+    try:
+        return func, tuple(part(value) for value in args), tuple((name, part(value)) for name, value in kwargs.items())
+    except _NotAKey:
+        return None
+
+
+class _NotAKey(Exception):
+    pass
+
+
+def _meta_run_returns_an_input(func: OpOverload, args: tuple, kwargs: dict) -> Optional[bool]:
     """Whether ``func`` run on meta tensors of its arguments' layouts (a PagedTensor's over its
     allocation's meta base) returns a tensor sharing a PagedTensor argument's storage; None when that
     run fails (it needed a value, such as narrow's tensor start)."""
