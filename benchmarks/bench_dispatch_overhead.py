@@ -52,7 +52,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import kernel_profile, print_table, write_results  # noqa: E402
+from benchmarks.common import add_device_argument, cuda_missing, kernel_profile, print_table, write_results  # noqa: E402
 from pagedtensor import MemoryConfig, PagedTensor, Pager, parse_size  # noqa: E402
 
 SIZES = {"4KB": 4 * 1024, "1MB": 2**20, "256MB": 256 * 2**20, "1GB": 2**30}
@@ -378,15 +378,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--page-size", default="2MiB", help="pager page size (default 2MiB, MemoryConfig's default)")
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated subset of {list(SIZES)}")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke check of the script only")
+    add_device_argument(parser)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dispatch_overhead.json"))
     parser.add_argument("--profile", default="", help="comma-separated ops to profile at 1 MB instead of the timing run (e.g. mul_scalar,add)")
     parser.add_argument("--host-profile", default="", help="comma-separated ops whose Python host time to profile (cProfile) instead")
     parser.add_argument("--profile-size", default="1MB", choices=list(SIZES), help="tensor size of --profile / --host-profile / --gap-probe")
     parser.add_argument("--gap-probe", default="", help="comma-separated ops: explain their extra do_bench time instead (CUDA only)")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_dispatch_overhead: needs a CUDA device (or --device cpu for a smoke check)", file=sys.stderr)
+    if cuda_missing("bench_dispatch_overhead", args.device):
         return 2
     page_size = parse_size(args.page_size, "--page-size")
     if args.host_profile:

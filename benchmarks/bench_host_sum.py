@@ -32,7 +32,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import print_table, write_results  # noqa: E402
+from benchmarks.common import add_device_argument, cuda_missing, print_table, write_results  # noqa: E402
 from pagedtensor import MemoryConfig, PagedTensor, Pager, parse_size  # noqa: E402
 
 PLAN_OVERHEAD = 0.50
@@ -61,12 +61,11 @@ def main() -> int:
     parser.add_argument("--gib", type=float, default=1.0, help="tensor size in GiB (default 1)")
     parser.add_argument("--page-size", default="2MiB")
     parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke check of the script only")
+    add_device_argument(parser)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "host_sum.json"))
     args = parser.parse_args()
     cuda = args.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        print("bench_host_sum: needs a CUDA device (or --device cpu for a smoke check)", file=sys.stderr)
+    if cuda_missing("bench_host_sum", args.device):
         return 2
     page_size = parse_size(args.page_size, "--page-size")
     nbytes = int(args.gib * 2**30) // 4 * 4

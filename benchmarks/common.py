@@ -48,6 +48,20 @@ def run_metadata() -> dict[str, Any]:
     return meta
 
 
+def add_device_argument(parser: Any) -> None:
+    """``--device cuda`` (the default), or ``cpu``: the CPU as the device tier, a smoke check of the
+    script, not a measurement."""
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke check of the script only")
+
+
+def cuda_missing(script: str, device: str) -> bool:
+    """Whether ``device`` is ``cuda`` and this machine has none (then said on stderr)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"{script}: needs a CUDA device (or --device cpu for a smoke check)", file=sys.stderr)
+        return True
+    return False
+
+
 def write_results(path: str, results: dict[str, Any]) -> None:
     """Write ``results`` (with run metadata first) as indented JSON to ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

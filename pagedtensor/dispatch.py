@@ -56,7 +56,16 @@ from torch.utils._pytree import tree_leaves, tree_map
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.pager import ResidentPages
 from pagedtensor.pieces import is_elementwise, run_in_pieces
-from pagedtensor.tensor import PagedStorage, PagedTensor, _pending_frees, dense_and_non_overlapping, drain_pending_frees, element_span
+from pagedtensor.tensor import (
+    PagedStorage,
+    PagedTensor,
+    _pending_frees,
+    dense_and_non_overlapping,
+    drain_pending_frees,
+    element_span,
+    meta_layout,
+    meta_like,
+)
 
 aten = torch.ops.aten
 
@@ -183,19 +192,12 @@ def _meta_run_returns_an_input(func: OpOverload, args: tuple, kwargs: dict) -> O
     allocation's meta base) returns a tensor sharing a PagedTensor argument's storage; None when that
     run fails (it needed a value, such as narrow's tensor start)."""
 
-    def meta(value: Any) -> Any:
-        if isinstance(value, PagedTensor):
-            return _meta_like(value)
-        if isinstance(value, torch.Tensor):
-            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
-        return value
-
-    meta_args, meta_kwargs = tree_map(meta, (args, kwargs))
+    meta_args, meta_kwargs = tree_map(meta_layout, (args, kwargs))
     try:
         out = func(*meta_args, **meta_kwargs)
     except Exception:  # noqa: BLE001 - e.g. a PagedTensor read as a number (narrow's tensor start)
         return None
-    inputs = {_meta_like(t).untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, PagedTensor)}
+    inputs = {meta_like(t).untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, PagedTensor)}
     return any(isinstance(t, torch.Tensor) and t.untyped_storage()._cdata in inputs for t in tree_leaves(out))
 
 
@@ -864,17 +866,6 @@ def _describe(args: tuple, kwargs: dict) -> str:
 # ---------------------------------------------------------------------- handlers: views
 
 
-def _meta_like(tensor: PagedTensor) -> torch.Tensor:
-    """A meta tensor with ``tensor``'s layout over a storage as large as its allocation.
-
-    Made once per PagedTensor (its layout never changes) from one meta base per allocation and dtype.
-    """
-    meta = tensor._meta
-    if meta is None:
-        meta = tensor._meta = tensor._paged.meta_base(tensor.dtype).as_strided(tensor.shape, tensor.stride(), tensor._offset)
-    return meta
-
-
 _VIEW_OPS = [
     aten.view, aten._unsafe_view, aten._reshape_alias, aten.as_strided, aten.slice, aten.select, aten.narrow.default,
     aten.t, aten.transpose, aten.permute, aten.expand, aten.unsqueeze, aten.squeeze, aten.alias, aten.detach,
@@ -897,9 +888,9 @@ def view_of_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict, lea
         leaves = _paged_leaves(args, kwargs)
     try:
         if len(leaves) == 1:  # the source is the only PagedTensor argument: the common case
-            out = func(_meta_like(source), *args[1:], **kwargs)
+            out = func(meta_like(source), *args[1:], **kwargs)
         else:
-            meta_args, meta_kwargs = _substitute(args, kwargs, {id(leaf): _meta_like(leaf) for leaf in leaves})
+            meta_args, meta_kwargs = _substitute(args, kwargs, {id(leaf): meta_like(leaf) for leaf in leaves})
             out = func(*meta_args, **meta_kwargs)
     except NotImplementedError as error:
         raise NotImplementedError(f"PagedTensor: view op {func} has no meta kernel{_describe(args, kwargs)}: {error}") from error
@@ -1003,7 +994,7 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
     if index.numel() == 0 or index.dtype not in (torch.int64, torch.int32):
         # No row is needed: the meta kernel gives the empty result's layout, or torch's own error
         # for an index dtype it refuses.
-        layout = _call_with_table(func, _meta_like(table), index.to("meta"))
+        layout = _call_with_table(func, meta_like(table), index.to("meta"))
         if index.numel() == 0:
             return torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=table.device)
         return DISPATCHER.run_paged(func, types, args, kwargs)  # a dtype torch takes after all
@@ -1046,7 +1037,7 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
     renumbered = inverse.reshape(index.shape).to(index.device if func is aten.index.Tensor else device)
     result = _call_with_table(func, compact, renumbered)
     # The dense op lays its result out after the table's strides: the same layout, exactly.
-    layout = _call_with_table(func, _meta_like(table), index.to("meta"))
+    layout = _call_with_table(func, meta_like(table), index.to("meta"))
     if result.stride() != layout.stride():
         result = torch.empty_strided(layout.shape, layout.stride(), dtype=result.dtype, device=result.device).copy_(result)
     return result

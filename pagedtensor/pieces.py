@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 from torch._ops import OpOverload
 
-from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping
+from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping, meta_layout
 
 aten = torch.ops.aten
 
@@ -106,14 +106,8 @@ def _writes_first_argument(func: OpOverload) -> Optional[bool]:
 
 def _result_layout(func: OpOverload, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     """The op's result run on meta tensors of its arguments' layouts (None if not one tensor)."""
-
-    def meta(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
-        return value
-
     try:
-        result = func(*(meta(value) for value in args), **{name: meta(value) for name, value in kwargs.items()})
+        result = func(*(meta_layout(value) for value in args), **{name: meta_layout(value) for name, value in kwargs.items()})
     except (NotImplementedError, RuntimeError):
         return None
     return result if isinstance(result, torch.Tensor) else None

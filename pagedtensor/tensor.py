@@ -539,6 +539,27 @@ class PagedTensor(torch.Tensor):
 _OWN_ATTRIBUTES = frozenset({"_paged", "_offset", "_inner", "_materialized", "_span", "_meta", "_is_param"})
 
 
+def meta_like(tensor: PagedTensor) -> torch.Tensor:
+    """A meta tensor with ``tensor``'s layout over a storage as large as its allocation.
+
+    Made once per PagedTensor (its layout never changes) from one meta base per allocation and dtype.
+    """
+    meta = tensor._meta
+    if meta is None:
+        meta = tensor._meta = tensor._paged.meta_base(tensor.dtype).as_strided(tensor.shape, tensor.stride(), tensor._offset)
+    return meta
+
+
+def meta_layout(value: object) -> object:
+    """``value`` as a meta tensor of its layout (a PagedTensor's over its allocation's meta base, so
+    views of one allocation share a storage there too); any other value as it is."""
+    if isinstance(value, PagedTensor):
+        return meta_like(value)
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    return value
+
+
 def _rebuild_paged_storage(data: Optional[torch.Tensor]) -> Union[PagedStorage, torch.Tensor]:
     """Unpickle a PagedStorage: a new allocation of the default pager holding the saved bytes.
 
