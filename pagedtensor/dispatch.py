@@ -191,7 +191,6 @@ def _meta_run_returns_an_input(func: OpOverload, args: tuple, kwargs: dict) -> O
     """Whether ``func`` run on meta tensors of its arguments' layouts (a PagedTensor's over its
     allocation's meta base) returns a tensor sharing a PagedTensor argument's storage; None when that
     run fails (it needed a value, such as narrow's tensor start)."""
-
     meta_args, meta_kwargs = tree_map(meta_layout, (args, kwargs))
     try:
         out = func(*meta_args, **meta_kwargs)
@@ -259,7 +258,7 @@ class PagedDispatcher:
             return self.run_paged(func, types, args, kwargs, leaves)
         except _OpTooLarge as error:
             # An elementwise op runs a piece of pages at a time; any other raises.
-            out = NotImplemented if handler is not None else run_in_pieces(func, args, kwargs)
+            out = NotImplemented if handler is not None else run_in_pieces(func, args, kwargs, self.info(func))
             if out is NotImplemented:
                 raise OutOfPagesError(*error.args) from error.__cause__
             return out

@@ -22,12 +22,15 @@ Note:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch._ops import OpOverload
 
 from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping, meta_layout
+
+if TYPE_CHECKING:
+    from pagedtensor.dispatch import OpInfo
 
 aten = torch.ops.aten
 
@@ -35,11 +38,14 @@ aten = torch.ops.aten
 _ELEMENTWISE = frozenset({aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default})
 
 
-def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any:
+def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -> Any:
     """Run the elementwise ``func`` piece by piece (see the module docstring); ``NotImplemented``
-    when it is not such an op, its tensors' layouts differ, or its tensors are no larger than a piece."""
-    if not is_elementwise(func):
+    when it is not such an op, its tensors' layouts differ, or its tensors are no larger than a piece.
+    ``info``: what the dispatcher read from ``func``'s schema."""
+    written = [position for position, _ in info.written]
+    if not info.elementwise or written not in ([], [0]):  # not elementwise, or an out= form
         return NotImplemented
+    in_place = written == [0]
     tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
     if any(type(value) in (list, tuple) for value in (*args, *kwargs.values())):
         return NotImplemented
@@ -50,8 +56,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any:
     shape, stride = tuple(reference.shape), reference.stride()
     if any(tuple(t.shape) != shape or t.stride() != stride for t in shaped) or not dense_and_non_overlapping(shape, stride):
         return NotImplemented
-    in_place = _writes_first_argument(func)
-    if in_place is None or (in_place and not isinstance(args[0], PagedTensor)):
+    if in_place and not isinstance(args[0], PagedTensor):
         return NotImplemented
     if in_place and any(isinstance(t, PagedTensor) and t._paged is args[0]._paged and (t._offset != args[0]._offset or t.dim() == 0)
                         for t in tensors):  # fmt: skip
@@ -84,7 +89,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any:
         piece_kwargs = {name: _piece(value, start, stop) for name, value in kwargs.items()}
         result = func(*piece_args, **piece_kwargs)
         if out is not None:
-            flat_out[start:stop].copy_(result.materialize() if isinstance(result, PagedTensor) else result)
+            flat_out[start:stop].copy_(result)
         start = stop
     return args[0] if in_place else out
 
@@ -93,15 +98,6 @@ def is_elementwise(func: OpOverload) -> bool:
     """Whether each result element of ``func`` is made from its arguments' elements at the same index
     only (the ``pointwise`` tag, not seeded by a generator; ``copy_``, ``fill_``, ``zero_``)."""
     return func in _ELEMENTWISE or (torch.Tag.pointwise in func.tags and torch.Tag.nondeterministic_seeded not in func.tags)
-
-
-def _writes_first_argument(func: OpOverload) -> Optional[bool]:
-    """True for an in-place op (it writes its first argument only), False for one that writes
-    nothing, None for any other (``out=``)."""
-    written = [i for i, argument in enumerate(func._schema.arguments) if argument.alias_info is not None and argument.alias_info.is_write]
-    if not written:
-        return False
-    return True if written == [0] else None
 
 
 def _result_layout(func: OpOverload, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:

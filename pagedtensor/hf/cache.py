@@ -388,6 +388,8 @@ class PagedKVCache(Cache):
         """Keys and values in the dtype both promote to, or in the cache's when that holds it exactly:
         under autocast, Llama's rotary embedding leaves keys in float32 and values in bfloat16
         (attention then casts both alike, so storing the wider type changes no result)."""
+        if key_states.dtype == value_states.dtype and self.dtype in (None, key_states.dtype):
+            return key_states, value_states  # every update but under autocast: nothing to convert
         target = torch.promote_types(key_states.dtype, value_states.dtype)
         if self.dtype is not None and torch.promote_types(target, self.dtype) == self.dtype:
             target = self.dtype
