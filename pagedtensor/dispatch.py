@@ -360,14 +360,14 @@ class PagedDispatcher:
         # allocations it writes through views that cannot grow past their window into other tensors'
         # slots: every view of one allocation over one storage, so torch's overlap checks still see them.
         bounded = {id(leaf._paged) for leaf in written} if written and not info.elementwise else ()
-        for leaf in leaves:
-            group = groups.get(id(leaf._paged))
-            dense[id(leaf)] = group.window.dense(leaf, bounded=id(leaf._paged) in bounded) if group is not None else _empty_like_leaf(leaf)
-        if len(leaves) == 1 and args and args[0] is leaves[0]:  # one PagedTensor, first: no search
-            dense_args, dense_kwargs = (dense[id(leaves[0])], *args[1:]), kwargs
-        else:
-            dense_args, dense_kwargs = _substitute(args, kwargs, dense)
         try:
+            for leaf in leaves:
+                group = groups.get(id(leaf._paged))
+                dense[id(leaf)] = group.window.dense(leaf, bounded=id(leaf._paged) in bounded) if group is not None else _empty_like_leaf(leaf)
+            if len(leaves) == 1 and args and args[0] is leaves[0]:  # one PagedTensor, first: no search
+                dense_args, dense_kwargs = (dense[id(leaves[0])], *args[1:]), kwargs
+            else:
+                dense_args, dense_kwargs = _substitute(args, kwargs, dense)
             try:
                 out = func(*dense_args, **dense_kwargs)
             except RuntimeError as error:
@@ -396,15 +396,19 @@ class PagedDispatcher:
         except BaseException:
             _release_all(opened, failed=True)
             raise
-        event = _shared_release_event(opened)
-        for group in opened:
-            window = group.window
-            if group.written:
-                for leaf in group.written:
-                    window.write_back(*_byte_span(leaf))
-                window.release(_dirty_pages(group.written, window.page_size), event)
-            else:
-                window.release(event=event)
+        try:
+            event = _shared_release_event(opened)
+            for group in opened:
+                window = group.window
+                if group.written:
+                    for leaf in group.written:
+                        window.write_back(*_byte_span(leaf))
+                    window.release(_dirty_pages(group.written, window.page_size), event)
+                else:
+                    window.release(event=event)
+        except BaseException:  # a KeyboardInterrupt in a long write-back: the pages may hold part of it
+            _release_all(opened, failed=True, written_back=True)
+            raise
         return out
 
     def materialize(self, tensor: PagedTensor, device: Union[str, torch.device, None] = None) -> torch.Tensor:
@@ -637,15 +641,17 @@ def _too_many_pages(func: OpOverload, error: OutOfPagesError) -> OutOfPagesError
     return _OpTooLarge(f"{func}: its PagedTensor arguments need more pages at once than the device tier can hold: {error}")
 
 
-def _release_all(groups: Sequence[_Group], failed: bool) -> None:
-    """Release after an error: zero-copy pages an op may have written count as dirty (conservative),
-    except pages faulted in zero-filled for an overwrite (``copy_``/``fill_``/``zero_``, which fail
-    before writing): those get their old bytes back from the pager."""
+def _release_all(groups: Sequence[_Group], failed: bool, written_back: bool = False) -> None:
+    """Release after an error: pages an op may have written count as dirty (conservative): those of
+    zero-copy windows, and with ``written_back`` (an error during the write-back) those of gathered
+    ones too; except pages faulted in zero-filled for an overwrite (``copy_``/``fill_``/``zero_``):
+    those get their old bytes back from the pager."""
     for group in groups:
         window = group.window
         if window.resident.released:
             continue
-        dirty = _dirty_pages(group.written, window.page_size) if failed and group.written and not window.gathered else set()
+        may_be_written = failed and group.written and (written_back or not window.gathered)
+        dirty = _dirty_pages(group.written, window.page_size) if may_be_written else set()
         if dirty and window.resident.overwritten:
             dirty.difference_update(page.index for page in window.resident.overwritten)
         window.release(dirty)

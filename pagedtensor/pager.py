@@ -505,8 +505,10 @@ class Pager:
 
         Pages the write covers completely are not faulted in first: their old bytes are discarded.
         The write goes in chunks of half the device tier; if one fails (``OutOfPagesError``, a disk
-        error reading a page it covers in part), the chunks before it hold the new bytes and the
-        rest keep their old bytes.
+        error reading a page it covers in part, an error reading ``data``), the chunks before it hold
+        the new bytes and the chunks after it their old bytes. In the failed chunk, covered pages
+        that were off the device keep their old bytes; every other page of it may hold part of the
+        new bytes, and counts as written (its lower copies go), so it reads the same after eviction.
         """
         source = _as_bytes(data)
         first, stop = allocation.page_range(offset, offset + source.numel())
@@ -531,8 +533,10 @@ class Pager:
                         view[lo - run_begin : hi - run_begin].copy_(source[lo - offset : hi - offset], non_blocking=True)
                 written = True
             finally:
-                # A failed copy leaves the covered pages their old bytes and counts the rest as written.
-                resident.release(dirty=True if written else set(range(chunk_start, chunk_stop)).difference(covered))
+                # A failed copy gives the covered pages faulted in zero-filled their old bytes back
+                # (``release`` restores them); any other page of the chunk may have been written.
+                restored = {page.index for page in resident.overwritten}
+                resident.release(dirty=True if written else set(range(chunk_start, chunk_stop)).difference(restored))
 
     def read(self, allocation: Allocation, offset: int = 0, nbytes: Optional[int] = None) -> torch.Tensor:
         """A CPU uint8 copy of ``nbytes`` (default: to the end) of ``allocation`` from byte ``offset``."""
@@ -740,7 +744,17 @@ class Pager:
                 # The D2H copy waits for the slots' last uses and stands in for them afterwards.
                 wait_for += self._device_fences.take([page.device_slot for page in dirty])
                 wait_for += [self._host_fences.get(slot) for slot in host_slots]
-                event = self.engine.copy(self.engine.d2h_stream, runs, self.device_tier, self.host_tier, wait_for)
+                try:
+                    event = self.engine.copy(self.engine.d2h_stream, runs, self.device_tier, self.host_tier, wait_for)
+                except BaseException:  # a KeyboardInterrupt in a long copy: the pages keep their device copies
+                    # The slots' fences were taken: wait for them on the host, and for any copy enqueued
+                    # before the error, so that neither slot is written or read once freed or reused.
+                    for fence in wait_for:
+                        if fence is not None:
+                            fence.synchronize()
+                    self.engine.synchronize()
+                    self.host_tier.free(host_slots)
+                    raise
                 for page, slot in zip(dirty, host_slots):
                     page.host_slot = slot
                     self._host_fences[slot] = event

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from pagedtensor import MemoryConfig, OutOfPagesError, PageCorruptionError, Pager
+from pagedtensor import MemoryConfig, OutOfPagesError, PageCorruptionError, PagedTensor, Pager
 from tests.support import run_in_threads
 
 PAGE = 4096
@@ -313,6 +313,59 @@ def test_a_write_that_meets_a_corrupt_page_keeps_the_healthy_page_it_covers(nvme
         with pytest.raises(PageCorruptionError):
             pager.write(target, torch.full((PAGE + 100,), 0xCD, dtype=torch.uint8), offset=0)
         assert torch.equal(pager.read(target, 0, PAGE), torch.full((PAGE,), 0xAB, dtype=torch.uint8))
+
+
+def test_a_write_whose_source_fails_part_way_reads_the_same_after_eviction(nvme_dir):
+    """The source (a PagedTensor of another pager) has a corrupt page: the write fails after it
+    overwrote the target's first page on the device. That page had a clean host copy of its old
+    bytes, which must go: it read the new bytes before eviction and the old ones after."""
+    target_pager = make_pager(device_pages=4, host_pages=4, slab_size=PAGE)  # one page per slab: one copy per page
+    source_pager = make_pager(nvme_dir, device_pages=2, host_pages=1, slab_size=PAGE)
+    with target_pager, source_pager:
+        target = target_pager.allocate(2 * PAGE)
+        target_pager.write(target, torch.full((2 * PAGE,), 1, dtype=torch.uint8))
+        target_pager.evict_all()
+        target_pager.read(target)  # on the device again; the host copies stay as clean caches
+        source = PagedTensor.wrap(torch.full((2 * PAGE,), 2, dtype=torch.uint8), source_pager)
+        source_pager.evict_all()
+        source_pager.read(source.allocation, 0, 1)
+        source_pager.evict_all()  # page 0 on the host, page 1 on disk only
+        slot = source_pager.page_table(source.allocation)[1].disk_slot
+        assert slot is not None
+        with open(source_pager.disk_tier.file_path, "r+b") as handle:
+            handle.seek(slot * PAGE)
+            handle.write(b"\xff" * 16)
+        with pytest.raises(PageCorruptionError):
+            target_pager.write(target, source)
+        before = target_pager.read(target)
+        target_pager.evict_all()
+        assert torch.equal(target_pager.read(target), before)
+        assert torch.equal(before[PAGE:], torch.ones(PAGE, dtype=torch.uint8))  # the page the write never reached
+
+
+def test_an_interrupted_eviction_keeps_its_host_slots_usable(monkeypatch):
+    """A KeyboardInterrupt landing at the end of the device-to-host copy of ``evict_all``: the pages
+    stay on the device with their bytes, and the host slots taken for them are free again."""
+    with make_pager(device_pages=4, host_pages=4) as pager:
+        allocation = pager.allocate(4 * PAGE)
+        data = random_bytes(4 * PAGE, seed=5)
+        pager.write(allocation, data)
+        real_copy = pager.engine.copy
+
+        def interrupted_copy(*args, **kwargs):
+            real_copy(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(pager.engine, "copy", interrupted_copy)
+        with pytest.raises(KeyboardInterrupt):
+            pager.evict_all()
+        monkeypatch.setattr(pager.engine, "copy", real_copy)
+        assert pager.host_tier.used_pages == 0
+        assert pager.stats()["resident_bytes"]["host"] == 0
+        assert torch.equal(pager.read(allocation), data)
+        pager.evict_all()  # all four host slots free for the four pages
+        assert [info.tier for info in pager.page_table(allocation)] == ["host"] * 4
+        assert torch.equal(pager.read(allocation), data)
 
 
 @pytest.mark.parametrize("with_disk", [False, True], ids=["host", "disk"])

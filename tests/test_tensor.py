@@ -660,6 +660,33 @@ def test_an_overwrite_that_fails_leaves_the_tensor_as_it_was(nvme_dir, fail):
         assert torch.equal(paged.materialize(), dense), "the failed op changed the paged tensor unlike the dense one"
 
 
+def test_an_in_place_op_interrupted_in_its_write_back_leaves_no_pins_and_stale_copies(monkeypatch):
+    """A KeyboardInterrupt at the end of the write-back of a gathered window (one page per slab):
+    the pages are unpinned, and what they hold reads the same after eviction (they count as written)."""
+    from pagedtensor.dispatch import _Window
+
+    with make_pager(device_pages=4, host_pages=4, slab_size=PAGE) as pager:
+        paged = PagedTensor.wrap(torch.zeros(2 * PAGE, dtype=torch.uint8), pager)
+        pager.evict_all()
+        paged.materialize()  # on the device again, with clean host copies of the zeros
+        real_write_back = _Window.write_back
+
+        def interrupted_write_back(window, lo, hi):
+            real_write_back(window, lo, hi)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(_Window, "write_back", interrupted_write_back)
+        with pytest.raises(KeyboardInterrupt):
+            paged.add_(1)
+        monkeypatch.setattr(_Window, "write_back", real_write_back)
+        assert not paged.allocation.pins
+        before = paged.materialize()
+        assert torch.equal(before, torch.ones(2 * PAGE, dtype=torch.uint8))
+        pager.evict_all()
+        assert pager.stats()["resident_bytes"]["device"] == 0
+        assert torch.equal(paged.materialize(), before)
+
+
 def test_an_overwrite_whose_source_does_not_fit_keeps_the_destination():
     with make_pager(device_pages=8) as pager:
         destination = PagedTensor.wrap(torch.randn(2048), pager)  # 2 pages
