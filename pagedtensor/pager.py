@@ -726,7 +726,7 @@ class Pager:
             raise OutOfPagesError(
                 f"device tier: {count} pages needed, {self.device_tier.free_pages} free and only {len(victims)} evictable "
                 f"(vram_limit={self.config.vram_limit} bytes = {self.device_tier.capacity_pages} pages of {self.page_size}; "
-                f"the rest are pinned)"
+                f"the rest are pinned, by this request's pages or by other holders of pages)"
             )
         self._evict_from_device(victims)
 

@@ -50,7 +50,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     if any(type(value) in (list, tuple) for value in (*args, *kwargs.values())):
         return NotImplemented
     shaped = [t for t in tensors if t.dim() > 0]
-    if not shaped or not any(isinstance(t, PagedTensor) for t in shaped):
+    if not shaped or not any(isinstance(t, PagedTensor) for t in shaped) or any(t.layout != torch.strided for t in shaped):
         return NotImplemented
     reference = shaped[0]
     shape, stride = tuple(reference.shape), reference.stride()

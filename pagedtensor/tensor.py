@@ -242,7 +242,7 @@ class PagedTensor(torch.Tensor):
             if t._paged is not None and t._paged.pager is pager:
                 return t
             data = t.materialize()
-            return cls.wrap(data.requires_grad_(t.requires_grad) if data.is_floating_point() else data, pager, name=name)
+            return cls.wrap(data.requires_grad_() if t.requires_grad else data, pager, name=name)  # float or complex
         _check_wrappable(t)
         if _pending_frees:
             drain_pending_frees()

@@ -74,6 +74,17 @@ def test_an_in_place_op_reading_another_view_of_its_bytes_is_not_run_in_pieces()
         assert torch.equal(flat.mul_(other[2]).materialize(), x * 2)
 
 
+def test_an_op_too_large_with_a_sparse_operand_names_the_op():
+    """Pieces apply to strided operands only: a sparse CSR one gives the op's OutOfPagesError (it
+    gave "Sparse CSR tensors do not have strides", naming no op); small enough, the op runs."""
+    x = torch.randn(64, 100)  # 6.25 pages
+    csr = (x * (x > 1)).to_sparse_csr()
+    with make_pager(device_pages=4) as pager:
+        with pytest.raises(OutOfPagesError, match="aten.add.Tensor"):
+            PagedTensor.wrap(x, pager) + csr
+        assert torch.equal((PagedTensor.wrap(x[:8], pager) + csr.to_dense()[:8].to_sparse_csr()).cpu(), x[:8] + csr.to_dense()[:8])
+
+
 UNARY = {"neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "sigmoid": torch.sigmoid, "square": torch.square}
 BINARY = {"add": torch.add, "mul": torch.mul, "maximum": torch.maximum, "div": torch.div}
 IN_PLACE = {"mul_": lambda t, o: t.mul_(o), "add_": lambda t, o: t.add_(o, alpha=2), "copy_": lambda t, o: t.copy_(o),

@@ -111,6 +111,10 @@ def test_wrap_of_a_paged_tensor(pager):
     with make_pager() as other:
         moved = PagedTensor.wrap(t[2:5], other)
         assert moved.pager is other and torch.equal(moved.materialize("cpu"), t[2:5].materialize("cpu"))
+        for dtype in (torch.float32, torch.complex64):  # requires_grad kept, complex included
+            leaf = PagedTensor.wrap(torch.ones(3, dtype=dtype, requires_grad=True), pager)
+            assert PagedTensor.wrap(leaf, other).requires_grad, dtype
+            assert not PagedTensor.wrap(leaf.detach(), other).requires_grad, dtype
 
 
 @pytest.mark.parametrize(
