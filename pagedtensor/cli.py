@@ -20,7 +20,7 @@ import torch
 
 from pagedtensor.cli_args import config_error, size_type
 from pagedtensor.config import MemoryConfig, format_size
-from pagedtensor.hf.ask import add_ask_arguments, ask_arguments_error, main_from_args
+from pagedtensor.ask import add_ask_arguments, ask_arguments_error, main_from_args
 from pagedtensor.pager import Pager
 from pagedtensor.report import print_rows, traffic_rows
 

