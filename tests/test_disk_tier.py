@@ -6,6 +6,9 @@ import errno
 import gc
 import logging
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -168,7 +171,7 @@ def test_works_without_the_c_extension(make_tier, monkeypatch) -> None:
     page = torch.randint(0, 256, (PAGE,), dtype=torch.uint8)
     slot = tier.allocate_slot()
     tier.write_pages([(slot, page)])
-    flip_byte(tier.file_path, 5)
+    flip_byte(tier.fd_path, 5)
     with pytest.raises(PageCorruptionError, match="crc32 expected"):
         tier.read_pages([(slot, torch.empty(PAGE, dtype=torch.uint8))])
 
@@ -210,7 +213,7 @@ def test_flipped_byte_raises(make_tier, engine, compression) -> None:
     pages = [random_page(generator, True, compressible=True) for _ in range(3)]
     slots = [tier.allocate_slot() for _ in pages]
     tier.write_pages(list(zip(slots, pages)))
-    flip_byte(tier.file_path, slots[1] * PAGE + 17)
+    flip_byte(tier.fd_path, slots[1] * PAGE + 17)
     out = [aligned_page() for _ in pages]
     with pytest.raises(PageCorruptionError) as info:
         tier.read_pages(list(zip(slots, out)))
@@ -228,7 +231,7 @@ def test_truncated_file_raises(make_tier, engine) -> None:
     pages = [random_page(generator, True, False) for _ in range(2)]
     slots = [tier.allocate_slot() for _ in pages]
     tier.write_pages(list(zip(slots, pages)))
-    os.truncate(tier.file_path, PAGE + 4096)
+    os.truncate(tier.fd_path, PAGE + 4096)
     with pytest.raises(PageCorruptionError, match=f"short read of slot {slots[1]}"):
         tier.read_pages([(slots[1], aligned_page())])
     out = aligned_page()
@@ -354,25 +357,51 @@ def test_zstd_missing_names_the_setting(tmp_path, monkeypatch) -> None:
         DiskTier(str(tmp_path), PAGE, None, compression="zstd")
 
 
+def _open_fds() -> set[str]:
+    return {os.path.realpath(f"/proc/self/fd/{name}") for name in os.listdir("/proc/self/fd")}
+
+
 def test_file_lifetime(tmp_path) -> None:
+    """The page file has no name once open (the folder stays empty) and goes with its fd."""
     folder = tmp_path / "a" / "b"
     first = DiskTier(str(folder), PAGE, None)
     second = DiskTier(folder, PAGE, None)  # a PathLike works too
     assert first.file_path != second.file_path
     assert os.path.dirname(first.file_path) == str(folder)
+    assert os.listdir(folder) == []
+    slot = first.allocate_slot()
+    first.write_pages([(slot, torch.full((PAGE,), 7, dtype=torch.uint8))])
+    with open(first.fd_path, "rb") as handle:  # the file is still reachable through its fd
+        assert handle.read(PAGE)[:4] and os.fstat(handle.fileno()).st_nlink == 0
+    opened = {path for path in _open_fds() if os.path.basename(path).startswith("pagedllm-")}
+    assert len(opened) == 2, opened
     first.close()
     first.close()  # idempotent
-    assert not os.path.exists(first.file_path)
     with pytest.raises(ValueError, match="closed"):
         first.allocate_slot()
-    path = second.file_path
     del second
     gc.collect()
-    assert not os.path.exists(path)
+    assert not {path for path in _open_fds() if os.path.basename(path).startswith("pagedllm-")}
     with DiskTier(str(folder), PAGE, None) as third:
-        path = third.file_path
-        assert os.path.exists(path)
-    assert not os.path.exists(path)
+        assert not third.closed
+    assert third.closed and os.listdir(folder) == []
+
+
+def test_a_process_ended_by_sigterm_leaves_no_page_file(tmp_path) -> None:
+    """SIGTERM's default action runs no Python cleanup: the page file must not outlive the process."""
+    script = (
+        "import os, signal, torch\n"
+        "from pagedtensor import MemoryConfig, Pager\n"
+        f"pager = Pager(MemoryConfig(vram_limit={PAGE}, host_memory={PAGE}, page_size={PAGE}, nvme_path={str(tmp_path)!r}, "
+        "device='cpu', prefetch_strategy='none'))\n"
+        f"allocation = pager.allocate({4 * PAGE})\n"
+        f"pager.write(allocation, torch.ones({4 * PAGE}, dtype=torch.uint8))\n"
+        "assert pager.stats()['bytes_to_disk'] > 0\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGTERM, done.stderr
+    assert os.listdir(tmp_path) == []
 
 
 # ---- property test -------------------------------------------------------------------------------
@@ -448,7 +477,7 @@ def test_a_frame_header_claiming_a_huge_page_is_corruption(tmp_path) -> None:
         frame = b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + (2**40).to_bytes(8, "little") + b"\x01\x00\x00"  # claims 1 TiB
         stored = bytearray(4096)
         stored[: len(frame)] = frame
-        fd = os.open(tier.file_path, os.O_RDWR)
+        fd = os.open(tier.fd_path, os.O_RDWR)
         try:
             os.pwrite(fd, bytes(stored), slot * PAGE)
         finally:

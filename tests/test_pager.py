@@ -112,7 +112,7 @@ def test_corrupted_disk_page_raises_never_returns_wrong_bytes(nvme_dir):
         on_disk = [info for info in pager.page_table(allocation) if info.tier == "disk"]
         assert on_disk, "the test needs pages on the disk tier"
         victim = on_disk[0]
-        with open(pager.disk_tier.file_path, "r+b") as handle:
+        with open(pager.disk_tier.fd_path, "r+b") as handle:
             handle.seek(victim.disk_slot * PAGE + 100)
             byte = handle.read(1)
             handle.seek(victim.disk_slot * PAGE + 100)
@@ -307,7 +307,7 @@ def test_a_write_that_meets_a_corrupt_page_keeps_the_healthy_page_it_covers(nvme
         pager.evict_all()
         table = pager.page_table(target)
         assert table[0].host_slot is None and table[1].disk_slot is not None
-        with open(pager.disk_tier.file_path, "r+b") as handle:  # page 1's disk copy goes bad
+        with open(pager.disk_tier.fd_path, "r+b") as handle:  # page 1's disk copy goes bad
             handle.seek(table[1].disk_slot * PAGE + 10)
             handle.write(b"\x00\x01\x02")
         with pytest.raises(PageCorruptionError):
@@ -332,7 +332,7 @@ def test_a_write_whose_source_fails_part_way_reads_the_same_after_eviction(nvme_
         source_pager.evict_all()  # page 0 on the host, page 1 on disk only
         slot = source_pager.page_table(source.allocation)[1].disk_slot
         assert slot is not None
-        with open(source_pager.disk_tier.file_path, "r+b") as handle:
+        with open(source_pager.disk_tier.fd_path, "r+b") as handle:
             handle.seek(slot * PAGE)
             handle.write(b"\xff" * 16)
         with pytest.raises(PageCorruptionError):
@@ -605,7 +605,7 @@ def test_a_forked_child_cannot_use_the_disk_tier_and_leaves_the_page_file(tmp_pa
     os.waitpid(pid, 0)
     assert os.read(read_end, 1) == bytes([0])
     os.close(read_end)
-    assert os.path.exists(pager.disk_tier.file_path)
+    assert os.path.exists(pager.disk_tier.fd_path)  # the child's close left the parent's file open
     for seed, allocation in enumerate(allocations):
         assert torch.equal(pager.read(allocation), random_bytes(PAGE, seed))
     pager.close()

@@ -80,25 +80,36 @@ def _buffer(address: int, length: int) -> ctypes.Array:
 
 
 def _open_page_file(folder: str) -> tuple[int, str, bool]:
-    """Creates a uniquely named page file in ``folder``; returns (fd, path, O_DIRECT in use).
+    """Creates a uniquely named page file in ``folder`` and removes its name at once; returns (fd,
+    the name it had, O_DIRECT in use). The file lives as long as the fd: the kernel frees its space
+    however the process ends (a SIGTERM or SIGKILL included), and no one else can open it by name.
 
     Tries O_DIRECT and proves it with one aligned write; on EINVAL (tmpfs and some network file
     systems) falls back to buffered I/O and logs it.
     """
     fd, file_path = tempfile.mkstemp(prefix="pagedllm-", suffix=".pages", dir=folder)
+    try:
+        direct_fd, direct = _direct_fd(fd, file_path)
+    finally:
+        os.unlink(file_path)
+    return direct_fd, file_path, direct
+
+
+def _direct_fd(fd: int, file_path: str) -> tuple[int, bool]:
+    """An O_DIRECT fd of the new page file ``fd`` (closing ``fd``), proved with one aligned write, or
+    ``fd`` itself where O_DIRECT does not work; ``(fd, O_DIRECT in use)``."""
     o_direct = getattr(os, "O_DIRECT", 0)
     if not o_direct:
         log.info("disk tier: O_DIRECT does not exist on this platform; using buffered I/O for %s", file_path)
-        return fd, file_path, False
+        return fd, False
     try:
         direct_fd = os.open(file_path, os.O_RDWR | o_direct)
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             os.close(fd)
-            os.unlink(file_path)
             raise
         log.info("disk tier: the file system refuses O_DIRECT for %s; using buffered I/O", file_path)
-        return fd, file_path, False
+        return fd, False
     probe = mmap.mmap(-1, BLOCK)  # page-aligned anonymous memory
     try:
         os.pwrite(direct_fd, probe, 0)
@@ -107,31 +118,23 @@ def _open_page_file(folder: str) -> tuple[int, str, bool]:
         os.close(direct_fd)
         if exc.errno != errno.EINVAL:
             os.close(fd)
-            os.unlink(file_path)
             raise
         log.info("disk tier: O_DIRECT writes fail with EINVAL for %s; using buffered I/O", file_path)
         os.ftruncate(fd, 0)
-        return fd, file_path, False
+        return fd, False
     finally:
         probe.close()
     os.close(fd)
-    return direct_fd, file_path, True
+    return direct_fd, True
 
 
-def _release(engine: IoEngine, fd: int, file_path: str, owner_pid: int) -> None:
-    """Closes the engine and the page file and deletes it (the finalizer of a DiskTier). A forked
-    child closes its copies only: the file is the parent's."""
+def _release(engine: IoEngine, fd: int) -> None:
+    """Closes the engine and the page file (the finalizer of a DiskTier); the file has no name, so
+    its last fd closing frees it. A forked child closes its copies only: the parent's stay open."""
     try:
         engine.close()
     finally:
-        try:
-            os.close(fd)
-        finally:
-            if os.getpid() == owner_pid:
-                try:
-                    os.unlink(file_path)
-                except FileNotFoundError:
-                    pass
+        os.close(fd)
 
 
 class DiskTier:
@@ -147,7 +150,9 @@ class DiskTier:
 
     Slot bookkeeping is guarded by a lock and the engine is thread-safe, so calls from several
     threads are safe; writing and reading the same slot at once is the caller's to order.
-    :meth:`close` (or garbage collection) closes and deletes the file.
+    The page file's name (``file_path``, named in errors) is removed as soon as it is open, so the
+    file goes with its last fd, however the process ends; :meth:`close` (or garbage collection)
+    closes it. ``fd_path`` opens it again (``/proc/self/fd/N``), for inspection.
     """
 
     def __init__(
@@ -198,7 +203,7 @@ class DiskTier:
             self._engine.close()
             raise
         self._owner_pid = os.getpid()
-        self._finalizer = weakref.finalize(self, _release, self._engine, self._fd, self.file_path, self._owner_pid)
+        self._finalizer = weakref.finalize(self, _release, self._engine, self._fd)
         self._lock = threading.Lock()
         self._allocated: set[int] = set()
         self._free: list[int] = []  # heap of freed slots below _next_slot
@@ -237,6 +242,12 @@ class DiskTier:
     @property
     def closed(self) -> bool:
         return not self._finalizer.alive
+
+    @property
+    def fd_path(self) -> str:
+        """A path that opens the page file again while the tier is open (it has no name of its own)."""
+        self._check_open()
+        return f"/proc/self/fd/{self._fd}"
 
     def has_free_slot(self) -> bool:
         """Whether :meth:`allocate_slot` would succeed. Never blocks."""
@@ -447,8 +458,8 @@ class DiskTier:
     # ---- lifetime and checks ------------------------------------------------------------------
 
     def close(self) -> None:
-        """Closes the engine and the page file and deletes the file. Idempotent; waits for a batch
-        in progress on the io_uring engine."""
+        """Closes the engine and the page file, which frees it (it has no name). Idempotent; waits
+        for a batch in progress on the io_uring engine."""
         self._finalizer()
 
     def _check_open(self) -> None:
