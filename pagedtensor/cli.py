@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import logging
 import sys
 import tempfile
@@ -107,6 +108,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # The disk tier's folder is a temporary one unless given: check compression against a given one only.
         error = config_error(vram_limit=args.vram_limit, host_memory=args.host_memory, page_size=args.page_size,
                              nvme_path=args.nvme_path, compression=args.compression if args.nvme_path else None, device=args.device)  # fmt: skip
+        if error is None and args.compression == "zstd" and importlib.util.find_spec("zstandard") is None:
+            error = "--compression zstd needs the zstandard package: pip install 'pagedllm[zstd]'"
         if error is not None:
             demo.error(error)
         ok = run_demo(

@@ -72,6 +72,15 @@ def test_demo_runs_and_ask_names_the_extra_without_transformers():
     assert "Traceback" not in done.stderr
 
 
+def test_demo_compression_without_zstandard_is_a_usage_error(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # as if not installed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--compression", "zstd", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--compression zstd needs the zstandard package: pip install 'pagedllm[zstd]'" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("under", ["", "sub"], ids=["the-file", "a-folder-under-it"])
 def test_demo_refuses_a_disk_folder_that_is_a_file(capsys, tmp_path, under):
     a_file = tmp_path / "not_a_folder"

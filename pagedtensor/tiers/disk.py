@@ -184,7 +184,7 @@ class DiskTier:
                 import zstandard
             except ImportError as exc:
                 raise ImportError(
-                    'DiskTier(compression="zstd") needs the zstandard package (pip install zstandard); '
+                    'DiskTier(compression="zstd") needs the zstandard package (pip install \'pagedllm[zstd]\'); '
                     "install it or set compression=None"
                 ) from exc
             self._zstd = zstandard
