@@ -401,7 +401,11 @@ class PagedKVCache(Cache):
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if key_states.shape != value_states.shape:
-            raise ValueError(f"key_states {tuple(key_states.shape)} and value_states {tuple(value_states.shape)} differ")
+            raise ValueError(
+                f"key_states {tuple(key_states.shape)} and value_states {tuple(value_states.shape)} differ: a PagedKVCache "
+                f"holds keys and values of one shape (models whose values have another head size than their keys, "
+                f"such as DeepSeek's multi-head latent attention, are not supported)"
+            )
         if key_states.dim() != 4 or key_states.shape[0] != self.batch_size_ or key_states.shape[1] != self.num_kv_heads:
             raise ValueError(
                 f"expected states [batch={self.batch_size_}, kv_heads={self.num_kv_heads}, q_len, {self.head_dim}], "

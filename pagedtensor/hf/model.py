@@ -143,6 +143,16 @@ def enable_paging(
         raise TypeError(f"pager: expected a Pager, got {type(pager).__name__}")
     if not isinstance(page_weights, bool):
         raise TypeError(f"page_weights: expected True or False, got {page_weights!r}")
+    unpageable = _kv_cache_unsupported(model)
+    if unpageable is not None:
+        raise TypeError(f"enable_paging: {type(model).__name__} {unpageable}; the paged KV cache serves decoder-only attention models")
+    if attn_implementation == ATTENTION_NAME:
+        unsupported = _paged_attention_unsupported(model)
+        if unsupported is not None:
+            raise ValueError(
+                f"attn_implementation={ATTENTION_NAME!r}: {type(model).__name__} {unsupported}; pass \"auto\" (the model's "
+                f"own attention, {model.config._attn_implementation!r}, reads the paged cache) or another implementation"
+            )
     if pager is None:
         pager = Pager(streaming_config(memory_config if memory_config is not None else MemoryConfig()))
     if prefill_chunk_size is None:
@@ -158,7 +168,14 @@ def enable_paging(
         from pagedtensor.triton_kernels._common import interpreting
 
         use_kernels = pager.device.type == "cuda" or interpreting()
-        attn_implementation = ATTENTION_NAME if use_kernels else model.config._attn_implementation
+        own = model.config._attn_implementation
+        attn_implementation = own
+        if use_kernels and _paged_attention_unsupported(model) is None:
+            try:
+                _set_attn_implementation(model, ATTENTION_NAME)
+                attn_implementation = ATTENTION_NAME
+            except ValueError:  # the model refused to switch (a transformers without the check above)
+                log.info("enable_paging: %s keeps its %r attention over the paged cache", type(model).__name__, own)
     if attn_implementation != model.config._attn_implementation:
         _set_attn_implementation(model, attn_implementation)
 
@@ -350,7 +367,9 @@ def _chunked_layer_forward(forward, state: PagingState):
             stop = min(length, start + chunk)
             piece = dict(kwargs)
             embeddings = kwargs.get("position_embeddings")
-            if embeddings is not None:
+            if isinstance(embeddings, torch.Tensor):  # one tensor (Llama 4's complex frequencies)
+                piece["position_embeddings"] = _slice_tokens(embeddings, length, start, stop)
+            elif embeddings is not None:  # (cos, sin)
                 piece["position_embeddings"] = tuple(_slice_tokens(t, length, start, stop) for t in embeddings)
             if kwargs.get("position_ids") is not None:
                 piece["position_ids"] = kwargs["position_ids"][..., start:stop]
@@ -482,12 +501,53 @@ def _model_device(model: torch.nn.Module) -> Optional[torch.device]:
     return None
 
 
+# Layer types whose cache is keys and values (transformers' ``config.layer_types``), and those of
+# them the paged kernels compute (chunked attention, Llama 4's, attends within fixed blocks of tokens).
+KV_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+KERNEL_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+
+
+def _text_config(model: torch.nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _kv_cache_unsupported(model: torch.nn.Module) -> Optional[str]:
+    """Why a paged KV cache cannot serve ``model`` (encoder-decoder, layers keeping other state), or None."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "is an encoder-decoder model (config.is_encoder_decoder): its cross-attention keys and values are not paged"
+    other = sorted(set(getattr(_text_config(model), "layer_types", None) or ()) - KV_LAYER_TYPES)
+    if other:
+        return f"has layers of type {other} (config.layer_types), whose state is not keys and values"
+    return None
+
+
+def _paged_attention_unsupported(model: torch.nn.Module) -> Optional[str]:
+    """Why the ``"pagedllm"`` attention cannot serve ``model``, or None: the model must take its
+    attention from transformers' attention interface, and every layer be full or sliding-window attention."""
+    can_switch = getattr(type(model), "_can_set_attn_implementation", None)
+    if can_switch is not None and not can_switch():
+        return "does not take its attention from transformers' attention interface, so it cannot switch to it"
+    config = _text_config(model)
+    other = sorted(set(getattr(config, "layer_types", None) or ()) - KERNEL_LAYER_TYPES)
+    if other:
+        return f"has layers of type {other} (config.layer_types), which the paged kernels do not compute"
+    if getattr(config, "attention_chunk_size", None):
+        return f"uses chunked attention (attention_chunk_size={config.attention_chunk_size}), which the paged kernels do not compute"
+    return None
+
+
 def _set_attn_implementation(model: torch.nn.Module, name: str) -> None:
+    """Switch ``model`` to the attention ``name``; ValueError if the model refuses (transformers then
+    only warns, and a model whose attention modules ignore the setting would run with it half-set)."""
     setter = getattr(model, "set_attn_implementation", None)
     if setter is not None:
         setter(name)
     if model.config._attn_implementation != name:
-        model.config._attn_implementation = name
+        raise ValueError(
+            f"attn_implementation={name!r}: {type(model).__name__} keeps {model.config._attn_implementation!r} "
+            f"(it cannot switch its attention once loaded): load it with attn_implementation={name!r} or pass \"auto\""
+        )
 
 
 # ---------------------------------------------------------------------- measuring

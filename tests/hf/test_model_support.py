@@ -1,0 +1,137 @@
+"""Which models enable_paging takes, and how: architectures outside the paged kernels keep their own
+attention over the paged cache ("auto") with the unpaged model's tokens, and models the paged cache
+cannot serve are refused with an error naming why, before any pager exists."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pagedtensor import enable_paging
+from pagedtensor.hf import paging_state
+from tests.hf.tiny_models import TINY, prompts, tiny_budget
+
+transformers = pytest.importorskip("transformers")
+
+NEW_TOKENS = 6
+
+
+def _pair(config_class, model_class, attn: str, **fields):
+    config = config_class(**fields)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    reference = model_class(config).eval()
+    return reference, copy.deepcopy(reference)
+
+
+def _generate(model, ids, mask, new_tokens: int = NEW_TOKENS):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+def _mpt():
+    fields = dict(n_layers=2, d_model=64, n_heads=4, max_seq_len=256, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return _pair(transformers.MptConfig, transformers.MptForCausalLM, "eager", **fields)
+
+
+def _falcon():
+    fields = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, new_decoder_architecture=True,
+                  num_kv_heads=2, pad_token_id=0, eos_token_id=2)  # fmt: skip
+    return _pair(transformers.FalconConfig, transformers.FalconForCausalLM, "sdpa", **fields)
+
+
+def _llama4_chunked():
+    fields = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  intermediate_size=128, intermediate_size_mlp=128, num_local_experts=2, vocab_size=128,
+                  attention_chunk_size=8, no_rope_layers=[1, 0], layer_types=["chunked_attention", "full_attention"],
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    return _pair(transformers.Llama4TextConfig, transformers.Llama4ForCausalLM, "sdpa", **fields)
+
+
+@pytest.mark.parametrize(
+    "build, words",
+    [
+        pytest.param(_mpt, "attention interface", id="mpt"),  # its own attention read SDPA's mask inverted
+        pytest.param(_falcon, "attention interface", id="falcon"),  # crashed inside transformers
+        pytest.param(_llama4_chunked, "chunked_attention", id="llama4-chunked-attention"),  # attended across chunks
+    ],
+)
+def test_models_outside_the_paged_kernels_keep_their_attention(build, words, nvme_dir):
+    """Under the Triton interpreter "auto" picks the paged kernels where they apply: here they do not,
+    so the model's own attention reads the paged cache and the tokens equal the unpaged model's."""
+    reference, model = build()
+    ids, mask = prompts(3, length=20)
+    expected = _generate(reference, ids, mask)
+    own = model.config._attn_implementation
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=4, host_pages=2), prefill_chunk_size=8)
+    assert model.config._attn_implementation == own
+    got = _generate(model, ids, mask)
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step}: {m}")
+    _, other = build()
+    with pytest.raises(ValueError, match=words):
+        enable_paging(other, tiny_budget(nvme_dir), attn_implementation="pagedllm")
+
+
+_LEGACY = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MORE_FAMILIES = {  # name: (config, model, fields beyond TINY or instead of it, the reference's attention)
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**TINY, "head_dim": 16}, "sdpa"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**TINY, "head_dim": 16, "sliding_window": 24, "query_pre_attn_scalar": 16}, "eager"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**TINY, "head_dim": 16, "sliding_window": 12, "query_pre_attn_scalar": 16,
+                                                         "layer_types": ["sliding_attention", "full_attention"]}, "sdpa"),  # fmt: skip
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**TINY, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}, "sdpa"),
+    "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {**TINY, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                                            "shared_expert_intermediate_size": 32}, "sdpa"),  # fmt: skip
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", TINY, "sdpa"),
+    "cohere": ("CohereConfig", "CohereForCausalLM", TINY, "sdpa"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", TINY, "sdpa"),
+    "phi": ("PhiConfig", "PhiForCausalLM", TINY, "sdpa"),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {**TINY, "sliding_window": None}, "sdpa"),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", TINY, "sdpa"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=2, n_embd=64, n_head=4, n_positions=256, **_LEGACY), "sdpa"),
+    "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", TINY, "sdpa"),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=128,
+                                                word_embed_proj_dim=64, max_position_embeddings=256, **_LEGACY), "sdpa"),  # fmt: skip
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(n_layer=2, hidden_size=64, n_head=4, **_LEGACY), "eager"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MORE_FAMILIES))
+def test_more_families_generate_the_unpaged_tokens(family, nvme_dir):
+    """Each family under "auto" (the paged kernels where they apply), a left-padded batch, prefill in
+    chunks, pages spilled off the device: the unpaged model's tokens."""
+    config_name, model_name, fields, attn = MORE_FAMILIES[family]
+    reference, model = _pair(getattr(transformers, config_name), getattr(transformers, model_name), attn, **fields)
+    ids, mask = prompts(3, length=20)
+    ids, mask = ids[:, 6:], mask[:, 6:]  # 14 tokens, rows 1 and 2 left-padded (1 and 13 pads)
+    expected = _generate(reference, ids, mask, new_tokens=3)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=4, host_pages=2), prefill_chunk_size=8)
+    got = _generate(model, ids, mask, new_tokens=3)
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
+    assert paging_state(model).pager.stats()["bytes_d2h"] > 0
+
+
+def test_a_model_that_cannot_switch_attention_refuses_another_implementation(nvme_dir):
+    _, model = _mpt()
+    with pytest.raises(ValueError, match="keeps 'eager'"):
+        enable_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa")
+
+
+def test_encoder_decoder_models_are_refused(nvme_dir):
+    """T5's cross-attention keys went into the same paged layers as its self-attention's: other logits."""
+    config = transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=128)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    with pytest.raises(TypeError, match="encoder-decoder"):
+        enable_paging(model, tiny_budget(nvme_dir))
+
+
+@pytest.mark.skipif(not hasattr(transformers, "Lfm2Config"), reason="transformers without LFM2")
+def test_hybrid_models_are_refused_naming_their_layer_types(nvme_dir):
+    config = transformers.Lfm2Config(**{**TINY, "layer_types": ["conv", "full_attention"]})
+    model = transformers.Lfm2ForCausalLM(config).eval()
+    with pytest.raises(TypeError, match=r"layers of type \['conv'\]"):
+        enable_paging(model, tiny_budget(nvme_dir))
