@@ -153,8 +153,27 @@ def enable_paging(
                 f"attn_implementation={ATTENTION_NAME!r}: {type(model).__name__} {unsupported}; pass \"auto\" (the model's "
                 f"own attention, {model.config._attn_implementation!r}, reads the paged cache) or another implementation"
             )
-    if pager is None:
+    created = pager is None
+    if created:
         pager = Pager(streaming_config(memory_config if memory_config is not None else MemoryConfig()))
+    own_attention = model.config._attn_implementation
+    try:
+        _install(model, pager, attn_implementation, prefill_chunk_size, sink_pages, hot_fraction, stream_group_bytes, page_weights)
+    except BaseException:  # the model as it was, and no pager left open for the garbage collector
+        if model.config._attn_implementation != own_attention:
+            _set_attn_implementation(model, own_attention)
+        if created:
+            pager.close()
+        raise
+    return model
+
+
+def _install(
+    model: torch.nn.Module, pager: Pager, attn_implementation: str, prefill_chunk_size: Optional[int], sink_pages: int,
+    hot_fraction: float, stream_group_bytes: SizeLike, page_weights: bool,
+) -> None:  # fmt: skip
+    """The rest of :func:`enable_paging`, once the pager exists: on an error the model's own
+    attention and weights are left as they were (hooks are added last, after every check)."""
     if prefill_chunk_size is None:
         prefill_chunk_size = getattr(pager.config, "prefill_chunk_size", None) or DEFAULT_PREFILL_CHUNK
     if isinstance(prefill_chunk_size, bool) or not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1:
@@ -174,8 +193,10 @@ def enable_paging(
             try:
                 _set_attn_implementation(model, ATTENTION_NAME)
                 attn_implementation = ATTENTION_NAME
-            except ValueError:  # the model refused to switch (a transformers without the check above)
+            except ValueError:  # the model refused to switch
                 log.info("enable_paging: %s keeps its %r attention over the paged cache", type(model).__name__, own)
+        else:
+            log.info("enable_paging: %s keeps its %r attention over the paged cache", type(model).__name__, own)
     if attn_implementation != model.config._attn_implementation:
         _set_attn_implementation(model, attn_implementation)
 
@@ -209,7 +230,6 @@ def enable_paging(
     model.generate = _paged_generate(model, state)
     if page_weights:
         model.save_pretrained = _dense_save_pretrained(model, model.save_pretrained)
-    return model
 
 
 def paging_state(model: torch.nn.Module) -> Optional[PagingState]:
@@ -441,13 +461,20 @@ def _page_layer_weights(model: torch.nn.Module, state: PagingState) -> None:
                     "(a tensor-parallel shard loaded with tp_plan='auto'?). Shard with "
                     "pagedtensor.hf.distributed.shard_by_heads to page weights, or keep page_weights=False"
                 )
-    for index, layer in enumerate(layers):
-        for module_name, module in layer.named_modules():
-            for name, parameter in list(module._parameters.items()):
-                if parameter is None or isinstance(parameter, PagedTensor):
-                    continue
-                paged = PagedTensor.wrap(parameter.detach(), pager, name=f"layers.{index}.{module_name + '.' if module_name else ''}{name}")
-                module._parameters[name] = torch.nn.Parameter(paged, requires_grad=False)
+    replaced: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    try:
+        for index, layer in enumerate(layers):
+            for module_name, module in layer.named_modules():
+                for name, parameter in list(module._parameters.items()):
+                    if parameter is None or isinstance(parameter, PagedTensor):
+                        continue
+                    paged = PagedTensor.wrap(parameter.detach(), pager, name=f"layers.{index}.{module_name + '.' if module_name else ''}{name}")
+                    module._parameters[name] = torch.nn.Parameter(paged, requires_grad=False)
+                    replaced.append((module, name, parameter))
+    except BaseException:  # the weights do not fit (OutOfPagesError): the dense weights back
+        for module, name, parameter in replaced:
+            module._parameters[name] = parameter
+        raise
     state.paged_layers = list(layers)
     for index, layer in enumerate(layers):
         state.hooks.append(layer.register_forward_pre_hook(_prefetch_hook(pager, layers[(index + 1) % len(layers)])))
@@ -522,11 +549,20 @@ def _kv_cache_unsupported(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
+def _uses_attention_interface(model: torch.nn.Module) -> bool:
+    """Whether ``model`` takes its attention from transformers' attention interface: it says so
+    (``_supports_attention_backend``, set by models written for it, remote code included), or
+    transformers finds the interface in its source (``_can_set_attn_implementation``)."""
+    if getattr(model, "_supports_attention_backend", False):
+        return True
+    can_switch = getattr(type(model), "_can_set_attn_implementation", None)
+    return can_switch is None or bool(can_switch())
+
+
 def _paged_attention_unsupported(model: torch.nn.Module) -> Optional[str]:
     """Why the ``"pagedllm"`` attention cannot serve ``model``, or None: the model must take its
     attention from transformers' attention interface, and every layer be full or sliding-window attention."""
-    can_switch = getattr(type(model), "_can_set_attn_implementation", None)
-    if can_switch is not None and not can_switch():
+    if not _uses_attention_interface(model):
         return "does not take its attention from transformers' attention interface, so it cannot switch to it"
     config = _text_config(model)
     other = sorted(set(getattr(config, "layer_types", None) or ()) - KERNEL_LAYER_TYPES)
@@ -538,11 +574,16 @@ def _paged_attention_unsupported(model: torch.nn.Module) -> Optional[str]:
 
 
 def _set_attn_implementation(model: torch.nn.Module, name: str) -> None:
-    """Switch ``model`` to the attention ``name``; ValueError if the model refuses (transformers then
-    only warns, and a model whose attention modules ignore the setting would run with it half-set)."""
+    """Switch ``model`` to the attention ``name``; ValueError if the model refuses and does not take
+    its attention from the interface (transformers then only warns, and a model whose attention
+    modules ignore the setting would run with it half-set). A model that declares it uses the
+    interface but whose source transformers cannot read (remote code) gets the config set directly."""
     setter = getattr(model, "set_attn_implementation", None)
-    if setter is not None:
+    can_switch = getattr(type(model), "_can_set_attn_implementation", None)
+    if setter is not None and (can_switch is None or can_switch()):
         setter(name)
+    elif setter is None or getattr(model, "_supports_attention_backend", False):
+        model.config._attn_implementation = name  # what the setter does, without its reading of the source
     if model.config._attn_implementation != name:
         raise ValueError(
             f"attn_implementation={name!r}: {type(model).__name__} keeps {model.config._attn_implementation!r} "

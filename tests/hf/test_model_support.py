@@ -5,13 +5,15 @@ cannot serve are refused with an error naming why, before any pager exists."""
 from __future__ import annotations
 
 import copy
+import gc
+import os
 
 import pytest
 import torch
 
-from pagedtensor import enable_paging
+from pagedtensor import MemoryConfig, OutOfPagesError, enable_paging
 from pagedtensor.hf import paging_state
-from tests.hf.tiny_models import TINY, prompts, tiny_budget
+from tests.hf.tiny_models import PAGE, TINY, prompts, tiny_budget, tiny_pair
 
 transformers = pytest.importorskip("transformers")
 
@@ -119,6 +121,50 @@ def test_a_model_that_cannot_switch_attention_refuses_another_implementation(nvm
     _, model = _mpt()
     with pytest.raises(ValueError, match="keeps 'eager'"):
         enable_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa")
+
+
+def test_a_model_declaring_the_interface_gets_the_paged_attention_whatever_its_source_says(nvme_dir):
+    """transformers decides whether a model can switch attention by reading its module's source for
+    one idiom; remote code indexing the interface the older way fails that reading, yet declares
+    ``_supports_attention_backend``: it was refused the paged attention."""
+    reference, model = tiny_pair("llama")
+
+    class SourceUnread(type(model)):
+        @classmethod
+        def _can_set_attn_implementation(cls) -> bool:
+            return False
+
+    model.__class__ = SourceUnread
+    ids, mask = prompts(1, length=20)
+    expected = _generate(reference, ids, mask)
+    enable_paging(model, tiny_budget(nvme_dir), prefill_chunk_size=8)
+    assert model.config._attn_implementation == "pagedllm"
+    assert torch.equal(_generate(model, ids, mask).sequences, expected.sequences)
+
+
+def _page_files() -> set[str]:
+    return {path for path in (os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")) if "pagedllm-" in path}
+
+
+def test_a_refused_enable_paging_leaves_the_model_as_it_was_and_no_pager_open(nvme_dir):
+    """Errors after the pager exists (a refused attention switch, weights that do not fit) close the
+    pager enable_paging made (it stayed open until a garbage collection) and leave the model's
+    attention and dense weights as they were."""
+    gc.collect()
+    before = _page_files()
+    _, falcon = _falcon()
+    with pytest.raises(ValueError, match="keeps 'sdpa'"):
+        enable_paging(falcon, tiny_budget(nvme_dir), attn_implementation="eager")
+    assert _page_files() == before
+    reference, model = tiny_pair("llama")
+    ids, mask = prompts(1, length=20)
+    expected = _generate(reference, ids, mask)
+    no_room = MemoryConfig(vram_limit=3 * PAGE, host_memory=2 * PAGE, page_size=PAGE, device="cpu", slab_size=PAGE)
+    with pytest.raises(OutOfPagesError):  # 2 layers of weights need ~50 pages: the tiers hold 5
+        enable_paging(model, no_room, page_weights=True)
+    assert model.config._attn_implementation == "sdpa" and paging_state(model) is None
+    assert all(type(parameter) is torch.nn.Parameter for parameter in model.parameters())
+    assert torch.equal(_generate(model, ids, mask).sequences, expected.sequences)
 
 
 def test_encoder_decoder_models_are_refused(nvme_dir):
