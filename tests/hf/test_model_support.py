@@ -136,7 +136,7 @@ def test_a_model_declaring_the_interface_gets_the_paged_attention_whatever_its_s
     model.__class__ = SourceUnread
     ids, mask = prompts(1, length=20)
     expected = _generate(reference, ids, mask)
-    enable_paging(model, tiny_budget(nvme_dir), prefill_chunk_size=8)
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="pagedllm", prefill_chunk_size=8)
     assert model.config._attn_implementation == "pagedllm"
     assert torch.equal(_generate(model, ids, mask).sequences, expected.sequences)
 
