@@ -118,6 +118,35 @@ def test_gpu_paged_weights_stream_every_token(nvme_dir):
     assert stats["prefetched_pages"] > 0, stats
 
 
+def test_gpu_two_models_on_one_pager_generate_from_two_threads(nvme_dir):
+    """Two models paged on one pager, generating at once from two threads, each on its own CUDA
+    stream: the threads' pages compete for one device budget; each gets its unpaged tokens."""
+    from pagedtensor import Pager
+    from tests.support import run_in_threads
+
+    pairs = [_pair(torch.float32, seed=seed, layers=2) for seed in (4, 5)]
+    ids, mask = _prompts(3, 700)
+    expected = [_generate(reference, ids, mask, 12).sequences for reference, _ in pairs]
+    pager = Pager(_budget(nvme_dir, vram_pages=64, slab_pages=16))
+    for _, model in pairs:
+        enable_paging(model, pager=pager, attn_implementation="pagedllm", prefill_chunk_size=256, stream_group_bytes=4 * PAGE)
+    got: list = [None, None]
+
+    def worker(index: int) -> None:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            got[index] = _generate(pairs[index][1], ids, mask, 12).sequences
+        torch.cuda.current_stream().synchronize()
+
+    for _ in range(2):
+        assert run_in_threads(worker, 2) == []
+        torch.cuda.synchronize()
+        for index in range(2):
+            assert torch.equal(got[index], expected[index]), index
+    stats = pager.stats()
+    assert stats["bytes_h2d"] > 0 and stats["bytes_d2h"] > 0, stats
+    pager.close()
+
+
 def test_gpu_everything_resident_moves_nothing(nvme_dir):
     reference, model = _pair(torch.float32, seed=2)
     ids, mask = _prompts(1, 700)
