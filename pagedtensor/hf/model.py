@@ -225,7 +225,7 @@ def _install(
         *(module for layer in _decoder_layers(model) for module in layer.modules()),  # chunks of their inputs
         *([norm] if norm is not None else []),
     ]
-    state.own_hooks = _hook_count(state.reused)
+    state.own_hooks = _own_hook_count(state)
     setattr(model, STATE_ATTRIBUTE, state)
     model.generate = _paged_generate(model, state)
     if page_weights:
@@ -349,6 +349,13 @@ def _begin_forward_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> N
 
 def _hook_count(modules: list) -> int:
     return sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in modules)
+
+
+def _own_hook_count(state: PagingState) -> int:
+    """How many of the hooks on ``state.reused`` enable_paging added (the weights' prefetch hooks):
+    any other, registered before or after, is the user's."""
+    reused = {id(hooks) for module in state.reused for hooks in (module._forward_hooks, module._forward_pre_hooks)}
+    return sum(1 for handle in state.hooks if id(handle.hooks_dict_ref()) in reused)
 
 
 def _end_forward_hook(module: torch.nn.Module, args: tuple, output: object) -> None:

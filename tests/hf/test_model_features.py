@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from pagedtensor import enable_paging
+from pagedtensor.hf import paging_state
 from pagedtensor.tensor import PagedTensor
 from tests.hf.tiny_models import TINY, prompts, tiny_budget, tiny_pair
 
@@ -81,6 +82,23 @@ def test_forward_hooks_on_decoder_layers_see_their_own_outputs(nvme_dir):
     assert len({t.data_ptr() for t in got}) == len(got), "two layers' recorded outputs are one reused buffer"
     for want, have in zip(expected, got):
         torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("page_weights", [False, True])
+def test_a_hook_registered_before_enable_paging_sees_its_own_outputs(page_weights, nvme_dir):
+    """Hooks already on the model when paging is enabled are the user's too (they were counted as
+    enable_paging's own, and the kept layer output was overwritten by the next prefill chunk)."""
+    reference, paged = tiny_pair("llama")
+    ids, mask = prompts(1, length=40)
+    seen: dict[str, list[torch.Tensor]] = {"reference": [], "paged": []}
+    handles = [model.model.layers[0].register_forward_hook(lambda m, a, out, kept=seen[name]: kept.append(out[0] if isinstance(out, tuple) else out))
+               for name, model in (("reference", reference), ("paged", paged))]  # fmt: skip
+    enable_paging(paged, tiny_budget(nvme_dir, vram_pages=24, host_pages=16), prefill_chunk_size=16, page_weights=page_weights)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    assert torch.equal(paged.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False), expected)
+    torch.testing.assert_close(seen["paged"][0], seen["reference"][0], atol=1e-4, rtol=1e-4)
+    handles[1].remove()  # enable_paging's own hooks (the weights' prefetch) leave the reuse on
+    assert not paging_state(paged).user_hooks()
 
 
 def test_hooks_on_the_embeddings_and_inside_decoder_layers_see_their_own_tensors(nvme_dir):
