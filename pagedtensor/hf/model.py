@@ -160,10 +160,14 @@ def enable_paging(
     try:
         _install(model, pager, attn_implementation, prefill_chunk_size, sink_pages, hot_fraction, stream_group_bytes, page_weights)
     except BaseException:  # the model as it was, and no pager left open for the garbage collector
-        if model.config._attn_implementation != own_attention:
-            _set_attn_implementation(model, own_attention)
-        if created:
-            pager.close()
+        try:
+            if model.config._attn_implementation != own_attention:
+                _set_attn_implementation(model, own_attention)
+        except Exception as error:  # the error the caller sees stays the first one
+            log.warning("enable_paging failed, and %s could not get its %r attention back: %s", type(model).__name__, own_attention, error)
+        finally:
+            if created:
+                pager.close()
         raise
     return model
 
@@ -173,7 +177,8 @@ def _install(
     hot_fraction: float, stream_group_bytes: SizeLike, page_weights: bool,
 ) -> None:  # fmt: skip
     """The rest of :func:`enable_paging`, once the pager exists: on an error the model's own
-    attention and weights are left as they were (hooks are added last, after every check)."""
+    attention and weights are left as they were. Everything that may fail runs before the model
+    changes; then the weights are paged (undone if they do not fit), and the hooks go on last."""
     if prefill_chunk_size is None:
         prefill_chunk_size = getattr(pager.config, "prefill_chunk_size", None) or DEFAULT_PREFILL_CHUNK
     if isinstance(prefill_chunk_size, bool) or not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1:
@@ -210,21 +215,22 @@ def _install(
         cache_keyword=cache_keyword(model),
         original_generate=model.generate,
     )
+    layers = _decoder_layers(model)
+    norm = _final_norm(model)
+    embeddings = _input_embeddings(model)
+    state.reused = [
+        *([embeddings] if embeddings is not None else []),  # its output is layer 0's input
+        *(module for layer in layers for module in layer.modules()),  # chunks of their inputs
+        *([norm] if norm is not None else []),
+    ]
     if page_weights:
         _page_layer_weights(model, state)
     state.hooks.append(model.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True))
     state.hooks.append(model.register_forward_hook(_end_forward_hook, always_call=True))  # also when forward raises
-    for layer in _decoder_layers(model):
+    for layer in layers:
         layer.forward = _chunked_layer_forward(layer.forward, state)
-    norm = _final_norm(model)
     if norm is not None:
         norm.forward = _chunked_rowwise_forward(norm.forward, state)
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    state.reused = [
-        *([embeddings] if isinstance(embeddings, torch.nn.Module) else []),  # its output is layer 0's input
-        *(module for layer in _decoder_layers(model) for module in layer.modules()),  # chunks of their inputs
-        *([norm] if norm is not None else []),
-    ]
     state.own_hooks = _own_hook_count(state)
     setattr(model, STATE_ATTRIBUTE, state)
     model.generate = _paged_generate(model, state)
@@ -345,6 +351,15 @@ def _begin_forward_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> N
     if cache is not None and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
         cache.begin_forward(mask, inputs.shape[1])
     PAGED_FORWARD.set(cache is not None)
+
+
+def _input_embeddings(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The model's input embedding module, or None (transformers raises NotImplementedError for a model without one)."""
+    try:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:
+        return None
+    return embeddings if isinstance(embeddings, torch.nn.Module) else None
 
 
 def _hook_count(modules: list) -> int:

@@ -165,6 +165,31 @@ def test_a_refused_enable_paging_leaves_the_model_as_it_was_and_no_pager_open(nv
     assert torch.equal(_generate(model, ids, mask).sequences, expected.sequences)
 
 
+def test_a_failed_attention_restore_keeps_the_first_error_and_closes_the_pager(nvme_dir):
+    """The attention switch back after an error may fail too (here: flash attention, which this
+    machine cannot load): the caller still sees the first error, and the pager is closed."""
+    _, model = tiny_pair("llama", attn="eager")
+    model.config._attn_implementation_internal = "flash_attention_2"  # as if loaded with it on a GPU
+    with pytest.raises(ValueError, match="bogus"):
+        enable_paging(model, tiny_budget(nvme_dir), attn_implementation="eager", stream_group_bytes="bogus")
+    assert not _page_files(nvme_dir)
+
+
+def test_a_model_without_input_embeddings_pages_its_weights(nvme_dir):
+    """transformers raises NotImplementedError from get_input_embeddings for a model without them:
+    that failed enable_paging after the weights were paged and the hooks set, leaving them so."""
+    reference, model = tiny_pair("llama")
+
+    def no_embeddings():
+        raise NotImplementedError
+
+    model.get_input_embeddings = no_embeddings
+    ids, mask = prompts(1, length=20)
+    expected = _generate(reference, ids, mask)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=24, host_pages=16), prefill_chunk_size=8, page_weights=True)
+    assert torch.equal(_generate(model, ids, mask).sequences, expected.sequences)
+
+
 def test_encoder_decoder_models_are_refused(nvme_dir):
     """T5's cross-attention keys went into the same paged layers as its self-attention's: other logits."""
     config = transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=128)
