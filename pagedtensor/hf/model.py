@@ -565,6 +565,8 @@ def _kv_cache_unsupported(model: torch.nn.Module) -> Optional[str]:
     """Why a paged KV cache cannot serve ``model`` (encoder-decoder, layers keeping other state), or None."""
     if getattr(model.config, "is_encoder_decoder", False):
         return "is an encoder-decoder model (config.is_encoder_decoder): its cross-attention keys and values are not paged"
+    if getattr(model, "_is_stateful", False):
+        return "keeps a recurrent state (a stateful model: Mamba, RWKV, xLSTM, Jamba, ...), not keys and values alone"
     other = sorted(set(getattr(_text_config(model), "layer_types", None) or ()) - KV_LAYER_TYPES)
     if other:
         return f"has layers of type {other} (config.layer_types), whose state is not keys and values"

@@ -198,6 +198,15 @@ def test_encoder_decoder_models_are_refused(nvme_dir):
         enable_paging(model, tiny_budget(nvme_dir))
 
 
+def test_stateful_models_are_refused(nvme_dir):
+    """Recurrent models keep a state the paged cache does not hold: xLSTM failed deep inside its
+    layers ("matC_old has wrong shape"), RWKV ignored the cache."""
+    config = transformers.RwkvConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, attention_hidden_size=64, intermediate_size=128)
+    model = transformers.RwkvForCausalLM(config).eval()
+    with pytest.raises(TypeError, match="recurrent state"):
+        enable_paging(model, tiny_budget(nvme_dir))
+
+
 @pytest.mark.skipif(not hasattr(transformers, "Lfm2Config"), reason="transformers without LFM2")
 def test_hybrid_models_are_refused_naming_their_layer_types(nvme_dir):
     config = transformers.Lfm2Config(**{**TINY, "layer_types": ["conv", "full_attention"]})
