@@ -349,10 +349,10 @@ class PagedDispatcher:
                 group.window = _Window(group.storage, group.lo, group.hi, discard.get(id(group.storage), ()), group.private)
                 opened.append(group)
         except OutOfPagesError as error:
-            _release_all(opened, failed=True)
+            _release_all(opened)
             raise _too_many_pages(func, error) from error
         except BaseException:
-            _release_all(opened, failed=True)
+            _release_all(opened)
             raise
 
         dense: dict[int, torch.Tensor] = {}
@@ -394,7 +394,7 @@ class PagedDispatcher:
             if zero_copy:
                 out = _map_tensors(out, lambda t: _unalias(t, zero_copy))
         except BaseException:
-            _release_all(opened, failed=True)
+            _release_all(opened)
             raise
         try:
             event = _shared_release_event(opened)
@@ -407,7 +407,7 @@ class PagedDispatcher:
                 else:
                     window.release(event=event)
         except BaseException:  # a KeyboardInterrupt in a long write-back: the pages may hold part of it
-            _release_all(opened, failed=True, written_back=True)
+            _release_all(opened, written_back=True)
             raise
         return out
 
@@ -641,7 +641,7 @@ def _too_many_pages(func: OpOverload, error: OutOfPagesError) -> OutOfPagesError
     return _OpTooLarge(f"{func}: its PagedTensor arguments need more pages at once than the device tier can hold: {error}")
 
 
-def _release_all(groups: Sequence[_Group], failed: bool, written_back: bool = False) -> None:
+def _release_all(groups: Sequence[_Group], written_back: bool = False) -> None:
     """Release after an error: pages an op may have written count as dirty (conservative): those of
     zero-copy windows, and with ``written_back`` (an error during the write-back) those of gathered
     ones too; except pages faulted in zero-filled for an overwrite (``copy_``/``fill_``/``zero_``):
@@ -650,7 +650,7 @@ def _release_all(groups: Sequence[_Group], failed: bool, written_back: bool = Fa
         window = group.window
         if window.resident.released:
             continue
-        may_be_written = failed and group.written and (written_back or not window.gathered)
+        may_be_written = group.written and (written_back or not window.gathered)
         dirty = _dirty_pages(group.written, window.page_size) if may_be_written else set()
         if dirty and window.resident.overwritten:
             dirty.difference_update(page.index for page in window.resident.overwritten)

@@ -192,16 +192,15 @@ def _install(
         from pagedtensor.triton_kernels._common import interpreting
 
         use_kernels = pager.device.type == "cuda" or interpreting()
-        own = model.config._attn_implementation
-        attn_implementation = own
+        attn_implementation = model.config._attn_implementation
         if use_kernels and _paged_attention_unsupported(model) is None:
             try:
                 _set_attn_implementation(model, ATTENTION_NAME)
                 attn_implementation = ATTENTION_NAME
             except ValueError:  # the model refused to switch
-                log.info("enable_paging: %s keeps its %r attention over the paged cache", type(model).__name__, own)
-        else:
-            log.info("enable_paging: %s keeps its %r attention over the paged cache", type(model).__name__, own)
+                pass
+        if attn_implementation != ATTENTION_NAME:
+            log.info("enable_paging: %s keeps its %r attention over the paged cache", type(model).__name__, attn_implementation)
     if attn_implementation != model.config._attn_implementation:
         _set_attn_implementation(model, attn_implementation)
 
@@ -224,7 +223,7 @@ def _install(
         *([norm] if norm is not None else []),
     ]
     if page_weights:
-        _page_layer_weights(model, state)
+        _page_layer_weights(model, layers, state)
     state.hooks.append(model.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True))
     state.hooks.append(model.register_forward_hook(_end_forward_hook, always_call=True))  # also when forward raises
     for layer in layers:
@@ -465,14 +464,13 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if hasattr(getattr(module, "self_attn", None), "layer_idx")]
 
 
-def _page_layer_weights(model: torch.nn.Module, state: PagingState) -> None:
-    """Replace every parameter of every decoder layer by a PagedTensor parameter on ``state.pager``
-    (``requires_grad=False``: paged weights are for inference) and hook the layer-ahead prefetch
-    (layer ``i``'s pre-hook prefetches layer ``i + 1``'s weights)."""
+def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState) -> None:
+    """Replace every parameter of the decoder ``layers`` (:func:`_decoder_layers`) by a PagedTensor
+    parameter on ``state.pager`` (``requires_grad=False``: paged weights are for inference) and hook
+    the layer-ahead prefetch (layer ``i``'s pre-hook prefetches layer ``i + 1``'s weights)."""
     from pagedtensor.tensor import PagedTensor
 
     pager = state.pager
-    layers = _decoder_layers(model)
     if not layers:
         raise ValueError(f"page_weights: found no decoder layers in {type(model).__name__} (modules with a self_attn.layer_idx)")
     for index, layer in enumerate(layers):  # checked before any weight is replaced
