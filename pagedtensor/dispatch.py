@@ -397,18 +397,13 @@ class PagedDispatcher:
             _release_all(opened)
             raise
         try:
-            event = _shared_release_event(opened)
             for group in opened:
-                window = group.window
-                if group.written:
-                    for leaf in group.written:
-                        window.write_back(*_byte_span(leaf))
-                    window.release(_dirty_pages(group.written, window.page_size), event)
-                else:
-                    window.release(event=event)
+                for leaf in group.written:
+                    group.window.write_back(*_byte_span(leaf))
         except BaseException:  # a KeyboardInterrupt in a long write-back: the pages may hold part of it
             _release_all(opened, written_back=True)
             raise
+        _release_windows(opened)
         return out
 
     def materialize(self, tensor: PagedTensor, device: Union[str, torch.device, None] = None) -> torch.Tensor:
@@ -536,6 +531,12 @@ class _Window:
         self.page_size = page_size = allocation.page_size
         first, stop = lo // page_size, -(-hi // page_size)
         self.first_byte = first * page_size
+        if storage.pager.engine.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "PagedTensor ops cannot be captured in a CUDA graph: a replay would read the device slots the pages "
+                "held during capture, which the pager reuses once the op is done; capture dense tensors instead "
+                "(PagedTensor.materialize())"
+            )
         self.resident: ResidentPages = storage.pager.ensure_resident(allocation, first, stop, discard=discard)
         try:
             self.resident.wait()
@@ -616,20 +617,24 @@ class _Window:
             if a < b:
                 view[a - start : b - start].copy_(self.buf[a - self.first_byte : b - self.first_byte])
 
-    def release(self, dirty: Iterable[int] = (), event: Optional[torch.cuda.Event] = None) -> None:
-        """Unpin the pages (``dirty``: the pages written); ``event``: see :meth:`ResidentPages.release`."""
-        self.resident.release(dirty=dirty if dirty else False, event=event)
+    def release(self, dirty: Iterable[int] = ()) -> None:
+        """Unpin the pages (``dirty``: the pages written); see :meth:`ResidentPages.release`."""
+        self.resident.release(dirty=dirty if dirty else False)
 
 
-def _shared_release_event(groups: Sequence[_Group]) -> Optional[torch.cuda.Event]:
-    """One event on the current stream, after the op, for every window of a multi-allocation op on
-    one CUDA pager (each release would otherwise record its own at the same point); else ``None``."""
-    if len(groups) < 2:
-        return None
-    pager = groups[0].storage.pager
-    if not pager.engine.is_cuda or any(group.storage.pager is not pager for group in groups):
-        return None
-    return pager.engine.record()
+def _release_windows(groups: Sequence[_Group]) -> None:
+    """Unpin every window of an op after its write-backs, the written pages dirty.
+
+    Stream order: the release event is recorded on the current stream after the op and its
+    write-back copies. Windows of one CUDA pager share one event, recorded and registered under
+    the pager's lock (:meth:`Pager.release_together`)."""
+    releases = [(group.window.resident, _dirty_pages(group.written, group.window.page_size)) for group in groups]
+    pager = groups[0].storage.pager if groups else None
+    if len(groups) > 1 and pager.engine.is_cuda and all(group.storage.pager is pager for group in groups):
+        pager.release_together(releases)
+        return
+    for resident, dirty in releases:
+        resident.release(dirty=dirty)
 
 
 class _OpTooLarge(OutOfPagesError):

@@ -86,6 +86,14 @@ class SlotFences:
                     del self._runs[stream_id]
         return events
 
+    def take_all(self) -> list[Any]:
+        """Remove and return every fence's event (each event once)."""
+        fences = [fence for per_stream in self._slots.values() for fence in per_stream.values()]
+        fences += [fence for runs in self._runs.values() for fence in runs.values()]
+        self._slots.clear()
+        self._runs.clear()
+        return list({id(event): event for _, event in fences}.values())
+
     def __len__(self) -> int:
         """Fences held: per-slot ones plus run ones."""
         return sum(map(len, self._slots.values())) + sum(map(len, self._runs.values()))

@@ -253,7 +253,10 @@ class ResidentPages:
         Note:
             Records an event on ``stream`` (default: the current stream): the slots are reused only
             after the work enqueued on it so far. ``event``, when given, is one the caller has just
-            recorded on ``stream`` after that work (several releases at one point share it).
+            recorded on ``stream`` after that work. Several releases at one point share an event
+            through :meth:`Pager.release_together`, which records and registers it under the
+            pager's lock: an event recorded earlier than another thread's release of the same
+            slots on the same stream, and registered after it, would replace that release's fence.
         """
         if self.released:
             raise RuntimeError(f"pages [{self.start}, {self.stop}) of allocation {self.allocation.id} were already released")
@@ -362,6 +365,21 @@ class Pager:
             del self._allocations[allocation.id]
 
     # ------------------------------------------------------------------ residency
+
+    def release_together(self, releases: Sequence[tuple[ResidentPages, Iterable[int]]], stream: Optional[torch.cuda.Stream] = None) -> None:
+        """Release several pinned ranges of this pager at one point of ``stream`` (default: the
+        current stream): ``(resident, dirty page numbers)`` each, as :meth:`ResidentPages.release`.
+
+        Stream order: one event, recorded on ``stream`` after the work enqueued on it so far and
+        registered for every range under the pager's lock, orders any later reuse of their slots.
+        """
+        foreign = [resident for resident, _ in releases if resident.pager is not self]
+        if foreign:
+            raise ValueError(f"release_together: pages of allocation {foreign[0].allocation.id} belong to another pager")
+        with self._lock:
+            event = self.engine.record(stream) if self.engine.is_cuda and not self.closed else None
+            for resident, dirty in releases:
+                resident.release(dirty=dirty if dirty else False, stream=stream, event=event)
 
     def ensure_resident(
         self, allocation: Allocation, start: int = 0, stop: Optional[int] = None, *, discard: Iterable[int] = ()
@@ -514,29 +532,36 @@ class Pager:
         first, stop = allocation.page_range(offset, offset + source.numel())
         if first == stop:  # no chunk reaches ensure_resident, which checks the allocation
             self._check_allocation(allocation)
-        for chunk_start, chunk_stop in self._chunks(first, stop):
-            chunk_begin = max(offset, chunk_start * self.page_size)
-            chunk_end = min(offset + source.numel(), chunk_stop * self.page_size, allocation.nbytes)
-            covered = [
-                index
-                for index in range(chunk_start, chunk_stop)
-                if chunk_begin <= index * self.page_size and index * self.page_size + allocation.pages[index].nbytes <= chunk_end
-            ]
-            resident = self.ensure_resident(allocation, chunk_start, chunk_stop, discard=covered)
-            written = False
-            try:
-                resident.wait()
-                for run_offset, view in resident.runs():
-                    run_begin = (chunk_start + run_offset) * self.page_size
-                    lo, hi = max(run_begin, chunk_begin), min(run_begin + view.numel(), chunk_end)
-                    if lo < hi:
-                        view[lo - run_begin : hi - run_begin].copy_(source[lo - offset : hi - offset], non_blocking=True)
-                written = True
-            finally:
-                # A failed copy gives the covered pages faulted in zero-filled their old bytes back
-                # (``release`` restores them); any other page of the chunk may have been written.
-                restored = {page.index for page in resident.overwritten}
-                resident.release(dirty=True if written else set(range(chunk_start, chunk_stop)).difference(restored))
+        # From pinned host memory the copies run on the GPU's schedule, not the host's: the write
+        # returns (or raises) only once they have read ``data``, which the caller may change next.
+        pinned_source = self.engine.is_cuda and source.device.type == "cpu" and source.is_pinned()
+        try:
+            for chunk_start, chunk_stop in self._chunks(first, stop):
+                chunk_begin = max(offset, chunk_start * self.page_size)
+                chunk_end = min(offset + source.numel(), chunk_stop * self.page_size, allocation.nbytes)
+                covered = [
+                    index
+                    for index in range(chunk_start, chunk_stop)
+                    if chunk_begin <= index * self.page_size and index * self.page_size + allocation.pages[index].nbytes <= chunk_end
+                ]
+                resident = self.ensure_resident(allocation, chunk_start, chunk_stop, discard=covered)
+                written = False
+                try:
+                    resident.wait()
+                    for run_offset, view in resident.runs():
+                        run_begin = (chunk_start + run_offset) * self.page_size
+                        lo, hi = max(run_begin, chunk_begin), min(run_begin + view.numel(), chunk_end)
+                        if lo < hi:
+                            view[lo - run_begin : hi - run_begin].copy_(source[lo - offset : hi - offset], non_blocking=True)
+                    written = True
+                finally:
+                    # A failed copy gives the covered pages faulted in zero-filled their old bytes back
+                    # (``release`` restores them); any other page of the chunk may have been written.
+                    restored = {page.index for page in resident.overwritten}
+                    resident.release(dirty=True if written else set(range(chunk_start, chunk_stop)).difference(restored))
+        finally:
+            if pinned_source:
+                self.engine.record().synchronize()
 
     def read(self, allocation: Allocation, offset: int = 0, nbytes: Optional[int] = None) -> torch.Tensor:
         """A CPU uint8 copy of ``nbytes`` (default: to the end) of ``allocation`` from byte ``offset``."""
@@ -586,6 +611,11 @@ class Pager:
             prefetcher.shutdown(wait=True)
         with self._lock:
             self.engine.synchronize()
+            # Kernels still queued on other streams may read the slabs: the memory goes back to
+            # torch's allocator only after every fenced use of a slot has run.
+            for event in self._device_fences.take_all():
+                if event is not None:  # a CPU pager's copies carry none
+                    event.synchronize()
             for allocation in list(self._allocations.values()):
                 allocation.freed = True
             self._allocations.clear()
@@ -881,10 +911,12 @@ class Pager:
         stream_id = 0
         if self.engine.is_cuda:
             stream = stream if stream is not None else self.engine.current_stream()
-            if event is None:
-                event = self.engine.record(stream)
             stream_id = stream.stream_id
         with self._lock:
+            # Recorded under the lock: fences registered in the order their events were recorded,
+            # so another thread's later release on the same stream is never replaced by this one.
+            if event is None and self.engine.is_cuda:
+                event = self.engine.record(stream)
             if event is not None:
                 if resident.first_slot is not None:  # adjacent slots: one fence for the run
                     self._device_fences.record_run(stream_id, resident.first_slot, len(resident.slots), event)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import multiprocessing.context
 import sys
 import threading
 import warnings
@@ -127,6 +128,13 @@ class PagedStorage:
         # however many views refer to it, so views saved together load sharing one allocation, as
         # torch's views share one storage.
         data = None if self.allocation is None else self.pager.read(self.allocation)
+        popen = multiprocessing.context.get_spawning_popen()
+        if popen is not None and data is not None:
+            # Pickled as an argument of a process being started (spawn, forkserver): torch hands
+            # the child ``data``'s shared memory by fd number, which the child opens only once it
+            # runs. The starting process object keeps ``data`` (and so the fd) alive until then.
+            kept = popen.__dict__.setdefault("_pagedllm_pickled", [])
+            kept.append(data)
         return _rebuild_paged_storage, (data,)
 
 

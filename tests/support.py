@@ -22,3 +22,14 @@ def run_in_threads(worker: Callable[[int], None], count: int) -> list[BaseExcept
     for thread in threads:
         thread.join()
     return errors
+
+
+def exit_zero_if_paged_and_equal(tensor: object, expected: object) -> None:
+    """A spawned process's target: exit 0 when ``tensor`` arrived a PagedTensor equal to ``expected``."""
+    import sys
+
+    import torch
+
+    from pagedtensor import PagedTensor
+
+    sys.exit(0 if isinstance(tensor, PagedTensor) and torch.equal(tensor.materialize().cpu(), expected.cpu()) else 3)

@@ -59,6 +59,16 @@ class SlotFencesMachine(RuleBasedStateMachine):
                 del self.newest[(stream, slot)]
 
     @rule()
+    def take_all(self) -> None:
+        got = self.fences.take_all()
+        got_ids = [id(event) for event in got]
+        assert len(got_ids) == len(set(got_ids)), "take_all returned an event twice"
+        assert set(got_ids) <= self.recorded, "take_all returned an event nobody recorded"
+        assert {id(event) for event in self.newest.values()} <= set(got_ids), "take_all lost a newest fence"
+        assert len(self.fences) == 0 and self.fences.take(list(range(SLOTS))) == []
+        self.newest.clear()
+
+    @rule()
     def take_nothing(self) -> None:
         assert self.fences.take([]) == []
 

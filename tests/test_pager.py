@@ -484,6 +484,29 @@ def test_release_after_close_is_a_no_op_and_views_name_the_closed_pager():
         resident.runs()
 
 
+def test_release_together_unpins_every_range_and_marks_only_their_dirty_pages():
+    with make_pager(device_pages=4, host_pages=8) as pager, make_pager() as other:
+        first, second = pager.allocate(2 * PAGE), pager.allocate(2 * PAGE)
+        for allocation, seed in ((first, 1), (second, 2)):
+            pager.write(allocation, random_bytes(2 * PAGE, seed))
+        pager.evict_all()
+        a, b = pager.ensure_resident(first), pager.ensure_resident(second)
+        foreign = other.ensure_resident(other.allocate(PAGE))
+        with pytest.raises(ValueError, match="another pager"):
+            pager.release_together([(a, ()), (foreign, ())])
+        assert not (a.released or b.released or foreign.released), "a refused call released something"
+        a.views()[1].fill_(7)
+        pager.release_together([(a, {1}), (b, ())])
+        foreign.release()
+        assert a.released and b.released
+        assert [info.pin_count for info in pager.page_table(first) + pager.page_table(second)] == [0, 0, 0, 0]
+        assert [info.dirty for info in pager.page_table(first) + pager.page_table(second)] == [False, True, False, False]
+        pager.evict_all()
+        expected = random_bytes(2 * PAGE, 1)
+        expected[PAGE:] = 7
+        assert torch.equal(pager.read(first), expected) and torch.equal(pager.read(second), random_bytes(2 * PAGE, 2))
+
+
 def test_empty_reads_and_writes_check_the_allocation():
     with make_pager() as pager:
         allocation = pager.allocate(PAGE)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import multiprocessing
 import random
 import threading
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 import pagedtensor
 from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
 from pagedtensor.dispatch import DISPATCHER, implements, touched_pages
+from tests.support import exit_zero_if_paged_and_equal
 
 PAGE = 4096
 aten = torch.ops.aten
@@ -802,6 +804,18 @@ def test_deepcopy_keeps_views_shared_and_copies_grad_and_attributes(pager):
     assert isinstance(non_leaf, PagedTensor) and not non_leaf.is_leaf
     with pytest.raises(RuntimeError, match="graph leaves"):
         copy.deepcopy(non_leaf)
+
+
+def test_a_paged_tensor_passes_to_a_spawned_process(pager):
+    """torch shares a pickled tensor's memory with a spawned child by fd number; the host copy a
+    PagedTensor pickles as must stay open until the child has read it (it was freed at once: the
+    child failed with "unable to resize file")."""
+    dense = torch.randn(64, 256)
+    paged = PagedTensor.wrap(dense, pager)
+    process = multiprocessing.get_context("spawn").Process(target=exit_zero_if_paged_and_equal, args=(paged[8:], dense[8:]))
+    process.start()
+    process.join(120)
+    assert process.exitcode == 0
 
 
 def test_storage_sharing_and_dlpack_raise_instead_of_crashing(pager):

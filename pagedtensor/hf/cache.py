@@ -721,33 +721,39 @@ class PagedKVCache(Cache):
     def _single_resident_slab(self, layer: PagedLayer, ends: list[int]):
         """Slab, logical block tables and pins when every page of the layer is resident in one slab."""
         slab_pages = self.pager.device_tier.slab_pages
-        slab = None
-        tables: list[list[int]] = []
+        slabs: set[int] = set()
         for seq, end in zip(layer.seqs, ends):
-            row = []
             for p in range(end):
                 slot = self._page(seq, p).device_slot
                 if slot is None:
                     return None
-                if slab is None:
-                    slab = slot // slab_pages
-                elif slot // slab_pages != slab:
-                    return None
-                row.append(slot - slab * slab_pages)
-            tables.append(row)
-        if slab is None:
-            slab = 0
-            if not self.pager.device_tier.slabs:
-                return None
-        pins = []
+                slabs.add(slot // slab_pages)
+        if len(slabs) > 1 or not (slabs or self.pager.device_tier.slabs):
+            return None
+        pins: list[ResidentPages] = []
+        rows: list[list[int]] = []
         try:
             for seq, end in zip(layer.seqs, ends):
+                row: list[int] = []
                 for allocation, lo, hi, _ in self._ranges(seq, range(end)):
-                    pins.append(self.pager.ensure_resident(allocation, lo, hi))
+                    pin = self.pager.ensure_resident(allocation, lo, hi)
+                    pins.append(pin)
+                    row += pin.slots
+                rows.append(row)
         except BaseException:
             for pin in pins:
                 pin.release()
             raise
+        # The tables come from the pinned slots: a page evicted since the check above (by the weight
+        # prefetch's thread) was faulted back in by ensure_resident, perhaps into another slab.
+        slabs = {slot // slab_pages for row in rows for slot in row}
+        if len(slabs) > 1:
+            for pin in pins:
+                pin.release()
+            return None
+        slab = slabs.pop() if slabs else 0
+        base = slab * slab_pages
+        tables = [[slot - base for slot in row] for row in rows]
         for pin in pins:
             pin.wait()
         return slab, tables, pins

@@ -191,3 +191,39 @@ def test_pager_evict_moves_only_unpinned_device_pages(nvme_dir):
     assert pager.stats()["bytes_d2h"] == 3 * PAGE  # clean: the host copy stayed
     pinned.release()
     assert torch.equal(pager.read(allocation), data)
+
+
+def test_resident_block_table_names_the_slots_pinned_after_a_concurrent_eviction(monkeypatch):
+    """The one-call path reads the pages' slots only once they are pinned: here the weight prefetch
+    (the pager's worker thread) evicts the KV pages between the residency check and the pins, so
+    ``ensure_resident`` faults them back into other slots, where the block table must point."""
+    page = 64 * 1024
+    pager = Pager(MemoryConfig(vram_limit=8 * page, host_memory=64 * page, page_size=page, device="cpu", prefetch_strategy="none"))
+    with pager:
+        weights = pager.allocate(8 * page)  # stands in for the next layer's weights, on the host
+        pager.write(weights, torch.randint(0, 256, (8 * page,), dtype=torch.uint8))
+        pager.evict_all()
+        cache = PagedKVCache(pager=pager, num_layers=1, sink_pages=0, hot_fraction=0.0)
+        keys = torch.randn(1, 2, 300, 64, dtype=torch.float16)  # 128 tokens a page: 3 pages
+        cache.update(keys, keys.clone(), 0)
+        seq = cache.layers[0].seqs[0]
+        assert all(cache._page(seq, p).device_slot is not None for p in range(3))
+        ensure_resident = pager.ensure_resident
+        prefetched = []
+
+        def prefetch_first(*args, **kwargs):
+            if not prefetched:
+                prefetched.append(True)
+                pager.prefetch(weights).result()  # takes every unpinned slot: the KV pages go
+                ensure_resident(weights, 0, 5).release()  # and the newest weights stay
+            return ensure_resident(*args, **kwargs)
+
+        monkeypatch.setattr(pager, "ensure_resident", prefetch_first)
+        pieces = cache.key_pieces(0)
+        try:
+            piece = next(pieces)
+            pinned = [cache.slot_location(cache._page(seq, p).device_slot) for p in range(3)]
+            assert [(piece.slab, local) for local in piece.block_table[0][:3]] == pinned
+        finally:
+            pieces.close()
+            cache.close()
