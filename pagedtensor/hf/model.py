@@ -143,6 +143,8 @@ def enable_paging(
         raise TypeError(f"pager: expected a Pager, got {type(pager).__name__}")
     if not isinstance(page_weights, bool):
         raise TypeError(f"page_weights: expected True or False, got {page_weights!r}")
+    if not isinstance(attn_implementation, str):
+        raise TypeError(f"attn_implementation: expected a string (\"auto\", {ATTENTION_NAME!r}, \"sdpa\", ...), got {attn_implementation!r}")
     unpageable = _kv_cache_unsupported(model)
     if unpageable is not None:
         raise TypeError(f"enable_paging: {type(model).__name__} {unpageable}; the paged KV cache serves decoder-only attention models")
@@ -156,28 +158,23 @@ def enable_paging(
     created = pager is None
     if created:
         pager = Pager(streaming_config(memory_config if memory_config is not None else MemoryConfig()))
-    own_attention = model.config._attn_implementation
+    own_attention = _attention_settings(model)
     try:
-        _install(model, pager, attn_implementation, prefill_chunk_size, sink_pages, hot_fraction, stream_group_bytes, page_weights)
+        _install(model, pager, attn_implementation, prefill_chunk_size, sink_pages, hot_fraction, stream_group_bytes, page_weights, own_attention)
     except BaseException:  # the model as it was, and no pager left open for the garbage collector
-        try:
-            if model.config._attn_implementation != own_attention:
-                _set_attn_implementation(model, own_attention)
-        except Exception as error:  # the error the caller sees stays the first one
-            log.warning("enable_paging failed, and %s could not get its %r attention back: %s", type(model).__name__, own_attention, error)
-        finally:
-            if created:
-                pager.close()
+        _restore_attention_settings(own_attention)
+        if created:
+            pager.close()
         raise
     return model
 
 
 def _install(
     model: torch.nn.Module, pager: Pager, attn_implementation: str, prefill_chunk_size: Optional[int], sink_pages: int,
-    hot_fraction: float, stream_group_bytes: SizeLike, page_weights: bool,
+    hot_fraction: float, stream_group_bytes: SizeLike, page_weights: bool, own_attention: list[tuple[Any, Any]],
 ) -> None:  # fmt: skip
-    """The rest of :func:`enable_paging`, once the pager exists: on an error the model's own
-    attention and weights are left as they were. Everything that may fail runs before the model
+    """The rest of :func:`enable_paging`, once the pager exists (``own_attention``: the model's
+    :func:`_attention_settings` before): on an error the model's own attention and weights are left as they were. Everything that may fail runs before the model
     changes; then the weights are paged (undone if they do not fit), and the hooks go on last."""
     if prefill_chunk_size is None:
         prefill_chunk_size = getattr(pager.config, "prefill_chunk_size", None) or DEFAULT_PREFILL_CHUNK
@@ -203,6 +200,8 @@ def _install(
             log.info("enable_paging: %s keeps its %r attention over the paged cache", type(model).__name__, attn_implementation)
     if attn_implementation != model.config._attn_implementation:
         _set_attn_implementation(model, attn_implementation)
+    if attn_implementation == ATTENTION_NAME:
+        _keep_other_towers_attention(model, own_attention)
 
     state = PagingState(
         pager=pager,
@@ -565,9 +564,13 @@ def _kv_cache_unsupported(model: torch.nn.Module) -> Optional[str]:
         return "is an encoder-decoder model (config.is_encoder_decoder): its cross-attention keys and values are not paged"
     if getattr(model, "_is_stateful", False):
         return "keeps a recurrent state (a stateful model: Mamba, RWKV, xLSTM, Jamba, ...), not keys and values alone"
-    other = sorted(set(getattr(_text_config(model), "layer_types", None) or ()) - KV_LAYER_TYPES)
+    config = _text_config(model)
+    other = sorted(set(getattr(config, "layer_types", None) or ()) - KV_LAYER_TYPES)
     if other:
         return f"has layers of type {other} (config.layer_types), whose state is not keys and values"
+    cross = getattr(config, "cross_attention_layers", None)
+    if cross:
+        return f"has cross-attention layers {list(cross)} (config.cross_attention_layers), whose keys and values come from another input, not the paged cache"
     return None
 
 
@@ -592,7 +595,44 @@ def _paged_attention_unsupported(model: torch.nn.Module) -> Optional[str]:
         return f"has layers of type {other} (config.layer_types), which the paged kernels do not compute"
     if getattr(config, "attention_chunk_size", None):
         return f"uses chunked attention (attention_chunk_size={config.attention_chunk_size}), which the paged kernels do not compute"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "attends bidirectionally (config.use_bidirectional_attention), and the paged kernels are causal"
+    if getattr(config, "num_kv_shared_layers", 0):
+        return (f"shares keys and values across layers (num_kv_shared_layers={config.num_kv_shared_layers}): its later "
+                f"layers read the keys an earlier layer's attention call returns, and the paged attention returns only the new ones")  # fmt: skip
+    if getattr(type(model), "_supports_flash_attn", True) is False:
+        return ("declares that flash attention would compute it wrong (_supports_flash_attn is False: masks beyond "
+                "causal, padding and sliding window, as PaliGemma's two-way prefix), and the paged kernels apply only those")  # fmt: skip
     return None
+
+
+def _attention_settings(model: torch.nn.Module) -> list[tuple[Any, Any]]:
+    """Every config of ``model`` (its own, its sub-models', their sub-configs, at any depth) with
+    the attention implementation it holds, to put back with :func:`_restore_attention_settings`."""
+    found: dict[int, Any] = {}
+    pending = [model.config] + [module.config for module in model.modules() if module is not model and hasattr(module, "_can_set_attn_implementation")]
+    while pending:
+        config = pending.pop()
+        if id(config) in found or not hasattr(config, "_attn_implementation_internal"):
+            continue
+        found[id(config)] = config
+        pending.extend(sub for key in (getattr(config, "sub_configs", None) or {}) if (sub := getattr(config, key, None)) is not None)
+    return [(config, config._attn_implementation_internal) for config in found.values()]
+
+
+def _restore_attention_settings(settings: list[tuple[Any, Any]]) -> None:
+    """Put back what :func:`_attention_settings` saw, config by config (a multimodal model's
+    towers may each have had their own)."""
+    for config, implementation in settings:
+        config._attn_implementation_internal = implementation
+
+
+def _keep_other_towers_attention(model: torch.nn.Module, settings: list[tuple[Any, Any]]) -> None:
+    """After a switch to ``"pagedllm"``, which transformers applies to every sub-config: the configs
+    other than the model's own and its text config (vision or audio towers, which fill no cache)
+    get back the attention they had."""
+    paged = {id(model.config), id(_text_config(model))}
+    _restore_attention_settings([(config, implementation) for config, implementation in settings if id(config) not in paged])
 
 
 def _set_attn_implementation(model: torch.nn.Module, name: str) -> None:

@@ -50,12 +50,21 @@ def _llama4_chunked():
     return _pair(transformers.Llama4TextConfig, transformers.Llama4ForCausalLM, "sdpa", **fields)
 
 
+def _gemma3n_shared_kv():
+    fields = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                  vocab_size=128, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8, sliding_window=64,
+                  layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2, laurel_rank=8, altup_num_inputs=2,
+                  activation_sparsity_pattern=[0.0] * 4, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    return _pair(transformers.Gemma3nTextConfig, transformers.Gemma3nForCausalLM, "sdpa", **fields)
+
+
 @pytest.mark.parametrize(
     "build, words",
     [
         pytest.param(_mpt, "attention interface", id="mpt"),  # its own attention read SDPA's mask inverted
         pytest.param(_falcon, "attention interface", id="falcon"),  # crashed inside transformers
         pytest.param(_llama4_chunked, "chunked_attention", id="llama4-chunked-attention"),  # attended across chunks
+        pytest.param(_gemma3n_shared_kv, "num_kv_shared_layers", id="gemma3n-shared-kv"),  # shared layers saw one key
     ],
 )
 def test_models_outside_the_paged_kernels_keep_their_attention(build, words, nvme_dir):
@@ -116,6 +125,14 @@ def test_more_families_generate_the_unpaged_tokens(family, nvme_dir):
     assert paging_state(model).pager.stats()["bytes_d2h"] > 0
 
 
+def test_attn_implementation_must_be_a_string(nvme_dir):
+    """An int failed inside transformers ("'int' object has no attribute 'startswith'")."""
+    _, model = tiny_pair("llama")
+    with pytest.raises(TypeError, match="attn_implementation: expected a string .* got 5"):
+        enable_paging(model, tiny_budget(nvme_dir), attn_implementation=5)
+    assert paging_state(model) is None and not _page_files(nvme_dir)
+
+
 def test_a_model_that_cannot_switch_attention_refuses_another_implementation(nvme_dir):
     _, model = _mpt()
     with pytest.raises(ValueError, match="keeps 'eager'"):
@@ -165,14 +182,68 @@ def test_a_refused_enable_paging_leaves_the_model_as_it_was_and_no_pager_open(nv
     assert torch.equal(_generate(model, ids, mask).sequences, expected.sequences)
 
 
-def test_a_failed_attention_restore_keeps_the_first_error_and_closes_the_pager(nvme_dir):
-    """The attention switch back after an error may fail too (here: flash attention, which this
-    machine cannot load): the caller still sees the first error, and the pager is closed."""
+def test_a_failed_enable_paging_puts_back_an_attention_this_machine_cannot_load(nvme_dir):
+    """The model's own attention comes back after an error even where transformers would refuse to
+    switch to it (here: flash attention, which this machine cannot load); the caller sees the first
+    error, and the pager is closed."""
     _, model = tiny_pair("llama", attn="eager")
     model.config._attn_implementation_internal = "flash_attention_2"  # as if loaded with it on a GPU
     with pytest.raises(ValueError, match="bogus"):
         enable_paging(model, tiny_budget(nvme_dir), attn_implementation="eager", stream_group_bytes="bogus")
     assert not _page_files(nvme_dir)
+    assert model.config._attn_implementation == "flash_attention_2"
+
+
+def _tiny_llava(text_attn: str, vision_attn: str):
+    """A Llava whose towers attend as ``from_pretrained(attn_implementation={"text_config": text_attn, "vision_config": vision_attn})`` sets them."""
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4)
+    config = transformers.LlavaConfig(text_config=transformers.LlamaConfig(**TINY), vision_config=vision, image_token_index=TINY["vocab_size"] - 1)
+    config._attn_implementation = text_attn
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    for tower in {id(c): c for c in (model.config.vision_config, model.model.vision_tower.config)}.values():
+        tower._attn_implementation_internal = vision_attn
+    return model
+
+
+def _attention_of(model) -> dict[str, str]:
+    config = model.config
+    return {"model": config._attn_implementation, "text": config.text_config._attn_implementation,
+            "vision": config.vision_config._attn_implementation, "vision tower": model.model.vision_tower.config._attn_implementation}  # fmt: skip
+
+
+def test_a_multimodal_model_keeps_each_towers_attention(nvme_dir):
+    """A failed enable_paging put one attention back on every sub-config (the vision tower's eager
+    became sdpa); a successful one switches the text model alone to the paged attention."""
+    model = _tiny_llava("sdpa", "eager")
+    before = _attention_of(model)
+    with pytest.raises(ValueError, match="bogus"):
+        enable_paging(model, tiny_budget(nvme_dir), stream_group_bytes="bogus")
+    assert _attention_of(model) == before
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="pagedllm")
+    assert _attention_of(model) == {"model": "pagedllm", "text": "pagedllm", "vision": "eager", "vision tower": "eager"}
+
+
+def test_a_prefix_lm_keeps_its_attention(nvme_dir):
+    """PaliGemma's image and prompt attend both ways (token_type_ids): the paged kernels, causal
+    only, gave other tokens under "auto". Its own attention reads the paged cache instead."""
+    text = transformers.GemmaConfig(**{**TINY, "initializer_range": 0.3})
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4)
+    config = transformers.PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=TINY["vocab_size"] - 1, projection_dim=TINY["hidden_size"])
+    config.vision_config.projection_dim = TINY["hidden_size"]
+    reference, model = _pair(lambda **_: config, transformers.PaliGemmaForConditionalGeneration, "sdpa")
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, TINY["vocab_size"] - 1, (1, 24), generator=generator)
+    ids[:, 1:17] = config.image_token_index
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids),
+                  pixel_values=torch.randn(1, 3, 16, 16, generator=generator))  # fmt: skip
+    settings = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    expected = reference.generate(**inputs, **settings)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=4, host_pages=2), prefill_chunk_size=8)
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert torch.equal(model.generate(**inputs, **settings), expected)
+    with pytest.raises(ValueError, match="bidirectionally|_supports_flash_attn"):
+        enable_paging(_pair(lambda **_: config, transformers.PaliGemmaForConditionalGeneration, "sdpa")[1], tiny_budget(nvme_dir), attn_implementation="pagedllm")
 
 
 def test_a_model_without_input_embeddings_pages_its_weights(nvme_dir):
@@ -195,6 +266,17 @@ def test_encoder_decoder_models_are_refused(nvme_dir):
     config = transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=128)
     model = transformers.T5ForConditionalGeneration(config).eval()
     with pytest.raises(TypeError, match="encoder-decoder"):
+        enable_paging(model, tiny_budget(nvme_dir))
+
+
+def test_cross_attention_layers_are_refused(nvme_dir):
+    """Mllama's cross-attention layers (no config.layer_types) were accepted; generate then failed inside transformers."""
+    text = transformers.MllamaTextConfig(**{**TINY, "num_hidden_layers": 3, "cross_attention_layers": [1]})
+    vision = transformers.MllamaVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, num_attention_heads=2,
+                                             image_size=16, patch_size=4, max_num_tiles=1, intermediate_layers_indices=[0],
+                                             vision_output_dim=TINY["hidden_size"], supported_aspect_ratios=[[1, 1]])  # fmt: skip
+    model = transformers.MllamaForConditionalGeneration(transformers.MllamaConfig(text_config=text, vision_config=vision, image_token_index=TINY["vocab_size"] - 1))
+    with pytest.raises(TypeError, match=r"cross-attention layers \[1\]"):
         enable_paging(model, tiny_budget(nvme_dir))
 
 
