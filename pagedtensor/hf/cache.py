@@ -214,18 +214,19 @@ class PagedKVCache(Cache):
             raise ValueError(f"num_layers: expected a positive int (or a config with num_hidden_layers), got {num_layers!r}")
         if isinstance(sink_pages, bool) or not isinstance(sink_pages, int) or sink_pages < 0:
             raise ValueError(f"sink_pages: expected a non-negative int, got {sink_pages!r}")
-        if not isinstance(hot_fraction, (int, float)) or not 0 <= hot_fraction <= 1:
+        if isinstance(hot_fraction, bool) or not isinstance(hot_fraction, (int, float)) or not 0 <= hot_fraction <= 1:
             raise ValueError(f"hot_fraction: expected a number in [0, 1], got {hot_fraction!r}")
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
             raise ValueError(f"max_tokens: expected a positive int or None, got {max_tokens!r}")
         check_memory_config(memory_config)
+        if pager is not None and memory_config is not None:
+            raise ValueError("pass either pager or memory_config, not both")
+        if pager is not None and not isinstance(pager, Pager):
+            raise TypeError(f"pager: expected a pagedtensor.Pager, got {type(pager).__name__}")
+        stream_group_bytes = parse_size(stream_group_bytes, "stream_group_bytes")  # every check before a pager exists
         owns_pager = pager is None
         if pager is None:
             pager = Pager(streaming_config(memory_config if memory_config is not None else MemoryConfig()))
-        elif memory_config is not None:
-            raise ValueError("pass either pager or memory_config, not both")
-        if not isinstance(pager, Pager):
-            raise TypeError(f"pager: expected a pagedtensor.Pager, got {type(pager).__name__}")
         if pager.config.prefetch_strategy != "none":
             log.warning("PagedKVCache: the pager's prefetch_strategy is %r; the cache schedules its own transfers and "
                         "sequential prefetches only take slots it needs (use streaming_config())", pager.config.prefetch_strategy)
@@ -234,7 +235,7 @@ class PagedKVCache(Cache):
         self.pager = pager
         self.sink_pages = sink_pages
         self.hot_fraction = float(hot_fraction)
-        self.stream_group_bytes = parse_size(stream_group_bytes, "stream_group_bytes")
+        self.stream_group_bytes = stream_group_bytes
         self.max_tokens = max_tokens
         # Geometry, set by the first update.
         self.dtype: Optional[torch.dtype] = None

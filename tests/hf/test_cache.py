@@ -157,6 +157,19 @@ def test_bad_arguments():
         PagedKVCache(num_layers=1, sink_pages=-1)
     with pytest.raises(TypeError, match="pager"):
         PagedKVCache(num_layers=1, pager="not a pager")
+    with pytest.raises(ValueError, match="hot_fraction"):
+        PagedKVCache(num_layers=1, hot_fraction=True)
+
+
+def test_bad_arguments_are_refused_before_a_pager_is_made(monkeypatch):
+    """A bad stream_group_bytes was parsed after the cache had made its own pager, left open."""
+    made = []
+    monkeypatch.setattr("pagedtensor.hf.cache.Pager", lambda *args, **kwargs: made.append(args))
+    with pytest.raises(ValueError, match="stream_group_bytes"):
+        PagedKVCache(num_layers=1, stream_group_bytes="bogus")
+    with pytest.raises(ValueError, match="either pager or memory_config"):
+        PagedKVCache(num_layers=1, pager=object(), memory_config=MemoryConfig(device="cpu"))
+    assert made == []
 
 
 def test_select_and_crop(nvme_dir):
