@@ -41,17 +41,18 @@ import itertools
 import logging
 import operator
 import os
+import shutil
 import threading
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from pagedtensor.config import MemoryConfig
+from pagedtensor.config import MemoryConfig, format_size
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.fences import SlotFences
-from pagedtensor.metrics import PagerMetrics
+from pagedtensor.metrics import TIERS, PagerMetrics
 from pagedtensor.policies import DeferredTouches, make_policy
 from pagedtensor.tiers import DeviceTier, DiskTier, HostTier
 from pagedtensor.transfer import Event, TransferEngine, coalesce_runs
@@ -212,7 +213,11 @@ class ResidentPages:
         """One uint8 device view per page (the last page of the allocation may be shorter)."""
         self.pager._check_open()
         tier = self.pager.device_tier
-        return [tier.page(page.device_slot)[: page.nbytes] for page in self.pages]
+        try:
+            return [tier.page(page.device_slot)[: page.nbytes] for page in self.pages]
+        except IndexError:
+            self.pager._check_open()  # closed by another thread meanwhile: its slabs are gone
+            raise
 
     @property
     def nbytes(self) -> int:
@@ -222,7 +227,13 @@ class ResidentPages:
     def runs(self) -> list[tuple[int, torch.Tensor]]:
         """Maximal runs of pages adjacent in device memory: ``(first page offset in range, view)``."""
         self.pager._check_open()
-        tier = self.pager.device_tier
+        try:
+            return self._runs(self.pager.device_tier)
+        except IndexError:
+            self.pager._check_open()  # closed by another thread meanwhile: its slabs are gone
+            raise
+
+    def _runs(self, tier: DeviceTier) -> list[tuple[int, torch.Tensor]]:
         slots = self.slots
         first = self.first_slot
         if first is not None:  # the common case: one run, found without a Python step per page
@@ -294,6 +305,8 @@ class Pager:
     """Moves fixed-size pages between device memory, host memory and disk under hard budgets."""
 
     def __init__(self, config: Optional[MemoryConfig] = None, *, registry: object = None) -> None:
+        if config is not None and not isinstance(config, MemoryConfig):
+            raise TypeError(f"config: expected a MemoryConfig (e.g. MemoryConfig(vram_limit='8GiB')), got {type(config).__name__}")
         self.config = config if config is not None else MemoryConfig()
         self.device = self.config.device
         self.page_size = self.config.page_size
@@ -307,7 +320,10 @@ class Pager:
         self.device_policy = DeferredTouches(make_policy(self.config.eviction_policy, self.device_tier.capacity_pages))
         self.host_policy = make_policy(self.config.eviction_policy, self.host_tier.capacity_pages)
         self._lock = threading.RLock()
-        self.metrics = PagerMetrics(registry, resident_bytes=self._locked_resident_bytes)
+        self.metrics = PagerMetrics(registry, resident_bytes=_weak_resident_bytes(self))
+        # A pager dropped without close(): its metrics leave the registry (which would otherwise keep
+        # reporting it, and refuse another pager's metrics of the same names).
+        weakref.finalize(self, self.metrics.close)
         self._allocations: dict[int, Allocation] = {}
         self._ids = itertools.count()
         # Per stream id, the event after that stream's last use of each device slot (a run of adjacent
@@ -340,6 +356,12 @@ class Pager:
             raise ValueError(f"nbytes: expected a positive size, got {nbytes!r}")
         with self._lock:
             self._check_open()
+            capacity = self._capacity_bytes()
+            if nbytes > capacity:
+                raise ValueError(
+                    f"nbytes: {nbytes} bytes ({format_size(nbytes)}) is more than this pager's tiers can ever hold "
+                    f"({format_size(capacity)}: vram_limit, host_memory and the disk tier's room)"
+                )
             allocation_id = next(self._ids)
             count = -(-nbytes // self.page_size)
             last = nbytes - (count - 1) * self.page_size
@@ -400,7 +422,8 @@ class Pager:
             OutOfPagesError: the pages do not fit on the device tier beside the pinned pages.
         """
         with self._lock:
-            if stop is None or type(allocation) is not Allocation or self._allocations.get(allocation.id) is not allocation:
+            if (stop is None or type(start) is not int or type(stop) is not int or type(allocation) is not Allocation
+                    or self._allocations.get(allocation.id) is not allocation):  # fmt: skip
                 start, stop = self._check_range(allocation, start, stop)  # raises naming what is wrong
             elif not 0 <= start <= stop <= len(allocation.pages):
                 self._check_range(allocation, start, stop)
@@ -416,7 +439,7 @@ class Pager:
             _pin(pins, start, stop)
             if None in slots:
                 try:
-                    missing = self._bring_to_device(pages, frozenset(discard) if discard else _NO_PAGES)
+                    missing = self._bring_to_device(pages, frozenset(discard) if discard else _NO_PAGES, counter="faults")
                 except BaseException:
                     _unpin(pins, start, stop)
                     raise
@@ -425,7 +448,6 @@ class Pager:
             else:  # all resident, the common case: ``discard`` only concerns missing pages
                 missing = overwritten = ()
                 self.device_policy.touch_run((allocation.id, start, stop), pages)
-            self.metrics.count("faults", len(missing))
             self.metrics.count("hits", len(pages) - len(missing))
             events = self._unfinished_copies(pages)
             first_slot = self.device_tier.first_of_run(slots)
@@ -528,10 +550,10 @@ class Pager:
         that were off the device keep their old bytes; every other page of it may hold part of the
         new bytes, and counts as written (its lower copies go), so it reads the same after eviction.
         """
+        self._check_allocation(allocation)
+        offset = _byte_position(offset, "offset")
         source = _as_bytes(data)
         first, stop = allocation.page_range(offset, offset + source.numel())
-        if first == stop:  # no chunk reaches ensure_resident, which checks the allocation
-            self._check_allocation(allocation)
         # From pinned host memory the copies run on the GPU's schedule, not the host's: the write
         # returns (or raises) only once they have read ``data``, which the caller may change next.
         pinned_source = self.engine.is_cuda and source.device.type == "cpu" and source.is_pinned()
@@ -565,10 +587,10 @@ class Pager:
 
     def read(self, allocation: Allocation, offset: int = 0, nbytes: Optional[int] = None) -> torch.Tensor:
         """A CPU uint8 copy of ``nbytes`` (default: to the end) of ``allocation`` from byte ``offset``."""
-        nbytes = allocation.nbytes - offset if nbytes is None else nbytes
+        self._check_allocation(allocation)
+        offset = _byte_position(offset, "offset")
+        nbytes = allocation.nbytes - offset if nbytes is None else _byte_position(nbytes, "nbytes")
         first, stop = allocation.page_range(offset, offset + nbytes)
-        if first == stop:  # no chunk reaches ensure_resident, which checks the allocation
-            self._check_allocation(allocation)
         out = torch.empty(nbytes, dtype=torch.uint8)
         for chunk_start, chunk_stop in self._chunks(first, stop):
             with self.ensure_resident(allocation, chunk_start, chunk_stop) as resident:
@@ -639,13 +661,14 @@ class Pager:
 
     # ------------------------------------------------------------------ internals: faults
 
-    def _bring_to_device(self, pages: Sequence[Page], discard: frozenset[int] = frozenset()) -> list[Page]:
+    def _bring_to_device(self, pages: Sequence[Page], discard: frozenset[int] = frozenset(), *, counter: str) -> list[Page]:
         """Give every page of ``pages`` (all pinned by the caller) a filled device slot.
 
         Pages whose index is in ``discard`` will be overwritten whole by the caller: their slot is
         zero-filled instead, and those with a host or disk copy join ``_overwriting`` (the copy stays
-        authoritative until the caller's release). Returns the pages that were missing. On error,
-        pages not yet filled keep no device slot.
+        authoritative until the caller's release). Returns the pages that were missing, and counts
+        those that stay filled in the metric ``counter`` (on error too). On error, pages not yet
+        filled keep no device slot.
         """
         missing = [page for page in pages if page.device_slot is None]
         if not missing:  # all resident, the common case: one batched touch, no per-page test
@@ -678,12 +701,15 @@ class Pager:
             succeeded = True
         finally:
             self._filling.difference_update(missing)
+            kept = 0
             for page in missing:  # in request order, so the policy sees the order of use
                 if page in filled and (succeeded or page.index not in discard):
                     self.device_policy.insert(page)
+                    kept += 1
                 else:  # on error a zero-filled page to overwrite goes too: its lower copy is its bytes
                     self._overwriting.discard(page)
                     self._free_device_slot(page)
+            self.metrics.count(counter, kept)
         return missing
 
     def _copy_host_to_device(self, pages: Sequence[Page]) -> None:
@@ -733,13 +759,12 @@ class Pager:
             pins = allocation.pins
             _pin(pins, start, stop)
             try:
-                missing = self._bring_to_device(pages)
+                missing = self._bring_to_device(pages, counter="prefetched_pages")
             except OutOfPagesError as error:
                 log.info("prefetch of pages [%d, %d) of allocation %d skipped: %s", start, stop, allocation.id, error)
                 raise
             finally:
                 _unpin(pins, start, stop)
-            self.metrics.count("prefetched_pages", len(missing))
             return len(missing)
 
     # ------------------------------------------------------------------ internals: eviction
@@ -988,7 +1013,8 @@ class Pager:
 
     def _check_range(self, allocation: Allocation, start: int, stop: Optional[int]) -> tuple[int, int]:
         self._check_allocation(allocation)
-        stop = allocation.num_pages if stop is None else stop
+        start = _byte_position(start, "start")
+        stop = allocation.num_pages if stop is None else _byte_position(stop, "stop")
         if not 0 <= start <= stop <= allocation.num_pages:
             raise IndexError(f"page range [{start}, {stop}) is outside allocation {allocation.id} of {allocation.num_pages} pages")
         return start, stop
@@ -998,6 +1024,17 @@ class Pager:
         size = max(1, self.device_tier.capacity_pages // 2)
         for start in range(first, stop, size):
             yield start, min(stop, start + size)
+
+    def _capacity_bytes(self) -> int:
+        """The most bytes of distinct pages the tiers can hold at once (the disk tier's room: its
+        limit, or what it holds plus the free space of its file system)."""
+        pages = self.device_tier.capacity_pages + self.host_tier.capacity_pages
+        if self.disk_tier is not None:
+            if self.disk_tier.capacity_pages is not None:
+                pages += self.disk_tier.capacity_pages
+            else:
+                pages += self.disk_tier.used_pages + shutil.disk_usage(self.config.nvme_path).free // self.page_size
+        return pages * self.page_size
 
     def _resident_bytes(self) -> dict[str, int]:
         return {
@@ -1042,7 +1079,47 @@ def _as_bytes(data: torch.Tensor) -> torch.Tensor:
     """``data``'s bytes as a flat contiguous uint8 tensor (a view when ``data`` is contiguous)."""
     if not isinstance(data, torch.Tensor):
         raise TypeError(f"data: expected a torch.Tensor, got {type(data).__name__}")
+    reason = unpageable_reason(data)
+    if reason is not None:
+        raise ValueError(f"data: {reason}")
     flat = data.detach().contiguous().reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)
     return flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)
+
+
+def unpageable_reason(t: torch.Tensor) -> Optional[str]:
+    """Why the bytes of tensor ``t`` cannot be paged as they are, or None."""
+    if t.layout != torch.strided:
+        return f"only strided tensors can be paged, got layout {t.layout}"
+    if t.is_nested:
+        return "nested tensors cannot be paged"
+    if t.is_quantized:
+        return f"unsupported dtype {t.dtype}"
+    if t.device.type == "meta":
+        return "a meta tensor has no data to page"
+    if t.is_conj() or t.is_neg():
+        return "resolve the conjugate/negative bit first (t.resolve_conj().resolve_neg())"
+    return None
+
+
+def _byte_position(value: object, name: str) -> int:
+    """``value`` as an int (an integer of any kind, not a bool), else a TypeError naming ``name``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {value!r}") from None
+
+
+def _weak_resident_bytes(pager: Pager) -> Callable[[], dict[str, int]]:
+    """``pager``'s resident bytes per tier, read without keeping the pager alive: a registry holds
+    its metrics, and a reference from them would keep a dropped pager's slabs and page file."""
+    pager_ref = weakref.ref(pager)
+
+    def resident_bytes() -> dict[str, int]:
+        live = pager_ref()
+        return live._locked_resident_bytes() if live is not None else dict.fromkeys(TIERS, 0)
+
+    return resident_bytes

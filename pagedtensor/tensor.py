@@ -37,7 +37,7 @@ from typing import Callable, ClassVar, Optional, Sequence, Union
 import torch
 
 from pagedtensor.default_pager import get_default_pager
-from pagedtensor.pager import Allocation, Pager
+from pagedtensor.pager import Allocation, Pager, unpageable_reason
 
 log = logging.getLogger(__name__)
 
@@ -672,16 +672,11 @@ def _check_wrappable(t: object) -> None:
             f"PagedTensor.wrap: cannot page a tensor subclass of another kind ({type(t).__module__}.{type(t).__qualname__}); "
             "pass a plain tensor"
         )
-    if t.layout != torch.strided:
-        raise ValueError(f"PagedTensor.wrap: only strided tensors can be paged, got layout {t.layout}")
-    if t.is_nested:
-        raise ValueError("PagedTensor.wrap: nested tensors cannot be paged")
-    if t.is_quantized or t.dtype in _UNSUPPORTED_DTYPES:
-        raise ValueError(f"PagedTensor.wrap: unsupported dtype {t.dtype}")
-    if t.device.type == "meta":
-        raise ValueError("PagedTensor.wrap: a meta tensor has no data to page")
-    if t.is_conj() or t.is_neg():
-        raise ValueError("PagedTensor.wrap: resolve the conjugate/negative bit first (t.resolve_conj().resolve_neg())")
+    reason = unpageable_reason(t)
+    if reason is None and t.dtype in _UNSUPPORTED_DTYPES:
+        reason = f"unsupported dtype {t.dtype}"
+    if reason is not None:
+        raise ValueError(f"PagedTensor.wrap: {reason}")
 
 
 # Bound last: dispatch.py imports PagedTensor from this module.

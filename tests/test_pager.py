@@ -4,13 +4,16 @@ write-back of dirty pages only, prefetch, threads, metrics."""
 from __future__ import annotations
 
 import errno
+import gc
 import shutil
 import tempfile
+import weakref
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagedtensor import MemoryConfig, OutOfPagesError, PageCorruptionError, PagedTensor, Pager
@@ -505,6 +508,139 @@ def test_release_together_unpins_every_range_and_marks_only_their_dirty_pages():
         expected = random_bytes(2 * PAGE, 1)
         expected[PAGE:] = 7
         assert torch.equal(pager.read(first), expected) and torch.equal(pager.read(second), random_bytes(2 * PAGE, 2))
+
+
+def test_pager_methods_name_their_bad_arguments():
+    with make_pager() as pager:
+        allocation = pager.allocate(2 * PAGE)
+        with pytest.raises(TypeError, match="config: expected a MemoryConfig .*got dict"):
+            Pager({"device": "cpu"})
+        for call in (lambda: pager.write(None, torch.zeros(4, dtype=torch.uint8)), lambda: pager.read(7)):
+            with pytest.raises(TypeError, match="allocation: expected an Allocation"):
+                call()
+        cases = [
+            (lambda: pager.read(allocation, 1.5, 4), "offset: expected an int, got 1.5"),
+            (lambda: pager.read(allocation, 0, 1.5), "nbytes: expected an int, got 1.5"),
+            (lambda: pager.read(allocation, "4"), "offset: expected an int, got '4'"),
+            (lambda: pager.write(allocation, torch.zeros(4, dtype=torch.uint8), True), "offset: expected an int, got True"),
+            (lambda: pager.ensure_resident(allocation, 0.5, 1), "start: expected an int, got 0.5"),
+            (lambda: pager.ensure_resident(allocation, "0", 1), "start: expected an int, got '0'"),
+            (lambda: pager.evict(allocation, 0, 1.5), "stop: expected an int, got 1.5"),
+            (lambda: pager.prefetch(allocation, 0.5, 1), "start: expected an int, got 0.5"),  # not left to the future
+        ]
+        for call, message in cases:
+            with pytest.raises(TypeError, match=message):
+                call()
+        with pager.ensure_resident(allocation, torch.tensor(0).numpy() + 0, 1):  # integers of any kind
+            pass
+        assert all(info.pin_count == 0 for info in pager.page_table(allocation))
+
+
+def test_write_refuses_data_whose_bytes_are_not_its_values():
+    """A quantized tensor's bytes crashed the process inside torch (a segfault); meta, sparse and
+    conjugate-bit data failed with torch's messages, which do not name ``data``."""
+    with make_pager() as pager:
+        allocation = pager.allocate(PAGE)
+        cases = [
+            (torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.quint8), "data: unsupported dtype torch.quint8"),
+            (torch.empty(4, device="meta"), "data: a meta tensor has no data"),
+            (torch.eye(2).to_sparse(), "data: only strided tensors"),
+            (torch.ones(2, dtype=torch.complex64).conj(), "data: resolve the conjugate"),
+        ]
+        for data, message in cases:
+            with pytest.raises(ValueError, match=message):
+                pager.write(allocation, data)
+        assert torch.equal(pager.read(allocation), torch.zeros(PAGE, dtype=torch.uint8))
+
+
+def test_an_allocation_larger_than_every_tier_together_is_refused(nvme_dir):
+    """allocate(2**70) built a page table of 2**58 entries until memory ran out."""
+    with make_pager() as pager:
+        with pytest.raises(ValueError, match=r"nbytes: 1180591620717411303424 bytes .* more than this pager's tiers can ever hold \(32\.00 KiB"):
+            pager.allocate(2**70)
+        pager.allocate(8 * PAGE)  # device and host together hold this much
+        with pytest.raises(ValueError, match="can ever hold"):
+            pager.allocate(8 * PAGE + 1)
+    with make_pager(nvme_dir, disk_limit=4 * PAGE) as pager:
+        pager.allocate(12 * PAGE)
+        with pytest.raises(ValueError, match="can ever hold"):
+            pager.allocate(12 * PAGE + 1)
+    with make_pager(nvme_dir) as pager:  # a disk tier without a limit: its file system's free space
+        pager.allocate(2**30)
+        with pytest.raises(ValueError, match="can ever hold"):
+            pager.allocate(2**70)
+
+
+def test_a_fault_that_fails_part_way_counts_the_pages_it_brought_in(nvme_dir):
+    """Pages copied in before a corrupt disk page stay resident; they were counted nowhere, so
+    faults + prefetched pages fell short of the device slots filled."""
+    with make_pager(nvme_dir, device_pages=8, host_pages=2) as pager:
+        allocation = pager.allocate(4 * PAGE)
+        pager.write(allocation, random_bytes(4 * PAGE))
+        pager.evict_all()  # two pages on the host, two on disk
+        on_disk = [info for info in pager.page_table(allocation) if info.tier == "disk"]
+        with open(pager.disk_tier.fd_path, "r+b") as page_file:
+            page_file.seek(on_disk[0].disk_slot * PAGE)
+            page_file.write(b"\xff" * 16)
+        before = pager.stats()
+        with pytest.raises(PageCorruptionError):
+            pager.ensure_resident(allocation)
+        after = pager.stats()
+        resident = sum(info.tier == "device" for info in pager.page_table(allocation))
+        assert resident > 0
+        assert after["faults"] - before["faults"] == resident
+
+
+def test_a_closed_pager_reports_no_resident_bytes_on_any_tier(nvme_dir):
+    pager = make_pager(nvme_dir, device_pages=2, host_pages=2)
+    allocation = pager.allocate(6 * PAGE)
+    pager.write(allocation, random_bytes(6 * PAGE))
+    pager.evict_all()
+    assert pager.stats()["resident_bytes"]["disk"] > 0
+    pager.close()
+    assert pager.stats()["resident_bytes"] == {"device": 0, "host": 0, "disk": 0}
+
+
+def test_views_of_pages_whose_pager_another_thread_closes_name_the_closed_pager(monkeypatch):
+    """close() from another thread between the open check and the slab lookup gave an IndexError."""
+    pager = make_pager()
+    allocation = pager.allocate(2 * PAGE)
+    resident = pager.ensure_resident(allocation)
+    check_open = pager._check_open
+    calls = []
+
+    def close_after_the_first_check():
+        calls.append(1)
+        if len(calls) == 1:
+            pager.close()  # as another thread would, just after this check passed
+            return
+        check_open()
+
+    monkeypatch.setattr(pager, "_check_open", close_after_the_first_check)
+    with pytest.raises(RuntimeError, match="closed"):
+        resident.views()
+    calls.clear()
+    with pytest.raises(RuntimeError, match="closed"):
+        resident.runs()
+
+
+def test_a_dropped_pager_is_freed_at_once_and_leaves_a_shared_registry(nvme_dir):
+    """A pager dropped without close() stayed alive through its metrics (a cycle through the resident
+    bytes reader): until a garbage collection with its own registry, for good on a shared one, which
+    also refused the next pager's metrics."""
+    registry = CollectorRegistry()
+    config = MemoryConfig(vram_limit=4 * PAGE, host_memory=4 * PAGE, page_size=PAGE, nvme_path=nvme_dir, device="cpu", prefetch_strategy="none")
+    gc.disable()
+    try:
+        pager = Pager(config, registry=registry)
+        allocation = pager.allocate(8 * PAGE)
+        pager.write(allocation, random_bytes(8 * PAGE))  # pages on every tier
+        dropped = weakref.ref(pager)
+        del pager, allocation
+        assert dropped() is None, "the pager outlived its last reference"
+    finally:
+        gc.enable()
+    Pager(config, registry=registry).close()  # the names are free again
 
 
 def test_empty_reads_and_writes_check_the_allocation():

@@ -461,6 +461,7 @@ class DiskTier:
         """Closes the engine and the page file, which frees it (it has no name). Idempotent; waits
         for a batch in progress on the io_uring engine."""
         self._finalizer()
+        self._allocated.clear()  # nothing is held any more
 
     def _check_open(self) -> None:
         if not self._finalizer.alive:
