@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import importlib.util
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -38,7 +39,11 @@ def run_demo(
 ) -> bool:
     """Write ``size`` random bytes through a pager with a small device and host budget, read them
     back page by page, and report the pager's counters. Returns whether every byte
-    matched."""
+    matched.
+
+    Raises:
+        MemoryError: the ``size`` bytes of demo data cannot be allocated in host memory.
+    """
     out = out if out is not None else sys.stdout
     with tempfile.TemporaryDirectory(prefix="pagedllm-demo-") as scratch:
         config = MemoryConfig(
@@ -55,8 +60,11 @@ def run_demo(
             file=out,
         )
         generator = torch.Generator().manual_seed(0)
-        data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=generator)
-        expected = hashlib.sha256(data.numpy().tobytes()).hexdigest()
+        try:
+            data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=generator)
+        except RuntimeError as error:  # torch's "DefaultCPUAllocator: can't allocate memory"
+            raise MemoryError(f"size: cannot allocate {format_size(size)} ({size} bytes) of demo data in host memory: {error}") from None
+        expected = hashlib.sha256(data.numpy()).hexdigest()  # hashes the tensor's memory, no copy
         with Pager(config) as pager:
             allocation = pager.allocate(size, name="demo")
             start = time.perf_counter()
@@ -88,6 +96,25 @@ def run_demo(
         return ok
 
 
+def host_memory_bytes() -> Optional[int]:
+    """The machine's physical memory in bytes, or ``None`` where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or the name is unknown
+        return None
+
+
+def demo_size_error(size: int) -> Optional[str]:
+    """Why ``pagedllm demo --size size`` cannot run, or ``None``: the demo holds all ``size`` bytes in
+    host memory at once (the data it pages, to check against), so they must fit in the machine's
+    memory."""
+    total = host_memory_bytes()
+    if total is not None and total > 0 and size > total:
+        return (f"argument --size: {format_size(size)} ({size} bytes) is more than this machine's memory "
+                f"({format_size(total)}); the demo holds the whole tensor in host memory")  # fmt: skip
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="pagedllm", description="PagedLLM: paged memory for PyTorch inference.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -110,17 +137,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              nvme_path=args.nvme_path, compression=args.compression if args.nvme_path else None, device=args.device)  # fmt: skip
         if error is None and args.compression == "zstd" and importlib.util.find_spec("zstandard") is None:
             error = "--compression zstd needs the zstandard package: pip install 'pagedllm[zstd]'"
+        if error is None:
+            error = demo_size_error(args.size)
         if error is not None:
             demo.error(error)
-        ok = run_demo(
-            size=args.size,
-            vram_limit=args.vram_limit,
-            host_memory=args.host_memory,
-            page_size=args.page_size,
-            nvme_path=args.nvme_path,
-            compression=args.compression,
-            device=args.device,
-        )
+        try:
+            ok = run_demo(
+                size=args.size,
+                vram_limit=args.vram_limit,
+                host_memory=args.host_memory,
+                page_size=args.page_size,
+                nvme_path=args.nvme_path,
+                compression=args.compression,
+                device=args.device,
+            )
+        except MemoryError as error:  # the demo data did not fit after all (memory in use)
+            demo.error(f"argument --size: {str(error).removeprefix('size: ')}")
         return 0 if ok else 1
     if args.command == "ask":
         error = ask_arguments_error(args)

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
+import numbers
+import operator
 import re
 from typing import Optional, Union
 
 import torch
 
 SizeLike = Union[int, str]
+"""A size: an int of bytes (any integer type, e.g. ``numpy.int64``, but not bool) or a string with a unit."""
 
 UNIT_BYTES: dict[str, int] = {
     "b": 1,
@@ -43,20 +46,31 @@ _SIZE_PATTERN = re.compile(r"^\s*(?P<number>(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:[
 MAX_SIZE = 2**63 - 1
 """The largest size in bytes (torch indexes memory with signed 64-bit ints)."""
 # The arithmetic of parse_size, whatever decimal context the calling program has set: exact (any
-# rounding traps) for numbers of up to a few hundred digits, and any exponent.
-_EXACT = decimal.Context(prec=400, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN, traps=[decimal.Inexact, decimal.Overflow])
+# rounding traps) for numbers of up to a few hundred digits, and any exponent decimal can hold (one
+# past it traps as InvalidOperation).
+_EXACT = decimal.Context(
+    prec=400, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN, traps=[decimal.Inexact, decimal.Overflow, decimal.InvalidOperation]
+)
+
+
+def _is_int(value: object) -> bool:
+    """An integer of any type (``int``, ``numpy.int64``, ...) but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def parse_size(value: SizeLike, field: str = "size") -> int:
     """Return ``value`` in bytes; ``field`` names the setting in error messages.
 
     Raises:
-        TypeError: ``value`` is neither an int nor a str (bools are rejected too).
-        ValueError: unknown unit, malformed number, negative, or not a whole number of bytes.
+        TypeError: ``value`` is neither an integer (``int``, ``numpy.int64``, ...) nor a str (bools
+            are rejected too).
+        ValueError: unknown unit, malformed number, negative, out of range, or not a whole number
+            of bytes.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
+    if not (_is_int(value) or isinstance(value, str)):
         raise TypeError(f"{field}: expected an int or a size string like '24GiB', got {value!r}")
-    if isinstance(value, int):
+    if not isinstance(value, str):
+        value = operator.index(value)  # a plain int from here on
         if value < 0:
             raise ValueError(f"{field}: size must not be negative, got {value!r}")
         if value > MAX_SIZE:
@@ -73,10 +87,10 @@ def parse_size(value: SizeLike, field: str = "size") -> int:
             f"{field}: unknown unit {match.group('unit')!r} in {value!r}; "
             f"known units: {', '.join(sorted(UNIT_BYTES, key=UNIT_BYTES.__getitem__))} (case-insensitive)"
         )
-    try:
-        exact = _EXACT.multiply(decimal.Decimal(match.group("number")), UNIT_BYTES[unit])  # no float rounding
-    except (decimal.Inexact, decimal.Overflow):
-        raise ValueError(f"{field}: size {value!r} has too many digits or is too large") from None
+    try:  # no float rounding; an exponent past decimal's range is InvalidOperation, not a ValueError
+        exact = _EXACT.multiply(_EXACT.create_decimal(match.group("number")), UNIT_BYTES[unit])
+    except decimal.DecimalException:
+        raise ValueError(f"{field}: size {value!r} has too many digits or an exponent out of range") from None
     if exact > MAX_SIZE:
         raise ValueError(f"{field}: size {value!r} is larger than the largest size, 2**63 - 1 bytes")
     if exact != exact.to_integral_value(context=_EXACT):
@@ -85,7 +99,17 @@ def parse_size(value: SizeLike, field: str = "size") -> int:
 
 
 def format_size(nbytes: int) -> str:
-    """Human-readable binary size, e.g. ``format_size(3 * 2**30) == '3.00 GiB'``."""
+    """Human-readable binary size, e.g. ``format_size(3 * 2**30) == '3.00 GiB'``.
+
+    Raises:
+        TypeError: ``nbytes`` is not an integer (``int``, ``numpy.int64``, ...; bools are rejected).
+        ValueError: ``nbytes`` is negative.
+    """
+    if not _is_int(nbytes):
+        raise TypeError(f"format_size: expected an int of bytes, got {nbytes!r}")
+    nbytes = operator.index(nbytes)
+    if nbytes < 0:
+        raise ValueError(f"format_size: a size must not be negative, got {nbytes!r}")
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= scale:
             return f"{nbytes / scale:.2f} {unit}"
@@ -157,8 +181,9 @@ class MemoryConfig:
                 f"prefetch_strategy: unknown strategy {self.prefetch_strategy!r}; choose one of {PREFETCH_STRATEGIES}"
             )
         set_field(self, "prefetch_strategy", self.prefetch_strategy.lower())
-        if isinstance(self.prefetch_pages, bool) or not isinstance(self.prefetch_pages, int) or self.prefetch_pages < 0:
+        if not _is_int(self.prefetch_pages) or self.prefetch_pages < 0:
             raise ValueError(f"prefetch_pages: expected a non-negative int, got {self.prefetch_pages!r}")
+        set_field(self, "prefetch_pages", operator.index(self.prefetch_pages))
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"compression: unknown codec {self.compression!r}; choose one of {COMPRESSIONS}")
         if self.nvme_path is not None and not isinstance(self.nvme_path, (str, bytes)) and not hasattr(self.nvme_path, "__fspath__"):
@@ -169,6 +194,8 @@ class MemoryConfig:
             path = os.fsdecode(os.fspath(self.nvme_path))
             if not path:
                 raise ValueError("nvme_path: expected a folder path (or None for no disk tier), got ''")
+            if "\0" in path:
+                raise ValueError(f"nvme_path: a path cannot contain a NUL byte, got {path!r}")
             if os.path.exists(path) and not os.path.isdir(path):
                 raise ValueError(f"nvme_path: {path!r} exists and is not a directory")
             ancestor = os.path.dirname(os.path.abspath(path))

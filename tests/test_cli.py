@@ -40,6 +40,8 @@ def test_cli_entry_point(capsys):
         (["ask", "--attn", "bogus"], ["--attn", "'bogus'"]),
         (["demo", "--size", "1e1000000"], ["--size", "'1e1000000'", "largest size"]),
         (["demo", "--vram-limit", "1e400"], ["--vram-limit", "'1e400'", "largest size"]),
+        (["demo", "--size", "1e-999999999999999999999"], ["--size", "'1e-999999999999999999999'", "exponent out of range"]),
+        (["demo", "--page-size", "1e999999999999999999999KiB"], ["--page-size", "'1e999999999999999999999KiB'"]),
     ],
 )
 def test_bad_arguments_are_usage_errors_naming_the_value(argv, named, capsys):
@@ -107,3 +109,29 @@ def test_demo_refuses_a_disk_folder_it_cannot_write(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "nvme_path: cannot create files in '/sys/kernel'" in err and "Traceback" not in err
+
+
+def test_demo_size_beyond_the_machines_memory_is_a_usage_error(capsys):
+    """100 TiB of demo data cannot be held in host memory: a usage error naming --size, not torch's
+    "DefaultCPUAllocator: can't allocate memory" traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--size", "100TiB", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "pagedllm demo: error: argument --size: 100.00 TiB" in err and "memory" in err and "Traceback" not in err
+
+
+def test_demo_data_that_cannot_be_allocated_is_a_usage_error(capsys, monkeypatch):
+    """Memory that runs out after the check up front (other programs use it) is reported the same way."""
+    import torch
+
+    def randint(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1048576 bytes.")
+
+    monkeypatch.setattr(torch, "randint", randint)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--size", "1MiB", "--vram-limit", "128KiB", "--host-memory", "256KiB", "--page-size", "16KiB", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "pagedllm demo: error: argument --size: cannot allocate 1.00 MiB (1048576 bytes) of demo data" in err
+    assert "Traceback" not in err

@@ -142,3 +142,52 @@ def test_number_forms(text, expected):
 def test_malformed_numbers_are_refused(text):
     with pytest.raises(ValueError, match="cannot parse"):
         parse_size(text)
+
+
+@pytest.mark.parametrize("value", ["1e-999999999999999999999", "1e-999999999999999999999KiB", "1e999999999999999999999GiB"])
+def test_exponents_past_decimals_range_are_value_errors(value):
+    """An exponent decimal cannot hold raised decimal.InvalidOperation, not a ValueError naming the field."""
+    import decimal
+
+    with pytest.raises(ValueError, match="page_size") as error:
+        parse_size(value, "page_size")
+    assert repr(value) in str(error.value)
+    with decimal.localcontext(decimal.Context(traps=[])):  # whatever the caller's context traps
+        with pytest.raises(ValueError, match="page_size"):
+            parse_size(value, "page_size")
+    with pytest.raises(ValueError, match="vram_limit"):
+        MemoryConfig(vram_limit=value, device="cpu")
+
+
+def test_nvme_path_with_a_nul_byte_names_the_field():
+    """Accepted before, then Pager(config) failed with "embedded null byte", naming no setting."""
+    with pytest.raises(ValueError, match="nvme_path: .*NUL byte.*'/tmp/a\\\\x00b'"):
+        MemoryConfig(nvme_path="/tmp/a\0b", device="cpu")
+
+
+@pytest.mark.parametrize("value", [1.5, float("nan"), float("inf"), True, "1GB", None])
+def test_format_size_of_a_non_int_is_a_type_error(value):
+    with pytest.raises(TypeError, match="expected an int of bytes") as error:
+        format_size(value)
+    assert repr(value) in str(error.value)
+
+
+def test_format_size_of_a_negative_size_is_a_value_error():
+    with pytest.raises(ValueError, match="negative, got -5"):
+        format_size(-5)
+
+
+def test_numpy_integers_are_sizes_and_counts():
+    """Integer-like values (numpy ints, as Pager.read accepts) work wherever an int does; bools do not."""
+    np = pytest.importorskip("numpy")
+    assert parse_size(np.int64(5)) == 5 and type(parse_size(np.int64(5))) is int
+    assert format_size(np.int64(1536)) == "1.50 KiB" and format_size(np.uint16(512)) == "512 B" and format_size(0) == "0 B"
+    config = MemoryConfig(vram_limit=np.int64(2**20), page_size=np.int32(4096), prefetch_pages=np.int64(2), device="cpu")
+    assert (config.vram_limit, config.page_size, config.prefetch_pages) == (2**20, 4096, 2)
+    assert type(config.vram_limit) is int and type(config.prefetch_pages) is int
+    with pytest.raises(ValueError, match=r"prefetch_pages: .*-1"):
+        MemoryConfig(prefetch_pages=np.int64(-1), device="cpu")
+    with pytest.raises(ValueError, match="prefetch_pages"):
+        MemoryConfig(prefetch_pages=True, device="cpu")
+    with pytest.raises(TypeError, match="vram_limit"):
+        parse_size(np.bool_(True), "vram_limit")
