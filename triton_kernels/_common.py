@@ -196,13 +196,14 @@ def host_checks_indices(device: torch.device) -> bool:
 
 def check_table_entries(block_table: torch.Tensor, num_pages: int, page_tokens: int, end: torch.Tensor,
                         first: torch.Tensor | None = None, *, extra: int = 0, limit: int | None = None,
-                        lengths_fit: bool = False) -> None:
+                        lengths_fit: bool = False, lengths: str | None = "seq_lens") -> None:
     """Every entry of ``block_table`` that the tokens ``[first[b], min(end[b] + extra, limit))`` of row
     ``b`` use (``first`` 0 by default; clipped to the table) names a page of the pool,
-    ``0 <= entry < num_pages``; with ``lengths_fit`` (``end`` holds the sequence lengths) also every
-    ``end[b] <= max_pages * page_tokens``: the keys must lie in the table. Checked where
-    :func:`host_checks_indices` says so (nothing is computed otherwise); raises ``ValueError``
-    naming the first bad length or entry."""
+    ``0 <= entry < num_pages``. ``end`` holds the sequence lengths of the argument named ``lengths``,
+    each ``>= 0``, or with ``lengths=None`` positions, which may be negative (a scatter drops the
+    tokens before position 0); with ``lengths_fit`` also every ``end[b] <= max_pages * page_tokens``:
+    the keys must lie in the table. Checked where :func:`host_checks_indices` says so (nothing is
+    computed otherwise); raises ``ValueError`` naming the first bad length or entry."""
     if not host_checks_indices(block_table.device) or block_table.numel() == 0:
         return
     table = block_table.cpu()
@@ -210,14 +211,14 @@ def check_table_entries(block_table: torch.Tensor, num_pages: int, page_tokens: 
     capacity = max_pages * page_tokens
     end = end.cpu().long()
     negative = (end < 0).nonzero()
-    if negative.numel():
+    if lengths is not None and negative.numel():
         b = int(negative[0, 0])
-        raise ValueError(f"seq_lens[{b}] = {int(end[b])} is negative")
+        raise ValueError(f"{lengths}[{b}] = {int(end[b])} is negative")
     if lengths_fit:
         over = (end > capacity).nonzero()
         if over.numel():
             b = int(over[0, 0])
-            raise ValueError(f"seq_lens[{b}] = {int(end[b])} exceeds the block table's capacity of {capacity} tokens "
+            raise ValueError(f"{lengths}[{b}] = {int(end[b])} exceeds the block table's capacity of {capacity} tokens "
                              f"(max_pages * page_tokens)")  # fmt: skip
     end = (end + extra).clamp(max=capacity if limit is None else min(limit, capacity))
     first = torch.zeros_like(end) if first is None else first.cpu().long().clamp(min=0)
@@ -269,6 +270,10 @@ def check_position_values(name: str, positions: torch.Tensor, span: int) -> None
         raise ValueError(f"{name}[{b}] = {int(values[b])}: {name} + {span} tokens must be < 2**31 (int32 positions)")
 
 
+_LOG2_E = math.log2(math.e)
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
 def resolve_scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
@@ -276,6 +281,10 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float, got {scale}")
+    # the kernels take scale * log2(e) as an fp32 argument: past the fp32 range it is inf, the output NaN
+    if scale * _LOG2_E > _FP32_MAX:
+        raise ValueError(f"scale must be at most {_FP32_MAX / _LOG2_E:.6g} "
+                         f"(scale * log2(e) must fit fp32, as the kernels compute it), got {scale}")  # fmt: skip
     return float(scale)
 
 

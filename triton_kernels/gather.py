@@ -120,7 +120,7 @@ def _paged_scatter_kernel(
 def _launch_gather(pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, max_len: int) -> torch.Tensor:
     _, page_tokens, num_heads, head_dim = pages.shape
     batch, max_pages = block_table.shape
-    check_table_entries(block_table, pages.shape[0], page_tokens, seq_lens, limit=max_len)
+    check_table_entries(block_table, pages.shape[0], page_tokens, seq_lens, limit=max_len, lengths_fit=True)
     out = new_buffer((batch, max_len, num_heads, head_dim), pages.dtype, pages.device)
     if batch == 0 or max_len == 0:
         return out
@@ -170,7 +170,8 @@ def paged_gather(
             and each must be in ``[0, num_pages)``: checked on the host for CPU tensors, and for CUDA
             tensors with ``PAGEDLLM_CHECK_INDICES=1`` (a host sync per call; unchecked, an entry outside
             the pool is followed outside it).
-        seq_lens: ``[batch]`` int32 tokens per sequence.
+        seq_lens: ``[batch]`` int32 tokens per sequence, each in ``[0, max_pages * page_tokens]``
+            (checked where the block table is; unchecked, a length past the table is cut at it).
         max_len: tokens in the output; default ``max_pages * page_tokens`` (known without a host sync).
 
     Returns:
@@ -191,7 +192,7 @@ def paged_gather(
 def _launch_scatter(src: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, start_pos: torch.Tensor) -> None:
     batch, num_new, num_heads, head_dim = src.shape
     check_position_values("start_pos", start_pos, num_new)
-    check_table_entries(block_table, pages.shape[0], pages.shape[1], start_pos, start_pos, extra=num_new)
+    check_table_entries(block_table, pages.shape[0], pages.shape[1], start_pos, start_pos, extra=num_new, lengths=None)
     if batch == 0 or num_new == 0:
         return
     block_t, block_r = _block_sizes(num_heads, head_dim)
@@ -236,8 +237,9 @@ def paged_scatter(
     """Write new tokens into their pages, in place.
 
     Token ``i`` of ``src[b]`` goes to logical position ``start_pos[b] + i`` of sequence ``b``: page
-    ``block_table[b, pos // page_tokens]``, slot ``pos % page_tokens``. Positions past the block
-    table (``pos >= max_pages * page_tokens``) are dropped; the caller allocates pages first. Every
+    ``block_table[b, pos // page_tokens]``, slot ``pos % page_tokens``. Negative positions (from
+    a negative ``start_pos`` entry) and positions past the block table
+    (``pos >= max_pages * page_tokens``) are dropped; the caller allocates pages first. Every
     written position must map to its own slot (two positions sharing a page slot race).
 
     Args:
@@ -246,7 +248,8 @@ def paged_scatter(
         block_table: ``[batch, max_pages]`` int32; each entry a written position uses must be in
             ``[0, num_pages)``, checked as in :func:`paged_gather` (unchecked, an entry outside the pool
             is written outside it).
-        start_pos: an int, or an int32 ``[batch]`` tensor: position of ``src[b, 0]``.
+        start_pos: an int ``>= 0``, or an int32 ``[batch]`` tensor (an entry may be negative): position
+            of ``src[b, 0]``.
     """
     pages = check_pages("pages", pages)
     src = check_tensor("src", src, 4, (pages.dtype,))

@@ -15,7 +15,7 @@ Plain torch ops: they run on any device and trace under ``torch.compile`` as the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -35,6 +35,9 @@ def merge_attention_partials(
     """
     if isinstance(outs, torch.Tensor) or isinstance(lses, torch.Tensor):
         raise TypeError("outs and lses must be sequences of tensors (e.g. lists), not a single tensor")
+    for name, value in (("outs", outs), ("lses", lses)):
+        if not isinstance(value, Iterable):
+            raise TypeError(f"{name} must be a sequence of tensors (e.g. a list), got {type(value).__name__}")
     outs, lses = list(outs), list(lses)
     if not outs:
         raise ValueError("outs must hold at least one partial, got 0")
@@ -43,6 +46,11 @@ def merge_attention_partials(
     for i, (out, lse) in enumerate(zip(outs, lses)):
         if not isinstance(out, torch.Tensor) or not isinstance(lse, torch.Tensor):
             raise TypeError(f"outs[{i}] and lses[{i}] must be tensors, got {type(out).__name__}, {type(lse).__name__}")
+        if out.dim() < 1:
+            raise ValueError(f"outs[{i}] must be [..., head_dim], at least 1 dimension, got shape {tuple(out.shape)}")
+        for name, tensor in ((f"outs[{i}]", out), (f"lses[{i}]", lse)):
+            if tensor.device != outs[0].device:
+                raise ValueError(f"{name} is on {tensor.device}, expected {outs[0].device} (the device of outs[0])")
         if out.shape != outs[0].shape or out.dtype != outs[0].dtype:
             raise ValueError(
                 f"outs[{i}] is {tuple(out.shape)} {out.dtype}, expected {tuple(outs[0].shape)} {outs[0].dtype}"

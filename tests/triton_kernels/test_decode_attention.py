@@ -234,6 +234,17 @@ def test_decode_bad_arguments_name_the_argument():
         paged_decode_attention([1.0], *args)
 
 
+def test_decode_refuses_a_scale_past_fp32():
+    """The kernels take scale * log2(e) in fp32: a finite Python scale past it gave a NaN output."""
+    kv, q = make_case([20], num_heads=4, num_kv_heads=2, head_dim=16, page_tokens=16, dtype=torch.float16, seed=15)
+    args = (kv.k_pages, kv.v_pages, kv.block_table, kv.seq_lens)
+    for scale, shown in ((1e39, r"1e\+39"), (3e38, r"3e\+38")):  # 3e38 fits fp32, but not times log2(e)
+        with pytest.raises(ValueError, match=rf"scale must be at most 2\.3586\d*e\+38 .* got {shown}"):
+            paged_decode_attention(q, *args, scale=scale)
+    out = paged_decode_attention(q, *args, scale=1e30)
+    assert not out.isnan().any()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

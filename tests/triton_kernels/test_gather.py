@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pagedtensor.triton_kernels import paged_gather, paged_scatter
+from pagedtensor.triton_kernels import _common, paged_gather, paged_scatter
 from pagedtensor.triton_kernels._common import kernel_device
 from pagedtensor.triton_kernels.gather import _paged_gather_op, _paged_scatter_op
 from pagedtensor.triton_kernels.reference import gather_reference, random_paged_kv, scatter_reference
@@ -61,6 +61,44 @@ def test_scatter_int_start_drops_tokens_past_the_block_table():
     expected = scatter_reference(src, kv.k_pages, kv.block_table, 29)  # positions 29..34; 32.. are dropped
     paged_scatter(src, kv.k_pages, kv.block_table, 29)
     assert_same(kv.k_pages, expected, "scatter past the end of the block table")
+
+
+@pytest.mark.parametrize("host_checks", [True, False], ids=["checked", "unchecked"])
+def test_scatter_tensor_start_drops_tokens_at_negative_positions(monkeypatch, host_checks):
+    """A negative start_pos entry (a left-padded row) drops the tokens before position 0 and writes
+    the rest, as scatter_reference does; "unchecked" runs the kernel alone, as CUDA does by default.
+    The host check refused it, naming seq_lens (an argument scatter does not have)."""
+    monkeypatch.setattr(_common, "host_checks_indices", lambda device: host_checks)
+    gen = torch.Generator().manual_seed(6)
+    kv = random_paged_kv([32, 32, 32, 32], page_tokens=16, num_kv_heads=1, head_dim=16, dtype=torch.float32,
+                         device=DEVICE, generator=gen)  # fmt: skip
+    src = torch.randn((4, 20, 1, 16), generator=gen).to(DEVICE)
+    # partly before 0, wholly before 0, far before 0, and a plain row
+    start_pos = torch.tensor([-3, -25, -(2**31), 5], dtype=torch.int32, device=DEVICE)
+    expected = scatter_reference(src, kv.k_pages, kv.block_table, start_pos)
+    paged_scatter(src, kv.k_pages, kv.block_table, start_pos)
+    assert_same(kv.k_pages, expected, f"scatter with negative start_pos ({'checked' if host_checks else 'unchecked'})")
+
+
+def test_scatter_negative_start_checks_only_the_entries_it_writes():
+    pages = torch.zeros((4, 16, 1, 16), device=DEVICE)
+    src = torch.ones((1, 4, 1, 16), device=DEVICE)
+    block_table = torch.tensor([[-1, 1]], dtype=torch.int32, device=DEVICE)
+    paged_scatter(src, pages, block_table, torch.tensor([-10], dtype=torch.int32, device=DEVICE))  # all dropped
+    assert not pages.any()
+    with pytest.raises(ValueError, match=r"block_table\[0, 0\] = -1 is not a page of the pool"):
+        paged_scatter(src, pages, block_table, torch.tensor([-2], dtype=torch.int32, device=DEVICE))
+
+
+def test_gather_refuses_a_length_past_the_block_table():
+    """As the attention kernels do: the gather cut seq_lens = 300 at the table's 32 tokens silently."""
+    pages = torch.zeros((4, 16, 1, 16), device=DEVICE)
+    block_table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.tensor([32, 300], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"seq_lens\[1\] = 300 exceeds the block table's capacity of 32 tokens"):
+        paged_gather(pages, block_table, seq_lens)
+    with pytest.raises(ValueError, match=r"seq_lens\[1\] = 300 exceeds the block table's capacity of 32 tokens"):
+        paged_gather(pages, block_table, seq_lens, max_len=8)
 
 
 def test_scatter_then_gather_round_trip_non_contiguous_src():

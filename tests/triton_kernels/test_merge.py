@@ -112,3 +112,20 @@ def test_merge_bad_arguments():
         merge_attention_partials([out, torch.zeros((2, 3, 5))], [lse, lse])
     with pytest.raises(TypeError, match="sequences of tensors"):
         merge_attention_partials(out, lse)
+
+
+def test_merge_names_a_wrong_device_rank_or_sequence():
+    out, lse = torch.zeros((2, 3, 4)), torch.zeros((2, 3))
+    with pytest.raises(ValueError, match=r"outs\[1\] is on meta, expected cpu \(the device of outs\[0\]\)"):
+        merge_attention_partials([out, out.to("meta")], [lse, lse])
+    with pytest.raises(ValueError, match=r"lses\[0\] is on meta, expected cpu"):
+        merge_attention_partials([out], [lse.to("meta")])
+    # a 0-d out has no head_dim: it came back as shape (1,)
+    with pytest.raises(ValueError, match=r"outs\[0\] must be \[\.\.\., head_dim\], at least 1 dimension, got shape \(\)"):
+        merge_attention_partials([torch.tensor(1.0)], [torch.tensor(0.0)])
+    with pytest.raises(TypeError, match="outs must be a sequence of tensors .* got NoneType"):
+        merge_attention_partials(None, None)
+    with pytest.raises(TypeError, match="lses must be a sequence of tensors .* got int"):
+        merge_attention_partials([out], 3)
+    merged, merged_lse = merge_attention_partials(iter([torch.ones(4)]), (torch.tensor(0.0),))  # 1-d out is fine
+    assert merged.shape == (4,) and merged_lse.shape == ()

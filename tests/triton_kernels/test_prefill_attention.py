@@ -183,6 +183,17 @@ def test_prefill_bad_arguments_name_the_argument():
         paged_prefill_attention(q.bfloat16(), *args, 0)
 
 
+def test_prefill_refuses_a_scale_past_fp32():
+    """The kernels take scale * log2(e) in fp32: a finite Python scale past it gave a NaN output."""
+    kv, q = make_case([20], 4, num_heads=2, num_kv_heads=1, head_dim=16, page_tokens=16, dtype=torch.float16, seed=26)
+    args = (kv.k_pages, kv.v_pages, kv.block_table, kv.seq_lens)
+    for scale, shown in ((1e39, r"1e\+39"), (3e38, r"3e\+38")):  # 3e38 fits fp32, but not times log2(e)
+        with pytest.raises(ValueError, match=rf"scale must be at most 2\.3586\d*e\+38 .* got {shown}"):
+            paged_prefill_attention(q, *args, 0, scale=scale)
+    out = paged_prefill_attention(q, *args, 0, scale=1e30)
+    assert not out.isnan().any()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
