@@ -135,16 +135,19 @@ def test_race_out_op_write_back_after_release_event_clobbers_a_reused_slot(monke
 
 
 def test_race_two_threads_on_one_stream_release_fences_out_of_order():
-    """pager.py _release records the release event BEFORE taking the pager lock and SlotFences orders a
-    stream's fences by the sequence number taken under the lock (fences.py record_run / record_slots
-    keep only the "newest"). Two threads on the same stream (both on the default stream) releasing the
-    same pages: thread A records eA, thread B then enqueues a (slow) read, records eB and registers it;
-    A registers eA last, which replaces eB. A later fill of the slots waits on eA only and overwrites
-    them before B's read runs.
+    """pager.py _release recorded the release event BEFORE taking the pager lock, and SlotFences keeps
+    a stream's newest fence by the order of registration. Two threads on one stream (the default
+    stream is every thread's) releasing the same pages: A records eA; B enqueues a slow read, records
+    eB and registers it; A registers eA last, which replaces eB. A fill of the slots from the host
+    (on the H2D stream) then waits on eA only and overwrites them before B's read runs.
 
     The interleaving is forced by holding thread A between its event record and its registration."""
     with _pager(8) as pager:
         allocation, data = _written(pager, 8 * MiB)
+        other, _ = _written(pager, 8 * MiB)  # takes every slot: the allocation goes to the host
+        pager.evict_all()
+        with pager.ensure_resident(allocation) as resident:  # back in every slot; `other` stays on the host
+            resident.wait()
         _quiet(pager)
         a_recorded, b_released = threading.Event(), threading.Event()
         thread_a: list[int] = []
@@ -181,8 +184,8 @@ def test_race_two_threads_on_one_stream_release_fences_out_of_order():
             _run_threads(run_a, run_b)
         finally:
             pager.engine.record = original_record
-        other = pager.allocate(8 * MiB)  # reuses every slot of the allocation
-        pager.write(other, torch.zeros(8 * MiB, dtype=torch.uint8, device="cuda"))
+        with pager.ensure_resident(other) as resident:  # H2D copies into every slot, behind the fences only
+            resident.wait()
         torch.cuda.synchronize()
         assert torch.equal(seen["b"], data), "thread B's read saw the slots refilled: its release fence was dropped"
 
