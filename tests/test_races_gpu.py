@@ -165,19 +165,23 @@ def test_race_two_threads_on_one_stream_release_fences_out_of_order():
         pager.engine.record = record
         seen = {}
 
+        shared = torch.cuda.Stream()  # one stream for both threads (not the legacy default stream)
+
         def run_a():
             thread_a.append(threading.get_ident())
-            resident = pager.ensure_resident(allocation)
-            resident.wait()
-            resident.release()
+            with torch.cuda.stream(shared):
+                resident = pager.ensure_resident(allocation)
+                resident.wait()
+                resident.release()
 
         def run_b():
             assert a_recorded.wait(30)
-            resident = pager.ensure_resident(allocation)
-            resident.wait()
-            torch.cuda._sleep(SLEEP)  # B's read runs late
-            seen["b"] = torch.cat(resident.views())
-            resident.release()
+            with torch.cuda.stream(shared):
+                resident = pager.ensure_resident(allocation)
+                resident.wait()
+                torch.cuda._sleep(SLEEP)  # B's read runs late
+                seen["b"] = torch.cat(resident.views())
+                resident.release()
             b_released.set()
 
         try:
@@ -188,6 +192,35 @@ def test_race_two_threads_on_one_stream_release_fences_out_of_order():
             resident.wait()
         torch.cuda.synchronize()
         assert torch.equal(seen["b"], data), "thread B's read saw the slots refilled: its release fence was dropped"
+
+
+def test_race_release_events_are_recorded_under_the_pager_lock(monkeypatch):
+    """The ordering the test above needs, checked directly: every release event (one range's, and
+    the one several windows of an op share) is recorded while the pager's lock is held, so the
+    order fences are registered in is the order their events were recorded in."""
+    with _pager(8) as pager:
+        xd = torch.randn(MiB // 4, device="cuda")
+        x = PagedTensor.wrap(xd, pager)
+        z = PagedTensor.wrap(torch.zeros_like(xd), pager)
+        allocation, _ = _written(pager, MiB)
+        _quiet(pager)
+        original_record = pager.engine.record
+        outside_lock = []
+
+        def record(stream=None):
+            if not pager._lock._is_owned():
+                outside_lock.append(stream)
+            return original_record(stream)
+
+        monkeypatch.setattr(pager.engine, "record", record)
+        with pager.ensure_resident(allocation):
+            pass
+        torch.mul(x, x, out=z)  # two windows, one shared event
+        _ = x + 1.0
+        monkeypatch.undo()
+        torch.cuda.synchronize()
+        assert outside_lock == [], f"{len(outside_lock)} release event(s) recorded outside the pager's lock"
+        assert torch.equal(z.materialize(), xd * xd)
 
 
 def test_race_write_from_pinned_source_reads_it_after_return():
