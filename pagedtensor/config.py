@@ -53,7 +53,7 @@ _EXACT = decimal.Context(
 )
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     """An integer of any type (``int``, ``numpy.int64``, ...) but not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -67,7 +67,7 @@ def parse_size(value: SizeLike, field: str = "size") -> int:
         ValueError: unknown unit, malformed number, negative, out of range, or not a whole number
             of bytes.
     """
-    if not (_is_int(value) or isinstance(value, str)):
+    if not (is_int(value) or isinstance(value, str)):
         raise TypeError(f"{field}: expected an int or a size string like '24GiB', got {value!r}")
     if not isinstance(value, str):
         value = operator.index(value)  # a plain int from here on
@@ -105,7 +105,7 @@ def format_size(nbytes: int) -> str:
         TypeError: ``nbytes`` is not an integer (``int``, ``numpy.int64``, ...; bools are rejected).
         ValueError: ``nbytes`` is negative.
     """
-    if not _is_int(nbytes):
+    if not is_int(nbytes):
         raise TypeError(f"format_size: expected an int of bytes, got {nbytes!r}")
     nbytes = operator.index(nbytes)
     if nbytes < 0:
@@ -181,7 +181,7 @@ class MemoryConfig:
                 f"prefetch_strategy: unknown strategy {self.prefetch_strategy!r}; choose one of {PREFETCH_STRATEGIES}"
             )
         set_field(self, "prefetch_strategy", self.prefetch_strategy.lower())
-        if not _is_int(self.prefetch_pages) or self.prefetch_pages < 0:
+        if not is_int(self.prefetch_pages) or self.prefetch_pages < 0:
             raise ValueError(f"prefetch_pages: expected a non-negative int, got {self.prefetch_pages!r}")
         set_field(self, "prefetch_pages", operator.index(self.prefetch_pages))
         if self.compression not in COMPRESSIONS:

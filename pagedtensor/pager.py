@@ -49,7 +49,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from pagedtensor.config import MemoryConfig, format_size
+from pagedtensor.config import MemoryConfig, format_size, is_int
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.fences import SlotFences
 from pagedtensor.metrics import TIERS, PagerMetrics
@@ -551,7 +551,7 @@ class Pager:
         new bytes, and counts as written (its lower copies go), so it reads the same after eviction.
         """
         self._check_allocation(allocation)
-        offset = _byte_position(offset, "offset")
+        offset = _int_argument(offset, "offset")
         source = _as_bytes(data)
         first, stop = allocation.page_range(offset, offset + source.numel())
         # From pinned host memory the copies run on the GPU's schedule, not the host's: the write
@@ -588,8 +588,8 @@ class Pager:
     def read(self, allocation: Allocation, offset: int = 0, nbytes: Optional[int] = None) -> torch.Tensor:
         """A CPU uint8 copy of ``nbytes`` (default: to the end) of ``allocation`` from byte ``offset``."""
         self._check_allocation(allocation)
-        offset = _byte_position(offset, "offset")
-        nbytes = allocation.nbytes - offset if nbytes is None else _byte_position(nbytes, "nbytes")
+        offset = _int_argument(offset, "offset")
+        nbytes = allocation.nbytes - offset if nbytes is None else _int_argument(nbytes, "nbytes")
         first, stop = allocation.page_range(offset, offset + nbytes)
         out = torch.empty(nbytes, dtype=torch.uint8)
         for chunk_start, chunk_stop in self._chunks(first, stop):
@@ -1013,8 +1013,8 @@ class Pager:
 
     def _check_range(self, allocation: Allocation, start: int, stop: Optional[int]) -> tuple[int, int]:
         self._check_allocation(allocation)
-        start = _byte_position(start, "start")
-        stop = allocation.num_pages if stop is None else _byte_position(stop, "stop")
+        start = _int_argument(start, "start")
+        stop = allocation.num_pages if stop is None else _int_argument(stop, "stop")
         if not 0 <= start <= stop <= allocation.num_pages:
             raise IndexError(f"page range [{start}, {stop}) is outside allocation {allocation.id} of {allocation.num_pages} pages")
         return start, stop
@@ -1103,14 +1103,11 @@ def unpageable_reason(t: torch.Tensor) -> Optional[str]:
     return None
 
 
-def _byte_position(value: object, name: str) -> int:
-    """``value`` as an int (an integer of any kind, not a bool), else a TypeError naming ``name``."""
-    if isinstance(value, bool):
+def _int_argument(value: object, name: str) -> int:
+    """``value`` as a plain int (an integer of any kind, not a bool), else a TypeError naming ``name``."""
+    if not is_int(value):
         raise TypeError(f"{name}: expected an int, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name}: expected an int, got {value!r}") from None
+    return operator.index(value)
 
 
 def _weak_resident_bytes(pager: Pager) -> Callable[[], dict[str, int]]:

@@ -747,13 +747,12 @@ class PagedKVCache(Cache):
             raise
         # The tables come from the pinned slots: a page evicted since the check above (by the weight
         # prefetch's thread) was faulted back in by ensure_resident, perhaps into another slab.
-        slabs = {slot // slab_pages for row in rows for slot in row}
-        if len(slabs) > 1:
+        slab = slabs.pop() if slabs else 0
+        base = slab * slab_pages
+        if any(row and (min(row) < base or max(row) >= base + slab_pages) for row in rows):
             for pin in pins:
                 pin.release()
             return None
-        slab = slabs.pop() if slabs else 0
-        base = slab * slab_pages
         tables = [[slot - base for slot in row] for row in rows]
         for pin in pins:
             pin.wait()

@@ -174,8 +174,9 @@ def _install(
     hot_fraction: float, stream_group_bytes: SizeLike, page_weights: bool, own_attention: list[tuple[Any, Any]],
 ) -> None:  # fmt: skip
     """The rest of :func:`enable_paging`, once the pager exists (``own_attention``: the model's
-    :func:`_attention_settings` before): on an error the model's own attention and weights are left as they were. Everything that may fail runs before the model
-    changes; then the weights are paged (undone if they do not fit), and the hooks go on last."""
+    :func:`_attention_settings` before the call): on an error the model's own attention and weights
+    are left as they were. Everything that may fail runs before the model changes; then the weights
+    are paged (undone if they do not fit), and the hooks go on last."""
     if prefill_chunk_size is None:
         prefill_chunk_size = getattr(pager.config, "prefill_chunk_size", None) or DEFAULT_PREFILL_CHUNK
     if isinstance(prefill_chunk_size, bool) or not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1:
