@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import importlib.util
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from pagedtensor.cli_args import config_error, size_type
-from pagedtensor.config import MemoryConfig, format_size
+from pagedtensor.config import MemoryConfig, format_size, machine_memory_bytes
 from pagedtensor.ask import add_ask_arguments, ask_arguments_error, main_from_args
 from pagedtensor.pager import Pager
 from pagedtensor.report import print_rows, traffic_rows
@@ -96,19 +95,11 @@ def run_demo(
         return ok
 
 
-def host_memory_bytes() -> Optional[int]:
-    """The machine's physical memory in bytes, or ``None`` where the system does not say."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or the name is unknown
-        return None
-
-
 def demo_size_error(size: int) -> Optional[str]:
     """Why ``pagedllm demo --size size`` cannot run, or ``None``: the demo holds all ``size`` bytes in
     host memory at once (the data it pages, to check against), so they must fit in the machine's
     memory."""
-    total = host_memory_bytes()
+    total = machine_memory_bytes()
     if total is not None and total > 0 and size > total:
         return (f"argument --size: {format_size(size)} ({size} bytes) is more than this machine's memory "
                 f"({format_size(total)}); the demo holds the whole tensor in host memory")  # fmt: skip

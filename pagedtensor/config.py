@@ -16,6 +16,7 @@ import dataclasses
 import decimal
 import numbers
 import operator
+import os
 import re
 from typing import Optional, Union
 
@@ -56,6 +57,14 @@ _EXACT = decimal.Context(
 def is_int(value: object) -> bool:
     """An integer of any type (``int``, ``numpy.int64``, ...) but not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def machine_memory_bytes() -> Optional[int]:
+    """The machine's physical memory in bytes, or ``None`` where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or the name is unknown
+        return None
 
 
 def parse_size(value: SizeLike, field: str = "size") -> int:
@@ -189,7 +198,6 @@ class MemoryConfig:
         if self.nvme_path is not None and not isinstance(self.nvme_path, (str, bytes)) and not hasattr(self.nvme_path, "__fspath__"):
             raise TypeError(f"nvme_path: expected a path or None, got {self.nvme_path!r}")
         if self.nvme_path is not None:
-            import os
 
             path = os.fsdecode(os.fspath(self.nvme_path))
             if not path:

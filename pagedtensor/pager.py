@@ -41,7 +41,6 @@ import itertools
 import logging
 import operator
 import os
-import shutil
 import threading
 import weakref
 from dataclasses import dataclass, field, replace
@@ -49,7 +48,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from pagedtensor.config import MemoryConfig, format_size, is_int
+from pagedtensor.config import MemoryConfig, format_size, machine_memory_bytes
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.fences import SlotFences
 from pagedtensor.metrics import TIERS, PagerMetrics
@@ -66,6 +65,10 @@ _HOST_SLOT = operator.attrgetter("host_slot")
 _DISK_SLOT = operator.attrgetter("disk_slot")
 _D2H_FENCES = -1  # stream id of the device-slot fences of write-back copies (engine.d2h_stream)
 _FILL_FENCES = -2  # stream id of the fences of fill copies whose slot was freed before they were seen done
+
+
+PAGE_ENTRY_BYTES = 140
+"""Host memory one page-table entry takes, about (the bound :meth:`Pager.allocate` checks)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -356,14 +359,15 @@ class Pager:
             raise ValueError(f"nbytes: expected a positive size, got {nbytes!r}")
         with self._lock:
             self._check_open()
-            capacity = self._capacity_bytes()
-            if nbytes > capacity:
+            count = -(-nbytes // self.page_size)
+            memory = machine_memory_bytes()
+            if memory is not None and count * PAGE_ENTRY_BYTES > memory:
                 raise ValueError(
-                    f"nbytes: {nbytes} bytes ({format_size(nbytes)}) is more than this pager's tiers can ever hold "
-                    f"({format_size(capacity)}: vram_limit, host_memory and the disk tier's room)"
+                    f"nbytes: {nbytes} bytes is {count} pages of {format_size(self.page_size)}, whose page table "
+                    f"(about {PAGE_ENTRY_BYTES} bytes a page) would not fit in this machine's memory ({format_size(memory)}); "
+                    f"allocate less, or use larger pages"
                 )
             allocation_id = next(self._ids)
-            count = -(-nbytes // self.page_size)
             last = nbytes - (count - 1) * self.page_size
             pins: dict[tuple[int, int], int] = {}
             pages = [Page(allocation_id, index, self.page_size, pins=pins) for index in range(count)]
@@ -1025,17 +1029,6 @@ class Pager:
         for start in range(first, stop, size):
             yield start, min(stop, start + size)
 
-    def _capacity_bytes(self) -> int:
-        """The most bytes of distinct pages the tiers can hold at once (the disk tier's room: its
-        limit, or what it holds plus the free space of its file system)."""
-        pages = self.device_tier.capacity_pages + self.host_tier.capacity_pages
-        if self.disk_tier is not None:
-            if self.disk_tier.capacity_pages is not None:
-                pages += self.disk_tier.capacity_pages
-            else:
-                pages += self.disk_tier.used_pages + shutil.disk_usage(self.config.nvme_path).free // self.page_size
-        return pages * self.page_size
-
     def _resident_bytes(self) -> dict[str, int]:
         return {
             "device": self.device_tier.used_pages * self.page_size,
@@ -1104,10 +1097,14 @@ def unpageable_reason(t: torch.Tensor) -> Optional[str]:
 
 
 def _int_argument(value: object, name: str) -> int:
-    """``value`` as a plain int (an integer of any kind, not a bool), else a TypeError naming ``name``."""
-    if not is_int(value):
+    """``value`` as a plain int (anything ``operator.index`` takes: numpy ints, 0-d integer
+    tensors; not a bool), else a TypeError naming ``name``."""
+    if isinstance(value, bool):
         raise TypeError(f"{name}: expected an int, got {value!r}")
-    return operator.index(value)
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {value!r}") from None
 
 
 def _weak_resident_bytes(pager: Pager) -> Callable[[], dict[str, int]]:

@@ -161,6 +161,19 @@ def test_bad_arguments():
         PagedKVCache(num_layers=1, hot_fraction=True)
 
 
+def test_a_cache_reserves_segments_larger_than_a_pager_without_a_disk_tier():
+    """A segment reserves 64 pages of page table, which take no tier memory until written: a small
+    pager with no disk tier holds a short sequence (a bound on allocations by tier size refused it)."""
+    pager = Pager(streaming_config(MemoryConfig(vram_limit=16 * PAGE, host_memory=8 * PAGE, page_size=PAGE, device="cpu")))
+    cache = PagedKVCache(pager=pager, num_layers=2)
+    written = _fill(cache, 2, 1, [37])
+    for layer in range(2):
+        keys, values = cache.dense_kv(layer)
+        assert torch.equal(keys, written[layer][0]) and torch.equal(values, written[layer][1])
+    cache.close()
+    pager.close()
+
+
 def test_bad_arguments_are_refused_before_a_pager_is_made(monkeypatch):
     """A bad stream_group_bytes was parsed after the cache had made its own pager, left open."""
     made = []

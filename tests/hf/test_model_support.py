@@ -158,6 +158,38 @@ def test_a_model_declaring_the_interface_gets_the_paged_attention_whatever_its_s
     assert torch.equal(_generate(model, ids, mask).sequences, expected.sequences)
 
 
+def test_a_model_that_never_declares_flash_attention_gets_the_paged_attention(nvme_dir):
+    """Remote code written before transformers' flash flag inherits PreTrainedModel's default of
+    False: that says nothing about its masks, and it kept the paged attention it had (it was
+    refused it for a while)."""
+    reference, model = tiny_pair("llama")
+
+    class RemoteStyle(transformers.PreTrainedModel, transformers.GenerationMixin):
+        config_class = transformers.LlamaConfig
+        _supports_attention_backend = True
+        _supports_sdpa = True
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.model = transformers.LlamaModel(config)
+            self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.post_init()
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None, **kwargs):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, use_cache=use_cache, **kwargs)  # fmt: skip
+            return transformers.modeling_outputs.CausalLMOutputWithPast(logits=self.lm_head(out.last_hidden_state), past_key_values=out.past_key_values)
+
+    remote = RemoteStyle(copy.deepcopy(reference.config)).eval()
+    remote.load_state_dict(reference.state_dict())
+    assert RemoteStyle._supports_flash_attn is False  # transformers' default
+    ids, mask = prompts(1, length=20)
+    expected = _generate(reference, ids, mask)
+    enable_paging(remote, tiny_budget(nvme_dir), prefill_chunk_size=8)
+    assert remote.config._attn_implementation == "pagedllm"
+    assert torch.equal(_generate(remote, ids, mask).sequences, expected.sequences)
+
+
 def _page_files(folder: str) -> set[str]:
     """Page files under ``folder`` this process holds open (they have no name: seen through /proc)."""
     return {path for path in (os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")) if path.startswith(str(folder))}
