@@ -12,6 +12,7 @@ import torch
 
 from pagedtensor import MemoryConfig, OutOfPagesError, enable_paging
 from pagedtensor.hf import paging_state
+from pagedtensor.hf.model import _paged_attention_unsupported
 from tests.hf.tiny_models import PAGE, TINY, prompts, tiny_budget, tiny_pair
 
 transformers = pytest.importorskip("transformers")
@@ -185,7 +186,8 @@ def test_a_model_that_never_declares_flash_attention_gets_the_paged_attention(nv
     assert RemoteStyle._supports_flash_attn is False  # transformers' default
     ids, mask = prompts(1, length=20)
     expected = _generate(reference, ids, mask)
-    enable_paging(remote, tiny_budget(nvme_dir), prefill_chunk_size=8)
+    assert _paged_attention_unsupported(remote) is None  # so "auto" picks the paged attention where the kernels run
+    enable_paging(remote, tiny_budget(nvme_dir), attn_implementation="pagedllm", prefill_chunk_size=8)
     assert remote.config._attn_implementation == "pagedllm"
     assert torch.equal(_generate(remote, ids, mask).sequences, expected.sequences)
 
