@@ -69,6 +69,8 @@ _FILL_FENCES = -2  # stream id of the fences of fill copies whose slot was freed
 
 PAGE_ENTRY_BYTES = 140
 """Host memory one page-table entry takes, about (the bound :meth:`Pager.allocate` checks)."""
+UNKNOWN_MACHINE_MEMORY = 2**40
+"""The memory :meth:`Pager.allocate` bounds a page table by where the system does not say."""
 
 
 @dataclass(eq=False, slots=True)
@@ -360,8 +362,8 @@ class Pager:
         with self._lock:
             self._check_open()
             count = -(-nbytes // self.page_size)
-            memory = machine_memory_bytes()
-            if memory is not None and count * PAGE_ENTRY_BYTES > memory:
+            memory = machine_memory_bytes() or UNKNOWN_MACHINE_MEMORY
+            if count * PAGE_ENTRY_BYTES > memory:
                 raise ValueError(
                     f"nbytes: {nbytes} bytes is {count} pages of {format_size(self.page_size)}, whose page table "
                     f"(about {PAGE_ENTRY_BYTES} bytes a page) would not fit in this machine's memory ({format_size(memory)}); "
@@ -1098,8 +1100,8 @@ def unpageable_reason(t: torch.Tensor) -> Optional[str]:
 
 def _int_argument(value: object, name: str) -> int:
     """``value`` as a plain int (anything ``operator.index`` takes: numpy ints, 0-d integer
-    tensors; not a bool), else a TypeError naming ``name``."""
-    if isinstance(value, bool):
+    tensors; not a bool, nor a bool or many-element tensor), else a TypeError naming ``name``."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool)):
         raise TypeError(f"{name}: expected an int, got {value!r}")
     try:
         return operator.index(value)

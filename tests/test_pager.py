@@ -574,6 +574,19 @@ def test_positions_of_any_integer_kind_are_taken():
         assert torch.equal(pager.read(allocation, numpy.int64(PAGE), torch.tensor(PAGE, dtype=torch.int32)), random_bytes(PAGE))
         with pager.ensure_resident(allocation, torch.tensor(1), numpy.int32(2)):
             pass
+        for value in (torch.tensor(True), torch.tensor([PAGE]), torch.tensor(1.0)):
+            with pytest.raises(TypeError, match="offset: expected an int"):
+                pager.read(allocation, value, 4)
+
+
+def test_without_the_machines_memory_a_fixed_bound_keeps_huge_page_tables_out(monkeypatch):
+    """Where the system does not say how much memory it has (no os.sysconf), allocate(2**70) built
+    its page table until memory ran out."""
+    monkeypatch.setattr("pagedtensor.pager.machine_memory_bytes", lambda: None)
+    with make_pager() as pager:
+        with pytest.raises(ValueError, match="page table"):
+            pager.allocate(2**70)
+        pager.allocate(2**30)
 
 
 def test_a_fault_that_fails_part_way_counts_the_pages_it_brought_in(nvme_dir):

@@ -602,21 +602,17 @@ def _paged_attention_unsupported(model: torch.nn.Module) -> Optional[str]:
         return (f"shares keys and values across layers (num_kv_shared_layers={config.num_kv_shared_layers}): its later "
                 f"layers read the keys an earlier layer's attention call returns, and the paged attention returns only the new ones")  # fmt: skip
     if _declares_flash_attention_unsupported(model):
-        return ("declares that flash attention would compute it wrong (_supports_flash_attn = False: masks beyond "
-                "causal, padding and sliding window, as PaliGemma's two-way prefix), and the paged kernels apply only those")  # fmt: skip
+        return ("does not support flash attention (_supports_flash_attn is False: masks beyond causal, padding and "
+                "sliding window, as PaliGemma's two-way prefix, or attention of another form), and the paged kernels are flash attention")  # fmt: skip
     return None
 
 
 def _declares_flash_attention_unsupported(model: torch.nn.Module) -> bool:
-    """Whether the model's own classes set ``_supports_flash_attn = False`` (transformers'
-    ``PreTrainedModel`` default of False, which remote code written before the flag never
-    overrides, says nothing) and none sets the older ``_supports_flash_attn_2 = True``."""
-    if getattr(type(model), "_supports_flash_attn_2", False):
-        return False
-    for cls in type(model).__mro__:
-        if "_supports_flash_attn" in vars(cls):
-            return cls.__module__ != "transformers.modeling_utils" and vars(cls)["_supports_flash_attn"] is False
-    return False
+    """Whether the model does not support flash attention: ``_supports_flash_attn`` is False (set by
+    the model, or transformers' ``PreTrainedModel`` default, which GIT keeps: its attention gave
+    other tokens under the paged kernels) and the older ``_supports_flash_attn_2`` is not True (set
+    by remote code written before the newer flag)."""
+    return getattr(type(model), "_supports_flash_attn", False) is False and not getattr(type(model), "_supports_flash_attn_2", False)
 
 
 def _attention_settings(model: torch.nn.Module) -> list[tuple[Any, Any]]:

@@ -51,6 +51,13 @@ def _llama4_chunked():
     return _pair(transformers.Llama4TextConfig, transformers.Llama4ForCausalLM, "sdpa", **fields)
 
 
+def _git():
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4)
+    fields = dict(vision_config=vision, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=128,
+                  max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.3)  # fmt: skip
+    return _pair(transformers.GitConfig, transformers.GitForCausalLM, "eager", **fields)
+
+
 def _gemma3n_shared_kv():
     fields = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
                   vocab_size=128, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8, sliding_window=64,
@@ -159,15 +166,17 @@ def test_a_model_declaring_the_interface_gets_the_paged_attention_whatever_its_s
     assert torch.equal(_generate(model, ids, mask).sequences, expected.sequences)
 
 
-def test_a_model_that_never_declares_flash_attention_gets_the_paged_attention(nvme_dir):
-    """Remote code written before transformers' flash flag inherits PreTrainedModel's default of
-    False: that says nothing about its masks, and it kept the paged attention it had (it was
-    refused it for a while)."""
+def test_remote_code_declaring_the_older_flash_flag_gets_the_paged_attention(nvme_dir):
+    """Remote code written before transformers' _supports_flash_attn inherits PreTrainedModel's
+    default of False but declares _supports_flash_attn_2: it kept the paged attention it had (it
+    was refused it for a while). A model declaring neither (GIT, whose attention gave other tokens
+    under the paged kernels) keeps its own."""
     reference, model = tiny_pair("llama")
 
     class RemoteStyle(transformers.PreTrainedModel, transformers.GenerationMixin):
         config_class = transformers.LlamaConfig
         _supports_attention_backend = True
+        _supports_flash_attn_2 = True
         _supports_sdpa = True
 
         def __init__(self, config):
@@ -187,9 +196,25 @@ def test_a_model_that_never_declares_flash_attention_gets_the_paged_attention(nv
     ids, mask = prompts(1, length=20)
     expected = _generate(reference, ids, mask)
     assert _paged_attention_unsupported(remote) is None  # so "auto" picks the paged attention where the kernels run
+    del RemoteStyle._supports_flash_attn_2
+    assert "_supports_flash_attn is False" in _paged_attention_unsupported(remote)
+    RemoteStyle._supports_flash_attn_2 = True
     enable_paging(remote, tiny_budget(nvme_dir), attn_implementation="pagedllm", prefill_chunk_size=8)
     assert remote.config._attn_implementation == "pagedllm"
     assert torch.equal(_generate(remote, ids, mask).sequences, expected.sequences)
+
+
+def test_git_keeps_its_own_attention(nvme_dir):
+    """GIT never declares flash attention, and under the paged kernels it gave other tokens (on text
+    alone too); its own attention over the paged cache gives the unpaged tokens (batch 1: its masks
+    do not hide left pads, which the cache stores as zeros, so a padded batch differs)."""
+    reference, model = _git()
+    ids, mask = prompts(1, length=20)
+    expected = _generate(reference, ids, mask)
+    assert "_supports_flash_attn is False" in _paged_attention_unsupported(model)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=16, host_pages=8), prefill_chunk_size=8)
+    assert model.config._attn_implementation == "eager"
+    assert torch.equal(_generate(model, ids, mask).sequences, expected.sequences)
 
 
 def _page_files(folder: str) -> set[str]:
