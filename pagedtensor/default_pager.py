@@ -33,10 +33,13 @@ def set_default_pager(pager: Optional[Pager]) -> Optional[Pager]:
 
     Raises:
         TypeError: ``pager`` is neither a :class:`Pager` nor ``None``.
+        ValueError: ``pager`` is closed (it could hold no page).
     """
     global _default
     if pager is not None and not isinstance(pager, Pager):
         raise TypeError(f"set_default_pager: expected a Pager or None, got {type(pager).__name__}")
+    if pager is not None and pager.closed:
+        raise ValueError(f"set_default_pager: {pager!r} is closed; pass an open Pager, or None for a new default one")
     with _lock:
         previous, _default = _default, pager
         return previous

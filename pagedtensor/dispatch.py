@@ -258,7 +258,8 @@ class PagedDispatcher:
             return self.run_paged(func, types, args, kwargs, leaves)
         except _OpTooLarge as error:
             # An elementwise op runs a piece of pages at a time; any other raises.
-            out = NotImplemented if handler is not None else run_in_pieces(func, args, kwargs, self.info(func))
+            in_pieces = handler is None and not _reads_written_bytes_as_other_elements(self.info(func), args, kwargs)
+            out = run_in_pieces(func, args, kwargs, self.info(func)) if in_pieces else NotImplemented
             if out is NotImplemented:
                 raise OutOfPagesError(*error.args) from error.__cause__
             return out
@@ -780,18 +781,37 @@ def _write_locks(groups: dict[int, "_Group"]) -> Sequence[Any]:
     return [storage.write_lock for storage in sorted(written, key=id)]
 
 
+def _reads_written_bytes_as_other_elements(info: OpInfo, args: tuple, kwargs: dict) -> bool:
+    """Whether an op writing its first argument, a PagedTensor, reads a view of that allocation whose
+    elements are other bytes than the written ones at the same index: another byte offset, or the same
+    element offset in a dtype of another size (``t[o:].add_(t.view(torch.uint8)[o:])``). Run in pieces,
+    an earlier piece would write bytes a later piece reads (torch refuses such a partial overlap,
+    which no one piece need show); :func:`run_in_pieces` compares element offsets only."""
+    if [position for position, _ in info.written] != [0] or not isinstance(args[0], PagedTensor) or args[0]._paged is None:
+        return False
+    target = args[0]
+    itemsize = target.dtype.itemsize
+    return any(
+        leaf._paged is target._paged
+        and (leaf.dtype.itemsize != itemsize or leaf._offset != target._offset)
+        for leaf in _paged_leaves(args[1:], kwargs)
+    )
+
+
 def _same_data(target: Any, source: Any) -> bool:
     """Whether a copy between two PagedTensors would leave every byte as it is: views of the same
-    bytes the same way (torch's copy_ returns early for those), or contiguous views of the same
-    bytes (torch's composites, ``matmul(out=)`` among them, copy a reshaped ``out`` back onto
-    ``out`` unless the two share a storage, which a wrapper subclass's views do not)."""
+    bytes the same way (torch's copy_ returns early for those), or ``target`` with its leading dims
+    folded into one, both contiguous (``matmul(out=)`` copies such a reshape of ``out`` back onto
+    ``out`` unless the two share a storage, which a wrapper subclass's views do not). Any other view
+    of the same bytes (``t.copy_(t.view(3, 4))``) runs, and torch refuses it, as for plain tensors."""
     if not (isinstance(target, PagedTensor) and isinstance(source, PagedTensor)):
         return False
     if target._paged is None or target._paged is not source._paged or target._offset != source._offset or target.dtype != source.dtype:
         return False
     if target.shape == source.shape and target.stride() == source.stride():
         return True
-    return target.numel() == source.numel() and target.is_contiguous() and source.is_contiguous()
+    folded = 0 < source.dim() < target.dim() and source.shape[1:] == target.shape[target.dim() - source.dim() + 1 :]
+    return folded and target.numel() == source.numel() and target.is_contiguous() and source.is_contiguous()
 
 
 # ---------------------------------------------------------------------- arguments

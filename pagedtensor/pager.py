@@ -258,8 +258,21 @@ class ResidentPages:
         return runs[0][1] if len(runs) == 1 else None
 
     def mark_dirty(self, indices: Optional[Iterable[int]] = None) -> None:
-        """Record that the pages at ``indices`` (allocation page numbers; default: all) were written."""
-        self._dirty.update(range(self.start, self.stop) if indices is None else indices)
+        """Record that the pages at ``indices`` (allocation page numbers; default: all) were written.
+
+        Raises:
+            ValueError: an index is not one of the pinned pages ``[start, stop)`` (nothing is marked).
+        """
+        if indices is None:
+            self._dirty.update(range(self.start, self.stop))
+            return
+        pages = indices if isinstance(indices, (set, frozenset)) else set(indices)
+        if pages and (min(pages) < self.start or max(pages) >= self.stop):
+            outside = min(page for page in pages if not self.start <= page < self.stop)
+            raise ValueError(
+                f"dirty page {outside} is not one of the pinned pages [{self.start}, {self.stop}) of allocation {self.allocation.id}"
+            )
+        self._dirty.update(pages)
 
     def release(
         self, *, dirty: Union[bool, Iterable[int]] = False, stream: Optional[torch.cuda.Stream] = None, event: Event = None

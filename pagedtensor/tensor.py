@@ -410,14 +410,28 @@ class PagedTensor(torch.Tensor):
     def numpy(self, *, force: bool = False):  # noqa: ANN201 - numpy is optional
         """A read-only NumPy copy of the values. An array cannot share a PagedTensor's pages (torch's
         ``numpy()`` shares a CPU tensor's memory), so a write to it raises instead of being lost."""
-        if self.requires_grad and not force:
-            raise RuntimeError("Can't call numpy() on Tensor that requires grad. Use tensor.detach().numpy() instead.")
-        return self.__array__()
+        return self._numpy_copy(writeable=False, force=force)
 
     def __array__(self, dtype=None, copy=None):  # noqa: ANN001, ANN204
-        array = self.materialize("cpu").detach().numpy()
-        array.flags.writeable = False
+        """NumPy's array protocol (``np.asarray(t)``, ``np.array(t)``), as torch's ``Tensor.__array__``
+        (which refuses a tensor that requires grad) with NumPy 2's ``copy``: ``None`` gives the read-only
+        copy :meth:`numpy` gives, ``True`` a writable copy of the caller's own, and ``False`` raises
+        ``ValueError``, as NumPy does for any copy it cannot avoid: an array cannot share the pages."""
+        if copy is False:
+            raise ValueError(
+                "PagedTensor.__array__: copy=False, but a PagedTensor's bytes live in pager pages, which an array "
+                "cannot share: making one always copies them; pass copy=None (np.asarray) or copy=True"
+            )
+        array = self._numpy_copy(writeable=bool(copy))
         return array if dtype is None else array.astype(dtype, copy=False)
+
+    def _numpy_copy(self, writeable: bool, force: bool = False):  # noqa: ANN202
+        if self.requires_grad and not force:
+            raise RuntimeError("Can't call numpy() on Tensor that requires grad. Use tensor.detach().numpy() instead.")
+        array = self.materialize("cpu").detach().numpy()
+        if not writeable:
+            array.flags.writeable = False
+        return array
 
     # The wrapper's own storage is empty (no bytes, a null pointer): these would reach it and crash or
     # export garbage, so each raises, naming what to use instead. (``untyped_storage()`` stays: torch

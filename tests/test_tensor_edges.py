@@ -1,0 +1,284 @@
+"""PagedTensor at the edges: NumPy's copy protocol, dirty pages outside a pinned range, a closed
+default pager, overlapping source and destination of in-place ops, and dtypes, layouts and dtype
+views beyond the common ones, compared byte for byte with plain tensors while pages evict between
+ops. CPU pagers with 4 KiB pages and budgets of a few pages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pagedtensor
+from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
+
+PAGE = 4096
+OVERLAP = "refer to a single memory location"
+
+
+def make_pager(device_pages: int = 8, host_pages: int = 64) -> Pager:
+    return Pager(
+        MemoryConfig(
+            page_size=PAGE,
+            vram_limit=device_pages * PAGE,
+            host_memory=host_pages * PAGE,
+            slab_size=max(device_pages, host_pages) * PAGE,
+            prefetch_strategy="none",
+            device="cpu",
+        )
+    )
+
+
+@pytest.fixture
+def pager():
+    with make_pager() as p:
+        yield p
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The values of ``t`` as bytes (NaNs compare by their bits)."""
+    if isinstance(t, PagedTensor):
+        t = t.materialize()
+    flat = t.detach().contiguous().reshape(-1)
+    return flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)
+
+
+def assert_same(got: object, expected: object, what: str = "") -> None:
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor), what
+        assert (tuple(got.shape), got.dtype) == (tuple(expected.shape), expected.dtype), what
+        assert torch.equal(as_bytes(got), as_bytes(expected)), what
+    elif isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected), what
+        for g, e in zip(got, expected):
+            assert_same(g, e, what)
+    else:
+        assert got == expected, what
+
+
+# ---------------------------------------------------------------------- NumPy's array protocol
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")  # torch's own
+def test_asarray_follows_numpys_copy_protocol(pager):
+    """NumPy 2 passes ``copy`` to ``__array__``: ``False`` must raise when a copy is needed (as it
+    does for a plain tensor), ``True`` asks for a copy of the caller's own (writable, as for a plain
+    tensor); ``None`` keeps the read-only copy ``numpy()`` gives."""
+    plain = torch.arange(6.0)
+    paged = PagedTensor.wrap(plain, pager)
+    with pytest.raises(ValueError):
+        np.asarray(plain, copy=False)
+    with pytest.raises(ValueError, match="copy=False"):
+        np.asarray(paged, copy=False)
+    with pytest.raises(ValueError, match="copy=False"):
+        np.array(paged, dtype=np.float64, copy=False)
+    with pytest.raises(ValueError, match="copy=False"):
+        paged.__array__(copy=False)
+
+    shared = np.asarray(paged)
+    assert shared.tolist() == plain.tolist() and not shared.flags.writeable
+    own = np.array(paged)  # copy=True
+    assert own.flags.writeable == np.array(plain).flags.writeable
+    own[0] = 42.0
+    assert paged.tolist() == plain.tolist()
+    assert np.asarray(paged, dtype=np.float64).dtype == np.float64
+
+    grad = PagedTensor.wrap(torch.zeros(2, requires_grad=True), pager)
+    for tensor in (torch.zeros(2, requires_grad=True), grad):  # torch's __array__ refuses these
+        with pytest.raises(RuntimeError, match="requires grad"):
+            np.asarray(tensor)
+
+
+# ---------------------------------------------------------------------- the pager's release path
+
+
+def test_release_refuses_dirty_pages_outside_the_pinned_range(pager):
+    allocation = pager.allocate(3 * PAGE)
+    pager.write(allocation, torch.full((3 * PAGE,), 7, dtype=torch.uint8))
+    resident = pager.ensure_resident(allocation, 0, 2)
+    with pytest.raises(ValueError, match=r"dirty page 99 is not one of the pinned pages \[0, 2\)"):
+        resident.release(dirty=[99])
+    with pytest.raises(ValueError, match="dirty page 2 "):
+        resident.mark_dirty([1, 2])
+    assert not resident.released  # nothing happened: the pages are still pinned, and release again
+    resident.views()[1].fill_(9)
+    resident.release(dirty=[1])
+    assert pager.read(allocation).tolist() == [7] * PAGE + [9] * PAGE + [7] * PAGE
+
+
+# ---------------------------------------------------------------------- the default pager
+
+
+def test_set_default_pager_refuses_a_closed_pager():
+    closed = make_pager()
+    closed.close()
+    previous = pagedtensor.set_default_pager(None)
+    try:
+        with pytest.raises(ValueError, match="set_default_pager: .* is closed"):
+            pagedtensor.set_default_pager(closed)
+        assert pagedtensor.get_default_pager() is not closed
+    finally:
+        pagedtensor.set_default_pager(previous)
+
+
+# ---------------------------------------------------------------------- overlapping in-place ops
+
+
+_OVERLAPS = {
+    "copy_ from a view of another shape": lambda t: t.copy_(t.view(3, 4)),
+    "copy_ from a view with one more dim": lambda t: t.view(12, 1).copy_(t.view(1, 12)),
+    "copy_ from the transpose": lambda t: t.view(3, 4).copy_(t.view(4, 3).t()),
+    "copy_ from itself": lambda t: t.copy_(t),
+    "copy_ from the same view": lambda t: t[2:].copy_(t[2:]),
+    "copy_ partial": lambda t: t[1:].copy_(t[:-1]),
+    "copy_ disjoint": lambda t: t[:6].copy_(t[6:]),
+    "copy_ bytes shifted": lambda t: t.view(torch.uint8)[1:9].copy_(t.view(torch.uint8)[0:8]),
+    "copy_ from an int32 view": lambda t: t.copy_(t.view(torch.int32)),
+    "add_ partial": lambda t: t[1:].add_(t[:-1]),
+    "add_ itself": lambda t: t.add_(t),
+    "add out= partial": lambda t: torch.add(t[:6], 1, out=t[1:7]),
+    "add out= full": lambda t: torch.add(t[:6], 1, out=t[:6]),
+    "addcmul_ partial": lambda t: t[1:].addcmul_(t[:-1], t[:-1]),
+    "index_put_ partial": lambda t: t[1:].index_put_((torch.tensor([0, 1]),), t[:2]),
+    "cat out= partial": lambda t: torch.cat([t[:3], t[3:6]], out=t[2:8]),
+    "write to an expanded view": lambda t: t[:4].view(4, 1).expand(4, 3).add_(1),
+    "copy_ 2-D strided views": lambda t: t.view(3, 4)[:, :2].copy_(t.view(3, 4)[:, 1:3]),
+}
+
+
+@pytest.mark.parametrize("name", list(_OVERLAPS))
+def test_in_place_ops_with_overlapping_views_match_torch(pager, name):
+    """torch refuses a source that overlaps the written tensor (other than as the very same view);
+    a PagedTensor refuses the same ops, and runs the rest to the same bytes."""
+    op = _OVERLAPS[name]
+    plain = torch.arange(12.0)
+    paged = PagedTensor.wrap(plain.clone(), pager)
+    try:
+        op(plain)
+    except RuntimeError as error:
+        assert OVERLAP in str(error) or "more than one element" in str(error)
+        with pytest.raises(RuntimeError, match=OVERLAP if OVERLAP in str(error) else "more than one element"):
+            op(paged)
+        assert paged.tolist() == list(range(12))
+    else:
+        op(paged)
+    assert_same(paged, plain)
+
+
+def test_matmul_out_still_copies_its_folded_view_back(pager):
+    """matmul(out=) copies a reshape of ``out`` onto ``out`` (a PagedTensor's views share no torch
+    storage): the one form of a copy between other-shaped views of the same bytes that runs."""
+    g = torch.Generator().manual_seed(3)
+    for a, b in ((torch.randn(5, 5, 10, generator=g), torch.randn(10, generator=g)), (torch.randn(2, 5, 10, generator=g), torch.randn(10, 3, generator=g))):
+        out = PagedTensor.wrap(torch.zeros_like(torch.matmul(a, b)), pager)
+        torch.matmul(a, b, out=out)
+        assert_same(out, torch.matmul(a, b))
+
+
+def test_in_place_op_too_large_refuses_a_view_of_its_bytes_in_another_dtype():
+    """Run in pieces, ``a.add_(c)`` with ``c`` a uint8 view of ``a``'s allocation at the same element
+    offset would write bytes that later pieces read (torch refuses the partial overlap): it raises and
+    leaves the tensor as it was, instead of writing a piece and then failing."""
+    with make_pager(device_pages=4) as small:
+        offset, n = 1024, 15360
+        plain = torch.arange(offset + n, dtype=torch.float32)
+        with pytest.raises(RuntimeError, match=OVERLAP):
+            plain[offset:].add_(plain.view(torch.uint8)[offset : offset + n])
+        paged = PagedTensor.wrap(plain, small)
+        with pytest.raises(OutOfPagesError, match="aten.add_"):
+            paged[offset:].add_(paged.view(torch.uint8)[offset : offset + n])
+        assert_same(paged, plain)
+        # The same op on a view in a dtype of the same size reads the very bytes it writes: in pieces.
+        paged[offset:].add_(paged.view(torch.int32)[offset:])
+        expected = plain.clone()
+        expected[offset:].add_(expected.view(torch.int32)[offset:])
+        assert_same(paged, expected)
+
+
+# ---------------------------------------------------------------------- dtypes, layouts, dtype views
+
+
+def _values(dtype: torch.dtype, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    if dtype.is_complex:
+        return torch.randn(n, dtype=dtype, generator=g)
+    if dtype.is_floating_point:
+        x = torch.randn(n, generator=g) * 4
+        x[::97], x[5::101] = float("nan"), float("inf")
+        return x.to(dtype)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, (n,), generator=g).bool()
+    info = torch.iinfo(dtype)
+    return torch.randint(max(info.min, -(2**31)), min(info.max, 2**31), (n,), generator=g, dtype=torch.int64).to(dtype)
+
+
+def _evicted(t: torch.Tensor) -> torch.Tensor:
+    """Every unpinned page off the device: the next op reads them back from the host."""
+    if isinstance(t, PagedTensor):
+        t.pager.evict_all()
+    return t
+
+
+def _after(write):  # noqa: ANN001, ANN202 - an op that writes ``t`` in place: its result is ``t``'s bytes after it
+    return lambda t: (write(t), _evicted(t), t.clone())[2]
+
+
+_PROGRAMS = {
+    "slice clone": lambda t: t[7:3000:3].clone(),
+    "to float64": lambda t: t.to(torch.float64) if not t.dtype.is_complex else t.to(torch.complex128),
+    "cat": lambda t: torch.cat([t[:10], t[2000:2010]]),
+    "row gather": lambda t: t.view(30, -1)[torch.tensor([3, 29, 3, 0])],
+    "flip": lambda t: t.flip(0),
+    "eq": lambda t: t == t.flip(0),
+    "fill_ strided": _after(lambda t: t[100:2900:7].fill_(1)),
+    "zero_": _after(lambda t: t[10:2500].zero_()),
+    "copy_ transposed": _after(lambda t: t.view(30, -1)[:20, :20].copy_(t.view(30, -1)[10:30, 40:60].T)),
+    "setitem column": _after(lambda t: t.view(30, -1).__setitem__((slice(None), 5), _values(t.dtype, 30))),
+    "bytes": lambda t: t.view(torch.uint8).clone(),
+    "write through a uint8 view": _after(lambda t: t.view(torch.uint8)[3::11].fill_(0x41)),
+    "write through an int16 view": _after(lambda t: t.view(torch.int16)[1::5].add_(3) if t.dtype.itemsize >= 2 else None),
+    "write through an int32 view": _after(lambda t: t.view(torch.int32)[7:600:3].fill_(0x3C3C3C3C) if t.dtype.itemsize <= 4 else None),
+}
+_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32, torch.uint64, torch.int8, torch.bool,
+           torch.float64, torch.complex64, torch.complex128]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", _DTYPES, ids=str)
+def test_dtypes_match_plain_tensors_bytewise_with_evictions(dtype):
+    """Each program gives the plain tensor's bytes (NaNs included), pages evicted before it runs and
+    after each write; writes through views of another dtype reach the pages."""
+    with make_pager(device_pages=16) as small:
+        for name, program in _PROGRAMS.items():
+            source = _values(dtype, 3000)
+            paged = _evicted(PagedTensor.wrap(source, small))
+            try:
+                expected = program(source.clone())
+            except (RuntimeError, TypeError, NotImplementedError) as error:
+                with pytest.raises(type(error)):
+                    program(paged)
+                continue
+            assert_same(program(paged), expected, name)
+
+
+_COMPLEX_WRITES = {
+    ".real fill_": lambda t: t.real[100:900].fill_(3.0),
+    ".imag mul_": lambda t: t.imag.mul_(2),
+    ".real setitem": lambda t: t.real.__setitem__(slice(5, 1000, 7), 1.5),
+    "view_as_real column": lambda t: torch.view_as_real(t)[:, 1].zero_(),
+    ".imag = tensor": lambda t: setattr(t, "imag", torch.arange(1500.0).to(t.real.dtype)),
+    "2-D block .real add_": lambda t: t.view(30, 50)[:, 3:9].real.add_(1),
+    "view_as_complex of view_as_real": lambda t: torch.view_as_complex(torch.view_as_real(t)[200:300]).mul_(2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+@pytest.mark.parametrize("name", list(_COMPLEX_WRITES))
+def test_complex_writes_through_real_and_imag_views_reach_the_pages(dtype, name):
+    with make_pager(device_pages=16) as small:
+        write = _COMPLEX_WRITES[name]
+        plain = _values(dtype, 1500)
+        paged = _evicted(PagedTensor.wrap(plain, small))
+        write(plain)
+        write(paged)
+        assert_same(_evicted(paged), plain)
+        assert_same((paged.real.clone(), paged.imag.clone()), (plain.real, plain.imag))
