@@ -71,6 +71,8 @@ PAGE_ENTRY_BYTES = 140
 """Host memory one page-table entry takes, about (the bound :meth:`Pager.allocate` checks)."""
 UNKNOWN_MACHINE_MEMORY = 2**40
 """The memory :meth:`Pager.allocate` bounds a page table by where the system does not say."""
+ACCESS_PATTERNS = ("normal", "loop")
+"""How an allocation's pages are used (:meth:`Pager.advise`)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -162,6 +164,7 @@ class Allocation:
     version: int = 0  # bumped each time pages are released dirty (written); caches of the bytes compare it
     pins: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)  # pinned ranges, shared with its pages
     resident_run: Optional[ResidentRun] = field(default=None, repr=False)  # the last range found resident
+    loop: bool = False  # used once a pass over a fixed sequence of allocations: see Pager.advise
 
     @property
     def num_pages(self) -> int:
@@ -405,6 +408,24 @@ class Pager:
             allocation.freed = True
             del self._allocations[allocation.id]
 
+    def advise(self, allocation: Allocation, access: str) -> None:
+        """Say how ``allocation``'s pages are used, so the device tier keeps the right ones.
+
+        ``access="loop"``: the allocation is used once a pass over a fixed sequence of allocations,
+        pass after pass (a model's layer weights, used once a token in layer order). Recency evicts
+        each such page just before its next use once the loop does not fit; here a page used by
+        :meth:`ensure_resident` goes first in the device tier's eviction order instead (the most
+        recently used first), so the rest of the loop stays resident and only the part that does
+        not fit moves each pass. Pages prefetched and not yet used keep their place. Loop pages
+        are therefore evicted before any other page once used.
+        ``access="normal"`` (every allocation's default): the configured policy's recency order.
+        """
+        if access not in ACCESS_PATTERNS:
+            raise ValueError(f"access: expected one of {ACCESS_PATTERNS}, got {access!r}")
+        with self._lock:
+            self._check_allocation(allocation)
+            allocation.loop = access == "loop"
+
     # ------------------------------------------------------------------ residency
 
     def release_together(self, releases: Sequence[tuple[ResidentPages, Iterable[int]]], stream: Optional[torch.cuda.Stream] = None) -> None:
@@ -450,7 +471,10 @@ class Pager:
             run = self._current_run(allocation, start, stop)
             if run is not None:  # the same pages as last time and nothing has moved since: no step per page
                 _pin(pins, start, stop)
-                self.device_policy.touch_run((allocation.id, start, stop), run.pages)
+                if allocation.loop:
+                    self.device_policy.demote_run((allocation.id, start, stop), run.pages)
+                else:
+                    self.device_policy.touch_run((allocation.id, start, stop), run.pages)
                 self.metrics.count("hits", stop - start)
                 return ResidentPages(self, allocation, start, stop, run.pages, run.slots, [], run.first_slot)
             pages = allocation.pages[start:stop]
@@ -464,9 +488,14 @@ class Pager:
                     raise
                 overwritten = [page for page in missing if page in self._overwriting] if discard else []
                 slots = list(map(_DEVICE_SLOT, pages))
+                if allocation.loop:
+                    self.device_policy.demote_all(pages)
             else:  # all resident, the common case: ``discard`` only concerns missing pages
                 missing = overwritten = ()
-                self.device_policy.touch_run((allocation.id, start, stop), pages)
+                if allocation.loop:
+                    self.device_policy.demote_run((allocation.id, start, stop), pages)
+                else:
+                    self.device_policy.touch_run((allocation.id, start, stop), pages)
             self.metrics.count("hits", len(pages) - len(missing))
             events = self._unfinished_copies(pages)
             first_slot = self.device_tier.first_of_run(slots)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks.common import LayerTimeline
@@ -80,3 +81,24 @@ def test_pieces_benchmark_on_a_cpu_device_tier(tmp_path, monkeypatch):
     assert results["paged_bitwise_equal"] and results["manual_bitwise_equal"]
     assert [row["method"] for row in results["rows"]] == ["paged", "manual"]
     assert results["pager_stats"]["faults"] >= 2 * (2**22 // 2**14)  # every page faulted in, twice (two rounds)
+
+
+def test_weight_paging_benchmark_on_a_cpu_device_tier(tmp_path):
+    """The weight-paging benchmark's path on tiny shapes, the CPU as the device tier and a budget of
+    about 60% of the layer weights: every run gives the unpaged tokens, and the weights advised
+    ``"loop"`` move fewer bytes a token than under recency, which moves them all."""
+    import json
+
+    pytest.importorskip("transformers")
+    from benchmarks import bench_weight_paging
+
+    out = tmp_path / "weight_paging.json"
+    argv = ["--device", "cpu", "--runs", "native,paged,paged_recency", "--layers", "8", "--hidden", "128", "--heads", "4",
+            "--intermediate", "256", "--vocab", "512", "--prompt", "32", "--new-tokens", "6", "--cap-gib", "0.0019",
+            "--margin-gib", "0", "--page-size", "16KiB", "--host-gib", "0.1", "--out", str(out)]  # fmt: skip
+    assert bench_weight_paging.main(argv) == 0
+    runs = {run["run"]: run for run in json.loads(out.read_text())["runs"]}
+    assert all(run["status"] == "ok" for run in runs.values()), runs
+    assert runs["paged"]["tokens_equal_native"] == runs["paged_recency"]["tokens_equal_native"] == "6/6"
+    weights_gb = runs["paged"]["paged_weights_gib"] * 2**30 / 1e9
+    assert runs["paged"]["gb_h2d_per_token"] < 0.75 * weights_gb < runs["paged_recency"]["gb_h2d_per_token"], runs

@@ -800,3 +800,48 @@ def test_a_closed_pager_frees_its_metric_names_and_a_bad_registry_is_named():
         assert pager.metrics.registry is registry
     with pytest.raises(TypeError, match="registry"):
         Pager(config, registry="x")
+
+
+def _faults_per_pass(pager: Pager, allocations: list, passes: int) -> list[int]:
+    """Use every allocation in turn, ``passes`` times; the device faults of each pass."""
+    counts = []
+    for _ in range(passes):
+        before = pager.stats()["faults"]
+        for allocation in allocations:
+            with pager.ensure_resident(allocation):
+                pass
+        counts.append(pager.stats()["faults"] - before)
+    return counts
+
+
+@pytest.mark.parametrize("policy", ["lru", "2q"])
+def test_a_loop_that_does_not_fit_keeps_most_of_itself_resident(policy):
+    """Eight one-page allocations used in a loop on a six-page device tier: by recency (LRU) each
+    page is evicted just before its next use, so every use faults; advised ``"loop"`` the page just used
+    leaves first, so after the first pass at most N - C + 1 = 3 of the 8 uses fault (MRU on a loop),
+    the bytes are intact, and advised ``"normal"`` again the loop faults everywhere again."""
+    pager = make_pager(device_pages=6, host_pages=8, eviction_policy=policy, prefetch_strategy="none")
+    allocations = [pager.allocate(PAGE) for _ in range(8)]
+    for index, allocation in enumerate(allocations):
+        pager.write(allocation, random_bytes(PAGE, seed=index))
+    recency = _faults_per_pass(pager, allocations, 3)[1:]
+    assert recency == [8, 8] if policy == "lru" else min(recency) > 3, recency  # 2Q keeps a page or two in am
+    for allocation in allocations:
+        pager.advise(allocation, "loop")
+    looped = _faults_per_pass(pager, allocations, 6)[1:]
+    assert max(looped) <= 3, looped
+    for index, allocation in enumerate(allocations):
+        assert torch.equal(pager.read(allocation), random_bytes(PAGE, seed=index))
+        pager.advise(allocation, "normal")
+    if policy == "lru":
+        assert _faults_per_pass(pager, allocations, 3)[1:] == [8, 8]
+
+
+def test_advise_names_a_bad_access_pattern_or_allocation():
+    pager = make_pager()
+    allocation = pager.allocate(PAGE)
+    with pytest.raises(ValueError, match="access: expected one of .*'sequential'"):
+        pager.advise(allocation, "sequential")
+    pager.free(allocation)
+    with pytest.raises(ValueError, match="freed"):
+        pager.advise(allocation, "loop")

@@ -12,6 +12,8 @@ hold, so the test checks:
 * (``scan``) reading everything in a drawn order returns every byte, whatever mix of dirty and clean
   copies the reads leave on the device for the next eviction;
 * the page table is coherent: a dirty page has exactly one copy; the counters add up;
+* (``advise``) pages of an allocation advised ``"loop"`` go first in the eviction order when
+  pinned (the most recently pinned first), and back to recency when advised ``"normal"``;
 * (``pin`` with ``overwrite``) pages pinned to be overwritten whole (``discard``) read as zeros until
   released; released written they hold what was written, released unwritten their old bytes.
 """
@@ -61,6 +63,7 @@ class PagerMachine(RuleBasedStateMachine):
         self.data: dict[int, torch.Tensor] = {}  # allocation id -> expected bytes
         self.live: dict[int, object] = {}
         self.lru: list[tuple[int, int]] = []  # device-resident (allocation id, page), least recent first
+        self.loop: set[int] = set()  # allocations advised "loop"
         self.pinned: list[tuple[object, dict[tuple[int, int], int]]] = []  # (ResidentPages, slots at pin)
         # Pages pinned zero-filled for an overwrite while a lower copy holds their bytes: key -> those
         # bytes, until a release marks the page written or its own release gives them back.
@@ -77,8 +80,8 @@ class PagerMachine(RuleBasedStateMachine):
     def _pinned_keys(self) -> set[tuple[int, int]]:
         return {key for _, slots in self.pinned for key in slots}
 
-    def _model_fault(self, allocation_id: int, start: int, stop: int) -> None:
-        """What ``ensure_resident`` does to the device LRU order."""
+    def _model_fault(self, allocation_id: int, start: int, stop: int, use: bool = True) -> None:
+        """What ``ensure_resident`` (``use``) or a prefetch does to the device LRU order."""
         keys = [(allocation_id, index) for index in range(start, stop)]
         resident = set(self.lru)
         for key in keys:
@@ -92,6 +95,10 @@ class PagerMachine(RuleBasedStateMachine):
         for key in victims:
             self.lru.remove(key)
         self.lru.extend(missing)
+        if use and allocation_id in self.loop:  # used in a loop: first to leave, the last page used first
+            for key in keys:
+                self.lru.remove(key)
+                self.lru.insert(0, key)
 
     def _model_chunks(self, allocation_id: int, first: int, stop: int) -> None:
         size = max(1, self.device_pages // 2)
@@ -152,7 +159,14 @@ class PagerMachine(RuleBasedStateMachine):
         start = data.draw(st.integers(0, allocation.num_pages - 1), label="start")
         stop = data.draw(st.integers(start + 1, min(allocation.num_pages, start + 2)), label="stop")
         self.pager.prefetch(allocation, start, stop).result()
-        self._model_fault(allocation.id, start, stop)
+        self._model_fault(allocation.id, start, stop, use=False)
+
+    @rule(allocation=allocations, loop=st.booleans())
+    def advise(self, allocation, loop: bool):
+        if allocation.id not in self.live:
+            return
+        self.pager.advise(allocation, "loop" if loop else "normal")
+        (self.loop.add if loop else self.loop.discard)(allocation.id)
 
     @precondition(lambda self: len(self.pinned) < 2)
     @rule(allocation=allocations, overwrite=st.booleans(), data=st.data())

@@ -99,6 +99,47 @@ def test_touch_all_equals_touching_each_key_in_order(name, ops):
         assert batched.victims(10, lambda k: True) == single.victims(10, lambda k: True)
 
 
+@pytest.mark.parametrize("name", ["lru", "2q"])
+@given(ops=st.lists(st.tuples(st.sampled_from(["insert", "touch_all", "demote_all", "remove"]), st.lists(st.integers(0, 9), max_size=6)), max_size=40))
+def test_demote_all_puts_the_keys_first_the_last_used_first(name, ops):
+    """``demote_all`` (keys used in a loop) moves each key to the eviction end of its queue, in
+    order, so the last key demoted is the first victim of that queue; other keys keep their order.
+    LRU is checked against a list model of the whole order; 2Q queue by queue."""
+    policy = make_policy(name, 8)
+    model: list[int] = []  # LRU order, least recent first
+    for op, keys in ops:
+        if op == "insert":
+            for key in keys:
+                if key not in model:
+                    policy.insert(key), model.append(key)
+        elif op == "remove":
+            for key in keys:
+                if key in model:
+                    policy.remove(key), model.remove(key)
+        elif not all(key in model for key in keys):
+            with pytest.raises(KeyError):
+                getattr(policy, op)([key for key in keys if key not in model][:1])
+        elif op == "touch_all":
+            policy.touch_all(keys)
+            for key in keys:
+                model.remove(key), model.append(key)
+        else:
+            queues = {key: [queue for queue in (policy.a1in, policy.am) if key in queue][0] for key in keys} if name == "2q" else {}
+            before = {id(queue): list(queue) for queue in queues.values()}
+            policy.demote_all(keys)
+            for key in keys:
+                model.remove(key), model.insert(0, key)
+            for queue in queues.values():  # 2Q: each queue is its old order with its demoted keys moved first
+                expected = list(before[id(queue)])
+                for key in keys:
+                    if queues[key] is queue:
+                        expected.remove(key), expected.insert(0, key)
+                assert list(queue) == expected
+        if name == "lru":
+            assert policy.order() == model
+        assert len(policy) == len(model)
+
+
 RUNS = [(0, 1, 2), (2, 3), (4,), (1, 5, 6, 7), (8, 9), (3, 0)]
 
 
@@ -112,6 +153,8 @@ RUNS = [(0, 1, 2), (2, 3), (4,), (1, 5, 6, 7), (8, 9), (3, 0)]
             st.tuples(st.just("touch_run"), st.integers(0, len(RUNS) - 1)),
             st.tuples(st.just("touch_run"), st.integers(0, len(RUNS) - 1)),  # likelier: runs between flushes
             st.tuples(st.just("touch_run"), st.integers(0, len(RUNS) - 1)),
+            st.tuples(st.just("demote_run"), st.integers(0, len(RUNS) - 1)),
+            st.tuples(st.just("demote_run"), st.integers(0, len(RUNS) - 1)),
             st.tuples(st.just("touch"), st.integers(0, 9)),
             st.tuples(st.just("victims"), st.integers(1, 10)),
         ),
@@ -121,8 +164,9 @@ RUNS = [(0, 1, 2), (2, 3), (4,), (1, 5, 6, 7), (8, 9), (3, 0)]
 )
 @settings(max_examples=300)
 def test_deferred_touches_give_the_eager_order(name, ops, max_pending):
-    """Runs recorded by ``touch_run`` (deduplicated by run id, applied before any other call) leave
-    exactly the victims and order of touching every key at once, whatever falls between them."""
+    """Runs recorded by ``touch_run`` or ``demote_run`` (deduplicated by run id, the last record of
+    an id deciding, applied before any other call) leave exactly the victims and order of touching
+    or demoting every key at once, whatever falls between them."""
     lazy, eager = DeferredTouches(make_policy(name, 8), max_pending), make_policy(name, 8)
     for key in range(10):
         lazy.insert(key), eager.insert(key)
@@ -135,6 +179,9 @@ def test_deferred_touches_give_the_eager_order(name, ops, max_pending):
         elif op == "touch_run" and resident.issuperset(RUNS[arg]):
             lazy.touch_run(("run", arg), list(RUNS[arg]))
             eager.touch_all(RUNS[arg])
+        elif op == "demote_run" and resident.issuperset(RUNS[arg]):  # the same run ids as touch_run
+            lazy.demote_run(("run", arg), list(RUNS[arg]))
+            eager.demote_all(RUNS[arg])
         elif op == "touch" and arg in resident:
             lazy.touch(arg), eager.touch(arg)
         elif op == "victims":

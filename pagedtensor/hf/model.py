@@ -467,7 +467,9 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState) -> None:
     """Replace every parameter of the decoder ``layers`` (:func:`_decoder_layers`) by a PagedTensor
     parameter on ``state.pager`` (``requires_grad=False``: paged weights are for inference) and hook
-    the layer-ahead prefetch (layer ``i``'s pre-hook prefetches layer ``i + 1``'s weights)."""
+    the layer-ahead prefetch (layer ``i``'s pre-hook prefetches layer ``i + 1``'s weights). The
+    weights are advised ``"loop"`` (:meth:`Pager.advise`): once the layers do not all fit, the same
+    ones stay resident token after token and only the rest move."""
     from pagedtensor.tensor import PagedTensor
 
     pager = state.pager
@@ -489,6 +491,7 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
                     if parameter is None or isinstance(parameter, PagedTensor):
                         continue
                     paged = PagedTensor.wrap(parameter.detach(), pager, name=f"layers.{index}.{module_name + '.' if module_name else ''}{name}")
+                    pager.advise(paged.allocation, "loop")  # used once a token, layer after layer
                     module._parameters[name] = torch.nn.Parameter(paged, requires_grad=False)
                     replaced.append((module, name, parameter))
     except BaseException:  # the weights do not fit (OutOfPagesError): the dense weights back

@@ -35,6 +35,14 @@ class EvictionPolicy(abc.ABC, Generic[K]):
             self.touch(key)
 
     @abc.abstractmethod
+    def demote_all(self, keys: Iterable[K]) -> None:
+        """Every key of ``keys``, each already in the tier, was used, in that order, and will not be
+        needed again before the other keys of its loop have been (a model's layer weights, used once
+        a token in layer order). They go first in the eviction order, the last of them first: among
+        keys used this way the most recently used leaves first, which keeps the rest of the loop
+        resident instead of evicting each key just before its next use, as recency would."""
+
+    @abc.abstractmethod
     def remove(self, key: K) -> None:
         """``key`` left the tier (evicted or freed)."""
 

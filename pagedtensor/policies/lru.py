@@ -28,6 +28,11 @@ class LRUPolicy(EvictionPolicy[K]):
         for key in keys:
             move_to_end(key)
 
+    def demote_all(self, keys: Iterable[K]) -> None:
+        move_to_end = self._order.move_to_end
+        for key in keys:
+            move_to_end(key, last=False)
+
     def remove(self, key: K) -> None:
         del self._order[key]
 

@@ -53,6 +53,17 @@ class TwoQPolicy(EvictionPolicy[K]):
             elif key not in a1in:
                 raise KeyError(f"TwoQPolicy.touch: key {key!r} is not resident")
 
+    def demote_all(self, keys: Iterable[K]) -> None:
+        """Each key goes to the eviction end of the queue it is in (``a1in`` or ``am``)."""
+        am, a1in = self.am, self.a1in
+        for key in keys:
+            if key in am:
+                am.move_to_end(key, last=False)
+            elif key in a1in:
+                a1in.move_to_end(key, last=False)
+            else:
+                raise KeyError(f"TwoQPolicy.demote_all: key {key!r} is not resident")
+
     def remove(self, key: K) -> None:
         if key in self.a1in:
             del self.a1in[key]

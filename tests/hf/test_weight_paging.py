@@ -187,3 +187,33 @@ def test_page_weights_names_a_parameter_it_cannot_page_before_replacing_any(nvme
     with pytest.raises(TypeError, match=r"layers\.1\.mlp\.up_proj\.weight is a TwoTensor"):
         enable_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa", page_weights=True)
     assert not any(isinstance(p, PagedTensor) for p in model.model.layers[0].parameters())
+
+
+@pytest.mark.parametrize("advice", ["loop", "normal"])
+def test_weights_that_do_not_fit_keep_the_same_layers_resident(advice, nvme_dir):
+    """Eight layers under a device budget of about 60% of their weights. Advised ``"loop"`` (what
+    ``page_weights=True`` does), the weights used last leave first, so the same layers stay on the
+    device token after token and each token moves well under the whole weights (at most 75% of
+    them, where 40% cannot fit); under recency, every layer is evicted just before its next use
+    and each token moves them all again. The tokens are the unpaged ones either way."""
+    reference, model = tiny_pair("llama", attn="sdpa", num_hidden_layers=8)
+    ids, mask = prompts(1, length=16)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    weights = _layer_bytes(model)
+    budget = tiny_budget(nvme_dir, vram_pages=int(0.6 * weights) // PAGE, host_pages=2 * weights // PAGE)
+    enable_paging(model, budget, attn_implementation="sdpa", page_weights=True)
+    pager = paging_state(model).pager
+    for parameter in model.model.layers.parameters():
+        assert parameter.allocation.loop
+        pager.advise(parameter.allocation, advice)
+
+    model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)  # the first pass fills the device
+    before = pager.stats()["bytes_h2d"]
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    moved_per_token = (pager.stats()["bytes_h2d"] - before) / 10
+
+    assert torch.equal(got, expected)
+    if advice == "loop":
+        assert moved_per_token <= 0.75 * weights, (moved_per_token, weights)
+    else:
+        assert moved_per_token >= 0.95 * weights, (moved_per_token, weights)
