@@ -1,0 +1,112 @@
+"""Where a paged-weights decode token goes: host time against the host→device link (an experiment).
+
+The Llama-2-7B shape of ``bench_weight_paging`` under its cap, weights advised ``"loop"``. Measures,
+in one process: decode tokens/s; per decode step, when each decoder layer starts on the host clock
+and on the GPU (a CUDA event recorded by a forward pre-hook), so a host that waits on the GPU shows
+as a host start that follows the GPU's; the device time of the host→device copies and of the compute
+kernels in two decode steps (``torch.profiler``) with the host calls that synchronise; the host
+functions with the most time in two decode steps (``cProfile``); and decode tokens/s with the
+layer-ahead prefetch hooks removed.
+
+    python -m benchmarks.weight_paging_probe --out /tmp/probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import kernel_profile, write_results  # noqa: E402
+
+
+def _layer_starts(model) -> tuple[list, list]:
+    """Forward pre-hooks on every decoder layer noting (host seconds, CUDA event) at its start."""
+    import torch
+
+    marks: list[tuple[float, Any]] = []
+
+    def note(module, args):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        marks.append((time.perf_counter(), event))
+
+    handles = [layer.register_forward_pre_hook(note) for layer in model.model.layers]
+    return marks, handles
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cap-gib", type=float, default=8.0)
+    parser.add_argument("--tokens", type=int, default=8)
+    cli = parser.parse_args(argv)
+    import torch
+
+    from benchmarks.bench_long_context import build_model
+    from benchmarks.bench_weight_paging import _cap, _enable_paged_weights, parse_args
+    from pagedtensor.hf import measure_generate, paging_state
+
+    args = parse_args(["--cap-gib", str(cli.cap_gib), "--prompt", "1024"])
+    result: dict[str, Any] = {"benchmark": "weight_paging_probe"}
+    model = build_model(args, args.prompt + 64)
+    pager = _enable_paged_weights(args, model, result, "loop")
+    _cap(args, result)
+    prompt = torch.randint(10, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1)).cuda()
+    kwargs = dict(do_sample=False, attention_mask=torch.ones_like(prompt))
+    measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
+
+    measured = measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs)
+    result["decode_tokens_per_s"] = measured.tokens_per_second
+    result["gb_h2d_per_token"] = measured.paging["bytes_h2d_per_token"] / 1e9
+
+    # Per decode step: host and GPU start of each layer, relative to the step's first layer.
+    marks, handles = _layer_starts(model)
+    try:
+        measure_generate(model, prompt, pager=pager, max_new_tokens=4, min_new_tokens=4, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.cuda.synchronize()
+    layers = len(model.model.layers)
+    steps = []
+    for step in range(1, len(marks) // layers):  # step 0 is the prefill
+        chunk = marks[step * layers : (step + 1) * layers]
+        host0, event0 = chunk[0]
+        steps.append({
+            "host_ms": [round((host - host0) * 1e3, 2) for host, _ in chunk],
+            "gpu_ms": [round(event0.elapsed_time(event), 2) for _, event in chunk],
+        })
+    result["decode_layer_starts"] = steps
+
+    result["profile_two_steps"] = kernel_profile(lambda: model.generate(prompt, max_new_tokens=3, min_new_tokens=3, **kwargs), top=15)
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    model.generate(prompt, max_new_tokens=3, min_new_tokens=3, **kwargs)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    result["cprofile_tottime"] = text.getvalue().splitlines()[:60]
+
+    state = paging_state(model)
+    for hook in [h for h in state.hooks if h.id in {id_ for layer in model.model.layers for id_ in layer._forward_pre_hooks}]:
+        hook.remove()
+    measured = measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs)
+    result["no_prefetch"] = {"decode_tokens_per_s": measured.tokens_per_second, "gb_h2d_per_token": measured.paging["bytes_h2d_per_token"] / 1e9}
+    result["stats"] = {k: v for k, v in pager.stats().items() if not isinstance(v, dict)}
+    write_results(cli.out, result)
+    print({k: result[k] for k in ("decode_tokens_per_s", "gb_h2d_per_token", "no_prefetch")})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
