@@ -43,6 +43,40 @@ def _layer_starts(model) -> tuple[list, list]:
     return marks, handles
 
 
+def _sample_main_thread(fn, interval_s: float = 0.0005, depth: int = 4) -> list[tuple[str, int]]:
+    """Run ``fn()`` while a thread samples the calling thread's innermost ``depth`` frames every
+    ``interval_s`` (the sampler runs whenever the caller waits in a call that releases the GIL, so
+    blocking calls show with their wall time); the most frequent stacks with their sample counts."""
+    import collections
+    import threading
+
+    target = threading.get_ident()
+    counts: collections.Counter = collections.Counter()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            frame = sys._current_frames().get(target)
+            stack = []
+            while frame is not None and len(stack) < depth:
+                stack.append(f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}:{frame.f_code.co_name}")
+                frame = frame.f_back
+            counts[" <- ".join(stack)] += 1
+            time.sleep(interval_s)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(interval_s)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+        sys.setswitchinterval(switch)
+    return counts.most_common(40)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
@@ -97,14 +131,37 @@ def main(argv: list[str] | None = None) -> int:
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
     result["cprofile_tottime"] = text.getvalue().splitlines()[:60]
 
+    result["sampled_stacks"] = _sample_main_thread(
+        lambda: model.generate(prompt, max_new_tokens=5, min_new_tokens=5, **kwargs))
+    torch.cuda.synchronize()
+
     state = paging_state(model)
     for hook in [h for h in state.hooks if h.id in {id_ for layer in model.model.layers for id_ in layer._forward_pre_hooks}]:
         hook.remove()
     measured = measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs)
     result["no_prefetch"] = {"decode_tokens_per_s": measured.tokens_per_second, "gb_h2d_per_token": measured.paging["bytes_h2d_per_token"] / 1e9}
+    # The same prefetch issued on the calling thread inside the hook (no worker thread, no stale request).
+    from pagedtensor.hf.model import _weight_allocations
+
+    layers = list(model.model.layers)
+
+    def inline_prefetch(upcoming):
+        def hook(module, args):
+            for allocation in _weight_allocations(upcoming, pager):
+                if any(page.device_slot is None for page in allocation.pages):
+                    pager._prefetch_now(allocation, 0, allocation.num_pages)
+        return hook
+
+    handles = [layer.register_forward_pre_hook(inline_prefetch(layers[(i + 1) % len(layers)])) for i, layer in enumerate(layers)]
+    measured = measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs)
+    result["inline_prefetch"] = {"decode_tokens_per_s": measured.tokens_per_second, "gb_h2d_per_token": measured.paging["bytes_h2d_per_token"] / 1e9}
+    result["inline_prefetch_sampled_stacks"] = _sample_main_thread(
+        lambda: model.generate(prompt, max_new_tokens=5, min_new_tokens=5, **kwargs))
+    for handle in handles:
+        handle.remove()
     result["stats"] = {k: v for k, v in pager.stats().items() if not isinstance(v, dict)}
     write_results(cli.out, result)
-    print({k: result[k] for k in ("decode_tokens_per_s", "gb_h2d_per_token", "no_prefetch")})
+    print({k: result[k] for k in ("decode_tokens_per_s", "gb_h2d_per_token", "no_prefetch", "inline_prefetch")})
     return 0
 
 
