@@ -77,11 +77,46 @@ def _sample_main_thread(fn, interval_s: float = 0.0005, depth: int = 4) -> list[
     return counts.most_common(40)
 
 
+def _time_depth(cli, model, pager, prompt, kwargs, result) -> int:
+    """Decode tokens/s with each layer's pre-hook prefetching the next ``cli.depth`` layers."""
+    from pagedtensor.hf import measure_generate, paging_state
+    from pagedtensor.hf.model import _weight_allocations
+
+    layers = list(model.model.layers)
+    state = paging_state(model)
+    for hook in [h for h in state.hooks if h.id in {id_ for layer in layers for id_ in layer._forward_pre_hooks}]:
+        hook.remove()
+
+    def ahead(index):
+        upcoming = [allocation for k in range(1, cli.depth + 1) for allocation in _weight_allocations(layers[(index + k) % len(layers)], pager)]
+
+        def hook(module, args):
+            for allocation in upcoming:
+                if any(page.device_slot is None for page in allocation.pages):
+                    pager.prefetch(allocation)
+        return hook
+
+    for index, layer in enumerate(layers):
+        layer.register_forward_pre_hook(ahead(index))
+    measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
+    rows = []
+    for _ in range(2):
+        measured = measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs)
+        rows.append({"decode_tokens_per_s": measured.tokens_per_second, "gb_h2d_per_token": measured.paging["bytes_h2d_per_token"] / 1e9})
+    result.update(page_size=cli.page_size, depth=cli.depth, runs=rows)
+    write_results(cli.out, result)
+    print(cli.page_size, cli.depth, rows)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--cap-gib", type=float, default=8.0)
     parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--page-size", default="4MiB")
+    parser.add_argument("--depth", type=int, default=0,
+                        help="only time decode with the prefetch hooks replaced by ones reaching DEPTH layers ahead (0: the full probe)")
     cli = parser.parse_args(argv)
     import torch
 
@@ -89,13 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.bench_weight_paging import _cap, _enable_paged_weights, parse_args
     from pagedtensor.hf import measure_generate, paging_state
 
-    args = parse_args(["--cap-gib", str(cli.cap_gib), "--prompt", "1024"])
+    args = parse_args(["--cap-gib", str(cli.cap_gib), "--prompt", "1024", "--page-size", cli.page_size])
     result: dict[str, Any] = {"benchmark": "weight_paging_probe"}
     model = build_model(args, args.prompt + 64)
     pager = _enable_paged_weights(args, model, result, "loop")
     _cap(args, result)
     prompt = torch.randint(10, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1)).cuda()
     kwargs = dict(do_sample=False, attention_mask=torch.ones_like(prompt))
+    if cli.depth:
+        return _time_depth(cli, model, pager, prompt, kwargs, result)
     measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
 
     measured = measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs)
