@@ -43,6 +43,7 @@ an elementwise op over tensors of one layout, which runs a piece of pages at a t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
@@ -326,14 +327,8 @@ class PagedDispatcher:
         discard = _overwritten_pages(func, args, written, groups) if func in _OVERWRITING else {}
         # Writers of one allocation take turns, from fault-in to write-back (a gathered window writes
         # back its whole span, which must not undo another thread's write).
-        locks = _write_locks(groups) if written else ()
-        for lock in locks:
-            lock.acquire()
-        try:
-            return self._run_in_windows(func, info, args, kwargs, leaves, written, groups, discard)
-        finally:
-            for lock in locks:
-                lock.release()
+        run = functools.partial(self._run_in_windows, func, info, args, kwargs, leaves, written, groups, discard)
+        return _holding(_write_locks(groups), run) if written else run()
 
     def _run_in_windows(
         self, func: OpOverload, info: OpInfo, args: tuple, kwargs: dict, leaves: list[PagedTensor],
@@ -779,6 +774,16 @@ def _write_locks(groups: dict[int, "_Group"]) -> Sequence[Any]:
     if len(written) == 1:
         return (written[0].write_lock,)
     return [storage.write_lock for storage in sorted(written, key=id)]
+
+
+def _holding(locks: Sequence[Any], run: Callable[[], Any]) -> Any:
+    """``run()`` holding every lock of ``locks``, taken in order. Each is taken by a ``with``
+    statement: a Ctrl-C landing as a contended lock is granted is raised inside the block, which
+    releases it (a ``lock.acquire()`` call checks for pending signals as it returns, outside any ``try``)."""
+    if not locks:
+        return run()
+    with locks[0]:
+        return _holding(locks[1:], run)
 
 
 def _reads_written_bytes_as_other_elements(info: OpInfo, args: tuple, kwargs: dict) -> bool:

@@ -363,6 +363,7 @@ class Pager:
         self._filling: set[Page] = set()
         self._prefetcher: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.closed = False
+        self._released = False  # close() has released the tiers (``closed`` is set first)
         _LIVE_PAGERS.add(self)
 
     # ------------------------------------------------------------------ allocations
@@ -469,47 +470,66 @@ class Pager:
                 self._check_range(allocation, start, stop)
             pins = allocation.pins
             run = self._current_run(allocation, start, stop)
+            # From the pin on, an error or a KeyboardInterrupt (Ctrl-C lands after any call) before
+            # the caller holds the pages unpins them: a pin the caller never got would stay forever.
             if run is not None:  # the same pages as last time and nothing has moved since: no step per page
                 _pin(pins, start, stop)
-                if allocation.loop:
-                    self.device_policy.demote_run((allocation.id, start, stop), run.pages)
-                else:
-                    self.device_policy.touch_run((allocation.id, start, stop), run.pages)
-                self.metrics.count("hits", stop - start)
-                return ResidentPages(self, allocation, start, stop, run.pages, run.slots, [], run.first_slot)
-            pages = allocation.pages[start:stop]
-            slots = list(map(_DEVICE_SLOT, pages))
-            _pin(pins, start, stop)
-            if None in slots:
                 try:
-                    missing = self._bring_to_device(pages, frozenset(discard) if discard else _NO_PAGES, counter="faults")
+                    if allocation.loop:
+                        self.device_policy.demote_run((allocation.id, start, stop), run.pages)
+                    else:
+                        self.device_policy.touch_run((allocation.id, start, stop), run.pages)
+                    self.metrics.count("hits", stop - start)
+                    return ResidentPages(self, allocation, start, stop, run.pages, run.slots, [], run.first_slot)
                 except BaseException:
                     _unpin(pins, start, stop)
                     raise
-                overwritten = [page for page in missing if page in self._overwriting] if discard else []
-                slots = list(map(_DEVICE_SLOT, pages))
-                if allocation.loop:
-                    self.device_policy.demote_all(pages)
-            else:  # all resident, the common case: ``discard`` only concerns missing pages
-                missing = overwritten = ()
-                if allocation.loop:
-                    self.device_policy.demote_run((allocation.id, start, stop), pages)
-                else:
-                    self.device_policy.touch_run((allocation.id, start, stop), pages)
-            self.metrics.count("hits", len(pages) - len(missing))
-            events = self._unfinished_copies(pages)
-            first_slot = self.device_tier.first_of_run(slots)
-            resident = ResidentPages(self, allocation, start, stop, pages, slots, events, first_slot)
-            if overwritten:
-                resident.overwritten = overwritten
-            if not events:
-                allocation.resident_run = ResidentRun(self._residency_epoch, start, stop, pages, slots, first_slot,
-                                                      _has_lower_copies(pages))  # fmt: skip
+            pages = allocation.pages[start:stop]
+            slots = list(map(_DEVICE_SLOT, pages))
+            _pin(pins, start, stop)
+            missing = overwritten = ()
+            try:
+                if None in slots:
+                    missing = self._bring_to_device(pages, frozenset(discard) if discard else _NO_PAGES, counter="faults")
+                    overwritten = [page for page in missing if page in self._overwriting] if discard else []
+                    slots = list(map(_DEVICE_SLOT, pages))
+                    if allocation.loop:
+                        self.device_policy.demote_all(pages)
+                else:  # all resident, the common case: ``discard`` only concerns missing pages
+                    if allocation.loop:
+                        self.device_policy.demote_run((allocation.id, start, stop), pages)
+                    else:
+                        self.device_policy.touch_run((allocation.id, start, stop), pages)
+                self.metrics.count("hits", len(pages) - len(missing))
+                events = self._unfinished_copies(pages)
+                first_slot = self.device_tier.first_of_run(slots)
+                resident = ResidentPages(self, allocation, start, stop, pages, slots, events, first_slot)
+                if overwritten:
+                    resident.overwritten = overwritten
+                if not events:
+                    allocation.resident_run = ResidentRun(self._residency_epoch, start, stop, pages, slots, first_slot,
+                                                          _has_lower_copies(pages))  # fmt: skip
+            except BaseException:
+                self._abandon_pin(allocation, start, stop, missing if discard else ())
+                raise
         if missing and self.config.prefetch_strategy == "sequential" and self.config.prefetch_pages:
             ahead = min(allocation.num_pages, stop + self.config.prefetch_pages)
             if ahead > stop:
-                self.prefetch(allocation, stop, ahead)
+                try:
+                    self.prefetch(allocation, stop, ahead)
+                except BaseException:  # Ctrl-C waiting for the lock (the prefetch thread's disk I/O holds it)
+                    resident.release()  # unpinned, and pages zero-filled for an overwrite get their bytes back
+                    raise
         return resident
+
+    def _abandon_pin(self, allocation: Allocation, start: int, stop: int, faulted: Sequence[Page]) -> None:
+        """Undo the pin of an :meth:`ensure_resident` that raised before returning: unpin ``[start, stop)``,
+        and the pages of ``faulted`` it zero-filled for an overwrite get their old bytes back (after
+        the unpin: a page no other holder pins drops its device slot)."""
+        _unpin(allocation.pins, start, stop)
+        overwritten = [page for page in faulted if page in self._overwriting]
+        if overwritten:
+            self._restore_overwritten(overwritten)
 
     def _unfinished_copies(self, pages: Sequence[Page]) -> list[Event]:
         """The distinct events of the copies that filled ``pages`` and may still be running.
@@ -614,9 +634,9 @@ class Pager:
                     for index in range(chunk_start, chunk_stop)
                     if chunk_begin <= index * self.page_size and index * self.page_size + allocation.pages[index].nbytes <= chunk_end
                 ]
-                resident = self.ensure_resident(allocation, chunk_start, chunk_stop, discard=covered)
                 written = False
-                try:
+                resident = self.ensure_resident(allocation, chunk_start, chunk_stop, discard=covered)
+                try:  # nothing between the pin and here a Ctrl-C could interrupt
                     resident.wait()
                     for run_offset, view in resident.runs():
                         run_begin = (chunk_start + run_offset) * self.page_size
@@ -671,15 +691,21 @@ class Pager:
             ]
 
     def close(self) -> None:
-        """Finish pending transfers and release every tier. The pager cannot be used afterwards."""
+        """Finish pending transfers and release every tier. The pager cannot be used afterwards.
+
+        Idempotent. A close interrupted while it waits (Ctrl-C while the prefetch thread finishes a
+        disk read, or while copies finish) leaves the pager closed, and the next call releases the tiers.
+        """
         with self._lock:
-            if self.closed:
+            if self._released:
                 return
             self.closed = True
             prefetcher, self._prefetcher = self._prefetcher, None
         if prefetcher is not None:
             prefetcher.shutdown(wait=True)
         with self._lock:
+            if self._released:
+                return
             self.engine.synchronize()
             # Kernels still queued on other streams may read the slabs: the memory goes back to
             # torch's allocator only after every fenced use of a slot has run.
@@ -694,6 +720,7 @@ class Pager:
             if self.disk_tier is not None:
                 self.disk_tier.close()
             self.metrics.close()
+            self._released = True
 
     def __reduce_ex__(self, protocol: int):  # noqa: ANN204
         raise TypeError(

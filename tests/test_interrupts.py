@@ -1,0 +1,350 @@
+"""Ctrl-C (KeyboardInterrupt) in the middle of paging, as in a notebook: the run after it works.
+
+A real Ctrl-C lands between bytecodes, most often right after a blocking call returns: a disk read or
+write, a wait for a lock another thread holds (the prefetch thread holds the pager's lock during its
+disk reads), a big copy, a layer's forward. After it the pager must hold no pin (budgets are not eaten
+up), no lock, and every byte it held (a write cut short leaves each page old or new, never garbage);
+``generate`` run again gives the unpaged tokens.
+
+Interrupts are real SIGINTs sent to the main thread where the blocking call is a wait (a lock, a
+thread's join), and exceptions raised by wrapped functions where it is a disk transfer, a copy or a
+layer. The SIGINT handler raises :class:`Interrupted`, a ``BaseException`` like ``KeyboardInterrupt``
+(one that would not stop pytest if it escaped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import signal
+import threading
+from typing import Callable, Iterator
+
+import pytest
+import torch
+
+from pagedtensor import MemoryConfig, Pager
+from pagedtensor.tiers.disk import DiskTier
+from pagedtensor.transfer import TransferEngine
+
+PAGE = 4096
+
+
+class Interrupted(BaseException):
+    """What Ctrl-C raises in these tests (a BaseException that is not an Exception, as KeyboardInterrupt)."""
+
+
+@pytest.fixture
+def sigint_raises_interrupted() -> Iterator[None]:
+    def interrupt(signum, frame):
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def make_pager(nvme: str, device_pages: int = 4, host_pages: int = 3, **kwargs) -> Pager:
+    defaults = dict(prefetch_strategy="none", device="cpu")
+    config = MemoryConfig(vram_limit=device_pages * PAGE, host_memory=host_pages * PAGE, page_size=PAGE, nvme_path=nvme,
+                          **{**defaults, **kwargs})  # fmt: skip
+    return Pager(config)
+
+
+def random_bytes(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_consistent(pager: Pager, allocations) -> None:
+    """No pin, no page half-way through a fault or an overwrite, every slot of every tier owned by a
+    page, and the pager's lock free for another thread."""
+    pager._drain_prefetches()
+    for allocation in allocations:
+        assert not allocation.pins, f"allocation {allocation.id} ({allocation.name}) left pinned: {allocation.pins}"
+    assert not pager._overwriting and not pager._filling
+    pages = [page for allocation in pager._allocations.values() for page in allocation.pages]
+    assert sum(page.device_slot is not None for page in pages) == pager.device_tier.used_pages
+    assert sum(page.host_slot is not None for page in pages) == pager.host_tier.used_pages
+    if pager.disk_tier is not None:
+        assert sum(page.disk_slot is not None for page in pages) == pager.disk_tier.used_pages
+    taken: list[bool] = []
+    thread = threading.Thread(target=lambda: taken.append(pager._lock.acquire(timeout=5)) or (taken[-1] and pager._lock.release()))
+    thread.start()
+    thread.join()
+    assert taken == [True], "the pager's lock is still held"
+
+
+def assert_old_or_new(got: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> None:
+    for start in range(0, got.numel(), PAGE):
+        page = slice(start, start + PAGE)
+        assert torch.equal(got[page], old[page]) or torch.equal(got[page], new[page]), f"page {start // PAGE} is neither"
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(pager: Pager) -> Iterator[Callable[[], None]]:
+    """Yields ``take()``: another thread takes the pager's lock for half a second, as the prefetch
+    thread does for its disk reads, and sends SIGINT to the main thread a moment after taking it
+    (while the main thread waits for the lock)."""
+    taken, done = threading.Event(), threading.Event()
+    threads: list[threading.Thread] = []
+
+    def hold() -> None:
+        with pager._lock:
+            taken.set()
+            threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+            done.wait(0.5)  # the disk read ends
+
+    def take() -> None:
+        threads.append(threading.Thread(target=hold))
+        threads[-1].start()
+        taken.wait(10)
+
+    try:
+        yield take
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+
+
+# ---------------------------------------------------------------------------------------- the pager
+
+
+@pytest.mark.parametrize("op", ["read", "write"])
+def test_a_fault_interrupted_while_its_sequential_prefetch_waits_for_the_lock_leaves_nothing_pinned(
+    nvme_dir, monkeypatch, sigint_raises_interrupted, op
+):
+    """``ensure_resident`` pins, faults, then asks for the sequential prefetch, which waits for the
+    pager's lock; Ctrl-C there used to leave the pages pinned for good (and, for a write, zero-filled
+    in place of their old bytes)."""
+    pager = make_pager(nvme_dir, device_pages=8, host_pages=8, prefetch_strategy="sequential", prefetch_pages=2)
+    allocation = pager.allocate(8 * PAGE)
+    old = random_bytes(8 * PAGE, 1)
+    pager.write(allocation, old)
+    pager.evict_all()
+    real_prefetch = pager.prefetch
+    with lock_held_elsewhere(pager) as take:
+
+        def prefetch(*args, **kwargs):
+            take()
+            return real_prefetch(*args, **kwargs)
+
+        monkeypatch.setattr(pager, "prefetch", prefetch)
+        with pytest.raises(Interrupted):
+            if op == "read":
+                pager.read(allocation, 0, 2 * PAGE)
+            else:
+                pager.write(allocation, random_bytes(2 * PAGE, 2))  # pages 0 and 1, whole: zero-filled, not faulted in
+    monkeypatch.undo()
+    assert_consistent(pager, [allocation])
+    assert torch.equal(pager.read(allocation), old)
+    new = random_bytes(8 * PAGE, 3)
+    pager.write(allocation, new)
+    pager.evict_all()
+    assert torch.equal(pager.read(allocation), new)
+    assert not allocation.pins
+    pager.close()
+
+
+def test_a_close_interrupted_while_it_waits_for_the_copies_releases_the_tiers_on_the_next_close(nvme_dir, monkeypatch):
+    """``close`` marks the pager closed, then waits for the copies in flight (a CUDA synchronize);
+    Ctrl-C right after that wait used to leave every tier (the page file, the host and device slabs)
+    allocated, and a second ``close`` returned at once."""
+    pager = make_pager(nvme_dir, device_pages=4, host_pages=2)
+    allocation = pager.allocate(6 * PAGE)
+    pager.write(allocation, random_bytes(6 * PAGE))
+    pager.evict_all()
+    pager.read(allocation, 0, PAGE)
+    _interrupt_nth_call(monkeypatch, [(pager.engine, "synchronize")], 1, "after")
+    with pytest.raises(Interrupted):
+        pager.close()
+    monkeypatch.undo()
+    assert pager.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        pager.allocate(PAGE)
+    assert pager.disk_tier is not None and not pager.disk_tier.closed
+    pager.close()
+    assert pager.disk_tier.closed and not pager.host_tier.slabs and not pager.device_tier.slabs
+    pager.close()  # idempotent
+
+
+def _interrupt_nth_call(monkeypatch, targets, n: int, when: str) -> dict:
+    """Wrap ``(owner, name)`` callables: the ``n``-th call (counted over all of them, main thread only,
+    where signals land) raises :class:`Interrupted` before or after the real call."""
+    state = {"calls": 0, "fired": None}
+    for owner, name in targets:
+        real = getattr(owner, name)
+
+        def wrapper(*args, _real=real, _name=name, **kwargs):
+            if threading.current_thread() is not threading.main_thread():
+                return _real(*args, **kwargs)
+            state["calls"] += 1
+            fire = state["calls"] == n
+            if fire and when == "before":
+                state["fired"] = (_name, when)
+                raise Interrupted()
+            out = _real(*args, **kwargs)
+            if fire:
+                state["fired"] = (_name, when)
+                raise Interrupted()
+            return out
+
+        monkeypatch.setattr(owner, name, functools.wraps(real)(wrapper))
+    return state
+
+
+PAGER_BLOCKING = [(DiskTier, "write_pages"), (DiskTier, "read_pages"), (TransferEngine, "copy"), (TransferEngine, "zero")]
+
+
+def _pager_steps(pager: Pager, allocations) -> list:
+    """``(allocation index or None, callable, new bytes)``: writes spill to disk, reads come back from it."""
+    a, b = allocations
+    partial = random_bytes(3 * PAGE, 13)
+    return [
+        (0, lambda: pager.write(a, random_bytes(6 * PAGE, 10)), random_bytes(6 * PAGE, 10)),
+        (1, lambda: pager.write(b, random_bytes(5 * PAGE, 11)), random_bytes(5 * PAGE, 11)),
+        (None, lambda: pager.read(a), None),
+        (1, lambda: pager.write(b, partial, PAGE // 2), "partial"),
+        (None, pager.evict_all, None),
+        (0, lambda: pager.write(a, random_bytes(6 * PAGE, 12)), random_bytes(6 * PAGE, 12)),
+        (None, lambda: pager.read(b), None),
+    ], partial
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_pager_interrupted_at_every_blocking_call_keeps_every_byte(nvme_dir, monkeypatch, when):
+    """Ctrl-C at the n-th disk transfer or copy of a run of writes and reads that spill to disk: then
+    nothing is pinned, every slot is owned, the interrupted write left each page old or new, and the
+    pager works on."""
+    count = None
+    n = 1
+    while count is None or n <= count:
+        pager = make_pager(nvme_dir)
+        allocations = [pager.allocate(6 * PAGE), pager.allocate(5 * PAGE)]
+        expected = [torch.zeros(6 * PAGE, dtype=torch.uint8), torch.zeros(5 * PAGE, dtype=torch.uint8)]
+        steps, partial = _pager_steps(pager, allocations)
+        state = _interrupt_nth_call(monkeypatch, PAGER_BLOCKING, n if count is not None else 0, when)
+        cut = None
+        for index, step, new in steps:
+            if isinstance(new, str):
+                new = expected[index].clone()
+                new[PAGE // 2 : PAGE // 2 + partial.numel()] = partial
+            try:
+                step()
+            except Interrupted:
+                cut = (index, new)
+                break
+            if index is not None:
+                expected[index] = new
+        monkeypatch.undo()
+        if count is None:
+            count = state["calls"]
+            assert count > 20 and cut is None
+        else:
+            assert state["fired"] is not None
+        assert_consistent(pager, allocations)
+        for index, allocation in enumerate(allocations):
+            got = pager.read(allocation)
+            if cut is not None and cut[0] == index:
+                assert_old_or_new(got, expected[index], cut[1])
+            else:
+                assert torch.equal(got, expected[index]), (n, state["fired"], index)
+        for index, allocation in enumerate(allocations):  # and it works on
+            pager.write(allocation, random_bytes(allocation.nbytes, 20 + index))
+        pager.evict_all()
+        for index, allocation in enumerate(allocations):
+            assert torch.equal(pager.read(allocation), random_bytes(allocation.nbytes, 20 + index))
+        pager.close()
+        n += 1
+
+
+# ---------------------------------------------------------------------------------------- generate
+
+
+def test_generate_interrupted_at_layers_and_disk_reads_then_run_again_gives_the_unpaged_tokens(nvme_dir, monkeypatch):
+    """Ctrl-C during ``generate`` with a paged KV cache and paged weights, right after a decoder
+    layer's forward (where torch skips even ``always_call`` forward hooks: a KeyboardInterrupt is no
+    Exception) or after a disk read of the weights: the cache's pages are freed, nothing stays
+    pinned, the weights are intact, and the next ``generate`` gives the unpaged tokens."""
+    pytest.importorskip("transformers")
+    from pagedtensor import enable_paging
+    from pagedtensor.hf import paging_state
+    from pagedtensor.tensor import PagedTensor
+    from tests.hf.tiny_models import prompts, tiny_budget, tiny_pair
+
+    reference, model = tiny_pair("llama", attn="sdpa")
+    ids, mask = prompts(1, length=24)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=24, host_pages=16), attn_implementation="sdpa", prefill_chunk_size=16,
+                  page_weights=True)  # fmt: skip
+    pager = paging_state(model).pager
+    layer_calls = {"count": 0, "interrupt_at": 0}
+
+    def after_layer(module, args, output):
+        layer_calls["count"] += 1
+        if layer_calls["count"] == layer_calls["interrupt_at"]:
+            raise Interrupted()
+
+    hooks = [layer.register_forward_hook(after_layer) for layer in model.model.layers]
+    try:
+        # 6 layer forwards a generate (2 layers, 3 forwards); some 50 disk reads on this thread (the
+        # prefetch thread takes the others, as timing has it: a late point may not be reached)
+        points = [("layer", n) for n in (1, 2, 5, 6)] + [("read_pages", n) for n in (1, 4, 12)]
+        for kind, n in points:
+            layer_calls.update(count=0, interrupt_at=n if kind == "layer" else 0)
+            if kind == "read_pages":
+                _interrupt_nth_call(monkeypatch, [(DiskTier, "read_pages")], n, "after")
+            try:
+                model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+            except Interrupted:
+                pass
+            else:
+                assert kind == "read_pages", f"not interrupted at {kind} {n}"
+            monkeypatch.undo()
+            assert_consistent(pager, list(pager._allocations.values()))
+            assert not [allocation.name for allocation in pager._allocations.values() if allocation.name.startswith("kv.")]
+            layer_calls["interrupt_at"] = 0
+            assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False), expected), (kind, n)
+        for (name, weight), (_, dense) in zip(model.named_parameters(), reference.named_parameters()):
+            assert torch.equal(weight.materialize() if isinstance(weight, PagedTensor) else weight, dense), name
+    finally:
+        for hook in hooks:
+            hook.remove()
+        pager.close()
+
+
+def test_a_write_interrupted_as_its_contended_write_lock_is_granted_leaves_the_lock_free(sigint_raises_interrupted):
+    """An op writing a PagedTensor takes the allocation's write lock. Another thread holds it, then
+    lets go and sends SIGINT at once: the op may wake holding the lock with the interrupt pending,
+    which lands before the op runs. The lock must be free afterwards (it stayed held, and the next
+    write to the tensor, in any thread, hung), whichever point the interrupt lands at."""
+    from pagedtensor import PagedTensor
+
+    main = threading.get_ident()
+    with Pager(MemoryConfig(vram_limit=4 * PAGE, host_memory=4 * PAGE, page_size=PAGE, device="cpu")) as pager:
+        tensor = PagedTensor.wrap(torch.zeros(PAGE // 4), pager)
+        tensor.add_(0)  # torch's lazy imports on the op's first run happen now, not under the interrupt
+        lock = tensor._paged.write_lock
+        for _ in range(30):
+            lock.acquire()
+            waiting = threading.Event()
+
+            def release_and_interrupt() -> None:
+                waiting.wait()
+                threading.Event().wait(0.01)  # the main thread waits inside acquire by now
+                lock.release()
+                signal.pthread_kill(main, signal.SIGINT)
+
+            thread = threading.Thread(target=release_and_interrupt)
+            thread.start()
+            waiting.set()
+            with pytest.raises(Interrupted):
+                tensor.add_(1)
+                threading.Event().wait(5)  # the op ran before the interrupt landed: it lands here
+            thread.join()
+            assert lock.acquire(timeout=1), "the write lock stayed held"
+            lock.release()
+        values = tensor.materialize()
+        assert torch.equal(values, torch.full_like(values, values[0].item()))  # each add_ whole or not at all
