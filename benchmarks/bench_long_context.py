@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any, Optional
@@ -47,12 +45,20 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import LayerTimeline, common_prefix, kernel_profile, meta_llama, pinned_h2d_gb_per_s, repo_root  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    LayerTimeline,
+    common_prefix,
+    kernel_profile,
+    meta_llama,
+    pinned_h2d_gb_per_s,
+    print_result_line,
+    run_configuration_process,
+    selected_runs,
+)
 
 PCIE_H2D_BYTES_PER_S = 54e9  # pinned host→device, one large copy, H100 PCIe Gen5 (DESIGN.md)
 TARGETS = {"decode_tokens_per_s": 2.0, "ttft_vs_native": 1.15}
 RUN_KINDS = ("paged", "native", "native_cap", "offloaded")
-RESULT_PREFIX = "BENCH_RESULT "
 GIB = 2**30
 
 
@@ -280,20 +286,7 @@ def _run_subprocess(args: argparse.Namespace, kind: str, context: int, margin_gi
         command.append("--no-timeline")
     if args.profile:
         command.append("--profile")
-    start = time.perf_counter()
-    try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, cwd=repo_root())
-    except subprocess.TimeoutExpired:
-        return {"run": kind, "context": context, "status": "timeout", "wall_s": args.timeout}
-    for line in completed.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX) :])
-            result["wall_s"] = time.perf_counter() - start
-            return result
-    tail = (completed.stderr or completed.stdout).strip().splitlines()[-12:]
-    status = "oom" if any("OutOfMemory" in line or "out of memory" in line for line in tail) else "error"
-    return {"run": kind, "context": context, "status": status, "returncode": completed.returncode, "margin_gib": margin_gib,
-            "error": "\n".join(tail)[-2000:]}
+    return run_configuration_process(command, args.timeout, {"run": kind, "context": context, "margin_gib": margin_gib})
 
 
 def judge(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
@@ -361,7 +354,7 @@ def _write(args: argparse.Namespace, results: list, verdicts: dict, wall_s: floa
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.child is not None:
-        print(RESULT_PREFIX + json.dumps(run_child(args)), flush=True)
+        print_result_line(run_child(args))
         return 0
     from benchmarks.common import print_table, write_results
 
@@ -372,10 +365,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("bench_long_context needs a CUDA device (--device cpu only checks the plumbing)", file=sys.stderr)
         return 2
     contexts = [int(c) for c in args.contexts.split(",") if c]
-    kinds = [k for k in args.runs.split(",") if k]
-    unknown = set(kinds) - set(RUN_KINDS)
-    if unknown:
-        raise SystemExit(f"--runs: unknown configurations {sorted(unknown)}; choose from {RUN_KINDS}")
+    kinds = selected_runs(args.runs, RUN_KINDS)
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     for context in contexts:

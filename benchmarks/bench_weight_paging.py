@@ -40,7 +40,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any, Optional
@@ -48,10 +47,15 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import common_prefix, pinned_h2d_gb_per_s, repo_root  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    common_prefix,
+    pinned_h2d_gb_per_s,
+    print_result_line,
+    run_configuration_process,
+    selected_runs,
+)
 
 RUN_KINDS = ("native", "paged", "paged_recency", "accelerate")
-RESULT_PREFIX = "BENCH_RESULT "
 GIB = 2**30
 
 
@@ -201,18 +205,7 @@ def _run_subprocess(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     for name in ("cap_gib", "prompt", "new_tokens", "accelerate_new_tokens", "layers", "hidden", "heads", "intermediate", "vocab",
                  "page_size", "margin_gib", "host_gib", "seed", "device"):  # fmt: skip
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    start = time.perf_counter()
-    try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, cwd=repo_root())
-    except subprocess.TimeoutExpired:
-        return {"run": kind, "status": "timeout", "wall_s": args.timeout}
-    for line in completed.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX) :])
-            result["wall_s"] = time.perf_counter() - start
-            return result
-    tail = (completed.stderr or completed.stdout).strip().splitlines()[-12:]
-    return {"run": kind, "status": "error", "returncode": completed.returncode, "error": "\n".join(tail)[-2000:]}
+    return run_configuration_process(command, args.timeout, {"run": kind})
 
 
 def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -239,7 +232,7 @@ def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.child is not None:
-        print(RESULT_PREFIX + json.dumps(run_child(args)), flush=True)
+        print_result_line(run_child(args))
         return 0
     import torch
     import transformers
@@ -249,10 +242,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_weight_paging needs a CUDA device (--device cpu only checks the plumbing)", file=sys.stderr)
         return 2
-    kinds = [kind for kind in args.runs.split(",") if kind]
-    unknown = set(kinds) - set(RUN_KINDS)
-    if unknown:
-        raise SystemExit(f"--runs: unknown configurations {sorted(unknown)}; choose from {RUN_KINDS}")
+    kinds = selected_runs(args.runs, RUN_KINDS)
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     for kind in kinds:

@@ -70,6 +70,43 @@ def write_results(path: str, results: dict[str, Any]) -> None:
         handle.write("\n")
 
 
+RESULT_PREFIX = "BENCH_RESULT "
+"""A configuration's subprocess prints its result as one JSON line after this prefix."""
+
+
+def print_result_line(result: dict[str, Any]) -> None:
+    """What a configuration's subprocess prints last: its result for :func:`run_configuration_process`."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_configuration_process(command: list[str], timeout: int, identity: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration's subprocess (from the repository root) and return the result it printed
+    with :func:`print_result_line`, plus ``wall_s``; or ``identity`` with ``status`` ``"timeout"``,
+    ``"oom"`` or ``"error"`` and the tail of its output when it printed none."""
+    start = time.perf_counter()
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=repo_root())
+    except subprocess.TimeoutExpired:
+        return {**identity, "status": "timeout", "wall_s": timeout}
+    for line in completed.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX) :])
+            result["wall_s"] = time.perf_counter() - start
+            return result
+    tail = (completed.stderr or completed.stdout).strip().splitlines()[-12:]
+    status = "oom" if any("OutOfMemory" in line or "out of memory" in line for line in tail) else "error"
+    return {**identity, "status": status, "returncode": completed.returncode, "error": "\n".join(tail)[-2000:]}
+
+
+def selected_runs(runs: str, known: tuple[str, ...]) -> list[str]:
+    """The configurations named in a comma-separated ``--runs`` value; exits naming any unknown one."""
+    kinds = [kind for kind in runs.split(",") if kind]
+    unknown = set(kinds) - set(known)
+    if unknown:
+        raise SystemExit(f"--runs: unknown configurations {sorted(unknown)}; choose from {known}")
+    return kinds
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     """One plain-text table."""
     cells = [[_format(row.get(column, "")) for column in columns] for row in rows]
