@@ -47,6 +47,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks.common import (  # noqa: E402
     LayerTimeline,
+    add_llama_shape_arguments,
     common_prefix,
     kernel_profile,
     meta_llama,
@@ -70,11 +71,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--cap-gib", type=float, default=24.0, help="GPU memory cap of the capped runs, GiB (default 24)")
     parser.add_argument("--runs", default=",".join(RUN_KINDS), help=f"configurations to run (default {','.join(RUN_KINDS)})")
     parser.add_argument("--out", default="benchmarks/results/long_context_h100.json", help="JSON results file")
-    parser.add_argument("--layers", type=int, default=32, help="decoder layers (default 32: Llama-2-7B)")
-    parser.add_argument("--hidden", type=int, default=4096, help="hidden size (default 4096)")
-    parser.add_argument("--heads", type=int, default=32, help="attention heads = kv heads (default 32)")
-    parser.add_argument("--intermediate", type=int, default=11008, help="MLP size (default 11008)")
-    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary (default 32000)")
+    add_llama_shape_arguments(parser)
     parser.add_argument("--page-size", default="4MiB", help="pager page size (default 4MiB: 256 tokens of K+V at this shape)")
     parser.add_argument("--chunk", type=int, default=8192,
                         help="prefill chunk, tokens (default 8192: on an H200 at 64K, TTFT 1.09x native against 1.14x with 2048, decode unchanged)")
@@ -356,13 +353,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.child is not None:
         print_result_line(run_child(args))
         return 0
-    from benchmarks.common import print_table, write_results
+    from benchmarks.common import cuda_missing, print_table, write_results
 
-    import torch
     import transformers
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_long_context needs a CUDA device (--device cpu only checks the plumbing)", file=sys.stderr)
+    if cuda_missing("bench_long_context", args.device):
         return 2
     contexts = [int(c) for c in args.contexts.split(",") if c]
     kinds = selected_runs(args.runs, RUN_KINDS)

@@ -137,6 +137,16 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return count
 
 
+def add_llama_shape_arguments(parser: Any) -> None:
+    """``--layers``, ``--hidden``, ``--heads``, ``--intermediate``, ``--vocab``: the model of
+    :func:`meta_llama`, Llama-2-7B's shape by default."""
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers (default 32: Llama-2-7B)")
+    parser.add_argument("--hidden", type=int, default=4096, help="hidden size (default 4096)")
+    parser.add_argument("--heads", type=int, default=32, help="attention heads = kv heads (default 32)")
+    parser.add_argument("--intermediate", type=int, default=11008, help="MLP size (default 11008)")
+    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary (default 32000)")
+
+
 def meta_llama(args: Any, max_positions: int):
     """A Llama (``args``: layers, hidden, heads, intermediate, vocab) with MHA, SDPA attention and fp16
     parameters on the meta device: the benchmarks place and fill it themselves, with no CPU copy."""
