@@ -77,6 +77,82 @@ def _sample_main_thread(fn, interval_s: float = 0.0005, depth: int = 4) -> list[
     return counts.most_common(40)
 
 
+def _copy_timeline(model, prompt, kwargs, tokens: int = 4) -> dict[str, Any]:
+    """Profile a generate of ``tokens`` tokens and, over its decode steps (after a marker the first
+    step's logits processor records), read the host→device copy engine's timeline: how busy it is,
+    and for each idle gap before a copy whether that copy was asked for late (its
+    ``cudaMemcpyAsync`` ran after the previous copy had finished: the host was elsewhere) or early
+    (it waited on an event: a dependency), with which threads asked for the copies."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from transformers import LogitsProcessorList
+
+    class Mark:
+        calls = 0
+
+        def __call__(self, input_ids, scores):
+            Mark.calls += 1
+            if Mark.calls == 1:
+                with record_function("decode_start"):
+                    pass
+            return scores
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, logits_processor=LogitsProcessorList([Mark()]), **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    events = prof.profiler.kineto_results.events()
+    start = min((e.start_ns() for e in events if e.name() == "decode_start"), default=0)
+    calls = {}
+    copies = []
+    kernels_busy = 0
+    for e in events:
+        on_device = str(e.device_type()).endswith("CUDA")
+        if not on_device and e.name() == "cudaMemcpyAsync":
+            calls[e.correlation_id()] = (e.start_ns(), e.start_thread_id())
+        elif on_device and e.start_ns() >= start:
+            if e.name().startswith("Memcpy HtoD"):
+                copies.append((e.start_ns(), e.end_ns(), e.correlation_id(), e.linked_correlation_id()))
+            elif not e.name().startswith("Memcpy"):
+                kernels_busy += e.duration_ns()
+    copies.sort()
+    busy = sum(end - begin for begin, end, *_ in copies)
+    window = (copies[-1][1] - copies[0][0]) if copies else 0
+    late = waited = 0
+    late_gaps = waited_gaps = 0
+    threads: dict[int, int] = {}
+    unmatched = 0
+    for previous, copy in zip(copies, copies[1:]):
+        call = calls.get(copy[2]) or calls.get(copy[3])
+        if call is None:
+            unmatched += 1
+            continue
+        threads[call[1]] = threads.get(call[1], 0) + 1
+        gap = copy[0] - previous[1]
+        if gap <= 5000:
+            continue
+        if call[0] > previous[1]:
+            late += gap
+            late_gaps += 1
+        else:
+            waited += gap
+            waited_gaps += 1
+    return {
+        "decode_steps": tokens - 1,
+        "h2d_copies": len(copies),
+        "h2d_busy_ms": busy / 1e6,
+        "h2d_window_ms": window / 1e6,
+        "h2d_busy_fraction": busy / window if window else None,
+        "compute_kernels_busy_ms": kernels_busy / 1e6,
+        "idle_before_copies_asked_late_ms": late / 1e6,
+        "idle_gaps_asked_late": late_gaps,
+        "idle_before_copies_that_waited_ms": waited / 1e6,
+        "idle_gaps_waited": waited_gaps,
+        "copies_by_host_thread": {str(k): v for k, v in threads.items()},
+        "copies_without_their_call": unmatched,
+    }
+
+
 def _time_depth(cli, model, pager, prompt, kwargs, result) -> int:
     """Decode tokens/s with each layer's pre-hook prefetching the next ``cli.depth`` layers."""
     from pagedtensor.hf import measure_generate, paging_state
@@ -117,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page-size", default="4MiB")
     parser.add_argument("--depth", type=int, default=0,
                         help="only time decode with the prefetch hooks replaced by ones reaching DEPTH layers ahead (0: the full probe)")
+    parser.add_argument("--advice", default="loop", choices=["loop", "normal"], help="how the weights are advised (default loop)")
+    parser.add_argument("--timeline", action="store_true", help="only read the host-to-device copy engine's timeline over 3 decode steps")
     cli = parser.parse_args(argv)
     import torch
 
@@ -127,12 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(["--cap-gib", str(cli.cap_gib), "--prompt", "1024", "--page-size", cli.page_size])
     result: dict[str, Any] = {"benchmark": "weight_paging_probe"}
     model = build_model(args, args.prompt + 64)
-    pager = _enable_paged_weights(args, model, result, "loop")
+    pager = _enable_paged_weights(args, model, result, cli.advice)
     _cap(args, result)
     prompt = torch.randint(10, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1)).cuda()
     kwargs = dict(do_sample=False, attention_mask=torch.ones_like(prompt))
     if cli.depth:
         return _time_depth(cli, model, pager, prompt, kwargs, result)
+    if cli.timeline:
+        measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
+        result["copy_timeline"] = _copy_timeline(model, prompt, kwargs)
+        write_results(cli.out, result)
+        print(result["copy_timeline"])
+        return 0
     measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
 
     measured = measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs)
