@@ -28,8 +28,9 @@ def get_default_pager() -> Pager:
 def set_default_pager(pager: Optional[Pager]) -> Optional[Pager]:
     """Make ``pager`` the default; ``None`` returns to a lazily created ``MemoryConfig()`` pager.
 
-    Returns the previous default (``None`` if none was created yet). The previous pager is not
-    closed: tensors wrapped on it keep working.
+    Returns the previous default (``None`` if none was created yet, or if it was closed since:
+    passing the returned value back restores the state found). The previous pager is not closed:
+    tensors wrapped on it keep working.
 
     Raises:
         TypeError: ``pager`` is neither a :class:`Pager` nor ``None``.
@@ -42,4 +43,6 @@ def set_default_pager(pager: Optional[Pager]) -> Optional[Pager]:
         raise ValueError(f"set_default_pager: {pager!r} is closed; pass an open Pager, or None for a new default one")
     with _lock:
         previous, _default = _default, pager
-        return previous
+        # A closed previous default comes back as None, so `set_default_pager(previous)` restores
+        # the state it found (a fresh default pager next), as the usual save-and-restore code does.
+        return None if previous is not None and previous.closed else previous

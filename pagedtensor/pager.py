@@ -269,18 +269,40 @@ class ResidentPages:
         if indices is None:
             self._dirty.update(range(self.start, self.stop))
             return
-        pages = indices if isinstance(indices, (set, frozenset)) else set(indices)
-        if pages and (min(pages) < self.start or max(pages) >= self.stop):
-            outside = min(page for page in pages if not self.start <= page < self.stop)
-            raise ValueError(
-                f"dirty page {outside} is not one of the pinned pages [{self.start}, {self.stop}) of allocation {self.allocation.id}"
-            )
-        self._dirty.update(pages)
+        inside, outside = self._pinned_and_not(indices)
+        if outside:
+            raise self._not_pinned(outside)
+        self._dirty.update(inside)
+
+    def _pinned_and_not(self, indices: Iterable[int]) -> tuple[set[int], list]:
+        """``indices`` split into the pinned page numbers (ints, numpy ints) and the rest (bools too)."""
+        inside: set[int] = set()
+        outside: list = []
+        start, stop = self.start, self.stop
+        for page in indices:
+            if type(page) is not int:
+                try:
+                    page = _int_argument(page, "dirty")
+                except TypeError:
+                    pass
+            if type(page) is int and start <= page < stop:
+                inside.add(page)
+            else:
+                outside.append(page)
+        return inside, outside
+
+    def _not_pinned(self, outside: list) -> ValueError:
+        shown = sorted(outside, key=repr)[0]
+        return ValueError(f"dirty page {shown!r} is not one of the pinned pages [{self.start}, {self.stop}) of allocation {self.allocation.id}")
 
     def release(
         self, *, dirty: Union[bool, Iterable[int]] = False, stream: Optional[torch.cuda.Stream] = None, event: Event = None
     ) -> None:
         """Unpin the pages; ``dirty`` (True or allocation page numbers) marks pages written.
+
+        Raises:
+            ValueError: ``dirty`` names a page outside ``[start, stop)``; the pages are released
+                all the same, those of ``dirty`` inside the range marked written.
 
         Note:
             Records an event on ``stream`` (default: the current stream): the slots are reused only
@@ -292,12 +314,16 @@ class ResidentPages:
         """
         if self.released:
             raise RuntimeError(f"pages [{self.start}, {self.stop}) of allocation {self.allocation.id} were already released")
+        outside: list = []
         if dirty is True:
             self.mark_dirty()
         elif dirty is not False:
-            self.mark_dirty(dirty)
+            inside, outside = self._pinned_and_not(dirty)
+            self._dirty.update(inside)
         self.released = True
         self.pager._release(self, self._dirty, stream, event)
+        if outside:  # released all the same (a pin kept for a bad list would stay forever), the rest written
+            raise self._not_pinned(outside)
 
     def __enter__(self) -> "ResidentPages":
         return self
@@ -414,18 +440,22 @@ class Pager:
 
         ``access="loop"``: the allocation is used once a pass over a fixed sequence of allocations,
         pass after pass (a model's layer weights, used once a token in layer order). Recency evicts
-        each such page just before its next use once the loop does not fit; here a page used by
-        :meth:`ensure_resident` goes first in the device tier's eviction order instead (the most
-        recently used first), so the rest of the loop stays resident and only the part that does
-        not fit moves each pass. Pages prefetched and not yet used keep their place. Loop pages
-        are therefore evicted before any other page once used.
-        ``access="normal"`` (every allocation's default): the configured policy's recency order.
+        each such page just before its next use once the loop does not fit. Pages of loop
+        allocations used by :meth:`ensure_resident` leave the device tier as a block instead, the
+        most recently used first (:meth:`EvictionPolicy.demote_all`), so the rest of the loop stays
+        resident and only the part that does not fit moves each pass. The block sits in the
+        eviction order where its least recently used page sits: pages unused since then leave
+        before it, pages used since (a KV cache's) after it. Pages prefetched and not yet used keep
+        their place by recency.
+        ``access="normal"`` (every allocation's default): the configured policy's order.
         """
         if access not in ACCESS_PATTERNS:
             raise ValueError(f"access: expected one of {ACCESS_PATTERNS}, got {access!r}")
         with self._lock:
             self._check_allocation(allocation)
             allocation.loop = access == "loop"
+            if not allocation.loop:
+                self.device_policy.end_loop(allocation.pages)
 
     # ------------------------------------------------------------------ residency
 
@@ -439,10 +469,16 @@ class Pager:
         foreign = [resident for resident, _ in releases if resident.pager is not self]
         if foreign:
             raise ValueError(f"release_together: pages of allocation {foreign[0].allocation.id} belong to another pager")
+        errors: list[Exception] = []
         with self._lock:
             event = self.engine.record(stream) if self.engine.is_cuda and not self.closed else None
-            for resident, dirty in releases:
-                resident.release(dirty=dirty if dirty else False, stream=stream, event=event)
+            for resident, dirty in releases:  # every range, whatever one of them raises
+                try:
+                    resident.release(dirty=dirty if dirty else False, stream=stream, event=event)
+                except (ValueError, RuntimeError) as error:
+                    errors.append(error)
+        if errors:
+            raise errors[0]
 
     def ensure_resident(
         self, allocation: Allocation, start: int = 0, stop: Optional[int] = None, *, discard: Iterable[int] = ()

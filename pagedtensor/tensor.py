@@ -475,7 +475,9 @@ class PagedTensor(torch.Tensor):
         """``t.data = value``: ``t`` takes ``value``'s shape, strides, dtype and values, and stays paged.
 
         A PagedTensor on the same pager is shared (its pages, as torch shares storage); any other
-        tensor is copied into this tensor's pager (a PagedTensor cannot share a plain tensor's memory).
+        tensor is copied into this tensor's pager (a PagedTensor cannot share a plain tensor's memory),
+        into pages advised as this tensor's were (:meth:`Pager.advise`: model weights stay ``"loop"``
+        through ``model.half()``).
 
         Raises:
             TypeError: ``value`` is not a tensor.
@@ -488,7 +490,11 @@ class PagedTensor(torch.Tensor):
         if value.device != self.device:
             raise ValueError(f"PagedTensor.data: the value is on {value.device}, but this tensor's pager computes on "
                              f"{self.device}; move the value there, or wrap it on a pager of that device")  # fmt: skip
-        source = value if isinstance(value, PagedTensor) and value.pager is self.pager else PagedTensor.wrap(value.detach(), self.pager)
+        shared = isinstance(value, PagedTensor) and value.pager is self.pager
+        source = value if shared else PagedTensor.wrap(value.detach(), self.pager)
+        previous = self.allocation
+        if not shared and previous is not None and previous.loop and source.allocation is not None:
+            self.pager.advise(source.allocation, "loop")  # used as the pages it replaces were (Pager.advise)
         torch._C.TensorBase.data.__set__(self, source)  # shape, strides, offset and dtype
         self._paged = source._paged
         self._offset = source._offset

@@ -12,8 +12,9 @@ hold, so the test checks:
 * (``scan``) reading everything in a drawn order returns every byte, whatever mix of dirty and clean
   copies the reads leave on the device for the next eviction;
 * the page table is coherent: a dirty page has exactly one copy; the counters add up;
-* (``advise``) pages of an allocation advised ``"loop"`` go first in the eviction order when
-  pinned (the most recently pinned first), and back to recency when advised ``"normal"``;
+* (``advise``) pages of an allocation advised ``"loop"`` leave as a block once used, the most
+  recently used first, in the place of the block's least recently used page; advised ``"normal"``
+  they leave by recency again;
 * (``pin`` with ``overwrite``) pages pinned to be overwritten whole (``discard``) read as zeros until
   released; released written they hold what was written, released unwritten their old bytes.
 """
@@ -64,6 +65,7 @@ class PagerMachine(RuleBasedStateMachine):
         self.live: dict[int, object] = {}
         self.lru: list[tuple[int, int]] = []  # device-resident (allocation id, page), least recent first
         self.loop: set[int] = set()  # allocations advised "loop"
+        self.block: list[tuple[int, int]] = []  # their pages used since, the most recently used first
         self.pinned: list[tuple[object, dict[tuple[int, int], int]]] = []  # (ResidentPages, slots at pin)
         # Pages pinned zero-filled for an overwrite while a lower copy holds their bytes: key -> those
         # bytes, until a release marks the page written or its own release gives them back.
@@ -91,14 +93,30 @@ class PagerMachine(RuleBasedStateMachine):
         missing = [key for key in keys if key not in resident]
         shortfall = len(missing) - (self.device_pages - len(self.lru))
         protected = self._pinned_keys() | set(keys)
-        victims = [key for key in self.lru if key not in protected][: max(0, shortfall)]
-        for key in victims:
-            self.lru.remove(key)
+        for key in self._model_victims(protected)[: max(0, shortfall)]:
+            self._model_drop(key)
         self.lru.extend(missing)
-        if use and allocation_id in self.loop:  # used in a loop: first to leave, the last page used first
+        if use and allocation_id in self.loop:  # used in a loop: touched, and first of the block
             for key in keys:
                 self.lru.remove(key)
-                self.lru.insert(0, key)
+                self.lru.append(key)
+                if key in self.block:
+                    self.block.remove(key)
+                self.block.insert(0, key)
+
+    def _model_victims(self, protected: set) -> list[tuple[int, int]]:
+        """The LRU order with the loop block in the place of its least recently used page."""
+        order = [key for key in self.lru if key not in protected]
+        anchor = next((index for index, key in enumerate(order) if key in self.block), None)
+        if anchor is None:
+            return order
+        block = [key for key in self.block if key not in protected]
+        return order[:anchor] + block + [key for key in order[anchor:] if key not in self.block]
+
+    def _model_drop(self, key: tuple[int, int]) -> None:
+        self.lru.remove(key)
+        if key in self.block:
+            self.block.remove(key)
 
     def _model_chunks(self, allocation_id: int, first: int, stop: int) -> None:
         size = max(1, self.device_pages // 2)
@@ -167,6 +185,8 @@ class PagerMachine(RuleBasedStateMachine):
             return
         self.pager.advise(allocation, "loop" if loop else "normal")
         (self.loop.add if loop else self.loop.discard)(allocation.id)
+        if not loop:
+            self.block = [key for key in self.block if key[0] != allocation.id]
 
     @precondition(lambda self: len(self.pinned) < 2)
     @rule(allocation=allocations, overwrite=st.booleans(), data=st.data())
@@ -222,13 +242,14 @@ class PagerMachine(RuleBasedStateMachine):
                 continue
             self.data[key[0]][key[1] * PAGE : key[1] * PAGE + page.nbytes] = old
             if key not in still_pinned:  # the zero-filled slot is dropped; a pinned one is refilled
-                self.lru.remove(key)
+                self._model_drop(key)
 
     @rule()
     def evict_all(self):
         self.pager.evict_all()
         pinned = self._pinned_keys()
         self.lru = [key for key in self.lru if key in pinned]
+        self.block = [key for key in self.block if key in pinned]
         assert self.pager.stats()["resident_bytes"]["device"] == len(pinned) * PAGE
 
     @rule(allocation=consumes(allocations))
@@ -238,6 +259,7 @@ class PagerMachine(RuleBasedStateMachine):
         self.pager.free(allocation)
         del self.live[allocation.id]
         self.lru = [key for key in self.lru if key[0] != allocation.id]
+        self.block = [key for key in self.block if key[0] != allocation.id]
 
     # ------------------------------------------------------------------ invariants
 

@@ -99,45 +99,60 @@ def test_touch_all_equals_touching_each_key_in_order(name, ops):
         assert batched.victims(10, lambda k: True) == single.victims(10, lambda k: True)
 
 
+def _anchored(order: list, block: list, evictable) -> list:
+    """The eviction order with a loop block: ``order``'s evictable keys up to the first one in
+    ``block``, then ``block``'s evictable keys (most recently used first), then the rest of ``order``."""
+    order = [key for key in order if evictable(key)]
+    anchor = next((index for index, key in enumerate(order) if key in block), None)
+    if anchor is None:
+        return order
+    return order[:anchor] + [key for key in block if evictable(key)] + [key for key in order[anchor:] if key not in block]
+
+
 @pytest.mark.parametrize("name", ["lru", "2q"])
-@given(ops=st.lists(st.tuples(st.sampled_from(["insert", "touch_all", "demote_all", "remove"]), st.lists(st.integers(0, 9), max_size=6)), max_size=40))
-def test_demote_all_puts_the_keys_first_the_last_used_first(name, ops):
-    """``demote_all`` (keys used in a loop) moves each key to the eviction end of its queue, in
-    order, so the last key demoted is the first victim of that queue; other keys keep their order.
-    LRU is checked against a list model of the whole order; 2Q queue by queue."""
+@given(ops=st.lists(st.tuples(st.sampled_from(["insert", "touch_all", "demote_all", "end_loop", "remove", "forget"]),
+                              st.lists(st.integers(0, 9), max_size=6)), max_size=40))  # fmt: skip
+def test_keys_used_in_a_loop_leave_as_a_block_anchored_at_its_oldest(name, ops):
+    """``demote_all`` (keys used in a loop) keeps the keys in the policy's own order (touched) and
+    makes them a block that leaves the most recently used first, in the place of the block's least
+    recently used key: older keys leave before it, newer after it. ``end_loop``, ``remove`` and
+    ``forget`` take keys out of the block. LRU is checked against a list model of its whole order;
+    2Q against its own order (without the block) with the block placed as for LRU."""
     policy = make_policy(name, 8)
-    model: list[int] = []  # LRU order, least recent first
+    recency: list[int] = []  # LRU's own order, least recent first
+    block: list[int] = []  # the loop block, most recently used first
+    evictable = lambda key: key % 4 != 3  # noqa: E731 - some keys pinned
     for op, keys in ops:
         if op == "insert":
             for key in keys:
-                if key not in model:
-                    policy.insert(key), model.append(key)
-        elif op == "remove":
+                if key not in recency:
+                    policy.insert(key), recency.append(key)
+        elif op in ("remove", "forget"):
             for key in keys:
-                if key in model:
-                    policy.remove(key), model.remove(key)
-        elif not all(key in model for key in keys):
+                if key in recency:
+                    getattr(policy, op)(key), recency.remove(key)
+                    if key in block:
+                        block.remove(key)
+        elif op == "end_loop":
+            policy.end_loop(keys)
+            block = [key for key in block if key not in keys]
+        elif not all(key in recency for key in keys):
             with pytest.raises(KeyError):
-                getattr(policy, op)([key for key in keys if key not in model][:1])
-        elif op == "touch_all":
-            policy.touch_all(keys)
-            for key in keys:
-                model.remove(key), model.append(key)
+                getattr(policy, op)([key for key in keys if key not in recency][:1])
         else:
-            queues = {key: [queue for queue in (policy.a1in, policy.am) if key in queue][0] for key in keys} if name == "2q" else {}
-            before = {id(queue): list(queue) for queue in queues.values()}
-            policy.demote_all(keys)
+            getattr(policy, op)(keys)
             for key in keys:
-                model.remove(key), model.insert(0, key)
-            for queue in queues.values():  # 2Q: each queue is its old order with its demoted keys moved first
-                expected = list(before[id(queue)])
-                for key in keys:
-                    if queues[key] is queue:
-                        expected.remove(key), expected.insert(0, key)
-                assert list(queue) == expected
+                recency.remove(key), recency.append(key)
+                if op == "demote_all":
+                    if key in block:
+                        block.remove(key)
+                    block.insert(0, key)
+        assert len(policy) == len(recency)
+        own = recency if name == "lru" else list(policy._eviction_order(evictable))
+        assert policy.victims(10, evictable) == _anchored(own, block, evictable)
+        assert policy.victim(evictable) == (_anchored(own, block, evictable) or [None])[0]
         if name == "lru":
-            assert policy.order() == model
-        assert len(policy) == len(model)
+            assert policy.order() == recency
 
 
 RUNS = [(0, 1, 2), (2, 3), (4,), (1, 5, 6, 7), (8, 9), (3, 0)]

@@ -93,17 +93,25 @@ def test_asarray_follows_numpys_copy_protocol(pager):
 
 
 def test_release_refuses_dirty_pages_outside_the_pinned_range(pager):
+    """A dirty list naming a page outside the pinned range raises, naming it, after releasing the
+    pages all the same (a pin kept for a bad list would stay forever) with the pinned ones among
+    the dirty pages written; ``mark_dirty`` with such a list marks nothing and keeps the pin."""
     allocation = pager.allocate(3 * PAGE)
     pager.write(allocation, torch.full((3 * PAGE,), 7, dtype=torch.uint8))
     resident = pager.ensure_resident(allocation, 0, 2)
-    with pytest.raises(ValueError, match=r"dirty page 99 is not one of the pinned pages \[0, 2\)"):
-        resident.release(dirty=[99])
     with pytest.raises(ValueError, match="dirty page 2 "):
         resident.mark_dirty([1, 2])
-    assert not resident.released  # nothing happened: the pages are still pinned, and release again
+    assert not resident.released
     resident.views()[1].fill_(9)
-    resident.release(dirty=[1])
+    with pytest.raises(ValueError, match=r"dirty page 99 is not one of the pinned pages \[0, 2\)"):
+        resident.release(dirty=[1, 99])
+    assert resident.released and not allocation.pins
     assert pager.read(allocation).tolist() == [7] * PAGE + [9] * PAGE + [7] * PAGE
+    first, second = pager.ensure_resident(allocation, 0, 1), pager.ensure_resident(allocation, 2, 3)
+    with pytest.raises(ValueError, match="dirty page True "):  # a bool is no page number
+        pager.release_together([(first, [True]), (second, [2])])
+    assert first.released and second.released and not allocation.pins
+    pager.free(allocation)
 
 
 # ---------------------------------------------------------------------- the default pager
@@ -119,6 +127,20 @@ def test_set_default_pager_refuses_a_closed_pager():
         assert pagedtensor.get_default_pager() is not closed
     finally:
         pagedtensor.set_default_pager(previous)
+
+
+def test_a_closed_default_pager_comes_back_as_none_so_save_and_restore_works():
+    """``previous = set_default_pager(p) ... set_default_pager(previous)`` restores what it found
+    even when the default pager it replaced was closed meanwhile (a fresh default next)."""
+    saved = pagedtensor.set_default_pager(None)
+    try:
+        pagedtensor.get_default_pager().close()
+        previous = pagedtensor.set_default_pager(make_pager())
+        assert previous is None
+        pagedtensor.set_default_pager(previous)
+        assert not pagedtensor.get_default_pager().closed
+    finally:
+        pagedtensor.set_default_pager(saved)
 
 
 # ---------------------------------------------------------------------- overlapping in-place ops

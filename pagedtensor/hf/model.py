@@ -488,7 +488,11 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
         for index, layer in enumerate(layers):
             for module_name, module in layer.named_modules():
                 for name, parameter in list(module._parameters.items()):
-                    if parameter is None or isinstance(parameter, PagedTensor):
+                    if parameter is None:
+                        continue
+                    if isinstance(parameter, PagedTensor):  # paged already: used in the loop all the same
+                        if parameter.pager is pager and parameter.allocation is not None:
+                            pager.advise(parameter.allocation, "loop")
                         continue
                     paged = PagedTensor.wrap(parameter.detach(), pager, name=f"layers.{index}.{module_name + '.' if module_name else ''}{name}")
                     pager.advise(paged.allocation, "loop")  # used once a token, layer after layer

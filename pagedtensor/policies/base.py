@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import abc
-from typing import Callable, Generic, Hashable, Iterable, Optional, TypeVar
+from collections import OrderedDict
+from typing import Callable, Generic, Hashable, Iterable, Iterator, Optional, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
@@ -19,6 +20,7 @@ class EvictionPolicy(abc.ABC, Generic[K]):
         if capacity <= 0:
             raise ValueError(f"capacity: expected a positive number of pages, got {capacity!r}")
         self.capacity = capacity
+        self._loop: OrderedDict[K, None] = OrderedDict()  # keys used in a loop, the most recently used first
 
     @abc.abstractmethod
     def insert(self, key: K) -> None:
@@ -34,43 +36,77 @@ class EvictionPolicy(abc.ABC, Generic[K]):
         for key in keys:
             self.touch(key)
 
-    @abc.abstractmethod
     def demote_all(self, keys: Iterable[K]) -> None:
-        """Every key of ``keys``, each already in the tier, was used, in that order, and will not be
-        needed again before the other keys of its loop have been (a model's layer weights, used once
-        a token in layer order). They go first in the eviction order, the last of them first: among
-        keys used this way the most recently used leaves first, which keeps the rest of the loop
-        resident instead of evicting each key just before its next use, as recency would."""
+        """Every key of ``keys``, each already in the tier, was used, in that order, in a loop: it
+        will not be needed again before the other keys of its loop have been (a model's layer
+        weights, used once a token in layer order). Recency would evict each such key just before
+        its next use once the loop does not fit. These keys leave as a block instead, the most
+        recently used first, which keeps the rest of the loop resident. The block sits in the
+        policy's own eviction order where its least recently used key sits: keys that have not been
+        used since then (stale ones) still leave before it, keys used since leave after it."""
+        keys = list(keys)
+        self.touch_all(keys)  # its place in the policy's own order (which anchors the block)
+        loop = self._loop
+        for key in keys:
+            loop[key] = None
+            loop.move_to_end(key, last=False)
+
+    def end_loop(self, keys: Iterable[K]) -> None:
+        """``keys`` are no longer used in a loop: they leave by the policy's own order again."""
+        loop = self._loop
+        for key in keys:
+            loop.pop(key, None)
 
     @abc.abstractmethod
     def remove(self, key: K) -> None:
-        """``key`` left the tier (evicted or freed)."""
+        """``key`` left the tier (evicted or freed). Implementations also drop it from the loop block."""
 
     def forget(self, key: K) -> None:
         """``key`` left the tier because its page was freed: keep no history of it."""
         self.remove(key)
 
-    @abc.abstractmethod
+    def _eviction_order(self, evictable: Callable[[K], bool]) -> Iterator[K]:
+        """The resident keys with ``evictable(key)``, lazily, in the order this policy would evict
+        them one after another, ignoring the loop block. Every policy implements it (the base
+        class's :meth:`victims` and :meth:`victim` read it)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _eviction_order (the order victims() reads)")
+
     def victim(self, evictable: Callable[[K], bool]) -> Optional[K]:
         """The key to evict next among those with ``evictable(key)``; ``None`` if there is none.
 
         Does not remove the key: the pager calls :meth:`remove` once it has moved the page.
         """
+        chosen = self.victims(1, evictable)
+        return chosen[0] if chosen else None
 
     def victims(self, count: int, evictable: Callable[[K], bool]) -> list[K]:
-        """Up to ``count`` distinct keys to evict, in eviction order, each with ``evictable(key)``.
-
-        Does not remove them. Subclasses override this with a single scan; this default asks
-        :meth:`victim` repeatedly.
-        """
+        """Up to ``count`` distinct keys to evict, in eviction order, each with ``evictable(key)``:
+        the policy's own order, with the loop block (:meth:`demote_all`) in the place of its least
+        recently used key. Does not remove them."""
         chosen: list[K] = []
-        chosen_set: set[K] = set()
-        while len(chosen) < count:
-            key = self.victim(lambda k: k not in chosen_set and evictable(k))
-            if key is None:
-                break
+        if count <= 0:
+            return chosen
+        order = self._eviction_order(evictable)
+        loop = self._loop
+        if loop:
+            for key in order:  # the keys before the block's anchor
+                if key in loop:
+                    break
+                chosen.append(key)
+                if len(chosen) == count:
+                    return chosen
+            else:
+                return chosen
+            for key in loop:  # the block, the most recently used first
+                if evictable(key):
+                    chosen.append(key)
+                    if len(chosen) == count:
+                        return chosen
+            order = (key for key in order if key not in loop)
+        for key in order:
             chosen.append(key)
-            chosen_set.add(key)
+            if len(chosen) == count:
+                break
         return chosen
 
     @abc.abstractmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Iterable, Optional, Sequence
+from typing import Callable, Hashable, Iterable, Iterator, Optional, Sequence
 
 from pagedtensor.policies.base import EvictionPolicy, K
 
@@ -89,6 +89,12 @@ class DeferredTouches(EvictionPolicy[K]):
 
     def demote_all(self, keys: Iterable[K]) -> None:
         self._applied().demote_all(keys)
+
+    def end_loop(self, keys: Iterable[K]) -> None:
+        self._applied().end_loop(keys)
+
+    def _eviction_order(self, evictable: Callable[[K], bool]) -> Iterator[K]:
+        return self._applied()._eviction_order(evictable)
 
     def remove(self, key: K) -> None:
         self._applied().remove(key)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator
 
 from pagedtensor.policies.base import EvictionPolicy, K
 
@@ -28,31 +28,15 @@ class LRUPolicy(EvictionPolicy[K]):
         for key in keys:
             move_to_end(key)
 
-    def demote_all(self, keys: Iterable[K]) -> None:
-        move_to_end = self._order.move_to_end
-        for key in keys:
-            move_to_end(key, last=False)
-
     def remove(self, key: K) -> None:
         del self._order[key]
+        self._loop.pop(key, None)
 
-    def victim(self, evictable: Callable[[K], bool]) -> Optional[K]:
-        for key in self._order:
-            if evictable(key):
-                return key
-        return None
-
-    def victims(self, count: int, evictable: Callable[[K], bool]) -> list[K]:
-        chosen: list[K] = []
-        for key in self._order:
-            if len(chosen) == count:
-                break
-            if evictable(key):
-                chosen.append(key)
-        return chosen
+    def _eviction_order(self, evictable: Callable[[K], bool]) -> Iterator[K]:
+        return (key for key in self._order if evictable(key))
 
     def order(self) -> list[K]:
-        """Resident keys, least recently used first (for tests and debugging)."""
+        """Resident keys, least recently used first, loop block or not (for tests and debugging)."""
         return list(self._order)
 
     def __contains__(self, key: object) -> bool:

@@ -10,7 +10,7 @@ leaves the hot set in ``am`` alone.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator
 
 from pagedtensor.policies.base import EvictionPolicy, K
 
@@ -53,18 +53,8 @@ class TwoQPolicy(EvictionPolicy[K]):
             elif key not in a1in:
                 raise KeyError(f"TwoQPolicy.touch: key {key!r} is not resident")
 
-    def demote_all(self, keys: Iterable[K]) -> None:
-        """Each key goes to the eviction end of the queue it is in (``a1in`` or ``am``)."""
-        am, a1in = self.am, self.a1in
-        for key in keys:
-            if key in am:
-                am.move_to_end(key, last=False)
-            elif key in a1in:
-                a1in.move_to_end(key, last=False)
-            else:
-                raise KeyError(f"TwoQPolicy.demote_all: key {key!r} is not resident")
-
     def remove(self, key: K) -> None:
+        self._loop.pop(key, None)
         if key in self.a1in:
             del self.a1in[key]
             self.a1out[key] = None
@@ -75,25 +65,18 @@ class TwoQPolicy(EvictionPolicy[K]):
 
     def forget(self, key: K) -> None:
         """Drop every trace of ``key``, ghost included (the page was freed, not evicted)."""
+        self._loop.pop(key, None)
         self.a1in.pop(key, None)
         self.am.pop(key, None)
         self.a1out.pop(key, None)
 
-    def victim(self, evictable: Callable[[K], bool]) -> Optional[K]:
-        queues = (self.a1in, self.am) if len(self.a1in) > self.a1in_limit else (self.am, self.a1in)
-        for queue in queues:
-            for key in queue:
-                if evictable(key):
-                    return key
-        return None
-
-    def victims(self, count: int, evictable: Callable[[K], bool]) -> list[K]:
-        """Victims in the order repeated :meth:`victim` and :meth:`remove` calls would give."""
-        chosen: list[K] = []
+    def _eviction_order(self, evictable: Callable[[K], bool]) -> Iterator[K]:
+        """The order repeated :meth:`victim` and :meth:`remove` calls would give: ``a1in`` first while
+        it holds more than its share (counting the keys already given), ``am`` first otherwise."""
         a1in_left = len(self.a1in)
         a1in_keys = (key for key in self.a1in if evictable(key))
         am_keys = (key for key in self.am if evictable(key))
-        while len(chosen) < count:
+        while True:
             first, second = (a1in_keys, am_keys) if a1in_left > self.a1in_limit else (am_keys, a1in_keys)
             key = next(first, None)
             from_a1in = first is a1in_keys
@@ -101,10 +84,9 @@ class TwoQPolicy(EvictionPolicy[K]):
                 key = next(second, None)
                 from_a1in = second is a1in_keys
             if key is None:
-                break
-            chosen.append(key)
+                return
+            yield key
             a1in_left -= from_a1in
-        return chosen
 
     def __contains__(self, key: object) -> bool:
         return key in self.a1in or key in self.am

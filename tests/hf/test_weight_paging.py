@@ -119,8 +119,9 @@ def test_layer_ahead_prefetch_order(nvme_dir, monkeypatch):
 
 
 def test_the_prefetch_follows_weights_replaced_by_a_dtype_change(nvme_dir, monkeypatch):
-    """``model.to(dtype)`` gives every paged weight a new allocation (the old ones are freed): the
-    layer-ahead hooks look the weights up again and keep prefetching the live ones."""
+    """``model.to(dtype)`` gives every paged weight a new allocation (the old ones are freed), advised
+    ``"loop"`` as the old ones were: the layer-ahead hooks look the weights up again and keep
+    prefetching the live ones."""
     reference, model = tiny_pair("llama", attn="sdpa")
     ids, mask = prompts(1, length=20)
     enable_paging(model, tiny_budget(nvme_dir, vram_pages=VRAM_PAGES, host_pages=HOST_PAGES), attn_implementation="sdpa", page_weights=True)
@@ -129,6 +130,7 @@ def test_the_prefetch_follows_weights_replaced_by_a_dtype_change(nvme_dir, monke
     model.to(torch.float64).to(torch.float32)
     live = {allocation.id for allocations in state.weight_allocations for allocation in allocations}
     assert live and not live & before and len(state.weight_allocations) == len(model.model.layers)
+    assert all(allocation.loop for allocations in state.weight_allocations for allocation in allocations)  # still advised
     prefetched: list = []
     original = state.pager.prefetch
     monkeypatch.setattr(state.pager, "prefetch", lambda allocation, *a, **k: prefetched.append(allocation) or original(allocation, *a, **k))
