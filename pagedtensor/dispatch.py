@@ -55,7 +55,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_leaves, tree_map
 
 from pagedtensor.errors import OutOfPagesError
-from pagedtensor.pager import ResidentPages
+from pagedtensor.pager import ResidentPages, WrittenPages
 from pagedtensor.pieces import is_elementwise, run_in_pieces
 from pagedtensor.tensor import (
     PagedStorage,
@@ -327,8 +327,13 @@ class PagedDispatcher:
         discard = _overwritten_pages(func, args, written, groups) if func in _OVERWRITING else {}
         # Writers of one allocation take turns, from fault-in to write-back (a gathered window writes
         # back its whole span, which must not undo another thread's write).
-        run = functools.partial(self._run_in_windows, func, info, args, kwargs, leaves, written, groups, discard)
-        return _holding(_write_locks(groups), run) if written else run()
+        if not written:
+            return self._run_in_windows(func, info, args, kwargs, leaves, written, groups, discard)
+        locks = _write_locks(groups)
+        if len(locks) == 1:  # the common case, without a call more
+            with locks[0]:
+                return self._run_in_windows(func, info, args, kwargs, leaves, written, groups, discard)
+        return _holding(locks, functools.partial(self._run_in_windows, func, info, args, kwargs, leaves, written, groups, discard))
 
     def _run_in_windows(
         self, func: OpOverload, info: OpInfo, args: tuple, kwargs: dict, leaves: list[PagedTensor],
@@ -706,8 +711,9 @@ def touched_pages(size: Sequence[int], stride: Sequence[int], offset: int, items
     return pages
 
 
-def _dirty_pages(written: Iterable[PagedTensor], page_size: int) -> set[int]:
-    dirty: set[int] = set()
+def _dirty_pages(written: Iterable[PagedTensor], page_size: int) -> WrittenPages:
+    """The pages the written tensors reach (inside their windows' pinned ranges)."""
+    dirty = WrittenPages()
     for leaf in written:
         dirty.update(touched_pages(leaf.shape, leaf.stride(), leaf._offset, leaf.dtype.itemsize, page_size))
     return dirty

@@ -71,6 +71,14 @@ PAGE_ENTRY_BYTES = 140
 """Host memory one page-table entry takes, about (the bound :meth:`Pager.allocate` checks)."""
 UNKNOWN_MACHINE_MEMORY = 2**40
 """The memory :meth:`Pager.allocate` bounds a page table by where the system does not say."""
+class WrittenPages(set):
+    """Page numbers of a pinned range that the library itself found written (the dispatcher's):
+    :meth:`ResidentPages.release` takes them with no check, where a caller's list is checked page
+    by page."""
+
+    __slots__ = ()
+
+
 ACCESS_PATTERNS = ("normal", "loop")
 """How an allocation's pages are used (:meth:`Pager.advise`)."""
 
@@ -275,7 +283,10 @@ class ResidentPages:
         self._dirty.update(inside)
 
     def _pinned_and_not(self, indices: Iterable[int]) -> tuple[set[int], list]:
-        """``indices`` split into the pinned page numbers (ints, numpy ints) and the rest (bools too)."""
+        """``indices`` split into the pinned page numbers (ints, numpy ints) and the rest (bools too);
+        :class:`WrittenPages` are taken as they are."""
+        if type(indices) is WrittenPages:
+            return indices, []
         inside: set[int] = set()
         outside: list = []
         start, stop = self.start, self.stop
@@ -298,11 +309,13 @@ class ResidentPages:
     def release(
         self, *, dirty: Union[bool, Iterable[int]] = False, stream: Optional[torch.cuda.Stream] = None, event: Event = None
     ) -> None:
-        """Unpin the pages; ``dirty`` (True or allocation page numbers) marks pages written.
+        """Unpin the pages; ``dirty`` (True or allocation page numbers; None: True) marks pages written.
 
         Raises:
             ValueError: ``dirty`` names a page outside ``[start, stop)``; the pages are released
                 all the same, those of ``dirty`` inside the range marked written.
+            TypeError: ``dirty`` is not page numbers; the pages are released all the same, every
+                one marked written (no write is lost).
 
         Note:
             Records an event on ``stream`` (default: the current stream): the slots are reused only
@@ -315,14 +328,22 @@ class ResidentPages:
         if self.released:
             raise RuntimeError(f"pages [{self.start}, {self.stop}) of allocation {self.allocation.id} were already released")
         outside: list = []
-        if dirty is True:
+        problem: Optional[Exception] = None
+        if dirty is True or dirty is None:
             self.mark_dirty()
         elif dirty is not False:
-            inside, outside = self._pinned_and_not(dirty)
-            self._dirty.update(inside)
+            try:
+                inside, outside = self._pinned_and_not(dirty)
+            except TypeError:  # not page numbers: what was written is unknown, so every page was
+                self.mark_dirty()
+                problem = TypeError(f"dirty: expected True, False or page numbers, got {dirty!r}; every pinned page was marked written")
+            else:
+                self._dirty.update(inside)
         self.released = True
         self.pager._release(self, self._dirty, stream, event)
-        if outside:  # released all the same (a pin kept for a bad list would stay forever), the rest written
+        if problem is not None:  # released all the same: a pin kept for a bad argument would stay forever
+            raise problem
+        if outside:
             raise self._not_pinned(outside)
 
     def __enter__(self) -> "ResidentPages":
@@ -475,7 +496,7 @@ class Pager:
             for resident, dirty in releases:  # every range, whatever one of them raises
                 try:
                     resident.release(dirty=dirty if dirty else False, stream=stream, event=event)
-                except (ValueError, RuntimeError) as error:
+                except Exception as error:  # noqa: BLE001 - raised below, after every range
                     errors.append(error)
         if errors:
             raise errors[0]
@@ -512,7 +533,7 @@ class Pager:
                 _pin(pins, start, stop)
                 try:
                     if allocation.loop:
-                        self.device_policy.demote_run((allocation.id, start, stop), run.pages)
+                        self.device_policy.demote_all(run.pages)
                     else:
                         self.device_policy.touch_run((allocation.id, start, stop), run.pages)
                     self.metrics.count("hits", stop - start)
@@ -533,7 +554,7 @@ class Pager:
                         self.device_policy.demote_all(pages)
                 else:  # all resident, the common case: ``discard`` only concerns missing pages
                     if allocation.loop:
-                        self.device_policy.demote_run((allocation.id, start, stop), pages)
+                        self.device_policy.demote_all(pages)
                     else:
                         self.device_policy.touch_run((allocation.id, start, stop), pages)
                 self.metrics.count("hits", len(pages) - len(missing))

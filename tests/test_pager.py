@@ -862,3 +862,26 @@ def test_a_loop_that_fits_beside_stale_pages_stops_faulting():
     faults = _faults_per_pass(pager, layers, 5)
     assert faults[2:] == [0, 0, 0], faults
     assert torch.equal(pager.read(stale), random_bytes(4 * PAGE, seed=9))
+
+
+def test_pages_used_once_a_pass_between_the_loops_layers_stay_resident():
+    """Four one-page layers advised "loop" and four one-page KV-like allocations used (and written)
+    right after their layer, on a six-page device tier: the KV pages were last used within the last
+    pass, so they are not stale and stay; only the layers move (two or three a pass, none of the
+    KV pages, no write-backs). When the loop block sat after every key older than its least recently
+    used key, the KV pages of the layers not yet reached counted as stale: two KV faults and two
+    write-backs every other pass."""
+    pager = make_pager(device_pages=6, host_pages=16, prefetch_strategy="none")
+    layers = [pager.allocate(PAGE) for _ in range(4)]
+    kv = [pager.allocate(PAGE) for _ in range(4)]
+    for allocation in layers:
+        pager.advise(allocation, "loop")
+    kv_faults = []
+    for _ in range(6):
+        faults = 0
+        for layer, cache in zip(layers, kv):
+            pager.ensure_resident(layer).release()
+            faults += cache.pages[0].device_slot is None
+            pager.ensure_resident(cache).release(dirty=True)
+        kv_faults.append(faults)
+    assert kv_faults[0] == 4 and kv_faults[2:] == [0, 0, 0, 0], kv_faults

@@ -13,8 +13,8 @@ hold, so the test checks:
   copies the reads leave on the device for the next eviction;
 * the page table is coherent: a dirty page has exactly one copy; the counters add up;
 * (``advise``) pages of an allocation advised ``"loop"`` leave as a block once used, the most
-  recently used first, in the place of the block's least recently used page; advised ``"normal"``
-  they leave by recency again;
+  recently used first, after the stale pages (last used before the use before the last of the
+  loop page used last) and before the others; advised ``"normal"`` they leave by recency again;
 * (``pin`` with ``overwrite``) pages pinned to be overwritten whole (``discard``) read as zeros until
   released; released written they hold what was written, released unwritten their old bytes.
 """
@@ -63,9 +63,14 @@ class PagerMachine(RuleBasedStateMachine):
         self.pager = Pager(config)
         self.data: dict[int, torch.Tensor] = {}  # allocation id -> expected bytes
         self.live: dict[int, object] = {}
-        self.lru: list[tuple[int, int]] = []  # device-resident (allocation id, page), least recent first
+        # Device-resident (allocation id, page), least recently used first -> the tick of its last use
+        # (one tick a page inserted, one a touch of several pages: only their order matters).
+        self.lru: dict[tuple[int, int], int] = {}
+        self.clock = 0
         self.loop: set[int] = set()  # allocations advised "loop"
+        self.inserted: dict[tuple[int, int], int] = {}  # page -> the tick of its insert
         self.block: list[tuple[int, int]] = []  # their pages used since, the most recently used first
+        self.pass_start = -1  # the use before the last of the loop page used last
         self.pinned: list[tuple[object, dict[tuple[int, int], int]]] = []  # (ResidentPages, slots at pin)
         # Pages pinned zero-filled for an overwrite while a lower copy holds their bytes: key -> those
         # bytes, until a release marks the page written or its own release gives them back.
@@ -83,38 +88,48 @@ class PagerMachine(RuleBasedStateMachine):
         return {key for _, slots in self.pinned for key in slots}
 
     def _model_fault(self, allocation_id: int, start: int, stop: int, use: bool = True) -> None:
-        """What ``ensure_resident`` (``use``) or a prefetch does to the device LRU order."""
+        """What ``ensure_resident`` (``use``) or a prefetch does to the device policy: the pages
+        resident are touched (unless all are and they are used in a loop), room is made by the
+        victims, the missing pages are inserted one by one, and pages used in a loop are demoted."""
         keys = [(allocation_id, index) for index in range(start, stop)]
-        resident = set(self.lru)
-        for key in keys:
-            if key in resident:
-                self.lru.remove(key)
-                self.lru.append(key)
-        missing = [key for key in keys if key not in resident]
+        missing = [key for key in keys if key not in self.lru]
+        loop_use = use and allocation_id in self.loop
+        if missing or not loop_use:
+            self._model_touch([key for key in keys if key in self.lru])
         shortfall = len(missing) - (self.device_pages - len(self.lru))
         protected = self._pinned_keys() | set(keys)
         for key in self._model_victims(protected)[: max(0, shortfall)]:
             self._model_drop(key)
-        self.lru.extend(missing)
-        if use and allocation_id in self.loop:  # used in a loop: touched, and first of the block
+        for key in missing:
+            self.clock += 1
+            self.lru[key] = self.inserted[key] = self.clock
+        if loop_use:  # a block of its own, the last page used first, after the stale pages
+            previous = {key: self.lru[key] for key in keys}
+            self._model_touch(keys)
             for key in keys:
-                self.lru.remove(key)
-                self.lru.append(key)
+                if previous[key] != self.inserted[key]:
+                    self.pass_start = previous[key]
                 if key in self.block:
                     self.block.remove(key)
                 self.block.insert(0, key)
 
+    def _model_touch(self, keys: list) -> None:
+        self.clock += 1
+        for key in keys:
+            del self.lru[key]
+            self.lru[key] = self.clock
+
     def _model_victims(self, protected: set) -> list[tuple[int, int]]:
-        """The LRU order with the loop block in the place of its least recently used page."""
-        order = [key for key in self.lru if key not in protected]
-        anchor = next((index for index, key in enumerate(order) if key in self.block), None)
-        if anchor is None:
-            return order
+        """LRU's order with the loop block after the stale pages (last used before ``pass_start``)."""
+        outside = [(key, tick) for key, tick in self.lru.items() if key not in protected and key not in self.block]
+        if not self.block:
+            return [key for key, _ in outside]
+        split = next((index for index, (_, tick) in enumerate(outside) if tick >= self.pass_start), len(outside))
         block = [key for key in self.block if key not in protected]
-        return order[:anchor] + block + [key for key in order[anchor:] if key not in self.block]
+        return [key for key, _ in outside[:split]] + block + [key for key, _ in outside[split:]]
 
     def _model_drop(self, key: tuple[int, int]) -> None:
-        self.lru.remove(key)
+        del self.lru[key], self.inserted[key]
         if key in self.block:
             self.block.remove(key)
 
@@ -248,7 +263,8 @@ class PagerMachine(RuleBasedStateMachine):
     def evict_all(self):
         self.pager.evict_all()
         pinned = self._pinned_keys()
-        self.lru = [key for key in self.lru if key in pinned]
+        self.lru = {key: tick for key, tick in self.lru.items() if key in pinned}
+        self.inserted = {key: tick for key, tick in self.inserted.items() if key in pinned}
         self.block = [key for key in self.block if key in pinned]
         assert self.pager.stats()["resident_bytes"]["device"] == len(pinned) * PAGE
 
@@ -258,7 +274,8 @@ class PagerMachine(RuleBasedStateMachine):
             return
         self.pager.free(allocation)
         del self.live[allocation.id]
-        self.lru = [key for key in self.lru if key[0] != allocation.id]
+        self.lru = {key: tick for key, tick in self.lru.items() if key[0] != allocation.id}
+        self.inserted = {key: tick for key, tick in self.inserted.items() if key[0] != allocation.id}
         self.block = [key for key in self.block if key[0] != allocation.id]
 
     # ------------------------------------------------------------------ invariants

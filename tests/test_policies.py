@@ -99,38 +99,47 @@ def test_touch_all_equals_touching_each_key_in_order(name, ops):
         assert batched.victims(10, lambda k: True) == single.victims(10, lambda k: True)
 
 
-def _anchored(order: list, block: list, evictable) -> list:
-    """The eviction order with a loop block: ``order``'s evictable keys up to the first one in
-    ``block``, then ``block``'s evictable keys (most recently used first), then the rest of ``order``."""
-    order = [key for key in order if evictable(key)]
-    anchor = next((index for index, key in enumerate(order) if key in block), None)
-    if anchor is None:
-        return order
-    return order[:anchor] + [key for key in block if evictable(key)] + [key for key in order[anchor:] if key not in block]
+def _model_victims(own: list, block: list, anchor: int, evictable) -> list:
+    """The eviction order with a loop block: ``own`` ((key, tick of last use) in the policy's own
+    order, evictable keys only) outside the block up to its first key last used at ``anchor`` or
+    later, then the block's evictable keys (the most recently used first), then the rest."""
+    if not block:
+        return [key for key, _ in own]
+    outside = [(key, tick) for key, tick in own if key not in block]
+    split = next((index for index, (_, tick) in enumerate(outside) if tick >= anchor), len(outside))
+    return [key for key, _ in outside[:split]] + [key for key in block if evictable(key)] + [key for key, _ in outside[split:]]
 
 
 @pytest.mark.parametrize("name", ["lru", "2q"])
 @given(ops=st.lists(st.tuples(st.sampled_from(["insert", "touch_all", "demote_all", "end_loop", "remove", "forget"]),
                               st.lists(st.integers(0, 9), max_size=6)), max_size=40))  # fmt: skip
-def test_keys_used_in_a_loop_leave_as_a_block_anchored_at_its_oldest(name, ops):
-    """``demote_all`` (keys used in a loop) keeps the keys in the policy's own order (touched) and
-    makes them a block that leaves the most recently used first, in the place of the block's least
-    recently used key: older keys leave before it, newer after it. ``end_loop``, ``remove`` and
-    ``forget`` take keys out of the block. LRU is checked against a list model of its whole order;
-    2Q against its own order (without the block) with the block placed as for LRU."""
+def test_keys_used_in_a_loop_leave_as_a_block_after_the_stale_keys(name, ops):
+    """``demote_all`` (keys used in a loop) touches the keys in the policy's own order and makes
+    them a block that leaves the most recently used first, after the stale keys and before every
+    other key. Stale: last used before the use before the last of the loop key demoted last (about
+    a pass of the loop ago; a key's insert is no use before). ``end_loop``, ``remove`` and
+    ``forget`` take keys out of the block. LRU is checked against a model of its order and use
+    ticks (one tick an insert, one a touch call); 2Q against its own order and ticks, with the
+    block placed by the same rule."""
     policy = make_policy(name, 8)
-    recency: list[int] = []  # LRU's own order, least recent first
-    block: list[int] = []  # the loop block, most recently used first
+    clock = 0
+    recency: dict[int, int] = {}  # LRU's order, least recent first -> tick of the last use
+    inserted: dict[int, int] = {}  # key -> tick of its insert
+    block: list[int] = []  # the loop block, the most recently used first
+    anchor = -1
     evictable = lambda key: key % 4 != 3  # noqa: E731 - some keys pinned
     for op, keys in ops:
         if op == "insert":
             for key in keys:
                 if key not in recency:
-                    policy.insert(key), recency.append(key)
+                    clock += 1
+                    policy.insert(key)
+                    recency[key] = inserted[key] = clock
         elif op in ("remove", "forget"):
             for key in keys:
                 if key in recency:
-                    getattr(policy, op)(key), recency.remove(key)
+                    getattr(policy, op)(key)
+                    del recency[key], inserted[key]
                     if key in block:
                         block.remove(key)
         elif op == "end_loop":
@@ -140,19 +149,25 @@ def test_keys_used_in_a_loop_leave_as_a_block_anchored_at_its_oldest(name, ops):
             with pytest.raises(KeyError):
                 getattr(policy, op)([key for key in keys if key not in recency][:1])
         else:
+            previous = {key: recency[key] for key in keys}
             getattr(policy, op)(keys)
+            clock += 1
             for key in keys:
-                recency.remove(key), recency.append(key)
                 if op == "demote_all":
+                    if previous[key] != inserted[key]:
+                        anchor = previous[key]
                     if key in block:
                         block.remove(key)
                     block.insert(0, key)
+                del recency[key]
+                recency[key] = clock
         assert len(policy) == len(recency)
-        own = recency if name == "lru" else list(policy._eviction_order(evictable))
-        assert policy.victims(10, evictable) == _anchored(own, block, evictable)
-        assert policy.victim(evictable) == (_anchored(own, block, evictable) or [None])[0]
+        own = [(key, tick) for key, tick in recency.items() if evictable(key)] if name == "lru" else list(policy._eviction_order(evictable))
+        expected = _model_victims(own, block, anchor, evictable)
+        assert policy.victims(10, evictable) == expected
+        assert policy.victim(evictable) == (expected or [None])[0]
         if name == "lru":
-            assert policy.order() == recency
+            assert policy.order() == list(recency)
 
 
 RUNS = [(0, 1, 2), (2, 3), (4,), (1, 5, 6, 7), (8, 9), (3, 0)]
@@ -168,8 +183,7 @@ RUNS = [(0, 1, 2), (2, 3), (4,), (1, 5, 6, 7), (8, 9), (3, 0)]
             st.tuples(st.just("touch_run"), st.integers(0, len(RUNS) - 1)),
             st.tuples(st.just("touch_run"), st.integers(0, len(RUNS) - 1)),  # likelier: runs between flushes
             st.tuples(st.just("touch_run"), st.integers(0, len(RUNS) - 1)),
-            st.tuples(st.just("demote_run"), st.integers(0, len(RUNS) - 1)),
-            st.tuples(st.just("demote_run"), st.integers(0, len(RUNS) - 1)),
+            st.tuples(st.just("demote_all"), st.integers(0, len(RUNS) - 1)),
             st.tuples(st.just("touch"), st.integers(0, 9)),
             st.tuples(st.just("victims"), st.integers(1, 10)),
         ),
@@ -179,9 +193,9 @@ RUNS = [(0, 1, 2), (2, 3), (4,), (1, 5, 6, 7), (8, 9), (3, 0)]
 )
 @settings(max_examples=300)
 def test_deferred_touches_give_the_eager_order(name, ops, max_pending):
-    """Runs recorded by ``touch_run`` or ``demote_run`` (deduplicated by run id, the last record of
-    an id deciding, applied before any other call) leave exactly the victims and order of touching
-    or demoting every key at once, whatever falls between them."""
+    """Runs recorded by ``touch_run`` (deduplicated by run id, applied before any other call, a
+    ``demote_all`` included) leave exactly the victims and order of touching every key at once,
+    whatever falls between them."""
     lazy, eager = DeferredTouches(make_policy(name, 8), max_pending), make_policy(name, 8)
     for key in range(10):
         lazy.insert(key), eager.insert(key)
@@ -194,8 +208,8 @@ def test_deferred_touches_give_the_eager_order(name, ops, max_pending):
         elif op == "touch_run" and resident.issuperset(RUNS[arg]):
             lazy.touch_run(("run", arg), list(RUNS[arg]))
             eager.touch_all(RUNS[arg])
-        elif op == "demote_run" and resident.issuperset(RUNS[arg]):  # the same run ids as touch_run
-            lazy.demote_run(("run", arg), list(RUNS[arg]))
+        elif op == "demote_all" and resident.issuperset(RUNS[arg]):  # applied at once, after the pending runs
+            lazy.demote_all(list(RUNS[arg]))
             eager.demote_all(RUNS[arg])
         elif op == "touch" and arg in resident:
             lazy.touch(arg), eager.touch(arg)
@@ -220,3 +234,43 @@ def test_deferred_touches_record_a_repeated_run_once():
     assert lazy.order() == ["d", "a", "b", "c"] and not lazy._pending
     with pytest.raises(ValueError, match="max_pending_runs.*0"):
         DeferredTouches(make_policy("lru", 4), 0)
+
+
+def test_a_policy_written_to_implement_victim_still_gives_victims():
+    """A policy subclass that implements ``victim`` (and not ``_eviction_order``) still answers
+    ``victims`` by asking ``victim`` repeatedly; one that implements neither says so."""
+    from pagedtensor.policies import EvictionPolicy
+
+    class Fifo(EvictionPolicy):
+        def __init__(self, capacity):
+            super().__init__(capacity)
+            self.keys = []
+
+        def insert(self, key):
+            self.keys.append(key)
+
+        def touch(self, key):
+            pass
+
+        def remove(self, key):
+            self.keys.remove(key)
+
+        def victim(self, evictable):
+            return next((key for key in self.keys if evictable(key)), None)
+
+        def __contains__(self, key):
+            return key in self.keys
+
+        def __len__(self):
+            return len(self.keys)
+
+    fifo = Fifo(4)
+    for key in "abcd":
+        fifo.insert(key)
+    assert fifo.victims(3, lambda key: key != "b") == ["a", "c", "d"]
+
+    class Nothing(Fifo):
+        victim = EvictionPolicy.victim
+
+    with pytest.raises(NotImplementedError, match="Nothing implements neither _eviction_order nor victim"):
+        Nothing(4).victims(1, lambda key: True)

@@ -111,6 +111,15 @@ def test_release_refuses_dirty_pages_outside_the_pinned_range(pager):
     with pytest.raises(ValueError, match="dirty page True "):  # a bool is no page number
         pager.release_together([(first, [True]), (second, [2])])
     assert first.released and second.released and not allocation.pins
+    resident = pager.ensure_resident(allocation, 0, 3)
+    resident.views()[2].fill_(5)
+    with pytest.raises(TypeError, match="dirty: expected True, False or page numbers, got 5"):
+        resident.release(dirty=5)  # not page numbers: released, every page written (none lost)
+    assert resident.released and not allocation.pins and pager.read(allocation)[-1].item() == 5
+    resident = pager.ensure_resident(allocation, 0, 3)
+    resident.views()[0].fill_(4)
+    resident.release(dirty=None)  # None marks every page, as mark_dirty(None) does
+    assert pager.read(allocation)[0].item() == 4
     pager.free(allocation)
 
 

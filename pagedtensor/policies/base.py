@@ -20,7 +20,29 @@ class EvictionPolicy(abc.ABC, Generic[K]):
         if capacity <= 0:
             raise ValueError(f"capacity: expected a positive number of pages, got {capacity!r}")
         self.capacity = capacity
-        self._loop: OrderedDict[K, None] = OrderedDict()  # keys used in a loop, the most recently used first
+        # Keys used in a loop (demote_all), the most recently used first; ticks count uses (every
+        # insert and every touch call takes the next one: only their order matters).
+        self._loop: OrderedDict[K, None] = OrderedDict()
+        self._clock = 0
+        self._inserted: dict[K, int] = {}  # key -> the tick of its insert (its last use until touched)
+        # The use before the last of the loop key used last (about a pass of the loop ago): keys
+        # last used before it are stale, and leave before the loop block.
+        self._pass_start: Optional[int] = None
+
+    def _tick(self) -> int:
+        """The next use's tick (a counter: only the order of ticks matters)."""
+        self._clock += 1
+        return self._clock
+
+    def _tick_insert(self, key: K) -> int:
+        """The tick of ``key``'s insert, remembered (an insert is no use before a demote)."""
+        tick = self._inserted[key] = self._tick()
+        return tick
+
+    def _forget_key(self, key: K) -> None:
+        """Drop ``key`` from the loop block and the insert ticks (it left the tier)."""
+        self._loop.pop(key, None)
+        self._inserted.pop(key, None)
 
     @abc.abstractmethod
     def insert(self, key: K) -> None:
@@ -41,13 +63,20 @@ class EvictionPolicy(abc.ABC, Generic[K]):
         will not be needed again before the other keys of its loop have been (a model's layer
         weights, used once a token in layer order). Recency would evict each such key just before
         its next use once the loop does not fit. These keys leave as a block instead, the most
-        recently used first, which keeps the rest of the loop resident. The block sits in the
-        policy's own eviction order where its least recently used key sits: keys that have not been
-        used since then (stale ones) still leave before it, keys used since leave after it."""
+        recently used first, which keeps the rest of the loop resident.
+
+        The block's place among the other keys: those last used before the loop key used last was
+        used the time before (about a pass of the loop ago) are stale and leave before the block
+        (pages written once and never used again); every other key leaves after it (a KV cache's
+        pages, used once a pass too). A key just inserted has no use before this one to tell."""
         keys = list(keys)
-        self.touch_all(keys)  # its place in the policy's own order (which anchors the block)
+        last_use, inserted = self._last_use, self._inserted
+        previous = [last_use(key) for key in keys]  # KeyError for a key not resident
+        self.touch_all(keys)
         loop = self._loop
-        for key in keys:
+        for key, tick in zip(keys, previous):
+            if inserted.get(key) != tick:  # a use before this one, not this use's own insert
+                self._pass_start = tick
             loop[key] = None
             loop.move_to_end(key, last=False)
 
@@ -65,11 +94,14 @@ class EvictionPolicy(abc.ABC, Generic[K]):
         """``key`` left the tier because its page was freed: keep no history of it."""
         self.remove(key)
 
-    def _eviction_order(self, evictable: Callable[[K], bool]) -> Iterator[K]:
+    def _eviction_order(self, evictable: Callable[[K], bool]) -> Iterator[tuple[K, int]]:
         """The resident keys with ``evictable(key)``, lazily, in the order this policy would evict
-        them one after another, ignoring the loop block. Every policy implements it (the base
-        class's :meth:`victims` and :meth:`victim` read it)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement _eviction_order (the order victims() reads)")
+        them one after another, each with the tick of its last use, ignoring the loop block."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _eviction_order nor victim")
+
+    def _last_use(self, key: K) -> int:
+        """The tick of ``key``'s last use (insert or touch); ``KeyError`` if it is not resident."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _last_use to take demote_all")
 
     def victim(self, evictable: Callable[[K], bool]) -> Optional[K]:
         """The key to evict next among those with ``evictable(key)``; ``None`` if there is none.
@@ -81,32 +113,57 @@ class EvictionPolicy(abc.ABC, Generic[K]):
 
     def victims(self, count: int, evictable: Callable[[K], bool]) -> list[K]:
         """Up to ``count`` distinct keys to evict, in eviction order, each with ``evictable(key)``:
-        the policy's own order, with the loop block (:meth:`demote_all`) in the place of its least
-        recently used key. Does not remove them."""
+        the policy's own order, with the loop block (:meth:`demote_all`) after the stale keys.
+        Does not remove them. (With a block, the keys of one call can differ from as many calls
+        of :meth:`victim` and :meth:`remove`: the block's anchor moves as its keys leave. The
+        pager takes its victims in one call.)"""
+        if type(self)._eviction_order is EvictionPolicy._eviction_order:
+            return self._victims_one_by_one(count, evictable)  # a policy written to implement victim()
         chosen: list[K] = []
         if count <= 0:
             return chosen
         order = self._eviction_order(evictable)
         loop = self._loop
         if loop:
-            for key in order:  # the keys before the block's anchor
+            anchor = self._pass_start if self._pass_start is not None else -1
+            after = None
+            for key, tick in order:  # the stale keys, before the block
                 if key in loop:
+                    continue
+                if tick >= anchor:
+                    after = key
                     break
                 chosen.append(key)
                 if len(chosen) == count:
                     return chosen
-            else:
-                return chosen
             for key in loop:  # the block, the most recently used first
                 if evictable(key):
                     chosen.append(key)
                     if len(chosen) == count:
                         return chosen
-            order = (key for key in order if key not in loop)
-        for key in order:
+            if after is None:
+                return chosen
+            chosen.append(after)
+            if len(chosen) == count:
+                return chosen
+            order = ((key, tick) for key, tick in order if key not in loop)
+        for key, _ in order:
             chosen.append(key)
             if len(chosen) == count:
                 break
+        return chosen
+
+    def _victims_one_by_one(self, count: int, evictable: Callable[[K], bool]) -> list[K]:
+        if type(self).victim is EvictionPolicy.victim:
+            raise NotImplementedError(f"{type(self).__name__} implements neither _eviction_order nor victim")
+        chosen: list[K] = []
+        chosen_set: set[K] = set()
+        while len(chosen) < count:
+            key = self.victim(lambda k: k not in chosen_set and evictable(k))
+            if key is None:
+                break
+            chosen.append(key)
+            chosen_set.add(key)
         return chosen
 
     @abc.abstractmethod

@@ -9,12 +9,6 @@ from pagedtensor.policies.base import EvictionPolicy, K
 MAX_PENDING_RUNS = 64
 
 
-class _Demoted(tuple):
-    """The keys of a run recorded by :meth:`DeferredTouches.demote_run` (applied with ``demote_all``)."""
-
-    __slots__ = ()
-
-
 class DeferredTouches(EvictionPolicy[K]):
     """Wraps a policy; :meth:`touch_run` records a run of touches instead of applying it.
 
@@ -39,38 +33,17 @@ class DeferredTouches(EvictionPolicy[K]):
     def touch_run(self, run_id: Hashable, keys: Sequence[K]) -> None:
         """``keys`` (all resident) were used in that order. ``run_id`` names this exact sequence:
         the same id must always come with the same keys (a key not resident raises ``KeyError``
-        when the run is applied). A record of the same id replaces an earlier touch; it follows an
-        earlier demote (which is applied first: a touch does not overtake a demote in every policy,
-        2Q leaving a key of ``a1in`` where it is when touched)."""
-        self._record(run_id, keys, False)
-
-    def demote_run(self, run_id: Hashable, keys: Sequence[K]) -> None:
-        """As :meth:`touch_run`, for keys used in a loop: the run is applied with
-        :meth:`EvictionPolicy.demote_all`. It replaces an earlier demote of the same id and follows
-        an earlier touch (applied first)."""
-        self._record(run_id, _Demoted(keys), True)
-
-    def _record(self, run_id: Hashable, keys: Sequence[K], demote: bool) -> None:
-        pending = self._pending
-        previous = pending.get(run_id)
-        if previous is None:
-            if len(pending) >= self.max_pending_runs:
-                self.flush()
-        elif (type(previous) is _Demoted) is not demote:
+        when the run is applied)."""
+        if self._pending.pop(run_id, None) is None and len(self._pending) >= self.max_pending_runs:
             self.flush()
-        else:
-            del pending[run_id]
         self._pending[run_id] = keys
 
     def flush(self) -> None:
         """Apply the recorded runs to the wrapped policy, oldest first."""
         pending, self._pending = self._pending, {}
-        touch_all, demote_all = self.policy.touch_all, self.policy.demote_all
+        touch_all = self.policy.touch_all
         for keys in pending.values():
-            if type(keys) is _Demoted:
-                demote_all(keys)
-            else:
-                touch_all(keys)
+            touch_all(keys)
 
     def _applied(self) -> EvictionPolicy[K]:
         """The wrapped policy with every recorded run applied (what any other call must see)."""
@@ -88,13 +61,18 @@ class DeferredTouches(EvictionPolicy[K]):
         self._applied().touch_all(keys)
 
     def demote_all(self, keys: Iterable[K]) -> None:
+        """Applied at once, after the recorded runs (a demote records the key's use before this
+        one, which a deferred touch would have moved)."""
         self._applied().demote_all(keys)
 
     def end_loop(self, keys: Iterable[K]) -> None:
         self._applied().end_loop(keys)
 
-    def _eviction_order(self, evictable: Callable[[K], bool]) -> Iterator[K]:
+    def _eviction_order(self, evictable: Callable[[K], bool]) -> Iterator[tuple[K, int]]:
         return self._applied()._eviction_order(evictable)
+
+    def _last_use(self, key: K) -> int:
+        return self._applied()._last_use(key)
 
     def remove(self, key: K) -> None:
         self._applied().remove(key)

@@ -25,36 +25,36 @@ class TwoQPolicy(EvictionPolicy[K]):
         super().__init__(capacity)
         self.a1in_limit = max(1, int(capacity * A1IN_SHARE))
         self.a1out_limit = max(1, int(capacity * A1OUT_SHARE))
-        self.a1in: OrderedDict[K, None] = OrderedDict()
+        self.a1in: OrderedDict[K, int] = OrderedDict()  # key -> tick of its last use
         self.a1out: OrderedDict[K, None] = OrderedDict()
-        self.am: OrderedDict[K, None] = OrderedDict()
+        self.am: OrderedDict[K, int] = OrderedDict()
 
     def insert(self, key: K) -> None:
         if key in self.a1in or key in self.am:
             raise KeyError(f"TwoQPolicy.insert: key {key!r} is already resident")
         if key in self.a1out:
             del self.a1out[key]
-            self.am[key] = None
+            self.am[key] = self._tick_insert(key)
         else:
-            self.a1in[key] = None
+            self.a1in[key] = self._tick_insert(key)
 
     def touch(self, key: K) -> None:
-        if key in self.am:
-            self.am.move_to_end(key)
-        elif key not in self.a1in:
-            raise KeyError(f"TwoQPolicy.touch: key {key!r} is not resident")
-        # A page in a1in stays where it is: one burst of uses is one use.
+        self.touch_all((key,))
 
     def touch_all(self, keys: Iterable[K]) -> None:
         am, a1in = self.am, self.a1in
+        tick = self._tick()
         for key in keys:
             if key in am:
                 am.move_to_end(key)
-            elif key not in a1in:
+                am[key] = tick
+            elif key in a1in:
+                a1in[key] = tick  # a page in a1in stays where it is: one burst of uses is one use
+            else:
                 raise KeyError(f"TwoQPolicy.touch: key {key!r} is not resident")
 
     def remove(self, key: K) -> None:
-        self._loop.pop(key, None)
+        self._forget_key(key)
         if key in self.a1in:
             del self.a1in[key]
             self.a1out[key] = None
@@ -65,28 +65,32 @@ class TwoQPolicy(EvictionPolicy[K]):
 
     def forget(self, key: K) -> None:
         """Drop every trace of ``key``, ghost included (the page was freed, not evicted)."""
-        self._loop.pop(key, None)
+        self._forget_key(key)
         self.a1in.pop(key, None)
         self.am.pop(key, None)
         self.a1out.pop(key, None)
 
-    def _eviction_order(self, evictable: Callable[[K], bool]) -> Iterator[K]:
+    def _eviction_order(self, evictable: Callable[[K], bool]) -> Iterator[tuple[K, int]]:
         """The order repeated :meth:`victim` and :meth:`remove` calls would give: ``a1in`` first while
         it holds more than its share (counting the keys already given), ``am`` first otherwise."""
         a1in_left = len(self.a1in)
-        a1in_keys = (key for key in self.a1in if evictable(key))
-        am_keys = (key for key in self.am if evictable(key))
+        a1in_keys = ((key, tick) for key, tick in self.a1in.items() if evictable(key))
+        am_keys = ((key, tick) for key, tick in self.am.items() if evictable(key))
         while True:
             first, second = (a1in_keys, am_keys) if a1in_left > self.a1in_limit else (am_keys, a1in_keys)
-            key = next(first, None)
+            entry = next(first, None)
             from_a1in = first is a1in_keys
-            if key is None:
-                key = next(second, None)
+            if entry is None:
+                entry = next(second, None)
                 from_a1in = second is a1in_keys
-            if key is None:
+            if entry is None:
                 return
-            yield key
+            yield entry
             a1in_left -= from_a1in
+
+    def _last_use(self, key: K) -> int:
+        tick = self.a1in.get(key)
+        return self.am[key] if tick is None else tick
 
     def __contains__(self, key: object) -> bool:
         return key in self.a1in or key in self.am
