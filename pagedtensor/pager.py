@@ -547,7 +547,8 @@ class Pager:
             missing = overwritten = ()
             try:
                 if None in slots:
-                    missing = self._bring_to_device(pages, frozenset(discard) if discard else _NO_PAGES, counter="faults")
+                    missing = self._bring_to_device(pages, frozenset(discard) if discard else _NO_PAGES, counter="faults",
+                                                    touch=not allocation.loop)  # fmt: skip
                     overwritten = [page for page in missing if page in self._overwriting] if discard else []
                     slots = list(map(_DEVICE_SLOT, pages))
                     if allocation.loop:
@@ -793,20 +794,25 @@ class Pager:
 
     # ------------------------------------------------------------------ internals: faults
 
-    def _bring_to_device(self, pages: Sequence[Page], discard: frozenset[int] = frozenset(), *, counter: str) -> list[Page]:
+    def _bring_to_device(
+        self, pages: Sequence[Page], discard: frozenset[int] = frozenset(), *, counter: str, touch: bool = True
+    ) -> list[Page]:
         """Give every page of ``pages`` (all pinned by the caller) a filled device slot.
 
         Pages whose index is in ``discard`` will be overwritten whole by the caller: their slot is
         zero-filled instead, and those with a host or disk copy join ``_overwriting`` (the copy stays
         authoritative until the caller's release). Returns the pages that were missing, and counts
         those that stay filled in the metric ``counter`` (on error too). On error, pages not yet
-        filled keep no device slot.
+        filled keep no device slot. The pages resident already are touched unless ``touch`` is
+        False (pages of a loop allocation: their use is a demote, which reads their last use first).
         """
         missing = [page for page in pages if page.device_slot is None]
         if not missing:  # all resident, the common case: one batched touch, no per-page test
-            self.device_policy.touch_all(pages)
+            if touch:
+                self.device_policy.touch_all(pages)
             return missing
-        self.device_policy.touch_all([page for page in pages if page.device_slot is not None])
+        if touch:
+            self.device_policy.touch_all([page for page in pages if page.device_slot is not None])
         self._make_device_room(len(missing))
         for page, slot in zip(missing, self.device_tier.allocate(len(missing))):
             page.device_slot = slot
@@ -855,7 +861,7 @@ class Pager:
         for page in pages:
             page.ready = event
             self._host_fences[page.host_slot] = event
-            self.host_policy.touch(page)
+        self.host_policy.touch_all(pages)
         self.metrics.count("bytes_h2d", len(pages) * self.page_size)
 
     def _zero_on_device(self, pages: Sequence[Page]) -> None:
@@ -891,7 +897,7 @@ class Pager:
             pins = allocation.pins
             _pin(pins, start, stop)
             try:
-                missing = self._bring_to_device(pages, counter="prefetched_pages")
+                missing = self._bring_to_device(pages, counter="prefetched_pages", touch=not allocation.loop)  # no use yet
             except OutOfPagesError as error:
                 log.info("prefetch of pages [%d, %d) of allocation %d skipped: %s", start, stop, allocation.id, error)
                 raise

@@ -885,3 +885,26 @@ def test_pages_used_once_a_pass_between_the_loops_layers_stay_resident():
             pager.ensure_resident(cache).release(dirty=True)
         kv_faults.append(faults)
     assert kv_faults[0] == 4 and kv_faults[2:] == [0, 0, 0, 0], kv_faults
+
+
+def test_a_partly_resident_loop_weight_leaves_pages_used_since_its_last_pass_alone():
+    """Eight three-page layers advised "loop", each followed by a one-page KV-like allocation used
+    once a pass and written, on a twenty-page device tier: the layer at the edge of the resident
+    part is split every pass, and faulting its missing pages must not count its resident pages'
+    own use as the loop's last pass (they were touched before the demote read them), which made
+    every KV page stale: 7-8 KV faults and write-backs a pass. No KV page faults once warm."""
+    pager = make_pager(device_pages=20, host_pages=64, prefetch_strategy="none")
+    layers = [pager.allocate(3 * PAGE) for _ in range(8)]
+    kv = [pager.allocate(PAGE) for _ in range(8)]
+    for allocation in layers:
+        pager.advise(allocation, "loop")
+    kv_faults = []
+    for _ in range(8):
+        faults = 0
+        for index, (layer, cache) in enumerate(zip(layers, kv)):
+            pager.prefetch(layers[(index + 1) % len(layers)]).result()  # the layer-ahead prefetch
+            pager.ensure_resident(layer).release()
+            faults += cache.pages[0].device_slot is None
+            pager.ensure_resident(cache).release(dirty=True)
+        kv_faults.append(faults)
+    assert kv_faults[3:] == [0] * 5, kv_faults

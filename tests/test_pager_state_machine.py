@@ -89,12 +89,12 @@ class PagerMachine(RuleBasedStateMachine):
 
     def _model_fault(self, allocation_id: int, start: int, stop: int, use: bool = True) -> None:
         """What ``ensure_resident`` (``use``) or a prefetch does to the device policy: the pages
-        resident are touched (unless all are and they are used in a loop), room is made by the
-        victims, the missing pages are inserted one by one, and pages used in a loop are demoted."""
+        resident are touched (not a loop allocation's), room is made by the victims, the missing
+        pages are inserted one by one, and pages used in a loop are demoted."""
         keys = [(allocation_id, index) for index in range(start, stop)]
         missing = [key for key in keys if key not in self.lru]
-        loop_use = use and allocation_id in self.loop
-        if missing or not loop_use:
+        loop = allocation_id in self.loop
+        if not loop:  # a loop allocation's pages are not touched: a use demotes them, a prefetch is none
             self._model_touch([key for key in keys if key in self.lru])
         shortfall = len(missing) - (self.device_pages - len(self.lru))
         protected = self._pinned_keys() | set(keys)
@@ -103,7 +103,7 @@ class PagerMachine(RuleBasedStateMachine):
         for key in missing:
             self.clock += 1
             self.lru[key] = self.inserted[key] = self.clock
-        if loop_use:  # a block of its own, the last page used first, after the stale pages
+        if use and loop:  # a block of its own, the last page used first, after the stale pages
             previous = {key: self.lru[key] for key in keys}
             self._model_touch(keys)
             for key in keys:

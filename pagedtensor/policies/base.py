@@ -34,11 +34,6 @@ class EvictionPolicy(abc.ABC, Generic[K]):
         self._clock += 1
         return self._clock
 
-    def _tick_insert(self, key: K) -> int:
-        """The tick of ``key``'s insert, remembered (an insert is no use before a demote)."""
-        tick = self._inserted[key] = self._tick()
-        return tick
-
     def _forget_key(self, key: K) -> None:
         """Drop ``key`` from the loop block and the insert ticks (it left the tier)."""
         self._loop.pop(key, None)

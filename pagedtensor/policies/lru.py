@@ -18,11 +18,13 @@ class LRUPolicy(EvictionPolicy[K]):
     def insert(self, key: K) -> None:
         if key in self._order:
             raise KeyError(f"LRUPolicy.insert: key {key!r} is already resident")
-        self._order[key] = self._tick_insert(key)
+        self._clock += 1
+        self._order[key] = self._inserted[key] = self._clock
 
     def touch(self, key: K) -> None:
         self._order.move_to_end(key)
-        self._order[key] = self._tick()
+        self._clock += 1
+        self._order[key] = self._clock
 
     def touch_all(self, keys: Iterable[K]) -> None:
         order = self._order
@@ -34,7 +36,22 @@ class LRUPolicy(EvictionPolicy[K]):
 
     def remove(self, key: K) -> None:
         del self._order[key]
-        self._forget_key(key)
+        del self._inserted[key]
+        if self._loop:
+            self._loop.pop(key, None)
+
+    def victims(self, count: int, evictable: Callable[[K], bool]) -> list[K]:
+        if self._loop:
+            return super().victims(count, evictable)
+        chosen: list[K] = []  # no loop block: the order alone, in one tight loop
+        if count <= 0:
+            return chosen
+        for key in self._order:
+            if evictable(key):
+                chosen.append(key)
+                if len(chosen) == count:
+                    break
+        return chosen
 
     def _eviction_order(self, evictable: Callable[[K], bool]) -> Iterator[tuple[K, int]]:
         return ((key, tick) for key, tick in self._order.items() if evictable(key))
