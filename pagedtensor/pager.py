@@ -464,10 +464,11 @@ class Pager:
         each such page just before its next use once the loop does not fit. Pages of loop
         allocations used by :meth:`ensure_resident` leave the device tier as a block instead, the
         most recently used first (:meth:`EvictionPolicy.demote_all`), so the rest of the loop stays
-        resident and only the part that does not fit moves each pass. The block sits in the
-        eviction order where its least recently used page sits: pages unused since then leave
-        before it, pages used since (a KV cache's) after it. Pages prefetched and not yet used keep
-        their place by recency.
+        resident and only the part that does not fit moves each pass. Pages not used for about a
+        pass of the loop (last used before the loop page used last was used the time before) are
+        stale and leave before the block; every other page after it (a KV cache's, used once a pass
+        too). A prefetch is no use: pages prefetched and not yet used keep their place, and a
+        loop allocation's resident pages are not touched by a prefetch or a fault.
         ``access="normal"`` (every allocation's default): the configured policy's order.
         """
         if access not in ACCESS_PATTERNS:
