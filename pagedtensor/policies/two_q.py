@@ -72,26 +72,6 @@ class TwoQPolicy(EvictionPolicy[K]):
         self.am.pop(key, None)
         self.a1out.pop(key, None)
 
-    def victims(self, count: int, evictable: Callable[[K], bool]) -> list[K]:
-        if self._loop:
-            return super().victims(count, evictable)
-        chosen: list[K] = []  # no loop block: the queues alone, without ticks
-        a1in_left = len(self.a1in)
-        a1in_keys = (key for key in self.a1in if evictable(key))
-        am_keys = (key for key in self.am if evictable(key))
-        while len(chosen) < count:
-            first, second = (a1in_keys, am_keys) if a1in_left > self.a1in_limit else (am_keys, a1in_keys)
-            key = next(first, None)
-            from_a1in = first is a1in_keys
-            if key is None:
-                key = next(second, None)
-                from_a1in = second is a1in_keys
-            if key is None:
-                break
-            chosen.append(key)
-            a1in_left -= from_a1in
-        return chosen
-
     def _eviction_order(self, evictable: Callable[[K], bool]) -> Iterator[tuple[K, int]]:
         """The order repeated :meth:`victim` and :meth:`remove` calls would give: ``a1in`` first while
         it holds more than its share (counting the keys already given), ``am`` first otherwise."""
