@@ -153,32 +153,43 @@ def _copy_timeline(model, prompt, kwargs, tokens: int = 4) -> dict[str, Any]:
     }
 
 
-def _time_depth(cli, model, pager, prompt, kwargs, result) -> int:
-    """Decode tokens/s with each layer's pre-hook prefetching the next ``cli.depth`` layers."""
-    from pagedtensor.hf import measure_generate, paging_state
+def _replace_prefetch_hooks(model, pager, depth: int, prefetch) -> list:
+    """Remove enable_paging's layer-ahead prefetch hooks and give each decoder layer a pre-hook that
+    calls ``prefetch(allocation)`` for every weight of the next ``depth`` layers not wholly on the
+    device (none with ``depth`` 0); the new hooks' handles."""
+    from pagedtensor.hf import paging_state
     from pagedtensor.hf.model import _weight_allocations
 
     layers = list(model.model.layers)
-    state = paging_state(model)
-    for hook in [h for h in state.hooks if h.id in {id_ for layer in layers for id_ in layer._forward_pre_hooks}]:
-        hook.remove()
+    installed = {key for layer in layers for key in layer._forward_pre_hooks}
+    for handle in [handle for handle in paging_state(model).hooks if handle.id in installed]:
+        handle.remove()
 
-    def ahead(index):
-        upcoming = [allocation for k in range(1, cli.depth + 1) for allocation in _weight_allocations(layers[(index + k) % len(layers)], pager)]
+    def ahead(index: int):
+        upcoming = [layers[(index + k) % len(layers)] for k in range(1, depth + 1)]
 
         def hook(module, args):
-            for allocation in upcoming:
-                if any(page.device_slot is None for page in allocation.pages):
-                    pager.prefetch(allocation)
+            for layer in upcoming:
+                for allocation in _weight_allocations(layer, pager):
+                    if any(page.device_slot is None for page in allocation.pages):
+                        prefetch(allocation)
         return hook
 
-    for index, layer in enumerate(layers):
-        layer.register_forward_pre_hook(ahead(index))
+    return [layer.register_forward_pre_hook(ahead(index)) for index, layer in enumerate(layers)] if depth else []
+
+
+def _decode_figures(measured) -> dict[str, float]:
+    return {"decode_tokens_per_s": measured.tokens_per_second, "gb_h2d_per_token": measured.paging["bytes_h2d_per_token"] / 1e9}
+
+
+def _time_depth(cli, model, pager, prompt, kwargs, result) -> int:
+    """Decode tokens/s with each layer's pre-hook prefetching the next ``cli.depth`` layers."""
+    from pagedtensor.hf import measure_generate
+
+    _replace_prefetch_hooks(model, pager, cli.depth, pager.prefetch)
     measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
-    rows = []
-    for _ in range(2):
-        measured = measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs)
-        rows.append({"decode_tokens_per_s": measured.tokens_per_second, "gb_h2d_per_token": measured.paging["bytes_h2d_per_token"] / 1e9})
+    rows = [_decode_figures(measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs))
+            for _ in range(2)]  # fmt: skip
     result.update(page_size=cli.page_size, depth=cli.depth, runs=rows)
     write_results(cli.out, result)
     print(cli.page_size, cli.depth, rows)
@@ -200,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.bench_long_context import build_model
     from benchmarks.bench_weight_paging import _cap, _enable_paged_weights, parse_args
-    from pagedtensor.hf import measure_generate, paging_state
+    from pagedtensor.hf import measure_generate
 
     args = parse_args(["--cap-gib", str(cli.cap_gib), "--prompt", "1024", "--page-size", cli.page_size])
     result: dict[str, Any] = {"benchmark": "weight_paging_probe"}
@@ -256,26 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         lambda: model.generate(prompt, max_new_tokens=5, min_new_tokens=5, **kwargs))
     torch.cuda.synchronize()
 
-    state = paging_state(model)
-    for hook in [h for h in state.hooks if h.id in {id_ for layer in model.model.layers for id_ in layer._forward_pre_hooks}]:
-        hook.remove()
+    _replace_prefetch_hooks(model, pager, 0, None)
     measured = measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs)
-    result["no_prefetch"] = {"decode_tokens_per_s": measured.tokens_per_second, "gb_h2d_per_token": measured.paging["bytes_h2d_per_token"] / 1e9}
+    result["no_prefetch"] = _decode_figures(measured)
     # The same prefetch issued on the calling thread inside the hook (no worker thread, no stale request).
-    from pagedtensor.hf.model import _weight_allocations
-
-    layers = list(model.model.layers)
-
-    def inline_prefetch(upcoming):
-        def hook(module, args):
-            for allocation in _weight_allocations(upcoming, pager):
-                if any(page.device_slot is None for page in allocation.pages):
-                    pager._prefetch_now(allocation, 0, allocation.num_pages)
-        return hook
-
-    handles = [layer.register_forward_pre_hook(inline_prefetch(layers[(i + 1) % len(layers)])) for i, layer in enumerate(layers)]
+    handles = _replace_prefetch_hooks(model, pager, 1, lambda allocation: pager._prefetch_now(allocation, 0, allocation.num_pages))
     measured = measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs)
-    result["inline_prefetch"] = {"decode_tokens_per_s": measured.tokens_per_second, "gb_h2d_per_token": measured.paging["bytes_h2d_per_token"] / 1e9}
+    result["inline_prefetch"] = _decode_figures(measured)
     result["inline_prefetch_sampled_stacks"] = _sample_main_thread(
         lambda: model.generate(prompt, max_new_tokens=5, min_new_tokens=5, **kwargs))
     for handle in handles:

@@ -71,6 +71,8 @@ PAGE_ENTRY_BYTES = 140
 """Host memory one page-table entry takes, about (the bound :meth:`Pager.allocate` checks)."""
 UNKNOWN_MACHINE_MEMORY = 2**40
 """The memory :meth:`Pager.allocate` bounds a page table by where the system does not say."""
+
+
 class WrittenPages(set):
     """Page numbers of a pinned range that the library itself found written (the dispatcher's):
     :meth:`ResidentPages.release` takes them with no check, where a caller's list is checked page
@@ -303,8 +305,7 @@ class ResidentPages:
         return inside, outside
 
     def _not_pinned(self, outside: list) -> ValueError:
-        shown = sorted(outside, key=repr)[0]
-        return ValueError(f"dirty page {shown!r} is not one of the pinned pages [{self.start}, {self.stop}) of allocation {self.allocation.id}")
+        return ValueError(f"dirty page {min(outside, key=repr)!r} is not one of the pinned pages [{self.start}, {self.stop}) of allocation {self.allocation.id}")
 
     def release(
         self, *, dirty: Union[bool, Iterable[int]] = False, stream: Optional[torch.cuda.Stream] = None, event: Event = None
@@ -533,10 +534,7 @@ class Pager:
             if run is not None:  # the same pages as last time and nothing has moved since: no step per page
                 _pin(pins, start, stop)
                 try:
-                    if allocation.loop:
-                        self.device_policy.demote_all(run.pages)
-                    else:
-                        self.device_policy.touch_run((allocation.id, start, stop), run.pages)
+                    self._note_use(allocation, start, stop, run.pages)
                     self.metrics.count("hits", stop - start)
                     return ResidentPages(self, allocation, start, stop, run.pages, run.slots, [], run.first_slot)
                 except BaseException:
@@ -555,10 +553,7 @@ class Pager:
                     if allocation.loop:
                         self.device_policy.demote_all(pages)
                 else:  # all resident, the common case: ``discard`` only concerns missing pages
-                    if allocation.loop:
-                        self.device_policy.demote_all(pages)
-                    else:
-                        self.device_policy.touch_run((allocation.id, start, stop), pages)
+                    self._note_use(allocation, start, stop, pages)
                 self.metrics.count("hits", len(pages) - len(missing))
                 events = self._unfinished_copies(pages)
                 first_slot = self.device_tier.first_of_run(slots)
@@ -580,6 +575,14 @@ class Pager:
                     resident.release()  # unpinned, and pages zero-filled for an overwrite get their bytes back
                     raise
         return resident
+
+    def _note_use(self, allocation: Allocation, start: int, stop: int, pages: Sequence[Page]) -> None:
+        """Tell the device policy that the resident pages ``[start, stop)`` are used: a loop
+        allocation's are demoted (:meth:`advise`), any other's touched as one deferred run."""
+        if allocation.loop:
+            self.device_policy.demote_all(pages)
+        else:
+            self.device_policy.touch_run((allocation.id, start, stop), pages)
 
     def _abandon_pin(self, allocation: Allocation, start: int, stop: int, faulted: Sequence[Page]) -> None:
         """Undo the pin of an :meth:`ensure_resident` that raised before returning: unpin ``[start, stop)``,

@@ -864,6 +864,27 @@ def test_a_loop_that_fits_beside_stale_pages_stops_faulting():
     assert torch.equal(pager.read(stale), random_bytes(4 * PAGE, seed=9))
 
 
+def _kv_faults_per_pass(pager: Pager, layer_pages: int, layers: int, passes: int, prefetch: bool) -> list[int]:
+    """``layers`` loop-advised layers of ``layer_pages`` pages, each followed by a one-page KV-like
+    allocation used and written once a pass (with ``prefetch``, each layer's use is preceded by the
+    layer-ahead prefetch of the next); the KV pages that fault, pass by pass."""
+    weights = [pager.allocate(layer_pages * PAGE) for _ in range(layers)]
+    kv = [pager.allocate(PAGE) for _ in range(layers)]
+    for allocation in weights:
+        pager.advise(allocation, "loop")
+    counts = []
+    for _ in range(passes):
+        faults = 0
+        for index, (layer, cache) in enumerate(zip(weights, kv)):
+            if prefetch:
+                pager.prefetch(weights[(index + 1) % layers]).result()
+            pager.ensure_resident(layer).release()
+            faults += cache.pages[0].device_slot is None
+            pager.ensure_resident(cache).release(dirty=True)
+        counts.append(faults)
+    return counts
+
+
 def test_pages_used_once_a_pass_between_the_loops_layers_stay_resident():
     """Four one-page layers advised "loop" and four one-page KV-like allocations used (and written)
     right after their layer, on a six-page device tier: the KV pages were last used within the last
@@ -871,19 +892,7 @@ def test_pages_used_once_a_pass_between_the_loops_layers_stay_resident():
     KV pages, no write-backs). When the loop block sat after every key older than its least recently
     used key, the KV pages of the layers not yet reached counted as stale: two KV faults and two
     write-backs every other pass."""
-    pager = make_pager(device_pages=6, host_pages=16, prefetch_strategy="none")
-    layers = [pager.allocate(PAGE) for _ in range(4)]
-    kv = [pager.allocate(PAGE) for _ in range(4)]
-    for allocation in layers:
-        pager.advise(allocation, "loop")
-    kv_faults = []
-    for _ in range(6):
-        faults = 0
-        for layer, cache in zip(layers, kv):
-            pager.ensure_resident(layer).release()
-            faults += cache.pages[0].device_slot is None
-            pager.ensure_resident(cache).release(dirty=True)
-        kv_faults.append(faults)
+    kv_faults = _kv_faults_per_pass(make_pager(device_pages=6, host_pages=16), 1, 4, 6, prefetch=False)
     assert kv_faults[0] == 4 and kv_faults[2:] == [0, 0, 0, 0], kv_faults
 
 
@@ -893,18 +902,5 @@ def test_a_partly_resident_loop_weight_leaves_pages_used_since_its_last_pass_alo
     part is split every pass, and faulting its missing pages must not count its resident pages'
     own use as the loop's last pass (they were touched before the demote read them), which made
     every KV page stale: 7-8 KV faults and write-backs a pass. No KV page faults once warm."""
-    pager = make_pager(device_pages=20, host_pages=64, prefetch_strategy="none")
-    layers = [pager.allocate(3 * PAGE) for _ in range(8)]
-    kv = [pager.allocate(PAGE) for _ in range(8)]
-    for allocation in layers:
-        pager.advise(allocation, "loop")
-    kv_faults = []
-    for _ in range(8):
-        faults = 0
-        for index, (layer, cache) in enumerate(zip(layers, kv)):
-            pager.prefetch(layers[(index + 1) % len(layers)]).result()  # the layer-ahead prefetch
-            pager.ensure_resident(layer).release()
-            faults += cache.pages[0].device_slot is None
-            pager.ensure_resident(cache).release(dirty=True)
-        kv_faults.append(faults)
+    kv_faults = _kv_faults_per_pass(make_pager(device_pages=20, host_pages=64), 3, 8, 8, prefetch=True)
     assert kv_faults[3:] == [0] * 5, kv_faults
