@@ -148,6 +148,7 @@ def test_keys_used_in_a_loop_leave_as_a_block_after_the_stale_keys(name, ops):
         elif not all(key in recency for key in keys):
             with pytest.raises(KeyError):
                 getattr(policy, op)([key for key in keys if key not in recency][:1])
+            clock += op == "touch_all"  # a touch call takes its tick before it finds the key missing
         else:
             previous = {key: recency[key] for key in keys}
             getattr(policy, op)(keys)
