@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 _NO_PAGES: frozenset[int] = frozenset()
 _DEVICE_SLOT = operator.attrgetter("device_slot")
 _READY = operator.attrgetter("ready")
+_PAGE_ORDER = operator.attrgetter("allocation_id", "index")
 _HOST_SLOT = operator.attrgetter("host_slot")
 _DISK_SLOT = operator.attrgetter("disk_slot")
 _D2H_FENCES = -1  # stream id of the device-slot fences of write-back copies (engine.d2h_stream)
@@ -630,6 +631,27 @@ class Pager:
                 self._prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedllm-prefetch")
             return self._prefetcher.submit(self._prefetch_now, allocation, start, stop)
 
+    def prefetch_together(self, allocations: Sequence[Allocation]) -> concurrent.futures.Future:
+        """Bring every page of ``allocations`` to the device tier in the background, as one batch.
+
+        One eviction pass, one request for slots (adjacent ones when a run of that many is free)
+        and one coalesced copy with one event: the weights of a decoder layer prefetched together
+        land in one run of slots, so each is one view for its op (no gather) and their host copies,
+        adjacent since they first left the device, cross in few large copies. If the batch does
+        not fit beside the pinned pages, each allocation is prefetched on its own, as far as it fits.
+
+        Returns at once; as for :meth:`prefetch`, the future completes when the copies are
+        enqueued, and a prefetch that cannot fit is logged and never fails the caller.
+        """
+        with self._lock:
+            self._check_open()
+            batch = list(allocations)
+            for allocation in batch:
+                self._check_allocation(allocation)
+            if self._prefetcher is None:
+                self._prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedllm-prefetch")
+            return self._prefetcher.submit(self._prefetch_together_now, batch)
+
     def evict_all(self) -> None:
         """Move every unpinned page off the device tier (host overflow goes to disk).
 
@@ -818,7 +840,7 @@ class Pager:
         if touch:
             self.device_policy.touch_all([page for page in pages if page.device_slot is not None])
         self._make_device_room(len(missing))
-        for page, slot in zip(missing, self.device_tier.allocate(len(missing))):
+        for page, slot in zip(missing, self.device_tier.allocate(len(missing), _page_runs(missing))):
             page.device_slot = slot
         self._filling.update(missing)
         copied = missing
@@ -909,6 +931,36 @@ class Pager:
                 _unpin(pins, start, stop)
             return len(missing)
 
+    def _prefetch_together_now(self, allocations: list[Allocation]) -> int:
+        with self._lock:
+            if self.closed:
+                return 0
+            batch = [allocation for allocation in allocations if not allocation.freed]
+            pages = [page for allocation in batch for page in allocation.pages]
+            for allocation in batch:
+                _pin(allocation.pins, 0, allocation.num_pages)
+            try:
+                # A prefetch is no use: the resident pages of allocations used in a loop are not
+                # touched (their use demotes them), those of any other are (as by :meth:`prefetch`).
+                self.device_policy.touch_all([page for allocation in batch if not allocation.loop
+                                              for page in allocation.pages if page.device_slot is not None])  # fmt: skip
+                missing = self._bring_to_device(pages, counter="prefetched_pages", touch=False)
+            except OutOfPagesError as error:
+                log.info("prefetch of %d allocations together skipped (%s); each on its own instead", len(batch), error)
+                missing = None
+            finally:
+                for allocation in batch:
+                    _unpin(allocation.pins, 0, allocation.num_pages)
+            if missing is not None:
+                return len(missing)
+            brought = 0
+            for allocation in batch:
+                try:
+                    brought += self._prefetch_now(allocation, 0, allocation.num_pages)
+                except OutOfPagesError:
+                    pass  # logged by _prefetch_now
+            return brought
+
     # ------------------------------------------------------------------ internals: eviction
 
     def _device_evictable(self, page: Page) -> bool:
@@ -925,13 +977,42 @@ class Pager:
                 f"(vram_limit={self.config.vram_limit} bytes = {self.device_tier.capacity_pages} pages of {self.page_size}; "
                 f"the rest are pinned, by this request's pages or by other holders of pages)"
             )
-        self._evict_from_device(victims)
+        self._evict_from_device(self._with_rest_of_loop_allocations(victims))
+
+    def _with_rest_of_loop_allocations(self, victims: list[Page]) -> list[Page]:
+        """``victims`` and, for each loop allocation (:meth:`advise`) among them, its other unpinned
+        device-resident pages: a loop allocation leaves whole. One left in part would be faulted in
+        part at its next use, into slots away from the rest (a gather for every op on it), and the
+        slots it leaves would be too few for the next whole one; the pages taken in excess are the
+        ones the policy would take next, so they leave room for the next request."""
+        allocations = self._allocations
+        extra: list[Page] = []
+        chosen: Optional[set[Page]] = None
+        last_id = -1
+        for page in victims:
+            if page.allocation_id == last_id:
+                continue
+            last_id = page.allocation_id
+            allocation = allocations.get(last_id)
+            if allocation is None or not allocation.loop:
+                continue
+            if chosen is None:
+                chosen = set(victims)
+            for other in allocation.pages:
+                if other.device_slot is not None and other not in chosen and self._device_evictable(other):
+                    chosen.add(other)
+                    extra.append(other)
+        return victims + extra if extra else victims
 
     def _evict_from_device(self, victims: Sequence[Page]) -> None:
         """Move ``victims`` (unpinned, device-resident) off the device; dirty ones are written back to host."""
         for chunk in _chunked(victims, max(1, self.host_tier.capacity_pages // 2)):
             dirty = [page for page in chunk if page.host_slot is None and page.disk_slot is None]
             if dirty:
+                # In page order, so the host slots (taken in increasing order) follow each allocation's
+                # pages and its later fault-ins coalesce into few copies, whatever order the policy
+                # chose the victims in (a loop block leaves most recently used first: backwards).
+                dirty.sort(key=_PAGE_ORDER)
                 # The chunk's clean pages keep their host copies: those become their only copies.
                 self._make_host_room(len(dirty), keep=frozenset(chunk))
                 host_slots = self.host_tier.allocate(len(dirty))
@@ -1199,6 +1280,20 @@ def _has_lower_copies(pages: Sequence[Page]) -> bool:
     """Whether any of ``pages`` has a host or a disk copy (two C-level scans, no Python step per page)."""
     count = len(pages)
     return list(map(_HOST_SLOT, pages)).count(None) != count or list(map(_DISK_SLOT, pages)).count(None) != count
+
+
+def _page_runs(pages: Sequence[Page]) -> list[int]:
+    """The lengths of the runs of consecutive pages of one allocation in ``pages``, in order: the
+    groups that gain from adjacent slots (one view for an op, one copy)."""
+    runs: list[int] = []
+    previous = None
+    for page in pages:
+        if previous is not None and page.allocation_id == previous.allocation_id and page.index == previous.index + 1:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+        previous = page
+    return runs
 
 
 def _chunked(items: Sequence[Page], size: int) -> Iterator[Sequence[Page]]:

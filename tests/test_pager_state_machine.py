@@ -14,7 +14,10 @@ hold, so the test checks:
 * the page table is coherent: a dirty page has exactly one copy; the counters add up;
 * (``advise``) pages of an allocation advised ``"loop"`` leave as a block once used, the most
   recently used first, after the stale pages (last used before the use before the last of the
-  loop page used last) and before the others; advised ``"normal"`` they leave by recency again;
+  loop page used last) and before the others, and a loop allocation leaves whole (its other
+  unpinned pages with the victims among them); advised ``"normal"`` they leave by recency again;
+* (``prefetch_together``) whole allocations prefetched as one batch, or each on its own when the
+  batch does not fit, leave the device tier as the model predicts;
 * (``pin`` with ``overwrite``) pages pinned to be overwritten whole (``discard``) read as zeros until
   released; released written they hold what was written, released unwritten their old bytes.
 """
@@ -98,8 +101,7 @@ class PagerMachine(RuleBasedStateMachine):
             self._model_touch([key for key in keys if key in self.lru])
         shortfall = len(missing) - (self.device_pages - len(self.lru))
         protected = self._pinned_keys() | set(keys)
-        for key in self._model_victims(protected)[: max(0, shortfall)]:
-            self._model_drop(key)
+        self._model_make_room(shortfall, protected)
         for key in missing:
             self.clock += 1
             self.lru[key] = self.inserted[key] = self.clock
@@ -112,6 +114,19 @@ class PagerMachine(RuleBasedStateMachine):
                 if key in self.block:
                     self.block.remove(key)
                 self.block.insert(0, key)
+
+    def _model_make_room(self, shortfall: int, protected: set) -> None:
+        """Drop the first ``shortfall`` victims, and the other unpinned resident pages of each loop
+        allocation among them (a loop allocation leaves whole)."""
+        victims = self._model_victims(protected)[: max(0, shortfall)]
+        whole = {key[0] for key in victims if key[0] in self.loop}
+        victims += [key for key in self.lru if key[0] in whole and key not in protected and key not in victims]
+        for key in victims:
+            self._model_drop(key)
+
+    def _model_fits(self, keys: list, protected: set) -> bool:
+        missing = sum(key not in self.lru for key in keys)
+        return missing <= self.device_pages - len(self.lru) + len(self._model_victims(protected))
 
     def _model_touch(self, keys: list) -> None:
         self.clock += 1
@@ -193,6 +208,31 @@ class PagerMachine(RuleBasedStateMachine):
         stop = data.draw(st.integers(start + 1, min(allocation.num_pages, start + 2)), label="stop")
         self.pager.prefetch(allocation, start, stop).result()
         self._model_fault(allocation.id, start, stop, use=False)
+
+    @rule(data=st.data())
+    def prefetch_together(self, data):
+        """Whole allocations prefetched as one batch; if they do not fit beside the pinned pages
+        together, each is prefetched on its own as far as it fits."""
+        if not self.live:
+            return
+        ids = data.draw(st.lists(st.sampled_from(sorted(self.live)), min_size=1, max_size=3, unique=True), label="together")
+        self.pager.prefetch_together([self.live[i] for i in ids]).result()
+        keys = [(i, index) for i in ids for index in range(self.live[i].num_pages)]
+        self._model_touch([key for key in keys if key in self.lru and key[0] not in self.loop])
+        pinned = self._pinned_keys()
+        if self._model_fits(keys, pinned | set(keys)):
+            self._model_make_room(sum(key not in self.lru for key in keys) - (self.device_pages - len(self.lru)), pinned | set(keys))
+            for key in keys:
+                if key not in self.lru:
+                    self.clock += 1
+                    self.lru[key] = self.inserted[key] = self.clock
+            return
+        for i in ids:  # one at a time
+            own = [(i, index) for index in range(self.live[i].num_pages)]
+            if self._model_fits(own, pinned | set(own)):
+                self._model_fault(i, 0, len(own), use=False)
+            elif i not in self.loop:  # touched before the room it could not get
+                self._model_touch([key for key in own if key in self.lru])
 
     @rule(allocation=allocations, loop=st.booleans())
     def advise(self, allocation, loop: bool):

@@ -532,10 +532,11 @@ def _prefetch_hook(pager: Pager, upcoming: torch.nn.Module):
             return
         if not allocations or any(allocation.freed for allocation in allocations):
             allocations = _weight_allocations(upcoming, pager)
-        for allocation in allocations:
-            # Skip weights already on the device (each weight is one allocation, faulted in whole).
-            if any(page.device_slot is None for page in allocation.pages):
-                pager.prefetch(allocation)
+        # Weights already on the device are left out (each weight is one allocation, faulted in
+        # whole); the rest go as one batch, so that they land in adjacent slots.
+        missing = [allocation for allocation in allocations if any(page.device_slot is None for page in allocation.pages)]
+        if missing:
+            pager.prefetch_together(missing)
 
     return prefetch
 

@@ -1,19 +1,23 @@
 """SlabPool: fixed-size page slots carved from a few large slabs, grown on demand up to a budget.
 
 Slot ``s`` lives in slab ``s // slab_pages`` at byte offset ``(s % slab_pages) * page_size``, so
-slots ``s`` and ``s + 1`` are adjacent in memory exactly when they share a slab. Free slots are
-handed out lowest first, so pages allocated together in a fresh or freshly emptied pool get adjacent
-slots and their transfers coalesce into few large copies.
+slots ``s`` and ``s + 1`` are adjacent in memory exactly when they share a slab. A request for
+several slots gets the first run of adjacent free slots long enough for all of them when one exists
+(so their transfers coalesce into one copy and an op over them needs no gather), else the lowest
+free slots.
 """
 
 from __future__ import annotations
 
-import heapq
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
+
+import re
 
 import torch
 
 from pagedtensor.errors import OutOfPagesError
+
+_FREE_RUN = re.compile(b"\x01+")
 
 SlabAllocator = Callable[[int], torch.Tensor]
 """Returns a contiguous uint8 tensor of exactly the requested number of bytes."""
@@ -36,7 +40,8 @@ class SlabPool:
         self.slabs: list[torch.Tensor] = []
         self.slab_spans: list[tuple[int, int]] = []  # addresses [first, end) of each slab's memory
         self._typed_slabs: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-        self._free: list[int] = []  # heap of free slots inside grown slabs
+        self._free_map = bytearray()  # one byte per slot of the grown slabs: 1 when free
+        self._free_count = 0  # ones in _free_map
         self._grown_pages = 0
         self.used_pages = 0
 
@@ -50,8 +55,14 @@ class SlabPool:
         """Bytes held in slabs (what this tier takes from its memory)."""
         return sum(slab.numel() for slab in self.slabs)
 
-    def allocate(self, count: int) -> list[int]:
-        """``count`` free slots, lowest first, in increasing order.
+    def allocate(self, count: int, groups: Optional[Sequence[int]] = None) -> list[int]:
+        """``count`` free slots, for pages that are used in ``groups`` (sizes in order, summing to
+        ``count``; default one group): adjacent slots for as many groups as possible.
+
+        All ``count`` take the first run of that many adjacent free slots in one slab when there is
+        one. Otherwise each group, largest first, takes the first free run of its size, and a group
+        that finds none is spread over the longest free runs (in address order within the group).
+        Slots come back in group order.
 
         Raises:
             OutOfPagesError: fewer than ``count`` slots are free; nothing is allocated.
@@ -60,16 +71,80 @@ class SlabPool:
             raise OutOfPagesError(
                 f"{self.name} tier: {count} page slots requested, {self.free_pages} free of {self.capacity_pages}"
             )
-        while len(self._free) < count:
+        if count <= 0:
+            if count < 0:
+                raise ValueError(f"{self.name} tier: cannot allocate {count} page slots")
+            return []
+        while self._free_count < count:
             self._grow()
-        slots = [heapq.heappop(self._free) for _ in range(count)]
+        if count == 1:
+            slot = self._free_map.find(1)
+            self._take(slot, 1)
+            return [slot]
+        first = self._first_run(count)
+        if first >= 0:
+            self._take(first, count)
+            return list(range(first, first + count))
+        sizes = [count] if groups is None else list(groups)
+        if sum(sizes) != count or min(sizes, default=1) <= 0:
+            raise ValueError(f"{self.name} tier: groups {sizes} do not split {count} slots")
+        placed: list[Optional[list[int]]] = [None] * len(sizes)
+        for group in sorted(range(len(sizes)), key=lambda group: -sizes[group]):
+            size = sizes[group]
+            first = self._first_run(size) if size > 1 else -1
+            if first >= 0:
+                self._take(first, size)
+                placed[group] = list(range(first, first + size))
+        for group, size in enumerate(sizes):
+            if placed[group] is None:  # no run of its size is free: the fewest pieces, in address order
+                pieces: list[tuple[int, int]] = []
+                wanted = size
+                for first, length in sorted(self._free_runs(), key=lambda run: -run[1]):
+                    pieces.append((first, min(length, wanted)))
+                    wanted -= pieces[-1][1]
+                    if not wanted:
+                        break
+                placed[group] = []
+                for first, length in sorted(pieces):
+                    self._take(first, length)
+                    placed[group].extend(range(first, first + length))
+        return [slot for group in placed for slot in group]
+
+    def _take(self, first: int, count: int) -> None:
+        """Mark the ``count`` free slots from ``first`` on used."""
+        self._free_map[first : first + count] = bytes(count)
+        self._free_count -= count
         self.used_pages += count
-        return slots
+
+    def _first_run(self, count: int) -> int:
+        """The first slot of the lowest run of ``count`` adjacent free slots inside one slab, or -1."""
+        wanted = b"\x01" * count
+        find = self._free_map.find
+        slab_pages = self.slab_pages
+        first = find(wanted)
+        while first >= 0 and first // slab_pages != (first + count - 1) // slab_pages:
+            first = find(wanted, (first // slab_pages + 1) * slab_pages)  # the run crosses a slab: look from the next
+        return first
+
+    def _free_runs(self) -> list[tuple[int, int]]:
+        """``(first slot, length)`` of every maximal run of free slots inside one slab."""
+        runs = []
+        slab_pages = self.slab_pages
+        for match in _FREE_RUN.finditer(self._free_map):
+            start, stop = match.span()
+            while start // slab_pages != (stop - 1) // slab_pages:  # split where a slab ends
+                boundary = (start // slab_pages + 1) * slab_pages
+                runs.append((start, boundary - start))
+                start = boundary
+            runs.append((start, stop - start))
+        return runs
 
     def free(self, slots: Iterable[int]) -> None:
         """Return ``slots`` to the pool."""
+        free_map = self._free_map
         for slot in slots:
-            heapq.heappush(self._free, slot)
+            free_map[slot] = 1
+            self._free_count += 1
             self.used_pages -= 1
 
     def page(self, slot: int) -> torch.Tensor:
@@ -120,7 +195,8 @@ class SlabPool:
         self.slabs.clear()
         self.slab_spans.clear()
         self._typed_slabs.clear()
-        self._free.clear()
+        self._free_map = bytearray()
+        self._free_count = 0
         self._grown_pages = 0
         self.used_pages = 0
 
@@ -137,6 +213,6 @@ class SlabPool:
         first = len(self.slabs) * self.slab_pages
         self.slabs.append(slab)
         self.slab_spans.append((slab.data_ptr(), slab.data_ptr() + slab.numel()))
-        for slot in range(first, first + pages):
-            heapq.heappush(self._free, slot)
+        self._free_map += b"\x01" * pages
+        self._free_count += pages
         self._grown_pages += pages

@@ -83,7 +83,8 @@ def test_paged_weights_are_exact_under_a_small_budget(family, nvme_dir):
 
 
 def test_layer_ahead_prefetch_order(nvme_dir, monkeypatch):
-    """Layer i's pre-hook prefetches layer i+1's weight allocations; the last layer's prefetches layer 0's."""
+    """Layer i's pre-hook prefetches layer i+1's weight allocations (those not all on the device, as
+    one batch); the last layer's prefetches layer 0's."""
     reference, model = tiny_pair("llama", attn="sdpa", num_hidden_layers=3)
     ids, mask = prompts(1, length=20)
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
@@ -92,13 +93,14 @@ def test_layer_ahead_prefetch_order(nvme_dir, monkeypatch):
     pager = state.pager
     owner = {allocation.id: index for index, allocations in enumerate(state.weight_allocations) for allocation in allocations}
     events: list[tuple[str, int]] = []
-    original = pager.prefetch
+    original = pager.prefetch_together
 
-    def spy(allocation, *args, **kwargs):
-        events.append(("prefetch", owner[allocation.id]))
-        return original(allocation, *args, **kwargs)
+    def spy(allocations):
+        assert allocations and all(any(page.device_slot is None for page in allocation.pages) for allocation in allocations)
+        events.extend(("prefetch", owner[allocation.id]) for allocation in allocations)
+        return original(allocations)
 
-    monkeypatch.setattr(pager, "prefetch", spy)
+    monkeypatch.setattr(pager, "prefetch_together", spy)
     for index, layer in enumerate(model.model.layers):
         layer.register_forward_pre_hook(lambda module, args, index=index: events.append(("run", index)))
     got = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
@@ -132,8 +134,8 @@ def test_the_prefetch_follows_weights_replaced_by_a_dtype_change(nvme_dir, monke
     assert live and not live & before and len(state.weight_allocations) == len(model.model.layers)
     assert all(allocation.loop for allocations in state.weight_allocations for allocation in allocations)  # still advised
     prefetched: list = []
-    original = state.pager.prefetch
-    monkeypatch.setattr(state.pager, "prefetch", lambda allocation, *a, **k: prefetched.append(allocation) or original(allocation, *a, **k))
+    original = state.pager.prefetch_together
+    monkeypatch.setattr(state.pager, "prefetch_together", lambda allocations: prefetched.extend(allocations) or original(allocations))
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False), expected)
     assert prefetched and all(not allocation.freed and allocation.id in live for allocation in prefetched)
