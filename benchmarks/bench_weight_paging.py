@@ -82,10 +82,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------- child: one configuration
 
 
-def _dense_bytes(model) -> int:
-    """Bytes of the parameters outside the decoder layers (embeddings, final norm, ``lm_head``)."""
-    layers = {id(p) for p in model.model.layers.parameters()}
-    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in layers)
+def _dense_bytes(model, page_size: int) -> int:
+    """Bytes of the parameters ``page_weights=True`` leaves dense: those outside the decoder layers
+    (embeddings, final norm, ``lm_head``) and the layers' parameters smaller than a page (norms)."""
+    paged = {id(p) for p in model.model.layers.parameters() if p.numel() * p.element_size() >= page_size}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in paged)
 
 
 def _cap(args: argparse.Namespace, result: dict[str, Any]) -> None:
@@ -104,7 +105,7 @@ def _enable_paged_weights(args: argparse.Namespace, model, result: dict[str, Any
     from pagedtensor.hf import enable_paging, paging_state
 
     page_size = parse_size(args.page_size, "--page-size")
-    vram = int(args.cap_gib * GIB - _dense_bytes(model) - args.margin_gib * GIB)
+    vram = int(args.cap_gib * GIB - _dense_bytes(model, page_size) - args.margin_gib * GIB)
     vram -= vram % page_size
     if vram <= 0:
         raise SystemExit(f"--cap-gib {args.cap_gib} leaves no device budget for the pager after the dense weights and the margin")
@@ -112,9 +113,10 @@ def _enable_paged_weights(args: argparse.Namespace, model, result: dict[str, Any
                           prefetch_strategy="none", device=args.device)  # fmt: skip
     enable_paging(model, config, attn_implementation="pagedllm" if args.device == "cuda" else "sdpa", page_weights=True)
     pager = paging_state(model).pager
-    for parameter in model.model.layers.parameters():
-        pager.advise(parameter.allocation, advice)
-    paged = sum(p.allocation.nbytes for p in model.model.layers.parameters())
+    weights = [allocation for allocations in paging_state(model).weight_allocations for allocation in allocations]
+    for allocation in weights:
+        pager.advise(allocation, advice)
+    paged = sum(allocation.nbytes for allocation in weights)
     kv = 2 * args.layers * args.hidden * 2 * (args.prompt + args.new_tokens)
     result.update(device_budget_gib=vram / GIB, paged_weights_gib=paged / GIB, kv_gib=kv / GIB, page_size=page_size, advice=advice,
                   must_cross_gb_per_token=max(0, paged + kv - vram) / 1e9)  # fmt: skip

@@ -155,8 +155,9 @@ def _copy_timeline(model, prompt, kwargs, tokens: int = 4) -> dict[str, Any]:
 
 def _replace_prefetch_hooks(model, pager, depth: int, prefetch) -> list:
     """Remove enable_paging's layer-ahead prefetch hooks and give each decoder layer a pre-hook that
-    calls ``prefetch(allocation)`` for every weight of the next ``depth`` layers not wholly on the
-    device (none with ``depth`` 0); the new hooks' handles."""
+    calls ``prefetch(allocations)`` for each of the next ``depth`` layers with its weights not wholly
+    on the device, as ``enable_paging``'s hook does for one (none with ``depth`` 0); the new hooks'
+    handles."""
     from pagedtensor.hf import paging_state
     from pagedtensor.hf.model import _weight_allocations
 
@@ -170,9 +171,10 @@ def _replace_prefetch_hooks(model, pager, depth: int, prefetch) -> list:
 
         def hook(module, args):
             for layer in upcoming:
-                for allocation in _weight_allocations(layer, pager):
-                    if any(page.device_slot is None for page in allocation.pages):
-                        prefetch(allocation)
+                missing = [allocation for allocation in _weight_allocations(layer, pager)
+                           if any(page.device_slot is None for page in allocation.pages)]  # fmt: skip
+                if missing:
+                    prefetch(missing)
         return hook
 
     return [layer.register_forward_pre_hook(ahead(index)) for index, layer in enumerate(layers)] if depth else []
@@ -186,7 +188,7 @@ def _time_depth(cli, model, pager, prompt, kwargs, result) -> int:
     """Decode tokens/s with each layer's pre-hook prefetching the next ``cli.depth`` layers."""
     from pagedtensor.hf import measure_generate
 
-    _replace_prefetch_hooks(model, pager, cli.depth, pager.prefetch)
+    _replace_prefetch_hooks(model, pager, cli.depth, pager.prefetch_together)
     measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
     rows = [_decode_figures(measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs))
             for _ in range(2)]  # fmt: skip
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs)
     result["no_prefetch"] = _decode_figures(measured)
     # The same prefetch issued on the calling thread inside the hook (no worker thread, no stale request).
-    handles = _replace_prefetch_hooks(model, pager, 1, lambda allocation: pager._prefetch_now(allocation, 0, allocation.num_pages))
+    handles = _replace_prefetch_hooks(model, pager, 1, pager._prefetch_together_now)
     measured = measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs)
     result["inline_prefetch"] = _decode_figures(measured)
     result["inline_prefetch_sampled_stacks"] = _sample_main_thread(

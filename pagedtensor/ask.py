@@ -158,7 +158,7 @@ def run_ask(
     )
     print(
         f"paged weights: {format_size(paged_weight_bytes)} of decoder layers ({layers} layers, layer-ahead prefetch); "
-        f"dense: {format_size(weight_bytes - paged_weight_bytes)} (embeddings tied to lm_head, final norm)",
+        f"dense: {format_size(weight_bytes - paged_weight_bytes)} (embeddings tied to lm_head, norms)",
         file=out,
     )
     print(f"attention: {hf.paging_state(model).attn_implementation}; unpaged {unpaged_s:.2f} s, paged {measured.total_s:.2f} s", file=out)

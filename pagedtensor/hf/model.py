@@ -126,7 +126,9 @@ def enable_paging(
         sink_pages, hot_fraction, stream_group_bytes: see :class:`~pagedtensor.hf.cache.PagedKVCache`.
         page_weights: also page the weights: every parameter of every decoder layer is replaced by a
             ``PagedTensor`` parameter on the pager (one budget for weights and KV; an op faults in
-            the pages of the weights it reads), and a forward pre-hook on layer ``i`` prefetches
+            the pages of the weights it reads), except those smaller than one page (the layers'
+            norms), which stay dense on the device: a page each would take a page of the budget and
+            a page-sized copy at each fault-in. A forward pre-hook on layer ``i`` prefetches
             layer ``i + 1``'s weights (layer 0's after the last). The embeddings, the final norm and
             ``lm_head`` stay dense: they are used by every token outside the layer loop (and the
             embedding is often tied to ``lm_head``), and the norm is tiny. Outputs are unchanged (the
@@ -465,8 +467,9 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState) -> None:
-    """Replace every parameter of the decoder ``layers`` (:func:`_decoder_layers`) by a PagedTensor
-    parameter on ``state.pager`` (``requires_grad=False``: paged weights are for inference) and hook
+    """Replace every parameter of the decoder ``layers`` (:func:`_decoder_layers`) but those smaller
+    than a page (norms: they stay dense on the device) by a PagedTensor parameter on ``state.pager``
+    (``requires_grad=False``: paged weights are for inference) and hook
     the layer-ahead prefetch (layer ``i``'s pre-hook prefetches layer ``i + 1``'s weights). The
     weights are advised ``"loop"`` (:meth:`Pager.advise`): once the layers do not all fit, the same
     ones stay resident token after token and only the rest move."""
@@ -494,6 +497,8 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
                         if parameter.pager is pager and parameter.allocation is not None:
                             pager.advise(parameter.allocation, "loop")
                         continue
+                    if parameter.numel() * parameter.element_size() < pager.page_size:
+                        continue  # a norm's weight: a page of its own would take a page of the budget and a page-sized copy
                     paged = PagedTensor.wrap(parameter.detach(), pager, name=f"layers.{index}.{module_name + '.' if module_name else ''}{name}")
                     pager.advise(paged.allocation, "loop")  # used once a token, layer after layer
                     module._parameters[name] = torch.nn.Parameter(paged, requires_grad=False)

@@ -210,9 +210,8 @@ class SlabPool:
             slab = self._allocate_slab(pages * self.page_size)
         if slab.dtype != torch.uint8 or slab.numel() != pages * self.page_size or not slab.is_contiguous():
             raise RuntimeError(f"{self.name} tier: slab allocator returned {slab.dtype} x {slab.numel()}, expected uint8 x {pages * self.page_size}")
-        first = len(self.slabs) * self.slab_pages
         self.slabs.append(slab)
         self.slab_spans.append((slab.data_ptr(), slab.data_ptr() + slab.numel()))
-        self._free_map += b"\x01" * pages
+        self._free_map += b"\x01" * pages  # byte s is slot s: only the last slab can be short
         self._free_count += pages
         self._grown_pages += pages

@@ -27,8 +27,9 @@ def _generate(model, ids, mask, **kwargs):
     )
 
 
-def _layer_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for layer in model.model.layers for p in layer.parameters())
+def _layer_bytes(model, at_least: int = 0) -> int:
+    """Bytes of the decoder layers' parameters (those of ``at_least`` bytes: the ones paged at that page size)."""
+    return sum(p.numel() * p.element_size() for p in model.model.layers.parameters() if p.numel() * p.element_size() >= at_least)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -42,17 +43,24 @@ def test_paged_weights_are_exact_under_a_small_budget(family, nvme_dir):
     state = paging_state(model)
     pager = state.pager
 
-    # Every decoder-layer parameter is a PagedTensor parameter on the KV cache's pager; the rest stays dense.
+    # Every decoder-layer parameter of a page or more is a PagedTensor parameter on the KV cache's
+    # pager; the smaller ones (norms, biases here) and the rest of the model stay dense.
+    small = []
     for layer in model.model.layers:
         for name, parameter in layer.named_parameters():
+            if parameter.numel() * parameter.element_size() < pager.page_size:
+                assert type(parameter) is torch.nn.Parameter and parameter.device == pager.device, name
+                small.append(name)
+                continue
             assert isinstance(parameter, torch.nn.Parameter) and isinstance(parameter, PagedTensor), name
             assert parameter.pager is pager and not parameter.requires_grad, name
+    assert "input_layernorm.weight" in small and "self_attn.q_proj.weight" not in small, small
     assert not isinstance(model.model.embed_tokens.weight, PagedTensor)
     assert not isinstance(model.model.norm.weight, PagedTensor)
     assert not isinstance(model.lm_head.weight, PagedTensor)
     assert len(state.weight_allocations) == len(model.model.layers)
     if family == "qwen2":
-        assert isinstance(model.model.layers[0].self_attn.q_proj.bias, PagedTensor)
+        assert "self_attn.q_proj.bias" in small
 
     # The page table of layer 0's q_proj weight after each forward (between tokens).
     weight = model.model.layers[0].self_attn.q_proj.weight
@@ -203,11 +211,13 @@ def test_weights_that_do_not_fit_keep_the_same_layers_resident(advice, nvme_dir)
     reference, model = tiny_pair("llama", attn="sdpa", num_hidden_layers=8)
     ids, mask = prompts(1, length=16)
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
-    weights = _layer_bytes(model)
+    weights = _layer_bytes(model, at_least=PAGE)  # the paged ones (the norms stay dense)
     budget = tiny_budget(nvme_dir, vram_pages=int(0.6 * weights) // PAGE, host_pages=2 * weights // PAGE)
     enable_paging(model, budget, attn_implementation="sdpa", page_weights=True)
     pager = paging_state(model).pager
-    for parameter in model.model.layers.parameters():
+    paged = [parameter for parameter in model.model.layers.parameters() if isinstance(parameter, PagedTensor)]
+    assert sum(parameter.allocation.nbytes for parameter in paged) == weights
+    for parameter in paged:
         assert parameter.allocation.loop
         pager.advise(parameter.allocation, advice)
 
