@@ -44,7 +44,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -621,15 +621,18 @@ class Pager:
     def prefetch(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> concurrent.futures.Future:
         """Bring pages ``[start, stop)`` to the device tier in the background, without pinning them.
 
-        Returns at once; the future completes when the copies are enqueued (not finished: a later
-        :meth:`ensure_resident` of these pages returns their copy events). A prefetch that cannot
-        fit is logged and its future carries the error; it never fails the caller.
+        Returns once the copies are enqueued, with a done future, when every page to bring has a
+        copy in host memory: enqueueing copies is a few steps per page of host work, which a thread
+        would contend for with the caller (the interpreter lock and the pager's) at a higher cost
+        than doing it. A prefetch that reads pages from disk returns at once and runs on the
+        prefetch thread, whose disk reads overlap the caller's work; its future completes when the
+        copies are enqueued. Either way the copies run asynchronously (a later
+        :meth:`ensure_resident` of these pages returns their copy events), and a prefetch that
+        cannot fit is logged and its future carries the error; it never fails the caller.
         """
         with self._lock:
             start, stop = self._check_range(allocation, start, stop)
-            if self._prefetcher is None:
-                self._prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedllm-prefetch")
-            return self._prefetcher.submit(self._prefetch_now, allocation, start, stop)
+            return self._run_prefetch(allocation.pages[start:stop], self._prefetch_now, allocation, start, stop)
 
     def prefetch_together(self, allocations: Sequence[Allocation]) -> concurrent.futures.Future:
         """Bring every page of ``allocations`` to the device tier in the background, as one batch.
@@ -640,17 +643,30 @@ class Pager:
         adjacent since they first left the device, cross in few large copies. If the batch does
         not fit beside the pinned pages, each allocation is prefetched on its own, as far as it fits.
 
-        Returns at once; as for :meth:`prefetch`, the future completes when the copies are
-        enqueued, and a prefetch that cannot fit is logged and never fails the caller.
+        Runs on the calling thread or the prefetch thread as :meth:`prefetch` does (the latter
+        when pages must be read from disk); a prefetch that cannot fit is logged and never fails
+        the caller.
         """
         with self._lock:
             self._check_open()
             batch = list(allocations)
             for allocation in batch:
                 self._check_allocation(allocation)
+            return self._run_prefetch([page for allocation in batch for page in allocation.pages], self._prefetch_together_now, batch)
+
+    def _run_prefetch(self, pages: Sequence[Page], work: Callable[..., int], *args: Any) -> concurrent.futures.Future:
+        """``work(*args)`` now when no page of ``pages`` missing from the device must be read from
+        disk, as a done future; else submitted to the prefetch thread. Call holding the lock."""
+        if any(page.device_slot is None and page.host_slot is None and page.disk_slot is not None for page in pages):
             if self._prefetcher is None:
                 self._prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedllm-prefetch")
-            return self._prefetcher.submit(self._prefetch_together_now, batch)
+            return self._prefetcher.submit(work, *args)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            future.set_result(work(*args))
+        except Exception as error:  # noqa: BLE001 - carried by the future, as on the thread (logged there)
+            future.set_exception(error)
+        return future
 
     def evict_all(self) -> None:
         """Move every unpinned page off the device tier (host overflow goes to disk).

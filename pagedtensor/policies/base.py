@@ -117,14 +117,16 @@ class EvictionPolicy(abc.ABC, Generic[K]):
         chosen: list[K] = []
         if count <= 0:
             return chosen
-        order = self._eviction_order(evictable)
         loop = self._loop
-        if loop:
+        if not loop:
+            order = self._eviction_order(evictable)
+        else:
+            # The block's keys are skipped by a dict lookup before ``evictable`` is asked (the
+            # order's front is full of them once a loop does not fit: asking costs a pin count each).
+            order = self._eviction_order(lambda key: key not in loop and evictable(key))
             anchor = self._pass_start if self._pass_start is not None else -1
             after = None
             for key, tick in order:  # the stale keys, before the block
-                if key in loop:
-                    continue
                 if tick >= anchor:
                     after = key
                     break
@@ -141,7 +143,6 @@ class EvictionPolicy(abc.ABC, Generic[K]):
             chosen.append(after)
             if len(chosen) == count:
                 return chosen
-            order = ((key, tick) for key, tick in order if key not in loop)
         for key, _ in order:
             chosen.append(key)
             if len(chosen) == count:
