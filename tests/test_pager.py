@@ -898,9 +898,114 @@ def test_pages_used_once_a_pass_between_the_loops_layers_stay_resident():
 
 def test_a_partly_resident_loop_weight_leaves_pages_used_since_its_last_pass_alone():
     """Eight three-page layers advised "loop", each followed by a one-page KV-like allocation used
-    once a pass and written, on a twenty-page device tier: the layer at the edge of the resident
-    part is split every pass, and faulting its missing pages must not count its resident pages'
-    own use as the loop's last pass (they were touched before the demote read them), which made
-    every KV page stale: 7-8 KV faults and write-backs a pass. No KV page faults once warm."""
+    once a pass and written, on a twenty-page device tier. When a loop allocation could leave in
+    part, the layer at the edge of the resident part was split every pass, and faulting its
+    missing pages must not count its resident pages' own use as the loop's last pass (they were
+    touched before the demote read them), which made every KV page stale: 7-8 KV faults and
+    write-backs a pass. (Loop allocations now leave whole.) No KV page faults once warm."""
     kv_faults = _kv_faults_per_pass(make_pager(device_pages=20, host_pages=64), 3, 8, 8, prefetch=True)
     assert kv_faults[3:] == [0] * 5, kv_faults
+
+
+def _slots(allocation) -> list:
+    return [page.device_slot for page in allocation.pages]
+
+
+def _adjacent(slots: list) -> bool:
+    return None not in slots and slots == list(range(slots[0], slots[0] + len(slots)))
+
+
+def test_prefetch_together_lands_a_batch_in_adjacent_slots_with_one_copy(monkeypatch):
+    """Three allocations prefetched together into a device tier whose free slots are scattered
+    (every other slot pinned), but hold a run of their size further on: they land in that run,
+    in order, in one copy (their host slots are adjacent too), and read back intact."""
+    pager = make_pager(device_pages=16, host_pages=16)
+    parts = [pager.allocate(pages * PAGE) for pages in (3, 2, 1)]
+    for index, allocation in enumerate(parts):
+        pager.write(allocation, random_bytes(allocation.nbytes, index))
+    pager.evict_all()
+    assert [page.host_slot for allocation in parts for page in allocation.pages] == list(range(6))
+    blockers = [pager.allocate(PAGE) for _ in range(4)]
+    held = [pager.ensure_resident(blocker) for blocker in blockers]  # device slots 0-3
+    copies = []
+    real_copy = pager.engine.copy
+    monkeypatch.setattr(pager.engine, "copy", lambda stream, runs, *rest: copies.append(len(runs)) or real_copy(stream, runs, *rest))
+    future = pager.prefetch_together(parts)
+    assert future.done() and future.result() == 6  # all in host memory: enqueued on the calling thread
+    slots = [slot for allocation in parts for slot in _slots(allocation)]
+    assert _adjacent(slots), slots
+    assert copies == [1]
+    for resident in held:
+        resident.release()
+    for index, allocation in enumerate(parts):
+        assert torch.equal(pager.read(allocation), random_bytes(allocation.nbytes, index))
+
+
+def test_prefetch_together_that_does_not_fit_brings_each_allocation_as_far_as_it_fits():
+    """Two three-page allocations on a five-page device tier with one page pinned: together they
+    do not fit, so each is prefetched on its own (the second evicts two pages of the first, the
+    least recently used); nothing stays pinned and the bytes are intact."""
+    pager = make_pager(device_pages=5, host_pages=16)
+    first, second, blocker = pager.allocate(3 * PAGE), pager.allocate(3 * PAGE), pager.allocate(PAGE)
+    pager.write(first, random_bytes(3 * PAGE, 1))
+    pager.write(second, random_bytes(3 * PAGE, 2))
+    pager.evict_all()
+    with pager.ensure_resident(blocker):
+        assert pager.prefetch_together([first, second]).result() == 6
+        assert None not in _slots(second) and _slots(first) == [None, None, _slots(first)[2]] != [None] * 3
+        assert all(page.pin_count == 0 for allocation in (first, second) for page in allocation.pages)
+    assert torch.equal(pager.read(first), random_bytes(3 * PAGE, 1))
+    assert torch.equal(pager.read(second), random_bytes(3 * PAGE, 2))
+    with pytest.raises(TypeError):
+        pager.prefetch_together([first, "not an allocation"])
+
+
+def test_a_prefetch_that_reads_from_disk_runs_on_the_prefetch_thread(nvme_dir, monkeypatch):
+    """Pages in host memory are prefetched on the calling thread; pages that must be read from disk
+    on the prefetch thread, whose reads overlap the caller's work."""
+    import threading
+
+    pager = make_pager(nvme_dir, device_pages=4, host_pages=2)
+    near, far = pager.allocate(2 * PAGE), pager.allocate(2 * PAGE)
+    pager.write(far, random_bytes(2 * PAGE, 1))
+    pager.write(near, random_bytes(2 * PAGE, 2))
+    pager.evict_all()  # two host slots: far's pages go on to disk
+    assert all(page.host_slot is not None for page in near.pages)
+    assert all(page.host_slot is None and page.disk_slot is not None for page in far.pages)
+    threads = []
+    real = pager._prefetch_now
+    monkeypatch.setattr(pager, "_prefetch_now", lambda *args: threads.append(threading.current_thread().name) or real(*args))
+    pager.prefetch(near).result()
+    pager.prefetch(far).result()
+    assert threads[0] == threading.current_thread().name and threads[1].startswith("pagedllm-prefetch"), threads
+    assert torch.equal(pager.read(far), random_bytes(2 * PAGE, 1))
+
+
+def test_a_loop_allocation_leaves_the_device_whole():
+    """A four-page allocation advised "loop" and used, then a six-page fault on an eight-page device
+    tier: the policy names two of its pages, and the other two leave with them (one left in part
+    would fault in part at its next use, into slots away from the rest). A normal allocation
+    leaves only the pages named."""
+    for advice, left in (("loop", 4), ("normal", 2)):
+        pager = make_pager(device_pages=8, host_pages=16)
+        used, incoming = pager.allocate(4 * PAGE), pager.allocate(6 * PAGE)
+        pager.write(used, random_bytes(4 * PAGE, 1))
+        pager.advise(used, advice)
+        pager.ensure_resident(used).release()
+        pager.ensure_resident(incoming).release()
+        assert sum(slot is None for slot in _slots(used)) == left, (advice, _slots(used))
+        assert torch.equal(pager.read(used), random_bytes(4 * PAGE, 1))
+
+
+def test_pages_written_back_take_host_slots_in_page_order():
+    """A loop allocation's pages leave most recently used first, which for one weight is backwards:
+    written back, they still take host slots in page order, so its later fault-ins are one copy."""
+    pager = make_pager(device_pages=4, host_pages=16)
+    weight, other = pager.allocate(4 * PAGE), pager.allocate(4 * PAGE)
+    pager.write(weight, random_bytes(4 * PAGE, 1))  # only on the device: dirty
+    pager.advise(weight, "loop")
+    pager.ensure_resident(weight).release()
+    pager.ensure_resident(other).release()  # the weight leaves, written back
+    host_slots = [page.host_slot for page in weight.pages]
+    assert host_slots == list(range(host_slots[0], host_slots[0] + 4)), host_slots
+    assert torch.equal(pager.read(weight), random_bytes(4 * PAGE, 1))

@@ -49,10 +49,107 @@ def test_slab_pool_grows_lazily_and_respects_capacity():
     with pytest.raises(OutOfPagesError, match="1 page slots requested, 0 free of 10"):
         slabs.allocate(1)
     slabs.free([4, 2])
-    assert slabs.allocate(2) == [2, 4]  # lowest first
+    assert slabs.allocate(2) == [2, 4]  # no run of two free: the lowest pieces (both of length one)
     assert slabs.adjacent(2, 3) and not slabs.adjacent(3, 4)
     with pytest.raises(ValueError, match="crosses a slab boundary"):
         slabs.run(3, 2)
+
+
+def _used(slabs: SlabPool, used: set[int]) -> None:
+    """Make exactly ``used`` the allocated slots of a fresh ``slabs`` (grown in full)."""
+    everything = slabs.allocate(slabs.capacity_pages)
+    slabs.free(slot for slot in everything if slot not in used)
+
+
+def test_a_request_takes_the_first_run_that_holds_it_whole():
+    slabs = pool(16, 16)
+    _used(slabs, {0, 3, 4, 7, 8, 9})  # free runs: 1-2, 5-6, 10-15
+    assert slabs.allocate(2) == [1, 2]  # the first run long enough, not the longest
+    assert slabs.allocate(3) == [10, 11, 12]
+    assert slabs.allocate(1) == [5]
+    assert slabs.free_pages == 16 - 12
+
+
+def test_without_a_run_for_all_each_group_gets_a_run_of_its_own():
+    slabs = pool(16, 16)
+    _used(slabs, {0, 4, 5, 9, 10})  # free runs: 1-3, 6-8, 11-15
+    # 3 + 5 + 3 = 11 = every free slot: no run holds all; the group of 5 (largest first) takes 11-15,
+    # the groups of 3 the runs 1-3 and 6-8, in the order they were asked for.
+    assert slabs.allocate(11, groups=[3, 5, 3]) == [1, 2, 3, 11, 12, 13, 14, 15, 6, 7, 8]
+    assert slabs.free_pages == 0
+
+
+def test_a_group_no_run_holds_takes_the_fewest_pieces_in_address_order():
+    slabs = pool(16, 16)
+    _used(slabs, {2, 3, 4, 7, 13, 14, 15})  # free runs: 0-1, 5-6, 8-12
+    assert slabs.allocate(7) == [0, 1, 8, 9, 10, 11, 12]  # the longest runs (5, then 2), lowest first
+    with pytest.raises(ValueError, match="groups \\[1, 2\\] do not split 2 slots"):
+        slabs.allocate(2, groups=[1, 2])
+    assert slabs.free_pages == 2
+
+
+def test_runs_never_cross_a_slab_boundary():
+    slabs = pool(10, 4)  # slabs: 0-3, 4-7, 8-9 (the last one short)
+    _used(slabs, {0, 1, 6, 7})  # free: 2-3 | 4-5 | 8-9: adjacent in numbers, in three slabs
+    assert slabs.allocate(3) == [2, 3, 4]  # two pieces (2-3 and 4): no run of three in one slab
+    assert slabs.allocate(2) == [8, 9]
+
+
+def _free_runs_model(free: set[int], slab_pages: int) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for slot in sorted(free):
+        if runs and runs[-1][0] + runs[-1][1] == slot and slot % slab_pages:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((slot, 1))
+    return runs
+
+
+@given(capacity=st.integers(1, 40), slab=st.integers(1, 12), data=st.data())
+def test_allocations_and_frees_keep_the_free_slots_exact(capacity, slab, data):
+    """Random requests (with groups) and frees: no slot is handed out twice or lost; a request that a
+    run of free slots holds whole gets the first such run; every group that finds a run of its size
+    when its turn comes (largest first) gets one; the others get adjacent pieces."""
+    slabs = pool(capacity, slab)
+    used: set[int] = set()
+    for _ in range(data.draw(st.integers(1, 12), label="steps")):
+        free_now = set(range(capacity)) - used
+        if used and data.draw(st.booleans(), label="free?"):
+            gone = data.draw(st.lists(st.sampled_from(sorted(used)), unique=True, min_size=1), label="freed")
+            slabs.free(gone)
+            used -= set(gone)
+        else:
+            count = data.draw(st.integers(0, capacity), label="count")
+            sizes = data.draw(st.lists(st.integers(1, 4), max_size=6), label="sizes")
+            groups = [size for size in sizes if size]
+            groups = groups[: next((i for i in range(len(groups) + 1) if sum(groups[:i]) >= count), len(groups))]
+            groups = (groups + [count - sum(groups)]) if groups and sum(groups) < count else groups
+            groups = groups if groups and sum(groups) == count and count else None
+            if count > len(free_now):
+                with pytest.raises(OutOfPagesError):
+                    slabs.allocate(count, groups)
+                continue
+            got = slabs.allocate(count, groups)
+            assert len(got) == len(set(got)) == count and not set(got) & used, (got, used)
+            assert set(got) <= free_now
+            grown = slabs.slab_bytes // 8  # runs are looked for in the slabs grown (only when too few slots were free)
+            whole = [first for first, length in _free_runs_model(free_now & set(range(grown)), slabs.slab_pages) if length >= count]
+            if count and whole:
+                assert got == list(range(whole[0], whole[0] + count)), (got, whole)
+            elif count:  # group by group, largest first: the first run of its size when there is one
+                sizes = groups or [count]
+                starts = [sum(sizes[:i]) for i in range(len(sizes))]
+                model_free = free_now & set(range(grown))
+                for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+                    mine = got[starts[i] : starts[i] + sizes[i]]
+                    fitting = [first for first, length in _free_runs_model(model_free, slabs.slab_pages) if length >= sizes[i]]
+                    if sizes[i] > 1 and fitting:
+                        assert mine == list(range(fitting[0], fitting[0] + sizes[i])), (i, sizes, got)
+                        model_free -= set(mine)
+                for i in range(len(sizes)):
+                    assert got[starts[i] : starts[i] + sizes[i]] == sorted(got[starts[i] : starts[i] + sizes[i]])  # pieces in address order
+            used |= set(got)
+        assert slabs.free_pages == capacity - len(used) == slabs.capacity_pages - slabs.used_pages
 
 
 CONSECUTIVE_SLOTS = st.builds(lambda first, count: list(range(first, first + count)), st.integers(0, 20), st.integers(1, 6))

@@ -59,21 +59,26 @@ class SlabPool:
         """``count`` free slots, for pages that are used in ``groups`` (sizes in order, summing to
         ``count``; default one group): adjacent slots for as many groups as possible.
 
-        All ``count`` take the first run of that many adjacent free slots in one slab when there is
+        The pool grows a slab only when fewer than ``count`` of its slots are free; then all
+        ``count`` take the first run of that many adjacent free slots in one slab when there is
         one. Otherwise each group, largest first, takes the first free run of its size, and a group
         that finds none is spread over the longest free runs (in address order within the group).
         Slots come back in group order.
 
         Raises:
             OutOfPagesError: fewer than ``count`` slots are free; nothing is allocated.
+            ValueError: ``count`` is negative or ``groups`` are not positive sizes summing to it.
         """
+        if count < 0:
+            raise ValueError(f"{self.name} tier: cannot allocate {count} page slots")
+        sizes = ([count] if count else []) if groups is None else list(groups)
+        if sum(sizes) != count or any(size <= 0 for size in sizes):
+            raise ValueError(f"{self.name} tier: groups {sizes} do not split {count} slots")
         if count > self.free_pages:
             raise OutOfPagesError(
                 f"{self.name} tier: {count} page slots requested, {self.free_pages} free of {self.capacity_pages}"
             )
-        if count <= 0:
-            if count < 0:
-                raise ValueError(f"{self.name} tier: cannot allocate {count} page slots")
+        if not count:
             return []
         while self._free_count < count:
             self._grow()
@@ -85,9 +90,6 @@ class SlabPool:
         if first >= 0:
             self._take(first, count)
             return list(range(first, first + count))
-        sizes = [count] if groups is None else list(groups)
-        if sum(sizes) != count or min(sizes, default=1) <= 0:
-            raise ValueError(f"{self.name} tier: groups {sizes} do not split {count} slots")
         placed: list[Optional[list[int]]] = [None] * len(sizes)
         for group in sorted(range(len(sizes)), key=lambda group: -sizes[group]):
             size = sizes[group]

@@ -231,3 +231,33 @@ def test_weights_that_do_not_fit_keep_the_same_layers_resident(advice, nvme_dir)
         assert moved_per_token <= 0.75 * weights, (moved_per_token, weights)
     else:
         assert moved_per_token >= 0.95 * weights, (moved_per_token, weights)
+
+
+def test_each_weight_stays_one_view_of_adjacent_slots(nvme_dir, monkeypatch):
+    """Eight layers under a one-slab device budget of 60% of their weights, decoding token after
+    token: the layer-ahead prefetch brings a layer's weights as one batch into adjacent slots and a
+    loop weight leaves whole, so nearly every op reads its weight as one view of the slab, with no
+    gather into a temporary (before, about 70% of the ops gathered their weight from scattered
+    slots, and each fault-in of a page was a copy of its own)."""
+    import dataclasses
+
+    import pagedtensor.dispatch as dispatch
+
+    reference, model = tiny_pair("llama", attn="sdpa", num_hidden_layers=8)
+    ids, mask = prompts(1, length=16)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    weights = _layer_bytes(model, at_least=PAGE)
+    budget = tiny_budget(nvme_dir, vram_pages=int(0.6 * weights) // PAGE, host_pages=2 * weights // PAGE)
+    enable_paging(model, dataclasses.replace(budget, slab_size=budget.vram_limit), attn_implementation="sdpa", page_weights=True)
+    model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)  # the first pass fills the device
+    windows = []
+    real_init = dispatch._Window.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        windows.append(self.gathered)
+
+    monkeypatch.setattr(dispatch._Window, "__init__", spy)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    assert torch.equal(got, expected)
+    assert len(windows) >= 10 * 8 * 7 and sum(windows) <= len(windows) // 10, (sum(windows), len(windows))
