@@ -649,15 +649,19 @@ class Pager:
         """
         with self._lock:
             self._check_open()
-            batch = list(allocations)
+            batch = list(dict.fromkeys(allocations))  # each once (allocations compare by identity)
             for allocation in batch:
                 self._check_allocation(allocation)
             return self._run_prefetch([page for allocation in batch for page in allocation.pages], self._prefetch_together_now, batch)
 
     def _run_prefetch(self, pages: Sequence[Page], work: Callable[..., int], *args: Any) -> concurrent.futures.Future:
-        """``work(*args)`` now when no page of ``pages`` missing from the device must be read from
-        disk, as a done future; else submitted to the prefetch thread. Call holding the lock."""
-        if any(page.device_slot is None and page.host_slot is None and page.disk_slot is not None for page in pages):
+        """``work(*args)`` now, as a done future, when it needs no disk I/O: no page of ``pages``
+        missing from the device must be read from disk, and the pages written back to make room
+        cannot spill the host tier to disk (there is no disk tier, or the host tier has a free slot
+        for every missing page); else submitted to the prefetch thread. Call holding the lock."""
+        missing = [page for page in pages if page.device_slot is None]
+        if self.disk_tier is not None and (self.host_tier.free_pages < len(missing)
+                                           or any(page.host_slot is None and page.disk_slot is not None for page in missing)):  # fmt: skip
             if self._prefetcher is None:
                 self._prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedllm-prefetch")
             return self._prefetcher.submit(work, *args)
@@ -1000,10 +1004,14 @@ class Pager:
         device-resident pages: a loop allocation leaves whole. One left in part would be faulted in
         part at its next use, into slots away from the rest (a gather for every op on it), and the
         slots it leaves would be too few for the next whole one; the pages taken in excess are the
-        ones the policy would take next, so they leave room for the next request."""
+        ones the policy would take next, so they leave room for the next request. A page to write
+        back is added only while the host tier has a free slot for it beside the victims' own (so
+        it never spills the host tier to disk) and, without a disk tier, beside room for every
+        device page (so no later write-back finds the host full for want of the slots it took)."""
         allocations = self._allocations
         extra: list[Page] = []
         chosen: Optional[set[Page]] = None
+        host_room = 0
         last_id = -1
         for page in victims:
             if page.allocation_id == last_id:
@@ -1014,10 +1022,18 @@ class Pager:
                 continue
             if chosen is None:
                 chosen = set(victims)
+                host_room = self.host_tier.free_pages - sum(1 for victim in victims if victim.dirty)
+                if self.disk_tier is None:
+                    host_room -= self.device_tier.capacity_pages
             for other in allocation.pages:
-                if other.device_slot is not None and other not in chosen and self._device_evictable(other):
-                    chosen.add(other)
-                    extra.append(other)
+                if other.device_slot is None or other in chosen or not self._device_evictable(other):
+                    continue
+                if other.host_slot is None and other.disk_slot is None:  # written back when it leaves
+                    if host_room <= 0:
+                        continue
+                    host_room -= 1
+                chosen.add(other)
+                extra.append(other)
         return victims + extra if extra else victims
 
     def _evict_from_device(self, victims: Sequence[Page]) -> None:

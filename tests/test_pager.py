@@ -958,6 +958,12 @@ def test_prefetch_together_that_does_not_fit_brings_each_allocation_as_far_as_it
     assert torch.equal(pager.read(second), random_bytes(3 * PAGE, 2))
     with pytest.raises(TypeError):
         pager.prefetch_together([first, "not an allocation"])
+    pager.evict_all()
+    assert pager.prefetch_together([first, first, second, first]).result() == 6  # each once
+    assert pager.device_tier.used_pages == 5  # as before: together they do not fit, each alone does
+    pager.free(first)
+    pager.free(second)
+    assert pager.device_tier.used_pages == 0  # no slot lost
 
 
 def test_a_prefetch_that_reads_from_disk_runs_on_the_prefetch_thread(nvme_dir, monkeypatch):
@@ -965,11 +971,12 @@ def test_a_prefetch_that_reads_from_disk_runs_on_the_prefetch_thread(nvme_dir, m
     on the prefetch thread, whose reads overlap the caller's work."""
     import threading
 
-    pager = make_pager(nvme_dir, device_pages=4, host_pages=2)
-    near, far = pager.allocate(2 * PAGE), pager.allocate(2 * PAGE)
-    pager.write(far, random_bytes(2 * PAGE, 1))
-    pager.write(near, random_bytes(2 * PAGE, 2))
-    pager.evict_all()  # two host slots: far's pages go on to disk
+    pager = make_pager(nvme_dir, device_pages=4, host_pages=6)
+    far, filler, near = pager.allocate(2 * PAGE), pager.allocate(4 * PAGE), pager.allocate(2 * PAGE)
+    for index, allocation in enumerate((far, filler, near)):
+        pager.write(allocation, random_bytes(allocation.nbytes, index + 1))
+        pager.evict_all()  # the host's six slots fill: far's pages go on to disk
+    pager.free(filler)  # room on the host: making room on the device spills nothing
     assert all(page.host_slot is not None for page in near.pages)
     assert all(page.host_slot is None and page.disk_slot is not None for page in far.pages)
     threads = []
@@ -979,6 +986,7 @@ def test_a_prefetch_that_reads_from_disk_runs_on_the_prefetch_thread(nvme_dir, m
     pager.prefetch(far).result()
     assert threads[0] == threading.current_thread().name and threads[1].startswith("pagedllm-prefetch"), threads
     assert torch.equal(pager.read(far), random_bytes(2 * PAGE, 1))
+    assert torch.equal(pager.read(near), random_bytes(2 * PAGE, 3))
 
 
 def test_a_loop_allocation_leaves_the_device_whole():
@@ -995,6 +1003,41 @@ def test_a_loop_allocation_leaves_the_device_whole():
         pager.ensure_resident(incoming).release()
         assert sum(slot is None for slot in _slots(used)) == left, (advice, _slots(used))
         assert torch.equal(pager.read(used), random_bytes(4 * PAGE, 1))
+
+
+def test_a_loop_allocation_leaving_whole_takes_no_host_room_the_victims_do_not_need():
+    """Without a disk tier the host must keep room to take device pages back: the rest of a dirty
+    loop allocation stays on the device rather than fill the host (a one-page fault evicting a
+    six-page one whole filled the host, and the next read found no room to write anything back)."""
+    pager = make_pager(device_pages=8, host_pages=4)
+    loop, kv, extra = pager.allocate(6 * PAGE), pager.allocate(2 * PAGE), pager.allocate(PAGE)
+    pager.advise(loop, "loop")
+    pager.write(loop, random_bytes(6 * PAGE, 1))  # six dirty device pages
+    pager.ensure_resident(loop).release()
+    pager.write(kv, random_bytes(2 * PAGE, 2))  # the device is full
+    pager.ensure_resident(extra).release()
+    assert pager.host_tier.used_pages == 1
+    assert torch.equal(pager.read(loop), random_bytes(6 * PAGE, 1))
+    assert torch.equal(pager.read(kv), random_bytes(2 * PAGE, 2))
+
+
+def test_a_prefetch_whose_room_spills_the_host_to_disk_runs_on_the_prefetch_thread(nvme_dir, monkeypatch):
+    """Pages all in host memory, but making room writes dirty device pages back into a full host
+    tier, which spills to disk: the disk writes go on the prefetch thread, not the caller's."""
+    import threading
+
+    pager = make_pager(nvme_dir, device_pages=4, host_pages=4)
+    cold, hot = pager.allocate(4 * PAGE), pager.allocate(4 * PAGE)
+    pager.write(cold, random_bytes(4 * PAGE, 1))
+    pager.evict_all()  # cold: the host tier's four slots
+    pager.write(hot, random_bytes(4 * PAGE, 2))  # four dirty device pages
+    writers = []
+    real = pager.disk_tier.write_pages
+    monkeypatch.setattr(pager.disk_tier, "write_pages", lambda *a, **k: writers.append(threading.current_thread().name) or real(*a, **k))
+    pager.prefetch(cold).result()
+    assert writers and all(name.startswith("pagedllm-prefetch") for name in writers), writers
+    assert torch.equal(pager.read(cold), random_bytes(4 * PAGE, 1))
+    assert torch.equal(pager.read(hot), random_bytes(4 * PAGE, 2))
 
 
 def test_pages_written_back_take_host_slots_in_page_order():

@@ -275,3 +275,22 @@ def test_a_policy_written_to_implement_victim_still_gives_victims():
 
     with pytest.raises(NotImplementedError, match="Nothing implements neither _eviction_order nor victim"):
         Nothing(4).victims(1, lambda key: True)
+
+
+def test_two_q_counts_the_loop_blocks_keys_in_its_first_queues_share():
+    """2Q takes its first queue (a1in) first only while a1in holds more than its share, counting the
+    keys already given: the loop block's keys taken from a1in count too, so once the block has left
+    a1in under its share the next victim comes from am, as repeated victim() and remove() give."""
+    policy = TwoQPolicy(8)  # a1in's share: 2
+    policy.insert("M")
+    policy.remove("M")
+    policy.insert("M")  # back from a1out: in am
+    for key in ("L1", "L2", "L3", "A"):
+        policy.insert(key)  # a1in: L1 L2 L3 A, over its share
+    policy.demote_all(["L1", "L2", "L3"])
+    assert policy.victims(5, lambda key: True) == ["L3", "L2", "L1", "M", "A"]
+    one_by_one = []
+    while len(policy):
+        one_by_one.append(policy.victim(lambda key: True))
+        policy.remove(one_by_one[-1])
+    assert one_by_one == ["L3", "L2", "L1", "M", "A"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections import OrderedDict
-from typing import Callable, Generic, Hashable, Iterable, Iterator, Optional, TypeVar
+from typing import Callable, Container, Generic, Hashable, Iterable, Iterator, Optional, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
@@ -89,9 +89,11 @@ class EvictionPolicy(abc.ABC, Generic[K]):
         """``key`` left the tier because its page was freed: keep no history of it."""
         self.remove(key)
 
-    def _eviction_order(self, evictable: Callable[[K], bool]) -> Iterator[tuple[K, int]]:
+    def _eviction_order(self, evictable: Callable[[K], bool], skip: Container[K] = ()) -> Iterator[tuple[K, int]]:
         """The resident keys with ``evictable(key)``, lazily, in the order this policy would evict
-        them one after another, each with the tick of its last use, ignoring the loop block."""
+        them one after another, each with the tick of its last use, ignoring the loop block. Keys
+        in ``skip`` (the block's) are left out but still count where the order depends on the keys
+        given before (2Q's share of its first queue), as if given and passed over."""
         raise NotImplementedError(f"{type(self).__name__} implements neither _eviction_order nor victim")
 
     def _last_use(self, key: K) -> int:
@@ -121,9 +123,10 @@ class EvictionPolicy(abc.ABC, Generic[K]):
         if not loop:
             order = self._eviction_order(evictable)
         else:
-            # The block's keys are skipped by a dict lookup before ``evictable`` is asked (the
-            # order's front is full of them once a loop does not fit: asking costs a pin count each).
-            order = self._eviction_order(lambda key: key not in loop and evictable(key))
+            # The block's keys are skipped by the order itself, where it can without asking
+            # ``evictable`` (the order's front is full of them once a loop does not fit: asking
+            # costs a pin count each).
+            order = self._eviction_order(evictable, loop)
             anchor = self._pass_start if self._pass_start is not None else -1
             after = None
             for key, tick in order:  # the stale keys, before the block

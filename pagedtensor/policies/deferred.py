@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Container, Hashable, Iterable, Iterator, Optional, Sequence
 
 from pagedtensor.policies.base import EvictionPolicy, K
 
@@ -68,8 +68,8 @@ class DeferredTouches(EvictionPolicy[K]):
     def end_loop(self, keys: Iterable[K]) -> None:
         self._applied().end_loop(keys)
 
-    def _eviction_order(self, evictable: Callable[[K], bool]) -> Iterator[tuple[K, int]]:
-        return self._applied()._eviction_order(evictable)
+    def _eviction_order(self, evictable: Callable[[K], bool], skip: Container[K] = ()) -> Iterator[tuple[K, int]]:
+        return self._applied()._eviction_order(evictable, skip)
 
     def _last_use(self, key: K) -> int:
         return self._applied()._last_use(key)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Container, Iterable, Iterator
 
 from pagedtensor.policies.base import EvictionPolicy, K
 
@@ -53,8 +53,10 @@ class LRUPolicy(EvictionPolicy[K]):
                     break
         return chosen
 
-    def _eviction_order(self, evictable: Callable[[K], bool]) -> Iterator[tuple[K, int]]:
-        return ((key, tick) for key, tick in self._order.items() if evictable(key))
+    def _eviction_order(self, evictable: Callable[[K], bool], skip: Container[K] = ()) -> Iterator[tuple[K, int]]:
+        if not skip:
+            return ((key, tick) for key, tick in self._order.items() if evictable(key))
+        return ((key, tick) for key, tick in self._order.items() if key not in skip and evictable(key))
 
     def _last_use(self, key: K) -> int:
         return self._order[key]

@@ -10,7 +10,7 @@ leaves the hot set in ``am`` alone.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Container, Iterable, Iterator
 
 from pagedtensor.policies.base import EvictionPolicy, K
 
@@ -72,12 +72,13 @@ class TwoQPolicy(EvictionPolicy[K]):
         self.am.pop(key, None)
         self.a1out.pop(key, None)
 
-    def _eviction_order(self, evictable: Callable[[K], bool]) -> Iterator[tuple[K, int]]:
+    def _eviction_order(self, evictable: Callable[[K], bool], skip: Container[K] = ()) -> Iterator[tuple[K, int]]:
         """The order repeated :meth:`victim` and :meth:`remove` calls would give: ``a1in`` first while
-        it holds more than its share (counting the keys already given), ``am`` first otherwise."""
+        it holds more than its share (counting the keys already given), ``am`` first otherwise. An
+        evictable key of ``skip`` in ``a1in`` counts as given (the loop block takes it)."""
         a1in_left = len(self.a1in)
         a1in_keys = ((key, tick) for key, tick in self.a1in.items() if evictable(key))
-        am_keys = ((key, tick) for key, tick in self.am.items() if evictable(key))
+        am_keys = ((key, tick) for key, tick in self.am.items() if key not in skip and evictable(key))
         while True:
             first, second = (a1in_keys, am_keys) if a1in_left > self.a1in_limit else (am_keys, a1in_keys)
             entry = next(first, None)
@@ -87,7 +88,8 @@ class TwoQPolicy(EvictionPolicy[K]):
                 from_a1in = second is a1in_keys
             if entry is None:
                 return
-            yield entry
+            if entry[0] not in skip:
+                yield entry
             a1in_left -= from_a1in
 
     def _last_use(self, key: K) -> int:

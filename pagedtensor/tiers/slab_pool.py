@@ -11,13 +11,9 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Optional, Sequence
 
-import re
-
 import torch
 
 from pagedtensor.errors import OutOfPagesError
-
-_FREE_RUN = re.compile(b"\x01+")
 
 SlabAllocator = Callable[[int], torch.Tensor]
 """Returns a contiguous uint8 tensor of exactly the requested number of bytes."""
@@ -61,9 +57,8 @@ class SlabPool:
 
         The pool grows a slab only when fewer than ``count`` of its slots are free; then all
         ``count`` take the first run of that many adjacent free slots in one slab when there is
-        one. Otherwise each group, largest first, takes the first free run of its size, and a group
-        that finds none is spread over the longest free runs (in address order within the group).
-        Slots come back in group order.
+        one. Otherwise each group, largest first, takes the first free run of its size, and the groups
+        that find none take the lowest free slots (in address order). Slots come back in group order.
 
         Raises:
             OutOfPagesError: fewer than ``count`` slots are free; nothing is allocated.
@@ -91,25 +86,22 @@ class SlabPool:
             self._take(first, count)
             return list(range(first, first + count))
         placed: list[Optional[list[int]]] = [None] * len(sizes)
-        for group in sorted(range(len(sizes)), key=lambda group: -sizes[group]):
-            size = sizes[group]
-            first = self._first_run(size) if size > 1 else -1
-            if first >= 0:
-                self._take(first, size)
-                placed[group] = list(range(first, first + size))
+        if len(sizes) > 1:  # (one group: its run was just looked for)
+            for group in sorted(range(len(sizes)), key=lambda group: -sizes[group]):
+                size = sizes[group]
+                first = self._first_run(size) if size > 1 else -1
+                if first >= 0:
+                    self._take(first, size)
+                    placed[group] = list(range(first, first + size))
+        find = self._free_map.find
+        slot = 0
         for group, size in enumerate(sizes):
-            if placed[group] is None:  # no run of its size is free: the fewest pieces, in address order
-                pieces: list[tuple[int, int]] = []
-                wanted = size
-                for first, length in sorted(self._free_runs(), key=lambda run: -run[1]):
-                    pieces.append((first, min(length, wanted)))
-                    wanted -= pieces[-1][1]
-                    if not wanted:
-                        break
-                placed[group] = []
-                for first, length in sorted(pieces):
-                    self._take(first, length)
-                    placed[group].extend(range(first, first + length))
+            if placed[group] is None:  # no run of its size is free: the lowest free slots
+                slots = placed[group] = []
+                for _ in range(size):
+                    slot = find(1, slot)
+                    slots.append(slot)
+                    self._take(slot, 1)
         return [slot for group in placed for slot in group]
 
     def _take(self, first: int, count: int) -> None:
@@ -127,19 +119,6 @@ class SlabPool:
         while first >= 0 and first // slab_pages != (first + count - 1) // slab_pages:
             first = find(wanted, (first // slab_pages + 1) * slab_pages)  # the run crosses a slab: look from the next
         return first
-
-    def _free_runs(self) -> list[tuple[int, int]]:
-        """``(first slot, length)`` of every maximal run of free slots inside one slab."""
-        runs = []
-        slab_pages = self.slab_pages
-        for match in _FREE_RUN.finditer(self._free_map):
-            start, stop = match.span()
-            while start // slab_pages != (stop - 1) // slab_pages:  # split where a slab ends
-                boundary = (start // slab_pages + 1) * slab_pages
-                runs.append((start, boundary - start))
-                start = boundary
-            runs.append((start, stop - start))
-        return runs
 
     def free(self, slots: Iterable[int]) -> None:
         """Return ``slots`` to the pool."""
