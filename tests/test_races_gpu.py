@@ -374,6 +374,7 @@ def test_probe_gathered_read_on_user_stream_then_reuse():
         a, _ = _written(pager, MiB)  # slot 0
         b, bd = _written(pager, MiB)  # slot 1
         c, _ = _written(pager, MiB)  # slot 2
+        _written(pager, MiB)  # slot 3: no two free slots are adjacent once a and c go
         pager.free(a)
         pager.free(c)
         xd = torch.randn(MiB // 2, device="cuda")
