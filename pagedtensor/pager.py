@@ -1005,9 +1005,9 @@ class Pager:
         part at its next use, into slots away from the rest (a gather for every op on it), and the
         slots it leaves would be too few for the next whole one; the pages taken in excess are the
         ones the policy would take next, so they leave room for the next request. A page to write
-        back is added only while the host tier has a free slot for it beside the victims' own (so
-        it never spills the host tier to disk) and, without a disk tier, beside room for every
-        device page (so no later write-back finds the host full for want of the slots it took)."""
+        back is added only while the host tier keeps, beside it and the victims' own, a free slot
+        for every device page: the request never spills the host tier to disk, and no later
+        write-back finds the host full for want of the slots it took."""
         allocations = self._allocations
         extra: list[Page] = []
         chosen: Optional[set[Page]] = None
@@ -1022,9 +1022,7 @@ class Pager:
                 continue
             if chosen is None:
                 chosen = set(victims)
-                host_room = self.host_tier.free_pages - sum(1 for victim in victims if victim.dirty)
-                if self.disk_tier is None:
-                    host_room -= self.device_tier.capacity_pages
+                host_room = self.host_tier.free_pages - self.device_tier.capacity_pages - sum(1 for victim in victims if victim.dirty)
             for other in allocation.pages:
                 if other.device_slot is None or other in chosen or not self._device_evictable(other):
                     continue

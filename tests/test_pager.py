@@ -1006,9 +1006,10 @@ def test_a_loop_allocation_leaves_the_device_whole():
 
 
 def test_a_loop_allocation_leaving_whole_takes_no_host_room_the_victims_do_not_need():
-    """Without a disk tier the host must keep room to take device pages back: the rest of a dirty
-    loop allocation stays on the device rather than fill the host (a one-page fault evicting a
-    six-page one whole filled the host, and the next read found no room to write anything back)."""
+    """The host keeps room to take every device page back: the rest of a loop allocation that would
+    need writing back stays on the device rather than fill the host (a one-page fault evicting a
+    six-page one whole filled the host, and without a disk tier the next read found no room to
+    write anything back)."""
     pager = make_pager(device_pages=8, host_pages=4)
     loop, kv, extra = pager.allocate(6 * PAGE), pager.allocate(2 * PAGE), pager.allocate(PAGE)
     pager.advise(loop, "loop")

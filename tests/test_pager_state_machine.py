@@ -14,8 +14,9 @@ hold, so the test checks:
 * the page table is coherent: a dirty page has exactly one copy; the counters add up;
 * (``advise``) pages of an allocation advised ``"loop"`` leave as a block once used, the most
   recently used first, after the stale pages (last used before the use before the last of the
-  loop page used last) and before the others, and a loop allocation leaves whole (its other
-  unpinned pages with the victims among them); advised ``"normal"`` they leave by recency again;
+  loop page used last) and before the others, and the pages that leave beside the victims are
+  only the rest of the loop allocations among them; advised ``"normal"`` they leave by recency
+  again;
 * (``prefetch_together``) whole allocations prefetched as one batch, or each on its own when the
   batch does not fit, leave the device tier as the model predicts;
 * (``pin`` with ``overwrite``) pages pinned to be overwritten whole (``discard``) read as zeros until
@@ -74,6 +75,18 @@ class PagerMachine(RuleBasedStateMachine):
         self.inserted: dict[tuple[int, int], int] = {}  # page -> the tick of its insert
         self.block: list[tuple[int, int]] = []  # their pages used since, the most recently used first
         self.pass_start = -1  # the use before the last of the loop page used last
+        # The pages the pager sent off with each eviction's victims as the rest of their loop
+        # allocations, in order: which of them may go depends on the host tier's room and the
+        # pages' lower copies, which the model does not follow; it checks they are allowed.
+        self.rest_taken: list[list[tuple[int, int]]] = []
+        with_rest = self.pager._with_rest_of_loop_allocations
+
+        def record_rest(victims):
+            chosen = with_rest(victims)
+            self.rest_taken.append([(page.allocation_id, page.index) for page in chosen[len(victims) :]])
+            return chosen
+
+        self.pager._with_rest_of_loop_allocations = record_rest
         self.pinned: list[tuple[object, dict[tuple[int, int], int]]] = []  # (ResidentPages, slots at pin)
         # Pages pinned zero-filled for an overwrite while a lower copy holds their bytes: key -> those
         # bytes, until a release marks the page written or its own release gives them back.
@@ -116,12 +129,22 @@ class PagerMachine(RuleBasedStateMachine):
                 self.block.insert(0, key)
 
     def _model_make_room(self, shortfall: int, protected: set) -> None:
-        """Drop the first ``shortfall`` victims, and the other unpinned resident pages of each loop
-        allocation among them (a loop allocation leaves whole)."""
-        victims = self._model_victims(protected)[: max(0, shortfall)]
+        """Drop the first ``shortfall`` victims, and those other unpinned resident pages of the loop
+        allocations among them that the pager sent off too (a loop allocation leaves whole as far
+        as the host's room allows): each must be one of them."""
+        if shortfall <= 0:
+            return
+        victims = self._model_victims(protected)[:shortfall]
+        if self.policy != "lru":  # the model follows LRU only: what is resident is not checked
+            self.rest_taken.clear()
+            for key in victims:
+                self._model_drop(key)
+            return
         whole = {key[0] for key in victims if key[0] in self.loop}
-        victims += [key for key in self.lru if key[0] in whole and key not in protected and key not in victims]
-        for key in victims:
+        allowed = {key for key in self.lru if key[0] in whole and key not in protected and key not in victims}
+        rest = self.rest_taken.pop(0)
+        assert set(rest) <= allowed, f"pages {sorted(set(rest) - allowed)} left as the rest of a loop allocation; allowed {sorted(allowed)}"
+        for key in victims + rest:
             self._model_drop(key)
 
     def _model_fits(self, keys: list, protected: set) -> bool:
