@@ -621,12 +621,12 @@ class Pager:
     def prefetch(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> concurrent.futures.Future:
         """Bring pages ``[start, stop)`` to the device tier in the background, without pinning them.
 
-        Returns once the copies are enqueued, with a done future, when every page to bring has a
-        copy in host memory: enqueueing copies is a few steps per page of host work, which a thread
-        would contend for with the caller (the interpreter lock and the pager's) at a higher cost
-        than doing it. A prefetch that reads pages from disk returns at once and runs on the
-        prefetch thread, whose disk reads overlap the caller's work; its future completes when the
-        copies are enqueued. Either way the copies run asynchronously (a later
+        Returns once the copies are enqueued, with a done future, when it needs no disk I/O (no
+        page to bring is only on disk, and making room cannot spill the host tier to disk):
+        enqueueing copies is a few steps per page of host work, which a thread would contend for
+        with the caller (the interpreter lock and the pager's) at a higher cost than doing it. A
+        prefetch that needs disk I/O returns at once and runs on the prefetch thread, whose disk
+        I/O overlaps the caller's work; its future completes when the copies are enqueued. Either way the copies run asynchronously (a later
         :meth:`ensure_resident` of these pages returns their copy events), and a prefetch that
         cannot fit is logged and its future carries the error; it never fails the caller.
         """
@@ -644,8 +644,7 @@ class Pager:
         not fit beside the pinned pages, each allocation is prefetched on its own, as far as it fits.
 
         Runs on the calling thread or the prefetch thread as :meth:`prefetch` does (the latter
-        when pages must be read from disk); a prefetch that cannot fit is logged and never fails
-        the caller.
+        when it needs disk I/O); a prefetch that cannot fit is logged and never fails the caller.
         """
         with self._lock:
             self._check_open()
