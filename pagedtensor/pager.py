@@ -996,42 +996,44 @@ class Pager:
                 f"(vram_limit={self.config.vram_limit} bytes = {self.device_tier.capacity_pages} pages of {self.page_size}; "
                 f"the rest are pinned, by this request's pages or by other holders of pages)"
             )
-        self._evict_from_device(self._with_rest_of_loop_allocations(victims))
+        self._evict_from_device(victims)
+        rest = self._rest_of_loop_allocations(victims)  # judged once the victims are gone
+        if rest:
+            self._evict_from_device(rest)
 
-    def _with_rest_of_loop_allocations(self, victims: list[Page]) -> list[Page]:
-        """``victims`` and, for each loop allocation (:meth:`advise`) among them, its other unpinned
-        device-resident pages: a loop allocation leaves whole. One left in part would be faulted in
-        part at its next use, into slots away from the rest (a gather for every op on it), and the
-        slots it leaves would be too few for the next whole one; the pages taken in excess are the
-        ones the policy would take next, so they leave room for the next request. A page to write
-        back is added only while the host tier keeps, beside it and the victims' own, a free slot
-        for every device page: the request never spills the host tier to disk, and no later
-        write-back finds the host full for want of the slots it took."""
+    def _rest_of_loop_allocations(self, victims: list[Page]) -> list[Page]:
+        """For each loop allocation (:meth:`advise`) among ``victims`` (just evicted), its other
+        unpinned device-resident pages: a loop allocation leaves whole. One left in part would be
+        faulted in part at its next use, into slots away from the rest (a gather for every op on
+        it), and the slots it leaves would be too few for the next whole one; the pages taken in
+        excess are the ones the policy would take next, so they leave room for the next request.
+
+        A page whose only lower copy would be in host memory once it leaves (one to write back, or,
+        without a disk tier, one whose host copy could otherwise be dropped for room) goes only
+        while the host tier keeps a free slot for every device page beside it: the request never
+        spills the host tier to disk, and no later write-back finds the host full for want of the
+        slots it took."""
         allocations = self._allocations
-        extra: list[Page] = []
-        chosen: Optional[set[Page]] = None
-        host_room = 0
-        last_id = -1
+        rest: list[Page] = []
+        host_room = self.host_tier.free_pages - self.device_tier.capacity_pages
+        droppable_host_copies = self.disk_tier is None
+        seen: set[int] = set()
         for page in victims:
-            if page.allocation_id == last_id:
+            if page.allocation_id in seen:
                 continue
-            last_id = page.allocation_id
-            allocation = allocations.get(last_id)
+            seen.add(page.allocation_id)
+            allocation = allocations.get(page.allocation_id)
             if allocation is None or not allocation.loop:
                 continue
-            if chosen is None:
-                chosen = set(victims)
-                host_room = self.host_tier.free_pages - self.device_tier.capacity_pages - sum(1 for victim in victims if victim.dirty)
             for other in allocation.pages:
-                if other.device_slot is None or other in chosen or not self._device_evictable(other):
+                if other.device_slot is None or not self._device_evictable(other):
                     continue
-                if other.host_slot is None and other.disk_slot is None:  # written back when it leaves
+                if other.disk_slot is None and (other.host_slot is None or droppable_host_copies):  # takes a host slot for good
                     if host_room <= 0:
                         continue
                     host_room -= 1
-                chosen.add(other)
-                extra.append(other)
-        return victims + extra if extra else victims
+                rest.append(other)
+        return rest
 
     def _evict_from_device(self, victims: Sequence[Page]) -> None:
         """Move ``victims`` (unpinned, device-resident) off the device; dirty ones are written back to host."""

@@ -1022,6 +1022,28 @@ def test_a_loop_allocation_leaving_whole_takes_no_host_room_the_victims_do_not_n
     assert torch.equal(pager.read(kv), random_bytes(2 * PAGE, 2))
 
 
+@pytest.mark.parametrize("policy", ["lru", "2q"])
+def test_without_a_disk_tier_the_rest_of_a_loop_allocation_keeps_the_hosts_droppable_copies(policy):
+    """Without a disk tier, the host may drop its copy of a page that is also on the device to make
+    room: a clean page leaving the device with its loop allocation turns that copy into its only
+    one. On a two-page device and a three-page host, a four-page loop allocation read twice and
+    then one page overwritten: the rest stays (it went, and the host had nowhere to put the page
+    written back: OutOfPagesError, and later reads failing too)."""
+    pager = make_pager(device_pages=2, host_pages=3, eviction_policy=policy)
+    allocation = pager.allocate(4 * PAGE)
+    pager.advise(allocation, "loop")
+    pager.write(allocation, random_bytes(4 * PAGE, 1))
+    pager.read(allocation)
+    pager.read(allocation)
+    with pager.ensure_resident(allocation, 1, 2, discard=[1]) as resident:
+        resident.views()[0].fill_(7)
+        resident.mark_dirty()
+    expected = random_bytes(4 * PAGE, 1)
+    expected[PAGE : 2 * PAGE] = 7
+    for _ in range(3):
+        assert torch.equal(pager.read(allocation), expected)
+
+
 def test_a_prefetch_whose_room_spills_the_host_to_disk_runs_on_the_prefetch_thread(nvme_dir, monkeypatch):
     """Pages all in host memory, but making room writes dirty device pages back into a full host
     tier, which spills to disk: the disk writes go on the prefetch thread, not the caller's."""

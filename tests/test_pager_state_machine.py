@@ -79,14 +79,14 @@ class PagerMachine(RuleBasedStateMachine):
         # allocations, in order: which of them may go depends on the host tier's room and the
         # pages' lower copies, which the model does not follow; it checks they are allowed.
         self.rest_taken: list[list[tuple[int, int]]] = []
-        with_rest = self.pager._with_rest_of_loop_allocations
+        rest_of = self.pager._rest_of_loop_allocations
 
         def record_rest(victims):
-            chosen = with_rest(victims)
-            self.rest_taken.append([(page.allocation_id, page.index) for page in chosen[len(victims) :]])
-            return chosen
+            rest = rest_of(victims)
+            self.rest_taken.append([(page.allocation_id, page.index) for page in rest])
+            return rest
 
-        self.pager._with_rest_of_loop_allocations = record_rest
+        self.pager._rest_of_loop_allocations = record_rest
         self.pinned: list[tuple[object, dict[tuple[int, int], int]]] = []  # (ResidentPages, slots at pin)
         # Pages pinned zero-filled for an overwrite while a lower copy holds their bytes: key -> those
         # bytes, until a release marks the page written or its own release gives them back.

@@ -51,6 +51,12 @@ def test_slab_pool_grows_lazily_and_respects_capacity():
     slabs.free([4, 2])
     assert slabs.allocate(2) == [2, 4]  # no run of two free: the lowest pieces (both of length one)
     assert slabs.adjacent(2, 3) and not slabs.adjacent(3, 4)
+    with pytest.raises(ValueError, match="name a slot twice"):
+        slabs.free([0, 5, 5])  # nothing is freed
+    slabs.free([0])
+    with pytest.raises(ValueError, match="slot 0 is not in use"):
+        slabs.free([1, 0])  # 0 is free already: nothing is freed
+    assert slabs.free_pages == 1 and slabs.allocate(1) == [0]
     with pytest.raises(ValueError, match="crosses a slab boundary"):
         slabs.run(3, 2)
 

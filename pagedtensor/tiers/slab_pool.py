@@ -121,8 +121,18 @@ class SlabPool:
         return first
 
     def free(self, slots: Iterable[int]) -> None:
-        """Return ``slots`` to the pool."""
+        """Return ``slots`` to the pool.
+
+        Raises:
+            ValueError: a slot is not in use (freed twice, or never handed out); nothing is freed.
+        """
         free_map = self._free_map
+        slots = list(slots)
+        for slot in slots:
+            if not 0 <= slot < len(free_map) or free_map[slot]:
+                raise ValueError(f"{self.name} tier: slot {slot!r} is not in use (freed twice, or never allocated)")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"{self.name} tier: slots {sorted(slots)} name a slot twice")
         for slot in slots:
             free_map[slot] = 1
             self._free_count += 1
