@@ -85,7 +85,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def _dense_bytes(model, page_size: int) -> int:
     """Bytes of the parameters ``page_weights=True`` leaves dense: those outside the decoder layers
     (embeddings, final norm, ``lm_head``) and the layers' parameters smaller than a page (norms)."""
-    paged = {id(p) for p in model.model.layers.parameters() if p.numel() * p.element_size() >= page_size}
+    from pagedtensor.hf.model import pages_as_weight
+
+    paged = {id(p) for p in model.model.layers.parameters() if pages_as_weight(p, page_size)}
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in paged)
 
 

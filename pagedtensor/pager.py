@@ -626,13 +626,14 @@ class Pager:
         enqueueing copies is a few steps per page of host work, which a thread would contend for
         with the caller (the interpreter lock and the pager's) at a higher cost than doing it. A
         prefetch that needs disk I/O returns at once and runs on the prefetch thread, whose disk
-        I/O overlaps the caller's work; its future completes when the copies are enqueued. Either way the copies run asynchronously (a later
-        :meth:`ensure_resident` of these pages returns their copy events), and a prefetch that
-        cannot fit is logged and its future carries the error; it never fails the caller.
+        I/O overlaps the caller's work; its future completes when the copies are enqueued. Either
+        way the copies run asynchronously (a later :meth:`ensure_resident` of these pages returns
+        their copy events), and a prefetch that cannot fit is logged and its future carries the
+        error; it never fails the caller.
         """
         with self._lock:
             start, stop = self._check_range(allocation, start, stop)
-            return self._run_prefetch(allocation.pages[start:stop], self._prefetch_now, allocation, start, stop)
+            return self._run_prefetch(allocation.pages[start:stop], self._prefetch_now, [(allocation, start, stop)])
 
     def prefetch_together(self, allocations: Sequence[Allocation]) -> concurrent.futures.Future:
         """Bring every page of ``allocations`` to the device tier in the background, as one batch.
@@ -934,50 +935,46 @@ class Pager:
             self.host_policy.insert(page)
         self.metrics.count("bytes_from_disk", moved)
 
-    def _prefetch_now(self, allocation: Allocation, start: int, stop: int) -> int:
-        with self._lock:
-            if allocation.freed or self.closed:
-                return 0
-            pages = allocation.pages[start:stop]
-            pins = allocation.pins
-            _pin(pins, start, stop)
-            try:
-                missing = self._bring_to_device(pages, counter="prefetched_pages", touch=not allocation.loop)  # no use yet
-            except OutOfPagesError as error:
-                log.info("prefetch of pages [%d, %d) of allocation %d skipped: %s", start, stop, allocation.id, error)
-                raise
-            finally:
-                _unpin(pins, start, stop)
-            return len(missing)
+    def _prefetch_now(self, ranges: Sequence[tuple[Allocation, int, int]]) -> int:
+        """Bring the pages of ``ranges`` (``(allocation, start, stop)``) to the device tier as one
+        batch, unpinned; the number brought. Raises (and logs) OutOfPagesError if they do not fit.
 
-    def _prefetch_together_now(self, allocations: list[Allocation]) -> int:
+        A prefetch is no use: the resident pages of allocations used in a loop are not touched
+        (their use demotes them), those of any other are, in one call, before room is made."""
         with self._lock:
             if self.closed:
                 return 0
-            batch = [allocation for allocation in allocations if not allocation.freed]
-            pages = [page for allocation in batch for page in allocation.pages]
-            for allocation in batch:
-                _pin(allocation.pins, 0, allocation.num_pages)
+            ranges = [(allocation, start, stop) for allocation, start, stop in ranges if not allocation.freed]
+            for allocation, start, stop in ranges:
+                _pin(allocation.pins, start, stop)
             try:
-                # A prefetch is no use: the resident pages of allocations used in a loop are not
-                # touched (their use demotes them), those of any other are (as by :meth:`prefetch`).
-                self.device_policy.touch_all([page for allocation in batch if not allocation.loop
-                                              for page in allocation.pages if page.device_slot is not None])  # fmt: skip
-                missing = self._bring_to_device(pages, counter="prefetched_pages", touch=False)
+                if any(not allocation.loop for allocation, _, _ in ranges):
+                    self.device_policy.touch_all([page for allocation, start, stop in ranges if not allocation.loop
+                                                  for page in allocation.pages[start:stop] if page.device_slot is not None])  # fmt: skip
+                pages = [page for allocation, start, stop in ranges for page in allocation.pages[start:stop]]
+                return len(self._bring_to_device(pages, counter="prefetched_pages", touch=False))
             except OutOfPagesError as error:
-                log.info("prefetch of %d allocations together skipped (%s); each on its own instead", len(batch), error)
-                missing = None
+                log.info("prefetch of pages %s skipped: %s", [(allocation.id, start, stop) for allocation, start, stop in ranges], error)
+                raise
             finally:
-                for allocation in batch:
-                    _unpin(allocation.pins, 0, allocation.num_pages)
-            if missing is not None:
-                return len(missing)
+                for allocation, start, stop in ranges:
+                    _unpin(allocation.pins, start, stop)
+
+    def _prefetch_together_now(self, allocations: list[Allocation]) -> int:
+        """:meth:`_prefetch_now` of every allocation whole; if they do not fit together, of each
+        on its own, as far as each fits."""
+        ranges = [(allocation, 0, allocation.num_pages) for allocation in allocations]
+        with self._lock:
+            try:
+                return self._prefetch_now(ranges)
+            except OutOfPagesError:
+                pass
             brought = 0
-            for allocation in batch:
+            for one in ranges:
                 try:
-                    brought += self._prefetch_now(allocation, 0, allocation.num_pages)
+                    brought += self._prefetch_now([one])
                 except OutOfPagesError:
-                    pass  # logged by _prefetch_now
+                    pass  # logged
             return brought
 
     # ------------------------------------------------------------------ internals: eviction

@@ -241,7 +241,8 @@ class PagerMachine(RuleBasedStateMachine):
         ids = data.draw(st.lists(st.sampled_from(sorted(self.live)), min_size=1, max_size=3, unique=True), label="together")
         self.pager.prefetch_together([self.live[i] for i in ids]).result()
         keys = [(i, index) for i in ids for index in range(self.live[i].num_pages)]
-        self._model_touch([key for key in keys if key in self.lru and key[0] not in self.loop])
+        if any(i not in self.loop for i in ids):  # one touch of the resident pages of those not in a loop
+            self._model_touch([key for key in keys if key in self.lru and key[0] not in self.loop])
         pinned = self._pinned_keys()
         if self._model_fits(keys, pinned | set(keys)):
             self._model_make_room(sum(key not in self.lru for key in keys) - (self.device_pages - len(self.lru)), pinned | set(keys))

@@ -497,8 +497,8 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
                         if parameter.pager is pager and parameter.allocation is not None:
                             pager.advise(parameter.allocation, "loop")
                         continue
-                    if parameter.numel() * parameter.element_size() < pager.page_size:
-                        continue  # a norm's weight: a page of its own would take a page of the budget and a page-sized copy
+                    if not pages_as_weight(parameter, pager.page_size):
+                        continue  # a norm's weight: stays dense
                     paged = PagedTensor.wrap(parameter.detach(), pager, name=f"layers.{index}.{module_name + '.' if module_name else ''}{name}")
                     pager.advise(paged.allocation, "loop")  # used once a token, layer after layer
                     module._parameters[name] = torch.nn.Parameter(paged, requires_grad=False)
@@ -510,6 +510,13 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
     state.paged_layers = list(layers)
     for index, layer in enumerate(layers):
         state.hooks.append(layer.register_forward_pre_hook(_prefetch_hook(pager, layers[(index + 1) % len(layers)])))
+
+
+def pages_as_weight(parameter: torch.Tensor, page_size: int) -> bool:
+    """Whether ``page_weights=True`` pages a decoder layer's ``parameter``: those smaller than one
+    page (norms) stay dense, since a page each would take a page of the budget and a page-sized
+    copy at each fault-in."""
+    return parameter.numel() * parameter.element_size() >= page_size
 
 
 def _weight_allocations(layer: torch.nn.Module, pager: Pager) -> list:

@@ -54,8 +54,6 @@ class LRUPolicy(EvictionPolicy[K]):
         return chosen
 
     def _eviction_order(self, evictable: Callable[[K], bool], skip: Container[K] = ()) -> Iterator[tuple[K, int]]:
-        if not skip:
-            return ((key, tick) for key, tick in self._order.items() if evictable(key))
         return ((key, tick) for key, tick in self._order.items() if key not in skip and evictable(key))
 
     def _last_use(self, key: K) -> int:

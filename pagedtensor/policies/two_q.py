@@ -32,12 +32,11 @@ class TwoQPolicy(EvictionPolicy[K]):
     def insert(self, key: K) -> None:
         if key in self.a1in or key in self.am:
             raise KeyError(f"TwoQPolicy.insert: key {key!r} is already resident")
+        self._clock += 1
         if key in self.a1out:
             del self.a1out[key]
-            self._clock += 1
             self.am[key] = self._inserted[key] = self._clock
         else:
-            self._clock += 1
             self.a1in[key] = self._inserted[key] = self._clock
 
     def touch(self, key: K) -> None:

@@ -37,7 +37,6 @@ class SlabPool:
         self.slab_spans: list[tuple[int, int]] = []  # addresses [first, end) of each slab's memory
         self._typed_slabs: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._free_map = bytearray()  # one byte per slot of the grown slabs: 1 when free
-        self._free_count = 0  # ones in _free_map
         self._grown_pages = 0
         self.used_pages = 0
 
@@ -75,7 +74,7 @@ class SlabPool:
             )
         if not count:
             return []
-        while self._free_count < count:
+        while self._grown_pages - self.used_pages < count:
             self._grow()
         if count == 1:
             slot = self._free_map.find(1)
@@ -107,7 +106,6 @@ class SlabPool:
     def _take(self, first: int, count: int) -> None:
         """Mark the ``count`` free slots from ``first`` on used."""
         self._free_map[first : first + count] = bytes(count)
-        self._free_count -= count
         self.used_pages += count
 
     def _first_run(self, count: int) -> int:
@@ -135,8 +133,7 @@ class SlabPool:
             raise ValueError(f"{self.name} tier: slots {sorted(slots)} name a slot twice")
         for slot in slots:
             free_map[slot] = 1
-            self._free_count += 1
-            self.used_pages -= 1
+        self.used_pages -= len(slots)
 
     def page(self, slot: int) -> torch.Tensor:
         """The uint8 view of one slot."""
@@ -187,7 +184,6 @@ class SlabPool:
         self.slab_spans.clear()
         self._typed_slabs.clear()
         self._free_map = bytearray()
-        self._free_count = 0
         self._grown_pages = 0
         self.used_pages = 0
 
@@ -204,5 +200,4 @@ class SlabPool:
         self.slabs.append(slab)
         self.slab_spans.append((slab.data_ptr(), slab.data_ptr() + slab.numel()))
         self._free_map += b"\x01" * pages  # byte s is slot s: only the last slab can be short
-        self._free_count += pages
         self._grown_pages += pages
