@@ -490,6 +490,50 @@ def _read_one(func: OpOverload, args: tuple, kwargs: dict, leaf: PagedTensor) ->
     return out
 
 
+def paged_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``torch.nn.functional.linear(input, weight, bias)``, the same bits, where ``weight`` may be a
+    PagedTensor: its pages are pinned resident for the call and ``linear`` runs on a dense view of
+    them, with none of the dispatch a PagedTensor weight otherwise takes (``linear`` reaches
+    ``__torch_dispatch__`` as a ``t`` view, a new PagedTensor, then ``mm``/``addmm``).
+
+    Anything else goes through ``linear`` as usual: a weight that is not a PagedTensor (or is a
+    traced one), an input or bias that is not a plain tensor (a PagedTensor, a fake or functional
+    tensor, an FX proxy), autograd recording (grad enabled and any argument requiring grad: the
+    saved weight must stay the PagedTensor, not a view of slots the pager reuses), tracing
+    (``torch.compile``, ``torch.jit.trace``) and active torch-function or torch-dispatch modes
+    (they would see the slots' view in place of the PagedTensor).
+
+    Stream order, on CUDA: as any op on a PagedTensor (module docstring): the current stream waits
+    for the copies that filled the pages, ``linear`` runs on it, and the release records an event
+    on it after ``linear``, so a slot is reused only after the read.
+
+    Raises:
+        OutOfPagesError: the weight does not fit on the device tier beside the pinned pages.
+    """
+    if (
+        torch.compiler.is_compiling()
+        or type(weight) is not PagedTensor
+        or weight._inner is not None
+        or type(input) is not torch.Tensor
+        or not (bias is None or type(bias) is torch.Tensor or type(bias) is torch.nn.Parameter)
+        or (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
+        or torch.jit.is_tracing()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._len_torch_dispatch_stack()
+    ):  # fmt: skip
+        return torch.nn.functional.linear(input, weight, bias)
+    lo, hi = _byte_span(weight)
+    if lo == hi:
+        return torch.nn.functional.linear(input, _empty_like_leaf(weight), bias)
+    if _pending_frees:
+        drain_pending_frees()
+    window = _Window(weight._paged, lo, hi)
+    try:
+        return torch.nn.functional.linear(input, window.dense(weight), bias)  # a new tensor: never a view of the slots
+    finally:
+        window.release()
+
+
 DISPATCHER = PagedDispatcher()
 implements = DISPATCHER.implements
 

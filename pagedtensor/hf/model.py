@@ -31,6 +31,7 @@ import functools
 import inspect
 import logging
 import time
+import types
 from typing import Any, Optional
 
 import torch
@@ -470,7 +471,8 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
     """Replace every parameter of the decoder ``layers`` (:func:`_decoder_layers`) but those smaller
     than a page (norms: they stay dense on the device) by a PagedTensor parameter on ``state.pager``
     (``requires_grad=False``: paged weights are for inference) and hook
-    the layer-ahead prefetch (layer ``i``'s pre-hook prefetches layer ``i + 1``'s weights). The
+    the layer-ahead prefetch (layer ``i``'s pre-hook prefetches layer ``i + 1``'s weights); each
+    ``nn.Linear`` with a paged weight runs through :func:`_paged_linear_forward`. The
     weights are advised ``"loop"`` (:meth:`Pager.advise`): once the layers do not all fit, the same
     ones stay resident token after token and only the rest move."""
     from pagedtensor.tensor import PagedTensor
@@ -510,6 +512,19 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
     state.paged_layers = list(layers)
     for index, layer in enumerate(layers):
         state.hooks.append(layer.register_forward_pre_hook(_prefetch_hook(pager, layers[(index + 1) % len(layers)])))
+        for module in layer.modules():
+            if type(module) is torch.nn.Linear and isinstance(module.weight, PagedTensor) and "forward" not in module.__dict__:
+                module.forward = types.MethodType(_paged_linear_forward, module)
+
+
+def _paged_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward`` of a decoder layer's linear with a paged weight, set on the module by
+    :func:`_page_layer_weights`: :func:`~pagedtensor.dispatch.paged_linear` reads the weight's
+    pinned pages directly, without the two dispatches (``t``, then ``mm``) that ``F.linear`` on a
+    PagedTensor takes; the same bits."""
+    from pagedtensor.dispatch import paged_linear
+
+    return paged_linear(input, self.weight, self.bias)
 
 
 def pages_as_weight(parameter: torch.Tensor, page_size: int) -> bool:

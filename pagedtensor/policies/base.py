@@ -65,15 +65,18 @@ class EvictionPolicy(abc.ABC, Generic[K]):
         (pages written once and never used again); every other key leaves after it (a KV cache's
         pages, used once a pass too). A key just inserted has no use before this one to tell."""
         keys = list(keys)
-        last_use, inserted = self._last_use, self._inserted
-        previous = [last_use(key) for key in keys]  # KeyError for a key not resident
+        previous = list(map(self._last_use, keys))  # KeyError for a key not resident, before any change
         self.touch_all(keys)
-        loop = self._loop
-        for key, tick in zip(keys, previous):
+        inserted = self._inserted
+        for key, tick in zip(reversed(keys), reversed(previous)):  # the last key with a use before this one
             if inserted.get(key) != tick:  # a use before this one, not this use's own insert
                 self._pass_start = tick
+                break
+        loop = self._loop
+        move_to_end = loop.move_to_end
+        for key in keys:
             loop[key] = None
-            loop.move_to_end(key, last=False)
+            move_to_end(key, last=False)
 
     def end_loop(self, keys: Iterable[K]) -> None:
         """``keys`` are no longer used in a loop: they leave by the policy's own order again."""

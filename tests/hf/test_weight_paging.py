@@ -261,3 +261,34 @@ def test_each_weight_stays_one_view_of_adjacent_slots(nvme_dir, monkeypatch):
     got = model.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
     assert torch.equal(got, expected)
     assert len(windows) >= 10 * 8 * 7 and sum(windows) <= len(windows) // 10, (sum(windows), len(windows))
+
+
+def test_linear_layers_read_paged_weights_without_dispatch_and_gradients_stay_exact(nvme_dir, monkeypatch):
+    """Each ``nn.Linear`` of a paged layer runs ``paged_linear``: with no grad to record, its weight
+    is read from its pinned pages with no op reaching the dispatcher; with an input that requires
+    grad, the general path, and the gradients are the unpaged model's, bit for bit, although the
+    weights' slots are reused between forward and backward."""
+    import pagedtensor.dispatch as dispatch
+
+    reference, model = tiny_pair("llama", attn="sdpa")
+    ids, mask = prompts(3)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=VRAM_PAGES, host_pages=HOST_PAGES), attn_implementation="sdpa",
+                  page_weights=True)  # fmt: skip
+    linears = [module for layer in model.model.layers for module in layer.modules() if type(module) is torch.nn.Linear]
+    assert len(linears) == 7 * len(model.model.layers) and all("forward" in module.__dict__ for module in linears)
+
+    dispatched = []
+    real = dispatch.DISPATCHER.dispatch
+    monkeypatch.setattr(dispatch.DISPATCHER, "dispatch", lambda func, *rest: dispatched.append(func) or real(func, *rest))
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, use_cache=False).logits
+    assert torch.equal(got, reference(ids, attention_mask=mask, use_cache=False).logits)
+    assert dispatched == []
+
+    embeds = reference.model.embed_tokens(ids).detach()
+    expected_input = embeds.clone().requires_grad_()
+    reference(inputs_embeds=expected_input, attention_mask=mask, use_cache=False).logits.float().square().mean().backward()
+    paged_input = embeds.clone().requires_grad_()
+    model(inputs_embeds=paged_input, attention_mask=mask, use_cache=False).logits.float().square().mean().backward()
+    assert torch.equal(paged_input.grad, expected_input.grad)
+    assert dispatch.aten.mm.default in dispatched or dispatch.aten.addmm.default in dispatched
