@@ -261,9 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     profiler.enable()
     model.generate(prompt, max_new_tokens=3, min_new_tokens=3, **kwargs)
     profiler.disable()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
-    result["cprofile_tottime"] = text.getvalue().splitlines()[:60]
+    for order in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(45)
+        result[f"cprofile_{order}"] = text.getvalue().splitlines()[:75]
 
     result["sampled_stacks"] = _sample_main_thread(
         lambda: model.generate(prompt, max_new_tokens=5, min_new_tokens=5, **kwargs))
