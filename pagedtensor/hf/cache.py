@@ -188,6 +188,14 @@ class PagedKVCache(Cache):
             the device budget.
         stream_group_bytes: bytes of pages streamed in per kernel call.
         max_tokens: expected tokens per sequence (prompt + new tokens): sizes the page segments.
+        makes_room: the cache makes room on the device tier itself (default): it evicts its own
+            pages in decoding's layer cycle (the layer computed last first), keeps two streaming
+            groups of slots free, and evicts each streamed group once the next one has arrived. Right
+            when its pages are all the pager moves. ``False`` when the pager also holds other pages
+            used in a loop, such as paged layer weights (``enable_paging(page_weights=True)``): the
+            pager's policy then makes room, and the cache's pages, used once a pass but not advised
+            ``"loop"``, leave after the loop's (:meth:`Pager.advise`); a layer's keys and values that
+            fit stay resident instead of being evicted to keep a window free and streamed back.
 
     With the ``"pagedllm"`` attention implementation, :meth:`update` returns the new keys and values
     unchanged and the attention reads the pages; with any other implementation it returns the dense
@@ -205,6 +213,7 @@ class PagedKVCache(Cache):
         hot_fraction: float = 0.25,
         stream_group_bytes: SizeLike = DEFAULT_STREAM_GROUP_BYTES,
         max_tokens: Optional[int] = None,
+        makes_room: bool = True,
     ) -> None:
         text_config = None
         if config is not None:
@@ -218,6 +227,8 @@ class PagedKVCache(Cache):
             raise ValueError(f"hot_fraction: expected a number in [0, 1], got {hot_fraction!r}")
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
             raise ValueError(f"max_tokens: expected a positive int or None, got {max_tokens!r}")
+        if not isinstance(makes_room, bool):
+            raise TypeError(f"makes_room: expected a bool, got {makes_room!r}")
         check_memory_config(memory_config)
         if pager is not None and memory_config is not None:
             raise ValueError("pass either pager or memory_config, not both")
@@ -237,6 +248,7 @@ class PagedKVCache(Cache):
         self.hot_fraction = float(hot_fraction)
         self.stream_group_bytes = stream_group_bytes
         self.max_tokens = max_tokens
+        self.makes_room = makes_room
         # Geometry, set by the first update.
         self.dtype: Optional[torch.dtype] = None
         self.device: Optional[torch.device] = None
@@ -546,8 +558,11 @@ class PagedKVCache(Cache):
         """Evict pages until ``needed`` device slots are free, from the layer used furthest in the future.
 
         For the cyclic layer order of decoding that is the layer just computed (``layer_idx - 1``),
-        then the one before, ... and the current layer last. Pinned pages stay.
+        then the one before, ... and the current layer last. Pinned pages stay. Nothing without
+        ``makes_room`` (the pager's policy makes room).
         """
+        if not self.makes_room:
+            return
         tier = self.pager.device_tier
         short = min(needed, tier.capacity_pages) - tier.free_pages
         if short <= 0:
@@ -825,7 +840,8 @@ class PagedKVCache(Cache):
         finally:
             for pin in pins:
                 pin.release()
-            self._pending_stream.extend((allocation, lo, hi) for allocation, lo, hi, _ in ranges)
+            if self.makes_room:
+                self._pending_stream.extend((allocation, lo, hi) for allocation, lo, hi, _ in ranges)
 
     # ------------------------------------------------------------------ batch edits, freeing
 

@@ -97,6 +97,7 @@ class PagingState:
             hot_fraction=self.hot_fraction,
             stream_group_bytes=self.stream_group_bytes,
             max_tokens=max_tokens,
+            makes_room=not self.paged_layers,  # paged weights share the pager: its policy makes room for both
         )
 
 

@@ -292,3 +292,51 @@ def test_linear_layers_read_paged_weights_without_dispatch_and_gradients_stay_ex
     model(inputs_embeds=paged_input, attention_mask=mask, use_cache=False).logits.float().square().mean().backward()
     assert torch.equal(paged_input.grad, expected_input.grad)
     assert dispatch.aten.mm.default in dispatched or dispatch.aten.addmm.default in dispatched
+
+
+def test_keys_and_values_that_fit_stay_resident_beside_paged_weights(nvme_dir, monkeypatch):
+    """Weights that do not fit, keys and values that do: the pager's policy makes room (the cache
+    shares the pager with the weights' loop, ``makes_room=False``), so decoding moves weight pages
+    only. (When the cache made room itself, it evicted the layer just computed's keys and values to
+    keep a streaming window free, and streamed them back at that layer's next token.)"""
+    import dataclasses
+
+    from pagedtensor.pager import Pager
+
+    reference, model = tiny_pair("llama", attn="sdpa", num_hidden_layers=8)
+    ids, mask = prompts(1, length=80)  # 16 tokens a page: 6 pages a layer, 4 of them not pinned as sink or newest
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    weights = _layer_bytes(model, at_least=PAGE)
+    budget = tiny_budget(nvme_dir, vram_pages=int(0.6 * weights) // PAGE, host_pages=2 * weights // PAGE)
+    enable_paging(model, dataclasses.replace(budget, slab_size=budget.vram_limit), attn_implementation="sdpa", page_weights=True,
+                  stream_group_bytes=2 * PAGE)  # fmt: skip
+    pager = paging_state(model).pager
+    kv_ids = set()
+    copied = {"kv": 0, "weights": 0}
+    real_copy = Pager._copy_host_to_device
+
+    def tally(self, pages):
+        for page in pages:
+            copied["kv" if page.allocation_id in kv_ids else "weights"] += 1
+        return real_copy(self, pages)
+
+    monkeypatch.setattr(Pager, "_copy_host_to_device", tally)
+    real_allocate = Pager.allocate
+
+    def note_kv(self, nbytes, *, name=None):
+        allocation = real_allocate(self, nbytes, name=name)
+        if name is not None and name.startswith("kv."):
+            kv_ids.add(allocation.id)
+        return allocation
+
+    monkeypatch.setattr(Pager, "allocate", note_kv)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    assert torch.equal(got, expected)
+    assert kv_ids and copied["weights"] > 0 and copied["kv"] == 0, copied
+
+
+def test_makes_room_must_be_a_bool():
+    from pagedtensor.hf import PagedKVCache
+
+    with pytest.raises(TypeError, match="makes_room"):
+        PagedKVCache(num_layers=2, makes_room=1)
