@@ -180,6 +180,39 @@ def _replace_prefetch_hooks(model, pager, depth: int, prefetch) -> list:
     return [layer.register_forward_pre_hook(ahead(index)) for index, layer in enumerate(layers)] if depth else []
 
 
+def _lookahead_hooks(model, pager) -> list:
+    """Replace enable_paging's layer-ahead prefetch hooks by ones that keep one prefetch ahead of
+    the layer running, however far: at a layer's start, when the layer last prefetched has been
+    reached, prefetch the next layer (cyclically) with weights not wholly on the device, if any.
+    Across layers that stay resident the link then brings the next streamed layer in early,
+    instead of idling until the layer before it; the handles of the new hooks."""
+    from pagedtensor.hf import paging_state
+    from pagedtensor.hf.model import _weight_allocations
+
+    layers = list(model.model.layers)
+    installed = {key for layer in layers for key in layer._forward_pre_hooks}
+    for handle in [handle for handle in paging_state(model).hooks if handle.id in installed]:
+        handle.remove()
+    ahead: dict[str, Any] = {"layer": None}
+    weights = [_weight_allocations(layer, pager) for layer in layers]
+
+    def hook_for(index: int):
+        def hook(module, args):
+            if ahead["layer"] is not None and ahead["layer"] != index:
+                return  # the layer prefetched last is still ahead
+            ahead["layer"] = None
+            for step in range(1, len(layers)):
+                upcoming = (index + step) % len(layers)
+                missing = [a for a in weights[upcoming] if any(page.device_slot is None for page in a.pages)]
+                if missing:
+                    pager.prefetch_together(missing)
+                    ahead["layer"] = upcoming
+                    return
+        return hook
+
+    return [layer.register_forward_pre_hook(hook_for(index)) for index, layer in enumerate(layers)]
+
+
 def _decode_figures(measured) -> dict[str, float]:
     return {"decode_tokens_per_s": measured.tokens_per_second, "gb_h2d_per_token": measured.paging["bytes_h2d_per_token"] / 1e9}
 
@@ -207,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=0,
                         help="only time decode with the prefetch hooks replaced by ones reaching DEPTH layers ahead (0: the full probe)")
     parser.add_argument("--advice", default="loop", choices=["loop", "normal"], help="how the weights are advised (default loop)")
+    parser.add_argument("--lookahead", action="store_true",
+                        help="only time decode with the shipped hooks, then with hooks keeping one prefetch ahead however far (an experiment)")
     parser.add_argument("--timeline", action="store_true", help="only read the host-to-device copy engine's timeline over 3 decode steps")
     cli = parser.parse_args(argv)
     import torch
@@ -224,6 +259,19 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = dict(do_sample=False, attention_mask=torch.ones_like(prompt))
     if cli.depth:
         return _time_depth(cli, model, pager, prompt, kwargs, result)
+    if cli.lookahead:
+        measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
+        def timed() -> dict[str, float]:
+            return _decode_figures(measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs))
+
+        shipped = [timed() for _ in range(2)]
+        _lookahead_hooks(model, pager)
+        measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
+        lookahead = [timed() for _ in range(2)]
+        result.update(page_size=cli.page_size, shipped=shipped, lookahead=lookahead)
+        write_results(cli.out, result)
+        print("shipped", shipped, "lookahead", lookahead)
+        return 0
     if cli.timeline:
         measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
         result["copy_timeline"] = _copy_timeline(model, prompt, kwargs)

@@ -310,7 +310,6 @@ def test_keys_and_values_that_fit_stay_resident_beside_paged_weights(nvme_dir, m
     budget = tiny_budget(nvme_dir, vram_pages=int(0.6 * weights) // PAGE, host_pages=2 * weights // PAGE)
     enable_paging(model, dataclasses.replace(budget, slab_size=budget.vram_limit), attn_implementation="sdpa", page_weights=True,
                   stream_group_bytes=2 * PAGE)  # fmt: skip
-    pager = paging_state(model).pager
     kv_ids = set()
     copied = {"kv": 0, "weights": 0}
     real_copy = Pager._copy_host_to_device
