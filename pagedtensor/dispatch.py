@@ -527,7 +527,10 @@ def paged_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         return torch.nn.functional.linear(input, _empty_like_leaf(weight), bias)
     if _pending_frees:
         drain_pending_frees()
-    window = _Window(weight._paged, lo, hi)
+    try:
+        window = _Window(weight._paged, lo, hi)
+    except OutOfPagesError as error:
+        raise OutOfPagesError(f"linear: its PagedTensor weight needs more pages at once than the device tier can hold: {error}") from error
     try:
         return torch.nn.functional.linear(input, window.dense(weight), bias)  # a new tensor: never a view of the slots
     finally:

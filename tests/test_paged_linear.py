@@ -168,7 +168,7 @@ def test_a_weight_larger_than_the_device_tier_raises_out_of_pages():
     with make_pager(device_pages=2) as pager:
         paged = PagedTensor.wrap(torch.zeros(3, PAGE // 4), pager)
         x = torch.zeros(1, PAGE // 4)
-        with pytest.raises(OutOfPagesError):
+        with pytest.raises(OutOfPagesError, match="linear: its PagedTensor weight needs more pages"):
             paged_linear(x, paged)
         with pytest.raises(OutOfPagesError):
             F.linear(x, paged)
