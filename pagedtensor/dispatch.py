@@ -39,6 +39,10 @@ An op needs every page it touches resident at once: an op whose span does not fi
 (row gathers need only one run of adjacent pages at a time; :meth:`materialize` any size), except
 an elementwise op over tensors of one layout, which runs a piece of pages at a time
 (:mod:`pagedtensor.pieces`).
+
+Outside the dispatcher, :func:`paged_linear` runs ``F.linear`` on a PagedTensor weight's pinned pages
+directly (what a paged model's ``nn.Linear`` calls), falling back to the dispatcher where that
+would be wrong.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@
 * ``page_weights=True``: the parameters of every decoder layer become
   :class:`~pagedtensor.tensor.PagedTensor` parameters on the same pager as the KV cache, so weights
   and KV pages compete for one budget under one eviction policy; a forward pre-hook on layer ``i``
-  prefetches layer ``i + 1``'s weights (layer 0's after the last layer, for the next token).
+  prefetches layer ``i + 1``'s weights (layer 0's after the last layer, for the next token); each
+  ``nn.Linear`` reads its paged weight through :func:`~pagedtensor.dispatch.paged_linear`, and the
+  KV cache leaves room-making to the pager's policy (``PagedKVCache(makes_room=False)``).
 
 Works with transformers 5.17 (``past_key_values=``) and 5.2x (``cache=``): the keyword is read
 from the model's ``forward`` signature.
