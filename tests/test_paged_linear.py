@@ -64,11 +64,11 @@ def test_equals_linear_bitwise_while_pages_leave(dtype, out_features, in_feature
     """A weight that is a column slice of a larger paged matrix (strided, not at its allocation's
     start), its pages evicted before each call by another tensor's use: the result has the bits of
     ``F.linear`` on the dense weight, and so does ``F.linear`` on the PagedTensor."""
-    with make_pager(device_pages=3, host_pages=256) as pager:
+    with make_pager(device_pages=6, host_pages=256) as pager:  # the largest weight spans 4 pages
         full = random((out_features, in_features + column_offset), dtype, seed)
         weight = full[:, column_offset:]
         paged = PagedTensor.wrap(full.clone(), pager)[:, column_offset:]
-        other = PagedTensor.wrap(torch.ones(3 * PAGE // 4), pager)
+        other = PagedTensor.wrap(torch.ones(6 * PAGE // 4), pager)
         x = random((*lead, in_features), dtype, seed + 1)
         bias = random((out_features,), dtype, seed + 2) if with_bias else None
         expected = F.linear(x, weight, bias)
