@@ -153,18 +153,25 @@ def _copy_timeline(model, prompt, kwargs, tokens: int = 4) -> dict[str, Any]:
     }
 
 
-def _replace_prefetch_hooks(model, pager, depth: int, prefetch) -> list:
-    """Remove enable_paging's layer-ahead prefetch hooks and give each decoder layer a pre-hook that
-    calls ``prefetch(allocations)`` for each of the next ``depth`` layers with its weights not wholly
-    on the device, as ``enable_paging``'s hook does for one (none with ``depth`` 0); the new hooks'
-    handles."""
+def _remove_prefetch_hooks(model) -> list:
+    """Remove enable_paging's layer-ahead prefetch hooks from the decoder layers; the layers."""
     from pagedtensor.hf import paging_state
-    from pagedtensor.hf.model import _weight_allocations
 
     layers = list(model.model.layers)
     installed = {key for layer in layers for key in layer._forward_pre_hooks}
     for handle in [handle for handle in paging_state(model).hooks if handle.id in installed]:
         handle.remove()
+    return layers
+
+
+def _replace_prefetch_hooks(model, pager, depth: int, prefetch) -> list:
+    """Remove enable_paging's layer-ahead prefetch hooks and give each decoder layer a pre-hook that
+    calls ``prefetch(allocations)`` for each of the next ``depth`` layers with its weights not wholly
+    on the device, as ``enable_paging``'s hook does for one (none with ``depth`` 0); the new hooks'
+    handles."""
+    from pagedtensor.hf.model import _weight_allocations
+
+    layers = _remove_prefetch_hooks(model)
 
     def ahead(index: int):
         upcoming = [layers[(index + k) % len(layers)] for k in range(1, depth + 1)]
@@ -186,13 +193,9 @@ def _lookahead_hooks(model, pager) -> list:
     reached, prefetch the next layer (cyclically) with weights not wholly on the device, if any.
     Across layers that stay resident the link then brings the next streamed layer in early,
     instead of idling until the layer before it; the handles of the new hooks."""
-    from pagedtensor.hf import paging_state
     from pagedtensor.hf.model import _weight_allocations
 
-    layers = list(model.model.layers)
-    installed = {key for layer in layers for key in layer._forward_pre_hooks}
-    for handle in [handle for handle in paging_state(model).hooks if handle.id in installed]:
-        handle.remove()
+    layers = _remove_prefetch_hooks(model)
     ahead: dict[str, Any] = {"layer": None}
     weights = [_weight_allocations(layer, pager) for layer in layers]
 

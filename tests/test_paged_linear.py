@@ -14,16 +14,11 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pagedtensor.dispatch as dispatch
-from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
+from pagedtensor import OutOfPagesError, PagedTensor
 from pagedtensor.dispatch import paged_linear
+from tests.test_tensor import PAGE, make_pager
 
-PAGE = 4096
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def make_pager(device_pages: int = 8, host_pages: int = 64) -> Pager:
-    return Pager(MemoryConfig(page_size=PAGE, vram_limit=device_pages * PAGE, host_memory=host_pages * PAGE,
-                              slab_size=max(device_pages, host_pages) * PAGE, prefetch_strategy="none", device="cpu"))  # fmt: skip
 
 
 def random(shape, dtype, seed: int) -> torch.Tensor:

@@ -39,6 +39,7 @@ from typing import Any, Optional
 import torch
 
 from pagedtensor.config import MemoryConfig, SizeLike, check_memory_config, parse_size
+from pagedtensor.dispatch import paged_linear
 from pagedtensor.hf.attention import PAGED_FORWARD, register_attention
 from pagedtensor.hf.cache import ATTENTION_NAME, DEFAULT_STREAM_GROUP_BYTES, PagedKVCache, streaming_config
 from pagedtensor.pager import Pager
@@ -525,8 +526,6 @@ def _paged_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.T
     :func:`_page_layer_weights`: :func:`~pagedtensor.dispatch.paged_linear` reads the weight's
     pinned pages directly, without the two dispatches (``t``, then ``mm``) that ``F.linear`` on a
     PagedTensor takes; the same bits."""
-    from pagedtensor.dispatch import paged_linear
-
     return paged_linear(input, self.weight, self.bias)
 
 
