@@ -629,7 +629,8 @@ class Pager:
         I/O overlaps the caller's work; its future completes when the copies are enqueued. Either
         way the copies run asynchronously (a later :meth:`ensure_resident` of these pages returns
         their copy events), and a prefetch that cannot fit is logged and its future carries the
-        error; it never fails the caller.
+        error; it never fails the caller. Pages never written are not brought (a fault zero-fills
+        them on the device, with no copy to wait for).
         """
         with self._lock:
             start, stop = self._check_range(allocation, start, stop)
@@ -658,8 +659,9 @@ class Pager:
         """``work(*args)`` now, as a done future, when it needs no disk I/O: no page of ``pages``
         missing from the device must be read from disk, and the pages written back to make room
         cannot spill the host tier to disk (there is no disk tier, or the host tier has a free slot
-        for every missing page); else submitted to the prefetch thread. Call holding the lock."""
-        missing = [page for page in pages if page.device_slot is None]
+        for every missing page that a prefetch brings: never-written ones stay); else submitted to
+        the prefetch thread. Call holding the lock."""
+        missing = [page for page in pages if page.device_slot is None and (page.host_slot is not None or page.disk_slot is not None)]
         if self.disk_tier is not None and (self.host_tier.free_pages < len(missing)
                                            or any(page.host_slot is None and page.disk_slot is not None for page in missing)):  # fmt: skip
             if self._prefetcher is None:
@@ -940,7 +942,12 @@ class Pager:
         batch, unpinned; the number brought. Raises (and logs) OutOfPagesError if they do not fit.
 
         A prefetch is no use: the resident pages of allocations used in a loop are not touched
-        (their use demotes them), those of any other are, in one call, before room is made."""
+        (their use demotes them), those of any other are, in one call, before room is made.
+
+        Pages never written are not brought: a fault zero-fills them on the device with no copy,
+        while a zero-filled slot taken early would evict a page for nothing and, as the page's only
+        copy, need a host slot of its own when it leaves (on a small host tier with no disk tier,
+        an ``OutOfPagesError`` that depended on when the prefetch ran)."""
         with self._lock:
             if self.closed:
                 return 0
@@ -952,6 +959,8 @@ class Pager:
                     self.device_policy.touch_all([page for allocation, start, stop in ranges if not allocation.loop
                                                   for page in allocation.pages[start:stop] if page.device_slot is not None])  # fmt: skip
                 pages = [page for allocation, start, stop in ranges for page in allocation.pages[start:stop]]
+                if None in map(_DEVICE_SLOT, pages):  # pages never written stay: a fault zero-fills them
+                    pages = [page for page in pages if page.device_slot is not None or page.host_slot is not None or page.disk_slot is not None]
                 return len(self._bring_to_device(pages, counter="prefetched_pages", touch=False))
             except OutOfPagesError as error:
                 log.info("prefetch of pages %s skipped: %s", [(allocation.id, start, stop) for allocation, start, stop in ranges], error)

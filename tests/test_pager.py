@@ -143,6 +143,29 @@ def test_sequential_prefetch_brings_the_next_pages():
         assert pager.stats()["hits"] - before["hits"] == 3
 
 
+def test_a_prefetch_leaves_pages_never_written():
+    """Pages never written read as zeros with no copy anywhere: a prefetch leaves them (a fault
+    zero-fills them). Brought early, four zero-filled pages on a four-page device tier evicted the
+    two written pages into the two-slot host tier (no disk tier), and became only copies that
+    needed host slots to leave: faulting the written pages back in raised OutOfPagesError."""
+    with make_pager(device_pages=4, host_pages=2, prefetch_strategy="sequential", prefetch_pages=4) as pager:
+        written, fresh = pager.allocate(2 * PAGE), pager.allocate(4 * PAGE)
+        pager.write(written, random_bytes(2 * PAGE, 1))
+        assert pager.prefetch(fresh).result() == 0
+        assert [info.tier for info in pager.page_table(fresh)] == [None] * 4
+        assert torch.equal(pager.read(written), random_bytes(2 * PAGE, 1))
+        with pager.ensure_resident(fresh, 0, 1):  # a fault; its sequential prefetch of pages 1-3 brings none
+            pass
+        assert [info.tier for info in pager.page_table(fresh)] == ["device", None, None, None]
+        assert pager.stats()["prefetched_pages"] == 0
+        pager.write(fresh, random_bytes(PAGE, 2), 3 * PAGE)  # page 3 written, then moved to the host tier
+        pager.evict(fresh, 3, 4)
+        assert pager.prefetch(fresh, 1, 4).result() == 1  # of pages 1-3, only the written one
+        assert [info.tier for info in pager.page_table(fresh)] == ["device", None, None, "device"]
+        assert torch.equal(pager.read(fresh, PAGE, 2 * PAGE), torch.zeros(2 * PAGE, dtype=torch.uint8))
+        assert torch.equal(pager.read(fresh, 3 * PAGE), random_bytes(PAGE, 2))
+
+
 def test_threads_share_one_pager(nvme_dir):
     # Each thread pins at most 3 pages at a time and the prefetcher at most 4: 16 pages never run out.
     with make_pager(nvme_dir, device_pages=16, host_pages=4, prefetch_strategy="sequential") as pager:

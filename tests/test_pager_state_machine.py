@@ -19,6 +19,8 @@ hold, so the test checks:
   again;
 * (``prefetch_together``) whole allocations prefetched as one batch, or each on its own when the
   batch does not fit, leave the device tier as the model predicts;
+* (``prefetch``) a prefetch brings only pages with bytes somewhere: pages never written stay where
+  they are (nowhere), so they take no device slot;
 * (``pin`` with ``overwrite``) pages pinned to be overwritten whole (``discard``) read as zeros until
   released; released written they hold what was written, released unwritten their old bytes.
 """
@@ -71,6 +73,9 @@ class PagerMachine(RuleBasedStateMachine):
         # (one tick a page inserted, one a touch of several pages: only their order matters).
         self.lru: dict[tuple[int, int], int] = {}
         self.clock = 0
+        # Pages with a copy on some tier: every page the device tier has held, until freed (a page
+        # leaving the device is written back); a prefetch brings no other page.
+        self.with_bytes: set[tuple[int, int]] = set()
         self.loop: set[int] = set()  # allocations advised "loop"
         self.inserted: dict[tuple[int, int], int] = {}  # page -> the tick of its insert
         self.block: list[tuple[int, int]] = []  # their pages used since, the most recently used first
@@ -108,7 +113,7 @@ class PagerMachine(RuleBasedStateMachine):
         resident are touched (not a loop allocation's), room is made by the victims, the missing
         pages are inserted one by one, and pages used in a loop are demoted."""
         keys = [(allocation_id, index) for index in range(start, stop)]
-        missing = [key for key in keys if key not in self.lru]
+        missing = [key for key in keys if key not in self.lru and (use or key in self.with_bytes)]
         loop = allocation_id in self.loop
         if not loop:  # a loop allocation's pages are not touched: a use demotes them, a prefetch is none
             self._model_touch([key for key in keys if key in self.lru])
@@ -118,6 +123,7 @@ class PagerMachine(RuleBasedStateMachine):
         for key in missing:
             self.clock += 1
             self.lru[key] = self.inserted[key] = self.clock
+        self.with_bytes.update(missing)
         if use and loop:  # a block of its own, the last page used first, after the stale pages
             previous = {key: self.lru[key] for key in keys}
             self._model_touch(keys)
@@ -240,12 +246,13 @@ class PagerMachine(RuleBasedStateMachine):
             return
         ids = data.draw(st.lists(st.sampled_from(sorted(self.live)), min_size=1, max_size=3, unique=True), label="together")
         self.pager.prefetch_together([self.live[i] for i in ids]).result()
-        keys = [(i, index) for i in ids for index in range(self.live[i].num_pages)]
+        keys = [(i, index) for i in ids for index in range(self.live[i].num_pages) if (i, index) in self.with_bytes]
         if any(i not in self.loop for i in ids):  # one touch of the resident pages of those not in a loop
             self._model_touch([key for key in keys if key in self.lru and key[0] not in self.loop])
         pinned = self._pinned_keys()
-        if self._model_fits(keys, pinned | set(keys)):
-            self._model_make_room(sum(key not in self.lru for key in keys) - (self.device_pages - len(self.lru)), pinned | set(keys))
+        whole = {(i, index) for i in ids for index in range(self.live[i].num_pages)}  # pinned while prefetched
+        if self._model_fits(keys, pinned | whole):
+            self._model_make_room(sum(key not in self.lru for key in keys) - (self.device_pages - len(self.lru)), pinned | whole)
             for key in keys:
                 if key not in self.lru:
                     self.clock += 1
@@ -253,7 +260,7 @@ class PagerMachine(RuleBasedStateMachine):
             return
         for i in ids:  # one at a time
             own = [(i, index) for index in range(self.live[i].num_pages)]
-            if self._model_fits(own, pinned | set(own)):
+            if self._model_fits([key for key in own if key in self.with_bytes], pinned | set(own)):
                 self._model_fault(i, 0, len(own), use=False)
             elif i not in self.loop:  # touched before the room it could not get
                 self._model_touch([key for key in own if key in self.lru])
@@ -339,6 +346,7 @@ class PagerMachine(RuleBasedStateMachine):
         self.pager.free(allocation)
         del self.live[allocation.id]
         self.lru = {key: tick for key, tick in self.lru.items() if key[0] != allocation.id}
+        self.with_bytes = {key for key in self.with_bytes if key[0] != allocation.id}
         self.inserted = {key: tick for key, tick in self.inserted.items() if key[0] != allocation.id}
         self.block = [key for key in self.block if key[0] != allocation.id]
 
@@ -365,6 +373,13 @@ class PagerMachine(RuleBasedStateMachine):
                 disk += info.disk_slot is not None
         resident = self.pager.stats()["resident_bytes"]
         assert resident == {"device": device * PAGE, "host": host * PAGE, "disk": disk * PAGE}
+
+    @invariant()
+    def pages_never_held_have_no_copy(self):
+        for allocation in self.live.values():
+            for info in self.pager.page_table(allocation):
+                if (allocation.id, info.index) not in self.with_bytes:
+                    assert info.tier is None, (allocation.id, info)
 
     @invariant()
     def pinned_pages_stay(self):
