@@ -216,6 +216,27 @@ def _lookahead_hooks(model, pager) -> list:
     return [layer.register_forward_pre_hook(hook_for(index)) for index, layer in enumerate(layers)]
 
 
+def _spread(count: int, total: int) -> list[int]:
+    """``count`` indices of ``range(total)`` spread evenly (Bresenham), so runs of the others are short."""
+    return [index for index in range(total) if (index + 1) * count // total > index * count // total]
+
+
+def _interleave(model, pager, resident_layers: int) -> dict[str, Any]:
+    """Advise the weights of ``resident_layers`` decoder layers spread evenly over the model
+    ``"normal"`` (they leave after every loop page, so they stay) and the others' ``"loop"``, so the
+    layers streamed each token alternate with resident ones and their copies overlap the resident
+    layers' host work, instead of forming one stretch where the host waits on the link while the
+    link idles across the resident stretch (an experiment); which layers stay."""
+    from pagedtensor.hf import paging_state
+
+    weights = paging_state(model).weight_allocations
+    kept = set(_spread(resident_layers, len(weights)))
+    for index, allocations in enumerate(weights):
+        for allocation in allocations:
+            pager.advise(allocation, "normal" if index in kept else "loop")
+    return {"resident_layers": sorted(kept)}
+
+
 def _decode_figures(measured) -> dict[str, float]:
     return {"decode_tokens_per_s": measured.tokens_per_second, "gb_h2d_per_token": measured.paging["bytes_h2d_per_token"] / 1e9}
 
@@ -245,13 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--advice", default="loop", choices=["loop", "normal"], help="how the weights are advised (default loop)")
     parser.add_argument("--lookahead", action="store_true",
                         help="only time decode with the shipped hooks, then with hooks keeping one prefetch ahead however far (an experiment)")
+    parser.add_argument("--interleave", default="",
+                        help="only time decode as shipped, then with N layers spread over the model kept resident and the others "
+                             "streamed (comma-separated Ns; an experiment)")
     parser.add_argument("--timeline", action="store_true", help="only read the host-to-device copy engine's timeline over 3 decode steps")
     cli = parser.parse_args(argv)
     import torch
 
     from benchmarks.bench_long_context import build_model
     from benchmarks.bench_weight_paging import _cap, _enable_paged_weights, parse_args
-    from pagedtensor.hf import measure_generate
+    from pagedtensor.hf import measure_generate, paging_state
 
     args = parse_args(["--cap-gib", str(cli.cap_gib), "--prompt", "1024", "--page-size", cli.page_size])
     result: dict[str, Any] = {"benchmark": "weight_paging_probe"}
@@ -274,6 +298,26 @@ def main(argv: list[str] | None = None) -> int:
         result.update(page_size=cli.page_size, shipped=shipped, lookahead=lookahead)
         write_results(cli.out, result)
         print("shipped", shipped, "lookahead", lookahead)
+        return 0
+    if cli.interleave:
+        def timed() -> dict[str, float]:
+            return _decode_figures(measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs))
+
+        measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
+        rows = [{"shipped": True, **timed()} for _ in range(2)]
+        for count in [int(n) for n in cli.interleave.split(",")]:
+            layout = _interleave(model, pager, count)
+            measure_generate(model, prompt, pager=pager, max_new_tokens=4, **kwargs)  # the layout settles
+            rows += [{**layout, **timed()} for _ in range(2)]
+            print(rows[-2:])
+        for allocations in paging_state(model).weight_allocations:  # as shipped again
+            for allocation in allocations:
+                pager.advise(allocation, cli.advice)
+        measure_generate(model, prompt, pager=pager, max_new_tokens=4, **kwargs)
+        rows += [{"shipped": True, **timed()} for _ in range(2)]
+        result.update(page_size=cli.page_size, interleave=rows)
+        write_results(cli.out, result)
+        print(rows)
         return 0
     if cli.timeline:
         measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
