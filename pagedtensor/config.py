@@ -139,8 +139,10 @@ class MemoryConfig:
     Attributes:
         vram_limit: bytes of device memory the pager may hold (its device-tier slabs).
         host_memory: bytes of (pinned, where CUDA exists) host memory the pager may hold.
-        nvme_path: folder for the disk tier's page files; ``None`` means no disk tier.
-        disk_limit: bytes the disk tier may hold; ``None`` means only the file system limits it.
+        nvme_path: folder for the disk tier's page files (a leading ``~`` is the user's home, and
+            the folder is created if missing); ``None`` means no disk tier.
+        disk_limit: bytes the disk tier may hold (needs ``nvme_path``); ``None`` means only the
+            file system limits it.
         page_size: bytes per page: a power of two, at least 4 KiB.
         eviction_policy: ``"lru"`` or ``"2q"``.
         prefetch_strategy: ``"none"`` or ``"sequential"`` (a fault also prefetches the pages that
@@ -199,7 +201,7 @@ class MemoryConfig:
             raise TypeError(f"nvme_path: expected a path or None, got {self.nvme_path!r}")
         if self.nvme_path is not None:
 
-            path = os.fsdecode(os.fspath(self.nvme_path))
+            path = os.path.expanduser(os.fsdecode(os.fspath(self.nvme_path)))
             if not path:
                 raise ValueError("nvme_path: expected a folder path (or None for no disk tier), got ''")
             if "\0" in path:
@@ -214,6 +216,8 @@ class MemoryConfig:
             set_field(self, "nvme_path", path)
         if self.compression is not None and self.nvme_path is None:
             raise ValueError(f"compression: {self.compression!r} applies to the disk tier, but nvme_path is None")
+        if self.disk_limit is not None and self.nvme_path is None:
+            raise ValueError(f"disk_limit: {self.disk_limit} bytes limits the disk tier, but nvme_path is None (no disk tier)")
         set_field(self, "device", _parse_device(self.device))
         # Slabs hold whole pages.
         set_field(self, "slab_size", max(page_size, self.slab_size - self.slab_size % page_size))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import given
@@ -76,6 +78,7 @@ def test_size_of_wrong_type_is_type_error(value):
         ({"vram_limit": 1024, "page_size": 4096}, "vram_limit", "1024"),
         ({"prefetch_pages": -1}, "prefetch_pages", "-1"),
         ({"disk_limit": 0, "nvme_path": "/tmp"}, "disk_limit", "0"),
+        ({"disk_limit": "1GiB"}, "disk_limit", "nvme_path is None"),  # accepted and ignored before
     ],
 )
 def test_bad_config_names_field_and_value(kwargs, field, value):
@@ -157,6 +160,25 @@ def test_exponents_past_decimals_range_are_value_errors(value):
             parse_size(value, "page_size")
     with pytest.raises(ValueError, match="vram_limit"):
         MemoryConfig(vram_limit=value, device="cpu")
+
+
+def test_nvme_path_expands_a_leading_tilde(tmp_path, monkeypatch):
+    """``~/pages`` was kept as written: the pager made a folder named ``~`` in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert MemoryConfig(nvme_path="~/pages", device="cpu").nvme_path == str(tmp_path / "pages")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/sys"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("folder", ["/proc", "/proc/sys/pagedllm"])
+def test_a_disk_tier_folder_that_cannot_hold_files_names_nvme_path(folder):
+    """A folder that passes the config's checks (a directory, or one to create under a directory)
+    but refuses files: the pager's OSError names the setting and the folder (it named only a
+    generated file name, or nothing)."""
+    from pagedtensor import Pager
+
+    config = MemoryConfig(vram_limit=4096, host_memory=4096, page_size=4096, nvme_path=folder, device="cpu")
+    with pytest.raises(OSError, match=f"nvme_path: cannot create the disk tier's page file in '{folder}'"):
+        Pager(config)
 
 
 def test_nvme_path_with_a_nul_byte_names_the_field():

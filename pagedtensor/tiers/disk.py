@@ -197,8 +197,12 @@ class DiskTier:
         self.checksum_name, self._checksum = checksum_function()
         folder = os.fsdecode(os.fspath(path))
         try:
-            os.makedirs(folder, exist_ok=True)
-            self._fd, self.file_path, self.direct_io = _open_page_file(folder)
+            try:
+                os.makedirs(folder, exist_ok=True)
+                self._fd, self.file_path, self.direct_io = _open_page_file(folder)
+            except OSError as error:  # the folder named, not only a generated file name inside it
+                raise type(error)(error.errno, f"nvme_path: cannot create the disk tier's page file in {folder!r}: "
+                                               f"{error.strerror or error}") from error  # fmt: skip
         except BaseException:
             self._engine.close()
             raise
