@@ -29,18 +29,61 @@ from benchmarks.common import kernel_profile, write_results  # noqa: E402
 
 
 def _layer_starts(model) -> tuple[list, list]:
-    """Forward pre-hooks on every decoder layer noting (host seconds, CUDA event) at its start."""
+    """Forward pre-hooks on every decoder layer noting (host seconds, CUDA event, the thread's CPU
+    seconds) at its start."""
     import torch
 
-    marks: list[tuple[float, Any]] = []
+    marks: list[tuple[float, Any, float]] = []
 
     def note(module, args):
         event = torch.cuda.Event(enable_timing=True)
         event.record()
-        marks.append((time.perf_counter(), event))
+        marks.append((time.perf_counter(), event, time.thread_time()))
 
     handles = [layer.register_forward_pre_hook(note) for layer in model.model.layers]
     return marks, handles
+
+
+def _timed_layer_starts(model, generate) -> list[dict[str, list[float]]]:
+    """Per decode step of ``generate()``: each decoder layer's start on the host clock, on the GPU
+    and in the host thread's CPU time, relative to the step's first layer (ms), and the garbage
+    collector's pauses in the step (a host slower in wall time than in CPU time waits, in a
+    blocking call or for the CPU; one slower in CPU time does more work or runs slower)."""
+    import gc
+
+    import torch
+
+    pauses: list[tuple[float, float]] = []
+    started: list[float] = []
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            pauses.append((started.pop(), time.perf_counter()))
+
+    marks, handles = _layer_starts(model)
+    gc.callbacks.append(on_gc)
+    try:
+        generate()
+    finally:
+        gc.callbacks.remove(on_gc)
+        for handle in handles:
+            handle.remove()
+    torch.cuda.synchronize()
+    layers = len(model.model.layers)
+    steps = []
+    for step in range(1, len(marks) // layers):  # step 0 is the prefill
+        chunk = marks[step * layers : (step + 1) * layers]
+        host0, event0, cpu0 = chunk[0]
+        end = marks[(step + 1) * layers][0] if (step + 1) * layers < len(marks) else float("inf")
+        steps.append({
+            "host_ms": [round((host - host0) * 1e3, 2) for host, _, _ in chunk],
+            "gpu_ms": [round(event0.elapsed_time(event), 2) for _, event, _ in chunk],
+            "cpu_ms": [round((cpu - cpu0) * 1e3, 2) for _, _, cpu in chunk],
+            "gc_pause_ms": round(sum(b - a for a, b in pauses if host0 <= a < end) * 1e3, 2),
+        })
+    return steps
 
 
 def _sample_main_thread(fn, interval_s: float = 0.0005, depth: int = 4) -> list[tuple[str, int]]:
@@ -269,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interleave", default="",
                         help="only time decode as shipped, then with N layers spread over the model kept resident and the others "
                              "streamed (comma-separated Ns; an experiment)")
+    parser.add_argument("--layer-times", action="store_true",
+                        help="only time each decoder layer's start (host, GPU, host CPU) over 5 decode steps, with the garbage "
+                             "collector on, then off")
     parser.add_argument("--timeline", action="store_true", help="only read the host-to-device copy engine's timeline over 3 decode steps")
     cli = parser.parse_args(argv)
     import torch
@@ -319,6 +365,25 @@ def main(argv: list[str] | None = None) -> int:
         write_results(cli.out, result)
         print(rows)
         return 0
+    if cli.layer_times:
+        import gc
+
+        measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
+        def generate() -> None:
+            measure_generate(model, prompt, pager=pager, max_new_tokens=6, min_new_tokens=6, **kwargs)
+
+        result["gc_enabled"] = _timed_layer_starts(model, generate)
+        gc.collect()
+        gc.disable()
+        try:
+            result["gc_disabled"] = _timed_layer_starts(model, generate)
+        finally:
+            gc.enable()
+        write_results(cli.out, result)
+        for key in ("gc_enabled", "gc_disabled"):
+            for step in result[key]:
+                print(key, "host", step["host_ms"][-1], "cpu", step["cpu_ms"][-1], "gpu", step["gpu_ms"][-1], "gc", step["gc_pause_ms"])
+        return 0
     if cli.timeline:
         measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
         result["copy_timeline"] = _copy_timeline(model, prompt, kwargs)
@@ -331,24 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     result["decode_tokens_per_s"] = measured.tokens_per_second
     result["gb_h2d_per_token"] = measured.paging["bytes_h2d_per_token"] / 1e9
 
-    # Per decode step: host and GPU start of each layer, relative to the step's first layer.
-    marks, handles = _layer_starts(model)
-    try:
-        measure_generate(model, prompt, pager=pager, max_new_tokens=4, min_new_tokens=4, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    torch.cuda.synchronize()
-    layers = len(model.model.layers)
-    steps = []
-    for step in range(1, len(marks) // layers):  # step 0 is the prefill
-        chunk = marks[step * layers : (step + 1) * layers]
-        host0, event0 = chunk[0]
-        steps.append({
-            "host_ms": [round((host - host0) * 1e3, 2) for host, _ in chunk],
-            "gpu_ms": [round(event0.elapsed_time(event), 2) for _, event in chunk],
-        })
-    result["decode_layer_starts"] = steps
+    # Per decode step: host, GPU and host CPU start of each layer, relative to the step's first layer.
+    result["decode_layer_starts"] = _timed_layer_starts(
+        model, lambda: measure_generate(model, prompt, pager=pager, max_new_tokens=4, min_new_tokens=4, **kwargs))
 
     result["profile_two_steps"] = kernel_profile(lambda: model.generate(prompt, max_new_tokens=3, min_new_tokens=3, **kwargs), top=15)
 
