@@ -145,15 +145,15 @@ class PageInfo:
 class ResidentRun:
     """Pages ``[start, stop)`` of an allocation as last found all resident with no copy in flight.
 
-    Valid while the pager's residency epoch is still ``epoch``: the epoch moves on whenever any
-    page loses its device slot. A page of the record gets a new slot, or a copy into its slot, only
-    after losing the slot it had, so a current record's ``slots`` are the pages' slots and none of
-    them waits on a copy. A page gains a host or disk copy only while it has no device slot or just
+    Valid while none of the allocation's pages has lost its device slot since: the pager drops the
+    record (``Allocation.resident_run = None``) whenever one does, or when a slot of the allocation
+    gets a new copy. A page of the record gets a new slot, or a copy into its slot, only after
+    losing the slot it had, so a current record's ``slots`` are the pages' slots and none of them
+    waits on a copy. A page gains a host or disk copy only while it has no device slot or just
     before losing it, so while the record is current ``lower_copies`` False stays true (a write
     then has no lower copy to drop).
     """
 
-    epoch: int
     start: int
     stop: int
     pages: list[Page]
@@ -401,9 +401,6 @@ class Pager:
         # copies that filled slots since freed.
         self._device_fences = SlotFences()
         self._host_fences: dict[int, Event] = {}  # slot -> last copy touching it
-        # Moves on whenever a page loses its device slot; an Allocation.resident_run recorded at an
-        # older epoch is stale.
-        self._residency_epoch = 0
         # Pages whose device slot was zero-filled for an overwrite (``ensure_resident(discard=...)``)
         # while their host or disk copy still holds their bytes: that copy stays authoritative until
         # a release marks the page dirty (the write is done) or gives the bytes back (it failed).
@@ -562,7 +559,7 @@ class Pager:
                 if overwritten:
                     resident.overwritten = overwritten
                 if not events:
-                    allocation.resident_run = ResidentRun(self._residency_epoch, start, stop, pages, slots, first_slot,
+                    allocation.resident_run = ResidentRun(start, stop, pages, slots, first_slot,
                                                           _has_lower_copies(pages))  # fmt: skip
             except BaseException:
                 self._abandon_pin(allocation, start, stop, missing if discard else ())
@@ -1169,7 +1166,7 @@ class Pager:
             # A later copy into this slot must not overtake the one that filled it.
             self._device_fences.record_slots(_FILL_FENCES, (page.device_slot,), page.ready)
         self.device_tier.free([page.device_slot])
-        self._residency_epoch += 1
+        self._allocations[page.allocation_id].resident_run = None  # it named this slot
         page.device_slot = None
         page.ready = None
 
@@ -1236,7 +1233,8 @@ class Pager:
             if not page.pin_count:
                 self._drop_device_copy(page, forget=True)
         if refill:
-            self._residency_epoch += 1  # the slots get new copies: a recorded resident range is stale
+            for page in refill:  # the slots get new copies: a recorded resident range is stale
+                self._allocations[page.allocation_id].resident_run = None
             self._copy_host_to_device([page for page in refill if page.host_slot is not None])
             from_disk = [page for page in refill if page.host_slot is None]
             if from_disk:
@@ -1254,7 +1252,7 @@ class Pager:
     def _current_run(self, allocation: Allocation, start: int, stop: int) -> Optional[ResidentRun]:
         """The allocation's remembered resident range when it is ``[start, stop)`` and still current."""
         run = allocation.resident_run
-        if run is not None and run.epoch == self._residency_epoch and run.start == start and run.stop == stop:
+        if run is not None and run.start == start and run.stop == stop:
             return run
         return None
 

@@ -400,11 +400,11 @@ class PagerMachine(RuleBasedStateMachine):
 
     @invariant()
     def current_resident_runs_are_true(self):
-        """A resident run the pager would still use (recorded at the current epoch) names the pages'
+        """A resident run the pager keeps (it would use it for the same range) names the pages'
         present slots, with no copy in flight into them."""
         for allocation in self.live.values():
             run = allocation.resident_run
-            if run is None or run.epoch != self.pager._residency_epoch:
+            if run is None:
                 continue
             pages = allocation.pages[run.start : run.stop]
             assert [page.device_slot for page in pages] == run.slots, (allocation.id, run)
