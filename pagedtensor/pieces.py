@@ -4,15 +4,17 @@ The dispatcher runs an op on dense views of every page its PagedTensor arguments
 once. An elementwise op (each result element made from the arguments' elements at the same index:
 the ``pointwise`` tag, and ``copy_``/``fill_``/``zero_``) gives the same bytes when it runs on
 consecutive pieces of its tensors, so when its pages cannot fit at once it runs piece by piece:
-each piece is an ordinary op on 1-D PagedTensor views of a run of pages, faulted in, run and written
+each piece is an ordinary op on PagedTensor views of a run of pages, faulted in, run and written
 back like any op, before the next piece's pages fault in.
 
 It applies when every argument that is not a number or a 0-dim tensor has the same shape and
 strides, with no element reachable twice (so elements at the same index lie at the same distance
 from each tensor's storage offset), and the op writes only its first argument (in-place) or
-nothing (its result then has that layout too, as a plain tensor filled piece by piece), and an
-in-place op reads no other view of the bytes it writes (the same elements excepted, as in
-``x.mul_(x)``).
+nothing (its result a plain tensor filled piece by piece), and an in-place op reads no other view
+of the bytes it writes (the same elements excepted, as in ``x.mul_(x)``). Tensors whose elements
+fill their span (contiguous, transposed) run in 1-D pieces of consecutive elements; others (a
+column ``t[:, 3]``, every other row ``t[::2]``) in pieces of consecutive indices along the dim of
+the largest stride, when one index of it spans less than a piece.
 
 Note:
     Stream order is each piece's op's (see :mod:`pagedtensor.dispatch`): the pieces run one after
@@ -54,8 +56,9 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
         return NotImplemented
     reference = shaped[0]
     shape, stride = tuple(reference.shape), reference.stride()
-    if any(tuple(t.shape) != shape or t.stride() != stride for t in shaped) or not dense_and_non_overlapping(shape, stride):
+    if any(tuple(t.shape) != shape or t.stride() != stride for t in shaped):
         return NotImplemented
+    dense = dense_and_non_overlapping(shape, stride)
     if in_place and not isinstance(args[0], PagedTensor):
         return NotImplemented
     if in_place and any(isinstance(t, PagedTensor) and t._paged is args[0]._paged and (t._offset != args[0]._offset or t.dim() == 0)
@@ -71,11 +74,18 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     result_layout = None
     if not in_place:
         result_layout = _result_layout(func, args, kwargs)
-        if result_layout is None or tuple(result_layout.shape) != shape or result_layout.stride() != stride:
+        if result_layout is None or tuple(result_layout.shape) != shape or (dense and result_layout.stride() != stride):
             return NotImplemented
     piece_elements = _piece_elements(tensors)
+    if piece_elements is None:
+        return NotImplemented
+    if not dense:
+        split = _outer_split(shape, stride, piece_elements)
+        if split is None:
+            return NotImplemented
+        return _run_along(func, args, kwargs, result_layout, reference.device, shape[split[0]], *split)
     numel = reference.numel()
-    if piece_elements is None or piece_elements >= numel:
+    if piece_elements >= numel:
         return NotImplemented
 
     out = None
@@ -92,6 +102,54 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
             flat_out[start:stop].copy_(result)
         start = stop
     return args[0] if in_place else out
+
+
+def _outer_split(shape: tuple[int, ...], stride: tuple[int, ...], piece_elements: int) -> Optional[tuple[int, int]]:
+    """``(dim, count)``: pieces of ``count`` consecutive indices along ``dim``, the dim of the
+    largest stride, each spanning at most ``piece_elements`` elements; None when the layout may
+    reach an element twice, one index of ``dim`` spans more than that, or one piece is all."""
+    dims = sorted((d for d in range(len(shape)) if shape[d] != 1), key=lambda d: stride[d])
+    extent = 1  # elements spanned by the dims so far
+    for d in dims:
+        if stride[d] < extent:  # it could reach an element of the dims before it (a zero stride too)
+            return None
+        extent += (shape[d] - 1) * stride[d]
+    if not dims:
+        return None
+    outer = dims[-1]
+    inner = extent - (shape[outer] - 1) * stride[outer]  # the span of one index of ``outer``
+    if inner > piece_elements:
+        return None
+    count = (piece_elements - inner) // stride[outer] + 1
+    return (outer, count) if count < shape[outer] else None
+
+
+def _run_along(func: OpOverload, args: tuple, kwargs: dict, result_layout: Optional[torch.Tensor], device: torch.device,
+               size: int, dim: int, count: int) -> Any:  # fmt: skip
+    """``func`` run on pieces of ``count`` consecutive indices along ``dim`` (of ``size``) of every
+    shaped tensor argument; in place, its first argument, else a plain tensor on ``device`` with
+    ``result_layout``'s layout."""
+    out = None
+    if result_layout is not None:
+        out = torch.empty_strided(result_layout.shape, result_layout.stride(), dtype=result_layout.dtype, device=device)
+    for start in range(0, size, count):
+        length = min(count, size - start)
+        result = func(*(_narrow(value, dim, start, length) for value in args),
+                      **{name: _narrow(value, dim, start, length) for name, value in kwargs.items()})  # fmt: skip
+        if out is not None:
+            out.narrow(dim, start, length).copy_(result)
+    return out if out is not None else args[0]
+
+
+def _narrow(value: Any, dim: int, start: int, length: int) -> Any:
+    """Indices ``[start, start + length)`` of ``dim`` of a tensor (a 0-dim tensor and a number stay)."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    if isinstance(value, PagedTensor):
+        shape = list(value.shape)
+        shape[dim] = length
+        return PagedTensor._make(value._paged, value._offset + start * value.stride(dim), tuple(shape), value.stride(), value.dtype)
+    return value.narrow(dim, start, length)
 
 
 def is_elementwise(func: OpOverload) -> bool:

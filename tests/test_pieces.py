@@ -96,23 +96,26 @@ IN_PLACE = {"mul_": lambda t, o: t.mul_(o), "add_": lambda t, o: t.add_(o, alpha
     rows=st.integers(8, 80),
     cols=st.sampled_from([64, 96, 256]),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.float64]),
-    transposed=st.booleans(),
+    view=st.sampled_from(["rows", "transposed", "column", "every_other_row", "grid"]),
     offset=st.integers(0, 3),
     kind=st.sampled_from(["unary", "binary", "in_place"]),
     name=st.integers(0, 5),
     other=st.sampled_from(["paged", "plain", "scalar", "0-dim", "same"]),
     seed=st.integers(0, 2**16),
 )
-def test_elementwise_ops_in_pieces_equal_dense(rows, cols, dtype, transposed, offset, kind, name, other, seed):
+def test_elementwise_ops_in_pieces_equal_dense(rows, cols, dtype, view, offset, kind, name, other, seed):
     """Any size (a few pages to many times the device tier), layout (a transposed view, a view at an
-    offset into its allocation) and second operand: bitwise equal to the same op on dense tensors."""
+    offset into its allocation; views whose elements do not fill their span: a column, every other
+    row, every other row's every third element) and second operand: bitwise equal to the same op
+    on dense tensors. (Views that do not fill their span raised OutOfPagesError once larger than
+    the device tier.)"""
     generator = torch.Generator().manual_seed(seed)
     base = torch.randn(rows * cols + offset, generator=generator).to(dtype)
     second = torch.randn(rows * cols + offset, generator=generator).to(dtype)
 
     def layout(flat: torch.Tensor) -> torch.Tensor:
         t = flat[offset:].view(rows, cols)
-        return t.t() if transposed else t
+        return {"rows": t, "transposed": t.t(), "column": t[:, cols // 3], "every_other_row": t[::2], "grid": t[::2, ::3]}[view]
 
     with make_pager() as pager:
         x, y = layout(base.clone()), layout(second.clone())
