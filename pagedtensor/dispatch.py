@@ -463,7 +463,23 @@ class PagedDispatcher:
         out = func(*inner_args, **inner_kwargs)
         if info.is_view:
             out = _map_tensors(out, PagedTensor._from_inner)
+            source = args[0]
+            if isinstance(source, PagedTensor) and _is_functional(source._inner):
+                # AOT autograd traces: remember the graph input a view views (see _check_returnable).
+                root = source._view_root or (source.dtype, None)
+
+                def note_root(view: PagedTensor) -> None:
+                    view._view_root = (root[0], func if view.dtype != source.dtype else root[1])
+
+                _map_tensors(out, note_root)
         return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+def _is_functional(inner: Optional[torch.Tensor]) -> bool:
+    """Whether a traced tensor's inner tensor is AOT autograd's (functionalized tracing)."""
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(inner, FunctionalTensor)
 
 
 def _read_one(func: OpOverload, args: tuple, kwargs: dict, leaf: PagedTensor) -> Any:

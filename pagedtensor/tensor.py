@@ -210,6 +210,9 @@ class PagedTensor(torch.Tensor):
     _materialized: Optional[tuple[int, torch.Tensor]]
     _span: Optional[tuple[int, int]]  # bytes [lo, hi) of the allocation it reaches, set on first use
     _meta: Optional[torch.Tensor]  # a meta tensor of the same layout, set on the first view op
+    # Traced views made while AOT autograd traces (functional inner tensors): the dtype of the graph
+    # input they view and the view op that last changed the dtype (see _check_returnable).
+    _view_root: Optional[tuple[torch.dtype, Optional[object]]]
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -273,9 +276,14 @@ class PagedTensor(torch.Tensor):
         dtype: torch.dtype,
         requires_grad: bool = False,
     ) -> "PagedTensor":
-        """A paged PagedTensor viewing ``storage`` at element ``offset`` (in units of ``dtype``)."""
+        """A paged PagedTensor viewing ``storage`` at element ``offset`` (in units of ``dtype``).
+
+        Its wrapper storage (no data) is as large as the allocation, whatever the view reaches, as a
+        torch view's storage is its base's: sized to the view's reach, an empty view's was 0 bytes,
+        which Dynamo's fake-tensor conversion takes for a storage resized to zero (and fails on)."""
         out = torch.Tensor._make_wrapper_subclass(
-            cls, size, strides=stride, storage_offset=offset, dtype=dtype, device=storage.pager.device, requires_grad=requires_grad
+            cls, size, strides=stride, storage_offset=offset, dtype=dtype, device=storage.pager.device, requires_grad=requires_grad,
+            storage_size=storage.nbytes,
         )
         out._paged = storage
         out._offset = offset
@@ -283,6 +291,7 @@ class PagedTensor(torch.Tensor):
         out._materialized = None
         out._span = None
         out._meta = None
+        out._view_root = None
         return out
 
     @classmethod
@@ -306,12 +315,40 @@ class PagedTensor(torch.Tensor):
         out._materialized = None
         out._span = None
         out._meta = None
+        out._view_root = None
         return out
 
     # ------------------------------------------------------------------ the traceable-subclass contract
 
     def __tensor_flatten__(self) -> tuple[list[str], tuple]:
+        if self._view_root is not None:
+            self._check_returnable()
         return list(self._inner_tensor_names), tuple(getattr(self, name) for name in self._static_attribute_names)
+
+    def _check_returnable(self) -> None:
+        """Refuse to flatten (return from a graph AOT autograd traces) a view of a graph input whose
+        elements have another size than the input's. AOT autograd rebuilds a returned view of an input
+        from the input itself; for a wrapper subclass it cannot replay the view ops (it has no view
+        metadata for one) and falls back to ``input.as_strided(size, stride, offset).view(dtype)``
+        with the view's size, strides and offset, counted in the view's elements but applied in the
+        input's (torch/_functorch/_aot_autograd/functional_utils.py, ``gen_alias_from_base``): the
+        result has the wrong shape and offset, and writes through it land elsewhere. torch's own
+        TwoTensor gives the same wrong results. Only a graph's outputs are flattened, so such a view
+        used inside the graph (``t.view(torch.int16).sum()``) is unaffected."""
+        root, op = self._view_root
+        unit = root.itemsize
+        if root.is_complex and not self.dtype.is_complex:  # torch views a complex base as real first
+            unit //= 2
+        elif self.dtype.is_complex and not root.is_complex:  # and a real base as complex
+            unit *= 2
+        if unit != self.dtype.itemsize:
+            raise NotImplementedError(
+                f"PagedTensor: a compiled graph returns a view of a PagedTensor input in a dtype of another item "
+                f"size ({op}: {root} -> {self.dtype}); torch's aot_eager/inductor rebuild a returned view of a "
+                f"tensor subclass input from the input in the input's element units (gen_alias_from_base), which "
+                f"gives the wrong shape and offset for such a view. Return a copy (.clone()) or make the dtype "
+                f"view outside the compiled function, or compile with backend='eager'"
+            )
 
     @staticmethod
     def __tensor_unflatten__(
@@ -350,8 +387,11 @@ class PagedTensor(torch.Tensor):
         return torch.empty(0, dtype=self.dtype, device=flat.device).set_(flat.untyped_storage(), self._offset, self.shape, self.stride())
 
     def _stable_hash_for_caching(self) -> str:
-        """AOT autograd's cache key for this subclass: its static layout (the metadata is empty)."""
-        return f"PagedTensor:{self.dtype}:{tuple(self.shape)}:{self.stride()}:{self.device}:{self.requires_grad}"
+        """AOT autograd's cache key for this subclass: its static layout (the metadata is empty), after
+        a revision number bumped whenever tracing a PagedTensor changes, so that a graph compiled by an
+        earlier version is not reused (revision 2: a graph returning a view of an input in a dtype of
+        another item size is refused, see :meth:`_check_returnable`)."""
+        return f"PagedTensor/2:{self.dtype}:{tuple(self.shape)}:{self.stride()}:{self.device}:{self.requires_grad}"
 
     def drop_materialized(self) -> None:
         """Free the dense copy a ``torch.compile`` boundary cached (it is rebuilt when needed)."""
@@ -564,7 +604,7 @@ class PagedTensor(torch.Tensor):
 
 
 # Attributes PagedTensor itself keeps in ``__dict__`` (a deep copy rebuilds them; the rest are users').
-_OWN_ATTRIBUTES = frozenset({"_paged", "_offset", "_inner", "_materialized", "_span", "_meta", "_is_param"})
+_OWN_ATTRIBUTES = frozenset({"_paged", "_offset", "_inner", "_materialized", "_span", "_meta", "_view_root", "_is_param"})
 
 
 def meta_like(tensor: PagedTensor) -> torch.Tensor:

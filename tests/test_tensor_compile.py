@@ -186,3 +186,59 @@ def test_offset_inputs_compile_with_dynamic_shapes_and_as_non_views(pager, backe
     assert torch.equal(detached(paged[16:32].detach()), base[16:32].sum(0))
     parameter = torch.nn.Parameter(paged[8:16].detach(), requires_grad=False)
     assert torch.equal(detached(parameter), base[8:16].sum(0))
+
+
+@pytest.mark.parametrize("start", [0, 5])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_view_compiles_and_matches_dense(pager, backend, start):
+    """An empty view (``t[0:0]``, ``t[5:5]``) passed to a compiled function raised in Dynamo ("Attempted
+    to call resize_() on an invalid python storage"): its wrapper storage was sized to reach only the
+    view's end, 0 bytes, which Dynamo's fake-tensor conversion takes for a storage resized to zero.
+    Every PagedTensor's wrapper storage is now as large as its allocation, as a torch view's storage is
+    its base's."""
+    base = torch.arange(32 * 64, dtype=torch.float32).reshape(32, 64)
+    paged = PagedTensor.wrap(base, pager)
+
+    def fn(t):
+        return t.sum(0), t * 2, t.t()
+
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
+    expected = compiled(base[start:start])
+    got = compiled(paged[start:start])
+    assert_bitwise(got, expected)
+    assert_bitwise(got, fn(base[start:start]))
+    assert got[2].storage_offset() == base[start:start].t().storage_offset()
+    assert paged[start:start].untyped_storage().nbytes() == paged.untyped_storage().nbytes() == base.nbytes
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_returned_view_in_a_dtype_of_another_item_size_is_refused(pager, backend):
+    """torch rebuilds a view of an input returned from an ``aot_eager``/``inductor`` graph from the
+    input; for a wrapper subclass it takes ``as_strided`` with the view's size, strides and offset in
+    the view's elements but applies them in the input's (``gen_alias_from_base``), so ``t[2].view(
+    torch.int16)`` of a float32 input came back as row 4-5's bytes with twice the length (writes
+    through it changed rows 4 and 5), and ``t.view(torch.uint8)`` raised torch's setStorage error.
+    Such a graph is now refused, naming the op; the same view used inside the graph, or returned in a
+    dtype of the same item size, still compiles and matches the dense run."""
+    base = torch.arange(32 * 64, dtype=torch.float32).reshape(32, 64)
+    paged = PagedTensor.wrap(base, pager)
+    for fn in (lambda t: t[2].view(torch.int16), lambda t: t.view(torch.uint8), lambda t: t.view(torch.int16)[3]):
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=r"in a dtype of another item size \(aten.view.dtype: torch.float32 -> torch"):
+            torch.compile(fn, backend=backend, fullgraph=True)(paged)
+    assert torch.equal(paged.materialize(), base)
+    torch._dynamo.reset()
+    inside = torch.compile(lambda t: (t.view(torch.int16).sum(), t.view(torch.uint8).float() * 2), backend=backend, fullgraph=True)
+    assert_bitwise(inside(paged), inside(base))
+    torch._dynamo.reset()
+    same_size = torch.compile(lambda t: t[2].view(torch.int32), backend=backend, fullgraph=True)(paged)
+    assert type(same_size) is PagedTensor and same_size.storage_offset() == base[2].storage_offset()
+    assert torch.equal(same_size.materialize(), base[2].view(torch.int32))
+    same_size.zero_()
+    expected = base.clone()
+    expected[2] = 0
+    assert torch.equal(paged.materialize(), expected)
+    torch._dynamo.reset()
+    eager = torch.compile(lambda t: t[3].view(torch.int16), backend="eager", fullgraph=True)(paged)
+    assert eager.storage_offset() == base[3].view(torch.int16).storage_offset()
+    assert torch.equal(eager.materialize(), base[3].view(torch.int16))
