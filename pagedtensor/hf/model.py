@@ -278,16 +278,18 @@ def _dense_save_pretrained(model: torch.nn.Module, save_pretrained):
 def _paged_generate(model: torch.nn.Module, state: PagingState):
     original = state.original_generate
 
+    signature = _signature(original)
+
     @functools.wraps(original)
     def generate(*args, **kwargs):
         cache = None
-        if _wants_paged_cache(model, kwargs):
-            inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        arguments = _generate_arguments(signature, args, kwargs)
+        if _wants_paged_cache(model, arguments):
+            inputs = arguments.get("inputs", arguments.get("input_ids"))
             max_tokens = None
             if isinstance(inputs, torch.Tensor) and inputs.dim() == 2:
-                config = kwargs.get("generation_config") or model.generation_config
-                new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
-                max_tokens = inputs.shape[1] + new if new else kwargs.get("max_length", getattr(config, "max_length", None))
+                new = _generation_setting(model, arguments, "max_new_tokens")
+                max_tokens = inputs.shape[1] + new if new else _generation_setting(model, arguments, "max_length")
             cache = state.new_cache(model, max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None)
             kwargs[state.cache_keyword] = cache
         try:
@@ -303,18 +305,57 @@ def _paged_generate(model: torch.nn.Module, state: PagingState):
     return generate
 
 
-def _wants_paged_cache(model: torch.nn.Module, kwargs: dict) -> bool:
-    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+def _signature(function: Any) -> Optional[inspect.Signature]:
+    try:
+        return inspect.signature(function)
+    except (TypeError, ValueError):  # a callable without one: keyword arguments only are read
+        return None
+
+
+def _generate_arguments(signature: Optional[inspect.Signature], args: tuple, kwargs: dict) -> dict:
+    """``generate``'s arguments by name, those passed by position included (``generate(ids,
+    GenerationConfig(...))``), with its ``**kwargs`` merged in. A call that does not bind gives
+    the keyword arguments only (``generate`` itself then raises)."""
+    if signature is None:
+        return dict(kwargs)
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError:
+        return dict(kwargs)
+    arguments = dict(bound.arguments)
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(name, {}))
+    return arguments
+
+
+def _generation_setting(model: torch.nn.Module, arguments: dict, name: str, default: Any = None) -> Any:
+    """A generation setting as ``generate`` resolves it: the keyword argument, else the generation
+    config passed where it sets the field, else ``model.generation_config``'s, else ``default``
+    (transformers fills a passed config's unset fields, ``None``, from the model's)."""
+    if arguments.get(name) is not None:
+        return arguments[name]
+    for config in (arguments.get("generation_config"), getattr(model, "generation_config", None)):
+        value = getattr(config, name, None) if config is not None else None
+        if value is not None:
+            return value
+    return default
+
+
+def _wants_paged_cache(model: torch.nn.Module, arguments: dict) -> bool:
+    """Whether a ``generate`` call with ``arguments`` (:func:`_generate_arguments`) gets a paged
+    cache: not when it brings its own cache, runs without one, asks for another implementation,
+    searches beams or assists decoding with a draft."""
+    if arguments.get("cache") is not None or arguments.get("past_key_values") is not None:
         return False
-    config = kwargs.get("generation_config") or model.generation_config
-    if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+    if _generation_setting(model, arguments, "use_cache", True) is False:
         return False
-    if kwargs.get("cache_implementation", getattr(config, "cache_implementation", None)) is not None:
+    if _generation_setting(model, arguments, "cache_implementation") is not None:
         return False
-    if (kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1) > 1:
+    if (_generation_setting(model, arguments, "num_beams", 1) or 1) > 1:
         log.warning("enable_paging: beam search keeps the default cache (PagedKVCache does not share pages between beams)")
         return False
-    if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
+    if arguments.get("assistant_model") is not None or _generation_setting(model, arguments, "prompt_lookup_num_tokens") is not None:
         return False
     return True
 

@@ -239,3 +239,35 @@ def test_a_failed_paged_forward_leaves_no_paged_forward_flag(nvme_dir):
     with pytest.raises(ValueError, match="left padding"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
     assert PAGED_FORWARD.get() is False
+
+
+@pytest.mark.parametrize("route", ["positional", "model_default"])
+def test_generation_settings_from_a_positional_config_or_the_models_defaults_are_honoured(nvme_dir, route):
+    """``use_cache=False`` and ``num_beams=2`` given in a generation config passed as generate's
+    second positional argument, or in ``model.generation_config`` under a passed config that leaves
+    them unset: the paged cache was injected all the same (found by a helper's hunt). Without a
+    cache transformers feeds the whole sequence each step, so every step appended it again: wrong
+    tokens, silently; beam search raised. Now both keep transformers' own way, as by keyword."""
+    from transformers import GenerationConfig
+
+    reference, model = tiny_pair("llama")
+    ids, mask = prompts(1, length=24)
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa")
+    for field, value in (("use_cache", False), ("num_beams", 2)):
+        if route == "positional":
+            def run(m):
+                return m.generate(ids, GenerationConfig(max_new_tokens=5, do_sample=False, **{field: value}), attention_mask=mask)
+        else:
+            def run(m):
+                before = getattr(m.generation_config, field)
+                setattr(m.generation_config, field, value)
+                try:
+                    return m.generate(ids, generation_config=GenerationConfig(max_new_tokens=5, do_sample=False), attention_mask=mask)
+                finally:
+                    setattr(m.generation_config, field, before)
+        expected = run(reference)
+        assert torch.equal(run(model), expected), field
+    assert paging_state(model).pager.stats()["allocations"] == 0
+    got = model.generate(ids, GenerationConfig(max_new_tokens=5, do_sample=False), attention_mask=mask)  # a paged cache again
+    assert torch.equal(got, reference.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False))
+    assert paging_state(model).pager.stats()["faults"] > 0
