@@ -284,14 +284,20 @@ def _decode_figures(measured) -> dict[str, float]:
     return {"decode_tokens_per_s": measured.tokens_per_second, "gb_h2d_per_token": measured.paging["bytes_h2d_per_token"] / 1e9}
 
 
+def _timed_decode(model, prompt, pager, tokens: int, kwargs: dict) -> dict[str, float]:
+    """Decode tokens/s and GB host→device a token of one generate of ``tokens`` tokens."""
+    from pagedtensor.hf import measure_generate
+
+    return _decode_figures(measure_generate(model, prompt, pager=pager, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs))
+
+
 def _time_depth(cli, model, pager, prompt, kwargs, result) -> int:
     """Decode tokens/s with each layer's pre-hook prefetching the next ``cli.depth`` layers."""
     from pagedtensor.hf import measure_generate
 
     _replace_prefetch_hooks(model, pager, cli.depth, pager.prefetch_together)
     measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
-    rows = [_decode_figures(measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs))
-            for _ in range(2)]  # fmt: skip
+    rows = [_timed_decode(model, prompt, pager, cli.tokens, kwargs) for _ in range(2)]
     result.update(page_size=cli.page_size, depth=cli.depth, runs=rows)
     write_results(cli.out, result)
     print(cli.page_size, cli.depth, rows)
@@ -330,13 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     _cap(args, result)
     prompt = torch.randint(10, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1)).cuda()
     kwargs = dict(do_sample=False, attention_mask=torch.ones_like(prompt))
+
+    def timed() -> dict[str, float]:
+        return _timed_decode(model, prompt, pager, cli.tokens, kwargs)
+
     if cli.depth:
         return _time_depth(cli, model, pager, prompt, kwargs, result)
     if cli.lookahead:
         measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
-        def timed() -> dict[str, float]:
-            return _decode_figures(measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs))
-
         shipped = [timed() for _ in range(2)]
         _lookahead_hooks(model, pager)
         measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
@@ -346,9 +353,6 @@ def main(argv: list[str] | None = None) -> int:
         print("shipped", shipped, "lookahead", lookahead)
         return 0
     if cli.interleave:
-        def timed() -> dict[str, float]:
-            return _decode_figures(measure_generate(model, prompt, pager=pager, max_new_tokens=cli.tokens, min_new_tokens=cli.tokens, **kwargs))
-
         measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
         rows = [{"shipped": True, **timed()} for _ in range(2)]
         for count in [int(n) for n in cli.interleave.split(",")]:
