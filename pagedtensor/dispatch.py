@@ -13,6 +13,8 @@ The dispatcher tries, in this order:
      and the result is a PagedTensor over the same pages. Nothing faults in.
    * dim-0 row gathers (``index_select`` on dim 0, ``embedding``, ``index.Tensor`` with one index
      tensor on dim 0): only the pages holding the selected rows fault in, run by run.
+   * ``_grouped_mm`` over a paged stack of expert matrices (a mixture-of-experts layer): only the
+     experts that have rows fault in.
    * ops that read only metadata (``new_*``, ``*_like``, ``is_same_size``): nothing faults in.
 
 2. **Fault in and run dense** (every other op): the pages each PagedTensor argument reaches (its
@@ -32,13 +34,14 @@ Note:
     that filled the pages; the op (and any gather / write-back copy) is enqueued on the current
     stream; :meth:`ResidentPages.release` then records an event on it, so a slot is reused only
     after the op. Results that could alias a device slot are cloned before the release. There is
-    no host sync, except that a row gather reads its index tensor on the host.
+    no host sync, except that a row gather reads its index tensor on the host and a grouped matmul
+    of experts its ``offs``.
 
 An op needs every page it touches resident at once: an op whose span does not fit in
-``vram_limit`` beside the pinned pages raises :class:`~pagedtensor.errors.OutOfPagesError`
-(row gathers need only one run of adjacent pages at a time; :meth:`materialize` any size), except
-an elementwise op over tensors of one layout, which runs a piece of pages at a time
-(:mod:`pagedtensor.pieces`).
+``vram_limit`` beside the pinned pages raises :class:`~pagedtensor.errors.OutOfPagesError`, except
+that row gathers and grouped matmuls of experts read a run of pages too large in chunks (as
+:meth:`materialize` reads any size), and an elementwise op over tensors of one layout runs a piece
+of pages at a time (:mod:`pagedtensor.pieces`).
 
 Outside the dispatcher, :func:`paged_linear` runs ``F.linear`` on a PagedTensor weight's pinned pages
 directly (what a paged model's ``nn.Linear`` calls), falling back to the dispatcher where that
@@ -1130,7 +1133,12 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
     for a, b in zip(bounds, bounds[1:]):
         run_rows = rows[a:b]
         first_row = int(run_rows[0])
-        window = _Window(table._paged, int(starts[a]), int(ends[b - 1]))
+        try:
+            window = _Window(table._paged, int(starts[a]), int(ends[b - 1]))
+        except OutOfPagesError:  # a run larger than the device tier beside the pinned pages: read in chunks
+            block = DISPATCHER.materialize(table[first_row : int(run_rows[-1]) + 1])
+            parts.append(block.index_select(0, (run_rows - first_row).to(device)))
+            continue
         try:
             typed = window.typed(table.dtype)
             block = typed.as_strided(
@@ -1149,6 +1157,87 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
     if result.stride() != layout.stride():
         result = torch.empty_strided(layout.shape, layout.stride(), dtype=result.dtype, device=result.device).copy_(result)
     return result
+
+
+# ---------------------------------------------------------------------- handlers: grouped matmul
+
+
+@implements([aten._grouped_mm.default])
+def grouped_mm_of_routed_experts(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``_grouped_mm(mat_a, mat_b, offs)`` with a 2-D ``mat_a`` and a paged 3-D ``mat_b``, a stack of
+    expert matrices (a mixture-of-experts layer: group ``e`` is rows ``offs[e - 1]:offs[e]`` of
+    ``mat_a`` times ``mat_b[e]``): fault in only the experts that have rows.
+
+    The experts with rows are copied, one run of adjacent experts at a time, into a dense stack of
+    the same inner layout; the op then runs on that stack with the empty groups left out of
+    ``offs``. ``mat_a``, the groups' rows and each group's matrix are the dense op's, and no group's
+    product depends on another's, so the result is bitwise the dense one (rows past ``offs[-1]``
+    are unspecified in both, as torch leaves them). Each copy pins only its run's pages; a run
+    larger than the device tier is read in chunks, as :meth:`PagedTensor.materialize` reads.
+
+    When every expert has rows the op runs the generic way, on the whole stack's pages at once, and
+    on a stack of copies only when those do not fit. Any other form of the op (a 2-D ``mat_b``, a
+    3-D ``mat_a``, no ``offs``, a ``bias``) runs the generic way.
+
+    Note:
+        Reads ``offs`` on the host (a sync when it lives on the GPU), as a row gather reads its
+        index. The copies are enqueued on the current stream, before the op; the stack is a new
+        allocation of the routed experts' bytes, outside the pager's budget, freed after the op.
+    """
+    routed = _routed_experts(args, kwargs)
+    if routed is None:
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    mat_a, mat_b, offs, used = routed
+    if len(used) == mat_b.shape[0]:
+        try:
+            return DISPATCHER.run_paged(func, types, args, kwargs)  # every expert: zero-copy where the slots allow
+        except _OpTooLarge:
+            pass  # the stack does not fit on the device tier at once: copied below, a piece at a time
+    # No row at all: one expert left unread (the op needs a group), so the result has the dense
+    # op's layout; its values are unspecified, as the dense op's.
+    kept = used or [0]
+    stack = torch.empty_like(meta_like(mat_b)[: len(kept)], device=mat_b.device)
+    if stack.stride()[1:] != mat_b.stride()[1:]:  # an expert not dense in itself: no stack of the same layout
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    at = 0
+    for first, stop in _consecutive_runs(used):  # each copy pins only its run's pages
+        try:
+            stack[at : at + stop - first].copy_(mat_b[first:stop])
+        except OutOfPagesError:  # a run larger than the device tier beside the pinned pages: read in chunks
+            stack[at : at + stop - first].copy_(DISPATCHER.materialize(mat_b[first:stop]))
+        at += stop - first
+    out_dtype = args[4] if len(args) > 4 else kwargs.get("out_dtype")
+    return func(mat_a, stack, offs.index_select(0, torch.tensor(kept, device=offs.device)), out_dtype=out_dtype)
+
+
+def _routed_experts(args: tuple, kwargs: dict) -> Optional[tuple[torch.Tensor, PagedTensor, torch.Tensor, list[int]]]:
+    """``(mat_a, mat_b, offs, the experts with rows)`` when ``_grouped_mm``'s ``mat_b`` is a paged stack
+    of expert matrices, ``offs`` their groups' row ends (int32, one per expert), else ``None``."""
+    mat_a, mat_b = args[0], args[1]
+    offs = args[2] if len(args) > 2 else kwargs.get("offs")
+    if not isinstance(mat_b, PagedTensor) or mat_b._inner is not None or mat_b.dim() != 3 or mat_b.numel() == 0:
+        return None
+    if not isinstance(mat_a, torch.Tensor) or mat_a.dim() != 2 or not isinstance(offs, torch.Tensor):
+        return None
+    if offs.dim() != 1 or offs.numel() != mat_b.shape[0] or offs.dtype != torch.int32:
+        return None  # torch's own checks and error, the generic way
+    bias = args[3] if len(args) > 3 else kwargs.get("bias")
+    if bias is not None or isinstance(offs, PagedTensor):
+        return None  # a bias per expert (torch has no kernel for it yet): the generic way
+    ends = offs.tolist()
+    used = [expert for expert, (start, end) in enumerate(zip([0, *ends[:-1]], ends)) if end != start]
+    return mat_a, mat_b, offs, used
+
+
+def _consecutive_runs(numbers: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted distinct ``numbers`` as ``[first, stop)`` runs of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for number in numbers:
+        if runs and runs[-1][1] == number:
+            runs[-1] = (runs[-1][0], number + 1)
+        else:
+            runs.append((number, number + 1))
+    return runs
 
 
 def _call_with_table(func: OpOverload, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

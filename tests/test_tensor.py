@@ -252,6 +252,18 @@ def test_row_gather_over_several_runs_fits_a_tiny_budget():
         assert torch.equal(t.materialize(), x)  # materialize reads in chunks
 
 
+def test_row_gather_of_a_run_larger_than_the_device_tier_reads_it_in_chunks():
+    # transformers' batched experts gather every expert row of a stack (gate_up_proj[expert_ids]):
+    # rows on adjacent pages form one run, here 16 pages against a budget of 2.
+    with make_pager(device_pages=2) as small:
+        x = rows_tensor(64, 256)
+        t = PagedTensor.wrap(x, small)
+        index = torch.tensor([3, 63, 0, 17, 17, 40, 1, 2] + list(range(64)))
+        assert torch.equal(t[index], x[index])
+        assert torch.equal(t.index_select(0, index), x.index_select(0, index))
+        assert torch.equal(F.embedding(index.view(8, 9), t), F.embedding(index.view(8, 9), x))
+
+
 def test_view_ops_fault_nothing_and_share_pages(pager):
     t = PagedTensor.wrap(rows_tensor(device=pager.device), pager)
     pager.evict_all()

@@ -18,7 +18,9 @@
 * ``page_weights=True``: the parameters of every decoder layer become
   :class:`~pagedtensor.tensor.PagedTensor` parameters on the same pager as the KV cache, so weights
   and KV pages compete for one budget under one eviction policy; a forward pre-hook on layer ``i``
-  prefetches layer ``i + 1``'s weights (layer 0's after the last layer, for the next token); each
+  prefetches layer ``i + 1``'s weights (layer 0's after the last layer, for the next token) but
+  its experts' stacks (:func:`routed_expert_stack`: a token reads only the experts it is routed to,
+  which fault in at the op, :func:`~pagedtensor.dispatch.grouped_mm_of_routed_experts`); each
   ``nn.Linear`` reads its paged weight through :func:`~pagedtensor.dispatch.paged_linear`, and the
   KV cache leaves room-making to the pager's policy (``PagedKVCache(makes_room=False)``).
 
@@ -540,14 +542,17 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
                 for name, parameter in list(module._parameters.items()):
                     if parameter is None:
                         continue
+                    # Used once a token, layer after layer ("loop"), but for the experts of a
+                    # mixture-of-experts layer: a token reads those it is routed to (recency).
+                    access = "normal" if routed_expert_stack(module, parameter) else "loop"
                     if isinstance(parameter, PagedTensor):  # paged already: used in the loop all the same
                         if parameter.pager is pager and parameter.allocation is not None:
-                            pager.advise(parameter.allocation, "loop")
+                            pager.advise(parameter.allocation, access)
                         continue
                     if not pages_as_weight(parameter, pager.page_size):
                         continue  # a norm's weight: stays dense
                     paged = PagedTensor.wrap(parameter.detach(), pager, name=f"layers.{index}.{module_name + '.' if module_name else ''}{name}")
-                    pager.advise(paged.allocation, "loop")  # used once a token, layer after layer
+                    pager.advise(paged.allocation, access)
                     module._parameters[name] = torch.nn.Parameter(paged, requires_grad=False)
                     replaced.append((module, name, parameter))
     except BaseException:  # the weights do not fit (OutOfPagesError): the dense weights back
@@ -577,19 +582,33 @@ def pages_as_weight(parameter: torch.Tensor, page_size: int) -> bool:
     return parameter.numel() * parameter.element_size() >= page_size
 
 
-def _weight_allocations(layer: torch.nn.Module, pager: Pager) -> list:
-    """The allocations of ``layer``'s PagedTensor parameters on ``pager``."""
+def routed_expert_stack(module: torch.nn.Module, parameter: torch.Tensor) -> bool:
+    """Whether ``parameter`` of ``module`` stacks one matrix per expert of a mixture-of-experts layer
+    along dim 0 (as transformers' ``*Experts`` modules hold them, with ``num_experts``): a token
+    reads only the experts it is routed to (:func:`~pagedtensor.dispatch.grouped_mm_of_routed_experts`
+    faults in only those), so such a stack is neither prefetched nor advised ``"loop"``."""
+    experts = getattr(module, "num_experts", None)
+    return isinstance(experts, int) and parameter.dim() >= 3 and parameter.shape[0] == experts
+
+
+def _weight_allocations(layer: torch.nn.Module, pager: Pager, routed_experts: bool = True) -> list:
+    """The allocations of ``layer``'s PagedTensor parameters on ``pager``; with ``routed_experts``
+    false, but those of experts' stacks (:func:`routed_expert_stack`): the weights the layer reads
+    whatever the token."""
     from pagedtensor.tensor import PagedTensor
 
     return [
         parameter.allocation
-        for parameter in layer.parameters()
+        for module in layer.modules()
+        for parameter in module._parameters.values()
         if isinstance(parameter, PagedTensor) and parameter.pager is pager and parameter.allocation is not None
-    ]
+        and (routed_experts or not routed_expert_stack(module, parameter))
+    ]  # fmt: skip
 
 
 def _prefetch_hook(pager: Pager, upcoming: torch.nn.Module):
-    """A forward pre-hook that prefetches the ``upcoming`` layer's weights to the device tier.
+    """A forward pre-hook that prefetches the ``upcoming`` layer's weights to the device tier, but
+    the experts of a mixture-of-experts layer (which of them a token reads is known only there).
 
     The allocations are looked up again whenever one of those last seen is freed: ``model.to(dtype)``
     or ``model.half()`` replaces every paged weight with a new one.
@@ -601,7 +620,7 @@ def _prefetch_hook(pager: Pager, upcoming: torch.nn.Module):
         if pager.closed:
             return
         if not allocations or any(allocation.freed for allocation in allocations):
-            allocations = _weight_allocations(upcoming, pager)
+            allocations = _weight_allocations(upcoming, pager, routed_experts=False)
         # Weights already on the device are left out (each weight is one allocation, faulted in
         # whole); the rest go as one batch, so that they land in adjacent slots.
         missing = [allocation for allocation in allocations if any(page.device_slot is None for page in allocation.pages)]

@@ -7,6 +7,8 @@ and come back (through host and disk), and the layer-ahead prefetch hook issues 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -339,3 +341,54 @@ def test_makes_room_must_be_a_bool():
 
     with pytest.raises(TypeError, match="makes_room"):
         PagedKVCache(num_layers=2, makes_room=1)
+
+
+def _tiny_mixtral(experts_implementation: str):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from tests.hf.tiny_models import TINY
+
+    config = MixtralConfig(**{**TINY, "num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None})
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    reference = MixtralForCausalLM(config).eval()
+    model = MixtralForCausalLM(copy.deepcopy(config)).eval()
+    model.load_state_dict(reference.state_dict())
+    for each in (reference, model):
+        each.set_experts_implementation(experts_implementation)
+    return reference, model
+
+
+@pytest.mark.parametrize("experts_implementation", ["grouped_mm", "batched_mm", "eager"])
+def test_experts_fault_in_only_where_tokens_are_routed(experts_implementation, nvme_dir, monkeypatch):
+    """A tiny Mixtral (8 experts, top 2) whose experts take 1.5 MiB under a 192 KiB device tier:
+    one layer's stack of experts does not fit, yet generation is exact, every implementation of
+    transformers' experts reads only the routed experts, and the stacks are neither prefetched nor
+    advised "loop" (the other weights are)."""
+    reference, model = _tiny_mixtral(experts_implementation)
+    ids, mask = prompts(1)
+    expected = _generate(reference, ids, mask)
+    stack_bytes = [p.numel() * p.element_size() for name, p in model.named_parameters() if ".experts." in name]
+    budget = tiny_budget(nvme_dir, vram_pages=48, host_pages=HOST_PAGES)
+    assert budget.vram_limit < min(stack_bytes) and len(stack_bytes) == 4  # gate_up and down, two layers
+    enable_paging(model, budget, attn_implementation="sdpa", prefill_chunk_size=16, page_weights=True)
+    state = paging_state(model)
+    stacks = [getattr(layer.mlp.experts, name) for layer in model.model.layers for name in ("gate_up_proj", "down_proj")]
+    assert all(isinstance(stack, PagedTensor) and not stack.allocation.loop for stack in stacks)
+    others = [p for name, p in model.named_parameters() if isinstance(p, PagedTensor) and ".experts." not in name]
+    assert others and all(p.allocation.loop for p in others)
+    prefetched: list = []
+    original = state.pager.prefetch_together
+    monkeypatch.setattr(state.pager, "prefetch_together", lambda allocations: prefetched.extend(allocations) or original(allocations))
+
+    got = _generate(model, ids, mask)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits):
+        assert torch.equal(a, b)
+    assert prefetched and not {id(stack.allocation) for stack in stacks} & {id(allocation) for allocation in prefetched}
+    # Faulting every expert of a layer at each of the 3 prefill chunks and 5 decode steps would move
+    # 8 x 1.5 MiB (nothing of them fits between a layer's forwards); a decode step at batch 1 reads
+    # 2 experts of 8 in each layer, and attention weights and keys and values move too.
+    before = state.pager.stats()["bytes_h2d"]
+    _generate(model, ids, mask)
+    assert state.pager.stats()["bytes_h2d"] - before < 4 * sum(stack_bytes)  # 4.7 MB of 1.5 MiB stacks here
