@@ -98,9 +98,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace, max_positions: int):
-    """Random-weight Llama-2-7B-shaped model in fp16 on the GPU, built without a CPU copy."""
+    """Random-weight model of :func:`~benchmarks.common.meta_llama` (Llama-2-7B's shape by default) in
+    fp16 on the GPU, built without a CPU copy."""
     import torch
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     model = meta_llama(args, max_positions)
     config = model.config
@@ -113,7 +113,7 @@ def build_model(args: argparse.Namespace, max_positions: int):
                 parameter.fill_(1.0)
             else:
                 parameter.normal_(0.0, 0.02, generator=generator)
-    model.model.rotary_emb = LlamaRotaryEmbedding(config=config).to(device)  # its buffers were left empty
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)  # its buffers were left empty
     model.eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0

@@ -137,27 +137,38 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return count
 
 
-def add_llama_shape_arguments(parser: Any) -> None:
+def add_llama_shape_arguments(parser: Any, experts: bool = False) -> None:
     """``--layers``, ``--hidden``, ``--heads``, ``--intermediate``, ``--vocab``: the model of
-    :func:`meta_llama`, Llama-2-7B's shape by default."""
+    :func:`meta_llama`, Llama-2-7B's shape by default; with ``experts``, also ``--experts``,
+    ``--experts-per-token`` and ``--kv-heads`` (a Mixtral shape)."""
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (default 32: Llama-2-7B)")
     parser.add_argument("--hidden", type=int, default=4096, help="hidden size (default 4096)")
     parser.add_argument("--heads", type=int, default=32, help="attention heads = kv heads (default 32)")
     parser.add_argument("--intermediate", type=int, default=11008, help="MLP size (default 11008)")
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary (default 32000)")
+    if experts:
+        parser.add_argument("--experts", type=int, default=0, help="experts per layer: a Mixtral (default 0: a dense Llama)")
+        parser.add_argument("--experts-per-token", type=int, default=2, help="experts a token is routed to (default 2)")
+        parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
 
 
 def meta_llama(args: Any, max_positions: int):
     """A Llama (``args``: layers, hidden, heads, intermediate, vocab) with MHA, SDPA attention and fp16
-    parameters on the meta device: the benchmarks place and fill it themselves, with no CPU copy."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    parameters on the meta device: the benchmarks place and fill it themselves, with no CPU copy.
+    With ``args.experts`` (and ``experts_per_token``, ``kv_heads``) a Mixtral of that shape in bf16
+    instead, its experts run by transformers' default ``grouped_mm``."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    config = LlamaConfig(
+    experts = getattr(args, "experts", 0)
+    config_class, model_class = (MixtralConfig, MixtralForCausalLM) if experts else (LlamaConfig, LlamaForCausalLM)
+    extra = dict(num_local_experts=experts, num_experts_per_tok=args.experts_per_token, sliding_window=None) if experts else {}
+    kv_heads = getattr(args, "kv_heads", None) or args.heads
+    config = config_class(
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
+        num_key_value_heads=kv_heads,
         vocab_size=args.vocab,
         max_position_embeddings=max(4096, max_positions),
         rms_norm_eps=1e-5,
@@ -165,13 +176,14 @@ def meta_llama(args: Any, max_positions: int):
         bos_token_id=1,
         eos_token_id=None,
         tie_word_embeddings=False,
+        **extra,
     )
     config._attn_implementation = "sdpa"
     default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
+    torch.set_default_dtype(torch.bfloat16 if experts else torch.float16)  # Mixtral ships in bf16
     try:
         with torch.device("meta"):
-            return LlamaForCausalLM(config)
+            return model_class(config)
     finally:
         torch.set_default_dtype(default_dtype)
 
