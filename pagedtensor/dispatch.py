@@ -1102,13 +1102,14 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
     table, index = request
     if func is aten.index_select.default and index.dim() > 1:  # torch's check, which its meta kernel lacks
         raise IndexError(f"PagedTensor: {func}: index_select(): Index is supposed to be a vector, got {index.dim()} dims")
-    if index.numel() == 0 or index.dtype not in (torch.int64, torch.int32):
-        # No row is needed: the meta kernel gives the empty result's layout, or torch's own error
-        # for an index dtype it refuses.
+    if index.dtype not in (torch.int64, torch.int32):
+        # torch's own kernel raises torch's own error (an IndexError for aten.index; the meta
+        # kernel raises a RuntimeError) or takes the dtype after all.
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    if index.numel() == 0:
+        # No row is needed: the meta kernel gives the empty result's layout.
         layout = _call_with_table(func, meta_like(table), index.to("meta"))
-        if index.numel() == 0:
-            return torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=table.device)
-        return DISPATCHER.run_paged(func, types, args, kwargs)  # a dtype torch takes after all
+        return torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=table.device)
     rows_total = table.shape[0]
     flat = index.reshape(-1).to("cpu", torch.int64)
     if func is aten.index.Tensor:
@@ -1153,7 +1154,7 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
     renumbered = inverse.reshape(index.shape).to(index.device if func is aten.index.Tensor else device)
     result = _call_with_table(func, compact, renumbered)
     # The dense op lays its result out after the table's strides: the same layout, exactly.
-    layout = _call_with_table(func, meta_like(table), index.to("meta"))
+    layout = _result_layout_of_rows(func, table, index)
     if result.stride() != layout.stride():
         result = torch.empty_strided(layout.shape, layout.stride(), dtype=result.dtype, device=result.device).copy_(result)
     return result
@@ -1166,78 +1167,111 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
 def grouped_mm_of_routed_experts(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
     """``_grouped_mm(mat_a, mat_b, offs)`` with a 2-D ``mat_a`` and a paged 3-D ``mat_b``, a stack of
     expert matrices (a mixture-of-experts layer: group ``e`` is rows ``offs[e - 1]:offs[e]`` of
-    ``mat_a`` times ``mat_b[e]``): fault in only the experts that have rows.
+    ``mat_a`` times ``mat_b[e]``): fault in only the experts that have rows, one at a time.
 
-    The experts with rows are copied, one run of adjacent experts at a time, into a dense stack of
-    the same inner layout; the op then runs on that stack with the empty groups left out of
-    ``offs``. ``mat_a``, the groups' rows and each group's matrix are the dense op's, and no group's
-    product depends on another's, so the result is bitwise the dense one (rows past ``offs[-1]``
-    are unspecified in both, as torch leaves them). Each copy pins only its run's pages; a run
-    larger than the device tier is read in chunks, as :meth:`PagedTensor.materialize` reads.
-
-    When every expert has rows the op runs the generic way, on the whole stack's pages at once, and
-    on a stack of copies only when those do not fit. Any other form of the op (a 2-D ``mat_b``, a
-    3-D ``mat_a``, no ``offs``, a ``bias``) runs the generic way.
+    Each expert with rows runs as its own ``_grouped_mm`` of the dense op's shapes: ``mat_a`` of
+    as many rows, the expert's rows first (a copy, unless they are first already); ``mat_b`` the
+    expert's resident pages (zero-copy where its slots are adjacent) repeated over all the experts
+    with a stride of 0; ``offs`` giving every group but the expert's no rows. torch picks a GEMM's
+    kernel from those shapes (its tile from the rows per group), and no group's product depends on
+    another's, so each expert's rows come out with the dense op's bits; they are copied into one
+    result of the dense op's layout (rows past ``offs[-1]`` are unspecified, as in the dense op).
+    An expert needs only its own pages resident at once; one larger than the device tier is read
+    in chunks, as :meth:`PagedTensor.materialize` reads. Any other form of the op (a 2-D ``mat_b``,
+    a 3-D ``mat_a``, no ``offs``, a ``bias``) runs the generic way.
 
     Note:
         Reads ``offs`` on the host (a sync when it lives on the GPU), as a row gather reads its
-        index. The copies are enqueued on the current stream, before the op; the stack is a new
-        allocation of the routed experts' bytes, outside the pager's budget, freed after the op.
+        index. Everything is enqueued on the current stream: each expert's op, then the copy of its
+        rows; its pages are released after its op.
     """
     routed = _routed_experts(args, kwargs)
     if routed is None:
         return DISPATCHER.run_paged(func, types, args, kwargs)
-    mat_a, mat_b, offs, used = routed
-    if len(used) == mat_b.shape[0]:
-        try:
-            return DISPATCHER.run_paged(func, types, args, kwargs)  # every expert: zero-copy where the slots allow
-        except _OpTooLarge:
-            pass  # the stack does not fit on the device tier at once: copied below, a piece at a time
-    # No row at all: one expert left unread (the op needs a group), so the result has the dense
-    # op's layout; its values are unspecified, as the dense op's.
-    kept = used or [0]
-    stack = torch.empty_like(meta_like(mat_b)[: len(kept)], device=mat_b.device)
-    if stack.stride()[1:] != mat_b.stride()[1:]:  # an expert not dense in itself: no stack of the same layout
-        return DISPATCHER.run_paged(func, types, args, kwargs)
-    at = 0
-    for first, stop in _consecutive_runs(used):  # each copy pins only its run's pages
-        try:
-            stack[at : at + stop - first].copy_(mat_b[first:stop])
-        except OutOfPagesError:  # a run larger than the device tier beside the pinned pages: read in chunks
-            stack[at : at + stop - first].copy_(DISPATCHER.materialize(mat_b[first:stop]))
-        at += stop - first
+    mat_a, mat_b, offs, ends = routed
     out_dtype = args[4] if len(args) > 4 else kwargs.get("out_dtype")
-    return func(mat_a, stack, offs.index_select(0, torch.tensor(kept, device=offs.device)), out_dtype=out_dtype)
+    experts = mat_b.shape[0]
+    starts = [0, *ends[:-1]]
+    routed_experts = [expert for expert in range(experts) if ends[expert] > starts[expert]]
+    if not routed_experts:  # no row at all: the dense op's layout, its values unspecified, no page read
+        unread = torch.empty_like(meta_like(mat_b)[0], device=mat_b.device).expand(mat_b.shape)
+        return func(mat_a, unread, torch.zeros_like(offs), out_dtype=out_dtype)
+    # Per routed expert, the group ends that give every group but the expert's no rows (one copy).
+    group_ends = torch.tensor([[0] * expert + [ends[expert] - starts[expert]] * (experts - expert) for expert in routed_experts],
+                              dtype=torch.int32).to(offs.device)  # fmt: skip
+    # An expert's rows go first in a buffer of mat_a's layout (torch's kernel depends on it).
+    rows_first = torch.empty_like(mat_a) if any(starts[expert] for expert in routed_experts) else None
+    if rows_first is not None and rows_first.stride() != mat_a.stride():
+        return DISPATCHER.run_paged(func, types, args, kwargs)  # mat_a not dense in itself: the generic way
+    if _pending_frees:
+        drain_pending_frees()
+    result = None
+    for run, expert in enumerate(routed_experts):
+        start, rows = starts[expert], ends[expert] - starts[expert]
+        expert_a = mat_a
+        if start:
+            expert_a = rows_first
+            expert_a[:rows].copy_(mat_a[start : start + rows])
+        out = _one_expert(func, expert_a, mat_b, expert, group_ends[run], out_dtype)
+        if result is None:
+            result = torch.empty_like(out)
+        result[start : start + rows].copy_(out[:rows])
+    return result
+
+
+def _one_expert(func: OpOverload, mat_a: torch.Tensor, mat_b: PagedTensor, expert: int, group_ends: torch.Tensor,
+                out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """``func(mat_a, mat_b, group_ends)`` where only ``expert``'s group has rows: its pages resident for
+    the call, repeated over ``mat_b``'s experts (stride 0)."""
+    matrix = mat_b[expert]
+    lo, hi = _byte_span(matrix)
+    try:
+        window = _Window(matrix._paged, lo, hi)
+    except OutOfPagesError:  # an expert larger than the device tier beside the pinned pages
+        dense = DISPATCHER.materialize(matrix)
+        return func(mat_a, dense.expand(mat_b.shape), group_ends, out_dtype=out_dtype)
+    try:
+        return func(mat_a, window.dense(matrix).expand(mat_b.shape), group_ends, out_dtype=out_dtype)
+    finally:
+        window.release()
 
 
 def _routed_experts(args: tuple, kwargs: dict) -> Optional[tuple[torch.Tensor, PagedTensor, torch.Tensor, list[int]]]:
-    """``(mat_a, mat_b, offs, the experts with rows)`` when ``_grouped_mm``'s ``mat_b`` is a paged stack
-    of expert matrices, ``offs`` their groups' row ends (int32, one per expert), else ``None``."""
+    """``(mat_a, mat_b, offs, offs as a list)`` when ``_grouped_mm``'s ``mat_b`` is a paged stack of
+    expert matrices and ``offs`` their groups' row ends (int32, one per expert), else ``None``."""
     mat_a, mat_b = args[0], args[1]
     offs = args[2] if len(args) > 2 else kwargs.get("offs")
     if not isinstance(mat_b, PagedTensor) or mat_b._inner is not None or mat_b.dim() != 3 or mat_b.numel() == 0:
         return None
-    if not isinstance(mat_a, torch.Tensor) or mat_a.dim() != 2 or not isinstance(offs, torch.Tensor):
+    if not isinstance(mat_a, torch.Tensor) or isinstance(mat_a, PagedTensor) or mat_a.dim() != 2:
+        return None
+    if not isinstance(offs, torch.Tensor) or isinstance(offs, PagedTensor):
         return None
     if offs.dim() != 1 or offs.numel() != mat_b.shape[0] or offs.dtype != torch.int32:
         return None  # torch's own checks and error, the generic way
     bias = args[3] if len(args) > 3 else kwargs.get("bias")
-    if bias is not None or isinstance(offs, PagedTensor):
+    if bias is not None:
         return None  # a bias per expert (torch has no kernel for it yet): the generic way
     ends = offs.tolist()
-    used = [expert for expert, (start, end) in enumerate(zip([0, *ends[:-1]], ends)) if end != start]
-    return mat_a, mat_b, offs, used
+    starts = [0, *ends[:-1]]
+    if any(end < start for start, end in zip(starts, ends)) or ends[-1] > mat_a.shape[0]:
+        return None  # offs out of order or past mat_a: torch's own behaviour, the generic way
+    return mat_a, mat_b, offs, ends
 
 
-def _consecutive_runs(numbers: Sequence[int]) -> list[tuple[int, int]]:
-    """Sorted distinct ``numbers`` as ``[first, stop)`` runs of consecutive ones."""
-    runs: list[tuple[int, int]] = []
-    for number in numbers:
-        if runs and runs[-1][1] == number:
-            runs[-1] = (runs[-1][0], number + 1)
-        else:
-            runs.append((number, number + 1))
-    return runs
+def _result_layout_of_rows(func: OpOverload, table: PagedTensor, index: torch.Tensor) -> torch.Tensor:
+    """A tensor with the layout the dense op gives its result. The meta kernel of ``aten.index``
+    lays a result out contiguously where the CPU/CUDA kernels follow a non-contiguous index's
+    strides (``t[idx.T]``): for such an index the real kernel runs on a one-row stand-in with the
+    table's row layout and a zero index with the index's layout (its result is as large as the op's)."""
+    if func is not aten.index.Tensor or index.is_contiguous():
+        return _call_with_table(func, meta_like(table), index.to("meta"))
+    row_size, row_stride = tuple(table.shape[1:]), table.stride()[1:]
+    row_reach = element_span(row_size, row_stride, 0)[1]
+    stand_in = torch.empty(max(1, row_reach), dtype=table.dtype, device=table.device).as_strided((1, *row_size), (1, *row_stride))
+    index_reach = element_span(tuple(index.shape), index.stride(), 0)[1]
+    zeros = torch.zeros(max(1, index_reach), dtype=index.dtype, device=index.device).as_strided(index.shape, index.stride())
+    return _call_with_table(func, stand_in, zeros)
 
 
 def _call_with_table(func: OpOverload, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

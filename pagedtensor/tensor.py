@@ -444,6 +444,12 @@ class PagedTensor(torch.Tensor):
         """
         return _DISPATCHER.materialize(self, device)
 
+    def __format__(self, format_spec: str) -> str:
+        # torch.Tensor.__format__ formats a 0-dim tensor's item() only when type(self) is Tensor.
+        if self.dim() == 0 and self._paged is not None:
+            return self.item().__format__(format_spec)
+        return object.__format__(self, format_spec)
+
     def tolist(self) -> list:  # Tensor.tolist reads the data pointer directly
         return self.materialize("cpu").tolist()
 

@@ -57,6 +57,22 @@ def test_only_the_experts_with_rows_fault_in(device, dtype, transposed):
         assert torch.equal(got, grouped(a, stack, offs, transposed))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("counts", [[200, 0, 0, 200, 0, 200, 0, 0], [700, 1, 0, 0, 0, 0, 0, 399], [40] * 8])
+def test_the_gpu_kernel_sees_the_dense_ops_shapes(counts):
+    """torch's CUTLASS grouped GEMM takes its tile from the rows per group (rows / experts): 600 rows
+    over 8 experts is 75 a group, over the 3 routed ones 200, another tile. Each expert's op keeps
+    the dense op's shapes, so the bits stay the dense op's."""
+    generator = torch.Generator().manual_seed(7)
+    stack = torch.randn(8, 256, 128, generator=generator).to("cuda", torch.bfloat16)
+    a = torch.randn(sum(counts) + 5, 128, generator=generator).to("cuda", torch.bfloat16)
+    offs = routed_rows(counts).cuda()
+    end = sum(counts)
+    with make_pager(64, "cuda") as pager:
+        got = grouped(a, PagedTensor.wrap(stack, pager), offs, True)
+        assert torch.equal(got[:end], grouped(a, stack, offs, True)[:end])
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_a_stack_every_expert_reads_runs_even_when_it_does_not_fit(device):
     stack = torch.randn(6, 32, 32, generator=torch.Generator().manual_seed(2)).to(device)  # a page each

@@ -313,3 +313,31 @@ def test_complex_writes_through_real_and_imag_views_reach_the_pages(dtype, name)
         write(paged)
         assert_same(_evicted(paged), plain)
         assert_same((paged.real.clone(), paged.imag.clone()), (plain.real, plain.imag))
+
+
+def test_a_row_gather_by_a_non_contiguous_index_has_torchs_layout(pager):
+    # torch's kernel lays t[index] out after a transposed index's strides (its meta kernel does not):
+    # the layout decides what later ops give (bits of a sum, whether view works).
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(40, 75, generator=g)
+    paged = PagedTensor.wrap(dense, pager)
+    index = torch.randint(0, 40, (64, 3), generator=g).T
+    expected, got = dense[index], paged[index]
+    assert torch.equal(got, expected) and got.stride() == expected.stride() == (75, 225, 1)
+    assert torch.equal(got.sum(), expected.sum()) and torch.equal(got.sum(1), expected.sum(1))
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        got.view(-1, 75)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.float32])
+def test_an_index_of_a_dtype_torch_refuses_raises_its_index_error(pager, dtype):
+    paged = PagedTensor.wrap(torch.randn(8, 4), pager)
+    with pytest.raises(IndexError, match="tensors used as indices must be long"):
+        paged[torch.tensor([1, 2], dtype=dtype)]
+
+
+def test_a_0_dim_paged_tensor_formats_as_its_number(pager):
+    paged = PagedTensor.wrap(torch.tensor([1.23456, 2.0]), pager)
+    assert f"{paged[0]:.3f}" == "1.235" and f"{paged[1]}" == f"{torch.tensor(2.0)}"
+    with pytest.raises(TypeError):
+        f"{paged:.3f}"  # as a plain tensor of more than one element
