@@ -341,6 +341,14 @@ class PagedKVCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
+    @property
+    def is_initialized(self) -> bool:
+        """Whether states have been stored (as ``DynamicCache`` answers once its layers are filled): models
+        such as PaliGemma read it to tell the first forward, whose prefix attends both ways, from later
+        ones. ``Cache.is_initialized`` counts only layers that support early initialization, which
+        these do not, so it would answer False forever."""
+        return bool(self.layers) and all(layer.is_initialized for layer in self.layers)
+
     def reset(self) -> None:
         """Drop every token (pages freed); the cache can be filled again, with any batch size (as
         ``DynamicCache``): the geometry is learned again from the next states."""
@@ -384,9 +392,13 @@ class PagedKVCache(Cache):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size_, self.num_kv_heads, self.head_dim = batch, kv_heads, head_dim
         self.page_tokens = page_tokens
-        if self.max_tokens is not None:
-            self.segment_pages = max(1, math.ceil(self.max_tokens / page_tokens))
         capacity = self.pager.device_tier.capacity_pages
+        if self.max_tokens is not None:
+            # One segment for the tokens expected, but no larger than the device tier can hold (or the
+            # default): max_new_tokens is a bound, often far above what is generated, and every page of an
+            # allocation costs a page-table entry at allocate (generate(max_new_tokens=10**8) on a tiny
+            # model took 23 s and 2 GB of host memory for a 3-token answer). Longer sequences take more segments.
+            self.segment_pages = max(1, min(math.ceil(self.max_tokens / page_tokens), max(DEFAULT_SEGMENT_PAGES, capacity)))
         hot = len(self.layers) * batch * (self.sink_pages + 1)
         self.hot_enabled = hot <= self.hot_fraction * capacity
         spare = capacity - (hot if self.hot_enabled else 0)

@@ -285,7 +285,7 @@ def _paged_generate(model: torch.nn.Module, state: PagingState):
     @functools.wraps(original)
     def generate(*args, **kwargs):
         cache = None
-        arguments = _generate_arguments(signature, args, kwargs)
+        arguments = _call_arguments(signature, args, kwargs)
         if _wants_paged_cache(model, arguments):
             inputs = arguments.get("inputs", arguments.get("input_ids"))
             max_tokens = None
@@ -314,10 +314,10 @@ def _signature(function: Any) -> Optional[inspect.Signature]:
         return None
 
 
-def _generate_arguments(signature: Optional[inspect.Signature], args: tuple, kwargs: dict) -> dict:
-    """``generate``'s arguments by name, those passed by position included (``generate(ids,
-    GenerationConfig(...))``), with its ``**kwargs`` merged in. A call that does not bind gives
-    the keyword arguments only (``generate`` itself then raises)."""
+def _call_arguments(signature: Optional[inspect.Signature], args: tuple, kwargs: dict) -> dict:
+    """A call's arguments by name, those passed by position included (``generate(ids,
+    GenerationConfig(...))``, ``model(ids, mask)``), with its ``**kwargs`` merged in. A call that
+    does not bind gives the keyword arguments only (the callee itself then raises)."""
     if signature is None:
         return dict(kwargs)
     try:
@@ -345,7 +345,7 @@ def _generation_setting(model: torch.nn.Module, arguments: dict, name: str, defa
 
 
 def _wants_paged_cache(model: torch.nn.Module, arguments: dict) -> bool:
-    """Whether a ``generate`` call with ``arguments`` (:func:`_generate_arguments`) gets a paged
+    """Whether a ``generate`` call with ``arguments`` (:func:`_call_arguments`) gets a paged
     cache: not when it brings its own cache, runs without one, asks for another implementation,
     searches beams or assists decoding with a draft."""
     if arguments.get("cache") is not None or arguments.get("past_key_values") is not None:
@@ -381,6 +381,8 @@ def _find_cache(kwargs: dict) -> Optional[PagedKVCache]:
 
 
 def _begin_forward_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    if args:  # model(ids, mask, ...): the mask (and a cache) may come by position
+        kwargs = _call_arguments(_signature(module.forward), args, kwargs)
     inputs = kwargs.get("input_ids")
     if inputs is None and args:
         inputs = args[0]

@@ -271,3 +271,67 @@ def test_generation_settings_from_a_positional_config_or_the_models_defaults_are
     got = model.generate(ids, GenerationConfig(max_new_tokens=5, do_sample=False), attention_mask=mask)  # a paged cache again
     assert torch.equal(got, reference.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False))
     assert paging_state(model).pager.stats()["faults"] > 0
+
+
+def test_a_forward_given_the_mask_by_position_stores_real_tokens_only(nvme_dir):
+    """``model(ids, mask, cache=...)``: the hook that tells the cache each forward's padding reads the
+    mask passed by position too. It read keywords only, so the "pagedllm" kernels attended to the
+    pads of a left-padded batch: wrong logits (0.08-0.18 off) with no error."""
+    reference, model = tiny_pair("llama")
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=16, host_pages=8), attn_implementation="pagedllm")
+    ids, mask = prompts(3, length=20)
+    keyword = cache_keyword(model)
+    expected_cache = DynamicCache(config=reference.config)
+    cache = PagedKVCache(model.config, pager=paging_state(model).pager)
+    with torch.no_grad():
+        expected = reference(ids, mask, **{keyword: expected_cache}).logits[:, -1]
+        got = model(ids, mask, **{keyword: cache}).logits[:, -1]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        step = expected.argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+        expected = reference(step, mask, **{keyword: expected_cache}).logits[:, -1]
+        got = model(step, mask, **{keyword: cache}).logits[:, -1]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert [seq.length for seq in cache.layers[0].seqs] == [21, 14, 2]  # real tokens: 20 - 0, 7 and 19 pads, + 1
+    cache.close()
+
+
+def test_a_paged_cache_says_whether_it_holds_states_as_transformers_caches_do(nvme_dir):
+    """``Cache.is_initialized`` counts only layers that can be set up early, which paged layers cannot:
+    it answered False after every forward, so models that read it to tell their first forward
+    (PaliGemma's prefix attends both ways) gave later forwards the first one's mask."""
+    reference, model = tiny_pair("llama")
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=16, host_pages=8), attn_implementation="sdpa")
+    ids, mask = prompts(1, length=10)
+    keyword = cache_keyword(model)
+    cache = PagedKVCache(model.config, pager=paging_state(model).pager)
+    dense = DynamicCache(config=reference.config)
+    assert cache.is_initialized is False and dense.is_initialized is False
+    with torch.no_grad():
+        model(ids, attention_mask=mask, **{keyword: cache})
+        reference(ids, attention_mask=mask, **{keyword: dense})
+    assert cache.is_initialized is True and dense.is_initialized is True
+    cache.reset()
+    assert cache.is_initialized is False
+    cache.close()
+
+
+def test_a_large_token_bound_does_not_size_a_segment_past_the_device_tier(nvme_dir):
+    """``generate(max_new_tokens=10**8)`` is a bound, not what is generated: a segment of that many
+    pages built a page table of 10**8 / 16 entries at allocate (23 s and 2 GB for a 3-token answer)."""
+    from pagedtensor.hf.cache import DEFAULT_SEGMENT_PAGES
+
+    _, model = tiny_pair("llama")
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=16, host_pages=8), attn_implementation="sdpa")
+    pager = paging_state(model).pager
+    ids, mask = prompts(1, length=10)
+    cache = PagedKVCache(model.config, pager=pager, max_tokens=10**8)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, **{cache_keyword(model): cache})
+    assert cache.segment_pages == max(DEFAULT_SEGMENT_PAGES, pager.device_tier.capacity_pages)
+    bounded = PagedKVCache(model.config, pager=pager, max_tokens=40)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, **{cache_keyword(model): bounded})
+    assert bounded.segment_pages == 3  # 40 tokens of 16 a page: the bound, where it is smaller
+    cache.close()
+    bounded.close()
