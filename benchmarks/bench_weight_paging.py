@@ -50,6 +50,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from typing import Any, Optional
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
@@ -211,7 +212,9 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
                 resident_device_gib=measured.paging["resident_bytes"]["device"] / GIB,
             )
     except torch.cuda.OutOfMemoryError as error:
-        result.update(status="oom", oom_phase=phase, error=str(error).splitlines()[0][:300])
+        frames = traceback.extract_tb(error.__traceback__)[-6:]  # where the allocation came from
+        result.update(status="oom", oom_phase=phase, error=str(error).splitlines()[0][:300],
+                      oom_at=[f"{frame.filename.rsplit('/', 2)[-1]}:{frame.lineno} {frame.name}" for frame in frames])  # fmt: skip
     return result
 
 
