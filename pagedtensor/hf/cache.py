@@ -358,6 +358,13 @@ class PagedKVCache(Cache):
             layer.is_initialized = False
         self.dtype = None
 
+    def __deepcopy__(self, memo: dict) -> "PagedKVCache":
+        raise TypeError(
+            "copy.deepcopy of a PagedKVCache: its keys and values live in a Pager's pages, which are not copied. "
+            "To reuse a prompt's keys and values for several continuations, crop the cache back to the prompt "
+            "between them (cache.crop(-tokens_added_since)), or make a cache for each"
+        )
+
     def close(self) -> None:
         """Free every page (and close the pager if this cache created it). Idempotent."""
         if not self.closed:

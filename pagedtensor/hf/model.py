@@ -242,8 +242,19 @@ def _install(
     state.own_hooks = _own_hook_count(state)
     setattr(model, STATE_ATTRIBUTE, state)
     model.generate = _paged_generate(model, state)
+    model.__reduce_ex__ = _refuse_to_copy_or_save  # pickle and deepcopy look it up on the instance first
     if page_weights:
         model.save_pretrained = _dense_save_pretrained(model, model.save_pretrained)
+
+
+def _refuse_to_copy_or_save(protocol: int = 2) -> Any:
+    """A paged model's ``__reduce_ex__``: ``torch.save(model)``, ``pickle`` and ``copy.deepcopy`` of it
+    raise naming what to do, where they failed on a layer's wrapped forward or a prefetch hook."""
+    raise TypeError(
+        "torch.save, pickle or copy.deepcopy of a model after enable_paging: its pager (device slabs, pinned host "
+        "memory, a page file) cannot be saved or copied. Save model.state_dict() or model.save_pretrained(path) "
+        "(the weights come out dense), or copy the model before enable_paging, then enable paging on each copy"
+    )
 
 
 def paging_state(model: torch.nn.Module) -> Optional[PagingState]:

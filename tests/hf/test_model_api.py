@@ -225,6 +225,13 @@ def test_deep_copying_a_paged_model_or_pickling_a_pager_is_refused_by_name(nvme_
         copy.deepcopy(model)
     with pytest.raises(TypeError, match="cannot be pickled or copied"):
         pickle.dumps(paging_state(model).pager)
+    for save in (pickle.dumps, lambda m: torch.save(m, io.BytesIO())):  # failed on a layer's wrapped forward
+        with pytest.raises(TypeError, match=r"state_dict\(\) or model.save_pretrained"):
+            save(model)
+    saved = io.BytesIO()
+    torch.save(model.state_dict(), saved)  # what the message advises works
+    saved.seek(0)
+    assert torch.load(saved).keys() == model.state_dict().keys()
 
 
 def test_a_failed_paged_forward_leaves_no_paged_forward_flag(nvme_dir):
@@ -335,3 +342,26 @@ def test_a_large_token_bound_does_not_size_a_segment_past_the_device_tier(nvme_d
     assert bounded.segment_pages == 3  # 40 tokens of 16 a page: the bound, where it is smaller
     cache.close()
     bounded.close()
+
+
+def test_a_paged_cache_refuses_deepcopy_and_its_advice_reuses_a_prompt(nvme_dir):
+    """transformers' way to reuse a prompt's cache is ``copy.deepcopy``, which failed on the pager with
+    a message naming it; the refusal names crop, which gives each continuation the prompt's cache."""
+    import copy
+
+    reference, model = tiny_pair("llama")
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=16, host_pages=8), attn_implementation="sdpa")
+    ids, mask = prompts(1, length=12)
+    keyword = cache_keyword(model)
+    cache = PagedKVCache(model.config, pager=paging_state(model).pager)
+    with torch.no_grad():
+        model(ids[:, :-1], attention_mask=mask[:, :-1], **{keyword: cache})  # the shared prefix
+    with pytest.raises(TypeError, match=r"cache.crop\(-tokens_added_since\)"):
+        copy.deepcopy(cache)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    for _ in range(2):
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **{keyword: cache})
+        assert torch.equal(got, expected)
+        cache.crop(11 - cache.get_seq_length())
+        assert cache.get_seq_length() == 11
+    cache.close()
