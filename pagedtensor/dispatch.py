@@ -1199,8 +1199,9 @@ def grouped_mm_of_routed_experts(func: OpOverload, types: tuple, args: tuple, kw
     # Per routed expert, the group ends that give every group but the expert's no rows (one copy).
     group_ends = torch.tensor([[0] * expert + [ends[expert] - starts[expert]] * (experts - expert) for expert in routed_experts],
                               dtype=torch.int32).to(offs.device)  # fmt: skip
-    # An expert's rows go first in a buffer of mat_a's layout (torch's kernel depends on it).
-    rows_first = torch.empty_like(mat_a) if any(starts[expert] for expert in routed_experts) else None
+    # An expert's rows go first in a buffer of mat_a's layout and of its address's alignment
+    # (torch's kernel depends on both: the CPU kernel takes another path for an unaligned mat_a).
+    rows_first = _buffer_like(mat_a) if any(starts[expert] for expert in routed_experts) else None
     if rows_first is not None and rows_first.stride() != mat_a.stride():
         return DISPATCHER.run_paged(func, types, args, kwargs)  # mat_a not dense in itself: the generic way
     if _pending_frees:
@@ -1217,6 +1218,17 @@ def grouped_mm_of_routed_experts(func: OpOverload, types: tuple, args: tuple, kw
             result = torch.empty_like(out)
         result[start : start + rows].copy_(out[:rows])
     return result
+
+
+def _buffer_like(mat_a: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """``torch.empty_like(mat_a)`` whose data pointer has ``mat_a``'s offset from an ``alignment``-byte boundary."""
+    buffer = torch.empty_like(mat_a)
+    shift = mat_a.data_ptr() % alignment
+    if shift == 0 or shift % mat_a.element_size():
+        return buffer
+    shift //= mat_a.element_size()
+    flat = torch.empty(buffer.untyped_storage().nbytes() // mat_a.element_size() + shift, dtype=mat_a.dtype, device=mat_a.device)
+    return flat.as_strided(buffer.shape, buffer.stride(), shift)
 
 
 def _one_expert(func: OpOverload, mat_a: torch.Tensor, mat_b: PagedTensor, expert: int, group_ends: torch.Tensor,
@@ -1248,7 +1260,12 @@ def _routed_experts(args: tuple, kwargs: dict) -> Optional[tuple[torch.Tensor, P
     if not isinstance(offs, torch.Tensor) or isinstance(offs, PagedTensor):
         return None
     if offs.dim() != 1 or offs.numel() != mat_b.shape[0] or offs.dtype != torch.int32:
-        return None  # torch's own checks and error, the generic way
+        # torch's own checks and error, before any page is read (the generic way would materialize
+        # the whole stack first: OutOfPagesError where it does not fit the device tier)
+        unread = torch.empty_like(meta_like(mat_b)[0], device=mat_b.device).expand(mat_b.shape)
+        out_dtype = args[4] if len(args) > 4 else kwargs.get("out_dtype")
+        torch.ops.aten._grouped_mm.default(mat_a, unread, offs, out_dtype=out_dtype)
+        return None  # torch accepted it after all: the generic way
     bias = args[3] if len(args) > 3 else kwargs.get("bias")
     if bias is not None:
         return None  # a bias per expert (torch has no kernel for it yet): the generic way

@@ -2,7 +2,7 @@
 
 The dispatcher runs an op on dense views of every page its PagedTensor arguments reach, resident at
 once. An elementwise op (each result element made from the arguments' elements at the same index:
-the ``pointwise`` tag, and ``copy_``/``fill_``/``zero_``) gives the same bytes when it runs on
+the ``pointwise`` tag, and ``copy_``/``fill_``/``zero_``/``_to_copy`` on its own device) gives the same bytes when it runs on
 consecutive pieces of its tensors, so when its pages cannot fit at once it runs piece by piece:
 each piece is an ordinary op on PagedTensor views of a run of pages, faulted in, run and written
 back like any op, before the next piece's pages fault in.
@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 aten = torch.ops.aten
 
 # Elementwise ops without the ``pointwise`` tag.
-_ELEMENTWISE = frozenset({aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default})
+# ``_to_copy`` (``t.to(dtype)``, what ``model.half()`` / ``model.to(torch.bfloat16)`` run on every
+# parameter) converts element by element: an expert stack larger than the device tier converts in pieces.
+_ELEMENTWISE = frozenset({aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default, aten._to_copy.default})
 
 
 def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -> Any:
@@ -48,6 +50,10 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     if not info.elementwise or written not in ([], [0]):  # not elementwise, or an out= form
         return NotImplemented
     in_place = written == [0]
+    if func is aten._to_copy.default and (
+        kwargs.get("device") not in (None, args[0].device) or kwargs.get("layout") not in (None, torch.strided) or kwargs.get("pin_memory")
+    ):  # fmt: skip
+        return NotImplemented  # pieces run on the PagedTensor's device, as dense strided tensors
     tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
     if any(type(value) in (list, tuple) for value in (*args, *kwargs.values())):
         return NotImplemented

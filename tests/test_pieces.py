@@ -141,3 +141,16 @@ def test_elementwise_ops_in_pieces_equal_dense(rows, cols, dtype, view, offset, 
         assert same_bits(dense(got), expected)
         assert same_bits(paged_x.materialize(), x) and same_bits(paged_y.materialize(), y)
         assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
+
+
+def test_a_dtype_conversion_larger_than_the_device_tier_runs_in_pieces():
+    # t.to(dtype) is what module.half() and model.to(torch.bfloat16) run on every parameter.
+    x = torch.randn(64, 256)  # 16 pages of 4 KiB
+    with Pager(MemoryConfig(page_size=4096, vram_limit=4 * 4096, host_memory=64 * 4096, slab_size=64 * 4096, device="cpu",
+                            prefetch_strategy="none")) as pager:  # fmt: skip
+        t = PagedTensor.wrap(x, pager)
+        for dtype in (torch.bfloat16, torch.float16, torch.float64):
+            assert torch.equal(t.to(dtype), x.to(dtype))
+        assert torch.equal(t.t().to(torch.bfloat16), x.t().to(torch.bfloat16))
+        with pytest.raises(OutOfPagesError):
+            t.cumsum(0)  # not elementwise: no pieces

@@ -156,3 +156,30 @@ def record_reads(pager: Pager, paged: PagedTensor) -> set[int]:
 
     pager.ensure_resident, pager.read = recording_ensure_resident, recording_read
     return pages
+
+
+def test_an_unaligned_mat_a_keeps_the_dense_ops_bits():
+    # torch's CPU kernel takes another path for a mat_a not on a 16-byte boundary: an expert's rows
+    # moved first are copied to a buffer at the same offset from a boundary.
+    g = torch.Generator().manual_seed(0)
+    stack = torch.randn(6, 32, 32, generator=g)
+    a = torch.randn(12 * 32 + 1, generator=g)[1:].view(12, 32)
+    assert a.data_ptr() % 16 == 4
+    offs = routed_rows([2, 0, 3, 0, 4, 3])
+    with make_pager(64) as pager:
+        assert torch.equal(grouped(a, PagedTensor.wrap(stack, pager), offs, True), grouped(a, stack, offs, True))
+
+
+@pytest.mark.parametrize("offs, error", [
+    (torch.tensor([2, 4, 6, 8, 10, 12]), "int32"),  # int64
+    (routed_rows([2, 2, 2, 2, 4]), "batch sizes have to match"),  # one per expert but one
+])  # fmt: skip
+def test_offs_torch_refuses_raise_its_error_before_any_page_is_read(offs, error):
+    stack = torch.randn(6, 32, 32)
+    with make_pager(2) as pager:  # the stack (6 pages) cannot be resident at once
+        paged = PagedTensor.wrap(stack, pager)
+        pager.evict_all()
+        before = pager.stats()["faults"]
+        with pytest.raises(RuntimeError, match=error):
+            grouped(torch.randn(12, 32), paged, offs, True)
+        assert pager.stats()["faults"] == before

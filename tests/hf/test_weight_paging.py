@@ -392,3 +392,19 @@ def test_experts_fault_in_only_where_tokens_are_routed(experts_implementation, n
     before = state.pager.stats()["bytes_h2d"]
     _generate(model, ids, mask)
     assert state.pager.stats()["bytes_h2d"] - before < 4 * sum(stack_bytes)  # 4.7 MB of 1.5 MiB stacks here
+
+
+def test_a_dtype_change_converts_expert_stacks_larger_than_the_device_tier(nvme_dir):
+    """``model.to(torch.bfloat16)`` after paging: each 512 KiB stack converts a piece at a time
+    through a 192 KiB device tier (it raised OutOfPagesError and left the model half converted)."""
+    reference, model = _tiny_mixtral("grouped_mm")
+    ids, mask = prompts(1)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=48, host_pages=64), attn_implementation="sdpa",
+                  prefill_chunk_size=16, page_weights=True)
+    model.to(torch.bfloat16)
+    reference.to(torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    stacks = [layer.mlp.experts.gate_up_proj for layer in model.model.layers]
+    assert all(isinstance(stack, PagedTensor) and not stack.allocation.loop for stack in stacks)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), expected)
