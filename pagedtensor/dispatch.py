@@ -1194,8 +1194,7 @@ def grouped_mm_of_routed_experts(func: OpOverload, types: tuple, args: tuple, kw
     starts = [0, *ends[:-1]]
     routed_experts = [expert for expert in range(experts) if ends[expert] > starts[expert]]
     if not routed_experts:  # no row at all: the dense op's layout, its values unspecified, no page read
-        unread = torch.empty_like(meta_like(mat_b)[0], device=mat_b.device).expand(mat_b.shape)
-        return func(mat_a, unread, torch.zeros_like(offs), out_dtype=out_dtype)
+        return func(mat_a, _unread_stack(mat_b), torch.zeros_like(offs), out_dtype=out_dtype)
     # Per routed expert, the group ends that give every group but the expert's no rows (one copy).
     group_ends = torch.tensor([[0] * expert + [ends[expert] - starts[expert]] * (experts - expert) for expert in routed_experts],
                               dtype=torch.int32).to(offs.device)  # fmt: skip
@@ -1248,6 +1247,12 @@ def _one_expert(func: OpOverload, mat_a: torch.Tensor, mat_b: PagedTensor, exper
         window.release()
 
 
+def _unread_stack(mat_b: PagedTensor) -> torch.Tensor:
+    """A stand-in for ``mat_b`` with its layout and no page read: one uninitialized expert repeated
+    with a stride of 0, for an op that reads none of it (no rows) or only checks its arguments."""
+    return torch.empty_like(meta_like(mat_b)[0], device=mat_b.device).expand(mat_b.shape)
+
+
 def _routed_experts(args: tuple, kwargs: dict) -> Optional[tuple[torch.Tensor, PagedTensor, torch.Tensor, list[int]]]:
     """``(mat_a, mat_b, offs, offs as a list)`` when ``_grouped_mm``'s ``mat_b`` is a paged stack of
     expert matrices and ``offs`` their groups' row ends (int32, one per expert), else ``None``."""
@@ -1262,9 +1267,8 @@ def _routed_experts(args: tuple, kwargs: dict) -> Optional[tuple[torch.Tensor, P
     if offs.dim() != 1 or offs.numel() != mat_b.shape[0] or offs.dtype != torch.int32:
         # torch's own checks and error, before any page is read (the generic way would materialize
         # the whole stack first: OutOfPagesError where it does not fit the device tier)
-        unread = torch.empty_like(meta_like(mat_b)[0], device=mat_b.device).expand(mat_b.shape)
         out_dtype = args[4] if len(args) > 4 else kwargs.get("out_dtype")
-        torch.ops.aten._grouped_mm.default(mat_a, unread, offs, out_dtype=out_dtype)
+        torch.ops.aten._grouped_mm.default(mat_a, _unread_stack(mat_b), offs, out_dtype=out_dtype)
         return None  # torch accepted it after all: the generic way
     bias = args[3] if len(args) > 3 else kwargs.get("bias")
     if bias is not None:
