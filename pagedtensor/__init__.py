@@ -8,7 +8,7 @@ distribution is ``pagedllm``.
 from __future__ import annotations
 
 from pagedtensor.config import MemoryConfig, format_size, parse_size
-from pagedtensor.errors import OutOfPagesError, PageCorruptionError, PagedLLMError
+from pagedtensor.errors import OutOfPagesError, PageCorruptionError, PagedLLMError, SlabAllocationError
 from pagedtensor.pager import Allocation, PageInfo, Pager, ResidentPages
 from pagedtensor.default_pager import get_default_pager, set_default_pager
 from pagedtensor.tensor import PagedTensor
@@ -28,6 +28,7 @@ __all__ = [
     "format_size",
     "OutOfPagesError",
     "PageCorruptionError",
+    "SlabAllocationError",
     "PagedLLMError",
     "enable_paging",
     "PagedModel",

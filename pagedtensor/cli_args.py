@@ -7,11 +7,13 @@ argparse reports an ``ArgumentTypeError`` raised by a ``type`` function as
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from typing import Callable, Optional
 
-from pagedtensor.config import MemoryConfig, parse_size
+import torch
+
+from pagedtensor.config import MemoryConfig, format_size, machine_memory_bytes, parse_size
+from pagedtensor.tiers.disk import make_folder
 
 
 def size_type(option: str) -> Callable[[str], int]:
@@ -40,18 +42,34 @@ def positive_int(text: str) -> int:
     return value
 
 
+def page_size_error(config: MemoryConfig) -> Optional[str]:
+    """Why ``config``'s pages can never be held, or ``None``: every tier holds whole pages, so a page
+    larger than this machine's memory, or than the CUDA device's, fails at the first slab. (Budgets
+    larger than the machine are fine: tiers grow slabs on demand.)"""
+    limits = [("this machine's memory", machine_memory_bytes())]
+    if config.device.type == "cuda" and torch.cuda.is_available():
+        limits.append((f"the memory of {config.device}", torch.cuda.get_device_properties(config.device).total_memory))
+    for what, total in limits:
+        if total is not None and 0 < total < config.page_size:
+            return f"page_size: a page of {format_size(config.page_size)} is more than {what} ({format_size(total)}); every tier holds whole pages"
+    return None
+
+
 def config_error(**settings: object) -> Optional[str]:
     """Why ``MemoryConfig(**settings)`` would be refused (budget under a page, page size, device, disk
-    path), or ``None``; checked before any work starts, so the command fails as a usage error. The
+    path) or could never hold a page (:func:`page_size_error`), or ``None``; checked before any work starts, so the command fails as a usage error. The
     disk folder is created here (the command is about to use it), so a path that cannot be one fails
     here too."""
     try:
         config = MemoryConfig(**settings)
     except (ValueError, TypeError) as error:
         return str(error)
+    error = page_size_error(config)
+    if error is not None:
+        return error
     if config.nvme_path is not None:
         try:
-            os.makedirs(config.nvme_path, exist_ok=True)
+            make_folder(config.nvme_path)
         except OSError as error:
             return f"nvme_path: cannot create the folder {config.nvme_path!r}: {error.strerror or error}"
         try:  # an existing folder may still refuse files (permissions, a read-only file system)

@@ -87,7 +87,12 @@ def parse_size(value: SizeLike, field: str = "size") -> int:
         return value
     match = _SIZE_PATTERN.match(value)
     if match is None:
-        if value.strip().startswith("-"):
+        magnitude = value.strip()[1:] if value.strip().startswith("-") else None
+        negative = _SIZE_PATTERN.match(magnitude) if magnitude is not None else None
+        if negative is not None:
+            zero = set(negative.group("number").lower().split("e")[0]) <= {"0", "."}
+            if zero and (negative.group("unit").lower() or "b") in UNIT_BYTES:
+                return 0  # "-0", "-0KiB": zero, as int("-0") is
             raise ValueError(f"{field}: size must not be negative, got {value!r}")
         raise ValueError(f"{field}: cannot parse size {value!r}; use e.g. '512MB', '24GiB' or an int of bytes")
     unit = match.group("unit").lower() or "b"

@@ -17,3 +17,9 @@ class PageCorruptionError(PagedLLMError):
 class OutOfPagesError(PagedLLMError, MemoryError):
     """A request needs more pages than the budgets of every tier can hold, counting only pages that
     may be evicted (pinned pages never are)."""
+
+
+class SlabAllocationError(OutOfPagesError):
+    """A tier's allocator could not give it a slab: the machine lacks the memory that the tier's
+    budget (``vram_limit``, ``host_memory``) or its ``slab_size`` asks for. Pages already held are
+    untouched; the request that needed the slab gets nothing."""

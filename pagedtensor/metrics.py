@@ -48,8 +48,15 @@ class PagerMetrics:
         self.values: dict[str, int] = dict.fromkeys(COUNTER_HELP, 0)
         self.namespace = namespace
         self._resident_bytes = resident_bytes if resident_bytes is not None else (lambda: dict.fromkeys(TIERS, 0))
-        self._collector: Optional[PagerCollector] = PagerCollector(self)
-        self.registry.register(self._collector)
+        collector = PagerCollector(self)
+        try:
+            self.registry.register(collector)
+        except ValueError as error:  # prometheus_client's DuplicateTimeseries lists every sample name
+            raise ValueError(
+                f"registry: already holds metrics named {namespace}_* (another pager's, not closed?); one registry holds "
+                f"one pager's metrics: give each pager its own CollectorRegistry, or close the other pager first ({error})"
+            ) from error
+        self._collector: Optional[PagerCollector] = collector
 
     def close(self) -> None:
         """Take this pager's metrics out of the registry (a closed pager's names are free again)."""

@@ -390,7 +390,12 @@ class Pager:
         self.device_policy = DeferredTouches(make_policy(self.config.eviction_policy, self.device_tier.capacity_pages))
         self.host_policy = make_policy(self.config.eviction_policy, self.host_tier.capacity_pages)
         self._lock = threading.RLock()
-        self.metrics = PagerMetrics(registry, resident_bytes=_weak_resident_bytes(self))
+        try:
+            self.metrics = PagerMetrics(registry, resident_bytes=_weak_resident_bytes(self))
+        except BaseException:  # a registry refused: the page file and its I/O threads go now, not at collection
+            if self.disk_tier is not None:
+                self.disk_tier.close()
+            raise
         # A pager dropped without close(): its metrics leave the registry (which would otherwise keep
         # reporting it, and refuse another pager's metrics of the same names).
         weakref.finalize(self, self.metrics.close)

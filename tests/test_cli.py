@@ -25,11 +25,16 @@ def test_cli_entry_point(capsys):
     assert "every byte came back" in capsys.readouterr().out
 
 
+HUGE = "4194304TiB"  # 2**62 bytes: a power of two that parses, and more memory than any machine has
+HUGE_PAGES = ["--page-size", HUGE, "--vram-limit", HUGE, "--host-memory", HUGE]
+
+
 @pytest.mark.parametrize(
     "argv, named",
     [
         (["demo", "--size", "banana"], ["--size", "'banana'"]),
         (["demo", "--size", "0"], ["--size", "positive", "'0'"]),
+        (["demo", "--size", "-0"], ["--size", "positive", "'-0'"]),
         (["demo", "--page-size", "3KiB"], ["page_size", "power of two", "3072"]),
         (["demo", "--vram-limit", "1"], ["vram_limit", "smaller than one page"]),
         (["demo", "--host-memory=-5MiB"], ["--host-memory", "negative"]),
@@ -42,6 +47,8 @@ def test_cli_entry_point(capsys):
         (["demo", "--vram-limit", "1e400"], ["--vram-limit", "'1e400'", "largest size"]),
         (["demo", "--size", "1e-999999999999999999999"], ["--size", "'1e-999999999999999999999'", "exponent out of range"]),
         (["demo", "--page-size", "1e999999999999999999999KiB"], ["--page-size", "'1e999999999999999999999KiB'"]),
+        (["demo", *HUGE_PAGES], ["page_size: a page of 4194304.00 TiB is more than this machine's memory"]),
+        (["ask", *HUGE_PAGES], ["page_size: a page of 4194304.00 TiB is more than this machine's memory"]),
     ],
 )
 def test_bad_arguments_are_usage_errors_naming_the_value(argv, named, capsys):
@@ -101,6 +108,17 @@ def test_demo_states_the_tensor_against_the_device_budget():
     assert "0.1x the device budget" in out.getvalue()
 
 
+def test_demo_refuses_a_disk_folder_through_a_dangling_link_naming_it(capsys, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--nvme-path", str(link), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"nvme_path: cannot create the folder '{link}': '{link}' is a symbolic link to '{tmp_path / 'gone'}'" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.skipif(not __import__("os").path.isdir("/sys/kernel"), reason="needs sysfs")
 def test_demo_refuses_a_disk_folder_it_cannot_write(capsys):
     """An existing folder that refuses files (sysfs refuses even root) is a usage error too."""
@@ -135,3 +153,22 @@ def test_demo_data_that_cannot_be_allocated_is_a_usage_error(capsys, monkeypatch
     err = capsys.readouterr().err
     assert "pagedllm demo: error: argument --size: cannot allocate 1.00 MiB (1048576 bytes) of demo data" in err
     assert "Traceback" not in err
+
+
+def test_demo_slab_that_cannot_be_allocated_is_a_usage_error_naming_it(capsys, monkeypatch):
+    """Pages that fit the machine, but a slab its allocator cannot give (memory in use elsewhere):
+    a usage error naming the tier, the slab and the settings to lower, not torch's traceback."""
+    import torch
+
+    from pagedtensor.tiers.device import DeviceTier
+
+    def out_of_memory(self, nbytes: int) -> torch.Tensor:
+        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {nbytes} bytes.")
+
+    monkeypatch.setattr(DeviceTier, "_allocate", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--size", "1MiB", "--vram-limit", "128KiB", "--host-memory", "256KiB", "--page-size", "16KiB", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "pagedllm demo: error: device tier: cannot allocate a slab of 128.00 KiB (131072 bytes, 8 pages of 16.00 KiB" in err
+    assert "CUDA out of memory" in err and "Lower slab_size, page_size or the tier's budget" in err and "Traceback" not in err

@@ -44,9 +44,15 @@ def test_decimal_and_binary_units_differ():
     assert parse_size("1.5GiB") == 3 * 2**29
 
 
+@pytest.mark.parametrize("value", ["-0", " -0KiB", "-0.0e5MiB", "-.0"])
+def test_minus_zero_is_zero_not_negative(value):
+    """As ``int("-0") == 0``: the CLI then says "expected a positive size", not "negative"."""
+    assert parse_size(value) == 0
+
+
 @pytest.mark.parametrize(
     "value, message",
-    [("24XB", "unknown unit 'XB'"), ("-1GB", "negative"), (-5, "negative"), ("lots", "cannot parse"), ("1.0000001KB", "whole number")],
+    [("24XB", "unknown unit 'XB'"), ("-1GB", "negative"), ("-0.01KB", "negative"), ("--0", "cannot parse"), (-5, "negative"), ("lots", "cannot parse"), ("1.0000001KB", "whole number")],
 )
 def test_bad_sizes_name_field_and_value(value, message):
     with pytest.raises(ValueError, match=message) as error:
@@ -178,6 +184,20 @@ def test_a_disk_tier_folder_that_cannot_hold_files_names_nvme_path(folder):
 
     config = MemoryConfig(vram_limit=4096, host_memory=4096, page_size=4096, nvme_path=folder, device="cpu")
     with pytest.raises(OSError, match=f"nvme_path: cannot create the disk tier's page file in '{folder}'"):
+        Pager(config)
+
+
+@pytest.mark.parametrize("under", ["", "sub"], ids=["the-link", "a-folder-under-it"])
+def test_a_disk_tier_folder_through_a_dangling_link_names_the_link(tmp_path, under):
+    """``os.makedirs`` says only "File exists" (or "No such file or directory") for a symbolic link
+    whose target is gone: the pager's OSError names the link and its missing target."""
+    from pagedtensor import Pager
+
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "missing")
+    folder = str(link / under) if under else str(link)
+    config = MemoryConfig(vram_limit=4096, host_memory=4096, page_size=4096, nvme_path=folder, device="cpu")
+    with pytest.raises(FileNotFoundError, match=f"'{link}' is a symbolic link to '{tmp_path / 'missing'}', which does not exist"):
         Pager(config)
 
 

@@ -3,8 +3,10 @@ write-back of dirty pages only, prefetch, threads, metrics."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gc
+import os
 import shutil
 import tempfile
 import weakref
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from pagedtensor import MemoryConfig, OutOfPagesError, PageCorruptionError, PagedTensor, Pager
+from pagedtensor import MemoryConfig, OutOfPagesError, PageCorruptionError, PagedTensor, Pager, SlabAllocationError
 from tests.support import run_in_threads
 
 PAGE = 4096
@@ -215,8 +217,15 @@ def test_metrics_are_read_at_scrape_time_and_names_stay_unique(nvme_dir):
         pager.ensure_resident(allocation, 2, 3).release()
         assert registry.get_sample_value("pagedllm_hits_total") == first + 1 == pager.stats()["hits"]
         assert registry.get_sample_value("pagedllm_resident_bytes", {"tier": "device"}) == pager.stats()["resident_bytes"]["device"]
-        with pytest.raises(ValueError, match="Duplicated"):
-            Pager(config, registry=registry)
+        open_files = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(ValueError, match=r"registry: already holds metrics named pagedllm_\* \(another pager's, not closed\?\); "
+                                             r"one registry holds one pager's metrics: give each pager its own CollectorRegistry") as refused:
+            Pager(dataclasses.replace(config, nvme_path=nvme_dir), registry=registry)
+        # The refused pager's page file and I/O threads are closed at once, not when its frames
+        # (held by the error's traceback here) are collected.
+        assert refused.tb is not None and len(os.listdir("/proc/self/fd")) == open_files
+    with Pager(config, registry=registry):  # the first one closed: its names are free again
+        pass
 
 
 def test_misuse_is_a_clear_error():
@@ -477,6 +486,32 @@ def test_slabs_grown_under_inference_mode_take_writes_outside_it():
         pager.write(allocation, random_bytes(2 * PAGE, seed=2))
         assert torch.equal(pager.read(allocation), random_bytes(2 * PAGE, seed=2))
         assert torch.equal(pager.read(other), random_bytes(PAGE, seed=1))
+
+
+def test_a_slab_the_allocator_refuses_raises_naming_it_and_keeps_every_page(monkeypatch):
+    """The device tier grows a slab per two pages here; when the allocator cannot give the second
+    (the machine has less memory than ``vram_limit``), the fault raises ``SlabAllocationError``
+    naming the slab and the settings to lower. The pages written before stay readable, the failed
+    request takes no slot, and once memory is there again the same request succeeds."""
+    with make_pager(device_pages=4, slab_size=2 * PAGE) as pager:
+        first = pager.allocate(2 * PAGE)
+        pager.write(first, random_bytes(2 * PAGE, seed=1))
+        allocate_slab = pager.device_tier._allocate_slab
+
+        def out_of_memory(nbytes: int) -> torch.Tensor:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {nbytes} bytes")
+
+        monkeypatch.setattr(pager.device_tier, "_allocate_slab", out_of_memory)
+        second = pager.allocate(2 * PAGE)
+        with pytest.raises(SlabAllocationError, match=rf"device tier: cannot allocate a slab of 8.00 KiB \({2 * PAGE} bytes, 2 pages") as raised:
+            pager.write(second, random_bytes(2 * PAGE, seed=2))
+        assert isinstance(raised.value, OutOfPagesError) and "Lower slab_size" in str(raised.value)
+        assert pager.device_tier.used_pages == 2 and len(pager.device_tier.slabs) == 1
+        assert torch.equal(pager.read(first), random_bytes(2 * PAGE, seed=1))
+        monkeypatch.setattr(pager.device_tier, "_allocate_slab", allocate_slab)
+        pager.write(second, random_bytes(2 * PAGE, seed=2))
+        assert torch.equal(pager.read(second), random_bytes(2 * PAGE, seed=2))
+        assert torch.equal(pager.read(first), random_bytes(2 * PAGE, seed=1))
 
 
 def test_a_page_staged_from_a_full_disk_keeps_its_disk_copy(tmp_path):

@@ -79,6 +79,26 @@ def _buffer(address: int, length: int) -> ctypes.Array:
     return (ctypes.c_ubyte * length).from_address(address)
 
 
+def make_folder(folder: str) -> None:
+    """Create ``folder`` and its missing parents.
+
+    Raises:
+        OSError: as ``os.makedirs``; where a dangling symbolic link is on the way (``os.makedirs``
+            says only "File exists" or "No such file or directory"), the message names the link
+            and its missing target.
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        path = os.path.abspath(folder)
+        while not os.path.lexists(path) or os.path.exists(path):  # up to the first dangling link
+            parent = os.path.dirname(path)
+            if parent == path:
+                raise
+            path = parent
+        raise FileNotFoundError(errno.ENOENT, f"{path!r} is a symbolic link to {os.readlink(path)!r}, which does not exist") from error
+
+
 def _open_page_file(folder: str) -> tuple[int, str, bool]:
     """Creates a uniquely named page file in ``folder`` and removes its name at once; returns (fd,
     the name it had, O_DIRECT in use). The file lives as long as the fd: the kernel frees its space
@@ -198,7 +218,7 @@ class DiskTier:
         folder = os.fsdecode(os.fspath(path))
         try:
             try:
-                os.makedirs(folder, exist_ok=True)
+                make_folder(folder)
                 self._fd, self.file_path, self.direct_io = _open_page_file(folder)
             except OSError as error:  # the folder named, not only a generated file name inside it
                 raise type(error)(error.errno, f"nvme_path: cannot create the disk tier's page file in {folder!r}: "

@@ -13,7 +13,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from pagedtensor.errors import OutOfPagesError
+from pagedtensor.config import format_size
+from pagedtensor.errors import OutOfPagesError, SlabAllocationError
 
 SlabAllocator = Callable[[int], torch.Tensor]
 """Returns a contiguous uint8 tensor of exactly the requested number of bytes."""
@@ -188,15 +189,29 @@ class SlabPool:
         self.used_pages = 0
 
     def _grow(self) -> None:
+        """Add one slab (``slab_pages`` pages, fewer when the budget's rest is smaller).
+
+        Raises:
+            OutOfPagesError: the budget is fully grown.
+            SlabAllocationError: the allocator could not give the slab (the message names its size).
+        """
         pages = min(self.slab_pages, self.capacity_pages - self._grown_pages)
         if pages <= 0:
             raise OutOfPagesError(f"{self.name} tier: budget of {self.capacity_pages} pages is fully grown")
         # A slab outlives the call that grew it: never an inference tensor (one grown under
         # torch.inference_mode() could not be written outside it).
+        nbytes = pages * self.page_size
         with torch.inference_mode(False):
-            slab = self._allocate_slab(pages * self.page_size)
+            try:
+                slab = self._allocate_slab(nbytes)
+            except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError, "can't allocate memory", cudaHostRegister
+                raise SlabAllocationError(
+                    f"{self.name} tier: cannot allocate a slab of {format_size(nbytes)} ({nbytes} bytes, {pages} page{'s' if pages != 1 else ''} of "
+                    f"{format_size(self.page_size)}; {self._grown_pages} of the budget's {self.capacity_pages} pages grown already): {error}. "
+                    f"Lower slab_size, page_size or the tier's budget (vram_limit, host_memory) to what this machine has"
+                ) from error
         if slab.dtype != torch.uint8 or slab.numel() != pages * self.page_size or not slab.is_contiguous():
-            raise RuntimeError(f"{self.name} tier: slab allocator returned {slab.dtype} x {slab.numel()}, expected uint8 x {pages * self.page_size}")
+            raise RuntimeError(f"{self.name} tier: slab allocator returned {slab.dtype} x {slab.numel()}, expected uint8 x {nbytes}")
         self.slabs.append(slab)
         self.slab_spans.append((slab.data_ptr(), slab.data_ptr() + slab.numel()))
         self._free_map += b"\x01" * pages  # byte s is slot s: only the last slab can be short
