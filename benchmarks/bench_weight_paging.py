@@ -83,6 +83,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--host-gib", type=float, default=32.0, help="pinned host budget of the pager, GiB (default 32)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per configuration subprocess (default 300)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attn", default=None, choices=("pagedllm", "sdpa", "eager"),
+                        help="attention of the paged runs (default: pagedllm on cuda, sdpa on cpu); native runs sdpa")
     parser.add_argument("--device", default="cuda", help="cuda (default); cpu only checks the plumbing on tiny shapes")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -122,7 +124,8 @@ def _enable_paged_weights(args: argparse.Namespace, model, result: dict[str, Any
         raise SystemExit(f"--cap-gib {args.cap_gib} leaves no device budget for the pager after the dense weights and the margin")
     config = MemoryConfig(vram_limit=vram, host_memory=int(args.host_gib * GIB), page_size=page_size, slab_size=vram,
                           prefetch_strategy="none", device=args.device)  # fmt: skip
-    enable_paging(model, config, attn_implementation="pagedllm" if args.device == "cuda" else "sdpa", page_weights=True)
+    attn = args.attn or ("pagedllm" if args.device == "cuda" else "sdpa")
+    enable_paging(model, config, attn_implementation=attn, page_weights=True)
     pager = paging_state(model).pager
     weights = [allocation for allocations in paging_state(model).weight_allocations for allocation in allocations]
     for allocation in weights:
@@ -130,7 +133,8 @@ def _enable_paged_weights(args: argparse.Namespace, model, result: dict[str, Any
     paged = sum(allocation.nbytes for allocation in weights)
     kv_width = (args.kv_heads or args.heads) * (args.hidden // args.heads)
     kv = 2 * args.layers * kv_width * 2 * (args.prompt + args.new_tokens)
-    result.update(device_budget_gib=vram / GIB, paged_weights_gib=paged / GIB, kv_gib=kv / GIB, page_size=page_size, advice=advice)
+    result.update(device_budget_gib=vram / GIB, paged_weights_gib=paged / GIB, kv_gib=kv / GIB, page_size=page_size, advice=advice,
+                  attn_implementation=attn)
     if args.experts:
         # A token reads its layers' other weights, the experts it is routed to and the KV: which
         # of those stay resident depends on the routing, so no bound from the link is given.
@@ -224,7 +228,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 def _run_subprocess(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.bench_weight_paging", "--child", kind]
     for name in ("cap_gib", "prompt", "new_tokens", "accelerate_new_tokens", "layers", "hidden", "heads", "intermediate", "vocab",
-                 "page_size", "margin_gib", "host_gib", "seed", "device", "experts", "experts_per_token", "kv_heads"):  # fmt: skip
+                 "page_size", "margin_gib", "host_gib", "seed", "device", "experts", "experts_per_token", "kv_heads", "attn"):  # fmt: skip
         if getattr(args, name) is not None:
             command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     return run_configuration_process(command, args.timeout, {"run": kind})
