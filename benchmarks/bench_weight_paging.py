@@ -201,6 +201,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
             decode_tokens_per_s=measured.tokens_per_second,
             time_to_first_token_s=measured.time_to_first_token_s,
             peak_gib=measured.peak_memory_gb,
+            allocator_retries=measured.allocator_retries,
             new_tokens=measured.new_tokens,
             tokens=measured.sequences[0, args.prompt :].tolist(),
         )

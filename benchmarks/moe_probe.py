@@ -22,6 +22,7 @@ import io
 import os
 import pstats
 import sys
+import time
 from typing import Any
 
 if __package__ in (None, ""):
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.bench_long_context import build_model
+    from transformers import LogitsProcessorList
+
     from pagedtensor.hf import measure_generate
 
     result: dict[str, Any] = {"benchmark": "moe_probe", "command": " ".join(sys.argv), "tokens": own.tokens,
@@ -82,12 +85,22 @@ def main(argv: list[str] | None = None) -> int:
     kwargs: dict[str, Any] = dict(do_sample=False, attention_mask=torch.ones_like(prompt))
     measure_generate(model, prompt, pager=pager, max_new_tokens=2, **kwargs)
 
+    step_times: list[float] = []
+
+    def note_step(input_ids, scores):
+        step_times.append(time.perf_counter())
+        return scores
+
     def generate():
-        return measure_generate(model, prompt, pager=pager, max_new_tokens=own.tokens, min_new_tokens=own.tokens, **kwargs)
+        step_times.clear()
+        return measure_generate(model, prompt, pager=pager, max_new_tokens=own.tokens, min_new_tokens=own.tokens,
+                                logits_processor=LogitsProcessorList([note_step]), **kwargs)  # fmt: skip
 
     measured = generate()
     result["decode_tokens_per_s"] = measured.tokens_per_second
     result["gb_h2d_per_token"] = measured.paging["bytes_h2d_per_token"] / 1e9
+    result["allocator_retries"] = measured.allocator_retries
+    result["step_ms"] = [round((b - a) * 1e3, 1) for a, b in zip(step_times, step_times[1:])]
     result["tokens_out"] = measured.sequences[0, args.prompt :].tolist()
 
     counts, undo = _count_windows()
@@ -105,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     result["kernels"] = kernel_profile(generate, top=30)
     write_results(args.out, result)
     print("\n".join(result["cprofile"][:140]))
-    print({k: result[k] for k in ("decode_tokens_per_s", "gb_h2d_per_token", "expert_windows")})
+    print({k: result[k] for k in ("decode_tokens_per_s", "gb_h2d_per_token", "allocator_retries", "step_ms", "expert_windows")})
     return 0
 
 
