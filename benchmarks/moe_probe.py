@@ -60,6 +60,24 @@ def _count_windows() -> tuple[dict[str, int], Any]:
     return counts, undo
 
 
+def _time_host_slabs() -> list[tuple[float, float, int]]:
+    """Record each slab the host tier grows, ``(perf_counter at start, seconds, bytes)`` (allocation
+    and, on a CUDA machine, page-locking), by wrapping ``HostTier._allocate`` before any pager exists."""
+    from pagedtensor.tiers.host import HostTier
+
+    growths: list[tuple[float, float, int]] = []
+    allocate = HostTier._allocate
+
+    def timed(self, nbytes: int):
+        start = time.perf_counter()
+        slab = allocate(self, nbytes)
+        growths.append((start, time.perf_counter() - start, nbytes))
+        return slab
+
+    HostTier._allocate = timed
+    return growths
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.bench_weight_paging import _cap, _enable_paged_weights, parse_args
 
@@ -79,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                       "experts", "experts_per_token", "page_size", "cap_gib", "margin_gib")}}  # fmt: skip
     generator = torch.Generator().manual_seed(args.seed + 1)
     prompt = torch.randint(10, args.vocab, (1, args.prompt), generator=generator).to(args.device)
+    growths = _time_host_slabs()
     model = build_model(args, args.prompt + 2 * own.tokens + 8)
     pager = _enable_paged_weights(args, model, result, "loop")
     _cap(args, result)
@@ -96,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         return measure_generate(model, prompt, pager=pager, max_new_tokens=own.tokens, min_new_tokens=own.tokens,
                                 logits_processor=LogitsProcessorList([note_step]), **kwargs)  # fmt: skip
 
+    loaded = time.perf_counter()
     measured = generate()
+    result["host_slabs_grown"] = [{"s_after_load": round(at - loaded, 3), "seconds": round(seconds, 3), "gib": nbytes / 2**30}
+                                  for at, seconds, nbytes in growths]  # fmt: skip
+    result["measured_generate_s_after_load"] = [round(step_times[0] - loaded, 3), round(step_times[-1] - loaded, 3)] if step_times else None
     result["decode_tokens_per_s"] = measured.tokens_per_second
     result["gb_h2d_per_token"] = measured.paging["bytes_h2d_per_token"] / 1e9
     result["allocator_retries"] = measured.allocator_retries
@@ -118,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     result["kernels"] = kernel_profile(generate, top=30)
     write_results(args.out, result)
     print("\n".join(result["cprofile"][:140]))
-    print({k: result[k] for k in ("decode_tokens_per_s", "gb_h2d_per_token", "allocator_retries", "step_ms", "expert_windows")})
+    print({k: result[k] for k in ("decode_tokens_per_s", "gb_h2d_per_token", "allocator_retries", "step_ms", "expert_windows",
+                                  "host_slabs_grown", "measured_generate_s_after_load")})  # fmt: skip
     return 0
 
 

@@ -702,6 +702,34 @@ class Pager:
                 self._evict_from_device(victims)
             return len(victims)
 
+    def write_back(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> int:
+        """Give each unpinned device-resident page of ``[start, stop)`` that has no copy in a lower
+        tier a host copy, and leave it resident: it is clean, so evicting it later costs no copy
+        and takes no host slot then (for bytes that will not change, such as weights: the host
+        tier grows now, not in the middle of later work). Returns the number of pages written back.
+
+        The copies run on the D2H stream after the pages' last uses (no host sync); later copies
+        into their device slots wait for them. Where the host tier is full, room is made as for an
+        eviction: host-only pages spill to disk, and host copies of other pages that are also on
+        the device are dropped (those pages are dirty again); the range's own are kept.
+
+        Raises:
+            OutOfPagesError: the host tier cannot make room (it holds more of the range than
+                fits, or has nowhere to spill); the pages written back before stay so.
+        """
+        with self._lock:
+            start, stop = self._check_range(allocation, start, stop)
+            pages = [page for page in allocation.pages[start:stop]
+                     if page.device_slot is not None and page.host_slot is None and page.disk_slot is None and page.pin_count == 0
+                     and page not in self._filling and page not in self._overwriting]  # fmt: skip
+            if pages:
+                # A resident range remembered with no lower copies (a write needs none dropped) is stale now.
+                allocation.resident_run = None
+            keep = frozenset(pages)  # never drops a host copy it has just made to make room for the next
+            for chunk in _chunked(pages, max(1, self.host_tier.capacity_pages // 2)):
+                self._copy_device_to_host(list(chunk), keep=keep)
+            return len(pages)
+
     def synchronize(self) -> None:
         """Block until every enqueued transfer has finished (prefetches included)."""
         self._drain_prefetches()
@@ -1048,39 +1076,46 @@ class Pager:
         for chunk in _chunked(victims, max(1, self.host_tier.capacity_pages // 2)):
             dirty = [page for page in chunk if page.host_slot is None and page.disk_slot is None]
             if dirty:
-                # In page order, so the host slots (taken in increasing order) follow each allocation's
-                # pages and its later fault-ins coalesce into few copies, whatever order the policy
-                # chose the victims in (a loop block leaves most recently used first: backwards).
-                dirty.sort(key=_PAGE_ORDER)
                 # The chunk's clean pages keep their host copies: those become their only copies.
-                self._make_host_room(len(dirty), keep=frozenset(chunk))
-                host_slots = self.host_tier.allocate(len(dirty))
-                pairs = [(page.device_slot, slot) for page, slot in zip(dirty, host_slots)]
-                runs = coalesce_runs(pairs, self.device_tier, self.host_tier)
-                wait_for = [page.ready for page in dirty]
-                # The D2H copy waits for the slots' last uses and stands in for them afterwards.
-                wait_for += self._device_fences.take([page.device_slot for page in dirty])
-                wait_for += [self._host_fences.get(slot) for slot in host_slots]
-                try:
-                    event = self.engine.copy(self.engine.d2h_stream, runs, self.device_tier, self.host_tier, wait_for)
-                except BaseException:  # a KeyboardInterrupt in a long copy: the pages keep their device copies
-                    # The slots' fences were taken: wait for them on the host, and for any copy enqueued
-                    # before the error, so that neither slot is written or read once freed or reused.
-                    for fence in wait_for:
-                        if fence is not None:
-                            fence.synchronize()
-                    self.engine.synchronize()
-                    self.host_tier.free(host_slots)
-                    raise
-                for page, slot in zip(dirty, host_slots):
-                    page.host_slot = slot
-                    self._host_fences[slot] = event
-                    self.host_policy.insert(page)
-                self._device_fences.record_slots(_D2H_FENCES, (page.device_slot for page in dirty), event)
-                self.metrics.count("bytes_d2h", len(dirty) * self.page_size)
+                self._copy_device_to_host(dirty, keep=frozenset(chunk))
             for page in chunk:
                 self._drop_device_copy(page)
             self.metrics.count("evictions", len(chunk))
+
+    def _copy_device_to_host(self, pages: list[Page], keep: frozenset) -> None:
+        """Give ``pages`` (device-resident, with no lower copy) host copies: host slots (made room
+        for, keeping the host copies of ``keep``), and a D2H copy of each on the D2H stream, after
+        the slots' last uses. The device slots are fenced behind the copy, so nothing refills them
+        before it has read them. Sorts ``pages``."""
+        # In page order, so the host slots (taken in increasing order) follow each allocation's
+        # pages and its later fault-ins coalesce into few copies, whatever order the policy
+        # chose the victims in (a loop block leaves most recently used first: backwards).
+        pages.sort(key=_PAGE_ORDER)
+        self._make_host_room(len(pages), keep=keep)
+        host_slots = self.host_tier.allocate(len(pages))
+        pairs = [(page.device_slot, slot) for page, slot in zip(pages, host_slots)]
+        runs = coalesce_runs(pairs, self.device_tier, self.host_tier)
+        wait_for = [page.ready for page in pages]
+        # The D2H copy waits for the slots' last uses and stands in for them afterwards.
+        wait_for += self._device_fences.take([page.device_slot for page in pages])
+        wait_for += [self._host_fences.get(slot) for slot in host_slots]
+        try:
+            event = self.engine.copy(self.engine.d2h_stream, runs, self.device_tier, self.host_tier, wait_for)
+        except BaseException:  # a KeyboardInterrupt in a long copy: the pages keep their device copies
+            # The slots' fences were taken: wait for them on the host, and for any copy enqueued
+            # before the error, so that neither slot is written or read once freed or reused.
+            for fence in wait_for:
+                if fence is not None:
+                    fence.synchronize()
+            self.engine.synchronize()
+            self.host_tier.free(host_slots)
+            raise
+        for page, slot in zip(pages, host_slots):
+            page.host_slot = slot
+            self._host_fences[slot] = event
+            self.host_policy.insert(page)
+        self._device_fences.record_slots(_D2H_FENCES, (page.device_slot for page in pages), event)
+        self.metrics.count("bytes_d2h", len(pages) * self.page_size)
 
     def _make_host_room(self, count: int, keep: frozenset = frozenset()) -> None:
         """Free ``count`` host slots, moving host-only pages to disk. Blocks on disk I/O.

@@ -514,6 +514,35 @@ def test_a_slab_the_allocator_refuses_raises_naming_it_and_keeps_every_page(monk
         assert torch.equal(pager.read(first), random_bytes(2 * PAGE, seed=1))
 
 
+def test_write_back_gives_resident_pages_host_copies_and_leaves_them_resident():
+    """``write_back`` copies the resident pages with no lower copy to the host tier (the host grows
+    now) and leaves them on the device: evicting them later copies nothing, a write makes them
+    dirty again (its host copy goes), and every read returns the bytes last written. Pinned pages
+    are left as they are."""
+    with make_pager(device_pages=4, host_pages=4) as pager:
+        allocation = pager.allocate(3 * PAGE)
+        pager.write(allocation, random_bytes(3 * PAGE, seed=1))
+        pinned = pager.ensure_resident(allocation, 2, 3)
+        slots = [info.device_slot for info in pager.page_table(allocation)]
+        before = pager.stats()
+        assert pager.write_back(allocation) == 2  # the pinned page stays as it is
+        after = pager.stats()
+        assert after["bytes_d2h"] - before["bytes_d2h"] == 2 * PAGE and after["host_slab_bytes"] >= 2 * PAGE
+        assert [info.device_slot for info in pager.page_table(allocation)] == slots
+        assert [info.dirty for info in pager.page_table(allocation)] == [False, False, True]
+        pinned.release()
+        assert pager.write_back(allocation, 0, 2) == 0  # nothing left to copy there
+        pager.evict(allocation, 0, 2)
+        assert pager.stats()["bytes_d2h"] == after["bytes_d2h"]  # clean: evicted without a copy
+        assert torch.equal(pager.read(allocation), random_bytes(3 * PAGE, seed=1))
+        pager.write(allocation, random_bytes(PAGE, seed=2), offset=0)
+        assert pager.page_table(allocation)[0].dirty and pager.page_table(allocation)[0].host_slot is None
+        pager.evict_all()
+        expected = random_bytes(3 * PAGE, seed=1)
+        expected[:PAGE] = random_bytes(PAGE, seed=2)
+        assert torch.equal(pager.read(allocation), expected)
+
+
 def test_a_page_staged_from_a_full_disk_keeps_its_disk_copy(tmp_path):
     """Staging a disk-only page needs a host slot, and the host page that makes way must spill to a
     full disk: the unfilled device slot given to the staged page is no copy of it, so its disk copy

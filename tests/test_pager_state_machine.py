@@ -22,7 +22,9 @@ hold, so the test checks:
 * (``prefetch``) a prefetch brings only pages with bytes somewhere: pages never written stay where
   they are (nowhere), so they take no device slot;
 * (``pin`` with ``overwrite``) pages pinned to be overwritten whole (``discard``) read as zeros until
-  released; released written they hold what was written, released unwritten their old bytes.
+  released; released written they hold what was written, released unwritten their old bytes;
+* (``write_back``) resident pages given host copies stay where they are, and every read after
+  (later writes, evictions and spills included) still returns the bytes last written.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 
-from pagedtensor import MemoryConfig, Pager
+from pagedtensor import MemoryConfig, OutOfPagesError, Pager
 
 PAGE = 4096
 DEVICE_PAGES = 4
@@ -329,6 +331,27 @@ class PagerMachine(RuleBasedStateMachine):
             self.data[key[0]][key[1] * PAGE : key[1] * PAGE + page.nbytes] = old
             if key not in still_pinned:  # the zero-filled slot is dropped; a pinned one is refilled
                 self._model_drop(key)
+
+    @rule(allocation=allocations, data=st.data())
+    def write_back(self, allocation, data):
+        """Resident pages of a range get host copies and stay where they are: no page moves on the
+        device tier (the LRU model is unchanged), and each unpinned resident page of the range then
+        has a lower copy, unless the range needs more host slots than the tier has (then it is
+        full of the range's pages: other host pages spilled to disk to make room)."""
+        if allocation.id not in self.live:
+            return
+        start = data.draw(st.integers(0, allocation.num_pages - 1), label="start")
+        stop = data.draw(st.integers(start + 1, allocation.num_pages), label="stop")
+        resident_before = [page.device_slot for page in allocation.pages]
+        try:
+            self.pager.write_back(allocation, start, stop)
+        except OutOfPagesError:  # more of the range to copy than the host tier holds: it is full of the range
+            assert sum(page.host_slot is not None for page in allocation.pages[start:stop]) == self.host_pages
+        else:
+            for page in allocation.pages[start:stop]:
+                if page.device_slot is not None and page.pin_count == 0:
+                    assert page.host_slot is not None or page.disk_slot is not None, (allocation.id, page)
+        assert [page.device_slot for page in allocation.pages] == resident_before
 
     @rule()
     def evict_all(self):

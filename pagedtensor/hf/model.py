@@ -44,7 +44,8 @@ from pagedtensor.config import MemoryConfig, SizeLike, check_memory_config, pars
 from pagedtensor.dispatch import paged_linear
 from pagedtensor.hf.attention import PAGED_FORWARD, register_attention
 from pagedtensor.hf.cache import ATTENTION_NAME, DEFAULT_STREAM_GROUP_BYTES, PagedKVCache, streaming_config
-from pagedtensor.pager import Pager
+from pagedtensor.errors import OutOfPagesError
+from pagedtensor.pager import Allocation, Pager
 
 log = logging.getLogger(__name__)
 
@@ -566,6 +567,7 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
                         continue  # a norm's weight: stays dense
                     paged = PagedTensor.wrap(parameter.detach(), pager, name=f"layers.{index}.{module_name + '.' if module_name else ''}{name}")
                     pager.advise(paged.allocation, access)
+                    _write_back_weight(pager, paged.allocation)
                     module._parameters[name] = torch.nn.Parameter(paged, requires_grad=False)
                     replaced.append((module, name, parameter))
     except BaseException:  # the weights do not fit (OutOfPagesError): the dense weights back
@@ -578,6 +580,18 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
         for module in layer.modules():
             if type(module) is torch.nn.Linear and isinstance(module.weight, PagedTensor) and "forward" not in module.__dict__:
                 module.forward = types.MethodType(_paged_linear_forward, module)
+
+
+def _write_back_weight(pager: Pager, allocation: Allocation) -> None:
+    """Give the pages of a weight just paged that are still on the device their host copies now
+    (:meth:`Pager.write_back`): a weight never changes, so once every page has a lower copy no
+    eviction of a weight copies it back, and the host tier grows its slabs here rather than in the
+    middle of a generate. Where the host tier cannot hold them (no disk tier, a host budget under the weights),
+    the pages stay as they are and are written back when evicted, as any page."""
+    try:
+        pager.write_back(allocation)
+    except OutOfPagesError:
+        log.info("weights %s: the host tier has no room to write them back now", allocation.name)
 
 
 def _paged_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:

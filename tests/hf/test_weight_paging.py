@@ -235,6 +235,40 @@ def test_weights_that_do_not_fit_keep_the_same_layers_resident(advice, nvme_dir)
         assert moved_per_token >= 0.95 * weights, (moved_per_token, weights)
 
 
+def test_weights_get_their_host_copies_when_paged_so_no_decode_step_writes_one_back(nvme_dir, monkeypatch):
+    """A weight never changes: ``page_weights=True`` gives the pages still on the device after the
+    load their host copies at once (``Pager.write_back``), so evicting a weight while generating
+    copies nothing back and takes no host slot (the host tier grew while loading, not in the middle
+    of a decode step). Before, the weights left on the device by the load were written back one by
+    one as later steps evicted them."""
+    reference, model = tiny_pair("llama", attn="sdpa", num_hidden_layers=8)
+    ids, mask = prompts(1, length=16)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    weights = _layer_bytes(model, at_least=PAGE)
+    budget = tiny_budget(nvme_dir, vram_pages=int(0.6 * weights) // PAGE, host_pages=2 * weights // PAGE)
+    enable_paging(model, budget, attn_implementation="sdpa", page_weights=True)
+    pager = paging_state(model).pager
+    paged = [parameter for parameter in model.model.layers.parameters() if isinstance(parameter, PagedTensor)]
+    assert any(info.tier == "device" for parameter in paged for info in pager.page_table(parameter.allocation))
+    device_only = [info for parameter in paged for info in pager.page_table(parameter.allocation) if info.tier == "device" and info.dirty]
+    assert not device_only, device_only
+
+    weight_ids = {parameter.allocation.id for parameter in paged}
+    written_back: list[int] = []
+    copy_device_to_host = pager._copy_device_to_host
+
+    def recorded(pages, keep):
+        written_back.extend(page.allocation_id for page in pages)
+        return copy_device_to_host(pages, keep)
+
+    monkeypatch.setattr(pager, "_copy_device_to_host", recorded)
+    evictions = pager.stats()["evictions"]
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(got, expected)
+    assert pager.stats()["evictions"] > evictions  # weights did leave the device
+    assert not weight_ids.intersection(written_back)
+
+
 def test_each_weight_stays_one_view_of_adjacent_slots(nvme_dir, monkeypatch):
     """Eight layers under a one-slab device budget of 60% of their weights, decoding token after
     token: the layer-ahead prefetch brings a layer's weights as one batch into adjacent slots and a
