@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch._C import DispatchKey
 from torch._ops import OpOverload, OpOverloadPacket
+from torch._prims_common import make_contiguous_strides_for
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_leaves, tree_map
 
@@ -591,13 +592,15 @@ class _Window:
     When the pages sit in adjacent device slots (and the window is not ``private``) the window is
     zero-copy: :meth:`dense` views the slab itself and ``buf`` (made on first use) is a view of
     the slots. Otherwise ``buf`` is a temporary the runs are gathered into, and :meth:`write_back`
-    scatters written bytes back.
+    scatters written bytes back; made with ``gather=False`` it has no ``buf``, and only
+    :meth:`copy_into` reads it.
     """
 
     __slots__ = ("resident", "tier", "page_size", "first_byte", "nbytes", "runs", "gathered", "slab", "slab_byte", "slab_span", "_buf",
                  "_bounded")  # fmt: skip
 
-    def __init__(self, storage: PagedStorage, lo: int, hi: int, discard: Iterable[int] = (), private: bool = False) -> None:
+    def __init__(self, storage: PagedStorage, lo: int, hi: int, discard: Iterable[int] = (), private: bool = False,
+                 gather: bool = True) -> None:
         allocation = storage.allocation
         self.page_size = page_size = allocation.page_size
         first, stop = lo // page_size, -(-hi // page_size)
@@ -624,12 +627,14 @@ class _Window:
                 self._bounded: Optional[torch.UntypedStorage] = None
             else:
                 self.runs = self.resident.runs()
-                self._buf = buf = torch.empty(self.nbytes, dtype=torch.uint8, device=self.runs[0][1].device)
-                for page_offset, view in self.runs:
-                    start = page_offset * page_size
-                    buf[start : start + view.numel()].copy_(view)
                 self.gathered = True
                 self.slab_span = (0, 0)
+                self._buf = None
+                if gather:  # else only copy_into reads the runs
+                    self._buf = buf = torch.empty(self.nbytes, dtype=torch.uint8, device=self.runs[0][1].device)
+                    for page_offset, view in self.runs:
+                        start = page_offset * page_size
+                        buf[start : start + view.numel()].copy_(view)
         except BaseException:
             self.resident.release()
             raise
@@ -638,8 +643,23 @@ class _Window:
     def buf(self) -> torch.Tensor:
         """The window's bytes as one uint8 tensor: a view of the slots, or the gathered copy."""
         if self._buf is None:
+            if self.gathered:
+                raise RuntimeError("a window made with gather=False has no buffer: read it with copy_into")
             self._buf = self.tier.slabs[self.slab][self.slab_byte : self.slab_byte + self.nbytes]
         return self._buf
+
+    def copy_into(self, lo: int, hi: int, target: torch.Tensor) -> None:
+        """Copy bytes ``[lo, hi)`` of the allocation into the uint8 tensor ``target`` (current
+        stream): from the slab where the slots are adjacent, else straight from each run of
+        slots, never through a gathered ``buf``."""
+        if self.runs is None:
+            target.copy_(self.bytes(lo, hi))
+            return
+        for page_offset, view in self.runs:
+            start = self.first_byte + page_offset * self.page_size
+            a, b = max(lo, start), min(hi, start + view.numel())
+            if a < b:
+                target[a - lo : b - lo].copy_(view[a - start : b - start])
 
     def shares_slab(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` lies in the device slab this window views (never when gathered). A
@@ -1117,6 +1137,9 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
     bad = flat[(flat < 0) | (flat >= rows_total)]
     if bad.numel():  # checked here, before any page faults in (and before a CUDA kernel could assert)
         raise IndexError(f"PagedTensor: {func}: index {int(bad[0])} is out of bounds for dimension 0 with size {rows_total}")
+    copied = _whole_rows_copied(func, table, index, flat)
+    if copied is not None:
+        return copied
     rows, inverse = torch.unique(flat, sorted=True, return_inverse=True)
     itemsize, page_size = table.dtype.itemsize, table._paged.allocation.page_size
     row_size, row_stride = tuple(table.shape[1:]), table.stride()[1:]
@@ -1157,6 +1180,56 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
     layout = _result_layout_of_rows(func, table, index)
     if result.stride() != layout.stride():
         result = torch.empty_strided(layout.shape, layout.stride(), dtype=result.dtype, device=result.device).copy_(result)
+    return result
+
+
+MAX_ROWS_COPIED_ONE_BY_ONE = 64
+"""A row gather of at most this many rows, each a page or more, copies each row on its own."""
+
+
+def _whole_rows_copied(func: OpOverload, table: PagedTensor, index: torch.Tensor, flat: torch.Tensor) -> Optional[torch.Tensor]:
+    """The result of a row gather of large rows (a page or more each: a stack of expert matrices
+    indexed by the experts a token is routed to), built by copying each selected row's bytes from
+    its pages straight into the result: one copy a row, where the general way copies a row up to
+    four times (a gather of scattered slots, the selection, the concatenation of runs, the op);
+    a row selected again is copied from its first place. A row larger than the device tier beside
+    the pinned pages is read in chunks. ``None`` where this does not apply: an index that is not
+    1-D or selects more than :data:`MAX_ROWS_COPIED_ONE_BY_ONE` rows, rows smaller than a page or
+    not dense in memory, or a result whose layout is not contiguous.
+
+    Note:
+        The copies run on the current stream, each row's pages pinned until its copy is enqueued.
+    """
+    count = flat.numel()
+    if index.dim() != 1 or count > MAX_ROWS_COPIED_ONE_BY_ONE:
+        return None
+    row_size, row_stride = tuple(table.shape[1:]), table.stride()[1:]
+    row_bytes = math.prod(row_size) * table.dtype.itemsize
+    if row_bytes < table._paged.allocation.page_size or tuple(row_stride) != tuple(make_contiguous_strides_for(row_size)):
+        return None
+    layout = _result_layout_of_rows(func, table, index)
+    if not layout.is_contiguous():
+        return None
+    result = torch.empty(layout.shape, dtype=table.dtype, device=table.device)
+    rows = result.view(-1).view(torch.uint8).view(count, row_bytes)
+    if _pending_frees:
+        drain_pending_frees()
+    first_place: dict[int, int] = {}
+    for place, row in enumerate(flat.tolist()):
+        if row in first_place:
+            rows[place].copy_(rows[first_place[row]])
+            continue
+        first_place[row] = place
+        lo = (table._offset + row * table.stride(0)) * table.dtype.itemsize
+        try:
+            window = _Window(table._paged, lo, lo + row_bytes, gather=False)
+        except OutOfPagesError:  # a row larger than the device tier beside the pinned pages: read in chunks
+            rows[place].copy_(DISPATCHER.materialize(table[row]).reshape(-1).view(torch.uint8))
+            continue
+        try:
+            window.copy_into(lo, lo + row_bytes, rows[place])
+        finally:
+            window.release()
     return result
 
 

@@ -11,6 +11,8 @@ import random
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 
@@ -262,6 +264,70 @@ def test_row_gather_of_a_run_larger_than_the_device_tier_reads_it_in_chunks():
         assert torch.equal(t[index], x[index])
         assert torch.equal(t.index_select(0, index), x.index_select(0, index))
         assert torch.equal(F.embedding(index.view(8, 9), t), F.embedding(index.view(8, 9), x))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.data(),
+    experts=st.integers(2, 6),
+    row_shape=st.sampled_from([(8, 128), (3, 1000), (2048,), (5, 7, 64)]),  # a page or more a row, some not page-aligned
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.int64, torch.bool]),
+    device_pages=st.integers(3, 8),
+    skip=st.integers(0, 3),  # rows leading the view: expert rows start inside a page
+)
+def test_gathers_of_rows_of_a_page_or_more_copy_each_row_into_the_result(data, experts, row_shape, dtype, device_pages, skip):
+    """``stack[expert_ids]`` where each row is a page or more (transformers' batched experts index
+    their stacks of expert matrices by the experts a token is routed to): each selected row's bytes
+    go from its pages, adjacent or scattered, straight into the result, and the result is bitwise
+    the dense one, with its layout, for ``index``, ``index_select`` and ``embedding``; rows larger
+    than the device tier are read in chunks. Each distinct row faults in its pages at most once."""
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    full = torch.randint(0, 100, (experts + skip, *row_shape), generator=generator).to(dtype)
+    x = full[skip:]
+    with make_pager(device_pages=device_pages) as small:
+        t = PagedTensor.wrap(full, small)[skip:]
+        other = PagedTensor.wrap(torch.ones(device_pages * PAGE // 4), small)
+        index = torch.tensor(data.draw(st.lists(st.integers(-experts, experts - 1), min_size=1, max_size=8), label="index"))
+        op = data.draw(st.sampled_from(["index", "index_select", "embedding"] if x.dim() == 2 else ["index", "index_select"]), label="op")
+        positive = torch.where(index < 0, index + experts, index)
+        if data.draw(st.booleans(), label="scatter slots"):
+            other.sum()  # the device tier full of other pages: the rows come back into freed slots
+        small.evict(t.allocation, 0, data.draw(st.integers(0, t.allocation.num_pages), label="evicted pages"))
+        if op == "index":
+            got, expected = t[index], x[index]
+        elif op == "index_select":
+            got, expected = t.index_select(0, positive), x.index_select(0, positive)
+        else:
+            got, expected = F.embedding(positive, t), F.embedding(positive, x)
+        assert type(got) is torch.Tensor and got.dtype == expected.dtype
+        assert got.shape == expected.shape and got.stride() == expected.stride()
+        assert torch.equal(got, expected)
+
+
+def test_gathers_of_rows_of_a_page_or_more_take_one_copy_a_row(monkeypatch):
+    """Rows of a page or more are copied once each, straight from their slots, however scattered
+    (no gathered window, no concatenation); and a row larger than the device tier is read in chunks."""
+    import pagedtensor.dispatch as dispatch
+
+    with make_pager(device_pages=6) as small:
+        x = torch.randn(4, 2, PAGE // 4)  # 4 rows of 2 pages
+        t = PagedTensor.wrap(x, small)
+        cats = []
+        monkeypatch.setattr(torch, "cat", lambda *args, **kwargs: cats.append(args) or torch._C._VariableFunctions.cat(*args, **kwargs))
+        windows = []
+        window_init = dispatch._Window.__init__
+
+        def spy(self, *args, **kwargs):
+            window_init(self, *args, **kwargs)
+            windows.append((self.gathered, self._buf is not None and self.gathered))
+
+        monkeypatch.setattr(dispatch._Window, "__init__", spy)
+        index = torch.tensor([3, 0, 3, 1])
+        assert torch.equal(t[index], x[index])
+        assert not cats and len(windows) == 3 and not any(gathered_into_buffer for _, gathered_into_buffer in windows)
+    with make_pager(device_pages=1) as tiny:  # a row of 2 pages does not fit: read in chunks
+        t = PagedTensor.wrap(x, tiny)
+        assert torch.equal(t[index], x[index])
 
 
 def test_view_ops_fault_nothing_and_share_pages(pager):
