@@ -725,7 +725,7 @@ class Pager:
             if pages:
                 # A resident range remembered with no lower copies (a write needs none dropped) is stale now.
                 allocation.resident_run = None
-            keep = frozenset(pages)  # never drops a host copy it has just made to make room for the next
+            keep = frozenset(allocation.pages[start:stop])  # room is never made by dropping a host copy of the range
             for chunk in _chunked(pages, max(1, self.host_tier.capacity_pages // 2)):
                 self._copy_device_to_host(list(chunk), keep=keep)
             return len(pages)
