@@ -724,8 +724,14 @@ def _release_windows(groups: Sequence[_Group]) -> None:
     if len(groups) > 1 and pager.engine.is_cuda and all(group.storage.pager is pager for group in groups):
         pager.release_together(releases)
         return
-    for resident, dirty in releases:
-        resident.release(dirty=dirty)
+    error: Optional[BaseException] = None
+    for resident, dirty in releases:  # every window, whatever one of them raises (Ctrl-C waiting for the lock)
+        try:
+            resident.release(dirty=dirty)
+        except BaseException as raised:  # noqa: BLE001 - raised below, after every window
+            error = error if error is not None else raised
+    if error is not None:
+        raise error
 
 
 class _OpTooLarge(OutOfPagesError):

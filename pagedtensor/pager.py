@@ -220,6 +220,7 @@ class ResidentPages:
         # Pages ``ensure_resident(discard=...)`` gave zero-filled slots while their lower copies stay:
         # released without being marked dirty, they get their old bytes back.
         self.overwritten: list[Page] = []
+        self._unpinned = False  # set by the pager once the release has let the pages go
 
     def wait(self, stream: Optional[torch.cuda.Stream] = None) -> None:
         """Make ``stream`` (default: the current stream) wait for the copies that filled the pages."""
@@ -342,7 +343,20 @@ class ResidentPages:
             else:
                 self._dirty.update(inside)
         self.released = True
-        self.pager._release(self, self._dirty, stream, event)
+        interrupted: Optional[BaseException] = None
+        while True:
+            try:
+                self.pager._release(self, self._dirty, stream, event)
+                break
+            except BaseException as error:
+                if self._unpinned or isinstance(error, Exception):
+                    raise
+                # Ctrl-C while waiting for the pager's lock (another thread's disk read holds it): the
+                # pages are still pinned, and no later call can let them go (this release counts as
+                # done), so wait on and raise once they are unpinned.
+                interrupted = error
+        if interrupted is not None:
+            raise interrupted
         if problem is not None:  # released all the same: a pin kept for a bad argument would stay forever
             raise problem
         if outside:
@@ -496,13 +510,25 @@ class Pager:
         if foreign:
             raise ValueError(f"release_together: pages of allocation {foreign[0].allocation.id} belong to another pager")
         errors: list[Exception] = []
-        with self._lock:
-            event = self.engine.record(stream) if self.engine.is_cuda and not self.closed else None
-            for resident, dirty in releases:  # every range, whatever one of them raises
-                try:
-                    resident.release(dirty=dirty if dirty else False, stream=stream, event=event)
-                except Exception as error:  # noqa: BLE001 - raised below, after every range
-                    errors.append(error)
+        try:
+            with self._lock:
+                event = self.engine.record(stream) if self.engine.is_cuda and not self.closed else None
+                for resident, dirty in releases:  # every range, whatever one of them raises
+                    try:
+                        resident.release(dirty=dirty if dirty else False, stream=stream, event=event)
+                    except Exception as error:  # noqa: BLE001 - raised below, after every range
+                        errors.append(error)
+        except BaseException:
+            # Ctrl-C while waiting for the lock (or as a range's release finished): the ranges not
+            # released yet would stay pinned for good. Each is released on its own (waiting on for
+            # the lock, its own event recorded), then the interrupt is raised.
+            for resident, dirty in releases:
+                if not resident.released:
+                    try:
+                        resident.release(dirty=dirty if dirty else False, stream=stream)
+                    except BaseException:  # noqa: BLE001 - the first interrupt is the one raised
+                        pass
+            raise
         if errors:
             raise errors[0]
 
@@ -740,7 +766,11 @@ class Pager:
         with self._lock:
             prefetcher = self._prefetcher
         if prefetcher is not None:
-            prefetcher.submit(lambda: None).result()
+            try:
+                drained = prefetcher.submit(lambda: None)
+            except RuntimeError:  # another thread's close() shut it down meanwhile, after its prefetches
+                return
+            drained.result()
 
     # ------------------------------------------------------------------ bytes in and out
 
@@ -1229,12 +1259,16 @@ class Pager:
 
     def _release(self, resident: ResidentPages, dirty: set[int], stream: Optional[torch.cuda.Stream], event: Event = None) -> None:
         if self.closed:  # close() dropped every tier: nothing is pinned any more
+            resident._unpinned = True
             return
         stream_id = 0
         if self.engine.is_cuda:
             stream = stream if stream is not None else self.engine.current_stream()
             stream_id = stream.stream_id
         with self._lock:
+            if self.closed:  # closed by another thread while this one waited for the lock: its tiers are gone
+                resident._unpinned = True
+                return
             # Recorded under the lock: fences registered in the order their events were recorded,
             # so another thread's later release on the same stream is never replaced by this one.
             if event is None and self.engine.is_cuda:
@@ -1257,9 +1291,21 @@ class Pager:
                             self._drop_disk_copy(page)
                     if run is not None and dirty.issuperset(range(run.start, run.stop)):  # every lower copy is gone
                         allocation.resident_run = replace(run, lower_copies=False)
-            _unpin(resident.allocation.pins, resident.start, resident.stop)
+            # ``_unpin`` inlined, with the flag set among its steps: no call, so a Ctrl-C cannot land
+            # between the unpin and the flag (a release retried after it would unpin twice).
+            pins, key = resident.allocation.pins, (resident.start, resident.stop)
+            count = pins[key] - 1
+            resident._unpinned = True
+            if count:
+                pins[key] = count
+            else:
+                del pins[key]
             if resident.overwritten:
                 self._restore_overwritten(resident.overwritten)
+            if self._overwriting:  # pages whose refill failed while this holder pinned them: no holder is left to write them
+                orphans = [page for page in resident.pages if page in self._overwriting and not page.pin_count]
+                if orphans:
+                    self._restore_overwritten(orphans)
 
     def _restore_overwritten(self, pages: Sequence[Page]) -> None:
         """Give pages whose overwrite was released without a write (it failed) their old bytes back:
@@ -1275,19 +1321,29 @@ class Pager:
         if refill:
             for page in refill:  # the slots get new copies: a recorded resident range is stale
                 self._allocations[page.allocation_id].resident_run = None
-            self._copy_host_to_device([page for page in refill if page.host_slot is not None])
+            from_host = [page for page in refill if page.host_slot is not None]
             from_disk = [page for page in refill if page.host_slot is None]
-            if from_disk:
-                # Straight from disk through transient buffers: staging through the host tier could
-                # need a spill to a full disk, and this refill must not fail (the slot is pinned).
-                buffers = [torch.empty(self.page_size, dtype=torch.uint8) for _ in from_disk]
-                moved = self.disk_tier.read_pages([(page.disk_slot, buffer) for page, buffer in zip(from_disk, buffers)])
-                slots = [page.device_slot for page in from_disk]
-                event = self.engine.upload(buffers, slots, self.device_tier, self._device_fences.take(slots))
-                for page in from_disk:
-                    page.ready = event
-                self.metrics.count("bytes_from_disk", moved)
-                self.metrics.count("bytes_h2d", len(from_disk) * self.page_size)
+            try:
+                self._copy_host_to_device(from_host)
+                from_host = []
+                if from_disk:
+                    # Straight from disk through transient buffers: staging through the host tier could
+                    # need a spill to a full disk, and this refill must not fail (the slot is pinned).
+                    buffers = [torch.empty(self.page_size, dtype=torch.uint8) for _ in from_disk]
+                    moved = self.disk_tier.read_pages([(page.disk_slot, buffer) for page, buffer in zip(from_disk, buffers)])
+                    slots = [page.device_slot for page in from_disk]
+                    event = self.engine.upload(buffers, slots, self.device_tier, self._device_fences.take(slots))
+                    for page in from_disk:
+                        page.ready = event
+                    self.metrics.count("bytes_from_disk", moved)
+                    self.metrics.count("bytes_h2d", len(from_disk) * self.page_size)
+            except BaseException:
+                # A refill that failed (a disk error, Ctrl-C) left zeros in the slots, not the pages'
+                # bytes: their lower copies stay the pages until the last holder lets go, which
+                # drops the slots (``_release``). Taken for written, the zeros would be read (and
+                # kept by the next partial write) in place of the bytes.
+                self._overwriting.update(from_host + from_disk)
+                raise
 
     def _current_run(self, allocation: Allocation, start: int, stop: int) -> Optional[ResidentRun]:
         """The allocation's remembered resident range when it is ``[start, stop)`` and still current."""

@@ -404,6 +404,58 @@ def test_a_process_ended_by_sigterm_leaves_no_page_file(tmp_path) -> None:
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    "held",
+    [
+        "tier",
+        pytest.param("engine", marks=pytest.mark.skipif(URING_REASON is not None, reason=f"io_uring: {URING_REASON}")),
+    ],
+)
+def test_a_child_forked_during_a_batch_closes_its_copy(tmp_path, held: str) -> None:
+    """A fork while another thread is in a batch (the prefetch thread's disk reads hold the io_uring
+    engine's lock for the whole batch; slot bookkeeping holds the tier's) gave the child that lock
+    locked for good: its ``close`` (or the tier's collection, or interpreter exit) hung forever."""
+    import threading
+    import time
+
+    tier = DiskTier(str(tmp_path), PAGE, None, engine="io_uring" if held == "engine" else "auto")
+    slot = tier.allocate_slot()
+    tier.write_pages([(slot, torch.full((PAGE,), 3, dtype=torch.uint8))])
+    lock = tier._engine._lock if held == "engine" else tier._lock
+    taken, done = threading.Event(), threading.Event()
+
+    def in_a_batch() -> None:
+        with lock:
+            taken.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=in_a_batch)
+    thread.start()
+    try:
+        assert taken.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: never return into pytest
+            try:
+                tier.free_slot(slot)  # its own bookkeeping only
+                tier.close()
+            finally:
+                os._exit(0)
+        deadline = time.monotonic() + 20
+        while not os.waitpid(pid, os.WNOHANG)[0]:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail(f"the forked child hung closing its copy of the tier (the {held} lock)")
+            time.sleep(0.05)
+    finally:
+        done.set()
+        thread.join()
+    page = torch.empty(PAGE, dtype=torch.uint8)
+    tier.read_pages([(slot, page)])  # the parent's slot and file are untouched
+    assert torch.equal(page, torch.full((PAGE,), 3, dtype=torch.uint8))
+    tier.close()
+
+
 # ---- property test -------------------------------------------------------------------------------
 
 LOGICAL_SLOTS = 4

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from pagedtensor import MemoryConfig, Pager
+from pagedtensor.pager import ResidentPages
 from pagedtensor.tiers.disk import DiskTier
 from pagedtensor.transfer import TransferEngine
 
@@ -145,6 +146,93 @@ def test_a_fault_interrupted_while_its_sequential_prefetch_waits_for_the_lock_le
     pager.evict_all()
     assert torch.equal(pager.read(allocation), new)
     assert not allocation.pins
+    pager.close()
+
+
+@pytest.mark.parametrize("op", ["release", "write"])
+def test_a_release_interrupted_while_it_waits_for_the_lock_still_unpins_the_pages(nvme_dir, monkeypatch, sigint_raises_interrupted, op):
+    """``ResidentPages.release`` marks itself done, then waits for the pager's lock; Ctrl-C there (the
+    prefetch thread holds the lock for its disk reads) left the pages pinned for good: the release
+    could not be retried ("already released"), the pages never left the device and ``free`` refused
+    the allocation. A write's overwrite also kept its zero-filled slots as unwritten overwrites."""
+    pager = make_pager(nvme_dir, device_pages=4, host_pages=4)
+    allocation = pager.allocate(2 * PAGE)
+    old, new = random_bytes(2 * PAGE, 1), random_bytes(2 * PAGE, 2)
+    pager.write(allocation, old)
+    pager.evict_all()
+    with lock_held_elsewhere(pager) as take:
+        if op == "release":
+            resident = pager.ensure_resident(allocation)
+            take()
+            with pytest.raises(Interrupted):
+                resident.release()
+        else:
+            real_release = ResidentPages.release
+
+            def release(self, **kwargs):
+                take()
+                return real_release(self, **kwargs)
+
+            monkeypatch.setattr(ResidentPages, "release", release)
+            with pytest.raises(Interrupted):
+                pager.write(allocation, new)  # both pages whole: zero-filled, then written
+            monkeypatch.undo()
+    assert_consistent(pager, [allocation])
+    expected = old if op == "release" else new
+    assert torch.equal(pager.read(allocation), expected)
+    pager.evict_all()
+    assert all(info.device_slot is None for info in pager.page_table(allocation))
+    assert torch.equal(pager.read(allocation), expected)
+    pager.free(allocation)
+    pager.close()
+
+
+def test_release_together_interrupted_while_it_waits_for_the_lock_still_unpins_every_range(nvme_dir, sigint_raises_interrupted):
+    """``release_together`` (a CUDA op's windows, released behind one event) takes the pager's lock
+    before releasing any range; Ctrl-C while it waited left every range pinned for good."""
+    pager = make_pager(nvme_dir, device_pages=4, host_pages=4)
+    first, second = pager.allocate(PAGE), pager.allocate(PAGE)
+    residents = [pager.ensure_resident(first), pager.ensure_resident(second)]
+    residents[1].views()[0].fill_(9)
+    with lock_held_elsewhere(pager) as take:
+        take()
+        with pytest.raises(Interrupted):
+            pager.release_together([(residents[0], ()), (residents[1], {0})])
+    assert_consistent(pager, [first, second])
+    assert torch.equal(pager.read(second), torch.full((PAGE,), 9, dtype=torch.uint8))
+    pager.evict_all()
+    assert torch.equal(pager.read(second), torch.full((PAGE,), 9, dtype=torch.uint8))
+    pager.close()
+
+
+def test_an_op_interrupted_while_its_first_window_release_waits_for_the_lock_unpins_every_window(
+    nvme_dir, monkeypatch, sigint_raises_interrupted
+):
+    """An op on two PagedTensors releases its windows one after another; Ctrl-C while the first release
+    waited for the pager's lock stopped there, and the second window stayed pinned for good (its
+    allocation could not be freed, nor its pages leave the device)."""
+    from pagedtensor import PagedTensor
+
+    pager = make_pager(nvme_dir, device_pages=8, host_pages=8)
+    a = PagedTensor.wrap(torch.ones(2 * PAGE // 4), pager=pager)
+    b = PagedTensor.wrap(torch.full((2 * PAGE // 4,), 2.0), pager=pager)
+    real_release = ResidentPages.release
+    with lock_held_elsewhere(pager) as take:
+        calls: list[int] = []
+
+        def release(self, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                take()
+            return real_release(self, **kwargs)
+
+        monkeypatch.setattr(ResidentPages, "release", release)
+        with pytest.raises(Interrupted):
+            a.add_(b)
+        monkeypatch.undo()
+    assert_consistent(pager, list(pager._allocations.values()))
+    assert torch.equal(a.materialize(), torch.full((2 * PAGE // 4,), 3.0))
+    assert torch.equal(b.materialize(), torch.full((2 * PAGE // 4,), 2.0))
     pager.close()
 
 

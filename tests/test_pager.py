@@ -729,6 +729,68 @@ def test_views_of_pages_whose_pager_another_thread_closes_name_the_closed_pager(
         resident.runs()
 
 
+def test_a_release_that_waited_for_the_lock_while_another_thread_closed_the_pager_is_a_no_op(nvme_dir):
+    """A release checked ``closed`` before taking the pager's lock: a close() by another thread while it
+    waited for the lock released the tiers, and the release then freed the page's host copy in a closed
+    tier (ValueError: host tier: slot 0 is not in use) instead of doing nothing, as after a close."""
+    pager = make_pager(nvme_dir, device_pages=2, host_pages=2)
+    allocation = pager.allocate(PAGE)
+    pager.write(allocation, random_bytes(PAGE))
+    pager.evict_all()
+    resident = pager.ensure_resident(allocation)  # a device copy and a host copy, which a dirty release drops
+    lock = pager._lock
+
+    class ClosedWhileWaiting:
+        """The pager's lock, taken by another thread that closes the pager before this one gets it."""
+
+        def __enter__(self) -> None:
+            pager._lock = lock
+            pager.close()
+            lock.acquire()
+
+        def __exit__(self, *exc_info: object) -> None:
+            lock.release()
+
+    pager._lock = ClosedWhileWaiting()
+    resident.release(dirty=True)
+    assert pager.closed and pager._lock is lock
+    with pytest.raises(RuntimeError, match="closed"):
+        pager.read(allocation)
+
+
+@pytest.mark.parametrize("method", ["evict_all", "synchronize"])
+def test_waiting_for_the_prefetches_while_another_thread_closes_the_pager_names_the_closed_pager(nvme_dir, method: str):
+    """evict_all() and synchronize() take the prefetch thread under the lock and queue a marker on it
+    after letting go: a close() by another thread in between shut the thread down, and they raised
+    concurrent.futures' "cannot schedule new futures after shutdown" instead of "this Pager is closed"
+    (evict_all) or returning (synchronize: close waited for the prefetches)."""
+    pager = make_pager(nvme_dir, device_pages=2, host_pages=1)
+    allocation = pager.allocate(4 * PAGE)
+    pager.write(allocation, random_bytes(4 * PAGE))
+    pager.prefetch(allocation, 0, 1).result()  # a page only on disk: the prefetch thread runs it
+    assert pager._prefetcher is not None
+    lock = pager._lock
+
+    class ClosedOnceLetGo:
+        """The pager's lock; another thread takes it and closes the pager as soon as this one lets go."""
+
+        def __enter__(self) -> None:
+            lock.acquire()
+
+        def __exit__(self, *exc_info: object) -> None:
+            lock.release()
+            pager._lock = lock
+            pager.close()
+
+    pager._lock = ClosedOnceLetGo()
+    if method == "evict_all":
+        with pytest.raises(RuntimeError, match="this Pager is closed"):
+            pager.evict_all()
+    else:
+        pager.synchronize()
+    assert pager.closed and pager._lock is lock
+
+
 def test_a_dropped_pager_is_freed_at_once_and_leaves_a_shared_registry(nvme_dir):
     """A pager dropped without close() stayed alive through its metrics (a cycle through the resident
     bytes reader): until a garbage collection with its own registry, for good on a shared one, which
@@ -837,6 +899,45 @@ def test_an_unwritten_overwrite_refills_a_pinned_page_from_a_full_disk(tmp_path,
         reader.release()
         for seed, allocation in enumerate((a, b, c)):
             assert torch.equal(pager.read(allocation), random_bytes(PAGE, seed))
+
+
+@pytest.mark.parametrize("source", ["host", "disk"])
+def test_an_unwritten_overwrite_whose_refill_fails_keeps_the_old_bytes(tmp_path, monkeypatch, source: str):
+    """The refill of a page another holder pins failed (a disk error, or Ctrl-C in the copy): the page
+    kept its zero-filled slot as its only authoritative copy, with its old bytes taken for a clean
+    cache of it, and read back as zeros (a later partial write would have kept them for good). The
+    old copy stays the page until the last holder lets go, which drops the slot."""
+    with make_pager(nvme=str(tmp_path), device_pages=2, host_pages=2) as pager:
+        allocation = pager.allocate(PAGE)
+        pager.write(allocation, random_bytes(PAGE, 1))
+        pager.evict_all()
+        if source == "disk":
+            other = pager.allocate(2 * PAGE)
+            pager.write(other, random_bytes(2 * PAGE, 2))
+            pager.evict_all()  # the host tier is full of the other pages: the page is on disk only
+        assert pager.page_table(allocation)[0].tier == source
+        overwrite = pager.ensure_resident(allocation, discard=[0])
+        reader = pager.ensure_resident(allocation)  # pins the zero-filled slot
+        if source == "disk":
+            failing = (pager.disk_tier, "read_pages")
+        else:
+            failing = (pager, "_copy_host_to_device")
+
+        def fail(*args, **kwargs):
+            raise OSError(errno.EIO, "injected")
+
+        monkeypatch.setattr(*failing, fail)
+        with pytest.raises(OSError, match="injected"):
+            overwrite.release()  # the overwrite failed, and so does the refill of the pinned slot
+        monkeypatch.undo()
+        reader.release()
+        assert not pager._overwriting
+        assert pager.page_table(allocation)[0].device_slot is None
+        assert torch.equal(pager.read(allocation), random_bytes(PAGE, 1))
+        pager.write(allocation, random_bytes(16, 3), 8)  # a partial write keeps the rest of the old bytes
+        expected = random_bytes(PAGE, 1)
+        expected[8:24] = random_bytes(16, 3)
+        assert torch.equal(pager.read(allocation), expected)
 
 
 def test_a_forked_child_cannot_use_the_disk_tier_and_leaves_the_page_file(tmp_path):

@@ -148,6 +148,20 @@ def _direct_fd(fd: int, file_path: str) -> tuple[int, bool]:
     return direct_fd, True
 
 
+_LIVE_TIERS: "weakref.WeakSet[DiskTier]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child gets each tier's slot lock as it was at the fork: locked, never to be released,
+    if a thread of the parent held it then. Each tier gets a fresh one (its slots stay the parent's:
+    the child's copy only frees them in its own bookkeeping and closes its fd)."""
+    for tier in list(_LIVE_TIERS):
+        tier._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _release(engine: IoEngine, fd: int) -> None:
     """Closes the engine and the page file (the finalizer of a DiskTier); the file has no name, so
     its last fd closing frees it. A forked child closes its copies only: the parent's stay open."""
@@ -233,6 +247,7 @@ class DiskTier:
         self._free: list[int] = []  # heap of freed slots below _next_slot
         self._next_slot = 0
         self._pages: dict[int, _PageRecord] = {}
+        _LIVE_TIERS.add(self)
         log.info(
             "disk tier: %s, engine %s, %s I/O, page %d bytes, capacity %s, compression %s, checksum %s",
             self.file_path,

@@ -161,6 +161,21 @@ def _buffer(address: int, length: int) -> ctypes.Array:
     return (ctypes.c_ubyte * length).from_address(address)
 
 
+_LIVE_URING_ENGINES: "weakref.WeakSet[UringEngine]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child gets a copy of every engine's lock, locked if another thread of the parent was
+    in a batch at the fork (the prefetch thread's disk reads): no thread of the child would ever
+    release it, and the child's ``close`` (its DiskTier closing, at collection or exit) would wait
+    forever. Each gets a fresh lock."""
+    for engine in list(_LIVE_URING_ENGINES):
+        engine._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class UringEngine:
     """Batches through one io_uring of ``depth`` entries (the C engine).
 
@@ -188,6 +203,7 @@ class UringEngine:
         self.depth = int(lib.pt_ring_depth(ring))
         # An engine collected without close() still gives its ring (a descriptor and three mappings) back.
         self._finalizer = weakref.finalize(self, lib.pt_ring_destroy, ring)
+        _LIVE_URING_ENGINES.add(self)
 
     def submit(self, requests: Sequence[IoRequest]) -> list[int]:
         """Runs the batch with up to ``depth`` requests in flight; blocks until all completed."""
