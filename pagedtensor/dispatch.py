@@ -470,10 +470,10 @@ class PagedDispatcher:
             source = args[0]
             if isinstance(source, PagedTensor) and _is_functional(source._inner):
                 # AOT autograd traces: remember the graph input a view views (see _check_returnable).
-                root = source._view_root or (source.dtype, None)
+                root = source._view_root or (source.dtype, None, (tuple(source.shape), source.stride(), source.storage_offset()))
 
                 def note_root(view: PagedTensor) -> None:
-                    view._view_root = (root[0], func if view.dtype != source.dtype else root[1])
+                    view._view_root = (root[0], func if view.dtype != source.dtype else root[1], root[2])
 
                 _map_tensors(out, note_root)
         return return_and_correct_aliasing(func, args, kwargs, out)
@@ -1048,6 +1048,12 @@ def view_of_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict, lea
             # A view of a normal tensor is a normal tensor, in inference mode too (it shares the
             # base's version counter, which an inference tensor cannot).
             with torch.inference_mode(False):
+                return PagedTensor._make(*layout)
+        if source.is_inference() and not torch.is_inference_mode_enabled():
+            # And a view of an inference tensor is an inference tensor outside inference mode too, as
+            # torch's are: else torch let it be saved for backward and written in place, where an
+            # inference tensor is refused (it has no version counter to catch a later write).
+            with torch.inference_mode():
                 return PagedTensor._make(*layout)
         return PagedTensor._make(*layout)
 

@@ -10,7 +10,8 @@ back like any op, before the next piece's pages fault in.
 It applies when every argument that is not a number or a 0-dim tensor has the same shape and
 strides, with no element reachable twice (so elements at the same index lie at the same distance
 from each tensor's storage offset), and the op writes only its first argument (in-place) or
-nothing (its result a plain tensor filled piece by piece), and an in-place op reads no other view
+nothing (its result a plain tensor filled piece by piece; the first argument written in place may be
+a plain tensor, as in ``dense.copy_(paged)``), and an in-place op reads no other view
 of the bytes it writes (the same elements excepted, as in ``x.mul_(x)``). Tensors whose elements
 fill their span (contiguous, transposed) run in 1-D pieces of consecutive elements; others (a
 column ``t[:, 3]``, every other row ``t[::2]``) in pieces of consecutive indices along the dim of
@@ -65,13 +66,22 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     if any(tuple(t.shape) != shape or t.stride() != stride for t in shaped):
         return NotImplemented
     dense = dense_and_non_overlapping(shape, stride)
-    if in_place and not isinstance(args[0], PagedTensor):
+    if in_place and not isinstance(args[0], PagedTensor) and (not isinstance(args[0], torch.Tensor) or args[0].dim() == 0):
         return NotImplemented
-    if in_place and any(isinstance(t, PagedTensor) and t._paged is args[0]._paged and (t._offset != args[0]._offset or t.dim() == 0)
-                        for t in tensors):  # fmt: skip
+    # A plain tensor written in place (``dense.copy_(paged)``, what ``load_state_dict`` of a loaded
+    # paged checkpoint into a plain model runs) shares no page with the PagedTensors it reads: each
+    # piece writes its own elements of it directly.
+    if in_place and isinstance(args[0], PagedTensor) and any(
+        isinstance(t, PagedTensor) and t._paged is args[0]._paged and (t._offset != args[0]._offset or t.dim() == 0) for t in tensors
+    ):
         # Another view of the written bytes: a piece could read elements an earlier piece wrote
         # (torch refuses a partial overlap, which no one piece need show).
         return NotImplemented
+    if in_place and not isinstance(args[0], PagedTensor) and any(
+        t is not args[0] and not isinstance(t, PagedTensor) and t.untyped_storage().data_ptr() == args[0].untyped_storage().data_ptr()
+        for t in tensors
+    ):
+        return NotImplemented  # the same, for another view of a plain target
     # A 0-dim PagedTensor is read whole by every piece: read it once, so that no piece's window
     # needs its page too.
     args = tuple(_read_if_zero_dim(value) for value in args)

@@ -26,6 +26,7 @@ at a nonzero offset it holds the allocation's elements from the first to the vie
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import multiprocessing.context
 import sys
@@ -192,6 +193,28 @@ def dense_and_non_overlapping(size: Sequence[int], stride: Sequence[int]) -> boo
     return True
 
 
+def _run_outside_compile(fn: Callable) -> Callable:
+    """``fn`` run eagerly, never traced, when ``torch.compile`` reaches it.
+
+    Dynamo cannot trace the making of a PagedTensor (``_make_wrapper_subclass``, the pager): it broke
+    the graph there and went on tracing the rest of :meth:`PagedTensor._make` with the new tensor half
+    made, which failed inside Dynamo (``InternalTorchDynamoError: ... no attribute '_view_root'``) even
+    with graph breaks allowed. Under compilation the call goes through torch's lazy
+    ``torch._dynamo.disable`` (a function Dynamo skips: a graph break, then ``fn`` runs eagerly with
+    Dynamo off); outside it, ``fn`` is called directly (no import of ``torch._dynamo``)."""
+    from torch._compile import _disable_dynamo
+
+    disabled = _disable_dynamo(fn)
+
+    @functools.wraps(fn)
+    def run(*args: object, **kwargs: object) -> object:
+        if torch.compiler.is_compiling():
+            return disabled(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run
+
+
 class PagedTensor(torch.Tensor):
     """A tensor whose bytes live in a :class:`~pagedtensor.pager.Pager`; see the module docstring.
 
@@ -211,8 +234,9 @@ class PagedTensor(torch.Tensor):
     _span: Optional[tuple[int, int]]  # bytes [lo, hi) of the allocation it reaches, set on first use
     _meta: Optional[torch.Tensor]  # a meta tensor of the same layout, set on the first view op
     # Traced views made while AOT autograd traces (functional inner tensors): the dtype of the graph
-    # input they view and the view op that last changed the dtype (see _check_returnable).
-    _view_root: Optional[tuple[torch.dtype, Optional[object]]]
+    # input they view, the view op that last changed the dtype and the input's (size, stride, storage
+    # offset) (see _check_returnable).
+    _view_root: Optional[tuple[torch.dtype, Optional[object], tuple]]
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -223,6 +247,7 @@ class PagedTensor(torch.Tensor):
     # ------------------------------------------------------------------ construction
 
     @classmethod
+    @_run_outside_compile
     def wrap(cls, t: torch.Tensor, pager: Optional[Pager] = None, *, name: Optional[str] = None) -> "PagedTensor":
         """Move ``t``'s bytes into ``pager`` (default: :func:`~pagedtensor.get_default_pager`).
 
@@ -334,13 +359,29 @@ class PagedTensor(torch.Tensor):
         input's (torch/_functorch/_aot_autograd/functional_utils.py, ``gen_alias_from_base``): the
         result has the wrong shape and offset, and writes through it land elsewhere. torch's own
         TwoTensor gives the same wrong results. Only a graph's outputs are flattened, so such a view
-        used inside the graph (``t.view(torch.int16).sum()``) is unaffected."""
-        root, op = self._view_root
+        used inside the graph (``t.view(torch.int16).sum()``) is unaffected.
+
+        A complex view of a real input is rebuilt from ``torch.view_as_complex(input)``, which torch
+        allows only for an input whose last dim is 2 with stride 1 (other strides and the offset even):
+        for any other input (``torch.view_as_complex(t.view(n, -1, 2))`` of a 2-D ``t``) it fails
+        with torch's "Tensor must have a last dimension of size 2" after compiling; refused here."""
+        root, op, (size, stride, offset) = self._view_root
         unit = root.itemsize
         if root.is_complex and not self.dtype.is_complex:  # torch views a complex base as real first
             unit //= 2
         elif self.dtype.is_complex and not root.is_complex:  # and a real base as complex
             unit *= 2
+            viewable = (
+                len(size) >= 1 and size[-1] == 2 and stride[-1] == 1 and offset % 2 == 0 and all(s % 2 == 0 for s in stride[:-1])
+            )
+            if not viewable:
+                raise NotImplementedError(
+                    f"PagedTensor: a compiled graph returns a complex view of a real PagedTensor input ({op}: {root} -> "
+                    f"{self.dtype}) of size {list(size)} and strides {list(stride)}; torch's aot_eager/inductor rebuild "
+                    f"it from torch.view_as_complex(input) (gen_alias_from_base), which needs an input whose last dim "
+                    f"is 2 with stride 1. Return a copy (.clone()), pass the input viewed as (..., 2), or compile with "
+                    f"backend='eager'"
+                )
         if unit != self.dtype.itemsize:
             raise NotImplementedError(
                 f"PagedTensor: a compiled graph returns a view of a PagedTensor input in a dtype of another item "
@@ -390,8 +431,9 @@ class PagedTensor(torch.Tensor):
         """AOT autograd's cache key for this subclass: its static layout (the metadata is empty), after
         a revision number bumped whenever tracing a PagedTensor changes, so that a graph compiled by an
         earlier version is not reused (revision 2: a graph returning a view of an input in a dtype of
-        another item size is refused, see :meth:`_check_returnable`)."""
-        return f"PagedTensor/2:{self.dtype}:{tuple(self.shape)}:{self.stride()}:{self.device}:{self.requires_grad}"
+        another item size is refused, see :meth:`_check_returnable`; revision 3: so is one returning a
+        complex view of a real input torch cannot view as complex)."""
+        return f"PagedTensor/3:{self.dtype}:{tuple(self.shape)}:{self.stride()}:{self.device}:{self.requires_grad}"
 
     def drop_materialized(self) -> None:
         """Free the dense copy a ``torch.compile`` boundary cached (it is rebuilt when needed)."""

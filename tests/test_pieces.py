@@ -9,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import pagedtensor
 from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
 
 PAGE = 4096
@@ -154,3 +155,39 @@ def test_a_dtype_conversion_larger_than_the_device_tier_runs_in_pieces():
         assert torch.equal(t.t().to(torch.bfloat16), x.t().to(torch.bfloat16))
         with pytest.raises(OutOfPagesError):
             t.cumsum(0)  # not elementwise: no pieces
+
+
+def test_a_plain_tensor_written_from_a_paged_one_larger_than_the_device_tier_runs_in_pieces():
+    """``dense.copy_(paged)`` (what ``load_state_dict`` runs to load a checkpoint saved from a paged
+    model, whose tensors load paged, into a plain one) and other in-place ops on a plain tensor
+    reading a PagedTensor of its layout ran only with every page resident at once: an
+    ``OutOfPagesError`` for a weight larger than the device tier, which ``paged.copy_(paged)`` and
+    ``paged + 1`` do not raise. They now run a piece at a time, writing the plain tensor directly."""
+    import io
+
+    x = torch.randn(64, 256)  # 16 pages of 4 KiB
+    with make_pager(device_pages=4) as pager:
+        table = PagedTensor.wrap(x, pager)
+        target = torch.empty(64, 256)
+        assert target.copy_(table) is target and same_bits(target, x)
+        column = torch.zeros(64, 256)
+        column[:, 3].copy_(table[:, 3])  # 64 elements on 16 pages: pieces along the rows
+        assert torch.equal(column[:, 3], x[:, 3]) and not column[:, :3].any() and not column[:, 4:].any()
+        total = torch.ones(64, 256)
+        assert same_bits(total.add_(table).mul_(table), (1 + x) * x)
+        assert pager.stats()["resident_bytes"]["device"] <= 4 * PAGE
+        overlapping = torch.arange(64 * 257.0)
+        with pytest.raises((OutOfPagesError, RuntimeError)):  # another view of the written tensor: no pieces
+            overlapping[:64 * 256].view(64, 256).addcmul_(table, overlapping[256:].view(64, 256))
+        saved = io.BytesIO()
+        torch.save({"weight": table}, saved)
+        saved.seek(0)
+        previous = pagedtensor.set_default_pager(pager)
+        try:
+            state = torch.load(saved)
+        finally:
+            pagedtensor.set_default_pager(previous)
+        assert type(state["weight"]) is PagedTensor
+        plain = torch.nn.Linear(256, 64, bias=False)
+        plain.load_state_dict(state)
+        assert same_bits(plain.weight.detach(), x)

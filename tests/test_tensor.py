@@ -941,6 +941,27 @@ def test_views_under_inference_mode_of_a_tensor_wrapped_outside_it(pager):
         assert made_inside.is_inference() and made_inside[1:2].is_inference()
 
 
+def test_views_of_an_inference_tensor_outside_inference_mode_are_inference_tensors(pager):
+    """A tensor wrapped under ``torch.inference_mode()`` (a KV cache, say) is an inference tensor, and
+    so are its views and ``detach()`` outside it, as torch's are. They were normal tensors: one could
+    be saved for backward, a later write to the base inside inference mode (which bumps no version
+    counter) went unnoticed, and the gradient came out of the new values, where torch raises."""
+    x = rows_tensor(device=pager.device)
+    with torch.inference_mode():
+        cache = PagedTensor.wrap(x, pager)
+    assert cache[1:].is_inference() and cache.t().is_inference() and cache.detach().is_inference()
+    weight = torch.ones_like(x, requires_grad=True)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        (cache[0:] * weight).sum()
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        cache[1:3].add_(1)  # (torch raises after the write, for plain tensors too)
+    with torch.inference_mode():
+        cache[1:3].add_(1)
+    x[1:3] += 1
+    x[1:3] += 1
+    assert torch.equal(cache.materialize(), x)
+
+
 def test_ops_that_may_alias_convert_and_copy_under_inference_mode(pager):
     """``to``, ``contiguous``, ``reshape`` and ``flatten`` return their input, a view or a new tensor
     as needed; they reach the subclass whole under inference mode (below autograd), where their

@@ -242,3 +242,43 @@ def test_a_returned_view_in_a_dtype_of_another_item_size_is_refused(pager, backe
     eager = torch.compile(lambda t: t[3].view(torch.int16), backend="eager", fullgraph=True)(paged)
     assert eager.storage_offset() == base[3].view(torch.int16).storage_offset()
     assert torch.equal(eager.materialize(), base[3].view(torch.int16))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_returned_complex_view_of_a_real_input_is_refused_unless_torch_can_rebuild_it(pager, backend):
+    """torch rebuilds a complex view of a real input returned from an ``aot_eager``/``inductor`` graph
+    as ``torch.view_as_complex(input).as_strided(...)`` (``gen_alias_from_base``), which works only for
+    an input whose last dim is 2 with stride 1: ``torch.view_as_complex(t.view(16, 32, 2))`` of a
+    ``[16, 64]`` input compiled and then raised torch's "Tensor must have a last dimension of size 2"
+    on every call. It is now refused naming the op; an input already of shape ``(..., 2)`` still
+    returns its complex view aliasing the pages, and the view used inside the graph still works."""
+    base = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    paged = PagedTensor.wrap(base, pager)
+    with pytest.raises(Exception, match=r"complex view of a real PagedTensor input \(aten.view_as_complex.default"):
+        torch.compile(lambda t: torch.view_as_complex(t.view(16, 32, 2)), backend=backend, fullgraph=True)(paged)
+    torch._dynamo.reset()
+    inside = torch.compile(lambda t: torch.view_as_complex(t.view(16, 32, 2)).abs(), backend=backend, fullgraph=True)
+    assert_bitwise([inside(paged)], [inside(base)])
+    torch._dynamo.reset()
+    pairs = PagedTensor.wrap(base.view(16, 32, 2), pager)
+    view = torch.compile(lambda t: torch.view_as_complex(t)[3], backend=backend, fullgraph=True)(pairs)
+    assert type(view) is PagedTensor and view.dtype == torch.complex64
+    assert torch.equal(view.materialize(), torch.view_as_complex(base.view(16, 32, 2))[3])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrapping_inside_a_compiled_function_runs_eagerly_at_a_graph_break(pager, backend):
+    """Dynamo traced into ``PagedTensor.wrap``, broke the graph at ``_make_wrapper_subclass`` and went
+    on tracing ``_make`` with the tensor half made: ``InternalTorchDynamoError: AttributeError:
+    'PagedTensor' object has no attribute '_view_root'`` even without ``fullgraph``. ``wrap`` now runs
+    eagerly at a graph break; under ``fullgraph=True`` Dynamo refuses it as a graph break."""
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+
+    def fn(t):
+        paged = PagedTensor.wrap(t * 2, pager)
+        return paged[1:3] * 3 + paged[5:7]
+
+    assert_bitwise([torch.compile(fn, backend=backend)(x)], [fn(x)])
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        torch.compile(fn, backend=backend, fullgraph=True)(x)
