@@ -21,12 +21,13 @@ def test_demo_moves_bytes_through_every_tier_and_checks_them():
 
 
 def test_cli_entry_point(capsys):
-    assert main(["demo", "--size", "1MiB", "--vram-limit", "128KiB", "--host-memory", "256KiB", "--page-size", "16KiB", "--device", "cpu"]) == 0
+    assert main(SMALL_DEMO) == 0
     assert "every byte came back" in capsys.readouterr().out
 
 
 HUGE = "4194304TiB"  # 2**62 bytes: a power of two that parses, and more memory than any machine has
 HUGE_PAGES = ["--page-size", HUGE, "--vram-limit", HUGE, "--host-memory", HUGE]
+SMALL_DEMO = ["demo", "--size", "1MiB", "--vram-limit", "128KiB", "--host-memory", "256KiB", "--page-size", "16KiB", "--device", "cpu"]
 
 
 @pytest.mark.parametrize(
@@ -148,7 +149,7 @@ def test_demo_data_that_cannot_be_allocated_is_a_usage_error(capsys, monkeypatch
 
     monkeypatch.setattr(torch, "randint", randint)
     with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--size", "1MiB", "--vram-limit", "128KiB", "--host-memory", "256KiB", "--page-size", "16KiB", "--device", "cpu"])
+        main(SMALL_DEMO)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "pagedllm demo: error: argument --size: cannot allocate 1.00 MiB (1048576 bytes) of demo data" in err
@@ -167,7 +168,7 @@ def test_demo_slab_that_cannot_be_allocated_is_a_usage_error_naming_it(capsys, m
 
     monkeypatch.setattr(DeviceTier, "_allocate", out_of_memory)
     with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--size", "1MiB", "--vram-limit", "128KiB", "--host-memory", "256KiB", "--page-size", "16KiB", "--device", "cpu"])
+        main(SMALL_DEMO)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "pagedllm demo: error: device tier: cannot allocate a slab of 128.00 KiB (131072 bytes, 8 pages of 16.00 KiB" in err
