@@ -62,7 +62,7 @@ from torch._prims_common import make_contiguous_strides_for
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_leaves, tree_map
 
-from pagedtensor.errors import OutOfPagesError
+from pagedtensor.errors import OutOfPagesError, SlabAllocationError
 from pagedtensor.pager import ResidentPages, WrittenPages
 from pagedtensor.pieces import is_elementwise, run_in_pieces
 from pagedtensor.tensor import (
@@ -359,6 +359,8 @@ class PagedDispatcher:
                 opened.append(group)
         except OutOfPagesError as error:
             _release_all(opened)
+            if isinstance(error, SlabAllocationError):  # the machine's memory, not the op's size: raised as it is
+                raise
             raise _too_many_pages(func, error) from error
         except BaseException:
             _release_all(opened)
@@ -494,6 +496,8 @@ def _read_one(func: OpOverload, args: tuple, kwargs: dict, leaf: PagedTensor) ->
         return func(*dense_args, **dense_kwargs)
     try:
         window = _Window(leaf._paged, lo, hi)
+    except SlabAllocationError:  # the machine's memory, not the op's size: raised as it is
+        raise
     except OutOfPagesError as error:
         raise _too_many_pages(func, error) from error
     try:
@@ -553,6 +557,8 @@ def paged_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         drain_pending_frees()
     try:
         window = _Window(weight._paged, lo, hi)
+    except SlabAllocationError:  # the machine's memory, not the weight's size: raised as it is
+        raise
     except OutOfPagesError as error:
         raise OutOfPagesError(f"linear: its PagedTensor weight needs more pages at once than the device tier can hold: {error}") from error
     try:

@@ -1179,7 +1179,18 @@ class Pager:
             if free_disk is not None and free_disk < len(to_disk):
                 free_disk += self._drop_duplicate_disk_copies(len(to_disk) - free_disk, frozenset(victims) | keep)
             if free_disk is not None and free_disk < len(to_disk):
-                raise OutOfPagesError(f"disk tier full (disk_limit={self.config.disk_limit} bytes): cannot spill {len(to_disk)} pages")
+                # The disk cannot take them: host copies that need no spill go instead, as without a disk
+                # tier (clean caches of a device copy, and copies of pages that keep a disk copy), such
+                # as the copies Pager.write_back gives resident pages.
+                overwriting = self._overwriting
+                victims = self.host_policy.victims(
+                    shortfall,
+                    lambda page: page not in keep and ((page.device_slot is not None and page not in overwriting) or page.disk_slot is not None),
+                )
+                if len(victims) < shortfall:
+                    raise OutOfPagesError(f"disk tier full (disk_limit={self.config.disk_limit} bytes): cannot spill {len(to_disk)} pages")
+                to_disk = []
+        if to_disk:
             self._sync_host_slots([page.host_slot for page in to_disk])
             disk_slots = [self.disk_tier.allocate_slot() for _ in to_disk]
             try:

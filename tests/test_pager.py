@@ -514,6 +514,62 @@ def test_a_slab_the_allocator_refuses_raises_naming_it_and_keeps_every_page(monk
         assert torch.equal(pager.read(first), random_bytes(2 * PAGE, seed=1))
 
 
+@pytest.mark.parametrize("op", ["sum", "add", "cat", "linear"])
+def test_a_slab_the_allocator_refuses_in_an_op_raises_slab_allocation_error(monkeypatch, op):
+    """Slabs grow on demand, so a slab the allocator refuses (memory in use elsewhere) is met in the
+    middle of an op: the op raises the SlabAllocationError as it is (what ``pagedllm ask`` reports
+    as a usage error), not an OutOfPagesError saying the op's pages do not fit the device tier.
+    The pages stay readable once memory is there again."""
+    from pagedtensor.dispatch import paged_linear
+
+    with make_pager(device_pages=8, host_pages=16, slab_size=PAGE) as pager:
+        x = torch.randn(6 * PAGE // 4)
+        t = PagedTensor.wrap(x, pager)  # 6 slabs grown
+        other = pager.allocate(PAGE)
+        pager.evict_all()
+        allocate_slab = pager.device_tier._allocate_slab
+
+        def out_of_memory(nbytes: int) -> torch.Tensor:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {nbytes} bytes")
+
+        monkeypatch.setattr(pager.device_tier, "_allocate_slab", out_of_memory)
+        pinned = pager.ensure_resident(other)  # one grown slot held: the op needs a seventh slab
+        try:
+            run = {
+                "sum": lambda: t.sum(),
+                "add": lambda: t + 1,
+                "cat": lambda: torch.cat((t, t)),
+                "linear": lambda: paged_linear(torch.randn(2, PAGE // 4), t.view(6, PAGE // 4), None),
+            }[op]
+            with pytest.raises(SlabAllocationError, match="device tier: cannot allocate a slab of 4.00 KiB") as raised:
+                run()
+            assert "need" not in str(raised.value).split("device tier:")[0], str(raised.value)
+        finally:
+            pinned.release()
+        monkeypatch.setattr(pager.device_tier, "_allocate_slab", allocate_slab)
+        assert torch.equal(t.materialize(), x)
+
+
+def test_a_fault_from_a_full_disk_drops_a_clean_host_copy_rather_than_spill(nvme_dir):
+    """Host copies given to resident pages (``write_back``, as ``page_weights=True`` does for every
+    weight) fill the host tier with clean caches. A fault from disk that needs a host slot while the
+    disk tier is full drops such a copy (the page keeps its device copy) instead of failing to spill
+    the least recently used host-only page: device, host and disk hold 5 pages here, 3 are used. (A
+    model whose weights fit device and host at c757c12 failed its first generate with 'disk tier
+    full' once its weights were written back.)"""
+    with make_pager(nvme_dir, device_pages=2, host_pages=2, disk_limit=PAGE) as pager:
+        z, x, y = (pager.allocate(PAGE) for _ in range(3))
+        for seed, allocation in enumerate((z, x, y)):
+            pager.write(allocation, random_bytes(PAGE, seed=seed))  # z goes to host
+        pager.evict(x)  # the host tier is full of host-only pages: z, x
+        assert pager.write_back(y) == 1  # z spills to the disk tier, now full; y gets a host copy
+        assert [pager.page_table(allocation)[0].tier for allocation in (z, x, y)] == ["disk", "host", "device"]
+        assert torch.equal(pager.read(z), random_bytes(PAGE, seed=0))  # staged through the slot of y's host copy
+        assert pager.page_table(y)[0].host_slot is None and pager.page_table(y)[0].tier == "device"
+        for seed, allocation in enumerate((z, x, y)):
+            assert torch.equal(pager.read(allocation), random_bytes(PAGE, seed=seed))
+
+
 def test_write_back_gives_resident_pages_host_copies_and_leaves_them_resident():
     """``write_back`` copies the resident pages with no lower copy to the host tier (the host grows
     now) and leaves them on the device: evicting them later copies nothing, a write makes them

@@ -269,6 +269,25 @@ def test_weights_get_their_host_copies_when_paged_so_no_decode_step_writes_one_b
     assert not weight_ids.intersection(written_back)
 
 
+def test_weights_written_back_leave_a_small_disk_tier_room_to_generate(nvme_dir):
+    """Weights that fit device and host (0.6x each) with a disk tier of 0.4x: writing each weight
+    back as it is paged fills the host tier with clean copies of weights still on the device (and
+    spills older host-only weights to the disk). A fault from the then nearly full disk drops such a
+    copy for its host slot instead of failing to spill a host-only page ('disk tier full', where
+    c757c12, which wrote no weight back, generated the unpaged tokens)."""
+    import dataclasses
+
+    reference, model = tiny_pair("llama", attn="sdpa", num_hidden_layers=3)
+    ids, mask = prompts(1, length=8)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    weights = _layer_bytes(model, at_least=PAGE)
+    budget = dataclasses.replace(tiny_budget(nvme_dir, vram_pages=int(0.6 * weights) // PAGE, host_pages=int(0.6 * weights) // PAGE),
+                                 disk_limit=int(0.4 * weights) // PAGE * PAGE)  # fmt: skip
+    enable_paging(model, budget, attn_implementation="sdpa", page_weights=True)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert torch.equal(got, expected)
+
+
 def test_each_weight_stays_one_view_of_adjacent_slots(nvme_dir, monkeypatch):
     """Eight layers under a one-slab device budget of 60% of their weights, decoding token after
     token: the layer-ahead prefetch brings a layer's weights as one batch into adjacent slots and a
