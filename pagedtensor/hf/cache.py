@@ -365,6 +365,19 @@ class PagedKVCache(Cache):
             "between them (cache.crop(-tokens_added_since)), or make a cache for each"
         )
 
+    def release_hot_pins(self) -> None:
+        """Unpin the sink and newest pages of every sequence: they stay where they are, evictable like
+        any other page, and the next update pins them again. ``generate`` calls it on the cache it
+        hands back (in its output, or the caller's own): a cache kept between generates would
+        otherwise hold device slots that later generates on the same pager cannot use."""
+        for layer in self.layers:
+            for seq in layer.seqs:
+                for pin in seq.hot.values():
+                    self._hot_pins.pop(id(pin), None)
+                    if not pin.released:
+                        pin.release()
+                seq.hot.clear()
+
     def close(self) -> None:
         """Free every page (and close the pager if this cache created it). Idempotent."""
         if not self.closed:
@@ -399,6 +412,7 @@ class PagedKVCache(Cache):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size_, self.num_kv_heads, self.head_dim = batch, kv_heads, head_dim
         self.page_tokens = page_tokens
+        self._pools.clear()  # views of the slabs in the geometry before a reset(): made again in this one
         capacity = self.pager.device_tier.capacity_pages
         if self.max_tokens is not None:
             # One segment for the tokens expected, but no larger than the device tier can hold (or the

@@ -44,7 +44,7 @@ from pagedtensor.config import MemoryConfig, SizeLike, check_memory_config, pars
 from pagedtensor.dispatch import paged_linear
 from pagedtensor.hf.attention import PAGED_FORWARD, register_attention
 from pagedtensor.hf.cache import ATTENTION_NAME, DEFAULT_STREAM_GROUP_BYTES, PagedKVCache, streaming_config
-from pagedtensor.errors import OutOfPagesError
+from pagedtensor.errors import OutOfPagesError, SlabAllocationError
 from pagedtensor.pager import Allocation, Pager
 
 log = logging.getLogger(__name__)
@@ -314,6 +314,10 @@ def _paged_generate(model: torch.nn.Module, state: PagingState):
             raise
         if cache is not None and not _carries(output, cache):
             cache.close()
+        else:  # the cache outlives the call (in the output, or the caller's): its pins leave the device to others
+            kept = cache if cache is not None else _find_cache(arguments)
+            if kept is not None and not kept.closed:
+                kept.release_hot_pins()
         return output
 
     return generate
@@ -468,6 +472,7 @@ def _chunked_layer_forward(forward, state: PagingState):
             return forward(hidden_states, *args, **kwargs)
         length = hidden_states.shape[1]
         out = None
+        extras: tuple = ()  # what a layer returning a tuple gives beside its hidden states
         for start in range(0, length, chunk):
             stop = min(length, start + chunk)
             piece = dict(kwargs)
@@ -480,13 +485,24 @@ def _chunked_layer_forward(forward, state: PagingState):
                 piece["position_ids"] = kwargs["position_ids"][..., start:stop]
             result = forward(hidden_states[:, start:stop], **piece)
             hidden = result[0] if isinstance(result, tuple) else result
+            if isinstance(result, tuple):
+                # Layers written before transformers returned bare tensors (Chameleon's) return
+                # (hidden_states,) and the model reads layer_outputs[0]: give the same structure back.
+                # Anything beside the hidden states (attention weights, router logits) is per chunk
+                # and cannot be joined: such a layer must not run in chunks.
+                if any(extra is not None for extra in result[1:]):
+                    raise NotImplementedError(
+                        f"chunked prefill: a decoder layer returned {len(result)} outputs, and those beside its hidden "
+                        f"states cannot be joined across chunks; pass a prefill_chunk_size above the prompt length"
+                    )
+                extras = tuple(result[1:])
             if out is None:
                 same_shape = hidden.shape[-1] == hidden_states.shape[-1] and hidden.dtype == hidden_states.dtype
                 out = hidden_states if state.in_place and same_shape else hidden_states.new_empty(
                     (hidden_states.shape[0], length, hidden.shape[-1]), dtype=hidden.dtype
                 )
             out[:, start:stop] = hidden
-        return out
+        return (out, *extras) if isinstance(result, tuple) else out
 
     return chunked
 
@@ -590,6 +606,8 @@ def _write_back_weight(pager: Pager, allocation: Allocation) -> None:
     the pages stay as they are and are written back when evicted, as any page."""
     try:
         pager.write_back(allocation)
+    except SlabAllocationError as error:  # the machine lacks the host memory host_memory promises: say so now
+        log.warning("weights %s: not written back: %s", allocation.name, error)
     except OutOfPagesError:
         log.info("weights %s: the host tier has no room to write them back now", allocation.name)
 

@@ -253,3 +253,28 @@ def test_resident_block_table_names_the_slots_pinned_after_a_concurrent_eviction
         finally:
             pieces.close()
             cache.close()
+
+
+def test_paged_attention_after_reset_reads_pages_in_the_new_geometry(nvme_dir):
+    """``reset()`` lets the cache take states of another geometry (dtype, kv heads, head size): the
+    kernels' page pools, views of the device slabs in the old geometry, must be made again."""
+    pager = _pager(nvme_dir, vram_pages=8, host_pages=8, slab_pages=8)
+    cache = PagedKVCache(pager=pager, num_layers=1, sink_pages=0)
+    cache.config = type("Config", (), {"_attn_implementation": "pagedllm"})()
+    _fill(cache, 1, 2, [20, 1])
+    paged_attention(cache, 0, torch.randn(2, HEADS, 1, HEAD_DIM), scaling=0.25)  # pools in fp32, 2 kv heads
+    cache.reset()
+    generator = torch.Generator().manual_seed(11)
+    for dtype, kv_heads in ((torch.float32, 4), (torch.bfloat16, 4)):
+        cache.reset()
+        keys = torch.randn(2, kv_heads, 20, HEAD_DIM, generator=generator).to(dtype)
+        values = torch.randn(2, kv_heads, 20, HEAD_DIM, generator=generator).to(dtype)
+        cache.begin_forward(None, 20)
+        cache.update(keys, values, 0)
+        query = torch.randn(2, HEADS, 20, HEAD_DIM, generator=generator).to(dtype)
+        got = paged_attention(cache, 0, query, scaling=0.25)
+        keys, values = (t.repeat_interleave(HEADS // kv_heads, dim=1) for t in (keys, values))
+        expected = torch.nn.functional.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=0.25)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, expected.transpose(1, 2), atol=tolerance, rtol=tolerance)
+    cache.close()

@@ -61,6 +61,33 @@ def test_users_paged_cache_is_returned_and_kept(nvme_dir):
     assert paging_state(model).pager.stats()["allocations"] == 0
 
 
+@pytest.mark.parametrize("own_cache", [False, True])
+def test_caches_kept_after_generate_leave_the_device_to_later_generates(own_cache, nvme_dir):
+    """A cache that outlives generate (in its output, or the caller's own) kept its sink and newest
+    pages pinned on the device: with three outputs kept, the fourth generate on a 16-page device
+    tier raised OutOfPagesError (transformers' caches only take memory). Continuing from a kept
+    cache pins them again and gives the unpaged model's tokens."""
+    reference, model = tiny_pair("llama")
+    ids, mask = prompts(1)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=16, host_pages=64), attn_implementation="sdpa")
+    keyword = cache_keyword(model)
+    settings = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    expected = reference.generate(ids, **settings)
+    kept = []
+    for _ in range(6):
+        extra = {keyword: PagedKVCache(model.config, pager=paging_state(model).pager)} if own_cache else {}
+        out = model.generate(ids, **settings, **extra)
+        assert torch.equal(out.sequences, expected.sequences)
+        kept.append(out)
+    assert all(output_cache(out).stats()["hot_pins"] == 0 for out in kept)
+    longer = reference.generate(ids, **{**settings, "max_new_tokens": 8})
+    cache = output_cache(kept[0])
+    sequences = kept[0].sequences
+    out = model.generate(sequences, **{**settings, "attention_mask": torch.ones_like(sequences)}, **{keyword: cache})
+    assert torch.equal(out.sequences, longer.sequences)
+    assert cache.stats()["hot_pins"] == 0
+
+
 def test_pagedllm_attention_without_a_paged_cache_matches_sdpa():
     """A model set to "pagedllm" but given transformers' own cache (or none) computes SDPA exactly."""
     register_attention()

@@ -113,6 +113,13 @@ MORE_FAMILIES = {  # name: (config, model, fields beyond TINY or instead of it, 
     "opt": ("OPTConfig", "OPTForCausalLM", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=128,
                                                 word_embed_proj_dim=64, max_position_embeddings=256, **_LEGACY), "sdpa"),  # fmt: skip
     "bloom": ("BloomConfig", "BloomForCausalLM", dict(n_layer=2, hidden_size=64, n_head=4, **_LEGACY), "eager"),
+    # Its decoder layers return a tuple, (hidden_states,), and the model reads layer_outputs[0]: the
+    # chunked prefill returned a bare tensor, whose [0] is the batch's first row (a shape error).
+    "chameleon": ("ChameleonConfig", "ChameleonForConditionalGeneration", {
+        **TINY, "vocabulary_map": {"<image>": 127, **{f"IMGIMG{chr(65 + i)}Z": 100 + i for i in range(16)}},
+        "vq_config": dict(embed_dim=32, num_embeddings=16, base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1,
+                          latent_channels=32, attn_resolutions=[]),
+    }, "sdpa"),  # fmt: skip
 }
 
 
