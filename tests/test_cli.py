@@ -27,6 +27,18 @@ def test_cli_entry_point(capsys):
 
 HUGE = "4194304TiB"  # 2**62 bytes: a power of two that parses, and more memory than any machine has
 HUGE_PAGES = ["--page-size", HUGE, "--vram-limit", HUGE, "--host-memory", HUGE]
+
+
+def usage_error(argv: list[str], capsys) -> str:
+    """What ``pagedllm <argv>`` writes to stderr, checked to be a usage error (exit status 2, no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
 SMALL_DEMO = ["demo", "--size", "1MiB", "--vram-limit", "128KiB", "--host-memory", "256KiB", "--page-size", "16KiB", "--device", "cpu"]
 
 
@@ -55,11 +67,8 @@ SMALL_DEMO = ["demo", "--size", "1MiB", "--vram-limit", "128KiB", "--host-memory
 def test_bad_arguments_are_usage_errors_naming_the_value(argv, named, capsys):
     """A bad value stops the command before any work (``ask`` loads no model) with argparse's usage
     error, exit status 2, and a message naming the option and the value, not a traceback."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert f"pagedllm {argv[0]}: error:" in err and "Traceback" not in err
+    err = usage_error(argv, capsys)
+    assert f"pagedllm {argv[0]}: error:" in err
     for text in named:
         assert text in err, (text, err)
 
@@ -112,12 +121,8 @@ def test_demo_states_the_tensor_against_the_device_budget():
 def test_demo_refuses_a_disk_folder_through_a_dangling_link_naming_it(capsys, tmp_path):
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "gone")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--nvme-path", str(link), "--device", "cpu"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = usage_error(["demo", "--nvme-path", str(link), "--device", "cpu"], capsys)
     assert f"nvme_path: cannot create the folder '{link}': '{link}' is a symbolic link to '{tmp_path / 'gone'}'" in err
-    assert "Traceback" not in err
 
 
 @pytest.mark.skipif(not __import__("os").path.isdir("/sys/kernel"), reason="needs sysfs")
@@ -148,12 +153,8 @@ def test_demo_data_that_cannot_be_allocated_is_a_usage_error(capsys, monkeypatch
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1048576 bytes.")
 
     monkeypatch.setattr(torch, "randint", randint)
-    with pytest.raises(SystemExit) as exit_info:
-        main(SMALL_DEMO)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = usage_error(SMALL_DEMO, capsys)
     assert "pagedllm demo: error: argument --size: cannot allocate 1.00 MiB (1048576 bytes) of demo data" in err
-    assert "Traceback" not in err
 
 
 def test_demo_slab_that_cannot_be_allocated_is_a_usage_error_naming_it(capsys, monkeypatch):
@@ -167,9 +168,6 @@ def test_demo_slab_that_cannot_be_allocated_is_a_usage_error_naming_it(capsys, m
         raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {nbytes} bytes.")
 
     monkeypatch.setattr(DeviceTier, "_allocate", out_of_memory)
-    with pytest.raises(SystemExit) as exit_info:
-        main(SMALL_DEMO)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = usage_error(SMALL_DEMO, capsys)
     assert "pagedllm demo: error: device tier: cannot allocate a slab of 128.00 KiB (131072 bytes, 8 pages of 16.00 KiB" in err
-    assert "CUDA out of memory" in err and "Lower slab_size, page_size or the tier's budget" in err and "Traceback" not in err
+    assert "CUDA out of memory" in err and "Lower slab_size, page_size or the tier's budget" in err
