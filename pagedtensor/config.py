@@ -88,7 +88,7 @@ def parse_size(value: SizeLike, field: str = "size") -> int:
     match = _SIZE_PATTERN.match(value)
     if match is None:
         magnitude = value.strip()[1:] if value.strip().startswith("-") else None
-        negative = _SIZE_PATTERN.match(magnitude) if magnitude is not None else None
+        negative = _SIZE_PATTERN.match(magnitude) if magnitude and not magnitude[0].isspace() else None  # "- 0" is no number
         if negative is not None:
             zero = set(negative.group("number").lower().split("e")[0]) <= {"0", "."}
             if zero and (negative.group("unit").lower() or "b") in UNIT_BYTES:

@@ -52,7 +52,7 @@ def test_minus_zero_is_zero_not_negative(value):
 
 @pytest.mark.parametrize(
     "value, message",
-    [("24XB", "unknown unit 'XB'"), ("-1GB", "negative"), ("-0.01KB", "negative"), ("--0", "cannot parse"), (-5, "negative"), ("lots", "cannot parse"), ("1.0000001KB", "whole number")],
+    [("24XB", "unknown unit 'XB'"), ("-1GB", "negative"), ("-0.01KB", "negative"), ("--0", "cannot parse"), ("- 0", "cannot parse"), (-5, "negative"), ("lots", "cannot parse"), ("1.0000001KB", "whole number")],
 )
 def test_bad_sizes_name_field_and_value(value, message):
     with pytest.raises(ValueError, match=message) as error:
