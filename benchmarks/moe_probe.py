@@ -32,18 +32,21 @@ from benchmarks.common import kernel_profile, write_results  # noqa: E402
 
 
 def _count_windows() -> tuple[dict[str, int], Any]:
-    """Count the windows of pages that ops read as one view of adjacent slots and those gathered
-    from scattered slots, for routed experts (``dispatch._one_expert``) and for every other op, by
-    wrapping the window's constructor; the counts and a function that undoes the wrapping."""
+    """Count the windows of pages that ops read as one view of adjacent slots, those gathered from
+    scattered slots into a buffer, and those copied straight from their runs of slots
+    (``gather=False``: a row gather of rows a page or more), for routed experts of the grouped
+    matmul (``dispatch._one_expert``) and for every other op (the batched experts' row gathers
+    among them), by wrapping the window's constructor; the counts and a function that undoes it."""
     import pagedtensor.dispatch as dispatch
 
-    counts = {"expert_view": 0, "expert_gathered": 0, "other_view": 0, "other_gathered": 0}
+    counts = {f"{who}_{how}": 0 for who in ("expert", "other") for how in ("view", "gathered", "copied_from_runs")}
     inside = {"expert": False}
     window_init, one_expert = dispatch._Window.__init__, dispatch._one_expert
 
     def counted_init(self, *args, **kwargs):
         window_init(self, *args, **kwargs)
-        counts[("expert_" if inside["expert"] else "other_") + ("gathered" if self.gathered else "view")] += 1
+        how = "view" if not self.gathered else ("gathered" if self._buf is not None else "copied_from_runs")  # gather=False
+        counts[("expert_" if inside["expert"] else "other_") + how] += 1
 
     def counted_one_expert(*args, **kwargs):
         inside["expert"] = True

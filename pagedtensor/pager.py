@@ -753,7 +753,7 @@ class Pager:
                 allocation.resident_run = None
             keep = frozenset(allocation.pages[start:stop])  # room is never made by dropping a host copy of the range
             for chunk in _chunked(pages, max(1, self.host_tier.capacity_pages // 2)):
-                self._copy_device_to_host(list(chunk), keep=keep)
+                self._copy_device_to_host(chunk, keep=keep)
             return len(pages)
 
     def synchronize(self) -> None:

@@ -602,8 +602,8 @@ def _write_back_weight(pager: Pager, allocation: Allocation) -> None:
     """Give the pages of a weight just paged that are still on the device their host copies now
     (:meth:`Pager.write_back`): a weight never changes, so once every page has a lower copy no
     eviction of a weight copies it back, and the host tier grows its slabs here rather than in the
-    middle of a generate. Where the host tier cannot hold them (no disk tier, a host budget under the weights),
-    the pages stay as they are and are written back when evicted, as any page."""
+    middle of a generate. Where the host tier cannot hold them (no disk tier, a host budget under
+    the weights), the pages stay as they are and are written back when evicted, as any page."""
     try:
         pager.write_back(allocation)
     except SlabAllocationError as error:  # the machine lacks the host memory host_memory promises: say so now

@@ -210,7 +210,7 @@ class SlabPool:
                     f"{format_size(self.page_size)}; {self._grown_pages} of the budget's {self.capacity_pages} pages grown already): {error}. "
                     f"Lower slab_size, page_size or the tier's budget (vram_limit, host_memory) to what this machine has"
                 ) from error
-        if slab.dtype != torch.uint8 or slab.numel() != pages * self.page_size or not slab.is_contiguous():
+        if slab.dtype != torch.uint8 or slab.numel() != nbytes or not slab.is_contiguous():
             raise RuntimeError(f"{self.name} tier: slab allocator returned {slab.dtype} x {slab.numel()}, expected uint8 x {nbytes}")
         self.slabs.append(slab)
         self.slab_spans.append((slab.data_ptr(), slab.data_ptr() + slab.numel()))
