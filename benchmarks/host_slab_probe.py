@@ -11,7 +11,8 @@ per slab size:
 * whether a slab registered on a background thread stalls the main thread: the main thread copies
   64 MiB from an already pinned buffer to the GPU and synchronizes, over and over, and counts
   Python loop turns, before and while a background thread registers a slab through torch's
-  ``cudart`` binding and through ``ctypes`` (which releases the GIL for the call).
+  ``cudart`` binding and through ``ctypes`` (which releases the GIL for the call), and while it
+  only populates the slab's pages (what the host tier does there), the registration timed after.
 
     python -m benchmarks.host_slab_probe --sizes 1GiB,4GiB --out /tmp/host_slab_probe.json
 """
@@ -134,7 +135,8 @@ def _main_thread_load(stop: threading.Event, source: torch.Tensor, target: torch
 
 def beside_copies(nbytes: int, register: str, huge: bool) -> dict[str, Any]:
     """The main thread's copies for 1 s alone, then while a background thread makes a slab of
-    ``nbytes`` (``register``: ``torch`` or ``ctypes``)."""
+    ``nbytes`` (``register``: ``torch`` or ``ctypes``, the binding it registers with; or
+    ``populate``: it only populates the pages, and the slab is registered afterwards, timed)."""
     source = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=True)
     target = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
     result: dict[str, Any] = {"bytes": nbytes, "register": register, "thp": huge}
@@ -150,7 +152,10 @@ def beside_copies(nbytes: int, register: str, huge: bool) -> dict[str, Any]:
         slab = _aligned(nbytes, HUGE_PAGE if huge else 4096)
         if huge:
             _madvise(slab, MADV_HUGEPAGE)
-        (_register_torch if register == "torch" else _register_ctypes)(slab)
+        if register == "populate":  # what the host tier does on its background thread: no CUDA call
+            _madvise(slab, MADV_POPULATE_WRITE)
+        else:
+            (_register_torch if register == "torch" else _register_ctypes)(slab)
         background["grow_s"] = time.perf_counter() - start
         background["slab"] = slab
         stop.set()
@@ -161,7 +166,10 @@ def beside_copies(nbytes: int, register: str, huge: bool) -> dict[str, Any]:
     result["beside"] = _main_thread_load(stop, source, target)
     thread.join()
     result["background_grow_s"] = background["grow_s"]
-    _unregister(background.pop("slab"))
+    slab = background.pop("slab")
+    if register == "populate":
+        _, result["register_after_s"] = _timed(lambda: _register_torch(slab))
+    _unregister(slab)
     return result
 
 
@@ -169,6 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1GiB,4GiB")
     parser.add_argument("--ways", default="register,thp,populate,thp_populate,pin_memory")
+    parser.add_argument("--beside", default="torch,ctypes,populate", help="how the background thread makes its slab")
     parser.add_argument("--out", default="benchmarks/results/host_slab_probe.json")
     args = parser.parse_args()
     sizes = [parse_size(size) for size in args.sizes.split(",")]
@@ -188,7 +197,7 @@ def main() -> None:
             print(row, flush=True)
             rows.append(row)
     beside = []
-    for register in ("torch", "ctypes"):
+    for register in args.beside.split(","):
         for huge in (False, True):
             row = beside_copies(sizes[-1], register, huge)
             print(row, flush=True)

@@ -23,10 +23,23 @@ SlabAllocator = Callable[[int], torch.Tensor]
 class SlabPool:
     """Page slots in slabs from ``allocate_slab``; never more than ``capacity_pages`` pages of slabs.
 
+    When ``prepare_slab`` is given, :meth:`allocate` calls it with the next slab's size in bytes
+    each time it leaves fewer than half a slab of grown slots free while the budget has room for
+    another slab, so the owner can start making that slab before :meth:`_grow` asks
+    ``allocate_slab`` for it.
+
     Not thread-safe: the pager serializes calls under its lock.
     """
 
-    def __init__(self, name: str, page_size: int, capacity_pages: int, slab_pages: int, allocate_slab: SlabAllocator) -> None:
+    def __init__(
+        self,
+        name: str,
+        page_size: int,
+        capacity_pages: int,
+        slab_pages: int,
+        allocate_slab: SlabAllocator,
+        prepare_slab: Optional[Callable[[int], None]] = None,
+    ) -> None:
         if capacity_pages <= 0:
             raise ValueError(f"{name}: capacity must be at least one page, got {capacity_pages!r}")
         self.name = name
@@ -34,6 +47,7 @@ class SlabPool:
         self.capacity_pages = capacity_pages
         self.slab_pages = max(1, min(slab_pages, capacity_pages))
         self._allocate_slab = allocate_slab
+        self._prepare_slab = prepare_slab
         self.slabs: list[torch.Tensor] = []
         self.slab_spans: list[tuple[int, int]] = []  # addresses [first, end) of each slab's memory
         self._typed_slabs: dict[tuple[int, torch.dtype], torch.Tensor] = {}
@@ -77,6 +91,17 @@ class SlabPool:
             return []
         while self._grown_pages - self.used_pages < count:
             self._grow()
+        slots = self._place(count, sizes)
+        if (
+            self._prepare_slab is not None
+            and 2 * (self._grown_pages - self.used_pages) < self.slab_pages
+            and self._grown_pages < self.capacity_pages
+        ):
+            self._prepare_slab(self._next_slab_pages() * self.page_size)
+        return slots
+
+    def _place(self, count: int, sizes: list[int]) -> list[int]:
+        """Take ``count`` of the grown free slots for groups of ``sizes`` as :meth:`allocate` describes."""
         if count == 1:
             slot = self._free_map.find(1)
             self._take(slot, 1)
@@ -188,6 +213,10 @@ class SlabPool:
         self._grown_pages = 0
         self.used_pages = 0
 
+    def _next_slab_pages(self) -> int:
+        """Pages of the next slab :meth:`_grow` adds: a full slab, or the budget's rest when smaller (0 when fully grown)."""
+        return min(self.slab_pages, self.capacity_pages - self._grown_pages)
+
     def _grow(self) -> None:
         """Add one slab (``slab_pages`` pages, fewer when the budget's rest is smaller).
 
@@ -195,7 +224,7 @@ class SlabPool:
             OutOfPagesError: the budget is fully grown.
             SlabAllocationError: the allocator could not give the slab (the message names its size).
         """
-        pages = min(self.slab_pages, self.capacity_pages - self._grown_pages)
+        pages = self._next_slab_pages()
         if pages <= 0:
             raise OutOfPagesError(f"{self.name} tier: budget of {self.capacity_pages} pages is fully grown")
         # A slab outlives the call that grew it: never an inference tensor (one grown under
