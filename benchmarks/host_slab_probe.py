@@ -35,33 +35,16 @@ if __package__ in (None, ""):
 
 from benchmarks.common import write_results  # noqa: E402
 from pagedtensor.config import parse_size  # noqa: E402
+from pagedtensor.tiers import host  # noqa: E402
+from pagedtensor.tiers.host import HOST_ALIGNMENT, HUGE_PAGE_SIZE, aligned_empty  # noqa: E402
 
-MADV_HUGEPAGE = 14
-MADV_POPULATE_WRITE = 23
-HUGE_PAGE = 2 << 20
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
-def _aligned(nbytes: int, alignment: int) -> torch.Tensor:
-    base = torch.empty(nbytes + alignment, dtype=torch.uint8)
-    offset = (-base.data_ptr()) % alignment
-    return base[offset : offset + nbytes]
 
 
 def _madvise(tensor: torch.Tensor, advice: int) -> int:
-    """0, or the errno of ``madvise``."""
-    if _libc.madvise(tensor.data_ptr(), tensor.numel(), advice) != 0:
-        return ctypes.get_errno()
+    """0, or the errno of ``madvise`` (the host tier's own call does not report it)."""
+    if host._libc is None or host._libc.madvise(tensor.data_ptr(), tensor.numel(), advice) != 0:
+        return ctypes.get_errno() if host._libc is not None else -1
     return 0
-
-
-def _register_torch(tensor: torch.Tensor) -> None:
-    result = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
-    code = int(getattr(result, "value", result))
-    if code != 0:
-        raise RuntimeError(f"cudaHostRegister failed: {code}")
 
 
 _libcuda: Optional[ctypes.CDLL] = None
@@ -79,10 +62,6 @@ def _register_ctypes(tensor: torch.Tensor) -> None:
         raise RuntimeError(f"cuMemHostRegister_v2 failed: {code}")
 
 
-def _unregister(tensor: torch.Tensor) -> None:
-    torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
-
-
 def _timed(step: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     value = step()
@@ -93,19 +72,17 @@ def make_slab(nbytes: int, way: str) -> dict[str, Any]:
     """Make one pinned slab ``way`` and time its steps (seconds); the slab is unregistered and dropped."""
     row: dict[str, Any] = {"way": way, "bytes": nbytes}
     if way == "pin_memory":
-        slab, row["total_s"] = _timed(lambda: torch.empty(nbytes, dtype=torch.uint8, pin_memory=True))
-        del slab
+        _, row["total_s"] = _timed(lambda: torch.empty(nbytes, dtype=torch.uint8, pin_memory=True))
         return row
     huge = way.startswith("thp")
-    slab, row["allocate_s"] = _timed(lambda: _aligned(nbytes, HUGE_PAGE if huge else 4096))
+    slab, row["allocate_s"] = _timed(lambda: aligned_empty(nbytes, HUGE_PAGE_SIZE if huge else HOST_ALIGNMENT))
     if huge:
-        row["madvise_hugepage_errno"], row["madvise_s"] = _timed(lambda: _madvise(slab, MADV_HUGEPAGE))
+        row["madvise_hugepage_errno"], row["madvise_s"] = _timed(lambda: _madvise(slab, host._MADV_HUGEPAGE))
     if way.endswith("populate"):
-        row["populate_errno"], row["populate_s"] = _timed(lambda: _madvise(slab, MADV_POPULATE_WRITE))
-    _, row["register_s"] = _timed(lambda: _register_torch(slab))
+        row["populate_errno"], row["populate_s"] = _timed(lambda: _madvise(slab, host._MADV_POPULATE_WRITE))
+    _, row["register_s"] = _timed(lambda: host._register(slab))
     row["total_s"] = sum(value for key, value in row.items() if key.endswith("_s"))
-    _unregister(slab)
-    del slab
+    host._unregister(slab.data_ptr())
     return row
 
 
@@ -149,13 +126,13 @@ def beside_copies(nbytes: int, register: str, huge: bool) -> dict[str, Any]:
     def grow() -> None:
         torch.cuda.set_device(0)
         start = time.perf_counter()
-        slab = _aligned(nbytes, HUGE_PAGE if huge else 4096)
+        slab = aligned_empty(nbytes, HUGE_PAGE_SIZE if huge else HOST_ALIGNMENT)
         if huge:
-            _madvise(slab, MADV_HUGEPAGE)
+            _madvise(slab, host._MADV_HUGEPAGE)
         if register == "populate":  # what the host tier does on its background thread: no CUDA call
-            _madvise(slab, MADV_POPULATE_WRITE)
+            _madvise(slab, host._MADV_POPULATE_WRITE)
         else:
-            (_register_torch if register == "torch" else _register_ctypes)(slab)
+            (host._register if register == "torch" else _register_ctypes)(slab)
         background["grow_s"] = time.perf_counter() - start
         background["slab"] = slab
         stop.set()
@@ -168,8 +145,8 @@ def beside_copies(nbytes: int, register: str, huge: bool) -> dict[str, Any]:
     result["background_grow_s"] = background["grow_s"]
     slab = background.pop("slab")
     if register == "populate":
-        _, result["register_after_s"] = _timed(lambda: _register_torch(slab))
-    _unregister(slab)
+        _, result["register_after_s"] = _timed(lambda: host._register(slab))
+    host._unregister(slab.data_ptr())
     return result
 
 
