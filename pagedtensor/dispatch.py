@@ -10,12 +10,17 @@ The dispatcher tries, in this order:
    * view ops (``view``, ``as_strided``, ``slice``, ``select``, ``t``/``transpose``/``permute``,
      ``expand``, ``unsqueeze``/``squeeze``, ``alias``, ``detach``, ``_unsafe_view``, ``split``,
      ``unbind``, ``unfold``, ``diagonal``, ...): the op runs on a meta tensor with the same layout
-     and the result is a PagedTensor over the same pages. Nothing faults in.
+     and the result is a PagedTensor over the same pages, with the conjugate and negative bits
+     the view sets (``conj``, ``_neg_view``), which every dense view of its pages then carries.
+     Nothing faults in.
+   * ``_to_copy`` on the pager's device (``t.to(dtype)``, ``t.half()``, ``module.half()``): a new
+     PagedTensor on the same pager, filled by ``copy_`` (a piece at a time where it must).
    * dim-0 row gathers (``index_select`` on dim 0, ``embedding``, ``index.Tensor`` with one index
      tensor on dim 0): only the pages holding the selected rows fault in, run by run.
    * ``_grouped_mm`` over a paged stack of expert matrices (a mixture-of-experts layer): only the
      experts that have rows fault in.
-   * ops that read only metadata (``new_*``, ``*_like``, ``is_same_size``): nothing faults in.
+   * ops that read only metadata (``new_*``, ``*_like``, ``is_same_size``,
+     ``_has_compatible_shallow_copy_type``): nothing faults in.
 
 2. **Fault in and run dense** (every other op): the pages each PagedTensor argument reaches (its
    byte span ``[storage_offset, last reachable element]``) fault in, once per allocation; the op
@@ -26,8 +31,7 @@ The dispatcher tries, in this order:
    recognized by its schema and handled like step 1.
 3. **NotImplementedError** naming the op and the argument types: ops that change a PagedTensor's
    shape, strides or storage in place (``resize_``, ``set_``, ``t_``, ... : the ``inplace_view``
-   tag), ``out=`` that would resize a PagedTensor, views needing the conjugate/negative bit, and
-   higher-order operators. Never a silently wrong result.
+   tag), ``out=`` that would resize a PagedTensor, and higher-order operators. Never a silently wrong result.
 
 Note:
     Stream order, on CUDA: :meth:`ResidentPages.wait` makes the current stream wait for the copies
@@ -64,7 +68,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError
 from pagedtensor.pager import ResidentPages, WrittenPages
-from pagedtensor.pieces import is_elementwise, run_in_pieces
+from pagedtensor.pieces import NOT_ONE_TARGET, is_elementwise, run_in_pieces, written_target
 from pagedtensor.tensor import (
     PagedStorage,
     PagedTensor,
@@ -72,8 +76,10 @@ from pagedtensor.tensor import (
     dense_and_non_overlapping,
     drain_pending_frees,
     element_span,
+    math_bits,
     meta_layout,
     meta_like,
+    with_math_bits,
 )
 
 aten = torch.ops.aten
@@ -283,6 +289,10 @@ class PagedDispatcher:
                 f"PagedTensor: {func} changes a tensor's shape, strides or storage in place, which a PagedTensor "
                 f"does not support{_describe(args, kwargs)}"
             )
+        if info.decomposes and func.overloadpacket is aten.to:
+            # ``to`` reached whole (below autograd): its kernel returns the tensor itself, or calls
+            # ``_to_copy``, whose handler keeps a conversion on the same device paged.
+            return func._op_dk(DispatchKey.CompositeImplicitAutograd, *args, **kwargs)
         if info.decomposes:
             aliases = _returns_an_input(func, args, kwargs)
             if aliases is not False:
@@ -444,7 +454,12 @@ class PagedDispatcher:
                     window.release()
         if data is None:
             data = pager.read(storage.allocation, lo, hi - lo).to(target)
-        return data.view(tensor.dtype).as_strided(tensor.shape, tensor.stride(), 0)
+        values = data.view(tensor.dtype)
+        if tensor.is_conj():  # the values a conjugated view reads (the pages hold the unconjugated ones)
+            values.conj_physical_()
+        if tensor.is_neg():
+            values.neg_()
+        return values.as_strided(tensor.shape, tensor.stride(), 0)
 
     def _forward_traced(self, func: OpOverload, leaves: list[PagedTensor], args: tuple, kwargs: dict) -> Any:
         """Step 0: run on the inner tensors; views stay (traced) PagedTensors, like in eager mode.
@@ -542,6 +557,8 @@ def paged_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         torch.compiler.is_compiling()
         or type(weight) is not PagedTensor
         or weight._inner is not None
+        or weight.is_conj()
+        or weight.is_neg()
         or type(input) is not torch.Tensor
         or not (bias is None or type(bias) is torch.Tensor or type(bias) is torch.nn.Parameter)
         or (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
@@ -686,6 +703,12 @@ class _Window:
         return (buf[: buf.numel() - tail] if tail else buf).view(dtype)
 
     def dense(self, tensor: PagedTensor, bounded: bool = False) -> torch.Tensor:
+        """``tensor`` as a dense strided view of the slab (zero-copy) or of the gathered ``buf``, with
+        its conjugate and negative bits; see :meth:`_dense_view` for ``bounded``."""
+        view = self._dense_view(tensor, bounded)
+        return with_math_bits(view, math_bits(tensor)) if tensor.is_conj() or tensor.is_neg() else view
+
+    def _dense_view(self, tensor: PagedTensor, bounded: bool = False) -> torch.Tensor:
         """``tensor`` as a dense strided view of the slab (zero-copy) or of the gathered ``buf``.
 
         ``bounded``: a zero-copy view over a storage of the window's bytes only (one for every such
@@ -895,19 +918,23 @@ def _holding(locks: Sequence[Any], run: Callable[[], Any]) -> Any:
 
 
 def _reads_written_bytes_as_other_elements(info: OpInfo, args: tuple, kwargs: dict) -> bool:
-    """Whether an op writing its first argument, a PagedTensor, reads a view of that allocation whose
-    elements are other bytes than the written ones at the same index: another byte offset, or the same
-    element offset in a dtype of another size (``t[o:].add_(t.view(torch.uint8)[o:])``). Run in pieces,
-    an earlier piece would write bytes a later piece reads (torch refuses such a partial overlap,
-    which no one piece need show); :func:`run_in_pieces` compares element offsets only."""
-    if [position for position, _ in info.written] != [0] or not isinstance(args[0], PagedTensor) or args[0]._paged is None:
+    """Whether an op writing one PagedTensor (its first argument, or its ``out=``) reads a view of that
+    allocation whose elements are other bytes than the written ones at the same index: another byte
+    offset, or the same element offset in a dtype of another size (``t[o:].add_(t.view(torch.uint8)[o:])``).
+    Run in pieces, an earlier piece would write bytes a later piece reads (torch refuses such a partial
+    overlap, which no one piece need show); :func:`run_in_pieces` compares element offsets only."""
+    name = written_target(info, args)
+    if name is None or name is NOT_ONE_TARGET:
         return False
-    target = args[0]
+    target = args[0] if name == 0 else kwargs.get(name)
+    if not isinstance(target, PagedTensor) or target._paged is None:
+        return False
     itemsize = target.dtype.itemsize
+    read = (args[1:], kwargs) if name == 0 else (args, {key: value for key, value in kwargs.items() if key != name})
     return any(
         leaf._paged is target._paged
         and (leaf.dtype.itemsize != itemsize or leaf._offset != target._offset)
-        for leaf in _paged_leaves(args[1:], kwargs)
+        for leaf in _paged_leaves(*read)
     )
 
 
@@ -920,6 +947,8 @@ def _same_data(target: Any, source: Any) -> bool:
     if not (isinstance(target, PagedTensor) and isinstance(source, PagedTensor)):
         return False
     if target._paged is None or target._paged is not source._paged or target._offset != source._offset or target.dtype != source.dtype:
+        return False
+    if math_bits(target) != math_bits(source):
         return False
     if target.shape == source.shape and target.stride() == source.stride():
         return True
@@ -985,7 +1014,8 @@ def _unalias(tensor: torch.Tensor, windows: Sequence[_Window]) -> torch.Tensor:
 
 
 def _empty_like_leaf(leaf: PagedTensor) -> torch.Tensor:
-    return torch.empty_strided(leaf.shape, leaf.stride(), dtype=leaf.dtype, device=leaf.device)
+    empty = torch.empty_strided(leaf.shape, leaf.stride(), dtype=leaf.dtype, device=leaf.device)
+    return with_math_bits(empty, math_bits(leaf))
 
 
 
@@ -1039,8 +1069,6 @@ def view_of_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict, lea
         raise NotImplementedError(f"PagedTensor: view op {func} has no meta kernel{_describe(args, kwargs)}: {error}") from error
 
     def to_paged(meta: torch.Tensor) -> PagedTensor:
-        if meta.is_conj() or meta.is_neg():
-            raise NotImplementedError(f"PagedTensor: {func} sets the conjugate/negative bit, which a PagedTensor does not carry{_describe(args, kwargs)}")
         if func is aten.as_strided.default:  # the only view op that can reach past the storage (meta checks nothing)
             lo, hi = element_span(tuple(meta.shape), meta.stride(), meta.storage_offset())
             if hi > lo and hi * meta.dtype.itemsize > source._paged.nbytes:
@@ -1049,7 +1077,7 @@ def view_of_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict, lea
                     f"{meta.storage_offset()}, and itemsize {meta.dtype.itemsize} requiring a storage size of "
                     f"{hi * meta.dtype.itemsize} are out of bounds for storage of size {source._paged.nbytes}"
                 )
-        layout = (source._paged, meta.storage_offset(), tuple(meta.shape), meta.stride(), meta.dtype)
+        layout = (source._paged, meta.storage_offset(), tuple(meta.shape), meta.stride(), meta.dtype, False, math_bits(meta))
         if torch.is_inference_mode_enabled() and not source.is_inference():
             # A view of a normal tensor is a normal tensor, in inference mode too (it shares the
             # base's version counter, which an inference tensor cannot).
@@ -1094,6 +1122,64 @@ def strided_over_the_allocation(func: OpOverload, types: tuple, args: tuple, kwa
     return func(dense, *args[1:], **kwargs)
 
 
+# ---------------------------------------------------------------------- handlers: conversions
+
+
+@implements([aten._to_copy.default])
+def convert_into_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``t.to(dtype)``, ``t.half()``, ``t.float()``, ``t.to(copy=True)``, ``t.to(memory_format=...)``
+    of a PagedTensor on its own device: a new PagedTensor on the same pager, of the layout the dense op
+    gives (its meta kernel's), filled by ``copy_`` (the dense op's own kernel, ``empty`` then
+    ``copy_``), which runs a piece of pages at a time when the two do not fit on the device tier at
+    once: no more than a piece is dense at once, so ``module.half()`` keeps paged buffers and
+    parameters paged, and a tensor larger than the device tier converts. The pages are advised as
+    the source's were (:meth:`Pager.advise`). A conversion to another device, layout or pinned
+    memory gives a plain tensor, as every op does.
+
+    Raises:
+        OutOfPagesError: the copy neither fits at once nor runs in pieces (a view whose elements do
+            not fill its span, converted to another layout). Nothing is left allocated.
+    """
+    source = args[0]
+    device = kwargs.get("device")
+    if (
+        not isinstance(source, PagedTensor)
+        or (device is not None and _normalize_device(torch.device(device)) != _normalize_device(source.device))
+        or kwargs.get("layout") not in (None, torch.strided)
+        or kwargs.get("pin_memory")
+    ):  # fmt: skip
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    layout = func(meta_like(source), **{name: value for name, value in kwargs.items() if name != "device"})
+    pager = source.pager
+    nbytes = element_span(tuple(layout.shape), layout.stride(), 0)[1] * layout.dtype.itemsize
+    source_allocation = source.allocation
+    allocation = pager.allocate(nbytes, name=getattr(source_allocation, "name", None)) if nbytes else None
+    storage = PagedStorage(pager, allocation)
+    if allocation is not None and source_allocation is not None and source_allocation.loop:
+        pager.advise(allocation, "loop")
+    result = PagedTensor._make(storage, 0, tuple(layout.shape), layout.stride(), layout.dtype)
+    try:
+        aten.copy_.default(result, source, non_blocking=bool(kwargs.get("non_blocking", False)))
+    except OutOfPagesError as error:
+        if isinstance(error, SlabAllocationError):
+            raise
+        # The two do not fit at once and cannot run in pieces (an expanded view converted into a
+        # result many times its span): the dense conversion, as any op runs, then paged through
+        # the pager in chunks (PagedTensor.wrap).
+        pager.free(allocation)
+        dense = DISPATCHER.run_paged(func, types, args, kwargs)
+        flat = dense.as_strided((dense.numel(),), (1,)).view(torch.uint8)  # a dense result fills its span
+        storage = PagedStorage.filled(pager, flat.numel(), lambda target: pager.write(target, flat), name=getattr(source_allocation, "name", None))
+        if source_allocation is not None and source_allocation.loop:
+            pager.advise(storage.allocation, "loop")
+        result = PagedTensor._make(storage, 0, tuple(dense.shape), dense.stride(), dense.dtype)
+    except BaseException:
+        if allocation is not None and not allocation.freed:
+            pager.free(allocation)
+        raise
+    return result
+
+
 # ---------------------------------------------------------------------- handlers: metadata only
 
 
@@ -1113,6 +1199,16 @@ def like_from_metadata(func: OpOverload, types: tuple, args: tuple, kwargs: dict
         return DISPATCHER.run_paged(func, types, args, kwargs)
     stand_in = torch.empty_strided(source.shape, source.stride(), dtype=source.dtype, device=source.device)
     return func(stand_in, *args[1:], **kwargs)
+
+
+@implements([aten._has_compatible_shallow_copy_type.default])
+def has_compatible_shallow_copy_type(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> bool:
+    """Whether ``t.data = other`` may keep ``t``'s tensor type (what ``Module._apply`` asks, in
+    inference mode too, before a parameter conversion): torch compares the two tensors' dispatch
+    keys, which a PagedTensor and a plain tensor do not share. No page is read."""
+    self, other = args[0], args[1]
+    both_paged = isinstance(self, PagedTensor) == isinstance(other, PagedTensor)
+    return both_paged and self.device.type == other.device.type and self.layout == other.layout
 
 
 @implements([aten.is_same_size.default])
@@ -1145,9 +1241,7 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
         # kernel raises a RuntimeError) or takes the dtype after all.
         return DISPATCHER.run_paged(func, types, args, kwargs)
     if index.numel() == 0:
-        # No row is needed: the meta kernel gives the empty result's layout.
-        layout = _call_with_table(func, meta_like(table), index.to("meta"))
-        return torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=table.device)
+        return _gather_of_no_rows(func, table, index)
     rows_total = table.shape[0]
     flat = index.reshape(-1).to("cpu", torch.int64)
     if func is aten.index.Tensor:
@@ -1199,6 +1293,16 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
     if result.stride() != layout.stride():
         result = torch.empty_strided(layout.shape, layout.stride(), dtype=result.dtype, device=result.device).copy_(result)
     return result
+
+
+def _gather_of_no_rows(func: OpOverload, table: PagedTensor, index: torch.Tensor) -> torch.Tensor:
+    """The result of a row gather by an empty index, no page read: torch's own kernel run on a
+    stand-in table of no rows and no bytes with the table's strides. (The meta kernel of
+    ``aten.index`` lays such a result out otherwise than the CPU/CUDA kernels: ``t[empty]`` of a
+    ``(5, 1, 3)`` table has strides ``(3, 0, 1)`` on the CPU, ``(3, 3, 1)`` on meta, and a
+    channels-last table's differ in every dim.)"""
+    stand_in = torch.empty(0, dtype=table.dtype, device=table.device).as_strided((0, *table.shape[1:]), table.stride())
+    return _call_with_table(func, stand_in, index)
 
 
 MAX_ROWS_COPIED_ONE_BY_ONE = 64
@@ -1349,7 +1453,7 @@ def _routed_experts(args: tuple, kwargs: dict) -> Optional[tuple[torch.Tensor, P
     expert matrices and ``offs`` their groups' row ends (int32, one per expert), else ``None``."""
     mat_a, mat_b = args[0], args[1]
     offs = args[2] if len(args) > 2 else kwargs.get("offs")
-    if not isinstance(mat_b, PagedTensor) or mat_b._inner is not None or mat_b.dim() != 3 or mat_b.numel() == 0:
+    if not isinstance(mat_b, PagedTensor) or mat_b._inner is not None or mat_b.dim() != 3 or mat_b.numel() == 0 or mat_b.is_conj():
         return None
     if not isinstance(mat_a, torch.Tensor) or isinstance(mat_a, PagedTensor) or mat_a.dim() != 2:
         return None
@@ -1418,7 +1522,7 @@ def _row_request(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[
         if any(item is not None for item in indices[1:]):
             return None
         index = indices[0]
-    if table._inner is not None or table.numel() == 0 or table.stride(0) == 0:
+    if table._inner is not None or table.numel() == 0 or table.stride(0) == 0 or table.is_conj() or table.is_neg():
         return None
     if isinstance(index, PagedTensor):
         index = index.materialize()

@@ -9,13 +9,16 @@ back like any op, before the next piece's pages fault in.
 
 It applies when every argument that is not a number or a 0-dim tensor has the same shape and
 strides, with no element reachable twice (so elements at the same index lie at the same distance
-from each tensor's storage offset), and the op writes only its first argument (in-place) or
-nothing (its result a plain tensor filled piece by piece; the first argument written in place may be
-a plain tensor, as in ``dense.copy_(paged)``), and an in-place op reads no other view
-of the bytes it writes (the same elements excepted, as in ``x.mul_(x)``). Tensors whose elements
-fill their span (contiguous, transposed) run in 1-D pieces of consecutive elements; others (a
-column ``t[:, 3]``, every other row ``t[::2]``) in pieces of consecutive indices along the dim of
-the largest stride, when one index of it spans less than a piece.
+from each tensor's storage offset), and the op writes only its first argument (in-place), only
+its ``out=`` (of the result's shape: one torch would resize is not run in pieces) or nothing (its
+result a plain tensor filled piece by piece). The argument written may be a plain tensor, as in
+``dense.copy_(paged)`` or ``torch.add(paged, 1, out=dense)``; an op that writes one lets plain
+tensors have strides of their own. An op reads no other view of the bytes it writes (the same
+elements excepted, as in ``x.mul_(x)``). Tensors whose elements fill their span (contiguous,
+transposed) and share one layout run in 1-D pieces of consecutive elements; others (a column
+``t[:, 3]``, every other row ``t[::2]``, a plain ``out`` of another layout) in pieces of
+consecutive indices along the dim of the largest stride, when one index of it spans less than a
+piece.
 
 Note:
     Stream order is each piece's op's (see :mod:`pagedtensor.dispatch`): the pieces run one after
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch._ops import OpOverload
 
-from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping, meta_layout
+from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping, element_span, math_bits, meta_layout
 
 if TYPE_CHECKING:
     from pagedtensor.dispatch import OpInfo
@@ -40,45 +43,55 @@ aten = torch.ops.aten
 # Elementwise ops without the ``pointwise`` tag.
 # ``_to_copy`` (``t.to(dtype)``, what ``model.half()`` / ``model.to(torch.bfloat16)`` run on every
 # parameter) converts element by element: an expert stack larger than the device tier converts in pieces.
-_ELEMENTWISE = frozenset({aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default, aten._to_copy.default})
+# ``where`` (``torch.where(mask, a, b)``) picks each element from its arguments at the same index.
+_ELEMENTWISE = frozenset({aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default, aten._to_copy.default,
+                          aten.where.self, aten.where.self_out})  # fmt: skip
 
 
 def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -> Any:
     """Run the elementwise ``func`` piece by piece (see the module docstring); ``NotImplemented``
     when it is not such an op, its tensors' layouts differ, or its tensors are no larger than a piece.
     ``info``: what the dispatcher read from ``func``'s schema."""
-    written = [position for position, _ in info.written]
-    if not info.elementwise or written not in ([], [0]):  # not elementwise, or an out= form
+    if not info.elementwise:
         return NotImplemented
-    in_place = written == [0]
+    target_name = written_target(info, args)
+    if target_name is NOT_ONE_TARGET:
+        return NotImplemented  # it writes several arguments, or one that is not its first or out=
+    target = None if target_name is None else (args[0] if target_name == 0 else kwargs.get(target_name))
     if func is aten._to_copy.default and (
         kwargs.get("device") not in (None, args[0].device) or kwargs.get("layout") not in (None, torch.strided) or kwargs.get("pin_memory")
     ):  # fmt: skip
         return NotImplemented  # pieces run on the PagedTensor's device, as dense strided tensors
-    tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
     if any(type(value) in (list, tuple) for value in (*args, *kwargs.values())):
         return NotImplemented
+    if target is not None and (not isinstance(target, torch.Tensor) or target.layout != torch.strided):
+        return NotImplemented
+    if target is not None and target.dim() == 0:
+        return NotImplemented  # the shaped arguments would be written into one element: torch's error, or a resize
+    tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
     shaped = [t for t in tensors if t.dim() > 0]
     if not shaped or not any(isinstance(t, PagedTensor) for t in shaped) or any(t.layout != torch.strided for t in shaped):
         return NotImplemented
-    reference = shaped[0]
+    # Where the op writes an argument (which fixes the result's layout), its tensors may have layouts
+    # of their own (``torch.add(paged.t(), 1, out=dense)``, ``paged_contiguous.copy_(paged[:, 3])``):
+    # the pieces then go along the outer dim, where a piece of any layout is a narrowed view.
+    reference = next(t for t in shaped if isinstance(t, PagedTensor))
     shape, stride = tuple(reference.shape), reference.stride()
-    if any(tuple(t.shape) != shape or t.stride() != stride for t in shaped):
+    if any(tuple(t.shape) != shape for t in shaped) or (target is None and any(t.stride() != stride for t in shaped)):
         return NotImplemented
-    dense = dense_and_non_overlapping(shape, stride)
-    if in_place and not isinstance(args[0], PagedTensor) and (not isinstance(args[0], torch.Tensor) or args[0].dim() == 0):
-        return NotImplemented
-    # A plain tensor written in place (``dense.copy_(paged)``, what ``load_state_dict`` of a loaded
-    # paged checkpoint into a plain model runs) shares no page with the PagedTensors it reads: each
-    # piece writes its own elements of it directly.
-    if in_place and isinstance(args[0], PagedTensor) and any(
-        isinstance(t, PagedTensor) and t._paged is args[0]._paged and (t._offset != args[0]._offset or t.dim() == 0) for t in tensors
+    dense = dense_and_non_overlapping(shape, stride) and all(t.stride() == stride for t in shaped)
+    # A plain tensor written (``dense.copy_(paged)``, what ``load_state_dict`` of a loaded paged
+    # checkpoint into a plain model runs, or ``torch.add(paged, 1, out=dense)``) shares no page with
+    # the PagedTensors it reads: each piece writes its own elements of it directly.
+    if isinstance(target, PagedTensor) and any(
+        isinstance(t, PagedTensor) and t._paged is target._paged and (t._offset != target._offset or t.stride() != target.stride() or t.dim() == 0)
+        for t in tensors
     ):
         # Another view of the written bytes: a piece could read elements an earlier piece wrote
         # (torch refuses a partial overlap, which no one piece need show).
         return NotImplemented
-    if in_place and not isinstance(args[0], PagedTensor) and any(
-        t is not args[0] and not isinstance(t, PagedTensor) and t.untyped_storage().data_ptr() == args[0].untyped_storage().data_ptr()
+    if target is not None and not isinstance(target, PagedTensor) and any(
+        t is not target and not isinstance(t, PagedTensor) and t.untyped_storage().data_ptr() == target.untyped_storage().data_ptr()
         for t in tensors
     ):
         return NotImplemented  # the same, for another view of a plain target
@@ -88,7 +101,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     kwargs = {name: _read_if_zero_dim(value) for name, value in kwargs.items()}
     tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
     result_layout = None
-    if not in_place:
+    if target is None:
         result_layout = _result_layout(func, args, kwargs)
         if result_layout is None or tuple(result_layout.shape) != shape or (dense and result_layout.stride() != stride):
             return NotImplemented
@@ -96,10 +109,18 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     if piece_elements is None:
         return NotImplemented
     if not dense:
-        split = _outer_split(shape, stride, piece_elements)
-        if split is None:
+        # Pieces along the outer dim of the layouts of the PagedTensors larger than a piece (one dim for
+        # all of them), as many indices as the tightest allows.
+        splits = {
+            _outer_split(shape, t.stride(), piece_elements)
+            for t in tensors
+            if isinstance(t, PagedTensor) and t.dim() > 0 and _span_elements(t) > piece_elements
+        }
+        if not splits or None in splits or len({dim for dim, _ in splits}) != 1:
             return NotImplemented
-        return _run_along(func, args, kwargs, result_layout, reference.device, shape[split[0]], *split)
+        dim, count = min(splits, key=lambda split: split[1])
+        out = _run_along(func, args, kwargs, result_layout, reference.device, shape[dim], dim, count)
+        return target if target is not None else out
     numel = reference.numel()
     if piece_elements >= numel:
         return NotImplemented
@@ -117,7 +138,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
         if out is not None:
             flat_out[start:stop].copy_(result)
         start = stop
-    return args[0] if in_place else out
+    return target if target is not None else out
 
 
 def _outer_split(shape: tuple[int, ...], stride: tuple[int, ...], piece_elements: int) -> Optional[tuple[int, int]]:
@@ -143,8 +164,8 @@ def _outer_split(shape: tuple[int, ...], stride: tuple[int, ...], piece_elements
 def _run_along(func: OpOverload, args: tuple, kwargs: dict, result_layout: Optional[torch.Tensor], device: torch.device,
                size: int, dim: int, count: int) -> Any:  # fmt: skip
     """``func`` run on pieces of ``count`` consecutive indices along ``dim`` (of ``size``) of every
-    shaped tensor argument; in place, its first argument, else a plain tensor on ``device`` with
-    ``result_layout``'s layout."""
+    shaped tensor argument; with ``result_layout``, a plain tensor on ``device`` of its layout
+    filled by the pieces, else ``None`` (the op wrote an argument)."""
     out = None
     if result_layout is not None:
         out = torch.empty_strided(result_layout.shape, result_layout.stride(), dtype=result_layout.dtype, device=device)
@@ -154,7 +175,7 @@ def _run_along(func: OpOverload, args: tuple, kwargs: dict, result_layout: Optio
                       **{name: _narrow(value, dim, start, length) for name, value in kwargs.items()})  # fmt: skip
         if out is not None:
             out.narrow(dim, start, length).copy_(result)
-    return out if out is not None else args[0]
+    return out
 
 
 def _narrow(value: Any, dim: int, start: int, length: int) -> Any:
@@ -164,8 +185,27 @@ def _narrow(value: Any, dim: int, start: int, length: int) -> Any:
     if isinstance(value, PagedTensor):
         shape = list(value.shape)
         shape[dim] = length
-        return PagedTensor._make(value._paged, value._offset + start * value.stride(dim), tuple(shape), value.stride(), value.dtype)
+        return PagedTensor._make(value._paged, value._offset + start * value.stride(dim), tuple(shape), value.stride(), value.dtype,
+                                 bits=math_bits(value))  # fmt: skip
     return value.narrow(dim, start, length)
+
+
+NOT_ONE_TARGET = object()
+
+
+def written_target(info: "OpInfo", args: tuple) -> Any:
+    """What an op writes: ``None`` (nothing), ``0`` (its first argument, in place), the name of its
+    ``out=`` argument, or :data:`NOT_ONE_TARGET` (several arguments, or another one)."""
+    if not info.written:
+        return None
+    if len(info.written) != 1:
+        return NOT_ONE_TARGET
+    position, name = info.written[0]
+    if position == 0:
+        return 0
+    if name in info.out_names and position >= len(args):
+        return name
+    return NOT_ONE_TARGET
 
 
 def is_elementwise(func: OpOverload) -> bool:
@@ -198,6 +238,11 @@ def _piece_elements(tensors: list[torch.Tensor]) -> Optional[int]:
     return max(1, piece_bytes // max(t.dtype.itemsize for t in paged))
 
 
+def _span_elements(t: torch.Tensor) -> int:
+    lo, hi = element_span(tuple(t.shape), t.stride(), 0)
+    return hi - lo
+
+
 def _read_if_zero_dim(value: Any) -> Any:
     return value.materialize() if isinstance(value, PagedTensor) and value.dim() == 0 else value
 
@@ -208,5 +253,5 @@ def _piece(value: Any, start: int, stop: int) -> Any:
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
     if isinstance(value, PagedTensor):
-        return PagedTensor._make(value._paged, value._offset + start, (stop - start,), (1,), value.dtype)
+        return PagedTensor._make(value._paged, value._offset + start, (stop - start,), (1,), value.dtype, bits=math_bits(value))
     return value.as_strided((stop - start,), (1,), value.storage_offset() + start)

@@ -300,8 +300,10 @@ class PagedTensor(torch.Tensor):
         stride: tuple[int, ...],
         dtype: torch.dtype,
         requires_grad: bool = False,
+        bits: tuple[bool, bool] = (False, False),
     ) -> "PagedTensor":
-        """A paged PagedTensor viewing ``storage`` at element ``offset`` (in units of ``dtype``).
+        """A paged PagedTensor viewing ``storage`` at element ``offset`` (in units of ``dtype``), with
+        the conjugate and negative bits ``bits`` (see :func:`math_bits`).
 
         Its wrapper storage (no data) is as large as the allocation, whatever the view reaches, as a
         torch view's storage is its base's: sized to the view's reach, an empty view's was 0 bytes,
@@ -317,6 +319,8 @@ class PagedTensor(torch.Tensor):
         out._span = None
         out._meta = None
         out._view_root = None
+        if bits != (False, False):
+            with_math_bits(out, bits)
         return out
 
     @classmethod
@@ -617,7 +621,7 @@ class PagedTensor(torch.Tensor):
         attributes = _user_attributes(self)
         if self._inner is not None:
             return _rebuild_paged_tensor, (self._inner, self.requires_grad, is_param, str(self._inner.device), attributes)
-        layout = (self._offset, tuple(self.shape), tuple(self.stride()), self.dtype)
+        layout = (self._offset, tuple(self.shape), tuple(self.stride()), self.dtype, *((math_bits(self),) if self.is_conj() or self.is_neg() else ()))
         return _rebuild_paged_view, (self._paged, layout, self.requires_grad, is_param, str(self.device), attributes)
 
     def __deepcopy__(self, memo: dict) -> "PagedTensor":
@@ -637,7 +641,7 @@ class PagedTensor(torch.Tensor):
             storage = memo.get(key)
             if storage is None:
                 storage = memo[key] = self._paged.copy()
-            copied = PagedTensor._make(storage, self._offset, tuple(self.shape), self.stride(), self.dtype)
+            copied = PagedTensor._make(storage, self._offset, tuple(self.shape), self.stride(), self.dtype, bits=math_bits(self))
         if self.requires_grad:
             copied.requires_grad_(True)
         if getattr(self, "_is_param", False):
@@ -655,6 +659,24 @@ class PagedTensor(torch.Tensor):
 _OWN_ATTRIBUTES = frozenset({"_paged", "_offset", "_inner", "_materialized", "_span", "_meta", "_view_root", "_is_param"})
 
 
+def math_bits(tensor: torch.Tensor) -> tuple[bool, bool]:
+    """``(conjugate, negative)``: the bits of a lazily conjugated or negated view (``t.conj()`` of a
+    complex tensor; ``t.conj().imag``). A PagedTensor carries them as torch's views do: its pages
+    hold the unconjugated values, and every dense view made of them carries the bits too."""
+    return tensor.is_conj(), tensor.is_neg()
+
+
+def with_math_bits(tensor: torch.Tensor, bits: tuple[bool, bool]) -> torch.Tensor:
+    """``tensor`` with the conjugate and negative bits ``bits`` (a view of it where they change)."""
+    if math_bits(tensor) == bits:
+        return tensor
+    if not isinstance(tensor, PagedTensor):
+        tensor = tensor.view(tensor.shape)  # a view: a dense tensor's own bits are left as they are
+    torch._C._set_conj(tensor, bits[0])
+    torch._C._set_neg(tensor, bits[1])
+    return tensor
+
+
 def meta_like(tensor: PagedTensor) -> torch.Tensor:
     """A meta tensor with ``tensor``'s layout over a storage as large as its allocation.
 
@@ -662,7 +684,8 @@ def meta_like(tensor: PagedTensor) -> torch.Tensor:
     """
     meta = tensor._meta
     if meta is None:
-        meta = tensor._meta = tensor._paged.meta_base(tensor.dtype).as_strided(tensor.shape, tensor.stride(), tensor._offset)
+        meta = tensor._paged.meta_base(tensor.dtype).as_strided(tensor.shape, tensor.stride(), tensor._offset)
+        meta = tensor._meta = with_math_bits(meta, math_bits(tensor))
     return meta
 
 
@@ -705,7 +728,7 @@ def _rebuild_paged_view(
     over ``storage``; ``attributes`` are the user's Python attributes (``saved_from``, the device it
     was computed on when saved, is informational). Over plain saved bytes (see
     :func:`_rebuild_paged_storage`) the view is a plain tensor sharing them."""
-    offset, size, stride, dtype = layout
+    offset, size, stride, dtype, *bits = layout  # bits: (conjugate, negative), saved where set
     size, stride = tuple(size), tuple(stride)
     if not isinstance(storage, (PagedStorage, torch.Tensor)):
         raise ValueError(f"PagedTensor: expected a PagedStorage to rebuild from, got {type(storage).__name__}")
@@ -716,9 +739,11 @@ def _rebuild_paged_view(
             f"PagedTensor: saved view (offset {offset}, size {size}, stride {stride}, {dtype}) reaches past its {nbytes}-byte storage"
         )
     if isinstance(storage, PagedStorage):
-        tensor = PagedTensor._make(storage, offset, size, stride, dtype)
+        tensor = PagedTensor._make(storage, offset, size, stride, dtype, bits=tuple(bits[0]) if bits else (False, False))
     else:
         tensor = torch.empty(0, dtype=dtype, device=storage.device).set_(storage.untyped_storage(), offset, size, stride)
+        if bits:
+            tensor = with_math_bits(tensor, tuple(bits[0]))
     return _as_saved(tensor, requires_grad, is_param, attributes)
 
 

@@ -144,6 +144,69 @@ def test_elementwise_ops_in_pieces_equal_dense(rows, cols, dtype, view, offset, 
         assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
 
 
+OUT_FORMS = {
+    "add": lambda a, b, out: torch.add(a, b, alpha=2, out=out),
+    "mul": lambda a, b, out: torch.mul(a, b, out=out),
+    "neg": lambda a, b, out: torch.neg(a, out=out),
+    "clamp": lambda a, b, out: torch.clamp(a, min=-0.5, out=out),
+    "addcmul": lambda a, b, out: torch.addcmul(a, a, b, value=0.5, out=out),
+    "lerp": lambda a, b, out: torch.lerp(a, b, 0.25, out=out),
+    "where": lambda a, b, out: torch.where(a > 0, a, b, out=out),
+}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.integers(8, 80),
+    cols=st.sampled_from([64, 96, 256]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.float64]),
+    view=st.sampled_from(["rows", "transposed", "column", "every_other_row", "grid"]),
+    offset=st.integers(0, 3),
+    name=st.sampled_from(sorted(OUT_FORMS)),
+    out=st.sampled_from(["plain", "plain_other_layout", "plain_float64", "paged", "self"]),
+    seed=st.integers(0, 2**16),
+)
+def test_out_forms_of_elementwise_ops_in_pieces_equal_dense(rows, cols, dtype, view, offset, name, out, seed):
+    """``torch.add(paged, other, out=t)`` and other elementwise ops with ``out=`` of the result's shape
+    (a plain tensor of any layout and of a dtype the result casts to, a PagedTensor of the operands'
+    layout, the operand itself) run a piece at a time like their functional forms: they raised
+    OutOfPagesError once larger than the device tier. Bitwise equal to the same op on dense tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows * cols + offset, generator=generator).to(dtype)
+    second = torch.randn(rows * cols + offset, generator=generator).to(dtype)
+
+    def layout(flat: torch.Tensor) -> torch.Tensor:
+        t = flat[offset:].view(rows, cols)
+        return {"rows": t, "transposed": t.t(), "column": t[:, cols // 3], "every_other_row": t[::2], "grid": t[::2, ::3]}[view]
+
+    op = OUT_FORMS[name]
+    with make_pager() as pager:
+        x, y = layout(base.clone()), layout(second.clone())
+        paged_x = layout(PagedTensor.wrap(base.clone(), pager))
+        paged_y = layout(PagedTensor.wrap(second.clone(), pager))
+        if out == "self":
+            expected_out, got_out = x, paged_x
+        elif out == "paged":
+            expected_out, got_out = layout(torch.zeros_like(base)), layout(PagedTensor.wrap(torch.zeros_like(base), pager))
+        else:
+            shape = tuple(reversed(x.shape)) if out == "plain_other_layout" else x.shape
+            plain = torch.zeros(shape, dtype=torch.float64 if out == "plain_float64" else dtype)
+            expected_out = plain.clone().permute(*reversed(range(plain.dim()))) if out == "plain_other_layout" else plain.clone()
+            got_out = plain.permute(*reversed(range(plain.dim()))) if out == "plain_other_layout" else plain
+        try:
+            expected = op(x, y, expected_out)
+        except RuntimeError as error:  # an out dtype the op refuses: torch's error, before any piece is written
+            with pytest.raises(type(error), match=str(error)[:20]):
+                op(paged_x, paged_y, got_out)
+            assert not dense(got_out).any()
+            return
+        got = op(paged_x, paged_y, got_out)
+        assert got is got_out and expected is expected_out
+        assert same_bits(dense(got), expected)
+        assert same_bits(paged_x.materialize(), x) and same_bits(paged_y.materialize(), y)
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
+
+
 def test_a_dtype_conversion_larger_than_the_device_tier_runs_in_pieces():
     # t.to(dtype) is what module.half() and model.to(torch.bfloat16) run on every parameter.
     x = torch.randn(64, 256)  # 16 pages of 4 KiB
@@ -151,8 +214,10 @@ def test_a_dtype_conversion_larger_than_the_device_tier_runs_in_pieces():
                             prefetch_strategy="none")) as pager:  # fmt: skip
         t = PagedTensor.wrap(x, pager)
         for dtype in (torch.bfloat16, torch.float16, torch.float64):
-            assert torch.equal(t.to(dtype), x.to(dtype))
-        assert torch.equal(t.t().to(torch.bfloat16), x.t().to(torch.bfloat16))
+            converted = t.to(dtype)  # a PagedTensor on the same pager
+            assert type(converted) is PagedTensor and same_bits(converted.materialize(), x.to(dtype))
+        assert same_bits(t.t().to(torch.bfloat16).materialize(), x.t().to(torch.bfloat16))
+        assert same_bits(t[:, 3].to(torch.float16).materialize(), x[:, 3].to(torch.float16))  # pieces along the rows
         with pytest.raises(OutOfPagesError):
             t.cumsum(0)  # not elementwise: no pieces
 

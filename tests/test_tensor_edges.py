@@ -5,9 +5,13 @@ ops. CPU pagers with 4 KiB pages and budgets of a few pages."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pagedtensor
 from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
@@ -329,6 +333,40 @@ def test_a_row_gather_by_a_non_contiguous_index_has_torchs_layout(pager):
         got.view(-1, 75)
 
 
+@st.composite
+def _table_layouts(draw: st.DrawFn) -> torch.Tensor:
+    """A small dense tensor of 1 to 4 dims (sizes 1 to 3, dim 0 up to 5), its dims laid out in a
+    random order (channels-last among them), perhaps every other element of its last dim."""
+    dims = draw(st.integers(1, 4))
+    shape = [draw(st.sampled_from([1, 2, 5]))] + [draw(st.integers(1, 3)) for _ in range(dims - 1)]
+    order = draw(st.permutations(range(dims)))
+    t = torch.randn([shape[d] for d in order]).permute([order.index(d) for d in range(dims)])
+    if dims > 1 and draw(st.booleans()):
+        t = torch.randn(*t.shape[:-1], 2 * t.shape[-1])[..., ::2]
+    return t
+
+
+@given(table=_table_layouts(), index_shape=st.sampled_from([(0,), (0, 2), (2, 0), (1, 0)]))
+def test_a_row_gather_of_no_rows_has_torchs_layout(table, index_shape):
+    """Gathers by an empty index (``t[empty]``, ``index_select``, ``embedding``) read no page and give
+    the dense op's shape, dtype and strides: torch's kernel lays ``t[empty]`` out otherwise than its
+    meta kernel (``(3, 0, 1)`` for a ``(5, 1, 3)`` table, and in every dim for a channels-last one)."""
+    index = torch.zeros(index_shape, dtype=torch.long)
+    gathers = {"index": lambda t: t[index]}
+    if index.dim() == 1:
+        gathers["index_select"] = lambda t: t.index_select(0, index)
+    if table.dim() == 2:
+        gathers["embedding"] = lambda t: torch.embedding(t, index)
+    with make_pager() as small:
+        paged = PagedTensor.wrap(table, small)
+        assert paged.stride() == table.stride()
+        reads = (small.stats()["faults"], small.stats()["hits"])
+        for name, gather in gathers.items():
+            got, expected = gather(paged), gather(table)
+            assert (type(got), got.shape, got.dtype, got.stride()) == (torch.Tensor, expected.shape, expected.dtype, expected.stride()), name
+        assert (small.stats()["faults"], small.stats()["hits"]) == reads
+
+
 @pytest.mark.parametrize("dtype", [torch.int16, torch.float32])
 def test_an_index_of_a_dtype_torch_refuses_raises_its_index_error(pager, dtype):
     paged = PagedTensor.wrap(torch.randn(8, 4), pager)
@@ -341,3 +379,131 @@ def test_a_0_dim_paged_tensor_formats_as_its_number(pager):
     assert f"{paged[0]:.3f}" == "1.235" and f"{paged[1]}" == f"{torch.tensor(2.0)}"
     with pytest.raises(TypeError):
         f"{paged:.3f}"  # as a plain tensor of more than one element
+
+
+# ---------------------------------------------------------------------- dtype conversions
+
+_MODULE_CONVERSIONS = {
+    "half": (lambda m: m.half(), lambda t: t.half()),
+    "to float16": (lambda m: m.to(torch.float16), lambda t: t.to(torch.float16)),
+    "half then float": (lambda m: m.half().float(), lambda t: t.half().float()),
+    "double": (lambda m: m.double(), lambda t: t.double()),
+    "to bfloat16 in inference mode": (lambda m: _in_inference_mode(lambda: m.to(torch.bfloat16)), lambda t: t.to(torch.bfloat16)),
+}
+
+
+def _in_inference_mode(fn):  # noqa: ANN001, ANN202
+    with torch.inference_mode():
+        return fn()
+
+
+@pytest.mark.parametrize("name", list(_MODULE_CONVERSIONS))
+def test_module_conversions_keep_paged_buffers_and_parameters_paged(name):
+    """``module.half()``, ``.to(dtype)``, ``.float()``, ``.double()`` turned a paged buffer into a
+    dense tensor (``Module._apply`` stores ``buf.half()``, a plain result). A conversion on the
+    pager's device now gives a PagedTensor on the same pager, converted a piece at a time (a buffer
+    four times the device tier converts within it), with the dense conversion's bits; parameters stay
+    paged and advised as before; the old allocations are freed; integer buffers are left alone."""
+    convert_module, convert = _MODULE_CONVERSIONS[name]
+    table, weight, steps = torch.randn(64, 256), torch.randn(32, 256), torch.arange(5)
+    with make_pager(device_pages=4, host_pages=256) as small:
+        module = torch.nn.Module()
+        module.register_buffer("table", PagedTensor.wrap(table, small))  # 16 pages
+        module.register_buffer("steps", PagedTensor.wrap(steps, small))
+        module.weight = torch.nn.Parameter(PagedTensor.wrap(weight, small))
+        small.advise(module.weight.allocation, "loop")
+        old = [module.table.allocation, module.weight.allocation]
+        kept = module.steps
+        convert_module(module)
+        for got, dense in ((module.table, table), (module.weight, weight)):
+            assert type(got) is PagedTensor and got.pager is small, name
+            assert_same(got, convert(dense), name)
+            assert got.stride() == convert(dense).stride()
+        assert isinstance(module.weight, torch.nn.Parameter) and module.weight.requires_grad
+        assert module.weight.allocation.loop
+        assert module.steps is kept
+        assert all(allocation.freed for allocation in old)
+        assert small.stats()["allocations"] == 3
+        assert small.stats()["resident_bytes"]["device"] <= 4 * PAGE
+
+
+def test_conversions_stay_paged_on_the_same_pager(pager):
+    """``t.to(dtype)``, ``t.to(copy=True)`` and ``t.to(memory_format=...)`` give new PagedTensors on
+    the pager (the dense op's layout and bits), ``t.to(t.dtype)`` gives ``t`` itself, and a
+    conversion that cannot run leaves nothing allocated."""
+    x = torch.randn(4, 3, 5, 6)
+    paged = PagedTensor.wrap(x, pager)
+    for convert in (lambda t: t.to(torch.float16), lambda t: t.to(copy=True), lambda t: t.to(memory_format=torch.channels_last),
+                    lambda t: t.permute(0, 2, 3, 1).to(torch.float64), lambda t: t[:, 1].to(torch.int32)):  # fmt: skip
+        got, expected = convert(paged), convert(x)
+        assert type(got) is PagedTensor and got.pager is pager and got.allocation is not paged.allocation
+        assert got.stride() == expected.stride()
+        assert_same(got, expected)
+    assert paged.to(torch.float32) is paged
+    with make_pager(device_pages=2, host_pages=8) as tiny:
+        large = PagedTensor.wrap(torch.randn(4 * 1024), tiny)  # 4 pages; float64 needs 8 more
+        allocations = tiny.stats()["allocations"]
+        with pytest.raises(OutOfPagesError):
+            large.double()
+        assert tiny.stats()["allocations"] == allocations
+        assert_same(large, large.materialize())
+
+
+# ---------------------------------------------------------------------- complex parameters
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam", "AdamW"])
+def test_a_complex_paged_parameter_trains_as_a_dense_one(dtype, optimizer):
+    """Backward of complex ops conjugates saved inputs (``other.conj()``: ``aten._conj``, a view that
+    sets the conjugate bit), which a PagedTensor refused. It now carries the bit as torch's views do:
+    forward, backward and optimizer steps on a complex paged parameter give the dense run's bits."""
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(32, 24, dtype=dtype, generator=g)
+    x = torch.randn(5, 32, dtype=dtype, generator=g)
+
+    def train(weight: torch.Tensor) -> torch.Tensor:
+        step = getattr(torch.optim, optimizer)([weight], lr=0.1)
+        for _ in range(3):
+            step.zero_grad()
+            y = x @ weight
+            loss = (y * y.conj()).real.sum() + (weight.conj() * weight).abs().sum() + torch.view_as_real(weight).sum()
+            loss.backward()
+            step.step()
+        return weight
+
+    expected = train(torch.nn.Parameter(start.clone()))
+    with make_pager(device_pages=8) as small:  # the weight is 3 pages of complex64, 6 of complex128
+        got = train(torch.nn.Parameter(PagedTensor.wrap(start.clone(), small)))
+        assert type(got) is PagedTensor and got.pager is small
+        assert_same(got.materialize(), expected.detach())
+
+
+def test_conjugated_views_of_paged_tensors_read_and_write_as_torchs(pager):
+    """``t.conj()`` is a PagedTensor over the same pages with the conjugate bit: reads give the
+    conjugated values, writes through it land conjugated in the pages, as for plain tensors."""
+    plain = _values(torch.complex64, 600)
+    paged = PagedTensor.wrap(plain.clone(), pager)
+    view = paged.conj()
+    assert type(view) is PagedTensor and view.is_conj() and view.allocation is paged.allocation
+    for read in (lambda t: t.conj(), lambda t: t.conj() * 2, lambda t: t.conj().imag.clone(), lambda t: t.conj()[100:200].clone(),
+                 lambda t: t.conj().conj() + 1, lambda t: t.conj().resolve_conj(), lambda t: t.conj().to(torch.complex128)):  # fmt: skip
+        got, expected = read(paged), read(plain)
+        assert got.is_conj() == expected.is_conj()
+        assert_same(got, expected.resolve_conj())
+    for write in (lambda t: t.conj()[3:9].add_(1j), lambda t: t.conj().mul_(2), lambda t: t.conj().imag.add_(1)):
+        write(plain)
+        write(paged)
+        assert_same(paged, plain)
+    assert_same(copy.deepcopy(paged.conj()), plain.conj().resolve_conj())
+
+
+def test_a_conversion_of_an_expanded_view_stays_paged():
+    """An expanded view converts into a result many times its span, which cannot run in pieces
+    beside it: it converts dense, then goes into pages in chunks (it gave a plain tensor once)."""
+    with make_pager(device_pages=8, host_pages=64) as small:
+        row = PagedTensor.wrap(torch.randn(1, 512), small)
+        got = row.expand(64, 512).to(torch.float64)  # 64 pages
+        assert type(got) is PagedTensor and got.pager is small
+        assert_same(got, row.materialize().expand(64, 512).to(torch.float64))
+        assert small.stats()["allocations"] == 2

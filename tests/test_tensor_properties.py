@@ -213,7 +213,7 @@ def op_matmul(draw, t, pool):
         a = ts[0]
         b = ts[1][other] if other is not None else a
         if a.dtype == torch.bool:
-            return a.to(torch.int64).sum(-1)
+            return a.sum(-1, dtype=torch.int64)  # (a.to(torch.int64) is paged, 8 times a's pages)
         a2 = a.reshape(-1, a.shape[-1])
         b2 = b.reshape(-1, b.shape[-1])
         return a2 @ b2.mT
