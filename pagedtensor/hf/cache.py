@@ -49,6 +49,7 @@ import contextvars
 import dataclasses
 import logging
 import math
+import threading
 import weakref
 from typing import Iterable, Iterator, Optional
 
@@ -161,8 +162,7 @@ class PagedLayer(CacheLayerMixin):
         self.cache._reorder_layer(self, beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if repeats != 1 and self.total > 0:
-            raise NotImplementedError("PagedKVCache cannot repeat filled sequences (beam search / num_return_sequences after prefill)")
+        self.cache._repeat_layer(self, repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.cache._select_layer(self, indices)
@@ -265,6 +265,8 @@ class PagedKVCache(Cache):
         self._pending_stream: list[tuple[Allocation, int, int]] = []  # the last streamed group, evicted after the next
         self._allocations: list[Allocation] = []
         self._hot_pins: dict[int, ResidentPages] = {}
+        self._in_use = threading.Lock()  # held by the thread running a forward or generate on the cache
+        self._user: Optional[int] = None  # that thread's ident
         self.closed = False
         self._finalizer = weakref.finalize(self, _release_pages, pager, self._allocations, self._hot_pins, owns_pager)
 
@@ -364,6 +366,30 @@ class PagedKVCache(Cache):
             "To reuse a prompt's keys and values for several continuations, crop the cache back to the prompt "
             "between them (cache.crop(-tokens_added_since)), or make a cache for each"
         )
+
+    def claim(self) -> bool:
+        """Mark the cache in use by this thread for a forward or a ``generate`` (the forward pre-hook and
+        ``generate`` wrapper of :func:`~pagedtensor.hf.model.enable_paging` call it); True if this call
+        claimed it, False if this thread holds it already (a ``generate``'s own forwards). A cache is
+        one sequence of forwards: two threads filling it at once would interleave their tokens, so
+        a claim while another thread holds it raises ``RuntimeError``. Undo with :meth:`unclaim`."""
+        me = threading.get_ident()
+        if self._user == me:
+            return False
+        if not self._in_use.acquire(blocking=False):
+            raise RuntimeError(
+                f"this PagedKVCache is in use by another thread (ident {self._user}): a cache holds one sequence of "
+                "forwards and cannot be filled by two threads at once. Give each thread its own cache (generate "
+                "without a cache makes one per call)"
+            )
+        self._user = me
+        return True
+
+    def unclaim(self) -> None:
+        """End this thread's :meth:`claim`."""
+        if self._user == threading.get_ident():
+            self._user = None
+            self._in_use.release()
 
     def release_hot_pins(self) -> None:
         """Unpin the sink and newest pages of every sequence: they stay where they are, evictable like
@@ -908,21 +934,68 @@ class PagedKVCache(Cache):
         if remove == 0:
             return
         for seq in layer.seqs:
+            pinned = bool(seq.hot)  # a cache between forwards holds no pins: a crop there takes none
             seq.length = max(0, seq.length - remove)
             for index in [index for index in seq.hot if index >= self.page_count(seq.length)]:
                 pin = seq.hot.pop(index)
                 self._hot_pins.pop(id(pin), None)
                 pin.release()
-            self._update_hot(seq)
+            if pinned:
+                self._update_hot(seq)
         layer.total -= remove
 
     def _reorder_layer(self, layer: PagedLayer, beam_idx: torch.LongTensor) -> None:
-        order = [int(i) for i in beam_idx.tolist()]
+        """Sequence ``b`` becomes sequence ``beam_idx[b]``, as ``DynamicCache.reorder_cache`` does (beam
+        search): a sequence kept once keeps its pages, one kept more than once is copied page by page
+        (:meth:`_copy_sequence`), one not kept is freed."""
+        order = _batch_positions(beam_idx, len(layer.seqs), "reorder_cache: beam_idx")
         if order == list(range(len(layer.seqs))) or layer.total == 0:
             return
-        if sorted(order) != list(range(len(layer.seqs))):
-            raise NotImplementedError("PagedKVCache does not support beam search (sequences would share pages)")
-        layer.seqs = [layer.seqs[i] for i in order]
+        self._rebuild_batch(layer, order)
+
+    def _repeat_layer(self, layer: PagedLayer, repeats: int) -> None:
+        """Each sequence ``repeats`` times in a row (``DynamicCache.batch_repeat_interleave``); the
+        copies get pages of their own."""
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"batch_repeat_interleave: repeats must be a positive int, got {repeats!r}")
+        if repeats != 1:
+            self._rebuild_batch(layer, [b for b in range(len(layer.seqs)) for _ in range(repeats)])
+
+    def _rebuild_batch(self, layer: PagedLayer, order: list[int]) -> None:
+        """The layer's sequences become ``[seqs[i] for i in order]``: the first use of a sequence takes
+        it, each further use a copy; the sequences not used are freed first (their slots serve the copies)."""
+        for b, seq in enumerate(layer.seqs):
+            if b not in order:
+                self._free_sequence(seq)
+        taken: set[int] = set()
+        seqs: list[_SequencePages] = []
+        for i in order:
+            seqs.append(layer.seqs[i] if i not in taken else self._copy_sequence(layer, layer.seqs[i]))
+            taken.add(i)
+        layer.seqs = seqs
+        self.batch_size_ = len(seqs)
+
+    def _copy_sequence(self, layer: PagedLayer, seq: _SequencePages) -> _SequencePages:
+        """A copy of ``seq`` in new pages (page by page through the device tier), pinned as ``seq`` is."""
+        copy = _SequencePages()
+        pages = self.page_count(seq.length)
+        self._ensure_segments(layer, copy, pages)
+        for index in range(pages):
+            source, lo, hi, _ = self._range(seq, index, index + 1)
+            target, target_lo, target_hi, _ = self._range(copy, index, index + 1)
+            self._make_room(layer.layer_idx, 2)
+            with self.pager.ensure_resident(source, lo, hi) as read:
+                write = self.pager.ensure_resident(target, target_lo, target_hi, discard=[target_lo])
+                try:
+                    read.wait()
+                    write.wait()
+                    write.views()[0].copy_(read.views()[0])
+                finally:
+                    write.release(dirty=True)
+        copy.length = seq.length
+        if seq.hot:  # pinned as its source (a cache between forwards holds no pins)
+            self._update_hot(copy)
+        return copy
 
     def _select_layer(self, layer: PagedLayer, indices: torch.Tensor) -> None:
         """Keep the sequences at ``indices`` (positions, or a boolean mask over the batch, as
@@ -932,14 +1005,7 @@ class PagedKVCache(Cache):
             if indices.numel() != len(layer.seqs):
                 raise ValueError(f"batch_select_indices: a boolean mask of {indices.numel()} for a batch of {len(layer.seqs)}")
             indices = indices.nonzero()
-        keep = [int(i) for i in indices.reshape(-1).tolist()]
-        if len(set(keep)) != len(keep):
-            raise NotImplementedError("PagedKVCache cannot duplicate sequences")
-        for b, seq in enumerate(layer.seqs):
-            if b not in keep:
-                self._free_sequence(seq)
-        layer.seqs = [layer.seqs[i] for i in keep]
-        self.batch_size_ = len(keep)
+        self._rebuild_batch(layer, _batch_positions(indices, len(layer.seqs), "batch_select_indices: indices"))
 
     # ------------------------------------------------------------------ inspection
 
@@ -962,6 +1028,15 @@ class PagedKVCache(Cache):
             f"PagedKVCache(layers={len(self.layers)}, batch={self.batch_size_}, tokens={tokens}, "
             f"page_tokens={self.page_tokens}, pager={self.pager.config.device})"
         )
+
+
+def _batch_positions(indices: torch.Tensor, batch: int, what: str) -> list[int]:
+    """``indices`` (a tensor or sequence of ints, negative ones counted from the end, as tensor
+    indexing takes them) as positions in a batch of ``batch``; IndexError naming ``what`` if one is outside it."""
+    positions = [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
+    if any(not -batch <= i < batch for i in positions):
+        raise IndexError(f"{what} {positions} name sequences outside the batch of {batch}")
+    return [i % batch for i in positions]
 
 
 def streaming_config(config: MemoryConfig) -> MemoryConfig:

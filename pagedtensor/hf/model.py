@@ -9,7 +9,12 @@
 * the model attends with ``"pagedllm"`` (Triton kernels on the pages) when the pager's device is a
   GPU or the Triton interpreter is on; otherwise it keeps its attention and the cache hands it
   dense keys and values read from the pages (exact, slower).
-* a forward pre-hook tells the cache the padding of each forward (from the 2D attention mask).
+* a forward pre-hook tells the cache the padding of each forward (from the 2D attention mask). A
+  forward outside ``generate`` (``model(ids, cache=PagedKVCache(...))``) leaves its cache with no
+  pinned pages; ``generate`` keeps them pinned from step to step and unpins them when it returns.
+* threads: each thread may run forwards and ``generate`` calls of the model at once, each with its own
+  cache (the per-call state is per thread, :class:`CallState`); one cache used by two threads at once
+  raises ``RuntimeError`` (:meth:`~pagedtensor.hf.cache.PagedKVCache.claim`).
 * chunked prefill: with ``"pagedllm"``, a decoder layer given more than ``prefill_chunk_size``
   tokens runs them chunk by chunk (all chunks of layer 0, then of layer 1, ...), so activations stay
   bounded and each chunk attends to the layer's pages, which stay resident while the layer runs; the
@@ -34,8 +39,10 @@ import dataclasses
 import functools
 import inspect
 import logging
+import threading
 import time
 import types
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -43,7 +50,7 @@ import torch
 from pagedtensor.config import MemoryConfig, SizeLike, check_memory_config, parse_size
 from pagedtensor.dispatch import paged_linear
 from pagedtensor.hf.attention import PAGED_FORWARD, register_attention
-from pagedtensor.hf.cache import ATTENTION_NAME, DEFAULT_STREAM_GROUP_BYTES, PagedKVCache, streaming_config
+from pagedtensor.hf.cache import ACTIVE_UPDATE, ATTENTION_NAME, DEFAULT_STREAM_GROUP_BYTES, PagedKVCache, streaming_config
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError
 from pagedtensor.pager import Allocation, Pager
 
@@ -51,6 +58,20 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_CHUNK = 2048
 STATE_ATTRIBUTE = "_pagedllm"
+
+
+class CallState(threading.local):
+    """What the forward or ``generate`` running on this thread may do with a paged model: set by the
+    forward pre-hook and the ``generate`` wrapper, reset after them. One per thread, so that threads
+    may each run forwards and generates of one model at once, each with its own cache (a cache used
+    by two threads at once is refused: :meth:`PagedKVCache.claim`)."""
+
+    def __init__(self) -> None:
+        self.in_place = False  # this forward may overwrite layer inputs (no grad, no captured hidden states)
+        self.chunked = True  # this forward may run long inputs in chunks (not when attention weights are captured: one per layer)
+        self.forward_cache: Optional[weakref.ref] = None  # the PagedKVCache this forward fills
+        self.claimed = False  # whether this forward claimed forward_cache for the thread (released after it)
+        self.generating: Optional[PagedKVCache] = None  # the paged cache of the generate running on this thread
 
 
 @dataclasses.dataclass
@@ -67,13 +88,22 @@ class PagingState:
     original_generate: Any
     hooks: list = dataclasses.field(default_factory=list)
     paged_layers: list = dataclasses.field(default_factory=list)  # the decoder layers whose weights are paged
-    in_place: bool = False  # this forward may overwrite layer inputs (no grad, no captured hidden states)
-    chunked: bool = True  # this forward may run long inputs in chunks (not when attention weights are captured: one per layer)
+    calls: CallState = dataclasses.field(default_factory=CallState, repr=False)  # per thread
     # The modules that may see a buffer a chunked forward overwrites (the input embeddings, the decoder
     # layers and their submodules, the final norm), and how many forward hooks enable_paging itself
     # left on them: more means a user's hook may keep such a buffer.
     reused: list = dataclasses.field(default_factory=list)
     own_hooks: int = 0
+
+    @property
+    def in_place(self) -> bool:
+        """Whether the forward running on this thread may overwrite layer inputs."""
+        return self.calls.in_place
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the forward running on this thread may run long inputs in chunks."""
+        return self.calls.chunked
 
     @property
     def weight_allocations(self) -> list[list]:
@@ -298,29 +328,43 @@ def _paged_generate(model: torch.nn.Module, state: PagingState):
     def generate(*args, **kwargs):
         cache = None
         arguments = _call_arguments(signature, args, kwargs)
-        if _wants_paged_cache(model, arguments):
-            inputs = arguments.get("inputs", arguments.get("input_ids"))
-            max_tokens = None
-            if isinstance(inputs, torch.Tensor) and inputs.dim() == 2:
-                new = _generation_setting(model, arguments, "max_new_tokens")
-                max_tokens = inputs.shape[1] + new if new else _generation_setting(model, arguments, "max_length")
-            cache = state.new_cache(model, max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None)
-            kwargs[state.cache_keyword] = cache
+        paged = _find_cache(arguments)  # the caller's own paged cache, or None
+        claimed = paged.claim() if paged is not None else False  # refused while another thread uses it
         try:
-            output = original(*args, **kwargs)
+            if paged is None and _wants_paged_cache(model, arguments):
+                inputs = arguments.get("inputs", arguments.get("input_ids"))
+                max_tokens = None
+                if isinstance(inputs, torch.Tensor) and inputs.dim() == 2:
+                    new = _generation_setting(model, arguments, "max_new_tokens")
+                    max_tokens = inputs.shape[1] + new if new else _generation_setting(model, arguments, "max_length")
+                cache = paged = state.new_cache(model, max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None)
+                kwargs[state.cache_keyword] = cache
+            output = _generate_with(state.calls, paged, original, args, kwargs)
         except BaseException:
             if cache is not None:
                 cache.close()
             raise
+        finally:
+            if claimed:
+                paged.unclaim()
         if cache is not None and not _carries(output, cache):
             cache.close()
-        else:  # the cache outlives the call (in the output, or the caller's): its pins leave the device to others
-            kept = cache if cache is not None else _find_cache(arguments)
-            if kept is not None and not kept.closed:
-                kept.release_hot_pins()
         return output
 
     return generate
+
+
+def _generate_with(calls: CallState, cache: Optional[PagedKVCache], original: Any, args: tuple, kwargs: dict) -> Any:
+    """``original(*args, **kwargs)`` (transformers' generate) filling ``cache``: its forwards keep the
+    cache's sink and newest pages pinned from step to step, and they are unpinned once it returns
+    or raises (a cache that outlives the call, in its output or the caller's, leaves the device to others)."""
+    outer, calls.generating = calls.generating, cache
+    try:
+        return original(*args, **kwargs)
+    finally:
+        calls.generating = outer
+        if cache is not None and not cache.closed:
+            cache.release_hot_pins()
 
 
 def _signature(function: Any) -> Optional[inspect.Signature]:
@@ -409,12 +453,18 @@ def _begin_forward_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> N
     PAGED_FORWARD.set(False)  # until begin_forward below has accepted the padding
     state = paging_state(module)
     if state is not None:
+        calls = state.calls
+        if calls.forward_cache is not None:  # the last forward on this thread ended in a KeyboardInterrupt, skipping the forward hook
+            _end_call(calls)
         config = getattr(module, "config", None)
         captures = any(
             kwargs.get(name, getattr(config, name, False)) for name in ("output_hidden_states", "output_attentions")
         ) or state.user_hooks()  # a hook may keep a layer's input or output, which in-place reuse overwrites
-        state.in_place = cache is not None and not captures and not torch.is_grad_enabled() and kwargs.get("inputs_embeds") is None
-        state.chunked = not kwargs.get("output_attentions", getattr(config, "output_attentions", False))
+        calls.in_place = cache is not None and not captures and not torch.is_grad_enabled() and kwargs.get("inputs_embeds") is None
+        calls.chunked = not kwargs.get("output_attentions", getattr(config, "output_attentions", False))
+        if cache is not None:
+            calls.claimed = cache.claim()  # refused while another thread uses the cache (which is then left alone)
+            calls.forward_cache = weakref.ref(cache)
     if cache is not None and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
         cache.begin_forward(mask, inputs.shape[1])
     PAGED_FORWARD.set(cache is not None)
@@ -429,8 +479,23 @@ def _input_embeddings(model: torch.nn.Module) -> Optional[torch.nn.Module]:
     return embeddings if isinstance(embeddings, torch.nn.Module) else None
 
 
+# transformers' output-capturing hook (``output_hidden_states=True`` and the like): installed on the
+# layers by the first forward that asks for such outputs and left there for good.
+TRANSFORMERS_CAPTURE_HOOK = "output_capturing_hook"
+
+
 def _hook_count(modules: list) -> int:
-    return sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in modules)
+    """Forward hooks and pre-hooks on ``modules``, but transformers' output-capturing hooks: they keep a
+    layer's hidden states only in a forward that asks for them (``output_hidden_states``), which
+    in-place reuse already leaves alone, and counting them would turn in-place reuse off for good
+    after the first such forward."""
+    return sum(
+        1
+        for module in modules
+        for hooks in (module._forward_hooks, module._forward_pre_hooks)
+        for hook in hooks.values()
+        if getattr(hook, "__name__", None) != TRANSFORMERS_CAPTURE_HOOK
+    )
 
 
 def _own_hook_count(state: PagingState) -> int:
@@ -441,11 +506,28 @@ def _own_hook_count(state: PagingState) -> int:
 
 
 def _end_forward_hook(module: torch.nn.Module, args: tuple, output: object) -> None:
+    """After every forward of a paged model, also one that raised: the per-thread call state reset,
+    and the cache a forward outside ``generate`` filled left with no pinned pages (its next update
+    pins them again), so that the pager can evict them for other work. ``generate``'s own forwards
+    keep them from step to step (it unpins them when it returns)."""
     PAGED_FORWARD.set(False)
+    ACTIVE_UPDATE.set(None)  # a forward that raised after an update kept the cache alive through it
     state = paging_state(module)
     if state is not None:
-        state.in_place = False
-        state.chunked = True
+        _end_call(state.calls)
+
+
+def _end_call(calls: CallState) -> None:
+    """Reset this thread's ``calls`` after a forward; unclaim and unpin the cache it filled (see :func:`_end_forward_hook`)."""
+    cache = calls.forward_cache() if calls.forward_cache is not None else None
+    claimed = calls.claimed
+    calls.in_place, calls.chunked, calls.forward_cache, calls.claimed = False, True, None, False
+    if cache is None:
+        return
+    if claimed:
+        cache.unclaim()
+    if cache is not calls.generating and not cache.closed:
+        cache.release_hot_pins()
 
 
 def _chunked_layer_forward(forward, state: PagingState):
@@ -461,7 +543,7 @@ def _chunked_layer_forward(forward, state: PagingState):
         cache = _find_cache(kwargs)
         if (
             args
-            or not state.chunked
+            or not state.calls.chunked
             or cache is None
             or not cache.uses_paged_attention
             or not isinstance(hidden_states, torch.Tensor)
@@ -498,7 +580,7 @@ def _chunked_layer_forward(forward, state: PagingState):
                 extras = tuple(result[1:])
             if out is None:
                 same_shape = hidden.shape[-1] == hidden_states.shape[-1] and hidden.dtype == hidden_states.dtype
-                out = hidden_states if state.in_place and same_shape else hidden_states.new_empty(
+                out = hidden_states if state.calls.in_place and same_shape else hidden_states.new_empty(
                     (hidden_states.shape[0], length, hidden.shape[-1]), dtype=hidden.dtype
                 )
             out[:, start:stop] = hidden
@@ -532,7 +614,7 @@ def _chunked_rowwise_forward(forward, state: PagingState):
             part = forward(hidden_states[:, start : start + chunk])
             if out is None:
                 same = part.shape[2:] == hidden_states.shape[2:] and part.dtype == hidden_states.dtype
-                out = hidden_states if state.in_place and same else part.new_empty(hidden_states.shape[:2] + part.shape[2:])
+                out = hidden_states if state.calls.in_place and same else part.new_empty(hidden_states.shape[:2] + part.shape[2:])
             out[:, start : start + part.shape[1]] = part
         return out
 
