@@ -48,8 +48,8 @@ that row gathers and grouped matmuls of experts read a run of pages too large in
 of pages at a time (:mod:`pagedtensor.pieces`).
 
 Outside the dispatcher, :func:`paged_linear` runs ``F.linear`` on a PagedTensor weight's pinned pages
-directly (what a paged model's ``nn.Linear`` calls), falling back to the dispatcher where that
-would be wrong.
+directly (what a paged model's ``nn.Linear`` calls), and :func:`paged_conv1d` transformers'
+``Conv1D`` (GPT-2's), falling back to the dispatcher where that would be wrong.
 """
 
 from __future__ import annotations
@@ -553,6 +553,26 @@ def paged_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     Raises:
         OutOfPagesError: the weight does not fit on the device tier beside the pinned pages.
     """
+    return _with_resident_weight(torch.nn.functional.linear, input, weight, bias)
+
+
+def conv1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """transformers' ``Conv1D.forward`` (GPT-2's linear layer, its weight stored transposed as
+    ``(in_features, out_features)``) as a function: ``addmm(bias, input.view(-1, in), weight)``
+    viewed back to ``input``'s leading dims, the same ops, so the same bits."""
+    return torch.addmm(bias, input.view(-1, input.size(-1)), weight).view(*input.shape[:-1], weight.size(-1))
+
+
+def paged_conv1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:func:`conv1d` (transformers' ``Conv1D``), the same bits, where ``weight`` may be a
+    PagedTensor: read from its pinned pages as :func:`paged_linear` reads a linear's weight, with
+    the same fallbacks, stream order and errors."""
+    return _with_resident_weight(conv1d, input, weight, bias)
+
+
+def _with_resident_weight(op: Callable[..., torch.Tensor], input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``op(input, weight, bias)`` with a PagedTensor ``weight``'s pages pinned resident and read as
+    one dense view (:func:`paged_linear` says when ``op`` gets the PagedTensor itself instead)."""
     if (
         torch.compiler.is_compiling()
         or type(weight) is not PagedTensor
@@ -566,10 +586,10 @@ def paged_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._len_torch_dispatch_stack()
     ):  # fmt: skip
-        return torch.nn.functional.linear(input, weight, bias)
+        return op(input, weight, bias)
     lo, hi = _byte_span(weight)
     if lo == hi:
-        return torch.nn.functional.linear(input, _empty_like_leaf(weight), bias)
+        return op(input, _empty_like_leaf(weight), bias)
     if _pending_frees:
         drain_pending_frees()
     try:
@@ -577,9 +597,9 @@ def paged_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     except SlabAllocationError:  # the machine's memory, not the weight's size: raised as it is
         raise
     except OutOfPagesError as error:
-        raise OutOfPagesError(f"linear: its PagedTensor weight needs more pages at once than the device tier can hold: {error}") from error
+        raise OutOfPagesError(f"{op.__name__}: its PagedTensor weight needs more pages at once than the device tier can hold: {error}") from error
     try:
-        return torch.nn.functional.linear(input, window.dense(weight), bias)  # a new tensor: never a view of the slots
+        return op(input, window.dense(weight), bias)  # a new tensor: never a view of the slots
     finally:
         window.release()
 

@@ -174,3 +174,30 @@ def test_empty_weight(pager):
     paged = PagedTensor.wrap(torch.zeros(0, 5), pager)
     x = torch.ones(2, 5)
     assert torch.equal(paged_linear(x, paged, torch.zeros(0)), torch.zeros(2, 0))
+
+
+@pytest.mark.parametrize("lead", [(5,), (2, 3)])
+def test_conv1d_equals_transformers_conv1d_bitwise_with_no_dispatch(lead, monkeypatch):
+    """``paged_conv1d`` computes transformers' ``Conv1D`` (GPT-2's linear, its weight stored
+    ``(in, out)``) from the weight's pinned pages, with no op reaching the dispatcher, after the
+    pages left the device; with grad to record it takes the dispatch path, the same bits."""
+    from transformers.pytorch_utils import Conv1D
+
+    from pagedtensor.dispatch import paged_conv1d
+
+    with make_pager(device_pages=3) as pager:
+        torch.manual_seed(0)
+        conv = Conv1D(48, PAGE // 4 // 16)  # weight (64, 48): 3 pages
+        torch.nn.init.normal_(conv.bias)
+        paged = PagedTensor.wrap(conv.weight.detach().clone(), pager)
+        x = random((*lead, 64), torch.float32, 1)
+        expected = conv(x)
+        PagedTensor.wrap(torch.ones(3 * PAGE // 4), pager).sum()  # takes the whole device tier: the weight's pages leave
+        dispatched = []
+        real = dispatch.DISPATCHER.dispatch
+        monkeypatch.setattr(dispatch.DISPATCHER, "dispatch", lambda func, *rest: dispatched.append(func) or real(func, *rest))
+        with torch.no_grad():
+            assert torch.equal(paged_conv1d(x, paged, conv.bias), expected)
+        assert dispatched == []
+        assert torch.equal(paged_conv1d(x.requires_grad_(), paged, conv.bias), expected)
+        assert dispatch.aten.addmm.default in dispatched

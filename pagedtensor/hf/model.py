@@ -26,7 +26,8 @@
   prefetches layer ``i + 1``'s weights (layer 0's after the last layer, for the next token) but
   its experts' stacks (:func:`routed_expert_stack`: a token reads only the experts it is routed to,
   which fault in at the op, :func:`~pagedtensor.dispatch.grouped_mm_of_routed_experts`); each
-  ``nn.Linear`` reads its paged weight through :func:`~pagedtensor.dispatch.paged_linear`, and the
+  ``nn.Linear`` reads its paged weight through :func:`~pagedtensor.dispatch.paged_linear` (transformers'
+  ``Conv1D``, GPT-2's, through :func:`~pagedtensor.dispatch.paged_conv1d`), and the
   KV cache leaves room-making to the pager's policy (``PagedKVCache(makes_room=False)``).
 
 Works with transformers 5.17 (``past_key_values=``) and 5.2x (``cache=``): the keyword is read
@@ -48,7 +49,7 @@ from typing import Any, Optional
 import torch
 
 from pagedtensor.config import MemoryConfig, SizeLike, check_memory_config, parse_size
-from pagedtensor.dispatch import paged_linear
+from pagedtensor.dispatch import paged_conv1d, paged_linear
 from pagedtensor.hf.attention import PAGED_FORWARD, register_attention
 from pagedtensor.hf.cache import ACTIVE_UPDATE, ATTENTION_NAME, DEFAULT_STREAM_GROUP_BYTES, PagedKVCache, streaming_config
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError
@@ -622,8 +623,22 @@ def _chunked_rowwise_forward(forward, state: PagingState):
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Modules holding a ``self_attn`` with a ``layer_idx``: the decoder layers."""
-    return [module for module in model.modules() if hasattr(getattr(module, "self_attn", None), "layer_idx")]
+    """The decoder layers, in the order they run: the blocks of each ``nn.ModuleList`` of
+    ``num_hidden_layers`` blocks (the text config's) that each hold an attention with a ``layer_idx``,
+    whatever the model names it (``self_attn``: Llama, OPT, Phi; ``attn``: GPT-2, GPT-J, MPT,
+    CodeGen; ``self_attention``: Falcon, Bloom; ``attention``: GPT-NeoX)."""
+    count = getattr(_text_config(model), "num_hidden_layers", None)
+    return [
+        block
+        for module in model.modules()
+        if isinstance(module, torch.nn.ModuleList) and count and len(module) == count and all(map(_holds_layer_index, module))
+        for block in module
+    ]
+
+
+def _holds_layer_index(block: torch.nn.Module) -> bool:
+    """Whether a submodule of ``block`` has an int ``layer_idx``: an attention, which reads its layer's keys and values from the cache by it."""
+    return any(isinstance(getattr(module, "layer_idx", None), int) for module in block.modules())
 
 
 def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState) -> None:
@@ -631,14 +646,21 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
     than a page (norms: they stay dense on the device) by a PagedTensor parameter on ``state.pager``
     (``requires_grad=False``: paged weights are for inference) and hook
     the layer-ahead prefetch (layer ``i``'s pre-hook prefetches layer ``i + 1``'s weights); each
-    ``nn.Linear`` with a paged weight runs through :func:`_paged_linear_forward`. The
+    ``nn.Linear`` (transformers' ``Conv1D``, Falcon's ``FalconLinear``) with a paged weight runs
+    through :func:`_paged_linear_forward` (:func:`_paged_conv1d_forward`,
+    :func:`_paged_falcon_linear_forward`): the weight is read from its pinned pages. The
     weights are advised ``"loop"`` (:meth:`Pager.advise`): once the layers do not all fit, the same
     ones stay resident token after token and only the rest move."""
     from pagedtensor.tensor import PagedTensor
 
     pager = state.pager
     if not layers:
-        raise ValueError(f"page_weights: found no decoder layers in {type(model).__name__} (modules with a self_attn.layer_idx)")
+        count = getattr(_text_config(model), "num_hidden_layers", None)
+        raise ValueError(
+            f"page_weights=True: found no decoder layers in {type(model).__name__}: no nn.ModuleList of "
+            f"config.num_hidden_layers={count} blocks that each hold an attention with a layer_idx. "
+            "page_weights=False still pages the KV cache"
+        )
     for index, layer in enumerate(layers):  # checked before any weight is replaced
         for name, parameter in layer.named_parameters():
             if type(parameter) not in (torch.nn.Parameter, torch.Tensor) and not isinstance(parameter, PagedTensor):
@@ -673,11 +695,13 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
             module._parameters[name] = parameter
         raise
     state.paged_layers = list(layers)
+    paged_forwards = _paged_forwards()
     for index, layer in enumerate(layers):
         state.hooks.append(layer.register_forward_pre_hook(_prefetch_hook(pager, layers[(index + 1) % len(layers)])))
         for module in layer.modules():
-            if type(module) is torch.nn.Linear and isinstance(module.weight, PagedTensor) and "forward" not in module.__dict__:
-                module.forward = types.MethodType(_paged_linear_forward, module)
+            forward = paged_forwards.get(type(module))
+            if forward is not None and isinstance(module.weight, PagedTensor) and "forward" not in module.__dict__:
+                module.forward = types.MethodType(forward, module)
 
 
 def _write_back_weight(pager: Pager, allocation: Allocation) -> None:
@@ -700,6 +724,30 @@ def _paged_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.T
     pinned pages directly, without the two dispatches (``t``, then ``mm``) that ``F.linear`` on a
     PagedTensor takes; the same bits."""
     return paged_linear(input, self.weight, self.bias)
+
+
+def _paged_conv1d_forward(self: torch.nn.Module, input: torch.Tensor) -> torch.Tensor:
+    """transformers' ``Conv1D.forward`` (GPT-2's linear, its weight stored transposed) with a paged
+    weight, set on the module by :func:`_page_layer_weights`: :func:`~pagedtensor.dispatch.paged_conv1d`
+    reads the weight's pinned pages directly, as :func:`_paged_linear_forward` does; the same bits."""
+    return paged_conv1d(input, self.weight, self.bias)
+
+
+def _paged_falcon_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    """Falcon's ``FalconLinear.forward`` (``input @ weight.T``, then ``+ bias``: not ``F.linear``'s
+    fused ``addmm``) with a paged weight: ``paged_linear`` without a bias runs that same matmul on
+    the weight's pinned pages, and the bias is added after, as Falcon adds it; the same bits."""
+    hidden_states = paged_linear(input, self.weight)
+    return hidden_states if self.bias is None else hidden_states + self.bias
+
+
+def _paged_forwards() -> dict[type, Any]:
+    """The module types whose forward :func:`_page_layer_weights` replaces once their weight is paged
+    (exactly these types: a subclass may compute otherwise), each with its replacement."""
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+    from transformers.pytorch_utils import Conv1D
+
+    return {torch.nn.Linear: _paged_linear_forward, Conv1D: _paged_conv1d_forward, FalconLinear: _paged_falcon_linear_forward}
 
 
 def pages_as_weight(parameter: torch.Tensor, page_size: int) -> bool:

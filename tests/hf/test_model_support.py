@@ -110,6 +110,10 @@ MORE_FAMILIES = {  # name: (config, model, fields beyond TINY or instead of it, 
     "granite": ("GraniteConfig", "GraniteForCausalLM", TINY, "sdpa"),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=2, n_embd=64, n_head=4, n_positions=256, **_LEGACY), "sdpa"),
     "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", TINY, "sdpa"),
+    # Their layers name the attention attn and were not found as decoder layers: they prefilled in one piece.
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=256, **_LEGACY), "sdpa"),
+    "codegen": ("CodeGenConfig", "CodeGenForCausalLM", dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=256, n_ctx=256, **_LEGACY),
+                "eager"),  # fmt: skip
     "opt": ("OPTConfig", "OPTForCausalLM", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=128,
                                                 word_embed_proj_dim=64, max_position_embeddings=256, **_LEGACY), "sdpa"),  # fmt: skip
     "bloom": ("BloomConfig", "BloomForCausalLM", dict(n_layer=2, hidden_size=64, n_head=4, **_LEGACY), "eager"),

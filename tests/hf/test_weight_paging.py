@@ -461,3 +461,79 @@ def test_a_dtype_change_converts_expert_stacks_larger_than_the_device_tier(nvme_
     assert all(isinstance(stack, PagedTensor) and not stack.allocation.loop for stack in stacks)
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), expected)
+
+
+_LEGACY = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+OTHER_ATTENTION_NAMES = {  # name: (config, model, fields, the attention it is tested with, the path of its decoder layers)
+    # attn, and Conv1D linears (weights stored transposed)
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=2, n_embd=64, n_head=4, n_positions=256, **_LEGACY), "sdpa", "transformer.h"),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=256, **_LEGACY), "sdpa",
+             "transformer.h"),  # fmt: skip
+    "codegen": ("CodeGenConfig", "CodeGenForCausalLM", dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=256, n_ctx=256, **_LEGACY),
+                "eager", "transformer.h"),  # fmt: skip
+    "mpt": ("MptConfig", "MptForCausalLM", dict(n_layers=2, d_model=64, n_heads=4, max_seq_len=256, **_LEGACY), "eager", "transformer.blocks"),
+    # self_attention
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, new_decoder_architecture=True,
+                                                         num_kv_heads=2, **_LEGACY), "sdpa", "transformer.h"),  # fmt: skip
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(n_layer=2, hidden_size=64, n_head=4, **_LEGACY), "eager", "transformer.h"),
+    # attention
+    "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                                                             max_position_embeddings=256, **_LEGACY), "sdpa", "gpt_neox.layers"),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("family", sorted(OTHER_ATTENTION_NAMES))
+def test_paged_weights_of_layers_whose_attention_is_not_named_self_attn(family, nvme_dir, monkeypatch):
+    """Layers naming their attention ``attn``, ``self_attention`` or ``attention`` were refused ("found
+    no decoder layers"). Now every weight of a page or more in them is paged, the layer-ahead
+    prefetch runs, each linear (GPT-2's ``Conv1D`` too) reads its weight from its pinned pages with
+    no op reaching the dispatcher, and generation under a budget below the weights is exact."""
+    import transformers
+
+    import pagedtensor.dispatch as dispatch
+
+    config_name, model_name, fields, attn, path = OTHER_ATTENTION_NAMES[family]
+    config = getattr(transformers, config_name)(**fields)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    reference = getattr(transformers, model_name)(config).eval()
+    model = copy.deepcopy(reference)
+    layers = model.get_submodule(path)
+    ids, mask = prompts(3, length=20)
+    expected = _generate(reference, ids, mask)
+    budget = tiny_budget(nvme_dir, vram_pages=VRAM_PAGES, host_pages=HOST_PAGES)
+    paged_bytes = sum(p.numel() * p.element_size() for p in layers.parameters() if p.numel() * p.element_size() >= PAGE)
+    assert budget.vram_limit < paged_bytes // 2  # the weights alone overflow the device tier
+    enable_paging(model, budget, attn_implementation=attn, prefill_chunk_size=8, page_weights=True)
+    state = paging_state(model)
+    pager = state.pager
+    assert state.paged_layers == list(layers)
+    for name, parameter in layers.named_parameters():
+        assert isinstance(parameter, PagedTensor) == (parameter.numel() * parameter.element_size() >= PAGE), name
+    linear_types = (torch.nn.Linear, transformers.pytorch_utils.Conv1D, transformers.models.falcon.modeling_falcon.FalconLinear)
+    matmuls = [module for module in layers.modules() if type(module) in linear_types]
+    assert matmuls and all("forward" in module.__dict__ for module in matmuls)  # paged_linear / paged_conv1d
+
+    dispatched = []
+    real = dispatch.DISPATCHER.dispatch
+    monkeypatch.setattr(dispatch.DISPATCHER, "dispatch", lambda func, *rest: dispatched.append(func) or real(func, *rest))
+    got = _generate(model, ids, mask)
+    assert dispatched == []
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        assert torch.equal(a, b), f"logits differ at step {step}: {(a - b).abs().max()}"
+    stats = pager.stats()
+    assert stats["faults"] > 0 and stats["prefetched_pages"] > 0, stats
+    assert stats["bytes_h2d"] > NEW_TOKENS * paged_bytes // 2, stats  # the weights come back to the device token after token
+
+
+def test_a_model_whose_decoder_layers_are_not_found_is_refused_naming_what_is_missing(nvme_dir):
+    """Decoder layers are the blocks of an ``nn.ModuleList`` of ``config.num_hidden_layers`` blocks with
+    an attention's ``layer_idx``: where there is none, the error names the model and what it lacks,
+    and the model keeps its dense weights."""
+    _, model = tiny_pair("llama")
+    model.config.num_hidden_layers = 3  # as if its two layers were not all of them
+    with pytest.raises(ValueError, match=r"no decoder layers in LlamaForCausalLM: no nn.ModuleList of config.num_hidden_layers=3 blocks"):
+        enable_paging(model, tiny_budget(nvme_dir), page_weights=True)
+    assert paging_state(model) is None
+    assert all(type(parameter) is torch.nn.Parameter for parameter in model.parameters())
