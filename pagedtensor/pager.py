@@ -7,7 +7,11 @@ back. Writing a page on the device drops its lower copies, so a stale copy never
 
 Budgets are hard: the device tier never holds more than ``vram_limit`` of slabs, the host tier
 never more than ``host_memory``. Under pressure the policy chooses unpinned victims; the spill chain
-is device → host → disk, and only dirty pages move (a clean page just drops its copy).
+is device → host → disk, and only dirty pages move (a clean page just drops its copy), but for a
+host copy that is the only lower copy of a device page: it spills to a free disk slot rather than
+go, so that no copy made is wasted (:meth:`Pager._make_host_room`). Clean copies are dropped for
+room before a tier is found full, so pages fit whenever the tiers together hold them and one more
+copy of the pages a fault brings at once (they keep their lower copies until they are filled).
 
 An op on pages already resident takes no Python step per page in its bookkeeping: a pin is one
 count per pinned range of the allocation (:attr:`Allocation.pins`), the policy's touch is one
@@ -735,13 +739,13 @@ class Pager:
         tier grows now, not in the middle of later work). Returns the number of pages written back.
 
         The copies run on the D2H stream after the pages' last uses (no host sync); later copies
-        into their device slots wait for them. Where the host tier is full, room is made as for an
-        eviction: host-only pages spill to disk, and host copies of other pages that are also on
-        the device are dropped (those pages are dirty again); the range's own are kept.
-
-        Raises:
-            OutOfPagesError: the host tier cannot make room (it holds more of the range than
-                fits, or has nowhere to spill); the pages written back before stay so.
+        into their device slots wait for them. Where the host tier is full, room is made only where
+        it costs no page a copy made before: host copies of pages that keep a disk copy go, and the
+        other host copies (not the range's) spill to free disk slots. A host copy that
+        is the only lower copy of a page also on the device is never dropped here (that page's
+        eviction would copy it back, the copy made for it wasted), nor is a disk copy. Pages are
+        written back in order while such room lasts; the rest stay as they are (written back when
+        evicted, as any page).
         """
         with self._lock:
             start, stop = self._check_range(allocation, start, stop)
@@ -752,9 +756,15 @@ class Pager:
                 # A resident range remembered with no lower copies (a write needs none dropped) is stale now.
                 allocation.resident_run = None
             keep = frozenset(allocation.pages[start:stop])  # room is never made by dropping a host copy of the range
+            written = 0
             for chunk in _chunked(pages, max(1, self.host_tier.capacity_pages // 2)):
-                self._copy_device_to_host(chunk, keep=keep)
-            return len(pages)
+                room = self._make_host_room(len(chunk), keep, spare_copies=True, partial=True)
+                if room:
+                    self._copy_device_to_host(list(chunk[:room]), keep=keep)
+                    written += room
+                if room < len(chunk):
+                    break
+            return written
 
     def synchronize(self) -> None:
         """Block until every enqueued transfer has finished (prefetches included)."""
@@ -941,8 +951,9 @@ class Pager:
             self._zero_on_device(zeros)
             filled.update(zeros)
             for chunk in _chunked(from_disk, max(1, self.host_tier.capacity_pages // 2)):
-                self._stage_from_disk(chunk)
-                self._copy_host_to_device(chunk)
+                staged = self._stage_from_disk(chunk)
+                self._copy_host_to_device(chunk[:staged])
+                self._upload_from_disk(chunk[staged:])
                 filled.update(chunk)
             succeeded = True
         finally:
@@ -982,10 +993,15 @@ class Pager:
         for page in pages:
             page.ready = event
 
-    def _stage_from_disk(self, pages: Sequence[Page]) -> None:
-        """Read ``pages`` (no host copy, a disk copy) from disk into new host slots. Blocks on disk I/O."""
-        self._make_host_room(len(pages))
-        host_slots = self.host_tier.allocate(len(pages))
+    def _stage_from_disk(self, pages: Sequence[Page]) -> int:
+        """Read the first of ``pages`` (no host copy, a disk copy) from disk into new host slots, as
+        many as the host tier makes room for (:meth:`_make_host_room`); returns how many. Blocks on
+        disk I/O."""
+        count = self._make_host_room(len(pages), partial=True)
+        if not count:
+            return 0
+        pages = pages[:count]
+        host_slots = self.host_tier.allocate(count)
         try:
             self._sync_host_slots(host_slots)
             moved = self.disk_tier.read_pages([(page.disk_slot, self.host_tier.page(slot)) for page, slot in zip(pages, host_slots)])
@@ -996,6 +1012,25 @@ class Pager:
             page.host_slot = slot
             self.host_policy.insert(page)
         self.metrics.count("bytes_from_disk", moved)
+        return count
+
+    def _upload_from_disk(self, pages: Sequence[Page]) -> None:
+        """Fill the device slots of ``pages`` (each with a disk copy) straight from disk, through
+        transient buffers outside the host tier's budget: for pages the host tier has no room to
+        stage (all its copies are the only ones of their pages, and the disk has no slot to spill
+        them to), and refills that must not fail for want of a host slot. The disk copies stay.
+        Blocks on disk I/O; the copies run on the H2D stream after the slots' fences (the buffers
+        are read before :meth:`TransferEngine.upload` returns)."""
+        if not pages:
+            return
+        buffers = [torch.empty(self.page_size, dtype=torch.uint8) for _ in pages]
+        moved = self.disk_tier.read_pages([(page.disk_slot, buffer) for page, buffer in zip(pages, buffers)])
+        slots = [page.device_slot for page in pages]
+        event = self.engine.upload(buffers, slots, self.device_tier, self._device_fences.take(slots))
+        for page in pages:
+            page.ready = event
+        self.metrics.count("bytes_from_disk", moved)
+        self.metrics.count("bytes_h2d", len(pages) * self.page_size)
 
     def _prefetch_now(self, ranges: Sequence[tuple[Allocation, int, int]]) -> int:
         """Bring the pages of ``ranges`` (``(allocation, start, stop)``) to the device tier as one
@@ -1147,57 +1182,84 @@ class Pager:
         self._device_fences.record_slots(_D2H_FENCES, (page.device_slot for page in pages), event)
         self.metrics.count("bytes_d2h", len(pages) * self.page_size)
 
-    def _make_host_room(self, count: int, keep: frozenset = frozenset()) -> None:
-        """Free ``count`` host slots, moving host-only pages to disk. Blocks on disk I/O.
+    def _make_host_room(self, count: int, keep: frozenset = frozenset(), *, spare_copies: bool = False, partial: bool = False) -> int:
+        """Free ``count`` host slots; returns how many are free for the caller (``count``, or fewer
+        with ``partial``). Blocks on disk I/O.
 
-        The host copies of the pages in ``keep`` stay (pages leaving the device right after), and so
-        do their disk copies, which may become their only copies."""
+        Victims are taken in the host policy's order in two passes. First the ways that cost no
+        copy made before: host copies of pages that keep a disk copy are dropped, and the other host
+        copies spill to free disk slots (a page also on the device stays clean, with a disk copy).
+        Then, if that is not room enough, host copies that are the only lower copy of a device copy
+        are dropped (the page is dirty again: its eviction will copy it back), and host-only pages
+        also spill to disk slots freed by dropping disk copies that are clean caches of a copy that
+        stays (:meth:`_disk_caches`). A host-only page that cannot spill stays. The host copies of
+        the pages in ``keep`` stay (pages leaving the device right after), and so do their disk
+        copies where they have no host copy (they may become their only copies). With
+        ``spare_copies`` (:meth:`write_back`) only the first pass runs.
+
+        Raises:
+            OutOfPagesError: fewer than ``count`` slots can be freed (not with ``partial``: then the
+                slots that can be are freed, and their number returned); nothing has moved then.
+        """
         shortfall = count - self.host_tier.free_pages
         if shortfall <= 0:
-            return
-        if self.disk_tier is None:
-            # Nowhere to spill: only host copies that are clean caches of a device copy may go.
-            overwriting = self._overwriting
-            victims = self.host_policy.victims(
-                shortfall, lambda page: page.device_slot is not None and page not in keep and page not in overwriting
-            )
-            if len(victims) < shortfall:
-                victims = self.host_policy.victims(shortfall, lambda page: page not in keep)  # fails below, naming why
-        else:
-            victims = self.host_policy.victims(shortfall, lambda page: page not in keep)
-        to_disk = [page for page in victims if (page.device_slot is None or page in self._overwriting) and page.disk_slot is None]
-        if len(victims) < shortfall:
-            raise OutOfPagesError(f"host tier: {count} pages needed, {self.host_tier.free_pages} free of {self.host_tier.capacity_pages}")
-        if to_disk:
-            if self.disk_tier is None:
+            return count
+        overwriting = self._overwriting
+        disk = self.disk_tier
+
+        def only_lower_copy(page: Page) -> bool:
+            """Whether the page's host copy is the only lower copy of its device copy (not of one
+            being overwritten, whose device slot is no copy)."""
+            return page.device_slot is not None and page not in overwriting and page.disk_slot is None
+
+        free_disk = 0 if disk is None else (shortfall if disk.capacity_pages is None else disk.capacity_pages - disk.used_pages)
+        caches: list[Page] = []  # disk copies to drop for room (second pass)
+        victims: list[Page] = []
+        to_disk: list[Page] = []
+        chosen: set[Page] = set()
+        stuck = 0  # pages with no disk slot to spill to (in the last pass)
+        for costly in (False,) if spare_copies else (False, True):
+            if costly and disk is not None and len(to_disk) == free_disk:
+                caches = self._disk_caches(keep)
+                free_disk += len(caches)
+            # As many candidates as are missing, then, if some of them could not go, all of them.
+            for limit in (shortfall - len(victims), self.host_tier.used_pages):
+                stuck = 0
+                for page in self.host_policy.victims(limit, lambda page: page not in keep and page not in chosen):
+                    if len(victims) == shortfall:
+                        break
+                    if page.disk_slot is None and not (costly and only_lower_copy(page)):  # spilled, not dropped
+                        if len(to_disk) == free_disk:
+                            stuck += 1
+                            continue
+                        to_disk.append(page)
+                    victims.append(page)
+                    chosen.add(page)
+                if len(victims) == shortfall or not stuck:
+                    break
+            if len(victims) == shortfall:
+                break
+        if len(victims) < shortfall and not partial:
+            if stuck and disk is None:
                 raise OutOfPagesError(
                     f"host tier full (host_memory={self.config.host_memory} bytes) and no disk tier (nvme_path=None): "
-                    f"cannot spill {len(to_disk)} pages. Without a disk tier, moving pages between device and host "
+                    f"cannot spill {stuck} pages. Without a disk tier, moving pages between device and host "
                     f"needs a free slot in one of them: free an allocation, raise host_memory, or set nvme_path"
                 )
-            free_disk = None if self.disk_tier.capacity_pages is None else self.disk_tier.capacity_pages - self.disk_tier.used_pages
-            if free_disk is not None and free_disk < len(to_disk):
-                free_disk += self._drop_duplicate_disk_copies(len(to_disk) - free_disk, frozenset(victims) | keep)
-            if free_disk is not None and free_disk < len(to_disk):
-                # The disk cannot take them: host copies that need no spill go instead, as without a disk
-                # tier (clean caches of a device copy, and copies of pages that keep a disk copy), such
-                # as the copies Pager.write_back gives resident pages.
-                overwriting = self._overwriting
-                victims = self.host_policy.victims(
-                    shortfall,
-                    lambda page: page not in keep and ((page.device_slot is not None and page not in overwriting) or page.disk_slot is not None),
-                )
-                if len(victims) < shortfall:
-                    raise OutOfPagesError(f"disk tier full (disk_limit={self.config.disk_limit} bytes): cannot spill {len(to_disk)} pages")
-                to_disk = []
+            if stuck:
+                raise OutOfPagesError(f"disk tier full (disk_limit={self.config.disk_limit} bytes): cannot spill {stuck} pages")
+            raise OutOfPagesError(f"host tier: {count} pages needed, {self.host_tier.free_pages} free of {self.host_tier.capacity_pages}")
         if to_disk:
+            dropped = len(to_disk) - (disk.capacity_pages - disk.used_pages) if disk.capacity_pages is not None else 0
+            for page in caches[: max(0, dropped)]:
+                self._drop_disk_copy(page)
             self._sync_host_slots([page.host_slot for page in to_disk])
-            disk_slots = [self.disk_tier.allocate_slot() for _ in to_disk]
+            disk_slots = [disk.allocate_slot() for _ in to_disk]
             try:
-                moved = self.disk_tier.write_pages([(slot, self.host_tier.page(page.host_slot)) for page, slot in zip(to_disk, disk_slots)])
+                moved = disk.write_pages([(slot, self.host_tier.page(page.host_slot)) for page, slot in zip(to_disk, disk_slots)])
             except BaseException:
                 for slot in disk_slots:
-                    self.disk_tier.free_slot(slot)
+                    disk.free_slot(slot)
                 raise
             for page, slot in zip(to_disk, disk_slots):
                 page.disk_slot = slot
@@ -1205,22 +1267,18 @@ class Pager:
         for page in victims:
             self._drop_host_copy(page)
         self.metrics.count("host_evictions", len(victims))
+        return count - shortfall + len(victims)
 
-    def _drop_duplicate_disk_copies(self, count: int, leaving: frozenset) -> int:
-        """Free up to ``count`` disk slots holding clean caches: disk copies of pages that keep a device
-        or host copy (not the pages in ``leaving``, whose host or device copy is about to go, nor pages
-        being overwritten or being filled, whose device slot does not hold their bytes). Returns how
-        many were freed. Runs only when the disk tier is full: one pass over the page table."""
-        freed = 0
-        for allocation in self._allocations.values():
-            for page in allocation.pages:
-                if freed == count:
-                    return freed
-                if (page.disk_slot is not None and (page.device_slot is not None or page.host_slot is not None)
-                        and page not in leaving and page not in self._overwriting and page not in self._filling):  # fmt: skip
-                    self._drop_disk_copy(page)
-                    freed += 1
-        return freed
+    def _disk_caches(self, keep: frozenset) -> list[Page]:
+        """The disk copies that are clean caches of a copy that stays (for :meth:`_make_host_room`):
+        those of device-resident pages not in ``keep`` (leaving the device: their disk copy may
+        become their only copy), and those of the pages in ``keep`` that have a host copy (it stays);
+        never those of pages being overwritten or filled (their device slot does not hold their
+        bytes). Dropping one loses no byte. One pass over the page table: called only when the disk
+        tier is full."""
+        return [page for allocation in self._allocations.values() for page in allocation.pages
+                if page.disk_slot is not None and page not in self._overwriting and page not in self._filling
+                and (page.host_slot is not None if page in keep else page.device_slot is not None)]  # fmt: skip
 
     def _sync_host_slots(self, slots: Iterable[int]) -> None:
         """Block the host until the copies touching these host slots are done (before CPU I/O on them)."""
@@ -1337,17 +1395,9 @@ class Pager:
             try:
                 self._copy_host_to_device(from_host)
                 from_host = []
-                if from_disk:
-                    # Straight from disk through transient buffers: staging through the host tier could
-                    # need a spill to a full disk, and this refill must not fail (the slot is pinned).
-                    buffers = [torch.empty(self.page_size, dtype=torch.uint8) for _ in from_disk]
-                    moved = self.disk_tier.read_pages([(page.disk_slot, buffer) for page, buffer in zip(from_disk, buffers)])
-                    slots = [page.device_slot for page in from_disk]
-                    event = self.engine.upload(buffers, slots, self.device_tier, self._device_fences.take(slots))
-                    for page in from_disk:
-                        page.ready = event
-                    self.metrics.count("bytes_from_disk", moved)
-                    self.metrics.count("bytes_h2d", len(from_disk) * self.page_size)
+                # Straight from disk: staging through the host tier could need a spill to a full
+                # disk, and this refill must not fail (the slot is pinned).
+                self._upload_from_disk(from_disk)
             except BaseException:
                 # A refill that failed (a disk error, Ctrl-C) left zeros in the slots, not the pages'
                 # bytes: their lower copies stay the pages until the last holder lets go, which

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import gc
+import itertools
 import os
 import shutil
 import tempfile
@@ -14,7 +15,7 @@ import weakref
 import numpy
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -570,6 +571,31 @@ def test_a_fault_from_a_full_disk_drops_a_clean_host_copy_rather_than_spill(nvme
             assert torch.equal(pager.read(allocation), random_bytes(PAGE, seed=seed))
 
 
+@pytest.mark.parametrize("with_disk", [True, False])
+def test_write_back_makes_no_room_by_dropping_another_resident_pages_copy(with_disk, nvme_dir):
+    """Weights are written back one after another as they are paged. Once the host tier is full of
+    the host copies of pages still on the device, a write-back used to make room by dropping one
+    (that page dirty again: its D2H copy wasted, and its eviction copying it once more). Now such
+    a copy spills to a free disk slot (the page stays clean), or, without one, the write-back
+    stops there: no page crosses D2H twice, and evicting the pages written back copies nothing."""
+    with make_pager(nvme_dir if with_disk else None, device_pages=4, host_pages=2) as pager:
+        weights = [pager.allocate(PAGE) for _ in range(3)]
+        written = []
+        for seed, allocation in enumerate(weights):
+            pager.write(allocation, random_bytes(PAGE, seed))
+            written.append(pager.write_back(allocation))
+        assert written == ([1, 1, 1] if with_disk else [1, 1, 0])
+        tables = [pager.page_table(allocation)[0] for allocation in weights]
+        assert [info.tier for info in tables] == ["device"] * 3
+        assert [info.dirty for info in tables] == [False, False, not with_disk], tables
+        assert pager.stats()["bytes_d2h"] == sum(written) * PAGE
+        for allocation in weights[:2]:
+            pager.evict(allocation)
+        assert pager.stats()["bytes_d2h"] == sum(written) * PAGE  # clean: evicted with no copy
+        for seed, allocation in enumerate(weights):
+            assert torch.equal(pager.read(allocation), random_bytes(PAGE, seed))
+
+
 def test_write_back_gives_resident_pages_host_copies_and_leaves_them_resident():
     """``write_back`` copies the resident pages with no lower copy to the host tier (the host grows
     now) and leaves them on the device: evicting them later copies nothing, a write makes them
@@ -600,20 +626,20 @@ def test_write_back_gives_resident_pages_host_copies_and_leaves_them_resident():
 
 
 def test_a_page_staged_from_a_full_disk_keeps_its_disk_copy(tmp_path):
-    """Staging a disk-only page needs a host slot, and the host page that makes way must spill to a
-    full disk: the unfilled device slot given to the staged page is no copy of it, so its disk copy
-    is never dropped as a duplicate. The fault fails (OutOfPagesError) and every byte survives."""
+    """Staging a disk-only page needs a host slot, and the host page that makes way would have to
+    spill to a full disk: the unfilled device slot given to the staged page is no copy of it, so
+    its disk copy is never dropped as a duplicate. The page comes straight from disk instead
+    (three pages in four slots fit: before, the fault failed with 'disk tier full'), keeps its
+    disk copy, and every byte survives."""
     with make_pager(nvme=str(tmp_path), device_pages=1, host_pages=1, disk_limit=2 * PAGE) as pager:
         a, b, c = (pager.allocate(PAGE) for _ in range(3))
         for seed, allocation in enumerate((a, b, c)):
             pager.write(allocation, random_bytes(PAGE, seed))
         assert pager.page_table(a)[0].tier == "disk"
-        with pytest.raises(OutOfPagesError, match="disk tier full"):
-            pager.read(a)
-        assert pager.page_table(a)[0].disk_slot is not None
-        pager.free(c)
         assert torch.equal(pager.read(a), random_bytes(PAGE, 0))
-        assert torch.equal(pager.read(b), random_bytes(PAGE, 1))
+        assert pager.page_table(a)[0].disk_slot is not None
+        for seed, allocation in enumerate((a, b, c)):
+            assert torch.equal(pager.read(allocation), random_bytes(PAGE, seed))
 
 
 def test_release_after_close_is_a_no_op_and_views_name_the_closed_pager():
@@ -930,6 +956,64 @@ def test_a_tight_disk_tier_never_loses_bytes(ops, device_pages, host_pages, disk
                     except OutOfPagesError:
                         pass
             assert torch.equal(pager.read(allocations[-1]), expected[-1])
+    finally:
+        shutil.rmtree(nvme, ignore_errors=True)
+
+
+_FIT_OPS = st.lists(
+    st.tuples(st.sampled_from(["write", "read", "evict", "evict_all", "write_back", "prefetch"]), st.integers(0, 7), st.integers(0, 2**31 - 1)),
+    min_size=1, max_size=40,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=_FIT_OPS, device_pages=st.integers(2, 6), host_pages=st.integers(1, 6), disk_pages=st.integers(0, 12),
+       sizes=st.lists(st.integers(1, 3), min_size=1, max_size=8), data=st.data())  # fmt: skip
+def test_tiers_that_hold_the_bytes_together_never_fail(ops, device_pages, host_pages, disk_pages, sizes, data):
+    """Allocations whose pages the three tiers hold together (each page in one tier), with room
+    for one more copy of the pages a fault brings at once (they keep their lower copies until
+    their device slots are filled: :func:`pagedtensor.hf.model.check_tiers_hold_weights`), are
+    written, written back (as ``page_weights=True`` does), prefetched and read in any order: no
+    step fails, and every read returns the bytes last written. An eviction asked for may find the
+    lower tiers full (OutOfPagesError, nothing lost). (A device tier of 0.3x the bytes, a host of
+    0.1x and a disk of 0.8x failed with 'disk tier full': clean copies of device pages filled the
+    lower tiers, and staging a disk page needed a host slot no page could give up.)"""
+    # As many allocations as fit with a fault's pages (half the device tier at most) copied twice.
+    total, twice = device_pages + host_pages + disk_pages, min(device_pages // 2, max(sizes))
+    sizes = [size for size, end in zip(sizes, itertools.accumulate(sizes)) if end + twice <= total] or [1]
+    nvme = tempfile.mkdtemp(prefix="pager-fit-")
+    disk = dict(nvme=nvme, disk_limit=disk_pages * PAGE) if disk_pages else {}
+    try:
+        with make_pager(device_pages=device_pages, host_pages=host_pages, **disk) as pager:
+            allocations = [pager.allocate(size * PAGE) for size in sizes]
+            expected = [torch.zeros(size * PAGE, dtype=torch.uint8) for size in sizes]
+            for op, index, seed in ops:
+                index %= len(allocations)
+                allocation = allocations[index]
+                if op == "write":
+                    offset = data.draw(st.integers(0, allocation.nbytes - 1), label="offset")
+                    payload = random_bytes(data.draw(st.integers(1, allocation.nbytes - offset), label="length"), seed)
+                    pager.write(allocation, payload, offset)
+                    expected[index][offset : offset + payload.numel()] = payload
+                elif op == "read":
+                    assert torch.equal(pager.read(allocation), expected[index]), f"allocation {index}"
+                elif op in ("evict", "evict_all"):
+                    tables = [pager.page_table(each) for each in allocations]
+                    below = sum(info.tier in ("host", "disk") for table in tables for info in table)
+                    leaving = sum(info.tier == "device" for table in (tables if op == "evict_all" else [tables[index]]) for info in table)
+                    try:
+                        if op == "evict":
+                            pager.evict(allocation)
+                        else:
+                            pager.evict_all()
+                    except OutOfPagesError:  # only where the lower tiers cannot hold a copy of each page off the device after it
+                        assert below + leaving > host_pages + disk_pages, (below, leaving, host_pages, disk_pages)
+                elif op == "write_back":
+                    pager.write_back(allocation)
+                else:
+                    pager.prefetch(allocation, 0, min(allocation.num_pages, max(1, device_pages // 2))).exception()
+            for index, allocation in enumerate(allocations):
+                assert torch.equal(pager.read(allocation), expected[index]), f"allocation {index}"
     finally:
         shutil.rmtree(nvme, ignore_errors=True)
 

@@ -24,7 +24,8 @@ hold, so the test checks:
 * (``pin`` with ``overwrite``) pages pinned to be overwritten whole (``discard``) read as zeros until
   released; released written they hold what was written, released unwritten their old bytes;
 * (``write_back``) resident pages given host copies stay where they are, and every read after
-  (later writes, evictions and spills included) still returns the bytes last written.
+  (later writes, evictions and spills included) still returns the bytes last written; room for
+  the copies never costs another device page its lower copy (that copy would be made twice).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 
-from pagedtensor import MemoryConfig, OutOfPagesError, Pager
+from pagedtensor import MemoryConfig, Pager
 
 PAGE = 4096
 DEVICE_PAGES = 4
@@ -335,22 +336,30 @@ class PagerMachine(RuleBasedStateMachine):
     @rule(allocation=allocations, data=st.data())
     def write_back(self, allocation, data):
         """Resident pages of a range get host copies and stay where they are: no page moves on the
-        device tier (the LRU model is unchanged), and each unpinned resident page of the range then
-        has a lower copy, unless the range needs more host slots than the tier has (then it is
-        full of the range's pages: other host pages spilled to disk to make room)."""
+        device tier (the LRU model is unchanged), one D2H copy a page written back, and no other
+        page loses the lower copy of its device copy (that copy would have been wasted: its
+        eviction copies it again). Each unpinned resident page of the range then has a lower copy,
+        unless the host tier had no such room left: then it holds only the range's pages and host
+        copies that are the only lower copy of a device page (other host pages spill to the
+        unlimited disk tier)."""
         if allocation.id not in self.live:
             return
         start = data.draw(st.integers(0, allocation.num_pages - 1), label="start")
         stop = data.draw(st.integers(start + 1, allocation.num_pages), label="stop")
         resident_before = [page.device_slot for page in allocation.pages]
-        try:
-            self.pager.write_back(allocation, start, stop)
-        except OutOfPagesError:  # more of the range to copy than the host tier holds: it is full of the range
-            assert sum(page.host_slot is not None for page in allocation.pages[start:stop]) == self.host_pages
-        else:
-            for page in allocation.pages[start:stop]:
-                if page.device_slot is not None and page.pin_count == 0:
-                    assert page.host_slot is not None or page.disk_slot is not None, (allocation.id, page)
+        pages = [page for live in self.live.values() for page in live.pages]
+        clean_before = [page for page in pages if page.device_slot is not None and (page.host_slot is not None or page.disk_slot is not None)]
+        d2h = self.pager.stats()["bytes_d2h"]
+        written = self.pager.write_back(allocation, start, stop)
+        assert self.pager.stats()["bytes_d2h"] - d2h == written * PAGE
+        for page in clean_before:
+            assert page.host_slot is not None or page.disk_slot is not None, f"write_back dropped the lower copy of {page}"
+        in_range = set(allocation.pages[start:stop])
+        left = [page for page in in_range if page.device_slot is not None and page.pin_count == 0 and page.host_slot is None and page.disk_slot is None]
+        if left:
+            host = [page for page in pages if page.host_slot is not None]
+            assert len(host) == self.host_pages, (left, host)
+            assert all(page in in_range or (page.device_slot is not None and page.disk_slot is None) for page in host), host
         assert [page.device_slot for page in allocation.pages] == resident_before
 
     @rule()
@@ -470,12 +479,24 @@ class WideHostPagerMachine(PagerMachine):
     host_pages = 4
 
 
+class SmallHostPagerMachine(PagerMachine):
+    """A host tier of a third of the device tier: it fills with host copies of pages still on the
+    device (faults from host, write-backs), so a write-back of other pages finds no free slot.
+    Making room by dropping one of those copies (with ``write_back`` this machine finds the pager
+    bug that did) wastes the copy: that page's eviction copies it again."""
+
+    device_pages = 6
+    host_pages = 2
+
+
 TestPagerLRU = PagerMachine.TestCase
 TestPagerLRU.settings = settings(max_examples=300, stateful_step_count=50, deadline=None)
 TestPager2Q = TwoQPagerMachine.TestCase
 TestPager2Q.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
 TestPagerWideHost = WideHostPagerMachine.TestCase
 TestPagerWideHost.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
+TestPagerSmallHost = SmallHostPagerMachine.TestCase
+TestPagerSmallHost.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
 TestPagerZstd = pytest.mark.skipif(importlib.util.find_spec("zstandard") is None, reason="zstandard is not installed")(
     CompressedPagerMachine.TestCase
 )

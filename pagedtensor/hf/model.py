@@ -48,7 +48,7 @@ from typing import Any, Optional
 
 import torch
 
-from pagedtensor.config import MemoryConfig, SizeLike, check_memory_config, parse_size
+from pagedtensor.config import MemoryConfig, SizeLike, check_memory_config, format_size, parse_size
 from pagedtensor.dispatch import paged_conv1d, paged_linear
 from pagedtensor.hf.attention import PAGED_FORWARD, register_attention
 from pagedtensor.hf.cache import ACTIVE_UPDATE, ATTENTION_NAME, DEFAULT_STREAM_GROUP_BYTES, PagedKVCache, streaming_config
@@ -171,7 +171,10 @@ def enable_paging(
             layer ``i + 1``'s weights (layer 0's after the last). The embeddings, the final norm and
             ``lm_head`` stay dense: they are used by every token outside the layer loop (and the
             embedding is often tied to ``lm_head``), and the norm is tiny. Outputs are unchanged (the
-            same ops run on the same data). Every single weight must fit in the device budget.
+            same ops run on the same data). Every single weight must fit in the device budget, and the
+            tiers together must hold the paged weights and one more copy of the largest (a weight
+            faulted in keeps its lower copy until its slots are filled; checked here: an
+            ``OutOfPagesError`` names the sizes), and the KV cache beside them while generating.
     """
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "generate") or not hasattr(model, "config"):
         raise TypeError(f"model: expected a transformers causal LM (a PreTrainedModel with generate), got {type(model).__name__}")
@@ -669,6 +672,8 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
                     "(a tensor-parallel shard loaded with tp_plan='auto'?). Shard with "
                     "pagedtensor.hf.distributed.shard_by_heads to page weights, or keep page_weights=False"
                 )
+    check_tiers_hold_weights(pager, [parameter.numel() * parameter.element_size() for layer in layers for parameter in layer.parameters()
+                                     if isinstance(parameter, PagedTensor) or pages_as_weight(parameter, pager.page_size)])  # fmt: skip
     replaced: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
     try:
         for index, layer in enumerate(layers):
@@ -704,17 +709,50 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
                 module.forward = types.MethodType(forward, module)
 
 
+def check_tiers_hold_weights(pager: Pager, weights: list[int]) -> None:
+    """Check that ``pager``'s tiers together hold the paged weights of ``weights`` bytes each, with
+    room for one more copy of the largest: a weight faulted in keeps its host or disk copy until
+    its device slots are filled, so while its pages come up, the pages evicted for them need lower
+    slots of their own. (Copies beyond that are clean caches, which the pager drops for room.)
+    Passes with an unlimited disk tier (``disk_limit=None``).
+
+    Raises:
+        OutOfPagesError: the tiers are too small, naming the sizes needed and configured.
+    """
+    disk = pager.disk_tier
+    if not weights or (disk is not None and disk.capacity_pages is None):
+        return
+    page_size = pager.page_size
+    pages = [-(-nbytes // page_size) for nbytes in weights]
+    needed = sum(pages) + max(pages)
+    held = pager.device_tier.capacity_pages + pager.host_tier.capacity_pages + (disk.capacity_pages if disk is not None else 0)
+    if held < needed:
+        config = pager.config
+        tiers = f"vram_limit={config.vram_limit} + host_memory={config.host_memory}" + (
+            f" + disk_limit={config.disk_limit} bytes" if disk is not None else " bytes (no disk tier)"
+        )
+        raise OutOfPagesError(
+            f"page_weights=True: the paged weights take {sum(pages)} pages of {format_size(page_size)} "
+            f"({format_size(sum(pages) * page_size)}), and a fault needs room for one more copy of the largest weight "
+            f"({max(pages)} pages): {format_size(needed * page_size)} in all, but {tiers} hold {held} pages "
+            f"({format_size(held * page_size)}); raise one of them by {format_size((needed - held) * page_size)}"
+            f"{'' if disk is not None else ', or set nvme_path'}"
+        )
+
+
 def _write_back_weight(pager: Pager, allocation: Allocation) -> None:
     """Give the pages of a weight just paged that are still on the device their host copies now
     (:meth:`Pager.write_back`): a weight never changes, so once every page has a lower copy no
     eviction of a weight copies it back, and the host tier grows its slabs here rather than in the
-    middle of a generate. Where the host tier cannot hold them (no disk tier, a host budget under
-    the weights), the pages stay as they are and are written back when evicted, as any page."""
+    middle of a generate. Where the host tier has no room for them but by dropping the host copy
+    of another weight still on the device (and the disk tier none to spill it to), the pages stay
+    as they are and are written back when evicted, as any page: no copy made here is wasted."""
     try:
-        pager.write_back(allocation)
+        written = pager.write_back(allocation)
     except SlabAllocationError as error:  # the machine lacks the host memory host_memory promises: say so now
         log.warning("weights %s: not written back: %s", allocation.name, error)
-    except OutOfPagesError:
+        return
+    if written < allocation.num_pages and any(info.tier == "device" and info.dirty for info in pager.page_table(allocation)):
         log.info("weights %s: the host tier has no room to write them back now", allocation.name)
 
 

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from pagedtensor import enable_paging
+from pagedtensor import OutOfPagesError, enable_paging
 from pagedtensor.hf import paging_state
 from pagedtensor.tensor import PagedTensor
 from tests.hf.tiny_models import PAGE, prompts, tiny_budget, tiny_pair
@@ -286,6 +286,46 @@ def test_weights_written_back_leave_a_small_disk_tier_room_to_generate(nvme_dir)
     enable_paging(model, budget, attn_implementation="sdpa", page_weights=True)
     got = model.generate(ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2, do_sample=False)
     assert torch.equal(got, expected)
+
+
+def _split_budget(nvme_dir: str, weights: int, device: float, host: float, disk: float):
+    import dataclasses
+
+    pages = weights // PAGE
+    return dataclasses.replace(tiny_budget(nvme_dir, vram_pages=int(device * pages), host_pages=int(host * pages)),
+                               disk_limit=int(disk * pages) * PAGE)  # fmt: skip
+
+
+def test_weights_on_a_small_host_and_a_disk_load_with_one_copy_each_and_generate(nvme_dir):
+    """A device tier of 0.3x the paged weights, a host tier of 0.1x and a disk tier of 0.8x: each
+    page fits one tier. Loading crosses each weight page D2H at most once (write-backs no longer
+    make room by dropping the host copies of weights still on the device, which the evictions
+    then copied again: 184 copies for 108 pages), and generate returns the unpaged tokens (it
+    failed with 'disk tier full': staging a disk page needed a host slot no page could give up)."""
+    reference, model = tiny_pair("llama", attn="sdpa", num_hidden_layers=3)
+    ids, mask = prompts(1, length=16)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    weights = _layer_bytes(model, at_least=PAGE)
+    enable_paging(model, _split_budget(nvme_dir, weights, 0.3, 0.1, 0.8), attn_implementation="sdpa", page_weights=True)
+    pager = paging_state(model).pager
+    assert pager.stats()["bytes_d2h"] <= weights, (pager.stats()["bytes_d2h"], weights)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+def test_tiers_too_small_for_the_weights_are_named_when_paging_is_enabled(nvme_dir):
+    """Tiers that cannot hold the paged weights and one more copy of the largest (a weight being
+    faulted in keeps its lower copy until its slots are filled) fail at ``enable_paging``, naming
+    the sizes, rather than with 'disk tier full' in the middle of a generate; the model keeps its
+    dense weights."""
+    _, model = tiny_pair("llama", attn="sdpa", num_hidden_layers=3)
+    weights = _layer_bytes(model, at_least=PAGE)
+    dense = [parameter for parameter in model.model.layers.parameters()]
+    message = (r"page_weights=True: the paged weights take 108 pages of 4.00 KiB .*, and a fault needs room for one more copy "
+               r"of the largest weight \(8 pages\).*disk_limit=221184 bytes hold 96 pages.*raise one of them by 80.00 KiB")
+    with pytest.raises(OutOfPagesError, match=message):
+        enable_paging(model, _split_budget(nvme_dir, weights, 0.3, 0.1, 0.5), attn_implementation="sdpa", page_weights=True)
+    assert all(now is before for now, before in zip(model.model.layers.parameters(), dense, strict=True))
 
 
 def test_each_weight_stays_one_view_of_adjacent_slots(nvme_dir, monkeypatch):
