@@ -256,3 +256,25 @@ def test_a_plain_tensor_written_from_a_paged_one_larger_than_the_device_tier_run
         plain = torch.nn.Linear(256, 64, bias=False)
         plain.load_state_dict(state)
         assert same_bits(plain.weight.detach(), x)
+
+
+@pytest.mark.gpu
+def test_gpu_out_forms_and_conversions_run_in_pieces_on_cuda():
+    """On CUDA (side-stream copies, pinned host slabs): ``torch.add(paged, 1, out=plain)`` and
+    ``torch.where`` into a plain ``out`` of another layout, and ``t.to(dtype)`` (a PagedTensor on the
+    same pager), each over a tensor four times the device tier, give the dense op's bits."""
+    x = torch.randn(96, 256, generator=torch.Generator().manual_seed(7)).cuda()  # 24 pages of 4 KiB
+    y = torch.randn(96, 256, generator=torch.Generator().manual_seed(8)).cuda()
+    with make_pager("cuda") as pager:
+        paged_x, paged_y = PagedTensor.wrap(x.clone(), pager), PagedTensor.wrap(y.clone(), pager)
+        out = torch.empty(96, 256, device="cuda")
+        assert torch.add(paged_x, paged_y, alpha=2, out=out) is out
+        assert same_bits(out, torch.add(x, y, alpha=2))
+        out_t = torch.empty(256, 96, device="cuda").t()
+        torch.where(paged_x > 0, paged_x, paged_y, out=out_t)
+        assert same_bits(out_t, torch.where(x > 0, x, y, out=torch.empty(256, 96, device="cuda").t()))
+        for dtype in (torch.float16, torch.bfloat16):
+            converted = paged_x.to(dtype)
+            assert type(converted) is PagedTensor and converted.pager is pager
+            assert same_bits(converted.materialize(), x.to(dtype))
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE

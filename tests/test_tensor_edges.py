@@ -507,3 +507,37 @@ def test_a_conversion_of_an_expanded_view_stays_paged():
         assert type(got) is PagedTensor and got.pager is small
         assert_same(got, row.materialize().expand(64, 512).to(torch.float64))
         assert small.stats()["allocations"] == 2
+
+
+@pytest.mark.gpu
+def test_gpu_module_half_and_complex_training_on_cuda():
+    """On CUDA: ``module.half()`` keeps a paged buffer four times the device tier paged (converted a
+    piece at a time), and a complex paged parameter trains with Adam to the dense run's bits
+    (backward conjugates it through views carrying the conjugate bit)."""
+    table = torch.randn(64, 256, device="cuda")  # 16 pages
+    small = Pager(MemoryConfig(page_size=PAGE, vram_limit=4 * PAGE, host_memory=256 * PAGE, slab_size=256 * PAGE,
+                               prefetch_strategy="none", device="cuda"))  # fmt: skip
+    with small:
+        module = torch.nn.Module()
+        module.register_buffer("table", PagedTensor.wrap(table.clone(), small))
+        module.half()
+        assert type(module.table) is PagedTensor and module.table.pager is small
+        assert_same(module.table, table.half())
+        assert small.stats()["resident_bytes"]["device"] <= 4 * PAGE
+        g = torch.Generator(device="cuda").manual_seed(0)
+        start = torch.randn(32, 24, dtype=torch.complex64, device="cuda", generator=g)
+        x = torch.randn(5, 32, dtype=torch.complex64, device="cuda", generator=g)
+
+        def train(weight: torch.Tensor) -> torch.Tensor:
+            step = torch.optim.Adam([weight], lr=0.1)
+            for _ in range(3):
+                step.zero_grad()
+                y = x @ weight
+                ((y * y.conj()).real.sum() + (weight.conj() * weight).abs().sum()).backward()
+                step.step()
+            return weight
+
+        expected = train(torch.nn.Parameter(start.clone()))
+        got = train(torch.nn.Parameter(PagedTensor.wrap(start.clone(), small)))
+        assert type(got) is PagedTensor
+        assert_same(got.materialize(), expected.detach())

@@ -14,6 +14,7 @@ import torch
 
 from pagedtensor import MemoryConfig, enable_paging
 from pagedtensor.hf import PagedModel, paging_state
+from pagedtensor.tensor import PagedTensor
 
 pytestmark = pytest.mark.gpu
 
@@ -150,6 +151,57 @@ def test_gpu_mixture_of_experts_pages_by_expert(experts_implementation, nvme_dir
     # Every expert at each of a layer's 3 prefill chunks and 7 decode steps would move 10x the
     # stacks (none fits the tier); the same run on a CPU pager moves 3.2x.
     assert 0 < stats["bytes_h2d"] < 6 * stacks, (stats["bytes_h2d"], stacks)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "falcon"])
+def test_gpu_paged_weights_of_gpt2_and_falcon(family, nvme_dir):
+    """page_weights=True on CUDA for layers whose attention is not named ``self_attn``: GPT-2's
+    ``Conv1D`` (``paged_conv1d``) and Falcon's ``FalconLinear`` read their weights from pinned pages
+    streamed in every token; tokens and fp32 logits as unpaged."""
+    import transformers
+
+    if family == "gpt2":
+        config = transformers.GPT2Config(n_layer=4, n_embd=512, n_head=8, n_positions=2048, vocab_size=1024,
+                                         pad_token_id=0, bos_token_id=1, eos_token_id=None)  # fmt: skip
+        cls = transformers.GPT2LMHeadModel
+    else:
+        config = transformers.FalconConfig(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, new_decoder_architecture=True,
+                                           num_kv_heads=4, vocab_size=1024, pad_token_id=0, bos_token_id=1, eos_token_id=None)  # fmt: skip
+        cls = transformers.FalconForCausalLM
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(6)
+    reference = cls(config).to("cuda").eval()
+    model = copy.deepcopy(reference)
+    ids, mask = _prompts(1, 400)
+    expected = _generate(reference, ids, mask, 8)
+    enable_paging(model, _budget(nvme_dir, vram_pages=64, slab_pages=64), attn_implementation="sdpa",
+                  prefill_chunk_size=128, page_weights=True)
+    state = paging_state(model)
+    assert len(state.paged_layers) == 4
+    assert all(any(isinstance(p, PagedTensor) for p in layer.parameters()) for layer in state.paged_layers)
+    got = _generate(model, ids, mask, 8)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+    layer_bytes = sum(p.numel() * p.element_size() for layer in state.paged_layers for p in layer.parameters())
+    assert state.pager.stats()["bytes_h2d"] > 4 * layer_bytes, (state.pager.stats(), layer_bytes)
+
+
+def test_gpu_beam_search_on_a_callers_paged_cache(nvme_dir):
+    """Beam search given a PagedKVCache on CUDA with the paged attention kernels: beams kept twice
+    get copies of their pages; sequences as with transformers' own cache."""
+    from pagedtensor.hf import PagedKVCache
+    from pagedtensor.hf.model import cache_keyword
+
+    reference, model = _pair(torch.float32, seed=8, layers=2)
+    ids, mask = _prompts(1, 300)
+    settings = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
+    expected = reference.generate(ids, **settings)
+    enable_paging(model, _budget(nvme_dir, vram_pages=48, slab_pages=16), attn_implementation="pagedllm", prefill_chunk_size=128)
+    cache = PagedKVCache(model.config, pager=paging_state(model).pager)
+    got = model.generate(ids, **settings, **{cache_keyword(model): cache})
+    assert torch.equal(got, expected)
+    cache.close()
 
 
 def test_gpu_two_models_on_one_pager_generate_from_two_threads(nvme_dir):
