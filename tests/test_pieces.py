@@ -86,6 +86,30 @@ def test_an_op_too_large_with_a_sparse_operand_names_the_op():
         assert torch.equal((PagedTensor.wrap(x[:8], pager) + csr.to_dense()[:8].to_sparse_csr()).cpu(), x[:8] + csr.to_dense()[:8])
 
 
+LAYOUTS = dict(  # the shapes and layouts the elementwise-op properties draw
+    rows=st.integers(8, 80),
+    cols=st.sampled_from([64, 96, 256]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.float64]),
+    view=st.sampled_from(["rows", "transposed", "column", "every_other_row", "grid"]),
+    offset=st.integers(0, 3),
+)
+
+
+def two_flat_tensors_and_a_layout(rows: int, cols: int, dtype: torch.dtype, view: str, offset: int, seed: int):
+    """Two random flat tensors of ``rows * cols + offset`` elements, and the function that views one
+    as ``view`` of a ``(rows, cols)`` matrix at element ``offset``: a transposed view, a column,
+    every other row, every other row's every third element."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows * cols + offset, generator=generator).to(dtype)
+    second = torch.randn(rows * cols + offset, generator=generator).to(dtype)
+
+    def layout(flat: torch.Tensor) -> torch.Tensor:
+        t = flat[offset:].view(rows, cols)
+        return {"rows": t, "transposed": t.t(), "column": t[:, cols // 3], "every_other_row": t[::2], "grid": t[::2, ::3]}[view]
+
+    return base, second, layout
+
+
 UNARY = {"neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "sigmoid": torch.sigmoid, "square": torch.square}
 BINARY = {"add": torch.add, "mul": torch.mul, "maximum": torch.maximum, "div": torch.div}
 IN_PLACE = {"mul_": lambda t, o: t.mul_(o), "add_": lambda t, o: t.add_(o, alpha=2), "copy_": lambda t, o: t.copy_(o),
@@ -94,11 +118,7 @@ IN_PLACE = {"mul_": lambda t, o: t.mul_(o), "add_": lambda t, o: t.add_(o, alpha
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    rows=st.integers(8, 80),
-    cols=st.sampled_from([64, 96, 256]),
-    dtype=st.sampled_from([torch.float32, torch.float16, torch.float64]),
-    view=st.sampled_from(["rows", "transposed", "column", "every_other_row", "grid"]),
-    offset=st.integers(0, 3),
+    **LAYOUTS,
     kind=st.sampled_from(["unary", "binary", "in_place"]),
     name=st.integers(0, 5),
     other=st.sampled_from(["paged", "plain", "scalar", "0-dim", "same"]),
@@ -110,13 +130,7 @@ def test_elementwise_ops_in_pieces_equal_dense(rows, cols, dtype, view, offset, 
     row, every other row's every third element) and second operand: bitwise equal to the same op
     on dense tensors. (Views that do not fill their span raised OutOfPagesError once larger than
     the device tier.)"""
-    generator = torch.Generator().manual_seed(seed)
-    base = torch.randn(rows * cols + offset, generator=generator).to(dtype)
-    second = torch.randn(rows * cols + offset, generator=generator).to(dtype)
-
-    def layout(flat: torch.Tensor) -> torch.Tensor:
-        t = flat[offset:].view(rows, cols)
-        return {"rows": t, "transposed": t.t(), "column": t[:, cols // 3], "every_other_row": t[::2], "grid": t[::2, ::3]}[view]
+    base, second, layout = two_flat_tensors_and_a_layout(rows, cols, dtype, view, offset, seed)
 
     with make_pager() as pager:
         x, y = layout(base.clone()), layout(second.clone())
@@ -157,11 +171,7 @@ OUT_FORMS = {
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    rows=st.integers(8, 80),
-    cols=st.sampled_from([64, 96, 256]),
-    dtype=st.sampled_from([torch.float32, torch.float16, torch.float64]),
-    view=st.sampled_from(["rows", "transposed", "column", "every_other_row", "grid"]),
-    offset=st.integers(0, 3),
+    **LAYOUTS,
     name=st.sampled_from(sorted(OUT_FORMS)),
     out=st.sampled_from(["plain", "plain_other_layout", "plain_float64", "paged", "self"]),
     seed=st.integers(0, 2**16),
@@ -171,13 +181,7 @@ def test_out_forms_of_elementwise_ops_in_pieces_equal_dense(rows, cols, dtype, v
     (a plain tensor of any layout and of a dtype the result casts to, a PagedTensor of the operands'
     layout, the operand itself) run a piece at a time like their functional forms: they raised
     OutOfPagesError once larger than the device tier. Bitwise equal to the same op on dense tensors."""
-    generator = torch.Generator().manual_seed(seed)
-    base = torch.randn(rows * cols + offset, generator=generator).to(dtype)
-    second = torch.randn(rows * cols + offset, generator=generator).to(dtype)
-
-    def layout(flat: torch.Tensor) -> torch.Tensor:
-        t = flat[offset:].view(rows, cols)
-        return {"rows": t, "transposed": t.t(), "column": t[:, cols // 3], "every_other_row": t[::2], "grid": t[::2, ::3]}[view]
+    base, second, layout = two_flat_tensors_and_a_layout(rows, cols, dtype, view, offset, seed)
 
     op = OUT_FORMS[name]
     with make_pager() as pager:
