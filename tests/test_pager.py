@@ -625,13 +625,14 @@ def test_write_back_gives_resident_pages_host_copies_and_leaves_them_resident():
         assert torch.equal(pager.read(allocation), expected)
 
 
-def test_a_page_staged_from_a_full_disk_keeps_its_disk_copy(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_page_staged_from_a_full_disk_keeps_its_disk_copy(tmp_path, device):
     """Staging a disk-only page needs a host slot, and the host page that makes way would have to
     spill to a full disk: the unfilled device slot given to the staged page is no copy of it, so
     its disk copy is never dropped as a duplicate. The page comes straight from disk instead
     (three pages in four slots fit: before, the fault failed with 'disk tier full'), keeps its
     disk copy, and every byte survives."""
-    with make_pager(nvme=str(tmp_path), device_pages=1, host_pages=1, disk_limit=2 * PAGE) as pager:
+    with make_pager(nvme=str(tmp_path), device_pages=1, host_pages=1, disk_limit=2 * PAGE, device=device) as pager:
         a, b, c = (pager.allocate(PAGE) for _ in range(3))
         for seed, allocation in enumerate((a, b, c)):
             pager.write(allocation, random_bytes(PAGE, seed))

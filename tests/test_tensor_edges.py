@@ -513,7 +513,9 @@ def test_a_conversion_of_an_expanded_view_stays_paged():
 def test_gpu_module_half_and_complex_training_on_cuda():
     """On CUDA: ``module.half()`` keeps a paged buffer four times the device tier paged (converted a
     piece at a time), and a complex paged parameter trains with Adam to the dense run's bits
-    (backward conjugates it through views carrying the conjugate bit)."""
+    (backward conjugates it through views carrying the conjugate bit). Both runs take Adam's
+    per-tensor loop (``foreach=False``): on CUDA torch picks its multi-tensor form for plain tensors
+    only (its ``_foreach_supported_types``), which differs in the last bits."""
     table = torch.randn(64, 256, device="cuda")  # 16 pages
     small = Pager(MemoryConfig(page_size=PAGE, vram_limit=4 * PAGE, host_memory=256 * PAGE, slab_size=256 * PAGE,
                                prefetch_strategy="none", device="cuda"))  # fmt: skip
@@ -529,7 +531,7 @@ def test_gpu_module_half_and_complex_training_on_cuda():
         x = torch.randn(5, 32, dtype=torch.complex64, device="cuda", generator=g)
 
         def train(weight: torch.Tensor) -> torch.Tensor:
-            step = torch.optim.Adam([weight], lr=0.1)
+            step = torch.optim.Adam([weight], lr=0.1, foreach=False)
             for _ in range(3):
                 step.zero_grad()
                 y = x @ weight

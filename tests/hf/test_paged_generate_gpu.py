@@ -174,7 +174,8 @@ def test_gpu_paged_weights_of_gpt2_and_falcon(family, nvme_dir):
     model = copy.deepcopy(reference)
     ids, mask = _prompts(1, 400)
     expected = _generate(reference, ids, mask, 8)
-    enable_paging(model, _budget(nvme_dir, vram_pages=64, slab_pages=64), attn_implementation="sdpa",
+    # 4 MiB MLP weights, ~50 MB of layers, a 10 MiB device tier
+    enable_paging(model, _budget(nvme_dir, vram_pages=160, slab_pages=160), attn_implementation="sdpa",
                   prefill_chunk_size=128, page_weights=True)
     state = paging_state(model)
     assert len(state.paged_layers) == 4
