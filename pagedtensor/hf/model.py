@@ -259,7 +259,7 @@ def _install(
         original_generate=model.generate,
     )
     layers = _decoder_layers(model)
-    norm = _final_norm(model)
+    norm = _final_norm(model, layers)
     embeddings = _input_embeddings(model)
     state.reused = [
         *([embeddings] if embeddings is not None else []),  # its output is layer 0's input
@@ -843,10 +843,20 @@ def _prefetch_hook(pager: Pager, upcoming: torch.nn.Module):
     return prefetch
 
 
-def _final_norm(model: torch.nn.Module) -> Optional[torch.nn.Module]:
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None) or getattr(model, "model", None)
-    norm = getattr(base, "norm", None)
-    return norm if isinstance(norm, torch.nn.Module) else None
+def _final_norm(model: torch.nn.Module, layers: list[torch.nn.Module]) -> Optional[torch.nn.Module]:
+    """The norm the decoder layers' output goes through: the last-registered child of the module
+    holding the layers' ``nn.ModuleList`` whose class name ends in ``Norm`` (``norm``: Llama and
+    most; ``ln_f``: GPT-2, GPT-J, Falcon, and Bloom, whose embedding LayerNorm is registered before
+    it; ``final_layer_norm``: GPT-NeoX, and OPT, which registers it before its layers; ``norm_f``:
+    MPT). ``None`` if there is none (no layers found, or the model ends otherwise)."""
+    if not layers:
+        return None
+    for holder in model.modules():
+        children = list(holder.children())
+        if any(isinstance(child, torch.nn.ModuleList) and len(child) and child[0] is layers[0] for child in children):
+            norms = [child for child in children if type(child).__name__.endswith("Norm")]
+            return norms[-1] if norms else None
+    return None
 
 
 def _model_device(model: torch.nn.Module) -> Optional[torch.device]:

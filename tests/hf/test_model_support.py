@@ -365,3 +365,34 @@ def test_hybrid_models_are_refused_naming_their_layer_types(nvme_dir):
     model = transformers.Lfm2ForCausalLM(config).eval()
     with pytest.raises(TypeError, match=r"layers of type \['conv'\]"):
         enable_paging(model, tiny_budget(nvme_dir))
+
+
+@pytest.mark.parametrize("family", sorted(MORE_FAMILIES))
+def test_the_final_norm_found_is_the_one_the_last_layers_output_goes_through(family, nvme_dir):
+    """The final norm (chunked on long prompts, and watched for a user's hooks before in-place
+    reuse) was looked up as ``model.norm`` only: GPT-2's ``ln_f``, GPT-NeoX's and OPT's
+    ``final_layer_norm`` and MPT's ``norm_f`` were missed. The module found now receives exactly the
+    last decoder layer's output (Bloom's embedding LayerNorm, before the layers, is not taken)."""
+    from pagedtensor.hf.model import _decoder_layers, _final_norm
+
+    config_name, model_name, fields, attn = MORE_FAMILIES[family]
+    _, model = _pair(getattr(transformers, config_name), getattr(transformers, model_name), attn, **fields)
+    layers = _decoder_layers(model)
+    norm = _final_norm(model, layers)
+    assert layers and norm is not None
+    seen = {}
+
+    def last_output(module, args, output) -> None:
+        seen["last"] = output[0] if isinstance(output, tuple) else output
+
+    def norm_input(module, args) -> None:
+        seen["norm"] = args[0]
+
+    layers[-1].register_forward_hook(last_output)
+    norm.register_forward_pre_hook(norm_input)
+    ids, mask = prompts(1, length=12)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert torch.equal(seen["norm"], seen["last"])
+    enable_paging(model, tiny_budget(nvme_dir), prefill_chunk_size=8)
+    assert norm in paging_state(model).reused
