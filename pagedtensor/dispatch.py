@@ -20,6 +20,11 @@ The dispatcher tries, in this order:
      scatters in place (``index_put_`` with one index tensor on dim 0, ``t[idx] = v``, with or
      without ``accumulate``; ``index_copy_``, ``index_add_``, ``index_fill_`` on dim 0): only the
      pages holding the written rows fault in, run by run, each run the op on a narrowed view.
+   * copies and comparisons of PagedTensors larger than a piece of the device tier: ``clone`` of
+     any ``memory_format`` (``t.t().contiguous()``, ``t.t().reshape(-1)``), ``cat`` and ``stack``
+     (a plain result of the dense op's layout and promoted dtype, each input copied into its slice),
+     ``equal`` and ``allclose`` (the dense op on matching parts, copied to plain tensors): a part of
+     pages at a time, whatever the layouts.
    * ``_grouped_mm`` over a paged stack of expert matrices (a mixture-of-experts layer): only the
      experts that have rows fault in.
    * ops that read only metadata (``new_*``, ``*_like``, ``is_same_size``,
@@ -47,8 +52,9 @@ Note:
 An op needs every page it touches resident at once: an op whose span does not fit in
 ``vram_limit`` beside the pinned pages raises :class:`~pagedtensor.errors.OutOfPagesError`, except
 that row gathers and grouped matmuls of experts read a run of pages too large in chunks (as
-:meth:`materialize` reads any size), row scatters write their rows a run of pages at a time, and
-an elementwise op over tensors of one layout runs a piece of pages at a time (:mod:`pagedtensor.pieces`).
+:meth:`materialize` reads any size), row scatters write their rows a run of pages at a time,
+an elementwise op over tensors of one layout runs a piece of pages at a time (:mod:`pagedtensor.pieces`),
+and so do ``clone``, ``cat``, ``stack``, ``equal`` and ``allclose``.
 
 Outside the dispatcher, :func:`paged_linear` runs ``F.linear`` on a PagedTensor weight's pinned pages
 directly (what a paged model's ``nn.Linear`` calls), and :func:`paged_conv1d` transformers'
@@ -60,7 +66,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch._C import DispatchKey
@@ -71,7 +77,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError
 from pagedtensor.pager import ResidentPages, WrittenPages
-from pagedtensor.pieces import NOT_ONE_TARGET, is_elementwise, run_in_pieces, written_target
+from pagedtensor.pieces import NOT_ONE_TARGET, is_elementwise, piece_elements_of, run_in_pieces, span_elements, written_target
 from pagedtensor.tensor import (
     PagedStorage,
     PagedTensor,
@@ -1214,6 +1220,173 @@ def _inside_autocast() -> bool:
     level = torch.autocast_increment_nesting()
     torch.autocast_decrement_nesting()
     return level > 1
+
+
+# ---------------------------------------------------------------------- handlers: copies and comparisons
+
+
+@implements([aten.clone.default])
+def clone_in_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``t.clone()`` of any ``memory_format`` (what ``t.t().contiguous()`` and ``t.t().reshape(-1)``
+    run) of a PagedTensor larger than a piece: a plain tensor of the dense op's layout (its meta
+    kernel's) filled a piece of pages at a time (:func:`copy_in_parts`). A smaller one, or one that
+    cannot be copied so (:func:`_copies_in_parts`), runs the generic way."""
+    source = args[0]
+    if not isinstance(source, PagedTensor) or not _copies_in_parts([source]) or not _larger_than_a_piece([source]):
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    layout = func(meta_like(source), *args[1:], **kwargs)
+    result = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=source.device)
+    copy_in_parts(result, source)
+    return result
+
+
+@implements([aten.cat.default, aten.stack.default])
+def concatenate_in_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``torch.cat`` / ``torch.stack`` of tensors, at least one a PagedTensor, larger together than a
+    piece: the op runs on meta tensors first (torch's errors, its type promotion and layout, before
+    anything is allocated), then each input is copied into its slice of a plain result a piece of
+    pages at a time (``copy_`` converts to the promoted dtype, as the dense op does). 1-D empty
+    inputs are skipped by ``cat``, as torch's legacy rule says. Otherwise the generic way."""
+    tensors = list(args[0])
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    paged = [t for t in tensors if isinstance(t, PagedTensor)]
+    if not paged or not _copies_in_parts(tensors) or not _larger_than_a_piece(paged):
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    layout = _concatenated_layout(func, tensors, dim)
+    result = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=paged[0].device)
+    slices = _stacked_slices(result, tensors, dim) if func is aten.stack.default else _concatenated_slices(result, tensors, dim)
+    for target, source in slices:
+        copy_in_parts(target, source)
+    return result
+
+
+@implements([aten.equal.default, aten.allclose.default])
+def compare_in_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> bool:
+    """``torch.equal`` / ``torch.allclose`` of a PagedTensor larger than a piece: the dense op on
+    matching parts of the two (each copied to a plain tensor a piece of pages at a time), ``True``
+    only if every part gives ``True``, stopping at the first that does not. Both ops are an AND over
+    elements (``allclose`` is ``isclose(...).all()``), so this is the dense op's answer: dtypes
+    compared as it compares them, its errors (from the first part), NaN unequal to itself unless
+    ``equal_nan``. (``isclose``, made of elementwise ops, runs in pieces only where the two share one
+    layout.) ``equal`` of other shapes is ``False``; ``allclose`` of other shapes (a broadcast) runs
+    the generic way."""
+    a, b = args[0], args[1]
+    if not _copies_in_parts([a, b]) or not _larger_than_a_piece([t for t in (a, b) if isinstance(t, PagedTensor)]):
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    if a.shape != b.shape:
+        if func is aten.equal.default:
+            return False
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    return all(func(_plain_copy(part_a), _plain_copy(part_b), *args[2:], **kwargs) for part_a, part_b in _matching_parts(a, b))
+
+
+def _concatenated_layout(func: OpOverload, tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The result of ``cat`` / ``stack`` run on meta tensors of the inputs' layouts. Where that raises,
+    the op raises torch's own error on zero-stride stand-ins of the inputs (its checks come before
+    its result is allocated), nothing allocated."""
+    try:
+        return func([meta_layout(t) for t in tensors], dim)
+    except (RuntimeError, IndexError, ValueError, TypeError) as error:
+        stand_ins = [torch.empty((), dtype=t.dtype, device=t.device).expand(t.shape) for t in tensors]
+        func(stand_ins, dim)
+        raise error
+
+
+def _copies_in_parts(tensors: Sequence[Any]) -> bool:
+    """Whether ``tensors`` (at least one a PagedTensor) can be read part by part into plain tensors:
+    strided, on one device, without conjugate or negative bits (``copy_`` would resolve them), and
+    no PagedTensor traced (``_inner``)."""
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return False
+    paged = [t for t in tensors if isinstance(t, PagedTensor)]
+    return (
+        bool(paged)
+        and all(t._inner is None for t in paged)
+        and all(t.layout == torch.strided and not t.is_conj() and not t.is_neg() for t in tensors)
+        and len({_normalize_device(t.device) for t in tensors}) == 1
+    )
+
+
+def _larger_than_a_piece(paged: list[PagedTensor]) -> bool:
+    """Whether the bytes ``paged`` reach are more than one piece (:func:`piece_elements_of`) holds, so
+    that the op goes a part at a time; a smaller op runs at once, the generic way, as does any op
+    where the device tier holds no piece (fewer than two pages)."""
+    piece = piece_elements_of(paged)
+    if piece is None:  # too many allocations for a piece of each at once: one at a time, if that fits
+        return piece_elements_of(paged[:1]) is not None
+    widest = max(t.dtype.itemsize for t in paged)
+    return sum(span_elements(t) * t.dtype.itemsize for t in paged) > piece * widest
+
+
+def copy_in_parts(target: torch.Tensor, source: torch.Tensor) -> None:
+    """``target.copy_(source)`` (same shape), a part of ``source``'s pages at a time: each part spans
+    at most a piece (:func:`_parts`), whatever the two layouts are."""
+    if not isinstance(source, PagedTensor):
+        target.copy_(source)
+        return
+    for narrowings in _parts(source, piece_elements_of([source]) or 1):
+        _narrowed(target, narrowings).copy_(_narrowed(source, narrowings))
+
+
+Narrowing = tuple[int, int, int]
+"""``(dim, start, length)``: indices ``[start, start + length)`` of ``dim``."""
+
+
+def _parts(tensor: torch.Tensor, piece: int, narrowings: tuple[Narrowing, ...] = ()) -> Iterator[tuple[Narrowing, ...]]:
+    """Narrowings cutting ``tensor`` (already narrowed by ``narrowings``) into parts spanning at most
+    ``piece`` elements each (or one element): runs of indices along its dim of the largest stride,
+    each index cut again along the next dim where one index spans more than a piece."""
+    view = _narrowed(tensor, narrowings)
+    dims = [d for d in range(view.dim()) if view.shape[d] > 1 and view.stride(d) > 0]
+    if span_elements(view) <= piece or not dims:
+        yield narrowings
+        return
+    dim = max(dims, key=view.stride)
+    one = span_elements(view.narrow(dim, 0, 1))
+    count = max(1, (piece - one) // view.stride(dim) + 1) if one <= piece else 1
+    for start in range(0, view.shape[dim], count):
+        yield from _parts(tensor, piece, (*narrowings, (dim, start, min(count, view.shape[dim] - start))))
+
+
+def _narrowed(tensor: torch.Tensor, narrowings: Sequence[Narrowing]) -> torch.Tensor:
+    for dim, start, length in narrowings:
+        tensor = tensor.narrow(dim, start, length)
+    return tensor
+
+
+def _matching_parts(a: torch.Tensor, b: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The same parts of ``a`` and ``b`` (one shape), cut by the layout of the first that is paged."""
+    reference = a if isinstance(a, PagedTensor) else b
+    for narrowings in _parts(reference, piece_elements_of([reference]) or 1):
+        yield _narrowed(a, narrowings), _narrowed(b, narrowings)
+
+
+def _plain_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain contiguous copy of a PagedTensor (a part at a time); a plain tensor as it is."""
+    if not isinstance(tensor, PagedTensor):
+        return tensor
+    copy = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    copy_in_parts(copy, tensor)
+    return copy
+
+
+def _concatenated_slices(result: torch.Tensor, tensors: list[torch.Tensor], dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(slice of result, input)`` for each input of ``cat`` along ``dim`` (negative too); a 1-D
+    empty input is skipped (torch's legacy rule), as is one with no index along ``dim``."""
+    dim = dim % result.dim()
+    slices, start = [], 0
+    for t in tensors:
+        if (t.dim() == 1 and t.shape[0] == 0) or t.shape[dim] == 0:
+            continue
+        slices.append((result.narrow(dim, start, t.shape[dim]), t))
+        start += t.shape[dim]
+    return slices
+
+
+def _stacked_slices(result: torch.Tensor, tensors: list[torch.Tensor], dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(slice of result, input)`` for each input of ``stack`` along ``dim`` (negative too)."""
+    dim = dim % result.dim()
+    return [(result.select(dim, i), t) for i, t in enumerate(tensors)]
 
 
 # ---------------------------------------------------------------------- handlers: metadata only

@@ -105,7 +105,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
         result_layout = _result_layout(func, args, kwargs)
         if result_layout is None or tuple(result_layout.shape) != shape or (dense and result_layout.stride() != stride):
             return NotImplemented
-    piece_elements = _piece_elements(tensors)
+    piece_elements = piece_elements_of(tensors)
     if piece_elements is None:
         return NotImplemented
     if not dense:
@@ -114,7 +114,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
         splits = {
             _outer_split(shape, t.stride(), piece_elements)
             for t in tensors
-            if isinstance(t, PagedTensor) and t.dim() > 0 and _span_elements(t) > piece_elements
+            if isinstance(t, PagedTensor) and t.dim() > 0 and span_elements(t) > piece_elements
         }
         if not splits or None in splits or len({dim for dim, _ in splits}) != 1:
             return NotImplemented
@@ -223,7 +223,7 @@ def _result_layout(func: OpOverload, args: tuple, kwargs: dict) -> Optional[torc
     return result if isinstance(result, torch.Tensor) else None
 
 
-def _piece_elements(tensors: list[torch.Tensor]) -> Optional[int]:
+def piece_elements_of(tensors: list[torch.Tensor]) -> Optional[int]:
     """Elements a piece holds: as many pages of the widest paged dtype as the device tier holds for
     each allocation the op reaches at once, less one (a piece not starting on a page boundary
     straddles one more); None when the device tier cannot hold two pages of each."""
@@ -238,7 +238,8 @@ def _piece_elements(tensors: list[torch.Tensor]) -> Optional[int]:
     return max(1, piece_bytes // max(t.dtype.itemsize for t in paged))
 
 
-def _span_elements(t: torch.Tensor) -> int:
+def span_elements(t: torch.Tensor) -> int:
+    """Elements from the first to one past the last element ``t`` reaches."""
     lo, hi = element_span(tuple(t.shape), t.stride(), 0)
     return hi - lo
 

@@ -1,0 +1,256 @@
+"""Copies and comparisons of PagedTensors larger than the device tier run a piece of pages at a time:
+``clone`` to any layout (``t.t().contiguous()``, ``t.t().reshape(-1)``), ``torch.cat``,
+``torch.stack``, ``torch.equal`` and ``torch.allclose`` give the dense op's result (dtype, shape,
+strides and bits), with the device tier never over its budget, and torch's errors for bad inputs."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pagedtensor import MemoryConfig, PagedTensor, Pager
+
+PAGE = 4096
+DEVICE_PAGES = 8
+TIER_BYTES = DEVICE_PAGES * PAGE
+DTYPES = (torch.float32, torch.float16, torch.int64, torch.bool)
+LAYOUTS = ("contiguous", "transposed", "column slice", "offset view")
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def make_pager(device: str = "cpu", device_pages: int = DEVICE_PAGES) -> Pager:
+    return Pager(MemoryConfig(vram_limit=device_pages * PAGE, host_memory=512 * PAGE, page_size=PAGE, slab_size=512 * PAGE,
+                              prefetch_strategy="none", device=device))  # fmt: skip
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape, strides and bits (NaNs included)."""
+    if type(a) is not torch.Tensor or a.dtype != b.dtype or a.shape != b.shape or a.stride() != b.stride():
+        return False
+    if a.dtype.is_floating_point:
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+    return torch.equal(a, b)
+
+
+def within_tier(pager: Pager) -> bool:
+    return pager.stats()["resident_bytes"]["device"] <= TIER_BYTES
+
+
+def random_values(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=generator) > 0.5
+    if dtype == torch.int64:
+        return torch.randint(-1000, 1000, shape, generator=generator)
+    return torch.randn(shape, generator=generator).to(dtype)
+
+
+def with_layout(shape: tuple[int, ...], dtype: torch.dtype, layout: str, seed: int) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """A base tensor and the view of ``shape`` taken from it: ``(base, view_of)``."""
+    if layout == "transposed":
+        base = random_values((*shape[:-2], shape[-1], shape[-2]), dtype, seed)
+        return base, lambda t: t.transpose(-1, -2)
+    if layout == "column slice":
+        base = random_values((*shape[:-1], shape[-1] + 3), dtype, seed)
+        return base, lambda t: t[..., 2 : 2 + shape[-1]]
+    if layout == "offset view":
+        base = random_values((shape[0] + 2, *shape[1:]), dtype, seed)
+        return base, lambda t: t[1 : 1 + shape[0]]
+    return random_values(shape, dtype, seed), lambda t: t
+
+
+def paged_and_dense(pager: Pager, shape: tuple[int, ...], dtype: torch.dtype, layout: str, seed: int, paged: bool = True):
+    """``(tensor, dense)``: the view of ``layout`` over a PagedTensor (or a plain tensor) and the same view of a dense copy."""
+    base, view_of = with_layout(shape, dtype, layout, seed)
+    dense = view_of(base.clone())
+    return (view_of(PagedTensor.wrap(base.clone(), pager)) if paged else view_of(base.clone())), dense
+
+
+@st.composite
+def shapes(draw, dtype: torch.dtype, large: bool) -> tuple[int, ...]:
+    """A 2-D or 3-D shape: 2 to 6 times the device tier in bytes of ``dtype`` when ``large``, else small."""
+    elements = draw(st.integers(2 * TIER_BYTES, 6 * TIER_BYTES)) // dtype.itemsize if large else draw(st.integers(6, 400))
+    inner = draw(st.integers(2, 300 if large else 20))
+    if draw(st.booleans()):
+        return (max(2, elements // inner), inner)
+    middle = draw(st.integers(2, 12))
+    return (max(2, elements // (inner * middle)), middle, inner)
+
+
+@st.composite
+def cases(draw) -> tuple[tuple[int, ...], torch.dtype, str, bool]:
+    dtype = draw(st.sampled_from(DTYPES))
+    large = draw(st.booleans() | st.just(True))
+    return draw(shapes(dtype, large)), dtype, draw(st.sampled_from(LAYOUTS)), large
+
+
+def run_both(op: Callable, *pairs) -> tuple:
+    """``op`` on the paged tensors and on their dense twins."""
+    return op(*(tensor for tensor, _ in pairs)), op(*(dense for _, dense in pairs))
+
+
+@SETTINGS
+@given(case=cases(), memory_format=st.sampled_from([torch.contiguous_format, torch.preserve_format]), seed=st.integers(0, 99))
+def test_clone_of_any_layout_gives_the_dense_result(case, memory_format, seed):
+    shape, dtype, layout, _ = case
+    with make_pager() as pager:
+        pair = paged_and_dense(pager, shape, dtype, layout, seed)
+        for op in (lambda t: t.clone(memory_format=memory_format), lambda t: t.contiguous(), lambda t: t.reshape(-1),
+                   lambda t: t.transpose(0, 1).contiguous()):  # fmt: skip
+            result, expected = run_both(op, pair)
+            is_view = expected.untyped_storage().data_ptr() == pair[1].untyped_storage().data_ptr()
+            assert isinstance(result, PagedTensor) == is_view  # a view of the pages where torch returns a view
+            assert same_bits(result.materialize() if is_view else result, expected)
+            assert within_tier(pager)
+
+
+@st.composite
+def concatenations(draw):
+    """Inputs of one ``cat`` or ``stack``: 2 or 3 of them, at least one paged, dtypes possibly mixed;
+    ``cat``'s inputs differ along its ``dim``."""
+    shape, dtype, _, large = draw(cases())
+    stack = draw(st.booleans())
+    dim = draw(st.integers(-len(shape) - 1, len(shape)) if stack else st.integers(-len(shape), len(shape) - 1))
+    count = draw(st.integers(2, 3))
+    inputs = []
+    for i in range(count):
+        own_shape = list(shape)
+        if not stack:
+            own_shape[dim] = max(1, shape[dim] + draw(st.integers(-1, 1)))
+        own_dtype = draw(st.sampled_from(DTYPES)) if draw(st.integers(0, 3)) == 0 else dtype
+        paged = i == 0 or draw(st.booleans())
+        inputs.append((tuple(own_shape), own_dtype, draw(st.sampled_from(LAYOUTS)), paged))
+    return stack, dim, inputs
+
+
+@SETTINGS
+@given(concatenation=concatenations(), seed=st.integers(0, 99))
+def test_cat_and_stack_give_the_dense_result(concatenation, seed):
+    stack, dim, inputs = concatenation
+    with make_pager() as pager:
+        pairs = [paged_and_dense(pager, shape, dtype, layout, seed + i, paged) for i, (shape, dtype, layout, paged) in enumerate(inputs)]
+        op = torch.stack if stack else torch.cat
+        result, expected = run_both(lambda *ts: op(list(ts), dim=dim), *pairs)
+        assert same_bits(result, expected)
+        assert within_tier(pager)
+
+
+def test_cat_skips_one_dimensional_empty_inputs_as_torch_does():
+    with make_pager() as pager:
+        x = torch.randn(64, 256)
+        paged = PagedTensor.wrap(x.clone(), pager)
+        empty = torch.empty(0, dtype=torch.float64)
+        assert same_bits(torch.cat([empty, paged, empty, paged], dim=-1), torch.cat([empty, x, empty, x], dim=-1))
+        assert within_tier(pager)
+
+
+@st.composite
+def differences(draw):
+    """A case and where its second tensor differs: ``None`` (equal), an index, or NaNs at an index in both."""
+    shape, dtype, layout, large = draw(cases())
+    numel = 1
+    for size in shape:
+        numel *= size
+    index = draw(st.integers(0, numel - 1) | st.just(numel - 1))
+    kind = draw(st.sampled_from(["equal", "one element", "nan"] if dtype.is_floating_point else ["equal", "one element"]))
+    return shape, dtype, layout, kind, index
+
+
+def changed(t: torch.Tensor, kind: str, index: int) -> torch.Tensor:
+    """A plain contiguous copy of ``t`` with the change ``kind`` at flat ``index`` (``"equal"``: none)."""
+    copy = t.contiguous().clone()
+    flat = copy.view(-1)
+    if kind == "one element":
+        flat[index] = (~flat[index]) if copy.dtype == torch.bool else flat[index] + 1
+    elif kind == "nan":
+        flat[index] = float("nan")
+    return copy
+
+
+def paged_with_values(pager: Pager, values: torch.Tensor, layout: str, seed: int) -> PagedTensor:
+    """A PagedTensor view of ``layout`` holding ``values``."""
+    base, view_of = with_layout(tuple(values.shape), values.dtype, layout, seed)
+    view_of(base).copy_(values)
+    return view_of(PagedTensor.wrap(base, pager))
+
+
+@SETTINGS
+@given(difference=differences(), other_layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 99))
+def test_equal_and_allclose_give_torchs_answer(difference, other_layout, seed):
+    """Equal tensors, tensors differing in one element (the last one too) and NaNs at one index of both."""
+    shape, dtype, layout, kind, index = difference
+    with make_pager() as pager:
+        values = changed(random_values(shape, dtype, seed), "nan" if kind == "nan" else "equal", index)
+        other = changed(values, "one element" if kind == "one element" else "equal", index)
+        a, b = paged_with_values(pager, values, layout, seed), paged_with_values(pager, other, other_layout, seed + 1)
+        assert torch.equal(a, b) is torch.equal(values, other)
+        assert torch.equal(a, a) is torch.equal(values, values)
+        assert torch.equal(a, other) is torch.equal(values, other)
+        assert torch.equal(other, a) is torch.equal(other, values)
+        if dtype.is_floating_point:
+            for equal_nan in (False, True):
+                assert torch.allclose(a, b, equal_nan=equal_nan) is torch.allclose(values, other, equal_nan=equal_nan)
+        assert within_tier(pager)
+
+
+def test_equal_of_other_shapes_or_dtypes_is_torchs_answer():
+    with make_pager() as pager:
+        x = torch.randn(64, 256)
+        paged = PagedTensor.wrap(x.clone(), pager)
+        assert torch.equal(paged, PagedTensor.wrap(x.reshape(128, 128).clone(), pager)) is False
+        assert torch.equal(paged, x.double()) is torch.equal(x, x.double())
+        assert torch.equal(paged, PagedTensor.wrap(x.half(), pager)) is torch.equal(x, x.half())
+        with pytest.raises(RuntimeError) as dense_error:
+            torch.allclose(x, x.double())
+        with pytest.raises(type(dense_error.value), match=str(dense_error.value)):
+            torch.allclose(paged, x.double())
+        assert within_tier(pager)
+
+
+@pytest.mark.parametrize(
+    "op, shapes",
+    [(lambda ts: torch.cat(ts), ((64, 256), (64, 255))), (lambda ts: torch.cat(ts, dim=1), ((64, 256), (63, 256))),
+     (lambda ts: torch.stack(ts), ((64, 256), (64, 255))), (lambda ts: torch.cat(ts, dim=2), ((64, 256), (64, 256)))],
+)  # fmt: skip
+def test_bad_inputs_raise_torchs_errors_and_leave_nothing_allocated(op, shapes):
+    with make_pager() as pager:
+        dense = [torch.randn(shape) for shape in shapes]
+        paged = [PagedTensor.wrap(t.clone(), pager) for t in dense]
+        allocations = pager.stats()["allocations"]
+        with pytest.raises(Exception) as dense_error:
+            op(dense)
+        with pytest.raises(type(dense_error.value)) as paged_error:
+            op(paged)
+        assert str(paged_error.value) == str(dense_error.value)
+        assert pager.stats()["allocations"] == allocations
+        assert within_tier(pager)
+
+
+def test_small_tensors_keep_the_generic_path():
+    """Tensors that fit in a piece run the op at once, as before (one window, no parts)."""
+    with make_pager() as pager:
+        x = torch.randn(8, 16)
+        paged = PagedTensor.wrap(x.clone(), pager)
+        assert same_bits(paged.t().contiguous(), x.t().contiguous())
+        assert same_bits(torch.cat([paged, paged], dim=1), torch.cat([x, x], dim=1))
+        assert torch.equal(paged, paged) and torch.allclose(paged, x)
+
+
+@pytest.mark.gpu
+def test_gpu_cat_clone_and_equal_run_in_pieces_on_cuda():
+    """On CUDA: a ``cat``, a ``clone`` to another layout and an ``equal`` over tensors four times
+    the device tier give the dense op's result."""
+    x = torch.randn(128, 256, generator=torch.Generator().manual_seed(7)).cuda()  # 32 pages of 4 KiB
+    y = torch.randn(128, 256, generator=torch.Generator().manual_seed(8)).cuda()
+    with make_pager("cuda") as pager:
+        paged_x, paged_y = PagedTensor.wrap(x.clone(), pager), PagedTensor.wrap(y.clone(), pager)
+        assert same_bits(torch.cat([paged_x, paged_y], dim=1), torch.cat([x, y], dim=1))
+        assert same_bits(paged_x.t().contiguous(), x.t().contiguous())
+        assert torch.equal(paged_x, paged_x) and not torch.equal(paged_x, paged_y)
+        assert torch.equal(paged_x, x)
+        assert within_tier(pager)
