@@ -110,6 +110,11 @@ class Pool:
         self.dense: list[torch.Tensor] = []
 
     def add(self, paged: torch.Tensor, dense: torch.Tensor) -> None:
+        """Add a PagedTensor and its twin, unless its allocation is larger than a source's can be
+        (``2 * MAX_BYTES``, a stepped view's base): ops assume tensors of at most that size, and a
+        paged conversion of bool to int64 is 8 times its source."""
+        if isinstance(paged, PagedTensor) and paged.allocation is not None and paged.allocation.nbytes > 2 * MAX_BYTES:
+            return
         if isinstance(paged, PagedTensor) and paged.dim() >= 1 and paged.numel() >= 1 and len(self.paged) < 10:
             self.paged.append(paged)
             self.dense.append(dense)
