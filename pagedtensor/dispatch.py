@@ -1447,13 +1447,14 @@ def _reduces_in_parts(func: OpOverload, args: tuple, kwargs: dict) -> bool:
     piece (:func:`_larger_than_a_piece`), not empty, readable in parts (:func:`_copies_in_parts`),
     where any order of its elements gives the same result (:func:`_order_free`)."""
     source = args[0]
-    return (
+    return (  # the cheap tests first: every reduction of a PagedTensor passes here
         isinstance(source, PagedTensor)
-        and _copies_in_parts([source])
+        and source._inner is None
         and source.numel() > 0
         and _reduces_every_element(func, args, kwargs, source.dim())
         and _order_free(func, source.dtype, kwargs)
         and _larger_than_a_piece([source])
+        and _copies_in_parts([source])
     )
 
 
@@ -1602,10 +1603,8 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
     rows, inverse = torch.unique(flat, sorted=True, return_inverse=True)
     itemsize, page_size = table.dtype.itemsize, table._paged.allocation.page_size
     row_size, row_stride = tuple(table.shape[1:]), table.stride()[1:]
-    row_reach = element_span(row_size, row_stride, 0)[1]
     step = table.stride(0)
-    starts = (table._offset + rows * step) * itemsize
-    ends = starts + row_reach * itemsize
+    starts, ends = _row_byte_spans(table, rows)
     first_pages, last_pages = starts // page_size, (ends - 1) // page_size
     breaks = (torch.nonzero(first_pages[1:] > last_pages[:-1] + 1).flatten() + 1).tolist()
     bounds = [0, *breaks, rows.numel()]
@@ -1650,6 +1649,15 @@ def _gather_of_no_rows(func: OpOverload, table: PagedTensor, index: torch.Tensor
     channels-last table's differ in every dim.)"""
     stand_in = torch.empty(0, dtype=table.dtype, device=table.device).as_strided((0, *table.shape[1:]), table.stride())
     return _call_with_table(func, stand_in, index)
+
+
+def _row_byte_spans(table: PagedTensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each of ``rows`` (int64, on the host) of ``table`` begins in its allocation, and ends
+    (one past its last byte reached), in bytes: the pages a row gather or scatter reads."""
+    itemsize = table.dtype.itemsize
+    row_reach = element_span(tuple(table.shape[1:]), table.stride()[1:], 0)[1]
+    starts = (table._offset + rows * table.stride(0)) * itemsize
+    return starts, starts + row_reach * itemsize
 
 
 MAX_ROWS_COPIED_ONE_BY_ONE = 64
@@ -1762,7 +1770,7 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
         written.
     """
     request = _row_scatter_request(func, args, kwargs)
-    if request is None or _fits_in_one_piece(request.table):
+    if request is None or not _larger_than_a_piece([request.table]):
         return DISPATCHER.run_paged(func, types, args, kwargs)
     given = _index_values(request)
     if given is None:
@@ -1830,16 +1838,9 @@ def _row_scatter_request(func: OpOverload, args: tuple, kwargs: dict) -> Optiona
     return _RowScatter(func, table, index, source, options)
 
 
-def _fits_in_one_piece(table: PagedTensor) -> bool:
-    """Whether every page ``table`` reaches fits in one piece of its pager's device tier."""
-    lo, hi = _byte_span(table)
-    page_size = table._paged.allocation.page_size
-    return (hi - 1) // page_size - lo // page_size + 1 <= _piece_pages(table)
-
-
 def _piece_pages(table: PagedTensor) -> int:
-    """Pages a run of a row scatter may span: the device tier's capacity less one (at least one)."""
-    return max(1, table.pager.device_tier.capacity_pages - 1)
+    """Pages a run of a row scatter may span: a piece's (:func:`piece_elements_of`), at least one."""
+    return max(1, (piece_elements_of([table]) or 1) * table.dtype.itemsize // table._paged.allocation.page_size)
 
 
 def _index_values(request: _RowScatter) -> Optional[torch.Tensor]:
@@ -1911,11 +1912,10 @@ def _runs_of_rows(table: PagedTensor, rows: torch.Tensor) -> Optional[list[tuple
     """Rows ``[lo, hi)`` of each run of the sorted distinct ``rows``: rows on adjacent pages (no page
     between them that no row touches), the run spanning at most :func:`_piece_pages` pages; ``None``
     when one row alone spans more (a transposed table's row reaches across the table)."""
-    itemsize, page_size = table.dtype.itemsize, table._paged.allocation.page_size
-    row_reach = element_span(tuple(table.shape[1:]), table.stride()[1:], 0)[1]
-    starts = (table._offset + rows * table.stride(0)) * itemsize
+    page_size = table._paged.allocation.page_size
+    starts, ends = _row_byte_spans(table, rows)
     first_pages = (starts // page_size).tolist()
-    last_pages = ((starts + row_reach * itemsize - 1) // page_size).tolist()
+    last_pages = ((ends - 1) // page_size).tolist()
     limit = _piece_pages(table)
     if any(last - first + 1 > limit for first, last in zip(first_pages, last_pages)):
         return None
