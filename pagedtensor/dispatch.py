@@ -1170,7 +1170,7 @@ def convert_into_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict
     the source's were (:meth:`Pager.advise`). A conversion to another device, layout or pinned
     memory gives a plain tensor, as every op does, and so does any conversion inside a
     ``torch.autocast`` region: autocast converts the operands of every matmul it runs (a paged copy
-    per op would cost an allocation and a write each: 3.7x the op's time on a 1 MB weight).
+    per op would cost an allocation and a write each).
 
     Raises:
         OutOfPagesError: the copy neither fits at once nor runs in pieces (a view whose elements do

@@ -547,7 +547,7 @@ def test_gpu_module_half_and_complex_training_on_cuda():
 
 def test_autocast_casts_a_paged_operand_to_a_plain_tensor(pager):
     """Autocast converts the operands of every matmul it runs: a paged copy per op would cost an
-    allocation and a write each (3.7x the op's time on a 1 MB weight), so inside ``torch.autocast``
+    allocation and a write each, so inside ``torch.autocast``
     conversions give plain tensors, with the dense op's bits; outside it they stay paged."""
     weight, x = torch.randn(64, 32), torch.randn(8, 64)
     paged = PagedTensor.wrap(weight, pager)
