@@ -35,13 +35,14 @@ def _count_windows() -> tuple[dict[str, int], Any]:
     """Count the windows of pages that ops read as one view of adjacent slots, those gathered from
     scattered slots into a buffer, and those copied straight from their runs of slots
     (``gather=False``: a row gather of rows a page or more), for routed experts of the grouped
-    matmul (``dispatch._one_expert``) and for every other op (the batched experts' row gathers
+    matmul (``grouped_mm._one_expert``) and for every other op (the batched experts' row gathers
     among them), by wrapping the window's constructor; the counts and a function that undoes it."""
     import pagedtensor.dispatch as dispatch
+    import pagedtensor.handlers.grouped_mm as grouped_mm
 
     counts = {f"{who}_{how}": 0 for who in ("expert", "other") for how in ("view", "gathered", "copied_from_runs")}
     inside = {"expert": False}
-    window_init, one_expert = dispatch._Window.__init__, dispatch._one_expert
+    window_init, one_expert = dispatch._Window.__init__, grouped_mm._one_expert
 
     def counted_init(self, *args, **kwargs):
         window_init(self, *args, **kwargs)
@@ -55,10 +56,10 @@ def _count_windows() -> tuple[dict[str, int], Any]:
         finally:
             inside["expert"] = False
 
-    dispatch._Window.__init__, dispatch._one_expert = counted_init, counted_one_expert
+    dispatch._Window.__init__, grouped_mm._one_expert = counted_init, counted_one_expert
 
     def undo() -> None:
-        dispatch._Window.__init__, dispatch._one_expert = window_init, one_expert
+        dispatch._Window.__init__, grouped_mm._one_expert = window_init, one_expert
 
     return counts, undo
 

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pagedtensor.dispatch as dispatch
 from pagedtensor import OutOfPagesError, PagedTensor
-from pagedtensor.dispatch import paged_linear
+from pagedtensor.handlers.linear import paged_linear
 from tests.test_tensor import PAGE, make_pager
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -183,7 +183,7 @@ def test_conv1d_equals_transformers_conv1d_bitwise_with_no_dispatch(lead, monkey
     pages left the device; with grad to record it takes the dispatch path, the same bits."""
     from transformers.pytorch_utils import Conv1D
 
-    from pagedtensor.dispatch import paged_conv1d
+    from pagedtensor.handlers.linear import paged_conv1d
 
     with make_pager(device_pages=3) as pager:
         torch.manual_seed(0)

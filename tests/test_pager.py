@@ -521,7 +521,7 @@ def test_a_slab_the_allocator_refuses_in_an_op_raises_slab_allocation_error(monk
     middle of an op: the op raises the SlabAllocationError as it is (what ``pagedllm ask`` reports
     as a usage error), not an OutOfPagesError saying the op's pages do not fit the device tier.
     The pages stay readable once memory is there again."""
-    from pagedtensor.dispatch import paged_linear
+    from pagedtensor.handlers.linear import paged_linear
 
     with make_pager(device_pages=8, host_pages=16, slab_size=PAGE) as pager:
         x = torch.randn(6 * PAGE // 4)

@@ -13,7 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import pagedtensor.dispatch as dispatch
+import pagedtensor.handlers.parts as parts
+import pagedtensor.handlers.reductions as reductions
 from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
 
 PAGE = 4096
@@ -218,7 +219,9 @@ def test_small_tensors_keep_the_generic_path(monkeypatch):
     def no_parts(*args, **kwargs):
         raise AssertionError("cut into parts")
 
-    monkeypatch.setattr(dispatch, "_parts", no_parts)
+    # Where _parts is looked up: by reduce_in_parts in its module; by copy_in_parts and _parts itself in parts.
+    monkeypatch.setattr(reductions, "_parts", no_parts)
+    monkeypatch.setattr(parts, "_parts", no_parts)
     x = torch.randint(-3, 3, (8, 16)).float()
     with make_pager() as pager:
         small = PagedTensor.wrap(x.clone(), pager)

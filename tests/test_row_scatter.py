@@ -1,6 +1,6 @@
 """In-place row scatters on dim 0 of a PagedTensor larger than the device tier (``t[idx] = v``,
 ``index_put_``, ``index_copy_``, ``index_add_``, ``index_fill_``: ``scatter_rows`` in
-``pagedtensor/dispatch.py``): bitwise equal to the dense op, only the written rows' pages faulted
+``pagedtensor/handlers/row_scatters.py``): bitwise equal to the dense op, only the written rows' pages faulted
 in, torch's own errors raised before any page is touched."""
 
 from __future__ import annotations

@@ -25,9 +25,9 @@
   and KV pages compete for one budget under one eviction policy; a forward pre-hook on layer ``i``
   prefetches layer ``i + 1``'s weights (layer 0's after the last layer, for the next token) but
   its experts' stacks (:func:`routed_expert_stack`: a token reads only the experts it is routed to,
-  which fault in at the op, :func:`~pagedtensor.dispatch.grouped_mm_of_routed_experts`); each
-  ``nn.Linear`` reads its paged weight through :func:`~pagedtensor.dispatch.paged_linear` (transformers'
-  ``Conv1D``, GPT-2's, through :func:`~pagedtensor.dispatch.paged_conv1d`), and the
+  which fault in at the op, :func:`~pagedtensor.handlers.grouped_mm.grouped_mm_of_routed_experts`); each
+  ``nn.Linear`` reads its paged weight through :func:`~pagedtensor.handlers.linear.paged_linear` (transformers'
+  ``Conv1D``, GPT-2's, through :func:`~pagedtensor.handlers.linear.paged_conv1d`), and the
   KV cache leaves room-making to the pager's policy (``PagedKVCache(makes_room=False)``).
 
 Works with transformers 5.17 (``past_key_values=``) and 5.2x (``cache=``): the keyword is read
@@ -49,7 +49,7 @@ from typing import Any, Optional
 import torch
 
 from pagedtensor.config import MemoryConfig, SizeLike, check_memory_config, format_size, parse_size
-from pagedtensor.dispatch import paged_conv1d, paged_linear
+from pagedtensor.handlers.linear import paged_conv1d, paged_linear
 from pagedtensor.hf.attention import PAGED_FORWARD, register_attention
 from pagedtensor.hf.cache import ACTIVE_UPDATE, ATTENTION_NAME, DEFAULT_STREAM_GROUP_BYTES, PagedKVCache, streaming_config
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError
@@ -758,7 +758,7 @@ def _write_back_weight(pager: Pager, allocation: Allocation) -> None:
 
 def _paged_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """``nn.Linear.forward`` of a decoder layer's linear with a paged weight, set on the module by
-    :func:`_page_layer_weights`: :func:`~pagedtensor.dispatch.paged_linear` reads the weight's
+    :func:`_page_layer_weights`: :func:`~pagedtensor.handlers.linear.paged_linear` reads the weight's
     pinned pages directly, without the two dispatches (``t``, then ``mm``) that ``F.linear`` on a
     PagedTensor takes; the same bits."""
     return paged_linear(input, self.weight, self.bias)
@@ -766,7 +766,7 @@ def _paged_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.T
 
 def _paged_conv1d_forward(self: torch.nn.Module, input: torch.Tensor) -> torch.Tensor:
     """transformers' ``Conv1D.forward`` (GPT-2's linear, its weight stored transposed) with a paged
-    weight, set on the module by :func:`_page_layer_weights`: :func:`~pagedtensor.dispatch.paged_conv1d`
+    weight, set on the module by :func:`_page_layer_weights`: :func:`~pagedtensor.handlers.linear.paged_conv1d`
     reads the weight's pinned pages directly, as :func:`_paged_linear_forward` does; the same bits."""
     return paged_conv1d(input, self.weight, self.bias)
 
@@ -798,7 +798,7 @@ def pages_as_weight(parameter: torch.Tensor, page_size: int) -> bool:
 def routed_expert_stack(module: torch.nn.Module, parameter: torch.Tensor) -> bool:
     """Whether ``parameter`` of ``module`` stacks one matrix per expert of a mixture-of-experts layer
     along dim 0 (as transformers' ``*Experts`` modules hold them, with ``num_experts``): a token
-    reads only the experts it is routed to (:func:`~pagedtensor.dispatch.grouped_mm_of_routed_experts`
+    reads only the experts it is routed to (:func:`~pagedtensor.handlers.grouped_mm.grouped_mm_of_routed_experts`
     faults in only those), so such a stack is neither prefetched nor advised ``"loop"``."""
     experts = getattr(module, "num_experts", None)
     return isinstance(experts, int) and parameter.dim() >= 3 and parameter.shape[0] == experts

@@ -1,0 +1,82 @@
+"""The handler of ``_to_copy`` (``t.to(dtype)``, ``t.half()``, ``module.half()``): a conversion on the
+pager's device gives a new PagedTensor on the same pager.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch._ops import OpOverload
+
+from pagedtensor.dispatch import DISPATCHER, _normalize_device, aten, implements
+from pagedtensor.errors import OutOfPagesError, SlabAllocationError
+from pagedtensor.tensor import PagedStorage, PagedTensor, element_span, meta_like
+
+
+@implements([aten._to_copy.default])
+def convert_into_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``t.to(dtype)``, ``t.half()``, ``t.float()``, ``t.to(copy=True)``, ``t.to(memory_format=...)``
+    of a PagedTensor on its own device: a new PagedTensor on the same pager, of the layout the dense op
+    gives (its meta kernel's), filled by ``copy_`` (the dense op's own kernel, ``empty`` then
+    ``copy_``), which runs a piece of pages at a time when the two do not fit on the device tier at
+    once: no more than a piece is dense at once, so ``module.half()`` keeps paged buffers and
+    parameters paged, and a tensor larger than the device tier converts. The pages are advised as
+    the source's were (:meth:`Pager.advise`). A conversion to another device, layout or pinned
+    memory gives a plain tensor, as every op does, and so does any conversion inside a
+    ``torch.autocast`` region: autocast converts the operands of every matmul it runs (a paged copy
+    per op would cost an allocation and a write each).
+
+    Raises:
+        OutOfPagesError: the copy neither fits at once nor runs in pieces (a view whose elements do
+            not fill its span, converted to another layout). Nothing is left allocated.
+    """
+    source = args[0]
+    device = kwargs.get("device")
+    if (
+        not isinstance(source, PagedTensor)
+        or (device is not None and _normalize_device(torch.device(device)) != _normalize_device(source.device))
+        or kwargs.get("layout") not in (None, torch.strided)
+        or kwargs.get("pin_memory")
+        or _inside_autocast()
+    ):  # fmt: skip
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    layout = func(meta_like(source), **{name: value for name, value in kwargs.items() if name != "device"})
+    pager = source.pager
+    nbytes = element_span(tuple(layout.shape), layout.stride(), 0)[1] * layout.dtype.itemsize
+    source_allocation = source.allocation
+    allocation = pager.allocate(nbytes, name=getattr(source_allocation, "name", None)) if nbytes else None
+    storage = PagedStorage(pager, allocation)
+    if allocation is not None and source_allocation is not None and source_allocation.loop:
+        pager.advise(allocation, "loop")
+    result = PagedTensor._make(storage, 0, tuple(layout.shape), layout.stride(), layout.dtype)
+    try:
+        aten.copy_.default(result, source, non_blocking=bool(kwargs.get("non_blocking", False)))
+    except OutOfPagesError as error:
+        if isinstance(error, SlabAllocationError):
+            raise
+        # The two do not fit at once and cannot run in pieces (an expanded view converted into a
+        # result many times its span): the dense conversion, as any op runs, then paged through
+        # the pager in chunks (PagedTensor.wrap).
+        pager.free(allocation)
+        dense = DISPATCHER.run_paged(func, types, args, kwargs)
+        flat = dense.as_strided((dense.numel(),), (1,)).view(torch.uint8)  # a dense result fills its span
+        storage = PagedStorage.filled(pager, flat.numel(), lambda target: pager.write(target, flat), name=getattr(source_allocation, "name", None))
+        if source_allocation is not None and source_allocation.loop:
+            pager.advise(storage.allocation, "loop")
+        result = PagedTensor._make(storage, 0, tuple(dense.shape), dense.stride(), dense.dtype)
+    except BaseException:
+        if allocation is not None and not allocation.freed:
+            pager.free(allocation)
+        raise
+    return result
+
+
+def _inside_autocast() -> bool:
+    """Whether this thread runs inside a ``torch.autocast`` region. (Inside autocast's own kernels,
+    which cast matmul operands, ``torch.is_autocast_enabled`` reads False: they exclude its key.
+    The nesting count ``torch.autocast`` keeps is read by raising and restoring it, which has no
+    other effect: the Python context manager clears its cache when it reaches 0.)"""
+    level = torch.autocast_increment_nesting()
+    torch.autocast_decrement_nesting()
+    return level > 1

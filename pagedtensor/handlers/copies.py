@@ -1,0 +1,115 @@
+"""Handlers of copies and comparisons of PagedTensors larger than a piece of the device tier:
+``clone``, ``cat``, ``stack``, ``equal`` and ``allclose``, a part of pages at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch._ops import OpOverload
+
+from pagedtensor.dispatch import DISPATCHER, aten, implements
+from pagedtensor.handlers.parts import (
+    _copies_in_parts,
+    _larger_than_a_piece,
+    _narrowed,
+    _parts,
+    _plain_copy,
+    copy_in_parts,
+)
+from pagedtensor.pieces import piece_elements_of
+from pagedtensor.tensor import PagedTensor, meta_layout, meta_like
+
+
+@implements([aten.clone.default])
+def clone_in_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``t.clone()`` of any ``memory_format`` (what ``t.t().contiguous()`` and ``t.t().reshape(-1)``
+    run) of a PagedTensor larger than a piece: a plain tensor of the dense op's layout (its meta
+    kernel's) filled a piece of pages at a time (:func:`copy_in_parts`). A smaller one, or one that
+    cannot be copied so (:func:`_copies_in_parts`), runs the generic way."""
+    source = args[0]
+    if not isinstance(source, PagedTensor) or not _copies_in_parts([source]) or not _larger_than_a_piece([source]):
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    layout = func(meta_like(source), *args[1:], **kwargs)
+    result = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=source.device)
+    copy_in_parts(result, source)
+    return result
+
+
+@implements([aten.cat.default, aten.stack.default])
+def concatenate_in_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``torch.cat`` / ``torch.stack`` of tensors, at least one a PagedTensor, larger together than a
+    piece: the op runs on meta tensors first (torch's errors, its type promotion and layout, before
+    anything is allocated), then each input is copied into its slice of a plain result a piece of
+    pages at a time (``copy_`` converts to the promoted dtype, as the dense op does). 1-D empty
+    inputs are skipped by ``cat``, as torch's legacy rule says. Otherwise the generic way."""
+    tensors = list(args[0])
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    paged = [t for t in tensors if isinstance(t, PagedTensor)]
+    if not paged or not _copies_in_parts(tensors) or not _larger_than_a_piece(paged):
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    layout = _concatenated_layout(func, tensors, dim)
+    result = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=paged[0].device)
+    slices = _stacked_slices(result, tensors, dim) if func is aten.stack.default else _concatenated_slices(result, tensors, dim)
+    for target, source in slices:
+        copy_in_parts(target, source)
+    return result
+
+
+@implements([aten.equal.default, aten.allclose.default])
+def compare_in_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> bool:
+    """``torch.equal`` / ``torch.allclose`` of a PagedTensor larger than a piece: the dense op on
+    matching parts of the two (each copied to a plain tensor a piece of pages at a time), ``True``
+    only if every part gives ``True``, stopping at the first that does not. Both ops are an AND over
+    elements (``allclose`` is ``isclose(...).all()``), so this is the dense op's answer: dtypes
+    compared as it compares them, its errors (from the first part), NaN unequal to itself unless
+    ``equal_nan``. (``isclose``, made of elementwise ops, runs in pieces only where the two share one
+    layout.) ``equal`` of other shapes is ``False``; ``allclose`` of other shapes (a broadcast) runs
+    the generic way."""
+    a, b = args[0], args[1]
+    if not _copies_in_parts([a, b]) or not _larger_than_a_piece([t for t in (a, b) if isinstance(t, PagedTensor)]):
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    if a.shape != b.shape:
+        if func is aten.equal.default:
+            return False
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    return all(func(_plain_copy(part_a), _plain_copy(part_b), *args[2:], **kwargs) for part_a, part_b in _matching_parts(a, b))
+
+
+def _concatenated_layout(func: OpOverload, tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The result of ``cat`` / ``stack`` run on meta tensors of the inputs' layouts. Where that raises,
+    the op raises torch's own error on zero-stride stand-ins of the inputs (its checks come before
+    its result is allocated), nothing allocated."""
+    try:
+        return func([meta_layout(t) for t in tensors], dim)
+    except (RuntimeError, IndexError, ValueError, TypeError) as error:
+        stand_ins = [torch.empty((), dtype=t.dtype, device=t.device).expand(t.shape) for t in tensors]
+        func(stand_ins, dim)
+        raise error
+
+
+def _matching_parts(a: torch.Tensor, b: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The same parts of ``a`` and ``b`` (one shape), cut by the layout of the first that is paged."""
+    reference = a if isinstance(a, PagedTensor) else b
+    for narrowings in _parts(reference, piece_elements_of([reference]) or 1):
+        yield _narrowed(a, narrowings), _narrowed(b, narrowings)
+
+
+def _concatenated_slices(result: torch.Tensor, tensors: list[torch.Tensor], dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(slice of result, input)`` for each input of ``cat`` along ``dim`` (negative too); a 1-D
+    empty input is skipped (torch's legacy rule), as is one with no index along ``dim``."""
+    dim = dim % result.dim()
+    slices, start = [], 0
+    for t in tensors:
+        if (t.dim() == 1 and t.shape[0] == 0) or t.shape[dim] == 0:
+            continue
+        slices.append((result.narrow(dim, start, t.shape[dim]), t))
+        start += t.shape[dim]
+    return slices
+
+
+def _stacked_slices(result: torch.Tensor, tensors: list[torch.Tensor], dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(slice of result, input)`` for each input of ``stack`` along ``dim`` (negative too)."""
+    dim = dim % result.dim()
+    return [(result.select(dim, i), t) for i, t in enumerate(tensors)]

@@ -1,0 +1,46 @@
+"""Handlers of ops that read only a PagedTensor's metadata (``new_*``, ``*_like``, ``is_same_size``,
+``_has_compatible_shallow_copy_type``): nothing faults in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch._ops import OpOverload
+
+from pagedtensor.dispatch import DISPATCHER, aten, implements
+from pagedtensor.tensor import PagedTensor
+
+
+@implements([aten.new_empty, aten.new_empty_strided, aten.new_zeros, aten.new_ones, aten.new_full])
+def new_from_metadata(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``new_*`` reads only the dtype and device of ``self``."""
+    source = args[0]
+    stand_in = torch.empty(0, dtype=source.dtype, device=source.device)
+    return func(stand_in, *args[1:], **kwargs)
+
+
+@implements([aten.empty_like, aten.zeros_like, aten.ones_like, aten.full_like, aten.rand_like, aten.randn_like, aten.randint_like])
+def like_from_metadata(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``*_like`` reads only the size, strides, dtype and device of ``self``: an uninitialized stand-in."""
+    source = args[0]
+    if not isinstance(source, PagedTensor):
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    stand_in = torch.empty_strided(source.shape, source.stride(), dtype=source.dtype, device=source.device)
+    return func(stand_in, *args[1:], **kwargs)
+
+
+@implements([aten._has_compatible_shallow_copy_type.default])
+def has_compatible_shallow_copy_type(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> bool:
+    """Whether ``t.data = other`` may keep ``t``'s tensor type (what ``Module._apply`` asks, in
+    inference mode too, before a parameter conversion): torch compares the two tensors' dispatch
+    keys, which a PagedTensor and a plain tensor do not share. No page is read."""
+    self, other = args[0], args[1]
+    both_paged = isinstance(self, PagedTensor) == isinstance(other, PagedTensor)
+    return both_paged and self.device.type == other.device.type and self.layout == other.layout
+
+
+@implements([aten.is_same_size.default])
+def is_same_size(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> bool:
+    return args[0].shape == args[1].shape

@@ -1,0 +1,85 @@
+"""A PagedTensor read a part of its pages at a time, each part at most a piece of the device tier
+(:func:`~pagedtensor.pieces.piece_elements_of`), whatever its layout: the helpers the copies, the
+whole-tensor reductions and the row scatters share.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from pagedtensor.dispatch import _normalize_device
+from pagedtensor.pieces import piece_elements_of, span_elements
+from pagedtensor.tensor import PagedTensor
+
+
+def _copies_in_parts(tensors: Sequence[Any]) -> bool:
+    """Whether ``tensors`` (at least one a PagedTensor) can be read part by part into plain tensors:
+    strided, on one device, without conjugate or negative bits (``copy_`` would resolve them), and
+    no PagedTensor traced (``_inner``)."""
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return False
+    paged = [t for t in tensors if isinstance(t, PagedTensor)]
+    return (
+        bool(paged)
+        and all(t._inner is None for t in paged)
+        and all(t.layout == torch.strided and not t.is_conj() and not t.is_neg() for t in tensors)
+        and len({_normalize_device(t.device) for t in tensors}) == 1
+    )
+
+
+def _larger_than_a_piece(paged: list[PagedTensor]) -> bool:
+    """Whether the bytes ``paged`` reach are more than one piece (:func:`piece_elements_of`) holds, so
+    that the op goes a part at a time; a smaller op runs at once, the generic way, as does any op
+    where the device tier holds no piece (fewer than two pages)."""
+    piece = piece_elements_of(paged)
+    if piece is None:  # too many allocations for a piece of each at once: one at a time, if that fits
+        return piece_elements_of(paged[:1]) is not None
+    widest = max(t.dtype.itemsize for t in paged)
+    return sum(span_elements(t) * t.dtype.itemsize for t in paged) > piece * widest
+
+
+def copy_in_parts(target: torch.Tensor, source: torch.Tensor) -> None:
+    """``target.copy_(source)`` (same shape), a part of ``source``'s pages at a time: each part spans
+    at most a piece (:func:`_parts`), whatever the two layouts are."""
+    if not isinstance(source, PagedTensor):
+        target.copy_(source)
+        return
+    for narrowings in _parts(source, piece_elements_of([source]) or 1):
+        _narrowed(target, narrowings).copy_(_narrowed(source, narrowings))
+
+
+Narrowing = tuple[int, int, int]
+"""``(dim, start, length)``: indices ``[start, start + length)`` of ``dim``."""
+
+
+def _parts(tensor: torch.Tensor, piece: int, narrowings: tuple[Narrowing, ...] = ()) -> Iterator[tuple[Narrowing, ...]]:
+    """Narrowings cutting ``tensor`` (already narrowed by ``narrowings``) into parts spanning at most
+    ``piece`` elements each (or one element): runs of indices along its dim of the largest stride,
+    each index cut again along the next dim where one index spans more than a piece."""
+    view = _narrowed(tensor, narrowings)
+    dims = [d for d in range(view.dim()) if view.shape[d] > 1 and view.stride(d) > 0]
+    if span_elements(view) <= piece or not dims:
+        yield narrowings
+        return
+    dim = max(dims, key=view.stride)
+    one = span_elements(view.narrow(dim, 0, 1))
+    count = max(1, (piece - one) // view.stride(dim) + 1) if one <= piece else 1
+    for start in range(0, view.shape[dim], count):
+        yield from _parts(tensor, piece, (*narrowings, (dim, start, min(count, view.shape[dim] - start))))
+
+
+def _narrowed(tensor: torch.Tensor, narrowings: Sequence[Narrowing]) -> torch.Tensor:
+    for dim, start, length in narrowings:
+        tensor = tensor.narrow(dim, start, length)
+    return tensor
+
+
+def _plain_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain contiguous copy of a PagedTensor (a part at a time); a plain tensor as it is."""
+    if not isinstance(tensor, PagedTensor):
+        return tensor
+    copy = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    copy_in_parts(copy, tensor)
+    return copy

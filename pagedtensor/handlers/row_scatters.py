@@ -1,0 +1,235 @@
+"""The handler of dim-0 row scatters in place (``index_put_`` with one index tensor on dim 0,
+``index_copy_``, ``index_add_``, ``index_fill_``): only the pages holding the written rows fault
+in, a run of pages at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch._ops import OpOverload
+
+from pagedtensor.dispatch import DISPATCHER, _row_byte_spans, aten, implements
+from pagedtensor.handlers.parts import _larger_than_a_piece
+from pagedtensor.pieces import piece_elements_of
+from pagedtensor.tensor import PagedTensor
+
+
+_ROW_SCATTERS = [aten.index_put_.default, aten.index_copy_.default, aten.index_add_.default, aten.index_fill_.int_Scalar,
+                 aten.index_fill_.int_Tensor]  # fmt: skip
+
+# Row scatters that count a negative index from the end of dim 0 (index_copy_ and index_add_ refuse one).
+_WRAPS_NEGATIVE_INDICES = frozenset({aten.index_put_.default, aten.index_fill_.int_Scalar, aten.index_fill_.int_Tensor})
+
+
+@dataclass(frozen=True)
+class _RowScatter:
+    """An in-place row scatter on dim 0 of a PagedTensor, its arguments read by name."""
+
+    func: OpOverload
+    table: PagedTensor
+    index: torch.Tensor
+    """The index as given, a plain tensor: positions on dim 0 or (index_put_) a bool mask over it."""
+    source: Any
+    """``values`` (index_put_), ``source`` (index_copy_, index_add_) or ``value`` (index_fill_)."""
+    options: dict
+    """The other arguments by name (``accumulate``, ``alpha``)."""
+
+    def arguments(self, table: torch.Tensor, index: torch.Tensor, source: Any) -> tuple:
+        """``func``'s positional arguments for ``table``, ``index`` (positions on dim 0) and ``source``."""
+        if self.func is aten.index_put_.default:
+            return table, [index], source
+        return table, 0, index, source
+
+    def call(self, table: torch.Tensor, index: torch.Tensor, source: Any) -> Any:
+        """``func`` on plain tensors: ``table``, ``index`` and ``source``, with the options."""
+        return self.func(*self.arguments(table, index, source), **self.options)
+
+
+@implements(_ROW_SCATTERS)
+def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """Write rows along dim 0 in place (``t[idx] = v`` and ``index_put_`` with or without
+    ``accumulate``, ``index_copy_``, ``index_add_``, ``index_fill_``): fault in only the pages
+    holding the written rows.
+
+    The written rows (sorted, distinct) are grouped into runs of adjacent pages, each spanning at
+    most a piece of the device tier (its capacity less one page). The op runs once per run, the
+    generic way, on the table's rows ``[lo, hi)`` (a narrowed view: only its pages fault in, and
+    only they are written back and marked dirty), with the run's index positions renumbered by
+    ``-lo`` in their order in the index and the matching rows of the source (a source broadcast
+    along dim 0 is passed as it is). A row is written by one run only, in the index's order, so the
+    table ends bitwise as after the dense op. torch's own checks run first, with torch's errors and
+    before any page faults in: shapes and dtypes on a stand-in table with as many rows as are
+    written (no page read), index bounds on the index's values. An empty index faults nothing in.
+
+    A table that fits in one piece runs the generic way, and so does any other form of the op
+    (another dim, several index tensors, a byte or multi-dim mask, a table with the conjugate or
+    negative bit, a source that is a view of the table's pages, an index or source on another device).
+
+    Note:
+        Reads the index tensor on the host (a sync when it lives on the GPU), as a row gather does.
+        A run that fails (the device tier filled by pins of another thread) leaves the runs before it
+        written.
+    """
+    request = _row_scatter_request(func, args, kwargs)
+    if request is None or not _larger_than_a_piece([request.table]):
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    given = _index_values(request)
+    if given is None:
+        _check_on_a_stand_in(request, request.index, 1)  # torch's error for the index dtype
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    rows_total = request.table.shape[0]
+    positions = torch.where(given < 0, given + rows_total, given) if func in _WRAPS_NEGATIVE_INDICES else given
+    in_bounds = (positions >= 0) & (positions < rows_total)
+    rows, renumbered = torch.unique(torch.where(in_bounds, positions, 0), sorted=True, return_inverse=True)
+    index_dtype = torch.int64 if request.index.dtype == torch.bool else request.index.dtype
+    _check_on_a_stand_in(request, renumbered.to(request.table.device, index_dtype), rows.numel())  # torch's shape and dtype checks
+    if not bool(in_bounds.all()):
+        raise _index_out_of_bounds(func, int(given[~in_bounds][0]), rows_total)
+    if positions.numel() == 0:
+        return request.table
+    source_rows = _source_by_position(request, positions.numel())
+    runs = _runs_of_rows(request.table, rows)
+    if source_rows is _NOT_BY_POSITION or runs is None:
+        return DISPATCHER.run_paged(func, types, args, kwargs)  # nothing written yet
+    flat = positions.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # index places by row, each row's in the index's order
+    by_row = flat[order]
+    for lo, hi in runs:
+        first, stop = torch.searchsorted(by_row, torch.tensor([lo, hi])).tolist()
+        places = order[first:stop].sort().values  # the run's places, in the index's order
+        run_source = request.source if source_rows is None else source_rows.index_select(0, places.to(source_rows.device))
+        run_index = (flat[places] - lo).to(request.table.device)
+        run_args = request.arguments(request.table.narrow(0, lo, hi - lo), run_index, run_source)
+        DISPATCHER.run_paged(func, types, run_args, dict(request.options))
+    return request.table
+
+
+def _row_scatter_request(func: OpOverload, args: tuple, kwargs: dict) -> Optional[_RowScatter]:
+    """The row scatter ``func`` asks for, when it writes whole rows of a PagedTensor along dim 0 by
+    one plain index on its device; else ``None``. A PagedTensor index or source is read dense."""
+    bound = {argument.name: argument.default_value for argument in func._schema.arguments if argument.has_default_value()}
+    bound.update(zip((argument.name for argument in func._schema.arguments), args))
+    bound.update(kwargs)
+    table = bound["self"]
+    if not isinstance(table, PagedTensor) or table._inner is not None or table.dim() == 0 or table.numel() == 0:
+        return None
+    if table.stride(0) == 0 or table.is_conj() or table.is_neg():
+        return None
+    if func is aten.index_put_.default:
+        indices = bound["indices"]
+        if len(indices) != 1 or not isinstance(indices[0], torch.Tensor):
+            return None
+        index, source, options = indices[0], bound["values"], {"accumulate": bound["accumulate"]}
+    else:
+        if bound["dim"] not in (0, -table.dim()):
+            return None
+        index = bound["index"]
+        source = bound["value"] if "value" in bound else bound["source"]
+        options = {"alpha": bound["alpha"]} if func is aten.index_add_.default else {}
+    if not isinstance(index, torch.Tensor) or index.device != table.device:
+        return None
+    if isinstance(source, torch.Tensor) and source.dim() > 0 and source.device != table.device:
+        return None
+    if isinstance(source, PagedTensor):
+        if source._paged is table._paged:
+            return None  # another view of the table's pages: torch's overlap checks, the generic way
+        source = source.materialize()
+    if isinstance(index, PagedTensor):
+        index = index.materialize()
+    return _RowScatter(func, table, index, source, options)
+
+
+def _piece_pages(table: PagedTensor) -> int:
+    """Pages a run of a row scatter may span: a piece's (:func:`piece_elements_of`), at least one."""
+    return max(1, (piece_elements_of([table]) or 1) * table.dtype.itemsize // table._paged.allocation.page_size)
+
+
+def _index_values(request: _RowScatter) -> Optional[torch.Tensor]:
+    """The index's row numbers on the host (int64; negative ones as given), in the index's shape; a
+    bool mask over dim 0 as the positions it selects. ``None`` for an index of another dtype or a
+    mask of several dims (raises torch's IndexError for a mask of the wrong length)."""
+    index = request.index
+    if index.dtype in (torch.int64, torch.int32):
+        return index.to("cpu", torch.int64)
+    if index.dtype != torch.bool or request.func is not aten.index_put_.default or index.dim() != 1:
+        return None
+    rows_total = request.table.shape[0]
+    if index.shape[0] != rows_total:
+        raise IndexError(f"The shape of the mask [{index.shape[0]}] at index 0 does not match the shape of the indexed tensor "
+                         f"{list(request.table.shape)} at index 0")  # fmt: skip
+    return torch.nonzero(index.to("cpu")).flatten()
+
+
+def _check_on_a_stand_in(request: _RowScatter, index: torch.Tensor, rows: int) -> None:
+    """Run the scatter on an uninitialized plain table of the table's dtype, device and row shape
+    with ``rows`` rows (``index`` renumbered to them), raising torch's own error for a wrong shape or
+    dtype without reading a page; a message naming the stand-in's shape (``self.shape = [...]``,
+    index_add_'s) names the table's."""
+    stand_in = torch.empty((rows, *request.table.shape[1:]), dtype=request.table.dtype, device=request.table.device)
+    try:
+        request.call(stand_in, index, request.source)
+    except (RuntimeError, IndexError, TypeError, ValueError) as error:
+        stand_in_shape, table_shape = f"self.shape = {list(stand_in.shape)}", f"self.shape = {list(request.table.shape)}"
+        if stand_in_shape not in str(error):
+            raise
+        raise type(error)(str(error).replace(stand_in_shape, table_shape)) from None
+
+
+def _index_out_of_bounds(func: OpOverload, index: int, rows_total: int) -> Exception:
+    """The error torch's CPU kernel of ``func`` raises for ``index`` out of dim 0's bounds."""
+    message = f"index {index} is out of bounds for dimension 0 with size {rows_total}"
+    if func is aten.index_copy_.default:
+        return IndexError(f"index_copy_(): {message}")
+    if func is aten.index_add_.default:
+        return RuntimeError(message)
+    return IndexError(message)
+
+
+_NOT_BY_POSITION = object()
+
+
+def _source_by_position(request: _RowScatter, count: int) -> Any:
+    """The source as one row per index position (flattened, ``count`` rows), ``None`` where the
+    source is broadcast along dim 0 (each run takes it as it is), or :data:`_NOT_BY_POSITION` for a
+    source of a form not handled here. Called after torch's checks passed."""
+    source = request.source
+    if not isinstance(source, torch.Tensor) or source.dim() == 0 or request.func.overloadpacket is aten.index_fill_:
+        return None  # a value filled into every row
+    if request.func is not aten.index_put_.default:
+        return source if source.dim() == request.table.dim() else _NOT_BY_POSITION
+    # index_put_: values broadcast to the indexing result, (*index positions, *row shape).
+    lead = 1 if request.index.dtype == torch.bool else request.index.dim()
+    indexed_dims = lead + request.table.dim() - 1
+    if source.dim() > indexed_dims:
+        return _NOT_BY_POSITION
+    padded = source[(None,) * (indexed_dims - source.dim())]
+    if all(size == 1 for size in padded.shape[:lead]):
+        return None
+    index_shape = (count,) if request.index.dtype == torch.bool else tuple(request.index.shape)
+    return padded.expand(*index_shape, *padded.shape[lead:]).flatten(0, lead - 1)
+
+
+def _runs_of_rows(table: PagedTensor, rows: torch.Tensor) -> Optional[list[tuple[int, int]]]:
+    """Rows ``[lo, hi)`` of each run of the sorted distinct ``rows``: rows on adjacent pages (no page
+    between them that no row touches), the run spanning at most :func:`_piece_pages` pages; ``None``
+    when one row alone spans more (a transposed table's row reaches across the table)."""
+    page_size = table._paged.allocation.page_size
+    starts, ends = _row_byte_spans(table, rows)
+    first_pages = (starts // page_size).tolist()
+    last_pages = ((ends - 1) // page_size).tolist()
+    limit = _piece_pages(table)
+    if any(last - first + 1 > limit for first, last in zip(first_pages, last_pages)):
+        return None
+    row_numbers = rows.tolist()
+    runs: list[tuple[int, int]] = []
+    run_start = 0
+    for place in range(1, len(row_numbers) + 1):
+        ends_run = place == len(row_numbers) or first_pages[place] > last_pages[place - 1] + 1 \
+            or last_pages[place] - first_pages[run_start] + 1 > limit  # fmt: skip
+        if ends_run:
+            runs.append((row_numbers[run_start], row_numbers[place - 1] + 1))
+            run_start = place
+    return runs
