@@ -303,6 +303,10 @@ class PagedDispatcher:
         if info.changes_metadata:
             if _resizes_to_own_size(func, args, kwargs):
                 return args[0]  # torch's resize_ to the current size changes nothing (out= paths call it)
+            if func is aten.resize_as_.default and not isinstance(args[0], PagedTensor):
+                # A plain tensor takes a PagedTensor's shape (and, with a memory format, its layout):
+                # only the template's metadata is read, so a meta stand-in of it serves, no page moves.
+                return func(args[0], meta_like(args[1]), *args[2:], **kwargs)
             raise NotImplementedError(
                 f"PagedTensor: {func} changes a tensor's shape, strides or storage in place, which a PagedTensor "
                 f"does not support{_describe(args, kwargs)}"

@@ -445,7 +445,15 @@ class PagedTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206 - torch's protocol
-        return _DISPATCHER.dispatch(func, types, args, kwargs or {})
+        kwargs = kwargs or {}
+        if _has_complex_tensor(args, kwargs):
+            # torch enters ``__torch_dispatch__`` with the dispatch keys above Python excluded, the
+            # conjugate and negative views' fallbacks among them; a kernel run here that makes such a
+            # view itself (linalg_lstsq's residuals, linalg_pinv: ``x.mul_(x.conj())``) would then read
+            # its raw bits, a silently wrong result. Those views are complex only.
+            with _conjugate_fallback_on(), _negative_fallback_on():
+                return _DISPATCHER.dispatch(func, types, args, kwargs)
+        return _DISPATCHER.dispatch(func, types, args, kwargs)
 
     # ------------------------------------------------------------------ inspection
 
@@ -657,6 +665,27 @@ class PagedTensor(torch.Tensor):
 
 # Attributes PagedTensor itself keeps in ``__dict__`` (a deep copy rebuilds them; the rest are users').
 _OWN_ATTRIBUTES = frozenset({"_paged", "_offset", "_inner", "_materialized", "_span", "_meta", "_view_root", "_is_param"})
+
+
+def _has_complex_tensor(args: tuple, kwargs: dict) -> bool:
+    """Whether a tensor among ``args`` and ``kwargs`` (top level and inside lists/tuples) is complex."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            if value.is_complex():
+                return True
+        elif type(value) in (list, tuple) and any(isinstance(item, torch.Tensor) and item.is_complex() for item in value):
+            return True
+    return False
+
+
+def _conjugate_fallback_on() -> torch._C._SetExcludeDispatchKeyGuard:
+    """A guard under which ops honour a tensor's conjugate bit (torch's conjugate fallback runs)."""
+    return torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.Conjugate, False)
+
+
+def _negative_fallback_on() -> torch._C._SetExcludeDispatchKeyGuard:
+    """A guard under which ops honour a tensor's negative bit (torch's negative fallback runs)."""
+    return torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.Negative, False)
 
 
 def math_bits(tensor: torch.Tensor) -> tuple[bool, bool]:

@@ -560,3 +560,49 @@ def test_autocast_casts_a_paged_operand_to_a_plain_tensor(pager):
     assert_same(got, expected)
     assert type(half) is torch.Tensor and pager.stats()["allocations"] == allocations
     assert type(paged.half()) is PagedTensor
+
+
+def _cuda_pager(device_pages: int = 8) -> Pager:
+    return Pager(MemoryConfig(page_size=PAGE, vram_limit=device_pages * PAGE, host_memory=64 * PAGE, slab_size=64 * PAGE,
+                              prefetch_strategy="none", device="cuda"))  # fmt: skip
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_kernels_that_make_conjugate_views_inside_give_the_dense_bits(device):
+    """torch runs ``__torch_dispatch__`` with the conjugate and negative views' fallbacks turned off;
+    a kernel that makes such a view itself then reads its raw bits: ``linalg_lstsq``'s residuals
+    (``x.mul_(x.conj())``) came out as ``x * x``, negative, and ``linalg_pinv`` wrong by 1.6. Both now
+    give the dense op's bits, also with a paged real matrix and a plain complex right-hand side (the
+    same kernels under any ``TorchDispatchMode`` are wrong alike: pytorch#198118)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 3, dtype=torch.complex64, generator=g).to(device)
+    b = torch.randn(6, 2, dtype=torch.complex64, generator=g).to(device)
+    real = torch.randn(6, 3, generator=g).to(device)
+    with (make_pager() if device == "cpu" else _cuda_pager()) as pager:
+        paged_a, paged_real = PagedTensor.wrap(a, pager), PagedTensor.wrap(real, pager)
+        if device == "cpu":  # gels residuals: CPU only (CUDA's gels gives none)
+            expected = torch.linalg.lstsq(a, b, driver="gels").residuals
+            assert bool((expected > 0).all())
+            assert_same(torch.linalg.lstsq(paged_a, b, driver="gels").residuals, expected)
+            assert_same(torch.linalg.lstsq(paged_real.to(torch.complex64), b, driver="gels").residuals,
+                        torch.linalg.lstsq(real.to(torch.complex64), b, driver="gels").residuals)  # fmt: skip
+        assert_same(torch.linalg.pinv(paged_a), torch.linalg.pinv(a))
+        # Not checked: ``pinv(paged_a.conj())``. torch's conjugate fallback resolves the view to a plain
+        # tensor and runs the kernel outside this dispatcher, where torch's own bug bites (pytorch#198118:
+        # the same kernel under any TorchDispatchMode); README, Limitations.
+
+
+def test_resize_as_a_paged_template_reads_no_page(pager):
+    """``plain.resize_as_(paged)`` takes the PagedTensor's shape (and with a memory format its
+    layout) from its metadata alone: it was refused as an op that changes a PagedTensor's shape."""
+    template = PagedTensor.wrap(torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), pager)
+    faults = pager.stats()["faults"]
+    plain = torch.randn(3)
+    assert plain.resize_as_(template) is plain
+    assert (plain.shape, plain.stride()) == (template.shape, (60, 20, 5, 1))
+    kept = torch.randn(3)
+    kept.resize_as_(template, memory_format=torch.preserve_format)
+    assert (kept.shape, kept.stride()) == (template.shape, template.stride())
+    assert pager.stats()["faults"] == faults
+    with pytest.raises(NotImplementedError, match="resize_as_"):
+        template.resize_as_(torch.randn(7))
