@@ -478,6 +478,26 @@ class Pager:
             allocation.freed = True
             del self._allocations[allocation.id]
 
+    def discard(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> None:
+        """Drop every copy of pages ``[start, stop)`` of ``allocation``: they take no tier memory and
+        read as zeros again, as pages never written (the allocation stays). For a client that stops
+        using some pages of an allocation it keeps (a KV cache's pages no sequence refers to any
+        more). The pages must not be pinned."""
+        with self._lock:
+            start, stop = self._check_range(allocation, start, stop)
+            pages = allocation.pages[start:stop]
+            pinned = [page.index for page in pages if page.pin_count] if allocation.pins else []
+            if pinned:
+                raise RuntimeError(f"discard: pages {pinned[:8]} of allocation {allocation.id} are pinned; release them first")
+            dropped = False
+            for page in pages:
+                dropped |= page.tier is not None
+                self._drop_device_copy(page, forget=True)
+                self._drop_host_copy(page, forget=True)
+                self._drop_disk_copy(page)
+            if dropped:
+                allocation.version += 1  # caches of the bytes (read as zeros now) are stale
+
     def advise(self, allocation: Allocation, access: str) -> None:
         """Say how ``allocation``'s pages are used, so the device tier keeps the right ones.
 

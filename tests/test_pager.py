@@ -1404,3 +1404,28 @@ def test_pages_written_back_take_host_slots_in_page_order():
     host_slots = [page.host_slot for page in weight.pages]
     assert host_slots == list(range(host_slots[0], host_slots[0] + 4)), host_slots
     assert torch.equal(pager.read(weight), random_bytes(4 * PAGE, 1))
+
+
+def test_discard_drops_every_copy_and_reads_zeros(tmp_path):
+    """Pager.discard (for a KV cache's pages no sequence refers to): pages on every tier lose their
+    copies and read as zeros, the allocation stays; a pinned page is refused, naming it."""
+    page = 4096
+    pager = Pager(MemoryConfig(vram_limit=2 * page, host_memory=2 * page, page_size=page, nvme_path=str(tmp_path), device="cpu",
+                               slab_size=page, prefetch_strategy="none"))  # fmt: skip
+    with pager:
+        allocation = pager.allocate(6 * page)
+        data = torch.randint(1, 256, (6 * page,), dtype=torch.uint8)
+        pager.write(allocation, data)
+        assert {info.tier for info in pager.page_table(allocation)} == {"device", "host", "disk"}
+        version = allocation.version
+        pager.discard(allocation, 1, 5)
+        assert [info.tier for info in pager.page_table(allocation)][1:5] == [None] * 4
+        assert allocation.version > version
+        expected = data.clone()
+        expected[page : 5 * page] = 0
+        assert torch.equal(pager.read(allocation), expected)
+        with pager.ensure_resident(allocation, 0, 1):
+            with pytest.raises(RuntimeError, match=r"discard: pages \[0\]"):
+                pager.discard(allocation, 0, 2)
+        pager.free(allocation)
+        assert pager.stats()["allocations"] == 0

@@ -3,9 +3,13 @@
 Layout. One pager page holds the keys and then the values of ``page_tokens`` consecutive tokens of
 one sequence in one layer: ``[2, page_tokens, num_kv_heads, head_dim]`` in the model's dtype, where
 ``page_tokens = page_size // (2 * num_kv_heads * head_dim * itemsize)`` (any slack at the end of a
-page is unused). The pages of one (layer, sequence) are a list of pager allocations ("segments")
-read as one logical run of pages: logical page ``p`` is page ``p % segment_pages`` of segment
-``p // segment_pages``. A device-tier slab viewed as ``[slots, page_tokens, kv_heads, head_dim]``
+page is unused). The pages of one (layer, sequence) are pages of pager allocations ("segments" of
+``segment_pages`` pages) read as one logical run of pages: logical page ``p`` is page
+``p % segment_pages`` of the allocation ``owners[p]``, so a page has the same place in its segment
+whatever sequence refers to it. Sequences share pages by reference (beam search keeps a beam twice:
+:meth:`PagedKVCache.reorder_cache`); a shared page is copied only when one of them writes it
+(copy-on-write: normally the last, partly filled page), a page no sequence refers to is discarded,
+and a segment is freed once no sequence refers to any of its pages or writes into it. A device-tier slab viewed as ``[slots, page_tokens, kv_heads, head_dim]``
 with a page stride is the Triton kernels' page pool, and a page's device slot is its index in the
 block table: attention reads pages where they lie, with no gather.
 
@@ -97,12 +101,19 @@ class KeyPiece:
 
 
 class _SequencePages:
-    """The pages of one sequence in one layer."""
+    """The pages of one sequence in one layer.
 
-    __slots__ = ("segments", "length", "hot")
+    Logical page ``p`` is page ``p % segment_pages`` of allocation ``owners[p]``: a page sits at the
+    same place in its allocation whatever sequence refers to it, so sequences that share a prefix
+    (beams kept twice by ``reorder_cache``) share its pages by reference. ``segments[k]`` is the
+    allocation this sequence writes new pages ``k * segment_pages ...`` into (``None`` until it needs one).
+    """
+
+    __slots__ = ("owners", "segments", "length", "hot")
 
     def __init__(self) -> None:
-        self.segments: list[Allocation] = []
+        self.owners: list[Allocation] = []  # per logical page, the allocation holding it
+        self.segments: list[Optional[Allocation]] = []  # per segment, the allocation new pages go to
         self.length = 0  # real tokens stored (pads excluded)
         self.hot: dict[int, ResidentPages] = {}  # logical page -> long-lived pin
 
@@ -264,6 +275,11 @@ class PagedKVCache(Cache):
         self._pools: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pending_stream: list[tuple[Allocation, int, int]] = []  # the last streamed group, evicted after the next
         self._allocations: list[Allocation] = []
+        # Sharing: sequences referring to each page ``(allocation, index)``, and references to each
+        # allocation (its referred pages plus the sequences writing into it): freed at zero.
+        self._page_refs: dict[tuple[Allocation, int], int] = {}
+        self._holds: dict[Allocation, int] = {}
+        self.pages_copied = 0  # pages copied because a shared page was written (copy-on-write)
         self._hot_pins: dict[int, ResidentPages] = {}
         self._in_use = threading.Lock()  # held by the thread running a forward or generate on the cache
         self._user: Optional[int] = None  # that thread's ident
@@ -409,6 +425,8 @@ class PagedKVCache(Cache):
         if not self.closed:
             self.closed = True
             self._pending_stream = []
+            self._page_refs.clear()
+            self._holds.clear()
             self._finalizer()
 
     # ------------------------------------------------------------------ geometry
@@ -447,7 +465,7 @@ class PagedKVCache(Cache):
             # model took 23 s and 2 GB of host memory for a 3-token answer). Longer sequences take more segments.
             self.segment_pages = max(1, min(math.ceil(self.max_tokens / page_tokens), max(DEFAULT_SEGMENT_PAGES, capacity)))
         hot = len(self.layers) * batch * (self.sink_pages + 1)
-        self.hot_enabled = hot <= self.hot_fraction * capacity
+        self._size_hot_pins(batch)
         spare = capacity - (hot if self.hot_enabled else 0)
         self.group_pages = max(1, min(self.stream_group_bytes // self.pager.page_size, spare // 4))
         self.window_pages = 2 * self.group_pages
@@ -455,6 +473,15 @@ class PagedKVCache(Cache):
             "PagedKVCache: %d tokens per page of %s, %d device slots, streaming groups of %d pages, hot pins %s",
             page_tokens, format_size(self.pager.page_size), capacity, self.group_pages, "on" if self.hot_enabled else "off",
         )
+
+    def _size_hot_pins(self, batch: int) -> None:
+        """Pin sink and newest pages only while those of a batch of ``batch`` fit in ``hot_fraction`` of the
+        device tier: a batch grown by ``batch_repeat_interleave`` or a reorder may unpin them all."""
+        hot = len(self.layers) * batch * (self.sink_pages + 1)
+        enabled = hot <= self.hot_fraction * self.pager.device_tier.capacity_pages
+        if self.hot_enabled and not enabled:
+            self.release_hot_pins()
+        self.hot_enabled = enabled
 
     def _in_one_dtype(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values in the dtype both promote to, or in the cache's when that holds it exactly:
@@ -497,21 +524,16 @@ class PagedKVCache(Cache):
     # ------------------------------------------------------------------ pages: addressing
 
     def _page(self, seq: _SequencePages, index: int) -> Page:
-        return seq.segments[index // self.segment_pages].pages[index % self.segment_pages]
-
-    def _ensure_segments(self, layer: PagedLayer, seq: _SequencePages, pages: int) -> None:
-        while len(seq.segments) * self.segment_pages < pages:
-            allocation = self.pager.allocate(
-                self.segment_pages * self.pager.page_size, name=f"kv.layer{layer.layer_idx}.seg{len(seq.segments)}"
-            )
-            seq.segments.append(allocation)
-            self._allocations.append(allocation)
+        return seq.owners[index].pages[index % self.segment_pages]
 
     def _ranges(self, seq: _SequencePages, pages: Iterable[int]) -> Iterator[tuple[Allocation, int, int, int]]:
-        """``(allocation, start, stop, first logical page)`` for runs of consecutive ``pages`` (sorted) in one segment."""
+        """``(allocation, start, stop, first logical page)`` for runs of consecutive ``pages`` (sorted)
+        in one segment held by one allocation."""
+        owners = seq.owners
         run_start = previous = None
         for page in pages:
-            if previous is not None and page == previous + 1 and page % self.segment_pages != 0:
+            if (previous is not None and page == previous + 1 and page % self.segment_pages != 0
+                    and owners[page] is owners[previous]):  # fmt: skip
                 previous = page
                 continue
             if run_start is not None:
@@ -521,8 +543,108 @@ class PagedKVCache(Cache):
             yield self._range(seq, run_start, previous + 1)
 
     def _range(self, seq: _SequencePages, start: int, stop: int) -> tuple[Allocation, int, int, int]:
-        segment, offset = divmod(start, self.segment_pages)
-        return seq.segments[segment], offset, offset + stop - start, start
+        """Logical pages ``[start, stop)``, which one allocation holds, as ``(allocation, start, stop, start)``."""
+        offset = start % self.segment_pages
+        return seq.owners[start], offset, offset + stop - start, start
+
+    # ------------------------------------------------------------------ pages: sharing
+
+    def _hold(self, allocation: Allocation) -> None:
+        self._holds[allocation] = self._holds.get(allocation, 0) + 1
+
+    def _drop_holds(self, allocations: Iterable[Allocation]) -> None:
+        """One reference less to each of ``allocations``; those left with none are freed."""
+        for allocation in allocations:
+            left = self._holds[allocation] - 1
+            if left:
+                self._holds[allocation] = left
+                continue
+            del self._holds[allocation]
+            if not allocation.freed:
+                self.pager.free(allocation)
+            self._allocations.remove(allocation)
+            self._pending_stream = [entry for entry in self._pending_stream if entry[0] is not allocation]
+
+    def _refer(self, seq: _SequencePages, pages: Iterable[int]) -> None:
+        """``seq`` now refers to its logical ``pages`` (in ``seq.owners``)."""
+        segment_pages = self.segment_pages
+        for p in pages:
+            key = (seq.owners[p], p % segment_pages)
+            self._page_refs[key] = self._page_refs.get(key, 0) + 1
+            self._hold(key[0])
+
+    def _unrefer(self, seq: _SequencePages, first: int) -> None:
+        """``seq`` stops referring to its logical pages from ``first`` on (``seq.owners`` is cut there):
+        pages no sequence refers to any more are discarded, allocations nothing holds are freed.
+        Pins of ``seq`` on them must be released first."""
+        segment_pages = self.segment_pages
+        dropped = seq.owners[first:]
+        del seq.owners[first:]
+        unused: dict[Allocation, list[int]] = {}
+        dropped_from: dict[Allocation, int] = {}
+        for p, allocation in enumerate(dropped, start=first):
+            dropped_from[allocation] = dropped_from.get(allocation, 0) + 1
+            key = (allocation, p % segment_pages)
+            left = self._page_refs[key] - 1
+            if left:
+                self._page_refs[key] = left
+            else:
+                del self._page_refs[key]
+                unused.setdefault(allocation, []).append(key[1])
+        for allocation, indices in unused.items():
+            if self._holds[allocation] > dropped_from[allocation]:  # it stays: drop the pages' bytes
+                for start, stop in _index_runs(sorted(indices)):
+                    self.pager.discard(allocation, start, stop)
+        self._drop_holds(dropped)
+
+    def _writable_page(self, layer: PagedLayer, seq: _SequencePages, index: int) -> None:
+        """Make logical page ``index`` of ``seq`` (its next page, or one it holds) a page only ``seq``
+        refers to: a page shared with another sequence is copied first (copy-on-write); a new page
+        goes to the sequence's segment for it, or to a new segment when another sequence uses that place."""
+        segment_pages = self.segment_pages
+        k, offset = divmod(index, segment_pages)
+        shared = index < len(seq.owners)
+        if shared and self._page_refs[(seq.owners[index], offset)] == 1:
+            return  # only seq refers to it: written in place
+        while len(seq.segments) <= k:
+            seq.segments.append(None)
+        target = seq.segments[k]
+        if target is None or (target, offset) in self._page_refs:
+            if target is not None:
+                seq.segments[k] = None
+                self._drop_holds([target])
+            target = self.pager.allocate(segment_pages * self.pager.page_size, name=f"kv.layer{layer.layer_idx}.seg{k}")
+            self._allocations.append(target)
+            self._hold(target)
+            seq.segments[k] = target
+        if not shared:
+            seq.owners.append(target)
+            self._refer(seq, [index])
+            return
+        source = seq.owners[index]
+        self._make_room(layer.layer_idx, 2)
+        with self.pager.ensure_resident(source, offset, offset + 1) as read:
+            write = self.pager.ensure_resident(target, offset, offset + 1, discard=[offset])
+            try:
+                read.wait()
+                write.wait()
+                write.views()[0].copy_(read.views()[0])
+            finally:
+                write.release(dirty=True)
+        self.pages_copied += 1
+        pin = seq.hot.pop(index, None)
+        if pin is not None:  # it pinned the shared page
+            self._hot_pins.pop(id(pin), None)
+            pin.release()
+        self._unrefer_one(seq, index, target)
+
+    def _unrefer_one(self, seq: _SequencePages, index: int, target: Allocation) -> None:
+        """Logical page ``index`` of ``seq`` moves from the shared page it referred to to ``target``'s."""
+        key = (seq.owners[index], index % self.segment_pages)
+        self._page_refs[key] -= 1  # still referred to by another sequence: nothing to free
+        self._drop_holds([key[0]])
+        seq.owners[index] = target
+        self._refer(seq, [index])
 
     def page_kv(self, view: torch.Tensor) -> torch.Tensor:
         """A page's uint8 view as ``[2, page_tokens, kv_heads, head_dim]`` (keys, values)."""
@@ -573,7 +695,8 @@ class PagedKVCache(Cache):
         pt = self.page_tokens
         start, end = seq.length, seq.length + count
         first, stop = start // pt, self.page_count(end)
-        self._ensure_segments(layer, seq, stop)
+        for index in range(first, stop):
+            self._writable_page(layer, seq, index)
         for group_start in range(first, stop, self.group_pages):
             group = range(group_start, min(stop, group_start + self.group_pages))
             missing = sum(1 for index in group if self._page(seq, index).device_slot is None)
@@ -601,7 +724,7 @@ class PagedKVCache(Cache):
             return
         pages = self.page_count(seq.length)
         wanted = set(range(min(self.sink_pages, pages))) | {pages - 1}
-        for index in sorted(set(seq.hot) - wanted):
+        for index in sorted(index for index in seq.hot if index not in wanted or seq.hot[index].allocation is not seq.owners[index]):
             pin = seq.hot.pop(index)
             self._hot_pins.pop(id(pin), None)
             pin.release()
@@ -632,7 +755,7 @@ class PagedKVCache(Cache):
         for step in range(1, count + 1):
             layer = self.layers[(layer_idx - step) % count]
             for seq in layer.seqs:
-                for allocation in seq.segments:
+                for allocation in dict.fromkeys(seq.owners):
                     pages = allocation.pages
                     index = 0
                     while index < len(pages) and short > 0:
@@ -905,7 +1028,6 @@ class PagedKVCache(Cache):
     # ------------------------------------------------------------------ batch edits, freeing
 
     def _free_layer(self, layer: PagedLayer) -> None:
-        self._pending_stream = [entry for entry in self._pending_stream if not any(entry[0] in seq.segments for seq in layer.seqs)]
         for seq in layer.seqs:
             self._free_sequence(seq)
         layer.seqs = [_SequencePages() for _ in layer.seqs]
@@ -919,12 +1041,12 @@ class PagedKVCache(Cache):
             self._hot_pins.pop(id(pin), None)
             pin.release()
         seq.hot.clear()
-        for allocation in seq.segments:
-            if not allocation.freed:
-                self.pager.free(allocation)
-            if allocation in self._allocations:
-                self._allocations.remove(allocation)
-        seq.segments = []
+        if self.closed:  # close() freed every allocation
+            seq.owners, seq.segments = [], []
+        else:
+            self._unrefer(seq, 0)
+            self._drop_holds([allocation for allocation in seq.segments if allocation is not None])
+            seq.segments = []
         seq.length = 0
 
     def _crop_layer(self, layer: PagedLayer, tokens_to_remove: int) -> None:
@@ -940,14 +1062,15 @@ class PagedKVCache(Cache):
                 pin = seq.hot.pop(index)
                 self._hot_pins.pop(id(pin), None)
                 pin.release()
+            self._unrefer(seq, self.page_count(seq.length))  # pages past the end (the partial page stays)
             if pinned:
                 self._update_hot(seq)
         layer.total -= remove
 
     def _reorder_layer(self, layer: PagedLayer, beam_idx: torch.LongTensor) -> None:
         """Sequence ``b`` becomes sequence ``beam_idx[b]``, as ``DynamicCache.reorder_cache`` does (beam
-        search): a sequence kept once keeps its pages, one kept more than once is copied page by page
-        (:meth:`_copy_sequence`), one not kept is freed."""
+        search): a sequence kept once keeps its pages, one kept more than once shares them with its
+        copies (:meth:`_share_sequence`; a shared page is copied only when written), one not kept is freed."""
         order = _batch_positions(beam_idx, len(layer.seqs), "reorder_cache: beam_idx")
         if order == list(range(len(layer.seqs))) or layer.total == 0:
             return
@@ -955,7 +1078,7 @@ class PagedKVCache(Cache):
 
     def _repeat_layer(self, layer: PagedLayer, repeats: int) -> None:
         """Each sequence ``repeats`` times in a row (``DynamicCache.batch_repeat_interleave``); the
-        copies get pages of their own."""
+        copies share its pages until they write them."""
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise ValueError(f"batch_repeat_interleave: repeats must be a positive int, got {repeats!r}")
         if repeats != 1:
@@ -963,35 +1086,25 @@ class PagedKVCache(Cache):
 
     def _rebuild_batch(self, layer: PagedLayer, order: list[int]) -> None:
         """The layer's sequences become ``[seqs[i] for i in order]``: the first use of a sequence takes
-        it, each further use a copy; the sequences not used are freed first (their slots serve the copies)."""
+        it, each further use a copy sharing its pages; the sequences not used are freed first."""
         for b, seq in enumerate(layer.seqs):
             if b not in order:
                 self._free_sequence(seq)
+        self._size_hot_pins(len(order))
         taken: set[int] = set()
         seqs: list[_SequencePages] = []
         for i in order:
-            seqs.append(layer.seqs[i] if i not in taken else self._copy_sequence(layer, layer.seqs[i]))
+            seqs.append(layer.seqs[i] if i not in taken else self._share_sequence(layer.seqs[i]))
             taken.add(i)
         layer.seqs = seqs
         self.batch_size_ = len(seqs)
 
-    def _copy_sequence(self, layer: PagedLayer, seq: _SequencePages) -> _SequencePages:
-        """A copy of ``seq`` in new pages (page by page through the device tier), pinned as ``seq`` is."""
+    def _share_sequence(self, seq: _SequencePages) -> _SequencePages:
+        """A copy of ``seq`` referring to its pages (no bytes move), pinned as ``seq`` is; whichever of
+        the two writes a shared page first gets a copy of it (:meth:`_writable_page`)."""
         copy = _SequencePages()
-        pages = self.page_count(seq.length)
-        self._ensure_segments(layer, copy, pages)
-        for index in range(pages):
-            source, lo, hi, _ = self._range(seq, index, index + 1)
-            target, target_lo, target_hi, _ = self._range(copy, index, index + 1)
-            self._make_room(layer.layer_idx, 2)
-            with self.pager.ensure_resident(source, lo, hi) as read:
-                write = self.pager.ensure_resident(target, target_lo, target_hi, discard=[target_lo])
-                try:
-                    read.wait()
-                    write.wait()
-                    write.views()[0].copy_(read.views()[0])
-                finally:
-                    write.release(dirty=True)
+        copy.owners = list(seq.owners)
+        self._refer(copy, range(len(copy.owners)))
         copy.length = seq.length
         if seq.hot:  # pinned as its source (a cache between forwards holds no pins)
             self._update_hot(copy)
@@ -1020,6 +1133,8 @@ class PagedKVCache(Cache):
         stats["page_tokens"] = self.page_tokens
         stats["stream_group_pages"] = self.group_pages
         stats["hot_pins"] = len(self._hot_pins)
+        stats["kv_pages_copied"] = self.pages_copied
+        stats["kv_pages_shared"] = sum(1 for refs in self._page_refs.values() if refs > 1)
         return stats
 
     def __repr__(self) -> str:
@@ -1037,6 +1152,20 @@ def _batch_positions(indices: torch.Tensor, batch: int, what: str) -> list[int]:
     if any(not -batch <= i < batch for i in positions):
         raise IndexError(f"{what} {positions} name sequences outside the batch of {batch}")
     return [i % batch for i in positions]
+
+
+def _index_runs(indices: list[int]) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of the runs of consecutive numbers in sorted ``indices``."""
+    start = previous = None
+    for index in indices:
+        if previous is not None and index == previous + 1:
+            previous = index
+            continue
+        if start is not None:
+            yield start, previous + 1
+        start = previous = index
+    if start is not None:
+        yield start, previous + 1
 
 
 def streaming_config(config: MemoryConfig) -> MemoryConfig:

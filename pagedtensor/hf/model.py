@@ -3,9 +3,9 @@
 ``enable_paging(model, MemoryConfig(...))`` returns the same model, changed in place:
 
 * ``model.generate(...)`` fills a fresh :class:`~pagedtensor.hf.cache.PagedKVCache` on the model's
-  pager unless the call brings its own cache (or asks for beam search, ``cache_implementation`` or
-  ``use_cache=False``); the cache's pages are freed when ``generate`` returns, unless the output
-  carries the cache.
+  pager unless the call brings its own cache (or asks for ``cache_implementation``, assisted decoding
+  or ``use_cache=False``); beam search too, its beams sharing pages copy-on-write. The cache's pages
+  are freed when ``generate`` returns, unless the output carries the cache.
 * the model attends with ``"pagedllm"`` (Triton kernels on the pages) when the pager's device is a
   GPU or the Triton interpreter is on; otherwise it keeps its attention and the cache hands it
   dense keys and values read from the pages (exact, slower).
@@ -410,16 +410,14 @@ def _generation_setting(model: torch.nn.Module, arguments: dict, name: str, defa
 
 def _wants_paged_cache(model: torch.nn.Module, arguments: dict) -> bool:
     """Whether a ``generate`` call with ``arguments`` (:func:`_call_arguments`) gets a paged
-    cache: not when it brings its own cache, runs without one, asks for another implementation,
-    searches beams or assists decoding with a draft."""
+    cache: not when it brings its own cache, runs without one, asks for another implementation
+    or assists decoding with a draft. Beam search gets one: beams kept twice share their pages
+    (copy-on-write, :meth:`PagedKVCache.reorder_cache`)."""
     if arguments.get("cache") is not None or arguments.get("past_key_values") is not None:
         return False
     if _generation_setting(model, arguments, "use_cache", True) is False:
         return False
     if _generation_setting(model, arguments, "cache_implementation") is not None:
-        return False
-    if (_generation_setting(model, arguments, "num_beams", 1) or 1) > 1:
-        log.warning("enable_paging: beam search keeps the default cache (PagedKVCache does not share pages between beams)")
         return False
     if arguments.get("assistant_model") is not None or _generation_setting(model, arguments, "prompt_lookup_num_tokens") is not None:
         return False

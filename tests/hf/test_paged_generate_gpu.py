@@ -190,7 +190,7 @@ def test_gpu_paged_weights_of_gpt2_and_falcon(family, nvme_dir):
 
 def test_gpu_beam_search_on_a_callers_paged_cache(nvme_dir):
     """Beam search given a PagedKVCache on CUDA with the paged attention kernels: beams kept twice
-    get copies of their pages; sequences as with transformers' own cache."""
+    share their pages (copy-on-write); sequences as with transformers' own cache."""
     from pagedtensor.hf import PagedKVCache
     from pagedtensor.hf.model import cache_keyword
 
@@ -268,3 +268,25 @@ def test_gpu_long_context_bench_smoke(tmp_path):
         timeline = run["prefill_timeline"]
         assert timeline["complete"] and timeline["layers"] == 2, timeline
         assert timeline["total_gpu_ms"] > 0 and all(ms > 0 for ms in timeline["layer_gpu_ms"]), timeline
+
+
+def test_gpu_beam_search_under_enable_paging_shares_pages(nvme_dir):
+    """Beam search with no cache of the caller's: enable_paging gives it a PagedKVCache whose beams
+    share pages copy-on-write; on CUDA with the paged attention kernels, sequences as with
+    transformers' own cache, and nothing left allocated once the cache is closed."""
+    from pagedtensor.hf import PagedKVCache
+    from tests.hf.tiny_models import output_cache
+
+    reference, model = _pair(torch.float32, seed=9, layers=2)
+    ids, mask = _prompts(2, 300)
+    settings = dict(attention_mask=mask, max_new_tokens=6, num_beams=4, num_return_sequences=2, do_sample=False,
+                    return_dict_in_generate=True)  # fmt: skip
+    expected = reference.generate(ids, **settings)
+    enable_paging(model, _budget(nvme_dir, vram_pages=48, slab_pages=16), attn_implementation="pagedllm", prefill_chunk_size=128)
+    got = model.generate(ids, **settings)
+    assert torch.equal(got.sequences, expected.sequences)
+    cache = output_cache(got)
+    assert isinstance(cache, PagedKVCache)
+    assert cache.stats()["kv_pages_copied"] > 0
+    cache.close()
+    assert paging_state(model).pager.stats()["allocations"] == 0
