@@ -18,6 +18,7 @@ from torch.testing._internal.common_modules import module_db
 from torch.utils._pytree import tree_flatten, tree_map
 
 from pagedtensor import MemoryConfig, PagedTensor, Pager
+from tests.test_torch_opinfo import sweep_on_cuda
 
 PAGE = 4096
 DEVICE_PAGES = 1024
@@ -140,18 +141,7 @@ def test_module_with_paged_parameters_matches_the_dense_module(pager, info, trai
 def test_gpu_every_module_with_paged_parameters_matches_the_dense_module_on_cuda():
     """The same on a CUDA pager, every case in one test (one report of every module that differs),
     with deterministic algorithms where torch has them."""
-    failures = []
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        with _pager("cuda") as pager:
-            for case in _cases():
-                info, training = case.values
-                try:
-                    check_module(pager, info, training, "cuda")
-                except AssertionError as error:
-                    failures.append(str(error).splitlines()[0][:300])
-                except Exception as error:  # noqa: BLE001 - reported with the rest
-                    failures.append(f"{info.name} {training}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
-    finally:
-        torch.use_deterministic_algorithms(False)
-    assert not failures, f"{len(failures)} cases differ:\n" + "\n".join(failures)
+    cases = [case.values for case in _cases()]
+    failures = sweep_on_cuda(_pager("cuda"), cases, lambda pager, case: check_module(pager, *case, "cuda"),
+                             lambda case: f"{case[0].name} {'train' if case[1] else 'eval'}")  # fmt: skip
+    assert not failures, f"{len(failures)} of {len(cases)} cases differ:\n" + "\n".join(failures)

@@ -10,6 +10,8 @@ each with its reason.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 import torch
 from torch.testing._internal.common_methods_invocations import op_db
@@ -164,24 +166,36 @@ def test_op_matches_the_dense_op(pager, op, dtype):
 @pytest.mark.gpu
 def test_gpu_every_op_matches_the_dense_op_on_cuda():
     """The same on a CUDA pager, every case in one test (one report of every op that differs).
-    Deterministic algorithms where torch has them, warnings only where it has none; an op whose
-    dense CUDA kernel differs from run to run (atomics) shows as such in the report."""
+    Deterministic algorithms where torch has them, warnings only where it has none. Each case ends
+    with a device synchronize, so a kernel fault is reported at the case that made it (after one,
+    the CUDA context is lost and the sweep stops)."""
     config = dict(page_size=PAGE, vram_limit=DEVICE_PAGES * PAGE, host_memory=4 * DEVICE_PAGES * PAGE,
                   slab_size=4 * DEVICE_PAGES * PAGE, prefetch_strategy="none", device="cuda")
+    cases = [(op, dtype) for op in op_db for dtype in DTYPES if dtype in op.supported_dtypes("cuda")]
+    failures = sweep_on_cuda(Pager(MemoryConfig(**config)), cases, lambda pager, case: check_op(pager, *case, "cuda"),
+                             lambda case: f"{_name(case[0])} {case[1]}")  # fmt: skip
+    assert not failures, f"{len(failures)} of {len(cases)} cases differ:\n" + "\n".join(failures)
+
+
+def sweep_on_cuda(pager: Pager, cases: list, check: Callable[[Pager, object], None], name: Callable[[object], str]) -> list[str]:
+    """``check(pager, case)`` for each case under deterministic algorithms, synchronizing after each;
+    the failures, each named. A CUDA fault ends the sweep there (the context is lost) and is the
+    last failure; the pager is closed at the end."""
     failures = []
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        with Pager(MemoryConfig(**config)) as pager:
-            for op in op_db:
-                for dtype in DTYPES:
-                    if dtype not in op.supported_dtypes("cuda"):
-                        continue
-                    try:
-                        check_op(pager, op, dtype, "cuda")
-                    except (AssertionError, pytest.fail.Exception) as error:
-                        failures.append(str(error).splitlines()[0][:300])
-                    except Exception as error:  # noqa: BLE001 - reported with the rest
-                        failures.append(f"{_name(op)} {dtype}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+        for case in cases:
+            try:
+                check(pager, case)
+                torch.cuda.synchronize()
+            except AssertionError as error:
+                failures.append(str(error).splitlines()[0][:300])
+            except torch.AcceleratorError as error:
+                failures.append(f"{name(case)}: CUDA fault, sweep stopped: {str(error).splitlines()[0][:200]}")
+                return failures
+            except Exception as error:  # noqa: BLE001 - reported with the rest
+                failures.append(f"{name(case)}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
     finally:
         torch.use_deterministic_algorithms(False)
-    assert not failures, f"{len(failures)} cases differ:\n" + "\n".join(failures)
+    pager.close()
+    return failures
