@@ -1,11 +1,11 @@
-"""The handler of whole-tensor reductions whose result does not depend on the elements' order
-(``max``, ``min``, ``amax``/``amin``, ``aminmax``, ``argmax``/``argmin``, ``any``, ``all``,
-``count_nonzero``, integer and bool ``sum``) of a PagedTensor larger than a piece: part by part.
+"""The handler of reductions whose result does not depend on the elements' order (``max``, ``min``,
+``amax``/``amin``, ``aminmax``, ``argmax``/``argmin``, ``any``, ``all``, ``count_nonzero``, integer
+and bool ``sum``), of every element or along dims, of a PagedTensor larger than a piece: part by part.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch._ops import OpOverload
@@ -24,9 +24,16 @@ _FIRST_EXTREME_INDEX = (aten.argmax.default, aten.argmin.default)
 _LOGICAL = (aten.any.default, aten.all.default)
 _COUNTS = (aten.sum.default, aten.sum.dim_IntList, aten.count_nonzero.default)
 _WHOLE_TENSOR_REDUCTIONS = (*_EXTREMA, *_FIRST_EXTREME_INDEX, aten.aminmax.default, *_LOGICAL, *_COUNTS)
+# Their forms along dims that have overloads of their own (``amax``, ``argmax``, ``aminmax``,
+# ``sum.dim_IntList`` and ``count_nonzero.default`` take a ``dim`` too).
+_EXTREMA_ALONG_A_DIM = (aten.max.dim, aten.min.dim)  # values and indices
+_LOGICAL_ALONG_DIMS = (aten.any.dim, aten.any.dims, aten.all.dim, aten.all.dims)
+_DIM_REDUCTIONS = (*_EXTREMA_ALONG_A_DIM, *_LOGICAL_ALONG_DIMS, aten.count_nonzero.dim_IntList)
+_MAXIMA = (aten.max.default, aten.max.dim, aten.amax.default, aten.argmax.default)
+_ANY = (aten.any.default, aten.any.dim, aten.any.dims)
 
 
-@implements(_WHOLE_TENSOR_REDUCTIONS)
+@implements([*_WHOLE_TENSOR_REDUCTIONS, *_DIM_REDUCTIONS])
 def reduce_in_parts(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
     """A reduction of every element of a PagedTensor larger than a piece, whose result does not
     depend on the elements' order: ``max``, ``min``, ``amax`` / ``amin`` over no or all dims,
@@ -45,11 +52,23 @@ def reduce_in_parts(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
     vector path, by the tensor's size and threads; ``amax`` / ``amin`` give ``0x7FC00000``). The
     dense op's own vary with its kernel's path and order; here they are those of the parts' kernels
     and of the combining op: the dense op's value (NaN for NaN, a zero for a zero), not always its
-    bits. Everything else, indices included, is bitwise the dense op's."""
+    bits. Everything else, indices included, is bitwise the dense op's.
+
+    The same reductions along some dims (``max(dim)`` / ``min(dim)``, ``amax`` / ``amin`` over some
+    dims, ``aminmax(dim=)``, ``argmax(dim)`` / ``argmin(dim)``, ``any`` / ``all`` over a dim or a
+    list of dims, ``count_nonzero(dim)``, the integer ``sum(dim)``; ``keepdim`` too) run in parts by
+    :func:`_reduce_along_dims`, with the same two exceptions (the NaN bits of ``max`` / ``min``
+    along a dim, ``amax`` / ``amin`` and ``aminmax`` are their kernels' there: on CPU, 0x7FC00000 or
+    all ones by the path, which depends on the shape). A float ``sum`` (``mean``, ``prod``, ...)
+    along a dim is not run in parts: its bits depend on its kernel's configuration (on CUDA, on the
+    number of result elements), so a part's rows need not add as the whole's."""
     source = args[0]
     if not _reduces_in_parts(func, args, kwargs):
         return DISPATCHER.run_paged(func, types, args, kwargs)
-    layout = func(meta_like(source), *args[1:], **kwargs)
+    layout = func(meta_like(source), *args[1:], **kwargs)  # torch's errors (a dim out of range) first
+    reduced = _reduced_dims(func, args, kwargs, source.dim())
+    if reduced is not None:
+        return _reduce_along_dims(func, source, reduced, kwargs, layout)
     cuts = list(_parts(source, piece_elements_of([source]) or 1))
     if func in _FIRST_EXTREME_INDEX:
         return _first_extreme_index(func, source, cuts).reshape(layout.shape)
@@ -64,15 +83,15 @@ def reduce_in_parts(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
 
 
 def _reduces_in_parts(func: OpOverload, args: tuple, kwargs: dict) -> bool:
-    """Whether ``func`` reduces every element of a PagedTensor ``args[0]`` that is larger than a
-    piece (:func:`_larger_than_a_piece`), not empty, readable in parts (:func:`_copies_in_parts`),
-    where any order of its elements gives the same result (:func:`_order_free`)."""
+    """Whether ``func`` reduces a PagedTensor ``args[0]`` that is larger than a piece
+    (:func:`_larger_than_a_piece`), not empty (an empty one spans no page: the dense op's answer or
+    error), readable in parts (:func:`_copies_in_parts`), where any order of its elements gives the
+    same result (:func:`_order_free`)."""
     source = args[0]
     return (  # the cheap tests first: every reduction of a PagedTensor passes here
         isinstance(source, PagedTensor)
         and source._inner is None
         and source.numel() > 0
-        and _reduces_every_element(func, args, kwargs, source.dim())
         and _order_free(func, source.dtype, kwargs)
         and _larger_than_a_piece([source])
         and _copies_in_parts([source])
@@ -84,15 +103,24 @@ def _argument(args: tuple, kwargs: dict, position: int, name: str) -> Any:
     return args[position] if len(args) > position else kwargs.get(name)
 
 
-def _reduces_every_element(func: OpOverload, args: tuple, kwargs: dict, ndim: int) -> bool:
-    """Whether the reduction's ``dim`` covers every element: absent (``None``), or for ``amax`` /
-    ``amin`` / ``sum.dim_IntList`` an empty list or every dim."""
-    if func in (aten.amax.default, aten.amin.default, aten.sum.dim_IntList):
-        dims = _argument(args, kwargs, 1, "dim")
-        return not dims or {d % max(ndim, 1) for d in dims} == set(range(ndim))
+def _reduced_dims(func: OpOverload, args: tuple, kwargs: dict, ndim: int) -> Optional[frozenset[int]]:
+    """The dims (``0 <= d < ndim``) the reduction reduces, or ``None`` for a whole-tensor form
+    (:func:`reduce_in_parts` combines those itself): ``dim`` absent, or for ``amax`` / ``amin`` /
+    ``sum.dim_IntList`` an empty list or every dim. ``any.dims`` / ``all.dims`` reduce every dim for
+    ``None`` and none for ``[]``; ``count_nonzero.dim_IntList`` every dim for ``[]``. Run after the
+    op's meta kernel has checked the dims."""
     if func in (aten.max.default, aten.min.default, *_LOGICAL, aten.sum.default):
-        return True
-    return _argument(args, kwargs, 1, "dim") is None  # argmax, argmin, aminmax (keyword dim), count_nonzero
+        return None
+    dims = _argument(args, kwargs, 1, "dim")
+    if func in (aten.any.dims, aten.all.dims):
+        return frozenset(range(ndim)) if dims is None else frozenset(d % ndim for d in dims)
+    if func is aten.count_nonzero.dim_IntList:
+        return frozenset(d % ndim for d in dims) if dims else frozenset(range(ndim))
+    if func in (*_EXTREMA_ALONG_A_DIM, aten.any.dim, aten.all.dim, aten.count_nonzero.default, *_FIRST_EXTREME_INDEX, aten.aminmax.default):
+        return None if dims is None else frozenset({dims % ndim})  # one int dim, required by the first four
+    if not dims or {d % ndim for d in dims} == set(range(ndim)):  # amax, amin, sum.dim_IntList
+        return None
+    return frozenset(d % ndim for d in dims)
 
 
 def _order_free(func: OpOverload, dtype: torch.dtype, kwargs: dict) -> bool:
@@ -147,3 +175,96 @@ def _index_in_source(local: torch.Tensor, part_shape: tuple[int, ...], narrowing
         index = index + (remainder % part_shape[dim] + corner[dim]) * strides[dim]
         remainder = remainder // part_shape[dim]
     return index
+
+
+def _reduce_along_dims(func: OpOverload, source: PagedTensor, reduced: frozenset[int], kwargs: dict, layout: Any) -> Any:
+    """``func`` reducing ``source`` along the dims ``reduced`` (not every dim, or an overload along
+    dims), a part at a time: the parts of :func:`_parts` (each spanning at most a piece, cut along
+    the dims of the largest strides, whatever they are), each reduced by the op itself with
+    ``keepdim`` (:func:`_reduce_part`) into the slice of the result its indices along the kept dims
+    give. A part that holds every index of the reduced dims (rows narrower than a piece cut along
+    kept dims) gives its slice exactly, for any op; parts cut along a reduced dim are combined by
+    :func:`_combine` (the extremum of extrema, the first index of the extreme, or, and, integer
+    sums), exact for these order-free reductions. The result: plain tensors on ``source``'s device
+    with the dtype, shape and strides of the dense op's (``layout``, its meta result); indices in
+    ``source``'s logical coordinates.
+
+    The first part to reach an element of the result is the one holding index 0 of every reduced
+    dim there (:func:`_parts` goes through each dim it cuts in increasing order, one index range
+    after the other), so that part writes the element and later ones combine with it."""
+    kept_shape = [1 if dim in reduced else size for dim, size in enumerate(source.shape)]
+    layouts = layout if isinstance(layout, tuple) else (layout,)
+    dtypes = [result.dtype for result in layouts]
+    if func in _FIRST_EXTREME_INDEX:
+        dtypes = [source.dtype, *dtypes]  # the extremes found so far, to combine the indices by
+    results = [torch.empty(kept_shape, dtype=dtype, device=source.device) for dtype in dtypes]
+    for narrowings in _parts(source, piece_elements_of([source]) or 1):
+        partials = _reduce_part(func, _narrowed(source, narrowings), reduced, narrowings, kwargs)
+        slices = [_narrowed(result, [cut for cut in narrowings if cut[0] not in reduced]) for result in results]
+        if all(start == 0 for dim, start, _ in narrowings if dim in reduced):
+            for target, partial in zip(slices, partials):
+                target.copy_(partial)
+        else:
+            _combine(func, slices, partials)
+    if func in _FIRST_EXTREME_INDEX:
+        results = results[1:]
+    outs = [torch.empty_strided(want.shape, want.stride(), dtype=want.dtype, device=source.device).copy_(result.reshape(want.shape))
+            for want, result in zip(layouts, results)]  # fmt: skip
+    return tuple(outs) if isinstance(layout, tuple) else outs[0]
+
+
+def _reduce_part(func: OpOverload, part: PagedTensor, reduced: frozenset[int], narrowings: Sequence[Narrowing],
+                 kwargs: dict) -> list[torch.Tensor]:  # fmt: skip
+    """The op's result on one part (at most a piece: it runs the generic way), along ``reduced``,
+    with ``keepdim`` (the part's shape, 1 along each reduced dim): values and indices for ``max`` /
+    ``min`` along a dim, the extremes and their indices for ``argmax`` / ``argmin`` (read from a
+    plain copy of the part), indices along the dim counted from its index 0 in ``source``."""
+    dims = sorted(reduced)
+    shape = [1 if dim in reduced else size for dim, size in enumerate(part.shape)]
+    if func in _EXTREMA_ALONG_A_DIM or func in _FIRST_EXTREME_INDEX:
+        (dim,) = dims
+        if func in _FIRST_EXTREME_INDEX:
+            plain = _plain_copy(part)
+            indices = func(plain, dim, True)
+            values = plain.gather(dim, indices)
+        else:
+            values, indices = func(part, dim, True)
+        start = sum(first for cut, first, _ in narrowings if cut == dim)
+        return [values, indices + start if start else indices]
+    if func is aten.aminmax.default:
+        return list(func(part, dim=dims[0], keepdim=True))
+    if func in (aten.count_nonzero.default, aten.count_nonzero.dim_IntList):
+        return [aten.count_nonzero.dim_IntList(part, dims).reshape(shape)]
+    if func in (aten.any.dim, aten.all.dim):
+        return [func(part, dims[0], True)]
+    if func is aten.sum.dim_IntList:
+        return [func(part, dims, True, dtype=kwargs.get("dtype"))]
+    return [func(part, dims, True)]  # amax, amin, any.dims, all.dims
+
+
+def _combine(func: OpOverload, current: list[torch.Tensor], partials: list[torch.Tensor]) -> None:
+    """Combine a part's results ``partials`` into the results so far ``current`` (views of the
+    result, written in place), as the op would over both: the greater (``max``-like) or smaller
+    extreme, NaN over any number; of equal extremes (NaN or not) the smaller index; or, and; sums
+    (integer: wrapping as the dense op's do)."""
+    if func in _LOGICAL or func in _LOGICAL_ALONG_DIMS:
+        current[0].copy_(current[0] | partials[0] if func in _ANY else current[0] & partials[0])  # 0 / 1, bool or uint8
+    elif func in _COUNTS or func is aten.count_nonzero.dim_IntList:
+        current[0].add_(partials[0])
+    elif func is aten.aminmax.default:
+        current[0].copy_(torch.where(_beats(partials[0], current[0], larger=False), partials[0], current[0]))
+        current[1].copy_(torch.where(_beats(partials[1], current[1], larger=True), partials[1], current[1]))
+    elif len(current) == 1:  # amax, amin
+        current[0].copy_(torch.where(_beats(partials[0], current[0], larger=func in _MAXIMA), partials[0], current[0]))
+    else:  # values and indices: max.dim, min.dim, argmax, argmin
+        (values, indices), (new_values, new_indices) = current, partials
+        both_nan = new_values.isnan() & values.isnan()
+        tie = ((new_values == values) | both_nan) & (new_indices < indices)
+        take = _beats(new_values, values, larger=func in _MAXIMA) | tie
+        values.copy_(torch.where(take, new_values, values))
+        indices.copy_(torch.where(take, new_indices, indices))
+
+
+def _beats(new: torch.Tensor, old: torch.Tensor, larger: bool) -> torch.Tensor:
+    """Where ``new`` is the more extreme: greater (``larger``) or smaller, or NaN where ``old`` is not."""
+    return (new > old if larger else new < old) | (new.isnan() & ~old.isnan())
