@@ -843,3 +843,6 @@ def _check_wrappable(t: object) -> None:
 
 # Bound last: dispatch.py imports PagedTensor from this module.
 from pagedtensor.dispatch import DISPATCHER as _DISPATCHER  # noqa: E402
+from pagedtensor import raw_pointer_entries as _raw_pointer_entries  # noqa: E402
+
+_raw_pointer_entries.install()
