@@ -606,3 +606,23 @@ def test_resize_as_a_paged_template_reads_no_page(pager):
     assert pager.stats()["faults"] == faults
     with pytest.raises(NotImplementedError, match="resize_as_"):
         template.resize_as_(torch.randn(7))
+
+
+def test_jiterator_calls_get_dense_copies_of_paged_arguments(pager, monkeypatch):
+    """torch's jiterator hands its tensors' raw pointers to a compiled kernel, bypassing dispatch: a
+    PagedTensor there made an illegal memory access on CUDA (the CUDA OpInfo sweep runs the real
+    kernels). Its call now gets dense copies; here, without CUDA, the launch is recorded instead."""
+    from torch.cuda import jiterator
+
+    launched = []
+    def launch(code: str, name: str, by_ref: bool, outputs: int, tensors: tuple, kwargs: dict) -> torch.Tensor:
+        launched.append(tensors)
+        return tensors[0]
+
+    monkeypatch.setattr(torch._C, "_cuda_jiterator_compile_and_launch_kernel", launch, raising=False)  # a CPU build has none
+    function = jiterator._create_jit_fn("template <typename T> T identity(T x) { return x; }")
+    function.is_cuda_available = True
+    values = torch.arange(6.0)
+    assert torch.equal(function(PagedTensor.wrap(values, pager)), values)
+    (tensors,) = launched
+    assert type(tensors[0]) is torch.Tensor and torch.equal(tensors[0], values)

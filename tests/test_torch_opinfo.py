@@ -6,6 +6,11 @@ sample becomes a PagedTensor on a shared pager (one pager for the module, so ear
 are evicted as later ones fault in), the op runs, and its results and every argument afterwards
 (in-place ops) must equal the dense op's bit for bit, or the op must be one of the exceptions below,
 each with its reason.
+
+Backward alike: each op that supports autograd runs forward and backward on a sample's tensors that
+require grad, once dense and once with those tensors PagedTensor leaves, and the gradients (one fixed
+random grad_output per differentiable output, the same for both runs) must be the dense gradients bit
+for bit, or the op one of the backward exceptions below.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from torch.testing._internal.common_methods_invocations import op_db
 from torch.utils._pytree import tree_flatten, tree_map
 
+from benchmarks.bench_dispatch_overhead import ForwardingTensor
 from pagedtensor import MemoryConfig, PagedTensor, Pager
 from pagedtensor.errors import OutOfPagesError
 
@@ -39,6 +45,39 @@ RUN_TO_RUN = {"linalg.lstsq"}
 # torch itself). The test checks the error, so a change in torch shows.
 READS_INDEX_MEMORY = {"tensor_split"}
 
+# Backward: 3 samples an op, fp32 and complex64 (the dtypes torch's gradients are checked in), about a
+# minute on the CPU.
+BACKWARD_SAMPLES_PER_OP = 3
+BACKWARD_DTYPES = (torch.float32, torch.complex64)
+# Backward formulas that take another path for any tensor subclass: ``prod_backward`` and
+# ``cumprod_backward`` (torch's FunctionsManual.cpp) use ``grad * result / input`` and the like on a
+# plain tensor, but the zero-safe cumprod formula whenever the input is a subclass
+# (``isTensorSubclassLike``), whose bits differ (masked.prod runs prod). Their gradients are compared
+# bit for bit with a do-nothing forwarding subclass's (:class:`_Forwarding`) instead of the dense ones.
+SUBCLASS_BACKWARD = {"prod", "cumprod", "masked.prod"}
+
+
+class _Forwarding(ForwardingTensor):
+    """The benchmarks' do-nothing wrapper subclass, unwrapping tensors inside lists and keyword
+    arguments too (backward formulas pass them there), and running ops with torch's conjugate and
+    negative fallbacks on as PagedTensor does (without them any wrapper reads a conjugate view's raw
+    bits in some complex kernels, pytorch#198118: cumprod's complex gradient among them)."""
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206 - torch's protocol
+        def unwrap(value: object) -> object:
+            return value.inner if isinstance(value, ForwardingTensor) else value
+
+        with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.Conjugate, False), \
+                torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.Negative, False):
+            out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            if args and isinstance(args[0], ForwardingTensor) and out is args[0].inner:
+                return args[0]
+            if func.is_view:
+                return cls(out)
+        return out
+
 
 def _name(op: object) -> str:
     """An OpInfo's name with its variant (``norm.nuc``)."""
@@ -54,6 +93,15 @@ def _cases() -> list:
     return cases
 
 
+def _backward_cases(device: str = "cpu") -> list:
+    cases = []
+    for op in op_db:
+        for dtype in BACKWARD_DTYPES:
+            if op.supports_autograd and dtype in op.supported_backward_dtypes(device):
+                cases.append(pytest.param(op, dtype, id=f"{_name(op)}-{str(dtype).removeprefix('torch.')}"))
+    return cases
+
+
 @pytest.fixture(scope="module")
 def pager():
     config = dict(page_size=PAGE, vram_limit=DEVICE_PAGES * PAGE, host_memory=4 * DEVICE_PAGES * PAGE,
@@ -65,6 +113,8 @@ def pager():
 def _dense(value: object) -> object:
     if isinstance(value, PagedTensor):
         return value.materialize()
+    if isinstance(value, ForwardingTensor):
+        return value.inner
     if isinstance(value, torch.Tensor) and value.layout != torch.strided:
         return value.to_dense()
     return value
@@ -101,7 +151,9 @@ def _mismatch(actual: object, expected: object, bitwise: bool) -> str | None:
 
 
 def _paged_copy(pager: Pager, value: object) -> object:
-    if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+    """A PagedTensor copy of a strided tensor on the pager's device; anything else as it is (a CPU
+    index beside CUDA tensors stays a CPU tensor, as the op expects it)."""
+    if isinstance(value, torch.Tensor) and value.layout == torch.strided and value.device.type == torch.device(pager.device).type:
         return PagedTensor.wrap(value.clone(), pager)
     return value
 
@@ -158,9 +210,86 @@ def check_op(pager: Pager, op: object, dtype: torch.dtype, device: str) -> None:
                 assert why is None, f"{where}\nargument {position} afterwards: {why}"
 
 
+def _gradients(op: object, sample: object, index: int, leaf: object) -> list | None:
+    """The gradients of ``op`` on ``sample`` with respect to its tensors that require grad, each
+    replaced by ``leaf`` of a detached copy (a strided one; a sparse one stays as it is), one fixed
+    random grad_output per differentiable output; None where there is nothing to differentiate."""
+    leaves = []
+
+    def replace(value: object) -> object:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if not value.requires_grad:
+            return value.clone()
+        copy = value.detach().clone()
+        copy = (leaf(copy) if copy.layout == torch.strided else copy).requires_grad_()
+        leaves.append(copy)
+        return copy
+
+    arguments = tree_map(replace, (sample.input, sample.args, sample.kwargs))
+    torch.manual_seed(index)
+    outputs = [value for value in tree_flatten(_run(op, arguments))[0] if isinstance(value, torch.Tensor) and value.requires_grad]
+    if not outputs or not leaves:
+        return None
+    generator = torch.Generator().manual_seed(index)
+    grad_outputs = [torch.randn(output.shape, dtype=output.dtype, generator=generator).to(output.device) for output in outputs]
+    return [_dense(gradient) for gradient in torch.autograd.grad(outputs, leaves, grad_outputs, allow_unused=True)]
+
+
+def _dense_leaf(value: torch.Tensor) -> torch.Tensor:
+    return value
+
+
+def check_backward(pager: Pager, op: object, dtype: torch.dtype, device: str) -> None:
+    """Raise AssertionError naming the sample where the gradients of ``op`` with PagedTensor leaves
+    differ from the dense op's (from a forwarding subclass's for SUBCLASS_BACKWARD)."""
+    reference = _Forwarding if _name(op) in SUBCLASS_BACKWARD else _dense_leaf
+    samples = list(op.sample_inputs(device, dtype, requires_grad=True))[:BACKWARD_SAMPLES_PER_OP]
+    for index, sample in enumerate(samples):
+        try:
+            expected = _gradients(op, sample, index, _dense_leaf)
+        except Exception:  # noqa: BLE001 - a sample torch itself refuses here: nothing to compare
+            continue
+        if expected is None:
+            continue
+        if reference is not _dense_leaf:
+            expected = _gradients(op, sample, index, reference)
+        try:
+            actual = _gradients(op, sample, index, lambda value: PagedTensor.wrap(value, pager))
+        except OutOfPagesError:
+            # Documented: an op that is not elementwise needs its arguments' pages at once.
+            assert _paged_bytes(tree_flatten((sample.input, sample.args, sample.kwargs))[0]) > DEVICE_PAGES * PAGE, f"sample {index}"
+            continue
+        why = _mismatch(actual, expected, bitwise=True)
+        if why is not None and _mismatch(_gradients(op, sample, index, reference), expected, bitwise=True) is not None:
+            # The reference backward itself differs from run to run (atomics, LAPACK): its accuracy.
+            why = _mismatch(actual, expected, bitwise=False)
+        assert why is None, f"{_name(op)} {dtype} sample {index}: {sample}\ngradient {why}"
+
+
 @pytest.mark.parametrize("op, dtype", _cases())
 def test_op_matches_the_dense_op(pager, op, dtype):
     check_op(pager, op, dtype, "cpu")
+
+
+@pytest.mark.parametrize("op, dtype", _backward_cases())
+def test_op_backward_matches_the_dense_op(pager, op, dtype):
+    check_backward(pager, op, dtype, "cpu")
+
+
+def test_the_subclass_backward_exceptions_are_torchs(pager):
+    """The named backward exceptions hold: for a plain tensor torch's prod gradient differs in the
+    last bits from the one it computes for any subclass, and a PagedTensor's is the latter's."""
+    torch.manual_seed(0)
+    x, grad_output = torch.randn(5, 5, 5), torch.randn(5, 5)
+    gradients = {}
+    for name, leaf in (("dense", _dense_leaf), ("forwarding", _Forwarding), ("paged", lambda value: PagedTensor.wrap(value, pager))):
+        value = leaf(x.clone()).requires_grad_()
+        (gradient,) = torch.autograd.grad(value.prod(1), value, grad_output)
+        gradients[name] = _dense(gradient)
+    assert torch.equal(gradients["paged"], gradients["forwarding"])
+    assert not torch.equal(gradients["forwarding"], gradients["dense"])
+    torch.testing.assert_close(gradients["paged"], gradients["dense"])
 
 
 @pytest.mark.gpu
@@ -199,3 +328,15 @@ def sweep_on_cuda(pager: Pager, cases: list, check: Callable[[Pager, object], No
         torch.use_deterministic_algorithms(False)
     pager.close()
     return failures
+
+
+@pytest.mark.gpu
+def test_gpu_every_op_backward_matches_the_dense_op_on_cuda():
+    """The backward sweep on a CUDA pager, every case in one test. A dense backward that differs
+    from run to run (atomics in index_add and scatter gradients) is compared to its accuracy."""
+    config = dict(page_size=PAGE, vram_limit=DEVICE_PAGES * PAGE, host_memory=4 * DEVICE_PAGES * PAGE,
+                  slab_size=4 * DEVICE_PAGES * PAGE, prefetch_strategy="none", device="cuda")
+    cases = [param.values for param in _backward_cases("cuda")]
+    failures = sweep_on_cuda(Pager(MemoryConfig(**config)), cases, lambda pager, case: check_backward(pager, *case, "cuda"),
+                             lambda case: f"{_name(case[0])} {case[1]} backward")  # fmt: skip
+    assert not failures, f"{len(failures)} of {len(cases)} cases differ:\n" + "\n".join(failures)
