@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from benchmarks.bench_dispatch_overhead import ForwardingTensor
 from pagedtensor import MemoryConfig, PagedTensor, Pager
 from pagedtensor.errors import OutOfPagesError
+from pagedtensor.tensor import _conjugate_fallback_on, _negative_fallback_on
 
 PAGE = 4096
 DEVICE_PAGES = 4096  # 16 MiB: the largest sample (grid_sampler_3d) is 20 MB; most are a few KiB
@@ -68,8 +69,7 @@ class _Forwarding(ForwardingTensor):
         def unwrap(value: object) -> object:
             return value.inner if isinstance(value, ForwardingTensor) else value
 
-        with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.Conjugate, False), \
-                torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.Negative, False):
+        with _conjugate_fallback_on(), _negative_fallback_on():
             out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
         if isinstance(out, torch.Tensor):
             if args and isinstance(args[0], ForwardingTensor) and out is args[0].inner:
