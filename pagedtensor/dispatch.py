@@ -427,6 +427,12 @@ class PagedDispatcher:
                         f"PagedTensor: {func} would resize its PagedTensor output from {list(leaf.shape)} to "
                         f"{list(view.shape)}; pass an out= tensor of the result's shape{_describe(args, kwargs)}"
                     )
+                if math_bits(view) != math_bits(leaf):
+                    # The kernel flipped its output's conjugate or negative bit in place (linalg_lu_solve.out
+                    # with left=False sets the conjugate bit of a complex out=): the bytes hold the values
+                    # under the view's new bits, the PagedTensor keeps its own, so its bytes are rewritten.
+                    values = view.resolve_conj().resolve_neg().clone()
+                    with_math_bits(view, math_bits(leaf)).copy_(values)
             if info.returns_written and written:
                 result_of = {id(dense[id(leaf)]): leaf for leaf in written}
                 if isinstance(out, torch.Tensor):

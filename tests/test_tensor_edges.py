@@ -210,6 +210,21 @@ def test_matmul_out_still_copies_its_folded_view_back(pager):
         assert_same(out, torch.matmul(a, b))
 
 
+def test_an_out_kernel_that_conjugates_its_out_in_place_writes_the_values(pager):
+    """linalg.lu_solve(left=False, out=) of complex tensors sets the conjugate bit of its out= in place
+    (the bytes hold the conjugated values): a PagedTensor out keeps its own bits and holds the values."""
+    g = torch.Generator().manual_seed(0)
+    LU, pivots = torch.linalg.lu_factor(torch.randn(3, 3, dtype=torch.complex64, generator=g))
+    B = torch.randn(4, 3, dtype=torch.complex64, generator=g)
+    plain = torch.zeros(4, 3, dtype=torch.complex64)
+    torch.linalg.lu_solve(LU, pivots, B, left=False, adjoint=True, out=plain)
+    assert plain.is_conj()  # torch's own: the plain out comes back a conjugate view
+    out = PagedTensor.wrap(torch.zeros(4, 3, dtype=torch.complex64), pager)
+    assert torch.linalg.lu_solve(LU, pivots, B, left=False, adjoint=True, out=out) is out
+    assert not out.is_conj()
+    assert torch.equal(out.materialize(), plain.resolve_conj())
+
+
 def test_in_place_op_too_large_refuses_a_view_of_its_bytes_in_another_dtype():
     """Run in pieces, ``a.add_(c)`` with ``c`` a uint8 view of ``a``'s allocation at the same element
     offset would write bytes that later pieces read (torch refuses the partial overlap): it raises and
