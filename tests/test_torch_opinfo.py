@@ -11,10 +11,19 @@ Backward alike: each op that supports autograd runs forward and backward on a sa
 require grad, once dense and once with those tensors PagedTensor leaves, and the gradients (one fixed
 random grad_output per differentiable output, the same for both runs) must be the dense gradients bit
 for bit, or the op one of the backward exceptions below.
+
+The write paths alike: each op that supports ``out=`` runs with an ``out`` PagedTensor of the dense
+result's shape, dtype and strides (random bytes before), on plain and on PagedTensor arguments, and
+with a plain ``out`` on PagedTensor arguments; ``out`` afterwards must be the dense op's ``out`` bit for
+bit and the op must return it; an ``out`` PagedTensor of another shape must raise the documented
+NotImplementedError and keep its bytes. Each in-place variant runs on a PagedTensor ``self`` with plain
+and with PagedTensor arguments: ``self`` afterwards must be the dense one bit for bit, and returned.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Callable
 
 import pytest
@@ -56,6 +65,25 @@ BACKWARD_DTYPES = (torch.float32, torch.complex64)
 # (``isTensorSubclassLike``), whose bits differ (masked.prod runs prod). Their gradients are compared
 # bit for bit with a do-nothing forwarding subclass's (:class:`_Forwarding`) instead of the dense ones.
 SUBCLASS_BACKWARD = {"prod", "cumprod", "masked.prod"}
+
+# The write paths: 3 samples an op in 4 dtypes, about a minute on the CPU.
+WRITE_SAMPLES_PER_OP = 3
+WRITE_DTYPES = (torch.float32, torch.int64, torch.bool, torch.complex64)
+# torch's out= kernels that leave a subclass's ``out`` unwritten (README): ``linalg.matrix_rank`` of
+# PagedTensor arguments or into a plain out of them. Compared bit for bit with a forwarding subclass's.
+SUBCLASS_OUT = {"linalg.matrix_rank", "linalg.matrix_rank.hermitian"}
+# Documented refusals, each with the message it must raise (NotImplementedError, never wrong data):
+# out= paths that change their PagedTensor ``out``'s shape or strides in place on the way: svd
+# transposes V in place (``V.transpose_(-2, -1)`` in torch's svd_out); matmul of a vector by a matrix
+# runs ``mm_out`` on ``out`` (resized to a row) and squeezes it back (``squeeze_(0)``).
+OUT_REFUSED = {"svd": "transpose_.default changes a tensor's shape", "matmul": "would resize its PagedTensor output"}
+# In-place variants that change ``self``'s shape or strides (the ``inplace_view`` tag), which a
+# PagedTensor refuses (README); dropout3d in place unsqueezes an unbatched input in place.
+METADATA_IN_PLACE = {"as_strided", "as_strided.partial_views", "squeeze", "squeeze.multiple", "unsqueeze",
+                     "transpose", "t", "resize_", "nn.functional.dropout3d"}  # fmt: skip
+# The documented refusals of a PagedTensor written to another shape: an out= the op would resize
+# (the op's own check, or torch's resize_ of it), an in-place op that resizes its self (addbmm_).
+RESIZE_REFUSED = r"of the result's shape|resize_\.default changes a tensor's shape"
 
 
 class _Forwarding(ForwardingTensor):
@@ -292,6 +320,145 @@ def test_the_subclass_backward_exceptions_are_torchs(pager):
     torch.testing.assert_close(gradients["paged"], gradients["dense"])
 
 
+def _write_cases(device: str = "cpu", inplace: bool = False) -> list:
+    cases = []
+    for op in op_db:
+        if (op.inplace_variant is None) if inplace else not op.supports_out:
+            continue
+        for dtype in WRITE_DTYPES:
+            if dtype in op.supported_dtypes(device):
+                cases.append(pytest.param(op, dtype, id=f"{_name(op)}-{str(dtype).removeprefix('torch.')}"))
+    return cases
+
+
+def _random_bytes(value: torch.Tensor, seed: int) -> torch.Tensor:
+    """A tensor of ``value``'s shape, dtype and strides holding random bytes (bool: ``~value``)."""
+    if value.dtype == torch.bool:
+        return ~value
+    out = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+    storage = out.untyped_storage()
+    generator = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (storage.nbytes(),), dtype=torch.uint8, generator=generator).to(value.device)
+    storage.copy_(raw.untyped_storage())
+    return out
+
+
+def _returns_out(returned: object, out: object) -> bool:
+    if isinstance(out, tuple):
+        return isinstance(returned, (tuple, list)) and len(returned) == len(out) and all(r is o for r, o in zip(returned, out))
+    return returned is out
+
+
+def check_out(pager: Pager, op: object, dtype: torch.dtype, device: str) -> None:
+    """Raise AssertionError naming the sample where ``op(..., out=)`` with a PagedTensor ``out`` or
+    PagedTensor arguments differs from the dense op's ``out=`` call, or returns something else."""
+    name = _name(op)
+    samples = list(op.sample_inputs(device, dtype, requires_grad=False))[:WRITE_SAMPLES_PER_OP]
+    for index, sample in enumerate(samples):
+        arguments = (sample.input, sample.args, sample.kwargs)
+        torch.manual_seed(index)
+        try:
+            result = _run(op, tree_map(_clone, arguments))
+        except Exception:  # noqa: BLE001 - a sample torch itself refuses here: nothing to compare
+            continue
+        results = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+        if not all(isinstance(value, torch.Tensor) and value.layout == torch.strided for value in results):
+            continue  # torch.equal's bool, a sparse result: no out= of them here
+        before = tuple(_random_bytes(value, index) for value in results)
+        pack = (lambda values: tuple(values)) if isinstance(result, (tuple, list)) else (lambda values: values[0])
+        expected = pack([value.clone() for value in before])
+        dense_arguments = tree_map(_clone, arguments)
+        torch.manual_seed(index)
+        try:
+            returned = op(dense_arguments[0], *dense_arguments[1], **dense_arguments[2], out=expected)
+        except Exception:  # noqa: BLE001 - torch refuses this out= itself (nonzero of a sample's strides)
+            continue
+        returns_out = _returns_out(returned, expected)
+        for paged_out, paged_arguments in ((True, False), (True, True), (False, True)):
+            where = f"{name} {dtype} sample {index} (out {'paged' if paged_out else 'plain'}, arguments {'paged' if paged_arguments else 'plain'}): {sample}"
+            reference = expected
+            if paged_arguments and name in SUBCLASS_OUT:
+                reference = pack([value.clone() for value in before])
+                forwarding = tree_map(lambda value: _Forwarding(value.clone()) if isinstance(value, torch.Tensor) else value, arguments)
+                torch.manual_seed(index)
+                op(forwarding[0], *forwarding[1], **forwarding[2], out=reference)
+            out = pack([PagedTensor.wrap(value.clone(), pager) if paged_out else value.clone() for value in before])
+            call = tree_map(lambda value: _paged_copy(pager, value), arguments) if paged_arguments else tree_map(_clone, arguments)
+            torch.manual_seed(index)
+            try:
+                returned = op(call[0], *call[1], **call[2], out=out)
+            except NotImplementedError as error:
+                assert paged_out and name in OUT_REFUSED, f"{where}\n{error}"
+                assert OUT_REFUSED[name] in str(error), f"{where}\n{error}"
+                continue
+            bitwise = not (paged_arguments and (name in VALUES_WITH_VECTORS or op.name in RUN_TO_RUN))
+            why = _mismatch(out, reference, bitwise=bitwise)
+            assert why is None, f"{where}\nout {why}"
+            assert not returns_out or _returns_out(returned, out), f"{where}\nreturned {type(returned).__name__}, not out"
+        if index == 0 and not isinstance(result, (tuple, list)) and result.numel() > 0:
+            # out= of another shape: torch resizes a plain one; a PagedTensor one is refused, untouched.
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch's warning that it resized the out
+                    _run(op, (*tree_map(_clone, arguments)[:2], {**sample.kwargs, "out": torch.zeros(result.numel() + 1, dtype=result.dtype, device=result.device)}))
+            except Exception:  # noqa: BLE001 - torch refuses this out itself
+                continue
+            filled = torch.arange(result.numel() + 1, device=result.device).to(result.dtype)
+            wrong = PagedTensor.wrap(filled.clone(), pager)
+            with pytest.raises(NotImplementedError, match=RESIZE_REFUSED):
+                _run(op, (*tree_map(_clone, arguments)[:2], {**sample.kwargs, "out": wrong}))
+            assert torch.equal(wrong.materialize(), filled), f"{name} {dtype}: out of another shape written"
+
+
+def check_inplace(pager: Pager, op: object, dtype: torch.dtype, device: str) -> None:
+    """Raise AssertionError naming the sample where ``op``'s in-place variant on a PagedTensor self
+    (with plain, then PagedTensor arguments) leaves another self than the dense one, or returns another."""
+    name, checked = _name(op), 0
+    for index, sample in enumerate(op.sample_inputs(device, dtype, requires_grad=False)):
+        if checked == WRITE_SAMPLES_PER_OP:
+            break
+        if not isinstance(sample.input, torch.Tensor) or sample.input.layout != torch.strided:
+            continue
+        dense = tree_map(_clone, (sample.input, sample.args, sample.kwargs))
+        layout = (dense[0].shape, dense[0].stride())
+        torch.manual_seed(index)
+        try:
+            returned = op.inplace_variant(dense[0], *dense[1], **dense[2])
+        except Exception:  # noqa: BLE001 - invalid in place densely (a self that would broadcast): nothing to compare
+            continue
+        checked += 1
+        resized = (dense[0].shape, dense[0].stride()) != layout
+        for paged_arguments in (False, True):
+            where = f"{name} {dtype} sample {index} (arguments {'paged' if paged_arguments else 'plain'}): {sample}"
+            if paged_arguments:
+                paged = tree_map(lambda value: _paged_copy(pager, value), (sample.input, sample.args, sample.kwargs))
+            else:
+                paged = (PagedTensor.wrap(sample.input.clone(), pager), *tree_map(_clone, (sample.args, sample.kwargs)))
+            torch.manual_seed(index)
+            try:
+                paged_returned = op.inplace_variant(paged[0], *paged[1], **paged[2])
+            except NotImplementedError as error:
+                if name in METADATA_IN_PLACE:
+                    assert "changes a tensor's shape, strides or storage in place" in str(error), f"{where}\n{error}"
+                else:
+                    assert resized, f"{where}\n{error}"  # addbmm_ resizes a self of another shape
+                    assert re.search(RESIZE_REFUSED, str(error)), f"{where}\n{error}"
+                continue
+            why = _mismatch(paged[0], dense[0], bitwise=True)
+            assert why is None, f"{where}\nself afterwards {why}"
+            assert returned is not dense[0] or paged_returned is paged[0], f"{where}\nreturned {type(paged_returned).__name__}, not self"
+
+
+@pytest.mark.parametrize("op, dtype", _write_cases())
+def test_op_out_matches_the_dense_op(pager, op, dtype):
+    check_out(pager, op, dtype, "cpu")
+
+
+@pytest.mark.parametrize("op, dtype", _write_cases(inplace=True))
+def test_op_in_place_matches_the_dense_op(pager, op, dtype):
+    check_inplace(pager, op, dtype, "cpu")
+
+
 @pytest.mark.gpu
 def test_gpu_every_op_matches_the_dense_op_on_cuda():
     """The same on a CUDA pager, every case in one test (one report of every op that differs).
@@ -303,6 +470,18 @@ def test_gpu_every_op_matches_the_dense_op_on_cuda():
     cases = [(op, dtype) for op in op_db for dtype in DTYPES if dtype in op.supported_dtypes("cuda")]
     failures = sweep_on_cuda(Pager(MemoryConfig(**config)), cases, lambda pager, case: check_op(pager, *case, "cuda"),
                              lambda case: f"{_name(case[0])} {case[1]}")  # fmt: skip
+    assert not failures, f"{len(failures)} of {len(cases)} cases differ:\n" + "\n".join(failures)
+
+
+@pytest.mark.gpu
+def test_gpu_every_op_out_and_in_place_matches_the_dense_op_on_cuda():
+    """The out= and in-place sweeps on a CUDA pager, every case in one test."""
+    config = dict(page_size=PAGE, vram_limit=DEVICE_PAGES * PAGE, host_memory=4 * DEVICE_PAGES * PAGE,
+                  slab_size=4 * DEVICE_PAGES * PAGE, prefetch_strategy="none", device="cuda")
+    cases = [(check_out, *param.values) for param in _write_cases("cuda")]
+    cases += [(check_inplace, *param.values) for param in _write_cases("cuda", inplace=True)]
+    failures = sweep_on_cuda(Pager(MemoryConfig(**config)), cases, lambda pager, case: case[0](pager, *case[1:], "cuda"),
+                             lambda case: f"{_name(case[1])} {case[2]} {case[0].__name__}")  # fmt: skip
     assert not failures, f"{len(failures)} of {len(cases)} cases differ:\n" + "\n".join(failures)
 
 
