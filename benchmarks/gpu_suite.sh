@@ -4,7 +4,7 @@
 #
 #   PAGEDLLM_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_suite.sh [pytest args...]
 #   BENCHES="pager_transfers paged_attention" bash benchmarks/gpu_suite.sh     (a subset)
-#   TESTS=none bash benchmarks/gpu_suite.sh                                     (benchmarks only)
+#   TESTS=none SWEEPS=none bash benchmarks/gpu_suite.sh                         (benchmarks only)
 #
 # The device machine's copy of the tree may lack .git: pass the commit in PAGEDLLM_COMMIT.
 # Each phase has a time limit, so one runaway phase cannot take the others' results with it.
@@ -19,8 +19,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 echo "commit $PAGEDLLM_COMMIT"
 status=0
 if [ "${TESTS:-all}" != "none" ]; then
-  timeout "${TEST_LIMIT_S:-300}" python3 -m pytest "${@:-tests}" -m gpu -q -p no:cacheprovider 2>&1 \
+  timeout "${TEST_LIMIT_S:-300}" python3 -m pytest "${@:-tests}" -m "gpu and not sweep" -q -p no:cacheprovider 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -8 || status=1
+fi
+if [ "${SWEEPS:-all}" != "none" ]; then
+  # The CUDA sweeps of torch's OpInfo and ModuleInfo databases (torch.testing._internal needs
+  # expecttest, which the GPU machine lacks: carry its wheel, see the device tool's README).
+  timeout "${SWEEP_LIMIT_S:-540}" python3 -m pytest tests/test_torch_opinfo.py tests/test_torch_modules.py -m "gpu and sweep" \
+    -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_sweeps.log" | tail -8 || status=1
 fi
 for bench in ${BENCHES:-pager_transfers paged_attention dispatch_overhead host_sum pieces long_context}; do
   echo "== bench_$bench"

@@ -148,6 +148,7 @@ def test_module_with_paged_parameters_matches_the_dense_module(pager, info, trai
 
 
 @pytest.mark.gpu
+@pytest.mark.sweep
 def test_gpu_every_module_with_paged_parameters_matches_the_dense_module_on_cuda():
     """The same on a CUDA pager, every case in one test (one report of every module that differs),
     with deterministic algorithms where torch has them."""

@@ -460,6 +460,7 @@ def test_op_in_place_matches_the_dense_op(pager, op, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.sweep
 def test_gpu_every_op_matches_the_dense_op_on_cuda():
     """The same on a CUDA pager, every case in one test (one report of every op that differs).
     Deterministic algorithms where torch has them, warnings only where it has none. Each case ends
@@ -474,6 +475,7 @@ def test_gpu_every_op_matches_the_dense_op_on_cuda():
 
 
 @pytest.mark.gpu
+@pytest.mark.sweep
 def test_gpu_every_op_out_and_in_place_matches_the_dense_op_on_cuda():
     """The out= and in-place sweeps on a CUDA pager, every case in one test."""
     config = dict(page_size=PAGE, vram_limit=DEVICE_PAGES * PAGE, host_memory=4 * DEVICE_PAGES * PAGE,
@@ -510,6 +512,7 @@ def sweep_on_cuda(pager: Pager, cases: list, check: Callable[[Pager, object], No
 
 
 @pytest.mark.gpu
+@pytest.mark.sweep
 def test_gpu_every_op_backward_matches_the_dense_op_on_cuda():
     """The backward sweep on a CUDA pager, every case in one test. A dense backward that differs
     from run to run (atomics in index_add and scatter gradients) is compared to its accuracy."""
