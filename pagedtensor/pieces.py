@@ -45,7 +45,11 @@ aten = torch.ops.aten
 # parameter) converts element by element: an expert stack larger than the device tier converts in pieces.
 # ``where`` (``torch.where(mask, a, b)``) picks each element from its arguments at the same index.
 _ELEMENTWISE = frozenset({aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default, aten._to_copy.default,
-                          aten.where.self, aten.where.self_out})  # fmt: skip
+                          aten.where.self, aten.where.self_out,
+                          # elementwise, but without torch's pointwise tag
+                          aten.rsub.Tensor, aten.fill.Scalar, aten.floor_divide.default, aten.floor_divide.Scalar,
+                          aten.floor_divide_.Tensor, aten.floor_divide_.Scalar, aten.floor_divide.out, aten.floor_divide.Scalar_out,
+                          aten.complex.default, aten.complex.out, aten.polar.default, aten.polar.out})  # fmt: skip
 
 
 def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -> Any:

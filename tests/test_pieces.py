@@ -282,3 +282,46 @@ def test_gpu_out_forms_and_conversions_run_in_pieces_on_cuda():
             assert type(converted) is PagedTensor and converted.pager is pager
             assert same_bits(converted.materialize(), x.to(dtype))
         assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
+
+
+def _floor_divide_in_place(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.floor_divide_(b)
+
+
+def _fill(t: torch.Tensor) -> torch.Tensor:
+    return torch.fill(t, 3.0)
+
+
+UNTAGGED_ELEMENTWISE = {  # name: (op, dtype, tensor arguments)
+    "rsub": (torch.rsub, torch.float32, 2),
+    "floor_divide": (torch.floor_divide, torch.float32, 2),
+    "floor_divide int": (torch.floor_divide, torch.int64, 2),
+    "floor_divide_": (_floor_divide_in_place, torch.float32, 2),
+    "fill": (_fill, torch.float32, 1),
+    "complex": (torch.complex, torch.float32, 2),
+    "polar": (torch.polar, torch.float32, 2),
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("name", sorted(UNTAGGED_ELEMENTWISE))
+def test_elementwise_ops_without_the_pointwise_tag_run_in_pieces(device, transposed, name):
+    """``rsub``, ``floor_divide`` (and in place), ``torch.fill``, ``torch.complex`` and ``torch.polar``
+    are elementwise but lack torch's ``pointwise`` tag: they raised OutOfPagesError on tensors larger
+    than the device tier (found by sweeping torch's unary and binary ufuncs with large inputs)."""
+    op, dtype, count = UNTAGGED_ELEMENTWISE[name]
+    generator = torch.Generator().manual_seed(0)
+    if dtype.is_floating_point:
+        tensors = [torch.rand(64, 300, generator=generator) * 4 + 0.5 for _ in range(count)]
+    else:
+        tensors = [torch.randint(1, 9, (64, 300), generator=generator) for _ in range(count)]
+    tensors = [(t.t().contiguous().t() if transposed else t).to(device) for t in tensors]  # 19 pages each; the tier holds 6
+    with make_pager(device) as pager:
+        expected = op(*[t.clone() for t in tensors])
+        got = op(*[PagedTensor.wrap(t.clone(), pager) for t in tensors])
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
+        expected, got = dense(expected), dense(got)
+        if expected.is_complex():
+            expected, got = torch.view_as_real(expected), torch.view_as_real(got)
+        assert same_bits(got, expected)
