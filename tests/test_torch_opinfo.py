@@ -22,7 +22,9 @@ and with PagedTensor arguments: ``self`` afterwards must be the dense one bit fo
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 import warnings
 from typing import Callable
 
@@ -492,9 +494,10 @@ def sweep_on_cuda(pager: Pager, cases: list, check: Callable[[Pager, object], No
     the failures, each named. A CUDA fault ends the sweep there (the context is lost) and is the
     last failure; the pager is closed at the end."""
     failures = []
+    cases = cases[_sweep_shard()]
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        for case in cases:
+        for number, case in enumerate(cases, 1):
             try:
                 check(pager, case)
                 torch.cuda.synchronize()
@@ -505,10 +508,35 @@ def sweep_on_cuda(pager: Pager, cases: list, check: Callable[[Pager, object], No
                 return failures
             except Exception as error:  # noqa: BLE001 - reported with the rest
                 failures.append(f"{name(case)}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+            if number % 100 == 0 or number == len(cases):
+                print(f"sweep: {number} of {len(cases)} cases, {len(failures)} failing", file=sys.stderr, flush=True)
     finally:
         torch.use_deterministic_algorithms(False)
     pager.close()
     return failures
+
+
+def _sweep_shard() -> slice:
+    """The cases this process sweeps: every case, or with ``PAGEDLLM_SWEEP_SHARD=i/n`` every n-th
+    from the i-th (0-based), so n processes on one GPU share a sweep (it is bound by host time)."""
+    shard = os.environ.get("PAGEDLLM_SWEEP_SHARD", "0/1")
+    index, _, count = shard.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise ValueError(f"PAGEDLLM_SWEEP_SHARD must be i/n with 0 <= i < n, got {shard!r}")
+    return slice(int(index), None, int(count))
+
+
+@pytest.mark.parametrize("shard, picked", [("0/1", [0, 1, 2, 3, 4]), ("1/2", [1, 3]), ("2/3", [2])])
+def test_a_sweep_shard_takes_every_nth_case(monkeypatch, shard, picked):
+    monkeypatch.setenv("PAGEDLLM_SWEEP_SHARD", shard)
+    assert list(range(5))[_sweep_shard()] == picked
+
+
+@pytest.mark.parametrize("shard", ["2/2", "1", "a/3", "-1/2"])
+def test_a_bad_sweep_shard_is_named(monkeypatch, shard):
+    monkeypatch.setenv("PAGEDLLM_SWEEP_SHARD", shard)
+    with pytest.raises(ValueError, match=re.escape(repr(shard))):
+        _sweep_shard()
 
 
 @pytest.mark.gpu
