@@ -5,6 +5,7 @@
 #   PAGEDLLM_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_suite.sh [pytest args...]
 #   BENCHES="pager_transfers paged_attention" bash benchmarks/gpu_suite.sh     (a subset)
 #   TESTS=none SWEEPS=none bash benchmarks/gpu_suite.sh                         (benchmarks only)
+#   TESTS=none BENCHES=none SWEEP_SHARDS=8 bash benchmarks/gpu_suite.sh         (the sweeps only)
 #
 # The device machine's copy of the tree may lack .git: pass the commit in PAGEDLLM_COMMIT.
 # Each phase has a time limit, so one runaway phase cannot take the others' results with it.
@@ -24,10 +25,30 @@ if [ "${TESTS:-all}" != "none" ]; then
 fi
 if [ "${SWEEPS:-all}" != "none" ]; then
   # The CUDA sweeps of torch's OpInfo and ModuleInfo databases (torch.testing._internal needs
-  # expecttest, which the GPU machine lacks: carry its wheel, see the device tool's README).
-  timeout "${SWEEP_LIMIT_S:-540}" python3 -m pytest tests/test_torch_opinfo.py tests/test_torch_modules.py -m "gpu and sweep" \
-    -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_sweeps.log" | tail -8 || status=1
+  # expecttest, which the GPU machine lacks: carry its wheel, see the device tool's README). They are
+  # bound by host time, so each runs as SWEEP_SHARDS processes at once on the one GPU
+  # (PAGEDLLM_SWEEP_SHARD=i/n), every process its own log, gathered into gpu_sweeps.log.
+  shards="${SWEEP_SHARDS:-4}"
+  shard_dir="$(mktemp -d)"
+  for sweep in tests/test_torch_opinfo.py::test_gpu_every_op_matches_the_dense_op_on_cuda \
+               tests/test_torch_opinfo.py::test_gpu_every_op_backward_matches_the_dense_op_on_cuda \
+               tests/test_torch_opinfo.py::test_gpu_every_op_out_and_in_place_matches_the_dense_op_on_cuda \
+               tests/test_torch_modules.py::test_gpu_every_module_with_paged_parameters_matches_the_dense_module_on_cuda; do
+    for ((shard = 0; shard < shards; shard++)); do
+      OMP_NUM_THREADS=1 PAGEDLLM_SWEEP_SHARD="$shard/$shards" timeout "${SWEEP_LIMIT_S:-540}" \
+        python3 -m pytest "$sweep" -m "gpu and sweep" -s -q -p no:cacheprovider \
+        > "$shard_dir/${sweep##*::}_$shard.log" 2>&1 &
+    done
+  done
+  wait
+  for log in "$shard_dir"/*.log; do
+    echo "== $(basename "$log" .log)"
+    grep -v '^\s*$' "$log" | tail -40
+    grep -q ' passed' "$log" || status=1
+  done > "$OUT/gpu_sweeps.log"
+  grep -h '^== \|passed\|failed\|differ' "$OUT/gpu_sweeps.log" | tail -40
 fi
+[ "${BENCHES:-}" = none ] && exit $status
 for bench in ${BENCHES:-pager_transfers paged_attention dispatch_overhead host_sum pieces long_context}; do
   echo "== bench_$bench"
   limit="${BENCH_LIMIT_S:-150}"
