@@ -5,14 +5,15 @@ one index tensor on dim 0): only the pages holding the selected rows fault in, r
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch._ops import OpOverload
 from torch._prims_common import make_contiguous_strides_for
 
-from pagedtensor.dispatch import DISPATCHER, _row_byte_spans, _Window, aten, implements
+from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, _row_byte_spans, _Window, aten, implements
 from pagedtensor.errors import OutOfPagesError
+from pagedtensor.pieces import piece_elements_of
 from pagedtensor.tensor import PagedTensor, _pending_frees, drain_pending_frees, element_span, meta_like
 
 
@@ -22,14 +23,15 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
 
     The distinct rows are copied, one run of adjacent pages at a time, into a compact table; the op
     then runs on that table with the indices renumbered, so its result is bitwise the dense one.
-    Any other form of the op (another dim, a mask, several index tensors) runs the generic way.
+    Any other form of the op (another dim, a mask, several index tensors) runs the generic way, or
+    if its pages do not fit on the device tier at once, as :func:`gather_elements` says.
 
     Note:
         Reads the index tensor on the host (a sync when it lives on the GPU).
     """
     request = _row_request(func, args, kwargs)
     if request is None:
-        return DISPATCHER.run_paged(func, types, args, kwargs)
+        return _gather_whole_or_by_rows(func, types, args, kwargs)
     table, index = request
     if func is aten.index_select.default and index.dim() > 1:  # torch's check, which its meta kernel lacks
         raise IndexError(f"PagedTensor: {func}: index_select(): Index is supposed to be a vector, got {index.dim()} dims")
@@ -40,18 +42,206 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
     if index.numel() == 0:
         return _gather_of_no_rows(func, table, index)
     rows_total = table.shape[0]
-    flat = index.reshape(-1).to("cpu", torch.int64)
-    if func is aten.index.Tensor:
-        flat = torch.where(flat < 0, flat + rows_total, flat)
-    bad = flat[(flat < 0) | (flat >= rows_total)]
+    given = index.reshape(-1).to("cpu", torch.int64)
+    flat = torch.where(given < 0, given + rows_total, given) if func is aten.index.Tensor else given
+    bad = given[(flat < 0) | (flat >= rows_total)]
     if bad.numel():  # checked here, before any page faults in (and before a CUDA kernel could assert)
         raise IndexError(f"PagedTensor: {func}: index {int(bad[0])} is out of bounds for dimension 0 with size {rows_total}")
     copied = _whole_rows_copied(func, table, index, flat)
     if copied is not None:
         return copied
     rows, inverse = torch.unique(flat, sorted=True, return_inverse=True)
-    itemsize, page_size = table.dtype.itemsize, table._paged.allocation.page_size
+    compact = _rows_compacted(table, rows)
+    renumbered = inverse.reshape(index.shape).to(index.device if func is aten.index.Tensor else table.device)
+    result = _call_with_table(func, compact, renumbered)
+    # The dense op lays its result out after the table's strides: the same layout, exactly.
+    layout = _result_layout_of_rows(func, table, index)
+    if result.stride() != layout.stride():
+        result = torch.empty_strided(layout.shape, layout.stride(), dtype=result.dtype, device=result.device).copy_(result)
+    return result
+
+
+@implements([aten.gather.default, aten.take.default])
+def gather_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``gather`` and ``take``, and ``index`` in forms other than one row index (a mask, several
+    index tensors): the generic way while their pages fit on the device tier at once; past it, when
+    the elements read lie in rows along dim 0 that the indices name (``gather`` along dim 0,
+    ``take``, ``index`` whose first index is a tensor or a mask), the distinct rows are copied into a
+    compact table (:func:`_rows_compacted`, only their pages fault in) and the op runs on it with
+    the indices renumbered: a copy of the same elements, bitwise the dense result. Where each row
+    of the result is read from the same row of the table (``gather`` or ``index_select`` along
+    another dim, ``t[:, i]``), the op runs on a piece of rows at a time (:func:`_row_pieces`).
+    Other forms raise :class:`OutOfPagesError` past the tier.
+
+    Note:
+        Past the tier, reads the indices on the host (a sync when they live on the GPU).
+    """
+    return _gather_whole_or_by_rows(func, types, args, kwargs)
+
+
+def _gather_whole_or_by_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    try:
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    except _OpTooLarge:
+        in_pieces = _row_pieces(func, args, kwargs)
+        if in_pieces is not None:
+            return _run_in_row_pieces(*in_pieces)
+        by_rows = _elements_by_rows(func, args, kwargs)
+        if by_rows is None:
+            raise
+    table, row_index, index_dim0, run = by_rows
+    rows_total = table.shape[0]
+    given = row_index.reshape(-1).to("cpu", torch.int64)
+    # index and take count from the end; gather does not
+    flat = given if func is aten.gather.default else torch.where(given < 0, given + index_dim0, given)
+    bad = given[(flat < 0) | (flat >= index_dim0)]
+    if bad.numel():  # checked before any page faults in (and before a CUDA kernel could assert)
+        if func is aten.take.default:
+            raise IndexError(f"PagedTensor: {func}: out of range: tried to access index {int(bad[0])} on a tensor of {index_dim0} elements.")
+        error = IndexError if func is aten.index.Tensor else RuntimeError
+        raise error(f"PagedTensor: {func}: index {int(bad[0])} is out of bounds for dimension 0 with size {rows_total}")
+    row_elements = table.numel() // rows_total if func is aten.take.default else 1
+    rows, inverse = torch.unique(flat // row_elements, sorted=True, return_inverse=True)
+    renumbered = inverse if row_elements == 1 else inverse * row_elements + flat % row_elements
+    result = run(_rows_compacted(table, rows), renumbered.reshape(row_index.shape).to(row_index.device))
+    layout = run(_stand_in_of_rows(table), torch.zeros_like(row_index))
+    if result.stride() != layout.stride():
+        result = torch.empty_strided(layout.shape, layout.stride(), dtype=result.dtype, device=result.device).copy_(result)
+    return result
+
+
+RowPiece = Callable[[torch.Tensor, int, int], torch.Tensor]
+"""``piece(rows_of_table, start, stop)``: the op's result rows ``[start, stop)`` from the table's."""
+
+
+def _row_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[PagedTensor, int, RowPiece]]:
+    """``(table, rows, piece)`` when row ``r`` of ``func``'s result (of ``rows`` rows) is read
+    from row ``r`` of its PagedTensor table alone: ``gather`` or ``index_select`` along a dim other
+    than 0, ``index`` whose first index is ``None`` and whose index tensors stand side by side
+    (``t[:, i]``; tensors apart move the indexed dims first). ``None`` for any other form."""
+    table = args[0]
+    if not isinstance(table, PagedTensor) or table.dim() < 2 or table.numel() == 0 or table._inner is not None:
+        return None
+    if not 0 < _rows_a_piece(table) < table.shape[0]:
+        return None  # one row spans more than a piece (dim 0 is not the outermost), or all of them fit in one
+    if func is aten.gather.default:
+        dim, index = args[1], args[2]
+        if dim in (0, -table.dim()) or not isinstance(index, torch.Tensor) or index.dim() != table.dim():
+            return None
+        index = _dense(index)
+        sparse_grad = kwargs.get("sparse_grad", args[3] if len(args) > 3 else False)
+        if index.shape[0] > table.shape[0]:
+            return None  # torch's size error, from the generic way
+        return table, index.shape[0], lambda rows, a, b: func(rows, dim, index[a:b], sparse_grad=sparse_grad)
+    if func is aten.index_select.default:
+        dim, index = args[1], args[2]
+        if kwargs or dim in (0, -table.dim()) or not isinstance(index, torch.Tensor):
+            return None
+        index = _dense(index)
+        return table, table.shape[0], lambda rows, a, b: func(rows, dim, index)
+    if func is not aten.index.Tensor or kwargs or not args[1] or args[1][0] is not None:
+        return None
+    indices = [_dense(item) if isinstance(item, torch.Tensor) else item for item in args[1]]
+    places = [place for place, item in enumerate(indices) if item is not None]
+    if not places or places != list(range(places[0], places[-1] + 1)):
+        return None
+    return table, table.shape[0], lambda rows, a, b: func(rows, indices)
+
+
+def _run_in_row_pieces(table: PagedTensor, rows: int, piece: RowPiece) -> torch.Tensor:
+    """The op's result, its rows computed a piece of the table's rows at a time (each piece spans at
+    most :func:`~pagedtensor.pieces.piece_elements_of` elements, or is one row), laid out as the
+    dense op lays it (the op run on a plain stand-in of two rows with the table's strides)."""
+    if rows == 0:
+        return piece(_stand_in_of_rows(table, 0), 0, 0)
+    count = _rows_a_piece(table)
+    probe = piece(_stand_in_of_rows(table, min(rows, 2)), 0, min(rows, 2))
+    order = sorted(range(probe.dim()), key=lambda d: -probe.stride(d)) if probe.dim() else []
+    result = torch.empty_permuted((rows, *probe.shape[1:]), order, dtype=probe.dtype, device=probe.device)
+    for start in range(0, rows, count):
+        stop = min(rows, start + count)
+        result[start:stop] = piece(table[start:stop], start, stop)
+    return result
+
+
+def _rows_a_piece(table: PagedTensor) -> int:
+    """How many rows along dim 0 a piece of ``table`` holds (:func:`~pagedtensor.pieces.piece_elements_of`
+    elements from a row's first to the last row's last); the table's row count where the rows do not
+    advance (stride 0), 0 where one row spans more than a piece."""
+    one_row = element_span(tuple(table.shape[1:]), table.stride()[1:], 0)[1]
+    budget = piece_elements_of([table]) or 0
+    if one_row > budget:
+        return 0
+    step = table.stride(0)
+    return table.shape[0] if step <= 0 else (budget - one_row) // step + 1
+
+
+def _elements_by_rows(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple]:
+    """``(table, row_index, bound, run)`` when the elements ``func`` reads lie in rows along dim 0
+    named by ``row_index``, whose values count up to ``bound`` (the rows, or for ``take`` the
+    elements); ``run(compact, renumbered)`` is the op on a table of the rows read, ``row_index``
+    renumbered. ``None`` for any other form."""
+    table = args[0]
+    if not isinstance(table, PagedTensor) or table.dim() == 0 or table.numel() == 0 or table.stride(0) == 0:
+        return None
+    if table._inner is not None or table.is_conj() or table.is_neg():
+        return None
+    if func is aten.take.default:
+        index = args[1]
+        if kwargs or not isinstance(index, torch.Tensor) or index.dtype != torch.int64:
+            return None
+        return table, _dense(index), table.numel(), lambda compact, renumbered: func(compact, renumbered)
+    if func is aten.gather.default:
+        dim, index = args[1], args[2]
+        if dim not in (0, -table.dim()) or not isinstance(index, torch.Tensor) or index.dtype != torch.int64:
+            return None
+        sparse_grad = kwargs.get("sparse_grad", args[3] if len(args) > 3 else False)
+        return table, _dense(index), table.shape[0], lambda compact, renumbered: func(compact, 0, renumbered, sparse_grad=sparse_grad)
+    if func is not aten.index.Tensor or kwargs or not args[1] or not isinstance(args[1][0], torch.Tensor):
+        return None
+    indices = [_dense(item) if isinstance(item, torch.Tensor) else item for item in args[1]]
+    first = indices[0]
+    if first.dtype in (torch.bool, torch.uint8):  # a mask over the leading dims: its positions, as torch takes them
+        if first.dim() > table.dim() or tuple(first.shape) != tuple(table.shape[: first.dim()]):
+            mismatch = next((d for d in range(min(first.dim(), table.dim())) if first.shape[d] != table.shape[d]), 0)
+            raise IndexError(
+                f"PagedTensor: {func}: The shape of the mask {list(first.shape)} at index {mismatch} does not match "
+                f"the shape of the indexed tensor {list(table.shape)} at index {mismatch}"
+            )
+        indices = [*(position.contiguous() for position in first.nonzero().unbind(1)), *indices[1:]]
+        first = indices[0]
+    elif first.dtype not in (torch.int64, torch.int32):
+        return None
+    rest = indices[1:]
+    return table, first, table.shape[0], lambda compact, renumbered: func(compact, [renumbered, *rest])
+
+
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.materialize() if isinstance(tensor, PagedTensor) else tensor
+
+
+def _stand_in_of_rows(table: PagedTensor, rows: int = 1) -> torch.Tensor:
+    """A plain table of ``rows`` rows (values unset) with ``table``'s row sizes and strides: the dense
+    op run on it lays its result out as on ``table`` (of one row: row 0 of any zero index)."""
     row_size, row_stride = tuple(table.shape[1:]), table.stride()[1:]
+    row_reach = element_span(row_size, row_stride, 0)[1]
+    step = table.stride(0) if rows > 1 else 1
+    reach = (rows - 1) * step + row_reach if rows else 0
+    return torch.empty(max(1, reach), dtype=table.dtype, device=table.device).as_strided((rows, *row_size), (step, *row_stride))
+
+
+def _rows_compacted(table: PagedTensor, rows: torch.Tensor) -> torch.Tensor:
+    """``table[rows]`` as a plain tensor on the table's device, for ``rows`` sorted, distinct, in range
+    (int64 on the CPU): copied one run of adjacent pages at a time, so only the pages holding those
+    rows fault in (a run larger than the device tier beside the pinned pages is read in chunks).
+
+    Note:
+        The copies run on the current stream, each run's pages pinned until its copy is enqueued.
+    """
+    row_size, row_stride = tuple(table.shape[1:]), table.stride()[1:]
+    if rows.numel() == 0:
+        return torch.empty((0, *row_size), dtype=table.dtype, device=table.device)
+    itemsize, page_size = table.dtype.itemsize, table._paged.allocation.page_size
     step = table.stride(0)
     starts, ends = _row_byte_spans(table, rows)
     first_pages, last_pages = starts // page_size, (ends - 1) // page_size
@@ -80,14 +270,7 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
             parts.append(block.index_select(0, (run_rows - first_row).to(device)))
         finally:
             window.release()
-    compact = parts[0] if len(parts) == 1 else torch.cat(parts)
-    renumbered = inverse.reshape(index.shape).to(index.device if func is aten.index.Tensor else device)
-    result = _call_with_table(func, compact, renumbered)
-    # The dense op lays its result out after the table's strides: the same layout, exactly.
-    layout = _result_layout_of_rows(func, table, index)
-    if result.stride() != layout.stride():
-        result = torch.empty_strided(layout.shape, layout.stride(), dtype=result.dtype, device=result.device).copy_(result)
-    return result
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _gather_of_no_rows(func: OpOverload, table: PagedTensor, index: torch.Tensor) -> torch.Tensor:
@@ -158,9 +341,7 @@ def _result_layout_of_rows(func: OpOverload, table: PagedTensor, index: torch.Te
     table's row layout and a zero index with the index's layout (its result is as large as the op's)."""
     if func is not aten.index.Tensor or index.is_contiguous():
         return _call_with_table(func, meta_like(table), index.to("meta"))
-    row_size, row_stride = tuple(table.shape[1:]), table.stride()[1:]
-    row_reach = element_span(row_size, row_stride, 0)[1]
-    stand_in = torch.empty(max(1, row_reach), dtype=table.dtype, device=table.device).as_strided((1, *row_size), (1, *row_stride))
+    stand_in = _stand_in_of_rows(table)
     index_reach = element_span(tuple(index.shape), index.stride(), 0)[1]
     zeros = torch.zeros(max(1, index_reach), dtype=index.dtype, device=index.device).as_strided(index.shape, index.stride())
     return _call_with_table(func, stand_in, zeros)

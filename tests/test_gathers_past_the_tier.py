@@ -1,0 +1,207 @@
+"""Gathers of a PagedTensor larger than the device tier: ``gather``, ``take``, ``index_select`` and
+indexing with several index tensors, masks or a leading ``:`` give the dense op's values, dtype,
+shape and strides bit for bit with the device tier never over its budget. Where the elements read
+lie in rows named by the indices (``gather`` along dim 0, ``take``, ``t[i, j]``, ``t[mask]``) only
+the pages of those rows fault in; where each result row is read from the same table row
+(``gather``/``index_select`` along another dim, ``t[:, i]``) the op runs a piece of rows at a time.
+Bad indices raise the dense op's error before any page moves."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
+
+PAGE = 4096
+DEVICE_PAGES = 8
+TIER_BYTES = DEVICE_PAGES * PAGE
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool)
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+Gather = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def make_pager(device: str = "cpu") -> Pager:
+    return Pager(MemoryConfig(vram_limit=TIER_BYTES, host_memory=1024 * PAGE, page_size=PAGE, slab_size=1024 * PAGE,
+                              prefetch_strategy="none", device=device))  # fmt: skip
+
+
+def _rows(t: torch.Tensor, count: int, generator: torch.Generator, negative: bool = False) -> torch.Tensor:
+    rows = torch.randint(0, t.shape[0], (count,), generator=generator)
+    return rows - t.shape[0] if negative else rows
+
+
+def _positions(t: torch.Tensor, dim: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, t.shape[dim], shape, generator=generator)
+
+
+# name: the op on a table of at least 2 dims, drawing its indices from the generator. Each index is
+# on the CPU: ``to(t.device)`` where the op needs it beside the table.
+GATHERS: dict[str, Gather] = {
+    "gather along dim 0": lambda t, g: torch.gather(t, 0, _positions(t, 0, (5, *t.shape[1:]), g).to(t.device)),
+    "gather along dim 0, an index wider than the table": lambda t, g: torch.gather(
+        t, 0, _positions(t, 0, (t.shape[0] + 3, *(1 for _ in t.shape[1:])), g).to(t.device)),
+    "gather along dim 0, a transposed index": lambda t, g: torch.gather(
+        t, 0, _positions(t, 0, (*t.shape[1:], 4), g).movedim(-1, 0).to(t.device)),
+    "gather along the last dim": lambda t, g: torch.gather(
+        t, -1, _positions(t, -1, (*t.shape[:-1], 3), g).to(t.device)),
+    "take": lambda t, g: torch.take(t, torch.randint(-t.numel(), t.numel(), (3, 4), generator=g).to(t.device)),
+    "index_select along dim 1": lambda t, g: torch.index_select(t, 1, _positions(t, 1, (4,), g).to(t.device)),
+    "t[i, j]": lambda t, g: t[_rows(t, 6, g, negative=True), _positions(t, 1, (6,), g)],
+    "t[i, j] broadcast": lambda t, g: t[_rows(t, 3, g).view(3, 1), _positions(t, 1, (1, 2), g)],
+    "t[i.T, j.T]": lambda t, g: t[_rows(t, 6, g).view(2, 3).T, _positions(t, 1, (2, 3), g).T],
+    "t[i, :, j]": lambda t, g: t[_rows(t, 4, g), :, _positions(t, 2, (4,), g)] if t.dim() > 2 else t[_rows(t, 4, g)],
+    "t[mask]": lambda t, g: t[torch.rand(t.shape[0], generator=g) < 0.2],
+    "t[mask of two dims]": lambda t, g: t[torch.rand(t.shape[:2], generator=g) < 0.1],
+    "t[mask, j]": lambda t, g: t[torch.rand(t.shape[0], generator=g) < 0.2, _positions(t, 1, (1,), g)],
+    "t[:, i]": lambda t, g: t[:, _positions(t, 1, (3,), g)],
+    "t[:, i.T]": lambda t, g: t[:, _positions(t, 1, (2, 3), g).T],
+    "t[:, mask]": lambda t, g: t[:, torch.rand(t.shape[1], generator=g) < 0.5],
+    "t[:, i, j]": lambda t, g: t[:, _positions(t, 1, (2,), g), _positions(t, 2, (2,), g)] if t.dim() > 2 else t[:, _positions(t, 1, (2,), g)],
+}
+# Forms whose pages are those of the rows the indices name: only those fault in.
+BY_ROWS = {"gather along dim 0", "gather along dim 0, an index wider than the table", "gather along dim 0, a transposed index",
+           "take", "t[i, j]", "t[i, j] broadcast", "t[i.T, j.T]", "t[i, :, j]", "t[mask]", "t[mask of two dims]", "t[mask, j]"}  # fmt: skip
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same type, dtype, shape, strides, device and bits."""
+    if type(a) is not torch.Tensor or (a.dtype, a.shape, a.stride(), a.device) != (b.dtype, b.shape, b.stride(), b.device):
+        return False
+    if a.dtype.is_floating_point:
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+    return torch.equal(a, b)
+
+
+def within_tier(pager: Pager) -> bool:
+    return pager.stats()["resident_bytes"]["device"] <= TIER_BYTES
+
+
+@st.composite
+def tables(draw) -> tuple[torch.Tensor, str]:
+    """A table of 2 to 6 times the device tier, 2-D or 3-D, and a layout whose dim 0 stays outermost
+    (a 3-D table's last dims swapped, or a column slice), so a piece of rows is a piece of pages."""
+    dtype = draw(st.sampled_from(DTYPES))
+    elements = draw(st.integers(2 * TIER_BYTES, 6 * TIER_BYTES)) // dtype.itemsize
+    inner = draw(st.integers(2, 40))
+    shape = (elements // inner, inner) if draw(st.booleans()) else (elements // (inner * 3), 3, inner)
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
+    values = (values > 0) if dtype == torch.bool else (values * 50).to(dtype)
+    return values, draw(st.sampled_from(["contiguous", "last dims swapped", "column slice"]))
+
+
+def paged_and_dense(values: torch.Tensor, layout: str, pager: Pager) -> tuple[torch.Tensor, torch.Tensor]:
+    if layout == "last dims swapped" and values.dim() > 2:
+        base = values.transpose(-1, -2).contiguous()
+        return PagedTensor.wrap(base.clone(), pager).transpose(-1, -2), base.transpose(-1, -2)
+    if layout == "column slice":
+        base = torch.cat([values, values[..., :2]], dim=-1)
+        return PagedTensor.wrap(base.clone(), pager)[..., : values.shape[-1]], base[..., : values.shape[-1]]
+    return PagedTensor.wrap(values.clone(), pager), values
+
+
+@SETTINGS
+@given(table=tables(), seed=st.integers(0, 99))
+def test_gathers_past_the_tier_give_the_dense_result(table, seed):
+    values, layout = table
+    with make_pager() as pager:
+        paged, dense = paged_and_dense(values, layout, pager)
+        for name, op in GATHERS.items():
+            expected = op(dense, torch.Generator().manual_seed(seed))
+            got = op(paged, torch.Generator().manual_seed(seed))
+            assert same_bits(got, expected), (name, layout, tuple(values.shape))
+            assert within_tier(pager)
+
+
+def test_a_row_gather_past_the_tier_faults_in_only_the_pages_of_its_rows():
+    """A 64-page table on an 8-page tier: ``t[i, j]``, ``gather`` along dim 0, ``take`` and a mask
+    reading rows 3 and 40 (a page each) fault in two pages, however large the table."""
+    values = torch.randn(64, 1024)  # one 4 KiB page a row
+    with make_pager() as pager:
+        t = PagedTensor.wrap(values.clone(), pager)
+        mask = torch.zeros(64, dtype=torch.bool)
+        mask[[3, 40]] = True
+        ops = {
+            "t[i, j]": lambda x: x[torch.tensor([40, 3, 40]), torch.tensor([0, 5, 1023])],
+            "gather": lambda x: torch.gather(x, 0, torch.tensor([[40, 3], [3, 3]])),
+            "take": lambda x: torch.take(x, torch.tensor([3 * 1024 + 7, 40 * 1024])),
+            "t[mask]": lambda x: x[mask],
+        }
+        for name, op in ops.items():
+            pager.evict_all()
+            before = pager.stats()["faults"]
+            assert same_bits(op(t), op(values)), name
+            assert pager.stats()["faults"] - before <= 2, name
+            assert within_tier(pager)
+
+
+@pytest.mark.parametrize(
+    "op, error",
+    [
+        (lambda t: t[torch.tensor([64]), torch.tensor([0])], IndexError),
+        (lambda t: t[torch.tensor([-65]), torch.tensor([0])], IndexError),
+        (lambda t: torch.gather(t, 0, torch.tensor([[-1]])), RuntimeError),
+        (lambda t: torch.gather(t, 0, torch.tensor([[64]])), RuntimeError),
+        (lambda t: torch.take(t, torch.tensor([64 * 1024])), IndexError),
+        (lambda t: t[torch.ones(3, dtype=torch.bool)], IndexError),
+        (lambda t: t[torch.tensor([1]), torch.tensor([1024])], IndexError),
+    ],
+    ids=["row past the end", "row before the start", "gather -1", "gather past the end", "take past the end",
+         "mask of another shape", "column past the end"],  # fmt: skip
+)
+def test_bad_indices_past_the_tier_raise_the_dense_error(op, error):
+    values = torch.randn(64, 1024)
+    with make_pager() as pager:
+        t = PagedTensor.wrap(values.clone(), pager)
+        with pytest.raises(error) as dense_error:
+            op(values)
+        with pytest.raises(error) as paged_error:
+            op(t)
+        assert str(dense_error.value).splitlines()[0] in str(paged_error.value)
+        assert within_tier(pager)
+
+
+def test_a_gather_whose_rows_each_span_the_table_still_raises():
+    """``t.T[:, i]`` reads along dim 0 of the storage: each of its rows spans every page, so no
+    piece of rows fits the tier; it raises ``OutOfPagesError`` naming the op."""
+    with make_pager() as pager:
+        t = PagedTensor.wrap(torch.randn(64, 1024), pager).T
+        with pytest.raises(OutOfPagesError, match="aten.index.Tensor"):
+            t[:, torch.tensor([1, 2])]
+
+
+def test_gathers_that_fit_the_tier_keep_the_generic_path(monkeypatch):
+    """A table that fits runs the op once on its pages: the compact-table and row-piece paths stay out."""
+    import pagedtensor.handlers.row_gathers as row_gathers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("past-the-tier path taken for a table that fits")
+
+    monkeypatch.setattr(row_gathers, "_elements_by_rows", refuse)
+    monkeypatch.setattr(row_gathers, "_row_pieces", refuse)
+    values = torch.randn(4, 1024)
+    with make_pager() as pager:
+        t = PagedTensor.wrap(values.clone(), pager)
+        for op in GATHERS.values():
+            assert same_bits(op(t, torch.Generator().manual_seed(1)), op(values, torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.gpu
+def test_gpu_gathers_past_the_tier_give_the_dense_result():
+    """Every form on a CUDA pager, a float and an integer table, each layout."""
+    with make_pager("cuda") as pager:
+        for dtype in (torch.float16, torch.int64):
+            for shape in ((1024, 48), (512, 3, 24)):
+                values = (torch.randn(shape, generator=torch.Generator().manual_seed(7)) * 50).to(dtype).cuda()
+                for layout in ("contiguous", "last dims swapped", "column slice"):
+                    paged, dense = paged_and_dense(values, layout, pager)
+                    for name, op in GATHERS.items():
+                        got = op(paged, torch.Generator().manual_seed(2))
+                        assert same_bits(got, op(dense, torch.Generator().manual_seed(2))), (name, dtype, shape, layout)
+                        assert within_tier(pager)
