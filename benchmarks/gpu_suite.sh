@@ -36,17 +36,17 @@ if [ "${SWEEPS:-all}" != "none" ]; then
                tests/test_torch_modules.py::test_gpu_every_module_with_paged_parameters_matches_the_dense_module_on_cuda; do
     for ((shard = 0; shard < shards; shard++)); do
       OMP_NUM_THREADS=1 PAGEDLLM_SWEEP_SHARD="$shard/$shards" timeout "${SWEEP_LIMIT_S:-540}" \
-        python3 -m pytest "$sweep" -m "gpu and sweep" -s -q -p no:cacheprovider \
+        python3 -m pytest "$sweep" -m "gpu and sweep" -s -q -p no:cacheprovider -p no:warnings \
         > "$shard_dir/${sweep##*::}_$shard.log" 2>&1 &
     done
   done
   wait
   for log in "$shard_dir"/*.log; do
     echo "== $(basename "$log" .log)"
-    grep -v '^\s*$' "$log" | tail -40
+    grep -v '^\s*$' "$log" | grep -v '^E  \|^\(tests\|[a-z_/.]*\.py\):[0-9]' | tail -60
     grep -q ' passed' "$log" || status=1
   done > "$OUT/gpu_sweeps.log"
-  grep -h '^== \|passed\|failed\|differ' "$OUT/gpu_sweeps.log" | tail -40
+  grep -h '^== \|passed\|failed\|sweep failure' "$OUT/gpu_sweeps.log" | tail -60
 fi
 [ "${BENCHES:-}" = none ] && exit $status
 for bench in ${BENCHES:-pager_transfers paged_attention dispatch_overhead host_sum pieces long_context}; do

@@ -502,18 +502,25 @@ def sweep_on_cuda(pager: Pager, cases: list, check: Callable[[Pager, object], No
                 check(pager, case)
                 torch.cuda.synchronize()
             except AssertionError as error:
-                failures.append(str(error).splitlines()[0][:300])
+                _report(failures, str(error).splitlines()[0][:300])
             except torch.AcceleratorError as error:
-                failures.append(f"{name(case)}: CUDA fault, sweep stopped: {str(error).splitlines()[0][:200]}")
+                _report(failures, f"{name(case)}: CUDA fault, sweep stopped: {str(error).splitlines()[0][:200]}")
                 return failures
             except Exception as error:  # noqa: BLE001 - reported with the rest
-                failures.append(f"{name(case)}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+                _report(failures, f"{name(case)}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
             if number % 100 == 0 or number == len(cases):
                 print(f"sweep: {number} of {len(cases)} cases, {len(failures)} failing", file=sys.stderr, flush=True)
     finally:
         torch.use_deterministic_algorithms(False)
     pager.close()
     return failures
+
+
+def _report(failures: list[str], failure: str) -> None:
+    """Keep ``failure`` for the test's message and print it at once (a sweep stopped by a time limit
+    still names what failed before it)."""
+    failures.append(failure)
+    print(f"sweep failure: {failure}", file=sys.stderr, flush=True)
 
 
 def _sweep_shard() -> slice:
