@@ -16,10 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
-
-PAGE = 4096
-DEVICE_PAGES = 8
-TIER_BYTES = DEVICE_PAGES * PAGE
+from tests.test_copy_ops_in_pieces import PAGE, TIER_BYTES, same_bits, within_tier
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool)
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -67,20 +64,6 @@ GATHERS: dict[str, Gather] = {
 # Forms whose pages are those of the rows the indices name: only those fault in.
 BY_ROWS = {"gather along dim 0", "gather along dim 0, an index wider than the table", "gather along dim 0, a transposed index",
            "take", "t[i, j]", "t[i, j] broadcast", "t[i.T, j.T]", "t[i, :, j]", "t[mask]", "t[mask of two dims]", "t[mask, j]"}  # fmt: skip
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same type, dtype, shape, strides, device and bits."""
-    if type(a) is not torch.Tensor or (a.dtype, a.shape, a.stride(), a.device) != (b.dtype, b.shape, b.stride(), b.device):
-        return False
-    if a.dtype.is_floating_point:
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
-    return torch.equal(a, b)
-
-
-def within_tier(pager: Pager) -> bool:
-    return pager.stats()["resident_bytes"]["device"] <= TIER_BYTES
 
 
 @st.composite
