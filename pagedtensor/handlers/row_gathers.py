@@ -1,5 +1,8 @@
-"""The handler of dim-0 row gathers (``index_select`` on dim 0, ``embedding``, ``index.Tensor`` with
-one index tensor on dim 0): only the pages holding the selected rows fault in, run by run.
+"""The handlers of gathers. Dim-0 row gathers (``index_select`` on dim 0, ``embedding``,
+``index.Tensor`` with one index tensor on dim 0): only the pages holding the selected rows fault in,
+run by run. Other gathers (``gather``, ``take``, ``index`` with several index tensors or a mask,
+``index_select`` along another dim) run the generic way, and past the device tier by the rows their
+indices name or a piece of rows at a time (:func:`gather_elements`).
 """
 
 from __future__ import annotations
