@@ -427,7 +427,7 @@ class PagedDispatcher:
                         f"PagedTensor: {func} would resize its PagedTensor output from {list(leaf.shape)} to "
                         f"{list(view.shape)}; pass an out= tensor of the result's shape{_describe(args, kwargs)}"
                     )
-                if math_bits(view) != math_bits(leaf):
+                if view.is_conj() != leaf.is_conj() or view.is_neg() != leaf.is_neg():  # math_bits, inline: per written leaf
                     # The kernel flipped its output's conjugate or negative bit in place (linalg_lu_solve.out
                     # with left=False sets the conjugate bit of a complex out=): the bytes hold the values
                     # under the view's new bits, the PagedTensor keeps its own, so its bytes are rewritten.

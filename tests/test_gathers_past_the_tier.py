@@ -61,9 +61,6 @@ GATHERS: dict[str, Gather] = {
     "t[:, mask]": lambda t, g: t[:, torch.rand(t.shape[1], generator=g) < 0.5],
     "t[:, i, j]": lambda t, g: t[:, _positions(t, 1, (2,), g), _positions(t, 2, (2,), g)] if t.dim() > 2 else t[:, _positions(t, 1, (2,), g)],
 }
-# Forms whose pages are those of the rows the indices name: only those fault in.
-BY_ROWS = {"gather along dim 0", "gather along dim 0, an index wider than the table", "gather along dim 0, a transposed index",
-           "take", "t[i, j]", "t[i, j] broadcast", "t[i.T, j.T]", "t[i, :, j]", "t[mask]", "t[mask of two dims]", "t[mask, j]"}  # fmt: skip
 
 
 @st.composite

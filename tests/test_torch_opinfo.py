@@ -138,11 +138,15 @@ def _backward_cases(device: str = "cpu") -> list:
     return cases
 
 
+def make_pager(device: str) -> Pager:
+    """The sweeps' pager: a device tier of DEVICE_PAGES pages, a host tier four times as large."""
+    return Pager(MemoryConfig(page_size=PAGE, vram_limit=DEVICE_PAGES * PAGE, host_memory=4 * DEVICE_PAGES * PAGE,
+                              slab_size=4 * DEVICE_PAGES * PAGE, prefetch_strategy="none", device=device))  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def pager():
-    config = dict(page_size=PAGE, vram_limit=DEVICE_PAGES * PAGE, host_memory=4 * DEVICE_PAGES * PAGE,
-                  slab_size=4 * DEVICE_PAGES * PAGE, prefetch_strategy="none", device="cpu")
-    with Pager(MemoryConfig(**config)) as p:
+    with make_pager("cpu") as p:
         yield p
 
 
@@ -479,10 +483,8 @@ def test_gpu_every_op_matches_the_dense_op_on_cuda():
     Deterministic algorithms where torch has them, warnings only where it has none. Each case ends
     with a device synchronize, so a kernel fault is reported at the case that made it (after one,
     the CUDA context is lost and the sweep stops)."""
-    config = dict(page_size=PAGE, vram_limit=DEVICE_PAGES * PAGE, host_memory=4 * DEVICE_PAGES * PAGE,
-                  slab_size=4 * DEVICE_PAGES * PAGE, prefetch_strategy="none", device="cuda")
     cases = [(op, dtype) for op in op_db for dtype in DTYPES if dtype in op.supported_dtypes("cuda")]
-    failures = sweep_on_cuda(Pager(MemoryConfig(**config)), cases, lambda pager, case: check_op(pager, *case, "cuda"),
+    failures = sweep_on_cuda(make_pager("cuda"), cases, lambda pager, case: check_op(pager, *case, "cuda"),
                              lambda case: f"{_name(case[0])} {case[1]}")  # fmt: skip
     assert not failures, f"{len(failures)} of {len(cases)} cases differ:\n" + "\n".join(failures)
 
@@ -491,11 +493,9 @@ def test_gpu_every_op_matches_the_dense_op_on_cuda():
 @pytest.mark.sweep
 def test_gpu_every_op_out_and_in_place_matches_the_dense_op_on_cuda():
     """The out= and in-place sweeps on a CUDA pager, every case in one test."""
-    config = dict(page_size=PAGE, vram_limit=DEVICE_PAGES * PAGE, host_memory=4 * DEVICE_PAGES * PAGE,
-                  slab_size=4 * DEVICE_PAGES * PAGE, prefetch_strategy="none", device="cuda")
     cases = [(check_out, *param.values) for param in _write_cases("cuda")]
     cases += [(check_inplace, *param.values) for param in _write_cases("cuda", inplace=True)]
-    failures = sweep_on_cuda(Pager(MemoryConfig(**config)), cases, lambda pager, case: case[0](pager, *case[1:], "cuda"),
+    failures = sweep_on_cuda(make_pager("cuda"), cases, lambda pager, case: case[0](pager, *case[1:], "cuda"),
                              lambda case: f"{_name(case[1])} {case[2]} {case[0].__name__}")  # fmt: skip
     assert not failures, f"{len(failures)} of {len(cases)} cases differ:\n" + "\n".join(failures)
 
@@ -563,9 +563,7 @@ def test_a_bad_sweep_shard_is_named(monkeypatch, shard):
 def test_gpu_every_op_backward_matches_the_dense_op_on_cuda():
     """The backward sweep on a CUDA pager, every case in one test. A dense backward that differs
     from run to run (atomics in index_add and scatter gradients) is compared to its accuracy."""
-    config = dict(page_size=PAGE, vram_limit=DEVICE_PAGES * PAGE, host_memory=4 * DEVICE_PAGES * PAGE,
-                  slab_size=4 * DEVICE_PAGES * PAGE, prefetch_strategy="none", device="cuda")
     cases = [param.values for param in _backward_cases("cuda")]
-    failures = sweep_on_cuda(Pager(MemoryConfig(**config)), cases, lambda pager, case: check_backward(pager, *case, "cuda"),
+    failures = sweep_on_cuda(make_pager("cuda"), cases, lambda pager, case: check_backward(pager, *case, "cuda"),
                              lambda case: f"{_name(case[0])} {case[1]} backward")  # fmt: skip
     assert not failures, f"{len(failures)} of {len(cases)} cases differ:\n" + "\n".join(failures)

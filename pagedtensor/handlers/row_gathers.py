@@ -34,7 +34,7 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
     """
     request = _row_request(func, args, kwargs)
     if request is None:
-        return _gather_whole_or_by_rows(func, types, args, kwargs)
+        return gather_elements(func, types, args, kwargs)
     table, index = request
     if func is aten.index_select.default and index.dim() > 1:  # torch's check, which its meta kernel lacks
         raise IndexError(f"PagedTensor: {func}: index_select(): Index is supposed to be a vector, got {index.dim()} dims")
@@ -44,24 +44,15 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
         return DISPATCHER.run_paged(func, types, args, kwargs)
     if index.numel() == 0:
         return _gather_of_no_rows(func, table, index)
-    rows_total = table.shape[0]
-    given = index.reshape(-1).to("cpu", torch.int64)
-    flat = torch.where(given < 0, given + rows_total, given) if func is aten.index.Tensor else given
-    bad = given[(flat < 0) | (flat >= rows_total)]
-    if bad.numel():  # checked here, before any page faults in (and before a CUDA kernel could assert)
-        raise IndexError(f"PagedTensor: {func}: index {int(bad[0])} is out of bounds for dimension 0 with size {rows_total}")
+    flat = _positions_in_range(func, index, table.shape[0], table.shape[0])
     copied = _whole_rows_copied(func, table, index, flat)
     if copied is not None:
         return copied
     rows, inverse = torch.unique(flat, sorted=True, return_inverse=True)
     compact = _rows_compacted(table, rows)
     renumbered = inverse.reshape(index.shape).to(index.device if func is aten.index.Tensor else table.device)
-    result = _call_with_table(func, compact, renumbered)
     # The dense op lays its result out after the table's strides: the same layout, exactly.
-    layout = _result_layout_of_rows(func, table, index)
-    if result.stride() != layout.stride():
-        result = torch.empty_strided(layout.shape, layout.stride(), dtype=result.dtype, device=result.device).copy_(result)
-    return result
+    return _laid_out_as(_call_with_table(func, compact, renumbered), _result_layout_of_rows(func, table, index))
 
 
 @implements([aten.gather.default, aten.take.default])
@@ -79,10 +70,6 @@ def gather_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
     Note:
         Past the tier, reads the indices on the host (a sync when they live on the GPU).
     """
-    return _gather_whole_or_by_rows(func, types, args, kwargs)
-
-
-def _gather_whole_or_by_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
     try:
         return DISPATCHER.run_paged(func, types, args, kwargs)
     except _OpTooLarge:
@@ -92,40 +79,60 @@ def _gather_whole_or_by_rows(func: OpOverload, types: tuple, args: tuple, kwargs
         by_rows = _elements_by_rows(func, args, kwargs)
         if by_rows is None:
             raise
-    table, row_index, index_dim0, run = by_rows
-    rows_total = table.shape[0]
-    given = row_index.reshape(-1).to("cpu", torch.int64)
-    # index and take count from the end; gather does not
-    flat = given if func is aten.gather.default else torch.where(given < 0, given + index_dim0, given)
-    bad = given[(flat < 0) | (flat >= index_dim0)]
-    if bad.numel():  # checked before any page faults in (and before a CUDA kernel could assert)
-        if func is aten.take.default:
-            raise IndexError(f"PagedTensor: {func}: out of range: tried to access index {int(bad[0])} on a tensor of {index_dim0} elements.")
-        error = IndexError if func is aten.index.Tensor else RuntimeError
-        raise error(f"PagedTensor: {func}: index {int(bad[0])} is out of bounds for dimension 0 with size {rows_total}")
-    row_elements = table.numel() // rows_total if func is aten.take.default else 1
+    table, row_index, bound, run = by_rows
+    flat = _positions_in_range(func, row_index, bound, table.shape[0])
+    row_elements = table.numel() // table.shape[0] if func is aten.take.default else 1
     rows, inverse = torch.unique(flat // row_elements, sorted=True, return_inverse=True)
     renumbered = inverse if row_elements == 1 else inverse * row_elements + flat % row_elements
     result = run(_rows_compacted(table, rows), renumbered.reshape(row_index.shape).to(row_index.device))
-    layout = run(_stand_in_of_rows(table), torch.zeros_like(row_index))
-    if result.stride() != layout.stride():
-        result = torch.empty_strided(layout.shape, layout.stride(), dtype=result.dtype, device=result.device).copy_(result)
-    return result
+    return _laid_out_as(result, run(_stand_in_of_rows(table), _zeros_laid_out_as(row_index)))
+
+
+def _positions_in_range(func: OpOverload, index: torch.Tensor, bound: int, rows_total: int) -> torch.Tensor:
+    """``index``'s values as int64 on the CPU, those below 0 counted from ``bound`` where ``func``
+    counts so (``index``, ``take``; not ``gather``, ``index_select``, ``embedding``), after checking
+    each is in ``[0, bound)``: else the error the dense op raises, naming the value as given,
+    before any page faults in (and before a CUDA kernel could assert)."""
+    given = index.reshape(-1).to("cpu", torch.int64)
+    counts_from_end = func is aten.index.Tensor or func is aten.take.default
+    flat = torch.where(given < 0, given + bound, given) if counts_from_end else given
+    bad = given[(flat < 0) | (flat >= bound)]
+    if bad.numel():
+        if func is aten.take.default:
+            raise IndexError(f"PagedTensor: {func}: out of range: tried to access index {int(bad[0])} on a tensor of {bound} elements.")
+        error = RuntimeError if func is aten.gather.default else IndexError
+        raise error(f"PagedTensor: {func}: index {int(bad[0])} is out of bounds for dimension 0 with size {rows_total}")
+    return flat
+
+
+def _laid_out_as(result: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """``result`` with ``layout``'s strides (a copy where they differ)."""
+    if result.stride() == layout.stride():
+        return result
+    return torch.empty_strided(layout.shape, layout.stride(), dtype=result.dtype, device=result.device).copy_(result)
+
+
+def _zeros_laid_out_as(index: torch.Tensor) -> torch.Tensor:
+    """Zeros with ``index``'s shape, dtype, device and strides (overlapping ones included)."""
+    reach = element_span(tuple(index.shape), index.stride(), 0)[1]
+    return torch.zeros(max(1, reach), dtype=index.dtype, device=index.device).as_strided(index.shape, index.stride())
 
 
 RowPiece = Callable[[torch.Tensor, int, int], torch.Tensor]
 """``piece(rows_of_table, start, stop)``: the op's result rows ``[start, stop)`` from the table's."""
 
 
-def _row_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[PagedTensor, int, RowPiece]]:
-    """``(table, rows, piece)`` when row ``r`` of ``func``'s result (of ``rows`` rows) is read
-    from row ``r`` of its PagedTensor table alone: ``gather`` or ``index_select`` along a dim other
+def _row_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[PagedTensor, int, int, RowPiece]]:
+    """``(table, rows, rows_a_piece, piece)`` when row ``r`` of ``func``'s result (of ``rows`` rows)
+    is read from row ``r`` of its PagedTensor table alone (a piece of ``rows_a_piece`` table rows at
+    a time, :func:`_rows_a_piece`): ``gather`` or ``index_select`` along a dim other
     than 0, ``index`` whose first index is ``None`` and whose index tensors stand side by side
     (``t[:, i]``; tensors apart move the indexed dims first). ``None`` for any other form."""
     table = args[0]
     if not isinstance(table, PagedTensor) or table.dim() < 2 or table.numel() == 0 or table._inner is not None:
         return None
-    if not 0 < _rows_a_piece(table) < table.shape[0]:
+    count = _rows_a_piece(table)
+    if not 0 < count < table.shape[0]:
         return None  # one row spans more than a piece (dim 0 is not the outermost), or all of them fit in one
     if func is aten.gather.default:
         dim, index = args[1], args[2]
@@ -135,29 +142,28 @@ def _row_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[P
         sparse_grad = kwargs.get("sparse_grad", args[3] if len(args) > 3 else False)
         if index.shape[0] > table.shape[0]:
             return None  # torch's size error, from the generic way
-        return table, index.shape[0], lambda rows, a, b: func(rows, dim, index[a:b], sparse_grad=sparse_grad)
+        return table, index.shape[0], count, lambda rows, a, b: func(rows, dim, index[a:b], sparse_grad=sparse_grad)
     if func is aten.index_select.default:
         dim, index = args[1], args[2]
         if kwargs or dim in (0, -table.dim()) or not isinstance(index, torch.Tensor):
             return None
         index = _dense(index)
-        return table, table.shape[0], lambda rows, a, b: func(rows, dim, index)
+        return table, table.shape[0], count, lambda rows, a, b: func(rows, dim, index)
     if func is not aten.index.Tensor or kwargs or not args[1] or args[1][0] is not None:
         return None
     indices = [_dense(item) if isinstance(item, torch.Tensor) else item for item in args[1]]
     places = [place for place, item in enumerate(indices) if item is not None]
     if not places or places != list(range(places[0], places[-1] + 1)):
         return None
-    return table, table.shape[0], lambda rows, a, b: func(rows, indices)
+    return table, table.shape[0], count, lambda rows, a, b: func(rows, indices)
 
 
-def _run_in_row_pieces(table: PagedTensor, rows: int, piece: RowPiece) -> torch.Tensor:
+def _run_in_row_pieces(table: PagedTensor, rows: int, count: int, piece: RowPiece) -> torch.Tensor:
     """The op's result, its rows computed a piece of the table's rows at a time (each piece spans at
-    most :func:`~pagedtensor.pieces.piece_elements_of` elements, or is one row), laid out as the
+    most :func:`~pagedtensor.pieces.piece_elements_of` elements: ``count`` rows), laid out as the
     dense op lays it (the op run on a plain stand-in of two rows with the table's strides)."""
     if rows == 0:
         return piece(_stand_in_of_rows(table, 0), 0, 0)
-    count = _rows_a_piece(table)
     probe = piece(_stand_in_of_rows(table, min(rows, 2)), 0, min(rows, 2))
     order = sorted(range(probe.dim()), key=lambda d: -probe.stride(d)) if probe.dim() else []
     result = torch.empty_permuted((rows, *probe.shape[1:]), order, dtype=probe.dtype, device=probe.device)
@@ -185,9 +191,7 @@ def _elements_by_rows(func: OpOverload, args: tuple, kwargs: dict) -> Optional[t
     elements); ``run(compact, renumbered)`` is the op on a table of the rows read, ``row_index``
     renumbered. ``None`` for any other form."""
     table = args[0]
-    if not isinstance(table, PagedTensor) or table.dim() == 0 or table.numel() == 0 or table.stride(0) == 0:
-        return None
-    if table._inner is not None or table.is_conj() or table.is_neg():
+    if not isinstance(table, PagedTensor) or table.dim() == 0 or not _rows_can_be_copied(table):
         return None
     if func is aten.take.default:
         index = args[1]
@@ -217,6 +221,12 @@ def _elements_by_rows(func: OpOverload, args: tuple, kwargs: dict) -> Optional[t
         return None
     rest = indices[1:]
     return table, first, table.shape[0], lambda compact, renumbered: func(compact, [renumbered, *rest])
+
+
+def _rows_can_be_copied(table: PagedTensor) -> bool:
+    """Whether :func:`_rows_compacted` can copy rows of ``table`` (of at least one dim): some
+    elements, rows that advance along dim 0, no conjugate or negative bit, not traced."""
+    return table._inner is None and table.numel() > 0 and table.stride(0) != 0 and not table.is_conj() and not table.is_neg()
 
 
 def _dense(tensor: torch.Tensor) -> torch.Tensor:
@@ -344,10 +354,7 @@ def _result_layout_of_rows(func: OpOverload, table: PagedTensor, index: torch.Te
     table's row layout and a zero index with the index's layout (its result is as large as the op's)."""
     if func is not aten.index.Tensor or index.is_contiguous():
         return _call_with_table(func, meta_like(table), index.to("meta"))
-    stand_in = _stand_in_of_rows(table)
-    index_reach = element_span(tuple(index.shape), index.stride(), 0)[1]
-    zeros = torch.zeros(max(1, index_reach), dtype=index.dtype, device=index.device).as_strided(index.shape, index.stride())
-    return _call_with_table(func, stand_in, zeros)
+    return _call_with_table(func, _stand_in_of_rows(table), _zeros_laid_out_as(index))
 
 
 def _call_with_table(func: OpOverload, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -382,7 +389,7 @@ def _row_request(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[
         if any(item is not None for item in indices[1:]):
             return None
         index = indices[0]
-    if table._inner is not None or table.numel() == 0 or table.stride(0) == 0 or table.is_conj() or table.is_neg():
+    if not _rows_can_be_copied(table):
         return None
     if isinstance(index, PagedTensor):
         index = index.materialize()
