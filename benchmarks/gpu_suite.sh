@@ -6,6 +6,7 @@
 #   BENCHES="pager_transfers paged_attention" bash benchmarks/gpu_suite.sh     (a subset)
 #   TESTS=none SWEEPS=none bash benchmarks/gpu_suite.sh                         (benchmarks only)
 #   TESTS=none BENCHES=none SWEEP_SHARDS=8 bash benchmarks/gpu_suite.sh         (the sweeps only)
+#   TEST_SHARDS=3 SWEEPS=none BENCHES=none bash benchmarks/gpu_suite.sh          (the tests only, 3 at once)
 #
 # The device machine's copy of the tree may lack .git: pass the commit in PAGEDLLM_COMMIT.
 # Each phase has a time limit, so one runaway phase cannot take the others' results with it.
@@ -20,8 +21,22 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 echo "commit $PAGEDLLM_COMMIT"
 status=0
 if [ "${TESTS:-all}" != "none" ]; then
-  timeout "${TEST_LIMIT_S:-300}" python3 -m pytest "${@:-tests}" -m "gpu and not sweep" -q -p no:cacheprovider 2>&1 \
-    | tee "$OUT/gpu_tests.log" | tail -8 || status=1
+  # TEST_SHARDS pytest processes at once (PAGEDLLM_TEST_SHARD=i/n, tests/conftest.py): the suite
+  # takes about 5 minutes in one process, mostly host time and Triton compiles.
+  test_shards="${TEST_SHARDS:-1}"
+  test_dir="$(mktemp -d)"
+  for ((shard = 0; shard < test_shards; shard++)); do
+    PAGEDLLM_TEST_SHARD="$shard/$test_shards" timeout "${TEST_LIMIT_S:-300}" \
+      python3 -m pytest "${@:-tests}" -m "gpu and not sweep" -q -p no:cacheprovider --durations=5 \
+      > "$test_dir/$shard.log" 2>&1 &
+  done
+  wait
+  for ((shard = 0; shard < test_shards; shard++)); do
+    echo "== test shard $shard/$test_shards"
+    cat "$test_dir/$shard.log"
+    grep -q ' passed' "$test_dir/$shard.log" && ! grep -q ' failed\| error' "$test_dir/$shard.log" || status=1
+  done > "$OUT/gpu_tests.log"
+  grep -h '^== \|passed\|failed\|error' "$OUT/gpu_tests.log" | tail -20
 fi
 if [ "${SWEEPS:-all}" != "none" ]; then
   # The CUDA sweeps of torch's OpInfo and ModuleInfo databases (torch.testing._internal needs

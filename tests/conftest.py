@@ -34,6 +34,8 @@ import torch  # noqa: E402  (after TRITON_INTERPRET)
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+from tests.support import shard_from_env  # noqa: E402
+
 settings.register_profile(
     "ci",
     deadline=None,
@@ -44,7 +46,15 @@ settings.register_profile("dev", deadline=None, max_examples=10)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected, so the shards share the selected tests
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu`` tests where no CUDA device is; with ``PAGEDLLM_TEST_SHARD=i/n`` keep every n-th
+    selected test from the i-th, so n pytest processes share one GPU's suite (benchmarks/gpu_suite.sh)."""
+    if "PAGEDLLM_TEST_SHARD" in os.environ:
+        kept = items[shard_from_env("PAGEDLLM_TEST_SHARD")]
+        kept_ids = {id(item) for item in kept}
+        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept_ids])
+        items[:] = kept
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device (runs on the GPU machine: benchmarks/gpu_suite.sh)")

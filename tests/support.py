@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Callable
 
@@ -33,3 +34,13 @@ def exit_zero_if_paged_and_equal(tensor: object, expected: object) -> None:
     from pagedtensor import PagedTensor
 
     sys.exit(0 if isinstance(tensor, PagedTensor) and torch.equal(tensor.materialize().cpu(), expected.cpu()) else 3)
+
+
+def shard_from_env(variable: str) -> slice:
+    """The share of a list this process takes: all of it, or with ``variable=i/n`` in the environment
+    every n-th item from the i-th (0-based), so n processes on one GPU share the work."""
+    shard = os.environ.get(variable, "0/1")
+    index, _, count = shard.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise ValueError(f"{variable} must be i/n with 0 <= i < n, got {shard!r}")
+    return slice(int(index), None, int(count))

@@ -37,6 +37,7 @@ from benchmarks.bench_dispatch_overhead import ForwardingTensor
 from pagedtensor import MemoryConfig, PagedTensor, Pager
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.tensor import _conjugate_fallback_on, _negative_fallback_on
+from tests.support import shard_from_env
 
 PAGE = 4096
 DEVICE_PAGES = 4096  # 16 MiB: the largest sample (grid_sampler_3d) is 20 MB; most are a few KiB
@@ -505,7 +506,7 @@ def sweep_on_cuda(pager: Pager, cases: list, check: Callable[[Pager, object], No
     the failures, each named. A CUDA fault ends the sweep there (the context is lost) and is the
     last failure; the pager is closed at the end."""
     failures = []
-    cases = cases[_sweep_shard()]
+    cases = cases[shard_from_env("PAGEDLLM_SWEEP_SHARD")]
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         for number, case in enumerate(cases, 1):
@@ -535,27 +536,17 @@ def _report(failures: list[str], failure: str) -> None:
     print(f"sweep failure: {failure}", file=sys.stderr, flush=True)
 
 
-def _sweep_shard() -> slice:
-    """The cases this process sweeps: every case, or with ``PAGEDLLM_SWEEP_SHARD=i/n`` every n-th
-    from the i-th (0-based), so n processes on one GPU share a sweep (it is bound by host time)."""
-    shard = os.environ.get("PAGEDLLM_SWEEP_SHARD", "0/1")
-    index, _, count = shard.partition("/")
-    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
-        raise ValueError(f"PAGEDLLM_SWEEP_SHARD must be i/n with 0 <= i < n, got {shard!r}")
-    return slice(int(index), None, int(count))
-
-
 @pytest.mark.parametrize("shard, picked", [("0/1", [0, 1, 2, 3, 4]), ("1/2", [1, 3]), ("2/3", [2])])
 def test_a_sweep_shard_takes_every_nth_case(monkeypatch, shard, picked):
     monkeypatch.setenv("PAGEDLLM_SWEEP_SHARD", shard)
-    assert list(range(5))[_sweep_shard()] == picked
+    assert list(range(5))[shard_from_env("PAGEDLLM_SWEEP_SHARD")] == picked
 
 
 @pytest.mark.parametrize("shard", ["2/2", "1", "a/3", "-1/2"])
 def test_a_bad_sweep_shard_is_named(monkeypatch, shard):
     monkeypatch.setenv("PAGEDLLM_SWEEP_SHARD", shard)
     with pytest.raises(ValueError, match=re.escape(repr(shard))):
-        _sweep_shard()
+        shard_from_env("PAGEDLLM_SWEEP_SHARD")
 
 
 @pytest.mark.gpu
