@@ -22,7 +22,6 @@ and with PagedTensor arguments: ``self`` afterwards must be the dense one bit fo
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import warnings
