@@ -34,7 +34,8 @@ if [ "${TESTS:-all}" != "none" ]; then
   for ((shard = 0; shard < test_shards; shard++)); do
     echo "== test shard $shard/$test_shards"
     cat "$test_dir/$shard.log"
-    grep -q ' passed' "$test_dir/$shard.log" && ! grep -q ' failed\| error' "$test_dir/$shard.log" || status=1
+    summary="$(tail -1 "$test_dir/$shard.log")"   # pytest's last line: "N passed, ... in Ts" or "N failed, ..."
+    [[ "$summary" == *" passed"* && "$summary" != *failed* && "$summary" != *error* ]] || status=1
   done > "$OUT/gpu_tests.log"
   grep -h '^== \|passed\|failed\|error' "$OUT/gpu_tests.log" | tail -20
 fi
