@@ -423,10 +423,7 @@ class PagedDispatcher:
             for leaf in written:
                 view = dense[id(leaf)]
                 if view.shape != leaf.shape or view.stride() != leaf.stride():
-                    raise NotImplementedError(
-                        f"PagedTensor: {func} would resize its PagedTensor output from {list(leaf.shape)} to "
-                        f"{list(view.shape)}; pass an out= tensor of the result's shape{_describe(args, kwargs)}"
-                    )
+                    raise resize_refused(func, leaf.shape, view.shape, args, kwargs)
                 if view.is_conj() != leaf.is_conj() or view.is_neg() != leaf.is_neg():  # math_bits, inline: per written leaf
                     # The kernel flipped its output's conjugate or negative bit in place (linalg_lu_solve.out
                     # with left=False sets the conjugate bit of a complex out=): the bytes hold the values
@@ -1010,6 +1007,14 @@ def _normalize_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def resize_refused(func: OpOverload, shape: Sequence[int], result_shape: Sequence[int], args: tuple, kwargs: dict) -> NotImplementedError:
+    """The error for an ``out=`` op that would resize its PagedTensor output (its pages are fixed)."""
+    return NotImplementedError(
+        f"PagedTensor: {func} would resize its PagedTensor output from {list(shape)} to "
+        f"{list(result_shape)}; pass an out= tensor of the result's shape{_describe(args, kwargs)}"
+    )
 
 
 def _describe(args: tuple, kwargs: dict) -> str:

@@ -2,22 +2,24 @@
 ``index.Tensor`` with one index tensor on dim 0): only the pages holding the selected rows fault in,
 run by run. Other gathers (``gather``, ``take``, ``index`` with several index tensors or a mask,
 ``index_select`` along another dim) run the generic way, and past the device tier by the rows their
-indices name or a piece of rows at a time (:func:`gather_elements`).
+indices name or a piece of rows at a time (:func:`gather_elements`). Their ``out=`` forms past the
+tier run the gather, then copy its result into ``out`` (:func:`gather_into_out`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
 from torch._ops import OpOverload
 from torch._prims_common import make_contiguous_strides_for
 
-from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, _row_byte_spans, _Window, aten, implements
+from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, _row_byte_spans, _Window, aten, implements, resize_refused
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.pieces import piece_elements_of
-from pagedtensor.tensor import PagedTensor, _pending_frees, drain_pending_frees, element_span, meta_like
+from pagedtensor.tensor import PagedTensor, _pending_frees, dense_and_non_overlapping, drain_pending_frees, element_span, meta_like
 
 
 @implements([aten.index_select.default, aten.embedding.default, aten.index.Tensor])
@@ -396,3 +398,112 @@ def _row_request(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[
     if func is aten.index.Tensor and index.dtype in (torch.bool, torch.uint8):
         return None  # a mask, not row numbers
     return table, index
+
+
+_FUNCTIONAL_OF_OUT = {
+    aten.gather.out: aten.gather.default,
+    aten.take.out: aten.take.default,
+    aten.index_select.out: aten.index_select.default,
+    aten.index.Tensor_out: aten.index.Tensor,
+    aten.embedding.out: aten.embedding.default,
+}
+
+
+@implements(list(_FUNCTIONAL_OF_OUT))
+def gather_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """The ``out=`` forms of the gathers: the generic way while their pages (``out``'s among them)
+    fit on the device tier at once; past it, torch's checks of ``out`` that need no page (its dtype
+    and device, :func:`_check_out_dtype_and_device`), then the gather itself (:func:`gather_rows`,
+    :func:`gather_elements`: only the rows read fault in, or a piece of rows at a time), then
+    ``out`` resized as torch resizes it (a plain ``out`` of another shape, with torch's warning; a
+    PagedTensor ``out`` of another shape raises, as on the generic path), checked for the overlaps
+    torch refuses (:func:`_check_out_overlaps`) and written with ``copy_`` (a PagedTensor ``out``
+    larger than the tier a piece at a time). Returns ``out``.
+
+    Note:
+        Stream order is that of the gather, then of the copy, both on the current stream. Nothing
+        is written to ``out`` before the gather has run (bad indices leave it untouched).
+    """
+    try:
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    except _OpTooLarge:
+        pass
+    out = kwargs["out"]
+    functional_kwargs = {key: value for key, value in kwargs.items() if key != "out"}
+    _check_out_dtype_and_device(func, args, functional_kwargs, out)
+    result = _FUNCTIONAL_OF_OUT[func](*args, **functional_kwargs)
+    if out.shape != result.shape:
+        if isinstance(out, PagedTensor):
+            raise resize_refused(func, out.shape, result.shape, args, kwargs)
+        _resize_output(out, _resized_layout(func, args, result))
+    _check_out_overlaps(func, out, args[0])
+    return aten.copy_.default(out, result)
+
+
+def _resized_layout(func: OpOverload, args: tuple, result: torch.Tensor) -> torch.Tensor:
+    """A tensor with the layout torch gives an ``out`` it resizes: ``take``'s that of ``empty_like``
+    of its index, the other gathers' that of their functional result."""
+    if func is not aten.take.out:
+        return result
+    index = args[1]
+    return torch.empty_like(meta_like(index) if isinstance(index, PagedTensor) else index, device="meta")
+
+
+def _resize_output(out: torch.Tensor, layout: torch.Tensor) -> None:
+    """Resize a plain ``out`` to ``layout``'s shape and strides, with the warning of torch's
+    ``resize_output`` when ``out`` had elements."""
+    if out.numel() != 0:
+        warnings.warn(
+            f"An output with one or more elements was resized since it had shape {list(out.shape)}, which does not "
+            f"match the required output shape {list(layout.shape)}. This behavior is deprecated, and in a future "
+            "PyTorch release outputs will not be resized unless they have zero elements. You can explicitly reuse "
+            "an out tensor t by resizing it, inplace, to zero elements with t.resize_(0).",
+            stacklevel=4,
+        )
+    out.resize_(layout.shape)
+    if out.stride() != layout.stride():
+        out.as_strided_(layout.shape, layout.stride())
+
+
+def _check_out_dtype_and_device(func: OpOverload, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+    """torch's own errors for an ``out`` of the wrong dtype or device (and for arguments of the
+    wrong dtype or rank), raised by ``func`` itself run on one-element zero stand-ins of its tensor
+    arguments into an empty tensor of ``out``'s dtype and device. No page is read."""
+
+    def stand_in(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return torch.zeros((1,) * value.dim(), dtype=value.dtype, device=value.device)
+        if type(value) in (list, tuple):
+            return type(value)(stand_in(item) for item in value)
+        return value
+
+    with warnings.catch_warnings():  # the gather itself warns as torch does (a uint8 mask, say), once
+        warnings.simplefilter("ignore")
+        func(*(stand_in(value) for value in args), **kwargs, out=torch.empty(0, dtype=out.dtype, device=out.device))
+
+
+_INTERNAL_OVERLAP = (
+    "unsupported operation: more than one element of the written-to tensor refers to a single memory location. "
+    "Please clone() the tensor before performing the operation."
+)
+_OVERLAP_WITH_INPUT = (
+    "unsupported operation: some elements of the input tensor and the written-to tensor refer to a single memory "
+    "location. Please clone() the tensor before performing the operation."
+)
+
+
+def _check_out_overlaps(func: OpOverload, out: torch.Tensor, table: Any) -> None:
+    """torch's errors for an ``out`` whose elements overlap each other (a dim of stride 0) or, but for
+    ``embedding`` (which torch runs into a temporary), the table's elements: both PagedTensors of one
+    allocation, dense, their spans meeting (torch checks dense layouts only)."""
+    if torch._debug_has_internal_overlap(meta_like(out) if isinstance(out, PagedTensor) else out) == 1:
+        raise RuntimeError(f"PagedTensor: {func}: {_INTERNAL_OVERLAP}")
+    if func is aten.embedding.out or not isinstance(out, PagedTensor) or not isinstance(table, PagedTensor):
+        return
+    if out.allocation is None or out.allocation is not table.allocation or out.numel() == 0 or table.numel() == 0:
+        return
+    if not (dense_and_non_overlapping(out.shape, out.stride()) and dense_and_non_overlapping(table.shape, table.stride())):
+        return
+    out_start, table_start = out._offset * out.dtype.itemsize, table._offset * table.dtype.itemsize
+    if out_start < table_start + table.nbytes and table_start < out_start + out.nbytes:
+        raise RuntimeError(f"PagedTensor: {func}: {_OVERLAP_WITH_INPUT}")
