@@ -121,6 +121,26 @@ def test_a_row_gather_past_the_tier_faults_in_only_the_pages_of_its_rows():
             assert within_tier(pager)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_a_gather_or_take_by_an_empty_index_reads_no_page(layout):
+    """On a table that fits the tier and on one past it: the dense op's result, no fault."""
+    ops = {
+        "gather along dim 0": lambda x: torch.gather(x, 0, torch.empty(0, x.shape[1], dtype=torch.int64)),
+        "gather along dim 1, a transposed index": lambda x: torch.gather(x, 1, torch.empty(0, 2, dtype=torch.int64).T),
+        "take": lambda x: torch.take(x, torch.empty(0, 3, dtype=torch.int64)),
+    }
+    with make_pager() as pager:
+        for values in (torch.randn(4, 100), torch.randn(3000, 40)):
+            t = PagedTensor.wrap(values.clone(), pager)
+            if layout == "transposed":
+                values, t = values.T, t.T
+            for name, op in ops.items():
+                pager.evict_all()
+                before = pager.stats()["faults"]
+                assert same_bits(op(t), op(values)), (name, tuple(values.shape))
+                assert pager.stats()["faults"] == before, (name, tuple(values.shape))
+
+
 @pytest.mark.parametrize(
     "op, error",
     [

@@ -69,9 +69,15 @@ def gather_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
     another dim, ``t[:, i]``), the op runs on a piece of rows at a time (:func:`_row_pieces`).
     Other forms raise :class:`OutOfPagesError` past the tier.
 
+    ``gather`` and ``take`` by an empty index read no page: they run on a stand-in of the table's
+    shape that holds one element (their result's layout follows the index alone).
+
     Note:
         Past the tier, reads the indices on the host (a sync when they live on the GPU).
     """
+    if _reads_no_element(func, args):
+        table = args[0]
+        return func(torch.zeros((), dtype=table.dtype, device=table.device).expand(table.shape), *args[1:], **kwargs)
     try:
         return DISPATCHER.run_paged(func, types, args, kwargs)
     except _OpTooLarge:
@@ -88,6 +94,14 @@ def gather_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
     renumbered = inverse if row_elements == 1 else inverse * row_elements + flat % row_elements
     result = run(_rows_compacted(table, rows), renumbered.reshape(row_index.shape).to(row_index.device))
     return _laid_out_as(result, run(_stand_in_of_rows(table), _zeros_laid_out_as(row_index)))
+
+
+def _reads_no_element(func: OpOverload, args: tuple) -> bool:
+    """Whether ``func`` is ``gather`` or ``take`` of a PagedTensor table by an empty index tensor."""
+    if not isinstance(args[0], PagedTensor):
+        return False
+    index = args[2] if func is aten.gather.default and len(args) > 2 else args[1] if func is aten.take.default else None
+    return isinstance(index, torch.Tensor) and index.numel() == 0
 
 
 def _positions_in_range(func: OpOverload, index: torch.Tensor, bound: int, rows_total: int) -> torch.Tensor:
