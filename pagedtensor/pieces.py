@@ -49,7 +49,9 @@ _ELEMENTWISE = frozenset({aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tens
                           # elementwise, but without torch's pointwise tag
                           aten.rsub.Tensor, aten.fill.Scalar, aten.floor_divide.default, aten.floor_divide.Scalar,
                           aten.floor_divide_.Tensor, aten.floor_divide_.Scalar, aten.floor_divide.out, aten.floor_divide.Scalar_out,
-                          aten.complex.default, aten.complex.out, aten.polar.default, aten.polar.out})  # fmt: skip
+                          aten.complex.default, aten.complex.out, aten.polar.default, aten.polar.out,
+                          aten.masked_fill_.Scalar, aten.masked_fill_.Tensor, aten.masked_fill.Tensor,
+                          aten.masked_fill.Scalar_out, aten.masked_fill.Tensor_out})  # fmt: skip
 
 
 def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -> Any:

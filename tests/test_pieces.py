@@ -292,6 +292,18 @@ def _fill(t: torch.Tensor) -> torch.Tensor:
     return torch.fill(t, 3.0)
 
 
+def _masked_fill_in_place(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.masked_fill_(b > 2.5, -1.0)
+
+
+def _masked_fill_by_a_tensor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.masked_fill(b > 2.5, torch.tensor(-1.0))
+
+
+def _masked_fill_in_place_by_a_tensor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.masked_fill_(b > 2.5, torch.tensor(-1.0))
+
+
 UNTAGGED_ELEMENTWISE = {  # name: (op, dtype, tensor arguments)
     "rsub": (torch.rsub, torch.float32, 2),
     "floor_divide": (torch.floor_divide, torch.float32, 2),
@@ -300,15 +312,32 @@ UNTAGGED_ELEMENTWISE = {  # name: (op, dtype, tensor arguments)
     "fill": (_fill, torch.float32, 1),
     "complex": (torch.complex, torch.float32, 2),
     "polar": (torch.polar, torch.float32, 2),
+    "masked_fill_": (_masked_fill_in_place, torch.float32, 2),
+    "masked_fill_ by a tensor": (_masked_fill_in_place_by_a_tensor, torch.float32, 2),
 }
+
+
+def test_masked_fill_by_a_tensor_runs_in_pieces_where_it_keeps_the_layout():
+    """``masked_fill`` by a tensor value lays its result out contiguously whatever its input's
+    layout: on a contiguous tensor it runs in pieces, on a transposed one (whose pieces would need
+    another layout than their result's) it still raises ``OutOfPagesError``."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.rand(64, 300, generator=generator) * 4 for _ in range(2))
+    with make_pager("cpu") as pager:
+        got = _masked_fill_by_a_tensor(PagedTensor.wrap(a.clone(), pager), PagedTensor.wrap(b.clone(), pager))
+        assert same_bits(dense(got), _masked_fill_by_a_tensor(a, b))
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
+        transposed = [PagedTensor.wrap(t.t().contiguous(), pager).t() for t in (a, b)]
+        with pytest.raises(OutOfPagesError, match="aten.masked_fill.Tensor"):
+            _masked_fill_by_a_tensor(*transposed)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("name", sorted(UNTAGGED_ELEMENTWISE))
 def test_elementwise_ops_without_the_pointwise_tag_run_in_pieces(device, transposed, name):
-    """``rsub``, ``floor_divide`` (and in place), ``torch.fill``, ``torch.complex`` and ``torch.polar``
-    are elementwise but lack torch's ``pointwise`` tag: they raised OutOfPagesError on tensors larger
+    """``rsub``, ``floor_divide`` (and in place), ``torch.fill``, ``torch.complex``, ``torch.polar``
+    and ``masked_fill_`` are elementwise but lack torch's ``pointwise`` tag: they raised OutOfPagesError on tensors larger
     than the device tier (found by sweeping torch's unary and binary ufuncs with large inputs)."""
     op, dtype, count = UNTAGGED_ELEMENTWISE[name]
     generator = torch.Generator().manual_seed(0)
