@@ -103,6 +103,81 @@ def test_row_scatters_on_tables_larger_than_the_device_tier_equal_dense(data, co
         assert same_bits(table.materialize(), expected)
 
 
+ELEMENT_FORMS = ["t[i, j] = v", "t[i, j] = v broadcast indices", "t[i, j] += v (accumulate)", "t[i, j, k] = v",
+                 "t[mask of 2 dims] = v", "t[mask of every dim] = 0", "t[int32 i, j] = v"]  # fmt: skip
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    form=st.sampled_from(ELEMENT_FORMS),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.int64]),
+    three_dims=st.booleans(),
+    values_per_place=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_element_scatters_on_tables_larger_than_the_device_tier_equal_dense(data, form, dtype, three_dims, values_per_place, seed):
+    """``index_put_`` by several index tensors (broadcast together) or by a mask over several dims,
+    on random tables of 2 to 6 times the device tier: the table ends bitwise as the dense one, the
+    device tier's budget holds. (A mask of several dims raised an IndexError naming a one-row
+    shape; several index tensors raised OutOfPagesError.)"""
+    three_dims = three_dims or form == "t[i, j, k] = v"
+    cols = data.draw(st.integers(4, 40), label="cols")
+    row_elements = cols * (3 if three_dims else 1)
+    rows = data.draw(st.integers(2 * 8 * PAGE // (row_elements * dtype.itemsize) + 1, 6 * 8 * PAGE // (row_elements * dtype.itemsize) + 2), label="rows")
+    shape = (rows, 3, cols) if three_dims else (rows, cols)
+    generator = torch.Generator().manual_seed(seed)
+    base = random_values(shape, dtype, generator)
+    count = data.draw(st.integers(0, 10), label="places")
+    if form in ("t[mask of 2 dims] = v", "t[mask of every dim] = 0"):
+        mask_shape = shape[:2] if form == "t[mask of 2 dims] = v" else shape
+        indices = (torch.rand(mask_shape, generator=generator) < 0.05,)
+        places = (int(indices[0].sum()),)
+    else:
+        pairs = data.draw(st.lists(st.tuples(*(st.integers(-size, size - 1) for size in shape)), max_size=count,
+                                   unique_by=lambda pair: tuple(p % s for p, s in zip(pair, shape))), label="places")  # fmt: skip
+        if form == "t[i, j] += v (accumulate)":
+            pairs = pairs + pairs[: len(pairs) // 2]  # repeats, summed
+        indexed = 3 if form == "t[i, j, k] = v" else 2
+        indices = tuple(torch.tensor([pair[d] for pair in pairs], dtype=torch.long) for d in range(indexed))
+        if form == "t[int32 i, j] = v":
+            indices = (indices[0].int(), *indices[1:])
+        if form == "t[i, j] = v broadcast indices":  # rows (n, 1) against columns (1, m), distinct pairs by construction
+            rows_picked = torch.unique(indices[0] % shape[0])[:3]
+            indices = (rows_picked.view(-1, 1), torch.unique(indices[1] % shape[1])[:4].view(1, -1))
+        places = tuple(torch.broadcast_shapes(*(index.shape for index in indices)))
+    trailing = shape[len(indices) if indices[0].dtype != torch.bool else indices[0].dim():]
+    if form == "t[mask of every dim] = 0" or not values_per_place:
+        values = random_values(trailing, dtype, generator)
+    else:
+        values = random_values((*places, *trailing), dtype, generator)
+    accumulate = form == "t[i, j] += v (accumulate)"
+    with make_pager() as pager:
+        table = PagedTensor.wrap(base.clone(), pager)
+        expected = base.clone()
+        assert table.index_put_(indices, values.clone(), accumulate=accumulate) is table
+        expected.index_put_(indices, values.clone(), accumulate=accumulate)
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+        assert same_bits(table.materialize(), expected), form
+
+
+def test_an_element_scatter_faults_in_only_the_pages_of_its_rows():
+    """``t[i, j] = v`` and ``t[mask] = v`` (a mask over both dims) on a 16-page table write rows 1,
+    50 and 51: pages 0 and 12 fault in."""
+    with make_pager() as pager:
+        x = rows_tensor()
+        table = PagedTensor.wrap(x.clone(), pager)
+        mask = torch.zeros(64, 256, dtype=torch.bool)
+        mask[1, 7] = mask[50, 0] = mask[51, 255] = True
+        pager.evict_all()
+        before = pager.stats()["faults"]
+        for target in (table, x):
+            target[torch.tensor([50, 1, 51]), torch.tensor([3, -1, 0])] = torch.tensor([1.0, 2.0, 3.0])
+            target[mask] = -1.0
+        assert pager.stats()["faults"] - before == 2
+        assert torch.equal(table.materialize(), x)
+
+
 def rows_tensor(rows: int = 64, cols: int = 256) -> torch.Tensor:
     """fp32 rows of ``cols`` elements: with 256 (1 KiB), rows 4k..4k+3 lie on page k."""
     return torch.arange(rows * cols, dtype=torch.float32).view(rows, cols)
@@ -185,6 +260,14 @@ BAD_CALLS = {
     "index_put dtype": lambda t: t.index_put_((torch.tensor([1]),), torch.zeros(1, 256, dtype=torch.float64)),
     "index_put float index": lambda t: t.index_put_((torch.tensor([1.0]),), torch.zeros(1, 256)),
     "index_put mask length": lambda t: t.index_put_((torch.ones(5, dtype=torch.bool),), torch.zeros(256)),
+    "setitem mask of 2 dims, a column short": lambda t: t.__setitem__(torch.ones(64, 255, dtype=torch.bool), 0.0),
+    "setitem mask of 2 dims, a row short": lambda t: t.__setitem__(torch.ones(63, 256, dtype=torch.bool), 0.0),
+    "setitem mask of 2 dims, values": lambda t: t.__setitem__(torch.ones(64, 256, dtype=torch.bool), torch.zeros(3)),
+    "index_put two indices, column out of bounds": lambda t: t.index_put_((torch.tensor([1, 2]), torch.tensor([0, 256])), torch.zeros(2)),
+    "index_put two indices, row out of bounds": lambda t: t.index_put_((torch.tensor([1, 64]), torch.tensor([0, 5])), torch.zeros(2)),
+    "index_put two indices not broadcastable": lambda t: t.index_put_((torch.tensor([1, 2]), torch.tensor([0, 1, 2])), torch.zeros(1)),
+    "index_put two indices, values": lambda t: t.index_put_((torch.tensor([1, 2]), torch.tensor([0, 1])), torch.zeros(3)),
+    "index_put two indices, float": lambda t: t.index_put_((torch.tensor([1, 2]), torch.tensor([0.0, 1.0])), torch.zeros(2)),
     "index_put empty shape": lambda t: t.index_put_((torch.zeros(0, dtype=torch.long),), torch.zeros(3, 256)),
     "index_copy out of bounds": lambda t: t.index_copy_(0, torch.tensor([64]), torch.zeros(1, 256)),
     "index_copy negative": lambda t: t.index_copy_(0, torch.tensor([-1]), torch.zeros(1, 256)),

@@ -1,12 +1,13 @@
-"""The handler of dim-0 row scatters in place (``index_put_`` with one index tensor on dim 0,
-``index_copy_``, ``index_add_``, ``index_fill_``): only the pages holding the written rows fault
-in, a run of pages at a time.
+"""The handler of dim-0 row scatters in place (``index_put_`` with index tensors on the leading
+dims or a bool mask over them, ``index_copy_``, ``index_add_``, ``index_fill_``): only the pages
+holding the written rows fault in, a run of pages at a time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Optional, Sequence
 
 import torch
 from torch._ops import OpOverload
@@ -36,11 +37,14 @@ class _RowScatter:
     """``values`` (index_put_), ``source`` (index_copy_, index_add_) or ``value`` (index_fill_)."""
     options: dict
     """The other arguments by name (``accumulate``, ``alpha``)."""
+    rest: tuple = ()
+    """``index_put_``'s index tensors on dims 1, 2, ... (``t[i, j] = v``), plain, on the table's device."""
 
-    def arguments(self, table: torch.Tensor, index: torch.Tensor, source: Any) -> tuple:
-        """``func``'s positional arguments for ``table``, ``index`` (positions on dim 0) and ``source``."""
+    def arguments(self, table: torch.Tensor, index: torch.Tensor, source: Any, rest: Optional[tuple] = None) -> tuple:
+        """``func``'s positional arguments for ``table``, ``index`` (positions on dim 0), ``source``
+        and (``index_put_``) the index tensors of the next dims (``self.rest`` where not given)."""
         if self.func is aten.index_put_.default:
-            return table, [index], source
+            return table, [index, *(self.rest if rest is None else rest)], source
         return table, 0, index, source
 
     def call(self, table: torch.Tensor, index: torch.Tensor, source: Any) -> Any:
@@ -64,9 +68,15 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
     before any page faults in: shapes and dtypes on a stand-in table with as many rows as are
     written (no page read), index bounds on the index's values. An empty index faults nothing in.
 
+    ``index_put_`` (``t[i, j] = v``) may take index tensors on the next dims too, broadcast with
+    the first: each run takes the places of its rows from all of them. A bool mask over several
+    leading dims (``t[t > 0] = 0``) is taken as the index tensors of its positions, row-major, as
+    torch takes it.
+
     A table that fits in one piece runs the generic way, and so does any other form of the op
-    (another dim, several index tensors, a byte or multi-dim mask, a table with the conjugate or
-    negative bit, a source that is a view of the table's pages, an index or source on another device).
+    (another dim, a mask among several indices, ``None`` between index tensors (``t[i, :, j]``), a
+    byte mask, a table with the conjugate or negative bit, a source that is a view of the table's
+    pages, an index or source on another device).
 
     Note:
         Reads the index tensor on the host (a sync when it lives on the GPU), as a row gather does.
@@ -76,9 +86,11 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
     request = _row_scatter_request(func, args, kwargs)
     if request is None or not _larger_than_a_piece([request.table]):
         return DISPATCHER.run_paged(func, types, args, kwargs)
+    request = _mask_as_positions(request)
     given = _index_values(request)
-    if given is None:
-        _check_on_a_stand_in(request, request.index, 1)  # torch's error for the index dtype
+    if given is None or any(index.dtype not in (torch.int64, torch.int32) for index in request.rest):
+        if request.index.dtype not in (torch.bool, torch.uint8):
+            _check_on_a_stand_in(request, request.index, 1)  # torch's error for an index's dtype
         return DISPATCHER.run_paged(func, types, args, kwargs)
     rows_total = request.table.shape[0]
     positions = torch.where(given < 0, given + rows_total, given) if func in _WRAPS_NEGATIVE_INDICES else given
@@ -88,13 +100,16 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
     _check_on_a_stand_in(request, renumbered.to(request.table.device, index_dtype), rows.numel())  # torch's shape and dtype checks
     if not bool(in_bounds.all()):
         raise _index_out_of_bounds(func, int(given[~in_bounds][0]), rows_total)
-    if positions.numel() == 0:
+    # Several index tensors (index_put_) broadcast together: one place per element of their shape.
+    places_shape = torch.broadcast_shapes(positions.shape, *(index.shape for index in request.rest))
+    if math.prod(places_shape) == 0:
         return request.table
-    source_rows = _source_by_position(request, positions.numel())
+    source_rows = _source_by_position(request, places_shape)
     runs = _runs_of_rows(request.table, rows)
     if source_rows is _NOT_BY_POSITION or runs is None:
         return DISPATCHER.run_paged(func, types, args, kwargs)  # nothing written yet
-    flat = positions.reshape(-1)
+    flat = positions.expand(places_shape).reshape(-1)
+    rest = [index.expand(places_shape).reshape(-1) for index in request.rest]
     order = torch.argsort(flat, stable=True)  # index places by row, each row's in the index's order
     by_row = flat[order]
     for lo, hi in runs:
@@ -102,7 +117,8 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
         places = order[first:stop].sort().values  # the run's places, in the index's order
         run_source = request.source if source_rows is None else source_rows.index_select(0, places.to(source_rows.device))
         run_index = (flat[places] - lo).to(request.table.device)
-        run_args = request.arguments(request.table.narrow(0, lo, hi - lo), run_index, run_source)
+        run_rest = tuple(index.index_select(0, places.to(index.device)) for index in rest)
+        run_args = request.arguments(request.table.narrow(0, lo, hi - lo), run_index, run_source, run_rest)
         DISPATCHER.run_paged(func, types, run_args, dict(request.options))
     return request.table
 
@@ -118,10 +134,14 @@ def _row_scatter_request(func: OpOverload, args: tuple, kwargs: dict) -> Optiona
         return None
     if table.stride(0) == 0 or table.is_conj() or table.is_neg():
         return None
+    rest: tuple = ()
     if func is aten.index_put_.default:
         indices = bound["indices"]
-        if len(indices) != 1 or not isinstance(indices[0], torch.Tensor):
+        if not indices or not all(isinstance(index, torch.Tensor) for index in indices) or len(indices) > table.dim():
             return None
+        if len(indices) > 1 and any(index.dtype in (torch.bool, torch.uint8) or index.device != table.device for index in indices):
+            return None  # masks among several indices, or an index on another device: the generic way
+        rest = tuple(index.materialize() if isinstance(index, PagedTensor) else index for index in indices[1:])
         index, source, options = indices[0], bound["values"], {"accumulate": bound["accumulate"]}
     else:
         if bound["dim"] not in (0, -table.dim()):
@@ -139,7 +159,7 @@ def _row_scatter_request(func: OpOverload, args: tuple, kwargs: dict) -> Optiona
         source = source.materialize()
     if isinstance(index, PagedTensor):
         index = index.materialize()
-    return _RowScatter(func, table, index, source, options)
+    return _RowScatter(func, table, index, source, options, rest)
 
 
 def _piece_pages(table: PagedTensor) -> int:
@@ -161,6 +181,24 @@ def _index_values(request: _RowScatter) -> Optional[torch.Tensor]:
         raise IndexError(f"The shape of the mask [{index.shape[0]}] at index 0 does not match the shape of the indexed tensor "
                          f"{list(request.table.shape)} at index 0")  # fmt: skip
     return torch.nonzero(index.to("cpu")).flatten()
+
+
+def _mask_as_positions(request: _RowScatter) -> _RowScatter:
+    """``index_put_`` by a bool mask over two or more leading dims (``t[t > 0] = 0``) as the index
+    tensors of its positions, in the order torch takes them (row-major); torch's IndexError for a
+    mask of another shape. Any other request as it is."""
+    mask = request.index
+    if request.func is not aten.index_put_.default or mask.dtype != torch.bool or mask.dim() < 2 or request.rest:
+        return request
+    table = request.table
+    if mask.dim() > table.dim():
+        return request  # torch's own error, the generic way
+    for dim in range(mask.dim()):
+        if mask.shape[dim] != table.shape[dim]:
+            raise IndexError(f"The shape of the mask {list(mask.shape)} at index {dim} does not match the shape of the "
+                             f"indexed tensor {list(table.shape)} at index {dim}")  # fmt: skip
+    positions = [column.to(table.device) for column in mask.nonzero().unbind(1)]
+    return replace(request, index=positions[0], rest=tuple(positions[1:]))
 
 
 def _check_on_a_stand_in(request: _RowScatter, index: torch.Tensor, rows: int) -> None:
@@ -191,25 +229,25 @@ def _index_out_of_bounds(func: OpOverload, index: int, rows_total: int) -> Excep
 _NOT_BY_POSITION = object()
 
 
-def _source_by_position(request: _RowScatter, count: int) -> Any:
-    """The source as one row per index position (flattened, ``count`` rows), ``None`` where the
-    source is broadcast along dim 0 (each run takes it as it is), or :data:`_NOT_BY_POSITION` for a
-    source of a form not handled here. Called after torch's checks passed."""
+def _source_by_position(request: _RowScatter, places_shape: Sequence[int]) -> Any:
+    """The source as one row per index place (flattened over ``places_shape``, the shape of the
+    index tensors broadcast, or for a 1-D mask its count), ``None`` where the source is broadcast
+    along those places (each run takes it as it is), or :data:`_NOT_BY_POSITION` for a source of a
+    form not handled here. Called after torch's checks passed."""
     source = request.source
     if not isinstance(source, torch.Tensor) or source.dim() == 0 or request.func.overloadpacket is aten.index_fill_:
         return None  # a value filled into every row
     if request.func is not aten.index_put_.default:
         return source if source.dim() == request.table.dim() else _NOT_BY_POSITION
-    # index_put_: values broadcast to the indexing result, (*index positions, *row shape).
-    lead = 1 if request.index.dtype == torch.bool else request.index.dim()
-    indexed_dims = lead + request.table.dim() - 1
+    # index_put_: values broadcast to the indexing result, (*index places, *shape of the dims not indexed).
+    lead = len(places_shape)
+    indexed_dims = lead + request.table.dim() - 1 - len(request.rest)
     if source.dim() > indexed_dims:
         return _NOT_BY_POSITION
     padded = source[(None,) * (indexed_dims - source.dim())]
     if all(size == 1 for size in padded.shape[:lead]):
         return None
-    index_shape = (count,) if request.index.dtype == torch.bool else tuple(request.index.shape)
-    return padded.expand(*index_shape, *padded.shape[lead:]).flatten(0, lead - 1)
+    return padded.expand(*places_shape, *padded.shape[lead:]).flatten(0, lead - 1)
 
 
 def _runs_of_rows(table: PagedTensor, rows: torch.Tensor) -> Optional[list[tuple[int, int]]]:
