@@ -161,18 +161,19 @@ def test_element_scatters_on_tables_larger_than_the_device_tier_equal_dense(data
         assert same_bits(table.materialize(), expected), form
 
 
-def test_an_element_scatter_faults_in_only_the_pages_of_its_rows():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_an_element_scatter_faults_in_only_the_pages_of_its_rows(device):
     """``t[i, j] = v`` and ``t[mask] = v`` (a mask over both dims) on a 16-page table write rows 1,
     50 and 51: pages 0 and 12 fault in."""
-    with make_pager() as pager:
-        x = rows_tensor()
+    with make_pager(device=device) as pager:
+        x = rows_tensor().to(device)
         table = PagedTensor.wrap(x.clone(), pager)
-        mask = torch.zeros(64, 256, dtype=torch.bool)
+        mask = torch.zeros(64, 256, dtype=torch.bool, device=device)
         mask[1, 7] = mask[50, 0] = mask[51, 255] = True
         pager.evict_all()
         before = pager.stats()["faults"]
         for target in (table, x):
-            target[torch.tensor([50, 1, 51]), torch.tensor([3, -1, 0])] = torch.tensor([1.0, 2.0, 3.0])
+            target[torch.tensor([50, 1, 51], device=device), torch.tensor([3, -1, 0], device=device)] = torch.tensor([1.0, 2.0, 3.0], device=device)
             target[mask] = -1.0
         assert pager.stats()["faults"] - before == 2
         assert torch.equal(table.materialize(), x)
