@@ -4,7 +4,8 @@ shape and strides bit for bit with the device tier never over its budget. Where 
 lie in rows named by the indices (``gather`` along dim 0, ``take``, ``t[i, j]``, ``t[mask]``) only
 the pages of those rows fault in; where each result row is read from the same table row
 (``gather``/``index_select`` along another dim, ``t[:, i]``) the op runs a piece of rows at a time.
-Bad indices raise the dense op's error before any page moves."""
+A table whose dim 0 is not the outermost in memory (``t.T``, ``t.permute(2, 0, 1)``) runs the op
+on its dims ordered outermost first. Bad indices raise the dense op's error before any page moves."""
 
 from __future__ import annotations
 
@@ -63,20 +64,47 @@ GATHERS: dict[str, Gather] = {
 }
 
 
+MEMORY_ORDERS: dict[str, tuple[int, ...]] = {
+    "first dims swapped": (1, 0, 2), "dims rotated": (2, 0, 1), "dims rotated back": (1, 2, 0), "dims reversed": (2, 1, 0),
+}
+"""Layouts whose dim 0 is not the outermost in memory: the table's dims in the order they lie in
+memory, outermost first (a 2-D table's is ``(1, 0)``, ``t.T``, for each)."""
+
+LAYOUTS = ("contiguous", "last dims swapped", "column slice", *MEMORY_ORDERS)
+
+
 @st.composite
 def tables(draw) -> tuple[torch.Tensor, str]:
-    """A table of 2 to 6 times the device tier, 2-D or 3-D, and a layout whose dim 0 stays outermost
-    (a 3-D table's last dims swapped, or a column slice), so a piece of rows is a piece of pages."""
+    """A table of 2 to 6 times the device tier, 2-D or 3-D, and a layout: dim 0 outermost (a 3-D
+    table's last dims swapped, or a column slice), so a piece of rows is a piece of pages, or dim 0
+    not outermost (:data:`MEMORY_ORDERS`: ``t.T``, ``t.permute(...)``), so a row spans the table."""
     dtype = draw(st.sampled_from(DTYPES))
     elements = draw(st.integers(2 * TIER_BYTES, 6 * TIER_BYTES)) // dtype.itemsize
     inner = draw(st.integers(2, 40))
     shape = (elements // inner, inner) if draw(st.booleans()) else (elements // (inner * 3), 3, inner)
+    layout = draw(st.sampled_from(LAYOUTS))
+    shape = long_dim_outermost(shape, layout)
     values = torch.randn(shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
     values = (values > 0) if dtype == torch.bool else (values * 50).to(dtype)
-    return values, draw(st.sampled_from(["contiguous", "last dims swapped", "column slice"]))
+    return values, layout
+
+
+def long_dim_outermost(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    """``shape`` (its long dim first) with its dims moved so the long one lies outermost in memory
+    in ``layout``: a gather on a layout of :data:`MEMORY_ORDERS` runs a piece of the outermost dim's
+    rows at a time, which needs a row to fit a piece (see the still-raising test below)."""
+    if layout not in MEMORY_ORDERS:
+        return shape
+    order = MEMORY_ORDERS[layout] if len(shape) > 2 else (1, 0)
+    return tuple(shape[order.index(d)] for d in range(len(shape)))
 
 
 def paged_and_dense(values: torch.Tensor, layout: str, pager: Pager) -> tuple[torch.Tensor, torch.Tensor]:
+    if layout in MEMORY_ORDERS:
+        order = MEMORY_ORDERS[layout] if values.dim() > 2 else (1, 0)
+        inverse = sorted(range(len(order)), key=order.__getitem__)
+        base = values.permute(order).contiguous()
+        return PagedTensor.wrap(base.clone(), pager).permute(inverse), base.permute(inverse)
     if layout == "last dims swapped" and values.dim() > 2:
         base = values.transpose(-1, -2).contiguous()
         return PagedTensor.wrap(base.clone(), pager).transpose(-1, -2), base.transpose(-1, -2)
@@ -167,13 +195,89 @@ def test_bad_indices_past_the_tier_raise_the_dense_error(op, error):
         assert within_tier(pager)
 
 
-def test_a_gather_whose_rows_each_span_the_table_still_raises():
-    """``t.T[:, i]`` reads along dim 0 of the storage: each of its rows spans every page, so no
-    piece of rows fits the tier; it raises ``OutOfPagesError`` naming the op."""
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda t: t[:, torch.tensor([1, 2, 1])],
+        lambda t: t[torch.tensor([[5], [1000]]), torch.tensor([63, -1])],
+        lambda t: t[:, torch.rand(64, generator=torch.Generator().manual_seed(3)) < 0.5],
+        lambda t: torch.gather(t, 1, torch.tensor([[40, 3], [3, 3]])),
+        lambda t: torch.index_select(t, 1, torch.tensor([7, 0, 7])),
+        lambda t: torch.take(t, torch.tensor([3 * 64 + 7, 40, 64 * 1024 - 1])),
+        lambda t: t[torch.tensor([1000, 3, 3])],
+        lambda t: torch.nn.functional.embedding(torch.tensor([[3, 1000], [5, 5]]), t),
+        lambda t: t.unsqueeze(0)[:, torch.tensor([1, 2, 1])],
+    ],
+    ids=["t.T[:, i]", "t.T[i, j]", "t.T[:, mask]", "gather along dim 1", "index_select along dim 1", "take", "t.T[i]",
+         "embedding", "t.T.unsqueeze(0)[:, i]"],  # fmt: skip
+)
+def test_gathers_of_a_transposed_table_past_the_tier_give_the_dense_result(op):
+    """``t.T`` of a 64-page table on an 8-page tier: each of its rows spans every page, so the op
+    runs on ``t`` (its dims outermost first) with its indices mapped, and gives the dense result
+    (``t.T[i]`` and ``embedding`` copy the rows they name, in chunks). ``t.T.unsqueeze(0)[:, i]``:
+    a dim of one element whose stride ties the outermost's, laid out as the CPU kernel lays it
+    (the meta kernel would not)."""
+    values = torch.randn(64, 1024)
     with make_pager() as pager:
-        t = PagedTensor.wrap(torch.randn(64, 1024), pager).T
-        with pytest.raises(OutOfPagesError, match="aten.index.Tensor"):
-            t[:, torch.tensor([1, 2])]
+        t = PagedTensor.wrap(values.clone(), pager).T
+        assert same_bits(op(t), op(values.T))
+        assert within_tier(pager)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda t: t[torch.zeros(t.shape[0], dtype=torch.bool)],
+        lambda t: t[:, torch.tensor([], dtype=torch.int64)],
+        lambda t: t[torch.tensor([], dtype=torch.int64), :, torch.tensor([], dtype=torch.int64)],
+    ],
+    ids=["t[empty mask]", "t[:, empty]", "t[empty, :, empty]"],
+)
+def test_an_empty_index_of_a_permuted_table_past_the_tier_gives_the_dense_layout(op):
+    """An index of no elements on a 64-page table whose last dim lies outermost: the CPU/CUDA
+    kernels lay the empty result out otherwise than the meta kernel (``t[:, empty]``: strides
+    ``(1, 16, 0)``, not ``(1024, 1024, 1)``); the result has the dense strides."""
+    values = torch.randn(1024, 16, 4)
+    with make_pager() as pager:
+        t = PagedTensor.wrap(values.clone(), pager).permute(1, 2, 0)
+        assert same_bits(op(t), op(values.permute(1, 2, 0)))
+        assert within_tier(pager)
+
+
+@pytest.mark.parametrize(
+    "op, error",
+    [
+        (lambda t: t[:, torch.tensor([64])], IndexError),
+        (lambda t: t[torch.tensor([1]), torch.tensor([-65])], IndexError),
+        (lambda t: torch.gather(t, 1, torch.tensor([[64]])), RuntimeError),
+        (lambda t: torch.take(t, torch.tensor([64 * 1024])), IndexError),
+        (lambda t: t[:, torch.ones(3, dtype=torch.bool)], IndexError),
+    ],
+    ids=["column past the end", "column before the start", "gather past the end", "take past the end", "mask of another shape"],
+)
+def test_bad_indices_of_a_transposed_table_past_the_tier_raise_the_dense_error(op, error):
+    values = torch.randn(64, 1024)
+    with make_pager() as pager:
+        t = PagedTensor.wrap(values.clone(), pager).T
+        with pytest.raises(error) as dense_error:
+            op(values.T)
+        pager.evict_all()
+        before = pager.stats()["faults"]
+        with pytest.raises(error) as paged_error:
+            op(t)
+        assert str(dense_error.value).splitlines()[0] in str(paged_error.value)
+        assert pager.stats()["faults"] == before
+
+
+def test_a_gather_along_an_inner_dim_of_rows_larger_than_the_tier_still_raises():
+    """``gather`` along dim 0 of ``t.T`` is ``gather`` along dim 1 of ``t``, run a piece of ``t``'s
+    rows at a time: where one of ``t``'s rows (here 16 pages) is larger than a piece, it raises
+    ``OutOfPagesError`` naming the op (never a partial result)."""
+    with make_pager() as pager:
+        t = PagedTensor.wrap(torch.randn(4, 16 * 1024), pager).T
+        with pytest.raises(OutOfPagesError, match="aten.gather"):
+            torch.gather(t, 0, torch.tensor([[1, 2, 3, 0]]))
+        assert within_tier(pager)
 
 
 def test_gathers_that_fit_the_tier_keep_the_generic_path(monkeypatch):
@@ -185,11 +289,12 @@ def test_gathers_that_fit_the_tier_keep_the_generic_path(monkeypatch):
 
     monkeypatch.setattr(row_gathers, "_elements_by_rows", refuse)
     monkeypatch.setattr(row_gathers, "_row_pieces", refuse)
+    monkeypatch.setattr(row_gathers, "_gather_of_outermost_first", refuse)
     values = torch.randn(4, 1024)
     with make_pager() as pager:
-        t = PagedTensor.wrap(values.clone(), pager)
-        for op in GATHERS.values():
-            assert same_bits(op(t, torch.Generator().manual_seed(1)), op(values, torch.Generator().manual_seed(1)))
+        for paged, dense in ((PagedTensor.wrap(values.clone(), pager), values), (PagedTensor.wrap(values.T.contiguous(), pager).T, values)):
+            for op in GATHERS.values():
+                assert same_bits(op(paged, torch.Generator().manual_seed(1)), op(dense, torch.Generator().manual_seed(1)))
 
 
 @pytest.mark.gpu
@@ -197,9 +302,10 @@ def test_gpu_gathers_past_the_tier_give_the_dense_result():
     """Every form on a CUDA pager, a float and an integer table, each layout."""
     with make_pager("cuda") as pager:
         for dtype in (torch.float16, torch.int64):
-            for shape in ((1024, 48), (512, 3, 24)):
-                values = (torch.randn(shape, generator=torch.Generator().manual_seed(7)) * 50).to(dtype).cuda()
-                for layout in ("contiguous", "last dims swapped", "column slice"):
+            for long_first in ((1024, 48), (512, 3, 24)):
+                for layout in LAYOUTS:
+                    shape = long_dim_outermost(long_first, layout)
+                    values = (torch.randn(shape, generator=torch.Generator().manual_seed(7)) * 50).to(dtype).cuda()
                     paged, dense = paged_and_dense(values, layout, pager)
                     for name, op in GATHERS.items():
                         got = op(paged, torch.Generator().manual_seed(2))

@@ -2,8 +2,10 @@
 ``index.Tensor`` with one index tensor on dim 0): only the pages holding the selected rows fault in,
 run by run. Other gathers (``gather``, ``take``, ``index`` with several index tensors or a mask,
 ``index_select`` along another dim) run the generic way, and past the device tier by the rows their
-indices name or a piece of rows at a time (:func:`gather_elements`). Their ``out=`` forms past the
-tier run the gather, then copy its result into ``out`` (:func:`gather_into_out`).
+indices name or a piece of rows at a time (:func:`gather_elements`), on a table whose dim 0 is not
+the outermost in memory after ordering its dims outermost first (:func:`_gather_of_outermost_first`).
+Their ``out=`` forms past the tier run the gather, then copy its result into ``out``
+(:func:`gather_into_out`).
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ def gather_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
     the indices renumbered: a copy of the same elements, bitwise the dense result. Where each row
     of the result is read from the same row of the table (``gather`` or ``index_select`` along
     another dim, ``t[:, i]``), the op runs on a piece of rows at a time (:func:`_row_pieces`).
-    Other forms raise :class:`OutOfPagesError` past the tier.
+    On a table whose dim 0 is not the outermost in memory (``t.T``), the op runs on the table's dims
+    ordered outermost first (:func:`_gather_of_outermost_first`). Other forms raise
+    :class:`OutOfPagesError` past the tier.
 
     ``gather`` and ``take`` by an empty index read no page: they run on a stand-in of the table's
     shape that holds one element (their result's layout follows the index alone).
@@ -81,6 +85,9 @@ def gather_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
     try:
         return DISPATCHER.run_paged(func, types, args, kwargs)
     except _OpTooLarge:
+        permuted = _gather_of_outermost_first(func, args, kwargs)
+        if permuted is not None:
+            return permuted
         in_pieces = _row_pieces(func, args, kwargs)
         if in_pieces is not None:
             return _run_in_row_pieces(*in_pieces)
@@ -243,6 +250,206 @@ def _rows_can_be_copied(table: PagedTensor) -> bool:
     """Whether :func:`_rows_compacted` can copy rows of ``table`` (of at least one dim): some
     elements, rows that advance along dim 0, no conjugate or negative bit, not traced."""
     return table._inner is None and table.numel() > 0 and table.stride(0) != 0 and not table.is_conj() and not table.is_neg()
+
+
+def _gather_of_outermost_first(func: OpOverload, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """The op past the device tier on a PagedTensor table whose dim 0 is not the outermost in memory
+    (``t.T``, ``t.permute(2, 0, 1)``): rewritten on ``table.permute(order)``, its dims ordered
+    outermost first (a view sharing the pages), so that it runs by rows or a piece of rows at a time,
+    its result permuted back and laid out as the dense op lays it. ``gather``, ``index_select``,
+    ``take`` and ``index`` (index tensors, masks, ``None``); ``None`` for any other form, or a table
+    whose dim 0 is already the outermost. Bad indices raise the dense op's error before pages move."""
+    table = args[0]
+    if not isinstance(table, PagedTensor) or table.dim() < 2 or table.numel() == 0 or table._inner is not None:
+        return None
+    order = _outermost_first(table)
+    if order[0] == 0:
+        return None
+    if func is aten.gather.default:
+        return _gather_permuted(func, table, order, args, kwargs)
+    if func is aten.index_select.default and not kwargs:
+        return _index_select_permuted(func, table, order, args[1], args[2])
+    if func is aten.take.default and not kwargs:
+        return _take_permuted(func, table, order, args[1])
+    if func is aten.index.Tensor and not kwargs:
+        return _index_permuted(func, table, order, args[1])
+    return None
+
+
+def _outermost_first(table: torch.Tensor) -> list[int]:
+    """``table``'s dims by stride, largest first (dims of one element last; ties keep their order)."""
+    return sorted(range(table.dim()), key=lambda d: -table.stride(d) if table.shape[d] > 1 else 0)
+
+
+def _inverse(order: list[int]) -> list[int]:
+    return sorted(range(len(order)), key=order.__getitem__)
+
+
+def _check_in_range(func: OpOverload, index: torch.Tensor, size: int, named_dim: int) -> None:
+    """Raise the dense op's error for a value of ``index`` outside ``[0, size)`` (``[-size, size)`` for
+    ``index``), the size of the dim its message names ``named_dim`` (``index`` counts its index tensors)."""
+    given = index.reshape(-1).to("cpu", torch.int64)
+    low = -size if func is aten.index.Tensor else 0
+    bad = given[(given < low) | (given >= size)]
+    if not bad.numel():
+        return
+    if func is aten.index_select.default:
+        raise IndexError(f"PagedTensor: {func}: index out of range in self")
+    error = RuntimeError if func is aten.gather.default else IndexError
+    raise error(f"PagedTensor: {func}: index {int(bad[0])} is out of bounds for dimension {named_dim} with size {size}")
+
+
+def _gather_permuted(func: OpOverload, table: PagedTensor, order: list[int], args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """``gather(table, dim, index)`` as ``gather(table.permute(order), order.index(dim), index.permute(order))``
+    permuted back: gather reads each result element at its own position, in every dim but ``dim``."""
+    dim, index = args[1], args[2]
+    if not isinstance(dim, int) or not -table.dim() <= dim < table.dim() or not isinstance(index, torch.Tensor):
+        return None
+    index = _dense(index)
+    dim %= table.dim()
+    if index.dtype != torch.int64 or index.dim() != table.dim():
+        return None
+    if any(index.shape[d] > table.shape[d] for d in range(table.dim()) if d != dim):
+        return None
+    _check_in_range(func, index, table.shape[dim], dim)
+    sparse_grad = kwargs.get("sparse_grad", args[3] if len(args) > 3 else False)
+    got = func(table.permute(order), order.index(dim), index.permute(order), sparse_grad=sparse_grad)
+    layout = func(meta_like(table), dim, index.to("meta"), sparse_grad=sparse_grad)
+    return _laid_out_as(got.permute(_inverse(order)), layout)
+
+
+def _index_select_permuted(func: OpOverload, table: PagedTensor, order: list[int], dim: Any, index: Any) -> Optional[torch.Tensor]:
+    """``index_select(table, dim, index)`` on ``table.permute(order)`` along ``order.index(dim)``, permuted back."""
+    if not isinstance(dim, int) or not -table.dim() <= dim < table.dim() or not isinstance(index, torch.Tensor):
+        return None
+    index = _dense(index)
+    dim %= table.dim()
+    if index.dtype not in (torch.int64, torch.int32) or index.dim() > 1 or index.device != table.device:
+        return None
+    _check_in_range(func, index, table.shape[dim], dim)
+    got = func(table.permute(order), order.index(dim), index)
+    return _laid_out_as(got.permute(_inverse(order)), func(meta_like(table), dim, index.to("meta")))
+
+
+def _take_permuted(func: OpOverload, table: PagedTensor, order: list[int], index: Any) -> Optional[torch.Tensor]:
+    """``take(table, index)`` on ``table.permute(order)``, each flat position (row-major over the
+    table's dims) moved to the same element's flat position over the permuted dims."""
+    if not isinstance(index, torch.Tensor):
+        return None
+    index = _dense(index)
+    if index.dtype != torch.int64:
+        return None
+    flat = _positions_in_range(func, index, table.numel(), table.shape[0])
+    coordinates = torch.stack(torch.unravel_index(flat, tuple(table.shape)))
+    permuted = torch.zeros_like(flat)
+    for d in order:
+        permuted = permuted * table.shape[d] + coordinates[d]
+    got = func(table.permute(order), permuted.reshape(index.shape).to(index.device))
+    return _laid_out_as(got, func(meta_like(table), index.to("meta")))
+
+
+def _index_permuted(func: OpOverload, table: PagedTensor, order: list[int], indices: Any) -> Optional[torch.Tensor]:
+    """``table[indices]`` on ``table.permute(order)`` with the indices permuted alike (masks first
+    turned into the index tensors of their positions, as torch does), its result's dims then put
+    back: each dim not indexed where the dense op puts it, and the indexed dims' broadcast shape
+    where the index tensors stand side by side, else first (in both results alike)."""
+    expanded = _indices_expanded(func, table, indices)
+    if expanded is None:
+        return None
+    for named_dim, (d, index) in enumerate((d, index) for d, index in enumerate(expanded) if index is not None):
+        _check_in_range(func, index, table.shape[d], named_dim)
+    permuted = [expanded[d] for d in order]
+    while permuted[-1] is None:
+        permuted.pop()
+    got = func(table.permute(order), permuted)
+    result_dims, permuted_dims = _index_result_dims(expanded), _index_result_dims([expanded[d] for d in order], order)
+    got = got.permute([permuted_dims.index(label) for label in result_dims])
+    return _laid_out_as(got, _index_layout(func, table, order, expanded))
+
+
+def _indices_expanded(func: OpOverload, table: PagedTensor, indices: Any) -> Optional[list[Optional[torch.Tensor]]]:
+    """``indices`` as one entry a dim of ``table``: ``None`` or an int64/int32 tensor, a mask turned
+    into the index tensors of its positions (the dense error for a mask of another shape); ``None``
+    for a form this does not take (index tensors that do not broadcast, too many of them, no tensor)."""
+    if not isinstance(indices, (list, tuple)):
+        return None
+    expanded: list[Optional[torch.Tensor]] = []
+    for item in indices:
+        if item is None:
+            expanded.append(None)
+            continue
+        if not isinstance(item, torch.Tensor):
+            return None
+        item = _dense(item)
+        if item.dtype in (torch.bool, torch.uint8):
+            start = len(expanded)
+            if start + item.dim() > table.dim():
+                return None
+            for j in range(item.dim()):
+                if item.shape[j] != table.shape[start + j]:
+                    raise IndexError(
+                        f"PagedTensor: {func}: The shape of the mask {list(item.shape)} at index {j} does not match "
+                        f"the shape of the indexed tensor {list(table.shape)} at index {start + j}"
+                    )
+            expanded.extend(position.contiguous() for position in item.nonzero().unbind(1))
+        elif item.dtype in (torch.int64, torch.int32):
+            expanded.append(item)
+        else:
+            return None
+    tensors = [item for item in expanded if item is not None]
+    if not tensors or len(expanded) > table.dim():
+        return None
+    try:
+        torch.broadcast_shapes(*(item.shape for item in tensors))
+    except RuntimeError:
+        return None
+    return expanded + [None] * (table.dim() - len(expanded))
+
+
+def _index_result_dims(indices: list[Optional[torch.Tensor]], dims: Optional[list[int]] = None) -> list[tuple[str, int]]:
+    """The dims of ``table[indices]`` (one entry a table dim), each labelled ``("dim", d)`` by the
+    table dim ``dims[i]`` it spans or ``("index", j)`` by its place in the index tensors' broadcast shape."""
+    dims = list(range(len(indices))) if dims is None else dims
+    places = [place for place, item in enumerate(indices) if item is not None]
+    width = len(torch.broadcast_shapes(*(indices[place].shape for place in places)))
+    indexed = [("index", j) for j in range(width)]
+    kept = [("dim", dims[place]) for place, item in enumerate(indices) if item is None]
+    if places != list(range(places[0], places[-1] + 1)):
+        return indexed + kept
+    before = sum(1 for place in range(places[0]) if indices[place] is None)
+    return kept[:before] + indexed + kept[before:]
+
+
+def _index_layout(func: OpOverload, table: PagedTensor, order: list[int], indices: list[Optional[torch.Tensor]]) -> torch.Tensor:
+    """A tensor with the layout ``table[indices]`` has dense: the real kernel on a plain stand-in
+    with the table's strides, its outermost dim of one row and a zero index where indexed, else of
+    two rows, the strides of the result's dims outside that dim then scaled to the table's rows.
+    (The meta kernel lays some results out otherwise than the CPU/CUDA kernels: for a non-contiguous
+    index, and for ``t[:, i]`` of ``t.T.unsqueeze(0)``, strides ``(1, 1, 3)`` where they give
+    ``(192, 64, 1)``.)"""
+    if any(item is not None and item.numel() == 0 for item in indices):
+        return _index_layout_of_no_elements(func, table, indices)
+    outer = order[0]
+    stand_in_rows = 1 if indices[outer] is not None else 2
+    stand_in = _stand_in_of_rows(table.permute(order), stand_in_rows).permute(_inverse(order))
+    probe_indices = [_zeros_laid_out_as(item) if d == outer and item is not None else item for d, item in enumerate(indices)]
+    probe = func(stand_in, [item if item is None else item.to(table.device) for item in probe_indices])
+    if indices[outer] is not None:
+        return probe
+    place = _index_result_dims(indices).index(("dim", outer))
+    unit, rows = probe.stride(place), table.shape[outer]
+    strides = [s if d == place or s < 2 * unit else s // 2 * rows for d, s in enumerate(probe.stride())]
+    shape = [rows if d == place else size for d, size in enumerate(probe.shape)]
+    return torch.empty_strided(shape, strides, dtype=table.dtype, device="meta")
+
+
+def _index_layout_of_no_elements(func: OpOverload, table: PagedTensor, indices: list[Optional[torch.Tensor]]) -> torch.Tensor:
+    """The layout of ``table[indices]`` for index tensors of no elements, which the meta kernel
+    lays out otherwise than the CPU/CUDA kernels (:func:`_gather_of_no_rows`): the real kernel on a
+    stand-in of no bytes with the table's strides, its indexed dims of no elements."""
+    shape = [0 if item is not None else size for item, size in zip(indices, table.shape)]
+    stand_in = torch.empty(0, dtype=table.dtype, device=table.device).as_strided(shape, table.stride())
+    return func(stand_in, [item if item is None else item.to(table.device) for item in indices])
 
 
 def _dense(tensor: torch.Tensor) -> torch.Tensor:
@@ -451,6 +658,10 @@ def gather_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
             raise resize_refused(func, out.shape, result.shape, args, kwargs)
         _resize_output(out, _resized_layout(func, args, result))
     _check_out_overlaps(func, out, args[0])
+    if isinstance(out, PagedTensor) and result.stride() != out.stride():
+        # copy_ into a PagedTensor runs in pieces of one layout (pieces of another would need the
+        # whole of an outer index of out at once): the result in out's layout first.
+        result = _laid_out_as(result, out)
     return aten.copy_.default(out, result)
 
 
