@@ -185,8 +185,8 @@ def test_pinned_slabs_made_in_the_background_are_registered_and_copy_both_ways()
     assert len(tier.slabs) == 2 and len(tier._registered) == 2
     stream = torch.cuda.Stream()
     for index, slot in enumerate(slots):
-        source = torch.full((PAGE,), index + 1, dtype=torch.uint8, device="cuda")
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream):  # the source filled on the stream that copies it (else a race)
+            source = torch.full((PAGE,), index + 1, dtype=torch.uint8, device="cuda")
             tier.page(slot).copy_(source, non_blocking=True)
             back = tier.page(slot).to("cuda", non_blocking=True)
         stream.synchronize()
