@@ -113,10 +113,10 @@ ELEMENT_FORMS = ["t[i, j] = v", "t[i, j] = v broadcast indices", "t[i, j] += v (
     form=st.sampled_from(ELEMENT_FORMS),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.int64]),
     three_dims=st.booleans(),
-    values_per_place=st.booleans(),
+    values_kind=st.sampled_from(["per place", "broadcast", "broadcast with leading ones"]),
     seed=st.integers(0, 2**16),
 )
-def test_element_scatters_on_tables_larger_than_the_device_tier_equal_dense(data, form, dtype, three_dims, values_per_place, seed):
+def test_element_scatters_on_tables_larger_than_the_device_tier_equal_dense(data, form, dtype, three_dims, values_kind, seed):
     """``index_put_`` by several index tensors (broadcast together) or by a mask over several dims,
     on random tables of 2 to 6 times the device tier: the table ends bitwise as the dense one, the
     device tier's budget holds. (A mask of several dims raised an IndexError naming a one-row
@@ -147,8 +147,10 @@ def test_element_scatters_on_tables_larger_than_the_device_tier_equal_dense(data
             indices = (rows_picked.view(-1, 1), torch.unique(indices[1] % shape[1])[:4].view(1, -1))
         places = tuple(torch.broadcast_shapes(*(index.shape for index in indices)))
     trailing = shape[len(indices) if indices[0].dtype != torch.bool else indices[0].dim():]
-    if form == "t[mask of every dim] = 0" or not values_per_place:
+    if form == "t[mask of every dim] = 0" or values_kind == "broadcast":
         values = random_values(trailing, dtype, generator)
+    elif values_kind == "broadcast with leading ones":  # (1, 1, *trailing): raised a shape mismatch
+        values = random_values((*(1 for _ in places), *trailing), dtype, generator)
     else:
         values = random_values((*places, *trailing), dtype, generator)
     accumulate = form == "t[i, j] += v (accumulate)"
@@ -175,6 +177,64 @@ def test_an_element_scatter_faults_in_only_the_pages_of_its_rows(device):
         for target in (table, x):
             target[torch.tensor([50, 1, 51], device=device), torch.tensor([3, -1, 0], device=device)] = torch.tensor([1.0, 2.0, 3.0], device=device)
             target[mask] = -1.0
+        assert pager.stats()["faults"] - before == 2
+        assert torch.equal(table.materialize(), x)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    op=st.sampled_from(["scatter_", "scatter_ of a value", "scatter_add_"]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.int64]),
+    three_dims=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_scatters_on_tables_larger_than_the_device_tier_equal_dense(data, op, dtype, three_dims, seed):
+    """``scatter_`` (of a source or a value) and ``scatter_add_`` along any dim of random tables of
+    2 to 6 times the device tier, a source larger than the index: the table ends bitwise as the
+    dense one, the device tier's budget holds. ``scatter_`` draws indices that write each element
+    once (torch leaves a twice-written element's value undefined); ``scatter_add_`` repeats them."""
+    cols = data.draw(st.integers(4, 40), label="cols")
+    row_elements = cols * (3 if three_dims else 1)
+    rows = data.draw(st.integers(2 * 8 * PAGE // (row_elements * dtype.itemsize) + 1, 6 * 8 * PAGE // (row_elements * dtype.itemsize) + 2), label="rows")
+    shape = (rows, 3, cols) if three_dims else (rows, cols)
+    dim = data.draw(st.integers(-len(shape), len(shape) - 1), label="dim")
+    generator = torch.Generator().manual_seed(seed)
+    index_shape = [data.draw(st.integers(0, min(size, 6)), label=f"index size {d}") for d, size in enumerate(shape)]
+    along = shape[dim]
+    if op == "scatter_add_":
+        index = torch.randint(0, along, index_shape, generator=generator)
+    else:  # a distinct target along dim for each place: a random permutation's first entries, per line
+        index_shape[dim] = min(index_shape[dim], along)
+        keys = torch.rand((*index_shape[:dim % len(shape)], along, *index_shape[dim % len(shape) + 1:]), generator=generator)
+        index = keys.argsort(dim=dim).narrow(dim, 0, index_shape[dim])
+    source = random_values(tuple(size + 1 for size in index_shape), dtype, generator)
+    value = 2.5 if dtype.is_floating_point else 7
+    base = random_values(shape, dtype, generator)
+    with make_pager() as pager:
+        table = PagedTensor.wrap(base.clone(), pager)
+        expected = base.clone()
+        for target in (table, expected):
+            returned = {
+                "scatter_": lambda: target.scatter_(dim, index, source),
+                "scatter_ of a value": lambda: target.scatter_(dim, index, value),
+                "scatter_add_": lambda: target.scatter_add_(dim, index, source),
+            }[op]()
+            assert returned is target
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+        assert same_bits(table.materialize(), expected), (op, dim, index_shape)
+
+
+def test_a_scatter_along_dim_0_faults_in_only_the_pages_of_its_rows():
+    """``scatter_`` and ``scatter_add_`` along dim 0 writing rows 1, 50 and 51: pages 0 and 12."""
+    with make_pager() as pager:
+        x = rows_tensor()
+        table = PagedTensor.wrap(x.clone(), pager)
+        pager.evict_all()
+        before = pager.stats()["faults"]
+        for target in (table, x):
+            target.scatter_(0, torch.tensor([[50, 1, 51]]), torch.tensor([[1.0, 2.0, 3.0]]))
+            target.scatter_add_(0, torch.tensor([[1, 1], [51, 1]]), torch.ones(2, 2))
         assert pager.stats()["faults"] - before == 2
         assert torch.equal(table.materialize(), x)
 
@@ -229,6 +289,19 @@ def test_a_bool_mask_and_an_index_of_two_dims_scatter_their_rows():
         assert torch.equal(table.materialize(), x)
 
 
+def test_a_source_broadcast_along_an_index_of_two_dims_is_written_to_every_row():
+    """``t[idx2d] = v`` with ``v`` of shape ``(1, 1, cols)``: each run takes the one row (a run's
+    index is flat, so the source keeps one leading dim; it raised a shape mismatch)."""
+    with make_pager() as pager:
+        x = rows_tensor()
+        table = PagedTensor.wrap(x.clone(), pager)
+        index = torch.tensor([[1, 50], [2, 3]])
+        for target in (table, x):
+            target.index_put_((index,), torch.full((1, 1, 256), -1.0))
+            target.index_put_((index,), torch.ones(1, 1, 256), accumulate=True)
+        assert torch.equal(table.materialize(), x)
+
+
 def test_a_scatter_of_more_rows_than_the_device_tier_holds_runs_in_pieces():
     """Every row written, with repeats, on a tier of 3 pages: runs of at most 2 pages each."""
     with make_pager(device_pages=3) as pager:
@@ -278,6 +351,14 @@ BAD_CALLS = {
     "index_add negative": lambda t: t.index_add_(0, torch.tensor([-1]), torch.zeros(1, 256)),
     "index_add row shape": lambda t: t.index_add_(0, torch.tensor([1, 2]), torch.zeros(2, 255)),
     "index_add dtype": lambda t: t.index_add_(0, torch.tensor([1]), torch.zeros(1, 256, dtype=torch.float16)),
+    "scatter_ out of bounds": lambda t: t.scatter_(0, torch.tensor([[1, 64]]), torch.zeros(1, 2)),
+    "scatter_ negative": lambda t: t.scatter_(1, torch.tensor([[-1]]), 1.0),
+    "scatter_ index larger than self": lambda t: t.scatter_(0, torch.zeros(1, 257, dtype=torch.long), torch.zeros(1, 257)),
+    "scatter_ index larger than src": lambda t: t.scatter_(0, torch.zeros(2, 2, dtype=torch.long), torch.zeros(1, 2)),
+    "scatter_ dims": lambda t: t.scatter_(0, torch.zeros(2, dtype=torch.long), torch.zeros(2)),
+    "scatter_ src dtype": lambda t: t.scatter_(0, torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.float64)),
+    "scatter_ float index": lambda t: t.scatter_(0, torch.zeros(1, 2), 1.0),
+    "scatter_add_ out of bounds": lambda t: t.scatter_add_(1, torch.tensor([[256]]), torch.zeros(1, 1)),
     "index_fill out of bounds": lambda t: t.index_fill_(0, torch.tensor([64]), 1.0),
     "index_fill negative out of bounds": lambda t: t.index_fill_(0, torch.tensor([-65]), 1.0),
     "index_fill value of one dim": lambda t: t.index_fill_(0, torch.tensor([1]), torch.ones(1)),

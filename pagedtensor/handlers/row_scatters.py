@@ -1,6 +1,7 @@
 """The handler of dim-0 row scatters in place (``index_put_`` with index tensors on the leading
 dims or a bool mask over them, ``index_copy_``, ``index_add_``, ``index_fill_``): only the pages
-holding the written rows fault in, a run of pages at a time.
+holding the written rows fault in, a run of pages at a time. ``scatter_`` and ``scatter_add_`` along
+any dim run as ``index_put_`` of the coordinates they write (:func:`scatter_elements`).
 """
 
 from __future__ import annotations
@@ -104,10 +105,11 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
     places_shape = torch.broadcast_shapes(positions.shape, *(index.shape for index in request.rest))
     if math.prod(places_shape) == 0:
         return request.table
-    source_rows = _source_by_position(request, places_shape)
+    run_sources = _source_by_position(request, places_shape)
     runs = _runs_of_rows(request.table, rows)
-    if source_rows is _NOT_BY_POSITION or runs is None:
+    if run_sources is _NOT_BY_POSITION or runs is None:
         return DISPATCHER.run_paged(func, types, args, kwargs)  # nothing written yet
+    source, by_place = run_sources
     flat = positions.expand(places_shape).reshape(-1)
     rest = [index.expand(places_shape).reshape(-1) for index in request.rest]
     order = torch.argsort(flat, stable=True)  # index places by row, each row's in the index's order
@@ -115,7 +117,7 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
     for lo, hi in runs:
         first, stop = torch.searchsorted(by_row, torch.tensor([lo, hi])).tolist()
         places = order[first:stop].sort().values  # the run's places, in the index's order
-        run_source = request.source if source_rows is None else source_rows.index_select(0, places.to(source_rows.device))
+        run_source = source.index_select(0, places.to(source.device)) if by_place else source
         run_index = (flat[places] - lo).to(request.table.device)
         run_rest = tuple(index.index_select(0, places.to(index.device)) for index in rest)
         run_args = request.arguments(request.table.narrow(0, lo, hi - lo), run_index, run_source, run_rest)
@@ -230,24 +232,28 @@ _NOT_BY_POSITION = object()
 
 
 def _source_by_position(request: _RowScatter, places_shape: Sequence[int]) -> Any:
-    """The source as one row per index place (flattened over ``places_shape``, the shape of the
-    index tensors broadcast, or for a 1-D mask its count), ``None`` where the source is broadcast
-    along those places (each run takes it as it is), or :data:`_NOT_BY_POSITION` for a source of a
-    form not handled here. Called after torch's checks passed."""
+    """``(source, by_place)``: the source as one row per index place (flattened over
+    ``places_shape``, the shape of the index tensors broadcast, or for a 1-D mask its count) with
+    ``by_place`` true, each run taking its places' rows; or with ``by_place`` false a source every
+    run takes as it is (a value, or a source broadcast along the places, kept to one leading dim of
+    one row); or :data:`_NOT_BY_POSITION` for a source of a form not handled here. Called after
+    torch's checks passed."""
     source = request.source
     if not isinstance(source, torch.Tensor) or source.dim() == 0 or request.func.overloadpacket is aten.index_fill_:
-        return None  # a value filled into every row
+        return source, False  # a value filled into every row
     if request.func is not aten.index_put_.default:
-        return source if source.dim() == request.table.dim() else _NOT_BY_POSITION
+        return (source, True) if source.dim() == request.table.dim() else _NOT_BY_POSITION
     # index_put_: values broadcast to the indexing result, (*index places, *shape of the dims not indexed).
     lead = len(places_shape)
     indexed_dims = lead + request.table.dim() - 1 - len(request.rest)
     if source.dim() > indexed_dims:
         return _NOT_BY_POSITION
     padded = source[(None,) * (indexed_dims - source.dim())]
+    if lead == 0:
+        return request.source, False  # one place: the source as it is
     if all(size == 1 for size in padded.shape[:lead]):
-        return None
-    return padded.expand(*places_shape, *padded.shape[lead:]).flatten(0, lead - 1)
+        return padded.flatten(0, lead - 1), False  # one row, broadcast to every place of a run
+    return padded.expand(*places_shape, *padded.shape[lead:]).flatten(0, lead - 1), True
 
 
 def _runs_of_rows(table: PagedTensor, rows: torch.Tensor) -> Optional[list[tuple[int, int]]]:
@@ -271,3 +277,74 @@ def _runs_of_rows(table: PagedTensor, rows: torch.Tensor) -> Optional[list[tuple
             runs.append((row_numbers[run_start], row_numbers[place - 1] + 1))
             run_start = place
     return runs
+
+
+_INTERNAL_OVERLAP = "unsupported operation: more than one element of the written-to tensor refers to a single memory location"
+
+
+@implements([aten.scatter_.src, aten.scatter_.value, aten.scatter_add_.default])
+def scatter_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``scatter_`` (of a source or a value) and ``scatter_add_`` into a PagedTensor: the generic way
+    while it fits in one piece; past that, as ``index_put_`` of the coordinates of the elements
+    written (the index along ``dim``, each other dim its own position) with the matching part of
+    the source, accumulated for ``scatter_add_`` (:func:`scatter_rows`: only the pages of the rows
+    written fault in, a run of pages at a time). torch's checks run first, with torch's errors and
+    before any page moves: shapes and dtypes by ``func`` itself on stand-ins of the same shapes
+    that hold one element (no page read), bounds on the index's values.
+
+    Each element written receives its values in the order the dense op gives them (by increasing
+    position along ``dim``), so ``scatter_add_`` sums as torch's CPU kernel does, and as its CUDA
+    kernel under deterministic algorithms (which runs ``index_put_`` too; otherwise it adds with
+    atomics in no set order). Which value an element written twice by ``scatter_`` keeps is left
+    undefined by torch.
+
+    Note:
+        Reads the index on the host (a sync when it lives on the GPU).
+    """
+    table = args[0]
+    if kwargs or len(args) != 4 or not isinstance(table, PagedTensor) or table.dim() == 0 or not _larger_than_a_piece([table]):
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    dim, index, source = args[1], args[2], args[3]
+    if not isinstance(dim, int) or not isinstance(index, torch.Tensor) or table._inner is not None:
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    if isinstance(source, PagedTensor) and source._paged is table._paged:
+        return DISPATCHER.run_paged(func, types, args, kwargs)  # a view of the table's own pages: torch's overlap checks
+    _check_scatter_on_stand_ins(func, table, dim, index, source)
+    index = index.materialize() if isinstance(index, PagedTensor) else index
+    if index.numel() == 0:
+        return table
+    dim %= table.dim()
+    given = index.reshape(-1).to("cpu", torch.int64)
+    bad = given[(given < 0) | (given >= table.shape[dim])]
+    if bad.numel():
+        raise RuntimeError(f"index {int(bad[0])} is out of bounds for dimension {dim} with size {table.shape[dim]}")
+    coordinates = [
+        index.to(table.device, torch.int64) if d == dim
+        else torch.arange(size, device=table.device).view([size if e == d else 1 for e in range(index.dim())])
+        for d, size in enumerate(index.shape)
+    ]  # fmt: skip
+    if isinstance(source, torch.Tensor):
+        source = source.materialize() if isinstance(source, PagedTensor) else source
+        values = source[tuple(slice(0, size) for size in index.shape)]
+    else:
+        values = torch.tensor(source, dtype=table.dtype, device=table.device)
+    aten.index_put_.default(table, coordinates, values, accumulate=func is aten.scatter_add_.default)
+    return table
+
+
+def _check_scatter_on_stand_ins(func: OpOverload, table: PagedTensor, dim: int, index: torch.Tensor, source: Any) -> None:
+    """torch's errors for the shapes, dims and dtypes of a scatter, from ``func`` run on stand-ins of
+    the table's, index's and source's shapes that each hold one element (the index of zeros, on its
+    own device): no page read. With every check passed, torch then refuses to write the one-element
+    table stand-in, an error that is the stand-in's own and is dropped."""
+
+    def stand_in(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), dtype=tensor.dtype, device=tensor.device).expand(tensor.shape)
+
+    index_stand_in = torch.zeros(index.shape, dtype=index.dtype, device=index.device)
+    source_stand_in = stand_in(source) if isinstance(source, torch.Tensor) else source
+    try:
+        func(stand_in(table), dim, index_stand_in, source_stand_in)
+    except RuntimeError as error:
+        if _INTERNAL_OVERLAP not in str(error):
+            raise
