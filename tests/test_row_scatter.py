@@ -225,16 +225,17 @@ def test_scatters_on_tables_larger_than_the_device_tier_equal_dense(data, op, dt
         assert same_bits(table.materialize(), expected), (op, dim, index_shape)
 
 
-def test_a_scatter_along_dim_0_faults_in_only_the_pages_of_its_rows():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_scatter_along_dim_0_faults_in_only_the_pages_of_its_rows(device):
     """``scatter_`` and ``scatter_add_`` along dim 0 writing rows 1, 50 and 51: pages 0 and 12."""
-    with make_pager() as pager:
-        x = rows_tensor()
+    with make_pager(device=device) as pager:
+        x = rows_tensor().to(device)
         table = PagedTensor.wrap(x.clone(), pager)
         pager.evict_all()
         before = pager.stats()["faults"]
         for target in (table, x):
-            target.scatter_(0, torch.tensor([[50, 1, 51]]), torch.tensor([[1.0, 2.0, 3.0]]))
-            target.scatter_add_(0, torch.tensor([[1, 1], [51, 1]]), torch.ones(2, 2))
+            target.scatter_(0, torch.tensor([[50, 1, 51]], device=device), torch.tensor([[1.0, 2.0, 3.0]], device=device))
+            target.scatter_add_(0, torch.tensor([[1, 1], [51, 1]], device=device), torch.ones(2, 2, device=device))
         assert pager.stats()["faults"] - before == 2
         assert torch.equal(table.materialize(), x)
 
