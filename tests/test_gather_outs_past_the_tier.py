@@ -37,6 +37,7 @@ OUT_GATHERS: dict[str, OutGather] = {
     "t[i]": lambda t, g, out: aten.index.Tensor_out(t, [_rows(t, 7, g, negative=True)], out=out),
     "t[i, j]": lambda t, g, out: aten.index.Tensor_out(t, [_rows(t, 6, g), _positions(t, 1, (6,), g)], out=out),
     "t[mask]": lambda t, g, out: aten.index.Tensor_out(t, [torch.rand(t.shape[0], generator=g) < 0.2], out=out),
+    "masked_select": lambda t, g, out: torch.masked_select(t, (torch.rand(t.shape, generator=g) < 0.05).to(t.device), out=out),
     "t[:, i]": lambda t, g, out: aten.index.Tensor_out(t, [None, _positions(t, 1, (3,), g)], out=out),
 }
 

@@ -55,6 +55,7 @@ GATHERS: dict[str, Gather] = {
     "t[i.T, j.T]": lambda t, g: t[_rows(t, 6, g).view(2, 3).T, _positions(t, 1, (2, 3), g).T],
     "t[i, :, j]": lambda t, g: t[_rows(t, 4, g), :, _positions(t, 2, (4,), g)] if t.dim() > 2 else t[_rows(t, 4, g)],
     "t[mask]": lambda t, g: t[torch.rand(t.shape[0], generator=g) < 0.2],
+    "masked_select": lambda t, g: torch.masked_select(t, (torch.rand(t.shape, generator=g) < 0.05).to(t.device)),
     "t[mask of two dims]": lambda t, g: t[torch.rand(t.shape[:2], generator=g) < 0.1],
     "t[mask, j]": lambda t, g: t[torch.rand(t.shape[0], generator=g) < 0.2, _positions(t, 1, (1,), g)],
     "t[:, i]": lambda t, g: t[:, _positions(t, 1, (3,), g)],

@@ -621,12 +621,30 @@ def _row_request(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[
     return table, index
 
 
+@implements([aten.masked_select.default])
+def masked_select(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``masked_select``: the generic way while its pages fit on the device tier at once; past it,
+    by a bool mask of the table's shape on its device, as ``table[mask]`` (the same elements in
+    the same row-major order, a 1-D result: :func:`gather_elements`). Other forms (a mask
+    broadcast against the table) raise :class:`OutOfPagesError` past the tier."""
+    try:
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    except _OpTooLarge:
+        table, mask = args[0], args[1]
+        if kwargs or not isinstance(table, PagedTensor) or not isinstance(mask, torch.Tensor):
+            raise
+        if mask.dtype != torch.bool or mask.shape != table.shape or mask.device != table.device:
+            raise
+    return aten.index.Tensor(table, [_dense(mask)])
+
+
 _FUNCTIONAL_OF_OUT = {
     aten.gather.out: aten.gather.default,
     aten.take.out: aten.take.default,
     aten.index_select.out: aten.index_select.default,
     aten.index.Tensor_out: aten.index.Tensor,
     aten.embedding.out: aten.embedding.default,
+    aten.masked_select.out: aten.masked_select.default,
 }
 
 
