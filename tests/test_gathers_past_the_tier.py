@@ -180,9 +180,11 @@ def test_a_gather_or_take_by_an_empty_index_reads_no_page(layout):
         (lambda t: torch.take(t, torch.tensor([64 * 1024])), IndexError),
         (lambda t: t[torch.ones(3, dtype=torch.bool)], IndexError),
         (lambda t: t[torch.tensor([1]), torch.tensor([1024])], IndexError),
+        (lambda t: torch.index_select(t, 0, torch.tensor([3, 64])), IndexError),
+        (lambda t: torch.nn.functional.embedding(torch.tensor([64]), t), IndexError),
     ],
     ids=["row past the end", "row before the start", "gather -1", "gather past the end", "take past the end",
-         "mask of another shape", "column past the end"],  # fmt: skip
+         "mask of another shape", "column past the end", "index_select past the end", "embedding past the end"],  # fmt: skip
 )
 def test_bad_indices_past_the_tier_raise_the_dense_error(op, error):
     values = torch.randn(64, 1024)

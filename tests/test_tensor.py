@@ -1058,9 +1058,9 @@ def test_row_gathers_that_need_no_rows_fault_nothing_in(pager):
         index = torch.tensor(bad, device=pager.device)
         with pytest.raises(IndexError, match="out of bounds"):
             table[index]
-        with pytest.raises(IndexError, match="out of bounds"):
+        with pytest.raises(IndexError, match="index out of range in self"):  # torch's CPU message
             table.index_select(0, index.clamp(min=-1))
-        with pytest.raises(IndexError, match="out of bounds"):
+        with pytest.raises(IndexError, match="index out of range in self"):
             torch.embedding(table, index.abs())
     with pytest.raises(IndexError, match="vector"):
         table.index_select(0, torch.zeros(2, 2, dtype=torch.long, device=pager.device))

@@ -111,11 +111,12 @@ def _reads_no_element(func: OpOverload, args: tuple) -> bool:
     return isinstance(index, torch.Tensor) and index.numel() == 0
 
 
-def _positions_in_range(func: OpOverload, index: torch.Tensor, bound: int, rows_total: int) -> torch.Tensor:
+def _positions_in_range(func: OpOverload, index: torch.Tensor, bound: int, size: int, dim: int = 0) -> torch.Tensor:
     """``index``'s values as int64 on the CPU, those below 0 counted from ``bound`` where ``func``
     counts so (``index``, ``take``; not ``gather``, ``index_select``, ``embedding``), after checking
-    each is in ``[0, bound)``: else the error the dense op raises, naming the value as given,
-    before any page faults in (and before a CUDA kernel could assert)."""
+    each is in ``[0, bound)``: else the error the dense op raises (on the CPU), naming the value as
+    given and dim ``dim`` of ``size`` elements, before any page faults in (and before a CUDA
+    kernel could assert)."""
     given = index.reshape(-1).to("cpu", torch.int64)
     counts_from_end = func is aten.index.Tensor or func is aten.take.default
     flat = torch.where(given < 0, given + bound, given) if counts_from_end else given
@@ -123,8 +124,10 @@ def _positions_in_range(func: OpOverload, index: torch.Tensor, bound: int, rows_
     if bad.numel():
         if func is aten.take.default:
             raise IndexError(f"PagedTensor: {func}: out of range: tried to access index {int(bad[0])} on a tensor of {bound} elements.")
+        if func is aten.index_select.default or func is aten.embedding.default:
+            raise IndexError(f"PagedTensor: {func}: index out of range in self")
         error = RuntimeError if func is aten.gather.default else IndexError
-        raise error(f"PagedTensor: {func}: index {int(bad[0])} is out of bounds for dimension 0 with size {rows_total}")
+        raise error(f"PagedTensor: {func}: index {int(bad[0])} is out of bounds for dimension {dim} with size {size}")
     return flat
 
 
@@ -285,20 +288,6 @@ def _inverse(order: list[int]) -> list[int]:
     return sorted(range(len(order)), key=order.__getitem__)
 
 
-def _check_in_range(func: OpOverload, index: torch.Tensor, size: int, named_dim: int) -> None:
-    """Raise the dense op's error for a value of ``index`` outside ``[0, size)`` (``[-size, size)`` for
-    ``index``), the size of the dim its message names ``named_dim`` (``index`` counts its index tensors)."""
-    given = index.reshape(-1).to("cpu", torch.int64)
-    low = -size if func is aten.index.Tensor else 0
-    bad = given[(given < low) | (given >= size)]
-    if not bad.numel():
-        return
-    if func is aten.index_select.default:
-        raise IndexError(f"PagedTensor: {func}: index out of range in self")
-    error = RuntimeError if func is aten.gather.default else IndexError
-    raise error(f"PagedTensor: {func}: index {int(bad[0])} is out of bounds for dimension {named_dim} with size {size}")
-
-
 def _gather_permuted(func: OpOverload, table: PagedTensor, order: list[int], args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     """``gather(table, dim, index)`` as ``gather(table.permute(order), order.index(dim), index.permute(order))``
     permuted back: gather reads each result element at its own position, in every dim but ``dim``."""
@@ -311,7 +300,7 @@ def _gather_permuted(func: OpOverload, table: PagedTensor, order: list[int], arg
         return None
     if any(index.shape[d] > table.shape[d] for d in range(table.dim()) if d != dim):
         return None
-    _check_in_range(func, index, table.shape[dim], dim)
+    _positions_in_range(func, index, table.shape[dim], table.shape[dim], dim)
     sparse_grad = kwargs.get("sparse_grad", args[3] if len(args) > 3 else False)
     got = func(table.permute(order), order.index(dim), index.permute(order), sparse_grad=sparse_grad)
     layout = func(meta_like(table), dim, index.to("meta"), sparse_grad=sparse_grad)
@@ -326,7 +315,7 @@ def _index_select_permuted(func: OpOverload, table: PagedTensor, order: list[int
     dim %= table.dim()
     if index.dtype not in (torch.int64, torch.int32) or index.dim() > 1 or index.device != table.device:
         return None
-    _check_in_range(func, index, table.shape[dim], dim)
+    _positions_in_range(func, index, table.shape[dim], table.shape[dim], dim)
     got = func(table.permute(order), order.index(dim), index)
     return _laid_out_as(got.permute(_inverse(order)), func(meta_like(table), dim, index.to("meta")))
 
@@ -357,7 +346,7 @@ def _index_permuted(func: OpOverload, table: PagedTensor, order: list[int], indi
     if expanded is None:
         return None
     for named_dim, (d, index) in enumerate((d, index) for d, index in enumerate(expanded) if index is not None):
-        _check_in_range(func, index, table.shape[d], named_dim)
+        _positions_in_range(func, index, table.shape[d], table.shape[d], named_dim)
     permuted = [expanded[d] for d in order]
     while permuted[-1] is None:
         permuted.pop()
