@@ -240,6 +240,23 @@ def test_a_scatter_along_dim_0_faults_in_only_the_pages_of_its_rows(device):
         assert torch.equal(table.materialize(), x)
 
 
+@pytest.mark.parametrize("dim", [0, 1])
+def test_a_half_precision_scatter_add_sums_as_torchs_kernel_does(dim):
+    """Ten adds of 0.0004 to 1.0 in float16: torch's CPU kernel sums in float and rounds once
+    (1.0039), where adding in float16 one at a time keeps 1.0: the paged table past the tier gives
+    the kernel's bits (an ``index_put_`` with ``accumulate`` would not)."""
+    with make_pager() as pager:
+        x = torch.ones(64, 512, dtype=torch.float16)  # 16 pages; the device tier holds 8
+        table = PagedTensor.wrap(x.clone(), pager)
+        index = torch.full((10, 4), 3) if dim == 0 else torch.full((64, 10), 3)
+        source = torch.full(index.shape, 0.0004, dtype=torch.float16)
+        for target in (table, x):
+            target.scatter_add_(dim, index, source)
+        assert x[3, 0] != 1.0 if dim == 0 else x[0, 3] != 1.0
+        assert same_bits(table.materialize(), x)
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+
+
 def rows_tensor(rows: int = 64, cols: int = 256) -> torch.Tensor:
     """fp32 rows of ``cols`` elements: with 256 (1 KiB), rows 4k..4k+3 lie on page k."""
     return torch.arange(rows * cols, dtype=torch.float32).view(rows, cols)

@@ -1,7 +1,7 @@
 """The handler of dim-0 row scatters in place (``index_put_`` with index tensors on the leading
 dims or a bool mask over them, ``index_copy_``, ``index_add_``, ``index_fill_``): only the pages
-holding the written rows fault in, a run of pages at a time. ``scatter_`` and ``scatter_add_`` along
-any dim run as ``index_put_`` of the coordinates they write (:func:`scatter_elements`).
+holding the written rows fault in, a run of pages at a time. ``scatter_`` and ``scatter_add_`` run
+torch's own kernel on the rows they write (:func:`scatter_elements`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch._ops import OpOverload
 
 from pagedtensor.dispatch import DISPATCHER, _row_byte_spans, aten, implements
 from pagedtensor.handlers.parts import _larger_than_a_piece
+from pagedtensor.handlers.row_gathers import _rows_a_piece, _rows_can_be_copied, _rows_compacted
 from pagedtensor.pieces import piece_elements_of
 from pagedtensor.tensor import PagedTensor
 
@@ -285,18 +286,20 @@ _INTERNAL_OVERLAP = "unsupported operation: more than one element of the written
 @implements([aten.scatter_.src, aten.scatter_.value, aten.scatter_add_.default])
 def scatter_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
     """``scatter_`` (of a source or a value) and ``scatter_add_`` into a PagedTensor: the generic way
-    while it fits in one piece; past that, as ``index_put_`` of the coordinates of the elements
-    written (the index along ``dim``, each other dim its own position) with the matching part of
-    the source, accumulated for ``scatter_add_`` (:func:`scatter_rows`: only the pages of the rows
-    written fault in, a run of pages at a time). torch's checks run first, with torch's errors and
-    before any page moves: shapes and dtypes by ``func`` itself on stand-ins of the same shapes
-    that hold one element (no page read), bounds on the index's values.
+    while it fits in one piece; past that, torch's own kernel on parts of the table, so each element
+    written gets the dense op's values, in its order and its arithmetic (``scatter_add_`` of
+    half-precision floats on the CPU sums in float and rounds once; ``index_put_`` would not):
 
-    Each element written receives its values in the order the dense op gives them (by increasing
-    position along ``dim``), so ``scatter_add_`` sums as torch's CPU kernel does, and as its CUDA
-    kernel under deterministic algorithms (which runs ``index_put_`` too; otherwise it adds with
-    atomics in no set order). Which value an element written twice by ``scatter_`` keeps is left
-    undefined by torch.
+    - along dim 0, the distinct rows the index names are copied into a compact table (plain
+      memory, as large as those rows; only their pages fault in), the op runs on it with the index
+      renumbered, and the rows are copied back (``index_copy_``: only their pages are written);
+    - along another dim, row ``r`` of the index writes row ``r`` of the table alone: the op runs on
+      a piece of rows at a time (the table's, the index's and the source's), each a narrowed view.
+
+    torch's checks run first, with torch's errors and before any page moves: shapes and dtypes by
+    ``func`` itself on stand-ins of the same shapes that hold one element (no page read), bounds on
+    the index's values. Which value an element written twice by ``scatter_`` keeps is left undefined
+    by torch. A table whose rows (dim 0) each span more than a piece raises :class:`OutOfPagesError`.
 
     Note:
         Reads the index on the host (a sync when it lives on the GPU).
@@ -305,12 +308,13 @@ def scatter_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
     if kwargs or len(args) != 4 or not isinstance(table, PagedTensor) or table.dim() == 0 or not _larger_than_a_piece([table]):
         return DISPATCHER.run_paged(func, types, args, kwargs)
     dim, index, source = args[1], args[2], args[3]
-    if not isinstance(dim, int) or not isinstance(index, torch.Tensor) or table._inner is not None:
+    if not isinstance(dim, int) or not isinstance(index, torch.Tensor) or not _rows_can_be_copied(table):
         return DISPATCHER.run_paged(func, types, args, kwargs)
     if isinstance(source, PagedTensor) and source._paged is table._paged:
         return DISPATCHER.run_paged(func, types, args, kwargs)  # a view of the table's own pages: torch's overlap checks
     _check_scatter_on_stand_ins(func, table, dim, index, source)
     index = index.materialize() if isinstance(index, PagedTensor) else index
+    source = source.materialize() if isinstance(source, PagedTensor) else source
     if index.numel() == 0:
         return table
     dim %= table.dim()
@@ -318,17 +322,19 @@ def scatter_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
     bad = given[(given < 0) | (given >= table.shape[dim])]
     if bad.numel():
         raise RuntimeError(f"index {int(bad[0])} is out of bounds for dimension {dim} with size {table.shape[dim]}")
-    coordinates = [
-        index.to(table.device, torch.int64) if d == dim
-        else torch.arange(size, device=table.device).view([size if e == d else 1 for e in range(index.dim())])
-        for d, size in enumerate(index.shape)
-    ]  # fmt: skip
-    if isinstance(source, torch.Tensor):
-        source = source.materialize() if isinstance(source, PagedTensor) else source
-        values = source[tuple(slice(0, size) for size in index.shape)]
-    else:
-        values = torch.tensor(source, dtype=table.dtype, device=table.device)
-    aten.index_put_.default(table, coordinates, values, accumulate=func is aten.scatter_add_.default)
+    if dim == 0:
+        rows, renumbered = torch.unique(given, sorted=True, return_inverse=True)
+        compact = _rows_compacted(table, rows)
+        func(compact, 0, renumbered.reshape(index.shape).to(index.device), source)
+        aten.index_copy_.default(table, 0, rows.to(table.device), compact)
+        return table
+    count = _rows_a_piece(table)
+    if count == 0:
+        return DISPATCHER.run_paged(func, types, args, kwargs)  # a row spans more than a piece: OutOfPagesError
+    for lo in range(0, index.shape[0], count):
+        hi = min(index.shape[0], lo + count)
+        piece_source = source[lo:hi] if isinstance(source, torch.Tensor) and source.dim() > 0 else source
+        func(table[lo:hi], dim, index[lo:hi], piece_source)
     return table
 
 
