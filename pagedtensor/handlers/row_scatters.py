@@ -15,7 +15,7 @@ from torch._ops import OpOverload
 
 from pagedtensor.dispatch import DISPATCHER, _row_byte_spans, aten, implements
 from pagedtensor.handlers.parts import _larger_than_a_piece
-from pagedtensor.handlers.row_gathers import _rows_a_piece, _rows_can_be_copied, _rows_compacted
+from pagedtensor.handlers.row_gathers import _INTERNAL_OVERLAP, _rows_a_piece, _rows_can_be_copied, _rows_compacted
 from pagedtensor.pieces import piece_elements_of
 from pagedtensor.tensor import PagedTensor
 
@@ -278,9 +278,6 @@ def _runs_of_rows(table: PagedTensor, rows: torch.Tensor) -> Optional[list[tuple
             runs.append((row_numbers[run_start], row_numbers[place - 1] + 1))
             run_start = place
     return runs
-
-
-_INTERNAL_OVERLAP = "unsupported operation: more than one element of the written-to tensor refers to a single memory location"
 
 
 @implements([aten.scatter_.src, aten.scatter_.value, aten.scatter_add_.default])
