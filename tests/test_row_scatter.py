@@ -5,6 +5,7 @@ in, torch's own errors raised before any page is touched."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -240,6 +241,18 @@ def test_a_scatter_along_dim_0_faults_in_only_the_pages_of_its_rows(device):
         assert torch.equal(table.materialize(), x)
 
 
+def test_an_accumulating_put_after_a_leading_slice_still_raises_past_the_tier():
+    """``t[:, pos] += v`` as ``index_put_(..., accumulate=True)``: torch's CPU kernel sums repeated
+    positions in an order that depends on the whole tensor's size, so it is not cut into pieces:
+    OutOfPagesError naming the op, nothing written."""
+    with make_pager() as pager:
+        x = rows_tensor()
+        table = PagedTensor.wrap(x.clone(), pager)
+        with pytest.raises(OutOfPagesError, match="aten.index_put_"):
+            torch.ops.aten.index_put_.default(table, [None, torch.tensor([0, 0])], torch.ones(64, 2), True)
+        assert torch.equal(table.materialize(), x)
+
+
 @pytest.mark.parametrize("dim", [0, 1])
 def test_a_half_precision_scatter_add_sums_as_torchs_kernel_does(dim):
     """Ten adds of 0.0004 to 1.0 in float16: torch's CPU kernel sums in float and rounds once
@@ -255,6 +268,48 @@ def test_a_half_precision_scatter_add_sums_as_torchs_kernel_does(dim):
         assert x[3, 0] != 1.0 if dim == 0 else x[0, 3] != 1.0
         assert same_bits(table.materialize(), x)
         assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.int64]),
+    three_dims=st.booleans(),
+    values_kind=st.sampled_from(["a row per table row", "one row", "the trailing dims", "a number"]),
+    seed=st.integers(0, 2**16),
+)
+def test_puts_after_leading_slices_on_tables_larger_than_the_device_tier_equal_dense(data, dtype, three_dims, values_kind, seed):
+    """``t[:, pos] = v`` (and ``t[:, :, pos]``): index_put_ whose indices start with ``None`` runs a
+    piece of rows at a time past the device tier (it raised OutOfPagesError); the table ends bitwise
+    as the dense one and the device tier's budget holds. The positions are distinct (torch leaves a
+    twice-written element undefined)."""
+    accumulate = False
+    cols = data.draw(st.integers(4, 40), label="cols")
+    shape = (data.draw(st.integers(40, 200), label="rows"), 3, cols) if three_dims else (data.draw(st.integers(40, 200), label="rows"), cols)
+    rows = 2 * 8 * PAGE // (math.prod(shape[1:]) * dtype.itemsize) + 1
+    shape = (max(shape[0], rows), *shape[1:])
+    lead = data.draw(st.integers(1, len(shape) - 1), label="leading slices")
+    size = shape[lead]
+    positions = data.draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=6, unique=True), label="positions")
+    negative = data.draw(st.booleans(), label="counted from the end")
+    index = torch.tensor(positions) - (size if negative else 0)
+    generator = torch.Generator().manual_seed(seed)
+    result_shape = (*shape[:lead], len(positions), *shape[lead + 1:])
+    values = {
+        "a row per table row": lambda: random_values(result_shape, dtype, generator),
+        "one row": lambda: random_values((1, *result_shape[1:]), dtype, generator),
+        "the trailing dims": lambda: random_values(result_shape[lead:], dtype, generator),
+        "a number": lambda: random_values((), dtype, generator),
+    }[values_kind]()
+    base = random_values(shape, dtype, generator)
+    indices = (*(None for _ in range(lead)), index)
+    with make_pager() as pager:
+        table = PagedTensor.wrap(base.clone(), pager)
+        expected = base.clone()
+        for target in (table, expected):
+            assert torch.ops.aten.index_put_.default(target, list(indices), values.clone(), accumulate) is target
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+        assert same_bits(table.materialize(), expected), (lead, values_kind)
 
 
 def rows_tensor(rows: int = 64, cols: int = 256) -> torch.Tensor:
@@ -377,6 +432,11 @@ BAD_CALLS = {
     "scatter_ src dtype": lambda t: t.scatter_(0, torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.float64)),
     "scatter_ float index": lambda t: t.scatter_(0, torch.zeros(1, 2), 1.0),
     "scatter_add_ out of bounds": lambda t: t.scatter_add_(1, torch.tensor([[256]]), torch.zeros(1, 1)),
+    "t[:, pos] = v, values of another shape": lambda t: t.__setitem__((slice(None), torch.tensor([1, 2])), torch.zeros(64, 3)),
+    "t[:, pos] = v, pos out of bounds": lambda t: t.__setitem__((slice(None), torch.tensor([1, 256])), torch.zeros(64, 2)),
+    "t[:, pos] = v, pos before the start": lambda t: t.__setitem__((slice(None), torch.tensor([-257])), 1.0),
+    "t[:, pos] = v, float pos": lambda t: torch.ops.aten.index_put_.default(t, [None, torch.tensor([1.0])], torch.zeros(64, 1)),
+    "t[:, pos] = v, values dtype": lambda t: torch.ops.aten.index_put_.default(t, [None, torch.tensor([1])], torch.zeros(64, 1, dtype=torch.float64)),
     "index_fill out of bounds": lambda t: t.index_fill_(0, torch.tensor([64]), 1.0),
     "index_fill negative out of bounds": lambda t: t.index_fill_(0, torch.tensor([-65]), 1.0),
     "index_fill value of one dim": lambda t: t.index_fill_(0, torch.tensor([1]), torch.ones(1)),

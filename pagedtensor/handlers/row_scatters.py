@@ -1,7 +1,8 @@
 """The handler of dim-0 row scatters in place (``index_put_`` with index tensors on the leading
 dims or a bool mask over them, ``index_copy_``, ``index_add_``, ``index_fill_``): only the pages
-holding the written rows fault in, a run of pages at a time. ``scatter_`` and ``scatter_add_`` run
-torch's own kernel on the rows they write (:func:`scatter_elements`).
+holding the written rows fault in, a run of pages at a time. ``index_put_`` after leading slices
+(``t[:, pos] = v``) runs a piece of rows at a time; ``scatter_`` and ``scatter_add_`` run torch's own
+kernel on the rows they write (:func:`scatter_elements`).
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
         written.
     """
     request = _row_scatter_request(func, args, kwargs)
+    if request is None and func is aten.index_put_.default:
+        by_rows = _put_a_piece_of_rows_at_a_time(func, args, kwargs)
+        if by_rows is not NotImplemented:
+            return by_rows
     if request is None or not _larger_than_a_piece([request.table]):
         return DISPATCHER.run_paged(func, types, args, kwargs)
     request = _mask_as_positions(request)
@@ -124,6 +129,66 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
         run_args = request.arguments(request.table.narrow(0, lo, hi - lo), run_index, run_source, run_rest)
         DISPATCHER.run_paged(func, types, run_args, dict(request.options))
     return request.table
+
+
+def _put_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) -> Any:
+    """``index_put_`` without ``accumulate`` whose indices start with ``None`` (``t[:, pos] = v``, the
+    write of a KV cache's new positions), on a PagedTensor larger than a piece: row ``r`` of the table is written
+    from row ``r`` of the values alone, so the op runs on a piece of rows at a time (narrowed views
+    of the table, and of the values where they have a row per table row), torch's own kernel on
+    each. torch's errors come first, before any write: a value of the wrong shape (torch's text),
+    then the op on a one-row stand-in of the table (no page read) for the indices' and values'
+    dtypes, shapes and bounds. ``NotImplemented`` for any other form (masks, index tensors apart
+    or on another device, values that are a view of the table's pages) and where a row spans
+    more than a piece."""
+    names = [argument.name for argument in func._schema.arguments]
+    bound = {**dict(zip(names, args)), **kwargs}
+    table, indices, values = bound["self"], bound["indices"], bound["values"]
+    accumulate = bound.get("accumulate", False)
+    if accumulate:
+        # torch's CPU kernel sums repeated positions in an order that depends on the whole
+        # tensor's size (t[:, [0] * 6] += v of 1093 rows differs from the same rows a piece at a time)
+        return NotImplemented
+    if not isinstance(table, PagedTensor) or table.dim() < 2 or not _rows_can_be_copied(table) or not _larger_than_a_piece([table]):
+        return NotImplemented
+    lead = next((place for place, index in enumerate(indices) if index is not None), len(indices))
+    rest = list(indices[lead:])
+    if lead == 0 or not rest or lead + len(rest) > table.dim():
+        return NotImplemented
+    if any(isinstance(index, torch.Tensor) and index.dtype.is_floating_point for index in rest):
+        func(torch.empty((1, *table.shape[1:]), dtype=table.dtype, device=table.device), list(indices), values)
+        return NotImplemented  # (torch's error for the index dtype is raised above)
+    if any(not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32) or index.device != table.device for index in rest):
+        return NotImplemented
+    if not isinstance(values, torch.Tensor) or (isinstance(values, PagedTensor) and values._paged is table._paged):
+        return NotImplemented
+    count = _rows_a_piece(table)
+    if not 0 < count < table.shape[0]:
+        return NotImplemented
+    rest = [index.materialize() if isinstance(index, PagedTensor) else index for index in rest]
+    indices = [*indices[:lead], *rest]
+    values = values.materialize() if isinstance(values, PagedTensor) else values
+    stand_in = torch.empty((1, *table.shape[1:]), dtype=table.dtype, device=table.device)
+    try:
+        places = list(torch.broadcast_shapes(*(index.shape for index in rest)))
+    except RuntimeError:
+        func(stand_in, indices, values)  # torch's error for indices that do not broadcast
+        return NotImplemented
+    rows = table.shape[0]
+    result_shape = [rows, *table.shape[1:lead], *places, *table.shape[lead + len(rest):]]
+    try:
+        fits = list(torch.broadcast_shapes(values.shape, result_shape)) == result_shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise RuntimeError(f"shape mismatch: value tensor of shape {list(values.shape)} cannot be broadcast to indexing "
+                           f"result of shape {result_shape}")  # fmt: skip
+    by_row = values.dim() == len(result_shape) and values.shape[0] == rows != 1
+    func(stand_in, indices, values[:1] if by_row else values)  # dtypes, bounds: torch's errors, no page read
+    for lo in range(0, rows, count):
+        hi = min(rows, lo + count)
+        func(table[lo:hi], indices, values[lo:hi] if by_row else values)
+    return table
 
 
 def _row_scatter_request(func: OpOverload, args: tuple, kwargs: dict) -> Optional[_RowScatter]:
