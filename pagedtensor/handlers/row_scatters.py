@@ -131,6 +131,14 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
     return request.table
 
 
+def _arguments_by_name(func: OpOverload, args: tuple, kwargs: dict) -> dict:
+    """``func``'s arguments by their schema names, defaults filled in."""
+    bound = {argument.name: argument.default_value for argument in func._schema.arguments if argument.has_default_value()}
+    bound.update(zip((argument.name for argument in func._schema.arguments), args))
+    bound.update(kwargs)
+    return bound
+
+
 def _put_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) -> Any:
     """``index_put_`` without ``accumulate`` whose indices start with ``None`` (``t[:, pos] = v``, the
     write of a KV cache's new positions), on a PagedTensor larger than a piece: row ``r`` of the table is written
@@ -141,11 +149,9 @@ def _put_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) 
     dtypes, shapes and bounds. ``NotImplemented`` for any other form (masks, index tensors apart
     or on another device, values that are a view of the table's pages) and where a row spans
     more than a piece."""
-    names = [argument.name for argument in func._schema.arguments]
-    bound = {**dict(zip(names, args)), **kwargs}
+    bound = _arguments_by_name(func, args, kwargs)
     table, indices, values = bound["self"], bound["indices"], bound["values"]
-    accumulate = bound.get("accumulate", False)
-    if accumulate:
+    if bound["accumulate"]:
         # torch's CPU kernel sums repeated positions in an order that depends on the whole
         # tensor's size (t[:, [0] * 6] += v of 1093 rows differs from the same rows a piece at a time)
         return NotImplemented
@@ -194,9 +200,7 @@ def _put_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) 
 def _row_scatter_request(func: OpOverload, args: tuple, kwargs: dict) -> Optional[_RowScatter]:
     """The row scatter ``func`` asks for, when it writes whole rows of a PagedTensor along dim 0 by
     one plain index on its device; else ``None``. A PagedTensor index or source is read dense."""
-    bound = {argument.name: argument.default_value for argument in func._schema.arguments if argument.has_default_value()}
-    bound.update(zip((argument.name for argument in func._schema.arguments), args))
-    bound.update(kwargs)
+    bound = _arguments_by_name(func, args, kwargs)
     table = bound["self"]
     if not isinstance(table, PagedTensor) or table._inner is not None or table.dim() == 0 or table.numel() == 0:
         return None
