@@ -464,21 +464,33 @@ class PagedKVCache(Cache):
             # allocation costs a page-table entry at allocate (generate(max_new_tokens=10**8) on a tiny
             # model took 23 s and 2 GB of host memory for a 3-token answer). Longer sequences take more segments.
             self.segment_pages = max(1, min(math.ceil(self.max_tokens / page_tokens), max(DEFAULT_SEGMENT_PAGES, capacity)))
-        hot = len(self.layers) * batch * (self.sink_pages + 1)
-        self._size_hot_pins(batch)
-        spare = capacity - (hot if self.hot_enabled else 0)
+        hot = self._hot_pages(batch)
+        spare = capacity - (hot if self._hot_pins_fit(hot, working_pages=2) else 0)
         self.group_pages = max(1, min(self.stream_group_bytes // self.pager.page_size, spare // 4))
         self.window_pages = 2 * self.group_pages
+        self._size_hot_pins(batch)
         log.debug(
             "PagedKVCache: %d tokens per page of %s, %d device slots, streaming groups of %d pages, hot pins %s",
             page_tokens, format_size(self.pager.page_size), capacity, self.group_pages, "on" if self.hot_enabled else "off",
         )
 
+    def _hot_pages(self, batch: int) -> int:
+        """Most pages the hot pins of a batch of ``batch`` hold: sink and newest pages of every (layer, sequence)."""
+        return len(self.layers) * batch * (self.sink_pages + 1)
+
+    def _hot_pins_fit(self, hot: int, working_pages: int) -> bool:
+        """Whether ``hot`` pinned pages fit in ``hot_fraction`` of the device tier and leave
+        ``working_pages`` slots for the pages an update or a read holds at once (a streaming window;
+        at least two: a shared page copied on write is read and written together)."""
+        capacity = self.pager.device_tier.capacity_pages
+        return hot <= self.hot_fraction * capacity and hot + max(2, working_pages) <= capacity
+
     def _size_hot_pins(self, batch: int) -> None:
         """Pin sink and newest pages only while those of a batch of ``batch`` fit in ``hot_fraction`` of the
-        device tier: a batch grown by ``batch_repeat_interleave`` or a reorder may unpin them all."""
-        hot = len(self.layers) * batch * (self.sink_pages + 1)
-        enabled = hot <= self.hot_fraction * self.pager.device_tier.capacity_pages
+        device tier and leave a streaming window free (with ``hot_fraction=1`` the pins could otherwise
+        take every slot, and the next page faulted in found none): a batch grown by
+        ``batch_repeat_interleave`` or a reorder may unpin them all."""
+        enabled = self._hot_pins_fit(self._hot_pages(batch), self.window_pages)
         if self.hot_enabled and not enabled:
             self.release_hot_pins()
         self.hot_enabled = enabled
