@@ -30,7 +30,7 @@
   ``Conv1D``, GPT-2's, through :func:`~pagedtensor.handlers.linear.paged_conv1d`), and the
   KV cache leaves room-making to the pager's policy (``PagedKVCache(makes_room=False)``).
 
-Works with transformers 5.17 (``past_key_values=``) and 5.2x (``cache=``): the keyword is read
+Works with transformers 5.17 (``past_key_values=``) through 5.25 (``cache=``): the keyword is read
 from the model's ``forward`` signature.
 """
 
@@ -881,7 +881,11 @@ def _kv_cache_unsupported(model: torch.nn.Module) -> Optional[str]:
     """Why a paged KV cache cannot serve ``model`` (encoder-decoder, layers keeping other state), or None."""
     if getattr(model.config, "is_encoder_decoder", False):
         return "is an encoder-decoder model (config.is_encoder_decoder): its cross-attention keys and values are not paged"
-    if getattr(model, "_is_stateful", False):
+    supports_cache = getattr(type(model), "_supports_default_dynamic_cache", None)
+    if supports_cache is not None and not supports_cache():
+        return ("keeps a recurrent state or a cache of its own (transformers gives it no Cache: "
+                "_supports_default_dynamic_cache() is False, as for RWKV, xLSTM, Reformer, XLNet), not keys and values in a Cache")
+    if getattr(model, "_is_stateful", False):  # transformers before 5.25; from 5.25 such models name their layers "linear_attention"
         return "keeps a recurrent state (a stateful model: Mamba, RWKV, xLSTM, Jamba, ...), not keys and values alone"
     config = _text_config(model)
     other = sorted(set(getattr(config, "layer_types", None) or ()) - KV_LAYER_TYPES)
@@ -914,6 +918,9 @@ def _paged_attention_unsupported(model: torch.nn.Module) -> Optional[str]:
         return f"has layers of type {other} (config.layer_types), which the paged kernels do not compute"
     if getattr(config, "attention_chunk_size", None):
         return f"uses chunked attention (attention_chunk_size={config.attention_chunk_size}), which the paged kernels do not compute"
+    if getattr(config, "alibi", False):
+        return ("adds ALiBi position biases to its attention mask (config.alibi, as Falcon's attention from transformers 5.25), "
+                "and the paged kernels compute causal attention without a bias")
     if getattr(config, "use_bidirectional_attention", False):
         return "attends bidirectionally (config.use_bidirectional_attention), and the paged kernels are causal"
     if getattr(config, "num_kv_shared_layers", 0):

@@ -37,10 +37,19 @@ def _mpt():
     return _pair(transformers.MptConfig, transformers.MptForCausalLM, "eager", **fields)
 
 
-def _falcon():
-    fields = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, new_decoder_architecture=True,
-                  num_kv_heads=2, pad_token_id=0, eos_token_id=2)  # fmt: skip
+# transformers 5.25 moved Falcon's attention onto the attention interface (it kept its own before).
+FALCON_USES_THE_INTERFACE = tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (5, 25)
+
+
+def _falcon(alibi: bool = False):
+    """Falcon-40B's layout (rotary positions), or the ALiBi one of Falcon-RW (position biases added to the mask)."""
+    fields = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, new_decoder_architecture=not alibi,
+                  alibi=alibi, num_kv_heads=2, pad_token_id=0, eos_token_id=2)  # fmt: skip
     return _pair(transformers.FalconConfig, transformers.FalconForCausalLM, "sdpa", **fields)
+
+
+def _falcon_alibi():
+    return _falcon(alibi=True)
 
 
 def _llama4_chunked():
@@ -70,7 +79,8 @@ def _gemma3n_shared_kv():
     "build, words",
     [
         pytest.param(_mpt, "attention interface", id="mpt"),  # its own attention read SDPA's mask inverted
-        pytest.param(_falcon, "attention interface", id="falcon"),  # crashed inside transformers
+        # crashed inside transformers before 5.25; from 5.25 the paged kernels would drop its biases
+        pytest.param(_falcon_alibi, "ALiBi" if FALCON_USES_THE_INTERFACE else "attention interface", id="falcon-alibi"),
         pytest.param(_llama4_chunked, "chunked_attention", id="llama4-chunked-attention"),  # attended across chunks
         pytest.param(_gemma3n_shared_kv, "num_kv_shared_layers", id="gemma3n-shared-kv"),  # shared layers saw one key
     ],
@@ -142,6 +152,20 @@ def test_more_families_generate_the_unpaged_tokens(family, nvme_dir):
     for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
     assert paging_state(model).pager.stats()["bytes_d2h"] > 0
+
+
+def test_falcon_takes_the_paged_attention_once_transformers_gives_it_the_interface(nvme_dir):
+    """Falcon with rotary positions under "auto": the paged attention from transformers 5.25 (its
+    attention moved onto the interface), its own before; the unpaged model's tokens either way."""
+    reference, model = _falcon()
+    ids, mask = prompts(3, length=20)
+    expected = _generate(reference, ids, mask)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=4, host_pages=2), prefill_chunk_size=8)
+    assert model.config._attn_implementation == ("pagedllm" if FALCON_USES_THE_INTERFACE else "sdpa")
+    got = _generate(model, ids, mask)
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step}: {m}")
 
 
 def test_attn_implementation_must_be_a_string(nvme_dir):
@@ -237,9 +261,9 @@ def test_a_refused_enable_paging_leaves_the_model_as_it_was_and_no_pager_open(nv
     """Errors after the pager exists (a refused attention switch, weights that do not fit) close the
     pager enable_paging made (it stayed open until a garbage collection) and leave the model's
     attention and dense weights as they were."""
-    _, falcon = _falcon()
-    with pytest.raises(ValueError, match="keeps 'sdpa'"):
-        enable_paging(falcon, tiny_budget(nvme_dir), attn_implementation="eager")
+    _, mpt = _mpt()
+    with pytest.raises(ValueError, match="keeps 'eager'"):
+        enable_paging(mpt, tiny_budget(nvme_dir), attn_implementation="sdpa")
     assert not _page_files(nvme_dir)
     reference, model = tiny_pair("llama")
     ids, mask = prompts(1, length=20)
@@ -350,13 +374,27 @@ def test_cross_attention_layers_are_refused(nvme_dir):
         enable_paging(model, tiny_budget(nvme_dir))
 
 
-def test_stateful_models_are_refused(nvme_dir):
+STATEFUL = {  # name: (config, model, fields, words of the refusal)
+    "rwkv": ("RwkvConfig", "RwkvForCausalLM", dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, attention_hidden_size=64,
+                                                   intermediate_size=128), "recurrent state"),  # fmt: skip
+    "xlstm": ("xLSTMConfig", "xLSTMForCausalLM", dict(vocab_size=128, hidden_size=64, embedding_dim=64, num_hidden_layers=2, num_blocks=2,
+                                                      num_heads=2), "recurrent state"),  # fmt: skip
+    # transformers 5.25 dropped _is_stateful; Mamba's config names its layers "linear_attention" there
+    "mamba": ("MambaConfig", "MambaForCausalLM", dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, state_size=8),
+              r"recurrent state|layers of type \['linear_attention'\]"),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("family", sorted(STATEFUL))
+def test_stateful_models_are_refused(family, nvme_dir):
     """Recurrent models keep a state the paged cache does not hold: xLSTM failed deep inside its
-    layers ("matC_old has wrong shape"), RWKV ignored the cache."""
-    config = transformers.RwkvConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, attention_hidden_size=64, intermediate_size=128)
-    model = transformers.RwkvForCausalLM(config).eval()
-    with pytest.raises(TypeError, match="recurrent state"):
+    layers ("matC_old has wrong shape"), RWKV ignored the cache (and was no longer refused under
+    transformers 5.25, which dropped the _is_stateful flag)."""
+    config_name, model_name, fields, words = STATEFUL[family]
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**fields)).eval()
+    with pytest.raises(TypeError, match=words):
         enable_paging(model, tiny_budget(nvme_dir))
+    assert paging_state(model) is None and not _page_files(nvme_dir)
 
 
 @pytest.mark.skipif(not hasattr(transformers, "Lfm2Config"), reason="transformers without LFM2")
