@@ -8,7 +8,9 @@ each piece is an ordinary op on PagedTensor views of a run of pages, faulted in,
 back like any op, before the next piece's pages fault in.
 
 It applies when every argument that is not a number or a 0-dim tensor has the same shape and
-strides, with no element reachable twice (so elements at the same index lie at the same distance
+strides, or broadcasts to that shape (``paged + bias``, ``paged * scale[:, None]``: such an operand
+is read whole by every piece, a PagedTensor one once, as a plain tensor, before the first piece;
+the pieces then go along the outer dim), with no element reachable twice (so elements at the same index lie at the same distance
 from each tensor's storage offset), and the op writes only its first argument (in-place), only
 its ``out=`` (of the result's shape: one torch would resize is not run in pieces) or nothing (its
 result a plain tensor filled piece by piece). The argument written may be a plain tensor, as in
@@ -81,11 +83,20 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     # Where the op writes an argument (which fixes the result's layout), its tensors may have layouts
     # of their own (``torch.add(paged.t(), 1, out=dense)``, ``paged_contiguous.copy_(paged[:, 3])``):
     # the pieces then go along the outer dim, where a piece of any layout is a narrowed view.
-    reference = next(t for t in shaped if isinstance(t, PagedTensor))
-    shape, stride = tuple(reference.shape), reference.stride()
-    if any(tuple(t.shape) != shape for t in shaped) or (target is None and any(t.stride() != stride for t in shaped)):
+    # Operands broadcast to the result's shape (``paged + bias``, ``paged * scale[:, None]``) are read
+    # whole by every piece: they run expanded, a PagedTensor one read once (it must fit in a piece).
+    shape = _broadcast_shape(shaped)
+    reference = next((t for t in shaped if isinstance(t, PagedTensor) and tuple(t.shape) == shape), None)
+    if reference is None:
+        return NotImplemented  # no PagedTensor of the result's shape (or shapes that do not broadcast)
+    stride = reference.stride()
+    broadcast = [t for t in shaped if tuple(t.shape) != shape]
+    if any(t is target for t in broadcast):
+        return NotImplemented  # torch writes in place or into out= of the result's shape only
+    full = [t for t in shaped if tuple(t.shape) == shape]
+    if target is None and any(t.stride() != stride for t in full):
         return NotImplemented
-    dense = dense_and_non_overlapping(shape, stride) and all(t.stride() == stride for t in shaped)
+    dense = not broadcast and dense_and_non_overlapping(shape, stride) and all(t.stride() == stride for t in shaped)
     # A plain tensor written (``dense.copy_(paged)``, what ``load_state_dict`` of a loaded paged
     # checkpoint into a plain model runs, or ``torch.add(paged, 1, out=dense)``) shares no page with
     # the PagedTensors it reads: each piece writes its own elements of it directly.
@@ -111,6 +122,12 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
         result_layout = _result_layout(func, args, kwargs)
         if result_layout is None or tuple(result_layout.shape) != shape or (dense and result_layout.stride() != stride):
             return NotImplemented
+    if broadcast:
+        if any(isinstance(t, PagedTensor) and span_elements(t) > (piece_elements_of([t]) or 0) for t in broadcast):
+            return NotImplemented  # it could not be read whole
+        args = tuple(_expanded_if_broadcast(value, shape) for value in args)
+        kwargs = {name: _expanded_if_broadcast(value, shape) for name, value in kwargs.items()}
+        tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
     piece_elements = piece_elements_of(tensors)
     if piece_elements is None:
         return NotImplemented
@@ -145,6 +162,24 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
             flat_out[start:stop].copy_(result)
         start = stop
     return target if target is not None else out
+
+
+def _broadcast_shape(tensors: list[torch.Tensor]) -> Optional[tuple[int, ...]]:
+    """The shape ``tensors`` broadcast to, or None where they do not."""
+    try:
+        return tuple(torch.broadcast_shapes(*(t.shape for t in tensors)))
+    except RuntimeError:
+        return None
+
+
+def _expanded_if_broadcast(value: Any, shape: tuple[int, ...]) -> Any:
+    """A shaped tensor of another shape than ``shape`` expanded to it (a PagedTensor one read once,
+    as a plain tensor: every piece reads it whole); anything else as it is."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0 or tuple(value.shape) == shape:
+        return value
+    if isinstance(value, PagedTensor):
+        value = value.materialize()
+    return value.expand(shape)
 
 
 def _outer_split(shape: tuple[int, ...], stride: tuple[int, ...], piece_elements: int) -> Optional[tuple[int, int]]:

@@ -45,6 +45,8 @@ def test_the_readme_example_scales_a_table_eight_times_the_device_tier(device):
         other = PagedTensor.wrap(torch.rand(384, 256, device=device), pager)
         assert torch.equal(table + other, x + other.materialize())
         assert torch.equal(torch.where(x > 0, table, other), torch.where(x > 0, x, other.materialize()))
+        bias, scale = torch.randn(256, device=device), torch.rand(384, 1, device=device)  # broadcast operands
+        assert torch.equal(table * scale + bias, x * scale + bias)
         assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
         with pytest.raises(OutOfPagesError, match="need more pages at once"):
             table.sum()  # a reduction is not elementwise: its order of additions needs every page at once
@@ -155,6 +157,47 @@ def test_elementwise_ops_in_pieces_equal_dense(rows, cols, dtype, view, offset, 
             assert got is paged_x
         assert same_bits(dense(got), expected)
         assert same_bits(paged_x.materialize(), x) and same_bits(paged_y.materialize(), y)
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
+
+
+BROADCAST_OPS = {  # name: op of the paged (or dense) table and a broadcast operand
+    "add": lambda t, b: t + b,
+    "sub_alpha": lambda t, b: torch.sub(t, b, alpha=3),
+    "maximum_of_the_operand_first": lambda t, b: torch.maximum(b, t),
+    "mul_": lambda t, b: t.mul_(b),
+    "copy_": lambda t, b: t.copy_(b),
+    "where": lambda t, b: torch.where(b > 0, t, b),
+    "masked_fill_": lambda t, b: t.masked_fill_(b > 0, 2.5),
+    "addcmul_out": lambda t, b: torch.addcmul(t, b, t, value=0.5, out=torch.empty_like(t.materialize() if isinstance(t, PagedTensor) else t)),
+}
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.integers(16, 160),
+    cols=LAYOUTS["cols"],
+    dtype=LAYOUTS["dtype"],
+    view=st.sampled_from(["rows", "transposed", "every_other_row"]),
+    form=st.sampled_from(["row", "row_2d", "column"]),
+    paged_operand=st.booleans(),
+    name=st.sampled_from(sorted(BROADCAST_OPS)),
+    seed=st.integers(0, 2**16),
+)
+def test_elementwise_ops_with_a_broadcast_operand_in_pieces_equal_dense(rows, cols, dtype, view, form, paged_operand, name, seed):
+    """A table of any size and layout with an operand broadcast to it (``t + bias``, ``t * scale[:, None]``,
+    a broadcast mask, a plain or paged operand): bitwise equal to dense, strides too, the device
+    budget held. (Past the tier they raised OutOfPagesError: pieces took operands of one shape only.)"""
+    base, _, layout = two_flat_tensors_and_a_layout(rows, cols, dtype, view, 0, seed)
+    x = layout(base.clone())
+    shape = {"row": (x.shape[1],), "row_2d": (1, x.shape[1]), "column": (x.shape[0], 1)}[form]
+    operand = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    op = BROADCAST_OPS[name]
+    with make_pager() as pager:
+        paged_x = layout(PagedTensor.wrap(base.clone(), pager))
+        paged_operand_or_plain = PagedTensor.wrap(operand.clone(), pager) if paged_operand else operand
+        got, expected = op(paged_x, paged_operand_or_plain), op(x, operand)
+        assert same_bits(dense(got), expected)
+        assert same_bits(paged_x.materialize(), x)
         assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
 
 
