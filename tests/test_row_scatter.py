@@ -312,6 +312,124 @@ def test_puts_after_leading_slices_on_tables_larger_than_the_device_tier_equal_d
         assert same_bits(table.materialize(), expected), (lead, values_kind)
 
 
+INDEX_OPS_ALONG_A_DIM = ["index_copy", "index_add", "index_fill_scalar", "index_fill_tensor"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    op=st.sampled_from(INDEX_OPS_ALONG_A_DIM),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.int64]),
+    three_dims=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_index_ops_along_another_dim_on_tables_larger_than_the_device_tier_equal_dense(data, op, dtype, three_dims, seed):
+    """``index_copy_``, ``index_add_`` (repeated positions, alpha) and ``index_fill_`` along a dim other
+    than 0 run a piece of rows at a time past the device tier (they raised OutOfPagesError); the
+    table ends bitwise as the dense one and the device tier's budget holds. index_copy_ takes
+    distinct positions (torch leaves a twice-written element undefined)."""
+    cols = data.draw(st.integers(4, 40), label="cols")
+    shape = (40, 3, cols) if three_dims else (40, cols)
+    rows = 2 * 8 * PAGE // (math.prod(shape[1:]) * dtype.itemsize) + 1
+    shape = (max(data.draw(st.integers(40, 200), label="rows"), rows), *shape[1:])
+    dim = data.draw(st.integers(1, len(shape) - 1), label="dim")
+    size = shape[dim]
+    positions = data.draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=6, unique=op == "index_copy"), label="positions")
+    index = torch.tensor(positions)
+    if op.startswith("index_fill") and data.draw(st.booleans(), label="counted from the end"):
+        index = index - size
+    dim = dim - len(shape) if data.draw(st.booleans(), label="negative dim") else dim
+    generator = torch.Generator().manual_seed(seed)
+    source = random_values((*shape[:dim], len(positions), *shape[dim:][1:]) if dim > 0 else
+                           (*shape[: len(shape) + dim], len(positions), *shape[len(shape) + dim + 1:]), dtype, generator)  # fmt: skip
+    alpha = -0.5 if dtype.is_floating_point else 3
+    value = 1.5 if dtype.is_floating_point else 7
+    call = {
+        "index_copy": lambda t: t.index_copy_(dim, index, source),
+        "index_add": lambda t: t.index_add_(dim, index, source, alpha=alpha),
+        "index_fill_scalar": lambda t: t.index_fill_(dim, index, value),
+        "index_fill_tensor": lambda t: t.index_fill_(dim, index, torch.tensor(value, dtype=dtype)),
+    }[op]
+    base = random_values(shape, dtype, generator)
+    with make_pager() as pager:
+        table = PagedTensor.wrap(base.clone(), pager)
+        expected = base.clone()
+        for target in (table, expected):
+            assert call(target) is target
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+        assert same_bits(table.materialize(), expected), (op, dim)
+
+
+BAD_INDEX_OPS_ALONG_A_DIM = {  # on a 64 x 256 table: torch's checks, each its own message
+    "copy out of bounds": lambda t: t.index_copy_(1, torch.tensor([256]), torch.ones(64, 1)),
+    "copy of another row count": lambda t: t.index_copy_(1, torch.tensor([1]), torch.ones(30, 1)),
+    "copy of too many positions": lambda t: t.index_copy_(1, torch.tensor([1]), torch.ones(64, 2)),
+    "copy of another dtype": lambda t: t.index_copy_(1, torch.tensor([1]), torch.ones(64, 1, dtype=torch.float64)),
+    "copy by an index of two dims": lambda t: t.index_copy_(1, torch.tensor([[1]]), torch.ones(64, 1)),
+    "copy of one dim": lambda t: t.index_copy_(1, torch.tensor([1]), torch.ones(64)),
+    "copy along a dim out of range": lambda t: t.index_copy_(2, torch.tensor([1]), torch.ones(64, 1)),
+    "add out of bounds": lambda t: t.index_add_(1, torch.tensor([-1]), torch.ones(64, 1)),
+    "add of another row count": lambda t: t.index_add_(1, torch.tensor([1]), torch.ones(30, 1)),
+    "add of fewer positions": lambda t: t.index_add_(1, torch.tensor([1, 2]), torch.ones(64, 1)),
+    "add of another dtype": lambda t: t.index_add_(1, torch.tensor([1]), torch.ones(64, 1, dtype=torch.float16)),
+    "fill out of bounds": lambda t: t.index_fill_(1, torch.tensor([-257]), 1.0),
+    "fill by a value of one dim": lambda t: t.index_fill_(1, torch.tensor([1]), torch.ones(1)),
+    "fill by an int32 index": lambda t: t.index_fill_(-1, torch.tensor([1], dtype=torch.int32), 1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INDEX_OPS_ALONG_A_DIM))
+def test_bad_index_ops_along_another_dim_raise_torchs_error_before_any_page_faults_in(name):
+    """Past the tier: the dense op's exception type and message (the table's shape in it), no page
+    faulted in, the table unchanged."""
+    call = BAD_INDEX_OPS_ALONG_A_DIM[name]
+    x = rows_tensor()
+    with pytest.raises(Exception) as dense_error:
+        call(x.clone())
+    expected_message = str(dense_error.value).splitlines()[0]
+    with make_pager() as pager:
+        table = PagedTensor.wrap(x.clone(), pager)
+        pager.evict_all()
+        before = pager.stats()["faults"]
+        with pytest.raises(dense_error.type, match=re.escape(expected_message)):
+            call(table)
+        assert pager.stats()["faults"] == before
+        assert torch.equal(table.materialize(), x)
+
+
+def test_the_piece_of_rows_path_never_takes_dim_0():
+    """Along dim 0 row ``r`` is not written from source row ``r``: that path declines (the row
+    scatter's own path takes dim 0), whatever reached it."""
+    from pagedtensor.handlers.row_scatters import _index_op_a_piece_of_rows_at_a_time
+
+    with make_pager() as pager:
+        table = PagedTensor.wrap(rows_tensor(), pager)
+        for dim in (0, -2):
+            args = (table, dim, torch.arange(64).flip(0), torch.ones(64, 256))  # as many source rows as table rows
+            assert _index_op_a_piece_of_rows_at_a_time(torch.ops.aten.index_copy_.default, args, {}) is NotImplemented
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_index_ops_along_another_dim_past_the_tier_equal_dense(device):
+    """A 64 x 256 float table (16 pages, the device tier 8): copy, add (alpha, a repeated position;
+    on CUDA, whose adds are atomic, of integers) and fill along dim 1, bitwise as dense."""
+    with make_pager(device=device) as pager:
+        x = rows_tensor().to(device)
+        ints = x.long()
+        index = torch.tensor([5, 200, 5, 17], device=device)
+        for base, call in (
+            (x, lambda t: t.index_copy_(1, index[1:], -t.new_ones(64, 3))),
+            (x if device == "cpu" else ints, lambda t: t.index_add_(-1, index, torch.arange(256, device=device).view(64, 4).to(t.dtype), alpha=2)),
+            (x, lambda t: t.index_fill_(1, index, -3.0)),
+            (x, lambda t: t.index_fill_(1, index, torch.tensor(4.0))),  # a 0-dim value on the host
+        ):
+            table = PagedTensor.wrap(base.clone(), pager)
+            expected = call(base.clone())
+            assert call(table) is table
+            assert torch.equal(table.materialize(), expected)
+            assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+
+
 def rows_tensor(rows: int = 64, cols: int = 256) -> torch.Tensor:
     """fp32 rows of ``cols`` elements: with 256 (1 KiB), rows 4k..4k+3 lie on page k."""
     return torch.arange(rows * cols, dtype=torch.float32).view(rows, cols)

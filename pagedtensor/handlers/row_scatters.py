@@ -1,7 +1,8 @@
 """The handler of dim-0 row scatters in place (``index_put_`` with index tensors on the leading
 dims or a bool mask over them, ``index_copy_``, ``index_add_``, ``index_fill_``): only the pages
 holding the written rows fault in, a run of pages at a time. ``index_put_`` after leading slices
-(``t[:, pos] = v``) runs a piece of rows at a time; ``scatter_`` and ``scatter_add_`` run torch's own
+(``t[:, pos] = v``) and ``index_copy_``, ``index_add_``, ``index_fill_`` along another dim run a
+piece of rows at a time; ``scatter_`` and ``scatter_add_`` run torch's own
 kernel on the rows they write (:func:`scatter_elements`).
 """
 
@@ -76,8 +77,10 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
     leading dims (``t[t > 0] = 0``) is taken as the index tensors of its positions, row-major, as
     torch takes it.
 
+    ``t[:, pos] = v`` and the ops along another dim run a piece of rows at a time
+    (:func:`_put_a_piece_of_rows_at_a_time`, :func:`_index_op_a_piece_of_rows_at_a_time`).
     A table that fits in one piece runs the generic way, and so does any other form of the op
-    (another dim, a mask among several indices, ``None`` between index tensors (``t[i, :, j]``), a
+    (a mask among several indices, ``None`` between index tensors (``t[i, :, j]``), a
     byte mask, a table with the conjugate or negative bit, a source that is a view of the table's
     pages, an index or source on another device).
 
@@ -87,8 +90,8 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
         written.
     """
     request = _row_scatter_request(func, args, kwargs)
-    if request is None and func is aten.index_put_.default:
-        by_rows = _put_a_piece_of_rows_at_a_time(func, args, kwargs)
+    if request is None:
+        by_rows = (_put_a_piece_of_rows_at_a_time if func is aten.index_put_.default else _index_op_a_piece_of_rows_at_a_time)(func, args, kwargs)
         if by_rows is not NotImplemented:
             return by_rows
     if request is None or not _larger_than_a_piece([request.table]):
@@ -195,6 +198,55 @@ def _put_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) 
         hi = min(rows, lo + count)
         func(table[lo:hi], indices, values[lo:hi] if by_row else values)
     return table
+
+
+def _index_op_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) -> Any:
+    """``index_copy_``, ``index_add_`` and ``index_fill_`` along a dim other than 0 on a PagedTensor
+    larger than a piece: row ``r`` of the table is written from row ``r`` of the source alone (each
+    element of ``index_add_`` takes its adds in the index's order, as in the dense op), so the op
+    runs on a piece of rows at a time, torch's own kernel on each. torch's errors come first,
+    before any write: shapes, dims and dtypes from the op on a meta stand-in of the table (torch's
+    own checks: these ops' meta functions are their CPU kernels' checks), then the op on a one-row
+    stand-in for the index's bounds. ``NotImplemented`` for any other form (an index or source on
+    another device or a view of the table's pages, a source of another row count) and where a row
+    spans more than a piece."""
+    bound = _arguments_by_name(func, args, kwargs)
+    table, dim, index = bound["self"], bound["dim"], bound["index"]
+    if not isinstance(table, PagedTensor) or table.dim() < 2 or not _rows_can_be_copied(table) or not _larger_than_a_piece([table]):
+        return NotImplemented
+    if not isinstance(index, torch.Tensor) or index.device != table.device or (isinstance(index, PagedTensor) and index._paged is table._paged):
+        return NotImplemented
+    filling = "value" in bound
+    source = bound["value"] if filling else bound["source"]
+    if isinstance(source, torch.Tensor) and ((source.dim() > 0 and source.device != table.device)
+                                             or (isinstance(source, PagedTensor) and source._paged is table._paged)):  # fmt: skip
+        return NotImplemented
+    if isinstance(dim, int) and -table.dim() <= dim < table.dim() and dim % table.dim() == 0:
+        return NotImplemented  # along dim 0: the row scatter's own path, where its conditions hold
+    count = _rows_a_piece(table)
+    if not 0 < count < table.shape[0]:
+        return NotImplemented
+    index = index.materialize() if isinstance(index, PagedTensor) else index
+    source = source.materialize() if isinstance(source, PagedTensor) else source
+    options = {"alpha": bound["alpha"]} if func is aten.index_add_.default else {}
+    func(_overlapping_stand_in(table), dim, index, source, **options)  # torch's checks and errors; no page read
+    if not filling and (source.dim() != table.dim() or source.shape[0] != table.shape[0]):
+        return NotImplemented
+    rows = table.shape[0]
+    for lo in range(0, rows, count):
+        hi = min(rows, lo + count)
+        DISPATCHER.run_paged(func, (PagedTensor,), (table[lo:hi], dim, index, source if filling else source[lo:hi]), options)
+    return table
+
+
+def _overlapping_stand_in(table: PagedTensor) -> torch.Tensor:
+    """A plain tensor of ``table``'s shape, dtype and device whose elements overlap (every stride 1:
+    as many elements of memory as the sizes' sum): an in-place op on it runs torch's own checks,
+    with the table's shape in their messages, without memory of the table's size. (A stride of 0
+    would be refused as internal overlap; overlap of strides 1 is too hard for torch to tell, so its
+    kernels run on it, writing elements that mean nothing.)"""
+    span = 1 + sum(size - 1 for size in table.shape)
+    return torch.empty(span, dtype=table.dtype, device=table.device).as_strided(table.shape, (1,) * table.dim())
 
 
 def _row_scatter_request(func: OpOverload, args: tuple, kwargs: dict) -> Optional[_RowScatter]:
