@@ -85,7 +85,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     # the pieces then go along the outer dim, where a piece of any layout is a narrowed view.
     # Operands broadcast to the result's shape (``paged + bias``, ``paged * scale[:, None]``) are read
     # whole by every piece: they run expanded, a PagedTensor one read once (it must fit in a piece).
-    shape = _broadcast_shape(shaped)
+    shape = broadcast_shape(shaped)
     reference = next((t for t in shaped if isinstance(t, PagedTensor) and tuple(t.shape) == shape), None)
     if reference is None:
         return NotImplemented  # no PagedTensor of the result's shape (or shapes that do not broadcast)
@@ -164,7 +164,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     return target if target is not None else out
 
 
-def _broadcast_shape(tensors: list[torch.Tensor]) -> Optional[tuple[int, ...]]:
+def broadcast_shape(tensors: list[torch.Tensor]) -> Optional[tuple[int, ...]]:
     """The shape ``tensors`` broadcast to, or None where they do not."""
     try:
         return tuple(torch.broadcast_shapes(*(t.shape for t in tensors)))

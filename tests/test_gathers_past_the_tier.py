@@ -56,6 +56,9 @@ GATHERS: dict[str, Gather] = {
     "t[i, :, j]": lambda t, g: t[_rows(t, 4, g), :, _positions(t, 2, (4,), g)] if t.dim() > 2 else t[_rows(t, 4, g)],
     "t[mask]": lambda t, g: t[torch.rand(t.shape[0], generator=g) < 0.2],
     "masked_select": lambda t, g: torch.masked_select(t, (torch.rand(t.shape, generator=g) < 0.05).to(t.device)),
+    "masked_select by a mask broadcast along dim 0": lambda t, g: torch.masked_select(t, (torch.rand(t.shape[1:], generator=g) < 0.3).to(t.device)),
+    "masked_select by a mask broadcast along the last dims": lambda t, g: torch.masked_select(
+        t, (torch.rand((t.shape[0], *(1 for _ in t.shape[1:])), generator=g) < 0.05).to(t.device)),
     "t[mask of two dims]": lambda t, g: t[torch.rand(t.shape[:2], generator=g) < 0.1],
     "t[mask, j]": lambda t, g: t[torch.rand(t.shape[0], generator=g) < 0.2, _positions(t, 1, (1,), g)],
     "t[:, i]": lambda t, g: t[:, _positions(t, 1, (3,), g)],

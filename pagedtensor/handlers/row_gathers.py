@@ -20,7 +20,7 @@ from torch._prims_common import make_contiguous_strides_for
 
 from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, _row_byte_spans, _Window, aten, implements, resize_refused
 from pagedtensor.errors import OutOfPagesError
-from pagedtensor.pieces import piece_elements_of
+from pagedtensor.pieces import broadcast_shape, piece_elements_of
 from pagedtensor.tensor import PagedTensor, _pending_frees, dense_and_non_overlapping, drain_pending_frees, element_span, meta_like
 
 
@@ -613,18 +613,19 @@ def _row_request(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[
 @implements([aten.masked_select.default])
 def masked_select(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
     """``masked_select``: the generic way while its pages fit on the device tier at once; past it,
-    by a bool mask of the table's shape on its device, as ``table[mask]`` (the same elements in
-    the same row-major order, a 1-D result: :func:`gather_elements`). Other forms (a mask
-    broadcast against the table) raise :class:`OutOfPagesError` past the tier."""
+    by a bool mask on the table's device of its shape or broadcast to it (expanded), as
+    ``table[mask]`` (the same elements in the same row-major order, a 1-D result:
+    :func:`gather_elements`). Other forms (a table broadcast against a larger mask) raise
+    :class:`OutOfPagesError` past the tier."""
     try:
         return DISPATCHER.run_paged(func, types, args, kwargs)
     except _OpTooLarge:
         table, mask = args[0], args[1]
         if kwargs or not isinstance(table, PagedTensor) or not isinstance(mask, torch.Tensor):
             raise
-        if mask.dtype != torch.bool or mask.shape != table.shape or mask.device != table.device:
+        if mask.dtype != torch.bool or mask.device != table.device or broadcast_shape([mask, table]) != tuple(table.shape):
             raise
-    return aten.index.Tensor(table, [_dense(mask)])
+    return aten.index.Tensor(table, [_dense(mask).expand(table.shape)])
 
 
 _FUNCTIONAL_OF_OUT = {
