@@ -185,16 +185,17 @@ def test_an_element_scatter_faults_in_only_the_pages_of_its_rows(device):
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.data(),
-    op=st.sampled_from(["scatter_", "scatter_ of a value", "scatter_add_"]),
-    dtype=st.sampled_from([torch.float32, torch.float16, torch.int64]),
+    op=st.sampled_from(["scatter_", "scatter_ of a value", "scatter_add_", "scatter_reduce_", "scatter_ reducing", "scatter_ reducing a value"]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.int64]),
     three_dims=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_scatters_on_tables_larger_than_the_device_tier_equal_dense(data, op, dtype, three_dims, seed):
-    """``scatter_`` (of a source or a value) and ``scatter_add_`` along any dim of random tables of
-    2 to 6 times the device tier, a source larger than the index: the table ends bitwise as the
-    dense one, the device tier's budget holds. ``scatter_`` draws indices that write each element
-    once (torch leaves a twice-written element's value undefined); ``scatter_add_`` repeats them."""
+    """``scatter_`` (of a source or a value), ``scatter_add_`` and the reductions (``scatter_reduce_``
+    of each kind, with and without ``include_self``; ``scatter_`` with ``reduce=``) along any dim of
+    random tables of 2 to 6 times the device tier, a source larger than the index: the table ends
+    bitwise as the dense one, the device tier's budget holds. ``scatter_`` draws indices that write
+    each element once (torch leaves a twice-written element's value undefined); the others repeat them."""
     cols = data.draw(st.integers(4, 40), label="cols")
     row_elements = cols * (3 if three_dims else 1)
     rows = data.draw(st.integers(2 * 8 * PAGE // (row_elements * dtype.itemsize) + 1, 6 * 8 * PAGE // (row_elements * dtype.itemsize) + 2), label="rows")
@@ -203,7 +204,9 @@ def test_scatters_on_tables_larger_than_the_device_tier_equal_dense(data, op, dt
     generator = torch.Generator().manual_seed(seed)
     index_shape = [data.draw(st.integers(0, min(size, 6)), label=f"index size {d}") for d, size in enumerate(shape)]
     along = shape[dim]
-    if op == "scatter_add_":
+    reduce = data.draw(st.sampled_from(["sum", "prod", "mean", "amax", "amin"] if op == "scatter_reduce_" else ["add", "multiply"]), label="reduce")
+    include_self = data.draw(st.booleans(), label="include_self")
+    if op != "scatter_" and op != "scatter_ of a value":
         index = torch.randint(0, along, index_shape, generator=generator)
     else:  # a distinct target along dim for each place: a random permutation's first entries, per line
         index_shape[dim] = min(index_shape[dim], along)
@@ -220,15 +223,18 @@ def test_scatters_on_tables_larger_than_the_device_tier_equal_dense(data, op, dt
                 "scatter_": lambda: target.scatter_(dim, index, source),
                 "scatter_ of a value": lambda: target.scatter_(dim, index, value),
                 "scatter_add_": lambda: target.scatter_add_(dim, index, source),
+                "scatter_reduce_": lambda: target.scatter_reduce_(dim, index, source, reduce, include_self=include_self),
+                "scatter_ reducing": lambda: target.scatter_(dim, index, source, reduce=reduce),
+                "scatter_ reducing a value": lambda: target.scatter_(dim, index, value, reduce=reduce),
             }[op]()
             assert returned is target
         assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
-        assert same_bits(table.materialize(), expected), (op, dim, index_shape)
+        assert same_bits(table.materialize(), expected), (op, dim, index_shape, reduce, include_self)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_a_scatter_along_dim_0_faults_in_only_the_pages_of_its_rows(device):
-    """``scatter_`` and ``scatter_add_`` along dim 0 writing rows 1, 50 and 51: pages 0 and 12."""
+    """``scatter_``, ``scatter_add_`` and ``scatter_reduce_`` along dim 0 writing rows 1, 50 and 51: pages 0 and 12."""
     with make_pager(device=device) as pager:
         x = rows_tensor().to(device)
         table = PagedTensor.wrap(x.clone(), pager)
@@ -237,6 +243,7 @@ def test_a_scatter_along_dim_0_faults_in_only_the_pages_of_its_rows(device):
         for target in (table, x):
             target.scatter_(0, torch.tensor([[50, 1, 51]], device=device), torch.tensor([[1.0, 2.0, 3.0]], device=device))
             target.scatter_add_(0, torch.tensor([[1, 1], [51, 1]], device=device), torch.ones(2, 2, device=device))
+            target.scatter_reduce_(0, torch.tensor([[50, 1]], device=device), torch.tensor([[5e5, -5.0]], device=device), "amax", include_self=False)
         assert pager.stats()["faults"] - before == 2
         assert torch.equal(table.materialize(), x)
 
@@ -550,6 +557,12 @@ BAD_CALLS = {
     "scatter_ src dtype": lambda t: t.scatter_(0, torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.float64)),
     "scatter_ float index": lambda t: t.scatter_(0, torch.zeros(1, 2), 1.0),
     "scatter_add_ out of bounds": lambda t: t.scatter_add_(1, torch.tensor([[256]]), torch.zeros(1, 1)),
+    "scatter_reduce_ unknown reduction": lambda t: t.scatter_reduce_(0, torch.tensor([[1]]), torch.zeros(1, 1), "median"),
+    "scatter_reduce_ out of bounds": lambda t: t.scatter_reduce_(1, torch.tensor([[256]]), torch.zeros(1, 1), "amax", include_self=False),
+    "scatter_reduce_ src dtype": lambda t: t.scatter_reduce_(0, torch.tensor([[1]]), torch.zeros(1, 1, dtype=torch.float64), "sum"),
+    "scatter_reduce_ index larger than src": lambda t: t.scatter_reduce_(0, torch.zeros(2, 2, dtype=torch.long), torch.zeros(1, 2), "prod"),
+    "scatter_ reduce unknown": lambda t: t.scatter_(0, torch.tensor([[1]]), torch.zeros(1, 1), reduce="max"),
+    "scatter_ value reduce out of bounds": lambda t: t.scatter_(0, torch.tensor([[64]]), 2.0, reduce="multiply"),
     "t[:, pos] = v, values of another shape": lambda t: t.__setitem__((slice(None), torch.tensor([1, 2])), torch.zeros(64, 3)),
     "t[:, pos] = v, pos out of bounds": lambda t: t.__setitem__((slice(None), torch.tensor([1, 256])), torch.zeros(64, 2)),
     "t[:, pos] = v, pos before the start": lambda t: t.__setitem__((slice(None), torch.tensor([-257])), 1.0),

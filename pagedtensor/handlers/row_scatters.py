@@ -17,7 +17,7 @@ from torch._ops import OpOverload
 
 from pagedtensor.dispatch import DISPATCHER, _row_byte_spans, aten, implements
 from pagedtensor.handlers.parts import _larger_than_a_piece
-from pagedtensor.handlers.row_gathers import _INTERNAL_OVERLAP, _rows_a_piece, _rows_can_be_copied, _rows_compacted
+from pagedtensor.handlers.row_gathers import _rows_a_piece, _rows_can_be_copied, _rows_compacted
 from pagedtensor.pieces import piece_elements_of
 from pagedtensor.tensor import PagedTensor
 
@@ -401,9 +401,12 @@ def _runs_of_rows(table: PagedTensor, rows: torch.Tensor) -> Optional[list[tuple
     return runs
 
 
-@implements([aten.scatter_.src, aten.scatter_.value, aten.scatter_add_.default])
+@implements([aten.scatter_.src, aten.scatter_.value, aten.scatter_add_.default, aten.scatter_reduce_.two, aten.scatter_.reduce,
+             aten.scatter_.value_reduce])  # fmt: skip
 def scatter_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
-    """``scatter_`` (of a source or a value) and ``scatter_add_`` into a PagedTensor: the generic way
+    """``scatter_`` (of a source or a value), ``scatter_add_`` and the reductions ``scatter_reduce_``
+    (``sum``, ``prod``, ``mean``, ``amax``, ``amin``, with or without ``include_self``) and
+    ``scatter_(..., reduce=...)`` into a PagedTensor: the generic way
     while it fits in one piece; past that, torch's own kernel on parts of the table, so each element
     written gets the dense op's values, in its order and its arithmetic (``scatter_add_`` of
     half-precision floats on the CPU sums in float and rounds once; ``index_put_`` would not):
@@ -423,14 +426,15 @@ def scatter_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
         Reads the index on the host (a sync when it lives on the GPU).
     """
     table = args[0]
-    if kwargs or len(args) != 4 or not isinstance(table, PagedTensor) or table.dim() == 0 or not _larger_than_a_piece([table]):
+    if len(args) < 4 or not isinstance(table, PagedTensor) or table.dim() == 0 or not _larger_than_a_piece([table]):
         return DISPATCHER.run_paged(func, types, args, kwargs)
     dim, index, source = args[1], args[2], args[3]
     if not isinstance(dim, int) or not isinstance(index, torch.Tensor) or not _rows_can_be_copied(table):
         return DISPATCHER.run_paged(func, types, args, kwargs)
     if isinstance(source, PagedTensor) and source._paged is table._paged:
         return DISPATCHER.run_paged(func, types, args, kwargs)  # a view of the table's own pages: torch's overlap checks
-    _check_scatter_on_stand_ins(func, table, dim, index, source)
+    reduction = args[4:]  # scatter_reduce_'s reduce (its include_self, and scatter_'s reduce, are in kwargs)
+    _check_scatter_on_stand_ins(func, table, dim, index, source, reduction, kwargs)
     index = index.materialize() if isinstance(index, PagedTensor) else index
     source = source.materialize() if isinstance(source, PagedTensor) else source
     if index.numel() == 0:
@@ -443,7 +447,7 @@ def scatter_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
     if dim == 0:
         rows, renumbered = torch.unique(given, sorted=True, return_inverse=True)
         compact = _rows_compacted(table, rows)
-        func(compact, 0, renumbered.reshape(index.shape).to(index.device), source)
+        func(compact, 0, renumbered.reshape(index.shape).to(index.device), source, *reduction, **kwargs)
         aten.index_copy_.default(table, 0, rows.to(table.device), compact)
         return table
     count = _rows_a_piece(table)
@@ -452,23 +456,16 @@ def scatter_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
     for lo in range(0, index.shape[0], count):
         hi = min(index.shape[0], lo + count)
         piece_source = source[lo:hi] if isinstance(source, torch.Tensor) and source.dim() > 0 else source
-        func(table[lo:hi], dim, index[lo:hi], piece_source)
+        func(table[lo:hi], dim, index[lo:hi], piece_source, *reduction, **kwargs)
     return table
 
 
-def _check_scatter_on_stand_ins(func: OpOverload, table: PagedTensor, dim: int, index: torch.Tensor, source: Any) -> None:
-    """torch's errors for the shapes, dims and dtypes of a scatter, from ``func`` run on stand-ins of
-    the table's, index's and source's shapes that each hold one element (the index of zeros, on its
-    own device): no page read. With every check passed, torch then refuses to write the one-element
-    table stand-in, an error that is the stand-in's own and is dropped."""
-
-    def stand_in(tensor: torch.Tensor) -> torch.Tensor:
-        return torch.zeros((), dtype=tensor.dtype, device=tensor.device).expand(tensor.shape)
-
+def _check_scatter_on_stand_ins(func: OpOverload, table: PagedTensor, dim: int, index: torch.Tensor, source: Any,
+                                reduction: tuple = (), options: Optional[dict] = None) -> None:  # fmt: skip
+    """torch's errors for the shapes, dims, dtypes and options of a scatter, from ``func`` run on
+    stand-ins: of the table, :func:`_overlapping_stand_in` (its shape, no memory of its size: every
+    check of torch's runs, then its kernel, on elements that mean nothing), of the index, zeros of
+    its shape on its own device, of a source, one element expanded to its shape. No page is read."""
+    source_stand_in = torch.zeros((), dtype=source.dtype, device=source.device).expand(source.shape) if isinstance(source, torch.Tensor) else source
     index_stand_in = torch.zeros(index.shape, dtype=index.dtype, device=index.device)
-    source_stand_in = stand_in(source) if isinstance(source, torch.Tensor) else source
-    try:
-        func(stand_in(table), dim, index_stand_in, source_stand_in)
-    except RuntimeError as error:
-        if _INTERNAL_OVERLAP not in str(error):
-            raise
+    func(_overlapping_stand_in(table), dim, index_stand_in, source_stand_in, *reduction, **(options or {}))
