@@ -441,8 +441,9 @@ def _index_layout_of_no_elements(func: OpOverload, table: PagedTensor, indices: 
     return func(stand_in, [item if item is None else item.to(table.device) for item in indices])
 
 
-def _dense(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.materialize() if isinstance(tensor, PagedTensor) else tensor
+def _dense(value: Any) -> Any:
+    """A PagedTensor as a plain tensor (its bytes read); anything else as it is."""
+    return value.materialize() if isinstance(value, PagedTensor) else value
 
 
 def _stand_in_of_rows(table: PagedTensor, rows: int = 1) -> torch.Tensor:

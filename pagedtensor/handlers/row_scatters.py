@@ -17,7 +17,7 @@ from torch._ops import OpOverload
 
 from pagedtensor.dispatch import DISPATCHER, _row_byte_spans, aten, implements
 from pagedtensor.handlers.parts import _larger_than_a_piece
-from pagedtensor.handlers.row_gathers import _rows_a_piece, _rows_can_be_copied, _rows_compacted
+from pagedtensor.handlers.row_gathers import _dense, _rows_a_piece, _rows_can_be_copied, _rows_compacted
 from pagedtensor.pieces import piece_elements_of
 from pagedtensor.tensor import PagedTensor
 
@@ -152,13 +152,13 @@ def _put_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) 
     dtypes, shapes and bounds. ``NotImplemented`` for any other form (masks, index tensors apart
     or on another device, values that are a view of the table's pages) and where a row spans
     more than a piece."""
+    if not _a_table_of_several_pieces(args[0] if args else kwargs.get("self")):
+        return NotImplemented  # (checked first: a table that fits takes the generic way at once)
     bound = _arguments_by_name(func, args, kwargs)
     table, indices, values = bound["self"], bound["indices"], bound["values"]
     if bound["accumulate"]:
         # torch's CPU kernel sums repeated positions in an order that depends on the whole
         # tensor's size (t[:, [0] * 6] += v of 1093 rows differs from the same rows a piece at a time)
-        return NotImplemented
-    if not isinstance(table, PagedTensor) or table.dim() < 2 or not _rows_can_be_copied(table) or not _larger_than_a_piece([table]):
         return NotImplemented
     lead = next((place for place, index in enumerate(indices) if index is not None), len(indices))
     rest = list(indices[lead:])
@@ -174,9 +174,9 @@ def _put_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) 
     count = _rows_a_piece(table)
     if not 0 < count < table.shape[0]:
         return NotImplemented
-    rest = [index.materialize() if isinstance(index, PagedTensor) else index for index in rest]
+    rest = [_dense(index) for index in rest]
     indices = [*indices[:lead], *rest]
-    values = values.materialize() if isinstance(values, PagedTensor) else values
+    values = _dense(values)
     stand_in = torch.empty((1, *table.shape[1:]), dtype=table.dtype, device=table.device)
     try:
         places = list(torch.broadcast_shapes(*(index.shape for index in rest)))
@@ -200,6 +200,12 @@ def _put_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) 
     return table
 
 
+def _a_table_of_several_pieces(table: Any) -> bool:
+    """Whether ``table`` is a PagedTensor of two or more dims, larger than a piece, whose rows along
+    dim 0 can be narrowed to (the tables the piece-of-rows paths take)."""
+    return isinstance(table, PagedTensor) and table.dim() >= 2 and _rows_can_be_copied(table) and _larger_than_a_piece([table])
+
+
 def _index_op_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) -> Any:
     """``index_copy_``, ``index_add_`` and ``index_fill_`` along a dim other than 0 on a PagedTensor
     larger than a piece: row ``r`` of the table is written from row ``r`` of the source alone (each
@@ -210,10 +216,10 @@ def _index_op_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: d
     stand-in for the index's bounds. ``NotImplemented`` for any other form (an index or source on
     another device or a view of the table's pages, a source of another row count) and where a row
     spans more than a piece."""
+    if not _a_table_of_several_pieces(args[0] if args else kwargs.get("self")):
+        return NotImplemented
     bound = _arguments_by_name(func, args, kwargs)
     table, dim, index = bound["self"], bound["dim"], bound["index"]
-    if not isinstance(table, PagedTensor) or table.dim() < 2 or not _rows_can_be_copied(table) or not _larger_than_a_piece([table]):
-        return NotImplemented
     if not isinstance(index, torch.Tensor) or index.device != table.device or (isinstance(index, PagedTensor) and index._paged is table._paged):
         return NotImplemented
     filling = "value" in bound
@@ -226,8 +232,8 @@ def _index_op_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: d
     count = _rows_a_piece(table)
     if not 0 < count < table.shape[0]:
         return NotImplemented
-    index = index.materialize() if isinstance(index, PagedTensor) else index
-    source = source.materialize() if isinstance(source, PagedTensor) else source
+    index = _dense(index)
+    source = _dense(source)
     options = {"alpha": bound["alpha"]} if func is aten.index_add_.default else {}
     func(_overlapping_stand_in(table), dim, index, source, **options)  # torch's checks and errors; no page read
     if not filling and (source.dim() != table.dim() or source.shape[0] != table.shape[0]):
@@ -265,7 +271,7 @@ def _row_scatter_request(func: OpOverload, args: tuple, kwargs: dict) -> Optiona
             return None
         if len(indices) > 1 and any(index.dtype in (torch.bool, torch.uint8) or index.device != table.device for index in indices):
             return None  # masks among several indices, or an index on another device: the generic way
-        rest = tuple(index.materialize() if isinstance(index, PagedTensor) else index for index in indices[1:])
+        rest = tuple(_dense(index) for index in indices[1:])
         index, source, options = indices[0], bound["values"], {"accumulate": bound["accumulate"]}
     else:
         if bound["dim"] not in (0, -table.dim()):
@@ -435,8 +441,8 @@ def scatter_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
         return DISPATCHER.run_paged(func, types, args, kwargs)  # a view of the table's own pages: torch's overlap checks
     reduction = args[4:]  # scatter_reduce_'s reduce (its include_self, and scatter_'s reduce, are in kwargs)
     _check_scatter_on_stand_ins(func, table, dim, index, source, reduction, kwargs)
-    index = index.materialize() if isinstance(index, PagedTensor) else index
-    source = source.materialize() if isinstance(source, PagedTensor) else source
+    index = _dense(index)
+    source = _dense(source)
     if index.numel() == 0:
         return table
     dim %= table.dim()
