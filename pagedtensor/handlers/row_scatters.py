@@ -2,7 +2,7 @@
 dims or a bool mask over them, ``index_copy_``, ``index_add_``, ``index_fill_``): only the pages
 holding the written rows fault in, a run of pages at a time. ``index_put_`` after leading slices
 (``t[:, pos] = v``) and ``index_copy_``, ``index_add_``, ``index_fill_`` along another dim run a
-piece of rows at a time; ``scatter_`` and ``scatter_add_`` run torch's own
+piece of rows at a time; ``scatter_``, ``scatter_add_`` and ``scatter_reduce_`` run torch's own
 kernel on the rows they write (:func:`scatter_elements`).
 """
 
@@ -211,11 +211,11 @@ def _index_op_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: d
     larger than a piece: row ``r`` of the table is written from row ``r`` of the source alone (each
     element of ``index_add_`` takes its adds in the index's order, as in the dense op), so the op
     runs on a piece of rows at a time, torch's own kernel on each. torch's errors come first,
-    before any write: shapes, dims and dtypes from the op on a meta stand-in of the table (torch's
-    own checks: these ops' meta functions are their CPU kernels' checks), then the op on a one-row
-    stand-in for the index's bounds. ``NotImplemented`` for any other form (an index or source on
-    another device or a view of the table's pages, a source of another row count) and where a row
-    spans more than a piece."""
+    before any write, from the op on :func:`_overlapping_stand_in` (the table's shape, no memory of
+    its size, no page read: every check of torch's, with its text; the meta kernels' texts and
+    exception types differ). ``NotImplemented`` for any other form (an index or source on another
+    device or a view of the table's pages, a source of another row count) and where a row spans
+    more than a piece."""
     if not _a_table_of_several_pieces(args[0] if args else kwargs.get("self")):
         return NotImplemented
     bound = _arguments_by_name(func, args, kwargs)
