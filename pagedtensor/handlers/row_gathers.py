@@ -191,12 +191,26 @@ def _run_in_row_pieces(table: PagedTensor, rows: int, count: int, piece: RowPiec
     if rows == 0:
         return piece(_stand_in_of_rows(table, 0), 0, 0)
     probe = piece(_stand_in_of_rows(table, min(rows, 2)), 0, min(rows, 2))
-    order = sorted(range(probe.dim()), key=lambda d: -probe.stride(d)) if probe.dim() else []
-    result = torch.empty_permuted((rows, *probe.shape[1:]), order, dtype=probe.dtype, device=probe.device)
+    result = _empty_laid_out_as(probe, (rows, *probe.shape[1:]))
     for start in range(0, rows, count):
         stop = min(rows, start + count)
         result[start:stop] = piece(table[start:stop], start, stop)
     return result
+
+
+def _empty_laid_out_as(probe: torch.Tensor, shape: tuple[int, ...], row_dim: int = 0) -> torch.Tensor:
+    """An empty tensor of ``shape`` laid out as the dense op lays it, from ``probe`` (with its dtype
+    and device): the op's result on a stand-in of a few rows, of ``shape`` but in ``row_dim``.
+    The strides of the dims that lie outside ``row_dim`` in memory scale with the rows, the others
+    (a dim of one element among them, whatever its stride) stay as they are. A probe of no
+    elements gives its order of dims in memory only."""
+    probe_rows, unit = probe.shape[row_dim], probe.stride(row_dim)
+    if probe.numel() == 0 or unit == 0:
+        order = sorted(range(probe.dim()), key=lambda d: -probe.stride(d))
+        return torch.empty_permuted(shape, order, dtype=probe.dtype, device=probe.device)
+    rows = shape[row_dim]
+    strides = [s if d == row_dim or s < probe_rows * unit else s // probe_rows * rows for d, s in enumerate(probe.stride())]
+    return torch.empty_strided(shape, strides, dtype=probe.dtype, device=probe.device)
 
 
 def _rows_a_piece(table: PagedTensor) -> int:
