@@ -105,7 +105,8 @@ def test_row_scatters_on_tables_larger_than_the_device_tier_equal_dense(data, co
 
 
 ELEMENT_FORMS = ["t[i, j] = v", "t[i, j] = v broadcast indices", "t[i, j] += v (accumulate)", "t[i, j, k] = v",
-                 "t[mask of 2 dims] = v", "t[mask of every dim] = 0", "t[int32 i, j] = v"]  # fmt: skip
+                 "t[mask of 2 dims] = v", "t[mask of every dim] = 0", "t[int32 i, j] = v", "t[i, :, k] = v",
+                 "t[i, :, k] += v (accumulate)"]  # fmt: skip
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -122,7 +123,7 @@ def test_element_scatters_on_tables_larger_than_the_device_tier_equal_dense(data
     on random tables of 2 to 6 times the device tier: the table ends bitwise as the dense one, the
     device tier's budget holds. (A mask of several dims raised an IndexError naming a one-row
     shape; several index tensors raised OutOfPagesError.)"""
-    three_dims = three_dims or form == "t[i, j, k] = v"
+    three_dims = three_dims or form in ("t[i, j, k] = v", "t[i, :, k] = v", "t[i, :, k] += v (accumulate)")
     cols = data.draw(st.integers(4, 40), label="cols")
     row_elements = cols * (3 if three_dims else 1)
     rows = data.draw(st.integers(2 * 8 * PAGE // (row_elements * dtype.itemsize) + 1, 6 * 8 * PAGE // (row_elements * dtype.itemsize) + 2), label="rows")
@@ -134,6 +135,13 @@ def test_element_scatters_on_tables_larger_than_the_device_tier_equal_dense(data
         mask_shape = shape[:2] if form == "t[mask of 2 dims] = v" else shape
         indices = (torch.rand(mask_shape, generator=generator) < 0.05,)
         places = (int(indices[0].sum()),)
+    elif form.startswith("t[i, :, k]"):  # None between the index tensors: dim 1 taken whole
+        pairs = data.draw(st.lists(st.tuples(st.integers(-shape[0], shape[0] - 1), st.integers(-shape[2], shape[2] - 1)), max_size=count,
+                                   unique_by=lambda pair: (pair[0] % shape[0], pair[1] % shape[2])), label="places")  # fmt: skip
+        if form.endswith("(accumulate)"):
+            pairs = pairs + pairs[: len(pairs) // 2]  # repeats, summed
+        indices = (torch.tensor([pair[0] for pair in pairs], dtype=torch.long), None, torch.tensor([pair[1] for pair in pairs], dtype=torch.long))
+        places = (len(pairs),)
     else:
         pairs = data.draw(st.lists(st.tuples(*(st.integers(-size, size - 1) for size in shape)), max_size=count,
                                    unique_by=lambda pair: tuple(p % s for p, s in zip(pair, shape))), label="places")  # fmt: skip
@@ -147,19 +155,20 @@ def test_element_scatters_on_tables_larger_than_the_device_tier_equal_dense(data
             rows_picked = torch.unique(indices[0] % shape[0])[:3]
             indices = (rows_picked.view(-1, 1), torch.unique(indices[1] % shape[1])[:4].view(1, -1))
         places = tuple(torch.broadcast_shapes(*(index.shape for index in indices)))
-    trailing = shape[len(indices) if indices[0].dtype != torch.bool else indices[0].dim():]
+    trailing = shape[len(indices) if indices[0].dtype != torch.bool else indices[0].dim():] if indices[1:2] != (None,) else shape[1:2]
     if form == "t[mask of every dim] = 0" or values_kind == "broadcast":
         values = random_values(trailing, dtype, generator)
     elif values_kind == "broadcast with leading ones":  # (1, 1, *trailing): raised a shape mismatch
         values = random_values((*(1 for _ in places), *trailing), dtype, generator)
     else:
         values = random_values((*places, *trailing), dtype, generator)
-    accumulate = form == "t[i, j] += v (accumulate)"
+    accumulate = form.endswith("(accumulate)")
     with make_pager() as pager:
         table = PagedTensor.wrap(base.clone(), pager)
         expected = base.clone()
-        assert table.index_put_(indices, values.clone(), accumulate=accumulate) is table
-        expected.index_put_(indices, values.clone(), accumulate=accumulate)
+        put = torch.ops.aten.index_put_.default  # (Tensor.index_put_ takes no None)
+        assert put(table, list(indices), values.clone(), accumulate) is table
+        put(expected, list(indices), values.clone(), accumulate)
         assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
         assert same_bits(table.materialize(), expected), form
 

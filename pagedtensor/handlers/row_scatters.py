@@ -42,7 +42,8 @@ class _RowScatter:
     options: dict
     """The other arguments by name (``accumulate``, ``alpha``)."""
     rest: tuple = ()
-    """``index_put_``'s index tensors on dims 1, 2, ... (``t[i, j] = v``), plain, on the table's device."""
+    """``index_put_``'s indices on dims 1, 2, ... (``t[i, j] = v``): plain index tensors on the table's
+    device, or ``None`` for a dim taken whole (``t[i, :, j] = v``)."""
 
     def arguments(self, table: torch.Tensor, index: torch.Tensor, source: Any, rest: Optional[tuple] = None) -> tuple:
         """``func``'s positional arguments for ``table``, ``index`` (positions on dim 0), ``source``
@@ -73,15 +74,15 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
     written (no page read), index bounds on the index's values. An empty index faults nothing in.
 
     ``index_put_`` (``t[i, j] = v``) may take index tensors on the next dims too, broadcast with
-    the first: each run takes the places of its rows from all of them. A bool mask over several
+    the first, and dims taken whole between them (``t[i, :, j] = v``: ``None`` in its indices): each
+    run takes the places of its rows from all of them. A bool mask over several
     leading dims (``t[t > 0] = 0``) is taken as the index tensors of its positions, row-major, as
     torch takes it.
 
     ``t[:, pos] = v`` and the ops along another dim run a piece of rows at a time
     (:func:`_put_a_piece_of_rows_at_a_time`, :func:`_index_op_a_piece_of_rows_at_a_time`).
     A table that fits in one piece runs the generic way, and so does any other form of the op
-    (a mask among several indices, ``None`` between index tensors (``t[i, :, j]``), a
-    byte mask, a table with the conjugate or negative bit, a source that is a view of the table's
+    (a mask among several indices, a byte mask, a table with the conjugate or negative bit, a source that is a view of the table's
     pages, an index or source on another device).
 
     Note:
@@ -98,7 +99,7 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
         return DISPATCHER.run_paged(func, types, args, kwargs)
     request = _mask_as_positions(request)
     given = _index_values(request)
-    if given is None or any(index.dtype not in (torch.int64, torch.int32) for index in request.rest):
+    if given is None or any(index is not None and index.dtype not in (torch.int64, torch.int32) for index in request.rest):
         if request.index.dtype not in (torch.bool, torch.uint8):
             _check_on_a_stand_in(request, request.index, 1)  # torch's error for an index's dtype
         return DISPATCHER.run_paged(func, types, args, kwargs)
@@ -111,7 +112,7 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
     if not bool(in_bounds.all()):
         raise _index_out_of_bounds(func, int(given[~in_bounds][0]), rows_total)
     # Several index tensors (index_put_) broadcast together: one place per element of their shape.
-    places_shape = torch.broadcast_shapes(positions.shape, *(index.shape for index in request.rest))
+    places_shape = torch.broadcast_shapes(positions.shape, *(index.shape for index in request.rest if index is not None))
     if math.prod(places_shape) == 0:
         return request.table
     run_sources = _source_by_position(request, places_shape)
@@ -120,7 +121,7 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
         return DISPATCHER.run_paged(func, types, args, kwargs)  # nothing written yet
     source, by_place = run_sources
     flat = positions.expand(places_shape).reshape(-1)
-    rest = [index.expand(places_shape).reshape(-1) for index in request.rest]
+    rest = [None if index is None else index.expand(places_shape).reshape(-1) for index in request.rest]
     order = torch.argsort(flat, stable=True)  # index places by row, each row's in the index's order
     by_row = flat[order]
     for lo, hi in runs:
@@ -128,7 +129,7 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
         places = order[first:stop].sort().values  # the run's places, in the index's order
         run_source = source.index_select(0, places.to(source.device)) if by_place else source
         run_index = (flat[places] - lo).to(request.table.device)
-        run_rest = tuple(index.index_select(0, places.to(index.device)) for index in rest)
+        run_rest = tuple(None if index is None else index.index_select(0, places.to(index.device)) for index in rest)
         run_args = request.arguments(request.table.narrow(0, lo, hi - lo), run_index, run_source, run_rest)
         DISPATCHER.run_paged(func, types, run_args, dict(request.options))
     return request.table
@@ -267,9 +268,11 @@ def _row_scatter_request(func: OpOverload, args: tuple, kwargs: dict) -> Optiona
     rest: tuple = ()
     if func is aten.index_put_.default:
         indices = bound["indices"]
-        if not indices or not all(isinstance(index, torch.Tensor) for index in indices) or len(indices) > table.dim():
+        if not indices or not isinstance(indices[0], torch.Tensor) or len(indices) > table.dim():
             return None
-        if len(indices) > 1 and any(index.dtype in (torch.bool, torch.uint8) or index.device != table.device for index in indices):
+        if not all(index is None or isinstance(index, torch.Tensor) for index in indices[1:]):
+            return None
+        if len(indices) > 1 and any(index is not None and (index.dtype in (torch.bool, torch.uint8) or index.device != table.device) for index in indices):
             return None  # masks among several indices, or an index on another device: the generic way
         rest = tuple(_dense(index) for index in indices[1:])
         index, source, options = indices[0], bound["values"], {"accumulate": bound["accumulate"]}
@@ -373,7 +376,7 @@ def _source_by_position(request: _RowScatter, places_shape: Sequence[int]) -> An
         return (source, True) if source.dim() == request.table.dim() else _NOT_BY_POSITION
     # index_put_: values broadcast to the indexing result, (*index places, *shape of the dims not indexed).
     lead = len(places_shape)
-    indexed_dims = lead + request.table.dim() - 1 - len(request.rest)
+    indexed_dims = lead + request.table.dim() - 1 - sum(index is not None for index in request.rest)
     if source.dim() > indexed_dims:
         return _NOT_BY_POSITION
     padded = source[(None,) * (indexed_dims - source.dim())]
