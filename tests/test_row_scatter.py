@@ -106,7 +106,7 @@ def test_row_scatters_on_tables_larger_than_the_device_tier_equal_dense(data, co
 
 ELEMENT_FORMS = ["t[i, j] = v", "t[i, j] = v broadcast indices", "t[i, j] += v (accumulate)", "t[i, j, k] = v",
                  "t[mask of 2 dims] = v", "t[mask of every dim] = 0", "t[int32 i, j] = v", "t[i, :, k] = v",
-                 "t[i, :, k] += v (accumulate)"]  # fmt: skip
+                 "t[i, :, k] += v (accumulate)", "t[mask, j] = v", "t[i, mask] = v", "t[mask, :, k] = v"]  # fmt: skip
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -123,7 +123,7 @@ def test_element_scatters_on_tables_larger_than_the_device_tier_equal_dense(data
     on random tables of 2 to 6 times the device tier: the table ends bitwise as the dense one, the
     device tier's budget holds. (A mask of several dims raised an IndexError naming a one-row
     shape; several index tensors raised OutOfPagesError.)"""
-    three_dims = three_dims or form in ("t[i, j, k] = v", "t[i, :, k] = v", "t[i, :, k] += v (accumulate)")
+    three_dims = three_dims or form in ("t[i, j, k] = v", "t[i, :, k] = v", "t[i, :, k] += v (accumulate)", "t[mask, :, k] = v")
     cols = data.draw(st.integers(4, 40), label="cols")
     row_elements = cols * (3 if three_dims else 1)
     rows = data.draw(st.integers(2 * 8 * PAGE // (row_elements * dtype.itemsize) + 1, 6 * 8 * PAGE // (row_elements * dtype.itemsize) + 2), label="rows")
@@ -135,6 +135,15 @@ def test_element_scatters_on_tables_larger_than_the_device_tier_equal_dense(data
         mask_shape = shape[:2] if form == "t[mask of 2 dims] = v" else shape
         indices = (torch.rand(mask_shape, generator=generator) < 0.05,)
         places = (int(indices[0].sum()),)
+    elif form in ("t[mask, j] = v", "t[i, mask] = v", "t[mask, :, k] = v"):  # a mask among other indices
+        masked_dim = 1 if form == "t[i, mask] = v" else 0
+        mask = torch.rand(shape[masked_dim], generator=generator) < 0.1
+        other_dim = 2 if form == "t[mask, :, k] = v" else 1 - masked_dim
+        other = torch.randint(-shape[other_dim], shape[other_dim], (1,), generator=generator)  # broadcast against the mask's positions
+        indices = (mask, other) if masked_dim == 0 else (other, mask)
+        if form == "t[mask, :, k] = v":
+            indices = (mask, None, other)
+        places = (int(mask.sum()),)
     elif form.startswith("t[i, :, k]"):  # None between the index tensors: dim 1 taken whole
         pairs = data.draw(st.lists(st.tuples(st.integers(-shape[0], shape[0] - 1), st.integers(-shape[2], shape[2] - 1)), max_size=count,
                                    unique_by=lambda pair: (pair[0] % shape[0], pair[1] % shape[2])), label="places")  # fmt: skip
@@ -155,7 +164,7 @@ def test_element_scatters_on_tables_larger_than_the_device_tier_equal_dense(data
             rows_picked = torch.unique(indices[0] % shape[0])[:3]
             indices = (rows_picked.view(-1, 1), torch.unique(indices[1] % shape[1])[:4].view(1, -1))
         places = tuple(torch.broadcast_shapes(*(index.shape for index in indices)))
-    trailing = shape[len(indices) if indices[0].dtype != torch.bool else indices[0].dim():] if indices[1:2] != (None,) else shape[1:2]
+    trailing = shape[len(indices) if indices[0].dtype != torch.bool or len(indices) > 1 else indices[0].dim():] if indices[1:2] != (None,) else shape[1:2]
     if form == "t[mask of every dim] = 0" or values_kind == "broadcast":
         values = random_values(trailing, dtype, generator)
     elif values_kind == "broadcast with leading ones":  # (1, 1, *trailing): raised a shape mismatch
@@ -547,6 +556,8 @@ BAD_CALLS = {
     "scatter_ src dtype": lambda t: t.scatter_(0, torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.float64)),
     "scatter_ float index": lambda t: t.scatter_(0, torch.zeros(1, 2), 1.0),
     "scatter_add_ out of bounds": lambda t: t.scatter_add_(1, torch.tensor([[256]]), torch.zeros(1, 1)),
+    "t[i, mask] = v, a mask of the wrong length": lambda t: t.__setitem__((torch.tensor([1]), torch.ones(5, dtype=torch.bool)), 1.0),
+    "t[mask, j] = v, a mask of the wrong length": lambda t: t.__setitem__((torch.ones(63, dtype=torch.bool), torch.tensor([1])), 1.0),
     "scatter_reduce_ unknown reduction": lambda t: t.scatter_reduce_(0, torch.tensor([[1]]), torch.zeros(1, 1), "median"),
     "scatter_reduce_ out of bounds": lambda t: t.scatter_reduce_(1, torch.tensor([[256]]), torch.zeros(1, 1), "amax", include_self=False),
     "scatter_reduce_ src dtype": lambda t: t.scatter_reduce_(0, torch.tensor([[1]]), torch.zeros(1, 1, dtype=torch.float64), "sum"),

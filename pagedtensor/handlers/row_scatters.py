@@ -75,14 +75,14 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
 
     ``index_put_`` (``t[i, j] = v``) may take index tensors on the next dims too, broadcast with
     the first, and dims taken whole between them (``t[i, :, j] = v``: ``None`` in its indices): each
-    run takes the places of its rows from all of them. A bool mask over several
-    leading dims (``t[t > 0] = 0``) is taken as the index tensors of its positions, row-major, as
-    torch takes it.
+    run takes the places of its rows from all of them. A bool mask over several leading dims
+    (``t[t > 0] = 0``) or among other indices (``t[mask, j] = v``) is taken as the index tensors of
+    its positions, row-major, as torch takes it.
 
     ``t[:, pos] = v`` and the ops along another dim run a piece of rows at a time
     (:func:`_put_a_piece_of_rows_at_a_time`, :func:`_index_op_a_piece_of_rows_at_a_time`).
     A table that fits in one piece runs the generic way, and so does any other form of the op
-    (a mask among several indices, a byte mask, a table with the conjugate or negative bit, a source that is a view of the table's
+    (a byte mask, a table with the conjugate or negative bit, a source that is a view of the table's
     pages, an index or source on another device).
 
     Note:
@@ -272,8 +272,8 @@ def _row_scatter_request(func: OpOverload, args: tuple, kwargs: dict) -> Optiona
             return None
         if not all(index is None or isinstance(index, torch.Tensor) for index in indices[1:]):
             return None
-        if len(indices) > 1 and any(index is not None and (index.dtype in (torch.bool, torch.uint8) or index.device != table.device) for index in indices):
-            return None  # masks among several indices, or an index on another device: the generic way
+        if len(indices) > 1 and any(index is not None and (index.dtype == torch.uint8 or index.device != table.device) for index in indices):
+            return None  # byte masks among several indices, or an index on another device: the generic way
         rest = tuple(_dense(index) for index in indices[1:])
         index, source, options = indices[0], bound["values"], {"accumulate": bound["accumulate"]}
     else:
@@ -317,21 +317,33 @@ def _index_values(request: _RowScatter) -> Optional[torch.Tensor]:
 
 
 def _mask_as_positions(request: _RowScatter) -> _RowScatter:
-    """``index_put_`` by a bool mask over two or more leading dims (``t[t > 0] = 0``) as the index
-    tensors of its positions, in the order torch takes them (row-major); torch's IndexError for a
-    mask of another shape. Any other request as it is."""
-    mask = request.index
-    if request.func is not aten.index_put_.default or mask.dtype != torch.bool or mask.dim() < 2 or request.rest:
+    """``index_put_`` by bool masks (over two or more leading dims, ``t[t > 0] = 0``, or among other
+    indices, ``t[mask, j] = v``, ``t[i, mask] = v``) with each mask replaced by the index tensors of
+    its positions, as torch takes it (row-major, one per dim it covers); torch's IndexError for a
+    mask of another shape than the dims it covers. A 1-D mask alone (its positions are read by
+    :func:`_index_values`) and any other request as it is."""
+    items = [request.index, *request.rest]
+    if request.func is not aten.index_put_.default or not any(item is not None and item.dtype == torch.bool for item in items):
+        return request
+    if len(items) == 1 and request.index.dim() == 1:
         return request
     table = request.table
-    if mask.dim() > table.dim():
-        return request  # torch's own error, the generic way
-    for dim in range(mask.dim()):
-        if mask.shape[dim] != table.shape[dim]:
-            raise IndexError(f"The shape of the mask {list(mask.shape)} at index {dim} does not match the shape of the "
-                             f"indexed tensor {list(table.shape)} at index {dim}")  # fmt: skip
-    positions = [column.to(table.device) for column in mask.nonzero().unbind(1)]
-    return replace(request, index=positions[0], rest=tuple(positions[1:]))
+    expanded: list[Optional[torch.Tensor]] = []
+    dim = 0  # the table's dim the next item indexes
+    for item in items:
+        if item is None or item.dtype != torch.bool:
+            expanded.append(item)
+            dim += 1
+            continue
+        if dim + item.dim() > table.dim():
+            return request  # torch's own error, the generic way
+        for d in range(item.dim()):
+            if item.shape[d] != table.shape[dim + d]:
+                raise IndexError(f"The shape of the mask {list(item.shape)} at index {d} does not match the shape of the "
+                                 f"indexed tensor {list(table.shape)} at index {dim + d}")  # fmt: skip
+        expanded += [column.to(table.device) for column in item.nonzero().unbind(1)]
+        dim += item.dim()
+    return replace(request, index=expanded[0], rest=tuple(expanded[1:]))
 
 
 def _check_on_a_stand_in(request: _RowScatter, index: torch.Tensor, rows: int) -> None:
