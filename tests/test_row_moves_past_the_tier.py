@@ -10,6 +10,7 @@ rows each larger than a piece) still raise :class:`OutOfPagesError`."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import pytest
@@ -159,23 +160,26 @@ ERRORS: dict[str, Move] = {
     "repeat of a negative factor": lambda t: t.repeat(-1, 1),
     "tril of a 1-D tensor": lambda t: t[:, 0].tril(),
     "triu of a 1-D tensor": lambda t: t.flatten().triu(1),
+    "tril_ of a 1-D tensor": lambda t: t[:, 0].tril_(),
+    "triu_ of a 1-D tensor": lambda t: t.flatten().triu_(1),
 }
 
 
 @pytest.mark.parametrize("name", ERRORS)
 def test_torch_errors_come_before_any_page_is_read(name):
-    """Past the tier: the dense op's exception type and text, no page faulted in."""
+    """Past the tier: the dense op's exception type and text, no page faulted in, the table unchanged."""
     values = torch.randn(256, 64)
     with make_pager() as pager:
         t = PagedTensor.wrap(values.clone(), pager)
         with pytest.raises(Exception) as dense_error:
-            ERRORS[name](values)
+            ERRORS[name](values.clone())
         pager.evict_all()
         before = pager.stats()["faults"]
         with pytest.raises(type(dense_error.value)) as paged_error:
             ERRORS[name](t)
         assert str(paged_error.value) == str(dense_error.value)
         assert pager.stats()["faults"] == before
+        assert torch.equal(t.materialize(), values)  # (the in-place ones wrote nothing)
 
 
 @pytest.mark.parametrize("shape, dtype", [((256, 64), torch.float32), ((200, 3, 40), torch.float16), ((64, 512), torch.int64)])
@@ -282,3 +286,279 @@ def test_each_layout_with_dims_of_one_element_keeps_the_dense_strides(shape, mem
             for name, move in MOVES_OF_3D.items():
                 assert same_bits(move(t), move(dense)), (name, sliced, dense.stride())
                 assert within_tier(pager)
+
+
+# ------------------------------------------------------------------ tril_/triu_ in place past the tier
+
+TRIANGLES_IN_PLACE: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "tril_": lambda t, diagonal: t.tril_(diagonal),
+    "triu_": lambda t, diagonal: t.triu_(diagonal),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@settings(SETTINGS, max_examples=5)
+@given(data=st.data())
+def test_tril_and_triu_in_place_past_the_tier_give_the_dense_result(layout, data):
+    """In place, a piece of rows at a time: the table's own view returned, its values and layout the
+    dense in-place op's, the device tier within its budget."""
+    values = data.draw(tables(layout))
+    rows, columns = values.shape[-2:]
+    diagonal = data.draw(st.integers(-rows - 2, columns + 2) | st.integers(-8, 8))
+    name = data.draw(st.sampled_from(sorted(TRIANGLES_IN_PLACE)))
+    with make_pager() as pager:
+        paged, dense = paged_and_dense(values, layout, pager)
+        assert TRIANGLES_IN_PLACE[name](paged, diagonal) is paged
+        TRIANGLES_IN_PLACE[name](dense, diagonal)
+        assert same_bits(paged.materialize(), dense), (name, diagonal, layout, values.dtype, tuple(values.shape))
+        assert within_tier(pager)
+
+
+def test_tril_and_triu_in_place_past_the_tier_read_and_write_each_page_once():
+    """A 64-page table of a page a row on an 8-page tier: each page faulted in once per op, the
+    columns beside a column slice left as they were."""
+    values = torch.randn(64, 1024)
+    with make_pager() as pager:
+        t = PagedTensor.wrap(values.clone(), pager)
+        dense = values.clone()
+        for name, diagonal in (("tril_", 3), ("triu_", -2), ("tril_", -700), ("triu_", 1000)):
+            pager.evict_all()
+            before = pager.stats()["faults"]
+            TRIANGLES_IN_PLACE[name](t, diagonal)
+            TRIANGLES_IN_PLACE[name](dense, diagonal)
+            assert pager.stats()["faults"] - before == 64, name
+            assert within_tier(pager)
+        assert same_bits(t.materialize(), dense)
+        base = PagedTensor.wrap(values.clone(), pager)
+        base[:, :1000].triu_(5)
+        expected = values.clone()
+        expected[:, :1000].triu_(5)
+        assert same_bits(base.materialize(), expected)
+
+
+@pytest.mark.parametrize(
+    "name, move",
+    [
+        ("tril_ of rows larger than a piece, t.T", lambda t: t.reshape(2, 8192).T.tril_()),
+        ("triu_ of an expanded table", lambda t: t[:, :1].expand(256, 64).triu_()),
+    ],
+)
+def test_in_place_forms_that_do_not_run_in_pieces_still_raise(name, move):
+    """Rows each larger than a piece, or elements that overlap (a piece would write another's):
+    still OutOfPagesError, nothing written."""
+    values = torch.randn(256, 64)
+    with make_pager() as pager:
+        t = PagedTensor.wrap(values.clone(), pager)
+        with pytest.raises(OutOfPagesError):
+            move(t)
+        assert torch.equal(t.materialize(), values)
+        assert within_tier(pager)
+
+
+# ------------------------------------------------------------------ out= forms past the tier
+
+aten = torch.ops.aten
+
+OutMove = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+OUT_MOVES: dict[str, OutMove] = {
+    "flip(0)": lambda t, out: aten.flip.out(t, [0], out=out),
+    "flip(-1)": lambda t, out: aten.flip.out(t, [-1], out=out),
+    "roll along 0": lambda t, out: aten.roll.out(t, [37], [0], out=out),
+    "roll along both": lambda t, out: aten.roll.out(t, [-5, 9], [0, -1], out=out),
+    "roll without dims": lambda t, out: aten.roll.out(t, [12345], out=out),
+    "tril(3)": lambda t, out: torch.tril(t, 3, out=out),
+    "triu(-2)": lambda t, out: torch.triu(t, -2, out=out),
+    "repeat(2, 1)": lambda t, out: aten.repeat.out(t, [2, 1], out=out),
+    "repeat(2, 1, 3)": lambda t, out: aten.repeat.out(t, [2, 1, 3], out=out),
+    "repeat(0, 1)": lambda t, out: aten.repeat.out(t, [0, 1], out=out),
+}
+
+OUT_KINDS = ("empty", "right shape", "right shape, strides reversed", "another shape", "paged, right shape")
+
+
+def make_out(kind: str, shape: tuple[int, ...], dtype: torch.dtype, pager) -> torch.Tensor:
+    """An ``out`` of ``kind`` holding a value none of the moves here makes (every element written)."""
+    full = lambda size: torch.full(size, True if dtype == torch.bool else 123, dtype=dtype)
+    if kind == "empty":
+        return torch.empty(0, dtype=dtype)
+    if kind == "right shape":
+        return full(shape)
+    if kind == "right shape, strides reversed":
+        return full(shape[::-1]).permute(*reversed(range(len(shape))))
+    if kind == "another shape":
+        return full((3,))
+    return PagedTensor.wrap(full(shape), pager)
+
+
+def run_out(move: OutMove, table: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """``move`` into ``out``, which it must return: ``out`` made plain and the warnings' texts."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        returned = move(table, out)
+    assert returned is out
+    return (out.materialize() if isinstance(out, PagedTensor) else out), [str(w.message) for w in caught]
+
+
+def resize_warning(before: tuple[int, ...], shape: tuple[int, ...]) -> str:
+    return (f"An output with one or more elements was resized since it had shape {list(before)}, which does not match "
+            f"the required output shape {list(shape)}. This behavior is deprecated, and in a future PyTorch release "
+            "outputs will not be resized unless they have zero elements. You can explicitly reuse an out tensor t "
+            "by resizing it, inplace, to zero elements with t.resize_(0).")  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ("contiguous", "first dims swapped", "column slice"))
+@settings(SETTINGS, max_examples=2)
+@given(data=st.data())
+def test_move_outs_past_the_tier_leave_out_as_the_dense_op_does(layout, data):
+    """Each ``out=`` form (the flattened roll on a contiguous table only) into a kind of ``out``, the
+    kinds taken in turn from a drawn one (each kind twice an example): ``out`` ends as the dense op leaves it (values, shape, strides: a plain ``out`` of another shape
+    resized contiguous, with torch's warning), the op returns it, the device tier within budget."""
+    dtype = data.draw(st.sampled_from(DTYPES))
+    shape = long_dim_outermost((4 * TIER_BYTES // dtype.itemsize // 64, 64), layout)  # t.T for "first dims swapped"
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+    values = (values > 0) if dtype == torch.bool else (values * 50).to(dtype)
+    first_kind = data.draw(st.integers(0, len(OUT_KINDS) - 1))
+    with make_pager() as pager:
+        paged, dense = paged_and_dense(values, layout, pager)
+        for number, (name, move) in enumerate(OUT_MOVES.items()):
+            kind = OUT_KINDS[(first_kind + number) % len(OUT_KINDS)]
+            if name == "roll without dims" and layout != "contiguous":
+                continue  # torch rolls a flattened copy: still OutOfPagesError
+            shape = tuple(move(dense, torch.empty(0, dtype=dtype)).shape)
+            expected, _ = run_out(move, dense, make_out("right shape" if kind.startswith("paged") else kind, shape, dtype, pager))
+            got, warned = run_out(move, paged, make_out(kind, shape, dtype, pager))
+            assert same_bits(got, expected), (name, kind, layout, dtype)
+            assert warned == ([resize_warning((3,), shape)] if kind == "another shape" else []), name
+            assert within_tier(pager)
+
+
+def test_a_move_into_out_past_the_tier_reads_each_page_once():
+    values = torch.randn(64, 1024)
+    with make_pager() as pager:
+        t = PagedTensor.wrap(values.clone(), pager)
+        for name, move in OUT_MOVES.items():
+            pager.evict_all()
+            before = pager.stats()["faults"]
+            got, _ = run_out(move, t, torch.empty(0))
+            expected, _ = run_out(move, values, torch.empty(0))
+            assert same_bits(got, expected), name
+            assert pager.stats()["faults"] - before == (0 if name == "repeat(0, 1)" else 64), name
+
+
+def test_a_paged_out_larger_than_the_tier_is_written_a_piece_at_a_time():
+    """A 16-page table flipped, rolled, made triangular and repeated into a PagedTensor ``out``, and
+    ``tril``/``triu`` into the table itself (in place, as torch runs it)."""
+    values = torch.randn(4096, 16)
+    with make_pager() as pager:
+        t = PagedTensor.wrap(values.clone(), pager)
+        for name in ("flip(0)", "roll along both", "tril(3)", "triu(-2)"):
+            out = PagedTensor.wrap(torch.zeros(4096, 16), pager)
+            assert same_bits(run_out(OUT_MOVES[name], t, out)[0], run_out(OUT_MOVES[name], values, torch.empty(0))[0]), name
+            assert within_tier(pager)
+        for name in ("tril(3)", "triu(-2)"):
+            dense = values.clone()
+            run_out(OUT_MOVES[name], t, t)
+            run_out(OUT_MOVES[name], dense, dense)
+            assert same_bits(t.materialize(), dense), name
+            values = dense
+
+
+def test_a_flip_into_a_view_of_its_table_past_the_tier_runs_as_the_dense_one():
+    """torch's autogenerated ``out=`` kernels run the op into a temporary, then copy: an ``out``
+    overlapping the table is no error, and the result is the dense one."""
+    values = torch.randn(64, 1024)
+    with make_pager() as pager:
+        t = PagedTensor.wrap(values.clone(), pager)
+        dense = values.clone()
+        aten.flip.out(dense[:40], [0], out=dense[20:60])
+        aten.flip.out(t[:40], [0], out=t[20:60])
+        assert same_bits(t.materialize(), dense)
+
+
+def test_a_paged_out_of_another_shape_past_the_tier_is_refused():
+    with make_pager() as pager:
+        t = PagedTensor.wrap(torch.randn(64, 1024), pager)
+        out = PagedTensor.wrap(torch.full((3, 1024), 7.0), pager)
+        with pytest.raises(NotImplementedError, match=r"would resize its PagedTensor output from \[3, 1024\] to \[128, 1024\]"):
+            aten.repeat.out(t, [2, 1], out=out)
+        assert torch.equal(out.materialize(), torch.full((3, 1024), 7.0))
+
+
+OUT_ERRORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "flip, out of another dtype": lambda t: aten.flip.out(t, [0], out=torch.empty(0, dtype=torch.float64)),
+    "roll, out of another dtype": lambda t: aten.roll.out(t, [1], [0], out=torch.empty(0, dtype=torch.int64)),
+    "tril, out of another dtype": lambda t: torch.tril(t, out=torch.empty(0, dtype=torch.float16)),
+    "repeat, out of another dtype": lambda t: aten.repeat.out(t, [2, 1], out=torch.empty(0, dtype=torch.bool)),
+    "flip of a dim out of range": lambda t: aten.flip.out(t, [5], out=torch.empty(0)),
+    "roll of more shifts than dims": lambda t: aten.roll.out(t, [1, 2], [0], out=torch.empty(0)),
+    "repeat of fewer factors than dims": lambda t: aten.repeat.out(t, [2], out=torch.empty(0)),
+    "triu of a 1-D tensor": lambda t: torch.triu(t[:, 0], out=torch.empty(0)),
+    "flip, out overlapping itself": lambda t: aten.flip.out(t, [0], out=torch.empty(1).expand(256, 64)),
+    "repeat, out overlapping itself": lambda t: aten.repeat.out(t, [1, 2], out=torch.empty(1, 1).expand(256, 128)),
+}
+
+
+@pytest.mark.parametrize("name", OUT_ERRORS)
+def test_bad_move_outs_past_the_tier_raise_the_dense_error_before_any_page_is_read(name):
+    """The dense op's exception type and first line; no page faulted in for the argument checks,
+    nothing written to the table."""
+    values = torch.randn(256, 64)
+    with make_pager() as pager:
+        t = PagedTensor.wrap(values.clone(), pager)
+        with pytest.raises(Exception) as dense_error:
+            OUT_ERRORS[name](values)
+        pager.evict_all()
+        before = pager.stats()["faults"]
+        with pytest.raises(type(dense_error.value)) as paged_error:
+            OUT_ERRORS[name](t)
+        assert str(dense_error.value).splitlines()[0] in str(paged_error.value)
+        if "overlapping" not in name:  # torch checks out's overlap after running the op
+            assert pager.stats()["faults"] == before
+        assert torch.equal(t.materialize(), values)
+
+
+@pytest.mark.parametrize(
+    "name, move",
+    [
+        ("tril into an out overlapping itself", lambda t: torch.tril(t, out=torch.empty(1).expand(256, 64))),
+        ("triu into rows of its table moved by one", lambda t: torch.triu(t[:128], out=t[1:129])),
+    ],
+)
+def test_triangle_outs_torch_writes_unchecked_still_raise(name, move):
+    """torch's ``tril``/``triu`` kernels write an ``out`` overlapping itself, or the table's rows
+    after reading some already written, without error: no piece reproduces that order, so
+    OutOfPagesError, nothing written."""
+    values = torch.randn(256, 64)
+    with make_pager() as pager:
+        t = PagedTensor.wrap(values.clone(), pager)
+        with pytest.raises(OutOfPagesError):
+            move(t)
+        assert torch.equal(t.materialize(), values)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_in_place_and_out_moves_past_the_tier_on_each_device(device):
+    """``tril_``/``triu_`` and each ``out=`` form on a table of 8 times an 8-page tier, a float one
+    into an empty ``out`` and an integer one into a PagedTensor ``out``, contiguous and transposed."""
+    with make_pager(device) as pager:
+        for dtype in (torch.float16, torch.int64):
+            values = (torch.randn(256 * 8 // dtype.itemsize, 64, generator=torch.Generator().manual_seed(3)) * 50).to(dtype).to(device)
+            for transposed in (False, True):
+                dense = values.T.contiguous().T if transposed else values.clone()
+                t = PagedTensor.wrap(values.T.contiguous(), pager).T if transposed else PagedTensor.wrap(values.clone(), pager)
+                for name, move in OUT_MOVES.items():
+                    if name == "roll without dims" and transposed:
+                        continue
+                    expected = move(dense, torch.empty(0, dtype=dtype, device=device))
+                    out = torch.empty(0, dtype=dtype, device=device)
+                    if dtype == torch.int64:
+                        out = PagedTensor.wrap(torch.zeros(expected.shape, dtype=dtype, device=device), pager)
+                    got, _ = run_out(move, t, out)
+                    assert same_bits(got, expected), (name, dtype, transposed)
+                    assert within_tier(pager)
+                for name, diagonal in (("tril_", 5), ("triu_", -3)):
+                    assert TRIANGLES_IN_PLACE[name](t, diagonal) is t
+                    TRIANGLES_IN_PLACE[name](dense, diagonal)
+                    assert same_bits(t.materialize(), dense), (name, dtype, transposed)
+                    assert within_tier(pager)

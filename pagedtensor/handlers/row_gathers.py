@@ -656,13 +656,10 @@ _FUNCTIONAL_OF_OUT = {
 @implements(list(_FUNCTIONAL_OF_OUT))
 def gather_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
     """The ``out=`` forms of the gathers: the generic way while their pages (``out``'s among them)
-    fit on the device tier at once; past it, torch's checks of ``out`` that need no page (its dtype
-    and device, :func:`_check_out_dtype_and_device`), then the gather itself (:func:`gather_rows`,
-    :func:`gather_elements`: only the rows read fault in, or a piece of rows at a time), then
-    ``out`` resized as torch resizes it (a plain ``out`` of another shape, with torch's warning; a
-    PagedTensor ``out`` of another shape raises, as on the generic path), checked for the overlaps
-    torch refuses (:func:`_check_out_overlaps`) and written with ``copy_`` (a PagedTensor ``out``
-    larger than the tier a piece at a time). Returns ``out``.
+    fit on the device tier at once; past it, :func:`run_into_out` with the gather itself
+    (:func:`gather_rows`, :func:`gather_elements`: only the rows read fault in, or a piece of rows
+    at a time), ``out`` resized to :func:`_resized_layout`, and ``out`` checked against the table's
+    elements but for ``embedding`` (which torch runs into a temporary). Returns ``out``.
 
     Note:
         Stream order is that of the gather, then of the copy, both on the current stream. Nothing
@@ -672,15 +669,40 @@ def gather_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
         return DISPATCHER.run_paged(func, types, args, kwargs)
     except _OpTooLarge:
         pass
+    resized = lambda result: _resized_layout(func, args, result)
+    return run_into_out(func, args, kwargs, _FUNCTIONAL_OF_OUT[func], resized, checks_table_overlap=func is not aten.embedding.out)
+
+
+OutLayout = Callable[[torch.Tensor], torch.Tensor]
+"""``layout(result)``: a tensor with the shape and strides torch gives an ``out`` it resizes to hold
+``result`` (the functional op's)."""
+
+
+def run_into_out(
+    func: OpOverload, args: tuple, kwargs: dict, functional: OpOverload, resized_layout: OutLayout, checks_table_overlap: bool
+) -> torch.Tensor:
+    """``func`` (an ``out=`` form) past the device tier as ``functional`` then a copy: torch's checks
+    of ``out`` that need no page (its dtype and device, :func:`_check_out_dtype_and_device`), then
+    ``functional`` on the other arguments (which runs past the tier its own way), then ``out``
+    resized as torch resizes it (a plain ``out`` of another shape to ``resized_layout(result)``,
+    with torch's warning; a PagedTensor ``out`` of another shape raises, as on the generic path),
+    checked for the overlaps torch refuses (:func:`_check_out_overlaps`; with the table's elements
+    where ``checks_table_overlap``) and written with ``copy_`` (a PagedTensor ``out`` larger than
+    the tier a piece at a time). Returns ``out``.
+
+    Note:
+        Stream order is that of ``functional``, then of the copy, both on the current stream.
+        Nothing is written to ``out`` before ``functional`` has run.
+    """
     out = kwargs["out"]
     functional_kwargs = {key: value for key, value in kwargs.items() if key != "out"}
     _check_out_dtype_and_device(func, args, functional_kwargs, out)
-    result = _FUNCTIONAL_OF_OUT[func](*args, **functional_kwargs)
+    result = functional(*args, **functional_kwargs)
     if out.shape != result.shape:
         if isinstance(out, PagedTensor):
             raise resize_refused(func, out.shape, result.shape, args, kwargs)
-        _resize_output(out, _resized_layout(func, args, result))
-    _check_out_overlaps(func, out, args[0])
+        _resize_output(out, resized_layout(result))
+    _check_out_overlaps(func, out, args[0], checks_table_overlap)
     if isinstance(out, PagedTensor) and result.stride() != out.stride():
         # copy_ into a PagedTensor runs in pieces of one layout (pieces of another would need the
         # whole of an outer index of out at once): the result in out's layout first.
@@ -706,7 +728,7 @@ def _resize_output(out: torch.Tensor, layout: torch.Tensor) -> None:
             f"match the required output shape {list(layout.shape)}. This behavior is deprecated, and in a future "
             "PyTorch release outputs will not be resized unless they have zero elements. You can explicitly reuse "
             "an out tensor t by resizing it, inplace, to zero elements with t.resize_(0).",
-            stacklevel=4,
+            stacklevel=5,
         )
     out.resize_(layout.shape)
     if out.stride() != layout.stride():
@@ -740,13 +762,14 @@ _OVERLAP_WITH_INPUT = (
 )
 
 
-def _check_out_overlaps(func: OpOverload, out: torch.Tensor, table: Any) -> None:
-    """torch's errors for an ``out`` whose elements overlap each other (a dim of stride 0) or, but for
-    ``embedding`` (which torch runs into a temporary), the table's elements: both PagedTensors of one
-    allocation, dense, their spans meeting (torch checks dense layouts only)."""
+def _check_out_overlaps(func: OpOverload, out: torch.Tensor, table: Any, checks_table_overlap: bool = True) -> None:
+    """torch's errors for an ``out`` whose elements overlap each other (a dim of stride 0) or, where
+    ``checks_table_overlap`` (not for ops torch runs into a temporary, such as ``embedding``), the
+    table's elements: both PagedTensors of one allocation, dense, their spans meeting (torch checks
+    dense layouts only)."""
     if torch._debug_has_internal_overlap(meta_like(out) if isinstance(out, PagedTensor) else out) == 1:
         raise RuntimeError(f"PagedTensor: {func}: {_INTERNAL_OVERLAP}")
-    if func is aten.embedding.out or not isinstance(out, PagedTensor) or not isinstance(table, PagedTensor):
+    if not checks_table_overlap or not isinstance(out, PagedTensor) or not isinstance(table, PagedTensor):
         return
     if out.allocation is None or out.allocation is not table.allocation or out.numel() == 0 or table.numel() == 0:
         return

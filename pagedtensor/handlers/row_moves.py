@@ -24,6 +24,12 @@ dims of one element as :func:`_one_element_dims_as_dense` says). Other forms pas
 several dims (the flattened roll of a copy), a table whose outermost dim's indices each span more than a piece, or whose rows
 do not advance (stride 0), conjugate or negative bits.
 
+``tril_``/``triu_`` past the tier run in place a piece of rows at a time (:func:`triangle_in_place`),
+on the table's dims ordered outermost first, each piece's diagonal shifted as ``tril``/``triu``'s
+(:func:`_triangle_piece`). The ``out=`` forms of the five run the functional op past the tier, then
+resize and copy into ``out`` as torch does (:func:`move_rows_into_out`, through
+:func:`~pagedtensor.handlers.row_gathers.run_into_out`).
+
 Note:
     Stream order is each piece's op's: the pieces run one after another on the current stream,
     each piece's pages faulted in, read and released before the next piece's.
@@ -47,9 +53,10 @@ from pagedtensor.handlers.row_gathers import (
     _rows_a_piece,
     _run_in_row_pieces,
     _stand_in_of_rows,
+    run_into_out,
 )
 from pagedtensor.handlers.row_scatters import _arguments_by_name
-from pagedtensor.tensor import PagedTensor, meta_like
+from pagedtensor.tensor import PagedTensor, element_span, meta_like
 
 RowMoves = Callable[[int, int], list[tuple[int, int, int]]]
 """``moves(start, stop)``: where the rows of a piece's result, made from table rows ``[start, stop)``,
@@ -228,22 +235,27 @@ def _triangle(func: OpOverload, table: PagedTensor, bound: dict, probe: torch.Te
     """``tril``/``triu(table, diagonal)`` a piece of rows at a time: on a 2-D table, the element in
     row ``r`` and column ``c`` is kept by ``c - r`` against the diagonal, so a piece from row ``a``
     runs with the diagonal shifted by ``a``; on a batch of matrices dim 0 is the batch's."""
-    diagonal = bound["diagonal"]
-    shifted = table.dim() == 2
-    piece: RowPiece = lambda rows, a, b: func(rows, diagonal + a if shifted else diagonal)
+    piece = _triangle_piece(func, list(range(table.dim())), bound["diagonal"])
     return _run_in_row_pieces(table, table.shape[0], _rows_a_piece(table), piece)
 
 
 def _triangle_along(func: OpOverload, permuted: PagedTensor, order: list[int], diagonal: int) -> torch.Tensor:
     """``tril``/``triu`` of ``permuted.permute(inverse of order)``, in ``permuted``'s dims, a piece
-    of ``permuted``'s rows (indices of the table's dim ``order[0]``) at a time: the element in row
+    of ``permuted``'s rows (indices of the table's dim ``order[0]``) at a time
+    (:func:`_triangle_piece`)."""
+    piece = _triangle_piece(func, order, diagonal)
+    return _run_in_row_pieces(permuted, permuted.shape[0], _rows_a_piece(permuted), piece)
+
+
+def _triangle_piece(func: OpOverload, order: list[int], diagonal: int) -> RowPiece:
+    """``tril``/``triu`` (or ``tril_``/``triu_``) on a piece of rows of ``table.permute(order)``
+    (indices ``[a, b)`` of the table's dim ``order[0]``), in the permuted dims: the element in row
     ``r`` and column ``c`` of a matrix is kept by ``c - r`` against the diagonal, so a piece from
     index ``a`` of the matrices' rows runs with the diagonal shifted by ``a``, of their columns by
     ``-a``, of a batch dim unshifted."""
-    rank, outermost, inverse = permuted.dim(), order[0], _inverse(order)
+    rank, outermost, inverse = len(order), order[0], _inverse(order)
     shift = 1 if outermost == rank - 2 else -1 if outermost == rank - 1 else 0
-    piece: RowPiece = lambda rows, a, b: func(rows.permute(inverse), diagonal + shift * a).permute(order)
-    return _run_in_row_pieces(permuted, permuted.shape[0], _rows_a_piece(permuted), piece)
+    return lambda rows, a, b: func(rows.permute(inverse), diagonal + shift * a).permute(order)
 
 
 def _repeat(func: OpOverload, table: PagedTensor, bound: dict, probe: torch.Tensor) -> Optional[torch.Tensor]:
@@ -295,3 +307,112 @@ def _run_moving_rows(
             rows[to : to + last - first] = got[first:last]
     return result
 
+
+@implements([aten.tril_.default, aten.triu_.default])
+def triangle_in_place(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``tril_``/``triu_``: the generic way while the table's pages fit on the device tier at once;
+    past it, torch's errors first (:func:`_check_as_torch_does`: a table of fewer than 2 dims, no
+    page read), then a piece of rows at a time in place (:func:`_triangle_in_pieces`), only each
+    piece's pages faulted in and written back. Returns the table. Forms that do not run in pieces
+    re-raise the :class:`~pagedtensor.errors.OutOfPagesError`.
+
+    Note:
+        Stream order is each piece's op's: the pieces run one after another on the current stream.
+    """
+    try:
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    except _OpTooLarge:
+        bound = _arguments_by_name(func, args, kwargs)
+        table = bound["self"]
+        if not isinstance(table, PagedTensor):
+            raise
+        _check_as_torch_does(func, table, [bound["diagonal"]])
+        if table._inner is not None or table.is_conj() or table.is_neg() or not _triangle_in_pieces(func, table, bound["diagonal"]):
+            raise
+    return table
+
+
+def _triangle_in_pieces(func: OpOverload, table: PagedTensor, diagonal: int) -> bool:
+    """``tril_``/``triu_(table, diagonal)`` in place, a piece of rows of ``table.permute(order)`` (its
+    dims ordered outermost first in memory: the table itself where dim 0 is) at a time, each piece's
+    diagonal as :func:`_triangle_piece` shifts it. ``False``, nothing written, where the table's
+    elements may overlap (a piece would write another's) or it does not run in pieces."""
+    order = _outermost_first(table)
+    permuted = table.permute(order)
+    if not _elements_apart(table) or not _runs_in_row_pieces(permuted):
+        return False
+    piece = _triangle_piece(func, order, diagonal)
+    n, count = permuted.shape[0], _rows_a_piece(permuted)
+    for start in range(0, n, count):
+        stop = min(n, start + count)
+        piece(permuted[start:stop], start, stop)
+    return True
+
+
+def _elements_apart(table: torch.Tensor) -> bool:
+    """Whether no two elements of ``table`` share memory, by its strides ordered: each dim's stride
+    beyond the reach of the dims of smaller strides (dims of one element aside)."""
+    reach = 0
+    for size, stride in sorted((pair for pair in zip(table.shape, table.stride()) if pair[0] != 1), key=lambda pair: pair[1]):
+        if stride <= reach:
+            return False
+        reach += (size - 1) * stride
+    return True
+
+
+_FUNCTIONAL_OF_MOVE_OUT = {
+    aten.flip.out: aten.flip.default,
+    aten.roll.out: aten.roll.default,
+    aten.tril.out: aten.tril.default,
+    aten.triu.out: aten.triu.default,
+    aten.repeat.out: aten.repeat.default,
+}
+"""The functional op of each ``out=`` form of the moves."""
+
+
+@implements(list(_FUNCTIONAL_OF_MOVE_OUT))
+def move_rows_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """The ``out=`` forms of ``flip``, ``roll``, ``tril``, ``triu`` and ``repeat``: the generic way
+    while their pages (``out``'s among them) fit on the device tier at once; past it,
+    :func:`~pagedtensor.handlers.row_gathers.run_into_out` with the functional op (:func:`move_rows`,
+    a piece of rows at a time), as torch runs them: a plain ``out`` of another shape resized
+    contiguous (with torch's warning), ``out`` overlapping the table no error (torch computes the
+    result before writing ``out``, or for ``tril``/``triu`` into the table itself, runs in place),
+    ``out`` overlapping itself torch's error, but for ``tril``/``triu``, whose kernels write such an
+    ``out`` unchecked: those, and ``tril``/``triu`` into memory of the table other than the table
+    itself (torch's kernel reads rows it has written), re-raise the
+    :class:`~pagedtensor.errors.OutOfPagesError`. Returns ``out``.
+
+    Note:
+        Stream order is that of the functional op's pieces, then of the copy, all on the current
+        stream. Nothing is written to ``out`` before the functional op has run.
+    """
+    try:
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    except _OpTooLarge:
+        if func.overloadpacket in (aten.tril, aten.triu) and _triangle_out_overlaps(kwargs["out"], args[0]):
+            raise
+    return run_into_out(func, args, kwargs, _FUNCTIONAL_OF_MOVE_OUT[func], _contiguous_layout, checks_table_overlap=False)
+
+
+def _contiguous_layout(result: torch.Tensor) -> torch.Tensor:
+    """The layout torch gives an ``out`` of the moves it resizes: contiguous, of the result's shape
+    (``resize_`` to the shape alone)."""
+    return torch.empty(result.shape, device="meta")
+
+
+def _triangle_out_overlaps(out: torch.Tensor, table: Any) -> bool:
+    """Whether ``tril.out``/``triu.out`` of ``table`` into ``out`` writes memory it reads or writes
+    again, otherwise than in place: ``out``'s elements overlapping each other (a dim of stride 0),
+    or ``out`` a PagedTensor of the table's allocation whose elements meet the table's without
+    being the table's very view."""
+    if torch._debug_has_internal_overlap(meta_like(out) if isinstance(out, PagedTensor) else out) == 1:
+        return True
+    if not isinstance(out, PagedTensor) or not isinstance(table, PagedTensor) or out.allocation is None:
+        return False
+    if out.allocation is not table.allocation:
+        return False
+    same_view = (out._offset, out.shape, out.stride(), out.dtype) == (table._offset, table.shape, table.stride(), table.dtype)
+    out_lo, out_hi = (bound * out.dtype.itemsize for bound in element_span(tuple(out.shape), out.stride(), out._offset))
+    table_lo, table_hi = (bound * table.dtype.itemsize for bound in element_span(tuple(table.shape), table.stride(), table._offset))
+    return not same_view and out_lo < table_hi and table_lo < out_hi
