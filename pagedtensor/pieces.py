@@ -10,8 +10,8 @@ back like any op, before the next piece's pages fault in.
 It applies when every argument that is not a number or a 0-dim tensor has the same shape and
 strides, or broadcasts to that shape (``paged + bias``, ``paged * scale[:, None]``: such an operand
 is read whole by every piece, a PagedTensor one once, as a plain tensor, before the first piece;
-the pieces then go along the outer dim), with no element reachable twice (so elements at the same index lie at the same distance
-from each tensor's storage offset), and the op writes only its first argument (in-place), only
+the pieces then go along the outer dim), with no element reachable twice (so elements at the
+same index lie at the same distance from each tensor's storage offset), and the op writes only its first argument (in-place), only
 its ``out=`` (of the result's shape: one torch would resize is not run in pieces) or nothing (its
 result a plain tensor filled piece by piece). The argument written may be a plain tensor, as in
 ``dense.copy_(paged)`` or ``torch.add(paged, 1, out=dense)``; an op that writes one lets plain
