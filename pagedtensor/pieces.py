@@ -30,7 +30,7 @@ Note:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 from torch._ops import OpOverload
@@ -187,19 +187,26 @@ def _outer_split(shape: tuple[int, ...], stride: tuple[int, ...], piece_elements
     largest stride, each spanning at most ``piece_elements`` elements; None when the layout may
     reach an element twice, one index of ``dim`` spans more than that, or one piece is all."""
     dims = sorted((d for d in range(len(shape)) if shape[d] != 1), key=lambda d: stride[d])
-    extent = 1  # elements spanned by the dims so far
-    for d in dims:
-        if stride[d] < extent:  # it could reach an element of the dims before it (a zero stride too)
-            return None
-        extent += (shape[d] - 1) * stride[d]
-    if not dims:
+    if not dims or not elements_apart(shape, stride):
         return None
     outer = dims[-1]
-    inner = extent - (shape[outer] - 1) * stride[outer]  # the span of one index of ``outer``
+    inner = 1 + sum((shape[d] - 1) * stride[d] for d in dims[:-1])  # the span of one index of ``outer``
     if inner > piece_elements:
         return None
     count = (piece_elements - inner) // stride[outer] + 1
     return (outer, count) if count < shape[outer] else None
+
+
+def elements_apart(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether no two elements of a layout share memory, told by its strides ordered: each dim's
+    stride beyond the reach of the dims of smaller strides (dims of one element aside; a layout
+    whose elements are apart in a way this does not see counts as overlapping)."""
+    reach = 0
+    for size, step in sorted((pair for pair in zip(shape, stride) if pair[0] != 1), key=lambda pair: pair[1]):
+        if step <= reach:
+            return False
+        reach += (size - 1) * step
+    return True
 
 
 def _run_along(func: OpOverload, args: tuple, kwargs: dict, result_layout: Optional[torch.Tensor], device: torch.device,

@@ -56,6 +56,7 @@ from pagedtensor.handlers.row_gathers import (
     run_into_out,
 )
 from pagedtensor.handlers.row_scatters import _arguments_by_name
+from pagedtensor.pieces import elements_apart
 from pagedtensor.tensor import PagedTensor, element_span, meta_like
 
 RowMoves = Callable[[int, int], list[tuple[int, int, int]]]
@@ -339,24 +340,13 @@ def _triangle_in_pieces(func: OpOverload, table: PagedTensor, diagonal: int) -> 
     elements may overlap (a piece would write another's) or it does not run in pieces."""
     order = _outermost_first(table)
     permuted = table.permute(order)
-    if not _elements_apart(table) or not _runs_in_row_pieces(permuted):
+    if not elements_apart(table.shape, table.stride()) or not _runs_in_row_pieces(permuted):
         return False
     piece = _triangle_piece(func, order, diagonal)
     n, count = permuted.shape[0], _rows_a_piece(permuted)
     for start in range(0, n, count):
         stop = min(n, start + count)
         piece(permuted[start:stop], start, stop)
-    return True
-
-
-def _elements_apart(table: torch.Tensor) -> bool:
-    """Whether no two elements of ``table`` share memory, by its strides ordered: each dim's stride
-    beyond the reach of the dims of smaller strides (dims of one element aside)."""
-    reach = 0
-    for size, stride in sorted((pair for pair in zip(table.shape, table.stride()) if pair[0] != 1), key=lambda pair: pair[1]):
-        if stride <= reach:
-            return False
-        reach += (size - 1) * stride
     return True
 
 
