@@ -49,7 +49,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.hookimpl(trylast=True)  # after `-m` has deselected, so the shards share the selected tests
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``gpu`` tests where no CUDA device is; with ``PAGEDLLM_TEST_SHARD=i/n`` keep every n-th
-    selected test from the i-th, so n pytest processes share one GPU's suite (benchmarks/gpu_suite.sh)."""
+    selected test from the i-th, so n pytest processes share one GPU's suite (benchmarks/gpu_suite.sh);
+    with ``PAGEDLLM_PROPERTY_TESTS_ONLY=1`` keep only the hypothesis tests (benchmarks/gpu_fuzz.sh)."""
+    if os.environ.get("PAGEDLLM_PROPERTY_TESTS_ONLY") == "1":
+        from hypothesis import is_hypothesis_test
+
+        properties = [item for item in items if is_hypothesis_test(getattr(item, "obj", None))]
+        kept_ids = {id(item) for item in properties}
+        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept_ids])
+        items[:] = properties
     if "PAGEDLLM_TEST_SHARD" in os.environ:
         kept = items[shard_from_env("PAGEDLLM_TEST_SHARD")]
         kept_ids = {id(item) for item in kept}

@@ -927,14 +927,15 @@ def test_evicting_a_page_whose_other_copy_is_on_a_full_disk_keeps_that_copy(tmp_
 _OPS = st.lists(st.tuples(st.sampled_from(["write", "read", "evict_all"]), st.integers(0, 3), st.integers(0, 2**31 - 1)), min_size=1, max_size=30)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @given(ops=_OPS, device_pages=st.integers(1, 3), host_pages=st.integers(1, 3), disk_pages=st.integers(1, 5))
-def test_a_tight_disk_tier_never_loses_bytes(ops, device_pages, host_pages, disk_pages):
+def test_a_tight_disk_tier_never_loses_bytes(device, ops, device_pages, host_pages, disk_pages):
     """With every tier small, an operation either does its job or raises OutOfPagesError and changes
     nothing: a read returns the last bytes written, and once other allocations are freed every
     remaining one reads back whole. (One-page writes: a write is one chunk, so it is all or nothing.)"""
     nvme = tempfile.mkdtemp(prefix="pager-tight-")
     try:
-        with make_pager(nvme=nvme, device_pages=device_pages, host_pages=host_pages, disk_limit=disk_pages * PAGE) as pager:
+        with make_pager(nvme=nvme, device_pages=device_pages, host_pages=host_pages, disk_limit=disk_pages * PAGE, device=device) as pager:
             allocations = [pager.allocate(PAGE) for _ in range(4)]
             expected = [torch.zeros(PAGE, dtype=torch.uint8) for _ in allocations]
             for op, index, seed in ops:
@@ -967,10 +968,11 @@ _FIT_OPS = st.lists(
 )  # fmt: skip
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @settings(max_examples=300, deadline=None)
 @given(ops=_FIT_OPS, device_pages=st.integers(2, 6), host_pages=st.integers(1, 6), disk_pages=st.integers(0, 12),
        sizes=st.lists(st.integers(1, 3), min_size=1, max_size=8), data=st.data())  # fmt: skip
-def test_tiers_that_hold_the_bytes_together_never_fail(ops, device_pages, host_pages, disk_pages, sizes, data):
+def test_tiers_that_hold_the_bytes_together_never_fail(device, ops, device_pages, host_pages, disk_pages, sizes, data):
     """Allocations whose pages the three tiers hold together (each page in one tier), with room
     for one more copy of the pages a fault brings at once (they keep their lower copies until
     their device slots are filled: :func:`pagedtensor.hf.model.check_tiers_hold_weights`), are
@@ -985,7 +987,7 @@ def test_tiers_that_hold_the_bytes_together_never_fail(ops, device_pages, host_p
     nvme = tempfile.mkdtemp(prefix="pager-fit-")
     disk = dict(nvme=nvme, disk_limit=disk_pages * PAGE) if disk_pages else {}
     try:
-        with make_pager(device_pages=device_pages, host_pages=host_pages, **disk) as pager:
+        with make_pager(device_pages=device_pages, host_pages=host_pages, device=device, **disk) as pager:
             allocations = [pager.allocate(size * PAGE) for size in sizes]
             expected = [torch.zeros(size * PAGE, dtype=torch.uint8) for size in sizes]
             for op, index, seed in ops:

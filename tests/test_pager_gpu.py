@@ -12,7 +12,7 @@ import torch
 from hypothesis import settings
 
 from pagedtensor import MemoryConfig, Pager
-from tests.test_pager_state_machine import PagerMachine, TwoQPagerMachine
+from tests.test_pager_state_machine import PagerMachine, SmallHostPagerMachine, TwoQPagerMachine, WideHostPagerMachine
 
 pytestmark = pytest.mark.gpu
 
@@ -29,6 +29,20 @@ TestCudaPagerLRU = pytest.mark.gpu(CudaPagerMachine.TestCase)
 TestCudaPagerLRU.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
 TestCudaPager2Q = pytest.mark.gpu(CudaTwoQPagerMachine.TestCase)
 TestCudaPager2Q.settings = settings(max_examples=60, stateful_step_count=50, deadline=None)
+
+
+class CudaWideHostPagerMachine(WideHostPagerMachine):
+    device = "cuda"
+
+
+class CudaSmallHostPagerMachine(SmallHostPagerMachine):
+    device = "cuda"
+
+
+TestCudaPagerWideHost = pytest.mark.gpu(CudaWideHostPagerMachine.TestCase)
+TestCudaPagerWideHost.settings = settings(max_examples=60, stateful_step_count=50, deadline=None)
+TestCudaPagerSmallHost = pytest.mark.gpu(CudaSmallHostPagerMachine.TestCase)
+TestCudaPagerSmallHost.settings = settings(max_examples=60, stateful_step_count=50, deadline=None)
 
 
 def test_fault_from_host_is_asynchronous():

@@ -29,7 +29,11 @@ BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: 
 SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def make_pager() -> Pager:
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def make_pager(device: str = "cpu") -> Pager:
+    """A pager whose device tier (the CPU or a CUDA device) holds DEVICE_PAGES pages."""
     return Pager(
         MemoryConfig(
             page_size=PAGE,
@@ -37,7 +41,7 @@ def make_pager() -> Pager:
             host_memory=512 * PAGE,
             slab_size=DEVICE_PAGES * PAGE,
             prefetch_strategy="none",
-            device="cpu",
+            device=device,
         )
     )
 
@@ -71,8 +75,8 @@ def assert_bitwise_equal(got: object, expected: object, what: str) -> None:
 
 
 @st.composite
-def sources(draw: st.DrawFn, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A random tensor: dtype, shape, layout (contiguous / transposed / strided slice), values."""
+def sources(draw: st.DrawFn, dtype: torch.dtype | None = None, device: str = "cpu") -> torch.Tensor:
+    """A random tensor on ``device``: dtype, shape, layout (contiguous / transposed / strided slice), values."""
     dtype = dtype or draw(st.sampled_from(DTYPES))
     itemsize = torch.empty((), dtype=dtype).element_size()
     ndim = draw(st.integers(1, 3))
@@ -94,6 +98,7 @@ def sources(draw: st.DrawFn, dtype: torch.dtype | None = None) -> torch.Tensor:
         base = torch.rand(full, generator=g) > 0.5
     else:
         base = torch.randint(-50, 50, full, generator=g, dtype=torch.int64)
+    base = base.to(device)
     if layout == "stepped":
         return base[::2]
     if layout == "transposed":
@@ -143,6 +148,11 @@ def on_first(fn):
 
 def _dim(draw: st.DrawFn, t: torch.Tensor) -> int:
     return draw(st.integers(-t.dim(), t.dim() - 1))
+
+
+def _mask(seed: int, like: torch.Tensor) -> torch.Tensor:
+    """A random boolean mask of ``like``'s shape on its device (drawn on the CPU, so alike on every device)."""
+    return (torch.rand(like.shape, generator=torch.Generator().manual_seed(seed)) > 0.5).to(like.device)
 
 
 def _index(draw: st.DrawFn, size: int) -> torch.Tensor:
@@ -261,16 +271,16 @@ def op_index(draw, t, pool):
 
     def fn(ts):
         a = ts[0]
+        rows, positions = index.to(a.device), positive.to(a.device)
         if name == "getitem":
-            return a[index]
+            return a[rows]
         if name == "index_select":
-            return a.index_select(0, positive)
+            return a.index_select(0, positions)
         if name == "embedding" and a.dim() == 2:
-            return F.embedding(positive, a)
+            return F.embedding(positions, a)
         if name == "mask":
-            mask = torch.rand(a.shape, generator=torch.Generator().manual_seed(mask_seed)) > 0.5
-            return a[mask]
-        return a[..., positive % a.shape[-1]]
+            return a[_mask(mask_seed, a)]
+        return a[..., positions % a.shape[-1]]
 
     return fn
 
@@ -299,10 +309,9 @@ def op_inplace(draw, t, pool):
         if name == "clamp_":
             return a.logical_not_() if is_bool else a.clamp_(-1, 1)
         if name == "masked_fill_":
-            mask = torch.rand(a.shape, generator=torch.Generator().manual_seed(mask_seed)) > 0.5
-            return a.masked_fill_(mask, bool(value) if is_bool else value)
+            return a.masked_fill_(_mask(mask_seed, a), bool(value) if is_bool else value)
         if name == "index_put_":
-            a[index] = torch.ones((), dtype=a.dtype)
+            a[index.to(a.device)] = torch.ones((), dtype=a.dtype)
             return a
         if name == "setitem_slice":
             a[: max(1, a.shape[0] // 2)] = bool(value) if is_bool else value
@@ -326,11 +335,11 @@ def op_out(draw, t, pool):
                 target_dtype = a.dtype
             shape = list(a.shape)
             del shape[dim]
-            out = torch.full(shape, 9, dtype=target_dtype)
+            out = torch.full(shape, 9, dtype=target_dtype, device=a.device)
             out = PagedTensor.wrap(out, a.pager) if on_paged else out
             result = torch.sum(a, dim, out=out)
             return result
-        out = torch.zeros(a.shape, dtype=a.dtype)
+        out = torch.zeros(a.shape, dtype=a.dtype, device=a.device)
         out = PagedTensor.wrap(out, a.pager) if on_paged else out
         if a.dtype == torch.bool:
             return torch.logical_or(a, a, out=out)
@@ -355,16 +364,17 @@ def run_both(fn, paged_args, dense_args):
 # ---------------------------------------------------------------------- properties
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @SETTINGS
 @given(data=st.data())
-def test_random_programs_match_dense_bitwise(data):
-    with make_pager() as pager:
+def test_random_programs_match_dense_bitwise(device, data):
+    with make_pager(device) as pager:
         pool = Pool(pager)
         dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-        first = data.draw(sources(dtype), label="source")
+        first = data.draw(sources(dtype, device), label="source")
         pool.add(PagedTensor.wrap(first, pager), first)
         for _ in range(data.draw(st.integers(0, 2))):
-            extra = data.draw(sources(dtype), label="extra source")
+            extra = data.draw(sources(dtype, device), label="extra source")
             same = first.clone().mul_(2) if first.dtype != torch.bool else ~first
             source = same if data.draw(st.booleans()) else extra
             pool.add(PagedTensor.wrap(source, pager), source)
@@ -387,10 +397,12 @@ def test_random_programs_match_dense_bitwise(data):
         assert pager.stats()["evictions"] > 0 or pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=100, deadline=None)
-@given(source=sources(), data=st.data())
-def test_materialize_and_views_round_trip(source, data):
-    with make_pager() as pager:
+@given(data=st.data())
+def test_materialize_and_views_round_trip(device, data):
+    source = data.draw(sources(device=device), label="source")
+    with make_pager(device) as pager:
         t = PagedTensor.wrap(source, pager)
         assert (t.shape, t.stride(), t.dtype) == (source.shape, source.stride(), source.dtype)
         assert_bitwise_equal(t, source, "wrap")
@@ -403,12 +415,14 @@ def test_materialize_and_views_round_trip(source, data):
         assert sum(view.residency().values()) == stop - first
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=100, deadline=None)
-@given(source=sources(torch.float32), data=st.data())
-def test_in_place_dirty_pages_are_the_touched_pages(source, data):
+@given(data=st.data())
+def test_in_place_dirty_pages_are_the_touched_pages(device, data):
     """After faulting every page in clean, an in-place op on a random slice dirties exactly the pages
     its elements lie on."""
-    with make_pager() as pager:
+    source = data.draw(sources(torch.float32, device), label="source")
+    with make_pager(device) as pager:
         t = PagedTensor.wrap(source, pager)
         pager.evict_all()
         t.sum()
