@@ -9,7 +9,7 @@ from typing import Callable
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pagedtensor import MemoryConfig, PagedTensor, Pager
@@ -23,7 +23,9 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 
 
 def make_pager(device: str = "cpu", device_pages: int = DEVICE_PAGES) -> Pager:
-    return Pager(MemoryConfig(vram_limit=device_pages * PAGE, host_memory=512 * PAGE, page_size=PAGE, slab_size=512 * PAGE,
+    """A host tier of 16 MiB: a concatenation's inputs are sized by the first one's dtype, so three
+    int64 inputs shaped for a bool, and their int64 result, take about 10 MiB."""
+    return Pager(MemoryConfig(vram_limit=device_pages * PAGE, host_memory=4096 * PAGE, page_size=PAGE, slab_size=512 * PAGE,
                               prefetch_strategy="none", device=device))  # fmt: skip
 
 
@@ -130,6 +132,11 @@ def concatenations(draw):
 
 @SETTINGS
 @given(concatenation=concatenations(), seed=st.integers(0, 99))
+@example(  # int64 inputs shaped for a bool filled a host tier of 2 MiB (OutOfPagesError)
+    concatenation=(False, 1, [((53249, 2), torch.int64, "contiguous", True), ((53249, 2), torch.bool, "contiguous", False),
+                              ((53249, 3), torch.int64, "contiguous", True)]),
+    seed=0,
+)  # fmt: skip
 def test_cat_and_stack_give_the_dense_result(concatenation, seed):
     stack, dim, inputs = concatenation
     with make_pager() as pager:
