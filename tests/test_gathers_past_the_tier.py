@@ -104,6 +104,7 @@ def long_dim_outermost(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
 
 
 def paged_and_dense(values: torch.Tensor, layout: str, pager: Pager) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(paged, dense)``: ``values`` in ``layout`` (one of LAYOUTS), as a PagedTensor and as a plain tensor."""
     if layout in MEMORY_ORDERS:
         order = MEMORY_ORDERS[layout] if values.dim() > 2 else (1, 0)
         inverse = sorted(range(len(order)), key=order.__getitem__)
@@ -115,6 +116,8 @@ def paged_and_dense(values: torch.Tensor, layout: str, pager: Pager) -> tuple[to
     if layout == "column slice":
         base = torch.cat([values, values[..., :2]], dim=-1)
         return PagedTensor.wrap(base.clone(), pager)[..., : values.shape[-1]], base[..., : values.shape[-1]]
+    if layout not in ("contiguous", "last dims swapped"):  # (a 2-D table's "last dims swapped" is left contiguous)
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     return PagedTensor.wrap(values.clone(), pager), values
 
 

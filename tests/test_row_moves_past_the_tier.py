@@ -562,3 +562,26 @@ def test_in_place_and_out_moves_past_the_tier_on_each_device(device):
                     TRIANGLES_IN_PLACE[name](dense, diagonal)
                     assert same_bits(t.materialize(), dense), (name, dtype, transposed)
                     assert within_tier(pager)
+
+
+@pytest.mark.parametrize("memory_order", [(1, 0, 2, 3), (1, 2, 0, 3), (2, 0, 1, 3), (3, 1, 0, 2)])
+@pytest.mark.parametrize("name", ["tril", "triu", "tril_", "triu_"])
+def test_triangles_of_4d_tables_whose_outermost_dim_is_not_dim_0(memory_order, name):
+    """A 4-D table laid out with dim 1, 2 or 3 outermost in memory (a batch dim, or one of the
+    matrix's): the triangles, and in place, give the dense op's bits, the tier within its budget."""
+    memory_shape = (6 * TIER_BYTES // (4 * 3 * 5 * 7), 3, 5, 7)  # float32, 6 device tiers
+    inverse = sorted(range(4), key=memory_order.__getitem__)
+    base = torch.randn(memory_shape, generator=torch.Generator().manual_seed(3))
+    for diagonal in (-3, 0, 2):
+        with make_pager() as pager:
+            paged = PagedTensor.wrap(base.clone(), pager).permute(inverse)
+            dense = base.clone().permute(inverse)
+            assert paged.dim_order() == dense.dim_order() == memory_order
+            if name.endswith("_"):
+                assert TRIANGLES_IN_PLACE[name](paged, diagonal) is paged
+                TRIANGLES_IN_PLACE[name](dense, diagonal)
+                got = paged.materialize()
+            else:
+                got, dense = getattr(torch, name)(paged, diagonal), getattr(torch, name)(dense, diagonal)
+            assert same_bits(got, dense), (name, memory_order, diagonal)
+            assert within_tier(pager)
