@@ -17,32 +17,18 @@ from tests.test_pager_state_machine import PagerMachine, SmallHostPagerMachine, 
 pytestmark = pytest.mark.gpu
 
 
-class CudaPagerMachine(PagerMachine):
-    device = "cuda"
+def cuda_test_case(machine: type[PagerMachine], max_examples: int) -> type:
+    """``machine``'s hypothesis test case with ``device="cuda"``, marked ``gpu``."""
+    on_cuda = type(f"Cuda{machine.__name__}", (machine,), {"device": "cuda"})
+    test_case = pytest.mark.gpu(on_cuda.TestCase)
+    test_case.settings = settings(max_examples=max_examples, stateful_step_count=50, deadline=None)
+    return test_case
 
 
-class CudaTwoQPagerMachine(TwoQPagerMachine):
-    device = "cuda"
-
-
-TestCudaPagerLRU = pytest.mark.gpu(CudaPagerMachine.TestCase)
-TestCudaPagerLRU.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
-TestCudaPager2Q = pytest.mark.gpu(CudaTwoQPagerMachine.TestCase)
-TestCudaPager2Q.settings = settings(max_examples=60, stateful_step_count=50, deadline=None)
-
-
-class CudaWideHostPagerMachine(WideHostPagerMachine):
-    device = "cuda"
-
-
-class CudaSmallHostPagerMachine(SmallHostPagerMachine):
-    device = "cuda"
-
-
-TestCudaPagerWideHost = pytest.mark.gpu(CudaWideHostPagerMachine.TestCase)
-TestCudaPagerWideHost.settings = settings(max_examples=60, stateful_step_count=50, deadline=None)
-TestCudaPagerSmallHost = pytest.mark.gpu(CudaSmallHostPagerMachine.TestCase)
-TestCudaPagerSmallHost.settings = settings(max_examples=60, stateful_step_count=50, deadline=None)
+TestCudaPagerLRU = cuda_test_case(PagerMachine, 150)
+TestCudaPager2Q = cuda_test_case(TwoQPagerMachine, 60)
+TestCudaPagerWideHost = cuda_test_case(WideHostPagerMachine, 60)
+TestCudaPagerSmallHost = cuda_test_case(SmallHostPagerMachine, 60)
 
 
 def test_fault_from_host_is_asynchronous():
