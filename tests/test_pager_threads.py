@@ -1,0 +1,481 @@
+"""Several threads share one pager: each runs random operations on its own allocations while the
+others run theirs, and no byte is lost, no call fails that may not, and nothing deadlocks.
+
+Hypothesis draws the pager (tier sizes, slab size, eviction policy, disk tier or not, zstd
+compression or not, prefetch strategy) and, for each of 3-4 threads, a plan of operations on two
+allocations only that thread uses: allocate, write at random offsets, read and compare, evict,
+prefetch and prefetch_together (waiting on the future), write back, pin and read the pinned views
+(and write some pages through them, released dirty), pin a page of each allocation and release both
+together, overwrite pinned pages whole (or give up the overwrite), discard, advise, free; and a few
+that concern the whole pager: ``evict_all``, ``stats``, ``page_table``. The threads start together
+(a barrier) so their operations interleave as much as the interpreter lets them. Afterwards every
+allocation reads back its bytes, nothing is pinned, and the bytes each tier holds are the slots
+the page tables name.
+
+The tiers are sized so that no call may fail (see :func:`pager_shapes`), except on a drawn *tight*
+device tier, where an op that pins pages may find the other threads' pins in the way and raise
+OutOfPagesError for the device tier, having changed nothing. The errors of full lower tiers are
+``test_a_tight_disk_tier_never_loses_bytes``'s and ``test_tiers_that_hold_the_bytes_together_never_fail``'s
+(``tests/test_pager.py``).
+
+For hunting races by hand: ``PAGER_THREADS_EXAMPLES`` runs more examples, and
+``PAGER_THREADS_SWITCH_INTERVAL`` (seconds, e.g. ``1e-6``) makes the interpreter switch threads far
+more often while the threads run, e.g.::
+
+    for s in $(seq 1 20); do PAGER_THREADS_SWITCH_INTERVAL=1e-6 PAGER_THREADS_EXAMPLES=500 \
+        python -m pytest -q tests/test_pager_threads.py --hypothesis-seed=$s || break; done
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import pytest
+import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from pagedtensor import MemoryConfig, OutOfPagesError, Pager
+from pagedtensor.pager import Allocation, ResidentPages
+
+PAGE = 4096
+MAX_ALLOCATION_PAGES = 3
+"""The largest allocation a thread makes; a thread pins at most this many pages at once."""
+SLOTS_PER_THREAD = 2
+"""Allocations a thread holds at once, at most."""
+JOIN_TIMEOUT_S = float(os.environ.get("PAGER_THREADS_JOIN_TIMEOUT", "60"))
+"""How long the threads may take, together, before the test calls it a deadlock (``PAGER_THREADS_JOIN_TIMEOUT``)."""
+PIN_HOLD_S = 0.002
+"""How long a pin op holds its pages (so that other threads' ops meet them pinned)."""
+HAS_ZSTD = importlib.util.find_spec("zstandard") is not None
+SWITCH_INTERVAL = float(os.environ.get("PAGER_THREADS_SWITCH_INTERVAL", "0"))
+EXAMPLES = int(os.environ.get("PAGER_THREADS_EXAMPLES", "100"))
+
+OP_KINDS = ("allocate", "write", "read", "evict", "prefetch", "prefetch_together", "write_back", "pin_read", "pin_write",
+            "pin_two", "overwrite", "discard", "advise", "free", "evict_all", "stats", "page_table")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PagerShape:
+    """The configuration of the pager the threads share (sizes in pages)."""
+
+    threads: int
+    tight: bool  # fewer device pages than the threads may pin at once (see pager_shapes)
+    device_pages: int
+    host_pages: int
+    disk_pages: Optional[int]  # None: no disk tier
+    eviction_policy: str
+    compression: Optional[str]
+    prefetch_strategy: str
+    prefetch_pages: int
+    slab_pages: Optional[int]  # pages per slab of the device and host tiers (None: the default, one slab)
+
+    def config(self, nvme: str, device: str) -> MemoryConfig:
+        """The MemoryConfig of this shape on ``device``, its disk tier (if any) under ``nvme``."""
+        slabs = dict(slab_size=self.slab_pages * PAGE) if self.slab_pages else {}
+        disk = dict(nvme_path=nvme, disk_limit=self.disk_pages * PAGE, compression=self.compression) if self.disk_pages else {}
+        return MemoryConfig(vram_limit=self.device_pages * PAGE, host_memory=self.host_pages * PAGE, page_size=PAGE, device=device,
+                            eviction_policy=self.eviction_policy, prefetch_strategy=self.prefetch_strategy,
+                            prefetch_pages=self.prefetch_pages, **disk, **slabs)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Op:
+    """One step of a thread's plan. ``slot`` names one of the thread's allocations; ``a`` and ``b``
+    pick sizes, offsets and page ranges inside it (taken modulo what fits); ``seed`` the bytes."""
+
+    kind: str
+    slot: int
+    a: int
+    b: int
+    seed: int
+
+
+@st.composite
+def pager_shapes(draw: st.DrawFn) -> PagerShape:
+    """A pager where what the threads pin at once always fits, and the lower tiers hold every byte.
+
+    Device: each thread pins at most ``MAX_ALLOCATION_PAGES`` pages at once (a read or write is one
+    chunk, since the chunk is half the device tier and that is more than an allocation; a pinned
+    range lies inside one allocation), and a prefetch pins at most ``MAX_ALLOCATION_PAGES`` more
+    while it runs (the prefetch thread's or a caller's, never two at once: a prefetch holds the
+    pager's lock throughout). So ``threads * 3 + 3`` device pages never run out of unpinned ones.
+    A ``prefetch_together`` of a thread's two allocations may not fit: it then prefetches each on
+    its own, as far as it fits, and never fails. A pin of two pages, one of each allocation
+    (``pin_two``), stays within the 3 pages a thread pins.
+
+    A *tight* device tier has fewer pages than that (at least twice an allocation, so that a read or
+    a write is still one chunk, all or nothing): a pin, read or write may then find the other
+    threads' pins in the way, and raise OutOfPagesError naming the device tier, having changed
+    nothing (as ``test_pinning_more_than_the_device_holds_fails_and_loses_nothing`` says); a
+    prefetch's future may carry it. Nothing else may raise it.
+
+    Host and disk: the threads hold at most ``threads * SLOTS_PER_THREAD * 3`` pages of bytes. The
+    lower tiers hold all of them plus a copy of every device page (a pinned overwrite keeps the
+    zero-filled slot and the old copy; a fault keeps the lower copy of what it brings), so an
+    eviction, a write-back or a fault never finds them full. Without a disk tier the host tier holds
+    that alone; with one the host tier is small (pages spill to disk and are staged back) and the
+    disk holds the rest.
+    """
+    threads = draw(st.integers(3, 4), label="threads")
+    pinned = threads * MAX_ALLOCATION_PAGES + MAX_ALLOCATION_PAGES
+    tight = draw(st.booleans(), label="tight device tier")
+    least = 2 * MAX_ALLOCATION_PAGES if tight else pinned
+    device_pages = draw(st.integers(least, least + (2 if tight else 4)), label="device_pages")
+    bytes_pages = threads * SLOTS_PER_THREAD * MAX_ALLOCATION_PAGES
+    lower = bytes_pages + device_pages
+    if draw(st.booleans(), label="disk tier"):
+        host_pages = draw(st.integers(1, 6), label="host_pages")
+        disk_pages: Optional[int] = lower - host_pages + draw(st.integers(0, 4), label="spare disk pages")
+        compression = draw(st.sampled_from([None, "zstd"] if HAS_ZSTD else [None]), label="compression")
+    else:
+        host_pages, disk_pages, compression = lower + draw(st.integers(0, 4), label="spare host pages"), None, None
+    return PagerShape(
+        threads=threads,
+        tight=tight,
+        device_pages=device_pages,
+        host_pages=host_pages,
+        disk_pages=disk_pages,
+        eviction_policy=draw(st.sampled_from(["lru", "2q"]), label="eviction_policy"),
+        compression=compression,
+        prefetch_strategy=draw(st.sampled_from(["none", "sequential"]), label="prefetch_strategy"),
+        prefetch_pages=draw(st.integers(1, MAX_ALLOCATION_PAGES), label="prefetch_pages"),
+        slab_pages=draw(st.sampled_from([None, 1, 2, 3, 5]), label="slab_pages"),
+    )
+
+
+OPS = st.builds(Op, st.sampled_from(OP_KINDS), st.integers(0, SLOTS_PER_THREAD - 1), st.integers(0, 2**16), st.integers(0, 2**16),
+                st.integers(0, 2**31 - 1))  # fmt: skip
+
+
+@st.composite
+def thread_plans(draw: st.DrawFn) -> list[Op]:
+    """A thread's plan: allocate each of its slots (of drawn sizes), then random ops."""
+    size = st.tuples(st.integers(0, MAX_ALLOCATION_PAGES - 1), st.integers(0, PAGE - 1))  # (pages - 1, bytes short): allocation_size
+    sizes = draw(st.lists(size, min_size=SLOTS_PER_THREAD, max_size=SLOTS_PER_THREAD), label="sizes")
+    first = [Op("allocate", slot, pages, short, 0) for slot, (pages, short) in enumerate(sizes)]
+    return first + draw(st.lists(OPS, min_size=10, max_size=40), label="ops")
+
+
+def random_bytes(n: int, seed: int) -> torch.Tensor:
+    """``n`` random bytes, the same for the same seed."""
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass
+class ThreadState:
+    """What one thread owns: its allocations (by slot) and the bytes each must hold."""
+
+    name: str
+    allocations: dict[int, Allocation] = field(default_factory=dict)
+    expected: dict[int, torch.Tensor] = field(default_factory=dict)
+    step: int = -1  # the index of the op running now (reported on a deadlock or a failure)
+    device_full: int = 0  # ops that found too few unpinned device pages (a tight device tier only)
+    op: Optional[Op] = None
+
+
+def allocation_size(op: Op) -> int:
+    """The bytes of the allocation an ``allocate`` op makes: ``1 + op.a % 3`` pages, the last one
+    ``op.b % PAGE`` bytes short."""
+    return (1 + op.a % MAX_ALLOCATION_PAGES) * PAGE - op.b % PAGE
+
+
+def page_range(allocation: Allocation, op: Op) -> tuple[int, int]:
+    """A non-empty page range ``[start, stop)`` of ``allocation`` chosen by ``op`` (``a`` pages in
+    from the start, ``b`` pages short of the end: small values, which hypothesis favours, give
+    the whole allocation, the most pages pinned at once)."""
+    start = op.a % allocation.num_pages
+    return start, allocation.num_pages - op.b % (allocation.num_pages - start)
+
+
+def byte_range(allocation: Allocation, op: Op) -> tuple[int, int]:
+    """A non-empty byte range ``(offset, length)`` of ``allocation`` chosen by ``op``, as
+    :func:`page_range` chooses pages."""
+    offset = op.a % allocation.nbytes
+    return offset, allocation.nbytes - offset - op.b % (allocation.nbytes - offset)
+
+
+def pinned_bytes(views: list[torch.Tensor]) -> torch.Tensor:
+    """The bytes of a pinned range, its pages' views joined, on the CPU."""
+    return torch.cat([view.cpu() for view in views])
+
+
+def page_bytes(allocation: Allocation, index: int) -> slice:
+    """The bytes of page ``index`` of ``allocation``."""
+    return slice(index * PAGE, min((index + 1) * PAGE, allocation.nbytes))
+
+
+MAY_FIND_THE_DEVICE_PINNED = frozenset({"write", "read", "prefetch", "pin_read", "pin_write", "pin_two", "overwrite"})
+"""The ops that pin pages (or prefetch them), which on a tight device tier may find too few unpinned."""
+
+
+def run_op_allowing_a_full_device(pager: Pager, state: ThreadState, op: Op, shape: PagerShape) -> None:
+    """:func:`run_op`, where on a tight device tier an op that pins pages may raise OutOfPagesError
+    for the device tier: it then changed nothing (``state.expected`` is left as it was)."""
+    try:
+        run_op(pager, state, op, shape)
+    except OutOfPagesError as error:
+        if not (shape.tight and op.kind in MAY_FIND_THE_DEVICE_PINNED and str(error).startswith("device tier:")):
+            raise
+        state.device_full += 1
+
+
+def run_op(pager: Pager, state: ThreadState, op: Op, shape: PagerShape) -> None:
+    """Run one op of a thread's plan, checking what it reads against ``state.expected``."""
+    if op.kind in ("evict_all", "stats"):
+        run_pager_wide_op(pager, op, shape)
+    elif op.kind == "allocate":
+        if op.slot in state.allocations:
+            pager.free(state.allocations.pop(op.slot))
+        allocation = pager.allocate(allocation_size(op), name=f"{state.name}/{op.slot}")
+        state.allocations[op.slot] = allocation
+        state.expected[op.slot] = torch.zeros(allocation.nbytes, dtype=torch.uint8)
+    elif op.kind == "prefetch_together":
+        error = pager.prefetch_together(list(state.allocations.values())).exception(timeout=JOIN_TIMEOUT_S)
+        assert error is None, f"prefetch_together failed: {error!r}"
+    elif op.kind == "pin_two":
+        if len(state.allocations) == SLOTS_PER_THREAD:
+            pin_two_and_release_together(pager, state, op)
+    elif op.slot in state.allocations:
+        run_allocation_op(pager, state, op, shape)
+
+
+def run_allocation_op(pager: Pager, state: ThreadState, op: Op, shape: PagerShape) -> None:
+    """Run an op on the thread's allocation ``op.slot``."""
+    allocation, expected = state.allocations[op.slot], state.expected[op.slot]
+    start, stop = page_range(allocation, op)
+    if op.kind == "write":
+        offset, length = byte_range(allocation, op)
+        payload = random_bytes(length, op.seed)
+        pager.write(allocation, payload, offset)
+        expected[offset : offset + length] = payload
+    elif op.kind == "read":
+        offset, length = byte_range(allocation, op)
+        assert torch.equal(pager.read(allocation, offset, length), expected[offset : offset + length]), f"read [{offset}, +{length})"
+    elif op.kind == "evict":
+        pager.evict(allocation, start, stop)
+    elif op.kind == "prefetch":
+        error = pager.prefetch(allocation, start, stop).exception(timeout=JOIN_TIMEOUT_S)
+        if error is not None:
+            raise error
+    elif op.kind == "write_back":
+        pager.write_back(allocation, start, stop)
+    elif op.kind in ("pin_read", "pin_write"):
+        pin_and_check(pager, allocation, expected, start, stop, write_seed=op.seed if op.kind == "pin_write" else None)
+    elif op.kind == "overwrite":
+        overwrite_pinned(pager, allocation, expected, start, stop, op.seed)
+    elif op.kind == "discard":
+        pager.discard(allocation, start, stop)
+        expected[start * PAGE : stop * PAGE] = 0
+    elif op.kind == "advise":
+        pager.advise(allocation, "loop" if op.seed % 2 else "normal")
+    elif op.kind == "page_table":
+        check_page_table(pager, allocation, shape)
+    elif op.kind == "free":
+        pager.free(state.allocations.pop(op.slot))
+        del state.expected[op.slot]
+
+
+def run_pager_wide_op(pager: Pager, op: Op, shape: PagerShape) -> None:
+    """``evict_all`` or ``stats`` (whose budgets hold whatever the other threads are doing)."""
+    if op.kind == "evict_all":
+        pager.evict_all()
+        return
+    resident = pager.stats()["resident_bytes"]
+    assert resident["device"] <= shape.device_pages * PAGE, resident
+    assert resident["host"] <= shape.host_pages * PAGE, resident
+    assert resident["disk"] <= (shape.disk_pages or 0) * PAGE, resident
+
+
+def write_pages(resident: ResidentPages, expected: torch.Tensor, indices: set[int], seed: int) -> None:
+    """Write random bytes through the pinned views into pages ``indices`` (allocation page numbers),
+    and into ``expected``."""
+    for page, view in zip(resident.pages, resident.views()):
+        if page.index in indices:
+            payload = random_bytes(view.numel(), seed + page.index)
+            view.copy_(payload)
+            expected[page_bytes(resident.allocation, page.index)] = payload
+
+
+def pin_and_check(pager: Pager, allocation: Allocation, expected: torch.Tensor, start: int, stop: int, write_seed: Optional[int]) -> None:
+    """Pin pages ``[start, stop)``, check their bytes through the pinned views and, with
+    ``write_seed``, write new bytes into some of them (its bits choose which) and release those dirty."""
+    with pager.ensure_resident(allocation, start, stop) as resident:
+        resident.wait()
+        assert torch.equal(pinned_bytes(resident.views()), expected[start * PAGE : stop * PAGE]), f"pinned pages [{start}, {stop})"
+        time.sleep(PIN_HOLD_S)  # the other threads run while these pages are pinned
+        if write_seed is None:
+            return
+        written = {index for index in range(start, stop) if write_seed >> (index - start) & 1}
+        write_pages(resident, expected, written, write_seed)
+        resident.release(dirty=written)
+
+
+def overwrite_pinned(pager: Pager, allocation: Allocation, expected: torch.Tensor, start: int, stop: int, seed: int) -> None:
+    """Pin pages ``[start, stop)`` to be overwritten whole (``discard``); on an even seed write them
+    and release them dirty, on an odd one give up (release clean: they keep their old bytes)."""
+    resident = pager.ensure_resident(allocation, start, stop, discard=range(start, stop))
+    try:
+        resident.wait()
+        if seed % 2 == 0:
+            write_pages(resident, expected, set(range(start, stop)), seed)
+            resident.release(dirty=True)
+    finally:
+        if not resident.released:
+            resident.release()
+
+
+def pin_two_and_release_together(pager: Pager, state: ThreadState, op: Op) -> None:
+    """Pin one page of each of the thread's two allocations, check both, write the first on an
+    even seed, and release both at once (:meth:`Pager.release_together`)."""
+    pins: list[tuple[ResidentPages, torch.Tensor]] = []
+    try:
+        for slot, choice in zip(sorted(state.allocations), (op.a, op.b)):
+            allocation = state.allocations[slot]
+            index = choice % allocation.num_pages
+            pins.append((pager.ensure_resident(allocation, index, index + 1), state.expected[slot]))
+        for resident, expected in pins:
+            resident.wait()
+            assert torch.equal(pinned_bytes(resident.views()), expected[page_bytes(resident.allocation, resident.start)]), "pinned page"
+        written = {pins[0][0].start} if op.seed % 2 == 0 else set()
+        write_pages(pins[0][0], pins[0][1], written, op.seed)
+        pager.release_together([(pins[0][0], written), (pins[1][0], ())])
+    finally:
+        for resident, _ in pins:
+            if not resident.released:
+                resident.release()
+
+
+def check_page_table(pager: Pager, allocation: Allocation, shape: PagerShape) -> None:
+    """The allocation's page table is coherent: no page of this thread is pinned (it pins nothing
+    now), a page is dirty exactly when its one copy is above the disk, and its slots are in range."""
+    for info in pager.page_table(allocation):
+        copies = [slot for slot in (info.device_slot, info.host_slot, info.disk_slot) if slot is not None]
+        assert info.pin_count == 0, info
+        assert info.dirty == (len(copies) == 1 and info.disk_slot is None), info
+        assert info.device_slot is None or 0 <= info.device_slot < shape.device_pages, info
+        assert info.host_slot is None or 0 <= info.host_slot < shape.host_pages, info
+
+
+def run_plan(pager: Pager, state: ThreadState, plan: list[Op], shape: PagerShape) -> None:
+    """Every op of ``plan`` in order, recording which one runs (for the failure message)."""
+    for state.step, state.op in enumerate(plan):
+        run_op_allowing_a_full_device(pager, state, state.op, shape)
+    state.op = None
+
+
+class ThreadsStuck(AssertionError):
+    """Threads of the test did not finish in ``JOIN_TIMEOUT_S``: a deadlock (or a livelock)."""
+
+
+def thread_stacks(threads: list[threading.Thread]) -> str:
+    """The current stack of each of ``threads`` still alive (and the prefetch thread's)."""
+    frames = sys._current_frames()
+    wanted = {thread.ident: thread.name for thread in threads if thread.is_alive()}
+    wanted.update({thread.ident: thread.name for thread in threading.enumerate() if thread.name.startswith("pagedllm-prefetch")})
+    return "\n".join(f"--- {name}\n{''.join(traceback.format_stack(frames[ident]))}" for ident, name in wanted.items() if ident in frames)
+
+
+def run_threads_together(pager: Pager, plans: list[list[Op]], shape: PagerShape) -> list[ThreadState]:
+    """Run each plan on its own thread, all released at once by a barrier; raise on the first
+    thread's error (naming its op) or on a deadlock (naming the threads still running, with stacks)."""
+    states = [ThreadState(f"thread-{index}") for index in range(len(plans))]
+    barrier = threading.Barrier(len(plans))
+    errors: list[tuple[ThreadState, BaseException]] = []
+
+    def worker(state: ThreadState, plan: list[Op]) -> None:
+        try:
+            barrier.wait(timeout=JOIN_TIMEOUT_S)
+            run_plan(pager, state, plan, shape)
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            errors.append((state, error))
+
+    threads = [threading.Thread(target=worker, args=(state, plan), name=state.name, daemon=True) for state, plan in zip(states, plans)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    stuck = [f"{state.name} at op {state.step} {state.op}" for state, thread in zip(states, threads) if thread.is_alive()]
+    if stuck:
+        report = f"deadlock: threads still running after {JOIN_TIMEOUT_S} s: {stuck}\n{thread_stacks(threads)}"
+        # Written now: a prefetch thread stuck on the pager's lock keeps the interpreter from exiting
+        # (concurrent.futures joins its workers at exit), so the test's report may never be printed.
+        print(report, file=sys.__stderr__, flush=True)
+        raise ThreadsStuck(report)
+    if errors:
+        state, error = errors[0]
+        raise AssertionError(f"{state.name} failed at op {state.step} {state.op}: {error!r}") from error
+    return states
+
+
+def check_final_state(pager: Pager, states: list[ThreadState], shape: PagerShape) -> None:
+    """After the threads: every allocation reads back its bytes, nothing is pinned, every tier is
+    within its budget, and the bytes each tier holds are the slots the page tables name."""
+    pager.synchronize()  # queued prefetches land first: their slots are then in the page tables
+    tables = [pager.page_table(allocation) for state in states for allocation in state.allocations.values()]
+    resident = pager.stats()["resident_bytes"]
+    counted = {
+        "device": sum(info.device_slot is not None for table in tables for info in table) * PAGE,
+        "host": sum(info.host_slot is not None for table in tables for info in table) * PAGE,
+        "disk": sum(info.disk_slot is not None for table in tables for info in table) * PAGE,
+    }
+    assert resident == counted, f"resident bytes by tier {resident} differ from the page tables' slots {counted}"
+    assert resident["device"] <= shape.device_pages * PAGE, resident
+    assert resident["host"] <= shape.host_pages * PAGE, resident
+    assert pager.stats()["allocations"] == sum(len(state.allocations) for state in states)
+    for state in states:
+        for slot, allocation in state.allocations.items():
+            check_page_table(pager, allocation, shape)
+            assert torch.equal(pager.read(allocation), state.expected[slot]), f"{state.name}'s allocation {slot} lost bytes"
+
+
+@contextlib.contextmanager
+def switch_interval(seconds: float) -> Iterator[None]:
+    """Make the interpreter switch threads every ``seconds`` (0: leave it as it is) while inside."""
+    if not seconds:
+        yield
+        return
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(data=st.data())
+def test_threads_on_their_own_allocations_lose_nothing(device: str, data: st.DataObject) -> None:
+    """3-4 threads run random plans on their own allocations of one pager, all at once: no call
+    fails, no read returns a wrong byte, nothing deadlocks, and afterwards every allocation reads
+    back whole and the pager's accounting matches its page tables."""
+    shape = data.draw(pager_shapes(), label="shape")
+    plans = data.draw(st.lists(thread_plans(), min_size=shape.threads, max_size=shape.threads), label="plans")
+    nvme = tempfile.mkdtemp(prefix="pager-threads-")
+    pager = Pager(shape.config(nvme, device))
+    try:
+        with switch_interval(SWITCH_INTERVAL):
+            states = run_threads_together(pager, plans, shape)
+        event(f"tight device tier: {shape.tight}; ops that found it full: {'some' if any(state.device_full for state in states) else 'none'}")
+        check_final_state(pager, states, shape)
+    except ThreadsStuck:
+        raise  # a stuck thread may hold the pager's lock: closing it would hang the test too
+    except BaseException:
+        pager.close()
+        raise
+    else:
+        pager.close()
+    finally:
+        shutil.rmtree(nvme, ignore_errors=True)
