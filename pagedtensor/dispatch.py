@@ -84,7 +84,7 @@ from torch._ops import OpOverload, OpOverloadPacket
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_leaves, tree_map
 
-from pagedtensor.errors import OutOfPagesError, SlabAllocationError
+from pagedtensor.errors import OutOfPagesError, SlabAllocationError, out_of_pages_for
 from pagedtensor.pager import ResidentPages, WrittenPages
 from pagedtensor.pieces import NOT_ONE_TARGET, is_elementwise, run_in_pieces, written_target
 from pagedtensor.tensor import (
@@ -293,8 +293,9 @@ class PagedDispatcher:
             # An elementwise op runs a piece of pages at a time; any other raises.
             in_pieces = handler is None and not _reads_written_bytes_as_other_elements(self.info(func), args, kwargs)
             out = run_in_pieces(func, args, kwargs, self.info(func)) if in_pieces else NotImplemented
-            if out is NotImplemented:
-                raise OutOfPagesError(*error.args) from error.__cause__
+            if out is NotImplemented:  # raised as the pager's type (DeviceTierFullError where the device tier was the bound)
+                pagers_type = type(error.__cause__) if isinstance(error.__cause__, OutOfPagesError) else OutOfPagesError
+                raise pagers_type(*error.args) from error.__cause__
             return out
 
     def run_paged(self, func: OpOverload, types: tuple, args: tuple, kwargs: dict, leaves: Optional[list[PagedTensor]] = None) -> Any:
@@ -743,7 +744,7 @@ class _OpTooLarge(OutOfPagesError):
 
 
 def _too_many_pages(func: OpOverload, error: OutOfPagesError) -> OutOfPagesError:
-    return _OpTooLarge(f"{func}: its PagedTensor arguments need more pages at once than the device tier can hold: {error}")
+    return _OpTooLarge(out_of_pages_for(f"{func}: its PagedTensor arguments", error))
 
 
 def _release_all(groups: Sequence[_Group], written_back: bool = False) -> None:

@@ -19,6 +19,21 @@ class OutOfPagesError(PagedLLMError, MemoryError):
     may be evicted (pinned pages never are)."""
 
 
+class DeviceTierFullError(OutOfPagesError):
+    """The device tier cannot take a request's pages at once: too few of its pages are free or
+    evictable beside the pinned ones (``vram_limit`` is the bound). An :class:`OutOfPagesError` that
+    is not this one came from a lower tier (a host or disk tier full while making device room)."""
+
+
+def out_of_pages_for(subject: str, error: OutOfPagesError, plural: bool = True) -> str:
+    """The message of an op whose pages could not be on the device tier at once: ``subject`` (e.g.
+    ``"aten.sum.default: its PagedTensor arguments"``) needs more pages at once than the device tier
+    can hold, or, where a lower tier was the bound, could not be brought there; ``error``'s text after."""
+    if isinstance(error, DeviceTierFullError):
+        return f"{subject} {'need' if plural else 'needs'} more pages at once than the device tier can hold: {error}"
+    return f"{subject} could not be brought onto the device tier, a lower tier being full: {error}"
+
+
 class SlabAllocationError(OutOfPagesError):
     """A tier's allocator could not give it a slab: the machine lacks the memory that the tier's
     budget (``vram_limit``, ``host_memory``) or its ``slab_size`` asks for. Pages already held are

@@ -53,7 +53,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 
 from pagedtensor.config import MemoryConfig, format_size, machine_memory_bytes
-from pagedtensor.errors import OutOfPagesError
+from pagedtensor.errors import DeviceTierFullError, OutOfPagesError
 from pagedtensor.fences import SlotFences
 from pagedtensor.metrics import TIERS, PagerMetrics
 from pagedtensor.policies import DeferredTouches, make_policy
@@ -1112,7 +1112,7 @@ class Pager:
             return
         victims = self.device_policy.victims(shortfall, self._device_evictable)
         if len(victims) < shortfall:
-            raise OutOfPagesError(
+            raise DeviceTierFullError(
                 f"device tier: {count} pages needed, {self.device_tier.free_pages} free and only {len(victims)} evictable "
                 f"(vram_limit={self.config.vram_limit} bytes = {self.device_tier.capacity_pages} pages of {self.page_size}; "
                 f"the rest are pinned, by this request's pages or by other holders of pages)"

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pagedtensor.dispatch as dispatch
-from pagedtensor import OutOfPagesError, PagedTensor
+from pagedtensor import DeviceTierFullError, OutOfPagesError, PagedTensor
 from pagedtensor.handlers.linear import paged_linear
 from tests.test_tensor import PAGE, make_pager
 
@@ -163,7 +163,7 @@ def test_a_weight_larger_than_the_device_tier_raises_out_of_pages():
     with make_pager(device_pages=2) as pager:
         paged = PagedTensor.wrap(torch.zeros(3, PAGE // 4), pager)
         x = torch.zeros(1, PAGE // 4)
-        with pytest.raises(OutOfPagesError, match="linear: its PagedTensor weight needs more pages"):
+        with pytest.raises(DeviceTierFullError, match="linear: its PagedTensor weight needs more pages at once than the device tier can hold: device tier"):
             paged_linear(x, paged)
         with pytest.raises(OutOfPagesError):
             F.linear(x, paged)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from pagedtensor import MemoryConfig, OutOfPagesError, PageCorruptionError, PagedTensor, Pager, SlabAllocationError
+from pagedtensor import DeviceTierFullError, MemoryConfig, OutOfPagesError, PageCorruptionError, PagedTensor, Pager, SlabAllocationError
 from tests.support import run_in_threads
 
 PAGE = 4096
@@ -77,7 +77,7 @@ def test_pinning_more_than_the_device_holds_fails_and_loses_nothing():
         data = random_bytes(6 * PAGE)
         pager.write(allocation, data)
         with pager.ensure_resident(allocation, 0, 3):
-            with pytest.raises(OutOfPagesError, match=r"device tier: \d pages needed.*pinned"):
+            with pytest.raises(DeviceTierFullError, match=r"device tier: \d pages needed.*pinned"):
                 pager.ensure_resident(allocation, 3, 6)
             assert all(info.pin_count == 1 for info in pager.page_table(allocation)[:3])
             assert all(info.pin_count == 0 for info in pager.page_table(allocation)[3:])

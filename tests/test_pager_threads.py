@@ -14,7 +14,7 @@ the page tables name.
 
 The tiers are sized so that no call may fail (see :func:`pager_shapes`), except on a drawn *tight*
 device tier, where an op that pins pages may find the other threads' pins in the way and raise
-OutOfPagesError for the device tier, having changed nothing. The errors of full lower tiers are
+DeviceTierFullError (the device tier's OutOfPagesError), having changed nothing. The errors of full lower tiers are
 ``test_a_tight_disk_tier_never_loses_bytes``'s and ``test_tiers_that_hold_the_bytes_together_never_fail``'s
 (``tests/test_pager.py``).
 
@@ -45,7 +45,7 @@ import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from pagedtensor import MemoryConfig, OutOfPagesError, Pager
+from pagedtensor import DeviceTierFullError, MemoryConfig, Pager
 from pagedtensor.pager import Allocation, ResidentPages
 
 PAGE = 4096
@@ -116,7 +116,7 @@ def pager_shapes(draw: st.DrawFn) -> PagerShape:
 
     A *tight* device tier has fewer pages than that (at least twice an allocation, so that a read or
     a write is still one chunk, all or nothing): a pin, read or write may then find the other
-    threads' pins in the way, and raise OutOfPagesError naming the device tier, having changed
+    threads' pins in the way, and raise DeviceTierFullError, having changed
     nothing (as ``test_pinning_more_than_the_device_holds_fails_and_loses_nothing`` says); a
     prefetch's future may carry it. Nothing else may raise it.
 
@@ -220,12 +220,12 @@ MAY_FIND_THE_DEVICE_PINNED = frozenset({"write", "read", "prefetch", "pin_read",
 
 
 def run_op_allowing_a_full_device(pager: Pager, state: ThreadState, op: Op, shape: PagerShape) -> None:
-    """:func:`run_op`, where on a tight device tier an op that pins pages may raise OutOfPagesError
+    """:func:`run_op`, where on a tight device tier an op that pins pages may raise DeviceTierFullError
     for the device tier: it then changed nothing (``state.expected`` is left as it was)."""
     try:
         run_op(pager, state, op, shape)
-    except OutOfPagesError as error:
-        if not (shape.tight and op.kind in MAY_FIND_THE_DEVICE_PINNED and str(error).startswith("device tier:")):
+    except DeviceTierFullError:
+        if not (shape.tight and op.kind in MAY_FIND_THE_DEVICE_PINNED):
             raise
         state.device_full += 1
 

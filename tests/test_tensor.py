@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import pagedtensor
-from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
+from pagedtensor import DeviceTierFullError, MemoryConfig, OutOfPagesError, PagedTensor, Pager
 from pagedtensor.dispatch import DISPATCHER, implements, touched_pages
 from tests.support import exit_zero_if_paged_and_equal
 
@@ -249,9 +249,22 @@ def test_row_gather_over_several_runs_fits_a_tiny_budget():
         assert torch.equal(t[index], x[index])
         assert torch.equal(F.embedding(index, t), x[index])
         assert delta(small, before, "faults")["faults"] <= 2 * 4  # pages 0, 15, 5, 10, each at most once a call
-        with pytest.raises(OutOfPagesError, match="need more pages at once"):
+        with pytest.raises(DeviceTierFullError, match="need more pages at once than the device tier can hold: device tier"):
             t.sum()  # a full reduction needs all 16 pages at once
         assert torch.equal(t.materialize(), x)  # materialize reads in chunks
+
+
+def test_an_op_whose_device_room_a_full_lower_tier_denies_says_so():
+    """Device room made by spilling dirty pages to a full host tier (no disk tier): the op's error
+    names the lower tier as the bound, not the device tier, and is no DeviceTierFullError."""
+    with make_pager(device_pages=4, host_pages=2) as pager:
+        x = rows_tensor(6, PAGE // 4)  # 6 pages: 4 on the device (dirty), 2 on the host
+        t = PagedTensor.wrap(x, pager)
+        for op in (lambda a: a[:2].sum(), lambda a: a[:2] * 2):  # the two pages on the host
+            with pytest.raises(OutOfPagesError, match="could not be brought onto the device tier, a lower tier being full: host tier full") as raised:
+                op(t)
+            assert not isinstance(raised.value, DeviceTierFullError)
+        assert all(info.pin_count == 0 for info in pager.page_table(t.allocation))
 
 
 def test_row_gather_of_a_run_larger_than_the_device_tier_reads_it_in_chunks():

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from pagedtensor.dispatch import _byte_span, _empty_like_leaf, _Window
-from pagedtensor.errors import OutOfPagesError, SlabAllocationError
+from pagedtensor.errors import OutOfPagesError, SlabAllocationError, out_of_pages_for
 from pagedtensor.tensor import PagedTensor, _pending_frees, drain_pending_frees
 
 
@@ -79,7 +79,7 @@ def _with_resident_weight(op: Callable[..., torch.Tensor], input: torch.Tensor, 
     except SlabAllocationError:  # the machine's memory, not the weight's size: raised as it is
         raise
     except OutOfPagesError as error:
-        raise OutOfPagesError(f"{op.__name__}: its PagedTensor weight needs more pages at once than the device tier can hold: {error}") from error
+        raise type(error)(out_of_pages_for(f"{op.__name__}: its PagedTensor weight", error, plural=False)) from error
     try:
         return op(input, window.dense(weight), bias)  # a new tensor: never a view of the slots
     finally:
