@@ -54,21 +54,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if os.environ.get("PAGEDLLM_PROPERTY_TESTS_ONLY") == "1":
         from hypothesis import is_hypothesis_test
 
-        properties = [item for item in items if is_hypothesis_test(getattr(item, "obj", None))]
-        kept_ids = {id(item) for item in properties}
-        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept_ids])
-        items[:] = properties
+        _keep_only(config, items, [item for item in items if is_hypothesis_test(getattr(item, "obj", None))])
     if "PAGEDLLM_TEST_SHARD" in os.environ:
-        kept = items[shard_from_env("PAGEDLLM_TEST_SHARD")]
-        kept_ids = {id(item) for item in kept}
-        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept_ids])
-        items[:] = kept
+        _keep_only(config, items, items[shard_from_env("PAGEDLLM_TEST_SHARD")])
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device (runs on the GPU machine: benchmarks/gpu_suite.sh)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def _keep_only(config: pytest.Config, items: list[pytest.Item], kept: list[pytest.Item]) -> None:
+    """Deselect every item of ``items`` not in ``kept`` (reported as deselected), in place."""
+    kept_ids = {id(item) for item in kept}
+    config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept_ids])
+    items[:] = kept
 
 
 @pytest.fixture
