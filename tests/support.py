@@ -6,6 +6,11 @@ import os
 import threading
 from typing import Callable
 
+import pytest
+
+CPU_AND_CUDA = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+"""``@pytest.mark.parametrize("device", CPU_AND_CUDA)``: a test on the CPU pager, and on a CUDA one (a ``gpu`` test)."""
+
 
 def run_in_threads(worker: Callable[[int], None], count: int) -> list[BaseException]:
     """Run ``worker(i)`` for ``i`` in ``range(count)`` on as many threads; return what they raised."""

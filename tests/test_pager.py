@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagedtensor import DeviceTierFullError, MemoryConfig, OutOfPagesError, PageCorruptionError, PagedTensor, Pager, SlabAllocationError
-from tests.support import run_in_threads
+from tests.support import CPU_AND_CUDA, run_in_threads
 
 PAGE = 4096
 
@@ -927,7 +927,7 @@ def test_evicting_a_page_whose_other_copy_is_on_a_full_disk_keeps_that_copy(tmp_
 _OPS = st.lists(st.tuples(st.sampled_from(["write", "read", "evict_all"]), st.integers(0, 3), st.integers(0, 2**31 - 1)), min_size=1, max_size=30)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @given(ops=_OPS, device_pages=st.integers(1, 3), host_pages=st.integers(1, 3), disk_pages=st.integers(1, 5))
 def test_a_tight_disk_tier_never_loses_bytes(device, ops, device_pages, host_pages, disk_pages):
     """With every tier small, an operation either does its job or raises OutOfPagesError and changes
@@ -968,7 +968,7 @@ _FIT_OPS = st.lists(
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @settings(max_examples=300, deadline=None)
 @given(ops=_FIT_OPS, device_pages=st.integers(2, 6), host_pages=st.integers(1, 6), disk_pages=st.integers(0, 12),
        sizes=st.lists(st.integers(1, 3), min_size=1, max_size=8), data=st.data())  # fmt: skip

@@ -47,6 +47,8 @@ from hypothesis import strategies as st
 
 from pagedtensor import DeviceTierFullError, MemoryConfig, Pager
 from pagedtensor.pager import Allocation, ResidentPages
+from tests.support import CPU_AND_CUDA
+from tests.test_pager import random_bytes
 
 PAGE = 4096
 MAX_ALLOCATION_PAGES = 3
@@ -165,11 +167,6 @@ def thread_plans(draw: st.DrawFn) -> list[Op]:
     sizes = draw(st.lists(size, min_size=SLOTS_PER_THREAD, max_size=SLOTS_PER_THREAD), label="sizes")
     first = [Op("allocate", slot, pages, short, 0) for slot, (pages, short) in enumerate(sizes)]
     return first + draw(st.lists(OPS, min_size=10, max_size=40), label="ops")
-
-
-def random_bytes(n: int, seed: int) -> torch.Tensor:
-    """``n`` random bytes, the same for the same seed."""
-    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
 @dataclass
@@ -291,7 +288,11 @@ def run_pager_wide_op(pager: Pager, op: Op, shape: PagerShape) -> None:
     if op.kind == "evict_all":
         pager.evict_all()
         return
-    resident = pager.stats()["resident_bytes"]
+    assert_within_budgets(pager.stats()["resident_bytes"], shape)
+
+
+def assert_within_budgets(resident: dict[str, int], shape: PagerShape) -> None:
+    """The bytes each tier holds (``stats()["resident_bytes"]``) are within its budget."""
     assert resident["device"] <= shape.device_pages * PAGE, resident
     assert resident["host"] <= shape.host_pages * PAGE, resident
     assert resident["disk"] <= (shape.disk_pages or 0) * PAGE, resident
@@ -431,8 +432,7 @@ def check_final_state(pager: Pager, states: list[ThreadState], shape: PagerShape
         "disk": sum(info.disk_slot is not None for table in tables for info in table) * PAGE,
     }
     assert resident == counted, f"resident bytes by tier {resident} differ from the page tables' slots {counted}"
-    assert resident["device"] <= shape.device_pages * PAGE, resident
-    assert resident["host"] <= shape.host_pages * PAGE, resident
+    assert_within_budgets(resident, shape)
     assert pager.stats()["allocations"] == sum(len(state.allocations) for state in states)
     for state in states:
         for slot, allocation in state.allocations.items():
@@ -454,7 +454,7 @@ def switch_interval(seconds: float) -> Iterator[None]:
         sys.setswitchinterval(previous)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(data=st.data())
 def test_threads_on_their_own_allocations_lose_nothing(device: str, data: st.DataObject) -> None:

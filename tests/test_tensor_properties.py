@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pagedtensor import MemoryConfig, PagedTensor, Pager
+from tests.support import CPU_AND_CUDA
 
 PAGE = 4096
 DEVICE_PAGES = 8  # an op touches at most 3 tensors of at most 2 pages each; the pool holds more
@@ -27,9 +28,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.int64: torch.int64, torch.bool: torch.uint8}
 
 SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def make_pager(device: str = "cpu") -> Pager:
@@ -364,7 +362,7 @@ def run_both(fn, paged_args, dense_args):
 # ---------------------------------------------------------------------- properties
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @SETTINGS
 @given(data=st.data())
 def test_random_programs_match_dense_bitwise(device, data):
@@ -397,7 +395,7 @@ def test_random_programs_match_dense_bitwise(device, data):
         assert pager.stats()["evictions"] > 0 or pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @settings(max_examples=100, deadline=None)
 @given(data=st.data())
 def test_materialize_and_views_round_trip(device, data):
@@ -415,7 +413,7 @@ def test_materialize_and_views_round_trip(device, data):
         assert sum(view.residency().values()) == stop - first
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @settings(max_examples=100, deadline=None)
 @given(data=st.data())
 def test_in_place_dirty_pages_are_the_touched_pages(device, data):
