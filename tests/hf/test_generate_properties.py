@@ -1,7 +1,8 @@
 """Property: paged generation equals native generation, whatever the (valid) configuration.
 
 Hypothesis draws a model family, a left-padded batch, the generation settings (greedy, or sampling
-with one torch seed set before both runs), the pager's budgets and policies (page size, device and
+with one torch seed set before both runs; either with one beam or a beam search, whose cache
+reorders keep a beam's pages twice and copy a shared page before writing it), the pager's budgets and policies (page size, device and
 host pages, a disk tier or none, eviction and prefetch policies) and ``enable_paging``'s knobs
 (prefill chunks, sink pages, hot fraction, streaming groups, paged weights, attention). The model
 with transformers' default cache and its paged twin (the same weights) must then give the same
@@ -43,6 +44,7 @@ class Request:
     mask: torch.Tensor
     max_new_tokens: int
     sampling: Optional[dict]  # None: greedy; else do_sample's settings and the torch seed set before each run
+    beams: Optional[dict] = None  # None: one beam; else num_beams and num_return_sequences
 
     def generate(self, model: torch.nn.Module):
         """``model.generate`` of this request, with logits, seeded alike on every call."""
@@ -51,7 +53,7 @@ class Request:
             torch.manual_seed(self.sampling["seed"])
         return model.generate(
             self.ids, attention_mask=self.mask, max_new_tokens=self.max_new_tokens, output_logits=True,
-            return_dict_in_generate=True, **settings_,
+            return_dict_in_generate=True, **settings_, **(self.beams or {}),
         )  # fmt: skip
 
 
@@ -101,7 +103,8 @@ class Paging:
 @st.composite
 def requests(draw: st.DrawFn, sampling_allowed: bool = True) -> Request:
     """A family, a batch of 1-3 prompts each left-padded by any amount (one real token at least),
-    a few new tokens, greedy or (when allowed) sampling with top_k."""
+    a few new tokens, greedy or (when allowed) sampling with top_k, one beam or a beam search of 2-4
+    beams returning 1 to all of them."""
     family = draw(st.sampled_from(sorted(FAMILIES)))
     batch = draw(st.integers(1, 3))
     length = draw(st.integers(1, 70))
@@ -115,7 +118,11 @@ def requests(draw: st.DrawFn, sampling_allowed: bool = True) -> Request:
     sampling = None
     if sampling_allowed and draw(st.booleans()):
         sampling = dict(top_k=draw(st.integers(1, 50)), seed=draw(st.integers(0, 2**16)))
-    return Request(family, ids, mask, draw(st.integers(1, 8)), sampling)
+    beams = None
+    if draw(st.integers(0, 3)) == 0:
+        num_beams = draw(st.integers(2, 4))
+        beams = dict(num_beams=num_beams, num_return_sequences=draw(st.integers(1, num_beams)))
+    return Request(family, ids, mask, draw(st.integers(1, 8)), sampling, beams)
 
 
 @st.composite
@@ -200,7 +207,7 @@ def _check(request: Request, paging: Paging, calls: int = 1) -> None:
     outputs = _run_paged(request, paging, model, calls)
     if outputs is None:
         return
-    event(f"ran: {paging.attn_implementation}, {'sampled' if request.sampling else 'greedy'}, {calls} call(s)")
+    event(f"ran: {paging.attn_implementation}, {'sampled' if request.sampling else 'greedy'}, {'beams' if request.beams else 'one beam'}, {calls} call(s)")
     for call, (sequences, logits) in enumerate(outputs):
         assert torch.equal(sequences, expected.sequences), f"call {call}: tokens differ:\n{sequences}\n{expected.sequences}"
         assert len(logits) == len(expected.logits)
