@@ -951,7 +951,7 @@ class Pager:
             return missing
         if touch:
             self.device_policy.touch_all([page for page in pages if page.device_slot is not None])
-        self._make_device_room(len(missing))
+        self._make_device_room(len(missing), len(pages))
         for page, slot in zip(missing, self.device_tier.allocate(len(missing), _page_runs(missing))):
             page.device_slot = slot
         self._filling.update(missing)
@@ -1106,16 +1106,22 @@ class Pager:
     def _device_evictable(self, page: Page) -> bool:
         return page.pin_count == 0
 
-    def _make_device_room(self, count: int) -> None:
+    def _make_device_room(self, count: int, requested: int) -> None:
+        """Free ``count`` device slots for the missing pages of a request of ``requested`` pages
+        (the others resident and pinned by it), evicting by the policy; raises
+        :class:`DeviceTierFullError` naming both counts when too few pages may leave."""
         shortfall = count - self.device_tier.free_pages
         if shortfall <= 0:
             return
         victims = self.device_policy.victims(shortfall, self._device_evictable)
         if len(victims) < shortfall:
+            capacity = self.device_tier.capacity_pages
+            tier = f"vram_limit={self.config.vram_limit} bytes = {capacity} pages of {self.page_size}"
+            if requested > capacity:
+                raise DeviceTierFullError(f"device tier: a request for {requested} pages at once is larger than the whole tier ({tier})")
             raise DeviceTierFullError(
-                f"device tier: {count} pages needed, {self.device_tier.free_pages} free and only {len(victims)} evictable "
-                f"(vram_limit={self.config.vram_limit} bytes = {self.device_tier.capacity_pages} pages of {self.page_size}; "
-                f"the rest are pinned, by this request's pages or by other holders of pages)"
+                f"device tier: {count} pages needed (of a request for {requested}), {self.device_tier.free_pages} free and only "
+                f"{len(victims)} evictable ({tier}; the rest are pinned, by this request's pages or by other holders of pages)"
             )
         self._evict_from_device(victims)
         rest = self._rest_of_loop_allocations(victims)  # judged once the victims are gone

@@ -264,6 +264,11 @@ class PagedTensor(torch.Tensor):
             (pages spill to host as the budget fills). A CPU source bound for the host tier thus
             crosses to the device and back; fine for now, slow for tensors far above ``vram_limit``.
 
+            To page a module's weight, replace the parameter (``module.weight =
+            nn.Parameter(PagedTensor.wrap(module.weight.detach()))``); never assign the result to a
+            plain tensor's ``.data``: torch lets any wrapper subclass through there and leaves the
+            plain tensor over no memory, so its next op raises or crashes the process.
+
         Raises:
             TypeError: ``t`` is not a tensor, is a tensor subclass of another kind, or ``pager`` is
                 not a Pager.
