@@ -159,6 +159,8 @@ def _free_now(pager: Pager, allocation: Allocation) -> None:
         if not pager.closed and not allocation.freed:
             pager.free(allocation)
     except Exception as error:  # a finalizer must not raise; a pinned page means an op is still running
+        if pager.closed:
+            return  # closed by another thread since the test above: the allocation went with it
         log.warning("could not free allocation %d of a collected PagedTensor: %s", allocation.id, error)
 
 

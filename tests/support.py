@@ -12,6 +12,24 @@ CPU_AND_CUDA = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 """``@pytest.mark.parametrize("device", CPU_AND_CUDA)``: a test on the CPU pager, and on a CUDA one (a ``gpu`` test)."""
 
 
+class ClosedWhileWaiting:
+    """Stands in for ``pager._lock``: entering it plays another thread that takes the lock first and
+    closes the pager, then takes the real lock (put back on the pager) for the caller. Deterministic
+    stand-in for a close() that lands while a call waits for the lock."""
+
+    def __init__(self, pager: object) -> None:
+        self.pager = pager
+        self.lock = pager._lock
+
+    def __enter__(self) -> None:
+        self.pager._lock = self.lock
+        self.pager.close()
+        self.lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.lock.release()
+
+
 def run_in_threads(worker: Callable[[int], None], count: int) -> list[BaseException]:
     """Run ``worker(i)`` for ``i`` in ``range(count)`` on as many threads; return what they raised."""
     errors: list[BaseException] = []

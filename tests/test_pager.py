@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagedtensor import DeviceTierFullError, MemoryConfig, OutOfPagesError, PageCorruptionError, PagedTensor, Pager, SlabAllocationError
-from tests.support import CPU_AND_CUDA, run_in_threads
+from tests.support import ClosedWhileWaiting, CPU_AND_CUDA, run_in_threads
 
 PAGE = 4096
 
@@ -822,19 +822,7 @@ def test_a_release_that_waited_for_the_lock_while_another_thread_closed_the_page
     pager.evict_all()
     resident = pager.ensure_resident(allocation)  # a device copy and a host copy, which a dirty release drops
     lock = pager._lock
-
-    class ClosedWhileWaiting:
-        """The pager's lock, taken by another thread that closes the pager before this one gets it."""
-
-        def __enter__(self) -> None:
-            pager._lock = lock
-            pager.close()
-            lock.acquire()
-
-        def __exit__(self, *exc_info: object) -> None:
-            lock.release()
-
-    pager._lock = ClosedWhileWaiting()
+    pager._lock = ClosedWhileWaiting(pager)
     resident.release(dirty=True)
     assert pager.closed and pager._lock is lock
     with pytest.raises(RuntimeError, match="closed"):

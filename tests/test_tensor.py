@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import logging
 import multiprocessing
 import random
 import threading
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 import pagedtensor
 from pagedtensor import DeviceTierFullError, MemoryConfig, OutOfPagesError, PagedTensor, Pager
 from pagedtensor.dispatch import DISPATCHER, implements, touched_pages
-from tests.support import exit_zero_if_paged_and_equal
+from tests.support import ClosedWhileWaiting, exit_zero_if_paged_and_equal, run_in_threads
 
 PAGE = 4096
 aten = torch.ops.aten
@@ -609,6 +610,21 @@ def test_collected_tensors_free_their_pages(pager):
     assert pager.stats()["resident_bytes"]["device"] == 0
 
 
+def test_a_tensor_collected_while_another_thread_closes_its_pager_frees_nothing_and_warns_of_nothing(caplog):
+    """A collected PagedTensor's finalizer tested ``closed`` before freeing: a close() by another thread
+    while the free waited for the pager's lock made the free raise "this Pager is closed", logged as a
+    warning about an allocation that the close had already let go."""
+    pager = make_pager()
+    t = PagedTensor.wrap(torch.ones(8), pager)
+    lock = pager._lock
+    pager._lock = ClosedWhileWaiting(pager)
+    with caplog.at_level(logging.WARNING, logger="pagedtensor"):
+        del t
+        gc.collect()
+    assert pager.closed and pager._lock is lock, "the finalizer did not reach the pager's lock"
+    assert not caplog.records, caplog.text
+
+
 def test_ops_after_the_pager_closed_raise():
     pager = make_pager()
     t = PagedTensor.wrap(torch.ones(8), pager)
@@ -656,7 +672,6 @@ def test_threads_writing_interleaved_rows_of_one_tensor_lose_no_update():
     """Two threads add to the even and the odd rows of one PagedTensor. With 2-page slabs a 4-page
     window is a gathered copy, written back over its whole span: the writers must take turns, or one
     thread's write-back undoes the other's additions."""
-    from tests.support import run_in_threads
 
     iterations = 100
     with make_pager(device_pages=8, host_pages=64, slab_size=2 * PAGE) as pager:
@@ -692,7 +707,6 @@ def test_threads_run_ops_on_paged_tensors_of_one_pager(nvme_dir):
     Each thread's tensor stays bitwise equal to a dense copy that ran the same ops. An op pins at
     most 6 pages, so four threads never need more than the 16 device pages; 24 live pages against
     16 device and 4 host pages keep pages moving through all three tiers."""
-    from tests.support import run_in_threads
 
     with make_pager(device_pages=16, host_pages=4, nvme_path=nvme_dir, prefetch_strategy="sequential") as pager:
 
