@@ -12,6 +12,9 @@ that concern the whole pager: ``evict_all``, ``stats``, ``page_table``. The thre
 allocation reads back its bytes, nothing is pinned, and the bytes each tier holds are the slots
 the page tables name.
 
+A second test has one thread close the pager partway through its plan: the others' ops then either
+complete as they would have or raise the closed pager's RuntimeError, only once it is closed.
+
 The tiers are sized so that no call may fail (see :func:`pager_shapes`), except on a drawn *tight*
 device tier, where an op that pins pages may find the other threads' pins in the way and raise
 DeviceTierFullError (the device tier's OutOfPagesError), having changed nothing. The errors of full lower tiers are
@@ -178,6 +181,7 @@ class ThreadState:
     expected: dict[int, torch.Tensor] = field(default_factory=dict)
     step: int = -1  # the index of the op running now (reported on a deadlock or a failure)
     device_full: int = 0  # ops that found too few unpinned device pages (a tight device tier only)
+    found_closed: bool = False  # an op found the pager closed by another thread (and the thread stopped)
     op: Optional[Op] = None
 
 
@@ -375,6 +379,25 @@ def run_plan(pager: Pager, state: ThreadState, plan: list[Op], shape: PagerShape
     state.op = None
 
 
+def run_plan_until_closed(pager: Pager, state: ThreadState, plan: list[Op], shape: PagerShape, close_at: Optional[int]) -> None:
+    """:func:`run_plan`, but the thread closes the pager in place of op ``close_at`` (None: never;
+    ``len(plan)``: after its last op), and stops at the first op that raises the closed pager's RuntimeError ("closed"), which no op
+    may raise before the pager is closed."""
+    for state.step, state.op in enumerate(plan):
+        if state.step == close_at:
+            break
+        try:
+            run_op_allowing_a_full_device(pager, state, state.op, shape)
+        except RuntimeError as error:
+            if isinstance(error, DeviceTierFullError) or not (pager.closed and "closed" in str(error)):
+                raise
+            state.found_closed = True
+            break
+    state.op = None
+    if close_at is not None:
+        pager.close()
+
+
 class ThreadsStuck(AssertionError):
     """Threads of the test did not finish in ``JOIN_TIMEOUT_S``: a deadlock (or a livelock)."""
 
@@ -387,21 +410,29 @@ def thread_stacks(threads: list[threading.Thread]) -> str:
     return "\n".join(f"--- {name}\n{''.join(traceback.format_stack(frames[ident]))}" for ident, name in wanted.items() if ident in frames)
 
 
-def run_threads_together(pager: Pager, plans: list[list[Op]], shape: PagerShape) -> list[ThreadState]:
+def run_threads_together(pager: Pager, plans: list[list[Op]], shape: PagerShape, closer: Optional[tuple[int, int]] = None) -> list[ThreadState]:
     """Run each plan on its own thread, all released at once by a barrier; raise on the first
-    thread's error (naming its op) or on a deadlock (naming the threads still running, with stacks)."""
+    thread's error (naming its op) or on a deadlock (naming the threads still running, with stacks).
+    ``closer``: ``(thread, step)``: that thread closes the pager in place of that step of its plan,
+    and every thread stops at the first op that finds the pager closed (:func:`run_plan_until_closed`)."""
     states = [ThreadState(f"thread-{index}") for index in range(len(plans))]
     barrier = threading.Barrier(len(plans))
     errors: list[tuple[ThreadState, BaseException]] = []
 
-    def worker(state: ThreadState, plan: list[Op]) -> None:
+    def worker(index: int, state: ThreadState, plan: list[Op]) -> None:
         try:
             barrier.wait(timeout=JOIN_TIMEOUT_S)
-            run_plan(pager, state, plan, shape)
+            if closer is None:
+                run_plan(pager, state, plan, shape)
+            else:
+                run_plan_until_closed(pager, state, plan, shape, closer[1] if index == closer[0] else None)
         except BaseException as error:  # noqa: BLE001 - reported by the test
             errors.append((state, error))
 
-    threads = [threading.Thread(target=worker, args=(state, plan), name=state.name, daemon=True) for state, plan in zip(states, plans)]
+    threads = [
+        threading.Thread(target=worker, args=(index, state, plan), name=state.name, daemon=True)
+        for index, (state, plan) in enumerate(zip(states, plans))
+    ]  # fmt: skip
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + JOIN_TIMEOUT_S
@@ -478,4 +509,31 @@ def test_threads_on_their_own_allocations_lose_nothing(device: str, data: st.Dat
     else:
         pager.close()
     finally:
+        shutil.rmtree(nvme, ignore_errors=True)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@settings(max_examples=max(1, EXAMPLES // 2), deadline=None)
+@given(data=st.data())
+def test_a_close_amid_the_threads_ops_stops_them_cleanly(device: str, data: st.DataObject) -> None:
+    """One of 3-4 threads closes the pager partway through its plan while the others run theirs:
+    every op either completes as it would have (its reads right) or raises the closed pager's
+    RuntimeError, and only once the pager is closed; nothing else fails, nothing deadlocks, and
+    afterwards the closed pager holds no bytes on any tier."""
+    shape = data.draw(pager_shapes(), label="shape")
+    plans = data.draw(st.lists(thread_plans(), min_size=shape.threads, max_size=shape.threads), label="plans")
+    closer = data.draw(st.integers(0, shape.threads - 1), label="closing thread")
+    close_at = data.draw(st.integers(SLOTS_PER_THREAD, len(plans[closer])), label="closing step")  # after its allocations
+    nvme = tempfile.mkdtemp(prefix="pager-threads-")
+    pager = Pager(shape.config(nvme, device))
+    try:
+        with switch_interval(SWITCH_INTERVAL):
+            states = run_threads_together(pager, plans, shape, closer=(closer, close_at))
+        event(f"threads that found the pager closed: {sum(state.found_closed for state in states)}")
+        assert pager.closed
+        assert pager.stats()["resident_bytes"] == {"device": 0, "host": 0, "disk": 0}
+    except ThreadsStuck:
+        raise  # a stuck thread may hold the pager's lock: closing it would hang the test too
+    finally:
+        pager.close()
         shutil.rmtree(nvme, ignore_errors=True)
