@@ -52,7 +52,7 @@ from pagedtensor.config import MemoryConfig, SizeLike, check_memory_config, form
 from pagedtensor.handlers.linear import paged_conv1d, paged_linear
 from pagedtensor.hf.attention import PAGED_FORWARD, register_attention
 from pagedtensor.hf.cache import ACTIVE_UPDATE, ATTENTION_NAME, DEFAULT_STREAM_GROUP_BYTES, PagedKVCache, streaming_config
-from pagedtensor.errors import OutOfPagesError, SlabAllocationError
+from pagedtensor.errors import DeviceTierFullError, OutOfPagesError, SlabAllocationError
 from pagedtensor.pager import Allocation, Pager
 
 log = logging.getLogger(__name__)
@@ -171,10 +171,12 @@ def enable_paging(
             layer ``i + 1``'s weights (layer 0's after the last). The embeddings, the final norm and
             ``lm_head`` stay dense: they are used by every token outside the layer loop (and the
             embedding is often tied to ``lm_head``), and the norm is tiny. Outputs are unchanged (the
-            same ops run on the same data). Every single weight must fit in the device budget, and the
-            tiers together must hold the paged weights and one more copy of the largest (a weight
-            faulted in keeps its lower copy until its slots are filled; checked here: an
-            ``OutOfPagesError`` names the sizes), and the KV cache beside them while generating.
+            same ops run on the same data). Every single weight must fit in the device budget (of a
+            routed experts' stack, one expert's matrix; checked here: a ``DeviceTierFullError``
+            names the weight), and the tiers together must hold the paged weights and one more copy
+            of the largest (a weight faulted in keeps its lower copy until its slots are filled;
+            checked here: an ``OutOfPagesError`` names the sizes), and the KV cache beside them
+            while generating.
     """
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "generate") or not hasattr(model, "config"):
         raise TypeError(f"model: expected a transformers causal LM (a PreTrainedModel with generate), got {type(model).__name__}")
@@ -670,8 +672,15 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
                     "(a tensor-parallel shard loaded with tp_plan='auto'?). Shard with "
                     "pagedtensor.hf.distributed.shard_by_heads to page weights, or keep page_weights=False"
                 )
-    check_tiers_hold_weights(pager, [parameter.numel() * parameter.element_size() for layer in layers for parameter in layer.parameters()
-                                     if isinstance(parameter, PagedTensor) or pages_as_weight(parameter, pager.page_size)])  # fmt: skip
+    paged = [
+        (f"layers.{index}.{module_name + '.' if module_name else ''}{name}", module, parameter)
+        for index, layer in enumerate(layers)
+        for module_name, module in layer.named_modules()
+        for name, parameter in module._parameters.items()
+        if parameter is not None and (isinstance(parameter, PagedTensor) or pages_as_weight(parameter, pager.page_size))
+    ]  # fmt: skip
+    check_tiers_hold_weights(pager, [parameter.numel() * parameter.element_size() for _, _, parameter in paged])
+    check_device_holds_each_weight(pager, [(name, _bytes_read_at_once(module, parameter)) for name, module, parameter in paged])
     replaced: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
     try:
         for index, layer in enumerate(layers):
@@ -736,6 +745,36 @@ def check_tiers_hold_weights(pager: Pager, weights: list[int]) -> None:
             f"({format_size(held * page_size)}); raise one of them by {format_size((needed - held) * page_size)}"
             f"{'' if disk is not None else ', or set nvme_path'}"
         )
+
+
+def check_device_holds_each_weight(pager: Pager, weights: list[tuple[str, int]]) -> None:
+    """Check that ``pager``'s device tier can hold each weight an op reads, ``weights`` being
+    ``(name, bytes an op reads at once)``: an op faults in the pages it reads together, so a weight
+    larger than the tier could never be read (a float matmul does not run a piece at a time: its
+    order of additions may change with the piece's shape).
+
+    Raises:
+        DeviceTierFullError: naming the largest such weight, its pages and ``vram_limit``.
+    """
+    if not weights:
+        return
+    name, nbytes = max(weights, key=lambda weight: weight[1])
+    page_size = pager.page_size
+    pages = -(-nbytes // page_size)
+    capacity = pager.device_tier.capacity_pages
+    if pages > capacity:
+        raise DeviceTierFullError(
+            f"page_weights=True: an op reads {name}'s {pages} pages of {format_size(page_size)} "
+            f"({format_size(pages * page_size)}) at once, but vram_limit={pager.config.vram_limit} bytes hold {capacity} pages; "
+            f"raise vram_limit above {format_size(pages * page_size)} (and the keys and values a step reads beside it)"
+        )
+
+
+def _bytes_read_at_once(module: torch.nn.Module, parameter: torch.Tensor) -> int:
+    """The bytes of ``parameter`` an op reads together: the whole weight, or of a routed experts'
+    stack (:func:`routed_expert_stack`) one expert's matrix."""
+    nbytes = parameter.numel() * parameter.element_size()
+    return nbytes // parameter.shape[0] if routed_expert_stack(module, parameter) else nbytes
 
 
 def _write_back_weight(pager: Pager, allocation: Allocation) -> None:

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from pagedtensor import OutOfPagesError, enable_paging
+from pagedtensor import DeviceTierFullError, OutOfPagesError, enable_paging
 from pagedtensor.hf import paging_state
 from pagedtensor.tensor import PagedTensor
 from tests.hf.tiny_models import PAGE, prompts, tiny_budget, tiny_pair
@@ -326,6 +326,24 @@ def test_tiers_too_small_for_the_weights_are_named_when_paging_is_enabled(nvme_d
     with pytest.raises(OutOfPagesError, match=message):
         enable_paging(model, _split_budget(nvme_dir, weights, 0.3, 0.1, 0.5), attn_implementation="sdpa", page_weights=True)
     assert all(now is before for now, before in zip(model.model.layers.parameters(), dense, strict=True))
+
+
+def test_a_device_tier_smaller_than_a_weight_is_named_when_paging_is_enabled(nvme_dir):
+    """A device tier smaller than one weight (an op faults in a weight's pages at once) fails at
+    ``enable_paging``, naming the weight and ``vram_limit``, rather than at the first forward (it
+    was accepted, and every generate then raised); the model keeps its dense weights. One page more
+    is accepted."""
+    _, model = tiny_pair("llama", attn="sdpa")
+    largest = max(p.numel() * p.element_size() for p in model.model.layers.parameters()) // PAGE  # gate_proj: 8 pages
+    dense = list(model.model.layers.parameters())
+    message = (rf"page_weights=True: an op reads layers\.0\.mlp\.gate_proj\.weight's {largest} pages of 4\.00 KiB \(32\.00 KiB\) "
+               rf"at once, but vram_limit={(largest - 1) * PAGE} bytes hold {largest - 1} pages; raise vram_limit above 32\.00 KiB")
+    with pytest.raises(DeviceTierFullError, match=message):
+        enable_paging(model, tiny_budget(nvme_dir, vram_pages=largest - 1, host_pages=HOST_PAGES), attn_implementation="sdpa", page_weights=True)
+    assert all(now is before for now, before in zip(model.model.layers.parameters(), dense, strict=True))
+    _, model = tiny_pair("llama", attn="sdpa")
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=largest, host_pages=HOST_PAGES), attn_implementation="sdpa", page_weights=True)
+    assert isinstance(model.model.layers[0].mlp.gate_proj.weight, PagedTensor)
 
 
 def test_each_weight_stays_one_view_of_adjacent_slots(nvme_dir, monkeypatch):
