@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
+import math
 import numbers
 import operator
 import os
@@ -157,6 +158,9 @@ class MemoryConfig:
         device: the device tier's device; default ``cuda`` if available, else ``cpu`` (the CPU then
             plays the device tier, so the whole pager runs on machines without a GPU).
         slab_size: bytes per slab that the device and host tiers grow by (rounded to pages).
+        pin_wait_s: seconds a request for device pages may wait for pages other threads pin to be
+            let go, when only their pins keep the device tier from holding it (``0``: never wait);
+            then it raises :class:`~pagedtensor.errors.DeviceTierFullError`.
 
     Sizes accept ints or strings such as ``"24GB"`` (10**9) and ``"24GiB"`` (2**30). The instance
     holds normalized values: sizes as ints, ``device`` as a ``torch.device``.
@@ -173,6 +177,7 @@ class MemoryConfig:
     compression: Optional[str] = None
     device: Union[str, torch.device, None] = None
     slab_size: SizeLike = "1GiB"
+    pin_wait_s: float = 60.0
 
     def __post_init__(self) -> None:
         set_field = object.__setattr__  # frozen dataclass: normalize once, here
@@ -223,6 +228,10 @@ class MemoryConfig:
             raise ValueError(f"compression: {self.compression!r} applies to the disk tier, but nvme_path is None")
         if self.disk_limit is not None and self.nvme_path is None:
             raise ValueError(f"disk_limit: {self.disk_limit} bytes limits the disk tier, but nvme_path is None (no disk tier)")
+        wait = self.pin_wait_s
+        if isinstance(wait, bool) or not isinstance(wait, numbers.Real) or not math.isfinite(wait) or wait < 0:
+            raise ValueError(f"pin_wait_s: expected a non-negative number of seconds, got {wait!r}")
+        set_field(self, "pin_wait_s", float(wait))
         set_field(self, "device", _parse_device(self.device))
         # Slabs hold whole pages.
         set_field(self, "slab_size", max(page_size, self.slab_size - self.slab_size % page_size))

@@ -46,6 +46,7 @@ import logging
 import operator
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -225,6 +226,7 @@ class ResidentPages:
         # released without being marked dirty, they get their old bytes back.
         self.overwritten: list[Page] = []
         self._unpinned = False  # set by the pager once the release has let the pages go
+        self.owner = threading.get_ident()  # the thread whose ensure_resident pinned them (counted in its pins)
 
     def wait(self, stream: Optional[torch.cuda.Stream] = None) -> None:
         """Make ``stream`` (default: the current stream) wait for the copies that filled the pages."""
@@ -383,6 +385,8 @@ def _after_fork_in_child() -> None:
     I/O in the child: the page file is the parent's."""
     for pager in list(_LIVE_PAGERS):
         pager._lock = threading.RLock()
+        pager._unpinned = threading.Condition(pager._lock)
+        pager._pin_waiters = set()
         pager._prefetcher = None
 
 
@@ -408,6 +412,12 @@ class Pager:
         self.device_policy = DeferredTouches(make_policy(self.config.eviction_policy, self.device_tier.capacity_pages))
         self.host_policy = make_policy(self.config.eviction_policy, self.host_tier.capacity_pages)
         self._lock = threading.RLock()
+        # Pins and the threads that wait for them (see _wait_for_other_threads_pins): per thread
+        # ident, the pages its unreleased ensure_resident calls pin; the threads waiting now; and
+        # the condition they wait on, notified whenever pins are let go (or pages freed) while one waits.
+        self._pinned_pages_by_thread: dict[int, int] = {}
+        self._pin_waiters: set[int] = set()
+        self._unpinned = threading.Condition(self._lock)
         try:
             self.metrics = PagerMetrics(registry, resident_bytes=_weak_resident_bytes(self))
         except BaseException:  # a registry refused: the page file and its I/O threads go now, not at collection
@@ -477,6 +487,8 @@ class Pager:
                 self._drop_disk_copy(page)
             allocation.freed = True
             del self._allocations[allocation.id]
+            if self._pin_waiters:
+                self._wake_pin_waiters()  # its device slots are free
 
     def discard(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> None:
         """Drop every copy of pages ``[start, stop)`` of ``allocation``: they take no tier memory and
@@ -571,8 +583,13 @@ class Pager:
         :meth:`ResidentPages.wait`. With ``prefetch_strategy="sequential"`` a fault also schedules
         a prefetch of the ``prefetch_pages`` pages that follow.
 
+        Where only pages other threads pin keep the device tier from holding them, it waits (the
+        pager's lock let go) for those threads to let go of pins, up to ``config.pin_wait_s``
+        seconds; not where every such thread waits too, or this thread's own pins fill the tier.
+
         Raises:
-            OutOfPagesError: the pages do not fit on the device tier beside the pinned pages.
+            OutOfPagesError: the pages do not fit on the device tier beside the pinned pages
+                (:class:`DeviceTierFullError`; after any wait), or a lower tier is full.
         """
         with self._lock:
             if (stop is None or type(start) is not int or type(stop) is not int or type(allocation) is not Allocation
@@ -586,21 +603,22 @@ class Pager:
             # the caller holds the pages unpins them: a pin the caller never got would stay forever.
             if run is not None:  # the same pages as last time and nothing has moved since: no step per page
                 _pin(pins, start, stop)
+                self._count_pins(threading.get_ident(), stop - start)
                 try:
                     self._note_use(allocation, start, stop, run.pages)
                     self.metrics.count("hits", stop - start)
                     return ResidentPages(self, allocation, start, stop, run.pages, run.slots, [], run.first_slot)
                 except BaseException:
-                    _unpin(pins, start, stop)
+                    self._abandon_pin(allocation, start, stop, ())
                     raise
             pages = allocation.pages[start:stop]
             slots = list(map(_DEVICE_SLOT, pages))
             _pin(pins, start, stop)
+            self._count_pins(threading.get_ident(), stop - start)
             missing = overwritten = ()
             try:
                 if None in slots:
-                    missing = self._bring_to_device(pages, frozenset(discard) if discard else _NO_PAGES, counter="faults",
-                                                    touch=not allocation.loop)  # fmt: skip
+                    missing = self._fault_in(pages, frozenset(discard) if discard else _NO_PAGES, touch=not allocation.loop)
                     overwritten = [page for page in missing if page in self._overwriting] if discard else []
                     slots = list(map(_DEVICE_SLOT, pages))
                     if allocation.loop:
@@ -642,6 +660,7 @@ class Pager:
         and the pages of ``faulted`` it zero-filled for an overwrite get their old bytes back (after
         the unpin: a page no other holder pins drops its device slot)."""
         _unpin(allocation.pins, start, stop)
+        self._count_pins(threading.get_ident(), start - stop)
         overwritten = [page for page in faulted if page in self._overwriting]
         if overwritten:
             self._restore_overwritten(overwritten)
@@ -897,6 +916,7 @@ class Pager:
                 return
             self.closed = True
             prefetcher, self._prefetcher = self._prefetcher, None
+            self._wake_pin_waiters()  # they find the pager closed
         if prefetcher is not None:
             prefetcher.shutdown(wait=True)
         with self._lock:
@@ -1102,6 +1122,68 @@ class Pager:
             return brought
 
     # ------------------------------------------------------------------ internals: eviction
+
+    def _fault_in(self, pages: Sequence[Page], discard: frozenset[int], *, touch: bool) -> list[Page]:
+        """:meth:`_bring_to_device` for :meth:`ensure_resident` (counted as faults); where the device
+        tier is full of pages other threads pin, it waits for them (:meth:`_wait_for_other_threads_pins`)
+        and tries again. Called under the lock, which a wait lets go; ``pages`` are pinned by the
+        caller, so none of them leaves the device meanwhile (others may arrive: each try takes the
+        pages missing then)."""
+        started: Optional[float] = None
+        waited = False
+        while True:
+            try:
+                return self._bring_to_device(pages, discard, counter="faults", touch=touch)
+            except DeviceTierFullError as error:
+                started = time.monotonic() if started is None else started
+                if self._wait_for_other_threads_pins(started + self.config.pin_wait_s):
+                    waited = True
+                    continue
+                if not waited:
+                    raise
+                raise DeviceTierFullError(f"{error}; waited {time.monotonic() - started:.3f} s for other threads' pins") from None
+
+    def _wait_for_other_threads_pins(self, deadline: float) -> bool:
+        """Wait (under the lock, which the wait lets go) until a thread lets pins go, the pager
+        frees pages or closes, or ``deadline`` (``time.monotonic()``) passes; False without waiting
+        where no wait can help: this thread pins more pages than the tier holds, no other living
+        thread pins pages, or every such thread waits too (all waiting on each other's pins would
+        never end: this one raises, and its caller's pins go). Raises if the pager was closed meanwhile.
+
+        Stream order: none; a wait is on the host."""
+        me = threading.get_ident()
+        held = self._pinned_pages_by_thread
+        if held.get(me, 0) > self.device_tier.capacity_pages:
+            return False
+        others = [owner for owner in held if owner != me]
+        if others:
+            alive = {thread.ident for thread in threading.enumerate()}
+            others = [owner for owner in others if owner in alive and owner not in self._pin_waiters]
+        remaining = deadline - time.monotonic()
+        if not others or remaining <= 0:
+            return False
+        self._pin_waiters.add(me)
+        try:
+            self._unpinned.wait(remaining)
+        finally:
+            self._pin_waiters.discard(me)
+        self._check_open()
+        return True
+
+    def _wake_pin_waiters(self) -> None:
+        """Wake every thread waiting for pins (under the lock); they count as waiting no more until
+        they wait again, so a thread that finds the tier full meanwhile does not take them for stuck."""
+        self._pin_waiters.clear()
+        self._unpinned.notify_all()
+
+    def _count_pins(self, owner: int, pages: int) -> None:
+        """Add ``pages`` (negative: let go) to the pages thread ``owner`` pins (under the lock)."""
+        held = self._pinned_pages_by_thread
+        count = held.get(owner, 0) + pages
+        if count:
+            held[owner] = count
+        else:
+            del held[owner]
 
     def _device_evictable(self, page: Page) -> bool:
         return page.pin_count == 0
@@ -1395,6 +1477,9 @@ class Pager:
                 pins[key] = count
             else:
                 del pins[key]
+            self._count_pins(resident.owner, resident.start - resident.stop)
+            if self._pin_waiters:
+                self._wake_pin_waiters()
             if resident.overwritten:
                 self._restore_overwritten(resident.overwritten)
             if self._overwriting:  # pages whose refill failed while this holder pinned them: no holder is left to write them

@@ -83,6 +83,11 @@ def test_size_of_wrong_type_is_type_error(value):
         ({"device": "tpu"}, "device", "tpu"),
         ({"vram_limit": 1024, "page_size": 4096}, "vram_limit", "1024"),
         ({"prefetch_pages": -1}, "prefetch_pages", "-1"),
+        ({"pin_wait_s": -1}, "pin_wait_s", "-1"),
+        ({"pin_wait_s": float("nan")}, "pin_wait_s", "nan"),
+        ({"pin_wait_s": float("inf")}, "pin_wait_s", "inf"),
+        ({"pin_wait_s": True}, "pin_wait_s", "True"),
+        ({"pin_wait_s": "5s"}, "pin_wait_s", "5s"),
         ({"disk_limit": 0, "nvme_path": "/tmp"}, "disk_limit", "0"),
         ({"disk_limit": "1GiB"}, "disk_limit", "nvme_path is None"),  # accepted and ignored before
     ],
@@ -231,5 +236,8 @@ def test_numpy_integers_are_sizes_and_counts():
         MemoryConfig(prefetch_pages=np.int64(-1), device="cpu")
     with pytest.raises(ValueError, match="prefetch_pages"):
         MemoryConfig(prefetch_pages=True, device="cpu")
+    config = MemoryConfig(pin_wait_s=np.float32(0.5), device="cpu")
+    assert config.pin_wait_s == 0.5 and type(config.pin_wait_s) is float
+    assert MemoryConfig(pin_wait_s=0, device="cpu").pin_wait_s == 0.0
     with pytest.raises(TypeError, match="vram_limit"):
         parse_size(np.bool_(True), "vram_limit")

@@ -10,7 +10,10 @@ import itertools
 import os
 import shutil
 import tempfile
+import threading
+import time
 import weakref
+from typing import Callable
 
 import numpy
 import pytest
@@ -21,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagedtensor import DeviceTierFullError, MemoryConfig, OutOfPagesError, PageCorruptionError, PagedTensor, Pager, SlabAllocationError
+from pagedtensor.pager import Allocation, ResidentPages
 from tests.support import ClosedWhileWaiting, CPU_AND_CUDA, run_in_threads
 
 PAGE = 4096
@@ -82,6 +86,140 @@ def test_pinning_more_than_the_device_holds_fails_and_loses_nothing():
             assert all(info.pin_count == 1 for info in pager.page_table(allocation)[:3])
             assert all(info.pin_count == 0 for info in pager.page_table(allocation)[3:])
         assert torch.equal(pager.read(allocation), data)
+
+
+def _written(pager: Pager, pages: int, seed: int) -> tuple[Allocation, torch.Tensor]:
+    """An allocation of ``pages`` pages holding random bytes, evicted to the host tier."""
+    allocation = pager.allocate(pages * PAGE)
+    data = random_bytes(pages * PAGE, seed)
+    pager.write(allocation, data)
+    pager.evict_all()
+    return allocation, data
+
+
+def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+def test_a_request_waits_for_pages_another_thread_pins_and_runs_once_they_are_let_go():
+    """The device tier full of another thread's pins: a request waits for them (it raised at once
+    before), and gets its pages with their bytes once the other thread releases."""
+    with make_pager(device_pages=4, host_pages=16) as pager:
+        held, _ = _written(pager, 4, seed=1)
+        wanted, data = _written(pager, 2, seed=2)
+        pinned, release, got = threading.Event(), threading.Event(), []
+
+        def holder() -> None:
+            with pager.ensure_resident(held):
+                pinned.set()
+                release.wait(timeout=30)
+
+        def requester() -> None:
+            with pager.ensure_resident(wanted) as resident:
+                got.append(torch.cat([view.clone() for view in resident.views()]))
+
+        threads = [threading.Thread(target=holder), threading.Thread(target=requester)]
+        threads[0].start()
+        pinned.wait(timeout=30)
+        threads[1].start()
+        _wait_until(lambda: threads[1].ident in pager._pin_waiters, "the request to wait for the pins")
+        assert not got, "the request ran while the other thread's pins filled the device tier"
+        release.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert got and torch.equal(got[0], data)
+        assert all(info.pin_count == 0 for allocation in (held, wanted) for info in pager.page_table(allocation))
+
+
+def test_threads_that_would_wait_for_each_others_pins_do_not_deadlock():
+    """Two threads each pin half the device tier, then each asks for more: waiting for each other
+    would never end, so the second to ask raises DeviceTierFullError at once (whatever pin_wait_s);
+    its pins go, and the first one's request then runs."""
+    with make_pager(device_pages=4, host_pages=16, pin_wait_s=1e6) as pager:
+        allocations = [_written(pager, 4, seed) for seed in range(2)]
+        barrier = threading.Barrier(2)
+        outcomes: list[object] = []
+
+        def worker(index: int) -> None:
+            allocation, data = allocations[index]
+            with pager.ensure_resident(allocation, 0, 2):
+                barrier.wait(timeout=30)
+                try:
+                    with pager.ensure_resident(allocation, 2, 4) as rest:
+                        outcomes.append(torch.equal(torch.cat([view.clone() for view in rest.views()]), data[2 * PAGE :]))
+                except DeviceTierFullError as error:
+                    outcomes.append(error)
+
+        threads = [threading.Thread(target=worker, args=(index,), daemon=True) for index in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert not any(thread.is_alive() for thread in threads), "deadlock: threads waiting for each other's pins"
+        errors = [outcome for outcome in outcomes if isinstance(outcome, DeviceTierFullError)]
+        assert len(errors) == 1 and outcomes.count(True) == 1, outcomes
+
+
+def test_a_wait_for_pins_ends_at_pin_wait_s_and_pins_of_a_finished_thread_are_not_waited_for():
+    """A request that another thread's pins keep out waits ``pin_wait_s`` (that thread idles holding
+    them), then raises DeviceTierFullError saying it waited; pins left by a thread that has ended
+    (it never released them) are never let go, so a request raises at once, without the note."""
+    with make_pager(device_pages=4, host_pages=16, pin_wait_s=0.2) as pager:
+        held, _ = _written(pager, 4, seed=1)
+        wanted, _ = _written(pager, 1, seed=2)
+        pinned, release = threading.Event(), threading.Event()
+
+        def holder() -> None:
+            with pager.ensure_resident(held):
+                pinned.set()
+                release.wait(timeout=30)
+
+        thread = threading.Thread(target=holder)
+        thread.start()
+        pinned.wait(timeout=30)
+        try:
+            with pytest.raises(DeviceTierFullError, match=r"device tier: 1 pages needed .*; waited 0\.[2-9]\d* s for other threads' pins"):
+                pager.ensure_resident(wanted)
+        finally:
+            release.set()
+            thread.join(timeout=30)
+        left: list[ResidentPages] = []
+        ender = threading.Thread(target=lambda: left.append(pager.ensure_resident(held)))
+        ender.start()
+        ender.join(timeout=30)
+        with pytest.raises(DeviceTierFullError) as raised:
+            pager.ensure_resident(wanted)
+        assert "waited" not in str(raised.value)
+        left[0].release()
+        with pager.ensure_resident(wanted):
+            pass
+
+
+def test_closing_the_pager_ends_a_wait_for_pins_with_the_closed_error():
+    """A close() by another thread wakes a request waiting for pins, which raises the closed pager's error."""
+    with make_pager(device_pages=4, host_pages=16) as pager:
+        held, _ = _written(pager, 4, seed=1)
+        wanted, _ = _written(pager, 1, seed=2)
+        resident = pager.ensure_resident(held)
+        errors: list[BaseException] = []
+
+        def request() -> None:
+            try:
+                pager.ensure_resident(wanted)
+            except BaseException as error:  # noqa: BLE001 - checked below
+                errors.append(error)
+
+        waiter = threading.Thread(target=request)
+        waiter.start()
+        _wait_until(lambda: bool(pager._pin_waiters), "the request to wait for the pins")
+        pager.close()
+        waiter.join(timeout=30)
+        assert len(errors) == 1 and isinstance(errors[0], RuntimeError) and "closed" in str(errors[0]), errors
+        resident.release()  # after close: a no-op
 
 
 def test_pinned_pages_survive_evict_all():

@@ -16,8 +16,9 @@ A second test has one thread close the pager partway through its plan: the other
 complete as they would have or raise the closed pager's RuntimeError, only once it is closed.
 
 The tiers are sized so that no call may fail (see :func:`pager_shapes`), except on a drawn *tight*
-device tier, where an op that pins pages may find the other threads' pins in the way and raise
-DeviceTierFullError (the device tier's OutOfPagesError), having changed nothing. The errors of full lower tiers are
+device tier, where an op that pins pages may find the other threads' pins in the way: it waits for
+them to go, and raises DeviceTierFullError (the device tier's OutOfPagesError), having changed
+nothing, only where the threads holding them wait too (a prefetch does not wait). The errors of full lower tiers are
 ``test_a_tight_disk_tier_never_loses_bytes``'s and ``test_tiers_that_hold_the_bytes_together_never_fail``'s
 (``tests/test_pager.py``).
 
@@ -121,8 +122,8 @@ def pager_shapes(draw: st.DrawFn) -> PagerShape:
 
     A *tight* device tier has fewer pages than that (at least twice an allocation, so that a read or
     a write is still one chunk, all or nothing): a pin, read or write may then find the other
-    threads' pins in the way, and raise DeviceTierFullError, having changed
-    nothing (as ``test_pinning_more_than_the_device_holds_fails_and_loses_nothing`` says); a
+    threads' pins in the way, wait for them, and where those threads wait too raise
+    DeviceTierFullError, having changed nothing (as ``test_pinning_more_than_the_device_holds_fails_and_loses_nothing`` says); a
     prefetch's future may carry it. Nothing else may raise it.
 
     Host and disk: the threads hold at most ``threads * SLOTS_PER_THREAD * 3`` pages of bytes. The

@@ -8,6 +8,7 @@ and come back (through host and disk), and the layer-ahead prefetch hook issues 
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from pagedtensor import DeviceTierFullError, OutOfPagesError, enable_paging
 from pagedtensor.hf import paging_state
 from pagedtensor.tensor import PagedTensor
 from tests.hf.tiny_models import PAGE, prompts, tiny_budget, tiny_pair
+from tests.support import run_in_threads
 
 NEW_TOKENS = 6
 VRAM_PAGES = 24  # the two layers' weights alone take 72 pages (Llama) / 73 (Qwen2, with biases)
@@ -344,6 +346,25 @@ def test_a_device_tier_smaller_than_a_weight_is_named_when_paging_is_enabled(nvm
     _, model = tiny_pair("llama", attn="sdpa")
     enable_paging(model, tiny_budget(nvme_dir, vram_pages=largest, host_pages=HOST_PAGES), attn_implementation="sdpa", page_weights=True)
     assert isinstance(model.model.layers[0].mlp.gate_proj.weight, PagedTensor)
+
+
+def test_threads_generating_at_once_under_a_budget_of_two_weights_wait_for_each_others_pins(nvme_dir):
+    """Three threads generate with one paged model at once, under a device tier of twice the largest
+    weight: an op whose weight finds the tier full of another thread's pins waits for them (it
+    raised DeviceTierFullError), so every generate returns the unpaged tokens."""
+    reference, model = tiny_pair("llama", attn="sdpa")
+    largest = max(p.numel() * p.element_size() for p in model.model.layers.parameters()) // PAGE
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=2 * largest, host_pages=256), attn_implementation="sdpa", page_weights=True)
+    ids, mask = prompts(2)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    barrier = threading.Barrier(3)
+
+    def generate(_: int) -> None:
+        barrier.wait(timeout=60)
+        for _ in range(3):
+            assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected)
+
+    assert run_in_threads(generate, 3) == []
 
 
 def test_each_weight_stays_one_view_of_adjacent_slots(nvme_dir, monkeypatch):
