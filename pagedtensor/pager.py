@@ -592,6 +592,8 @@ class Pager:
                 (:class:`DeviceTierFullError`; after any wait), or a lower tier is full.
         """
         with self._lock:
+            if self.closed:  # closed by another thread while this one waited for the lock
+                raise RuntimeError("this Pager is closed")
             if (stop is None or type(start) is not int or type(stop) is not int or type(allocation) is not Allocation
                     or self._allocations.get(allocation.id) is not allocation):  # fmt: skip
                 start, stop = self._check_range(allocation, start, stop)  # raises naming what is wrong
@@ -1151,6 +1153,7 @@ class Pager:
         never end: this one raises, and its caller's pins go). Raises if the pager was closed meanwhile.
 
         Stream order: none; a wait is on the host."""
+        self._check_open()
         me = threading.get_ident()
         held = self._pinned_pages_by_thread
         if held.get(me, 0) > self.device_tier.capacity_pages:

@@ -222,6 +222,34 @@ def test_closing_the_pager_ends_a_wait_for_pins_with_the_closed_error():
         resident.release()  # after close: a no-op
 
 
+def test_a_request_that_waited_for_the_lock_while_another_thread_began_closing_the_pager_raises_closed():
+    """close() marks the pager closed under the lock, then lets go of it (waiting for the prefetch
+    thread) before releasing the tiers: an ensure_resident that got the lock in between went on (it
+    pinned pages of a closed pager, or, where the device tier was full of other threads' pins,
+    waited until pin_wait_s for releases that do nothing on a closed pager)."""
+    pager = make_pager(device_pages=4, host_pages=16)
+    wanted, _ = _written(pager, 1, seed=2)
+    lock = pager._lock
+
+    class ClosingWhileWaiting:
+        """The pager's lock, taken by another thread's close() first: it marks the pager closed and
+        lets go before releasing the tiers."""
+
+        def __enter__(self) -> None:
+            pager._lock = lock
+            pager.closed = True
+            lock.acquire()
+
+        def __exit__(self, *exc_info: object) -> None:
+            lock.release()
+
+    pager._lock = ClosingWhileWaiting()
+    with pytest.raises(RuntimeError, match="this Pager is closed"):
+        pager.ensure_resident(wanted, 0, 1)  # a range in full: the path that skips the argument checks
+    assert pager._lock is lock
+    pager.close()  # the rest of the close: the tiers go
+
+
 def test_pinned_pages_survive_evict_all():
     with make_pager() as pager:
         allocation = pager.allocate(3 * PAGE)
