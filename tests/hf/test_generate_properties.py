@@ -9,6 +9,8 @@ with transformers' default cache and its paged twin (the same weights) must then
 tokens; with SDPA (the cache hands back dense keys and values) the logits are bitwise equal, with
 the "pagedllm" attention (Triton kernels, interpreted on the CPU) equal within fp32 tolerance.
 
+A third property has 2-3 threads generate at once with one paged model, each its own request.
+
 A budget too small for the request may raise ``OutOfPagesError`` (the error the pager and
 ``enable_paging`` document for a budget that cannot hold a request), and then its message must name
 the budget that ran out; anything else that raises is a failure.
@@ -20,6 +22,7 @@ import dataclasses
 import gc
 import shutil
 import tempfile
+import threading
 from typing import Optional
 
 import torch
@@ -30,6 +33,7 @@ from pagedtensor import MemoryConfig, OutOfPagesError, enable_paging
 from pagedtensor.config import EVICTION_POLICIES, PREFETCH_STRATEGIES
 from pagedtensor.hf import paging_state
 from tests.hf.tiny_models import FAMILIES, PAGE, TINY, tiny_pair
+from tests.support import run_in_threads
 
 BUDGET_NAMES = ("vram_limit", "host_memory", "disk_limit", "nvme_path")  # an OutOfPagesError names one of them
 PAGEDLLM_TOLERANCE = dict(atol=1e-4, rtol=1e-4)  # as tests/hf/test_paged_generate.py
@@ -101,11 +105,11 @@ class Paging:
 
 
 @st.composite
-def requests(draw: st.DrawFn, sampling_allowed: bool = True) -> Request:
+def requests(draw: st.DrawFn, sampling_allowed: bool = True, family: Optional[str] = None) -> Request:
     """A family, a batch of 1-3 prompts each left-padded by any amount (one real token at least),
     a few new tokens, greedy or (when allowed) sampling with top_k, one beam or a beam search of 2-4
     beams returning 1 to all of them."""
-    family = draw(st.sampled_from(sorted(FAMILIES)))
+    family = family if family is not None else draw(st.sampled_from(sorted(FAMILIES)))
     batch = draw(st.integers(1, 3))
     length = draw(st.integers(1, 70))
     pads = draw(st.lists(st.integers(0, length - 1), min_size=batch, max_size=batch))
@@ -231,3 +235,51 @@ def test_paged_generate_equals_native_generate(request: Request, paging: Paging,
 def test_paged_kernels_generate_equals_native_generate(request: Request, paging: Paging) -> None:
     """The pagedllm attention (Triton kernels on the pages): greedy tokens equal, logits within fp32 tolerance."""
     _check(request, paging)
+
+
+@settings(max_examples=8, deadline=None)
+@given(data=st.data(), paging=pagings(), threads=st.integers(2, 3))
+def test_threads_generating_at_once_each_equal_native_generate(data: st.DataObject, paging: Paging, threads: int) -> None:
+    """2-3 threads generate at once with one paged model, each its own greedy request with its own
+    cache, their ops waiting for each other's pinned pages: each thread's tokens and logits equal
+    native generation of its request, bitwise (SDPA). A budget too small for the threads together may
+    raise OutOfPagesError in a thread, naming the budget; the others go on."""
+    family = data.draw(st.sampled_from(sorted(FAMILIES)), label="family")
+    batch = [data.draw(requests(sampling_allowed=False, family=family), label=f"request {index}") for index in range(threads)]
+    note(f"{paging}")
+    reference, model = tiny_pair(family, attn="sdpa")
+    expected = [request.generate(reference) for request in batch]
+    nvme_path = tempfile.mkdtemp(prefix="pagedllm-prop-") if paging.disk else None
+    try:
+        try:
+            paging.enable(model, nvme_path)
+        except OutOfPagesError as error:
+            _assert_names_the_budget(error)
+            event("budget refused by enable_paging")
+            return
+        refused: list[OutOfPagesError] = []
+        barrier = threading.Barrier(threads)
+
+        def generate(index: int) -> None:
+            barrier.wait(timeout=60)
+            try:
+                output = batch[index].generate(model)
+            except OutOfPagesError as error:
+                refused.append(error)
+                return
+            assert torch.equal(output.sequences, expected[index].sequences), f"thread {index}: tokens differ"
+            for step, (have, want) in enumerate(zip(output.logits, expected[index].logits, strict=True)):
+                assert torch.equal(have, want), f"thread {index}: logits differ at step {step}"
+
+        errors = run_in_threads(generate, threads)
+        assert not errors, errors
+        for error in refused:
+            note(f"OutOfPagesError: {error}")
+            _assert_names_the_budget(error)
+        event(f"threads refused by the budget: {len(refused)} of {threads}")
+    finally:
+        state = paging_state(model)
+        if state is not None:
+            state.pager.close()
+        if nvme_path is not None:
+            shutil.rmtree(nvme_path, ignore_errors=True)
