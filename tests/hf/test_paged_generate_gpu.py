@@ -8,6 +8,7 @@ most pages stream in from host (and disk) at every step.
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -232,6 +233,31 @@ def test_gpu_two_models_on_one_pager_generate_from_two_threads(nvme_dir):
     stats = pager.stats()
     assert stats["bytes_h2d"] > 0 and stats["bytes_d2h"] > 0, stats
     pager.close()
+
+
+def test_gpu_threads_generating_at_once_with_paged_weights_wait_for_each_others_pins(nvme_dir):
+    """Three threads, each on its own CUDA stream, generate at once with one model whose weights are
+    paged under a device tier of a little more than two of its largest weights (2 MiB each): an op
+    whose weight finds the tier full of other threads' pins waits for them (it raised
+    DeviceTierFullError), and every generate returns the unpaged tokens."""
+    from tests.support import run_in_threads
+
+    reference, model = _pair(torch.float32, seed=6)
+    ids, mask = _prompts(1, 200)
+    expected = _generate(reference, ids, mask, 6).sequences
+    largest = max(p.numel() * p.element_size() for p in model.model.layers.parameters()) // PAGE
+    enable_paging(model, _budget(nvme_dir, vram_pages=2 * largest + 8, slab_pages=16), attn_implementation="sdpa", page_weights=True)
+    barrier = threading.Barrier(3)
+
+    def worker(index: int) -> None:
+        barrier.wait(timeout=60)
+        with torch.cuda.stream(torch.cuda.Stream()):
+            for _ in range(2):
+                got = _generate(model, ids, mask, 6).sequences
+                torch.cuda.current_stream().synchronize()
+                assert torch.equal(got, expected), index
+
+    assert run_in_threads(worker, 3) == []
 
 
 def test_gpu_everything_resident_moves_nothing(nvme_dir):
