@@ -246,7 +246,8 @@ def test_gpu_threads_generating_at_once_with_paged_weights_wait_for_each_others_
     ids, mask = _prompts(1, 200)
     expected = _generate(reference, ids, mask, 6).sequences
     largest = max(p.numel() * p.element_size() for p in model.model.layers.parameters()) // PAGE
-    enable_paging(model, _budget(nvme_dir, vram_pages=2 * largest + 8, slab_pages=16), attn_implementation="sdpa", page_weights=True)
+    vram_pages = 2 * largest + 8
+    enable_paging(model, _budget(nvme_dir, vram_pages=vram_pages, slab_pages=vram_pages), attn_implementation="sdpa", page_weights=True)
     barrier = threading.Barrier(3)
 
     def worker(index: int) -> None:
