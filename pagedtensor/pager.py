@@ -71,6 +71,7 @@ _HOST_SLOT = operator.attrgetter("host_slot")
 _DISK_SLOT = operator.attrgetter("disk_slot")
 _D2H_FENCES = -1  # stream id of the device-slot fences of write-back copies (engine.d2h_stream)
 _FILL_FENCES = -2  # stream id of the fences of fill copies whose slot was freed before they were seen done
+_SLAB_FENCES = -3  # stream id of the fences of new device slabs (an event on the stream that allocated each)
 
 
 PAGE_ENTRY_BYTES = 140
@@ -393,6 +394,37 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _slab_fencer(engine: TransferEngine, fences: SlotFences) -> Callable[[int, int], None]:
+    """The device tier's ``slab_grown`` hook: fence a new slab's slots (first slot, pages) behind an
+    event recorded on the current stream right after the slab was allocated on it.
+
+    Stream order: torch's caching allocator hands a block freed on a stream straight back to that
+    stream, so the slab's memory may still be read or written by kernels enqueued there before. The
+    first copy into each of its slots, on a side stream, takes this fence (:meth:`SlotFences.take`)
+    and waits for the event, so it lands after them; work on the allocating stream follows them
+    already. Holds the engine and the fences, not the pager (no reference cycle)."""
+
+    def fence_slab(first: int, pages: int) -> None:
+        event = engine.record()
+        if event is not None:  # a CPU device tier: copies are synchronous
+            fences.record_run(_SLAB_FENCES, first, pages, event)
+
+    return fence_slab
+
+
+def _finish_device_work(engine: TransferEngine, fences: SlotFences, pid: int) -> None:
+    """At the collection of a pager (never closed, or closed: then there is nothing left to wait
+    for), before its slabs go back to torch's allocator: wait for its side streams' copies and for
+    every fenced use of a device slot, as :meth:`Pager.close` does. Not in a forked child, which
+    has no CUDA (and never hands the memory out again)."""
+    if not engine.is_cuda or os.getpid() != pid:
+        return
+    engine.synchronize()
+    for event in fences.take_all():
+        if event is not None:
+            event.synchronize()
+
+
 class Pager:
     """Moves fixed-size pages between device memory, host memory and disk under hard budgets."""
 
@@ -402,12 +434,16 @@ class Pager:
         self.config = config if config is not None else MemoryConfig()
         self.device = self.config.device
         self.page_size = self.config.page_size
-        self.device_tier = DeviceTier(self.config)
+        self.engine = TransferEngine(self.device)
+        # Per stream id, the event after that stream's last use of each device slot (a run of adjacent
+        # slots at once); _D2H_FENCES are the write-back copies of evicted pages, _FILL_FENCES the
+        # copies that filled slots since freed, _SLAB_FENCES the allocations of new slabs.
+        self._device_fences = SlotFences()
+        self.device_tier = DeviceTier(self.config, slab_grown=_slab_fencer(self.engine, self._device_fences))
         self.host_tier = HostTier(self.config)
         self.disk_tier: Optional[DiskTier] = None
         if self.config.nvme_path is not None:
             self.disk_tier = DiskTier(self.config.nvme_path, self.page_size, self.config.disk_pages, self.config.compression)
-        self.engine = TransferEngine(self.device)
         # An op on resident pages records its touch as one run (applied before the order is read).
         self.device_policy = DeferredTouches(make_policy(self.config.eviction_policy, self.device_tier.capacity_pages))
         self.host_policy = make_policy(self.config.eviction_policy, self.host_tier.capacity_pages)
@@ -427,12 +463,11 @@ class Pager:
         # A pager dropped without close(): its metrics leave the registry (which would otherwise keep
         # reporting it, and refuse another pager's metrics of the same names).
         weakref.finalize(self, self.metrics.close)
+        # And its slabs go back to torch's allocator only once its copies and every fenced use of a
+        # slot have run (as at close()): the allocator could hand the memory to another stream at once.
+        weakref.finalize(self, _finish_device_work, self.engine, self._device_fences, os.getpid()).atexit = False
         self._allocations: dict[int, Allocation] = {}
         self._ids = itertools.count()
-        # Per stream id, the event after that stream's last use of each device slot (a run of adjacent
-        # slots at once); _D2H_FENCES are the write-back copies of evicted pages, _FILL_FENCES the
-        # copies that filled slots since freed.
-        self._device_fences = SlotFences()
         self._host_fences: dict[int, Event] = {}  # slot -> last copy touching it
         # Pages whose device slot was zero-filled for an overwrite (``ensure_resident(discard=...)``)
         # while their host or disk copy still holds their bytes: that copy stays authoritative until

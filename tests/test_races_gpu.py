@@ -330,6 +330,68 @@ def test_race_close_frees_slabs_under_user_stream_kernels():
     assert torch.equal(seen, data), "a user-stream read ran after close() had given its slab back"
 
 
+def test_race_a_new_slab_on_memory_a_queued_kernel_still_writes():
+    """slab_pool.py _grow: a device slab is a ``torch.empty`` on the current stream, and torch's
+    caching allocator hands a block freed on a stream straight back to it while kernels queued there
+    before still write it. The first fill of a slot of the new slab ran on the H2D stream at once,
+    and the queued write landed on top of the page. (Found as a paged generate under GPU contention
+    from other processes: ~15% of beam searches, half the runs with every page resident, returned
+    other tokens; none with the pager's copies on the compute stream.)"""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the scratch block below is then the only free one of its size
+    slab_bytes = 34 * MiB
+    with _pager(68, slab_size=slab_bytes) as pager:  # two slabs of 34 pages
+        allocation, data = _written(pager, 4 * MiB)  # grows slab 0
+        pager.evict(allocation)
+        filler = pager.allocate(slab_bytes)
+        held = pager.ensure_resident(filler, discard=range(34))  # slab 0 full and pinned
+        _quiet(pager)
+        assert all(page.tier == "host" for page in pager.page_table(allocation))
+        scratch = torch.empty(slab_bytes, dtype=torch.uint8, device="cuda")
+        scratch_ptr = scratch.data_ptr()
+        torch.cuda._sleep(SLEEP)
+        scratch.fill_(0xAB)  # queued behind the sleep
+        del scratch  # its block is free for the current stream at once
+        resident = pager.ensure_resident(allocation)  # grows slab 1 and fills it from the host copies
+        try:
+            assert pager.device_tier.slabs[1].data_ptr() == scratch_ptr, "the allocator gave slab 1 other memory: nothing raced"
+            resident.wait()
+            got = resident.contiguous().clone()
+        finally:
+            resident.release()
+            held.release()
+        torch.cuda.synchronize()
+        assert torch.equal(got, data), "a write queued on the current stream before slab 1 was allocated overwrote its first fill"
+
+
+def test_race_a_pager_collected_unclosed_frees_slabs_under_its_copies():
+    """pager.py: a pager dropped without close() (a model and its pager going out of scope) gave
+    its slabs back to the caching allocator while a fill it had queued on the H2D stream had not
+    run: the memory went to a new tensor on the current stream, and the late copy landed in it."""
+    import gc
+    import weakref
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    pager = _pager(8)
+    allocation, _ = _written(pager, 8 * MiB)  # grows the slab on the current stream
+    pager.evict(allocation)
+    _quiet(pager)
+    slab_ptr, slab_bytes = pager.device_tier.slabs[0].data_ptr(), pager.device_tier.slabs[0].numel()
+    with torch.cuda.stream(pager.engine.h2d_stream):
+        torch.cuda._sleep(SLEEP)
+    pager.prefetch(allocation).result()  # the fill is queued behind the sleep
+    collected = weakref.ref(pager)
+    del pager, allocation
+    gc.collect()
+    assert collected() is None, "the pager was not collected: nothing raced"
+    block = torch.empty(slab_bytes, dtype=torch.uint8, device="cuda")
+    assert block.data_ptr() == slab_ptr, "the allocator gave other memory: nothing raced"
+    block.fill_(0)
+    torch.cuda.synchronize()
+    assert not block.any(), "a fill queued by the collected pager landed in memory handed out again"
+
+
 # ============================================================================ probes (expected to pass)
 
 

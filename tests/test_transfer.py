@@ -61,6 +61,16 @@ def test_slab_pool_grows_lazily_and_respects_capacity():
         slabs.run(3, 2)
 
 
+def test_slab_grown_is_told_each_new_slab_before_its_slots_are_handed_out():
+    grown: list[tuple[int, int, int]] = []  # (first slot, pages, slots in use then)
+    slabs = SlabPool("test", 8, 10, 4, lambda n: torch.zeros(n, dtype=torch.uint8),
+                     slab_grown=lambda first, pages: grown.append((first, pages, slabs.used_pages)))  # fmt: skip
+    assert slabs.allocate(3) == [0, 1, 2] and grown == [(0, 4, 0)]
+    assert slabs.allocate(3) == [4, 5, 6] and grown == [(0, 4, 0), (4, 4, 3)]
+    slabs.allocate(4)  # the last slab is short: the budget's rest
+    assert grown[-1] == (8, 2, 6) and len(grown) == 3
+
+
 def _used(slabs: SlabPool, used: set[int]) -> None:
     """Make exactly ``used`` the allocated slots of a fresh ``slabs`` (grown in full)."""
     everything = slabs.allocate(slabs.capacity_pages)

@@ -6,6 +6,8 @@ path runs in CI.
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 
 from pagedtensor.config import MemoryConfig
@@ -13,9 +15,15 @@ from pagedtensor.tiers.slab_pool import SlabPool
 
 
 class DeviceTier(SlabPool):
-    """Slots in ``config.device`` memory; at most ``vram_limit // page_size`` pages of slabs."""
+    """Slots in ``config.device`` memory; at most ``vram_limit // page_size`` pages of slabs.
 
-    def __init__(self, config: MemoryConfig) -> None:
+    A slab is a ``torch.empty`` on the current stream: torch's caching allocator may hand it memory
+    that kernels enqueued earlier on that stream still use (a block freed on a stream is reused on
+    it at once). ``slab_grown`` (first slot, pages) is called right after, on the same stream, so
+    the owner can fence the slab before another stream copies into it.
+    """
+
+    def __init__(self, config: MemoryConfig, slab_grown: Optional[Callable[[int, int], None]] = None) -> None:
         self.device = config.device
         super().__init__(
             name="device",
@@ -23,6 +31,7 @@ class DeviceTier(SlabPool):
             capacity_pages=config.device_pages,
             slab_pages=config.slab_size // config.page_size,
             allocate_slab=self._allocate,
+            slab_grown=slab_grown,
         )
 
     def _allocate(self, nbytes: int) -> torch.Tensor:

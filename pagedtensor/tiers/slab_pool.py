@@ -26,7 +26,8 @@ class SlabPool:
     When ``prepare_slab`` is given, :meth:`allocate` calls it with the next slab's size in bytes
     each time it leaves fewer than half a slab of grown slots free while the budget has room for
     another slab, so the owner can start making that slab before :meth:`_grow` asks
-    ``allocate_slab`` for it.
+    ``allocate_slab`` for it. When ``slab_grown`` is given, :meth:`_grow` calls it with the new
+    slab's first slot and page count once the slab is added (before any of its slots is handed out).
 
     Not thread-safe: the pager serializes calls under its lock.
     """
@@ -39,6 +40,7 @@ class SlabPool:
         slab_pages: int,
         allocate_slab: SlabAllocator,
         prepare_slab: Optional[Callable[[int], None]] = None,
+        slab_grown: Optional[Callable[[int, int], None]] = None,
     ) -> None:
         if capacity_pages <= 0:
             raise ValueError(f"{name}: capacity must be at least one page, got {capacity_pages!r}")
@@ -48,6 +50,7 @@ class SlabPool:
         self.slab_pages = max(1, min(slab_pages, capacity_pages))
         self._allocate_slab = allocate_slab
         self._prepare_slab = prepare_slab
+        self._slab_grown = slab_grown
         self.slabs: list[torch.Tensor] = []
         self.slab_spans: list[tuple[int, int]] = []  # addresses [first, end) of each slab's memory
         self._typed_slabs: dict[tuple[int, torch.dtype], torch.Tensor] = {}
@@ -243,5 +246,8 @@ class SlabPool:
             raise RuntimeError(f"{self.name} tier: slab allocator returned {slab.dtype} x {slab.numel()}, expected uint8 x {nbytes}")
         self.slabs.append(slab)
         self.slab_spans.append((slab.data_ptr(), slab.data_ptr() + slab.numel()))
+        first = self._grown_pages
         self._free_map += b"\x01" * pages  # byte s is slot s: only the last slab can be short
         self._grown_pages += pages
+        if self._slab_grown is not None:
+            self._slab_grown(first, pages)
