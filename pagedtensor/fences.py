@@ -3,7 +3,9 @@
 Each use of a device slot (an op reading or writing a pinned page, a copy out of it) ends with an
 event recorded on the stream that used it; a later copy into the slot waits on that event, on the
 GPU. Events recorded on one stream complete in the order they were recorded, so for each stream
-only the newest fence of a slot matters.
+only the newest fence of a slot matters. A new slab starts fenced too, behind an event on the
+stream that allocated it (the caching allocator may have handed it memory that stream's queued
+kernels still use).
 
 An op on a resident range of adjacent slots (the common case) records one fence for the whole run
 in O(1), not one per slot; :meth:`SlotFences.take` finds the runs a set of slots falls in. A run
