@@ -18,12 +18,13 @@ the budget that ran out; anything else that raises is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import shutil
 import tempfile
 import threading
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from hypothesis import event, given, note, settings
@@ -185,15 +186,24 @@ def _generate_and_let_go(request: Request, model: torch.nn.Module) -> tuple[torc
 def _run_paged(request: Request, paging: Paging, model: torch.nn.Module, calls: int) -> Optional[Outputs]:
     """``calls`` generates of the request by the paged twin, or None when the budget cannot hold the
     request (a checked OutOfPagesError)."""
-    nvme_path = tempfile.mkdtemp(prefix="pagedllm-prop-") if paging.disk else None
     try:
-        paging.enable(model, nvme_path)
-        return [_generate_and_let_go(request, model) for _ in range(calls)]
+        with _paging_enabled(paging, model):
+            return [_generate_and_let_go(request, model) for _ in range(calls)]
     except OutOfPagesError as error:
         note(f"OutOfPagesError: {error}")
         event(f"budget refused: {str(error).split(':')[0]}")
         _assert_names_the_budget(error)
         return None
+
+
+@contextlib.contextmanager
+def _paging_enabled(paging: Paging, model: torch.nn.Module) -> Iterator[None]:
+    """``paging`` enabled on ``model`` (with a page-file directory of its own when it has a disk
+    tier); on exit the pager is closed and the directory removed, whatever was raised."""
+    nvme_path = tempfile.mkdtemp(prefix="pagedllm-prop-") if paging.disk else None
+    try:
+        paging.enable(model, nvme_path)
+        yield
     finally:
         state = paging_state(model)
         if state is not None:
@@ -249,37 +259,28 @@ def test_threads_generating_at_once_each_equal_native_generate(data: st.DataObje
     note(f"{paging}")
     reference, model = tiny_pair(family, attn="sdpa")
     expected = [request.generate(reference) for request in batch]
-    nvme_path = tempfile.mkdtemp(prefix="pagedllm-prop-") if paging.disk else None
     try:
-        try:
-            paging.enable(model, nvme_path)
-        except OutOfPagesError as error:
-            _assert_names_the_budget(error)
-            event("budget refused by enable_paging")
-            return
-        refused: list[OutOfPagesError] = []
-        barrier = threading.Barrier(threads)
+        with _paging_enabled(paging, model):
+            refused: list[OutOfPagesError] = []
+            barrier = threading.Barrier(threads)
 
-        def generate(index: int) -> None:
-            barrier.wait(timeout=60)
-            try:
-                output = batch[index].generate(model)
-            except OutOfPagesError as error:
-                refused.append(error)
-                return
-            assert torch.equal(output.sequences, expected[index].sequences), f"thread {index}: tokens differ"
-            for step, (have, want) in enumerate(zip(output.logits, expected[index].logits, strict=True)):
-                assert torch.equal(have, want), f"thread {index}: logits differ at step {step}"
+            def generate(index: int) -> None:
+                barrier.wait(timeout=60)
+                try:
+                    output = batch[index].generate(model)
+                except OutOfPagesError as error:
+                    refused.append(error)
+                    return
+                assert torch.equal(output.sequences, expected[index].sequences), f"thread {index}: tokens differ"
+                for step, (have, want) in enumerate(zip(output.logits, expected[index].logits, strict=True)):
+                    assert torch.equal(have, want), f"thread {index}: logits differ at step {step}"
 
-        errors = run_in_threads(generate, threads)
-        assert not errors, errors
-        for error in refused:
-            note(f"OutOfPagesError: {error}")
-            _assert_names_the_budget(error)
-        event(f"threads refused by the budget: {len(refused)} of {threads}")
-    finally:
-        state = paging_state(model)
-        if state is not None:
-            state.pager.close()
-        if nvme_path is not None:
-            shutil.rmtree(nvme_path, ignore_errors=True)
+            errors = run_in_threads(generate, threads)
+            assert not errors, errors
+            for error in refused:
+                note(f"OutOfPagesError: {error}")
+                _assert_names_the_budget(error)
+            event(f"threads refused by the budget: {len(refused)} of {threads}")
+    except OutOfPagesError as error:  # from enable_paging: the threads' errors are caught in them
+        _assert_names_the_budget(error)
+        event("budget refused by enable_paging")
