@@ -412,16 +412,17 @@ def _slab_fencer(engine: TransferEngine, fences: SlotFences) -> Callable[[int, i
     return fence_slab
 
 
-def _finish_device_work(engine: TransferEngine, fences: SlotFences, pid: int) -> None:
-    """At the collection of a pager (never closed, or closed: then there is nothing left to wait
-    for), before its slabs go back to torch's allocator: wait for its side streams' copies and for
-    every fenced use of a device slot, as :meth:`Pager.close` does. Not in a forked child, which
-    has no CUDA (and never hands the memory out again)."""
-    if not engine.is_cuda or os.getpid() != pid:
+def _finish_device_work(engine: TransferEngine, fences: SlotFences, pid: Optional[int] = None) -> None:
+    """Before a pager's slabs go back to torch's allocator (at :meth:`Pager.close`, or at the
+    collection of a pager never closed): wait for its side streams' copies and for every fenced use
+    of a device slot, since kernels still queued on other streams may use the slabs and the
+    allocator could hand the memory out at once. With ``pid`` (at collection), nothing in another
+    process: a forked child has no CUDA (and never hands the memory out again)."""
+    if pid is not None and os.getpid() != pid:
         return
     engine.synchronize()
     for event in fences.take_all():
-        if event is not None:
+        if event is not None:  # a CPU pager's copies carry none
             event.synchronize()
 
 
@@ -959,12 +960,7 @@ class Pager:
         with self._lock:
             if self._released:
                 return
-            self.engine.synchronize()
-            # Kernels still queued on other streams may read the slabs: the memory goes back to
-            # torch's allocator only after every fenced use of a slot has run.
-            for event in self._device_fences.take_all():
-                if event is not None:  # a CPU pager's copies carry none
-                    event.synchronize()
+            _finish_device_work(self.engine, self._device_fences)
             for allocation in list(self._allocations.values()):
                 allocation.freed = True
             self._allocations.clear()

@@ -68,6 +68,19 @@ def _run_threads(*targets):
         raise errors[0]
 
 
+def _zeroed_blocks_until(address: int, nbytes: int, tries: int = 8) -> tuple[list[torch.Tensor], bool]:
+    """Ask the allocator (current stream) for blocks of ``nbytes`` and zero each, until one holds
+    ``address`` (memory just given back) or ``tries`` run out; the blocks, and whether one held it."""
+    blocks = []
+    for _ in range(tries):
+        block = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        block.fill_(0)
+        blocks.append(block)
+        if block.data_ptr() <= address < block.data_ptr() + block.numel():
+            return blocks, True
+    return blocks, False
+
+
 def _slow_gathered_write_back(monkeypatch) -> None:
     """Make every write-back of a gathered window start ~0.25 s late on the current stream (as a long
     write-back would): everything the host enqueues meanwhile on other streams runs first unless it
@@ -319,13 +332,7 @@ def test_race_close_frees_slabs_under_user_stream_kernels():
         seen = resident.contiguous().clone()
         resident.release()
     pager.close()
-    junk = []
-    for _ in range(8):  # ask the allocator for the slab's memory again, and scribble on it
-        block = torch.empty(slab_bytes, dtype=torch.uint8, device="cuda")
-        block.fill_(0)
-        junk.append(block)
-        if block.data_ptr() <= slab_ptr < block.data_ptr() + block.numel():
-            break
+    junk, _ = _zeroed_blocks_until(slab_ptr, slab_bytes)  # kept until the check, as the scribbled memory
     torch.cuda.synchronize()
     assert torch.equal(seen, data), "a user-stream read ran after close() had given its slab back"
 
@@ -385,15 +392,8 @@ def test_race_a_pager_collected_unclosed_frees_slabs_under_its_copies():
     del pager, allocation
     gc.collect()
     assert collected() is None, "the pager was not collected: nothing raced"
-    junk = []
-    for _ in range(8):  # ask the allocator for the slab's memory again, and zero it
-        block = torch.empty(slab_bytes, dtype=torch.uint8, device="cuda")
-        block.fill_(0)
-        junk.append(block)
-        if block.data_ptr() <= slab_ptr < block.data_ptr() + block.numel():
-            break
-    else:
-        pytest.fail("the allocator never gave the slab's memory again: nothing raced")
+    junk, found = _zeroed_blocks_until(slab_ptr, slab_bytes)
+    assert found, "the allocator never gave the slab's memory again: nothing raced"
     torch.cuda.synchronize()
     assert not any(block.any() for block in junk), "a fill queued by the collected pager landed in memory handed out again"
 
