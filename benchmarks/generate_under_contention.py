@@ -7,14 +7,15 @@ differ from the unpaged model's. Start several at once beside a ``noise`` proces
 and pinned copies on a side stream): other processes' work delays this one's compute stream, so a
 copy on the pager's side streams that is not ordered after the compute stream's work lands early.
 
-    python3 benchmarks/generate_under_contention.py VARIANT SECONDS
+    python3 benchmarks/generate_under_contention.py VARIANT SECONDS [OUT.json]
 
 Variants: ``baseline`` (a device tier of 48 pages of 64 KiB: pages stream and are evicted),
 ``greedy`` (the same, no beams, the prompts repeated to a batch of 8), ``resident`` (4096 pages:
 every page resident), ``noise``. Diagnostic ones, which change the pager to find a race's side:
 ``onestream`` in a name puts the pager's copies on the compute stream, ``syncall`` synchronizes every
 event the pager records, ``noquery`` never takes a copy for finished (``Pager._unfinished_copies``
-without ``event.query``). Prints ``VARIANT runs N bad M``.
+without ``event.query``). Prints ``VARIANT runs N bad M``, and with OUT.json writes it there with
+the run's metadata (device, versions, commit, date, command).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 sys.path.insert(0, ".")  # run from the repository root: the test's model and prompts
 
+from benchmarks.common import write_results  # noqa: E402
 from pagedtensor import enable_paging  # noqa: E402
 from pagedtensor import pager as pager_module  # noqa: E402
 from pagedtensor import transfer  # noqa: E402
@@ -68,8 +70,9 @@ def _diagnose(variant: str) -> None:
         transfer.TransferEngine.record = synchronized
 
 
-def repeat(variant: str, seconds: float) -> None:
-    """Generate again and again for ``seconds``; print how many runs differed from the unpaged one."""
+def repeat(variant: str, seconds: float) -> tuple[int, int]:
+    """Generate again and again for ``seconds``; print and return how many runs there were and how
+    many differed from the unpaged one."""
     _diagnose(variant)
     beams = 1 if "greedy" in variant else 4
     vram_pages = 4096 if "resident" in variant else 48
@@ -98,14 +101,21 @@ def repeat(variant: str, seconds: float) -> None:
                     print(variant, "differs at run", runs, got.sequences[:, 300:].tolist(), flush=True)
             got.past_key_values.close()
     print(variant, "runs", runs, "bad", bad, flush=True)
+    return runs, bad
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
+    if len(argv) not in (2, 3):
         print(__doc__, file=sys.stderr)
         return 2
     variant, seconds = argv[0], float(argv[1])
-    noise(seconds) if variant == "noise" else repeat(variant, seconds)
+    if variant == "noise":
+        noise(seconds)
+        return 0
+    runs, bad = repeat(variant, seconds)
+    if len(argv) == 3:
+        write_results(argv[2], {"variant": variant, "seconds": seconds, "runs": runs, "bad": bad,
+                                "baseline": "the unpaged model's generate of the same inputs, in the same process"})  # fmt: skip
     return 0
 
 
