@@ -371,31 +371,38 @@ def test_race_a_new_slab_on_memory_a_queued_kernel_still_writes():
         assert torch.equal(got, data), "a write queued on the current stream before slab 1 was allocated overwrote its first fill"
 
 
-def test_race_a_pager_collected_unclosed_frees_slabs_under_its_copies():
+def test_race_a_pager_collected_unclosed_frees_slabs_under_user_stream_kernels():
     """pager.py: a pager dropped without close() (a model and its pager going out of scope) gave
-    its slabs back to the caching allocator while a fill it had queued on the H2D stream had not
-    run: the memory went to a new tensor on the current stream, and the late copy landed in it."""
+    its slabs back to the caching allocator while a kernel queued on a user stream still read its
+    pages: the memory went to a new tensor on the stream that grew the slabs and was overwritten
+    before that kernel ran. (No host slab here: unregistering one at collection synchronizes the
+    device, which hides the race for copies from the host tier, but not for a pager that never
+    evicted.)"""
     import gc
     import weakref
 
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     pager = _pager(8)
-    allocation, _ = _written(pager, 8 * MiB)  # grows the slab on the current stream
-    pager.evict(allocation)
+    allocation, data = _written(pager, 8 * MiB)  # grows the slab on the current stream
     _quiet(pager)
+    assert not pager.host_tier.slabs, "a host slab was registered: unregistering it synchronizes the device, nothing races"
     slab_ptr, slab_bytes = pager.device_tier.slabs[0].data_ptr(), pager.device_tier.slabs[0].numel()
-    with torch.cuda.stream(pager.engine.h2d_stream):
+    user = torch.cuda.Stream()
+    with torch.cuda.stream(user):
+        resident = pager.ensure_resident(allocation)
+        resident.wait()
         torch.cuda._sleep(SLEEP)
-    pager.prefetch(allocation).result()  # the fill is queued behind the sleep
+        seen = resident.contiguous().clone()  # queued behind the sleep
+        resident.release()
     collected = weakref.ref(pager)
-    del pager, allocation
+    del pager, allocation, resident
     gc.collect()
     assert collected() is None, "the pager was not collected: nothing raced"
     junk, found = _zeroed_blocks_until(slab_ptr, slab_bytes)
     assert found, "the allocator never gave the slab's memory again: nothing raced"
     torch.cuda.synchronize()
-    assert not any(block.any() for block in junk), "a fill queued by the collected pager landed in memory handed out again"
+    assert torch.equal(seen, data), "a user-stream read ran after the collected pager's slab was handed out again"
 
 
 # ============================================================================ probes (expected to pass)
