@@ -185,6 +185,16 @@ class PagedLayer(CacheLayerMixin):
         pass
 
 
+def check_cache_settings(sink_pages: int, hot_fraction: float, stream_group_bytes: SizeLike) -> int:
+    """Check :class:`PagedKVCache`'s placement settings (``enable_paging`` checks them before it
+    changes the model, not at the first ``generate``); returns ``stream_group_bytes`` in bytes."""
+    if isinstance(sink_pages, bool) or not isinstance(sink_pages, int) or sink_pages < 0:
+        raise ValueError(f"sink_pages: expected a non-negative int, got {sink_pages!r}")
+    if isinstance(hot_fraction, bool) or not isinstance(hot_fraction, (int, float)) or not 0 <= hot_fraction <= 1:
+        raise ValueError(f"hot_fraction: expected a number in [0, 1], got {hot_fraction!r}")
+    return parse_size(stream_group_bytes, "stream_group_bytes")
+
+
 class PagedKVCache(Cache):
     """A transformers ``Cache`` keeping K/V in pages of a :class:`~pagedtensor.pager.Pager`.
 
@@ -232,10 +242,7 @@ class PagedKVCache(Cache):
             num_layers = getattr(text_config, "num_hidden_layers", num_layers)
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers: expected a positive int (or a config with num_hidden_layers), got {num_layers!r}")
-        if isinstance(sink_pages, bool) or not isinstance(sink_pages, int) or sink_pages < 0:
-            raise ValueError(f"sink_pages: expected a non-negative int, got {sink_pages!r}")
-        if isinstance(hot_fraction, bool) or not isinstance(hot_fraction, (int, float)) or not 0 <= hot_fraction <= 1:
-            raise ValueError(f"hot_fraction: expected a number in [0, 1], got {hot_fraction!r}")
+        stream_group_bytes = check_cache_settings(sink_pages, hot_fraction, stream_group_bytes)
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
             raise ValueError(f"max_tokens: expected a positive int or None, got {max_tokens!r}")
         if not isinstance(makes_room, bool):
@@ -245,7 +252,6 @@ class PagedKVCache(Cache):
             raise ValueError("pass either pager or memory_config, not both")
         if pager is not None and not isinstance(pager, Pager):
             raise TypeError(f"pager: expected a pagedtensor.Pager, got {type(pager).__name__}")
-        stream_group_bytes = parse_size(stream_group_bytes, "stream_group_bytes")  # every check before a pager exists
         owns_pager = pager is None
         if pager is None:
             pager = Pager(streaming_config(memory_config if memory_config is not None else MemoryConfig()))

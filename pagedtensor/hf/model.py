@@ -48,10 +48,10 @@ from typing import Any, Optional
 
 import torch
 
-from pagedtensor.config import MemoryConfig, SizeLike, check_memory_config, format_size, parse_size
+from pagedtensor.config import MemoryConfig, SizeLike, check_memory_config, format_size
 from pagedtensor.handlers.linear import paged_conv1d, paged_linear
 from pagedtensor.hf.attention import PAGED_FORWARD, register_attention
-from pagedtensor.hf.cache import ACTIVE_UPDATE, ATTENTION_NAME, DEFAULT_STREAM_GROUP_BYTES, PagedKVCache, streaming_config
+from pagedtensor.hf.cache import ACTIVE_UPDATE, ATTENTION_NAME, DEFAULT_STREAM_GROUP_BYTES, PagedKVCache, check_cache_settings, streaming_config
 from pagedtensor.errors import DeviceTierFullError, OutOfPagesError, SlabAllocationError
 from pagedtensor.pager import Allocation, Pager
 
@@ -182,15 +182,8 @@ def enable_paging(
         raise TypeError(f"model: expected a transformers causal LM (a PreTrainedModel with generate), got {type(model).__name__}")
     if getattr(model, STATE_ATTRIBUTE, None) is not None:
         raise ValueError("enable_paging: paging is already enabled on this model")
-    if pager is not None and memory_config is not None:
-        raise ValueError("enable_paging: pass either memory_config or pager, not both")
-    check_memory_config(memory_config)
-    if pager is not None and not isinstance(pager, Pager):
-        raise TypeError(f"pager: expected a Pager, got {type(pager).__name__}")
-    if not isinstance(page_weights, bool):
-        raise TypeError(f"page_weights: expected True or False, got {page_weights!r}")
-    if not isinstance(attn_implementation, str):
-        raise TypeError(f"attn_implementation: expected a string (\"auto\", {ATTENTION_NAME!r}, \"sdpa\", ...), got {attn_implementation!r}")
+    stream_group_bytes = check_paging_options(memory_config, pager, attn_implementation, prefill_chunk_size, sink_pages, hot_fraction,
+                                              stream_group_bytes, page_weights)  # fmt: skip
     unpageable = _kv_cache_unsupported(model)
     if unpageable is not None:
         raise TypeError(f"enable_paging: {type(model).__name__} {unpageable}; the paged KV cache serves decoder-only attention models")
@@ -215,6 +208,32 @@ def enable_paging(
     return model
 
 
+def check_paging_options(
+    memory_config: Optional[MemoryConfig] = None, pager: Optional[Pager] = None, attn_implementation: str = "auto",
+    prefill_chunk_size: Optional[int] = None, sink_pages: int = 1, hot_fraction: float = 0.25,
+    stream_group_bytes: SizeLike = DEFAULT_STREAM_GROUP_BYTES, page_weights: bool = False,
+) -> int:  # fmt: skip
+    """:func:`enable_paging`'s checks of the options that need no model (``PagedModel.from_pretrained``
+    runs them before it loads one); returns ``stream_group_bytes`` in bytes."""
+    if pager is not None and memory_config is not None:
+        raise ValueError("enable_paging: pass either memory_config or pager, not both")
+    check_memory_config(memory_config)
+    if pager is not None and not isinstance(pager, Pager):
+        raise TypeError(f"pager: expected a Pager, got {type(pager).__name__}")
+    if not isinstance(page_weights, bool):
+        raise TypeError(f"page_weights: expected True or False, got {page_weights!r}")
+    if not isinstance(attn_implementation, str):
+        raise TypeError(f"attn_implementation: expected a string (\"auto\", {ATTENTION_NAME!r}, \"sdpa\", ...), got {attn_implementation!r}")
+    if prefill_chunk_size is not None:
+        _check_prefill_chunk_size(prefill_chunk_size)
+    return check_cache_settings(sink_pages, hot_fraction, stream_group_bytes)
+
+
+def _check_prefill_chunk_size(prefill_chunk_size: object) -> None:
+    if isinstance(prefill_chunk_size, bool) or not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1:
+        raise ValueError(f"prefill_chunk_size: expected a positive int, got {prefill_chunk_size!r}")
+
+
 def _install(
     model: torch.nn.Module, pager: Pager, attn_implementation: str, prefill_chunk_size: Optional[int], sink_pages: int,
     hot_fraction: float, stream_group_bytes: SizeLike, page_weights: bool, own_attention: list[tuple[Any, Any]],
@@ -225,8 +244,7 @@ def _install(
     are paged (undone if they do not fit), and the hooks go on last."""
     if prefill_chunk_size is None:
         prefill_chunk_size = getattr(pager.config, "prefill_chunk_size", None) or DEFAULT_PREFILL_CHUNK
-    if isinstance(prefill_chunk_size, bool) or not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1:
-        raise ValueError(f"prefill_chunk_size: expected a positive int, got {prefill_chunk_size!r}")
+    _check_prefill_chunk_size(prefill_chunk_size)
     model_device = _model_device(model)
     if model_device is not None and model_device != pager.device:
         raise ValueError(f"the model is on {model_device} but the pager's device tier is {pager.device}: move the model or set MemoryConfig(device=...)")
@@ -256,7 +274,7 @@ def _install(
         prefill_chunk_size=prefill_chunk_size,
         sink_pages=sink_pages,
         hot_fraction=hot_fraction,
-        stream_group_bytes=parse_size(stream_group_bytes, "stream_group_bytes"),
+        stream_group_bytes=stream_group_bytes,
         cache_keyword=cache_keyword(model),
         original_generate=model.generate,
     )
@@ -1128,6 +1146,21 @@ def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = Non
 # ---------------------------------------------------------------------- PagedModel
 
 
+def _check_paging_dict(memory_config: Optional[MemoryConfig], paging: Optional[dict]) -> None:
+    """``PagedModel.from_pretrained``'s ``paging``: a dict of :func:`enable_paging` options (not
+    ``pager`` nor ``memory_config``, which from_pretrained takes itself), each checked."""
+    if paging is None:
+        check_memory_config(memory_config)
+        return
+    if not isinstance(paging, dict):
+        raise TypeError(f"paging: expected a dict of enable_paging options, got {type(paging).__name__}")
+    options = [name for name in inspect.signature(check_paging_options).parameters if name not in ("memory_config", "pager")]
+    unknown = sorted(str(key) for key in paging if key not in options)
+    if unknown:
+        raise TypeError(f"paging: unknown option(s) {unknown}; enable_paging's options are {options}")
+    check_paging_options(memory_config, **paging)
+
+
 class PagedModel:
     """A transformers causal LM with paging enabled, plus its tokenizer and pager.
 
@@ -1163,7 +1196,7 @@ class PagedModel:
         ``memory_config`` as this rank's own budget (:func:`pagedtensor.hf.distributed.load_tensor_parallel`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        check_memory_config(memory_config)
+        _check_paging_dict(memory_config, paging)  # before loading gigabytes of weights
         if hf_kwargs.get("tp_plan") is not None:  # tensor parallel under torchrun: one pager per rank
             from pagedtensor.hf.distributed import load_tensor_parallel
 

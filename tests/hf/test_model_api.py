@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 
 import pytest
@@ -112,6 +113,58 @@ def test_enable_paging_checks(nvme_dir):
     enable_paging(model, tiny_budget(nvme_dir))
     with pytest.raises(ValueError, match="already"):
         enable_paging(model, tiny_budget(nvme_dir))
+
+
+BAD_CACHE_SETTINGS = [
+    ({"sink_pages": -1}, ValueError, "sink_pages: expected a non-negative int, got -1"),
+    ({"sink_pages": 1.5}, ValueError, "sink_pages: .* got 1.5"),
+    ({"sink_pages": True}, ValueError, "sink_pages: .* got True"),
+    ({"hot_fraction": 2.0}, ValueError, r"hot_fraction: expected a number in \[0, 1\], got 2.0"),
+    ({"hot_fraction": float("nan")}, ValueError, "hot_fraction: .* got nan"),
+    ({"hot_fraction": "x"}, ValueError, "hot_fraction: .* got 'x'"),
+    ({"stream_group_bytes": "bogus"}, ValueError, "stream_group_bytes: cannot parse size 'bogus'"),
+    ({"prefill_chunk_size": 0}, ValueError, "prefill_chunk_size: expected a positive int, got 0"),
+    ({"page_weights": "yes"}, TypeError, "page_weights: expected True or False, got 'yes'"),
+    ({"attn_implementation": 3}, TypeError, "attn_implementation: expected a string"),
+]
+
+
+@pytest.mark.parametrize("options, error, message", BAD_CACHE_SETTINGS)
+def test_enable_paging_refuses_a_bad_option_before_it_changes_the_model(nvme_dir, options, error, message):
+    """The cache's settings were checked only at the first generate: enable_paging accepted
+    sink_pages=-1 and hot_fraction=2.0, switched the model's attention and installed its hooks."""
+    reference, model = tiny_pair("llama")
+    with pytest.raises(error, match=message):
+        enable_paging(model, tiny_budget(nvme_dir), **{"attn_implementation": "pagedllm", **options})
+    assert paging_state(model) is None and model.config._attn_implementation == "sdpa"
+    assert not model._forward_pre_hooks and not any(module._forward_pre_hooks for module in model.modules())
+    ids, mask = prompts(1, length=12)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False), expected)
+
+
+def test_from_pretrained_checks_its_paging_options_before_it_loads_a_model(tmp_path):
+    missing = str(tmp_path / "no-such-model")  # loading it would raise OSError: every check below runs first
+    with pytest.raises(TypeError, match=r"paging: unknown option\(s\) \['sink_page'\]; enable_paging's options are \['attn_implementation'"):
+        PagedModel.from_pretrained(missing, paging={"sink_page": 2})
+    with pytest.raises(TypeError, match=r"paging: unknown option\(s\) \['pager'\]"):
+        PagedModel.from_pretrained(missing, paging={"pager": None})
+    with pytest.raises(TypeError, match="paging: expected a dict of enable_paging options, got list"):
+        PagedModel.from_pretrained(missing, paging=[("sink_pages", 2)])
+    for options, error, message in BAD_CACHE_SETTINGS:
+        with pytest.raises(error, match=message):
+            PagedModel.from_pretrained(missing, paging=options)
+    with pytest.raises(OSError):  # good options: the load itself is what fails
+        PagedModel.from_pretrained(missing, paging={"sink_pages": 2, "hot_fraction": 0.5})
+
+
+def test_the_checked_paging_options_are_enable_paging_s():
+    from pagedtensor.hf.model import check_paging_options
+
+    enable = inspect.signature(enable_paging).parameters
+    checked = inspect.signature(check_paging_options).parameters
+    assert [name for name in enable if name != "model"] == list(checked)
+    assert all(enable[name].default == checked[name].default for name in checked)
 
 
 def test_auto_attention_uses_the_kernels_under_the_interpreter(nvme_dir, monkeypatch):
