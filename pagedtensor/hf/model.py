@@ -259,8 +259,8 @@ def _install(
             try:
                 _set_attn_implementation(model, ATTENTION_NAME)
                 attn_implementation = ATTENTION_NAME
-            except ValueError:  # the model refused to switch
-                pass
+            except ValueError:  # the model refused to switch: any sub-config its setter switched goes back
+                _restore_attention_settings(own_attention)
         if attn_implementation != ATTENTION_NAME:
             log.info("enable_paging: %s keeps its %r attention over the paged cache", type(model).__name__, attn_implementation)
     if attn_implementation != model.config._attn_implementation:
