@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pagedtensor import DeviceTierFullError, MemoryConfig, OutOfPagesError, PageCorruptionError, PagedTensor, Pager, SlabAllocationError
 from pagedtensor.pager import Allocation, ResidentPages
-from tests.support import ClosedWhileWaiting, CPU_AND_CUDA, run_in_threads
+from tests.support import CPU_AND_CUDA, ClosedWhileWaiting, run_in_threads
 
 PAGE = 4096
 
@@ -791,7 +791,7 @@ def test_write_back_gives_resident_pages_host_copies_and_leaves_them_resident():
         assert torch.equal(pager.read(allocation), expected)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_a_page_staged_from_a_full_disk_keeps_its_disk_copy(tmp_path, device):
     """Staging a disk-only page needs a host slot, and the host page that makes way would have to
     spill to a full disk: the unfilled device slot given to the staged page is no copy of it, so
@@ -1175,7 +1175,7 @@ def test_tiers_that_hold_the_bytes_together_never_fail(device, ops, device_pages
         shutil.rmtree(nvme, ignore_errors=True)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_an_unwritten_overwrite_refills_a_pinned_page_from_a_full_disk(tmp_path, device):
     """The refill of a page another holder pins reads its disk copy straight into the slot: staging it
     through a full host tier would spill to a full disk tier, which could only fail (or, dropping the

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import pagedtensor
 from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
+from tests.support import CPU_AND_CUDA
 
 PAGE = 4096
 DEVICE_PAGES = 6
@@ -34,7 +35,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_the_readme_example_scales_a_table_eight_times_the_device_tier(device):
     with make_pager(device) as pager:
         x = torch.randn(384, 256, device=device)  # 96 pages; the device tier holds 6
@@ -375,7 +376,7 @@ def test_masked_fill_by_a_tensor_runs_in_pieces_where_it_keeps_the_layout():
             _masked_fill_by_a_tensor(*transposed)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("name", sorted(UNTAGGED_ELEMENTWISE))
 def test_elementwise_ops_without_the_pointwise_tag_run_in_pieces(device, transposed, name):

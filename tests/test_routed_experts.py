@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pagedtensor import MemoryConfig, PagedTensor, Pager
+from tests.support import CPU_AND_CUDA
 
 PAGE = 4096
 
@@ -37,7 +38,7 @@ def expert_pages(stack: torch.Tensor, experts: list[int]) -> set[int]:
     return {page for e in experts for page in range(e * size // PAGE, -(-(e + 1) * size // PAGE))}
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("transposed", [True, False])
 def test_only_the_experts_with_rows_fault_in(device, dtype, transposed):
@@ -73,7 +74,7 @@ def test_the_gpu_kernel_sees_the_dense_ops_shapes(counts):
         assert torch.equal(got[:end], grouped(a, stack, offs, True)[:end])
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_a_stack_every_expert_reads_runs_even_when_it_does_not_fit(device):
     stack = torch.randn(6, 32, 32, generator=torch.Generator().manual_seed(2)).to(device)  # a page each
     a = torch.randn(12, 32, generator=torch.Generator().manual_seed(3)).to(device)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from pagedtensor import OutOfPagesError, PagedTensor
 from tests.test_copy_ops_in_pieces import TIER_BYTES, make_pager, same_bits, within_tier
 from tests.test_gathers_past_the_tier import LAYOUTS, long_dim_outermost, paged_and_dense
+from tests.support import CPU_AND_CUDA
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool)
 SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -241,7 +242,7 @@ EVERY_MOVE: dict[str, Move] = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_every_move_past_the_tier_on_each_device(device):
     """Each op (the flattened roll on the contiguous table only) on a table of 4 to 16 times an 8-page tier, a float and an
     integer one, contiguous and transposed (``t.T``: the op on its dims ordered outermost first)."""
@@ -537,7 +538,7 @@ def test_triangle_outs_torch_writes_unchecked_still_raise(name, move):
         assert torch.equal(t.materialize(), values)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_in_place_and_out_moves_past_the_tier_on_each_device(device):
     """``tril_``/``triu_`` and each ``out=`` form on a table of 8 times an 8-page tier, a float one
     into an empty ``out`` and an integer one into a PagedTensor ``out``, contiguous and transposed."""

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
+from tests.support import CPU_AND_CUDA
 
 PAGE = 4096
 
@@ -182,7 +183,7 @@ def test_element_scatters_on_tables_larger_than_the_device_tier_equal_dense(data
         assert same_bits(table.materialize(), expected), form
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_an_element_scatter_faults_in_only_the_pages_of_its_rows(device):
     """``t[i, j] = v`` and ``t[mask] = v`` (a mask over both dims) on a 16-page table write rows 1,
     50 and 51: pages 0 and 12 fault in."""
@@ -250,7 +251,7 @@ def test_scatters_on_tables_larger_than_the_device_tier_equal_dense(data, op, dt
         assert same_bits(table.materialize(), expected), (op, dim, index_shape, reduce, include_self)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_a_scatter_along_dim_0_faults_in_only_the_pages_of_its_rows(device):
     """``scatter_``, ``scatter_add_`` and ``scatter_reduce_`` along dim 0 writing rows 1, 50 and 51: pages 0 and 12."""
     with make_pager(device=device) as pager:
@@ -415,7 +416,7 @@ def test_the_piece_of_rows_path_never_takes_dim_0():
             assert _index_op_a_piece_of_rows_at_a_time(torch.ops.aten.index_copy_.default, args, {}) is NotImplemented
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_index_ops_along_another_dim_past_the_tier_equal_dense(device):
     """A 64 x 256 float table (16 pages, the device tier 8): copy, add (alpha, a repeated position;
     on CUDA, whose adds are atomic, of integers) and fill along dim 1, bitwise as dense."""
@@ -445,7 +446,7 @@ def device_pages_of(pager: Pager, table: PagedTensor) -> set[int]:
     return {info.index for info in pager.page_table(table.allocation) if info.tier == "device"}
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("op", OPS)
 def test_a_scatter_to_a_few_rows_faults_in_only_their_pages(op, device):
     """A scatter to rows 3, 40, 60 (repeated where the op allows, on the CPU) of a 16-page table on a

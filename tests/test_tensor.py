@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import pagedtensor
 from pagedtensor import DeviceTierFullError, MemoryConfig, OutOfPagesError, PagedTensor, Pager
 from pagedtensor.dispatch import DISPATCHER, implements, touched_pages
-from tests.support import ClosedWhileWaiting, exit_zero_if_paged_and_equal, run_in_threads
+from tests.support import CPU_AND_CUDA, ClosedWhileWaiting, exit_zero_if_paged_and_equal, run_in_threads
 
 PAGE = 4096
 aten = torch.ops.aten
@@ -39,7 +39,7 @@ def make_pager(device_pages: int = 8, host_pages: int = 256, device: str = "cpu"
     return Pager(MemoryConfig(**config))
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.fixture(params=CPU_AND_CUDA)
 def pager(request):
     """A pager with 8 device pages of 4 KiB; on the CPU, and on the GPU where there is one."""
     with make_pager(device=request.param) as p:

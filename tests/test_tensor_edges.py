@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import pagedtensor
 from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
+from tests.support import CPU_AND_CUDA
 
 PAGE = 4096
 OVERLAP = "refer to a single memory location"
@@ -582,7 +583,7 @@ def _cuda_pager(device_pages: int = 8) -> Pager:
                               prefetch_strategy="none", device="cuda"))  # fmt: skip
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_kernels_that_make_conjugate_views_inside_give_the_dense_bits(device):
     """torch runs ``__torch_dispatch__`` with the conjugate and negative views' fallbacks turned off;
     a kernel that makes such a view itself then reads its raw bits: ``linalg_lstsq``'s residuals
