@@ -217,6 +217,38 @@ def _run_outside_compile(fn: Callable) -> Callable:
     return run
 
 
+# The PagedTensors whose dense data (``_dense``: for one with a storage offset, the elements from
+# the allocation's start, so that the inner tensor has the outer one's offset) a compiled graph may
+# be running on, by that data's storage.
+_DENSE_OWNERS: dict[int, "weakref.ref[PagedTensor]"] = {}
+
+
+def _register_dense_owner(dense: torch.Tensor, owner: "PagedTensor") -> None:
+    """Note that ``dense`` is the dense data of ``owner``, until ``dense`` is collected.
+
+    Why: a compiled graph (aot_eager, inductor) that returns a view of an input is followed by
+    AOT autograd's ``gen_alias_from_base`` (torch/_functorch/_aot_autograd/functional_utils.py),
+    which rebuilds the view as ``input.as_strided(size, stride, offset)`` with the offset of the
+    graph's output, an absolute one here (the inner tensor's). From torch 2.14 it adds the input's
+    own offset when the output's ``untyped_storage()`` is not the input's (meant for an input that
+    inductor cloned to align it), which counted the offset twice: ``compile(lambda t: t[1:3])(p[4:8])``
+    returned rows 8-9, not 5-6. The output built around a view of this dense data answers
+    ``untyped_storage()`` with ``owner``'s, so torch keeps the offset as it is (as torch 2.13 and
+    older always did)."""
+    key = dense.untyped_storage()._cdata
+    _DENSE_OWNERS[key] = weakref.ref(owner)
+    # The storage outlives ``dense`` only in views of it; its address is not reused before it is freed.
+    weakref.finalize(dense, _DENSE_OWNERS.pop, key, None)
+
+
+def _dense_owner(inner: torch.Tensor) -> Optional[PagedTensor]:
+    """The PagedTensor whose dense data ``inner`` views (:func:`_register_dense_owner`), if any."""
+    if type(inner) is not torch.Tensor:  # a fake or functional tensor while tracing: no data
+        return None
+    owner_ref = _DENSE_OWNERS.get(inner.untyped_storage()._cdata)
+    return owner_ref() if owner_ref is not None else None
+
+
 class PagedTensor(torch.Tensor):
     """A tensor whose bytes live in a :class:`~pagedtensor.pager.Pager`; see the module docstring.
 
@@ -326,6 +358,7 @@ class PagedTensor(torch.Tensor):
         out._span = None
         out._meta = None
         out._view_root = None
+        out._storage_owner = None
         if bits != (False, False):
             with_math_bits(out, bits)
         return out
@@ -352,6 +385,7 @@ class PagedTensor(torch.Tensor):
         out._span = None
         out._meta = None
         out._view_root = None
+        out._storage_owner = _dense_owner(inner) if _DENSE_OWNERS else None
         return out
 
     # ------------------------------------------------------------------ the traceable-subclass contract
@@ -423,6 +457,7 @@ class PagedTensor(torch.Tensor):
         if cached is not None and cached[0] == version:
             return cached[1]
         dense = self.materialize() if self._offset == 0 else self._materialize_from_start()
+        _register_dense_owner(dense, self)
         self._materialized = (version, dense)
         return dense
 
@@ -540,9 +575,15 @@ class PagedTensor(torch.Tensor):
             array.flags.writeable = False
         return array
 
+    def untyped_storage(self) -> torch.UntypedStorage:
+        """The wrapper's storage (no bytes): torch itself reads it, e.g. torch.compile's metadata
+        checks; writing through it is unsupported. A compiled graph's output that views the dense
+        data of an offset input answers with that input's storage (see :func:`_register_dense_owner`)."""
+        owner = getattr(self, "_storage_owner", None)
+        return torch.Tensor.untyped_storage(self if owner is None else owner)
+
     # The wrapper's own storage is empty (no bytes, a null pointer): these would reach it and crash or
-    # export garbage, so each raises, naming what to use instead. (``untyped_storage()`` stays: torch
-    # itself reads it, e.g. torch.compile's metadata checks; writing through it is unsupported.)
+    # export garbage, so each raises, naming what to use instead.
     # RuntimeError, not NotImplementedError: safetensors takes the latter from ``storage()`` for a meta
     # storage and goes on to read ``data_ptr()``.
     def storage(self) -> torch.TypedStorage:

@@ -163,6 +163,31 @@ def test_a_view_returned_from_an_offset_input_aliases_the_right_pages(pager, bac
     assert torch.equal(paged.materialize(), expected)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_returned_view_of_an_offset_input_answers_with_the_input_s_storage(pager, backend, monkeypatch):
+    """AOT autograd rebuilds a returned view of an input as ``input.as_strided(size, stride, offset)``
+    with the graph output's offset (``gen_alias_from_base``); from torch 2.14 it adds the input's own
+    offset when the output's ``untyped_storage()`` is not the input's, which counted ``p[4:8]``'s
+    offset twice (rows 8-9 for rows 5-6, and wrong gradients). The graph's output must answer with
+    the input's storage, on every torch (checked where torch compares them)."""
+    from torch._functorch._aot_autograd import runtime_wrappers
+
+    original = runtime_wrappers.gen_alias_from_base
+    same_storage = []
+
+    def spy(aliased_base, target, *args, **kwargs):
+        same_storage.append(aliased_base.untyped_storage()._cdata == target.untyped_storage()._cdata)
+        return original(aliased_base, target, *args, **kwargs)
+
+    monkeypatch.setattr(runtime_wrappers, "gen_alias_from_base", spy)
+    base = torch.arange(32 * 64, dtype=torch.float32).reshape(32, 64)
+    paged = PagedTensor.wrap(base, pager)
+    for start in (0, 4, 9):
+        out = torch.compile(lambda t: t[1:3], backend=backend, fullgraph=True)(paged[start : start + 4])
+        assert torch.equal(out.materialize(), base[start + 1 : start + 3]) and out.storage_offset() == (start + 1) * 64
+    assert same_storage == [True, True, True]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_through_a_returned_view_of_an_offset_input(pager, backend):
     g = torch.Generator().manual_seed(1)
