@@ -201,6 +201,66 @@ def test_an_element_scatter_faults_in_only_the_pages_of_its_rows(device):
         assert torch.equal(table.materialize(), x)
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_a_masked_fill_faults_in_only_the_pages_of_its_rows(device):
+    """``t.masked_fill_(mask, v)`` with a mask of ``t``'s shape (what ``t[mask] = v`` runs from
+    torch 2.15) on a 16-page table, marking rows 1, 50, 51 and then 2, 51, 52: pages 0, 12 and 13
+    fault in (every page did)."""
+    with make_pager(device=device) as pager:
+        x = rows_tensor().to(device)
+        table = PagedTensor.wrap(x.clone(), pager)
+        mask = torch.zeros(64, 256, dtype=torch.bool, device=device)
+        mask[1, 7] = mask[50, 0] = mask[51, 255] = True
+        pager.evict_all()
+        before = pager.stats()["faults"]
+        for target in (table, x):
+            assert target.masked_fill_(mask, -1.0) is target
+            assert target.masked_fill_(mask.roll(1, 0), torch.tensor(2.5, dtype=torch.float64)) is target  # a 0-dim value of another dtype
+        assert pager.stats()["faults"] - before == 3
+        assert torch.equal(table.materialize(), x)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]),
+    three_dims=st.booleans(),
+    density=st.sampled_from([0.0, 0.01, 0.2, 1.0]),
+    value_kind=st.sampled_from(["python scalar", "0-dim tensor", "0-dim tensor of another dtype"]),
+    seed=st.integers(0, 2**16),
+)
+def test_masked_fills_on_tables_larger_than_the_device_tier_equal_dense(data, dtype, three_dims, density, value_kind, seed):
+    """``masked_fill_`` (and ``t[mask] = v``) by a mask of the table's shape on random tables of 2
+    to 6 times the device tier: the table ends bitwise as the dense one, the device tier's budget holds."""
+    cols = data.draw(st.integers(4, 40), label="cols")
+    row_elements = cols * (3 if three_dims else 1)
+    rows = data.draw(st.integers(2 * 8 * PAGE // (row_elements * dtype.itemsize) + 1, 6 * 8 * PAGE // (row_elements * dtype.itemsize) + 2), label="rows")
+    shape = (rows, 3, cols) if three_dims else (rows, cols)
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.rand(shape, generator=generator) < 0.5 if dtype == torch.bool else random_values(shape, dtype, generator)
+    mask = torch.rand(shape, generator=generator) < density
+    scalar = data.draw(st.sampled_from([0, 1, -3, 2.5, float("inf"), float("nan"), True]) if dtype != torch.bool else st.sampled_from([0, 1, True]), label="value")
+    if dtype in (torch.int64, torch.bool) and isinstance(scalar, float) and not math.isfinite(scalar):
+        scalar = -3
+    if value_kind == "python scalar":
+        value = scalar
+    elif value_kind == "0-dim tensor":
+        value = torch.tensor(scalar, dtype=dtype)
+    else:
+        value = torch.tensor(scalar, dtype=torch.float64 if dtype != torch.float64 else torch.float32)
+    setitem = data.draw(st.booleans(), label="t[mask] = v") and value_kind == "python scalar"
+    with make_pager() as pager:
+        table = PagedTensor.wrap(base.clone(), pager)
+        expected = base.clone()
+        for target in (table, expected):
+            if setitem:
+                target[mask] = value
+            else:
+                assert target.masked_fill_(mask, value) is target
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+        assert same_bits(table.materialize(), expected)
+
+
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.data(),
@@ -570,6 +630,9 @@ BAD_CALLS = {
     "t[:, pos] = v, pos before the start": lambda t: t.__setitem__((slice(None), torch.tensor([-257])), 1.0),
     "t[:, pos] = v, float pos": lambda t: torch.ops.aten.index_put_.default(t, [None, torch.tensor([1.0])], torch.zeros(64, 1)),
     "t[:, pos] = v, values dtype": lambda t: torch.ops.aten.index_put_.default(t, [None, torch.tensor([1])], torch.zeros(64, 1, dtype=torch.float64)),
+    "masked_fill_ value overflows the dtype": lambda t: t.masked_fill_(torch.ones(64, 256, dtype=torch.bool), 1e40),
+    "masked_fill_ value of one dim": lambda t: t.masked_fill_(torch.ones(64, 256, dtype=torch.bool), torch.ones(1)),
+    "masked_fill_ complex value": lambda t: t.masked_fill_(torch.ones(64, 256, dtype=torch.bool), torch.tensor(1 + 2j)),
     "index_fill out of bounds": lambda t: t.index_fill_(0, torch.tensor([64]), 1.0),
     "index_fill negative out of bounds": lambda t: t.index_fill_(0, torch.tensor([-65]), 1.0),
     "index_fill value of one dim": lambda t: t.index_fill_(0, torch.tensor([1]), torch.ones(1)),

@@ -1,5 +1,5 @@
 """The handler of dim-0 row scatters in place (``index_put_`` with index tensors on the leading
-dims or a bool mask over them, ``index_copy_``, ``index_add_``, ``index_fill_``): only the pages
+dims or a bool mask over them, ``masked_fill_``, ``index_copy_``, ``index_add_``, ``index_fill_``): only the pages
 holding the written rows fault in, a run of pages at a time. ``index_put_`` after leading slices
 (``t[:, pos] = v``) and ``index_copy_``, ``index_add_``, ``index_fill_`` along another dim run a
 piece of rows at a time; ``scatter_``, ``scatter_add_`` and ``scatter_reduce_`` run torch's own
@@ -133,6 +133,29 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
         run_args = request.arguments(request.table.narrow(0, lo, hi - lo), run_index, run_source, run_rest)
         DISPATCHER.run_paged(func, types, run_args, dict(request.options))
     return request.table
+
+
+@implements([aten.masked_fill_.Scalar, aten.masked_fill_.Tensor])
+def masked_fill_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``t.masked_fill_(mask, value)`` with a bool mask of ``t``'s own shape: the ``index_put_`` of
+    that mask (:func:`scatter_rows`), so only the pages of the rows the mask marks fault in. From
+    torch 2.15 ``t[mask] = value`` with such a mask and a scalar runs this op, no longer
+    ``index_put_``: every page faulted in.
+
+    torch's checks and its conversion of ``value`` to ``t``'s dtype run first, on a one-element
+    stand-in, with torch's errors and before any page faults in; the value written is the
+    stand-in's element, as the dense op writes it. Other forms (a mask broadcast to ``t``, not
+    bool, on another device or paged; a paged value; a table with a dim of stride 0) run the
+    generic way, which faults in the whole table."""
+    bound = _arguments_by_name(func, args, kwargs)
+    table, mask, value = bound["self"], bound["mask"], bound["value"]
+    if not (type(mask) is torch.Tensor and mask.dtype == torch.bool and mask.shape == table.shape and mask.device == table.device
+            and not isinstance(value, PagedTensor) and all(stride != 0 for size, stride in zip(table.shape, table.stride()) if size > 1)):  # fmt: skip
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    stand_in = torch.zeros(1, dtype=table.dtype, device=table.device)
+    func(stand_in, torch.ones(1, dtype=torch.bool, device=table.device), value)
+    scatter_rows(aten.index_put_.default, types, (table, [mask], stand_in[0]), {})
+    return table
 
 
 def _arguments_by_name(func: OpOverload, args: tuple, kwargs: dict) -> dict:
