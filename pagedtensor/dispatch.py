@@ -285,17 +285,25 @@ class PagedDispatcher:
         handler = self.handlers.get(func)
         if handler is view_of_pages:
             return view_of_pages(func, types, args, kwargs, leaves)
+        if handler is None:
+            return self.run_generic(func, types, args, kwargs, leaves)
         try:
-            if handler is not None:
-                return handler(func, types, args, kwargs)
+            return handler(func, types, args, kwargs)
+        except _OpTooLarge as error:
+            raise _as_pagers_error(error) from error.__cause__
+
+    def run_generic(self, func: OpOverload, types: tuple, args: tuple, kwargs: dict, leaves: Optional[list[PagedTensor]] = None) -> Any:
+        """Step 2 (:meth:`run_paged`); where the pages do not fit at once, an elementwise op runs a
+        piece of pages at a time (:func:`run_in_pieces`) and any other raises the pager's error
+        (DeviceTierFullError where the device tier was the bound). What an op without a handler
+        runs, and a handler for the forms it leaves to the generic way."""
+        try:
             return self.run_paged(func, types, args, kwargs, leaves)
         except _OpTooLarge as error:
-            # An elementwise op runs a piece of pages at a time; any other raises.
-            in_pieces = handler is None and not _reads_written_bytes_as_other_elements(self.info(func), args, kwargs)
+            in_pieces = not _reads_written_bytes_as_other_elements(self.info(func), args, kwargs)
             out = run_in_pieces(func, args, kwargs, self.info(func)) if in_pieces else NotImplemented
-            if out is NotImplemented:  # raised as the pager's type (DeviceTierFullError where the device tier was the bound)
-                pagers_type = type(error.__cause__) if isinstance(error.__cause__, OutOfPagesError) else OutOfPagesError
-                raise pagers_type(*error.args) from error.__cause__
+            if out is NotImplemented:
+                raise _as_pagers_error(error) from error.__cause__
             return out
 
     def run_paged(self, func: OpOverload, types: tuple, args: tuple, kwargs: dict, leaves: Optional[list[PagedTensor]] = None) -> Any:
@@ -741,6 +749,13 @@ def _release_windows(groups: Sequence[_Group]) -> None:
 class _OpTooLarge(OutOfPagesError):
     """The pages an op reaches do not fit on the device tier at once (raised to users as an
     :class:`OutOfPagesError` when the op cannot run in pieces)."""
+
+
+def _as_pagers_error(error: "_OpTooLarge") -> OutOfPagesError:
+    """``error`` as the pager's error type that caused it (DeviceTierFullError where the device
+    tier was the bound), for the caller."""
+    pagers_type = type(error.__cause__) if isinstance(error.__cause__, OutOfPagesError) else OutOfPagesError
+    return pagers_type(*error.args)
 
 
 def _too_many_pages(func: OpOverload, error: OutOfPagesError) -> OutOfPagesError:

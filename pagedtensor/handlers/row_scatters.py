@@ -144,14 +144,25 @@ def masked_fill_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
 
     torch's checks and its conversion of ``value`` to ``t``'s dtype run first, on a one-element
     stand-in, with torch's errors and before any page faults in; the value written is the
-    stand-in's element, as the dense op writes it. Other forms (a mask broadcast to ``t``, not
-    bool, on another device or paged; a paged value; a table with a dim of stride 0) run the
-    generic way, which faults in the whole table."""
+    stand-in's element, as the dense op writes it. Other forms run the generic way (in pieces of
+    the table past the device tier, every page faulted in): a table that fits in one piece, one
+    whose single row spans more than a piece (a transposed table), a mask broadcast to ``t``, not
+    bool, on another device or paged, a paged value, a table with a dim of stride 0.
+
+    Note:
+        Reads which rows the mask marks on the host (a sync when it lives on the GPU), for a table
+        larger than a piece.
+    """
     bound = _arguments_by_name(func, args, kwargs)
     table, mask, value = bound["self"], bound["mask"], bound["value"]
     if not (type(mask) is torch.Tensor and mask.dtype == torch.bool and mask.shape == table.shape and mask.device == table.device
-            and not isinstance(value, PagedTensor) and all(stride != 0 for size, stride in zip(table.shape, table.stride()) if size > 1)):  # fmt: skip
-        return DISPATCHER.run_paged(func, types, args, kwargs)
+            and table.dim() >= 1 and not isinstance(value, PagedTensor)
+            and all(stride != 0 for size, stride in zip(table.shape, table.stride()) if size > 1)
+            and _larger_than_a_piece([table])):  # fmt: skip
+        return DISPATCHER.run_generic(func, types, args, kwargs)
+    marked_rows = torch.nonzero(mask.reshape(mask.shape[0], -1).any(1)).flatten().cpu()
+    if _runs_of_rows(table, marked_rows) is None:
+        return DISPATCHER.run_generic(func, types, args, kwargs)
     stand_in = torch.zeros(1, dtype=table.dtype, device=table.device)
     func(stand_in, torch.ones(1, dtype=torch.bool, device=table.device), value)
     scatter_rows(aten.index_put_.default, types, (table, [mask], stand_in[0]), {})
