@@ -183,10 +183,10 @@ def test_element_scatters_on_tables_larger_than_the_device_tier_equal_dense(data
         assert same_bits(table.materialize(), expected), form
 
 
-@pytest.mark.parametrize("device", CPU_AND_CUDA)
-def test_an_element_scatter_faults_in_only_the_pages_of_its_rows(device):
-    """``t[i, j] = v`` and ``t[mask] = v`` (a mask over both dims) on a 16-page table write rows 1,
-    50 and 51: pages 0 and 12 fault in."""
+def _faults_of_a_masked_write(device: str, write) -> int:
+    """The faults ``write(target, mask)`` takes on a 16-page table (4 rows a page, evicted first),
+    with a mask over both dims marking an element in each of rows 1, 50 and 51; the table must end
+    as the dense table does after the same write."""
     with make_pager(device=device) as pager:
         x = rows_tensor().to(device)
         table = PagedTensor.wrap(x.clone(), pager)
@@ -195,29 +195,34 @@ def test_an_element_scatter_faults_in_only_the_pages_of_its_rows(device):
         pager.evict_all()
         before = pager.stats()["faults"]
         for target in (table, x):
-            target[torch.tensor([50, 1, 51], device=device), torch.tensor([3, -1, 0], device=device)] = torch.tensor([1.0, 2.0, 3.0], device=device)
-            target[mask] = -1.0
-        assert pager.stats()["faults"] - before == 2
+            write(target, mask)
+        faults = pager.stats()["faults"] - before
         assert torch.equal(table.materialize(), x)
+        return faults
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_an_element_scatter_faults_in_only_the_pages_of_its_rows(device):
+    """``t[i, j] = v`` and ``t[mask] = v`` (a mask over both dims) write rows 1, 50 and 51: pages 0
+    and 12 fault in."""
+
+    def write(target, mask):
+        target[torch.tensor([50, 1, 51], device=device), torch.tensor([3, -1, 0], device=device)] = torch.tensor([1.0, 2.0, 3.0], device=device)
+        target[mask] = -1.0
+
+    assert _faults_of_a_masked_write(device, write) == 2
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_a_masked_fill_faults_in_only_the_pages_of_its_rows(device):
     """``t.masked_fill_(mask, v)`` with a mask of ``t``'s shape (what ``t[mask] = v`` runs from
-    torch 2.15) on a 16-page table, marking rows 1, 50, 51 and then 2, 51, 52: pages 0, 12 and 13
-    fault in (every page did)."""
-    with make_pager(device=device) as pager:
-        x = rows_tensor().to(device)
-        table = PagedTensor.wrap(x.clone(), pager)
-        mask = torch.zeros(64, 256, dtype=torch.bool, device=device)
-        mask[1, 7] = mask[50, 0] = mask[51, 255] = True
-        pager.evict_all()
-        before = pager.stats()["faults"]
-        for target in (table, x):
-            assert target.masked_fill_(mask, -1.0) is target
-            assert target.masked_fill_(mask.roll(1, 0), torch.tensor(2.5, dtype=torch.float64)) is target  # a 0-dim value of another dtype
-        assert pager.stats()["faults"] - before == 3
-        assert torch.equal(table.materialize(), x)
+    torch 2.15) marking rows 1, 50, 51 and then 2, 51, 52: pages 0, 12 and 13 fault in (every page did)."""
+
+    def write(target, mask):
+        assert target.masked_fill_(mask, -1.0) is target
+        assert target.masked_fill_(mask.roll(1, 0), torch.tensor(2.5, dtype=torch.float64)) is target  # a 0-dim value of another dtype
+
+    assert _faults_of_a_masked_write(device, write) == 3
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
