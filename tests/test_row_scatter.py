@@ -225,6 +225,25 @@ def test_a_masked_fill_faults_in_only_the_pages_of_its_rows(device):
     assert _faults_of_a_masked_write(device, write) == 3
 
 
+@pytest.mark.parametrize(
+    "write",
+    [lambda t, m: t.__setitem__(m, -1.0), lambda t, m: t.__setitem__(m, torch.tensor(2.5)),
+     lambda t, m: t.index_put_((m,), torch.tensor([3.0])), lambda t, m: t.masked_fill_(m, 4.0)],
+    ids=["t[mask] = scalar", "t[mask] = 0-dim tensor", "index_put_ of one value", "masked_fill_"],
+)
+def test_a_full_mask_fill_of_a_transposed_table_past_the_tier_runs_in_pieces(write):
+    """A transposed table's rows each span the table, so no run of rows fits: a fill by a mask of
+    the whole shape runs as masked_fill_ in pieces of memory (``index_put_`` raised DeviceTierFullError)."""
+    x = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)).t().contiguous().t()  # 19 pages; the tier holds 8
+    mask = torch.rand(64, 300, generator=torch.Generator().manual_seed(1)) < 0.1
+    with make_pager() as pager:
+        table = PagedTensor.wrap(x.clone(), pager)
+        write(table, mask)
+        write(x, mask)
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+        assert same_bits(table.materialize(), x)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.data(),
@@ -232,17 +251,22 @@ def test_a_masked_fill_faults_in_only_the_pages_of_its_rows(device):
     three_dims=st.booleans(),
     density=st.sampled_from([0.0, 0.01, 0.2, 1.0]),
     value_kind=st.sampled_from(["python scalar", "0-dim tensor", "0-dim tensor of another dtype"]),
+    transposed=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_masked_fills_on_tables_larger_than_the_device_tier_equal_dense(data, dtype, three_dims, density, value_kind, seed):
+def test_masked_fills_on_tables_larger_than_the_device_tier_equal_dense(data, dtype, three_dims, density, value_kind, transposed, seed):
     """``masked_fill_`` (and ``t[mask] = v``) by a mask of the table's shape on random tables of 2
-    to 6 times the device tier: the table ends bitwise as the dense one, the device tier's budget holds."""
+    to 6 times the device tier, rows or transposed (each row spans the table: in pieces of memory;
+    ``t[mask] = v`` by index_put_ raised DeviceTierFullError there): the table ends bitwise as the
+    dense one, the device tier's budget holds."""
     cols = data.draw(st.integers(4, 40), label="cols")
     row_elements = cols * (3 if three_dims else 1)
     rows = data.draw(st.integers(2 * 8 * PAGE // (row_elements * dtype.itemsize) + 1, 6 * 8 * PAGE // (row_elements * dtype.itemsize) + 2), label="rows")
     shape = (rows, 3, cols) if three_dims else (rows, cols)
     generator = torch.Generator().manual_seed(seed)
     base = torch.rand(shape, generator=generator) < 0.5 if dtype == torch.bool else random_values(shape, dtype, generator)
+    if transposed:
+        base = base.transpose(0, -1).contiguous().transpose(0, -1)
     mask = torch.rand(shape, generator=generator) < density
     scalar = data.draw(st.sampled_from([0, 1, -3, 2.5, float("inf"), float("nan"), True]) if dtype != torch.bool else st.sampled_from([0, 1, True]), label="value")
     if dtype in (torch.int64, torch.bool) and isinstance(scalar, float) and not math.isfinite(scalar):
@@ -257,6 +281,7 @@ def test_masked_fills_on_tables_larger_than_the_device_tier_equal_dense(data, dt
     with make_pager() as pager:
         table = PagedTensor.wrap(base.clone(), pager)
         expected = base.clone()
+        assert table.stride() == expected.stride()
         for target in (table, expected):
             if setitem:
                 target[mask] = value

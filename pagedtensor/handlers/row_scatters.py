@@ -19,7 +19,7 @@ from pagedtensor.dispatch import DISPATCHER, _row_byte_spans, aten, implements
 from pagedtensor.handlers.parts import _larger_than_a_piece
 from pagedtensor.handlers.row_gathers import _dense, _rows_a_piece, _rows_can_be_copied, _rows_compacted
 from pagedtensor.pieces import piece_elements_of
-from pagedtensor.tensor import PagedTensor
+from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping
 
 
 _ROW_SCATTERS = [aten.index_put_.default, aten.index_copy_.default, aten.index_add_.default, aten.index_fill_.int_Scalar,
@@ -117,8 +117,11 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
         return request.table
     run_sources = _source_by_position(request, places_shape)
     runs = _runs_of_rows(request.table, rows)
-    if run_sources is _NOT_BY_POSITION or runs is None:
-        return DISPATCHER.run_paged(func, types, args, kwargs)  # nothing written yet
+    if run_sources is _NOT_BY_POSITION or runs is None:  # nothing written yet
+        fill = _as_a_masked_fill(func, args, kwargs) if runs is None else None
+        if fill is not None:  # a transposed table's rows each span the table: in pieces of memory
+            return DISPATCHER.run_generic(aten.masked_fill_.Tensor, types, fill, {})
+        return DISPATCHER.run_paged(func, types, args, kwargs)
     source, by_place = run_sources
     flat = positions.expand(places_shape).reshape(-1)
     rest = [None if index is None else index.expand(places_shape).reshape(-1) for index in request.rest]
@@ -135,6 +138,34 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
     return request.table
 
 
+def _as_a_masked_fill(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple]:
+    """``index_put_(t, [mask], v)`` without ``accumulate``, by one bool mask of ``t``'s whole shape
+    and one value of ``t``'s dtype on its device (``t[mask] = 0``), as ``masked_fill_``'s arguments
+    ``(t, mask, v)`` with ``v`` 0-dim: the same writes, by an elementwise op that runs in pieces of
+    memory; else ``None``. Call after torch's checks of the ``index_put_``."""
+    if func is not aten.index_put_.default:
+        return None
+    bound = _arguments_by_name(func, args, kwargs)
+    table, indices, values = bound["self"], bound["indices"], bound["values"]
+    if bound["accumulate"] or len(indices) != 1:
+        return None
+    mask = indices[0]
+    if type(mask) is not torch.Tensor or mask.dtype != torch.bool or mask.shape != table.shape or mask.device != table.device:
+        return None
+    if type(values) is not torch.Tensor or values.numel() != 1 or values.dtype != table.dtype or values.device != table.device:
+        return None
+    return table, _mask_in_the_layout_of(table, mask), values.reshape(())
+
+
+def _mask_in_the_layout_of(table: PagedTensor, mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` (of ``table``'s shape) with ``table``'s strides where the table's elements fill their
+    span (a transposed or permuted table; else ``mask`` as it is): an elementwise op runs in pieces
+    of memory only on operands of one layout (:mod:`pagedtensor.pieces`)."""
+    if mask.stride() == table.stride() or not dense_and_non_overlapping(table.shape, table.stride()):
+        return mask
+    return torch.empty_strided(table.shape, table.stride(), dtype=mask.dtype, device=mask.device).copy_(mask)
+
+
 @implements([aten.masked_fill_.Scalar, aten.masked_fill_.Tensor])
 def masked_fill_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
     """``t.masked_fill_(mask, value)`` with a bool mask of ``t``'s own shape: the ``index_put_`` of
@@ -149,6 +180,9 @@ def masked_fill_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
     whose single row spans more than a piece (a transposed table), a mask broadcast to ``t``, not
     bool, on another device or paged, a paged value, a table with a dim of stride 0.
 
+    A transposed (permuted) table runs in pieces with the mask copied into the table's strides:
+    the pieces pair the elements of operands of one layout.
+
     Note:
         Reads which rows the mask marks on the host (a sync when it lives on the GPU), for a table
         larger than a piece.
@@ -161,8 +195,8 @@ def masked_fill_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
             and _larger_than_a_piece([table])):  # fmt: skip
         return DISPATCHER.run_generic(func, types, args, kwargs)
     marked_rows = torch.nonzero(mask.reshape(mask.shape[0], -1).any(1)).flatten().cpu()
-    if _runs_of_rows(table, marked_rows) is None:
-        return DISPATCHER.run_generic(func, types, args, kwargs)
+    if _runs_of_rows(table, marked_rows) is None:  # a transposed table: in pieces of memory
+        return DISPATCHER.run_generic(func, types, (table, _mask_in_the_layout_of(table, mask), value), {})
     stand_in = torch.zeros(1, dtype=table.dtype, device=table.device)
     func(stand_in, torch.ones(1, dtype=torch.bool, device=table.device), value)
     scatter_rows(aten.index_put_.default, types, (table, [mask], stand_in[0]), {})
