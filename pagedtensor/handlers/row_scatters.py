@@ -169,34 +169,25 @@ def _mask_in_the_layout_of(table: PagedTensor, mask: torch.Tensor) -> torch.Tens
 @implements([aten.masked_fill_.Scalar, aten.masked_fill_.Tensor])
 def masked_fill_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
     """``t.masked_fill_(mask, value)`` with a bool mask of ``t``'s own shape: the ``index_put_`` of
-    that mask (:func:`scatter_rows`), so only the pages of the rows the mask marks fault in. From
-    torch 2.15 ``t[mask] = value`` with such a mask and a scalar runs this op, no longer
-    ``index_put_``: every page faulted in.
+    that mask (:func:`scatter_rows`), so only the pages of the rows the mask marks fault in (a
+    transposed table, whose rows each span the table, runs in pieces of memory there:
+    :func:`_as_a_masked_fill`). From torch 2.15 ``t[mask] = value`` with such a mask and a scalar
+    runs this op, no longer ``index_put_``: every page faulted in.
 
     torch's checks and its conversion of ``value`` to ``t``'s dtype run first, on a one-element
     stand-in, with torch's errors and before any page faults in; the value written is the
     stand-in's element, as the dense op writes it. Other forms run the generic way (in pieces of
-    the table past the device tier, every page faulted in): a table that fits in one piece, one
-    whose single row spans more than a piece (a transposed table), a mask broadcast to ``t``, not
-    bool, on another device or paged, a paged value, a table with a dim of stride 0.
-
-    A transposed (permuted) table runs in pieces with the mask copied into the table's strides:
-    the pieces pair the elements of operands of one layout.
-
-    Note:
-        Reads which rows the mask marks on the host (a sync when it lives on the GPU), for a table
-        larger than a piece.
+    the table past the device tier, every page faulted in): a table that fits in one piece, a mask
+    broadcast to ``t``, not bool, on another device or paged, a paged value, a table with a dim of
+    stride 0 or the conjugate or negative bit (as :func:`scatter_rows` takes them).
     """
     bound = _arguments_by_name(func, args, kwargs)
     table, mask, value = bound["self"], bound["mask"], bound["value"]
     if not (type(mask) is torch.Tensor and mask.dtype == torch.bool and mask.shape == table.shape and mask.device == table.device
-            and table.dim() >= 1 and not isinstance(value, PagedTensor)
+            and table.dim() >= 1 and not isinstance(value, PagedTensor) and not table.is_conj() and not table.is_neg()
             and all(stride != 0 for size, stride in zip(table.shape, table.stride()) if size > 1)
             and _larger_than_a_piece([table])):  # fmt: skip
         return DISPATCHER.run_generic(func, types, args, kwargs)
-    marked_rows = torch.nonzero(mask.reshape(mask.shape[0], -1).any(1)).flatten().cpu()
-    if _runs_of_rows(table, marked_rows) is None:  # a transposed table: in pieces of memory
-        return DISPATCHER.run_generic(func, types, (table, _mask_in_the_layout_of(table, mask), value), {})
     stand_in = torch.zeros(1, dtype=table.dtype, device=table.device)
     func(stand_in, torch.ones(1, dtype=torch.bool, device=table.device), value)
     scatter_rows(aten.index_put_.default, types, (table, [mask], stand_in[0]), {})
