@@ -182,8 +182,10 @@ def enable_paging(
         raise TypeError(f"model: expected a transformers causal LM (a PreTrainedModel with generate), got {type(model).__name__}")
     if getattr(model, STATE_ATTRIBUTE, None) is not None:
         raise ValueError("enable_paging: paging is already enabled on this model")
-    stream_group_bytes = check_paging_options(memory_config, pager, attn_implementation, prefill_chunk_size, sink_pages, hot_fraction,
-                                              stream_group_bytes, page_weights)  # fmt: skip
+    stream_group_bytes = check_paging_options(
+        memory_config=memory_config, pager=pager, attn_implementation=attn_implementation, prefill_chunk_size=prefill_chunk_size,
+        sink_pages=sink_pages, hot_fraction=hot_fraction, stream_group_bytes=stream_group_bytes, page_weights=page_weights,
+    )  # fmt: skip
     unpageable = _kv_cache_unsupported(model)
     if unpageable is not None:
         raise TypeError(f"enable_paging: {type(model).__name__} {unpageable}; the paged KV cache serves decoder-only attention models")
@@ -209,12 +211,12 @@ def enable_paging(
 
 
 def check_paging_options(
-    memory_config: Optional[MemoryConfig] = None, pager: Optional[Pager] = None, attn_implementation: str = "auto",
-    prefill_chunk_size: Optional[int] = None, sink_pages: int = 1, hot_fraction: float = 0.25,
-    stream_group_bytes: SizeLike = DEFAULT_STREAM_GROUP_BYTES, page_weights: bool = False,
+    *, memory_config: Optional[MemoryConfig], pager: Optional[Pager], attn_implementation: str, prefill_chunk_size: Optional[int],
+    sink_pages: int, hot_fraction: float, stream_group_bytes: SizeLike, page_weights: bool,
 ) -> int:  # fmt: skip
-    """:func:`enable_paging`'s checks of the options that need no model (``PagedModel.from_pretrained``
-    runs them before it loads one); returns ``stream_group_bytes`` in bytes."""
+    """:func:`enable_paging`'s checks of its options (every one but ``model``, by name) that need no
+    model (``PagedModel.from_pretrained`` runs them before it loads one); returns
+    ``stream_group_bytes`` in bytes."""
     if pager is not None and memory_config is not None:
         raise ValueError("enable_paging: pass either memory_config or pager, not both")
     check_memory_config(memory_config)
@@ -1149,16 +1151,17 @@ def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = Non
 def _check_paging_dict(memory_config: Optional[MemoryConfig], paging: Optional[dict]) -> None:
     """``PagedModel.from_pretrained``'s ``paging``: a dict of :func:`enable_paging` options (not
     ``pager`` nor ``memory_config``, which from_pretrained takes itself), each checked."""
-    if paging is None:
-        check_memory_config(memory_config)
-        return
+    paging = {} if paging is None else paging
     if not isinstance(paging, dict):
         raise TypeError(f"paging: expected a dict of enable_paging options, got {type(paging).__name__}")
-    options = [name for name in inspect.signature(check_paging_options).parameters if name not in ("memory_config", "pager")]
+    signature = inspect.signature(enable_paging)
+    options = [name for name in signature.parameters if name not in ("model", "memory_config", "pager")]
     unknown = sorted(str(key) for key in paging if key not in options)
     if unknown:
         raise TypeError(f"paging: unknown option(s) {unknown}; enable_paging's options are {options}")
-    check_paging_options(memory_config, **paging)
+    arguments = signature.bind(None, memory_config, **paging)  # enable_paging's defaults where not given
+    arguments.apply_defaults()
+    check_paging_options(**{name: value for name, value in arguments.arguments.items() if name != "model"})
 
 
 class PagedModel:

@@ -159,12 +159,14 @@ def test_from_pretrained_checks_its_paging_options_before_it_loads_a_model(tmp_p
 
 
 def test_the_checked_paging_options_are_enable_paging_s():
+    """The checks take every option of enable_paging but the model, by name (their defaults are
+    enable_paging's alone: from_pretrained fills them in from its signature)."""
     from pagedtensor.hf.model import check_paging_options
 
     enable = inspect.signature(enable_paging).parameters
     checked = inspect.signature(check_paging_options).parameters
     assert [name for name in enable if name != "model"] == list(checked)
-    assert all(enable[name].default == checked[name].default for name in checked)
+    assert all(parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.default is inspect.Parameter.empty for parameter in checked.values())
 
 
 def test_auto_attention_uses_the_kernels_under_the_interpreter(nvme_dir, monkeypatch):
