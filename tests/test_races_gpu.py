@@ -9,8 +9,10 @@ right already.
 
 from __future__ import annotations
 
+import gc
 import io
 import threading
+import weakref
 
 import pytest
 import torch
@@ -378,9 +380,6 @@ def test_race_a_pager_collected_unclosed_frees_slabs_under_user_stream_kernels()
     before that kernel ran. (No host slab here: unregistering one at collection synchronizes the
     device, which hides the race for copies from the host tier, but not for a pager that never
     evicted.)"""
-    import gc
-    import weakref
-
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     pager = _pager(8)
