@@ -355,6 +355,62 @@ def test_view_ops_fault_nothing_and_share_pages(pager):
     assert t[2:6].storage_offset() == 2 * 256
 
 
+_VIEW_COPIES = [  # (the view-copy op on t, the rows of t it reads): t is 16 rows of 1 KiB, 4 rows a page
+    (lambda t: aten.select_copy.int(t, 0, 9), [9]),
+    (lambda t: aten.slice_copy.Tensor(t, 0, 5, 7), [5, 6]),
+    (lambda t: torch.narrow_copy(t, 0, 12, 3), [12, 13, 14]),
+    (lambda t: torch.diagonal_copy(t[:, :16]), range(16)),
+    (lambda t: torch.diag(t[:, 100:116], 2), range(14)),
+    (lambda t: torch.t_copy(t[4:8]), range(4, 8)),
+    (lambda t: torch.permute_copy(t[8:].view(2, 4, 256), (2, 0, 1)), range(8, 16)),
+    (lambda t: torch.view_copy(t[4:8], (4, 16, 16)), range(4, 8)),
+    (lambda t: torch.expand_copy(t[3], (3, 256)), [3]),
+    (lambda t: torch.unfold_copy(t[1], 0, 8, 8), [1]),
+    (lambda t: torch.unbind_copy(t[0:2]), [0, 1]),
+    (lambda t: torch.split_copy(t[12:], 3), range(12, 16)),
+    (lambda t: torch.as_strided_copy(t, (2, 8), (256, 2), 256 * 13), [13, 14]),
+]
+
+
+@pytest.mark.parametrize("copy_op, rows", _VIEW_COPIES)
+def test_view_copy_ops_fault_only_the_pages_of_their_view(pager, copy_op, rows):
+    """A view-copy op (``torch.diag`` of a matrix runs ``diagonal_copy``) copies the view: only
+    its pages fault in, and a table larger than the device tier reads a piece at a time."""
+    x = rows_tensor(device=pager.device)
+    t = PagedTensor.wrap(x, pager)
+    pager.evict_all()
+    before = pager.stats()
+    got, expected = copy_op(t), copy_op(x)
+    assert type(got) is type(expected)
+    for got_one, expected_one in zip(*((got, expected) if isinstance(got, (list, tuple)) else ([got], [expected]))):
+        assert type(got_one) is torch.Tensor and got_one.stride() == expected_one.stride() and torch.equal(got_one, expected_one)
+    pages = {row // 4 for row in rows}
+    assert delta(pager, before, "faults")["faults"] == len(pages)
+    with make_pager(device_pages=2, device=pager.device) as small:  # 4 pages of the diagonal: past the tier
+        assert torch.equal(torch.diag(PagedTensor.wrap(x.clone(), small)), torch.diag(x))
+
+
+def test_view_copy_out_forms_write_out_as_torch_does(pager, recwarn):
+    """``out=`` forms: the copy, then ``out`` resized to the result's shape (contiguous, with
+    torch's warning where it had elements) and written with ``copy_`` (which casts); a PagedTensor
+    ``out`` of another shape raises, since its pages are fixed."""
+    x = rows_tensor(device=pager.device)
+    t = PagedTensor.wrap(x, pager)
+    expected = torch.diagonal_copy(x, 1)
+    out = torch.empty(3, 3, device=pager.device).t()
+    torch.diagonal_copy(t, 1, out=out)
+    assert out.shape == expected.shape and out.is_contiguous() and torch.equal(out, expected)
+    assert any("An output with one or more elements was resized" in str(w.message) for w in recwarn)
+    out = PagedTensor.wrap(torch.zeros(16, 256, dtype=torch.float64, device=pager.device), pager)
+    aten.view_copy.out(t, (16, 256), out=out)
+    assert torch.equal(out.materialize(), x.double())
+    with pytest.raises(NotImplementedError, match="would resize its PagedTensor output"):
+        torch.select_copy(t, 0, 2, out=PagedTensor.wrap(torch.zeros(4, device=pager.device), pager))
+    with pytest.raises(IndexError, match="out of range"):
+        torch.select_copy(t, 0, 16)
+    assert torch.equal(t.materialize(), x)
+
+
 def test_views_alias_their_base(pager):
     x = rows_tensor(device=pager.device)
     t = PagedTensor.wrap(x, pager)

@@ -1,6 +1,7 @@
 """Handlers of view ops: the op runs on a meta tensor of the same layout and the result is a
-PagedTensor over the same pages (nothing faults in); and ``as_strided_copy`` / ``as_strided_scatter``,
-which place elements by offset in the allocation.
+PagedTensor over the same pages (nothing faults in); of the view-copy ops (``diagonal_copy``, ...):
+the view, then a copy of only its pages; and of ``as_strided_scatter``, which places elements by
+offset in the allocation.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from typing import Any, Optional
 import torch
 from torch._ops import OpOverload
 
-from pagedtensor.dispatch import DISPATCHER, _describe, _map_tensors, _paged_leaves, _substitute, aten, implements
+from pagedtensor.dispatch import DISPATCHER, _describe, _map_tensors, _paged_leaves, _substitute, aten, implements, resize_refused
+from pagedtensor.handlers.row_gathers import _resize_output
 from pagedtensor.tensor import PagedTensor, element_span, math_bits, meta_like
 
 
@@ -69,29 +71,87 @@ def view_of_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict, lea
     return to_paged(out) if isinstance(out, torch.Tensor) else _map_tensors(out, to_paged)
 
 
-@implements([aten.as_strided_copy, aten.as_strided_scatter])
-def strided_over_the_allocation(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> torch.Tensor:
-    """``as_strided_copy`` and ``as_strided_scatter`` place elements by storage offset, which for a
-    PagedTensor counts from the start of its allocation (its storage), not from the device slab its
-    pages sit in (run dense on the slab, they read and wrote other tensors' slots).
+# The view-copy ops (``torch.diag`` of a matrix runs ``diagonal_copy``) and the view each copies.
+_VIEW_OF_COPY = {
+    aten.alias_copy: aten.alias, aten.as_strided_copy: aten.as_strided, aten.detach_copy: aten.detach,
+    aten.diagonal_copy: aten.diagonal, aten.expand_copy: aten.expand, aten.lift_fresh_copy: aten.lift_fresh,
+    aten.narrow_copy: aten.narrow, aten.permute_copy: aten.permute, aten.select_copy: aten.select,
+    aten.slice_copy: aten.slice, aten.split_copy: aten.split, aten.split_with_sizes_copy: aten.split_with_sizes,
+    aten.squeeze_copy: aten.squeeze, aten.t_copy: aten.t, aten.transpose_copy: aten.transpose,
+    aten.unbind_copy: aten.unbind, aten.unfold_copy: aten.unfold, aten.unsqueeze_copy: aten.unsqueeze,
+    aten.view_copy: aten.view, aten.view_as_real_copy: aten.view_as_real,
+    aten.view_as_complex_copy: aten.view_as_complex, aten._reshape_alias_copy: aten._reshape_alias,
+    aten._conj_copy: aten._conj, aten._neg_view_copy: aten._neg_view,
+}  # fmt: skip
 
-    ``as_strided_copy`` is the paged view (bounds-checked against the allocation) copied out, only its
-    pages faulting in; ``as_strided_scatter`` runs on the allocation materialized whole, as torch runs
-    it on a clone of the whole storage. Both return plain tensors; their ``out=`` forms copy that
-    result into ``out``, as torch's do."""
+
+def _functional_overload(func: OpOverload) -> OpOverload:
+    """The overload of ``func``'s packet without ``out``: ``default`` for ``out``, ``int`` for ``int_out``."""
+    name = func._overloadname
+    if name == "out":
+        name = "default"
+    elif name.endswith("_out"):
+        name = name[: -len("_out")]
+    return getattr(func.overloadpacket, name)
+
+
+@implements(list(_VIEW_OF_COPY))
+def copy_of_a_view(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """A view-copy op (``diagonal_copy``, ``select_copy``, ``as_strided_copy``, ...) of a PagedTensor:
+    the view (a PagedTensor over the same pages, nothing faulted in), then ``clone`` in the
+    contiguous format, as torch's own kernels run them: only the view's pages fault in, a piece at a
+    time where they are more than a piece (:func:`~pagedtensor.handlers.copies.clone_in_pieces`).
+    ``torch.diag(t)`` of a matrix larger than the device tier runs so. A view op that returns a list
+    (``split_copy``, ``unbind_copy``) gives a list of copies. The result is plain.
+
+    ``as_strided_copy`` places elements by storage offset, which for a PagedTensor counts from the
+    start of its allocation (its storage), not from the device slab its pages sit in: its view is
+    bounds-checked against the allocation (:func:`view_of_pages`).
+
+    The ``out=`` forms run as torch's do: the functional op, then ``out`` written by
+    :func:`_copy_into_out`; those of a list of outputs run the generic way. A view-copy op of a plain
+    tensor (a PagedTensor ``out`` only) runs the generic way.
+    """
+    source = args[0] if args else kwargs.get("self")
+    functional = _functional_overload(func)
+    if not isinstance(source, PagedTensor) or (func is not functional and not isinstance(kwargs.get("out"), torch.Tensor)):
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    if func is not functional:
+        return _copy_into_out(func, types, args, kwargs, copy_of_a_view)
+    view_op = getattr(_VIEW_OF_COPY[func.overloadpacket], func._overloadname)
+    view = view_op(*args, **kwargs)
+    clone = lambda tensor: aten.clone.default(tensor, memory_format=torch.contiguous_format)
+    return clone(view) if isinstance(view, torch.Tensor) else [clone(tensor) for tensor in view]
+
+
+@implements([aten.as_strided_scatter])
+def strided_scatter_over_the_allocation(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> torch.Tensor:
+    """``as_strided_scatter`` places elements by storage offset, which for a PagedTensor counts from
+    the start of its allocation (its storage), not from the device slab its pages sit in (run dense
+    on the slab, it read and wrote other tensors' slots). It runs on the allocation materialized
+    whole, as torch runs it on a clone of the whole storage, and returns a plain tensor; its
+    ``out=`` form copies that result into ``out`` (:func:`_copy_into_out`), as torch's does."""
     source = args[0]
     if not isinstance(source, PagedTensor):  # a PagedTensor ``src`` or ``out`` only: the storage is a plain one
         return DISPATCHER.run_paged(func, types, args, kwargs)
     if "out" in kwargs:
-        out = kwargs["out"]
-        functional = getattr(func.overloadpacket, "default")
-        result = strided_over_the_allocation(functional, types, args, {k: v for k, v in kwargs.items() if k != "out"})
-        if out.shape != result.shape:
-            aten.resize_.default(out, result.shape)
-        return aten.copy_.default(out, result)
-    if func is aten.as_strided_copy.default:
-        view = aten.as_strided.default(source, *args[1:], **kwargs)
-        return aten.clone.default(view, memory_format=torch.contiguous_format)
+        return _copy_into_out(func, types, args, kwargs, strided_scatter_over_the_allocation)
     whole = PagedTensor._make(source._paged, 0, (source._paged.nbytes // source.dtype.itemsize,), (1,), source.dtype)
     dense = whole.materialize().as_strided(source.shape, source.stride(), source._offset)
     return func(dense, *args[1:], **kwargs)
+
+
+def _copy_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict, handler: Any) -> torch.Tensor:
+    """The ``out=`` form ``func`` of a view-copy or scatter op, as torch's generated kernels run
+    them: ``handler`` runs the functional op (nothing written yet), then ``out`` is resized to the
+    result's shape, contiguous (a plain ``out`` that had elements with torch's warning; a PagedTensor ``out`` of
+    another shape raises, its pages are fixed) and written with ``copy_``, which casts to ``out``'s
+    dtype (a PagedTensor ``out`` larger than the tier a piece at a time). Returns ``out``."""
+    out = kwargs["out"]
+    functional_kwargs = {key: value for key, value in kwargs.items() if key != "out"}
+    result = handler(_functional_overload(func), types, args, functional_kwargs)
+    if out.shape != result.shape:
+        if isinstance(out, PagedTensor):
+            raise resize_refused(func, out.shape, result.shape, args, kwargs)
+        _resize_output(out, torch.empty(result.shape, device="meta"))  # torch resizes to the shape alone: contiguous
+    return aten.copy_.default(out, result)
