@@ -1,5 +1,5 @@
 """In-place row scatters on dim 0 of a PagedTensor larger than the device tier (``t[idx] = v``,
-``index_put_``, ``index_copy_``, ``index_add_``, ``index_fill_``: ``scatter_rows`` in
+``index_put_``, ``index_copy_``, ``index_add_``, ``index_reduce_``, ``index_fill_``: ``scatter_rows`` in
 ``pagedtensor/handlers/row_scatters.py``): bitwise equal to the dense op, only the written rows' pages faulted
 in, torch's own errors raised before any page is touched."""
 
@@ -50,12 +50,16 @@ def scatter(op: str, table: torch.Tensor, index: torch.Tensor, values: torch.Ten
         "index_put_accumulate": lambda: table.index_put_((index,), values, accumulate=True),
         "index_copy": lambda: table.index_copy_(0, index, values),
         "index_add": lambda: table.index_add_(0, index, values, alpha=alpha),
+        "index_reduce_prod": lambda: table.index_reduce_(0, index, values, "prod"),
+        "index_reduce_mean": lambda: table.index_reduce_(0, index, values, "mean"),
+        "index_reduce_amax": lambda: table.index_reduce_(0, index, values, "amax", include_self=False),
         "index_fill_scalar": lambda: table.index_fill_(-table.dim(), index, 1.5 if table.dtype.is_floating_point else 7),
         "index_fill_tensor": lambda: table.index_fill_(0, index, value),
     }[op]()
 
 
-OPS = ["setitem", "index_put", "index_put_accumulate", "index_copy", "index_add", "index_fill_scalar", "index_fill_tensor"]
+OPS = ["setitem", "index_put", "index_put_accumulate", "index_copy", "index_add", "index_reduce_prod", "index_reduce_mean",
+       "index_reduce_amax", "index_fill_scalar", "index_fill_tensor"]  # fmt: skip
 # torch leaves undefined which value a row written twice keeps for index_copy_ and index_put_ without
 # accumulate: its CPU kernel's order depends on the table's layout (a repeated row of a one-row table
 # came out half of one value, half of another), so those draw distinct rows only (negative ones too).
@@ -223,6 +227,57 @@ def test_a_masked_fill_faults_in_only_the_pages_of_its_rows(device):
         assert target.masked_fill_(mask.roll(1, 0), torch.tensor(2.5, dtype=torch.float64)) is target  # a 0-dim value of another dtype
 
     assert _faults_of_a_masked_write(device, write) == 3
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_an_embedding_with_max_norm_renorms_only_the_pages_of_its_rows(device):
+    """``nn.Embedding(max_norm=...)`` runs ``embedding_renorm_`` on its weight before each lookup: on
+    a paged weight of 16 pages and a device tier of 8, rows 3, 40 and 60 (one repeated) fault in
+    pages 0, 10 and 15 only, and weight and output equal the dense
+    module's bit for bit (every page faulted in before, and a weight past the tier raised)."""
+    index = torch.tensor([[3, 40], [3, 60]], device=device)
+    with make_pager(device=device) as pager:
+        dense = torch.nn.Embedding(64, 256, max_norm=50.0, device=device)
+        paged = torch.nn.Embedding(64, 256, max_norm=50.0, device=device)
+        with torch.no_grad():
+            dense.weight.copy_(rows_tensor().to(device) / 64)
+        paged.weight = torch.nn.Parameter(PagedTensor.wrap(dense.weight.detach().clone(), pager))
+        pager.evict_all()
+        before = pager.stats()["faults"]
+        assert torch.equal(paged(index), dense(index))
+        assert pager.stats()["faults"] - before == 3
+        assert device_pages_of(pager, paged.weight) == {0, 10, 15}
+        assert torch.equal(paged.weight.materialize(), dense.weight.detach())
+        assert not torch.equal(dense.weight.detach(), rows_tensor().to(device) / 64)  # rows were renormed
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+    norm_type=st.sampled_from([1.0, 2.0, 3.5, float("inf")]),
+    max_norm=st.floats(0.05, 4.0),
+    seed=st.integers(0, 2**16),
+)
+def test_embedding_renorm_on_tables_larger_than_the_device_tier_equals_dense(data, dtype, norm_type, max_norm, seed):
+    """``embedding_renorm_`` by random indices with repeats, negative ones among them (a row named by
+    both its number and its distance from the end is scaled twice, as torch's kernel does), on a
+    table larger than the device tier: the table ends bitwise as the dense one, the op returns it,
+    and the device tier's budget holds."""
+    cols = data.draw(st.sampled_from([16, 300, 1100, 2100]), label="cols")
+    rows = max(8, 2 * 8 * PAGE // (cols * dtype.itemsize) + 1)
+    picked = data.draw(st.lists(st.integers(-rows, rows - 1), max_size=16), label="index")
+    index = torch.tensor(picked, dtype=data.draw(st.sampled_from([torch.int64, torch.int32]), label="index dtype"))
+    index = index.view(2, -1) if index.numel() % 2 == 0 and data.draw(st.booleans(), label="2-D index") else index
+    generator = torch.Generator().manual_seed(seed)
+    base = (torch.randn(rows, cols, generator=generator) * 0.2).to(dtype)
+    with make_pager() as pager:
+        table = PagedTensor.wrap(base.clone(), pager)
+        expected = base.clone()
+        assert torch.embedding_renorm_(table, index, max_norm, norm_type) is table
+        torch.embedding_renorm_(expected, index, max_norm, norm_type)
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+        assert same_bits(table.materialize(), expected)
 
 
 @pytest.mark.parametrize(
@@ -428,7 +483,8 @@ def test_puts_after_leading_slices_on_tables_larger_than_the_device_tier_equal_d
         assert same_bits(table.materialize(), expected), (lead, values_kind)
 
 
-INDEX_OPS_ALONG_A_DIM = ["index_copy", "index_add", "index_fill_scalar", "index_fill_tensor"]
+INDEX_OPS_ALONG_A_DIM = ["index_copy", "index_add", "index_reduce_prod", "index_reduce_mean", "index_reduce_amin", "index_fill_scalar",
+                         "index_fill_tensor"]  # fmt: skip
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -440,7 +496,7 @@ INDEX_OPS_ALONG_A_DIM = ["index_copy", "index_add", "index_fill_scalar", "index_
     seed=st.integers(0, 2**16),
 )
 def test_index_ops_along_another_dim_on_tables_larger_than_the_device_tier_equal_dense(data, op, dtype, three_dims, seed):
-    """``index_copy_``, ``index_add_`` (repeated positions, alpha) and ``index_fill_`` along a dim other
+    """``index_copy_``, ``index_add_`` (repeated positions, alpha), ``index_reduce_`` and ``index_fill_`` along a dim other
     than 0 run a piece of rows at a time past the device tier (they raised OutOfPagesError); the
     table ends bitwise as the dense one and the device tier's budget holds. index_copy_ takes
     distinct positions (torch leaves a twice-written element undefined)."""
@@ -463,6 +519,9 @@ def test_index_ops_along_another_dim_on_tables_larger_than_the_device_tier_equal
     call = {
         "index_copy": lambda t: t.index_copy_(dim, index, source),
         "index_add": lambda t: t.index_add_(dim, index, source, alpha=alpha),
+        "index_reduce_prod": lambda t: t.index_reduce_(dim, index, source, "prod"),
+        "index_reduce_mean": lambda t: t.index_reduce_(dim, index, source, "mean", include_self=False),
+        "index_reduce_amin": lambda t: t.index_reduce_(dim, index, source, "amin"),
         "index_fill_scalar": lambda t: t.index_fill_(dim, index, value),
         "index_fill_tensor": lambda t: t.index_fill_(dim, index, torch.tensor(value, dtype=dtype)),
     }[op]
@@ -488,6 +547,9 @@ BAD_INDEX_OPS_ALONG_A_DIM = {  # on a 64 x 256 table (rows_tensor): torch's chec
     "add of another row count": lambda t: t.index_add_(1, torch.tensor([1]), torch.ones(30, 1)),
     "add of fewer positions": lambda t: t.index_add_(1, torch.tensor([1, 2]), torch.ones(64, 1)),
     "add of another dtype": lambda t: t.index_add_(1, torch.tensor([1]), torch.ones(64, 1, dtype=torch.float16)),
+    "reduce out of bounds": lambda t: t.index_reduce_(1, torch.tensor([256]), torch.ones(64, 1), "amax"),
+    "reduce of another row count": lambda t: t.index_reduce_(1, torch.tensor([1]), torch.ones(30, 1), "prod"),
+    "reduce by an unknown reduction": lambda t: t.index_reduce_(1, torch.tensor([1]), torch.ones(64, 1), "sum"),
     "fill out of bounds": lambda t: t.index_fill_(1, torch.tensor([-257]), 1.0),
     "fill by a value of one dim": lambda t: t.index_fill_(1, torch.tensor([1]), torch.ones(1)),
     "fill by an int32 index": lambda t: t.index_fill_(-1, torch.tensor([1], dtype=torch.int32), 1.0),
@@ -639,6 +701,12 @@ BAD_CALLS = {
     "index_add negative": lambda t: t.index_add_(0, torch.tensor([-1]), torch.zeros(1, 256)),
     "index_add row shape": lambda t: t.index_add_(0, torch.tensor([1, 2]), torch.zeros(2, 255)),
     "index_add dtype": lambda t: t.index_add_(0, torch.tensor([1]), torch.zeros(1, 256, dtype=torch.float16)),
+    "index_reduce out of bounds": lambda t: t.index_reduce_(0, torch.tensor([1, 64]), torch.zeros(2, 256), "prod"),
+    "index_reduce negative": lambda t: t.index_reduce_(0, torch.tensor([-1]), torch.zeros(1, 256), "amin"),
+    "index_reduce row shape": lambda t: t.index_reduce_(0, torch.tensor([1, 2]), torch.zeros(2, 255), "mean"),
+    "index_reduce dtype": lambda t: t.index_reduce_(0, torch.tensor([1]), torch.zeros(1, 256, dtype=torch.float64), "amax"),
+    "index_reduce unknown reduction": lambda t: t.index_reduce_(0, torch.tensor([1]), torch.zeros(1, 256), "sum"),
+    "index_reduce float index": lambda t: t.index_reduce_(0, torch.tensor([1.0]), torch.zeros(1, 256), "prod"),
     "scatter_ out of bounds": lambda t: t.scatter_(0, torch.tensor([[1, 64]]), torch.zeros(1, 2)),
     "scatter_ negative": lambda t: t.scatter_(1, torch.tensor([[-1]]), 1.0),
     "scatter_ index larger than self": lambda t: t.scatter_(0, torch.zeros(1, 257, dtype=torch.long), torch.zeros(1, 257)),
@@ -663,6 +731,9 @@ BAD_CALLS = {
     "masked_fill_ value overflows the dtype": lambda t: t.masked_fill_(torch.ones(64, 256, dtype=torch.bool), 1e40),
     "masked_fill_ value of one dim": lambda t: t.masked_fill_(torch.ones(64, 256, dtype=torch.bool), torch.ones(1)),
     "masked_fill_ complex value": lambda t: t.masked_fill_(torch.ones(64, 256, dtype=torch.bool), torch.tensor(1 + 2j)),
+    "embedding_renorm_ out of range": lambda t: torch.embedding_renorm_(t, torch.tensor([1, 64, 2]), 1.0, 2.0),
+    "embedding_renorm_ negative out of range": lambda t: torch.embedding_renorm_(t, torch.tensor([-65, 70]), 1.0, 2.0),
+    "embedding_renorm_ float index": lambda t: torch.embedding_renorm_(t, torch.tensor([1.0]), 1.0, 2.0),
     "index_fill out of bounds": lambda t: t.index_fill_(0, torch.tensor([64]), 1.0),
     "index_fill negative out of bounds": lambda t: t.index_fill_(0, torch.tensor([-65]), 1.0),
     "index_fill value of one dim": lambda t: t.index_fill_(0, torch.tensor([1]), torch.ones(1)),

@@ -1,7 +1,8 @@
 """The handler of dim-0 row scatters in place (``index_put_`` with index tensors on the leading
-dims or a bool mask over them, ``masked_fill_``, ``index_copy_``, ``index_add_``, ``index_fill_``): only the pages
-holding the written rows fault in, a run of pages at a time. ``index_put_`` after leading slices
-(``t[:, pos] = v``) and ``index_copy_``, ``index_add_``, ``index_fill_`` along another dim run a
+dims or a bool mask over them, ``masked_fill_``, ``index_copy_``, ``index_add_``, ``index_reduce_``,
+``index_fill_``): only the pages holding the written rows fault in, a run of pages at a time.
+``index_put_`` after leading slices (``t[:, pos] = v``) and ``index_copy_``, ``index_add_``,
+``index_reduce_``, ``index_fill_`` along another dim run a
 piece of rows at a time; ``scatter_``, ``scatter_add_`` and ``scatter_reduce_`` run torch's own
 kernel on the rows they write (:func:`scatter_elements`).
 """
@@ -22,10 +23,10 @@ from pagedtensor.pieces import piece_elements_of
 from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping
 
 
-_ROW_SCATTERS = [aten.index_put_.default, aten.index_copy_.default, aten.index_add_.default, aten.index_fill_.int_Scalar,
-                 aten.index_fill_.int_Tensor]  # fmt: skip
+_ROW_SCATTERS = [aten.index_put_.default, aten.index_copy_.default, aten.index_add_.default, aten.index_reduce_.default,
+                 aten.index_fill_.int_Scalar, aten.index_fill_.int_Tensor]  # fmt: skip
 
-# Row scatters that count a negative index from the end of dim 0 (index_copy_ and index_add_ refuse one).
+# Row scatters that count a negative index from the end of dim 0 (index_copy_, index_add_, index_reduce_ refuse one).
 _WRAPS_NEGATIVE_INDICES = frozenset({aten.index_put_.default, aten.index_fill_.int_Scalar, aten.index_fill_.int_Tensor})
 
 
@@ -38,9 +39,9 @@ class _RowScatter:
     index: torch.Tensor
     """The index as given, a plain tensor: positions on dim 0 or (index_put_) a bool mask over it."""
     source: Any
-    """``values`` (index_put_), ``source`` (index_copy_, index_add_) or ``value`` (index_fill_)."""
+    """``values`` (index_put_), ``source`` (index_copy_, index_add_, index_reduce_) or ``value`` (index_fill_)."""
     options: dict
-    """The other arguments by name (``accumulate``, ``alpha``)."""
+    """The other arguments by name (``accumulate``, ``alpha``, ``reduce`` and ``include_self``)."""
     rest: tuple = ()
     """``index_put_``'s indices on dims 1, 2, ... (``t[i, j] = v``): plain index tensors on the table's
     device, or ``None`` for a dim taken whole (``t[i, :, j] = v``)."""
@@ -60,8 +61,8 @@ class _RowScatter:
 @implements(_ROW_SCATTERS)
 def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
     """Write rows along dim 0 in place (``t[idx] = v`` and ``index_put_`` with or without
-    ``accumulate``, ``index_copy_``, ``index_add_``, ``index_fill_``): fault in only the pages
-    holding the written rows.
+    ``accumulate``, ``index_copy_``, ``index_add_``, ``index_reduce_``, ``index_fill_``): fault in
+    only the pages holding the written rows.
 
     The written rows (sorted, distinct) are grouped into runs of adjacent pages, each spanning at
     most a piece of the device tier (its capacity less one page). The op runs once per run, the
@@ -267,9 +268,10 @@ def _a_table_of_several_pieces(table: Any) -> bool:
 
 
 def _index_op_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) -> Any:
-    """``index_copy_``, ``index_add_`` and ``index_fill_`` along a dim other than 0 on a PagedTensor
-    larger than a piece: row ``r`` of the table is written from row ``r`` of the source alone (each
-    element of ``index_add_`` takes its adds in the index's order, as in the dense op), so the op
+    """``index_copy_``, ``index_add_``, ``index_reduce_`` and ``index_fill_`` along a dim other than
+    0 on a PagedTensor larger than a piece: row ``r`` of the table is written from row ``r`` of the
+    source alone (each element of ``index_add_`` and ``index_reduce_`` takes its operands in the
+    index's order, as in the dense op), so the op
     runs on a piece of rows at a time, torch's own kernel on each. torch's errors come first,
     before any write, from the op on :func:`_overlapping_stand_in` (the table's shape, no memory of
     its size, no page read: every check of torch's, with its text; the meta kernels' texts and
@@ -294,7 +296,7 @@ def _index_op_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: d
         return NotImplemented
     index = _dense(index)
     source = _dense(source)
-    options = {"alpha": bound["alpha"]} if func is aten.index_add_.default else {}
+    options = _options_of(func, bound)
     func(_overlapping_stand_in(table), dim, index, source, **options)  # torch's checks and errors; no page read
     if not filling and (source.dim() != table.dim() or source.shape[0] != table.shape[0]):
         return NotImplemented
@@ -340,7 +342,7 @@ def _row_scatter_request(func: OpOverload, args: tuple, kwargs: dict) -> Optiona
             return None
         index = bound["index"]
         source = bound["value"] if "value" in bound else bound["source"]
-        options = {"alpha": bound["alpha"]} if func is aten.index_add_.default else {}
+        options = _options_of(func, bound)
     if not isinstance(index, torch.Tensor) or index.device != table.device:
         return None
     if isinstance(source, torch.Tensor) and source.dim() > 0 and source.device != table.device:
@@ -352,6 +354,16 @@ def _row_scatter_request(func: OpOverload, args: tuple, kwargs: dict) -> Optiona
     if isinstance(index, PagedTensor):
         index = index.materialize()
     return _RowScatter(func, table, index, source, options, rest)
+
+
+def _options_of(func: OpOverload, bound: dict) -> dict:
+    """The arguments of an index op (``index_copy_``, ``index_add_``, ``index_reduce_``,
+    ``index_fill_``) past ``self``, ``dim``, ``index`` and its source, by name."""
+    if func is aten.index_add_.default:
+        return {"alpha": bound["alpha"]}
+    if func is aten.index_reduce_.default:
+        return {"reduce": bound["reduce"], "include_self": bound["include_self"]}
+    return {}
 
 
 def _piece_pages(table: PagedTensor) -> int:
@@ -427,6 +439,8 @@ def _index_out_of_bounds(func: OpOverload, index: int, rows_total: int) -> Excep
         return IndexError(f"index_copy_(): {message}")
     if func is aten.index_add_.default:
         return RuntimeError(message)
+    if func is aten.index_reduce_.default:
+        return IndexError("index out of range in self")
     return IndexError(message)
 
 
@@ -479,6 +493,51 @@ def _runs_of_rows(table: PagedTensor, rows: torch.Tensor) -> Optional[list[tuple
             runs.append((row_numbers[run_start], row_numbers[place - 1] + 1))
             run_start = place
     return runs
+
+
+@implements([aten.embedding_renorm_.default])
+def renorm_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``embedding_renorm_`` (what ``nn.Embedding(max_norm=...)`` runs on its weight before each
+    lookup) of a PagedTensor larger than a piece: only the pages of the rows its indices name fault
+    in, a run of them at a time (:func:`_runs_of_rows`), torch's own kernel on each run's rows.
+
+    torch's kernel takes the distinct index values in sorted order and scales each one's row (a
+    negative value counts from the end, so ``-1`` and the last row's number are two values, and that
+    row is scaled twice); rows are independent, so each run gets its own values renumbered to its
+    rows (a negative value to the same negative distance from the run's end), in the same order, and
+    the table ends bitwise as after the dense op. torch's checks first, with its errors, on a
+    one-row stand-in (no page read): the table's dims, the index dtype, and a table dtype ``norm``
+    refuses. An index out of range raises torch's error before any row is written (the dense op
+    scales the rows sorted before it first). A table that fits in a piece, or of another form,
+    runs the generic way.
+
+    Note:
+        Reads the index tensor on the host (a sync when it lives on the GPU), as a row gather does.
+    """
+    bound = _arguments_by_name(func, args, kwargs)
+    table, indices = bound["self"], bound["indices"]
+    if (not isinstance(table, PagedTensor) or table._inner is not None or table.dim() != 2 or table.numel() == 0 or table.stride(0) == 0
+            or table.is_conj() or table.is_neg() or not isinstance(indices, torch.Tensor) or indices.device != table.device
+            or (isinstance(indices, PagedTensor) and indices._paged is table._paged) or not _larger_than_a_piece([table])):  # fmt: skip
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    options = (bound["max_norm"], bound["norm_type"])
+    given = _dense(indices)
+    stand_in = torch.zeros((1, table.shape[1]), dtype=table.dtype, device=table.device)
+    func(stand_in, given.reshape(-1)[:1].clamp(0, 0) if given.dtype in (torch.int64, torch.int32) else given, *options)
+    values = torch.unique(given.reshape(-1).cpu(), sorted=True)  # the kernel's distinct sorted values
+    rows_total = table.shape[0]
+    out_of_range = values[(values < -rows_total) | (values >= rows_total)]
+    if out_of_range.numel():
+        raise IndexError(f"select(): index {int(out_of_range[0])} out of range for tensor of size {list(table.shape)} at dimension 0")
+    rows = torch.where(values < 0, values + rows_total, values)
+    runs = _runs_of_rows(table, torch.unique(rows))
+    if runs is None:
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    for lo, hi in runs:
+        in_run = (rows >= lo) & (rows < hi)
+        local = torch.where(values[in_run] < 0, values[in_run] + rows_total - hi, values[in_run] - lo)
+        DISPATCHER.run_paged(func, types, (table.narrow(0, lo, hi - lo), local.to(table.device, given.dtype), *options), {})
+    return table
 
 
 @implements([aten.scatter_.src, aten.scatter_.value, aten.scatter_add_.default, aten.scatter_reduce_.two, aten.scatter_.reduce,
