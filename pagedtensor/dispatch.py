@@ -32,6 +32,7 @@ The dispatcher tries, in this order:
      ``argmax`` / ``argmin`` without ``dim``, ``any``, ``all``, ``count_nonzero`` without ``dim``,
      integer and bool ``sum``: the op on each part of pages, the parts' results combined into the
      dense op's (``reduce_in_parts``). A float ``sum`` is not among them.
+   * ``nonzero`` of a PagedTensor larger than a piece, dim 0 outermost: a piece of rows at a time.
    * ``_grouped_mm`` over a paged stack of expert matrices (a mixture-of-experts layer): only the
      experts that have rows fault in.
    * ops that read only metadata (``new_*``, ``*_like``, ``is_same_size``,

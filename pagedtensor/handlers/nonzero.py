@@ -1,0 +1,50 @@
+"""The handler of ``nonzero`` (``torch.nonzero``, ``torch.argwhere``, ``torch.where(cond)``) of a
+PagedTensor larger than a piece of the device tier: a piece of rows along dim 0 at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch._ops import OpOverload
+
+from pagedtensor.dispatch import DISPATCHER, aten, implements
+from pagedtensor.handlers.parts import _larger_than_a_piece
+from pagedtensor.handlers.row_gathers import _empty_laid_out_as, _rows_a_piece, _rows_can_be_copied
+from pagedtensor.tensor import PagedTensor
+
+
+@implements([aten.nonzero.default])
+def nonzero_in_row_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``nonzero`` of a PagedTensor larger than a piece whose rows along dim 0 advance in memory
+    (dim 0 outermost): the indices of the nonzero elements in row-major order, so the op on each
+    piece of rows in turn (only its pages faulted in, torch's own kernel), each piece's first
+    column shifted by its first row, gives the dense op's rows in the dense op's order; the result
+    is laid out as the dense op lays it (its kernel run on a stand-in of two elements a dim). A table
+    that fits in a piece, or whose dim 0 is not outermost (a transposed table: one row spans the
+    table), runs the generic way.
+
+    Note:
+        Each piece's count of nonzero elements is read on the host (on a GPU a sync a piece, as the
+        dense op syncs once).
+    """
+    table = args[0]
+    if not isinstance(table, PagedTensor) or kwargs or table.dim() == 0 or not _rows_can_be_copied(table) or not _larger_than_a_piece([table]):
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    count = _rows_a_piece(table)
+    rows = table.shape[0]
+    if not 0 < count < rows:
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    parts = []
+    for start in range(0, rows, count):
+        part = DISPATCHER.run_paged(func, types, (table.narrow(0, start, min(count, rows - start)),), {})
+        part[:, 0] += start
+        parts.append(part)
+    probe = func(torch.ones((2,) * table.dim(), dtype=table.dtype, device=table.device))
+    result = _empty_laid_out_as(probe, (sum(part.shape[0] for part in parts), table.dim()))
+    place = 0
+    for part in parts:
+        result[place : place + part.shape[0]] = part
+        place += part.shape[0]
+    return result

@@ -1,0 +1,86 @@
+"""``nonzero`` (``torch.nonzero``, ``torch.argwhere``, ``torch.where(cond)``) of a PagedTensor larger
+than the device tier runs a piece of rows at a time (``pagedtensor/handlers/nonzero.py``): the dense
+op's indices, order and layout, the device tier never over its budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
+from tests.support import CPU_AND_CUDA
+
+PAGE = 4096
+DEVICE_PAGES = 8
+
+
+def make_pager(device: str = "cpu") -> Pager:
+    return Pager(MemoryConfig(vram_limit=DEVICE_PAGES * PAGE, host_memory=512 * PAGE, page_size=PAGE, slab_size=512 * PAGE,
+                              prefetch_strategy="none", device=device))  # fmt: skip
+
+
+def sparse_values(shape: tuple[int, ...], dtype: torch.dtype, density: float, generator: torch.Generator) -> torch.Tensor:
+    """Values of ``dtype`` nonzero with probability ``density`` (NaN and -0.0 among the floats)."""
+    keep = torch.rand(shape, generator=generator) < density
+    if dtype == torch.bool:
+        return keep
+    values = torch.randint(1, 100, shape, generator=generator).to(dtype) * keep
+    if dtype.is_floating_point and values.numel() > 2:
+        values.view(-1)[0], values.view(-1)[-1] = float("nan"), -0.0  # NaN is nonzero, -0.0 is zero
+    return values
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.int64, torch.uint8, torch.bool]),
+    dims=st.integers(1, 3),
+    density=st.sampled_from([0.0, 0.01, 0.3, 1.0]),
+    layout=st.sampled_from(["contiguous", "offset view", "column slice", "every other row"]),
+    seed=st.integers(0, 2**16),
+)
+def test_nonzero_of_tables_larger_than_the_device_tier_equals_dense(data, dtype, dims, density, layout, seed):
+    """Random tables of 1 to 3 dims and densities, in four layouts whose dim 0 is outermost: the
+    dense op's indices in its order and layout; ``argwhere`` and ``where(cond)`` too."""
+    inner = data.draw(st.lists(st.integers(1, 40), min_size=dims - 1, max_size=dims - 1), label="inner dims")
+    row_bytes = max(1, int(torch.tensor(inner).prod())) * dtype.itemsize
+    rows = data.draw(st.integers(2 * DEVICE_PAGES * PAGE // row_bytes + 2, 3 * DEVICE_PAGES * PAGE // row_bytes + 8), label="rows")
+    generator = torch.Generator().manual_seed(seed)
+    base = sparse_values((rows + 1, *inner), dtype, density, generator)
+    view = {
+        "contiguous": lambda t: t,
+        "offset view": lambda t: t[1:],
+        "column slice": lambda t: t[:, 1:] if t.dim() > 1 and t.shape[1] > 1 else t[1:],
+        "every other row": lambda t: t[::2],
+    }[layout]
+    with make_pager() as pager:
+        table = view(PagedTensor.wrap(base.clone(), pager))
+        expected_table = view(base)
+        for op in (torch.nonzero, torch.argwhere, lambda t: torch.where(t)):
+            got, expected = op(table), op(expected_table)
+            for got_one, expected_one in zip(*((got, expected) if isinstance(got, tuple) else ((got,), (expected,)))):
+                assert type(got_one) is torch.Tensor
+                assert (got_one.shape, got_one.stride(), got_one.dtype) == (expected_one.shape, expected_one.stride(), expected_one.dtype)
+                assert torch.equal(got_one, expected_one)
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_nonzero_past_the_tier_runs_a_piece_of_rows_at_a_time(device):
+    """A 64 x 256 float table (16 pages, the device tier 8): ``nonzero`` gives the dense op's
+    indices and layout (it raised ``DeviceTierFullError``); a transposed one, whose every row spans
+    the table, still raises naming the op; one that fits runs at once."""
+    x = torch.zeros(64, 256, device=device)
+    x[[0, 5, 5, 33, 63], [1, 0, 255, 7, 255]] = torch.tensor([1.0, float("nan"), -2.0, 3.0, 4.0], device=device)
+    with make_pager(device) as pager:
+        table = PagedTensor.wrap(x.clone(), pager)
+        pager.evict_all()
+        before = pager.stats()["faults"]
+        got, expected = table.nonzero(), x.nonzero()
+        assert got.stride() == expected.stride() and torch.equal(got, expected)
+        assert pager.stats()["faults"] - before == 16  # every page once
+        with pytest.raises(OutOfPagesError, match="aten.nonzero.default"):
+            table.t().nonzero()
+        assert torch.equal(table[:16].nonzero(), x[:16].nonzero())
