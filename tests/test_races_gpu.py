@@ -70,9 +70,12 @@ def _run_threads(*targets):
         raise errors[0]
 
 
-def _zeroed_blocks_until(address: int, nbytes: int, tries: int = 8) -> tuple[list[torch.Tensor], bool]:
+def _zeroed_blocks_until(address: int, nbytes: int, tries: int = 64) -> tuple[list[torch.Tensor], bool]:
     """Ask the allocator (current stream) for blocks of ``nbytes`` and zero each, until one holds
-    ``address`` (memory just given back) or ``tries`` run out; the blocks, and whether one held it."""
+    ``address`` (memory just given back) or ``tries`` run out; the blocks, and whether one held it.
+    The allocator hands out the smallest free block that fits first, and blocks of 1 to 10 MiB
+    share 20 MiB segments, so free blocks that earlier tests left in the process's segments may
+    come first (8 tries ran out once, in a shard of the GPU suite)."""
     blocks = []
     for _ in range(tries):
         block = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -399,7 +402,7 @@ def test_race_a_pager_collected_unclosed_frees_slabs_under_user_stream_kernels()
     gc.collect()
     assert collected() is None, "the pager was not collected: nothing raced"
     junk, found = _zeroed_blocks_until(slab_ptr, slab_bytes)
-    assert found, "the allocator never gave the slab's memory again: nothing raced"
+    assert found, f"the allocator never gave the slab's memory again in {len(junk)} blocks: nothing raced"
     torch.cuda.synchronize()
     assert torch.equal(seen, data), "a user-stream read ran after the collected pager's slab was handed out again"
 
