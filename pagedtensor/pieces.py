@@ -8,9 +8,10 @@ each piece is an ordinary op on PagedTensor views of a run of pages, faulted in,
 back like any op, before the next piece's pages fault in.
 
 It applies when every argument that is not a number or a 0-dim tensor has the same shape and
-strides, or broadcasts to that shape (``paged + bias``, ``paged * scale[:, None]``: such an operand
-is read whole by every piece, a PagedTensor one once, as a plain tensor, before the first piece;
-the pieces then go along the outer dim), with no element reachable twice (so elements at the
+strides, or broadcasts to that shape (``paged + bias``, ``paged * scale[:, None]``, or an expanded
+view read, ``bias.expand_as(paged)``: such an operand is read whole by every piece, a PagedTensor
+one once, as a plain tensor, before the first piece; the pieces then go along the outer dim; with
+it read, an op whose other pages fit runs at once), with no element reachable twice (so elements at the
 same index lie at the same distance from each tensor's storage offset), and the op writes only its first argument (in-place), only
 its ``out=`` (of the result's shape: one torch would resize is not run in pieces) or nothing (its
 result a plain tensor filled piece by piece). The argument written may be a plain tensor, as in
@@ -76,6 +77,11 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
         return NotImplemented
     if target is not None and target.dim() == 0:
         return NotImplemented  # the shaped arguments would be written into one element: torch's error, or a resize
+    given_args, given_kwargs = args, kwargs  # the result's layout is the op's on these
+    # A tensor read through an expanded view (``t.expand(...)``: a dim of stride 0) is a broadcast
+    # operand: its view with one index along those dims, read whole once like ``bias``.
+    args = tuple(_compacted_if_expanded(value, target) for value in args)
+    kwargs = {name: _compacted_if_expanded(value, target) for name, value in kwargs.items()}
     tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
     shaped = [t for t in tensors if t.dim() > 0]
     if not shaped or not any(isinstance(t, PagedTensor) for t in shaped) or any(t.layout != torch.strided for t in shaped):
@@ -119,9 +125,10 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
     result_layout = None
     if target is None:
-        result_layout = _result_layout(func, args, kwargs)
+        result_layout = _result_layout(func, given_args, given_kwargs)
         if result_layout is None or tuple(result_layout.shape) != shape or (dense and result_layout.stride() != stride):
             return NotImplemented
+    read_whole = any(isinstance(t, PagedTensor) for t in broadcast)
     if broadcast:
         if any(isinstance(t, PagedTensor) and span_elements(t) > (piece_elements_of([t]) or 0) for t in broadcast):
             return NotImplemented  # it could not be read whole
@@ -139,6 +146,9 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
             for t in tensors
             if isinstance(t, PagedTensor) and t.dim() > 0 and span_elements(t) > piece_elements
         }
+        if not splits and read_whole:  # with the operands read whole, the rest fits at once: one piece
+            out = _run_along(func, args, kwargs, result_layout, reference.device, shape[0], 0, max(1, shape[0]))
+            return target if target is not None else out
         if not splits or None in splits or len({dim for dim, _ in splits}) != 1:
             return NotImplemented
         dim, count = min(splits, key=lambda split: split[1])
@@ -170,6 +180,20 @@ def broadcast_shape(tensors: list[torch.Tensor]) -> Optional[tuple[int, ...]]:
         return tuple(torch.broadcast_shapes(*(t.shape for t in tensors)))
     except RuntimeError:
         return None
+
+
+def _compacted_if_expanded(value: Any, target: Any) -> Any:
+    """A tensor the op reads (not its ``target``) with a dim of stride 0 and more than one index (an
+    expanded view, paged or plain): its view with one index along each such dim, which the op then
+    takes as an operand broadcast to the result's shape; anything else as it is."""
+    if not isinstance(value, torch.Tensor) or value is target or value.dim() == 0 or value.layout != torch.strided:
+        return value
+    shape = tuple(1 if step == 0 else size for size, step in zip(value.shape, value.stride()))
+    if shape == tuple(value.shape):
+        return value
+    if isinstance(value, PagedTensor):
+        return PagedTensor._make(value._paged, value._offset, shape, value.stride(), value.dtype, bits=math_bits(value))
+    return value.as_strided(shape, value.stride(), value.storage_offset())
 
 
 def _expanded_if_broadcast(value: Any, shape: tuple[int, ...]) -> Any:
