@@ -1,6 +1,6 @@
 """A PagedTensor read a part of its pages at a time, each part at most a piece of the device tier
 (:func:`~pagedtensor.pieces.piece_elements_of`), whatever its layout: the helpers the copies, the
-whole-tensor reductions and the row scatters share.
+whole-tensor reductions and the row scatters share; and an op's arguments by name.
 """
 
 from __future__ import annotations
@@ -8,10 +8,19 @@ from __future__ import annotations
 from typing import Any, Iterator, Sequence
 
 import torch
+from torch._ops import OpOverload
 
 from pagedtensor.dispatch import _normalize_device
 from pagedtensor.pieces import piece_elements_of, span_elements
 from pagedtensor.tensor import PagedTensor
+
+
+def _arguments_by_name(func: OpOverload, args: tuple, kwargs: dict) -> dict:
+    """``func``'s arguments by their schema names, defaults filled in."""
+    bound = {argument.name: argument.default_value for argument in func._schema.arguments if argument.has_default_value()}
+    bound.update(zip((argument.name for argument in func._schema.arguments), args))
+    bound.update(kwargs)
+    return bound
 
 
 def _copies_in_parts(tensors: Sequence[Any]) -> bool:

@@ -44,6 +44,7 @@ import torch
 from torch._ops import OpOverload
 
 from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, aten, implements
+from pagedtensor.handlers.parts import _arguments_by_name
 from pagedtensor.handlers.row_gathers import (
     RowPiece,
     _empty_laid_out_as,
@@ -55,7 +56,6 @@ from pagedtensor.handlers.row_gathers import (
     _stand_in_of_rows,
     run_into_out,
 )
-from pagedtensor.handlers.row_scatters import _arguments_by_name
 from pagedtensor.pieces import elements_apart
 from pagedtensor.tensor import PagedTensor, element_span, meta_like
 

@@ -17,7 +17,7 @@ import torch
 from torch._ops import OpOverload
 
 from pagedtensor.dispatch import DISPATCHER, _row_byte_spans, aten, implements
-from pagedtensor.handlers.parts import _larger_than_a_piece
+from pagedtensor.handlers.parts import _arguments_by_name, _larger_than_a_piece
 from pagedtensor.handlers.row_gathers import _dense, _rows_a_piece, _rows_can_be_copied, _rows_compacted
 from pagedtensor.pieces import piece_elements_of
 from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping
@@ -193,14 +193,6 @@ def masked_fill_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
     func(stand_in, torch.ones(1, dtype=torch.bool, device=table.device), value)
     scatter_rows(aten.index_put_.default, types, (table, [mask], stand_in[0]), {})
     return table
-
-
-def _arguments_by_name(func: OpOverload, args: tuple, kwargs: dict) -> dict:
-    """``func``'s arguments by their schema names, defaults filled in."""
-    bound = {argument.name: argument.default_value for argument in func._schema.arguments if argument.has_default_value()}
-    bound.update(zip((argument.name for argument in func._schema.arguments), args))
-    bound.update(kwargs)
-    return bound
 
 
 def _put_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) -> Any:
