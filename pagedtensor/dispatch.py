@@ -16,9 +16,9 @@ The dispatcher tries, in this order:
      then ``clone``: only the view's pages fault in.
    * ``_to_copy`` on the pager's device (``t.to(dtype)``, ``t.half()``, ``module.half()``): a new
      PagedTensor on the same pager, filled by ``copy_`` (a piece at a time where it must).
-   * dim-0 row gathers (``index_select`` on dim 0, ``embedding``, ``index.Tensor`` with one index
-     tensor on dim 0): only the pages holding the selected rows fault in, run by run; and dim-0 row
-     scatters in place (``index_put_`` with one index tensor on dim 0, ``t[idx] = v``, with or
+   * dim-0 row gathers (``index_select`` on dim 0, ``embedding``, ``_embedding_bag``, ``index.Tensor``
+     with one index tensor on dim 0): only the pages holding the selected rows fault in, run by
+     run; and dim-0 row scatters in place (``index_put_`` with one index tensor on dim 0, ``t[idx] = v``, with or
      without ``accumulate``; ``index_copy_``, ``index_add_``, ``index_reduce_``, ``index_fill_`` on
      dim 0; ``embedding_renorm_``): only the pages holding the written rows fault in, run by run,
      each run the op on a narrowed view.

@@ -20,6 +20,7 @@ from torch._prims_common import make_contiguous_strides_for
 
 from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, _row_byte_spans, _Window, aten, implements, resize_refused
 from pagedtensor.errors import OutOfPagesError
+from pagedtensor.handlers.parts import _arguments_by_name, _larger_than_a_piece
 from pagedtensor.pieces import broadcast_shape, piece_elements_of
 from pagedtensor.tensor import PagedTensor, _pending_frees, dense_and_non_overlapping, drain_pending_frees, element_span, meta_like
 
@@ -57,6 +58,55 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
     renumbered = inverse.reshape(index.shape).to(index.device if func is aten.index.Tensor else table.device)
     # The dense op lays its result out after the table's strides: the same layout, exactly.
     return _laid_out_as(_call_with_table(func, compact, renumbered), _result_layout_of_rows(func, table, index))
+
+
+_EMBEDDING_BAG_MAX = 2
+"""``_embedding_bag``'s ``mode`` for ``"max"``, whose fourth result holds rows of the weight."""
+
+
+@implements([aten._embedding_bag.default, aten._embedding_bag_forward_only.default])
+def embedding_bag_of_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``nn.EmbeddingBag`` / ``F.embedding_bag`` (``_embedding_bag``) of a paged weight larger than a
+    piece: only the pages holding the rows its indices name fault in.
+
+    The distinct rows are copied into a compact table (:func:`_rows_compacted`), and torch's own
+    kernel runs on it with the indices renumbered (and ``padding_idx`` with them: the compact row of
+    the padding row, or one past them where no index names it). Each bag takes its rows in the same order,
+    so the output is bitwise the dense one; ``offset2bag`` and ``bag_size`` do not depend on the
+    weight, and ``"max"``'s row of each maximum is renumbered back to the weight's (a bag with no
+    row keeps the kernel's own value), so the backward, which autograd runs on these, gives the
+    dense gradient. An index out of range raises torch's error (naming it) before any page
+    faults in. A weight that fits in a piece, or another form (a PagedTensor index of the weight's
+    pages, an index on another device), runs the generic way.
+
+    Note:
+        Reads the indices on the host (a sync when they live on the GPU), as a row gather does.
+    """
+    bound = _arguments_by_name(func, args, kwargs)
+    weight, indices = bound["weight"], bound["indices"]
+    if (not isinstance(weight, PagedTensor) or weight.dim() != 2 or not _rows_can_be_copied(weight)
+            or not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32)
+            or indices.device != weight.device or (isinstance(indices, PagedTensor) and indices._paged is weight._paged)
+            or not _larger_than_a_piece([weight])):  # fmt: skip
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    indices = _dense(indices)
+    given = indices.to("cpu", torch.int64)
+    bad = given[(given < 0) | (given >= weight.shape[0])]
+    if bad.numel():
+        raise RuntimeError(f"PagedTensor: {func}: embedding_bag: Expected idx >= 0 && idx < num_embeddings but found idx to be {int(bad[0])}")
+    rows, inverse = torch.unique(given, sorted=True, return_inverse=True)
+    padding = bound["padding_idx"]
+    padding_row = (rows == padding).nonzero().flatten()
+    # A padding row no index names stays one (past the compact rows): the kernel lays ``offset2bag``
+    # out by whether there is one.
+    compact_padding = -1 if padding < 0 else int(padding_row[0]) if padding_row.numel() else rows.numel()
+    options = {**{name: _dense(value) for name, value in bound.items() if name not in ("weight", "indices")}, "padding_idx": compact_padding}
+    output, offset2bag, bag_size, max_indices = func(_rows_compacted(weight, rows), inverse.to(weight.device, indices.dtype), **options)
+    if bound["mode"] == _EMBEDDING_BAG_MAX and max_indices.numel() and rows.numel():
+        found = (bag_size > 0).view(-1, *([1] * (max_indices.dim() - 1))).expand_as(max_indices)
+        named = rows.to(weight.device)[max_indices.clamp(0, rows.numel() - 1).long()].to(max_indices.dtype)
+        max_indices = torch.where(found, named, max_indices)
+    return output, offset2bag, bag_size, max_indices
 
 
 @implements([aten.gather.default, aten.take.default])

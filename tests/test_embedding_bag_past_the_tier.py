@@ -1,0 +1,105 @@
+"""``nn.EmbeddingBag`` / ``F.embedding_bag`` (``_embedding_bag``) of a paged weight larger than the
+device tier (``embedding_bag_of_rows`` in ``pagedtensor/handlers/row_gathers.py``): only the pages
+of the rows its indices name fault in; every result (output, ``offset2bag``, ``bag_size``,
+``"max"``'s rows of the maxima) and the gradient are the dense op's, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pagedtensor import MemoryConfig, PagedTensor, Pager
+from tests.support import CPU_AND_CUDA
+
+PAGE = 4096
+DEVICE_PAGES = 8
+MODES = ("sum", "mean", "max")
+
+
+def make_pager(device: str = "cpu") -> Pager:
+    return Pager(MemoryConfig(vram_limit=DEVICE_PAGES * PAGE, host_memory=512 * PAGE, page_size=PAGE, slab_size=512 * PAGE,
+                              prefetch_strategy="none", device=device))  # fmt: skip
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.is_floating_point:
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+    return torch.equal(a, b)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.float64]),
+    mode=st.sampled_from(MODES),
+    index_dtype=st.sampled_from([torch.int64, torch.int32]),
+    include_last_offset=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_embedding_bag_past_the_tier_equals_dense(data, dtype, mode, index_dtype, include_last_offset, seed):
+    """Random weights larger than the device tier, indices with repeats, empty bags, a padding row
+    (named by some indices or by none), per-sample weights in ``"sum"``: the four results of
+    ``_embedding_bag`` equal the dense op's bit for bit, and the device tier's budget holds."""
+    cols = data.draw(st.sampled_from([8, 64, 300]), label="cols")
+    rows = 2 * DEVICE_PAGES * PAGE // (cols * dtype.itemsize) + data.draw(st.integers(1, 40), label="extra rows")
+    count = data.draw(st.integers(0, 24), label="indices")
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, rows, (count,), generator=generator).to(index_dtype)
+    cuts = sorted(data.draw(st.lists(st.integers(0, count), min_size=1, max_size=6), label="bag starts"))
+    offsets = torch.tensor([0, *cuts[1:]] + ([count] if include_last_offset else []), dtype=index_dtype)
+    padding = data.draw(st.sampled_from([-1, int(indices[0]) if count else -1, rows - 1]), label="padding row")
+    weights = torch.rand(count, generator=generator).to(dtype) if mode == "sum" and data.draw(st.booleans(), label="per sample") else None
+    weight = (torch.randn(rows, cols, generator=generator) * 3).to(dtype)
+    call = lambda w: torch.ops.aten._embedding_bag.default(w, indices, offsets, False, MODES.index(mode), False, weights,
+                                                           include_last_offset, padding)  # fmt: skip
+    with make_pager() as pager:
+        paged = PagedTensor.wrap(weight.clone(), pager)
+        for got, expected in zip(call(paged), call(weight)):
+            assert type(got) is torch.Tensor and same_bits(got, expected)
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
+        assert same_bits(paged.materialize(), weight)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("mode", MODES)
+def test_an_embedding_bag_faults_in_only_the_pages_of_its_rows_and_trains_as_dense(device, mode):
+    """A 256 x 64 float weight (16 pages, the device tier 8), bags of rows 3, 130, 250 (one
+    repeated): pages 0, 8 and 15 fault in (a weight past the tier raised), the output and, in
+    training, the gradient equal the dense module's."""
+    torch.manual_seed(0)
+    dense = torch.nn.EmbeddingBag(256, 64, mode=mode, device=device)
+    paged = copy.deepcopy(dense)
+    with make_pager(device) as pager:
+        paged.weight = torch.nn.Parameter(PagedTensor.wrap(dense.weight.detach().clone(), pager))
+        bags = torch.tensor([[3, 130, 3], [250, 130, 250]], device=device)
+        pager.evict_all()
+        before = pager.stats()["faults"]
+        got, expected = paged(bags), dense(bags)
+        assert torch.equal(got, expected)
+        assert pager.stats()["faults"] - before == 3
+        assert {info.index for info in pager.page_table(paged.weight.allocation) if info.tier == "device"} == {0, 8, 15}
+        got.square().sum().backward()
+        expected.square().sum().backward()
+        assert torch.equal(paged.weight.grad, dense.weight.grad)
+        with torch.no_grad():  # _embedding_bag_forward_only
+            assert torch.equal(paged(bags.flip(1)), dense(bags.flip(1)))
+
+
+def test_an_index_out_of_range_raises_before_any_page_faults_in():
+    weight = torch.randn(256, 64)
+    with make_pager() as pager:
+        paged = PagedTensor.wrap(weight.clone(), pager)
+        pager.evict_all()
+        before = pager.stats()["faults"]
+        for bad in (256, -1):
+            with pytest.raises(RuntimeError, match=f"found idx to be {bad}"):
+                F.embedding_bag(torch.tensor([1, bad]), paged, torch.tensor([0]))
+        assert pager.stats()["faults"] == before
