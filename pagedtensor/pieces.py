@@ -77,9 +77,12 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
         return NotImplemented
     if target is not None and target.dim() == 0:
         return NotImplemented  # the shaped arguments would be written into one element: torch's error, or a resize
-    given_args, given_kwargs = args, kwargs  # the result's layout is the op's on these
     # A tensor read through an expanded view (``t.expand(...)``: a dim of stride 0) is a broadcast
-    # operand: its view with one index along those dims, read whole once like ``bias``.
+    # operand: its view with one index along those dims, read whole once like ``bias``. (The
+    # result's layout is then the meta kernel's for the broadcast operand, which is the CPU kernel's
+    # for the expanded one: given the expanded operand, the meta kernel lays some results out
+    # otherwise, float16 ``maximum(row.expand(n, m), t.t())`` with strides ``(m, 1)`` where the
+    # CPU's are ``(1, n)``.)
     args = tuple(_compacted_if_expanded(value, target) for value in args)
     kwargs = {name: _compacted_if_expanded(value, target) for name, value in kwargs.items()}
     tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
@@ -125,7 +128,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
     result_layout = None
     if target is None:
-        result_layout = _result_layout(func, given_args, given_kwargs)
+        result_layout = _result_layout(func, args, kwargs)
         if result_layout is None or tuple(result_layout.shape) != shape or (dense and result_layout.stride() != stride):
             return NotImplemented
     read_whole = any(isinstance(t, PagedTensor) for t in broadcast)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import pagedtensor
@@ -185,6 +185,9 @@ BROADCAST_OPS = {  # name: op of the paged (or dense) table and a broadcast oper
     name=st.sampled_from(sorted(BROADCAST_OPS)),
     seed=st.integers(0, 2**16),
 )
+# Given the expanded operand, the meta kernel lays this result out as (49, 1), the CPU kernel as (1, 256).
+@example(rows=49, cols=256, dtype=torch.float16, view="transposed", form="row", paged_operand=False, expanded=True,
+         name="maximum_of_the_operand_first", seed=0)  # fmt: skip
 def test_elementwise_ops_with_a_broadcast_operand_in_pieces_equal_dense(rows, cols, dtype, view, form, paged_operand, expanded, name, seed):
     """A table of any size and layout with an operand broadcast to it (``t + bias``, ``t * scale[:, None]``,
     a broadcast mask, a plain or paged operand, or its view expanded to the table's shape,
@@ -229,6 +232,11 @@ def test_an_expanded_paged_operand_is_read_whole_once(device):
                               (torch.add(t.unsqueeze(1).expand(24, 4, 256).transpose(0, 1), paged_other),
                                torch.add(x.unsqueeze(1).expand(24, 4, 256).transpose(0, 1), other))):  # fmt: skip
             assert type(got) is torch.Tensor and same_bits(got, expected)
+        table = torch.randn(98, 256, device=device, dtype=torch.float16)  # 13 pages, read transposed beside an expanded row
+        row = torch.randn(98, device=device, dtype=torch.float16)
+        got = torch.maximum(row.expand(256, 98), PagedTensor.wrap(table.clone(), pager).t())
+        # strides (1, 256), as the kernel lays it out (the meta kernel, given the expanded row, says (98, 1))
+        assert same_bits(got, torch.maximum(row.expand(256, 98), table.t()))
         assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
         wide = PagedTensor.wrap(torch.randn(40, 256, device=device), pager)  # 10 pages: more than a piece
         with pytest.raises(OutOfPagesError, match="aten.copy_.default"):
