@@ -13,26 +13,12 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pagedtensor import MemoryConfig, PagedTensor, Pager
+from pagedtensor import PagedTensor
 from tests.support import CPU_AND_CUDA
+from tests.test_row_scatter import PAGE, make_pager, same_bits
 
-PAGE = 4096
-DEVICE_PAGES = 8
+DEVICE_PAGES = 8  # make_pager's
 MODES = ("sum", "mean", "max")
-
-
-def make_pager(device: str = "cpu") -> Pager:
-    return Pager(MemoryConfig(vram_limit=DEVICE_PAGES * PAGE, host_memory=512 * PAGE, page_size=PAGE, slab_size=512 * PAGE,
-                              prefetch_strategy="none", device=device))  # fmt: skip
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.dtype.is_floating_point:
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
-    return torch.equal(a, b)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -77,7 +63,7 @@ def test_an_embedding_bag_faults_in_only_the_pages_of_its_rows_and_trains_as_den
     torch.manual_seed(0)
     dense = torch.nn.EmbeddingBag(256, 64, mode=mode, device=device)
     paged = copy.deepcopy(dense)
-    with make_pager(device) as pager:
+    with make_pager(device=device) as pager:
         paged.weight = torch.nn.Parameter(PagedTensor.wrap(dense.weight.detach().clone(), pager))
         bags = torch.tensor([[3, 130, 3], [250, 130, 250]], device=device)
         pager.evict_all()
