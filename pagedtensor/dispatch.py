@@ -18,10 +18,10 @@ The dispatcher tries, in this order:
      PagedTensor on the same pager, filled by ``copy_`` (a piece at a time where it must).
    * dim-0 row gathers (``index_select`` on dim 0, ``embedding``, ``_embedding_bag``, ``index.Tensor``
      with one index tensor on dim 0): only the pages holding the selected rows fault in, run by
-     run; and dim-0 row scatters in place (``index_put_`` with one index tensor on dim 0, ``t[idx] = v``, with or
-     without ``accumulate``; ``index_copy_``, ``index_add_``, ``index_reduce_``, ``index_fill_`` on
-     dim 0; ``embedding_renorm_``): only the pages holding the written rows fault in, run by run,
-     each run the op on a narrowed view.
+     run; and dim-0 row scatters in place (``index_put_`` with one index tensor on dim 0,
+     ``t[idx] = v``, with or without ``accumulate``; ``index_copy_``, ``index_add_``,
+     ``index_reduce_``, ``index_fill_`` on dim 0; ``embedding_renorm_``, ``masked_scatter_``): only
+     the pages holding the written rows fault in, run by run, each run the op on a narrowed view.
    * copies and comparisons of PagedTensors larger than a piece of the device tier: ``clone`` of
      any ``memory_format`` (``t.t().contiguous()``, ``t.t().reshape(-1)``), ``cat`` and ``stack``
      (a plain result of the dense op's layout and promoted dtype, each input copied into its slice),

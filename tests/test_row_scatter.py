@@ -230,6 +230,58 @@ def test_a_masked_fill_faults_in_only_the_pages_of_its_rows(device):
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_a_masked_scatter_faults_in_only_the_pages_of_its_marked_rows(device):
+    """``t.masked_scatter_(mask, source)`` marking elements of rows 1, 50 and 51 of a 16-page table on
+    a tier of 8: pages 0 and 12 fault in (every page did, and a table past the tier raised), and
+    the table ends as the dense one."""
+    mask = torch.zeros(64, 256, dtype=torch.bool, device=device)
+    mask[1, [0, 255]] = mask[50, 7] = mask[51, 100:103] = True
+    source = torch.arange(-1.0, -11.0, -1.0, device=device)
+    with make_pager(device=device) as pager:
+        x = rows_tensor().to(device)
+        table = PagedTensor.wrap(x.clone(), pager)
+        pager.evict_all()
+        before = pager.stats()["faults"]
+        assert table.masked_scatter_(mask, source) is table
+        assert pager.stats()["faults"] - before == 2
+        assert device_pages_of(pager, table) == {0, 12}
+        assert torch.equal(table.materialize(), x.masked_scatter_(mask, source))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.int64, torch.bool]),
+    three_dims=st.booleans(),
+    mask_form=st.sampled_from(["full", "rows", "last dim", "every other row"]),
+    density=st.sampled_from([0.0, 0.02, 0.3, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_masked_scatters_on_tables_larger_than_the_device_tier_equal_dense(data, dtype, three_dims, mask_form, density, seed):
+    """``masked_scatter_`` with random masks of the table's shape or broadcast to it and a source
+    with elements to spare, on tables larger than the device tier: the table ends bitwise as the
+    dense one, the op returns it, and the device tier's budget holds."""
+    inner = (3, data.draw(st.integers(4, 40), label="cols")) if three_dims else (data.draw(st.integers(4, 600), label="cols"),)
+    row_bytes = math.prod(inner) * dtype.itemsize
+    rows = data.draw(st.integers(2 * 8 * PAGE // row_bytes + 1, 3 * 8 * PAGE // row_bytes + 2), label="rows")
+    generator = torch.Generator().manual_seed(seed)
+    shape = (rows, *inner)
+    mask_shape = {"full": shape, "rows": (rows, *([1] * len(inner))), "last dim": inner[-1:], "every other row": shape}[mask_form]
+    mask = torch.rand(mask_shape, generator=generator) < density
+    if mask_form == "every other row":
+        mask[1::2] = False
+    base = random_values(shape, dtype, generator) if dtype != torch.bool else torch.rand(shape, generator=generator) > 0.5
+    source = random_values((math.prod(shape) + 5,), dtype, generator) if dtype != torch.bool else torch.rand(math.prod(shape) + 5) > 0.5
+    with make_pager() as pager:
+        table = PagedTensor.wrap(base.clone(), pager)
+        expected = base.clone()
+        assert table.masked_scatter_(mask, source) is table
+        expected.masked_scatter_(mask, source)
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+        assert same_bits(table.materialize(), expected)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_an_embedding_with_max_norm_renorms_only_the_pages_of_its_rows(device):
     """``nn.Embedding(max_norm=...)`` runs ``embedding_renorm_`` on its weight before each lookup: on
     a paged weight of 16 pages and a device tier of 8, rows 3, 40 and 60 (one repeated) fault in
@@ -731,6 +783,10 @@ BAD_CALLS = {
     "masked_fill_ value overflows the dtype": lambda t: t.masked_fill_(torch.ones(64, 256, dtype=torch.bool), 1e40),
     "masked_fill_ value of one dim": lambda t: t.masked_fill_(torch.ones(64, 256, dtype=torch.bool), torch.ones(1)),
     "masked_fill_ complex value": lambda t: t.masked_fill_(torch.ones(64, 256, dtype=torch.bool), torch.tensor(1 + 2j)),
+    "masked_scatter_ by an int mask": lambda t: t.masked_scatter_(torch.ones(64, 256, dtype=torch.int32), torch.zeros(64 * 256)),
+    "masked_scatter_ by a mask that does not broadcast": lambda t: t.masked_scatter_(torch.ones(64, 2, dtype=torch.bool), torch.zeros(128)),
+    "masked_scatter_ of another dtype": lambda t: t.masked_scatter_(torch.ones(64, 256, dtype=torch.bool), torch.zeros(64 * 256).double()),
+    "masked_scatter_ of too few elements": lambda t: t.masked_scatter_(torch.ones(64, 256, dtype=torch.bool), torch.zeros(64 * 256 - 1)),
     "embedding_renorm_ out of range": lambda t: torch.embedding_renorm_(t, torch.tensor([1, 64, 2]), 1.0, 2.0),
     "embedding_renorm_ negative out of range": lambda t: torch.embedding_renorm_(t, torch.tensor([-65, 70]), 1.0, 2.0),
     "embedding_renorm_ float index": lambda t: torch.embedding_renorm_(t, torch.tensor([1.0]), 1.0, 2.0),

@@ -4,7 +4,8 @@ dims or a bool mask over them, ``masked_fill_``, ``index_copy_``, ``index_add_``
 ``index_put_`` after leading slices (``t[:, pos] = v``) and ``index_copy_``, ``index_add_``,
 ``index_reduce_``, ``index_fill_`` along another dim run a
 piece of rows at a time; ``scatter_``, ``scatter_add_`` and ``scatter_reduce_`` run torch's own
-kernel on the rows they write (:func:`scatter_elements`).
+kernel on the rows they write (:func:`scatter_elements`); so do ``embedding_renorm_``
+(:func:`renorm_rows`) and ``masked_scatter_`` (:func:`masked_scatter_rows`).
 """
 
 from __future__ import annotations
@@ -529,6 +530,47 @@ def renorm_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
         in_run = (rows >= lo) & (rows < hi)
         local = torch.where(values[in_run] < 0, values[in_run] + rows_total - hi, values[in_run] - lo)
         DISPATCHER.run_paged(func, types, (table.narrow(0, lo, hi - lo), local.to(table.device, given.dtype), *options), {})
+    return table
+
+
+@implements([aten.masked_scatter_.default])
+def masked_scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``t.masked_scatter_(mask, source)`` of a PagedTensor larger than a piece whose rows along dim 0
+    advance in memory: only the pages of the rows the mask marks fault in, a run of them at a time
+    (:func:`_runs_of_rows`). The op writes ``source``'s elements in order into the marked places in
+    row-major order, so each run takes the run of source elements that its rows' marks begin at
+    (counted on the host from the marks of the rows before), torch's own kernel on each: the table
+    ends bitwise as after the dense op. torch's errors come first, before any page faults in: a mask
+    that is not bool or does not broadcast to the table, a source of another dtype, a source with
+    fewer elements than the marks. A table that fits in a piece, or of another form (a transposed
+    table: one row spans the table), runs the generic way.
+
+    Note:
+        Reads the mask's marks per row on the host (a sync when it lives on the GPU).
+    """
+    bound = _arguments_by_name(func, args, kwargs)
+    table, mask, source = bound["self"], bound["mask"], bound["source"]
+    if (not isinstance(table, PagedTensor) or table.dim() == 0 or not isinstance(mask, torch.Tensor) or not isinstance(source, torch.Tensor)
+            or mask.device != table.device or source.device != table.device or not _a_table_of_several_pieces(table)
+            or any(isinstance(t, PagedTensor) and t._paged is table._paged for t in (mask, source))):  # fmt: skip
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    mask, source = _dense(mask), _dense(source)
+    one = torch.empty(1, dtype=table.dtype, device=table.device)
+    func(one, torch.zeros(1, dtype=mask.dtype, device=mask.device), source.reshape(-1)[:1])  # mask and source dtypes: torch's errors
+    marks = mask.expand(table.shape)  # torch's error for a mask that does not broadcast
+    per_row = marks.sum(dim=tuple(range(1, table.dim()))) if table.dim() > 1 else marks.long()
+    if int(per_row.sum()) > source.numel():
+        raise RuntimeError("Number of elements of source < number of ones in mask")
+    per_row = per_row.cpu()
+    rows = per_row.nonzero().flatten()
+    runs = _runs_of_rows(table, rows)
+    if runs is None:
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    starts = torch.cumsum(per_row, 0) - per_row  # the source element each row's marks begin at
+    flat = source.reshape(-1)
+    for lo, hi in runs:
+        begin, end = int(starts[lo]), int(starts[hi - 1] + per_row[hi - 1])
+        DISPATCHER.run_paged(func, types, (table.narrow(0, lo, hi - lo), marks.narrow(0, lo, hi - lo), flat[begin:end]), {})
     return table
 
 
