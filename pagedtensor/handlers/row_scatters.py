@@ -509,9 +509,9 @@ def renorm_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
     """
     bound = _arguments_by_name(func, args, kwargs)
     table, indices = bound["self"], bound["indices"]
-    if (not isinstance(table, PagedTensor) or table._inner is not None or table.dim() != 2 or table.numel() == 0 or table.stride(0) == 0
-            or table.is_conj() or table.is_neg() or not isinstance(indices, torch.Tensor) or indices.device != table.device
-            or (isinstance(indices, PagedTensor) and indices._paged is table._paged) or not _larger_than_a_piece([table])):  # fmt: skip
+    if (not isinstance(table, PagedTensor) or table.dim() != 2 or not _rows_can_be_copied(table) or not isinstance(indices, torch.Tensor)
+            or indices.device != table.device or (isinstance(indices, PagedTensor) and indices._paged is table._paged)
+            or not _larger_than_a_piece([table])):  # fmt: skip
         return DISPATCHER.run_paged(func, types, args, kwargs)
     options = (bound["max_norm"], bound["norm_type"])
     given = _dense(indices)
@@ -550,7 +550,7 @@ def masked_scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dic
     """
     bound = _arguments_by_name(func, args, kwargs)
     table, mask, source = bound["self"], bound["mask"], bound["source"]
-    if (not isinstance(table, PagedTensor) or table.dim() == 0 or not isinstance(mask, torch.Tensor) or not isinstance(source, torch.Tensor)
+    if (not isinstance(table, PagedTensor) or not isinstance(mask, torch.Tensor) or not isinstance(source, torch.Tensor)
             or mask.device != table.device or source.device != table.device or not _a_table_of_several_pieces(table)
             or any(isinstance(t, PagedTensor) and t._paged is table._paged for t in (mask, source))):  # fmt: skip
         return DISPATCHER.run_paged(func, types, args, kwargs)
@@ -558,10 +558,9 @@ def masked_scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dic
     one = torch.empty(1, dtype=table.dtype, device=table.device)
     func(one, torch.zeros(1, dtype=mask.dtype, device=mask.device), source.reshape(-1)[:1])  # mask and source dtypes: torch's errors
     marks = mask.expand(table.shape)  # torch's error for a mask that does not broadcast
-    per_row = marks.sum(dim=tuple(range(1, table.dim()))) if table.dim() > 1 else marks.long()
+    per_row = marks.sum(dim=tuple(range(1, table.dim()))).cpu()  # (a table of several pieces has 2 dims or more)
     if int(per_row.sum()) > source.numel():
         raise RuntimeError("Number of elements of source < number of ones in mask")
-    per_row = per_row.cpu()
     rows = per_row.nonzero().flatten()
     runs = _runs_of_rows(table, rows)
     if runs is None:
