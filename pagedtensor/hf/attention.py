@@ -111,7 +111,7 @@ def paged_attention(cache: PagedKVCache, layer_idx: int, query: torch.Tensor, sc
     outs: list[torch.Tensor] = []
     lses: list[torch.Tensor] = []
     for piece in cache.key_pieces(layer_idx):
-        k_pages, v_pages = cache.key_pools(piece.slab)
+        k_pages, v_pages = cache.key_pools(piece.slab, layer_idx)
         block_table, seq_lens, q_start = _tables(piece, query.device)
         if decode:
             out, lse = paged_decode_attention(q[:, 0], k_pages, v_pages, block_table, seq_lens, scale=scaling, return_lse=True)
@@ -187,7 +187,7 @@ def _fallback_reason(cache: PagedKVCache, layer_idx: int, query: torch.Tensor, a
         return needs_eager
     if window is not None and cache.get_seq_length(layer_idx) > window:
         return f"sliding window {window} outgrown"
-    if query.shape[1] % cache.num_kv_heads:
+    if query.shape[1] % cache.layers[layer_idx].geometry.kv_heads:
         return "heads not a multiple of kv heads"
     return None
 

@@ -3,7 +3,9 @@
 Layout. One pager page holds the keys and then the values of ``page_tokens`` consecutive tokens of
 one sequence in one layer: ``[2, page_tokens, num_kv_heads, head_dim]`` in the model's dtype, where
 ``page_tokens = page_size // (2 * num_kv_heads * head_dim * itemsize)`` (any slack at the end of a
-page is unused). The pages of one (layer, sequence) are pages of pager allocations ("segments" of
+page is unused). Each layer has its own :class:`LayerGeometry`, learned from its first keys: layers
+of one model may have other head sizes or numbers of KV heads (Gemma 4's full-attention layers,
+transformers' ``per_layer_config``). The pages of one (layer, sequence) are pages of pager allocations ("segments" of
 ``segment_pages`` pages) read as one logical run of pages: logical page ``p`` is page
 ``p % segment_pages`` of the allocation ``owners[p]``, so a page has the same place in its segment
 whatever sequence refers to it. Sequences share pages by reference (beam search keeps a beam twice:
@@ -83,6 +85,22 @@ class ActiveUpdate:
 ACTIVE_UPDATE: contextvars.ContextVar[Optional[ActiveUpdate]] = contextvars.ContextVar("pagedllm_active_update", default=None)
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerGeometry:
+    """How one layer's keys and values lie in pages: a page holds ``page_tokens`` tokens' keys
+    ``[page_tokens, kv_heads, head_dim]``, then their values; a sequence's pages lie in segments
+    (allocations) of ``segment_pages`` pages. Layers whose states have one shape share one geometry."""
+
+    kv_heads: int
+    head_dim: int
+    page_tokens: int
+    segment_pages: int
+
+    def page_count(self, length: int) -> int:
+        """Pages holding ``length`` tokens."""
+        return -(-length // self.page_tokens)
+
+
 @dataclasses.dataclass
 class KeyPiece:
     """Keys of one attention kernel call: per sequence, page slots of one device slab.
@@ -107,11 +125,13 @@ class _SequencePages:
     same place in its allocation whatever sequence refers to it, so sequences that share a prefix
     (beams kept twice by ``reorder_cache``) share its pages by reference. ``segments[k]`` is the
     allocation this sequence writes new pages ``k * segment_pages ...`` into (``None`` until it needs one).
+    ``geometry`` is its layer's.
     """
 
-    __slots__ = ("owners", "segments", "length", "hot")
+    __slots__ = ("geometry", "owners", "segments", "length", "hot")
 
-    def __init__(self) -> None:
+    def __init__(self, geometry: LayerGeometry) -> None:
+        self.geometry = geometry
         self.owners: list[Allocation] = []  # per logical page, the allocation holding it
         self.segments: list[Optional[Allocation]] = []  # per segment, the allocation new pages go to
         self.length = 0  # real tokens stored (pads excluded)
@@ -137,6 +157,7 @@ class PagedLayer(CacheLayerMixin):
         self.cursor = 0  # tokens of the current forward already appended
         self.len_before: list[int] = []  # per sequence, stored tokens before the last update
         self.last_q_len = 0
+        self.geometry: Optional[LayerGeometry] = None  # set by the first update
 
     @property
     def cache(self) -> "PagedKVCache":
@@ -146,9 +167,9 @@ class PagedLayer(CacheLayerMixin):
         return cache
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.cache._init_geometry(key_states)
+        self.geometry = self.cache._init_geometry(key_states)
         self.device = key_states.device
-        self.seqs = [_SequencePages() for _ in range(key_states.shape[0])]
+        self.seqs = [_SequencePages(self.geometry) for _ in range(key_states.shape[0])]
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,19 +287,16 @@ class PagedKVCache(Cache):
         self.stream_group_bytes = stream_group_bytes
         self.max_tokens = max_tokens
         self.makes_room = makes_room
-        # Geometry, set by the first update.
+        # Set by the first update: what every layer shares; each layer's geometry is its own.
         self.dtype: Optional[torch.dtype] = None
         self.device: Optional[torch.device] = None
         self.batch_size_: Optional[int] = None
-        self.num_kv_heads = 0
-        self.head_dim = 0
-        self.page_tokens = 0
-        self.segment_pages = DEFAULT_SEGMENT_PAGES
+        self._geometries: dict[tuple[int, int], LayerGeometry] = {}  # by (kv heads, head_dim)
         self.group_pages = 1
         self.window_pages = 2
         self.hot_enabled = False
         self._forward_pads: Optional[list[int]] = None
-        self._pools: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._pools: dict[tuple[int, LayerGeometry], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pending_stream: list[tuple[Allocation, int, int]] = []  # the last streamed group, evicted after the next
         self._allocations: list[Allocation] = []
         # Sharing: sequences referring to each page ``(allocation, index)``, and references to each
@@ -312,7 +330,7 @@ class PagedKVCache(Cache):
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
-        self._check_states(key_states, value_states)
+        self._check_states(layer, key_states, value_states)
         q_len = key_states.shape[2]
         counts = self._take_valid(layer, q_len)
         layer.len_before = [seq.length for seq in layer.seqs]
@@ -380,6 +398,7 @@ class PagedKVCache(Cache):
             self._free_layer(layer)
             layer.seqs = []
             layer.is_initialized = False
+            layer.geometry = None
         self.dtype = None
 
     def __deepcopy__(self, memo: dict) -> "PagedKVCache":
@@ -437,48 +456,98 @@ class PagedKVCache(Cache):
 
     # ------------------------------------------------------------------ geometry
 
-    def _init_geometry(self, key_states: torch.Tensor) -> None:
+    def _init_geometry(self, key_states: torch.Tensor) -> LayerGeometry:
+        """The geometry of a layer whose first keys are ``key_states`` ``[batch, kv_heads, q_len, head_dim]``.
+        The first layer filled sets what every layer shares (batch, dtype, device) and the streaming
+        window; a later layer must agree on those, and may have other heads."""
         batch, kv_heads, _, head_dim = key_states.shape
-        if self.dtype is not None:
-            if (batch, kv_heads, head_dim, key_states.dtype) != (self.batch_size_, self.num_kv_heads, self.head_dim, self.dtype):
-                raise ValueError(
-                    f"layer states {tuple(key_states.shape)} {key_states.dtype} differ from the cache's batch "
-                    f"{self.batch_size_}, kv heads {self.num_kv_heads}, head_dim {self.head_dim}, {self.dtype}"
-                )
-            return
+        if self.dtype is not None and (batch, key_states.dtype) != (self.batch_size_, self.dtype):
+            raise ValueError(
+                f"layer states {tuple(key_states.shape)} {key_states.dtype} differ from the cache's batch "
+                f"{self.batch_size_} and dtype {self.dtype}"
+            )
         if key_states.device != self.pager.device:
             raise ValueError(
                 f"the model's keys are on {key_states.device} but the pager's device tier is {self.pager.device}: "
                 f"use MemoryConfig(device={str(key_states.device)!r}) or move the model"
             )
-        token_bytes = 2 * kv_heads * head_dim * key_states.element_size()
+        geometry = self._geometries.get((kv_heads, head_dim)) if self.dtype is not None else None
+        if geometry is None:
+            geometry = self._new_geometry(kv_heads, head_dim, key_states.dtype)
+        if self.dtype is None:
+            self._init_shared(batch, key_states.dtype, key_states.device)
+        self._geometries[(kv_heads, head_dim)] = geometry
+        return geometry
+
+    def _new_geometry(self, kv_heads: int, head_dim: int, dtype: torch.dtype) -> LayerGeometry:
+        """Pages of ``kv_heads`` x ``head_dim`` keys and values in ``dtype``; ValueError if a page cannot hold one token."""
+        token_bytes = 2 * kv_heads * head_dim * dtype.itemsize
         page_tokens = self.pager.page_size // token_bytes
         if page_tokens < 1:
             raise ValueError(
                 f"page_size: {self.pager.page_size} bytes cannot hold the keys and values of one token "
-                f"({token_bytes} bytes for {kv_heads} kv heads x {head_dim} x {key_states.dtype}); use a page_size of at least "
+                f"({token_bytes} bytes for {kv_heads} kv heads x {head_dim} x {dtype}); use a page_size of at least "
                 f"{1 << max(12, (token_bytes - 1).bit_length())}"
             )
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.batch_size_, self.num_kv_heads, self.head_dim = batch, kv_heads, head_dim
-        self.page_tokens = page_tokens
-        self._pools.clear()  # views of the slabs in the geometry before a reset(): made again in this one
-        capacity = self.pager.device_tier.capacity_pages
+        segment_pages = DEFAULT_SEGMENT_PAGES
         if self.max_tokens is not None:
             # One segment for the tokens expected, but no larger than the device tier can hold (or the
             # default): max_new_tokens is a bound, often far above what is generated, and every page of an
             # allocation costs a page-table entry at allocate (generate(max_new_tokens=10**8) on a tiny
             # model took 23 s and 2 GB of host memory for a 3-token answer). Longer sequences take more segments.
-            self.segment_pages = max(1, min(math.ceil(self.max_tokens / page_tokens), max(DEFAULT_SEGMENT_PAGES, capacity)))
+            capacity = self.pager.device_tier.capacity_pages
+            segment_pages = max(1, min(math.ceil(self.max_tokens / page_tokens), max(DEFAULT_SEGMENT_PAGES, capacity)))
+        log.debug("PagedKVCache: %d tokens of %d kv heads x %d per page of %s", page_tokens, kv_heads, head_dim,
+                  format_size(self.pager.page_size))
+        return LayerGeometry(kv_heads, head_dim, page_tokens, segment_pages)
+
+    def _init_shared(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Set what every layer shares, at the first update of an empty cache: batch, dtype, device,
+        the streaming window and whether sink and newest pages are pinned."""
+        self.dtype, self.device, self.batch_size_ = dtype, device, batch
+        self._geometries.clear()
+        self._pools.clear()  # views of the slabs in the geometries before a reset(): made again
+        capacity = self.pager.device_tier.capacity_pages
         hot = self._hot_pages(batch)
         spare = capacity - (hot if self._hot_pins_fit(hot, working_pages=2) else 0)
         self.group_pages = max(1, min(self.stream_group_bytes // self.pager.page_size, spare // 4))
         self.window_pages = 2 * self.group_pages
         self._size_hot_pins(batch)
-        log.debug(
-            "PagedKVCache: %d tokens per page of %s, %d device slots, streaming groups of %d pages, hot pins %s",
-            page_tokens, format_size(self.pager.page_size), capacity, self.group_pages, "on" if self.hot_enabled else "off",
-        )
+        log.debug("PagedKVCache: %d device slots, streaming groups of %d pages, hot pins %s",
+                  capacity, self.group_pages, "on" if self.hot_enabled else "off")
+
+    def _common(self, field: str) -> int:
+        """``field`` of the filled layers' geometries (0 before any update); ValueError where they differ."""
+        values = {getattr(layer.geometry, field) for layer in self.layers if layer.geometry is not None}
+        if len(values) > 1:
+            raise ValueError(f"the layers of this cache differ in {field} ({sorted(values)}): read cache.layers[i].geometry")
+        return values.pop() if values else 0
+
+    def _per_layer(self, field: str) -> object:
+        """``field`` of the layers' geometries: one int where every filled layer has the same, else a list per layer (None: not filled)."""
+        values = [None if layer.geometry is None else getattr(layer.geometry, field) for layer in self.layers]
+        filled = {value for value in values if value is not None}
+        return values if len(filled) > 1 else (filled.pop() if filled else 0)
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads of every layer (0 before the first update); ValueError where layers differ."""
+        return self._common("kv_heads")
+
+    @property
+    def head_dim(self) -> int:
+        """Head size of every layer (0 before the first update); ValueError where layers differ."""
+        return self._common("head_dim")
+
+    @property
+    def page_tokens(self) -> int:
+        """Tokens per page of every layer (0 before the first update); ValueError where layers differ."""
+        return self._common("page_tokens")
+
+    @property
+    def segment_pages(self) -> int:
+        """Pages per segment of every layer (0 before the first update); ValueError where layers differ."""
+        return self._common("segment_pages")
 
     def _hot_pages(self, batch: int) -> int:
         """Most pages the hot pins of a batch of ``batch`` hold: sink and newest pages of every (layer, sequence)."""
@@ -516,17 +585,19 @@ class PagedKVCache(Cache):
             value_states = value_states.to(target)
         return key_states, value_states
 
-    def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def _check_states(self, layer: PagedLayer, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if key_states.shape != value_states.shape:
             raise ValueError(
                 f"key_states {tuple(key_states.shape)} and value_states {tuple(value_states.shape)} differ: a PagedKVCache "
                 f"holds keys and values of one shape (models whose values have another head size than their keys, "
                 f"such as DeepSeek's multi-head latent attention, are not supported)"
             )
-        if key_states.dim() != 4 or key_states.shape[0] != self.batch_size_ or key_states.shape[1] != self.num_kv_heads:
+        geometry = layer.geometry
+        if (key_states.dim() != 4 or key_states.shape[0] != self.batch_size_ or key_states.shape[1] != geometry.kv_heads
+                or key_states.shape[3] != geometry.head_dim):  # fmt: skip
             raise ValueError(
-                f"expected states [batch={self.batch_size_}, kv_heads={self.num_kv_heads}, q_len, {self.head_dim}], "
-                f"got {tuple(key_states.shape)}"
+                f"layer {layer.layer_idx}: expected states [batch={self.batch_size_}, kv_heads={geometry.kv_heads}, q_len, "
+                f"{geometry.head_dim}], got {tuple(key_states.shape)}"
             )
         if key_states.dtype != self.dtype or value_states.dtype != self.dtype:
             raise TypeError(f"expected {self.dtype} states, got {key_states.dtype} / {value_states.dtype}")
@@ -536,21 +607,23 @@ class PagedKVCache(Cache):
         return len(self.layers)
 
     def page_count(self, length: int) -> int:
-        """Pages holding ``length`` tokens."""
+        """Pages holding ``length`` tokens of a layer, where every layer has the same ``page_tokens``
+        (ValueError otherwise: ``cache.layers[i].geometry.page_count(length)``)."""
         return -(-length // self.page_tokens)
 
     # ------------------------------------------------------------------ pages: addressing
 
     def _page(self, seq: _SequencePages, index: int) -> Page:
-        return seq.owners[index].pages[index % self.segment_pages]
+        return seq.owners[index].pages[index % seq.geometry.segment_pages]
 
     def _ranges(self, seq: _SequencePages, pages: Iterable[int]) -> Iterator[tuple[Allocation, int, int, int]]:
         """``(allocation, start, stop, first logical page)`` for runs of consecutive ``pages`` (sorted)
         in one segment held by one allocation."""
         owners = seq.owners
+        segment_pages = seq.geometry.segment_pages
         run_start = previous = None
         for page in pages:
-            if (previous is not None and page == previous + 1 and page % self.segment_pages != 0
+            if (previous is not None and page == previous + 1 and page % segment_pages != 0
                     and owners[page] is owners[previous]):  # fmt: skip
                 previous = page
                 continue
@@ -562,7 +635,7 @@ class PagedKVCache(Cache):
 
     def _range(self, seq: _SequencePages, start: int, stop: int) -> tuple[Allocation, int, int, int]:
         """Logical pages ``[start, stop)``, which one allocation holds, as ``(allocation, start, stop, start)``."""
-        offset = start % self.segment_pages
+        offset = start % seq.geometry.segment_pages
         return seq.owners[start], offset, offset + stop - start, start
 
     # ------------------------------------------------------------------ pages: sharing
@@ -585,7 +658,7 @@ class PagedKVCache(Cache):
 
     def _refer(self, seq: _SequencePages, pages: Iterable[int]) -> None:
         """``seq`` now refers to its logical ``pages`` (in ``seq.owners``)."""
-        segment_pages = self.segment_pages
+        segment_pages = seq.geometry.segment_pages
         for p in pages:
             key = (seq.owners[p], p % segment_pages)
             self._page_refs[key] = self._page_refs.get(key, 0) + 1
@@ -595,7 +668,7 @@ class PagedKVCache(Cache):
         """``seq`` stops referring to its logical pages from ``first`` on (``seq.owners`` is cut there):
         pages no sequence refers to any more are discarded, allocations nothing holds are freed.
         Pins of ``seq`` on them must be released first."""
-        segment_pages = self.segment_pages
+        segment_pages = seq.geometry.segment_pages
         dropped = seq.owners[first:]
         del seq.owners[first:]
         unused: dict[Allocation, list[int]] = {}
@@ -619,7 +692,7 @@ class PagedKVCache(Cache):
         """Make logical page ``index`` of ``seq`` (its next page, or one it holds) a page only ``seq``
         refers to: a page shared with another sequence is copied first (copy-on-write); a new page
         goes to the sequence's segment for it, or to a new segment when another sequence uses that place."""
-        segment_pages = self.segment_pages
+        segment_pages = seq.geometry.segment_pages
         k, offset = divmod(index, segment_pages)
         shared = index < len(seq.owners)
         if shared and self._page_refs[(seq.owners[index], offset)] == 1:
@@ -658,32 +731,34 @@ class PagedKVCache(Cache):
 
     def _unrefer_one(self, seq: _SequencePages, index: int, target: Allocation) -> None:
         """Logical page ``index`` of ``seq`` moves from the shared page it referred to to ``target``'s."""
-        key = (seq.owners[index], index % self.segment_pages)
+        key = (seq.owners[index], index % seq.geometry.segment_pages)
         self._page_refs[key] -= 1  # still referred to by another sequence: nothing to free
         self._drop_holds([key[0]])
         seq.owners[index] = target
         self._refer(seq, [index])
 
-    def page_kv(self, view: torch.Tensor) -> torch.Tensor:
-        """A page's uint8 view as ``[2, page_tokens, kv_heads, head_dim]`` (keys, values)."""
-        elements = 2 * self.page_tokens * self.num_kv_heads * self.head_dim
-        return view.view(self.dtype)[:elements].view(2, self.page_tokens, self.num_kv_heads, self.head_dim)
+    def page_kv(self, view: torch.Tensor, geometry: LayerGeometry) -> torch.Tensor:
+        """A page's uint8 view as ``[2, page_tokens, kv_heads, head_dim]`` (keys, values) of a layer of ``geometry``."""
+        shape = (2, geometry.page_tokens, geometry.kv_heads, geometry.head_dim)
+        return view.view(self.dtype)[: math.prod(shape)].view(shape)
 
-    def key_pools(self, slab: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Device slab ``slab`` as the kernels' key and value page pools ``[slots, page_tokens, kv_heads, head_dim]``."""
+    def key_pools(self, slab: int, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device slab ``slab`` as the kernels' key and value page pools ``[slots, page_tokens, kv_heads, head_dim]``
+        of layer ``layer_idx``'s geometry (layers of one geometry share the views)."""
+        geometry = self.layers[layer_idx].geometry
         tensor = self.pager.device_tier.slabs[slab]
-        cached = self._pools.get(slab)
+        cached = self._pools.get((slab, geometry))
         if cached is not None and cached[0] is tensor:
             return cached[1], cached[2]
-        page_elements = self.pager.page_size // torch.empty((), dtype=self.dtype).element_size()
+        page_elements = self.pager.page_size // self.dtype.itemsize
         flat = tensor.view(self.dtype)
         slots = tensor.numel() // self.pager.page_size
-        token_elements = self.num_kv_heads * self.head_dim
-        shape = (slots, self.page_tokens, self.num_kv_heads, self.head_dim)
-        strides = (page_elements, token_elements, self.head_dim, 1)
+        token_elements = geometry.kv_heads * geometry.head_dim
+        shape = (slots, geometry.page_tokens, geometry.kv_heads, geometry.head_dim)
+        strides = (page_elements, token_elements, geometry.head_dim, 1)
         keys = flat.as_strided(shape, strides, flat.storage_offset())
-        values = flat.as_strided(shape, strides, flat.storage_offset() + self.page_tokens * token_elements)
-        self._pools[slab] = (tensor, keys, values)
+        values = flat.as_strided(shape, strides, flat.storage_offset() + geometry.page_tokens * token_elements)
+        self._pools[(slab, geometry)] = (tensor, keys, values)
         return keys, values
 
     def slot_location(self, slot: int) -> tuple[int, int]:
@@ -710,9 +785,10 @@ class PagedKVCache(Cache):
 
     def _write_tokens(self, layer: PagedLayer, seq: _SequencePages, keys: torch.Tensor, values: torch.Tensor, offset: int, count: int) -> None:
         """Write ``keys[:, offset:offset+count]`` (``[kv_heads, q_len, head_dim]``) and values after the stored tokens."""
-        pt = self.page_tokens
+        geometry = seq.geometry
+        pt = geometry.page_tokens
         start, end = seq.length, seq.length + count
-        first, stop = start // pt, self.page_count(end)
+        first, stop = start // pt, geometry.page_count(end)
         for index in range(first, stop):
             self._writable_page(layer, seq, index)
         for group_start in range(first, stop, self.group_pages):
@@ -727,7 +803,7 @@ class PagedKVCache(Cache):
                     for i, view in enumerate(resident.views()):
                         page_start = (logical + i) * pt
                         t0, t1 = max(start, page_start), min(end, page_start + pt)
-                        kv = self.page_kv(view)
+                        kv = self.page_kv(view, geometry)
                         source = offset + t0 - start
                         kv[0, t0 - page_start : t1 - page_start].copy_(keys[:, source : source + t1 - t0].transpose(0, 1))
                         kv[1, t0 - page_start : t1 - page_start].copy_(values[:, source : source + t1 - t0].transpose(0, 1))
@@ -740,7 +816,7 @@ class PagedKVCache(Cache):
         """Pin the sink pages and the newest page of ``seq``; unpin the page that stopped being newest."""
         if not self.hot_enabled or seq.length == 0:
             return
-        pages = self.page_count(seq.length)
+        pages = seq.geometry.page_count(seq.length)
         wanted = set(range(min(self.sink_pages, pages))) | {pages - 1}
         for index in sorted(index for index in seq.hot if index not in wanted or seq.hot[index].allocation is not seq.owners[index]):
             pin = seq.hot.pop(index)
@@ -807,13 +883,14 @@ class PagedKVCache(Cache):
         """The layer's keys and values ``[batch, kv_heads, total, head_dim]``; sequence ``b`` fills the
         last ``length[b]`` positions (its pads, first, are zeros)."""
         layer = self.layers[layer_idx]
-        shape = (len(layer.seqs), self.num_kv_heads, layer.total, self.head_dim)
+        geometry = layer.geometry
+        shape = (len(layer.seqs), geometry.kv_heads, layer.total, geometry.head_dim)
         keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         values = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        pt = self.page_tokens
+        pt = geometry.page_tokens
         for b, seq in enumerate(layer.seqs):
             pad = layer.total - seq.length
-            pages = self.page_count(seq.length)
+            pages = geometry.page_count(seq.length)
             for group_start in range(0, pages, self.group_pages):
                 group = range(group_start, min(pages, group_start + self.group_pages))
                 for allocation, lo, hi, logical in self._ranges(seq, group):
@@ -822,7 +899,7 @@ class PagedKVCache(Cache):
                         for i, view in enumerate(resident.views()):
                             t0 = (logical + i) * pt
                             t1 = min(seq.length, t0 + pt)
-                            kv = self.page_kv(view)
+                            kv = self.page_kv(view, geometry)
                             keys[b, :, pad + t0 : pad + t1] = kv[0, : t1 - t0].transpose(0, 1)
                             values[b, :, pad + t0 : pad + t1] = kv[1, : t1 - t0].transpose(0, 1)
         return keys, values
@@ -858,14 +935,15 @@ class PagedKVCache(Cache):
         ``group_pages``; each streamed group is evicted once the next one holds its slots.
         """
         layer = self.layers[layer_idx]
-        pt = self.page_tokens
+        geometry = layer.geometry
+        pt = geometry.page_tokens
         decode = self.is_decode(layer_idx)
         batch = len(layer.seqs)
         lengths = [seq.length for seq in layer.seqs]
         q_len = layer.last_q_len
         # per sequence: far pages (every key visible) and the first near page (causal from there)
-        near_first = [self.page_count(lengths[b]) if decode else layer.len_before[b] // pt for b in range(batch)]
-        ends = [self.page_count(length) for length in lengths]
+        near_first = [geometry.page_count(lengths[b]) if decode else layer.len_before[b] // pt for b in range(batch)]
+        ends = [geometry.page_count(length) for length in lengths]
 
         fast = self._single_resident_slab(layer, ends)
         if fast is not None:
@@ -920,7 +998,7 @@ class PagedKVCache(Cache):
                 pin.wait()
             for slab in sorted(far_rows):
                 yield KeyPiece(slab, far_rows[slab], far_lens[slab])
-            yield from self._causal_pieces(near_runs, lengths, q_len)
+            yield from self._causal_pieces(near_runs, lengths, q_len, pt)
         finally:
             for pin in pins:
                 pin.release()
@@ -973,9 +1051,8 @@ class PagedKVCache(Cache):
             pin.wait()
         return slab, tables, pins
 
-    def _causal_pieces(self, runs: list[list[tuple[int, int, list[int]]]], lengths: list[int], q_len: int) -> Iterator[KeyPiece]:
-        """Causal calls over runs of consecutive pages: call ``i`` takes the ``i``-th run of every sequence."""
-        pt = self.page_tokens
+    def _causal_pieces(self, runs: list[list[tuple[int, int, list[int]]]], lengths: list[int], q_len: int, pt: int) -> Iterator[KeyPiece]:
+        """Causal calls over runs of consecutive pages of ``pt`` tokens: call ``i`` takes the ``i``-th run of every sequence."""
         batch = len(runs)
         for i in range(max((len(r) for r in runs), default=0)):
             by_slab: dict[int, KeyPiece] = {}
@@ -995,7 +1072,7 @@ class PagedKVCache(Cache):
     def _streamed_pieces(self, layer: PagedLayer, b: int, group: list[int], causal: bool, lengths: list[int], q_len: int) -> Iterator[KeyPiece]:
         seq = layer.seqs[b]
         batch = len(layer.seqs)
-        pt = self.page_tokens
+        pt = layer.geometry.page_tokens
         pins: list[ResidentPages] = []
         ranges = list(self._ranges(seq, group))
         try:
@@ -1016,7 +1093,7 @@ class PagedKVCache(Cache):
                 per_seq = [[] for _ in range(batch)]
                 for run in runs:
                     per_seq[b] = [run]
-                    yield from self._causal_pieces(per_seq, lengths, q_len)
+                    yield from self._causal_pieces(per_seq, lengths, q_len, pt)
             else:
                 rows: dict[int, list[int]] = {}
                 tokens: dict[int, int] = {}
@@ -1048,7 +1125,7 @@ class PagedKVCache(Cache):
     def _free_layer(self, layer: PagedLayer) -> None:
         for seq in layer.seqs:
             self._free_sequence(seq)
-        layer.seqs = [_SequencePages() for _ in layer.seqs]
+        layer.seqs = [_SequencePages(layer.geometry) for _ in layer.seqs]
         layer.total = 0
         layer.cursor = 0
         layer.len_before = []
@@ -1076,11 +1153,11 @@ class PagedKVCache(Cache):
         for seq in layer.seqs:
             pinned = bool(seq.hot)  # a cache between forwards holds no pins: a crop there takes none
             seq.length = max(0, seq.length - remove)
-            for index in [index for index in seq.hot if index >= self.page_count(seq.length)]:
+            for index in [index for index in seq.hot if index >= seq.geometry.page_count(seq.length)]:
                 pin = seq.hot.pop(index)
                 self._hot_pins.pop(id(pin), None)
                 pin.release()
-            self._unrefer(seq, self.page_count(seq.length))  # pages past the end (the partial page stays)
+            self._unrefer(seq, seq.geometry.page_count(seq.length))  # pages past the end (the partial page stays)
             if pinned:
                 self._update_hot(seq)
         layer.total -= remove
@@ -1120,7 +1197,7 @@ class PagedKVCache(Cache):
     def _share_sequence(self, seq: _SequencePages) -> _SequencePages:
         """A copy of ``seq`` referring to its pages (no bytes move), pinned as ``seq`` is; whichever of
         the two writes a shared page first gets a copy of it (:meth:`_writable_page`)."""
-        copy = _SequencePages()
+        copy = _SequencePages(seq.geometry)
         copy.owners = list(seq.owners)
         self._refer(copy, range(len(copy.owners)))
         copy.length = seq.length
@@ -1148,7 +1225,7 @@ class PagedKVCache(Cache):
                 tiers[page.tier or "unwritten"] += 1
         stats = self.pager.stats()
         stats["kv_pages"] = tiers
-        stats["page_tokens"] = self.page_tokens
+        stats["page_tokens"] = self._per_layer("page_tokens")  # an int, or a list per layer where layers differ
         stats["stream_group_pages"] = self.group_pages
         stats["hot_pins"] = len(self._hot_pins)
         stats["kv_pages_copied"] = self.pages_copied
@@ -1159,7 +1236,7 @@ class PagedKVCache(Cache):
         tokens = self.layers[0].total if self.layers else 0
         return (
             f"PagedKVCache(layers={len(self.layers)}, batch={self.batch_size_}, tokens={tokens}, "
-            f"page_tokens={self.page_tokens}, pager={self.pager.config.device})"
+            f"page_tokens={self._per_layer('page_tokens')}, pager={self.pager.config.device})"
         )
 
 

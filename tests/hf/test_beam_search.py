@@ -112,25 +112,30 @@ EDITS = st.lists(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(edits=EDITS, pinned=st.booleans(), seed=st.integers(0, 2**16))
+# Per layer (kv heads, head_dim): 16, 8 and 32 tokens a page of 4 KiB, so layers may differ in page size
+# and segment boundaries as Gemma 4's sliding and full-attention layers do.
+@given(edits=EDITS, pinned=st.booleans(), seed=st.integers(0, 2**16),
+       shapes=st.lists(st.sampled_from([(2, 16), (2, 32), (1, 16)]), min_size=2, max_size=2))
 # A reorder to three sequences made the hot pins (2 layers x 3 sequences x sink and newest page) take
 # all 12 device slots: the next update found none for the page it faulted in (OutOfPagesError).
-@example(edits=[("update", 15), ("reorder", [0, 0, 0]), ("update", 18)], pinned=True, seed=0)
-def test_batch_edits_keep_every_sequences_keys_and_values(edits, pinned, seed, tmp_path_factory):
+@example(edits=[("update", 15), ("reorder", [0, 0, 0]), ("update", 18)], pinned=True, seed=0, shapes=[(2, 16), (2, 16)])
+def test_batch_edits_keep_every_sequences_keys_and_values(edits, pinned, seed, shapes, tmp_path_factory):
     """Random updates, reorders (sequences kept several times), repeats, selections and crops on a
-    two-layer cache with a device tier of a few pages (pages spill to host and disk), checked after
-    every step against plain tensors edited alike; closing leaves no allocation and no pinned page."""
+    two-layer cache with a device tier of a few pages (pages spill to host and disk), its layers of the
+    same or of other head shapes, checked after every step against plain tensors edited alike;
+    closing leaves no allocation and no pinned page."""
     directory = tmp_path_factory.mktemp("kv")
     pager = Pager(streaming_config(tiny_budget(str(directory), vram_pages=12, host_pages=6)))
     cache = PagedKVCache(pager=pager, num_layers=2, sink_pages=1, hot_fraction=1.0 if pinned else 0.0, stream_group_bytes=2 * PAGE)
     generator = torch.Generator().manual_seed(seed)
-    oracle: list[list[torch.Tensor]] = [[torch.zeros(2, 2, 0, 16)] * 2 for _ in range(2)]  # per layer: keys, values
+    oracle: list[list[torch.Tensor]] = [[torch.zeros(2, *shape[:1], 0, shape[1])] * 2 for shape in shapes]  # per layer: keys, values
     batch = 2
     try:
         for edit, argument in edits:
             if edit == "update":
                 for layer in range(2):
-                    keys, values = (torch.randn(batch, 2, argument, 16, generator=generator) for _ in range(2))
+                    kv_heads, head_dim = shapes[layer]
+                    keys, values = (torch.randn(batch, kv_heads, argument, head_dim, generator=generator) for _ in range(2))
                     cache.update(keys, values, layer)
                     oracle[layer] = [torch.cat([old, new], dim=2) for old, new in zip(oracle[layer], (keys, values))]
             elif edit == "release":

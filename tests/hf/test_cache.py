@@ -279,3 +279,45 @@ def test_paged_attention_after_reset_reads_pages_in_the_new_geometry(nvme_dir):
         tolerance = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got, expected.transpose(1, 2), atol=tolerance, rtol=tolerance)
     cache.close()
+
+
+def test_layers_of_other_shapes_keep_their_own_geometry(nvme_dir):
+    """Layers whose keys have other head sizes or KV heads (Gemma 4's full-attention layers) each get
+    pages of their own geometry, shared by the layers of one shape: their dense keys and the paged
+    attention read each layer in its own. What assumes one geometry for every layer says so, and a
+    layer's later states must keep its shape (and every layer the cache's batch)."""
+    pager = _pager(nvme_dir, vram_pages=8, host_pages=8, slab_pages=4)
+    cache = PagedKVCache(pager=pager, num_layers=3, sink_pages=0)
+    cache.config = type("Config", (), {"_attn_implementation": "pagedllm"})()
+    shapes = [(2, 16), (2, 32), (2, 16)]  # 16, 8 and 16 tokens a page
+    generator = torch.Generator().manual_seed(12)
+    written = [[] for _ in shapes]
+    for q_len in (21, 1):
+        cache.begin_forward(None, q_len)
+        for layer, (kv_heads, head_dim) in enumerate(shapes):
+            states = [torch.randn(2, kv_heads, q_len, head_dim, generator=generator) for _ in range(2)]
+            cache.update(*states, layer)
+            written[layer] = states if not written[layer] else [torch.cat(pair, dim=2) for pair in zip(written[layer], states)]
+            query = torch.randn(2, HEADS, q_len, head_dim, generator=generator)
+            got = paged_attention(cache, layer, query, scaling=0.25)
+            keys, values = (t.repeat_interleave(HEADS // kv_heads, dim=1) for t in written[layer])
+            causal = torch.ones(q_len, keys.shape[2], dtype=torch.bool).tril(keys.shape[2] - q_len)
+            expected = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=causal, scale=0.25)
+            torch.testing.assert_close(got, expected.transpose(1, 2), atol=1e-5, rtol=1e-5, msg=lambda m: f"layer {layer}: {m}")
+    for layer in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(cache.dense_kv(layer), written[layer])), f"layer {layer}"
+    geometries = [layer.geometry for layer in cache.layers]
+    assert [(g.kv_heads, g.head_dim, g.page_tokens) for g in geometries] == [(2, 16, 16), (2, 32, 8), (2, 16, 16)]
+    assert geometries[0] is geometries[2]
+    assert cache.stats()["page_tokens"] == [16, 8, 16] and "page_tokens=[16, 8, 16]" in repr(cache)
+    for read in (lambda: cache.page_tokens, lambda: cache.head_dim, lambda: cache.page_count(5)):
+        with pytest.raises(ValueError, match=r"layers of this cache differ in (page_tokens|head_dim) \(\[(8, 16|16, 32)\]\)"):
+            read()
+    assert cache.num_kv_heads == 2
+    with pytest.raises(ValueError, match=r"layer 1: expected states \[batch=2, kv_heads=2, q_len, 32\], got \(2, 2, 1, 16\)"):
+        cache.update(torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16), 1)
+    cache.reset()
+    cache.update(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16), 0)
+    with pytest.raises(ValueError, match=r"differ from the cache's batch 2 and dtype torch.float32"):
+        cache.update(torch.zeros(3, 2, 3, 32), torch.zeros(3, 2, 3, 32), 1)
+    cache.close()

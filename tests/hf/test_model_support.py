@@ -12,6 +12,7 @@ import torch
 
 from pagedtensor import MemoryConfig, OutOfPagesError, enable_paging
 from pagedtensor.hf import paging_state
+from pagedtensor.hf.cache import ATTENTION_NAME
 from pagedtensor.hf.model import _paged_attention_unsupported
 from tests.hf.tiny_models import PAGE, TINY, prompts, tiny_budget, tiny_pair
 
@@ -151,6 +152,35 @@ def test_more_families_generate_the_unpaged_tokens(family, nvme_dir):
     assert torch.equal(got.sequences, expected.sequences)
     for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
+    assert paging_state(model).pager.stats()["bytes_d2h"] > 0
+
+
+@pytest.mark.skipif(not hasattr(transformers, "Gemma4TextConfig"), reason="transformers before Gemma 4")
+@pytest.mark.parametrize("attn", ["auto", ATTENTION_NAME])
+@pytest.mark.parametrize("global_kv_heads", [None, 1], ids=["same-kv-heads", "one-global-kv-head"])
+def test_layers_of_other_head_sizes_generate_the_unpaged_tokens(attn, global_kv_heads, nvme_dir):
+    """Gemma 4's full-attention layers have another head size (global_head_dim) than its sliding ones,
+    and with attention_k_eq_v another number of KV heads (num_global_key_value_heads): transformers'
+    per_layer_config. Each layer's pages take its own geometry (the cache raised at the first full
+    layer). A left-padded batch, prefill in chunks, pages spilled off the device: the unpaged tokens,
+    under the model's own attention and under the paged kernels (the Triton interpreter here; the
+    window is not outgrown, so both kinds of layer run them, on pools of their own geometry)."""
+    fields = dict(TINY, head_dim=16, global_head_dim=32, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8,
+                  layer_types=["sliding_attention", "full_attention"], sliding_window=64)  # fmt: skip
+    if global_kv_heads is not None:
+        fields.update(attention_k_eq_v=True, num_global_key_value_heads=global_kv_heads)
+    reference, model = _pair(transformers.Gemma4TextConfig, transformers.Gemma4ForCausalLM, "sdpa", **fields)
+    ids, mask = prompts(3, length=20)
+    ids, mask = ids[:, 6:], mask[:, 6:]
+    expected = _generate(reference, ids, mask, new_tokens=8)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=4, host_pages=2), prefill_chunk_size=8, attn_implementation=attn)
+    got = _generate(model, ids, mask, new_tokens=8)
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
+    geometries = [layer.geometry for layer in got.past_key_values.layers]
+    assert [(g.kv_heads, g.head_dim) for g in geometries] == [(2, 16), (global_kv_heads or 2, 32)]
+    assert [g.page_tokens for g in geometries] == [PAGE // (2 * g.kv_heads * g.head_dim * 4) for g in geometries]
     assert paging_state(model).pager.stats()["bytes_d2h"] > 0
 
 

@@ -102,6 +102,41 @@ def test_gpu_fp16_disk_tier(nvme_dir):
     assert stats["bytes_to_disk"] > 0 and stats["bytes_from_disk"] > 0, stats
 
 
+@pytest.mark.parametrize("global_head_dim", [128, 512])
+def test_gpu_layers_of_other_head_sizes_stream_their_own_pages(global_head_dim, nvme_dir):
+    """Gemma 4's layout on CUDA in fp32: sliding layers of 4 KV heads x 256, full-attention layers of one
+    KV head (attention_k_eq_v) x ``global_head_dim``, so the two kinds of layer have pages of 8 tokens and
+    of 64 or 16; 128 runs the kernels on both, 512 (Gemma 4's own) the dense attention on the full
+    layers' pages. Pages stream in at every step: the unpaged tokens."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Gemma4TextConfig"):
+        pytest.skip("transformers before Gemma 4")
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    config = Gemma4TextConfig(
+        num_hidden_layers=4, hidden_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=256, intermediate_size=1024,
+        vocab_size=1024, vocab_size_per_layer_input=1024, hidden_size_per_layer_input=16, max_position_embeddings=4096,
+        layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=4096, global_head_dim=global_head_dim,
+        attention_k_eq_v=True, num_global_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=None,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(4)
+    reference = Gemma4ForCausalLM(config).to("cuda").eval()
+    model = copy.deepcopy(reference)
+    ids, mask = _prompts(3, 1200)
+    expected = _generate(reference, ids, mask, 16)
+    enable_paging(model, _budget(nvme_dir, vram_pages=96, slab_pages=16), attn_implementation="pagedllm",
+                  prefill_chunk_size=256, stream_group_bytes=4 * PAGE)  # fmt: skip
+    got = _generate(model, ids, mask, 16)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+    tokens = [layer.geometry.page_tokens for layer in got.past_key_values.layers]
+    assert tokens == [8, PAGE // (2 * global_head_dim * 4)] * 2, tokens
+    stats = paging_state(model).pager.stats()
+    assert stats["bytes_h2d"] > 10 * stats["device_slab_bytes"], stats
+
+
 def test_gpu_paged_weights_stream_every_token(nvme_dir):
     """page_weights=True on CUDA: decoder weights (~38 MB) and KV share a 6 MiB device budget, so the
     weights stream in from pinned host memory every token, on the H2D stream beside the compute."""
