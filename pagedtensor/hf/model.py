@@ -946,6 +946,9 @@ def _kv_cache_unsupported(model: torch.nn.Module) -> Optional[str]:
                 "_supports_default_dynamic_cache() is False, as for RWKV, xLSTM, Reformer, XLNet), not keys and values in a Cache")
     if getattr(model, "_is_stateful", False):  # transformers before 5.25; from 5.25 such models name their layers "linear_attention"
         return "keeps a recurrent state (a stateful model: Mamba, RWKV, xLSTM, Jamba, ...), not keys and values alone"
+    if not _takes_a_cache(model):
+        return ("takes no cache (neither its forward nor its prepare_inputs_for_generation has a cache or past_key_values "
+                "argument, as OpenAI GPT: it computes every position's keys again at each step), so it has none to page")
     config = _text_config(model)
     other = sorted(set(getattr(config, "layer_types", None) or ()) - KV_LAYER_TYPES)
     if other:
@@ -954,6 +957,19 @@ def _kv_cache_unsupported(model: torch.nn.Module) -> Optional[str]:
     if cross:
         return f"has cross-attention layers {list(cross)} (config.cross_attention_layers), whose keys and values come from another input, not the paged cache"
     return None
+
+
+def _takes_a_cache(model: torch.nn.Module) -> bool:
+    """Whether ``generate`` can hand ``model`` a cache: a transformers model takes one by name in its
+    ``forward`` or its ``prepare_inputs_for_generation`` (what generate's check of its model kwargs
+    reads); any other module (a wrapper of one) is taken to pass it on."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return True
+    names = set(inspect.signature(type(model).forward).parameters)
+    names |= set(inspect.signature(model.prepare_inputs_for_generation).parameters)
+    return bool(names & {"cache", "past_key_values"})
 
 
 def _uses_attention_interface(model: torch.nn.Module) -> bool:

@@ -427,6 +427,17 @@ def test_stateful_models_are_refused(family, nvme_dir):
     assert paging_state(model) is None and not _page_files(nvme_dir)
 
 
+def test_a_model_that_takes_no_cache_is_refused(nvme_dir):
+    """OpenAI GPT computes every position again at each step: its forward takes no cache, so the first
+    generate failed in transformers' check of its arguments ("model_kwargs are not used by the model:
+    ['cache']"). It is refused, naming why, before any pager exists."""
+    fields = dict(n_layer=2, n_embd=64, n_head=4, n_positions=256, vocab_size=128)
+    model = transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(**fields)).eval()
+    with pytest.raises(TypeError, match=r"OpenAIGPTLMHeadModel takes no cache \(neither its forward nor its prepare_inputs_for_generation"):
+        enable_paging(model, tiny_budget(nvme_dir))
+    assert paging_state(model) is None and not _page_files(nvme_dir)
+
+
 @pytest.mark.skipif(not hasattr(transformers, "Lfm2Config"), reason="transformers without LFM2")
 def test_hybrid_models_are_refused_naming_their_layer_types(nvme_dir):
     config = transformers.Lfm2Config(**{**TINY, "layer_types": ["conv", "full_attention"]})
