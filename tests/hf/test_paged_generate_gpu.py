@@ -37,6 +37,14 @@ def _pair(dtype: torch.dtype, seed: int = 0, layers: int = 4):
     return reference, model
 
 
+def _reference_and_copy(model_class, config, seed: int):
+    """A random ``model_class`` under SDPA on CUDA (fp32) and a deep copy of it to page."""
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    reference = model_class(config).to("cuda").eval()
+    return reference, copy.deepcopy(reference)
+
+
 def _prompts(batch: int, length: int):
     generator = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 1024, (batch, length), generator=generator)
@@ -122,10 +130,7 @@ def test_gpu_layers_of_other_head_sizes_stream_their_own_pages(global_head_dim, 
         layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=4096, global_head_dim=global_head_dim,
         attention_k_eq_v=True, num_global_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=None,
     )  # fmt: skip
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(4)
-    reference = Gemma4ForCausalLM(config).to("cuda").eval()
-    model = copy.deepcopy(reference)
+    reference, model = _reference_and_copy(Gemma4ForCausalLM, config, seed=4)
     ids, mask = _prompts(3, 800)
     expected = _generate(reference, ids, mask, 12)
     enable_paging(model, _budget(nvme_dir, vram_pages=48, slab_pages=16), attn_implementation="pagedllm",
@@ -207,10 +212,7 @@ def test_gpu_paged_weights_of_gpt2_and_falcon(family, nvme_dir):
         config = transformers.FalconConfig(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, new_decoder_architecture=True,
                                            num_kv_heads=4, vocab_size=1024, pad_token_id=0, bos_token_id=1, eos_token_id=None)  # fmt: skip
         cls = transformers.FalconForCausalLM
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(6)
-    reference = cls(config).to("cuda").eval()
-    model = copy.deepcopy(reference)
+    reference, model = _reference_and_copy(cls, config, seed=6)
     ids, mask = _prompts(1, 400)
     expected = _generate(reference, ids, mask, 8)
     # 4 MiB MLP weights, ~50 MB of layers, a 10 MiB device tier
