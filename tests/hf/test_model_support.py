@@ -76,6 +76,14 @@ def _gemma3n_shared_kv():
     return _pair(transformers.Gemma3nTextConfig, transformers.Gemma3nForCausalLM, "sdpa", **fields)
 
 
+def _gemma4_shared_kv():
+    """Gemma 4's small models' layout: the last layers reuse earlier layers' keys, and full-attention
+    layers have twice the head size of sliding ones."""
+    fields = dict(TINY, num_hidden_layers=4, head_dim=16, global_head_dim=32, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8,
+                  layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=64, num_kv_shared_layers=2)  # fmt: skip
+    return _pair(transformers.Gemma4TextConfig, transformers.Gemma4ForCausalLM, "sdpa", **fields)
+
+
 @pytest.mark.parametrize(
     "build, words",
     [
@@ -84,6 +92,8 @@ def _gemma3n_shared_kv():
         pytest.param(_falcon_alibi, "ALiBi" if FALCON_USES_THE_INTERFACE else "attention interface", id="falcon-alibi"),
         pytest.param(_llama4_chunked, "chunked_attention", id="llama4-chunked-attention"),  # attended across chunks
         pytest.param(_gemma3n_shared_kv, "num_kv_shared_layers", id="gemma3n-shared-kv"),  # shared layers saw one key
+        pytest.param(_gemma4_shared_kv, "num_kv_shared_layers", id="gemma4-shared-kv",
+                     marks=pytest.mark.skipif(not hasattr(transformers, "Gemma4TextConfig"), reason="transformers before Gemma 4")),
     ],
 )
 def test_models_outside_the_paged_kernels_keep_their_attention(build, words, nvme_dir):
