@@ -384,7 +384,9 @@ class DiskTier:
         if failures:
             slot, code, text = failures[0]
             more = f" (and {len(failures) - 1} more failed writes in this batch)" if len(failures) > 1 else ""
-            raise OSError(code, f"disk tier: writing slot {slot} of {self.file_path} failed: {text}{more}")
+            full = ("; its file system is full: free space there, or set MemoryConfig(disk_limit=...) to what it can hold"
+                    if code in (errno.ENOSPC, errno.EDQUOT) else "")  # fmt: skip
+            raise OSError(code, f"disk tier: writing slot {slot} of {self.file_path} failed: {text}{more}{full}")
         return sum(record.stored_length for record in records)
 
     def read_pages(self, items: Sequence[tuple[int, torch.Tensor]]) -> int:
