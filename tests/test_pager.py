@@ -498,6 +498,41 @@ def test_a_write_that_fails_leaves_the_pages_it_covers_their_old_bytes(nvme_dir,
         assert torch.equal(pager.read(target), torch.full((3 * PAGE,), 0xAB, dtype=torch.uint8))
 
 
+def test_a_full_file_system_under_the_disk_tier_raises_and_loses_no_page(nvme_dir, monkeypatch):
+    """Without disk_limit only the file system bounds the disk tier. Here it holds 4 pages (a write
+    from the 5th slot on fails with ENOSPC, as on a full tmpfs): what needs more disk room raises
+    OSError naming the file system and disk_limit, every page keeps its bytes in the tier above, and
+    once allocations are freed the others read back whole."""
+    from pagedtensor.tiers.diskio import OP_WRITE
+
+    with make_pager(nvme_dir, device_pages=2, host_pages=2) as pager:
+        real_submit = pager.disk_tier._engine.submit
+
+        def full_after_four_slots(requests):
+            return [-errno.ENOSPC if request.op == OP_WRITE and request.offset >= 4 * PAGE else real_submit([request])[0]
+                    for request in requests]  # fmt: skip
+
+        monkeypatch.setattr(pager.disk_tier._engine, "submit", full_after_four_slots)
+        allocations, contents = [], []
+        with pytest.raises(OSError, match="No space left on device; its file system is full: .*disk_limit") as info:
+            for seed in range(10):
+                data = random_bytes(2 * PAGE, seed)
+                allocation = pager.allocate(2 * PAGE)
+                allocations.append(allocation)
+                contents.append(data)
+                pager.write(allocation, data)
+        assert info.value.errno == errno.ENOSPC and len(allocations) < 10
+        for allocation, data in zip(allocations[:-1], contents):  # the last write raised: its bytes may be unwritten
+            try:  # a read that must evict another page to the disk needs room there
+                assert torch.equal(pager.read(allocation), data)
+            except OSError as error:
+                assert error.errno == errno.ENOSPC
+        pager.free(allocations[0])
+        pager.free(allocations[1])
+        for allocation, data in zip(allocations[2:-1], contents[2:]):
+            assert torch.equal(pager.read(allocation), data)
+
+
 def test_a_write_that_meets_a_corrupt_page_keeps_the_healthy_page_it_covers(nvme_dir):
     pager = Pager(MemoryConfig(vram_limit=4 * PAGE, host_memory=PAGE, page_size=PAGE, device="cpu", slab_size=PAGE,
                                nvme_path=nvme_dir, prefetch_strategy="none"))  # fmt: skip
