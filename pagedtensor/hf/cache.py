@@ -85,11 +85,12 @@ class ActiveUpdate:
 ACTIVE_UPDATE: contextvars.ContextVar[Optional[ActiveUpdate]] = contextvars.ContextVar("pagedllm_active_update", default=None)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class LayerGeometry:
     """How one layer's keys and values lie in pages: a page holds ``page_tokens`` tokens' keys
     ``[page_tokens, kv_heads, head_dim]``, then their values; a sequence's pages lie in segments
-    (allocations) of ``segment_pages`` pages. Layers whose states have one shape share one geometry."""
+    (allocations) of ``segment_pages`` pages. Layers whose states have one shape share one geometry
+    object, so it compares and hashes by identity (a cheap key of the kernels' pool views)."""
 
     kv_heads: int
     head_dim: int
@@ -400,6 +401,8 @@ class PagedKVCache(Cache):
             layer.is_initialized = False
             layer.geometry = None
         self.dtype = None
+        self._geometries.clear()
+        self._pools.clear()  # views of the slabs in the geometries before the reset
 
     def __deepcopy__(self, memo: dict) -> "PagedKVCache":
         raise TypeError(
@@ -471,7 +474,7 @@ class PagedKVCache(Cache):
                 f"the model's keys are on {key_states.device} but the pager's device tier is {self.pager.device}: "
                 f"use MemoryConfig(device={str(key_states.device)!r}) or move the model"
             )
-        geometry = self._geometries.get((kv_heads, head_dim)) if self.dtype is not None else None
+        geometry = self._geometries.get((kv_heads, head_dim))
         if geometry is None:
             geometry = self._new_geometry(kv_heads, head_dim, key_states.dtype)
         if self.dtype is None:
@@ -505,8 +508,6 @@ class PagedKVCache(Cache):
         """Set what every layer shares, at the first update of an empty cache: batch, dtype, device,
         the streaming window and whether sink and newest pages are pinned."""
         self.dtype, self.device, self.batch_size_ = dtype, device, batch
-        self._geometries.clear()
-        self._pools.clear()  # views of the slabs in the geometries before a reset(): made again
         capacity = self.pager.device_tier.capacity_pages
         hot = self._hot_pages(batch)
         spare = capacity - (hot if self._hot_pins_fit(hot, working_pages=2) else 0)
@@ -518,10 +519,10 @@ class PagedKVCache(Cache):
 
     def _common(self, field: str) -> int:
         """``field`` of the filled layers' geometries (0 before any update); ValueError where they differ."""
-        values = {getattr(layer.geometry, field) for layer in self.layers if layer.geometry is not None}
-        if len(values) > 1:
-            raise ValueError(f"the layers of this cache differ in {field} ({sorted(values)}): read cache.layers[i].geometry")
-        return values.pop() if values else 0
+        value = self._per_layer(field)
+        if isinstance(value, list):
+            raise ValueError(f"the layers of this cache differ in {field} ({sorted(set(value) - {None})}): read cache.layers[i].geometry")
+        return value
 
     def _per_layer(self, field: str) -> object:
         """``field`` of the layers' geometries: one int where every filled layer has the same, else a list per layer (None: not filled)."""
