@@ -1,18 +1,23 @@
 """The handler of reductions whose result does not depend on the elements' order (``max``, ``min``,
 ``amax``/``amin``, ``aminmax``, ``argmax``/``argmin``, ``any``, ``all``, ``count_nonzero``, integer
-and bool ``sum``), of every element or along dims, of a PagedTensor larger than a piece: part by part.
+and bool ``sum``), of every element or along dims, of a PagedTensor larger than a piece: part by part;
+and the ``out=`` forms of these reductions (and of every ``sum``), whose source and outputs together
+need not fit on the device tier at once.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
 from torch._ops import OpOverload
 from torch._prims_common import make_contiguous_strides_for
+from torch._prims_common.wrappers import _maybe_resize_out
 
-from pagedtensor.dispatch import DISPATCHER, aten, implements
+from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, aten, implements, resize_refused
 from pagedtensor.handlers.parts import Narrowing, _copies_in_parts, _larger_than_a_piece, _narrowed, _parts, _plain_copy
+from pagedtensor.errors import OutOfPagesError
 from pagedtensor.pieces import piece_elements_of
 from pagedtensor.tensor import PagedTensor, meta_like
 
@@ -268,3 +273,90 @@ def _combine(func: OpOverload, current: list[torch.Tensor], partials: list[torch
 def _beats(new: torch.Tensor, old: torch.Tensor, larger: bool) -> torch.Tensor:
     """Where ``new`` is the more extreme: greater (``larger``) or smaller, or NaN where ``old`` is not."""
     return (new > old if larger else new < old) | (new.isnan() & ~old.isnan())
+
+
+# The out= forms of the reductions above, each with its functional form (``sum`` of any dtype: its
+# functional form runs in parts where it is order-free, the generic way otherwise).
+_OUT_FORMS: dict[OpOverload, OpOverload] = {
+    aten.max.unary_out: aten.max.default,
+    aten.min.unary_out: aten.min.default,
+    aten.max.dim_max: aten.max.dim,
+    aten.min.dim_min: aten.min.dim,
+    aten.amax.out: aten.amax.default,
+    aten.amin.out: aten.amin.default,
+    aten.argmax.out: aten.argmax.default,
+    aten.argmin.out: aten.argmin.default,
+    aten.aminmax.out: aten.aminmax.default,
+    aten.any.all_out: aten.any.default,
+    aten.any.out: aten.any.dim,
+    aten.any.dims_out: aten.any.dims,
+    aten.all.all_out: aten.all.default,
+    aten.all.out: aten.all.dim,
+    aten.all.dims_out: aten.all.dims,
+    aten.sum.out: aten.sum.default,
+    aten.sum.IntList_out: aten.sum.dim_IntList,
+    aten.count_nonzero.out: aten.count_nonzero.default,
+    aten.count_nonzero.dim_IntList_out: aten.count_nonzero.dim_IntList,
+}
+
+
+@implements(list(_OUT_FORMS))
+def reduce_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """A reduction with ``out=`` (``torch.sum(t, 0, out=o)``, ``torch.max(t, 0, out=(v, i))``): the
+    generic way while the source's and the outputs' pages fit on the device tier at once. Past it,
+    torch's errors first (its kernel on a one-element stand-in of the source into empty outputs: a
+    dtype it refuses, a dim out of range); then, where
+    an output is a PagedTensor, the op itself into plain tensors laid out as the outputs (only the
+    source's pages at once: the same kernel, so a float sum gives the same bits), copied into the
+    outputs a piece of pages at a time. Where only the source is too large (plain outputs), its
+    functional form (:data:`_OUT_FORMS`; a ``sum`` with ``dtype`` the output's, the dtype torch's
+    kernel computes in) reduces it part by part (:func:`reduce_in_parts`), copied into the outputs:
+    the values the ``out=`` kernel writes, for the order-free reductions. A plain output of another
+    shape is resized as torch resizes it (with its warning); a PagedTensor output of another shape
+    raises ``NotImplementedError`` (its pages are fixed). Where an output shares the source's pages
+    or lies on another device, or the source's pages do not fit and its reduction is not order-free
+    (a float sum), the pager's error is raised. Results: the outputs themselves."""
+    try:
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    except _OpTooLarge as too_large:
+        source = args[0]
+        names = [argument.name for argument in func._schema.arguments if argument.kwarg_only and argument.alias_info is not None and argument.alias_info.is_write]
+        outs = [kwargs[name] for name in names]
+        if not isinstance(source, torch.Tensor) or any(_shares_pages(out, source) or out.device != source.device for out in outs):
+            raise
+        rest = {key: value for key, value in kwargs.items() if key not in names}
+        # torch's errors (a dtype the kernel refuses, a dim out of range), from its own kernel on a
+        # stand-in of one element of the source's dims into empty outputs; then the outputs' shapes.
+        stand_in = torch.zeros([1] * source.dim(), dtype=source.dtype, device=source.device)
+        func(stand_in, *args[1:], **rest, **{name: out.new_empty(0) for name, out in zip(names, outs)})
+        metas = [torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device="meta") for out in outs]
+        with warnings.catch_warnings():  # torch's resize warning comes once, from the resize below
+            warnings.simplefilter("ignore")
+            func(meta_like(source) if isinstance(source, PagedTensor) else source.to("meta"), *args[1:], **rest, **dict(zip(names, metas)))
+        for out, meta in zip(outs, metas):
+            if isinstance(out, PagedTensor) and out.shape != meta.shape:
+                raise resize_refused(func, out.shape, meta.shape, args, kwargs) from None
+        if any(isinstance(out, PagedTensor) for out in outs):
+            values = [torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device=source.device) for meta in metas]
+            func(source, *args[1:], **rest, **dict(zip(names, values)))  # plain outputs: only the source's pages
+        else:
+            if func.overloadpacket is aten.sum and rest.get("dtype") is None:
+                rest["dtype"] = outs[0].dtype
+            try:
+                values = _OUT_FORMS[func](source, *args[1:], **rest)
+            except OutOfPagesError:
+                values = None  # not order-free (a float sum): the op's own error, its pager's type
+            if values is None:
+                raise too_large
+            values = values if isinstance(values, tuple) else (values,)
+        for out, meta, value in zip(outs, metas, values):
+            if out.shape != meta.shape:
+                _maybe_resize_out(out, meta.shape)  # torch's resize of an out= tensor, with its warning
+            out.copy_(value)
+        return tuple(outs) if len(outs) > 1 else outs[0]
+
+
+def _shares_pages(out: torch.Tensor, source: torch.Tensor) -> bool:
+    """Whether ``out`` and ``source`` are PagedTensors of one allocation (torch's overlap checks
+    then decide, which the generic way keeps)."""
+    return isinstance(out, PagedTensor) and isinstance(source, PagedTensor) and out._paged is source._paged
