@@ -7,7 +7,6 @@ never goes over its budget. A float sum of a source past the tier still raises t
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import pytest
@@ -17,7 +16,6 @@ from hypothesis import strategies as st
 
 from pagedtensor import OutOfPagesError, PagedTensor
 from tests.test_reductions_in_pieces import (
-    PAGE,
     SETTINGS,
     TIER_BYTES,
     dim_layout,

@@ -33,9 +33,6 @@ from pagedtensor.hf.cache import ACTIVE_UPDATE, ATTENTION_NAME, KeyPiece, PagedK
 
 log = logging.getLogger(__name__)
 
-KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 # Whether the running forward fills a PagedKVCache (set by enable_paging's forward pre-hook): then
 # the cache knows the padding and the mask function hands attention the 2D mask as it is, instead
 # of a [batch, 1, q_len, kv_len] mask (which would not fit at long context).
@@ -168,11 +165,11 @@ def _tables(piece: KeyPiece, device: torch.device) -> tuple[torch.Tensor, torch.
 
 
 def _fallback_reason(cache: PagedKVCache, layer_idx: int, query: torch.Tensor, attention_mask, dropout: float, window, kwargs) -> Optional[str]:
-    from pagedtensor.triton_kernels._common import interpreting
+    from pagedtensor.triton_kernels._common import HEAD_DIMS, KV_DTYPES, interpreting
 
-    if query.shape[-1] not in KERNEL_HEAD_DIMS:
-        return f"head_dim {query.shape[-1]} not in {KERNEL_HEAD_DIMS}"
-    if query.dtype not in KERNEL_DTYPES or query.dtype != cache.dtype:
+    if query.shape[-1] not in HEAD_DIMS:
+        return f"head_dim {query.shape[-1]} not in {HEAD_DIMS}"
+    if query.dtype not in KV_DTYPES or query.dtype != cache.dtype:
         return f"dtype {query.dtype}"
     if query.device.type == "cpu" and not interpreting():
         return "CPU tensors without TRITON_INTERPRET=1"
