@@ -132,7 +132,12 @@ def check_tensor_parallel_heads(config: Any, world_size: int) -> None:
         raise ValueError(f"tensor parallel: world size {world_size} does not divide num_attention_heads {heads}")
 
 
-def _head_dim(config: Any) -> int:
+def _head_dim(attention: torch.nn.Module, config: Any) -> int:
+    """The head size of one attention module: its own ``head_dim`` (a layer of Gemma 4 has its own,
+    and its config refuses one for all), else the config's."""
+    head_dim = getattr(attention, "head_dim", None)
+    if isinstance(head_dim, int) and head_dim > 0:
+        return head_dim
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
@@ -151,7 +156,7 @@ def _local_kv_heads(model: torch.nn.Module) -> Optional[int]:
     for attention in _attention_modules(model):
         projection = getattr(attention, "k_proj", None)
         if isinstance(projection, torch.nn.Linear):
-            return _local(projection.weight).shape[0] // _head_dim(model.config)
+            return _local(projection.weight).shape[0] // _head_dim(attention, model.config)
     return None
 
 
@@ -165,7 +170,10 @@ def shard_by_heads(model: torch.nn.Module, group: Optional[Any] = None) -> torch
     the intermediate size. Row-parallel (columns of the weight): o/down; their bias is kept aside and
     added once after the ``all_reduce`` (SUM over ``group``) that a forward hook runs on the
     output. Half-precision partials are summed in fp32 and rounded once. Embeddings, norms and the
-    LM head stay replicated.
+    LM head stay replicated. Each layer's heads are counted with its own head size (its attention's
+    ``head_dim``: Gemma 4's full-attention layers have another), and a layer whose attention sets
+    ``v_proj`` to ``None`` (Gemma 4's ``attention_k_eq_v``: values are its keys) shards its keys only.
+    Every layer is checked before any is changed: an error leaves the model as it was.
 
     Note:
         Every rank must run every forward (the all-reduce is a collective): call ``generate`` with
@@ -179,38 +187,71 @@ def shard_by_heads(model: torch.nn.Module, group: Optional[Any] = None) -> torch
     config = model.config
     check_tensor_parallel_heads(config, world)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    head_dim = _head_dim(config)
     heads, kv_heads = text.num_attention_heads, text.num_key_value_heads or text.num_attention_heads
     layers = [module for module in model.modules() if hasattr(getattr(module, "self_attn", None), "layer_idx")]
     if not layers:
         raise TypeError(f"shard_by_heads: {type(model).__name__} has no decoder layers with a self_attn")
-    for layer in layers:
-        attention, mlp = layer.self_attn, getattr(layer, "mlp", None)
-        owners = {"q_proj": attention, "k_proj": attention, "v_proj": attention, "o_proj": attention,
-                  "gate_proj": mlp, "up_proj": mlp, "down_proj": mlp}
-        for name in COLUMN_PARALLEL + ROW_PARALLEL:
-            if not isinstance(getattr(owners[name], name, None), torch.nn.Linear):
-                raise TypeError(
-                    f"shard_by_heads: expected a Linear {name} in {type(owners[name]).__name__} (layouts with separate q/k/v and "
-                    f"gate/up projections: Llama, Mistral, Qwen2, Gemma); load with tp_plan='auto' for other models"
-                )
-        for name in COLUMN_PARALLEL:  # whole heads: world divides the heads, checked above
-            _split_rows(getattr(owners[name], name), rank, world)
-        for name in ROW_PARALLEL:
-            _split_columns(getattr(owners[name], name), rank, world, group)
-        for attribute, value in (("num_heads", heads // world), ("num_key_value_heads", kv_heads // world)):
+    plans = [_layer_shards(layer, config, world) for layer in layers]
+    for layer, (linears, layer_heads) in zip(layers, plans):
+        attention = layer.self_attn
+        for name, linear in linears.items():
+            if name in ROW_PARALLEL:
+                _split_columns(linear, rank, world, group)
+            else:  # whole heads, or equal slices of the intermediate size: checked by _layer_shards
+                _split_rows(linear, rank, world)
+        for attribute, value in zip(("num_heads", "num_key_value_heads"), layer_heads):
             if isinstance(getattr(attention, attribute, None), int):
-                setattr(attention, attribute, value)
-        if attention.q_proj.out_features != heads // world * head_dim:
-            raise ValueError(f"shard_by_heads: q_proj has {attention.q_proj.out_features} outputs, expected {heads // world} heads x {head_dim}")
+                setattr(attention, attribute, value // world)
     setattr(model, TENSOR_PARALLEL_ATTRIBUTE, TensorParallelShard(rank, world, heads // world, kv_heads // world, "shard_by_heads"))
     return model
 
 
+def _layer_shards(layer: torch.nn.Module, config: Any, world: int) -> tuple[dict[str, torch.nn.Linear], tuple[int, int]]:
+    """The projections of one decoder layer to split (by name) and its query and KV heads, after
+    checking that ``world`` splits them: q/k/v into whole heads of the layer's own head size (its
+    attention's ``head_dim``, else the config's), gate/up and o/down into equal slices. Changes nothing.
+
+    Raises:
+        TypeError: a projection is missing or not a Linear (fused layouts).
+        ValueError: a projection is not whole heads, or ``world`` does not divide them.
+    """
+    attention, mlp = layer.self_attn, getattr(layer, "mlp", None)
+    where = f"shard_by_heads: layer {attention.layer_idx}"
+    owners = {"q_proj": attention, "k_proj": attention, "v_proj": attention, "o_proj": attention,
+              "gate_proj": mlp, "up_proj": mlp, "down_proj": mlp}  # fmt: skip
+    linears: dict[str, torch.nn.Linear] = {}
+    for name in COLUMN_PARALLEL + ROW_PARALLEL:
+        linear = getattr(owners[name], name, None)
+        if linear is None and name == "v_proj" and hasattr(attention, "v_proj"):
+            continue  # values are the keys (attention_k_eq_v): sharding k_proj shards them
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(
+                f"shard_by_heads: expected a Linear {name} in {type(owners[name]).__name__} (layouts with separate q/k/v and "
+                f"gate/up projections: Llama, Mistral, Qwen2, Gemma); load with tp_plan='auto' for other models"
+            )
+        linears[name] = linear
+    head_dim = _head_dim(attention, config)
+    counts = []
+    for name in ("q_proj", "k_proj", "v_proj"):
+        if name not in linears:
+            continue
+        outputs = linears[name].out_features
+        if outputs % head_dim or (outputs // head_dim) % world:
+            raise ValueError(f"{where}: {name} has {outputs} outputs, not a multiple of world size {world} x head_dim {head_dim}")
+        counts.append(outputs // head_dim)
+    if "v_proj" in linears and counts[2] != counts[1]:
+        raise ValueError(f"{where}: v_proj has {counts[2]} heads of {head_dim}, k_proj {counts[1]}")
+    for name in ("gate_proj", "up_proj"):
+        if linears[name].out_features % world:
+            raise ValueError(f"{where}: world size {world} does not divide {name}'s {linears[name].out_features} output features")
+    for name in ROW_PARALLEL:
+        if linears[name].in_features % world:
+            raise ValueError(f"{where}: world size {world} does not divide {name}'s {linears[name].in_features} input features")
+    return linears, (counts[0], counts[1])
+
+
 def _split_rows(linear: torch.nn.Linear, rank: int, world: int) -> None:
-    rows = linear.out_features // world
-    if rows * world != linear.out_features:
-        raise ValueError(f"shard_by_heads: world size {world} does not divide {linear.out_features} output features")
+    rows = linear.out_features // world  # world divides it: checked by _layer_shards
     keep = slice(rank * rows, (rank + 1) * rows)
     linear.weight = torch.nn.Parameter(linear.weight.data[keep].clone(), requires_grad=linear.weight.requires_grad)
     if linear.bias is not None:
@@ -219,9 +260,7 @@ def _split_rows(linear: torch.nn.Linear, rank: int, world: int) -> None:
 
 
 def _split_columns(linear: torch.nn.Linear, rank: int, world: int, group: Optional[Any]) -> None:
-    columns = linear.in_features // world
-    if columns * world != linear.in_features:
-        raise ValueError(f"shard_by_heads: world size {world} does not divide {linear.in_features} input features")
+    columns = linear.in_features // world  # world divides it: checked by _layer_shards
     keep = slice(rank * columns, (rank + 1) * columns)
     linear.weight = torch.nn.Parameter(linear.weight.data[:, keep].clone(), requires_grad=linear.weight.requires_grad)
     linear.in_features = columns

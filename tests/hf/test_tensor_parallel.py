@@ -27,7 +27,7 @@ from pagedtensor.hf.distributed import (
     rank_memory_config,
     shard_by_heads,
 )
-from tests.hf.tiny_models import TINY, prompts, tiny_budget, tiny_pair
+from tests.hf.tiny_models import OTHER_LAYOUTS, TINY, prompts, tiny_budget, tiny_pair
 
 WORLD_SIZE = 2
 NEW_TOKENS = 8  # as in tests/hf/tp_worker.py
@@ -53,8 +53,9 @@ def _loopback_interface() -> str | None:
     return next((name for name in ("lo", "lo0") if name in names), None)
 
 
-def _launch(sharding: str, tmp_path, checkpoint: str | None = None) -> list[dict]:
-    """Run ``tp_worker.py`` as ranks 0 and 1 on loopback; return each rank's JSON."""
+def _launch(sharding: str, tmp_path, checkpoint: str | None = None, family: str = "llama") -> list[dict]:
+    """Run ``tp_worker.py`` as ranks 0 and 1 on loopback (``shard_by_heads`` sharding the tiny model
+    of ``family``); return each rank's JSON."""
     out, nvme = tmp_path / "out", tmp_path / "nvme"
     out.mkdir()
     nvme.mkdir()
@@ -64,7 +65,7 @@ def _launch(sharding: str, tmp_path, checkpoint: str | None = None) -> list[dict
     if interface is not None:
         env["GLOO_SOCKET_IFNAME"] = interface
     command = [sys.executable, os.path.join(REPO_ROOT, "tests", "hf", "tp_worker.py"), "--sharding", sharding,
-               "--nvme", str(nvme), "--out", str(out)] + (["--checkpoint", checkpoint] if checkpoint else [])
+               "--nvme", str(nvme), "--out", str(out), "--family", family] + (["--checkpoint", checkpoint] if checkpoint else [])
     logs = [open(tmp_path / f"rank{rank}.log", "w+") for rank in range(WORLD_SIZE)]
     workers = [
         subprocess.Popen(command, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
@@ -126,12 +127,34 @@ def test_two_ranks_equal_one_process(sharding, one_process, tmp_path):
             assert len(run["logits"]) == len(expected["unpaged"].logits), where
             for step, (got, want) in enumerate(zip(run["logits"], expected["unpaged"].logits)):
                 torch.testing.assert_close(torch.tensor(got), want, atol=1e-4, rtol=1e-4, msg=lambda m: f"{where}, step {step}: {m}")
-            assert run["kv_heads"] == TINY["num_key_value_heads"] // WORLD_SIZE, where  # the rank pages its own KV heads only
+            assert run["kv_heads"] == [TINY["num_key_value_heads"] // WORLD_SIZE] * 2, where  # the rank pages its own KV heads only
             stats = run["stats"]
             assert stats["bytes_d2h"] > 0 and stats["bytes_to_disk"] > 0, (where, stats)
             assert stats["bytes_from_disk"] > 0 and stats["bytes_h2d"] > 0, (where, stats)
     for key, run in ranks[0]["runs"].items():
         assert run["sequences"] == ranks[1]["runs"][key]["sequences"], key
+
+
+@pytest.mark.skipif("gemma4" not in OTHER_LAYOUTS, reason="transformers before Gemma 4")
+def test_two_ranks_shard_layers_of_other_head_sizes(tmp_path):
+    """Gemma 4 sharded by shard_by_heads on 2 ranks: its full-attention layer has another head size
+    (32, the sliding one's 16) and no v_proj (its values are its keys). Each rank splits each layer
+    by its own heads (shard_by_heads read one head size from the config, and raised at the first
+    full layer) and pages its own KV heads in each layer's geometry: the one-process unpaged tokens."""
+    reference, _ = tiny_pair("gemma4")
+    assert reference.model.layers[1].self_attn.v_proj is None
+    expected = {batch: _generate(reference, batch) for batch in (1, 3)}
+    ranks = _launch("shard_by_heads", tmp_path, family="gemma4")
+    for result in ranks:
+        assert sorted(result["runs"]) == ["pagedllm-1", "pagedllm-3", "sdpa-1", "sdpa-3"]
+        for key, run in result["runs"].items():
+            want = expected[int(key.split("-")[1])]
+            where = f"rank {result['rank']}, gemma4, {key}"
+            assert run["sequences"] == want.sequences.tolist(), where
+            for step, (got, logits) in enumerate(zip(run["logits"], want.logits)):
+                torch.testing.assert_close(torch.tensor(got), logits, atol=1e-4, rtol=1e-4, msg=lambda m: f"{where}, step {step}: {m}")
+            assert (run["kv_heads"], run["head_dims"]) == ([1, 1], [16, 32]), where
+            assert run["stats"]["bytes_d2h"] > 0, (where, run["stats"])
 
 
 def test_world_size_must_divide_kv_heads():
@@ -169,6 +192,30 @@ def test_shard_by_heads_rejects_fused_projections(one_rank_group):
     _, phi3 = tiny_pair("phi3")
     with pytest.raises(TypeError, match="q_proj"):
         shard_by_heads(phi3)
+
+
+def test_shard_by_heads_checks_every_layer_before_changing_any(one_rank_group):
+    """A layer whose projection is not whole heads raises, naming the layer, and leaves every
+    layer as it was (the earlier layers were split, and their all-reduce hooks added, before)."""
+    _, model = tiny_pair("llama")
+    attention = model.model.layers[1].self_attn
+    attention.q_proj = torch.nn.Linear(TINY["hidden_size"], attention.q_proj.out_features + 1, bias=False)
+    parameters = dict(model.named_parameters())
+    with pytest.raises(ValueError, match=r"layer 1: q_proj has 65 outputs, not a multiple of world size 1 x head_dim 16"):
+        shard_by_heads(model)
+    assert dict(model.named_parameters()) == parameters  # the same Parameter objects
+    assert not any(module._forward_hooks for module in model.modules())
+    assert not hasattr(model, "_pagedllm_tensor_parallel")
+
+
+@pytest.mark.skipif("gemma4" not in OTHER_LAYOUTS, reason="transformers before Gemma 4")
+def test_one_rank_shards_layers_of_other_head_sizes(one_rank_group, nvme_dir):
+    """Gemma 4 (full-attention layers of another head size, without v_proj) on one rank: sharded and
+    paged, the unpaged tokens."""
+    reference, model = tiny_pair("gemma4")
+    shard_by_heads(model)
+    enable_tensor_parallel_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa", prefill_chunk_size=16)
+    assert torch.equal(_generate(model, 3).sequences, _generate(reference, 3).sequences)
 
 
 def test_one_rank_is_plain_paging(one_rank_group, nvme_dir):

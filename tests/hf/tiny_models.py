@@ -46,9 +46,22 @@ TINY = dict(
 PAGE = 4096  # 16 tokens of K+V per page for these models (2 kv heads x 16 x fp32 x 2)
 
 
+# Layouts beyond the five families, by name, where this transformers has them: Gemma 4's
+# full-attention layers have another head size than its sliding ones (global_head_dim), and their
+# values are their keys (attention_k_eq_v: no v_proj), with num_global_key_value_heads of them.
+OTHER_LAYOUTS = {}
+if hasattr(transformers, "Gemma4TextConfig"):
+    OTHER_LAYOUTS["gemma4"] = (transformers.Gemma4TextConfig, transformers.Gemma4ForCausalLM, {
+        "head_dim": 16, "global_head_dim": 32, "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 8,
+        "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 64, "attention_k_eq_v": True,
+        "num_global_key_value_heads": 2,
+    })  # fmt: skip
+
+
 def tiny_pair(family: str, seed: int = 0, attn: str = "sdpa", **overrides):
-    """``(reference, copy)``: the same random weights, separate configs (attention is set per model)."""
-    config_class, model_class, extra = FAMILIES[family]
+    """``(reference, copy)``: the same random weights, separate configs (attention is set per model);
+    ``family`` one of :data:`FAMILIES` or :data:`OTHER_LAYOUTS`."""
+    config_class, model_class, extra = FAMILIES[family] if family in FAMILIES else OTHER_LAYOUTS[family]
     config = config_class(**{**TINY, **extra, **overrides})
     config._attn_implementation = attn
     torch.manual_seed(seed)

@@ -2,7 +2,7 @@
 
 Reads the torchrun-style environment (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``), joins a gloo group, shards the tiny Llama 2 ways (``--sharding shard_by_heads``:
-built here from the fixed seed; ``--sharding tp_plan``: loaded from ``--checkpoint`` with
+built here from the fixed seed, or the tiny model of ``--family``; ``--sharding tp_plan``: loaded from ``--checkpoint`` with
 transformers' ``tp_plan="auto"``), pages its KV heads under a budget of a few pages, and greedily
 generates for batch 1 and a left-padded batch of 3, once with SDPA on pages read back and once
 with the ``"pagedllm"`` attention. Writes ``--out/rank{RANK}.json``: tokens, logits, pager stats.
@@ -48,7 +48,7 @@ def paged_models(args: argparse.Namespace, rank: int) -> list[tuple[str, torch.n
 
     options = {"prefill_chunk_size": 16}
     if args.sharding == "shard_by_heads":
-        models = tiny_pair("llama", attn="sdpa")  # identical weights in every process (fixed seed)
+        models = tiny_pair(args.family, attn="sdpa")  # identical weights in every process (fixed seed)
         return [(attention, enable_tensor_parallel_paging(shard_by_heads(model), budget(attention), attn_implementation=attention, **options))
                 for model, attention in zip(models, ATTENTIONS)]
     from transformers import LlamaForCausalLM
@@ -64,6 +64,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sharding", choices=("shard_by_heads", "tp_plan"), required=True)
     parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--family", default="llama", help="the tiny model shard_by_heads shards (tests/hf/tiny_models.py)")
     parser.add_argument("--nvme", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -92,7 +93,8 @@ def main() -> int:
             result["runs"][f"{attention}-{batch}"] = {
                 "sequences": output.sequences.tolist(),
                 "logits": [step.tolist() for step in output.logits],
-                "kv_heads": output_cache(output).num_kv_heads,
+                "kv_heads": [layer.geometry.kv_heads for layer in output_cache(output).layers],
+                "head_dims": [layer.geometry.head_dim for layer in output_cache(output).layers],
                 "stats": {key: after[key] - before[key] for key in ("bytes_d2h", "bytes_h2d", "bytes_to_disk", "bytes_from_disk")},
             }
     with open(os.path.join(args.out, f"rank{info.rank}.json"), "w") as handle:
