@@ -17,11 +17,12 @@ its ``out=`` (of the result's shape: one torch would resize is not run in pieces
 result a plain tensor filled piece by piece). The argument written may be a plain tensor, as in
 ``dense.copy_(paged)`` or ``torch.add(paged, 1, out=dense)``; an op that writes one lets plain
 tensors have strides of their own. An op reads no other view of the bytes it writes (the same
-elements excepted, as in ``x.mul_(x)``). Tensors whose elements fill their span (contiguous,
-transposed) and share one layout run in 1-D pieces of consecutive elements; others (a column
-``t[:, 3]``, every other row ``t[::2]``, a plain ``out`` of another layout) in pieces of
-consecutive indices along the dim of the largest stride, when one index of it spans less than a
-piece.
+elements excepted, as in ``x.mul_(x)``). Contiguous (row-major) tensors of one layout run in
+1-D pieces of consecutive elements; others (transposed or permuted, a column ``t[:, 3]``, every
+other row ``t[::2]``, a plain ``out`` of another layout) in pieces of consecutive indices along
+the dim of the largest stride, each of the whole's layout (a kernel may round otherwise on 1-D
+runs than on a transposed whole: CPU ``gelu``), when one index of it spans less than a piece;
+where it does not, tensors whose elements fill their span still run in 1-D pieces.
 
 Note:
     Stream order is each piece's op's (see :mod:`pagedtensor.dispatch`): the pieces run one after
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 from torch._ops import OpOverload
+from torch._prims_common import make_contiguous_strides_for
 
 from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping, element_span, math_bits, meta_layout
 
@@ -105,7 +107,14 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     full = [t for t in shaped if tuple(t.shape) == shape]
     if target is None and any(t.stride() != stride for t in full):
         return NotImplemented
-    dense = not broadcast and dense_and_non_overlapping(shape, stride) and all(t.stride() == stride for t in shaped)
+    # Tensors of one layout whose elements fill their span run in 1-D pieces of consecutive elements
+    # where the layout is row-major (the kernel's own loop over the whole is then one run of
+    # consecutive elements too). Of another such layout (transposed, permuted) a kernel may take
+    # another path than on 1-D runs (CPU ``gelu`` of a transposed tensor rounds some elements
+    # otherwise than of the same values contiguous): its pieces go along the outer dim, each of the
+    # whole's layout, and in 1-D runs only where one index of that dim spans more than a piece.
+    fills_span = not broadcast and dense_and_non_overlapping(shape, stride) and all(t.stride() == stride for t in shaped)
+    row_major = fills_span and tuple(stride) == tuple(make_contiguous_strides_for(shape))
     # A plain tensor written (``dense.copy_(paged)``, what ``load_state_dict`` of a loaded paged
     # checkpoint into a plain model runs, or ``torch.add(paged, 1, out=dense)``) shares no page with
     # the PagedTensors it reads: each piece writes its own elements of it directly.
@@ -129,7 +138,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     result_layout = None
     if target is None:
         result_layout = _result_layout(func, args, kwargs)
-        if result_layout is None or tuple(result_layout.shape) != shape or (dense and result_layout.stride() != stride):
+        if result_layout is None or tuple(result_layout.shape) != shape or (row_major and result_layout.stride() != stride):
             return NotImplemented
     read_whole = any(isinstance(t, PagedTensor) for t in broadcast)
     if broadcast:
@@ -141,7 +150,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     piece_elements = piece_elements_of(tensors)
     if piece_elements is None:
         return NotImplemented
-    if not dense:
+    if not row_major:
         # Pieces along the outer dim of the layouts of the PagedTensors larger than a piece (one dim for
         # all of them), as many indices as the tightest allows.
         splits = {
@@ -152,11 +161,14 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
         if not splits and read_whole:  # with the operands read whole, the rest fits at once: one piece
             out = _run_along(func, args, kwargs, result_layout, reference.device, shape[0], 0, max(1, shape[0]))
             return target if target is not None else out
-        if not splits or None in splits or len({dim for dim, _ in splits}) != 1:
+        if splits and None not in splits and len({dim for dim, _ in splits}) == 1:
+            dim, count = min(splits, key=lambda split: split[1])
+            out = _run_along(func, args, kwargs, result_layout, reference.device, shape[dim], dim, count)
+            return target if target is not None else out
+        if not fills_span or (result_layout is not None and result_layout.stride() != stride):
             return NotImplemented
-        dim, count = min(splits, key=lambda split: split[1])
-        out = _run_along(func, args, kwargs, result_layout, reference.device, shape[dim], dim, count)
-        return target if target is not None else out
+    # 1-D pieces (on a CPU a kernel's vectorized loop then ends where each piece does, the one case
+    # where bits may differ from the whole's: see the README)
     numel = reference.numel()
     if piece_elements >= numel:
         return NotImplemented
@@ -285,8 +297,36 @@ def written_target(info: "OpInfo", args: tuple) -> Any:
 
 def is_elementwise(func: OpOverload) -> bool:
     """Whether each result element of ``func`` is made from its arguments' elements at the same index
-    only (the ``pointwise`` tag, not seeded by a generator; ``copy_``, ``fill_``, ``zero_``)."""
-    return func in _ELEMENTWISE or (torch.Tag.pointwise in func.tags and torch.Tag.nondeterministic_seeded not in func.tags)
+    only (the ``pointwise`` tag, not seeded by a generator; ``copy_``, ``fill_``, ``zero_``; an
+    in-place or ``out=`` form of a tagged op, which torch leaves untagged for some: ``abs_``,
+    ``eq_``, ``gelu_``, ``relu.out``, ``isnan.out``)."""
+    if func in _ELEMENTWISE or _tagged_pointwise(func):
+        return True
+    functional = functional_form(func)
+    return functional is not None and _tagged_pointwise(functional)
+
+
+def _tagged_pointwise(func: OpOverload) -> bool:
+    return torch.Tag.pointwise in func.tags and torch.Tag.nondeterministic_seeded not in func.tags
+
+
+def functional_form(func: OpOverload) -> Optional[OpOverload]:
+    """The functional overload of an in-place overload (``abs_.default``: ``abs.default``) or an
+    ``out=`` one (``relu.out``: ``relu.default``; ``bitwise_and.Scalar_Tensor_out``:
+    ``bitwise_and.Scalar_Tensor``), where aten has it; else None."""
+    name, overload = func._schema.name.split("::")[-1], func._overloadname
+    if name.endswith("_") and not name.endswith("__") and func._schema.is_mutable:
+        name = name[:-1]
+    elif overload == "out":
+        overload = "default"
+    elif overload.endswith("_out"):
+        overload = overload[: -len("_out")]
+    else:
+        return None
+    packet = getattr(aten, name, None)
+    if not isinstance(packet, torch._ops.OpOverloadPacket) or overload not in packet.overloads():
+        return None
+    return getattr(packet, overload)
 
 
 def _result_layout(func: OpOverload, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:

@@ -113,7 +113,8 @@ def two_flat_tensors_and_a_layout(rows: int, cols: int, dtype: torch.dtype, view
     return base, second, layout
 
 
-UNARY = {"neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "sigmoid": torch.sigmoid, "square": torch.square}
+UNARY = {"neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "sigmoid": torch.sigmoid, "square": torch.square,
+         "gelu": torch.nn.functional.gelu}  # CPU gelu of a transposed tensor rounds otherwise than of 1-D runs
 BINARY = {"add": torch.add, "mul": torch.mul, "maximum": torch.maximum, "div": torch.div}
 IN_PLACE = {"mul_": lambda t, o: t.mul_(o), "add_": lambda t, o: t.add_(o, alpha=2), "copy_": lambda t, o: t.copy_(o),
             "clamp_": lambda t, o: t.clamp_(min=-0.5), "fill_": lambda t, o: t.fill_(1.5), "zero_": lambda t, o: t.zero_()}  # fmt: skip
@@ -402,19 +403,20 @@ UNTAGGED_ELEMENTWISE = {  # name: (op, dtype, tensor arguments)
 }
 
 
-def test_masked_fill_by_a_tensor_runs_in_pieces_where_it_keeps_the_layout():
+def test_masked_fill_by_a_tensor_runs_in_pieces_whatever_the_layout():
     """``masked_fill`` by a tensor value lays its result out contiguously whatever its input's
-    layout: on a contiguous tensor it runs in pieces, on a transposed one (whose pieces would need
-    another layout than their result's) it still raises ``OutOfPagesError``."""
+    layout: on a contiguous tensor it runs in 1-D pieces; on a transposed one in pieces along the
+    outer dim, each of the input's layout, their results copied into the contiguous result (it
+    raised ``OutOfPagesError`` while transposed tables ran in 1-D pieces)."""
     generator = torch.Generator().manual_seed(0)
     a, b = (torch.rand(64, 300, generator=generator) * 4 for _ in range(2))
     with make_pager("cpu") as pager:
         got = _masked_fill_by_a_tensor(PagedTensor.wrap(a.clone(), pager), PagedTensor.wrap(b.clone(), pager))
         assert same_bits(dense(got), _masked_fill_by_a_tensor(a, b))
-        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
         transposed = [PagedTensor.wrap(t.t().contiguous(), pager).t() for t in (a, b)]
-        with pytest.raises(OutOfPagesError, match="aten.masked_fill.Tensor"):
-            _masked_fill_by_a_tensor(*transposed)
+        got = _masked_fill_by_a_tensor(*transposed)
+        assert same_bits(dense(got), _masked_fill_by_a_tensor(*(t.t().contiguous().t() for t in (a, b))))
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
@@ -439,3 +441,81 @@ def test_elementwise_ops_without_the_pointwise_tag_run_in_pieces(device, transpo
         if expected.is_complex():
             expected, got = torch.view_as_real(expected), torch.view_as_real(got)
         assert same_bits(got, expected)
+
+
+# In-place and out= forms whose functional form torch tags pointwise but which it leaves untagged
+# themselves: name: (op of the tensors and an output, dtype, tensor arguments, output dtype or None
+# for an in-place op, which writes its first tensor).
+UNTAGGED_WRITERS = {
+    "abs_": (lambda t, out: t[0].abs_(), torch.float32, 1, None),
+    "copysign_": (lambda t, out: t[0].copysign_(t[1] - 2), torch.float32, 2, None),
+    "copysign_ by a number": (lambda t, out: t[0].copysign_(-1.0), torch.float32, 1, None),
+    "eq_": (lambda t, out: t[0].eq_(t[1]), torch.float32, 2, None),
+    "ne_ a number": (lambda t, out: t[0].ne_(2.0), torch.float32, 1, None),
+    "lt_": (lambda t, out: t[0].lt_(t[1]), torch.float32, 2, None),
+    "ge_ a number": (lambda t, out: t[0].ge_(2.0), torch.float32, 1, None),
+    "gcd_": (lambda t, out: t[0].gcd_(t[1]), torch.int64, 2, None),
+    "lcm_": (lambda t, out: t[0].lcm_(t[1]), torch.int64, 2, None),
+    "heaviside_": (lambda t, out: t[0].heaviside_(t[1]), torch.float32, 2, None),
+    "gelu_": (lambda t, out: torch.ops.aten.gelu_.default(t[0]), torch.float32, 1, None),
+    "mish_": (lambda t, out: torch.nn.functional.mish(t[0], inplace=True), torch.float32, 1, None),
+    "threshold_": (lambda t, out: torch.nn.functional.threshold_(t[0], 2.0, -1.0), torch.float32, 1, None),
+    "true_divide_": (lambda t, out: t[0].true_divide_(t[1]), torch.float32, 2, None),
+    "xlogy_ by a number": (lambda t, out: t[0].xlogy_(2.0), torch.float32, 1, None),
+    "relu out=": (lambda t, out: torch.ops.aten.relu.out(t[0] - 2, out=out), torch.float32, 1, torch.float32),
+    "gelu out=": (lambda t, out: torch.ops.aten.gelu.out(t[0], out=out), torch.float32, 1, torch.float32),
+    "hardtanh out=": (lambda t, out: torch.ops.aten.hardtanh.out(t[0], 1.0, 2.0, out=out), torch.float32, 1, torch.float32),
+    "softplus out=": (lambda t, out: torch.ops.aten.softplus.out(t[0], out=out), torch.float32, 1, torch.float32),
+    "isnan out=": (lambda t, out: torch.ops.aten.isnan.out((t[0] - 1).log(), out=out), torch.float32, 1, torch.bool),
+    "clip out=": (lambda t, out: torch.clip(t[0], t[1], t[1] + 1, out=out), torch.float32, 2, torch.float32),
+    "mul by a number out=": (lambda t, out: torch.ops.aten.mul.Scalar_out(t[0], 3.0, out=out), torch.float32, 1, torch.float32),
+    "bitwise_and of a number out=": (lambda t, out: torch.ops.aten.bitwise_and.Scalar_Tensor_out(6, t[0], out=out), torch.int64, 1, torch.int64),
+    "clone out=": (lambda t, out: torch.ops.aten.clone.out(t[0], out=out), torch.float32, 1, torch.float32),
+    "native_dropout_backward out=": (lambda t, out: torch.ops.aten.native_dropout_backward.out(t[0], t[1] > 2, 2.0, out=out),
+                                     torch.float32, 2, torch.float32),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("name", sorted(UNTAGGED_WRITERS))
+def test_in_place_and_out_forms_torch_leaves_untagged_run_in_pieces(device, transposed, name):
+    """``abs_``, the comparisons in place (``eq_``, ``lt_``, ...), ``gelu_``, ``relu.out``,
+    ``isnan.out`` and the other in-place and out= forms whose functional form torch tags pointwise,
+    which it leaves untagged: they raised OutOfPagesError past the device tier (``abs_`` of a
+    transposed table, found probing ops past the tier). Each runs in pieces, in place or into a paged
+    output of the inputs' layout: the dense op's bits, within the tier."""
+    op, dtype, count, out_dtype = UNTAGGED_WRITERS[name]
+    generator = torch.Generator().manual_seed(0)
+    if dtype.is_floating_point:
+        tensors = [(torch.rand(64, 300, generator=generator) * 8).floor() / 2 for _ in range(count)]  # ties, for the comparisons
+    else:
+        tensors = [torch.randint(1, 9, (64, 300), generator=generator) for _ in range(count)]
+    tensors = [(t.t().contiguous().t() if transposed else t).to(device) for t in tensors]  # 19 pages each; the tier holds 6
+
+    def output_like(t: torch.Tensor) -> torch.Tensor | None:
+        return None if out_dtype is None else torch.full_like(t, 7, dtype=out_dtype)  # full_like keeps the layout
+
+    with make_pager(device) as pager:
+        plain = [t.clone() for t in tensors]
+        expected = op(plain, output_like(tensors[0]))
+        paged = [PagedTensor.wrap(t.clone(), pager) for t in tensors]
+        out = output_like(tensors[0])
+        out = None if out is None else PagedTensor.wrap(out, pager)
+        got = op(paged, out)
+        assert got is (paged[0] if out is None else out)
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
+        assert same_bits(dense(got), expected)
+
+
+def test_a_permuted_table_whose_outer_index_spans_more_than_a_piece_runs_in_1d_pieces():
+    """A table of another layout than row-major runs in pieces along its outer dim (each of its
+    layout); where one index of that dim spans more than a piece (here 7200 elements, a piece 5120)
+    its elements, which fill their span, still run in 1-D pieces of memory."""
+    base = torch.randn(4, 3, 2400, generator=torch.Generator().manual_seed(2)).transpose(0, -1)  # strides (1, 2400, 7200)
+    with make_pager() as pager:
+        table = PagedTensor.wrap(base.clone(), pager)
+        assert same_bits(dense(torch.neg(table)), torch.neg(base))
+        assert table.mul_(3) is table
+        assert same_bits(table.materialize(), base * 3)
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE

@@ -22,7 +22,7 @@ from pagedtensor import MemoryConfig, PagedTensor, Pager
 from tests.support import CPU_AND_CUDA
 
 PAGE = 4096
-DEVICE_PAGES = 8  # an op touches at most 3 tensors of at most 2 pages each; the pool holds more
+DEVICE_PAGES = 8  # sources of at most 2 pages each, the pool holds more; an out= may be larger (a bool sum into int64)
 MAX_BYTES = 2 * PAGE
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.int64: torch.int64, torch.bool: torch.uint8}
