@@ -535,6 +535,21 @@ def test_puts_after_leading_slices_on_tables_larger_than_the_device_tier_equal_d
         assert same_bits(table.materialize(), expected), (lead, values_kind)
 
 
+def index_op_call(op: str, dim: int, index: torch.Tensor, source: torch.Tensor, dtype: torch.dtype):
+    """The in-place index op ``op`` (of INDEX_OPS_ALONG_A_DIM) along ``dim``, as a function of the table."""
+    alpha = -0.5 if dtype.is_floating_point else 3
+    value = 1.5 if dtype.is_floating_point else 7
+    return {
+        "index_copy": lambda t: t.index_copy_(dim, index, source),
+        "index_add": lambda t: t.index_add_(dim, index, source, alpha=alpha),
+        "index_reduce_prod": lambda t: t.index_reduce_(dim, index, source, "prod"),
+        "index_reduce_mean": lambda t: t.index_reduce_(dim, index, source, "mean", include_self=False),
+        "index_reduce_amin": lambda t: t.index_reduce_(dim, index, source, "amin"),
+        "index_fill_scalar": lambda t: t.index_fill_(dim, index, value),
+        "index_fill_tensor": lambda t: t.index_fill_(dim, index, torch.tensor(value, dtype=dtype)),
+    }[op]
+
+
 INDEX_OPS_ALONG_A_DIM = ["index_copy", "index_add", "index_reduce_prod", "index_reduce_mean", "index_reduce_amin", "index_fill_scalar",
                          "index_fill_tensor"]  # fmt: skip
 
@@ -566,17 +581,7 @@ def test_index_ops_along_another_dim_on_tables_larger_than_the_device_tier_equal
     generator = torch.Generator().manual_seed(seed)
     source = random_values((*shape[:dim], len(positions), *shape[dim:][1:]) if dim > 0 else
                            (*shape[: len(shape) + dim], len(positions), *shape[len(shape) + dim + 1:]), dtype, generator)  # fmt: skip
-    alpha = -0.5 if dtype.is_floating_point else 3
-    value = 1.5 if dtype.is_floating_point else 7
-    call = {
-        "index_copy": lambda t: t.index_copy_(dim, index, source),
-        "index_add": lambda t: t.index_add_(dim, index, source, alpha=alpha),
-        "index_reduce_prod": lambda t: t.index_reduce_(dim, index, source, "prod"),
-        "index_reduce_mean": lambda t: t.index_reduce_(dim, index, source, "mean", include_self=False),
-        "index_reduce_amin": lambda t: t.index_reduce_(dim, index, source, "amin"),
-        "index_fill_scalar": lambda t: t.index_fill_(dim, index, value),
-        "index_fill_tensor": lambda t: t.index_fill_(dim, index, torch.tensor(value, dtype=dtype)),
-    }[op]
+    call = index_op_call(op, dim, index, source, dtype)
     base = random_values(shape, dtype, generator)
     with make_pager() as pager:
         table = PagedTensor.wrap(base.clone(), pager)
@@ -585,6 +590,92 @@ def test_index_ops_along_another_dim_on_tables_larger_than_the_device_tier_equal
             assert call(target) is target
         assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
         assert same_bits(table.materialize(), expected), (op, dim)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    op=st.sampled_from(INDEX_OPS_ALONG_A_DIM),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.int64]),
+    three_dims=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_index_ops_on_tables_whose_dim_0_is_not_the_outermost_equal_dense(data, op, dtype, three_dims, seed):
+    """The index ops along any dim of a transposed or permuted table past the tier (``t.T.index_copy_(0,
+    i, s)``: each index of dim 0 spans the table; they raised OutOfPagesError): they run on the
+    table's view of dims outermost first, the table ends bitwise as the dense one, the device
+    tier's budget holds."""
+    cols = data.draw(st.integers(4, 40), label="cols")
+    inner = (3, cols) if three_dims else (cols,)
+    rows = max(data.draw(st.integers(40, 200), label="rows"), 2 * 8 * PAGE // (math.prod(inner) * dtype.itemsize) + 1)
+    memory_shape = (rows, *inner)  # the layout in memory: row-major over these dims
+    order = data.draw(st.permutations(range(len(memory_shape))).filter(lambda p: p[0] != 0), label="permutation")
+    shape = tuple(memory_shape[d] for d in order)
+    dim = data.draw(st.integers(-len(shape), len(shape) - 1), label="dim")
+    size = shape[dim]
+    positions = data.draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=6, unique=op == "index_copy"), label="positions")
+    index = torch.tensor(positions)
+    generator = torch.Generator().manual_seed(seed)
+    source_shape = list(shape)
+    source_shape[dim] = len(positions)
+    call = index_op_call(op, dim, index, random_values(tuple(source_shape), dtype, generator), dtype)
+    base = random_values(memory_shape, dtype, generator)
+    with make_pager() as pager:
+        table = PagedTensor.wrap(base.clone(), pager).permute(order)
+        expected = base.clone().permute(order)
+        for target in (table, expected):
+            assert call(target) is target
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+        assert same_bits(table.materialize(), expected), (op, order, dim)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_index_ops_on_a_transposed_table_past_the_tier_equal_dense(device):
+    """A transposed 256 x 64 view of a 16-page table (the tier 8): each index op along dim 0 (each
+    row of which spans the table) and dim 1, a repeated position for the sums (of halves, exact in
+    any order: CUDA's index_add_ adds repeated positions by atomics): the dense op's bits."""
+    positions = torch.tensor([5, 200, 5, 17], device=device)
+    distinct = torch.tensor([5, 200, 17], device=device)
+    generator = torch.Generator().manual_seed(3)
+
+    def halves(*shape: int) -> torch.Tensor:
+        return (torch.randint(-8, 8, shape, generator=generator) / 2).to(device)
+
+    calls = [
+        lambda t: t.index_copy_(0, distinct, halves(3, 64)),
+        lambda t: t.index_add_(0, positions, halves(4, 64), alpha=0.5),
+        lambda t: t.index_reduce_(0, positions, halves(4, 64), "amax"),
+        lambda t: t.index_fill_(0, positions, -2.0),
+        lambda t: t.index_add_(1, torch.tensor([3, 3, 60], device=device), halves(256, 3)),
+        lambda t: t.index_fill_(-1, torch.tensor([1], device=device), torch.tensor(4.0)),
+    ]
+    with make_pager(device=device) as pager:
+        table = PagedTensor.wrap(rows_tensor().to(device), pager).t()
+        expected = rows_tensor().to(device).t()
+        for call in calls:
+            state = generator.get_state()
+            assert call(expected) is expected
+            generator.set_state(state)  # the same source for the paged table
+            assert call(table) is table
+            assert same_bits(table.materialize(), expected)
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+
+
+def test_index_ops_on_a_transposed_table_raise_torchs_errors_before_any_page_moves():
+    """torch's checks come first, naming the table's own shape (not the permuted view's)."""
+    with make_pager() as pager:
+        table = PagedTensor.wrap(rows_tensor(), pager).t()  # 256 x 64, each row of dim 0 spans the 16 pages
+        faults = pager.stats()["faults"]
+        for bad in (lambda t: t.index_copy_(0, torch.tensor([256]), torch.ones(1, 64)),  # out of bounds
+                    lambda t: t.index_copy_(0, torch.tensor([1, 2]), torch.ones(1, 64)),  # fewer source rows than positions
+                    lambda t: t.index_add_(1, torch.tensor([1]), torch.ones(256, 1, dtype=torch.float64)),  # another dtype
+                    lambda t: t.index_fill_(2, torch.tensor([1]), 1.0)):  # a dim out of range  # fmt: skip
+            with pytest.raises(Exception) as dense_error:
+                bad(rows_tensor().t())
+            with pytest.raises(dense_error.type, match=re.escape(str(dense_error.value))):
+                bad(table)
+        assert pager.stats()["faults"] == faults
+        assert same_bits(table.t().materialize(), rows_tensor())
 
 
 BAD_INDEX_OPS_ALONG_A_DIM = {  # on a 64 x 256 table (rows_tensor): torch's checks, each its own message; run with BAD_CALLS
@@ -835,9 +926,9 @@ def test_other_forms_and_small_tables_run_the_generic_way():
 
 
 def test_a_flat_table_scatters_its_elements_and_a_transposed_one_runs_the_generic_way():
-    """A 1-D table (rows of one element) writes only the pages of its elements; a transposed table,
-    each of whose rows reaches across the table, runs the generic way: OutOfPagesError, as before,
-    with nothing written."""
+    """A 1-D table (rows of one element) writes only the pages of its elements; on a transposed
+    table, each of whose rows reaches across the table, ``index_put_`` runs the generic way:
+    OutOfPagesError, with nothing written (``index_fill_`` runs on its view of dims outermost first)."""
     with make_pager() as pager:
         x = torch.arange(16 * 1024, dtype=torch.float32)  # 16 pages
         flat = PagedTensor.wrap(x.clone(), pager)
@@ -851,5 +942,7 @@ def test_a_flat_table_scatters_its_elements_and_a_transposed_one_runs_the_generi
         square = torch.arange(128 * 128, dtype=torch.float32).view(128, 128)  # 16 pages
         transposed = PagedTensor.wrap(square.clone(), pager).t()
         with pytest.raises(OutOfPagesError):
-            transposed.index_fill_(0, torch.tensor([3]), 0.0)
+            transposed.index_put_((torch.tensor([3]),), torch.tensor(0.0), accumulate=True)
         assert torch.equal(transposed.materialize(), square.t())
+        transposed.index_fill_(0, torch.tensor([3]), 0.0)
+        assert torch.equal(transposed.materialize(), square.t().index_fill(0, torch.tensor([3]), 0.0))

@@ -19,7 +19,7 @@ from torch._ops import OpOverload
 
 from pagedtensor.dispatch import DISPATCHER, _row_byte_spans, aten, implements
 from pagedtensor.handlers.parts import _arguments_by_name, _larger_than_a_piece
-from pagedtensor.handlers.row_gathers import _dense, _rows_a_piece, _rows_can_be_copied, _rows_compacted
+from pagedtensor.handlers.row_gathers import _dense, _outermost_first, _rows_a_piece, _rows_can_be_copied, _rows_compacted
 from pagedtensor.pieces import piece_elements_of
 from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping
 
@@ -82,7 +82,9 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
     its positions, row-major, as torch takes it.
 
     ``t[:, pos] = v`` and the ops along another dim run a piece of rows at a time
-    (:func:`_put_a_piece_of_rows_at_a_time`, :func:`_index_op_a_piece_of_rows_at_a_time`).
+    (:func:`_put_a_piece_of_rows_at_a_time`, :func:`_index_op_a_piece_of_rows_at_a_time`). On a
+    table whose dim 0 is not the outermost in memory (``t.T``), the ops but ``index_put_`` run on the
+    table's view of dims outermost first (:func:`_index_op_of_outermost_first`).
     A table that fits in one piece runs the generic way, and so does any other form of the op
     (a byte mask, a table with the conjugate or negative bit, a source that is a view of the table's
     pages, an index or source on another device).
@@ -92,6 +94,9 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
         A run that fails (the device tier filled by pins of another thread) leaves the runs before it
         written.
     """
+    permuted = _index_op_of_outermost_first(func, args, kwargs)
+    if permuted is not None:
+        return permuted
     request = _row_scatter_request(func, args, kwargs)
     if request is None:
         by_rows = (_put_a_piece_of_rows_at_a_time if func is aten.index_put_.default else _index_op_a_piece_of_rows_at_a_time)(func, args, kwargs)
@@ -297,6 +302,43 @@ def _index_op_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: d
     for lo in range(0, rows, count):
         hi = min(rows, lo + count)
         DISPATCHER.run_paged(func, (PagedTensor,), (table[lo:hi], dim, index, source if filling else source[lo:hi]), options)
+    return table
+
+
+def _index_op_of_outermost_first(func: OpOverload, args: tuple, kwargs: dict) -> Any:
+    """``index_copy_``, ``index_add_``, ``index_reduce_`` or ``index_fill_`` on a PagedTensor larger
+    than a piece whose dim 0 is not the outermost in memory (``t.T.index_copy_(0, i, s)``: each row
+    of ``t.T`` spans the table): torch's checks and errors first, on :func:`_overlapping_stand_in`
+    (no page read), then the op on ``table.permute(order)``, its dims ordered outermost first (a
+    view sharing the pages), along the dim ``dim`` became, a source tensor permuted alike. The same
+    elements take the same operands in the same order (the index's), so the table ends bitwise as
+    after the dense op; the permuted op runs by rows, or a piece of rows at a time. Returns the
+    table; ``None`` for ``index_put_``, another form (an index or source on another device, or a
+    view of the table's pages) or a table whose dim 0 is already the outermost."""
+    if func is aten.index_put_.default:
+        return None
+    table = args[0] if args else kwargs.get("self")
+    if not isinstance(table, PagedTensor) or table.dim() < 2 or table.numel() == 0 or table._inner is not None:
+        return None
+    order = _outermost_first(table)
+    if order[0] == 0 or table.is_conj() or table.is_neg() or not _larger_than_a_piece([table]):
+        return None
+    bound = _arguments_by_name(func, args, kwargs)
+    dim, index = bound["dim"], bound["index"]
+    filling = "value" in bound
+    source = bound["value"] if filling else bound["source"]
+    for tensor in (index, source):
+        if isinstance(tensor, torch.Tensor) and ((tensor.dim() > 0 and tensor.device != table.device)
+                                                 or (isinstance(tensor, PagedTensor) and tensor._paged is table._paged)):  # fmt: skip
+            return None
+    if not isinstance(dim, int) or not isinstance(index, torch.Tensor):
+        return None
+    index, source = _dense(index), _dense(source)
+    options = _options_of(func, bound)
+    func(_overlapping_stand_in(table), dim, index, source, **options)  # torch's checks and errors; no page read
+    if not filling:
+        source = source.permute(order)  # of the table's dims: checked above
+    func(table.permute(order), order.index(dim % table.dim()), index, source, **options)
     return table
 
 
