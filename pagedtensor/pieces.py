@@ -15,8 +15,10 @@ it read, an op whose other pages fit runs at once), with no element reachable tw
 same index lie at the same distance from each tensor's storage offset), and the op writes only its first argument (in-place), only
 its ``out=`` (of the result's shape: one torch would resize is not run in pieces) or nothing (its
 result a plain tensor filled piece by piece). The argument written may be a plain tensor, as in
-``dense.copy_(paged)`` or ``torch.add(paged, 1, out=dense)``; an op that writes one lets plain
-tensors have strides of their own. An op reads no other view of the bytes it writes (the same
+``dense.copy_(paged)`` or ``torch.add(paged, 1, out=dense)``. Plain tensors may have strides of
+their own (``torch.where(mask, paged.T, 0)``, ``paged.T + plain``: the result laid out as torch
+lays it out), and so may PagedTensors whose outer dims in memory agree; the pieces then go
+along that dim. An op reads no other view of the bytes it writes (the same
 elements excepted, as in ``x.mul_(x)``). Contiguous (row-major) tensors of one layout run in
 1-D pieces of consecutive elements; others (transposed or permuted, a column ``t[:, 3]``, every
 other row ``t[::2]``, a plain ``out`` of another layout) in pieces of consecutive indices along
@@ -91,9 +93,10 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     shaped = [t for t in tensors if t.dim() > 0]
     if not shaped or not any(isinstance(t, PagedTensor) for t in shaped) or any(t.layout != torch.strided for t in shaped):
         return NotImplemented
-    # Where the op writes an argument (which fixes the result's layout), its tensors may have layouts
-    # of their own (``torch.add(paged.t(), 1, out=dense)``, ``paged_contiguous.copy_(paged[:, 3])``):
-    # the pieces then go along the outer dim, where a piece of any layout is a narrowed view.
+    # Tensors may have layouts of their own (``torch.add(paged.t(), 1, out=dense)``,
+    # ``paged_contiguous.copy_(paged[:, 3])``, ``torch.where(mask, paged.t(), 0)``): the pieces then
+    # go along the outer dim, where a piece of any layout is a narrowed view, and a result is laid
+    # out as the op's meta kernel lays out the whole's.
     # Operands broadcast to the result's shape (``paged + bias``, ``paged * scale[:, None]``) are read
     # whole by every piece: they run expanded, a PagedTensor one read once (it must fit in a piece).
     shape = broadcast_shape(shaped)
@@ -104,9 +107,6 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     broadcast = [t for t in shaped if tuple(t.shape) != shape]
     if any(t is target for t in broadcast):
         return NotImplemented  # torch writes in place or into out= of the result's shape only
-    full = [t for t in shaped if tuple(t.shape) == shape]
-    if target is None and any(t.stride() != stride for t in full):
-        return NotImplemented
     # Tensors of one layout whose elements fill their span run in 1-D pieces of consecutive elements
     # where the layout is row-major (the kernel's own loop over the whole is then one run of
     # consecutive elements too). Of another such layout (transposed, permuted) a kernel may take

@@ -115,7 +115,8 @@ def two_flat_tensors_and_a_layout(rows: int, cols: int, dtype: torch.dtype, view
 
 UNARY = {"neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "sigmoid": torch.sigmoid, "square": torch.square,
          "gelu": torch.nn.functional.gelu}  # CPU gelu of a transposed tensor rounds otherwise than of 1-D runs
-BINARY = {"add": torch.add, "mul": torch.mul, "maximum": torch.maximum, "div": torch.div}
+BINARY = {"add": torch.add, "mul": torch.mul, "maximum": torch.maximum, "div": torch.div,
+          "where": lambda a, b: torch.where(b > 0.5 if isinstance(b, torch.Tensor) else a > 0.5, a, b)}
 IN_PLACE = {"mul_": lambda t, o: t.mul_(o), "add_": lambda t, o: t.add_(o, alpha=2), "copy_": lambda t, o: t.copy_(o),
             "clamp_": lambda t, o: t.clamp_(min=-0.5), "fill_": lambda t, o: t.fill_(1.5), "zero_": lambda t, o: t.zero_()}  # fmt: skip
 
@@ -125,23 +126,25 @@ IN_PLACE = {"mul_": lambda t, o: t.mul_(o), "add_": lambda t, o: t.add_(o, alpha
     **LAYOUTS,
     kind=st.sampled_from(["unary", "binary", "in_place"]),
     name=st.integers(0, 5),
-    other=st.sampled_from(["paged", "plain", "scalar", "0-dim", "same"]),
+    other=st.sampled_from(["paged", "plain", "plain of another layout", "scalar", "0-dim", "same"]),
     seed=st.integers(0, 2**16),
 )
 def test_elementwise_ops_in_pieces_equal_dense(rows, cols, dtype, view, offset, kind, name, other, seed):
     """Any size (a few pages to many times the device tier), layout (a transposed view, a view at an
     offset into its allocation; views whose elements do not fill their span: a column, every other
-    row, every other row's every third element) and second operand: bitwise equal to the same op
-    on dense tensors. (Views that do not fill their span raised OutOfPagesError once larger than
-    the device tier.)"""
+    row, every other row's every third element) and second operand (a plain one of another layout
+    among them: ``torch.where(mask, t.T, 0)``): bitwise equal to the same op on dense tensors.
+    (Views that do not fill their span raised OutOfPagesError once larger than the device tier, and
+    so did out-of-place ops with a plain operand of another layout.)"""
     base, second, layout = two_flat_tensors_and_a_layout(rows, cols, dtype, view, offset, seed)
 
     with make_pager() as pager:
         x, y = layout(base.clone()), layout(second.clone())
         paged_x = layout(PagedTensor.wrap(base.clone(), pager))
         paged_y = layout(PagedTensor.wrap(second.clone(), pager))
-        operands = {"paged": (paged_y, y), "plain": (y, y), "scalar": (0.75, 0.75), "0-dim": (torch.tensor(0.75, dtype=dtype),) * 2,
-                    "same": (paged_x, x)}  # fmt: skip
+        other_layout = y.contiguous() if not y.is_contiguous() else y.t().contiguous().t()  # a plain operand laid out otherwise
+        operands = {"paged": (paged_y, y), "plain": (y, y), "plain of another layout": (other_layout, other_layout),
+                    "scalar": (0.75, 0.75), "0-dim": (torch.tensor(0.75, dtype=dtype),) * 2, "same": (paged_x, x)}  # fmt: skip
         paged_other, dense_other = operands[other]
         if kind == "unary":
             op = list(UNARY.values())[name % len(UNARY)]
@@ -519,3 +522,21 @@ def test_a_permuted_table_whose_outer_index_spans_more_than_a_piece_runs_in_1d_p
         assert table.mul_(3) is table
         assert same_bits(table.materialize(), base * 3)
         assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_an_out_of_place_op_with_a_plain_operand_of_another_layout_runs_in_pieces(device):
+    """``torch.where(mask, t.T, 0)``, ``t.T + y`` and ``torch.maximum(y, t.T)`` with a contiguous
+    plain ``mask`` / ``y``: pieces along the paged table's outer dim, the plain operand narrowed
+    alike (they raised OutOfPagesError: an op without an output needed one layout for all)."""
+    generator = torch.Generator().manual_seed(4)
+    base = torch.randn(64, 300, generator=generator).to(device)  # 19 pages; the tier holds 6
+    mask = (torch.rand(300, 64, generator=generator) > 0.5).to(device)
+    plain = torch.randn(300, 64, generator=generator).to(device)
+    ops = [lambda t: torch.where(mask, t, 0.0), lambda t: t + plain, lambda t: torch.maximum(plain, t), lambda t: torch.where(mask, plain, t)]
+    with make_pager(device) as pager:
+        table = PagedTensor.wrap(base.clone(), pager).t()
+        for op in ops:
+            assert same_bits(dense(op(table)), op(base.t()))
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
+        assert same_bits(table.materialize(), base.t())
