@@ -34,6 +34,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def random_values(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=generator) < 0.5
     if dtype.is_floating_point:
         return torch.randn(shape, generator=generator).to(dtype)
     return torch.randint(-1000, 1000, shape, generator=generator, dtype=dtype)
@@ -629,10 +631,48 @@ def test_index_ops_on_tables_whose_dim_0_is_not_the_outermost_equal_dense(data, 
         assert same_bits(table.materialize(), expected), (op, order, dim)
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.int64, torch.bool]),
+    three_dims=st.booleans(),
+    values_kind=st.sampled_from(["0-dim", "region", "one row broadcast"]),
+    seed=st.integers(0, 2**16),
+)
+def test_setitem_on_tables_whose_dim_0_is_not_the_outermost_equal_dense(data, dtype, three_dims, values_kind, seed):
+    """``t.T[i] = v`` (index_put_ by one integer index, of one or two dims, some positions counted
+    from the end) on a transposed or permuted table past the tier (it raised OutOfPagesError): the
+    same writes on the table's view of dims outermost first, a piece of rows at a time; the table
+    ends bitwise as the dense one, the device tier's budget holds."""
+    cols = data.draw(st.integers(4, 40), label="cols")
+    inner = (3, cols) if three_dims else (cols,)
+    rows = max(data.draw(st.integers(40, 200), label="rows"), 2 * 8 * PAGE // (math.prod(inner) * dtype.itemsize) + 1)
+    memory_shape = (rows, *inner)
+    order = data.draw(st.permutations(range(len(memory_shape))).filter(lambda p: p[0] != 0), label="permutation")
+    shape = tuple(memory_shape[d] for d in order)
+    positions = data.draw(st.lists(st.integers(-shape[0], shape[0] - 1), min_size=1, max_size=6, unique_by=lambda p: p % shape[0]),
+                          label="positions")  # fmt: skip
+    index = torch.tensor(positions)
+    if len(positions) % 2 == 0 and data.draw(st.booleans(), label="index of two dims"):
+        index = index.view(2, -1)
+    generator = torch.Generator().manual_seed(seed)
+    region = (*index.shape, *shape[1:])
+    values = {"0-dim": random_values((), dtype, generator), "region": random_values(region, dtype, generator),
+              "one row broadcast": random_values(shape[1:], dtype, generator)}[values_kind]  # fmt: skip
+    base = random_values(memory_shape, dtype, generator)
+    with make_pager() as pager:
+        table = PagedTensor.wrap(base.clone(), pager).permute(order)
+        expected = base.clone().permute(order)
+        for target in (table, expected):
+            target[index] = values
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+        assert same_bits(table.materialize(), expected), (order, index.shape, values_kind)
+
+
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_index_ops_on_a_transposed_table_past_the_tier_equal_dense(device):
     """A transposed 256 x 64 view of a 16-page table (the tier 8): each index op along dim 0 (each
-    row of which spans the table) and dim 1, a repeated position for the sums (of halves, exact in
+    row of which spans the table) and dim 1, and ``t.T[i] = v``, a repeated position for the sums (of halves, exact in
     any order: CUDA's index_add_ adds repeated positions by atomics): the dense op's bits."""
     positions = torch.tensor([5, 200, 5, 17], device=device)
     distinct = torch.tensor([5, 200, 17], device=device)
@@ -648,6 +688,7 @@ def test_index_ops_on_a_transposed_table_past_the_tier_equal_dense(device):
         lambda t: t.index_fill_(0, positions, -2.0),
         lambda t: t.index_add_(1, torch.tensor([3, 3, 60], device=device), halves(256, 3)),
         lambda t: t.index_fill_(-1, torch.tensor([1], device=device), torch.tensor(4.0)),
+        lambda t: t.__setitem__(torch.tensor([7, -1], device=device), halves(2, 64)) or t,  # t.T[i] = v
     ]
     with make_pager(device=device) as pager:
         table = PagedTensor.wrap(rows_tensor().to(device), pager).t()

@@ -83,8 +83,8 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
 
     ``t[:, pos] = v`` and the ops along another dim run a piece of rows at a time
     (:func:`_put_a_piece_of_rows_at_a_time`, :func:`_index_op_a_piece_of_rows_at_a_time`). On a
-    table whose dim 0 is not the outermost in memory (``t.T``), the ops but ``index_put_`` run on the
-    table's view of dims outermost first (:func:`_index_op_of_outermost_first`).
+    table whose dim 0 is not the outermost in memory (``t.T``), the index ops and ``t.T[i] = v`` run
+    on the table's view of dims outermost first (:func:`_index_op_of_outermost_first`).
     A table that fits in one piece runs the generic way, and so does any other form of the op
     (a byte mask, a table with the conjugate or negative bit, a source that is a view of the table's
     pages, an index or source on another device).
@@ -313,10 +313,9 @@ def _index_op_of_outermost_first(func: OpOverload, args: tuple, kwargs: dict) ->
     view sharing the pages), along the dim ``dim`` became, a source tensor permuted alike. The same
     elements take the same operands in the same order (the index's), so the table ends bitwise as
     after the dense op; the permuted op runs by rows, or a piece of rows at a time. Returns the
-    table; ``None`` for ``index_put_``, another form (an index or source on another device, or a
-    view of the table's pages) or a table whose dim 0 is already the outermost."""
-    if func is aten.index_put_.default:
-        return None
+    table; ``None`` for another form (an index or source on another device, or a view of the table's
+    pages) or a table whose dim 0 is already the outermost. ``index_put_`` by one index tensor
+    (``t.T[i] = v``): :func:`_index_put_of_outermost_first`."""
     table = args[0] if args else kwargs.get("self")
     if not isinstance(table, PagedTensor) or table.dim() < 2 or table.numel() == 0 or table._inner is not None:
         return None
@@ -324,6 +323,8 @@ def _index_op_of_outermost_first(func: OpOverload, args: tuple, kwargs: dict) ->
     if order[0] == 0 or table.is_conj() or table.is_neg() or not _larger_than_a_piece([table]):
         return None
     bound = _arguments_by_name(func, args, kwargs)
+    if func is aten.index_put_.default:
+        return _index_put_of_outermost_first(table, order, bound)
     dim, index = bound["dim"], bound["index"]
     filling = "value" in bound
     source = bound["value"] if filling else bound["source"]
@@ -339,6 +340,38 @@ def _index_op_of_outermost_first(func: OpOverload, args: tuple, kwargs: dict) ->
     if not filling:
         source = source.permute(order)  # of the table's dims: checked above
     func(table.permute(order), order.index(dim % table.dim()), index, source, **options)
+    return table
+
+
+def _index_put_of_outermost_first(table: PagedTensor, order: list[int], bound: dict) -> Any:
+    """``t.T[i] = v``: ``index_put_`` without ``accumulate`` by one integer index tensor on dim 0 of
+    a table whose dim 0 is not its outermost in memory. torch's checks and errors first (bounds, the
+    values' shape and dtype), on :func:`_overlapping_stand_in` (no page read); then the same writes
+    on ``table.permute(order)``, whose dim 0 is the outermost, indexed at dim 0's place there after
+    dims taken whole (``p[:, i] = v'``, a piece of rows at a time), the values broadcast to the
+    indexed region and permuted alike. Returns the table; ``None`` for any other form (masks,
+    several index tensors, ``accumulate``, tensors on another device or viewing the table's pages),
+    which takes the generic way."""
+    indices, values = bound["indices"], bound["values"]
+    if bound["accumulate"] or len(indices) != 1:
+        return None
+    index = indices[0]
+    if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32) or index.device != table.device:
+        return None
+    if not isinstance(values, torch.Tensor) or (values.dim() > 0 and values.device != table.device) or (
+        isinstance(values, PagedTensor) and values._paged is table._paged
+    ):  # fmt: skip
+        return None
+    index, values = _dense(index), _dense(values)
+    aten.index_put_.default(_overlapping_stand_in(table), [index], values)  # torch's checks and errors; no page read
+    count = index.dim()
+    try:
+        spread = values.expand((*index.shape, *table.shape[1:]))  # the indexed region: the index's dims, then dims 1, 2, ...
+    except RuntimeError:
+        return None  # a broadcast torch allows and expand does not (leading dims of one element): the generic way
+    at = order.index(0)  # dim 0's place in the permuted view
+    region_order = [count + order[k] - 1 for k in range(at)] + list(range(count)) + [count + order[k] - 1 for k in range(at + 1, table.dim())]
+    aten.index_put_.default(table.permute(order), [None] * at + [index], spread.permute(region_order))
     return table
 
 
