@@ -328,7 +328,7 @@ def reduce_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
         # torch's errors (a dtype the kernel refuses, a dim out of range), from its own kernel on a
         # stand-in of one element of the source's dims into empty outputs; then the outputs' shapes.
         stand_in = torch.zeros([1] * source.dim(), dtype=source.dtype, device=source.device)
-        func(stand_in, *args[1:], **rest, **{name: out.new_empty(0) for name, out in zip(names, outs)})
+        func(stand_in, *args[1:], **rest, **{name: torch.empty(0, dtype=out.dtype, device=out.device) for name, out in zip(names, outs)})
         metas = [torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device="meta") for out in outs]
         with warnings.catch_warnings():  # torch's resize warning comes once, from the resize below
             warnings.simplefilter("ignore")
