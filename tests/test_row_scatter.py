@@ -594,6 +594,18 @@ def test_index_ops_along_another_dim_on_tables_larger_than_the_device_tier_equal
         assert same_bits(table.materialize(), expected), (op, dim)
 
 
+def permuted_table(data, dtype: torch.dtype, three_dims: bool) -> tuple[tuple[int, ...], list[int], tuple[int, ...]]:
+    """``(memory_shape, order, shape)``: a table of 2 to 3 dims past the 8-page tier laid out
+    row-major over ``memory_shape`` and viewed as ``permute(order)`` (of ``shape``), its dim 0 not
+    the outermost in memory."""
+    cols = data.draw(st.integers(4, 40), label="cols")
+    inner = (3, cols) if three_dims else (cols,)
+    rows = max(data.draw(st.integers(40, 200), label="rows"), 2 * 8 * PAGE // (math.prod(inner) * dtype.itemsize) + 1)
+    memory_shape = (rows, *inner)
+    order = data.draw(st.permutations(range(len(memory_shape))).filter(lambda p: p[0] != 0), label="permutation")
+    return memory_shape, order, tuple(memory_shape[d] for d in order)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.data(),
@@ -607,12 +619,7 @@ def test_index_ops_on_tables_whose_dim_0_is_not_the_outermost_equal_dense(data, 
     i, s)``: each index of dim 0 spans the table; they raised OutOfPagesError): they run on the
     table's view of dims outermost first, the table ends bitwise as the dense one, the device
     tier's budget holds."""
-    cols = data.draw(st.integers(4, 40), label="cols")
-    inner = (3, cols) if three_dims else (cols,)
-    rows = max(data.draw(st.integers(40, 200), label="rows"), 2 * 8 * PAGE // (math.prod(inner) * dtype.itemsize) + 1)
-    memory_shape = (rows, *inner)  # the layout in memory: row-major over these dims
-    order = data.draw(st.permutations(range(len(memory_shape))).filter(lambda p: p[0] != 0), label="permutation")
-    shape = tuple(memory_shape[d] for d in order)
+    memory_shape, order, shape = permuted_table(data, dtype, three_dims)
     dim = data.draw(st.integers(-len(shape), len(shape) - 1), label="dim")
     size = shape[dim]
     positions = data.draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=6, unique=op == "index_copy"), label="positions")
@@ -644,12 +651,7 @@ def test_setitem_on_tables_whose_dim_0_is_not_the_outermost_equal_dense(data, dt
     from the end) on a transposed or permuted table past the tier (it raised OutOfPagesError): the
     same writes on the table's view of dims outermost first, a piece of rows at a time; the table
     ends bitwise as the dense one, the device tier's budget holds."""
-    cols = data.draw(st.integers(4, 40), label="cols")
-    inner = (3, cols) if three_dims else (cols,)
-    rows = max(data.draw(st.integers(40, 200), label="rows"), 2 * 8 * PAGE // (math.prod(inner) * dtype.itemsize) + 1)
-    memory_shape = (rows, *inner)
-    order = data.draw(st.permutations(range(len(memory_shape))).filter(lambda p: p[0] != 0), label="permutation")
-    shape = tuple(memory_shape[d] for d in order)
+    memory_shape, order, shape = permuted_table(data, dtype, three_dims)
     positions = data.draw(st.lists(st.integers(-shape[0], shape[0] - 1), min_size=1, max_size=6, unique_by=lambda p: p % shape[0]),
                           label="positions")  # fmt: skip
     index = torch.tensor(positions)

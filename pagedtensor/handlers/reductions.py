@@ -320,7 +320,7 @@ def reduce_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
         return DISPATCHER.run_paged(func, types, args, kwargs)
     except _OpTooLarge as too_large:
         source = args[0]
-        names = [argument.name for argument in func._schema.arguments if argument.kwarg_only and argument.alias_info is not None and argument.alias_info.is_write]
+        names = [name for _, name in DISPATCHER.info(func).written]  # the outputs, in the schema's order
         outs = [kwargs[name] for name in names]
         if not isinstance(source, torch.Tensor) or any(_shares_pages(out, source) or out.device != source.device for out in outs):
             raise

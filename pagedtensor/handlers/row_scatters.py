@@ -265,6 +265,15 @@ def _a_table_of_several_pieces(table: Any) -> bool:
     return isinstance(table, PagedTensor) and table.dim() >= 2 and _rows_can_be_copied(table) and _larger_than_a_piece([table])
 
 
+def _apart_from(tensor: Any, table: PagedTensor) -> bool:
+    """Whether an index op's operand ``tensor`` keeps it off the paths by rows: a tensor of one or
+    more dims on another device than ``table``, or a PagedTensor viewing ``table``'s pages (torch's
+    overlap checks then decide, the generic way)."""
+    return isinstance(tensor, torch.Tensor) and (
+        (tensor.dim() > 0 and tensor.device != table.device) or (isinstance(tensor, PagedTensor) and tensor._paged is table._paged)
+    )
+
+
 def _index_op_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) -> Any:
     """``index_copy_``, ``index_add_``, ``index_reduce_`` and ``index_fill_`` along a dim other than
     0 on a PagedTensor larger than a piece: row ``r`` of the table is written from row ``r`` of the
@@ -280,12 +289,11 @@ def _index_op_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: d
         return NotImplemented
     bound = _arguments_by_name(func, args, kwargs)
     table, dim, index = bound["self"], bound["dim"], bound["index"]
-    if not isinstance(index, torch.Tensor) or index.device != table.device or (isinstance(index, PagedTensor) and index._paged is table._paged):
+    if not isinstance(index, torch.Tensor) or index.device != table.device or _apart_from(index, table):
         return NotImplemented
     filling = "value" in bound
     source = bound["value"] if filling else bound["source"]
-    if isinstance(source, torch.Tensor) and ((source.dim() > 0 and source.device != table.device)
-                                             or (isinstance(source, PagedTensor) and source._paged is table._paged)):  # fmt: skip
+    if _apart_from(source, table):
         return NotImplemented
     if isinstance(dim, int) and -table.dim() <= dim < table.dim() and dim % table.dim() == 0:
         return NotImplemented  # along dim 0: the row scatter's own path, where its conditions hold
@@ -328,11 +336,7 @@ def _index_op_of_outermost_first(func: OpOverload, args: tuple, kwargs: dict) ->
     dim, index = bound["dim"], bound["index"]
     filling = "value" in bound
     source = bound["value"] if filling else bound["source"]
-    for tensor in (index, source):
-        if isinstance(tensor, torch.Tensor) and ((tensor.dim() > 0 and tensor.device != table.device)
-                                                 or (isinstance(tensor, PagedTensor) and tensor._paged is table._paged)):  # fmt: skip
-            return None
-    if not isinstance(dim, int) or not isinstance(index, torch.Tensor):
+    if not isinstance(dim, int) or not isinstance(index, torch.Tensor) or _apart_from(index, table) or _apart_from(source, table):
         return None
     index, source = _dense(index), _dense(source)
     options = _options_of(func, bound)
@@ -358,9 +362,7 @@ def _index_put_of_outermost_first(table: PagedTensor, order: list[int], bound: d
     index = indices[0]
     if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32) or index.device != table.device:
         return None
-    if not isinstance(values, torch.Tensor) or (values.dim() > 0 and values.device != table.device) or (
-        isinstance(values, PagedTensor) and values._paged is table._paged
-    ):  # fmt: skip
+    if not isinstance(values, torch.Tensor) or _apart_from(values, table):
         return None
     index, values = _dense(index), _dense(values)
     aten.index_put_.default(_overlapping_stand_in(table), [index], values)  # torch's checks and errors; no page read

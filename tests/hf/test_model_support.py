@@ -175,11 +175,10 @@ def test_layers_of_other_head_sizes_generate_the_unpaged_tokens(attn, global_kv_
     layer). A left-padded batch, prefill in chunks, pages spilled off the device: the unpaged tokens,
     under the model's own attention and under the paged kernels (the Triton interpreter here; the
     window is not outgrown, so both kinds of layer run them, on pools of their own geometry)."""
-    fields = dict(TINY, head_dim=16, global_head_dim=32, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8,
-                  layer_types=["sliding_attention", "full_attention"], sliding_window=64)  # fmt: skip
-    if global_kv_heads is not None:
-        fields.update(attention_k_eq_v=True, num_global_key_value_heads=global_kv_heads)
-    reference, model = _pair(transformers.Gemma4TextConfig, transformers.Gemma4ForCausalLM, "sdpa", **fields)
+    if global_kv_heads is None:
+        reference, model = tiny_pair("gemma4", attention_k_eq_v=False, num_global_key_value_heads=None)
+    else:
+        reference, model = tiny_pair("gemma4", num_global_key_value_heads=global_kv_heads)
     ids, mask = prompts(3, length=20)
     ids, mask = ids[:, 6:], mask[:, 6:]
     expected = _generate(reference, ids, mask, new_tokens=8)
