@@ -257,26 +257,32 @@ def test_a_masked_scatter_faults_in_only_the_pages_of_its_marked_rows(device):
     three_dims=st.booleans(),
     mask_form=st.sampled_from(["full", "rows", "last dim", "every other row"]),
     density=st.sampled_from([0.0, 0.02, 0.3, 1.0]),
+    permuted=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_masked_scatters_on_tables_larger_than_the_device_tier_equal_dense(data, dtype, three_dims, mask_form, density, seed):
+def test_masked_scatters_on_tables_larger_than_the_device_tier_equal_dense(data, dtype, three_dims, mask_form, density, permuted, seed):
     """``masked_scatter_`` with random masks of the table's shape or broadcast to it and a source
-    with elements to spare, on tables larger than the device tier: the table ends bitwise as the
+    with elements to spare, on tables larger than the device tier, laid out by rows or transposed or
+    permuted (dim 0 not the outermost: it raised DeviceTierFullError): the table ends bitwise as the
     dense one, the op returns it, and the device tier's budget holds."""
     inner = (3, data.draw(st.integers(4, 40), label="cols")) if three_dims else (data.draw(st.integers(4, 600), label="cols"),)
     row_bytes = math.prod(inner) * dtype.itemsize
     rows = data.draw(st.integers(2 * 8 * PAGE // row_bytes + 1, 3 * 8 * PAGE // row_bytes + 2), label="rows")
     generator = torch.Generator().manual_seed(seed)
-    shape = (rows, *inner)
-    mask_shape = {"full": shape, "rows": (rows, *([1] * len(inner))), "last dim": inner[-1:], "every other row": shape}[mask_form]
+    memory_shape = (rows, *inner)
+    order = list(range(len(memory_shape)))
+    if permuted:
+        order = data.draw(st.permutations(order).filter(lambda p: p[0] != 0), label="permutation")
+    shape = tuple(memory_shape[d] for d in order)
+    mask_shape = {"full": shape, "rows": (shape[0], *([1] * len(inner))), "last dim": shape[-1:], "every other row": shape}[mask_form]
     mask = torch.rand(mask_shape, generator=generator) < density
     if mask_form == "every other row":
         mask[1::2] = False
-    base = random_values(shape, dtype, generator) if dtype != torch.bool else torch.rand(shape, generator=generator) > 0.5
+    base = random_values(memory_shape, dtype, generator) if dtype != torch.bool else torch.rand(memory_shape, generator=generator) > 0.5
     source = random_values((math.prod(shape) + 5,), dtype, generator) if dtype != torch.bool else torch.rand(math.prod(shape) + 5) > 0.5
     with make_pager() as pager:
-        table = PagedTensor.wrap(base.clone(), pager)
-        expected = base.clone()
+        table = PagedTensor.wrap(base.clone(), pager).permute(order)
+        expected = base.clone().permute(order)
         assert table.masked_scatter_(mask, source) is table
         expected.masked_scatter_(mask, source)
         assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
@@ -671,6 +677,190 @@ def test_setitem_on_tables_whose_dim_0_is_not_the_outermost_equal_dense(data, dt
         assert same_bits(table.materialize(), expected), (order, index.shape, values_kind)
 
 
+INDEX_PUT_FORMS = ["one index", "two indices", "indices apart", "after a slice", "mask of dim 0", "mask of two dims", "mask of every dim"]
+
+
+def index_put_indices(data, shape: tuple[int, ...], form: str, distinct: bool, generator: torch.Generator) -> list:
+    """The indices of an ``index_put_`` of ``form`` on a table of ``shape`` (2 or 3 dims), ``None`` for
+    a dim taken whole: integer positions (some counted from the end, some int32) of up to 6 places,
+    naming each element at most once where ``distinct``, or bool masks over leading dims."""
+    if form.startswith("mask"):
+        dims = {"mask of dim 0": 1, "mask of two dims": 2, "mask of every dim": len(shape)}[form]
+        density = data.draw(st.sampled_from([0.0, 0.05, 0.5]), label="density")
+        return [torch.rand(shape[:dims], generator=generator) < density]
+    dims = {"one index": [0], "two indices": [0, 1], "indices apart": [0, 2] if len(shape) == 3 else [0, 1], "after a slice": [1]}[form]
+    point = st.tuples(*(st.integers(-shape[d], shape[d] - 1) for d in dims))
+    same_element = (lambda p: tuple(c % shape[d] for c, d in zip(p, dims))) if distinct else None
+    points = data.draw(st.lists(point, min_size=1, max_size=6, unique_by=same_element), label="places")
+    indices: list = [None] * (dims[-1] + 1)
+    for d, column in zip(dims, zip(*points)):
+        indices[d] = torch.tensor(column, dtype=torch.int32 if data.draw(st.booleans(), label="int32") else torch.int64)
+    return indices
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.int64, torch.bool]),
+    three_dims=st.booleans(),
+    form=st.sampled_from(INDEX_PUT_FORMS),
+    accumulate=st.booleans(),
+    values_kind=st.sampled_from(["0-dim", "region", "last dim broadcast", "ones broadcast"]),
+    seed=st.integers(0, 2**16),
+)
+def test_index_puts_of_every_form_on_tables_whose_dim_0_is_not_the_outermost_equal_dense(data, dtype, three_dims, form, accumulate,
+                                                                                          values_kind, seed):  # fmt: skip
+    """``index_put_`` with ``accumulate``, several index tensors (adjacent or apart), indices after a
+    slice and bool masks over leading dims, on transposed and permuted tables past the tier (they
+    raised DeviceTierFullError: each index of dim 0 spans the table): written by each element's
+    coordinates on the table's view of dims outermost first, the table ends bitwise as the dense one,
+    the device tier's budget holds. Repeated places add halves, exact in any order (torch's CPU
+    kernel splits a large region between threads, and each then adds its part)."""
+    memory_shape, order, shape = permuted_table(data, dtype, three_dims)
+    generator = torch.Generator().manual_seed(seed)
+    indices = index_put_indices(data, shape, form, not accumulate, generator)
+    base = random_values(memory_shape, dtype, generator)
+    region = base.permute(order)[tuple(slice(None) if index is None else index for index in indices)].shape
+    values_shape = {"0-dim": (), "region": region, "last dim broadcast": region[-1:], "ones broadcast": (1,) * len(region)}[values_kind]
+    values = random_values(values_shape, dtype, generator)
+    if accumulate and dtype.is_floating_point:
+        values = (values * 2).round() / 2
+    with make_pager() as pager:
+        table = PagedTensor.wrap(base.clone(), pager).permute(order)
+        expected = base.clone().permute(order)
+        for target in (table, expected):
+            assert torch.ops.aten.index_put_.default(target, indices, values, accumulate) is target
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+        assert same_bits(table.materialize(), expected), (order, form, accumulate)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.int64, torch.bool]),
+    three_dims=st.booleans(),
+    permuted=st.booleans(),
+    accumulate=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_puts_on_tables_larger_than_the_device_tier_equal_dense(data, dtype, three_dims, permuted, accumulate, seed):
+    """``t.put_(index, source)`` (flat row-major positions, some counted from the end, an index of one
+    or two dims) on tables past the tier, by rows or transposed or permuted (it raised
+    DeviceTierFullError): the table ends bitwise as the dense one, the op returns it, the device
+    tier's budget holds. Repeated positions only with ``accumulate`` (torch leaves the value kept
+    undefined otherwise), of halves."""
+    if permuted:
+        memory_shape, order, shape = permuted_table(data, dtype, three_dims)
+    else:
+        memory_shape, order, shape = permuted_table(data, dtype, three_dims)[0], list(range(2 + three_dims)), None
+        shape = memory_shape
+    numel = math.prod(shape)
+    positions = data.draw(st.lists(st.integers(-numel, numel - 1), min_size=1, max_size=8, unique_by=None if accumulate else (lambda p: p % numel)),
+                          label="positions")  # fmt: skip
+    index = torch.tensor(positions)
+    if len(positions) % 2 == 0 and data.draw(st.booleans(), label="index of two dims"):
+        index = index.view(2, -1)
+    generator = torch.Generator().manual_seed(seed)
+    source = random_values(tuple(index.shape), dtype, generator)
+    if accumulate and dtype.is_floating_point:
+        source = (source * 2).round() / 2
+    base = random_values(memory_shape, dtype, generator)
+    with make_pager() as pager:
+        table = PagedTensor.wrap(base.clone(), pager).permute(order)
+        expected = base.clone().permute(order)
+        for target in (table, expected):
+            assert target.put_(index, source, accumulate=accumulate) is target
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+        assert same_bits(table.materialize(), expected), (order, accumulate)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_puts_and_masked_writes_on_a_transposed_table_past_the_tier_equal_dense(device):
+    """A transposed 256 x 64 view of a 16-page table (the tier 8), each of whose rows spans the
+    table: ``t[i] += v`` with a repeated row, ``t[i, j] = v``, ``t[:, j] += v``, ``t[mask] = v``
+    and ``t[row_mask] += v``, ``masked_scatter_`` and ``put_`` with and without
+    ``accumulate``: the dense op's bits (repeated places add halves, exact in any order: CUDA's
+    ``put_`` adds them by atomics; but one row adds values whose sum depends on their order)."""
+    generator = torch.Generator().manual_seed(4)
+
+    def halves(*shape: int) -> torch.Tensor:
+        return (torch.randint(-8, 8, shape, generator=generator) / 2).to(device)
+
+    def on(*values: int) -> torch.Tensor:
+        return torch.tensor(values, device=device)
+
+    mask = (torch.arange(256 * 64) % 7 == 3).view(256, 64).to(device)
+    calls = [
+        lambda t: torch.ops.aten.index_put_.default(t, [on(5, 200, 5)], halves(3, 64), True),
+        # a row added three times, in the index's order: 1e8 first, then 1 (lost to rounding), then -1e8
+        lambda t: torch.ops.aten.index_put_.default(t, [on(9, 9, 9)], torch.tensor([[1e8], [1.0], [-1e8]], device=device).expand(3, 64), True),
+        lambda t: torch.ops.aten.index_put_.default(t, [on(5, -1), on(0, 63)], halves(2)),
+        lambda t: torch.ops.aten.index_put_.default(t, [None, on(9, 9)], halves(256, 2), True),
+        lambda t: torch.ops.aten.index_put_.default(t, [mask], halves(int(mask.sum()))),
+        lambda t: torch.ops.aten.index_put_.default(t, [mask[:, 0]], halves(64), True),
+        lambda t: t.masked_scatter_(mask.roll(1, 1), halves(256 * 64)),
+        lambda t: t.put_(on(0, 1, 300, -1), halves(4)),
+        lambda t: t.put_(on(7, 7, 16383), halves(3), accumulate=True),
+    ]
+    with make_pager(device=device) as pager:
+        table = PagedTensor.wrap(rows_tensor().to(device), pager).t()
+        expected = rows_tensor().to(device).t()
+        for call in calls:
+            state = generator.get_state()
+            assert call(expected) is expected
+            generator.set_state(state)  # the same values for the paged table
+            assert call(table) is table
+            assert same_bits(table.materialize(), expected)
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_a_put_faults_in_only_the_pages_of_its_elements(device):
+    """``put_`` at flat positions on rows 1, 50 and 63 of a 16-page table (the tier 8): pages 0, 12
+    and 15 fault in, the table ends as the dense one."""
+    index = torch.tensor([256 + 3, 50 * 256, 64 * 256 - 1, 256 + 3], device=device)
+    source = torch.tensor([1.5, -2.0, 3.0, 0.5], device=device)
+    with make_pager(device=device) as pager:
+        x = rows_tensor().to(device)
+        table = PagedTensor.wrap(x.clone(), pager)
+        pager.evict_all()
+        before = pager.stats()["faults"]
+        assert table.put_(index, source, accumulate=True) is table
+        assert pager.stats()["faults"] - before == 3
+        assert device_pages_of(pager, table) == {0, 12, 15}
+        assert torch.equal(table.materialize(), x.put_(index, source, accumulate=True))
+
+
+BAD_PERMUTED_PUTS = {  # on a transposed 256 x 64 view of rows_tensor(): torch's checks, each its own message
+    "put out of range": lambda t: t.put_(torch.tensor([256 * 64]), torch.ones(1)),
+    "put of fewer source elements": lambda t: t.put_(torch.tensor([1, 2]), torch.ones(1)),
+    "put of another dtype": lambda t: t.put_(torch.tensor([1]), torch.ones(1, dtype=torch.float64)),
+    "put by a float index": lambda t: t.put_(torch.tensor([1.0]), torch.ones(1)),
+    "index_put of a mask of another shape": lambda t: t.index_put_((torch.ones(255, dtype=torch.bool),), torch.tensor(1.0), accumulate=True),
+    "index_put out of bounds": lambda t: t.index_put_((torch.tensor([0]), torch.tensor([64])), torch.tensor(1.0), accumulate=True),
+    "index_put of values of another shape": lambda t: t.index_put_((torch.tensor([0, 1]), torch.tensor([2, 3])), torch.ones(3)),
+    "index_put of values of another dtype": lambda t: t.index_put_((torch.tensor([0]),), torch.ones(64, dtype=torch.float64), accumulate=True),
+    "masked_scatter_ of too few elements": lambda t: t.masked_scatter_(torch.ones(256, 64, dtype=torch.bool), torch.ones(10)),
+    "masked_scatter_ by a mask that does not broadcast": lambda t: t.masked_scatter_(torch.ones(3, dtype=torch.bool), torch.ones(256 * 64)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_PERMUTED_PUTS))
+def test_bad_puts_on_a_transposed_table_raise_torchs_error_before_any_page_moves(name):
+    """torch's own error type and message, before any page faults in; the table keeps its bytes."""
+    bad = BAD_PERMUTED_PUTS[name]
+    with pytest.raises(Exception) as dense_error:
+        bad(rows_tensor().t())
+    with make_pager() as pager:
+        table = PagedTensor.wrap(rows_tensor(), pager).t()
+        pager.evict_all()
+        faults = pager.stats()["faults"]
+        with pytest.raises(dense_error.type, match=re.escape(str(dense_error.value))):
+            bad(table)
+        assert pager.stats()["faults"] == faults
+        assert same_bits(table.t().materialize(), rows_tensor())
+
+
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_index_ops_on_a_transposed_table_past_the_tier_equal_dense(device):
     """A transposed 256 x 64 view of a 16-page table (the tier 8): each index op along dim 0 (each
@@ -968,10 +1158,10 @@ def test_other_forms_and_small_tables_run_the_generic_way():
         assert torch.equal(table.materialize(), x)
 
 
-def test_a_flat_table_scatters_its_elements_and_a_transposed_one_runs_the_generic_way():
+def test_a_flat_table_scatters_its_elements_and_a_transposed_one_its_rows_outermost_first():
     """A 1-D table (rows of one element) writes only the pages of its elements; on a transposed
-    table, each of whose rows reaches across the table, ``index_put_`` runs the generic way:
-    OutOfPagesError, with nothing written (``index_fill_`` runs on its view of dims outermost first)."""
+    table, each of whose rows reaches across the table, ``index_put_`` with ``accumulate`` (it raised
+    OutOfPagesError) and ``index_fill_`` run on its view of dims outermost first."""
     with make_pager() as pager:
         x = torch.arange(16 * 1024, dtype=torch.float32)  # 16 pages
         flat = PagedTensor.wrap(x.clone(), pager)
@@ -980,12 +1170,13 @@ def test_a_flat_table_scatters_its_elements_and_a_transposed_one_runs_the_generi
         for target in (flat, x):
             target.index_put_((torch.tensor([5, 9000, 5, -1]),), torch.tensor([1.0, 2.0, 3.0, 4.0]), accumulate=True)
             target.index_copy_(0, torch.tensor([1030]), torch.tensor([7.0]))
-        assert pager.stats()["faults"] - before == 4  # pages 0, 8, 15, 1
+            target.put_(torch.tensor([2049, -2]), torch.tensor([8.0, 9.0]))
+        assert pager.stats()["faults"] - before == 5  # pages 0, 8, 15, 1, 2
         assert torch.equal(flat.materialize(), x)
         square = torch.arange(128 * 128, dtype=torch.float32).view(128, 128)  # 16 pages
         transposed = PagedTensor.wrap(square.clone(), pager).t()
-        with pytest.raises(OutOfPagesError):
-            transposed.index_put_((torch.tensor([3]),), torch.tensor(0.0), accumulate=True)
-        assert torch.equal(transposed.materialize(), square.t())
-        transposed.index_fill_(0, torch.tensor([3]), 0.0)
-        assert torch.equal(transposed.materialize(), square.t().index_fill(0, torch.tensor([3]), 0.0))
+        expected = square.clone().t()
+        for target in (transposed, expected):
+            target.index_put_((torch.tensor([3, 3]),), torch.tensor(0.5), accumulate=True)
+            target.index_fill_(0, torch.tensor([7]), 0.0)
+        assert torch.equal(transposed.materialize(), expected)

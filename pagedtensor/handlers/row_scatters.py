@@ -5,7 +5,9 @@ dims or a bool mask over them, ``masked_fill_``, ``index_copy_``, ``index_add_``
 ``index_reduce_``, ``index_fill_`` along another dim run a
 piece of rows at a time; ``scatter_``, ``scatter_add_`` and ``scatter_reduce_`` run torch's own
 kernel on the rows they write (:func:`scatter_elements`); so do ``embedding_renorm_``
-(:func:`renorm_rows`) and ``masked_scatter_`` (:func:`masked_scatter_rows`).
+(:func:`renorm_rows`) and ``masked_scatter_`` (:func:`masked_scatter_rows`); ``put_`` writes its
+elements by their coordinates (:func:`put_elements`). On a table whose dim 0 is not its outermost
+in memory (``t.T``) they run on its view of dims outermost first.
 """
 
 from __future__ import annotations
@@ -84,7 +86,9 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
     ``t[:, pos] = v`` and the ops along another dim run a piece of rows at a time
     (:func:`_put_a_piece_of_rows_at_a_time`, :func:`_index_op_a_piece_of_rows_at_a_time`). On a
     table whose dim 0 is not the outermost in memory (``t.T``), the index ops and ``t.T[i] = v`` run
-    on the table's view of dims outermost first (:func:`_index_op_of_outermost_first`).
+    on the table's view of dims outermost first (:func:`_index_op_of_outermost_first`), and so does
+    every other ``index_put_`` there (``accumulate``, several index tensors, masks: by the written
+    elements' coordinates, :func:`_put_by_coordinates`).
     A table that fits in one piece runs the generic way, and so does any other form of the op
     (a byte mask, a table with the conjugate or negative bit, a source that is a view of the table's
     pages, an index or source on another device).
@@ -259,6 +263,13 @@ def _put_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) 
     return table
 
 
+def _of_another_outermost_dim(table: Any) -> bool:
+    """Whether ``table`` is a PagedTensor of two dims or more, larger than a piece, whose dim 0 is not its
+    outermost in memory (``t.T``), without the conjugate or negative bit."""
+    return (isinstance(table, PagedTensor) and table._inner is None and table.dim() >= 2 and table.numel() > 0
+            and _outermost_first(table)[0] != 0 and not table.is_conj() and not table.is_neg() and _larger_than_a_piece([table]))  # fmt: skip
+
+
 def _a_table_of_several_pieces(table: Any) -> bool:
     """Whether ``table`` is a PagedTensor of two or more dims, larger than a piece, whose rows along
     dim 0 can be narrowed to (the tables the piece-of-rows paths take)."""
@@ -322,14 +333,12 @@ def _index_op_of_outermost_first(func: OpOverload, args: tuple, kwargs: dict) ->
     elements take the same operands in the same order (the index's), so the table ends bitwise as
     after the dense op; the permuted op runs by rows, or a piece of rows at a time. Returns the
     table; ``None`` for another form (an index or source on another device, or a view of the table's
-    pages) or a table whose dim 0 is already the outermost. ``index_put_`` by one index tensor
-    (``t.T[i] = v``): :func:`_index_put_of_outermost_first`."""
+    pages) or a table whose dim 0 is already the outermost. ``index_put_`` (``t.T[i] = v``,
+    ``t.T[mask] = v``, ``t.T[i, j] += v``): :func:`_index_put_of_outermost_first`."""
     table = args[0] if args else kwargs.get("self")
-    if not isinstance(table, PagedTensor) or table.dim() < 2 or table.numel() == 0 or table._inner is not None:
+    if not _of_another_outermost_dim(table):
         return None
     order = _outermost_first(table)
-    if order[0] == 0 or table.is_conj() or table.is_neg() or not _larger_than_a_piece([table]):
-        return None
     bound = _arguments_by_name(func, args, kwargs)
     if func is aten.index_put_.default:
         return _index_put_of_outermost_first(table, order, bound)
@@ -348,43 +357,97 @@ def _index_op_of_outermost_first(func: OpOverload, args: tuple, kwargs: dict) ->
 
 
 def _index_put_of_outermost_first(table: PagedTensor, order: list[int], bound: dict) -> Any:
-    """``t.T[i] = v``: ``index_put_`` without ``accumulate`` by one integer index tensor on dim 0 of
-    a table whose dim 0 is not its outermost in memory. torch's checks and errors first (bounds, the
-    values' shape and dtype), on :func:`_overlapping_stand_in` (no page read); then the same writes
-    on ``table.permute(order)``, whose dim 0 is the outermost, indexed at dim 0's place there after
-    dims taken whole (``p[:, i] = v'``, a piece of rows at a time), the values broadcast to the
-    indexed region and permuted alike. Returns the table; ``None`` for any other form (masks,
-    several index tensors, ``accumulate``, tensors on another device or viewing the table's pages),
-    which takes the generic way."""
-    indices, values = bound["indices"], bound["values"]
-    if bound["accumulate"] or len(indices) != 1:
+    """``index_put_`` on a table whose dim 0 is not its outermost in memory (``t.T[i] = v``,
+    ``t.T[i, j] += v``, ``t.T[mask] = v``): torch's checks and errors first, on
+    :func:`_overlapping_stand_in` (no page read); then the same writes on ``table.permute(order)``,
+    whose dim 0 is the outermost, by rows there. By one integer index without ``accumulate``, indexed
+    at dim 0's place after dims taken whole (``p[:, i] = v'``, a piece of rows at a time), the values
+    broadcast to the indexed region and permuted alike; any other form (``accumulate``, several index
+    tensors, bool masks) by each written element's coordinates (:func:`_put_by_coordinates`).
+    Returns the table; ``None`` for a masked fill (:func:`_as_a_masked_fill`: the row scatter runs
+    it in pieces of memory), an index or values on another device, a PagedTensor viewing the table's
+    pages, or an index of another dtype than int64, int32 or bool, which take the generic way."""
+    indices, values, accumulate = bound["indices"], bound["values"], bound["accumulate"]
+    if not indices or not isinstance(values, torch.Tensor) or _apart_from(values, table):
         return None
-    index = indices[0]
-    if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32) or index.device != table.device:
+    if _as_a_masked_fill(aten.index_put_.default, (table, indices, values, accumulate), {}) is not None:
+        return None  # t.T[mask] = 0: a masked fill in pieces of memory (scatter_rows), no coordinates
+    if any(index is not None and (not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32, torch.bool)
+                                  or index.device != table.device or _apart_from(index, table)) for index in indices):  # fmt: skip
         return None
-    if not isinstance(values, torch.Tensor) or _apart_from(values, table):
-        return None
-    index, values = _dense(index), _dense(values)
-    aten.index_put_.default(_overlapping_stand_in(table), [index], values)  # torch's checks and errors; no page read
+    indices = [None if index is None else _dense(index) for index in indices]
+    values = _dense(values)
+    aten.index_put_.default(_overlapping_stand_in(table), indices, values, accumulate)  # torch's checks and errors; no page read
+    if accumulate or len(indices) != 1 or indices[0].dtype == torch.bool:
+        return table if _put_by_coordinates(table.permute(order), order, indices, values, accumulate) else None
+    (index,) = indices
     count = index.dim()
     try:
         spread = values.expand((*index.shape, *table.shape[1:]))  # the indexed region: the index's dims, then dims 1, 2, ...
     except RuntimeError:
-        return None  # a broadcast torch allows and expand does not (leading dims of one element): the generic way
+        return None  # a broadcast torch allows and expand does not: the generic way
     at = order.index(0)  # dim 0's place in the permuted view
     region_order = [count + order[k] - 1 for k in range(at)] + list(range(count)) + [count + order[k] - 1 for k in range(at + 1, table.dim())]
     aten.index_put_.default(table.permute(order), [None] * at + [index], spread.permute(region_order))
     return table
 
 
-def _overlapping_stand_in(table: PagedTensor) -> torch.Tensor:
-    """A plain tensor of ``table``'s shape, dtype and device whose elements overlap (every stride 1:
-    as many elements of memory as the sizes' sum): an in-place op on it runs torch's own checks,
-    with the table's shape in their messages, without memory of the table's size. (A stride of 0
-    would be refused as internal overlap; overlap of strides 1 is too hard for torch to tell, so its
-    kernels run on it, writing elements that mean nothing.)"""
-    span = 1 + sum(size - 1 for size in table.shape)
-    return torch.empty(span, dtype=table.dtype, device=table.device).as_strided(table.shape, (1,) * table.dim())
+def _put_by_coordinates(permuted: PagedTensor, order: list[int], indices: list[Optional[torch.Tensor]], values: torch.Tensor,
+                        accumulate: bool) -> bool:  # fmt: skip
+    """``index_put_(table, indices, values, accumulate)`` (checked by torch already) written into
+    ``permuted`` (``table.permute(order)``) by coordinates: each bool mask becomes the index tensors
+    of its positions (row-major, as torch takes it), the dims taken whole become ranges, and all of
+    them, broadcast to the indexed region as torch lays it out (the index tensors' shape where they
+    are adjacent, after the whole dims before them; first where they are apart), give every written
+    element's coordinate along each of the table's dims. ``permuted`` takes them in its own dim
+    order, with the values broadcast to the region: each element gets the same values in the same
+    order (a repeated element's, the order of the region, row-major), written a run of
+    ``permuted``'s rows at a time by the row scatter. The coordinates take 8 bytes per written
+    element and dim (torch's own masks take as much). False, with nothing written, for values that
+    torch broadcasts and ``expand`` does not."""
+    table_shape = [permuted.shape[order.index(d)] for d in range(permuted.dim())]
+    per_dim: list[Optional[torch.Tensor]] = []
+    for index in indices:
+        if index is None:
+            per_dim.append(None)
+        elif index.dtype == torch.bool:
+            per_dim.extend(index.nonzero().unbind(1))
+        else:
+            per_dim.append(index.to(torch.int64))
+    per_dim += [None] * (len(table_shape) - len(per_dim))
+    indexed = [d for d, index in enumerate(per_dim) if index is not None]
+    places = tuple(torch.broadcast_shapes(*(per_dim[d].shape for d in indexed)))
+    adjacent = indexed[-1] - indexed[0] + 1 == len(indexed)
+    before = list(range(indexed[0])) if adjacent else []
+    after = [d for d, index in enumerate(per_dim) if index is None and d not in before]
+    region = (*(table_shape[d] for d in before), *places, *(table_shape[d] for d in after))
+    coordinates = []
+    for d, index in enumerate(per_dim):
+        if index is not None:
+            coordinate = index.expand(places)[(None,) * len(before) + (...,) + (None,) * len(after)]
+        else:
+            axis = before.index(d) if d in before else len(before) + len(places) + after.index(d)
+            shape = [1] * len(region)
+            shape[axis] = table_shape[d]
+            coordinate = torch.arange(table_shape[d], device=permuted.device).view(shape)
+        coordinates.append(coordinate.expand(region))
+    try:
+        spread = values.expand(region)
+    except RuntimeError:
+        return False
+    aten.index_put_.default(permuted, [coordinates[d] for d in order], spread, accumulate)
+    return True
+
+
+def _overlapping_stand_in(table: PagedTensor, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """A plain tensor of ``table``'s shape (or ``shape``), dtype and device whose elements overlap
+    (every stride 1: as many elements of memory as the sizes' sum): an in-place op on it runs
+    torch's own checks, with the table's shape in their messages, without memory of the table's
+    size. (A stride of 0 would be refused as internal overlap; overlap of strides 1 is too hard for
+    torch to tell, so its kernels run on it, writing elements that mean nothing.)"""
+    shape = tuple(table.shape if shape is None else shape)
+    span = 1 + sum(max(size - 1, 0) for size in shape)
+    return torch.empty(span, dtype=table.dtype, device=table.device).as_strided(shape, (1,) * len(shape))
 
 
 def _row_scatter_request(func: OpOverload, args: tuple, kwargs: dict) -> Optional[_RowScatter]:
@@ -619,8 +682,10 @@ def masked_scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dic
     (counted on the host from the marks of the rows before), torch's own kernel on each: the table
     ends bitwise as after the dense op. torch's errors come first, before any page faults in: a mask
     that is not bool or does not broadcast to the table, a source of another dtype, a source with
-    fewer elements than the marks. A table that fits in a piece, or of another form (a transposed
-    table: one row spans the table), runs the generic way.
+    fewer elements than the marks. On a table whose dim 0 is not its outermost in memory (``t.T``:
+    one row spans the table) the op is ``t[marks] = source[:count]``, the same writes, which
+    :func:`scatter_rows` runs by coordinates on the table's view of dims outermost first. A table
+    that fits in a piece, or of another form, runs the generic way.
 
     Note:
         Reads the mask's marks per row on the host (a sync when it lives on the GPU).
@@ -628,7 +693,8 @@ def masked_scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dic
     bound = _arguments_by_name(func, args, kwargs)
     table, mask, source = bound["self"], bound["mask"], bound["source"]
     if (not isinstance(table, PagedTensor) or not isinstance(mask, torch.Tensor) or not isinstance(source, torch.Tensor)
-            or mask.device != table.device or source.device != table.device or not _a_table_of_several_pieces(table)
+            or mask.device != table.device or source.device != table.device
+            or not (_a_table_of_several_pieces(table) or _of_another_outermost_dim(table))
             or any(isinstance(t, PagedTensor) and t._paged is table._paged for t in (mask, source))):  # fmt: skip
         return DISPATCHER.run_paged(func, types, args, kwargs)
     mask, source = _dense(mask), _dense(source)
@@ -638,6 +704,9 @@ def masked_scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dic
     per_row = marks.sum(dim=tuple(range(1, table.dim()))).cpu()  # (a table of several pieces has 2 dims or more)
     if int(per_row.sum()) > source.numel():
         raise RuntimeError("Number of elements of source < number of ones in mask")
+    if _of_another_outermost_dim(table):  # t.T.masked_scatter_(m, s): the marks' places by coordinates
+        aten.index_put_.default(table, [marks], source.reshape(-1)[: int(per_row.sum())])
+        return table
     rows = per_row.nonzero().flatten()
     runs = _runs_of_rows(table, rows)
     if runs is None:
@@ -647,6 +716,34 @@ def masked_scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dic
     for lo, hi in runs:
         begin, end = int(starts[lo]), int(starts[hi - 1] + per_row[hi - 1])
         DISPATCHER.run_paged(func, types, (table.narrow(0, lo, hi - lo), marks.narrow(0, lo, hi - lo), flat[begin:end]), {})
+    return table
+
+
+@implements([aten.put_.default])
+def put_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``t.put_(index, source, accumulate)`` into a PagedTensor larger than a piece: the elements at
+    the flat (row-major) positions ``index`` names, as ``t[coordinates] = source`` (``index_put_`` by
+    each position's coordinates, :func:`scatter_rows`: only the pages of their rows fault in, a run
+    at a time; on a table whose dim 0 is not its outermost, by rows of its view of dims outermost
+    first). torch's checks and errors come first, on :func:`_overlapping_stand_in` (no page read):
+    dtypes, the source's element count, positions out of range. Each element gets the same
+    values in the same order as torch's CPU kernel gives it (repeated positions with
+    ``accumulate``: in the index's order); CUDA's ``put_`` adds repeated positions by atomics, in
+    no fixed order, where this adds them in the index's. A table that fits in a piece, or an index
+    or source on another device or viewing the table's pages, runs the generic way."""
+    bound = _arguments_by_name(func, args, kwargs)
+    table, index, source, accumulate = bound["self"], bound["index"], bound["source"], bound["accumulate"]
+    if (not isinstance(table, PagedTensor) or table._inner is not None or table.dim() == 0 or table.numel() == 0
+            or table.is_conj() or table.is_neg() or not isinstance(index, torch.Tensor) or not isinstance(source, torch.Tensor)
+            or index.device != table.device or _apart_from(index, table) or _apart_from(source, table)
+            or not _larger_than_a_piece([table])):  # fmt: skip
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    index, source = _dense(index), _dense(source)
+    func(_overlapping_stand_in(table), index, source, accumulate)  # torch's checks and errors; no page read
+    positions = index.reshape(-1)
+    positions = torch.where(positions < 0, positions + table.numel(), positions)
+    coordinates = torch.unravel_index(positions, table.shape)
+    aten.index_put_.default(table, list(coordinates), source.reshape(-1), accumulate)
     return table
 
 
