@@ -26,7 +26,8 @@ The dispatcher tries, in this order:
      any ``memory_format`` (``t.t().contiguous()``, ``t.t().reshape(-1)``), ``cat`` and ``stack``
      (a plain result of the dense op's layout and promoted dtype, each input copied into its slice),
      ``equal`` and ``allclose`` (the dense op on matching parts, copied to plain tensors): a part of
-     pages at a time, whatever the layouts.
+     pages at a time, whatever the layouts; and ``copy_`` into a plain tensor, the same where the
+     elementwise pieces cannot follow the two layouts.
    * whole-tensor reductions whose result does not depend on the elements' order, of a PagedTensor
      larger than a piece: ``max``, ``min``, ``amax`` / ``amin`` over no or all dims, ``aminmax``,
      ``argmax`` / ``argmin`` without ``dim``, ``any``, ``all``, ``count_nonzero`` without ``dim``,
@@ -62,7 +63,10 @@ An op needs every page it touches resident at once: an op whose span does not fi
 that row gathers and grouped matmuls of experts read a run of pages too large in chunks (as
 :meth:`materialize` reads any size), row scatters write their rows a run of pages at a time,
 an elementwise op over tensors of one layout runs a piece of pages at a time (:mod:`pagedtensor.pieces`),
-and so do ``clone``, ``cat``, ``stack``, ``equal``, ``allclose`` and the whole-tensor reductions above.
+and so do ``clone``, ``cat``, ``stack``, ``equal``, ``allclose`` and the whole-tensor reductions above;
+and a functional op whose dense kernel is composite (``rot90``, ``slice_scatter``, ``constant_pad_nd``,
+...: a ``CompositeExplicitAutograd`` kernel and none of the device's backend) runs that kernel on the
+PagedTensors, each op in it paged as above, the dense op's sequence of ops (:func:`_run_composite`).
 
 The handlers of step 1 live in :mod:`pagedtensor.handlers`, one module per kind of op; this module
 holds the dispatcher, the op table, windows of resident pages, spans and pages, and the argument
@@ -297,7 +301,8 @@ class PagedDispatcher:
 
     def run_generic(self, func: OpOverload, types: tuple, args: tuple, kwargs: dict, leaves: Optional[list[PagedTensor]] = None) -> Any:
         """Step 2 (:meth:`run_paged`); where the pages do not fit at once, an elementwise op runs a
-        piece of pages at a time (:func:`run_in_pieces`) and any other raises the pager's error
+        piece of pages at a time (:func:`run_in_pieces`), an op whose dense kernel is composite runs
+        that kernel (:func:`_run_composite`), and any other raises the pager's error
         (DeviceTierFullError where the device tier was the bound). What an op without a handler
         runs, and a handler for the forms it leaves to the generic way."""
         try:
@@ -305,6 +310,8 @@ class PagedDispatcher:
         except _OpTooLarge as error:
             in_pieces = not _reads_written_bytes_as_other_elements(self.info(func), args, kwargs)
             out = run_in_pieces(func, args, kwargs, self.info(func)) if in_pieces else NotImplemented
+            if out is NotImplemented:
+                out = _run_composite(func, args, kwargs)
             if out is NotImplemented:
                 raise _as_pagers_error(error) from error.__cause__
             return out
@@ -752,6 +759,40 @@ def _release_windows(groups: Sequence[_Group]) -> None:
 class _OpTooLarge(OutOfPagesError):
     """The pages an op reaches do not fit on the device tier at once (raised to users as an
     :class:`OutOfPagesError` when the op cannot run in pieces)."""
+
+
+_COMPOSITE_KEYS = (DispatchKey.CompositeExplicitAutograd, DispatchKey.CompositeExplicitAutogradNonFunctional)
+
+
+def _composite_kernel(func: OpOverload, device: torch.device) -> Optional[DispatchKey]:
+    """The composite key whose kernel a dense tensor on ``device`` runs for ``func``: a functional op
+    (no argument written) with a ``CompositeExplicitAutograd`` (or ``...NonFunctional``) kernel and no
+    kernel of ``device``'s own backend, so the dense op is that kernel's sequence of ops; else None."""
+    if func._schema.is_mutable or device.type not in ("cpu", "cuda"):
+        return None
+    name = func.name()
+    if torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA" if device.type == "cuda" else "CPU"):
+        return None
+    return next((key for key in _COMPOSITE_KEYS if torch._C._dispatch_has_kernel_for_dispatch_key(name, key)), None)
+
+
+def _run_composite(func: OpOverload, args: tuple, kwargs: dict) -> Any:
+    """``func``, whose pages do not fit at once, as the dense op runs it where its kernel is composite
+    (:func:`_composite_kernel`: ``rot90``, ``slice_scatter``, ``constant_pad_nd``, ...): that kernel on the
+    PagedTensors, each op in it dispatched as any op on them (a piece at a time where it runs so),
+    so the result has the dense op's bits. ``NotImplemented`` where no such kernel exists or an op
+    in it does not fit either or is not supported on a PagedTensor (the caller raises the op's own
+    error); torch's other errors from the kernel pass through."""
+    leaves = _paged_leaves(args, kwargs)
+    key = _composite_kernel(func, leaves[0].device) if leaves else None
+    if key is None:
+        return NotImplemented
+    try:
+        return func._op_dk(key, *args, **kwargs)
+    except SlabAllocationError:
+        raise
+    except (OutOfPagesError, NotImplementedError):
+        return NotImplemented
 
 
 def _as_pagers_error(error: "_OpTooLarge") -> OutOfPagesError:

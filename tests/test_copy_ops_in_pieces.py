@@ -157,6 +157,73 @@ def test_cat_skips_one_dimensional_empty_inputs_as_torch_does():
 
 
 @st.composite
+def pads(draw, shape: tuple[int, ...]) -> list[int]:
+    """A ``pad`` for ``F.pad`` of a tensor of ``shape``: pairs for one to all of its dims, last dim
+    first, each side positive, zero or negative (cutting up to all but one element)."""
+    pairs = draw(st.integers(1, len(shape)))
+    pad: list[int] = []
+    for pair in range(pairs):
+        size = shape[len(shape) - 1 - pair]
+        before = draw(st.integers(-(size - 1) // 2, 3))
+        after = draw(st.integers(-(size - 1) // 2, 3))
+        pad += [before, after]
+    return pad
+
+
+@SETTINGS
+@given(case=cases(), data=st.data(), seed=st.integers(0, 99))
+def test_constant_pad_of_any_layout_gives_the_dense_result(case, data, seed):
+    """``F.pad(t, pad, value=v)`` (constant_pad_nd; it raised DeviceTierFullError past the tier) of
+    tensors of each layout, with positive, zero and negative pads and values of other kinds than the
+    dtype's (NaN, a float for an integer tensor): the dense op's bits, shape and strides."""
+    shape, dtype, layout, _ = case
+    pad = data.draw(pads(shape), label="pad")
+    value = data.draw(st.sampled_from([0, 1, -2.5, float("nan"), True]), label="value")
+    if dtype in (torch.int64, torch.bool) and value != value:
+        value = 3
+    with make_pager() as pager:
+        pair = paged_and_dense(pager, shape, dtype, layout, seed)
+        result, expected = run_both(lambda t: torch.nn.functional.pad(t, pad, value=value), pair)
+        assert same_bits(result, expected), (pad, value)
+        assert within_tier(pager)
+
+
+def test_copy_into_a_plain_tensor_of_another_layout_runs_in_parts():
+    """``plain.copy_(paged)`` where one index of the paged table's outer dim spans more than a piece
+    and the plain target is laid out otherwise (a column slice of a wider tensor, what ``F.pad``
+    copies into): the pieces cannot follow both layouts, so the source goes a part at a time
+    (it raised DeviceTierFullError); with a conversion to another dtype and broadcast along a new
+    leading dim too. Values and strides as the dense copy's; the budget holds."""
+    with make_pager() as pager:
+        base = random_values((2, 8192), torch.float32, 5)  # 16 pages, each row 8 pages: more than a piece
+        paged = PagedTensor.wrap(base.clone(), pager).t()
+        for target_of in (lambda: torch.zeros(8192, 3)[:, 1:], lambda: torch.zeros(8192, 2, dtype=torch.float16),
+                          lambda: torch.zeros(2, 8192, 2).transpose(1, 2).transpose(1, 2)):  # fmt: skip
+            target, expected = target_of(), target_of()
+            assert target.copy_(paged) is target
+            expected.copy_(base.t())
+            assert same_bits(target, expected)
+            assert within_tier(pager)
+        with pytest.raises(RuntimeError):  # torch's own error for a source that does not broadcast
+            torch.zeros(8192, 3).copy_(paged)
+
+
+@pytest.mark.parametrize("pad", [[1, 1, 1], [1, 1, 1, 1, 1, 1], [-200, -100], [0, 0, -65, 0]])
+def test_bad_pads_raise_torchs_errors_before_any_page_is_read(pad):
+    with make_pager() as pager:
+        x = random_values((64, 256), torch.float32, 0)  # 16 pages
+        paged = PagedTensor.wrap(x.clone(), pager)
+        pager.evict_all()
+        faults = pager.stats()["faults"]
+        with pytest.raises(Exception) as dense_error:
+            torch.nn.functional.pad(x, pad)
+        with pytest.raises(type(dense_error.value)) as paged_error:
+            torch.nn.functional.pad(paged, pad)
+        assert str(paged_error.value) == str(dense_error.value)
+        assert pager.stats()["faults"] == faults
+
+
+@st.composite
 def differences(draw):
     """A case and where its second tensor differs: ``None`` (equal), an index, or NaNs at an index in both."""
     shape, dtype, layout, large = draw(cases())
@@ -250,8 +317,8 @@ def test_small_tensors_keep_the_generic_path():
 
 @pytest.mark.gpu
 def test_gpu_cat_clone_and_equal_run_in_pieces_on_cuda():
-    """On CUDA: a ``cat``, a ``clone`` to another layout and an ``equal`` over tensors four times
-    the device tier give the dense op's result."""
+    """On CUDA: a ``cat``, a ``clone`` to another layout, an ``equal`` and a constant pad over
+    tensors four times the device tier give the dense op's result."""
     x = torch.randn(128, 256, generator=torch.Generator().manual_seed(7)).cuda()  # 32 pages of 4 KiB
     y = torch.randn(128, 256, generator=torch.Generator().manual_seed(8)).cuda()
     with make_pager("cuda") as pager:
@@ -260,4 +327,6 @@ def test_gpu_cat_clone_and_equal_run_in_pieces_on_cuda():
         assert same_bits(paged_x.t().contiguous(), x.t().contiguous())
         assert torch.equal(paged_x, paged_x) and not torch.equal(paged_x, paged_y)
         assert torch.equal(paged_x, x)
+        assert same_bits(torch.nn.functional.pad(paged_x.t(), (2, -3, 1, 1), value=float("nan")),
+                         torch.nn.functional.pad(x.t(), (2, -3, 1, 1), value=float("nan")))  # fmt: skip
         assert within_tier(pager)

@@ -1,5 +1,6 @@
 """Handlers of copies and comparisons of PagedTensors larger than a piece of the device tier:
-``clone``, ``cat``, ``stack``, ``equal`` and ``allclose``, a part of pages at a time.
+``clone``, ``cat``, ``stack``, ``equal`` and ``allclose``, a part of pages at a time; and ``copy_``
+into a plain tensor of a layout the elementwise pieces cannot follow.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 from torch._ops import OpOverload
 
 from pagedtensor.dispatch import DISPATCHER, aten, implements
+from pagedtensor.errors import DeviceTierFullError
 from pagedtensor.handlers.parts import (
     _copies_in_parts,
     _larger_than_a_piece,
@@ -35,6 +37,34 @@ def clone_in_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
     result = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=source.device)
     copy_in_parts(result, source)
     return result
+
+
+@implements([aten.copy_.default])
+def copy_into_plain_in_parts(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``target.copy_(source)``: the generic way, a piece at a time where its pages do not fit
+    (:mod:`pagedtensor.pieces`); where the pieces cannot follow the layouts (a plain ``target`` of
+    another layout than a transposed ``source`` whose one index of the outer dim spans more than a
+    piece: what ``F.pad`` of such a table copies into its result) and the device tier was the bound,
+    a plain ``target`` takes ``source`` (broadcast to it) a part of its pages at a time, whatever the
+    layouts (:func:`copy_in_parts`): the same elements converted alike. Otherwise the error stands."""
+    try:
+        return DISPATCHER.run_generic(func, types, args, kwargs)
+    except DeviceTierFullError:
+        target, source = args[0], args[1]
+        if isinstance(target, PagedTensor) or not isinstance(source, PagedTensor) or not _copies_in_parts([target, source]):
+            raise
+        if not _broadcasts_to(source.shape, target.shape):
+            raise
+        copy_in_parts(target, source.expand(target.shape))
+        return target
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` (``copy_``'s rule)."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
 
 
 @implements([aten.cat.default, aten.stack.default])
