@@ -1,6 +1,6 @@
 """A PagedTensor read a part of its pages at a time, each part at most a piece of the device tier
 (:func:`~pagedtensor.pieces.piece_elements_of`), whatever its layout: the helpers the copies, the
-whole-tensor reductions and the row scatters share; and an op's arguments by name.
+whole-tensor reductions and the row scatters share; and an op's arguments by name and as meta tensors.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch._ops import OpOverload
 
 from pagedtensor.dispatch import _normalize_device
 from pagedtensor.pieces import piece_elements_of, span_elements
-from pagedtensor.tensor import PagedTensor
+from pagedtensor.tensor import PagedTensor, meta_layout
 
 
 def _arguments_by_name(func: OpOverload, args: tuple, kwargs: dict) -> dict:
@@ -21,6 +21,16 @@ def _arguments_by_name(func: OpOverload, args: tuple, kwargs: dict) -> dict:
     bound.update(zip((argument.name for argument in func._schema.arguments), args))
     bound.update(kwargs)
     return bound
+
+
+def _meta(value: Any) -> Any:
+    """``value`` with every tensor in it, in lists and tuples too, as a meta tensor of its layout
+    (:func:`~pagedtensor.tensor.meta_layout`): an op's arguments for its meta kernel."""
+    if isinstance(value, dict):
+        return {name: _meta(item) for name, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_meta(item) for item in value)
+    return meta_layout(value)
 
 
 def _copies_in_parts(tensors: Sequence[Any]) -> bool:

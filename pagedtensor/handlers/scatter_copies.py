@@ -12,10 +12,10 @@ import torch
 from torch._ops import OpOverload
 
 from pagedtensor.dispatch import DISPATCHER, aten, implements
-from pagedtensor.handlers.parts import _arguments_by_name, _copies_in_parts, _larger_than_a_piece, copy_in_parts
+from pagedtensor.handlers.parts import _arguments_by_name, _copies_in_parts, _larger_than_a_piece, _meta, copy_in_parts
 from pagedtensor.handlers.row_scatters import _overlapping_stand_in
 from pagedtensor.pieces import functional_form
-from pagedtensor.tensor import PagedTensor, meta_layout
+from pagedtensor.tensor import PagedTensor
 
 _IN_PLACE_SCATTERS = (
     aten.index_put_.default, aten.index_copy_.default, aten.index_add_.default, aten.index_fill_.int_Scalar, aten.index_fill_.int_Tensor,
@@ -53,11 +53,3 @@ def scatter_into_a_copy(func: OpOverload, types: tuple, args: tuple, kwargs: dic
     copy_in_parts(result, table.expand(layout.shape))
     return in_place(result, *args[1:], **rest)
 
-
-def _meta(value: Any) -> Any:
-    """``value`` with every tensor in it, in lists and tuples too, as a meta tensor of its layout."""
-    if isinstance(value, dict):
-        return {name: _meta(item) for name, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_meta(item) for item in value)
-    return meta_layout(value)
