@@ -34,8 +34,9 @@ The dispatcher tries, in this order:
      integer and bool ``sum``: the op on each part of pages, the parts' results combined into the
      dense op's (``reduce_in_parts``). A float ``sum`` is not among them.
    * ``nonzero`` of a PagedTensor larger than a piece, dim 0 outermost: a piece of rows at a time;
-     so do ``softmax`` / ``log_softmax`` over the last dim and ``layer_norm``, whose kernels compute
-     each row from that row alone (:mod:`pagedtensor.handlers.row_wise`).
+     so do ``softmax`` / ``log_softmax`` over the last dim, ``layer_norm``, the scans along the last
+     dim and the reflection / replication pads and nearest upsampling, whose kernels compute each
+     row from that row alone (:mod:`pagedtensor.handlers.row_wise`).
    * out-of-place scatters (``index_put``, ``masked_scatter``, ``scatter``, ``put``, ...) of a
      PagedTensor larger than a piece: a copy in parts, then the in-place op on it, as torch's
      kernels do (:mod:`pagedtensor.handlers.scatter_copies`).

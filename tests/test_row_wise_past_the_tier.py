@@ -23,6 +23,18 @@ def row_wise_call(op: str, shape: tuple[int, ...], dtype: torch.dtype, data, gen
     if op in ("softmax", "log_softmax"):
         dim = data.draw(st.sampled_from([-1, len(shape) - 1]), label="dim")
         return lambda t: getattr(torch, op)(t, dim)
+    if op in SCANS:
+        dim = data.draw(st.sampled_from([-1, len(shape) - 1]), label="dim")
+        if op == "cumsum into float64":
+            return lambda t: torch.cumsum(t, dim, dtype=torch.float64)
+        return lambda t: getattr(torch, op)(t, dim)
+    if op.endswith("pad"):
+        trailing = min(len(shape) - 1, data.draw(st.integers(1, 2), label="padded dims"))
+        pad = [data.draw(st.integers(0, min(3, shape[len(shape) - 1 - k // 2] - 1)), label="pad") for k in range(2 * trailing)]
+        return lambda t: F.pad(t, pad, mode=op.split()[0])
+    if op.startswith("nearest"):
+        size = data.draw(st.integers(1, 3 * shape[-1]), label="size")
+        return lambda t: F.interpolate(t if t.dim() == 3 else t[:, None], size=size, mode=op)
     trailing = data.draw(st.integers(1, len(shape) - 1), label="normalized dims")
     normalized = shape[len(shape) - trailing :]
     weight = bias = None
@@ -36,11 +48,15 @@ def row_wise_call(op: str, shape: tuple[int, ...], dtype: torch.dtype, data, gen
     return lambda t: torch.native_layer_norm(t, normalized, weight, bias, eps)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SCANS = ["cumsum", "cumprod", "logcumsumexp", "cummax", "cummin", "cumsum into float64"]
+OPS = ["softmax", "log_softmax", "layer_norm", *SCANS, "reflect pad", "replicate pad", "nearest", "nearest-exact"]
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.data(),
-    op=st.sampled_from(["softmax", "log_softmax", "layer_norm"]),
-    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+    op=st.sampled_from(OPS),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64]),
     three_dims=st.booleans(),
     view=st.sampled_from(["whole", "rows from the second", "columns from the third"]),
     seed=st.integers(0, 2**16),
@@ -48,15 +64,20 @@ def row_wise_call(op: str, shape: tuple[int, ...], dtype: torch.dtype, data, gen
 def test_row_wise_ops_past_the_tier_equal_dense(data, op, dtype, three_dims, view, seed):
     """Each op on a random table of 2 to 6 times the device tier (they raised DeviceTierFullError),
     rows of 3 to 2,100 elements (a softmax's warp and block kernels on CUDA), the whole table or a
-    view of it: the dense op's bits, dtypes and strides (``layer_norm``'s mean and rstd too); the
-    table keeps its bytes; the device tier's budget holds."""
+    view of it: the dense op's bits, dtypes and strides (``layer_norm``'s mean and rstd, ``cummax``'s
+    indices too); the table keeps its bytes; the device tier's budget holds. Integers for the scans
+    but ``logcumsumexp`` only (torch's CPU kernels of the others refuse them)."""
+    assume(dtype != torch.int64 or (op in SCANS and op != "logcumsumexp"))
     last = data.draw(st.sampled_from([3, 17, 64, 300, 1024, 1500, 2100]), label="last dim")
     inner = (data.draw(st.integers(2, 5), label="middle"), last) if three_dims else (last,)
     row_bytes = dtype.itemsize * inner[0] * (inner[1] if three_dims else 1)
-    assume(row_bytes <= 4 * PAGE)  # a row within a piece (a larger one raises: test_forms_not_run_by_rows_...)
+    assume(row_bytes <= (2 if op in SCANS else 4) * PAGE)  # a row within a piece, a scan's three (else it raises: test_forms_not_run_by_rows_...)
     rows = data.draw(st.integers(2 * 8 * PAGE // row_bytes + 2, 6 * 8 * PAGE // row_bytes + 2), label="rows")
     generator = torch.Generator().manual_seed(seed)
-    base = (torch.randn((rows, *inner), generator=generator) * 4).to(dtype)
+    if dtype == torch.int64:
+        base = torch.randint(-3, 4, (rows, *inner), generator=generator)
+    else:
+        base = (torch.randn((rows, *inner), generator=generator) * (0.3 if op == "cumprod" else 4)).to(dtype)
     view_of = {"whole": lambda t: t, "rows from the second": lambda t: t[1:], "columns from the third": lambda t: t[..., 2:]}[view]
     with make_pager() as pager:
         call = row_wise_call(op, tuple(view_of(base).shape), dtype, data, generator, pager)
@@ -76,15 +97,19 @@ def test_row_wise_ops_past_the_tier_equal_dense(data, op, dtype, three_dims, vie
 def test_softmax_and_layer_norm_of_rows_past_the_tier_equal_dense(device, dtype):
     """Tables of 16 pages or more (the tier 8) with rows of 256, 2,048 and 4,096 elements (CUDA's
     warp softmax, its block softmax with and without shared memory) and 1,000 (not a multiple of a
-    vector): ``softmax``, ``log_softmax``, ``F.layer_norm`` with a weight and bias, and on CUDA
-    ``softmax`` of halves into floats: the dense op's bits."""
+    vector): ``softmax``, ``log_softmax``, ``F.layer_norm`` with a weight and bias, the scans
+    ``cumsum``, ``logcumsumexp`` and ``cummax``, a reflection pad and nearest upsampling, and on
+    CUDA ``softmax`` of halves into floats: the dense op's bits."""
     generator = torch.Generator().manual_seed(2)
     for cols in (256, 1000, 2048, 4096):
         rows = 2 * 8 * PAGE // (cols * dtype.itemsize) + 3
         x = (torch.randn(rows, cols, generator=generator) * 4).to(dtype).to(device)
         weight = torch.randn(cols, generator=generator).to(dtype).to(device)
         bias = torch.randn(cols, generator=generator).to(dtype).to(device)
-        calls = [lambda t: t.softmax(-1), lambda t: F.log_softmax(t, 1), lambda t: F.layer_norm(t, (cols,), weight, bias)]
+        calls = [lambda t: t.softmax(-1), lambda t: F.log_softmax(t, 1), lambda t: F.layer_norm(t, (cols,), weight, bias),
+                 lambda t: F.pad(t, (5, 3), mode="reflect"), lambda t: F.interpolate(t[:, None], scale_factor=0.75)]  # fmt: skip
+        if cols * dtype.itemsize <= 2 * PAGE:  # three rows a piece
+            calls += [lambda t: t.cumsum(-1), lambda t: torch.logcumsumexp(t, 1), lambda t: torch.cummax(t, -1)[1]]
         if device == "cuda" and dtype == torch.float16:
             calls.append(lambda t: torch.ops.aten._softmax(t, 1, True))
         with make_pager(device=device) as pager:
@@ -98,6 +123,9 @@ def test_softmax_and_layer_norm_of_rows_past_the_tier_equal_dense(device, dtype)
 
 BAD_CALLS = {  # on a 64 x 256 table (rows_tensor): torch's checks
     "softmax along a dim out of range": lambda t: t.softmax(2),
+    "cumsum along a dim out of range": lambda t: t.cumsum(-3),
+    "a reflection pad as wide as the row": lambda t: F.pad(t, (256, 0), mode="reflect"),
+    "upsampling to no element": lambda t: torch.ops.aten.upsample_nearest1d(t[:, None], [0]),
     "layer_norm of another normalized shape": lambda t: F.layer_norm(t, (255,)),
     "layer_norm with a weight of another shape": lambda t: F.layer_norm(t, (256,), torch.ones(4)),
     "layer_norm with a bias of another dtype": lambda t: torch.native_layer_norm(t, [256], None, torch.ones(256, dtype=torch.float64), 1e-5),
@@ -120,14 +148,27 @@ def test_bad_row_wise_ops_raise_torchs_error_before_any_page_moves(name):
 
 def test_forms_not_run_by_rows_still_raise_the_pagers_error():
     """``softmax`` over dim 0 or over the outermost dim of a transposed table, ``layer_norm`` over
-    every dim, a table each of whose rows spans more than a piece: OutOfPagesError naming the op,
-    the table unchanged."""
+    every dim, a table each of whose rows spans more than a piece, ``cumsum`` along dim 0 or of a
+    table whose piece holds fewer than three rows: OutOfPagesError naming the op, the table
+    unchanged."""
     with make_pager() as pager:
         table = PagedTensor.wrap(rows_tensor(), pager)
         wide = PagedTensor.wrap(rows_tensor(2, 8 * 1024), pager)  # rows of 8 pages
+        three_pages = PagedTensor.wrap(rows_tensor(6, 3 * 1024), pager)  # a piece holds two rows: a scan needs three
         for call, name in ((lambda t: t.softmax(0), "_softmax"), (lambda t: t.t().softmax(-1), "_softmax"),
                            (lambda t: F.layer_norm(t, (64, 256)), "native_layer_norm"),
-                           (lambda t: wide.log_softmax(-1), "_log_softmax")):  # fmt: skip
+                           (lambda t: wide.log_softmax(-1), "_log_softmax"), (lambda t: t.cumsum(0), "cumsum"),
+                           (lambda t: three_pages.cumsum(1), "cumsum")):  # fmt: skip
             with pytest.raises(OutOfPagesError, match=name):
                 call(table)
         assert same_bits(table.materialize(), rows_tensor())
+
+
+def test_a_scans_pieces_hold_two_rows_or_more():
+    """CUDA scans a tensor of one row with cub, others row by row: the last piece takes a row from
+    the one before where it would hold one."""
+    from pagedtensor.handlers.row_wise import _row_ranges
+
+    assert _row_ranges(10, 3, at_least=2) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert _row_ranges(9, 3, at_least=2) == [(0, 3), (3, 6), (6, 9)]
+    assert _row_ranges(10, 3, at_least=1) == [(0, 3), (3, 6), (6, 9), (9, 10)]

@@ -1,20 +1,27 @@
-"""The handler of ops computed row by row: ``softmax`` and ``log_softmax`` over the last dim and
-``layer_norm`` (``native_layer_norm``) over trailing dims. Each runs the generic way while its pages
-fit on the device tier at once; past it, on a table whose dim 0 is its outermost in memory (and not a
-dim the op computes along), a piece of rows along dim 0 at a time
-(:func:`~pagedtensor.handlers.row_gathers._rows_a_piece`), each piece torch's own kernel on a
-PagedTensor view of those rows, copied into its rows of plain results laid out as the dense op's.
+"""The handler of ops computed row by row: ``softmax`` and ``log_softmax`` over the last dim,
+``layer_norm`` (``native_layer_norm``) over trailing dims, the scans ``cumsum``, ``cumprod``,
+``logcumsumexp``, ``cummax`` and ``cummin`` along the last dim, and the ops that move elements within
+trailing dims: the reflection and replication pads and nearest-neighbour upsampling (``F.pad`` with
+``mode="reflect"`` or ``"replicate"``, ``F.interpolate`` with ``mode="nearest"`` or
+``"nearest-exact"``). Each runs the generic way while its pages fit on the device tier at once; past
+it, on a table whose dim 0 is its outermost in memory (and not a dim the op computes along), a piece
+of rows along dim 0 at a time (:func:`~pagedtensor.handlers.row_gathers._rows_a_piece`), each piece
+torch's own kernel on a PagedTensor view of those rows, copied into its rows of plain results laid
+out as the dense op's.
 
 Each result row of these kernels is computed from its input row alone, the same way whatever rows
 are beside it: on the CPU a row's loop (the last dim's vectorized loop of ``softmax``, the row's
-moments of ``layer_norm``), threads split by rows; on CUDA a warp or a block per row (``softmax``
-over the last dim, which is its ``inner_size == 1`` path) and a block per row (``layer_norm``),
-their vectorized variants chosen by the row length and the data's alignment, which a piece of rows
-keeps where the rows are 16-byte multiples (and where they are not, neither takes them). So the
-results are bitwise the dense op's. ``softmax`` over another dim is not among them: its CPU kernel
-vectorizes across the outer rows (a piece of them rounds otherwise: 36 of 1,500 random shapes), and
-it raises :class:`~pagedtensor.errors.OutOfPagesError` past the tier as before, as does any form not
-run by rows here (a transposed table, a row larger than a piece, ``layer_norm`` over every dim).
+moments of ``layer_norm``, a scan's sequential loop), threads split by rows; on CUDA a warp or a
+block per row (``softmax`` over the last dim, which is its ``inner_size == 1`` path, ``layer_norm``,
+the scans' innermost-dim kernels), their vectorized variants chosen by the row length and the data's
+alignment, which a piece of rows keeps where the rows are 16-byte multiples (and where they are not,
+neither takes them); the pads and upsampling only move elements. CUDA scans a tensor of one row with
+another algorithm (cub's), so a scan's pieces hold two rows or more. So the results are bitwise the
+dense op's. ``softmax`` over another dim is not among them: its CPU kernel vectorizes across the
+outer rows (a piece of them rounds otherwise: 36 of 1,500 random shapes), and it raises
+:class:`~pagedtensor.errors.OutOfPagesError` past the tier as before, as does any form not run by
+rows here (a transposed table, a row larger than a piece, ``layer_norm`` over every dim, a scan
+along another dim).
 
 Note:
     Stream order is each piece's op's: the pieces run one after another on the current stream.
@@ -34,50 +41,68 @@ from pagedtensor.handlers.row_moves import _runs_in_row_pieces
 from pagedtensor.tensor import PagedTensor
 
 _SOFTMAXES = (aten._softmax.default, aten._log_softmax.default)
+_SCANS = (aten.cumsum.default, aten.cumprod.default, aten.logcumsumexp.default, aten.cummax.default, aten.cummin.default)
+# Ops that move elements within trailing dims (never dim 0: their inputs have a batch or channel dim first).
+_MOVES_WITHIN_ROWS = (
+    aten.reflection_pad1d.default, aten.reflection_pad2d.default, aten.reflection_pad3d.default,
+    aten.replication_pad1d.default, aten.replication_pad2d.default, aten.replication_pad3d.default,
+    aten.upsample_nearest1d.default, aten.upsample_nearest2d.default, aten.upsample_nearest3d.default,
+    aten._upsample_nearest_exact1d.default, aten._upsample_nearest_exact2d.default, aten._upsample_nearest_exact3d.default,
+)  # fmt: skip
 
 
-@implements([*_SOFTMAXES, aten.native_layer_norm.default])
+@implements([*_SOFTMAXES, aten.native_layer_norm.default, *_SCANS, *_MOVES_WITHIN_ROWS])
 def run_by_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
-    """``softmax`` / ``log_softmax`` over the last dim and ``layer_norm`` over trailing dims: the
-    generic way while the pages fit; past the tier, torch's errors first (:func:`_probe`), then a
-    piece of rows at a time (see the module docstring) into plain results laid out as the op lays
-    out its result on a plain table of two rows (its dtypes too: the CPU ``layer_norm`` of halves
-    gives mean and rstd in halves, CUDA's in floats). ``layer_norm``'s weight and bias are read
-    once, as plain tensors, where they are paged. Forms not run by rows re-raise the
-    :class:`~pagedtensor.errors.OutOfPagesError`."""
+    """The ops of this module: the generic way while the pages fit; past the tier, torch's errors
+    first (:func:`_probe`), then a piece of rows at a time (see the module docstring) into plain
+    results laid out as the op lays out its result on a plain table of two rows (its dtypes too:
+    the CPU ``layer_norm`` of halves gives mean and rstd in halves, CUDA's in floats).
+    ``layer_norm``'s weight and bias are read once, as plain tensors, where they are paged. Forms
+    not run by rows re-raise the :class:`~pagedtensor.errors.OutOfPagesError`."""
     try:
         return DISPATCHER.run_paged(func, types, args, kwargs)
     except _OpTooLarge:
         bound = _arguments_by_name(func, args, kwargs)
-        table = bound["self"] if func in _SOFTMAXES else bound["input"]
+        table = bound[func._schema.arguments[0].name]
         if not isinstance(table, PagedTensor) or table._inner is not None or table.dim() < 2 or table.is_conj() or table.is_neg():
             raise
-        rest = [_dense(bound[argument.name]) for argument in func._schema.arguments[1:]]  # a paged weight or bias read once
+        rest = [_dense(bound[argument.name]) for argument in func._schema.arguments[1:] if not argument.kwarg_only]  # a paged weight or bias read once
+        options = {argument.name: bound[argument.name] for argument in func._schema.arguments if argument.kwarg_only}
         if func is aten.native_layer_norm.default and len(rest[0]) >= table.dim():
             func(*_meta([table, *rest]))  # over every dim: torch's checks (the meta kernel's), else the pager's error
             raise
-        probes = _probe(func, table, rest)
-        if not _by_rows(func, table, rest):
+        probes = _probe(func, table, rest, options)
+        count = _rows_a_piece(table)
+        if not _by_rows(func, table, rest) or (func in _SCANS and count < 3):
             raise
     rows = table.shape[0]
     results = [_empty_laid_out_as(probe, (rows, *probe.shape[1:])) for probe in probes]
-    count = _rows_a_piece(table)
-    for start in range(0, rows, count):
-        stop = min(rows, start + count)
-        pieces = func(table[start:stop], *rest)
+    for start, stop in _row_ranges(rows, count, at_least=2 if func in _SCANS else 1):
+        pieces = func(table[start:stop], *rest, **options)
         for result, piece in zip(results, pieces if isinstance(pieces, tuple) else (pieces,)):
             result[start:stop].copy_(piece)
-    return tuple(results) if func is aten.native_layer_norm.default else results[0]
+    return tuple(results) if len(results) > 1 else results[0]
 
 
-def _probe(func: OpOverload, table: PagedTensor, rest: list) -> list[torch.Tensor]:
+def _row_ranges(rows: int, count: int, at_least: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each piece of ``count`` rows (``count`` > ``at_least``), the last two
+    evened out where the last would hold fewer than ``at_least`` rows."""
+    ranges = [(start, min(rows, start + count)) for start in range(0, rows, count)]
+    if len(ranges) > 1 and ranges[-1][1] - ranges[-1][0] < at_least:
+        (first, _), (_, stop) = ranges[-2], ranges[-1]
+        middle = stop - at_least
+        ranges[-2:] = [(first, middle), (middle, stop)]
+    return ranges
+
+
+def _probe(func: OpOverload, table: PagedTensor, rest: list, options: dict) -> list[torch.Tensor]:
     """The op's results on a plain stand-in of two of the table's rows (values unset, no page read):
     torch's own checks and errors (the stand-in's shape in a message named as the table's: the op
     computes along dims other than dim 0, so its checks are the table's), and the dtypes and layouts
     of the dense op's results, but for their row count."""
     stand_in = _stand_in_of_rows(table, 2)
     try:
-        probe = func(stand_in, *rest)
+        probe = func(stand_in, *rest, **options)
     except Exception as error:
         raise type(error)(str(error).replace(str(list(stand_in.shape)), str(list(table.shape)))) from None
     return list(probe) if isinstance(probe, tuple) else [probe]
@@ -87,9 +112,12 @@ def _by_rows(func: OpOverload, table: PagedTensor, rest: list) -> bool:
     """Whether the op (its arguments checked) runs a piece of rows at a time: some elements, dim 0
     outermost in memory with rows that advance and several pieces of rows each within a piece
     (:func:`~pagedtensor.handlers.row_moves._runs_in_row_pieces`), the op computing along the
-    last dim (``softmax``) or trailing dims short of dim 0 (``layer_norm``)."""
+    last dim (``softmax``, the scans), trailing dims short of dim 0 (``layer_norm``) or moving
+    elements within trailing dims (the pads and upsampling)."""
     if not _runs_in_row_pieces(table):
         return False
-    if func in _SOFTMAXES:
+    if func in _SOFTMAXES or func in _SCANS:
         return rest[0] % table.dim() == table.dim() - 1
-    return 0 < len(rest[0]) < table.dim()
+    if func is aten.native_layer_norm.default:
+        return 0 < len(rest[0]) < table.dim()
+    return True
