@@ -562,6 +562,52 @@ INDEX_OPS_ALONG_A_DIM = ["index_copy", "index_add", "index_reduce_prod", "index_
                          "index_fill_tensor"]  # fmt: skip
 
 
+def assert_plain_result_equals_dense(base: torch.Tensor, order: list[int], call) -> None:
+    """``call`` on ``base`` permuted by ``order`` as a PagedTensor past the 8-page tier and as a dense
+    tensor: a plain result of the dense one's bits, shape and strides; the table keeps its bytes; the
+    device tier's budget holds. ``call`` draws nothing (its values are fixed before)."""
+    expected = call(base.clone().permute(order))
+    with make_pager() as pager:
+        table = PagedTensor.wrap(base.clone(), pager).permute(order)
+        result = call(table)
+        assert type(result) is torch.Tensor
+        assert result.stride() == expected.stride(), order
+        assert same_bits(result, expected), order
+        assert same_bits(table.materialize(), base.permute(order))
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+
+
+def assert_raises_as_dense(bad, before_any_fault: bool = True) -> None:
+    """``bad`` on the 64 x 256 table (rows_tensor) paged past the tier raises the dense op's error
+    type and message (``before_any_fault``: with no page faulted in), and the table keeps its bytes."""
+    with pytest.raises(Exception) as dense_error:
+        bad(rows_tensor())
+    with make_pager() as pager:
+        table = PagedTensor.wrap(rows_tensor(), pager)
+        pager.evict_all()
+        faults = pager.stats()["faults"]
+        with pytest.raises(dense_error.type, match=re.escape(str(dense_error.value))):
+            bad(table)
+        assert pager.stats()["faults"] == faults or not before_any_fault
+        assert same_bits(table.materialize(), rows_tensor())
+
+
+def assert_in_place_calls_on_a_transposed_table_equal_dense(calls: list, generator: torch.Generator, device: str) -> None:
+    """Each of ``calls`` (in-place, returning its table) on the transposed 256 x 64 view of a 16-page
+    table (the tier 8) and on the dense one, the generator's draws the same for both: the same
+    bits after each, the device tier's budget held."""
+    with make_pager(device=device) as pager:
+        table = PagedTensor.wrap(rows_tensor().to(device), pager).t()
+        expected = rows_tensor().to(device).t()
+        for call in calls:
+            state = generator.get_state()
+            assert call(expected) is expected
+            generator.set_state(state)  # the same values for the paged table
+            assert call(table) is table
+            assert same_bits(table.materialize(), expected)
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.data(),
@@ -802,16 +848,7 @@ def test_puts_and_masked_writes_on_a_transposed_table_past_the_tier_equal_dense(
         lambda t: t.put_(on(0, 1, 300, -1), halves(4)),
         lambda t: t.put_(on(7, 7, 16383), halves(3), accumulate=True),
     ]
-    with make_pager(device=device) as pager:
-        table = PagedTensor.wrap(rows_tensor().to(device), pager).t()
-        expected = rows_tensor().to(device).t()
-        for call in calls:
-            state = generator.get_state()
-            assert call(expected) is expected
-            generator.set_state(state)  # the same values for the paged table
-            assert call(table) is table
-            assert same_bits(table.materialize(), expected)
-        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+    assert_in_place_calls_on_a_transposed_table_equal_dense(calls, generator, device)
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
@@ -849,16 +886,7 @@ BAD_PERMUTED_PUTS = {  # on a transposed 256 x 64 view of rows_tensor(): torch's
 def test_bad_puts_on_a_transposed_table_raise_torchs_error_before_any_page_moves(name):
     """torch's own error type and message, before any page faults in; the table keeps its bytes."""
     bad = BAD_PERMUTED_PUTS[name]
-    with pytest.raises(Exception) as dense_error:
-        bad(rows_tensor().t())
-    with make_pager() as pager:
-        table = PagedTensor.wrap(rows_tensor(), pager).t()
-        pager.evict_all()
-        faults = pager.stats()["faults"]
-        with pytest.raises(dense_error.type, match=re.escape(str(dense_error.value))):
-            bad(table)
-        assert pager.stats()["faults"] == faults
-        assert same_bits(table.t().materialize(), rows_tensor())
+    assert_raises_as_dense(lambda t: bad(t.t()))
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
@@ -882,16 +910,7 @@ def test_index_ops_on_a_transposed_table_past_the_tier_equal_dense(device):
         lambda t: t.index_fill_(-1, torch.tensor([1], device=device), torch.tensor(4.0)),
         lambda t: t.__setitem__(torch.tensor([7, -1], device=device), halves(2, 64)) or t,  # t.T[i] = v
     ]
-    with make_pager(device=device) as pager:
-        table = PagedTensor.wrap(rows_tensor().to(device), pager).t()
-        expected = rows_tensor().to(device).t()
-        for call in calls:
-            state = generator.get_state()
-            assert call(expected) is expected
-            generator.set_state(state)  # the same source for the paged table
-            assert call(table) is table
-            assert same_bits(table.materialize(), expected)
-        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+    assert_in_place_calls_on_a_transposed_table_equal_dense(calls, generator, device)
 
 
 def test_index_ops_on_a_transposed_table_raise_torchs_errors_before_any_page_moves():

@@ -5,7 +5,6 @@ table only read, torch's errors."""
 
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
@@ -14,7 +13,16 @@ from hypothesis import strategies as st
 
 from pagedtensor import PagedTensor
 from tests.support import CPU_AND_CUDA
-from tests.test_row_scatter import PAGE, make_pager, permuted_table, random_values, rows_tensor, same_bits
+from tests.test_row_scatter import (
+    PAGE,
+    assert_plain_result_equals_dense,
+    assert_raises_as_dense,
+    make_pager,
+    permuted_table,
+    random_values,
+    rows_tensor,
+    same_bits,
+)
 
 
 def out_of_place_call(op: str, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator, device: str = "cpu"):
@@ -74,19 +82,14 @@ def test_out_of_place_scatters_past_the_tier_equal_dense(data, op, dtype, three_
         order = list(range(len(memory_shape)))
     generator = torch.Generator().manual_seed(seed)
     base = random_values(memory_shape, dtype, generator)
-    shape = tuple(memory_shape[d] for d in order)
-    call = out_of_place_call(op, shape, dtype, generator)
+    call = out_of_place_call(op, tuple(memory_shape[d] for d in order), dtype, generator)
     state = generator.get_state()
-    expected = call(base.clone().permute(order))
-    generator.set_state(state)  # the same positions and values for the paged table
-    with make_pager() as pager:
-        table = PagedTensor.wrap(base.clone(), pager).permute(order)
-        result = call(table)
-        assert type(result) is torch.Tensor
-        assert result.stride() == expected.stride(), (op, order)
-        assert same_bits(result, expected), (op, order)
-        assert same_bits(table.materialize(), base.permute(order))
-        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+
+    def call_with_the_same_draws(table: torch.Tensor) -> torch.Tensor:  # the same positions and values for both tables
+        generator.set_state(state)
+        return call(table)
+
+    assert_plain_result_equals_dense(base, order, call_with_the_same_draws)
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
@@ -125,17 +128,7 @@ BAD_CALLS = {  # on a 64 x 256 table (rows_tensor): torch's checks, each its own
 @pytest.mark.parametrize("name", sorted(BAD_CALLS))
 def test_bad_out_of_place_scatters_raise_torchs_error_and_leave_the_table(name):
     """torch's own error type and message, before any page faults in; the table keeps its bytes."""
-    bad = BAD_CALLS[name]
-    with pytest.raises(Exception) as dense_error:
-        bad(rows_tensor())
-    with make_pager() as pager:
-        table = PagedTensor.wrap(rows_tensor(), pager)
-        pager.evict_all()
-        faults = pager.stats()["faults"]
-        with pytest.raises(dense_error.type, match=re.escape(str(dense_error.value))):
-            bad(table)
-        assert pager.stats()["faults"] == faults
-        assert same_bits(table.materialize(), rows_tensor())
+    assert_raises_as_dense(BAD_CALLS[name])
 
 
 def test_a_table_that_fits_runs_the_generic_way():
