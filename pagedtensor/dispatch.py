@@ -786,9 +786,10 @@ def _run_composite(func: OpOverload, args: tuple, kwargs: dict) -> Any:
     """``func``, whose pages do not fit at once, as the dense op runs it where its kernel is composite
     (:func:`_composite_kernel`: ``rot90``, ``slice_scatter``, ``constant_pad_nd``, ...): that kernel on the
     PagedTensors, each op in it dispatched as any op on them (a piece at a time where it runs so),
-    so the result has the dense op's bits. ``NotImplemented`` where no such kernel exists or an op
-    in it does not fit either or is not supported on a PagedTensor (the caller raises the op's own
-    error); torch's other errors from the kernel pass through."""
+    so the result has the dense op's bits. ``NotImplemented`` where no such kernel exists, an op in
+    it does not fit either or is not supported on a PagedTensor, or a kernel in it reads a
+    PagedTensor's memory itself (``convolution``'s backends: the caller raises the op's own error);
+    torch's other errors from the kernel pass through."""
     leaves = _paged_leaves(args, kwargs)
     key = _composite_kernel(func, leaves[0].device) if leaves else None
     if key is None:
@@ -799,6 +800,14 @@ def _run_composite(func: OpOverload, args: tuple, kwargs: dict) -> Any:
         raise
     except (OutOfPagesError, NotImplementedError):
         return NotImplemented
+    except RuntimeError as error:
+        if any(words in str(error) for words in _READ_A_PAGED_TENSORS_MEMORY):
+            return NotImplemented  # a kernel in it read a PagedTensor's memory itself (convolution's backends)
+        raise
+
+
+# torch's errors where a kernel reads the memory of a tensor without storage (a PagedTensor).
+_READ_A_PAGED_TENSORS_MEMORY = ("data is not allocated", "doesn't have storage")
 
 
 def _as_pagers_error(error: "_OpTooLarge") -> OutOfPagesError:

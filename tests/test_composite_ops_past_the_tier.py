@@ -135,11 +135,14 @@ def test_bad_composite_ops_raise_torchs_error(name):
 
 def test_a_composite_whose_ops_do_not_fit_raises_the_ops_own_error():
     """``logsumexp``'s composite kernel runs ``logsumexp.out`` on the table, which does not fit
-    either: the error of ``logsumexp`` itself, as before."""
+    either, and ``convolution``'s calls a backend that reads the table's memory itself (it raised
+    "data is not allocated"): the error of the op itself, as before."""
     with make_pager() as pager:
         table = PagedTensor.wrap(rows_tensor(), pager)
         with pytest.raises(DeviceTierFullError, match=re.escape("aten.logsumexp.default: its PagedTensor arguments")):
             torch.logsumexp(table, 1)
+        with pytest.raises(DeviceTierFullError, match=re.escape("aten.convolution.default: its PagedTensor arguments")):
+            torch.nn.functional.conv1d(table[None], torch.ones(2, 32, 3), torch.ones(2), groups=2)  # grouped: a backend reads memory
 
 
 def test_only_functional_ops_whose_dense_kernel_is_composite_take_it():
