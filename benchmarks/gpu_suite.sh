@@ -48,6 +48,7 @@ if [ "${SWEEPS:-all}" != "none" ]; then
   shard_dir="$(mktemp -d)"
   for sweep in tests/test_torch_opinfo.py::test_gpu_every_op_matches_the_dense_op_on_cuda \
                tests/test_torch_opinfo.py::test_gpu_every_op_backward_matches_the_dense_op_on_cuda \
+               tests/test_torch_opinfo.py::test_gpu_every_op_past_the_tier_matches_the_dense_op_on_cuda \
                tests/test_torch_opinfo.py::test_gpu_every_op_out_and_in_place_matches_the_dense_op_on_cuda \
                tests/test_torch_modules.py::test_gpu_every_module_with_paged_parameters_matches_the_dense_module_on_cuda; do
     for ((shard = 0; shard < shards; shard++)); do

@@ -510,6 +510,19 @@ def test_gpu_every_op_matches_the_dense_op_on_cuda():
 
 @pytest.mark.gpu
 @pytest.mark.sweep
+def test_gpu_every_op_past_the_tier_matches_the_dense_op_on_cuda():
+    """The two-page sweep on a CUDA pager (the CUDA kernels' bits by pieces, rows and composite
+    kernels past the tier), fp32, fp16 and bf16, every case in one test."""
+    cases = [(op, dtype) for op in op_db for dtype in (torch.float32, torch.float16, torch.bfloat16) if dtype in op.supported_dtypes("cuda")]
+    pager = Pager(MemoryConfig(page_size=PAGE, vram_limit=2 * PAGE, host_memory=4 * DEVICE_PAGES * PAGE, slab_size=4 * DEVICE_PAGES * PAGE,
+                               prefetch_strategy="none", device="cuda"))  # fmt: skip
+    failures = sweep_on_cuda(pager, cases, lambda pager, case: check_op(pager, *case, "cuda", past_the_tier=True),
+                             lambda case: f"{_name(case[0])} {case[1]} past the tier")  # fmt: skip
+    assert not failures, f"{len(failures)} of {len(cases)} cases differ:\n" + "\n".join(failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.sweep
 def test_gpu_every_op_out_and_in_place_matches_the_dense_op_on_cuda():
     """The out= and in-place sweeps on a CUDA pager, every case in one test."""
     cases = [(check_out, *param.values) for param in _write_cases("cuda")]
