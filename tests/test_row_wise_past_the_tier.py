@@ -98,7 +98,8 @@ def test_softmax_and_layer_norm_of_rows_past_the_tier_equal_dense(device, dtype)
     warp softmax, its block softmax with and without shared memory) and 1,000 (not a multiple of a
     vector): ``softmax``, ``log_softmax``, ``F.layer_norm`` with a weight and bias, the scans
     ``cumsum``, ``logcumsumexp`` and ``cummax``, a reflection pad and nearest upsampling, and on
-    CUDA ``softmax`` of halves into floats: the dense op's bits."""
+    CUDA ``softmax`` of halves into floats: the dense op's bits. On CUDA the float ``cumsum`` and
+    ``logcumsumexp`` raise instead: by rows they differed from the dense op on the H200."""
     generator = torch.Generator().manual_seed(2)
     for cols in (256, 1000, 2048, 4096):
         rows = 2 * 8 * PAGE // (cols * dtype.itemsize) + 3
@@ -107,8 +108,12 @@ def test_softmax_and_layer_norm_of_rows_past_the_tier_equal_dense(device, dtype)
         bias = torch.randn(cols, generator=generator).to(dtype).to(device)
         calls = [lambda t: t.softmax(-1), lambda t: F.log_softmax(t, 1), lambda t: F.layer_norm(t, (cols,), weight, bias),
                  lambda t: F.pad(t, (5, 3), mode="reflect"), lambda t: F.interpolate(t[:, None], scale_factor=0.75)]  # fmt: skip
+        sums = []
         if cols * dtype.itemsize <= 2 * PAGE:  # three rows a piece
-            calls += [lambda t: t.cumsum(-1), lambda t: torch.logcumsumexp(t, 1), lambda t: torch.cummax(t, -1)[1]]
+            calls.append(lambda t: torch.cummax(t, -1)[1])
+            sums = [lambda t: t.cumsum(-1), lambda t: torch.logcumsumexp(t, 1)]
+            if device == "cpu":
+                calls += sums
         if device == "cuda" and dtype == torch.float16:
             calls.append(lambda t: torch.ops.aten._softmax(t, 1, True))
         with make_pager(device=device) as pager:
@@ -117,6 +122,10 @@ def test_softmax_and_layer_norm_of_rows_past_the_tier_equal_dense(device, dtype)
                 expected, result = call(x), call(table)
                 assert result.stride() == expected.stride()
                 assert same_bits(result, expected), cols
+            if device == "cuda":  # a piece of rows of CUDA's float sum scans adds otherwise: refused
+                for call in sums:
+                    with pytest.raises(OutOfPagesError):
+                        call(table)
             assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
 
 

@@ -404,7 +404,9 @@ def _put_by_coordinates(permuted: PagedTensor, order: list[int], indices: list[O
     order (a repeated element's, the order of the region, row-major), written a run of
     ``permuted``'s rows at a time by the row scatter. The coordinates take 8 bytes per written
     element and dim (torch's own masks take as much). False, with nothing written, for values that
-    torch broadcasts and ``expand`` does not."""
+    torch broadcasts and ``expand`` does not, and on CUDA for float sums into an element named more
+    than once: CUDA's dense op adds them in its sort's order, which these runs did not match (a row
+    added ``1e8``, ``1``, ``-1e8`` came out 1 apart on the H200)."""
     table_shape = [permuted.shape[order.index(d)] for d in range(permuted.dim())]
     per_dim: list[Optional[torch.Tensor]] = []
     for index in indices:
@@ -435,8 +437,20 @@ def _put_by_coordinates(permuted: PagedTensor, order: list[int], indices: list[O
         spread = values.expand(region)
     except RuntimeError:
         return False
+    if accumulate and permuted.device.type == "cuda" and (permuted.dtype.is_floating_point or permuted.dtype.is_complex) and _repeats(coordinates, table_shape):
+        return False  # CUDA's sort-based sums of repeated places took another order than these runs' (measured on the H200)
     aten.index_put_.default(permuted, [coordinates[d] for d in order], spread, accumulate)
     return True
+
+
+def _repeats(coordinates: list[torch.Tensor], shape: Sequence[int]) -> bool:
+    """Whether the written elements' ``coordinates`` (one tensor per dim of a table of ``shape``, all
+    of one shape) name some element twice."""
+    flat = torch.zeros((), dtype=torch.int64, device=coordinates[0].device)
+    for coordinate, size in zip(coordinates, shape):
+        flat = flat * size + coordinate % size
+    flat = flat.reshape(-1)
+    return torch.unique(flat).numel() < flat.numel()
 
 
 def _overlapping_stand_in(table: PagedTensor, shape: Optional[Sequence[int]] = None) -> torch.Tensor:

@@ -15,9 +15,12 @@ moments of ``layer_norm``, a scan's sequential loop), threads split by rows; on 
 block per row (``softmax`` over the last dim, which is its ``inner_size == 1`` path, ``layer_norm``,
 the scans' innermost-dim kernels), their vectorized variants chosen by the row length and the data's
 alignment, which a piece of rows keeps where the rows are 16-byte multiples (and where they are not,
-neither takes them); the pads and upsampling only move elements. CUDA scans a tensor of one row with
-another algorithm (cub's), so a scan's pieces hold two rows or more. So the results are bitwise the
-dense op's. ``softmax`` over another dim is not among them: its CPU kernel vectorizes across the
+neither takes them); the pads and upsampling only move elements. So the results are bitwise the
+dense op's (measured on the H200 for these, ``benchmarks/results/probe_rows_puts_e4f6b51_h200.txt``).
+Not CUDA's float sum scans: ``cumsum`` and ``logcumsumexp`` of a piece of rows there differ from the
+whole's, so on CUDA they (and ``cumprod``) run by rows only where any order is exact (integers);
+``cummax``/``cummin`` compare, exact in any order. A scan's pieces hold two rows or more (CUDA scans
+a tensor of one row with cub). ``softmax`` over another dim is not among them: its CPU kernel vectorizes across the
 outer rows (a piece of them rounds otherwise: 36 of 1,500 random shapes), and it raises
 :class:`~pagedtensor.errors.OutOfPagesError` past the tier as before, as does any form not run by
 rows here (a transposed table, a row larger than a piece, ``layer_norm`` over every dim, a scan
@@ -73,7 +76,7 @@ def run_by_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
             raise
         probes = _probe(func, table, rest, options)
         count = _rows_a_piece(table)
-        if not _by_rows(func, table, rest) or (func in _SCANS and count < 3):
+        if not _by_rows(func, table, rest, options) or (func in _SCANS and count < 3):
             raise
     rows = table.shape[0]
     results = [_empty_laid_out_as(probe, (rows, *probe.shape[1:])) for probe in probes]
@@ -108,14 +111,26 @@ def _probe(func: OpOverload, table: PagedTensor, rest: list, options: dict) -> l
     return list(probe) if isinstance(probe, tuple) else [probe]
 
 
-def _by_rows(func: OpOverload, table: PagedTensor, rest: list) -> bool:
+def _exact_in_any_order(table: PagedTensor, options: dict) -> bool:
+    """Whether a sum or product scan of ``table`` is exact in any order: integer or bool elements into
+    an integer result (wrapping as the dense op's)."""
+    result = options.get("dtype") or table.dtype
+    return not table.dtype.is_floating_point and not table.dtype.is_complex and not result.is_floating_point and not result.is_complex
+
+
+def _by_rows(func: OpOverload, table: PagedTensor, rest: list, options: dict) -> bool:
     """Whether the op (its arguments checked) runs a piece of rows at a time: some elements, dim 0
     outermost in memory with rows that advance and several pieces of rows each within a piece
     (:func:`~pagedtensor.handlers.row_moves._runs_in_row_pieces`), the op computing along the
     last dim (``softmax``, the scans), trailing dims short of dim 0 (``layer_norm``) or moving
-    elements within trailing dims (the pads and upsampling)."""
+    elements within trailing dims (the pads and upsampling). On CUDA, ``cumsum``, ``cumprod`` and
+    ``logcumsumexp`` only where any order is exact (integers): its float scans of a piece of rows
+    differ from the whole's (``cumsum`` and ``logcumsumexp`` of 256 to 4,096 elements a row, fp32,
+    fp16 and bf16, on the H200); ``cummax`` and ``cummin`` compare, and run by rows there too."""
     if not _runs_in_row_pieces(table):
         return False
+    if func in _SCANS and table.device.type == "cuda" and func not in (aten.cummax.default, aten.cummin.default) and not _exact_in_any_order(table, options):
+        return False  # CUDA's float scans of a piece of rows add otherwise than of all of them (measured on the H200)
     if func in _SOFTMAXES or func in _SCANS:
         return rest[0] % table.dim() == table.dim() - 1
     if func is aten.native_layer_norm.default:
