@@ -34,6 +34,7 @@ Note:
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
@@ -100,6 +101,8 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     # Operands broadcast to the result's shape (``paged + bias``, ``paged * scale[:, None]``) are read
     # whole by every piece: they run expanded, a PagedTensor one read once (it must fit in a piece).
     shape = broadcast_shape(shaped)
+    if shape is None:
+        _raise_torchs_error(func, args, kwargs)  # shapes that do not broadcast: torch's error, not the pager's
     reference = next((t for t in shaped if isinstance(t, PagedTensor) and tuple(t.shape) == shape), None)
     if reference is None:
         return NotImplemented  # no PagedTensor of the result's shape (or shapes that do not broadcast)
@@ -159,11 +162,11 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
             if isinstance(t, PagedTensor) and t.dim() > 0 and span_elements(t) > piece_elements
         }
         if not splits and read_whole:  # with the operands read whole, the rest fits at once: one piece
-            out = _run_along(func, args, kwargs, result_layout, reference.device, shape[0], 0, max(1, shape[0]))
+            out = _run_in_tiles(func, args, kwargs, result_layout, reference.device, shape, {})
             return target if target is not None else out
-        if splits and None not in splits and len({dim for dim, _ in splits}) == 1:
-            dim, count = min(splits, key=lambda split: split[1])
-            out = _run_along(func, args, kwargs, result_layout, reference.device, shape[dim], dim, count)
+        tiles = _tile_counts(splits, tensors)
+        if tiles is not None:
+            out = _run_in_tiles(func, args, kwargs, result_layout, reference.device, shape, tiles)
             return target if target is not None else out
         if not fills_span or (result_layout is not None and result_layout.stride() != stride):
             return NotImplemented
@@ -248,33 +251,71 @@ def elements_apart(shape: Sequence[int], stride: Sequence[int]) -> bool:
     return True
 
 
-def _run_along(func: OpOverload, args: tuple, kwargs: dict, result_layout: Optional[torch.Tensor], device: torch.device,
-               size: int, dim: int, count: int) -> Any:  # fmt: skip
-    """``func`` run on pieces of ``count`` consecutive indices along ``dim`` (of ``size``) of every
-    shaped tensor argument; with ``result_layout``, a plain tensor on ``device`` of its layout
-    filled by the pieces, else ``None`` (the op wrote an argument)."""
+def _tile_counts(splits: set[Optional[tuple[int, int]]], tensors: list[torch.Tensor]) -> Optional[dict[int, int]]:
+    """``{dim: count}``: the tiles of the result, ``count`` consecutive indices along each ``dim``
+    that is the outer dim of a PagedTensor larger than a piece (``splits``: each such tensor's
+    :func:`_outer_split`), as many as its tightest tensor allows; None where a tensor has no such
+    split, there is none, or views of one allocation have outer dims of their own (``t + t.T``:
+    a tile would need two distant runs of its pages, and the dispatcher faults in the span between).
+
+    One dim: pieces of whole outer indices. Several (``a.T + b``, ``a.copy_(b.T)``): tiles narrowed
+    along each, so every PagedTensor spans at most a piece in any tile. Either way a tile is the
+    whole's layout narrowed, and no tile cuts the dim a kernel's vectorized inner loop runs along
+    where every operand is contiguous along it (an outer dim of a tensor with two or more dims of
+    more than one index is not contiguous in it): each element is computed as the whole computes it."""
+    if not splits or None in splits:
+        return None
+    counts: dict[int, int] = {}
+    for dim, count in splits:
+        counts[dim] = min(count, counts.get(dim, count))
+    if len(counts) > 1:
+        outer_dims: dict[int, set[Optional[int]]] = {}
+        for t in tensors:
+            if isinstance(t, PagedTensor) and t.dim() > 0:
+                outer_dims.setdefault(id(t._paged), set()).add(_outer_dim(t.shape, t.stride()))
+        if any(len(dims) > 1 for dims in outer_dims.values()):
+            return None
+    return counts
+
+
+def _outer_dim(shape: Sequence[int], stride: Sequence[int]) -> Optional[int]:
+    """The dim of the largest stride among those of more than one index (None where there is none)."""
+    dims = [d for d in range(len(shape)) if shape[d] != 1]
+    return max(dims, key=lambda d: stride[d]) if dims else None
+
+
+def _run_in_tiles(func: OpOverload, args: tuple, kwargs: dict, result_layout: Optional[torch.Tensor], device: torch.device,
+                  shape: tuple[int, ...], counts: dict[int, int]) -> Any:  # fmt: skip
+    """``func`` run on tiles of every shaped tensor argument: ``counts[dim]`` consecutive indices
+    along each ``dim`` of ``counts`` (of ``shape``), the tiles in row-major order of their dims, one
+    tile of everything where ``counts`` is empty; with ``result_layout``, a plain tensor on
+    ``device`` of its layout filled by the tiles, else ``None`` (the op wrote an argument)."""
     out = None
     if result_layout is not None:
         out = torch.empty_strided(result_layout.shape, result_layout.stride(), dtype=result_layout.dtype, device=device)
-    for start in range(0, size, count):
-        length = min(count, size - start)
-        result = func(*(_narrow(value, dim, start, length) for value in args),
-                      **{name: _narrow(value, dim, start, length) for name, value in kwargs.items()})  # fmt: skip
+    dims = sorted(counts)
+    for starts in itertools.product(*(range(0, shape[dim], counts[dim]) for dim in dims)):
+        cuts = [(dim, start, min(counts[dim], shape[dim] - start)) for dim, start in zip(dims, starts)]
+        result = func(*(_narrow(value, cuts) for value in args), **{name: _narrow(value, cuts) for name, value in kwargs.items()})
         if out is not None:
-            out.narrow(dim, start, length).copy_(result)
+            _narrow(out, cuts).copy_(result)
     return out
 
 
-def _narrow(value: Any, dim: int, start: int, length: int) -> Any:
-    """Indices ``[start, start + length)`` of ``dim`` of a tensor (a 0-dim tensor and a number stay)."""
+def _narrow(value: Any, cuts: Sequence[tuple[int, int, int]]) -> Any:
+    """A tensor narrowed to indices ``[start, start + length)`` of ``dim`` for each ``(dim, start,
+    length)`` of ``cuts`` (a 0-dim tensor and a number stay as they are)."""
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
     if isinstance(value, PagedTensor):
-        shape = list(value.shape)
-        shape[dim] = length
-        return PagedTensor._make(value._paged, value._offset + start * value.stride(dim), tuple(shape), value.stride(), value.dtype,
-                                 bits=math_bits(value))  # fmt: skip
-    return value.narrow(dim, start, length)
+        shape, offset = list(value.shape), value._offset
+        for dim, start, length in cuts:
+            shape[dim] = length
+            offset += start * value.stride(dim)
+        return PagedTensor._make(value._paged, offset, tuple(shape), value.stride(), value.dtype, bits=math_bits(value))
+    for dim, start, length in cuts:
+        value = value.narrow(dim, start, length)
+    return value
 
 
 NOT_ONE_TARGET = object()
@@ -336,6 +377,15 @@ def _result_layout(func: OpOverload, args: tuple, kwargs: dict) -> Optional[torc
     except (NotImplementedError, RuntimeError):
         return None
     return result if isinstance(result, torch.Tensor) else None
+
+
+def _raise_torchs_error(func: OpOverload, args: tuple, kwargs: dict) -> None:
+    """Raise the error ``func`` raises on meta tensors of its arguments' layouts (torch's own, as for
+    shapes that do not broadcast), if it raises one other than a missing meta kernel's."""
+    try:
+        func(*(meta_layout(value) for value in args), **{name: meta_layout(value) for name, value in kwargs.items()})
+    except NotImplementedError:
+        return
 
 
 def piece_elements_of(tensors: list[torch.Tensor]) -> Optional[int]:

@@ -52,7 +52,7 @@ def test_the_readme_example_scales_a_table_eight_times_the_device_tier(device):
         with pytest.raises(OutOfPagesError, match="need more pages at once"):
             table.sum()  # a reduction is not elementwise: its order of additions needs every page at once
         with pytest.raises(OutOfPagesError, match="need more pages at once"):
-            table + other.t().t().contiguous().t()  # layouts differ: elements at one index lie apart
+            table[:192] + table[192:]  # two views of one allocation are read through one window spanning both
         table.mul_(table)  # the same elements read and written: fine
         assert torch.equal(table.materialize(), x * x)
 
@@ -540,3 +540,97 @@ def test_an_out_of_place_op_with_a_plain_operand_of_another_layout_runs_in_piece
             assert same_bits(dense(op(table)), op(base.t()))
         assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
         assert same_bits(table.materialize(), base.t())
+
+
+def permuted_pair(data, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """Two random tables of one shape, 2 or 3 dims, laid out in memory with different outermost
+    dims: ``(a_memory, b_memory, a_view, b_view)``, each table being ``memory.permute(view)``."""
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    rank = data.draw(st.integers(2, 3), label="rank")
+    shape = tuple(data.draw(st.lists(st.integers(40, 200) if rank == 2 else st.integers(6, 40), min_size=rank, max_size=rank), label="shape"))
+    orders = data.draw(
+        st.tuples(st.permutations(range(rank)), st.permutations(range(rank))).filter(lambda pair: pair[0][0] != pair[1][0]),
+        label="memory orders",
+    )
+    tables, views = [], []
+    for order in orders:  # memory dim i holds dim order[i] of ``shape``
+        values = torch.randn(tuple(shape[d] for d in order), generator=generator) * 4
+        tables.append(values.to(dtype))
+        views.append(tuple(order.index(d) for d in range(rank)))
+    return tables[0], tables[1], views[0], views[1]
+
+
+def outer_index_bytes(memory: torch.Tensor) -> int:
+    """Bytes one index of a table's outermost dim in memory spans."""
+    return memory[0].numel() * memory.element_size()
+
+
+TILED = {
+    "add": lambda a, b: a + b,
+    "mul": lambda a, b: torch.mul(a, b),
+    "maximum": lambda a, b: torch.maximum(b, a),
+    "where": lambda a, b: torch.where(a > b, a, b),
+    "gelu": lambda a, b: torch.nn.functional.gelu(a + b),  # CPU gelu rounds otherwise on runs cut short
+    "eq": lambda a, b: a == b,
+    "copy_": lambda a, b: a.copy_(b),
+    "add_": lambda a, b: a.add_(b, alpha=2),
+    "mul_ of the other": lambda a, b: b.mul_(a),
+    "out=": lambda a, b: torch.sub(a, b, out=a),
+}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(data=st.data(), name=st.sampled_from(sorted(TILED)), dtype=st.sampled_from([torch.float32, torch.float16, torch.int64]),
+       plain_other=st.booleans())  # fmt: skip
+def test_elementwise_ops_on_tables_of_different_outer_dims_run_in_tiles(data, name, dtype, plain_other):
+    """``a.T + b``, ``a.copy_(b.T)``, ``torch.sub(a, b, out=a)`` where ``a`` and ``b`` lie in memory
+    with different outermost dims, each more than twice the device tier (they raised OutOfPagesError):
+    tiles cut along both dims, every tile the whole's layout narrowed, give the dense op's bits
+    and layout, written arguments included, within the device tier."""
+    assume(not (name == "gelu" and not dtype.is_floating_point))
+    a_memory, b_memory, a_view, b_view = permuted_pair(data, dtype)
+    device_pages = 2 * (-(-max(outer_index_bytes(a_memory), outer_index_bytes(b_memory)) // PAGE) + 1)  # a piece holds an outer index of each
+    assume(a_memory.numel() * a_memory.element_size() > 2 * device_pages * PAGE)
+    op = TILED[name]
+    dense_a, dense_b = a_memory.clone().permute(a_view), b_memory.clone().permute(b_view)
+    expected = op(dense_a, dense_b)
+    with make_pager(device_pages=device_pages) as pager:
+        paged_a = PagedTensor.wrap(a_memory.clone(), pager).permute(a_view)
+        paged_b = b_memory.clone().permute(b_view) if plain_other else PagedTensor.wrap(b_memory.clone(), pager).permute(b_view)
+        got = op(paged_a, paged_b)
+        assert pager.stats()["resident_bytes"]["device"] <= device_pages * PAGE
+        assert same_bits(dense(got), expected)
+        assert same_bits(dense(paged_a), dense_a) and same_bits(dense(paged_b), dense_b)
+        if name.endswith("_") or name == "out=":
+            assert got is (paged_b if name == "mul_ of the other" else paged_a)
+
+
+def test_views_of_one_table_with_different_outer_dims_still_raise_and_write_nothing():
+    """``t + t.T``, ``u.copy_(t.T)`` with ``u`` a view of ``t``'s pages: each tile would need two
+    distant runs of one allocation's pages, read through one window spanning them, so the op raises
+    the pager's error as before; an in-place one has written nothing."""
+    base = torch.randn(160, 160, generator=torch.Generator().manual_seed(5))  # 25 pages; the tier holds 6
+    with make_pager() as pager:
+        table = PagedTensor.wrap(base.clone(), pager)
+        with pytest.raises(OutOfPagesError, match="need more pages at once"):
+            table + table.T
+        with pytest.raises(OutOfPagesError, match="need more pages at once"):
+            table[:, :80].add_(table.T[:, 80:])
+        assert same_bits(table.materialize(), base)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_operands_that_do_not_broadcast_get_torchs_error_past_the_tier(device):
+    """Shapes that do not broadcast raise torch's RuntimeError naming them, as a table that fits
+    does, not the pager's error (past the tier the op was refused for its size first); nothing is
+    written."""
+    generator = torch.Generator().manual_seed(6)
+    base, other = torch.randn(384, 256, generator=generator).to(device), torch.randn(384, 256, generator=generator).to(device)
+    with make_pager(device) as pager:
+        table, paged_other = PagedTensor.wrap(base.clone(), pager), PagedTensor.wrap(other.clone(), pager)
+        for op in (lambda t: t + paged_other.T, lambda t: t.add_(paged_other.T), lambda t: t.copy_(paged_other.T),
+                   lambda t: t.mul_(torch.ones(3, device=device)), lambda t: torch.where(t > 0, t, paged_other[:, :7])):  # fmt: skip
+            with pytest.raises(RuntimeError, match=r"384|\\b3\\b|\\b7\\b") as raised:
+                op(table)
+            assert not isinstance(raised.value, OutOfPagesError)
+        assert same_bits(table.materialize(), base) and same_bits(paged_other.materialize(), other)

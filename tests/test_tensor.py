@@ -865,8 +865,12 @@ def test_an_overwrite_whose_source_does_not_fit_keeps_the_destination():
         destination = PagedTensor.wrap(torch.randn(2, 2048), pager)  # 4 pages: more than a piece
         before = destination.materialize()
         pager.evict_all()
-        with pytest.raises(OutOfPagesError):  # pieces along rows of one, columns of the other: none fits
-            destination.copy_(source.view(2048, 8)[:, :2].t())
+        destination.copy_(source.view(2048, 8)[:, :2].t())  # tiles along rows of one, columns of the other
+        assert torch.equal(destination.materialize(), source.materialize().view(2048, 8)[:, :2].t())
+        destination.copy_(before)
+        pager.evict_all()
+        with pytest.raises(OutOfPagesError):  # one row of the source spans 8 pages, more than a piece: nothing fits
+            destination.copy_(source.view(2, 8192)[:, ::4])
         assert torch.equal(destination.materialize(), before)
 
 
