@@ -634,3 +634,27 @@ def test_operands_that_do_not_broadcast_get_torchs_error_past_the_tier(device):
                 op(table)
             assert not isinstance(raised.value, OutOfPagesError)
         assert same_bits(table.materialize(), base) and same_bits(paged_other.materialize(), other)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
+def test_gpu_elementwise_ops_on_tables_of_different_outer_dims_run_in_tiles_on_cuda(dtype):
+    """The tiles on CUDA: ``a.T`` against ``b`` and a 3-dim pair permuted otherwise, every op of
+    :data:`TILED` (``gelu`` for floats), the dense op's bits, written arguments included."""
+    generator = torch.Generator().manual_seed(7)
+    pairs = [((150, 170), (1, 0), (0, 1)), ((30, 24, 36), (2, 0, 1), (0, 1, 2))]  # (memory shape of a, a's view, b's)
+    for memory_shape, a_view, b_view in pairs:
+        a_memory = (torch.randn(memory_shape, generator=generator) * 4).to(dtype).cuda()
+        b_memory = (torch.randn(tuple(memory_shape[d] for d in a_view), generator=generator) * 4).to(dtype).cuda()
+        for name, op in TILED.items():
+            if name == "gelu" and not dtype.is_floating_point:
+                continue
+            dense_a, dense_b = a_memory.clone().permute(a_view), b_memory.clone().permute(b_view)
+            expected = op(dense_a, dense_b)
+            with make_pager("cuda", device_pages=8) as pager:
+                paged_a = PagedTensor.wrap(a_memory.clone(), pager).permute(a_view)
+                paged_b = PagedTensor.wrap(b_memory.clone(), pager).permute(b_view)
+                got = op(paged_a, paged_b)
+                assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+                assert same_bits(dense(got), expected), (memory_shape, name)
+                assert same_bits(dense(paged_a), dense_a) and same_bits(dense(paged_b), dense_b), (memory_shape, name)
