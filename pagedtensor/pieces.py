@@ -164,9 +164,9 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
         if not splits and read_whole:  # with the operands read whole, the rest fits at once: one piece
             out = _run_in_tiles(func, args, kwargs, result_layout, reference.device, shape, {})
             return target if target is not None else out
-        tiles = _tile_counts(splits, tensors)
+        tiles = _tile_plan(splits, tensors, target)
         if tiles is not None:
-            out = _run_in_tiles(func, args, kwargs, result_layout, reference.device, shape, tiles)
+            out = _run_in_tiles(func, args, kwargs, result_layout, reference.device, shape, *tiles)
             return target if target is not None else out
         if not fills_span or (result_layout is not None and result_layout.stride() != stride):
             return NotImplemented
@@ -251,31 +251,36 @@ def elements_apart(shape: Sequence[int], stride: Sequence[int]) -> bool:
     return True
 
 
-def _tile_counts(splits: set[Optional[tuple[int, int]]], tensors: list[torch.Tensor]) -> Optional[dict[int, int]]:
-    """``{dim: count}``: the tiles of the result, ``count`` consecutive indices along each ``dim``
-    that is the outer dim of a PagedTensor larger than a piece (``splits``: each such tensor's
-    :func:`_outer_split`), as many as its tightest tensor allows; None where a tensor has no such
-    split, there is none, or views of one allocation have outer dims of their own (``t + t.T``:
-    a tile would need two distant runs of its pages, and the dispatcher faults in the span between).
+def _tile_plan(splits: set[Optional[tuple[int, int]]], tensors: list[torch.Tensor], target: Any) -> Optional[tuple[dict[int, int], frozenset[int]]]:
+    """``({dim: count}, copied)``: the tiles of the result, ``count`` consecutive indices along each
+    ``dim`` that is the outer dim of a PagedTensor larger than a piece (``splits``: each such
+    tensor's :func:`_outer_split`), as many as its tightest tensor allows; None where a tensor has no
+    such split or there is none.
 
     One dim: pieces of whole outer indices. Several (``a.T + b``, ``a.copy_(b.T)``): tiles narrowed
     along each, so every PagedTensor spans at most a piece in any tile. Either way a tile is the
     whole's layout narrowed, and no tile cuts the dim a kernel's vectorized inner loop runs along
     where every operand is contiguous along it (an outer dim of a tensor with two or more dims of
-    more than one index is not contiguous in it): each element is computed as the whole computes it."""
+    more than one index is not contiguous in it). ``copied``: the ids of the views read as plain
+    copies of their tile, those of an allocation whose first view has another outer dim (``t + t.T``:
+    the dispatcher reads one allocation's views through one window spanning them, which two distant
+    runs of its pages would fill); None where the one written would be such a view."""
     if not splits or None in splits:
         return None
     counts: dict[int, int] = {}
     for dim, count in splits:
         counts[dim] = min(count, counts.get(dim, count))
+    copied = set()
     if len(counts) > 1:
-        outer_dims: dict[int, set[Optional[int]]] = {}
-        for t in tensors:
+        first_outer: dict[int, Optional[int]] = {}
+        for t in sorted(tensors, key=lambda t: t is not target):  # the written view's outer dim is kept
             if isinstance(t, PagedTensor) and t.dim() > 0:
-                outer_dims.setdefault(id(t._paged), set()).add(_outer_dim(t.shape, t.stride()))
-        if any(len(dims) > 1 for dims in outer_dims.values()):
-            return None
-    return counts
+                outer = _outer_dim(t.shape, t.stride())
+                if first_outer.setdefault(id(t._paged), outer) != outer:
+                    if t is target:
+                        return None
+                    copied.add(id(t))
+    return counts, frozenset(copied)
 
 
 def _outer_dim(shape: Sequence[int], stride: Sequence[int]) -> Optional[int]:
@@ -285,10 +290,11 @@ def _outer_dim(shape: Sequence[int], stride: Sequence[int]) -> Optional[int]:
 
 
 def _run_in_tiles(func: OpOverload, args: tuple, kwargs: dict, result_layout: Optional[torch.Tensor], device: torch.device,
-                  shape: tuple[int, ...], counts: dict[int, int]) -> Any:  # fmt: skip
+                  shape: tuple[int, ...], counts: dict[int, int], copied: frozenset[int] = frozenset()) -> Any:  # fmt: skip
     """``func`` run on tiles of every shaped tensor argument: ``counts[dim]`` consecutive indices
     along each ``dim`` of ``counts`` (of ``shape``), the tiles in row-major order of their dims, one
-    tile of everything where ``counts`` is empty; with ``result_layout``, a plain tensor on
+    tile of everything where ``counts`` is empty, the PagedTensors whose ids ``copied`` holds read as
+    a plain copy of their tile (its layout) first; with ``result_layout``, a plain tensor on
     ``device`` of its layout filled by the tiles, else ``None`` (the op wrote an argument)."""
     out = None
     if result_layout is not None:
@@ -296,7 +302,8 @@ def _run_in_tiles(func: OpOverload, args: tuple, kwargs: dict, result_layout: Op
     dims = sorted(counts)
     for starts in itertools.product(*(range(0, shape[dim], counts[dim]) for dim in dims)):
         cuts = [(dim, start, min(counts[dim], shape[dim] - start)) for dim, start in zip(dims, starts)]
-        result = func(*(_narrow(value, cuts) for value in args), **{name: _narrow(value, cuts) for name, value in kwargs.items()})
+        tile = lambda value: _narrow(value, cuts).materialize() if id(value) in copied else _narrow(value, cuts)  # noqa: E731
+        result = func(*(tile(value) for value in args), **{name: tile(value) for name, value in kwargs.items()})
         if out is not None:
             _narrow(out, cuts).copy_(result)
     return out

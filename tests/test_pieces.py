@@ -605,15 +605,24 @@ def test_elementwise_ops_on_tables_of_different_outer_dims_run_in_tiles(data, na
             assert got is (paged_b if name == "mul_ of the other" else paged_a)
 
 
-def test_views_of_one_table_with_different_outer_dims_still_raise_and_write_nothing():
-    """``t + t.T``, ``u.copy_(t.T)`` with ``u`` a view of ``t``'s pages: each tile would need two
-    distant runs of one allocation's pages, read through one window spanning them, so the op raises
-    the pager's error as before; an in-place one has written nothing."""
-    base = torch.randn(160, 160, generator=torch.Generator().manual_seed(5))  # 25 pages; the tier holds 6
-    with make_pager() as pager:
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_views_of_one_table_with_different_outer_dims_run_in_tiles_reading_copies(device):
+    """``t + t.T``, ``t == t.T``, ``torch.where(t > t.T, t, t.T)`` and their ``out=`` into another
+    table: one allocation's views are read through one window spanning them, so in each tile the
+    views of another outer dim than the first are read as plain copies of their tile (they raised
+    OutOfPagesError). An in-place op reading its written bytes as other elements
+    (``u.add_(t.T)`` with ``u`` a view of ``t``) still raises, having written nothing."""
+    generator = torch.Generator().manual_seed(5)
+    base = torch.randn(160, 160, generator=generator).to(device)  # 25 pages; the tier holds 6
+    ops = [lambda t: t + t.T, lambda t: t == t.T, lambda t: torch.where(t > t.T, t, t.T), lambda t: torch.sub(t.T, t, alpha=0.5)]
+    with make_pager(device) as pager:
         table = PagedTensor.wrap(base.clone(), pager)
-        with pytest.raises(OutOfPagesError, match="need more pages at once"):
-            table + table.T
+        out = PagedTensor.wrap(torch.zeros(160, 160, device=device), pager)
+        for op in ops:
+            assert same_bits(dense(op(table)), op(base))
+        assert torch.add(table.T, table, out=out) is out
+        assert same_bits(out.materialize(), (base.T + base).contiguous())
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
         with pytest.raises(OutOfPagesError, match="need more pages at once"):
             table[:, :80].add_(table.T[:, 80:])
         assert same_bits(table.materialize(), base)
