@@ -377,10 +377,15 @@ def functional_form(func: OpOverload) -> Optional[OpOverload]:
     return getattr(packet, overload)
 
 
+def _on_meta(func: OpOverload, args: tuple, kwargs: dict) -> Any:
+    """``func`` run on meta tensors of its arguments' layouts."""
+    return func(*(meta_layout(value) for value in args), **{name: meta_layout(value) for name, value in kwargs.items()})
+
+
 def _result_layout(func: OpOverload, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-    """The op's result run on meta tensors of its arguments' layouts (None if not one tensor)."""
+    """The op's result on meta tensors of its arguments' layouts (None if not one tensor)."""
     try:
-        result = func(*(meta_layout(value) for value in args), **{name: meta_layout(value) for name, value in kwargs.items()})
+        result = _on_meta(func, args, kwargs)
     except (NotImplementedError, RuntimeError):
         return None
     return result if isinstance(result, torch.Tensor) else None
@@ -390,7 +395,7 @@ def _raise_torchs_error(func: OpOverload, args: tuple, kwargs: dict) -> None:
     """Raise the error ``func`` raises on meta tensors of its arguments' layouts (torch's own, as for
     shapes that do not broadcast), if it raises one other than a missing meta kernel's."""
     try:
-        func(*(meta_layout(value) for value in args), **{name: meta_layout(value) for name, value in kwargs.items()})
+        _on_meta(func, args, kwargs)
     except NotImplementedError:
         return
 

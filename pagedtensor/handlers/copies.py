@@ -20,7 +20,7 @@ from pagedtensor.handlers.parts import (
     _plain_copy,
     copy_in_parts,
 )
-from pagedtensor.pieces import piece_elements_of
+from pagedtensor.pieces import broadcast_shape, piece_elements_of
 from pagedtensor.tensor import PagedTensor, meta_layout, meta_like
 
 
@@ -53,18 +53,10 @@ def copy_into_plain_in_parts(func: OpOverload, types: tuple, args: tuple, kwargs
         target, source = args[0], args[1]
         if isinstance(target, PagedTensor) or not isinstance(source, PagedTensor) or not _copies_in_parts([target, source]):
             raise
-        if not _broadcasts_to(source.shape, target.shape):
+        if broadcast_shape([source, target]) != tuple(target.shape):  # copy_'s rule: the source broadcasts to the target
             raise
         copy_in_parts(target, source.expand(target.shape))
         return target
-
-
-def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
-    """Whether a tensor of ``shape`` broadcasts to ``target`` (``copy_``'s rule)."""
-    try:
-        return torch.broadcast_shapes(shape, target) == target
-    except RuntimeError:
-        return False
 
 
 @implements([aten.cat.default, aten.stack.default])
