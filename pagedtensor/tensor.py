@@ -33,7 +33,7 @@ import sys
 import threading
 import warnings
 import weakref
-from typing import Callable, ClassVar, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 
@@ -548,6 +548,38 @@ class PagedTensor(torch.Tensor):
 
     def tolist(self) -> list:  # Tensor.tolist reads the data pointer directly
         return self.materialize("cpu").tolist()
+
+    def apply_(self, callable: Callable[[Any], Any]) -> "PagedTensor":  # noqa: A002 - torch's argument name
+        """torch's ``Tensor.apply_``: ``callable`` on each element in order, its results written in place.
+
+        torch's own reads the data pointer (a PagedTensor has none). This runs torch's on a dense copy of
+        the bytes this tensor reaches, viewed with its size, strides and math bits (an expanded view's
+        element gets the callable once per index, as in torch), then writes the elements back through
+        the pager (their pages only turn dirty). A callable that raises leaves every page as it was.
+
+        Raises:
+            TypeError: a tensor on another device than the CPU (as torch's).
+            RuntimeError: the tensor requires grad (as torch's).
+        """
+        if self._paged is None:
+            raise RuntimeError("PagedTensor.apply_: a traced PagedTensor (inside torch.compile) cannot run a Python callable per element")
+        if self.device.type != "cpu":
+            raise TypeError("apply_ is only implemented on CPU tensors")
+        if self.requires_grad:
+            raise RuntimeError("Can't call apply_() on Variable that requires grad. Use var.detach().apply_() instead.")
+        lo, hi = element_span(tuple(self.shape), self.stride(), self._offset)
+        if lo == hi:
+            return self
+        span = PagedTensor._make(self._paged, lo, (hi - lo,), (1,), self.dtype)
+        values = span.materialize()
+        view = with_math_bits(values.as_strided(self.shape, self.stride(), self._offset - lo), math_bits(self))
+        view.apply_(callable)
+        with torch.no_grad():
+            if torch._debug_has_internal_overlap(view) == 0:
+                self.copy_(view)  # the elements only: bytes between them are not rewritten
+            else:  # elements sharing bytes (an expanded view): torch's copy_ refuses such a target
+                span.copy_(values)
+        return self
 
     def numpy(self, *, force: bool = False):  # noqa: ANN201 - numpy is optional
         """A read-only NumPy copy of the values. An array cannot share a PagedTensor's pages (torch's

@@ -21,7 +21,7 @@ PAGE = 4096
 OVERLAP = "refer to a single memory location"
 
 
-def make_pager(device_pages: int = 8, host_pages: int = 64) -> Pager:
+def make_pager(device_pages: int = 8, host_pages: int = 64, device: str = "cpu") -> Pager:
     return Pager(
         MemoryConfig(
             page_size=PAGE,
@@ -29,7 +29,7 @@ def make_pager(device_pages: int = 8, host_pages: int = 64) -> Pager:
             host_memory=host_pages * PAGE,
             slab_size=max(device_pages, host_pages) * PAGE,
             prefetch_strategy="none",
-            device="cpu",
+            device=device,
         )
     )
 
@@ -395,6 +395,92 @@ def test_a_0_dim_paged_tensor_formats_as_its_number(pager):
     assert f"{paged[0]:.3f}" == "1.235" and f"{paged[1]}" == f"{torch.tensor(2.0)}"
     with pytest.raises(TypeError):
         f"{paged:.3f}"  # as a plain tensor of more than one element
+
+
+# ---------------------------------------------------------------------- apply_: a Python callable per element
+
+_APPLY_VIEWS = {
+    "whole": lambda t: t,
+    "rows": lambda t: t[3:40],
+    "column": lambda t: t[:, 5],  # one element a row: the bytes between them are not written
+    "transposed": lambda t: t.T,
+    "strided": lambda t: t[1::7, ::3],
+    "element": lambda t: t[17, 2],
+    "expanded": lambda t: t[9, :4].expand(3, 4),  # each element gets the callable three times, as in torch
+    "empty": lambda t: t[5:5],
+}
+
+
+@given(
+    view=st.sampled_from(sorted(_APPLY_VIEWS)),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]),
+    device_pages=st.integers(3, 8),
+)
+def test_apply_runs_the_callable_per_element_in_torchs_order_with_evictions(view, dtype, device_pages):
+    """``Tensor.apply_`` reads the data pointer, which a PagedTensor lacks: it crashed the interpreter.
+    Now the same calls in the same order as on the dense tensor, the same bits in the pages after, on a
+    tier of a few pages that evicts between ops."""
+    dense = (torch.arange(64 * 16).reshape(64, 16) % 23 - 11).to(dtype)
+    if dtype.is_floating_point:
+        dense = dense / 7
+    with make_pager(device_pages=device_pages) as pager:
+        paged = PagedTensor.wrap(dense.clone(), pager)
+        pager.evict_all()
+        seen_dense: list = []
+        seen_paged: list = []
+
+        def step(seen: list):  # noqa: ANN202
+            def call(value):  # noqa: ANN001, ANN202
+                seen.append(value)
+                return (not value) if isinstance(value, bool) else value * 3 + len(seen)
+
+            return call
+
+        got = _APPLY_VIEWS[view](paged).apply_(step(seen_paged))
+        _APPLY_VIEWS[view](dense).apply_(step(seen_dense))
+        assert seen_paged == seen_dense
+        assert isinstance(got, PagedTensor)
+        assert_same(paged, dense)
+        pager.evict_all()
+        assert_same(paged, dense)
+
+
+def test_apply_marks_only_the_touched_pages_dirty_and_a_raising_callable_writes_nothing():
+    with make_pager() as pager:
+        dense = torch.randn(16, 256)  # four rows a page
+        paged = PagedTensor.wrap(dense.clone(), pager)
+        pager.evict_all()
+        paged.sum()  # every page on the device and clean
+        paged[5].apply_(lambda v: v + 1)
+        dense[5].apply_(lambda v: v + 1)
+        assert {info.index for info in pager.page_table(paged.allocation) if info.dirty} == {1}
+        calls = []
+
+        def fails_at_the_third(value):  # noqa: ANN001, ANN202
+            calls.append(value)
+            if len(calls) == 3:
+                raise ValueError("third element")
+            return 0.0
+
+        with pytest.raises(ValueError, match="third element"):
+            paged[8:].apply_(fails_at_the_third)
+        assert_same(paged, dense)
+
+
+def test_apply_refuses_what_torchs_refuses(pager):
+    paged = PagedTensor.wrap(torch.randn(4), pager)
+    with pytest.raises(RuntimeError, match=r"Can't call apply_\(\) on Variable that requires grad"):
+        paged.requires_grad_().apply_(lambda v: v)
+
+
+@pytest.mark.gpu
+def test_gpu_apply_is_refused_on_cuda_as_torchs():
+    with make_pager(device="cuda") as pager:
+        paged = PagedTensor.wrap(torch.randn(4, device="cuda"), pager)
+        with pytest.raises(TypeError, match="apply_ is only implemented on CPU tensors"):
+            paged.apply_(lambda v: v)
+        with pytest.raises(TypeError, match="apply_ is only implemented on CPU tensors"):
+            torch.randn(4, device="cuda").apply_(lambda v: v)
 
 
 # ---------------------------------------------------------------------- dtype conversions
