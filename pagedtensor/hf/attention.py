@@ -79,6 +79,16 @@ def pagedllm_attention(
     active = ACTIVE_UPDATE.get()
     layer_idx = getattr(module, "layer_idx", None)
     if active is None or active.layer_idx != layer_idx or active.key is not key:
+        if active is not None and active.layer_idx == layer_idx and key.shape[2] != active.cache.get_seq_length(layer_idx):
+            # This layer updated the paged cache, which handed back only the new states (the paged
+            # attention reads the rest from the pages), but the model attends to other keys made from
+            # them: attention over those alone would silently drop every earlier token.
+            raise RuntimeError(
+                f"pagedllm attention, layer {layer_idx}: the model attends to keys {tuple(key.shape)} other than the "
+                f"states it stored in the paged cache, which holds {active.cache.get_seq_length(layer_idx)} positions; "
+                f"this model needs its own attention over dense keys and values: enable_paging(model, ..., "
+                f"attn_implementation=\"sdpa\") (or \"eager\")"
+            )
         return _sdpa_without_cache(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     ACTIVE_UPDATE.set(None)
     cache = active.cache
@@ -184,8 +194,11 @@ def _fallback_reason(cache: PagedKVCache, layer_idx: int, query: torch.Tensor, a
         return needs_eager
     if window is not None and cache.get_seq_length(layer_idx) > window:
         return f"sliding window {window} outgrown"
-    if query.shape[1] % cache.layers[layer_idx].geometry.kv_heads:
+    geometry = cache.layers[layer_idx].geometry
+    if query.shape[1] % geometry.kv_heads:
         return "heads not a multiple of kv heads"
+    if geometry.value_dim != geometry.head_dim:
+        return f"values of head size {geometry.value_dim}, keys of {geometry.head_dim}"
     return None
 
 

@@ -1,11 +1,13 @@
 """PagedKVCache: a ``transformers`` Cache whose keys and values live in pager pages.
 
 Layout. One pager page holds the keys and then the values of ``page_tokens`` consecutive tokens of
-one sequence in one layer: ``[2, page_tokens, num_kv_heads, head_dim]`` in the model's dtype, where
-``page_tokens = page_size // (2 * num_kv_heads * head_dim * itemsize)`` (any slack at the end of a
-page is unused). Each layer has its own :class:`LayerGeometry`, learned from its first keys: layers
+one sequence in one layer: ``[page_tokens, num_kv_heads, head_dim]`` keys, then
+``[page_tokens, num_kv_heads, value_dim]`` values, in the model's dtype, where
+``page_tokens = page_size // (num_kv_heads * (head_dim + value_dim) * itemsize)`` (any slack at the end of a
+page is unused). Each layer has its own :class:`LayerGeometry`, learned from its first states: layers
 of one model may have other head sizes or numbers of KV heads (Gemma 4's full-attention layers,
-transformers' ``per_layer_config``). The pages of one (layer, sequence) are pages of pager allocations ("segments" of
+transformers' ``per_layer_config``), and a layer's values another size than its keys (``value_dim``:
+DeepSeek's multi-head latent attention caches its compressed latent as keys and the rotary part as values). The pages of one (layer, sequence) are pages of pager allocations ("segments" of
 ``segment_pages`` pages) read as one logical run of pages: logical page ``p`` is page
 ``p % segment_pages`` of the allocation ``owners[p]``, so a page has the same place in its segment
 whatever sequence refers to it. Sequences share pages by reference (beam search keeps a beam twice:
@@ -88,12 +90,14 @@ ACTIVE_UPDATE: contextvars.ContextVar[Optional[ActiveUpdate]] = contextvars.Cont
 @dataclasses.dataclass(frozen=True, eq=False)
 class LayerGeometry:
     """How one layer's keys and values lie in pages: a page holds ``page_tokens`` tokens' keys
-    ``[page_tokens, kv_heads, head_dim]``, then their values; a sequence's pages lie in segments
-    (allocations) of ``segment_pages`` pages. Layers whose states have one shape share one geometry
-    object, so it compares and hashes by identity (a cheap key of the kernels' pool views)."""
+    ``[page_tokens, kv_heads, head_dim]``, then their values ``[page_tokens, kv_heads, value_dim]``;
+    a sequence's pages lie in segments (allocations) of ``segment_pages`` pages. Layers whose states
+    have one shape share one geometry object, so it compares and hashes by identity (a cheap key of
+    the kernels' pool views)."""
 
     kv_heads: int
     head_dim: int
+    value_dim: int
     page_tokens: int
     segment_pages: int
 
@@ -168,7 +172,7 @@ class PagedLayer(CacheLayerMixin):
         return cache
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.geometry = self.cache._init_geometry(key_states)
+        self.geometry = self.cache._init_geometry(key_states, value_states)
         self.device = key_states.device
         self.seqs = [_SequencePages(self.geometry) for _ in range(key_states.shape[0])]
         self.is_initialized = True
@@ -292,7 +296,7 @@ class PagedKVCache(Cache):
         self.dtype: Optional[torch.dtype] = None
         self.device: Optional[torch.device] = None
         self.batch_size_: Optional[int] = None
-        self._geometries: dict[tuple[int, int], LayerGeometry] = {}  # by (kv heads, head_dim)
+        self._geometries: dict[tuple[int, int, int], LayerGeometry] = {}  # by (kv heads, head_dim, value_dim)
         self.group_pages = 1
         self.window_pages = 2
         self.hot_enabled = False
@@ -314,10 +318,11 @@ class PagedKVCache(Cache):
     # ------------------------------------------------------------------ transformers Cache API
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``key_states``/``value_states`` ``[batch, kv_heads, q_len, head_dim]`` to layer ``layer_idx``.
+        """Append ``key_states`` ``[batch, kv_heads, q_len, head_dim]`` and ``value_states``
+        ``[batch, kv_heads, q_len, value_dim]`` to layer ``layer_idx``.
 
         Returns them unchanged under the ``"pagedllm"`` attention (which reads the pages), else the
-        layer's dense keys and values ``[batch, kv_heads, total, head_dim]`` (pads zero).
+        layer's dense keys and values ``[batch, kv_heads, total, head_dim or value_dim]`` (pads zero).
         """
         if self.closed:
             raise RuntimeError("this PagedKVCache is closed")
@@ -459,11 +464,14 @@ class PagedKVCache(Cache):
 
     # ------------------------------------------------------------------ geometry
 
-    def _init_geometry(self, key_states: torch.Tensor) -> LayerGeometry:
-        """The geometry of a layer whose first keys are ``key_states`` ``[batch, kv_heads, q_len, head_dim]``.
-        The first layer filled sets what every layer shares (batch, dtype, device) and the streaming
-        window; a later layer must agree on those, and may have other heads."""
+    def _init_geometry(self, key_states: torch.Tensor, value_states: torch.Tensor) -> LayerGeometry:
+        """The geometry of a layer whose first keys are ``key_states`` ``[batch, kv_heads, q_len, head_dim]``
+        and values ``value_states`` ``[batch, kv_heads, q_len, value_dim]``. The first layer filled sets
+        what every layer shares (batch, dtype, device) and the streaming window; a later layer must
+        agree on those, and may have other heads."""
+        self._check_pair(key_states, value_states)
         batch, kv_heads, _, head_dim = key_states.shape
+        value_dim = value_states.shape[3]
         if self.dtype is not None and (batch, key_states.dtype) != (self.batch_size_, self.dtype):
             raise ValueError(
                 f"layer states {tuple(key_states.shape)} {key_states.dtype} differ from the cache's batch "
@@ -474,22 +482,24 @@ class PagedKVCache(Cache):
                 f"the model's keys are on {key_states.device} but the pager's device tier is {self.pager.device}: "
                 f"use MemoryConfig(device={str(key_states.device)!r}) or move the model"
             )
-        geometry = self._geometries.get((kv_heads, head_dim))
+        geometry = self._geometries.get((kv_heads, head_dim, value_dim))
         if geometry is None:
-            geometry = self._new_geometry(kv_heads, head_dim, key_states.dtype)
+            geometry = self._new_geometry(kv_heads, head_dim, value_dim, key_states.dtype)
         if self.dtype is None:
             self._init_shared(batch, key_states.dtype, key_states.device)
-        self._geometries[(kv_heads, head_dim)] = geometry
+        self._geometries[(kv_heads, head_dim, value_dim)] = geometry
         return geometry
 
-    def _new_geometry(self, kv_heads: int, head_dim: int, dtype: torch.dtype) -> LayerGeometry:
-        """Pages of ``kv_heads`` x ``head_dim`` keys and values in ``dtype``; ValueError if a page cannot hold one token."""
-        token_bytes = 2 * kv_heads * head_dim * dtype.itemsize
+    def _new_geometry(self, kv_heads: int, head_dim: int, value_dim: int, dtype: torch.dtype) -> LayerGeometry:
+        """Pages of ``kv_heads`` x ``head_dim`` keys and ``kv_heads`` x ``value_dim`` values in ``dtype``;
+        ValueError if a page cannot hold one token."""
+        token_bytes = kv_heads * (head_dim + value_dim) * dtype.itemsize
         page_tokens = self.pager.page_size // token_bytes
         if page_tokens < 1:
+            sizes = f"{head_dim}" if value_dim == head_dim else f"({head_dim} + {value_dim})"
             raise ValueError(
                 f"page_size: {self.pager.page_size} bytes cannot hold the keys and values of one token "
-                f"({token_bytes} bytes for {kv_heads} kv heads x {head_dim} x {dtype}); use a page_size of at least "
+                f"({token_bytes} bytes for {kv_heads} kv heads x {sizes} x {dtype}); use a page_size of at least "
                 f"{1 << max(12, (token_bytes - 1).bit_length())}"
             )
         segment_pages = DEFAULT_SEGMENT_PAGES
@@ -500,9 +510,9 @@ class PagedKVCache(Cache):
             # model took 23 s and 2 GB of host memory for a 3-token answer). Longer sequences take more segments.
             capacity = self.pager.device_tier.capacity_pages
             segment_pages = max(1, min(math.ceil(self.max_tokens / page_tokens), max(DEFAULT_SEGMENT_PAGES, capacity)))
-        log.debug("PagedKVCache: %d tokens of %d kv heads x %d per page of %s", page_tokens, kv_heads, head_dim,
-                  format_size(self.pager.page_size))
-        return LayerGeometry(kv_heads, head_dim, page_tokens, segment_pages)
+        log.debug("PagedKVCache: %d tokens of %d kv heads x (%d + %d) per page of %s", page_tokens, kv_heads, head_dim,
+                  value_dim, format_size(self.pager.page_size))
+        return LayerGeometry(kv_heads, head_dim, value_dim, page_tokens, segment_pages)
 
     def _init_shared(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:
         """Set what every layer shares, at the first update of an empty cache: batch, dtype, device,
@@ -539,6 +549,11 @@ class PagedKVCache(Cache):
     def head_dim(self) -> int:
         """Head size of every layer (0 before the first update); ValueError where layers differ."""
         return self._common("head_dim")
+
+    @property
+    def value_dim(self) -> int:
+        """Value head size of every layer (0 before the first update); ValueError where layers differ."""
+        return self._common("value_dim")
 
     @property
     def page_tokens(self) -> int:
@@ -586,19 +601,25 @@ class PagedKVCache(Cache):
             value_states = value_states.to(target)
         return key_states, value_states
 
-    def _check_states(self, layer: PagedLayer, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if key_states.shape != value_states.shape:
+    @staticmethod
+    def _check_pair(key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Keys and values ``[batch, kv_heads, q_len, *]`` of one batch, heads and length (their last
+        dims, the head sizes, may differ)."""
+        if key_states.dim() != 4 or value_states.dim() != 4 or key_states.shape[:3] != value_states.shape[:3]:
             raise ValueError(
-                f"key_states {tuple(key_states.shape)} and value_states {tuple(value_states.shape)} differ: a PagedKVCache "
-                f"holds keys and values of one shape (models whose values have another head size than their keys, "
-                f"such as DeepSeek's multi-head latent attention, are not supported)"
+                f"key_states {tuple(key_states.shape)} and value_states {tuple(value_states.shape)}: a PagedKVCache holds "
+                f"states [batch, kv_heads, q_len, head size] whose batch, kv heads and length agree (only the head sizes may differ)"
             )
+
+    def _check_states(self, layer: PagedLayer, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self._check_pair(key_states, value_states)
         geometry = layer.geometry
-        if (key_states.dim() != 4 or key_states.shape[0] != self.batch_size_ or key_states.shape[1] != geometry.kv_heads
-                or key_states.shape[3] != geometry.head_dim):  # fmt: skip
+        if (key_states.shape[0] != self.batch_size_ or key_states.shape[1] != geometry.kv_heads
+                or key_states.shape[3] != geometry.head_dim or value_states.shape[3] != geometry.value_dim):  # fmt: skip
             raise ValueError(
-                f"layer {layer.layer_idx}: expected states [batch={self.batch_size_}, kv_heads={geometry.kv_heads}, q_len, "
-                f"{geometry.head_dim}], got {tuple(key_states.shape)}"
+                f"layer {layer.layer_idx}: expected keys [batch={self.batch_size_}, kv_heads={geometry.kv_heads}, q_len, "
+                f"{geometry.head_dim}] and values [..., {geometry.value_dim}], got {tuple(key_states.shape)} and "
+                f"{tuple(value_states.shape)}"
             )
         if key_states.dtype != self.dtype or value_states.dtype != self.dtype:
             raise TypeError(f"expected {self.dtype} states, got {key_states.dtype} / {value_states.dtype}")
@@ -738,15 +759,26 @@ class PagedKVCache(Cache):
         seq.owners[index] = target
         self._refer(seq, [index])
 
-    def page_kv(self, view: torch.Tensor, geometry: LayerGeometry) -> torch.Tensor:
-        """A page's uint8 view as ``[2, page_tokens, kv_heads, head_dim]`` (keys, values) of a layer of ``geometry``."""
-        shape = (2, geometry.page_tokens, geometry.kv_heads, geometry.head_dim)
-        return view.view(self.dtype)[: math.prod(shape)].view(shape)
+    def page_kv(self, view: torch.Tensor, geometry: LayerGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+        """A page's uint8 view as its keys ``[page_tokens, kv_heads, head_dim]`` and values
+        ``[page_tokens, kv_heads, value_dim]``, of a layer of ``geometry``."""
+        elements = view.view(self.dtype)
+        key_elements = geometry.page_tokens * geometry.kv_heads * geometry.head_dim
+        value_elements = geometry.page_tokens * geometry.kv_heads * geometry.value_dim
+        keys = elements[:key_elements].view(geometry.page_tokens, geometry.kv_heads, geometry.head_dim)
+        values = elements[key_elements : key_elements + value_elements].view(geometry.page_tokens, geometry.kv_heads, geometry.value_dim)
+        return keys, values
 
     def key_pools(self, slab: int, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Device slab ``slab`` as the kernels' key and value page pools ``[slots, page_tokens, kv_heads, head_dim]``
-        of layer ``layer_idx``'s geometry (layers of one geometry share the views)."""
+        of layer ``layer_idx``'s geometry (layers of one geometry share the views). The kernels take
+        keys and values of one head size: ValueError for a layer whose values have another."""
         geometry = self.layers[layer_idx].geometry
+        if geometry.value_dim != geometry.head_dim:
+            raise ValueError(
+                f"layer {layer_idx}: its values have head size {geometry.value_dim} and its keys {geometry.head_dim}; "
+                f"the paged kernels take keys and values of one size"
+            )
         tensor = self.pager.device_tier.slabs[slab]
         cached = self._pools.get((slab, geometry))
         if cached is not None and cached[0] is tensor:
@@ -804,10 +836,10 @@ class PagedKVCache(Cache):
                     for i, view in enumerate(resident.views()):
                         page_start = (logical + i) * pt
                         t0, t1 = max(start, page_start), min(end, page_start + pt)
-                        kv = self.page_kv(view, geometry)
+                        page_keys, page_values = self.page_kv(view, geometry)
                         source = offset + t0 - start
-                        kv[0, t0 - page_start : t1 - page_start].copy_(keys[:, source : source + t1 - t0].transpose(0, 1))
-                        kv[1, t0 - page_start : t1 - page_start].copy_(values[:, source : source + t1 - t0].transpose(0, 1))
+                        page_keys[t0 - page_start : t1 - page_start].copy_(keys[:, source : source + t1 - t0].transpose(0, 1))
+                        page_values[t0 - page_start : t1 - page_start].copy_(values[:, source : source + t1 - t0].transpose(0, 1))
                 finally:
                     resident.release(dirty=True)
         seq.length = end
@@ -881,13 +913,13 @@ class PagedKVCache(Cache):
     # ------------------------------------------------------------------ reads: dense
 
     def dense_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's keys and values ``[batch, kv_heads, total, head_dim]``; sequence ``b`` fills the
-        last ``length[b]`` positions (its pads, first, are zeros)."""
+        """The layer's keys ``[batch, kv_heads, total, head_dim]`` and values ``[..., value_dim]``;
+        sequence ``b`` fills the last ``length[b]`` positions (its pads, first, are zeros)."""
         layer = self.layers[layer_idx]
         geometry = layer.geometry
-        shape = (len(layer.seqs), geometry.kv_heads, layer.total, geometry.head_dim)
-        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        shape = (len(layer.seqs), geometry.kv_heads, layer.total)
+        keys = torch.zeros((*shape, geometry.head_dim), dtype=self.dtype, device=self.device)
+        values = torch.zeros((*shape, geometry.value_dim), dtype=self.dtype, device=self.device)
         pt = geometry.page_tokens
         for b, seq in enumerate(layer.seqs):
             pad = layer.total - seq.length
@@ -900,9 +932,9 @@ class PagedKVCache(Cache):
                         for i, view in enumerate(resident.views()):
                             t0 = (logical + i) * pt
                             t1 = min(seq.length, t0 + pt)
-                            kv = self.page_kv(view, geometry)
-                            keys[b, :, pad + t0 : pad + t1] = kv[0, : t1 - t0].transpose(0, 1)
-                            values[b, :, pad + t0 : pad + t1] = kv[1, : t1 - t0].transpose(0, 1)
+                            page_keys, page_values = self.page_kv(view, geometry)
+                            keys[b, :, pad + t0 : pad + t1] = page_keys[: t1 - t0].transpose(0, 1)
+                            values[b, :, pad + t0 : pad + t1] = page_values[: t1 - t0].transpose(0, 1)
         return keys, values
 
     def dense_mask(self, layer_idx: int, q_len: int, sliding_window: Optional[int] = None) -> torch.Tensor:

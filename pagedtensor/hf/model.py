@@ -1001,6 +1001,9 @@ def _paged_attention_unsupported(model: torch.nn.Module) -> Optional[str]:
     if getattr(config, "num_kv_shared_layers", 0):
         return (f"shares keys and values across layers (num_kv_shared_layers={config.num_kv_shared_layers}): its later "
                 f"layers read the keys an earlier layer's attention call returns, and the paged attention returns only the new ones")  # fmt: skip
+    if getattr(config, "kv_lora_rank", None):
+        return (f"caches compressed latents (config.kv_lora_rank={config.kv_lora_rank}: multi-head latent attention) and "
+                f"expands them into the keys and values it attends to, which the paged kernels never see")  # fmt: skip
     if _declares_flash_attention_unsupported(model):
         return ("does not support flash attention (_supports_flash_attn is False: masks beyond causal, padding and "
                 "sliding window, as PaliGemma's two-way prefix, or attention of another form), and the paged kernels are flash attention")  # fmt: skip

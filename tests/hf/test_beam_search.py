@@ -112,13 +112,14 @@ EDITS = st.lists(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-# Per layer (kv heads, head_dim): 16, 8 and 32 tokens a page of 4 KiB, so layers may differ in page size
-# and segment boundaries as Gemma 4's sliding and full-attention layers do.
+# Per layer (kv heads, head_dim, value_dim): 16, 8, 32, 42 and 32 tokens a page of 4 KiB, so layers may
+# differ in page size and segment boundaries as Gemma 4's sliding and full-attention layers do, and
+# values may have another head size than keys, as under DeepSeek's latent attention.
 @given(edits=EDITS, pinned=st.booleans(), seed=st.integers(0, 2**16),
-       shapes=st.lists(st.sampled_from([(2, 16), (2, 32), (1, 16)]), min_size=2, max_size=2))
+       shapes=st.lists(st.sampled_from([(2, 16, 16), (2, 32, 32), (1, 16, 16), (1, 16, 8), (2, 4, 12)]), min_size=2, max_size=2))
 # A reorder to three sequences made the hot pins (2 layers x 3 sequences x sink and newest page) take
 # all 12 device slots: the next update found none for the page it faulted in (OutOfPagesError).
-@example(edits=[("update", 15), ("reorder", [0, 0, 0]), ("update", 18)], pinned=True, seed=0, shapes=[(2, 16), (2, 16)])
+@example(edits=[("update", 15), ("reorder", [0, 0, 0]), ("update", 18)], pinned=True, seed=0, shapes=[(2, 16, 16), (2, 16, 16)])
 def test_batch_edits_keep_every_sequences_keys_and_values(edits, pinned, seed, shapes, tmp_path_factory):
     """Random updates, reorders (sequences kept several times), repeats, selections and crops on a
     two-layer cache with a device tier of a few pages (pages spill to host and disk), its layers of the
@@ -128,14 +129,15 @@ def test_batch_edits_keep_every_sequences_keys_and_values(edits, pinned, seed, s
     pager = Pager(streaming_config(tiny_budget(str(directory), vram_pages=12, host_pages=6)))
     cache = PagedKVCache(pager=pager, num_layers=2, sink_pages=1, hot_fraction=1.0 if pinned else 0.0, stream_group_bytes=2 * PAGE)
     generator = torch.Generator().manual_seed(seed)
-    oracle: list[list[torch.Tensor]] = [[torch.zeros(2, *shape[:1], 0, shape[1])] * 2 for shape in shapes]  # per layer: keys, values
+    oracle = [[torch.zeros(2, kv_heads, 0, head_dim), torch.zeros(2, kv_heads, 0, value_dim)] for kv_heads, head_dim, value_dim in shapes]
     batch = 2
     try:
         for edit, argument in edits:
             if edit == "update":
                 for layer in range(2):
-                    kv_heads, head_dim = shapes[layer]
-                    keys, values = (torch.randn(batch, kv_heads, argument, head_dim, generator=generator) for _ in range(2))
+                    kv_heads, head_dim, value_dim = shapes[layer]
+                    keys = torch.randn(batch, kv_heads, argument, head_dim, generator=generator)
+                    values = torch.randn(batch, kv_heads, argument, value_dim, generator=generator)
                     cache.update(keys, values, layer)
                     oracle[layer] = [torch.cat([old, new], dim=2) for old, new in zip(oracle[layer], (keys, values))]
             elif edit == "release":

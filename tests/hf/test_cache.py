@@ -314,10 +314,47 @@ def test_layers_of_other_shapes_keep_their_own_geometry(nvme_dir):
         with pytest.raises(ValueError, match=r"layers of this cache differ in (page_tokens|head_dim) \(\[(8, 16|16, 32)\]\)"):
             read()
     assert cache.num_kv_heads == 2
-    with pytest.raises(ValueError, match=r"layer 1: expected states \[batch=2, kv_heads=2, q_len, 32\], got \(2, 2, 1, 16\)"):
+    with pytest.raises(ValueError, match=r"layer 1: expected keys \[batch=2, kv_heads=2, q_len, 32\] and values \[\.\.\., 32\], got \(2, 2, 1, 16\)"):
         cache.update(torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16), 1)
     cache.reset()
     cache.update(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16), 0)
     with pytest.raises(ValueError, match=r"differ from the cache's batch 2 and dtype torch.float32"):
         cache.update(torch.zeros(3, 2, 3, 32), torch.zeros(3, 2, 3, 32), 1)
     cache.close()
+
+
+def test_values_of_another_head_size_than_keys_keep_their_own_size(nvme_dir):
+    """DeepSeek's latent attention caches a latent (keys) and a rotary part (values) of other sizes:
+    a page holds its tokens' keys, then their values, each of its own size, through host and disk;
+    the paged kernels, which take one size, are refused that layer with an error, and the attention
+    names it as the reason for its dense fallback. A later update must keep both sizes."""
+    from pagedtensor.hf.attention import _fallback_reason
+
+    pager = _pager(nvme_dir)
+    cache = PagedKVCache(pager=pager, num_layers=2, stream_group_bytes=PAGE)
+    cache.config = type("Config", (), {"_attn_implementation": "pagedllm"})()
+    generator = torch.Generator().manual_seed(5)
+    written = [[], []]
+    for q_len in (37, 1, 20):
+        cache.begin_forward(None, q_len)
+        for layer, value_dim in enumerate((8, 16)):
+            keys = torch.randn(2, 1, q_len, 16, generator=generator)
+            values = torch.randn(2, 1, q_len, value_dim, generator=generator)
+            cache.update(keys, values, layer)
+            written[layer] = [keys, values] if not written[layer] else [torch.cat(pair, dim=2) for pair in zip(written[layer], (keys, values))]
+    for layer in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(cache.dense_kv(layer), written[layer])), f"layer {layer}"
+    assert [(g.head_dim, g.value_dim, g.page_tokens) for g in (layer.geometry for layer in cache.layers)] == [(16, 8, 42), (16, 16, 32)]
+    assert pager.stats()["bytes_to_disk"] > 0 and pager.stats()["bytes_from_disk"] > 0
+    with pytest.raises(ValueError, match="layers of this cache differ in value_dim"):
+        cache.value_dim
+    with pytest.raises(ValueError, match="layer 0: its values have head size 8 and its keys 16; the paged kernels take keys and values of one size"):
+        cache.key_pools(0, 0)
+    query = torch.randn(2, 4, 1, 16)
+    assert _fallback_reason(cache, 0, query, None, 0.0, None, {}) == "values of head size 8, keys of 16"
+    with pytest.raises(ValueError, match=r"layer 0: expected keys \[batch=2, kv_heads=1, q_len, 16\] and values \[\.\.\., 8\], got \(2, 1, 1, 16\) and \(2, 1, 1, 16\)"):
+        cache.update(torch.zeros(2, 1, 1, 16), torch.zeros(2, 1, 1, 16), 0)
+    with pytest.raises(ValueError, match=r"whose batch, kv heads and length agree \(only the head sizes may differ\)"):
+        cache.update(torch.zeros(2, 1, 2, 16), torch.zeros(2, 1, 1, 8), 0)
+    cache.close()
+    assert pager.stats()["allocations"] == 0

@@ -193,6 +193,66 @@ def test_layers_of_other_head_sizes_generate_the_unpaged_tokens(attn, global_kv_
     assert paging_state(model).pager.stats()["bytes_d2h"] > 0
 
 
+_LATENT_ATTENTION = dict(kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, n_routed_experts=4,
+                         num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1, num_key_value_heads=4)  # fmt: skip
+LATENT_FAMILIES = {
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", {**TINY, **_LATENT_ATTENTION}),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {**TINY, **_LATENT_ATTENTION, "n_group": 1, "topk_group": 1}),
+}
+
+
+def _latent_pair(family: str):
+    config_name, model_name, fields = LATENT_FAMILIES[family]
+    if not hasattr(transformers, config_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {config_name}")
+    return _pair(getattr(transformers, config_name), getattr(transformers, model_name), "sdpa", **fields)
+
+
+@pytest.mark.parametrize("family", sorted(LATENT_FAMILIES))
+def test_latent_attention_models_generate_the_unpaged_tokens_bit_for_bit(family, nvme_dir):
+    """DeepSeek's multi-head latent attention caches its compressed latent (kv_lora_rank wide) as keys
+    and the rotary part (qk_rope_head_dim) as values: states of two head sizes, which the cache
+    refused at the first update ("key_states ... and value_states ... differ"). Each page now holds the
+    tokens' keys and then their values, of sizes of their own. Under "auto" the model keeps its own
+    attention (it attends to keys expanded from the latents, which the paged kernels never see) over
+    the cache's dense states: a left-padded batch, prefill in chunks, pages spilled off the device,
+    the unpaged model's tokens and logits bit for bit."""
+    reference, model = _latent_pair(family)
+    ids, mask = prompts(3, length=20)
+    ids, mask = ids[:, 6:], mask[:, 6:]
+    expected = _generate(reference, ids, mask, new_tokens=6)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=4, host_pages=2), prefill_chunk_size=8)
+    assert model.config._attn_implementation == "sdpa"
+    got = _generate(model, ids, mask, new_tokens=6)
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        assert torch.equal(a, b), f"step {step}"
+    geometries = {layer.geometry for layer in got.past_key_values.layers}
+    assert [(g.kv_heads, g.head_dim, g.value_dim) for g in geometries] == [(1, 16, 8)]
+    assert [g.page_tokens for g in geometries] == [PAGE // ((16 + 8) * 4)]
+    assert paging_state(model).pager.stats()["bytes_d2h"] > 0
+
+
+def test_latent_attention_models_are_refused_the_paged_kernels(nvme_dir):
+    _, model = _latent_pair("deepseek_v3")
+    with pytest.raises(ValueError, match=r"caches compressed latents \(config.kv_lora_rank=16"):
+        enable_paging(model, tiny_budget(nvme_dir), attn_implementation=ATTENTION_NAME)
+    assert paging_state(model) is None
+
+
+def test_paged_attention_over_keys_other_than_the_cached_states_raises(nvme_dir):
+    """A model that attends to keys made from the states it cached (as latent attention does) under
+    the paged attention, which the cache answers with the new states only: attention over those
+    would drop every earlier token. Here the latent model hides its kv_lora_rank from the check that
+    refuses it the kernels; its second prefill chunk raises instead of computing a wrong answer."""
+    _, model = _latent_pair("deepseek_v3")
+    model.config.kv_lora_rank = 0  # read at construction only
+    ids, mask = prompts(1, length=20)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=8, host_pages=8), attn_implementation=ATTENTION_NAME, prefill_chunk_size=8)
+    with pytest.raises(RuntimeError, match="attends to keys .* other than the states it stored in the paged cache, which holds 16 positions"):
+        _generate(model, ids, mask, new_tokens=1)
+
+
 def test_falcon_takes_the_paged_attention_once_transformers_gives_it_the_interface(nvme_dir):
     """Falcon with rotary positions under "auto": the paged attention from transformers 5.25 (its
     attention moved onto the interface), its own before; the unpaged model's tokens either way."""
