@@ -977,10 +977,12 @@ def _holding(locks: Sequence[Any], run: Callable[[], Any]) -> Any:
 
 def _reads_written_bytes_as_other_elements(info: OpInfo, args: tuple, kwargs: dict) -> bool:
     """Whether an op writing one PagedTensor (its first argument, or its ``out=``) reads a view of that
-    allocation whose elements are other bytes than the written ones at the same index: another byte
-    offset, or the same element offset in a dtype of another size (``t[o:].add_(t.view(torch.uint8)[o:])``).
-    Run in pieces, an earlier piece would write bytes a later piece reads (torch refuses such a partial
-    overlap, which no one piece need show); :func:`run_in_pieces` compares element offsets only."""
+    allocation whose elements are other bytes than the written ones at the same index (another byte
+    offset, or the same element offset in a dtype of another size: ``t[o:].add_(t.view(torch.uint8)[o:])``)
+    and whose span meets the written bytes' span. Run in pieces, an earlier piece could write bytes a
+    later piece reads (torch refuses such a partial overlap, which no one piece need show); a view
+    whose bytes lie apart (``t[:n].add_(t[n:])``) reads none of them. :func:`run_in_pieces` compares
+    element offsets only."""
     name = written_target(info, args)
     if name is None or name is NOT_ONE_TARGET:
         return False
@@ -988,10 +990,12 @@ def _reads_written_bytes_as_other_elements(info: OpInfo, args: tuple, kwargs: di
     if not isinstance(target, PagedTensor) or target._paged is None:
         return False
     itemsize = target.dtype.itemsize
+    lo, hi = _byte_span(target)
     read = (args[1:], kwargs) if name == 0 else (args, {key: value for key, value in kwargs.items() if key != name})
     return any(
         leaf._paged is target._paged
         and (leaf.dtype.itemsize != itemsize or leaf._offset != target._offset)
+        and _byte_span(leaf)[0] < hi and lo < _byte_span(leaf)[1]
         for leaf in _paged_leaves(*read)
     )
 

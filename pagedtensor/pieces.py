@@ -18,8 +18,10 @@ result a plain tensor filled piece by piece). The argument written may be a plai
 ``dense.copy_(paged)`` or ``torch.add(paged, 1, out=dense)``. Plain tensors may have strides of
 their own (``torch.where(mask, paged.T, 0)``, ``paged.T + plain``: the result laid out as torch
 lays it out), and so may PagedTensors whose outer dims in memory agree; the pieces then go
-along that dim. An op reads no other view of the bytes it writes (the same
-elements excepted, as in ``x.mul_(x)``). Contiguous (row-major) tensors of one layout run in
+along that dim. Views of one allocation other than its first (``t[n:]`` in ``t[:n] + t[n:]``,
+``t.T`` in ``t + t.T``) are read as plain copies of each piece: the dispatcher reads one allocation's
+views through one window spanning them. An op reads no other view of the bytes it writes whose span
+meets theirs (the same elements excepted, as in ``x.mul_(x)``; ``t[:n].add_(t[n:])`` reads bytes apart). Contiguous (row-major) tensors of one layout run in
 1-D pieces of consecutive elements; others (transposed or permuted, a column ``t[:, 3]``, every
 other row ``t[::2]``, a plain ``out`` of another layout) in pieces of consecutive indices along
 the dim of the largest stride, each of the whole's layout (a kernel may round otherwise on 1-D
@@ -122,11 +124,12 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     # checkpoint into a plain model runs, or ``torch.add(paged, 1, out=dense)``) shares no page with
     # the PagedTensors it reads: each piece writes its own elements of it directly.
     if isinstance(target, PagedTensor) and any(
-        isinstance(t, PagedTensor) and t._paged is target._paged and (t._offset != target._offset or t.stride() != target.stride() or t.dim() == 0)
+        isinstance(t, PagedTensor) and t._paged is target._paged and not _same_view(t, target) and _bytes_meet(t, target)
         for t in tensors
     ):
-        # Another view of the written bytes: a piece could read elements an earlier piece wrote
-        # (torch refuses a partial overlap, which no one piece need show).
+        # Another view of the written bytes whose span meets theirs: a piece could read elements an
+        # earlier piece wrote (torch refuses a partial overlap, which no one piece need show). A
+        # view whose bytes lie apart from them is read as a copy of each piece (``copied`` below).
         return NotImplemented
     if target is not None and not isinstance(target, PagedTensor) and any(
         t is not target and not isinstance(t, PagedTensor) and t.untyped_storage().data_ptr() == target.untyped_storage().data_ptr()
@@ -153,6 +156,10 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     piece_elements = piece_elements_of(tensors)
     if piece_elements is None:
         return NotImplemented
+    # One allocation's views are read through one window spanning them, which pieces of views lying
+    # apart (``t[:n] + t[n:]``) would fill: each piece reads the views other than its allocation's
+    # first (the written one first) as plain copies of the piece.
+    copied = _other_views(tensors, target)
     if not row_major:
         # Pieces along the outer dim of the layouts of the PagedTensors larger than a piece (one dim for
         # all of them), as many indices as the tightest allows.
@@ -161,20 +168,20 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
             for t in tensors
             if isinstance(t, PagedTensor) and t.dim() > 0 and span_elements(t) > piece_elements
         }
-        if not splits and read_whole:  # with the operands read whole, the rest fits at once: one piece
-            out = _run_in_tiles(func, args, kwargs, result_layout, reference.device, shape, {})
+        if not splits and (read_whole or copied):  # with those read whole or copied, the rest fits at once: one piece
+            out = _run_in_tiles(func, args, kwargs, result_layout, reference.device, shape, {}, copied)
             return target if target is not None else out
-        tiles = _tile_plan(splits, tensors, target)
-        if tiles is not None:
-            out = _run_in_tiles(func, args, kwargs, result_layout, reference.device, shape, *tiles)
+        counts = _tile_plan(splits)
+        if counts is not None:
+            out = _run_in_tiles(func, args, kwargs, result_layout, reference.device, shape, counts, copied)
             return target if target is not None else out
         if not fills_span or (result_layout is not None and result_layout.stride() != stride):
             return NotImplemented
     # 1-D pieces (on a CPU a kernel's vectorized loop then ends where each piece does, the one case
     # where bits may differ from the whole's: see the README)
     numel = reference.numel()
-    if piece_elements >= numel:
-        return NotImplemented
+    if piece_elements >= numel and not copied:
+        return NotImplemented  # one piece of everything: the op's own pages would fit at once
 
     out = None
     if result_layout is not None:
@@ -183,8 +190,8 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     start = 0
     while start < numel:
         stop = min(numel, start + piece_elements)
-        piece_args = tuple(_piece(value, start, stop) for value in args)
-        piece_kwargs = {name: _piece(value, start, stop) for name, value in kwargs.items()}
+        piece_args = tuple(_piece(value, start, stop, id(value) in copied) for value in args)
+        piece_kwargs = {name: _piece(value, start, stop, id(value) in copied) for name, value in kwargs.items()}
         result = func(*piece_args, **piece_kwargs)
         if out is not None:
             flat_out[start:stop].copy_(result)
@@ -251,42 +258,53 @@ def elements_apart(shape: Sequence[int], stride: Sequence[int]) -> bool:
     return True
 
 
-def _tile_plan(splits: set[Optional[tuple[int, int]]], tensors: list[torch.Tensor], target: Any) -> Optional[tuple[dict[int, int], frozenset[int]]]:
-    """``({dim: count}, copied)``: the tiles of the result, ``count`` consecutive indices along each
-    ``dim`` that is the outer dim of a PagedTensor larger than a piece (``splits``: each such
-    tensor's :func:`_outer_split`), as many as its tightest tensor allows; None where a tensor has no
-    such split or there is none.
+def _tile_plan(splits: set[Optional[tuple[int, int]]]) -> Optional[dict[int, int]]:
+    """``{dim: count}``: the tiles of the result, ``count`` consecutive indices along each ``dim``
+    that is the outer dim of a PagedTensor larger than a piece (``splits``: each such tensor's
+    :func:`_outer_split`), as many as its tightest tensor allows; None where a tensor has no such
+    split or there is none.
 
     One dim: pieces of whole outer indices. Several (``a.T + b``, ``a.copy_(b.T)``): tiles narrowed
     along each, so every PagedTensor spans at most a piece in any tile. Either way a tile is the
     whole's layout narrowed, and no tile cuts the dim a kernel's vectorized inner loop runs along
     where every operand is contiguous along it (an outer dim of a tensor with two or more dims of
-    more than one index is not contiguous in it). ``copied``: the ids of the views read as plain
-    copies of their tile, those of an allocation whose first view has another outer dim (``t + t.T``:
-    the dispatcher reads one allocation's views through one window spanning them, which two distant
-    runs of its pages would fill); None where the one written would be such a view."""
+    more than one index is not contiguous in it)."""
     if not splits or None in splits:
         return None
     counts: dict[int, int] = {}
     for dim, count in splits:
         counts[dim] = min(count, counts.get(dim, count))
+    return counts
+
+
+def _other_views(tensors: list[torch.Tensor], target: Any) -> frozenset[int]:
+    """The ids of the shaped PagedTensors to read as plain copies of each piece or tile: the views of
+    an allocation other than its first (the written one first, then in argument order), such as
+    ``t.T`` in ``t + t.T`` or ``t[n:]`` in ``t[:n] + t[n:]``. The dispatcher reads one allocation's
+    views through one window spanning them, which a piece of each would fill where they lie apart
+    or have other outer dims. (An in-place op reaches here only where those views' bytes lie apart
+    from the ones it writes, so no piece reads bytes an earlier piece wrote.)"""
+    first: dict[int, PagedTensor] = {}
     copied = set()
-    if len(counts) > 1:
-        first_outer: dict[int, Optional[int]] = {}
-        for t in sorted(tensors, key=lambda t: t is not target):  # the written view's outer dim is kept
-            if isinstance(t, PagedTensor) and t.dim() > 0:
-                outer = _outer_dim(t.shape, t.stride())
-                if first_outer.setdefault(id(t._paged), outer) != outer:
-                    if t is target:
-                        return None
-                    copied.add(id(t))
-    return counts, frozenset(copied)
+    for t in sorted(tensors, key=lambda t: t is not target):
+        if isinstance(t, PagedTensor) and t.dim() > 0:
+            if not _same_view(t, first.setdefault(id(t._paged), t)):
+                copied.add(id(t))
+    return frozenset(copied)
 
 
-def _outer_dim(shape: Sequence[int], stride: Sequence[int]) -> Optional[int]:
-    """The dim of the largest stride among those of more than one index (None where there is none)."""
-    dims = [d for d in range(len(shape)) if shape[d] != 1]
-    return max(dims, key=lambda d: stride[d]) if dims else None
+def _same_view(a: PagedTensor, b: PagedTensor) -> bool:
+    """Whether two PagedTensors of one allocation view the same bytes the same way (in dtypes of one
+    size: ``t.add_(t.view(torch.int32))`` reads at each index the bytes it writes there)."""
+    return a._offset == b._offset and a.dtype.itemsize == b.dtype.itemsize and a.shape == b.shape and a.stride() == b.stride()
+
+
+def _bytes_meet(a: PagedTensor, b: PagedTensor) -> bool:
+    """Whether the byte spans of two PagedTensors of one allocation meet (empty ones meet none)."""
+    a_lo, a_hi = element_span(tuple(a.shape), a.stride(), a._offset)
+    b_lo, b_hi = element_span(tuple(b.shape), b.stride(), b._offset)
+    a_lo, a_hi, b_lo, b_hi = a_lo * a.dtype.itemsize, a_hi * a.dtype.itemsize, b_lo * b.dtype.itemsize, b_hi * b.dtype.itemsize
+    return a_lo < a_hi and b_lo < b_hi and a_lo < b_hi and b_lo < a_hi
 
 
 def _run_in_tiles(func: OpOverload, args: tuple, kwargs: dict, result_layout: Optional[torch.Tensor], device: torch.device,
@@ -425,11 +443,12 @@ def _read_if_zero_dim(value: Any) -> Any:
     return value.materialize() if isinstance(value, PagedTensor) and value.dim() == 0 else value
 
 
-def _piece(value: Any, start: int, stop: int) -> Any:
-    """Elements ``[start, stop)`` of a tensor's span as a 1-D view (a 0-dim tensor and a number
-    stay as they are)."""
+def _piece(value: Any, start: int, stop: int, copy: bool = False) -> Any:
+    """Elements ``[start, stop)`` of a tensor's span as a 1-D view, a plain copy of it where ``copy``
+    (a 0-dim tensor and a number stay as they are)."""
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
     if isinstance(value, PagedTensor):
-        return PagedTensor._make(value._paged, value._offset + start, (stop - start,), (1,), value.dtype, bits=math_bits(value))
+        piece = PagedTensor._make(value._paged, value._offset + start, (stop - start,), (1,), value.dtype, bits=math_bits(value))
+        return piece.materialize() if copy else piece
     return value.as_strided((stop - start,), (1,), value.storage_offset() + start)
