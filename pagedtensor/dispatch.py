@@ -99,7 +99,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError, out_of_pages_for
 from pagedtensor.pager import ResidentPages, WrittenPages
-from pagedtensor.pieces import NOT_ONE_TARGET, is_elementwise, run_in_pieces, written_target
+from pagedtensor.pieces import NOT_ONE_TARGET, is_elementwise, may_share_bytes, run_in_pieces, written_target
 from pagedtensor.tensor import (
     PagedStorage,
     PagedTensor,
@@ -979,9 +979,10 @@ def _reads_written_bytes_as_other_elements(info: OpInfo, args: tuple, kwargs: di
     """Whether an op writing one PagedTensor (its first argument, or its ``out=``) reads a view of that
     allocation whose elements are other bytes than the written ones at the same index (another byte
     offset, or the same element offset in a dtype of another size: ``t[o:].add_(t.view(torch.uint8)[o:])``)
-    and whose span meets the written bytes' span. Run in pieces, an earlier piece could write bytes a
-    later piece reads (torch refuses such a partial overlap, which no one piece need show); a view
-    whose bytes lie apart (``t[:n].add_(t[n:])``) reads none of them. :func:`run_in_pieces` compares
+    and that may share a written byte (:func:`~pagedtensor.pieces.may_share_bytes`). Run in pieces, an
+    earlier piece could write bytes a later piece reads (torch refuses such a partial overlap, which
+    no one piece need show); a view whose bytes lie apart (``t[:n].add_(t[n:])``) or between the
+    written ones (``t[:, :n].add_(t[:, n:])``) reads none of them. :func:`run_in_pieces` compares
     element offsets only."""
     name = written_target(info, args)
     if name is None or name is NOT_ONE_TARGET:
@@ -996,6 +997,7 @@ def _reads_written_bytes_as_other_elements(info: OpInfo, args: tuple, kwargs: di
         leaf._paged is target._paged
         and (leaf.dtype.itemsize != itemsize or leaf._offset != target._offset)
         and _byte_span(leaf)[0] < hi and lo < _byte_span(leaf)[1]
+        and may_share_bytes(leaf, target)
         for leaf in _paged_leaves(*read)
     )
 

@@ -20,8 +20,9 @@ their own (``torch.where(mask, paged.T, 0)``, ``paged.T + plain``: the result la
 lays it out), and so may PagedTensors whose outer dims in memory agree; the pieces then go
 along that dim. Views of one allocation other than its first (``t[n:]`` in ``t[:n] + t[n:]``,
 ``t.T`` in ``t + t.T``) are read as plain copies of each piece: the dispatcher reads one allocation's
-views through one window spanning them. An op reads no other view of the bytes it writes whose span
-meets theirs (the same elements excepted, as in ``x.mul_(x)``; ``t[:n].add_(t[n:])`` reads bytes apart). Contiguous (row-major) tensors of one layout run in
+views through one window spanning them. An op reads no other view that may share a byte it writes
+(the same elements excepted, as in ``x.mul_(x)``; ``t[:n].add_(t[n:])`` reads bytes apart, and
+``t[:, :n].add_(t[:, n:])`` bytes between them: :func:`may_share_bytes`). Contiguous (row-major) tensors of one layout run in
 1-D pieces of consecutive elements; others (transposed or permuted, a column ``t[:, 3]``, every
 other row ``t[::2]``, a plain ``out`` of another layout) in pieces of consecutive indices along
 the dim of the largest stride, each of the whole's layout (a kernel may round otherwise on 1-D
@@ -124,12 +125,13 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     # checkpoint into a plain model runs, or ``torch.add(paged, 1, out=dense)``) shares no page with
     # the PagedTensors it reads: each piece writes its own elements of it directly.
     if isinstance(target, PagedTensor) and any(
-        isinstance(t, PagedTensor) and t._paged is target._paged and not _same_view(t, target) and _bytes_meet(t, target)
+        isinstance(t, PagedTensor) and t._paged is target._paged and not _same_view(t, target) and may_share_bytes(t, target)
         for t in tensors
     ):
-        # Another view of the written bytes whose span meets theirs: a piece could read elements an
+        # Another view of the written bytes that may share some: a piece could read elements an
         # earlier piece wrote (torch refuses a partial overlap, which no one piece need show). A
-        # view whose bytes lie apart from them is read as a copy of each piece (``copied`` below).
+        # view whose bytes lie apart from them, or between them without sharing one, is read as a
+        # copy of each piece (``copied`` below).
         return NotImplemented
     if target is not None and not isinstance(target, PagedTensor) and any(
         t is not target and not isinstance(t, PagedTensor) and t.untyped_storage().data_ptr() == target.untyped_storage().data_ptr()
@@ -299,12 +301,32 @@ def _same_view(a: PagedTensor, b: PagedTensor) -> bool:
     return a._offset == b._offset and a.dtype.itemsize == b.dtype.itemsize and a.shape == b.shape and a.stride() == b.stride()
 
 
-def _bytes_meet(a: PagedTensor, b: PagedTensor) -> bool:
-    """Whether the byte spans of two PagedTensors of one allocation meet (empty ones meet none)."""
+def may_share_bytes(a: PagedTensor, b: PagedTensor) -> bool:
+    """Whether two PagedTensors of one allocation may share a byte: their byte spans meet, and they
+    are not two views of one layout (shape, strides, item size) whose elements interleave without
+    sharing one (``t[:, :n]`` and ``t[:, n:]``, ``t[:, ::2]`` and ``t[:, 1::2]``)."""
     a_lo, a_hi = element_span(tuple(a.shape), a.stride(), a._offset)
     b_lo, b_hi = element_span(tuple(b.shape), b.stride(), b._offset)
     a_lo, a_hi, b_lo, b_hi = a_lo * a.dtype.itemsize, a_hi * a.dtype.itemsize, b_lo * b.dtype.itemsize, b_hi * b.dtype.itemsize
-    return a_lo < a_hi and b_lo < b_hi and a_lo < b_hi and b_lo < a_hi
+    if not (a_lo < a_hi and b_lo < b_hi and a_lo < b_hi and b_lo < a_hi):
+        return False
+    if a.dtype.itemsize != b.dtype.itemsize or a.shape != b.shape or a.stride() != b.stride() or not elements_apart(a.shape, a.stride()):
+        return True
+    dims = sorted(((size, step) for size, step in zip(a.shape, a.stride()) if size > 1), key=lambda pair: pair[1], reverse=True)
+    return _a_difference_of_elements(abs(b._offset - a._offset), dims)
+
+
+def _a_difference_of_elements(delta: int, dims: Sequence[tuple[int, int]]) -> bool:
+    """Whether ``delta`` is the distance between two elements of a layout of ``(size, stride)``
+    dims, largest stride first, each stride beyond the reach of the dims after it
+    (:func:`elements_apart`): ``delta == sum(d_k * stride_k)`` with ``|d_k| < size_k``. The digit of
+    each dim leaves a rest the dims after it must reach, so at most three digits a dim are tried."""
+    if not dims:
+        return delta == 0
+    (size, step), rest = dims[0], dims[1:]
+    reach = sum((n - 1) * s for n, s in rest)
+    low, high = max(-(size - 1), -((reach - delta) // step)), min(size - 1, (delta + reach) // step)
+    return any(_a_difference_of_elements(abs(delta - digit * step), rest) for digit in range(low, high + 1))
 
 
 def _run_in_tiles(func: OpOverload, args: tuple, kwargs: dict, result_layout: Optional[torch.Tensor], device: torch.device,

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import pagedtensor
 from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
+from pagedtensor.pieces import may_share_bytes
 from tests.support import CPU_AND_CUDA
 
 PAGE = 4096
@@ -53,7 +54,7 @@ def test_the_readme_example_scales_a_table_eight_times_the_device_tier(device):
             table.sum()  # a reduction is not elementwise: its order of additions needs every page at once
         assert torch.equal(table[:192] + table[192:], x[:192] + x[192:])  # views apart: the later read as copies
         with pytest.raises(OutOfPagesError, match="need more pages at once"):
-            table[:, :128].add_(table[:, 128:])  # a piece could read what an earlier one wrote
+            table[:, :129].add_(table[:, 127:])  # views sharing columns: a piece could read what an earlier one wrote
         table.mul_(table)  # the same elements read and written: fine
         assert torch.equal(table.materialize(), x * x)
 
@@ -700,20 +701,84 @@ def test_every_op_on_views_apart_runs_in_pieces_on_each_device(device, dtype):
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
-def test_in_place_ops_between_views_whose_bytes_overlap_still_raise(device):
-    """Views apart run in pieces; views of the written bytes whose spans overlap do not, even where
-    their elements interleave without sharing one (``t[:, :n].add_(t[:, n:])``): a piece could read
-    what an earlier piece wrote. Each raises the pager's error and writes nothing."""
+def test_in_place_ops_between_views_sharing_bytes_still_raise(device):
+    """Views apart run in pieces, and so do views whose elements interleave without sharing one;
+    views of the written bytes that share elements with them, or whose layouts differ, do not: a
+    piece could read what an earlier piece wrote. Each raises the pager's error and writes nothing."""
     base = torch.randn(256, 128, device=device)  # 32 pages; the tier holds 6
     with make_pager(device) as pager:
         table = PagedTensor.wrap(base.clone(), pager)
-        for op in (lambda t: t[:, :64].add_(t[:, 64:]), lambda t: t[64:].copy_(t[:-64]), lambda t: t[:128].T.add_(t[:128])):
+        for op in (lambda t: t[:, :65].add_(t[:, 63:]), lambda t: t[64:].copy_(t[:-64]), lambda t: t[:128].T.add_(t[:128])):
             with pytest.raises(OutOfPagesError, match="need more pages at once"):
                 op(table)
         assert same_bits(table.materialize(), base)
-        table[:128].add_(table[128:])
-        base[:128].add_(base[128:])
-        assert same_bits(table.materialize(), base)
+        for op in (lambda t: t[:128].add_(t[128:]), lambda t: t[:, :64].add_(t[:, 64:]), lambda t: t[:, ::2].copy_(t[:, 1::2])):
+            op(table)
+            op(base)
+            assert same_bits(table.materialize(), base)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_views_of_one_layout_may_share_bytes_exactly_where_an_element_is_shared(data):
+    """``may_share_bytes`` on two views of one layout (up to 3 dims, strides with gaps, any offsets)
+    against the sets of their elements: it says no only where they share none."""
+    ndim = data.draw(st.integers(1, 3))
+    sizes = [data.draw(st.integers(1, 5)) for _ in range(ndim)]
+    strides, reach = [], 0
+    for size in sizes:  # each stride beyond the reach of the dims before it, with a gap or not
+        stride = reach + 1 + data.draw(st.integers(0, 3))
+        strides.append(stride)
+        reach += (size - 1) * stride
+    order = data.draw(st.permutations(range(ndim)))
+    shape, stride = tuple(sizes[d] for d in order), tuple(strides[d] for d in order)
+    offsets = data.draw(st.tuples(st.integers(0, 60), st.integers(0, 60)))
+    with make_pager() as pager:
+        table = PagedTensor.wrap(torch.zeros(1024), pager)
+        a, b = (PagedTensor._make(table._paged, offset, shape, stride, table.dtype) for offset in offsets)
+        elements = [set(torch.as_strided(torch.arange(1024), shape, stride, offset).flatten().tolist()) for offset in offsets]
+        assert may_share_bytes(a, b) == bool(elements[0] & elements[1])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(["copy_", "add_", "out="]), dtype=st.sampled_from([torch.float32, torch.int64]),
+       rows=st.integers(24, 90), cols=st.sampled_from([48, 64, 100]), width=st.integers(1, 100), step=st.integers(1, 3),
+       offsets=st.tuples(st.integers(0, 300), st.integers(0, 300)), seed=st.integers(0, 2**16))  # fmt: skip
+def test_in_place_ops_between_views_of_one_layout_run_where_they_share_no_element(name, dtype, rows, cols, width, step, offsets, seed):
+    """Two views of one table with one layout (``rows`` rows of every ``step``-th of ``width``
+    columns of a ``cols``-wide matrix, at element offsets of the table's flat memory): where they
+    share no element, even with their elements interleaved (``t[:, :n].add_(t[:, n:])``,
+    ``t[:, ::2].copy_(t[:, 1::2])``), an in-place op between them runs in pieces with the dense op's
+    bits; where they share one, torch's kernel order decides the result, and it raises the pager's
+    error having written nothing."""
+    width = min(width, cols)
+    flat_size = max(offsets) + rows * cols
+    assume(flat_size * dtype.itemsize > (DEVICE_PAGES + 2) * PAGE)
+    generator = torch.Generator().manual_seed(seed)
+    base = (torch.randn(flat_size, generator=generator) * 4).to(dtype)
+
+    def view(flat: torch.Tensor, offset: int) -> torch.Tensor:
+        return flat[offset : offset + rows * cols].view(rows, cols)[:, :width:step]
+
+    op = APART[name]
+    layout = view(base, 0)
+
+    def elements(offset: int) -> set[int]:
+        return set(torch.as_strided(torch.arange(flat_size), layout.shape, layout.stride(), offset).flatten().tolist())
+
+    shared = bool(elements(offsets[0]) & elements(offsets[1]))
+    with make_pager() as pager:
+        table = PagedTensor.wrap(base.clone(), pager)
+        if shared and offsets[0] != offsets[1]:
+            with pytest.raises((OutOfPagesError, RuntimeError)):
+                op(view(table, offsets[0]), view(table, offsets[1]))
+            assert same_bits(table.materialize(), base)
+            return
+        dense_table = base.clone()
+        op(view(dense_table, offsets[0]), view(dense_table, offsets[1]))
+        op(view(table, offsets[0]), view(table, offsets[1]))
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
+        assert same_bits(table.materialize(), dense_table)
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
