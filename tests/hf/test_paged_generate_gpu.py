@@ -145,6 +145,32 @@ def test_gpu_layers_of_other_head_sizes_stream_their_own_pages(global_head_dim, 
     assert stats["bytes_h2d"] > 10 * stats["device_slab_bytes"], stats
 
 
+def test_gpu_latent_attention_streams_keys_and_values_of_two_sizes(nvme_dir):
+    """DeepSeek V3's multi-head latent attention on CUDA in fp32: the cache holds its latent (512 wide)
+    as keys and its rotary part (64) as values, pages of 28 tokens, streamed in at every step under
+    "auto" (the model's own SDPA over the dense states): the unpaged tokens and logits bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DeepseekV3Config(
+        num_hidden_layers=3, hidden_size=512, num_attention_heads=8, num_key_value_heads=8, intermediate_size=1024,
+        moe_intermediate_size=256, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1,
+        kv_lora_rank=512, q_lora_rank=256, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64, vocab_size=1024,
+        max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=None,
+    )  # fmt: skip
+    reference, model = _reference_and_copy(transformers.DeepseekV3ForCausalLM, config, seed=6)
+    ids, mask = _prompts(3, 600)
+    expected = _generate(reference, ids, mask, 10)
+    enable_paging(model, _budget(nvme_dir, vram_pages=24, slab_pages=8), prefill_chunk_size=128, stream_group_bytes=4 * PAGE)
+    assert model.config._attn_implementation == "sdpa"
+    got = _generate(model, ids, mask, 10)
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        assert torch.equal(a, b), f"step {step}"
+    geometries = {(g.kv_heads, g.head_dim, g.value_dim, g.page_tokens) for g in (layer.geometry for layer in got.past_key_values.layers)}
+    assert geometries == {(1, 512, 64, PAGE // ((512 + 64) * 4))}, geometries
+    stats = paging_state(model).pager.stats()
+    assert stats["bytes_h2d"] > 0 and stats["bytes_d2h"] > 0, stats
+
+
 def test_gpu_paged_weights_stream_every_token(nvme_dir):
     """page_weights=True on CUDA: decoder weights (~38 MB) and KV share a 6 MiB device budget, so the
     weights stream in from pinned host memory every token, on the H2D stream beside the compute."""
