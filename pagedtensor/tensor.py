@@ -563,10 +563,10 @@ class PagedTensor(torch.Tensor):
         """
         if self._paged is None:
             raise RuntimeError("PagedTensor.apply_: a traced PagedTensor (inside torch.compile) cannot run a Python callable per element")
+        if self.requires_grad:  # torch checks this first
+            raise RuntimeError("Can't call apply_() on Variable that requires grad. Use var.detach().apply_() instead.")
         if self.device.type != "cpu":
             raise TypeError("apply_ is only implemented on CPU tensors")
-        if self.requires_grad:
-            raise RuntimeError("Can't call apply_() on Variable that requires grad. Use var.detach().apply_() instead.")
         lo, hi = element_span(tuple(self.shape), self.stride(), self._offset)
         if lo == hi:
             return self

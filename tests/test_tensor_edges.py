@@ -481,6 +481,9 @@ def test_gpu_apply_is_refused_on_cuda_as_torchs():
             paged.apply_(lambda v: v)
         with pytest.raises(TypeError, match="apply_ is only implemented on CPU tensors"):
             torch.randn(4, device="cuda").apply_(lambda v: v)
+        for tensor in (paged, torch.randn(4, device="cuda")):  # requires grad: torch's first check
+            with pytest.raises(RuntimeError, match=r"Can't call apply_\(\) on Variable that requires grad"):
+                tensor.requires_grad_().apply_(lambda v: v)
 
 
 # ---------------------------------------------------------------------- dtype conversions
