@@ -654,7 +654,7 @@ def views_apart(table: torch.Tensor, rows: int, gap: int, layout: str, later_fir
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(sorted(APART)), dtype=st.sampled_from([torch.float32, torch.float16, torch.int64]),
-       rows=st.integers(40, 120), cols=st.sampled_from([64, 96, 256]), gap=st.integers(0, 9),
+       rows=st.integers(130, 220), cols=st.sampled_from([64, 96, 256]), gap=st.integers(0, 9),
        layout=st.sampled_from(["rows", "transposed", "every_other_column"]), later_first=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
 def test_views_of_one_table_whose_bytes_lie_apart_run_in_pieces_reading_copies(name, dtype, rows, cols, gap, layout, later_first, seed):
     """``t[:n] + t[n:]``, ``torch.where(a > b, a, b)`` of ``a, b = t.chunk(2)``, and in place
@@ -663,8 +663,9 @@ def test_views_of_one_table_whose_bytes_lie_apart_run_in_pieces_reading_copies(n
     allocation's views through one window spanning them, which a piece of each fills. Each piece now
     reads the views other than the allocation's first (the written one first) as plain copies of
     the piece: the dense op's bits and layout, the written rows included, within the device tier."""
-    assume(not (name == "gelu" and not dtype.is_floating_point))
-    assume((2 * rows + gap) * cols * dtype.itemsize > (DEVICE_PAGES + 2) * PAGE)  # the two views' pages do not fit at once
+    if name == "gelu" and not dtype.is_floating_point:
+        dtype = torch.float32
+    # The two views' pages do not fit at once: 8.1 pages at the least (130 rows of 64 in fp16 each), the tier holds 6.
     generator = torch.Generator().manual_seed(seed)
     base = (torch.randn(2 * rows + gap, cols, generator=generator) * 4).to(dtype)
     op = APART[name]
