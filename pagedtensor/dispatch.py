@@ -99,11 +99,12 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError, out_of_pages_for
 from pagedtensor.pager import ResidentPages, WrittenPages
-from pagedtensor.pieces import NOT_ONE_TARGET, is_elementwise, may_share_bytes, run_in_pieces, written_target
+from pagedtensor.pieces import is_elementwise, run_in_pieces
 from pagedtensor.tensor import (
     PagedStorage,
     PagedTensor,
     _pending_frees,
+    byte_span,
     dense_and_non_overlapping,
     drain_pending_frees,
     element_span,
@@ -314,8 +315,7 @@ class PagedDispatcher:
         try:
             return self.run_paged(func, types, args, kwargs, leaves)
         except _OpTooLarge as error:
-            in_pieces = not _reads_written_bytes_as_other_elements(self.info(func), args, kwargs)
-            out = run_in_pieces(func, args, kwargs, self.info(func)) if in_pieces else NotImplemented
+            out = run_in_pieces(func, args, kwargs, self.info(func))
             if out is NotImplemented:
                 out = _run_composite(func, args, kwargs)
             if out is NotImplemented:
@@ -369,7 +369,7 @@ class PagedDispatcher:
         # One window of resident pages per allocation, over the union of its arguments' spans.
         groups: dict[int, _Group] = {}
         for leaf in leaves:
-            lo, hi = _byte_span(leaf)
+            lo, hi = byte_span(leaf)
             if lo == hi:
                 continue
             group = groups.get(id(leaf._paged))
@@ -470,7 +470,7 @@ class PagedDispatcher:
         try:
             for group in opened:
                 for leaf in group.written:
-                    group.window.write_back(*_byte_span(leaf))
+                    group.window.write_back(*byte_span(leaf))
         except BaseException:  # a KeyboardInterrupt in a long write-back: the pages may hold part of it
             _release_all(opened, written_back=True)
             raise
@@ -485,7 +485,7 @@ class PagedDispatcher:
         if _pending_frees:
             drain_pending_frees()
         target = _normalize_device(tensor.device if device is None else torch.device(device))
-        lo, hi = _byte_span(tensor)
+        lo, hi = byte_span(tensor)
         if lo == hi:
             return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=target)
         storage = tensor._paged
@@ -555,7 +555,7 @@ def _is_functional(inner: Optional[torch.Tensor]) -> bool:
 
 def _read_one(func: OpOverload, args: tuple, kwargs: dict, leaf: PagedTensor) -> Any:
     """The common case of step 2, kept short: an op that reads one PagedTensor and writes none."""
-    lo, hi = _byte_span(leaf)
+    lo, hi = byte_span(leaf)
     if lo == hi:
         dense_args, dense_kwargs = _substitute(args, kwargs, {id(leaf): _empty_like_leaf(leaf)})
         return func(*dense_args, **dense_kwargs)
@@ -840,19 +840,6 @@ def _release_all(groups: Sequence[_Group], written_back: bool = False) -> None:
 # ---------------------------------------------------------------------- spans and pages
 
 
-def _byte_span(tensor: PagedTensor) -> tuple[int, int]:
-    """Bytes ``[lo, hi)`` of the allocation that ``tensor`` can reach (empty when it has no elements).
-
-    Computed once per tensor: a PagedTensor's size, strides and offset never change.
-    """
-    span = tensor._span
-    if span is None:
-        lo, hi = element_span(tensor.shape, tensor.stride(), tensor._offset)
-        itemsize = tensor.dtype.itemsize
-        span = tensor._span = (lo * itemsize, hi * itemsize)
-    return span
-
-
 def touched_pages(size: Sequence[int], stride: Sequence[int], offset: int, itemsize: int, page_size: int) -> list[int]:
     """Pages (allocation page numbers) holding at least one element of a strided view, in order.
 
@@ -919,7 +906,7 @@ def _overwritten_pages(func: OpOverload, args: tuple, written: list[PagedTensor]
         return {}
     if not dense_and_non_overlapping(target.shape, target.stride()):
         return {}  # gaps or overlaps (they can cancel out in the span's length): not every byte is written
-    lo, hi = _byte_span(target)
+    lo, hi = byte_span(target)
     if func is aten.copy_.default:
         source = args[1]
         if not isinstance(source, torch.Tensor) or source.dim() > target.dim():
@@ -973,33 +960,6 @@ def _holding(locks: Sequence[Any], run: Callable[[], Any]) -> Any:
         return run()
     with locks[0]:
         return _holding(locks[1:], run)
-
-
-def _reads_written_bytes_as_other_elements(info: OpInfo, args: tuple, kwargs: dict) -> bool:
-    """Whether an op writing one PagedTensor (its first argument, or its ``out=``) reads a view of that
-    allocation whose elements are other bytes than the written ones at the same index (another byte
-    offset, or the same element offset in a dtype of another size: ``t[o:].add_(t.view(torch.uint8)[o:])``)
-    and that may share a written byte (:func:`~pagedtensor.pieces.may_share_bytes`). Run in pieces, an
-    earlier piece could write bytes a later piece reads (torch refuses such a partial overlap, which
-    no one piece need show); a view whose bytes lie apart (``t[:n].add_(t[n:])``) or between the
-    written ones (``t[:, :n].add_(t[:, n:])``) reads none of them. :func:`run_in_pieces` compares
-    element offsets only."""
-    name = written_target(info, args)
-    if name is None or name is NOT_ONE_TARGET:
-        return False
-    target = args[0] if name == 0 else kwargs.get(name)
-    if not isinstance(target, PagedTensor) or target._paged is None:
-        return False
-    itemsize = target.dtype.itemsize
-    lo, hi = _byte_span(target)
-    read = (args[1:], kwargs) if name == 0 else (args, {key: value for key, value in kwargs.items() if key != name})
-    return any(
-        leaf._paged is target._paged
-        and (leaf.dtype.itemsize != itemsize or leaf._offset != target._offset)
-        and _byte_span(leaf)[0] < hi and lo < _byte_span(leaf)[1]
-        and may_share_bytes(leaf, target)
-        for leaf in _paged_leaves(*read)
-    )
 
 
 def _same_data(target: Any, source: Any) -> bool:

@@ -44,7 +44,7 @@ import torch
 from torch._ops import OpOverload
 from torch._prims_common import make_contiguous_strides_for
 
-from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping, element_span, math_bits, meta_layout
+from pagedtensor.tensor import PagedTensor, byte_span, dense_and_non_overlapping, element_span, math_bits, meta_layout
 
 if TYPE_CHECKING:
     from pagedtensor.dispatch import OpInfo
@@ -305,9 +305,7 @@ def may_share_bytes(a: PagedTensor, b: PagedTensor) -> bool:
     """Whether two PagedTensors of one allocation may share a byte: their byte spans meet, and they
     are not two views of one layout (shape, strides, item size) whose elements interleave without
     sharing one (``t[:, :n]`` and ``t[:, n:]``, ``t[:, ::2]`` and ``t[:, 1::2]``)."""
-    a_lo, a_hi = element_span(tuple(a.shape), a.stride(), a._offset)
-    b_lo, b_hi = element_span(tuple(b.shape), b.stride(), b._offset)
-    a_lo, a_hi, b_lo, b_hi = a_lo * a.dtype.itemsize, a_hi * a.dtype.itemsize, b_lo * b.dtype.itemsize, b_hi * b.dtype.itemsize
+    (a_lo, a_hi), (b_lo, b_hi) = byte_span(a), byte_span(b)
     if not (a_lo < a_hi and b_lo < b_hi and a_lo < b_hi and b_lo < a_hi):
         return False
     if a.dtype.itemsize != b.dtype.itemsize or a.shape != b.shape or a.stride() != b.stride() or not elements_apart(a.shape, a.stride()):

@@ -171,6 +171,19 @@ def drain_pending_frees() -> None:
         _free_now(pager, allocation)
 
 
+def byte_span(tensor: "PagedTensor") -> tuple[int, int]:
+    """Bytes ``[lo, hi)`` of the allocation that ``tensor`` can reach (empty when it has no elements).
+
+    Computed once per tensor: a PagedTensor's size, strides and offset never change.
+    """
+    span = tensor._span
+    if span is None:
+        lo, hi = element_span(tensor.shape, tensor.stride(), tensor._offset)
+        itemsize = tensor.dtype.itemsize
+        span = tensor._span = (lo * itemsize, hi * itemsize)
+    return span
+
+
 def element_span(size: tuple[int, ...], stride: tuple[int, ...], offset: int) -> tuple[int, int]:
     """Elements ``[lo, hi)`` of the storage that a ``size``/``stride`` view at ``offset`` can reach.
 

@@ -9,9 +9,9 @@ from typing import Any, Optional
 import torch
 from torch._ops import OpOverload
 
-from pagedtensor.dispatch import DISPATCHER, _byte_span, _Window, aten, implements
+from pagedtensor.dispatch import DISPATCHER, _Window, aten, implements
 from pagedtensor.errors import OutOfPagesError
-from pagedtensor.tensor import PagedTensor, _pending_frees, drain_pending_frees, meta_like
+from pagedtensor.tensor import PagedTensor, _pending_frees, byte_span, drain_pending_frees, meta_like
 
 
 @implements([aten._grouped_mm.default])
@@ -86,7 +86,7 @@ def _one_expert(func: OpOverload, mat_a: torch.Tensor, mat_b: PagedTensor, exper
     """``func(mat_a, mat_b, group_ends)`` where only ``expert``'s group has rows: its pages resident for
     the call, repeated over ``mat_b``'s experts (stride 0)."""
     matrix = mat_b[expert]
-    lo, hi = _byte_span(matrix)
+    lo, hi = byte_span(matrix)
     try:
         window = _Window(matrix._paged, lo, hi)
     except OutOfPagesError:  # an expert larger than the device tier beside the pinned pages

@@ -10,9 +10,9 @@ from typing import Callable, Optional
 
 import torch
 
-from pagedtensor.dispatch import _byte_span, _empty_like_leaf, _Window
+from pagedtensor.dispatch import _empty_like_leaf, _Window
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError, out_of_pages_for
-from pagedtensor.tensor import PagedTensor, _pending_frees, drain_pending_frees
+from pagedtensor.tensor import PagedTensor, _pending_frees, byte_span, drain_pending_frees
 
 
 def paged_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -69,7 +69,7 @@ def _with_resident_weight(op: Callable[..., torch.Tensor], input: torch.Tensor, 
         or torch._C._len_torch_dispatch_stack()
     ):  # fmt: skip
         return op(input, weight, bias)
-    lo, hi = _byte_span(weight)
+    lo, hi = byte_span(weight)
     if lo == hi:
         return op(input, _empty_like_leaf(weight), bias)
     if _pending_frees:
