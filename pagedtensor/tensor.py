@@ -304,7 +304,9 @@ class PagedTensor(torch.Tensor):
 
         Strides are kept exactly (expanded and overlapping views included, stored by their byte
         span), except for a sparse view whose span exceeds twice its elements: that one is stored
-        compacted and gets contiguous strides.
+        compacted and gets contiguous strides. A view with torch's lazy conjugate or negative bit
+        (``A.mH``, ``x.conj().imag``) keeps it: the pages hold the bytes the view reads, as its
+        memory does, and ops see them through the bits.
 
         Note:
             The bytes go through :meth:`Pager.write`: into device pages, chunked by the device budget
@@ -329,19 +331,26 @@ class PagedTensor(torch.Tensor):
         if isinstance(t, PagedTensor):
             if t._paged is not None and t._paged.pager is pager:
                 return t
-            data = t.materialize()
+            data = t.materialize()  # its values, the bits resolved: as a view with the same bits again
+            if t.is_conj() or t.is_neg():
+                raw = data.neg() if t.is_neg() else data
+                data = with_math_bits(raw.conj_physical() if t.is_conj() else raw, math_bits(t))
             return cls.wrap(data.requires_grad_() if t.requires_grad else data, pager, name=name)  # float or complex
-        _check_wrappable(t)
+        bits = math_bits(t) if isinstance(t, torch.Tensor) else (False, False)
+        # A view with torch's lazy conjugate or negative bit (``A.mH``, ``x.conj().imag``) reads
+        # its memory's values through them: that memory is paged, and the result carries the bits.
+        data = with_math_bits(t.detach(), (False, False)) if bits != (False, False) else t
+        _check_wrappable(data)
         if _pending_frees:
             drain_pending_frees()
-        data = t.detach()
+        data = data.detach()
         lo, hi = element_span(tuple(data.shape), data.stride(), data.storage_offset())
         if hi - lo > _MAX_SPAN_RATIO * data.numel():
             data = data.contiguous()
             lo, hi = element_span(tuple(data.shape), data.stride(), data.storage_offset())
         span = data.as_strided((hi - lo,), (1,), lo)
         storage = PagedStorage.filled(pager, span.nbytes, lambda allocation: pager.write(allocation, span), name=name)
-        return cls._make(storage, 0, tuple(data.shape), data.stride(), data.dtype, requires_grad=t.requires_grad)
+        return cls._make(storage, 0, tuple(data.shape), data.stride(), data.dtype, requires_grad=t.requires_grad, bits=bits)
 
     @classmethod
     def _make(
@@ -793,7 +802,7 @@ def with_math_bits(tensor: torch.Tensor, bits: tuple[bool, bool]) -> torch.Tenso
     if math_bits(tensor) == bits:
         return tensor
     if not isinstance(tensor, PagedTensor):
-        tensor = tensor.view(tensor.shape)  # a view: a dense tensor's own bits are left as they are
+        tensor = torch.ops.aten.alias.default(tensor)  # a view, strides kept: a dense tensor's own bits are left as they are
     torch._C._set_conj(tensor, bits[0])
     torch._C._set_neg(tensor, bits[1])
     return tensor

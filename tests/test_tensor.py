@@ -122,6 +122,53 @@ def test_wrap_of_a_paged_tensor(pager):
             assert not PagedTensor.wrap(leaf.detach(), other).requires_grad, dtype
 
 
+def _lazily_conjugated_and_negated(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Views of complex ``x`` (and of its imaginary part) that carry torch's lazy conjugate or
+    negative bit, as ``A.mH`` of a complex matrix does."""
+    return {
+        "conj": x.conj(),
+        "mH": x.mH,
+        "conj_slice": x.conj()[1:, ::2],
+        "neg_imag": x.conj().imag,
+        "neg": torch._neg_view(x),
+        "conj_neg": torch._neg_view(x.conj()),
+        "conj_sparse": x.conj()[::4, :3],  # stored compacted, as any sparse view
+    }
+
+
+@pytest.mark.parametrize("kind", ["conj", "mH", "conj_slice", "neg_imag", "neg", "conj_neg", "conj_sparse"])
+def test_wrap_keeps_a_lazy_conjugate_or_negative_bit(pager, kind):
+    """``wrap`` of a view with torch's conjugate or negative bit pages the bytes the view reads
+    (the unconjugated values) and carries the bits, as torch's view does: the same values, bits,
+    strides and op results, bit for bit, and in-place ops write through the bits."""
+    g = torch.Generator().manual_seed(3)
+    source = torch.randn(6, 40, dtype=torch.complex64, generator=g).to(pager.device)
+    view = _lazily_conjugated_and_negated(source)[kind]
+    t = PagedTensor.wrap(view, pager)
+    assert (t.is_conj(), t.is_neg()) == (view.is_conj(), view.is_neg())
+    assert (t.shape, t.dtype) == (view.shape, view.dtype)
+    assert t.stride() == (view.stride() if kind != "conj_sparse" else view.contiguous().stride())
+    assert torch.equal(t.materialize(), view.resolve_conj().resolve_neg())
+    assert torch.equal(t.resolve_conj().resolve_neg(), view.resolve_conj().resolve_neg())
+    assert torch.equal(t * 2, view * 2) and torch.equal(t.sum(0), view.sum(0))
+    back = io.BytesIO()
+    torch.save(t, back)
+    back.seek(0)
+    loaded = torch.load(back)
+    assert (loaded.is_conj(), loaded.is_neg()) == (view.is_conj(), view.is_neg())
+    assert torch.equal(loaded.materialize(), view.resolve_conj().resolve_neg())
+    t.add_(1)  # through the bits, into the unconjugated bytes in the pages
+    dense = _lazily_conjugated_and_negated(source.clone())[kind].add_(1)
+    assert torch.equal(t.materialize(), dense.resolve_conj().resolve_neg())
+    assert view.equal(_lazily_conjugated_and_negated(source)[kind])  # the source is not changed
+    leaf = PagedTensor.wrap(view.detach().requires_grad_(view.is_floating_point() or view.is_complex()), pager)
+    assert leaf.requires_grad and leaf.is_leaf and leaf.is_conj() == view.is_conj()
+    with make_pager() as other:  # and from another pager: the same values, bits and requires_grad
+        moved = PagedTensor.wrap(leaf, other)
+        assert (moved.is_conj(), moved.is_neg(), moved.requires_grad) == (view.is_conj(), view.is_neg(), True)
+        assert torch.equal(moved.materialize(pager.device), leaf.materialize())
+
+
 @pytest.mark.parametrize(
     "bad, error, words",
     [
