@@ -153,7 +153,9 @@ def enable_paging(
     """Make ``model`` (a transformers causal LM) generate with a paged KV cache; returns ``model``.
 
     Args:
-        model: a ``PreTrainedModel`` with ``generate``, on the pager's device.
+        model: a ``PreTrainedModel`` with ``generate``, on the pager's device; with
+            ``page_weights=True`` it may be on the CPU (a model larger than the GPU): the layers'
+            weights are paged from there and the rest moves to the pager's device.
         memory_config: budgets of the pager created for the model (default ``MemoryConfig()``); the
             pager's own prefetching is turned off (the cache schedules its transfers).
         pager: an existing pager to use instead (then ``memory_config`` must be None).
@@ -248,8 +250,12 @@ def _install(
         prefill_chunk_size = getattr(pager.config, "prefill_chunk_size", None) or DEFAULT_PREFILL_CHUNK
     _check_prefill_chunk_size(prefill_chunk_size)
     model_device = _model_device(model)
-    if model_device is not None and model_device != pager.device:
-        raise ValueError(f"the model is on {model_device} but the pager's device tier is {pager.device}: move the model or set MemoryConfig(device=...)")
+    if model_device is not None and model_device != pager.device and not page_weights:
+        raise ValueError(
+            f"the model is on {model_device} but the pager's device tier is {pager.device}: move the model, set "
+            f"MemoryConfig(device=...), or pass page_weights=True (the decoder layers' weights are paged from where "
+            f"they are, the rest moves to {pager.device})"
+        )
 
     register_attention()
     if attn_implementation == "auto":
@@ -722,7 +728,10 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
                     _write_back_weight(pager, paged.allocation)
                     module._parameters[name] = torch.nn.Parameter(paged, requires_grad=False)
                     replaced.append((module, name, parameter))
-    except BaseException:  # the weights do not fit (OutOfPagesError): the dense weights back
+        # A model loaded on the CPU: its paged weights came from there, page by page, and only what
+        # stays dense goes to the device, so the device never holds the whole model.
+        _move_dense_tensors(model, pager.device)
+    except BaseException:  # the weights do not fit (OutOfPagesError), or the dense rest does not: the dense weights back
         for module, name, parameter in replaced:
             module._parameters[name] = parameter
         raise
@@ -916,12 +925,66 @@ def _final_norm(model: torch.nn.Module, layers: list[torch.nn.Module]) -> Option
     return None
 
 
+def _normalized_device(device: torch.device) -> torch.device:
+    """``device``, a CUDA device without an index as the current one (as the pager's device is)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _on_device(device: torch.device, target: torch.device) -> bool:
+    return _normalized_device(device) == target
+
+
+def _move_dense_tensors(model: torch.nn.Module, device: torch.device) -> None:
+    """Move ``model``'s parameters and buffers that are neither PagedTensors nor on ``device`` there,
+    as ``model.to(device)`` moves them: a parameter takes the moved data in place (between the CPU
+    and a GPU), or else is replaced by a new parameter in every module that holds it, so ties
+    (``lm_head`` to the embedding) hold either way; its gradient moves along; a buffer is replaced.
+    Where a move raises (the device's memory), every tensor moved so far goes back where it was."""
+    from pagedtensor.tensor import PagedTensor
+
+    moved_in_place: list[tuple[torch.nn.Parameter, torch.Tensor, Optional[torch.Tensor]]] = []
+    replacements: dict[int, torch.nn.Parameter] = {}  # id of a parameter -> the one in its place
+    replaced: list[tuple[dict, str, torch.Tensor]] = []  # (a module's _parameters or _buffers, name, the tensor it held)
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                for name, parameter in list(module._parameters.items()):
+                    if parameter is None or isinstance(parameter, PagedTensor) or _on_device(parameter.device, device):
+                        continue
+                    new = replacements.get(id(parameter))
+                    if new is None:
+                        data = parameter.data.to(device)
+                        grad = parameter.grad.to(device) if parameter.grad is not None else None
+                        if torch._has_compatible_shallow_copy_type(parameter.data, data):
+                            moved_in_place.append((parameter, parameter.data, parameter.grad))
+                            parameter.data = data
+                            parameter.grad = grad
+                            continue
+                        new = replacements[id(parameter)] = torch.nn.Parameter(data, requires_grad=parameter.requires_grad)
+                        new.grad = grad
+                    replaced.append((module._parameters, name, parameter))
+                    module._parameters[name] = new
+                for name, buffer in list(module._buffers.items()):
+                    if buffer is None or isinstance(buffer, PagedTensor) or _on_device(buffer.device, device):
+                        continue
+                    moved = buffer.to(device)
+                    replaced.append((module._buffers, name, buffer))
+                    module._buffers[name] = moved
+    except BaseException:
+        with torch.no_grad():
+            for parameter, data, grad in moved_in_place:
+                parameter.data = data
+                parameter.grad = grad
+        for holder, name, tensor in replaced:
+            holder[name] = tensor
+        raise
+
+
 def _model_device(model: torch.nn.Module) -> Optional[torch.device]:
     for parameter in model.parameters():
-        device = parameter.device
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        return device
+        return _normalized_device(parameter.device)
     return None
 
 
@@ -1213,7 +1276,9 @@ class PagedModel:
         **hf_kwargs: Any,
     ) -> "PagedModel":
         """Load ``name_or_path`` with ``AutoModelForCausalLM`` (a GGUF file with ``gguf_file=``), move it
-        to the pager's device and enable paging. ``paging`` holds :func:`enable_paging` options.
+        to the pager's device and enable paging. ``paging`` holds :func:`enable_paging` options; with
+        ``"page_weights": True`` the loaded model stays where it loaded (the CPU, unless ``device_map``
+        says otherwise): its layers' weights are paged from there and only the rest moves.
         With ``tp_plan="auto"`` (under ``torchrun``): this rank's tensor-parallel shard, paged with
         ``memory_config`` as this rank's own budget (:func:`pagedtensor.hf.distributed.load_tensor_parallel`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -1231,7 +1296,8 @@ class PagedModel:
         if dtype is not None:
             hf_kwargs["dtype"] = dtype
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **hf_kwargs)
-        model.to(config.device)
+        if not (paging or {}).get("page_weights"):
+            model.to(config.device)  # else enable_paging pages the layers' weights from the CPU and moves only the rest
         model.eval()
         tokenizer = None
         if load_tokenizer:

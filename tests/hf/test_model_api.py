@@ -204,10 +204,14 @@ def test_a_memory_config_that_is_not_one_is_named_before_any_model_loads(tmp_pat
         PagedKVCache(ref.config, memory_config={"vram_limit": "1GiB"})
 
 
-def test_paged_model_from_pretrained(tmp_path, nvme_dir):
+@pytest.mark.parametrize("page_weights", [False, True])
+def test_paged_model_from_pretrained(tmp_path, nvme_dir, page_weights):
     reference, _ = tiny_pair("llama")
     reference.save_pretrained(tmp_path / "tiny")
-    paged = PagedModel.from_pretrained(str(tmp_path / "tiny"), tiny_budget(nvme_dir), load_tokenizer=False, paging={"attn_implementation": "sdpa"})
+    budget = tiny_budget(nvme_dir, vram_pages=24, host_pages=16) if page_weights else tiny_budget(nvme_dir)
+    paged = PagedModel.from_pretrained(str(tmp_path / "tiny"), budget, load_tokenizer=False,
+                                       paging={"attn_implementation": "sdpa", "page_weights": page_weights})  # fmt: skip
+    assert any(isinstance(p, pagedtensor.PagedTensor) for p in paged.parameters()) == page_weights
     ids, mask = prompts(1, length=20)
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert torch.equal(paged.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), expected)

@@ -383,3 +383,45 @@ def test_gpu_beam_search_under_enable_paging_shares_pages(nvme_dir):
     assert cache.stats()["kv_pages_copied"] > 0
     cache.close()
     assert paging_state(model).pager.stats()["allocations"] == 0
+
+
+def test_gpu_a_model_on_the_cpu_pages_its_weights_from_there_and_moves_only_the_rest(nvme_dir, tmp_path):
+    """A model larger than the GPU is loaded on the CPU: with page_weights=True, enable_paging pages
+    each decoder-layer weight from there (into device pages that spill to pinned host memory) and
+    moves only what stays dense (embeddings, norms, lm_head, buffers), so the GPU never holds the
+    layers' weights whole; the tokens and logits are those of the same model run on the GPU.
+    ``PagedModel.from_pretrained(..., paging={"page_weights": True})`` loads so."""
+    from transformers import LlamaForCausalLM
+
+    reference, _ = _pair(torch.float32, seed=3)
+    reference.cpu().save_pretrained(tmp_path / "tiny")
+    reference.cuda()
+    ids, mask = _prompts(1, 600)
+    expected = _generate(reference, ids, mask, 8)
+    layer_bytes = sum(p.numel() * p.element_size() for layer in reference.model.layers for p in layer.parameters())
+    dense_bytes = sum(p.numel() * p.element_size() for p in reference.parameters()) - layer_bytes
+    budget = 96 * PAGE  # 6 MiB of ~38 MB of layer weights
+    for load in ("enable_paging", "from_pretrained"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        if load == "enable_paging":
+            model = LlamaForCausalLM.from_pretrained(tmp_path / "tiny").eval()
+            model.config._attn_implementation = "sdpa"
+            assert all(p.device.type == "cpu" for p in model.parameters())
+            enable_paging(model, _budget(nvme_dir, vram_pages=96, slab_pages=96), attn_implementation="pagedllm",
+                          prefill_chunk_size=256, page_weights=True)
+        else:
+            model = PagedModel.from_pretrained(str(tmp_path / "tiny"), _budget(nvme_dir, vram_pages=96, slab_pages=96), load_tokenizer=False,
+                                               paging={"page_weights": True, "attn_implementation": "pagedllm", "prefill_chunk_size": 256})  # fmt: skip
+        torch.cuda.synchronize()
+        loading_peak = torch.cuda.max_memory_allocated() - start
+        assert loading_peak < budget + dense_bytes + layer_bytes // 4, (load, loading_peak, budget, dense_bytes, layer_bytes)
+        assert all(p.is_cuda for p in model.parameters()) and all(b.is_cuda for b in model.buffers()), load
+        assert any(isinstance(p, PagedTensor) for p in model.parameters()), load
+        got = _generate(model, ids, mask, 8)
+        assert torch.equal(got.sequences, expected.sequences), load
+        for a, b in zip(got.logits, expected.logits):
+            torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+        paging_state(model.model if load == "from_pretrained" else model).pager.close()
+        del model

@@ -616,3 +616,52 @@ def test_a_model_whose_decoder_layers_are_not_found_is_refused_naming_what_is_mi
         enable_paging(model, tiny_budget(nvme_dir), page_weights=True)
     assert paging_state(model) is None
     assert all(type(parameter) is torch.nn.Parameter for parameter in model.parameters())
+
+
+def test_a_model_on_another_device_than_the_pager_is_named_unless_its_weights_are_paged(nvme_dir):
+    """Paging only the KV cache needs the model on the pager's device; the error says so and names
+    page_weights=True, which pages the layers' weights from where they lie. A model whose weights
+    hold no data (meta) cannot be paged from there: wrap's error, and the model as it was."""
+    with torch.device("meta"):
+        _, model = tiny_pair("llama")
+    with pytest.raises(ValueError, match=r"the model is on meta but the pager's device tier is cpu: .* page_weights=True"):
+        enable_paging(model, tiny_budget(nvme_dir, vram_pages=64), attn_implementation="sdpa")
+    with pytest.raises(ValueError, match="a meta tensor has no data to page"):
+        enable_paging(model, tiny_budget(nvme_dir, vram_pages=64), attn_implementation="sdpa", page_weights=True)
+    assert paging_state(model) is None
+    assert all(type(p) is torch.nn.Parameter and p.device.type == "meta" for p in model.parameters())
+
+
+def test_what_stays_dense_moves_as_model_to_moves_it_and_goes_back_if_a_move_fails(nvme_dir):
+    """``_move_dense_tensors`` (enable_paging's move of what stays dense once a CPU model's layer
+    weights are paged): every parameter and buffer but the PagedTensors goes to the device, a tied
+    parameter stays one parameter (the embedding and ``lm_head``), gradients move along; where one
+    tensor cannot move, every one moved before goes back. Here to the meta device, the one other
+    device a CPU machine has, where parameters are replaced (between the CPU and a GPU they take
+    the moved data in place: the GPU test), and a quantized buffer cannot go."""
+    from pagedtensor.hf.model import _move_dense_tensors
+
+    from pagedtensor import Pager
+
+    _, model = tiny_pair("llama", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with Pager(tiny_budget(nvme_dir, vram_pages=64)) as pager:
+        up = model.model.layers[0].mlp.up_proj
+        up.weight = torch.nn.Parameter(PagedTensor.wrap(up.weight.detach(), pager), requires_grad=False)
+        norm = model.model.norm.weight
+        norm.grad = torch.ones_like(norm)
+        before = {name: (tensor, tensor.data_ptr()) for name, tensor in [*model.named_parameters(), *model.named_buffers()] if not isinstance(tensor, PagedTensor)}
+        model.lm_head.register_buffer("scale", torch.quantize_per_tensor(torch.ones(2), 0.5, 0, torch.qint8))
+        with pytest.raises(NotImplementedError, match="QuantizedMeta"):
+            _move_dense_tensors(model, torch.device("meta"))
+        now = dict([*model.named_parameters(), *model.named_buffers()])
+        assert all(now[name] is tensor and tensor.device.type == "cpu" and tensor.data_ptr() == pointer for name, (tensor, pointer) in before.items())
+        assert model.model.norm.weight is norm and norm.grad.device.type == "cpu" and model.lm_head.scale.is_quantized
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        del model.lm_head._buffers["scale"]
+        _move_dense_tensors(model, torch.device("meta"))
+        assert isinstance(up.weight, PagedTensor) and up.weight.device.type == "cpu"
+        assert all(p.device.type == "meta" for p in model.parameters() if not isinstance(p, PagedTensor))
+        assert all(b.device.type == "meta" for b in model.buffers())
+        assert model.lm_head.weight is model.model.embed_tokens.weight and model.model.norm.weight.grad.device.type == "meta"
+        assert len(list(model.parameters())) == 1 + len([name for name in before if name in dict(model.named_parameters())])  # up.weight, and the tie is one parameter still
