@@ -66,7 +66,7 @@ if [ "${SWEEPS:-all}" != "none" ]; then
   grep -h '^== \|passed\|failed\|sweep failure' "$OUT/gpu_sweeps.log" | tail -60
 fi
 [ "${BENCHES:-}" = none ] && exit $status
-for bench in ${BENCHES:-pager_transfers paged_attention dispatch_overhead host_sum pieces long_context}; do
+for bench in ${BENCHES:-pager_transfers paged_attention dispatch_overhead host_sum pieces paged_load long_context}; do
   echo "== bench_$bench"
   limit="${BENCH_LIMIT_S:-150}"
   [ "$bench" = long_context ] && limit="${LONG_CONTEXT_LIMIT_S:-600}"   # 8K, 32K, 64K with every baseline: ~6 min

@@ -102,3 +102,26 @@ def test_weight_paging_benchmark_on_a_cpu_device_tier(tmp_path):
     assert runs["paged"]["tokens_equal_native"] == runs["paged_recency"]["tokens_equal_native"] == "6/6"
     weights_gb = runs["paged"]["paged_weights_gib"] * 2**30 / 1e9
     assert runs["paged"]["gb_h2d_per_token"] < 0.75 * weights_gb < runs["paged_recency"]["gb_h2d_per_token"], runs
+
+
+def test_paged_load_benchmark_on_a_cpu_device_tier(tmp_path):
+    """The paged-load benchmark's path on a tiny checkpoint, the CPU as the device tier and budgets
+    below its layer weights: both loads run in their own processes, their memory is measured, and
+    the paged load generates the plain load's tokens."""
+    import json
+
+    pytest.importorskip("transformers")
+    from benchmarks import bench_paged_load
+
+    out = tmp_path / "paged_load.json"
+    argv = ["--device", "cpu", "--layers", "4", "--hidden", "128", "--intermediate", "256", "--heads", "4", "--kv-heads", "2",
+            "--vocab", "256", "--vram-limit", "192KiB", "--host-memory", "128KiB", "--page-size", "16KiB",
+            "--checkpoint", str(tmp_path / "checkpoint"), "--out", str(out)]  # fmt: skip
+    assert bench_paged_load.main(argv) == 0
+    results = json.loads(out.read_text())
+    rows = {row["run"]: row for row in results["rows"]}
+    assert all(row["status"] == "ok" for row in rows.values()), rows
+    assert results["tokens_equal"] and results["pass"] and results["device_peak_under_layer_weights"] is None
+    assert len(rows["paged"]["tokens"]) == bench_paged_load.NEW_TOKENS
+    assert rows["paged"]["layer_weight_bytes"] > 192 * 2**10 + 128 * 2**10  # the budgets hold less than the layers
+    assert rows["paged"]["resident_bytes"]["disk"] > 0 and all(row["host_anon_growth_bytes"] is not None for row in rows.values())
