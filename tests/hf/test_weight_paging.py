@@ -632,13 +632,27 @@ def test_a_model_on_another_device_than_the_pager_is_named_unless_its_weights_ar
     assert all(type(p) is torch.nn.Parameter and p.device.type == "meta" for p in model.parameters())
 
 
+class RefusesToMove(torch.Tensor):
+    """A tensor whose ``to`` raises: a move that fails on any device (as the device's memory may)."""
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "RefusesToMove":
+        return torch.Tensor._make_subclass(cls, tensor)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206 - torch's protocol
+        if func is torch.Tensor.to:
+            raise RuntimeError("this buffer refuses to move")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
 def test_what_stays_dense_moves_as_model_to_moves_it_and_goes_back_if_a_move_fails(nvme_dir):
     """``_move_dense_tensors`` (enable_paging's move of what stays dense once a CPU model's layer
     weights are paged): every parameter and buffer but the PagedTensors goes to the device, a tied
     parameter stays one parameter (the embedding and ``lm_head``), gradients move along; where one
     tensor cannot move, every one moved before goes back. Here to the meta device, the one other
     device a CPU machine has, where parameters are replaced (between the CPU and a GPU they take
-    the moved data in place: the GPU test), and a quantized buffer cannot go."""
+    the moved data in place: the GPU test), past a buffer that refuses to move."""
     from pagedtensor.hf.model import _move_dense_tensors
 
     from pagedtensor import Pager
@@ -651,12 +665,12 @@ def test_what_stays_dense_moves_as_model_to_moves_it_and_goes_back_if_a_move_fai
         norm = model.model.norm.weight
         norm.grad = torch.ones_like(norm)
         before = {name: (tensor, tensor.data_ptr()) for name, tensor in [*model.named_parameters(), *model.named_buffers()] if not isinstance(tensor, PagedTensor)}
-        model.lm_head.register_buffer("scale", torch.quantize_per_tensor(torch.ones(2), 0.5, 0, torch.qint8))
-        with pytest.raises(NotImplementedError, match="QuantizedMeta"):
+        model.lm_head.register_buffer("scale", RefusesToMove.of(torch.ones(2)))
+        with pytest.raises(RuntimeError, match="refuses to move"):
             _move_dense_tensors(model, torch.device("meta"))
         now = dict([*model.named_parameters(), *model.named_buffers()])
         assert all(now[name] is tensor and tensor.device.type == "cpu" and tensor.data_ptr() == pointer for name, (tensor, pointer) in before.items())
-        assert model.model.norm.weight is norm and norm.grad.device.type == "cpu" and model.lm_head.scale.is_quantized
+        assert model.model.norm.weight is norm and norm.grad.device.type == "cpu" and type(model.lm_head.scale) is RefusesToMove
         assert model.lm_head.weight is model.model.embed_tokens.weight
         del model.lm_head._buffers["scale"]
         _move_dense_tensors(model, torch.device("meta"))
