@@ -646,36 +646,45 @@ class RefusesToMove(torch.Tensor):
         return super().__torch_function__(func, types, args, kwargs or {})
 
 
+def move_dense_tensors_after_a_failed_move(model, pager, device: torch.device) -> dict:
+    """``_move_dense_tensors`` of ``model`` (tied embeddings, on the CPU) to ``device``, one layer
+    weight paged on ``pager`` and the final norm holding a gradient: first past a buffer that
+    refuses to move, which must leave every tensor as it was, then without it. Returns the dense
+    parameters and buffers as they were before, by name; checks what holds on any device."""
+    from pagedtensor.hf.model import _move_dense_tensors
+
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    up = model.model.layers[0].mlp.up_proj
+    up.weight = torch.nn.Parameter(PagedTensor.wrap(up.weight.detach(), pager), requires_grad=False)
+    norm = model.model.norm.weight
+    norm.grad = torch.ones_like(norm)
+    before = {name: tensor for name, tensor in [*model.named_parameters(), *model.named_buffers()] if not isinstance(tensor, PagedTensor)}
+    pointers = {name: tensor.data_ptr() for name, tensor in before.items()}
+    model.lm_head.register_buffer("scale", RefusesToMove.of(torch.ones(2)))
+    with pytest.raises(RuntimeError, match="refuses to move"):
+        _move_dense_tensors(model, device)
+    now = dict([*model.named_parameters(), *model.named_buffers()])
+    assert all(now[name] is tensor and tensor.device.type == "cpu" and tensor.data_ptr() == pointers[name] for name, tensor in before.items())
+    assert norm.grad.device.type == "cpu" and type(model.lm_head.scale) is RefusesToMove
+    del model.lm_head._buffers["scale"]
+    _move_dense_tensors(model, device)
+    assert isinstance(up.weight, PagedTensor) and up.weight.device == pager.device
+    assert all(p.device == device for p in model.parameters() if not isinstance(p, PagedTensor))
+    assert all(b.device == device for b in model.buffers()) and model.model.norm.weight.grad.device == device
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert len(list(model.parameters())) == 1 + len([name for name in before if name in dict(model.named_parameters())])  # the tie is one parameter still
+    return before
+
+
 def test_what_stays_dense_moves_as_model_to_moves_it_and_goes_back_if_a_move_fails(nvme_dir):
     """``_move_dense_tensors`` (enable_paging's move of what stays dense once a CPU model's layer
     weights are paged): every parameter and buffer but the PagedTensors goes to the device, a tied
     parameter stays one parameter (the embedding and ``lm_head``), gradients move along; where one
     tensor cannot move, every one moved before goes back. Here to the meta device, the one other
     device a CPU machine has, where parameters are replaced (between the CPU and a GPU they take
-    the moved data in place: the GPU test), past a buffer that refuses to move."""
-    from pagedtensor.hf.model import _move_dense_tensors
-
+    the moved data in place: the GPU test)."""
     from pagedtensor import Pager
 
     _, model = tiny_pair("llama", tie_word_embeddings=True)
-    assert model.lm_head.weight is model.model.embed_tokens.weight
     with Pager(tiny_budget(nvme_dir, vram_pages=64)) as pager:
-        up = model.model.layers[0].mlp.up_proj
-        up.weight = torch.nn.Parameter(PagedTensor.wrap(up.weight.detach(), pager), requires_grad=False)
-        norm = model.model.norm.weight
-        norm.grad = torch.ones_like(norm)
-        before = {name: (tensor, tensor.data_ptr()) for name, tensor in [*model.named_parameters(), *model.named_buffers()] if not isinstance(tensor, PagedTensor)}
-        model.lm_head.register_buffer("scale", RefusesToMove.of(torch.ones(2)))
-        with pytest.raises(RuntimeError, match="refuses to move"):
-            _move_dense_tensors(model, torch.device("meta"))
-        now = dict([*model.named_parameters(), *model.named_buffers()])
-        assert all(now[name] is tensor and tensor.device.type == "cpu" and tensor.data_ptr() == pointer for name, (tensor, pointer) in before.items())
-        assert model.model.norm.weight is norm and norm.grad.device.type == "cpu" and type(model.lm_head.scale) is RefusesToMove
-        assert model.lm_head.weight is model.model.embed_tokens.weight
-        del model.lm_head._buffers["scale"]
-        _move_dense_tensors(model, torch.device("meta"))
-        assert isinstance(up.weight, PagedTensor) and up.weight.device.type == "cpu"
-        assert all(p.device.type == "meta" for p in model.parameters() if not isinstance(p, PagedTensor))
-        assert all(b.device.type == "meta" for b in model.buffers())
-        assert model.lm_head.weight is model.model.embed_tokens.weight and model.model.norm.weight.grad.device.type == "meta"
-        assert len(list(model.parameters())) == 1 + len([name for name in before if name in dict(model.named_parameters())])  # up.weight, and the tie is one parameter still
+        move_dense_tensors_after_a_failed_move(model, pager, torch.device("meta"))
