@@ -305,8 +305,8 @@ class PagedTensor(torch.Tensor):
         Strides are kept exactly (expanded and overlapping views included, stored by their byte
         span), except for a sparse view whose span exceeds twice its elements: that one is stored
         compacted and gets contiguous strides. A view with torch's lazy conjugate or negative bit
-        (``A.mH``, ``x.conj().imag``) keeps it: the pages hold the bytes the view reads, as its
-        memory does, and ops see them through the bits.
+        (``A.mH``, ``x.conj().imag``) gives its values with the bits resolved, as ``t.clone()``
+        does.
 
         Note:
             The bytes go through :meth:`Pager.write`: into device pages, chunked by the device budget
@@ -331,14 +331,11 @@ class PagedTensor(torch.Tensor):
         if isinstance(t, PagedTensor):
             if t._paged is not None and t._paged.pager is pager:
                 return t
-            data = t.materialize()  # its values, the bits resolved: as a view with the same bits again
-            if t.is_conj() or t.is_neg():
-                raw = data.neg() if t.is_neg() else data
-                data = with_math_bits(raw.conj_physical() if t.is_conj() else raw, math_bits(t))
+            data = t.materialize()
             return cls.wrap(data.requires_grad_() if t.requires_grad else data, pager, name=name)  # float or complex
         bits = math_bits(t) if isinstance(t, torch.Tensor) else (False, False)
-        # A view with torch's lazy conjugate or negative bit (``A.mH``, ``x.conj().imag``) reads
-        # its memory's values through them: that memory is paged, and the result carries the bits.
+        # A view with torch's lazy conjugate or negative bit (``A.mH``, ``x.conj().imag``): its
+        # memory is paged, then resolved in the pages (below).
         data = with_math_bits(t.detach(), (False, False)) if bits != (False, False) else t
         _check_wrappable(data)
         if _pending_frees:
@@ -350,7 +347,16 @@ class PagedTensor(torch.Tensor):
             lo, hi = element_span(tuple(data.shape), data.stride(), data.storage_offset())
         span = data.as_strided((hi - lo,), (1,), lo)
         storage = PagedStorage.filled(pager, span.nbytes, lambda allocation: pager.write(allocation, span), name=name)
-        return cls._make(storage, 0, tuple(data.shape), data.stride(), data.dtype, requires_grad=t.requires_grad, bits=bits)
+        if bits != (False, False):
+            # The values the view reads, as t.clone() gives them: resolved over the whole span, in
+            # place, a piece of pages at a time (exact: a sign flip). Kept lazy, the bits would reach
+            # kernels that read a conjugate view's raw bits under a subclass (linalg.pinv's).
+            flat = cls._make(storage, 0, (hi - lo,), (1,), data.dtype)
+            if bits[0]:
+                flat.conj_physical_()
+            if bits[1]:
+                flat.neg_()
+        return cls._make(storage, 0, tuple(data.shape), data.stride(), data.dtype, requires_grad=t.requires_grad)
 
     @classmethod
     def _make(
