@@ -863,11 +863,28 @@ def pages_as_weight(parameter: torch.Tensor, page_size: int) -> bool:
 
 def routed_expert_stack(module: torch.nn.Module, parameter: torch.Tensor) -> bool:
     """Whether ``parameter`` of ``module`` stacks one matrix per expert of a mixture-of-experts layer
-    along dim 0 (as transformers' ``*Experts`` modules hold them, with ``num_experts``): a token
-    reads only the experts it is routed to (:func:`~pagedtensor.handlers.grouped_mm.grouped_mm_of_routed_experts`
-    faults in only those), so such a stack is neither prefetched nor advised ``"loop"``."""
+    along dim 0 (as transformers' ``*Experts`` modules hold them, with ``num_experts``) and the
+    module is given the routing (its ``forward`` takes more than the hidden states: the experts'
+    indices, or their row counts): a token reads only the experts it is routed to
+    (:func:`~pagedtensor.handlers.grouped_mm.grouped_mm_of_routed_experts` faults in only those),
+    one expert's matrix at a time, so such a stack is neither prefetched nor advised ``"loop"``. A
+    module given the hidden states alone (Llama 4's text experts: one ``bmm`` over every expert)
+    reads its stacks whole, as any weight."""
     experts = getattr(module, "num_experts", None)
-    return isinstance(experts, int) and parameter.dim() >= 3 and parameter.shape[0] == experts
+    if not (isinstance(experts, int) and parameter.dim() >= 3 and parameter.shape[0] == experts):
+        return False
+    return _takes_the_routing(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_the_routing(module_class: type) -> bool:
+    """Whether ``module_class.forward`` takes arguments beyond the hidden states (transformers'
+    experts-implementation wrapper keeps the signature of the forward it wraps)."""
+    try:
+        parameters = list(inspect.signature(module_class.forward).parameters.values())[1:]  # past self
+    except (TypeError, ValueError):  # no signature to read: taken as routed, as before
+        return True
+    return len(parameters) > 1 or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters)
 
 
 def _weight_allocations(layer: torch.nn.Module, pager: Pager, routed_experts: bool = True) -> list:

@@ -688,3 +688,35 @@ def test_what_stays_dense_moves_as_model_to_moves_it_and_goes_back_if_a_move_fai
     _, model = tiny_pair("llama", tie_word_embeddings=True)
     with Pager(tiny_budget(nvme_dir, vram_pages=64)) as pager:
         move_dense_tensors_after_a_failed_move(model, pager, torch.device("meta"))
+
+
+def test_llama4_experts_read_their_stacks_whole_so_they_are_checked_prefetched_and_looped_so(nvme_dir):
+    """Llama 4's text experts take no routing: one ``bmm`` reads every expert of a stack at once (a
+    routed experts' module, which takes the routing, reads one expert at a time). enable_paging
+    names a stack the device tier cannot hold, where the generate failed at its first layer with
+    DeviceTierFullError; with a tier that holds it, the stacks are prefetched with their layer and
+    advised ``"loop"`` as the layer's other weights, and the tokens and logits are the unpaged ones."""
+    import transformers
+
+    from tests.hf.test_model_support import _pair
+
+    fields = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                  intermediate_size_mlp=128, num_local_experts=4, num_experts_per_tok=1, vocab_size=128, no_rope_layers=[1, 1],
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    reference, model = _pair(transformers.Llama4TextConfig, transformers.Llama4ForCausalLM, "sdpa", **fields)
+    stack_pages = 4 * 64 * 256 * 4 // PAGE  # gate_up_proj: 4 experts of 64 x 256 fp32
+    with pytest.raises(DeviceTierFullError, match=rf"layers\.0\.feed_forward\.experts\.gate_up_proj's {stack_pages} pages"):
+        enable_paging(model, tiny_budget(nvme_dir, vram_pages=24, host_pages=16), attn_implementation="sdpa", page_weights=True)
+    assert paging_state(model) is None
+    ids, mask = prompts(3, length=20)
+    expected = _generate(reference, ids, mask)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=stack_pages + 32, host_pages=64), attn_implementation="sdpa", page_weights=True)
+    got = _generate(model, ids, mask)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits))
+    from pagedtensor.hf.model import _weight_allocations
+
+    experts = model.model.layers[1].feed_forward.experts
+    stacks = {experts.gate_up_proj.allocation, experts.down_proj.allocation}
+    assert stacks <= set(_weight_allocations(model.model.layers[1], paging_state(model).pager, routed_experts=False))  # prefetched
+    assert all(allocation.loop for allocation in stacks)
