@@ -138,6 +138,13 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def normalize_device(device: torch.device) -> torch.device:
+    """``device``, a CUDA device without an index as the current one (as a pager's device is)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryConfig:
     """Budgets and policies of one :class:`~pagedtensor.pager.Pager`.
@@ -264,8 +271,7 @@ def _parse_device(device: Union[str, torch.device, None]) -> torch.device:
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device: {device!r} requested but CUDA is not available on this machine")
-        if parsed.index is None:
-            parsed = torch.device("cuda", torch.cuda.current_device())
+        parsed = normalize_device(parsed)
         if parsed.index >= torch.cuda.device_count():
             raise ValueError(f"device: {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA devices")
     return parsed

@@ -97,6 +97,7 @@ from torch._ops import OpOverload, OpOverloadPacket
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_leaves, tree_map
 
+from pagedtensor.config import normalize_device
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError, out_of_pages_for
 from pagedtensor.pager import ResidentPages, WrittenPages
 from pagedtensor.pieces import is_elementwise, run_in_pieces
@@ -484,7 +485,7 @@ class PagedDispatcher:
             return inner.clone() if device is None else inner.to(device, copy=True)
         if _pending_frees:
             drain_pending_frees()
-        target = _normalize_device(tensor.device if device is None else torch.device(device))
+        target = normalize_device(tensor.device if device is None else torch.device(device))
         lo, hi = byte_span(tensor)
         if lo == hi:
             return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=target)
@@ -492,7 +493,7 @@ class PagedDispatcher:
         pager = storage.pager
         data = None
         first, stop = storage.allocation.page_range(lo, hi)
-        if target == _normalize_device(pager.device) and stop - first <= pager.device_tier.capacity_pages:
+        if target == normalize_device(pager.device) and stop - first <= pager.device_tier.capacity_pages:
             try:
                 window = _Window(storage, lo, hi)
             except OutOfPagesError:
@@ -1042,12 +1043,6 @@ def _empty_like_leaf(leaf: PagedTensor) -> torch.Tensor:
     return with_math_bits(empty, math_bits(leaf))
 
 
-
-
-def _normalize_device(device: torch.device) -> torch.device:
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def resize_refused(func: OpOverload, shape: Sequence[int], result_shape: Sequence[int], args: tuple, kwargs: dict) -> NotImplementedError:

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch._ops import OpOverload
 
-from pagedtensor.dispatch import DISPATCHER, _normalize_device, aten, implements
+from pagedtensor.config import normalize_device
+from pagedtensor.dispatch import DISPATCHER, aten, implements
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError
 from pagedtensor.tensor import PagedStorage, PagedTensor, element_span, meta_like
 
@@ -35,7 +36,7 @@ def convert_into_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict
     device = kwargs.get("device")
     if (
         not isinstance(source, PagedTensor)
-        or (device is not None and _normalize_device(torch.device(device)) != _normalize_device(source.device))
+        or (device is not None and normalize_device(torch.device(device)) != normalize_device(source.device))
         or kwargs.get("layout") not in (None, torch.strided)
         or kwargs.get("pin_memory")
         or _inside_autocast()

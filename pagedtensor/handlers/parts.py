@@ -10,7 +10,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch._ops import OpOverload
 
-from pagedtensor.dispatch import _normalize_device
+from pagedtensor.config import normalize_device
 from pagedtensor.pieces import piece_elements_of, span_elements
 from pagedtensor.tensor import PagedTensor, meta_layout
 
@@ -44,7 +44,7 @@ def _copies_in_parts(tensors: Sequence[Any]) -> bool:
         bool(paged)
         and all(t._inner is None for t in paged)
         and all(t.layout == torch.strided and not t.is_conj() and not t.is_neg() for t in tensors)
-        and len({_normalize_device(t.device) for t in tensors}) == 1
+        and len({normalize_device(t.device) for t in tensors}) == 1
     )
 
 

@@ -40,7 +40,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from pagedtensor.config import MemoryConfig
+from pagedtensor.config import MemoryConfig, normalize_device
 from pagedtensor.hf.model import PagedModel, enable_paging
 
 log = logging.getLogger(__name__)
@@ -349,10 +349,7 @@ def _check_ranks_agree(group: Optional[Any], **options: Any) -> None:
 
 def _parameter_device(model: torch.nn.Module) -> torch.device:
     for parameter in model.parameters():
-        device = _local(parameter).device
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        return device
+        return normalize_device(_local(parameter).device)
     return rank_info().device
 
 

@@ -48,7 +48,7 @@ from typing import Any, Optional
 
 import torch
 
-from pagedtensor.config import MemoryConfig, SizeLike, check_memory_config, format_size
+from pagedtensor.config import MemoryConfig, SizeLike, check_memory_config, format_size, normalize_device
 from pagedtensor.handlers.linear import paged_conv1d, paged_linear
 from pagedtensor.hf.attention import PAGED_FORWARD, register_attention
 from pagedtensor.hf.cache import ACTIVE_UPDATE, ATTENTION_NAME, DEFAULT_STREAM_GROUP_BYTES, PagedKVCache, check_cache_settings, streaming_config
@@ -942,17 +942,6 @@ def _final_norm(model: torch.nn.Module, layers: list[torch.nn.Module]) -> Option
     return None
 
 
-def _normalized_device(device: torch.device) -> torch.device:
-    """``device``, a CUDA device without an index as the current one (as the pager's device is)."""
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def _on_device(device: torch.device, target: torch.device) -> bool:
-    return _normalized_device(device) == target
-
-
 def _move_dense_tensors(model: torch.nn.Module, device: torch.device) -> None:
     """Move ``model``'s parameters and buffers that are neither PagedTensors nor on ``device`` there,
     as ``model.to(device)`` moves them: a parameter takes the moved data in place (between the CPU
@@ -968,7 +957,7 @@ def _move_dense_tensors(model: torch.nn.Module, device: torch.device) -> None:
         with torch.no_grad():
             for module in model.modules():
                 for name, parameter in list(module._parameters.items()):
-                    if parameter is None or isinstance(parameter, PagedTensor) or _on_device(parameter.device, device):
+                    if parameter is None or isinstance(parameter, PagedTensor) or normalize_device(parameter.device) == device:
                         continue
                     new = replacements.get(id(parameter))
                     if new is None:
@@ -984,7 +973,7 @@ def _move_dense_tensors(model: torch.nn.Module, device: torch.device) -> None:
                     replaced.append((module._parameters, name, parameter))
                     module._parameters[name] = new
                 for name, buffer in list(module._buffers.items()):
-                    if buffer is None or isinstance(buffer, PagedTensor) or _on_device(buffer.device, device):
+                    if buffer is None or isinstance(buffer, PagedTensor) or normalize_device(buffer.device) == device:
                         continue
                     moved = buffer.to(device)
                     replaced.append((module._buffers, name, buffer))
@@ -1001,7 +990,7 @@ def _move_dense_tensors(model: torch.nn.Module, device: torch.device) -> None:
 
 def _model_device(model: torch.nn.Module) -> Optional[torch.device]:
     for parameter in model.parameters():
-        return _normalized_device(parameter.device)
+        return normalize_device(parameter.device)
     return None
 
 
