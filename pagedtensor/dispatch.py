@@ -305,7 +305,7 @@ class PagedDispatcher:
         try:
             return handler(func, types, args, kwargs)
         except _OpTooLarge as error:
-            raise _as_pagers_error(error) from error.__cause__
+            raise _as_pagers_error(error, self.info(func), args, kwargs) from error.__cause__
 
     def run_generic(self, func: OpOverload, types: tuple, args: tuple, kwargs: dict, leaves: Optional[list[PagedTensor]] = None) -> Any:
         """Step 2 (:meth:`run_paged`); where the pages do not fit at once, an elementwise op runs a
@@ -320,7 +320,7 @@ class PagedDispatcher:
             if out is NotImplemented:
                 out = _run_composite(func, args, kwargs)
             if out is NotImplemented:
-                raise _as_pagers_error(error) from error.__cause__
+                raise _as_pagers_error(error, self.info(func), args, kwargs) from error.__cause__
             return out
 
     def run_paged(self, func: OpOverload, types: tuple, args: tuple, kwargs: dict, leaves: Optional[list[PagedTensor]] = None) -> Any:
@@ -811,11 +811,42 @@ def _run_composite(func: OpOverload, args: tuple, kwargs: dict) -> Any:
 _READ_A_PAGED_TENSORS_MEMORY = ("data is not allocated", "doesn't have storage")
 
 
-def _as_pagers_error(error: "_OpTooLarge") -> OutOfPagesError:
+def _as_pagers_error(error: "_OpTooLarge", info: OpInfo, args: tuple, kwargs: dict) -> OutOfPagesError:
     """``error`` as the pager's error type that caused it (DeviceTierFullError where the device
-    tier was the bound), for the caller."""
+    tier was the bound), for the caller; its message says so where the op writes a PagedTensor
+    that partly overlaps another of its arguments (:func:`_partly_overlapping`), which torch's
+    elementwise, copy and index kernels refuse on any tensor (``torch.add(t[1:], 1, out=t[:-1])``):
+    within the tier the op runs on views of one storage and raises torch's own error; past it
+    there is no such view to run it on, and the error names the overlap beside the tier."""
     pagers_type = type(error.__cause__) if isinstance(error.__cause__, OutOfPagesError) else OutOfPagesError
-    return pagers_type(*error.args)
+    message = str(error)
+    leaves = _paged_leaves(args, kwargs)
+    overlapped = next(
+        ((target, other) for target in _written_leaves(info, args, kwargs) for other in leaves
+         if other is not target and other._paged is target._paged and _partly_overlapping(target, other)),
+        None,
+    )  # fmt: skip
+    if overlapped is not None:
+        target, other = overlapped
+        message += (
+            f" (also, the tensor it writes, of shape {tuple(target.shape)}, partly overlaps another of its arguments, of "
+            f"shape {tuple(other.shape)}, which torch refuses for most ops, dense tensors too: clone() that argument first)"
+        )
+    return pagers_type(message)
+
+
+def _partly_overlapping(a: PagedTensor, b: PagedTensor) -> bool:
+    """torch's partial overlap (``at::get_overlap_status``) of two views of one allocation: both
+    dense without overlap of their own, their bytes meet, and they are not the same bytes in the
+    same layout."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if not (dense_and_non_overlapping(a.shape, a.stride()) and dense_and_non_overlapping(b.shape, b.stride())):
+        return False  # torch's "too hard" to tell: not refused
+    (a_lo, a_hi), (b_lo, b_hi) = byte_span(a), byte_span(b)
+    if (a_lo, a_hi) == (b_lo, b_hi):
+        return a.stride() != b.stride()
+    return a_lo < b_hi and b_lo < a_hi
 
 
 def _too_many_pages(func: OpOverload, error: OutOfPagesError) -> OutOfPagesError:

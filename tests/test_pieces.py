@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 import pagedtensor
-from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
+from pagedtensor import DeviceTierFullError, MemoryConfig, OutOfPagesError, PagedTensor, Pager
 from pagedtensor.pieces import may_share_bytes
 from tests.support import CPU_AND_CUDA
 
@@ -717,6 +717,77 @@ def test_in_place_ops_between_views_sharing_bytes_still_raise(device):
             op(table)
             op(base)
             assert same_bits(table.materialize(), base)
+
+
+PARTLY_OVERLAPPING_WRITES = {
+    "add out=": lambda t: torch.add(t[1:], 1.0, out=t[:-1]),
+    "exp out=": lambda t: torch.exp(t[2:], out=t[:-2]),
+    "copy_": lambda t: t[64:].copy_(t[:-64]),
+    "add_ of the transpose": lambda t: t[:128].T.add_(t[:128]),
+    "index_copy_": lambda t: t.index_copy_(0, torch.arange(t.shape[0] - 1, device=t.device), t[1:]),
+}
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("name", PARTLY_OVERLAPPING_WRITES)
+def test_an_op_writing_a_view_that_partly_overlaps_its_argument_names_the_overlap_past_the_tier(device, name):
+    """torch refuses these ops on dense tensors (the written view and an argument share some bytes),
+    and so does a table within the tier, with torch's error. Past the tier the pager's error says so
+    beside the tier's size; nothing is written either way. Views that torch cannot tell apart
+    cheaply (columns) are not named: torch runs those ops."""
+    op = PARTLY_OVERLAPPING_WRITES[name]
+    base = torch.randn(256, 128, device=device)  # 32 pages; the tier holds 6
+    with pytest.raises(RuntimeError, match="single memory location"):
+        op(base.clone())
+    with make_pager(device, device_pages=64) as pager:
+        table = PagedTensor.wrap(base.clone(), pager)
+        with pytest.raises(RuntimeError, match="single memory location"):
+            op(table)
+        assert same_bits(table.materialize(), base)
+    with make_pager(device) as pager:
+        table = PagedTensor.wrap(base.clone(), pager)
+        with pytest.raises(DeviceTierFullError, match=r"need more pages at once.*partly overlaps another of its arguments.*clone\(\)"):
+            op(table)
+        assert same_bits(table.materialize(), base)
+        with pytest.raises(DeviceTierFullError) as raised:
+            table[:, :65].add_(table[:, 63:])
+        assert "overlaps" not in str(raised.value)
+        assert same_bits(table.materialize(), base)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_partly_overlapping_is_torchs_own_refusal_of_a_written_view(data):
+    """``_partly_overlapping`` of two views of one table (same shape, any offsets, steps and
+    transposes) holds exactly where torch refuses ``torch.add(b, 0, out=a)`` on the dense table's
+    views for a partial overlap."""
+    height, width = data.draw(st.integers(1, 4), label="height"), data.draw(st.integers(1, 4), label="width")
+    dense_table = torch.arange(144.0).reshape(12, 12)
+    with make_pager(device_pages=64) as pager:
+        table = PagedTensor.wrap(dense_table.clone(), pager)
+        views, corner = [], None
+        for label in ("a", "b"):
+            step = data.draw(st.sampled_from([1, 2]), label=f"{label} step")
+            transposed = height == width and data.draw(st.booleans(), label=f"{label} transposed")
+            last_row, last_col = 12 - (height - 1) * step - 1, 12 - (width - 1) * step - 1
+            row, col = data.draw(st.integers(0, last_row)), data.draw(st.integers(0, last_col))
+            if corner is not None and corner[0] <= last_row and corner[1] <= last_col and data.draw(st.booleans(), label="b at a's corner"):
+                row, col = corner  # the same bytes where the steps match: full overlap, or partial by strides
+            corner = (row, col)
+
+            def view(t: torch.Tensor) -> torch.Tensor:
+                v = t[row : row + (height - 1) * step + 1 : step, col : col + (width - 1) * step + 1 : step]
+                return v.T if transposed else v
+
+            views.append((view(table), view(dense_table)))
+        (paged_a, dense_a), (paged_b, dense_b) = views
+        try:
+            torch.add(dense_b, 0, out=dense_a)
+            refused = False
+        except RuntimeError as error:
+            assert "some elements of the input tensor and the written-to tensor" in str(error)
+            refused = True
+        assert pagedtensor.dispatch._partly_overlapping(paged_a, paged_b) == refused
 
 
 @settings(max_examples=300, deadline=None)
