@@ -438,16 +438,19 @@ def _generation_setting(model: torch.nn.Module, arguments: dict, name: str, defa
 
 def _wants_paged_cache(model: torch.nn.Module, arguments: dict) -> bool:
     """Whether a ``generate`` call with ``arguments`` (:func:`_call_arguments`) gets a paged
-    cache: not when it brings its own cache, runs without one, asks for another implementation
-    or assists decoding with a draft. Beam search gets one: beams kept twice share their pages
-    (copy-on-write, :meth:`PagedKVCache.reorder_cache`)."""
+    cache: not when it brings its own cache, runs without one or asks for another implementation.
+    Beam search gets one: beams kept twice share their pages (copy-on-write,
+    :meth:`PagedKVCache.reorder_cache`). So does assisted decoding (``assistant_model``,
+    ``prompt_lookup_num_tokens``): the model checks a draft's tokens in one forward and transformers
+    crops the cache back past the rejected ones (:meth:`PagedKVCache.crop`; the cache keeps every
+    token of a sliding-window layer and masks the window, so a crop never needs a token it dropped).
+    A paged draft model gets its own paged cache in its first ``generate``, which transformers then
+    passes back to it."""
     if arguments.get("cache") is not None or arguments.get("past_key_values") is not None:
         return False
     if _generation_setting(model, arguments, "use_cache", True) is False:
         return False
     if _generation_setting(model, arguments, "cache_implementation") is not None:
-        return False
-    if arguments.get("assistant_model") is not None or _generation_setting(model, arguments, "prompt_lookup_num_tokens") is not None:
         return False
     return True
 

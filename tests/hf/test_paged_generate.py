@@ -174,3 +174,52 @@ def test_chunked_prefill_runs_layers_in_chunks(nvme_dir):
     assert torch.equal(got.sequences, expected.sequences)
     assert calls[:3] == [16, 16, 8], calls  # the 40-token prompt, in chunks
     assert calls[3:] == [1] * (NEW_TOKENS - 1)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "pagedllm"])
+@pytest.mark.parametrize("draft", ["assistant", "paged assistant", "prompt lookup"])
+def test_assisted_decoding_runs_on_the_paged_cache_cropped_past_rejected_tokens(draft, attn, nvme_dir, tmp_path, monkeypatch):
+    """Assisted decoding (a draft model, paged or not, or prompt lookup): the model checks each
+    draft's tokens in one forward on its paged cache, and transformers crops the cache back past the
+    rejected ones. Tokens equal to transformers' own cache's, logits bitwise (SDPA) or within fp32
+    tolerance (the kernels); the paged cache was cropped (and so was the paged draft model's own), and pages went to host and disk."""
+    reference, model = tiny_pair("llama")
+    draft_reference, draft_model = tiny_pair("llama", seed=5, num_hidden_layers=1)
+    ids, mask = prompts(1, length=30)
+    extra = {"prompt_lookup_num_tokens": 3} if draft == "prompt lookup" else {"assistant_model": draft_reference}
+    expected = _generate(reference, ids, mask, **extra)
+    cropped: list[int] = []
+    crop = PagedKVCache.crop
+    monkeypatch.setattr(PagedKVCache, "crop", lambda cache, tokens: (cropped.append(id(cache)), crop(cache, tokens))[1])
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation=attn, prefill_chunk_size=16)
+    if draft == "paged assistant":
+        enable_paging(draft_model, tiny_budget(str(tmp_path / "draft")), attn_implementation=attn, prefill_chunk_size=16)
+        extra = {"assistant_model": draft_model}
+    got = _generate(model, ids, mask, **extra)
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        if attn == "sdpa":  # the cache hands SDPA dense keys and values: bitwise; the kernels: fp32 tolerance
+            assert torch.equal(a, b), f"step {step}: {(a - b).abs().max()}"
+        else:
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
+    cache = output_cache(got)
+    assert isinstance(cache, PagedKVCache) and id(cache) in cropped
+    assert len(set(cropped)) == (2 if draft == "paged assistant" else 1)  # the draft model's own paged cache
+    _assert_spilled(paging_state(model).pager.stats())
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "pagedllm"])
+def test_assisted_decoding_with_a_sliding_window_outgrown(attn, nvme_dir):
+    """A draft's rejected tokens cropped from a model whose window the context outgrows: the paged
+    cache keeps every token and masks the window, so the crop loses none the next forward needs
+    (transformers' own cache keeps the window's tokens and a record of the past to roll back to)."""
+    reference, model = tiny_pair("mistral", sliding_window=12)
+    draft_reference, _ = tiny_pair("mistral", seed=5, sliding_window=12, num_hidden_layers=1)
+    ids, mask = prompts(1, length=30)
+    expected = _generate(reference, ids, mask, assistant_model=draft_reference)
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation=attn, prefill_chunk_size=16)
+    got = _generate(model, ids, mask, assistant_model=draft_reference)
+    assert isinstance(output_cache(got), PagedKVCache)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

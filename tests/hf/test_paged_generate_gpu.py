@@ -385,6 +385,31 @@ def test_gpu_beam_search_under_enable_paging_shares_pages(nvme_dir):
     assert paging_state(model).pager.stats()["allocations"] == 0
 
 
+@pytest.mark.parametrize("draft", ["assistant", "prompt lookup"])
+def test_gpu_assisted_decoding_streams_the_paged_cache_and_crops_it(draft, nvme_dir):
+    """Assisted decoding under enable_paging on CUDA: each draft is checked in one forward by the
+    paged prefill kernel over streamed pages, and transformers crops the paged cache past the
+    rejected tokens; sequences as with transformers' own cache, logits within fp32 tolerance."""
+    from pagedtensor.hf import PagedKVCache
+    from tests.hf.tiny_models import output_cache
+
+    reference, model = _pair(torch.float32, seed=3, layers=2)
+    draft_model, _ = _pair(torch.float32, seed=4, layers=1)
+    ids, mask = _prompts(1, 700)
+    extra = {"assistant_model": draft_model} if draft == "assistant" else {"prompt_lookup_num_tokens": 4}
+    settings = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    expected = reference.generate(ids, **settings, **extra)
+    enable_paging(model, _budget(nvme_dir, vram_pages=12, slab_pages=8), attn_implementation="pagedllm", prefill_chunk_size=256,
+                  stream_group_bytes=4 * PAGE)  # fmt: skip
+    got = model.generate(ids, **settings, **extra)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+    assert isinstance(output_cache(got), PagedKVCache)
+    stats = paging_state(model).pager.stats()
+    assert stats["bytes_h2d"] > 4 * stats["device_slab_bytes"], stats
+
+
 def test_gpu_a_model_on_the_cpu_pages_its_weights_from_there_and_moves_only_the_rest(nvme_dir, tmp_path):
     """A model larger than the GPU is loaded on the CPU: with page_weights=True, enable_paging pages
     each decoder-layer weight from there (into device pages that spill to pinned host memory) and
