@@ -3,8 +3,9 @@
 ``enable_paging(model, MemoryConfig(...))`` returns the same model, changed in place:
 
 * ``model.generate(...)`` fills a fresh :class:`~pagedtensor.hf.cache.PagedKVCache` on the model's
-  pager unless the call brings its own cache (or asks for ``cache_implementation``, assisted decoding
-  or ``use_cache=False``); beam search too, its beams sharing pages copy-on-write. The cache's pages
+  pager unless the call brings its own cache (or asks for a ``cache_implementation``, ``"hybrid"``
+  aside, or ``use_cache=False``); beam search too, its beams sharing pages copy-on-write, and
+  assisted decoding. The cache's pages
   are freed when ``generate`` returns, unless the output carries the cache.
 * the model attends with ``"pagedllm"`` (Triton kernels on the pages) when the pager's device is a
   GPU or the Triton interpreter is on; otherwise it keeps its attention and the cache hands it
@@ -436,9 +437,17 @@ def _generation_setting(model: torch.nn.Module, arguments: dict, name: str, defa
     return default
 
 
+# The ``cache_implementation`` values under which generate gets the paged cache: none, and
+# ``"hybrid"``, which transformers' generate unsets for its ``DynamicCache`` (Gemma 2 and 3 ship it in
+# their generation configs, from before transformers' dynamic sliding-window layers). An explicit
+# ``"dynamic"`` keeps transformers' cache: generate refuses a cache passed beside it.
+_PAGED_CACHE_IMPLEMENTATIONS = (None, "hybrid")
+
+
 def _wants_paged_cache(model: torch.nn.Module, arguments: dict) -> bool:
     """Whether a ``generate`` call with ``arguments`` (:func:`_call_arguments`) gets a paged
-    cache: not when it brings its own cache, runs without one or asks for another implementation.
+    cache: not when it brings its own cache, runs without one or asks for a cache implementation
+    (:data:`_PAGED_CACHE_IMPLEMENTATIONS`: ``"hybrid"`` aside, which transformers itself ignores).
     Beam search gets one: beams kept twice share their pages (copy-on-write,
     :meth:`PagedKVCache.reorder_cache`). So does assisted decoding (``assistant_model``,
     ``prompt_lookup_num_tokens``): the model checks a draft's tokens in one forward and transformers
@@ -450,7 +459,7 @@ def _wants_paged_cache(model: torch.nn.Module, arguments: dict) -> bool:
         return False
     if _generation_setting(model, arguments, "use_cache", True) is False:
         return False
-    if _generation_setting(model, arguments, "cache_implementation") is not None:
+    if _generation_setting(model, arguments, "cache_implementation") not in _PAGED_CACHE_IMPLEMENTATIONS:
         return False
     return True
 

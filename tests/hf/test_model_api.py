@@ -366,6 +366,62 @@ def test_generation_settings_from_a_positional_config_or_the_models_defaults_are
     assert paging_state(model).pager.stats()["faults"] > 0
 
 
+@pytest.mark.parametrize("route", ["keyword", "passed config", "model_default"])
+@pytest.mark.parametrize("implementation", ["hybrid", "dynamic", "static"])
+def test_the_hybrid_cache_implementation_gets_the_paged_cache(nvme_dir, implementation, route):
+    """``cache_implementation="hybrid"``, which Gemma 2 and 3 ship in their generation configs and
+    transformers' generate unsets (it makes its ``DynamicCache``): under enable_paging it gets the
+    paged cache, by keyword, in a passed config or from the model's. It kept transformers' cache, so
+    Gemma 3's KV was never paged. Other implementations keep transformers' cache (generate refuses a
+    cache passed beside an explicit ``"dynamic"``). Tokens equal either way."""
+    from transformers import GenerationConfig
+
+    reference, model = tiny_pair("llama")
+    ids, mask = prompts(1, length=24)
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa")
+    settings = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+
+    def run(m):
+        if route == "keyword":
+            return m.generate(ids, attention_mask=mask, cache_implementation=implementation, **settings)
+        if route == "passed config":
+            return m.generate(ids, GenerationConfig(cache_implementation=implementation, **settings), attention_mask=mask)
+        m.generation_config.cache_implementation = implementation
+        return m.generate(ids, attention_mask=mask, **settings)
+
+    expected = run(reference)
+    got = run(model)
+    assert torch.equal(got.sequences, expected.sequences)
+    paged = implementation == "hybrid"
+    assert isinstance(output_cache(got), PagedKVCache) == paged, type(output_cache(got))
+    assert (paging_state(model).pager.stats()["faults"] > 0) == paged
+
+
+def test_gemma3_with_its_shipped_hybrid_generation_config_generates_on_the_paged_cache(nvme_dir):
+    """Gemma 3 as it comes (``cache_implementation="hybrid"`` in its generation config; sliding and
+    full-attention layers, the window outgrown): the paged cache, tokens equal to transformers'."""
+    import copy
+
+    import transformers
+
+    if not hasattr(transformers, "Gemma3TextConfig"):
+        pytest.skip("this transformers has no Gemma 3")
+    from tests.hf.tiny_models import TINY
+
+    config = transformers.Gemma3TextConfig(**{**TINY, "head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]})
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    reference = transformers.Gemma3ForCausalLM(config).eval()
+    reference.generation_config.cache_implementation = "hybrid"
+    model = copy.deepcopy(reference)
+    ids, mask = prompts(3, length=30)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=8, host_pages=4), attn_implementation="sdpa", prefill_chunk_size=16)
+    settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    expected, got = reference.generate(ids, **settings), model.generate(ids, **settings)
+    assert isinstance(output_cache(got), PagedKVCache)
+    assert torch.equal(got.sequences, expected.sequences)
+
+
 def test_a_forward_given_the_mask_by_position_stores_real_tokens_only(nvme_dir):
     """``model(ids, mask, cache=...)``: the hook that tells the cache each forward's padding reads the
     mask passed by position too. It read keywords only, so the "pagedllm" kernels attended to the
