@@ -5,8 +5,8 @@
 * ``model.generate(...)`` fills a fresh :class:`~pagedtensor.hf.cache.PagedKVCache` on the model's
   pager unless the call brings its own cache (or asks for a ``cache_implementation``, ``"hybrid"``
   aside, or ``use_cache=False``); beam search too, its beams sharing pages copy-on-write, and
-  assisted decoding. The cache's pages
-  are freed when ``generate`` returns, unless the output carries the cache.
+  assisted decoding. The cache's pages are freed when ``generate`` returns, unless the output
+  carries the cache.
 * the model attends with ``"pagedllm"`` (Triton kernels on the pages) when the pager's device is a
   GPU or the Triton interpreter is on; otherwise it keeps its attention and the cache hands it
   dense keys and values read from the pages (exact, slower).
