@@ -192,6 +192,7 @@ def enable_paging(
     unpageable = _kv_cache_unsupported(model)
     if unpageable is not None:
         raise TypeError(f"enable_paging: {type(model).__name__} {unpageable}; the paged KV cache serves decoder-only attention models")
+    _refuse_accelerate_dispatch(model, "enable_paging")
     if attn_implementation == ATTENTION_NAME:
         unsupported = _paged_attention_unsupported(model)
         if unsupported is not None:
@@ -211,6 +212,23 @@ def enable_paging(
             pager.close()
         raise
     return model
+
+
+def _refuse_accelerate_dispatch(model: torch.nn.Module, caller: str) -> None:
+    """Raise where accelerate dispatched ``model`` (``from_pretrained(device_map=...)`` over several
+    devices, or offloading to the CPU or disk): its hooks move weights at every forward (from the
+    CPU, or from the offload folder into meta parameters), undoing whatever the pager placed, and an
+    offloaded weight has no data to page. A ``device_map`` naming one device leaves no hooks."""
+    hooked = [name for name, module in model.named_modules() if getattr(module, "_hf_hook", None) is not None]
+    if not hooked:
+        return
+    placed = sorted({str(device) for device in (getattr(model, "hf_device_map", None) or {}).values()})
+    raise ValueError(
+        f"{caller}: accelerate dispatched the model (device_map placing it on {', '.join(placed) or 'several devices'}; "
+        f"hooks on {len(hooked)} modules, {hooked[0] or 'the model itself'!r} first), and its hooks move weights at every "
+        f"forward, so the pager cannot place them: load the model without device_map (or with one device); with "
+        f"page_weights=True its decoder layers' weights are paged from the CPU, so it need not fit on the GPU"
+    )
 
 
 def check_paging_options(
@@ -1296,7 +1314,9 @@ class PagedModel:
         """Load ``name_or_path`` with ``AutoModelForCausalLM`` (a GGUF file with ``gguf_file=``), move it
         to the pager's device and enable paging. ``paging`` holds :func:`enable_paging` options; with
         ``"page_weights": True`` the loaded model stays where it loaded (the CPU, unless ``device_map``
-        says otherwise): its layers' weights are paged from there and only the rest moves.
+        says otherwise): its layers' weights are paged from there and only the rest moves. A
+        ``device_map`` that has accelerate dispatch the model (over several devices, or offloading
+        to the CPU or disk) is refused once loaded: its hooks would move the weights at every forward.
         With ``tp_plan="auto"`` (under ``torchrun``): this rank's tensor-parallel shard, paged with
         ``memory_config`` as this rank's own budget (:func:`pagedtensor.hf.distributed.load_tensor_parallel`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -1314,6 +1334,7 @@ class PagedModel:
         if dtype is not None:
             hf_kwargs["dtype"] = dtype
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **hf_kwargs)
+        _refuse_accelerate_dispatch(model, "PagedModel.from_pretrained")  # before model.to, which accelerate refuses less clearly
         if not (paging or {}).get("page_weights"):
             model.to(config.device)  # else enable_paging pages the layers' weights from the CPU and moves only the rest
         model.eval()

