@@ -410,6 +410,25 @@ def test_gpu_assisted_decoding_streams_the_paged_cache_and_crops_it(draft, nvme_
     assert stats["bytes_h2d"] > 4 * stats["device_slab_bytes"], stats
 
 
+def test_gpu_a_device_map_of_the_gpu_loads_and_one_offloading_to_the_cpu_is_refused(nvme_dir, tmp_path):
+    """``device_map="cuda"`` loads onto the GPU without accelerate's hooks: paged, the same tokens.
+    A device map placing some layers on the CPU (as ``device_map="auto"`` does for a model larger
+    than the GPU) dispatches it under accelerate's hooks: refused, naming device_map and
+    page_weights=True."""
+    reference, _ = _pair(torch.float32, seed=3, layers=2)
+    reference.cpu().save_pretrained(tmp_path / "tiny")
+    reference.cuda()
+    ids, mask = _prompts(1, 300)
+    expected = _generate(reference, ids, mask, 6)
+    paged = PagedModel.from_pretrained(str(tmp_path / "tiny"), _budget(nvme_dir, vram_pages=64, slab_pages=16), load_tokenizer=False,
+                                       device_map="cuda", paging={"attn_implementation": "pagedllm"})  # fmt: skip
+    assert torch.equal(_generate(paged, ids, mask, 6).sequences, expected.sequences)
+    with pytest.raises(ValueError, match=r"accelerate dispatched the model \(device_map placing it on .*cpu.*page_weights=True"):
+        PagedModel.from_pretrained(str(tmp_path / "tiny"), _budget(nvme_dir, vram_pages=64), load_tokenizer=False,
+                                   device_map={"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.norm": "cpu",
+                                               "model.rotary_emb": "cpu", "lm_head": "cpu"})  # fmt: skip
+
+
 def test_gpu_a_model_on_the_cpu_pages_its_weights_from_there_and_moves_only_the_rest(nvme_dir, tmp_path):
     """A model larger than the GPU is loaded on the CPU: with page_weights=True, enable_paging pages
     each decoder-layer weight from there (into device pages that spill to pinned host memory) and
