@@ -160,8 +160,19 @@ def test_wrap_of_a_lazily_conjugated_or_negated_view_gives_its_values_resolved(p
     t.add_(1)
     assert torch.equal(t.materialize(), resolved + 1)
     assert view.equal(_lazily_conjugated_and_negated(source)[kind])  # the source is not changed
+    back = io.BytesIO()
+    torch.save(t, back)
+    back.seek(0)
+    loaded = torch.load(back)
+    assert not loaded.is_conj() and not loaded.is_neg() and torch.equal(loaded.materialize(), resolved + 1)
     leaf = PagedTensor.wrap(view.detach().requires_grad_(view.is_floating_point() or view.is_complex()), pager)
     assert leaf.requires_grad and leaf.is_leaf and torch.equal(leaf.materialize(), view.resolve_conj().resolve_neg())
+    with make_pager() as other:  # and from another pager: the same values and requires_grad, a conjugated view of it resolved
+        moved = PagedTensor.wrap(leaf, other)
+        assert moved.requires_grad and not moved.is_conj() and torch.equal(moved.materialize(pager.device), leaf.materialize())
+        if leaf.is_complex():
+            moved_conj = PagedTensor.wrap(leaf.detach().conj(), other)
+            assert not moved_conj.is_conj() and torch.equal(moved_conj.materialize(pager.device), leaf.materialize().conj())
 
 
 def test_wrap_of_a_conjugated_view_past_the_tier_resolves_it_a_piece_at_a_time():

@@ -188,9 +188,14 @@ def test_assisted_decoding_runs_on_the_paged_cache_cropped_past_rejected_tokens(
     ids, mask = prompts(1, length=30)
     extra = {"prompt_lookup_num_tokens": 3} if draft == "prompt lookup" else {"assistant_model": draft_reference}
     expected = _generate(reference, ids, mask, **extra)
-    cropped: list[int] = []
+    cropped: list[int] = []  # the ids of the paged caches cropped
     crop = PagedKVCache.crop
-    monkeypatch.setattr(PagedKVCache, "crop", lambda cache, tokens: (cropped.append(id(cache)), crop(cache, tokens))[1])
+
+    def counting_crop(cache: PagedKVCache, tokens: int) -> None:
+        cropped.append(id(cache))
+        crop(cache, tokens)
+
+    monkeypatch.setattr(PagedKVCache, "crop", counting_crop)
     enable_paging(model, tiny_budget(nvme_dir), attn_implementation=attn, prefill_chunk_size=16)
     if draft == "paged assistant":
         enable_paging(draft_model, tiny_budget(str(tmp_path / "draft")), attn_implementation=attn, prefill_chunk_size=16)
