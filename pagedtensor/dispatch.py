@@ -69,6 +69,8 @@ An op needs every page it touches resident at once: an op whose span does not fi
 that row gathers and grouped matmuls of experts read a run of pages too large in chunks (as
 :meth:`materialize` reads any size), row scatters write their rows a run of pages at a time,
 an elementwise op over tensors of one layout runs a piece of pages at a time (:mod:`pagedtensor.pieces`),
+an op over lists of tensors (``torch._foreach_*``, the fused optimizer steps) runs an index at a time,
+and one index a piece at a time where it is elementwise (:mod:`pagedtensor.list_ops`),
 and so do ``clone``, ``cat``, ``stack``, ``equal``, ``allclose`` and the whole-tensor reductions above;
 and a functional op whose dense kernel is composite (``rot90``, ``slice_scatter``, ``constant_pad_nd``,
 ...: a ``CompositeExplicitAutograd`` kernel and none of the device's backend) runs that kernel on the
@@ -99,6 +101,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from pagedtensor.config import normalize_device
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError, out_of_pages_for
+from pagedtensor.list_ops import run_list_op
 from pagedtensor.pager import ResidentPages, WrittenPages
 from pagedtensor.pieces import is_elementwise, run_in_pieces
 from pagedtensor.tensor import (
@@ -309,7 +312,8 @@ class PagedDispatcher:
 
     def run_generic(self, func: OpOverload, types: tuple, args: tuple, kwargs: dict, leaves: Optional[list[PagedTensor]] = None) -> Any:
         """Step 2 (:meth:`run_paged`); where the pages do not fit at once, an elementwise op runs a
-        piece of pages at a time (:func:`run_in_pieces`), an op whose dense kernel is composite runs
+        piece of pages at a time (:func:`run_in_pieces`), an op over lists of tensors an index at a time
+        (:func:`run_list_op`), an op whose dense kernel is composite runs
         that kernel (:func:`_run_composite`), and any other raises the pager's error
         (DeviceTierFullError where the device tier was the bound). What an op without a handler
         runs, and a handler for the forms it leaves to the generic way."""
@@ -317,6 +321,8 @@ class PagedDispatcher:
             return self.run_paged(func, types, args, kwargs, leaves)
         except _OpTooLarge as error:
             out = run_in_pieces(func, args, kwargs, self.info(func))
+            if out is NotImplemented:
+                out = run_list_op(func, args, kwargs)
             if out is NotImplemented:
                 out = _run_composite(func, args, kwargs)
             if out is NotImplemented:

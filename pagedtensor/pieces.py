@@ -125,7 +125,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     # checkpoint into a plain model runs, or ``torch.add(paged, 1, out=dense)``) shares no page with
     # the PagedTensors it reads: each piece writes its own elements of it directly.
     if isinstance(target, PagedTensor) and any(
-        isinstance(t, PagedTensor) and t._paged is target._paged and not _same_view(t, target) and may_share_bytes(t, target)
+        isinstance(t, PagedTensor) and t._paged is target._paged and not same_view(t, target) and may_share_bytes(t, target)
         for t in tensors
     ):
         # Another view of the written bytes that may share some: a piece could read elements an
@@ -192,8 +192,8 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     start = 0
     while start < numel:
         stop = min(numel, start + piece_elements)
-        piece_args = tuple(_piece(value, start, stop, id(value) in copied) for value in args)
-        piece_kwargs = {name: _piece(value, start, stop, id(value) in copied) for name, value in kwargs.items()}
+        piece_args = tuple(flat_piece(value, start, stop, id(value) in copied) for value in args)
+        piece_kwargs = {name: flat_piece(value, start, stop, id(value) in copied) for name, value in kwargs.items()}
         result = func(*piece_args, **piece_kwargs)
         if out is not None:
             flat_out[start:stop].copy_(result)
@@ -290,12 +290,12 @@ def _other_views(tensors: list[torch.Tensor], target: Any) -> frozenset[int]:
     copied = set()
     for t in sorted(tensors, key=lambda t: t is not target):
         if isinstance(t, PagedTensor) and t.dim() > 0:
-            if not _same_view(t, first.setdefault(id(t._paged), t)):
+            if not same_view(t, first.setdefault(id(t._paged), t)):
                 copied.add(id(t))
     return frozenset(copied)
 
 
-def _same_view(a: PagedTensor, b: PagedTensor) -> bool:
+def same_view(a: PagedTensor, b: PagedTensor) -> bool:
     """Whether two PagedTensors of one allocation view the same bytes the same way (in dtypes of one
     size: ``t.add_(t.view(torch.int32))`` reads at each index the bytes it writes there)."""
     return a._offset == b._offset and a.dtype.itemsize == b.dtype.itemsize and a.shape == b.shape and a.stride() == b.stride()
@@ -463,7 +463,7 @@ def _read_if_zero_dim(value: Any) -> Any:
     return value.materialize() if isinstance(value, PagedTensor) and value.dim() == 0 else value
 
 
-def _piece(value: Any, start: int, stop: int, copy: bool = False) -> Any:
+def flat_piece(value: Any, start: int, stop: int, copy: bool = False) -> Any:
     """Elements ``[start, stop)`` of a tensor's span as a 1-D view, a plain copy of it where ``copy``
     (a 0-dim tensor and a number stay as they are)."""
     if not isinstance(value, torch.Tensor) or value.dim() == 0:

@@ -1,0 +1,230 @@
+"""Ops over lists of tensors (``torch._foreach_*``, the fused optimizer steps) whose PagedTensors do
+not fit on the device tier at once run an index at a time, and one index's tensors a piece at a
+time: ``torch.optim`` with ``foreach=True`` or ``fused=True`` trains paged parameters larger than the
+device tier to the dense run's bits, with the tier never over its budget (they raised
+``DeviceTierFullError`` naming ``_foreach_mul_`` or ``_fused_adam_``)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pagedtensor import DeviceTierFullError, MemoryConfig, PagedTensor, Pager
+from tests.support import CPU_AND_CUDA
+
+PAGE = 4096
+DEVICE_PAGES = 16
+TIER_BYTES = DEVICE_PAGES * PAGE
+aten = torch.ops.aten
+
+
+def make_pager(device: str = "cpu") -> Pager:
+    return Pager(MemoryConfig(vram_limit=TIER_BYTES, host_memory=1024 * PAGE, page_size=PAGE, slab_size=1024 * PAGE,
+                              prefetch_strategy="none", device=device))  # fmt: skip
+
+
+def dense(value: object) -> object:
+    if isinstance(value, (list, tuple)):
+        return type(value)(dense(item) for item in value)
+    return value.materialize() if isinstance(value, PagedTensor) else value
+
+
+def assert_same_bits(got: object, expected: object) -> None:
+    if isinstance(expected, (list, tuple)):
+        assert isinstance(got, (list, tuple)) and len(got) == len(expected)
+        for a, b in zip(got, expected):
+            assert_same_bits(a, b)
+        return
+    if expected is None:
+        assert got is None
+        return
+    got = dense(got)
+    assert got.dtype == expected.dtype and got.shape == expected.shape, (got.dtype, got.shape, expected.dtype, expected.shape)
+    if expected.dtype.is_floating_point:
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[expected.element_size()]
+        assert torch.equal(got.contiguous().view(bits), expected.contiguous().view(bits)), (got - expected).abs().max()
+    else:
+        assert torch.equal(got, expected)
+
+
+# name: the optimizer on a list of parameters
+OPTIMIZERS: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]] = {
+    "Adam foreach": lambda params: torch.optim.Adam(params, lr=0.01, foreach=True),
+    "AdamW foreach amsgrad": lambda params: torch.optim.AdamW(params, lr=0.01, amsgrad=True, foreach=True),
+    "Adam fused": lambda params: torch.optim.Adam(params, lr=0.01, fused=True),
+    "AdamW fused amsgrad, tensor lr": lambda params: torch.optim.AdamW(params, lr=torch.tensor(0.01), amsgrad=True, fused=True),
+    "SGD momentum foreach": lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, foreach=True),
+    "SGD momentum fused": lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=True),
+    "Adagrad foreach": lambda params: torch.optim.Adagrad(params, lr=0.01, foreach=True),
+    "Adagrad fused": lambda params: torch.optim.Adagrad(params, lr=0.01, fused=True),
+    "RMSprop foreach": lambda params: torch.optim.RMSprop(params, lr=0.01, momentum=0.5, foreach=True),
+}
+# name: the parameters' shapes (the device tier holds 16 pages of 4 KiB: 16,384 fp32 elements)
+PARAMETERS = {
+    "several parameters, each within the tier, together past it": [(24, 256), (256,), (48, 128), (6000,), (40, 150)],
+    "a parameter several times the tier": [(96, 512), (512,)],
+}
+
+
+def train(optimizer: str, start: list[torch.Tensor], wrap: Callable[[torch.Tensor], torch.Tensor]) -> tuple[list, list]:
+    """Three steps of ``optimizer`` on parameters made by ``wrap`` from ``start``; the parameters and
+    the optimizer's state tensors after them."""
+    params = [torch.nn.Parameter(wrap(t.clone())) for t in start]
+    step = OPTIMIZERS[optimizer](params)
+    generator = torch.Generator(device=start[0].device).manual_seed(1)
+    for _ in range(3):
+        step.zero_grad()
+        loss = sum(((p * torch.randn(p.shape, generator=generator, device=p.device)).sin()).sum() for p in params)
+        loss.backward()
+        step.step()
+    states = [value for p in params for _, value in sorted(step.state[p].items()) if isinstance(value, torch.Tensor)]
+    return [p.detach() for p in params], states
+
+
+def _cuda_params(device: str, shapes: list) -> list[torch.Tensor]:
+    generator = torch.Generator(device=device).manual_seed(0)
+    return [torch.randn(shape, generator=generator, device=device) for shape in shapes]
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("shapes", PARAMETERS.values(), ids=PARAMETERS.keys())
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_foreach_and_fused_optimizers_train_paged_parameters_to_the_dense_bits(optimizer, shapes, device):
+    start = _cuda_params(device, shapes)
+    expected_params, expected_states = train(optimizer, start, lambda t: t)
+    with make_pager(device) as pager:
+        params, states = train(optimizer, start, lambda t: PagedTensor.wrap(t, pager))
+        assert all(type(p) is PagedTensor and p.pager is pager for p in params)
+        assert_same_bits(params, expected_params)
+        assert_same_bits(states, expected_states)
+        assert pager.stats()["resident_bytes"]["device"] <= TIER_BYTES
+
+
+# name: (the list op, its arguments after the list ``self``, how many further lists of ``self``'s shapes it reads)
+LIST_OPS: dict[str, tuple[Callable, Callable[[list, list], tuple], int]] = {
+    "_foreach_add_.Scalar": (aten._foreach_add_.Scalar, lambda lists, scalars: (0.5,), 0),
+    "_foreach_add_.List alpha": (aten._foreach_add_.List, lambda lists, scalars: (lists[0],), 1),
+    "_foreach_sub_.ScalarList": (aten._foreach_sub_.ScalarList, lambda lists, scalars: (scalars,), 0),
+    "_foreach_mul_.Tensor": (aten._foreach_mul_.Tensor, lambda lists, scalars: (torch.tensor(1.5),), 0),
+    "_foreach_div_.List": (aten._foreach_div_.List, lambda lists, scalars: (lists[0],), 1),
+    "_foreach_addcmul_.Scalar": (aten._foreach_addcmul_.Scalar, lambda lists, scalars: (lists[0], lists[1], 0.25), 2),
+    "_foreach_addcdiv_.ScalarList": (aten._foreach_addcdiv_.ScalarList, lambda lists, scalars: (lists[0], lists[1], scalars), 2),
+    "_foreach_addcmul_.Tensor (a number per index)": (aten._foreach_addcmul_.Tensor,
+                                                       lambda lists, scalars: (lists[0], lists[1], torch.tensor(scalars)), 2),
+    "_foreach_lerp_.Scalar": (aten._foreach_lerp_.Scalar, lambda lists, scalars: (lists[0], 0.3), 1),
+    "_foreach_lerp_.List": (aten._foreach_lerp_.List, lambda lists, scalars: (lists[0], lists[1]), 2),
+    "_foreach_maximum_.List": (aten._foreach_maximum_.List, lambda lists, scalars: (lists[0],), 1),
+    "_foreach_clamp_min_.Scalar": (aten._foreach_clamp_min_.Scalar, lambda lists, scalars: (-0.5,), 0),
+    "_foreach_neg_": (aten._foreach_neg_.default, lambda lists, scalars: (), 0),
+    "_foreach_abs_": (aten._foreach_abs_.default, lambda lists, scalars: (), 0),
+    "_foreach_copy_": (aten._foreach_copy_.default, lambda lists, scalars: (lists[0],), 1),
+    "_foreach_zero_": (aten._foreach_zero_.default, lambda lists, scalars: (), 0),
+    "_foreach_sqrt (functional)": (aten._foreach_sqrt.default, lambda lists, scalars: (), 0),
+    "_foreach_add.List (functional)": (aten._foreach_add.List, lambda lists, scalars: (lists[0],), 1),
+    "_foreach_mul.ScalarList (functional)": (aten._foreach_mul.ScalarList, lambda lists, scalars: (scalars,), 0),
+    "_foreach_add.Scalar_out": (aten._foreach_add.Scalar_out, lambda lists, scalars: (2.0,), 0),
+}
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@st.composite
+def list_cases(draw) -> tuple[str, torch.dtype, list[tuple[int, ...]], list[bool]]:
+    """An op, a dtype, the shapes of 1 to 4 list entries (each within a quarter of the tier or 2 to 5
+    times it), and which entries of each list are paged."""
+    dtype = draw(st.sampled_from(FLOATS))
+    count = draw(st.integers(1, 4))
+    shapes = []
+    for _ in range(count):
+        large = draw(st.booleans())
+        elements = draw(st.integers(2 * TIER_BYTES, 5 * TIER_BYTES) if large else st.integers(1, TIER_BYTES // 4)) // dtype.itemsize
+        inner = draw(st.sampled_from([1, 7, 64, 300]))
+        shapes.append((max(1, elements // inner), inner) if inner > 1 else (max(1, elements),))
+    return draw(st.sampled_from(sorted(LIST_OPS))), dtype, shapes, draw(st.lists(st.booleans(), min_size=3 * count, max_size=3 * count))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=list_cases(), seed=st.integers(0, 99))
+def test_list_ops_give_the_dense_bits_past_the_tier(case, seed):
+    """Random list ops on lists mixing paged and plain entries, small ones and ones several times the
+    device tier: the dense op's bits in every list written and every result, the tier within budget."""
+    name, dtype, shapes, paged_flags = case
+    op, extra, further = LIST_OPS[name]
+    generator = torch.Generator().manual_seed(seed)
+    values = [[(torch.rand(shape, generator=generator) + 0.5).to(dtype) for shape in shapes] for _ in range(1 + further)]
+    scalars = [float(x) for x in torch.rand(len(shapes), generator=generator) + 0.5]
+    out = name.endswith("_out")
+    expected_lists = [[t.clone() for t in entries] for entries in values]
+    expected_out = [torch.empty_like(t) for t in values[0]] if out else None
+    expected = op(expected_lists[0], *extra(expected_lists[1:], scalars), **({"out": expected_out} if out else {}))
+    with make_pager() as pager:
+        flags = iter(paged_flags)
+        lists = [[PagedTensor.wrap(t.clone(), pager) if next(flags) else t.clone() for t in entries] for entries in values]
+        got_out = [PagedTensor.wrap(torch.zeros_like(t), pager) for t in values[0]] if out else None
+        got = op(lists[0], *extra(lists[1:], scalars), **({"out": got_out} if out else {}))
+        assert_same_bits(got, expected)
+        assert_same_bits(lists, expected_lists)
+        if out:
+            assert_same_bits(got_out, expected_out)
+        assert pager.stats()["resident_bytes"]["device"] <= TIER_BYTES
+
+
+def test_a_list_reduction_runs_by_index_and_one_index_past_the_tier_is_refused():
+    """``_foreach_norm`` (``clip_grad_norm_(foreach=True)``) of tensors each within the tier runs index
+    by index; of one tensor past the tier it is not elementwise, so it keeps the pager's error
+    naming the op, as a float ``sum`` does."""
+    small = [torch.randn(40, 96, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with make_pager() as pager:
+        paged = [PagedTensor.wrap(t.clone(), pager) for t in small]
+        assert_same_bits(torch._foreach_norm(paged), torch._foreach_norm(small))
+        large = PagedTensor.wrap(torch.randn(96, 512), pager)
+        with pytest.raises(DeviceTierFullError, match="_foreach_norm"):
+            torch._foreach_norm([large])
+
+
+def test_grad_scaler_unscale_finds_an_inf_in_a_paged_gradient_past_the_tier():
+    """``_amp_foreach_non_finite_check_and_unscale_`` (what ``GradScaler.unscale_`` runs) over paged
+    gradients larger than the tier together: each unscaled to the dense bits, and an inf in the
+    last piece of the last one sets ``found_inf``."""
+    grads = [torch.randn(96, 512, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    grads[1][-1, -1] = float("inf")
+    expected, expected_found = [g.clone() for g in grads], torch.zeros(1)
+    torch._amp_foreach_non_finite_check_and_unscale_(expected, expected_found, torch.tensor([0.25]))
+    with make_pager() as pager:
+        paged = [PagedTensor.wrap(g.clone(), pager) for g in grads]
+        found = torch.zeros(1)
+        torch._amp_foreach_non_finite_check_and_unscale_(paged, found, torch.tensor([0.25]))
+        assert found.item() == 1.0
+        assert_same_bits(paged, expected)
+
+
+def test_a_paged_step_count_is_read_once_by_the_pieces_of_a_fused_step():
+    """A fused Adam step on a paged parameter past the tier whose step count is a paged 0-dim tensor
+    too: the count is read once as a plain tensor (each piece's window would need its page
+    besides), and the step gives the dense bits."""
+    generator = torch.Generator().manual_seed(0)
+    weight, grad = torch.randn(96, 512, generator=generator), torch.randn(96, 512, generator=generator)
+    hyper = dict(lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.01, eps=1e-8, amsgrad=False, maximize=False)
+    expected, exp_avg, exp_avg_sq = weight.clone(), torch.zeros_like(weight), torch.zeros_like(weight)
+    torch._fused_adam_([expected], [grad.clone()], [exp_avg], [exp_avg_sq], [], [torch.tensor(3.0)], **hyper)
+    with make_pager() as pager:
+        paged, step = PagedTensor.wrap(weight.clone(), pager), PagedTensor.wrap(torch.tensor(3.0), pager)
+        got_avg, got_avg_sq = torch.zeros_like(weight), torch.zeros_like(weight)
+        torch._fused_adam_([paged], [grad.clone()], [got_avg], [got_avg_sq], [], [step], **hyper)
+        assert_same_bits([paged, got_avg, got_avg_sq], [expected, exp_avg, exp_avg_sq])
+        assert step.item() == 3.0
+
+
+def test_two_views_of_one_table_past_the_tier_keep_the_pagers_error():
+    """``torch._foreach_add_([t[:n]], [t[n:]])`` with ``t`` past the tier: a piece of one view could
+    read bytes a piece of the other wrote, so it raises the pager's error naming the op, and the
+    table is unchanged."""
+    table = torch.randn(64, 512)
+    with make_pager() as pager:
+        paged = PagedTensor.wrap(table.clone(), pager)
+        with pytest.raises(DeviceTierFullError, match="_foreach_add_"):
+            torch._foreach_add_([paged[:32]], [paged[32:]])
+        assert_same_bits(paged, table)
