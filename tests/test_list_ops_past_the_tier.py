@@ -94,6 +94,8 @@ def _cuda_params(device: str, shapes: list) -> list[torch.Tensor]:
 @pytest.mark.parametrize("shapes", PARAMETERS.values(), ids=PARAMETERS.keys())
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_foreach_and_fused_optimizers_train_paged_parameters_to_the_dense_bits(optimizer, shapes, device):
+    if optimizer == "Adagrad fused" and device == "cuda":
+        pytest.skip("torch has no fused Adagrad for CUDA (its own RuntimeError for plain parameters too)")
     start = _cuda_params(device, shapes)
     expected_params, expected_states = train(optimizer, start, lambda t: t)
     with make_pager(device) as pager:
