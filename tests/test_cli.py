@@ -171,3 +171,13 @@ def test_demo_slab_that_cannot_be_allocated_is_a_usage_error_naming_it(capsys, m
     err = usage_error(SMALL_DEMO, capsys)
     assert "pagedllm demo: error: device tier: cannot allocate a slab of 128.00 KiB (131072 bytes, 8 pages of 16.00 KiB" in err
     assert "CUDA out of memory" in err and "Lower slab_size, page_size or the tier's budget" in err
+
+
+def test_python_dash_m_pagedtensor_runs_the_command():
+    """``python -m pagedtensor demo ...`` is ``pagedllm demo ...`` (it said "'pagedtensor' is a package
+    and cannot be directly executed"); a usage error exits 2 there too."""
+    done = subprocess.run([sys.executable, "-m", "pagedtensor", *SMALL_DEMO], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "every byte came back" in done.stdout
+    wrong = subprocess.run([sys.executable, "-m", "pagedtensor", "demo", "--size", "12 parsecs"], capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and "pagedllm demo: error: argument --size" in wrong.stderr and "Traceback" not in wrong.stderr
