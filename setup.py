@@ -4,7 +4,7 @@ the optional C disk-I/O engine in ``csrc/`` when a C compiler is present.
 ``triton_kernels/`` installs as ``pagedtensor.triton_kernels`` and ``compile_backend/`` as
 ``pagedtensor.compile_backend``; their subfolders follow.  The C extension is ``optional``: when no
 compiler is found the install still succeeds and ``pagedtensor.tiers.disk`` uses its thread-pool
-fallback.
+fallback. ``pagedtensor/py.typed`` ships, so type checkers read the package's type hints (PEP 561).
 """
 
 from __future__ import annotations
@@ -46,5 +46,6 @@ disk_engine = Extension(
 setup(
     packages=packages,
     package_dir=package_dir,
+    package_data={"pagedtensor": ["py.typed"]},  # PEP 561: the package's type hints are for type checkers too
     ext_modules=[disk_engine],
 )

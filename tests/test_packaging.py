@@ -39,6 +39,7 @@ def test_regular_install_imports_every_subpackage(tmp_path):
     result = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (target / "pagedtensor" / "triton_kernels" / "__init__.py").exists()
+    assert (target / "pagedtensor" / "py.typed").exists()  # PEP 561: type checkers read the package's hints
 
 
 @pytest.mark.slow
