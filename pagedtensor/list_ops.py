@@ -31,12 +31,13 @@ Note:
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Optional
 
 import torch
 from torch._ops import OpOverload
 
-from pagedtensor.pieces import flat_piece, piece_elements_of, same_view
+from pagedtensor.pieces import flat_piece, may_share_bytes, piece_elements_of, same_view
 from pagedtensor.tensor import PagedTensor, meta_layout
 
 aten = torch.ops.aten
@@ -100,8 +101,35 @@ def run_list_op(func: OpOverload, args: tuple, kwargs: dict) -> Any:
     if count is None:
         return NotImplemented
     if count > 1:
+        if _written_at_another_index(func, args, kwargs, count):
+            return NotImplemented
         return _run_by_index(func, args, kwargs, count)
     return _run_one_index_in_pieces(func, args, kwargs)
+
+
+def _written_at_another_index(func: OpOverload, args: tuple, kwargs: dict, count: int) -> bool:
+    """Whether a PagedTensor the op writes at one index may share a byte with a PagedTensor at another
+    (``torch._foreach_add_([a, b], [b, a])``): the CPU kernels run such a list index by index, as
+    here, but CUDA's multi-tensor kernels run all the indices at once, so the dense op's result is
+    the device's; the op keeps the pager's error. Views of one allocation that share no byte (the
+    pieces of ``flat.split(n)``) run."""
+    written = _written_names(func)
+    by_allocation: dict[int, list[tuple[int, bool, PagedTensor]]] = {}
+    for name, value in _named(func, args, kwargs):
+        if isinstance(value, (list, tuple)) and len(value) == count:
+            for index, item in enumerate(value):
+                if isinstance(item, PagedTensor):
+                    by_allocation.setdefault(id(item._paged), []).append((index, name in written, item))
+    return any(
+        index != other_index and (writes or other_writes) and may_share_bytes(tensor, other)
+        for entries in by_allocation.values()
+        for (index, writes, tensor), (other_index, other_writes, other) in itertools.combinations(entries, 2)
+    )
+
+
+def _written_names(func: OpOverload) -> frozenset[str]:
+    """The names of the arguments ``func`` writes (``self`` of an in-place op, ``out``, ``found_inf``, ...)."""
+    return frozenset(argument.name for argument in func._schema.arguments if argument.alias_info is not None and argument.alias_info.is_write)
 
 
 def _run_by_index(func: OpOverload, args: tuple, kwargs: dict, count: int) -> Any:
@@ -155,7 +183,7 @@ def _run_one_index_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any
     # A PagedTensor of one element that every piece reads whole (a paged step count, ``lr``) is read
     # once, as a plain tensor, so that no piece's window needs its page; one the op writes
     # (``found_inf``) is left to the pager's error.
-    written = {argument.name for argument in func._schema.arguments if argument.alias_info is not None and argument.alias_info.is_write}
+    written = _written_names(func)
     if any(_whole_paged(value) for name, value in _named(func, args, kwargs) if name in written):
         return NotImplemented
     args, kwargs = _map_all(func, args, kwargs, lambda name, value: _read_whole(value))

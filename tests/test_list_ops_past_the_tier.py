@@ -230,3 +230,21 @@ def test_two_views_of_one_table_past_the_tier_keep_the_pagers_error():
         with pytest.raises(DeviceTierFullError, match="_foreach_add_"):
             torch._foreach_add_([paged[:32]], [paged[32:]])
         assert_same_bits(paged, table)
+
+
+def test_a_tensor_written_at_one_index_and_read_at_another_keeps_the_pagers_error():
+    """``torch._foreach_add_([a, b], [b, a])`` past the tier: the CPU kernels add index by index, but
+    CUDA's multi-tensor kernels read all the indices at once, so it raises the pager's error naming
+    the op, ``a`` and ``b`` unchanged. The pieces of one table (``flat.split(n)``), which share no
+    byte, still run index by index."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 256, generator=generator), torch.randn(64, 256, generator=generator)
+    flat = torch.randn(4 * 64 * 256, generator=generator)
+    with make_pager() as pager:
+        paged_a, paged_b = PagedTensor.wrap(a.clone(), pager), PagedTensor.wrap(b.clone(), pager)
+        with pytest.raises(DeviceTierFullError, match="_foreach_add_"):
+            torch._foreach_add_([paged_a, paged_b], [paged_b, paged_a])
+        assert_same_bits([paged_a, paged_b], [a, b])
+        paged_flat = PagedTensor.wrap(flat.clone(), pager)
+        torch._foreach_mul_(list(paged_flat.split(64 * 256)), 3.0)
+        assert_same_bits(paged_flat, flat * 3.0)
