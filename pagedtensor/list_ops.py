@@ -40,8 +40,6 @@ from torch._ops import OpOverload
 from pagedtensor.pieces import flat_piece, may_share_bytes, piece_elements_of, same_view
 from pagedtensor.tensor import PagedTensor, meta_layout
 
-aten = torch.ops.aten
-
 _FUSED_STEPS = frozenset({"_fused_adam", "_fused_adamw", "_fused_sgd", "_fused_adagrad", "_amp_foreach_non_finite_check_and_unscale"})
 # List ops whose result at an index is not made elementwise from that index's tensors.
 _NOT_ELEMENTWISE = frozenset({"_foreach_norm", "_foreach_max", "_foreach_powsum", "_foreach_mm"})
