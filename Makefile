@@ -17,12 +17,12 @@ test:  ## install with test dependencies into .venv and run the full test suite
 	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --maxprocesses 8 --dist worksteal $(PYTEST_ARGS)
 
 # The tests that lean on torch's internals (the __torch_dispatch__ subclass, torch.compile, the
-# OpInfo and module sweeps, the row gathers and scatters) again under the newest torch release, in
+# OpInfo and module sweeps, the row gathers and scatters, the list ops that torch.optim runs) again under the newest torch release, in
 # their own venv: `make test` pins torch 2.13.0 on a CPU machine, while `pip install pagedllm` takes
 # the newest (2.14 counted a returned view's offset twice under torch.compile; 2.15 runs
 # `t[mask] = v` as masked_fill_). On a CPU machine this is PyPI's CUDA build, about 3 GB.
 TORCH_LATEST ?= 2.15.0
-TORCH_LATEST_TESTS ?= tests/test_tensor*.py tests/test_torch_*.py tests/test_row_*.py tests/test_gather*.py
+TORCH_LATEST_TESTS ?= tests/test_tensor*.py tests/test_torch_*.py tests/test_row_*.py tests/test_gather*.py tests/test_list_ops*.py
 
 test-torch-latest:  ## the torch-internals tests again under torch $(TORCH_LATEST), in .venv-torch-latest
 	VENV=.venv-torch-latest TORCH=$(TORCH_LATEST) bash .ci/install dev
