@@ -14,13 +14,15 @@ So where an op's pages do not fit at once, it runs index by index, each index a 
 on one-element lists, dispatched as any op (on the PagedTensors of that index only). An index whose
 own pages do not fit runs a piece at a time where the op is elementwise (all of them but the
 reductions ``_foreach_norm``, ``_foreach_max``, ``_foreach_powsum`` and the matmul ``_foreach_mm``)
-and the index's tensors are row-major tensors of one shape, or of one element (a step count, read
-whole by every piece; a paged one read once, as a plain tensor, and a paged one the op writes left
-to the pager's error), with no two views of one allocation but the same view: each piece is the op
-on 1-D views of the same consecutive elements of each, as :mod:`pagedtensor.pieces` runs a single
-elementwise op (on a CPU a vectorized loop then ends where each piece does; see the README). A
-functional form (``_foreach_sqrt``) fills plain results of the dense op's dtype piece by piece through
-its ``out=`` overload.
+and the index's tensors are of one shape and one layout that fills their spans (row-major,
+channels-last, transposed: what a parameter, its gradient and its ``zeros_like`` state share), or of
+one element (a step count, read whole by every piece; a paged one read once, as a plain tensor, and
+a paged one the op writes left to the pager's error), with no two views of one allocation but the
+same view: each piece is the op on 1-D views of the same run of each one's span (the elements in
+memory order, as the kernels walk them), as :mod:`pagedtensor.pieces` runs a single elementwise op
+(on a CPU a vectorized loop then ends where each piece does; see the README). A functional form
+(``_foreach_sqrt``) fills plain results of the dense op's dtype and layout piece by piece through its
+``out=`` overload.
 
 Note:
     Stream order is each call's (see :mod:`pagedtensor.dispatch`): the indices and the pieces run one
@@ -38,7 +40,7 @@ import torch
 from torch._ops import OpOverload
 
 from pagedtensor.pieces import flat_piece, may_share_bytes, piece_elements_of, same_view
-from pagedtensor.tensor import PagedTensor, meta_layout
+from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping, meta_layout
 
 _FUSED_STEPS = frozenset({"_fused_adam", "_fused_adamw", "_fused_sgd", "_fused_adagrad", "_amp_foreach_non_finite_check_and_unscale"})
 # List ops whose result at an index is not made elementwise from that index's tensors.
@@ -154,8 +156,9 @@ def _run_by_index(func: OpOverload, args: tuple, kwargs: dict, count: int) -> An
 
 
 def _run_one_index_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any:
-    """``func`` on one index, a piece of consecutive elements of its row-major tensors at a time;
-    ``NotImplemented`` where it is not elementwise or its tensors do not allow pieces."""
+    """``func`` on one index, a piece of consecutive elements of its tensors' spans at a time (tensors of
+    one shape and one dense layout: row-major, channels-last, transposed); ``NotImplemented`` where
+    it is not elementwise or its tensors do not allow pieces."""
     if _base_name(func) in _NOT_ELEMENTWISE:
         return NotImplemented
     returns = func._schema.returns
@@ -175,8 +178,8 @@ def _run_one_index_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any
     shaped = [t for t in tensors if t.numel() > 1]
     if not shaped or not any(isinstance(t, PagedTensor) for t in shaped):
         return NotImplemented
-    shape = shaped[0].shape
-    if any(t.shape != shape or t.layout != torch.strided or not t.is_contiguous() for t in shaped):
+    shape, order = shaped[0].shape, _memory_order(shaped[0])
+    if any(t.shape != shape or t.layout != torch.strided or _memory_order(t) != order or not dense_and_non_overlapping(t.shape, t.stride()) for t in shaped):
         return NotImplemented
     # A PagedTensor of one element that every piece reads whole (a paged step count, ``lr``) is read
     # once, as a plain tensor, so that no piece's window needs its page; one the op writes
@@ -200,9 +203,9 @@ def _run_one_index_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any
         except (NotImplementedError, RuntimeError):
             return NotImplemented
         device = next(t for t in shaped if isinstance(t, PagedTensor)).device
-        results = [torch.empty(m.shape, dtype=m.dtype, device=device) for m in meta]
-        if any(tuple(r.shape) != tuple(shape) for r in results):
+        if any(tuple(m.shape) != tuple(shape) or _memory_order(m) != order for m in meta):
             return NotImplemented
+        results = [torch.empty_strided(m.shape, m.stride(), dtype=m.dtype, device=device) for m in meta]
 
     def cut(start: int, stop: int) -> Callable[[str, Any], Any]:
         def select(name: str, value: Any) -> Any:
@@ -220,6 +223,13 @@ def _run_one_index_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any
         else:
             out_overload(*piece_args, **piece_kwargs, out=[flat_piece(result, start, stop) for result in results])
     return results
+
+
+def _memory_order(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides of ``t``'s dims longer than one: tensors of one shape whose elements fill their spans
+    (:func:`dense_and_non_overlapping`) and agree on these lay out each index at the same distance
+    from their first element, so the same run of their spans holds the same indices."""
+    return tuple(step for length, step in zip(t.shape, t.stride()) if length != 1)
 
 
 def _named(func: OpOverload, args: tuple, kwargs: dict) -> list[tuple[str, Any]]:

@@ -6,7 +6,7 @@ device tier to the dense run's bits, with the tier never over its budget (they r
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -63,10 +63,12 @@ OPTIMIZERS: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer
     "Adagrad fused": lambda params: torch.optim.Adagrad(params, lr=0.01, fused=True),
     "RMSprop foreach": lambda params: torch.optim.RMSprop(params, lr=0.01, momentum=0.5, foreach=True),
 }
-# name: the parameters' shapes (the device tier holds 16 pages of 4 KiB: 16,384 fp32 elements)
+# name: the parameters' shapes and layouts (the device tier holds 16 pages of 4 KiB: 16,384 fp32 elements)
 PARAMETERS = {
-    "several parameters, each within the tier, together past it": [(24, 256), (256,), (48, 128), (6000,), (40, 150)],
-    "a parameter several times the tier": [(96, 512), (512,)],
+    "several parameters, each within the tier, together past it": [((24, 256), "row-major"), ((256,), "row-major"), ((48, 128), "row-major"),
+                                                                    ((6000,), "row-major"), ((40, 150), "row-major")],
+    "a parameter several times the tier": [((96, 512), "row-major"), ((512,), "row-major")],
+    "a channels-last conv weight and a transposed matrix past the tier": [((64, 48, 4, 4), "channels-last"), ((512, 96), "transposed")],
 }
 
 
@@ -85,9 +87,20 @@ def train(optimizer: str, start: list[torch.Tensor], wrap: Callable[[torch.Tenso
     return [p.detach() for p in params], states
 
 
-def _cuda_params(device: str, shapes: list) -> list[torch.Tensor]:
-    generator = torch.Generator(device=device).manual_seed(0)
-    return [torch.randn(shape, generator=generator, device=device) for shape in shapes]
+def starting_values(device: str, shapes: list, generator: Optional[torch.Generator] = None,
+                    random: Callable[..., torch.Tensor] = torch.randn) -> list[torch.Tensor]:
+    """Random tensors (``random``: ``torch.randn`` or ``torch.rand``) of the given shapes and layouts (a
+    transposed one is ``(m, n)`` stored as its transpose's rows)."""
+    generator = generator if generator is not None else torch.Generator(device=device).manual_seed(0)
+    values = []
+    for shape, layout in shapes:
+        if layout == "transposed":
+            values.append(random(shape[::-1], generator=generator, device=device).T)
+        elif layout == "channels-last":
+            values.append(random(shape, generator=generator, device=device).contiguous(memory_format=torch.channels_last))
+        else:
+            values.append(random(shape, generator=generator, device=device))
+    return values
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
@@ -96,11 +109,11 @@ def _cuda_params(device: str, shapes: list) -> list[torch.Tensor]:
 def test_foreach_and_fused_optimizers_train_paged_parameters_to_the_dense_bits(optimizer, shapes, device):
     if optimizer == "Adagrad fused" and device == "cuda":
         pytest.skip("torch has no fused Adagrad for CUDA (its own RuntimeError for plain parameters too)")
-    start = _cuda_params(device, shapes)
+    start = starting_values(device, shapes)
     expected_params, expected_states = train(optimizer, start, lambda t: t)
     with make_pager(device) as pager:
         params, states = train(optimizer, start, lambda t: PagedTensor.wrap(t, pager))
-        assert all(type(p) is PagedTensor and p.pager is pager for p in params)
+        assert all(type(p) is PagedTensor and p.pager is pager and p.stride() == t.stride() for p, t in zip(params, start))
         assert_same_bits(params, expected_params)
         assert_same_bits(states, expected_states)
         assert pager.stats()["resident_bytes"]["device"] <= TIER_BYTES
@@ -134,9 +147,10 @@ FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @st.composite
-def list_cases(draw) -> tuple[str, torch.dtype, list[tuple[int, ...]], list[bool]]:
-    """An op, a dtype, the shapes of 1 to 4 list entries (each within a quarter of the tier or 2 to 5
-    times it), and which entries of each list are paged."""
+def list_cases(draw) -> tuple[str, torch.dtype, list[tuple[tuple[int, ...], str]], list[bool]]:
+    """An op, a dtype, the shapes and layouts of 1 to 4 list entries (each within a quarter of the tier
+    or 2 to 5 times it; a 2-D one row-major or transposed, the same in every list), and which entries
+    of each list are paged."""
     dtype = draw(st.sampled_from(FLOATS))
     count = draw(st.integers(1, 4))
     shapes = []
@@ -144,7 +158,8 @@ def list_cases(draw) -> tuple[str, torch.dtype, list[tuple[int, ...]], list[bool
         large = draw(st.booleans())
         elements = draw(st.integers(2 * TIER_BYTES, 5 * TIER_BYTES) if large else st.integers(1, TIER_BYTES // 4)) // dtype.itemsize
         inner = draw(st.sampled_from([1, 7, 64, 300]))
-        shapes.append((max(1, elements // inner), inner) if inner > 1 else (max(1, elements),))
+        shape = (max(1, elements // inner), inner) if inner > 1 else (max(1, elements),)
+        shapes.append((shape, draw(st.sampled_from(["row-major", "transposed"])) if len(shape) == 2 else "row-major"))
     return draw(st.sampled_from(sorted(LIST_OPS))), dtype, shapes, draw(st.lists(st.booleans(), min_size=3 * count, max_size=3 * count))
 
 
@@ -156,7 +171,7 @@ def test_list_ops_give_the_dense_bits_past_the_tier(case, seed):
     name, dtype, shapes, paged_flags = case
     op, extra, further = LIST_OPS[name]
     generator = torch.Generator().manual_seed(seed)
-    values = [[(torch.rand(shape, generator=generator) + 0.5).to(dtype) for shape in shapes] for _ in range(1 + further)]
+    values = [[(value + 0.5).to(dtype) for value in starting_values("cpu", shapes, generator, torch.rand)] for _ in range(1 + further)]
     scalars = [float(x) for x in torch.rand(len(shapes), generator=generator) + 0.5]
     out = name.endswith("_out")
     expected_lists = [[t.clone() for t in entries] for entries in values]
