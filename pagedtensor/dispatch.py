@@ -157,6 +157,10 @@ class OpInfo:
     elementwise: bool
     """Each result element comes from the arguments' elements at the same index (:func:`is_elementwise`):
     an in-place form never resizes its input."""
+    random: bool
+    """The op draws random numbers (torch's ``nondeterministic_seeded`` tag: ``normal_``, ``uniform_``,
+    ``bernoulli``, ...): in the order of the dense op's kernel over the whole tensor, which no run in
+    pieces follows, so past the tier it raises, its message naming the way round."""
     decomposes: bool
     """The op's only kernel is ``CompositeImplicitAutograd`` (made of other ops), which it reaches us
     whole only below autograd (in inference mode, say). Its schema cannot say what aliases (``to``,
@@ -183,6 +187,7 @@ class OpInfo:
             changes_metadata=torch.Tag.inplace_view in func.tags or func.overloadpacket.__name__ in _RESIZING_OPS,
             returns_written=any(alias.is_write for alias in returns),
             elementwise=is_elementwise(func),
+            random=torch.Tag.nondeterministic_seeded in func.tags,
             decomposes=_has_kernel(func, "CompositeImplicitAutograd")
             and not any(_has_kernel(func, key) for key in ("CPU", "CUDA", "CompositeExplicitAutograd")),
         )
@@ -823,7 +828,9 @@ def _as_pagers_error(error: "_OpTooLarge", info: OpInfo, args: tuple, kwargs: di
     that partly overlaps another of its arguments (:func:`_partly_overlapping`), which torch's
     elementwise, copy and index kernels refuse on any tensor (``torch.add(t[1:], 1, out=t[:-1])``):
     within the tier the op runs on views of one storage and raises torch's own error; past it
-    there is no such view to run it on, and the error names the overlap beside the tier."""
+    there is no such view to run it on, and the error names the overlap beside the tier. For a
+    random op (``normal_``, ``uniform_``: :attr:`OpInfo.random`) it names the way round: a plain
+    tensor filled and copied in."""
     pagers_type = type(error.__cause__) if isinstance(error.__cause__, OutOfPagesError) else OutOfPagesError
     message = str(error)
     leaves = _paged_leaves(args, kwargs)
@@ -837,6 +844,12 @@ def _as_pagers_error(error: "_OpTooLarge", info: OpInfo, args: tuple, kwargs: di
         message += (
             f" (also, the tensor it writes, of shape {tuple(target.shape)}, partly overlaps another of its arguments, of "
             f"shape {tuple(other.shape)}, which torch refuses for most ops, dense tensors too: clone() that argument first)"
+        )
+    if info.random:
+        message += (
+            " (a random op draws its numbers in its kernel's order over the whole tensor, which no run in pieces follows: "
+            "fill a plain tensor of that shape, on the CPU if it does not fit on the device, and copy_ it into the "
+            "PagedTensor, which runs a piece at a time)"
         )
     return pagers_type(message)
 

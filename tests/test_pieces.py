@@ -755,6 +755,40 @@ def test_an_op_writing_a_view_that_partly_overlaps_its_argument_names_the_overla
         assert same_bits(table.materialize(), base)
 
 
+RANDOM_FILLS = {
+    "nn.init.normal_": lambda t: torch.nn.init.normal_(t),
+    "nn.init.kaiming_uniform_": lambda t: torch.nn.init.kaiming_uniform_(t, a=5**0.5),
+    "nn.init.trunc_normal_": lambda t: torch.nn.init.trunc_normal_(t, std=0.02),
+    "bernoulli_": lambda t: t.bernoulli_(0.5),
+    "exponential_": lambda t: t.exponential_(),
+}
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("name", RANDOM_FILLS)
+def test_a_random_fill_past_the_tier_names_the_way_round(device, name):
+    """A random op draws its numbers in its kernel's order over the whole tensor, which no run in
+    pieces follows, so past the tier it raises the pager's error, which now says to fill a plain
+    tensor and ``copy_`` it in; that way round runs a piece at a time. Within the tier the paged fill
+    draws the dense fill's numbers."""
+    fill = RANDOM_FILLS[name]
+    with make_pager(device, device_pages=64) as pager:
+        table = PagedTensor.wrap(torch.zeros(128, 64, device=device), pager)  # 8 pages
+        torch.manual_seed(0)
+        fill(table)
+        torch.manual_seed(0)
+        assert same_bits(table.materialize(), fill(torch.zeros(128, 64, device=device)))
+    with make_pager(device) as pager:
+        table = PagedTensor.wrap(torch.zeros(256, 128, device=device), pager)  # 32 pages; the tier holds 6
+        with pytest.raises(DeviceTierFullError, match=r"need more pages at once.*random op.*fill a plain tensor.*copy_"):
+            fill(table)
+        assert same_bits(table.materialize(), torch.zeros(256, 128, device=device))
+        torch.manual_seed(0)
+        values = fill(torch.zeros(256, 128))  # on the CPU, as for a tensor the device cannot hold
+        table.copy_(values)
+        assert same_bits(table.materialize().cpu(), values)
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
 def test_partly_overlapping_is_torchs_own_refusal_of_a_written_view(data):
