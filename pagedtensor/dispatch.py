@@ -830,7 +830,8 @@ def _as_pagers_error(error: "_OpTooLarge", info: OpInfo, args: tuple, kwargs: di
     within the tier the op runs on views of one storage and raises torch's own error; past it
     there is no such view to run it on, and the error names the overlap beside the tier. For a
     random op (``normal_``, ``uniform_``: :attr:`OpInfo.random`) it names the way round: a plain
-    tensor filled and copied in."""
+    tensor filled and copied in, or for one that writes no PagedTensor (``torch.bernoulli(t)``) the
+    op on a plain copy."""
     pagers_type = type(error.__cause__) if isinstance(error.__cause__, OutOfPagesError) else OutOfPagesError
     message = str(error)
     leaves = _paged_leaves(args, kwargs)
@@ -846,10 +847,11 @@ def _as_pagers_error(error: "_OpTooLarge", info: OpInfo, args: tuple, kwargs: di
             f"shape {tuple(other.shape)}, which torch refuses for most ops, dense tensors too: clone() that argument first)"
         )
     if info.random:
-        message += (
-            " (a random op draws its numbers in its kernel's order over the whole tensor, which no run in pieces follows: "
+        message += " (a random op draws its numbers in its kernel's order over the whole tensor, which no run in pieces follows: " + (
             "fill a plain tensor of that shape, on the CPU if it does not fit on the device, and copy_ it into the "
             "PagedTensor, which runs a piece at a time)"
+            if _written_leaves(info, args, kwargs)
+            else "run it on a plain copy, t.materialize())"
         )
     return pagers_type(message)
 

@@ -787,6 +787,9 @@ def test_a_random_fill_past_the_tier_names_the_way_round(device, name):
         values = fill(torch.zeros(256, 128))  # on the CPU, as for a tensor the device cannot hold
         table.copy_(values)
         assert same_bits(table.materialize().cpu(), values)
+        probabilities = PagedTensor.wrap(torch.full((256, 128), 0.5, device=device), pager)
+        with pytest.raises(DeviceTierFullError, match=r"random op.*run it on a plain copy, t\.materialize\(\)"):
+            torch.bernoulli(probabilities)
 
 
 @settings(max_examples=300, deadline=None)
