@@ -122,7 +122,7 @@ def test_foreach_and_fused_optimizers_train_paged_parameters_to_the_dense_bits(o
 # name: (the list op, its arguments after the list ``self``, how many further lists of ``self``'s shapes it reads)
 LIST_OPS: dict[str, tuple[Callable, Callable[[list, list], tuple], int]] = {
     "_foreach_add_.Scalar": (aten._foreach_add_.Scalar, lambda lists, scalars: (0.5,), 0),
-    "_foreach_add_.List alpha": (aten._foreach_add_.List, lambda lists, scalars: (lists[0],), 1),
+    "_foreach_add_.List": (aten._foreach_add_.List, lambda lists, scalars: (lists[0],), 1),
     "_foreach_sub_.ScalarList": (aten._foreach_sub_.ScalarList, lambda lists, scalars: (scalars,), 0),
     "_foreach_mul_.Tensor": (aten._foreach_mul_.Tensor, lambda lists, scalars: (torch.tensor(1.5),), 0),
     "_foreach_div_.List": (aten._foreach_div_.List, lambda lists, scalars: (lists[0],), 1),
