@@ -208,7 +208,7 @@ def dense_and_non_overlapping(size: Sequence[int], stride: Sequence[int]) -> boo
     return True
 
 
-def _run_outside_compile(fn: Callable) -> Callable:
+def run_outside_compile(fn: Callable) -> Callable:
     """``fn`` run eagerly, never traced, when ``torch.compile`` reaches it.
 
     Dynamo cannot trace the making of a PagedTensor (``_make_wrapper_subclass``, the pager): it broke
@@ -294,7 +294,7 @@ class PagedTensor(torch.Tensor):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    @_run_outside_compile
+    @run_outside_compile
     def wrap(cls, t: torch.Tensor, pager: Optional[Pager] = None, *, name: Optional[str] = None) -> "PagedTensor":
         """Move ``t``'s bytes into ``pager`` (default: :func:`~pagedtensor.get_default_pager`).
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pagedtensor.hf.cache import ACTIVE_UPDATE, ATTENTION_NAME, KeyPiece, PagedKVCache
+from pagedtensor.tensor import run_outside_compile
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def pagedllm_mask(**kwargs) -> Optional[torch.Tensor]:
     return sdpa_mask(**kwargs)
 
 
+@run_outside_compile
 def pagedllm_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -75,7 +77,8 @@ def pagedllm_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: ``query`` ``[batch, heads, q_len, head_dim]`` → ``[batch, q_len, heads, head_dim]``."""
+    """transformers attention function: ``query`` ``[batch, heads, q_len, head_dim]`` → ``[batch, q_len, heads, head_dim]``.
+    Under ``torch.compile`` it runs eagerly, never traced, as :meth:`PagedKVCache.update` does."""
     active = ACTIVE_UPDATE.get()
     layer_idx = getattr(module, "layer_idx", None)
     if active is None or active.layer_idx != layer_idx or active.key is not key:

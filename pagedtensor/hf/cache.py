@@ -66,6 +66,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from pagedtensor.config import MemoryConfig, SizeLike, check_memory_config, format_size, parse_size
 from pagedtensor.pager import Allocation, Page, Pager, ResidentPages
+from pagedtensor.tensor import run_outside_compile
 
 log = logging.getLogger(__name__)
 
@@ -317,12 +318,15 @@ class PagedKVCache(Cache):
 
     # ------------------------------------------------------------------ transformers Cache API
 
+    @run_outside_compile
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``key_states`` ``[batch, kv_heads, q_len, head_dim]`` and ``value_states``
         ``[batch, kv_heads, q_len, value_dim]`` to layer ``layer_idx``.
 
         Returns them unchanged under the ``"pagedllm"`` attention (which reads the pages), else the
         layer's dense keys and values ``[batch, kv_heads, total, head_dim or value_dim]`` (pads zero).
+        Under ``torch.compile`` it runs eagerly, never traced (the pager's work is Python: locks,
+        streams, page tables): one graph break a call.
         """
         if self.closed:
             raise RuntimeError("this PagedKVCache is closed")
