@@ -484,3 +484,23 @@ def test_gpu_what_stays_dense_moves_in_place_to_the_gpu_and_back_if_a_move_fails
         before = move_dense_tensors_after_a_failed_move(model, pager, pager.device)
         now = dict([*model.named_parameters(), *model.named_buffers()])
         assert all(now[name] is tensor for name, tensor in before.items() if isinstance(tensor, torch.nn.Parameter))
+
+
+def test_gpu_compiled_forward_streams_pages_with_the_same_tokens(nvme_dir):
+    """``model.forward = torch.compile(model.forward)`` (inductor) under ``enable_paging`` on CUDA, fp32,
+    a 700-token prompt streamed through 12 device pages: the paged cache and the ``"pagedllm"``
+    attention run eagerly between the compiled pieces, and the tokens are the unpaged model's."""
+    reference, model = _pair(torch.float32)
+    ids, mask = _prompts(1, 700)
+    expected = _generate(reference, ids, mask, 12)
+    enable_paging(model, _budget(nvme_dir, vram_pages=12, slab_pages=8), attn_implementation="pagedllm", prefill_chunk_size=256)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward)
+    try:
+        got = _generate(model, ids, mask, 12)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+    assert paging_state(model).pager.stats()["bytes_h2d"] > 0
