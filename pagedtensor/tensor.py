@@ -216,7 +216,9 @@ def run_outside_compile(fn: Callable) -> Callable:
     made, which failed inside Dynamo (``InternalTorchDynamoError: ... no attribute '_view_root'``) even
     with graph breaks allowed. Under compilation the call goes through torch's lazy
     ``torch._dynamo.disable`` (a function Dynamo skips: a graph break, then ``fn`` runs eagerly with
-    Dynamo off); outside it, ``fn`` is called directly (no import of ``torch._dynamo``)."""
+    Dynamo off); outside it, ``fn`` is called directly (no import of ``torch._dynamo``). The paged KV
+    cache's ``update`` and the ``"pagedllm"`` attention (:mod:`pagedtensor.hf`) run so too: the
+    pager's work is Python (locks, streams, page tables), which Dynamo broke at wherever it met it."""
     from torch._compile import _disable_dynamo
 
     disabled = _disable_dynamo(fn)
