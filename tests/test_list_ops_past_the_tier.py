@@ -263,3 +263,32 @@ def test_a_tensor_written_at_one_index_and_read_at_another_keeps_the_pagers_erro
         paged_flat = PagedTensor.wrap(flat.clone(), pager)
         torch._foreach_mul_(list(paged_flat.split(64 * 256)), 3.0)
         assert_same_bits(paged_flat, flat * 3.0)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_a_grad_scaler_step_skips_and_steps_as_the_dense_run_past_the_tier(fused):
+    """``GradScaler`` with AdamW over two paged weights that together pass the tier: its unscale, the
+    step it skips on an inf gradient (the fused step reading ``found_inf`` at each index) and the
+    steps it takes give the dense run's weights and scale."""
+
+    def run(wrap: Callable[[torch.Tensor], torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+        generator = torch.Generator().manual_seed(0)
+        weights = [torch.nn.Parameter(wrap(torch.randn(24, 512, generator=generator))) for _ in range(2)]  # 12 pages each
+        bias = torch.nn.Parameter(torch.zeros(512))
+        step = torch.optim.AdamW([*weights, bias], lr=0.01, **({"fused": True} if fused else {"foreach": True}))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        x = torch.randn(4, 24, generator=generator)
+        for iteration in range(3):
+            step.zero_grad()
+            scaler.scale((sum(x @ w for w in weights) + bias).square().sum()).backward()
+            if iteration == 1:
+                weights[1].grad[0, 0] = float("inf")
+            scaler.step(step)
+            scaler.update()
+        return [w.detach() for w in weights], scaler.get_scale()
+
+    expected, expected_scale = run(lambda t: t)
+    with make_pager() as pager:
+        got, scale = run(lambda t: PagedTensor.wrap(t, pager))
+        assert_same_bits(got, expected)
+        assert scale == expected_scale == 2.0**7
