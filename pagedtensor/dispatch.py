@@ -835,8 +835,9 @@ def _as_pagers_error(error: "_OpTooLarge", info: OpInfo, args: tuple, kwargs: di
     pagers_type = type(error.__cause__) if isinstance(error.__cause__, OutOfPagesError) else OutOfPagesError
     message = str(error)
     leaves = _paged_leaves(args, kwargs)
+    written = _written_leaves(info, args, kwargs)
     overlapped = next(
-        ((target, other) for target in _written_leaves(info, args, kwargs) for other in leaves
+        ((target, other) for target in written for other in leaves
          if other is not target and other._paged is target._paged and _partly_overlapping(target, other)),
         None,
     )  # fmt: skip
@@ -850,7 +851,7 @@ def _as_pagers_error(error: "_OpTooLarge", info: OpInfo, args: tuple, kwargs: di
         message += " (a random op draws its numbers in its kernel's order over the whole tensor, which no run in pieces follows: " + (
             "fill a plain tensor of that shape, on the CPU if it does not fit on the device, and copy_ it into the "
             "PagedTensor, which runs a piece at a time)"
-            if _written_leaves(info, args, kwargs)
+            if written
             else "run it on a plain copy, t.materialize())"
         )
     return pagers_type(message)

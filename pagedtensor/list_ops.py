@@ -33,6 +33,7 @@ Note:
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any, Callable, Optional
 
@@ -40,7 +41,7 @@ import torch
 from torch._ops import OpOverload
 
 from pagedtensor.pieces import flat_piece, may_share_bytes, piece_elements_of, same_view
-from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping, meta_layout
+from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping
 
 _FUSED_STEPS = frozenset({"_fused_adam", "_fused_adamw", "_fused_sgd", "_fused_adagrad", "_amp_foreach_non_finite_check_and_unscale"})
 # List ops whose result at an index is not made elementwise from that index's tensors.
@@ -60,6 +61,7 @@ def is_list_op(func: OpOverload) -> bool:
     return name.startswith("_foreach_") or name in _FUSED_STEPS
 
 
+@functools.cache
 def _per_index_names(func: OpOverload) -> frozenset[str]:
     """The arguments of ``func`` that hold one entry per index: its lists (``Tensor[]``, ``Scalar[]``)
     and the per-index ``scalars`` tensor."""
@@ -77,17 +79,18 @@ def _map_per_index(func: OpOverload, args: tuple, kwargs: dict, fn: Callable[[st
     return _map_all(func, args, kwargs, lambda name, value: fn(name, value) if name in names else value)
 
 
+def _per_index_lists(func: OpOverload, args: tuple, kwargs: dict) -> list[Any]:
+    """The values given for ``func``'s per-index lists (:func:`_per_index_names`)."""
+    names = _per_index_names(func)
+    return [value for name, value in zip((argument.name for argument in func._schema.arguments), args) if name in names] + [
+        value for name, value in kwargs.items() if name in names
+    ]
+
+
 def _index_count(func: OpOverload, args: tuple, kwargs: dict) -> Optional[int]:
     """The length of ``func``'s non-empty per-index lists (``max_exp_avg_sqs`` is empty without
     amsgrad); None where they differ (torch's error, raised by the caller) or none is given."""
-    lengths: set[int] = set()
-
-    def note(name: str, value: Any) -> Any:
-        if isinstance(value, (list, tuple)) and value:
-            lengths.add(len(value))
-        return value
-
-    _map_per_index(func, args, kwargs, note)
+    lengths = {len(value) for value in _per_index_lists(func, args, kwargs) if isinstance(value, (list, tuple)) and value}
     return lengths.pop() if len(lengths) == 1 else None
 
 
@@ -113,9 +116,11 @@ def _written_at_another_index(func: OpOverload, args: tuple, kwargs: dict, count
     here, but CUDA's multi-tensor kernels run all the indices at once, so the dense op's result is
     the device's; the op keeps the pager's error. Views of one allocation that share no byte (the
     pieces of ``flat.split(n)``) run."""
+    from pagedtensor.handlers.parts import _arguments_by_name  # the handlers import after dispatch, which imports this module
+
     written = _written_names(func)
     by_allocation: dict[int, list[tuple[int, bool, PagedTensor]]] = {}
-    for name, value in _named(func, args, kwargs):
+    for name, value in _arguments_by_name(func, args, kwargs).items():
         if isinstance(value, (list, tuple)) and len(value) == count:
             for index, item in enumerate(value):
                 if isinstance(item, PagedTensor):
@@ -127,6 +132,7 @@ def _written_at_another_index(func: OpOverload, args: tuple, kwargs: dict, count
     )
 
 
+@functools.cache
 def _written_names(func: OpOverload) -> frozenset[str]:
     """The names of the arguments ``func`` writes (``self`` of an in-place op, ``out``, ``found_inf``, ...)."""
     return frozenset(argument.name for argument in func._schema.arguments if argument.alias_info is not None and argument.alias_info.is_write)
@@ -159,6 +165,8 @@ def _run_one_index_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any
     """``func`` on one index, a piece of consecutive elements of its tensors' spans at a time (tensors of
     one shape and one dense layout: row-major, channels-last, transposed); ``NotImplemented`` where
     it is not elementwise or its tensors do not allow pieces."""
+    from pagedtensor.handlers.parts import _arguments_by_name, _meta  # the handlers import after dispatch, which imports this module
+
     if _base_name(func) in _NOT_ELEMENTWISE:
         return NotImplemented
     returns = func._schema.returns
@@ -167,14 +175,7 @@ def _run_one_index_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any
         out_overload = _out_overload(func)
         if out_overload is None or len(returns) != 1:
             return NotImplemented
-    tensors: list[torch.Tensor] = []
-
-    def collect(name: str, value: Any) -> Any:
-        if isinstance(value, (list, tuple)):
-            tensors.extend(item for item in value if isinstance(item, torch.Tensor))
-        return value
-
-    _map_per_index(func, args, kwargs, collect)
+    tensors = [item for value in _per_index_lists(func, args, kwargs) if isinstance(value, (list, tuple)) for item in value if isinstance(item, torch.Tensor)]
     shaped = [t for t in tensors if t.numel() > 1]
     if not shaped or not any(isinstance(t, PagedTensor) for t in shaped):
         return NotImplemented
@@ -185,7 +186,7 @@ def _run_one_index_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any
     # once, as a plain tensor, so that no piece's window needs its page; one the op writes
     # (``found_inf``) is left to the pager's error.
     written = _written_names(func)
-    if any(_whole_paged(value) for name, value in _named(func, args, kwargs) if name in written):
+    if any(_whole_paged(value) for name, value in _arguments_by_name(func, args, kwargs).items() if name in written):
         return NotImplemented
     args, kwargs = _map_all(func, args, kwargs, lambda name, value: _read_whole(value))
     first_view: dict[int, PagedTensor] = {}
@@ -199,7 +200,7 @@ def _run_one_index_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any
     results = None
     if out_overload is not None:
         try:
-            meta = func(*_on_meta(args), **{name: _on_meta(value) for name, value in kwargs.items()})
+            meta = func(*_meta(args), **_meta(kwargs))
         except (NotImplementedError, RuntimeError):
             return NotImplemented
         device = next(t for t in shaped if isinstance(t, PagedTensor)).device
@@ -232,11 +233,6 @@ def _memory_order(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(step for length, step in zip(t.shape, t.stride()) if length != 1)
 
 
-def _named(func: OpOverload, args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
-    """``(name, value)`` of each argument given."""
-    return [*zip((argument.name for argument in func._schema.arguments), args), *kwargs.items()]
-
-
 def _map_all(func: OpOverload, args: tuple, kwargs: dict, fn: Callable[[str, Any], Any]) -> tuple[tuple, dict]:
     """``args`` and ``kwargs`` with each argument's value replaced by ``fn(name, value)``."""
     names = [argument.name for argument in func._schema.arguments]
@@ -267,10 +263,3 @@ def _out_overload(func: OpOverload) -> Optional[OpOverload]:
     candidate = getattr(packet, overload)
     out = next((a for a in candidate._schema.arguments if a.name == "out"), None)
     return candidate if out is not None and isinstance(out.type, torch.ListType) else None
-
-
-def _on_meta(value: Any) -> Any:
-    """Tensors, also inside lists, as meta tensors of their layouts (:func:`meta_layout`)."""
-    if isinstance(value, (list, tuple)):
-        return type(value)(_on_meta(item) for item in value)
-    return meta_layout(value)
