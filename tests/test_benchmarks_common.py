@@ -125,3 +125,24 @@ def test_paged_load_benchmark_on_a_cpu_device_tier(tmp_path):
     assert len(rows["paged"]["tokens"]) == bench_paged_load.NEW_TOKENS
     assert rows["paged"]["layer_weight_bytes"] > 192 * 2**10 + 128 * 2**10  # the budgets hold less than the layers
     assert rows["paged"]["resident_bytes"]["disk"] > 0 and all(row["host_anon_growth_bytes"] is not None for row in rows.values())
+
+
+def test_gpu_log_summary_reads_the_header_totals_and_whole_sweeps(tmp_path):
+    """``benchmarks/gpu_log_summary.py`` takes a log's header, every pytest total, and each sweep's
+    cases and failures from its last, whole line ("N of N"), summed over its shards."""
+    from benchmarks.gpu_log_summary import summarize
+
+    log = tmp_path / "gpu_suite_x_h100.log"
+    log.write_text("\n".join([
+        "command: bash benchmarks/gpu_suite.sh", "commit: abc1234 (clean tree)", "name, driver_version, memory.total [MiB]",
+        "NVIDIA H100 80GB HBM3, 580.159.04, 81559 MiB", "2.11.0+cu130 3.6.0 5.17.0", "Sat Dec  5 02:23:25 PM UTC 2026",
+        "109 passed, 7458 deselected in 268.26s", "== test_gpu_every_op_matches_the_dense_op_on_cuda_0",
+        "sweep: 100 of 300 cases, 0 failing", "sweep: 300 of 300 cases, 1 failing", "1 failed in 9.0s",
+        "== test_gpu_every_op_matches_the_dense_op_on_cuda_1", "sweep: 200 of 200 cases, 0 failing",
+    ]))  # fmt: skip
+    summary = summarize(str(log))
+    assert summary["device"] == "NVIDIA H100 80GB HBM3" and summary["commit"] == "abc1234 (clean tree)"
+    assert (summary["torch"], summary["triton"], summary["transformers"]) == ("2.11.0+cu130", "3.6.0", "5.17.0")
+    assert summary["command"] == "bash benchmarks/gpu_suite.sh" and summary["date"].endswith("2026")
+    assert summary["pytest_totals"] == ["109 passed, 7458 deselected in 268.26s", "1 failed in 9.0s"]
+    assert summary["sweeps"] == {"test_gpu_every_op_matches_the_dense_op_on_cuda": {"cases": 500, "failing": 1}}
