@@ -11,7 +11,9 @@ It applies when every argument that is not a number or a 0-dim tensor has the sa
 strides, or broadcasts to that shape (``paged + bias``, ``paged * scale[:, None]``, or an expanded
 view read, ``bias.expand_as(paged)``: such an operand is read whole by every piece, a PagedTensor
 one once, as a plain tensor, before the first piece; the pieces then go along the outer dim; with
-it read, an op whose other pages fit runs at once), with no element reachable twice (so elements at the
+it read, an op whose other pages fit runs at once; a PagedTensor read only through an expanded
+view, ``paged.expand(2, n, m) * 2``, runs compacted, its result expanded, or an index at a time
+along the expanded dims beside a plain operand of the whole shape), with no element reachable twice (so elements at the
 same index lie at the same distance from each tensor's storage offset), and the op writes only its first argument (in-place), only
 its ``out=`` (of the result's shape: one torch would resize is not run in pieces) or nothing (its
 result a plain tensor filled piece by piece). The argument written may be a plain tensor, as in
@@ -91,10 +93,16 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     # for the expanded one: given the expanded operand, the meta kernel lays some results out
     # otherwise, float16 ``maximum(row.expand(n, m), t.t())`` with strides ``(m, 1)`` where the
     # CPU's are ``(1, n)``.)
+    given_args, given_kwargs = args, kwargs
+    given_shape = broadcast_shape([value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)])
     args = tuple(_compacted_if_expanded(value, target) for value in args)
     kwargs = {name: _compacted_if_expanded(value, target) for name, value in kwargs.items()}
     tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
     shaped = [t for t in tensors if t.dim() > 0]
+    if target is None and given_shape is not None and broadcast_shape(shaped) != given_shape:
+        # Every operand of the result's shape is an expanded view (``t.expand(2, n, m) * 2``): the op
+        # on the compacted operands, then its result expanded back along those dims.
+        return _run_compacted_then_expand(func, given_args, given_kwargs, args, kwargs)
     if not shaped or not any(isinstance(t, PagedTensor) for t in shaped) or any(t.layout != torch.strided for t in shaped):
         return NotImplemented
     # Tensors may have layouts of their own (``torch.add(paged.t(), 1, out=dense)``,
@@ -108,6 +116,12 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
         _raise_torchs_error(func, args, kwargs)  # shapes that do not broadcast: torch's error, not the pager's
     reference = next((t for t in shaped if isinstance(t, PagedTensor) and tuple(t.shape) == shape), None)
     if reference is None:
+        compacted = zip((*given_args, *given_kwargs.values()), (*args, *kwargs.values()))
+        if target is None and any(isinstance(given, PagedTensor) and given is not value for given, value in compacted):
+            # A PagedTensor of the result's shape read only through an expanded view beside a plain
+            # operand of that shape (``torch.where(t.expand(2, n, m) > 0, ...)``): an op an index at a time
+            # along the dims it is expanded along.
+            return _run_along_expanded_dims(func, given_args, given_kwargs, shape)
         return NotImplemented  # no PagedTensor of the result's shape (or shapes that do not broadcast)
     stride = reference.stride()
     broadcast = [t for t in shaped if tuple(t.shape) != shape]
@@ -207,6 +221,59 @@ def broadcast_shape(tensors: list[torch.Tensor]) -> Optional[tuple[int, ...]]:
         return tuple(torch.broadcast_shapes(*(t.shape for t in tensors)))
     except RuntimeError:
         return None
+
+
+def _run_compacted_then_expand(func: OpOverload, given_args: tuple, given_kwargs: dict, args: tuple, kwargs: dict) -> Any:
+    """The result of the elementwise ``func`` on ``given_args``/``given_kwargs``, whose operands of the
+    result's shape are all expanded views, from ``func`` on ``args``/``kwargs``, the same operands
+    compacted (one index along each expanded dim): an element of the result is ``func`` of the
+    operands' elements at its index, the same along an expanded dim, so the small result expanded
+    along those dims holds the whole's values; it is copied into the layout torch gives the whole.
+    ``NotImplemented`` where the op's result is not one tensor."""
+    layout = _result_layout(func, given_args, given_kwargs)
+    if layout is None:
+        return NotImplemented
+    small = func(*args, **kwargs)  # dispatched as any op: in pieces where its pages do not fit at once
+    if not isinstance(small, torch.Tensor) or small.dtype != layout.dtype:
+        return NotImplemented
+    out = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=small.device)
+    return out.copy_(small.expand(layout.shape))
+
+
+def _run_along_expanded_dims(func: OpOverload, args: tuple, kwargs: dict, shape: tuple[int, ...]) -> Any:
+    """The result of the elementwise ``func`` of result shape ``shape``, whose PagedTensor operands are
+    all expanded along some dims of it (stride 0, or size 1 there): for each index along those dims,
+    the op on every operand's slice there (its index 0 where it has size 1), each an op as any other
+    (in pieces where its pages do not fit at once), written into the result's slice, laid out as
+    torch lays out the whole. ``NotImplemented`` where there is no such dim or the result is not
+    one tensor."""
+    layout = _result_layout(func, args, kwargs)
+    tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor) and value.dim() > 0]
+    paged = [t for t in tensors if isinstance(t, PagedTensor)]
+    ndim = len(shape)
+
+    def expanded_along(t: torch.Tensor, dim: int) -> bool:
+        own = dim - (ndim - t.dim())
+        return own < 0 or t.shape[own] == 1 or t.stride(own) == 0
+
+    dims = [d for d in range(ndim) if shape[d] > 1 and all(expanded_along(t, d) for t in paged)]
+    if layout is None or not dims:
+        return NotImplemented
+    out = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=paged[0].device)
+
+    def sliced(value: Any, index: tuple[int, ...]) -> Any:
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return value
+        for dim, i in sorted(zip(dims, index), reverse=True):  # the last dims first: the earlier keep their numbers
+            own = dim - (ndim - value.dim())
+            if own >= 0:
+                value = value.select(own, i if value.shape[own] > 1 else 0)
+        return value
+
+    for index in itertools.product(*(range(shape[d]) for d in dims)):
+        sliced(out, index).copy_(func(*(sliced(value, index) for value in args),
+                                      **{name: sliced(value, index) for name, value in kwargs.items()}))  # fmt: skip
+    return out
 
 
 def _compacted_if_expanded(value: Any, target: Any) -> Any:

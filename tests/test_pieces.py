@@ -249,6 +249,70 @@ def test_an_expanded_paged_operand_is_read_whole_once(device):
             PagedTensor.wrap(torch.zeros(2, 40, 256, device=device), pager).copy_(wide.expand(2, 40, 256))
 
 
+
+EXPANDED_ONLY_VIEWS = {
+    "leading": lambda t: t.expand(2, *t.shape),
+    "middle": lambda t: t[:, None].expand(t.shape[0], 3, t.shape[1]),
+    "trailing": lambda t: t[..., None].expand(*t.shape, 2),
+    "transposed": lambda t: t.t()[None].expand(2, t.shape[1], t.shape[0]),
+}
+EXPANDED_ONLY_OPS = {
+    "mul": lambda v, plain: v * 2,
+    "abs": lambda v, plain: v.abs(),
+    "eq": lambda v, plain: v == 0,
+    "where": lambda v, plain: torch.where(v > 0, v, 0.0),
+    "add_expanded_plain": lambda v, plain: v + plain[: v.shape[-1]].expand(v.shape),
+}
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("view", sorted(EXPANDED_ONLY_VIEWS))
+@pytest.mark.parametrize("op", sorted(EXPANDED_ONLY_OPS))
+def test_an_op_whose_every_operand_of_the_results_shape_is_expanded_keeps_that_shape(device, view, op):
+    """An elementwise op reading a table past the tier only through an expanded view (``t.expand(2,
+    ...)``: no operand has the result's shape unexpanded) gives the dense op's shape, bits and
+    strides, the device budget held. (It returned the expanded dims with one index each, no error:
+    the expanded view was read as a broadcast operand of its own compacted shape.)"""
+    x = torch.randn(160, 96, device=device)  # 60 KiB: 15 pages on a tier of 6
+    plain = torch.randn(160, device=device)
+    with make_pager(device) as pager:
+        t = PagedTensor.wrap(x.clone(), pager)
+        got = EXPANDED_ONLY_OPS[op](EXPANDED_ONLY_VIEWS[view](t), plain)
+        expected = EXPANDED_ONLY_OPS[op](EXPANDED_ONLY_VIEWS[view](x), plain)
+        assert type(got) is torch.Tensor and got.shape == expected.shape
+        assert same_bits(got, expected)
+        assert same_bits(t.materialize(), x)
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    **LAYOUTS,
+    new_dim=st.integers(0, 2),
+    copies=st.integers(2, 3),
+    name=st.sampled_from(sorted(EXPANDED_ONLY_OPS)),
+    seed=st.integers(0, 2**16),
+)
+def test_ops_on_expanded_views_of_tables_of_any_layout_equal_dense(rows, cols, dtype, view, offset, new_dim, copies, name, seed):
+    """Property: an elementwise op of a table of any size and layout read only through an expanded
+    view (a new dim of ``copies`` indices at ``new_dim``, stride 0) is bitwise equal to the dense op,
+    shape and strides too, with the device budget held."""
+    base, second, layout = two_flat_tensors_and_a_layout(rows, cols, dtype, view, offset, seed)
+
+    def expanded(t: torch.Tensor) -> torch.Tensor:
+        at = min(new_dim, t.dim())
+        return t.unsqueeze(at).expand(*t.shape[:at], copies, *t.shape[at:])
+
+    op = EXPANDED_ONLY_OPS[name]
+    plain = second[: max(rows, cols, copies)].clone()
+    with make_pager() as pager:
+        got = op(expanded(layout(PagedTensor.wrap(base.clone(), pager))), plain)
+        expected = op(expanded(layout(base)), plain)
+        assert same_bits(dense(got), expected)
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
+
+
+
 OUT_FORMS = {
     "add": lambda a, b, out: torch.add(a, b, alpha=2, out=out),
     "mul": lambda a, b, out: torch.mul(a, b, out=out),
