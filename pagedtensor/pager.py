@@ -781,7 +781,13 @@ class Pager:
             future.set_result(work(*args))
         except Exception as error:  # noqa: BLE001 - carried by the future, as on the thread (logged there)
             future.set_exception(error)
-        return future
+        try:
+            return future
+        finally:
+            # The error's traceback holds this frame and its callers' (an op's, with its tensors): were
+            # the frame to hold the future too, a future the caller drops would keep them all alive
+            # in a cycle until the garbage collector ran (concurrent.futures' worker drops its own alike).
+            del future
 
     def evict_all(self) -> None:
         """Move every unpinned page off the device tier (host overflow goes to disk).

@@ -1082,6 +1082,36 @@ def test_a_dropped_pager_is_freed_at_once_and_leaves_a_shared_registry(nvme_dir)
     Pager(config, registry=registry).close()  # the names are free again
 
 
+
+def test_a_failed_prefetch_dropped_by_its_caller_keeps_nothing_of_the_caller_alive():
+    """A prefetch that cannot fit returns a done future carrying its error. The future's frame held
+    the future while the error's traceback held that frame and its callers': a caller dropping the
+    future kept itself, the future and every object of its callers' frames (an op's tensors) alive in a cycle
+    until a garbage collection ran."""
+
+    class Marker:
+        pass
+
+    config = MemoryConfig(vram_limit=2 * PAGE, host_memory=8 * PAGE, page_size=PAGE, device="cpu", prefetch_strategy="none")
+    with Pager(config) as pager:
+        allocation = pager.allocate(4 * PAGE)
+        pager.write(allocation, random_bytes(4 * PAGE))
+
+        def caller(marker: Marker) -> None:
+            with pager.ensure_resident(allocation, 0, 2):  # the tier pinned full: no room for the prefetch
+                pager.prefetch(allocation, 2, 4)
+
+        gc.disable()
+        try:
+            marker = Marker()
+            kept = weakref.ref(marker)
+            caller(marker)
+            del marker
+            assert kept() is None, "the caller's frame outlived the call"
+        finally:
+            gc.enable()
+
+
 def test_empty_reads_and_writes_check_the_allocation():
     with make_pager() as pager:
         allocation = pager.allocate(PAGE)

@@ -4,6 +4,9 @@ ops that cannot run in pieces still raise ``OutOfPagesError``."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, event, example, given, settings
@@ -311,6 +314,29 @@ def test_ops_on_expanded_views_of_tables_of_any_layout_equal_dense(rows, cols, d
         assert same_bits(dense(got), expected)
         assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
 
+
+
+def test_a_table_dropped_after_an_op_in_pieces_frees_its_pages_at_once():
+    """With the pager's sequential prefetch on, an op in pieces past the tier left its table alive
+    after the user dropped it (a failed prefetch's future in a reference cycle with the op's frames):
+    its pages stayed allocated until a garbage collection, and wrapping the next tables raised
+    OutOfPagesError with the host tier full of dropped ones."""
+    config = MemoryConfig(vram_limit=DEVICE_PAGES * PAGE, host_memory=40 * PAGE, page_size=PAGE, device="cpu")
+    with Pager(config) as pager:
+        PagedTensor.wrap(torch.randn(60, 256), pager).neg()  # torch's first call of a meta kernel keeps its import's frames
+    gc.collect()
+    gc.disable()
+    try:
+        with Pager(config) as pager:
+            for _ in range(4):  # each round's two tables take 30 of the host tier's 40 pages
+                a = PagedTensor.wrap(torch.randn(60, 256), pager)
+                b = PagedTensor.wrap(torch.randn(60, 256), pager)
+                b.copy_(a.neg())
+                kept = weakref.ref(a)
+                del a, b
+                assert kept() is None and not pager._allocations, "a dropped table kept its pages"
+    finally:
+        gc.enable()
 
 
 OUT_FORMS = {
