@@ -745,7 +745,9 @@ class PagedTensor(torch.Tensor):
     def __deepcopy__(self, memo: dict) -> "PagedTensor":
         """A PagedTensor with copies of this one's pages, on the same pager, as torch deep-copies a
         tensor: views copied together share their copied pages (one copy per allocation in
-        ``memo``), ``.grad`` and Python attributes are deep-copied, and a non-leaf is refused."""
+        ``memo``), ``.grad`` and Python attributes are deep-copied, and a non-leaf is refused. A
+        parameter is copied as ``nn.Parameter`` copies one: its data and ``requires_grad`` only (no
+        ``.grad``, so a copied model's first step does not add the original's gradients)."""
         if id(self) in memo:
             return memo[id(self)]
         if not self.is_leaf:
@@ -765,6 +767,8 @@ class PagedTensor(torch.Tensor):
         if getattr(self, "_is_param", False):
             copied = torch.nn.Parameter(copied, requires_grad=self.requires_grad)
         memo[id(self)] = copied
+        if getattr(self, "_is_param", False):
+            return copied
         if self.grad is not None:
             copied.grad = copy.deepcopy(self.grad, memo)
         for name, value in self.__dict__.items():

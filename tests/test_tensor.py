@@ -1041,6 +1041,30 @@ def test_deepcopy_keeps_views_shared_and_copies_grad_and_attributes(pager):
         copy.deepcopy(non_leaf)
 
 
+
+def test_deepcopy_of_a_paged_parameter_copies_what_deepcopy_of_a_parameter_copies(pager):
+    """A paged parameter is deep-copied as ``nn.Parameter`` is: data and ``requires_grad``, no ``.grad``
+    and no Python attributes. (It kept the gradient: a copied model trained without a first
+    ``zero_grad`` stepped with the original's gradient added to its own.)"""
+    plain = torch.nn.Linear(8, 4, device=pager.device)
+    paged = torch.nn.Linear(8, 4, device=pager.device)
+    paged.load_state_dict(plain.state_dict())
+    paged.weight = torch.nn.Parameter(PagedTensor.wrap(paged.weight.detach().clone(), pager))
+    x = torch.randn(3, 8, device=pager.device)
+    for model in (plain, paged):
+        model(x).sum().backward()
+        model.weight.note = "kept"
+    plain_copy, paged_copy = copy.deepcopy(plain), copy.deepcopy(paged)
+    assert plain_copy.weight.grad is None and not hasattr(plain_copy.weight, "note")  # torch's behaviour
+    assert type(paged_copy.weight) is PagedTensor and isinstance(paged_copy.weight, torch.nn.Parameter)
+    assert paged_copy.weight.grad is None and not hasattr(paged_copy.weight, "note")
+    assert paged_copy.weight.requires_grad and paged.weight.grad is not None
+    for model in (plain_copy, paged_copy):
+        model(x).sum().backward()
+        torch.optim.SGD(model.parameters(), lr=1.0).step()
+    assert torch.equal(paged_copy.weight.materialize(), plain_copy.weight.detach())
+
+
 def test_a_paged_tensor_passes_to_a_spawned_process(pager):
     """torch shares a pickled tensor's memory with a spawned child by fd number; the host copy a
     PagedTensor pickles as must stay open until the child has read it (it was freed at once: the
