@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import importlib.util
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -147,6 +149,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             demo.error(str(error))
         except MemoryError as error:  # the demo data did not fit after all (memory in use)
             demo.error(f"argument --size: {str(error).removeprefix('size: ')}")
+        except OSError as error:  # the disk tier's file system is full: it bounds the disk tier here
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            folder = args.nvme_path if args.nvme_path else f"{tempfile.gettempdir()} (the demo's temporary folder)"
+            demo.error(f"argument --nvme-path: the file system under {folder} has no room for the pages the demo spills "
+                       f"there ({os.strerror(error.errno)}): choose a folder with more free space, or a smaller --size")  # fmt: skip
         return 0 if ok else 1
     if args.command == "ask":
         error = ask_arguments_error(args)

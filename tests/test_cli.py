@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import subprocess
 import sys
@@ -171,6 +172,36 @@ def test_demo_slab_that_cannot_be_allocated_is_a_usage_error_naming_it(capsys, m
     err = usage_error(SMALL_DEMO, capsys)
     assert "pagedllm demo: error: device tier: cannot allocate a slab of 128.00 KiB (131072 bytes, 8 pages of 16.00 KiB" in err
     assert "CUDA out of memory" in err and "Lower slab_size, page_size or the tier's budget" in err
+
+
+
+@pytest.mark.parametrize("given_folder", [True, False])
+def test_demo_whose_disk_folder_is_full_is_a_usage_error_naming_it(capsys, monkeypatch, tmp_path, given_folder):
+    """A file system under the disk tier too small for the pages the demo spills (ENOSPC from its
+    writes, as on a full tmpfs): a usage error naming --nvme-path and what to change, not the
+    pager's traceback (whose advice, MemoryConfig(disk_limit=...), the command line cannot follow)."""
+    from pagedtensor.tiers.disk import DiskTier
+
+    def full(self, items):
+        raise OSError(errno.ENOSPC, "disk tier: writing slot 0 failed: No space left on device")
+
+    monkeypatch.setattr(DiskTier, "write_pages", full)
+    argv = SMALL_DEMO + (["--nvme-path", str(tmp_path)] if given_folder else [])
+    err = usage_error(argv, capsys)
+    folder = str(tmp_path) if given_folder else "(the demo's temporary folder)"
+    assert "pagedllm demo: error: argument --nvme-path: the file system under " in err and folder in err
+    assert "No space left on device" in err and "a smaller --size" in err
+
+
+def test_demo_disk_errors_other_than_a_full_file_system_are_raised(monkeypatch):
+    from pagedtensor.tiers.disk import DiskTier
+
+    def failing(self, items):
+        raise OSError(errno.EIO, "disk tier: writing slot 0 failed: Input/output error")
+
+    monkeypatch.setattr(DiskTier, "write_pages", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        main(SMALL_DEMO)
 
 
 def test_python_dash_m_pagedtensor_runs_the_command():
