@@ -236,9 +236,16 @@ class ResidentPages:
             for event in self.events:
                 stream.wait_event(event)
 
+    def _check_held(self) -> None:
+        """Raise where the pages were released: their slots may hold another allocation's pages since."""
+        if self.released:
+            raise RuntimeError(f"pages [{self.start}, {self.stop}) of allocation {self.allocation.id} were already released: "
+                               "their device slots may hold other pages now; call ensure_resident again")  # fmt: skip
+
     def views(self) -> list[torch.Tensor]:
         """One uint8 device view per page (the last page of the allocation may be shorter)."""
         self.pager._check_open()
+        self._check_held()
         tier = self.pager.device_tier
         try:
             return [tier.page(page.device_slot)[: page.nbytes] for page in self.pages]
@@ -254,6 +261,7 @@ class ResidentPages:
     def runs(self) -> list[tuple[int, torch.Tensor]]:
         """Maximal runs of pages adjacent in device memory: ``(first page offset in range, view)``."""
         self.pager._check_open()
+        self._check_held()
         try:
             return self._runs(self.pager.device_tier)
         except IndexError:
@@ -284,7 +292,9 @@ class ResidentPages:
 
         Raises:
             ValueError: an index is not one of the pinned pages ``[start, stop)`` (nothing is marked).
+            RuntimeError: the pages were released.
         """
+        self._check_held()
         if indices is None:
             self._dirty.update(range(self.start, self.stop))
             return
@@ -1204,7 +1214,7 @@ class Pager:
             return False
         self._pin_waiters.add(me)
         try:
-            self._unpinned.wait(remaining)
+            self._unpinned.wait(min(remaining, threading.TIMEOUT_MAX))  # a longer timeout overflows: the caller waits again
         finally:
             self._pin_waiters.discard(me)
         self._check_open()
@@ -1223,7 +1233,7 @@ class Pager:
         if count:
             held[owner] = count
         else:
-            del held[owner]
+            held.pop(owner, None)  # an empty range pins nothing, held or not
 
     def _device_evictable(self, page: Page) -> bool:
         return page.pin_count == 0

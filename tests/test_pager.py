@@ -105,10 +105,12 @@ def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0)
         time.sleep(0.001)
 
 
-def test_a_request_waits_for_pages_another_thread_pins_and_runs_once_they_are_let_go():
+@pytest.mark.parametrize("pin_wait_s", [60.0, 1e10])
+def test_a_request_waits_for_pages_another_thread_pins_and_runs_once_they_are_let_go(pin_wait_s):
     """The device tier full of another thread's pins: a request waits for them (it raised at once
-    before), and gets its pages with their bytes once the other thread releases."""
-    with make_pager(device_pages=4, host_pages=16) as pager:
+    before), and gets its pages with their bytes once the other thread releases. A ``pin_wait_s``
+    past ``threading.TIMEOUT_MAX`` waits too (the wait raised OverflowError)."""
+    with make_pager(device_pages=4, host_pages=16, pin_wait_s=pin_wait_s) as pager:
         held, _ = _written(pager, 4, seed=1)
         wanted, data = _written(pager, 2, seed=2)
         pinned, release, got = threading.Event(), threading.Event(), []
@@ -1110,6 +1112,41 @@ def test_a_failed_prefetch_dropped_by_its_caller_keeps_nothing_of_the_caller_ali
             assert kept() is None, "the caller's frame outlived the call"
         finally:
             gc.enable()
+
+
+
+def test_an_empty_page_range_pins_nothing_and_releases():
+    """``ensure_resident(a, k, k)`` (and ``ensure_resident(a, a.num_pages)``) holds no page: it raised
+    a bare KeyError (a thread's pin count of 0 removed where there was none) and left a pin entry,
+    and beside another pin of the thread its release raised the same."""
+    with make_pager() as pager:
+        allocation = pager.allocate(3 * PAGE)
+        pager.write(allocation, random_bytes(3 * PAGE))
+        for start, stop in ((1, 1), (3, None)):
+            with pager.ensure_resident(allocation, start, stop) as empty:
+                assert empty.nbytes == 0 and empty.views() == [] and empty.runs() == []
+        held = pager.ensure_resident(allocation, 0, 1)
+        empty = pager.ensure_resident(allocation, 2, 2)
+        held.release()
+        empty.release()
+        assert not allocation.pins and not pager._pinned_pages_by_thread
+
+
+def test_released_pages_refuse_their_views_and_marks():
+    """After ``release()`` the pages' slots may hold another allocation's pages: ``views()``, ``runs()``,
+    ``contiguous()`` and ``mark_dirty()`` raise naming the release (``contiguous()`` gave a view of
+    the other allocation's bytes, and a write through it changed them)."""
+    with make_pager(device_pages=1, host_pages=4) as pager:
+        a, b = pager.allocate(PAGE), pager.allocate(PAGE)
+        pager.write(a, torch.full((PAGE,), 1, dtype=torch.uint8))
+        pages = pager.ensure_resident(a)
+        pages.release()
+        pager.write(b, torch.full((PAGE,), 2, dtype=torch.uint8))  # b takes a's device slot
+        for call in (pages.views, pages.runs, pages.contiguous, pages.mark_dirty):
+            with pytest.raises(RuntimeError, match=r"pages \[0, 1\) of allocation \d+ were already released"):
+                call()
+        assert torch.equal(pager.read(b), torch.full((PAGE,), 2, dtype=torch.uint8))
+        assert torch.equal(pager.read(a), torch.full((PAGE,), 1, dtype=torch.uint8))
 
 
 def test_empty_reads_and_writes_check_the_allocation():
