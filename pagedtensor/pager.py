@@ -495,7 +495,8 @@ class Pager:
 
     def allocate(self, nbytes: int, *, name: Optional[str] = None) -> Allocation:
         """A new allocation of ``nbytes`` (its pages read as zeros until written). Takes no tier memory
-        yet, only its page table: one entry (about 140 bytes of host memory) per page, made now, so
+        yet (a page takes some once written, or read: it is then zero-filled on the device tier and
+        kept as any page), only its page table: one entry (about 140 bytes of host memory) per page, made now, so
         size pages for the allocation (2 MiB pages: 512 entries a GiB; 4 KiB pages: 262144)."""
         if isinstance(nbytes, bool) or not isinstance(nbytes, int):
             raise TypeError(f"nbytes: expected an int, got {nbytes!r}")
