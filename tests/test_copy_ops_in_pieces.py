@@ -330,3 +330,52 @@ def test_gpu_cat_clone_and_equal_run_in_pieces_on_cuda():
         assert same_bits(torch.nn.functional.pad(paged_x.t(), (2, -3, 1, 1), value=float("nan")),
                          torch.nn.functional.pad(x.t(), (2, -3, 1, 1), value=float("nan")))  # fmt: skip
         assert within_tier(pager)
+
+
+def complex_bits(t: torch.Tensor) -> torch.Tensor:
+    """The bits of a complex tensor's values (its real view resolved), to compare exactly."""
+    return torch.view_as_real(t.resolve_conj().resolve_neg()).contiguous().view(torch.int32 if t.dtype == torch.complex64 else torch.int64)
+
+
+CONJUGATE_VIEW_OPS = {
+    "clone": lambda v: v.clone(),
+    "resolve": lambda v: v.resolve_conj().resolve_neg(),
+    "mul": lambda v: v * 2,
+    "add_views": lambda v: v + v,
+    "abs": lambda v: v.abs(),
+    "angle": lambda v: v.angle(),
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("view", ["conj", "neg", "conj_of_transposed"])
+@pytest.mark.parametrize("name", sorted(CONJUGATE_VIEW_OPS))
+def test_ops_on_conjugate_and_negative_views_past_the_tier_equal_dense(device, view, name):
+    """torch's conjugate and negative fallbacks clone such a view (resolved) before an op that does
+    not take the bit: past the tier that clone raised DeviceTierFullError (its copy a part at a time
+    refused views with the bits), so ``t.conj() * 2``, ``t.conj().abs()`` and ``_neg_view(t).add_(1)``
+    did not run on a table larger than the tier. Now bitwise equal to dense, shape and strides too."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (runs on the GPU machine: benchmarks/gpu_suite.sh)")
+    x = random_values((96, 64), torch.float32, 0).to(device) + 1j * random_values((96, 64), torch.float32, 1).to(device)  # 48 KiB
+    as_view = {"conj": torch.conj, "neg": torch._neg_view, "conj_of_transposed": lambda t: t.t().conj()}[view]
+    with make_pager(device) as pager:
+        t = PagedTensor.wrap(x.clone(), pager)
+        got, expected = CONJUGATE_VIEW_OPS[name](as_view(t)), CONJUGATE_VIEW_OPS[name](as_view(x))
+        assert type(got) is torch.Tensor and got.dtype == expected.dtype and got.shape == expected.shape
+        assert got.stride() == expected.stride() and got.is_conj() == expected.is_conj() and got.is_neg() == expected.is_neg()
+        if got.is_complex():
+            assert torch.equal(complex_bits(got), complex_bits(expected))
+        else:
+            assert same_bits(got, expected)
+        assert within_tier(pager)
+        written = as_view(t).add_(1)  # in place on the view: the fallback's clone, the op, a copy back through the bit
+        assert torch.equal(complex_bits(t.materialize()), complex_bits(_added_through(x, view)))
+        assert written is not None and within_tier(pager)
+
+
+def _added_through(x: torch.Tensor, view: str) -> torch.Tensor:
+    """``x`` after ``as_view(x).add_(1)``: the view's values plus 1, written back through its bit."""
+    y = x.clone()
+    {"conj": torch.conj, "neg": torch._neg_view, "conj_of_transposed": lambda t: t.t().conj()}[view](y).add_(1)
+    return y

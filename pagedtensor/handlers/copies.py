@@ -28,10 +28,12 @@ from pagedtensor.tensor import PagedTensor, meta_layout, meta_like
 def clone_in_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
     """``t.clone()`` of any ``memory_format`` (what ``t.t().contiguous()`` and ``t.t().reshape(-1)``
     run) of a PagedTensor larger than a piece: a plain tensor of the dense op's layout (its meta
-    kernel's) filled a piece of pages at a time (:func:`copy_in_parts`). A smaller one, or one that
-    cannot be copied so (:func:`_copies_in_parts`), runs the generic way."""
+    kernel's) filled a piece of pages at a time (:func:`copy_in_parts`). A conjugate or negative view
+    is copied resolved, as ``clone`` resolves it (what torch's conjugate fallback runs before an op
+    on such a view: ``t.conj() * 2``). A smaller one, or one that cannot be copied so
+    (:func:`_copies_in_parts`), runs the generic way."""
     source = args[0]
-    if not isinstance(source, PagedTensor) or not _copies_in_parts([source]) or not _larger_than_a_piece([source]):
+    if not isinstance(source, PagedTensor) or not _copies_in_parts([source], resolving=True) or not _larger_than_a_piece([source]):
         return DISPATCHER.run_paged(func, types, args, kwargs)
     layout = func(meta_like(source), *args[1:], **kwargs)
     result = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=source.device)

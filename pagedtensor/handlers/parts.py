@@ -33,17 +33,17 @@ def _meta(value: Any) -> Any:
     return meta_layout(value)
 
 
-def _copies_in_parts(tensors: Sequence[Any]) -> bool:
+def _copies_in_parts(tensors: Sequence[Any], resolving: bool = False) -> bool:
     """Whether ``tensors`` (at least one a PagedTensor) can be read part by part into plain tensors:
-    strided, on one device, without conjugate or negative bits (``copy_`` would resolve them), and
-    no PagedTensor traced (``_inner``)."""
+    strided, on one device, without conjugate or negative bits (``copy_`` would resolve them) unless
+    ``resolving`` (the op resolves them itself, as ``clone`` does), and no PagedTensor traced (``_inner``)."""
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         return False
     paged = [t for t in tensors if isinstance(t, PagedTensor)]
     return (
         bool(paged)
         and all(t._inner is None for t in paged)
-        and all(t.layout == torch.strided and not t.is_conj() and not t.is_neg() for t in tensors)
+        and all(t.layout == torch.strided and (resolving or not (t.is_conj() or t.is_neg())) for t in tensors)
         and len({normalize_device(t.device) for t in tensors}) == 1
     )
 
