@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pagedtensor import MemoryConfig, PagedTensor, Pager
+from pagedtensor import DeviceTierFullError, MemoryConfig, PagedTensor, Pager
 
 PAGE = 4096
 DEVICE_PAGES = 8
@@ -206,6 +206,59 @@ def test_copy_into_a_plain_tensor_of_another_layout_runs_in_parts():
             assert within_tier(pager)
         with pytest.raises(RuntimeError):  # torch's own error for a source that does not broadcast
             torch.zeros(8192, 3).copy_(paged)
+
+
+
+TARGET_LAYOUTS = {  # a paged target's layout, over a base of the target's shape (transposed: of its reversed shape)
+    "contiguous": lambda shape: (shape, lambda t: t),
+    "transposed": lambda shape: (shape[::-1], lambda t: t.permute(*reversed(range(t.dim())))),
+    "outer dim last": lambda shape: ((*shape[1:], shape[0]), lambda t: t.movedim(-1, 0)),
+}
+
+
+@SETTINGS
+@given(case=cases(), target_layout=st.sampled_from(sorted(TARGET_LAYOUTS)), paged_source=st.booleans(),
+       target_dtype=st.sampled_from(DTYPES), seed=st.integers(0, 99))  # fmt: skip
+def test_copy_into_a_paged_tensor_of_any_layout_gives_the_dense_result(case, target_layout, paged_source, target_dtype, seed):
+    """Property: ``paged.copy_(source)`` from a paged or plain source of any layout (transposed, a
+    column slice, an offset view), into a paged target of another layout and dtype, gives the dense
+    copy's bits, the device budget held. (Where one index of the outer dim spans more than a piece
+    and the layouts differ, the pieces cannot follow both: it raised DeviceTierFullError.)"""
+    shape, dtype, layout, _ = case
+    with make_pager() as pager:
+        source, dense_source = paged_and_dense(pager, shape, dtype, layout, seed, paged=paged_source)
+        base_shape, view_of = TARGET_LAYOUTS[target_layout](shape)
+        zeros = torch.zeros(base_shape, dtype=target_dtype)
+        target, expected = view_of(PagedTensor.wrap(zeros.clone(), pager)), view_of(zeros.clone())
+        assert target.copy_(source) is target
+        expected.copy_(dense_source)
+        assert same_bits(target.materialize(), expected)
+        if paged_source:
+            assert same_bits(source.materialize(), dense_source)
+        assert within_tier(pager)
+
+
+def test_a_channels_last_paged_weight_loads_and_converts_past_the_tier():
+    """A channels-last conv weight paged past the tier, one index of its outer dim larger than the
+    tier: ``load_state_dict`` from a contiguous checkpoint (``copy_`` between the two layouts) and
+    ``t.to(memory_format=torch.contiguous_format)`` raised DeviceTierFullError; now the dense bits.
+    A copy between views of one table that share pages keeps the pager's error."""
+    with make_pager() as pager:
+        conv = torch.nn.Conv2d(64, 2, 24, bias=False).to(memory_format=torch.channels_last)  # 288 KiB: 36 tier sizes
+        checkpoint = {"weight": random_values((2, 64, 24, 24), torch.float32, 3)}
+        conv.weight = torch.nn.Parameter(PagedTensor.wrap(conv.weight.detach().clone(), pager))
+        conv.load_state_dict(checkpoint)
+        weight = conv.weight.materialize()
+        assert torch.equal(weight, checkpoint["weight"]) and weight.stride() == conv.weight.stride()
+        converted = conv.weight.to(memory_format=torch.contiguous_format)
+        assert isinstance(converted, PagedTensor) and converted.is_contiguous()
+        assert same_bits(converted.materialize(), checkpoint["weight"])
+        halves = conv.weight.to(torch.float16, memory_format=torch.contiguous_format)
+        assert same_bits(halves.materialize(), checkpoint["weight"].half())
+        assert within_tier(pager)
+        square = PagedTensor.wrap(random_values((128, 128), torch.float32, 4), pager)
+        with pytest.raises(DeviceTierFullError):
+            square.copy_(square.t())
 
 
 @pytest.mark.parametrize("pad", [[1, 1, 1], [1, 1, 1, 1, 1, 1], [-200, -100], [0, 0, -65, 0]])

@@ -1,6 +1,6 @@
 """Handlers of copies and comparisons of PagedTensors larger than a piece of the device tier:
 ``clone``, ``cat``, ``stack``, ``equal`` and ``allclose``, a part of pages at a time; and ``copy_``
-into a plain tensor of a layout the elementwise pieces cannot follow.
+between layouts the elementwise pieces cannot follow.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pagedtensor.handlers.parts import (
     _plain_copy,
     copy_in_parts,
 )
-from pagedtensor.pieces import broadcast_shape, piece_elements_of
+from pagedtensor.pieces import broadcast_shape, elements_apart, piece_elements_of
 from pagedtensor.tensor import PagedTensor, meta_layout, meta_like
 
 
@@ -42,23 +42,52 @@ def clone_in_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
 
 
 @implements([aten.copy_.default])
-def copy_into_plain_in_parts(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+def copy_in_parts_of_any_layouts(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
     """``target.copy_(source)``: the generic way, a piece at a time where its pages do not fit
-    (:mod:`pagedtensor.pieces`); where the pieces cannot follow the layouts (a plain ``target`` of
-    another layout than a transposed ``source`` whose one index of the outer dim spans more than a
-    piece: what ``F.pad`` of such a table copies into its result) and the device tier was the bound,
-    a plain ``target`` takes ``source`` (broadcast to it) a part of its pages at a time, whatever the
-    layouts (:func:`copy_in_parts`): the same elements converted alike. Otherwise the error stands."""
+    (:mod:`pagedtensor.pieces`); where the pieces cannot follow the layouts (one index of the outer
+    dim spans more than a piece: a plain ``target`` of another layout than a transposed ``source``,
+    what ``F.pad`` of such a table copies into its result; a channels-last paged conv weight
+    ``load_state_dict`` fills from a contiguous checkpoint, or ``t.to(memory_format=...)`` of one) and
+    the device tier was the bound, it runs a part at a time whatever the layouts: a plain ``target``
+    takes ``source`` (broadcast to it) a part of its pages at a time (:func:`copy_in_parts`); a paged
+    ``target`` is written a part of its pages at a time, each part from the same elements of
+    ``source``, a paged one read into a plain buffer first (a part at a time of its own pages). The
+    same elements converted alike. A ``source`` sharing the target's pages keeps the error (a part
+    written could be read later as the source)."""
     try:
         return DISPATCHER.run_generic(func, types, args, kwargs)
     except DeviceTierFullError:
         target, source = args[0], args[1]
-        if isinstance(target, PagedTensor) or not isinstance(source, PagedTensor) or not _copies_in_parts([target, source]):
-            raise
-        if broadcast_shape([source, target]) != tuple(target.shape):  # copy_'s rule: the source broadcasts to the target
-            raise
-        copy_in_parts(target, source.expand(target.shape))
+        if not isinstance(source, torch.Tensor) or broadcast_shape([source, target]) != tuple(target.shape):
+            raise  # copy_'s rule: the source broadcasts to the target
+        if not isinstance(target, PagedTensor):
+            if not isinstance(source, PagedTensor) or not _copies_in_parts([target, source]):
+                raise
+            copy_in_parts(target, source.expand(target.shape))
+            return target
+        if isinstance(source, PagedTensor):
+            readable = _copies_in_parts([source], resolving=True) and source._paged is not target._paged
+        else:
+            readable = source.layout == torch.strided  # on any device: each part's copy_ moves it as the whole's would
+        if not readable or not _copies_in_parts([target]) or not elements_apart(tuple(target.shape), target.stride()):
+            raise  # (a target reaching an element twice: torch's overlap error, from the dense op)
+        _copy_into_paged_in_parts(target, source.expand(target.shape))
         return target
+
+
+def _copy_into_paged_in_parts(target: PagedTensor, source: torch.Tensor) -> None:
+    """``target.copy_(source)`` (same shape, no page shared), a part of ``target``'s pages at a time;
+    a paged ``source``'s part is first copied into a plain tensor a part of its own pages at a time.
+
+    Stream order: each part's copies run on the current stream, one part after another."""
+    piece = piece_elements_of([target]) or 1
+    for narrowings in _parts(target, piece):
+        source_part = _narrowed(source, narrowings)
+        if isinstance(source_part, PagedTensor):
+            plain = torch.empty(source_part.shape, dtype=source_part.dtype, device=source_part.device)
+            copy_in_parts(plain, source_part)  # resolves a conjugate or negative bit, as copy_ does
+            source_part = plain
+        _narrowed(target, narrowings).copy_(source_part)
 
 
 @implements([aten.cat.default, aten.stack.default])
