@@ -1321,6 +1321,13 @@ class PagedModel:
         ``memory_config`` as this rank's own budget (:func:`pagedtensor.hf.distributed.load_tensor_parallel`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if hf_kwargs.get("attn_implementation") == ATTENTION_NAME:
+            # transformers knows "pagedllm" only once registered, and the attention reads a paged cache
+            # only under enable_paging: the same as paging={"attn_implementation": "pagedllm"}.
+            given = (paging or {}).get("attn_implementation", ATTENTION_NAME)
+            if given != ATTENTION_NAME:
+                raise ValueError(f"attn_implementation={ATTENTION_NAME!r} and paging's attn_implementation={given!r} disagree; give one")
+            paging = {**(paging or {}), "attn_implementation": hf_kwargs.pop("attn_implementation")}
         _check_paging_dict(memory_config, paging)  # before loading gigabytes of weights
         if hf_kwargs.get("tp_plan") is not None:  # tensor parallel under torchrun: one pager per rank
             from pagedtensor.hf.distributed import load_tensor_parallel

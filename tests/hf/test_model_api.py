@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import inspect
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -215,6 +218,36 @@ def test_paged_model_from_pretrained(tmp_path, nvme_dir, page_weights):
     ids, mask = prompts(1, length=20)
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert torch.equal(paged.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), expected)
+
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PAGEDLLM_BY_KEYWORD = """
+import sys, torch
+from pagedtensor.hf import PagedModel
+from tests.hf.tiny_models import prompts, tiny_budget
+paged = PagedModel.from_pretrained(sys.argv[1], tiny_budget(sys.argv[2]), load_tokenizer=False, attn_implementation="pagedllm")
+ids, mask = prompts(1, length=20)
+tokens = paged.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+print(paged.config._attn_implementation, tokens[0, -3:].tolist())
+"""
+
+
+def test_from_pretrained_takes_the_pagedllm_attention_by_keyword_in_a_fresh_process(tmp_path, nvme_dir):
+    """``PagedModel.from_pretrained(..., attn_implementation="pagedllm")`` is ``paging={"attn_implementation":
+    "pagedllm"}``: in a fresh process transformers refused the name (registered only by an earlier
+    enable_paging). Given both ways and disagreeing, it is refused naming both."""
+    reference, _ = tiny_pair("llama")
+    reference.save_pretrained(tmp_path / "tiny")
+    ids, mask = prompts(1, length=20)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)[0, -3:].tolist()
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([REPOSITORY, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", PAGEDLLM_BY_KEYWORD, str(tmp_path / "tiny"), nvme_dir], capture_output=True,
+                          text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == f"pagedllm {expected}"
+    with pytest.raises(ValueError, match="attn_implementation='pagedllm' and paging's attn_implementation='sdpa' disagree"):
+        PagedModel.from_pretrained(str(tmp_path / "tiny"), tiny_budget(nvme_dir), load_tokenizer=False,
+                                   attn_implementation="pagedllm", paging={"attn_implementation": "sdpa"})  # fmt: skip
 
 
 @pytest.mark.parametrize("page_weights", [False, True])
