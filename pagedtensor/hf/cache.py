@@ -144,6 +144,31 @@ class _SequencePages:
         self.hot: dict[int, ResidentPages] = {}  # logical page -> long-lived pin
 
 
+def sliding_windows(config: object, num_layers: int) -> list[Optional[int]]:
+    """Per decoder layer of ``config``, the window transformers' ``DynamicCache(config=...)`` keeps for
+    it (a ``DynamicSlidingWindowLayer``'s ``sliding_window``: sliding and chunked attention), else None;
+    all None without a config or where this transformers does not say."""
+    windows: list[Optional[int]] = [None] * num_layers
+    try:
+        from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+    except ImportError:
+        return windows
+    if config is None or not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
+        return windows
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    try:
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return windows
+    per_layer = layer_kwargs if isinstance(layer_kwargs, list) else [layer_kwargs] * len(layer_types)  # 5.25 / 5.17
+    for index, (layer_type, kwargs) in enumerate(zip(layer_types[:num_layers], per_layer)):
+        layer_class = DYNAMIC_LAYER_TYPE_MAPPING.get(layer_type)
+        window = kwargs.get("sliding_window") if isinstance(kwargs, dict) else None
+        if isinstance(layer_class, type) and issubclass(layer_class, DynamicSlidingWindowLayer) and isinstance(window, int) and window > 0:
+            windows[index] = window
+    return windows
+
+
 class PagedLayer(CacheLayerMixin):
     """One decoder layer's view of a :class:`PagedKVCache` (transformers talks to layers)."""
 
@@ -182,7 +207,10 @@ class PagedLayer(CacheLayerMixin):
         return self.cache.update(key_states, value_states, self.layer_idx)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.total + query_length, 0
+        """``(kv_length, kv_offset)`` of the keys the next update hands the model: every position, or on a
+        sliding-window layer under a dense attention those transformers' window layer hands it."""
+        start = self.cache.window_start(self.layer_idx, self.total)
+        return self.total + query_length - start, start
 
     def get_seq_length(self) -> int:
         return self.total
@@ -287,6 +315,11 @@ class PagedKVCache(Cache):
                         "sequential prefetches only take slots it needs (use streaming_config())", pager.config.prefetch_strategy)
         super().__init__(layers=[PagedLayer(self, index) for index in range(num_layers)])
         self.config = config
+        # Per layer, the sliding window transformers' own cache keeps (None: every token): under a dense
+        # attention such a layer is handed the keys that cache would hand it, and masked alike.
+        self.windows = sliding_windows(config, num_layers)
+        for layer, window in zip(self.layers, self.windows):
+            layer.is_sliding = window is not None
         self.pager = pager
         self.sink_pages = sink_pages
         self.hot_fraction = float(hot_fraction)
@@ -355,7 +388,18 @@ class PagedKVCache(Cache):
             ACTIVE_UPDATE.set(ActiveUpdate(self, layer_idx, key_states))
             return key_states, value_states
         ACTIVE_UPDATE.set(None)
-        return self.dense_kv(layer_idx)
+        return self.dense_kv(layer_idx, self.window_start(layer_idx, layer.total - q_len))
+
+    def window_start(self, layer_idx: int, seen: int) -> int:
+        """The first position of the keys an update after ``seen`` positions (pads included) hands a
+        sliding-window layer under a dense attention, as transformers' ``DynamicSlidingWindowLayer``
+        does: the last ``window - 1`` before the new ones (the window's mask then covers the same keys,
+        so the model's attention runs on the same operands as unpaged); 0 for any other layer, and
+        under the ``"pagedllm"`` attention, which reads the pages itself."""
+        window = self.windows[layer_idx]
+        if window is None or self.uses_paged_attention:
+            return 0
+        return max(seen - window + 1, 0)
 
     @property
     def uses_paged_attention(self) -> bool:
@@ -916,29 +960,34 @@ class PagedKVCache(Cache):
 
     # ------------------------------------------------------------------ reads: dense
 
-    def dense_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's keys ``[batch, kv_heads, total, head_dim]`` and values ``[..., value_dim]``;
-        sequence ``b`` fills the last ``length[b]`` positions (its pads, first, are zeros)."""
+    def dense_kv(self, layer_idx: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys ``[batch, kv_heads, total - start, head_dim]`` and values ``[..., value_dim]``
+        of positions ``[start, total)``; sequence ``b`` fills the last ``length[b]`` positions (its
+        pads, first, are zeros). Pages holding no position from ``start`` on are not read."""
         layer = self.layers[layer_idx]
         geometry = layer.geometry
-        shape = (len(layer.seqs), geometry.kv_heads, layer.total)
+        shape = (len(layer.seqs), geometry.kv_heads, layer.total - start)
         keys = torch.zeros((*shape, geometry.head_dim), dtype=self.dtype, device=self.device)
         values = torch.zeros((*shape, geometry.value_dim), dtype=self.dtype, device=self.device)
         pt = geometry.page_tokens
         for b, seq in enumerate(layer.seqs):
             pad = layer.total - seq.length
+            first_token = max(start - pad, 0)  # the sequence's first token at or past ``start``
             pages = geometry.page_count(seq.length)
-            for group_start in range(0, pages, self.group_pages):
+            for group_start in range(first_token // pt, pages, self.group_pages):
                 group = range(group_start, min(pages, group_start + self.group_pages))
                 for allocation, lo, hi, logical in self._ranges(seq, group):
                     with self.pager.ensure_resident(allocation, lo, hi) as resident:
                         resident.wait()
                         for i, view in enumerate(resident.views()):
-                            t0 = (logical + i) * pt
-                            t1 = min(seq.length, t0 + pt)
+                            t0 = max((logical + i) * pt, first_token)
+                            t1 = min(seq.length, (logical + i + 1) * pt)
+                            if t1 <= t0:
+                                continue
                             page_keys, page_values = self.page_kv(view, geometry)
-                            keys[b, :, pad + t0 : pad + t1] = page_keys[: t1 - t0].transpose(0, 1)
-                            values[b, :, pad + t0 : pad + t1] = page_values[: t1 - t0].transpose(0, 1)
+                            skip = t0 - (logical + i) * pt
+                            keys[b, :, pad + t0 - start : pad + t1 - start] = page_keys[skip : skip + t1 - t0].transpose(0, 1)
+                            values[b, :, pad + t0 - start : pad + t1 - start] = page_values[skip : skip + t1 - t0].transpose(0, 1)
         return keys, values
 
     def dense_mask(self, layer_idx: int, q_len: int, sliding_window: Optional[int] = None) -> torch.Tensor:

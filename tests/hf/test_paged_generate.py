@@ -133,6 +133,46 @@ def test_sliding_window_outgrown(attn, nvme_dir):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def _sliding_pair(family: str, dtype: torch.dtype, attn: str):
+    """A tiny model with a window of 8 on every layer (Mistral) or on every other one (Gemma 3, its
+    layer types alternating sliding and full), and its copy, in ``dtype``."""
+    if family == "mistral":
+        reference, model = tiny_pair("mistral", attn=attn, sliding_window=8)
+    else:
+        import copy
+
+        import transformers
+
+        from tests.hf.tiny_models import TINY
+
+        config = transformers.Gemma3TextConfig(**TINY, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+        config._attn_implementation = attn
+        torch.manual_seed(0)
+        reference = transformers.Gemma3ForCausalLM(config).eval()
+        model = transformers.Gemma3ForCausalLM(copy.deepcopy(config)).eval()
+        model.load_state_dict(reference.state_dict())
+    return reference.to(dtype), model.to(dtype)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_sliding_window_outgrown_under_a_dense_attention_is_bitwise_unpaged(family, dtype, attn, nvme_dir):
+    """Under a dense attention a sliding-window layer is handed the keys transformers' window layer
+    hands it (the last window - 1 before the new ones) with the mask sized alike, so the logits are
+    the unpaged model's bits, in bf16 too. (The cache handed every key with the window as a mask:
+    in bf16 SDPA over the longer key set rounded otherwise, and Gemma 3's greedy tokens diverged.)"""
+    reference, model = _sliding_pair(family, dtype, attn)
+    ids, mask = prompts(3, length=20)
+    expected = _generate(reference, ids, mask)
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation=attn)
+    got = _generate(model, ids, mask)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits):
+        assert torch.equal(a, b)
+    assert output_cache(got).is_sliding == ([True, True] if family == "mistral" else [True, False])
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_large_budget_keeps_everything_on_device(batch, nvme_dir):
     """With room for every page, nothing leaves the device tier and the kernels read one slab
