@@ -683,8 +683,8 @@ def _chunked_rowwise_forward(forward, state: PagingState):
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder layers, in the order they run: the blocks of each ``nn.ModuleList`` of
-    ``num_hidden_layers`` blocks (the text config's) that each hold an attention with a ``layer_idx``,
-    whatever the model names it (``self_attn``: Llama, OPT, Phi; ``attn``: GPT-2, GPT-J, MPT,
+    ``num_hidden_layers`` blocks (the text config's) that each hold an attention with a ``layer_idx``
+    (GPT-Neo's ``layer_id``), whatever the model names it (``self_attn``: Llama, OPT, Phi; ``attn``: GPT-2, GPT-J, MPT,
     CodeGen; ``self_attention``: Falcon, Bloom; ``attention``: GPT-NeoX)."""
     count = getattr(_text_config(model), "num_hidden_layers", None)
     return [
@@ -696,8 +696,9 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _holds_layer_index(block: torch.nn.Module) -> bool:
-    """Whether a submodule of ``block`` has an int ``layer_idx``: an attention, which reads its layer's keys and values from the cache by it."""
-    return any(isinstance(getattr(module, "layer_idx", None), int) for module in block.modules())
+    """Whether a submodule of ``block`` has an int ``layer_idx`` (``layer_id`` in GPT-Neo): an attention,
+    which reads its layer's keys and values from the cache by it."""
+    return any(isinstance(getattr(module, "layer_idx", getattr(module, "layer_id", None)), int) for module in block.modules())
 
 
 def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState) -> None:

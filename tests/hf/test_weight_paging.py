@@ -174,6 +174,25 @@ def test_paged_weights_with_pagedllm_attention(nvme_dir):
     assert paging_state(model).pager.stats()["bytes_from_disk"] > 0
 
 
+
+def test_gpt_neo_whose_attention_names_its_layer_layer_id_pages_its_weights(nvme_dir):
+    """GPT-Neo's attention names its layer ``layer_id``, not ``layer_idx``: page_weights=True refused it
+    ("found no decoder layers"). Its layers' weights are paged now, with the unpaged tokens."""
+    import transformers
+
+    config = transformers.GPTNeoConfig(num_layers=2, hidden_size=64, num_heads=4, vocab_size=128, max_position_embeddings=256,
+                                       attention_types=[[["global", "local"], 1]], window_size=8, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    reference = transformers.GPTNeoForCausalLM(config).eval()
+    model = transformers.GPTNeoForCausalLM(copy.deepcopy(config)).eval()
+    model.load_state_dict(reference.state_dict())
+    ids, mask = prompts(3, length=20)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=24, host_pages=16), page_weights=True)
+    assert sum(isinstance(p, PagedTensor) for p in model.transformer.h.parameters()) == 12  # norms stay dense
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected)
+
+
 def test_phi3_fused_weights_at_the_edge_of_the_budget(nvme_dir):
     """Phi-3's fused gate_up_proj (16 pages) takes the whole device tier: every other page leaves."""
     reference, model = tiny_pair("phi3", attn="sdpa")
