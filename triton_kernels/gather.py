@@ -250,6 +250,10 @@ def paged_scatter(
             is written outside it).
         start_pos: an int ``>= 0``, or an int32 ``[batch]`` tensor (an entry may be negative): position
             of ``src[b, 0]``.
+
+    Raises:
+        RuntimeError: grad mode is on and ``src`` or ``pages`` requires grad (the write has no
+            autograd formula).
     """
     pages = check_pages("pages", pages)
     src = check_tensor("src", src, 4, (pages.dtype,))
@@ -264,6 +268,13 @@ def paged_scatter(
         raise ValueError(f"block_table must have {batch} rows (the batch of src), got shape {tuple(block_table.shape)}")
     start_pos = check_positions("start_pos", start_pos, batch, pages.device, span=src.shape[1])
     check_device(pages.device, src=src, block_table=block_table)
+    if torch.is_grad_enabled() and (src.requires_grad or pages.requires_grad):
+        # An in-place write autograd cannot see: src would get no gradient and the overwritten slots
+        # of pages would keep theirs, silently.
+        raise RuntimeError(
+            "paged_scatter has no autograd formula: src or pages requires grad; run it under torch.no_grad() "
+            "(the paged KV cache writes detached keys and values) or pass detached tensors"
+        )
     if src.stride(-1) != 1:
         src = src.contiguous()
     block_table = block_table.contiguous()

@@ -201,3 +201,23 @@ def test_an_input_that_requires_grad_is_not_silently_detached():
         out.sum().backward()
     with torch.no_grad():
         assert not paged_decode_attention(q, k, v, table([1, 2]), lengths(20)).requires_grad
+
+
+def test_paged_scatter_refuses_tensors_that_require_grad_and_writes_under_no_grad():
+    """paged_scatter writes pages in place where autograd cannot see: with grad mode on and src or
+    pages requiring grad it raises (src got no gradient and the overwritten slots kept theirs,
+    silently); under no_grad it writes, the pool unchanged otherwise."""
+    k, _ = pools(poison_page=None)
+    src = torch.randn((1, 3, HEADS, DIM), device=DEVICE)
+    for source, pool in ((src.clone().requires_grad_(), k.clone()), (src, k.clone().requires_grad_()),
+                         (src, k.clone().requires_grad_() * 1)):  # fmt: skip
+        before = pool.detach().clone()
+        with pytest.raises(RuntimeError, match="paged_scatter has no autograd formula: src or pages requires grad"):
+            paged_scatter(source, pool, table([2, 0]), 0)
+        assert torch.equal(pool.detach(), before)  # refused before any write
+    pool = k.clone().requires_grad_()
+    with torch.no_grad():
+        paged_scatter(src.clone().requires_grad_(), pool, table([2, 0]), 0)
+    expected = k.clone()
+    expected[2, :3] = src[0]
+    assert torch.equal(pool.detach(), expected)
