@@ -279,13 +279,17 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite float, got {scale}")
-    # the kernels take scale * log2(e) as an fp32 argument: past the fp32 range it is inf, the output NaN
-    if scale * _LOG2_E > _FP32_MAX:
+    try:
+        value = float(scale)
+    except OverflowError:  # an int past every float
+        value = math.inf if scale > 0 else -math.inf
+    if value > 0 and value * _LOG2_E > _FP32_MAX:
+        # the kernels take scale * log2(e) as an fp32 argument: past the fp32 range it is inf, the output NaN
         raise ValueError(f"scale must be at most {_FP32_MAX / _LOG2_E:.6g} "
                          f"(scale * log2(e) must fit fp32, as the kernels compute it), got {scale}")  # fmt: skip
-    return float(scale)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    return value
 
 
 def dot_options(dtype: torch.dtype) -> tuple[bool, str]:

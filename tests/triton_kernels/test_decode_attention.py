@@ -243,6 +243,12 @@ def test_decode_refuses_a_scale_past_fp32():
             paged_decode_attention(q, *args, scale=scale)
     out = paged_decode_attention(q, *args, scale=1e30)
     assert not out.isnan().any()
+    # an int past every float: the same error, not OverflowError from the conversion
+    with pytest.raises(ValueError, match=r"scale must be at most 2\.3586\d*e\+38 .* got 1000000000"):
+        paged_decode_attention(q, *args, scale=10**400)
+    with pytest.raises(ValueError, match="scale must be a positive finite float, got -1000000000"):
+        paged_decode_attention(q, *args, scale=-(10**400))
+    assert torch.equal(paged_decode_attention(q, *args, scale=2), paged_decode_attention(q, *args, scale=2.0))
 
 
 @pytest.mark.gpu
