@@ -30,6 +30,15 @@ from pagedtensor.triton_kernels._common import (
 )
 
 
+MAX_GRID_BATCH = 65535  # the batch is the kernels' second grid dimension, which CUDA caps at 65535
+
+
+def check_grid_batch(batch: int) -> None:
+    """Refuse a batch past the kernels' grid (CUDA would fail the launch without naming it)."""
+    if batch > MAX_GRID_BATCH:
+        raise ValueError(f"batch must be <= {MAX_GRID_BATCH} (a grid dimension of the kernel), got {batch}; split the batch")
+
+
 def _block_sizes(num_heads: int, head_dim: int) -> tuple[int, int]:
     """(tokens, row elements) per program step."""
     row = next_power_of_2(num_heads * head_dim)
@@ -184,6 +193,7 @@ def paged_gather(
         max_len = block_table.shape[1] * pages.shape[1]
     elif isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
         raise ValueError(f"max_len must be a non-negative int or None, got {max_len!r}")
+    check_grid_batch(block_table.shape[0])
     if call_kernel_directly(pages, block_table, seq_lens):
         return _launch_gather(pages, block_table, seq_lens, max_len)
     return _paged_gather_op(pages, block_table, seq_lens, max_len)
@@ -266,6 +276,7 @@ def paged_scatter(
         )
     if block_table.shape[0] != batch:
         raise ValueError(f"block_table must have {batch} rows (the batch of src), got shape {tuple(block_table.shape)}")
+    check_grid_batch(batch)
     start_pos = check_positions("start_pos", start_pos, batch, pages.device, span=src.shape[1])
     check_device(pages.device, src=src, block_table=block_table)
     if torch.is_grad_enabled() and (src.requires_grad or pages.requires_grad):

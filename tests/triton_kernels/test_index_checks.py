@@ -221,3 +221,17 @@ def test_paged_scatter_refuses_tensors_that_require_grad_and_writes_under_no_gra
     expected = k.clone()
     expected[2, :3] = src[0]
     assert torch.equal(pool.detach(), expected)
+
+
+def test_gather_and_scatter_refuse_a_batch_past_the_grid():
+    """The batch is the gather and scatter kernels' second grid dimension, which CUDA caps at 65535: a
+    larger batch is refused naming it (CUDA's launch would fail without saying why), before any write."""
+    k, _ = pools(poison_page=None)
+    batch = 65536
+    block_table = torch.zeros((batch, 1), dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="batch must be <= 65535 .* got 65536"):
+        paged_gather(k, block_table, torch.zeros(batch, dtype=torch.int32, device=DEVICE))
+    before = k.clone()
+    with pytest.raises(ValueError, match="batch must be <= 65535 .* got 65536"):
+        paged_scatter(torch.zeros((batch, 1, HEADS, DIM), device=DEVICE), k, block_table, 0)
+    assert torch.equal(k, before)
