@@ -710,6 +710,8 @@ class Pager:
         the unpin: a page no other holder pins drops its device slot)."""
         _unpin(allocation.pins, start, stop)
         self._count_pins(threading.get_ident(), start - stop)
+        if self._pin_waiters:  # as a release does: threads waiting on these pins (the cycle this request broke) run
+            self._wake_pin_waiters()
         overwritten = [page for page in faulted if page in self._overwriting]
         if overwritten:
             self._restore_overwritten(overwritten)

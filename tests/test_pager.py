@@ -137,6 +137,34 @@ def test_a_request_waits_for_pages_another_thread_pins_and_runs_once_they_are_le
         assert all(info.pin_count == 0 for allocation in (held, wanted) for info in pager.page_table(allocation))
 
 
+
+def test_a_request_that_raises_after_pinning_wakes_the_threads_waiting_for_pins():
+    """A request pins its range before it faults pages in; one that then raises (here: more pages than
+    the tier) lets its pins go and, as a release does, wakes the threads waiting for pins. It did not:
+    threads waiting on a cycle the raising request broke slept their whole pin_wait_s."""
+    with make_pager(device_pages=4, host_pages=16) as pager:
+        too_big, _ = _written(pager, 5, seed=1)
+        waiting, woke = threading.Event(), []
+
+        def waiter() -> None:  # a thread inside the pager's wait for pins, as _wait_for_other_threads_pins puts it
+            with pager._lock:
+                pager._pin_waiters.add(threading.get_ident())
+                waiting.set()
+                start = time.monotonic()
+                pager._unpinned.wait(30)
+                woke.append(time.monotonic() - start)
+
+        thread = threading.Thread(target=waiter, daemon=True)
+        thread.start()
+        waiting.wait(30)
+        with pager._lock:  # taken once the waiter's wait has let it go
+            pass
+        with pytest.raises(DeviceTierFullError, match="larger than the whole tier"):
+            pager.ensure_resident(too_big)
+        thread.join(30)
+        assert woke and woke[0] < 10, "the waiting thread slept on after the pins went"
+
+
 def test_threads_that_would_wait_for_each_others_pins_do_not_deadlock():
     """Two threads each pin half the device tier, then each asks for more: waiting for each other
     would never end, so the second to ask raises DeviceTierFullError at once (whatever pin_wait_s);
