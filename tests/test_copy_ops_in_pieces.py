@@ -432,3 +432,39 @@ def _added_through(x: torch.Tensor, view: str) -> torch.Tensor:
     y = x.clone()
     {"conj": torch.conj, "neg": torch._neg_view, "conj_of_transposed": lambda t: t.t().conj()}[view](y).add_(1)
     return y
+
+
+def test_a_copy_kept_out_by_another_threads_pins_raises_and_runs_once_they_go():
+    """copy_ a part at a time re-enters copy_ for each part; where another thread's pins keep even a
+    part out (pin_wait_s=0: no wait), the part was cut again into itself until RecursionError. Now the
+    pager's DeviceTierFullError, for a plain and a paged target, and the copy runs once the pins go."""
+    import threading
+
+    pager = Pager(MemoryConfig(vram_limit=4 * PAGE, host_memory=64 * PAGE, page_size=PAGE, pin_wait_s=0, prefetch_strategy="none",
+                               device="cpu"))  # fmt: skip
+    with pager:
+        held = PagedTensor.wrap(torch.zeros(3 * 1024), pager)  # 3 pages
+        values = torch.arange(4 * 1024.0)
+        table = PagedTensor.wrap(values.clone(), pager)  # 4 pages: the whole tier
+        target = PagedTensor.wrap(torch.zeros(2, 2048), pager)
+        pinned, done = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with pager.ensure_resident(held.allocation, 0, 3):
+                pinned.set()
+                done.wait(30)
+
+        thread = threading.Thread(target=hold, daemon=True)
+        thread.start()
+        pinned.wait(30)
+        try:
+            with pytest.raises(DeviceTierFullError):
+                torch.empty(4 * 1024).copy_(table)
+            with pytest.raises(DeviceTierFullError):
+                target.copy_(table.view(2048, 2).t())
+        finally:
+            done.set()
+            thread.join(30)
+        dense = torch.empty(4 * 1024)
+        assert torch.equal(dense.copy_(table), values)
+        assert torch.equal(target.copy_(table.view(2048, 2).t()).materialize(), values.view(2048, 2).t())
