@@ -631,7 +631,7 @@ class _Window:
     """
 
     __slots__ = ("resident", "tier", "page_size", "first_byte", "nbytes", "runs", "gathered", "slab", "slab_byte", "slab_span", "_buf",
-                 "_bounded")  # fmt: skip
+                 "_bounded", "_bounded_slab")  # fmt: skip
 
     def __init__(self, storage: PagedStorage, lo: int, hi: int, discard: Iterable[int] = (), private: bool = False,
                  gather: bool = True) -> None:
@@ -728,14 +728,21 @@ class _Window:
         itemsize = tensor.dtype.itemsize
         if self.gathered:
             return self.typed(tensor.dtype).as_strided(tensor.shape, tensor.stride(), tensor._offset - self.first_byte // itemsize)
-        if bounded:
-            slab = self.tier.slabs[self.slab]
-            if self._bounded is None:
-                self._bounded = torch._C._construct_storage_from_data_pointer(slab.data_ptr() + self.slab_byte, slab.device, self.nbytes)
-            view = torch.empty(0, dtype=tensor.dtype, device=slab.device)
-            return view.set_(self._bounded, tensor._offset - self.first_byte // itemsize, tensor.shape, tensor.stride())
-        # Slabs and pages are whole multiples of every itemsize (a page is a power of two >= 4 KiB).
-        typed = self.tier.typed_slab(self.slab, tensor.dtype)
+        try:
+            if bounded:
+                slab = self.tier.slabs[self.slab]
+                if self._bounded is None:
+                    self._bounded = torch._C._construct_storage_from_data_pointer(slab.data_ptr() + self.slab_byte, slab.device, self.nbytes)
+                    # That storage does not own its memory: the window keeps the slab alive while it lives
+                    # (the pager closed by another thread drops its own reference).
+                    self._bounded_slab = slab
+                view = torch.empty(0, dtype=tensor.dtype, device=slab.device)
+                return view.set_(self._bounded, tensor._offset - self.first_byte // itemsize, tensor.shape, tensor.stride())
+            # Slabs and pages are whole multiples of every itemsize (a page is a power of two >= 4 KiB).
+            typed = self.tier.typed_slab(self.slab, tensor.dtype)
+        except IndexError:
+            self.resident.pager._check_open()  # closed by another thread meanwhile: its slabs are gone
+            raise
         return typed.as_strided(tensor.shape, tensor.stride(), tensor._offset + (self.slab_byte - self.first_byte) // itemsize)
 
     def write_back(self, lo: int, hi: int) -> None:

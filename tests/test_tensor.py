@@ -755,6 +755,27 @@ def test_ops_after_the_pager_closed_raise():
     assert "pager closed" in repr(t)
 
 
+
+@pytest.mark.parametrize("bounded", [False, True])
+def test_an_op_whose_pager_another_thread_closes_amid_it_names_the_closed_pager(bounded):
+    """A thread's op holds a window of pinned pages when another thread closes the pager (its slabs
+    gone): viewing the pages raises "this Pager is closed", not an IndexError from the slab list; a
+    bounded view made before keeps its slab's memory alive (its storage does not own it)."""
+    from pagedtensor.dispatch import _Window
+
+    pager = make_pager()
+    t = PagedTensor.wrap(torch.arange(2048.0), pager)  # 2 pages
+    window = _Window(t._paged, 0, t._paged.nbytes, gather=False)
+    if bounded:
+        early = window.dense(t, bounded=True)
+    pager.close()
+    with pytest.raises(RuntimeError, match="this Pager is closed"):
+        window.dense(t[1:], bounded=bounded)
+    if bounded:
+        gc.collect()
+        assert torch.equal(early, torch.arange(2048.0)), "the view's memory went with the closed pager's slab"
+
+
 def test_touched_pages_skips_gaps_of_a_page_or_more():
     # rows of 1 KiB, 4 a page: every 8th row touches every other page
     assert touched_pages((2, 256), (8 * 256, 1), 0, 4, PAGE) == [0, 2]
