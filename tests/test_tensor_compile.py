@@ -307,3 +307,30 @@ def test_wrapping_inside_a_compiled_function_runs_eagerly_at_a_graph_break(pager
     torch._dynamo.reset()
     with pytest.raises(torch._dynamo.exc.Unsupported):
         torch.compile(fn, backend=backend, fullgraph=True)(x)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_op_run_at_a_graph_break_dispatches_with_the_frame_hook_off(pager, backend, dynamic, monkeypatch):
+    """A data-dependent op (``a[a > 0]``, ``nonzero``) breaks the graph and runs eagerly with
+    torch.compile's frame hook on: the hook compiled the dispatcher's and pager's own frames (34 for
+    one op), and under dynamic shapes failed inside them (InternalTorchDynamoError from the pager's
+    slab check). The dispatcher now runs with the hook off, and the result is the eager one."""
+    from pagedtensor.dispatch import DISPATCHER
+
+    hooks_seen: list[bool] = []
+    original = DISPATCHER.dispatch
+
+    def noted_dispatch(*args, **kwargs):
+        hooks_seen.append(torch._C._dynamo.eval_frame.get_eval_frame_callback() is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(DISPATCHER, "dispatch", noted_dispatch)
+    x = torch.randn(8, 16)
+    paged = PagedTensor.wrap(x.clone(), pager)
+    for fn in (lambda a: a[a > 0] * 2, lambda a: a.nonzero().sum() + a.sum()):
+        torch._dynamo.reset()
+        got = torch.compile(fn, backend=backend, dynamic=dynamic)(paged)
+        got = got.materialize() if isinstance(got, PagedTensor) else got
+        assert torch.equal(got, fn(x))
+    assert hooks_seen and not any(hooks_seen), "the dispatcher ran with torch.compile's frame hook on"
