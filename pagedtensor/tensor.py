@@ -510,6 +510,14 @@ class PagedTensor(torch.Tensor):
         cached = self._materialized
         if cached is not None and cached[0] == version:
             return cached[1]
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            # Read by Dynamo inside a torch.func transform (``torch.func.grad`` of this tensor in a
+            # compiled function): made there, the data came back wrapped at the transform's level,
+            # with no storage to note. The dense data is the pages' bytes, whatever the transforms.
+            from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+            with temporarily_clear_interpreter_stack():
+                return self._dense
         dense = self.materialize() if self._offset == 0 else self._materialize_from_start()
         _register_dense_owner(dense, self)
         self._materialized = (version, dense)
