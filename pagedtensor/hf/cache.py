@@ -357,7 +357,8 @@ class PagedKVCache(Cache):
         ``[batch, kv_heads, q_len, value_dim]`` to layer ``layer_idx``.
 
         Returns them unchanged under the ``"pagedllm"`` attention (which reads the pages), else the
-        layer's dense keys and values ``[batch, kv_heads, total, head_dim or value_dim]`` (pads zero).
+        layer's dense keys and values ``[batch, kv_heads, total, head_dim or value_dim]`` (pads zero;
+        on a sliding-window layer those from :meth:`window_start` on, as transformers' window cache).
         Under ``torch.compile`` it runs eagerly, never traced (the pager's work is Python: locks,
         streams, page tables): one graph break a call.
         """
