@@ -232,28 +232,16 @@ def run_outside_compile(fn: Callable) -> Callable:
     return run
 
 
-def _dispatch(func: Any, types: tuple, args: tuple, kwargs: dict) -> Any:
-    """:meth:`PagedTensor.__torch_dispatch__`'s work: the dispatcher, with torch's conjugate and
-    negative fallbacks on for complex arguments."""
-    if _has_complex_tensor(args, kwargs):
-        # torch enters ``__torch_dispatch__`` with the dispatch keys above Python excluded, the
-        # conjugate and negative views' fallbacks among them; a kernel run here that makes such a
-        # view itself (linalg_lstsq's residuals, linalg_pinv: ``x.mul_(x.conj())``) would then read
-        # its raw bits, a silently wrong result. Those views are complex only.
-        with _conjugate_fallback_on(), _negative_fallback_on():
-            return _DISPATCHER.dispatch(func, types, args, kwargs)
-    return _DISPATCHER.dispatch(func, types, args, kwargs)
-
-
 _dynamo_frame_hook = getattr(torch._C._dynamo.eval_frame, "get_eval_frame_callback", lambda: None)  # None unless torch.compile's hook is on
 
 
 @functools.lru_cache(maxsize=1)
 def _dispatch_without_dynamo() -> Callable:
-    """:func:`_dispatch` run with torch.compile's frame hook off for it and every call it makes."""
+    """:meth:`PagedTensor.__torch_dispatch__` run with torch.compile's frame hook off for it and every
+    call it makes (it then finds the hook off and dispatches)."""
     from torch._compile import _disable_dynamo
 
-    return _disable_dynamo(_dispatch, recursive=True)
+    return _disable_dynamo(lambda func, types, args, kwargs: PagedTensor.__torch_dispatch__(func, types, args, kwargs), recursive=True)
 
 
 # The PagedTensors whose dense data (``_dense``: for one with a storage offset, the elements from
@@ -549,12 +537,20 @@ class PagedTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206 - torch's protocol
+        kwargs = kwargs or {}
         if _dynamo_frame_hook() is not None:
             # An op run eagerly while torch.compile's frame hook is on (at a graph break, ``a[a > 0]``):
             # the hook would compile the dispatcher's and pager's own frames (dozens a call, failing
             # inside them under dynamic shapes); they run with it off.
-            return _dispatch_without_dynamo()(func, types, args, kwargs or {})
-        return _dispatch(func, types, args, kwargs or {})
+            return _dispatch_without_dynamo()(func, types, args, kwargs)
+        if _has_complex_tensor(args, kwargs):
+            # torch enters ``__torch_dispatch__`` with the dispatch keys above Python excluded, the
+            # conjugate and negative views' fallbacks among them; a kernel run here that makes such a
+            # view itself (linalg_lstsq's residuals, linalg_pinv: ``x.mul_(x.conj())``) would then read
+            # its raw bits, a silently wrong result. Those views are complex only.
+            with _conjugate_fallback_on(), _negative_fallback_on():
+                return _DISPATCHER.dispatch(func, types, args, kwargs)
+        return _DISPATCHER.dispatch(func, types, args, kwargs)
 
     # ------------------------------------------------------------------ inspection
 
