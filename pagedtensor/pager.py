@@ -710,8 +710,6 @@ class Pager:
         the unpin: a page no other holder pins drops its device slot)."""
         _unpin(allocation.pins, start, stop)
         self._count_pins(threading.get_ident(), start - stop)
-        if self._pin_waiters:  # as a release does: threads waiting on these pins (the cycle this request broke) run
-            self._wake_pin_waiters()
         overwritten = [page for page in faulted if page in self._overwriting]
         if overwritten:
             self._restore_overwritten(overwritten)
@@ -1230,13 +1228,16 @@ class Pager:
         self._unpinned.notify_all()
 
     def _count_pins(self, owner: int, pages: int) -> None:
-        """Add ``pages`` (negative: let go) to the pages thread ``owner`` pins (under the lock)."""
+        """Add ``pages`` (negative: let go) to the pages thread ``owner`` pins (under the lock); pins let
+        go, by a release or by a request that raised after pinning, wake the threads waiting for pins."""
         held = self._pinned_pages_by_thread
         count = held.get(owner, 0) + pages
         if count:
             held[owner] = count
         else:
             held.pop(owner, None)  # an empty range pins nothing, held or not
+        if pages < 0 and self._pin_waiters:
+            self._wake_pin_waiters()
 
     def _device_evictable(self, page: Page) -> bool:
         return page.pin_count == 0
@@ -1531,8 +1532,6 @@ class Pager:
             else:
                 del pins[key]
             self._count_pins(resident.owner, resident.start - resident.stop)
-            if self._pin_waiters:
-                self._wake_pin_waiters()
             if resident.overwritten:
                 self._restore_overwritten(resident.overwritten)
             if self._overwriting:  # pages whose refill failed while this holder pinned them: no holder is left to write them
