@@ -5,8 +5,6 @@ between layouts the elementwise pieces cannot follow.
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from typing import Any, Iterator
 
 import torch
@@ -16,6 +14,7 @@ from pagedtensor.dispatch import DISPATCHER, aten, implements
 from pagedtensor.errors import DeviceTierFullError
 from pagedtensor.handlers.parts import (
     _copies_in_parts,
+    _cut_in_parts,
     _larger_than_a_piece,
     _narrowed,
     _parts,
@@ -59,41 +58,25 @@ def copy_in_parts_of_any_layouts(func: OpOverload, types: tuple, args: tuple, kw
     try:
         return DISPATCHER.run_generic(func, types, args, kwargs)
     except DeviceTierFullError:
-        if getattr(_IN_PARTS, "active", False):
-            raise  # a part of a copy in parts spans a piece at most: only other threads' pins keep it out
+        # Parts help only where they cut something: a copy no larger than a piece that does not fit
+        # (other threads' pins fill the tier) keeps the error; cut again, it came back whole and
+        # recursed without end.
         target, source = args[0], args[1]
         if not isinstance(source, torch.Tensor) or broadcast_shape([source, target]) != tuple(target.shape):
             raise  # copy_'s rule: the source broadcasts to the target
         if not isinstance(target, PagedTensor):
-            if not isinstance(source, PagedTensor) or not _copies_in_parts([target, source]):
+            if not isinstance(source, PagedTensor) or not _copies_in_parts([target, source]) or not _cut_in_parts(source):
                 raise
-            with _copying_in_parts():
-                copy_in_parts(target, source.expand(target.shape))
+            copy_in_parts(target, source.expand(target.shape))
             return target
-        if isinstance(source, PagedTensor):
+        if isinstance(source, PagedTensor):  # read into plain buffers a part at a time, even for a target of one part
             readable = _copies_in_parts([source], resolving=True) and source._paged is not target._paged
         else:
-            readable = source.layout == torch.strided  # on any device: each part's copy_ moves it as the whole's would
+            readable = source.layout == torch.strided and _cut_in_parts(target)  # on any device: each part's copy_ moves it
         if not readable or not _copies_in_parts([target]) or not elements_apart(tuple(target.shape), target.stride()):
             raise  # (a target reaching an element twice: torch's overlap error, from the dense op)
-        with _copying_in_parts():
-            _copy_into_paged_in_parts(target, source.expand(target.shape))
+        _copy_into_paged_in_parts(target, source.expand(target.shape))
         return target
-
-
-_IN_PARTS = threading.local()  # ``active`` while this thread runs a copy_ a part at a time
-
-
-@contextlib.contextmanager
-def _copying_in_parts() -> Iterator[None]:
-    """Mark this thread as copying in parts: a part's own ``copy_`` that still does not fit raises
-    instead of being cut again (a part no larger than a piece came back whole, and the handler
-    recursed without end where other threads' pins filled the tier)."""
-    _IN_PARTS.active = True
-    try:
-        yield
-    finally:
-        _IN_PARTS.active = False
 
 
 def _copy_into_paged_in_parts(target: PagedTensor, source: torch.Tensor) -> None:

@@ -59,6 +59,12 @@ def _larger_than_a_piece(paged: list[PagedTensor]) -> bool:
     return sum(span_elements(t) * t.dtype.itemsize for t in paged) > piece * widest
 
 
+def _cut_in_parts(tensor: PagedTensor) -> bool:
+    """Whether :func:`_parts` cuts ``tensor`` (it spans more than a piece): a copy a part at a time of
+    one it does not cut is the one copy itself."""
+    return next(_parts(tensor, piece_elements_of([tensor]) or 1)) != ()
+
+
 def copy_in_parts(target: torch.Tensor, source: torch.Tensor) -> None:
     """``target.copy_(source)`` (same shape), a part of ``source``'s pages at a time: each part spans
     at most a piece (:func:`_parts`), whatever the two layouts are."""
