@@ -23,6 +23,9 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 POISON: float | None = None
 
 
+MAX_GRID_Y = 65535  # CUDA caps a launch grid's second (and third) dimension here
+
+
 def interpreting() -> bool:
     """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

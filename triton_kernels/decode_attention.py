@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from pagedtensor.triton_kernels._common import (
+    MAX_GRID_Y,
     call_kernel_directly,
     check_block_table,
     check_device,
@@ -412,7 +413,7 @@ def resident_programs_per_sm(q: torch.Tensor, k_pages: torch.Tensor, v_pages: to
     return _RESIDENT_PER_SM[key]
 
 
-MAX_SPLITS = 65535  # the splits are the grid's second dimension, which CUDA caps at 65535
+MAX_SPLITS = MAX_GRID_Y  # the splits are the grid's second dimension
 
 
 def split_context(max_len: int, num_splits: int, block_n: int) -> tuple[int, int]:

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from pagedtensor.triton_kernels._common import (
+    MAX_GRID_Y,
     call_kernel_directly,
     check_block_table,
     check_device,
@@ -30,13 +31,11 @@ from pagedtensor.triton_kernels._common import (
 )
 
 
-MAX_GRID_BATCH = 65535  # the batch is the kernels' second grid dimension, which CUDA caps at 65535
-
-
 def check_grid_batch(batch: int) -> None:
-    """Refuse a batch past the kernels' grid (CUDA would fail the launch without naming it)."""
-    if batch > MAX_GRID_BATCH:
-        raise ValueError(f"batch must be <= {MAX_GRID_BATCH} (a grid dimension of the kernel), got {batch}; split the batch")
+    """Refuse a batch past the kernels' grid: it is their second grid dimension (CUDA would fail the
+    launch without naming it)."""
+    if batch > MAX_GRID_Y:
+        raise ValueError(f"batch must be <= {MAX_GRID_Y} (a grid dimension of the kernel), got {batch}; split the batch")
 
 
 def _block_sizes(num_heads: int, head_dim: int) -> tuple[int, int]:

@@ -36,6 +36,7 @@ except ImportError:  # Triton without host-side tensor descriptors: every launch
     TensorDescriptor = None
 
 from pagedtensor.triton_kernels._common import (
+    MAX_GRID_Y,
     call_kernel_directly,
     check_block_table,
     check_device,
@@ -455,8 +456,8 @@ def paged_prefill_attention(
         raise ValueError(f"q head_dim {head_dim} differs from k_pages head_dim {k_pages.shape[3]}")
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"q num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if batch * num_heads > 65535:
-        raise ValueError(f"batch * num_heads must be <= 65535 (a grid dimension), got {batch} * {num_heads}")
+    if batch * num_heads > MAX_GRID_Y:
+        raise ValueError(f"batch * num_heads must be <= {MAX_GRID_Y} (a grid dimension), got {batch} * {num_heads}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     block_table, seq_lens = check_block_table(block_table, seq_lens, k_pages.shape[1], batch)
