@@ -99,7 +99,8 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     kwargs = {name: _compacted_if_expanded(value, target) for name, value in kwargs.items()}
     tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
     shaped = [t for t in tensors if t.dim() > 0]
-    if target is None and given_shape is not None and broadcast_shape(shaped) != given_shape:
+    shape = broadcast_shape(shaped)
+    if target is None and given_shape is not None and shape != given_shape:
         # Every operand of the result's shape is an expanded view (``t.expand(2, n, m) * 2``): the op
         # on the compacted operands, then its result expanded back along those dims.
         return _run_compacted_then_expand(func, given_args, given_kwargs, args, kwargs)
@@ -111,7 +112,6 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     # out as the op's meta kernel lays out the whole's.
     # Operands broadcast to the result's shape (``paged + bias``, ``paged * scale[:, None]``) are read
     # whole by every piece: they run expanded, a PagedTensor one read once (it must fit in a piece).
-    shape = broadcast_shape(shaped)
     if shape is None:
         _raise_torchs_error(func, args, kwargs)  # shapes that do not broadcast: torch's error, not the pager's
     reference = next((t for t in shaped if isinstance(t, PagedTensor) and tuple(t.shape) == shape), None)

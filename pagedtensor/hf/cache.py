@@ -153,12 +153,12 @@ def sliding_windows(config: object, num_layers: int) -> list[Optional[int]]:
         from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
     except ImportError:
         return windows
-    if config is None or not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
+    if config is None:
         return windows
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     try:
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
-    except (AttributeError, TypeError, ValueError, KeyError):
+    except (AttributeError, TypeError, ValueError, KeyError):  # not a transformers config
         return windows
     per_layer = layer_kwargs if isinstance(layer_kwargs, list) else [layer_kwargs] * len(layer_types)  # 5.25 / 5.17
     for index, (layer_type, kwargs) in enumerate(zip(layer_types[:num_layers], per_layer)):
