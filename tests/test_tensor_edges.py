@@ -667,6 +667,40 @@ def test_autocast_casts_a_paged_operand_to_a_plain_tensor(pager):
     assert type(paged.half()) is PagedTensor
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_conversions_to_plain_tensors_run_in_pieces_past_the_tier(device):
+    """A conversion that gives a plain tensor (inside ``torch.autocast``, to another device, into
+    pinned memory) of a table larger than the device tier runs a piece of pages at a time, as the one
+    that stays paged does: it raised ``DeviceTierFullError``. ``t.to("meta")`` reads no page at all
+    (forward-mode ``jacobian`` runs it on its inputs)."""
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(256, 64, generator=g).to(device)  # 16 pages, the device tier holds 4
+    with (make_pager(4) if device == "cpu" else _cuda_pager(4)) as pager:
+        paged = PagedTensor.wrap(dense, pager)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            for got, expected in ((paged.to(torch.bfloat16), dense.to(torch.bfloat16)), (paged.double(), dense.double()),
+                                  (paged.t().to(torch.float16), dense.t().to(torch.float16))):  # fmt: skip
+                assert type(got) is torch.Tensor
+                assert_same(got, expected)
+                assert got.stride() == expected.stride()
+        faults = pager.stats()["faults"]
+        meta = paged.t().to("meta")
+        assert meta.device.type == "meta" and meta.shape == (64, 256) and meta.stride() == dense.t().to("meta").stride()
+        assert pager.stats()["faults"] == faults
+        other = "cuda" if device == "cpu" and torch.cuda.is_available() else "cpu"
+        if other != device:
+            for got, expected in ((paged.to(other), dense.to(other)), (paged.to(other, torch.float16), dense.to(other, torch.float16))):
+                assert type(got) is torch.Tensor and got.device.type == other
+                assert_same(got, expected)
+        if device == "cuda":
+            pinned = paged.to("cpu", pin_memory=True)
+            assert pinned.is_pinned()
+            assert_same(pinned, dense.cpu())
+        f = lambda t: (t * 2).amax(1)[:3]  # noqa: E731
+        jacobian = torch.autograd.functional.jacobian
+        assert_same(jacobian(f, paged, vectorize=True, strategy="forward-mode"), jacobian(f, dense, vectorize=True, strategy="forward-mode"))
+
+
 def _cuda_pager(device_pages: int = 8) -> Pager:
     return Pager(MemoryConfig(page_size=PAGE, vram_limit=device_pages * PAGE, host_memory=64 * PAGE, slab_size=64 * PAGE,
                               prefetch_strategy="none", device="cuda"))  # fmt: skip

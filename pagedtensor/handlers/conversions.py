@@ -10,7 +10,7 @@ import torch
 from torch._ops import OpOverload
 
 from pagedtensor.config import normalize_device
-from pagedtensor.dispatch import DISPATCHER, aten, implements
+from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, aten, implements
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError
 from pagedtensor.tensor import PagedStorage, PagedTensor, element_span, meta_like
 
@@ -41,7 +41,7 @@ def convert_into_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict
         or kwargs.get("pin_memory")
         or _inside_autocast()
     ):  # fmt: skip
-        return DISPATCHER.run_paged(func, types, args, kwargs)
+        return _convert_into_plain_tensor(func, types, args, kwargs)
     layout = func(meta_like(source), **{name: value for name, value in kwargs.items() if name != "device"})
     pager = source.pager
     nbytes = element_span(tuple(layout.shape), layout.stride(), 0)[1] * layout.dtype.itemsize
@@ -71,6 +71,29 @@ def convert_into_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict
             pager.free(allocation)
         raise
     return result
+
+
+def _convert_into_plain_tensor(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """The conversions that give a plain tensor (another device, layout or pinned memory, or inside
+    ``torch.autocast``): the dense op where the pages fit on the device tier at once; past it, a
+    strided result laid out as the dense op lays it out, written by ``copy_`` a piece of pages at a
+    time (on a CUDA pager, each piece's copy is ordered on the current stream like the dense op's). A
+    conversion to ``meta`` reads no page: only the layout is made."""
+    source = args[0]
+    if not isinstance(source, PagedTensor):
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    device = kwargs.get("device")
+    if device is not None and torch.device(device).type == "meta":
+        return func(meta_like(source), **kwargs)
+    try:
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    except _OpTooLarge:
+        if kwargs.get("layout") not in (None, torch.strided):
+            raise
+    layout = func(meta_like(source), **{name: value for name, value in kwargs.items() if name not in ("device", "pin_memory")})
+    result = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=device if device is not None else source.device,
+                                 pin_memory=bool(kwargs.get("pin_memory")))  # fmt: skip
+    return result.copy_(source, non_blocking=bool(kwargs.get("non_blocking", False)))
 
 
 def _inside_autocast() -> bool:
