@@ -1116,6 +1116,12 @@ def test_storage_sharing_and_dlpack_raise_instead_of_crashing(pager):
             tensor.data_ptr()
     with pytest.raises(BufferError, match="export t.materialize\\(\\) instead"):
         torch.from_dlpack(paged)
+    for export in (torch.utils.dlpack.to_dlpack, torch.to_dlpack):
+        # torch's C function takes the wrapper's storage, which holds no memory: a capsule over a null
+        # pointer, read by its consumer (a segfault).
+        with pytest.raises(BufferError, match="export t.materialize\\(\\) instead"):
+            export(paged)
+        assert torch.equal(torch.from_dlpack(export(torch.arange(4.0))), torch.arange(4.0))
 
 
 def test_safetensors_refuses_a_paged_tensor_by_name(pager, tmp_path):
