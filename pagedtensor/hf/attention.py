@@ -256,13 +256,21 @@ def _sdpa_without_cache(module, query, key, value, attention_mask, scaling, drop
     """No paged cache behind this call: transformers' SDPA on the given keys and values (the model's
     eager attention where SDPA cannot apply soft-capping or sink logits)."""
     eager = _model_eager_attention(module, kwargs)
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-        # a 2D padding mask (a forward that was expected to fill a paged cache): causal, bottom-right aligned
+    if PAGED_FORWARD.get() and (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)):
+        # The 2D padding mask as it came (None: no padding) of a forward that was expected to fill a
+        # paged cache, whose cache took the dense path (:func:`pagedllm_mask`): causal, bottom-right
+        # aligned, within the layer's sliding window (a query sees the keys less than ``window``
+        # positions before it, as transformers' sliding mask).
         q_len, kv_len = query.shape[2], key.shape[2]
         query_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)
         key_pos = torch.arange(kv_len, device=query.device)
-        causal = (key_pos[None, :] <= query_pos[:, None])[None, None]
-        mask = causal & attention_mask.bool()[:, None, None, -kv_len:].to(query.device)
+        visible = key_pos[None, :] <= query_pos[:, None]
+        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        if window is not None:
+            visible &= key_pos[None, :] > query_pos[:, None] - window
+        mask = visible[None, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, None, -kv_len:].to(query.device)
         if eager is not None:
             return eager(module, query, key, value, _additive(mask, query.dtype), dropout=dropout, scaling=scaling, **kwargs)
         return _sdpa(query, key, value, mask, scaling, dropout if module.training else 0.0), None

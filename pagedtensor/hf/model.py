@@ -74,6 +74,7 @@ class CallState(threading.local):
         self.forward_cache: Optional[weakref.ref] = None  # the PagedKVCache this forward fills
         self.claimed = False  # whether this forward claimed forward_cache for the thread (released after it)
         self.generating: Optional[PagedKVCache] = None  # the paged cache of the generate running on this thread
+        self.outer: Optional[int] = None  # id of the module (the model, or its decoder called alone) whose hooks began this forward
 
 
 @dataclasses.dataclass
@@ -89,13 +90,26 @@ class PagingState:
     cache_keyword: str
     original_generate: Any
     hooks: list = dataclasses.field(default_factory=list)
-    paged_layers: list = dataclasses.field(default_factory=list)  # the decoder layers whose weights are paged
     calls: CallState = dataclasses.field(default_factory=CallState, repr=False)  # per thread
+    # Modules are held by weak references: the layers' and the norm's wrapped forwards hold this state,
+    # so strong ones would be reference cycles (see bound_weakly).
+    # The decoder layers whose weights are paged.
+    paged_layer_refs: list = dataclasses.field(default_factory=list, repr=False)
     # The modules that may see a buffer a chunked forward overwrites (the input embeddings, the decoder
     # layers and their submodules, the final norm), and how many forward hooks enable_paging itself
     # left on them: more means a user's hook may keep such a buffer.
-    reused: list = dataclasses.field(default_factory=list)
+    reused_refs: list = dataclasses.field(default_factory=list, repr=False)
     own_hooks: int = 0
+
+    @property
+    def paged_layers(self) -> list[torch.nn.Module]:
+        """The decoder layers whose weights are paged (those still alive)."""
+        return _alive(self.paged_layer_refs)
+
+    @property
+    def reused(self) -> list[torch.nn.Module]:
+        """The modules that may see a buffer a chunked forward overwrites (those still alive)."""
+        return _alive(self.reused_refs)
 
     @property
     def in_place(self) -> bool:
@@ -303,30 +317,64 @@ def _install(
         hot_fraction=hot_fraction,
         stream_group_bytes=stream_group_bytes,
         cache_keyword=cache_keyword(model),
-        original_generate=model.generate,
+        original_generate=bound_weakly(model.generate, model),
     )
     layers = _decoder_layers(model)
     norm = _final_norm(model, layers)
     embeddings = _input_embeddings(model)
-    state.reused = [
-        *([embeddings] if embeddings is not None else []),  # its output is layer 0's input
-        *(module for layer in layers for module in layer.modules()),  # chunks of their inputs
-        *([norm] if norm is not None else []),
+    state.reused_refs = [
+        weakref.ref(module)
+        for module in (
+            *([embeddings] if embeddings is not None else []),  # its output is layer 0's input
+            *(module for layer in layers for module in layer.modules()),  # chunks of their inputs
+            *([norm] if norm is not None else []),
+        )
     ]
     if page_weights:
         _page_layer_weights(model, layers, state)
     state.hooks.append(model.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True))
     state.hooks.append(model.register_forward_hook(_end_forward_hook, always_call=True))  # also when forward raises
+    decoder = _decoder_module(model, layers)
+    if decoder is not None and decoder is not model:
+        begin, end = _decoder_hooks(state)
+        state.hooks.append(decoder.register_forward_pre_hook(begin, with_kwargs=True))
+        state.hooks.append(decoder.register_forward_hook(end, always_call=True))
     for layer in layers:
-        layer.forward = _chunked_layer_forward(layer.forward, state)
+        layer.forward = _chunked_layer_forward(bound_weakly(layer.forward, layer), state)
     if norm is not None:
-        norm.forward = _chunked_rowwise_forward(norm.forward, state)
+        norm.forward = _chunked_rowwise_forward(bound_weakly(norm.forward, norm), state)
     state.own_hooks = _own_hook_count(state)
     setattr(model, STATE_ATTRIBUTE, state)
-    model.generate = _paged_generate(model, state)
+    model.generate = _paged_generate(weakref.ref(model), state)
     model.__reduce_ex__ = _refuse_to_copy_or_save  # pickle and deepcopy look it up on the instance first
     if page_weights:
-        model.save_pretrained = _dense_save_pretrained(model, model.save_pretrained)
+        model.save_pretrained = _dense_save_pretrained(weakref.ref(model), bound_weakly(model.save_pretrained, model))
+
+
+def _alive(refs: list) -> list:
+    """The objects of the weak references ``refs`` still alive, in order."""
+    return [value for value in (ref() for ref in refs) if value is not None]
+
+
+def bound_weakly(method: Any, owner: torch.nn.Module) -> Any:
+    """``method`` (``owner.forward``, ``owner.generate``), where it is a method bound to ``owner``, as a
+    function that calls it through a weak reference to ``owner``, with the bound method's signature
+    (transformers reads ``generate``'s); any other callable as it is. What enable_paging stores on a
+    module itself (``module.forward = wrapper``) must not hold the module: a reference cycle keeps a
+    dropped model, and its pager's device slabs, pinned host memory and page file, alive until
+    Python's cycle collector runs, where a transformers model goes at ``del`` by reference counting."""
+    if not (inspect.ismethod(method) and method.__self__ is owner):
+        return method
+    function, owner_ref = method.__func__, weakref.ref(owner)
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return function(owner_ref(), *args, **kwargs)
+
+    signature = _signature(method)
+    if signature is not None:
+        call.__signature__ = signature
+    return call
 
 
 def _refuse_to_copy_or_save(protocol: int = 2) -> Any:
@@ -353,7 +401,7 @@ def cache_keyword(model: torch.nn.Module) -> str:
 # ---------------------------------------------------------------------- generate
 
 
-def _dense_save_pretrained(model: torch.nn.Module, save_pretrained):
+def _dense_save_pretrained(model_ref: "weakref.ref[torch.nn.Module]", save_pretrained):
     """``save_pretrained`` of a model with paged weights: the state dict it saves holds dense CPU copies
     of them (read through the pager), so the files load anywhere, without pagedtensor; so does a
     ``state_dict`` passed in. (transformers
@@ -364,13 +412,13 @@ def _dense_save_pretrained(model: torch.nn.Module, save_pretrained):
     @functools.wraps(save_pretrained)
     def save(*args, state_dict=None, **kwargs):
         state_dict = {name: value.materialize("cpu") if isinstance(value, PagedTensor) else value
-                      for name, value in (model.state_dict() if state_dict is None else state_dict).items()}  # fmt: skip
+                      for name, value in (model_ref().state_dict() if state_dict is None else state_dict).items()}  # fmt: skip
         return save_pretrained(*args, state_dict=state_dict, **kwargs)
 
     return save
 
 
-def _paged_generate(model: torch.nn.Module, state: PagingState):
+def _paged_generate(model_ref: "weakref.ref[torch.nn.Module]", state: PagingState):
     original = state.original_generate
 
     signature = _signature(original)
@@ -382,6 +430,7 @@ def _paged_generate(model: torch.nn.Module, state: PagingState):
         paged = _find_cache(arguments)  # the caller's own paged cache, or None
         claimed = paged.claim() if paged is not None else False  # refused while another thread uses it
         try:
+            model = model_ref()
             if paged is None and _wants_paged_cache(model, arguments):
                 inputs = arguments.get("inputs", arguments.get("input_ids"))
                 max_tokens = None
@@ -501,6 +550,32 @@ def _find_cache(kwargs: dict) -> Optional[PagedKVCache]:
 
 
 def _begin_forward_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Before every forward of a paged model: this thread's call state set, and the padding of the
+    forward's new tokens given to the cache it fills (:meth:`PagedKVCache.begin_forward`)."""
+    _begin_forward(module, args, kwargs, paging_state(module))
+
+
+def _decoder_hooks(state: PagingState) -> tuple[Any, Any]:
+    """The forward pre-hook and hook of the model's decoder (the module that runs the decoder layers,
+    ``model.model``), for a forward of the decoder alone (``model.model(ids, attention_mask=...,
+    cache=...)``): as the model's own, where no forward of the model runs on this thread (then the
+    model's hooks did it). They hold the state by a weak reference (the model holds the state)."""
+    state_ref = weakref.ref(state)
+
+    def begin(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        state = state_ref()
+        if state is not None and state.calls.outer in (None, id(module)):
+            _begin_forward(module, args, kwargs, state)
+
+    def end(module: torch.nn.Module, args: tuple, output: object) -> None:
+        state = state_ref()
+        if state is not None and state.calls.outer == id(module):
+            _end_forward(state)
+
+    return begin, end
+
+
+def _begin_forward(module: torch.nn.Module, args: tuple, kwargs: dict, state: Optional[PagingState]) -> None:
     if args:  # model(ids, mask, ...): the mask (and a cache) may come by position
         kwargs = _call_arguments(_signature(module.forward), args, kwargs)
     inputs = kwargs.get("input_ids")
@@ -511,11 +586,11 @@ def _begin_forward_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> N
     mask = kwargs.get("attention_mask")
     cache = _find_cache(kwargs)
     PAGED_FORWARD.set(False)  # until begin_forward below has accepted the padding
-    state = paging_state(module)
     if state is not None:
         calls = state.calls
         if calls.forward_cache is not None:  # the last forward on this thread ended in a KeyboardInterrupt, skipping the forward hook
             _end_call(calls)
+        calls.outer = id(module)
         config = getattr(module, "config", None)
         captures = any(
             kwargs.get(name, getattr(config, name, False)) for name in ("output_hidden_states", "output_attentions")
@@ -528,6 +603,17 @@ def _begin_forward_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> N
     if cache is not None and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
         cache.begin_forward(mask, inputs.shape[1])
     PAGED_FORWARD.set(cache is not None)
+
+
+def _decoder_module(model: torch.nn.Module, layers: list[torch.nn.Module]) -> Optional[torch.nn.Module]:
+    """The module whose child ``nn.ModuleList`` holds the decoder ``layers`` (``model.model``), or None."""
+    if not layers:
+        return None
+    for module in model.modules():
+        for child in module.children():
+            if isinstance(child, torch.nn.ModuleList) and len(child) and child[0] is layers[0]:
+                return module
+    return None
 
 
 def _input_embeddings(model: torch.nn.Module) -> Optional[torch.nn.Module]:
@@ -570,9 +656,12 @@ def _end_forward_hook(module: torch.nn.Module, args: tuple, output: object) -> N
     and the cache a forward outside ``generate`` filled left with no pinned pages (its next update
     pins them again), so that the pager can evict them for other work. ``generate``'s own forwards
     keep them from step to step (it unpins them when it returns)."""
+    _end_forward(paging_state(module))
+
+
+def _end_forward(state: Optional[PagingState]) -> None:
     PAGED_FORWARD.set(False)
     ACTIVE_UPDATE.set(None)  # a forward that raised after an update kept the cache alive through it
-    state = paging_state(module)
     if state is not None:
         _end_call(state.calls)
 
@@ -581,7 +670,7 @@ def _end_call(calls: CallState) -> None:
     """Reset this thread's ``calls`` after a forward; unclaim and unpin the cache it filled (see :func:`_end_forward_hook`)."""
     cache = calls.forward_cache() if calls.forward_cache is not None else None
     claimed = calls.claimed
-    calls.in_place, calls.chunked, calls.forward_cache, calls.claimed = False, True, None, False
+    calls.in_place, calls.chunked, calls.forward_cache, calls.claimed, calls.outer = False, True, None, False, None
     if cache is None:
         return
     if claimed:
@@ -729,21 +818,26 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
                     "(a tensor-parallel shard loaded with tp_plan='auto'?). Shard with "
                     "pagedtensor.hf.distributed.shard_by_heads to page weights, or keep page_weights=False"
                 )
-    paged = [
-        (f"layers.{index}.{module_name + '.' if module_name else ''}{name}", module, parameter)
-        for index, layer in enumerate(layers)
-        for module_name, module in layer.named_modules()
-        for name, parameter in module._parameters.items()
-        if parameter is not None and (isinstance(parameter, PagedTensor) or pages_as_weight(parameter, pager.page_size))
-    ]  # fmt: skip
+    weights: dict[int, tuple[str, torch.nn.Module, torch.Tensor]] = {}  # a parameter several modules hold: once, named by its first
+    for index, layer in enumerate(layers):
+        for module_name, module in layer.named_modules():
+            for name, parameter in module._parameters.items():
+                if parameter is not None and (isinstance(parameter, PagedTensor) or pages_as_weight(parameter, pager.page_size)):
+                    weights.setdefault(id(parameter), (f"layers.{index}.{module_name + '.' if module_name else ''}{name}", module, parameter))
+    paged = list(weights.values())
     check_tiers_hold_weights(pager, [parameter.numel() * parameter.element_size() for _, _, parameter in paged])
     check_device_holds_each_weight(pager, [(name, _bytes_read_at_once(module, parameter)) for name, module, parameter in paged])
     replaced: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    replacements: dict[int, torch.nn.Parameter] = {}  # id of a parameter -> its paged one: modules that share a parameter share it paged
     try:
         for index, layer in enumerate(layers):
             for module_name, module in layer.named_modules():
                 for name, parameter in list(module._parameters.items()):
                     if parameter is None:
+                        continue
+                    if id(parameter) in replacements:
+                        module._parameters[name] = replacements[id(parameter)]
+                        replaced.append((module, name, parameter))
                         continue
                     # Used once a token, layer after layer ("loop"), but for the experts of a
                     # mixture-of-experts layer: a token reads those it is routed to (recency).
@@ -757,7 +851,7 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
                     paged = PagedTensor.wrap(parameter.detach(), pager, name=f"layers.{index}.{module_name + '.' if module_name else ''}{name}")
                     pager.advise(paged.allocation, access)
                     _write_back_weight(pager, paged.allocation)
-                    module._parameters[name] = torch.nn.Parameter(paged, requires_grad=False)
+                    module._parameters[name] = replacements[id(parameter)] = torch.nn.Parameter(paged, requires_grad=False)
                     replaced.append((module, name, parameter))
         # A model loaded on the CPU: its paged weights came from there, page by page, and only what
         # stays dense goes to the device, so the device never holds the whole model.
@@ -766,14 +860,14 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
         for module, name, parameter in replaced:
             module._parameters[name] = parameter
         raise
-    state.paged_layers = list(layers)
+    state.paged_layer_refs = [weakref.ref(layer) for layer in layers]
     paged_forwards = _paged_forwards()
     for index, layer in enumerate(layers):
-        state.hooks.append(layer.register_forward_pre_hook(_prefetch_hook(pager, layers[(index + 1) % len(layers)])))
+        state.hooks.append(layer.register_forward_pre_hook(_prefetch_hook(pager, weakref.ref(layers[(index + 1) % len(layers)]))))
         for module in layer.modules():
             forward = paged_forwards.get(type(module))
             if forward is not None and isinstance(module.weight, PagedTensor) and "forward" not in module.__dict__:
-                module.forward = types.MethodType(forward, module)
+                module.forward = bound_weakly(types.MethodType(forward, module), module)
 
 
 def check_tiers_hold_weights(pager: Pager, weights: list[int]) -> None:
@@ -933,9 +1027,10 @@ def _weight_allocations(layer: torch.nn.Module, pager: Pager, routed_experts: bo
     ]  # fmt: skip
 
 
-def _prefetch_hook(pager: Pager, upcoming: torch.nn.Module):
+def _prefetch_hook(pager: Pager, upcoming: "weakref.ref[torch.nn.Module]"):
     """A forward pre-hook that prefetches the ``upcoming`` layer's weights to the device tier, but
     the experts of a mixture-of-experts layer (which of them a token reads is known only there).
+    (The layers' hooks hold the next layer by a weak reference: the last one's names the first.)
 
     The allocations are looked up again whenever one of those last seen is freed: ``model.to(dtype)``
     or ``model.half()`` replaces every paged weight with a new one.
@@ -947,7 +1042,7 @@ def _prefetch_hook(pager: Pager, upcoming: torch.nn.Module):
         if pager.closed:
             return
         if not allocations or any(allocation.freed for allocation in allocations):
-            allocations = _weight_allocations(upcoming, pager, routed_experts=False)
+            allocations = _weight_allocations(upcoming(), pager, routed_experts=False)
         # Weights already on the device are left out (each weight is one allocation, faulted in
         # whole); the rest go as one batch, so that they land in adjacent slots.
         missing = [allocation for allocation in allocations if any(page.device_slot is None for page in allocation.pages)]

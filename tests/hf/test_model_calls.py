@@ -357,3 +357,27 @@ def test_a_forward_asking_for_hidden_states_leaves_in_place_reuse_on_for_later_f
     assert seen == [False, True, False]
     for index, (a, b) in enumerate(zip(got.hidden_states, expected.hidden_states)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"hidden state {index}: {m}")
+
+
+@pytest.mark.parametrize(("family", "page_weights", "attn"), [("llama", True, "pagedllm"), ("llama", False, "sdpa"), ("mistral", True, "sdpa")])
+def test_a_dropped_paged_model_frees_its_pager_at_once(nvme_dir, family, page_weights, attn):
+    """``del model`` frees a transformers model by reference counting, and with it its pager's device
+    slabs, pinned host memory and page file. enable_paging's wrappers (the layers' and norm's chunked
+    forwards, the paged ``Linear``/``Conv1D`` forwards, ``generate``, ``save_pretrained``, the
+    layer-ahead prefetch hooks) held their modules strongly from the modules themselves: reference
+    cycles, which kept the pager alive until Python's cycle collector ran."""
+    reference, model = tiny_pair(family)
+    ids, mask = prompts(1, length=12)
+    gone_reference = weakref.ref(reference)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=24, host_pages=24), attn_implementation=attn, page_weights=page_weights)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False), expected)
+    gone_pager, gone_model = weakref.ref(paging_state(model).pager), weakref.ref(model)
+    gc.collect()
+    gc.disable()
+    try:
+        del reference, model
+        assert gone_reference() is None  # the unpaged model: freed at once
+        assert gone_model() is None and gone_pager() is None
+    finally:
+        gc.enable()

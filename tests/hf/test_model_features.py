@@ -161,3 +161,48 @@ def test_cache_reset_takes_a_new_batch_and_selection_takes_a_boolean_mask(nvme_d
     assert paged_cache.layers[0].cache.batch_size_ == 2
     with pytest.raises(ValueError, match="a boolean mask of 4 for a batch of 2"):
         paged_cache.batch_select_indices(torch.tensor([True, False, True, True]))
+
+
+def test_a_left_padded_prefill_through_the_decoder_alone_records_its_padding(nvme_dir):
+    """enable_paging read the padding of a forward in a hook on the model only: a left-padded prefill
+    through its decoder (``model.model(...)``) stored the pads as tokens, and under ``"pagedllm"``
+    attention (which reads the pages, not the mask) every later step attended to them (logits 0.13 off)."""
+    from transformers import DynamicCache
+
+    reference, model = tiny_pair("llama")
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="pagedllm")
+    ids, mask = prompts(3, length=24)
+    paged, dense = paging_state(model).new_cache(model), DynamicCache(config=reference.config)
+    keyword = paging_state(model).cache_keyword
+    step, step_mask = torch.tensor([[5], [7], [9]]), torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        expected = reference.model(input_ids=ids, attention_mask=mask, **{keyword: dense}).last_hidden_state
+        got = model.model(input_ids=ids, attention_mask=mask, **{keyword: paged}).last_hidden_state
+        torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+        assert [seq.length for seq in paged.layers[0].seqs] == mask.sum(1).tolist()
+        expected = reference(input_ids=step, attention_mask=step_mask, **{keyword: dense}).logits
+        got = model(input_ids=step, attention_mask=step_mask, **{keyword: paged}).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    paged.close()
+
+
+@pytest.mark.parametrize("attn", ["pagedllm", "sdpa"])
+def test_a_cache_that_does_not_know_the_window_still_gets_it_applied(nvme_dir, attn):
+    """A PagedKVCache made without the model's own config (``num_layers=``, or a copy of the config
+    before enable_paging set the attention) takes the dense path; under ``"pagedllm"`` the mask of
+    that path was causal without the layer's sliding window: wrong tokens once the window was outgrown."""
+    from pagedtensor import PagedKVCache
+
+    reference, model = tiny_pair("mistral", sliding_window=6)
+    config_before = copy.deepcopy(model.config)
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation=attn)
+    ids, _ = prompts(1, length=20)
+    settings = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    expected = reference.generate(ids, **settings)
+    pager = paging_state(model).pager
+    for cache in (PagedKVCache(num_layers=model.config.num_hidden_layers, pager=pager), PagedKVCache(config_before, pager=pager)):
+        got = model.generate(ids, **settings, **{paging_state(model).cache_keyword: cache})
+        assert torch.equal(got.sequences, expected.sequences)
+        for a, b in zip(got.logits, expected.logits):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        cache.close()

@@ -739,3 +739,26 @@ def test_llama4_experts_read_their_stacks_whole_so_they_are_checked_prefetched_a
     stacks = {experts.gate_up_proj.allocation, experts.down_proj.allocation}
     assert stacks <= set(_weight_allocations(model.model.layers[1], paging_state(model).pager, routed_experts=False))  # prefetched
     assert all(allocation.loop for allocation in stacks)
+
+
+def test_a_parameter_that_layers_share_is_paged_once_and_stays_shared(nvme_dir):
+    """``model.to()`` keeps a parameter several modules hold shared; paging turned each holder's into a
+    PagedTensor of its own: twice the pages, one more parameter, and after ``requires_grad_`` an
+    optimizer step that differed from the unpaged model's."""
+    reference, model = tiny_pair("llama", attn="sdpa")
+    for each in (reference, model):
+        each.model.layers[1].mlp.up_proj.weight = each.model.layers[0].mlp.up_proj.weight
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=40, host_pages=40), attn_implementation="sdpa", page_weights=True)
+    shared = model.model.layers[0].mlp.up_proj.weight
+    assert isinstance(shared, PagedTensor) and model.model.layers[1].mlp.up_proj.weight is shared
+    assert len(list(model.parameters())) == len(list(reference.parameters()))
+    assert sum(1 for each in paging_state(model).weight_allocations[1] if each is shared.allocation) == 1
+    ids, _ = prompts(1, length=16)
+    for each in (reference, model):
+        each.requires_grad_(True)
+        step = torch.optim.SGD(each.parameters(), lr=0.1)
+        each(ids, labels=ids).loss.backward()
+        step.step()
+    expected, got = reference.state_dict(), model.state_dict()
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
