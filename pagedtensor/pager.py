@@ -598,7 +598,7 @@ class Pager:
                 event = self.engine.record(stream) if self.engine.is_cuda and not self.closed else None
                 for resident, dirty in releases:  # every range, whatever one of them raises
                     try:
-                        resident.release(dirty=dirty if dirty else False, stream=stream, event=event)
+                        resident.release(dirty=dirty, stream=stream, event=event)
                     except Exception as error:  # noqa: BLE001 - raised below, after every range
                         errors.append(error)
         except BaseException:
@@ -608,7 +608,7 @@ class Pager:
             for resident, dirty in releases:
                 if not resident.released:
                     try:
-                        resident.release(dirty=dirty if dirty else False, stream=stream)
+                        resident.release(dirty=dirty, stream=stream)
                     except BaseException:  # noqa: BLE001 - the first interrupt is the one raised
                         pass
             raise
@@ -646,6 +646,7 @@ class Pager:
                 start, stop = self._check_range(allocation, start, stop)  # raises naming what is wrong
             elif not 0 <= start <= stop <= len(allocation.pages):
                 self._check_range(allocation, start, stop)
+            discard = _page_numbers(discard, "discard")
             pins = allocation.pins
             run = self._current_run(allocation, start, stop)
             # From the pin on, an error or a KeyboardInterrupt (Ctrl-C lands after any call) before
@@ -667,7 +668,7 @@ class Pager:
             missing = overwritten = ()
             try:
                 if None in slots:
-                    missing = self._fault_in(pages, frozenset(discard) if discard else _NO_PAGES, touch=not allocation.loop)
+                    missing = self._fault_in(pages, discard, touch=not allocation.loop)
                     overwritten = [page for page in missing if page in self._overwriting] if discard else []
                     slots = list(map(_DEVICE_SLOT, pages))
                     if allocation.loop:
@@ -1682,6 +1683,19 @@ def unpageable_reason(t: torch.Tensor) -> Optional[str]:
     if t.is_conj() or t.is_neg():
         return "resolve the conjugate/negative bit first (t.resolve_conj().resolve_neg())"
     return None
+
+
+def _page_numbers(pages: Iterable[int], name: str) -> frozenset[int]:
+    """``pages`` (page numbers: a list, range, set, numpy or tensor array of ints) as a frozenset of
+    plain ints, else a TypeError naming ``name`` (a 0-d tensor in a frozenset would match no page)."""
+    if type(pages) in (list, tuple, range, set, frozenset) and all(type(page) is int for page in pages):
+        return frozenset(pages) if pages else _NO_PAGES
+    try:
+        return frozenset(_int_argument(page, name) for page in pages)
+    except TypeError as error:
+        if str(error).startswith(f"{name}:"):
+            raise
+        raise TypeError(f"{name}: expected page numbers, got {pages!r}") from None
 
 
 def _int_argument(value: object, name: str) -> int:

@@ -912,6 +912,39 @@ def test_release_together_unpins_every_range_and_marks_only_their_dirty_pages():
         assert torch.equal(pager.read(first), expected) and torch.equal(pager.read(second), random_bytes(2 * PAGE, 2))
 
 
+@pytest.mark.parametrize("make_pages", [numpy.array, torch.tensor, list], ids=["numpy", "tensor", "list"])
+def test_page_numbers_given_as_arrays_mark_and_discard_as_lists_do(make_pages):
+    """``release_together`` tested ``dirty`` for truth: page 0 as a numpy or tensor array was taken
+    for clean (its write lost at the next eviction), two pages raised before the range was released
+    (pinned for good), and ``None`` meant clean where ``ResidentPages.release`` takes it for all.
+    ``ensure_resident(discard=<array>)`` raised the same way, and again while undoing its pin."""
+    with make_pager(device_pages=4, host_pages=8) as pager:
+        for dirty, written in ((make_pages([0]), [7, 0]), (make_pages([0, 1]), [7, 7]), (None, [7, 7])):
+            allocation = pager.allocate(2 * PAGE)
+            pager.write(allocation, torch.zeros(2 * PAGE, dtype=torch.uint8))
+            pager.write_back(allocation)  # clean host copies: a page released clean is dropped on eviction
+            resident = pager.ensure_resident(allocation)
+            for view in resident.views():
+                view.fill_(7)
+            pager.release_together([(resident, dirty)])
+            assert resident.released and [info.pin_count for info in pager.page_table(allocation)] == [0, 0]
+            pager.evict_all()
+            assert pager.read(allocation).view(2, PAGE)[:, 0].tolist() == written, dirty
+            pager.free(allocation)
+        allocation = pager.allocate(2 * PAGE)
+        pager.write(allocation, torch.full((2 * PAGE,), 3, dtype=torch.uint8))
+        pager.evict_all()
+        with pager.ensure_resident(allocation, discard=make_pages([1])) as resident:
+            resident.views()[1].fill_(5)
+            resident.mark_dirty()
+        assert [info.pin_count for info in pager.page_table(allocation)] == [0, 0]
+        assert pager.read(allocation).view(2, PAGE)[:, 0].tolist() == [3, 5]
+        with pytest.raises(TypeError, match="discard: expected an int, got 0.5"):
+            pager.ensure_resident(allocation, discard=[0.5])
+        assert [info.pin_count for info in pager.page_table(allocation)] == [0, 0]
+        pager.free(allocation)
+
+
 def test_pager_methods_name_their_bad_arguments():
     with make_pager() as pager:
         allocation = pager.allocate(2 * PAGE)
