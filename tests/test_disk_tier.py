@@ -149,6 +149,24 @@ def test_any_dtype_with_page_size_bytes(make_tier) -> None:
     assert torch.equal(out.view(torch.float32), page)
 
 
+def test_conjugate_and_negative_views_are_refused_by_name(make_tier) -> None:
+    """A page given as a conjugate or negative view holds other values in memory than it reads: an
+    aligned one was stored unconjugated (read back as its conjugate), an unaligned one failed in the
+    bounce buffer's copy with torch's unrelated error."""
+    tier = make_tier()
+    slot = tier.allocate_slot()
+    page = torch.randn(PAGE // 8, dtype=torch.complex64)
+    for view in (page.conj(), torch.view_as_real(page).neg().view(torch.complex64)._neg_view()):
+        with pytest.raises(ValueError, match=f"write_pages: slot {slot}: tensor is a conjugate or negative view"):
+            tier.write_pages([(slot, view)])
+    tier.write_pages([(slot, page)])
+    with pytest.raises(ValueError, match=f"read_pages: slot {slot}: tensor is a conjugate or negative view"):
+        tier.read_pages([(slot, torch.empty_like(page).conj())])
+    out = torch.empty_like(page)
+    tier.read_pages([(slot, out)])
+    assert torch.equal(out, page)
+
+
 def test_buffered_io_when_o_direct_is_missing(make_tier, monkeypatch) -> None:
     monkeypatch.delattr(os, "O_DIRECT", raising=False)
     tier = make_tier()

@@ -281,7 +281,12 @@ def test_engines_refuse_a_bad_request(engine_name: str) -> None:
     engine = diskio.open_engine(engine_name, depth=4)
     buffer = torch.zeros(16, dtype=torch.uint8)
     try:
-        for bad in (IoRequest(7, 0, buffer.data_ptr(), 16, 0), IoRequest(OP_READ, 0, buffer.data_ptr(), 16, -1)):
+        for bad in (IoRequest(7, 0, buffer.data_ptr(), 16, 0), IoRequest(OP_READ, 0, buffer.data_ptr(), 16, -1),
+                    # past the C request's fields: io_uring's would wrap them (offset 2**64 as 0, fd
+                    # 2**32 + n as fd n: a write to another file), the threads' raise OverflowError
+                    IoRequest(OP_WRITE, 0, buffer.data_ptr(), 16, 2**64), IoRequest(OP_WRITE, 2**32, buffer.data_ptr(), 16, 0),
+                    IoRequest(OP_WRITE, 0, buffer.data_ptr(), 2**64 + 10, 0), IoRequest(OP_WRITE, 0, 2**64, 16, 0),
+                    IoRequest(OP_WRITE, -(2**31) - 1, buffer.data_ptr(), 16, 0)):  # fmt: skip
             with pytest.raises(ValueError, match="I/O request 0: expected op 0 \\(read\\) or 1 \\(write\\)"):
                 engine.submit([bad])
     finally:

@@ -521,13 +521,17 @@ class DiskTier:
             raise ValueError(f"slot {slot} of disk tier {self.file_path} is not allocated")
 
     def _check_tensor(self, tensor: torch.Tensor, caller: str, slot: int) -> int:
-        """The data address of ``tensor`` once it is known to be a contiguous CPU page."""
+        """The data address of ``tensor`` once it is known to be a contiguous CPU page whose memory holds
+        the values it reads (not a conjugate or negative view)."""
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{caller}: slot {slot}: expected a torch.Tensor, got {type(tensor).__name__}")
         if tensor.device.type != "cpu":
             raise ValueError(f"{caller}: slot {slot}: tensor must be on the CPU, got device {tensor.device}")
         if not tensor.is_contiguous():
             raise ValueError(f"{caller}: slot {slot}: tensor must be contiguous")
+        if tensor.is_conj() or tensor.is_neg():
+            raise ValueError(f"{caller}: slot {slot}: tensor is a conjugate or negative view, whose memory holds other values "
+                             "than it reads; pass t.resolve_conj().resolve_neg()")  # fmt: skip
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes != self.page_size:
             raise ValueError(f"{caller}: slot {slot}: tensor has {nbytes} bytes, page_size is {self.page_size}")

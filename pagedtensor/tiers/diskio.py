@@ -53,14 +53,21 @@ class IoRequest(NamedTuple):
     offset: int
 
 
+_INT32_MIN, _INT32_MAX, _INT64_MAX, _UINT64_MAX = -(2**31), 2**31 - 1, 2**63 - 1, 2**64 - 1
+
+
 def check_requests(requests: Sequence[IoRequest]) -> None:
-    """Every request is a read or a write of a non-negative length at a non-negative offset; else a
-    ``ValueError`` naming it (an engine would otherwise do something else: a read, or I/O at the
-    file's current position)."""
+    """Every request is a read or a write of a length and at an offset in ``[0, 2**63)``, on a file
+    descriptor that is a C int (a bad one gives ``-EBADF``), at an address in ``[0, 2**64)``; else a
+    ``ValueError`` naming it (an engine would otherwise do something else: a read, I/O at the file's
+    current position, or, in the C request's fixed-width fields, a value wrapped around: an offset
+    of ``2**64`` as 0, a file descriptor of ``2**32 + n`` as ``n``)."""
     for index, request in enumerate(requests):
-        if request.op not in (OP_READ, OP_WRITE) or request.offset < 0 or request.length < 0:
+        if (request.op not in (OP_READ, OP_WRITE) or not 0 <= request.offset <= _INT64_MAX or not 0 <= request.length <= _INT64_MAX
+                or not _INT32_MIN <= request.fd <= _INT32_MAX or not 0 <= request.address <= _UINT64_MAX):  # fmt: skip
             raise ValueError(f"I/O request {index}: expected op {OP_READ} (read) or {OP_WRITE} (write), a length and "
-                             f"an offset >= 0; got {request}")  # fmt: skip
+                             f"an offset in [0, 2**63), a file descriptor in [-2**31, 2**31) and an address in [0, 2**64); "
+                             f"got {request}")  # fmt: skip
 
 
 class _CRequest(ctypes.Structure):
