@@ -460,9 +460,10 @@ class Pager:
         self.host_policy = make_policy(self.config.eviction_policy, self.host_tier.capacity_pages)
         self._lock = threading.RLock()
         # Pins and the threads that wait for them (see _wait_for_other_threads_pins): per thread
-        # ident, the pages its unreleased ensure_resident calls pin; the threads waiting now; and
-        # the condition they wait on, notified whenever pins are let go (or pages freed) while one waits.
-        self._pinned_pages_by_thread: dict[int, int] = {}
+        # ident, the ranges its unreleased ensure_resident calls pin, ``(allocation id, start, stop)``
+        # -> count; the threads waiting now; and the condition they wait on, notified whenever pins
+        # are let go (or pages freed) while one waits.
+        self._pinned_ranges_by_thread: dict[int, dict[tuple[int, int, int], int]] = {}
         self._pin_waiters: set[int] = set()
         self._unpinned = threading.Condition(self._lock)
         try:
@@ -653,7 +654,7 @@ class Pager:
             # the caller holds the pages unpins them: a pin the caller never got would stay forever.
             if run is not None:  # the same pages as last time and nothing has moved since: no step per page
                 _pin(pins, start, stop)
-                self._count_pins(threading.get_ident(), stop - start)
+                self._count_pins(threading.get_ident(), allocation, start, stop, 1)
                 try:
                     self._note_use(allocation, start, stop, run.pages)
                     self.metrics.count("hits", stop - start)
@@ -664,7 +665,7 @@ class Pager:
             pages = allocation.pages[start:stop]
             slots = list(map(_DEVICE_SLOT, pages))
             _pin(pins, start, stop)
-            self._count_pins(threading.get_ident(), stop - start)
+            self._count_pins(threading.get_ident(), allocation, start, stop, 1)
             missing = overwritten = ()
             try:
                 if None in slots:
@@ -710,7 +711,7 @@ class Pager:
         and the pages of ``faulted`` it zero-filled for an overwrite get their old bytes back (after
         the unpin: a page no other holder pins drops its device slot)."""
         _unpin(allocation.pins, start, stop)
-        self._count_pins(threading.get_ident(), start - stop)
+        self._count_pins(threading.get_ident(), allocation, start, stop, -1)
         overwritten = [page for page in faulted if page in self._overwriting]
         if overwritten:
             self._restore_overwritten(overwritten)
@@ -1204,8 +1205,8 @@ class Pager:
         Stream order: none; a wait is on the host."""
         self._check_open()
         me = threading.get_ident()
-        held = self._pinned_pages_by_thread
-        if held.get(me, 0) > self.device_tier.capacity_pages:
+        held = self._pinned_ranges_by_thread
+        if me in held and _distinct_pages(held[me]) > self.device_tier.capacity_pages:
             return False
         others = [owner for owner in held if owner != me]
         if others:
@@ -1228,16 +1229,24 @@ class Pager:
         self._pin_waiters.clear()
         self._unpinned.notify_all()
 
-    def _count_pins(self, owner: int, pages: int) -> None:
-        """Add ``pages`` (negative: let go) to the pages thread ``owner`` pins (under the lock); pins let
-        go, by a release or by a request that raised after pinning, wake the threads waiting for pins."""
-        held = self._pinned_pages_by_thread
-        count = held.get(owner, 0) + pages
-        if count:
-            held[owner] = count
-        else:
-            held.pop(owner, None)  # an empty range pins nothing, held or not
-        if pages < 0 and self._pin_waiters:
+    def _count_pins(self, owner: int, allocation: Allocation, start: int, stop: int, change: int) -> None:
+        """Count one more (``change`` 1) or one fewer (-1) pin of pages ``[start, stop)`` of ``allocation``
+        by thread ``owner`` (under the lock; an empty range pins nothing); pins let go, by a release or
+        by a request that raised after pinning, wake the threads waiting for pins."""
+        if start != stop:
+            held = self._pinned_ranges_by_thread
+            ranges = held.get(owner)
+            if ranges is None:
+                ranges = held[owner] = {}
+            key = (allocation.id, start, stop)
+            count = ranges.get(key, 0) + change
+            if count:
+                ranges[key] = count
+            else:
+                del ranges[key]
+                if not ranges:
+                    del held[owner]
+        if change < 0 and self._pin_waiters:
             self._wake_pin_waiters()
 
     def _device_evictable(self, page: Page) -> bool:
@@ -1532,7 +1541,7 @@ class Pager:
                 pins[key] = count
             else:
                 del pins[key]
-            self._count_pins(resident.owner, resident.start - resident.stop)
+            self._count_pins(resident.owner, resident.allocation, resident.start, resident.stop, -1)
             if resident.overwritten:
                 self._restore_overwritten(resident.overwritten)
             if self._overwriting:  # pages whose refill failed while this holder pinned them: no holder is left to write them
@@ -1614,6 +1623,21 @@ class Pager:
     def _locked_resident_bytes(self) -> dict[str, int]:
         with self._lock:
             return self._resident_bytes()
+
+
+def _distinct_pages(ranges: dict[tuple[int, int, int], int]) -> int:
+    """How many pages the pinned ranges ``(allocation id, start, stop)`` cover, each page once (a thread
+    may pin one page in several ranges: nested ``ensure_resident`` calls)."""
+    pages = 0
+    last: tuple[int, int] = (-1, 0)  # (allocation id, the end of the pages counted so far)
+    for allocation_id, start, stop in sorted(ranges):
+        if allocation_id == last[0]:
+            start = max(start, last[1])
+            if stop <= last[1]:
+                continue
+        pages += stop - start
+        last = (allocation_id, stop)
+    return pages
 
 
 def _pin(pins: dict[tuple[int, int], int], start: int, stop: int) -> None:

@@ -138,6 +138,49 @@ def test_a_request_waits_for_pages_another_thread_pins_and_runs_once_they_are_le
 
 
 
+def test_a_thread_that_pins_its_pages_twice_still_waits_for_other_threads_pins():
+    """A thread's pins were counted per ``ensure_resident``: one holding the same pages twice (nested
+    ranges, a range inside another) was taken to fill the tier with its own pins, and its request
+    raised at once instead of waiting for another thread's, as it does holding them once."""
+    with make_pager(device_pages=4, host_pages=16, pin_wait_s=60.0) as pager:
+        mine, _ = _written(pager, 2, seed=1)
+        held, _ = _written(pager, 2, seed=2)
+        wanted, data = _written(pager, 1, seed=3)
+        pinned, release, got, errors = threading.Event(), threading.Event(), [], []
+
+        def holder() -> None:
+            with pager.ensure_resident(held):
+                pinned.set()
+                release.wait(timeout=30)
+
+        def requester() -> None:
+            try:
+                with pager.ensure_resident(mine), pager.ensure_resident(mine), pager.ensure_resident(mine, 1, 2):
+                    with pager.ensure_resident(wanted) as resident:
+                        got.append(torch.cat([view.clone() for view in resident.views()]))
+            except Exception as error:  # noqa: BLE001 - checked below
+                errors.append(error)
+
+        threads = [threading.Thread(target=holder), threading.Thread(target=requester)]
+        threads[0].start()
+        pinned.wait(timeout=30)
+        threads[1].start()
+        _wait_until(lambda: threads[1].ident in pager._pin_waiters or not threads[1].is_alive(), "the request to wait or end")
+        release.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert not errors and got and torch.equal(got[0], data)
+        assert not pager._pinned_ranges_by_thread
+
+
+@given(st.dictionaries(st.tuples(st.integers(0, 3), st.integers(0, 12), st.integers(0, 12)).filter(lambda key: key[1] < key[2]),
+                       st.integers(1, 3), max_size=8))  # fmt: skip
+def test_distinct_pages_of_pinned_ranges_count_each_page_once(ranges):
+    from pagedtensor.pager import _distinct_pages
+
+    assert _distinct_pages(ranges) == len({(allocation, page) for allocation, start, stop in ranges for page in range(start, stop)})
+
+
 def test_a_request_that_raises_after_pinning_wakes_the_threads_waiting_for_pins():
     """A request pins its range before it faults pages in; one that then raises (here: more pages than
     the tier) lets its pins go and, as a release does, wakes the threads waiting for pins. It did not:
@@ -1190,7 +1233,7 @@ def test_an_empty_page_range_pins_nothing_and_releases():
         empty = pager.ensure_resident(allocation, 2, 2)
         held.release()
         empty.release()
-        assert not allocation.pins and not pager._pinned_pages_by_thread
+        assert not allocation.pins and not pager._pinned_ranges_by_thread
 
 
 def test_released_pages_refuse_their_views_and_marks():
