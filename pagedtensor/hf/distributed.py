@@ -247,7 +247,44 @@ def _layer_shards(layer: torch.nn.Module, config: Any, world: int) -> tuple[dict
     for name in ROW_PARALLEL:
         if linears[name].in_features % world:
             raise ValueError(f"{where}: world size {world} does not divide {name}'s {linears[name].in_features} input features")
+    _check_nothing_else_split(attention, mlp, linears, head_dim, counts[0], counts[1], where)
     return linears, (counts[0], counts[1])
+
+
+def _check_nothing_else_split(attention: torch.nn.Module, mlp: torch.nn.Module, linears: dict[str, torch.nn.Linear], head_dim: int,
+                              heads: int, kv_heads: int, where: str) -> None:  # fmt: skip
+    """Refuse a layer whose attention or MLP holds state beside the split projections that depends on
+    how they are split, which sharding would leave whole: a norm over all heads' features at once
+    (OLMo 2's ``q_norm`` of ``heads * head_dim``), one per head (Cohere's ``(heads, head_dim)`` weight,
+    StableLM's ``qk_layernorm`` list of norms), or statistics over the whole intermediate size (Gemma
+    3n's activation sparsity). A norm over ``head_dim`` that every head shares (Qwen 3's, Gemma 3's)
+    is the same on every rank.
+
+    Raises:
+        TypeError: naming the parameter, buffer or setting (the model is left as it was).
+    """
+    split = {id(tensor) for linear in linears.values() for tensor in (*linear.parameters(), *linear.buffers())}
+    widths = {heads * head_dim, kv_heads * head_dim} - {head_dim}
+    intermediate = linears["gate_proj"].out_features
+
+    def refuse(what: str, owner: str) -> TypeError:
+        return TypeError(f"{where}: {what} in {owner} depends on how its projections are split, and sharding by heads would "
+                         "leave it whole; load with tp_plan='auto', or keep one process")  # fmt: skip
+
+    for owner, module, sizes in (("the attention", attention, widths), ("the MLP", mlp, {intermediate})):
+        for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+            if id(tensor) in split:
+                continue
+            shape = tuple(tensor.shape)
+            per_head = module is attention and len(shape) >= 2 and shape[0] in (heads, kv_heads) and shape[1] == head_dim
+            if per_head or sizes.intersection(shape):
+                raise refuse(f"{name} of shape {shape}", owner)
+    for name, child in attention.named_modules():
+        if isinstance(child, torch.nn.ModuleList) and len(child) in (heads, kv_heads) and any(True for _ in child.parameters()):
+            raise refuse(f"{name}, a list of {len(child)} modules (one per head)", "the attention")
+    sparsity = getattr(mlp, "activation_sparsity", 0.0)
+    if isinstance(sparsity, (int, float)) and sparsity > 0:
+        raise refuse(f"activation_sparsity={sparsity}", "the MLP")  # a threshold from statistics over the whole intermediate size
 
 
 def _split_rows(linear: torch.nn.Linear, rank: int, world: int) -> None:

@@ -227,3 +227,40 @@ def test_one_rank_is_plain_paging(one_rank_group, nvme_dir):
     enable_tensor_parallel_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa", prefill_chunk_size=16)
     expected, got = _generate(reference, 3), _generate(model, 3)
     assert torch.equal(got.sequences, expected.sequences)
+
+
+def _tiny_model(config_class, model_class, **extra):
+    config = config_class(**{**TINY, **extra})
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return model_class(config).eval()
+
+
+def test_shard_by_heads_refuses_norms_and_statistics_it_cannot_split(one_rank_group):
+    """State beside the split projections that depends on the split was left whole: OLMo 2's q/k
+    norms over every head's features and Cohere's per-head norm weights made the first forward fail
+    with a bare shape error, StableLM's list of per-head norms (and Gemma 3n's activation sparsity,
+    thresholds from the whole intermediate size's statistics) silently gave other tokens on 2 ranks.
+    Each is refused naming it, the model as it was; norms over head_dim every head shares are fine."""
+    import transformers
+
+    cases = [
+        (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, {}, "q_norm.weight of shape \\(64,\\)"),
+        (transformers.CohereConfig, transformers.CohereForCausalLM, {"use_qk_norm": True}, "q_norm.weight of shape \\(4, 16\\)"),
+        (transformers.StableLmConfig, transformers.StableLmForCausalLM, {"qk_layernorm": True},
+         "q_layernorm.norms, a list of 4 modules \\(one per head\\)"),
+    ]  # fmt: skip
+    if hasattr(transformers, "Gemma3nForCausalLM"):
+        cases.append((transformers.Gemma3nTextConfig, transformers.Gemma3nForCausalLM,
+                      {"num_kv_shared_layers": 0, "layer_types": ["sliding_attention", "full_attention"], "hidden_size_per_layer_input": 8,
+                       "vocab_size_per_layer_input": TINY["vocab_size"], "activation_sparsity_pattern": [0.95, 0.0]},
+                      "activation_sparsity=0.95"))  # fmt: skip
+    for config_class, model_class, extra, named in cases:
+        model = _tiny_model(config_class, model_class, **extra)
+        parameters = dict(model.named_parameters())
+        with pytest.raises(TypeError, match=f"layer 0: {named} in the (attention|MLP) depends on how its projections are split"):
+            shard_by_heads(model)
+        assert dict(model.named_parameters()) == parameters and not hasattr(model, "_pagedllm_tensor_parallel")
+    for config_class, model_class, extra in ((transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {}),
+                                             (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, {})):  # fmt: skip
+        shard_by_heads(_tiny_model(config_class, model_class, **extra))  # q/k norms over head_dim, shared by every head
