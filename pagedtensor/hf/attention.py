@@ -97,7 +97,7 @@ def pagedllm_attention(
     cache = active.cache
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         attention_mask = None  # padding: the cache stored real tokens only and knows where they start
-    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    window = _layer_window(module, kwargs)
     reason = _fallback_reason(cache, layer_idx, query, attention_mask, dropout if module.training else 0.0, window, kwargs)
     if reason is not None:
         log.debug("pagedllm attention, layer %s: dense attention on the pages (%s)", layer_idx, reason)
@@ -175,6 +175,15 @@ def _tables(piece: KeyPiece, device: torch.device) -> tuple[torch.Tensor, torch.
     seq_lens = staged[batch * width : batch * width + batch]
     q_start = staged[batch * width + batch :] if piece.q_start is not None else None
     return block_table, seq_lens, q_start
+
+
+def _layer_window(module: torch.nn.Module, kwargs: dict) -> Optional[int]:
+    """The sliding window of this call's layer: the ``sliding_window`` the model passes the attention
+    (``None`` on a full-attention layer: Exaone 4's keep the config's window as an attribute on
+    every layer), else its attention module's attribute."""
+    if "sliding_window" in kwargs:
+        return kwargs["sliding_window"]
+    return getattr(module, "sliding_window", None)
 
 
 def _fallback_reason(cache: PagedKVCache, layer_idx: int, query: torch.Tensor, attention_mask, dropout: float, window, kwargs) -> Optional[str]:
@@ -265,7 +274,7 @@ def _sdpa_without_cache(module, query, key, value, attention_mask, scaling, drop
         query_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)
         key_pos = torch.arange(kv_len, device=query.device)
         visible = key_pos[None, :] <= query_pos[:, None]
-        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        window = _layer_window(module, kwargs)
         if window is not None:
             visible &= key_pos[None, :] > query_pos[:, None] - window
         mask = visible[None, None]

@@ -1199,6 +1199,9 @@ def _paged_attention_unsupported(model: torch.nn.Module) -> Optional[str]:
     if getattr(config, "kv_lora_rank", None):
         return (f"caches compressed latents (config.kv_lora_rank={config.kv_lora_rank}: multi-head latent attention) and "
                 f"expands them into the keys and values it attends to, which the paged kernels never see")  # fmt: skip
+    if getattr(config, "model_type", None) == "jetmoe":
+        return ("is a mixture of attention heads (JetMoE): it repeats the keys the cache returns for each expert a token is "
+                "routed to, keys the paged kernels never see")  # fmt: skip
     if _declares_flash_attention_unsupported(model):
         return ("does not support flash attention (_supports_flash_attn is False: masks beyond causal, padding and "
                 "sliding window, as PaliGemma's two-way prefix, or attention of another form), and the paged kernels are flash attention")  # fmt: skip
@@ -1271,7 +1274,7 @@ class GenerationMeasurement:
     sequences: torch.Tensor
     new_tokens: int
     time_to_first_token_s: float
-    tokens_per_second: Optional[float]  # decode rate after the first token
+    tokens_per_second: Optional[float]  # decode rate after the first token, of one sequence (a batch of n decodes n times as many)
     total_s: float
     peak_memory_gb: Optional[float]  # GiB (2**30 bytes) of CUDA memory allocated at peak; None on CPU
     paging: dict = dataclasses.field(default_factory=dict)
@@ -1280,34 +1283,19 @@ class GenerationMeasurement:
     allocator_retries: Optional[int] = None
 
     def __getattr__(self, name: str) -> Any:  # behave like the wrapped output for its fields
-        if name in ("output", "__setstate__"):
+        if name == "output" or (name.startswith("__") and name.endswith("__")):  # copy and pickle look up dunders
             raise AttributeError(name)
         return getattr(self.output, name)
 
 
-class _FirstStepTimer:
-    """A logits processor that notes when the first new token's logits exist and changes nothing.
-
-    A logits processor runs at every step of every decoding mode (greedy, sampling, beam search),
-    unlike a streamer, which beam search refuses.
-    """
-
-    def __init__(self, on_first_step) -> None:
-        self.on_first_step = on_first_step
-        self.calls = 0
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.calls == 1:
-            if scores.is_cuda:
-                torch.cuda.synchronize(scores.device)
-            self.on_first_step()
-        return scores
-
-
 def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = None, **kwargs) -> GenerationMeasurement:
     """Run ``model.generate(*args, **kwargs)`` and measure time to first token, decode tokens/s,
-    peak CUDA memory and (with a ``pager``) the bytes the pager moved per decoded token."""
+    peak CUDA memory and (with a ``pager``) the bytes the pager moved per decoded token.
+
+    The first token is timed when ``model``'s first forward of the call returns (its logits
+    synchronized on CUDA), by a forward hook for the call's length: the forward every decoding mode
+    runs first on the model itself (a logits processor would also run for an assistant's candidates,
+    before the model's prefill)."""
     inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
     prompt_len = inputs.shape[1] if isinstance(inputs, torch.Tensor) else 0
     cuda = torch.cuda.is_available() and _model_device(model) is not None and _model_device(model).type == "cuda"
@@ -1318,16 +1306,25 @@ def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = Non
         if pager is not None:
             marks["stats"] = pager.stats()
 
-    from transformers import LogitsProcessorList
+    def first_forward(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if "first" in marks:
+            return
+        logits = getattr(output, "logits", None)
+        if isinstance(logits, torch.Tensor) and logits.is_cuda:
+            torch.cuda.synchronize(logits.device)
+        first_token()
 
-    kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), _FirstStepTimer(first_token)])
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         retries_before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     before = pager.stats() if pager is not None else None
+    hook = model.register_forward_hook(first_forward)
     start = time.perf_counter()
-    output = model.generate(*args, **kwargs)
+    try:
+        output = model.generate(*args, **kwargs)
+    finally:
+        hook.remove()
     if cuda:
         torch.cuda.synchronize()
     end = time.perf_counter()
@@ -1362,6 +1359,22 @@ def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = Non
 # ---------------------------------------------------------------------- PagedModel
 
 
+def _paging_option_names() -> list[str]:
+    """The options of :func:`enable_paging` that ``paging`` takes (not ``pager`` nor ``memory_config``)."""
+    return [name for name in inspect.signature(enable_paging).parameters if name not in ("model", "memory_config", "pager")]
+
+
+def _returning_wrapper(method: Any, wrapper: Any) -> Any:
+    """``method`` (bound to the wrapped model) giving ``wrapper`` where it returns the model."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        result = method(*args, **kwargs)
+        return wrapper if result is method.__self__ else result
+
+    return call
+
+
 def _check_paging_dict(memory_config: Optional[MemoryConfig], paging: Optional[dict]) -> None:
     """``PagedModel.from_pretrained``'s ``paging``: a dict of :func:`enable_paging` options (not
     ``pager`` nor ``memory_config``, which from_pretrained takes itself), each checked."""
@@ -1369,7 +1382,7 @@ def _check_paging_dict(memory_config: Optional[MemoryConfig], paging: Optional[d
     if not isinstance(paging, dict):
         raise TypeError(f"paging: expected a dict of enable_paging options, got {type(paging).__name__}")
     signature = inspect.signature(enable_paging)
-    options = [name for name in signature.parameters if name not in ("model", "memory_config", "pager")]
+    options = _paging_option_names()
     unknown = sorted(str(key) for key in paging if key not in options)
     if unknown:
         raise TypeError(f"paging: unknown option(s) {unknown}; enable_paging's options are {options}")
@@ -1404,6 +1417,7 @@ class PagedModel:
         gguf_file: Optional[str] = None,
         dtype: Any = None,
         load_tokenizer: bool = True,
+        tokenizer: Any = None,
         paging: Optional[dict] = None,
         **hf_kwargs: Any,
     ) -> "PagedModel":
@@ -1414,16 +1428,29 @@ class PagedModel:
         ``device_map`` that has accelerate dispatch the model (over several devices, or offloading
         to the CPU or disk) is refused once loaded: its hooks would move the weights at every forward.
         With ``tp_plan="auto"`` (under ``torchrun``): this rank's tensor-parallel shard, paged with
-        ``memory_config`` as this rank's own budget (:func:`pagedtensor.hf.distributed.load_tensor_parallel`)."""
+        ``memory_config`` as this rank's own budget (:func:`pagedtensor.hf.distributed.load_tensor_parallel`).
+        ``attn_implementation`` is the paged model's (as ``paging={"attn_implementation": ...}``); a
+        ``tokenizer`` given is used instead of loading one. enable_paging's other options go in
+        ``paging`` only (as keywords they would reach the model's constructor)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if hf_kwargs.get("attn_implementation") == ATTENTION_NAME:
-            # transformers knows "pagedllm" only once registered, and the attention reads a paged cache
-            # only under enable_paging: the same as paging={"attn_implementation": "pagedllm"}.
-            given = (paging or {}).get("attn_implementation", ATTENTION_NAME)
-            if given != ATTENTION_NAME:
-                raise ValueError(f"attn_implementation={ATTENTION_NAME!r} and paging's attn_implementation={given!r} disagree; give one")
-            paging = {**(paging or {}), "attn_implementation": hf_kwargs.pop("attn_implementation")}
+        given_tokenizer = tokenizer
+
+        misplaced = sorted(name for name in hf_kwargs if name in _paging_option_names() and name != "attn_implementation")
+        if misplaced:
+            raise TypeError(f"PagedModel.from_pretrained: enable_paging option(s) {misplaced} go in paging={{...}}; "
+                            "the other keywords go to transformers' from_pretrained")  # fmt: skip
+        if "attn_implementation" in hf_kwargs:
+            # The model's attention is enable_paging's, whose "auto" would switch it to the kernels: the
+            # same as paging={"attn_implementation": ...}. transformers loads it with the same one (but
+            # "pagedllm", which it knows only once registered: enable_paging sets it).
+            attention = hf_kwargs["attn_implementation"]
+            given = (paging or {}).get("attn_implementation", attention)
+            if given != attention:
+                raise ValueError(f"attn_implementation={attention!r} and paging's attn_implementation={given!r} disagree; give one")
+            paging = {**(paging or {}), "attn_implementation": attention}
+            if attention == ATTENTION_NAME:
+                del hf_kwargs["attn_implementation"]
         _check_paging_dict(memory_config, paging)  # before loading gigabytes of weights
         if hf_kwargs.get("tp_plan") is not None:  # tensor parallel under torchrun: one pager per rank
             from pagedtensor.hf.distributed import load_tensor_parallel
@@ -1441,8 +1468,8 @@ class PagedModel:
         if not (paging or {}).get("page_weights"):
             model.to(config.device)  # else enable_paging pages the layers' weights from the CPU and moves only the rest
         model.eval()
-        tokenizer = None
-        if load_tokenizer:
+        tokenizer = given_tokenizer
+        if load_tokenizer and tokenizer is None:
             tokenizer_kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
             try:
                 tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tokenizer_kwargs)
@@ -1466,11 +1493,34 @@ class PagedModel:
     def __getattr__(self, name: str) -> Any:
         if name in ("model", "tokenizer"):
             raise AttributeError(name)
-        return getattr(self.model, name)
+        value = getattr(self.model, name)
+        if inspect.ismethod(value) and value.__self__ is self.model:
+            return _returning_wrapper(value, self)  # model.eval() returns the model: paged.eval() returns paged
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``model`` and ``tokenizer`` are the wrapper's own; any other attribute is the model's
+        (``paged.generation_config = ...`` is what the model's generate reads)."""
+        if name in ("model", "tokenizer"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.model, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in ("model", "tokenizer"):
+            object.__delattr__(self, name)
+        else:
+            delattr(self.model, name)
 
     def close(self) -> None:
         """Close the pager (free every tier). The model cannot generate with paging afterwards."""
         self.pager.close()
+
+    def __enter__(self) -> "PagedModel":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"PagedModel({type(self.model).__name__}, pager={self.pager.config})"

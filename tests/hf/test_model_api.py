@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -582,3 +583,77 @@ def test_a_paged_cache_refuses_deepcopy_and_its_advice_reuses_a_prompt(nvme_dir)
         cache.crop(11 - cache.get_seq_length())
         assert cache.get_seq_length() == 11
     cache.close()
+
+
+def test_paged_model_passes_settings_to_the_model_and_stays_itself(nvme_dir):
+    """Writes to a PagedModel stayed on the wrapper: ``paged.generation_config = ...`` read back but
+    generate used the model's own. The model's methods that return it (``eval``, ``train``, ``to``)
+    gave the bare model, and the wrapper had no ``with`` form; a measurement deep-copied came out
+    as its bare output."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    reference, model = tiny_pair("llama")
+    ids, mask = prompts(1, length=12)
+    with PagedModel(model, tiny_budget(nvme_dir), attn_implementation="sdpa") as paged:
+        paged.generation_config = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert model.generation_config is paged.generation_config
+        assert paged.generate(ids, attention_mask=mask).shape[1] == ids.shape[1] + 3
+        assert paged.eval() is paged and paged.to(torch.float32) is paged and not model.training
+        assert paged.train(False) is paged
+        measured = paged.generate(ids, attention_mask=mask, measure_memory=True)
+        copied = copy.deepcopy(measured)
+        assert type(copied) is type(measured) and copied.time_to_first_token_s == measured.time_to_first_token_s
+        assert torch.equal(copied.sequences, measured.sequences)
+        pager = paged.pager
+    assert pager.closed
+
+
+def test_measure_memory_times_the_main_models_first_token_and_keeps_positional_arguments(nvme_dir):
+    """The first token was timed by a logits processor: assisted decoding runs the processors for its
+    candidates before the main model's prefill (time to first token 6.5 ms against a 0.8 s prefill),
+    and a logits processor list given by position then came twice (a TypeError)."""
+    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+    class Count(LogitsProcessor):
+        calls = 0
+
+        def __call__(self, input_ids, scores):
+            Count.calls += 1
+            return scores
+
+    reference, model = tiny_pair("llama")
+    ids, mask = prompts(1, length=20)
+    paged = PagedModel(model, tiny_budget(nvme_dir), attn_implementation="sdpa")
+    forwards: list[float] = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(time.perf_counter()))
+    model.register_forward_hook(lambda module, args, output: time.sleep(0.3) if len(forwards) == 1 else None)
+    start = time.perf_counter()
+    result = paged.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, prompt_lookup_num_tokens=3, measure_memory=True)
+    assert result.time_to_first_token_s >= 0.3 + forwards[0] - start
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(result.sequences, expected)
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    measured = paged.generate(ids, config, LogitsProcessorList([Count()]), attention_mask=mask, measure_memory=True)
+    assert torch.equal(measured.sequences, expected[:, : ids.shape[1] + 4]) and Count.calls == 4
+
+
+def test_from_pretrained_honours_the_attention_it_is_given_and_names_paging_options(tmp_path, nvme_dir):
+    """``attn_implementation="eager"`` (or ``"sdpa"``) went to transformers, and then enable_paging's
+    ``"auto"`` switched the model to the kernels; enable_paging's options given as keywords reached
+    the model's constructor ("unexpected keyword argument 'page_weights'"). A tokenizer given is used."""
+    reference, _ = tiny_pair("llama")
+    reference.save_pretrained(tmp_path / "tiny")
+    for attention in ("eager", "sdpa"):
+        paged = PagedModel.from_pretrained(str(tmp_path / "tiny"), tiny_budget(nvme_dir), load_tokenizer=False, attn_implementation=attention)
+        assert paged.config._attn_implementation == attention == paging_state(paged.model).attn_implementation
+        paged.close()
+    with pytest.raises(ValueError, match="attn_implementation='eager' and paging's attn_implementation='sdpa' disagree"):
+        PagedModel.from_pretrained(str(tmp_path / "tiny"), attn_implementation="eager", paging={"attn_implementation": "sdpa"})
+    with pytest.raises(TypeError, match=r"enable_paging option\(s\) \['page_weights', 'sink_pages'\] go in paging=\{\.\.\.\}"):
+        PagedModel.from_pretrained(str(tmp_path / "tiny"), tiny_budget(nvme_dir), page_weights=True, sink_pages=1)
+    marker = object()
+    paged = PagedModel.from_pretrained(str(tmp_path / "tiny"), tiny_budget(nvme_dir), tokenizer=marker)
+    assert paged.tokenizer is marker
+    paged.close()

@@ -76,6 +76,14 @@ def _gemma3n_shared_kv():
     return _pair(transformers.Gemma3nTextConfig, transformers.Gemma3nForCausalLM, "sdpa", **fields)
 
 
+def _jetmoe():
+    """JetMoE's attention is a mixture of experts over heads: it repeats the keys the cache returns
+    for each expert a token is routed to, keys the paged kernels never see."""
+    fields = dict(num_hidden_layers=2, hidden_size=64, num_key_value_heads=2, kv_channels=16, intermediate_size=64, num_local_experts=4,
+                  num_experts_per_tok=2, vocab_size=128, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    return _pair(transformers.JetMoeConfig, transformers.JetMoeForCausalLM, "sdpa", **fields)
+
+
 def _gemma4_shared_kv():
     """Gemma 4's small models' layout: the last layers reuse earlier layers' keys, and full-attention
     layers have twice the head size of sliding ones."""
@@ -92,6 +100,7 @@ def _gemma4_shared_kv():
         pytest.param(_falcon_alibi, "ALiBi" if FALCON_USES_THE_INTERFACE else "attention interface", id="falcon-alibi"),
         pytest.param(_llama4_chunked, "chunked_attention", id="llama4-chunked-attention"),  # attended across chunks
         pytest.param(_gemma3n_shared_kv, "num_kv_shared_layers", id="gemma3n-shared-kv"),  # shared layers saw one key
+        pytest.param(_jetmoe, "mixture of attention heads", id="jetmoe"),  # "auto" took the kernels, then every generate raised
         pytest.param(_gemma4_shared_kv, "num_kv_shared_layers", id="gemma4-shared-kv",
                      marks=pytest.mark.skipif(not hasattr(transformers, "Gemma4TextConfig"), reason="transformers before Gemma 4")),
     ],
@@ -129,6 +138,10 @@ MORE_FAMILIES = {  # name: (config, model, fields beyond TINY or instead of it, 
     "phi": ("PhiConfig", "PhiForCausalLM", TINY, "sdpa"),
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {**TINY, "sliding_window": None}, "sdpa"),
     "granite": ("GraniteConfig", "GraniteForCausalLM", TINY, "sdpa"),
+    # Its full-attention layers keep the config's sliding_window as an attribute and pass the
+    # attention sliding_window=None: they were given the window (tokens 0.45 apart).
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", {**TINY, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
+                "sdpa"),  # fmt: skip
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=2, n_embd=64, n_head=4, n_positions=256, **_LEGACY), "sdpa"),
     "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", TINY, "sdpa"),
     # Their layers name the attention attn and were not found as decoder layers: they prefilled in one piece.
