@@ -9,6 +9,8 @@ on its dims ordered outermost first. Bad indices raise the dense op's error befo
 
 from __future__ import annotations
 
+import re
+
 from typing import Callable
 
 import pytest
@@ -201,6 +203,28 @@ def test_bad_indices_past_the_tier_raise_the_dense_error(op, error):
         with pytest.raises(error) as paged_error:
             op(t)
         assert str(dense_error.value).splitlines()[0] in str(paged_error.value)
+        assert within_tier(pager)
+
+
+@pytest.mark.parametrize(
+    "shape, view, dim",
+    [((64, 1024), lambda t: t, 1), ((8, 4096), lambda t: t, 1), ((1024, 64), lambda t: t.t(), 1), ((16, 8, 512), lambda t: t, 2),
+     ((8, 4, 1184), lambda t: t.diagonal(2, 2, 0), 1), ((8, 4, 1184), lambda t: t.diagonal(2, 2, 0), 0)],
+    ids=["columns", "columns of rows wider than a piece", "columns of t.T", "last dim of 3", "columns of a diagonal view", "rows of a diagonal view"],
+)  # fmt: skip
+@pytest.mark.parametrize("value", [-1, 99999])
+def test_index_select_out_of_range_along_any_dim_past_the_tier_raises_the_dense_error(shape, view, dim, value):
+    """torch's CPU ``index_select`` raises ``RuntimeError`` ("INDICES element is out of DATA bounds")
+    along a matrix's columns and ``IndexError`` otherwise: past the tier the paged op raised the
+    ``IndexError`` for both, or, with rows wider than a piece, the pager's DeviceTierFullError."""
+    values = torch.randn(*shape)
+    index = torch.tensor([1, value])
+    with make_pager() as pager:
+        t = PagedTensor.wrap(values.clone(), pager)
+        with pytest.raises(Exception) as dense_error:
+            torch.index_select(view(values), dim, index)
+        with pytest.raises(dense_error.type, match=re.escape(str(dense_error.value).splitlines()[0])):
+            torch.index_select(view(t), dim, index)
         assert within_tier(pager)
 
 

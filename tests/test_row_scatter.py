@@ -1172,6 +1172,39 @@ def test_bad_scatters_raise_torchs_error_before_any_page_faults_in(name):
         assert torch.equal(table.materialize(), x)
 
 
+@pytest.mark.parametrize("op", ["index_add_", "index_copy_", "index_reduce_"])
+def test_an_index_out_of_bounds_of_a_one_dim_table_raises_torchs_error(op):
+    """torch's ``index_add_`` raises ``IndexError`` for a 1-D table (``RuntimeError`` from 2 dims on):
+    the paged op raised the 2-D form's ``RuntimeError`` for both."""
+    x = torch.arange(64 * 256, dtype=torch.float32)
+    call = {"index_add_": lambda t: t.index_add_(0, torch.tensor([99999, 3]), torch.ones(2)),
+            "index_copy_": lambda t: t.index_copy_(0, torch.tensor([99999, 3]), torch.ones(2)),
+            "index_reduce_": lambda t: t.index_reduce_(0, torch.tensor([99999, 3]), torch.ones(2), "prod")}[op]  # fmt: skip
+    with pytest.raises(Exception) as dense_error:
+        call(x.clone())
+    with make_pager() as pager:
+        table = PagedTensor.wrap(x.clone(), pager)
+        with pytest.raises(dense_error.type, match=re.escape(str(dense_error.value).splitlines()[0])):
+            call(table)
+        assert torch.equal(table.materialize(), x)
+
+
+@pytest.mark.parametrize("op", ["put_", "masked_scatter_"])
+def test_writes_into_an_expanded_view_raise_torchs_overlap_error(op):
+    """``put_`` and ``masked_scatter_`` past the tier checked torch's errors on a stand-in without
+    the table's stride 0, and wrote into ``t.expand(2, n)`` where torch refuses to."""
+    x = torch.arange(64 * 256, dtype=torch.float32)
+    call = {"put_": lambda t: t.put_(torch.tensor([5, 20000, 100]), torch.tensor([1.0, 2.0, 3.0])),
+            "masked_scatter_": lambda t: t.masked_scatter_(torch.arange(x.numel()) % 1000 == 0, torch.zeros(2 * x.numel()))}[op]  # fmt: skip
+    with pytest.raises(RuntimeError) as dense_error:
+        call(x.clone().expand(2, x.numel()))
+    with make_pager() as pager:
+        table = PagedTensor.wrap(x.clone(), pager)
+        with pytest.raises(RuntimeError, match=re.escape(str(dense_error.value).splitlines()[0])):
+            call(table.expand(2, x.numel()))
+        assert torch.equal(table.materialize(), x)
+
+
 def test_other_forms_and_small_tables_run_the_generic_way():
     """A table that fits in the device tier, a scatter along dim 1, and a source that is a
     PagedTensor of another allocation: the dense op's result."""

@@ -135,6 +135,7 @@ def gather_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
     try:
         return DISPATCHER.run_paged(func, types, args, kwargs)
     except _OpTooLarge:
+        _check_index_select_bounds(func, args, kwargs)  # torch's error before the pager's
         permuted = _gather_of_outermost_first(func, args, kwargs)
         if permuted is not None:
             return permuted
@@ -161,12 +162,25 @@ def _reads_no_element(func: OpOverload, args: tuple) -> bool:
     return isinstance(index, torch.Tensor) and index.numel() == 0
 
 
-def _positions_in_range(func: OpOverload, index: torch.Tensor, bound: int, size: int, dim: int = 0) -> torch.Tensor:
+def _check_index_select_bounds(func: OpOverload, args: tuple, kwargs: dict) -> None:
+    """For ``index_select`` along any dim by an integer index: the dense op's error for an index out
+    of range (:func:`_positions_in_range`), no page read; any other call is left to its path."""
+    if func is not aten.index_select.default or kwargs or len(args) != 3:
+        return
+    table, dim, index = args
+    if not isinstance(dim, int) or not -table.dim() <= dim < table.dim() or not isinstance(index, torch.Tensor):
+        return
+    if index.dtype in (torch.int64, torch.int32) and index.dim() <= 1:
+        dim %= table.dim()
+        _positions_in_range(func, _dense(index), table.shape[dim], table.shape[dim], dim, table.dim())
+
+
+def _positions_in_range(func: OpOverload, index: torch.Tensor, bound: int, size: int, dim: int = 0, table_dims: int = 1) -> torch.Tensor:
     """``index``'s values as int64 on the CPU, those below 0 counted from ``bound`` where ``func``
     counts so (``index``, ``take``; not ``gather``, ``index_select``, ``embedding``), after checking
     each is in ``[0, bound)``: else the error the dense op raises (on the CPU), naming the value as
-    given and dim ``dim`` of ``size`` elements, before any page faults in (and before a CUDA
-    kernel could assert)."""
+    given and dim ``dim`` of ``size`` elements of a table of ``table_dims`` dims, before any page
+    faults in (and before a CUDA kernel could assert)."""
     given = index.reshape(-1).to("cpu", torch.int64)
     counts_from_end = func is aten.index.Tensor or func is aten.take.default
     flat = torch.where(given < 0, given + bound, given) if counts_from_end else given
@@ -174,6 +188,8 @@ def _positions_in_range(func: OpOverload, index: torch.Tensor, bound: int, size:
     if bad.numel():
         if func is aten.take.default:
             raise IndexError(f"PagedTensor: {func}: out of range: tried to access index {int(bad[0])} on a tensor of {bound} elements.")
+        if func is aten.index_select.default and table_dims == 2 and dim == 1:  # torch's CPU kernel for a matrix's columns
+            raise RuntimeError(f"PagedTensor: {func}: INDICES element is out of DATA bounds, id={int(bad[0])} axis_dim={size}")
         if func is aten.index_select.default or func is aten.embedding.default:
             raise IndexError(f"PagedTensor: {func}: index out of range in self")
         error = RuntimeError if func is aten.gather.default else IndexError
@@ -379,7 +395,7 @@ def _index_select_permuted(func: OpOverload, table: PagedTensor, order: list[int
     dim %= table.dim()
     if index.dtype not in (torch.int64, torch.int32) or index.dim() > 1 or index.device != table.device:
         return None
-    _positions_in_range(func, index, table.shape[dim], table.shape[dim], dim)
+    _positions_in_range(func, index, table.shape[dim], table.shape[dim], dim, table.dim())
     got = func(table.permute(order), order.index(dim), index)
     return _laid_out_as(got.permute(_inverse(order)), func(meta_like(table), dim, index.to("meta")))
 
@@ -812,13 +828,19 @@ _OVERLAP_WITH_INPUT = (
 )
 
 
+def refuse_internal_overlap(func: OpOverload, written: torch.Tensor) -> None:
+    """torch's error for a written tensor whose elements overlap each other (a dim of stride 0:
+    ``t.expand(2, n)``), as torch's kernels raise it; read from the layout alone (no page)."""
+    if torch._debug_has_internal_overlap(meta_like(written) if isinstance(written, PagedTensor) else written) == 1:
+        raise RuntimeError(f"PagedTensor: {func}: {_INTERNAL_OVERLAP}")
+
+
 def _check_out_overlaps(func: OpOverload, out: torch.Tensor, table: Any, checks_table_overlap: bool = True) -> None:
     """torch's errors for an ``out`` whose elements overlap each other (a dim of stride 0) or, where
     ``checks_table_overlap`` (not for ops torch runs into a temporary, such as ``embedding``), the
     table's elements: both PagedTensors of one allocation, dense, their spans meeting (torch checks
     dense layouts only)."""
-    if torch._debug_has_internal_overlap(meta_like(out) if isinstance(out, PagedTensor) else out) == 1:
-        raise RuntimeError(f"PagedTensor: {func}: {_INTERNAL_OVERLAP}")
+    refuse_internal_overlap(func, out)
     if not checks_table_overlap or not isinstance(out, PagedTensor) or not isinstance(table, PagedTensor):
         return
     if out.allocation is None or out.allocation is not table.allocation or out.numel() == 0 or table.numel() == 0:

@@ -21,7 +21,14 @@ from torch._ops import OpOverload
 
 from pagedtensor.dispatch import DISPATCHER, _row_byte_spans, aten, implements
 from pagedtensor.handlers.parts import _arguments_by_name, _larger_than_a_piece
-from pagedtensor.handlers.row_gathers import _dense, _outermost_first, _rows_a_piece, _rows_can_be_copied, _rows_compacted
+from pagedtensor.handlers.row_gathers import (
+    _dense,
+    _outermost_first,
+    _rows_a_piece,
+    _rows_can_be_copied,
+    _rows_compacted,
+    refuse_internal_overlap,
+)
 from pagedtensor.pieces import piece_elements_of
 from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping
 
@@ -121,7 +128,7 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
     index_dtype = torch.int64 if request.index.dtype == torch.bool else request.index.dtype
     _check_on_a_stand_in(request, renumbered.to(request.table.device, index_dtype), rows.numel())  # torch's shape and dtype checks
     if not bool(in_bounds.all()):
-        raise _index_out_of_bounds(func, int(given[~in_bounds][0]), rows_total)
+        raise _index_out_of_bounds(func, int(given[~in_bounds][0]), rows_total, request.table.dim())
     # Several index tensors (index_put_) broadcast together: one place per element of their shape.
     places_shape = torch.broadcast_shapes(positions.shape, *(index.shape for index in request.rest if index is not None))
     if math.prod(places_shape) == 0:
@@ -579,14 +586,15 @@ def _check_on_a_stand_in(request: _RowScatter, index: torch.Tensor, rows: int) -
         raise type(error)(str(error).replace(stand_in_shape, table_shape)) from None
 
 
-def _index_out_of_bounds(func: OpOverload, index: int, rows_total: int) -> Exception:
-    """The error torch's CPU kernel of ``func`` raises for ``index`` out of dim 0's bounds."""
+def _index_out_of_bounds(func: OpOverload, index: int, rows_total: int, table_dims: int) -> Exception:
+    """The error torch's CPU kernel of ``func`` raises for ``index`` out of dim 0's bounds of a table
+    of ``table_dims`` dims."""
     message = f"index {index} is out of bounds for dimension 0 with size {rows_total}"
     if func is aten.index_copy_.default:
         return IndexError(f"index_copy_(): {message}")
-    if func is aten.index_add_.default:
+    if func is aten.index_add_.default and table_dims > 1:
         return RuntimeError(message)
-    if func is aten.index_reduce_.default:
+    if func in (aten.index_reduce_.default, aten.index_add_.default):  # a 1-D table's index_add_ too
         return IndexError("index out of range in self")
     return IndexError(message)
 
@@ -711,6 +719,7 @@ def masked_scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dic
             or not (_a_table_of_several_pieces(table) or _of_another_outermost_dim(table))
             or any(isinstance(t, PagedTensor) and t._paged is table._paged for t in (mask, source))):  # fmt: skip
         return DISPATCHER.run_paged(func, types, args, kwargs)
+    refuse_internal_overlap(func, table)
     mask, source = _dense(mask), _dense(source)
     one = torch.empty(1, dtype=table.dtype, device=table.device)
     func(one, torch.zeros(1, dtype=mask.dtype, device=mask.device), source.reshape(-1)[:1])  # mask and source dtypes: torch's errors
@@ -752,6 +761,7 @@ def put_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
             or index.device != table.device or _apart_from(index, table) or _apart_from(source, table)
             or not _larger_than_a_piece([table])):  # fmt: skip
         return DISPATCHER.run_paged(func, types, args, kwargs)
+    refuse_internal_overlap(func, table)  # the stand-in has no stride 0
     index, source = _dense(index), _dense(source)
     func(_overlapping_stand_in(table), index, source, accumulate)  # torch's checks and errors; no page read
     positions = index.reshape(-1)
