@@ -67,6 +67,13 @@ _ELEMENTWISE = frozenset({aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tens
                           aten.masked_fill.Scalar_out, aten.masked_fill.Tensor_out})  # fmt: skip
 
 
+def same_strides(shape: Sequence[int], strides: Sequence[int], others: Sequence[int]) -> bool:
+    """Whether two layouts of ``shape`` place every element alike: their strides agree but along dims
+    of size 1, whose stride no element uses (``t.expand(...)``'s compacted view keeps a stride 0
+    there, ``t[None].transpose(0, 1)`` the whole span)."""
+    return all(size == 1 or a == b for size, a, b in zip(shape, strides, others))
+
+
 def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -> Any:
     """Run the elementwise ``func`` piece by piece (see the module docstring); ``NotImplemented``
     when it is not such an op, its tensors' layouts differ, or its tensors are no larger than a piece.
@@ -133,8 +140,8 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     # another path than on 1-D runs (CPU ``gelu`` of a transposed tensor rounds some elements
     # otherwise than of the same values contiguous): its pieces go along the outer dim, each of the
     # whole's layout, and in 1-D runs only where one index of that dim spans more than a piece.
-    fills_span = not broadcast and dense_and_non_overlapping(shape, stride) and all(t.stride() == stride for t in shaped)
-    row_major = fills_span and tuple(stride) == tuple(make_contiguous_strides_for(shape))
+    fills_span = not broadcast and dense_and_non_overlapping(shape, stride) and all(same_strides(shape, t.stride(), stride) for t in shaped)
+    row_major = fills_span and same_strides(shape, stride, make_contiguous_strides_for(shape))
     # A plain tensor written (``dense.copy_(paged)``, what ``load_state_dict`` of a loaded paged
     # checkpoint into a plain model runs, or ``torch.add(paged, 1, out=dense)``) shares no page with
     # the PagedTensors it reads: each piece writes its own elements of it directly.
@@ -160,7 +167,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     result_layout = None
     if target is None:
         result_layout = _result_layout(func, args, kwargs)
-        if result_layout is None or tuple(result_layout.shape) != shape or (row_major and result_layout.stride() != stride):
+        if result_layout is None or tuple(result_layout.shape) != shape or (row_major and not same_strides(shape, result_layout.stride(), stride)):
             return NotImplemented
     read_whole = any(isinstance(t, PagedTensor) for t in broadcast)
     if broadcast:
@@ -191,7 +198,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
         if counts is not None:
             out = _run_in_tiles(func, args, kwargs, result_layout, reference.device, shape, counts, copied)
             return target if target is not None else out
-        if not fills_span or (result_layout is not None and result_layout.stride() != stride):
+        if not fills_span or (result_layout is not None and not same_strides(shape, result_layout.stride(), stride)):
             return NotImplemented
     # 1-D pieces (on a CPU a kernel's vectorized loop then ends where each piece does, the one case
     # where bits may differ from the whole's: see the README)
@@ -201,7 +208,9 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
 
     out = None
     if result_layout is not None:
-        out = torch.empty_strided(shape, stride, dtype=result_layout.dtype, device=reference.device)
+        # laid out as the meta kernel lays out the whole (the reference's strides but along dims of
+        # size 1, where torch's CPU kernels themselves disagree: ``mul`` keeps the input's, ``abs`` not)
+        out = torch.empty_strided(shape, result_layout.stride(), dtype=result_layout.dtype, device=reference.device)
         flat_out = out.as_strided((numel,), (1,), 0)
     start = 0
     while start < numel:
