@@ -101,7 +101,14 @@ def embedding_bag_of_rows(func: OpOverload, types: tuple, args: tuple, kwargs: d
     # out by whether there is one.
     compact_padding = -1 if padding < 0 else int(padding_row[0]) if padding_row.numel() else rows.numel()
     options = {**{name: _dense(value) for name, value in bound.items() if name not in ("weight", "indices")}, "padding_idx": compact_padding}
-    output, offset2bag, bag_size, max_indices = func(_rows_compacted(weight, rows), inverse.to(weight.device, indices.dtype), **options)
+    compact = _rows_compacted(weight, rows)
+    if weight.shape[1] > 1 and weight.stride(1) != 1:
+        # A weight whose rows' elements are not adjacent (``t.T``): torch's CPU kernel takes its slow
+        # path for it (by ``stride(1)``), which sums bf16 in another order and fills offset2bag where
+        # the fast path leaves it empty; the compact rows get such a stride too.
+        laid_out = torch.empty_strided(compact.shape, (1, max(compact.shape[0], 2)), dtype=compact.dtype, device=compact.device)
+        compact = laid_out.copy_(compact)
+    output, offset2bag, bag_size, max_indices = func(compact, inverse.to(weight.device, indices.dtype), **options)
     if bound["mode"] == _EMBEDDING_BAG_MAX and max_indices.numel() and rows.numel():
         found = (bag_size > 0).view(-1, *([1] * (max_indices.dim() - 1))).expand_as(max_indices)
         named = rows.to(weight.device)[max_indices.clamp(0, rows.numel() - 1).long()].to(max_indices.dtype)
