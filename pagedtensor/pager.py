@@ -459,11 +459,11 @@ class Pager:
         self.device_policy = DeferredTouches(make_policy(self.config.eviction_policy, self.device_tier.capacity_pages))
         self.host_policy = make_policy(self.config.eviction_policy, self.host_tier.capacity_pages)
         self._lock = threading.RLock()
-        # Pins and the threads that wait for them (see _wait_for_other_threads_pins): per thread
-        # ident, the ranges its unreleased ensure_resident calls pin, ``(allocation id, start, stop)``
-        # -> count; the threads waiting now; and the condition they wait on, notified whenever pins
-        # are let go (or pages freed) while one waits.
-        self._pinned_ranges_by_thread: dict[int, dict[tuple[int, int, int], int]] = {}
+        # Pins and the threads that wait for them (see _wait_for_other_threads_pins): the ranges
+        # unreleased ensure_resident calls pin, ``(thread ident, allocation id, start, stop)`` -> count
+        # (one flat dict: a pin and its release touch one key); the threads waiting now; and the
+        # condition they wait on, notified whenever pins are let go (or pages freed) while one waits.
+        self._pinned_ranges: dict[tuple[int, int, int, int], int] = {}
         self._pin_waiters: set[int] = set()
         self._unpinned = threading.Condition(self._lock)
         try:
@@ -625,7 +625,9 @@ class Pager:
         missing one gets a zero-filled slot instead of its old bytes. Its host or disk copy stays
         until the release: marked dirty there, the page holds what the caller wrote and the old copy
         is dropped; not marked dirty (the write failed), the page gets its old bytes back. So a
-        failed overwrite loses nothing.
+        failed overwrite loses nothing. Any iterable of ints (a list, a numpy or tensor array) serves;
+        it is read only when pages of the range are missing (then a value that is not a page number
+        raises ``TypeError`` naming it), so an op on resident pages pays nothing for it.
 
         Enqueues the copies and returns at once; the returned pages are usable on a stream after
         :meth:`ResidentPages.wait`. With ``prefetch_strategy="sequential"`` a fault also schedules
@@ -647,7 +649,6 @@ class Pager:
                 start, stop = self._check_range(allocation, start, stop)  # raises naming what is wrong
             elif not 0 <= start <= stop <= len(allocation.pages):
                 self._check_range(allocation, start, stop)
-            discard = _page_numbers(discard, "discard")
             pins = allocation.pins
             run = self._current_run(allocation, start, stop)
             # From the pin on, an error or a KeyboardInterrupt (Ctrl-C lands after any call) before
@@ -664,6 +665,8 @@ class Pager:
                     raise
             pages = allocation.pages[start:stop]
             slots = list(map(_DEVICE_SLOT, pages))
+            # ``discard`` matters only for missing pages: read (and checked) only then, before the pin.
+            discard = _page_numbers(discard, "discard") if None in slots else _NO_PAGES
             _pin(pins, start, stop)
             self._count_pins(threading.get_ident(), allocation, start, stop, 1)
             missing = overwritten = ()
@@ -1205,10 +1208,10 @@ class Pager:
         Stream order: none; a wait is on the host."""
         self._check_open()
         me = threading.get_ident()
-        held = self._pinned_ranges_by_thread
-        if me in held and _distinct_pages(held[me]) > self.device_tier.capacity_pages:
+        held = self._pinned_ranges
+        if _distinct_pages([key[1:] for key in held if key[0] == me]) > self.device_tier.capacity_pages:
             return False
-        others = [owner for owner in held if owner != me]
+        others = list({key[0] for key in held if key[0] != me})
         if others:
             alive = {thread.ident for thread in threading.enumerate()}
             others = [owner for owner in others if owner in alive and owner not in self._pin_waiters]
@@ -1234,18 +1237,13 @@ class Pager:
         by thread ``owner`` (under the lock; an empty range pins nothing); pins let go, by a release or
         by a request that raised after pinning, wake the threads waiting for pins."""
         if start != stop:
-            held = self._pinned_ranges_by_thread
-            ranges = held.get(owner)
-            if ranges is None:
-                ranges = held[owner] = {}
-            key = (allocation.id, start, stop)
-            count = ranges.get(key, 0) + change
+            held = self._pinned_ranges
+            key = (owner, allocation.id, start, stop)
+            count = held.get(key, 0) + change
             if count:
-                ranges[key] = count
+                held[key] = count
             else:
-                del ranges[key]
-                if not ranges:
-                    del held[owner]
+                del held[key]
         if change < 0 and self._pin_waiters:
             self._wake_pin_waiters()
 
@@ -1625,7 +1623,7 @@ class Pager:
             return self._resident_bytes()
 
 
-def _distinct_pages(ranges: dict[tuple[int, int, int], int]) -> int:
+def _distinct_pages(ranges: Iterable[tuple[int, int, int]]) -> int:
     """How many pages the pinned ranges ``(allocation id, start, stop)`` cover, each page once (a thread
     may pin one page in several ranges: nested ``ensure_resident`` calls)."""
     pages = 0

@@ -42,7 +42,7 @@ def convert_into_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict
         or _inside_autocast()
     ):  # fmt: skip
         return _convert_into_plain_tensor(func, types, args, kwargs)
-    layout = func(meta_like(source), **{name: value for name, value in kwargs.items() if name != "device"})
+    layout = _meta_layout(func, source, kwargs)
     pager = source.pager
     nbytes = element_span(tuple(layout.shape), layout.stride(), 0)[1] * layout.dtype.itemsize
     source_allocation = source.allocation
@@ -90,10 +90,15 @@ def _convert_into_plain_tensor(func: OpOverload, types: tuple, args: tuple, kwar
     except _OpTooLarge:
         if kwargs.get("layout") not in (None, torch.strided):
             raise
-    layout = func(meta_like(source), **{name: value for name, value in kwargs.items() if name not in ("device", "pin_memory")})
+    layout = _meta_layout(func, source, kwargs)
     result = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=device if device is not None else source.device,
                                  pin_memory=bool(kwargs.get("pin_memory")))  # fmt: skip
     return result.copy_(source, non_blocking=bool(kwargs.get("non_blocking", False)))
+
+
+def _meta_layout(func: OpOverload, source: PagedTensor, kwargs: dict) -> torch.Tensor:
+    """The conversion's result as the meta kernel lays it out (shape, strides, dtype), device aside."""
+    return func(meta_like(source), **{name: value for name, value in kwargs.items() if name not in ("device", "pin_memory")})
 
 
 def _inside_autocast() -> bool:

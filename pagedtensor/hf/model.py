@@ -320,7 +320,8 @@ def _install(
         original_generate=bound_weakly(model.generate, model),
     )
     layers = _decoder_layers(model)
-    norm = _final_norm(model, layers)
+    decoder = _decoder_module(model, layers)
+    norm = _final_norm(decoder)
     embeddings = _input_embeddings(model)
     state.reused_refs = [
         weakref.ref(module)
@@ -334,7 +335,6 @@ def _install(
         _page_layer_weights(model, layers, state)
     state.hooks.append(model.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True))
     state.hooks.append(model.register_forward_hook(_end_forward_hook, always_call=True))  # also when forward raises
-    decoder = _decoder_module(model, layers)
     if decoder is not None and decoder is not model:
         begin, end = _decoder_hooks(state)
         state.hooks.append(decoder.register_forward_pre_hook(begin, with_kwargs=True))
@@ -1052,20 +1052,15 @@ def _prefetch_hook(pager: Pager, upcoming: "weakref.ref[torch.nn.Module]"):
     return prefetch
 
 
-def _final_norm(model: torch.nn.Module, layers: list[torch.nn.Module]) -> Optional[torch.nn.Module]:
-    """The norm the decoder layers' output goes through: the last-registered child of the module
-    holding the layers' ``nn.ModuleList`` whose class name ends in ``Norm`` (``norm``: Llama and
-    most; ``ln_f``: GPT-2, GPT-J, Falcon, and Bloom, whose embedding LayerNorm is registered before
-    it; ``final_layer_norm``: GPT-NeoX, and OPT, which registers it before its layers; ``norm_f``:
-    MPT). ``None`` if there is none (no layers found, or the model ends otherwise)."""
-    if not layers:
-        return None
-    for holder in model.modules():
-        children = list(holder.children())
-        if any(isinstance(child, torch.nn.ModuleList) and len(child) and child[0] is layers[0] for child in children):
-            norms = [child for child in children if type(child).__name__.endswith("Norm")]
-            return norms[-1] if norms else None
-    return None
+def _final_norm(decoder: Optional[torch.nn.Module]) -> Optional[torch.nn.Module]:
+    """The norm the decoder layers' output goes through: the last-registered child of ``decoder``
+    (:func:`_decoder_module`, the module holding the layers' ``nn.ModuleList``) whose class name
+    ends in ``Norm`` (``norm``: Llama and most; ``ln_f``: GPT-2, GPT-J, Falcon, and Bloom, whose
+    embedding LayerNorm is registered before it; ``final_layer_norm``: GPT-NeoX, and OPT, which
+    registers it before its layers; ``norm_f``: MPT). ``None`` if there is none (no layers found,
+    or the model ends otherwise)."""
+    norms = [child for child in decoder.children() if type(child).__name__.endswith("Norm")] if decoder is not None else []
+    return norms[-1] if norms else None
 
 
 def _move_dense_tensors(model: torch.nn.Module, device: torch.device) -> None:

@@ -534,12 +534,12 @@ def test_the_final_norm_found_is_the_one_the_last_layers_output_goes_through(fam
     reuse) was looked up as ``model.norm`` only: GPT-2's ``ln_f``, GPT-NeoX's and OPT's
     ``final_layer_norm`` and MPT's ``norm_f`` were missed. The module found now receives exactly the
     last decoder layer's output (Bloom's embedding LayerNorm, before the layers, is not taken)."""
-    from pagedtensor.hf.model import _decoder_layers, _final_norm
+    from pagedtensor.hf.model import _decoder_layers, _decoder_module, _final_norm
 
     config_name, model_name, fields, attn = MORE_FAMILIES[family]
     _, model = _pair(getattr(transformers, config_name), getattr(transformers, model_name), attn, **fields)
     layers = _decoder_layers(model)
-    norm = _final_norm(model, layers)
+    norm = _final_norm(_decoder_module(model, layers))
     assert layers and norm is not None
     seen = {}
 
