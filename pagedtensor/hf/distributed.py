@@ -410,11 +410,13 @@ def load_tensor_parallel(
     tp_plan: Any = "auto",
     backend: Optional[str] = None,
     load_tokenizer: bool = True,
+    tokenizer: Any = None,
     paging: Optional[dict] = None,
     **hf_kwargs: Any,
 ) -> PagedModel:
     """Load ``name_or_path`` sharded by transformers' ``tp_plan`` (default ``"auto"``) on this rank
-    and enable paging with this rank's budget ``memory_config``; returns a :class:`PagedModel`.
+    and enable paging with this rank's budget ``memory_config``; returns a :class:`PagedModel`
+    holding ``tokenizer`` where one is given, else the checkpoint's (``load_tokenizer``).
     ``PagedModel.from_pretrained(..., tp_plan="auto")`` comes here.
 
     Joins the process group first (:func:`init_tensor_parallel`) and checks that the world size
@@ -430,8 +432,7 @@ def load_tensor_parallel(
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **tensor_parallel_kwargs(tp_plan), **hf_kwargs)
     model.eval()
     enable_tensor_parallel_paging(model, memory_config, **(paging or {}))
-    tokenizer = None
-    if load_tokenizer:
+    if load_tokenizer and tokenizer is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, **({"gguf_file": hf_kwargs["gguf_file"]} if "gguf_file" in hf_kwargs else {}))
         except (OSError, ValueError) as error:

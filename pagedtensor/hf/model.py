@@ -1452,7 +1452,8 @@ class PagedModel:
 
             if gguf_file is not None:
                 hf_kwargs["gguf_file"] = gguf_file
-            return load_tensor_parallel(name_or_path, memory_config, dtype=dtype, load_tokenizer=load_tokenizer, paging=paging, **hf_kwargs)
+            return load_tensor_parallel(name_or_path, memory_config, dtype=dtype, load_tokenizer=load_tokenizer, tokenizer=given_tokenizer,
+                                        paging=paging, **hf_kwargs)
         config = memory_config if memory_config is not None else MemoryConfig()
         if gguf_file is not None:
             hf_kwargs["gguf_file"] = gguf_file

@@ -118,6 +118,7 @@ def test_two_ranks_equal_one_process(sharding, one_process, tmp_path):
         mismatch = result.get("mismatch_error", "")  # raised on every rank, naming each rank's options
         assert "every rank must pass the same" in mismatch and "prefill_chunk_size=16" in mismatch and "prefill_chunk_size=32" in mismatch, mismatch
         assert sorted(result["runs"]) == ["pagedllm-1", "pagedllm-3", "sdpa-1", "sdpa-3"]
+        assert result["tokenizer_kept"] is (True if sharding == "tp_plan" else None)  # from_pretrained(tokenizer=, tp_plan=)
         for key, run in result["runs"].items():
             batch = int(key.split("-")[1])
             expected = one_process["runs"][batch]

@@ -38,6 +38,9 @@ def rank_budget(nvme_path: str) -> MemoryConfig:
     return MemoryConfig(vram_limit=2 * PAGE, host_memory=PAGE, page_size=PAGE, nvme_path=nvme_path, device="cpu", slab_size=PAGE)
 
 
+GIVEN_TOKENIZER = object()  # a tokenizer given to from_pretrained is the one the PagedModel holds
+
+
 def paged_models(args: argparse.Namespace, rank: int) -> list[tuple[str, torch.nn.Module]]:
     """``(attention, model)`` pairs, paging enabled with this rank's budget. With ``tp_plan``, the
     SDPA model is loaded and then paged, the "pagedllm" one through ``PagedModel.from_pretrained(tp_plan="auto")``."""
@@ -55,8 +58,9 @@ def paged_models(args: argparse.Namespace, rank: int) -> list[tuple[str, torch.n
 
     sdpa = LlamaForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32, **tensor_parallel_kwargs()).eval()
     enable_tensor_parallel_paging(sdpa, budget("sdpa"), attn_implementation="sdpa", **options)
-    paged = PagedModel.from_pretrained(args.checkpoint, budget("pagedllm"), tp_plan="auto", dtype=torch.float32, load_tokenizer=False,
+    paged = PagedModel.from_pretrained(args.checkpoint, budget("pagedllm"), tp_plan="auto", dtype=torch.float32, tokenizer=GIVEN_TOKENIZER,
                                        paging={"attn_implementation": "pagedllm", **options})
+    args.tokenizer_kept = paged.tokenizer is GIVEN_TOKENIZER
     return [("sdpa", sdpa), ("pagedllm", paged.model)]
 
 
@@ -97,6 +101,7 @@ def main() -> int:
                 "head_dims": [layer.geometry.head_dim for layer in output_cache(output).layers],
                 "stats": {key: after[key] - before[key] for key in ("bytes_d2h", "bytes_h2d", "bytes_to_disk", "bytes_from_disk")},
             }
+    result["tokenizer_kept"] = getattr(args, "tokenizer_kept", None)
     with open(os.path.join(args.out, f"rank{info.rank}.json"), "w") as handle:
         json.dump(result, handle)
     dist.barrier()
