@@ -769,3 +769,43 @@ def test_jiterator_calls_get_dense_copies_of_paged_arguments(pager, monkeypatch)
     assert torch.equal(function(PagedTensor.wrap(values, pager)), values)
     (tensors,) = launched
     assert type(tensors[0]) is torch.Tensor and torch.equal(tensors[0], values)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_is_set_to_reads_no_page_and_answers_as_torch(device):
+    """``t.is_set_to(u)`` compares storage, storage offset, sizes and strides: it read every page of
+    both and raised ``DeviceTierFullError`` past the tier. Now it reads none, and answers what the
+    dense tensors' ``is_set_to`` does for the same views."""
+    dense = torch.randn(256, 64, device=device)  # 16 pages, the device tier holds 4
+    with (make_pager(4) if device == "cpu" else _cuda_pager(4)) as pager:
+        paged = PagedTensor.wrap(dense, pager)
+        other = PagedTensor.wrap(dense, pager)
+        pairs = [
+            (lambda t, u: (t, t)), (lambda t, u: (t, u)), (lambda t, u: (t, t.view(256, 64))), (lambda t, u: (t, t.detach())),
+            (lambda t, u: (t, t[1:])), (lambda t, u: (t[1:], t[1:])), (lambda t, u: (t, t.T)), (lambda t, u: (t.T, t.T)),
+            (lambda t, u: (t, t.view(torch.int32))), (lambda t, u: (t, t.view(-1))), (lambda t, u: (t[:, :3], t[:, :3])),
+        ]  # fmt: skip
+        faults = pager.stats()["faults"]
+        for pair in pairs:
+            expected = pair(dense, dense.clone())
+            assert pair(paged, other)[0].is_set_to(pair(paged, other)[1]) == expected[0].is_set_to(expected[1])
+        assert not paged.is_set_to(dense) and not dense.is_set_to(paged)
+        assert pager.stats()["faults"] == faults
+
+
+def test_a_conversion_with_the_lower_tiers_full_names_them():
+    """``t.to(dtype)`` / ``t.to(copy=True)`` of a table larger than the device tier when the host
+    tier has no room for the result and there is no disk tier: the pieces' error names the full host
+    tier. The conversion then fell back to the whole dense op and raised ``DeviceTierFullError``
+    ("larger than the whole tier"), pointing at the wrong budget. Nothing is left allocated, and the
+    source keeps its values."""
+    dense = torch.arange(256 * 64, dtype=torch.int64).reshape(256, 64)  # 32 pages
+    with make_pager(4, host_pages=40) as pager:
+        paged = PagedTensor.wrap(dense, pager)
+        used = pager.stats()["allocations"]
+        for convert in (lambda t: t.to(torch.float64), lambda t: t.to(copy=True)):
+            with pytest.raises(OutOfPagesError, match="host tier full") as caught:
+                convert(paged)
+            assert not isinstance(caught.value, pagedtensor.DeviceTierFullError), caught.value
+            assert pager.stats()["allocations"] == used
+        assert torch.equal(paged.to(torch.int8), dense.to(torch.int8))  # fits: 4 more pages

@@ -11,7 +11,7 @@ from torch._ops import OpOverload
 
 from pagedtensor.config import normalize_device
 from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, aten, implements
-from pagedtensor.errors import OutOfPagesError, SlabAllocationError
+from pagedtensor.errors import DeviceTierFullError, OutOfPagesError
 from pagedtensor.tensor import PagedStorage, PagedTensor, element_span, meta_like
 
 
@@ -29,8 +29,9 @@ def convert_into_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict
     per op would cost an allocation and a write each).
 
     Raises:
-        OutOfPagesError: the copy neither fits at once nor runs in pieces (a view whose elements do
-            not fill its span, converted to another layout). Nothing is left allocated.
+        DeviceTierFullError: the copy neither fits at once nor runs in pieces (a view whose elements
+            do not fill its span, converted to another layout). Nothing is left allocated.
+        OutOfPagesError: the host tier (and disk tier, if any) has no room for the result.
     """
     source = args[0]
     device = kwargs.get("device")
@@ -53,12 +54,11 @@ def convert_into_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict
     result = PagedTensor._make(storage, 0, tuple(layout.shape), layout.stride(), layout.dtype)
     try:
         aten.copy_.default(result, source, non_blocking=bool(kwargs.get("non_blocking", False)))
-    except OutOfPagesError as error:
-        if isinstance(error, SlabAllocationError):
-            raise
+    except DeviceTierFullError:
         # The two do not fit at once and cannot run in pieces (an expanded view converted into a
         # result many times its span): the dense conversion, as any op runs, then paged through
-        # the pager in chunks (PagedTensor.wrap).
+        # the pager in chunks (PagedTensor.wrap). A full host or disk tier, or the machine's memory
+        # (SlabAllocationError), is raised as it is: the dense conversion would need the same room.
         pager.free(allocation)
         dense = DISPATCHER.run_paged(func, types, args, kwargs)
         flat = dense.as_strided((dense.numel(),), (1,)).view(torch.uint8)  # a dense result fills its span

@@ -44,3 +44,19 @@ def has_compatible_shallow_copy_type(func: OpOverload, types: tuple, args: tuple
 @implements([aten.is_same_size.default])
 def is_same_size(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> bool:
     return args[0].shape == args[1].shape
+
+
+@implements([aten.is_set_to.default])
+def is_set_to(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> bool:
+    """``t.is_set_to(u)``: whether both view one storage at the same storage offset with the same
+    sizes and strides (torch's test; the dtypes are not compared). No page is read: PagedTensors
+    share storage when they share their paged storage (views of one another), and a PagedTensor
+    shares none with a plain tensor. Inner dense tensors (inside a compiled graph) answer for
+    themselves."""
+    self, other = args[0], args[1]
+    paged = [t._paged if isinstance(t, PagedTensor) else None for t in (self, other)]
+    if any(isinstance(t, PagedTensor) and storage is None for t, storage in zip((self, other), paged)):
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    if paged[0] is None or paged[0] is not paged[1]:
+        return False
+    return self._offset == other._offset and self.shape == other.shape and self.stride() == other.stride()
