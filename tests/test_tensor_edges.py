@@ -809,3 +809,27 @@ def test_a_conversion_with_the_lower_tiers_full_names_them():
             assert not isinstance(caught.value, pagedtensor.DeviceTierFullError), caught.value
             assert pager.stats()["allocations"] == used
         assert torch.equal(paged.to(torch.int8), dense.to(torch.int8))  # fits: 4 more pages
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_factories_into_a_paged_out_run_in_pieces_past_the_tier(device):
+    """``torch.zeros/ones/full/eye(..., out=t)`` and ``nn.init.eye_(t)`` (which runs ``eye.m_out``)
+    into a PagedTensor larger than the device tier raised ``DeviceTierFullError``. They run torch's own
+    decomposition (``zero_``, ``fill_``, the diagonal's ``fill_(1)``), a piece of pages at a time:
+    the dense op's bits, in every dtype and into transposed views."""
+    fills = {
+        "zeros": lambda o: torch.zeros(o.shape, out=o), "ones": lambda o: torch.ones(*o.shape, out=o),
+        "full": lambda o: torch.full(o.shape, 3, out=o), "eye": lambda o: torch.eye(*o.shape, out=o),
+        "eye_n": lambda o: torch.eye(min(o.shape), out=o[: min(o.shape), : min(o.shape)]), "eye_": lambda o: torch.nn.init.eye_(o),
+    }  # fmt: skip
+    with (make_pager(4) if device == "cpu" else _cuda_pager(4)) as pager:
+        for dtype in (torch.float32, torch.bfloat16, torch.int64, torch.bool):
+            for name, fill in fills.items():
+                for shape, view in (((256, 64), lambda t: t), ((64, 256), lambda t: t.T)):
+                    dense = torch.randn(shape, device=device).to(dtype)
+                    paged = PagedTensor.wrap(dense, pager)
+                    expected = fill(view(dense))
+                    got = fill(view(paged))
+                    assert got is view(paged) or isinstance(got, PagedTensor), name
+                    assert_same(paged.to("cpu"), dense.to("cpu"), f"{name} {dtype} {shape}")
+                    assert_same(got.to("cpu"), expected.to("cpu"), f"{name} {dtype} {shape}")

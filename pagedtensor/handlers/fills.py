@@ -1,0 +1,44 @@
+"""The handler of factories written into a PagedTensor ``out=`` (``torch.zeros``, ``torch.ones``,
+``torch.full``, ``torch.eye``; ``nn.init.eye_`` runs ``eye.m_out``): torch's own decomposition of
+each, ``out.zero_()`` / ``out.fill_(value)`` and for ``eye`` the diagonal's ``fill_(1)``, so past the
+device tier they run a piece of pages at a time as those ops do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch._ops import OpOverload
+
+from pagedtensor.dispatch import DISPATCHER, aten, implements
+from pagedtensor.tensor import PagedTensor
+
+
+def _result_shape(func: OpOverload, args: tuple) -> tuple[int, ...]:
+    """The shape ``func`` gives: ``eye(n)`` is ``(n, n)``, ``eye(n, m)`` ``(n, m)``, the others their size."""
+    if func is aten.eye.out:
+        return (args[0], args[0])
+    if func is aten.eye.m_out:
+        return (args[0], args[1])
+    return tuple(args[0])
+
+
+@implements([aten.zeros.out, aten.ones.out, aten.full.out, aten.eye.out, aten.eye.m_out])
+def factory_into_paged_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``torch.zeros(size, out=t)``, ``ones``, ``full(size, value)``, ``eye(n[, m])`` into a PagedTensor
+    ``t`` of the result's shape: ``zero_``, ``fill_`` (and for ``eye`` the diagonal's ``fill_(1)``),
+    as torch's own ``*_out`` kernels run after resizing ``out`` (which is then a no-op). Each of those
+    runs on its pages, a piece at a time past the device tier. Any other ``out`` (of another shape,
+    which torch would resize) runs the generic way."""
+    out = kwargs.get("out")
+    if not isinstance(out, PagedTensor) or tuple(out.shape) != _result_shape(func, args):
+        return DISPATCHER.run_generic(func, types, args, kwargs)
+    if func is aten.full.out:
+        return out.fill_(args[1])
+    if func is aten.ones.out:
+        return out.fill_(1)
+    out.zero_()
+    if func in (aten.eye.out, aten.eye.m_out) and out.numel():
+        torch.diagonal(out).fill_(1)
+    return out
