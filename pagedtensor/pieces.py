@@ -64,7 +64,12 @@ _ELEMENTWISE = frozenset({aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tens
                           aten.floor_divide_.Tensor, aten.floor_divide_.Scalar, aten.floor_divide.out, aten.floor_divide.Scalar_out,
                           aten.complex.default, aten.complex.out, aten.polar.default, aten.polar.out,
                           aten.masked_fill_.Scalar, aten.masked_fill_.Tensor, aten.masked_fill.Tensor,
-                          aten.masked_fill.Scalar_out, aten.masked_fill.Tensor_out})  # fmt: skip
+                          aten.masked_fill.Scalar_out, aten.masked_fill.Tensor_out,
+                          # the backward ops of tagged activations, which autograd runs past the tier after their forwards
+                          aten.hardtanh_backward.default, aten.elu_backward.default, aten.leaky_relu_backward.default,
+                          aten.softplus_backward.default, aten.hardsigmoid_backward.default, aten.hardswish_backward.default,
+                          aten.mish_backward.default, aten.softshrink_backward.default, aten.hardshrink_backward.default,
+                          aten.hardswish.default, aten.hardswish_.default})  # fmt: skip
 
 
 def same_strides(shape: Sequence[int], strides: Sequence[int], others: Sequence[int]) -> bool:

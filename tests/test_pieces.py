@@ -509,6 +509,19 @@ UNTAGGED_ELEMENTWISE = {  # name: (op, dtype, tensor arguments)
     "polar": (torch.polar, torch.float32, 2),
     "masked_fill_": (_masked_fill_in_place, torch.float32, 2),
     "masked_fill_ by a tensor": (_masked_fill_in_place_by_a_tensor, torch.float32, 2),
+    # the activations' backward ops (what autograd runs after their tagged forwards), and hardswish
+    "hardtanh_backward": (lambda g, x: torch.ops.aten.hardtanh_backward(g, x - 2.5, -1.0, 1.0), torch.float32, 2),
+    "elu_backward": (lambda g, x: torch.ops.aten.elu_backward(g, 1.0, 1.0, 1.0, False, x - 2.5), torch.float32, 2),
+    "elu_backward of the result": (lambda g, x: torch.ops.aten.elu_backward(g, 1.0, 1.0, 1.0, True, x - 2.5), torch.float32, 2),
+    "leaky_relu_backward": (lambda g, x: torch.ops.aten.leaky_relu_backward(g, x - 2.5, 0.01, False), torch.float32, 2),
+    "softplus_backward": (lambda g, x: torch.ops.aten.softplus_backward(g, x - 2.5, 1.0, 1.0), torch.float32, 2),
+    "hardsigmoid_backward": (lambda g, x: torch.ops.aten.hardsigmoid_backward(g, (x - 2.5) * 2), torch.float32, 2),
+    "hardswish_backward": (lambda g, x: torch.ops.aten.hardswish_backward(g, (x - 2.5) * 2), torch.float32, 2),
+    "mish_backward": (lambda g, x: torch.ops.aten.mish_backward(g, x - 2.5), torch.float32, 2),
+    "softshrink_backward": (lambda g, x: torch.ops.aten.softshrink_backward(g, x - 2.5, 0.5), torch.float32, 2),
+    "hardshrink_backward": (lambda g, x: torch.ops.aten.hardshrink_backward(g, x - 2.5, 0.5), torch.float32, 2),
+    "hardswish": (lambda x: torch.nn.functional.hardswish((x - 2.5) * 2), torch.float32, 1),
+    "hardswish_": (lambda x: torch.nn.functional.hardswish((x - 2.5) * 2, inplace=True), torch.float32, 1),
 }
 
 
@@ -534,7 +547,10 @@ def test_masked_fill_by_a_tensor_runs_in_pieces_whatever_the_layout():
 def test_elementwise_ops_without_the_pointwise_tag_run_in_pieces(device, transposed, name):
     """``rsub``, ``floor_divide`` (and in place), ``torch.fill``, ``torch.complex``, ``torch.polar``
     and ``masked_fill_`` are elementwise but lack torch's ``pointwise`` tag: they raised OutOfPagesError on tensors larger
-    than the device tier (found by sweeping torch's unary and binary ufuncs with large inputs)."""
+    than the device tier (found by sweeping torch's unary and binary ufuncs with large inputs). So do
+    the backward ops of ``hardtanh``/``relu6``, ``elu``/``selu``/``celu``, ``leaky_relu``, ``softplus``,
+    ``hardsigmoid``, ``hardswish``, ``mish``, ``softshrink`` and ``hardshrink``, whose forwards ran in
+    pieces while their backward raised, and ``hardswish`` itself."""
     op, dtype, count = UNTAGGED_ELEMENTWISE[name]
     generator = torch.Generator().manual_seed(0)
     if dtype.is_floating_point:
@@ -1033,3 +1049,20 @@ def test_gpu_elementwise_ops_on_tables_of_different_outer_dims_run_in_tiles_on_c
                 assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
                 assert same_bits(dense(got), expected), (memory_shape, name)
                 assert same_bits(dense(paged_a), dense_a) and same_bits(dense(paged_b), dense_b), (memory_shape, name)
+
+
+@pytest.mark.parametrize("name", ["hardtanh", "relu6", "elu", "selu", "celu", "leaky_relu", "softplus", "hardsigmoid", "hardswish", "mish",
+                                  "softshrink", "hardshrink"])  # fmt: skip
+def test_activations_train_past_the_tier(name):
+    """An activation of a paged tensor larger than the device tier, forward and backward: the dense
+    gradient's bits (the backward raised DeviceTierFullError where the forward ran in pieces)."""
+    activation = getattr(torch.nn.functional, name)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 300, generator=generator) * 4  # 19 pages; the tier holds 6
+    weights = torch.randn(64, 300, generator=generator)
+    expected = x.clone().requires_grad_()
+    activation(expected).backward(weights)
+    with make_pager("cpu") as pager:
+        got = PagedTensor.wrap(x.clone(), pager).requires_grad_()
+        activation(got).backward(weights)
+        assert same_bits(dense(got.grad), expected.grad)
