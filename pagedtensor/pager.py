@@ -649,6 +649,8 @@ class Pager:
                 start, stop = self._check_range(allocation, start, stop)  # raises naming what is wrong
             elif not 0 <= start <= stop <= len(allocation.pages):
                 self._check_range(allocation, start, stop)
+            if self._overwriting:  # another thread's overwrite in progress: its pages' slots are not their bytes yet
+                self._wait_for_other_threads_overwrites(allocation, start, stop)
             pins = allocation.pins
             run = self._current_run(allocation, start, stop)
             # From the pin on, an error or a KeyboardInterrupt (Ctrl-C lands after any call) before
@@ -1225,6 +1227,39 @@ class Pager:
             self._pin_waiters.discard(me)
         self._check_open()
         return True
+
+    def _wait_for_other_threads_overwrites(self, allocation: Allocation, start: int, stop: int) -> None:
+        """Wait (under the lock, which the wait lets go) while a page of ``[start, stop)`` is being
+        overwritten whole by another thread's holder (``ensure_resident(discard=...)``): its device
+        slot holds zeros or part of the new bytes until that holder's release, its bytes being its
+        lower copy. A page this thread pins is not waited for (its own overwrite, or a page it
+        already holds). Waits up to ``config.pin_wait_s`` seconds.
+
+        Stream order: none; a wait is on the host.
+
+        Raises:
+            RuntimeError: the overwrite is not released within ``pin_wait_s``, or the pager closed.
+        """
+        me = threading.get_ident()
+        deadline: Optional[float] = None
+        while True:
+            busy = [page for page in allocation.pages[start:stop] if page in self._overwriting]
+            if not busy:
+                return
+            mine = [(key[2], key[3]) for key in self._pinned_ranges if key[0] == me and key[1] == allocation.id]
+            if any(lo <= page.index < hi for page in busy for lo, hi in mine):
+                return
+            now = time.monotonic()
+            deadline = now + self.config.pin_wait_s if deadline is None else deadline
+            if now >= deadline:
+                raise RuntimeError(f"pages {busy[0].index}..{busy[-1].index} of allocation {allocation.id} are being overwritten "
+                                   f"by another thread, whose holder was not released within pin_wait_s={self.config.pin_wait_s} s")
+            self._pin_waiters.add(me)  # a release wakes the waiters
+            try:
+                self._unpinned.wait(min(deadline - now, threading.TIMEOUT_MAX))
+            finally:
+                self._pin_waiters.discard(me)
+            self._check_open()
 
     def _wake_pin_waiters(self) -> None:
         """Wake every thread waiting for pins (under the lock); they count as waiting no more until

@@ -538,3 +538,53 @@ def test_a_close_amid_the_threads_ops_stops_them_cleanly(device: str, data: st.D
     finally:
         pager.close()
         shutil.rmtree(nvme, ignore_errors=True)
+
+
+def _overwriting_pager(device: str) -> tuple[Pager, Allocation, torch.Tensor]:
+    """A pager whose allocation of 4 pages holds ``old`` on the host tier only (evicted)."""
+    pager = Pager(MemoryConfig(page_size=PAGE, vram_limit=8 * PAGE, host_memory=16 * PAGE, slab_size=16 * PAGE,
+                               prefetch_strategy="none", device=device))  # fmt: skip
+    allocation = pager.allocate(4 * PAGE)
+    old = torch.full((4 * PAGE,), 7, dtype=torch.uint8)
+    pager.write(allocation, old)
+    pager.evict(allocation)
+    return pager, allocation, old
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("written", [True, False])
+def test_a_reader_waits_for_another_threads_overwrite(device: str, written: bool) -> None:
+    """A thread pins pages off the device to overwrite them whole (``discard``): they get zero-filled
+    device slots, the host copy staying their bytes until the release. Another thread reading them
+    meanwhile took the resident slots as hits and read zeros, bytes the pages never held (a reader
+    of a tensor another thread ``copy_``-ed into saw 0.0). It now waits for the overwrite's release
+    and reads the new bytes, or the old ones where the overwrite was given up (released clean)."""
+    pager, allocation, old = _overwriting_pager(device)
+    new = torch.full((4 * PAGE,), 9, dtype=torch.uint8)
+    with pager:
+        resident = pager.ensure_resident(allocation, 0, 4, discard=range(4))
+        got: list[torch.Tensor] = []
+        reader = threading.Thread(target=lambda: got.append(pager.read(allocation)), daemon=True)
+        reader.start()
+        reader.join(0.3)
+        assert reader.is_alive(), "the reader did not wait for the overwrite"
+        if written:
+            for _, view in resident.runs():
+                view.copy_(new[: view.numel()].to(view.device))
+        resident.release(dirty=written)
+        reader.join(30)
+        assert not reader.is_alive()
+        assert torch.equal(got[0], new if written else old)
+
+
+def test_a_thread_reading_pages_it_overwrites_itself_does_not_wait() -> None:
+    """The overwriting thread's own pin of those pages (a nested request, as an op reading what it
+    writes) does not wait for itself (a wait would last ``pin_wait_s``, 60 s, then raise)."""
+    pager, allocation, _ = _overwriting_pager("cpu")
+    with pager:
+        resident = pager.ensure_resident(allocation, 0, 4, discard=range(4))
+        started = time.monotonic()
+        with pager.ensure_resident(allocation, 1, 3):
+            pass
+        assert time.monotonic() - started < 5
+        resident.release(dirty=False)
