@@ -26,7 +26,8 @@ product and sum in fp32 even for a group of one (MHA), and on the H200 the eleme
 1.7-5.4x slower at its best launch (results/decode_elementwise_sweep_h200.json, code at f05b26f).
 
 ``lse`` is the natural log of the sum over visible keys of ``exp(scale * q . k)``, in fp32,
-``[batch, num_heads]``; a sequence with no keys gets output 0 and lse ``-inf``.
+``[batch, num_heads]``; a sequence with no keys, or whose every score is -inf, gets output 0 and lse
+``-inf`` (keys scoring -inf weigh 0, as in softmax).
 """
 
 from __future__ import annotations
@@ -155,9 +156,10 @@ def _attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION: 
                   MAY_BE_EMPTY: tl.constexpr):
     """One block of keys ``k`` and values ``v`` (rows where ``mask_n`` is false ignored) into the
     running maximum ``m_i`` and sum ``l_i`` (base 2) and the unnormalised output ``acc``; returns the
-    three updated. Without ``MAY_BE_EMPTY`` the block must hold at least one visible key (the shipped
-    loop stops at ``seq_lens``); with it, a block with none leaves the state as it was (the shift is 0
-    while the maximum is still -inf)."""
+    three updated. With ``MAY_BE_EMPTY`` (the shipped kernel) a block with no visible key, or whose
+    visible scores are all -inf (keys of -inf), leaves the state as it was: the shift is 0 while the
+    maximum is still -inf, a select on one value per query row. Without it every block must hold a
+    finite score in each row (else the output is NaN); only experiments use that."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
     s = tl.where(mask_n[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -250,7 +252,7 @@ def _decode_split_kernel(
         pages_next = tl.load(block_table_row_ptr + offs_next // PAGE_TOKENS, mask=offs_next < table_end, other=0)
         k, v = _load_kv_block(k_head_ptr, v_head_ptr, page, offs_n, mask_n, offs_d, stride_k_page, stride_k_token,
                               stride_v_page, stride_v_token, PAGE_TOKENS, DOT_UPCAST)  # fmt: skip
-        m_i, l_i, acc = _attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION, False)
+        m_i, l_i, acc = _attend_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale_log2, DOT_PRECISION, True)
 
     _store_split(out_ptr, lse_ptr, acc, m_i, l_i, batch, split, heads, mask_g, offs_d, stride_out_batch, stride_out_head,
                  stride_out_split, stride_lse_batch, stride_lse_head, stride_lse_split)  # fmt: skip
@@ -473,6 +475,32 @@ def _launch_decode(
     return out, lse
 
 
+def _check_decode_args(q: object, k_pages: object, v_pages: object, block_table: object, seq_lens: object,
+                       scale: float | None, num_splits: int | None) -> tuple:
+    """The arguments of :func:`paged_decode_attention` checked (q of the pages' dtype and head_dim, its
+    heads a multiple of the KV heads; an int32 block table and lengths of q's batch; one device; the
+    scale; ``num_splits`` None or a positive int) and normalised: the arguments of
+    :func:`_launch_decode`, q unit-stride in head_dim, the tables unit-stride, the scale resolved and
+    ``num_splits`` 0 for "choose"."""
+    q = check_tensor("q", q, 3, (torch.float16, torch.bfloat16, torch.float32))
+    k_pages, v_pages = check_kv_pages(k_pages, v_pages)
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_pages.shape[2]
+    if q.dtype != k_pages.dtype:
+        raise TypeError(f"q dtype {q.dtype} differs from k_pages dtype {k_pages.dtype}")
+    if head_dim != k_pages.shape[3]:
+        raise ValueError(f"q head_dim {head_dim} differs from k_pages head_dim {k_pages.shape[3]}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"q num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    block_table, seq_lens = check_block_table(block_table, seq_lens, k_pages.shape[1], batch)
+    check_device(k_pages.device, q=q, v_pages=v_pages, block_table=block_table, seq_lens=seq_lens)
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    return q, k_pages, v_pages, block_table, seq_lens, resolve_scale(scale, head_dim), num_splits or 0
+
+
 @torch.library.custom_op("pagedllm::paged_decode_attention", mutates_args=())
 def _paged_decode_attention_op(
     q: torch.Tensor,
@@ -483,9 +511,9 @@ def _paged_decode_attention_op(
     scale: float,
     num_splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # Called directly (torch.ops.pagedllm...), the launch still gets the unit strides it assumes.
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    return _launch_decode(q, k_pages, v_pages, block_table.contiguous(), seq_lens.contiguous(), scale, num_splits)
+    # Called directly (torch.ops.pagedllm...), the arguments get the public function's checks and the
+    # launch the unit strides it assumes; num_splits 0 chooses the split count, as None does there.
+    return _launch_decode(*_check_decode_args(q, k_pages, v_pages, block_table, seq_lens, scale, num_splits or None))
 
 
 @_paged_decode_attention_op.register_fake
@@ -528,26 +556,10 @@ def paged_decode_attention(
     Returns:
         ``out`` ``[batch, num_heads, head_dim]`` in q's dtype, and with ``return_lse`` the fp32 ``lse``
         ``[batch, num_heads]``: natural log of the sum of ``exp(scale * q . k)`` over the keys. A
-        sequence of length 0 gives zeros and ``-inf``.
+        sequence of length 0, or whose every score is -inf, gives zeros and ``-inf``.
     """
-    q = check_tensor("q", q, 3, (torch.float16, torch.bfloat16, torch.float32))
-    k_pages, v_pages = check_kv_pages(k_pages, v_pages)
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_pages.shape[2]
-    if q.dtype != k_pages.dtype:
-        raise TypeError(f"q dtype {q.dtype} differs from k_pages dtype {k_pages.dtype}")
-    if head_dim != k_pages.shape[3]:
-        raise ValueError(f"q head_dim {head_dim} differs from k_pages head_dim {k_pages.shape[3]}")
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(f"q num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    block_table, seq_lens = check_block_table(block_table, seq_lens, k_pages.shape[1], batch)
-    check_device(k_pages.device, q=q, v_pages=v_pages, block_table=block_table, seq_lens=seq_lens)
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    args = (q, k_pages, v_pages, block_table, seq_lens, resolve_scale(scale, head_dim), num_splits or 0)
-    if call_kernel_directly(q, k_pages, v_pages, block_table, seq_lens):
+    args = _check_decode_args(q, k_pages, v_pages, block_table, seq_lens, scale, num_splits)
+    if call_kernel_directly(*args[:5]):
         out, lse = _launch_decode(*args)
     else:
         out, lse = _paged_decode_attention_op(*args)

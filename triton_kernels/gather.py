@@ -156,10 +156,27 @@ def _launch_gather(pages: torch.Tensor, block_table: torch.Tensor, seq_lens: tor
     return out
 
 
+def _check_gather_args(pages: object, block_table: object, seq_lens: object,
+                       max_len: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The arguments of :func:`paged_gather` checked (pages, an int32 block table and lengths of one
+    batch, one device, a batch the grid holds, ``max_len`` None or an int ``>= 0``) and normalised:
+    ``(pages, block_table, seq_lens, max_len)`` with unit-stride tables and ``max_len`` an int."""
+    pages = check_pages("pages", pages)
+    block_table, seq_lens = check_block_table(block_table, seq_lens, pages.shape[1])
+    check_device(pages.device, block_table=block_table, seq_lens=seq_lens)
+    if max_len is None:
+        max_len = block_table.shape[1] * pages.shape[1]
+    elif isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
+        raise ValueError(f"max_len must be a non-negative int or None, got {max_len!r}")
+    check_grid_batch(block_table.shape[0])
+    return pages, block_table, seq_lens, max_len
+
+
 @torch.library.custom_op("pagedllm::paged_gather", mutates_args=())
 def _paged_gather_op(pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, max_len: int) -> torch.Tensor:
-    # Called directly (torch.ops.pagedllm...), the launch still gets the unit strides it assumes.
-    return _launch_gather(pages, block_table.contiguous(), seq_lens.contiguous(), max_len)
+    # Called directly (torch.ops.pagedllm...), the arguments get the public function's checks and the
+    # launch the unit strides it assumes.
+    return _launch_gather(*_check_gather_args(pages, block_table, seq_lens, max_len))
 
 
 @_paged_gather_op.register_fake
@@ -185,14 +202,7 @@ def paged_gather(
     Returns:
         ``[batch, max_len, num_heads, head_dim]`` in the pages' dtype; token ``t >= seq_lens[b]`` is zero.
     """
-    pages = check_pages("pages", pages)
-    block_table, seq_lens = check_block_table(block_table, seq_lens, pages.shape[1])
-    check_device(pages.device, block_table=block_table, seq_lens=seq_lens)
-    if max_len is None:
-        max_len = block_table.shape[1] * pages.shape[1]
-    elif isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
-        raise ValueError(f"max_len must be a non-negative int or None, got {max_len!r}")
-    check_grid_batch(block_table.shape[0])
+    pages, block_table, seq_lens, max_len = _check_gather_args(pages, block_table, seq_lens, max_len)
     if call_kernel_directly(pages, block_table, seq_lens):
         return _launch_gather(pages, block_table, seq_lens, max_len)
     return _paged_gather_op(pages, block_table, seq_lens, max_len)
@@ -228,11 +238,37 @@ def _launch_scatter(src: torch.Tensor, pages: torch.Tensor, block_table: torch.T
     )
 
 
+def _check_scatter_args(src: object, pages: object, block_table: object,
+                        start_pos: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The arguments of :func:`paged_scatter` checked (pages; src of their dtype, heads and head_dim;
+    an int32 block table of src's batch; positions; one device; a batch the grid holds) and
+    normalised: ``(src, pages, block_table, start_pos)``, src unit-stride in head_dim, the table
+    contiguous and ``start_pos`` an int32 ``[batch]`` tensor. (Grad mode is the public function's
+    check: the op records itself for autograd.)"""
+    pages = check_pages("pages", pages)
+    src = check_tensor("src", src, 4, (pages.dtype,))
+    block_table = check_tensor("block_table", block_table, 2, (torch.int32,))
+    batch = src.shape[0]
+    if src.shape[2:] != pages.shape[2:]:
+        raise ValueError(
+            f"src [batch, num_new, num_heads, head_dim] {tuple(src.shape)} does not match pages heads and dim "
+            f"{tuple(pages.shape[2:])}"
+        )
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have {batch} rows (the batch of src), got shape {tuple(block_table.shape)}")
+    check_grid_batch(batch)
+    start_pos = check_positions("start_pos", start_pos, batch, pages.device, span=src.shape[1])
+    check_device(pages.device, src=src, block_table=block_table)
+    if src.stride(-1) != 1:
+        src = src.contiguous()
+    return src, pages, block_table.contiguous(), start_pos
+
+
 @torch.library.custom_op("pagedllm::paged_scatter", mutates_args=("pages",))
 def _paged_scatter_op(src: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, start_pos: torch.Tensor) -> None:
-    # Called directly (torch.ops.pagedllm...), the launch still gets the unit strides it assumes.
-    src = src if src.stride(-1) == 1 else src.contiguous()
-    _launch_scatter(src, pages, block_table.contiguous(), start_pos.contiguous())
+    # Called directly (torch.ops.pagedllm...), the arguments get the public function's checks and the
+    # launch the unit strides it assumes.
+    _launch_scatter(*_check_scatter_args(src, pages, block_table, start_pos))
 
 
 @_paged_scatter_op.register_fake
@@ -264,20 +300,7 @@ def paged_scatter(
         RuntimeError: grad mode is on and ``src`` or ``pages`` requires grad (the write has no
             autograd formula).
     """
-    pages = check_pages("pages", pages)
-    src = check_tensor("src", src, 4, (pages.dtype,))
-    block_table = check_tensor("block_table", block_table, 2, (torch.int32,))
-    batch = src.shape[0]
-    if src.shape[2:] != pages.shape[2:]:
-        raise ValueError(
-            f"src [batch, num_new, num_heads, head_dim] {tuple(src.shape)} does not match pages heads and dim "
-            f"{tuple(pages.shape[2:])}"
-        )
-    if block_table.shape[0] != batch:
-        raise ValueError(f"block_table must have {batch} rows (the batch of src), got shape {tuple(block_table.shape)}")
-    check_grid_batch(batch)
-    start_pos = check_positions("start_pos", start_pos, batch, pages.device, span=src.shape[1])
-    check_device(pages.device, src=src, block_table=block_table)
+    src, pages, block_table, start_pos = _check_scatter_args(src, pages, block_table, start_pos)
     if torch.is_grad_enabled() and (src.requires_grad or pages.requires_grad):
         # An in-place write autograd cannot see: src would get no gradient and the overwritten slots
         # of pages would keep theirs, silently.
@@ -285,10 +308,10 @@ def paged_scatter(
             "paged_scatter has no autograd formula: src or pages requires grad; run it under torch.no_grad() "
             "(the paged KV cache writes detached keys and values) or pass detached tensors"
         )
-    if src.stride(-1) != 1:
-        src = src.contiguous()
-    block_table = block_table.contiguous()
     if call_kernel_directly(src, pages, block_table, start_pos):
         _launch_scatter(src, pages, block_table, start_pos)
+        # The kernel wrote through a pointer: tell autograd, as an in-place torch op would, so that a
+        # backward through a tensor saved before the write raises (the op path's dispatch bumps it).
+        torch.autograd.graph.increment_version(pages)
     else:
         _paged_scatter_op(src, pages, block_table, start_pos)

@@ -19,7 +19,8 @@ costs one block-table entry and one bulk copy. Otherwise (and on GPUs before Hop
 is gathered with its own address.
 
 ``lse`` is ``[batch, q_len, num_heads]`` fp32, the natural log of the sum of ``exp(scale * q . k)``
-over the visible keys; a query that sees no key gets output 0 and lse ``-inf``.
+over the visible keys; a query that sees no key, or whose every visible score is -inf, gets output 0
+and lse ``-inf`` (keys scoring -inf weigh 0, as in softmax).
 """
 
 from __future__ import annotations
@@ -203,12 +204,10 @@ def _prefill_block(
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # a row that has seen no key yet keeps m = -inf: subtract 0 instead so exp2 gives 0, not NaN
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_sub = m_new
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # a row that has seen no key yet, or only keys scoring -inf (keys of -inf, in any block), keeps
+    # m = -inf: subtract 0 instead so exp2 gives 0, not NaN
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_sub)
     p = tl.exp2(s - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -391,6 +390,35 @@ def _launch_prefill(
     return out, lse
 
 
+def _check_prefill_args(q: object, k_pages: object, v_pages: object, block_table: object, seq_lens: object,
+                        q_start: object, scale: float | None, causal: object) -> tuple:
+    """The arguments of :func:`paged_prefill_attention` checked (q of the pages' dtype and head_dim,
+    its heads a multiple of the KV heads, ``batch * num_heads`` within the grid; an int32 block table,
+    lengths and positions of q's batch; one device; the scale; ``causal`` a bool) and normalised: the
+    arguments of :func:`_launch_prefill`, q unit-stride in head_dim, the tables and positions
+    unit-stride and the scale resolved."""
+    q = check_tensor("q", q, 4, (torch.float16, torch.bfloat16, torch.float32))
+    k_pages, v_pages = check_kv_pages(k_pages, v_pages)
+    batch, _, num_heads, head_dim = q.shape
+    num_kv_heads = k_pages.shape[2]
+    if q.dtype != k_pages.dtype:
+        raise TypeError(f"q dtype {q.dtype} differs from k_pages dtype {k_pages.dtype}")
+    if head_dim != k_pages.shape[3]:
+        raise ValueError(f"q head_dim {head_dim} differs from k_pages head_dim {k_pages.shape[3]}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"q num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if batch * num_heads > MAX_GRID_Y:
+        raise ValueError(f"batch * num_heads must be <= {MAX_GRID_Y} (a grid dimension), got {batch} * {num_heads}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    block_table, seq_lens = check_block_table(block_table, seq_lens, k_pages.shape[1], batch)
+    q_start = check_positions("q_start", q_start, batch, k_pages.device, span=q.shape[1])
+    check_device(k_pages.device, q=q, v_pages=v_pages, block_table=block_table, seq_lens=seq_lens)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    return q, k_pages, v_pages, block_table, seq_lens, q_start, resolve_scale(scale, head_dim), causal
+
+
 @torch.library.custom_op("pagedllm::paged_prefill_attention", mutates_args=())
 def _paged_prefill_attention_op(
     q: torch.Tensor,
@@ -402,10 +430,9 @@ def _paged_prefill_attention_op(
     scale: float,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # Called directly (torch.ops.pagedllm...), the launch still gets the unit strides it assumes.
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    block_table, seq_lens, q_start = block_table.contiguous(), seq_lens.contiguous(), q_start.contiguous()
-    return _launch_prefill(q, k_pages, v_pages, block_table, seq_lens, q_start, scale, causal)
+    # Called directly (torch.ops.pagedllm...), the arguments get the public function's checks and the
+    # launch the unit strides it assumes.
+    return _launch_prefill(*_check_prefill_args(q, k_pages, v_pages, block_table, seq_lens, q_start, scale, causal))
 
 
 @_paged_prefill_attention_op.register_fake
@@ -444,29 +471,10 @@ def paged_prefill_attention(
 
     Returns:
         ``out`` ``[batch, q_len, num_heads, head_dim]`` in q's dtype (and ``lse``). A query that sees no
-        key gets zeros and lse ``-inf``.
+        key, or whose every visible score is -inf, gets zeros and lse ``-inf``.
     """
-    q = check_tensor("q", q, 4, (torch.float16, torch.bfloat16, torch.float32))
-    k_pages, v_pages = check_kv_pages(k_pages, v_pages)
-    batch, _, num_heads, head_dim = q.shape
-    num_kv_heads = k_pages.shape[2]
-    if q.dtype != k_pages.dtype:
-        raise TypeError(f"q dtype {q.dtype} differs from k_pages dtype {k_pages.dtype}")
-    if head_dim != k_pages.shape[3]:
-        raise ValueError(f"q head_dim {head_dim} differs from k_pages head_dim {k_pages.shape[3]}")
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(f"q num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if batch * num_heads > MAX_GRID_Y:
-        raise ValueError(f"batch * num_heads must be <= {MAX_GRID_Y} (a grid dimension), got {batch} * {num_heads}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    block_table, seq_lens = check_block_table(block_table, seq_lens, k_pages.shape[1], batch)
-    q_start = check_positions("q_start", q_start, batch, k_pages.device, span=q.shape[1])
-    check_device(k_pages.device, q=q, v_pages=v_pages, block_table=block_table, seq_lens=seq_lens)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    args = (q, k_pages, v_pages, block_table, seq_lens, q_start, resolve_scale(scale, head_dim), causal)
-    if call_kernel_directly(q, k_pages, v_pages, block_table, seq_lens, q_start):
+    args = _check_prefill_args(q, k_pages, v_pages, block_table, seq_lens, q_start, scale, causal)
+    if call_kernel_directly(*args[:6]):
         out, lse = _launch_prefill(*args)
     else:
         out, lse = _paged_prefill_attention_op(*args)

@@ -121,9 +121,10 @@ def _attend_blocks_kernel(q_ptr, k_ptr, v_ptr, visible_ptr, out_ptr, num_blocks,
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN case, on purpose
 def test_attend_block_may_be_empty_takes_blocks_with_no_visible_key():
-    """The block step with ``MAY_BE_EMPTY`` (the experiments' loops bounded by the host) gives softmax
-    attention over the visible keys when whole blocks, the first among them, have none; the shipped
-    step, whose loop never meets such a block, gives NaN on a leading empty block."""
+    """The block step with ``MAY_BE_EMPTY`` (the shipped kernel's, and the experiments' loops bounded
+    by the host) gives softmax attention over the visible keys when whole blocks, the first among
+    them, have none; the step without it, which only experiments use, gives NaN on a leading empty
+    block."""
     gen = torch.Generator().manual_seed(21)
     block_n, head_dim, num_blocks = 16, 16, 4
     q, k, v = (torch.randn((rows, head_dim), generator=gen) for rows in (16, block_n * num_blocks, block_n * num_blocks))
@@ -150,6 +151,28 @@ def test_decode_empty_sequence_gives_zeros_and_minus_inf():
         out, lse = check_decode(kv, q, num_splits=splits, what=f"empty sequence, splits={splits}")
         assert torch.equal(out[0], torch.zeros_like(out[0])), "an empty sequence must give zeros"
         assert torch.isneginf(lse[0]).all(), f"an empty sequence must give lse -inf, got {lse[0]}"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # zero rows padding q: 0 * -inf
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("num_splits", [None, 2], ids=["one-split", "split-k"])
+def test_decode_keys_scoring_minus_inf_weigh_nothing(num_splits):
+    """Keys whose scores are all -inf at the start of a split (K = -inf for tokens 0..15, q > 0) weigh
+    0, as in softmax, instead of making the output NaN; a sequence whose every score is -inf gets
+    zeros and lse -inf, as the reference gives."""
+    gen = torch.Generator().manual_seed(22)
+    shape = (2, 16, 1, 16)  # two pages of 16 tokens, one KV head
+    k, v = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    k[0] = float("-inf")
+    q = torch.rand((2, 2, 16), generator=gen) + 0.1  # positive: q . k is -inf, not NaN
+    block_table = torch.tensor([[0, 1], [0, 1]], dtype=torch.int32)
+    seq_lens = torch.tensor([32, 16], dtype=torch.int32)  # -inf then finite keys; -inf keys only
+    kv = type("KV", (), dict(k_pages=k, v_pages=v, block_table=block_table, seq_lens=seq_lens))
+    for name in ("k_pages", "v_pages", "block_table", "seq_lens"):
+        setattr(kv, name, getattr(kv, name).to(DEVICE))
+    out, lse = check_decode(kv, q.to(DEVICE), num_splits=num_splits, what=f"-inf keys, splits={num_splits}")
+    assert not out[0].isnan().any() and torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.isneginf(lse[1]).all(), f"every score -inf must give lse -inf, got {lse[1]}"
 
 
 def test_decode_int64_page_offsets():

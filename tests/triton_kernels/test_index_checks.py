@@ -193,6 +193,55 @@ def test_the_registered_ops_called_directly_take_any_strides():
     assert torch.equal(torch.ops.pagedllm.paged_gather(k, transposed, lengths(20), 20), paged_gather(k, block_table, lengths(20))[:, :20])
 
 
+def _op_scatter_head_dim_past_the_pages():
+    """src of head_dim 32 into pages of head_dim 16, a guard region after the pages (what an unchecked
+    scatter wrote into)."""
+    buffer = torch.zeros(2 * PAGE_TOKENS * 1 * DIM + 64, device=DEVICE)
+    pages = buffer[: 2 * PAGE_TOKENS * DIM].view(2, PAGE_TOKENS, 1, DIM)
+    torch.ops.pagedllm.paged_scatter(torch.ones((1, 1, 1, 2 * DIM), device=DEVICE), pages, table([1]), lengths(15))
+
+
+def _op_decode_batch_past_the_table():
+    """q of batch 2 against a block table and lengths of one row (views of two-row tensors, so an
+    unchecked kernel read past them inside memory)."""
+    k, v = pools(poison_page=None)
+    torch.ops.pagedllm.paged_decode_attention(query(2), k, v, table([1, 2], [1, 2])[:1], lengths(20, 20)[:1], 0.25, 1)
+
+
+def _op_gather_float_block_table():
+    k, _ = pools(poison_page=None)
+    torch.ops.pagedllm.paged_gather(k, table([1, 2]).float(), lengths(20), 20)
+
+
+def _op_prefill_lengths_of_another_batch():
+    k, v = pools(poison_page=None)
+    torch.ops.pagedllm.paged_prefill_attention(query(1, 2), k, v, table([1, 2]), lengths(20, 20), lengths(18), 0.25, True)
+
+
+def _op_decode_negative_scale():
+    k, v = pools(poison_page=None)
+    torch.ops.pagedllm.paged_decode_attention(query(1), k, v, table([1, 2]), lengths(20), -1.0, 1)
+
+
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (_op_scatter_head_dim_past_the_pages, ValueError, r"src .* does not match pages heads and dim"),
+        (_op_decode_batch_past_the_table, ValueError, r"block_table must have 2 rows \(the batch\)"),
+        (_op_gather_float_block_table, TypeError, r"block_table must have dtype torch.int32"),
+        (_op_prefill_lengths_of_another_batch, ValueError, r"seq_lens must have 1 entries \(the batch\)"),
+        (_op_decode_negative_scale, ValueError, r"scale must be a positive finite float, got -1.0"),
+    ],
+    ids=["scatter-head-dim", "decode-batch", "gather-float-table", "prefill-seq-lens", "decode-scale"],
+)
+def test_the_registered_ops_called_directly_check_their_arguments(call, error, message):
+    """torch.ops.pagedllm.* called directly check shapes, dtypes, batch and heads as the public
+    functions do, raising the same error: unchecked, a scatter of a wider head wrote past the pages,
+    and a decode of a larger batch than the table read past the table and the lengths."""
+    with pytest.raises(error, match=message):
+        call()
+
+
 def test_an_input_that_requires_grad_is_not_silently_detached():
     k, v = pools(poison_page=None)
     q = query(1).requires_grad_()
@@ -221,6 +270,21 @@ def test_paged_scatter_refuses_tensors_that_require_grad_and_writes_under_no_gra
     expected = k.clone()
     expected[2, :3] = src[0]
     assert torch.equal(pool.detach(), expected)
+
+
+def test_paged_scatter_bumps_the_version_of_pages():
+    """The direct launch writes pages in place: it bumps their version counter, as an in-place torch
+    op does, so a backward through a tensor saved before the write raises instead of silently using
+    the new values (it gave w a gradient of 1 where pages held 0)."""
+    pages = torch.zeros((2, PAGE_TOKENS, 1, DIM), device=DEVICE)
+    weight = torch.ones_like(pages, requires_grad=True)
+    saved = (pages * weight).sum()  # saves pages (all zero) for the gradient of weight
+    version = pages._version
+    paged_scatter(torch.ones((1, 1, 1, DIM), device=DEVICE), pages, table([0]), 0)
+    assert pages._version > version
+    assert pages[0, 0].eq(1).all()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
 
 
 def test_gather_and_scatter_refuse_a_batch_past_the_grid():

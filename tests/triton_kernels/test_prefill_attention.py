@@ -71,6 +71,28 @@ def test_prefill_head_dims_and_page_sizes(head_dim, page_tokens, dtype):
     check_prefill(kv, q, torch.tensor([36, 0], dtype=torch.int32, device=DEVICE), what=f"d{head_dim} p{page_tokens}")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # zero rows padding q: 0 * -inf
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "non-causal"])
+def test_prefill_keys_scoring_minus_inf_weigh_nothing(causal):
+    """Keys whose scores are all -inf in a key block the queries see in full (K = -inf for tokens
+    0..15, q > 0) weigh 0, as in softmax, instead of making the output NaN; a query whose every
+    visible score is -inf gets zeros and lse -inf, as the reference gives."""
+    gen = torch.Generator().manual_seed(23)
+    shape = (2, 16, 1, 16)  # two pages of 16 tokens, one KV head
+    k, v = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    k[0] = float("-inf")
+    q = torch.rand((2, 4, 2, 16), generator=gen) + 0.1  # positive: q . k is -inf, not NaN
+    kv = type("KV", (), {})
+    kv.k_pages, kv.v_pages = k.to(DEVICE), v.to(DEVICE)
+    kv.block_table = torch.tensor([[0, 1], [0, 1]], dtype=torch.int32, device=DEVICE)
+    kv.seq_lens = torch.tensor([32, 16], dtype=torch.int32, device=DEVICE)  # -inf then finite keys; -inf only
+    q_start = torch.tensor([28, 12], dtype=torch.int32, device=DEVICE)
+    out, lse = check_prefill(kv, q.to(DEVICE), q_start, causal=causal, what=f"-inf keys, causal={causal}")
+    assert not out[0].isnan().any() and torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.isneginf(lse[1]).all(), f"every score -inf must give lse -inf, got {lse[1]}"
+
+
 def test_descriptors_are_used_exactly_where_the_pools_allow(key_block_loads):
     kv, _ = make_case([40], 1, num_heads=2, num_kv_heads=2, head_dim=32, page_tokens=32, dtype=torch.float16, seed=3)
     described = kv_descriptors(kv.k_pages, kv.v_pages, 16)
