@@ -655,11 +655,24 @@ class PagedTensor(torch.Tensor):
         return array if dtype is None else array.astype(dtype, copy=False)
 
     def _numpy_copy(self, writeable: bool, force: bool = False):  # noqa: ANN202
-        if self.requires_grad and not force:
-            raise RuntimeError("Can't call numpy() on Tensor that requires grad. Use tensor.detach().numpy() instead.")
+        """The values as an array, refused as torch's ``numpy()`` refuses (unless ``force``): a tensor
+        off the CPU, one that requires grad while grad mode is on, a conjugate or negative view. The
+        array has the view's strides, as torch's shares them; a ``writeable`` one (NumPy's copy) is
+        then laid out as NumPy copies such an array, so no two of its elements share memory."""
+        if not force:
+            if self.device.type != "cpu":
+                raise TypeError(f"can't convert {self.device} device type tensor to numpy. Use Tensor.cpu() to copy the tensor to host memory first.")
+            if self.requires_grad and torch.is_grad_enabled():
+                raise RuntimeError("Can't call numpy() on Tensor that requires grad. Use tensor.detach().numpy() instead.")
+            if self.is_conj():
+                raise RuntimeError("Can't call numpy() on Tensor that has conjugate bit set. Use tensor.resolve_conj().numpy() instead.")
+            if self.is_neg():
+                raise RuntimeError("Can't call numpy() on Tensor that has negative bit set. Use tensor.resolve_neg().numpy() instead.")
         array = self.materialize("cpu").detach().numpy()
         if not writeable:
             array.flags.writeable = False
+        elif not (array.flags.c_contiguous or array.flags.f_contiguous):  # stride 0, overlapping or strided
+            array = array.copy(order="K")
         return array
 
     def untyped_storage(self) -> torch.UntypedStorage:

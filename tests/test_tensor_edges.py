@@ -95,6 +95,54 @@ def test_asarray_follows_numpys_copy_protocol(pager):
             np.asarray(tensor)
 
 
+def _numpy_outcome(call):
+    """``(array or None, error type or None, message)`` of ``call()``."""
+    try:
+        return call(), None, ""
+    except (RuntimeError, TypeError) as error:
+        return None, type(error), str(error)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")  # torch's own
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_numpy_of_views_and_math_bits_as_torch(device):
+    """``np.array`` of an expanded or overlapping view is a writable copy of its own whose elements do
+    not share memory, laid out as NumPy copies torch's array (it kept stride 0: a write to one element
+    changed others). ``numpy()``/``np.asarray`` of a view with the conjugate or negative bit, of a tensor
+    on another device than the CPU, or that requires grad with grad mode on, raise torch's errors
+    (they returned arrays); ``force=True`` resolves them, and under ``no_grad`` a tensor that requires
+    grad converts, as torch's do."""
+    plain = torch.arange(12.0, device=device).reshape(3, 4)
+    complex_plain = torch.complex(plain, -plain)
+    with (make_pager(8, device=device) if device == "cpu" else _cuda_pager(8)) as pager:
+        paged = PagedTensor.wrap(plain, pager)
+        complex_paged = PagedTensor.wrap(complex_plain, pager)
+        if device == "cpu":
+            views = {"expanded": lambda t: t[0].expand(3, 4), "overlapping": lambda t: t.as_strided((3, 3), (1, 1)),
+                     "every other column": lambda t: t[:, ::2], "transposed": lambda t: t.T, "whole": lambda t: t}  # fmt: skip
+            for name, view in views.items():
+                expected, got = np.array(view(plain)), np.array(view(paged))
+                assert got.flags.writeable and got.strides == expected.strides and np.array_equal(got, expected), name
+                got[0, 0] = -1.0
+                assert np.count_nonzero(got == -1.0) == 1, name
+                assert np.array_equal(np.asarray(view(paged)), np.asarray(view(plain))), name
+        calls = {
+            "conj numpy": lambda t, c: c.conj().numpy(), "conj asarray": lambda t, c: np.asarray(c.conj()),
+            "neg numpy": lambda t, c: torch._neg_view(t).numpy(), "numpy": lambda t, c: t.numpy(), "asarray": lambda t, c: np.asarray(t),
+            "requires grad": lambda t, c: t.detach().requires_grad_().numpy(),
+        }  # fmt: skip
+        for name, call in calls.items():
+            expected, got = _numpy_outcome(lambda: call(plain, complex_plain)), _numpy_outcome(lambda: call(paged, complex_paged))
+            assert (got[1], got[2]) == (expected[1], expected[2]), name
+            if expected[0] is not None:
+                assert np.array_equal(got[0], expected[0]), name
+        with torch.no_grad():
+            assert np.array_equal(paged.detach().requires_grad_().cpu().numpy(), plain.cpu().numpy())
+        for forced in (lambda t, c: c.conj().numpy(force=True), lambda t, c: torch._neg_view(t).numpy(force=True),
+                       lambda t, c: t.detach().requires_grad_().numpy(force=True)):  # fmt: skip
+            assert np.array_equal(forced(paged, complex_paged), forced(plain, complex_plain))
+
+
 # ---------------------------------------------------------------------- the pager's release path
 
 
