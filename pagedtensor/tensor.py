@@ -684,10 +684,11 @@ class PagedTensor(torch.Tensor):
 
     # The wrapper's own storage is empty (no bytes, a null pointer): these would reach it and crash or
     # export garbage, so each raises, naming what to use instead.
-    # RuntimeError, not NotImplementedError: safetensors takes the latter from ``storage()`` for a meta
-    # storage and goes on to read ``data_ptr()``.
+    # ``storage()`` raises NotImplementedError (a RuntimeError): safetensors takes it for a storage with
+    # no pointer (as a meta one), so ``load_model`` of a model with paged parameters finds none shared
+    # and loads through ``load_state_dict``; its ``save_file`` goes on to ``data_ptr()``, which raises.
     def storage(self) -> torch.TypedStorage:
-        raise RuntimeError(
+        raise NotImplementedError(
             "PagedTensor.storage: a PagedTensor's bytes live in pager pages, not in a torch storage; "
             "use t.materialize() for a dense copy"
         )
