@@ -957,9 +957,10 @@ def _user_attributes(tensor: torch.Tensor) -> Optional[dict]:
 
 def _bytes_are_loaded(data: torch.Tensor) -> bool:
     """Whether ``data``, handed to a rebuild function by ``torch.load``, holds its bytes already: not
-    on the meta device, and not inside torch's legacy (non-zip) loader, which fills storages only
-    after unpickling (a PagedTensor would page uninitialized memory)."""
-    if data.device.type == "meta":
+    on the meta device, not a tensor subclass (a FakeTensor, loading under ``FakeTensorMode``: paging
+    it would make the pager's slabs fake), and not inside torch's legacy (non-zip) loader, which
+    fills storages only after unpickling (a PagedTensor would page uninitialized memory)."""
+    if data.device.type == "meta" or type(data) is not torch.Tensor:
         return False
     legacy_load = getattr(getattr(torch.serialization, "_legacy_load", None), "__code__", None)
     frame = sys._getframe(1)

@@ -650,6 +650,36 @@ def test_map_location_meta_loads_meta_tensors(default_pager):
     assert loaded["view"].is_meta and loaded["view"].stride() == t[1:3].t().stride()
 
 
+def test_a_load_under_fake_tensor_mode_gives_fake_tensors_and_leaves_the_pager_alone(default_pager):
+    """``torch.load`` of saved PagedTensors inside ``FakeTensorMode`` (memory estimators, export
+    tooling) gives FakeTensors of their shapes and strides, as for plain tensors: it paged the fake
+    bytes, so a fresh pager's first slab was made a FakeTensor, the loaded tensor read nothing and
+    every later ``PagedTensor.wrap`` on that pager failed."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with make_pager() as pager:
+        x = rows_tensor()
+        t = PagedTensor.wrap(x, pager)
+        buffer = io.BytesIO()
+        torch.save({"t": t, "view": t[1:3].t()}, buffer)
+    with Pager(MemoryConfig(page_size=PAGE, vram_limit=4 * PAGE, host_memory=64 * PAGE, slab_size=64 * PAGE,
+                            prefetch_strategy="none", device=default_pager.device)) as fresh:  # fmt: skip
+        previous = pagedtensor.get_default_pager()
+        pagedtensor.set_default_pager(fresh)
+        try:
+            buffer.seek(0)
+            with FakeTensorMode():
+                loaded = torch.load(buffer)
+            assert type(loaded["t"]) is FakeTensor and loaded["t"].shape == x.shape
+            assert type(loaded["view"]) is FakeTensor and loaded["view"].stride() == x[1:3].t().stride()
+            later = PagedTensor.wrap(x)
+            assert later.pager is fresh and torch.equal(later.materialize(), x)
+            buffer.seek(0)
+            assert torch.equal(torch.load(buffer)["t"].materialize(), x)
+        finally:
+            pagedtensor.set_default_pager(previous)
+
+
 def test_python_attributes_survive_save_load_and_copy(default_pager):
     t = PagedTensor.wrap(rows_tensor())
     t.tag = "embedding"
