@@ -40,6 +40,7 @@ Note:
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
@@ -97,6 +98,13 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
         return NotImplemented
     if target is not None and (not isinstance(target, torch.Tensor) or target.layout != torch.strided):
         return NotImplemented
+    if target_name not in (None, 0) and target is not None and _out_of_another_shape(target, args, kwargs):
+        if isinstance(target, PagedTensor):
+            from pagedtensor.dispatch import resize_refused  # the dispatcher imports this module
+
+            raise resize_refused(func, target.shape, broadcast_shape(_shaped_operands(target, args, kwargs)), args, kwargs)
+        if not _resize_as_torch(func, args, kwargs, target):
+            return NotImplemented
     if target is not None and target.dim() == 0:
         return NotImplemented  # the shaped arguments would be written into one element: torch's error, or a resize
     # A tensor read through an expanded view (``t.expand(...)``: a dim of stride 0) is a broadcast
@@ -227,6 +235,59 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
             flat_out[start:stop].copy_(result)
         start = stop
     return target if target is not None else out
+
+
+def _shaped_operands(out: torch.Tensor, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors of one or more dims among ``args``/``kwargs`` but ``out``."""
+    return [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor) and value is not out and value.dim() > 0]
+
+
+def _out_of_another_shape(out: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """Whether ``out=`` has another shape than the one its operands broadcast to (torch resizes it)."""
+    shape = broadcast_shape(_shaped_operands(out, args, kwargs))
+    return shape is not None and len(shape) > 0 and tuple(out.shape) != shape
+
+
+def _resize_as_torch(func: OpOverload, args: tuple, kwargs: dict, out: torch.Tensor) -> bool:
+    """Resize the plain ``out`` as ``func``'s kernel resizes it: to the shape and strides of the
+    functional form's result (the kernel lays a resized output out as it lays out a new one: the
+    inputs' layout where they share one; the ``out=`` meta kernels resize contiguously), with
+    torch's warning for a non-empty ``out``; the pieces then write it as one of the result's shape.
+    False where there is no functional form or its meta kernel does not run (the pieces leave the op)."""
+    functional = _functional_of_out(func) or functional_form(func)
+    if functional is None:
+        return False
+    result = _result_layout(functional, args, {name: value for name, value in kwargs.items() if value is not out})
+    if result is None:
+        return False
+    if out.numel():  # the dense kernel's resize_output warns so (a C++ warning; this one is Python's)
+        warnings.warn(
+            f"An output with one or more elements was resized since it had shape {list(out.shape)}, which does not match the "
+            f"required output shape {list(result.shape)}. This behavior is deprecated, and in a future PyTorch release outputs "
+            "will not be resized unless they have zero elements. You can explicitly reuse an out tensor t by resizing it, "
+            "inplace, to zero elements with t.resize_(0).",
+            UserWarning,
+            stacklevel=2,
+        )
+    out.resize_(result.shape)
+    if out.stride() != result.stride():
+        out.as_strided_(result.shape, result.stride())
+    return True
+
+
+def _functional_of_out(func: OpOverload) -> Optional[OpOverload]:
+    """The functional overload whose arguments are ``func``'s but its ``out=`` (``add.out``:
+    ``add.Tensor``, where :func:`functional_form`'s naming gives ``add.default``, of two numbers);
+    else None."""
+    packet = getattr(aten, func._schema.name.split("::")[-1], None)
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return None
+    wanted = [(argument.name, str(argument.type)) for argument in func._schema.arguments if not argument.is_out]
+    for overload in packet.overloads():
+        candidate = getattr(packet, overload)
+        if not candidate._schema.is_mutable and [(a.name, str(a.type)) for a in candidate._schema.arguments] == wanted:
+            return candidate
+    return None
 
 
 def broadcast_shape(tensors: list[torch.Tensor]) -> Optional[tuple[int, ...]]:

@@ -5,6 +5,7 @@ ops that cannot run in pieces still raise ``OutOfPagesError``."""
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -1066,3 +1067,29 @@ def test_activations_train_past_the_tier(name):
         got = PagedTensor.wrap(x.clone(), pager).requires_grad_()
         activation(got).backward(weights)
         assert same_bits(dense(got.grad), expected.grad)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_an_out_of_another_shape_past_the_tier_is_resized_or_refused_as_within_it(device):
+    """An elementwise op past the device tier with ``out=`` of another shape than the result raised
+    ``DeviceTierFullError`` ("larger than the whole tier"). A plain ``out`` is now resized as torch's
+    kernel resizes it (shape and strides, the transposed input's layout included; torch's warning for
+    a non-empty one) and written in pieces; a PagedTensor ``out``, whose pages are fixed, raises the
+    NotImplementedError the op raises within the tier."""
+    x = torch.arange(64 * 300, dtype=torch.float32, device=device).reshape(64, 300)  # 19 pages; the tier holds 6
+    with make_pager(device) as pager:
+        for source in (x, x.t().contiguous().t()):
+            paged = PagedTensor.wrap(source, pager)
+            for out_shape in ((0,), (10,), (3, 7)):
+                expected, got = torch.empty(out_shape, device=device), torch.empty(out_shape, device=device)
+                with warnings.catch_warnings(record=True) as dense_warnings:
+                    warnings.simplefilter("always")
+                    torch.add(source, 1, out=expected)
+                with warnings.catch_warnings(record=True) as paged_warnings:
+                    warnings.simplefilter("always")
+                    assert torch.add(paged, 1, out=got) is got
+                worded = lambda caught: [str(w.message).split(" (Triggered internally")[0] for w in caught]  # noqa: E731
+                assert worded(paged_warnings) == worded(dense_warnings)
+                assert same_bits(got, expected), (out_shape, source.stride())
+            with pytest.raises(NotImplementedError, match="pass an out= tensor of the result's shape"):
+                torch.add(paged, 1, out=PagedTensor.wrap(torch.zeros(10, device=device), pager))
