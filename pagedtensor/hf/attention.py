@@ -101,13 +101,28 @@ def pagedllm_attention(
     reason = _fallback_reason(cache, layer_idx, query, attention_mask, dropout if module.training else 0.0, window, kwargs)
     if reason is not None:
         log.debug("pagedllm attention, layer %s: dense attention on the pages (%s)", layer_idx, reason)
-        keys, values = cache.dense_kv(layer_idx)
-        mask = attention_mask if attention_mask is not None else cache.dense_mask(layer_idx, query.shape[2], window)
+        start = _window_keys_start(cache, layer_idx, query.shape[2], window, attention_mask)
+        keys, values = cache.dense_kv(layer_idx, start)
+        mask = attention_mask if attention_mask is not None else cache.dense_mask(layer_idx, query.shape[2], window)[..., start:]
         eager = _model_eager_attention(module, kwargs)
         if eager is not None:
             return eager(module, query, keys, values, _additive(mask, query.dtype), dropout=dropout, scaling=scaling, **kwargs)
         return _sdpa(query, keys, values, mask, scaling, dropout if module.training else 0.0), None
     return paged_attention(cache, layer_idx, query, scaling), None
+
+
+def _window_keys_start(cache: PagedKVCache, layer_idx: int, q_len: int, window: Optional[int], attention_mask: Optional[torch.Tensor]) -> int:
+    """The first position of the keys the dense fallback hands a layer: on a sliding-window layer
+    those transformers' window layer hands the unpaged model (the last ``window - 1`` before the
+    ``q_len`` new ones: the attention weights then have its shape), unless a 4-D mask of the model's
+    covers every position (what ``get_mask_sizes`` asks for under ``"pagedllm"``); else 0."""
+    if window is None:
+        return 0
+    total = cache.layers[layer_idx].total
+    start = max(total - q_len - window + 1, 0)
+    if attention_mask is not None and attention_mask.shape[-1] != total - start:
+        return 0
+    return start
 
 
 def paged_attention(cache: PagedKVCache, layer_idx: int, query: torch.Tensor, scaling: Optional[float] = None) -> torch.Tensor:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from transformers import DynamicCache
+
 from pagedtensor import MemoryConfig, PagedKVCache, enable_paging
 from pagedtensor.hf import paging_state
 from tests.hf.tiny_models import FAMILIES, PAGE, output_cache, prompts, tiny_budget, tiny_pair
@@ -106,6 +108,32 @@ def test_output_attentions_under_the_pagedllm_attention(nvme_dir):
         for have, want in zip(got_step, expected_step):
             torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(_generate(model, ids, mask).sequences, expected.sequences)  # chunked again without them
+
+
+def test_output_attentions_of_sliding_layers_under_the_pagedllm_attention(nvme_dir):
+    """A sliding-window layer's weights under ``"pagedllm"`` cover the keys transformers' window
+    layer hands the unpaged model, ``[batch, heads, q_len, window - 1 + q_len]`` at a decode step
+    (they covered every position, zeros outside the window); and a 4-D mask sized for those keys, as
+    the unpaged model takes it, runs (it raised a size mismatch)."""
+    reference, model = tiny_pair("mistral", attn="eager", sliding_window=8)
+    ids, mask = prompts(1, length=20)
+    expected = _generate(reference, ids, mask, output_attentions=True)
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="pagedllm")
+    got = _generate(model, ids, mask, output_attentions=True)
+    assert torch.equal(got.sequences, expected.sequences)
+    for got_step, expected_step in zip(got.attentions, expected.attentions):
+        for have, want in zip(got_step, expected_step):
+            assert have.shape == want.shape
+            torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
+    reference.set_attn_implementation("sdpa")
+    window = torch.tril(torch.ones(20, 20, dtype=torch.bool)) & torch.triu(torch.ones(20, 20, dtype=torch.bool), diagonal=-7)
+    caches = (DynamicCache(config=reference.config), PagedKVCache(model.config, pager=paging_state(model).pager))
+    with torch.no_grad():
+        for cache, each in zip(caches, (reference, model)):
+            each(ids, attention_mask=window[None, None], cache=cache)
+        step = torch.ones(1, 1, 1, 8, dtype=torch.bool)  # the window's keys, as DynamicCache hands them to the layer
+        want, have = (each(ids[:, :1], attention_mask=step, cache=cache).logits for cache, each in zip(caches, (reference, model)))
+    torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
 
 
 def test_eager_attention_dense_path(nvme_dir):
