@@ -468,3 +468,25 @@ def test_a_copy_kept_out_by_another_threads_pins_raises_and_runs_once_they_go():
         dense = torch.empty(4 * 1024)
         assert torch.equal(dense.copy_(table), values)
         assert torch.equal(target.copy_(table.view(2048, 2).t()).materialize(), values.view(2048, 2).t())
+
+
+@pytest.mark.parametrize("op", [torch.cat, torch.stack])
+def test_cat_and_stack_past_the_tier_refuse_the_promotions_torch_refuses(op):
+    """``cat``/``stack`` of a table larger than the device tier with a tensor whose dtype torch will
+    not promote with its (uint16/32/64 with other ints, float8 with anything else) raise torch's
+    error, as the dense op and the same call within the tier do: they took the dtype the meta kernel
+    promotes to and converted into it (an int8 -5 came out a uint16 65531)."""
+    cases = [(torch.uint16, torch.int8), (torch.uint32, torch.int64), (torch.float8_e4m3fn, torch.float32), (torch.float32, torch.float8_e5m2)]
+    with make_pager() as pager:
+        for table_dtype, other_dtype in cases:
+            table = torch.arange(8 * PAGE, dtype=torch.float32).remainder(200).to(table_dtype).reshape(-1, 64)  # more than the tier
+            other = torch.full((1 if op is torch.cat else table.shape[0], 64), -5).to(other_dtype)
+            if op is torch.stack:
+                other = other.expand(table.shape).contiguous()
+            with pytest.raises(RuntimeError, match="Promotion for") as dense_error:
+                op([table, other])
+            with pytest.raises(RuntimeError, match="Promotion for") as paged_error:
+                op([PagedTensor.wrap(table, pager), other])
+            assert str(paged_error.value) == str(dense_error.value)
+        same = torch.arange(8 * PAGE).remainder(200).to(torch.uint16).reshape(-1, 64)  # one dtype: no promotion
+        assert same_bits(op([PagedTensor.wrap(same, pager), same]), op([same, same]))

@@ -5,6 +5,7 @@ between layouts the elementwise pieces cannot follow.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterator
 
 import torch
@@ -137,7 +138,10 @@ def compare_in_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: dict)
 def _concatenated_layout(func: OpOverload, tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     """The result of ``cat`` / ``stack`` run on meta tensors of the inputs' layouts. Where that raises,
     the op raises torch's own error on zero-stride stand-ins of the inputs (its checks come before
-    its result is allocated), nothing allocated."""
+    its result is allocated), nothing allocated. The dtypes are first promoted as the dense op
+    promotes them, raising its error where torch refuses (uint16/32/64 with other ints, float8 with
+    anything else), which the meta kernel does not."""
+    functools.reduce(torch.promote_types, (t.dtype for t in tensors))
     try:
         return func([meta_layout(t) for t in tensors], dim)
     except (RuntimeError, IndexError, ValueError, TypeError) as error:
