@@ -219,21 +219,24 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     if piece_elements >= numel and not copied:
         return NotImplemented  # one piece of everything: the op's own pages would fit at once
 
-    out = None
-    if result_layout is not None:
-        # laid out as the meta kernel lays out the whole (the reference's strides but along dims of
-        # size 1, where torch's CPU kernels themselves disagree: ``mul`` keeps the input's, ``abs`` not)
-        out = torch.empty_strided(shape, result_layout.stride(), dtype=result_layout.dtype, device=reference.device)
-        flat_out = out.as_strided((numel,), (1,), 0)
+    # laid out as the meta kernel lays out the whole (the reference's strides but along dims of size
+    # 1, where torch's CPU kernels themselves disagree: ``mul`` keeps the input's, ``abs`` not), of the
+    # dtype the kernel gives the first piece (see _result_like)
+    out = flat_out = None
     start = 0
     while start < numel:
         stop = min(numel, start + piece_elements)
         piece_args = tuple(flat_piece(value, start, stop, id(value) in copied) for value in args)
         piece_kwargs = {name: flat_piece(value, start, stop, id(value) in copied) for name, value in kwargs.items()}
         result = func(*piece_args, **piece_kwargs)
-        if out is not None:
+        if result_layout is not None:
+            if out is None:
+                out = _result_like(result_layout, result, reference.device)
+                flat_out = out.as_strided((numel,), (1,), 0)
             flat_out[start:stop].copy_(result)
         start = stop
+    if result_layout is not None and out is None:  # no piece ran (no elements)
+        out = torch.empty_strided(shape, result_layout.stride(), dtype=result_layout.dtype, device=reference.device)
     return target if target is not None else out
 
 
@@ -477,16 +480,25 @@ def _run_in_tiles(func: OpOverload, args: tuple, kwargs: dict, result_layout: Op
     a plain copy of their tile (its layout) first; with ``result_layout``, a plain tensor on
     ``device`` of its layout filled by the tiles, else ``None`` (the op wrote an argument)."""
     out = None
-    if result_layout is not None:
-        out = torch.empty_strided(result_layout.shape, result_layout.stride(), dtype=result_layout.dtype, device=device)
     dims = sorted(counts)
     for starts in itertools.product(*(range(0, shape[dim], counts[dim]) for dim in dims)):
         cuts = [(dim, start, min(counts[dim], shape[dim] - start)) for dim, start in zip(dims, starts)]
         tile = lambda value: _narrow(value, cuts).materialize() if id(value) in copied else _narrow(value, cuts)  # noqa: E731
         result = func(*(tile(value) for value in args), **{name: tile(value) for name, value in kwargs.items()})
-        if out is not None:
+        if result_layout is not None:
+            if out is None:
+                out = _result_like(result_layout, result, device)
             _narrow(out, cuts).copy_(result)
     return out
+
+
+def _result_like(result_layout: torch.Tensor, first: Any, device: torch.device) -> torch.Tensor:
+    """The whole result of an op run in pieces: ``result_layout``'s shape and strides (its meta
+    kernel's), of the dtype the op's own kernel gave its first piece ``first``, where a meta kernel
+    infers another (``ldexp`` of int8 by a 0-dim bfloat16: float32 on meta, bfloat16 on the CPU;
+    ``bool_t ** True``: int64 against bool)."""
+    dtype = first.dtype if isinstance(first, torch.Tensor) else result_layout.dtype
+    return torch.empty_strided(result_layout.shape, result_layout.stride(), dtype=dtype, device=device)
 
 
 def _narrow(value: Any, cuts: Sequence[tuple[int, int, int]]) -> Any:

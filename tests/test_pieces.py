@@ -1093,3 +1093,21 @@ def test_an_out_of_another_shape_past_the_tier_is_resized_or_refused_as_within_i
                 assert same_bits(got, expected), (out_shape, source.stride())
             with pytest.raises(NotImplementedError, match="pass an out= tensor of the result's shape"):
                 torch.add(paged, 1, out=PagedTensor.wrap(torch.zeros(10, device=device), pager))
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_results_in_pieces_take_the_kernels_dtype_where_the_meta_kernel_infers_another(device):
+    """Past the tier, a result was allocated with the dtype its meta kernel infers and each piece
+    converted into it: ``torch.ldexp(int8 table, 0-dim bfloat16)`` came out float32 (the dense op:
+    bfloat16) and ``bool_table ** True`` int64 (the dense op: bool). The result now takes the dtype
+    the op's own kernel gives, in pieces and in tiles."""
+    generator = torch.Generator().manual_seed(0)
+    small = torch.randint(-3, 3, (64, 600), generator=generator, dtype=torch.int8).to(device)  # 10 pages; the tier holds 6
+    mask = (torch.rand(64, 600, generator=generator) > 0.5).to(device)
+    exponent = torch.tensor(1.5, dtype=torch.bfloat16, device=device)
+    cases = [(lambda t: torch.ldexp(t, exponent), small), (lambda t: t**True, mask), (lambda t: torch.ldexp(t.T, exponent), small)]
+    with make_pager(device) as pager:
+        for op, table in cases:
+            expected = op(table)
+            got = op(PagedTensor.wrap(table, pager))
+            assert same_bits(dense(got), expected), (got.dtype, expected.dtype)
