@@ -107,10 +107,8 @@ from pagedtensor.pieces import is_elementwise, run_in_pieces
 from pagedtensor.tensor import (
     PagedStorage,
     PagedTensor,
-    _pending_frees,
     byte_span,
     dense_and_non_overlapping,
-    drain_pending_frees,
     element_span,
     math_bits,
     meta_layout,
@@ -372,8 +370,6 @@ class PagedDispatcher:
             return args[0]  # torch's copy_ returns early for a view of the same data: nothing is written
         if leaves is None:
             leaves = _paged_leaves(args, kwargs)
-        if _pending_frees:
-            drain_pending_frees()
         if not info.written and len(leaves) == 1:
             return _read_one(func, args, kwargs, leaves[0])
         written = _written_leaves(info, args, kwargs) if info.written else []
@@ -494,8 +490,6 @@ class PagedDispatcher:
         if tensor._inner is not None:
             inner = tensor._inner
             return inner.clone() if device is None else inner.to(device, copy=True)
-        if _pending_frees:
-            drain_pending_frees()
         target = normalize_device(tensor.device if device is None else torch.device(device))
         lo, hi = byte_span(tensor)
         if lo == hi:

@@ -484,6 +484,9 @@ class Pager:
         # Pages whose device slot was zero-filled for an overwrite (``ensure_resident(discard=...)``)
         # while their host or disk copy still holds their bytes: that copy stays authoritative until
         # a release marks the page dirty (the write is done) or gives the bytes back (it failed).
+        # Allocations whose PagedTensors were collected while this thread was inside a pager call
+        # (free_when_unlocked): freed at the pager's next call from outside one.
+        self._deferred_frees: list[Allocation] = []
         self._overwriting: set[Page] = set()
         # Pages _bring_to_device has given device slots it has not filled yet: that slot is no copy.
         self._filling: set[Page] = set()
@@ -520,10 +523,47 @@ class Pager:
             pages[-1].nbytes = last
             allocation = Allocation(allocation_id, nbytes, self.page_size, pages, name, pins=pins)
             self._allocations[allocation_id] = allocation
-            return allocation
+        if self._deferred_frees:  # tensors collected while the page table was built (a collection it set off)
+            self._drain_deferred_frees()
+        return allocation
+
+    def free_when_unlocked(self, allocation: Allocation) -> None:
+        """Free ``allocation`` now, or, where this thread is inside a pager call (a garbage collection
+        runs finalizers anywhere, halfway through one too), at the pager's next call from outside one
+        (``ensure_resident``, ``allocate``, ``free``, ``stats``). What a collected PagedTensor's
+        finalizer calls; never raises (a failure is logged)."""
+        if self.closed or allocation.freed:
+            return
+        if self._inside_a_call():
+            self._deferred_frees.append(allocation)
+            return
+        self._free_quietly(allocation)
+
+    def _inside_a_call(self) -> bool:
+        """Whether this thread holds the pager's lock (is inside a pager call)."""
+        return getattr(self._lock, "_is_owned", lambda: False)()
+
+    def _drain_deferred_frees(self) -> None:
+        """Free the allocations :meth:`free_when_unlocked` deferred, unless this thread is inside a
+        pager call (then a later call does)."""
+        if self._inside_a_call():
+            return
+        while self._deferred_frees:
+            self._free_quietly(self._deferred_frees.pop())
+
+    def _free_quietly(self, allocation: Allocation) -> None:
+        try:
+            if not self.closed and not allocation.freed:
+                self.free(allocation)
+        except Exception as error:  # a finalizer must not raise; a pinned page means an op is still running
+            if self.closed:
+                return  # closed by another thread since the test above: the allocation went with it
+            log.warning("could not free allocation %d of a collected PagedTensor: %s", allocation.id, error)
 
     def free(self, allocation: Allocation) -> None:
         """Release every copy of every page of ``allocation``. Its pages must not be pinned."""
+        if self._deferred_frees:
+            self._drain_deferred_frees()
         with self._lock:
             self._check_allocation(allocation)
             pinned = [page.index for page in allocation.pages if page.pin_count] if allocation.pins else []
@@ -641,6 +681,8 @@ class Pager:
             OutOfPagesError: the pages do not fit on the device tier beside the pinned pages
                 (:class:`DeviceTierFullError`; after any wait), or a lower tier is full.
         """
+        if self._deferred_frees:  # collected tensors' pages go before these need room
+            self._drain_deferred_frees()
         with self._lock:
             if self.closed:  # closed by another thread while this one waited for the lock
                 raise RuntimeError("this Pager is closed")
@@ -951,6 +993,8 @@ class Pager:
 
     def stats(self) -> dict:
         """Counters since creation, plus ``resident_bytes`` per tier (``device``, ``host``, ``disk``)."""
+        if self._deferred_frees:
+            self._drain_deferred_frees()
         with self._lock:
             stats: dict = dict(self.metrics.values)
             stats["resident_bytes"] = self._resident_bytes()

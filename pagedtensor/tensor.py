@@ -139,36 +139,11 @@ class PagedStorage:
         return _rebuild_paged_storage, (data,)
 
 
-_pending_frees: list[tuple[Pager, Allocation]] = []
-
-
 def _free_allocation(pager: Pager, allocation: Allocation) -> None:
-    """Finalizer of a PagedStorage: free its allocation, or defer it when this thread is inside the
-    pager (a garbage collection may run anywhere, including halfway through a pager method)."""
-    if pager.closed or allocation.freed:
-        return
-    lock = pager._lock
-    if getattr(lock, "_is_owned", lambda: False)():
-        _pending_frees.append((pager, allocation))
-        return
-    _free_now(pager, allocation)
-
-
-def _free_now(pager: Pager, allocation: Allocation) -> None:
-    try:
-        if not pager.closed and not allocation.freed:
-            pager.free(allocation)
-    except Exception as error:  # a finalizer must not raise; a pinned page means an op is still running
-        if pager.closed:
-            return  # closed by another thread since the test above: the allocation went with it
-        log.warning("could not free allocation %d of a collected PagedTensor: %s", allocation.id, error)
-
-
-def drain_pending_frees() -> None:
-    """Free the allocations whose finalizers ran inside a pager call (called before each fault-in)."""
-    while _pending_frees:
-        pager, allocation = _pending_frees.pop()
-        _free_now(pager, allocation)
+    """Finalizer of a PagedStorage: free its allocation, or have the pager free it at its next call
+    when this thread is inside one (a garbage collection may run anywhere, including halfway through
+    a pager method): :meth:`Pager.free_when_unlocked`."""
+    pager.free_when_unlocked(allocation)
 
 
 def byte_span(tensor: "PagedTensor") -> tuple[int, int]:
@@ -352,8 +327,6 @@ class PagedTensor(torch.Tensor):
         # memory is paged, then resolved in the pages (below).
         data = with_math_bits(t.detach(), (False, False)) if bits != (False, False) else t
         _check_wrappable(data)
-        if _pending_frees:
-            drain_pending_frees()
         data = data.detach()
         lo, hi = element_span(tuple(data.shape), data.stride(), data.storage_offset())
         if hi - lo > _MAX_SPAN_RATIO * data.numel():

@@ -11,7 +11,7 @@ from torch._ops import OpOverload
 
 from pagedtensor.config import normalize_device
 from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, aten, implements
-from pagedtensor.errors import DeviceTierFullError, OutOfPagesError
+from pagedtensor.errors import DeviceTierFullError
 from pagedtensor.tensor import PagedStorage, PagedTensor, element_span, meta_like
 
 

@@ -11,7 +11,7 @@ from torch._ops import OpOverload
 
 from pagedtensor.dispatch import DISPATCHER, _Window, aten, implements
 from pagedtensor.errors import OutOfPagesError
-from pagedtensor.tensor import PagedTensor, _pending_frees, byte_span, drain_pending_frees, meta_like
+from pagedtensor.tensor import PagedTensor, byte_span, meta_like
 
 
 @implements([aten._grouped_mm.default])
@@ -54,8 +54,6 @@ def grouped_mm_of_routed_experts(func: OpOverload, types: tuple, args: tuple, kw
     rows_first = _buffer_like(mat_a) if any(starts[expert] for expert in routed_experts) else None
     if rows_first is not None and rows_first.stride() != mat_a.stride():
         return DISPATCHER.run_paged(func, types, args, kwargs)  # mat_a not dense in itself: the generic way
-    if _pending_frees:
-        drain_pending_frees()
     result = None
     for run, expert in enumerate(routed_experts):
         start, rows = starts[expert], ends[expert] - starts[expert]

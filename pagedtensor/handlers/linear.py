@@ -12,7 +12,7 @@ import torch
 
 from pagedtensor.dispatch import _empty_like_leaf, _Window
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError, out_of_pages_for
-from pagedtensor.tensor import PagedTensor, _pending_frees, byte_span, drain_pending_frees
+from pagedtensor.tensor import PagedTensor, byte_span
 
 
 def paged_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -72,8 +72,6 @@ def _with_resident_weight(op: Callable[..., torch.Tensor], input: torch.Tensor, 
     lo, hi = byte_span(weight)
     if lo == hi:
         return op(input, _empty_like_leaf(weight), bias)
-    if _pending_frees:
-        drain_pending_frees()
     try:
         window = _Window(weight._paged, lo, hi)
     except SlabAllocationError:  # the machine's memory, not the weight's size: raised as it is

@@ -22,7 +22,7 @@ from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, _row_byte_spans, _Wind
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.handlers.parts import _arguments_by_name, _larger_than_a_piece
 from pagedtensor.pieces import broadcast_shape, piece_elements_of
-from pagedtensor.tensor import PagedTensor, _pending_frees, dense_and_non_overlapping, drain_pending_frees, element_span, meta_like
+from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping, element_span, meta_like
 
 
 @implements([aten.index_select.default, aten.embedding.default, aten.index.Tensor])
@@ -560,8 +560,6 @@ def _rows_compacted(table: PagedTensor, rows: torch.Tensor) -> torch.Tensor:
     first_pages, last_pages = starts // page_size, (ends - 1) // page_size
     breaks = (torch.nonzero(first_pages[1:] > last_pages[:-1] + 1).flatten() + 1).tolist()
     bounds = [0, *breaks, rows.numel()]
-    if _pending_frees:
-        drain_pending_frees()
     device = table.device
     parts = []
     for a, b in zip(bounds, bounds[1:]):
@@ -626,8 +624,6 @@ def _whole_rows_copied(func: OpOverload, table: PagedTensor, index: torch.Tensor
         return None
     result = torch.empty(layout.shape, dtype=table.dtype, device=table.device)
     rows = result.view(-1).view(torch.uint8).view(count, row_bytes)
-    if _pending_frees:
-        drain_pending_frees()
     first_place: dict[int, int] = {}
     for place, row in enumerate(flat.tolist()):
         if row in first_place:
