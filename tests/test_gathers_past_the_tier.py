@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
+from tests.support import CPU_AND_CUDA
 from tests.test_copy_ops_in_pieces import PAGE, TIER_BYTES, same_bits, within_tier
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool)
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -344,3 +345,20 @@ def test_gpu_gathers_past_the_tier_give_the_dense_result():
                         got = op(paged, torch.Generator().manual_seed(2))
                         assert same_bits(got, op(dense, torch.Generator().manual_seed(2))), (name, dtype, shape, layout)
                         assert within_tier(pager)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.float32])
+def test_a_gather_of_a_one_dimensional_table_of_any_dtype(device, dtype):
+    """``t[idx]`` and ``t[mask]`` of a 1-D table of the unsigned dtypes torch's CPU ``index_select``
+    lacks for 1-D tensors (``aten.index`` has them) raised NotImplementedError, within the tier
+    and past it; they give the dense op's elements."""
+    generator = torch.Generator().manual_seed(0)
+    for elements in (300, 9 * TIER_BYTES // dtype.itemsize):  # within the tier, then past it
+        table = torch.randint(0, 60000, (elements,), generator=generator).to(dtype).to(device)
+        index = torch.randint(0, elements, (50,), generator=generator).to(device)
+        mask = (torch.rand(elements, generator=generator) > 0.9).to(device)
+        with make_pager(device) as pager:
+            paged = PagedTensor.wrap(table, pager)
+            for got, expected in ((paged[index], table[index]), (paged[mask], table[mask]), (paged[index.sort().values], table[index.sort().values])):
+                assert type(got) is torch.Tensor and got.dtype == dtype and torch.equal(got, expected)

@@ -569,7 +569,7 @@ def _rows_compacted(table: PagedTensor, rows: torch.Tensor) -> torch.Tensor:
             window = _Window(table._paged, int(starts[a]), int(ends[b - 1]))
         except OutOfPagesError:  # a run larger than the device tier beside the pinned pages: read in chunks
             block = DISPATCHER.materialize(table[first_row : int(run_rows[-1]) + 1])
-            parts.append(block.index_select(0, (run_rows - first_row).to(device)))
+            parts.append(_select_rows(block, (run_rows - first_row).to(device)))
             continue
         try:
             typed = window.typed(table.dtype)
@@ -578,10 +578,18 @@ def _rows_compacted(table: PagedTensor, rows: torch.Tensor) -> torch.Tensor:
                 (step, *row_stride),
                 typed.storage_offset() + table._offset + first_row * step - window.first_byte // itemsize,
             )
-            parts.append(block.index_select(0, (run_rows - first_row).to(device)))
+            parts.append(_select_rows(block, (run_rows - first_row).to(device)))
         finally:
             window.release()
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _select_rows(block: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``block.index_select(0, positions)``; a 1-D block as a column (torch's CPU kernel lacks the
+    unsigned 16 to 64-bit dtypes for 1-D tensors, and has them for 2-D ones: the same elements)."""
+    if block.dim() == 1:
+        return block.unsqueeze(1).index_select(0, positions).squeeze(1)
+    return block.index_select(0, positions)
 
 
 def _gather_of_no_rows(func: OpOverload, table: PagedTensor, index: torch.Tensor) -> torch.Tensor:
