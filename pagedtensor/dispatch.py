@@ -311,7 +311,7 @@ class PagedDispatcher:
         try:
             return handler(func, types, args, kwargs)
         except _OpTooLarge as error:
-            raise _as_pagers_error(error, self.info(func), args, kwargs) from error.__cause__
+            raise _as_pagers_error(error, func, self.info(func), args, kwargs) from error.__cause__
 
     def run_generic(self, func: OpOverload, types: tuple, args: tuple, kwargs: dict, leaves: Optional[list[PagedTensor]] = None) -> Any:
         """Step 2 (:meth:`run_paged`); where the pages do not fit at once, an elementwise op runs a
@@ -329,7 +329,7 @@ class PagedDispatcher:
             if out is NotImplemented:
                 out = _run_composite(func, args, kwargs)
             if out is NotImplemented:
-                raise _as_pagers_error(error, self.info(func), args, kwargs) from error.__cause__
+                raise _as_pagers_error(error, func, self.info(func), args, kwargs) from error.__cause__
             return out
 
     def run_paged(self, func: OpOverload, types: tuple, args: tuple, kwargs: dict, leaves: Optional[list[PagedTensor]] = None) -> Any:
@@ -823,9 +823,24 @@ def _run_composite(func: OpOverload, args: tuple, kwargs: dict) -> Any:
 _READ_A_PAGED_TENSORS_MEMORY = ("data is not allocated", "doesn't have storage")
 
 
-def _as_pagers_error(error: "_OpTooLarge", info: OpInfo, args: tuple, kwargs: dict) -> OutOfPagesError:
+_INTERNAL_OVERLAP = (
+    "unsupported operation: more than one element of the written-to tensor refers to a single memory location. "
+    "Please clone() the tensor before performing the operation."
+)
+
+
+def refuse_internal_overlap(func: OpOverload, written: torch.Tensor) -> None:
+    """torch's error for a written tensor whose elements overlap each other (a dim of stride 0:
+    ``t.expand(2, n)``), as torch's kernels raise it; read from the layout alone (no page)."""
+    if torch._debug_has_internal_overlap(meta_like(written) if isinstance(written, PagedTensor) else written) == 1:
+        raise RuntimeError(f"PagedTensor: {func}: {_INTERNAL_OVERLAP}")
+
+
+def _as_pagers_error(error: "_OpTooLarge", func: OpOverload, info: OpInfo, args: tuple, kwargs: dict) -> Exception:
     """``error`` as the pager's error type that caused it (DeviceTierFullError where the device
-    tier was the bound), for the caller; its message says so where the op writes a PagedTensor
+    tier was the bound), for the caller, or torch's overlap error where the op writes a PagedTensor
+    whose elements overlap each other (``t.expand(2, n).add_(1)``: within the tier torch's kernel
+    raises it, past it no view runs the kernel; :func:`refuse_internal_overlap`); its message says so where the op writes a PagedTensor
     that partly overlaps another of its arguments (:func:`_partly_overlapping`), which torch's
     elementwise, copy and index kernels refuse on any tensor (``torch.add(t[1:], 1, out=t[:-1])``):
     within the tier the op runs on views of one storage and raises torch's own error; past it
@@ -837,6 +852,11 @@ def _as_pagers_error(error: "_OpTooLarge", info: OpInfo, args: tuple, kwargs: di
     message = str(error)
     leaves = _paged_leaves(args, kwargs)
     written = _written_leaves(info, args, kwargs)
+    for target in written:
+        try:
+            refuse_internal_overlap(func, target)
+        except RuntimeError as overlap:
+            return overlap
     overlapped = next(
         ((target, other) for target in written for other in leaves
          if other is not target and other._paged is target._paged and _partly_overlapping(target, other)),

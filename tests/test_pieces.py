@@ -1111,3 +1111,22 @@ def test_results_in_pieces_take_the_kernels_dtype_where_the_meta_kernel_infers_a
             expected = op(table)
             got = op(PagedTensor.wrap(table, pager))
             assert same_bits(dense(got), expected), (got.dtype, expected.dtype)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_writing_an_expanded_view_past_the_tier_raises_torchs_overlap_error(device):
+    """An op writing an expanded (stride-0) view of a table larger than the device tier raised the
+    pager's DeviceTierFullError, whose advice (a larger tier) only traded it for torch's error; it
+    raises torch's internal-overlap error, as the dense op and the same op within the tier do."""
+    base = torch.randn(1, 300, 40, device=device)  # 12 pages; the tier holds 6
+    writes = {"add_": lambda t: t.add_(1), "clamp_": lambda t: t.clamp_(0, 1), "copy_": lambda t: t.copy_(torch.zeros(t.shape, device=device)),
+              "abs out=": lambda t: torch.abs(torch.ones(t.shape, device=device), out=t)}  # fmt: skip
+    with make_pager(device) as pager:
+        paged = PagedTensor.wrap(base, pager)
+        for name, write in writes.items():
+            with pytest.raises(RuntimeError, match="more than one element of the written-to tensor refers to a single memory location"):
+                write(base.clone().expand(4, 300, 40))
+            with pytest.raises(RuntimeError, match="more than one element of the written-to tensor refers to a single memory location") as raised:
+                write(paged.expand(4, 300, 40))
+            assert not isinstance(raised.value, OutOfPagesError), name
+        assert torch.equal(dense(paged), base)

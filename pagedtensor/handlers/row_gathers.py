@@ -18,7 +18,7 @@ import torch
 from torch._ops import OpOverload
 from torch._prims_common import make_contiguous_strides_for
 
-from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, _row_byte_spans, _Window, aten, implements, resize_refused
+from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, _row_byte_spans, _Window, aten, implements, refuse_internal_overlap, resize_refused
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.handlers.parts import _arguments_by_name, _larger_than_a_piece
 from pagedtensor.pieces import broadcast_shape, piece_elements_of
@@ -829,21 +829,10 @@ def _check_out_dtype_and_device(func: OpOverload, args: tuple, kwargs: dict, out
         func(*(stand_in(value) for value in args), **kwargs, out=torch.empty(0, dtype=out.dtype, device=out.device))
 
 
-_INTERNAL_OVERLAP = (
-    "unsupported operation: more than one element of the written-to tensor refers to a single memory location. "
-    "Please clone() the tensor before performing the operation."
-)
 _OVERLAP_WITH_INPUT = (
     "unsupported operation: some elements of the input tensor and the written-to tensor refer to a single memory "
     "location. Please clone() the tensor before performing the operation."
 )
-
-
-def refuse_internal_overlap(func: OpOverload, written: torch.Tensor) -> None:
-    """torch's error for a written tensor whose elements overlap each other (a dim of stride 0:
-    ``t.expand(2, n)``), as torch's kernels raise it; read from the layout alone (no page)."""
-    if torch._debug_has_internal_overlap(meta_like(written) if isinstance(written, PagedTensor) else written) == 1:
-        raise RuntimeError(f"PagedTensor: {func}: {_INTERNAL_OVERLAP}")
 
 
 def _check_out_overlaps(func: OpOverload, out: torch.Tensor, table: Any, checks_table_overlap: bool = True) -> None:
