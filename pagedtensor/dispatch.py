@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -836,11 +837,38 @@ def refuse_internal_overlap(func: OpOverload, written: torch.Tensor) -> None:
         raise RuntimeError(f"PagedTensor: {func}: {_INTERNAL_OVERLAP}")
 
 
+def _torchs_overlap_error(func: OpOverload, args: tuple, kwargs: dict, written: list[PagedTensor]) -> Optional[RuntimeError]:
+    """torch's error for an op writing a PagedTensor whose elements overlap each other
+    (``t.expand(2, n).add_(1)``), where the op's kernel raises it: found by running that kernel on
+    stand-ins holding no memory (each PagedTensor a zero-stride view of one element), as torch checks
+    the written tensor before computing. None where the layouts overlap nowhere or the kernel raises
+    no such error (``triu_`` and ``fill_`` write an expanded tensor as any other; they then compute
+    on the one element, a cost paid on this error path only)."""
+    if not any(torch._debug_has_internal_overlap(meta_like(target)) == 1 for target in written):
+        return None
+
+    def stand_in(value: Any) -> Any:
+        if isinstance(value, PagedTensor):
+            return torch.empty((), dtype=value.dtype, device=value.device).expand(value.shape)
+        return value
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            func(*(stand_in(value) for value in args), **{name: stand_in(value) for name, value in kwargs.items()})
+    except RuntimeError as error:
+        if "single memory location" in str(error):
+            return RuntimeError(f"PagedTensor: {func}: {error}")
+    except Exception:  # noqa: BLE001 - any other complaint of the stand-ins: the pager's error stands
+        pass
+    return None
+
+
 def _as_pagers_error(error: "_OpTooLarge", func: OpOverload, info: OpInfo, args: tuple, kwargs: dict) -> Exception:
     """``error`` as the pager's error type that caused it (DeviceTierFullError where the device
     tier was the bound), for the caller, or torch's overlap error where the op writes a PagedTensor
-    whose elements overlap each other (``t.expand(2, n).add_(1)``: within the tier torch's kernel
-    raises it, past it no view runs the kernel; :func:`refuse_internal_overlap`); its message says so where the op writes a PagedTensor
+    whose elements overlap each other and its kernel refuses that (within the tier it raises it, past
+    it no view runs the kernel: :func:`_torchs_overlap_error`); its message says so where the op writes a PagedTensor
     that partly overlaps another of its arguments (:func:`_partly_overlapping`), which torch's
     elementwise, copy and index kernels refuse on any tensor (``torch.add(t[1:], 1, out=t[:-1])``):
     within the tier the op runs on views of one storage and raises torch's own error; past it
@@ -852,11 +880,9 @@ def _as_pagers_error(error: "_OpTooLarge", func: OpOverload, info: OpInfo, args:
     message = str(error)
     leaves = _paged_leaves(args, kwargs)
     written = _written_leaves(info, args, kwargs)
-    for target in written:
-        try:
-            refuse_internal_overlap(func, target)
-        except RuntimeError as overlap:
-            return overlap
+    overlap = None if info.random else _torchs_overlap_error(func, args, kwargs, written)
+    if overlap is not None:
+        return overlap
     overlapped = next(
         ((target, other) for target in written for other in leaves
          if other is not target and other._paged is target._paged and _partly_overlapping(target, other)),

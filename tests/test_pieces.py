@@ -1117,7 +1117,9 @@ def test_results_in_pieces_take_the_kernels_dtype_where_the_meta_kernel_infers_a
 def test_writing_an_expanded_view_past_the_tier_raises_torchs_overlap_error(device):
     """An op writing an expanded (stride-0) view of a table larger than the device tier raised the
     pager's DeviceTierFullError, whose advice (a larger tier) only traded it for torch's error; it
-    raises torch's internal-overlap error, as the dense op and the same op within the tier do."""
+    raises torch's internal-overlap error, as the dense op and the same op within the tier do. Ops
+    whose kernels write an expanded tensor as any other (``triu_``, ``fill_``) keep the pager's error
+    (``tests/test_row_moves_past_the_tier.py``)."""
     base = torch.randn(1, 300, 40, device=device)  # 12 pages; the tier holds 6
     writes = {"add_": lambda t: t.add_(1), "clamp_": lambda t: t.clamp_(0, 1), "copy_": lambda t: t.copy_(torch.zeros(t.shape, device=device)),
               "abs out=": lambda t: torch.abs(torch.ones(t.shape, device=device), out=t)}  # fmt: skip
