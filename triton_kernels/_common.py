@@ -158,6 +158,22 @@ def check_kv_pages(k_pages: object, v_pages: object) -> tuple[torch.Tensor, torc
     return k_pages, v_pages
 
 
+def check_query(q: object, k_pages: object, v_pages: object, ndim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q`` of ``ndim`` dims (heads and head_dim last) in the pages' dtype and head_dim, its heads a
+    multiple of the KV heads, and the pages (:func:`check_kv_pages`): ``(q, k_pages, v_pages)``."""
+    q = check_tensor("q", q, ndim, (torch.float16, torch.bfloat16, torch.float32))
+    k_pages, v_pages = check_kv_pages(k_pages, v_pages)
+    num_heads, head_dim = q.shape[-2], q.shape[-1]
+    num_kv_heads = k_pages.shape[2]
+    if q.dtype != k_pages.dtype:
+        raise TypeError(f"q dtype {q.dtype} differs from k_pages dtype {k_pages.dtype}")
+    if head_dim != k_pages.shape[3]:
+        raise ValueError(f"q head_dim {head_dim} differs from k_pages head_dim {k_pages.shape[3]}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"q num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    return q, k_pages, v_pages
+
+
 def check_block_table(block_table: object, seq_lens: object, page_tokens: int,
                       batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``block_table`` ``[batch, max_pages]`` int32 and ``seq_lens`` ``[batch]`` int32, with every token

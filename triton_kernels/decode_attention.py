@@ -43,9 +43,8 @@ from pagedtensor.triton_kernels._common import (
     call_kernel_directly,
     check_block_table,
     check_device,
-    check_kv_pages,
+    check_query,
     check_table_entries,
-    check_tensor,
     dot_options,
     interpreting,
     kv_pool_strides,
@@ -482,16 +481,8 @@ def _check_decode_args(q: object, k_pages: object, v_pages: object, block_table:
     scale; ``num_splits`` None or a positive int) and normalised: the arguments of
     :func:`_launch_decode`, q unit-stride in head_dim, the tables unit-stride, the scale resolved and
     ``num_splits`` 0 for "choose"."""
-    q = check_tensor("q", q, 3, (torch.float16, torch.bfloat16, torch.float32))
-    k_pages, v_pages = check_kv_pages(k_pages, v_pages)
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_pages.shape[2]
-    if q.dtype != k_pages.dtype:
-        raise TypeError(f"q dtype {q.dtype} differs from k_pages dtype {k_pages.dtype}")
-    if head_dim != k_pages.shape[3]:
-        raise ValueError(f"q head_dim {head_dim} differs from k_pages head_dim {k_pages.shape[3]}")
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(f"q num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    q, k_pages, v_pages = check_query(q, k_pages, v_pages, 3)
+    batch, _, head_dim = q.shape
     block_table, seq_lens = check_block_table(block_table, seq_lens, k_pages.shape[1], batch)
     check_device(k_pages.device, q=q, v_pages=v_pages, block_table=block_table, seq_lens=seq_lens)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):

@@ -41,11 +41,10 @@ from pagedtensor.triton_kernels._common import (
     call_kernel_directly,
     check_block_table,
     check_device,
-    check_kv_pages,
+    check_query,
     check_position_values,
     check_positions,
     check_table_entries,
-    check_tensor,
     dot_options,
     interpreting,
     kv_pool_strides,
@@ -397,16 +396,8 @@ def _check_prefill_args(q: object, k_pages: object, v_pages: object, block_table
     lengths and positions of q's batch; one device; the scale; ``causal`` a bool) and normalised: the
     arguments of :func:`_launch_prefill`, q unit-stride in head_dim, the tables and positions
     unit-stride and the scale resolved."""
-    q = check_tensor("q", q, 4, (torch.float16, torch.bfloat16, torch.float32))
-    k_pages, v_pages = check_kv_pages(k_pages, v_pages)
+    q, k_pages, v_pages = check_query(q, k_pages, v_pages, 4)
     batch, _, num_heads, head_dim = q.shape
-    num_kv_heads = k_pages.shape[2]
-    if q.dtype != k_pages.dtype:
-        raise TypeError(f"q dtype {q.dtype} differs from k_pages dtype {k_pages.dtype}")
-    if head_dim != k_pages.shape[3]:
-        raise ValueError(f"q head_dim {head_dim} differs from k_pages head_dim {k_pages.shape[3]}")
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(f"q num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     if batch * num_heads > MAX_GRID_Y:
         raise ValueError(f"batch * num_heads must be <= {MAX_GRID_Y} (a grid dimension), got {batch} * {num_heads}")
     if not isinstance(causal, bool):
