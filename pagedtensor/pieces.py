@@ -574,12 +574,30 @@ def _on_meta(func: OpOverload, args: tuple, kwargs: dict) -> Any:
     return func(*(meta_layout(value) for value in args), **{name: meta_layout(value) for name, value in kwargs.items()})
 
 
+_FLOAT8 = frozenset(dtype for dtype in vars(torch).values() if isinstance(dtype, torch.dtype) and "float8" in str(dtype))
+
+
+def _as_float32_if_float8(value: Any) -> Any:
+    """A float8 tensor as a float32 meta tensor of its layout; any other value as it is."""
+    if isinstance(value, torch.Tensor) and value.dtype in _FLOAT8:
+        return torch.empty_strided(value.shape, value.stride(), dtype=torch.float32, device="meta")
+    return value
+
+
 def _result_layout(func: OpOverload, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-    """The op's result on meta tensors of its arguments' layouts (None if not one tensor)."""
+    """The op's result on meta tensors of its arguments' layouts (None if not one tensor). Where the
+    meta kernel's promotion table lacks a pair (float8 with complex: a KeyError), the layout with the
+    float8 operands as float32: the result's dtype is the op's own kernel's (:func:`_result_like`),
+    which raises torch's error where torch refuses the promotion."""
     try:
         result = _on_meta(func, args, kwargs)
     except (NotImplementedError, RuntimeError):
         return None
+    except KeyError:
+        try:
+            result = _on_meta(func, tuple(map(_as_float32_if_float8, args)), {name: _as_float32_if_float8(value) for name, value in kwargs.items()})
+        except (NotImplementedError, RuntimeError, KeyError):
+            return None
     return result if isinstance(result, torch.Tensor) else None
 
 
@@ -588,7 +606,7 @@ def _raise_torchs_error(func: OpOverload, args: tuple, kwargs: dict) -> None:
     shapes that do not broadcast), if it raises one other than a missing meta kernel's."""
     try:
         _on_meta(func, args, kwargs)
-    except NotImplementedError:
+    except (NotImplementedError, KeyError):  # KeyError: a pair the meta promotion table lacks (float8 with complex)
         return
 
 

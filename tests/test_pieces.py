@@ -1132,3 +1132,22 @@ def test_writing_an_expanded_view_past_the_tier_raises_torchs_overlap_error(devi
                 write(paged.expand(4, 300, 40))
             assert not isinstance(raised.value, OutOfPagesError), name
         assert torch.equal(dense(paged), base)
+
+
+def test_a_complex_table_with_a_float8_operand_past_the_tier_as_torch():
+    """A complex table past the tier with a float8 operand raised a bare KeyError (the meta kernel's
+    promotion table lacks float8 with complex): with a 0-dim one it now gives the dense result, and
+    with one of the table's shape torch's own promotion error, as the dense op does."""
+    table = torch.complex(torch.randn(64, 300), torch.randn(64, 300))  # 38 pages; the tier holds 6
+    scalar = torch.tensor(1.5).to(torch.float8_e4m3fn)
+    full = torch.full((64, 300), 0.5).to(torch.float8_e4m3fn)
+    with make_pager("cpu") as pager:
+        paged = PagedTensor.wrap(table, pager)
+        for op in (torch.add, torch.mul, torch.eq):
+            expected, got = op(table, scalar), dense(op(paged, scalar))
+            assert got.dtype == expected.dtype and torch.equal(got, expected), op
+        with pytest.raises(RuntimeError) as dense_error:
+            torch.add(table, full)
+        with pytest.raises(RuntimeError) as paged_error:
+            torch.add(paged, full)
+        assert str(paged_error.value) == str(dense_error.value)
