@@ -577,6 +577,12 @@ def _on_meta(func: OpOverload, args: tuple, kwargs: dict) -> Any:
 _FLOAT8 = frozenset(dtype for dtype in vars(torch).values() if isinstance(dtype, torch.dtype) and "float8" in str(dtype))
 
 
+# Ops whose kernels lay their result out contiguously whatever the inputs' layouts (``pow.Scalar``'s
+# structured meta function sets its output with no strides; ``float_power.Scalar`` calls it), where
+# torch's Python meta kernels keep the exponent's: ``2 ** t.T``.
+_CONTIGUOUS_RESULTS = frozenset({aten.pow.Scalar, aten.float_power.Scalar})
+
+
 def _as_float32_if_float8(value: Any) -> Any:
     """A float8 tensor as a float32 meta tensor of its layout; any other value as it is."""
     if isinstance(value, torch.Tensor) and value.dtype in _FLOAT8:
@@ -598,6 +604,8 @@ def _result_layout(func: OpOverload, args: tuple, kwargs: dict) -> Optional[torc
             result = _on_meta(func, tuple(map(_as_float32_if_float8, args)), {name: _as_float32_if_float8(value) for name, value in kwargs.items()})
         except (NotImplementedError, RuntimeError, KeyError):
             return None
+    if func in _CONTIGUOUS_RESULTS and isinstance(result, torch.Tensor):
+        return torch.empty(result.shape, dtype=result.dtype, device="meta")
     return result if isinstance(result, torch.Tensor) else None
 
 

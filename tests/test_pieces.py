@@ -1151,3 +1151,15 @@ def test_a_complex_table_with_a_float8_operand_past_the_tier_as_torch():
         with pytest.raises(RuntimeError) as paged_error:
             torch.add(paged, full)
         assert str(paged_error.value) == str(dense_error.value)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_a_number_to_the_power_of_a_transposed_table_is_contiguous_as_torch(device):
+    """``2 ** t.T`` (``pow.Scalar``) and ``torch.float_power(2, t.T)`` past the tier came out laid out
+    as the table (torch's Python meta kernel keeps the exponent's layout); torch's kernel lays the
+    result out contiguously, and so do the pieces now, with its bits."""
+    table = torch.rand(43, 153, device=device).T  # 7 pages; the tier holds 6
+    with make_pager(device) as pager:
+        paged = PagedTensor.wrap(table, pager)
+        for op in (lambda t: 2**t, lambda t: torch.float_power(2, t), lambda t: t**2):
+            assert same_bits(dense(op(paged)), op(table))
