@@ -481,12 +481,13 @@ class Pager:
         self._allocations: dict[int, Allocation] = {}
         self._ids = itertools.count()
         self._host_fences: dict[int, Event] = {}  # slot -> last copy touching it
-        # Pages whose device slot was zero-filled for an overwrite (``ensure_resident(discard=...)``)
-        # while their host or disk copy still holds their bytes: that copy stays authoritative until
-        # a release marks the page dirty (the write is done) or gives the bytes back (it failed).
         # Allocations whose PagedTensors were collected while this thread was inside a pager call
         # (free_when_unlocked): freed at the pager's next call from outside one.
         self._deferred_frees: list[Allocation] = []
+        # Pages whose device slot was zero-filled for an overwrite (``ensure_resident(discard=...)``)
+        # while their host or disk copy still holds their bytes: that copy stays authoritative until
+        # a release marks the page dirty (the write is done) or gives the bytes back (it failed).
+        # Another thread's request for them waits for that release (_wait_for_other_threads_overwrites).
         self._overwriting: set[Page] = set()
         # Pages _bring_to_device has given device slots it has not filled yet: that slot is no copy.
         self._filling: set[Page] = set()
