@@ -840,15 +840,15 @@ def refuse_internal_overlap(func: OpOverload, written: torch.Tensor) -> None:
 def _torchs_overlap_error(func: OpOverload, args: tuple, kwargs: dict, written: list[PagedTensor]) -> Optional[RuntimeError]:
     """torch's error for an op writing a PagedTensor whose elements overlap each other
     (``t.expand(2, n).add_(1)``), where the op's kernel raises it: found by running that kernel on
-    stand-ins holding no memory (each PagedTensor a zero-stride view of one element), as torch checks
+    stand-ins holding no memory (each tensor a zero-stride view of one element), as torch checks
     the written tensor before computing. None where the layouts overlap nowhere or the kernel raises
     no such error (``triu_`` and ``fill_`` write an expanded tensor as any other; they then compute
     on the one element, a cost paid on this error path only)."""
     if not any(torch._debug_has_internal_overlap(meta_like(target)) == 1 for target in written):
         return None
 
-    def stand_in(value: Any) -> Any:
-        if isinstance(value, PagedTensor):
+    def stand_in(value: Any) -> Any:  # every tensor, so that nothing the op writes is a caller's
+        if isinstance(value, torch.Tensor) and value.layout == torch.strided:
             return torch.empty((), dtype=value.dtype, device=value.device).expand(value.shape)
         return value
 
