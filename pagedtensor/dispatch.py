@@ -830,10 +830,15 @@ _INTERNAL_OVERLAP = (
 )
 
 
+def overlaps_itself(tensor: torch.Tensor) -> bool:
+    """Whether some elements of ``tensor`` share memory (a dim of stride 0: ``t.expand(2, n)``), as
+    torch's kernels test a written tensor; read from the layout alone (no page)."""
+    return torch._debug_has_internal_overlap(meta_like(tensor) if isinstance(tensor, PagedTensor) else tensor) == 1
+
+
 def refuse_internal_overlap(func: OpOverload, written: torch.Tensor) -> None:
-    """torch's error for a written tensor whose elements overlap each other (a dim of stride 0:
-    ``t.expand(2, n)``), as torch's kernels raise it; read from the layout alone (no page)."""
-    if torch._debug_has_internal_overlap(meta_like(written) if isinstance(written, PagedTensor) else written) == 1:
+    """torch's error for a written tensor whose elements overlap each other, as torch's kernels raise it."""
+    if overlaps_itself(written):
         raise RuntimeError(f"PagedTensor: {func}: {_INTERNAL_OVERLAP}")
 
 
@@ -844,7 +849,7 @@ def _torchs_overlap_error(func: OpOverload, args: tuple, kwargs: dict, written: 
     the written tensor before computing. None where the layouts overlap nowhere or the kernel raises
     no such error (``triu_`` and ``fill_`` write an expanded tensor as any other; they then compute
     on the one element, a cost paid on this error path only)."""
-    if not any(torch._debug_has_internal_overlap(meta_like(target)) == 1 for target in written):
+    if not any(map(overlaps_itself, written)):
         return None
 
     def stand_in(value: Any) -> Any:  # every tensor, so that nothing the op writes is a caller's

@@ -43,7 +43,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch._ops import OpOverload
 
-from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, aten, implements
+from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, aten, implements, overlaps_itself
 from pagedtensor.handlers.parts import _arguments_by_name
 from pagedtensor.handlers.row_gathers import (
     RowPiece,
@@ -396,7 +396,7 @@ def _triangle_out_overlaps(out: torch.Tensor, table: Any) -> bool:
     again, otherwise than in place: ``out``'s elements overlapping each other (a dim of stride 0),
     or ``out`` a PagedTensor of the table's allocation whose elements meet the table's without
     being the table's very view."""
-    if torch._debug_has_internal_overlap(meta_like(out) if isinstance(out, PagedTensor) else out) == 1:
+    if overlaps_itself(out):
         return True
     if not isinstance(out, PagedTensor) or not isinstance(table, PagedTensor) or out.allocation is None:
         return False

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch._ops import OpOverload
 
-from pagedtensor.dispatch import DISPATCHER, _row_byte_spans, aten, implements
+from pagedtensor.dispatch import DISPATCHER, _row_byte_spans, aten, implements, refuse_internal_overlap
 from pagedtensor.handlers.parts import _arguments_by_name, _larger_than_a_piece
 from pagedtensor.handlers.row_gathers import (
     _dense,
@@ -27,7 +27,6 @@ from pagedtensor.handlers.row_gathers import (
     _rows_a_piece,
     _rows_can_be_copied,
     _rows_compacted,
-    refuse_internal_overlap,
 )
 from pagedtensor.pieces import piece_elements_of
 from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping

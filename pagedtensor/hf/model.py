@@ -1429,8 +1429,6 @@ class PagedModel:
         ``paging`` only (as keywords they would reach the model's constructor)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        given_tokenizer = tokenizer
-
         misplaced = sorted(name for name in hf_kwargs if name in _paging_option_names() and name != "attn_implementation")
         if misplaced:
             raise TypeError(f"PagedModel.from_pretrained: enable_paging option(s) {misplaced} go in paging={{...}}; "
@@ -1452,7 +1450,7 @@ class PagedModel:
 
             if gguf_file is not None:
                 hf_kwargs["gguf_file"] = gguf_file
-            return load_tensor_parallel(name_or_path, memory_config, dtype=dtype, load_tokenizer=load_tokenizer, tokenizer=given_tokenizer,
+            return load_tensor_parallel(name_or_path, memory_config, dtype=dtype, load_tokenizer=load_tokenizer, tokenizer=tokenizer,
                                         paging=paging, **hf_kwargs)
         config = memory_config if memory_config is not None else MemoryConfig()
         if gguf_file is not None:
@@ -1464,7 +1462,6 @@ class PagedModel:
         if not (paging or {}).get("page_weights"):
             model.to(config.device)  # else enable_paging pages the layers' weights from the CPU and moves only the rest
         model.eval()
-        tokenizer = given_tokenizer
         if load_tokenizer and tokenizer is None:
             tokenizer_kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
             try:
