@@ -1053,8 +1053,12 @@ def test_data_assignment(pager):
 
 
 def test_numpy_is_a_read_only_copy(pager):
+    """``numpy()`` gives a read-only copy; off the CPU it raises torch's TypeError unless ``force``."""
     paged = PagedTensor.wrap(torch.arange(3.0), pager)
-    array = paged.numpy()
+    if pager.device.type != "cpu":
+        with pytest.raises(TypeError, match="can't convert cuda:0 device type tensor to numpy"):
+            paged.numpy()
+    array = paged.numpy(force=pager.device.type != "cpu")
     assert array.tolist() == [0.0, 1.0, 2.0]
     with pytest.raises(ValueError, match="read-only"):
         array[0] = 5  # a write could never reach the pages: it must not pass silently
@@ -1155,13 +1159,19 @@ def test_storage_sharing_and_dlpack_raise_instead_of_crashing(pager):
 
 
 def test_safetensors_refuses_a_paged_tensor_by_name(pager, tmp_path):
-    """safetensors reads a tensor's bytes at ``data_ptr()``: a view at an offset crashed the process,
-    a whole tensor failed with "invalid shape, data type, or offset"."""
+    """safetensors reads a CPU tensor's bytes at ``data_ptr()``: a view at an offset crashed the
+    process, a whole tensor failed with "invalid shape, data type, or offset". A paged CPU tensor is
+    refused naming ``materialize``; one on another device is moved to the CPU by safetensors first
+    (a plain copy), so it saves its values."""
     safetensors_torch = pytest.importorskip("safetensors.torch")
     paged = PagedTensor.wrap(torch.randn(4, 8, device=pager.device), pager)
     for tensor in (paged, paged[1:3]):
-        with pytest.raises(RuntimeError, match="PagedTensor.*materialize"):
+        if pager.device.type == "cpu":
+            with pytest.raises(RuntimeError, match="PagedTensor.*materialize"):
+                safetensors_torch.save_file({"t": tensor}, str(tmp_path / "x.safetensors"))
+        else:
             safetensors_torch.save_file({"t": tensor}, str(tmp_path / "x.safetensors"))
+            assert torch.equal(safetensors_torch.load_file(str(tmp_path / "x.safetensors"))["t"], tensor.materialize().cpu())
     safetensors_torch.save_file({"t": paged[1:3].materialize()}, str(tmp_path / "x.safetensors"))
     assert torch.equal(safetensors_torch.load_file(str(tmp_path / "x.safetensors"), device=str(pager.device))["t"], paged[1:3].materialize())
 
@@ -1169,8 +1179,10 @@ def test_safetensors_refuses_a_paged_tensor_by_name(pager, tmp_path):
 def test_safetensors_load_model_loads_into_paged_parameters(pager, tmp_path):
     """``safetensors.torch.load_model`` into a model with paged parameters loads as into a dense one
     (it raised: its search for shared storages read ``storage()``, whose RuntimeError it does not
-    expect; it takes NotImplementedError for a storage with no pointer); ``save_model`` of such a model
-    still raises naming ``materialize``."""
+    expect; it takes NotImplementedError for a storage with no pointer). ``save_model`` of such a model
+    either raises naming ``materialize`` (a CPU tensor: safetensors reads its bytes in place) or
+    writes exactly its weights (another device: safetensors moves each tensor to the CPU first,
+    which gives a plain copy)."""
     safetensors_torch = pytest.importorskip("safetensors.torch")
     torch.manual_seed(0)
     source, dense, paged = (torch.nn.Linear(8, 8).to(pager.device) for _ in range(3))
@@ -1182,8 +1194,14 @@ def test_safetensors_load_model_loads_into_paged_parameters(pager, tmp_path):
         assert not missing and not unexpected
     assert isinstance(paged.weight, PagedTensor)
     assert torch.equal(paged.weight.materialize(), dense.weight.detach()) and torch.equal(paged.bias, dense.bias)
-    with pytest.raises(RuntimeError, match="PagedTensor.*materialize"):
-        safetensors_torch.save_model(paged, str(tmp_path / "paged.safetensors"))
+    paged_path = str(tmp_path / "paged.safetensors")
+    if pager.device.type == "cpu":
+        with pytest.raises(RuntimeError, match="PagedTensor.*materialize"):
+            safetensors_torch.save_model(paged, paged_path)
+    else:
+        safetensors_torch.save_model(paged, paged_path)
+        saved = safetensors_torch.load_file(paged_path)
+        assert torch.equal(saved["weight"], dense.weight.detach().cpu()) and torch.equal(saved["bias"], dense.bias.detach().cpu())
 
 
 def test_views_under_inference_mode_of_a_tensor_wrapped_outside_it(pager):
