@@ -243,9 +243,15 @@ def _check_scatter_args(src: object, pages: object, block_table: object,
     """The arguments of :func:`paged_scatter` checked (pages; src of their dtype, heads and head_dim;
     an int32 block table of src's batch; positions; one device; a batch the grid holds) and
     normalised: ``(src, pages, block_table, start_pos)``, src unit-stride in head_dim, the table
-    contiguous and ``start_pos`` an int32 ``[batch]`` tensor. (Grad mode is the public function's
-    check: the op records itself for autograd.)"""
+    contiguous and ``start_pos`` an int32 ``[batch]`` tensor. Pages made under inference mode are
+    written only inside it, as torch's in-place ops refuse them outside. (Grad mode is the public
+    function's check: the op records itself for autograd.)"""
     pages = check_pages("pages", pages)
+    if not torch.compiler.is_compiling() and pages.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(  # torch's own words for an in-place op on such a tensor, and which one
+            "Inplace update to inference tensor outside InferenceMode is not allowed: paged_scatter's pages "
+            "were made under torch.inference_mode(); write them inside it, or clone them first"
+        )
     src = check_tensor("src", src, 4, (pages.dtype,))
     block_table = check_tensor("block_table", block_table, 2, (torch.int32,))
     batch = src.shape[0]
@@ -298,7 +304,8 @@ def paged_scatter(
 
     Raises:
         RuntimeError: grad mode is on and ``src`` or ``pages`` requires grad (the write has no
-            autograd formula).
+            autograd formula); ``pages`` is an inference tensor and inference mode is off (torch's
+            in-place ops refuse it alike).
     """
     src, pages, block_table, start_pos = _check_scatter_args(src, pages, block_table, start_pos)
     if torch.is_grad_enabled() and (src.requires_grad or pages.requires_grad):

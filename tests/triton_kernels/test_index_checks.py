@@ -287,6 +287,25 @@ def test_paged_scatter_bumps_the_version_of_pages():
         saved.backward()
 
 
+def test_paged_scatter_into_an_inference_tensor_outside_inference_mode_raises_as_torch():
+    """Pages made under ``torch.inference_mode()`` cannot be written in place outside it: torch's
+    in-place ops raise, and paged_scatter (its direct launch and its op) wrote them. It raises torch's
+    error before any write; inside inference mode it writes."""
+    with torch.inference_mode():
+        pages = torch.zeros((2, PAGE_TOKENS, 1, DIM), device=DEVICE)
+    src = torch.ones((1, 1, 1, DIM), device=DEVICE)
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        torch.inference_mode()(torch.zeros)(1).add_(1)  # torch's own refusal
+    for scatter in (lambda: paged_scatter(src, pages, table([0]), 0),
+                    lambda: torch.ops.pagedllm.paged_scatter(src, pages, table([0]), torch.zeros(1, dtype=torch.int32, device=DEVICE))):  # fmt: skip
+        with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode is not allowed.*pages"):
+            scatter()
+        assert pages.eq(0).all()
+    with torch.inference_mode():
+        paged_scatter(src, pages, table([0]), 0)
+    assert pages[0, 0].eq(1).all() and pages.sum() == DIM
+
+
 def test_gather_and_scatter_refuse_a_batch_past_the_grid():
     """The batch is the gather and scatter kernels' second grid dimension, which CUDA caps at 65535: a
     larger batch is refused naming it (CUDA's launch would fail without saying why), before any write."""
