@@ -41,6 +41,7 @@ Thread-safety: every public method takes the pager's lock; prefetches run on one
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import itertools
 import logging
 import operator
@@ -1432,7 +1433,8 @@ class Pager:
         self._device_fences.record_slots(_D2H_FENCES, (page.device_slot for page in pages), event)
         self.metrics.count("bytes_d2h", len(pages) * self.page_size)
 
-    def _make_host_room(self, count: int, keep: frozenset = frozenset(), *, spare_copies: bool = False, partial: bool = False) -> int:
+    def _make_host_room(self, count: int, keep: frozenset = frozenset(), *, spare_copies: bool = False, partial: bool = False,
+                        disk_room: Optional[int] = None) -> int:  # fmt: skip
         """Free ``count`` host slots; returns how many are free for the caller (``count``, or fewer
         with ``partial``). Blocks on disk I/O.
 
@@ -1446,6 +1448,12 @@ class Pager:
         the pages in ``keep`` stay (pages leaving the device right after), and so do their disk
         copies where they have no host copy (they may become their only copies). With
         ``spare_copies`` (:meth:`write_back`) only the first pass runs.
+
+        The disk tier has room for ``disk_limit``'s free slots, or, without a limit, for every spill;
+        where a spill then meets a full file system (ENOSPC, EDQUOT) the call runs again with room
+        ``disk_room``: the free slots below the first that failed, the file already reaching past
+        them (where that is not room enough, the write's OSError is raised). So the full file system
+        is a limit as ``disk_limit`` is, met afresh by each call (space freed there is used again).
 
         Raises:
             OutOfPagesError: fewer than ``count`` slots can be freed (not with ``partial``: then the
@@ -1462,7 +1470,13 @@ class Pager:
             being overwritten, whose device slot is no copy)."""
             return page.device_slot is not None and page not in overwriting and page.disk_slot is None
 
-        free_disk = 0 if disk is None else (shortfall if disk.capacity_pages is None else disk.capacity_pages - disk.used_pages)
+        if disk is None:
+            known_room = 0
+        elif disk_room is not None:
+            known_room = disk_room
+        else:
+            known_room = None if disk.capacity_pages is None else disk.capacity_pages - disk.used_pages
+        free_disk = shortfall if known_room is None else known_room
         caches: list[Page] = []  # disk copies to drop for room (second pass)
         victims: list[Page] = []
         to_disk: list[Page] = []
@@ -1500,13 +1514,26 @@ class Pager:
                 raise OutOfPagesError(f"disk tier full (disk_limit={self.config.disk_limit} bytes): cannot spill {stuck} pages")
             raise OutOfPagesError(f"host tier: {count} pages needed, {self.host_tier.free_pages} free of {self.host_tier.capacity_pages}")
         if to_disk:
-            dropped = len(to_disk) - (disk.capacity_pages - disk.used_pages) if disk.capacity_pages is not None else 0
+            dropped = len(to_disk) - known_room if known_room is not None else 0
             for page in caches[: max(0, dropped)]:
                 self._drop_disk_copy(page)
             self._sync_host_slots([page.host_slot for page in to_disk])
             disk_slots = [disk.allocate_slot() for _ in to_disk]
             try:
                 moved = disk.write_pages([(slot, self.host_tier.page(page.host_slot)) for page, slot in zip(to_disk, disk_slots)])
+            except OSError as error:
+                for slot in disk_slots:
+                    disk.free_slot(slot)
+                failed = getattr(error, "failed_slots", ())
+                if known_room is None and failed and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                    # The file system is full: room only below the first slot it could not hold. Where
+                    # that is not room enough, the file system's error says why.
+                    try:
+                        return self._make_host_room(count, keep, spare_copies=spare_copies, partial=partial,
+                                                    disk_room=disk.free_slots_below(min(failed)))  # fmt: skip
+                    except OutOfPagesError:
+                        raise error from None
+                raise
             except BaseException:
                 for slot in disk_slots:
                     disk.free_slot(slot)

@@ -293,6 +293,13 @@ class DiskTier:
         with self._lock:
             return bool(self._free) or self.capacity_pages is None or self._next_slot < self.capacity_pages
 
+    def free_slots_below(self, slot: int) -> int:
+        """How many free slots lie below ``slot``, an allocated or freed one (the slots a write on a
+        file system that could not hold ``slot`` still fits: the file reaches past them, and
+        :meth:`allocate_slot` hands out the lowest first). Never blocks."""
+        with self._lock:
+            return sum(1 for free in self._free if free < slot)
+
     def allocate_slot(self) -> int:
         """The lowest free slot, now allocated; OutOfPagesError when the tier is full. Never blocks."""
         self._check_open()
@@ -328,7 +335,8 @@ class DiskTier:
         data is in the file, not fsync'd). Returns bytes written to the file.
 
         A slot whose write fails loses its previous page (reading it raises) and the call raises
-        OSError after the batch; the other slots of the batch hold their new pages.
+        OSError after the batch, its ``failed_slots`` the slots that failed; the other slots of the
+        batch hold their new pages.
         """
         self._check_open()
         items = list(items)
@@ -386,7 +394,9 @@ class DiskTier:
             more = f" (and {len(failures) - 1} more failed writes in this batch)" if len(failures) > 1 else ""
             full = ("; its file system is full: free space there, or set MemoryConfig(disk_limit=...) to what it can hold"
                     if code in (errno.ENOSPC, errno.EDQUOT) else "")  # fmt: skip
-            raise OSError(code, f"disk tier: writing slot {slot} of {self.file_path} failed: {text}{more}{full}")
+            error = OSError(code, f"disk tier: writing slot {slot} of {self.file_path} failed: {text}{more}{full}")
+            error.failed_slots = tuple(failed for failed, _, _ in failures)  # for the pager's retry on a full file system
+            raise error
         return sum(record.stored_length for record in records)
 
     def read_pages(self, items: Sequence[tuple[int, torch.Tensor]]) -> int:
