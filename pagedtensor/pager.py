@@ -504,8 +504,7 @@ class Pager:
         yet (a page takes some once written, or read: it is then zero-filled on the device tier and
         kept as any page), only its page table: one entry (about 140 bytes of host memory) per page, made now, so
         size pages for the allocation (2 MiB pages: 512 entries a GiB; 4 KiB pages: 262144)."""
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int):
-            raise TypeError(f"nbytes: expected an int, got {nbytes!r}")
+        nbytes = _int_argument(nbytes, "nbytes")
         if nbytes <= 0:
             raise ValueError(f"nbytes: expected a positive size, got {nbytes!r}")
         with self._lock:

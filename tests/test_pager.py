@@ -1123,6 +1123,12 @@ def test_pager_methods_name_their_bad_arguments():
         with pager.ensure_resident(allocation, torch.tensor(0).numpy() + 0, 1):  # integers of any kind
             pass
         assert all(info.pin_count == 0 for info in pager.page_table(allocation))
+        for size in (numpy.int64(PAGE + 1), torch.tensor(PAGE + 1)):  # allocate's size too (it refused them)
+            assert pager.allocate(size).nbytes == PAGE + 1 and type(pager.allocate(size).nbytes) is int
+        for size, message in ((1.5, "nbytes: expected an int, got 1.5"), (True, "nbytes: expected an int, got True"),
+                              (torch.tensor([4]), "nbytes: expected an int, got tensor")):  # fmt: skip
+            with pytest.raises(TypeError, match=message):
+                pager.allocate(size)
 
 
 def test_write_refuses_data_whose_bytes_are_not_its_values():
