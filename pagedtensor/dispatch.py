@@ -536,6 +536,15 @@ class PagedDispatcher:
                         f"materialized copy, so the write would never reach the pages. Write outside the compiled "
                         f"region or compile with backend='eager'{_describe(args, kwargs)}"
                     )
+        if func is aten._conj.default and not args[0].dtype.is_complex:
+            # Dynamo making a fake of a real view with the negative bit (t.conj().imag) replays its
+            # view ops on the input: view_as_real, then _conj of that real view, which fails inside
+            # torch with an internal assert.
+            raise NotImplementedError(
+                "PagedTensor: a real view with the negative bit (t.conj().imag of a complex PagedTensor) cannot enter "
+                "a compiled function: Dynamo replays its view ops as view_as_real then _conj, which torch refuses for "
+                "a real tensor. Pass it as .resolve_neg() (a copy of its values), or the complex tensor itself"
+            )
         inner = {id(leaf): leaf._inner if leaf._inner is not None else leaf._dense for leaf in leaves}
         inner_args, inner_kwargs = _substitute(args, kwargs, inner)
         out = func(*inner_args, **inner_kwargs)
@@ -544,10 +553,12 @@ class PagedDispatcher:
             source = args[0]
             if isinstance(source, PagedTensor) and _is_functional(source._inner):
                 # AOT autograd traces: remember the graph input a view views (see _check_returnable).
-                root = source._view_root or (source.dtype, None, (tuple(source.shape), source.stride(), source.storage_offset()))
+                root = source._view_root or (source.dtype, None, (tuple(source.shape), source.stride(), source.storage_offset()),
+                                             math_bits(source))  # fmt: skip
 
                 def note_root(view: PagedTensor) -> None:
-                    view._view_root = (root[0], func if view.dtype != source.dtype else root[1], root[2])
+                    changes = view.dtype != source.dtype or math_bits(view) != math_bits(source)
+                    view._view_root = (root[0], func if changes else root[1], root[2], root[3])
 
                 _map_tensors(out, note_root)
         return return_and_correct_aliasing(func, args, kwargs, out)

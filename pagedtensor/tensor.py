@@ -270,9 +270,9 @@ class PagedTensor(torch.Tensor):
     _span: Optional[tuple[int, int]]  # bytes [lo, hi) of the allocation it reaches, set on first use
     _meta: Optional[torch.Tensor]  # a meta tensor of the same layout, set on the first view op
     # Traced views made while AOT autograd traces (functional inner tensors): the dtype of the graph
-    # input they view, the view op that last changed the dtype and the input's (size, stride, storage
-    # offset) (see _check_returnable).
-    _view_root: Optional[tuple[torch.dtype, Optional[object], tuple]]
+    # input they view, the view op that last changed the dtype or math bits, the input's (size,
+    # stride, storage offset) and its (conjugate, negative) bits (see _check_returnable).
+    _view_root: Optional[tuple[torch.dtype, Optional[object], tuple, tuple[bool, bool]]]
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -401,6 +401,8 @@ class PagedTensor(torch.Tensor):
         out._meta = None
         out._view_root = None
         out._storage_owner = _dense_owner(inner) if _DENSE_OWNERS else None
+        if inner.is_conj() or inner.is_neg():  # a traced t.conj(): the wrapper carries the inner's bits, as a paged view does
+            with_math_bits(out, math_bits(inner))
         return out
 
     # ------------------------------------------------------------------ the traceable-subclass contract
@@ -424,8 +426,19 @@ class PagedTensor(torch.Tensor):
         A complex view of a real input is rebuilt from ``torch.view_as_complex(input)``, which torch
         allows only for an input whose last dim is 2 with stride 1 (other strides and the offset even):
         for any other input (``torch.view_as_complex(t.view(n, -1, 2))`` of a 2-D ``t``) it fails
-        with torch's "Tensor must have a last dimension of size 2" after compiling; refused here."""
-        root, op, (size, stride, offset) = self._view_root
+        with torch's "Tensor must have a last dimension of size 2" after compiling; refused here.
+
+        A view with other conjugate or negative bits than its input (``t.conj()``) is rebuilt with
+        ``as_strided``, which drops them: its values came back unconjugated. Refused too."""
+        root, op, (size, stride, offset), bits = self._view_root
+        if math_bits(self) != bits:
+            raise NotImplementedError(
+                f"PagedTensor: a compiled graph returns a view of a PagedTensor input with other conjugate or negative "
+                f"bits than the input ({op}: conjugate, negative {bits} -> {math_bits(self)}); torch's aot_eager/inductor "
+                f"rebuild a returned view of a tensor subclass input with as_strided (gen_alias_from_base), which drops "
+                f"the bits, so its values would come back unconjugated. Return .resolve_conj()/.resolve_neg() (a copy), "
+                f"take the view outside the compiled function, or compile with backend='eager'"
+            )
         unit = root.itemsize
         if root.is_complex and not self.dtype.is_complex:  # torch views a complex base as real first
             unit //= 2

@@ -291,6 +291,49 @@ def test_a_returned_complex_view_of_a_real_input_is_refused_unless_torch_can_reb
     assert torch.equal(view.materialize(), torch.view_as_complex(base.view(16, 32, 2))[3])
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_returned_view_with_other_conjugate_or_negative_bits_is_refused(pager, backend):
+    """torch rebuilds a returned view of a subclass input with ``as_strided`` (``gen_alias_from_base``),
+    which drops the conjugate and negative bits: ``t.conj()`` of a complex input came back with
+    ``is_conj()`` False and the unconjugated values, and writes through it landed unconjugated. Such a
+    graph is now refused, naming the op; the view used inside the graph, a returned view of an input
+    that already has the bit, and the ``eager`` backend still give the dense values."""
+    base = torch.randn(4, 6, dtype=torch.complex64, generator=torch.Generator().manual_seed(0))
+    paged = PagedTensor.wrap(base, pager)
+    for fn, op in ((lambda t: t.conj(), "aten._conj.default"), (lambda t: t.conj()[1], "aten._conj.default"),
+                   (lambda t: torch._neg_view(t), "aten._neg_view.default")):  # fmt: skip
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=rf"other conjugate or negative bits than the input \({op}"):
+            torch.compile(fn, backend=backend, fullgraph=True)(paged)
+    assert torch.equal(paged.materialize(), base)
+    torch._dynamo.reset()
+    inside = torch.compile(lambda t: (t.conj() * 2, t.conj().sum()), backend=backend, fullgraph=True)
+    assert_bitwise(inside(paged), inside(base))
+    torch._dynamo.reset()
+    row = torch.compile(lambda t: t[1], backend=backend, fullgraph=True)(paged.conj())  # the input's own bit
+    assert type(row) is PagedTensor and row.is_conj() and torch.equal(row.resolve_conj(), base.conj()[1].resolve_conj())
+    torch._dynamo.reset()
+    eager = torch.compile(lambda t: t.conj(), backend="eager", fullgraph=True)(paged)
+    assert type(eager) is PagedTensor and eager.is_conj() and torch.equal(eager.resolve_conj(), base.conj().resolve_conj())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_real_view_with_the_negative_bit_as_input_is_refused_by_name(pager, backend):
+    """``t.conj().imag`` of a complex PagedTensor (a real view with the negative bit) passed to any
+    compiled function failed inside Dynamo with torch's internal assert ("isComplexType ... please
+    report a bug to PyTorch"): Dynamo replays its view ops on the input, calling ``_conj`` on the real
+    view. It now raises naming the view and the way out; ``.resolve_neg()`` of it compiles and
+    gives the dense result."""
+    base = torch.randn(4, 6, dtype=torch.complex64, generator=torch.Generator().manual_seed(0))
+    paged = PagedTensor.wrap(base, pager)
+    double = torch.compile(lambda x: x * 2, backend=backend, fullgraph=True)
+    with pytest.raises(Exception, match=r"a real view with the negative bit .*resolve_neg\(\)"):
+        double(paged.conj().imag)
+    torch._dynamo.reset()
+    got = double(paged.conj().imag.resolve_neg())
+    assert torch.equal(got.materialize() if isinstance(got, PagedTensor) else got, base.conj().imag * 2)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_wrapping_inside_a_compiled_function_runs_eagerly_at_a_graph_break(pager, backend):
     """Dynamo traced into ``PagedTensor.wrap``, broke the graph at ``_make_wrapper_subclass`` and went
