@@ -378,12 +378,15 @@ def bound_weakly(method: Any, owner: torch.nn.Module) -> Any:
 
 
 def _refuse_to_copy_or_save(protocol: int = 2) -> Any:
-    """A paged model's ``__reduce_ex__``: ``torch.save(model)``, ``pickle`` and ``copy.deepcopy`` of it
-    raise naming what to do, where they failed on a layer's wrapped forward or a prefetch hook."""
+    """A paged model's ``__reduce_ex__``: ``torch.save(model)``, ``pickle``, ``copy.copy`` and
+    ``copy.deepcopy`` of it raise naming what to do, where they failed on a layer's wrapped forward or
+    a prefetch hook (a shallow copy would share the pager and call the original's wrapped methods)."""
     raise TypeError(
-        "torch.save, pickle or copy.deepcopy of a model after enable_paging: its pager (device slabs, pinned host "
-        "memory, a page file) cannot be saved or copied. Save model.state_dict() or model.save_pretrained(path) "
-        "(the weights come out dense), or copy the model before enable_paging, then enable paging on each copy"
+        "torch.save, pickle, copy.copy or copy.deepcopy of a model after enable_paging: its pager (device slabs, pinned "
+        "host memory, a page file) cannot be saved or copied. Save model.save_pretrained(path) (dense files) or "
+        "model.state_dict() (with page_weights=True its weights are PagedTensors: a file torch.save writes of it needs "
+        "pagedtensor imported to load; materialize() each for plain tensors), or copy the model before enable_paging, "
+        "then enable paging on each copy"
     )
 
 
@@ -596,13 +599,22 @@ def _begin_forward(module: torch.nn.Module, args: tuple, kwargs: dict, state: Op
             kwargs.get(name, getattr(config, name, False)) for name in ("output_hidden_states", "output_attentions")
         ) or state.user_hooks()  # a hook may keep a layer's input or output, which in-place reuse overwrites
         calls.in_place = cache is not None and not captures and not torch.is_grad_enabled() and kwargs.get("inputs_embeds") is None
-        calls.chunked = not kwargs.get("output_attentions", getattr(config, "output_attentions", False))
+        calls.chunked = not any(  # what transformers records from inside a layer (attentions, router logits) comes once per chunk
+            kwargs.get(f"output_{name}", getattr(config, f"output_{name}", False)) for name in _recorded_inside_layers(module)
+        )
         if cache is not None:
             calls.claimed = cache.claim()  # refused while another thread uses the cache (which is then left alone)
             calls.forward_cache = weakref.ref(cache)
     if cache is not None and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
         cache.begin_forward(mask, inputs.shape[1])
     PAGED_FORWARD.set(cache is not None)
+
+
+def _recorded_inside_layers(module: torch.nn.Module) -> set[str]:
+    """The outputs transformers records from modules inside the decoder layers of ``module``'s model
+    (``output_<name>=True``): attentions, and those its ``_can_record_outputs`` names, such as a
+    mixture of experts' ``router_logits``; not the hidden states, which the layers return."""
+    return {"attentions", *(getattr(module, "_can_record_outputs", None) or ())} - {"hidden_states"}
 
 
 def _decoder_module(model: torch.nn.Module, layers: list[torch.nn.Module]) -> Optional[torch.nn.Module]:
@@ -749,14 +761,17 @@ def _slice_tokens(tensor: torch.Tensor, length: int, start: int, stop: int) -> t
 
 
 def _chunked_rowwise_forward(forward, state: PagingState):
-    """A row-wise module (the final norm) applied chunk by chunk on long inputs: same result, bounded temporaries."""
+    """A row-wise module (the final norm) applied chunk by chunk on long inputs, where the decoder
+    layers ran in chunks (a forward with a paged cache under "pagedllm"): same result, bounded
+    temporaries. Any other forward (no cache: training) runs it whole, so its weight's gradient is
+    the unpaged model's sum, not a sum of per-chunk sums."""
 
     @functools.wraps(forward)
     def chunked(hidden_states, *args, **kwargs):
         chunk = state.prefill_chunk_size
         if args or kwargs or not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 or hidden_states.shape[1] <= chunk:
             return forward(hidden_states, *args, **kwargs)
-        if state.attn_implementation != ATTENTION_NAME:
+        if state.attn_implementation != ATTENTION_NAME or not PAGED_FORWARD.get() or not state.calls.chunked:
             return forward(hidden_states)
         out = None
         for start in range(0, hidden_states.shape[1], chunk):

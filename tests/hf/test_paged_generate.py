@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from pagedtensor import MemoryConfig, PagedKVCache, enable_paging
 from pagedtensor.hf import paging_state
-from tests.hf.tiny_models import FAMILIES, PAGE, output_cache, prompts, tiny_budget, tiny_pair
+from tests.hf.tiny_models import FAMILIES, PAGE, TINY, output_cache, prompts, tiny_budget, tiny_pair
 
 NEW_TOKENS = 6
 
@@ -108,6 +108,50 @@ def test_output_attentions_under_the_pagedllm_attention(nvme_dir):
         for have, want in zip(got_step, expected_step):
             torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(_generate(model, ids, mask).sequences, expected.sequences)  # chunked again without them
+
+
+def test_output_router_logits_under_the_pagedllm_attention(nvme_dir):
+    """transformers records a mixture of experts' router logits from the router inside each layer:
+    a forward asking for them runs its prefill in one piece, as one asking for attentions does (in
+    chunks it returned one tensor per layer per chunk, and with a left-padded batch the model's
+    auxiliary loss raised a size mismatch). The logits and loss equal the unpaged model's."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    reference = MixtralForCausalLM(config).eval()
+    model = MixtralForCausalLM(MixtralConfig.from_dict(config.to_dict())).eval()
+    model.load_state_dict(reference.state_dict())
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="pagedllm", prefill_chunk_size=8)
+    ids, mask = prompts(3, length=20)
+    with torch.no_grad():
+        want = reference(ids, attention_mask=mask, output_router_logits=True, past_key_values=DynamicCache(config=reference.config))
+        got = model(ids, attention_mask=mask, output_router_logits=True, past_key_values=paging_state(model).new_cache(model))
+    assert len(got.router_logits) == len(want.router_logits) == config.num_hidden_layers
+    for have, expected in zip(got.router_logits, want.router_logits):
+        torch.testing.assert_close(have, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.aux_loss, want.aux_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_training_forward_under_the_pagedllm_attention_gives_the_unpaged_gradients(nvme_dir):
+    """A forward with no cache (training, ``use_cache=False``) longer than a prefill chunk: the final
+    norm runs whole, as the layers do, so every gradient is the unpaged model's, bit for bit (the
+    norm ran in chunks in every long forward under "pagedllm", and its weight's gradient was a sum
+    of per-chunk gradients, off by a few ulps)."""
+    reference, model = tiny_pair("llama", attn="sdpa")
+    with torch.no_grad():
+        for parameter in reference.parameters():  # off ones and zeros, so the norm's gradient has rounding to differ in
+            parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(parameter.numel())) * 0.05)
+    model.load_state_dict(reference.state_dict())
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="pagedllm", prefill_chunk_size=4)
+    ids, _ = prompts(2, length=20)
+    for each in (reference, model):
+        each.train()
+        each(ids, labels=ids, use_cache=False).loss.backward()
+    for (name, expected), (_, got) in zip(reference.named_parameters(), model.named_parameters()):
+        assert torch.equal(got.grad, expected.grad), name
 
 
 def test_output_attentions_of_sliding_layers_under_the_pagedllm_attention(nvme_dir):
