@@ -304,6 +304,8 @@ class PagedDispatcher:
         leaves = _paged_leaves(args, kwargs)
         if any(leaf._inner is not None for leaf in leaves):
             return self._forward_traced(func, leaves, args, kwargs)
+        if torch._C._len_torch_dispatch_stack() and _graph_tracing():
+            return self._run_on_constants(func, leaves, args, kwargs)
         handler = self.handlers.get(func)
         if handler is view_of_pages:
             return view_of_pages(func, types, args, kwargs, leaves)
@@ -518,6 +520,24 @@ class PagedDispatcher:
             values.neg_()
         return values.as_strided(tensor.shape, tensor.stride(), 0)
 
+    def _run_on_constants(self, func: OpOverload, leaves: list[PagedTensor], args: tuple, kwargs: dict) -> Any:
+        """An op on PagedTensors a traced function captures (:func:`_graph_tracing`): run on dense
+        copies of their values, made with the tracing modes off, so the graph records the op on
+        those copies as constants, as it does for a captured plain tensor, and none of the pager's
+        own ops (a fault-in's copy into a device slot, replayed later into another page's slot). A
+        write to one raises: the graph would replay it into the copy, never the pages."""
+        written = _written_leaves(self.info(func), args, kwargs)
+        if written:
+            raise NotImplementedError(
+                f"PagedTensor: {func} writes a PagedTensor that a function traced (make_fx, torch.func.linearize, "
+                f"export) captures; the graph holds a copy of its values, so the write would never reach the "
+                f"pages. Pass it to the traced function as an input, or write outside it{_describe(args, kwargs)}"
+            )
+        with torch.utils._python_dispatch._disable_current_modes():
+            constants = {id(leaf): leaf.materialize() for leaf in leaves}  # fresh copies of their layouts
+        constant_args, constant_kwargs = _substitute(args, kwargs, constants)
+        return func(*constant_args, **constant_kwargs)
+
     def _forward_traced(self, func: OpOverload, leaves: list[PagedTensor], args: tuple, kwargs: dict) -> Any:
         """Step 0: run on the inner tensors; views stay (traced) PagedTensors, like in eager mode.
 
@@ -562,6 +582,16 @@ class PagedDispatcher:
 
                 _map_tensors(out, note_root)
         return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+def _graph_tracing() -> bool:
+    """Whether a graph is being traced (``make_fx``'s proxy mode is on the dispatch mode stack:
+    ``torch.func.linearize``, ``make_fx``, export): a PagedTensor reaching ``__torch_dispatch__``
+    then is one the traced function captures, not an input (the mode traces inputs itself)."""
+    from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return any(isinstance(mode, ProxyTorchDispatchMode) for mode in _get_current_dispatch_mode_stack())
 
 
 def _is_functional(inner: Optional[torch.Tensor]) -> bool:

@@ -514,8 +514,9 @@ class PagedTensor(torch.Tensor):
         a revision number bumped whenever tracing a PagedTensor changes, so that a graph compiled by an
         earlier version is not reused (revision 2: a graph returning a view of an input in a dtype of
         another item size is refused, see :meth:`_check_returnable`; revision 3: so is one returning a
-        complex view of a real input torch cannot view as complex)."""
-        return f"PagedTensor/3:{self.dtype}:{tuple(self.shape)}:{self.stride()}:{self.device}:{self.requires_grad}"
+        complex view of a real input torch cannot view as complex; revision 4: so is one returning a
+        view with other conjugate or negative bits than its input)."""
+        return f"PagedTensor/4:{self.dtype}:{tuple(self.shape)}:{self.stride()}:{self.device}:{self.requires_grad}"
 
     def drop_materialized(self) -> None:
         """Free the dense copy a ``torch.compile`` boundary cached (it is rebuilt when needed)."""

@@ -881,3 +881,35 @@ def test_factories_into_a_paged_out_run_in_pieces_past_the_tier(device):
                     assert got is view(paged) or isinstance(got, PagedTensor), name
                     assert_same(paged.to("cpu"), dense.to("cpu"), f"{name} {dtype} {shape}")
                     assert_same(got.to("cpu"), expected.to("cpu"), f"{name} {dtype} {shape}")
+
+
+def test_make_fx_and_linearize_capture_a_paged_tensor_as_a_constant_of_its_values():
+    """A function that reads a PagedTensor it captures (not an input), traced by ``make_fx`` or
+    ``torch.func.linearize``: the graph holds the tensor's values as a constant, as it holds a plain
+    tensor. (It recorded the pager's own ops: the fault-in copy into a device slot and a view of the
+    slab. Replaying the graph after other pages took that slot copied into it, overwriting another
+    PagedTensor, and ``linearize``'s ``jvp_fn`` read whatever the slot held.) A traced write to a
+    captured PagedTensor raises naming it: the graph could never write the pages."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with make_pager(device_pages=4) as pager:
+        values = torch.randn(1024, generator=torch.Generator().manual_seed(0))
+        paged = PagedTensor.wrap(values.clone(), pager)
+        pager.evict_all()
+        graph = make_fx(lambda t: paged * t)(torch.ones(1024))
+        out, jvp_fn = torch.func.linearize(lambda a: (a * 1.5).sin(), PagedTensor.wrap(values.clone(), pager))
+        scaled, scaled_jvp = torch.func.linearize(lambda t: paged * t, torch.ones(1024))
+        pager.evict_all()
+        others = [PagedTensor.wrap(torch.full((1024,), 100.0 + i), pager) for i in range(4)]
+        for other in others:
+            other.add_(1)  # resident on the device tier, in the slots the traced pages had
+        tangent = torch.linspace(-1, 1, 1024)
+        assert torch.equal(graph(tangent), values * tangent)
+        assert torch.equal(jvp_fn(tangent), torch.func.linearize(lambda a: (a * 1.5).sin(), values)[1](tangent))
+        assert torch.equal(scaled_jvp(tangent), values * tangent) and torch.equal(scaled, values)
+        for index, other in enumerate(others):
+            assert torch.equal(other.materialize(), torch.full((1024,), 101.0 + index)), index
+        assert torch.equal(paged.materialize(), values)
+        with pytest.raises(NotImplementedError, match=r"aten.add_.Tensor writes a PagedTensor that a function traced .*captures"):
+            make_fx(lambda t: paged.add_(t))(torch.ones(1024))
+        assert torch.equal(paged.materialize(), values)
