@@ -263,19 +263,25 @@ def _resize_as_torch(func: OpOverload, args: tuple, kwargs: dict, out: torch.Ten
     result = _result_layout(functional, args, {name: value for name, value in kwargs.items() if value is not out})
     if result is None:
         return False
-    if out.numel():  # the dense kernel's resize_output warns so (a C++ warning; this one is Python's)
+    resize_out_as(out, result)
+    return True
+
+
+def resize_out_as(out: torch.Tensor, result: torch.Tensor) -> None:
+    """Resize the plain ``out`` to ``result``'s shape and strides, as a dense kernel's
+    ``resize_output`` does, with its warning where ``out`` has elements and another shape."""
+    if out.numel() and out.shape != result.shape:  # the dense kernel's resize_output warns so (a C++ warning; this one is Python's)
         warnings.warn(
             f"An output with one or more elements was resized since it had shape {list(out.shape)}, which does not match the "
             f"required output shape {list(result.shape)}. This behavior is deprecated, and in a future PyTorch release outputs "
             "will not be resized unless they have zero elements. You can explicitly reuse an out tensor t by resizing it, "
             "inplace, to zero elements with t.resize_(0).",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     out.resize_(result.shape)
     if out.stride() != result.stride():
         out.as_strided_(result.shape, result.stride())
-    return True
 
 
 def _functional_of_out(func: OpOverload) -> Optional[OpOverload]:

@@ -84,3 +84,27 @@ def test_nonzero_past_the_tier_runs_a_piece_of_rows_at_a_time(device):
         with pytest.raises(OutOfPagesError, match="aten.nonzero.default"):
             table.t().nonzero()
         assert torch.equal(table[:16].nonzero(), x[:16].nonzero())
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_nonzero_of_rows_wider_than_a_piece_and_into_out(device):
+    """A contiguous table whose rows are each wider than a piece (it raised DeviceTierFullError,
+    where reductions cut such rows): ``nonzero`` of it flat, a piece of elements at a time, each
+    flat index turned into its coordinates, in the dense op's order. And ``torch.nonzero(t, out=o)``
+    past the tier (it raised: no handler for the out= form): the dense op's indices in ``o``,
+    resized as torch resizes it."""
+    generator = torch.Generator().manual_seed(0)
+    with make_pager(device) as pager:
+        for shape in ((2, 20000), (3, 2, 7000), (1000, 40)):
+            values = (torch.rand(shape, generator=generator) > 0.8).float().to(device)
+            paged = PagedTensor.wrap(values.clone(), pager)
+            for op in (torch.nonzero, torch.argwhere):
+                got, expected = op(paged), op(values)
+                assert type(got) is torch.Tensor and torch.equal(got, expected) and got.stride() == expected.stride(), shape
+            assert all(torch.equal(a, b) for a, b in zip(torch.where(paged > 0.5), torch.where(values > 0.5)))
+            for out in (torch.empty(0, dtype=torch.long, device=device), torch.full((3, 5), 7, dtype=torch.long, device=device)):
+                expected_out = out.clone()
+                torch.nonzero(values, out=expected_out)
+                returned = torch.nonzero(paged, out=out)
+                assert returned is out and torch.equal(out, expected_out) and out.stride() == expected_out.stride(), shape
+            assert torch.equal(paged.materialize(), values)

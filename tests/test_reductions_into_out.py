@@ -7,6 +7,7 @@ never goes over its budget. A float sum of a source past the tier still raises t
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import pytest
@@ -203,6 +204,17 @@ def test_outputs_of_another_shape():
             torch.sum(source, 0, out=plain)
         assert len(record) == 1
         assert torch.equal(plain, integers.sum(0))
+        for reduce in (lambda t, out: torch.argmax(t, 0, out=out[0]), lambda t, out: torch.max(t, 0, out=out)):
+            outs = (torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
+            dense_outs = tuple(out.clone() for out in outs)
+            with warnings.catch_warnings(record=True) as dense_record:
+                warnings.simplefilter("always")
+                reduce(integers, dense_outs)
+            with warnings.catch_warnings(record=True) as paged_record:  # it warned twice: torch's C++ warning, then its own
+                warnings.simplefilter("always")
+                reduce(source, outs)
+            assert sum("resized" in str(w.message) for w in paged_record) == sum("resized" in str(w.message) for w in dense_record) >= 1
+            assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(outs, dense_outs))
         paged = PagedTensor.wrap(torch.full((5,), 7), pager)
         with pytest.raises(NotImplementedError, match=r"would resize its PagedTensor output from \[5\] to \[256\]"):
             torch.sum(source, 0, out=paged)

@@ -12,6 +12,7 @@ from torch._ops import OpOverload
 from pagedtensor.dispatch import DISPATCHER, aten, implements
 from pagedtensor.handlers.parts import _larger_than_a_piece
 from pagedtensor.handlers.row_gathers import _empty_laid_out_as, _rows_a_piece, _rows_can_be_copied
+from pagedtensor.pieces import resize_out_as
 from pagedtensor.tensor import PagedTensor
 
 
@@ -23,7 +24,8 @@ def nonzero_in_row_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: d
     column shifted by its first row, gives the dense op's rows in the dense op's order; the result
     is laid out as the dense op lays it (its kernel run on a stand-in of two elements a dim). A table
     that fits in a piece, or whose dim 0 is not outermost (a transposed table: one row spans the
-    table), runs the generic way.
+    table), runs the generic way; a contiguous table whose rows are each wider than a piece runs
+    flat, its indices then turned into coordinates.
 
     Note:
         Each piece's count of nonzero elements is read on the host (on a GPU a sync a piece, as the
@@ -34,6 +36,13 @@ def nonzero_in_row_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: d
         return DISPATCHER.run_paged(func, types, args, kwargs)
     count = _rows_a_piece(table)
     rows = table.shape[0]
+    if count == 0 and table.dim() > 1 and table.is_contiguous():
+        # Rows wider than a piece: the table flat, a piece of elements at a time, each flat index
+        # then its coordinates (row-major, as the flat order is).
+        flat = nonzero_in_row_pieces(func, types, (table.view(-1),), {})[:, 0]
+        coordinates = torch.stack(torch.unravel_index(flat, tuple(table.shape)), dim=1)
+        result = _empty_laid_out_as(func(torch.ones((2,) * table.dim(), dtype=table.dtype, device=table.device)), tuple(coordinates.shape))
+        return result.copy_(coordinates)
     if not 0 < count < rows:
         return DISPATCHER.run_paged(func, types, args, kwargs)
     parts = []
@@ -48,3 +57,21 @@ def nonzero_in_row_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: d
         result[place : place + part.shape[0]] = part
         place += part.shape[0]
     return result
+
+
+@implements([aten.nonzero.out])
+def nonzero_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``torch.nonzero(t, out=o)`` of a PagedTensor larger than a piece: :func:`nonzero_in_row_pieces`,
+    then ``o`` resized as torch's kernel resizes it (with its warning where ``o`` has elements of
+    another shape) and written. Any other call runs the generic way."""
+    table, out = args[0], kwargs.get("out")
+    if (not isinstance(table, PagedTensor) or isinstance(out, PagedTensor) or not isinstance(out, torch.Tensor)
+            or len(args) != 1 or set(kwargs) != {"out"} or not _larger_than_a_piece([table])):  # fmt: skip
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    result = nonzero_in_row_pieces(aten.nonzero.default, types, (table,), {})
+    if out.dtype != result.dtype or out.device != result.device:
+        return DISPATCHER.run_paged(func, types, args, kwargs)  # torch's own error, from its kernel on a view of the pages
+    probe = torch.empty(0, dtype=out.dtype, device=out.device)  # how the kernel lays out an out= (the CPU's: column-major)
+    func(torch.ones((2,) * table.dim(), dtype=table.dtype, device=table.device), out=probe)
+    resize_out_as(out, _empty_laid_out_as(probe, tuple(result.shape)))
+    return out.copy_(result)

@@ -7,7 +7,6 @@ need not fit on the device tier at once.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -329,10 +328,13 @@ def reduce_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
         # stand-in of one element of the source's dims into empty outputs; then the outputs' shapes.
         stand_in = torch.zeros([1] * source.dim(), dtype=source.dtype, device=source.device)
         func(stand_in, *args[1:], **rest, **{name: torch.empty(0, dtype=out.dtype, device=out.device) for name, out in zip(names, outs)})
-        metas = [torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device="meta") for out in outs]
-        with warnings.catch_warnings():  # torch's resize warning comes once, from the resize below
-            warnings.simplefilter("ignore")
-            func(meta_like(source) if isinstance(source, PagedTensor) else source.to("meta"), *args[1:], **rest, **dict(zip(names, metas)))
+        # The outputs' shapes from the meta kernel into empty outputs (resized silently: a C++ resize
+        # warning of a call made here would reach the caller on top of the one below); an output of
+        # that shape keeps its own strides, as torch's kernel keeps them.
+        metas = [torch.empty(0, dtype=out.dtype, device="meta") for out in outs]
+        func(meta_like(source) if isinstance(source, PagedTensor) else source.to("meta"), *args[1:], **rest, **dict(zip(names, metas)))
+        metas = [torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device="meta") if out.shape == meta.shape else meta
+                 for out, meta in zip(outs, metas)]  # fmt: skip
         for out, meta in zip(outs, metas):
             if isinstance(out, PagedTensor) and out.shape != meta.shape:
                 raise resize_refused(func, out.shape, meta.shape, args, kwargs) from None
