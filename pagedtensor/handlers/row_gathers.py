@@ -91,9 +91,12 @@ def embedding_bag_of_rows(func: OpOverload, types: tuple, args: tuple, kwargs: d
         return DISPATCHER.run_paged(func, types, args, kwargs)
     indices = _dense(indices)
     given = indices.to("cpu", torch.int64)
-    bad = given[(given < 0) | (given >= weight.shape[0])]
-    if bad.numel():
-        raise RuntimeError(f"PagedTensor: {func}: embedding_bag: Expected idx >= 0 && idx < num_embeddings but found idx to be {int(bad[0])}")
+    bad = ((given < 0) | (given >= weight.shape[0])).nonzero().flatten()
+    if bad.numel():  # torch's words, which differ by mode
+        at, value = int(bad[0]), int(given[bad[0]])
+        if bound["mode"] == _EMBEDDING_BAG_MAX:
+            raise RuntimeError(f"PagedTensor: {func}: embedding_bag: Expected idx >= 0 && idx < num_embeddings but found idx to be {value}")
+        raise RuntimeError(f"PagedTensor: {func}: Index {at} of input takes value {value} which is not in the valid range [0, {weight.shape[0]})")
     rows, inverse = torch.unique(given, sorted=True, return_inverse=True)
     padding = bound["padding_idx"]
     padding_row = (rows == padding).nonzero().flatten()
