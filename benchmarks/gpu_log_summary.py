@@ -23,7 +23,7 @@ def summarize(path: str) -> dict:
             header["command"] = line.removeprefix("command: ")
         elif line.startswith("commit: ") and line.removeprefix("commit: ").strip():
             header["commit"] = line.removeprefix("commit: ")
-        elif line.startswith("# GPU suite on an H100 at "):
+        elif re.match(r"^# GPU suite on an H\d+ at ", line):
             header["note"] = line.removeprefix("# ")
         elif line.startswith("NVIDIA ") and "device" not in header:
             header["device"] = line.split(",")[0]

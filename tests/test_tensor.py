@@ -1063,9 +1063,12 @@ def test_numpy_is_a_read_only_copy(pager):
     with pytest.raises(ValueError, match="read-only"):
         array[0] = 5  # a write could never reach the pages: it must not pass silently
     assert paged.tolist() == [0.0, 1.0, 2.0]
-    with pytest.raises(RuntimeError, match="Can't call numpy\\(\\) on Tensor that requires grad"):
-        PagedTensor.wrap(torch.zeros(2, requires_grad=True), pager).numpy()
-    assert PagedTensor.wrap(torch.zeros(2, requires_grad=True), pager).numpy(force=True).tolist() == [0.0, 0.0]
+    grad = PagedTensor.wrap(torch.zeros(2, requires_grad=True), pager)
+    for tensor in (torch.zeros(2, requires_grad=True, device=pager.device), grad):  # torch's check of the device comes first
+        error = (RuntimeError, "Can't call numpy\\(\\) on Tensor that requires grad") if pager.device.type == "cpu" else (TypeError, "can't convert cuda")
+        with pytest.raises(error[0], match=error[1]):
+            tensor.numpy()
+    assert grad.numpy(force=True).tolist() == [0.0, 0.0]
 
 
 def test_batch_norm_training_updates_paged_running_statistics(pager):
