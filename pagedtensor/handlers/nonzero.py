@@ -40,23 +40,27 @@ def nonzero_in_row_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: d
         # Rows wider than a piece: the table flat, a piece of elements at a time, each flat index
         # then its coordinates (row-major, as the flat order is).
         flat = nonzero_in_row_pieces(func, types, (table.view(-1),), {})[:, 0]
-        coordinates = torch.stack(torch.unravel_index(flat, tuple(table.shape)), dim=1)
-        result = _empty_laid_out_as(func(torch.ones((2,) * table.dim(), dtype=table.dtype, device=table.device)), tuple(coordinates.shape))
-        return result.copy_(coordinates)
-    if not 0 < count < rows:
+        parts = [torch.stack(torch.unravel_index(flat, tuple(table.shape)), dim=1)]
+    elif not 0 < count < rows:
         return DISPATCHER.run_paged(func, types, args, kwargs)
-    parts = []
-    for start in range(0, rows, count):
-        part = DISPATCHER.run_paged(func, types, (table.narrow(0, start, min(count, rows - start)),), {})
-        part[:, 0] += start
-        parts.append(part)
-    probe = func(torch.ones((2,) * table.dim(), dtype=table.dtype, device=table.device))
-    result = _empty_laid_out_as(probe, (sum(part.shape[0] for part in parts), table.dim()))
+    else:
+        parts = []
+        for start in range(0, rows, count):
+            part = DISPATCHER.run_paged(func, types, (table.narrow(0, start, min(count, rows - start)),), {})
+            part[:, 0] += start
+            parts.append(part)
+    result = _empty_laid_out_as(func(_stand_in(table)), (sum(part.shape[0] for part in parts), table.dim()))
     place = 0
     for part in parts:
         result[place : place + part.shape[0]] = part
         place += part.shape[0]
     return result
+
+
+def _stand_in(table: PagedTensor) -> torch.Tensor:
+    """A plain tensor of two elements a dim of ``table``'s dims, dtype and device, all nonzero: the
+    kernel's result on it shows how the kernel lays out its indices."""
+    return torch.ones((2,) * table.dim(), dtype=table.dtype, device=table.device)
 
 
 @implements([aten.nonzero.out])
@@ -68,10 +72,10 @@ def nonzero_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
     if (not isinstance(table, PagedTensor) or isinstance(out, PagedTensor) or not isinstance(out, torch.Tensor)
             or len(args) != 1 or set(kwargs) != {"out"} or not _larger_than_a_piece([table])):  # fmt: skip
         return DISPATCHER.run_paged(func, types, args, kwargs)
-    result = nonzero_in_row_pieces(aten.nonzero.default, types, (table,), {})
-    if out.dtype != result.dtype or out.device != result.device:
+    if out.dtype != torch.int64 or out.device != table.device:
         return DISPATCHER.run_paged(func, types, args, kwargs)  # torch's own error, from its kernel on a view of the pages
+    result = nonzero_in_row_pieces(aten.nonzero.default, types, (table,), {})
     probe = torch.empty(0, dtype=out.dtype, device=out.device)  # how the kernel lays out an out= (the CPU's: column-major)
-    func(torch.ones((2,) * table.dim(), dtype=table.dtype, device=table.device), out=probe)
+    func(_stand_in(table), out=probe)
     resize_out_as(out, _empty_laid_out_as(probe, tuple(result.shape)))
     return out.copy_(result)
