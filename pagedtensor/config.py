@@ -139,9 +139,12 @@ def default_device() -> torch.device:
 
 
 def normalize_device(device: torch.device) -> torch.device:
-    """``device``, a CUDA device without an index as the current one (as a pager's device is)."""
+    """``device`` as a pager's device is: a CUDA device without an index is the current one, and a CPU
+    device has no index (torch drops it: ``torch.zeros(1, device="cpu:0").device`` is ``cpu``)."""
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cpu" and device.index is not None:
+        return torch.device("cpu")
     return device
 
 
@@ -236,9 +239,13 @@ class MemoryConfig:
         if self.disk_limit is not None and self.nvme_path is None:
             raise ValueError(f"disk_limit: {self.disk_limit} bytes limits the disk tier, but nvme_path is None (no disk tier)")
         wait = self.pin_wait_s
-        if isinstance(wait, bool) or not isinstance(wait, numbers.Real) or not math.isfinite(wait) or wait < 0:
+        try:  # a finite int too large for a float (10**400) fails float() alone
+            seconds = None if isinstance(wait, bool) or not isinstance(wait, numbers.Real) else float(wait)
+        except OverflowError:
+            seconds = None
+        if seconds is None or not math.isfinite(seconds) or seconds < 0:
             raise ValueError(f"pin_wait_s: expected a non-negative number of seconds, got {wait!r}")
-        set_field(self, "pin_wait_s", float(wait))
+        set_field(self, "pin_wait_s", seconds)
         set_field(self, "device", _parse_device(self.device))
         # Slabs hold whole pages.
         set_field(self, "slab_size", max(page_size, self.slab_size - self.slab_size % page_size))
@@ -274,7 +281,7 @@ def _parse_device(device: Union[str, torch.device, None]) -> torch.device:
         parsed = normalize_device(parsed)
         if parsed.index >= torch.cuda.device_count():
             raise ValueError(f"device: {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA devices")
-    return parsed
+    return normalize_device(parsed)
 
 
 def check_memory_config(memory_config: object) -> None:

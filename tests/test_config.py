@@ -88,6 +88,7 @@ def test_size_of_wrong_type_is_type_error(value):
         ({"pin_wait_s": float("inf")}, "pin_wait_s", "inf"),
         ({"pin_wait_s": True}, "pin_wait_s", "True"),
         ({"pin_wait_s": "5s"}, "pin_wait_s", "5s"),
+        ({"pin_wait_s": 10**400}, "pin_wait_s", str(10**400)[:20]),  # finite, but no float holds it
         ({"disk_limit": 0, "nvme_path": "/tmp"}, "disk_limit", "0"),
         ({"disk_limit": "1GiB"}, "disk_limit", "nvme_path is None"),  # accepted and ignored before
     ],
@@ -122,6 +123,16 @@ def test_normalized_values():
     assert config.eviction_policy == "2q" and config.device == torch.device("cpu")
     assert config.device_pages == 24 * 2**30 // 2**21
     assert config.slab_size % config.page_size == 0
+
+
+@pytest.mark.parametrize("device", ["cpu:0", "cpu:3", torch.device("cpu", 1)])
+def test_cpu_device_with_an_index_is_the_cpu_as_torch_makes_it(device):
+    """torch drops a CPU device's index (``torch.zeros(1, device="cpu:0").device`` is ``cpu``), so a
+    pager on ``cpu:0`` is on ``cpu``: its tensors' devices equal plain ones', and a model on the CPU
+    pages (``model.to("cpu:0")`` leaves it on ``cpu``)."""
+    config = MemoryConfig(device=device, vram_limit=4 * 4096, host_memory=16 * 4096, page_size=4096)
+    assert config.device == torch.zeros(1, device=device).device == torch.device("cpu")
+    assert str(config.device) == "cpu"
 
 
 def test_default_device_is_cuda_when_available():

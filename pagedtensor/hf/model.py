@@ -1448,6 +1448,8 @@ class PagedModel:
         if misplaced:
             raise TypeError(f"PagedModel.from_pretrained: enable_paging option(s) {misplaced} go in paging={{...}}; "
                             "the other keywords go to transformers' from_pretrained")  # fmt: skip
+        if paging is not None and not isinstance(paging, dict):
+            _check_paging_dict(memory_config, paging)  # its TypeError, before the merge below reads it
         if "attn_implementation" in hf_kwargs:
             # The model's attention is enable_paging's, whose "auto" would switch it to the kernels: the
             # same as paging={"attn_implementation": ...}. transformers loads it with the same one (but

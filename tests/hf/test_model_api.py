@@ -155,6 +155,8 @@ def test_from_pretrained_checks_its_paging_options_before_it_loads_a_model(tmp_p
         PagedModel.from_pretrained(missing, paging={"pager": None})
     with pytest.raises(TypeError, match="paging: expected a dict of enable_paging options, got list"):
         PagedModel.from_pretrained(missing, paging=[("sink_pages", 2)])
+    with pytest.raises(TypeError, match="paging: expected a dict of enable_paging options, got list"):
+        PagedModel.from_pretrained(missing, paging=[("sink_pages", 2)], attn_implementation="eager")
     for options, error, message in BAD_CACHE_SETTINGS:
         with pytest.raises(error, match=message):
             PagedModel.from_pretrained(missing, paging=options)
