@@ -95,10 +95,13 @@ def call_kernel_directly(*tensors: torch.Tensor) -> bool:
     tensor subclasses (e.g. ``PagedTensor``, fake tensors) or with a dispatch mode active, the op is
     called so that tracing, ``__torch_dispatch__`` and modes see it; and where an input requires grad
     (grad mode on), so that autograd sees it: the ops have no backward, and a backward through one
-    raises rather than the output being silently cut off from the graph.
+    raises rather than the output being silently cut off from the graph; and under a ``torch.func``
+    transform (vmap runs the op item by item, functionalize rewrites its mutation).
     """
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False  # vmap / grad / functionalize: their wrapped tensors have no storage to launch on
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False  # the op records itself, so a backward through it raises instead of a silent detach
     return all(type(t) is torch.Tensor for t in tensors)
@@ -251,6 +254,49 @@ def check_table_entries(block_table: torch.Tensor, num_pages: int, page_tokens: 
                          f"sequence uses must be in [0, {num_pages})")  # fmt: skip
 
 
+def optional_int(name: str, value: object, minimum: int) -> int | None:
+    """``value`` None or an integer (a NumPy one too, as torch takes) of at least ``minimum``, as an int."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{name} must be a {kind} int or None, got {value!r}")
+    return int(value)
+
+
+def _non_overlapping_and_dense(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s elements fill ``numel()`` consecutive slots, each once, in some order of its
+    dimensions (torch's ``is_non_overlapping_and_dense``)."""
+    filled = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride()) if size != 1):
+        if stride != filled:
+            return False
+        filled *= size
+    return True
+
+
+def refuse_shared_memory(written: torch.Tensor, read: torch.Tensor, written_name: str, read_name: str) -> None:
+    """Raise torch's in-place error where ``read`` shares memory with ``written`` (a kernel would read
+    elements other programs already wrote; on a GPU, a race), as torch's ``assert_no_overlap`` does:
+    only for two non-empty tensors that are each non-overlapping and dense (others it cannot tell)."""
+    if type(written) is not torch.Tensor or type(read) is not torch.Tensor or torch.compiler.is_compiling():
+        return  # subclasses and fake tensors: their ops run this on the dense tensors
+    if written.numel() == 0 or read.numel() == 0:
+        return
+    if not (_non_overlapping_and_dense(written) and _non_overlapping_and_dense(read)):
+        return
+    if written.device != read.device:
+        return
+    written_start, read_start = written.data_ptr(), read.data_ptr()
+    written_end = written_start + written.numel() * written.element_size()
+    read_end = read_start + read.numel() * read.element_size()
+    if written_start < read_end and read_start < written_end:
+        raise RuntimeError(
+            f"unsupported operation: some elements of {read_name} and {written_name} refer to a single memory "
+            f"location. Please clone() {read_name} before the call"
+        )
+
+
 def check_positions(name: str, value: object, batch: int, device: torch.device, span: int = 0) -> torch.Tensor:
     """An integer or an int32 ``[batch]`` tensor of token positions, as an int32 ``[batch]`` tensor.
 
@@ -266,6 +312,8 @@ def check_positions(name: str, value: object, batch: int, device: torch.device, 
         if value + span >= 2**31:
             raise ValueError(f"{name} + {span} tokens must be < 2**31 (int32 positions), got {name} = {value}")
         return torch.full((batch,), value, dtype=torch.int32, device=device)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be an int or an int32 tensor, got {type(value).__name__}")
     value = check_tensor(name, value, 1, (torch.int32,))
     if value.shape[0] != batch:
         raise ValueError(f"{name} must have {batch} entries (the batch), got shape {tuple(value.shape)}")
@@ -296,7 +344,7 @@ _FP32_MAX = torch.finfo(torch.float32).max
 def resolve_scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):  # NumPy scalars too, as torch takes
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     try:
         value = float(scale)

@@ -50,6 +50,7 @@ from pagedtensor.triton_kernels._common import (
     kv_pool_strides,
     new_buffer,
     next_power_of_2,
+    optional_int,
     programs_per_sm,
     resolve_scale,
     sm_count,
@@ -485,8 +486,7 @@ def _check_decode_args(q: object, k_pages: object, v_pages: object, block_table:
     batch, _, head_dim = q.shape
     block_table, seq_lens = check_block_table(block_table, seq_lens, k_pages.shape[1], batch)
     check_device(k_pages.device, q=q, v_pages=v_pages, block_table=block_table, seq_lens=seq_lens)
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    num_splits = optional_int("num_splits", num_splits, 1)
     if q.stride(-1) != 1:
         q = q.contiguous()
     return q, k_pages, v_pages, block_table, seq_lens, resolve_scale(scale, head_dim), num_splits or 0

@@ -28,6 +28,8 @@ from pagedtensor.triton_kernels._common import (
     interpreting,
     new_buffer,
     next_power_of_2,
+    optional_int,
+    refuse_shared_memory,
 )
 
 
@@ -164,10 +166,9 @@ def _check_gather_args(pages: object, block_table: object, seq_lens: object,
     pages = check_pages("pages", pages)
     block_table, seq_lens = check_block_table(block_table, seq_lens, pages.shape[1])
     check_device(pages.device, block_table=block_table, seq_lens=seq_lens)
+    max_len = optional_int("max_len", max_len, 0)
     if max_len is None:
         max_len = block_table.shape[1] * pages.shape[1]
-    elif isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
-        raise ValueError(f"max_len must be a non-negative int or None, got {max_len!r}")
     check_grid_batch(block_table.shape[0])
     return pages, block_table, seq_lens, max_len
 
@@ -265,6 +266,7 @@ def _check_scatter_args(src: object, pages: object, block_table: object,
     check_grid_batch(batch)
     start_pos = check_positions("start_pos", start_pos, batch, pages.device, span=src.shape[1])
     check_device(pages.device, src=src, block_table=block_table)
+    refuse_shared_memory(pages, src, "pages", "src")
     if src.stride(-1) != 1:
         src = src.contiguous()
     return src, pages, block_table.contiguous(), start_pos

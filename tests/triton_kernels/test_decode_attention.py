@@ -257,6 +257,31 @@ def test_decode_bad_arguments_name_the_argument():
         paged_decode_attention([1.0], *args)
 
 
+def test_decode_takes_numpy_scalars():
+    np = pytest.importorskip("numpy")
+    kv, q = make_case([20], num_heads=4, num_kv_heads=2, head_dim=16, page_tokens=16, dtype=torch.float32, seed=15)
+    args = (kv.k_pages, kv.v_pages, kv.block_table, kv.seq_lens)
+    expected = paged_decode_attention(q, *args, scale=0.25, num_splits=2)
+    assert torch.equal(paged_decode_attention(q, *args, scale=np.float32(0.25), num_splits=np.int64(2)), expected)
+    with pytest.raises(ValueError, match=r"num_splits must be a positive int or None, got np.int64\(0\)"):
+        paged_decode_attention(q, *args, num_splits=np.int64(0))
+    with pytest.raises(ValueError, match="num_splits must be a positive int or None, got 2.0"):
+        paged_decode_attention(q, *args, num_splits=2.0)
+    with pytest.raises(TypeError, match="scale must be a float or None, got str"):
+        paged_decode_attention(q, *args, scale="0.25")
+
+
+def test_decode_under_vmap_is_the_loop_of_its_items():
+    """vmap over the queries goes through the custom op (torch's per-item fallback): the kernel
+    launched on functorch's batched tensors crashed reading their storage."""
+    kv, q = make_case([20, 5], num_heads=4, num_kv_heads=2, head_dim=16, page_tokens=16, dtype=torch.float32, seed=16)
+    queries = torch.stack([q, q.flip(0).contiguous(), q * 2])
+    args = (kv.k_pages, kv.v_pages, kv.block_table, kv.seq_lens)
+    out = torch.func.vmap(lambda x: paged_decode_attention(x, *args))(queries)
+    for i in range(queries.shape[0]):
+        assert torch.equal(out[i], paged_decode_attention(queries[i], *args)), f"vmap item {i}"
+
+
 def test_decode_refuses_a_scale_past_fp32():
     """The kernels take scale * log2(e) in fp32: a finite Python scale past it gave a NaN output."""
     kv, q = make_case([20], num_heads=4, num_kv_heads=2, head_dim=16, page_tokens=16, dtype=torch.float16, seed=15)

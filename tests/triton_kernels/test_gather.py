@@ -202,3 +202,58 @@ def test_gpu_gather_scatter(dtype, page_tokens):
     expected = scatter_reference(src, kv.k_pages, kv.block_table, start)
     paged_scatter(src, kv.k_pages, kv.block_table, start)
     assert_same(kv.k_pages, expected, f"gpu scatter {dtype}")
+
+
+def test_scatter_refuses_a_src_that_shares_memory_with_the_pages():
+    """A src that is a view of the pool itself would be read after earlier programs overwrote it (on
+    a GPU, a race): refused with torch's in-place words, as index_put_ refuses it. Views of the pool
+    that share no memory with what is written, or are too strided for torch to tell, still run."""
+    pool = torch.arange(2 * 32 * 1 * 16, dtype=torch.float32, device=DEVICE).view(2, 32, 1, 16)
+    table = torch.tensor([[0]], dtype=torch.int32, device=DEVICE)
+    before = pool.clone()
+    with pytest.raises(RuntimeError, match="src and pages refer to a single memory location.*clone"):
+        paged_scatter(pool[:1, :31], pool, table, 1)
+    assert torch.equal(pool, before), "a refused scatter wrote"
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+        torch.ops.pagedllm.paged_scatter(pool[:1, :31], pool, table, torch.ones(1, dtype=torch.int32, device=DEVICE))
+    disjoint = pool[1:2, :4]  # page 1's tokens into page 0 of a view of page 0 alone: no shared memory
+    expected = scatter_reference(disjoint.clone(), pool[:1].clone(), table, 3)
+    target = pool[:1]
+    paged_scatter(disjoint, target, table, 3)
+    assert_same(target, expected, "scatter from a disjoint view of the pool")
+
+
+def test_gather_and_scatter_take_numpy_integers():
+    np = pytest.importorskip("numpy")
+    kv = random_paged_kv([20], page_tokens=16, num_kv_heads=1, head_dim=16, dtype=torch.float16, device=DEVICE)
+    assert_same(paged_gather(kv.k_pages, kv.block_table, kv.seq_lens, max_len=np.int64(3)),
+                paged_gather(kv.k_pages, kv.block_table, kv.seq_lens, max_len=3), "max_len=np.int64(3)")  # fmt: skip
+    with pytest.raises(ValueError, match=r"max_len must be a non-negative int or None, got np.int64\(-1\)"):
+        paged_gather(kv.k_pages, kv.block_table, kv.seq_lens, max_len=np.int64(-1))
+    with pytest.raises(ValueError, match="max_len must be a non-negative int or None, got 3.0"):
+        paged_gather(kv.k_pages, kv.block_table, kv.seq_lens, max_len=3.0)
+    with pytest.raises(TypeError, match="start_pos must be an int or an int32 tensor, got float"):
+        paged_scatter(kv.k_pages[:1, :2], kv.k_pages.clone(), kv.block_table, 1.5)
+
+
+def test_gather_and_scatter_under_torch_func_transforms():
+    """The public functions under vmap / functionalize go through their custom ops (the kernel
+    launched on functorch's wrapped tensors crashed reading their storage)."""
+    gen = torch.Generator().manual_seed(12)
+    kv = random_paged_kv([20, 7], page_tokens=16, num_kv_heads=1, head_dim=16, dtype=torch.float32,
+                         device=DEVICE, generator=gen)  # fmt: skip
+    pools = torch.stack([kv.k_pages, kv.v_pages])
+    out = torch.func.vmap(lambda pages: paged_gather(pages, kv.block_table, kv.seq_lens))(pools)
+    for i in range(2):
+        assert_same(out[i], gather_reference(pools[i], kv.block_table, kv.seq_lens), f"vmap gather item {i}")
+    gathered = torch.func.functionalize(lambda pages: paged_gather(pages, kv.block_table, kv.seq_lens))(kv.k_pages)
+    assert_same(gathered, gather_reference(kv.k_pages, kv.block_table, kv.seq_lens), "functionalized gather")
+    src = torch.randn((2, 3, 1, 16), generator=gen).to(DEVICE)
+
+    def write(pages):
+        paged_scatter(src, pages, kv.block_table, 2)
+        return pages
+
+    # torch functionalizes no custom op that mutates an argument: its words, naming the op
+    with pytest.raises(RuntimeError, match="pagedllm::paged_scatter"):
+        torch.func.functionalize(write)(kv.k_pages.clone())
