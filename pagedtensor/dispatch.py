@@ -102,7 +102,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from pagedtensor.config import normalize_device
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError, out_of_pages_for
-from pagedtensor.list_ops import run_list_op
+from pagedtensor.list_ops import bump_written_versions, run_list_op
 from pagedtensor.pager import ResidentPages, WrittenPages
 from pagedtensor.pieces import is_elementwise, run_in_pieces
 from pagedtensor.tensor import (
@@ -310,11 +310,14 @@ class PagedDispatcher:
         if handler is view_of_pages:
             return view_of_pages(func, types, args, kwargs, leaves)
         if handler is None:
-            return self.run_generic(func, types, args, kwargs, leaves)
-        try:
-            return handler(func, types, args, kwargs)
-        except _OpTooLarge as error:
-            raise _as_pagers_error(error, func, self.info(func), args, kwargs) from error.__cause__
+            result = self.run_generic(func, types, args, kwargs, leaves)
+        else:
+            try:
+                result = handler(func, types, args, kwargs)
+            except _OpTooLarge as error:
+                raise _as_pagers_error(error, func, self.info(func), args, kwargs) from error.__cause__
+        bump_written_versions(func, args, kwargs)
+        return result
 
     def run_generic(self, func: OpOverload, types: tuple, args: tuple, kwargs: dict, leaves: Optional[list[PagedTensor]] = None) -> Any:
         """Step 2 (:meth:`run_paged`); where the pages do not fit at once, an elementwise op runs a

@@ -683,8 +683,9 @@ class PagedTensor(torch.Tensor):
     def data_ptr(self) -> int:
         raise RuntimeError(
             "PagedTensor.data_ptr: a PagedTensor's bytes live in pager pages, not at one address (code that "
-            "reads memory at it, such as safetensors' save_file, would read none of them); use "
-            "t.materialize() for a dense copy"
+            "reads memory at it, such as safetensors' save_file, would read none of them, and code that keys "
+            "tensors by it, such as torch.autograd.graph.allow_mutation_on_saved_tensors, cannot tell them "
+            "apart); use t.materialize() for a dense copy"
         )
 
     def share_memory_(self) -> "PagedTensor":

@@ -1,5 +1,5 @@
 """Handlers of ops that read only a PagedTensor's metadata (``new_*``, ``*_like``, ``is_same_size``,
-``_has_compatible_shallow_copy_type``): nothing faults in.
+``_has_compatible_shallow_copy_type``, forward AD's tangent layout): nothing faults in.
 """
 
 from __future__ import annotations
@@ -60,3 +60,29 @@ def is_set_to(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> bool
     if paged[0] is None or paged[0] is not paged[1]:
         return False
     return self._offset == other._offset and self.shape == other.shape and self.stride() == other.stride()
+
+
+def _meta_of_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """A meta tensor with ``tensor``'s storage size, storage offset, sizes and strides: what an op
+    that reads a tensor's storage layout sees of it (the pages' slab would show the slab's)."""
+    storage = torch.UntypedStorage(tensor.untyped_storage().nbytes(), device="meta")
+    return torch.empty(0, dtype=tensor.dtype, device="meta").set_(storage, tensor.storage_offset(), tensor.shape, tensor.stride())
+
+
+@implements([aten._new_zeros_with_same_feature_meta.default])
+def new_zeros_with_same_feature_meta(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """Forward AD's tangent for a primal ``other``: zeros of ``self``'s dtype and device, laid out as
+    ``other``'s storage (its size, offset and strides), ``self``'s batch dims in front. Of ``self``
+    only the sizes, dtype and device are read."""
+    self, other = args[0], args[1]
+    meta_self = torch.empty((), dtype=self.dtype, device="meta").expand(self.shape)
+    meta_other = _meta_of_storage(other)
+    layout = func(meta_self, meta_other, *args[2:], **kwargs)  # torch's own layout, on the meta device
+    zeros = torch.zeros(layout.untyped_storage().nbytes() // layout.element_size(), dtype=self.dtype, device=self.device)
+    return zeros.as_strided(layout.shape, layout.stride(), layout.storage_offset())
+
+
+@implements([aten._has_same_storage_numel.default])
+def has_same_storage_numel(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> bool:
+    """Whether two tensors' storages hold as many elements (forward AD's check of a tangent)."""
+    return func(*(_meta_of_storage(t) if isinstance(t, PagedTensor) else t for t in args), **kwargs)
