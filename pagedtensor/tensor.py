@@ -75,8 +75,10 @@ class PagedStorage:
         self.allocation = allocation
         self._meta_bases: dict[torch.dtype, torch.Tensor] = {}
         # Held by an op that writes these pages, from its fault-in to its write-back: an op on a
-        # gathered copy writes back its whole span, which must not undo another thread's write.
-        self.write_lock = threading.Lock()
+        # gathered copy writes back its whole span, which must not undo another thread's write. A
+        # handler that reads pages, then writes them back in another op, holds it across both (it is
+        # reentrant for that write).
+        self.write_lock = threading.RLock()
         if allocation is not None:
             weakref.finalize(self, _free_allocation, pager, allocation)
 
@@ -217,6 +219,14 @@ def _dispatch_without_dynamo() -> Callable:
     from torch._compile import _disable_dynamo
 
     return _disable_dynamo(lambda func, types, args, kwargs: PagedTensor.__torch_dispatch__(func, types, args, kwargs), recursive=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _dense_without_dynamo() -> Callable:
+    """:meth:`PagedTensor._dense_of_pages` run with torch.compile's frame hook off for it and every call it makes."""
+    from torch._compile import _disable_dynamo
+
+    return _disable_dynamo(lambda tensor: tensor._dense_of_pages(), recursive=True)
 
 
 # The PagedTensors whose dense data (``_dense``: for one with a storage offset, the elements from
@@ -477,9 +487,18 @@ class PagedTensor(torch.Tensor):
 
     @property
     def _dense(self) -> torch.Tensor:
-        """The inner tensor of the compile contract: the dense data with this tensor's size and strides."""
+        """The inner tensor of the compile contract: the dense data with this tensor's size and strides.
+
+        Read by the guards of a frame torch.compile recompiled, with its frame hook on: it runs with
+        the hook off (compiled, this frame's own guards read it again, without end)."""
         if self._inner is not None:
             return self._inner
+        if _dynamo_frame_hook() is not None:
+            return _dense_without_dynamo()(self)
+        return self._dense_of_pages()
+
+    def _dense_of_pages(self) -> torch.Tensor:
+        """:attr:`_dense` of a tensor of pages (no inner tensor)."""
         version = self._paged.version
         cached = self._materialized
         if cached is not None and cached[0] == version:
@@ -491,7 +510,7 @@ class PagedTensor(torch.Tensor):
             from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
             with temporarily_clear_interpreter_stack():
-                return self._dense
+                return self._dense_of_pages()
         dense = self.materialize() if self._offset == 0 else self._materialize_from_start()
         _register_dense_owner(dense, self)
         self._materialized = (version, dense)

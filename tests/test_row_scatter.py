@@ -472,6 +472,39 @@ def test_a_scatter_along_dim_0_faults_in_only_the_pages_of_its_rows(device):
         assert torch.equal(table.materialize(), x)
 
 
+@pytest.mark.parametrize("op", ["scatter_", "scatter_add_", "scatter_reduce_"])
+def test_a_scatter_along_dim_0_past_the_tier_does_not_undo_another_threads_write(op, monkeypatch):
+    """The scatter reads its rows, runs on a compact copy and writes the rows back: another thread's
+    write to those rows in between must wait (writers of one allocation take turns), not be undone
+    by the write-back of the values read before it."""
+    import threading
+
+    from pagedtensor.handlers import row_scatters
+
+    writers: list[threading.Thread] = []
+    read_rows = row_scatters._rows_compacted
+
+    def rows_then_another_thread_writes(table, rows):
+        compact = read_rows(table, rows)
+        writer = threading.Thread(target=lambda: table.add_(1))
+        writer.start()
+        writer.join(0.5)  # finishes at once unless the scatter holds the allocation's write turn
+        writers.append(writer)
+        return compact
+
+    monkeypatch.setattr(row_scatters, "_rows_compacted", rows_then_another_thread_writes)
+    with make_pager(device_pages=2) as pager:
+        table = PagedTensor.wrap(torch.zeros(64, 64), pager)  # 4 pages: past the 2-page tier
+        index, source = torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), 5.0)
+        args = (0, index, source, "sum") if op == "scatter_reduce_" else (0, index, source)
+        getattr(table, op)(*args)
+        writers[0].join(30)
+        assert not writers[0].is_alive()
+        expected = torch.ones(64, 64)  # the scatter first, then the other thread's add_
+        expected[0, 0] += 5.0
+        assert torch.equal(table.materialize(), expected), op
+
+
 def test_an_accumulating_put_after_a_leading_slice_still_raises_past_the_tier():
     """``t[:, pos] += v`` as ``index_put_(..., accumulate=True)``: torch's CPU kernel sums repeated
     positions in an order that depends on the whole tensor's size, so it is not cut into pieces:

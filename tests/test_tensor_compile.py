@@ -402,3 +402,20 @@ def test_torch_func_transforms_of_a_paged_argument_compile(pager, backend, name)
     got = got.materialize() if isinstance(got, PagedTensor) else got
     assert torch.equal(got, compiled_plain)
     torch.testing.assert_close(got, fn(x, w))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_dynamic_compile_recompiled_for_a_paged_argument_after_plain_ones(backend):
+    """The recompiled frame's guards read the PagedTensor's inner tensor (``_dense``) with
+    torch.compile's frame hook on: its own frame compiled, whose guards read it again, and so on
+    (RecursionError). It runs with the hook off."""
+    torch._dynamo.reset()
+    with Pager(MemoryConfig(page_size=4096, vram_limit=8 * 4096, host_memory=64 * 4096, slab_size=8 * 4096,
+                            prefetch_strategy="none", device="cpu")) as pager:  # fmt: skip
+        compiled = torch.compile(lambda x, y: torch.relu(x) + y, backend=backend, dynamic=True)
+        first = torch.randn(8, 16), torch.randn(8, 16)
+        assert torch.equal(compiled(*first), torch.relu(first[0]) + first[1])
+        x, y = torch.randn(9, 16), torch.randn(9, 16)
+        result = compiled(PagedTensor.wrap(x, pager), y)
+        result = result.materialize() if isinstance(result, PagedTensor) else result
+        assert torch.equal(result, torch.relu(x) + y)

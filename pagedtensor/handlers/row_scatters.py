@@ -815,9 +815,10 @@ def scatter_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
         raise RuntimeError(f"index {int(bad[0])} is out of bounds for dimension {dim} with size {table.shape[dim]}")
     if dim == 0:
         rows, renumbered = torch.unique(given, sorted=True, return_inverse=True)
-        compact = _rows_compacted(table, rows)
-        func(compact, 0, renumbered.reshape(index.shape).to(index.device), source, *reduction, **kwargs)
-        aten.index_copy_.default(table, 0, rows.to(table.device), compact)
+        with table._paged.write_lock:  # from the read of the rows to their write-back: writers take turns
+            compact = _rows_compacted(table, rows)
+            func(compact, 0, renumbered.reshape(index.shape).to(index.device), source, *reduction, **kwargs)
+            aten.index_copy_.default(table, 0, rows.to(table.device), compact)
         return table
     count = _rows_a_piece(table)
     if count == 0:
