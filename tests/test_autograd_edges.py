@@ -50,7 +50,12 @@ def test_foreach_writes_bump_the_version_of_each_paged_tensor_they_write(device,
         write(paged, paged_sources)
         plain_bumped = [after != before for after, before in zip([t._version for t in plain + sources], plain_before)]
         paged_bumped = [after != before for after, before in zip([t._version for t in paged + paged_sources], paged_before)]
-        assert paged_bumped == plain_bumped == [True, True, False, False], name
+        assert paged_bumped == [True, True, False, False], name
+        # torch 2.11's CUDA kernels of _foreach_zero_ and _foreach_lerp_ bump no version (its others
+        # and every CPU one do): a paged tensor's always bumps, so a backward raises as for the others
+        assert plain_bumped[2:] == [False, False], name
+        if device == "cpu":
+            assert plain_bumped == paged_bumped, name
         for got, expected in zip(paged, plain):
             assert torch.equal(got.materialize(), expected), name
 
