@@ -309,6 +309,11 @@ class PagedDispatcher:
         handler = self.handlers.get(func)
         if handler is view_of_pages:
             return view_of_pages(func, types, args, kwargs, leaves)
+        if handler is None and self.info(func).is_view and _decomposed_in_inference_mode(func):
+            # A view op autograd decomposes (reshape, flatten, movedim, mT) reaches here whole in
+            # inference mode: decomposed, its views are recorded as views (no arithmetic: the bits
+            # are the same either way).
+            return _decompose(func, args, kwargs)
         if handler is None:
             result = self.run_generic(func, types, args, kwargs, leaves)
         else:
@@ -334,6 +339,10 @@ class PagedDispatcher:
                 out = run_list_op(func, args, kwargs)
             if out is NotImplemented:
                 out = _run_composite(func, args, kwargs)
+            if out is NotImplemented and _decomposed_in_inference_mode(func):
+                # An op autograd decomposes elsewhere (negative, T.contiguous(), a copying reshape) does
+                # not fit whole: decomposed, as outside inference mode, each of its ops runs as any op.
+                return _decompose(func, args, kwargs)
             if out is NotImplemented:
                 raise _as_pagers_error(error, func, self.info(func), args, kwargs) from error.__cause__
             return out
@@ -342,7 +351,7 @@ class PagedDispatcher:
         """Step 2: fault in the pages the PagedTensor arguments reach, run ``func`` dense, write back."""
         info = self.info(func)
         if info.changes_metadata:
-            if _resizes_to_own_size(func, args, kwargs):
+            if _resizes_to_own_size(func, args, kwargs) or _changes_no_metadata(func, args, kwargs):
                 return args[0]  # torch's resize_ to the current size changes nothing (out= paths call it)
             if func is aten.resize_as_.default and not isinstance(args[0], PagedTensor):
                 # A plain tensor takes a PagedTensor's shape (and, with a memory format, its layout):
@@ -828,6 +837,25 @@ class _OpTooLarge(OutOfPagesError):
 _COMPOSITE_KEYS = (DispatchKey.CompositeExplicitAutograd, DispatchKey.CompositeExplicitAutogradNonFunctional)
 
 
+def _decomposed_in_inference_mode(func: OpOverload) -> bool:
+    """Whether ``func`` is an op autograd decomposes (a ``CompositeImplicitAutograd`` kernel) reaching
+    the subclass whole because inference mode turned autograd's keys off."""
+    return torch.is_inference_mode_enabled() and _has_implicit_composite_kernel(func)
+
+
+@functools.cache
+def _has_implicit_composite_kernel(func: OpOverload) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
+
+
+def _decompose(func: OpOverload, args: tuple, kwargs: dict) -> Any:
+    """``func``'s composite kernel on the PagedTensors, as autograd runs it outside inference mode: each
+    op in it dispatched from the top, through ADInplaceOrView (which records the views of normal
+    tensors and bumps versions; torch's Python fallback turned it off for this call)."""
+    with torch._C._SetExcludeDispatchKeyGuard(DispatchKey.ADInplaceOrView, False):
+        return func.decompose(*args, **kwargs)
+
+
 def _composite_kernel(func: OpOverload, device: torch.device) -> Optional[DispatchKey]:
     """The composite key whose kernel a dense tensor on ``device`` runs for ``func``: a functional op
     (no argument written) with a ``CompositeExplicitAutograd`` (or ``...NonFunctional``) kernel and no
@@ -1091,6 +1119,27 @@ def _resizes_to_own_size(func: OpOverload, args: tuple, kwargs: dict) -> bool:
     if func is aten._resize_output_.default and torch.device(args[2]) != args[0].device:
         return False
     return tuple(args[1]) == tuple(args[0].shape)
+
+
+def _changes_no_metadata(func: OpOverload, args: tuple, kwargs: dict) -> bool:
+    """Whether the in-place metadata op ``func`` leaves its PagedTensor's sizes, strides and offset as
+    they are (``transpose_(1, 1)``, ``squeeze_()`` without dims of one element, ``t_()`` of a vector,
+    ``as_strided_`` to its own layout, ``detach_()``): seen on a fresh meta view of its layout, which
+    also raises torch's errors for bad arguments."""
+    self = args[0]
+    if not isinstance(self, PagedTensor) or self._paged is None:
+        return False
+    if func.overloadpacket.__name__ in _RESIZING_OPS or func is aten._resize_output_.default:
+        return False  # sparse resizes, and a resize to another device
+    if func in _RESIZES:
+        size = tuple(args[1].shape) if func is aten.resize_as_.default and isinstance(args[1], torch.Tensor) else tuple(args[1])
+        if size != tuple(self.shape):
+            return False  # a resize to another size (on the meta view it would grow the allocation's meta storage)
+    meta = meta_like(self).as_strided(self.shape, self.stride(), self._offset)
+    before = (tuple(meta.shape), meta.stride(), meta.storage_offset())
+    meta_args, meta_kwargs = _substitute(args[1:], kwargs, {id(leaf): meta_like(leaf) for leaf in _paged_leaves(args[1:], kwargs)})
+    func(meta, *meta_args, **meta_kwargs)
+    return (tuple(meta.shape), meta.stride(), meta.storage_offset()) == before
 
 
 def _write_locks(groups: dict[int, "_Group"]) -> Sequence[Any]:

@@ -1301,6 +1301,104 @@ def test_composite_ops_under_inference_mode_run_what_plain_tensors_run(pager):
         assert torch.equal(paged_image.materialize(), image * 2)
 
 
+INFERENCE_COMPOSITES = {
+    "T.contiguous": lambda t: t.transpose(0, 1).contiguous(),
+    "copying reshape": lambda t: t.transpose(0, 1).reshape(-1),
+    "flatten of a strided view": lambda t: t[:, ::2].flatten(),
+    "negative": torch.negative,
+    "multiply": lambda t: torch.multiply(t, 2.0),
+    "subtract": lambda t: torch.subtract(t, t),
+    "divide": lambda t: torch.divide(t, 3.0),
+    "greater": lambda t: torch.greater(t, 0.0),
+    "isclose": lambda t: torch.isclose(t, t),
+    "type_as": lambda t: t.type_as(torch.zeros((), dtype=torch.float64)),
+    "fix": torch.fix,
+    "diff": lambda t: torch.diff(t, dim=0),
+    "chunk(0)": lambda t: t.chunk(0),
+    "movedim of a repeated dim": lambda t: t.movedim((0, 0), (1, 2)),
+    "unflatten of a bad size": lambda t: t.unflatten(1, (3, 5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INFERENCE_COMPOSITES))
+def test_composite_ops_past_the_tier_under_inference_mode_run_as_outside_it(name):
+    """Under inference mode an op autograd decomposes reaches the subclass whole: past the device tier
+    it raised DeviceTierFullError (torch's own argument errors too); it now runs decomposed, each op
+    a piece at a time, as outside inference mode."""
+    op = INFERENCE_COMPOSITES[name]
+    x = torch.randn(16, 64, 8, generator=torch.Generator().manual_seed(5))  # 8 pages on a 4-page tier
+    with make_pager(device_pages=4) as pager, torch.inference_mode():
+        try:
+            expected = op(x)
+        except RuntimeError as error:
+            with pytest.raises(RuntimeError) as raised:
+                op(PagedTensor.wrap(x.clone(), pager))
+            assert type(raised.value) is RuntimeError and str(raised.value) == str(error)
+            return
+        got = op(PagedTensor.wrap(x.clone(), pager))
+        got = got.materialize() if isinstance(got, PagedTensor) else got
+        assert got.dtype == expected.dtype and torch.equal(got, expected), name
+
+
+@pytest.mark.parametrize("view", ["reshape", "flatten", "view_as", "expand_as", "movedim", "mT"])
+def test_views_by_composite_ops_under_inference_mode_are_views(view, pager):
+    """reshape, flatten, ... of a normal tensor under inference mode are views sharing its version
+    counter, as torch's are: a write through one after the tensor was saved for backward makes the
+    backward raise (it ran on the new values), and a write to one outside inference mode raises."""
+    make = {"reshape": lambda t: t.reshape(-1), "flatten": lambda t: t.flatten(), "view_as": lambda t: t.view_as(t),
+            "expand_as": lambda t: t.expand_as(t), "movedim": lambda t: t.movedim(0, 1), "mT": lambda t: t.mT}[view]  # fmt: skip
+    for paged in (False, True):
+        x = torch.randn(4, 8, device=pager.device)
+        weight = (PagedTensor.wrap(x, pager) if paged else x).requires_grad_()
+        loss = (weight * weight).sum()  # saves weight
+        with torch.inference_mode():
+            made = make(weight)
+            assert made._is_view() and made.requires_grad, (view, paged)
+            made.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+        with pytest.raises(RuntimeError, match="A view was created in inference mode and is being modified inplace in normal mode"):
+            made.add_(1)
+
+
+def test_a_dtype_view_is_an_inference_tensor_exactly_where_made_in_inference_mode(pager):
+    """``t.view(dtype)`` is no view autograd tracks: torch's is an inference tensor where it is made in
+    inference mode (of a normal tensor too), and a normal one made outside (of an inference tensor too)."""
+    normal = PagedTensor.wrap(torch.randn(4, 8, device=pager.device), pager)
+    with torch.inference_mode():
+        inference = PagedTensor.wrap(torch.randn(4, 8, device=pager.device), pager)
+        assert normal.view(torch.int32).is_inference()
+    assert not inference.view(torch.int32).is_inference()
+    inference.view(torch.int32).add_(1)  # a normal tensor: written outside inference mode, as torch's
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        with torch.inference_mode():
+            made = normal.view(torch.int32)
+        made.add_(1)
+
+
+def test_in_place_metadata_ops_that_change_nothing_run(pager):
+    """transpose_(d, d), squeeze_() without dims of one element, t_() of a vector, as_strided_ to its
+    own layout, resize_ to its own size in its own format and detach_() under inference mode leave
+    the tensor as it is, as torch's do (they were refused as changes of shape, strides or storage);
+    any that changes the layout is still refused, and bad arguments raise torch's errors."""
+    x = torch.randn(4, 8, device=pager.device)
+    t = PagedTensor.wrap(x.clone(), pager)
+    for op in (lambda u: u.transpose_(1, 1), lambda u: u.squeeze_(), lambda u: u[0].t_(), lambda u: u.as_strided_((4, 8), (8, 1)),
+               lambda u: u.resize_(4, 8, memory_format=torch.contiguous_format), lambda u: u.resize_as_(x)):  # fmt: skip
+        op(t)
+        assert (tuple(t.shape), t.stride(), t.storage_offset()) == ((4, 8), (8, 1), 0)
+    with torch.inference_mode():
+        assert t.detach_() is t
+    assert torch.equal(t.materialize(), x)
+    with pytest.raises(NotImplementedError, match="changes a tensor's shape, strides or storage in place"):
+        t.transpose_(0, 1)
+    with pytest.raises(NotImplementedError, match="changes a tensor's shape, strides or storage in place"):
+        t.resize_(64)
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        t.transpose_(1, 5)
+    assert (tuple(t.shape), t.stride()) == ((4, 8), (8, 1))
+
+
 def test_in_place_ops_reading_their_own_bytes_see_the_overlap_like_torch(pager):
     """Non-elementwise in-place ops write through a view bounded to the window; the allocation's
     other views in the op share that storage, so torch still refuses a partial overlap."""

@@ -55,6 +55,10 @@ def view_of_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict, lea
                     f"{hi * meta.dtype.itemsize} are out of bounds for storage of size {source._paged.nbytes}"
                 )
         layout = (source._paged, meta.storage_offset(), tuple(meta.shape), meta.stride(), meta.dtype, False, math_bits(meta))
+        if func is aten.view.dtype:
+            # Not a view autograd tracks: torch's kernel makes a fresh tensor, an inference tensor
+            # exactly where it is made in inference mode, whatever the source.
+            return PagedTensor._make(*layout)
         if torch.is_inference_mode_enabled() and not source.is_inference():
             # A view of a normal tensor is a normal tensor, in inference mode too (it shares the
             # base's version counter, which an inference tensor cannot).
