@@ -181,6 +181,23 @@ def test_a_float_sum_into_a_wider_output_past_the_tier_gives_the_same_bits(dtype
         assert within_tier(pager)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64])
+@pytest.mark.parametrize("op", [torch.any, torch.all])
+def test_any_and_all_into_a_uint8_output_past_the_tier_reduce_the_source_cast_to_uint8(op, dtype):
+    """torch's uint8 out= kernel of any/all reduces the source cast to uint8 (0.25 is 0, 256 is 0):
+    past the tier the values were those of the bool reduction."""
+    source = torch.tensor([0.25, 256.0, 1.0, 0.0, -3.5]).to(dtype).repeat(3, 2000)
+    source[1, ::2] = 2
+    with make_pager() as pager:
+        paged = PagedTensor.wrap(source.clone(), pager)
+        for call in (lambda t, o: op(t, 0, out=o[0]), lambda t, o: op(t, out=o[0, 0])):
+            expected, out = torch.full((1, 10000), 7, dtype=torch.uint8), torch.full((1, 10000), 7, dtype=torch.uint8)
+            call(source, expected)
+            call(paged, out)
+            assert torch.equal(out, expected)
+        assert within_tier(pager)
+
+
 def test_a_float_sum_of_a_source_past_the_tier_still_raises():
     """A float sum's bits depend on its order: a source past the tier raises the pager's error,
     naming the out= op, and the output keeps its values."""

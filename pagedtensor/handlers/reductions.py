@@ -344,8 +344,11 @@ def reduce_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
         else:
             if func.overloadpacket is aten.sum and rest.get("dtype") is None:
                 rest["dtype"] = outs[0].dtype
+            reduced = source
+            if func.overloadpacket in (aten.any, aten.all) and outs[0].dtype == torch.uint8 and source.dtype != torch.uint8:
+                reduced = source.to(torch.uint8)  # torch's uint8 out= kernel reduces the source cast to uint8 (0.25 is 0)
             try:
-                values = _OUT_FORMS[func](source, *args[1:], **rest)
+                values = _OUT_FORMS[func](reduced, *args[1:], **rest)
             except OutOfPagesError:
                 values = None  # not order-free (a float sum): the op's own error, its pager's type
             if values is None:
