@@ -458,8 +458,8 @@ def test_view_copy_ops_fault_only_the_pages_of_their_view(pager, copy_op, rows):
 
 def test_view_copy_out_forms_write_out_as_torch_does(pager, recwarn):
     """``out=`` forms: the copy, then ``out`` resized to the result's shape (contiguous, with
-    torch's warning where it had elements) and written with ``copy_`` (which casts); a PagedTensor
-    ``out`` of another shape raises, since its pages are fixed."""
+    torch's warning where it had elements) and written; an ``out`` of another dtype raises torch's
+    error, and a PagedTensor ``out`` of another shape raises, since its pages are fixed."""
     x = rows_tensor(device=pager.device)
     t = PagedTensor.wrap(x, pager)
     expected = torch.diagonal_copy(x, 1)
@@ -467,9 +467,25 @@ def test_view_copy_out_forms_write_out_as_torch_does(pager, recwarn):
     torch.diagonal_copy(t, 1, out=out)
     assert out.shape == expected.shape and out.is_contiguous() and torch.equal(out, expected)
     assert any("An output with one or more elements was resized" in str(w.message) for w in recwarn)
-    out = PagedTensor.wrap(torch.zeros(16, 256, dtype=torch.float64, device=pager.device), pager)
+    out = PagedTensor.wrap(torch.zeros(16, 256, device=pager.device), pager)
     aten.view_copy.out(t, (16, 256), out=out)
-    assert torch.equal(out.materialize(), x.double())
+    assert torch.equal(out.materialize(), x.view(16, 256))
+    # an out of another dtype raises torch's error before anything is written (it cast silently)
+    for copy_op in (lambda u, o: aten.view_copy.out(u, (16, 256), out=o), lambda u, o: torch.narrow_copy(u, 0, 0, 16, out=o),
+                    lambda u, o: torch.t_copy(u, out=o), lambda u, o: aten.slice_scatter.out(u[:4], u[:1], 0, 0, 1, out=o)):  # fmt: skip
+        plain_out = torch.zeros(1, dtype=torch.float64, device=pager.device)
+        with pytest.raises(RuntimeError) as plain_error:
+            copy_op(x, plain_out)  # torch resizes it first (but narrow_copy), then raises
+        shape = copy_op(x, torch.empty(0, device=pager.device)).shape
+        for wide in (torch.zeros(1, dtype=torch.float64, device=pager.device),
+                     PagedTensor.wrap(torch.zeros(shape, dtype=torch.float64, device=pager.device), pager)):  # fmt: skip
+            with pytest.raises(RuntimeError) as paged_error:
+                copy_op(t, wide)
+            assert str(paged_error.value) == str(plain_error.value)
+            if isinstance(wide, PagedTensor):
+                assert torch.equal(wide.materialize(), torch.zeros(shape, dtype=torch.float64, device=pager.device))
+            else:
+                assert wide.shape == plain_out.shape
     with pytest.raises(NotImplementedError, match="would resize its PagedTensor output"):
         torch.select_copy(t, 0, 2, out=PagedTensor.wrap(torch.zeros(4, device=pager.device), pager))
     with pytest.raises(IndexError, match="out of range"):

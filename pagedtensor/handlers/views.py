@@ -149,13 +149,30 @@ def _copy_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict, ha
     """The ``out=`` form ``func`` of a view-copy or scatter op, as torch's generated kernels run
     them: ``handler`` runs the functional op (nothing written yet), then ``out`` is resized to the
     result's shape, contiguous (a plain ``out`` that had elements with torch's warning; a PagedTensor ``out`` of
-    another shape raises, its pages are fixed) and written with ``copy_``, which casts to ``out``'s
-    dtype (a PagedTensor ``out`` larger than the tier a piece at a time). Returns ``out``."""
+    another shape raises, its pages are fixed) and written with ``copy_`` (a PagedTensor ``out``
+    larger than the tier a piece at a time). An ``out`` of another dtype or device raises torch's
+    error, as its kernels check them before writing. Returns ``out``."""
     out = kwargs["out"]
     functional_kwargs = {key: value for key, value in kwargs.items() if key != "out"}
     result = handler(_functional_overload(func), types, args, functional_kwargs)
+    if func.overloadpacket is aten.narrow_copy:  # its kernel checks the dtype before it resizes
+        _check_out_dtype_and_device(func, out, result)
     if out.shape != result.shape:
         if isinstance(out, PagedTensor):
             raise resize_refused(func, out.shape, result.shape, args, kwargs)
         _resize_output(out, torch.empty(result.shape, device="meta"))  # torch resizes to the shape alone: contiguous
+    _check_out_dtype_and_device(func, out, result)
     return aten.copy_.default(out, result)
+
+
+def _check_out_dtype_and_device(func: OpOverload, out: torch.Tensor, result: torch.Tensor) -> None:
+    """torch's error where ``out``'s dtype or device is not ``result``'s, in its words for ``func``'s
+    kind of kernel (from that kind of kernel on one element into an empty output)."""
+    if out.dtype == result.dtype and out.device == result.device:
+        return
+    probe = torch.empty(1, dtype=result.dtype, device=result.device)
+    unwritten = torch.empty(0, dtype=out.dtype, device=out.device)
+    if func.overloadpacket is aten.narrow_copy:
+        aten.narrow_copy.out(probe, 0, 0, 1, out=unwritten)
+    else:
+        aten.alias_copy.out(probe, out=unwritten)
