@@ -210,13 +210,15 @@ def test_bad_indices_past_the_tier_raise_the_dense_error(op, error):
 @pytest.mark.parametrize(
     "shape, view, dim",
     [((64, 1024), lambda t: t, 1), ((8, 4096), lambda t: t, 1), ((1024, 64), lambda t: t.t(), 1), ((16, 8, 512), lambda t: t, 2),
-     ((8, 4, 1184), lambda t: t.diagonal(2, 2, 0), 1), ((8, 4, 1184), lambda t: t.diagonal(2, 2, 0), 0)],
-    ids=["columns", "columns of rows wider than a piece", "columns of t.T", "last dim of 3", "columns of a diagonal view", "rows of a diagonal view"],
+     ((8, 4, 1184), lambda t: t.diagonal(2, 2, 0), 1), ((8, 4, 1184), lambda t: t.diagonal(2, 2, 0), 0),
+     ((600, 5, 4), lambda t: t, 1), ((600, 5, 4, 2), lambda t: t, 1)],
+    ids=["columns", "columns of rows wider than a piece", "columns of t.T", "last dim of 3", "columns of a diagonal view", "rows of a diagonal view",
+         "dim 1 of 3", "dim 1 of 4"],
 )  # fmt: skip
 @pytest.mark.parametrize("value", [-1, 99999])
 def test_index_select_out_of_range_along_any_dim_past_the_tier_raises_the_dense_error(shape, view, dim, value):
     """torch's CPU ``index_select`` raises ``RuntimeError`` ("INDICES element is out of DATA bounds")
-    along a matrix's columns and ``IndexError`` otherwise: past the tier the paged op raised the
+    along dim 1 of any table of two dims or more and ``IndexError`` otherwise: past the tier the paged op raised the
     ``IndexError`` for both, or, with rows wider than a piece, the pager's DeviceTierFullError."""
     values = torch.randn(*shape)
     index = torch.tensor([1, value])

@@ -198,7 +198,7 @@ def _positions_in_range(func: OpOverload, index: torch.Tensor, bound: int, size:
     if bad.numel():
         if func is aten.take.default:
             raise IndexError(f"PagedTensor: {func}: out of range: tried to access index {int(bad[0])} on a tensor of {bound} elements.")
-        if func is aten.index_select.default and table_dims == 2 and dim == 1:  # torch's CPU kernel for a matrix's columns
+        if func is aten.index_select.default and table_dims >= 2 and dim == 1:  # torch's CPU kernel along dim 1 of any table
             raise RuntimeError(f"PagedTensor: {func}: INDICES element is out of DATA bounds, id={int(bad[0])} axis_dim={size}")
         if func is aten.index_select.default or func is aten.embedding.default:
             raise IndexError(f"PagedTensor: {func}: index out of range in self")
