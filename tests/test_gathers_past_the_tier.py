@@ -305,6 +305,20 @@ def test_bad_indices_of_a_transposed_table_past_the_tier_raise_the_dense_error(o
         assert pager.stats()["faults"] == before
 
 
+@pytest.mark.parametrize("dim, index_shape", [(0, (3, 7, 4)), (1, (600, 2, 9)), (2, (5, 6, 3))])
+def test_a_gather_of_an_index_larger_than_the_table_past_the_tier_names_the_table_s_shape(dim, index_shape):
+    """torch's size error names the table's shape; past the tier it named the pager's stand-in of
+    one or two rows (``self [1, 5, 4]``)."""
+    values = torch.randn(600, 5, 4)
+    index = torch.zeros(index_shape, dtype=torch.long)
+    with make_pager() as pager:
+        with pytest.raises(RuntimeError) as dense_error:
+            torch.gather(values, dim, index)
+        with pytest.raises(RuntimeError) as paged_error:
+            torch.gather(PagedTensor.wrap(values.clone(), pager), dim, index)
+        assert str(paged_error.value) == str(dense_error.value)
+
+
 def test_a_gather_along_an_inner_dim_of_rows_larger_than_the_tier_still_raises():
     """``gather`` along dim 0 of ``t.T`` is ``gather`` along dim 1 of ``t``, run a piece of ``t``'s
     rows at a time: where one of ``t``'s rows (here 16 pages) is larger than a piece, it raises

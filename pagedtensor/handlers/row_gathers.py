@@ -11,6 +11,7 @@ Their ``out=`` forms past the tier run the gather, then copy its result into ``o
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from typing import Any, Callable, Optional
 
@@ -22,7 +23,7 @@ from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, _row_byte_spans, _Wind
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.handlers.parts import _arguments_by_name, _larger_than_a_piece
 from pagedtensor.pieces import broadcast_shape, piece_elements_of
-from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping, element_span, meta_like
+from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping, element_span, meta_layout, meta_like
 
 
 @implements([aten.index_select.default, aten.embedding.default, aten.index.Tensor])
@@ -146,6 +147,7 @@ def gather_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
         return DISPATCHER.run_paged(func, types, args, kwargs)
     except _OpTooLarge:
         _check_index_select_bounds(func, args, kwargs)  # torch's error before the pager's
+        _check_gather_shapes(func, args, kwargs)
         permuted = _gather_of_outermost_first(func, args, kwargs)
         if permuted is not None:
             return permuted
@@ -162,6 +164,19 @@ def gather_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
     renumbered = inverse if row_elements == 1 else inverse * row_elements + flat % row_elements
     result = run(_rows_compacted(table, rows), renumbered.reshape(row_index.shape).to(row_index.device))
     return _laid_out_as(result, run(_stand_in_of_rows(table), _zeros_laid_out_as(row_index)))
+
+
+def _check_gather_shapes(func: OpOverload, args: tuple, kwargs: dict) -> None:
+    """torch's error for a ``gather`` whose index does not fit the table's shape, naming the table's
+    shape (the parts it runs on past the tier would name theirs): from the meta kernel, its sizes
+    written as the CPU kernel writes them."""
+    if func is not aten.gather.default:
+        return
+    try:
+        func(*(meta_layout(value) if isinstance(value, torch.Tensor) else value for value in args), **kwargs)
+    except RuntimeError as error:
+        if str(error).startswith("Size does not match"):  # the meta kernel's other words are not the CPU's
+            raise RuntimeError(re.sub(r"torch\.Size\((\[[^\]]*\])\)", r"\1", str(error))) from None
 
 
 def _reads_no_element(func: OpOverload, args: tuple) -> bool:
