@@ -418,6 +418,7 @@ class PagedKVCache(Cache):
         self._forward_pads = None
         if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
             return
+        self._check_cached_columns(attention_mask, q_len)
         new = attention_mask[:, -q_len:] if q_len else attention_mask[:, :0]
         if new.shape[1] != q_len or bool(new.bool().all()):
             return
@@ -428,6 +429,27 @@ class PagedKVCache(Cache):
             raise ValueError("PagedKVCache supports left padding only: in each sequence of the attention mask, "
                              "masked tokens must all come before the real ones")
         self._forward_pads = [q_len - count for count in counts]
+
+    def _check_cached_columns(self, attention_mask: torch.Tensor, q_len: int) -> None:
+        """The mask's columns of the tokens already cached mark what the cache holds: each sequence's
+        pads (which it does not store) first, then its stored tokens. The paged attention reads the
+        stored tokens whatever the mask says, so a mask that hides one of them now (a masked token
+        after real ones, or a token attended before) raises rather than be ignored. Compared on the
+        mask's device (one synchronization)."""
+        layer = self.layers[0] if self.layers else None
+        if layer is None or not layer.is_initialized or layer.total == 0 or attention_mask.shape[1] != layer.total + q_len:
+            return
+        if attention_mask.shape[0] != len(layer.seqs):
+            return  # the batch check of the write names it
+        past = layer.total
+        stored = torch.tensor([seq.length for seq in layer.seqs], device=attention_mask.device)
+        expected = torch.arange(past, device=attention_mask.device)[None, :] >= (past - stored)[:, None]
+        if not torch.equal(attention_mask[:, :past].bool(), expected):
+            raise ValueError(
+                "PagedKVCache supports left padding only: the attention mask's columns of the cached tokens must "
+                "mark each sequence's pads first, then every token it stored (this mask hides a cached token, "
+                "a masked token after real ones, or shows a pad as real)"
+            )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         if layer_idx >= len(self.layers):
@@ -1253,6 +1275,8 @@ class PagedKVCache(Cache):
         """Sequence ``b`` becomes sequence ``beam_idx[b]``, as ``DynamicCache.reorder_cache`` does (beam
         search): a sequence kept once keeps its pages, one kept more than once shares them with its
         copies (:meth:`_share_sequence`; a shared page is copied only when written), one not kept is freed."""
+        if not layer.is_initialized:
+            return  # a layer no forward updates (one reusing another's keys and values), as DynamicCache's
         order = _batch_positions(beam_idx, len(layer.seqs), "reorder_cache: beam_idx")
         if order == list(range(len(layer.seqs))) or layer.total == 0:
             return
@@ -1263,7 +1287,7 @@ class PagedKVCache(Cache):
         copies share its pages until they write them."""
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise ValueError(f"batch_repeat_interleave: repeats must be a positive int, got {repeats!r}")
-        if repeats != 1:
+        if repeats != 1 and layer.is_initialized:
             self._rebuild_batch(layer, [b for b in range(len(layer.seqs)) for _ in range(repeats)])
 
     def _rebuild_batch(self, layer: PagedLayer, order: list[int]) -> None:
@@ -1295,6 +1319,8 @@ class PagedKVCache(Cache):
     def _select_layer(self, layer: PagedLayer, indices: torch.Tensor) -> None:
         """Keep the sequences at ``indices`` (positions, or a boolean mask over the batch, as
         ``DynamicCache`` takes them), in that order."""
+        if not layer.is_initialized:
+            return
         indices = torch.as_tensor(indices)
         if indices.dtype == torch.bool:
             if indices.numel() != len(layer.seqs):

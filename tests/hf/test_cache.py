@@ -87,6 +87,38 @@ def test_right_padding_is_rejected(nvme_dir):
         cache.begin_forward(mask, 4)
 
 
+def test_a_mask_that_hides_a_cached_token_is_rejected(nvme_dir):
+    """The paged attention reads every stored token whatever the mask says: a later mask whose
+    columns of cached tokens do not mark each sequence's pads then its stored tokens raises (it was
+    ignored: a token masked after real ones, or a stored token hidden now, was attended)."""
+    cache = PagedKVCache(pager=_pager(nvme_dir, vram_pages=8), num_layers=1)
+    _fill(cache, 1, 2, [5], pads=[0, 2])
+    keys, values = _states(2, 1, seed=9)
+    for hidden in ([[1, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], [[1, 1, 1, 1, 1, 1], [1, 0, 1, 1, 1, 1]],
+                   [[1, 1, 1, 1, 0, 1], [0, 0, 1, 1, 1, 1]]):  # fmt: skip
+        with pytest.raises(ValueError, match="columns of the cached tokens"):
+            cache.begin_forward(torch.tensor(hidden), 1)
+    assert [seq.length for seq in cache.layers[0].seqs] == [5, 3]  # nothing written
+    cache.begin_forward(torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]]), 1)  # the pads it has: runs
+    cache.update(keys, values, 0)
+    assert [seq.length for seq in cache.layers[0].seqs] == [6, 4]
+    cache.close()
+
+
+def test_batch_edits_of_a_layer_no_forward_updated_do_nothing(nvme_dir):
+    """A layer that reuses another's keys and values (Gemma 4's shared layers) is never updated: beam
+    search's reorder, select and repeat leave it be, as DynamicCache's (they raised IndexError)."""
+    cache = PagedKVCache(pager=_pager(nvme_dir, vram_pages=8), num_layers=2)
+    cache.begin_forward(None, 3)
+    keys, values = _states(2, 3, seed=4)
+    cache.update(keys, values, 0)
+    cache.reorder_cache(torch.tensor([1, 1]))
+    cache.batch_select_indices(torch.tensor([0]))
+    cache.batch_repeat_interleave(3)
+    assert len(cache.layers[0].seqs) == 3 and not cache.layers[1].is_initialized and cache.layers[1].seqs == []
+    cache.close()
+
+
 @pytest.mark.parametrize("decode", [True, False])
 def test_paged_attention_with_pages_everywhere(decode, nvme_dir):
     """Keys spread over device slabs, host and disk: the pieces cover every key exactly once."""
