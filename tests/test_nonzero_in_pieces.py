@@ -108,3 +108,22 @@ def test_nonzero_of_rows_wider_than_a_piece_and_into_out(device):
                 returned = torch.nonzero(paged, out=out)
                 assert returned is out and torch.equal(out, expected_out) and out.stride() == expected_out.stride(), shape
             assert torch.equal(paged.materialize(), values)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_nonzero_past_the_tier_of_a_table_of_many_dims_probes_a_small_stand_in(device):
+    """The kernel's layout was probed on a stand-in of two elements along every dim: 2**24
+    elements (3.6 GB and seconds) for a 40 KB table of 24 dims, and an allocation error at 40.
+    One of two rows, laid out as the dense op's, for any number of dims."""
+    generator = torch.Generator().manual_seed(3)
+    with make_pager(device) as pager:
+        for dims in (24, 40):
+            shape = (2500,) + (2, 2) + (1,) * (dims - 3)
+            values = (torch.rand(shape, generator=generator) > 0.5).float().to(device)
+            paged = PagedTensor.wrap(values.clone(), pager)
+            got, expected = torch.nonzero(paged), torch.nonzero(values)
+            assert torch.equal(got, expected) and got.stride() == expected.stride(), dims
+            out, expected_out = (torch.empty(0, dtype=torch.long, device=device) for _ in range(2))
+            torch.nonzero(values, out=expected_out)
+            torch.nonzero(paged, out=out)
+            assert torch.equal(out, expected_out) and out.stride() == expected_out.stride(), dims
