@@ -450,7 +450,10 @@ class PagedDispatcher:
         # An op that may resize what it writes (addbmm_ resizes a self of the wrong shape) sees the
         # allocations it writes through views that cannot grow past their window into other tensors'
         # slots: every view of one allocation over one storage, so torch's overlap checks still see them.
-        bounded = {id(leaf._paged) for leaf in written} if written and not info.elementwise else ()
+        # So does an op with a sparse argument: torch's CPU kernel adding a coalesced sparse tensor into
+        # a dense one counts the dense storage offset twice, which on a view of the slab lands in
+        # another allocation's slot; a bounded view's offset counts from the window, as a plain tensor's.
+        bounded = {id(leaf._paged) for leaf in written} if written and (not info.elementwise or _has_sparse_tensor(args, kwargs)) else ()
         try:
             for leaf in leaves:
                 group = groups.get(id(leaf._paged))
@@ -1119,6 +1122,11 @@ def _resizes_to_own_size(func: OpOverload, args: tuple, kwargs: dict) -> bool:
     if func is aten._resize_output_.default and torch.device(args[2]) != args[0].device:
         return False
     return tuple(args[1]) == tuple(args[0].shape)
+
+
+def _has_sparse_tensor(args: tuple, kwargs: dict) -> bool:
+    """Whether an argument (in a list too) is a tensor of a sparse layout."""
+    return any(isinstance(value, torch.Tensor) and value.layout != torch.strided for value in tree_leaves((args, kwargs)))
 
 
 def _changes_no_metadata(func: OpOverload, args: tuple, kwargs: dict) -> bool:

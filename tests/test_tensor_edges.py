@@ -913,3 +913,24 @@ def test_make_fx_and_linearize_capture_a_paged_tensor_as_a_constant_of_its_value
         with pytest.raises(NotImplementedError, match=r"aten.add_.Tensor writes a PagedTensor that a function traced .*captures"):
             make_fx(lambda t: paged.add_(t))(torch.ones(1024))
         assert torch.equal(paged.materialize(), values)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_in_place_adds_of_a_sparse_tensor_write_the_target_and_no_neighbour(device, dtype):
+    """torch's CPU kernel adding a coalesced sparse tensor into a dense one counts the dense storage
+    offset twice: on a view of the slab at a page's slot it wrote another allocation's page (the
+    target unchanged). Each form, beside neighbours on the same slab, equals the plain op."""
+    flat = torch.sparse_coo_tensor(torch.tensor([[3, 7, 3]]), torch.tensor([10.5, 20.25, 1.0]), (1024,)).to(dtype)
+    hybrid = torch.sparse_coo_tensor(torch.tensor([[1, 5, 1]]), torch.randn(3, 16, generator=torch.Generator().manual_seed(2)), (64, 16))
+    with make_pager(device_pages=16) as pager:
+        for sparse in (flat.coalesce(), flat, hybrid.to(dtype).coalesce(), hybrid.to(dtype)):
+            sparse = sparse.to(device)
+            for op in (lambda t: t.add_(sparse), lambda t: t.sub_(sparse), lambda t: t.add_(sparse, alpha=2.5), lambda t: torch.add(t, sparse)):
+                values = torch.randn(sparse.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+                neighbours = [PagedTensor.wrap(torch.zeros(sparse.shape, dtype=dtype, device=device), pager) for _ in range(2)]
+                target = PagedTensor.wrap(values.clone(), pager)
+                neighbours.append(PagedTensor.wrap(torch.zeros(sparse.shape, dtype=dtype, device=device), pager))
+                got, expected = op(target), op(values.clone())
+                assert_same(got.materialize() if isinstance(got, PagedTensor) else got, expected)
+                assert all(not neighbour.materialize().any() for neighbour in neighbours)
