@@ -309,6 +309,8 @@ class PagedDispatcher:
         handler = self.handlers.get(func)
         if handler is view_of_pages:
             return view_of_pages(func, types, args, kwargs, leaves)
+        if handler is None and is_collective(func):
+            return run_collective(func, args, kwargs)  # torch.distributed's: on dense copies, waited for
         if handler is None and self.info(func).is_view and _decomposed_in_inference_mode(func):
             # A view op autograd decomposes (reshape, flatten, movedim, mT) reaches here whole in
             # inference mode: decomposed, its views are recorded as views (no arithmetic: the bits
@@ -1276,6 +1278,7 @@ def _describe(args: tuple, kwargs: dict) -> str:
 # The dispatcher calls view_of_pages itself: with the PagedTensor arguments it has found, and for
 # view ops recognized by their schema (run_paged).
 from pagedtensor.handlers import linear as _linear  # noqa: E402
+from pagedtensor.handlers.collectives import is_collective, run_collective  # noqa: E402
 from pagedtensor.handlers.views import view_of_pages  # noqa: E402
 
 # Documented at this path (README).
