@@ -934,3 +934,14 @@ def test_in_place_adds_of_a_sparse_tensor_write_the_target_and_no_neighbour(devi
                 got, expected = op(target), op(values.clone())
                 assert_same(got.materialize() if isinstance(got, PagedTensor) else got, expected)
                 assert all(not neighbour.materialize().any() for neighbour in neighbours)
+
+
+def test_a_jagged_nested_tensor_over_paged_values_or_offsets_is_refused_by_name(pager):
+    """Its values became a strided PagedTensor of a shape with a nested int (every later op failed), or
+    an AssertionError about the meta device: refused, naming the nested tensor and materialize()."""
+    values, offsets = torch.randn(8, 4), torch.tensor([0, 3, 8])
+    for paged_values, paged_offsets in ((True, False), (True, True), (False, True)):
+        args = (PagedTensor.wrap(values, pager) if paged_values else values, PagedTensor.wrap(offsets, pager) if paged_offsets else offsets)
+        with pytest.raises(NotImplementedError, match=r"nested \(jagged\) tensor.*materialize\(\)"):
+            torch.nested.nested_tensor_from_jagged(*args)
+    assert torch.nested.nested_tensor_from_jagged(values, offsets).is_nested

@@ -32,6 +32,12 @@ def view_of_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict, lea
     """A view op: run it on a meta tensor of the same layout; the results are PagedTensors over the
     same pages (nothing faults in). ``leaves``: the PagedTensor arguments, when the caller has them."""
     source = args[0]
+    if func.overloadpacket.__name__.startswith("_nested"):
+        # A nested (jagged) tensor's values or offsets: its view cannot be a PagedTensor, which is strided
+        raise NotImplementedError(
+            f"PagedTensor: {func} makes a nested (jagged) tensor, whose values and offsets cannot be "
+            f"PagedTensors; pass t.materialize(){_describe(args, kwargs)}"
+        )
     if not isinstance(source, PagedTensor):  # the view is of a plain argument
         return DISPATCHER.run_paged(func, types, args, kwargs)
     if leaves is None:
