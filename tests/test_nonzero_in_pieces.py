@@ -121,7 +121,13 @@ def test_nonzero_past_the_tier_of_a_table_of_many_dims_probes_a_small_stand_in(d
             shape = (2500,) + (2, 2) + (1,) * (dims - 3)
             values = (torch.rand(shape, generator=generator) > 0.5).float().to(device)
             paged = PagedTensor.wrap(values.clone(), pager)
-            got, expected = torch.nonzero(paged), torch.nonzero(values)
+            try:
+                expected = torch.nonzero(values)
+            except RuntimeError as error:  # CUDA's kernel takes 25 dims at most: the same error
+                with pytest.raises(RuntimeError, match=str(error)):
+                    torch.nonzero(paged)
+                continue
+            got = torch.nonzero(paged)
             assert torch.equal(got, expected) and got.stride() == expected.stride(), dims
             out, expected_out = (torch.empty(0, dtype=torch.long, device=device) for _ in range(2))
             torch.nonzero(values, out=expected_out)

@@ -923,7 +923,7 @@ def test_in_place_adds_of_a_sparse_tensor_write_the_target_and_no_neighbour(devi
     target unchanged). Each form, beside neighbours on the same slab, equals the plain op."""
     flat = torch.sparse_coo_tensor(torch.tensor([[3, 7, 3]]), torch.tensor([10.5, 20.25, 1.0]), (1024,)).to(dtype)
     hybrid = torch.sparse_coo_tensor(torch.tensor([[1, 5, 1]]), torch.randn(3, 16, generator=torch.Generator().manual_seed(2)), (64, 16))
-    with make_pager(device_pages=16) as pager:
+    with make_pager(device_pages=16, device=device) as pager:
         for sparse in (flat.coalesce(), flat, hybrid.to(dtype).coalesce(), hybrid.to(dtype)):
             sparse = sparse.to(device)
             for op in (lambda t: t.add_(sparse), lambda t: t.sub_(sparse), lambda t: t.add_(sparse, alpha=2.5), lambda t: torch.add(t, sparse)):

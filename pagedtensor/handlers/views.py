@@ -176,9 +176,7 @@ def _check_out_dtype_and_device(func: OpOverload, out: torch.Tensor, result: tor
     kind of kernel (from that kind of kernel on one element into an empty output)."""
     if out.dtype == result.dtype and out.device == result.device:
         return
-    probe = torch.empty(1, dtype=result.dtype, device=result.device)
-    unwritten = torch.empty(0, dtype=out.dtype, device=out.device)
-    if func.overloadpacket is aten.narrow_copy:
-        aten.narrow_copy.out(probe, 0, 0, 1, out=unwritten)
-    else:
-        aten.alias_copy.out(probe, out=unwritten)
+    if func.overloadpacket is aten.narrow_copy and out.dtype != result.dtype:
+        # its CPU kernel's words (CUDA has no narrow_copy.out kernel; the dtype is checked first)
+        aten.narrow_copy.out(torch.empty(1, dtype=result.dtype), 0, 0, 1, out=torch.empty(0, dtype=out.dtype))
+    aten.alias_copy.out(torch.empty(1, dtype=result.dtype, device=result.device), out=torch.empty(0, dtype=out.dtype, device=out.device))
