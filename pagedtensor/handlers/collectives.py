@@ -1,6 +1,6 @@
 """torch.distributed's collectives (the ``c10d`` and ``_c10d_functional`` ops) with PagedTensor
-arguments: each runs on dense copies of the PagedTensors, is waited for, and the copies it writes
-are written back into the pages.
+arguments: each runs on dense copies of the PagedTensors; one that writes a PagedTensor is waited
+for, and the copies it writes are written back into the pages.
 
 Why not a view of the slab, as other ops get: the ``c10d`` schemas mark no argument as written
 (``allreduce_(Tensor[] tensors, ...)``), so the generic way wrote nothing back (a gathered window's
@@ -51,9 +51,10 @@ def _written_names(func: OpOverload) -> frozenset[str]:
 
 def run_collective(func: OpOverload, args: tuple, kwargs: dict) -> Any:
     """``func`` on dense copies of its PagedTensor arguments (their values, sizes and strides: torch's
-    own checks, a non-contiguous tensor's among them, see them), its work waited for, then each copy
-    it writes copied into its PagedTensor. Results: the op's, a dense copy of an argument replaced by
-    that argument (the in-place collectives return their tensors)."""
+    own checks, a non-contiguous tensor's among them, see them); where it writes a PagedTensor, its
+    work waited for, then each copy it writes copied into its PagedTensor, and its work returned as
+    work already complete. Results: the op's, a dense copy of an argument replaced by that argument
+    (the in-place collectives return their tensors)."""
     dense: dict[int, torch.Tensor] = {}
     originals: dict[int, PagedTensor] = {}
 
