@@ -414,25 +414,36 @@ def test_a_write_interrupted_as_its_contended_write_lock_is_granted_leaves_the_l
     with Pager(MemoryConfig(vram_limit=4 * PAGE, host_memory=4 * PAGE, page_size=PAGE, device="cpu")) as pager:
         tensor = PagedTensor.wrap(torch.zeros(PAGE // 4), pager)
         tensor.add_(0)  # torch's lazy imports on the op's first run happen now, not under the interrupt
-        lock = tensor._paged.write_lock
+        lock = tensor._paged.write_lock  # reentrant: held by another thread, and checked from one
         for _ in range(30):
-            lock.acquire()
-            waiting = threading.Event()
+            held, waiting = threading.Event(), threading.Event()
 
-            def release_and_interrupt() -> None:
+            def hold_release_and_interrupt() -> None:
+                lock.acquire()
+                held.set()
                 waiting.wait()
                 threading.Event().wait(0.01)  # the main thread waits inside acquire by now
                 lock.release()
                 signal.pthread_kill(main, signal.SIGINT)
 
-            thread = threading.Thread(target=release_and_interrupt)
+            thread = threading.Thread(target=hold_release_and_interrupt)
             thread.start()
+            held.wait()
             waiting.set()
             with pytest.raises(Interrupted):
                 tensor.add_(1)
                 threading.Event().wait(5)  # the op ran before the interrupt landed: it lands here
             thread.join()
-            assert lock.acquire(timeout=1), "the write lock stayed held"
-            lock.release()
+            taken: list[bool] = []
+
+            def take_and_let_go() -> None:
+                taken.append(lock.acquire(timeout=1))
+                if taken[0]:
+                    lock.release()
+
+            checker = threading.Thread(target=take_and_let_go)
+            checker.start()
+            checker.join()
+            assert taken == [True], "the write lock stayed held"
         values = tensor.materialize()
         assert torch.equal(values, torch.full_like(values, values[0].item()))  # each add_ whole or not at all
