@@ -128,6 +128,9 @@ _MAX_TOUCH_BLOCKS = 4096
 
 
 # In-place resizers that the ``inplace_view`` tag does not mark.
+# The namespaces of torch.distributed's collective ops (run by :mod:`pagedtensor.handlers.collectives`).
+COLLECTIVE_NAMESPACES = frozenset({"c10d", "_c10d_functional"})
+
 _RESIZING_OPS = frozenset({"_resize_output_", "resize_as_sparse_", "sparse_resize_", "sparse_resize_and_clear_"})
 
 # Ops that write arguments their schema does not mark ``(a!)``: batch norm updates its running
@@ -168,6 +171,13 @@ class OpInfo:
     or a view of one, it runs that C++ kernel, as plain tensors do. Not ``OpOverload.decompose``,
     which prefers torch._decomp's Python versions (other bits, other aliasing), nor for ops with a
     backend kernel too (``silu_backward``), which plain tensors run."""
+    implicit_composite: bool
+    """The op has a ``CompositeImplicitAutograd`` kernel (autograd decomposes it; in inference mode it
+    reaches us whole)."""
+    foreach_written: frozenset[str]
+    """The arguments a ``torch._foreach_*`` op writes, whose versions torch's kernels bump; empty for any other op."""
+    collective: bool
+    """One of torch.distributed's collectives (:mod:`pagedtensor.handlers.collectives`)."""
 
     @classmethod
     def of(cls, func: OpOverload) -> "OpInfo":
@@ -189,6 +199,9 @@ class OpInfo:
             random=torch.Tag.nondeterministic_seeded in func.tags,
             decomposes=_has_kernel(func, "CompositeImplicitAutograd")
             and not any(_has_kernel(func, key) for key in ("CPU", "CUDA", "CompositeExplicitAutograd")),
+            implicit_composite=_has_kernel(func, "CompositeImplicitAutograd"),
+            foreach_written=frozenset(name for _, name in written) if schema.name.startswith("aten::_foreach_") else frozenset(),
+            collective=func.namespace in COLLECTIVE_NAMESPACES,
         )
 
 
@@ -309,21 +322,23 @@ class PagedDispatcher:
         handler = self.handlers.get(func)
         if handler is view_of_pages:
             return view_of_pages(func, types, args, kwargs, leaves)
-        if handler is None and is_collective(func):
-            return run_collective(func, args, kwargs)  # torch.distributed's: on dense copies, waited for
-        if handler is None and self.info(func).is_view and _decomposed_in_inference_mode(func):
-            # A view op autograd decomposes (reshape, flatten, movedim, mT) reaches here whole in
-            # inference mode: decomposed, its views are recorded as views (no arithmetic: the bits
-            # are the same either way).
-            return _decompose(func, args, kwargs)
+        info = self.info(func)
         if handler is None:
+            if info.collective:
+                return run_collective(func, args, kwargs)  # torch.distributed's: on dense copies
+            if info.is_view and info.implicit_composite and torch.is_inference_mode_enabled():
+                # A view op autograd decomposes (reshape, flatten, movedim, mT) reaches here whole in
+                # inference mode: decomposed, its views are recorded as views (no arithmetic: the
+                # bits are the same either way).
+                return _decompose(func, args, kwargs)
             result = self.run_generic(func, types, args, kwargs, leaves)
         else:
             try:
                 result = handler(func, types, args, kwargs)
             except _OpTooLarge as error:
-                raise _as_pagers_error(error, func, self.info(func), args, kwargs) from error.__cause__
-        bump_written_versions(func, args, kwargs)
+                raise _as_pagers_error(error, func, info, args, kwargs) from error.__cause__
+        if info.foreach_written:
+            bump_written_versions(func, info.foreach_written, args, kwargs)
         return result
 
     def run_generic(self, func: OpOverload, types: tuple, args: tuple, kwargs: dict, leaves: Optional[list[PagedTensor]] = None) -> Any:
@@ -341,7 +356,7 @@ class PagedDispatcher:
                 out = run_list_op(func, args, kwargs)
             if out is NotImplemented:
                 out = _run_composite(func, args, kwargs)
-            if out is NotImplemented and _decomposed_in_inference_mode(func):
+            if out is NotImplemented and self.info(func).implicit_composite and torch.is_inference_mode_enabled():
                 # An op autograd decomposes elsewhere (negative, T.contiguous(), a copying reshape) does
                 # not fit whole: decomposed, as outside inference mode, each of its ops runs as any op.
                 return _decompose(func, args, kwargs)
@@ -842,17 +857,6 @@ class _OpTooLarge(OutOfPagesError):
 _COMPOSITE_KEYS = (DispatchKey.CompositeExplicitAutograd, DispatchKey.CompositeExplicitAutogradNonFunctional)
 
 
-def _decomposed_in_inference_mode(func: OpOverload) -> bool:
-    """Whether ``func`` is an op autograd decomposes (a ``CompositeImplicitAutograd`` kernel) reaching
-    the subclass whole because inference mode turned autograd's keys off."""
-    return torch.is_inference_mode_enabled() and _has_implicit_composite_kernel(func)
-
-
-@functools.cache
-def _has_implicit_composite_kernel(func: OpOverload) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
-
-
 def _decompose(func: OpOverload, args: tuple, kwargs: dict) -> Any:
     """``func``'s composite kernel on the PagedTensors, as autograd runs it outside inference mode: each
     op in it dispatched from the top, through ADInplaceOrView (which records the views of normal
@@ -1127,8 +1131,13 @@ def _resizes_to_own_size(func: OpOverload, args: tuple, kwargs: dict) -> bool:
 
 
 def _has_sparse_tensor(args: tuple, kwargs: dict) -> bool:
-    """Whether an argument (in a list too) is a tensor of a sparse layout."""
-    return any(isinstance(value, torch.Tensor) and value.layout != torch.strided for value in tree_leaves((args, kwargs)))
+    """Whether an argument (in a list too) is a tensor of a sparse layout. (Asked of every in-place
+    elementwise op: a loop, not a pytree flatten.)"""
+    for value in (*args, *kwargs.values()):
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, torch.Tensor) and item.layout != torch.strided:
+                return True
+    return False
 
 
 def _changes_no_metadata(func: OpOverload, args: tuple, kwargs: dict) -> bool:
@@ -1284,7 +1293,7 @@ def _describe(args: tuple, kwargs: dict) -> str:
 # The dispatcher calls view_of_pages itself: with the PagedTensor arguments it has found, and for
 # view ops recognized by their schema (run_paged).
 from pagedtensor.handlers import linear as _linear  # noqa: E402
-from pagedtensor.handlers.collectives import is_collective, run_collective  # noqa: E402
+from pagedtensor.handlers.collectives import run_collective  # noqa: E402
 from pagedtensor.handlers.views import view_of_pages  # noqa: E402
 
 # Documented at this path (README).

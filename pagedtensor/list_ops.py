@@ -132,21 +132,12 @@ def _written_at_another_index(func: OpOverload, args: tuple, kwargs: dict, count
     )
 
 
-@functools.cache
-def _foreach_written_names(func: OpOverload) -> frozenset[str]:
-    """The arguments a ``torch._foreach_*`` op writes; none for any other op."""
-    return _written_names(func) if func._schema.name.startswith("aten::_foreach_") else frozenset()
-
-
-def bump_written_versions(func: OpOverload, args: tuple, kwargs: dict) -> None:
-    """Bump the version of each PagedTensor a ``torch._foreach_*`` op wrote, as torch's kernels bump
-    each tensor they write (the CPU's per-tensor in-place ops, CUDA's multi-tensor kernels increment
-    them): the op of a PagedTensor runs none of them on it, and a backward that saved one would
-    silently read the new values (after an optimizer step with ``foreach=True``). Inference tensors
-    keep none."""
-    names = _foreach_written_names(func)
-    if not names:
-        return
+def bump_written_versions(func: OpOverload, names: frozenset[str], args: tuple, kwargs: dict) -> None:
+    """Bump the version of each PagedTensor a ``torch._foreach_*`` op wrote (its arguments ``names``),
+    as torch's kernels bump each tensor they write (the CPU's per-tensor in-place ops, CUDA's
+    multi-tensor kernels increment them): the op of a PagedTensor runs none of them on it, and a
+    backward that saved one would silently read the new values (after an optimizer step with
+    ``foreach=True``). Inference tensors keep none."""
     from pagedtensor.handlers.parts import _arguments_by_name  # the handlers import after dispatch, which imports this module
 
     for name, value in _arguments_by_name(func, args, kwargs).items():

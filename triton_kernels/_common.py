@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from pagedtensor.tensor import dense_and_non_overlapping
+
 KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -264,17 +266,6 @@ def optional_int(name: str, value: object, minimum: int) -> int | None:
     return int(value)
 
 
-def _non_overlapping_and_dense(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor``'s elements fill ``numel()`` consecutive slots, each once, in some order of its
-    dimensions (torch's ``is_non_overlapping_and_dense``)."""
-    filled = 1
-    for stride, size in sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride()) if size != 1):
-        if stride != filled:
-            return False
-        filled *= size
-    return True
-
-
 def refuse_shared_memory(written: torch.Tensor, read: torch.Tensor, written_name: str, read_name: str) -> None:
     """Raise torch's in-place error where ``read`` shares memory with ``written`` (a kernel would read
     elements other programs already wrote; on a GPU, a race), as torch's ``assert_no_overlap`` does:
@@ -283,7 +274,7 @@ def refuse_shared_memory(written: torch.Tensor, read: torch.Tensor, written_name
         return  # subclasses and fake tensors: their ops run this on the dense tensors
     if written.numel() == 0 or read.numel() == 0:
         return
-    if not (_non_overlapping_and_dense(written) and _non_overlapping_and_dense(read)):
+    if not (dense_and_non_overlapping(written.shape, written.stride()) and dense_and_non_overlapping(read.shape, read.stride())):
         return
     if written.device != read.device:
         return

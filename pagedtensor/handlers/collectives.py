@@ -26,16 +26,10 @@ import torch
 from torch._ops import OpOverload
 from torch.utils._pytree import tree_leaves, tree_map
 
+from pagedtensor.list_ops import _written_names as _schema_written_names
 from pagedtensor.tensor import PagedTensor
 
-_COLLECTIVE_NAMESPACES = frozenset({"c10d", "_c10d_functional"})
 _READ_ONLY_OPS = frozenset({"c10d::send", "c10d::barrier", "c10d::monitored_barrier_"})
-
-
-@functools.cache
-def is_collective(func: OpOverload) -> bool:
-    """Whether ``func`` is one of torch.distributed's collective ops."""
-    return func.namespace in _COLLECTIVE_NAMESPACES
 
 
 @functools.cache
@@ -43,7 +37,7 @@ def _written_names(func: OpOverload) -> frozenset[str]:
     """The arguments of the collective ``func`` that it writes (see the module docstring)."""
     schema = func._schema
     if func.namespace == "_c10d_functional":
-        return frozenset(a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write)
+        return _schema_written_names(func)
     if schema.name in _READ_ONLY_OPS:
         return frozenset()
     return frozenset(a.name for a in schema.arguments if "Tensor" in str(a.type) and not a.name.startswith("input"))

@@ -411,18 +411,21 @@ class PagedKVCache(Cache):
         """Record the padding of the next forward (its ``q_len`` new tokens) from a 2D attention mask.
 
         Only left padding is supported: in every sequence the masked tokens come before every real
-        one. Reads the mask on the host (one synchronization) unless it is all ones.
+        one. Reads the mask on the host (one synchronization; a second where the new tokens hold pads).
         """
         for layer in self.layers:
             layer.cursor = 0
         self._forward_pads = None
         if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
             return
-        self._check_cached_columns(attention_mask, q_len)
-        new = attention_mask[:, -q_len:] if q_len else attention_mask[:, :0]
-        if new.shape[1] != q_len or bool(new.bool().all()):
+        mask = attention_mask.bool()
+        new = mask[:, -q_len:] if q_len else mask[:, :0]
+        if new.shape[1] != q_len:
             return
-        valid = new.bool().cpu()
+        new_all_real = self._read_new_checking_cached(mask, new)
+        if new_all_real:
+            return
+        valid = new.cpu()
         counts = valid.sum(dim=1).tolist()
         suffix = torch.arange(q_len)[None, :] >= (q_len - torch.tensor(counts))[:, None]
         if not torch.equal(valid, suffix):
@@ -430,26 +433,27 @@ class PagedKVCache(Cache):
                              "masked tokens must all come before the real ones")
         self._forward_pads = [q_len - count for count in counts]
 
-    def _check_cached_columns(self, attention_mask: torch.Tensor, q_len: int) -> None:
-        """The mask's columns of the tokens already cached mark what the cache holds: each sequence's
-        pads (which it does not store) first, then its stored tokens. The paged attention reads the
-        stored tokens whatever the mask says, so a mask that hides one of them now (a masked token
-        after real ones, or a token attended before) raises rather than be ignored. Compared on the
-        mask's device (one synchronization)."""
+    def _read_new_checking_cached(self, mask: torch.Tensor, new: torch.Tensor) -> bool:
+        """Whether every one of the forward's tokens ``new`` is real, read in the one synchronization
+        that also checks the mask's columns of the tokens already cached: they must mark what the
+        cache holds, each sequence's pads (which it does not store) first, then its stored tokens
+        (each row rising from 0 to 1, as many ones as the sequence stored). The paged attention reads
+        the stored tokens whatever the mask says, so a mask that hides one of them now (a masked
+        token after real ones, or a token attended before) raises rather than be ignored."""
         layer = self.layers[0] if self.layers else None
-        if layer is None or not layer.is_initialized or layer.total == 0 or attention_mask.shape[1] != layer.total + q_len:
-            return
-        if attention_mask.shape[0] != len(layer.seqs):
-            return  # the batch check of the write names it
-        past = layer.total
-        stored = torch.tensor([seq.length for seq in layer.seqs], device=attention_mask.device)
-        expected = torch.arange(past, device=attention_mask.device)[None, :] >= (past - stored)[:, None]
-        if not torch.equal(attention_mask[:, :past].bool(), expected):
+        past = mask.shape[1] - new.shape[1]
+        if layer is None or not layer.is_initialized or past == 0 or past != layer.total or mask.shape[0] != len(layer.seqs):
+            return bool(new.all())  # (a batch other than the cache's: the write's check names it)
+        cached = mask[:, :past]
+        rising = (cached[:, 1:] >= cached[:, :-1]).all()
+        summary = torch.cat([new.all().reshape(1), rising.reshape(1), cached.sum(dim=1)]).tolist()
+        if not summary[1] or summary[2:] != [seq.length for seq in layer.seqs]:
             raise ValueError(
                 "PagedKVCache supports left padding only: the attention mask's columns of the cached tokens must "
                 "mark each sequence's pads first, then every token it stored (this mask hides a cached token, "
                 "a masked token after real ones, or shows a pad as real)"
             )
+        return bool(summary[0])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         if layer_idx >= len(self.layers):
