@@ -23,7 +23,7 @@ def summarize(path: str) -> dict:
             header["command"] = line.removeprefix("command: ")
         elif line.startswith("commit: ") and line.removeprefix("commit: ").strip():
             header["commit"] = line.removeprefix("commit: ")
-        elif re.match(r"^# GPU suite on an H\d+ at ", line):
+        elif re.match(r"^# (\w+ )?GPU \w+ on an H\d+ at ", line):  # "# GPU suite on an H100 at ...", "# Targeted GPU run on ..."
             header["note"] = line.removeprefix("# ")
         elif line.startswith("NVIDIA ") and "device" not in header:
             header["device"] = line.split(",")[0]
