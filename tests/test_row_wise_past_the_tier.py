@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pagedtensor import OutOfPagesError, PagedTensor
+from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
 from tests.support import CPU_AND_CUDA
 from tests.test_row_scatter import PAGE, assert_raises_as_dense, make_pager, rows_tensor, same_bits
 
@@ -27,6 +27,22 @@ def row_wise_call(op: str, shape: tuple[int, ...], dtype: torch.dtype, data, gen
         if op == "cumsum into float64":
             return lambda t: torch.cumsum(t, dim, dtype=torch.float64)
         return lambda t: getattr(torch, op)(t, dim)
+    if op in SELECTIONS:
+        dim = data.draw(st.sampled_from([-1, len(shape) - 1]), label="dim")
+        last = shape[-1]
+        if op == "sort":
+            descending, stable = data.draw(st.booleans(), label="descending"), data.draw(st.sampled_from([None, False, True]), label="stable")
+            return lambda t: torch.sort(t, dim=dim, descending=descending, stable=stable)
+        if op == "argsort":
+            return lambda t: torch.argsort(t, dim, descending=True)
+        if op == "topk":
+            k, largest, ordered = data.draw(st.integers(1, last), label="k"), data.draw(st.booleans(), label="largest"), data.draw(st.booleans(), label="sorted")
+            return lambda t: torch.topk(t, k, dim, largest, ordered)
+        keepdim = data.draw(st.booleans(), label="keepdim")
+        if op == "kthvalue":
+            k = data.draw(st.integers(1, last), label="k")
+            return lambda t: torch.kthvalue(t, k, dim, keepdim)
+        return lambda t: getattr(torch, op)(t, dim, keepdim)
     if op.endswith("pad"):
         trailing = min(len(shape) - 1, data.draw(st.integers(1, 2), label="padded dims"))
         pad = [data.draw(st.integers(0, min(3, shape[len(shape) - 1 - k // 2] - 1)), label="pad") for k in range(2 * trailing)]
@@ -48,7 +64,8 @@ def row_wise_call(op: str, shape: tuple[int, ...], dtype: torch.dtype, data, gen
 
 
 SCANS = ["cumsum", "cumprod", "logcumsumexp", "cummax", "cummin", "cumsum into float64"]
-OPS = ["softmax", "log_softmax", "layer_norm", *SCANS, "reflect pad", "replicate pad", "nearest", "nearest-exact"]
+SELECTIONS = ["sort", "argsort", "topk", "kthvalue", "median", "nanmedian", "mode"]
+OPS = ["softmax", "log_softmax", "layer_norm", *SCANS, *SELECTIONS, "reflect pad", "replicate pad", "nearest", "nearest-exact"]
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -70,13 +87,16 @@ def test_row_wise_ops_past_the_tier_equal_dense(data, op, dtype, three_dims, vie
     last = data.draw(st.sampled_from([3, 17, 64, 300, 1024, 1500, 2100]), label="last dim")
     inner = (data.draw(st.integers(2, 5), label="middle"), last) if three_dims else (last,)
     row_bytes = dtype.itemsize * inner[0] * (inner[1] if three_dims else 1)
-    assume(row_bytes <= (2 if op in SCANS else 4) * PAGE)  # a row within a piece, a scan's three (else it raises: test_forms_not_run_by_rows_...)
+    assume(row_bytes <= (2 if op in SCANS or op in SELECTIONS else 4) * PAGE)  # a row within a piece, a scan's three (else it raises: test_forms_not_run_by_rows_...)
     rows = data.draw(st.integers(2 * 8 * PAGE // row_bytes + 2, 6 * 8 * PAGE // row_bytes + 2), label="rows")
     generator = torch.Generator().manual_seed(seed)
     if dtype == torch.int64:
         base = torch.randint(-3, 4, (rows, *inner), generator=generator)
     else:
         base = (torch.randn((rows, *inner), generator=generator) * (0.3 if op == "cumprod" else 4)).to(dtype)
+        if op in SELECTIONS:  # ties and NaNs: which index the op names among equal values is the dense op's too
+            base = base.round()
+            base[torch.rand(base.shape, generator=generator) < 0.01] = float("nan")
     view_of = {"whole": lambda t: t, "rows from the second": lambda t: t[1:], "columns from the third": lambda t: t[..., 2:]}[view]
     with make_pager() as pager:
         call = row_wise_call(op, tuple(view_of(base).shape), dtype, data, generator, pager)
@@ -137,6 +157,9 @@ BAD_CALLS = {  # on a 64 x 256 table (rows_tensor): torch's checks
     "layer_norm of another normalized shape": lambda t: F.layer_norm(t, (255,)),
     "layer_norm with a weight of another shape": lambda t: F.layer_norm(t, (256,), torch.ones(4)),
     "layer_norm with a bias of another dtype": lambda t: torch.native_layer_norm(t, [256], None, torch.ones(256, dtype=torch.float64), 1e-5),
+    "topk of more elements than a row has": lambda t: t.topk(257),
+    "kthvalue past a row's end": lambda t: t.kthvalue(0),
+    "sort along a dim out of range": lambda t: t.sort(2),
 }
 
 
@@ -148,8 +171,8 @@ def test_bad_row_wise_ops_raise_torchs_error_before_any_page_moves(name):
 def test_forms_not_run_by_rows_still_raise_the_pagers_error():
     """``softmax`` over dim 0 or over the outermost dim of a transposed table, ``layer_norm`` over
     every dim, a table each of whose rows spans more than a piece, ``cumsum`` along dim 0 or of a
-    table whose piece holds fewer than three rows: OutOfPagesError naming the op, the table
-    unchanged."""
+    table whose piece holds fewer than three rows, ``sort`` and ``topk`` along dim 0: OutOfPagesError
+    naming the op, the table unchanged."""
     with make_pager() as pager:
         table = PagedTensor.wrap(rows_tensor(), pager)
         wide = PagedTensor.wrap(rows_tensor(2, 8 * 1024), pager)  # rows of 8 pages
@@ -157,7 +180,8 @@ def test_forms_not_run_by_rows_still_raise_the_pagers_error():
         for call, name in ((lambda t: t.softmax(0), "_softmax"), (lambda t: t.t().softmax(-1), "_softmax"),
                            (lambda t: F.layer_norm(t, (64, 256)), "native_layer_norm"),
                            (lambda t: wide.log_softmax(-1), "_log_softmax"), (lambda t: t.cumsum(0), "cumsum"),
-                           (lambda t: three_pages.cumsum(1), "cumsum")):  # fmt: skip
+                           (lambda t: three_pages.cumsum(1), "cumsum"), (lambda t: t.msort(), "sort"),
+                           (lambda t: three_pages.sort(), "sort"), (lambda t: t.topk(2, 0), "topk")):  # fmt: skip
             with pytest.raises(OutOfPagesError, match=name):
                 call(table)
         assert same_bits(table.materialize(), rows_tensor())
@@ -171,3 +195,35 @@ def test_a_scans_pieces_hold_two_rows_or_more():
     assert _row_ranges(10, 3, at_least=2) == [(0, 3), (3, 6), (6, 8), (8, 10)]
     assert _row_ranges(9, 3, at_least=2) == [(0, 3), (3, 6), (6, 9)]
     assert _row_ranges(10, 3, at_least=1) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
+def test_sorts_and_selections_of_rows_past_the_tier_equal_dense(device, dtype):
+    """``sort`` (stable or not, either order), ``argsort``, ``topk`` (sorted or not), ``kthvalue``,
+    ``median``, ``nanmedian`` and ``mode`` along the last dim of tables past the tier, with many ties
+    (and NaNs in floats): the dense op's values and indices. The shapes take CUDA's different kernels
+    on the whole table and on a piece of it where its choice depends on the slice count: 4,100 rows
+    of 400 (``topk``'s multi-block selection on the whole, its one-block one on a piece of 20 rows),
+    rows of 2,000 (the sorts' in-place kernel) and of 4,096 halves or 1,024 longs (the segmented sort)."""
+    generator = torch.Generator().manual_seed(3)
+    tables = [(4100, 400)] if dtype == torch.float16 else []
+    tables += [(3 * 8 * PAGE // (cols * dtype.itemsize) + 3, cols) for cols in (2000, 2 * PAGE // dtype.itemsize) if cols * dtype.itemsize <= 2 * PAGE]
+    calls = [lambda t: torch.sort(t, -1), lambda t: torch.sort(t, dim=1, descending=True, stable=True),
+             lambda t: torch.argsort(t, -1, descending=True), lambda t: t.topk(9, -1), lambda t: t.topk(300, 1, largest=False, sorted=False),
+             lambda t: t.kthvalue(5, -1), lambda t: t.median(-1), lambda t: t.nanmedian(1, keepdim=True), lambda t: t.mode(-1)]  # fmt: skip
+    for rows, cols in tables:
+        x = torch.randint(-20, 21, (rows, cols), generator=generator).to(dtype)
+        if dtype.is_floating_point:
+            x[torch.rand(x.shape, generator=generator) < 0.01] = float("nan")
+        x = x.to(device)
+        with Pager(MemoryConfig(vram_limit=8 * PAGE, host_memory=1024 * PAGE, page_size=PAGE, slab_size=1024 * PAGE,
+                                prefetch_strategy="none", device=device)) as pager:  # fmt: skip
+            table = PagedTensor.wrap(x.clone(), pager)
+            for number, call in enumerate(calls):
+                expected, result = call(x), call(table)
+                for got, want in zip(result if isinstance(result, tuple) else (result,), expected if isinstance(expected, tuple) else (expected,)):
+                    assert type(got) is torch.Tensor and got.stride() == want.stride(), (number, rows, cols)
+                    assert same_bits(got, want), (number, rows, cols)
+            assert same_bits(table.materialize(), x)
+            assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE

@@ -1,6 +1,8 @@
 """The handler of ops computed row by row: ``softmax`` and ``log_softmax`` over the last dim,
 ``layer_norm`` (``native_layer_norm``) over trailing dims, the scans ``cumsum``, ``cumprod``,
-``logcumsumexp``, ``cummax`` and ``cummin`` along the last dim, and the ops that move elements within
+``logcumsumexp``, ``cummax`` and ``cummin`` along the last dim, the sorts and selections ``sort``,
+``topk``, ``kthvalue``, ``median``, ``nanmedian`` and ``mode`` along the last dim (``argsort`` is
+``sort``), and the ops that move elements within
 trailing dims: the reflection and replication pads and nearest-neighbour upsampling (``F.pad`` with
 ``mode="reflect"`` or ``"replicate"``, ``F.interpolate`` with ``mode="nearest"`` or
 ``"nearest-exact"``). Each runs the generic way while its pages fit on the device tier at once; past
@@ -45,6 +47,14 @@ from pagedtensor.tensor import PagedTensor
 
 _SOFTMAXES = (aten._softmax.default, aten._log_softmax.default)
 _SCANS = (aten.cumsum.default, aten.cumprod.default, aten.logcumsumexp.default, aten.cummax.default, aten.cummin.default)
+# Ops that sort or select within each slice along ``dim``: their values and indices are the slice's alone.
+_SELECTIONS = (
+    aten.sort.default, aten.sort.stable, aten.topk.default, aten.kthvalue.default,
+    aten.median.dim, aten.nanmedian.dim, aten.mode.default,
+)  # fmt: skip
+# Ops whose pieces hold two rows or more (CUDA runs a tensor of one row otherwise: cub's scans, topk's
+# multi-block selection).
+_TWO_ROWS_A_PIECE = (*_SCANS, *_SELECTIONS)
 # Ops that move elements within trailing dims (never dim 0: their inputs have a batch or channel dim first).
 _MOVES_WITHIN_ROWS = (
     aten.reflection_pad1d.default, aten.reflection_pad2d.default, aten.reflection_pad3d.default,
@@ -54,7 +64,7 @@ _MOVES_WITHIN_ROWS = (
 )  # fmt: skip
 
 
-@implements([*_SOFTMAXES, aten.native_layer_norm.default, *_SCANS, *_MOVES_WITHIN_ROWS])
+@implements([*_SOFTMAXES, aten.native_layer_norm.default, *_SCANS, *_SELECTIONS, *_MOVES_WITHIN_ROWS])
 def run_by_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
     """The ops of this module: the generic way while the pages fit; past the tier, torch's errors
     first (:func:`_probe`), then a piece of rows at a time (see the module docstring) into plain
@@ -76,11 +86,11 @@ def run_by_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
             raise
         probes = _probe(func, table, rest, options)
         count = _rows_a_piece(table)
-        if not _by_rows(func, table, rest, options) or (func in _SCANS and count < 3):
+        if not _by_rows(func, table, bound, rest) or (func in _TWO_ROWS_A_PIECE and count < 3):
             raise
     rows = table.shape[0]
     results = [_empty_laid_out_as(probe, (rows, *probe.shape[1:])) for probe in probes]
-    for start, stop in _row_ranges(rows, count, at_least=2 if func in _SCANS else 1):
+    for start, stop in _row_ranges(rows, count, at_least=2 if func in _TWO_ROWS_A_PIECE else 1):
         pieces = func(table[start:stop], *rest, **options)
         for result, piece in zip(results, pieces if isinstance(pieces, tuple) else (pieces,)):
             result[start:stop].copy_(piece)
@@ -111,28 +121,28 @@ def _probe(func: OpOverload, table: PagedTensor, rest: list, options: dict) -> l
     return list(probe) if isinstance(probe, tuple) else [probe]
 
 
-def _exact_in_any_order(table: PagedTensor, options: dict) -> bool:
-    """Whether a sum or product scan of ``table`` is exact in any order: integer or bool elements into
-    an integer result (wrapping as the dense op's)."""
-    result = options.get("dtype") or table.dtype
+def _exact_in_any_order(table: PagedTensor, bound: dict) -> bool:
+    """Whether a sum or product scan of ``table`` (its arguments by name in ``bound``) is exact in any
+    order: integer or bool elements into an integer result (wrapping as the dense op's)."""
+    result = bound.get("dtype") or table.dtype
     return not table.dtype.is_floating_point and not table.dtype.is_complex and not result.is_floating_point and not result.is_complex
 
 
-def _by_rows(func: OpOverload, table: PagedTensor, rest: list, options: dict) -> bool:
+def _by_rows(func: OpOverload, table: PagedTensor, bound: dict, rest: list) -> bool:
     """Whether the op (its arguments checked) runs a piece of rows at a time: some elements, dim 0
     outermost in memory with rows that advance and several pieces of rows each within a piece
     (:func:`~pagedtensor.handlers.row_moves._runs_in_row_pieces`), the op computing along the
-    last dim (``softmax``, the scans), trailing dims short of dim 0 (``layer_norm``) or moving
+    last dim (``softmax``, the scans, the sorts and selections), trailing dims short of dim 0 (``layer_norm``) or moving
     elements within trailing dims (the pads and upsampling). On CUDA, ``cumsum``, ``cumprod`` and
     ``logcumsumexp`` only where any order is exact (integers): its float scans of a piece of rows
     differ from the whole's (``cumsum`` and ``logcumsumexp`` of 256 to 4,096 elements a row, fp32,
     fp16 and bf16, on the H200); ``cummax`` and ``cummin`` compare, and run by rows there too."""
     if not _runs_in_row_pieces(table):
         return False
-    if func in _SCANS and table.device.type == "cuda" and func not in (aten.cummax.default, aten.cummin.default) and not _exact_in_any_order(table, options):
+    if func in _SCANS and table.device.type == "cuda" and func not in (aten.cummax.default, aten.cummin.default) and not _exact_in_any_order(table, bound):
         return False  # CUDA's float scans of a piece of rows add otherwise than of all of them (measured on the H200)
-    if func in _SOFTMAXES or func in _SCANS:
-        return rest[0] % table.dim() == table.dim() - 1
+    if func in _SOFTMAXES or func in _SCANS or func in _SELECTIONS:
+        return bound["dim"] % table.dim() == table.dim() - 1
     if func is aten.native_layer_norm.default:
         return 0 < len(rest[0]) < table.dim()
     return True
