@@ -340,9 +340,9 @@ def _install(
         state.hooks.append(decoder.register_forward_pre_hook(begin, with_kwargs=True))
         state.hooks.append(decoder.register_forward_hook(end, always_call=True))
     for layer in layers:
-        layer.forward = _chunked_layer_forward(bound_weakly(layer.forward, layer), state)
+        layer.forward = bound_weakly(layer.forward, layer, functools.partial(_chunked_layer_forward, state=state))
     if norm is not None:
-        norm.forward = _chunked_rowwise_forward(bound_weakly(norm.forward, norm), state)
+        norm.forward = bound_weakly(norm.forward, norm, functools.partial(_chunked_rowwise_forward, state=state))
     state.own_hooks = _own_hook_count(state)
     setattr(model, STATE_ATTRIBUTE, state)
     model.generate = _paged_generate(weakref.ref(model), state)
@@ -356,25 +356,53 @@ def _alive(refs: list) -> list:
     return [value for value in (ref() for ref in refs) if value is not None]
 
 
-def bound_weakly(method: Any, owner: torch.nn.Module) -> Any:
+def bound_weakly(method: Any, owner: torch.nn.Module, wrap: Optional[Any] = None) -> Any:
     """``method`` (``owner.forward``, ``owner.generate``), where it is a method bound to ``owner``, as a
-    function that calls it through a weak reference to ``owner``, with the bound method's signature
-    (transformers reads ``generate``'s); any other callable as it is. What enable_paging stores on a
-    module itself (``module.forward = wrapper``) must not hold the module: a reference cycle keeps a
-    dropped model, and its pager's device slabs, pinned host memory and page file, alive until
-    Python's cycle collector runs, where a transformers model goes at ``del`` by reference counting."""
-    if not (inspect.ismethod(method) and method.__self__ is owner):
-        return method
-    function, owner_ref = method.__func__, weakref.ref(owner)
+    :class:`WeaklyBoundMethod` (``wrap`` applied to it: a chunked forward); any other callable as
+    it is (``wrap`` applied)."""
+    if inspect.ismethod(method) and method.__self__ is owner:
+        return WeaklyBoundMethod(method.__func__, owner, wrap)
+    return method if wrap is None else wrap(method)
 
-    @functools.wraps(function)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return function(owner_ref(), *args, **kwargs)
 
-    signature = _signature(method)
-    if signature is not None:
-        call.__signature__ = signature
-    return call
+class WeaklyBoundMethod:
+    """``function`` bound to ``owner`` through a weak reference, with the bound method's signature
+    (transformers reads ``generate``'s), the call passed through ``wrap`` where given (a chunked
+    forward of :func:`_chunked_layer_forward`).
+
+    What enable_paging stores on a module itself (``module.forward = ...``) must not hold the
+    module: a reference cycle keeps a dropped model, and its pager's device slabs, pinned host
+    memory and page file, alive until Python's cycle collector runs, where a transformers model goes
+    at ``del`` by reference counting. ``copy.deepcopy`` of the module (a decoder layer, one of its
+    linears) binds the copy's to the copy, so the copy runs its own weights (a function's closure is
+    shared by a deep copy: it ran the original's), ``wrap`` and what it holds (the model's paging
+    state) shared; ``pickle`` (``torch.save`` of a submodule) saves ``function`` bound to the
+    module, without ``wrap``."""
+
+    def __init__(self, function: Any, owner: torch.nn.Module, wrap: Optional[Any] = None) -> None:
+        self.function, self.owner_ref, self.wrap = function, weakref.ref(owner), wrap
+        owner_ref = self.owner_ref
+
+        @functools.wraps(function)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return function(owner_ref(), *args, **kwargs)
+
+        signature = _signature(types.MethodType(function, owner))
+        if signature is not None:
+            call.__signature__ = signature
+        self.call = call if wrap is None else wrap(call)
+        functools.update_wrapper(self, self.call)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> "WeaklyBoundMethod":
+        owner = self.owner_ref()
+        copied = memo.get(id(owner)) if owner is not None else None
+        return self if copied is None else WeaklyBoundMethod(self.function, copied, self.wrap)
+
+    def __reduce__(self) -> tuple:
+        return WeaklyBoundMethod, (self.function, self.owner_ref())
 
 
 def _refuse_to_copy_or_save(protocol: int = 2) -> Any:
@@ -878,7 +906,7 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
     state.paged_layer_refs = [weakref.ref(layer) for layer in layers]
     paged_forwards = _paged_forwards()
     for index, layer in enumerate(layers):
-        state.hooks.append(layer.register_forward_pre_hook(_prefetch_hook(pager, weakref.ref(layers[(index + 1) % len(layers)]))))
+        state.hooks.append(layer.register_forward_pre_hook(_PrefetchHook(pager, weakref.ref(layers[(index + 1) % len(layers)]))))
         for module in layer.modules():
             forward = paged_forwards.get(type(module))
             if forward is not None and isinstance(module.weight, PagedTensor) and "forward" not in module.__dict__:
@@ -1042,29 +1070,43 @@ def _weight_allocations(layer: torch.nn.Module, pager: Pager, routed_experts: bo
     ]  # fmt: skip
 
 
-def _prefetch_hook(pager: Pager, upcoming: "weakref.ref[torch.nn.Module]"):
+class _PrefetchHook:
     """A forward pre-hook that prefetches the ``upcoming`` layer's weights to the device tier, but
     the experts of a mixture-of-experts layer (which of them a token reads is known only there).
-    (The layers' hooks hold the next layer by a weak reference: the last one's names the first.)
+    (The layers' hooks hold the next layer by a weak reference: the last one's names the first; a
+    deep copy of a layer shares its hook, which does nothing once that layer is gone.)
 
     The allocations are looked up again whenever one of those last seen is freed: ``model.to(dtype)``
-    or ``model.half()`` replaces every paged weight with a new one.
+    or ``model.half()`` replaces every paged weight with a new one. ``pickle`` (``torch.save`` of a
+    layer) saves no hook: the pager is not saved.
     """
-    allocations: list = []
 
-    def prefetch(module: torch.nn.Module, args: tuple) -> None:
-        nonlocal allocations
-        if pager.closed:
+    def __init__(self, pager: Pager, upcoming: "weakref.ref[torch.nn.Module]") -> None:
+        self.pager, self.upcoming, self.allocations = pager, upcoming, []
+
+    def __call__(self, module: torch.nn.Module, args: tuple) -> None:
+        pager, upcoming = self.pager, self.upcoming()
+        if pager.closed or upcoming is None:
             return
-        if not allocations or any(allocation.freed for allocation in allocations):
-            allocations = _weight_allocations(upcoming(), pager, routed_experts=False)
+        if not self.allocations or any(allocation.freed for allocation in self.allocations):
+            self.allocations = _weight_allocations(upcoming, pager, routed_experts=False)
         # Weights already on the device are left out (each weight is one allocation, faulted in
         # whole); the rest go as one batch, so that they land in adjacent slots.
-        missing = [allocation for allocation in allocations if any(page.device_slot is None for page in allocation.pages)]
+        missing = [allocation for allocation in self.allocations if any(page.device_slot is None for page in allocation.pages)]
         if missing:
             pager.prefetch_together(missing)
 
-    return prefetch
+    def __reduce__(self) -> tuple:
+        return _no_prefetch_hook, ()
+
+
+def _no_prefetch_hook() -> Any:
+    """What a pickled :class:`_PrefetchHook` loads as: :func:`_no_prefetch`."""
+    return _no_prefetch
+
+
+def _no_prefetch(module: torch.nn.Module, args: tuple) -> None:
+    """A forward pre-hook that does nothing."""
 
 
 def _final_norm(decoder: Optional[torch.nn.Module]) -> Optional[torch.nn.Module]:

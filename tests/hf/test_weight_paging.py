@@ -153,6 +153,48 @@ def test_the_prefetch_follows_weights_replaced_by_a_dtype_change(nvme_dir, monke
     assert prefetched and all(not allocation.freed and allocation.id in live for allocation in prefetched)
 
 
+def test_a_deep_copy_or_a_saved_copy_of_a_paged_layer_runs_its_own_weights(nvme_dir):
+    """``copy.deepcopy`` of a decoder layer (or of one of its linears) of a weight-paged model: the copy
+    computes with its own weights, as a copy of the unpaged layer does, also once the model is gone
+    (enable_paging's per-module forwards ran the original's weights, and failed once it was
+    dropped). ``torch.save`` of a layer loads into a layer of the same outputs (it failed on the
+    prefetch hook)."""
+    import gc
+    import io
+
+    reference, model = tiny_pair("llama", attn="sdpa")
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=VRAM_PAGES, host_pages=HOST_PAGES), attn_implementation="sdpa",
+                  page_weights=True)  # fmt: skip
+    hidden = torch.randn(2, 5, reference.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    positions = torch.arange(5)[None].expand(2, 5)
+    rotary = reference.model.rotary_emb(hidden, positions)
+
+    def run(layer):
+        with torch.no_grad():
+            out = layer(hidden, position_embeddings=rotary, attention_mask=None)
+        return out[0] if isinstance(out, tuple) else out
+
+    plain_copy, paged_copy = copy.deepcopy(reference.model.layers[0]), copy.deepcopy(model.model.layers[0])
+    linear_copy = copy.deepcopy(model.model.layers[1].mlp.down_proj)
+    with torch.no_grad():
+        for layer in (plain_copy, paged_copy):
+            layer.mlp.down_proj.weight.mul_(2)
+        linear_copy.weight.zero_()
+    torch.testing.assert_close(run(paged_copy), run(plain_copy), rtol=0, atol=1e-6)
+    torch.testing.assert_close(run(model.model.layers[0]), run(reference.model.layers[0]), rtol=0, atol=1e-6)  # the original's own
+    x = torch.randn(3, reference.config.intermediate_size)
+    assert torch.equal(linear_copy(x), torch.zeros(3, reference.config.hidden_size))
+    saved = io.BytesIO()
+    torch.save(model.model.layers[1], saved)
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=False)
+    torch.testing.assert_close(run(loaded), run(reference.model.layers[1]), rtol=0, atol=1e-6)
+    del model
+    gc.collect()
+    torch.testing.assert_close(run(paged_copy), run(plain_copy), rtol=0, atol=1e-6)
+    assert torch.equal(linear_copy(x), torch.zeros(3, reference.config.hidden_size))
+
+
 def test_page_weights_off_keeps_dense_parameters(nvme_dir):
     _, model = tiny_pair("llama")
     enable_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa")
