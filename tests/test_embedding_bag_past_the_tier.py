@@ -1,7 +1,8 @@
 """``nn.EmbeddingBag`` / ``F.embedding_bag`` (``_embedding_bag``) of a paged weight larger than the
 device tier (``embedding_bag_of_rows`` in ``pagedtensor/handlers/row_gathers.py``): only the pages
 of the rows its indices name fault in; every result (output, ``offset2bag``, ``bag_size``,
-``"max"``'s rows of the maxima) and the gradient are the dense op's, bit for bit."""
+``"max"``'s rows of the maxima) and the gradients (of the weight and of ``per_sample_weights``,
+whose backward reads the named rows too) are the dense op's, bit for bit."""
 
 from __future__ import annotations
 
@@ -82,6 +83,33 @@ def test_an_embedding_bag_faults_in_only_the_pages_of_its_rows_and_trains_as_den
         assert torch.equal(paged.weight.grad, dense.weight.grad)
         with torch.no_grad():  # _embedding_bag_forward_only
             assert torch.equal(paged(bags.flip(1)), dense(bags.flip(1)))
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("padding_idx", [None, 130, 7])
+def test_per_sample_weights_train_past_the_tier_as_dense(device, padding_idx):
+    """``nn.EmbeddingBag(mode="sum")`` with ``per_sample_weights`` that require grad, on a weight of
+    16 pages (the device tier 8): the backward's ``_embedding_bag_per_sample_weights_backward``
+    reads only the rows the indices name (it raised DeviceTierFullError), and both gradients are
+    the dense module's bit for bit, with a padding row named by an index or by none."""
+    torch.manual_seed(0)
+    dense = torch.nn.EmbeddingBag(256, 64, mode="sum", padding_idx=padding_idx, device=device)
+    paged = copy.deepcopy(dense)
+    indices = torch.tensor([3, 130, 3, 250, 130, 17, 255], device=device)
+    offsets = torch.tensor([0, 3, 3, 5], device=device)
+    sample_weights = torch.rand(7, device=device)
+    with make_pager(device=device) as pager:
+        paged.weight = torch.nn.Parameter(PagedTensor.wrap(dense.weight.detach().clone(), pager))
+        pager.evict_all()
+        results = []
+        for module in (dense, paged):
+            weights = sample_weights.clone().requires_grad_()
+            out = module(indices, offsets, per_sample_weights=weights)
+            (out * torch.arange(64.0, device=device)).sum().backward()
+            results.append((out, weights.grad, module.weight.grad))
+        for got, expected in zip(results[1], results[0]):
+            assert type(got) is torch.Tensor and same_bits(got, expected)
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE
 
 
 def test_an_index_out_of_range_raises_before_any_page_faults_in():

@@ -85,39 +85,69 @@ def embedding_bag_of_rows(func: OpOverload, types: tuple, args: tuple, kwargs: d
     """
     bound = _arguments_by_name(func, args, kwargs)
     weight, indices = bound["weight"], bound["indices"]
-    if (not isinstance(weight, PagedTensor) or weight.dim() != 2 or not _rows_can_be_copied(weight)
-            or not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32)
-            or indices.device != weight.device or (isinstance(indices, PagedTensor) and indices._paged is weight._paged)
-            or not _larger_than_a_piece([weight])):  # fmt: skip
+    if not _bag_reads_rows(weight, indices):
         return DISPATCHER.run_paged(func, types, args, kwargs)
-    indices = _dense(indices)
-    given = indices.to("cpu", torch.int64)
-    bad = ((given < 0) | (given >= weight.shape[0])).nonzero().flatten()
-    if bad.numel():  # torch's words, which differ by mode
-        at, value = int(bad[0]), int(given[bad[0]])
-        if bound["mode"] == _EMBEDDING_BAG_MAX:
-            raise RuntimeError(f"PagedTensor: {func}: embedding_bag: Expected idx >= 0 && idx < num_embeddings but found idx to be {value}")
-        raise RuntimeError(f"PagedTensor: {func}: Index {at} of input takes value {value} which is not in the valid range [0, {weight.shape[0]})")
-    rows, inverse = torch.unique(given, sorted=True, return_inverse=True)
-    padding = bound["padding_idx"]
-    padding_row = (rows == padding).nonzero().flatten()
-    # A padding row no index names stays one (past the compact rows): the kernel lays ``offset2bag``
-    # out by whether there is one.
-    compact_padding = -1 if padding < 0 else int(padding_row[0]) if padding_row.numel() else rows.numel()
+    compact, renumbered, compact_padding, rows = _bag_rows_compacted(func, weight, indices, bound["mode"], bound["padding_idx"])
     options = {**{name: _dense(value) for name, value in bound.items() if name not in ("weight", "indices")}, "padding_idx": compact_padding}
-    compact = _rows_compacted(weight, rows)
     if weight.shape[1] > 1 and weight.stride(1) != 1:
         # A weight whose rows' elements are not adjacent (``t.T``): torch's CPU kernel takes its slow
         # path for it (by ``stride(1)``), which sums bf16 in another order and fills offset2bag where
         # the fast path leaves it empty; the compact rows get such a stride too.
         laid_out = torch.empty_strided(compact.shape, (1, max(compact.shape[0], 2)), dtype=compact.dtype, device=compact.device)
         compact = laid_out.copy_(compact)
-    output, offset2bag, bag_size, max_indices = func(compact, inverse.to(weight.device, indices.dtype), **options)
+    output, offset2bag, bag_size, max_indices = func(compact, renumbered, **options)
     if bound["mode"] == _EMBEDDING_BAG_MAX and max_indices.numel() and rows.numel():
         found = (bag_size > 0).view(-1, *([1] * (max_indices.dim() - 1))).expand_as(max_indices)
         named = rows.to(weight.device)[max_indices.clamp(0, rows.numel() - 1).long()].to(max_indices.dtype)
         max_indices = torch.where(found, named, max_indices)
     return output, offset2bag, bag_size, max_indices
+
+
+@implements([aten._embedding_bag_per_sample_weights_backward.default])
+def embedding_bag_per_sample_weights_backward_of_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """The gradient of ``nn.EmbeddingBag``'s ``per_sample_weights`` with a paged weight larger than a
+    piece: each sample's is the dot product of its bag's output gradient with the row its index
+    names, so only the pages of those rows fault in; torch's kernel runs on the compact rows with
+    the indices (and ``padding_idx``) renumbered as for :func:`embedding_bag_of_rows`, bitwise the
+    dense gradient. Other forms run the generic way."""
+    bound = _arguments_by_name(func, args, kwargs)
+    weight, indices = bound["weight"], bound["indices"]
+    if not _bag_reads_rows(weight, indices):
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    compact, renumbered, compact_padding, _ = _bag_rows_compacted(func, weight, indices, bound["mode"], bound["padding_idx"])
+    options = {**{name: _dense(value) for name, value in bound.items() if name not in ("weight", "indices")}, "padding_idx": compact_padding}
+    return func(weight=compact, indices=renumbered, **options)
+
+
+def _bag_reads_rows(weight: Any, indices: Any) -> bool:
+    """Whether an embedding bag op of ``weight`` and ``indices`` runs on the rows they name
+    (:func:`_bag_rows_compacted`): a paged 2-D weight larger than a piece whose rows can be
+    copied, 1-D integer indices on its device that are not its own pages."""
+    return (isinstance(weight, PagedTensor) and weight.dim() == 2 and _rows_can_be_copied(weight)
+            and isinstance(indices, torch.Tensor) and indices.dim() == 1 and indices.dtype in (torch.int64, torch.int32)
+            and indices.device == weight.device and not (isinstance(indices, PagedTensor) and indices._paged is weight._paged)
+            and _larger_than_a_piece([weight]))  # fmt: skip
+
+
+def _bag_rows_compacted(func: OpOverload, weight: PagedTensor, indices: torch.Tensor, mode: int, padding: int) -> tuple:
+    """``(compact, renumbered, compact_padding, rows)``: the distinct ``rows`` the ``indices`` name,
+    copied into a compact table (:func:`_rows_compacted`, only their pages fault in), the indices
+    renumbered into it (on the weight's device, of the indices' dtype) and ``padding_idx`` with them
+    (the compact row of the padding row, or one past them where no index names it: the kernel lays
+    ``offset2bag`` out by whether there is one). An index out of range raises torch's error (in the
+    words of ``mode``) before any page faults in."""
+    indices = _dense(indices)
+    given = indices.to("cpu", torch.int64)
+    bad = ((given < 0) | (given >= weight.shape[0])).nonzero().flatten()
+    if bad.numel():  # torch's words, which differ by mode
+        at, value = int(bad[0]), int(given[bad[0]])
+        if mode == _EMBEDDING_BAG_MAX:
+            raise RuntimeError(f"PagedTensor: {func}: embedding_bag: Expected idx >= 0 && idx < num_embeddings but found idx to be {value}")
+        raise RuntimeError(f"PagedTensor: {func}: Index {at} of input takes value {value} which is not in the valid range [0, {weight.shape[0]})")
+    rows, inverse = torch.unique(given, sorted=True, return_inverse=True)
+    padding_row = (rows == padding).nonzero().flatten()
+    compact_padding = -1 if padding < 0 else int(padding_row[0]) if padding_row.numel() else rows.numel()
+    return _rows_compacted(weight, rows), inverse.to(weight.device, indices.dtype), compact_padding, rows
 
 
 @implements([aten.gather.default, aten.take.default])
