@@ -572,10 +572,13 @@ def _tagged_pointwise(func: OpOverload) -> bool:
 def functional_form(func: OpOverload) -> Optional[OpOverload]:
     """The functional overload of an in-place overload (``abs_.default``: ``abs.default``) or an
     ``out=`` one (``relu.out``: ``relu.default``; ``bitwise_and.Scalar_Tensor_out``:
-    ``bitwise_and.Scalar_Tensor``), where aten has it; else None."""
+    ``bitwise_and.Scalar_Tensor``; the operator ``__irshift__.Scalar``: ``__rshift__.Scalar``), where
+    aten has it; else None."""
     name, overload = func._schema.name.split("::")[-1], func._overloadname
     if name.endswith("_") and not name.endswith("__") and func._schema.is_mutable:
         name = name[:-1]
+    elif name.startswith("__i") and name.endswith("__") and func._schema.is_mutable:  # t >>= k
+        name = "__" + name[len("__i") :]
     elif overload == "out":
         overload = "default"
     elif overload.endswith("_out"):

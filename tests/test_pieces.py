@@ -590,6 +590,8 @@ UNTAGGED_WRITERS = {
     "threshold_": (lambda t, out: torch.nn.functional.threshold_(t[0], 2.0, -1.0), torch.float32, 1, None),
     "true_divide_": (lambda t, out: t[0].true_divide_(t[1]), torch.float32, 2, None),
     "xlogy_ by a number": (lambda t, out: t[0].xlogy_(2.0), torch.float32, 1, None),
+    ">>= (__irshift__)": (lambda t, out: t[0].__irshift__(1), torch.int64, 1, None),
+    ">>= a tensor (__irshift__)": (lambda t, out: t[0].__irshift__(t[1] % 3), torch.int64, 2, None),
     "relu out=": (lambda t, out: torch.ops.aten.relu.out(t[0] - 2, out=out), torch.float32, 1, torch.float32),
     "gelu out=": (lambda t, out: torch.ops.aten.gelu.out(t[0], out=out), torch.float32, 1, torch.float32),
     "hardtanh out=": (lambda t, out: torch.ops.aten.hardtanh.out(t[0], 1.0, 2.0, out=out), torch.float32, 1, torch.float32),
@@ -609,7 +611,8 @@ UNTAGGED_WRITERS = {
 @pytest.mark.parametrize("name", sorted(UNTAGGED_WRITERS))
 def test_in_place_and_out_forms_torch_leaves_untagged_run_in_pieces(device, transposed, name):
     """``abs_``, the comparisons in place (``eq_``, ``lt_``, ...), ``gelu_``, ``relu.out``,
-    ``isnan.out`` and the other in-place and out= forms whose functional form torch tags pointwise,
+    ``isnan.out``, ``t >>= k`` (``__irshift__``, named unlike the other in-place ops) and the other
+    in-place and out= forms whose functional form torch tags pointwise,
     which it leaves untagged: they raised OutOfPagesError past the device tier (``abs_`` of a
     transposed table, found probing ops past the tier). Each runs in pieces, in place or into a paged
     output of the inputs' layout: the dense op's bits, within the tier."""
