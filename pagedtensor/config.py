@@ -163,7 +163,8 @@ class MemoryConfig:
         eviction_policy: ``"lru"`` or ``"2q"``.
         prefetch_strategy: ``"none"`` or ``"sequential"`` (a fault also prefetches the pages that
             follow, ``prefetch_pages`` of them).
-        prefetch_pages: how many pages ``"sequential"`` prefetches after a fault.
+        prefetch_pages: how many pages ``"sequential"`` prefetches after a fault (at most as many as
+            the device tier holds beside the faulted pages).
         compression: ``None`` or ``"zstd"`` (pages are compressed on the disk tier only).
         device: the device tier's device; default ``cuda`` if available, else ``cpu`` (the CPU then
             plays the device tier, so the whole pager runs on machines without a GPU).

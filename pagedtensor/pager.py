@@ -672,7 +672,8 @@ class Pager:
 
         Enqueues the copies and returns at once; the returned pages are usable on a stream after
         :meth:`ResidentPages.wait`. With ``prefetch_strategy="sequential"`` a fault also schedules
-        a prefetch of the ``prefetch_pages`` pages that follow.
+        a prefetch of the ``prefetch_pages`` pages that follow (as many of them as the device tier
+        holds beside the pages pinned here).
 
         Where only pages other threads pin keep the device tier from holding them, it waits (the
         pager's lock let go) for those threads to let go of pins, up to ``config.pin_wait_s``
@@ -737,7 +738,10 @@ class Pager:
                 self._abandon_pin(allocation, start, stop, missing if discard else ())
                 raise
         if missing and self.config.prefetch_strategy == "sequential" and self.config.prefetch_pages:
-            ahead = min(allocation.num_pages, stop + self.config.prefetch_pages)
+            # As many as the device tier holds beside the pages just pinned (more asked for prefetched
+            # none: the whole batch was refused).
+            room = self.device_tier.capacity_pages - (stop - start)
+            ahead = min(allocation.num_pages, stop + min(self.config.prefetch_pages, room))
             if ahead > stop:
                 try:
                     self.prefetch(allocation, stop, ahead)
@@ -1503,14 +1507,19 @@ class Pager:
             if len(victims) == shortfall:
                 break
         if len(victims) < shortfall and not partial:
+            missing = shortfall - len(victims)
             if stuck and disk is None:
                 raise OutOfPagesError(
                     f"host tier full (host_memory={self.config.host_memory} bytes) and no disk tier (nvme_path=None): "
-                    f"cannot spill {stuck} pages. Without a disk tier, moving pages between device and host "
-                    f"needs a free slot in one of them: free an allocation, raise host_memory, or set nvme_path"
+                    f"{missing} more host page(s) needed, and none of the {stuck} pages that could make room can spill. "
+                    f"Without a disk tier, moving pages between device and host needs a free slot in one of them: "
+                    f"free an allocation, raise host_memory, or set nvme_path"
                 )
             if stuck:
-                raise OutOfPagesError(f"disk tier full (disk_limit={self.config.disk_limit} bytes): cannot spill {stuck} pages")
+                raise OutOfPagesError(
+                    f"disk tier full (disk_limit={self.config.disk_limit} bytes): {missing} more host page(s) needed, "
+                    f"and none of the {stuck} pages that could make room can spill to disk"
+                )
             raise OutOfPagesError(f"host tier: {count} pages needed, {self.host_tier.free_pages} free of {self.host_tier.capacity_pages}")
         if to_disk:
             dropped = len(to_disk) - known_room if known_room is not None else 0

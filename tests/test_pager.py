@@ -385,6 +385,23 @@ def test_sequential_prefetch_brings_the_next_pages():
         assert pager.stats()["hits"] - before["hits"] == 3
 
 
+def test_a_sequential_prefetch_larger_than_the_tier_brings_as_many_pages_as_fit():
+    """``prefetch_pages`` beyond what the device tier holds beside the faulted pages prefetches as
+    many as fit (it prefetched none: the whole batch was refused, logged at INFO only)."""
+    with make_pager(device_pages=8, host_pages=32, prefetch_strategy="sequential", prefetch_pages=20) as pager:
+        allocation = pager.allocate(32 * PAGE)
+        data = random_bytes(32 * PAGE)
+        pager.write(allocation, data)
+        pager.evict_all()
+        before = pager.stats()["prefetched_pages"]
+        with pager.ensure_resident(allocation, 0, 2):
+            pass
+        pager.synchronize()
+        assert pager.stats()["prefetched_pages"] - before == 6
+        assert [info.tier for info in pager.page_table(allocation)][:9] == ["device"] * 8 + ["host"]
+        assert torch.equal(pager.read(allocation), data)
+
+
 def test_a_prefetch_leaves_pages_never_written():
     """Pages never written read as zeros with no copy anywhere: a prefetch leaves them (a fault
     zero-fills them). Brought early, four zero-filled pages on a four-page device tier evicted the
@@ -1908,3 +1925,13 @@ def test_discard_drops_every_copy_and_reads_zeros(tmp_path):
                 pager.discard(allocation, 0, 2)
         pager.free(allocation)
         assert pager.stats()["allocations"] == 0
+
+
+def test_a_full_host_tier_names_the_pages_needed_and_those_that_cannot_spill():
+    """Two pages on the device, eight on the host, no disk tier: a one-page allocation names one more
+    host page needed and the eight that cannot spill (it said "cannot spill 8 pages", as if 8 were needed)."""
+    with make_pager(device_pages=2, host_pages=8) as pager:
+        pager.write(pager.allocate(10 * PAGE), torch.zeros(10 * PAGE, dtype=torch.uint8))
+        with pytest.raises(OutOfPagesError, match=r"host tier full .*: 1 more host page\(s\) needed, and none of the 8 pages"):
+            pager.write(pager.allocate(PAGE), torch.zeros(PAGE, dtype=torch.uint8))
+
