@@ -100,19 +100,20 @@ class PagedStorage:
             raise
         return cls(pager, allocation)
 
-    def copy(self) -> "PagedStorage":
-        """A new allocation of the same pager holding these bytes (copied through the pager in chunks
-        of a quarter of the device tier, so any size fits)."""
+    def copy(self, start: int = 0, stop: Optional[int] = None) -> "PagedStorage":
+        """A new allocation of the same pager holding these bytes, or those of ``[start, stop)``
+        (copied through the pager in chunks of a quarter of the device tier, so any size fits)."""
         pager, source = self.pager, self.allocation
-        if source is None:
+        stop = self.nbytes if stop is None else stop
+        if source is None or stop <= start:
             return PagedStorage(pager, None)
         chunk = max(pager.page_size, pager.device_tier.capacity_pages // 4 * pager.page_size)
 
         def fill(target: Allocation) -> None:
-            for offset in range(0, source.nbytes, chunk):
-                pager.write(target, pager.read(source, offset, min(chunk, source.nbytes - offset)), offset)
+            for offset in range(start, stop, chunk):
+                pager.write(target, pager.read(source, offset, min(chunk, stop - offset)), offset - start)
 
-        return PagedStorage.filled(pager, source.nbytes, fill, name=source.name)
+        return PagedStorage.filled(pager, stop - start, fill, name=source.name)
 
     def meta_base(self, dtype: torch.dtype) -> torch.Tensor:
         """A flat meta tensor of ``dtype`` as long as the allocation: the base that view ops run on."""
@@ -207,6 +208,25 @@ def run_outside_compile(fn: Callable) -> Callable:
         return fn(*args, **kwargs)
 
     return run
+
+
+def _refuse_traced(tensor: "PagedTensor") -> None:
+    """Raise torch's data-dependent-output error for a traced PagedTensor (a compile-time stand-in,
+    with no pages). Dynamo puts a wrapper subclass's own methods into its graph as method calls and
+    runs them on that stand-in for their value: ``page_range()`` and ``residency()`` gave the
+    stand-in's empty counts, baked into the graph as constants. This error makes Dynamo break the
+    graph there instead, and the call runs eagerly on the real tensor."""
+    if tensor._paged is None:
+        from torch._subclasses.fake_tensor import DataDependentOutputException
+
+        class TracedPagesError(DataDependentOutputException):
+            def __str__(self) -> str:
+                return (
+                    "PagedTensor.page_range() / residency() of a traced PagedTensor (a stand-in while torch.compile, "
+                    "make_fx or export traces, with no pages): call it outside the traced function"
+                )
+
+        raise TracedPagesError(torch.ops.aten.item.default)  # "depends on the data": Dynamo breaks the graph
 
 
 _dynamo_frame_hook = getattr(torch._C._dynamo.eval_frame, "get_eval_frame_callback", lambda: None)  # None unless torch.compile's hook is on
@@ -520,11 +540,14 @@ class PagedTensor(torch.Tensor):
         """The dense data at this tensor's storage offset: the allocation's elements from the start
         to the last one this tensor reaches, viewed with its size, strides and offset. Dynamo and
         AOT autograd take the inner tensor's offset for the outer one's (they rebuild returned views
-        with it), so the two must agree; the cost is materializing the elements before the view."""
+        with it), so the two must agree; the cost is materializing the elements before the view. The
+        values are this tensor's, its conjugate and negative bits resolved (as :meth:`materialize`
+        gives them at offset 0; they were the raw bytes)."""
         lo, hi = element_span(tuple(self.shape), self.stride(), self._offset)
         if lo == hi:
             return torch.empty(0, dtype=self.dtype, device=self.device).as_strided(self.shape, self.stride(), self._offset)
-        flat = PagedTensor._make(self._paged, 0, (hi,), (1,), self.dtype).materialize()
+        # With this tensor's conjugate and negative bits, which materialize() resolves, as it does at offset 0.
+        flat = PagedTensor._make(self._paged, 0, (hi,), (1,), self.dtype, bits=math_bits(self)).materialize()
         # set_, not as_strided: a view of ``flat`` would make Dynamo trace ``flat`` as its base.
         return torch.empty(0, dtype=self.dtype, device=flat.device).set_(flat.untyped_storage(), self._offset, self.shape, self.stride())
 
@@ -572,6 +595,7 @@ class PagedTensor(torch.Tensor):
 
     def page_range(self) -> tuple[int, int]:
         """Allocation pages ``[first, stop)`` holding the bytes this tensor (view) can reach."""
+        _refuse_traced(self)
         allocation = self.allocation
         if allocation is None:
             return 0, 0
@@ -584,6 +608,7 @@ class PagedTensor(torch.Tensor):
 
         Only the pages this tensor (view) reaches are counted.
         """
+        _refuse_traced(self)
         counts = dict.fromkeys(TIER_NAMES, 0)
         if self.allocation is None:
             return counts
@@ -601,15 +626,18 @@ class PagedTensor(torch.Tensor):
         """
         return _DISPATCHER.materialize(self, device)
 
+    @run_outside_compile
     def __format__(self, format_spec: str) -> str:
         # torch.Tensor.__format__ formats a 0-dim tensor's item() only when type(self) is Tensor.
         if self.dim() == 0 and self._paged is not None:
             return self.item().__format__(format_spec)
         return object.__format__(self, format_spec)
 
+    @run_outside_compile
     def tolist(self) -> list:  # Tensor.tolist reads the data pointer directly
         return self.materialize("cpu").tolist()
 
+    @run_outside_compile
     def apply_(self, callable: Callable[[Any], Any]) -> "PagedTensor":  # noqa: A002 - torch's argument name
         """torch's ``Tensor.apply_``: ``callable`` on each element in order, its results written in place.
 
@@ -773,6 +801,7 @@ class PagedTensor(torch.Tensor):
 
     # ------------------------------------------------------------------ serialization and copies
 
+    @run_outside_compile
     def __reduce_ex__(self, protocol: int):  # noqa: ANN204
         # The data is saved (materialized on the CPU), never the pager: loading wraps it again on
         # the default pager of the loading process. The compute device is recorded too: compile
@@ -788,12 +817,16 @@ class PagedTensor(torch.Tensor):
         layout = (self._offset, tuple(self.shape), tuple(self.stride()), self.dtype, *((math_bits(self),) if self.is_conj() or self.is_neg() else ()))
         return _rebuild_paged_view, (self._paged, layout, self.requires_grad, is_param, str(self.device), attributes)
 
+    @run_outside_compile
     def __deepcopy__(self, memo: dict) -> "PagedTensor":
         """A PagedTensor with copies of this one's pages, on the same pager, as torch deep-copies a
         tensor: views copied together share their copied pages (one copy per allocation in
-        ``memo``), ``.grad`` and Python attributes are deep-copied, and a non-leaf is refused. A
+        ``memo``) but a view with a conjugate or negative bit, copied with its values resolved on
+        its own, as torch copies it; ``.grad`` and Python attributes are deep-copied, and a non-leaf is refused. A
         parameter is copied as ``nn.Parameter`` copies one: its data and ``requires_grad`` only (no
-        ``.grad``, so a copied model's first step does not add the original's gradients)."""
+        ``.grad``, so a copied model's first step does not add the original's gradients), its data
+        a clone of its own: the bytes it reaches, shared with no other copy (two parameters viewing
+        one allocation are copied apart, as torch's are)."""
         if id(self) in memo:
             return memo[id(self)]
         if not self.is_leaf:
@@ -802,6 +835,14 @@ class PagedTensor(torch.Tensor):
             )
         if self._paged is None:  # traced: a dense inner tensor
             copied = PagedTensor._from_inner(self._inner.clone(), tuple(self.shape), self.stride())
+        elif getattr(self, "_is_param", False) and (not dense_and_non_overlapping(self.shape, self.stride()) or math_bits(self) != (False, False)):
+            copied = PagedTensor.wrap(self.detach().clone(memory_format=torch.preserve_format), self._paged.pager)  # clone's layout and bits
+        elif getattr(self, "_is_param", False):
+            lo, hi = byte_span(self)
+            copied = PagedTensor._make(self._paged.copy(lo, hi), self._offset - lo // self.dtype.itemsize, tuple(self.shape),
+                                       self.stride(), self.dtype, bits=math_bits(self))  # fmt: skip
+        elif math_bits(self) != (False, False):  # as torch's: the values with the bits resolved, apart from the copied base
+            copied = PagedTensor.wrap(self.detach().resolve_conj().resolve_neg(), self._paged.pager)
         else:
             key = ("PagedStorage", id(self._paged))
             storage = memo.get(key)
@@ -888,6 +929,7 @@ def meta_layout(value: object) -> object:
     return value
 
 
+@run_outside_compile  # unpickled by torch.load inside a compiled function: a frame Dynamo would trace
 def _rebuild_paged_storage(data: Optional[torch.Tensor]) -> Union[PagedStorage, torch.Tensor]:
     """Unpickle a PagedStorage: a new allocation of the default pager holding the saved bytes.
 
@@ -905,6 +947,7 @@ def _rebuild_paged_storage(data: Optional[torch.Tensor]) -> Union[PagedStorage, 
     return PagedStorage.filled(pager, data.numel(), lambda allocation: pager.write(allocation, data))
 
 
+@run_outside_compile  # unpickled by torch.load inside a compiled function: a frame Dynamo would trace
 def _rebuild_paged_view(
     storage: Union[PagedStorage, torch.Tensor],
     layout: tuple,
@@ -936,6 +979,7 @@ def _rebuild_paged_view(
     return _as_saved(tensor, requires_grad, is_param, attributes)
 
 
+@run_outside_compile  # unpickled by torch.load inside a compiled function: a frame Dynamo would trace
 def _rebuild_paged_tensor(
     data: torch.Tensor, requires_grad: bool, is_param: bool = False, saved_from: str = "", attributes: Optional[dict] = None
 ) -> torch.Tensor:

@@ -1115,6 +1115,18 @@ def test_deepcopy_keeps_views_shared_and_copies_grad_and_attributes(pager):
     assert base.materialize()[3].item() == 3.0, "the copy shares the original's pages"
     assert torch.equal(copied_base.grad.cpu(), torch.ones(8)) and copied_base.note == {"kept": [1]}
     assert copied_base.note is not base.note
+    complex_base = PagedTensor.wrap(torch.complex(torch.arange(8.0), torch.ones(8)), pager)
+    plain_base = complex_base.materialize()
+    # torch copies a conjugate or negative view with its values resolved, on its own: the copied base's writes miss it
+    for original in (plain_base, complex_base):
+        copies = copy.deepcopy([original, original.conj(), original.conj().imag[::2]])
+        copies[0].detach()[0] = 5.0
+        if original is plain_base:
+            expected = copies
+            continue
+        for got, want in zip(copies, expected):
+            assert got.is_conj() == want.is_conj() and got.is_neg() == want.is_neg() and got.stride() == want.stride()
+            assert torch.equal(got.materialize() if isinstance(got, PagedTensor) else got, want)
     non_leaf = base[2:4]  # a view of a leaf that requires grad: a PagedTensor with a grad_fn
     assert isinstance(non_leaf, PagedTensor) and not non_leaf.is_leaf
     with pytest.raises(RuntimeError, match="graph leaves"):
@@ -1143,6 +1155,37 @@ def test_deepcopy_of_a_paged_parameter_copies_what_deepcopy_of_a_parameter_copie
         model(x).sum().backward()
         torch.optim.SGD(model.parameters(), lr=1.0).step()
     assert torch.equal(paged_copy.weight.materialize(), plain_copy.weight.detach())
+
+
+def test_deepcopy_of_parameters_viewing_one_allocation_copies_each_apart(pager):
+    """``nn.Parameter`` deep-copies its data by ``clone``: two parameters viewing one tensor come out
+    apart, each as large as itself. So do paged ones (they stayed views of one copied allocation, so
+    a write through one copied parameter changed the other; a small view copied its whole
+    allocation). A transposed view keeps clone's layout; a conjugate view comes out resolved."""
+    pager.evict_all()
+
+    def build(flat: torch.Tensor, matrix: torch.Tensor) -> torch.nn.Module:
+        module = torch.nn.Module()
+        module.w, module.head, module.tail = (torch.nn.Parameter(t) for t in (flat, flat[:10], flat[100:150:2]))
+        module.wt, module.conj = torch.nn.Parameter(matrix.t()), torch.nn.Parameter(matrix.conj(), requires_grad=False)
+        return module
+
+    flat, matrix = torch.arange(200.0), torch.randn(6, 4, dtype=torch.complex64)
+    plain = copy.deepcopy(build(flat.clone(), matrix.clone()))
+    paged_flat, paged_matrix = PagedTensor.wrap(flat.clone(), pager), PagedTensor.wrap(matrix.clone(), pager)
+    paged = copy.deepcopy(build(paged_flat, paged_matrix))
+    for name in ("w", "head", "tail", "wt", "conj"):
+        got, want = getattr(paged, name), getattr(plain, name)
+        assert type(got) is PagedTensor and isinstance(got, torch.nn.Parameter), name
+        assert got.stride() == want.stride() and got.is_conj() == want.is_conj() and got.requires_grad == want.requires_grad, name
+        assert torch.equal(got.materialize().cpu(), want.detach()), name
+    assert paged.head.untyped_storage().nbytes() == 40 and paged.tail.allocation.nbytes <= 4096
+    with torch.no_grad():
+        for module in (plain, paged):
+            module.w.add_(1)
+    for name in ("head", "tail"):
+        assert torch.equal(getattr(paged, name).materialize().cpu(), getattr(plain, name).detach()), name
+    assert torch.equal(paged_flat.materialize().cpu(), flat), "the copy shares the original's pages"
 
 
 def test_a_paged_tensor_passes_to_a_spawned_process(pager):

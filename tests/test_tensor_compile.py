@@ -352,6 +352,57 @@ def test_wrapping_inside_a_compiled_function_runs_eagerly_at_a_graph_break(pager
         torch.compile(fn, backend=backend, fullgraph=True)(x)
 
 
+def test_the_pagers_python_methods_inside_a_compiled_function_run_eagerly(pager):
+    """``apply_``, ``copy.deepcopy`` and ``torch.save``/``torch.load`` of a PagedTensor inside a compiled
+    function raised InternalTorchDynamoError (Dynamo traced into ``__deepcopy__``, ``apply_`` and the
+    unpickling ``_rebuild_paged_view`` and left a tensor half made); ``page_range()`` and
+    ``residency()`` gave the traced stand-in's empty counts, baked into the graph. Each now runs
+    eagerly at a graph break, as on a plain tensor; outside Dynamo a traced stand-in's names the call."""
+    import copy
+    import io
+
+    x = torch.arange(8 * 16, dtype=torch.float32).reshape(8, 16)
+
+    def apply(t):
+        t.apply_(lambda v: v * 10)
+        return t.sum()
+
+    def save_load(t):
+        buffer = io.BytesIO()
+        torch.save(t, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False) * 2
+
+    def pages(t):
+        first, stop = t.page_range()
+        return t * stop + t.residency()["device"]
+
+    for fn in (apply, lambda t: copy.deepcopy(t) * 2, save_load, pages):
+        torch._dynamo.reset()
+        reference, paged = PagedTensor.wrap(x.clone(), pager), PagedTensor.wrap(x.clone(), pager)
+        expected = fn(reference)  # eagerly
+        got = torch.compile(fn, backend="eager")(paged)
+        assert_bitwise([got], [expected.materialize() if isinstance(expected, PagedTensor) else expected])
+        assert torch.equal(paged.materialize(), reference.materialize())
+    assert pages(PagedTensor.wrap(x.clone(), pager)).sum() != 0
+    traced = PagedTensor._from_inner(x.clone(), (8, 16), (16, 1))
+    with pytest.raises(RuntimeError, match=r"page_range\(\) / residency\(\) of a traced PagedTensor"):
+        traced.page_range()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_conjugate_or_negative_view_at_an_offset_computes_on_its_values(pager, backend):
+    """``p.conj()[2:4]`` and ``torch._neg_view(p)[2:4]`` (a view at a nonzero offset with a math bit)
+    entered an AOT graph with the raw bytes, unconjugated or un-negated: the dense data made from
+    the allocation's start now resolves the bits, as it does at offset 0."""
+    z = torch.complex(torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.randn(8, 4))
+    paged = PagedTensor.wrap(z.clone(), pager)
+    for view in (lambda t: t.conj()[2:4], lambda t: torch._neg_view(t)[2:4], lambda t: t[2:4].conj(), lambda t: t.conj().t()[1:3]):
+        torch._dynamo.reset()
+        got = torch.compile(lambda t: t * 2, backend=backend)(view(paged))
+        assert torch.equal(got, view(z) * 2)
+
+
 @pytest.mark.parametrize("dynamic", [None, True])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_op_run_at_a_graph_break_dispatches_with_the_frame_hook_off(pager, backend, dynamic, monkeypatch):
