@@ -205,13 +205,18 @@ def test_sorts_and_selections_of_rows_past_the_tier_equal_dense(device, dtype):
     (and NaNs in floats): the dense op's values and indices. The shapes take CUDA's different kernels
     on the whole table and on a piece of it where its choice depends on the slice count: 4,100 rows
     of 400 (``topk``'s multi-block selection on the whole, its one-block one on a piece of 20 rows),
-    rows of 2,000 (the sorts' in-place kernel) and of 4,096 halves or 1,024 longs (the segmented sort)."""
+    rows of 2,000 (the sorts' in-place kernel) and of 4,096 halves or 1,024 longs (the segmented sort).
+    On CUDA ``median``, ``nanmedian`` and ``mode`` raise instead: ``median``'s index among equal
+    values differed between a piece of rows and the whole on the H100."""
     generator = torch.Generator().manual_seed(3)
     tables = [(4100, 400)] if dtype == torch.float16 else []
     tables += [(3 * 8 * PAGE // (cols * dtype.itemsize) + 3, cols) for cols in (2000, 2 * PAGE // dtype.itemsize) if cols * dtype.itemsize <= 2 * PAGE]
     calls = [lambda t: torch.sort(t, -1), lambda t: torch.sort(t, dim=1, descending=True, stable=True),
              lambda t: torch.argsort(t, -1, descending=True), lambda t: t.topk(9, -1), lambda t: t.topk(300, 1, largest=False, sorted=False),
-             lambda t: t.kthvalue(5, -1), lambda t: t.median(-1), lambda t: t.nanmedian(1, keepdim=True), lambda t: t.mode(-1)]  # fmt: skip
+             lambda t: t.kthvalue(5, -1)]
+    any_index = [lambda t: t.median(-1), lambda t: t.nanmedian(1, keepdim=True), lambda t: t.mode(-1)]
+    if device == "cpu":
+        calls += any_index
     for rows, cols in tables:
         x = torch.randint(-20, 21, (rows, cols), generator=generator).to(dtype)
         if dtype.is_floating_point:
@@ -225,5 +230,9 @@ def test_sorts_and_selections_of_rows_past_the_tier_equal_dense(device, dtype):
                 for got, want in zip(result if isinstance(result, tuple) else (result,), expected if isinstance(expected, tuple) else (expected,)):
                     assert type(got) is torch.Tensor and got.stride() == want.stride(), (number, rows, cols)
                     assert same_bits(got, want), (number, rows, cols)
+            if device == "cuda":
+                for call in any_index:
+                    with pytest.raises(OutOfPagesError):
+                        call(table)
             assert same_bits(table.materialize(), x)
             assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE

@@ -20,7 +20,8 @@ alignment, which a piece of rows keeps where the rows are 16-byte multiples (and
 neither takes them); the pads and upsampling only move elements. So the results are bitwise the
 dense op's (measured on the H200 for these, ``benchmarks/results/probe_rows_puts_e4f6b51_h200.txt``).
 Not CUDA's float sum scans: ``cumsum`` and ``logcumsumexp`` of a piece of rows there differ from the
-whole's, so on CUDA they (and ``cumprod``) run by rows only where any order is exact (integers);
+whole's, so on CUDA they (and ``cumprod``) run by rows only where any order is exact (integers), and
+CUDA's ``median``, ``nanmedian`` and ``mode`` not at all (their index among equal values differed);
 ``cummax``/``cummin`` compare, exact in any order. A scan's pieces hold two rows or more (CUDA scans
 a tensor of one row with cub). ``softmax`` over another dim is not among them: its CPU kernel vectorizes across the
 outer rows (a piece of them rounds otherwise: 36 of 1,500 random shapes), and it raises
@@ -52,6 +53,9 @@ _SELECTIONS = (
     aten.sort.default, aten.sort.stable, aten.topk.default, aten.kthvalue.default,
     aten.median.dim, aten.nanmedian.dim, aten.mode.default,
 )  # fmt: skip
+# Selections whose CUDA kernels name any index among equal values: ``median``'s index of a piece of
+# rows differed from the whole's there (H100, every dtype), so on CUDA they raise past the tier as before.
+_ANY_INDEX_ON_CUDA = (aten.median.dim, aten.nanmedian.dim, aten.mode.default)
 # Ops whose pieces hold two rows or more (CUDA runs a tensor of one row otherwise: cub's scans, topk's
 # multi-block selection).
 _TWO_ROWS_A_PIECE = (*_SCANS, *_SELECTIONS)
@@ -136,11 +140,15 @@ def _by_rows(func: OpOverload, table: PagedTensor, bound: dict, rest: list) -> b
     elements within trailing dims (the pads and upsampling). On CUDA, ``cumsum``, ``cumprod`` and
     ``logcumsumexp`` only where any order is exact (integers): its float scans of a piece of rows
     differ from the whole's (``cumsum`` and ``logcumsumexp`` of 256 to 4,096 elements a row, fp32,
-    fp16 and bf16, on the H200); ``cummax`` and ``cummin`` compare, and run by rows there too."""
+    fp16 and bf16, on the H200); ``cummax`` and ``cummin`` compare, and run by rows there too. Nor,
+    on CUDA, ``median``, ``nanmedian`` and ``mode``, whose kernels name any index among equal values
+    (``median``'s differed between a piece of rows and the whole on the H100)."""
     if not _runs_in_row_pieces(table):
         return False
     if func in _SCANS and table.device.type == "cuda" and func not in (aten.cummax.default, aten.cummin.default) and not _exact_in_any_order(table, bound):
         return False  # CUDA's float scans of a piece of rows add otherwise than of all of them (measured on the H200)
+    if func in _ANY_INDEX_ON_CUDA and table.device.type == "cuda":
+        return False  # which of equal values its index names differed between a piece of rows and the whole (H100)
     if func in _SOFTMAXES or func in _SCANS or func in _SELECTIONS:
         return bound["dim"] % table.dim() == table.dim() - 1
     if func is aten.native_layer_norm.default:
