@@ -81,6 +81,18 @@ def pagedllm_attention(
     Under ``torch.compile`` it runs eagerly, never traced, as :meth:`PagedKVCache.update` does."""
     active = ACTIVE_UPDATE.get()
     layer_idx = getattr(module, "layer_idx", None)
+    if active is not None and active.key is key:
+        # The keys the cache just stored: attend over the slot they went to, which a model that reuses
+        # its layers stores to by another index than the module's (HrmText's cycles: layer_idx + offset).
+        layer_idx = active.layer_idx
+        if active.value is not value:
+            # Values made from the stored ones (DiffLlama's halves): the pages hold the stored values,
+            # so attention over them would silently use other values than the model's.
+            raise RuntimeError(
+                f"pagedllm attention, layer {layer_idx}: the model attends to values {tuple(value.shape)} other than "
+                f"the states it stored in the paged cache; this model needs its own attention over dense keys and "
+                f"values: enable_paging(model, ..., attn_implementation=\"sdpa\") (or \"eager\")"
+            )
     if active is None or active.layer_idx != layer_idx or active.key is not key:
         if active is not None and active.layer_idx == layer_idx and key.shape[2] != active.cache.get_seq_length(layer_idx):
             # This layer updated the paged cache, which handed back only the new states (the paged

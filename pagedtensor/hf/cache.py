@@ -78,11 +78,13 @@ DEFAULT_SEGMENT_PAGES = 64
 @dataclasses.dataclass(frozen=True)
 class ActiveUpdate:
     """The last :meth:`PagedKVCache.update` on this thread: the attention function that follows it
-    in the same layer finds its cache here (transformers does not pass the cache to it)."""
+    in the same layer finds its cache here (transformers does not pass the cache to it), with the
+    key and value states the update handed back, by which it knows the model attends to them."""
 
     cache: "PagedKVCache"
     layer_idx: int
     key: torch.Tensor
+    value: torch.Tensor
 
 
 ACTIVE_UPDATE: contextvars.ContextVar[Optional[ActiveUpdate]] = contextvars.ContextVar("pagedllm_active_update", default=None)
@@ -386,7 +388,7 @@ class PagedKVCache(Cache):
         layer.last_q_len = q_len
         self._keep_window(layer_idx)
         if self.uses_paged_attention:
-            ACTIVE_UPDATE.set(ActiveUpdate(self, layer_idx, key_states))
+            ACTIVE_UPDATE.set(ActiveUpdate(self, layer_idx, key_states, value_states))
             return key_states, value_states
         ACTIVE_UPDATE.set(None)
         return self.dense_kv(layer_idx, self.window_start(layer_idx, layer.total - q_len))

@@ -616,6 +616,8 @@ def _begin_forward(module: torch.nn.Module, args: tuple, kwargs: dict, state: Op
         inputs = kwargs.get("inputs_embeds")
     mask = kwargs.get("attention_mask")
     cache = _find_cache(kwargs)
+    if cache is not None:
+        _refuse_cross_attention(module, kwargs)
     PAGED_FORWARD.set(False)  # until begin_forward below has accepted the padding
     if state is not None:
         calls = state.calls
@@ -739,6 +741,7 @@ def _chunked_layer_forward(forward, state: PagingState):
             or hidden_states.dim() != 3
             or hidden_states.shape[1] <= chunk
             or (isinstance(kwargs.get("attention_mask"), torch.Tensor) and kwargs["attention_mask"].dim() != 2)
+            or _other_per_token_argument(kwargs, hidden_states.shape[1])
         ):
             return forward(hidden_states, *args, **kwargs)
         length = hidden_states.shape[1]
@@ -776,6 +779,18 @@ def _chunked_layer_forward(forward, state: PagingState):
         return (out, *extras) if isinstance(result, tuple) else out
 
     return chunked
+
+
+# A decoder layer's keyword arguments that a chunked forward knows how to pass a chunk: sliced along
+# their tokens (position embeddings and ids) or whole (the 2D padding mask, the cache's positions).
+_CHUNKED_ARGUMENTS = frozenset({"attention_mask", "position_ids", "position_embeddings", "cache_position", "cache", "past_key_values"})
+
+
+def _other_per_token_argument(kwargs: dict, length: int) -> bool:
+    """Whether a keyword argument other than :data:`_CHUNKED_ARGUMENTS` is a tensor with a dim of
+    ``length`` (the input's tokens): one value a token, such as Beam's ``attention_scaling``, which a
+    chunk would get whole (a shape error). Such a layer runs unchunked."""
+    return any(isinstance(value, torch.Tensor) and length in value.shape for name, value in kwargs.items() if name not in _CHUNKED_ARGUMENTS)
 
 
 def _slice_tokens(tensor: torch.Tensor, length: int, start: int, stop: int) -> torch.Tensor:
@@ -1181,6 +1196,21 @@ KERNEL_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 def _text_config(model: torch.nn.Module):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _refuse_cross_attention(module: torch.nn.Module, kwargs: dict) -> None:
+    """Raise for a forward with encoder states (``encoder_outputs``, ``encoder_hidden_states``) and a
+    paged cache: a decoder of an encoder-decoder model loaded alone (``WhisperForCausalLM``,
+    ``BartForCausalLM``, ``BertLMHeadModel``; their config says ``is_encoder_decoder=False``) stores
+    its cross-attention keys and values in the same cache layer as its own, which transformers
+    keeps apart only in an ``EncoderDecoderCache`` (the paged layer held both: other logits)."""
+    for name in ("encoder_outputs", "encoder_hidden_states"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"enable_paging: {type(module).__name__} was given {name}: its cross-attention keys and values would go "
+                "into the paged cache beside its own, which pages self-attention only. Run it without paging, or "
+                "without encoder states"
+            )
 
 
 def _kv_cache_unsupported(model: torch.nn.Module) -> Optional[str]:

@@ -266,6 +266,69 @@ def test_paged_attention_over_keys_other_than_the_cached_states_raises(nvme_dir)
         _generate(model, ids, mask, new_tokens=1)
 
 
+@pytest.mark.skipif(not hasattr(transformers, "DiffLlamaConfig"), reason="transformers without DiffLlama")
+def test_paged_attention_over_values_other_than_the_cached_states_raises(nvme_dir):
+    """DiffLlama attends to values it rebuilds from the cached ones (its halves): the paged attention
+    read the stored values instead (logits off by up to 0.48). It raises naming the dense attention,
+    which gives the unpaged tokens."""
+    fields = {name: value for name, value in TINY.items() if name != "head_dim"}
+    config = transformers.DiffLlamaConfig(**fields)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    reference = transformers.DiffLlamaForCausalLM(config).eval()
+    ids, mask = prompts(1, length=12)
+    expected = _generate(reference, ids, mask, new_tokens=3)
+    model = copy.deepcopy(reference)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=8, host_pages=8), attn_implementation=ATTENTION_NAME)
+    with pytest.raises(RuntimeError, match=r"attends to values .* other than the states it stored .*attn_implementation=\"sdpa\""):
+        _generate(model, ids, mask, new_tokens=3)
+    model = copy.deepcopy(reference)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=8, host_pages=8), attn_implementation="sdpa")
+    assert torch.equal(_generate(model, ids, mask, new_tokens=3).sequences, expected.sequences)
+
+
+@pytest.mark.skipif(not hasattr(transformers, "HrmTextConfig"), reason="transformers without HrmText")
+def test_a_model_that_reuses_its_layers_attends_over_the_cache_slot_it_stored_to(nvme_dir):
+    """HrmText runs its layers in cycles, each cycle storing to cache slot ``layer_idx + offset`` while
+    the attention module keeps its ``layer_idx``: the paged attention took every slot past the first
+    for no cache and attended over the new tokens alone (logits off by up to 8). It attends over
+    the slot the keys went to: the unpaged tokens, logits within the kernels' tolerance."""
+    config = transformers.HrmTextConfig(**{**TINY, "num_hidden_layers": 8, "num_layers_per_stack": 2, "H_cycles": 2, "L_cycles": 1,
+                                           "L_bp_cycles": [1], "head_dim": 16, "initializer_range": 0.2})  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    reference = transformers.HrmTextForCausalLM(config).eval()
+    model = copy.deepcopy(reference)
+    ids, mask = prompts(1, length=12)
+    expected = _generate(reference, ids, mask, new_tokens=4)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=16, host_pages=16), attn_implementation=ATTENTION_NAME)
+    got = _generate(model, ids, mask, new_tokens=4)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(transformers, "BeamConfig"), reason="transformers without Beam")
+def test_a_layer_taking_another_per_token_argument_runs_its_prompt_unchunked(nvme_dir):
+    """Beam's layers take a per-token ``attention_scaling`` beside the position embeddings: the chunked
+    prefill passed it whole to each chunk, a shape error on any prompt longer than a chunk. Such a
+    layer runs its prompt whole: the unpaged tokens."""
+    config = transformers.BeamConfig(**{**TINY, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                        "n_group": 1, "topk_group": 1, "sliding_window": 64,
+                                        "layer_types": ["sliding_attention", "full_attention"], "mlp_layer_types": ["dense", "dense"]})  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    reference = transformers.BeamForCausalLM(config).eval()
+    model = copy.deepcopy(reference)
+    ids, mask = prompts(1, length=12)
+    expected = _generate(reference, ids, mask, new_tokens=3)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=16, host_pages=16), attn_implementation=ATTENTION_NAME, prefill_chunk_size=8)
+    got = _generate(model, ids, mask, new_tokens=3)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_falcon_takes_the_paged_attention_once_transformers_gives_it_the_interface(nvme_dir):
     """Falcon with rotary positions under "auto": the paged attention from transformers 5.25 (its
     attention moved onto the interface), its own before; the unpaged model's tokens either way."""
@@ -473,6 +536,27 @@ def test_encoder_decoder_models_are_refused(nvme_dir):
     model = transformers.T5ForConditionalGeneration(config).eval()
     with pytest.raises(TypeError, match="encoder-decoder"):
         enable_paging(model, tiny_budget(nvme_dir))
+
+
+def test_a_decoder_given_encoder_states_is_refused(nvme_dir):
+    """``WhisperForCausalLM`` (a decoder loaded alone: its config says not encoder-decoder) given
+    ``encoder_outputs`` stored its cross-attention keys and values in the paged layer beside its
+    own (33 positions where the unpaged cache's self-attention holds 13): other logits. That
+    forward raises; without encoder states it generates the unpaged tokens."""
+    config = transformers.WhisperConfig(decoder_layers=2, encoder_layers=2, d_model=64, decoder_attention_heads=4, encoder_attention_heads=4,
+                                        decoder_ffn_dim=128, encoder_ffn_dim=128, vocab_size=128, num_mel_bins=8, max_source_positions=16,
+                                        max_target_positions=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    reference = transformers.WhisperForCausalLM(config).eval()
+    model = copy.deepcopy(reference)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=8, host_pages=8), attn_implementation="sdpa")
+    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(1))
+    encoder_states = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(NotImplementedError, match="WhisperForCausalLM was given encoder_outputs"):
+        model.generate(ids, encoder_outputs=(encoder_states,), max_new_tokens=3, do_sample=False)
+    expected = reference.generate(ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), expected)
 
 
 def test_cross_attention_layers_are_refused(nvme_dir):
