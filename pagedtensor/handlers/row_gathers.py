@@ -83,12 +83,10 @@ def embedding_bag_of_rows(func: OpOverload, types: tuple, args: tuple, kwargs: d
     Note:
         Reads the indices on the host (a sync when they live on the GPU), as a row gather does.
     """
-    bound = _arguments_by_name(func, args, kwargs)
-    weight, indices = bound["weight"], bound["indices"]
-    if not _bag_reads_rows(weight, indices):
+    on_rows = _bag_on_rows(func, args, kwargs)
+    if on_rows is None:
         return DISPATCHER.run_paged(func, types, args, kwargs)
-    compact, renumbered, compact_padding, rows = _bag_rows_compacted(func, weight, indices, bound["mode"], bound["padding_idx"])
-    options = {**{name: _dense(value) for name, value in bound.items() if name not in ("weight", "indices")}, "padding_idx": compact_padding}
+    weight, compact, renumbered, options, rows = on_rows
     if weight.shape[1] > 1 and weight.stride(1) != 1:
         # A weight whose rows' elements are not adjacent (``t.T``): torch's CPU kernel takes its slow
         # path for it (by ``stride(1)``), which sums bf16 in another order and fills offset2bag where
@@ -96,7 +94,7 @@ def embedding_bag_of_rows(func: OpOverload, types: tuple, args: tuple, kwargs: d
         laid_out = torch.empty_strided(compact.shape, (1, max(compact.shape[0], 2)), dtype=compact.dtype, device=compact.device)
         compact = laid_out.copy_(compact)
     output, offset2bag, bag_size, max_indices = func(compact, renumbered, **options)
-    if bound["mode"] == _EMBEDDING_BAG_MAX and max_indices.numel() and rows.numel():
+    if options["mode"] == _EMBEDDING_BAG_MAX and max_indices.numel() and rows.numel():
         found = (bag_size > 0).view(-1, *([1] * (max_indices.dim() - 1))).expand_as(max_indices)
         named = rows.to(weight.device)[max_indices.clamp(0, rows.numel() - 1).long()].to(max_indices.dtype)
         max_indices = torch.where(found, named, max_indices)
@@ -110,13 +108,25 @@ def embedding_bag_per_sample_weights_backward_of_rows(func: OpOverload, types: t
     names, so only the pages of those rows fault in; torch's kernel runs on the compact rows with
     the indices (and ``padding_idx``) renumbered as for :func:`embedding_bag_of_rows`, bitwise the
     dense gradient. Other forms run the generic way."""
+    on_rows = _bag_on_rows(func, args, kwargs)
+    if on_rows is None:
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    _, compact, renumbered, options, _ = on_rows
+    return func(weight=compact, indices=renumbered, **options)
+
+
+def _bag_on_rows(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple]:
+    """``(weight, compact, renumbered, options, rows)`` for an embedding bag op whose weight and
+    indices it runs on the rows they name (:func:`_bag_reads_rows`): the compact rows and renumbered
+    indices of :func:`_bag_rows_compacted`, and the op's other arguments by name (plain tensors,
+    ``padding_idx`` renumbered); else None."""
     bound = _arguments_by_name(func, args, kwargs)
     weight, indices = bound["weight"], bound["indices"]
     if not _bag_reads_rows(weight, indices):
-        return DISPATCHER.run_paged(func, types, args, kwargs)
-    compact, renumbered, compact_padding, _ = _bag_rows_compacted(func, weight, indices, bound["mode"], bound["padding_idx"])
+        return None
+    compact, renumbered, compact_padding, rows = _bag_rows_compacted(func, weight, indices, bound["mode"], bound["padding_idx"])
     options = {**{name: _dense(value) for name, value in bound.items() if name not in ("weight", "indices")}, "padding_idx": compact_padding}
-    return func(weight=compact, indices=renumbered, **options)
+    return weight, compact, renumbered, options, rows
 
 
 def _bag_reads_rows(weight: Any, indices: Any) -> bool:
