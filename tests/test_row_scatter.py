@@ -1278,3 +1278,31 @@ def test_a_flat_table_scatters_its_elements_and_a_transposed_one_its_rows_outerm
             target.index_put_((torch.tensor([3, 3]),), torch.tensor(0.5), accumulate=True)
             target.index_fill_(0, torch.tensor([7]), 0.0)
         assert torch.equal(transposed.materialize(), expected)
+
+
+def test_index_ops_whose_index_is_a_view_of_the_written_table_do_not_write_past_the_tier():
+    """Past the tier, the row scatters and element scatters read an index that is a view of the
+    table they write as a plain copy and wrote through: where torch refuses the overlap they wrote
+    anyway, and ``scatter_`` by rows of the table itself, which torch runs in its own order, left
+    other contents. Each now takes the generic way (the pager's error past the tier), the table
+    unchanged; an index_select ``out=`` over its own index raises torch's overlap error."""
+    base = torch.randint(0, 32, (64, 64), generator=torch.Generator().manual_seed(0))  # 8 pages of int64
+    ops = {
+        "index_fill_": lambda x: x.index_fill_(0, x[0, :3], 5),
+        "index_add_": lambda x: x.index_add_(0, x[0, :3], torch.ones(3, 64, dtype=torch.long)),
+        "index_put_": lambda x: x.__setitem__(x[0, :3], 7),
+        "index_put_ of a second index": lambda x: x.__setitem__((slice(None), x[0, :3]), 1),
+        "scatter_ by the table's rows": lambda x: x.scatter_(1, x[:4], 9),
+        "scatter_add_": lambda x: x.scatter_add_(0, x[:4], torch.ones(4, 64, dtype=torch.long)),
+    }
+    for name, op in ops.items():
+        with make_pager(4) as pager:
+            table = PagedTensor.wrap(base.clone(), pager)
+            with pytest.raises(RuntimeError):
+                op(table)
+            assert torch.equal(table.materialize(), base), name
+    with make_pager(4) as pager:
+        table = PagedTensor.wrap(base.clone(), pager)
+        with pytest.raises(RuntimeError, match="refer to a single memory location"):
+            torch.index_select(table[:32], 0, table[40, :8], out=table[40:48])
+        assert torch.equal(table.materialize(), base)

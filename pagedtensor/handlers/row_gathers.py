@@ -838,6 +838,9 @@ def run_into_out(
             raise resize_refused(func, out.shape, result.shape, args, kwargs)
         _resize_output(out, resized_layout(result))
     _check_out_overlaps(func, out, args[0], checks_table_overlap)
+    if checks_table_overlap:  # and with the index, as torch's gathers check it (index_select's ``x[40, :8]`` into ``x[40:48]``)
+        for index in (item for arg in args[1:] for item in (arg if isinstance(arg, (list, tuple)) else (arg,))):
+            _check_out_overlaps(func, out, index)
     if isinstance(out, PagedTensor) and result.stride() != out.stride():
         # copy_ into a PagedTensor runs in pieces of one layout (pieces of another would need the
         # whole of an outer index of out at once): the result in out's layout first.

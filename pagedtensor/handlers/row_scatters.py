@@ -236,7 +236,8 @@ def _put_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) 
     if any(isinstance(index, torch.Tensor) and index.dtype.is_floating_point for index in rest):
         func(torch.empty((1, *table.shape[1:]), dtype=table.dtype, device=table.device), list(indices), values)
         return NotImplemented  # (torch's error for the index dtype is raised above)
-    if any(not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32) or index.device != table.device for index in rest):
+    if any(not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32) or _apart_from(index, table)
+           or index.device != table.device for index in rest):  # fmt: skip
         return NotImplemented
     if not isinstance(values, torch.Tensor) or (isinstance(values, PagedTensor) and values._paged is table._paged):
         return NotImplemented
@@ -484,6 +485,8 @@ def _row_scatter_request(func: OpOverload, args: tuple, kwargs: dict) -> Optiona
         indices = bound["indices"]
         if not indices or not isinstance(indices[0], torch.Tensor) or len(indices) > table.dim():
             return None
+        if any(_apart_from(index, table) for index in indices):
+            return None  # an index read from the pages written: torch's overlap checks, the generic way
         if not all(index is None or isinstance(index, torch.Tensor) for index in indices[1:]):
             return None
         if len(indices) > 1 and any(index is not None and (index.dtype == torch.uint8 or index.device != table.device) for index in indices):
@@ -496,8 +499,8 @@ def _row_scatter_request(func: OpOverload, args: tuple, kwargs: dict) -> Optiona
         index = bound["index"]
         source = bound["value"] if "value" in bound else bound["source"]
         options = _options_of(func, bound)
-    if not isinstance(index, torch.Tensor) or index.device != table.device:
-        return None
+    if not isinstance(index, torch.Tensor) or index.device != table.device or _apart_from(index, table):
+        return None  # (an index read from the pages written: torch's overlap checks, the generic way)
     if isinstance(source, torch.Tensor) and source.dim() > 0 and source.device != table.device:
         return None
     if isinstance(source, PagedTensor):
@@ -800,7 +803,7 @@ def scatter_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
     dim, index, source = args[1], args[2], args[3]
     if not isinstance(dim, int) or not isinstance(index, torch.Tensor) or not _rows_can_be_copied(table):
         return DISPATCHER.run_paged(func, types, args, kwargs)
-    if isinstance(source, PagedTensor) and source._paged is table._paged:
+    if _apart_from(source, table) or _apart_from(index, table):
         return DISPATCHER.run_paged(func, types, args, kwargs)  # a view of the table's own pages: torch's overlap checks
     reduction = args[4:]  # scatter_reduce_'s reduce (its include_self, and scatter_'s reduce, are in kwargs)
     _check_scatter_on_stand_ins(func, table, dim, index, source, reduction, kwargs)
