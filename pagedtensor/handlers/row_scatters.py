@@ -411,9 +411,11 @@ def _put_by_coordinates(permuted: PagedTensor, order: list[int], indices: list[O
     order (a repeated element's, the order of the region, row-major), written a run of
     ``permuted``'s rows at a time by the row scatter. The coordinates take 8 bytes per written
     element and dim (torch's own masks take as much). False, with nothing written, for values that
-    torch broadcasts and ``expand`` does not, and on CUDA for float sums into an element named more
-    than once: CUDA's dense op adds them in its sort's order, which these runs did not match (a row
-    added ``1e8``, ``1``, ``-1e8`` came out 1 apart on the H200)."""
+    torch broadcasts and ``expand`` does not, and for float sums into an element named more than
+    once: the dense op adds them in another order than these runs (CUDA's in its sort's: a row added
+    ``1e8``, ``1``, ``-1e8`` came out 1 apart on the H200; the CPU's not one after another either:
+    six halves added into a row of a permuted fp32 table differed in the last bit, found by
+    hypothesis)."""
     table_shape = [permuted.shape[order.index(d)] for d in range(permuted.dim())]
     per_dim: list[Optional[torch.Tensor]] = []
     for index in indices:
@@ -444,8 +446,8 @@ def _put_by_coordinates(permuted: PagedTensor, order: list[int], indices: list[O
         spread = values.expand(region)
     except RuntimeError:
         return False
-    if accumulate and permuted.device.type == "cuda" and (permuted.dtype.is_floating_point or permuted.dtype.is_complex) and _repeats(coordinates, table_shape):
-        return False  # CUDA's sort-based sums of repeated places took another order than these runs' (measured on the H200)
+    if accumulate and (permuted.dtype.is_floating_point or permuted.dtype.is_complex) and _repeats(coordinates, table_shape):
+        return False  # the dense op's sums of repeated places take another order than these runs' (CUDA's sort on the H200; the CPU's too)
     aten.index_put_.default(permuted, [coordinates[d] for d in order], spread, accumulate)
     return True
 
