@@ -546,7 +546,6 @@ class PagedTensor(torch.Tensor):
         lo, hi = element_span(tuple(self.shape), self.stride(), self._offset)
         if lo == hi:
             return torch.empty(0, dtype=self.dtype, device=self.device).as_strided(self.shape, self.stride(), self._offset)
-        # With this tensor's conjugate and negative bits, which materialize() resolves, as it does at offset 0.
         flat = PagedTensor._make(self._paged, 0, (hi,), (1,), self.dtype, bits=math_bits(self)).materialize()
         # set_, not as_strided: a view of ``flat`` would make Dynamo trace ``flat`` as its base.
         return torch.empty(0, dtype=self.dtype, device=flat.device).set_(flat.untyped_storage(), self._offset, self.shape, self.stride())
@@ -829,32 +828,31 @@ class PagedTensor(torch.Tensor):
         one allocation are copied apart, as torch's are)."""
         if id(self) in memo:
             return memo[id(self)]
+        is_param = bool(getattr(self, "_is_param", False))
         if not self.is_leaf:
             raise RuntimeError(
                 "Only Tensors created explicitly by the user (graph leaves) support the deepcopy protocol at the moment"
             )
         if self._paged is None:  # traced: a dense inner tensor
             copied = PagedTensor._from_inner(self._inner.clone(), tuple(self.shape), self.stride())
-        elif getattr(self, "_is_param", False) and (not dense_and_non_overlapping(self.shape, self.stride()) or math_bits(self) != (False, False)):
-            copied = PagedTensor.wrap(self.detach().clone(memory_format=torch.preserve_format), self._paged.pager)  # clone's layout and bits
-        elif getattr(self, "_is_param", False):
+        elif math_bits(self) != (False, False) or (is_param and not dense_and_non_overlapping(self.shape, self.stride())):
+            # A copy of its own, as torch's: the values with the bits resolved, in clone's layout.
+            copied = PagedTensor.wrap(self.detach().clone(memory_format=torch.preserve_format), self._paged.pager)
+        elif is_param:  # a clone of the bytes it reaches
             lo, hi = byte_span(self)
-            copied = PagedTensor._make(self._paged.copy(lo, hi), self._offset - lo // self.dtype.itemsize, tuple(self.shape),
-                                       self.stride(), self.dtype, bits=math_bits(self))  # fmt: skip
-        elif math_bits(self) != (False, False):  # as torch's: the values with the bits resolved, apart from the copied base
-            copied = PagedTensor.wrap(self.detach().resolve_conj().resolve_neg(), self._paged.pager)
+            copied = PagedTensor._make(self._paged.copy(lo, hi), self._offset - lo // self.dtype.itemsize, tuple(self.shape), self.stride(), self.dtype)
         else:
             key = ("PagedStorage", id(self._paged))
             storage = memo.get(key)
             if storage is None:
                 storage = memo[key] = self._paged.copy()
-            copied = PagedTensor._make(storage, self._offset, tuple(self.shape), self.stride(), self.dtype, bits=math_bits(self))
+            copied = PagedTensor._make(storage, self._offset, tuple(self.shape), self.stride(), self.dtype)
         if self.requires_grad:
             copied.requires_grad_(True)
-        if getattr(self, "_is_param", False):
+        if is_param:
             copied = torch.nn.Parameter(copied, requires_grad=self.requires_grad)
         memo[id(self)] = copied
-        if getattr(self, "_is_param", False):
+        if is_param:
             return copied
         if self.grad is not None:
             copied.grad = copy.deepcopy(self.grad, memo)
