@@ -46,7 +46,9 @@ The dispatcher tries, in this order:
      ``_has_compatible_shallow_copy_type``): nothing faults in.
 
 2. **Fault in and run dense** (every other op): the pages each PagedTensor argument reaches (its
-   byte span ``[storage_offset, last reachable element]``) fault in, once per allocation; the op
+   byte span ``[storage_offset, last reachable element]``) fault in, once per allocation (where
+   that window does not fit and the allocation's arguments lie apart, once per run of overlapping
+   arguments: ``torch.dot(t[0], t[-1])`` reads two rows, not the table); the op
    runs on dense views of them (zero-copy when the device slots are adjacent, else on a gathered
    temporary); arguments the op writes (in-place, ``out=``, per the op's schema) are written back
    and only the pages they touch are marked dirty; results are plain tensors, except that an
@@ -442,10 +444,14 @@ class PagedDispatcher:
 
     def _run_in_windows(
         self, func: OpOverload, info: OpInfo, args: tuple, kwargs: dict, leaves: list[PagedTensor],
-        written: list[PagedTensor], groups: dict[int, "_Group"], discard: dict[int, list[int]],
+        written: list[PagedTensor], groups: dict[Any, "_Group"], discard: dict[int, list[int]],
+        group_of_leaf: Optional[dict[int, "_Group"]] = None,
     ) -> Any:  # fmt: skip
         """The rest of :meth:`run_paged`: open one window per allocation, run ``func`` on dense views,
-        write back what it wrote and release the windows."""
+        write back what it wrote and release the windows. Where the windows do not fit together and
+        an allocation's arguments reach bytes far apart (``torch.dot(t[0], t[-1])``), it runs again
+        with one window per run of overlapping arguments (:func:`_groups_apart`; ``group_of_leaf``
+        then maps each argument to its window's group)."""
         opened: list[_Group] = []
         # An overwritten allocation's window opens last: until its release the pages it overwrites
         # keep their host copies, which the other windows' faults then need not make room around.
@@ -458,6 +464,10 @@ class PagedDispatcher:
             _release_all(opened)
             if isinstance(error, SlabAllocationError):  # the machine's memory, not the op's size: raised as it is
                 raise
+            apart = None if discard or group_of_leaf is not None else _groups_apart(groups)
+            if apart is not None:
+                apart_groups, group_of_leaf = apart
+                return self._run_in_windows(func, info, args, kwargs, leaves, written, apart_groups, discard, group_of_leaf)
             raise _too_many_pages(func, error) from error
         except BaseException:
             _release_all(opened)
@@ -473,7 +483,7 @@ class PagedDispatcher:
         bounded = {id(leaf._paged) for leaf in written} if written and (not info.elementwise or _has_sparse_tensor(args, kwargs)) else ()
         try:
             for leaf in leaves:
-                group = groups.get(id(leaf._paged))
+                group = groups.get(id(leaf._paged)) if group_of_leaf is None else group_of_leaf.get(id(leaf))
                 dense[id(leaf)] = group.window.dense(leaf, bounded=id(leaf._paged) in bounded) if group is not None else _empty_like_leaf(leaf)
             if len(leaves) == 1 and args and args[0] is leaves[0]:  # one PagedTensor, first: no search
                 dense_args, dense_kwargs = (dense[id(leaves[0])], *args[1:]), kwargs
@@ -686,6 +696,42 @@ class _Group:
     def add(self, lo: int, hi: int, leaf: PagedTensor) -> None:
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         self.leaves.append(leaf)
+
+
+def _groups_apart(groups: dict[Any, _Group]) -> Optional[tuple[dict[Any, _Group], dict[int, _Group]]]:
+    """The groups of an op cut where an allocation's arguments reach bytes far apart: one group per
+    run of arguments whose byte spans overlap (``t[:4]`` and ``t[-4:]`` two, ``t`` and ``t[2]`` one),
+    each with the written arguments among its own; and the group of each argument. None where no
+    allocation's arguments fall apart so, or the runs' windows would hold no fewer pages than the
+    union's. Arguments whose bytes do not overlap cannot see each other's writes through memory, so
+    the op's values are those of one window: a page two runs share is pinned by both windows, and a
+    gathered window writes back only the bytes of its own written arguments."""
+    apart: dict[Any, _Group] = {}
+    group_of_leaf: dict[int, _Group] = {}
+    cut = False
+    for key, group in groups.items():
+        spans = sorted(((*byte_span(leaf), index) for index, leaf in enumerate(group.leaves)), key=lambda span: span[:2])
+        runs: list[_Group] = []
+        for lo, hi, index in spans:
+            leaf = group.leaves[index]
+            if runs and lo < runs[-1].hi:
+                runs[-1].add(lo, hi, leaf)
+            else:
+                runs.append(_Group(group.storage, lo, hi, leaf))
+        page_size = group.storage.allocation.page_size
+        pages = sum(-(-run.hi // page_size) - run.lo // page_size for run in runs)
+        if len(runs) > 1 and pages < -(-group.hi // page_size) - group.lo // page_size:
+            cut = True
+        else:
+            runs = [_Group(group.storage, group.lo, group.hi, group.leaves[0])]
+            runs[0].leaves = list(group.leaves)
+        for number, run in enumerate(runs):
+            run.private = group.private
+            run.written = [leaf for leaf in group.written if any(leaf is member for member in run.leaves)]
+            apart[(key, number)] = run
+            for leaf in run.leaves:
+                group_of_leaf[id(leaf)] = run
+    return (apart, group_of_leaf) if cut else None
 
 
 class _Window:
