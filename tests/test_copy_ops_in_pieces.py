@@ -147,6 +147,45 @@ def test_cat_and_stack_give_the_dense_result(concatenation, seed):
         assert within_tier(pager)
 
 
+@SETTINGS
+@given(concatenation=concatenations(), out_dtype=st.sampled_from((None, *DTYPES, torch.float64)), out_layout=st.sampled_from(LAYOUTS),
+       paged_out=st.booleans(), seed=st.integers(0, 99))  # fmt: skip
+def test_cat_and_stack_into_out_give_the_dense_result(concatenation, out_dtype, out_layout, paged_out, seed):
+    """``torch.cat(..., out=)`` / ``torch.stack(..., out=)`` past the tier, into a paged or plain
+    ``out`` of any layout and any dtype (the result's or another: converted as torch converts, or
+    torch's error where it refuses the cast): ``out`` holds the dense op's bits, the op returns it."""
+    stack, dim, inputs = concatenation
+    with make_pager() as pager:
+        pairs = [paged_and_dense(pager, shape, dtype, layout, seed + i, paged) for i, (shape, dtype, layout, paged) in enumerate(inputs)]
+        op = torch.stack if stack else torch.cat
+        expected = op([dense for _, dense in pairs], dim=dim)
+        out, dense_out = paged_and_dense(pager, tuple(expected.shape), out_dtype or expected.dtype, out_layout, seed + 7, paged_out)
+        try:
+            dense_result = op([dense for _, dense in pairs], dim=dim, out=dense_out)
+        except Exception as dense_error:  # a cast torch refuses
+            with pytest.raises(type(dense_error)) as paged_error:
+                op([tensor for tensor, _ in pairs], dim=dim, out=out)
+            assert str(paged_error.value) == str(dense_error)
+            return
+        result = op([tensor for tensor, _ in pairs], dim=dim, out=out)
+        assert result is out and dense_result is dense_out
+        values = out.materialize() if isinstance(out, PagedTensor) else out
+        assert same_bits(values, dense_out)
+        assert within_tier(pager)
+
+
+def test_cat_into_a_paged_out_of_another_shape_raises_before_reading_a_page():
+    with make_pager() as pager:
+        x = torch.randn(64, 256)
+        paged = PagedTensor.wrap(x.clone(), pager)
+        out = PagedTensor.wrap(torch.zeros(129, 256), pager)
+        faults = pager.stats()["faults"]
+        with pytest.raises(NotImplementedError, match=r"would resize its PagedTensor output from \[129, 256\] to \[128, 256\]"):
+            torch.cat([paged, paged], out=out)
+        assert pager.stats()["faults"] == faults
+        assert torch.equal(out.materialize(), torch.zeros(129, 256))
+
+
 def test_cat_skips_one_dimensional_empty_inputs_as_torch_does():
     with make_pager() as pager:
         x = torch.randn(64, 256)
@@ -490,3 +529,35 @@ def test_cat_and_stack_past_the_tier_refuse_the_promotions_torch_refuses(op):
             assert str(paged_error.value) == str(dense_error.value)
         same = torch.arange(8 * PAGE).remainder(200).to(torch.uint16).reshape(-1, 64)  # one dtype: no promotion
         assert same_bits(op([PagedTensor.wrap(same, pager), same]), op([same, same]))
+
+
+@SETTINGS
+@given(rows=st.integers(20, 80), width=st.integers(100, 300), broadcast=st.sampled_from(["row", "column", "scalar"]),
+       paged_other=st.booleans(), flip=st.booleans(), kind=st.sampled_from(["equal", "one element", "nan"]), seed=st.integers(0, 99))  # fmt: skip
+def test_allclose_broadcasting_a_smaller_tensor_gives_torchs_answer(rows, width, broadcast, paged_other, flip, kind, seed):
+    """``allclose`` of a PagedTensor larger than a piece and a tensor broadcast to its shape (a row, a
+    column, one element; paged or plain; on either side): torch's answer, within the tier."""
+    with make_pager() as pager:
+        small_shape = {"row": (width,), "column": (rows, 1), "scalar": (1, 1)}[broadcast]
+        small = random_values(small_shape, torch.float32, seed)
+        values = changed(small.expand(rows, width), "nan" if kind == "nan" else "equal", seed % (rows * width))
+        values = changed(values, "one element" if kind == "one element" else "equal", (seed * 7) % (rows * width))
+        large = PagedTensor.wrap(values.clone(), pager)
+        other = PagedTensor.wrap(small.clone(), pager) if paged_other else small
+        for equal_nan in (False, True):
+            pairs = ((other, large), (small, values)) if flip else ((large, other), (values, small))
+            assert torch.allclose(*pairs[0], equal_nan=equal_nan) is torch.allclose(*pairs[1], equal_nan=equal_nan)
+        assert within_tier(pager)
+
+
+def test_allclose_of_shapes_that_do_not_broadcast_raises_torchs_error():
+    with make_pager() as pager:
+        x = torch.randn(64, 256)
+        paged = PagedTensor.wrap(x.clone(), pager)
+        faults = pager.stats()["faults"]
+        with pytest.raises(RuntimeError) as dense_error:
+            torch.allclose(x, x[0, :7])
+        with pytest.raises(RuntimeError) as paged_error:
+            torch.allclose(paged, x[0, :7])
+        assert str(paged_error.value) == str(dense_error.value)
+        assert pager.stats()["faults"] == faults

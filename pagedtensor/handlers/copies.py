@@ -6,14 +6,16 @@ between layouts the elementwise pieces cannot follow.
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator
+import warnings
+from typing import Any, Iterator, Optional
 
 import torch
 from torch._ops import OpOverload
 
-from pagedtensor.dispatch import DISPATCHER, aten, implements
+from pagedtensor.dispatch import DISPATCHER, aten, implements, resize_refused
 from pagedtensor.errors import DeviceTierFullError
 from pagedtensor.handlers.parts import (
+    _arguments_by_name,
     _copies_in_parts,
     _cut_in_parts,
     _larger_than_a_piece,
@@ -115,6 +117,34 @@ def concatenate_in_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: d
     return result
 
 
+@implements([aten.cat.out, aten.stack.out])
+def concatenate_into_out_in_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``torch.cat(tensors, out=out)`` / ``torch.stack``: the generic way; where the device tier was
+    the bound, each input is copied into its slice of ``out`` a part of pages at a time (``copy_``
+    converts to ``out``'s dtype, as the dense op does), after torch's checks on the layouts (its
+    errors, the casts it refuses) and before any page is read. A PagedTensor ``out`` of another
+    shape raises (its pages are fixed; torch would resize it); one sharing an allocation with an
+    input keeps the pager's error (a slice written could be read later as an input)."""
+    try:
+        return DISPATCHER.run_generic(func, types, args, kwargs)
+    except DeviceTierFullError:
+        bound = _arguments_by_name(func, args, kwargs)
+        tensors, dim, out = list(bound["tensors"]), bound["dim"], bound["out"]
+        if not _copies_in_parts([*tensors, out]) or (
+            isinstance(out, PagedTensor) and any(isinstance(t, PagedTensor) and t._paged is out._paged for t in tensors)
+        ):
+            raise
+        layout = _concatenated_layout(func, tensors, dim, out)
+        if layout.shape != out.shape:
+            if isinstance(out, PagedTensor):
+                raise resize_refused(func, out.shape, layout.shape, args, kwargs) from None
+            raise  # torch resizes a plain out=: the generic way's error stands
+        slices = _stacked_slices(out, tensors, dim) if func is aten.stack.out else _concatenated_slices(out, tensors, dim)
+        for target, source in slices:
+            copy_in_parts(target, source)
+        return out
+
+
 @implements([aten.equal.default, aten.allclose.default])
 def compare_in_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> bool:
     """``torch.equal`` / ``torch.allclose`` of a PagedTensor larger than a piece: the dense op on
@@ -123,30 +153,41 @@ def compare_in_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: dict)
     elements (``allclose`` is ``isclose(...).all()``), so this is the dense op's answer: dtypes
     compared as it compares them, its errors (from the first part), NaN unequal to itself unless
     ``equal_nan``. (``isclose``, made of elementwise ops, runs in pieces only where the two share one
-    layout.) ``equal`` of other shapes is ``False``; ``allclose`` of other shapes (a broadcast) runs
-    the generic way."""
+    layout.) ``equal`` of other shapes is ``False``; ``allclose`` of other shapes compares the two
+    broadcast to one shape (as ``isclose`` does), and raises torch's error where they do not broadcast,
+    from zero-stride stand-ins, before any page is read."""
     a, b = args[0], args[1]
     if not _copies_in_parts([a, b]) or not _larger_than_a_piece([t for t in (a, b) if isinstance(t, PagedTensor)]):
         return DISPATCHER.run_paged(func, types, args, kwargs)
     if a.shape != b.shape:
         if func is aten.equal.default:
             return False
-        return DISPATCHER.run_paged(func, types, args, kwargs)
+        shape = broadcast_shape([a, b])
+        if shape is None:
+            stand_ins = [torch.empty((), dtype=t.dtype, device=t.device).expand(t.shape) for t in (a, b)]
+            return func(*stand_ins, *args[2:], **kwargs)  # raises torch's error
+        a, b = a.expand(shape), b.expand(shape)
     return all(func(_plain_copy(part_a), _plain_copy(part_b), *args[2:], **kwargs) for part_a, part_b in _matching_parts(a, b))
 
 
-def _concatenated_layout(func: OpOverload, tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
-    """The result of ``cat`` / ``stack`` run on meta tensors of the inputs' layouts. Where that raises,
-    the op raises torch's own error on zero-stride stand-ins of the inputs (its checks come before
-    its result is allocated), nothing allocated. The dtypes are first promoted as the dense op
-    promotes them, raising its error where torch refuses (uint16/32/64 with other ints, float8 with
-    anything else), which the meta kernel does not."""
+def _concatenated_layout(func: OpOverload, tensors: list[torch.Tensor], dim: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The result of ``cat`` / ``stack`` run on meta tensors of the inputs' layouts (and of ``out``'s,
+    the ``out=`` form, returning that meta ``out`` as the kernel left it). Where that raises, the op
+    raises torch's own error on zero-stride stand-ins of the inputs and ``out`` (its checks come
+    before its result is allocated or written), nothing allocated. The dtypes are first promoted as
+    the dense op promotes them, raising its error where torch refuses (uint16/32/64 with other ints,
+    float8 with anything else), which the meta kernel does not."""
     functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    outs = {} if out is None else {"out": meta_layout(out)}
     try:
-        return func([meta_layout(t) for t in tensors], dim)
+        with warnings.catch_warnings():  # torch's warning that it resizes an out= of another shape: refused instead
+            warnings.simplefilter("ignore")
+            return func([meta_layout(t) for t in tensors], dim, **outs)
     except (RuntimeError, IndexError, ValueError, TypeError) as error:
         stand_ins = [torch.empty((), dtype=t.dtype, device=t.device).expand(t.shape) for t in tensors]
-        func(stand_ins, dim)
+        if out is not None:
+            outs = {"out": torch.empty((), dtype=out.dtype, device=out.device).expand(out.shape)}
+        func(stand_ins, dim, **outs)
         raise error
 
 
