@@ -1,7 +1,7 @@
 """Shared pieces of the paged kernels: argument checks, launch geometry and output allocation.
 
 The kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter
-(``TRITON_INTERPRET=1``, read when a ``@triton.jit`` module is imported). Every check raises a
+(``TRITON_INTERPRET=1`` when the package is imported: Triton reads it as it builds the kernels). Every check raises a
 ``TypeError`` (wrong type or dtype) or a ``ValueError`` (wrong shape, value or device) that names
 the argument and the value it got.
 """
@@ -14,6 +14,8 @@ import numbers
 import os
 
 import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
 
 from pagedtensor.tensor import dense_and_non_overlapping
 
@@ -28,9 +30,39 @@ POISON: float | None = None
 MAX_GRID_Y = 65535  # CUDA caps a launch grid's second (and third) dimension here
 
 
+@triton.jit
+def _how_triton_builds_kernels() -> None:
+    """Decorated as every kernel of the package is, as the package is imported: whether Triton made
+    it an interpreted function tells how it built them all."""
+
+
+_INTERPRETED = isinstance(_how_triton_builds_kernels, InterpretedFunction)
+
+
 def interpreting() -> bool:
-    """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether the package's Triton kernels run under the CPU interpreter: what Triton decided as it
+    built them, when ``pagedtensor.triton_kernels`` was imported (``TRITON_INTERPRET=1`` then, in
+    Triton's reading of the value: ``true`` and ``on`` too, ``false`` and ``off`` not)."""
+    return _INTERPRETED
+
+
+def _interpret_set_now() -> bool:
+    """Whether ``TRITON_INTERPRET`` now asks for the interpreter, as Triton reads it."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _set_too_late(wanted: bool) -> str:
+    """A hint where ``TRITON_INTERPRET`` was changed after the kernels were built."""
+    if _interpret_set_now() != wanted:
+        return ""
+    return (
+        f" (TRITON_INTERPRET now {'asks for' if wanted else 'turns off'} the interpreter, but it was "
+        f"{'unset' if wanted else 'set'} when pagedtensor.triton_kernels was imported: Triton builds the kernels "
+        "then; set it before that import)"
+    )
 
 
 def kernel_device() -> torch.device:
@@ -132,10 +164,10 @@ def check_device(device: torch.device, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} is on {tensor.device}, expected {device} (the device of the pages)")
     if device.type == "cuda":
         if interpreting():
-            raise ValueError(f"tensors are on {device} but TRITON_INTERPRET=1 runs kernels on the CPU")
+            raise ValueError(f"tensors are on {device} but TRITON_INTERPRET=1 runs kernels on the CPU{_set_too_late(False)}")
     elif device.type == "cpu":
         if not interpreting():
-            raise ValueError("tensors are on cpu: the Triton kernels need a CUDA device, or TRITON_INTERPRET=1")
+            raise ValueError(f"tensors are on cpu: the Triton kernels need a CUDA device, or TRITON_INTERPRET=1{_set_too_late(True)}")
     else:
         raise ValueError(f"tensors are on {device}: only cuda (or cpu under TRITON_INTERPRET=1) is supported")
 

@@ -176,12 +176,14 @@ def test_the_checked_paging_options_are_enable_paging_s():
 
 
 def test_auto_attention_uses_the_kernels_under_the_interpreter(nvme_dir, monkeypatch):
+    from pagedtensor.triton_kernels import _common
+
     _, model = tiny_pair("llama")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_common, "_INTERPRETED", True)  # how Triton built the kernels at import
     enable_paging(model, tiny_budget(nvme_dir))
     assert model.config._attn_implementation == "pagedllm"
     _, model = tiny_pair("llama")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_common, "_INTERPRETED", False)
     enable_paging(model, tiny_budget(nvme_dir))
     assert model.config._attn_implementation == "sdpa"  # no GPU, no interpreter: dense keys and values
 
