@@ -1208,7 +1208,7 @@ def _changes_no_metadata(func: OpOverload, args: tuple, kwargs: dict) -> bool:
     except AssertionError:
         # a Python meta kernel's assert (CUDA's transpose_ of a dim out of range): torch's own error,
         # from the op on a CPU stand-in of the shape holding one element; else the refusal
-        func(torch.empty((), dtype=self.dtype).expand(self.shape), *meta_args, **meta_kwargs)
+        func(torch.empty((), dtype=self.dtype, device="cpu").expand(self.shape), *meta_args, **meta_kwargs)
         return False
     return (tuple(meta.shape), meta.stride(), meta.storage_offset()) == before
 

@@ -983,7 +983,7 @@ class Pager:
         offset = _int_argument(offset, "offset")
         nbytes = allocation.nbytes - offset if nbytes is None else _int_argument(nbytes, "nbytes")
         first, stop = allocation.page_range(offset, offset + nbytes)
-        out = torch.empty(nbytes, dtype=torch.uint8)
+        out = torch.empty(nbytes, dtype=torch.uint8, device="cpu")  # not the default device: a CPU copy
         for chunk_start, chunk_stop in self._chunks(first, stop):
             with self.ensure_resident(allocation, chunk_start, chunk_stop) as resident:
                 resident.wait()
@@ -1169,7 +1169,7 @@ class Pager:
         are read before :meth:`TransferEngine.upload` returns)."""
         if not pages:
             return
-        buffers = [torch.empty(self.page_size, dtype=torch.uint8) for _ in pages]
+        buffers = [torch.empty(self.page_size, dtype=torch.uint8, device="cpu") for _ in pages]
         moved = self.disk_tier.read_pages([(page.disk_slot, buffer) for page, buffer in zip(pages, buffers)])
         slots = [page.device_slot for page in pages]
         event = self.engine.upload(buffers, slots, self.device_tier, self._device_fences.take(slots))

@@ -48,7 +48,7 @@ def grouped_mm_of_routed_experts(func: OpOverload, types: tuple, args: tuple, kw
         return func(mat_a, _unread_stack(mat_b), torch.zeros_like(offs), out_dtype=out_dtype)
     # Per routed expert, the group ends that give every group but the expert's no rows (one copy).
     group_ends = torch.tensor([[0] * expert + [ends[expert] - starts[expert]] * (experts - expert) for expert in routed_experts],
-                              dtype=torch.int32).to(offs.device)  # fmt: skip
+                              dtype=torch.int32, device=offs.device)  # fmt: skip
     # An expert's rows go first in a buffer of mat_a's layout and of its address's alignment
     # (torch's kernel depends on both: the CPU kernel takes another path for an unaligned mat_a).
     rows_first = _buffer_like(mat_a) if any(starts[expert] for expert in routed_experts) else None

@@ -145,7 +145,7 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
     order = torch.argsort(flat, stable=True)  # index places by row, each row's in the index's order
     by_row = flat[order]
     for lo, hi in runs:
-        first, stop = torch.searchsorted(by_row, torch.tensor([lo, hi])).tolist()
+        first, stop = torch.searchsorted(by_row, torch.tensor([lo, hi], device=by_row.device)).tolist()
         places = order[first:stop].sort().values  # the run's places, in the index's order
         run_source = source.index_select(0, places.to(source.device)) if by_place else source
         run_index = (flat[places] - lo).to(request.table.device)

@@ -178,5 +178,5 @@ def _check_out_dtype_and_device(func: OpOverload, out: torch.Tensor, result: tor
         return
     if func.overloadpacket is aten.narrow_copy and out.dtype != result.dtype:
         # its CPU kernel's words (CUDA has no narrow_copy.out kernel; the dtype is checked first)
-        aten.narrow_copy.out(torch.empty(1, dtype=result.dtype), 0, 0, 1, out=torch.empty(0, dtype=out.dtype))
+        aten.narrow_copy.out(torch.empty(1, dtype=result.dtype, device="cpu"), 0, 0, 1, out=torch.empty(0, dtype=out.dtype, device="cpu"))
     aten.alias_copy.out(torch.empty(1, dtype=result.dtype, device=result.device), out=torch.empty(0, dtype=out.dtype, device=out.device))

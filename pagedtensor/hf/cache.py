@@ -429,7 +429,7 @@ class PagedKVCache(Cache):
             return
         valid = new.cpu()
         counts = valid.sum(dim=1).tolist()
-        suffix = torch.arange(q_len)[None, :] >= (q_len - torch.tensor(counts))[:, None]
+        suffix = torch.arange(q_len, device="cpu")[None, :] >= (q_len - torch.tensor(counts, device="cpu"))[:, None]
         if not torch.equal(valid, suffix):
             raise ValueError("PagedKVCache supports left padding only: in each sequence of the attention mask, "
                              "masked tokens must all come before the real ones")

@@ -70,7 +70,7 @@ def _round_up(value: int, multiple: int) -> int:
 
 def _aligned_empty(nbytes: int) -> torch.Tensor:
     """A CPU uint8 tensor of ``nbytes`` starting on a BLOCK boundary (over-allocate and slice)."""
-    base = torch.empty(nbytes + BLOCK, dtype=torch.uint8)
+    base = torch.empty(nbytes + BLOCK, dtype=torch.uint8, device="cpu")  # whatever the default device
     offset = (-base.data_ptr()) % BLOCK
     return base[offset : offset + nbytes]
 

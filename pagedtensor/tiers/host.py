@@ -49,7 +49,7 @@ def aligned_empty(nbytes: int, alignment: int = HOST_ALIGNMENT) -> torch.Tensor:
 
     CPU tensors are only guaranteed 64-byte alignment: over-allocate and slice.
     """
-    base = torch.empty(nbytes + alignment, dtype=torch.uint8)
+    base = torch.empty(nbytes + alignment, dtype=torch.uint8, device="cpu")  # whatever the default device
     offset = (-base.data_ptr()) % alignment
     return base[offset : offset + nbytes]
 
