@@ -493,6 +493,14 @@ class PagedKVCache(Cache):
             "between them (cache.crop(-tokens_added_since)), or make a cache for each"
         )
 
+    def __reduce_ex__(self, protocol: object) -> tuple:
+        raise TypeError(
+            "pickle or torch.save of a PagedKVCache: its keys and values live in a Pager's pages, which are not saved. "
+            "Save the tokens (a generate output's .sequences, or the output with its cache set to None: output.cache, "
+            "output.past_key_values in older transformers) or "
+            "each layer's keys and values as plain tensors (cache.dense_kv(layer_idx))"
+        )
+
     def claim(self) -> bool:
         """Mark the cache in use by this thread for a forward or a ``generate`` (the forward pre-hook and
         ``generate`` wrapper of :func:`~pagedtensor.hf.model.enable_paging` call it); True if this call

@@ -586,24 +586,46 @@ def _begin_forward_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> N
     _begin_forward(module, args, kwargs, paging_state(module))
 
 
-def _decoder_hooks(state: PagingState) -> tuple[Any, Any]:
+def _decoder_hooks(state: PagingState) -> tuple["_DecoderHook", "_DecoderHook"]:
     """The forward pre-hook and hook of the model's decoder (the module that runs the decoder layers,
     ``model.model``), for a forward of the decoder alone (``model.model(ids, attention_mask=...,
     cache=...)``): as the model's own, where no forward of the model runs on this thread (then the
     model's hooks did it). They hold the state by a weak reference (the model holds the state)."""
-    state_ref = weakref.ref(state)
+    return _DecoderHook(state, at_end=False), _DecoderHook(state, at_end=True)
 
-    def begin(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        state = state_ref()
-        if state is not None and state.calls.outer in (None, id(module)):
-            _begin_forward(module, args, kwargs, state)
 
-    def end(module: torch.nn.Module, args: tuple, output: object) -> None:
-        state = state_ref()
-        if state is not None and state.calls.outer == id(module):
-            _end_forward(state)
+class _DecoderHook:
+    """One of :func:`_decoder_hooks`: ``at_end`` the forward hook, else the pre-hook (with kwargs).
+    A deep copy of the decoder shares it; ``pickle`` (``torch.save(model.model)``) saves none, as
+    the pager is not saved: it loads as a hook that does nothing."""
 
-    return begin, end
+    def __init__(self, state: PagingState, at_end: bool) -> None:
+        self.state_ref, self.at_end = weakref.ref(state), at_end
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs_or_output: Any) -> None:
+        state = self.state_ref()
+        if state is None:
+            return
+        if self.at_end:
+            if state.calls.outer == id(module):
+                _end_forward(state)
+        elif state.calls.outer in (None, id(module)):
+            _begin_forward(module, args, kwargs_or_output, state)
+
+    def __deepcopy__(self, memo: dict) -> "_DecoderHook":
+        return self
+
+    def __reduce__(self) -> tuple:
+        return _no_decoder_hook, ()
+
+
+def _no_decoder_hook() -> Any:
+    """What a pickled :class:`_DecoderHook` loads as: :func:`_no_hook`."""
+    return _no_hook
+
+
+def _no_hook(module: torch.nn.Module, args: tuple, kwargs_or_output: Any) -> None:
+    """A forward hook or pre-hook that does nothing."""
 
 
 def _begin_forward(module: torch.nn.Module, args: tuple, kwargs: dict, state: Optional[PagingState]) -> None:

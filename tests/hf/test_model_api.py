@@ -401,6 +401,40 @@ def test_deep_copying_a_paged_model_or_pickling_a_pager_is_refused_by_name(nvme_
     assert torch.load(saved).keys() == model.state_dict().keys()
 
 
+@pytest.mark.parametrize("page_weights", [False, True])
+def test_the_decoder_of_a_paged_model_saves_and_loads_into_one_of_the_same_outputs(nvme_dir, page_weights):
+    """``torch.save(model.model)`` after enable_paging (it failed on the decoder's hooks, local
+    functions): the loaded decoder, with no pager's hooks, gives the unpaged decoder's outputs."""
+    reference, model = tiny_pair("llama")
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=24, host_pages=16), attn_implementation="sdpa", page_weights=page_weights)
+    saved = io.BytesIO()
+    torch.save(model.model, saved)
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=False)
+    ids, mask = prompts(2, length=9)
+    with torch.no_grad():
+        expected = reference.model(ids, attention_mask=mask, use_cache=False).last_hidden_state
+        torch.testing.assert_close(loaded(ids, attention_mask=mask, use_cache=False).last_hidden_state, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.model(ids, attention_mask=mask, use_cache=False).last_hidden_state, expected, rtol=0, atol=1e-6)
+
+
+def test_saving_a_paged_cache_is_refused_by_name(nvme_dir):
+    """A generate output holding its PagedKVCache: torch.save and pickle raise naming the cache and
+    what to save instead (they failed on a weak reference); without the cache it saves."""
+    import pickle
+
+    _, model = tiny_pair("llama")
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa")
+    ids, mask = prompts(1, length=9)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    for save in (pickle.dumps, lambda value: torch.save(value, io.BytesIO())):
+        with pytest.raises(TypeError, match="pickle or torch.save of a PagedKVCache.*with its cache set to None"):
+            save(out)
+    name = "cache" if "cache" in out.keys() else "past_key_values"  # renamed in transformers 5.2x
+    out[name] = None  # an item: setting the attribute to None leaves the item
+    torch.save(out, io.BytesIO())
+
+
 def test_a_failed_paged_forward_leaves_no_paged_forward_flag(nvme_dir):
     """A forward that raises (here: right padding) must not leave the flag that tells the "pagedllm"
     mask the cache skips pads: a later hand-made cache stores them and needs transformers' mask."""
