@@ -58,6 +58,7 @@ from pagedtensor.config import MemoryConfig, format_size, machine_memory_bytes
 from pagedtensor.errors import DeviceTierFullError, OutOfPagesError
 from pagedtensor.fences import SlotFences
 from pagedtensor.metrics import TIERS, PagerMetrics
+from pagedtensor.outside_transforms import outside_transforms
 from pagedtensor.policies import DeferredTouches, make_policy
 from pagedtensor.tiers import DeviceTier, DiskTier, HostTier
 from pagedtensor.transfer import Event, TransferEngine, coalesce_runs
@@ -327,6 +328,7 @@ class ResidentPages:
     def _not_pinned(self, outside: list) -> ValueError:
         return ValueError(f"dirty page {min(outside, key=repr)!r} is not one of the pinned pages [{self.start}, {self.stop}) of allocation {self.allocation.id}")
 
+    @outside_transforms
     def release(
         self, *, dirty: Union[bool, Iterable[int]] = False, stream: Optional[torch.cuda.Stream] = None, event: Event = None
     ) -> None:
@@ -561,6 +563,7 @@ class Pager:
                 return  # closed by another thread since the test above: the allocation went with it
             log.warning("could not free allocation %d of a collected PagedTensor: %s", allocation.id, error)
 
+    @outside_transforms
     def free(self, allocation: Allocation) -> None:
         """Release every copy of every page of ``allocation``. Its pages must not be pinned."""
         if self._deferred_frees:
@@ -579,6 +582,7 @@ class Pager:
             if self._pin_waiters:
                 self._wake_pin_waiters()  # its device slots are free
 
+    @outside_transforms
     def discard(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> None:
         """Drop every copy of pages ``[start, stop)`` of ``allocation``: they take no tier memory and
         read as zeros again, as pages never written (the allocation stays). For a client that stops
@@ -624,6 +628,7 @@ class Pager:
 
     # ------------------------------------------------------------------ residency
 
+    @outside_transforms
     def release_together(self, releases: Sequence[tuple[ResidentPages, Iterable[int]]], stream: Optional[torch.cuda.Stream] = None) -> None:
         """Release several pinned ranges of this pager at one point of ``stream`` (default: the
         current stream): ``(resident, dirty page numbers)`` each, as :meth:`ResidentPages.release`.
@@ -657,6 +662,7 @@ class Pager:
         if errors:
             raise errors[0]
 
+    @outside_transforms
     def ensure_resident(
         self, allocation: Allocation, start: int = 0, stop: Optional[int] = None, *, discard: Iterable[int] = ()
     ) -> ResidentPages:
@@ -792,6 +798,7 @@ class Pager:
                     page.ready = None
         return [event for key, event in events.items() if key not in finished]
 
+    @outside_transforms
     def prefetch(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> concurrent.futures.Future:
         """Bring pages ``[start, stop)`` to the device tier in the background, without pinning them.
 
@@ -810,6 +817,7 @@ class Pager:
             start, stop = self._check_range(allocation, start, stop)
             return self._run_prefetch(allocation.pages[start:stop], self._prefetch_now, [(allocation, start, stop)])
 
+    @outside_transforms
     def prefetch_together(self, allocations: Sequence[Allocation]) -> concurrent.futures.Future:
         """Bring every page of ``allocations`` to the device tier in the background, as one batch.
 
@@ -854,6 +862,7 @@ class Pager:
             # in a cycle until the garbage collector ran (concurrent.futures' worker drops its own alike).
             del future
 
+    @outside_transforms
     def evict_all(self) -> None:
         """Move every unpinned page off the device tier (host overflow goes to disk).
 
@@ -865,6 +874,7 @@ class Pager:
             victims = self.device_policy.victims(self.device_tier.used_pages, self._device_evictable)
             self._evict_from_device(victims)
 
+    @outside_transforms
     def evict(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> int:
         """Move the unpinned device-resident pages of ``[start, stop)`` off the device tier.
 
@@ -880,6 +890,7 @@ class Pager:
                 self._evict_from_device(victims)
             return len(victims)
 
+    @outside_transforms
     def write_back(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> int:
         """Give each unpinned device-resident page of ``[start, stop)`` that has no copy in a lower
         tier a host copy, and leave it resident: it is clean, so evicting it later costs no copy
@@ -914,6 +925,7 @@ class Pager:
                     break
             return written
 
+    @outside_transforms
     def synchronize(self) -> None:
         """Block until every enqueued transfer has finished (prefetches included)."""
         self._drain_prefetches()
@@ -932,6 +944,7 @@ class Pager:
 
     # ------------------------------------------------------------------ bytes in and out
 
+    @outside_transforms
     def write(self, allocation: Allocation, data: torch.Tensor, offset: int = 0) -> None:
         """Copy ``data``'s bytes into ``allocation`` at byte ``offset`` (blocking the current stream's order).
 
@@ -977,6 +990,7 @@ class Pager:
             if pinned_source:
                 self.engine.record().synchronize()
 
+    @outside_transforms
     def read(self, allocation: Allocation, offset: int = 0, nbytes: Optional[int] = None) -> torch.Tensor:
         """A CPU uint8 copy of ``nbytes`` (default: to the end) of ``allocation`` from byte ``offset``."""
         self._check_allocation(allocation)

@@ -38,6 +38,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 import torch
 
 from pagedtensor.default_pager import get_default_pager
+from pagedtensor.outside_transforms import in_a_transform, outside_transforms
 from pagedtensor.pager import Allocation, Pager, unpageable_reason
 
 log = logging.getLogger(__name__)
@@ -343,6 +344,13 @@ class PagedTensor(torch.Tensor):
             ValueError: ``t``'s dtype, layout or device cannot be paged (sub-byte or quantized
                 dtypes, sparse or nested layouts, meta tensors).
         """
+        if in_a_transform():
+            # Inside a torch.func transform: the PagedTensor and its pages are made below it (a
+            # constant of the transform, as a captured tensor is), after the check that ``t`` is not
+            # one of the transform's own tensors.
+            if isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t):
+                _check_wrappable(t)
+            return outside_transforms(cls.wrap.__func__)(cls, t, pager, name=name)
         if pager is None:
             pager = get_default_pager()
         elif not isinstance(pager, Pager):
@@ -621,8 +629,11 @@ class PagedTensor(torch.Tensor):
 
         On ``device`` (default: the compute device). When the pages fit on the device tier at once
         they fault in there and are copied; otherwise (or for another device) they are read through
-        the pager in chunks, so any size works.
+        the pager in chunks, so any size works. Inside a ``torch.func`` transform it is a constant of
+        the transform, as a tensor captured from outside is.
         """
+        if in_a_transform():
+            return outside_transforms(_DISPATCHER.materialize)(self, device)
         return _DISPATCHER.materialize(self, device)
 
     @run_outside_compile
@@ -1036,6 +1047,12 @@ def _check_wrappable(t: object) -> None:
         raise TypeError(
             f"PagedTensor.wrap: cannot page a tensor subclass of another kind ({type(t).__module__}.{type(t).__qualname__}); "
             "pass a plain tensor"
+        )
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        raise TypeError(
+            "PagedTensor.wrap: the tensor belongs to a torch.func transform (grad, jvp, vjp or vmap: an input of "
+            "the transformed function, or made from one), whose values the pages would hold cut off from the "
+            "transform; wrap the tensor outside the transform and pass the PagedTensor in"
         )
     reason = unpageable_reason(t)
     if reason is None and t.dtype in _UNSUPPORTED_DTYPES:

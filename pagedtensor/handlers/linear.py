@@ -26,7 +26,8 @@ def paged_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     tensor, an FX proxy), autograd recording (grad enabled and any argument requiring grad: the
     saved weight must stay the PagedTensor, not a view of slots the pager reuses), tracing
     (``torch.compile``, ``torch.jit.trace``) and active torch-function or torch-dispatch modes
-    (they would see the slots' view in place of the PagedTensor).
+    (they would see the slots' view in place of the PagedTensor), and ``torch.func`` transforms
+    (``grad``, ``jvp``, ``vmap``: their autograd would save the view of slots the pager reuses).
 
     Stream order, on CUDA: as any op on a PagedTensor (:mod:`pagedtensor.dispatch`): the current stream waits
     for the copies that filled the pages, ``linear`` runs on it, and the release records an event
@@ -67,6 +68,7 @@ def _with_resident_weight(op: Callable[..., torch.Tensor], input: torch.Tensor, 
         or torch.jit.is_tracing()
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._len_torch_dispatch_stack()
+        or torch._C._functorch.peek_interpreter_stack() is not None
     ):  # fmt: skip
         return op(input, weight, bias)
     lo, hi = byte_span(weight)

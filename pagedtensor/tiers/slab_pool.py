@@ -15,6 +15,7 @@ import torch
 
 from pagedtensor.config import format_size
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError
+from pagedtensor.outside_transforms import outside_transforms
 
 SlabAllocator = Callable[[int], torch.Tensor]
 """Returns a contiguous uint8 tensor of exactly the requested number of bytes."""
@@ -181,6 +182,7 @@ class SlabPool:
         start = index * self.page_size
         return self.slabs[slab][start : start + (count * self.page_size if nbytes is None else nbytes)]
 
+    @outside_transforms
     def typed_slab(self, slab: int, dtype: torch.dtype) -> torch.Tensor:
         """Slab number ``slab`` as one flat tensor of ``dtype`` (made once per slab and dtype; the
         page size is a power of two of at least 4 KiB, so every slab holds whole elements)."""
@@ -220,6 +222,7 @@ class SlabPool:
         """Pages of the next slab :meth:`_grow` adds: a full slab, or the budget's rest when smaller (0 when fully grown)."""
         return min(self.slab_pages, self.capacity_pages - self._grown_pages)
 
+    @outside_transforms
     def _grow(self) -> None:
         """Add one slab (``slab_pages`` pages, fewer when the budget's rest is smaller).
 

@@ -804,3 +804,28 @@ def test_a_parameter_that_layers_share_is_paged_once_and_stays_shared(nvme_dir):
     expected, got = reference.state_dict(), model.state_dict()
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
+
+
+@pytest.mark.parametrize("evicted", [False, True])
+def test_torch_func_grad_through_a_weight_paged_model(nvme_dir, evicted):
+    """``torch.func.grad`` of a loss over one weight through ``functional_call`` of a weight-paged
+    model: the unpaged model's gradient (the linears' weights faulted in inside the transform were
+    refused as mutations of captured tensors, or left the pager's views wrapped, breaking every later
+    op); afterwards generate gives the unpaged tokens."""
+    import torch.func as tf
+
+    reference, model = tiny_pair("llama", attn="eager")
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=VRAM_PAGES, host_pages=HOST_PAGES), attn_implementation="eager",
+                  page_weights=True)  # fmt: skip
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(5))
+    name = "model.layers.1.mlp.down_proj.weight"
+
+    def loss(module, weight):
+        return tf.functional_call(module, {name: weight}, (ids,), {"use_cache": False}).logits.pow(2).mean()
+
+    expected = tf.grad(lambda w: loss(reference, w))(reference.get_parameter(name).detach())
+    if evicted:
+        paging_state(model).pager.evict_all()
+    got = tf.grad(lambda w: loss(model, w))(model.get_parameter(name).detach())
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
+    assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), reference.generate(ids, max_new_tokens=3, do_sample=False))
