@@ -551,13 +551,17 @@ class Pager:
         pager call (then a later call does)."""
         if self._inside_a_call():
             return
-        while self._deferred_frees:
-            self._free_quietly(self._deferred_frees.pop())
+        while True:  # one after another, not each inside the last's free (hundreds collected at once)
+            try:
+                allocation = self._deferred_frees.pop()
+            except IndexError:  # emptied (by another thread draining too)
+                return
+            self._free_quietly(allocation)
 
     def _free_quietly(self, allocation: Allocation) -> None:
         try:
             if not self.closed and not allocation.freed:
-                self.free(allocation)
+                self._free(allocation)
         except Exception as error:  # a finalizer must not raise; a pinned page means an op is still running
             if self.closed:
                 return  # closed by another thread since the test above: the allocation went with it
@@ -568,6 +572,10 @@ class Pager:
         """Release every copy of every page of ``allocation``. Its pages must not be pinned."""
         if self._deferred_frees:
             self._drain_deferred_frees()
+        self._free(allocation)
+
+    def _free(self, allocation: Allocation) -> None:
+        """:meth:`free`, the deferred frees left to the caller."""
         with self._lock:
             self._check_allocation(allocation)
             pinned = [page.index for page in allocation.pages if page.pin_count] if allocation.pins else []

@@ -1579,6 +1579,21 @@ def test_out_arguments_that_torch_reshapes_or_resizes_to_their_own_size(pager):
         out.resize_(4, 4)
 
 
+def test_hundreds_of_frees_deferred_at_once_are_all_done():
+    """Hundreds of PagedTensors collected inside one pager call (a reference cycle holding a model's
+    weights): every one is freed at the next call. The drain freed each inside the last one's free,
+    a stack level apiece, and past the recursion limit logged the rest as unfreeable and kept them."""
+    pager = make_pager(device_pages=1024, host_pages=1024)
+    before = pager.stats()["allocations"]
+    tensors = [PagedTensor.wrap(torch.ones(16), pager) for _ in range(1500)]  # a page each
+    with pager._lock:  # as a collection inside a pager call: the finalizers run with the lock held
+        del tensors
+        gc.collect()
+    assert len(pager._deferred_frees) == 1500
+    assert pager.stats()["allocations"] == before
+    assert not any(pager.stats()["resident_bytes"].values())
+
+
 def test_a_free_deferred_inside_a_pager_call_happens_at_the_pagers_next_call():
     """A PagedTensor collected while its thread is inside a pager call (a garbage collection runs
     finalizers anywhere, e.g. while ``allocate`` builds its pages) has its free deferred. Only a later
