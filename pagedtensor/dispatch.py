@@ -104,6 +104,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from pagedtensor.config import normalize_device
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError, out_of_pages_for
+from pagedtensor.interrupts import deferring
 from pagedtensor.list_ops import bump_written_versions, run_list_op
 from pagedtensor.pager import ResidentPages, WrittenPages
 from pagedtensor.pieces import is_elementwise, run_in_pieces
@@ -312,6 +313,7 @@ class PagedDispatcher:
 
     # ------------------------------------------------------------------ dispatch
 
+    @deferring
     def dispatch(self, func: Any, types: tuple, args: tuple, kwargs: dict) -> Any:
         """Run ``func`` on arguments containing PagedTensors; see the module docstring for the order."""
         if not isinstance(func, OpOverload):
@@ -530,6 +532,7 @@ class PagedDispatcher:
         _release_windows(opened)
         return out
 
+    @deferring
     def materialize(self, tensor: PagedTensor, device: Union[str, torch.device, None] = None) -> torch.Tensor:
         """A new dense tensor with ``tensor``'s values, size and strides; see :meth:`PagedTensor.materialize`."""
         if tensor._inner is not None:

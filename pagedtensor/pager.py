@@ -58,6 +58,7 @@ from pagedtensor.config import MemoryConfig, format_size, machine_memory_bytes
 from pagedtensor.errors import DeviceTierFullError, OutOfPagesError
 from pagedtensor.fences import SlotFences
 from pagedtensor.metrics import TIERS, PagerMetrics
+from pagedtensor.interrupts import deferring, install as install_interrupt_deferral, interruptible
 from pagedtensor.outside_transforms import outside_transforms
 from pagedtensor.policies import DeferredTouches, make_policy
 from pagedtensor.tiers import DeviceTier, DiskTier, HostTier
@@ -328,6 +329,7 @@ class ResidentPages:
     def _not_pinned(self, outside: list) -> ValueError:
         return ValueError(f"dirty page {min(outside, key=repr)!r} is not one of the pinned pages [{self.start}, {self.stop}) of allocation {self.allocation.id}")
 
+    @deferring
     @outside_transforms
     def release(
         self, *, dirty: Union[bool, Iterable[int]] = False, stream: Optional[torch.cuda.Stream] = None, event: Event = None
@@ -446,6 +448,7 @@ class Pager:
         if config is not None and not isinstance(config, MemoryConfig):
             raise TypeError(f"config: expected a MemoryConfig (e.g. MemoryConfig(vram_limit='8GiB')), got {type(config).__name__}")
         self.config = config if config is not None else MemoryConfig()
+        install_interrupt_deferral()  # Ctrl-C inside pager calls and ops raised as they return
         self.device = self.config.device
         self.page_size = self.config.page_size
         self.engine = TransferEngine(self.device)
@@ -567,6 +570,7 @@ class Pager:
                 return  # closed by another thread since the test above: the allocation went with it
             log.warning("could not free allocation %d of a collected PagedTensor: %s", allocation.id, error)
 
+    @deferring
     @outside_transforms
     def free(self, allocation: Allocation) -> None:
         """Release every copy of every page of ``allocation``. Its pages must not be pinned."""
@@ -590,6 +594,7 @@ class Pager:
             if self._pin_waiters:
                 self._wake_pin_waiters()  # its device slots are free
 
+    @deferring
     @outside_transforms
     def discard(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> None:
         """Drop every copy of pages ``[start, stop)`` of ``allocation``: they take no tier memory and
@@ -636,6 +641,7 @@ class Pager:
 
     # ------------------------------------------------------------------ residency
 
+    @deferring
     @outside_transforms
     def release_together(self, releases: Sequence[tuple[ResidentPages, Iterable[int]]], stream: Optional[torch.cuda.Stream] = None) -> None:
         """Release several pinned ranges of this pager at one point of ``stream`` (default: the
@@ -670,6 +676,7 @@ class Pager:
         if errors:
             raise errors[0]
 
+    @deferring
     @outside_transforms
     def ensure_resident(
         self, allocation: Allocation, start: int = 0, stop: Optional[int] = None, *, discard: Iterable[int] = ()
@@ -806,6 +813,7 @@ class Pager:
                     page.ready = None
         return [event for key, event in events.items() if key not in finished]
 
+    @deferring
     @outside_transforms
     def prefetch(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> concurrent.futures.Future:
         """Bring pages ``[start, stop)`` to the device tier in the background, without pinning them.
@@ -825,6 +833,7 @@ class Pager:
             start, stop = self._check_range(allocation, start, stop)
             return self._run_prefetch(allocation.pages[start:stop], self._prefetch_now, [(allocation, start, stop)])
 
+    @deferring
     @outside_transforms
     def prefetch_together(self, allocations: Sequence[Allocation]) -> concurrent.futures.Future:
         """Bring every page of ``allocations`` to the device tier in the background, as one batch.
@@ -870,6 +879,7 @@ class Pager:
             # in a cycle until the garbage collector ran (concurrent.futures' worker drops its own alike).
             del future
 
+    @deferring
     @outside_transforms
     def evict_all(self) -> None:
         """Move every unpinned page off the device tier (host overflow goes to disk).
@@ -882,6 +892,7 @@ class Pager:
             victims = self.device_policy.victims(self.device_tier.used_pages, self._device_evictable)
             self._evict_from_device(victims)
 
+    @deferring
     @outside_transforms
     def evict(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> int:
         """Move the unpinned device-resident pages of ``[start, stop)`` off the device tier.
@@ -898,6 +909,7 @@ class Pager:
                 self._evict_from_device(victims)
             return len(victims)
 
+    @deferring
     @outside_transforms
     def write_back(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> int:
         """Give each unpinned device-resident page of ``[start, stop)`` that has no copy in a lower
@@ -933,6 +945,7 @@ class Pager:
                     break
             return written
 
+    @deferring
     @outside_transforms
     def synchronize(self) -> None:
         """Block until every enqueued transfer has finished (prefetches included)."""
@@ -952,6 +965,7 @@ class Pager:
 
     # ------------------------------------------------------------------ bytes in and out
 
+    @deferring
     @outside_transforms
     def write(self, allocation: Allocation, data: torch.Tensor, offset: int = 0) -> None:
         """Copy ``data``'s bytes into ``allocation`` at byte ``offset`` (blocking the current stream's order).
@@ -998,6 +1012,7 @@ class Pager:
             if pinned_source:
                 self.engine.record().synchronize()
 
+    @deferring
     @outside_transforms
     def read(self, allocation: Allocation, offset: int = 0, nbytes: Optional[int] = None) -> torch.Tensor:
         """A CPU uint8 copy of ``nbytes`` (default: to the end) of ``allocation`` from byte ``offset``."""
@@ -1293,7 +1308,8 @@ class Pager:
             return False
         self._pin_waiters.add(me)
         try:
-            self._unpinned.wait(min(remaining, threading.TIMEOUT_MAX))  # a longer timeout overflows: the caller waits again
+            with interruptible():  # Ctrl-C raises at once here (a wait of up to pin_wait_s)
+                self._unpinned.wait(min(remaining, threading.TIMEOUT_MAX))  # a longer timeout overflows: the caller waits again
         finally:
             self._pin_waiters.discard(me)
         self._check_open()

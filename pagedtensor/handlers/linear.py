@@ -12,6 +12,7 @@ import torch
 
 from pagedtensor.dispatch import _empty_like_leaf, _Window
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError, out_of_pages_for
+from pagedtensor.interrupts import deferring
 from pagedtensor.tensor import PagedTensor, byte_span
 
 
@@ -53,6 +54,7 @@ def paged_conv1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     return _with_resident_weight(conv1d, input, weight, bias)
 
 
+@deferring
 def _with_resident_weight(op: Callable[..., torch.Tensor], input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``op(input, weight, bias)`` with a PagedTensor ``weight``'s pages pinned resident and read as
     one dense view (:func:`paged_linear` says when ``op`` gets the PagedTensor itself instead)."""

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from pagedtensor.interrupts import deferring
 from pagedtensor.hf.cache import ACTIVE_UPDATE, ATTENTION_NAME, KeyPiece, PagedKVCache
 from pagedtensor.tensor import run_outside_compile
 
@@ -137,6 +138,7 @@ def _window_keys_start(cache: PagedKVCache, layer_idx: int, q_len: int, window: 
     return start
 
 
+@deferring
 def paged_attention(cache: PagedKVCache, layer_idx: int, query: torch.Tensor, scaling: Optional[float] = None) -> torch.Tensor:
     """Attention of ``query`` ``[batch, heads, q_len, head_dim]`` over the layer's pages (its last
     update included); returns ``[batch, q_len, heads, head_dim]``."""

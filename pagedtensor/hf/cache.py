@@ -65,6 +65,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from pagedtensor.config import MemoryConfig, SizeLike, check_memory_config, format_size, parse_size
+from pagedtensor.interrupts import deferring
 from pagedtensor.pager import Allocation, Page, Pager, ResidentPages
 from pagedtensor.tensor import run_outside_compile
 
@@ -354,6 +355,7 @@ class PagedKVCache(Cache):
     # ------------------------------------------------------------------ transformers Cache API
 
     @run_outside_compile
+    @deferring
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``key_states`` ``[batch, kv_heads, q_len, head_dim]`` and ``value_states``
         ``[batch, kv_heads, q_len, value_dim]`` to layer ``layer_idx``.
@@ -997,6 +999,7 @@ class PagedKVCache(Cache):
 
     # ------------------------------------------------------------------ reads: dense
 
+    @deferring
     def dense_kv(self, layer_idx: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's keys ``[batch, kv_heads, total - start, head_dim]`` and values ``[..., value_dim]``
         of positions ``[start, total)``; sequence ``b`` fills the last ``length[b]`` positions (its

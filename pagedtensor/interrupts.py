@@ -1,0 +1,91 @@
+"""Ctrl-C inside a PagedTensor op or a pager call is raised as the call returns.
+
+A Ctrl-C lands between any two bytecodes. Inside the pager's bookkeeping it would leave a page half
+moved: a slot taken and not recorded, a policy entry without its copy, a pin that no release will
+undo. So while the main thread is inside an op on PagedTensors or a pager call
+(:func:`deferring`), the SIGINT handler the pager installs only notes the interrupt, and
+``KeyboardInterrupt`` is raised as the outermost such call returns (its result dropped), or sooner
+where the pager waits for other threads' pins (:func:`interruptible`; nothing is half done there).
+A Ctrl-C outside them raises at once, as Python's own handler does.
+
+The handler is installed by the first :class:`~pagedtensor.Pager` made on the main thread, and only
+where SIGINT has Python's default handler (``KeyboardInterrupt``). A handler of the program's own
+is left alone: its exceptions then land wherever the signal does, as without the pager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import signal
+import threading
+from typing import Callable, Iterator, TypeVar
+
+Function = TypeVar("Function", bound=Callable)
+
+_local = threading.local()  # .depth: how many deferring calls this thread is inside
+_pending = False  # a Ctrl-C arrived while the main thread was inside one
+_installed = False
+
+
+def install() -> None:
+    """Install the deferring SIGINT handler, once, from the main thread, where SIGINT has Python's
+    default handler; otherwise leave signals as they are."""
+    global _installed
+    if _installed or threading.current_thread() is not threading.main_thread():
+        return
+    _installed = True
+    try:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _note_or_raise)
+    except (ValueError, OSError):  # an interpreter without signals (embedded): nothing to defer
+        pass
+
+
+def _note_or_raise(signum: int, frame: object) -> None:
+    """The SIGINT handler (it runs on the main thread): noted inside a deferring call, else raised."""
+    global _pending
+    if getattr(_local, "depth", 0):
+        _pending = True
+        return
+    signal.default_int_handler(signum, frame)
+
+
+def _raise_pending() -> None:
+    global _pending
+    if threading.current_thread() is threading.main_thread():  # the note is the main thread's
+        _pending = False
+        raise KeyboardInterrupt
+
+
+def deferring(function: Function) -> Function:
+    """``function`` with a Ctrl-C arriving inside it raised as it returns (as the outermost such call
+    returns, where they nest)."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        local = _local
+        depth = getattr(local, "depth", 0)
+        local.depth = depth + 1
+        try:
+            return function(*args, **kwargs)
+        finally:
+            local.depth = depth
+            if _pending and not depth:
+                _raise_pending()
+
+    return run  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """A stretch inside a deferring call where a Ctrl-C raises at once (a wait that may be long and
+    leaves nothing half done); one noted before it raises as it starts."""
+    depth = getattr(_local, "depth", 0)
+    _local.depth = 0
+    try:
+        if _pending:
+            _raise_pending()
+        yield
+    finally:
+        _local.depth = depth
