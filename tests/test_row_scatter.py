@@ -1322,3 +1322,51 @@ def test_index_ops_whose_index_is_a_view_of_the_written_table_do_not_write_past_
         with pytest.raises(RuntimeError, match="refer to a single memory location"):
             torch.index_select(table[:32], 0, table[40, :8], out=table[40:48])
         assert torch.equal(table.materialize(), base)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(table_dtype=st.sampled_from([torch.float32, torch.float16, torch.int64, torch.uint8, torch.bool]),
+       value_dtype=st.sampled_from([torch.float64, torch.float32, torch.int64, torch.int32, torch.bool]),
+       value=st.sampled_from([0, 1, 1.5, -3, 300, 1e30, float("nan")]),
+       form=st.sampled_from(["t[mask] = v", "t[rows, 3] = v", "t.T[mask.T] = v", "t[:, cols] = v", "index_put_"]),
+       seed=st.integers(0, 99))  # fmt: skip
+def test_a_mask_put_of_one_value_of_another_dtype_casts_it_as_torch_does(table_dtype, value_dtype, value, form, seed):
+    """``t[mask] = torch.tensor(v)`` with a value of another dtype on a table past the tier: torch's
+    ``index_put_`` runs ``masked_fill_`` then, which casts the value (or raises its overflow error);
+    the paged table raised "Index put requires the source and destination dtypes match"."""
+    generator = torch.Generator().manual_seed(seed)
+    if table_dtype == torch.uint8:
+        dense = torch.randint(0, 256, (64, 256), generator=generator, dtype=torch.uint8)
+    else:
+        dense = random_values((64, 256), table_dtype, generator)  # 16 pages of fp32: twice the tier
+    mask = torch.rand(64, 256, generator=generator) < 0.3
+    if value_dtype == torch.bool:
+        scalar = torch.tensor(bool(value == value and value))
+    elif value_dtype.is_floating_point:
+        scalar = torch.tensor(value, dtype=value_dtype)
+    else:
+        scalar = torch.tensor(int(value) if value == value and abs(value) < 1e9 else 7, dtype=value_dtype)
+
+    def put(t: torch.Tensor) -> None:
+        if form == "t[mask] = v":
+            t[mask] = scalar
+        elif form == "t[rows, 3] = v":
+            t[mask[:, 0], 3] = scalar
+        elif form == "t.T[mask.T] = v":
+            t.T[mask.T] = scalar
+        elif form == "t[:, cols] = v":
+            t[:, mask[0]] = scalar
+        else:
+            t.index_put_((mask,), scalar)
+
+    with make_pager() as pager:
+        paged = PagedTensor.wrap(dense.clone(), pager)
+        try:
+            put(dense)
+        except (RuntimeError, OverflowError, ValueError) as dense_error:
+            with pytest.raises(type(dense_error)) as paged_error:
+                put(paged)
+            assert str(dense_error) in str(paged_error.value)
+        else:
+            put(paged)
+        assert same_bits(paged.materialize(), dense)
