@@ -318,9 +318,9 @@ def _run_compacted_then_expand(func: OpOverload, given_args: tuple, given_kwargs
     if layout is None:
         return NotImplemented
     small = func(*args, **kwargs)  # dispatched as any op: in pieces where its pages do not fit at once
-    if not isinstance(small, torch.Tensor) or small.dtype != layout.dtype:
+    if not isinstance(small, torch.Tensor):
         return NotImplemented
-    out = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=small.device)
+    out = _result_like(layout, small, small.device)  # the kernel's dtype, where the meta kernel infers another
     return out.copy_(small.expand(layout.shape))
 
 
@@ -343,7 +343,7 @@ def _run_along_expanded_dims(func: OpOverload, args: tuple, kwargs: dict, shape:
     dims = [d for d in range(ndim) if shape[d] > 1 and all(expanded_along(t, d) for t in paged)]
     if layout is None or not dims:
         return NotImplemented
-    out = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=paged[0].device)
+    out: Optional[torch.Tensor] = None
 
     def sliced(value: Any, index: tuple[int, ...]) -> Any:
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
@@ -355,8 +355,10 @@ def _run_along_expanded_dims(func: OpOverload, args: tuple, kwargs: dict, shape:
         return value
 
     for index in itertools.product(*(range(shape[d]) for d in dims)):
-        sliced(out, index).copy_(func(*(sliced(value, index) for value in args),
-                                      **{name: sliced(value, index) for name, value in kwargs.items()}))  # fmt: skip
+        part = func(*(sliced(value, index) for value in args), **{name: sliced(value, index) for name, value in kwargs.items()})
+        if out is None:  # of the dtype the kernel gives, where the meta kernel infers another
+            out = _result_like(layout, part, paged[0].device)
+        sliced(out, index).copy_(part)
     return out
 
 

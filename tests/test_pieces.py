@@ -1168,3 +1168,19 @@ def test_a_number_to_the_power_of_a_transposed_table_is_contiguous_as_torch(devi
         paged = PagedTensor.wrap(table, pager)
         for op in (lambda t: 2**t, lambda t: torch.float_power(2, t), lambda t: t**2):
             assert same_bits(dense(op(paged)), op(table))
+
+
+def test_an_op_on_expanded_views_has_the_kernels_dtype_where_the_meta_kernel_infers_another():
+    """The result of an op read only through expanded views past the tier is made of the dtype the
+    op's kernel gives, not its meta kernel's: ``threshold_backward`` of a float32 gradient and an
+    expanded float64 table gave float32 silently, and ``bool_t.expand(2, n) ** True`` raised."""
+    with make_pager(device_pages=4) as pager:
+        values = torch.randn(1, 8192, dtype=torch.float64, generator=torch.Generator().manual_seed(0))  # 16 pages
+        grad = torch.randn(2, 8192, generator=torch.Generator().manual_seed(1))
+        expected = torch.ops.aten.threshold_backward(grad, values.expand(2, -1), 0.0)
+        got = torch.ops.aten.threshold_backward(grad, PagedTensor.wrap(values.clone(), pager).expand(2, -1), 0.0)
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+        flags = torch.rand(1, 65536, generator=torch.Generator().manual_seed(2)) > 0.5  # 16 pages
+        expected = flags.expand(2, -1) ** True
+        got = PagedTensor.wrap(flags.clone(), pager).expand(2, -1) ** True
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
