@@ -1396,9 +1396,10 @@ def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = Non
     """Run ``model.generate(*args, **kwargs)`` and measure time to first token, decode tokens/s,
     peak CUDA memory and (with a ``pager``) the bytes the pager moved per decoded token.
 
-    The first token is timed when ``model``'s first forward of the call returns (its logits
-    synchronized on CUDA), by a forward hook for the call's length: the forward every decoding mode
-    runs first on the model itself (a logits processor would also run for an assistant's candidates,
+    The first token is timed when the forward of ``model`` that ends its prefill returns (its logits
+    synchronized on CUDA), by a forward hook for the call's length: the first whose forwards so far
+    took the whole prompt's tokens, the first forward itself unless transformers prefills in chunks
+    (``prefill_chunk_size``) (a logits processor would also run for an assistant's candidates,
     before the model's prefill)."""
     inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
     prompt_len = inputs.shape[1] if isinstance(inputs, torch.Tensor) else 0
@@ -1410,8 +1411,12 @@ def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = Non
         if pager is not None:
             marks["stats"] = pager.stats()
 
-    def first_forward(module: torch.nn.Module, args: tuple, output: Any) -> None:
+    def first_forward(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if "first" in marks:
+            return
+        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        marks["prefilled"] = marks.get("prefilled", 0) + (tokens.shape[1] if isinstance(tokens, torch.Tensor) and tokens.dim() > 1 else prompt_len)
+        if marks["prefilled"] < prompt_len:  # a chunk of the prompt: its first token comes later
             return
         logits = getattr(output, "logits", None)
         if isinstance(logits, torch.Tensor) and logits.is_cuda:
@@ -1423,7 +1428,7 @@ def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = Non
         torch.cuda.reset_peak_memory_stats()
         retries_before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     before = pager.stats() if pager is not None else None
-    hook = model.register_forward_hook(first_forward)
+    hook = model.register_forward_hook(first_forward, with_kwargs=True)
     start = time.perf_counter()
     try:
         output = model.generate(*args, **kwargs)

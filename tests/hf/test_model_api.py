@@ -188,6 +188,28 @@ def test_auto_attention_uses_the_kernels_under_the_interpreter(nvme_dir, monkeyp
     assert model.config._attn_implementation == "sdpa"  # no GPU, no interpreter: dense keys and values
 
 
+def test_the_first_token_is_timed_after_the_last_chunk_of_transformers_chunked_prefill(nvme_dir):
+    """``generate(..., prefill_chunk_size=16)``: transformers prefills in several forwards; the first
+    token is timed when the one taking the prompt's last chunk returns (it was timed at the first
+    chunk, the rest of the prefill counted as decoding)."""
+    import time
+
+    reference, model = tiny_pair("llama")
+    paged = PagedModel(model, tiny_budget(nvme_dir), attn_implementation="sdpa")
+    ids, mask = prompts(1, length=60)
+    returned: list[float] = []
+    stamp = model.register_forward_hook(lambda module, args, output: returned.append(time.perf_counter()))
+    try:
+        started = time.perf_counter()
+        result = paged.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, measure_memory=True, prefill_chunk_size=16)
+    finally:
+        stamp.remove()
+    assert torch.equal(result.sequences, reference.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False))
+    assert len(returned) == 4 + 2  # four chunks of the 60 tokens, then two decoding steps
+    # measured from a start a moment after ``started``: after the third chunk returned, before the next token
+    assert returned[2] - started < result.time_to_first_token_s < returned[4] - started
+
+
 def test_paged_model_measures_generate(nvme_dir):
     reference, model = tiny_pair("phi3")
     ids, mask = prompts(1, length=30)
