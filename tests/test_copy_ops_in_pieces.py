@@ -421,6 +421,15 @@ def test_gpu_cat_clone_and_equal_run_in_pieces_on_cuda():
         assert torch.equal(paged_x, x)
         assert same_bits(torch.nn.functional.pad(paged_x.t(), (2, -3, 1, 1), value=float("nan")),
                          torch.nn.functional.pad(x.t(), (2, -3, 1, 1), value=float("nan")))  # fmt: skip
+        out, dense_out = PagedTensor.wrap(torch.zeros(256, 128, device="cuda"), pager).t(), torch.zeros(256, 128, device="cuda").t()
+        torch.cat([paged_x[:, :128], paged_y[:, 128:]], dim=1, out=out)  # into a transposed paged out
+        torch.cat([x[:, :128], y[:, 128:]], dim=1, out=dense_out)
+        assert same_bits(out.materialize(), dense_out)
+        stacked = PagedTensor.wrap(torch.zeros(2, 128, 256, device="cuda"), pager)
+        torch.stack([paged_x, paged_y.half()], out=stacked)
+        assert same_bits(stacked.materialize(), torch.stack([x, y.half()]))
+        rows = PagedTensor.wrap(x[3:4].expand(128, 256).contiguous(), pager)
+        assert torch.allclose(rows, x[3]) and not torch.allclose(paged_x, x[3])  # a row broadcast to the table
         assert within_tier(pager)
 
 

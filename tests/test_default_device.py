@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from pagedtensor import MemoryConfig, PagedTensor, Pager
+from tests.support import CPU_AND_CUDA
 
 PAGE = 4096
 
 
-def make_pager(device_pages: int, host_pages: int, nvme_dir: str | None = None) -> Pager:
+def make_pager(device_pages: int, host_pages: int, nvme_dir: str | None = None, device: str = "cpu") -> Pager:
     return Pager(MemoryConfig(page_size=PAGE, vram_limit=device_pages * PAGE, host_memory=host_pages * PAGE, slab_size=host_pages * PAGE,
-                              nvme_path=nvme_dir, prefetch_strategy="none", device="cpu"))  # fmt: skip
+                              nvme_path=nvme_dir, prefetch_strategy="none", device=device))  # fmt: skip
 
 
 @pytest.fixture(params=["meta context", "set_default_device"])
@@ -35,25 +36,29 @@ def default_device_meta(request):
         torch.set_default_device(None)
 
 
-def test_save_deepcopy_and_materialize_read_the_bytes(default_device_meta):
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_save_deepcopy_and_materialize_read_the_bytes(default_device_meta, device):
     x = torch.randn(64, 256, device="cpu")  # 16 pages, twice the device tier
-    with make_pager(8, 64) as pager:
+    with make_pager(8, 64, device=device) as pager:
         paged = PagedTensor.wrap(x.clone(), pager)
         saved = io.BytesIO()
         torch.save(paged, saved)
-        assert torch.equal(copy.deepcopy(paged).materialize(), x)
-        assert torch.equal(paged.materialize(), x)
+        assert torch.equal(copy.deepcopy(paged).materialize().cpu(), x)
+        assert torch.equal(paged.materialize().cpu(), x)
         loaded = torch.load(io.BytesIO(saved.getvalue()), map_location="cpu")
-        values = loaded.materialize() if isinstance(loaded, PagedTensor) else loaded
+        values = loaded.materialize().cpu() if isinstance(loaded, PagedTensor) else loaded
         assert values.device.type == "cpu" and torch.equal(values, x)
 
 
-def test_pages_spilled_to_a_host_slab_grown_there_keep_their_bytes(default_device_meta, nvme_dir):
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_pages_spilled_to_a_host_slab_grown_there_keep_their_bytes(default_device_meta, nvme_dir, device):
     x = torch.randn(64, 256, device="cpu")
-    with make_pager(4, 8, nvme_dir) as pager:  # a fresh pager: its host slab and disk buffers grow under the default device
-        paged = PagedTensor.wrap(x.clone(), pager)
+    with make_pager(4, 8, nvme_dir, device=device) as pager:  # a fresh pager: its host slab and disk buffers grow under the default device
+        paged = PagedTensor.wrap(x.clone().to(device), pager)
         assert pager.stats()["resident_bytes"]["disk"] > 0
-        paged[torch.tensor([60, 2, 33], device="cpu")] = torch.ones(3, 256, device="cpu")  # a row scatter past the tier
+        assert all(slab.device.type == "cpu" for slab in pager.host_tier.slabs)
+        rows = torch.tensor([60, 2, 33], device=device)
+        paged[rows] = torch.ones(3, 256, device=device)  # a row scatter past the tier
         expected = x.clone()
         expected[[60, 2, 33]] = 1
-        assert torch.equal(paged.materialize(), expected)
+        assert torch.equal(paged.materialize().cpu(), expected)

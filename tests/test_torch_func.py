@@ -12,13 +12,14 @@ import torch.nn.functional as F
 
 from pagedtensor import MemoryConfig, PagedTensor, Pager
 from pagedtensor.dispatch import paged_linear
+from tests.support import CPU_AND_CUDA
 
 PAGE = 4096
 
 
-def make_pager(device_pages: int = 64) -> Pager:
+def make_pager(device_pages: int = 64, device: str = "cpu") -> Pager:
     return Pager(MemoryConfig(page_size=PAGE, vram_limit=device_pages * PAGE, host_memory=256 * PAGE, slab_size=64 * PAGE,
-                              prefetch_strategy="none", device="cpu"))  # fmt: skip
+                              prefetch_strategy="none", device=device))  # fmt: skip
 
 
 TRANSFORMS = {
@@ -30,12 +31,13 @@ TRANSFORMS = {
 }
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
 @pytest.mark.parametrize("evicted", [False, True])
-def test_paged_linear_inside_a_transform_equals_linear(name, evicted):
+def test_paged_linear_inside_a_transform_equals_linear(name, evicted, device):
     generator = torch.Generator().manual_seed(0)
-    w, x, v = (torch.randn(shape, generator=generator) for shape in ((32, 64), (5, 64), (5, 32)))
-    with make_pager() as pager:
+    w, x, v = (torch.randn(shape, generator=generator).to(device) for shape in ((32, 64), (5, 64), (5, 32)))
+    with make_pager(device=device) as pager:
         paged = PagedTensor.wrap(w.clone(), pager)
         if evicted:
             pager.evict_all()
@@ -46,13 +48,14 @@ def test_paged_linear_inside_a_transform_equals_linear(name, evicted):
         assert not any(page.pin_count for page in paged._paged.allocation.pages)
 
 
-def test_wrap_and_materialize_inside_a_transform():
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_wrap_and_materialize_inside_a_transform(device):
     """A tensor captured from outside is wrapped inside ``grad`` as a constant of it (a fresh pager
     grows its first slab there); ``materialize`` of evicted pages reads them; one of the transform's
     own tensors is refused by name; afterwards the pager runs ops as before."""
     generator = torch.Generator().manual_seed(1)
-    w, v = torch.randn(32, 64, generator=generator), torch.randn(3, generator=generator)
-    with make_pager() as pager:
+    w, v = torch.randn(32, 64, generator=generator).to(device), torch.randn(3, generator=generator).to(device)
+    with make_pager(device=device) as pager:
         got = tf.grad(lambda s: (PagedTensor.wrap(w, pager) * s[0]).sum())(v)
         assert torch.equal(got, tf.grad(lambda s: (w * s[0]).sum())(v))
         paged = PagedTensor.wrap(w.clone(), pager)
