@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedtensor import OutOfPagesError, PagedTensor
+from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
 from tests.test_reductions_in_pieces import (
     SETTINGS,
     TIER_BYTES,
@@ -287,3 +287,17 @@ def test_gpu_reductions_into_out_run_past_the_tier():
         torch.sum(PagedTensor.wrap(mask.cuda(), pager)[1:].unsqueeze(1), 0, out=out)
         assert torch.equal(out.materialize(), mask[1:].unsqueeze(1).sum(0).cuda())
         assert pager.stats()["resident_bytes"]["device"] <= TIER_BYTES
+
+
+@pytest.mark.parametrize("op", [torch.any, torch.all])
+@pytest.mark.parametrize("paged_out", [False, True])
+def test_any_and_all_of_uint8_into_a_bool_out_past_the_tier(op, paged_out):
+    """torch's CPU kernel writes ``any``/``all`` of a uint8 tensor into a bool ``out=``, which the
+    meta kernel refuses: past the tier the reduction raised the meta kernel's cast error."""
+    x = torch.randint(0, 3, (16, 4096), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))  # 16 pages
+    expected = op(x, 0, out=torch.empty(4096, dtype=torch.bool))
+    with Pager(MemoryConfig(page_size=4096, vram_limit=4 * 4096, host_memory=256 * 4096, slab_size=256 * 4096,
+                            prefetch_strategy="none", device="cpu")) as pager:  # fmt: skip
+        out = PagedTensor.wrap(torch.zeros(4096, dtype=torch.bool), pager) if paged_out else torch.empty(4096, dtype=torch.bool)
+        assert op(PagedTensor.wrap(x.clone(), pager), 0, out=out) is out
+        assert torch.equal(out.materialize() if paged_out else out, expected)

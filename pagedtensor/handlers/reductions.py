@@ -332,7 +332,17 @@ def reduce_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
         # warning of a call made here would reach the caller on top of the one below); an output of
         # that shape keeps its own strides, as torch's kernel keeps them.
         metas = [torch.empty(0, dtype=out.dtype, device="meta") for out in outs]
-        func(meta_like(source) if isinstance(source, PagedTensor) else source.to("meta"), *args[1:], **rest, **dict(zip(names, metas)))
+        meta_source = meta_like(source) if isinstance(source, PagedTensor) else source.to("meta")
+        try:
+            func(meta_source, *args[1:], **rest, **dict(zip(names, metas)))
+        except RuntimeError:
+            if len(outs) != 1:
+                raise
+            # The meta kernel refuses a cast the device's kernel makes (any/all of uint8 into a bool
+            # out=, which the stand-in above passed): the shape from a meta output of the source's dtype.
+            metas = [torch.empty(0, dtype=source.dtype, device="meta")]
+            func(meta_source, *args[1:], **rest, **dict(zip(names, metas)))
+            metas = [torch.empty(metas[0].shape, dtype=outs[0].dtype, device="meta")]
         metas = [torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device="meta") if out.shape == meta.shape else meta
                  for out, meta in zip(outs, metas)]  # fmt: skip
         for out, meta in zip(outs, metas):
