@@ -1197,6 +1197,15 @@ def _changes_no_metadata(func: OpOverload, args: tuple, kwargs: dict) -> bool:
     self = args[0]
     if not isinstance(self, PagedTensor) or self._paged is None:
         return False
+    if func.overloadpacket is aten.set_:
+        # set_ to another storage keeps the layout it is given, which the meta view cannot tell apart
+        # from its own (a.set_(b) of b's shape read a's old values): only a set_ to this very view is none.
+        source = args[1] if len(args) > 1 else None
+        return (
+            func is aten.set_.source_Tensor and isinstance(source, PagedTensor) and source._paged is self._paged
+            and source._offset == self._offset and source.shape == self.shape and source.stride() == self.stride()
+            and math_bits(source) == math_bits(self)
+        )  # fmt: skip
     if func.overloadpacket.__name__ in _RESIZING_OPS or func is aten._resize_output_.default:
         return False  # sparse resizes, and a resize to another device
     if func in _RESIZES:

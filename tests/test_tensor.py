@@ -1461,6 +1461,21 @@ def test_in_place_metadata_ops_that_change_nothing_run(pager):
     assert (tuple(t.shape), t.stride()) == ((4, 8), (8, 1))
 
 
+def test_set_to_other_data_is_refused_and_to_itself_changes_nothing(pager):
+    """``a.set_(b)`` makes ``a`` view ``b``'s storage in torch; a PagedTensor's pages are fixed, so it
+    raises naming the op, whatever the source (a PagedTensor of the same shape was left reading its
+    old values, silently; a plain source raised a meta-device error). ``t.set_(t)`` changes nothing."""
+    x = torch.randn(4, 8, device=pager.device)
+    a, b = PagedTensor.wrap(x.clone(), pager), PagedTensor.wrap(torch.ones(4, 8, device=pager.device), pager)
+    refused = "aten.set_.* changes a tensor's shape, strides or storage in place"
+    for set_other in (lambda: a.set_(b), lambda: a.set_(torch.ones(4, 8, device=pager.device)), lambda: a.set_(b, 0, (4, 8), (8, 1)),
+                      lambda: a.set_(b.untyped_storage()), lambda: a.set_(a[1:]), lambda: a.data.set_(b)):  # fmt: skip
+        with pytest.raises(NotImplementedError, match=refused):
+            set_other()
+    assert a.set_(a) is a
+    assert torch.equal(a.materialize(), x)
+
+
 def test_in_place_ops_reading_their_own_bytes_see_the_overlap_like_torch(pager):
     """Non-elementwise in-place ops write through a view bounded to the window; the allocation's
     other views in the op share that storage, so torch still refuses a partial overlap."""

@@ -9,7 +9,7 @@ from typing import Callable
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pagedtensor import DeviceTierFullError, MemoryConfig, PagedTensor, Pager
@@ -58,6 +58,11 @@ OPS: dict[str, Callable[..., object]] = {
 }
 
 
+UNDEFINED_ON_OVERLAP = {"cumsum out=": (2, (0,)), "sort out=": (2, (1,)), "addmm_": (2, (0, 1)), "index_add_": (0, (1,))}
+"""Ops that write one view (its number) from others (theirs) with no result torch defines where they
+overlap (no overlap check; the kernel reads elements it already wrote): drawn apart."""
+
+
 def values(dtype: torch.dtype, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     if dtype == torch.int64:
@@ -85,6 +90,9 @@ def test_ops_on_views_far_apart_equal_dense(name, dtype, starts, rows, seed):
     torch's error where torch refuses the views (an overlap of what it writes with what it reads)."""
     if dtype == torch.int64 and name in ("mm", "addmm_"):
         dtype = torch.float32
+    written, read = UNDEFINED_ON_OVERLAP.get(name, (None, ()))
+    if written is not None:  # torch's kernel reads what it writes there: no defined result to compare
+        assume(all(abs(starts[written] - starts[other]) >= rows for other in read))
     dense = values(dtype, seed)
     with make_pager() as pager:
         paged = PagedTensor.wrap(dense.clone(), pager)
