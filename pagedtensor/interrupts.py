@@ -8,9 +8,12 @@ undo. So while the main thread is inside an op on PagedTensors or a pager call
 where the pager waits for other threads' pins (:func:`interruptible`; nothing is half done there).
 A Ctrl-C outside them raises at once, as Python's own handler does.
 
-The handler is installed by the first :class:`~pagedtensor.Pager` made on the main thread, and only
+The handler is installed by a :class:`~pagedtensor.Pager` made on the main thread, and again by any
+such call that finds Python's default handler back (a notebook kernel sets it for each cell), only
 where SIGINT has Python's default handler (``KeyboardInterrupt``). A handler of the program's own
-is left alone: its exceptions then land wherever the signal does, as without the pager.
+is left alone: its exceptions then land wherever the signal does, as without the pager. A free run
+by the garbage collector (a PagedTensor dropped) is done whole; a Ctrl-C landing in it is lost, as
+Python loses whatever a finalizer raises.
 """
 
 from __future__ import annotations
@@ -25,19 +28,17 @@ Function = TypeVar("Function", bound=Callable)
 
 _local = threading.local()  # .depth: how many deferring calls this thread is inside
 _pending = False  # a Ctrl-C arrived while the main thread was inside one
-_installed = False
 
 
 def install() -> None:
-    """Install the deferring SIGINT handler, once, from the main thread, where SIGINT has Python's
-    default handler; otherwise leave signals as they are."""
-    global _installed
-    if _installed or threading.current_thread() is not threading.main_thread():
+    """Install the deferring SIGINT handler from the main thread, where SIGINT has Python's default
+    handler; otherwise leave signals as they are. Called by every Pager made and by every outermost
+    deferring call that finds the default handler back (a notebook kernel sets it anew for each cell
+    and puts its own back after it)."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler or threading.current_thread() is not threading.main_thread():
         return
-    _installed = True
     try:
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            signal.signal(signal.SIGINT, _note_or_raise)
+        signal.signal(signal.SIGINT, _note_or_raise)
     except (ValueError, OSError):  # an interpreter without signals (embedded): nothing to defer
         pass
 
@@ -66,6 +67,8 @@ def deferring(function: Function) -> Function:
     def run(*args, **kwargs):
         local = _local
         depth = getattr(local, "depth", 0)
+        if not depth and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            install()  # the default handler is back (a notebook's next cell)
         local.depth = depth + 1
         try:
             return function(*args, **kwargs)

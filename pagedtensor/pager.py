@@ -533,6 +533,7 @@ class Pager:
             self._drain_deferred_frees()
         return allocation
 
+    @deferring
     def free_when_unlocked(self, allocation: Allocation) -> None:
         """Free ``allocation`` now, or, where this thread is inside a pager call (a garbage collection
         runs finalizers anywhere, halfway through one too), at the pager's next call from outside one

@@ -38,6 +38,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 import torch
 
 from pagedtensor.default_pager import get_default_pager
+from pagedtensor.interrupts import deferring
 from pagedtensor.outside_transforms import in_a_transform, outside_transforms
 from pagedtensor.pager import Allocation, Pager, unpageable_reason
 
@@ -315,6 +316,7 @@ class PagedTensor(torch.Tensor):
 
     @classmethod
     @run_outside_compile
+    @deferring
     def wrap(cls, t: torch.Tensor, pager: Optional[Pager] = None, *, name: Optional[str] = None) -> "PagedTensor":
         """Move ``t``'s bytes into ``pager`` (default: :func:`~pagedtensor.get_default_pager`).
 

@@ -5,6 +5,7 @@ strides and bits), with the device tier never over its budget, and torch's error
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import pytest
@@ -184,6 +185,25 @@ def test_cat_into_a_paged_out_of_another_shape_raises_before_reading_a_page():
             torch.cat([paged, paged], out=out)
         assert pager.stats()["faults"] == faults
         assert torch.equal(out.materialize(), torch.zeros(129, 256))
+
+
+def test_cat_into_a_plain_out_of_another_shape_resizes_it_as_torch_does():
+    """A plain ``out=`` of another shape is resized as torch resizes it (with its warning where it
+    held elements), then filled a part of pages at a time (it raised DeviceTierFullError)."""
+    x = torch.randn(64, 256)
+    with make_pager() as pager:
+        paged = PagedTensor.wrap(x.clone(), pager)
+        for out in (torch.empty(0), torch.zeros(3, 3)):
+            dense_out = out.clone()
+            with warnings.catch_warnings(record=True) as dense_warnings:
+                warnings.simplefilter("always")
+                torch.cat([x, x], out=dense_out)
+            with warnings.catch_warnings(record=True) as paged_warnings:
+                warnings.simplefilter("always")
+                assert torch.cat([paged, paged], out=out) is out
+            assert same_bits(out, dense_out)
+            assert len(paged_warnings) == len(dense_warnings)
+        assert within_tier(pager)
 
 
 def test_cat_skips_one_dimensional_empty_inputs_as_torch_does():

@@ -459,7 +459,6 @@ def pagers_sigint_handler(monkeypatch) -> Iterator[None]:
     from pagedtensor import interrupts
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    monkeypatch.setattr(interrupts, "_installed", False)
     interrupts.install()
     try:
         assert signal.getsignal(signal.SIGINT) is interrupts._note_or_raise
@@ -529,3 +528,63 @@ def test_a_ctrl_c_at_any_call_of_an_op_leaves_the_pager_consistent(nvme_dir, pag
         pager.close()
         number += 3  # every third call: all of them take a minute
     assert interrupted > 30  # the op makes over 100 calls
+
+
+def _ctrl_c_on_entering(code) -> Callable:
+    """A ``sys.settrace`` tracer that sends SIGINT to this process as a call of ``code`` starts."""
+    import os
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code is code:
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+    return tracer
+
+
+def test_a_ctrl_c_as_wrap_registers_its_storage_leaks_nothing(pagers_sigint_handler):
+    """A Ctrl-C landing after ``wrap`` wrote the pages, as the storage that frees them is made: it
+    is raised as ``wrap`` returns, and the allocation goes with the tensor (it was kept for good)."""
+    import sys
+
+    from pagedtensor.tensor import PagedStorage
+
+    with Pager(MemoryConfig(vram_limit=4 * PAGE, host_memory=64 * PAGE, page_size=PAGE, slab_size=8 * PAGE, prefetch_strategy="none",
+                            device="cpu")) as pager:  # fmt: skip
+        sys.settrace(_ctrl_c_on_entering(PagedStorage.__init__.__code__))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                PagedTensor.wrap(torch.arange(8 * 1024, dtype=torch.float32), pager)
+        finally:
+            sys.settrace(None)
+        assert pager.stats()["allocations"] == 0
+
+
+def test_a_ctrl_c_as_generate_frees_its_cache_frees_every_page(nvme_dir, pagers_sigint_handler):
+    """A Ctrl-C landing as ``generate``'s KV cache frees its pages: every allocation is freed (the
+    interrupt stopped the loop after the first, the rest kept for the pager's life)."""
+    import sys
+
+    import transformers
+
+    from pagedtensor import enable_paging
+    from pagedtensor.hf import paging_state
+    from pagedtensor.hf.cache import _release_pages
+
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=128, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    enable_paging(model, MemoryConfig(vram_limit=24 * PAGE, host_memory=16 * PAGE, page_size=PAGE, nvme_path=nvme_dir, device="cpu",
+                                      slab_size=PAGE), attn_implementation="sdpa")  # fmt: skip
+    pager = paging_state(model).pager
+    ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(1))
+    options = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    sys.settrace(_ctrl_c_on_entering(getattr(_release_pages, "__wrapped__", _release_pages).__code__))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.generate(ids, **options)
+    finally:
+        sys.settrace(None)
+    assert [allocation.name for allocation in pager._allocations.values()] == []

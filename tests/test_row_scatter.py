@@ -1370,3 +1370,15 @@ def test_a_mask_put_of_one_value_of_another_dtype_casts_it_as_torch_does(table_d
         else:
             put(paged)
         assert same_bits(paged.materialize(), dense)
+
+
+def test_a_mask_put_of_a_one_element_value_of_more_dims_is_a_masked_fill():
+    """``index_put_((mask,), torch.tensor([[2.5]]))``: torch fills the mask with the one number
+    (its masked-fill path); past the tier the value's shape [1, 1] went on to the put and raised."""
+    dense = torch.randn(64, 256, generator=torch.Generator().manual_seed(3))
+    with make_pager() as pager:
+        paged = PagedTensor.wrap(dense.clone(), pager)
+        mask = dense > 0
+        torch.index_put_(dense, (mask,), torch.tensor([[2.5]]))
+        torch.index_put_(paged, (mask,), torch.tensor([[2.5]]))
+        assert same_bits(paged.materialize(), dense)

@@ -47,11 +47,9 @@ def interpreting() -> bool:
 
 
 def _interpret_set_now() -> bool:
-    """Whether ``TRITON_INTERPRET`` now asks for the interpreter, as Triton reads it."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether ``TRITON_INTERPRET`` now asks for the interpreter, as Triton reads it (``1``, ``true``,
+    ``on``, ``yes``, ``y``, any case; read here from ``os.environ``, which ``torch.compile`` traces)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 
 
 def _set_too_late(wanted: bool) -> str:
@@ -168,6 +166,11 @@ def check_device(device: torch.device, **tensors: torch.Tensor) -> None:
     elif device.type == "cpu":
         if not interpreting():
             raise ValueError(f"tensors are on cpu: the Triton kernels need a CUDA device, or TRITON_INTERPRET=1{_set_too_late(True)}")
+        if not _interpret_set_now():  # Triton's interpreter reads the variable again as it runs a kernel
+            raise ValueError(
+                "tensors are on cpu and the kernels were built for the interpreter, but TRITON_INTERPRET no longer asks "
+                "for it: set TRITON_INTERPRET=1 again (Triton reads it when a kernel runs too)"
+            )
     else:
         raise ValueError(f"tensors are on {device}: only cuda (or cpu under TRITON_INTERPRET=1) is supported")
 

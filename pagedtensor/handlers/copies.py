@@ -11,6 +11,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 from torch._ops import OpOverload
+from torch._prims_common.wrappers import _maybe_resize_out
 
 from pagedtensor.dispatch import DISPATCHER, aten, implements, resize_refused
 from pagedtensor.errors import DeviceTierFullError
@@ -122,8 +123,8 @@ def concatenate_into_out_in_pieces(func: OpOverload, types: tuple, args: tuple, 
     """``torch.cat(tensors, out=out)`` / ``torch.stack``: the generic way; where the device tier was
     the bound, each input is copied into its slice of ``out`` a part of pages at a time (``copy_``
     converts to ``out``'s dtype, as the dense op does), after torch's checks on the layouts (its
-    errors, the casts it refuses) and before any page is read. A PagedTensor ``out`` of another
-    shape raises (its pages are fixed; torch would resize it); one sharing an allocation with an
+    errors, the casts it refuses) and before any page is read. A plain ``out`` of another shape is
+    resized as torch resizes it; a PagedTensor one raises (its pages are fixed); one sharing an allocation with an
     input keeps the pager's error (a slice written could be read later as an input)."""
     try:
         return DISPATCHER.run_generic(func, types, args, kwargs)
@@ -138,7 +139,7 @@ def concatenate_into_out_in_pieces(func: OpOverload, types: tuple, args: tuple, 
         if layout.shape != out.shape:
             if isinstance(out, PagedTensor):
                 raise resize_refused(func, out.shape, layout.shape, args, kwargs) from None
-            raise  # torch resizes a plain out=: the generic way's error stands
+            _maybe_resize_out(out, layout.shape)  # a plain out= resized as torch resizes it (its warning too)
         slices = _stacked_slices(out, tensors, dim) if func is aten.stack.out else _concatenated_slices(out, tensors, dim)
         for target, source in slices:
             copy_in_parts(target, source)

@@ -114,7 +114,7 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
         table, value = bound["self"], bound["values"]
         if mask.shape != table.shape or mask.dtype != torch.bool:
             return table.masked_fill_(mask, value.item())
-        if value.dtype != table.dtype:
+        if value.dtype != table.dtype or value.dim() > 0:  # (a value of shape [1, 1] put by a mask: one number)
             stand_in = torch.zeros(1, dtype=table.dtype, device=table.device)
             stand_in.masked_fill_(torch.ones(1, dtype=torch.bool, device=table.device), value.item())
             args, kwargs = (table, bound["indices"], stand_in[0]), {}

@@ -476,6 +476,7 @@ class PagedKVCache(Cache):
         these do not, so it would answer False forever."""
         return bool(self.layers) and all(layer.is_initialized for layer in self.layers)
 
+    @deferring
     def reset(self) -> None:
         """Drop every token (pages freed); the cache can be filled again, with any batch size (as
         ``DynamicCache``): the geometry is learned again from the next states."""
@@ -527,6 +528,7 @@ class PagedKVCache(Cache):
             self._user = None
             self._in_use.release()
 
+    @deferring
     def release_hot_pins(self) -> None:
         """Unpin the sink and newest pages of every sequence: they stay where they are, evictable like
         any other page, and the next update pins them again. ``generate`` calls it on the cache it
@@ -1248,6 +1250,7 @@ class PagedKVCache(Cache):
 
     # ------------------------------------------------------------------ batch edits, freeing
 
+    @deferring
     def _free_layer(self, layer: PagedLayer) -> None:
         for seq in layer.seqs:
             self._free_sequence(seq)
@@ -1270,6 +1273,7 @@ class PagedKVCache(Cache):
             seq.segments = []
         seq.length = 0
 
+    @deferring
     def _crop_layer(self, layer: PagedLayer, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError(f"crop: pass a negative number of tokens to remove, got {tokens_to_remove}")
@@ -1288,6 +1292,7 @@ class PagedKVCache(Cache):
                 self._update_hot(seq)
         layer.total -= remove
 
+    @deferring
     def _reorder_layer(self, layer: PagedLayer, beam_idx: torch.LongTensor) -> None:
         """Sequence ``b`` becomes sequence ``beam_idx[b]``, as ``DynamicCache.reorder_cache`` does (beam
         search): a sequence kept once keeps its pages, one kept more than once shares them with its
@@ -1299,6 +1304,7 @@ class PagedKVCache(Cache):
             return
         self._rebuild_batch(layer, order)
 
+    @deferring
     def _repeat_layer(self, layer: PagedLayer, repeats: int) -> None:
         """Each sequence ``repeats`` times in a row (``DynamicCache.batch_repeat_interleave``); the
         copies share its pages until they write them."""
@@ -1307,6 +1313,7 @@ class PagedKVCache(Cache):
         if repeats != 1 and layer.is_initialized:
             self._rebuild_batch(layer, [b for b in range(len(layer.seqs)) for _ in range(repeats)])
 
+    @deferring
     def _rebuild_batch(self, layer: PagedLayer, order: list[int]) -> None:
         """The layer's sequences become ``[seqs[i] for i in order]``: the first use of a sequence takes
         it, each further use a copy sharing its pages; the sequences not used are freed first."""
@@ -1400,6 +1407,7 @@ def streaming_config(config: MemoryConfig) -> MemoryConfig:
     return dataclasses.replace(config, prefetch_strategy="none")
 
 
+@deferring
 def _release_pages(pager: Pager, allocations: list[Allocation], hot_pins: dict[int, ResidentPages], owns_pager: bool) -> None:
     """Finalizer of a cache: unpin and free its pages (it must not reference the cache)."""
     if pager.closed:

@@ -1398,11 +1398,14 @@ def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = Non
 
     The first token is timed when the forward of ``model`` that ends its prefill returns (its logits
     synchronized on CUDA), by a forward hook for the call's length: the first whose forwards so far
-    took the whole prompt's tokens, the first forward itself unless transformers prefills in chunks
-    (``prefill_chunk_size``) (a logits processor would also run for an assistant's candidates,
+    took the prompt's tokens not in a cache given (``cache=``/``past_key_values=``), the first forward
+    itself unless transformers prefills in chunks (``prefill_chunk_size``) (a logits processor would also run for an assistant's candidates,
     before the model's prefill)."""
     inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
     prompt_len = inputs.shape[1] if isinstance(inputs, torch.Tensor) else 0
+    given_cache = next((kwargs[name] for name in ("cache", "past_key_values") if kwargs.get(name) is not None), None)
+    cached = given_cache.get_seq_length() if hasattr(given_cache, "get_seq_length") else 0
+    to_prefill = max(1, prompt_len - cached)  # a cache given with the prompt's start: only the rest is forwarded
     cuda = torch.cuda.is_available() and _model_device(model) is not None and _model_device(model).type == "cuda"
     marks: dict[str, Any] = {}
 
@@ -1416,7 +1419,7 @@ def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = Non
             return
         tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
         marks["prefilled"] = marks.get("prefilled", 0) + (tokens.shape[1] if isinstance(tokens, torch.Tensor) and tokens.dim() > 1 else prompt_len)
-        if marks["prefilled"] < prompt_len:  # a chunk of the prompt: its first token comes later
+        if marks["prefilled"] < to_prefill:  # a chunk of the prompt: its first token comes later
             return
         logits = getattr(output, "logits", None)
         if isinstance(logits, torch.Tensor) and logits.is_cuda:

@@ -210,6 +210,22 @@ def test_the_first_token_is_timed_after_the_last_chunk_of_transformers_chunked_p
     assert returned[2] - started < result.time_to_first_token_s < returned[4] - started
 
 
+def test_the_first_token_is_timed_on_a_turn_whose_prompt_start_is_cached(nvme_dir):
+    """A second turn given the first's cache forwards only the new part of its prompt: its first
+    token is timed at that forward (it was never timed: the forwards never took the whole prompt)."""
+    reference, model = tiny_pair("llama")
+    paged = PagedModel(model, tiny_budget(nvme_dir), attn_implementation="sdpa")
+    ids, mask = prompts(1, length=20)
+    first = paged.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    keyword = "cache" if "cache" in first.keys() else "past_key_values"  # renamed in transformers 5.2x
+    cache = first[keyword]
+    follow = torch.cat([first.sequences, ids[:, :5]], dim=1)
+    second = paged.generate(follow, attention_mask=torch.ones_like(follow), max_new_tokens=4, do_sample=False, measure_memory=True,
+                            **{keyword: cache})  # fmt: skip
+    assert second.new_tokens == 4
+    assert second.time_to_first_token_s < second.total_s and second.tokens_per_second is not None
+
+
 def test_paged_model_measures_generate(nvme_dir):
     reference, model = tiny_pair("phi3")
     ids, mask = prompts(1, length=30)

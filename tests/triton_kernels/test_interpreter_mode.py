@@ -48,3 +48,13 @@ def test_a_variable_set_after_the_import_is_named(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(ValueError, match="set it before that import"):
         paged_gather(torch.randn(2, 16, 1, 16), torch.zeros(1, 1, dtype=torch.int32), torch.tensor([4], dtype=torch.int32))
+
+
+def test_a_variable_turned_off_after_the_import_is_named(monkeypatch):
+    """Kernels built for the interpreter, the variable unset since: the device error names it (Triton
+    failed inside with a bare AssertionError)."""
+    if not _common.interpreting():
+        pytest.skip("the kernels were built for a GPU here")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET no longer asks for it"):
+        paged_gather(torch.randn(2, 16, 1, 16), torch.zeros(1, 1, dtype=torch.int32), torch.tensor([4], dtype=torch.int32))
