@@ -24,6 +24,8 @@ import signal
 import threading
 from typing import Callable, Iterator, TypeVar
 
+import torch
+
 Function = TypeVar("Function", bound=Callable)
 
 _local = threading.local()  # .depth: how many deferring calls this thread is inside
@@ -65,6 +67,8 @@ def deferring(function: Function) -> Function:
 
     @functools.wraps(function)
     def run(*args, **kwargs):
+        if torch.compiler.is_compiling():  # traced by Dynamo (paged_linear in a compiled model): signals are not its
+            return function(*args, **kwargs)
         local = _local
         depth = getattr(local, "depth", 0)
         if not depth and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
