@@ -19,6 +19,7 @@ Python loses whatever a finalizer raises.
 from __future__ import annotations
 
 import contextlib
+import _signal
 import functools
 import signal
 import threading
@@ -26,9 +27,20 @@ from typing import Callable, Iterator, TypeVar
 
 import torch
 
+from pagedtensor.outside_transforms import outside_transforms
+
 Function = TypeVar("Function", bound=Callable)
 
-_local = threading.local()  # .depth: how many deferring calls this thread is inside
+_getsignal = _signal.getsignal  # the C function: signal.getsignal converts its answer to an enum, a dozen calls
+_SIGINT = int(signal.SIGINT)
+_DEFAULT_HANDLER = signal.default_int_handler
+
+
+class _Depth(threading.local):
+    depth = 0  # how many deferring calls this thread is inside
+
+
+_local = _Depth()
 _pending = False  # a Ctrl-C arrived while the main thread was inside one
 
 
@@ -48,7 +60,7 @@ def install() -> None:
 def _note_or_raise(signum: int, frame: object) -> None:
     """The SIGINT handler (it runs on the main thread): noted inside a deferring call, else raised."""
     global _pending
-    if getattr(_local, "depth", 0):
+    if _local.depth:
         _pending = True
         return
     signal.default_int_handler(signum, frame)
@@ -67,11 +79,9 @@ def deferring(function: Function) -> Function:
 
     @functools.wraps(function)
     def run(*args, **kwargs):
-        if torch.compiler.is_compiling():  # traced by Dynamo (paged_linear in a compiled model): signals are not its
-            return function(*args, **kwargs)
         local = _local
-        depth = getattr(local, "depth", 0)
-        if not depth and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        depth = local.depth
+        if not depth and _getsignal(_SIGINT) is _DEFAULT_HANDLER:
             install()  # the default handler is back (a notebook's next cell)
         local.depth = depth + 1
         try:
@@ -84,11 +94,26 @@ def deferring(function: Function) -> Function:
     return run  # type: ignore[return-value]
 
 
+def pager_call(method: Function) -> Function:
+    """A pager method: :func:`deferring` and run outside ``torch.func`` transforms
+    (:func:`~pagedtensor.outside_transforms.outside_transforms`), in one frame where an op already
+    defers and no transform is active (every fault and release of an op: the hot path)."""
+    guarded = deferring(outside_transforms(method))
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        if _local.depth and torch._C._functorch.peek_interpreter_stack() is None:
+            return method(*args, **kwargs)
+        return guarded(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
     """A stretch inside a deferring call where a Ctrl-C raises at once (a wait that may be long and
     leaves nothing half done); one noted before it raises as it starts."""
-    depth = getattr(_local, "depth", 0)
+    depth = _local.depth
     _local.depth = 0
     try:
         if _pending:

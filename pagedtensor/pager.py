@@ -58,8 +58,7 @@ from pagedtensor.config import MemoryConfig, format_size, machine_memory_bytes
 from pagedtensor.errors import DeviceTierFullError, OutOfPagesError
 from pagedtensor.fences import SlotFences
 from pagedtensor.metrics import TIERS, PagerMetrics
-from pagedtensor.interrupts import deferring, install as install_interrupt_deferral, interruptible
-from pagedtensor.outside_transforms import outside_transforms
+from pagedtensor.interrupts import deferring, install as install_interrupt_deferral, interruptible, pager_call
 from pagedtensor.policies import DeferredTouches, make_policy
 from pagedtensor.tiers import DeviceTier, DiskTier, HostTier
 from pagedtensor.transfer import Event, TransferEngine, coalesce_runs
@@ -329,8 +328,7 @@ class ResidentPages:
     def _not_pinned(self, outside: list) -> ValueError:
         return ValueError(f"dirty page {min(outside, key=repr)!r} is not one of the pinned pages [{self.start}, {self.stop}) of allocation {self.allocation.id}")
 
-    @deferring
-    @outside_transforms
+    @pager_call
     def release(
         self, *, dirty: Union[bool, Iterable[int]] = False, stream: Optional[torch.cuda.Stream] = None, event: Event = None
     ) -> None:
@@ -571,8 +569,7 @@ class Pager:
                 return  # closed by another thread since the test above: the allocation went with it
             log.warning("could not free allocation %d of a collected PagedTensor: %s", allocation.id, error)
 
-    @deferring
-    @outside_transforms
+    @pager_call
     def free(self, allocation: Allocation) -> None:
         """Release every copy of every page of ``allocation``. Its pages must not be pinned."""
         if self._deferred_frees:
@@ -595,8 +592,7 @@ class Pager:
             if self._pin_waiters:
                 self._wake_pin_waiters()  # its device slots are free
 
-    @deferring
-    @outside_transforms
+    @pager_call
     def discard(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> None:
         """Drop every copy of pages ``[start, stop)`` of ``allocation``: they take no tier memory and
         read as zeros again, as pages never written (the allocation stays). For a client that stops
@@ -642,8 +638,7 @@ class Pager:
 
     # ------------------------------------------------------------------ residency
 
-    @deferring
-    @outside_transforms
+    @pager_call
     def release_together(self, releases: Sequence[tuple[ResidentPages, Iterable[int]]], stream: Optional[torch.cuda.Stream] = None) -> None:
         """Release several pinned ranges of this pager at one point of ``stream`` (default: the
         current stream): ``(resident, dirty page numbers)`` each, as :meth:`ResidentPages.release`.
@@ -677,8 +672,7 @@ class Pager:
         if errors:
             raise errors[0]
 
-    @deferring
-    @outside_transforms
+    @pager_call
     def ensure_resident(
         self, allocation: Allocation, start: int = 0, stop: Optional[int] = None, *, discard: Iterable[int] = ()
     ) -> ResidentPages:
@@ -814,8 +808,7 @@ class Pager:
                     page.ready = None
         return [event for key, event in events.items() if key not in finished]
 
-    @deferring
-    @outside_transforms
+    @pager_call
     def prefetch(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> concurrent.futures.Future:
         """Bring pages ``[start, stop)`` to the device tier in the background, without pinning them.
 
@@ -834,8 +827,7 @@ class Pager:
             start, stop = self._check_range(allocation, start, stop)
             return self._run_prefetch(allocation.pages[start:stop], self._prefetch_now, [(allocation, start, stop)])
 
-    @deferring
-    @outside_transforms
+    @pager_call
     def prefetch_together(self, allocations: Sequence[Allocation]) -> concurrent.futures.Future:
         """Bring every page of ``allocations`` to the device tier in the background, as one batch.
 
@@ -880,8 +872,7 @@ class Pager:
             # in a cycle until the garbage collector ran (concurrent.futures' worker drops its own alike).
             del future
 
-    @deferring
-    @outside_transforms
+    @pager_call
     def evict_all(self) -> None:
         """Move every unpinned page off the device tier (host overflow goes to disk).
 
@@ -893,8 +884,7 @@ class Pager:
             victims = self.device_policy.victims(self.device_tier.used_pages, self._device_evictable)
             self._evict_from_device(victims)
 
-    @deferring
-    @outside_transforms
+    @pager_call
     def evict(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> int:
         """Move the unpinned device-resident pages of ``[start, stop)`` off the device tier.
 
@@ -910,8 +900,7 @@ class Pager:
                 self._evict_from_device(victims)
             return len(victims)
 
-    @deferring
-    @outside_transforms
+    @pager_call
     def write_back(self, allocation: Allocation, start: int = 0, stop: Optional[int] = None) -> int:
         """Give each unpinned device-resident page of ``[start, stop)`` that has no copy in a lower
         tier a host copy, and leave it resident: it is clean, so evicting it later costs no copy
@@ -946,8 +935,7 @@ class Pager:
                     break
             return written
 
-    @deferring
-    @outside_transforms
+    @pager_call
     def synchronize(self) -> None:
         """Block until every enqueued transfer has finished (prefetches included)."""
         self._drain_prefetches()
@@ -966,8 +954,7 @@ class Pager:
 
     # ------------------------------------------------------------------ bytes in and out
 
-    @deferring
-    @outside_transforms
+    @pager_call
     def write(self, allocation: Allocation, data: torch.Tensor, offset: int = 0) -> None:
         """Copy ``data``'s bytes into ``allocation`` at byte ``offset`` (blocking the current stream's order).
 
@@ -1013,8 +1000,7 @@ class Pager:
             if pinned_source:
                 self.engine.record().synchronize()
 
-    @deferring
-    @outside_transforms
+    @pager_call
     def read(self, allocation: Allocation, offset: int = 0, nbytes: Optional[int] = None) -> torch.Tensor:
         """A CPU uint8 copy of ``nbytes`` (default: to the end) of ``allocation`` from byte ``offset``."""
         self._check_allocation(allocation)

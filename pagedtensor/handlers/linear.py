@@ -54,7 +54,6 @@ def paged_conv1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     return _with_resident_weight(conv1d, input, weight, bias)
 
 
-@deferring
 def _with_resident_weight(op: Callable[..., torch.Tensor], input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``op(input, weight, bias)`` with a PagedTensor ``weight``'s pages pinned resident and read as
     one dense view (:func:`paged_linear` says when ``op`` gets the PagedTensor itself instead)."""
@@ -73,6 +72,13 @@ def _with_resident_weight(op: Callable[..., torch.Tensor], input: torch.Tensor, 
         or torch._C._functorch.peek_interpreter_stack() is not None
     ):  # fmt: skip
         return op(input, weight, bias)
+    return _on_the_weights_pages(op, input, weight, bias)
+
+
+@deferring
+def _on_the_weights_pages(op: Callable[..., torch.Tensor], input: torch.Tensor, weight: PagedTensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The rest of :func:`_with_resident_weight`: ``op`` on a dense view of the weight's pinned pages
+    (never traced by Dynamo: the compile check comes first)."""
     lo, hi = byte_span(weight)
     if lo == hi:
         return op(input, _empty_like_leaf(weight), bias)

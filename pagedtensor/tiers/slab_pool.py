@@ -182,14 +182,18 @@ class SlabPool:
         start = index * self.page_size
         return self.slabs[slab][start : start + (count * self.page_size if nbytes is None else nbytes)]
 
-    @outside_transforms
     def typed_slab(self, slab: int, dtype: torch.dtype) -> torch.Tensor:
-        """Slab number ``slab`` as one flat tensor of ``dtype`` (made once per slab and dtype; the
-        page size is a power of two of at least 4 KiB, so every slab holds whole elements)."""
+        """Slab number ``slab`` as one flat tensor of ``dtype`` (made once per slab and dtype, outside
+        any ``torch.func`` transform; the page size is a power of two of at least 4 KiB, so every
+        slab holds whole elements)."""
         typed = self._typed_slabs.get((slab, dtype))
         if typed is None:
-            typed = self._typed_slabs[(slab, dtype)] = self.slabs[slab].view(dtype)
+            typed = self._typed_slabs[(slab, dtype)] = self._typed_view(slab, dtype)
         return typed
+
+    @outside_transforms
+    def _typed_view(self, slab: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.slabs[slab].view(dtype)
 
     def first_of_run(self, slots: list[int]) -> Optional[int]:
         """``slots[0]`` when ``slots`` are adjacent slots of one slab, in order (one view covers them
