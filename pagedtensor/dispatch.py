@@ -104,7 +104,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from pagedtensor.config import normalize_device
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError, out_of_pages_for
-from pagedtensor.interrupts import deferring
+from pagedtensor.interrupts import deferring, pager_call
 from pagedtensor.list_ops import bump_written_versions, run_list_op
 from pagedtensor.pager import ResidentPages, WrittenPages
 from pagedtensor.pieces import is_elementwise, run_in_pieces
@@ -532,7 +532,7 @@ class PagedDispatcher:
         _release_windows(opened)
         return out
 
-    @deferring
+    @pager_call  # inside a torch.func transform: a constant of it, as a captured tensor is
     def materialize(self, tensor: PagedTensor, device: Union[str, torch.device, None] = None) -> torch.Tensor:
         """A new dense tensor with ``tensor``'s values, size and strides; see :meth:`PagedTensor.materialize`."""
         if tensor._inner is not None:

@@ -38,7 +38,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 import torch
 
 from pagedtensor.default_pager import get_default_pager
-from pagedtensor.interrupts import deferring
+from pagedtensor.interrupts import pager_call
 from pagedtensor.outside_transforms import in_a_transform, outside_transforms
 from pagedtensor.pager import Allocation, Pager, unpageable_reason
 
@@ -316,7 +316,7 @@ class PagedTensor(torch.Tensor):
 
     @classmethod
     @run_outside_compile
-    @deferring
+    @pager_call  # inside a torch.func transform: made below it, a constant of it (its own tensors refused below)
     def wrap(cls, t: torch.Tensor, pager: Optional[Pager] = None, *, name: Optional[str] = None) -> "PagedTensor":
         """Move ``t``'s bytes into ``pager`` (default: :func:`~pagedtensor.get_default_pager`).
 
@@ -346,13 +346,6 @@ class PagedTensor(torch.Tensor):
             ValueError: ``t``'s dtype, layout or device cannot be paged (sub-byte or quantized
                 dtypes, sparse or nested layouts, meta tensors).
         """
-        if in_a_transform():
-            # Inside a torch.func transform: the PagedTensor and its pages are made below it (a
-            # constant of the transform, as a captured tensor is), after the check that ``t`` is not
-            # one of the transform's own tensors.
-            if isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t):
-                _check_wrappable(t)
-            return outside_transforms(cls.wrap.__func__)(cls, t, pager, name=name)
         if pager is None:
             pager = get_default_pager()
         elif not isinstance(pager, Pager):
@@ -533,14 +526,11 @@ class PagedTensor(torch.Tensor):
         cached = self._materialized
         if cached is not None and cached[0] == version:
             return cached[1]
-        if torch._C._functorch.peek_interpreter_stack() is not None:
+        if in_a_transform():
             # Read by Dynamo inside a torch.func transform (``torch.func.grad`` of this tensor in a
             # compiled function): made there, the data came back wrapped at the transform's level,
             # with no storage to note. The dense data is the pages' bytes, whatever the transforms.
-            from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
-
-            with temporarily_clear_interpreter_stack():
-                return self._dense_of_pages()
+            return outside_transforms(PagedTensor._dense_of_pages)(self)
         dense = self.materialize() if self._offset == 0 else self._materialize_from_start()
         _register_dense_owner(dense, self)
         self._materialized = (version, dense)
@@ -634,8 +624,6 @@ class PagedTensor(torch.Tensor):
         the pager in chunks, so any size works. Inside a ``torch.func`` transform it is a constant of
         the transform, as a tensor captured from outside is.
         """
-        if in_a_transform():
-            return outside_transforms(_DISPATCHER.materialize)(self, device)
         return _DISPATCHER.materialize(self, device)
 
     @run_outside_compile

@@ -104,20 +104,19 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
         A run that fails (the device tier filled by pins of another thread) leaves the runs before it
         written.
     """
-    mask = _torchs_masked_fill(func, args, kwargs)
-    if mask is not None:
+    fill = _torchs_masked_fill(func, args, kwargs)
+    if fill is not None:
         # torch's kernel runs masked_fill_(mask, value.item()). A mask of some of the table's dims
         # (t[:, cols] = v) is that, in pieces; one of all of them goes on as a put, the value cast
         # to the table's dtype as masked_fill_ casts it (its overflow errors too) on a one-element
         # stand-in (only the rows the mask marks fault in).
-        bound = _arguments_by_name(func, args, kwargs)
-        table, value = bound["self"], bound["values"]
+        table, indices, mask, value = fill
         if mask.shape != table.shape or mask.dtype != torch.bool:
             return table.masked_fill_(mask, value.item())
         if value.dtype != table.dtype or value.dim() > 0:  # (a value of shape [1, 1] put by a mask: one number)
             stand_in = torch.zeros(1, dtype=table.dtype, device=table.device)
             stand_in.masked_fill_(torch.ones(1, dtype=torch.bool, device=table.device), value.item())
-            args, kwargs = (table, bound["indices"], stand_in[0]), {}
+            args, kwargs = (table, indices, stand_in[0]), {}
     permuted = _index_op_of_outermost_first(func, args, kwargs)
     if permuted is not None:
         return permuted
@@ -169,8 +168,8 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
     return request.table
 
 
-def _torchs_masked_fill(func: OpOverload, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-    """The mask where torch's ``index_put_`` kernel runs ``t.masked_fill_(mask, values.item())``
+def _torchs_masked_fill(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple]:
+    """``(table, indices, mask, value)`` where torch's ``index_put_`` kernel runs ``t.masked_fill_(mask, values.item())``
     instead (``canDispatchToMaskedFill`` in ATen's TensorAdvancedIndexing.cpp): without
     ``accumulate``, one value on the CPU, and one bool or uint8 index tensor on ``t``'s device (the
     others ``None``) whose sizes match the dims it indexes, given a trailing dim of one for each dim
@@ -192,7 +191,7 @@ def _torchs_masked_fill(func: OpOverload, args: tuple, kwargs: dict) -> Optional
         if dims + index.dim() > table.dim() or any(index.shape[j] != table.shape[dims + j] for j in range(index.dim())):
             return None  # torch's own error, from the generic way
         mask, dims = index, dims + index.dim()
-    return None if mask is None else mask.reshape(*mask.shape, *([1] * (table.dim() - dims)))
+    return None if mask is None else (table, indices, mask.reshape(*mask.shape, *([1] * (table.dim() - dims))), values)
 
 
 def _as_a_masked_fill(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple]:
