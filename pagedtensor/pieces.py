@@ -241,8 +241,10 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
 
 
 def _shaped_operands(out: torch.Tensor, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    """The tensors of one or more dims among ``args``/``kwargs`` but ``out``."""
-    return [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor) and value is not out and value.dim() > 0]
+    """The tensors of one or more dims among ``args`` and ``kwargs`` but the keyword ``out``: an
+    ``out=`` that is also an operand (``torch.add(t, bias, out=t)``) counts as that operand."""
+    operands = (*args, *(value for value in kwargs.values() if value is not out))
+    return [value for value in operands if isinstance(value, torch.Tensor) and value.dim() > 0]
 
 
 def _out_of_another_shape(out: torch.Tensor, args: tuple, kwargs: dict) -> bool:

@@ -1184,3 +1184,21 @@ def test_an_op_on_expanded_views_has_the_kernels_dtype_where_the_meta_kernel_inf
         expected = flags.expand(2, -1) ** True
         got = PagedTensor.wrap(flags.clone(), pager).expand(2, -1) ** True
         assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("name", ["add", "mul", "maximum", "where"])
+def test_an_out_that_is_also_the_first_operand_beside_a_broadcast_one_runs_in_pieces(device, name):
+    """``torch.add(t, bias, out=t)`` past the tier was refused as a resize "from [4000, 6] to [6]":
+    the shape the operands broadcast to was taken without ``t``, which is both an operand and the
+    ``out=``. It runs in pieces as ``t.add_(bias)`` does."""
+    x = torch.arange(4000 * 6, dtype=torch.float32, device=device).reshape(4000, 6)  # 24 pages; the tier holds 6
+    bias = torch.arange(6, dtype=torch.float32, device=device) - 3
+    ops = {"add": lambda t, out: torch.add(t, bias, alpha=2, out=out), "mul": lambda t, out: torch.mul(t, bias, out=out),
+           "maximum": lambda t, out: torch.maximum(t, bias * 4000, out=out),
+           "where": lambda t, out: torch.where(bias > 0, t, bias, out=out)}  # fmt: skip
+    with make_pager(device) as pager:
+        paged = PagedTensor.wrap(x.clone(), pager)
+        expected = ops[name](x, x)
+        assert ops[name](paged, paged) is paged
+        assert same_bits(paged.materialize(), expected)
