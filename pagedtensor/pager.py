@@ -294,6 +294,7 @@ class ResidentPages:
 
         Raises:
             ValueError: an index is not one of the pinned pages ``[start, stop)`` (nothing is marked).
+            TypeError: an index is no page number (a bool, a float; nothing is marked).
             RuntimeError: the pages were released.
         """
         self._check_held()
@@ -306,8 +307,9 @@ class ResidentPages:
         self._dirty.update(inside)
 
     def _pinned_and_not(self, indices: Iterable[int]) -> tuple[set[int], list]:
-        """``indices`` split into the pinned page numbers (ints, numpy ints) and the rest (bools too);
-        :class:`WrittenPages` are taken as they are."""
+        """``indices`` split into the pinned page numbers (ints, numpy ints) and the other page
+        numbers; :class:`WrittenPages` are taken as they are. A TypeError names an entry that is no
+        page number (a bool, a float, a float tensor's element)."""
         if type(indices) is WrittenPages:
             return indices, []
         inside: set[int] = set()
@@ -315,11 +317,8 @@ class ResidentPages:
         start, stop = self.start, self.stop
         for page in indices:
             if type(page) is not int:
-                try:
-                    page = _int_argument(page, "dirty")
-                except TypeError:
-                    pass
-            if type(page) is int and start <= page < stop:
+                page = _int_argument(page, "dirty page")
+            if start <= page < stop:
                 inside.add(page)
             else:
                 outside.append(page)
@@ -357,9 +356,9 @@ class ResidentPages:
         elif dirty is not False:
             try:
                 inside, outside = self._pinned_and_not(dirty)
-            except TypeError:  # not page numbers: what was written is unknown, so every page was
+            except TypeError as error:  # not page numbers: what was written is unknown, so every page was
                 self.mark_dirty()
-                problem = TypeError(f"dirty: expected True, False or page numbers, got {dirty!r}; every pinned page was marked written")
+                problem = TypeError(f"dirty: expected True, False or page numbers, got {dirty!r} ({error}); every pinned page was marked written")
             else:
                 self._dirty.update(inside)
         self.released = True

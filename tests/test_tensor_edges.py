@@ -162,9 +162,19 @@ def test_release_refuses_dirty_pages_outside_the_pinned_range(pager):
     assert resident.released and not allocation.pins
     assert pager.read(allocation).tolist() == [7] * PAGE + [9] * PAGE + [7] * PAGE
     first, second = pager.ensure_resident(allocation, 0, 1), pager.ensure_resident(allocation, 2, 3)
-    with pytest.raises(ValueError, match="dirty page True "):  # a bool is no page number
+    first.views()[0].fill_(3)
+    with pytest.raises(TypeError, match="dirty page: expected an int, got True"):  # a bool is no page number
         pager.release_together([(first, [True]), (second, [2])])
     assert first.released and second.released and not allocation.pins
+    assert pager.read(allocation)[0].item() == 3  # what was written is unknown: every page marked written
+    resident = pager.ensure_resident(allocation, 0, 2)
+    resident.views()[1].fill_(6)
+    with pytest.raises(TypeError, match=r"dirty page: expected an int, got tensor\(0\.\)"):
+        resident.mark_dirty(torch.tensor([0.0, 1.0]))  # float page numbers: nothing marked, still pinned
+    assert not resident.released
+    with pytest.raises(TypeError, match=r"got tensor\(\[0\., 1\.\]\) \(dirty page: expected an int, got tensor\(0\.\)\); every pinned page"):
+        resident.release(dirty=torch.tensor([0.0, 1.0]))  # a float tensor's page numbers: released, no write lost
+    assert resident.released and not allocation.pins and pager.read(allocation)[PAGE].item() == 6
     resident = pager.ensure_resident(allocation, 0, 3)
     resident.views()[2].fill_(5)
     with pytest.raises(TypeError, match="dirty: expected True, False or page numbers, got 5"):
