@@ -1100,7 +1100,9 @@ class Pager:
             return missing
         if touch:
             self.device_policy.touch_all([page for page in pages if page.device_slot is not None])
-        self._make_device_room(len(missing), len(pages))
+        # The host copies of the pages brought in stay where the device pages leaving can make
+        # room without them: spilled to disk, one would be read straight back.
+        self._make_device_room(len(missing), len(pages), spare=frozenset(page for page in missing if page.host_slot is not None))
         for page, slot in zip(missing, self.device_tier.allocate(len(missing), _page_runs(missing))):
             page.device_slot = slot
         self._filling.update(missing)
@@ -1358,10 +1360,11 @@ class Pager:
     def _device_evictable(self, page: Page) -> bool:
         return page.pin_count == 0
 
-    def _make_device_room(self, count: int, requested: int) -> None:
+    def _make_device_room(self, count: int, requested: int, spare: frozenset = frozenset()) -> None:
         """Free ``count`` device slots for the missing pages of a request of ``requested`` pages
         (the others resident and pinned by it), evicting by the policy; raises
-        :class:`DeviceTierFullError` naming both counts when too few pages may leave."""
+        :class:`DeviceTierFullError` naming both counts when too few pages may leave. ``spare``:
+        host copies to keep where the pages leaving can make host room without them."""
         shortfall = count - self.device_tier.free_pages
         if shortfall <= 0:
             return
@@ -1375,10 +1378,10 @@ class Pager:
                 f"device tier: {count} pages needed (of a request for {requested}), {self.device_tier.free_pages} free and only "
                 f"{len(victims)} evictable ({tier}; the rest are pinned, by this request's pages or by other holders of pages)"
             )
-        self._evict_from_device(victims)
+        self._evict_from_device(victims, spare)
         rest = self._rest_of_loop_allocations(victims)  # judged once the victims are gone
         if rest:
-            self._evict_from_device(rest)
+            self._evict_from_device(rest, spare)
 
     def _rest_of_loop_allocations(self, victims: list[Page]) -> list[Page]:
         """For each loop allocation (:meth:`advise`) among ``victims`` (just evicted), its other
@@ -1414,27 +1417,34 @@ class Pager:
                 rest.append(other)
         return rest
 
-    def _evict_from_device(self, victims: Sequence[Page]) -> None:
-        """Move ``victims`` (unpinned, device-resident) off the device; dirty ones are written back to host."""
+    def _evict_from_device(self, victims: Sequence[Page], spare: frozenset = frozenset()) -> None:
+        """Move ``victims`` (unpinned, device-resident) off the device; dirty ones are written back
+        to host (``spare``: as :meth:`_copy_device_to_host`)."""
         for chunk in _chunked(victims, max(1, self.host_tier.capacity_pages // 2)):
             dirty = [page for page in chunk if page.host_slot is None and page.disk_slot is None]
             if dirty:
                 # The chunk's clean pages keep their host copies: those become their only copies.
-                self._copy_device_to_host(dirty, keep=frozenset(chunk))
+                self._copy_device_to_host(dirty, keep=frozenset(chunk), spare=spare)
             for page in chunk:
                 self._drop_device_copy(page)
             self.metrics.count("evictions", len(chunk))
 
-    def _copy_device_to_host(self, pages: list[Page], keep: frozenset) -> None:
+    def _copy_device_to_host(self, pages: list[Page], keep: frozenset, spare: frozenset = frozenset()) -> None:
         """Give ``pages`` (device-resident, with no lower copy) host copies: host slots (made room
-        for, keeping the host copies of ``keep``), and a D2H copy of each on the D2H stream, after
+        for, keeping the host copies of ``keep``, and those of ``spare`` where the room can be made
+        without them), and a D2H copy of each on the D2H stream, after
         the slots' last uses. The device slots are fenced behind the copy, so nothing refills them
         before it has read them. Sorts ``pages``."""
         # In page order, so the host slots (taken in increasing order) follow each allocation's
         # pages and its later fault-ins coalesce into few copies, whatever order the policy
         # chose the victims in (a loop block leaves most recently used first: backwards).
         pages.sort(key=_PAGE_ORDER)
-        self._make_host_room(len(pages), keep=keep)
+        try:
+            self._make_host_room(len(pages), keep=keep | spare)
+        except OutOfPagesError:  # nothing moved: the spare copies make the room
+            if not spare:
+                raise
+            self._make_host_room(len(pages), keep=keep)
         host_slots = self.host_tier.allocate(len(pages))
         pairs = [(page.device_slot, slot) for page, slot in zip(pages, host_slots)]
         runs = coalesce_runs(pairs, self.device_tier, self.host_tier)

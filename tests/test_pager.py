@@ -59,6 +59,37 @@ def test_faults_only_the_requested_pages():
         assert (pager.stats()["faults"], pager.stats()["hits"]) == (4, 2)
 
 
+@pytest.mark.parametrize("eviction_policy", ["lru", "2q"])
+def test_a_fault_from_a_full_host_tier_spills_another_page_than_the_one_it_brings_in(nvme_dir, eviction_policy):
+    """Faulting in a page held in a full host tier, with the device tier full of pages that have no
+    lower copy: the device page leaving needed a host slot, and the host policy's victim was the
+    very page being brought in, which went to disk and was read straight back (two pages written
+    to disk and one read, for a one-page fault). The host copies of the pages being brought in are
+    kept where another page can make the room: one page written to disk, none read."""
+    with make_pager(nvme_dir, device_pages=2, host_pages=2, slab_size=2 * PAGE, eviction_policy=eviction_policy) as pager:
+        allocation = pager.allocate(6 * PAGE)
+        data = random_bytes(6 * PAGE)
+        pager.write(allocation, data)
+        assert [info.tier for info in pager.page_table(allocation)] == ["disk", "disk", "host", "host", "device", "device"]
+        before = pager.stats()
+        with pager.ensure_resident(allocation, 2, 3):
+            pass
+        after = pager.stats()
+        moved = {key: after[key] - before[key] for key in ("bytes_to_disk", "bytes_from_disk", "bytes_h2d", "bytes_d2h")}
+        assert moved == {"bytes_to_disk": PAGE, "bytes_from_disk": 0, "bytes_h2d": PAGE, "bytes_d2h": PAGE}
+        assert torch.equal(pager.read(allocation), data)
+    # Where the pages brought in are the only ones that could make room, they still do.
+    with make_pager(nvme_dir, device_pages=2, host_pages=2, slab_size=2 * PAGE, eviction_policy=eviction_policy) as pager:
+        allocation = pager.allocate(4 * PAGE)
+        data = random_bytes(4 * PAGE, seed=1)
+        pager.write(allocation, data)
+        assert [info.tier for info in pager.page_table(allocation)] == ["host", "host", "device", "device"]
+        with pager.ensure_resident(allocation, 0, 2):
+            pass
+        assert [info.tier for info in pager.page_table(allocation)][:2] == ["device", "device"]
+        assert torch.equal(pager.read(allocation), data)
+
+
 def test_only_dirty_pages_are_written_back(nvme_dir):
     with make_pager(nvme_dir) as pager:
         allocation = pager.allocate(2 * PAGE)
