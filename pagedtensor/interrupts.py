@@ -31,6 +31,8 @@ from pagedtensor.outside_transforms import outside_transforms
 
 Function = TypeVar("Function", bound=Callable)
 
+_peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 _getsignal = _signal.getsignal  # the C function: signal.getsignal converts its answer to an enum, a dozen calls
 _SIGINT = int(signal.SIGINT)
 _DEFAULT_HANDLER = signal.default_int_handler
@@ -95,14 +97,14 @@ def deferring(function: Function) -> Function:
 
 
 def pager_call(method: Function) -> Function:
-    """A pager method: :func:`deferring` and run outside ``torch.func`` transforms
+    """A pager method: :func:`deferring` and run outside ``torch.func`` transforms and dispatch modes
     (:func:`~pagedtensor.outside_transforms.outside_transforms`), in one frame where an op already
-    defers and no transform is active (every fault and release of an op: the hot path)."""
+    defers and no transform or mode is active (every fault and release of an op: the hot path)."""
     guarded = deferring(outside_transforms(method))
 
     @functools.wraps(method)
     def run(*args, **kwargs):
-        if _local.depth and torch._C._functorch.peek_interpreter_stack() is None:
+        if _local.depth and _peek_interpreter_stack() is None and not _dispatch_modes():
             return method(*args, **kwargs)
         return guarded(*args, **kwargs)
 

@@ -39,7 +39,7 @@ import torch
 
 from pagedtensor.default_pager import get_default_pager
 from pagedtensor.interrupts import pager_call
-from pagedtensor.outside_transforms import in_a_transform, outside_transforms
+from pagedtensor.outside_transforms import in_a_transform_or_mode, outside_transforms
 from pagedtensor.pager import Allocation, Pager, unpageable_reason
 
 log = logging.getLogger(__name__)
@@ -526,10 +526,12 @@ class PagedTensor(torch.Tensor):
         cached = self._materialized
         if cached is not None and cached[0] == version:
             return cached[1]
-        if in_a_transform():
+        if in_a_transform_or_mode():
             # Read by Dynamo inside a torch.func transform (``torch.func.grad`` of this tensor in a
             # compiled function): made there, the data came back wrapped at the transform's level,
-            # with no storage to note. The dense data is the pages' bytes, whatever the transforms.
+            # with no storage to note; read by ``FakeTensorMode.from_tensor`` inside the mode, it
+            # would be sliced from the slab under the mode. The dense data is the pages' bytes,
+            # whatever the transforms and modes.
             return outside_transforms(PagedTensor._dense_of_pages)(self)
         dense = self.materialize() if self._offset == 0 else self._materialize_from_start()
         _register_dense_owner(dense, self)
