@@ -23,7 +23,7 @@ import _signal
 import functools
 import signal
 import threading
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 
@@ -75,9 +75,10 @@ def _raise_pending() -> None:
         raise KeyboardInterrupt
 
 
-def deferring(function: Function) -> Function:
+def deferring(function: Function, undo: Optional[Callable[[Any], object]] = None) -> Function:
     """``function`` with a Ctrl-C arriving inside it raised as it returns (as the outermost such call
-    returns, where they nest)."""
+    returns, where they nest). ``undo``, where given, is called on the result the interrupt drops
+    (``ensure_resident``'s pinned pages, released): nothing it holds is kept for good."""
 
     @functools.wraps(function)
     def run(*args, **kwargs):
@@ -93,14 +94,40 @@ def deferring(function: Function) -> Function:
             if _pending and not depth:
                 _raise_pending()
 
-    return run  # type: ignore[return-value]
+    @functools.wraps(function)
+    def run_and_undo(*args, **kwargs):
+        # Apart from ``run``: a result held in the wrapper's frame would keep the callers' frames
+        # alive where it holds a traceback (a prefetch's future carrying its error) until a collection.
+        local = _local
+        depth = local.depth
+        if not depth and _getsignal(_SIGINT) is _DEFAULT_HANDLER:
+            install()
+        local.depth = depth + 1
+        try:
+            result = function(*args, **kwargs)
+        except BaseException:
+            local.depth = depth
+            if _pending and not depth:
+                _raise_pending()
+            raise
+        if _pending and not depth and threading.current_thread() is threading.main_thread():
+            try:
+                undo(result)  # still deferring: the one interrupt is raised below
+            finally:
+                local.depth = depth
+                _raise_pending()
+        local.depth = depth
+        return result
+
+    return run if undo is None else run_and_undo  # type: ignore[return-value]
 
 
-def pager_call(method: Function) -> Function:
-    """A pager method: :func:`deferring` and run outside ``torch.func`` transforms and dispatch modes
-    (:func:`~pagedtensor.outside_transforms.outside_transforms`), in one frame where an op already
-    defers and no transform or mode is active (every fault and release of an op: the hot path)."""
-    guarded = deferring(outside_transforms(method))
+def pager_call(method: Function, undo: Optional[Callable[[Any], object]] = None) -> Function:
+    """A pager method: :func:`deferring` (with ``undo``) and run outside ``torch.func`` transforms and
+    dispatch modes (:func:`~pagedtensor.outside_transforms.outside_transforms`), in one frame where an
+    op already defers and no transform or mode is active (every fault and release of an op: the hot
+    path; the op's own interrupt handling then lets go of what it holds)."""
+    guarded = deferring(outside_transforms(method), undo)
 
     @functools.wraps(method)
     def run(*args, **kwargs):

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import functools
 import itertools
 import logging
 import operator
@@ -671,7 +672,9 @@ class Pager:
         if errors:
             raise errors[0]
 
-    @pager_call
+    # A Ctrl-C raised as it returns lets go of the pages it pinned (dropped with the interrupt, they
+    # would stay pinned for good). Stream order: the release's event follows the copies enqueued.
+    @functools.partial(pager_call, undo=ResidentPages.release)
     def ensure_resident(
         self, allocation: Allocation, start: int = 0, stop: Optional[int] = None, *, discard: Iterable[int] = ()
     ) -> ResidentPages:
@@ -693,6 +696,9 @@ class Pager:
         Where only pages other threads pin keep the device tier from holding them, it waits (the
         pager's lock let go) for those threads to let go of pins, up to ``config.pin_wait_s``
         seconds; not where every such thread waits too, or this thread's own pins fill the tier.
+
+        A Ctrl-C inside it (deferred to its return, see :mod:`pagedtensor.interrupts`) releases the
+        pages, not marked written, before ``KeyboardInterrupt`` is raised.
 
         Raises:
             OutOfPagesError: the pages do not fit on the device tier beside the pinned pages

@@ -588,3 +588,38 @@ def test_a_ctrl_c_as_generate_frees_its_cache_frees_every_page(nvme_dir, pagers_
     finally:
         sys.settrace(None)
     assert [allocation.name for allocation in pager._allocations.values()] == []
+
+
+def test_a_ctrl_c_inside_ensure_resident_leaves_no_pin(nvme_dir, pagers_sigint_handler):
+    """A Ctrl-C landing at every second Python call, in turn, of a direct ``ensure_resident`` that
+    faults pages in from host and disk: KeyboardInterrupt is raised as it returns, and the pages it
+    pinned are let go first. The pinned range was dropped with the interrupt, its pin kept for ever:
+    the allocation could not be freed nor its pages leave the device."""
+    import sys
+
+    number, interrupted = 1, 0
+    while True:
+        pager = make_pager(nvme_dir, device_pages=4, host_pages=4, slab_size=4 * PAGE)
+        data = torch.randint(0, 256, (12 * PAGE,), dtype=torch.uint8)
+        allocation = pager.allocate(12 * PAGE)
+        pager.write(allocation, data)
+        sys.settrace(_ctrl_c_at_call(number))
+        try:
+            resident = pager.ensure_resident(allocation, 2, 5)
+            done = True
+        except KeyboardInterrupt:
+            done = False
+        finally:
+            sys.settrace(None)
+        if done:
+            resident.release()
+            pager.close()
+            break
+        interrupted += 1
+        assert not allocation.pins, (number, dict(allocation.pins))
+        assert_consistent(pager, [allocation])
+        assert torch.equal(pager.read(allocation), data)
+        pager.free(allocation)
+        pager.close()
+        number += 2
+    assert interrupted > 10
