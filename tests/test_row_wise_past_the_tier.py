@@ -171,7 +171,7 @@ def test_bad_row_wise_ops_raise_torchs_error_before_any_page_moves(name):
 def test_forms_not_run_by_rows_still_raise_the_pagers_error():
     """``softmax`` over dim 0 or over the outermost dim of a transposed table, ``layer_norm`` over
     every dim, a table each of whose rows spans more than a piece, ``cumsum`` along dim 0 or of a
-    table whose piece holds fewer than three rows, ``sort`` and ``topk`` along dim 0: OutOfPagesError
+    table whose piece holds fewer than three rows, ``sort``, ``topk`` and ``kthvalue`` along dim 0: OutOfPagesError
     naming the op, the table unchanged."""
     with make_pager() as pager:
         table = PagedTensor.wrap(rows_tensor(), pager)
@@ -181,9 +181,14 @@ def test_forms_not_run_by_rows_still_raise_the_pagers_error():
                            (lambda t: F.layer_norm(t, (64, 256)), "native_layer_norm"),
                            (lambda t: wide.log_softmax(-1), "_log_softmax"), (lambda t: t.cumsum(0), "cumsum"),
                            (lambda t: three_pages.cumsum(1), "cumsum"), (lambda t: t.msort(), "sort"),
-                           (lambda t: three_pages.sort(), "sort"), (lambda t: t.topk(2, 0), "topk")):  # fmt: skip
+                           (lambda t: three_pages.sort(), "sort"), (lambda t: t.topk(2, 0), "topk"),
+                           # more than two along dim 0: torch's checks were run on a stand-in of two rows,
+                           # raising "selected index k out of range" where torch runs
+                           (lambda t: t.topk(3, 0), "topk"), (lambda t: t.kthvalue(5, 0), "kthvalue")):  # fmt: skip
             with pytest.raises(OutOfPagesError, match=name):
                 call(table)
+        with pytest.raises(RuntimeError, match="k not in range for dimension"):  # torch's check, in its meta kernel's words
+            table.topk(65, 0)
         assert same_bits(table.materialize(), rows_tensor())
 
 

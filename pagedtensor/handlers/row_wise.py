@@ -59,6 +59,8 @@ _ANY_INDEX_ON_CUDA = (aten.median.dim, aten.nanmedian.dim, aten.mode.default)
 # Ops whose pieces hold two rows or more (CUDA runs a tensor of one row otherwise: cub's scans, topk's
 # multi-block selection).
 _TWO_ROWS_A_PIECE = (*_SCANS, *_SELECTIONS)
+# Ops computing along their ``dim`` argument.
+_ALONG_A_DIM = (*_SOFTMAXES, *_SCANS, *_SELECTIONS)
 # Ops that move elements within trailing dims (never dim 0: their inputs have a batch or channel dim first).
 _MOVES_WITHIN_ROWS = (
     aten.reflection_pad1d.default, aten.reflection_pad2d.default, aten.reflection_pad3d.default,
@@ -87,6 +89,12 @@ def run_by_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
         options = {argument.name: bound[argument.name] for argument in func._schema.arguments if argument.kwarg_only}
         if func is aten.native_layer_norm.default and len(rest[0]) >= table.dim():
             func(*_meta([table, *rest]))  # over every dim: torch's checks (the meta kernel's), else the pager's error
+            raise
+        dim = bound.get("dim")
+        if func in _ALONG_A_DIM and type(dim) is int and -table.dim() <= dim < table.dim() and dim % table.dim() == 0:
+            # Along dim 0, which the stand-in of two rows shrinks (its checks would not be the table's:
+            # topk(3, 0)): torch's checks on the meta kernel of the whole, else the pager's error.
+            func(*_meta([table, *rest]), **options)
             raise
         probes = _probe(func, table, rest, options)
         count = _rows_a_piece(table)
@@ -149,7 +157,7 @@ def _by_rows(func: OpOverload, table: PagedTensor, bound: dict, rest: list) -> b
         return False  # CUDA's float scans of a piece of rows add otherwise than of all of them (measured on the H200)
     if func in _ANY_INDEX_ON_CUDA and table.device.type == "cuda":
         return False  # which of equal values its index names differed between a piece of rows and the whole (H100)
-    if func in _SOFTMAXES or func in _SCANS or func in _SELECTIONS:
+    if func in _ALONG_A_DIM:
         return bound["dim"] % table.dim() == table.dim() - 1
     if func is aten.native_layer_norm.default:
         return 0 < len(rest[0]) < table.dim()
