@@ -401,6 +401,8 @@ def _after_fork_in_child() -> None:
         pager._lock = threading.RLock()
         pager._unpinned = threading.Condition(pager._lock)
         pager._pin_waiters = set()
+        pager._woken = set()
+        pager._held_back = 0
         pager._prefetcher = None
 
 
@@ -470,6 +472,10 @@ class Pager:
         self._pinned_ranges: dict[tuple[int, int, int, int], int] = {}
         self._pin_waiters: set[int] = set()
         self._unpinned = threading.Condition(self._lock)
+        # Threads woken by a release that have not yet tried again, and how many requests of other
+        # threads wait for them to (see _let_woken_waiters_go_first).
+        self._woken: set[int] = set()
+        self._held_back = 0
         try:
             self.metrics = PagerMetrics(registry, resident_bytes=_weak_resident_bytes(self))
         except BaseException:  # a registry refused: the page file and its I/O threads go now, not at collection
@@ -716,6 +722,8 @@ class Pager:
                 self._check_range(allocation, start, stop)
             if self._overwriting:  # another thread's overwrite in progress: its pages' slots are not their bytes yet
                 self._wait_for_other_threads_overwrites(allocation, start, stop)
+            if self._woken:  # threads a release woke have not tried again yet: they go first
+                self._let_woken_waiters_go_first()
             pins = allocation.pins
             run = self._current_run(allocation, start, stop)
             # From the pin on, an error or a KeyboardInterrupt (Ctrl-C lands after any call) before
@@ -739,7 +747,7 @@ class Pager:
             missing = overwritten = ()
             try:
                 if None in slots:
-                    missing = self._fault_in(pages, discard, touch=not allocation.loop)
+                    missing = self._fault_in(pages, discard, touch=not allocation.loop, pinned=(allocation, start, stop))
                     overwritten = [page for page in missing if page in self._overwriting] if discard else []
                     slots = list(map(_DEVICE_SLOT, pages))
                     if allocation.loop:
@@ -1260,12 +1268,13 @@ class Pager:
 
     # ------------------------------------------------------------------ internals: eviction
 
-    def _fault_in(self, pages: Sequence[Page], discard: frozenset[int], *, touch: bool) -> list[Page]:
+    def _fault_in(self, pages: Sequence[Page], discard: frozenset[int], *, touch: bool, pinned: tuple[Allocation, int, int]) -> list[Page]:
         """:meth:`_bring_to_device` for :meth:`ensure_resident` (counted as faults); where the device
         tier is full of pages other threads pin, it waits for them (:meth:`_wait_for_other_threads_pins`)
         and tries again. Called under the lock, which a wait lets go; ``pages`` are pinned by the
-        caller, so none of them leaves the device meanwhile (others may arrive: each try takes the
-        pages missing then)."""
+        caller (its pin of ``pinned``: allocation, start, stop), so none of them leaves the device
+        during a try; while it waits that pin is let go (waiting requests that kept their resident
+        pages pinned kept each other from room), and each try takes the pages missing then."""
         started: Optional[float] = None
         waited = False
         while True:
@@ -1273,19 +1282,21 @@ class Pager:
                 return self._bring_to_device(pages, discard, counter="faults", touch=touch)
             except DeviceTierFullError as error:
                 started = time.monotonic() if started is None else started
-                if self._wait_for_other_threads_pins(started + self.config.pin_wait_s):
+                if self._wait_for_other_threads_pins(started + self.config.pin_wait_s, letting_go=pinned):
                     waited = True
                     continue
                 if not waited:
                     raise
                 raise DeviceTierFullError(f"{error}; waited {time.monotonic() - started:.3f} s for other threads' pins") from None
 
-    def _wait_for_other_threads_pins(self, deadline: float) -> bool:
+    def _wait_for_other_threads_pins(self, deadline: float, letting_go: Optional[tuple[Allocation, int, int]] = None) -> bool:
         """Wait (under the lock, which the wait lets go) until a thread lets pins go, the pager
         frees pages or closes, or ``deadline`` (``time.monotonic()``) passes; False without waiting
         where no wait can help: this thread pins more pages than the tier holds, no other living
         thread pins pages, or every such thread waits too (all waiting on each other's pins would
         never end: this one raises, and its caller's pins go). Raises if the pager was closed meanwhile.
+        ``letting_go`` (allocation, start, stop): a pin of this thread's request let go for the
+        wait and taken again after it (also where it raises).
 
         Stream order: none; a wait is on the host."""
         self._check_open()
@@ -1300,12 +1311,21 @@ class Pager:
         remaining = deadline - time.monotonic()
         if not others or remaining <= 0:
             return False
+        if letting_go is not None:
+            allocation, start, stop = letting_go
+            _unpin(allocation.pins, start, stop)
+            # Not waking the other waiters: each let go of its own for its wait (woken, they would
+            # wake each other in turn until the deadline); a release wakes them all.
+            self._count_pins(me, allocation, start, stop, -1, wake=False)
         self._pin_waiters.add(me)
         try:
             with interruptible():  # Ctrl-C raises at once here (a wait of up to pin_wait_s)
                 self._unpinned.wait(min(remaining, threading.TIMEOUT_MAX))  # a longer timeout overflows: the caller waits again
         finally:
-            self._pin_waiters.discard(me)
+            self._done_waiting(me)
+            if letting_go is not None:
+                _pin(allocation.pins, start, stop)
+                self._count_pins(me, allocation, start, stop, 1)
         self._check_open()
         return True
 
@@ -1339,19 +1359,54 @@ class Pager:
             try:
                 self._unpinned.wait(min(deadline - now, threading.TIMEOUT_MAX))
             finally:
-                self._pin_waiters.discard(me)
+                self._done_waiting(me)
             self._check_open()
 
     def _wake_pin_waiters(self) -> None:
         """Wake every thread waiting for pins (under the lock); they count as waiting no more until
-        they wait again, so a thread that finds the tier full meanwhile does not take them for stuck."""
+        they wait again, so a thread that finds the tier full meanwhile does not take them for stuck,
+        and as woken until they try again (:meth:`_let_woken_waiters_go_first`)."""
+        self._woken.update(self._pin_waiters)
         self._pin_waiters.clear()
         self._unpinned.notify_all()
 
-    def _count_pins(self, owner: int, allocation: Allocation, start: int, stop: int, change: int) -> None:
+    def _done_waiting(self, me: int) -> None:
+        """After this thread's wait for pins (under the lock, held on through its next try): it waits
+        no more, and once the last thread woken has its turn, the requests held back for them go on."""
+        self._pin_waiters.discard(me)
+        woken = self._woken
+        if me in woken:
+            woken.discard(me)
+            if not woken and self._held_back:
+                self._unpinned.notify_all()
+
+    def _let_woken_waiters_go_first(self) -> None:
+        """Wait (under the lock, which the wait lets go) until the threads a release of pins woke have
+        tried again, or ``config.pin_wait_s`` passes. Without it a thread that lets its pins go and
+        takes them again at once (an op after op on its pages) took them back before a woken thread
+        ran (the interpreter switches threads every few milliseconds): the waiting request found the
+        tier pinned full each time and raised after ``pin_wait_s``. A woken thread tries once under
+        the lock and waits again or goes on; this request then goes on either way.
+
+        Stream order: none; a wait is on the host."""
+        deadline = time.monotonic() + self.config.pin_wait_s
+        self._held_back += 1
+        try:
+            with interruptible():  # Ctrl-C raises at once here
+                while self._woken and threading.get_ident() not in self._woken:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._unpinned.wait(min(remaining, threading.TIMEOUT_MAX))
+        finally:
+            self._held_back -= 1
+        self._check_open()
+
+    def _count_pins(self, owner: int, allocation: Allocation, start: int, stop: int, change: int, wake: bool = True) -> None:
         """Count one more (``change`` 1) or one fewer (-1) pin of pages ``[start, stop)`` of ``allocation``
         by thread ``owner`` (under the lock; an empty range pins nothing); pins let go, by a release or
-        by a request that raised after pinning, wake the threads waiting for pins."""
+        by a request that raised after pinning, wake the threads waiting for pins (not with ``wake``
+        False: a waiting request's own pin, let go for its wait)."""
         if start != stop:
             held = self._pinned_ranges
             key = (owner, allocation.id, start, stop)
@@ -1360,7 +1415,7 @@ class Pager:
                 held[key] = count
             else:
                 del held[key]
-        if change < 0 and self._pin_waiters:
+        if change < 0 and wake and self._pin_waiters:
             self._wake_pin_waiters()
 
     def _device_evictable(self, page: Page) -> bool:

@@ -588,3 +588,82 @@ def test_a_thread_reading_pages_it_overwrites_itself_does_not_wait() -> None:
             pass
         assert time.monotonic() - started < 5
         resident.release(dirty=False)
+
+
+def test_requests_waiting_for_room_do_not_keep_each_other_from_it(nvme_dir) -> None:
+    """Three threads each ask for the 4 pages of their own allocation on a 5-page device tier whose
+    other pages the main thread pins; each has a page resident. A waiting request kept its resident
+    page pinned while it waited, so once the main thread let go the waiters still kept each other
+    from room, and one raised DeviceTierFullError. A waiting request now lets go of its pin while it
+    waits: each runs in turn."""
+    config = MemoryConfig(page_size=PAGE, vram_limit=5 * PAGE, host_memory=32 * PAGE, slab_size=32 * PAGE, prefetch_strategy="none",
+                          device="cpu", nvme_path=nvme_dir, pin_wait_s=20)  # fmt: skip
+    with Pager(config) as pager:
+        allocations = [pager.allocate(4 * PAGE) for _ in range(3)]
+        for number, allocation in enumerate(allocations):
+            pager.write(allocation, torch.full((4 * PAGE,), number, dtype=torch.uint8))
+        held_range = pager.allocate(2 * PAGE)
+        pager.evict_all()
+        for allocation in allocations:
+            pager.ensure_resident(allocation, 0, 1).release()
+        held = pager.ensure_resident(held_range)  # the tier: a0 b0 c0 and the two pages held
+        errors: list[str] = []
+
+        def worker(number: int) -> None:
+            try:
+                with pager.ensure_resident(allocations[number]) as resident:
+                    assert all(bool((view == number).all()) for view in resident.views())
+                    time.sleep(0.05)
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(f"{type(error).__name__}: {error}")
+
+        threads = [threading.Thread(target=worker, args=(number,)) for number in range(3)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.2)  # each waits for room before the next starts
+        held.release()
+        for thread in threads:
+            thread.join(JOIN_TIMEOUT_S)
+        assert not any(thread.is_alive() for thread in threads), "deadlock"
+        assert not errors, errors
+        assert not any(allocation.pins for allocation in allocations)
+
+
+def test_a_request_waiting_for_room_gets_it_from_a_thread_that_takes_its_pins_back_at_once() -> None:
+    """A thread pins 3 pages of a 4-page device tier, works briefly and lets them go, over and over;
+    another thread's request for 3 other pages waits for room. Woken by each release, the waiting
+    thread ran only after the first had pinned its pages again (the interpreter switches threads
+    every few milliseconds), and raised DeviceTierFullError after pin_wait_s although the pages were
+    let go thousands of times. Requests now let the threads a release woke try first."""
+    config = MemoryConfig(page_size=PAGE, vram_limit=4 * PAGE, host_memory=32 * PAGE, slab_size=32 * PAGE, prefetch_strategy="none",
+                          device="cpu", pin_wait_s=5)  # fmt: skip
+    with Pager(config) as pager:
+        busy, waiting = pager.allocate(3 * PAGE), pager.allocate(3 * PAGE)
+        pager.write(waiting, torch.full((3 * PAGE,), 5, dtype=torch.uint8))
+        done = threading.Event()
+        errors: list[str] = []
+
+        def holder() -> None:
+            while not done.is_set():
+                with pager.ensure_resident(busy):
+                    time.sleep(0.0005)  # work on the pages (a kernel, I/O): the interpreter lock is free
+
+        def requester() -> None:
+            try:
+                time.sleep(0.05)
+                started = time.monotonic()
+                with pager.ensure_resident(waiting) as resident:
+                    assert all(bool((view == 5).all()) for view in resident.views())
+                assert time.monotonic() - started < 2.5, "waited for most of pin_wait_s"
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(f"{type(error).__name__}: {error}")
+            finally:
+                done.set()
+
+        threads = [threading.Thread(target=holder), threading.Thread(target=requester)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(JOIN_TIMEOUT_S)
+        assert not any(thread.is_alive() for thread in threads), "deadlock"
+        assert not errors, errors
