@@ -403,6 +403,7 @@ def _after_fork_in_child() -> None:
         pager._pin_waiters = set()
         pager._woken = set()
         pager._held_back = 0
+        pager._waiting_requests = {}
         pager._prefetcher = None
 
 
@@ -476,6 +477,9 @@ class Pager:
         # threads wait for them to (see _let_woken_waiters_go_first).
         self._woken: set[int] = set()
         self._held_back = 0
+        # Allocations with a request that let go of its pin to wait for room, by id: how many.
+        # Not freed meanwhile (the request faults their pages in after its wait).
+        self._waiting_requests: dict[int, int] = {}
         try:
             self.metrics = PagerMetrics(registry, resident_bytes=_weak_resident_bytes(self))
         except BaseException:  # a registry refused: the page file and its I/O threads go now, not at collection
@@ -492,8 +496,9 @@ class Pager:
         self._ids = itertools.count()
         self._host_fences: dict[int, Event] = {}  # slot -> last copy touching it
         # Allocations whose PagedTensors were collected while this thread was inside a pager call
-        # (free_when_unlocked): freed at the pager's next call from outside one.
-        self._deferred_frees: list[Allocation] = []
+        # (free_when_unlocked), and a collected cache's pins and allocations (release_and_free_when_unlocked):
+        # released and freed at the pager's next call from outside one.
+        self._deferred_frees: list[Union[Allocation, tuple[tuple[ResidentPages, ...], tuple[Allocation, ...]]]] = []
         # Pages whose device slot was zero-filled for an overwrite (``ensure_resident(discard=...)``)
         # while their host or disk copy still holds their bytes: that copy stays authoritative until
         # a release marks the page dirty (the write is done) or gives the bytes back (it failed).
@@ -550,6 +555,30 @@ class Pager:
             return
         self._free_quietly(allocation)
 
+    @deferring
+    def release_and_free_when_unlocked(self, pins: Sequence[ResidentPages], allocations: Sequence[Allocation]) -> None:
+        """Release ``pins`` (not marked written), then free ``allocations``, now or, where this thread
+        is inside a pager call, at the pager's next call from outside one, as
+        :meth:`free_when_unlocked`. What a collected ``PagedKVCache``'s finalizer calls: run halfway
+        through an eviction, its frees took slots from pages being moved. Never raises (a failure
+        is logged)."""
+        if self.closed:
+            return
+        if self._inside_a_call():
+            self._deferred_frees.append((tuple(pins), tuple(allocations)))
+            return
+        self._release_and_free_quietly(pins, allocations)
+
+    def _release_and_free_quietly(self, pins: Sequence[ResidentPages], allocations: Sequence[Allocation]) -> None:
+        for resident in pins:
+            try:
+                if not resident.released and not self.closed:
+                    resident.release()
+            except Exception as error:  # noqa: BLE001 - a finalizer must not raise
+                log.warning("could not release pages of allocation %d of a collected cache: %s", resident.allocation.id, error)
+        for allocation in allocations:
+            self._free_quietly(allocation)
+
     def _inside_a_call(self) -> bool:
         """Whether this thread holds the pager's lock (is inside a pager call)."""
         return getattr(self._lock, "_is_owned", lambda: False)()
@@ -561,10 +590,13 @@ class Pager:
             return
         while True:  # one after another, not each inside the last's free (hundreds collected at once)
             try:
-                allocation = self._deferred_frees.pop()
+                entry = self._deferred_frees.pop()
             except IndexError:  # emptied (by another thread draining too)
                 return
-            self._free_quietly(allocation)
+            if type(entry) is tuple:
+                self._release_and_free_quietly(*entry)
+            else:
+                self._free_quietly(entry)
 
     def _free_quietly(self, allocation: Allocation) -> None:
         try:
@@ -577,7 +609,14 @@ class Pager:
 
     @pager_call
     def free(self, allocation: Allocation) -> None:
-        """Release every copy of every page of ``allocation``. Its pages must not be pinned."""
+        """Release every copy of every page of ``allocation``. Its pages must not be pinned.
+
+        Called inside one of this thread's pager calls (by a finalizer a garbage collection ran
+        there, halfway through moving pages), the free is deferred to the pager's next call from
+        outside one, as :meth:`free_when_unlocked` defers it (an error is then logged)."""
+        if self._inside_a_call():
+            self.free_when_unlocked(allocation)
+            return
         if self._deferred_frees:
             self._drain_deferred_frees()
         self._free(allocation)
@@ -589,6 +628,9 @@ class Pager:
             pinned = [page.index for page in allocation.pages if page.pin_count] if allocation.pins else []
             if pinned:
                 raise RuntimeError(f"free: allocation {allocation.id} has pinned pages {pinned[:8]}; release them first")
+            if allocation.id in self._waiting_requests:
+                raise RuntimeError(f"free: allocation {allocation.id} has pages a request of another thread waits to pin "
+                                   f"(ensure_resident, waiting for room); free it once that request is done")
             for page in allocation.pages:
                 self._drop_device_copy(page, forget=True)
                 self._drop_host_copy(page, forget=True)
@@ -1313,6 +1355,8 @@ class Pager:
             return False
         if letting_go is not None:
             allocation, start, stop = letting_go
+            waiting = self._waiting_requests
+            waiting[allocation.id] = waiting.get(allocation.id, 0) + 1
             _unpin(allocation.pins, start, stop)
             # Not waking the other waiters: each let go of its own for its wait (woken, they would
             # wake each other in turn until the deadline); a release wakes them all.
@@ -1326,6 +1370,9 @@ class Pager:
             if letting_go is not None:
                 _pin(allocation.pins, start, stop)
                 self._count_pins(me, allocation, start, stop, 1)
+                count = waiting.pop(allocation.id) - 1
+                if count:
+                    waiting[allocation.id] = count
         self._check_open()
         return True
 
@@ -1357,7 +1404,8 @@ class Pager:
                                    f"by another thread, whose holder was not released within pin_wait_s={self.config.pin_wait_s} s")
             self._pin_waiters.add(me)  # a release wakes the waiters
             try:
-                self._unpinned.wait(min(deadline - now, threading.TIMEOUT_MAX))
+                with interruptible():  # Ctrl-C raises at once here (a wait of up to pin_wait_s); nothing is pinned yet
+                    self._unpinned.wait(min(deadline - now, threading.TIMEOUT_MAX))
             finally:
                 self._done_waiting(me)
             self._check_open()

@@ -623,3 +623,42 @@ def test_a_ctrl_c_inside_ensure_resident_leaves_no_pin(nvme_dir, pagers_sigint_h
         pager.close()
         number += 2
     assert interrupted > 10
+
+
+def test_a_ctrl_c_while_waiting_for_another_threads_overwrite_raises_at_once(pagers_sigint_handler):
+    """A request for pages another thread is overwriting whole (``ensure_resident(discard=...)``)
+    waits for that holder's release; a Ctrl-C there was held back until ``pin_wait_s`` ran out, where
+    a wait for pins raises at once."""
+    import os
+    import time
+
+    config = MemoryConfig(vram_limit=4 * PAGE, host_memory=8 * PAGE, page_size=PAGE, slab_size=8 * PAGE, prefetch_strategy="none",
+                          device="cpu", pin_wait_s=20)  # fmt: skip
+    with Pager(config) as pager:
+        allocation = pager.allocate(2 * PAGE)
+        pager.write(allocation, torch.full((2 * PAGE,), 3, dtype=torch.uint8))
+        pager.evict_all()
+        held, done = threading.Event(), threading.Event()
+
+        def overwriter() -> None:
+            resident = pager.ensure_resident(allocation, discard=[0, 1])
+            held.set()
+            done.wait(30)
+            resident.release()
+
+        thread = threading.Thread(target=overwriter)
+        thread.start()
+        held.wait()
+        timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                with pager.ensure_resident(allocation):
+                    pass
+            assert time.monotonic() - started < 5
+        finally:
+            done.set()
+            thread.join()
+            timer.cancel()
+        assert not allocation.pins and torch.equal(pager.read(allocation), torch.full((2 * PAGE,), 3, dtype=torch.uint8))

@@ -1966,3 +1966,43 @@ def test_a_full_host_tier_names_the_pages_needed_and_those_that_cannot_spill():
         with pytest.raises(OutOfPagesError, match=r"host tier full .*: 1 more host page\(s\) needed, and none of the 8 pages"):
             pager.write(pager.allocate(PAGE), torch.zeros(PAGE, dtype=torch.uint8))
 
+
+
+def test_free_called_by_a_finalizer_inside_a_pager_call_waits_for_the_next_call(monkeypatch):
+    """``weakref.finalize(obj, pager.free, allocation)`` run by a garbage collection landing inside an
+    eviction of this thread: the free took slots from pages being moved (TypeError, host slots
+    leaked). It is deferred to the pager's next call from outside one."""
+    import gc
+
+    pager = make_pager(device_pages=4, host_pages=8, slab_size=8 * PAGE)
+    dropped = pager.allocate(4 * PAGE)
+    pager.write(dropped, random_bytes(4 * PAGE))
+
+    class Owner:
+        pass
+
+    gc.disable()
+    try:
+        owner = Owner()
+        owner.cycle = owner
+        weakref.finalize(owner, pager.free, dropped)
+        del owner
+        copy, collected = pager._copy_device_to_host, []
+
+        def copy_after_a_collection(*args, **kwargs):
+            if not collected:
+                collected.append(True)
+                gc.collect()
+            return copy(*args, **kwargs)
+
+        monkeypatch.setattr(pager, "_copy_device_to_host", copy_after_a_collection)
+        kept = pager.allocate(4 * PAGE)
+        data = random_bytes(4 * PAGE, seed=3)
+        pager.write(kept, data)  # the whole device tier: evicts the dropped allocation's pages
+        assert collected
+    finally:
+        gc.enable()
+    assert torch.equal(pager.read(kept), data)
+    assert dropped.freed and list(pager._allocations) == [kept.id]
+    assert pager.host_tier.used_pages == sum(page.host_slot is not None for page in kept.pages)
+    pager.close()

@@ -667,3 +667,46 @@ def test_a_request_waiting_for_room_gets_it_from_a_thread_that_takes_its_pins_ba
             thread.join(JOIN_TIMEOUT_S)
         assert not any(thread.is_alive() for thread in threads), "deadlock"
         assert not errors, errors
+
+
+def test_an_allocation_a_request_waits_for_is_not_freed_meanwhile() -> None:
+    """A request waiting for room lets go of its pin meanwhile; ``free`` of its allocation from
+    another thread then succeeded, and the request faulted the freed allocation's pages in: device
+    slots held by no live allocation, for good. ``free`` raises as for pinned pages."""
+    config = MemoryConfig(page_size=PAGE, vram_limit=4 * PAGE, host_memory=8 * PAGE, slab_size=8 * PAGE, prefetch_strategy="none",
+                          device="cpu", pin_wait_s=10)  # fmt: skip
+    with Pager(config) as pager:
+        waited_for, holding = pager.allocate(3 * PAGE), pager.allocate(3 * PAGE)
+        held, done = threading.Event(), threading.Event()
+        errors: list[str] = []
+
+        def holder() -> None:
+            with pager.ensure_resident(holding):
+                held.set()
+                done.wait(JOIN_TIMEOUT_S)
+
+        def requester() -> None:
+            try:
+                with pager.ensure_resident(waited_for):
+                    pass
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(f"{type(error).__name__}: {error}")
+
+        threads = [threading.Thread(target=holder), threading.Thread(target=requester)]
+        threads[0].start()
+        held.wait()
+        threads[1].start()
+        deadline = time.monotonic() + 10
+        while not pager._waiting_requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        try:
+            with pytest.raises(RuntimeError, match=f"free: allocation {waited_for.id} has pages a request of another thread waits to pin"):
+                pager.free(waited_for)
+        finally:
+            done.set()
+            for thread in threads:
+                thread.join(JOIN_TIMEOUT_S)
+        assert not errors, errors
+        pager.free(waited_for)
+        pager.free(holding)
+        assert pager.device_tier.used_pages == 0

@@ -1409,18 +1409,16 @@ def streaming_config(config: MemoryConfig) -> MemoryConfig:
 
 @deferring
 def _release_pages(pager: Pager, allocations: list[Allocation], hot_pins: dict[int, ResidentPages], owns_pager: bool) -> None:
-    """Finalizer of a cache: unpin and free its pages (it must not reference the cache)."""
+    """Finalizer of a cache: unpin and free its pages (it must not reference the cache). Run by a
+    garbage collection inside one of this thread's pager calls, the release and frees wait for the
+    pager's next call (:meth:`Pager.release_and_free_when_unlocked`), and a pager of its own is
+    left to its own finalizer."""
     if pager.closed:
         return
     try:
-        for pin in list(hot_pins.values()):
-            if not pin.released:
-                pin.release()
+        pager.release_and_free_when_unlocked(list(hot_pins.values()), [allocation for allocation in allocations if not allocation.freed])
         hot_pins.clear()
-        for allocation in allocations:
-            if not allocation.freed:
-                pager.free(allocation)
         allocations.clear()
     finally:
-        if owns_pager:
+        if owns_pager and not pager._inside_a_call():
             pager.close()

@@ -390,3 +390,54 @@ def test_values_of_another_head_size_than_keys_keep_their_own_size(nvme_dir):
         cache.update(torch.zeros(2, 1, 2, 16), torch.zeros(2, 1, 1, 8), 0)
     cache.close()
     assert pager.stats()["allocations"] == 0
+
+
+def _collect_inside_first_eviction(pager: Pager, monkeypatch) -> list:
+    """Make the pager's first move of device pages to the host run a garbage collection first, as a
+    collection may land anywhere inside a pager call (any allocation can start one)."""
+    import gc
+
+    copy, collected = pager._copy_device_to_host, []
+
+    def copy_after_a_collection(*args, **kwargs):
+        if not collected:
+            collected.append(True)
+            gc.collect()
+        return copy(*args, **kwargs)
+
+    monkeypatch.setattr(pager, "_copy_device_to_host", copy_after_a_collection)
+    return collected
+
+
+def test_a_cache_collected_inside_a_pager_call_frees_its_pages_after_it(monkeypatch):
+    """A cache dropped in a reference cycle, collected while the same thread evicts its pages to make
+    room: its finalizer freed them there, halfway through the eviction (TypeError from the slab
+    pool and two host slots leaked). Its release and frees now wait for the pager's next call."""
+    import gc
+
+    from pagedtensor import PagedTensor
+
+    pager = Pager(MemoryConfig(page_size=PAGE, vram_limit=4 * PAGE, host_memory=8 * PAGE, slab_size=8 * PAGE, prefetch_strategy="none",
+                               device="cpu"))  # fmt: skip
+    gc.disable()
+    try:
+
+        class Holder:
+            pass
+
+        holder = Holder()
+        holder.cycle = holder
+        holder.cache = PagedKVCache(pager=pager, num_layers=1)
+        with torch.no_grad():
+            holder.cache.update(torch.randn(1, 2, PAGE // 128, 16), torch.randn(1, 2, PAGE // 128, 16), 0)
+        del holder  # garbage, in a cycle: freed by the next collection
+        collected = _collect_inside_first_eviction(pager, monkeypatch)
+        ones = PagedTensor.wrap(torch.ones(PAGE), pager)  # the whole device tier: evicts the cache's pages
+        assert collected
+    finally:
+        gc.enable()
+    assert torch.equal(ones.materialize(), torch.ones(PAGE))
+    pager.stats()  # a call from outside any other: the deferred frees run
+    live_host_pages = sum(page.host_slot is not None for allocation in pager._allocations.values() for page in allocation.pages)
+    assert pager.host_tier.used_pages == live_host_pages
+    assert len(pager._allocations) == 1
