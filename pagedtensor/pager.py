@@ -394,10 +394,20 @@ _LIVE_PAGERS: "weakref.WeakSet[Pager]" = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    """A forked child gets a copy of every pager: give each a fresh lock (a parent thread may have held
-    it at the fork) and no prefetch thread (threads do not survive a fork). Their disk tiers refuse
-    I/O in the child: the page file is the parent's."""
+    """A forked child gets a copy of every pager: give each a fresh lock and no prefetch thread
+    (threads do not survive a fork), and drop the pins of the parent's other threads (none of them
+    runs in the child to release them: the pages they pinned could never leave its device tier).
+    Their disk tiers refuse I/O in the child: the page file is the parent's.
+
+    A pager another thread was inside at the fork (holding its lock: halfway through moving pages,
+    a slot taken and its copy not made) is closed in the child: its calls raise ``RuntimeError``
+    saying so, where they read a slot's stale bytes."""
+    me = threading.get_ident()
     for pager in list(_LIVE_PAGERS):
+        lock = pager._lock
+        inside = lock.acquire(blocking=False)  # fails where another thread held it at the fork
+        if inside:
+            lock.release()
         pager._lock = threading.RLock()
         pager._unpinned = threading.Condition(pager._lock)
         pager._pin_waiters = set()
@@ -405,6 +415,12 @@ def _after_fork_in_child() -> None:
         pager._held_back = 0
         pager._waiting_requests = {}
         pager._prefetcher = None
+        if not inside or pager._filling:
+            pager.closed = True
+            pager._closed_because = (" in this forked child: another thread of the parent was inside it at the fork, moving pages; "
+                                     "fork with no thread using the pager, or use the spawn start method")  # fmt: skip
+        else:
+            pager._drop_pins_of_other_threads(me)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -508,6 +524,7 @@ class Pager:
         self._filling: set[Page] = set()
         self._prefetcher: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.closed = False
+        self._closed_because = ""  # why, where it was not closed by close() (a fork amid another thread's call)
         self._released = False  # close() has released the tiers (``closed`` is set first)
         _LIVE_PAGERS.add(self)
 
@@ -756,7 +773,7 @@ class Pager:
             self._drain_deferred_frees()
         with self._lock:
             if self.closed:  # closed by another thread while this one waited for the lock
-                raise RuntimeError("this Pager is closed")
+                self._check_open()
             if (stop is None or type(start) is not int or type(stop) is not int or type(allocation) is not Allocation
                     or self._allocations.get(allocation.id) is not allocation):  # fmt: skip
                 start, stop = self._check_range(allocation, start, stop)  # raises naming what is wrong
@@ -1844,9 +1861,26 @@ class Pager:
 
     # ------------------------------------------------------------------ internals: checks
 
+    def _drop_pins_of_other_threads(self, me: int) -> None:
+        """In a forked child: let go of the pins of every thread but ``me`` (they do not run here),
+        and give pages those threads were overwriting whole their old bytes back (as a release of
+        a failed write does: the bytes written so far are not taken for the page)."""
+        for key, count in list(self._pinned_ranges.items()):
+            owner, allocation_id, start, stop = key
+            if owner == me:
+                continue
+            del self._pinned_ranges[key]
+            allocation = self._allocations.get(allocation_id)
+            if allocation is not None:
+                for _ in range(count):
+                    _unpin(allocation.pins, start, stop)
+        orphans = [page for page in self._overwriting if not page.pin_count]
+        if orphans:
+            self._restore_overwritten(orphans)
+
     def _check_open(self) -> None:
         if self.closed:
-            raise RuntimeError("this Pager is closed")
+            raise RuntimeError(f"this Pager is closed{self._closed_because}")
 
     def _check_allocation(self, allocation: Allocation) -> None:
         self._check_open()

@@ -2006,3 +2006,91 @@ def test_free_called_by_a_finalizer_inside_a_pager_call_waits_for_the_next_call(
     assert dropped.freed and list(pager._allocations) == [kept.id]
     assert pager.host_tier.used_pages == sum(page.host_slot is not None for page in kept.pages)
     pager.close()
+
+
+def _in_a_forked_child(check: Callable[[], int]) -> int:
+    """The code ``check()`` returns in a forked child (run there, reported through a pipe; 9 where it raised)."""
+    import os
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 9
+        try:
+            code = check()
+        finally:
+            os.write(write_end, bytes([code]))
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    code = os.read(read_end, 1)[0]
+    os.close(read_end)
+    return code
+
+
+def test_a_forked_child_lets_go_of_the_pins_of_the_parents_other_threads():
+    """A fork while another thread holds pages pinned: the child kept that pin for good (its thread
+    does not run there), and reading a host page raised DeviceTierFullError."""
+    pager = make_pager(device_pages=4, host_pages=16, slab_size=16 * PAGE)
+    held_allocation, read_allocation = pager.allocate(3 * PAGE), pager.allocate(2 * PAGE)
+    pager.write(read_allocation, random_bytes(2 * PAGE, 4))
+    pager.evict_all()
+    held, done = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with pager.ensure_resident(held_allocation):
+            held.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait()
+    try:
+        code = _in_a_forked_child(lambda: 0 if torch.equal(pager.read(read_allocation), random_bytes(2 * PAGE, 4)) and not held_allocation.pins else 3)
+    finally:
+        done.set()
+        thread.join()
+    assert code == 0
+    assert torch.equal(pager.read(read_allocation), random_bytes(2 * PAGE, 4))
+    pager.close()
+
+
+def test_a_child_forked_while_another_thread_moves_pages_refuses_the_pager(monkeypatch):
+    """A fork while another thread is inside a fault (a page given a device slot, its copy not made
+    yet): the child read that page from the unfilled slot (another tensor's bytes), silently. Its
+    copy of that pager now raises RuntimeError naming the fork; the parent's is untouched."""
+    pager = make_pager(device_pages=4, host_pages=16, slab_size=16 * PAGE)
+    allocation = pager.allocate(2 * PAGE)
+    pager.write(allocation, random_bytes(2 * PAGE, 5))
+    pager.evict_all()
+    other = pager.allocate(4 * PAGE)
+    pager.write(other, torch.full((4 * PAGE,), 7, dtype=torch.uint8))  # the device slots now hold other bytes
+    pager.evict_all()
+    in_fault, go_on = threading.Event(), threading.Event()
+    copy = pager._copy_host_to_device
+
+    def paused_copy(pages):  # the other thread paused inside its fault: slots taken, bytes not copied
+        in_fault.set()
+        go_on.wait(30)
+        return copy(pages)
+
+    monkeypatch.setattr(pager, "_copy_host_to_device", paused_copy)
+    reader = threading.Thread(target=lambda: pager.read(allocation))
+    reader.start()
+    in_fault.wait(30)
+
+    def child() -> int:
+        try:
+            pager.read(allocation)
+        except RuntimeError as error:
+            return 0 if "forked child" in str(error) else 2
+        return 3
+
+    try:
+        code = _in_a_forked_child(child)
+    finally:
+        go_on.set()
+        reader.join()
+    assert code == 0
+    assert torch.equal(pager.read(allocation), random_bytes(2 * PAGE, 5))
+    pager.close()
