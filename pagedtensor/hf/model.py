@@ -177,8 +177,7 @@ def enable_paging(
         attn_implementation: ``"pagedllm"``, ``"auto"`` (``"pagedllm"`` on a GPU or under the Triton
             interpreter, else the model's own), or any transformers implementation (the cache then
             returns dense keys and values).
-        prefill_chunk_size: tokens per prefill chunk under ``"pagedllm"`` (default:
-            ``memory_config.prefill_chunk_size`` if the config has it, else 2048).
+        prefill_chunk_size: tokens per prefill chunk under ``"pagedllm"`` (default 2048).
         sink_pages, hot_fraction, stream_group_bytes: see :class:`~pagedtensor.hf.cache.PagedKVCache`.
         page_weights: also page the weights: every parameter of every decoder layer is replaced by a
             ``PagedTensor`` parameter on the pager (one budget for weights and KV; an op faults in
@@ -280,7 +279,7 @@ def _install(
     are left as they were. Everything that may fail runs before the model changes; then the weights
     are paged (undone if they do not fit), and the hooks go on last."""
     if prefill_chunk_size is None:
-        prefill_chunk_size = getattr(pager.config, "prefill_chunk_size", None) or DEFAULT_PREFILL_CHUNK
+        prefill_chunk_size = DEFAULT_PREFILL_CHUNK
     _check_prefill_chunk_size(prefill_chunk_size)
     model_device = _model_device(model)
     if model_device is not None and model_device != pager.device and not page_weights:
