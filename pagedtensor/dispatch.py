@@ -333,8 +333,9 @@ class PagedDispatcher:
             if info.is_view and info.implicit_composite and torch.is_inference_mode_enabled():
                 # A view op autograd decomposes (reshape, flatten, movedim, mT) reaches here whole in
                 # inference mode: decomposed, its views are recorded as views (no arithmetic: the
-                # bits are the same either way).
-                return _decompose(func, args, kwargs)
+                # bits are the same either way), by the ops it is made of, or, where it has a
+                # view-recording kernel of its own (chunk), by that kernel as the op returns.
+                return _decompose(func, args, kwargs, record_views=not _has_kernel(func, "ADInplaceOrView"))
             result = self.run_generic(func, types, args, kwargs, leaves)
         else:
             try:
@@ -906,10 +907,14 @@ class _OpTooLarge(OutOfPagesError):
 _COMPOSITE_KEYS = (DispatchKey.CompositeExplicitAutograd, DispatchKey.CompositeExplicitAutogradNonFunctional)
 
 
-def _decompose(func: OpOverload, args: tuple, kwargs: dict) -> Any:
+def _decompose(func: OpOverload, args: tuple, kwargs: dict, record_views: bool = True) -> Any:
     """``func``'s composite kernel on the PagedTensors, as autograd runs it outside inference mode: each
     op in it dispatched from the top, through ADInplaceOrView (which records the views of normal
-    tensors and bumps versions; torch's Python fallback turned it off for this call)."""
+    tensors and bumps versions; torch's Python fallback turned it off for this call), unless not
+    ``record_views`` (``func``'s own ADInplaceOrView kernel records its results as views as it
+    returns: recorded twice, a view raised "already had autograd metadata")."""
+    if not record_views:
+        return func.decompose(*args, **kwargs)
     with torch._C._SetExcludeDispatchKeyGuard(DispatchKey.ADInplaceOrView, False):
         return func.decompose(*args, **kwargs)
 

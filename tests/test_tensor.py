@@ -1284,6 +1284,35 @@ def test_views_under_inference_mode_of_a_tensor_wrapped_outside_it(pager):
         assert made_inside.is_inference() and made_inside[1:2].is_inference()
 
 
+def test_list_views_under_inference_mode_share_the_base_as_torchs_do(pager):
+    """``w.chunk(3)`` under ``torch.inference_mode()`` raised "already had autograd metadata" (chunk
+    has a view-recording kernel of its own beside its composite one, which recorded the views its
+    split had already recorded): ``nn.MultiheadAttention`` with paged weights failed there for any
+    q, k, v not one tensor. Each list-returning view op gives views of the base, as torch's."""
+    x = rows_tensor(device=pager.device)
+    w = PagedTensor.wrap(x.clone(), pager)
+    with torch.inference_mode():
+        for name, split in {"chunk": lambda t: t.chunk(3), "tensor_split": lambda t: t.tensor_split(3), "split": lambda t: t.split(5),
+                            "unbind": lambda t: t[:4].unbind(), "hsplit": lambda t: t.hsplit(2)}.items():  # fmt: skip
+            parts, expected = split(w), split(x)
+            assert len(parts) == len(expected), name
+            for part, plain in zip(parts, expected):
+                assert not part.is_inference() and (part._base is w) == (plain._base is x) and torch.equal(part.materialize(), plain), name
+        version = w._version
+        w.chunk(3)[1].add_(1)
+        assert w._version > version
+    x.chunk(3)[1].add_(1)
+    assert torch.equal(w.materialize(), x)
+    torch.manual_seed(0)
+    plain_attention = torch.nn.MultiheadAttention(32, 4).eval().to(pager.device)
+    paged_attention = torch.nn.MultiheadAttention(32, 4).eval().to(pager.device)
+    paged_attention.load_state_dict(plain_attention.state_dict())
+    paged_attention.in_proj_weight = torch.nn.Parameter(PagedTensor.wrap(plain_attention.in_proj_weight.detach().clone(), pager))
+    q, k, v = (torch.randn(n, 2, 32, device=pager.device) for n in (6, 7, 7))
+    with torch.inference_mode():
+        assert torch.equal(paged_attention(q, k, v)[0], plain_attention(q, k, v)[0])
+
+
 def test_views_of_an_inference_tensor_outside_inference_mode_are_inference_tensors(pager):
     """A tensor wrapped under ``torch.inference_mode()`` (a KV cache, say) is an inference tensor, and
     so are its views and ``detach()`` outside it, as torch's are. They were normal tensors: one could
