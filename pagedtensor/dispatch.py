@@ -364,7 +364,7 @@ class PagedDispatcher:
             if out is NotImplemented and self.info(func).implicit_composite and torch.is_inference_mode_enabled():
                 # An op autograd decomposes elsewhere (negative, T.contiguous(), a copying reshape) does
                 # not fit whole: decomposed, as outside inference mode, each of its ops runs as any op.
-                return _decompose(func, args, kwargs)
+                return _decompose(func, args, kwargs, as_dense=True)
             if out is NotImplemented:
                 raise _as_pagers_error(error, func, self.info(func), args, kwargs) from error.__cause__
             return out
@@ -907,16 +907,24 @@ class _OpTooLarge(OutOfPagesError):
 _COMPOSITE_KEYS = (DispatchKey.CompositeExplicitAutograd, DispatchKey.CompositeExplicitAutogradNonFunctional)
 
 
-def _decompose(func: OpOverload, args: tuple, kwargs: dict, record_views: bool = True) -> Any:
+def _decompose(func: OpOverload, args: tuple, kwargs: dict, record_views: bool = True, as_dense: bool = False) -> Any:
     """``func``'s composite kernel on the PagedTensors, as autograd runs it outside inference mode: each
     op in it dispatched from the top, through ADInplaceOrView (which records the views of normal
     tensors and bumps versions; torch's Python fallback turned it off for this call), unless not
     ``record_views`` (``func``'s own ADInplaceOrView kernel records its results as views as it
-    returns: recorded twice, a view raised "already had autograd metadata")."""
+    returns: recorded twice, a view raised "already had autograd metadata").
+
+    With ``as_dense`` (an op computing values), the kernel is torch's C++ one, which a dense tensor
+    runs, not ``func.decompose()``'s choice of torch._decomp's Python decomposition where one is
+    registered (``upsample_bilinear2d.vec``, ``lstm.input``: other arithmetic, other bits, other
+    dropout masks). A view op takes ``func.decompose()``: no arithmetic, and its Python
+    decompositions read index tensors through ops (``tensor_split``'s C++ kernel reads a CPU
+    indices tensor by pointer, which a PagedTensor has not)."""
+    decompose = functools.partial(func._op_dk, DispatchKey.CompositeImplicitAutograd) if as_dense else func.decompose
     if not record_views:
-        return func.decompose(*args, **kwargs)
+        return decompose(*args, **kwargs)
     with torch._C._SetExcludeDispatchKeyGuard(DispatchKey.ADInplaceOrView, False):
-        return func.decompose(*args, **kwargs)
+        return decompose(*args, **kwargs)
 
 
 def _composite_kernel(func: OpOverload, device: torch.device) -> Optional[DispatchKey]:

@@ -154,3 +154,44 @@ def test_only_functional_ops_whose_dense_kernel_is_composite_take_it():
     for func in (aten.mean.dim, aten._softmax.default, aten.add_.Tensor, aten.index_select.default):
         assert _composite_kernel(func, cpu) is None, func
     assert _composite_kernel(aten.rot90.default, torch.device("meta")) is None
+
+
+@pytest.mark.parametrize("mode", ["linear", "bilinear", "bicubic", "lstm"])
+def test_an_op_decomposed_under_inference_mode_gives_the_dense_ops_bits_or_refuses(mode):
+    """Past the tier under ``torch.inference_mode()`` an op autograd would decompose is decomposed by
+    the pager. It took torch._decomp's Python decomposition where one is registered
+    (``upsample_bilinear2d.vec``, ``lstm.input``), not the C++ kernel a dense tensor runs: other bits
+    (4e-7 off), other dropout masks (0.035 off), where outside inference mode the op refuses.
+    It now runs the C++ kernel: the dense op's bits, or the same refusal as outside inference mode."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    if mode == "lstm":
+        x = torch.randn(6, 4, 16)
+        lstm = torch.nn.LSTM(16, 32, num_layers=3, dropout=0.5).train()
+        weights = [p.detach().clone() for p in lstm.parameters()]
+
+        def run(tensors):
+            torch.manual_seed(1)
+            return torch._VF.lstm(x, (torch.zeros(3, 4, 32), torch.zeros(3, 4, 32)), tensors, True, 3, 0.5, True, False, False)[0]
+    else:
+        x = torch.randn(8, 4, 16, 16) if mode != "linear" else torch.randn(64, 16, 64)
+        weights = [x]
+
+        def run(tensors):
+            return F.interpolate(tensors[0], scale_factor=2, mode=mode)
+
+    with make_pager(device_pages=6) as pager:
+        paged = [PagedTensor.wrap(w.clone(), pager) for w in weights]
+        outcomes = []
+        for context in (torch.no_grad, torch.inference_mode):
+            with context():
+                expected = run(weights)
+                try:
+                    got = run(paged)
+                except DeviceTierFullError:
+                    outcomes.append("refused")
+                else:
+                    outcomes.append("ran")
+                    assert same_bits(got.materialize() if isinstance(got, PagedTensor) else got, expected), context
+        assert outcomes[0] == outcomes[1], outcomes
