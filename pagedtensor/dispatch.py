@@ -336,6 +336,13 @@ class PagedDispatcher:
                 # bits are the same either way), by the ops it is made of, or, where it has a
                 # view-recording kernel of its own (chunk), by that kernel as the op returns.
                 return _decompose(func, args, kwargs, record_views=not _has_kernel(func, "ADInplaceOrView"))
+            if info.implicit_composite and any(leaf.requires_grad for leaf in leaves) and torch.is_inference_mode_enabled():
+                # An op autograd decomposes (linear, matmul, rnn_tanh), of a tensor that requires grad
+                # (a paged weight), reaches here whole in inference mode: run dense on copies that do
+                # not, its kernel would choose otherwise than torch's on the weight (matmul folds a
+                # 3-D input only for an operand that does not require grad: other bits). Its C++
+                # kernel runs on the PagedTensors, as torch runs it on the weight.
+                return _decompose(func, args, kwargs, as_dense=True)
             result = self.run_generic(func, types, args, kwargs, leaves)
         else:
             try:

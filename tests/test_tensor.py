@@ -1313,6 +1313,36 @@ def test_list_views_under_inference_mode_share_the_base_as_torchs_do(pager):
         assert torch.equal(paged_attention(q, k, v)[0], plain_attention(q, k, v)[0])
 
 
+@pytest.mark.parametrize("module", ["linear", "gru", "rnn", "decoder_layer"])
+def test_modules_with_paged_weights_under_inference_mode_give_the_plain_modules_bits(pager, module):
+    """Under ``torch.inference_mode()`` an op autograd decomposes (``linear``, ``matmul``, ``rnn_tanh``)
+    reaches the PagedTensor whole; run on dense copies that do not require grad, matmul folded a 3-D
+    input where torch does not fold it beside a weight that requires grad: ``nn.Linear`` on a
+    transposed 3-D input, ``nn.GRU``/``nn.RNN`` with ``batch_first`` and ``nn.TransformerDecoderLayer``
+    differed from the plain module in the last bits. They run torch's own kernel on the weights."""
+    import copy
+
+    torch.manual_seed(0)
+    if module == "linear":
+        plain, x = torch.nn.Linear(8, 24), (torch.randn(2, 3, 8).transpose(0, 1),)
+    elif module in ("gru", "rnn"):
+        plain = (torch.nn.GRU if module == "gru" else torch.nn.RNN)(8, 16, num_layers=2, batch_first=True, bidirectional=True)
+        x = (torch.randn(3, 5, 8),)
+    else:
+        plain = torch.nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+        x = (torch.randn(2, 5, 32), torch.randn(2, 6, 32))
+    plain = plain.to(pager.device)
+    x = tuple(t.to(pager.device) for t in x)
+    paged = copy.deepcopy(plain)
+    for name, parameter in list(paged.named_parameters()):
+        owner = paged.get_submodule(name.rpartition(".")[0])
+        setattr(owner, name.rpartition(".")[2], torch.nn.Parameter(PagedTensor.wrap(parameter.detach().clone(), pager)))
+    with torch.inference_mode(), torch.backends.cudnn.flags(enabled=False):  # cuDNN reads weights by pointer (README)
+        expected, got = plain(*x), paged(*x)
+    expected, got = (expected[0], got[0]) if isinstance(expected, tuple) else (expected, got)
+    assert torch.equal(got.materialize() if isinstance(got, PagedTensor) else got, expected)
+
+
 def test_views_of_an_inference_tensor_outside_inference_mode_are_inference_tensors(pager):
     """A tensor wrapped under ``torch.inference_mode()`` (a KV cache, say) is an inference tensor, and
     so are its views and ``detach()`` outside it, as torch's are. They were normal tensors: one could
