@@ -540,12 +540,18 @@ class PagedDispatcher:
         _release_windows(opened)
         return out
 
-    @pager_call  # inside a torch.func transform: a constant of it, as a captured tensor is
     def materialize(self, tensor: PagedTensor, device: Union[str, torch.device, None] = None) -> torch.Tensor:
-        """A new dense tensor with ``tensor``'s values, size and strides; see :meth:`PagedTensor.materialize`."""
+        """A new dense tensor with ``tensor``'s values, size and strides; see :meth:`PagedTensor.materialize`.
+        A traced tensor's (compiled, exported) is a copy of its inner tensor, an op of the trace
+        (under its modes); a tensor of pages' is read by the pager (outside any mode or transform)."""
         if tensor._inner is not None:
             inner = tensor._inner
             return inner.clone() if device is None else inner.to(device, copy=True)
+        return self._materialize_pages(tensor, device)
+
+    @pager_call  # inside a torch.func transform: a constant of it, as a captured tensor is
+    def _materialize_pages(self, tensor: PagedTensor, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+        """:meth:`materialize` of a tensor of pages."""
         target = normalize_device(tensor.device if device is None else torch.device(device))
         lo, hi = byte_span(tensor)
         if lo == hi:

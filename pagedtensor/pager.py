@@ -43,6 +43,7 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import functools
+import gc
 import itertools
 import logging
 import operator
@@ -210,6 +211,10 @@ class ResidentPages:
         later reuse of the slots after the work that stream has enqueued so far.
     """
 
+    # Set in a forked child on the holders of the parent's other threads, whose pins the child
+    # dropped (:meth:`Pager._drop_pins_of_other_threads`): their release there changes nothing.
+    _let_go_at_fork = False
+
     def __init__(
         self, pager: "Pager", allocation: Allocation, start: int, stop: int, pages: list[Page], slots: list[int], events: list[Event],
         first_slot: Optional[int],
@@ -350,6 +355,9 @@ class ResidentPages:
         """
         if self.released:
             raise RuntimeError(f"pages [{self.start}, {self.stop}) of allocation {self.allocation.id} were already released")
+        if self._let_go_at_fork:  # a parent thread's pin, dropped in this forked child
+            self.released = self._unpinned = True
+            return
         outside: list = []
         problem: Optional[Exception] = None
         if dirty is True or dirty is None:
@@ -413,6 +421,7 @@ def _after_fork_in_child() -> None:
         pager._pin_waiters = set()
         pager._woken = set()
         pager._held_back = 0
+        pager._no_priority = set()
         pager._waiting_requests = {}
         pager._prefetcher = None
         if not inside or pager._filling:
@@ -493,6 +502,10 @@ class Pager:
         # threads wait for them to (see _let_woken_waiters_go_first).
         self._woken: set[int] = set()
         self._held_back = 0
+        # Waiting threads whose try after a wake failed: they are woken as before but not let go
+        # first again (the pins let go were not room enough: holding other requests back would
+        # only slow them, a thread switch per release, for the whole wait).
+        self._no_priority: set[int] = set()
         # Allocations with a request that let go of its pin to wait for room, by id: how many.
         # Not freed meanwhile (the request faults their pages in after its wait).
         self._waiting_requests: dict[int, int] = {}
@@ -583,6 +596,8 @@ class Pager:
             return
         if self._inside_a_call():
             self._deferred_frees.append((tuple(pins), tuple(allocations)))
+            if pins and self._pin_waiters:
+                self._wake_pin_waiters()  # a thread waiting for room lets these pins go as it wakes
             return
         self._release_and_free_quietly(pins, allocations)
 
@@ -600,10 +615,12 @@ class Pager:
         """Whether this thread holds the pager's lock (is inside a pager call)."""
         return getattr(self._lock, "_is_owned", lambda: False)()
 
-    def _drain_deferred_frees(self) -> None:
-        """Free the allocations :meth:`free_when_unlocked` deferred, unless this thread is inside a
-        pager call (then a later call does)."""
-        if self._inside_a_call():
+    def _drain_deferred_frees(self, at_a_wait: bool = False) -> None:
+        """Free the allocations :meth:`free_when_unlocked` deferred (and release the pins
+        :meth:`release_and_free_when_unlocked` deferred), unless this thread is inside a pager call
+        (then a later call does); ``at_a_wait``: inside one, at a wait for room, where nothing is
+        half done (its own pin let go)."""
+        if self._inside_a_call() and not at_a_wait:
             return
         while True:  # one after another, not each inside the last's free (hundreds collected at once)
             try:
@@ -1336,17 +1353,23 @@ class Pager:
         pages pinned kept each other from room), and each try takes the pages missing then."""
         started: Optional[float] = None
         waited = False
-        while True:
-            try:
-                return self._bring_to_device(pages, discard, counter="faults", touch=touch)
-            except DeviceTierFullError as error:
-                started = time.monotonic() if started is None else started
-                if self._wait_for_other_threads_pins(started + self.config.pin_wait_s, letting_go=pinned):
-                    waited = True
-                    continue
-                if not waited:
-                    raise
-                raise DeviceTierFullError(f"{error}; waited {time.monotonic() - started:.3f} s for other threads' pins") from None
+        try:
+            while True:
+                try:
+                    return self._bring_to_device(pages, discard, counter="faults", touch=touch)
+                except DeviceTierFullError as error:
+                    started = time.monotonic() if started is None else started
+                    if waited:  # a try after a wake failed: woken again, but not let go first
+                        self._no_priority.add(threading.get_ident())
+                    if self._wait_for_other_threads_pins(started + self.config.pin_wait_s, letting_go=pinned):
+                        waited = True
+                        continue
+                    if not waited:
+                        raise
+                    raise DeviceTierFullError(f"{error}; waited {time.monotonic() - started:.3f} s for other threads' pins") from None
+        finally:
+            if waited:
+                self._no_priority.discard(threading.get_ident())
 
     def _wait_for_other_threads_pins(self, deadline: float, letting_go: Optional[tuple[Allocation, int, int]] = None) -> bool:
         """Wait (under the lock, which the wait lets go) until a thread lets pins go, the pager
@@ -1382,6 +1405,12 @@ class Pager:
         try:
             with interruptible():  # Ctrl-C raises at once here (a wait of up to pin_wait_s)
                 self._unpinned.wait(min(remaining, threading.TIMEOUT_MAX))  # a longer timeout overflows: the caller waits again
+            if self._deferred_frees:  # a collected cache's pins, let go at a call's end that woke this wait
+                self._drain_deferred_frees(at_a_wait=True)
+            if letting_go is not None and self._overwriting:
+                # Its pages, unpinned meanwhile, may have been taken for another thread's overwrite
+                # (a zero-filled slot until that holder's release): waited for, as before the pin.
+                self._wait_for_other_threads_overwrites(allocation, start, stop)
         finally:
             self._done_waiting(me)
             if letting_go is not None:
@@ -1431,7 +1460,8 @@ class Pager:
         """Wake every thread waiting for pins (under the lock); they count as waiting no more until
         they wait again, so a thread that finds the tier full meanwhile does not take them for stuck,
         and as woken until they try again (:meth:`_let_woken_waiters_go_first`)."""
-        self._woken.update(self._pin_waiters)
+        no_priority = self._no_priority
+        self._woken.update(waiter for waiter in self._pin_waiters if waiter not in no_priority)
         self._pin_waiters.clear()
         self._unpinned.notify_all()
 
@@ -1864,16 +1894,25 @@ class Pager:
     def _drop_pins_of_other_threads(self, me: int) -> None:
         """In a forked child: let go of the pins of every thread but ``me`` (they do not run here),
         and give pages those threads were overwriting whole their old bytes back (as a release of
-        a failed write does: the bytes written so far are not taken for the page)."""
+        a failed write does: the bytes written so far are not taken for the page). Their holders'
+        releases in the child change nothing."""
+        dropped = False
         for key, count in list(self._pinned_ranges.items()):
             owner, allocation_id, start, stop = key
             if owner == me:
                 continue
+            dropped = True
             del self._pinned_ranges[key]
             allocation = self._allocations.get(allocation_id)
             if allocation is not None:
                 for _ in range(count):
                     _unpin(allocation.pins, start, stop)
+        if dropped:
+            # Their holders' objects live on in the child (a cache's pins a worker thread took): a
+            # release of one there would let go of a pin a second time, perhaps the forking thread's.
+            for holder in gc.get_objects():
+                if type(holder) is ResidentPages and holder.pager is self and holder.owner != me and not holder.released:
+                    holder._let_go_at_fork = True
         orphans = [page for page in self._overwriting if not page.pin_count]
         if orphans:
             self._restore_overwritten(orphans)

@@ -2094,3 +2094,49 @@ def test_a_child_forked_while_another_thread_moves_pages_refuses_the_pager(monke
     assert code == 0
     assert torch.equal(pager.read(allocation), random_bytes(2 * PAGE, 5))
     pager.close()
+
+
+def test_a_forked_childs_release_of_a_pin_of_the_parents_other_thread_changes_nothing():
+    """The child drops the pins of the parent's other threads, but their holders live on there (a
+    cache's pins a worker thread took): releasing one unpinned the range a second time, taking the
+    forking thread's own pin of the same pages (they could leave the device while it held them,
+    and its own release raised KeyError)."""
+    pager = make_pager(device_pages=4, host_pages=64, slab_size=4 * PAGE)
+    allocation = pager.allocate(2 * PAGE)
+    pager.write(allocation, torch.full((2 * PAGE,), 7, dtype=torch.uint8))
+    holders: dict[str, ResidentPages] = {}
+    pinned, go = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        holders["worker"] = pager.ensure_resident(allocation)
+        pinned.set()
+        go.wait(30)
+        holders["worker"].release()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    pinned.wait()
+    mine = pager.ensure_resident(allocation)  # the forking thread pins the same pages
+
+    def child() -> int:
+        holders["worker"].release()
+        if not allocation.pages[0].pin_count:
+            return 3  # the forking thread's own pin went
+        filler = pager.allocate(4 * PAGE)
+        try:
+            pager.write(filler, torch.full((4 * PAGE,), 9, dtype=torch.uint8))
+        except OutOfPagesError:
+            pass  # the held pages stay: no room for four more
+        for view in mine.views():
+            view.fill_(1)
+        mine.release(dirty=True)
+        return 0 if bool((pager.read(allocation) == 1).all()) else 4
+
+    try:
+        code = _in_a_forked_child(child)
+    finally:
+        go.set()
+        thread.join()
+    mine.release()
+    assert code == 0
+    pager.close()

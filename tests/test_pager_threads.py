@@ -710,3 +710,77 @@ def test_an_allocation_a_request_waits_for_is_not_freed_meanwhile() -> None:
         pager.free(waited_for)
         pager.free(holding)
         assert pager.device_tier.used_pages == 0
+
+
+@pytest.mark.parametrize("resident_before", [True, False])
+def test_a_request_that_waited_for_room_waits_for_another_threads_overwrite_of_its_pages(resident_before: bool) -> None:
+    """While a request waits for room (its pin let go), another thread starts a whole-page overwrite
+    (``discard=``) of one of its pages, whose slot holds zeros until that holder's release. Woken,
+    the request took the zero-filled slot for the page (neither its old bytes nor the new ones). It
+    now waits for that overwrite, as a request does before its pin."""
+    config = MemoryConfig(page_size=PAGE, vram_limit=4 * PAGE, host_memory=64 * PAGE, slab_size=4 * PAGE, prefetch_strategy="none",
+                          device="cpu", pin_wait_s=10)  # fmt: skip
+    with Pager(config) as pager:
+        wanted, other = pager.allocate(2 * PAGE), pager.allocate(3 * PAGE)
+        pager.write(wanted, torch.full((2 * PAGE,), 0xAA, dtype=torch.uint8))
+        pager.write(other, torch.full((3 * PAGE,), 0x11, dtype=torch.uint8))
+        pager.evict(wanted)
+        if resident_before:
+            pager.read(wanted, 0, PAGE)  # page 0 resident: the request pins it, then lets it go to wait
+        holding = pager.ensure_resident(other)  # 3 of the 4 slots
+        seen: list[int] = []
+
+        def requester() -> None:
+            with pager.ensure_resident(wanted) as resident:
+                resident.wait()
+                seen.extend(int(view[0]) for view in resident.views())
+
+        thread = threading.Thread(target=requester)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not pager._pin_waiters and time.monotonic() < deadline:
+            time.sleep(0.001)
+        page = 0 if resident_before else 1
+        pager.evict(wanted, page, page + 1)
+        overwrite = pager.ensure_resident(wanted, page, page + 1, discard=[page])
+        holding.release()  # room: the request goes on while the overwrite is open
+        time.sleep(0.2)
+        overwrite.views()[0].fill_(0xBB)
+        overwrite.release(dirty=True)
+        thread.join(JOIN_TIMEOUT_S)
+        assert seen and all(value in (0xAA, 0xBB) for value in seen), seen
+        assert seen[page] == 0xBB
+
+
+def test_a_collected_caches_pins_let_go_inside_a_call_reach_a_thread_waiting_for_room() -> None:
+    """A cache collected inside one of its thread's pager calls defers the release of its pins to the
+    pager's next call; a thread already waiting for the room they hold was not woken, and where the
+    first thread made no further call, it waited out ``pin_wait_s`` and raised. The deferral wakes
+    it, and it lets the pins go as it wakes."""
+    config = MemoryConfig(page_size=PAGE, vram_limit=4 * PAGE, host_memory=64 * PAGE, slab_size=4 * PAGE, prefetch_strategy="none",
+                          device="cpu", pin_wait_s=20)  # fmt: skip
+    with Pager(config) as pager:
+        cache_pages, wanted = pager.allocate(3 * PAGE), pager.allocate(2 * PAGE)
+        pager.write(wanted, torch.full((2 * PAGE,), 4, dtype=torch.uint8))
+        pager.evict_all()
+        hot = pager.ensure_resident(cache_pages)  # a cache's pins: 3 of the 4 slots
+        outcome: list[str] = []
+
+        def requester() -> None:
+            try:
+                with pager.ensure_resident(wanted) as resident:
+                    outcome.append("ok" if all(bool((view == 4).all()) for view in resident.views()) else "wrong bytes")
+            except Exception as error:  # noqa: BLE001 - reported below
+                outcome.append(f"{type(error).__name__}: {error}")
+
+        thread = threading.Thread(target=requester)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not pager._pin_waiters and time.monotonic() < deadline:
+            time.sleep(0.001)
+        started = time.monotonic()
+        with pager._lock:  # inside a pager call of this thread, as a collection there finds it
+            pager.release_and_free_when_unlocked([hot], [cache_pages])
+        thread.join(JOIN_TIMEOUT_S)
+        assert outcome == ["ok"] and time.monotonic() - started < 10
+        assert cache_pages.freed and not pager._deferred_frees

@@ -470,3 +470,16 @@ def test_a_dynamic_compile_recompiled_for_a_paged_argument_after_plain_ones(back
         result = compiled(PagedTensor.wrap(x, pager), y)
         result = result.materialize() if isinstance(result, PagedTensor) else result
         assert torch.equal(result, torch.relu(x) + y)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_materialize_inside_a_compiled_function_is_an_op_of_the_graph(pager, backend):
+    """``t.materialize()`` of a PagedTensor input inside a compiled function copies its traced inner
+    tensor, an op of the trace. Run with the dispatch modes off (as the pager's own reads are), the
+    copy left AOT autograd's functional tracing ("Attempting to use FunctionalTensor on its own")."""
+    torch._dynamo.reset()
+    x = torch.randn(8, 64, device=pager.device)
+    weights = torch.randn(64, 64, device=pager.device)
+    paged = PagedTensor.wrap(weights.clone(), pager)
+    compiled = torch.compile(lambda x, t: x @ t.materialize(), backend=backend, fullgraph=True)
+    assert torch.equal(compiled(x, paged), torch.compile(lambda x, t: x @ t.clone(), backend=backend, fullgraph=True)(x, weights))
