@@ -245,3 +245,23 @@ def _on_cuda(out: torch.Tensor) -> torch.Tensor:
     if isinstance(out, PagedTensor):
         return out
     return torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device="cuda").copy_(out)
+
+
+@pytest.mark.parametrize("name", ["gather", "index_select", "take", "masked_select"])
+def test_a_gather_into_its_own_strided_input_past_the_tier_raises_torchs_overlap_error(name):
+    """``torch.gather(v, 0, idx, out=v)`` with ``v`` one strided view (a column spanning the table):
+    torch refuses one tensor passed as both input and ``out`` whatever its layout; past the tier the
+    gather ran and overwrote ``v``, as the pager checked dense layouts only."""
+    index = torch.tensor([1, 0])
+    ops = {"gather": lambda v: torch.gather(v, 0, index, out=v), "index_select": lambda v: torch.index_select(v, 0, index, out=v),
+           "take": lambda v: torch.take(v, index, out=v),
+           "masked_select": lambda v: torch.masked_select(v, torch.tensor([True, True]), out=v)}  # fmt: skip
+    values = torch.randn(2, 12 * 1024)
+    with make_pager() as pager:
+        t = PagedTensor.wrap(values.clone(), pager)
+        with pytest.raises(RuntimeError) as dense_error:
+            ops[name](values[:, 3])
+        with pytest.raises(RuntimeError) as paged_error:
+            ops[name](t[:, 3])
+        assert str(dense_error.value).splitlines()[0] in str(paged_error.value)
+        assert torch.equal(t.materialize(), values)

@@ -899,9 +899,12 @@ _OVERLAP_WITH_INPUT = (
 def _check_out_overlaps(func: OpOverload, out: torch.Tensor, table: Any, checks_table_overlap: bool = True) -> None:
     """torch's errors for an ``out`` whose elements overlap each other (a dim of stride 0) or, where
     ``checks_table_overlap`` (not for ops torch runs into a temporary, such as ``embedding``), the
-    table's elements: both PagedTensors of one allocation, dense, their spans meeting (torch checks
-    dense layouts only)."""
+    table's elements: the very tensor (any layout, as torch's check of one tensor passed as both),
+    or both PagedTensors of one allocation, dense, their spans meeting (torch checks other dense
+    layouts only)."""
     refuse_internal_overlap(func, out)
+    if checks_table_overlap and out is table:
+        raise RuntimeError(f"PagedTensor: {func}: {_OVERLAP_WITH_INPUT}")
     if not checks_table_overlap or not isinstance(out, PagedTensor) or not isinstance(table, PagedTensor):
         return
     if out.allocation is None or out.allocation is not table.allocation or out.numel() == 0 or table.numel() == 0:
