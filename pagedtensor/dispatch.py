@@ -846,7 +846,11 @@ class _Window:
 
     def dense(self, tensor: PagedTensor, bounded: bool = False) -> torch.Tensor:
         """``tensor`` as a dense strided view of the slab (zero-copy) or of the gathered ``buf``, with
-        its conjugate and negative bits; see :meth:`_dense_view` for ``bounded``."""
+        its conjugate and negative bits; see :meth:`_dense_view` for ``bounded``. An empty tensor
+        reaches no byte: an empty tensor of its layout (its offset may lie outside the window,
+        spanned by its allocation's other arguments: ``torch.cat([t[10:10], t[8000:8002]])``)."""
+        if tensor.numel() == 0:
+            return _empty_like_leaf(tensor)
         view = self._dense_view(tensor, bounded)
         return with_math_bits(view, math_bits(tensor)) if tensor.is_conj() or tensor.is_neg() else view
 

@@ -121,3 +121,21 @@ def test_views_at_both_ends_of_a_table_run_where_the_whole_does_not_fit(device):
         with pytest.raises(DeviceTierFullError):  # the views reach every page: no window smaller than the whole
             torch.dot(paged[:, 0], paged[:, -1])
         assert same_bits(paged, dense)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_an_empty_view_beside_a_view_far_from_it_reads_as_torchs_empty_tensor(device):
+    """Past the tier, an empty view of a table (``t[10:10]``) beside another view of it far away: the
+    window spans the other's bytes, and the empty view, given a view of the window at its offset,
+    raised "invalid storage offset -7158". An empty view reaches no byte: it is an empty tensor."""
+    x = torch.arange(18432, dtype=torch.float32, device=device)  # 18 pages; the tier holds 6
+    calls = {"cat": lambda t: torch.cat([t[10:10], t[8000:8002], t[3:5]]),
+             "sum into out": lambda t: torch.sum(t[10:10].view(0, 1), 0, out=t[8000:8001]),
+             "add into an empty out": lambda t: torch.add(t[10:10], 1, out=t[8000:8000])}  # fmt: skip
+    with make_pager(device) as pager:
+        for name, call in calls.items():
+            plain, paged = x.clone(), PagedTensor.wrap(x.clone(), pager)
+            expected, got = call(plain), call(paged)
+            got = got.materialize() if isinstance(got, PagedTensor) else got
+            assert got.shape == expected.shape and torch.equal(got, expected), name
+            assert torch.equal(paged.materialize(), plain), name
