@@ -67,3 +67,21 @@ def shard_from_env(variable: str) -> slice:
     if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
         raise ValueError(f"{variable} must be i/n with 0 <= i < n, got {shard!r}")
     return slice(int(index), None, int(count))
+
+
+def collect_inside_first_eviction(pager, monkeypatch) -> list:
+    """Make ``pager``'s first move of device pages to the host run a garbage collection first, as a
+    collection may land anywhere inside a pager call (any allocation can start one). Returns a list
+    that holds True once it ran."""
+    import gc
+
+    copy, collected = pager._copy_device_to_host, []
+
+    def copy_after_a_collection(*args, **kwargs):
+        if not collected:
+            collected.append(True)
+            gc.collect()
+        return copy(*args, **kwargs)
+
+    monkeypatch.setattr(pager, "_copy_device_to_host", copy_after_a_collection)
+    return collected

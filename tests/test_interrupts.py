@@ -485,6 +485,20 @@ def _ctrl_c_at_call(number: int) -> Callable:
     return tracer
 
 
+def _run_with_ctrl_c_at_call(number: int, call: Callable[[], object]) -> tuple[bool, object]:
+    """``call()`` with SIGINT sent at its ``number``-th Python call (:func:`_ctrl_c_at_call`): whether it
+    returned, and what it returned (None where KeyboardInterrupt was raised)."""
+    import sys
+
+    sys.settrace(_ctrl_c_at_call(number))
+    try:
+        return True, call()
+    except KeyboardInterrupt:
+        return False, None
+    finally:
+        sys.settrace(None)
+
+
 INTERRUPTED_OPS = {
     "add_": (lambda t: t.add_(1), lambda x: x + 1),
     "index_put_": (lambda t: t.index_put_((torch.tensor([3, 9000, 15000]),), torch.tensor(5.0)),
@@ -500,22 +514,13 @@ def test_a_ctrl_c_at_any_call_of_an_op_leaves_the_pager_consistent(nvme_dir, pag
     and KeyboardInterrupt is raised as it returns, leaving no pin, no slot without its page, the values the op gives, and
     every byte freed with the tensor. Raised where it landed, 146 of 1,026 such interrupts left
     pins for ever, leaked host or disk slots, or a page the policies no longer knew (KeyError)."""
-    import sys
-
     op, expected_of = INTERRUPTED_OPS[name]
     number, interrupted = 1, 0
     while True:
         pager = make_pager(nvme_dir, device_pages=4, host_pages=8, slab_size=8 * PAGE)
         x = torch.arange(16 * 1024, dtype=torch.float32)
         t = PagedTensor.wrap(x.clone(), pager)
-        sys.settrace(_ctrl_c_at_call(number))
-        try:
-            op(t)
-            done = True
-        except KeyboardInterrupt:
-            done = False
-        finally:
-            sys.settrace(None)
+        done, _ = _run_with_ctrl_c_at_call(number, lambda: op(t))
         if done:
             break
         interrupted += 1
@@ -595,22 +600,13 @@ def test_a_ctrl_c_inside_ensure_resident_leaves_no_pin(nvme_dir, pagers_sigint_h
     faults pages in from host and disk: KeyboardInterrupt is raised as it returns, and the pages it
     pinned are let go first. The pinned range was dropped with the interrupt, its pin kept for ever:
     the allocation could not be freed nor its pages leave the device."""
-    import sys
-
     number, interrupted = 1, 0
     while True:
         pager = make_pager(nvme_dir, device_pages=4, host_pages=4, slab_size=4 * PAGE)
         data = torch.randint(0, 256, (12 * PAGE,), dtype=torch.uint8)
         allocation = pager.allocate(12 * PAGE)
         pager.write(allocation, data)
-        sys.settrace(_ctrl_c_at_call(number))
-        try:
-            resident = pager.ensure_resident(allocation, 2, 5)
-            done = True
-        except KeyboardInterrupt:
-            done = False
-        finally:
-            sys.settrace(None)
+        done, resident = _run_with_ctrl_c_at_call(number, lambda: pager.ensure_resident(allocation, 2, 5))
         if done:
             resident.release()
             pager.close()

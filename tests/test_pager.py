@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pagedtensor import DeviceTierFullError, MemoryConfig, OutOfPagesError, PageCorruptionError, PagedTensor, Pager, SlabAllocationError
 from pagedtensor.pager import Allocation, ResidentPages
-from tests.support import CPU_AND_CUDA, ClosedWhileWaiting, run_in_threads
+from tests.support import CPU_AND_CUDA, ClosedWhileWaiting, collect_inside_first_eviction, run_in_threads
 
 PAGE = 4096
 
@@ -1987,15 +1987,7 @@ def test_free_called_by_a_finalizer_inside_a_pager_call_waits_for_the_next_call(
         owner.cycle = owner
         weakref.finalize(owner, pager.free, dropped)
         del owner
-        copy, collected = pager._copy_device_to_host, []
-
-        def copy_after_a_collection(*args, **kwargs):
-            if not collected:
-                collected.append(True)
-                gc.collect()
-            return copy(*args, **kwargs)
-
-        monkeypatch.setattr(pager, "_copy_device_to_host", copy_after_a_collection)
+        collected = collect_inside_first_eviction(pager, monkeypatch)
         kept = pager.allocate(4 * PAGE)
         data = random_bytes(4 * PAGE, seed=3)
         pager.write(kept, data)  # the whole device tier: evicts the dropped allocation's pages
@@ -2008,24 +2000,28 @@ def test_free_called_by_a_finalizer_inside_a_pager_call_waits_for_the_next_call(
     pager.close()
 
 
-def _in_a_forked_child(check: Callable[[], int]) -> int:
-    """The code ``check()`` returns in a forked child (run there, reported through a pipe; 9 where it raised)."""
+def _in_a_forked_child(check: Callable[[], int], then: Callable[[], object] = lambda: None) -> int:
+    """The code ``check()`` returns in a forked child (run there, reported through a pipe; 9 where it
+    raised); ``then()`` runs in the parent once the child is done, whatever happened."""
     import os
 
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        code = 9
-        try:
-            code = check()
-        finally:
-            os.write(write_end, bytes([code]))
-            os._exit(0)
-    os.close(write_end)
-    os.waitpid(pid, 0)
-    code = os.read(read_end, 1)[0]
-    os.close(read_end)
-    return code
+    try:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never return into pytest
+            code = 9
+            try:
+                code = check()
+            finally:
+                os.write(write_end, bytes([code]))
+                os._exit(0)
+        os.close(write_end)
+        os.waitpid(pid, 0)
+        code = os.read(read_end, 1)[0]
+        os.close(read_end)
+        return code
+    finally:
+        then()
 
 
 def test_a_forked_child_lets_go_of_the_pins_of_the_parents_other_threads():
@@ -2045,11 +2041,8 @@ def test_a_forked_child_lets_go_of_the_pins_of_the_parents_other_threads():
     thread = threading.Thread(target=holder)
     thread.start()
     held.wait()
-    try:
-        code = _in_a_forked_child(lambda: 0 if torch.equal(pager.read(read_allocation), random_bytes(2 * PAGE, 4)) and not held_allocation.pins else 3)
-    finally:
-        done.set()
-        thread.join()
+    code = _in_a_forked_child(lambda: 0 if torch.equal(pager.read(read_allocation), random_bytes(2 * PAGE, 4)) and not held_allocation.pins else 3,
+                              then=lambda: (done.set(), thread.join()))  # fmt: skip
     assert code == 0
     assert torch.equal(pager.read(read_allocation), random_bytes(2 * PAGE, 4))
     pager.close()
@@ -2086,11 +2079,7 @@ def test_a_child_forked_while_another_thread_moves_pages_refuses_the_pager(monke
             return 0 if "forked child" in str(error) else 2
         return 3
 
-    try:
-        code = _in_a_forked_child(child)
-    finally:
-        go_on.set()
-        reader.join()
+    code = _in_a_forked_child(child, then=lambda: (go_on.set(), reader.join()))
     assert code == 0
     assert torch.equal(pager.read(allocation), random_bytes(2 * PAGE, 5))
     pager.close()
@@ -2132,11 +2121,7 @@ def test_a_forked_childs_release_of_a_pin_of_the_parents_other_thread_changes_no
         mine.release(dirty=True)
         return 0 if bool((pager.read(allocation) == 1).all()) else 4
 
-    try:
-        code = _in_a_forked_child(child)
-    finally:
-        go.set()
-        thread.join()
+    code = _in_a_forked_child(child, then=lambda: (go.set(), thread.join()))
     mine.release()
     assert code == 0
     pager.close()

@@ -13,6 +13,7 @@ from pagedtensor.hf.attention import merge_partials, paged_attention
 from pagedtensor.hf.cache import ACTIVE_UPDATE, streaming_config
 from pagedtensor.triton_kernels import merge_attention_partials
 from tests.hf.tiny_models import PAGE
+from tests.support import collect_inside_first_eviction
 
 KV_HEADS, HEADS, HEAD_DIM = 2, 4, 16
 
@@ -392,23 +393,6 @@ def test_values_of_another_head_size_than_keys_keep_their_own_size(nvme_dir):
     assert pager.stats()["allocations"] == 0
 
 
-def _collect_inside_first_eviction(pager: Pager, monkeypatch) -> list:
-    """Make the pager's first move of device pages to the host run a garbage collection first, as a
-    collection may land anywhere inside a pager call (any allocation can start one)."""
-    import gc
-
-    copy, collected = pager._copy_device_to_host, []
-
-    def copy_after_a_collection(*args, **kwargs):
-        if not collected:
-            collected.append(True)
-            gc.collect()
-        return copy(*args, **kwargs)
-
-    monkeypatch.setattr(pager, "_copy_device_to_host", copy_after_a_collection)
-    return collected
-
-
 def test_a_cache_collected_inside_a_pager_call_frees_its_pages_after_it(monkeypatch):
     """A cache dropped in a reference cycle, collected while the same thread evicts its pages to make
     room: its finalizer freed them there, halfway through the eviction (TypeError from the slab
@@ -431,7 +415,7 @@ def test_a_cache_collected_inside_a_pager_call_frees_its_pages_after_it(monkeypa
         with torch.no_grad():
             holder.cache.update(torch.randn(1, 2, PAGE // 128, 16), torch.randn(1, 2, PAGE // 128, 16), 0)
         del holder  # garbage, in a cycle: freed by the next collection
-        collected = _collect_inside_first_eviction(pager, monkeypatch)
+        collected = collect_inside_first_eviction(pager, monkeypatch)
         ones = PagedTensor.wrap(torch.ones(PAGE), pager)  # the whole device tier: evicts the cache's pages
         assert collected
     finally:
