@@ -57,6 +57,7 @@ import contextvars
 import dataclasses
 import logging
 import math
+import sys
 import threading
 import weakref
 from typing import Iterable, Iterator, Optional
@@ -368,6 +369,7 @@ class PagedKVCache(Cache):
         """
         if self.closed:
             raise RuntimeError("this PagedKVCache is closed")
+        _refuse_fake_run(key_states, value_states)
         if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
             raise RuntimeError(
                 "PagedKVCache keeps keys and values in pages, outside autograd: gradients would not flow through "
@@ -417,6 +419,7 @@ class PagedKVCache(Cache):
         Only left padding is supported: in every sequence the masked tokens come before every real
         one. Reads the mask on the host (one synchronization; a second where the new tokens hold pads).
         """
+        _refuse_fake_run(attention_mask)
         for layer in self.layers:
             layer.cursor = 0
         self._forward_pads = None
@@ -1408,6 +1411,23 @@ def streaming_config(config: MemoryConfig) -> MemoryConfig:
 
 
 @deferring
+def _refuse_fake_run(*tensors: Optional[torch.Tensor]) -> None:
+    """Raise for a forward under ``FakeTensorMode`` (shape, flop or memory estimation) or with fake
+    keys and values: the cache keeps real pages, and would count tokens whose keys and values it never
+    stores (zeros read back by every later forward), or raise reading a fake mask. A DynamicCache
+    holds the fake tensors themselves."""
+    fake = sys.modules.get("torch._subclasses.fake_tensor")  # imported by anyone who made a fake tensor
+    if fake is None:
+        return
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None or any(
+        isinstance(tensor, fake.FakeTensor) for tensor in tensors
+    ):
+        raise RuntimeError(
+            "PagedKVCache: a forward under FakeTensorMode (or with fake keys and values): the cache keeps real pages "
+            "and would record tokens it never stores. Estimate with past_key_values=DynamicCache() or use_cache=False"
+        )
+
+
 def _release_pages(pager: Pager, allocations: list[Allocation], hot_pins: dict[int, ResidentPages], owns_pager: bool) -> None:
     """Finalizer of a cache: unpin and free its pages (it must not reference the cache). Run by a
     garbage collection inside one of this thread's pager calls, the release and frees wait for the

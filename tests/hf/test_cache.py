@@ -425,3 +425,34 @@ def test_a_cache_collected_inside_a_pager_call_frees_its_pages_after_it(monkeypa
     live_host_pages = sum(page.host_slot is not None for allocation in pager._allocations.values() for page in allocation.pages)
     assert pager.host_tier.used_pages == live_host_pages
     assert len(pager._allocations) == 1
+
+
+def test_a_forward_under_fake_tensor_mode_is_refused_and_leaves_the_cache_as_it_was(nvme_dir):
+    """A forward under ``FakeTensorMode`` (shape or memory estimation) on a paged cache holding
+    tokens: the cache counted the fake tokens, whose keys and values it never stored (zeros, read
+    back by every later forward, silently). It raises naming the way round, the cache unchanged:
+    the next real forward gives the unpaged logits."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import DynamicCache
+
+    from pagedtensor import enable_paging
+    from pagedtensor.hf import paging_state
+    from tests.hf.tiny_models import prompts, tiny_budget, tiny_pair
+
+    reference, model = tiny_pair("llama", attn="sdpa")
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=8, host_pages=16), attn_implementation="sdpa")
+    ids, _ = prompts(1, length=20)
+    cache, dense_cache = paging_state(model).new_cache(model), DynamicCache(config=reference.config)
+    with torch.inference_mode():
+        model(ids[:, :12], past_key_values=cache)
+        reference(ids[:, :12], past_key_values=dense_cache)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake_ids = mode.from_tensor(ids[:, 12:])
+            with pytest.raises(RuntimeError, match="FakeTensorMode"):
+                model(fake_ids, past_key_values=cache)
+            with pytest.raises(RuntimeError, match="FakeTensorMode"):
+                model(fake_ids, past_key_values=cache, attention_mask=torch.ones(1, 20, dtype=torch.long))
+        assert cache.get_seq_length() == 12
+        got = model(ids[:, 12:13], past_key_values=cache).logits
+        expected = reference(ids[:, 12:13], past_key_values=dense_cache).logits
+    assert torch.equal(got, expected)
