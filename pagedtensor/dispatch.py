@@ -336,12 +336,13 @@ class PagedDispatcher:
                 # bits are the same either way), by the ops it is made of, or, where it has a
                 # view-recording kernel of its own (chunk), by that kernel as the op returns.
                 return _decompose(func, args, kwargs, record_views=not _has_kernel(func, "ADInplaceOrView"))
-            if info.implicit_composite and any(leaf.requires_grad for leaf in leaves) and torch.is_inference_mode_enabled():
-                # An op autograd decomposes (linear, matmul, rnn_tanh), of a tensor that requires grad
-                # (a paged weight), reaches here whole in inference mode: run dense on copies that do
-                # not, its kernel would choose otherwise than torch's on the weight (matmul folds a
-                # 3-D input only for an operand that does not require grad: other bits). Its C++
-                # kernel runs on the PagedTensors, as torch runs it on the weight.
+            if func in _CHOOSING_BY_REQUIRES_GRAD and torch.is_inference_mode_enabled() and _any_requires_grad(args):
+                # An op autograd decomposes whose kernel chooses by its operands' requires_grad (matmul
+                # folds a 3-D input only beside operands that do not require grad: other bits), of a
+                # tensor that requires grad (a weight), reaches here whole in inference mode: run dense
+                # on copies that do not, it would choose otherwise than torch. Its C++ kernel runs on
+                # the PagedTensors, as torch runs it on the weight. (Not every composite op: some take
+                # another path for a subclass, ``linalg.svdvals``, and run dense, as torch's results.)
                 return _decompose(func, args, kwargs, as_dense=True)
             result = self.run_generic(func, types, args, kwargs, leaves)
         else:
@@ -922,6 +923,26 @@ class _OpTooLarge(OutOfPagesError):
 
 
 _COMPOSITE_KEYS = (DispatchKey.CompositeExplicitAutograd, DispatchKey.CompositeExplicitAutogradNonFunctional)
+
+
+# Composite ops whose kernels choose by their operands' requires_grad (``at::matmul``'s fold of a 3-D
+# input, which ``linear`` and the RNN layers' cells reach), and the RNN ops running them.
+_CHOOSING_BY_REQUIRES_GRAD = frozenset({
+    aten.linear.default, aten.matmul.default, aten.bilinear.default,
+    aten.rnn_tanh.input, aten.rnn_tanh.data, aten.rnn_relu.input, aten.rnn_relu.data,
+    aten.gru.input, aten.gru.data, aten.lstm.input, aten.lstm.data,
+})  # fmt: skip
+
+
+def _any_requires_grad(args: tuple) -> bool:
+    """Whether a tensor among ``args`` (or in a list among them: an RNN's weights) requires grad."""
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            if value.requires_grad:
+                return True
+        elif type(value) in (list, tuple) and any(isinstance(item, torch.Tensor) and item.requires_grad for item in value):
+            return True
+    return False
 
 
 def _decompose(func: OpOverload, args: tuple, kwargs: dict, record_views: bool = True, as_dense: bool = False) -> Any:

@@ -573,11 +573,13 @@ class PagedTensor(torch.Tensor):
             # the hook would compile the dispatcher's and pager's own frames (dozens a call, failing
             # inside them under dynamic shapes); they run with it off.
             return _dispatch_without_dynamo()(func, types, args, kwargs)
-        if _has_complex_tensor(args, kwargs):
+        if func.overloadpacket in _FFTS or _has_complex_tensor(args, kwargs):
             # torch enters ``__torch_dispatch__`` with the dispatch keys above Python excluded, the
             # conjugate and negative views' fallbacks among them; a kernel run here that makes such a
             # view itself (linalg_lstsq's residuals, linalg_pinv: ``x.mul_(x.conj())``) would then read
-            # its raw bits, a silently wrong result. Those views are complex only.
+            # its raw bits, a silently wrong result. Those views are complex only: of a complex
+            # argument, or of a complex result an FFT of real input makes (``fft_hfftn`` under
+            # inference mode, reaching here whole, was off by up to 3.8).
             with _conjugate_fallback_on(), _negative_fallback_on():
                 return _DISPATCHER.dispatch(func, types, args, kwargs)
         return _DISPATCHER.dispatch(func, types, args, kwargs)
@@ -867,6 +869,10 @@ class PagedTensor(torch.Tensor):
 
 # Attributes PagedTensor itself keeps in ``__dict__`` (a deep copy rebuilds them; the rest are users').
 _OWN_ATTRIBUTES = frozenset({"_paged", "_offset", "_inner", "_materialized", "_span", "_meta", "_view_root", "_is_param"})
+
+
+# The FFT ops (``torch.fft``): of real input, their composite kernels make complex intermediates.
+_FFTS = frozenset(getattr(torch.ops.aten, name) for name in dir(torch.ops.aten) if name.startswith("fft_"))
 
 
 def _has_complex_tensor(args: tuple, kwargs: dict) -> bool:

@@ -1343,6 +1343,39 @@ def test_modules_with_paged_weights_under_inference_mode_give_the_plain_modules_
     assert torch.equal(got.materialize() if isinstance(got, PagedTensor) else got, expected)
 
 
+def test_ops_on_parameters_under_inference_mode_give_torchs_bits_whichever_operand_is_paged(pager):
+    """Under ``torch.inference_mode()``: ``F.linear`` of a paged transposed 3-D input with a plain
+    weight that requires grad took another matmul path than torch (its weight's flag was not seen);
+    ``linalg.svdvals``, the nuclear norm and ``cond`` of a paged parameter, run through their
+    composite kernel on the PagedTensor, took a subclass's path (other last bits) where run dense
+    they give torch's."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(24, 8, device=pager.device))
+    square = torch.randn(16, 16, device=pager.device)
+    plain_square, paged_square = torch.nn.Parameter(square.clone()), torch.nn.Parameter(PagedTensor.wrap(square.clone(), pager))
+    dense = lambda t: t.materialize() if isinstance(t, PagedTensor) else t  # noqa: E731
+    with torch.inference_mode():
+        paged_x = PagedTensor.wrap(torch.randn(3, 2, 8, device=pager.device), pager)
+        plain_x = paged_x.materialize()
+        assert torch.equal(dense(torch.nn.functional.linear(paged_x.transpose(0, 1), weight)), torch.nn.functional.linear(plain_x.transpose(0, 1), weight))
+        for op in (torch.linalg.svdvals, torch.nuclear_norm, torch.linalg.cond, lambda t: torch.linalg.matrix_norm(t, -2)):
+            assert torch.equal(dense(op(paged_square)), op(plain_square))
+
+
+@pytest.mark.parametrize("name", ["hfft", "hfft2", "hfftn", "ihfftn", "rfftn", "irfftn"])
+def test_ffts_of_a_real_paged_tensor_under_inference_mode_give_torchs_values(pager, name):
+    """``torch.fft.hfftn`` of a real PagedTensor under ``torch.inference_mode()`` reaches the subclass
+    whole, where torch runs with the conjugate view's fallback off; its composite kernel conjugates a
+    complex intermediate as a view, read as raw bits: off by up to 3.8. FFTs run with it on."""
+    x = torch.randn(5, 6, 7, device=pager.device)
+    op = getattr(torch.fft, name)
+    with torch.inference_mode():
+        expected = op(x, norm="ortho")
+        got = op(PagedTensor.wrap(x.clone(), pager), norm="ortho")
+    got = got.materialize() if isinstance(got, PagedTensor) else got
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
 def test_views_of_an_inference_tensor_outside_inference_mode_are_inference_tensors(pager):
     """A tensor wrapped under ``torch.inference_mode()`` (a KV cache, say) is an inference tensor, and
     so are its views and ``detach()`` outside it, as torch's are. They were normal tensors: one could
