@@ -1428,6 +1428,7 @@ def _refuse_fake_run(*tensors: Optional[torch.Tensor]) -> None:
         )
 
 
+@deferring  # a Ctrl-C as it starts (close() at generate's end) is raised once every page is freed
 def _release_pages(pager: Pager, allocations: list[Allocation], hot_pins: dict[int, ResidentPages], owns_pager: bool) -> None:
     """Finalizer of a cache: unpin and free its pages (it must not reference the cache). Run by a
     garbage collection inside one of this thread's pager calls, the release and frees wait for the
