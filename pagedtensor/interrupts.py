@@ -25,14 +25,10 @@ import signal
 import threading
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
-import torch
-
-from pagedtensor.outside_transforms import outside_transforms
+from pagedtensor.outside_transforms import _dispatch_modes, _peek_interpreter_stack, outside_transforms
 
 Function = TypeVar("Function", bound=Callable)
 
-_peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
-_dispatch_modes = torch._C._len_torch_dispatch_stack
 _getsignal = _signal.getsignal  # the C function: signal.getsignal converts its answer to an enum, a dozen calls
 _SIGINT = int(signal.SIGINT)
 _DEFAULT_HANDLER = signal.default_int_handler

@@ -49,7 +49,7 @@ def outside_transforms(method: Method) -> Method:
 
     @functools.wraps(method)
     def run(*args, **kwargs):
-        if _peek_interpreter_stack() is None and not _dispatch_modes():
+        if not in_a_transform_or_mode():
             return method(*args, **kwargs)
         with below_transforms_and_modes():
             return method(*args, **kwargs)

@@ -526,8 +526,8 @@ class Pager:
         self._host_fences: dict[int, Event] = {}  # slot -> last copy touching it
         # Allocations whose PagedTensors were collected while this thread was inside a pager call
         # (free_when_unlocked), and a collected cache's pins and allocations (release_and_free_when_unlocked):
-        # released and freed at the pager's next call from outside one.
-        self._deferred_frees: list[Union[Allocation, tuple[tuple[ResidentPages, ...], tuple[Allocation, ...]]]] = []
+        # released and freed at the pager's next call from outside one, as (pins, allocations).
+        self._deferred_frees: list[tuple[tuple[ResidentPages, ...], tuple[Allocation, ...]]] = []
         # Pages whose device slot was zero-filled for an overwrite (``ensure_resident(discard=...)``)
         # while their host or disk copy still holds their bytes: that copy stays authoritative until
         # a release marks the page dirty (the write is done) or gives the bytes back (it failed).
@@ -572,18 +572,14 @@ class Pager:
             self._drain_deferred_frees()
         return allocation
 
-    @deferring
     def free_when_unlocked(self, allocation: Allocation) -> None:
         """Free ``allocation`` now, or, where this thread is inside a pager call (a garbage collection
         runs finalizers anywhere, halfway through one too), at the pager's next call from outside one
         (``ensure_resident``, ``allocate``, ``free``, ``stats``). What a collected PagedTensor's
-        finalizer calls; never raises (a failure is logged)."""
-        if self.closed or allocation.freed:
-            return
-        if self._inside_a_call():
-            self._deferred_frees.append(allocation)
-            return
-        self._free_quietly(allocation)
+        finalizer calls; never raises (a failure is logged). :meth:`release_and_free_when_unlocked`
+        with no pins."""
+        if not allocation.freed:
+            self.release_and_free_when_unlocked((), (allocation,))
 
     @deferring
     def release_and_free_when_unlocked(self, pins: Sequence[ResidentPages], allocations: Sequence[Allocation]) -> None:
@@ -627,10 +623,7 @@ class Pager:
                 entry = self._deferred_frees.pop()
             except IndexError:  # emptied (by another thread draining too)
                 return
-            if type(entry) is tuple:
-                self._release_and_free_quietly(*entry)
-            else:
-                self._free_quietly(entry)
+            self._release_and_free_quietly(*entry)
 
     def _free_quietly(self, allocation: Allocation) -> None:
         try:

@@ -1410,7 +1410,6 @@ def streaming_config(config: MemoryConfig) -> MemoryConfig:
     return dataclasses.replace(config, prefetch_strategy="none")
 
 
-@deferring
 def _refuse_fake_run(*tensors: Optional[torch.Tensor]) -> None:
     """Raise for a forward under ``FakeTensorMode`` (shape, flop or memory estimation) or with fake
     keys and values: the cache keeps real pages, and would count tokens whose keys and values it never
