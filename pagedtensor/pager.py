@@ -658,10 +658,7 @@ class Pager:
             if allocation.id in self._waiting_requests:
                 raise RuntimeError(f"free: allocation {allocation.id} has pages a request of another thread waits to pin "
                                    f"(ensure_resident, waiting for room); free it once that request is done")
-            for page in allocation.pages:
-                self._drop_device_copy(page, forget=True)
-                self._drop_host_copy(page, forget=True)
-                self._drop_disk_copy(page)
+            self._forget_pages(allocation.pages)
             allocation.freed = True
             del self._allocations[allocation.id]
             if self._pin_waiters:
@@ -679,12 +676,8 @@ class Pager:
             pinned = [page.index for page in pages if page.pin_count] if allocation.pins else []
             if pinned:
                 raise RuntimeError(f"discard: pages {pinned[:8]} of allocation {allocation.id} are pinned; release them first")
-            dropped = False
-            for page in pages:
-                dropped |= page.tier is not None
-                self._drop_device_copy(page, forget=True)
-                self._drop_host_copy(page, forget=True)
-                self._drop_disk_copy(page)
+            dropped = any(page.tier is not None for page in pages)
+            self._forget_pages(pages)
             if dropped:
                 allocation.version += 1  # caches of the bytes (read as zeros now) are stale
 
@@ -1756,6 +1749,17 @@ class Pager:
                 event.synchronize()
 
     # ------------------------------------------------------------------ internals: dropping copies
+
+    def _forget_pages(self, pages: Sequence[Page]) -> None:
+        """Drop every copy of ``pages`` (freed, or their bytes discarded) and every trace of them in
+        the policies, what a policy remembers of pages it evicted before included (2Q's ghosts: kept,
+        a dead page would push a live one out, and a discarded page written again would come back hot)."""
+        for page in pages:
+            self._drop_device_copy(page, forget=True)
+            self._drop_host_copy(page, forget=True)
+            self._drop_disk_copy(page)
+            self.device_policy.forget(page)
+            self.host_policy.forget(page)
 
     def _drop_device_copy(self, page: Page, forget: bool = False) -> None:
         if page.device_slot is None:

@@ -414,6 +414,14 @@ class PagerMachine(RuleBasedStateMachine):
                     assert info.tier is None, (allocation.id, info)
 
     @invariant()
+    def policies_remember_only_live_pages(self):
+        """What a policy remembers of pages it evicted (2Q's ghosts) is of live pages with bytes: a
+        freed or discarded page is forgotten."""
+        for policy in (self.pager.device_policy, self.pager.host_policy):
+            for page in policy.remembered():
+                assert page.allocation_id in self.live and (page.allocation_id, page.index) in self.with_bytes, page
+
+    @invariant()
     def pinned_pages_stay(self):
         for resident, slots in self.pinned:
             for (allocation_id, index), slot in slots.items():

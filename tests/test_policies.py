@@ -294,3 +294,57 @@ def test_two_q_counts_the_loop_blocks_keys_in_its_first_queues_share():
         one_by_one.append(policy.victim(lambda key: True))
         policy.remove(one_by_one[-1])
     assert one_by_one == ["L3", "L2", "L1", "M", "A"]
+
+
+@pytest.mark.parametrize("name", ["lru", "2q"])
+def test_forget_drops_a_resident_or_remembered_key_and_ignores_an_unknown_one(name):
+    policy = make_policy(name, 8)
+    for key in "abc":
+        policy.insert(key)
+    policy.remove("a")  # evicted: 2Q remembers it
+    policy.forget("a")
+    policy.forget("b")  # resident
+    policy.forget("z")  # never seen
+    assert "b" not in policy and len(policy) == 1 and policy.remembered() == []
+    policy.insert("a")  # back as a page never seen: 2Q's first queue, not its hot one
+    assert getattr(policy, "am", {}) == {}
+
+
+@pytest.mark.parametrize("how", ["free", "discard"])
+def test_a_freed_or_discarded_page_leaves_no_ghost_in_two_q(how):
+    """2Q remembers evicted pages (``a1out``) so that one coming back counts as hot. A page freed or
+    discarded while off the device must be forgotten: kept, the dead key pushed a live one out of
+    ``a1out`` (a reused page then fell to a scan), and a discarded page written again came back hot."""
+    import torch
+
+    from pagedtensor import MemoryConfig, Pager
+
+    page = 4096
+    pager = Pager(MemoryConfig(page_size=page, vram_limit=4 * page, host_memory=64 * page, slab_size=64 * page,
+                               prefetch_strategy="none", eviction_policy="2q", device="cpu"))  # fmt: skip
+    names = ["d1", "d2", "x", "a", "c", "s1", "s2", "s3", "s4"]
+    allocations = {name: pager.allocate(page) for name in names}
+    for allocation in allocations.values():
+        pager.write(allocation, torch.ones(page, dtype=torch.uint8))
+    pager.evict_all()
+
+    def use(name):
+        with pager.ensure_resident(allocations[name], 0, 1):
+            pass
+
+    for name in ["d1", "d2", "x", "a"]:  # each used, then evicted: a1out holds x and a (its limit 2)
+        use(name)
+        pager.evict(allocations[name])
+    getattr(pager, how)(allocations["a"])
+    dead = allocations["a"].pages[0]
+    assert dead not in pager.device_policy.remembered() and dead not in pager.host_policy.remembered()
+    use("c")
+    pager.evict(allocations["c"])  # a1out: x and c
+    use("x")  # remembered: comes back hot
+    for name in ["s1", "s2", "s3", "s4"]:  # a scan of pages used once
+        use(name)
+    assert pager.page_table(allocations["x"])[0].tier == "device", "the reused page fell to a scan"
+    if how == "discard":
+        pager.write(allocations["a"], torch.ones(page, dtype=torch.uint8))
+        assert dead in pager.device_policy.policy.a1in, "a discarded page written again came back hot"
+    pager.close()

@@ -89,8 +89,14 @@ class EvictionPolicy(abc.ABC, Generic[K]):
         """``key`` left the tier (evicted or freed). Implementations also drop it from the loop block."""
 
     def forget(self, key: K) -> None:
-        """``key`` left the tier because its page was freed: keep no history of it."""
-        self.remove(key)
+        """``key``'s page was freed or its bytes discarded: keep no history of it. The key may be
+        resident (it leaves the tier) or not (a policy that remembers evicted keys drops it)."""
+        if key in self:
+            self.remove(key)
+
+    def remembered(self) -> list[K]:
+        """The keys this policy remembers that are not resident (2Q's ghosts); none by default."""
+        return []
 
     def _eviction_order(self, evictable: Callable[[K], bool], skip: Container[K] = ()) -> Iterator[tuple[K, int]]:
         """The resident keys with ``evictable(key)``, lazily, in the order this policy would evict

@@ -80,6 +80,9 @@ class DeferredTouches(EvictionPolicy[K]):
     def forget(self, key: K) -> None:
         self._applied().forget(key)
 
+    def remembered(self) -> list[K]:
+        return self.policy.remembered()  # touches never change what is remembered
+
     def victim(self, evictable: Callable[[K], bool]) -> Optional[K]:
         return self._applied().victim(evictable)
 

@@ -71,6 +71,9 @@ class TwoQPolicy(EvictionPolicy[K]):
         self.am.pop(key, None)
         self.a1out.pop(key, None)
 
+    def remembered(self) -> list[K]:
+        return list(self.a1out)
+
     def _eviction_order(self, evictable: Callable[[K], bool], skip: Container[K] = ()) -> Iterator[tuple[K, int]]:
         """The order repeated :meth:`victim` and :meth:`remove` calls would give: ``a1in`` first while
         it holds more than its share (counting the keys already given), ``am`` first otherwise. An
