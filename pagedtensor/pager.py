@@ -714,6 +714,9 @@ class Pager:
         Stream order: one event, recorded on ``stream`` after the work enqueued on it so far and
         registered for every range under the pager's lock, orders any later reuse of their slots.
         """
+        for entry in releases:
+            if not (type(entry) in (tuple, list) and len(entry) == 2 and isinstance(entry[0], ResidentPages)):
+                raise TypeError(f"release_together: expected (ResidentPages, dirty page numbers) pairs, got {entry!r}")
         foreign = [resident for resident, _ in releases if resident.pager is not self]
         if foreign:
             raise ValueError(f"release_together: pages of allocation {foreign[0].allocation.id} belong to another pager")

@@ -1100,6 +1100,9 @@ def test_release_together_unpins_every_range_and_marks_only_their_dirty_pages():
         foreign = other.ensure_resident(other.allocate(PAGE))
         with pytest.raises(ValueError, match="another pager"):
             pager.release_together([(a, ()), (foreign, ())])
+        for bad in (a, ("x", ()), (a,), (a, (), ())):  # not pairs: named, not an unpacking error
+            with pytest.raises(TypeError, match=r"release_together: expected \(ResidentPages, dirty page numbers\) pairs, got"):
+                pager.release_together([(b, ()), bad])
         assert not (a.released or b.released or foreign.released), "a refused call released something"
         a.views()[1].fill_(7)
         pager.release_together([(a, {1}), (b, ())])
