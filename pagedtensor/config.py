@@ -42,9 +42,10 @@ EVICTION_POLICIES = ("lru", "2q")
 PREFETCH_STRATEGIES = ("none", "sequential")
 COMPRESSIONS = (None, "zstd")
 
-# Digits, an optional fraction, an optional exponent; the digit runs cannot overlap (a failed match
-# of a long string backtracks in linear time, not quadratic).
-_SIZE_PATTERN = re.compile(r"^\s*(?P<number>(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*(?P<unit>[a-zA-Z]*)\s*$")
+# Digits, an optional fraction, an optional exponent, an optional unit; neither the digit runs nor
+# the runs of spaces can overlap (a failed match of a long string backtracks in linear time, not
+# quadratic: the spaces before a unit belong to the unit's group, which is there only with a letter).
+_SIZE_PATTERN = re.compile(r"^\s*(?P<number>(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)(?:\s*(?P<unit>[a-zA-Z]+))?\s*$")
 MAX_SIZE = 2**63 - 1
 """The largest size in bytes (torch indexes memory with signed 64-bit ints)."""
 # The arithmetic of parse_size, whatever decimal context the calling program has set: exact (any
@@ -92,11 +93,11 @@ def parse_size(value: SizeLike, field: str = "size") -> int:
         negative = _SIZE_PATTERN.match(magnitude) if magnitude and not magnitude[0].isspace() else None  # "- 0" is no number
         if negative is not None:
             zero = set(negative.group("number").lower().split("e")[0]) <= {"0", "."}
-            if zero and (negative.group("unit").lower() or "b") in UNIT_BYTES:
+            if zero and (negative.group("unit") or "b").lower() in UNIT_BYTES:
                 return 0  # "-0", "-0KiB": zero, as int("-0") is
             raise ValueError(f"{field}: size must not be negative, got {value!r}")
         raise ValueError(f"{field}: cannot parse size {value!r}; use e.g. '512MB', '24GiB' or an int of bytes")
-    unit = match.group("unit").lower() or "b"
+    unit = (match.group("unit") or "b").lower()
     if unit not in UNIT_BYTES:
         raise ValueError(
             f"{field}: unknown unit {match.group('unit')!r} in {value!r}; "

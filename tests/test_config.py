@@ -252,3 +252,24 @@ def test_numpy_integers_are_sizes_and_counts():
     assert MemoryConfig(pin_wait_s=0, device="cpu").pin_wait_s == 0.0
     with pytest.raises(TypeError, match="vram_limit"):
         parse_size(np.bool_(True), "vram_limit")
+
+
+@pytest.mark.parametrize("value", ["1" + " " * 100_000 + "!", "-1" + " " * 100_000 + "!", " " * 50_000 + "1" + " " * 50_000 + "x!"])
+def test_a_long_run_of_spaces_before_a_bad_tail_is_refused_without_quadratic_backtracking(value):
+    """The spaces between the number and the unit could be split between two ``\\s*`` in as many ways
+    as there are spaces, each tried again: 100,000 spaces took minutes. The alarm (20 s, where the
+    linear pattern takes milliseconds) turns such a backtrack into a failure, not a hang."""
+    import signal
+
+    def too_slow(signum, frame):
+        raise AssertionError("parse_size backtracked quadratically over the spaces")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    try:
+        with pytest.raises(ValueError, match="vram_limit"):
+            parse_size(value, "vram_limit")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert parse_size(" 2 KiB ") == 2048 and parse_size("3 ") == 3 and parse_size("4kb") == 4000
