@@ -6,6 +6,7 @@ The default pager is created on first use from a default :class:`~pagedtensor.co
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Optional
 
@@ -14,6 +15,18 @@ from pagedtensor.pager import Pager
 
 _lock = threading.Lock()
 _default: Optional[Pager] = None
+
+
+def _after_fork_in_child() -> None:
+    """A fork while another thread was inside :func:`get_default_pager` (making the default pager)
+    left the child's lock held for good, by a thread the child has not: its first wrap hung. The
+    child gets a free lock; a default pager made before the fork is the child's copy, as any pager
+    (:mod:`pagedtensor.pager`'s fork handler decides whether the child may use it)."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def get_default_pager() -> Pager:

@@ -2128,3 +2128,45 @@ def test_a_forked_childs_release_of_a_pin_of_the_parents_other_thread_changes_no
     mine.release()
     assert code == 0
     pager.close()
+
+
+def test_a_child_forked_while_another_thread_makes_the_default_pager_gets_one(monkeypatch):
+    """A fork while another thread was inside ``get_default_pager`` (making the default pager on a
+    first wrap) left the module's lock held in the child by a thread it has not: the child's first
+    ``PagedTensor.wrap`` without a pager hung for good."""
+    import signal
+
+    from pagedtensor import PagedTensor, default_pager
+
+    monkeypatch.setattr(default_pager, "_default", None)
+    inside, go_on = threading.Event(), threading.Event()
+    made = []
+
+    def slow_pager(config):  # the other thread pauses inside, holding the lock
+        if threading.current_thread().name == "maker":
+            inside.set()
+            go_on.wait(30)
+        made.append(Pager(config))
+        return made[-1]
+
+    monkeypatch.setattr(default_pager, "Pager", slow_pager)
+    maker = threading.Thread(target=default_pager.get_default_pager, name="maker")
+    maker.start()
+    inside.wait(30)
+
+    def child() -> int:
+        def hung(signum, frame):
+            raise TimeoutError("the default pager's lock stayed held")
+
+        signal.signal(signal.SIGALRM, hung)
+        signal.alarm(20)
+        try:
+            values = torch.arange(4.0)
+            return 0 if torch.equal(PagedTensor.wrap(values).materialize(), values) else 2
+        except TimeoutError:
+            return 4
+
+    code = _in_a_forked_child(child, then=lambda: (go_on.set(), maker.join()))
+    for pager in made:
+        pager.close()
+    assert code == 0
