@@ -180,6 +180,32 @@ def test_buffered_io_when_o_direct_is_missing(make_tier, monkeypatch) -> None:
     assert torch.equal(page, out)
 
 
+@pytest.mark.parametrize("o_direct", [True, False])
+def test_a_folder_that_keeps_the_page_files_name_leaves_no_open_file(tmp_path, monkeypatch, o_direct) -> None:
+    """A folder that lets files be made but not deleted (append-only): the page file's name could
+    not be removed, and its fd stayed open for the process's life, one more each try. The error
+    says what failed (not "cannot create"), and no fd is left open."""
+    if not o_direct:
+        monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    unlink = os.unlink
+
+    def refuse_in_folder(path, *args, **kwargs):
+        if os.path.dirname(str(path)) == str(folder):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refuse_in_folder)
+    fds = set(os.listdir("/proc/self/fd"))
+    for _ in range(2):
+        with pytest.raises(PermissionError, match=r"the file was made \(pagedllm-.*\.pages, empty: it stays\), but its name cannot be removed"):
+            DiskTier(path=str(folder), page_size=PAGE, capacity_pages=None)
+    gc.collect()
+    assert set(os.listdir("/proc/self/fd")) <= fds, "the page file's fd stayed open"
+    assert all(entry.stat().st_size == 0 for entry in folder.iterdir())
+
+
 def test_works_without_the_c_extension(make_tier, monkeypatch) -> None:
     monkeypatch.setattr(diskio, "load_library", lambda: None)
     monkeypatch.setattr(diskio, "uring_unavailable_reason", lambda: "the C extension is not built")

@@ -22,6 +22,7 @@ rounded up to 4096 bytes, when that is smaller than the page; otherwise it is st
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import heapq
@@ -110,8 +111,16 @@ def _open_page_file(folder: str) -> tuple[int, str, bool]:
     fd, file_path = tempfile.mkstemp(prefix="pagedllm-", suffix=".pages", dir=folder)
     try:
         direct_fd, direct = _direct_fd(fd, file_path)
-    finally:
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(file_path)
+        raise
+    try:
         os.unlink(file_path)
+    except OSError as error:  # a folder that lets files be made but not deleted (append-only)
+        os.close(direct_fd)
+        raise type(error)(error.errno, f"the file was made ({os.path.basename(file_path)}, empty: it stays), but its name cannot "
+                                       f"be removed: {error.strerror or error}; the folder must let its files be deleted") from error  # fmt: skip
     return direct_fd, file_path, direct
 
 
