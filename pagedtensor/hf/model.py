@@ -905,7 +905,7 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
                     weights.setdefault(id(parameter), (f"layers.{index}.{module_name + '.' if module_name else ''}{name}", module, parameter))
     paged = list(weights.values())
     check_tiers_hold_weights(pager, [parameter.numel() * parameter.element_size() for _, _, parameter in paged])
-    check_device_holds_each_weight(pager, [(name, _bytes_read_at_once(module, parameter)) for name, module, parameter in paged])
+    check_device_holds_each_weight(pager, [(name, _pages_read_at_once(module, parameter, pager.page_size)) for name, module, parameter in paged])
     replaced: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
     replacements: dict[int, torch.nn.Parameter] = {}  # id of a parameter -> its paged one: modules that share a parameter share it paged
     try:
@@ -982,18 +982,17 @@ def check_tiers_hold_weights(pager: Pager, weights: list[int]) -> None:
 
 def check_device_holds_each_weight(pager: Pager, weights: list[tuple[str, int]]) -> None:
     """Check that ``pager``'s device tier can hold each weight an op reads, ``weights`` being
-    ``(name, bytes an op reads at once)``: an op faults in the pages it reads together, so a weight
-    larger than the tier could never be read (a float matmul does not run a piece at a time: its
-    order of additions may change with the piece's shape).
+    ``(name, pages an op reads at once)`` (:func:`_pages_read_at_once`): an op faults in the pages it
+    reads together, so a weight larger than the tier could never be read (a float matmul does not
+    run a piece at a time: its order of additions may change with the piece's shape).
 
     Raises:
         DeviceTierFullError: naming the largest such weight, its pages and ``vram_limit``.
     """
     if not weights:
         return
-    name, nbytes = max(weights, key=lambda weight: weight[1])
+    name, pages = max(weights, key=lambda weight: weight[1])
     page_size = pager.page_size
-    pages = -(-nbytes // page_size)
     capacity = pager.device_tier.capacity_pages
     if pages > capacity:
         raise DeviceTierFullError(
@@ -1003,11 +1002,19 @@ def check_device_holds_each_weight(pager: Pager, weights: list[tuple[str, int]])
         )
 
 
-def _bytes_read_at_once(module: torch.nn.Module, parameter: torch.Tensor) -> int:
-    """The bytes of ``parameter`` an op reads together: the whole weight, or of a routed experts'
-    stack (:func:`routed_expert_stack`) one expert's matrix."""
+def _pages_read_at_once(module: torch.nn.Module, parameter: torch.Tensor, page_size: int) -> int:
+    """The pages of ``parameter`` (paged from the start of a page) an op reads together: the whole
+    weight's, or of a routed experts' stack (:func:`routed_expert_stack`) the most one expert's
+    matrix spans. A matrix whose bytes are not a whole number of pages starts mid-page in some
+    experts, and spans one page more there than its bytes fill (counted by bytes, a tier the
+    check passed failed mid-generate on such an expert)."""
     nbytes = parameter.numel() * parameter.element_size()
-    return nbytes // parameter.shape[0] if routed_expert_stack(module, parameter) else nbytes
+    if not routed_expert_stack(module, parameter):
+        return -(-nbytes // page_size)
+    matrix = nbytes // parameter.shape[0]
+    if matrix == 0:
+        return 0
+    return max((start + matrix - 1) // page_size - start // page_size + 1 for start in range(0, nbytes, matrix))
 
 
 def _write_back_weight(pager: Pager, allocation: Allocation) -> None:

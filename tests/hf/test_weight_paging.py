@@ -587,6 +587,36 @@ def test_experts_fault_in_only_where_tokens_are_routed(experts_implementation, n
     assert state.pager.stats()["bytes_h2d"] - before < 4 * sum(stack_bytes)  # 4.7 MB of 1.5 MiB stacks here
 
 
+def test_an_expert_matrix_starting_mid_page_is_counted_when_paging_is_enabled(nvme_dir):
+    """Experts of 30 intermediate features: a gate_up matrix is 15 KiB, 3.75 pages, so expert 1 spans
+    pages 3 to 7, five pages. The check counted an expert by its bytes (four pages): a four-page
+    device tier was accepted, and the eager experts' generate then raised DeviceTierFullError at
+    its first read of such an expert. It is now refused at ``enable_paging``, and five pages generate
+    the unpaged tokens."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from tests.hf.tiny_models import TINY
+
+    config = MixtralConfig(**{**TINY, "intermediate_size": 30, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None})
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    reference = MixtralForCausalLM(config).eval()
+    reference.set_experts_implementation("eager")
+    ids, mask = prompts(1)
+    expected = _generate(reference, ids, mask)
+    for vram_pages in (4, 5):
+        model = copy.deepcopy(reference)
+        budget = tiny_budget(nvme_dir, vram_pages=vram_pages, host_pages=HOST_PAGES)
+        if vram_pages == 4:
+            with pytest.raises(DeviceTierFullError, match=r"layers\.0\.mlp\.experts\.gate_up_proj's 5 pages of 4\.00 KiB .* hold 4 pages"):
+                enable_paging(model, budget, attn_implementation="sdpa", page_weights=True)
+            continue
+        enable_paging(model, budget, attn_implementation="sdpa", page_weights=True)
+        got = _generate(model, ids, mask)
+        assert torch.equal(got.sequences, expected.sequences)
+        assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits, strict=True))
+
+
 def test_a_dtype_change_converts_expert_stacks_larger_than_the_device_tier(nvme_dir):
     """``model.to(torch.bfloat16)`` after paging: each 512 KiB stack converts a piece at a time
     through a 192 KiB device tier (it raised OutOfPagesError and left the model half converted)."""
