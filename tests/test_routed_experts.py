@@ -124,7 +124,9 @@ def test_grouped_mm_on_a_paged_stack_is_the_dense_op(experts, rows, cols, dtype,
     seed = data.draw(st.integers(0, 2**16), label="seed")
     generator = torch.Generator().manual_seed(seed)
     stack = torch.randn(experts, cols, rows, generator=generator).to(dtype) * 4
-    a = torch.randn(sum(counts) + trailing, rows if transposed else cols, generator=generator).to(dtype)
+    width = rows if transposed else cols
+    wider = data.draw(st.sampled_from([0, 8]), label="mat_a a column slice of a wider matrix")  # a row stride past its width
+    a = torch.randn(sum(counts) + trailing, width + wider, generator=generator).to(dtype)[:, :width]
     offs = routed_rows(counts)
     end = int(offs[-1])
     expected = grouped(a, stack, offs, transposed)[:end]
@@ -171,16 +173,20 @@ def test_an_unaligned_mat_a_keeps_the_dense_ops_bits():
         assert torch.equal(grouped(a, PagedTensor.wrap(stack, pager), offs, True), grouped(a, stack, offs, True))
 
 
-@pytest.mark.parametrize("offs, error", [
-    (torch.tensor([2, 4, 6, 8, 10, 12]), "int32"),  # int64
-    (routed_rows([2, 2, 2, 2, 4]), "batch sizes have to match"),  # one per expert but one
+@pytest.mark.parametrize("offs, error, mat_a, bias", [
+    (torch.tensor([2, 4, 6, 8, 10, 12]), "int32", None, None),  # int64
+    (routed_rows([2, 2, 2, 2, 4]), "batch sizes have to match", None, None),  # one per expert but one
+    (routed_rows([2, 2, 2, 2, 2, 2]), "Bias not supported", None, torch.zeros(6, 32)),
+    (routed_rows([2, 2, 2, 2, 2, 2]), "Invalid strides/sizes", torch.randn(1, 32).expand(12, 32), None),  # rows sharing memory
 ])  # fmt: skip
-def test_offs_torch_refuses_raise_its_error_before_any_page_is_read(offs, error):
+def test_arguments_torch_refuses_raise_its_error_before_any_page_is_read(offs, error, mat_a, bias):
+    """Past the tier, a bias or an expanded ``mat_a`` took the generic way, which reads the whole
+    stack first: DeviceTierFullError instead of torch's error."""
     stack = torch.randn(6, 32, 32)
     with make_pager(2) as pager:  # the stack (6 pages) cannot be resident at once
         paged = PagedTensor.wrap(stack, pager)
         pager.evict_all()
         before = pager.stats()["faults"]
         with pytest.raises(RuntimeError, match=error):
-            grouped(torch.randn(12, 32), paged, offs, True)
+            torch._grouped_mm(torch.randn(12, 32) if mat_a is None else mat_a, paged.transpose(-2, -1), offs=offs, bias=bias)
         assert pager.stats()["faults"] == before

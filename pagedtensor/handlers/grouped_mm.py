@@ -53,7 +53,8 @@ def grouped_mm_of_routed_experts(func: OpOverload, types: tuple, args: tuple, kw
     # (torch's kernel depends on both: the CPU kernel takes another path for an unaligned mat_a).
     rows_first = _buffer_like(mat_a) if any(starts[expert] for expert in routed_experts) else None
     if rows_first is not None and rows_first.stride() != mat_a.stride():
-        return DISPATCHER.run_paged(func, types, args, kwargs)  # mat_a not dense in itself: the generic way
+        _check_as_torch(args, kwargs)  # an expanded mat_a: torch's error, before the whole stack is read
+        return DISPATCHER.run_paged(func, types, args, kwargs)  # elements shared, torch accepts it: the generic way
     result = None
     for run, expert in enumerate(routed_experts):
         start, rows = starts[expert], ends[expert] - starts[expert]
@@ -69,14 +70,29 @@ def grouped_mm_of_routed_experts(func: OpOverload, types: tuple, args: tuple, kw
 
 
 def _buffer_like(mat_a: torch.Tensor, alignment: int = 64) -> torch.Tensor:
-    """``torch.empty_like(mat_a)`` whose data pointer has ``mat_a``'s offset from an ``alignment``-byte boundary."""
+    """An empty tensor of ``mat_a``'s sizes and strides (where no two of its elements share memory:
+    a column slice keeps its row stride; else ``empty_like``'s) whose data pointer has ``mat_a``'s
+    offset from an ``alignment``-byte boundary."""
     buffer = torch.empty_like(mat_a)
+    if buffer.stride() != mat_a.stride() and _elements_apart(mat_a):
+        buffer = torch.empty_strided(mat_a.shape, mat_a.stride(), dtype=mat_a.dtype, device=mat_a.device)
     shift = mat_a.data_ptr() % alignment
     if shift == 0 or shift % mat_a.element_size():
         return buffer
     shift //= mat_a.element_size()
     flat = torch.empty(buffer.untyped_storage().nbytes() // mat_a.element_size() + shift, dtype=mat_a.dtype, device=mat_a.device)
     return flat.as_strided(buffer.shape, buffer.stride(), shift)
+
+
+def _elements_apart(tensor: torch.Tensor) -> bool:
+    """Whether no two elements of ``tensor`` share memory: along its dims of more than one element,
+    by increasing stride, each stride passes the farthest element the smaller ones reach."""
+    reach = 0
+    for stride, size in sorted((stride, size) for stride, size in zip(tensor.stride(), tensor.shape) if size > 1):
+        if stride <= reach:
+            return False
+        reach += (size - 1) * stride
+    return True
 
 
 def _one_expert(func: OpOverload, mat_a: torch.Tensor, mat_b: PagedTensor, expert: int, group_ends: torch.Tensor,
@@ -102,6 +118,13 @@ def _unread_stack(mat_b: PagedTensor) -> torch.Tensor:
     return torch.empty_like(meta_like(mat_b)[0], device=mat_b.device).expand(mat_b.shape)
 
 
+def _check_as_torch(args: tuple, kwargs: dict) -> None:
+    """Run ``_grouped_mm`` on the arguments with the paged stack ``args[1]`` replaced by a stand-in
+    whose pages are not read (:func:`_unread_stack`): torch's own checks and errors, before any page
+    is read (the generic way reads the whole stack first: OutOfPagesError where it does not fit)."""
+    torch.ops.aten._grouped_mm.default(args[0], _unread_stack(args[1]), *args[2:], **kwargs)
+
+
 def _routed_experts(args: tuple, kwargs: dict) -> Optional[tuple[torch.Tensor, PagedTensor, torch.Tensor, list[int]]]:
     """``(mat_a, mat_b, offs, offs as a list)`` when ``_grouped_mm``'s ``mat_b`` is a paged stack of
     expert matrices and ``offs`` their groups' row ends (int32, one per expert), else ``None``."""
@@ -113,15 +136,10 @@ def _routed_experts(args: tuple, kwargs: dict) -> Optional[tuple[torch.Tensor, P
         return None
     if not isinstance(offs, torch.Tensor) or isinstance(offs, PagedTensor):
         return None
-    if offs.dim() != 1 or offs.numel() != mat_b.shape[0] or offs.dtype != torch.int32:
-        # torch's own checks and error, before any page is read (the generic way would materialize
-        # the whole stack first: OutOfPagesError where it does not fit the device tier)
-        out_dtype = args[4] if len(args) > 4 else kwargs.get("out_dtype")
-        torch.ops.aten._grouped_mm.default(mat_a, _unread_stack(mat_b), offs, out_dtype=out_dtype)
-        return None  # torch accepted it after all: the generic way
     bias = args[3] if len(args) > 3 else kwargs.get("bias")
-    if bias is not None:
-        return None  # a bias per expert (torch has no kernel for it yet): the generic way
+    if offs.dim() != 1 or offs.numel() != mat_b.shape[0] or offs.dtype != torch.int32 or bias is not None:
+        _check_as_torch(args, kwargs)  # torch's errors for these (a bias: it has no kernel for one yet)
+        return None  # torch accepted it after all: the generic way
     ends = offs.tolist()
     starts = [0, *ends[:-1]]
     if any(end < start for start, end in zip(starts, ends)) or ends[-1] > mat_a.shape[0]:
