@@ -2158,6 +2158,7 @@ def test_a_child_forked_while_another_thread_makes_the_default_pager_gets_one(mo
         def hung(signum, frame):
             raise TimeoutError("the default pager's lock stayed held")
 
+        torch.set_num_threads(1)  # OpenMP's threads do not survive a fork: a parallel op there would hang
         signal.signal(signal.SIGALRM, hung)
         signal.alarm(20)
         try:
