@@ -1547,7 +1547,8 @@ class PagedModel:
         to the CPU or disk) is refused once loaded: its hooks would move the weights at every forward.
         With ``tp_plan="auto"`` (under ``torchrun``): this rank's tensor-parallel shard, paged with
         ``memory_config`` as this rank's own budget (:func:`pagedtensor.hf.distributed.load_tensor_parallel`).
-        ``attn_implementation`` is the paged model's (as ``paging={"attn_implementation": ...}``); a
+        ``attn_implementation`` is the paged model's (as ``paging={"attn_implementation": ...}``; ``None``,
+        transformers' default, is as none given: ``"auto"``); a
         ``tokenizer`` given is used instead of loading one. enable_paging's other options go in
         ``paging`` only (as keywords they would reach the model's constructor)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -1558,16 +1559,19 @@ class PagedModel:
                             "the other keywords go to transformers' from_pretrained")  # fmt: skip
         if paging is not None and not isinstance(paging, dict):
             _check_paging_dict(memory_config, paging)  # its TypeError, before the merge below reads it
+        if hf_kwargs.get("attn_implementation", "") is None:  # transformers' default: as if not given
+            del hf_kwargs["attn_implementation"]
         if "attn_implementation" in hf_kwargs:
             # The model's attention is enable_paging's, whose "auto" would switch it to the kernels: the
             # same as paging={"attn_implementation": ...}. transformers loads it with the same one (but
-            # "pagedllm", which it knows only once registered: enable_paging sets it).
+            # "pagedllm", which it knows only once registered: enable_paging sets it, and "auto", which
+            # it does not know: the model loads with its default, as when none is given).
             attention = hf_kwargs["attn_implementation"]
             given = (paging or {}).get("attn_implementation", attention)
             if given != attention:
                 raise ValueError(f"attn_implementation={attention!r} and paging's attn_implementation={given!r} disagree; give one")
             paging = {**(paging or {}), "attn_implementation": attention}
-            if attention == ATTENTION_NAME:
+            if attention in (ATTENTION_NAME, "auto"):
                 del hf_kwargs["attn_implementation"]
         _check_paging_dict(memory_config, paging)  # before loading gigabytes of weights
         if hf_kwargs.get("tp_plan") is not None:  # tensor parallel under torchrun: one pager per rank

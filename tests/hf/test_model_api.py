@@ -734,3 +734,30 @@ def test_from_pretrained_honours_the_attention_it_is_given_and_names_paging_opti
     paged = PagedModel.from_pretrained(str(tmp_path / "tiny"), tiny_budget(nvme_dir), tokenizer=marker)
     assert paged.tokenizer is marker
     paged.close()
+
+
+def test_from_pretrained_takes_auto_or_none_attention_as_leaving_it_out(tmp_path, nvme_dir):
+    """``attn_implementation="auto"`` (the default the README names) went on to transformers, which
+    refused it ("not supported"), and ``None`` (transformers' own default) reached enable_paging, which
+    refused it (TypeError): both load as leaving it out does. ``None`` gives way to paging's; a value
+    that is no attention's name is still named, before any model loads."""
+    reference, _ = tiny_pair("llama")
+    reference.save_pretrained(tmp_path / "tiny")
+    ids, mask = prompts(1, length=20)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    default = PagedModel.from_pretrained(str(tmp_path / "tiny"), tiny_budget(nvme_dir), load_tokenizer=False)
+    chosen = paging_state(default.model).attn_implementation
+    default.close()
+    for attention in ("auto", None):
+        paged = PagedModel.from_pretrained(str(tmp_path / "tiny"), tiny_budget(nvme_dir), load_tokenizer=False, attn_implementation=attention)
+        assert paging_state(paged.model).attn_implementation == paged.config._attn_implementation == chosen
+        assert torch.equal(paged.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False), expected)
+        paged.close()
+    paged = PagedModel.from_pretrained(str(tmp_path / "tiny"), tiny_budget(nvme_dir), load_tokenizer=False, attn_implementation=None,
+                                       paging={"attn_implementation": "eager"})  # fmt: skip
+    assert paging_state(paged.model).attn_implementation == paged.config._attn_implementation == "eager"
+    paged.close()
+    with pytest.raises(ValueError, match="attn_implementation='auto' and paging's attn_implementation='eager' disagree"):
+        PagedModel.from_pretrained(str(tmp_path / "no-such-model"), attn_implementation="auto", paging={"attn_implementation": "eager"})
+    with pytest.raises(TypeError, match=r"attn_implementation: expected a string .*, got 3"):
+        PagedModel.from_pretrained(str(tmp_path / "no-such-model"), attn_implementation=3)
