@@ -436,14 +436,22 @@ def _dense_save_pretrained(model_ref: "weakref.ref[torch.nn.Module]", save_pretr
     of them (read through the pager), so the files load anywhere, without pagedtensor; so does a
     ``state_dict`` passed in. (transformers
     tells tensors apart by their storage, which every PagedTensor's wrapper shares, and would refuse
-    them as shared tensors.)"""
+    them as shared tensors.) The call's arguments are bound to ``save_pretrained``'s own signature,
+    so a ``state_dict`` passed by position (``save_pretrained(path, True, state_dict)``) is the one
+    saved, and a call that does not bind raises its ``TypeError``."""
     from pagedtensor.tensor import PagedTensor
 
+    signature = inspect.signature(save_pretrained)
+
     @functools.wraps(save_pretrained)
-    def save(*args, state_dict=None, **kwargs):
-        state_dict = {name: value.materialize("cpu") if isinstance(value, PagedTensor) else value
-                      for name, value in (model_ref().state_dict() if state_dict is None else state_dict).items()}  # fmt: skip
-        return save_pretrained(*args, state_dict=state_dict, **kwargs)
+    def save(*args, **kwargs):
+        arguments = signature.bind(*args, **kwargs)
+        state_dict = arguments.arguments.get("state_dict")
+        arguments.arguments["state_dict"] = {
+            name: value.materialize("cpu") if isinstance(value, PagedTensor) else value
+            for name, value in (model_ref().state_dict() if state_dict is None else state_dict).items()
+        }
+        return save_pretrained(*arguments.args, **arguments.kwargs)
 
     return save
 

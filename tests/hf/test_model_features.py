@@ -140,6 +140,23 @@ def test_save_pretrained_with_paged_weights_writes_dense_files(nvme_dir, tmp_pat
             assert torch.equal(reloaded.state_dict()[name], tensor), f"{folder}: {name}"
 
 
+def test_save_pretrained_with_paged_weights_takes_a_state_dict_by_position(nvme_dir, tmp_path):
+    """``save_pretrained(path, True, state_dict)``, transformers' order: the wrapper took ``state_dict``
+    by keyword only and passed its own beside the positional one ("got multiple values for argument
+    'state_dict'"). The state dict given, by position or by name, paged or dense, is what is saved."""
+    reference, paged = tiny_pair("llama")
+    enable_paging(paged, tiny_budget(nvme_dir, vram_pages=24, host_pages=16), page_weights=True)
+    doubled = {name: tensor * 2 for name, tensor in reference.state_dict().items()}
+    paged.save_pretrained(tmp_path / "doubled", True, doubled)
+    paged.save_pretrained(tmp_path / "paged", True, paged.state_dict(), max_shard_size="50GB")
+    for folder, expected in (("doubled", doubled), ("paged", reference.state_dict())):
+        reloaded = type(reference).from_pretrained(tmp_path / folder).eval()
+        for name, tensor in expected.items():
+            assert torch.equal(reloaded.state_dict()[name], tensor), f"{folder}: {name}"
+    with pytest.raises(TypeError, match="multiple values for argument 'state_dict'"):  # as transformers' own
+        paged.save_pretrained(tmp_path / "twice", True, doubled, state_dict=doubled)
+
+
 def test_cache_reset_takes_a_new_batch_and_selection_takes_a_boolean_mask(nvme_dir):
     from transformers import DynamicCache
 
