@@ -304,7 +304,7 @@ def _install(
         if attn_implementation != ATTENTION_NAME:
             log.info("enable_paging: %s keeps its %r attention over the paged cache", type(model).__name__, attn_implementation)
     if attn_implementation != model.config._attn_implementation:
-        _set_attn_implementation(model, attn_implementation)
+        attn_implementation = _set_attn_implementation(model, attn_implementation)  # as transformers stores it
     if attn_implementation == ATTENTION_NAME:
         _keep_other_towers_attention(model, own_attention)
 
@@ -1363,15 +1363,19 @@ def _keep_other_towers_attention(model: torch.nn.Module, settings: list[tuple[An
     _restore_attention_settings([(config, implementation) for config, implementation in settings if id(config) not in paged])
 
 
-def _set_attn_implementation(model: torch.nn.Module, name: str) -> None:
-    """Switch ``model`` to the attention ``name``; ValueError if the model refuses and does not take
-    its attention from the interface (transformers then only warns, and a model whose attention
-    modules ignore the setting would run with it half-set). A model that declares it uses the
-    interface but whose source transformers cannot read (remote code) gets the config set directly."""
+def _set_attn_implementation(model: torch.nn.Module, name: str) -> str:
+    """Switch ``model`` to the attention ``name``; returns the name its config now holds, which
+    transformers' setter may spell otherwise (it stores ``"paged|sdpa"`` as ``"sdpa"``, as its
+    ``from_pretrained`` does). ValueError if the model refuses and does not take its attention from
+    the interface (transformers then only warns, and a model whose attention modules ignore the
+    setting would run with it half-set). A model that declares it uses the interface but whose
+    source transformers cannot read (remote code) gets the config set directly."""
     setter = getattr(model, "set_attn_implementation", None)
     can_switch = getattr(type(model), "_can_set_attn_implementation", None)
     if setter is not None and (can_switch is None or can_switch()):
         setter(name)
+        if can_switch is not None:  # transformers checked the name (raising if the model cannot take it) and stored its own spelling
+            return model.config._attn_implementation
     elif setter is None or getattr(model, "_supports_attention_backend", False):
         model.config._attn_implementation = name  # what the setter does, without its reading of the source
     if model.config._attn_implementation != name:
@@ -1379,6 +1383,7 @@ def _set_attn_implementation(model: torch.nn.Module, name: str) -> None:
             f"attn_implementation={name!r}: {type(model).__name__} keeps {model.config._attn_implementation!r} "
             f"(it cannot switch its attention once loaded): load it with attn_implementation={name!r} or pass \"auto\""
         )
+    return name
 
 
 # ---------------------------------------------------------------------- measuring

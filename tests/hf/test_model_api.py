@@ -761,3 +761,29 @@ def test_from_pretrained_takes_auto_or_none_attention_as_leaving_it_out(tmp_path
         PagedModel.from_pretrained(str(tmp_path / "no-such-model"), attn_implementation="auto", paging={"attn_implementation": "eager"})
     with pytest.raises(TypeError, match=r"attn_implementation: expected a string .*, got 3"):
         PagedModel.from_pretrained(str(tmp_path / "no-such-model"), attn_implementation=3)
+
+
+@pytest.mark.filterwarnings("ignore:The `paged|` prefix is no longer needed:FutureWarning")
+def test_an_attention_transformers_renames_is_taken_under_the_name_it_stores(tmp_path, nvme_dir):
+    """transformers stores ``"paged|sdpa"`` as ``"sdpa"``: from_pretrained, and enable_paging on a
+    loaded model, compared the model's setting with the name asked for and refused the model as one
+    that "keeps 'sdpa'", advising the very name given. The paged model attends as transformers set
+    it, and its paging state names that."""
+    from transformers import AutoModelForCausalLM
+
+    reference, _ = tiny_pair("llama")
+    reference.save_pretrained(tmp_path / "tiny")
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "tiny"), attn_implementation="paged|sdpa")
+    assert plain.config._attn_implementation == "sdpa"
+    ids, mask = prompts(1, length=20)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    paged = PagedModel.from_pretrained(str(tmp_path / "tiny"), tiny_budget(nvme_dir), load_tokenizer=False, attn_implementation="paged|sdpa")
+    assert paged.config._attn_implementation == paging_state(paged.model).attn_implementation == "sdpa"
+    assert torch.equal(paged.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False), expected)
+    paged.close()
+    for attention in ("sdpa", "eager"):  # a loaded model on the same attention, or another
+        _, model = tiny_pair("llama", attn=attention)
+        enable_paging(model, tiny_budget(nvme_dir), attn_implementation="paged|sdpa")
+        assert model.config._attn_implementation == paging_state(model).attn_implementation == "sdpa"
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False), expected)
+        paging_state(model).pager.close()
