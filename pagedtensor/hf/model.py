@@ -37,6 +37,7 @@ from the model's ``forward`` signature.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -347,7 +348,11 @@ def _install(
     model.generate = _paged_generate(weakref.ref(model), state)
     model.__reduce_ex__ = _refuse_to_copy_or_save  # pickle and deepcopy look it up on the instance first
     if page_weights:
-        model.save_pretrained = _dense_save_pretrained(weakref.ref(model), bound_weakly(model.save_pretrained, model))
+        from transformers import PreTrainedModel
+
+        for module in model.modules():  # the model and each PreTrainedModel in it (its decoder, model.model, saves alone too)
+            if module is model or isinstance(module, PreTrainedModel):
+                module.save_pretrained = DenseSavePretrained(module, bound_weakly(module.save_pretrained, module))
 
 
 def _alive(refs: list) -> list:
@@ -431,29 +436,50 @@ def cache_keyword(model: torch.nn.Module) -> str:
 # ---------------------------------------------------------------------- generate
 
 
-def _dense_save_pretrained(model_ref: "weakref.ref[torch.nn.Module]", save_pretrained):
-    """``save_pretrained`` of a model with paged weights: the state dict it saves holds dense CPU copies
-    of them (read through the pager), so the files load anywhere, without pagedtensor; so does a
-    ``state_dict`` passed in. (transformers
-    tells tensors apart by their storage, which every PagedTensor's wrapper shares, and would refuse
-    them as shared tensors.) The call's arguments are bound to ``save_pretrained``'s own signature,
-    so a ``state_dict`` passed by position (``save_pretrained(path, True, state_dict)``) is the one
-    saved, and a call that does not bind raises its ``TypeError``."""
-    from pagedtensor.tensor import PagedTensor
+class DenseSavePretrained:
+    """``save_pretrained`` of a model with paged weights, and of each ``PreTrainedModel`` in it (its
+    decoder, ``model.model``), set on each by :func:`_install`: the state dict it saves holds dense CPU
+    copies of the PagedTensors (read through the pager), so the files load anywhere, without
+    pagedtensor; so does a ``state_dict`` passed in. (transformers tells tensors apart by their
+    storage, which every PagedTensor's wrapper shares, and would refuse them as shared tensors;
+    safetensors reads their data pointers.) The call's arguments are bound to ``save_pretrained``'s
+    own signature, so a ``state_dict`` passed by position (``save_pretrained(path, True, state_dict)``)
+    is the one saved, and a call that does not bind raises its ``TypeError``.
 
-    signature = inspect.signature(save_pretrained)
+    It holds its module weakly, as :class:`WeaklyBoundMethod` does (``save_pretrained`` is the
+    module's own, bound weakly): a deep copy of the module (a decoder: the model refuses one) saves
+    the copy's weights, and ``pickle`` (``torch.save`` of the decoder) keeps it for the loaded module,
+    whose weights are PagedTensors still."""
 
-    @functools.wraps(save_pretrained)
-    def save(*args, **kwargs):
-        arguments = signature.bind(*args, **kwargs)
+    def __init__(self, owner: torch.nn.Module, save_pretrained: Any) -> None:
+        self.owner_ref, self.save_pretrained = weakref.ref(owner), save_pretrained
+        self.signature = inspect.signature(save_pretrained)
+        functools.update_wrapper(self, save_pretrained, updated=())  # its name, doc and signature; not its attributes
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from pagedtensor.tensor import PagedTensor
+
+        owner = self.owner_ref()
+        if owner is None:  # torch.load(...).save_pretrained(path): the loaded module went before the call
+            raise ReferenceError(
+                f"{self.__name__}: the module it saves is gone (it holds the module weakly, so that a dropped paged "
+                "model frees its pager at once): keep a reference to the module while it saves"
+            )
+        arguments = self.signature.bind(*args, **kwargs)
         state_dict = arguments.arguments.get("state_dict")
         arguments.arguments["state_dict"] = {
             name: value.materialize("cpu") if isinstance(value, PagedTensor) else value
-            for name, value in (model_ref().state_dict() if state_dict is None else state_dict).items()
+            for name, value in (owner.state_dict() if state_dict is None else state_dict).items()
         }
-        return save_pretrained(*arguments.args, **arguments.kwargs)
+        return self.save_pretrained(*arguments.args, **arguments.kwargs)
 
-    return save
+    def __deepcopy__(self, memo: dict) -> "DenseSavePretrained":
+        owner = self.owner_ref()
+        copied = memo.get(id(owner)) if owner is not None else None
+        return self if copied is None else DenseSavePretrained(copied, copy.deepcopy(self.save_pretrained, memo))
+
+    def __reduce__(self) -> tuple:
+        return DenseSavePretrained, (self.owner_ref(), self.save_pretrained)
 
 
 def _paged_generate(model_ref: "weakref.ref[torch.nn.Module]", state: PagingState):

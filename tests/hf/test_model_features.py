@@ -5,6 +5,7 @@ reuse of a buffer a hook may keep), and save_pretrained with paged weights (dens
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -155,6 +156,38 @@ def test_save_pretrained_with_paged_weights_takes_a_state_dict_by_position(nvme_
             assert torch.equal(reloaded.state_dict()[name], tensor), f"{folder}: {name}"
     with pytest.raises(TypeError, match="multiple values for argument 'state_dict'"):  # as transformers' own
         paged.save_pretrained(tmp_path / "twice", True, doubled, state_dict=doubled)
+
+
+def test_a_pretrained_model_inside_a_model_with_paged_weights_saves_dense_files(nvme_dir, tmp_path):
+    """``model.get_decoder().save_pretrained(path)`` (``model.model``'s, a PreTrainedModel too) raised
+    from ``PagedTensor.data_ptr``: only the top model's save_pretrained wrote dense copies. The
+    decoder's writes the unpaged decoder's tensors; so do a deep copy's (its own weights) and a
+    decoder saved with torch.save and loaded (one dropped before its save_pretrained runs is named)."""
+    from safetensors.torch import load_file
+
+    reference, paged = tiny_pair("llama")
+    enable_paging(paged, tiny_budget(nvme_dir, vram_pages=24, host_pages=16), page_weights=True)
+    reference.get_decoder().save_pretrained(tmp_path / "plain")
+    expected = load_file(tmp_path / "plain" / "model.safetensors")
+    paged.get_decoder().save_pretrained(tmp_path / "decoder")
+    copied = copy.deepcopy(paged.model)
+    with torch.no_grad():
+        copied.layers[0].mlp.down_proj.weight.mul_(2)
+    copied.save_pretrained(tmp_path / "copy")
+    saved = io.BytesIO()
+    torch.save(paged.model, saved)
+    saved.seek(0)
+    with pytest.raises(ReferenceError, match="save_pretrained: the module it saves is gone"):  # held weakly, and dropped first
+        torch.load(saved, weights_only=False).save_pretrained(tmp_path / "gone")
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=False)
+    loaded.save_pretrained(tmp_path / "loaded")
+    doubled = {**expected, "layers.0.mlp.down_proj.weight": expected["layers.0.mlp.down_proj.weight"] * 2}
+    for folder, tensors in (("decoder", expected), ("copy", doubled), ("loaded", expected)):
+        got = load_file(tmp_path / folder / "model.safetensors")
+        assert got.keys() == tensors.keys(), folder
+        for name, tensor in tensors.items():
+            assert torch.equal(got[name], tensor), f"{folder}: {name}"
 
 
 def test_cache_reset_takes_a_new_batch_and_selection_takes_a_boolean_mask(nvme_dir):
