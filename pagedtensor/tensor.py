@@ -102,10 +102,12 @@ class PagedStorage:
             raise
         return cls(pager, allocation)
 
-    def copy(self, start: int = 0, stop: Optional[int] = None) -> "PagedStorage":
-        """A new allocation of the same pager holding these bytes, or those of ``[start, stop)``
-        (copied through the pager in chunks of a quarter of the device tier, so any size fits)."""
-        pager, source = self.pager, self.allocation
+    def copy(self, start: int = 0, stop: Optional[int] = None, pager: Optional[Pager] = None, name: Optional[str] = None) -> "PagedStorage":
+        """A new allocation of ``pager`` (default: this storage's own) holding these bytes, or those of
+        ``[start, stop)``, named ``name`` (default: this allocation's name); copied through the pagers
+        in chunks of a quarter of the new allocation's device tier (whole pages of it), so any size fits."""
+        source_pager, source = self.pager, self.allocation
+        pager = source_pager if pager is None else pager
         stop = self.nbytes if stop is None else stop
         if source is None or stop <= start:
             return PagedStorage(pager, None)
@@ -113,9 +115,9 @@ class PagedStorage:
 
         def fill(target: Allocation) -> None:
             for offset in range(start, stop, chunk):
-                pager.write(target, pager.read(source, offset, min(chunk, stop - offset)), offset - start)
+                pager.write(target, source_pager.read(source, offset, min(chunk, stop - offset)), offset - start)
 
-        return PagedStorage.filled(pager, stop - start, fill, name=source.name)
+        return PagedStorage.filled(pager, stop - start, fill, name=source.name if name is None else name)
 
     def meta_base(self, dtype: torch.dtype) -> torch.Tensor:
         """A flat meta tensor of ``dtype`` as long as the allocation: the base that view ops run on."""
@@ -322,7 +324,8 @@ class PagedTensor(torch.Tensor):
 
         Returns a PagedTensor with ``t``'s shape, dtype, strides and ``requires_grad`` on the
         pager's device. ``t`` is not changed; its bytes are copied. A PagedTensor on the same pager
-        is returned as is; one on another pager is copied over.
+        is returned as is; one on another pager is copied over (from pager to pager, a chunk of
+        pages at a time, where it has no conjugate or negative bit and is not a sparse view).
 
         Strides are kept exactly (expanded and overlapping views included, stored by their byte
         span), except for a sparse view whose span exceeds twice its elements: that one is stored
@@ -353,6 +356,14 @@ class PagedTensor(torch.Tensor):
         if isinstance(t, PagedTensor):
             if t._paged is not None and t._paged.pager is pager:
                 return t
+            if t._paged is not None and t.numel() and math_bits(t) == (False, False):
+                lo, hi = byte_span(t)
+                if hi - lo <= _MAX_SPAN_RATIO * t.numel() * t.element_size():
+                    # The bytes it reaches, from pager to pager a chunk at a time: no dense copy of the
+                    # whole tensor (on its compute device, outside either pager's budget).
+                    storage = t._paged.copy(lo, hi, pager=pager, name=name)
+                    return cls._make(storage, t._offset - lo // t.element_size(), tuple(t.shape), t.stride(), t.dtype,
+                                     requires_grad=t.requires_grad)  # fmt: skip
             data = t.materialize()
             return cls.wrap(data.requires_grad_() if t.requires_grad else data, pager, name=name)  # float or complex
         bits = math_bits(t) if isinstance(t, torch.Tensor) else (False, False)

@@ -123,6 +123,22 @@ def test_wrap_of_a_paged_tensor(pager):
             assert not PagedTensor.wrap(leaf.detach(), other).requires_grad, dtype
 
 
+def test_wrap_onto_another_pager_copies_from_pager_to_pager(pager, monkeypatch):
+    """A PagedTensor larger than the other pager's device tier goes over a chunk of pages at a time,
+    never as one dense copy (it was materialized whole on its compute device first, outside both
+    budgets): the same bytes, layout and ``requires_grad``, whatever the two pagers' page sizes."""
+    source = rows_tensor(rows=64, cols=256, device=pager.device)  # 64 KiB: 16 pages here
+    t = PagedTensor.wrap(source.requires_grad_(), pager)
+    monkeypatch.setattr(PagedTensor, "materialize", lambda *args, **kwargs: pytest.fail("materialized whole"))
+    with make_pager(device_pages=4, page_size=2 * PAGE, device=pager.device.type) as other:  # 32 KiB of device tier
+        moved = {view: PagedTensor.wrap(value, other) for view, value in (("whole", t), ("rows", t[5:40]), ("columns", t.detach().mT[3:]))}
+        monkeypatch.undo()
+        for view, expected in (("whole", source), ("rows", source[5:40]), ("columns", source.detach().mT[3:])):
+            got = moved[view]
+            assert got.pager is other and (got.shape, got.stride()) == (expected.shape, expected.stride()), view
+            assert got.requires_grad == expected.requires_grad and torch.equal(got.materialize(pager.device), expected), view
+
+
 def _lazily_conjugated_and_negated(x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Views of complex ``x`` (and of its imaginary part) that carry torch's lazy conjugate or
     negative bit, as ``A.mH`` of a complex matrix does."""

@@ -182,10 +182,11 @@ def enable_paging(
         sink_pages, hot_fraction, stream_group_bytes: see :class:`~pagedtensor.hf.cache.PagedKVCache`.
         page_weights: also page the weights: every parameter of every decoder layer is replaced by a
             ``PagedTensor`` parameter on the pager (one budget for weights and KV; an op faults in
-            the pages of the weights it reads), except those smaller than one page (the layers'
-            norms), which stay dense on the device: a page each would take a page of the budget and
-            a page-sized copy at each fault-in. A forward pre-hook on layer ``i`` prefetches
-            layer ``i + 1``'s weights (layer 0's after the last). The embeddings, the final norm and
+            the pages of the weights it reads; a PagedTensor of another pager is copied onto it),
+            except those smaller than one page (the layers' norms), which stay dense on the device:
+            a page each would take a page of the budget and a page-sized copy at each fault-in. A
+            forward pre-hook on layer ``i`` prefetches layer ``i + 1``'s weights (layer 0's after the
+            last). The embeddings, the final norm and
             ``lm_head`` stay dense: they are used by every token outside the layer loop (and the
             embedding is often tied to ``lm_head``), and the norm is tiny. Outputs are unchanged (the
             same ops run on the same data). Every single weight must fit in the device budget (of a
@@ -955,12 +956,15 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
                     # Used once a token, layer after layer ("loop"), but for the experts of a
                     # mixture-of-experts layer: a token reads those it is routed to (recency).
                     access = "normal" if routed_expert_stack(module, parameter) else "loop"
-                    if isinstance(parameter, PagedTensor):  # paged already: used in the loop all the same
-                        if parameter.pager is pager and parameter.allocation is not None:
+                    if isinstance(parameter, PagedTensor) and parameter.pager is pager:  # paged already: used in the loop all the same
+                        if parameter.allocation is not None:
                             pager.advise(parameter.allocation, access)
                         continue
-                    if not pages_as_weight(parameter, pager.page_size):
-                        continue  # a norm's weight: stays dense
+                    # A PagedTensor of another pager (a state dict torch.saved from a paged model loads on the
+                    # default pager) is copied here, whatever its size: under this pager's budgets, and freed
+                    # with it. A dense one smaller than a page (a norm's weight) stays dense.
+                    if not isinstance(parameter, PagedTensor) and not pages_as_weight(parameter, pager.page_size):
+                        continue
                     paged = PagedTensor.wrap(parameter.detach(), pager, name=f"layers.{index}.{module_name + '.' if module_name else ''}{name}")
                     pager.advise(paged.allocation, access)
                     _write_back_weight(pager, paged.allocation)

@@ -859,3 +859,64 @@ def test_torch_func_grad_through_a_weight_paged_model(nvme_dir, evicted):
     got = tf.grad(lambda w: loss(model, w))(model.get_parameter(name).detach())
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
     assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), reference.generate(ids, max_new_tokens=3, do_sample=False))
+
+
+def test_weights_paged_on_another_pager_move_to_the_models_pager(nvme_dir, tmp_path):
+    """A checkpoint torch.saved from a paged model's state dict (``pytorch_model.bin``) loads its layer
+    weights as PagedTensors of the default pager, and ``page_weights=True`` left them there: the model's
+    pager held none of them, so its budgets did not govern them and ``close()`` freed none. They are
+    copied onto the model's pager bit for bit (the other pager's pages go with the dropped tensors), and
+    generate gives the unpaged tokens."""
+    import os
+    import shutil
+
+    from pagedtensor import get_default_pager
+    from pagedtensor.hf import PagedModel
+
+    reference, _ = tiny_pair("llama")
+    reference.save_pretrained(tmp_path / "dense")
+    budget = tiny_budget(nvme_dir, vram_pages=VRAM_PAGES, host_pages=HOST_PAGES)
+    first = PagedModel.from_pretrained(str(tmp_path / "dense"), budget, load_tokenizer=False, paging={"page_weights": True})
+    (tmp_path / "paged").mkdir()
+    shutil.copy(tmp_path / "dense" / "config.json", tmp_path / "paged")
+    torch.save(first.state_dict(), os.path.join(tmp_path, "paged", "pytorch_model.bin"))
+    first.close()
+    default_allocations = get_default_pager().stats()["allocations"]
+    second = PagedModel.from_pretrained(str(tmp_path / "paged"), budget, load_tokenizer=False,
+                                        paging={"attn_implementation": "sdpa", "page_weights": True})  # fmt: skip
+    weights = [p for p in second.parameters() if isinstance(p, PagedTensor)]
+    assert weights and all(p.pager is second.pager for p in weights)
+    assert second.pager.stats()["allocations"] == len(weights)
+    assert get_default_pager().stats()["allocations"] == default_allocations
+    for name, value in reference.state_dict().items():
+        assert torch.equal(second.state_dict()[name], value), name
+    ids, mask = prompts(1, length=20)
+    assert torch.equal(_generate(second, ids, mask).sequences, _generate(reference, ids, mask).sequences)
+    second.close()
+
+
+def test_a_shared_weight_of_another_pager_moves_once_and_stays_shared(nvme_dir):
+    """A parameter two layers hold, paged by hand on another pager: one copy on the model's pager,
+    held by both layers; the other pager's allocation is freed once the model lets go of it."""
+    from pagedtensor.pager import Pager
+
+    reference, model = tiny_pair("llama", attn="sdpa")
+    other = Pager(tiny_budget(nvme_dir, vram_pages=64, host_pages=64))
+    for each in (reference, model):
+        each.model.layers[1].mlp.up_proj.weight = each.model.layers[0].mlp.up_proj.weight
+    for layer in model.model.layers:
+        layer.self_attn.q_proj.weight = torch.nn.Parameter(PagedTensor.wrap(layer.self_attn.q_proj.weight.detach(), other), requires_grad=False)
+    model.model.layers[0].mlp.up_proj.weight = model.model.layers[1].mlp.up_proj.weight = torch.nn.Parameter(
+        PagedTensor.wrap(model.model.layers[0].mlp.up_proj.weight.detach(), other), requires_grad=False)  # fmt: skip
+    assert other.stats()["allocations"] == 3
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=40, host_pages=40), attn_implementation="sdpa", page_weights=True)
+    pager = paging_state(model).pager
+    shared = model.model.layers[0].mlp.up_proj.weight
+    assert isinstance(shared, PagedTensor) and shared.pager is pager and model.model.layers[1].mlp.up_proj.weight is shared
+    assert all(p.pager is pager for p in model.parameters() if isinstance(p, PagedTensor))
+    assert other.stats()["allocations"] == 0
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    ids, mask = prompts(1, length=20)
+    assert torch.equal(_generate(model, ids, mask).sequences, _generate(reference, ids, mask).sequences)
+    other.close()
