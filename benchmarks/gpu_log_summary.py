@@ -15,6 +15,23 @@ import os
 import re
 
 
+# pytest's last line: "528 passed, 3 skipped in 230.10s", "2 errors in 3.10s", "5 skipped in 1.00s", "no tests ran in 0.10s".
+_PYTEST_SUMMARY = re.compile(r"^(\d+ (passed|failed|errors?|skipped|deselected|xfailed|xpassed|warnings?)(, |\b)|no tests ran).* in [\d.]+s")
+_SWEEP_PROGRESS = re.compile(r"^sweep: (\d+) of (\d+) cases, (\d+) failing")
+
+
+def _sections(lines: list[str]) -> list[tuple[str, list[str]]]:
+    """The log cut at gpu_suite.sh's "== <name>" lines (a test shard's or a sweep shard's log each),
+    as ``(name, lines)``; the lines before the first are a section named ""."""
+    sections: list[tuple[str, list[str]]] = [("", [])]
+    for line in lines:
+        if line.startswith("== "):
+            sections.append((line.removeprefix("== ").strip(), []))
+        else:
+            sections[-1][1].append(line)
+    return sections
+
+
 def summarize(path: str) -> dict:
     lines = open(path, encoding="utf-8").read().splitlines()
     header = {"file": os.path.basename(path)}
@@ -31,18 +48,25 @@ def summarize(path: str) -> dict:
             header["torch"], header["triton"], header["transformers"] = line.split()
         elif re.search(r"\b20\d\d$", line) and "date" not in header:
             header["date"] = line
-    totals = [line.strip() for line in lines if re.search(r"^\d+ passed|^\d+ failed", line.strip())]
+    totals: list[str] = []
+    unfinished: list[str] = []  # test shards whose log ends with no pytest summary (cut by their time limit)
     sweeps: dict[str, dict[str, int]] = {}
-    name = None
-    for line in lines:
-        if line.startswith("== test_gpu_every"):
-            name = re.sub(r"_\d+$", "", line.removeprefix("== "))
-        match = re.match(r"^sweep: (\d+) of (\d+) cases, (\d+) failing", line)
-        if name and match and match.group(1) == match.group(2):
-            entry = sweeps.setdefault(name, {"cases": 0, "failing": 0})
-            entry["cases"] += int(match.group(2))
-            entry["failing"] += int(match.group(3))
-    return {**header, "pytest_totals": totals, "sweeps": sweeps,
+    for section, body in _sections(lines):
+        summaries = [line.strip() for line in body if _PYTEST_SUMMARY.match(line.strip())]
+        totals += summaries
+        if section.startswith("test shard") and not summaries:
+            unfinished.append(section)
+        if section.startswith("test_gpu_every"):
+            # A shard's last progress line: the cases it checked and found failing, whether it
+            # finished (N of N) or was cut by its time limit (counted as unfinished).
+            entry = sweeps.setdefault(re.sub(r"_\d+$", "", section), {"cases": 0, "failing": 0, "unfinished_shards": 0})
+            progress = [match for match in map(_SWEEP_PROGRESS.match, body) if match]
+            if progress:
+                entry["cases"] += int(progress[-1].group(1))
+                entry["failing"] += int(progress[-1].group(3))
+            if not progress or progress[-1].group(1) != progress[-1].group(2):
+                entry["unfinished_shards"] += 1
+    return {**header, "pytest_totals": totals, "unfinished_test_shards": unfinished, "sweeps": sweeps,
             "peers": "each test's dense op or unpaged model, run in the same test and asserted equal (or within its tolerance)"}
 
 

@@ -145,4 +145,23 @@ def test_gpu_log_summary_reads_the_header_totals_and_whole_sweeps(tmp_path):
     assert (summary["torch"], summary["triton"], summary["transformers"]) == ("2.11.0+cu130", "3.6.0", "5.17.0")
     assert summary["command"] == "bash benchmarks/gpu_suite.sh" and summary["date"].endswith("2026")
     assert summary["pytest_totals"] == ["109 passed, 7458 deselected in 268.26s", "1 failed in 9.0s"]
-    assert summary["sweeps"] == {"test_gpu_every_op_matches_the_dense_op_on_cuda": {"cases": 500, "failing": 1}}
+    assert summary["sweeps"] == {"test_gpu_every_op_matches_the_dense_op_on_cuda": {"cases": 500, "failing": 1, "unfinished_shards": 0}}
+
+
+def test_gpu_log_summary_counts_errors_cut_shards_and_the_failures_a_cut_sweep_logged(tmp_path):
+    """A shard whose pytest summary has no "passed"/"failed" count ("2 errors in ..."), a test shard
+    cut by its time limit (no summary at all), and the failures a sweep shard logged before its
+    time limit cut it: each was dropped, so a summary could show only passes."""
+    from benchmarks.gpu_log_summary import summarize
+
+    log = tmp_path / "gpu_suite_x_h100.log"
+    log.write_text("\n".join([
+        "commit: abc1234 (clean tree)", "== test shard 0/3", "120 passed, 8000 deselected in 100.00s",
+        "== test shard 1/3", "tests/test_a.py ....F...", "== test shard 2/3", "2 errors in 3.10s",
+        "== test_gpu_every_op_matches_the_dense_op_on_cuda_0", "sweep: 300 of 601 cases, 2 failing",
+        "== test_gpu_every_op_matches_the_dense_op_on_cuda_1", "sweep: 600 of 600 cases, 0 failing", "1 passed in 60.00s",
+    ]))  # fmt: skip
+    summary = summarize(str(log))
+    assert summary["pytest_totals"] == ["120 passed, 8000 deselected in 100.00s", "2 errors in 3.10s", "1 passed in 60.00s"]
+    assert summary["unfinished_test_shards"] == ["test shard 1/3"]
+    assert summary["sweeps"] == {"test_gpu_every_op_matches_the_dense_op_on_cuda": {"cases": 900, "failing": 2, "unfinished_shards": 1}}
