@@ -18,10 +18,17 @@ NAME="${AB_NAME:-${bench}_ab}"
 : "${BASE_COMMIT:?set BASE_COMMIT to the commit archived in $BASE_DIR}"
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
 rm -rf "$BASE_DIR/benchmarks" && cp -r benchmarks "$BASE_DIR/benchmarks"
-head_commit="${PAGEDLLM_COMMIT:-$(git rev-parse HEAD)}"
+# The head's commit, "-dirty" where the tree has uncommitted changes (the device's copy lacks .git:
+# pass it in PAGEDLLM_COMMIT there).
+head_commit="${PAGEDLLM_COMMIT:-$(git rev-parse HEAD)$(git diff --quiet HEAD -- || echo -dirty)}"
+failed=0
 for round in 1 2; do
+  # A round that fails leaves no file behind from an earlier A/B of the same name; every round
+  # runs, and the script exits 1 once they are done if any failed.
+  rm -f "$OUT/${NAME}_base_$round.json" "$OUT/${NAME}_head_$round.json"
   (cd "$BASE_DIR" && PAGEDLLM_COMMIT="$BASE_COMMIT" python3 -m "benchmarks.bench_$bench" "$@" \
-    --out "$OUT/${NAME}_base_$round.json" | tail -18) || true
+    --out "$OUT/${NAME}_base_$round.json" | tail -18) || { echo "ab.sh: base round $round failed" >&2; failed=1; }
   PAGEDLLM_COMMIT="$head_commit" python3 -m "benchmarks.bench_$bench" "$@" \
-    --out "$OUT/${NAME}_head_$round.json" | tail -18 || true
+    --out "$OUT/${NAME}_head_$round.json" | tail -18 || { echo "ab.sh: head round $round failed" >&2; failed=1; }
 done
+exit $failed

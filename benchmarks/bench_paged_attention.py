@@ -824,7 +824,8 @@ def main(argv: list[str] | None = None) -> int:
     for e in errors:
         print(f"FAILED {e}")
     print(f"\nwrote {args.out} in {time.time() - started:.0f} s")
-    return 0
+    # Exit 1 where a measurement failed (an error, an output unlike SDPA's): a target missed is in the JSON.
+    return 0 if rows and not errors and all(r["correct"] for r in rows) else 1
 
 
 if __name__ == "__main__":

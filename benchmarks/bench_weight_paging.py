@@ -304,7 +304,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print_table(rows, ["run", "status", "decode_tok_s", "ttft_s", "peak_GiB", "GB_h2d/token", "bound_tok_s", "tokens"])
     print(json.dumps(compare(results)))
     print(f"wrote {args.out}")
-    return 0
+    # Exit 1 where a run failed: any run's error, or a paged run out of memory (a baseline's OOM is
+    # a result); a target missed is in the JSON.
+    return 1 if any(r.get("status") == "error" or (r["run"].startswith("paged") and r.get("status") != "ok") for r in results) else 0
 
 
 if __name__ == "__main__":

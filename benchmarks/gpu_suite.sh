@@ -14,8 +14,11 @@ set -uo pipefail
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-export PAGEDLLM_COMMIT="${PAGEDLLM_COMMIT:-$(git rev-parse HEAD 2>/dev/null | head -1)}"
-: "${PAGEDLLM_COMMIT:=unknown}"
+if [ -z "${PAGEDLLM_COMMIT:-}" ]; then  # "-dirty" where the tree has uncommitted changes
+  PAGEDLLM_COMMIT="$(git rev-parse HEAD 2>/dev/null | head -1)"
+  [ -n "$PAGEDLLM_COMMIT" ] && ! git diff --quiet HEAD -- 2>/dev/null && PAGEDLLM_COMMIT+=-dirty
+fi
+export PAGEDLLM_COMMIT="${PAGEDLLM_COMMIT:-unknown}"
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i "warning\|!!\|\*\*\*\|^ *$" | tail -2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 echo "commit $PAGEDLLM_COMMIT"
