@@ -1181,7 +1181,21 @@ class Pager:
             self.device_policy.touch_all([page for page in pages if page.device_slot is not None])
         # The host copies of the pages brought in stay where the device pages leaving can make
         # room without them: spilled to disk, one would be read straight back.
-        self._make_device_room(len(missing), len(pages), spare=frozenset(page for page in missing if page.host_slot is not None))
+        try:
+            self._make_device_room(len(missing), len(pages), spare=frozenset(page for page in missing if page.host_slot is not None))
+        except DeviceTierFullError:
+            raise
+        except OutOfPagesError:  # nothing moved for the pages that failed
+            if len(missing) == 1:
+                raise
+            # The host tier is full and its pages cannot spill (no disk tier, or a full one): the
+            # device pages leaving for it need as many host slots at once. Half the pages at a time:
+            # once a half is on the device, the host copies of its pages are copies of resident
+            # pages, which the next half's room may drop (its pages dirty again), so a single free
+            # slot in either tier is enough to bring any number in, a swap at a time.
+            half = len(missing) // 2
+            brought = self._bring_to_device(missing[:half], discard, counter=counter, touch=False)
+            return brought + self._bring_to_device(missing[half:], discard, counter=counter, touch=False)
         for page, slot in zip(missing, self.device_tier.allocate(len(missing), _page_runs(missing))):
             page.device_slot = slot
         self._filling.update(missing)

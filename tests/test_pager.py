@@ -2171,3 +2171,35 @@ def test_a_child_forked_while_another_thread_makes_the_default_pager_gets_one(mo
     for pager in made:
         pager.close()
     assert code == 0
+
+
+@settings(max_examples=120, deadline=None)
+@given(data=st.data(), device_pages=st.integers(2, 6), host_pages=st.integers(1, 8), disk_pages=st.sampled_from([None, 1, 3]),
+       policy=st.sampled_from(["lru", "2q"]))  # fmt: skip
+def test_without_room_to_spill_one_free_slot_is_room_enough_for_any_request(data, device_pages, host_pages, disk_pages, policy):
+    """With no disk tier (or a full one), pages the device tier takes in must find host slots for the
+    pages they replace: all at once, a request failed while several slots were free (13 pages in 8
+    device and 8 host slots could not be read back at all). Brought in a half at a time, each half's
+    host copies make room for the next, so one free slot in any tier is enough for any request."""
+    total = data.draw(st.integers(1, device_pages + host_pages + (disk_pages or 0) - 1), label="pages")
+    folder = tempfile.mkdtemp() if disk_pages else None
+    disk = dict(nvme=folder, disk_limit=disk_pages * PAGE) if disk_pages else {}
+    with make_pager(device_pages=device_pages, host_pages=host_pages, slab_size=PAGE, eviction_policy=policy, **disk) as pager:
+        allocation = pager.allocate(total * PAGE)
+        expected = random_bytes(total * PAGE, total)
+        pager.write(allocation, expected)
+        for step in range(data.draw(st.integers(1, 6), label="requests")):
+            start = data.draw(st.integers(0, total - 1), label="start")
+            stop = data.draw(st.integers(start + 1, min(total, start + device_pages)), label="stop")
+            with pager.ensure_resident(allocation, start, stop) as resident:
+                assert torch.equal(torch.cat(resident.views()), expected[start * PAGE : stop * PAGE])
+                if data.draw(st.booleans(), label="write"):
+                    for view in resident.views():
+                        view.fill_(step)
+                    expected[start * PAGE : stop * PAGE] = step
+                    resident.mark_dirty()
+        assert torch.equal(pager.read(allocation), expected)
+        stats = pager.stats()["resident_bytes"]
+        assert stats["device"] <= device_pages * PAGE and stats["host"] <= host_pages * PAGE
+    if folder is not None:
+        shutil.rmtree(folder)
