@@ -102,8 +102,9 @@ def _meta_layout(func: OpOverload, source: PagedTensor, kwargs: dict) -> torch.T
 
 
 def _inside_autocast() -> bool:
-    """Whether this thread runs inside a ``torch.autocast`` region. (Inside autocast's own kernels,
-    which cast matmul operands, ``torch.is_autocast_enabled`` reads False: they exclude its key.
+    """Whether this thread runs inside a ``torch.autocast`` region, enabled or not. (Inside autocast's
+    own kernels, which cast matmul operands, ``torch.is_autocast_enabled`` reads False: they exclude
+    its key, as a region entered with ``enabled=False`` does, so the two cannot be told apart.
     The nesting count ``torch.autocast`` keeps is read by raising and restoring it, which has no
     other effect: the Python context manager clears its cache when it reaches 0.)"""
     level = torch.autocast_increment_nesting()
