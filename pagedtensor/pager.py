@@ -714,6 +714,7 @@ class Pager:
         Stream order: one event, recorded on ``stream`` after the work enqueued on it so far and
         registered for every range under the pager's lock, orders any later reuse of their slots.
         """
+        releases = list(releases)  # read three times below: a generator would be empty by the last
         for entry in releases:
             if not (type(entry) in (tuple, list) and len(entry) == 2 and isinstance(entry[0], ResidentPages)):
                 raise TypeError(f"release_together: expected (ResidentPages, dirty page numbers) pairs, got {entry!r}")
@@ -1195,7 +1196,15 @@ class Pager:
             # slot in either tier is enough to bring any number in, a swap at a time.
             half = len(missing) // 2
             brought = self._bring_to_device(missing[:half], discard, counter=counter, touch=False)
-            return brought + self._bring_to_device(missing[half:], discard, counter=counter, touch=False)
+            try:
+                return brought + self._bring_to_device(missing[half:], discard, counter=counter, touch=False)
+            except BaseException:  # as the request whole would fail: the first half's pages to overwrite go
+                for page in brought:  # (zero-filled: their lower copies are their bytes); the others stay
+                    if page.index in discard:
+                        self.device_policy.remove(page)
+                        self._overwriting.discard(page)
+                        self._free_device_slot(page)
+                raise
         for page, slot in zip(missing, self.device_tier.allocate(len(missing), _page_runs(missing))):
             page.device_slot = slot
         self._filling.update(missing)

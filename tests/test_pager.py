@@ -1100,12 +1100,13 @@ def test_release_together_unpins_every_range_and_marks_only_their_dirty_pages():
         foreign = other.ensure_resident(other.allocate(PAGE))
         with pytest.raises(ValueError, match="another pager"):
             pager.release_together([(a, ()), (foreign, ())])
+        pager.release_together(resident for resident in ())  # an iterable, read once: nothing to release
         for bad in (a, ("x", ()), (a,), (a, (), ())):  # not pairs: named, not an unpacking error
             with pytest.raises(TypeError, match=r"release_together: expected \(ResidentPages, dirty page numbers\) pairs, got"):
                 pager.release_together([(b, ()), bad])
         assert not (a.released or b.released or foreign.released), "a refused call released something"
         a.views()[1].fill_(7)
-        pager.release_together([(a, {1}), (b, ())])
+        pager.release_together((resident, dirty) for resident, dirty in ((a, {1}), (b, ())))  # a generator: read once
         foreign.release()
         assert a.released and b.released
         assert [info.pin_count for info in pager.page_table(first) + pager.page_table(second)] == [0, 0, 0, 0]
@@ -2180,17 +2181,29 @@ def test_without_room_to_spill_one_free_slot_is_room_enough_for_any_request(data
     """With no disk tier (or a full one), pages the device tier takes in must find host slots for the
     pages they replace: all at once, a request failed while several slots were free (13 pages in 8
     device and 8 host slots could not be read back at all). Brought in a half at a time, each half's
-    host copies make room for the next, so one free slot in any tier is enough for any request."""
+    host copies make room for the next, so one free slot in any tier is enough for any request.
+    A whole-page overwrite may not fit (the old bytes stay until it is done); one that fails leaves
+    the old bytes readable (its first half's zero-filled pages stayed "being overwritten" for good)."""
     total = data.draw(st.integers(1, device_pages + host_pages + (disk_pages or 0) - 1), label="pages")
     folder = tempfile.mkdtemp() if disk_pages else None
     disk = dict(nvme=folder, disk_limit=disk_pages * PAGE) if disk_pages else {}
-    with make_pager(device_pages=device_pages, host_pages=host_pages, slab_size=PAGE, eviction_policy=policy, **disk) as pager:
+    with make_pager(device_pages=device_pages, host_pages=host_pages, slab_size=PAGE, eviction_policy=policy, pin_wait_s=1.0, **disk) as pager:
         allocation = pager.allocate(total * PAGE)
         expected = random_bytes(total * PAGE, total)
         pager.write(allocation, expected)
         for step in range(data.draw(st.integers(1, 6), label="requests")):
             start = data.draw(st.integers(0, total - 1), label="start")
             stop = data.draw(st.integers(start + 1, min(total, start + device_pages)), label="stop")
+            if data.draw(st.booleans(), label="overwrite whole"):
+                try:
+                    with pager.ensure_resident(allocation, start, stop, discard=range(start, stop)) as resident:
+                        for view in resident.views():
+                            view.fill_(100 + step)
+                        resident.mark_dirty()
+                except OutOfPagesError:
+                    continue
+                expected[start * PAGE : stop * PAGE] = 100 + step
+                continue
             with pager.ensure_resident(allocation, start, stop) as resident:
                 assert torch.equal(torch.cat(resident.views()), expected[start * PAGE : stop * PAGE])
                 if data.draw(st.booleans(), label="write"):
@@ -2201,5 +2214,6 @@ def test_without_room_to_spill_one_free_slot_is_room_enough_for_any_request(data
         assert torch.equal(pager.read(allocation), expected)
         stats = pager.stats()["resident_bytes"]
         assert stats["device"] <= device_pages * PAGE and stats["host"] <= host_pages * PAGE
+        assert not pager._overwriting and all(info.pin_count == 0 for info in pager.page_table(allocation))
     if folder is not None:
         shutil.rmtree(folder)
