@@ -199,11 +199,33 @@ def test_a_folder_that_keeps_the_page_files_name_leaves_no_open_file(tmp_path, m
     monkeypatch.setattr(os, "unlink", refuse_in_folder)
     fds = set(os.listdir("/proc/self/fd"))
     for _ in range(2):
-        with pytest.raises(PermissionError, match=r"the file was made \(pagedllm-.*\.pages, empty: it stays\), but its name cannot be removed"):
+        with pytest.raises(PermissionError, match=r"^\[Errno 1\] nvme_path: the disk tier's page file was made in '.*' \(pagedllm-.*\.pages, empty: it stays\), but its name cannot be removed"):
             DiskTier(path=str(folder), page_size=PAGE, capacity_pages=None)
     gc.collect()
     assert set(os.listdir("/proc/self/fd")) <= fds, "the page file's fd stayed open"
     assert all(entry.stat().st_size == 0 for entry in folder.iterdir())
+
+
+def test_a_ctrl_c_in_the_o_direct_probe_leaves_no_open_file(tmp_path, monkeypatch) -> None:
+    """A KeyboardInterrupt in the one aligned write that proves O_DIRECT left both of the page file's
+    fds open (only an OSError closed them)."""
+    probe = DiskTier(path=str(tmp_path / "probe"), page_size=PAGE, capacity_pages=None)
+    direct = probe.direct_io
+    probe.close()
+    if not direct:
+        pytest.skip("this file system refuses O_DIRECT: the probe write is never made")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    fds = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "pwrite", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        DiskTier(path=str(tmp_path / "pages"), page_size=PAGE, capacity_pages=None)
+    monkeypatch.undo()
+    gc.collect()
+    assert set(os.listdir("/proc/self/fd")) <= fds, "the page file's fds stayed open"
+    assert list((tmp_path / "pages").iterdir()) == []
 
 
 def test_works_without_the_c_extension(make_tier, monkeypatch) -> None:

@@ -119,8 +119,9 @@ def _open_page_file(folder: str) -> tuple[int, str, bool]:
         os.unlink(file_path)
     except OSError as error:  # a folder that lets files be made but not deleted (append-only)
         os.close(direct_fd)
-        raise type(error)(error.errno, f"the file was made ({os.path.basename(file_path)}, empty: it stays), but its name cannot "
-                                       f"be removed: {error.strerror or error}; the folder must let its files be deleted") from error  # fmt: skip
+        raise type(error)(error.errno, f"nvme_path: the disk tier's page file was made in {folder!r} ({os.path.basename(file_path)}, "
+                                       f"empty: it stays), but its name cannot be removed: {error.strerror or error}; the folder "
+                                       f"must let its files be deleted") from error  # fmt: skip
     return direct_fd, file_path, direct
 
 
@@ -151,6 +152,10 @@ def _direct_fd(fd: int, file_path: str) -> tuple[int, bool]:
         log.info("disk tier: O_DIRECT writes fail with EINVAL for %s; using buffered I/O", file_path)
         os.ftruncate(fd, 0)
         return fd, False
+    except BaseException:  # a Ctrl-C in the probe write: neither fd stays open
+        os.close(direct_fd)
+        os.close(fd)
+        raise
     finally:
         probe.close()
     os.close(fd)
@@ -244,6 +249,8 @@ class DiskTier:
                 make_folder(folder)
                 self._fd, self.file_path, self.direct_io = _open_page_file(folder)
             except OSError as error:  # the folder named, not only a generated file name inside it
+                if str(error.strerror).startswith("nvme_path: "):  # named already (_open_page_file)
+                    raise
                 raise type(error)(error.errno, f"nvme_path: cannot create the disk tier's page file in {folder!r}: "
                                                f"{error.strerror or error}") from error  # fmt: skip
         except BaseException:
