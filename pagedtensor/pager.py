@@ -714,11 +714,15 @@ class Pager:
         Stream order: one event, recorded on ``stream`` after the work enqueued on it so far and
         registered for every range under the pager's lock, orders any later reuse of their slots.
         """
-        releases = list(releases)  # read three times below: a generator would be empty by the last
-        for entry in releases:
-            if not (type(entry) in (tuple, list) and len(entry) == 2 and isinstance(entry[0], ResidentPages)):
-                raise TypeError(f"release_together: expected (ResidentPages, dirty page numbers) pairs, got {entry!r}")
-        foreign = [resident for resident, _ in releases if resident.pager is not self]
+        if type(releases) is not list:  # read twice below: a generator would be empty the second time
+            releases = list(releases)
+        try:  # each entry checked only where one is malformed (a CUDA op's windows come here every op)
+            foreign = [resident for resident, _ in releases if resident.pager is not self]
+        except (TypeError, ValueError, AttributeError):
+            malformed = [entry for entry in releases if not (type(entry) in (tuple, list) and len(entry) == 2 and isinstance(entry[0], ResidentPages))]
+            if not malformed:
+                raise
+            raise TypeError(f"release_together: expected (ResidentPages, dirty page numbers) pairs, got {malformed[0]!r}") from None
         if foreign:
             raise ValueError(f"release_together: pages of allocation {foreign[0].allocation.id} belong to another pager")
         errors: list[Exception] = []

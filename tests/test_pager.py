@@ -1101,7 +1101,7 @@ def test_release_together_unpins_every_range_and_marks_only_their_dirty_pages():
         with pytest.raises(ValueError, match="another pager"):
             pager.release_together([(a, ()), (foreign, ())])
         pager.release_together(resident for resident in ())  # an iterable, read once: nothing to release
-        for bad in (a, ("x", ()), (a,), (a, (), ())):  # not pairs: named, not an unpacking error
+        for bad in (a, ("x", ()), (a,), (a, (), ()), None):  # not pairs: named, not an unpacking error
             with pytest.raises(TypeError, match=r"release_together: expected \(ResidentPages, dirty page numbers\) pairs, got"):
                 pager.release_together([(b, ()), bad])
         assert not (a.released or b.released or foreign.released), "a refused call released something"
