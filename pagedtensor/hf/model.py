@@ -392,6 +392,8 @@ class WeaklyBoundMethod:
         def call(*args: Any, **kwargs: Any) -> Any:
             return function(owner_ref(), *args, **kwargs)
 
+        call.owner_ref = owner_ref  # what ``wrap`` may read: the module (a decoder layer in training mode)
+
         signature = _signature(types.MethodType(function, owner))
         if signature is not None:
             call.__signature__ = signature
@@ -784,13 +786,19 @@ def _chunked_layer_forward(forward, state: PagingState):
     chunk's rows of the input, which no later chunk reads: one sequence-long buffer serves every layer.
     """
 
+    owner_ref = getattr(forward, "owner_ref", None)  # the layer (a WeaklyBoundMethod's call)
+
     @functools.wraps(forward)
     def chunked(hidden_states, *args, **kwargs):
         chunk = state.prefill_chunk_size
         cache = _find_cache(kwargs)
+        layer = owner_ref() if owner_ref is not None else None
         if (
             args
             or not state.calls.chunked
+            # In training mode (a generate inside a training loop) dropout draws one mask a call: a
+            # chunk each drew other random numbers than the whole input does, and other tokens came.
+            or (layer is not None and layer.training)
             or cache is None
             or not cache.uses_paged_attention
             or not isinstance(hidden_states, torch.Tensor)

@@ -256,3 +256,23 @@ def test_a_cache_that_does_not_know_the_window_still_gets_it_applied(nvme_dir, a
         for a, b in zip(got.logits, expected.logits):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         cache.close()
+
+
+def test_a_generate_in_training_mode_prefills_whole_so_dropout_draws_as_unpaged(nvme_dir):
+    """A model left in ``train()`` (a sample generated inside a training loop) with attention dropout,
+    under the "pagedllm" attention, a prompt longer than ``prefill_chunk_size``: each chunk drew its
+    own dropout mask, other random numbers than the unpaged model's one draw, and other tokens came.
+    A layer in training mode now runs its input whole."""
+    reference, model = tiny_pair("llama", attention_dropout=0.3)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=8, host_pages=64), attn_implementation="auto", prefill_chunk_size=4)
+    assert model.config._attn_implementation == "pagedllm"
+    reference.train()
+    model.train()
+    ids, mask = prompts(1, length=20)
+    options = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    torch.manual_seed(0)
+    expected = reference.generate(ids, **options)
+    torch.manual_seed(0)
+    got = model.generate(ids, **options)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits, strict=True))
