@@ -1785,11 +1785,11 @@ class Pager:
         the policies, what a policy remembers of pages it evicted before included (2Q's ghosts: kept,
         a dead page would push a live one out, and a discarded page written again would come back hot)."""
         for page in pages:
-            self._drop_device_copy(page, forget=True)
-            self._drop_host_copy(page, forget=True)
-            self._drop_disk_copy(page)
-            self.device_policy.forget(page)
+            self.device_policy.forget(page)  # resident or remembered: one call each
             self.host_policy.forget(page)
+            self._free_device_slot(page)
+            self._free_host_slot(page)
+            self._drop_disk_copy(page)
 
     def _drop_device_copy(self, page: Page, forget: bool = False) -> None:
         if page.device_slot is None:
@@ -1818,8 +1818,12 @@ class Pager:
             self.host_policy.forget(page)
         else:
             self.host_policy.remove(page)
-        self.host_tier.free([page.host_slot])
-        page.host_slot = None
+        self._free_host_slot(page)
+
+    def _free_host_slot(self, page: Page) -> None:
+        if page.host_slot is not None:
+            self.host_tier.free([page.host_slot])
+            page.host_slot = None
 
     def _drop_disk_copy(self, page: Page) -> None:
         if page.disk_slot is not None:
