@@ -980,7 +980,7 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
                     replaced.append((module, name, parameter))
         # A model loaded on the CPU: its paged weights came from there, page by page, and only what
         # stays dense goes to the device, so the device never holds the whole model.
-        _move_dense_tensors(model, pager.device)
+        _move_dense_tensors(model, pager.device, pager)
     except BaseException:  # the weights do not fit (OutOfPagesError), or the dense rest does not: the dense weights back
         for module, name, parameter in replaced:
             module._parameters[name] = parameter
@@ -1209,13 +1209,25 @@ def _final_norm(decoder: Optional[torch.nn.Module]) -> Optional[torch.nn.Module]
     return norms[-1] if norms else None
 
 
-def _move_dense_tensors(model: torch.nn.Module, device: torch.device) -> None:
+def _move_dense_tensors(model: torch.nn.Module, device: torch.device, pager: Pager) -> None:
     """Move ``model``'s parameters and buffers that are neither PagedTensors nor on ``device`` there,
     as ``model.to(device)`` moves them: a parameter takes the moved data in place (between the CPU
     and a GPU), or else is replaced by a new parameter in every module that holds it, so ties
     (``lm_head`` to the embedding) hold either way; its gradient moves along; a buffer is replaced.
-    Where a move raises (the device's memory), every tensor moved so far goes back where it was."""
+    A PagedTensor of another pager (an embedding paged by hand) is copied onto ``pager`` and replaced
+    alike: under its budgets and freed with it. Where a move raises (the device's memory, the
+    pager's tiers), every tensor moved so far goes back where it was."""
     from pagedtensor.tensor import PagedTensor
+
+    def stays(tensor: torch.Tensor) -> bool:
+        if isinstance(tensor, PagedTensor):
+            return tensor.pager is pager
+        return normalize_device(tensor.device) == device
+
+    def moved(tensor: torch.Tensor) -> torch.Tensor:
+        if isinstance(tensor, PagedTensor):
+            return PagedTensor.wrap(tensor.detach(), pager)
+        return tensor.to(device)
 
     moved_in_place: list[tuple[torch.nn.Parameter, torch.Tensor, Optional[torch.Tensor]]] = []
     replacements: dict[int, torch.nn.Parameter] = {}  # id of a parameter -> the one in its place
@@ -1224,13 +1236,13 @@ def _move_dense_tensors(model: torch.nn.Module, device: torch.device) -> None:
         with torch.no_grad():
             for module in model.modules():
                 for name, parameter in list(module._parameters.items()):
-                    if parameter is None or isinstance(parameter, PagedTensor) or normalize_device(parameter.device) == device:
+                    if parameter is None or stays(parameter):
                         continue
                     new = replacements.get(id(parameter))
                     if new is None:
-                        data = parameter.data.to(device)
+                        data = moved(parameter.data)
                         grad = parameter.grad.to(device) if parameter.grad is not None else None
-                        if torch._has_compatible_shallow_copy_type(parameter.data, data):
+                        if not isinstance(data, PagedTensor) and torch._has_compatible_shallow_copy_type(parameter.data, data):
                             moved_in_place.append((parameter, parameter.data, parameter.grad))
                             parameter.data = data
                             parameter.grad = grad
@@ -1240,11 +1252,10 @@ def _move_dense_tensors(model: torch.nn.Module, device: torch.device) -> None:
                     replaced.append((module._parameters, name, parameter))
                     module._parameters[name] = new
                 for name, buffer in list(module._buffers.items()):
-                    if buffer is None or isinstance(buffer, PagedTensor) or normalize_device(buffer.device) == device:
+                    if buffer is None or stays(buffer):
                         continue
-                    moved = buffer.to(device)
                     replaced.append((module._buffers, name, buffer))
-                    module._buffers[name] = moved
+                    module._buffers[name] = moved(buffer)
     except BaseException:
         with torch.no_grad():
             for parameter, data, grad in moved_in_place:

@@ -753,12 +753,12 @@ def move_dense_tensors_after_a_failed_move(model, pager, device: torch.device) -
     pointers = {name: tensor.data_ptr() for name, tensor in before.items()}
     model.lm_head.register_buffer("scale", RefusesToMove.of(torch.ones(2)))
     with pytest.raises(RuntimeError, match="refuses to move"):
-        _move_dense_tensors(model, device)
+        _move_dense_tensors(model, device, pager)
     now = dict([*model.named_parameters(), *model.named_buffers()])
     assert all(now[name] is tensor and tensor.device.type == "cpu" and tensor.data_ptr() == pointers[name] for name, tensor in before.items())
     assert norm.grad.device.type == "cpu" and type(model.lm_head.scale) is RefusesToMove
     del model.lm_head._buffers["scale"]
-    _move_dense_tensors(model, device)
+    _move_dense_tensors(model, device, pager)
     assert isinstance(up.weight, PagedTensor) and up.weight.device == pager.device
     assert all(p.device == device for p in model.parameters() if not isinstance(p, PagedTensor))
     assert all(b.device == device for b in model.buffers()) and model.model.norm.weight.grad.device == device
@@ -893,6 +893,35 @@ def test_weights_paged_on_another_pager_move_to_the_models_pager(nvme_dir, tmp_p
     ids, mask = prompts(1, length=20)
     assert torch.equal(_generate(second, ids, mask).sequences, _generate(reference, ids, mask).sequences)
     second.close()
+
+
+def test_a_paged_embedding_of_another_pager_moves_to_the_models_pager(nvme_dir):
+    """Outside the decoder layers, a PagedTensor of another pager (the embedding, tied to
+    ``lm_head``, paged by hand) stayed on that pager with ``page_weights=True``: outside the model's
+    budgets and its ``close()``. It is copied onto the model's pager once, stays paged and tied, and
+    generate gives the unpaged tokens."""
+    from pagedtensor.pager import Pager
+
+    reference, model = tiny_pair("llama", attn="sdpa")
+    for each in (reference, model):
+        each.lm_head.weight = each.model.embed_tokens.weight
+    other = Pager(tiny_budget(nvme_dir, vram_pages=64, host_pages=64))
+    embedding = torch.nn.Parameter(PagedTensor.wrap(model.model.embed_tokens.weight.detach(), other))
+    model.model.embed_tokens.weight = model.lm_head.weight = embedding
+    del embedding
+    assert other.stats()["allocations"] == 1
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=40, host_pages=40), attn_implementation="sdpa", page_weights=True)
+    pager = paging_state(model).pager
+    moved = model.model.embed_tokens.weight
+    assert isinstance(moved, PagedTensor) and moved.pager is pager and model.lm_head.weight is moved
+    assert moved.requires_grad
+    assert all(p.pager is pager for p in model.parameters() if isinstance(p, PagedTensor))
+    assert other.stats()["allocations"] == 0
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    ids, mask = prompts(1, length=20)
+    assert torch.equal(_generate(model, ids, mask).sequences, _generate(reference, ids, mask).sequences)
+    other.close()
 
 
 def test_a_shared_weight_of_another_pager_moves_once_and_stays_shared(nvme_dir):
