@@ -43,6 +43,9 @@ def gather_reference(
         if length <= 0:
             continue
         used = block_table[b, : math.ceil(length / page_tokens)].long()
+        if (used < 0).any():  # Python indexing would follow it to the last page
+            j = int((used < 0).nonzero()[0])
+            raise ValueError(f"block_table[{b}, {j}] = {int(used[j])}: a page index the sequence uses must be >= 0")
         out[b, :length] = pages[used].reshape(-1, num_heads, head_dim)[:length]
     return out
 
@@ -56,7 +59,7 @@ def scatter_reference(
     batch, num_new = src.shape[:2]
     max_pages = block_table.shape[1]
     for b in range(batch):
-        start = int(start_pos) if isinstance(start_pos, int) else int(start_pos[b])
+        start = int(start_pos[b]) if isinstance(start_pos, torch.Tensor) else int(start_pos)
         for i in range(num_new):
             pos = start + i
             if 0 <= pos < max_pages * page_tokens:
@@ -87,9 +90,10 @@ def attention_reference(
     values = gather_reference(v_pages, block_table, seq_lens).float()
     out = torch.zeros((batch, q_len, num_heads, head_dim), dtype=torch.float32, device=q.device)
     lse = torch.full((batch, q_len, num_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    max_tokens = block_table.shape[1] * k_pages.shape[1]
     for b in range(batch):
-        length = int(seq_lens[b])
-        start = int(q_start) if isinstance(q_start, int) else int(q_start[b])
+        length = min(int(seq_lens[b]), max_tokens)  # cut at the table, as the unchecked kernels do
+        start = int(q_start[b]) if isinstance(q_start, torch.Tensor) else int(q_start)
         if length <= 0:
             continue
         k = keys[b, :length].repeat_interleave(group, dim=1)  # [L, H, D]
@@ -100,7 +104,7 @@ def attention_reference(
             k_pos = torch.arange(length, device=q.device)
             scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)  # [H, Lq]; -inf where no key is visible
-        seen = torch.isfinite(row_lse)
+        seen = row_lse != float("-inf")  # a +inf score gives NaN, as softmax does
         probs = torch.exp(scores - torch.where(seen, row_lse, 0.0)[..., None])
         out[b] = torch.einsum("hqk,khd->qhd", probs, v)
         lse[b] = row_lse.transpose(0, 1)

@@ -318,3 +318,38 @@ def test_gather_and_scatter_refuse_a_batch_past_the_grid():
     with pytest.raises(ValueError, match="batch must be <= 65535 .* got 65536"):
         paged_scatter(torch.zeros((batch, 1, HEADS, DIM), device=DEVICE), k, block_table, 0)
     assert torch.equal(k, before)
+
+
+def test_the_references_follow_the_kernels_conventions(monkeypatch):
+    """The plain-torch references the tests trust: a causal prefill cuts a length past the table at
+    the table, as the unchecked kernels and the non-causal reference do (it raised a shape error);
+    a +inf score gives NaN as torch's softmax and the kernels do (it gave +-inf); positions take a
+    NumPy integer as the kernels do (it was indexed); a negative entry a sequence uses is refused
+    (Python indexing followed it to the last page)."""
+    from pagedtensor.triton_kernels.reference import scatter_reference
+
+    k, v = pools(num_pages=5)
+    q = query(1, 4)
+    wide = table([1, 2, 0])
+    ref, ref_lse = prefill_attention_reference(q, k, v, table([1, 2]), lengths(40), 28)
+    capped, capped_lse = prefill_attention_reference(q, k, v, table([1, 2]), lengths(32), 28)
+    assert torch.equal(ref, capped) and torch.equal(ref_lse, capped_lse)
+    monkeypatch.setattr(_common, "host_checks_indices", lambda device: False)
+    out = paged_prefill_attention(q, k, v, wide[:, :2], lengths(40), 28)
+    torch.testing.assert_close(out, ref.to(out.dtype), atol=1e-5, rtol=1e-5)
+    monkeypatch.undo()
+
+    infinite = k.clone()
+    infinite[1, 3] = float("inf")
+    positive = query(1).abs() + 0.1
+    ref, ref_lse = decode_attention_reference(positive, infinite, v, table([1, 2]), lengths(32))
+    out, lse = paged_decode_attention(positive, infinite, v, table([1, 2]), lengths(32), return_lse=True)
+    assert ref.isnan().all() and out.isnan().all(), f"reference {ref.flatten()[:4]}, kernel {out.flatten()[:4]}"
+
+    clean, _ = pools(num_pages=5, poison_page=None)
+    assert torch.equal(prefill_attention_reference(q, clean, v, table([1, 2]), lengths(32), np.int64(28))[0],
+                       prefill_attention_reference(q, clean, v, table([1, 2]), lengths(32), 28)[0])  # fmt: skip
+    src = torch.ones((1, 2, HEADS, DIM), device=DEVICE)
+    assert torch.equal(scatter_reference(src, clean, table([1, 2]), np.int64(15)), scatter_reference(src, clean, table([1, 2]), 15))
+    with pytest.raises(ValueError, match=r"block_table\[0, 1\] = -1"):
+        decode_attention_reference(query(1), clean, v, table([1, -1]), lengths(20))
