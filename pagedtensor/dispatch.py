@@ -216,6 +216,7 @@ def _has_kernel(func: OpOverload, key: str) -> bool:
 # meets the same layouts each call, and its meta run costs more than the op's own dispatch.
 _RETURNS_AN_INPUT: dict[tuple, Optional[bool]] = {}
 _RETURNS_AN_INPUT_LIMIT = 4096
+_NOT_REMEMBERED = object()
 _KEYABLE = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
 
 
@@ -223,8 +224,12 @@ def _returns_an_input(func: OpOverload, args: tuple, kwargs: dict) -> Optional[b
     """Whether ``func`` returns one of its PagedTensor arguments or a view of one, remembered per op
     and argument layouts (:func:`_layout_key`); see :func:`_meta_run_returns_an_input`."""
     key = _layout_key(func, args, kwargs)
-    if key is not None and key in _RETURNS_AN_INPUT:
-        return _RETURNS_AN_INPUT[key]
+    if key is not None:
+        # One lookup: another thread's op may clear the memory between two (hashing the key runs
+        # Python, where threads switch).
+        answer = _RETURNS_AN_INPUT.get(key, _NOT_REMEMBERED)
+        if answer is not _NOT_REMEMBERED:
+            return answer
     answer = _meta_run_returns_an_input(func, args, kwargs)
     if key is not None:
         if len(_RETURNS_AN_INPUT) >= _RETURNS_AN_INPUT_LIMIT:

@@ -784,3 +784,31 @@ def test_a_collected_caches_pins_let_go_inside_a_call_reach_a_thread_waiting_for
         thread.join(JOIN_TIMEOUT_S)
         assert outcome == ["ok"] and time.monotonic() - started < 10
         assert cache_pages.freed and not pager._deferred_frees
+
+
+def test_an_ops_remembered_answer_cleared_by_another_thread_is_worked_out_again(monkeypatch) -> None:
+    """The dispatcher remembers, per op and argument layouts, whether an op returns one of its
+    PagedTensors (shared by every thread, cleared when full). It read an answer after checking it
+    was there, two lookups each hashing the key in Python: another thread's op could clear the
+    memory between them (a serving loop meeting 4,096 layouts), and the first op raised KeyError
+    (found by a helper's probe, a thread held inside the hash). Here every membership test is
+    followed by another thread's clear."""
+    import pagedtensor.dispatch as dispatch
+    from pagedtensor import PagedTensor
+
+    class ClearedByAnotherThread(dict):
+        def __contains__(self, key: object) -> bool:
+            found = super().__contains__(key)
+            self.clear()
+            return found
+
+    pager = Pager(MemoryConfig(page_size=4096, vram_limit=16 * 4096, host_memory=64 * 4096, slab_size=16 * 4096,
+                               prefetch_strategy="none", device="cpu"))  # fmt: skip
+    dense = torch.randn(4, 4)
+    paged = PagedTensor.wrap(dense.clone(), pager)
+    with torch.inference_mode():
+        assert torch.equal(paged @ paged, dense @ dense)
+        monkeypatch.setattr(dispatch, "_RETURNS_AN_INPUT", ClearedByAnotherThread(dispatch._RETURNS_AN_INPUT))
+        for _ in range(2):
+            assert torch.equal(paged @ paged, dense @ dense)
+    pager.close()
