@@ -29,6 +29,8 @@ import copy
 import functools
 import logging
 import multiprocessing.context
+import multiprocessing.reduction
+import pickle
 import sys
 import threading
 import warnings
@@ -1008,6 +1010,19 @@ def _rebuild_paged_tensor(
     return _as_saved(tensor, requires_grad, is_param, attributes)
 
 
+def _reduce_for_another_process(tensor: "PagedTensor"):  # noqa: ANN202
+    """How torch.multiprocessing's pickler (queues, pipes, a process's arguments) sends a
+    PagedTensor: as pickle does, but a non-leaf that requires grad is refused in torch's words, as
+    torch refuses a plain one (autograd does not cross processes)."""
+    if tensor.requires_grad and not tensor.is_leaf:
+        raise RuntimeError(
+            "Cowardly refusing to serialize non-leaf tensor which requires_grad, since autograd does not support "
+            "crossing process boundaries.  If you just want to transfer the data, call detach() on the tensor "
+            "before serializing (e.g., putting it on the queue)."
+        )
+    return tensor.__reduce_ex__(pickle.DEFAULT_PROTOCOL)
+
+
 def _as_saved(tensor: torch.Tensor, requires_grad: bool, is_param: bool, attributes: Optional[dict] = None) -> torch.Tensor:
     if requires_grad:
         tensor.requires_grad_(True)
@@ -1071,6 +1086,8 @@ def _check_wrappable(t: object) -> None:
 
 
 # Bound last: dispatch.py imports PagedTensor from this module.
+multiprocessing.reduction.ForkingPickler.register(PagedTensor, _reduce_for_another_process)
+
 from pagedtensor.dispatch import DISPATCHER as _DISPATCHER  # noqa: E402
 from pagedtensor import raw_pointer_entries as _raw_pointer_entries  # noqa: E402
 

@@ -1216,6 +1216,26 @@ def test_a_paged_tensor_passes_to_a_spawned_process(pager):
     assert process.exitcode == 0
 
 
+def test_a_non_leaf_that_requires_grad_is_refused_by_process_queues_as_torch_refuses_it(pager):
+    """torch.multiprocessing's pickler (queues, pipes, a process's arguments) refuses a non-leaf
+    tensor that requires grad: autograd does not cross processes. A PagedTensor one was sent and
+    arrived a detached leaf (found by a helper's probe). Plain pickle takes both, as torch's does."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    dense = torch.randn(8, 4, requires_grad=True)
+    paged = PagedTensor.wrap(dense.detach().clone(), pager).requires_grad_()
+    for tensor in (dense[2:], paged[2:]):
+        assert not tensor.is_leaf and tensor.requires_grad
+        with pytest.raises(RuntimeError, match="Cowardly refusing to serialize non-leaf tensor which requires_grad"):
+            ForkingPickler.dumps(tensor)
+        assert pickle.loads(pickle.dumps(tensor)).shape == (6, 4)
+    for tensor in (paged, paged.detach()[2:]):
+        got = pickle.loads(ForkingPickler.dumps(tensor))
+        assert type(got) is PagedTensor and got.requires_grad == tensor.requires_grad
+        assert torch.equal(got.materialize(), tensor.detach().materialize())
+
+
 def test_storage_sharing_and_dlpack_raise_instead_of_crashing(pager):
     paged = PagedTensor.wrap(torch.arange(4.0), pager)
     with pytest.raises(NotImplementedError, match="share_memory_: pages live in this process's pager"):
