@@ -81,6 +81,8 @@ def pagedllm_attention(
     """transformers attention function: ``query`` ``[batch, heads, q_len, head_dim]`` → ``[batch, q_len, heads, head_dim]``.
     Under ``torch.compile`` it runs eagerly, never traced, as :meth:`PagedKVCache.update` does."""
     active = ACTIVE_UPDATE.get()
+    if active is not None and active.cache is None:  # its cache is gone: no paged keys to read
+        active = None
     layer_idx = getattr(module, "layer_idx", None)
     if active is not None and active.key is key:
         # The keys the cache just stored: attend over the slot they went to, which a model that reuses

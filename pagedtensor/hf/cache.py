@@ -57,6 +57,7 @@ import contextvars
 import dataclasses
 import logging
 import math
+import operator
 import sys
 import threading
 import weakref
@@ -77,16 +78,30 @@ DEFAULT_STREAM_GROUP_BYTES = 128 * 2**20
 DEFAULT_SEGMENT_PAGES = 64
 
 
-@dataclasses.dataclass(frozen=True)
 class ActiveUpdate:
     """The last :meth:`PagedKVCache.update` on this thread: the attention function that follows it
     in the same layer finds its cache here (transformers does not pass the cache to it), with the
-    key and value states the update handed back, by which it knows the model attends to them."""
+    key and value states the update handed back, by which it knows the model attends to them. All
+    three are held weakly (None once gone): a cache used directly, with no model forward to end,
+    and then dropped frees its pages, as a DynamicCache would."""
 
-    cache: "PagedKVCache"
-    layer_idx: int
-    key: torch.Tensor
-    value: torch.Tensor
+    __slots__ = ("_cache", "layer_idx", "_key", "_value")
+
+    def __init__(self, cache: "PagedKVCache", layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        self._cache, self._key, self._value = weakref.ref(cache), weakref.ref(key), weakref.ref(value)
+        self.layer_idx = layer_idx
+
+    @property
+    def cache(self) -> Optional["PagedKVCache"]:
+        return self._cache()
+
+    @property
+    def key(self) -> Optional[torch.Tensor]:
+        return self._key()
+
+    @property
+    def value(self) -> Optional[torch.Tensor]:
+        return self._value()
 
 
 ACTIVE_UPDATE: contextvars.ContextVar[Optional[ActiveUpdate]] = contextvars.ContextVar("pagedllm_active_update", default=None)
@@ -489,6 +504,7 @@ class PagedKVCache(Cache):
             layer.is_initialized = False
             layer.geometry = None
         self.dtype = None
+        self._forward_pads = None  # the last forward's padding describes none of the tokens to come
         self._geometries.clear()
         self._pools.clear()  # views of the slabs in the geometries before the reset
 
@@ -1311,10 +1327,14 @@ class PagedKVCache(Cache):
     def _repeat_layer(self, layer: PagedLayer, repeats: int) -> None:
         """Each sequence ``repeats`` times in a row (``DynamicCache.batch_repeat_interleave``); the
         copies share its pages until they write them."""
-        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        try:
+            count = operator.index(repeats)  # any integer, a NumPy one too, as DynamicCache takes
+        except TypeError:
+            count = None
+        if isinstance(repeats, bool) or count is None or count < 1:
             raise ValueError(f"batch_repeat_interleave: repeats must be a positive int, got {repeats!r}")
-        if repeats != 1 and layer.is_initialized:
-            self._rebuild_batch(layer, [b for b in range(len(layer.seqs)) for _ in range(repeats)])
+        if count != 1 and layer.is_initialized and layer.total:  # an empty layer stays, as DynamicCache's
+            self._rebuild_batch(layer, [b for b in range(len(layer.seqs)) for _ in range(count)])
 
     @deferring
     def _rebuild_batch(self, layer: PagedLayer, order: list[int]) -> None:
@@ -1331,6 +1351,7 @@ class PagedKVCache(Cache):
             taken.add(i)
         layer.seqs = seqs
         self.batch_size_ = len(seqs)
+        self._forward_pads = None  # the last forward's padding was of the batch before
 
     def _share_sequence(self, seq: _SequencePages) -> _SequencePages:
         """A copy of ``seq`` referring to its pages (no bytes move), pinned as ``seq`` is; whichever of
@@ -1345,8 +1366,8 @@ class PagedKVCache(Cache):
 
     def _select_layer(self, layer: PagedLayer, indices: torch.Tensor) -> None:
         """Keep the sequences at ``indices`` (positions, or a boolean mask over the batch, as
-        ``DynamicCache`` takes them), in that order."""
-        if not layer.is_initialized:
+        ``DynamicCache`` takes them), in that order; an empty layer stays, as DynamicCache's."""
+        if not layer.is_initialized or layer.total == 0:
             return
         indices = torch.as_tensor(indices)
         if indices.dtype == torch.bool:

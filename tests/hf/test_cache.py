@@ -456,3 +456,71 @@ def test_a_forward_under_fake_tensor_mode_is_refused_and_leaves_the_cache_as_it_
         got = model(ids[:, 12:13], past_key_values=cache).logits
         expected = reference(ids[:, 12:13], past_key_values=dense_cache).logits
     assert torch.equal(got, expected)
+
+
+def test_the_cache_api_used_directly_behaves_as_dynamic_cache(nvme_dir):
+    """Calls on the cache itself, outside a paged model's forwards (found by a helper's probe):
+    - ``reset()`` kept the last forward's padding: the next fill stored too few tokens a sequence;
+    - a batch edit after a padded forward left its pads for a batch they no longer describe;
+    - ``batch_select_indices`` / ``batch_repeat_interleave`` of a layer cropped to nothing changed the
+      batch, which DynamicCache leaves alone while it holds no token (its next update then failed);
+    - ``batch_repeat_interleave`` takes any integer, as DynamicCache does."""
+    import numpy as np
+    from transformers import DynamicCache
+
+    def check(cache, dense, keys, values):
+        got, want = cache.update(keys, values, 0), dense.update(keys, values, 0)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), "the paged cache handed back other states than DynamicCache"
+
+    with _pager(nvme_dir, vram_pages=8, host_pages=16) as pager:
+        cache, dense = PagedKVCache(pager=pager, num_layers=1), DynamicCache()
+        cache.begin_forward(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), 5)
+        cache.update(*_states(2, 5, seed=1), 0)
+        cache.reset()
+        check(cache, dense, *_states(2, 5, seed=2))
+
+        cache.reset()
+        dense = DynamicCache()
+        cache.begin_forward(torch.tensor([[0, 1, 1], [1, 1, 1]]), 3)
+        cache.update(*_states(2, 3, seed=3), 0)
+        cache.batch_select_indices(torch.tensor([1]))
+        dense.update(*[state[1:] for state in _states(2, 3, seed=3)], 0)
+        check(cache, dense, *_states(1, 2, seed=4))
+
+        for edit in (lambda c: c.batch_select_indices(torch.tensor([1])), lambda c: c.batch_repeat_interleave(2)):
+            cache.reset()
+            dense = DynamicCache()
+            for each in (cache, dense):
+                each.update(*_states(2, 3, seed=5), 0)
+                each.crop(-3)
+                edit(each)
+            check(cache, dense, *_states(2, 2, seed=6))
+
+        cache.reset()
+        dense = DynamicCache()
+        for each in (cache, dense):
+            each.update(*_states(2, 3, seed=7), 0)
+            each.batch_repeat_interleave(np.int64(2))
+        check(cache, dense, *_states(4, 1, seed=8))
+        with pytest.raises(ValueError, match=r"repeats must be a positive int, got 0"):
+            cache.batch_repeat_interleave(0)
+        cache.close()
+
+
+def test_a_cache_used_directly_under_the_paged_attention_is_freed_when_dropped(nvme_dir):
+    """Under a config whose attention is "pagedllm", update() left the cache in ACTIVE_UPDATE for the
+    attention that follows it; used directly (no model forward to end), a dropped cache kept its
+    pages until the thread's next update. The active update holds the cache and states weakly."""
+    import gc
+
+    with _pager(nvme_dir, vram_pages=8, host_pages=16) as pager:
+        config = type("Config", (), {"_attn_implementation": "pagedllm", "num_hidden_layers": 1})()
+        cache = PagedKVCache(config, pager=pager)
+        keys, values = _states(1, 20, seed=1)
+        assert cache.update(keys, values, 0)[0] is keys
+        assert ACTIVE_UPDATE.get().cache is cache and ACTIVE_UPDATE.get().key is keys
+        del cache
+        gc.collect()
+        assert pager.stats()["allocations"] == 0
+        assert ACTIVE_UPDATE.get() is None or ACTIVE_UPDATE.get().cache is None
+    ACTIVE_UPDATE.set(None)
