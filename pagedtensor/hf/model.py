@@ -56,6 +56,7 @@ from pagedtensor.hf.attention import PAGED_FORWARD, register_attention
 from pagedtensor.hf.cache import ACTIVE_UPDATE, ATTENTION_NAME, DEFAULT_STREAM_GROUP_BYTES, PagedKVCache, check_cache_settings, streaming_config
 from pagedtensor.errors import DeviceTierFullError, OutOfPagesError, SlabAllocationError
 from pagedtensor.pager import Allocation, Pager
+from pagedtensor.tensor import run_outside_compile
 
 log = logging.getLogger(__name__)
 
@@ -1079,6 +1080,7 @@ def _write_back_weight(pager: Pager, allocation: Allocation) -> None:
         log.info("weights %s: the host tier has no room to write them back now", allocation.name)
 
 
+@run_outside_compile
 def _paged_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """``nn.Linear.forward`` of a decoder layer's linear with a paged weight, set on the module by
     :func:`_page_layer_weights`: :func:`~pagedtensor.handlers.linear.paged_linear` reads the weight's
@@ -1087,6 +1089,7 @@ def _paged_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.T
     return paged_linear(input, self.weight, self.bias)
 
 
+@run_outside_compile
 def _paged_conv1d_forward(self: torch.nn.Module, input: torch.Tensor) -> torch.Tensor:
     """transformers' ``Conv1D.forward`` (GPT-2's linear, its weight stored transposed) with a paged
     weight, set on the module by :func:`_page_layer_weights`: :func:`~pagedtensor.handlers.linear.paged_conv1d`
@@ -1094,6 +1097,7 @@ def _paged_conv1d_forward(self: torch.nn.Module, input: torch.Tensor) -> torch.T
     return paged_conv1d(input, self.weight, self.bias)
 
 
+@run_outside_compile
 def _paged_falcon_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """Falcon's ``FalconLinear.forward`` (``input @ weight.T``, then ``+ bias``: not ``F.linear``'s
     fused ``addmm``) with a paged weight: ``paged_linear`` without a bias runs that same matmul on
@@ -1173,6 +1177,7 @@ class _PrefetchHook:
     def __init__(self, pager: Pager, upcoming: "weakref.ref[torch.nn.Module]") -> None:
         self.pager, self.upcoming, self.allocations = pager, upcoming, []
 
+    @run_outside_compile
     def __call__(self, module: torch.nn.Module, args: tuple) -> None:
         pager, upcoming = self.pager, self.upcoming()
         if pager.closed or upcoming is None:

@@ -13,7 +13,7 @@ import torch
 
 from transformers import DynamicCache
 
-from pagedtensor import MemoryConfig, PagedKVCache, enable_paging
+from pagedtensor import MemoryConfig, PagedKVCache, PagedTensor, enable_paging
 from pagedtensor.hf import paging_state
 from tests.hf.tiny_models import FAMILIES, PAGE, TINY, output_cache, prompts, tiny_budget, tiny_pair
 
@@ -376,3 +376,28 @@ def test_a_compiled_forward_runs_the_paged_cache_eagerly_with_the_same_tokens(at
         torch._dynamo.reset()
     assert torch.equal(got, expected)
     assert compiling and not any(compiling)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "pagedllm"])
+def test_a_compiled_forward_keeps_paged_weights_paged(attn, nvme_dir):
+    """Under ``page_weights=True`` a compiled forward traced the layers' prefetch hooks and paged
+    linears, so every paged weight entered the graph, where torch.compile reads a PagedTensor as its
+    materialized copy: after generate the whole model was held dense (2.4 MB of copies under a
+    160 KiB device tier, found by a helper's probe), outside the pager's budgets. The hooks and the
+    paged linears run eagerly, as the cache's update and the paged attention do: no weight is
+    materialized, and the tokens are the unpaged model's."""
+    reference, model = tiny_pair("llama")
+    ids, mask = prompts(1)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=40, host_pages=256), attn_implementation=attn, page_weights=True)
+    weights = [p for p in model.parameters() if isinstance(p, PagedTensor)]
+    assert weights
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="eager")
+    try:
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, expected)
+    held = [p for p in weights if p._materialized is not None]
+    assert not held, f"{len(held)} of {len(weights)} paged weights held as dense copies"
