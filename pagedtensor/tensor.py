@@ -255,10 +255,12 @@ def _dense_without_dynamo() -> Callable:
     return _disable_dynamo(lambda tensor: tensor._dense_of_pages(), recursive=True)
 
 
-# The PagedTensors whose dense data (``_dense``: for one with a storage offset, the elements from
-# the allocation's start, so that the inner tensor has the outer one's offset) a compiled graph may
-# be running on, by that data's storage.
-_DENSE_OWNERS: dict[int, "weakref.ref[PagedTensor]"] = {}
+# The wrapper storages of the PagedTensors whose dense data (``_dense``: for one with a storage
+# offset, the elements from the allocation's start, so that the inner tensor has the outer one's
+# offset) a compiled graph may be running on, by that data's storage. The storage, not the tensor:
+# a weak reference to a tensor makes ``torch.utils.swap_tensors`` refuse it, which ``module.half()``
+# of a compiled module's paged parameters runs.
+_DENSE_OWNERS: dict[int, torch.UntypedStorage] = {}
 
 
 def _register_dense_owner(dense: torch.Tensor, owner: "PagedTensor") -> None:
@@ -274,17 +276,16 @@ def _register_dense_owner(dense: torch.Tensor, owner: "PagedTensor") -> None:
     ``untyped_storage()`` with ``owner``'s, so torch keeps the offset as it is (as torch 2.13 and
     older always did)."""
     key = dense.untyped_storage()._cdata
-    _DENSE_OWNERS[key] = weakref.ref(owner)
+    _DENSE_OWNERS[key] = torch.Tensor.untyped_storage(owner)  # the wrapper's: no bytes
     # The storage outlives ``dense`` only in views of it; its address is not reused before it is freed.
     weakref.finalize(dense, _DENSE_OWNERS.pop, key, None)
 
 
-def _dense_owner(inner: torch.Tensor) -> Optional[PagedTensor]:
-    """The PagedTensor whose dense data ``inner`` views (:func:`_register_dense_owner`), if any."""
+def _dense_owner_storage(inner: torch.Tensor) -> Optional[torch.UntypedStorage]:
+    """The wrapper storage of the PagedTensor whose dense data ``inner`` views (:func:`_register_dense_owner`), if any."""
     if type(inner) is not torch.Tensor:  # a fake or functional tensor while tracing: no data
         return None
-    owner_ref = _DENSE_OWNERS.get(inner.untyped_storage()._cdata)
-    return owner_ref() if owner_ref is not None else None
+    return _DENSE_OWNERS.get(inner.untyped_storage()._cdata)
 
 
 class PagedTensor(torch.Tensor):
@@ -419,7 +420,7 @@ class PagedTensor(torch.Tensor):
         out._span = None
         out._meta = None
         out._view_root = None
-        out._storage_owner = None
+        out._owner_storage = None
         if bits != (False, False):
             with_math_bits(out, bits)
         return out
@@ -446,7 +447,7 @@ class PagedTensor(torch.Tensor):
         out._span = None
         out._meta = None
         out._view_root = None
-        out._storage_owner = _dense_owner(inner) if _DENSE_OWNERS else None
+        out._owner_storage = _dense_owner_storage(inner) if _DENSE_OWNERS else None
         if inner.is_conj() or inner.is_neg():  # a traced t.conj(): the wrapper carries the inner's bits, as a paged view does
             with_math_bits(out, math_bits(inner))
         return out
@@ -730,8 +731,8 @@ class PagedTensor(torch.Tensor):
         """The wrapper's storage (no bytes): torch itself reads it, e.g. torch.compile's metadata
         checks; writing through it is unsupported. A compiled graph's output that views the dense
         data of an offset input answers with that input's storage (see :func:`_register_dense_owner`)."""
-        owner = getattr(self, "_storage_owner", None)
-        return torch.Tensor.untyped_storage(self if owner is None else owner)
+        owner_storage = getattr(self, "_owner_storage", None)
+        return torch.Tensor.untyped_storage(self) if owner_storage is None else owner_storage
 
     # The wrapper's own storage is empty (no bytes, a null pointer): these would reach it and crash or
     # export garbage, so each raises, naming what to use instead.
@@ -881,7 +882,7 @@ class PagedTensor(torch.Tensor):
 
 
 # Attributes PagedTensor itself keeps in ``__dict__`` (a deep copy rebuilds them; the rest are users').
-_OWN_ATTRIBUTES = frozenset({"_paged", "_offset", "_inner", "_materialized", "_span", "_meta", "_view_root", "_is_param"})
+_OWN_ATTRIBUTES = frozenset({"_paged", "_offset", "_inner", "_materialized", "_span", "_meta", "_view_root", "_owner_storage", "_is_param"})
 
 
 # The FFT ops (``torch.fft``): of real input, their composite kernels make complex intermediates.
