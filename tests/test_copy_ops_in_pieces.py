@@ -35,7 +35,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if type(a) is not torch.Tensor or a.dtype != b.dtype or a.shape != b.shape or a.stride() != b.stride():
         return False
     if a.dtype.is_floating_point:
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
         return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
     return torch.equal(a, b)
 
@@ -318,6 +318,30 @@ def test_a_channels_last_paged_weight_loads_and_converts_past_the_tier():
         square = PagedTensor.wrap(random_values((128, 128), torch.float32, 4), pager)
         with pytest.raises(DeviceTierFullError):
             square.copy_(square.t())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2, torch.int32, torch.int8], ids=str)
+@pytest.mark.parametrize("view", ["contiguous", "transposed", "every other column"])
+def test_a_conversion_past_the_tier_gives_the_dense_bits_of_nans_in_any_layout(view, dtype):
+    """``t.to(dtype)`` and ``paged.copy_(t)`` into another dtype, of a float32 table with NaNs and
+    infinities (finite values only for the integers) on a device tier of two pages, which holds no
+    piece of both: the target goes a part of its pages at a time. torch's CPU kernels write a NaN
+    converted to bfloat16 as 0xffff on a loop over two contiguous layouts, 0x7fc0 on a strided one;
+    each part's source was first copied into a contiguous buffer of its dtype, so a transposed table
+    or every other column converted between other layouts than the dense op's, with other NaN bits."""
+    view_of = {"contiguous": lambda t: t, "transposed": lambda t: t.t(), "every other column": lambda t: t[:, ::2]}[view]
+    dense = random_values((64, 96), torch.float32, 7) * 10  # 6 pages
+    if dtype.is_floating_point:
+        dense[::3, ::5], dense[1::7, ::3], dense[2::5, 1::4] = float("nan"), float("inf"), -float("inf")
+    with make_pager(device_pages=2) as pager:
+        paged = PagedTensor.wrap(dense.clone(), pager)
+        assert same_bits(view_of(paged).to(dtype).materialize(), view_of(dense).to(dtype))
+        zeros = torch.zeros(64, 96, dtype=dtype)
+        target, expected = PagedTensor.wrap(zeros.clone(), pager), zeros.clone()
+        view_of(target).copy_(view_of(paged))
+        view_of(expected).copy_(view_of(dense))
+        assert same_bits(target.materialize(), expected)
+        assert pager.stats()["resident_bytes"]["device"] <= 2 * PAGE
 
 
 @pytest.mark.parametrize("pad", [[1, 1, 1], [1, 1, 1, 1, 1, 1], [-200, -100], [0, 0, -65, 0]])

@@ -85,17 +85,22 @@ def copy_in_parts_of_any_layouts(func: OpOverload, types: tuple, args: tuple, kw
 
 def _copy_into_paged_in_parts(target: PagedTensor, source: torch.Tensor) -> None:
     """``target.copy_(source)`` (same shape, no page shared), a part of ``target``'s pages at a time;
-    a paged ``source``'s part is first copied into a plain tensor a part of its own pages at a time.
+    a paged ``source``'s part is first copied into a plain buffer a part of its own pages at a time.
+    That buffer has the target part's dtype and strides (it spans no more than the part, at most a
+    piece), so the conversion runs between the source's layout and the target's, as the dense
+    ``copy_`` runs it: torch's CPU kernels write some values (a NaN converted to bfloat16) with
+    other bits on a loop over two contiguous layouts than on a strided one. The buffer then goes
+    into the part as it is, a copy of one dtype.
 
     Stream order: each part's copies run on the current stream, one part after another."""
     piece = piece_elements_of([target]) or 1
     for narrowings in _parts(target, piece):
-        source_part = _narrowed(source, narrowings)
+        source_part, target_part = _narrowed(source, narrowings), _narrowed(target, narrowings)
         if isinstance(source_part, PagedTensor):
-            plain = torch.empty(source_part.shape, dtype=source_part.dtype, device=source_part.device)
-            copy_in_parts(plain, source_part)  # resolves a conjugate or negative bit, as copy_ does
+            plain = torch.empty_strided(target_part.shape, target_part.stride(), dtype=target_part.dtype, device=target_part.device)
+            copy_in_parts(plain, source_part)  # converts; resolves a conjugate or negative bit, as copy_ does
             source_part = plain
-        _narrowed(target, narrowings).copy_(source_part)
+        target_part.copy_(source_part)
 
 
 @implements([aten.cat.default, aten.stack.default])
