@@ -385,6 +385,30 @@ def test_a_gather_of_a_one_dimensional_table_of_any_dtype(device, dtype):
                     assert type(got) is torch.Tensor and got.dtype == dtype and torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.float32], ids=str)
+def test_masked_select_of_a_dtype_torch_lacks_raises_its_error_past_the_tier(device, dtype):
+    """``torch.masked_select`` (and its ``out=`` form) of a uint16/32/64 table, which torch's CPU
+    kernel lacks where the mask selects an element: past the tier it ran as ``t[mask]`` (``aten.index``
+    has those dtypes) and returned the elements; now torch's NotImplementedError, as the dense op and
+    the paged one within the tier raise. A mask selecting nothing gives what the dense op gives."""
+    generator = torch.Generator().manual_seed(0)
+    for rows in (4, 9 * TIER_BYTES // (256 * dtype.itemsize)):  # within the tier, then past it
+        table = torch.randint(0, 60000, (rows, 256), generator=generator).to(dtype).to(device)
+        masks = [(torch.rand(rows, 256, generator=generator) > 0.9).to(device), (torch.rand(256, generator=generator) > 0.5).to(device),
+                 torch.zeros(rows, 256, dtype=torch.bool, device=device)]  # fmt: skip
+        with make_pager(device) as pager:
+            paged = PagedTensor.wrap(table, pager)
+            for mask in masks:
+                for op in (torch.masked_select, lambda t, m: torch.masked_select(t, m, out=torch.empty(0, dtype=dtype, device=device))):
+                    expected, expected_error = _result_or_error(lambda: op(table, mask))
+                    got, got_error = _result_or_error(lambda: op(paged, mask))
+                    assert (type(got_error), str(got_error)) == (type(expected_error), str(expected_error)), (rows, mask.shape)
+                    if expected_error is None:
+                        assert type(got) is torch.Tensor and got.dtype == dtype and torch.equal(got, expected)
+                    assert within_tier(pager)
+
+
 def _result_or_error(call: Callable[[], torch.Tensor]) -> tuple[torch.Tensor | None, Exception | None]:
     """``(result, None)`` of ``call()``, or ``(None, error)`` where it raises NotImplementedError."""
     try:

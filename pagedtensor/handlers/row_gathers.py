@@ -766,7 +766,9 @@ def masked_select(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> 
     by a bool mask on the table's device of its shape or broadcast to it (expanded), as
     ``table[mask]`` (the same elements in the same row-major order, a 1-D result:
     :func:`gather_elements`). Other forms (a table broadcast against a larger mask) raise
-    :class:`OutOfPagesError` past the tier."""
+    :class:`OutOfPagesError` past the tier. A dtype torch's kernel lacks (uint16/32/64 on the CPU,
+    which ``aten.index`` has) raises torch's error, from the dense op on a one-element stand-in,
+    where the mask selects an element (the dense op raises only then)."""
     try:
         return DISPATCHER.run_paged(func, types, args, kwargs)
     except _OpTooLarge:
@@ -775,7 +777,13 @@ def masked_select(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> 
             raise
         if mask.dtype != torch.bool or mask.device != table.device or broadcast_shape([mask, table]) != tuple(table.shape):
             raise
-    return aten.index.Tensor(table, [_dense(mask).expand(table.shape)])
+    mask = _dense(mask)
+    try:  # torch's checks of the dtype: the dense op on a one-element stand-in selecting its element
+        func(torch.empty(1, dtype=table.dtype, device=table.device), torch.ones(1, dtype=torch.bool, device=table.device))
+    except (NotImplementedError, RuntimeError):
+        if table.numel() and mask.any():
+            raise
+    return aten.index.Tensor(table, [mask.expand(table.shape)])
 
 
 _FUNCTIONAL_OF_OUT = {
