@@ -1055,6 +1055,45 @@ def _torchs_overlap_error(func: OpOverload, args: tuple, kwargs: dict, written: 
     return None
 
 
+def _torchs_random_argument_error(func: OpOverload, args: tuple, kwargs: dict, written: list[PagedTensor]) -> Optional[Exception]:
+    """torch's error for a random op's arguments (``uniform_(2, 1)``, ``bernoulli_(1.5)``,
+    ``multinomial`` of a 3-D input or of more samples than categories), which its kernel checks
+    before it draws: found by running that kernel on stand-ins holding no memory (each tensor it
+    reads a zero-stride view of a one, each it writes one element) with a generator of its own, so
+    that no number is drawn from the caller's. None where the kernel takes them (the pager's error
+    stands; a check of the values, as ``multinomial``'s of its probabilities, is not made), and for
+    an op that takes no generator (it would draw from the default one)."""
+    position = next((index for index, argument in enumerate(func._schema.arguments) if argument.name == "generator"), None)
+    tensors = [value for value in tree_leaves((args, kwargs)) if isinstance(value, torch.Tensor)]
+    if position is None or not tensors or any(t.layout != torch.strided for t in tensors):
+        return None
+    written_ids = {id(t) for t in written}
+
+    def stand_in(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if id(value) in written_ids or value is kwargs.get("out"):
+            return torch.empty((1,) * value.dim(), dtype=value.dtype, device=value.device)
+        return torch.ones((), dtype=value.dtype, device=value.device).expand(value.shape)
+
+    stand_in_args, stand_in_kwargs = [stand_in(value) for value in args], {name: stand_in(value) for name, value in kwargs.items()}
+    generator = torch.Generator(device=tensors[0].device)
+    if position < len(stand_in_args):
+        stand_in_args[position] = generator
+    else:
+        stand_in_kwargs["generator"] = generator
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            func(*stand_in_args, **stand_in_kwargs)
+    except (RuntimeError, ValueError, NotImplementedError) as error:
+        if "single memory location" not in str(error):
+            return type(error)(f"PagedTensor: {func}: {error}")
+    except Exception:  # noqa: BLE001 - any other complaint of the stand-ins: the pager's error stands
+        pass
+    return None
+
+
 def _as_pagers_error(error: "_OpTooLarge", func: OpOverload, info: OpInfo, args: tuple, kwargs: dict) -> Exception:
     """``error`` as the pager's error type that caused it (DeviceTierFullError where the device
     tier was the bound), for the caller, or torch's overlap error where the op writes a PagedTensor
@@ -1071,9 +1110,9 @@ def _as_pagers_error(error: "_OpTooLarge", func: OpOverload, info: OpInfo, args:
     message = str(error)
     leaves = _paged_leaves(args, kwargs)
     written = _written_leaves(info, args, kwargs)
-    overlap = None if info.random else _torchs_overlap_error(func, args, kwargs, written)
-    if overlap is not None:
-        return overlap
+    refused = _torchs_random_argument_error(func, args, kwargs, written) if info.random else _torchs_overlap_error(func, args, kwargs, written)
+    if refused is not None:
+        return refused
     overlapped = next(
         ((target, other) for target in written for other in leaves
          if other is not target and other._paged is target._paged and _partly_overlapping(target, other)),

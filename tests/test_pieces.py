@@ -918,6 +918,72 @@ def test_a_random_fill_past_the_tier_names_the_way_round(device, name):
             torch.bernoulli(probabilities)
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_random_ops_that_draw_nothing_run_past_the_tier(device):
+    """``nn.RReLU`` in eval mode is ``leaky_relu`` with the mean slope, and ``native_dropout`` with
+    ``train=False`` a clone and a mask of ones: no number drawn. Past the tier both raised the
+    random op's error (found by a helper's probe); they run a piece at a time, with the dense op's
+    bits and layout, and draw nothing. A form that draws still raises."""
+    base = torch.randn(256, 128, generator=torch.Generator().manual_seed(1)).to(device)  # 32 pages; the tier holds 6
+    with make_pager(device) as pager:
+        table = PagedTensor.wrap(base.clone(), pager)
+        rng_state = torch.random.get_rng_state if device == "cpu" else torch.cuda.get_rng_state
+        state = rng_state()
+        for view in (lambda t: t, lambda t: t.T):
+            got = torch.nn.RReLU(0.1, 0.3).eval()(view(table))
+            expected = torch.nn.RReLU(0.1, 0.3).eval()(view(base))
+            assert same_bits(got, expected) and got.stride() == expected.stride()
+            out, mask = torch.ops.aten.native_dropout(view(table), 0.5, False)
+            dense_out, dense_mask = torch.ops.aten.native_dropout(view(base), 0.5, False)
+            assert same_bits(out, dense_out) and out.stride() == dense_out.stride()
+            assert torch.equal(mask, dense_mask) and mask.stride() == dense_mask.stride()
+        copy = PagedTensor.wrap(base.clone(), pager)
+        torch.nn.functional.rrelu_(copy, 0.1, 0.3, training=False)
+        assert same_bits(copy.materialize(), torch.nn.functional.rrelu(base, 0.1, 0.3, training=False))
+        assert torch.equal(state, rng_state()), "a form that draws nothing drew"
+        with pytest.raises(DeviceTierFullError, match="random op"):
+            torch.nn.RReLU().train()(table)
+        with pytest.raises(DeviceTierFullError, match="random op"):
+            torch.ops.aten.native_dropout(table, 0.5, True)
+        assert same_bits(table.materialize(), base)
+
+
+RANDOM_OPS_REFUSED = {
+    "normal_(0, -1)": lambda t: t.normal_(0, -1),
+    "uniform_(2, 1)": lambda t: t.uniform_(2, 1),
+    "bernoulli_(1.5)": lambda t: t.bernoulli_(1.5),
+    "geometric_(0)": lambda t: t.geometric_(0),
+    "random_(5, 5)": lambda t: t.random_(5, 5),
+    "multinomial of 3 dims": lambda t: torch.multinomial(t.view(16, 16, 128).abs(), 2),
+    "multinomial of more samples than categories": lambda t: torch.multinomial(t.abs(), 200),
+    "uniform_ of int64": lambda t: t.view(torch.int64).uniform_(),
+}
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("name", RANDOM_OPS_REFUSED)
+def test_a_random_op_past_the_tier_refuses_arguments_in_torchs_words(device, name):
+    """Past the tier a random op raised the pager's error even for arguments torch refuses, whose
+    way round (fill a plain tensor and copy it in) then failed with torch's error (found by a
+    helper's probe). torch's kernel checks them before it draws: its error comes now, from a run on
+    stand-ins with a generator of their own, so no number is drawn from the caller's."""
+    op = RANDOM_OPS_REFUSED[name]
+    base = torch.rand(256, 128, generator=torch.Generator().manual_seed(1)).to(device)  # 32 pages; the tier holds 6
+    with pytest.raises((RuntimeError, NotImplementedError)) as dense:
+        op(base.clone())
+    rng_state = torch.random.get_rng_state if device == "cpu" else torch.cuda.get_rng_state
+    with make_pager(device) as pager:
+        table = PagedTensor.wrap(base.clone(), pager)
+        state = rng_state()
+        with pytest.raises(type(dense.value)) as paged:
+            op(table)
+        assert str(dense.value) in str(paged.value) and not isinstance(paged.value, OutOfPagesError)
+        assert torch.equal(state, rng_state()) and same_bits(table.materialize(), base)
+        with pytest.raises(DeviceTierFullError, match="random op"):
+            table.uniform_(0, 1)  # arguments torch takes: the pager's error, the caller's numbers not drawn
+        assert torch.equal(state, rng_state())
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
 def test_partly_overlapping_is_torchs_own_refusal_of_a_written_view(data):

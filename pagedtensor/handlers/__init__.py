@@ -11,6 +11,6 @@ registers once (:meth:`~pagedtensor.dispatch.PagedDispatcher.implements` raises 
 from __future__ import annotations
 
 # In this order (not sorted): the order the handlers register in.
-from pagedtensor.handlers import views, conversions, copies, reductions, metadata, fills, row_gathers, row_scatters, scatter_copies, row_moves, row_wise, nonzero, grouped_mm, linear
+from pagedtensor.handlers import views, conversions, copies, reductions, metadata, fills, random_ops, row_gathers, row_scatters, scatter_copies, row_moves, row_wise, nonzero, grouped_mm, linear
 
-__all__ = ["views", "conversions", "copies", "reductions", "metadata", "fills", "row_gathers", "row_scatters", "scatter_copies", "row_moves", "row_wise", "nonzero", "grouped_mm", "linear"]
+__all__ = ["views", "conversions", "copies", "reductions", "metadata", "fills", "random_ops", "row_gathers", "row_scatters", "scatter_copies", "row_moves", "row_wise", "nonzero", "grouped_mm", "linear"]

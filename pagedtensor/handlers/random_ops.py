@@ -1,0 +1,49 @@
+"""The handler of random ops called in forms that draw no number: ``rrelu`` in eval mode
+(``aten.rrelu_with_noise`` with ``training=False``, ``nn.RReLU`` after ``model.eval()``) is
+``leaky_relu`` with the slope ``(lower + upper) / 2``, and ``native_dropout`` with ``train=False``
+is a clone and a mask of ones, as torch's kernels compute them. Past the device tier those run a
+piece of pages at a time, as any elementwise op; a random op that draws raises the pager's error
+there, since no run in pieces draws its numbers in the kernel's order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch._ops import OpOverload
+
+from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, aten, implements
+from pagedtensor.handlers.parts import _arguments_by_name
+
+
+@implements([aten.rrelu_with_noise.default, aten.rrelu_with_noise_.default, aten.native_dropout.default])
+def random_op_drawing_nothing(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """The generic way while the pages fit on the device tier at once (torch's kernel, its checks);
+    past it, a form that draws nothing as the ops torch's kernel runs for it, in pieces:
+
+    - ``rrelu_with_noise(self, noise, lower, upper, training=False)``: ``leaky_relu`` into a
+      contiguous result (torch's ``empty_like`` of the legacy contiguous format), or in place for
+      ``rrelu_with_noise_``; ``noise`` must have ``self``'s shape, as torch checks;
+    - ``native_dropout(input, p, train=False)``: ``input.clone()`` and a bool mask of ones.
+
+    A form that draws (``training=True``, ``train`` True or None) raises the pager's error."""
+    try:
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    except _OpTooLarge:
+        bound = _arguments_by_name(func, args, kwargs)
+        if func is aten.native_dropout.default:
+            if bound["train"] is not False:
+                raise
+        elif bound["training"] or tuple(bound["noise"].shape) != tuple(bound["self"].shape):
+            raise  # (a noise of another shape: the pager's error, as for any op past the tier)
+    if func is aten.native_dropout.default:
+        source = bound["input"]
+        return source.clone(), torch.ones_like(source, dtype=torch.bool)
+    # As torch computes the slope: the two scalars added and halved as tensors, read back.
+    slope = ((torch.scalar_tensor(bound["lower"], dtype=torch.float64) + bound["upper"]) / 2).item()
+    source = bound["self"]
+    if func is aten.rrelu_with_noise_.default:
+        return aten.leaky_relu_.default(source, slope)
+    out = torch.empty(source.shape, dtype=source.dtype, device=source.device)
+    return aten.leaky_relu.out(source, slope, out=out)
