@@ -245,6 +245,8 @@ def _layout_key(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple]:
 
     def part(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
+            if value.layout != torch.strided or value.is_nested:  # no strides (sparse, nested): no key
+                raise _NotAKey
             allocation = allocations.setdefault(id(value._paged), len(allocations)) if isinstance(value, PagedTensor) else -1
             return allocation, tuple(value.shape), value.stride(), value.storage_offset(), value.dtype, value.device
         if type(value) in (list, tuple):
@@ -266,14 +268,20 @@ class _NotAKey(Exception):
 def _meta_run_returns_an_input(func: OpOverload, args: tuple, kwargs: dict) -> Optional[bool]:
     """Whether ``func`` run on meta tensors of its arguments' layouts (a PagedTensor's over its
     allocation's meta base) returns a tensor sharing a PagedTensor argument's storage; None when that
-    run fails (it needed a value, such as narrow's tensor start)."""
+    run fails (it needed a value, such as narrow's tensor start) or an argument or result has no
+    strides (a sparse or nested tensor: no storage to compare)."""
+    if any(isinstance(t, torch.Tensor) and (t.layout != torch.strided or t.is_nested) for t in tree_leaves((args, kwargs))):
+        return None
     meta_args, meta_kwargs = tree_map(meta_layout, (args, kwargs))
     try:
         out = func(*meta_args, **meta_kwargs)
     except Exception:  # noqa: BLE001 - e.g. a PagedTensor read as a number (narrow's tensor start)
         return None
+    results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if any(t.layout != torch.strided or t.is_nested for t in results):
+        return None
     inputs = {meta_like(t).untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, PagedTensor)}
-    return any(isinstance(t, torch.Tensor) and t.untyped_storage()._cdata in inputs for t in tree_leaves(out))
+    return any(t.untyped_storage()._cdata in inputs for t in results)
 
 
 class PagedDispatcher:
