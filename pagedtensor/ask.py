@@ -26,7 +26,7 @@ from typing import Optional, Sequence, TextIO
 
 import torch
 
-from pagedtensor.cli_args import config_error, positive_int, size_type
+from pagedtensor.cli_args import config_error, disk_full_error, positive_int, size_type
 from pagedtensor.config import MemoryConfig, format_size, parse_size
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.report import print_rows, traffic_rows
@@ -222,6 +222,11 @@ def main_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         )
     except OutOfPagesError as error:  # a slab the machine cannot give, a budget under a layer's weight
         parser.error(str(error))
+    except OSError as error:  # the disk tier's file system is full: it bounds the disk tier here
+        message = disk_full_error(error, args.nvme_path, "ask", "a larger --vram-limit or --host-memory")
+        if message is None:
+            raise
+        parser.error(message)
     return 0 if ok else 1
 
 

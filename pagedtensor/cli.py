@@ -9,11 +9,9 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
 import importlib.util
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -21,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from pagedtensor.cli_args import config_error, size_type
+from pagedtensor.cli_args import config_error, disk_full_error, size_type
 from pagedtensor.config import MemoryConfig, format_size, machine_memory_bytes
 from pagedtensor.errors import SlabAllocationError
 from pagedtensor.ask import add_ask_arguments, ask_arguments_error, main_from_args
@@ -150,11 +148,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except MemoryError as error:  # the demo data did not fit after all (memory in use)
             demo.error(f"argument --size: {str(error).removeprefix('size: ')}")
         except OSError as error:  # the disk tier's file system is full: it bounds the disk tier here
-            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            message = disk_full_error(error, args.nvme_path, "demo", "a smaller --size")
+            if message is None:
                 raise
-            folder = args.nvme_path if args.nvme_path else f"{tempfile.gettempdir()} (the demo's temporary folder)"
-            demo.error(f"argument --nvme-path: the file system under {folder} has no room for the pages the demo spills "
-                       f"there ({os.strerror(error.errno)}): choose a folder with more free space, or a smaller --size")  # fmt: skip
+            demo.error(message)
         return 0 if ok else 1
     if args.command == "ask":
         error = ask_arguments_error(args)

@@ -7,6 +7,8 @@ argparse reports an ``ArgumentTypeError`` raised by a ``type`` function as
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import tempfile
 from typing import Callable, Optional
 
@@ -78,3 +80,15 @@ def config_error(**settings: object) -> Optional[str]:
         except OSError as error:
             return f"nvme_path: cannot create files in {config.nvme_path!r}: {error.strerror or error}"
     return None
+
+
+def disk_full_error(error: OSError, nvme_path: Optional[str], command: str, smaller: str) -> Optional[str]:
+    """The usage error of a full file system under the disk tier (``ENOSPC``, ``EDQUOT`` from its
+    writes), naming ``--nvme-path`` and what to change (``smaller``: the option that spills less);
+    None for any other ``OSError`` (raised as it is). The pager's own advice,
+    ``MemoryConfig(disk_limit=...)``, is no option of the command line."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    folder = nvme_path if nvme_path else f"{tempfile.gettempdir()} (the {command}'s temporary folder)"
+    return (f"argument --nvme-path: the file system under {folder} has no room for the pages the {command} spills "
+            f"there ({os.strerror(error.errno)}): choose a folder with more free space, or {smaller}")  # fmt: skip

@@ -193,6 +193,31 @@ def test_demo_whose_disk_folder_is_full_is_a_usage_error_naming_it(capsys, monke
     assert "No space left on device" in err and "a smaller --size" in err
 
 
+@pytest.mark.parametrize("given_folder", [True, False])
+def test_ask_whose_disk_folder_is_full_is_a_usage_error_naming_it(capsys, monkeypatch, tmp_path, given_folder):
+    """As for the demo: a full file system under ``ask``'s disk tier (ENOSPC while enable_paging pages
+    the weights) raised the pager's traceback with exit status 1, the status of an answer that differs
+    from the unpaged one (found by a helper's probe, on a 1 MiB tmpfs). A usage error names
+    --nvme-path; another disk error is raised as it is."""
+    import pagedtensor.ask
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "disk tier: writing slot 0 failed: No space left on device")
+
+    monkeypatch.setattr(pagedtensor.ask, "run_ask", full)
+    err = usage_error(["ask", *(["--nvme-path", str(tmp_path)] if given_folder else [])], capsys)
+    folder = str(tmp_path) if given_folder else "(the ask's temporary folder)"
+    assert "pagedllm ask: error: argument --nvme-path: the file system under " in err and folder in err
+    assert "No space left on device" in err and "--vram-limit" in err
+
+    def failing(*args, **kwargs):
+        raise OSError(errno.EIO, "disk tier: writing slot 0 failed: Input/output error")
+
+    monkeypatch.setattr(pagedtensor.ask, "run_ask", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        main(["ask"])
+
+
 def test_demo_disk_errors_other_than_a_full_file_system_are_raised(monkeypatch):
     from pagedtensor.tiers.disk import DiskTier
 
