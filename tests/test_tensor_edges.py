@@ -976,3 +976,17 @@ def test_composite_ops_with_sparse_or_nested_operands_run_as_on_plain_tensors(pa
         assert torch.equal(torch.matmul(csr, PagedTensor.wrap(right, pager)), torch.matmul(csr, right))
         built = torch.sparse_coo_tensor(coo.indices(), PagedTensor.wrap(coo.values(), pager), (4, 5))
         assert torch.equal(built.to_dense(), dense)
+
+
+def test_dequantize_of_a_float_tensor_is_the_tensor_itself(pager):
+    """torch's ``dequantize`` of a tensor not quantized is ``t.to(torch.float32)``: a float32 tensor
+    comes back itself. Its schema names no alias, so a PagedTensor came back as a dense copy and
+    writes through it were lost (found by a helper's probe)."""
+    paged = PagedTensor.wrap(torch.ones(4, 5), pager)
+    assert paged.dequantize() is paged
+    paged.dequantize().add_(1)
+    assert torch.equal(paged.materialize(), torch.full((4, 5), 2.0))
+    for dtype in (torch.float16, torch.int64):
+        dense = torch.arange(20, dtype=dtype).reshape(4, 5)
+        got, expected = PagedTensor.wrap(dense.clone(), pager).dequantize(), dense.dequantize()
+        assert got.dtype == expected.dtype == torch.float32 and torch.equal(got, expected)

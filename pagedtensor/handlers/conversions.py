@@ -110,3 +110,12 @@ def _inside_autocast() -> bool:
     level = torch.autocast_increment_nesting()
     torch.autocast_decrement_nesting()
     return level > 1
+
+
+@implements([aten.dequantize.self])
+def dequantize_of_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``t.dequantize()`` of a PagedTensor (never a quantized one): torch's kernel of a tensor not
+    quantized, ``t.to(torch.float32)``: the tensor itself where it is float32, so writes through the
+    result reach its pages (the schema names no alias, so the generic way returned a dense copy),
+    else its conversion (:func:`convert_into_pages`)."""
+    return args[0].to(torch.float32)
