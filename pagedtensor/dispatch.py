@@ -1111,9 +1111,10 @@ def _as_pagers_error(error: "_OpTooLarge", func: OpOverload, info: OpInfo, args:
     elementwise, copy and index kernels refuse on any tensor (``torch.add(t[1:], 1, out=t[:-1])``):
     within the tier the op runs on views of one storage and raises torch's own error; past it
     there is no such view to run it on, and the error names the overlap beside the tier. For a
-    random op (``normal_``, ``uniform_``: :attr:`OpInfo.random`) it names the way round: a plain
-    tensor filled and copied in, or for one that writes no PagedTensor (``torch.bernoulli(t)``) the
-    op on a plain copy."""
+    random op (``normal_``, ``uniform_``: :attr:`OpInfo.random`) it is torch's error where torch
+    refuses the arguments (:func:`_torchs_random_argument_error`), else it names the way round: a
+    plain tensor filled and copied in, or for one that writes no PagedTensor (``torch.bernoulli(t)``)
+    the op on a plain copy."""
     pagers_type = type(error.__cause__) if isinstance(error.__cause__, OutOfPagesError) else OutOfPagesError
     message = str(error)
     leaves = _paged_leaves(args, kwargs)
