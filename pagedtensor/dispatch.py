@@ -1063,41 +1063,48 @@ def _torchs_overlap_error(func: OpOverload, args: tuple, kwargs: dict, written: 
     return None
 
 
-def _torchs_random_argument_error(func: OpOverload, args: tuple, kwargs: dict, written: list[PagedTensor]) -> Optional[Exception]:
+# Random ops whose argument checks a stand-in run finds (:func:`_torchs_random_argument_error`):
+# fills of ``self`` alone, and ``multinomial``, whose result is small (rows x samples).
+_RANDOM_FILLS = frozenset(
+    getattr(packet, name)
+    for packet in (aten.uniform_, aten.normal_, aten.bernoulli_, aten.exponential_, aten.geometric_, aten.cauchy_,
+                   aten.log_normal_, aten.random_)
+    for name in packet.overloads()
+)  # fmt: skip
+
+
+def _torchs_random_argument_error(func: OpOverload, args: tuple, kwargs: dict) -> Optional[Exception]:
     """torch's error for a random op's arguments (``uniform_(2, 1)``, ``bernoulli_(1.5)``,
-    ``multinomial`` of a 3-D input or of more samples than categories), which its kernel checks
-    before it draws: found by running that kernel on stand-ins holding no memory (each tensor it
-    reads a zero-stride view of a one, each it writes one element) with a generator of its own, so
-    that no number is drawn from the caller's. None where the kernel takes them (the pager's error
-    stands; a check of the values, as ``multinomial``'s of its probabilities, is not made), and for
-    an op that takes no generator (it would draw from the default one)."""
-    position = next((index for index, argument in enumerate(func._schema.arguments) if argument.name == "generator"), None)
+    ``random_(5, 5)``, ``multinomial`` of a 3-D input or of more samples than categories), which its
+    kernel checks before it draws: found by running that kernel on a stand-in with a generator of
+    its own, so that no number is drawn from the caller's. Only where the stand-in is small and the
+    kernel safe on it: a fill whose one tensor is ``self`` (filled as one element) and
+    ``multinomial`` (its input a zero-stride view of a one: its result has a row per input row).
+    None where the kernel takes the arguments (the pager's error stands; a check of the values, as
+    ``multinomial``'s of its probabilities, is not made) and for every other random op (a kernel
+    that writes a tensor other than ``self``, as ``rrelu``'s noise, may assume it full-size)."""
     tensors = [value for value in tree_leaves((args, kwargs)) if isinstance(value, torch.Tensor)]
-    if position is None or not tensors or any(t.layout != torch.strided for t in tensors):
-        return None
-    written_ids = {id(t) for t in written}
-
-    def stand_in(value: Any) -> Any:
-        if not isinstance(value, torch.Tensor):
-            return value
-        if id(value) in written_ids or value is kwargs.get("out"):
-            return torch.empty((1,) * value.dim(), dtype=value.dtype, device=value.device)
-        return torch.ones((), dtype=value.dtype, device=value.device).expand(value.shape)
-
-    stand_in_args, stand_in_kwargs = [stand_in(value) for value in args], {name: stand_in(value) for name, value in kwargs.items()}
-    generator = torch.Generator(device=tensors[0].device)
-    if position < len(stand_in_args):
-        stand_in_args[position] = generator
+    if func in _RANDOM_FILLS and len(tensors) == 1 and tensors[0] is args[0]:
+        self = args[0]
+        stand_in = torch.empty((1,) * self.dim(), dtype=self.dtype, device=self.device)
+    elif func is aten.multinomial.default and len(tensors) == 1 and tensors[0] is args[0] and args[0].layout == torch.strided:
+        stand_in = torch.ones((), dtype=args[0].dtype, device=args[0].device).expand(args[0].shape)
     else:
-        stand_in_kwargs["generator"] = generator
+        return None
+    # A generator of its own, where the caller's would go (by position or by name).
+    position = next(index for index, argument in enumerate(func._schema.arguments) if argument.name == "generator")
+    stand_in_args, stand_in_kwargs = [stand_in, *args[1:]], dict(kwargs)
+    if position < len(stand_in_args):
+        stand_in_args[position] = torch.Generator(device=stand_in.device)
+    else:
+        stand_in_kwargs["generator"] = torch.Generator(device=stand_in.device)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             func(*stand_in_args, **stand_in_kwargs)
     except (RuntimeError, ValueError, NotImplementedError) as error:
-        if "single memory location" not in str(error):
-            return type(error)(f"PagedTensor: {func}: {error}")
-    except Exception:  # noqa: BLE001 - any other complaint of the stand-ins: the pager's error stands
+        return type(error)(f"PagedTensor: {func}: {error}")
+    except Exception:  # noqa: BLE001 - any other complaint of the stand-in: the pager's error stands
         pass
     return None
 
@@ -1119,7 +1126,7 @@ def _as_pagers_error(error: "_OpTooLarge", func: OpOverload, info: OpInfo, args:
     message = str(error)
     leaves = _paged_leaves(args, kwargs)
     written = _written_leaves(info, args, kwargs)
-    refused = _torchs_random_argument_error(func, args, kwargs, written) if info.random else _torchs_overlap_error(func, args, kwargs, written)
+    refused = _torchs_random_argument_error(func, args, kwargs) if info.random else _torchs_overlap_error(func, args, kwargs, written)
     if refused is not None:
         return refused
     overlapped = next(
