@@ -401,6 +401,12 @@ class ResidentPages:
 _LIVE_PAGERS: "weakref.WeakSet[Pager]" = weakref.WeakSet()
 
 
+# The threads waiting for pins, on any pager (each also in that pager's ``_pin_waiters``): a thread
+# whose request waits on one pager's pins may hold pins on another, which a wait there cannot get.
+# Changed under the lock of the pager waited on (set operations, atomic under the GIL).
+_THREADS_WAITING_FOR_PINS: set[int] = set()
+
+
 def _after_fork_in_child() -> None:
     """A forked child gets a copy of every pager: give each a fresh lock and no prefetch thread
     (threads do not survive a fork), and drop the pins of the parent's other threads (none of them
@@ -411,6 +417,7 @@ def _after_fork_in_child() -> None:
     a slot taken and its copy not made) is closed in the child: its calls raise ``RuntimeError``
     saying so, where they read a slot's stale bytes."""
     me = threading.get_ident()
+    _THREADS_WAITING_FOR_PINS.clear()
     for pager in list(_LIVE_PAGERS):
         lock = pager._lock
         inside = lock.acquire(blocking=False)  # fails where another thread held it at the fork
@@ -1403,11 +1410,17 @@ class Pager:
         if _distinct_pages([key[1:] for key in held if key[0] == me]) > self.device_tier.capacity_pages:
             return False
         others = list({key[0] for key in held if key[0] != me})
+        # Announced before looking: two threads looking at once, each under another pager's lock,
+        # each see the other waiting (both raise), where neither might (both waiting for nothing).
+        _THREADS_WAITING_FOR_PINS.add(me)
         if others:
             alive = {thread.ident for thread in threading.enumerate()}
-            others = [owner for owner in others if owner in alive and owner not in self._pin_waiters]
+            # A thread waiting for pins on any pager (this one's, or another's while it pins pages
+            # here: an op across two pagers) waits on some thread's pins too.
+            others = [owner for owner in others if owner in alive and owner not in _THREADS_WAITING_FOR_PINS]
         remaining = deadline - time.monotonic()
         if not others or remaining <= 0:
+            _THREADS_WAITING_FOR_PINS.discard(me)
             return False
         if letting_go is not None:
             allocation, start, stop = letting_go
@@ -1465,6 +1478,7 @@ class Pager:
                 raise RuntimeError(f"pages {busy[0].index}..{busy[-1].index} of allocation {allocation.id} are being overwritten "
                                    f"by another thread, whose holder was not released within pin_wait_s={self.config.pin_wait_s} s")
             self._pin_waiters.add(me)  # a release wakes the waiters
+            _THREADS_WAITING_FOR_PINS.add(me)
             try:
                 with interruptible():  # Ctrl-C raises at once here (a wait of up to pin_wait_s); nothing is pinned yet
                     self._unpinned.wait(min(deadline - now, threading.TIMEOUT_MAX))
@@ -1478,6 +1492,7 @@ class Pager:
         and as woken until they try again (:meth:`_let_woken_waiters_go_first`)."""
         no_priority = self._no_priority
         self._woken.update(waiter for waiter in self._pin_waiters if waiter not in no_priority)
+        _THREADS_WAITING_FOR_PINS.difference_update(self._pin_waiters)
         self._pin_waiters.clear()
         self._unpinned.notify_all()
 
@@ -1485,6 +1500,7 @@ class Pager:
         """After this thread's wait for pins (under the lock, held on through its next try): it waits
         no more, and once the last thread woken has its turn, the requests held back for them go on."""
         self._pin_waiters.discard(me)
+        _THREADS_WAITING_FOR_PINS.discard(me)
         woken = self._woken
         if me in woken:
             woken.discard(me)

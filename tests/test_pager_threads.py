@@ -812,3 +812,53 @@ def test_an_ops_remembered_answer_cleared_by_another_thread_is_worked_out_again(
         for _ in range(2):
             assert torch.equal(paged @ paged, dense @ dense)
     pager.close()
+
+
+def test_threads_waiting_on_each_others_pins_across_two_pagers_do_not_wait_for_nothing() -> None:
+    """Thread 1 adds tensors of pager B into one of pager A, thread 2 of A into one of B, op after
+    op: each op pins its first operand, a whole device tier, and needs the other's, which the other
+    thread may pin. Each pager counted only its own waiters, so it took the other thread, waiting on
+    the other pager, for a holder that may let go: both waited the whole pin_wait_s (found by a
+    helper's probe). As on one pager, the last to come raises at once and the other goes on; every
+    op that went through added its operand (one that raised partway, its first pieces)."""
+    from pagedtensor import PagedTensor
+
+    wait_s, run_s = 6.0, 2.0
+
+    def tight_pager() -> Pager:
+        return Pager(MemoryConfig(page_size=4096, vram_limit=4 * 4096, host_memory=64 * 4096, slab_size=64 * 4096,
+                                  prefetch_strategy="none", device="cpu", pin_wait_s=wait_s))  # fmt: skip
+
+    a_pager, b_pager = tight_pager(), tight_pager()
+    a1, a2 = (PagedTensor.wrap(torch.full((4096,), value), a_pager) for value in (0.0, 1.0))  # 4 pages each: a whole tier
+    b1, b2 = (PagedTensor.wrap(torch.full((4096,), value), b_pager) for value in (1.0, 0.0))
+    barrier = threading.Barrier(2)
+    worst, done, tried = [0.0, 0.0], [0, 0], [0, 0]
+
+    def work(index: int) -> None:
+        target, source = (a1, b1) if index == 0 else (b2, a2)
+        barrier.wait()
+        started = time.monotonic()
+        while time.monotonic() - started < run_s:
+            began = time.monotonic()
+            tried[index] += 1
+            try:
+                target.add_(source)
+                done[index] += 1
+            except DeviceTierFullError:
+                pass
+            worst[index] = max(worst[index], time.monotonic() - began)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert max(worst) < wait_s / 2, f"an op waited {max(worst):.2f} s on the other thread (pin_wait_s={wait_s})"
+    assert sum(done), "no op went through"
+    for target, index in ((a1, 0), (b2, 1)):  # an op that raised in pieces keeps the pieces it wrote (README)
+        values = target.materialize()
+        assert values.min() >= done[index] and values.max() <= tried[index] and torch.equal(values, values.round())
+    for pager in (a_pager, b_pager):
+        assert not pager._pinned_ranges
+        pager.close()
