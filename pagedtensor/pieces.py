@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 from torch._ops import OpOverload
-from torch._prims_common import make_contiguous_strides_for
+from torch._prims_common import compute_elementwise_output_strides, make_contiguous_strides_for
 
 from pagedtensor.tensor import PagedTensor, byte_span, dense_and_non_overlapping, element_span, math_bits, meta_layout
 
@@ -605,8 +605,55 @@ _FLOAT8 = frozenset(dtype for dtype in vars(torch).values() if isinstance(dtype,
 
 # Ops whose kernels lay their result out contiguously whatever the inputs' layouts (``pow.Scalar``'s
 # structured meta function sets its output with no strides; ``float_power.Scalar`` calls it), where
-# torch's Python meta kernels keep the exponent's: ``2 ** t.T``.
+# torch's Python meta kernels keep the exponent's: ``2 ** t.T``. ``angle`` of a complex tensor joins
+# them (:func:`_contiguous_result`): its one kernel for every device computes a complex result, then
+# resizes an empty real one to its shape (contiguous) and copies it in; the meta kernel keeps the
+# input's layout.
 _CONTIGUOUS_RESULTS = frozenset({aten.pow.Scalar, aten.float_power.Scalar})
+
+# Ops whose kernel is one TensorIterator over their tensor operands in their order, on every device
+# (a structured meta function deriving TensorIteratorBase, which the CPU and CUDA kernels share, or one
+# native function for both, ATen/ops/*_native.h listing no CUDA one: ``floor_divide``, and the logical
+# ops through ``comparison_op``), where torch's Python meta kernel is
+# a decomposition into several prims whose result takes the layout of an intermediate: xlogy's and
+# xlog1py's last ``where(isnan(other), nan, ...)`` is laid out as ``other`` rather than ``self``, and
+# an intermediate of a 0-dim operand expanded to the result's shape (``signbit(other)`` in copysign,
+# ``ne(other, 0)`` in floor division) comes out contiguous and then decides the layout, where
+# TensorIterator gives a 0-dim operand stride 0 in every dim, so that it decides nothing. Their result
+# is laid out by TensorIterator's rule (:func:`_tensor_iterator_layout`). Left to the meta kernel: ops
+# whose kernel puts its operands in another order (``threshold_backward`` reads ``self`` before
+# ``grad_output``), is another composite (``ldexp``: ``self * 2 ** other``, the power contiguous), or
+# differs on CUDA (``native_dropout_backward``).
+_TENSOR_ITERATOR_RESULTS = frozenset(
+    {
+        aten.xlogy.Tensor,
+        aten.special_xlog1py.default,
+        aten.copysign.Tensor,
+        aten.div.Tensor_mode,
+        aten.floor_divide.default,
+        aten.heaviside.default,
+        aten.logaddexp.default,
+        aten.logaddexp2.default,
+        aten.logit_backward.default,
+        aten.logical_and.default,
+        aten.logical_or.default,
+        aten.logical_xor.default,
+    }
+)
+
+
+def _contiguous_result(func: OpOverload, args: tuple) -> bool:
+    """Whether ``func``'s kernel lays its result out contiguously whatever its operands' layouts."""
+    return func in _CONTIGUOUS_RESULTS or (func is aten.angle.default and args[0].is_complex())
+
+
+def _tensor_iterator_layout(result: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """``result`` (a meta tensor) laid out as TensorIterator lays out a new output: ordered as the
+    tensor operands' strides order the dims, in their order, each broadcast to the result's shape
+    (stride 0 along a broadcast dim, which orders nothing)."""
+    operands = [meta_layout(value).expand(result.shape) for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
+    strides = compute_elementwise_output_strides(*operands) if operands else make_contiguous_strides_for(result.shape)
+    return torch.empty_strided(result.shape, strides, dtype=result.dtype, device="meta")
 
 
 def _as_float32_if_float8(value: Any) -> Any:
@@ -630,9 +677,13 @@ def _result_layout(func: OpOverload, args: tuple, kwargs: dict) -> Optional[torc
             result = _on_meta(func, tuple(map(_as_float32_if_float8, args)), {name: _as_float32_if_float8(value) for name, value in kwargs.items()})
         except (NotImplementedError, RuntimeError, KeyError):
             return None
-    if func in _CONTIGUOUS_RESULTS and isinstance(result, torch.Tensor):
+    if not isinstance(result, torch.Tensor):
+        return None
+    if _contiguous_result(func, args):
         return torch.empty(result.shape, dtype=result.dtype, device="meta")
-    return result if isinstance(result, torch.Tensor) else None
+    if func in _TENSOR_ITERATOR_RESULTS:
+        return _tensor_iterator_layout(result, args, kwargs)
+    return result
 
 
 def _raise_torchs_error(func: OpOverload, args: tuple, kwargs: dict) -> None:

@@ -1236,6 +1236,41 @@ def test_a_number_to_the_power_of_a_transposed_table_is_contiguous_as_torch(devi
             assert same_bits(dense(op(paged)), op(table))
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_ops_whose_meta_kernel_is_a_composite_are_laid_out_as_torchs_kernel(device):
+    """Past the tier a result is laid out as the op's meta kernel lays it out. For xlogy, xlog1py,
+    copysign, floor division, logaddexp, heaviside and the logical ops, torch's meta kernel is a Python
+    decomposition into several prims, whose result takes the layout of an intermediate (xlogy's last
+    ``where(isnan(other), ...)`` is laid out as ``other``; ``signbit`` of a 0-dim operand expanded to the
+    result's shape comes out contiguous and then decides), where torch's kernel is one TensorIterator
+    over the operands in their order, in which a 0-dim operand decides nothing; and ``angle`` of a
+    complex tensor is computed into a complex temporary and copied into a contiguous result. The paged
+    results (and an empty ``out=`` resized as the result) had the dense op's values and other strides."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 96, generator=generator).to(device)  # 6 pages; the tier holds 4
+    by_columns = a.mT.contiguous().mT
+    z = torch.randn(64, 96, dtype=torch.complex64, generator=generator).to(device).mT.contiguous().mT  # 12 pages
+    zero_dim, halves = torch.tensor(-0.7, device=device), torch.tensor(0.5, device=device)
+    cases = {
+        "angle(complex column-major)": (lambda t: torch.angle(t), z),
+        "xlogy(t[:, :64], t[:, :64].T.abs())": (lambda t: torch.special.xlogy(t[:, :64], t[:, :64].T.abs()), a),
+        "xlog1py(row-major, column-major)": (lambda t: torch.special.xlog1py(t, t.mT.contiguous().mT.abs()), a),
+        "xlogy(row-major, column-major, out=empty)": (lambda t: torch.xlogy(t, t.mT.contiguous().mT.abs(), out=torch.empty(0, device=device)), a),
+        "copysign(column-major, 0-dim)": (lambda t: torch.copysign(t, zero_dim), by_columns),
+        "floor_divide(column-major, 0-dim)": (lambda t: torch.floor_divide(t, zero_dim), by_columns),
+        "div floor(column-major, 0-dim)": (lambda t: torch.div(t, zero_dim, rounding_mode="floor"), by_columns),
+        "div floor(row-major, column-major)": (lambda t: torch.div(t, t.mT.contiguous().mT + 3, rounding_mode="floor"), a),
+        "logaddexp(0-dim, column-major)": (lambda t: torch.logaddexp(zero_dim, t), by_columns),
+        "heaviside(0-dim, column-major)": (lambda t: torch.heaviside(zero_dim, t), by_columns),
+        "logical_and(0-dim, column-major)": (lambda t: torch.logical_and(halves, t), by_columns),
+    }
+    with make_pager(device, device_pages=4) as pager:
+        for name, (op, table) in cases.items():
+            expected = op(table)
+            got = op(PagedTensor.wrap(table.clone(), pager))
+            assert same_bits(dense(got), expected), (name, got.stride(), expected.stride())
+
+
 def test_an_op_on_expanded_views_has_the_kernels_dtype_where_the_meta_kernel_infers_another():
     """The result of an op read only through expanded views past the tier is made of the dtype the
     op's kernel gives, not its meta kernel's: ``threshold_backward`` of a float32 gradient and an
