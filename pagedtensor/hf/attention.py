@@ -315,6 +315,12 @@ def _sdpa_without_cache(module, query, key, value, attention_mask, scaling, drop
             return eager(module, query, key, value, _additive(mask, query.dtype), dropout=dropout, scaling=scaling, **kwargs)
         return _sdpa(query, key, value, mask, scaling, dropout if module.training else 0.0), None
     if eager is not None:
+        if attention_mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True):
+            # transformers' SDPA mask leaves out a causal one (None) where SDPA's ``is_causal`` gives
+            # it (top-left aligned: a static cache's empty slots after the prompt lie past every
+            # query), which the model's eager attention does not infer: it would see later tokens.
+            causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+            attention_mask = causal[None, None]
         return eager(module, query, key, value, _additive(attention_mask, query.dtype), dropout=dropout, scaling=scaling, **kwargs)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
