@@ -8,6 +8,8 @@ back from the pages: logits are bitwise equal. With the "pagedllm" attention the
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -368,14 +370,18 @@ def test_a_compiled_forward_runs_the_paged_cache_eagerly_with_the_same_tokens(at
     ids, mask = prompts(1)
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
     enable_paging(model, tiny_budget(nvme_dir, vram_pages=24, host_pages=16), attn_implementation=attn)
+    assert torch.equal(_compiled_generate(model, ids, mask), expected)
+    assert compiling and not any(compiling)
+
+
+def _compiled_generate(model, ids, mask) -> torch.Tensor:
+    """Greedy tokens of ``model`` with its forward compiled (``backend="eager"``), Dynamo reset before and after."""
     torch._dynamo.reset()
     model.forward = torch.compile(model.forward, backend="eager")
     try:
-        got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+        return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
     finally:
         torch._dynamo.reset()
-    assert torch.equal(got, expected)
-    assert compiling and not any(compiling)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "pagedllm"])
@@ -392,12 +398,36 @@ def test_a_compiled_forward_keeps_paged_weights_paged(attn, nvme_dir):
     enable_paging(model, tiny_budget(nvme_dir, vram_pages=40, host_pages=256), attn_implementation=attn, page_weights=True)
     weights = [p for p in model.parameters() if isinstance(p, PagedTensor)]
     assert weights
-    torch._dynamo.reset()
-    model.forward = torch.compile(model.forward, backend="eager")
-    try:
-        got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
-    finally:
-        torch._dynamo.reset()
-    assert torch.equal(got, expected)
+    assert torch.equal(_compiled_generate(model, ids, mask), expected)
     held = [p for p in weights if p._materialized is not None]
     assert not held, f"{len(held)} of {len(weights)} paged weights held as dense copies"
+
+
+def test_the_paged_attention_without_a_paged_cache_masks_the_models_eager_attention(nvme_dir):
+    """Under ``"pagedllm"``, a forward with no paged cache behind it (``use_cache=False``, a static
+    cache) that needs the model's eager attention (``output_attentions=True``; Gemma 2's soft-capping)
+    got transformers' SDPA mask, which leaves a causal mask out (None, for SDPA's ``is_causal``):
+    the eager attention then saw later tokens (logits 0.5 apart, weights above the diagonal; found by
+    a helper's probe). It gets SDPA's causal mask, top-left aligned, and the unpaged results."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    reference, model = tiny_pair("llama", attn="eager")
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=8, host_pages=8), attn_implementation="pagedllm")
+    ids, _ = prompts(1, length=20)
+    with torch.no_grad():
+        got, expected = model(ids, use_cache=False, output_attentions=True), reference(ids, use_cache=False, output_attentions=True)
+    assert torch.equal(got.logits, expected.logits)
+    assert all(torch.equal(a, b) for a, b in zip(got.attentions, expected.attentions))
+
+    config = Gemma2Config(**{**TINY, "head_dim": 16, "sliding_window": 64})
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    reference = Gemma2ForCausalLM(config).eval()
+    model = Gemma2ForCausalLM(copy.deepcopy(config)).eval()
+    model.load_state_dict(reference.state_dict())
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=8, host_pages=8), attn_implementation="pagedllm")
+    settings = {"max_new_tokens": 4, "do_sample": False, "return_dict_in_generate": True, "output_scores": True}
+    for extra in ({"use_cache": False}, {"cache_implementation": "static"}):
+        got, expected = model.generate(ids, **settings, **extra), reference.generate(ids, **settings, **extra)
+        assert torch.equal(got.sequences, expected.sequences), extra
+        assert all(torch.equal(a, b) for a, b in zip(got.scores, expected.scores)), extra

@@ -895,6 +895,14 @@ def test_weights_paged_on_another_pager_move_to_the_models_pager(nvme_dir, tmp_p
     second.close()
 
 
+def _assert_same_weights_and_tokens(model, reference) -> None:
+    """``model``'s state dict holds ``reference``'s values, and its greedy tokens are ``reference``'s."""
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    ids, mask = prompts(1, length=20)
+    assert torch.equal(_generate(model, ids, mask).sequences, _generate(reference, ids, mask).sequences)
+
+
 def test_a_paged_embedding_of_another_pager_moves_to_the_models_pager(nvme_dir):
     """Outside the decoder layers, a PagedTensor of another pager (the embedding, tied to
     ``lm_head``, paged by hand) stayed on that pager with ``page_weights=True``: outside the model's
@@ -917,10 +925,7 @@ def test_a_paged_embedding_of_another_pager_moves_to_the_models_pager(nvme_dir):
     assert moved.requires_grad
     assert all(p.pager is pager for p in model.parameters() if isinstance(p, PagedTensor))
     assert other.stats()["allocations"] == 0
-    for name, value in reference.state_dict().items():
-        assert torch.equal(model.state_dict()[name], value), name
-    ids, mask = prompts(1, length=20)
-    assert torch.equal(_generate(model, ids, mask).sequences, _generate(reference, ids, mask).sequences)
+    _assert_same_weights_and_tokens(model, reference)
     other.close()
 
 
@@ -944,8 +949,5 @@ def test_a_shared_weight_of_another_pager_moves_once_and_stays_shared(nvme_dir):
     assert isinstance(shared, PagedTensor) and shared.pager is pager and model.model.layers[1].mlp.up_proj.weight is shared
     assert all(p.pager is pager for p in model.parameters() if isinstance(p, PagedTensor))
     assert other.stats()["allocations"] == 0
-    for name, value in reference.state_dict().items():
-        assert torch.equal(model.state_dict()[name], value), name
-    ids, mask = prompts(1, length=20)
-    assert torch.equal(_generate(model, ids, mask).sequences, _generate(reference, ids, mask).sequences)
+    _assert_same_weights_and_tokens(model, reference)
     other.close()
