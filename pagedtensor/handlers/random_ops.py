@@ -22,9 +22,9 @@ def random_op_drawing_nothing(func: OpOverload, types: tuple, args: tuple, kwarg
     """The generic way while the pages fit on the device tier at once (torch's kernel, its checks);
     past it, a form that draws nothing as the ops torch's kernel runs for it, in pieces:
 
-    - ``rrelu_with_noise(self, noise, lower, upper, training=False)``: ``leaky_relu`` into a
-      contiguous result (torch's ``empty_like`` of the legacy contiguous format), or in place for
-      ``rrelu_with_noise_``; ``noise`` must have ``self``'s shape, as torch checks;
+    - ``rrelu_with_noise(self, noise, lower, upper, training=False)``: ``leaky_relu``, made
+      contiguous (torch's result is an ``empty_like`` of the legacy contiguous format), or in place
+      for ``rrelu_with_noise_``; ``noise`` must have ``self``'s shape, as torch checks;
     - ``native_dropout(input, p, train=False)``: ``input.clone()`` and a bool mask of ones.
 
     A form that draws (``training=True``, ``train`` True or None) raises the pager's error."""
@@ -45,5 +45,5 @@ def random_op_drawing_nothing(func: OpOverload, types: tuple, args: tuple, kwarg
     source = bound["self"]
     if func is aten.rrelu_with_noise_.default:
         return aten.leaky_relu_.default(source, slope)
-    out = torch.empty(source.shape, dtype=source.dtype, device=source.device)
-    return aten.leaky_relu.out(source, slope, out=out)
+    result = aten.leaky_relu.default(source, slope)  # a plain tensor in the source's layout
+    return result if result.is_contiguous() else result.contiguous()
