@@ -401,10 +401,27 @@ class ResidentPages:
 _LIVE_PAGERS: "weakref.WeakSet[Pager]" = weakref.WeakSet()
 
 
-# The threads waiting for pins, on any pager (each also in that pager's ``_pin_waiters``): a thread
-# whose request waits on one pager's pins may hold pins on another, which a wait there cannot get.
-# Changed under the lock of the pager waited on (set operations, atomic under the GIL).
-_THREADS_WAITING_FOR_PINS: set[int] = set()
+# The threads waiting for pins, on any pager, by the pager each waits on (each also in that
+# pager's ``_pin_waiters``): a thread whose request waits on one pager's pins may hold pins on
+# another (:func:`_may_let_pins_go`). Changed under the lock of the pager waited on (dict operations,
+# atomic under the GIL).
+_THREADS_WAITING_FOR_PINS: dict[int, "Pager"] = {}
+
+
+def _may_let_pins_go(owner: int, asker: int, alive: set[int], seen: set[int]) -> bool:
+    """Whether thread ``owner``, holding pins, may let some go while thread ``asker`` waits: it
+    waits for no pins, or it waits on a pager where another holder (not ``asker``, which will be
+    waiting, nor one ``seen`` on the way) may. Threads waiting on each other's pins, across pagers
+    too (an op adding a tensor of pager B into one of A beside another thread's op the other way
+    round), never let go: a wait for them cannot end. Reads the other pagers' pin tables without
+    their locks (a copy of a dict's keys, atomic under the GIL): a stale answer errs as one taken a
+    moment earlier would."""
+    pager = _THREADS_WAITING_FOR_PINS.get(owner)
+    if pager is None:
+        return True
+    seen.add(owner)
+    holders = {key[0] for key in list(pager._pinned_ranges)} - seen - {asker}
+    return any(_may_let_pins_go(holder, asker, alive, seen) for holder in holders if holder in alive)
 
 
 def _after_fork_in_child() -> None:
@@ -1412,15 +1429,16 @@ class Pager:
         others = list({key[0] for key in held if key[0] != me})
         # Announced before looking: two threads looking at once, each under another pager's lock,
         # each see the other waiting (both raise), where neither might (both waiting for nothing).
-        _THREADS_WAITING_FOR_PINS.add(me)
+        _THREADS_WAITING_FOR_PINS[me] = self
         if others:
             alive = {thread.ident for thread in threading.enumerate()}
-            # A thread waiting for pins on any pager (this one's, or another's while it pins pages
-            # here: an op across two pagers) waits on some thread's pins too.
-            others = [owner for owner in others if owner in alive and owner not in _THREADS_WAITING_FOR_PINS]
+            # A holder that waits for pins itself, on this pager or another, lets go only if a
+            # holder it waits for may (:func:`_may_let_pins_go`).
+            seen = {me}
+            others = [owner for owner in others if owner in alive and _may_let_pins_go(owner, me, alive, seen)]
         remaining = deadline - time.monotonic()
         if not others or remaining <= 0:
-            _THREADS_WAITING_FOR_PINS.discard(me)
+            _THREADS_WAITING_FOR_PINS.pop(me, None)
             return False
         if letting_go is not None:
             allocation, start, stop = letting_go
@@ -1478,7 +1496,7 @@ class Pager:
                 raise RuntimeError(f"pages {busy[0].index}..{busy[-1].index} of allocation {allocation.id} are being overwritten "
                                    f"by another thread, whose holder was not released within pin_wait_s={self.config.pin_wait_s} s")
             self._pin_waiters.add(me)  # a release wakes the waiters
-            _THREADS_WAITING_FOR_PINS.add(me)
+            _THREADS_WAITING_FOR_PINS[me] = self
             try:
                 with interruptible():  # Ctrl-C raises at once here (a wait of up to pin_wait_s); nothing is pinned yet
                     self._unpinned.wait(min(deadline - now, threading.TIMEOUT_MAX))
@@ -1492,7 +1510,8 @@ class Pager:
         and as woken until they try again (:meth:`_let_woken_waiters_go_first`)."""
         no_priority = self._no_priority
         self._woken.update(waiter for waiter in self._pin_waiters if waiter not in no_priority)
-        _THREADS_WAITING_FOR_PINS.difference_update(self._pin_waiters)
+        for waiter in self._pin_waiters:
+            _THREADS_WAITING_FOR_PINS.pop(waiter, None)
         self._pin_waiters.clear()
         self._unpinned.notify_all()
 
@@ -1500,7 +1519,7 @@ class Pager:
         """After this thread's wait for pins (under the lock, held on through its next try): it waits
         no more, and once the last thread woken has its turn, the requests held back for them go on."""
         self._pin_waiters.discard(me)
-        _THREADS_WAITING_FOR_PINS.discard(me)
+        _THREADS_WAITING_FOR_PINS.pop(me, None)
         woken = self._woken
         if me in woken:
             woken.discard(me)

@@ -862,3 +862,46 @@ def test_threads_waiting_on_each_others_pins_across_two_pagers_do_not_wait_for_n
     for pager in (a_pager, b_pager):
         assert not pager._pinned_ranges
         pager.close()
+
+
+def test_a_request_waits_for_a_holder_that_waits_on_another_pager_for_a_working_thread() -> None:
+    """Thread C holds pager 2's whole tier, working; thread B holds 3 of pager 1's 4 slots and
+    waits on pager 2 for C; the main thread then asks pager 1 for 2 pages. B's wait ends when C lets
+    go, and B's pins with it, so the request waits and goes on. The review found this session's
+    first cross-pager rule taking any thread waiting on another pager for one that never lets go:
+    the request raised at once."""
+    def pager() -> Pager:
+        return Pager(MemoryConfig(page_size=4096, vram_limit=4 * 4096, host_memory=64 * 4096, slab_size=64 * 4096,
+                                  prefetch_strategy="none", device="cpu", pin_wait_s=30.0))  # fmt: skip
+
+    first, second = pager(), pager()
+    a, b = first.allocate(4 * 4096), first.allocate(4 * 4096)
+    c, d = second.allocate(4 * 4096), second.allocate(4 * 4096)
+    c_pinned, b_pinned = threading.Event(), threading.Event()
+
+    def thread_c() -> None:
+        with second.ensure_resident(c, 0, 4):
+            c_pinned.set()
+            time.sleep(0.5)
+
+    def thread_b() -> None:
+        c_pinned.wait()
+        with first.ensure_resident(b, 0, 3):
+            b_pinned.set()
+            with second.ensure_resident(d, 0, 2):
+                pass
+
+    threads = [threading.Thread(target=thread_c), threading.Thread(target=thread_b)]
+    for thread in threads:
+        thread.start()
+    b_pinned.wait()
+    deadline = time.monotonic() + 10
+    while threads[1].ident not in second._pin_waiters and time.monotonic() < deadline:
+        time.sleep(0.01)  # until B waits on the second pager
+    with first.ensure_resident(a, 0, 2):
+        pass
+    for thread in threads:
+        thread.join()
+    for each in (first, second):
+        assert not each._pinned_ranges
+        each.close()
