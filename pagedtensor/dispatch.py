@@ -1064,7 +1064,7 @@ def _torchs_overlap_error(func: OpOverload, args: tuple, kwargs: dict, written: 
 
 
 # Random ops whose argument checks a stand-in run finds (:func:`_torchs_random_argument_error`):
-# fills of ``self`` alone, and ``multinomial``, whose result is small (rows x samples).
+# fills of ``self`` alone, and ``multinomial`` (on one row).
 _RANDOM_FILLS = frozenset(
     getattr(packet, name)
     for packet in (aten.uniform_, aten.normal_, aten.bernoulli_, aten.exponential_, aten.geometric_, aten.cauchy_,
@@ -1076,10 +1076,10 @@ _RANDOM_FILLS = frozenset(
 def _torchs_random_argument_error(func: OpOverload, args: tuple, kwargs: dict) -> Optional[Exception]:
     """torch's error for a random op's arguments (``uniform_(2, 1)``, ``bernoulli_(1.5)``,
     ``random_(5, 5)``, ``multinomial`` of a 3-D input or of more samples than categories), which its
-    kernel checks before it draws: found by running that kernel on a stand-in with a generator of
-    its own, so that no number is drawn from the caller's. Only where the stand-in is small and the
-    kernel safe on it: a fill whose one tensor is ``self`` (filled as one element) and
-    ``multinomial`` (its input a zero-stride view of a one: its result has a row per input row).
+    kernel checks before it draws: found by running that kernel on a small stand-in with a
+    generator of its own, so that no number is drawn from the caller's. Only where the kernel is
+    safe on it: a fill whose one tensor is ``self`` (filled as one element) and ``multinomial``
+    (one row of ones over the input's categories, in as many dims).
     None where the kernel takes the arguments (the pager's error stands; a check of the values, as
     ``multinomial``'s of its probabilities, is not made) and for every other random op (a kernel
     that writes a tensor other than ``self``, as ``rrelu``'s noise, may assume it full-size)."""
@@ -1088,7 +1088,10 @@ def _torchs_random_argument_error(func: OpOverload, args: tuple, kwargs: dict) -
         self = args[0]
         stand_in = torch.empty((1,) * self.dim(), dtype=self.dtype, device=self.device)
     elif func is aten.multinomial.default and len(tensors) == 1 and tensors[0] is args[0] and args[0].layout == torch.strided:
-        stand_in = torch.ones((), dtype=args[0].dtype, device=args[0].device).expand(args[0].shape)
+        # One row of its categories: the kernel makes temporaries of its input's size.
+        probabilities = args[0]
+        shape = (*(1,) * (probabilities.dim() - 1), probabilities.shape[-1]) if probabilities.dim() else ()
+        stand_in = torch.ones(shape, dtype=probabilities.dtype, device=probabilities.device)
     else:
         return None
     # A generator of its own, where the caller's would go (by position or by name).
