@@ -84,10 +84,11 @@ def config_error(**settings: object) -> Optional[str]:
 
 def disk_full_error(error: OSError, nvme_path: Optional[str], command: str, smaller: str) -> Optional[str]:
     """The usage error of a full file system under the disk tier (``ENOSPC``, ``EDQUOT`` from its
-    writes), naming ``--nvme-path`` and what to change (``smaller``: the option that spills less);
-    None for any other ``OSError`` (raised as it is). The pager's own advice,
+    writes, whose errors begin ``"disk tier:"``), naming ``--nvme-path`` and what to change
+    (``smaller``: the option that spills less); None for any other ``OSError`` (raised as it is: a
+    full stdout is no fault of ``--nvme-path``). The pager's own advice,
     ``MemoryConfig(disk_limit=...)``, is no option of the command line."""
-    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT) or not str(error.strerror or "").startswith("disk tier:"):
         return None
     folder = nvme_path if nvme_path else f"{tempfile.gettempdir()} (the {command}'s temporary folder)"
     return (f"argument --nvme-path: the file system under {folder} has no room for the pages the {command} spills "

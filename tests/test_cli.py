@@ -217,6 +217,13 @@ def test_ask_whose_disk_folder_is_full_is_a_usage_error_naming_it(capsys, monkey
     with pytest.raises(OSError, match="Input/output error"):
         main(["ask"])
 
+    def stdout_full(*args, **kwargs):  # the review found a full stdout blamed on --nvme-path
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pagedtensor.ask, "run_ask", stdout_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        main(["ask"])
+
 
 def test_demo_disk_errors_other_than_a_full_file_system_are_raised(monkeypatch):
     from pagedtensor.tiers.disk import DiskTier
