@@ -119,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo.add_argument("--nvme-path", default=None, help="folder for the disk tier (default: a temporary folder)")
     demo.add_argument("--compression", default=None, choices=["zstd"], help="compress pages on disk")
     demo.add_argument("--device", default=None, help="device tier (default: cuda if available, else cpu)")
-    ask = commands.add_parser("ask", help="answer a question with a paged KV cache (SmolLM2-135M-Instruct)")
+    ask = commands.add_parser("ask", help="answer a question with paged weights and a paged KV cache (SmolLM2-135M-Instruct)")
     add_ask_arguments(ask)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
