@@ -13,37 +13,35 @@ from typing import Any
 import torch
 from torch._ops import OpOverload
 
-from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, aten, implements
+from pagedtensor.dispatch import DISPATCHER, aten, implements
 from pagedtensor.handlers.parts import _arguments_by_name
 
 
 @implements([aten.rrelu_with_noise.default, aten.rrelu_with_noise_.default, aten.native_dropout.default])
 def random_op_drawing_nothing(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
-    """The generic way while the pages fit on the device tier at once (torch's kernel, its checks);
-    past it, a form that draws nothing as the ops torch's kernel runs for it, in pieces:
+    """A form that draws nothing as the ops torch's kernel runs for it, each a piece at a time past
+    the tier (and within it the same bits as the kernel):
 
     - ``rrelu_with_noise(self, noise, lower, upper, training=False)``: ``leaky_relu``, made
       contiguous (torch's result is an ``empty_like`` of the legacy contiguous format), or in place
-      for ``rrelu_with_noise_``; ``noise`` must have ``self``'s shape, as torch checks;
+      for ``rrelu_with_noise_``;
     - ``native_dropout(input, p, train=False)``: ``input.clone()`` and a bool mask of ones.
 
-    A form that draws (``training=True``, ``train`` True or None) raises the pager's error."""
-    try:
-        return DISPATCHER.run_paged(func, types, args, kwargs)
-    except _OpTooLarge:
-        bound = _arguments_by_name(func, args, kwargs)
-        if func is aten.native_dropout.default:
-            if bound["train"] is not False:
-                raise
-        elif bound["training"] or tuple(bound["noise"].shape) != tuple(bound["self"].shape):
-            raise  # (a noise of another shape: the pager's error, as for any op past the tier)
+    A form that draws (``training=True``, ``train`` True or None), or a ``noise`` of another shape
+    than ``self`` (torch's error within the tier), goes the generic way: past the tier it raises the
+    pager's error."""
+    bound = _arguments_by_name(func, args, kwargs)
     if func is aten.native_dropout.default:
+        if bound["train"] is not False:
+            return DISPATCHER.run_generic(func, types, args, kwargs)
         source = bound["input"]
         return source.clone(), torch.ones_like(source, dtype=torch.bool)
+    if bound["training"] or tuple(bound["noise"].shape) != tuple(bound["self"].shape):
+        return DISPATCHER.run_generic(func, types, args, kwargs)
     # As torch computes the slope: the two scalars added and halved as tensors, read back.
     slope = ((torch.scalar_tensor(bound["lower"], dtype=torch.float64) + bound["upper"]) / 2).item()
     source = bound["self"]
     if func is aten.rrelu_with_noise_.default:
         return aten.leaky_relu_.default(source, slope)
-    result = aten.leaky_relu.default(source, slope)  # a plain tensor in the source's layout
+    result = aten.leaky_relu.default(source, slope)  # in the source's layout
     return result if result.is_contiguous() else result.contiguous()
