@@ -70,7 +70,9 @@ _ELEMENTWISE = frozenset({aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tens
                           aten.hardtanh_backward.default, aten.elu_backward.default, aten.leaky_relu_backward.default,
                           aten.softplus_backward.default, aten.hardsigmoid_backward.default, aten.hardswish_backward.default,
                           aten.mish_backward.default, aten.softshrink_backward.default, aten.hardshrink_backward.default,
-                          aten.hardswish.default, aten.hardswish_.default})  # fmt: skip
+                          aten.hardswish.default, aten.hardswish_.default,
+                          # untagged in torch 2.11 (tagged pointwise later): what rrelu in eval mode runs
+                          aten.leaky_relu.default, aten.leaky_relu_.default, aten.leaky_relu.out})  # fmt: skip
 
 
 def same_strides(shape: Sequence[int], strides: Sequence[int], others: Sequence[int]) -> bool:
