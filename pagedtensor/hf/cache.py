@@ -81,27 +81,18 @@ DEFAULT_SEGMENT_PAGES = 64
 class ActiveUpdate:
     """The last :meth:`PagedKVCache.update` on this thread: the attention function that follows it
     in the same layer finds its cache here (transformers does not pass the cache to it), with the
-    key and value states the update handed back, by which it knows the model attends to them. All
-    three are held weakly (None once gone): a cache used directly, with no model forward to end,
-    and then dropped frees its pages, as a DynamicCache would."""
+    key and value states the update handed back, by which it knows the model attends to them. The
+    cache is held weakly (None once gone): a cache used directly, with no model forward to end, and
+    then dropped frees its pages, as a DynamicCache would."""
 
-    __slots__ = ("_cache", "layer_idx", "_key", "_value")
+    __slots__ = ("_cache", "layer_idx", "key", "value")
 
     def __init__(self, cache: "PagedKVCache", layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        self._cache, self._key, self._value = weakref.ref(cache), weakref.ref(key), weakref.ref(value)
-        self.layer_idx = layer_idx
+        self._cache, self.layer_idx, self.key, self.value = weakref.ref(cache), layer_idx, key, value
 
     @property
     def cache(self) -> Optional["PagedKVCache"]:
         return self._cache()
-
-    @property
-    def key(self) -> Optional[torch.Tensor]:
-        return self._key()
-
-    @property
-    def value(self) -> Optional[torch.Tensor]:
-        return self._value()
 
 
 ACTIVE_UPDATE: contextvars.ContextVar[Optional[ActiveUpdate]] = contextvars.ContextVar("pagedllm_active_update", default=None)

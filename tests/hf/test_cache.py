@@ -510,7 +510,7 @@ def test_the_cache_api_used_directly_behaves_as_dynamic_cache(nvme_dir):
 def test_a_cache_used_directly_under_the_paged_attention_is_freed_when_dropped(nvme_dir):
     """Under a config whose attention is "pagedllm", update() left the cache in ACTIVE_UPDATE for the
     attention that follows it; used directly (no model forward to end), a dropped cache kept its
-    pages until the thread's next update. The active update holds the cache and states weakly."""
+    pages until the thread's next update. The active update holds the cache weakly."""
     import gc
 
     with _pager(nvme_dir, vram_pages=8, host_pages=16) as pager:
