@@ -8,7 +8,7 @@ distribution is ``pagedllm``.
 from __future__ import annotations
 
 from pagedtensor.config import MemoryConfig, format_size, parse_size
-from pagedtensor.errors import DeviceTierFullError, OutOfPagesError, PageCorruptionError, PagedLLMError, SlabAllocationError
+from pagedtensor.errors import DeviceTierFullError, OutOfPagesError, PageCorruptionError, PagedLLMError, PagerClosedError, SlabAllocationError
 from pagedtensor.pager import Allocation, PageInfo, Pager, ResidentPages
 from pagedtensor.default_pager import get_default_pager, set_default_pager
 from pagedtensor.tensor import PagedTensor
@@ -31,6 +31,7 @@ __all__ = [
     "PageCorruptionError",
     "SlabAllocationError",
     "PagedLLMError",
+    "PagerClosedError",
     "enable_paging",
     "PagedModel",
     "PagedKVCache",

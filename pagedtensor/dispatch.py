@@ -103,7 +103,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_leaves, tree_map
 
 from pagedtensor.config import normalize_device
-from pagedtensor.errors import OutOfPagesError, SlabAllocationError, out_of_pages_for
+from pagedtensor.errors import OutOfPagesError, PagerClosedError, SlabAllocationError, out_of_pages_for
 from pagedtensor.interrupts import deferring, pager_call
 from pagedtensor.list_ops import bump_written_versions, run_list_op
 from pagedtensor.pager import ResidentPages, WrittenPages
@@ -329,43 +329,48 @@ class PagedDispatcher:
     @deferring
     def dispatch(self, func: Any, types: tuple, args: tuple, kwargs: dict) -> Any:
         """Run ``func`` on arguments containing PagedTensors; see the module docstring for the order."""
-        if not isinstance(func, OpOverload):
-            raise NotImplementedError(f"PagedTensor: {func} is not an aten op and is not supported{_describe(args, kwargs)}")
-        leaves = _paged_leaves(args, kwargs)
-        if any(leaf._inner is not None for leaf in leaves):
-            return self._forward_traced(func, leaves, args, kwargs)
-        if torch._C._len_torch_dispatch_stack() and _graph_tracing():
-            return self._run_on_constants(func, leaves, args, kwargs)
-        handler = self.handlers.get(func)
-        if handler is view_of_pages:
-            return view_of_pages(func, types, args, kwargs, leaves)
-        info = self.info(func)
-        if handler is None:
-            if info.collective:
-                return run_collective(func, args, kwargs)  # torch.distributed's: on dense copies
-            if info.is_view and info.implicit_composite and torch.is_inference_mode_enabled():
-                # A view op autograd decomposes (reshape, flatten, movedim, mT) reaches here whole in
-                # inference mode: decomposed, its views are recorded as views (no arithmetic: the
-                # bits are the same either way), by the ops it is made of, or, where it has a
-                # view-recording kernel of its own (chunk), by that kernel as the op returns.
-                return _decompose(func, args, kwargs, record_views=not _has_kernel(func, "ADInplaceOrView"))
-            if func in _CHOOSING_BY_REQUIRES_GRAD and torch.is_inference_mode_enabled() and _any_requires_grad(args):
-                # An op autograd decomposes whose kernel chooses by its operands' requires_grad (matmul
-                # folds a 3-D input only beside operands that do not require grad: other bits), of a
-                # tensor that requires grad (a weight), reaches here whole in inference mode: run dense
-                # on copies that do not, it would choose otherwise than torch. Its C++ kernel runs on
-                # the PagedTensors, as torch runs it on the weight. (Not every composite op: some take
-                # another path for a subclass, ``linalg.svdvals``, and run dense, as torch's results.)
-                return _decompose(func, args, kwargs, as_dense=True)
-            result = self.run_generic(func, types, args, kwargs, leaves)
-        else:
-            try:
-                result = handler(func, types, args, kwargs)
-            except _OpTooLarge as error:
-                raise _as_pagers_error(error, func, info, args, kwargs) from error.__cause__
-        if info.foreach_written:
-            bump_written_versions(func, info.foreach_written, args, kwargs)
-        return result
+        try:
+            if not isinstance(func, OpOverload):
+                raise NotImplementedError(f"PagedTensor: {func} is not an aten op and is not supported{_describe(args, kwargs)}")
+            leaves = _paged_leaves(args, kwargs)
+            if any(leaf._inner is not None for leaf in leaves):
+                return self._forward_traced(func, leaves, args, kwargs)
+            if torch._C._len_torch_dispatch_stack() and _graph_tracing():
+                return self._run_on_constants(func, leaves, args, kwargs)
+            handler = self.handlers.get(func)
+            if handler is view_of_pages:
+                return view_of_pages(func, types, args, kwargs, leaves)
+            info = self.info(func)
+            if handler is None:
+                if info.collective:
+                    return run_collective(func, args, kwargs)  # torch.distributed's: on dense copies
+                if info.is_view and info.implicit_composite and torch.is_inference_mode_enabled():
+                    # A view op autograd decomposes (reshape, flatten, movedim, mT) reaches here whole in
+                    # inference mode: decomposed, its views are recorded as views (no arithmetic: the
+                    # bits are the same either way), by the ops it is made of, or, where it has a
+                    # view-recording kernel of its own (chunk), by that kernel as the op returns.
+                    return _decompose(func, args, kwargs, record_views=not _has_kernel(func, "ADInplaceOrView"))
+                if func in _CHOOSING_BY_REQUIRES_GRAD and torch.is_inference_mode_enabled() and _any_requires_grad(args):
+                    # An op autograd decomposes whose kernel chooses by its operands' requires_grad (matmul
+                    # folds a 3-D input only beside operands that do not require grad: other bits), of a
+                    # tensor that requires grad (a weight), reaches here whole in inference mode: run dense
+                    # on copies that do not, it would choose otherwise than torch. Its C++ kernel runs on
+                    # the PagedTensors, as torch runs it on the weight. (Not every composite op: some take
+                    # another path for a subclass, ``linalg.svdvals``, and run dense, as torch's results.)
+                    return _decompose(func, args, kwargs, as_dense=True)
+                result = self.run_generic(func, types, args, kwargs, leaves)
+            else:
+                try:
+                    result = handler(func, types, args, kwargs)
+                except _OpTooLarge as error:
+                    raise _as_pagers_error(error, func, info, args, kwargs) from error.__cause__
+            if info.foreach_written:
+                bump_written_versions(func, info.foreach_written, args, kwargs)
+            return result
+        except PagerClosedError as error:
+            if error.subject is not None:  # a nested op's, naming it
+                raise
+            raise error.met_by(str(func)) from error  # which op met the closed pager, and which pager
 
     def run_generic(self, func: OpOverload, types: tuple, args: tuple, kwargs: dict, leaves: Optional[list[PagedTensor]] = None) -> Any:
         """Step 2 (:meth:`run_paged`); where the pages do not fit at once, an elementwise op runs a

@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 
 class PagedLLMError(RuntimeError):
     """Base class of PagedLLM's runtime errors."""
+
+
+class PagerClosedError(PagedLLMError):
+    """A call reached a :class:`~pagedtensor.Pager` after its ``close()`` (or one closed in a forked
+    child): its pages are gone. The message names the pager and, for an op on a PagedTensor, the op."""
+
+    pager_description: str = "a Pager"
+    why: str = ""
+    subject: Optional[str] = None
+
+    @classmethod
+    def of(cls, pager_description: str, why: str = "", subject: Optional[str] = None) -> "PagerClosedError":
+        """The error for the pager ``pager_description`` (its repr), closed ``why`` (a clause, or
+        ``""`` for ``close()``), met by ``subject`` (an op or method; ``None``: the pager's own API)."""
+        if subject is None:
+            error = cls(f"this Pager is closed{why}: {pager_description}")
+        else:
+            error = cls(f"{subject}: the pager is closed{why}: {pager_description}")
+        error.pager_description, error.why, error.subject = pager_description, why, subject
+        return error
+
+    def met_by(self, subject: str) -> "PagerClosedError":
+        """This error as ``subject`` (the op or method that reached the pager) raises it."""
+        return PagerClosedError.of(self.pager_description, self.why, subject)
 
 
 class PageCorruptionError(PagedLLMError):

@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 
 from pagedtensor.config import MemoryConfig, format_size, machine_memory_bytes
-from pagedtensor.errors import DeviceTierFullError, OutOfPagesError
+from pagedtensor.errors import DeviceTierFullError, OutOfPagesError, PagerClosedError
 from pagedtensor.fences import SlotFences
 from pagedtensor.metrics import TIERS, PagerMetrics
 from pagedtensor.interrupts import deferring, install as install_interrupt_deferral, interruptible, pager_call
@@ -1175,6 +1175,12 @@ class Pager:
             self.metrics.close()
             self._released = True
 
+    def __repr__(self) -> str:
+        c = self.config
+        state = ", closed" if getattr(self, "closed", False) else ""
+        return (f"Pager(device={self.device}, page_size={c.page_size}, vram_limit={c.vram_limit}, host_memory={c.host_memory}, "
+                f"nvme_path={c.nvme_path!r}{state})")
+
     def __reduce_ex__(self, protocol: int):  # noqa: ANN204
         raise TypeError(
             "a Pager cannot be pickled or copied: it holds device slabs, pinned host memory and an open page file "
@@ -1985,7 +1991,7 @@ class Pager:
 
     def _check_open(self) -> None:
         if self.closed:
-            raise RuntimeError(f"this Pager is closed{self._closed_because}")
+            raise PagerClosedError.of(repr(self), self._closed_because)
 
     def _check_allocation(self, allocation: Allocation) -> None:
         self._check_open()

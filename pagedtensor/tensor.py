@@ -25,6 +25,7 @@ at a nonzero offset it holds the allocation's elements from the first to the vie
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -35,7 +36,7 @@ import sys
 import threading
 import warnings
 import weakref
-from typing import Any, Callable, ClassVar, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -43,6 +44,7 @@ from pagedtensor.default_pager import get_default_pager
 from pagedtensor.interrupts import pager_call
 from pagedtensor.outside_transforms import in_a_transform_or_mode, outside_transforms
 from pagedtensor.pager import Allocation, Pager, unpageable_reason
+from pagedtensor.errors import PagerClosedError
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +218,18 @@ def run_outside_compile(fn: Callable) -> Callable:
     return run
 
 
+@contextlib.contextmanager
+def _naming_closed_pager(subject: str) -> Iterator[None]:
+    """A :class:`PagerClosedError` raised inside names ``subject`` (a method of PagedTensor), where
+    no op it ran named itself first."""
+    try:
+        yield
+    except PagerClosedError as error:
+        if error.subject is not None:
+            raise
+        raise error.met_by(subject) from error
+
+
 def _refuse_traced(tensor: "PagedTensor") -> None:
     """Raise torch's data-dependent-output error for a traced PagedTensor (a compile-time stand-in,
     with no pages). Dynamo puts a wrapper subclass's own methods into its graph as method calls and
@@ -356,6 +370,8 @@ class PagedTensor(torch.Tensor):
             pager = get_default_pager()
         elif not isinstance(pager, Pager):
             raise TypeError(f"PagedTensor.wrap: pager must be a Pager or None, got {type(pager).__name__}")
+        if pager.closed:
+            raise PagerClosedError.of(repr(pager), pager._closed_because, "PagedTensor.wrap")
         if isinstance(t, PagedTensor):
             if t._paged is not None and t._paged.pager is pager:
                 return t
@@ -630,7 +646,9 @@ class PagedTensor(torch.Tensor):
         if self.allocation is None:
             return counts
         first, stop = self.page_range()
-        for info in self.pager.page_table(self.allocation)[first:stop]:
+        with _naming_closed_pager("PagedTensor.residency"):
+            table = self.pager.page_table(self.allocation)
+        for info in table[first:stop]:
             counts[info.tier or "unwritten"] += 1
         return counts
 
@@ -642,7 +660,8 @@ class PagedTensor(torch.Tensor):
         the pager in chunks, so any size works. Inside a ``torch.func`` transform it is a constant of
         the transform, as a tensor captured from outside is.
         """
-        return _DISPATCHER.materialize(self, device)
+        with _naming_closed_pager("PagedTensor.materialize"):
+            return _DISPATCHER.materialize(self, device)
 
     @run_outside_compile
     def __format__(self, format_spec: str) -> str:

@@ -812,12 +812,23 @@ def test_a_tensor_collected_while_another_thread_closes_its_pager_frees_nothing_
     assert not caplog.records, caplog.text
 
 
-def test_ops_after_the_pager_closed_raise():
+def test_ops_after_the_pager_closed_raise_naming_the_op_and_the_pager():
+    """An op on a tensor whose pager was closed said only "this Pager is closed": not which op, nor
+    which pager (a program with several could not tell which one it had closed too early)."""
     pager = make_pager()
     t = PagedTensor.wrap(torch.ones(8), pager)
     pager.close()
-    with pytest.raises(RuntimeError, match="closed"):
-        t + 1
+    assert repr(pager) == f"Pager(device=cpu, page_size={PAGE}, vram_limit={8 * PAGE}, host_memory={256 * PAGE}, nvme_path=None, closed)"
+    for op, name in [(lambda: t + 1, "aten.add.Tensor"), (lambda: t.sum(), "aten.sum.default"),
+                     (lambda: t.add_(1), "aten.add_.Tensor"), (lambda: t[2:].clone(), "aten.clone.default")]:
+        with pytest.raises(pagedtensor.PagerClosedError) as raised:
+            op()
+        assert str(raised.value).startswith(f"{name}: the pager is closed: {pager!r}"), str(raised.value)
+    with pytest.raises(pagedtensor.PagerClosedError, match=r"materialize: .*pager is closed: Pager\(device=cpu"):
+        t.materialize()
+    with pytest.raises(pagedtensor.PagerClosedError, match=r"^PagedTensor.wrap: the pager is closed: Pager\(device=cpu"):
+        PagedTensor.wrap(torch.ones(8), pager)
+    assert issubclass(pagedtensor.PagerClosedError, RuntimeError)
     assert "pager closed" in repr(t)
 
 
