@@ -211,11 +211,25 @@ def run_outside_compile(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def run(*args: object, **kwargs: object) -> object:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or _dynamo_frame_hook() is not None:
             return disabled(*args, **kwargs)
         return fn(*args, **kwargs)
 
+    _skip_frame(run.__code__)
     return run
+
+
+def _skip_frame(code: Any) -> None:
+    """Frames of ``code`` run as they are under torch.compile's frame hook, never compiled (the frames
+    they call are, unless skipped too). A graph break at a call of a :func:`run_outside_compile`
+    function sends its wrapper's frame to the hook, which compiled it into a graph of nothing with
+    guards on its arguments' count and shapes: an entry each for every function and shape it ran
+    for, toward Dynamo's ``recompile_limit``. Skipped, the wrapper finds the hook on and calls the
+    function with it off. (On a torch without the setting the frames are compiled as before.)"""
+    eval_frame = torch._C._dynamo.eval_frame
+    if hasattr(eval_frame, "set_code_exec_strategy"):
+        skip, default = eval_frame._FrameAction.SKIP, eval_frame._FrameAction.DEFAULT
+        eval_frame.set_code_exec_strategy(code, eval_frame._FrameExecStrategy(skip, default))
 
 
 @contextlib.contextmanager

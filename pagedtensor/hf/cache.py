@@ -260,6 +260,29 @@ def check_cache_settings(sink_pages: int, hot_fraction: float, stream_group_byte
     return parse_size(stream_group_bytes, "stream_group_bytes")
 
 
+# Dynamo's entries of one function's code a compiled forward needs beside two a layer (transformers'
+# ``deprecate_kwarg`` wrapper, shared by the model's, the decoder's and each attention's forward, took
+# 10 for a Llama at every depth tried, 2 to 12 layers).
+_COMPILED_ENTRIES_BESIDE_LAYERS = 16
+
+
+def allow_compiled_entries_for_layers(num_layers: int) -> None:
+    """Raise ``torch._dynamo.config.recompile_limit`` (never lower it) to what a compiled forward over
+    a paged cache of ``num_layers`` layers needs. Each attention hands the cache update, run eagerly (a
+    graph break), its ``layer_idx``, an int Dynamo specializes: the attention's code then takes two
+    entries a layer (its prefill and its decode), and past torch's default limit of 8 the attention of
+    every later layer ran uncompiled. Does nothing unless Dynamo is imported (transformers' models
+    import it; raising a limit costs nothing where nothing compiles)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is None:
+        return
+    needed = 2 * num_layers + _COMPILED_ENTRIES_BESIDE_LAYERS
+    if dynamo.config.recompile_limit < needed:
+        dynamo.config.recompile_limit = needed
+    if dynamo.config.accumulated_recompile_limit < 2 * needed:
+        dynamo.config.accumulated_recompile_limit = 2 * needed
+
+
 class PagedKVCache(Cache):
     """A transformers ``Cache`` keeping K/V in pages of a :class:`~pagedtensor.pager.Pager`.
 
@@ -324,6 +347,7 @@ class PagedKVCache(Cache):
             log.warning("PagedKVCache: the pager's prefetch_strategy is %r; the cache schedules its own transfers and "
                         "sequential prefetches only take slots it needs (use streaming_config())", pager.config.prefetch_strategy)
         super().__init__(layers=[PagedLayer(self, index) for index in range(num_layers)])
+        allow_compiled_entries_for_layers(num_layers)
         self.config = config
         # Per layer, the sliding window transformers' own cache keeps (None: every token): under a dense
         # attention such a layer is handed the keys that cache would hand it, and masked alike.

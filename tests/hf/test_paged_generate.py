@@ -9,6 +9,7 @@ back from the pages: logits are bitwise equal. With the "pagedllm" attention the
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -372,6 +373,27 @@ def test_a_compiled_forward_runs_the_paged_cache_eagerly_with_the_same_tokens(at
     enable_paging(model, tiny_budget(nvme_dir, vram_pages=24, host_pages=16), attn_implementation=attn)
     assert torch.equal(_compiled_generate(model, ids, mask), expected)
     assert compiling and not any(compiling)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "pagedllm"])
+def test_a_compiled_forward_compiles_the_attention_of_every_layer(attn, nvme_dir, caplog):
+    """Each layer's attention compiles its own entries: transformers hands the cache update (run
+    eagerly, a graph break) its ``layer_idx``, an int that Dynamo specializes, so the attention's code
+    takes two entries a layer. Past four layers torch's default ``recompile_limit`` of 8 was hit
+    (torch's warning), and the attention of every later layer ran uncompiled; a paged cache raises
+    the limit to what its layers need. The frames of the functions that run eagerly (the cache's
+    update among them) are skipped, not compiled into graphs of nothing."""
+    import torch._dynamo
+
+    reference, model = tiny_pair("llama", num_hidden_layers=6)
+    ids, mask = prompts(1)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=64, host_pages=64), attn_implementation=attn)
+    with torch._dynamo.config.patch(recompile_limit=8), caplog.at_level(logging.WARNING):  # torch's default, put back after
+        assert torch.equal(_compiled_generate(model, ids, mask), expected)
+        assert torch._dynamo.config.recompile_limit >= 2 * 6
+    hit = [record.getMessage() for record in caplog.records if "recompile_limit" in record.getMessage()]
+    assert not hit, hit
 
 
 def _compiled_generate(model, ids, mask) -> torch.Tensor:
