@@ -592,10 +592,12 @@ class PagedDispatcher:
         if data is None:
             data = pager.read(storage.allocation, lo, hi - lo).to(target)
         values = data.view(tensor.dtype)
-        if tensor.is_conj():  # the values a conjugated view reads (the pages hold the unconjugated ones)
-            values.conj_physical_()
+        # The values a conjugated or negated view reads (the pages hold the others): negated, then
+        # conjugated, as clone() resolves them (NaNs' zeros differ the other way).
         if tensor.is_neg():
             values.neg_()
+        if tensor.is_conj():
+            values.conj_physical_()
         return values.as_strided(tensor.shape, tensor.stride(), 0)
 
     def _run_on_constants(self, func: OpOverload, leaves: list[PagedTensor], args: tuple, kwargs: dict) -> Any:

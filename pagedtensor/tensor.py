@@ -355,7 +355,7 @@ class PagedTensor(torch.Tensor):
 
         Returns a PagedTensor with ``t``'s shape, dtype, strides and ``requires_grad`` on the
         pager's device. ``t`` is not changed; its bytes are copied. A PagedTensor on the same pager
-        is returned as is; one on another pager is copied over (from pager to pager, a chunk of
+        is returned as is (unless it has a lazy bit, below); one on another pager is copied over (from pager to pager, a chunk of
         pages at a time, where it has no conjugate or negative bit and is not a sparse view).
 
         Strides are kept exactly (expanded and overlapping views included, stored by their byte
@@ -387,7 +387,7 @@ class PagedTensor(torch.Tensor):
         if pager.closed:
             raise PagerClosedError.of(repr(pager), pager._closed_because, "PagedTensor.wrap")
         if isinstance(t, PagedTensor):
-            if t._paged is not None and t._paged.pager is pager:
+            if t._paged is not None and t._paged.pager is pager and math_bits(t) == (False, False):
                 return t
             if t._paged is not None and t.numel() and math_bits(t) == (False, False):
                 lo, hi = byte_span(t)
@@ -416,10 +416,10 @@ class PagedTensor(torch.Tensor):
             # place, a piece of pages at a time (exact: a sign flip). Kept lazy, the bits would reach
             # kernels that read a conjugate view's raw bits under a subclass (linalg.pinv's).
             flat = cls._make(storage, 0, (hi - lo,), (1,), data.dtype)
+            if bits[1]:  # negated, then conjugated, as clone() resolves them (NaNs' zeros differ the other way)
+                flat.neg_()
             if bits[0]:
                 flat.conj_physical_()
-            if bits[1]:
-                flat.neg_()
         return cls._make(storage, 0, tuple(data.shape), data.stride(), data.dtype, requires_grad=t.requires_grad)
 
     @classmethod

@@ -192,6 +192,37 @@ def test_wrap_of_a_lazily_conjugated_or_negated_view_gives_its_values_resolved(p
             assert not moved_conj.is_conj() and torch.equal(moved_conj.materialize(pager.device), leaf.materialize().conj())
 
 
+def test_wrap_and_materialize_of_a_conjugated_and_negated_view_give_the_bits_of_its_clone(pager):
+    """A view with both bits (``torch._neg_view(x.conj())``) of NaNs: ``wrap`` and ``materialize``
+    conjugated, then negated, where torch's ``clone`` negates, then conjugates; on NaN elements its
+    vectorized kernels give the zero other sign bits that way (imag +0.0 where clone gives -0.0)."""
+    nan_zero = torch.tensor([0x7F800001, 0], dtype=torch.int32).view(torch.float32)
+    x = torch.view_as_complex(nan_zero.view(1, 2)).repeat(64).to(pager.device)  # vectorized: 64 elements
+    view = torch._neg_view(x.conj())
+    bits = lambda t: torch.view_as_real(t).view(torch.int32)  # noqa: E731
+    expected = bits(view.clone())
+    assert torch.equal(bits(PagedTensor.wrap(view, pager).materialize()), expected)
+    assert torch.equal(bits(torch._neg_view(PagedTensor.wrap(x, pager).conj()).materialize()), expected)
+
+
+@pytest.mark.parametrize("kind", ["mH", "neg_imag", "conj_neg"])
+def test_wrap_of_a_lazily_conjugated_view_of_a_paged_tensor_on_its_own_pager_resolves_it(pager, kind):
+    """``wrap`` of a view of a PagedTensor on the same pager returned the view itself, its lazy bit
+    kept: ``linalg.pinv`` of ``wrap(A.mH)`` then read the raw bits (off by 2.1), as the README says
+    of a lazy view; it is resolved as a plain view is."""
+    g = torch.Generator().manual_seed(5)
+    source = torch.randn(6, 6, dtype=torch.complex64, generator=g).to(pager.device)
+    view = _lazily_conjugated_and_negated(PagedTensor.wrap(source, pager))[kind]
+    t = PagedTensor.wrap(view, pager)
+    assert not t.is_conj() and not t.is_neg()
+    plain = _lazily_conjugated_and_negated(source)[kind]
+    assert torch.equal(t.materialize(), plain.clone())
+    if t.is_complex():
+        assert torch.equal(torch.linalg.pinv(t), torch.linalg.pinv(plain.clone()))
+    same = PagedTensor.wrap(source, pager)
+    assert PagedTensor.wrap(same, pager) is same and PagedTensor.wrap(same[1:], pager)._paged is same._paged  # no bits: as is
+
+
 def test_wrap_of_a_conjugated_view_past_the_tier_resolves_it_a_piece_at_a_time():
     """A conjugated view larger than the device tier (expanded too: its span is resolved, not its
     repeats) pages and resolves through the tier a piece at a time."""
