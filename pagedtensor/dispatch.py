@@ -1150,6 +1150,11 @@ def _as_pagers_error(error: "_OpTooLarge", func: OpOverload, info: OpInfo, args:
             f" (also, the tensor it writes, of shape {tuple(target.shape)}, partly overlaps another of its arguments, of "
             f"shape {tuple(other.shape)}, which torch refuses for most ops, dense tensors too: clone() that argument first)"
         )
+    outgrown = _tier_outgrown(leaves)
+    if outgrown is not None:
+        arguments, reach, capacity = outgrown
+        message += f" (its {arguments} PagedTensor arguments reach {reach} pages in all, where the device tier holds {capacity}"
+        message += _FUSED_WAY_ROUND.get(func.overloadpacket, "") + ")"
     if info.random:
         message += " (a random op draws its numbers in its kernel's order over the whole tensor, which no run in pieces follows: " + (
             "fill a plain tensor of that shape, on the CPU if it does not fit on the device, and copy_ it into the "
@@ -1158,6 +1163,35 @@ def _as_pagers_error(error: "_OpTooLarge", func: OpOverload, info: OpInfo, args:
             else "run it on a plain copy, t.materialize())"
         )
     return pagers_type(message)
+
+
+# torch's fused kernels over a module's weights at once, which its modules pick in eval mode under
+# no_grad, and the switch that keeps them op by op (each op then needs its own weights only).
+_MHA_FAST_PATH_OFF = (": torch's fused fast path of nn.MultiheadAttention and nn.TransformerEncoderLayer; "
+                      "torch.backends.mha.set_fastpath_enabled(False) runs them op by op")
+_FUSED_WAY_ROUND = {
+    torch.ops.aten._transformer_encoder_layer_fwd: _MHA_FAST_PATH_OFF,
+    torch.ops.aten._native_multi_head_attention: _MHA_FAST_PATH_OFF,
+}
+
+
+def _tier_outgrown(leaves: Sequence[PagedTensor]) -> Optional[tuple[int, int, int]]:
+    """``(arguments, pages, capacity)`` where two or more PagedTensors ``leaves`` of one pager reach
+    more pages in all than its device tier holds (a fused op over many weights that each fit, whose
+    error otherwise names only the request that failed); ``None`` where they fit."""
+    reached: dict[int, tuple[Pager, set[tuple[int, int]], int]] = {}
+    for leaf in leaves:
+        allocation = leaf.allocation
+        if allocation is None:
+            continue
+        pager, pages, count = reached.get(id(leaf.pager), (leaf.pager, set(), 0))
+        first, stop = leaf.page_range()
+        pages.update((allocation.id, page) for page in range(first, stop))
+        reached[id(pager)] = (pager, pages, count + 1)
+    for pager, pages, count in reached.values():
+        if count > 1 and len(pages) > pager.device_tier.capacity_pages:  # one argument's own request says so
+            return count, len(pages), pager.device_tier.capacity_pages
+    return None
 
 
 def _partly_overlapping(a: PagedTensor, b: PagedTensor) -> bool:

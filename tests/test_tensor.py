@@ -369,6 +369,38 @@ def test_row_gather_over_several_runs_fits_a_tiny_budget():
         assert torch.equal(t.materialize(), x)  # materialize reads in chunks
 
 
+def test_a_fused_module_op_whose_weights_together_outgrow_the_tier_says_how_many_pages_and_the_way_round():
+    """``nn.TransformerEncoderLayer`` in eval mode under ``no_grad`` takes torch's fused fast path, one
+    op over all 12 weights: each fits the device tier, together they do not. The error said "1 pages
+    needed (of a request for 1)", the last argument's request, as if one page did not fit; it says
+    how many pages the arguments reach in all against the tier's, and, for the fused attention
+    paths, that torch's ``torch.backends.mha.set_fastpath_enabled(False)`` runs them op by op (on
+    the same path as a plain module with the fast path off, bit for bit)."""
+    torch.manual_seed(0)
+    dense = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
+    with make_pager(device_pages=8) as small:
+        paged = copy.deepcopy(dense)
+        for owner in paged.modules():
+            for name, weight in list(owner.named_parameters(recurse=False)):
+                setattr(owner, name, torch.nn.Parameter(PagedTensor.wrap(weight.detach(), small)))
+        reach = sum(-(-w.numel() * w.element_size() // PAGE) for w in paged.parameters())
+        assert reach > 8 and all(w.numel() * w.element_size() <= 8 * PAGE for w in paged.parameters())
+        x = torch.randn(3, 10, 32)
+        with torch.no_grad(), pytest.raises(DeviceTierFullError) as raised:
+            paged(x)
+        message = str(raised.value)
+        assert message.startswith("aten._transformer_encoder_layer_fwd.default: its PagedTensor arguments need more pages at once"), message
+        assert f"its 12 PagedTensor arguments reach {reach} pages in all, where the device tier holds 8" in message, message
+        assert "torch.backends.mha.set_fastpath_enabled(False)" in message, message
+        enabled = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with torch.no_grad():
+                assert torch.equal(paged(x), dense(x))
+        finally:
+            torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def test_an_op_whose_device_room_a_full_lower_tier_denies_says_so():
     """Device room made by spilling dirty pages to a full host tier (no disk tier): the op's error
     names the lower tier as the bound, not the device tier, and is no DeviceTierFullError."""
