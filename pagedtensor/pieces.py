@@ -72,7 +72,9 @@ _ELEMENTWISE = frozenset({aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tens
                           aten.mish_backward.default, aten.softshrink_backward.default, aten.hardshrink_backward.default,
                           aten.hardswish.default, aten.hardswish_.default,
                           # untagged in torch 2.11 (tagged pointwise later): what rrelu in eval mode runs
-                          aten.leaky_relu.default, aten.leaky_relu_.default, aten.leaky_relu.out})  # fmt: skip
+                          aten.leaky_relu.default, aten.leaky_relu_.default, aten.leaky_relu.out,
+                          # prelu's kernel: its weight broadcast beside the input (untagged)
+                          aten._prelu_kernel.default})  # fmt: skip
 
 
 def same_strides(shape: Sequence[int], strides: Sequence[int], others: Sequence[int]) -> bool:

@@ -1141,6 +1141,22 @@ def test_activations_train_past_the_tier(name):
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("channels", [1, 8])
+def test_prelu_runs_past_the_tier(device, channels):
+    """``F.prelu`` of a paged tensor larger than the device tier, its weight one per channel or one in
+    all: its kernel (``_prelu_kernel``, untagged) raised DeviceTierFullError; it runs in pieces, the
+    dense op's bits and strides, of a transposed view too."""
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 8, 40, generator=generator) * 4).to(device)  # 20 pages; the tier holds 6
+    weight = torch.randn(channels, generator=generator).to(device)
+    with make_pager(device) as pager:
+        for source, view in ((x, lambda t: t), (x.transpose(0, 2).contiguous(), lambda t: t.transpose(0, 2))):
+            expected = torch.nn.functional.prelu(view(source), weight)
+            got = torch.nn.functional.prelu(view(PagedTensor.wrap(source, pager)), weight)
+            assert same_bits(dense(got), expected) and got.stride() == expected.stride()
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_an_out_of_another_shape_past_the_tier_is_resized_or_refused_as_within_it(device):
     """An elementwise op past the device tier with ``out=`` of another shape than the result raised
     ``DeviceTierFullError`` ("larger than the whole tier"). A plain ``out`` is now resized as torch's
