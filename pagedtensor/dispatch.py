@@ -145,6 +145,10 @@ _UNMARKED_WRITES: dict[str, frozenset[str]] = {
 }
 
 
+# Ops whose quantized result's quantizer keeps tensor arguments (per-channel scales and zero points).
+_KEEPING_QUANTIZERS = frozenset({"quantize_per_channel", "_make_per_channel_quantized_tensor"})
+
+
 @dataclass(frozen=True)
 class OpInfo:
     """What an op's schema says about aliasing, read once per op."""
@@ -181,6 +185,11 @@ class OpInfo:
     """The arguments a ``torch._foreach_*`` op writes, whose versions torch's kernels bump; empty for any other op."""
     collective: bool
     """One of torch.distributed's collectives (:mod:`pagedtensor.handlers.collectives`)."""
+    keeps_arguments: bool
+    """A result may hold its tensor arguments where no check for views of the device slab reaches: an
+    opaque object (``quantized::linear_prepack``'s packed params) or a per-channel quantized tensor
+    (its quantizer keeps the scales and zero points). It runs on gathered copies of the PagedTensor
+    arguments, which the result may keep: a view of the slab would read other pages' bytes later."""
 
     @classmethod
     def of(cls, func: OpOverload) -> "OpInfo":
@@ -205,6 +214,8 @@ class OpInfo:
             implicit_composite=_has_kernel(func, "CompositeImplicitAutograd"),
             foreach_written=frozenset(name for _, name in written) if schema.name.startswith("aten::_foreach_") else frozenset(),
             collective=func.namespace in COLLECTIVE_NAMESPACES,
+            keeps_arguments=func.overloadpacket.__name__ in _KEEPING_QUANTIZERS
+            or any(isinstance(r.type, torch._C.ClassType) for r in schema.returns),
         )
 
 
@@ -433,7 +444,7 @@ class PagedDispatcher:
             return args[0]  # torch's copy_ returns early for a view of the same data: nothing is written
         if leaves is None:
             leaves = _paged_leaves(args, kwargs)
-        if not info.written and len(leaves) == 1:
+        if not info.written and len(leaves) == 1 and not info.keeps_arguments:
             return _read_one(func, args, kwargs, leaves[0])
         written = _written_leaves(info, args, kwargs) if info.written else []
 
@@ -452,6 +463,9 @@ class PagedDispatcher:
             group = groups.get(id(leaf._paged))
             if group is not None:
                 group.written.append(leaf)
+        if info.keeps_arguments:
+            for group in groups.values():
+                group.private = True
         if info.out_names:
             # torch resizes an out= tensor of the wrong shape: in a private copy that cannot reach
             # the device slab (the resize is then refused below, and nothing is written back).

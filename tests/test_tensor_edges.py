@@ -990,3 +990,54 @@ def test_dequantize_of_a_float_tensor_is_the_tensor_itself(pager):
         dense = torch.arange(20, dtype=dtype).reshape(4, 5)
         got, expected = PagedTensor.wrap(dense.clone(), pager).dequantize(), dense.dequantize()
         assert got.dtype == expected.dtype == torch.float32 and torch.equal(got, expected)
+
+
+def _reuse_the_device_slots(pager: Pager) -> list[PagedTensor]:
+    """Other tensors' bytes into every device slot the pager has (its earlier pages evicted)."""
+    pager.evict_all()
+    return [PagedTensor.wrap(torch.full((PAGE // 4,), 123.0), pager) for _ in range(8)]
+
+
+def test_quantized_packed_params_of_a_paged_bias_keep_its_values():
+    """``quantize_dynamic`` of a ``Linear`` whose bias is paged (``page_weights=True`` pages a bias of a
+    page or more) packs the bias into an opaque object (``quantized::linear_prepack``) that held a
+    view of the pager's device slab: once other pages took those slots the quantized model read
+    their bytes (found by a helper's probe: logits off by up to 123). Such an op runs on copies of
+    its PagedTensor arguments that it keeps."""
+    with make_pager(device_pages=4) as pager:
+        torch.manual_seed(0)
+        plain = torch.nn.Sequential(torch.nn.Linear(16, 64)).eval()
+        paged = copy.deepcopy(plain)
+        paged[0].bias = torch.nn.Parameter(PagedTensor.wrap(plain[0].bias.detach().clone(), pager))
+        quantized_plain = torch.ao.quantization.quantize_dynamic(plain, {torch.nn.Linear}, dtype=torch.qint8)
+        quantized_paged = torch.ao.quantization.quantize_dynamic(paged, {torch.nn.Linear}, dtype=torch.qint8)
+        x = torch.randn(3, 16)
+        assert torch.equal(quantized_paged(x), quantized_plain(x))
+        others = _reuse_the_device_slots(pager)
+        assert torch.equal(quantized_paged(x), quantized_plain(x))
+        weight = torch.quantize_per_tensor(torch.randn(64, 16), 0.1, 0, torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(weight, PagedTensor.wrap(plain[0].bias.detach().clone(), pager))
+        others += _reuse_the_device_slots(pager)
+        assert torch.equal(torch.ops.quantized.linear_unpack(packed)[1], plain[0].bias.detach())
+
+
+@pytest.mark.parametrize("maker", ["quantize_per_channel", "_make_per_channel_quantized_tensor"])
+def test_a_per_channel_quantized_tensor_of_paged_scales_keeps_them(pager, maker):
+    """A per-channel quantized result keeps its scales and zero points: of PagedTensors, they were
+    views of the pager's device slab, and once other pages took those slots its scales read 3.9e14
+    and ``dequantize`` raised (found by a helper's probe)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    scales = torch.rand(64, dtype=torch.float64) * 0.1 + 0.01
+    zero_points = torch.randint(0, 10, (64,))
+    if maker == "quantize_per_channel":
+        make = lambda s, z: torch.quantize_per_channel(x, s, z, 0, torch.qint8)  # noqa: E731
+    else:
+        ints = torch.randint(-100, 100, (64, 16), dtype=torch.int8)
+        make = lambda s, z: torch._make_per_channel_quantized_tensor(ints, s, z, 0)  # noqa: E731
+    expected = make(scales, zero_points)
+    got = make(PagedTensor.wrap(scales.clone(), pager), PagedTensor.wrap(zero_points.clone(), pager))
+    others = _reuse_the_device_slots(pager)
+    assert torch.equal(got.q_per_channel_scales(), expected.q_per_channel_scales())
+    assert torch.equal(got.q_per_channel_zero_points(), expected.q_per_channel_zero_points())
+    assert torch.equal(got.dequantize(), expected.dequantize()) and others
