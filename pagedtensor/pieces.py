@@ -100,6 +100,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
         return NotImplemented  # pieces run on the PagedTensor's device, as dense strided tensors
     if any(type(value) in (list, tuple) for value in (*args, *kwargs.values())):
         return NotImplemented
+    _refuse_per_channel_quantized(func, (*args, *kwargs.values()))
     if target is not None and (not isinstance(target, torch.Tensor) or target.layout != torch.strided):
         return NotImplemented
     if target_name not in (None, 0) and target is not None and _out_of_another_shape(target, args, kwargs):
@@ -722,6 +723,18 @@ def span_elements(t: torch.Tensor) -> int:
 
 def _read_if_zero_dim(value: Any) -> Any:
     return value.materialize() if isinstance(value, PagedTensor) and value.dim() == 0 else value
+
+
+def _refuse_per_channel_quantized(func: OpOverload, values: Sequence[Any]) -> None:
+    """Raise for a plain quantized operand whose quantizer is not per tensor: a run in pieces takes
+    flat views of each operand, which torch refuses for such a quantizer (and its channels would not
+    follow a flat piece)."""
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.is_quantized and value.qscheme() not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            raise NotImplementedError(
+                f"{func}: a per-channel quantized operand ({value.qscheme()}, shape {tuple(value.shape)}) cannot run a piece "
+                f"at a time beside a PagedTensor larger than the device tier; pass t.materialize() (a plain copy) for the PagedTensor"
+            )
 
 
 def flat_piece(value: Any, start: int, stop: int, copy: bool = False) -> Any:

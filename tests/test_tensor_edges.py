@@ -1041,3 +1041,24 @@ def test_a_per_channel_quantized_tensor_of_paged_scales_keeps_them(pager, maker)
     assert torch.equal(got.q_per_channel_scales(), expected.q_per_channel_scales())
     assert torch.equal(got.q_per_channel_zero_points(), expected.q_per_channel_zero_points())
     assert torch.equal(got.dequantize(), expected.dequantize()) and others
+
+
+def test_a_copy_between_a_per_channel_quantized_tensor_and_one_past_the_tier_names_the_way_round():
+    """``q.copy_(t)`` into a plain per-channel quantized ``q`` from a PagedTensor past the device tier
+    raised torch's internal "Setting strides is possible only on uniformly quantized tensor" (a run in
+    pieces takes flat views of each operand, and a per-channel quantizer allows none, nor would its
+    channels follow a flat piece; found by a helper's probe): it says so, naming the op and the way
+    round. Within the tier, and into a per-tensor quantized target past it, the copy runs."""
+    with make_pager(device_pages=2) as small:
+        torch.manual_seed(0)
+        x = torch.randn(64, 64)  # 4 pages
+        scales, zero_points = torch.rand(64, dtype=torch.float64) * 0.1 + 0.01, torch.randint(0, 10, (64,))
+        target = torch.quantize_per_channel(x * 2, scales, zero_points, 0, torch.qint8)
+        paged = PagedTensor.wrap(x.clone(), small)
+        with pytest.raises(NotImplementedError, match=r"aten.copy_.default: .*per-channel quantized .*t.materialize\(\)"):
+            target.clone().copy_(paged)
+        assert torch.equal(target.clone().copy_(paged.materialize()).int_repr(), target.clone().copy_(x).int_repr())
+        per_tensor = torch.quantize_per_tensor(x * 2, 0.05, 3, torch.qint8)
+        assert torch.equal(per_tensor.clone().copy_(paged).int_repr(), per_tensor.clone().copy_(x).int_repr())
+    with make_pager(device_pages=8) as roomy:
+        assert torch.equal(target.clone().copy_(PagedTensor.wrap(x.clone(), roomy)).int_repr(), target.clone().copy_(x).int_repr())
