@@ -415,3 +415,18 @@ def _result_or_error(call: Callable[[], torch.Tensor]) -> tuple[torch.Tensor | N
         return call(), None
     except NotImplementedError as error:
         return None, error
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_gather_past_the_tier_takes_an_int32_index(transposed):
+    """``torch.gather`` takes an int32 index as well as an int64 one; past the tier an int32 index
+    raised DeviceTierFullError where an int64 one ran by rows (found by a helper's probe)."""
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(TIER_BYTES // 64 * 2, 64, generator=generator)  # twice the tier
+    if transposed:
+        table = table.t().contiguous().t()
+    index = torch.randint(0, table.shape[0], (5, 64), generator=generator)
+    with make_pager() as pager:
+        paged = PagedTensor.wrap(table, pager)
+        for dim, positions in ((0, index), (1, index.remainder(64))):
+            assert same_bits(paged.gather(dim, positions.int()), table.gather(dim, positions.int()))

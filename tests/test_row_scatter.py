@@ -1382,3 +1382,25 @@ def test_a_mask_put_of_a_one_element_value_of_more_dims_is_a_masked_fill():
         torch.index_put_(dense, (mask,), torch.tensor([[2.5]]))
         torch.index_put_(paged, (mask,), torch.tensor([[2.5]]))
         assert same_bits(paged.materialize(), dense)
+
+
+def test_a_masked_write_past_the_tier_takes_a_paged_mask_or_value():
+    """``t[mask] = value`` into a table past the device tier, torch's ``masked_fill_`` when the value
+    is one number: with the mask or the one-element value a PagedTensor it raised "Index put requires
+    the source and destination dtypes match" (a bfloat16 table, a float32 value) or
+    DeviceTierFullError (found by a helper's probe); torch casts the value as with plain ones."""
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(128, 64, generator=generator).to(torch.bfloat16)  # 4 pages; the tier holds 2
+    mask = torch.rand(128, 64, generator=generator) > 0.5
+    columns = torch.rand(64, generator=generator) > 0.5
+    value = torch.tensor([0.25, 0.5])
+    with make_pager(device_pages=2) as pager:
+        for index, the_value in ((mask, value[1]), (columns, value[1])):
+            for paged_index, paged_value in ((True, False), (False, True), (True, True)):
+                expected = table.clone()
+                expected[(slice(None), index) if index is columns else index] = the_value
+                got = PagedTensor.wrap(table, pager)
+                wrapped_index = PagedTensor.wrap(index, pager) if paged_index else index
+                wrapped_value = PagedTensor.wrap(value, pager)[1] if paged_value else the_value
+                got[(slice(None), wrapped_index) if index is columns else wrapped_index] = wrapped_value
+                assert same_bits(got.materialize(), expected), (index is columns, paged_index, paged_value)

@@ -138,3 +138,27 @@ def test_a_table_that_fits_runs_the_generic_way():
         table = PagedTensor.wrap(small.clone(), pager)
         index = torch.tensor([3, 1])
         assert same_bits(table.index_copy(0, index, torch.ones(2, 256)), small.index_copy(0, index, torch.ones(2, 256)))
+
+
+@pytest.mark.parametrize("op", ["index_add", "index_copy", "scatter_add", "masked_scatter", "index_put"])
+def test_an_out_of_place_scatter_past_the_tier_reads_a_source_larger_than_the_tier(op):
+    """The out-of-place scatters of a table past the device tier (the forms autograd runs) with a
+    source (or index) that is a PagedTensor larger than the tier too raised DeviceTierFullError where
+    the in-place form runs: the in-place op on the plain result took the generic way, all the
+    source's pages at once (found by a helper's probe). The source is read into a plain copy first,
+    as the result already is one."""
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(128, 64, generator=generator)  # 8 pages; the tier holds 4
+    rows = torch.randperm(128, generator=generator)[:100]
+    source = torch.randn(100, 64, generator=generator)  # 7 pages
+    calls = {
+        "index_add": lambda t, s: t.index_add(0, rows, s),
+        "index_copy": lambda t, s: t.index_copy(0, rows, s),
+        "scatter_add": lambda t, s: t.scatter_add(0, rows[:, None].expand(100, 64), s),
+        "masked_scatter": lambda t, s: t.masked_scatter(t > 0, torch.cat([s, s]).reshape(-1)),
+        "index_put": lambda t, s: t.index_put((rows,), s),
+    }
+    with make_pager(device_pages=4) as pager:
+        expected = calls[op](table, source)
+        got = calls[op](PagedTensor.wrap(table, pager), PagedTensor.wrap(source, pager))
+        assert same_bits(got, expected)

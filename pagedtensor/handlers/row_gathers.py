@@ -371,7 +371,7 @@ def _elements_by_rows(func: OpOverload, args: tuple, kwargs: dict) -> Optional[t
         return table, _dense(index), table.numel(), lambda compact, renumbered: func(compact, renumbered)
     if func is aten.gather.default:
         dim, index = args[1], args[2]
-        if dim not in (0, -table.dim()) or not isinstance(index, torch.Tensor) or index.dtype != torch.int64:
+        if dim not in (0, -table.dim()) or not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32):
             return None
         sparse_grad = kwargs.get("sparse_grad", args[3] if len(args) > 3 else False)
         return table, _dense(index), table.shape[0], lambda compact, renumbered: func(compact, 0, renumbered, sparse_grad=sparse_grad)
@@ -441,7 +441,7 @@ def _gather_permuted(func: OpOverload, table: PagedTensor, order: list[int], arg
         return None
     index = _dense(index)
     dim %= table.dim()
-    if index.dtype != torch.int64 or index.dim() != table.dim():
+    if index.dtype not in (torch.int64, torch.int32) or index.dim() != table.dim():
         return None
     if any(index.shape[d] > table.shape[d] for d in range(table.dim()) if d != dim):
         return None

@@ -179,14 +179,16 @@ def _torchs_masked_fill(func: OpOverload, args: tuple, kwargs: dict) -> Optional
         return None
     bound = _arguments_by_name(func, args, kwargs)
     table, indices, values = bound["self"], bound["indices"], bound["values"]
-    if bound["accumulate"] or type(values) is not torch.Tensor or values.numel() != 1 or values.device.type != "cpu":
+    if bound["accumulate"] or not isinstance(values, torch.Tensor) or values.numel() != 1 or values.device.type != "cpu":
         return None
+    if isinstance(values, PagedTensor):
+        values = values.materialize()  # one number, read
     mask, dims = None, 0
     for index in indices:
         if index is None:
             dims += 1
             continue
-        if type(index) is not torch.Tensor or index.dtype not in (torch.bool, torch.uint8) or index.device != table.device or mask is not None:
+        if not isinstance(index, torch.Tensor) or index.dtype not in (torch.bool, torch.uint8) or index.device != table.device or mask is not None:
             return None
         if dims + index.dim() > table.dim() or any(index.shape[j] != table.shape[dims + j] for j in range(index.dim())):
             return None  # torch's own error, from the generic way

@@ -47,9 +47,21 @@ def scatter_into_a_copy(func: OpOverload, types: tuple, args: tuple, kwargs: dic
     shape = table.shape
     if func is aten.masked_scatter.default:  # self broadcast with the mask, as torch's expand_outplace does (its error too)
         shape = torch._C._infer_size(_arguments_by_name(func, args, kwargs)["mask"].shape, table.shape)
-    in_place(_overlapping_stand_in(table, shape), *args[1:], **rest)  # torch's checks and errors; no page read
+    # The other PagedTensor arguments (a source, an index, a mask) as plain copies, as the result is
+    # one: the in-place op on a plain tensor would take them the generic way, all their pages at once.
+    others, rest = _read_whole(args[1:]), dict(zip(rest, _read_whole(tuple(rest.values()))))
+    in_place(_overlapping_stand_in(table, shape), *others, **rest)  # torch's checks and errors; no page of the table read
     layout = func(*_meta(args), **_meta(kwargs))  # the dense result's layout
     result = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=table.device)
     copy_in_parts(result, table.expand(layout.shape))
-    return in_place(result, *args[1:], **rest)
+    return in_place(result, *others, **rest)
+
+
+def _read_whole(values: tuple) -> tuple:
+    """``values`` with each PagedTensor, also in a list or tuple (``index_put``'s indices), as a plain copy."""
+    return tuple(
+        value.materialize() if isinstance(value, PagedTensor)
+        else type(value)(_read_whole(tuple(value))) if type(value) in (list, tuple) else value
+        for value in values
+    )  # fmt: skip
 
