@@ -1404,3 +1404,19 @@ def test_a_masked_write_past_the_tier_takes_a_paged_mask_or_value():
                 wrapped_value = PagedTensor.wrap(value, pager)[1] if paged_value else the_value
                 got[(slice(None), wrapped_index) if index is columns else wrapped_index] = wrapped_value
                 assert same_bits(got.materialize(), expected), (index is columns, paged_index, paged_value)
+
+
+@pytest.mark.parametrize("op", ["scatter_", "scatter_add_", "scatter_reduce_"])
+def test_a_scatter_along_rows_wider_than_the_tier_names_the_op_called(op):
+    """A scatter along dim 0 of a table whose rows each span more than the device tier raises (the
+    rows cannot be read and written back), naming the op called: it named ``index_copy_``, the
+    write-back's step (found by a helper's probe). The table is left as it was."""
+    table = torch.randn(3, 9000)  # a row of 36 KB; the tier holds 16 KB
+    with make_pager(device_pages=4) as pager:
+        paged = PagedTensor.wrap(table, pager)
+        call = {"scatter_": lambda: paged.scatter_(0, torch.tensor([[1, 2]]), torch.randn(1, 2)),
+                "scatter_add_": lambda: paged.scatter_add_(0, torch.tensor([[1, 2]]), torch.randn(1, 2)),
+                "scatter_reduce_": lambda: paged.scatter_reduce_(0, torch.tensor([[1, 2]]), torch.randn(1, 2), "sum")}[op]
+        with pytest.raises(OutOfPagesError, match=rf"^aten\.{op}\.\w+: "):
+            call()
+        assert torch.equal(paged.materialize(), table)

@@ -859,6 +859,9 @@ def scatter_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
     bad = given[(given < 0) | (given >= table.shape[dim])]
     if bad.numel():
         raise RuntimeError(f"index {int(bad[0])} is out of bounds for dimension {dim} with size {table.shape[dim]}")
+    count = _rows_a_piece(table)
+    if count == 0:  # a row spans more than a piece: OutOfPagesError, naming func (not the write-back's index_copy_)
+        return DISPATCHER.run_paged(func, types, args, kwargs)
     if dim == 0:
         rows, renumbered = torch.unique(given, sorted=True, return_inverse=True)
         with table._paged.write_lock:  # from the read of the rows to their write-back: writers take turns
@@ -866,9 +869,6 @@ def scatter_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
             func(compact, 0, renumbered.reshape(index.shape).to(index.device), source, *reduction, **kwargs)
             aten.index_copy_.default(table, 0, rows.to(table.device), compact)
         return table
-    count = _rows_a_piece(table)
-    if count == 0:
-        return DISPATCHER.run_paged(func, types, args, kwargs)  # a row spans more than a piece: OutOfPagesError
     for lo in range(0, index.shape[0], count):
         hi = min(index.shape[0], lo + count)
         piece_source = source[lo:hi] if isinstance(source, torch.Tensor) and source.dim() > 0 else source
