@@ -1420,3 +1420,21 @@ def test_a_scatter_along_rows_wider_than_the_tier_names_the_op_called(op):
         with pytest.raises(OutOfPagesError, match=rf"^aten\.{op}\.\w+: "):
             call()
         assert torch.equal(paged.materialize(), table)
+
+
+@pytest.mark.parametrize("mask_shape", [(9000,), (1,), ()])
+def test_masked_scatter_into_a_vector_past_the_tier(mask_shape):
+    """``masked_scatter_`` into a 1-D PagedTensor larger than the device tier raised
+    DeviceTierFullError (the run by rows took tables of 2 dims or more; found by a helper's probe): a
+    vector runs as a column, whose rows are its elements, marked in the same order."""
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(9000, generator=generator)  # 9 pages; the tier holds 4
+    mask = torch.rand(mask_shape, generator=generator) > (0.99 if mask_shape == (9000,) else 0.0)
+    source = torch.randn(9000, generator=generator)
+    expected = table.clone().masked_scatter_(mask, source)
+    with make_pager(device_pages=4) as pager:
+        paged = PagedTensor.wrap(table, pager)
+        assert paged.masked_scatter_(mask, source) is paged
+        assert same_bits(paged.materialize(), expected)
+        with pytest.raises(RuntimeError, match="Number of elements of source < number of ones in mask"):
+            PagedTensor.wrap(table, pager).masked_scatter_(torch.ones(9000, dtype=torch.bool), source[:10])

@@ -759,6 +759,11 @@ def masked_scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dic
     """
     bound = _arguments_by_name(func, args, kwargs)
     table, mask, source = bound["self"], bound["mask"], bound["source"]
+    if (isinstance(table, PagedTensor) and table.dim() == 1 and isinstance(mask, torch.Tensor) and mask.dim() <= 1
+            and mask.numel() in (1, table.numel())):  # fmt: skip
+        # A vector: as a column, whose rows are its elements, marked in the same order.
+        func(table.unsqueeze(1), mask.expand(table.shape).unsqueeze(1), source)
+        return table
     if (not isinstance(table, PagedTensor) or not isinstance(mask, torch.Tensor) or not isinstance(source, torch.Tensor)
             or mask.device != table.device or source.device != table.device
             or not (_a_table_of_several_pieces(table) or _of_another_outermost_dim(table))
