@@ -1438,3 +1438,25 @@ def test_masked_scatter_into_a_vector_past_the_tier(mask_shape):
         assert same_bits(paged.materialize(), expected)
         with pytest.raises(RuntimeError, match="Number of elements of source < number of ones in mask"):
             PagedTensor.wrap(table, pager).masked_scatter_(torch.ones(9000, dtype=torch.bool), source[:10])
+
+
+@pytest.mark.parametrize("mask_dims", [1, 2])
+def test_a_masked_write_after_a_slice_past_the_tier_runs_a_piece_of_rows_at_a_time(mask_dims):
+    """``t[:, mask] = values`` (a bool mask after a leading slice, tensor values) into a table past
+    the device tier raised DeviceTierFullError, where ``t[:, positions] = values`` runs a piece of
+    rows at a time (found by a helper's probe): a mask is the positions of its marks, as torch reads
+    it. A mask of the wrong shape gets torch's IndexError."""
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(16, 16, 32, generator=generator)  # 8 pages; the tier holds 4
+    mask = torch.rand((16,) if mask_dims == 1 else (16, 32), generator=generator) > 0.5
+    values = torch.randn(32 if mask_dims == 1 else 1, generator=generator)
+    expected = table.clone()
+    expected[:, mask] = values
+    with make_pager(device_pages=4) as pager:
+        paged = PagedTensor.wrap(table, pager)
+        paged[:, mask] = values
+        assert same_bits(paged.materialize(), expected)
+        with pytest.raises(IndexError):
+            table.clone()[:, mask[:8]] = values
+        with pytest.raises(IndexError):
+            PagedTensor.wrap(table, pager)[:, mask[:8]] = values

@@ -252,6 +252,24 @@ def masked_fill_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
     return table
 
 
+def _masks_as_positions(table: torch.Tensor, first_dim: int, indices: list) -> Optional[list]:
+    """``indices`` (from ``table``'s dim ``first_dim`` on) with each bool mask as the positions of its
+    marks, an index per dim it spans (``t[:, mask] = v`` is ``t[:, *mask.nonzero().unbind(1)] = v``:
+    torch reads a mask so); ``None`` where a mask's shape is not that of the dims it spans (torch's
+    error, from the generic way)."""
+    converted, dim = [], first_dim
+    for index in indices:
+        if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+            if tuple(index.shape) != tuple(table.shape[dim : dim + index.dim()]) or index.dim() == 0:
+                return None
+            converted.extend(_dense(index).nonzero().unbind(1))
+            dim += index.dim()
+        else:
+            converted.append(index)
+            dim += 1
+    return converted
+
+
 def _put_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) -> Any:
     """``index_put_`` without ``accumulate`` whose indices start with ``None`` (``t[:, pos] = v``, the
     write of a KV cache's new positions), on a PagedTensor larger than a piece: row ``r`` of the table is written
@@ -271,9 +289,16 @@ def _put_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) 
         # tensor's size (t[:, [0] * 6] += v of 1093 rows differs from the same rows a piece at a time)
         return NotImplemented
     lead = next((place for place, index in enumerate(indices) if index is not None), len(indices))
-    rest = list(indices[lead:])
-    if lead == 0 or not rest or lead + len(rest) > table.dim():
+    if lead == 0:
         return NotImplemented
+    rest = _masks_as_positions(table, lead, list(indices[lead:]))
+    if rest is None:  # a mask of another shape than the dims it spans: torch's error, on a one-row stand-in
+        stand_in = torch.empty((1, *table.shape[1:]), dtype=table.dtype, device=table.device)
+        func(stand_in, [_dense(index) if isinstance(index, torch.Tensor) else index for index in indices], _dense(values))
+        return NotImplemented
+    if not rest or lead + len(rest) > table.dim():
+        return NotImplemented
+    indices = [*indices[:lead], *rest]
     if any(isinstance(index, torch.Tensor) and index.dtype.is_floating_point for index in rest):
         func(torch.empty((1, *table.shape[1:]), dtype=table.dtype, device=table.device), list(indices), values)
         return NotImplemented  # (torch's error for the index dtype is raised above)
