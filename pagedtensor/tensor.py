@@ -244,6 +244,12 @@ def _naming_closed_pager(subject: str) -> Iterator[None]:
         raise error.met_by(subject) from error
 
 
+def _plain_copy(value: Any) -> Any:
+    """A PagedTensor's values as a plain tensor (anything else as it is): for torch's methods that
+    read their arguments' memory directly."""
+    return value.materialize() if isinstance(value, PagedTensor) else value
+
+
 def _refuse_traced(tensor: "PagedTensor") -> None:
     """Raise torch's data-dependent-output error for a traced PagedTensor (a compile-time stand-in,
     with no pages). Dynamo puts a wrapper subclass's own methods into its graph as method calls and
@@ -701,19 +707,38 @@ class PagedTensor(torch.Tensor):
             TypeError: a tensor on another device than the CPU (as torch's).
             RuntimeError: the tensor requires grad (as torch's).
         """
+        return self._per_element("apply_", lambda view: view.apply_(callable))
+
+    @run_outside_compile
+    def map_(self, tensor: torch.Tensor, callable: Callable[[Any, Any], Any]) -> "PagedTensor":  # noqa: A002
+        """torch's ``Tensor.map_``: ``callable(a, b)`` on each element ``a`` and ``tensor``'s element ``b``
+        (broadcast), its results written in place, as :meth:`apply_` runs (torch's own refuses a
+        subclass; a PagedTensor ``tensor`` is read into a plain copy)."""
+        return self._per_element("map_", lambda view: view.map_(_plain_copy(tensor), callable))
+
+    @run_outside_compile
+    def map2_(self, x: torch.Tensor, y: torch.Tensor, callable: Callable[[Any, Any, Any], Any]) -> "PagedTensor":  # noqa: A002
+        """torch's ``Tensor.map2_``: ``callable(a, b, c)`` with ``x``'s and ``y``'s elements, as :meth:`map_`
+        (torch's own read a PagedTensor self's data pointer and crashed the interpreter)."""
+        return self._per_element("map2_", lambda view: view.map2_(_plain_copy(x), _plain_copy(y), callable))
+
+    def _per_element(self, name: str, run: Callable[[torch.Tensor], Any]) -> "PagedTensor":
+        """``run(view)`` of torch's per-element method ``name`` on a dense copy of the bytes this tensor
+        reaches (``view``: that copy with this tensor's size, strides and math bits), then the elements
+        written back through the pager; nothing is written where ``run`` raises."""
         if self._paged is None:
-            raise RuntimeError("PagedTensor.apply_: a traced PagedTensor (inside torch.compile) cannot run a Python callable per element")
+            raise RuntimeError(f"PagedTensor.{name}: a traced PagedTensor (inside torch.compile) cannot run a Python callable per element")
         if self.requires_grad:  # torch checks this first
-            raise RuntimeError("Can't call apply_() on Variable that requires grad. Use var.detach().apply_() instead.")
+            raise RuntimeError(f"Can't call {name}() on Variable that requires grad. Use var.detach().{name}() instead.")
         if self.device.type != "cpu":
-            raise TypeError("apply_ is only implemented on CPU tensors")
+            raise TypeError(f"{name} is only implemented on CPU tensors")
         lo, hi = element_span(tuple(self.shape), self.stride(), self._offset)
         if lo == hi:
             return self
         span = PagedTensor._make(self._paged, lo, (hi - lo,), (1,), self.dtype)
         values = span.materialize()
         view = with_math_bits(values.as_strided(self.shape, self.stride(), self._offset - lo), math_bits(self))
-        view.apply_(callable)
+        run(view)
         with torch.no_grad():
             if torch._debug_has_internal_overlap(view) == 0:
                 self.copy_(view)  # the elements only: bytes between them are not rewritten

@@ -532,6 +532,31 @@ def test_apply_refuses_what_torchs_refuses(pager):
         paged.requires_grad_().apply_(lambda v: v)
 
 
+def test_map_and_map2_run_the_callable_per_element_in_torchs_order(pager):
+    """``Tensor.map2_`` read a PagedTensor self's data pointer, which it lacks, and crashed the
+    interpreter (SIGSEGV; found by a helper's probe), and ``map_`` refused any subclass: both run as
+    :meth:`apply_` does, on a dense copy written back, with the other operands (paged or not,
+    broadcast) read into plain copies; torch's refusals as torch's."""
+    dense = torch.arange(64 * 16, dtype=torch.float32).reshape(64, 16) / 7
+    x, y = torch.randn(16), torch.randn(64, 16)
+    for other_x, other_y in ((x, y), (PagedTensor.wrap(x, pager), PagedTensor.wrap(y, pager))):
+        seen_dense, seen_paged = [], []
+        paged = PagedTensor.wrap(dense.clone(), pager)
+        pager.evict_all()
+        expected = dense.clone()
+        expected.map_(x, lambda a, b: seen_dense.append((a, b)) or a * b)
+        assert paged.map_(other_x, lambda a, b: seen_paged.append((a, b)) or a * b) is paged
+        assert seen_paged == seen_dense
+        assert_same(paged, expected)
+        expected.t().map2_(x[:, None], y.t(), lambda a, b, c: a + b * c)
+        paged.t().map2_(other_x[:, None], other_y.t(), lambda a, b, c: a + b * c)
+        assert_same(paged, expected)
+    with pytest.raises(RuntimeError, match=r"Can't call map2_\(\) on Variable that requires grad"):
+        PagedTensor.wrap(torch.ones(3), pager).requires_grad_().map2_(x[:3], x[:3], lambda a, b, c: a)
+    with pytest.raises(TypeError, match="map_: expected torch.FloatTensor for 'other'"):
+        PagedTensor.wrap(torch.ones(3), pager).map_(torch.ones(3, dtype=torch.int64), lambda a, b: a)
+
+
 @pytest.mark.gpu
 def test_gpu_apply_is_refused_on_cuda_as_torchs():
     with make_pager(device="cuda") as pager:
