@@ -146,7 +146,12 @@ _UNMARKED_WRITES: dict[str, frozenset[str]] = {
 
 
 # Ops whose quantized result's quantizer keeps tensor arguments (per-channel scales and zero points).
-_KEEPING_QUANTIZERS = frozenset({"quantize_per_channel", "_make_per_channel_quantized_tensor"})
+_KEEPING_QUANTIZERS = frozenset({"quantize_per_channel", "_make_per_channel_quantized_tensor", "_empty_per_channel_affine_quantized"})
+
+# Namespaces of torch's own ops, whose kernels keep no argument beyond what their schemas and
+# results show; an op of any other (a ``torch.library`` op of a user's, a cache or prepack step)
+# may keep one, so it runs on private copies (:attr:`OpInfo.keeps_arguments`).
+_TORCH_NAMESPACES = frozenset({"aten", "prims"})
 
 
 @dataclass(frozen=True)
@@ -186,10 +191,11 @@ class OpInfo:
     collective: bool
     """One of torch.distributed's collectives (:mod:`pagedtensor.handlers.collectives`)."""
     keeps_arguments: bool
-    """A result may hold its tensor arguments where no check for views of the device slab reaches: an
-    opaque object (``quantized::linear_prepack``'s packed params) or a per-channel quantized tensor
-    (its quantizer keeps the scales and zero points). It runs on gathered copies of the PagedTensor
-    arguments, which the result may keep: a view of the slab would read other pages' bytes later."""
+    """The op may keep its tensor arguments where no check for views of the device slab reaches: a
+    result that is an opaque object (``quantized::linear_prepack``'s packed params) or a per-channel
+    quantized tensor (its quantizer keeps the scales and zero points), or any op outside torch's
+    own namespaces (a ``torch.library`` op that caches its argument). It runs on gathered copies of
+    the PagedTensor arguments, which it may keep: a view of the slab would read other pages' bytes later."""
 
     @classmethod
     def of(cls, func: OpOverload) -> "OpInfo":
@@ -215,7 +221,8 @@ class OpInfo:
             foreach_written=frozenset(name for _, name in written) if schema.name.startswith("aten::_foreach_") else frozenset(),
             collective=func.namespace in COLLECTIVE_NAMESPACES,
             keeps_arguments=func.overloadpacket.__name__ in _KEEPING_QUANTIZERS
-            or any(isinstance(r.type, torch._C.ClassType) for r in schema.returns),
+            or any(isinstance(r.type, torch._C.ClassType) for r in schema.returns)
+            or func.namespace not in _TORCH_NAMESPACES | COLLECTIVE_NAMESPACES,
         )
 
 

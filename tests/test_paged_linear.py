@@ -201,3 +201,19 @@ def test_conv1d_equals_transformers_conv1d_bitwise_with_no_dispatch(lead, monkey
         assert dispatched == []
         assert torch.equal(paged_conv1d(x.requires_grad_(), paged, conv.bias), expected)
         assert dispatch.aten.addmm.default in dispatched
+
+
+def test_paged_linear_keeps_a_forward_mode_tangent_of_its_weight():
+    """``paged_linear`` (what a paged model's ``nn.Linear`` runs) of a forward-mode dual whose primal
+    is a PagedTensor weight ran ``F.linear`` on a dense view of its pages, which has no tangent: the
+    output's tangent was None (found by a helper's probe). Under forward-mode AD it runs ``F.linear``
+    on the PagedTensor, whose tangent torch carries."""
+    import torch.autograd.forward_ad as forward_ad
+
+    torch.manual_seed(0)
+    weight, bias, x, tangent = torch.randn(4, 8), torch.randn(4), torch.randn(2, 8), torch.randn(4, 8)
+    with make_pager() as pager, forward_ad.dual_level():
+        expected = forward_ad.unpack_dual(F.linear(x, forward_ad.make_dual(weight, tangent), bias))
+        got = forward_ad.unpack_dual(paged_linear(x, forward_ad.make_dual(PagedTensor.wrap(weight, pager), tangent), bias))
+        assert got.tangent is not None and torch.equal(got.tangent, expected.tangent)
+        assert torch.equal(got.primal, expected.primal)

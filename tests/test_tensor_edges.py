@@ -1087,3 +1087,34 @@ def test_a_copy_between_a_per_channel_quantized_tensor_and_one_past_the_tier_nam
         assert torch.equal(per_tensor.clone().copy_(paged).int_repr(), per_tensor.clone().copy_(x).int_repr())
     with make_pager(device_pages=8) as roomy:
         assert torch.equal(target.clone().copy_(PagedTensor.wrap(x.clone(), roomy)).int_repr(), target.clone().copy_(x).int_repr())
+
+
+def test_an_empty_per_channel_quantized_tensor_of_paged_scales_keeps_them(pager):
+    """``torch._empty_per_channel_affine_quantized`` keeps its scales and zero points in its quantizer,
+    as ``quantize_per_channel`` does: of PagedTensors they were views of the device slab (found by a
+    helper's probe: scales of 6e-316 once other pages took those slots)."""
+    scales = torch.rand(8, dtype=torch.float64) + 0.5
+    zero_points = torch.arange(8)
+    got = torch._empty_per_channel_affine_quantized(
+        (8, 4), scales=PagedTensor.wrap(scales.clone(), pager), zero_points=PagedTensor.wrap(zero_points.clone(), pager), axis=0, dtype=torch.quint8
+    )
+    others = _reuse_the_device_slots(pager)
+    assert torch.equal(got.q_per_channel_scales(), scales) and torch.equal(got.q_per_channel_zero_points(), zero_points) and others
+
+
+def test_a_custom_op_that_keeps_its_argument_keeps_its_values(pager):
+    """A ``torch.library`` op outside torch's own namespaces may keep a tensor argument (a cache, a
+    prepack step): given a view of the device slab, what it kept read other tensors' bytes once
+    those slots were reused (found by a helper's probe). Such an op gets plain copies of its
+    PagedTensor arguments that it may keep."""
+    kept: list[torch.Tensor] = []
+
+    @torch.library.custom_op("pagedllm_tests::remember", mutates_args=())
+    def remember(x: torch.Tensor) -> torch.Tensor:
+        kept.append(x)
+        return x.sum().reshape(1)
+
+    values = torch.arange(1024.0)
+    assert torch.equal(torch.ops.pagedllm_tests.remember(PagedTensor.wrap(values, pager)), values.sum().reshape(1))
+    others = _reuse_the_device_slots(pager)
+    assert torch.equal(kept[0], values) and others
