@@ -1118,3 +1118,16 @@ def test_a_custom_op_that_keeps_its_argument_keeps_its_values(pager):
     assert torch.equal(torch.ops.pagedllm_tests.remember(PagedTensor.wrap(values, pager)), values.sum().reshape(1))
     others = _reuse_the_device_slots(pager)
     assert torch.equal(kept[0], values) and others
+
+
+def test_a_view_op_of_a_plain_tensor_beside_a_paged_one_returns_the_plain_view(pager):
+    """A view op whose viewed argument is plain and another a PagedTensor
+    (``aten.slice_inverse(plain, paged_src, ...)``) went from the view handler to the generic way and
+    back without end: RecursionError (found by a helper's probe). It runs on the plain argument, the
+    PagedTensor read as a plain copy."""
+    x = torch.arange(12.0).reshape(3, 4)
+    source = torch.arange(100.0, 112.0).reshape(3, 4)
+    expected = torch.ops.aten.slice_inverse(x[1:], source, 0, 1, None, 1)
+    got = torch.ops.aten.slice_inverse(x[1:], PagedTensor.wrap(source, pager), 0, 1, None, 1)
+    assert type(got) is torch.Tensor and torch.equal(got, expected)
+    assert (got.shape, got.stride(), got.storage_offset()) == (expected.shape, expected.stride(), expected.storage_offset())

@@ -38,10 +38,13 @@ def view_of_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict, lea
             f"PagedTensor: {func} makes a nested (jagged) tensor, whose values and offsets cannot be "
             f"PagedTensors; pass t.materialize(){_describe(args, kwargs)}"
         )
-    if not isinstance(source, PagedTensor):  # the view is of a plain argument
-        return DISPATCHER.run_paged(func, types, args, kwargs)
     if leaves is None:
         leaves = _paged_leaves(args, kwargs)
+    if not isinstance(source, PagedTensor):
+        # The view is of a plain argument (``slice_inverse(plain, paged_src, ...)``): the PagedTensors
+        # beside it, only read, as plain copies. (The generic way sent a view op back here: no end.)
+        dense_args, dense_kwargs = _substitute(args, kwargs, {id(leaf): leaf.materialize() for leaf in leaves})
+        return func(*dense_args, **dense_kwargs)
     try:
         if len(leaves) == 1:  # the source is the only PagedTensor argument: the common case
             out = func(meta_like(source), *args[1:], **kwargs)
