@@ -106,7 +106,7 @@ from pagedtensor.config import normalize_device
 from pagedtensor.errors import OutOfPagesError, PagerClosedError, SlabAllocationError, out_of_pages_for
 from pagedtensor.interrupts import deferring, pager_call
 from pagedtensor.list_ops import bump_written_versions, run_list_op
-from pagedtensor.pager import ResidentPages, WrittenPages
+from pagedtensor.pager import Pager, ResidentPages, WrittenPages
 from pagedtensor.pieces import is_elementwise, run_in_pieces
 from pagedtensor.tensor import (
     PagedStorage,
@@ -149,9 +149,10 @@ _UNMARKED_WRITES: dict[str, frozenset[str]] = {
 _KEEPING_QUANTIZERS = frozenset({"quantize_per_channel", "_make_per_channel_quantized_tensor", "_empty_per_channel_affine_quantized"})
 
 # Namespaces of torch's own ops, whose kernels keep no argument beyond what their schemas and
-# results show; an op of any other (a ``torch.library`` op of a user's, a cache or prepack step)
-# may keep one, so it runs on private copies (:attr:`OpInfo.keeps_arguments`).
-_TORCH_NAMESPACES = frozenset({"aten", "prims"})
+# results show (no aten op returns an opaque object), and of the collectives (run on dense copies);
+# an op of any other (``quantized::linear_prepack``'s packed params, a ``torch.library`` op of a
+# user's that caches its argument) may keep one, so it runs on private copies (:attr:`OpInfo.keeps_arguments`).
+_KEEPS_NO_ARGUMENTS = frozenset({"aten", "prims"}) | COLLECTIVE_NAMESPACES
 
 
 @dataclass(frozen=True)
@@ -192,9 +193,9 @@ class OpInfo:
     """One of torch.distributed's collectives (:mod:`pagedtensor.handlers.collectives`)."""
     keeps_arguments: bool
     """The op may keep its tensor arguments where no check for views of the device slab reaches: a
-    result that is an opaque object (``quantized::linear_prepack``'s packed params) or a per-channel
-    quantized tensor (its quantizer keeps the scales and zero points), or any op outside torch's
-    own namespaces (a ``torch.library`` op that caches its argument). It runs on gathered copies of
+    per-channel quantized result (its quantizer keeps the scales and zero points), or any op outside
+    torch's own namespaces (an opaque result, ``quantized::linear_prepack``'s packed params; a
+    ``torch.library`` op that caches its argument). It runs on gathered copies of
     the PagedTensor arguments, which it may keep: a view of the slab would read other pages' bytes later."""
 
     @classmethod
@@ -220,9 +221,7 @@ class OpInfo:
             implicit_composite=_has_kernel(func, "CompositeImplicitAutograd"),
             foreach_written=frozenset(name for _, name in written) if schema.name.startswith("aten::_foreach_") else frozenset(),
             collective=func.namespace in COLLECTIVE_NAMESPACES,
-            keeps_arguments=func.overloadpacket.__name__ in _KEEPING_QUANTIZERS
-            or any(isinstance(r.type, torch._C.ClassType) for r in schema.returns)
-            or func.namespace not in _TORCH_NAMESPACES | COLLECTIVE_NAMESPACES,
+            keeps_arguments=func.overloadpacket.__name__ in _KEEPING_QUANTIZERS or func.namespace not in _KEEPS_NO_ARGUMENTS,
         )
 
 
@@ -1200,18 +1199,16 @@ def _tier_outgrown(leaves: Sequence[PagedTensor]) -> Optional[tuple[int, int, in
     """``(arguments, pages, capacity)`` where two or more PagedTensors ``leaves`` of one pager reach
     more pages in all than its device tier holds (a fused op over many weights that each fit, whose
     error otherwise names only the request that failed); ``None`` where they fit."""
-    reached: dict[int, tuple[Pager, set[tuple[int, int]], int]] = {}
+    pages: dict[Pager, set[tuple[int, int]]] = {}
+    arguments: dict[Pager, int] = {}
     for leaf in leaves:
-        allocation = leaf.allocation
-        if allocation is None:
-            continue
-        pager, pages, count = reached.get(id(leaf.pager), (leaf.pager, set(), 0))
-        first, stop = leaf.page_range()
-        pages.update((allocation.id, page) for page in range(first, stop))
-        reached[id(pager)] = (pager, pages, count + 1)
-    for pager, pages, count in reached.values():
-        if count > 1 and len(pages) > pager.device_tier.capacity_pages:  # one argument's own request says so
-            return count, len(pages), pager.device_tier.capacity_pages
+        if leaf.allocation is not None:
+            first, stop = leaf.page_range()
+            pages.setdefault(leaf.pager, set()).update((leaf.allocation.id, page) for page in range(first, stop))
+            arguments[leaf.pager] = arguments.get(leaf.pager, 0) + 1
+    for pager, reached in pages.items():
+        if arguments[pager] > 1 and len(reached) > pager.device_tier.capacity_pages:  # one argument's own request says so
+            return arguments[pager], len(reached), pager.device_tier.capacity_pages
     return None
 
 

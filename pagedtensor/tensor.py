@@ -244,9 +244,9 @@ def _naming_closed_pager(subject: str) -> Iterator[None]:
         raise error.met_by(subject) from error
 
 
-def _plain_copy(value: Any) -> Any:
-    """A PagedTensor's values as a plain tensor (anything else as it is): for torch's methods that
-    read their arguments' memory directly."""
+def plain_copy(value: Any) -> Any:
+    """A PagedTensor's values as a plain tensor, its bytes read (anything else as it is): for kernels
+    that read their arguments' memory directly or keep them, and for arguments read whole."""
     return value.materialize() if isinstance(value, PagedTensor) else value
 
 
@@ -390,8 +390,8 @@ class PagedTensor(torch.Tensor):
             pager = get_default_pager()
         elif not isinstance(pager, Pager):
             raise TypeError(f"PagedTensor.wrap: pager must be a Pager or None, got {type(pager).__name__}")
-        if pager.closed:
-            raise PagerClosedError.of(repr(pager), pager._closed_because, "PagedTensor.wrap")
+        with _naming_closed_pager("PagedTensor.wrap"):
+            pager._check_open()
         if isinstance(t, PagedTensor):
             if t._paged is not None and t._paged.pager is pager and math_bits(t) == (False, False):
                 return t
@@ -714,13 +714,13 @@ class PagedTensor(torch.Tensor):
         """torch's ``Tensor.map_``: ``callable(a, b)`` on each element ``a`` and ``tensor``'s element ``b``
         (broadcast), its results written in place, as :meth:`apply_` runs (torch's own refuses a
         subclass; a PagedTensor ``tensor`` is read into a plain copy)."""
-        return self._per_element("map_", lambda view: view.map_(_plain_copy(tensor), callable))
+        return self._per_element("map_", lambda view: view.map_(plain_copy(tensor), callable))
 
     @run_outside_compile
     def map2_(self, x: torch.Tensor, y: torch.Tensor, callable: Callable[[Any, Any, Any], Any]) -> "PagedTensor":  # noqa: A002
         """torch's ``Tensor.map2_``: ``callable(a, b, c)`` with ``x``'s and ``y``'s elements, as :meth:`map_`
         (torch's own read a PagedTensor self's data pointer and crashed the interpreter)."""
-        return self._per_element("map2_", lambda view: view.map2_(_plain_copy(x), _plain_copy(y), callable))
+        return self._per_element("map2_", lambda view: view.map2_(plain_copy(x), plain_copy(y), callable))
 
     def _per_element(self, name: str, run: Callable[[torch.Tensor], Any]) -> "PagedTensor":
         """``run(view)`` of torch's per-element method ``name`` on a dense copy of the bytes this tensor

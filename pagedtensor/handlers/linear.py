@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from torch.autograd import forward_ad
 
 from pagedtensor.dispatch import _empty_like_leaf, _Window
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError, out_of_pages_for
@@ -70,7 +71,7 @@ def _with_resident_weight(op: Callable[..., torch.Tensor], input: torch.Tensor, 
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._len_torch_dispatch_stack()
         or torch._C._functorch.peek_interpreter_stack() is not None
-        or torch.autograd.forward_ad._current_level >= 0  # a dual's tangent: torch carries it on the PagedTensor, not on a view of its pages
+        or forward_ad._current_level >= 0  # a dual's tangent: torch carries it on the PagedTensor, not on a view of its pages
     ):  # fmt: skip
         return op(input, weight, bias)
     return _on_the_weights_pages(op, input, weight, bias)

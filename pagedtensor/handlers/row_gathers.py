@@ -23,7 +23,7 @@ from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, _row_byte_spans, _Wind
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.handlers.parts import _arguments_by_name, _larger_than_a_piece
 from pagedtensor.pieces import broadcast_shape, piece_elements_of
-from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping, element_span, meta_layout, meta_like
+from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping, element_span, meta_layout, meta_like, plain_copy
 
 
 @implements([aten.index_select.default, aten.embedding.default, aten.index.Tensor])
@@ -125,7 +125,7 @@ def _bag_on_rows(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple]
     if not _bag_reads_rows(weight, indices):
         return None
     compact, renumbered, compact_padding, rows = _bag_rows_compacted(func, weight, indices, bound["mode"], bound["padding_idx"])
-    options = {**{name: _dense(value) for name, value in bound.items() if name not in ("weight", "indices")}, "padding_idx": compact_padding}
+    options = {**{name: plain_copy(value) for name, value in bound.items() if name not in ("weight", "indices")}, "padding_idx": compact_padding}
     return weight, compact, renumbered, options, rows
 
 
@@ -146,7 +146,7 @@ def _bag_rows_compacted(func: OpOverload, weight: PagedTensor, indices: torch.Te
     (the compact row of the padding row, or one past them where no index names it: the kernel lays
     ``offset2bag`` out by whether there is one). An index out of range raises torch's error (in the
     words of ``mode``) before any page faults in."""
-    indices = _dense(indices)
+    indices = plain_copy(indices)
     given = indices.to("cpu", torch.int64)
     bad = ((given < 0) | (given >= weight.shape[0])).nonzero().flatten()
     if bad.numel():  # torch's words, which differ by mode
@@ -237,7 +237,7 @@ def _check_index_select_bounds(func: OpOverload, args: tuple, kwargs: dict) -> N
         return
     if index.dtype in (torch.int64, torch.int32) and index.dim() <= 1:
         dim %= table.dim()
-        _positions_in_range(func, _dense(index), table.shape[dim], table.shape[dim], dim, table.dim())
+        _positions_in_range(func, plain_copy(index), table.shape[dim], table.shape[dim], dim, table.dim())
 
 
 def _positions_in_range(func: OpOverload, index: torch.Tensor, bound: int, size: int, dim: int = 0, table_dims: int = 1) -> torch.Tensor:
@@ -295,7 +295,7 @@ def _row_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[P
         dim, index = args[1], args[2]
         if dim in (0, -table.dim()) or not isinstance(index, torch.Tensor) or index.dim() != table.dim():
             return None
-        index = _dense(index)
+        index = plain_copy(index)
         sparse_grad = kwargs.get("sparse_grad", args[3] if len(args) > 3 else False)
         if index.shape[0] > table.shape[0]:
             return None  # torch's size error, from the generic way
@@ -304,11 +304,11 @@ def _row_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[P
         dim, index = args[1], args[2]
         if kwargs or dim in (0, -table.dim()) or not isinstance(index, torch.Tensor):
             return None
-        index = _dense(index)
+        index = plain_copy(index)
         return table, table.shape[0], count, lambda rows, a, b: func(rows, dim, index)
     if func is not aten.index.Tensor or kwargs or not args[1] or args[1][0] is not None:
         return None
-    indices = [_dense(item) if isinstance(item, torch.Tensor) else item for item in args[1]]
+    indices = [plain_copy(item) if isinstance(item, torch.Tensor) else item for item in args[1]]
     places = [place for place, item in enumerate(indices) if item is not None]
     if not places or places != list(range(places[0], places[-1] + 1)):
         return None
@@ -368,16 +368,16 @@ def _elements_by_rows(func: OpOverload, args: tuple, kwargs: dict) -> Optional[t
         index = args[1]
         if kwargs or not isinstance(index, torch.Tensor) or index.dtype != torch.int64:
             return None
-        return table, _dense(index), table.numel(), lambda compact, renumbered: func(compact, renumbered)
+        return table, plain_copy(index), table.numel(), lambda compact, renumbered: func(compact, renumbered)
     if func is aten.gather.default:
         dim, index = args[1], args[2]
         if dim not in (0, -table.dim()) or not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32):
             return None
         sparse_grad = kwargs.get("sparse_grad", args[3] if len(args) > 3 else False)
-        return table, _dense(index), table.shape[0], lambda compact, renumbered: func(compact, 0, renumbered, sparse_grad=sparse_grad)
+        return table, plain_copy(index), table.shape[0], lambda compact, renumbered: func(compact, 0, renumbered, sparse_grad=sparse_grad)
     if func is not aten.index.Tensor or kwargs or not args[1] or not isinstance(args[1][0], torch.Tensor):
         return None
-    indices = [_dense(item) if isinstance(item, torch.Tensor) else item for item in args[1]]
+    indices = [plain_copy(item) if isinstance(item, torch.Tensor) else item for item in args[1]]
     first = indices[0]
     if first.dtype in (torch.bool, torch.uint8):  # a mask over the leading dims: its positions, as torch takes them
         if first.dim() > table.dim() or tuple(first.shape) != tuple(table.shape[: first.dim()]):
@@ -439,7 +439,7 @@ def _gather_permuted(func: OpOverload, table: PagedTensor, order: list[int], arg
     dim, index = args[1], args[2]
     if not isinstance(dim, int) or not -table.dim() <= dim < table.dim() or not isinstance(index, torch.Tensor):
         return None
-    index = _dense(index)
+    index = plain_copy(index)
     dim %= table.dim()
     if index.dtype not in (torch.int64, torch.int32) or index.dim() != table.dim():
         return None
@@ -456,7 +456,7 @@ def _index_select_permuted(func: OpOverload, table: PagedTensor, order: list[int
     """``index_select(table, dim, index)`` on ``table.permute(order)`` along ``order.index(dim)``, permuted back."""
     if not isinstance(dim, int) or not -table.dim() <= dim < table.dim() or not isinstance(index, torch.Tensor):
         return None
-    index = _dense(index)
+    index = plain_copy(index)
     dim %= table.dim()
     if index.dtype not in (torch.int64, torch.int32) or index.dim() > 1 or index.device != table.device:
         return None
@@ -470,7 +470,7 @@ def _take_permuted(func: OpOverload, table: PagedTensor, order: list[int], index
     table's dims) moved to the same element's flat position over the permuted dims."""
     if not isinstance(index, torch.Tensor):
         return None
-    index = _dense(index)
+    index = plain_copy(index)
     if index.dtype != torch.int64:
         return None
     flat = _positions_in_range(func, index, table.numel(), table.shape[0])
@@ -514,7 +514,7 @@ def _indices_expanded(func: OpOverload, table: PagedTensor, indices: Any) -> Opt
             continue
         if not isinstance(item, torch.Tensor):
             return None
-        item = _dense(item)
+        item = plain_copy(item)
         if item.dtype in (torch.bool, torch.uint8):
             start = len(expanded)
             if start + item.dim() > table.dim():
@@ -584,11 +584,6 @@ def _index_layout_of_no_elements(func: OpOverload, table: PagedTensor, indices: 
     shape = [0 if item is not None else size for item, size in zip(indices, table.shape)]
     stand_in = torch.empty(0, dtype=table.dtype, device=table.device).as_strided(shape, table.stride())
     return func(stand_in, [item if item is None else item.to(table.device) for item in indices])
-
-
-def _dense(value: Any) -> Any:
-    """A PagedTensor as a plain tensor (its bytes read); anything else as it is."""
-    return value.materialize() if isinstance(value, PagedTensor) else value
 
 
 def _stand_in_of_rows(table: PagedTensor, rows: int = 1) -> torch.Tensor:
@@ -777,7 +772,7 @@ def masked_select(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> 
             raise
         if mask.dtype != torch.bool or mask.device != table.device or broadcast_shape([mask, table]) != tuple(table.shape):
             raise
-    mask = _dense(mask)
+    mask = plain_copy(mask)
     try:  # torch's checks of the dtype: the dense op on a one-element stand-in selecting its element
         func(torch.empty(1, dtype=table.dtype, device=table.device), torch.ones(1, dtype=torch.bool, device=table.device))
     except (NotImplementedError, RuntimeError):

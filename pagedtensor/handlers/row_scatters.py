@@ -22,14 +22,13 @@ from torch._ops import OpOverload
 from pagedtensor.dispatch import DISPATCHER, _row_byte_spans, aten, implements, refuse_internal_overlap
 from pagedtensor.handlers.parts import _arguments_by_name, _larger_than_a_piece
 from pagedtensor.handlers.row_gathers import (
-    _dense,
     _outermost_first,
     _rows_a_piece,
     _rows_can_be_copied,
     _rows_compacted,
 )
 from pagedtensor.pieces import piece_elements_of
-from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping
+from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping, plain_copy
 
 
 _ROW_SCATTERS = [aten.index_put_.default, aten.index_copy_.default, aten.index_add_.default, aten.index_reduce_.default,
@@ -181,8 +180,7 @@ def _torchs_masked_fill(func: OpOverload, args: tuple, kwargs: dict) -> Optional
     table, indices, values = bound["self"], bound["indices"], bound["values"]
     if bound["accumulate"] or not isinstance(values, torch.Tensor) or values.numel() != 1 or values.device.type != "cpu":
         return None
-    if isinstance(values, PagedTensor):
-        values = values.materialize()  # one number, read
+    values = plain_copy(values)  # one number, read
     mask, dims = None, 0
     for index in indices:
         if index is None:
@@ -262,7 +260,7 @@ def _masks_as_positions(table: torch.Tensor, first_dim: int, indices: list) -> O
         if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
             if tuple(index.shape) != tuple(table.shape[dim : dim + index.dim()]) or index.dim() == 0:
                 return None
-            converted.extend(_dense(index).nonzero().unbind(1))
+            converted.extend(plain_copy(index).nonzero().unbind(1))
             dim += index.dim()
         else:
             converted.append(index)
@@ -294,7 +292,7 @@ def _put_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) 
     rest = _masks_as_positions(table, lead, list(indices[lead:]))
     if rest is None:  # a mask of another shape than the dims it spans: torch's error, on a one-row stand-in
         stand_in = torch.empty((1, *table.shape[1:]), dtype=table.dtype, device=table.device)
-        func(stand_in, [_dense(index) if isinstance(index, torch.Tensor) else index for index in indices], _dense(values))
+        func(stand_in, [plain_copy(index) if isinstance(index, torch.Tensor) else index for index in indices], plain_copy(values))
         return NotImplemented
     if not rest or lead + len(rest) > table.dim():
         return NotImplemented
@@ -310,9 +308,9 @@ def _put_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) 
     count = _rows_a_piece(table)
     if not 0 < count < table.shape[0]:
         return NotImplemented
-    rest = [_dense(index) for index in rest]
+    rest = [plain_copy(index) for index in rest]
     indices = [*indices[:lead], *rest]
-    values = _dense(values)
+    values = plain_copy(values)
     stand_in = torch.empty((1, *table.shape[1:]), dtype=table.dtype, device=table.device)
     try:
         places = list(torch.broadcast_shapes(*(index.shape for index in rest)))
@@ -384,8 +382,8 @@ def _index_op_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: d
     count = _rows_a_piece(table)
     if not 0 < count < table.shape[0]:
         return NotImplemented
-    index = _dense(index)
-    source = _dense(source)
+    index = plain_copy(index)
+    source = plain_copy(source)
     options = _options_of(func, bound)
     func(_overlapping_stand_in(table), dim, index, source, **options)  # torch's checks and errors; no page read
     if not filling and (source.dim() != table.dim() or source.shape[0] != table.shape[0]):
@@ -420,7 +418,7 @@ def _index_op_of_outermost_first(func: OpOverload, args: tuple, kwargs: dict) ->
     source = bound["value"] if filling else bound["source"]
     if not isinstance(dim, int) or not isinstance(index, torch.Tensor) or _apart_from(index, table) or _apart_from(source, table):
         return None
-    index, source = _dense(index), _dense(source)
+    index, source = plain_copy(index), plain_copy(source)
     options = _options_of(func, bound)
     func(_overlapping_stand_in(table), dim, index, source, **options)  # torch's checks and errors; no page read
     if not filling:
@@ -448,8 +446,8 @@ def _index_put_of_outermost_first(table: PagedTensor, order: list[int], bound: d
     if any(index is not None and (not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32, torch.bool)
                                   or index.device != table.device or _apart_from(index, table)) for index in indices):  # fmt: skip
         return None
-    indices = [None if index is None else _dense(index) for index in indices]
-    values = _dense(values)
+    indices = [None if index is None else plain_copy(index) for index in indices]
+    values = plain_copy(values)
     aten.index_put_.default(_overlapping_stand_in(table), indices, values, accumulate)  # torch's checks and errors; no page read
     if accumulate or len(indices) != 1 or indices[0].dtype == torch.bool:
         return table if _put_by_coordinates(table.permute(order), order, indices, values, accumulate) else None
@@ -559,7 +557,7 @@ def _row_scatter_request(func: OpOverload, args: tuple, kwargs: dict) -> Optiona
             return None
         if len(indices) > 1 and any(index is not None and (index.dtype == torch.uint8 or index.device != table.device) for index in indices):
             return None  # byte masks among several indices, or an index on another device: the generic way
-        rest = tuple(_dense(index) for index in indices[1:])
+        rest = tuple(plain_copy(index) for index in indices[1:])
         index, source, options = indices[0], bound["values"], {"accumulate": bound["accumulate"]}
     else:
         if bound["dim"] not in (0, -table.dim()):
@@ -746,7 +744,7 @@ def renorm_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
             or not _larger_than_a_piece([table])):  # fmt: skip
         return DISPATCHER.run_paged(func, types, args, kwargs)
     options = (bound["max_norm"], bound["norm_type"])
-    given = _dense(indices)
+    given = plain_copy(indices)
     stand_in = torch.zeros((1, table.shape[1]), dtype=table.dtype, device=table.device)
     func(stand_in, given.reshape(-1)[:1].clamp(0, 0) if given.dtype in (torch.int64, torch.int32) else given, *options)
     values = torch.unique(given.reshape(-1).cpu(), sorted=True)  # the kernel's distinct sorted values
@@ -795,7 +793,7 @@ def masked_scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dic
             or any(isinstance(t, PagedTensor) and t._paged is table._paged for t in (mask, source))):  # fmt: skip
         return DISPATCHER.run_paged(func, types, args, kwargs)
     refuse_internal_overlap(func, table)
-    mask, source = _dense(mask), _dense(source)
+    mask, source = plain_copy(mask), plain_copy(source)
     one = torch.empty(1, dtype=table.dtype, device=table.device)
     func(one, torch.zeros(1, dtype=mask.dtype, device=mask.device), source.reshape(-1)[:1])  # mask and source dtypes: torch's errors
     marks = mask.expand(table.shape)  # torch's error for a mask that does not broadcast
@@ -837,7 +835,7 @@ def put_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
             or not _larger_than_a_piece([table])):  # fmt: skip
         return DISPATCHER.run_paged(func, types, args, kwargs)
     refuse_internal_overlap(func, table)  # the stand-in has no stride 0
-    index, source = _dense(index), _dense(source)
+    index, source = plain_copy(index), plain_copy(source)
     func(_overlapping_stand_in(table), index, source, accumulate)  # torch's checks and errors; no page read
     positions = index.reshape(-1)
     positions = torch.where(positions < 0, positions + table.numel(), positions)
@@ -880,8 +878,8 @@ def scatter_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
         return DISPATCHER.run_paged(func, types, args, kwargs)  # a view of the table's own pages: torch's overlap checks
     reduction = args[4:]  # scatter_reduce_'s reduce (its include_self, and scatter_'s reduce, are in kwargs)
     _check_scatter_on_stand_ins(func, table, dim, index, source, reduction, kwargs)
-    index = _dense(index)
-    source = _dense(source)
+    index = plain_copy(index)
+    source = plain_copy(source)
     if index.numel() == 0:
         return table
     dim %= table.dim()

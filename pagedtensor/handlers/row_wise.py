@@ -42,9 +42,9 @@ from torch._ops import OpOverload
 
 from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, aten, implements
 from pagedtensor.handlers.parts import _arguments_by_name, _meta
-from pagedtensor.handlers.row_gathers import _dense, _empty_laid_out_as, _rows_a_piece, _stand_in_of_rows
+from pagedtensor.handlers.row_gathers import _empty_laid_out_as, _rows_a_piece, _stand_in_of_rows
 from pagedtensor.handlers.row_moves import _runs_in_row_pieces
-from pagedtensor.tensor import PagedTensor
+from pagedtensor.tensor import PagedTensor, plain_copy
 
 _SOFTMAXES = (aten._softmax.default, aten._log_softmax.default)
 _SCANS = (aten.cumsum.default, aten.cumprod.default, aten.logcumsumexp.default, aten.cummax.default, aten.cummin.default)
@@ -85,7 +85,7 @@ def run_by_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
         table = bound[func._schema.arguments[0].name]
         if not isinstance(table, PagedTensor) or table._inner is not None or table.dim() < 2 or table.is_conj() or table.is_neg():
             raise
-        rest = [_dense(bound[argument.name]) for argument in func._schema.arguments[1:] if not argument.kwarg_only]  # a paged weight or bias read once
+        rest = [plain_copy(bound[argument.name]) for argument in func._schema.arguments[1:] if not argument.kwarg_only]  # a paged weight or bias read once
         options = {argument.name: bound[argument.name] for argument in func._schema.arguments if argument.kwarg_only}
         if func is aten.native_layer_norm.default and len(rest[0]) >= table.dim():
             func(*_meta([table, *rest]))  # over every dim: torch's checks (the meta kernel's), else the pager's error

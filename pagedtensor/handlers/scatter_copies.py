@@ -15,7 +15,7 @@ from pagedtensor.dispatch import DISPATCHER, aten, implements
 from pagedtensor.handlers.parts import _arguments_by_name, _copies_in_parts, _larger_than_a_piece, _meta, copy_in_parts
 from pagedtensor.handlers.row_scatters import _overlapping_stand_in
 from pagedtensor.pieces import functional_form
-from pagedtensor.tensor import PagedTensor
+from pagedtensor.tensor import PagedTensor, plain_copy
 
 _IN_PLACE_SCATTERS = (
     aten.index_put_.default, aten.index_copy_.default, aten.index_add_.default, aten.index_fill_.int_Scalar, aten.index_fill_.int_Tensor,
@@ -59,9 +59,5 @@ def scatter_into_a_copy(func: OpOverload, types: tuple, args: tuple, kwargs: dic
 
 def _read_whole(values: tuple) -> tuple:
     """``values`` with each PagedTensor, also in a list or tuple (``index_put``'s indices), as a plain copy."""
-    return tuple(
-        value.materialize() if isinstance(value, PagedTensor)
-        else type(value)(_read_whole(tuple(value))) if type(value) in (list, tuple) else value
-        for value in values
-    )  # fmt: skip
+    return tuple(type(value)(_read_whole(tuple(value))) if type(value) in (list, tuple) else plain_copy(value) for value in values)
 

@@ -13,7 +13,7 @@ from torch._ops import OpOverload
 
 from pagedtensor.dispatch import DISPATCHER, _describe, _map_tensors, _paged_leaves, _substitute, aten, implements, resize_refused
 from pagedtensor.handlers.row_gathers import _resize_output
-from pagedtensor.tensor import PagedTensor, element_span, math_bits, meta_like
+from pagedtensor.tensor import PagedTensor, element_span, math_bits, meta_like, plain_copy
 
 
 _VIEW_OPS = [
@@ -43,7 +43,7 @@ def view_of_pages(func: OpOverload, types: tuple, args: tuple, kwargs: dict, lea
     if not isinstance(source, PagedTensor):
         # The view is of a plain argument (``slice_inverse(plain, paged_src, ...)``): the PagedTensors
         # beside it, only read, as plain copies. (The generic way sent a view op back here: no end.)
-        dense_args, dense_kwargs = _substitute(args, kwargs, {id(leaf): leaf.materialize() for leaf in leaves})
+        dense_args, dense_kwargs = _substitute(args, kwargs, {id(leaf): plain_copy(leaf) for leaf in leaves})
         return func(*dense_args, **dense_kwargs)
     try:
         if len(leaves) == 1:  # the source is the only PagedTensor argument: the common case
