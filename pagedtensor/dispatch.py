@@ -107,7 +107,7 @@ from pagedtensor.errors import OutOfPagesError, PagerClosedError, SlabAllocation
 from pagedtensor.interrupts import deferring, pager_call
 from pagedtensor.list_ops import bump_written_versions, run_list_op
 from pagedtensor.pager import Pager, ResidentPages, WrittenPages
-from pagedtensor.pieces import is_elementwise, run_in_pieces
+from pagedtensor.pieces import is_elementwise, pages_reached, run_in_pieces
 from pagedtensor.tensor import (
     PagedStorage,
     PagedTensor,
@@ -1199,14 +1199,11 @@ def _tier_outgrown(leaves: Sequence[PagedTensor]) -> Optional[tuple[int, int, in
     """``(arguments, pages, capacity)`` where two or more PagedTensors ``leaves`` of one pager reach
     more pages in all than its device tier holds (a fused op over many weights that each fit, whose
     error otherwise names only the request that failed); ``None`` where they fit."""
-    pages: dict[Pager, set[tuple[int, int]]] = {}
     arguments: dict[Pager, int] = {}
     for leaf in leaves:
         if leaf.allocation is not None:
-            first, stop = leaf.page_range()
-            pages.setdefault(leaf.pager, set()).update((leaf.allocation.id, page) for page in range(first, stop))
             arguments[leaf.pager] = arguments.get(leaf.pager, 0) + 1
-    for pager, reached in pages.items():
+    for pager, reached in pages_reached(leaves).items():
         if arguments[pager] > 1 and len(reached) > pager.device_tier.capacity_pages:  # one argument's own request says so
             return arguments[pager], len(reached), pager.device_tier.capacity_pages
     return None

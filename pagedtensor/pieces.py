@@ -50,6 +50,7 @@ from torch._prims_common import compute_elementwise_output_strides, make_contigu
 from pagedtensor.tensor import PagedTensor, byte_span, dense_and_non_overlapping, element_span, math_bits, meta_layout
 
 if TYPE_CHECKING:
+    from pagedtensor.pager import Pager
     from pagedtensor.dispatch import OpInfo
 
 aten = torch.ops.aten
@@ -713,6 +714,17 @@ def piece_elements_of(tensors: list[torch.Tensor]) -> Optional[int]:
     if piece_bytes < 1:
         return None
     return max(1, piece_bytes // max(t.dtype.itemsize for t in paged))
+
+
+def pages_reached(paged: Sequence[PagedTensor]) -> dict["Pager", set[tuple[int, int]]]:
+    """The pages ``paged`` reach in all, per pager: ``(allocation id, page)`` pairs, each page once
+    however many of the tensors reach it (the pages an op on all of them at once pins)."""
+    pages: dict["Pager", set[tuple[int, int]]] = {}
+    for t in paged:
+        if t.allocation is not None:
+            first, stop = t.page_range()
+            pages.setdefault(t.pager, set()).update((t.allocation.id, page) for page in range(first, stop))
+    return pages
 
 
 def span_elements(t: torch.Tensor) -> int:

@@ -614,3 +614,34 @@ def test_allclose_of_shapes_that_do_not_broadcast_raises_torchs_error():
             torch.allclose(paged, x[0, :7])
         assert str(paged_error.value) == str(dense_error.value)
         assert pager.stats()["faults"] == faults
+
+
+@SETTINGS
+@given(rows=st.lists(st.integers(0, 63), min_size=1, max_size=40), stack=st.booleans(), row_elements=st.sampled_from([64, 256, 512]))
+@example(rows=list(range(0, 36, 4)), stack=True, row_elements=256)  # 9 rows of 1 KiB, one on each of 9 pages: raised DeviceTierFullError
+def test_cat_and_stack_of_rows_on_more_pages_than_the_tier_give_the_dense_result(rows, stack, row_elements):
+    """``stack``/``cat`` of a table's rows (what ``default_collate`` runs for a shuffled DataLoader):
+    few bytes, but on more pages in all than the device tier holds. The dense result, within the
+    tier: the rows go a piece at a time (it went by bytes alone and ran them at once)."""
+    with make_pager() as pager:
+        x = torch.randn(64, row_elements, generator=torch.Generator().manual_seed(len(rows)))
+        table = PagedTensor.wrap(x.clone(), pager)
+        op = torch.stack if stack else torch.cat
+        assert same_bits(op([table[i] for i in rows]), op([x[i] for i in rows]))
+        assert within_tier(pager)
+
+
+@pytest.mark.parametrize("op", [lambda ts: torch.cat(ts), lambda ts: torch.stack(ts), lambda ts: torch.cat(ts, out=torch.empty(128, 256, device="meta"))])
+def test_cat_and_stack_past_the_tier_beside_another_device_raise_torchs_device_error(op):
+    """An input (or ``out``) on another device beside a PagedTensor larger than the tier: torch's own
+    device error, as the dense op raises (it raised DeviceTierFullError, reaching for every page)."""
+    x = torch.randn(64, 256)
+    with make_pager() as pager:
+        paged = PagedTensor.wrap(x.clone(), pager)
+        faults = pager.stats()["faults"]
+        with pytest.raises(RuntimeError) as dense_error:
+            op([x, x.to("meta")])
+        with pytest.raises(RuntimeError) as paged_error:
+            op([paged, x.to("meta")])
+        assert type(paged_error.value) is type(dense_error.value) and str(paged_error.value) == str(dense_error.value)
+        assert pager.stats()["faults"] == faults

@@ -13,6 +13,7 @@ import torch
 from torch._ops import OpOverload
 from torch._prims_common.wrappers import _maybe_resize_out
 
+from pagedtensor.config import normalize_device
 from pagedtensor.dispatch import DISPATCHER, aten, implements, resize_refused
 from pagedtensor.errors import DeviceTierFullError
 from pagedtensor.handlers.parts import (
@@ -113,6 +114,8 @@ def concatenate_in_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: d
     tensors = list(args[0])
     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
     paged = [t for t in tensors if isinstance(t, PagedTensor)]
+    if paged:
+        _raise_if_on_devices_apart(func, tensors, dim)
     if not paged or not _copies_in_parts(tensors) or not _larger_than_a_piece(paged):
         return DISPATCHER.run_paged(func, types, args, kwargs)
     layout = _concatenated_layout(func, tensors, dim)
@@ -136,6 +139,7 @@ def concatenate_into_out_in_pieces(func: OpOverload, types: tuple, args: tuple, 
     except DeviceTierFullError:
         bound = _arguments_by_name(func, args, kwargs)
         tensors, dim, out = list(bound["tensors"]), bound["dim"], bound["out"]
+        _raise_if_on_devices_apart(func, tensors, dim, out)
         if not _copies_in_parts([*tensors, out]) or (
             isinstance(out, PagedTensor) and any(isinstance(t, PagedTensor) and t._paged is out._paged for t in tensors)
         ):
@@ -190,11 +194,24 @@ def _concatenated_layout(func: OpOverload, tensors: list[torch.Tensor], dim: int
             warnings.simplefilter("ignore")
             return func([meta_layout(t) for t in tensors], dim, **outs)
     except (RuntimeError, IndexError, ValueError, TypeError) as error:
-        stand_ins = [torch.empty((), dtype=t.dtype, device=t.device).expand(t.shape) for t in tensors]
-        if out is not None:
-            outs = {"out": torch.empty((), dtype=out.dtype, device=out.device).expand(out.shape)}
-        func(stand_ins, dim, **outs)
+        _run_on_stand_ins(func, tensors, dim, out)
         raise error
+
+
+def _run_on_stand_ins(func: OpOverload, tensors: list[torch.Tensor], dim: int, out: Optional[torch.Tensor] = None) -> None:
+    """``cat`` / ``stack`` on zero-stride stand-ins of ``tensors`` (and ``out``), each of its tensor's
+    dtype and device, no memory of their sizes: torch's own error where it refuses the arguments
+    (its checks come before its result is allocated or written), nothing where it takes them."""
+    stand_ins = [torch.empty((), dtype=t.dtype, device=t.device).expand(t.shape) for t in tensors]
+    outs = {} if out is None else {"out": torch.empty((), dtype=out.dtype, device=out.device).expand(out.shape)}
+    func(stand_ins, dim, **outs)
+
+
+def _raise_if_on_devices_apart(func: OpOverload, tensors: list[torch.Tensor], dim: int, out: Optional[torch.Tensor] = None) -> None:
+    """torch's device error (from :func:`_run_on_stand_ins`) where ``tensors`` and ``out`` are not
+    all on one device, before any page is reached (the pager's tier error would come first)."""
+    if len({normalize_device(t.device) for t in (*tensors, *([] if out is None else [out])) if isinstance(t, torch.Tensor)}) > 1:
+        _run_on_stand_ins(func, tensors, dim, out)
 
 
 def _matching_parts(a: torch.Tensor, b: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -11,7 +11,7 @@ import torch
 from torch._ops import OpOverload
 
 from pagedtensor.config import normalize_device
-from pagedtensor.pieces import piece_elements_of, span_elements
+from pagedtensor.pieces import pages_reached, piece_elements_of, span_elements
 from pagedtensor.tensor import PagedTensor, meta_layout
 
 
@@ -49,14 +49,17 @@ def _copies_in_parts(tensors: Sequence[Any], resolving: bool = False) -> bool:
 
 
 def _larger_than_a_piece(paged: list[PagedTensor]) -> bool:
-    """Whether the bytes ``paged`` reach are more than one piece (:func:`piece_elements_of`) holds, so
-    that the op goes a part at a time; a smaller op runs at once, the generic way, as does any op
-    where the device tier holds no piece (fewer than two pages)."""
+    """Whether the bytes ``paged`` reach are more than one piece (:func:`piece_elements_of`) holds, or
+    the pages they reach in all more than the device tier holds (rows of a table, a few bytes on
+    each of many pages), so that the op goes a part at a time; a smaller op runs at once, the
+    generic way, as does any op where the device tier holds no piece (fewer than two pages)."""
     piece = piece_elements_of(paged)
     if piece is None:  # too many allocations for a piece of each at once: one at a time, if that fits
         return piece_elements_of(paged[:1]) is not None
     widest = max(t.dtype.itemsize for t in paged)
-    return sum(span_elements(t) * t.dtype.itemsize for t in paged) > piece * widest
+    if sum(span_elements(t) * t.dtype.itemsize for t in paged) > piece * widest:
+        return True
+    return len(paged) > 1 and any(len(pages) > pager.device_tier.capacity_pages for pager, pages in pages_reached(paged).items())
 
 
 def _cut_in_parts(tensor: PagedTensor) -> bool:
