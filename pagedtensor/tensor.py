@@ -39,6 +39,7 @@ import weakref
 from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence, Union
 
 import torch
+from torch._ops import OpOverload
 
 from pagedtensor.default_pager import get_default_pager
 from pagedtensor.interrupts import pager_call
@@ -270,6 +271,20 @@ def _refuse_traced(tensor: "PagedTensor") -> None:
 
 
 _dynamo_frame_hook = getattr(torch._C._dynamo.eval_frame, "get_eval_frame_callback", lambda: None)  # None unless torch.compile's hook is on
+_tracing_state = torch._C._get_tracing_state  # None unless torch.jit.trace records
+
+
+def _traced_op_refused(func: OpOverload) -> NotImplementedError:
+    """The error for an op that reaches a PagedTensor while ``torch.jit.trace`` records: the few ops
+    its tracer records by hand (``copy_``, ``resize_as_``) or under another name (``convolution``) come
+    here with the tracer on, where the pager's own ops would be recorded too (and leave its state
+    broken for later traces: an INTERNAL ASSERT, a crash). Every other op is recorded above and
+    reaches here with the tracer off."""
+    return NotImplementedError(
+        f"{func}: torch.jit.trace cannot record this op over a PagedTensor (its tracer hands it to the subclass "
+        f"while recording); trace with plain tensors (t.materialize()) and call the traced function with "
+        f"PagedTensors, or use torch.jit.script or torch.compile"
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -618,6 +633,8 @@ class PagedTensor(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206 - torch's protocol
         kwargs = kwargs or {}
+        if _tracing_state() is not None:
+            raise _traced_op_refused(func)
         if _dynamo_frame_hook() is not None:
             # An op run eagerly while torch.compile's frame hook is on (at a graph break, ``a[a > 0]``):
             # the hook would compile the dispatcher's and pager's own frames (dozens a call, failing
