@@ -606,6 +606,14 @@ def _on_meta(func: OpOverload, args: tuple, kwargs: dict) -> Any:
     return func(*(meta_layout(value) for value in args), **{name: meta_layout(value) for name, value in kwargs.items()})
 
 
+def _stand_in(value: Any) -> Any:
+    """A tensor as a zero-stride view of one element of its dtype and device, of its shape; anything
+    else as it is."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return torch.empty((), dtype=value.dtype, device=value.device).expand(value.shape)
+
+
 _FLOAT8 = frozenset(dtype for dtype in vars(torch).values() if isinstance(dtype, torch.dtype) and "float8" in str(dtype))
 
 
@@ -693,8 +701,13 @@ def _result_layout(func: OpOverload, args: tuple, kwargs: dict) -> Optional[torc
 
 
 def _raise_torchs_error(func: OpOverload, args: tuple, kwargs: dict) -> None:
-    """Raise the error ``func`` raises on meta tensors of its arguments' layouts (torch's own, as for
-    shapes that do not broadcast), if it raises one other than a missing meta kernel's."""
+    """Raise the error torch raises for ``func``'s arguments (shapes that do not broadcast), before
+    any page is read: an op that writes none of them runs on zero-stride stand-ins of each on its own
+    device, no memory of their sizes (the dense op's message: "The size of tensor a (256) must match
+    ..."); one that writes one (a stand-in would overlap itself) on meta tensors of their layouts,
+    if that raises an error other than a missing meta kernel's."""
+    if not func._schema.is_mutable:
+        func(*(_stand_in(value) for value in args), **{name: _stand_in(value) for name, value in kwargs.items()})
     try:
         _on_meta(func, args, kwargs)
     except (NotImplementedError, KeyError):  # KeyError: a pair the meta promotion table lacks (float8 with complex)
