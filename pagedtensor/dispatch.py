@@ -506,8 +506,12 @@ class PagedDispatcher:
         # keep their host copies, which the other windows' faults then need not make room around.
         order = sorted(groups.values(), key=lambda group: id(group.storage) in discard) if discard else groups.values()
         try:
-            for group in order:
-                group.window = _Window(group.storage, group.lo, group.hi, discard.get(id(group.storage), ()), group.private)
+            if len(groups) > 1:
+                _refuse_windows_past_the_tier(groups.values())
+            last = len(groups) - 1
+            for index, group in enumerate(order):  # only the last window prefetches: see Pager.ensure_resident
+                group.window = _Window(group.storage, group.lo, group.hi, discard.get(id(group.storage), ()), group.private,
+                                       prefetch=index == last)  # fmt: skip
                 opened.append(group)
         except OutOfPagesError as error:
             _release_all(opened)
@@ -756,6 +760,21 @@ class _Group:
         self.leaves.append(leaf)
 
 
+def _refuse_windows_past_the_tier(groups: Iterable[_Group]) -> None:
+    """Raise the pager's DeviceTierFullError where the windows of ``groups`` hold more pages in all
+    than their pager's device tier, before any opens: each may fit alone, and the first would be
+    faulted in whole only to be let go when a later one cannot join it (the op then runs a piece at
+    a time, reading it again)."""
+    pages: dict[Pager, int] = {}
+    for group in groups:
+        pager = group.storage.pager
+        size = pager.page_size
+        pages[pager] = pages.get(pager, 0) + -(-group.hi // size) - group.lo // size  # its byte span's pages
+    for pager, count in pages.items():
+        if count > pager.device_tier.capacity_pages:
+            raise pager.larger_than_the_device_tier(count)
+
+
 def _groups_apart(groups: dict[Any, _Group]) -> Optional[tuple[dict[Any, _Group], dict[int, _Group]]]:
     """The groups of an op cut where an allocation's arguments reach bytes far apart: one group per
     run of arguments whose byte spans overlap (``t[:4]`` and ``t[-4:]`` two, ``t`` and ``t[2]`` one),
@@ -806,7 +825,7 @@ class _Window:
                  "_bounded", "_bounded_slab")  # fmt: skip
 
     def __init__(self, storage: PagedStorage, lo: int, hi: int, discard: Iterable[int] = (), private: bool = False,
-                 gather: bool = True) -> None:
+                 gather: bool = True, prefetch: bool = True) -> None:
         allocation = storage.allocation
         self.page_size = page_size = allocation.page_size
         first, stop = lo // page_size, -(-hi // page_size)
@@ -817,7 +836,7 @@ class _Window:
                 "held during capture, which the pager reuses once the op is done; capture dense tensors instead "
                 "(PagedTensor.materialize())"
             )
-        self.resident: ResidentPages = storage.pager.ensure_resident(allocation, first, stop, discard=discard)
+        self.resident: ResidentPages = storage.pager.ensure_resident(allocation, first, stop, discard=discard, prefetch=prefetch)
         try:
             self.resident.wait()
             self.tier = tier = storage.pager.device_tier

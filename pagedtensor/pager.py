@@ -776,7 +776,8 @@ class Pager:
     # would stay pinned for good). Stream order: the release's event follows the copies enqueued.
     @functools.partial(pager_call, undo=ResidentPages.release)
     def ensure_resident(
-        self, allocation: Allocation, start: int = 0, stop: Optional[int] = None, *, discard: Iterable[int] = ()
+        self, allocation: Allocation, start: int = 0, stop: Optional[int] = None, *, discard: Iterable[int] = (),
+        prefetch: bool = True,
     ) -> ResidentPages:
         """Bring pages ``[start, stop)`` to the device tier and pin them there.
 
@@ -789,9 +790,12 @@ class Pager:
         raises ``TypeError`` naming it), so an op on resident pages pays nothing for it.
 
         Enqueues the copies and returns at once; the returned pages are usable on a stream after
-        :meth:`ResidentPages.wait`. With ``prefetch_strategy="sequential"`` a fault also schedules
-        a prefetch of the ``prefetch_pages`` pages that follow (as many of them as the device tier
-        holds beside the pages pinned here).
+        :meth:`ResidentPages.wait`. With ``prefetch_strategy="sequential"`` a fault that read pages
+        also schedules a prefetch of the ``prefetch_pages`` pages that follow (as many of them as the
+        device tier holds beside the pages pinned here); not one whose missing pages were all in
+        ``discard`` (an overwrite, whose next pages are overwritten too: their old bytes are not
+        needed), nor with ``prefetch=False`` (the caller pins more pages next, which would take back
+        the room the prefetched ones took: an op's windows before its last).
 
         Where only pages other threads pin keep the device tier from holding them, it waits (the
         pager's lock let go) for those threads to let go of pins, up to ``config.pin_wait_s``
@@ -860,7 +864,7 @@ class Pager:
             except BaseException:
                 self._abandon_pin(allocation, start, stop, missing if discard else ())
                 raise
-        if missing and self.config.prefetch_strategy == "sequential" and self.config.prefetch_pages:
+        if missing and prefetch and self.config.prefetch_strategy == "sequential" and self.config.prefetch_pages and len(overwritten) < len(missing):
             # As many as the device tier holds beside the pages just pinned (more asked for prefetched
             # none: the whole batch was refused).
             room = self.device_tier.capacity_pages - (stop - start)
@@ -1573,6 +1577,11 @@ class Pager:
     def _device_evictable(self, page: Page) -> bool:
         return page.pin_count == 0
 
+    def larger_than_the_device_tier(self, requested: int) -> DeviceTierFullError:
+        """The error for ``requested`` pages wanted on the device tier at once, more than it holds."""
+        tier = f"vram_limit={self.config.vram_limit} bytes = {self.device_tier.capacity_pages} pages of {self.page_size}"
+        return DeviceTierFullError(f"device tier: a request for {requested} pages at once is larger than the whole tier ({tier})")
+
     def _make_device_room(self, count: int, requested: int, spare: frozenset = frozenset()) -> None:
         """Free ``count`` device slots for the missing pages of a request of ``requested`` pages
         (the others resident and pinned by it), evicting by the policy; raises
@@ -1586,7 +1595,7 @@ class Pager:
             capacity = self.device_tier.capacity_pages
             tier = f"vram_limit={self.config.vram_limit} bytes = {capacity} pages of {self.page_size}"
             if requested > capacity:
-                raise DeviceTierFullError(f"device tier: a request for {requested} pages at once is larger than the whole tier ({tier})")
+                raise self.larger_than_the_device_tier(requested)
             raise DeviceTierFullError(
                 f"device tier: {count} pages needed (of a request for {requested}), {self.device_tier.free_pages} free and only "
                 f"{len(victims)} evictable ({tier}; the rest are pinned, by this request's pages or by other holders of pages)"

@@ -1342,3 +1342,51 @@ def test_ops_writing_no_operand_that_do_not_broadcast_raise_torchs_own_message_p
                 op(table, PagedTensor.wrap(other.clone(), pager))
             assert str(paged_error.value) == str(dense_error.value)
         assert same_bits(table.materialize(), base)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pages=st.integers(4, 24), spare=st.integers(0, 3), op=st.sampled_from(["copy_", "add_", "add", "where"]))
+@example(pages=16, spare=1, op="copy_")  # read b 1.5 times
+def test_operands_that_fit_alone_but_not_together_are_read_once(pages, spare, op):
+    """Two tables each fitting the device tier, together not: the op runs a piece at a time from the
+    start, each table's pages read from the host once (the op faulted the first table in whole,
+    found the second could not join it, then read both again piece by piece: 1.25-1.5 passes)."""
+    base = torch.randn(pages * PAGE // 4, generator=torch.Generator().manual_seed(pages))
+    with make_pager(device_pages=pages + spare) as pager:
+        a, b = PagedTensor.wrap(base.clone(), pager), PagedTensor.wrap(base.flip(0).contiguous(), pager)
+        pager.evict_all()
+        before = pager.stats()["bytes_h2d"]
+        run = {"copy_": lambda x, y: x.copy_(y), "add_": lambda x, y: x.add_(y), "add": torch.add,
+               "where": lambda x, y: torch.where(x > 0, x, y)}[op]  # fmt: skip
+        result = run(a, b)
+        read = pager.stats()["bytes_h2d"] - before
+        event(f"read {read / (pages * PAGE):.2f} tables")
+        expected = run(base.clone(), base.flip(0).contiguous())
+        assert same_bits(result.materialize() if isinstance(result, PagedTensor) else result, expected)
+        tables_read = {"copy_": 1, "where": 3}.get(op, 2)  # copy_ overwrites a; where reads a for its mask too
+        assert read <= tables_read * pages * PAGE, (read // PAGE, pages)
+
+
+@pytest.mark.parametrize("op", ["fill_", "zero_", "copy_", "add_", "add"])
+def test_sequential_prefetch_reads_no_more_than_no_prefetch_past_the_tier(op):
+    """With ``prefetch_strategy="sequential"``, an op past the tier reads no more from the host than
+    without prefetch: a fault of pages the op overwrites prefetches nothing (it read the old bytes of
+    the pages after, which the next piece overwrote: ``fill_`` read 36 pages where none are needed),
+    and only the op's last window prefetches (the first operand's prefetched pages made room that the
+    second's fault took back: ``a.copy_(b)`` read b 1.7-2 times)."""
+    def host_pages_read(strategy: str) -> tuple[int, torch.Tensor]:
+        config = MemoryConfig(page_size=PAGE, vram_limit=8 * PAGE, host_memory=512 * PAGE, slab_size=512 * PAGE,
+                              prefetch_strategy=strategy, prefetch_pages=4, device="cpu")  # fmt: skip
+        with Pager(config) as pager:
+            base = torch.randn(64 * PAGE // 4, generator=torch.Generator().manual_seed(1))
+            a, b = PagedTensor.wrap(base.clone(), pager), PagedTensor.wrap(base.flip(0).contiguous(), pager)
+            pager.evict_all()
+            before = pager.stats()["bytes_h2d"]
+            result = {"fill_": lambda: a.fill_(1.5), "zero_": a.zero_, "copy_": lambda: a.copy_(b), "add_": lambda: a.add_(b),
+                      "add": lambda: a + b}[op]()  # fmt: skip
+            return (pager.stats()["bytes_h2d"] - before) // PAGE, dense(result)
+
+    read_without, expected = host_pages_read("none")
+    read_with, result = host_pages_read("sequential")
+    assert same_bits(result, expected)
+    assert read_with <= read_without, (read_with, read_without)
