@@ -232,6 +232,30 @@ def test_a_masked_fill_faults_in_only_the_pages_of_its_rows(device):
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("value", [0.0, torch.tensor(-2), torch.tensor(1.5, dtype=torch.float64)])
+def test_a_row_mask_put_of_one_value_moves_only_the_pages_of_its_rows(device, value):
+    """``t[row_mask] = v`` (a mask of the leading dim, one value: torch runs a masked_fill_ of the mask
+    reshaped to [64, 1]) past the tier, rows 1, 50 and 51: pages 0 and 12 fault in and only they are
+    written back (every page was read and written back, a piece at a time)."""
+    def write(target, mask):
+        target[mask.any(1)] = value.to(device) if isinstance(value, torch.Tensor) else value
+
+    with make_pager(device=device) as pager:
+        x = rows_tensor().to(device)
+        table = PagedTensor.wrap(x.clone(), pager)
+        mask = torch.zeros(64, 256, dtype=torch.bool, device=device)
+        mask[1, 7] = mask[50, 0] = mask[51, 255] = True
+        pager.evict_all()
+        before = pager.stats()
+        write(table, mask)
+        pager.evict_all()
+        after = pager.stats()
+        write(x, mask)
+        assert torch.equal(table.materialize(), x)
+        assert (after["faults"] - before["faults"], after["bytes_d2h"] - before["bytes_d2h"]) == (2, 2 * PAGE)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_a_masked_scatter_faults_in_only_the_pages_of_its_marked_rows(device):
     """``t.masked_scatter_(mask, source)`` marking elements of rows 1, 50 and 51 of a 16-page table on
     a tier of 8: pages 0 and 12 fault in (every page did, and a table past the tier raised), and
@@ -1328,7 +1352,7 @@ def test_index_ops_whose_index_is_a_view_of_the_written_table_do_not_write_past_
 @given(table_dtype=st.sampled_from([torch.float32, torch.float16, torch.int64, torch.uint8, torch.bool]),
        value_dtype=st.sampled_from([torch.float64, torch.float32, torch.int64, torch.int32, torch.bool]),
        value=st.sampled_from([0, 1, 1.5, -3, 300, 1e30, float("nan")]),
-       form=st.sampled_from(["t[mask] = v", "t[rows, 3] = v", "t.T[mask.T] = v", "t[:, cols] = v", "index_put_"]),
+       form=st.sampled_from(["t[mask] = v", "t[rows, 3] = v", "t[rows] = v", "t.T[mask.T] = v", "t[:, cols] = v", "index_put_"]),
        seed=st.integers(0, 99))  # fmt: skip
 def test_a_mask_put_of_one_value_of_another_dtype_casts_it_as_torch_does(table_dtype, value_dtype, value, form, seed):
     """``t[mask] = torch.tensor(v)`` with a value of another dtype on a table past the tier: torch's
@@ -1352,6 +1376,8 @@ def test_a_mask_put_of_one_value_of_another_dtype_casts_it_as_torch_does(table_d
             t[mask] = scalar
         elif form == "t[rows, 3] = v":
             t[mask[:, 0], 3] = scalar
+        elif form == "t[rows] = v":
+            t[mask[:, 0]] = scalar
         elif form == "t.T[mask.T] = v":
             t.T[mask.T] = scalar
         elif form == "t[:, cols] = v":

@@ -106,12 +106,14 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
     fill = _torchs_masked_fill(func, args, kwargs)
     if fill is not None:
         # torch's kernel runs masked_fill_(mask, value.item()). A mask of some of the table's dims
-        # (t[:, cols] = v) is that, in pieces; one of all of them goes on as a put, the value cast
+        # (t[:, cols] = v) is that, in pieces; one of all of them, or of the leading ones, goes on as a put, the value cast
         # to the table's dtype as masked_fill_ casts it (its overflow errors too) on a one-element
         # stand-in (only the rows the mask marks fault in).
         table, indices, mask, value = fill
-        if mask.shape != table.shape or mask.dtype != torch.bool:
+        rows = mask.dtype == torch.bool and indices[0] is not None and all(index is None for index in indices[1:])
+        if (mask.shape != table.shape and not rows) or mask.dtype != torch.bool:
             return table.masked_fill_(mask, value.item())
+        # A mask of the leading dims (t[row_mask] = v) goes on as a put of its rows, as one of all dims.
         if value.dtype != table.dtype or value.dim() > 0:  # (a value of shape [1, 1] put by a mask: one number)
             stand_in = torch.zeros(1, dtype=table.dtype, device=table.device)
             stand_in.masked_fill_(torch.ones(1, dtype=torch.bool, device=table.device), value.item())
