@@ -1224,8 +1224,8 @@ class Pager:
             self._make_device_room(len(missing), len(pages), spare=frozenset(page for page in missing if page.host_slot is not None))
         except DeviceTierFullError:
             raise
-        except OutOfPagesError:  # nothing moved for the pages that failed
-            if len(missing) == 1:
+        except (OutOfPagesError, OSError) as error:  # nothing moved for the pages that failed
+            if len(missing) == 1 or not _lower_tier_full(error):
                 raise
             # The host tier is full and its pages cannot spill (no disk tier, or a full one): the
             # device pages leaving for it need as many host slots at once. Half the pages at a time:
@@ -1663,8 +1663,8 @@ class Pager:
         pages.sort(key=_PAGE_ORDER)
         try:
             self._make_host_room(len(pages), keep=keep | spare)
-        except OutOfPagesError:  # nothing moved: the spare copies make the room
-            if not spare:
+        except (OutOfPagesError, OSError) as error:  # nothing moved: the spare copies make the room
+            if not spare or not _lower_tier_full(error):
                 raise
             self._make_host_room(len(pages), keep=keep)
         host_slots = self.host_tier.allocate(len(pages))
@@ -1796,6 +1796,7 @@ class Pager:
                         return self._make_host_room(count, keep, spare_copies=spare_copies, partial=partial,
                                                     disk_room=disk.free_slots_below(min(failed)))  # fmt: skip
                     except OutOfPagesError:
+                        error.lower_tier_full = True  # nothing moved: the callers' ways round a full tier apply
                         raise error from None
                 raise
             except BaseException:
@@ -2117,6 +2118,13 @@ def unpageable_reason(t: torch.Tensor) -> Optional[str]:
     if t.is_conj() or t.is_neg():
         return "resolve the conjugate/negative bit first (t.resolve_conj().resolve_neg())"
     return None
+
+
+def _lower_tier_full(error: BaseException) -> bool:
+    """Whether ``error`` says a lower tier had no room, nothing moved: an OutOfPagesError, or the
+    OSError of a full file system under the disk tier that room-making met (``lower_tier_full``, set
+    by :meth:`Pager._make_host_room`, which raises it for the caller to see the file system's error)."""
+    return isinstance(error, OutOfPagesError) or getattr(error, "lower_tier_full", False)
 
 
 def _page_numbers(pages: Iterable[int], name: str) -> frozenset[int]:

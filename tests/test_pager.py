@@ -699,6 +699,26 @@ def test_on_a_full_file_system_room_comes_from_clean_copies_as_under_disk_limit(
             assert torch.equal(pager.read(allocation), random_bytes(PAGE, seed)), seed
 
 
+@pytest.mark.parametrize("disk_limit", [None, 16 * PAGE])
+def test_allocations_larger_than_a_tier_read_back_from_a_full_file_system_as_under_disk_limit(nvme_dir, monkeypatch, disk_limit):
+    """8 device and 8 host pages, a file system of 16 pages under the disk tier, five 6-page
+    allocations (30 pages): each reads back whole, as with ``disk_limit`` of 16 pages. A read whose
+    room the full file system refused raised its OSError, so the pager's way round a full lower tier
+    (bring the pages half at a time, a swap at a time) never ran: four of the five raised ENOSPC."""
+    with make_pager(nvme_dir, device_pages=8, host_pages=8, slab_size=8 * PAGE, disk_limit=disk_limit) as pager:
+        if disk_limit is None:
+            _disk_full_after(pager, 16, monkeypatch)
+        allocations = []
+        for seed in range(5):
+            allocation = pager.allocate(6 * PAGE)
+            pager.write(allocation, random_bytes(6 * PAGE, seed))
+            allocations.append((allocation, seed))
+        for _ in range(2):
+            for allocation, seed in allocations:
+                assert torch.equal(pager.read(allocation), random_bytes(6 * PAGE, seed)), seed
+        assert not pager._pinned_ranges
+
+
 @settings(max_examples=25, deadline=None)
 @given(full_file_system=st.booleans(), tiers=st.tuples(st.integers(2, 4), st.integers(1, 3), st.integers(2, 6)),
        steps=st.lists(st.tuples(st.sampled_from(["allocate", "write", "read", "free", "evict_all", "prefetch"]),
