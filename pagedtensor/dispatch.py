@@ -506,7 +506,7 @@ class PagedDispatcher:
         # keep their host copies, which the other windows' faults then need not make room around.
         order = sorted(groups.values(), key=lambda group: id(group.storage) in discard) if discard else groups.values()
         try:
-            if len(groups) > 1:
+            if len(groups) > 1 and group_of_leaf is None:  # (windows apart may share a page, pinned once)
                 _refuse_windows_past_the_tier(groups.values())
             last = len(groups) - 1
             for index, group in enumerate(order):  # only the last window prefetches: see Pager.ensure_resident
