@@ -186,6 +186,7 @@ class Allocation:
     pins: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)  # pinned ranges, shared with its pages
     resident_run: Optional[ResidentRun] = field(default=None, repr=False)  # the last range found resident
     loop: bool = False  # used once a pass over a fixed sequence of allocations: see Pager.advise
+    collected_while_pinned: bool = False  # its owner collected while pages were pinned: freed as the last pin goes
 
     @property
     def num_pages(self) -> int:
@@ -383,6 +384,8 @@ class ResidentPages:
                 # pages are still pinned, and no later call can let them go (this release counts as
                 # done), so wait on and raise once they are unpinned.
                 interrupted = error
+        if self.allocation.collected_while_pinned and self.pager._deferred_frees:  # its last pin gone: freed now
+            self.pager._drain_deferred_frees()
         if interrupted is not None:
             raise interrupted
         if problem is not None:  # released all the same: a pin kept for a bad argument would stay forever
@@ -631,6 +634,13 @@ class Pager:
         for allocation in allocations:
             self._free_quietly(allocation)
 
+    def _free_once_unpinned(self, allocation: Allocation) -> None:
+        """Under the lock, after a pin of ``allocation`` went: where it was its last and the
+        allocation's owner was collected meanwhile, its free is deferred to the next pager call from
+        outside one (:meth:`ResidentPages.release` makes it at once)."""
+        if allocation.collected_while_pinned and not allocation.pins and allocation.id not in self._waiting_requests:
+            self._deferred_frees.append(((), (allocation,)))
+
     def _inside_a_call(self) -> bool:
         """Whether this thread holds the pager's lock (is inside a pager call)."""
         return getattr(self._lock, "_is_owned", lambda: False)()
@@ -650,10 +660,17 @@ class Pager:
             self._release_and_free_quietly(*entry)
 
     def _free_quietly(self, allocation: Allocation) -> None:
+        """Free ``allocation`` for a finalizer: never raises (a failure is logged). One whose pages are
+        pinned (code holding them, ``ensure_resident`` on the allocation of a tensor it let go) is
+        freed as its last pin goes (:meth:`_free_once_unpinned`)."""
         try:
             if not self.closed and not allocation.freed:
-                self._free(allocation)
-        except Exception as error:  # a finalizer must not raise; a pinned page means an op is still running
+                with self._lock:
+                    if allocation.pins or allocation.id in self._waiting_requests:
+                        allocation.collected_while_pinned = True
+                        return
+                    self._free(allocation)
+        except Exception as error:  # a finalizer must not raise
             if self.closed:
                 return  # closed by another thread since the test above: the allocation went with it
             log.warning("could not free allocation %d of a collected PagedTensor: %s", allocation.id, error)
@@ -891,6 +908,7 @@ class Pager:
         the unpin: a page no other holder pins drops its device slot)."""
         _unpin(allocation.pins, start, stop)
         self._count_pins(threading.get_ident(), allocation, start, stop, -1)
+        self._free_once_unpinned(allocation)
         overwritten = [page for page in faulted if page in self._overwriting]
         if overwritten:
             self._restore_overwritten(overwritten)
@@ -1374,6 +1392,7 @@ class Pager:
             finally:
                 for allocation, start, stop in ranges:
                     _unpin(allocation.pins, start, stop)
+                    self._free_once_unpinned(allocation)
 
     def _prefetch_together_now(self, allocations: list[Allocation]) -> int:
         """:meth:`_prefetch_now` of every allocation whole; if they do not fit together, of each
@@ -1927,6 +1946,8 @@ class Pager:
             else:
                 del pins[key]
             self._count_pins(resident.owner, resident.allocation, resident.start, resident.stop, -1)
+            if not count and resident.allocation.collected_while_pinned:
+                self._free_once_unpinned(resident.allocation)
             if resident.overwritten:
                 self._restore_overwritten(resident.overwritten)
             if self._overwriting:  # pages whose refill failed while this holder pinned them: no holder is left to write them

@@ -860,6 +860,36 @@ def test_collected_tensors_free_their_pages(pager):
     assert pager.stats()["resident_bytes"]["device"] == 0
 
 
+@pytest.mark.parametrize("let_go", ["release", "with", "two pins", "free of another"])
+def test_a_tensor_collected_while_its_pages_are_pinned_is_freed_once_the_last_pin_goes(pager, let_go, caplog):
+    """A PagedTensor collected while code holds its pages pinned (``pager.ensure_resident`` on its
+    allocation) is freed as its last pin goes, without a warning: its finalizer's free failed on
+    the pins and was dropped with a warning, the pages kept in the tiers for good."""
+    t = PagedTensor.wrap(rows_tensor(device=pager.device), pager)
+    allocation = t.allocation
+    pins = [pager.ensure_resident(allocation, 0, 2)]
+    if let_go == "two pins":
+        pins.append(pager.ensure_resident(allocation, 1, 3))
+    with caplog.at_level(logging.WARNING, logger="pagedtensor"):
+        del t
+        gc.collect()
+        assert pager.stats()["allocations"] == 1 and not allocation.freed  # pinned: not yet
+        if let_go == "with":
+            with pins.pop():
+                pass
+        else:
+            for resident in pins[:-1]:
+                resident.release()
+                assert not allocation.freed
+            pins[-1].release()
+        if let_go == "free of another":  # the free of another allocation (a call from outside one) frees it too
+            other = pager.allocate(PAGE)
+            pager.free(other)
+    assert allocation.freed and pager.stats()["allocations"] == 0
+    assert pager.stats()["resident_bytes"]["device"] == 0
+    assert not caplog.records, caplog.text
+
+
 def test_a_tensor_collected_while_another_thread_closes_its_pager_frees_nothing_and_warns_of_nothing(caplog):
     """A collected PagedTensor's finalizer tested ``closed`` before freeing: a close() by another thread
     while the free waited for the pager's lock made the free raise "this Pager is closed", logged as a
