@@ -5,7 +5,8 @@ moved: a slot taken and not recorded, a policy entry without its copy, a pin tha
 undo. So while the main thread is inside an op on PagedTensors or a pager call
 (:func:`deferring`), the SIGINT handler the pager installs only notes the interrupt, and
 ``KeyboardInterrupt`` is raised as the outermost such call returns (its result dropped), or sooner
-where the pager waits for other threads' pins (:func:`interruptible`; nothing is half done there).
+where the pager waits for other threads' pins (:func:`interruptible`; nothing of the pager's is half
+done there, though an op run a piece at a time keeps the pieces it wrote before, as on any error).
 A Ctrl-C outside them raises at once, as Python's own handler does.
 
 The handler is installed by a :class:`~pagedtensor.Pager` made on the main thread, and again by any
