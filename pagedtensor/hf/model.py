@@ -1165,7 +1165,8 @@ def _weight_allocations(layer: torch.nn.Module, pager: Pager, routed_experts: bo
 
 class _PrefetchHook:
     """A forward pre-hook that prefetches the ``upcoming`` layer's weights to the device tier, but
-    the experts of a mixture-of-experts layer (which of them a token reads is known only there).
+    the experts of a mixture-of-experts layer (which of them a token reads is known only there), as
+    far as they fit beside the weights of the layer about to run.
     (The layers' hooks hold the next layer by a weak reference: the last one's names the first; a
     deep copy of a layer shares its hook, which does nothing once that layer is gone.)
 
@@ -1175,18 +1176,29 @@ class _PrefetchHook:
     """
 
     def __init__(self, pager: Pager, upcoming: "weakref.ref[torch.nn.Module]") -> None:
-        self.pager, self.upcoming, self.allocations = pager, upcoming, []
+        self.pager, self.upcoming, self.allocations, self.running = pager, upcoming, [], []
 
     @run_outside_compile
     def __call__(self, module: torch.nn.Module, args: tuple) -> None:
         pager, upcoming = self.pager, self.upcoming()
         if pager.closed or upcoming is None:
             return
-        if not self.allocations or any(allocation.freed for allocation in self.allocations):
+        if not self.allocations or any(allocation.freed for allocation in (*self.allocations, *self.running)):
             self.allocations = _weight_allocations(upcoming, pager, routed_experts=False)
+            self.running = _weight_allocations(module, pager, routed_experts=False)
         # Weights already on the device are left out (each weight is one allocation, faulted in
-        # whole); the rest go as one batch, so that they land in adjacent slots.
-        missing = [allocation for allocation in self.allocations if any(page.device_slot is None for page in allocation.pages)]
+        # whole); the rest go as one batch, so that they land in adjacent slots. Only the weights,
+        # in order, that the device tier holds beside those of the layer about to run (its experts
+        # aside, faulted as tokens pick them): a prefetch past that would evict pages of that layer
+        # (read again by its forward) or of its own batch.
+        room = pager.device_tier.capacity_pages - sum(allocation.num_pages for allocation in self.running)
+        missing = []
+        for allocation in self.allocations:
+            room -= allocation.num_pages
+            if room < 0:
+                break
+            if any(page.device_slot is None for page in allocation.pages):
+                missing.append(allocation)
         if missing:
             pager.prefetch_together(missing)
 
