@@ -1486,3 +1486,35 @@ def test_a_masked_write_after_a_slice_past_the_tier_runs_a_piece_of_rows_at_a_ti
             table.clone()[:, mask[:8]] = values
         with pytest.raises(IndexError):
             PagedTensor.wrap(table, pager)[:, mask[:8]] = values
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("form", ["t[rows] = t[5, 3]", "t[mask] = t[5, 3]", "t.masked_fill_(mask, t[5, 3])", "t.masked_fill_(rows[:, None], t[5, 3])",
+                                  "t.index_put_((rows,), t[5, 3])"])  # fmt: skip
+def test_a_masked_write_of_one_element_of_the_table_itself_past_the_tier(device, form):
+    """A masked write of one value that is an element of the table itself (a 0-dim view of it) past
+    the tier: the dense result, as torch reads the value first (the view overlapped what was
+    written, and the op raised DeviceTierFullError for the whole table)."""
+    generator = torch.Generator().manual_seed(3)
+    dense = torch.randn(64, 256, generator=generator).to(device)  # 16 pages, the tier holds 8
+    rows = (torch.arange(64) % 3 == 0).to(device)
+    mask = torch.rand(64, 256, generator=generator).to(device) < 0.3
+
+    def write(t: torch.Tensor) -> None:
+        if form == "t[rows] = t[5, 3]":
+            t[rows] = t[5, 3]
+        elif form == "t[mask] = t[5, 3]":
+            t[mask] = t[5, 3]
+        elif form == "t.masked_fill_(mask, t[5, 3])":
+            t.masked_fill_(mask, t[5, 3])
+        elif form == "t.masked_fill_(rows[:, None], t[5, 3])":
+            t.masked_fill_(rows[:, None], t[5, 3])
+        else:
+            t.index_put_((rows,), t[5, 3])
+
+    with make_pager(device=device) as pager:
+        table = PagedTensor.wrap(dense.clone(), pager)
+        write(dense)
+        write(table)
+        assert torch.equal(table.materialize(), dense)
+        assert not pager._pinned_ranges

@@ -113,11 +113,13 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
         rows = mask.dtype == torch.bool and indices[0] is not None and all(index is None for index in indices[1:])
         if (mask.shape != table.shape and not rows) or mask.dtype != torch.bool:
             return table.masked_fill_(mask, value.item())
-        # A mask of the leading dims (t[row_mask] = v) goes on as a put of its rows, as one of all dims.
+        # A mask of the leading dims (t[row_mask] = v) goes on as a put of its rows, as one of all dims,
+        # of the value read (a view of the table itself overlapped what is written).
         if value.dtype != table.dtype or value.dim() > 0:  # (a value of shape [1, 1] put by a mask: one number)
             stand_in = torch.zeros(1, dtype=table.dtype, device=table.device)
             stand_in.masked_fill_(torch.ones(1, dtype=torch.bool, device=table.device), value.item())
-            args, kwargs = (table, indices, stand_in[0]), {}
+            value = stand_in[0]
+        args, kwargs = (table, indices, value), {}
     permuted = _index_op_of_outermost_first(func, args, kwargs)
     if permuted is not None:
         return permuted
@@ -236,11 +238,15 @@ def masked_fill_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
     stand-in, with torch's errors and before any page faults in; the value written is the
     stand-in's element, as the dense op writes it. Other forms run the generic way (in pieces of
     the table past the device tier, every page faulted in): a table that fits in one piece, a mask
-    broadcast to ``t``, not bool, on another device or paged, a paged value, a table with a dim of
+    broadcast to ``t``, not bool, on another device or paged, a paged value of more than 0 dims (a 0-dim one
+    is read first), a table with a dim of
     stride 0 or the conjugate or negative bit (as :func:`scatter_rows` takes them).
     """
     bound = _arguments_by_name(func, args, kwargs)
     table, mask, value = bound["self"], bound["mask"], bound["value"]
+    if isinstance(value, PagedTensor) and value.dim() == 0:  # one number, read first as torch reads it (a view of
+        value = plain_copy(value)  # the table itself overlapped what is written)
+        args, kwargs = (table, mask, value), {}
     if not (type(mask) is torch.Tensor and mask.dtype == torch.bool and mask.shape == table.shape and mask.device == table.device
             and table.dim() >= 1 and not isinstance(value, PagedTensor) and not table.is_conj() and not table.is_neg()
             and all(stride != 0 for size, stride in zip(table.shape, table.stride()) if size > 1)
