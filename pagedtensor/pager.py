@@ -835,10 +835,11 @@ class Pager:
                 start, stop = self._check_range(allocation, start, stop)  # raises naming what is wrong
             elif not 0 <= start <= stop <= len(allocation.pages):
                 self._check_range(allocation, start, stop)
-            if self._overwriting:  # another thread's overwrite in progress: its pages' slots are not their bytes yet
-                self._wait_for_other_threads_overwrites(allocation, start, stop)
             if self._woken:  # threads a release woke have not tried again yet: they go first
                 self._let_woken_waiters_go_first()
+            # After that wait (it lets go of the lock, in which another thread may begin an overwrite):
+            if self._overwriting:  # another thread's overwrite in progress: its pages' slots are not their bytes yet
+                self._wait_for_other_threads_overwrites(allocation, start, stop)
             pins = allocation.pins
             run = self._current_run(allocation, start, stop)
             # From the pin on, an error or a KeyboardInterrupt (Ctrl-C lands after any call) before

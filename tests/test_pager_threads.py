@@ -577,6 +577,42 @@ def test_a_reader_waits_for_another_threads_overwrite(device: str, written: bool
         assert torch.equal(got[0], new if written else old)
 
 
+def test_a_reader_held_back_for_woken_threads_waits_for_an_overwrite_begun_meanwhile(monkeypatch) -> None:
+    """A request held back while threads a release woke go first (the wait lets go of the pager's
+    lock) finds, once it goes on, another thread's whole-page overwrite of its pages begun
+    meanwhile: it waits for that overwrite and reads the new bytes. It checked for overwrites only
+    before that wait, and read the overwrite's zero-filled slots (0 where the pages held 7 or 9)."""
+    pager, allocation, old = _overwriting_pager("cpu")
+    new = torch.full((4 * PAGE,), 9, dtype=torch.uint8)
+    begun, overwrites = threading.Event(), []
+    real = pager._let_woken_waiters_go_first
+
+    def overwriter() -> None:
+        resident = pager.ensure_resident(allocation, 0, 4, discard=range(4))
+        begun.set()
+        time.sleep(0.3)
+        for _, view in resident.runs():
+            view.copy_(new[: view.numel()])
+        resident.release(dirty=True)
+
+    def held_back() -> None:  # another thread takes the lock while this one is held back, and begins an overwrite
+        pager._woken.clear()
+        thread = threading.Thread(target=overwriter, daemon=True)
+        overwrites.append(thread)
+        thread.start()
+        while not begun.is_set():
+            pager._unpinned.wait(0.01)  # lets go of the lock as the real wait does
+        real()
+
+    with pager:
+        monkeypatch.setattr(pager, "_let_woken_waiters_go_first", held_back)
+        pager._woken.add(-1)  # a woken thread (none real) that has not tried again yet
+        got = pager.read(allocation)
+        overwrites[0].join(JOIN_TIMEOUT_S)
+        assert torch.equal(got, new), got.unique()
+        assert not pager._pinned_ranges
+
+
 def test_a_thread_reading_pages_it_overwrites_itself_does_not_wait() -> None:
     """The overwriting thread's own pin of those pages (a nested request, as an op reading what it
     writes) does not wait for itself (a wait would last ``pin_wait_s``, 60 s, then raise)."""
