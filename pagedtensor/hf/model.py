@@ -1190,7 +1190,9 @@ class _PrefetchHook:
         # whole); the rest go as one batch, so that they land in adjacent slots. Only the weights,
         # in order, that the device tier holds beside those of the layer about to run (its experts
         # aside, faulted as tokens pick them): a prefetch past that would evict pages of that layer
-        # (read again by its forward) or of its own batch.
+        # (read again by its forward) or of its own batch. (Neither the experts a token picks nor
+        # the layer's KV pages are counted: a long context or a tier of about one MoE layer can still
+        # take back what was prefetched.)
         room = pager.device_tier.capacity_pages - sum(allocation.num_pages for allocation in self.running)
         missing = []
         for allocation in self.allocations:
