@@ -275,11 +275,12 @@ _tracing_state = torch._C._get_tracing_state  # None unless torch.jit.trace reco
 
 
 def _traced_op_refused(func: OpOverload) -> NotImplementedError:
-    """The error for an op that reaches a PagedTensor while ``torch.jit.trace`` records: the few ops
-    its tracer records by hand (``copy_``, ``resize_as_``) or under another name (``convolution``) come
-    here with the tracer on, where the pager's own ops would be recorded too (and leave its state
-    broken for later traces: an INTERNAL ASSERT, a crash). Every other op is recorded above and
-    reaches here with the tracer off."""
+    """The error for an op that reaches a PagedTensor while ``torch.jit.trace`` records: the ops its
+    tracer records by hand (``copy_``, ``resize_``, ``resize_as_``, ``detach``), under another name
+    (``convolution``) or not at all (those giving Python values: ``_local_scalar_dense``, ``equal``)
+    come here with the tracer on, where the pager's own ops would be recorded too (and leave its
+    state broken for later traces: an INTERNAL ASSERT, a crash). Every other op is recorded above
+    and reaches here with the tracer off."""
     return NotImplementedError(
         f"{func}: torch.jit.trace cannot record this op over a PagedTensor (its tracer hands it to the subclass "
         f"while recording); trace with plain tensors (t.materialize()) and call the traced function with "
