@@ -245,7 +245,7 @@ def test_a_row_mask_put_of_one_value_moves_only_the_pages_of_its_rows(device, va
     reshaped to [64, 1]) past the tier, rows 1, 50 and 51: pages 0 and 12 fault in and only they are
     written back (every page was read and written back, a piece at a time)."""
     def write(target, mask):
-        target[mask.any(1)] = value.to(device) if isinstance(value, torch.Tensor) else value
+        target[mask.any(1)] = value  # a CPU number, as torch's masked_fill_ way takes it (a CUDA one needs the table's dtype)
 
     assert _traffic_of_a_masked_write(device, write) == (2, 2 * PAGE)
 
@@ -1490,6 +1490,8 @@ def test_a_masked_write_of_one_element_of_the_table_itself_past_the_tier(device,
     """A masked write of one value that is an element of the table itself (a 0-dim view of it) past
     the tier: the dense result, as torch reads the value first (the view overlapped what was
     written, and the op raised DeviceTierFullError for the whole table)."""
+    if device == "cuda" and not form.startswith("t.masked_fill_"):
+        pytest.skip("torch's CUDA index_put_ refuses a value on the device that overlaps the table (the CPU's reads it as a number)")
     generator = torch.Generator().manual_seed(3)
     dense = torch.randn(64, 256, generator=generator).to(device)  # 16 pages, the tier holds 8
     rows = (torch.arange(64) % 3 == 0).to(device)

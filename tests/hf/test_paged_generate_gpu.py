@@ -186,7 +186,9 @@ def test_gpu_paged_weights_stream_every_token(nvme_dir):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
     stats = paging_state(model).pager.stats()
     assert stats["bytes_h2d"] > 4 * layer_bytes, (stats, layer_bytes)
-    assert stats["prefetched_pages"] > 0, stats
+    # A layer (9.4 MB) is more than the tier holds: nothing of the next fits beside the one about to
+    # run, so the layer-ahead hook prefetches nothing (what it prefetched was evicted before use).
+    assert stats["prefetched_pages"] == 0, stats
 
 
 @pytest.mark.parametrize("experts_implementation", ["grouped_mm", "batched_mm"])
