@@ -247,6 +247,12 @@ def masked_fill_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
     if isinstance(value, PagedTensor) and value.dim() == 0:  # one number, read first as torch reads it (a view of
         value = plain_copy(value)  # the table itself overlapped what is written)
         args, kwargs = (table, mask, value), {}
+    rows = _leading_dims_mask(table, mask)
+    if rows is not None:  # t[row_mask] = v from torch 2.15: a mask of the leading dims, of size 1 after them
+        stand_in = torch.zeros(1, dtype=table.dtype, device=table.device)
+        func(stand_in, torch.ones(1, dtype=torch.bool, device=table.device), value)  # torch's checks and cast first
+        scatter_rows(aten.index_put_.default, types, (table, [rows], stand_in[0]), {})
+        return table
     if not (type(mask) is torch.Tensor and mask.dtype == torch.bool and mask.shape == table.shape and mask.device == table.device
             and table.dim() >= 1 and not isinstance(value, PagedTensor) and not table.is_conj() and not table.is_neg()
             and all(stride != 0 for size, stride in zip(table.shape, table.stride()) if size > 1)
@@ -256,6 +262,24 @@ def masked_fill_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
     func(stand_in, torch.ones(1, dtype=torch.bool, device=table.device), value)
     scatter_rows(aten.index_put_.default, types, (table, [mask], stand_in[0]), {})
     return table
+
+
+def _leading_dims_mask(table: torch.Tensor, mask: Any) -> Optional[torch.Tensor]:
+    """``mask`` as a mask of ``table``'s leading dims, where it is a plain bool mask on the table's
+    device of as many dims, their sizes the table's for some leading dims and 1 after them (what
+    ``t[row_mask] = v`` runs from torch 2.15: ``masked_fill_(row_mask.unsqueeze(-1), v)``), the
+    table larger than a piece; else ``None``."""
+    if not (type(mask) is torch.Tensor and mask.dtype == torch.bool and mask.device == table.device and table.dim() >= 2
+            and mask.dim() == table.dim() and mask.shape != table.shape and mask.shape[-1] == 1 and isinstance(table, PagedTensor)
+            and not table.is_conj() and not table.is_neg()
+            and all(stride != 0 for size, stride in zip(table.shape, table.stride()) if size > 1)):  # fmt: skip
+        return None
+    lead = mask.dim()
+    while lead > 0 and mask.shape[lead - 1] == 1:
+        lead -= 1
+    if lead < 1 or tuple(mask.shape[:lead]) != tuple(table.shape[:lead]) or not _larger_than_a_piece([table]):
+        return None
+    return mask.reshape(mask.shape[:lead])
 
 
 def _masks_as_positions(table: torch.Tensor, first_dim: int, indices: list) -> Optional[list]:
