@@ -228,8 +228,8 @@ def _mask_in_the_layout_of(table: PagedTensor, mask: torch.Tensor) -> torch.Tens
 
 @implements([aten.masked_fill_.Scalar, aten.masked_fill_.Tensor])
 def masked_fill_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
-    """``t.masked_fill_(mask, value)`` with a bool mask of ``t``'s own shape: the ``index_put_`` of
-    that mask (:func:`scatter_rows`), so only the pages of the rows the mask marks fault in (a
+    """``t.masked_fill_(mask, value)`` with a bool mask of ``t``'s own shape, or of its leading dims and
+    size 1 after them (:func:`_put_mask`): the ``index_put_`` of that mask (:func:`scatter_rows`), so only the pages of the rows the mask marks fault in (a
     transposed table, whose rows each span the table, runs in pieces of memory there:
     :func:`_as_a_masked_fill`). From torch 2.15 ``t[mask] = value`` with such a mask and a scalar
     runs this op, no longer ``index_put_``: every page faulted in.
@@ -247,37 +247,30 @@ def masked_fill_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
     if isinstance(value, PagedTensor) and value.dim() == 0:  # one number, read first as torch reads it (a view of
         value = plain_copy(value)  # the table itself overlapped what is written)
         args, kwargs = (table, mask, value), {}
-    rows = _leading_dims_mask(table, mask)
-    if rows is not None:  # t[row_mask] = v from torch 2.15: a mask of the leading dims, of size 1 after them
-        stand_in = torch.zeros(1, dtype=table.dtype, device=table.device)
-        func(stand_in, torch.ones(1, dtype=torch.bool, device=table.device), value)  # torch's checks and cast first
-        scatter_rows(aten.index_put_.default, types, (table, [rows], stand_in[0]), {})
-        return table
-    if not (type(mask) is torch.Tensor and mask.dtype == torch.bool and mask.shape == table.shape and mask.device == table.device
-            and table.dim() >= 1 and not isinstance(value, PagedTensor) and not table.is_conj() and not table.is_neg()
+    marks = _put_mask(table, mask)
+    if not (marks is not None and table.dim() >= 1 and not isinstance(value, PagedTensor) and not table.is_conj() and not table.is_neg()
             and all(stride != 0 for size, stride in zip(table.shape, table.stride()) if size > 1)
             and _larger_than_a_piece([table])):  # fmt: skip
         return DISPATCHER.run_generic(func, types, args, kwargs)
     stand_in = torch.zeros(1, dtype=table.dtype, device=table.device)
     func(stand_in, torch.ones(1, dtype=torch.bool, device=table.device), value)
-    scatter_rows(aten.index_put_.default, types, (table, [mask], stand_in[0]), {})
+    scatter_rows(aten.index_put_.default, types, (table, [marks], stand_in[0]), {})
     return table
 
 
-def _leading_dims_mask(table: torch.Tensor, mask: Any) -> Optional[torch.Tensor]:
-    """``mask`` as a mask of ``table``'s leading dims, where it is a plain bool mask on the table's
-    device of as many dims, their sizes the table's for some leading dims and 1 after them (what
-    ``t[row_mask] = v`` runs from torch 2.15: ``masked_fill_(row_mask.unsqueeze(-1), v)``), the
-    table larger than a piece; else ``None``."""
-    if not (type(mask) is torch.Tensor and mask.dtype == torch.bool and mask.device == table.device and table.dim() >= 2
-            and mask.dim() == table.dim() and mask.shape != table.shape and mask.shape[-1] == 1 and isinstance(table, PagedTensor)
-            and not table.is_conj() and not table.is_neg()
-            and all(stride != 0 for size, stride in zip(table.shape, table.stride()) if size > 1)):  # fmt: skip
+def _put_mask(table: torch.Tensor, mask: Any) -> Optional[torch.Tensor]:
+    """``mask`` as the mask of an ``index_put_`` on ``table``: a plain bool mask on the table's device
+    of its shape as it is; one of size 1 after some leading dims of the table's sizes (what
+    ``t[row_mask] = v`` runs from torch 2.15: ``masked_fill_(row_mask.unsqueeze(-1), v)``) as a
+    mask of those dims; else ``None``."""
+    if not (type(mask) is torch.Tensor and mask.dtype == torch.bool and mask.device == table.device and mask.dim() == table.dim()):
         return None
+    if mask.shape == table.shape:
+        return mask
     lead = mask.dim()
     while lead > 0 and mask.shape[lead - 1] == 1:
         lead -= 1
-    if lead < 1 or tuple(mask.shape[:lead]) != tuple(table.shape[:lead]) or not _larger_than_a_piece([table]):
+    if lead < 1 or tuple(mask.shape[:lead]) != tuple(table.shape[:lead]):
         return None
     return mask.reshape(mask.shape[:lead])
 
