@@ -22,6 +22,7 @@ and with PagedTensor arguments: ``self`` afterwards must be the dense one bit fo
 
 from __future__ import annotations
 
+import itertools
 import re
 import sys
 import warnings
@@ -29,7 +30,9 @@ from typing import Callable
 
 import pytest
 import torch
+from torch.testing._internal import common_utils
 from torch.testing._internal.common_methods_invocations import op_db
+from torch.testing._internal.opinfo import core as opinfo_core
 from torch.utils._pytree import tree_flatten, tree_map
 
 from benchmarks.bench_dispatch_overhead import ForwardingTensor
@@ -144,6 +147,24 @@ def make_pager(device: str) -> Pager:
                               slab_size=4 * DEVICE_PAGES * PAGE, prefetch_strategy="none", device=device))  # fmt: skip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_test_case_search():
+    """torch's sample iterator looks for a running ``unittest.TestCase`` on the stack
+    (``extract_test_fn``), reading every frame's source on the way: two searches a ``sample_inputs``
+    call, 60% of this sweep's CPU time. These tests are pytest functions, so the search finds none;
+    it is skipped with that same answer (the samples' seed is then torch's SEED either way)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (common_utils, opinfo_core):
+            patch.setattr(module, "extract_test_fn", lambda: None)
+        yield
+
+
+def _first_samples(op: object, device: str, dtype: torch.dtype, requires_grad: bool, count: int) -> list:
+    """The first ``count`` samples of ``op``, as torch's sample iterator gives them: it seeds the RNG
+    before each, so they do not depend on the samples left ungenerated after them."""
+    return list(itertools.islice(op.sample_inputs(device, dtype, requires_grad=requires_grad), count))
+
+
 @pytest.fixture(scope="module")
 def pager():
     with make_pager("cpu") as p:
@@ -216,7 +237,7 @@ def check_op(pager: Pager, op: object, dtype: torch.dtype, device: str, past_the
     """Raise AssertionError naming the sample where ``op`` on PagedTensors differs from the dense op
     (``past_the_tier``: on a pager whose device tier is smaller than the samples, where any sample may
     raise the pager's error, and every other outcome must still be the dense op's)."""
-    samples = list(op.sample_inputs(device, dtype, requires_grad=False))[:SAMPLES_PER_OP]
+    samples = _first_samples(op, device, dtype, False, SAMPLES_PER_OP)
     for index, sample in enumerate(samples):
         arguments = (sample.input, sample.args, sample.kwargs)
         dense_arguments = tree_map(_clone, arguments)
@@ -286,7 +307,7 @@ def check_backward(pager: Pager, op: object, dtype: torch.dtype, device: str) ->
     """Raise AssertionError naming the sample where the gradients of ``op`` with PagedTensor leaves
     differ from the dense op's (from a forwarding subclass's for SUBCLASS_BACKWARD)."""
     reference = _Forwarding if _name(op) in SUBCLASS_BACKWARD else _dense_leaf
-    samples = list(op.sample_inputs(device, dtype, requires_grad=True))[:BACKWARD_SAMPLES_PER_OP]
+    samples = _first_samples(op, device, dtype, True, BACKWARD_SAMPLES_PER_OP)
     for index, sample in enumerate(samples):
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -389,7 +410,7 @@ def check_out(pager: Pager, op: object, dtype: torch.dtype, device: str) -> None
     """Raise AssertionError naming the sample where ``op(..., out=)`` with a PagedTensor ``out`` or
     PagedTensor arguments differs from the dense op's ``out=`` call, or returns something else."""
     name = _name(op)
-    samples = list(op.sample_inputs(device, dtype, requires_grad=False))[:WRITE_SAMPLES_PER_OP]
+    samples = _first_samples(op, device, dtype, False, WRITE_SAMPLES_PER_OP)
     for index, sample in enumerate(samples):
         arguments = (sample.input, sample.args, sample.kwargs)
         torch.manual_seed(index)
