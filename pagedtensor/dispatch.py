@@ -92,7 +92,9 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -448,6 +450,8 @@ class PagedDispatcher:
             return view_of_pages(func, types, args, kwargs, leaves)
         if func is aten.copy_.default and _same_data(args[0], args[1]):
             return args[0]  # torch's copy_ returns early for a view of the same data: nothing is written
+        if func in _MATMUL_OUT_FORMS:
+            _note_matmul_out(kwargs.get("out"))
         if leaves is None:
             leaves = _paged_leaves(args, kwargs)
         if not info.written and len(leaves) == 1 and not info.keeps_arguments:
@@ -1082,6 +1086,40 @@ def refuse_internal_overlap(func: OpOverload, written: torch.Tensor) -> None:
         raise RuntimeError(f"PagedTensor: {func}: {_INTERNAL_OVERLAP}")
 
 
+OVERLAP_WITH_INPUT = (
+    "unsupported operation: some elements of the input tensor and the written-to tensor refer to a single memory "
+    "location. Please clone() the tensor before performing the operation."
+)
+
+
+def overlaps_as_torch_checks(written: torch.Tensor, read: torch.Tensor) -> bool:
+    """Whether torch's check of a written tensor against an input (``at::assert_no_overlap``) finds
+    them sharing memory: the very tensor (any layout); else both non-empty, dense without overlap of
+    their own (torch finds other layouts too hard to tell, and lets them be), of one memory (one
+    storage; one allocation for PagedTensors), their bytes meeting. No page is read."""
+    if written is read:
+        return True
+    if written.numel() == 0 or read.numel() == 0 or isinstance(written, PagedTensor) != isinstance(read, PagedTensor):
+        return False
+    if not (dense_and_non_overlapping(written.shape, written.stride()) and dense_and_non_overlapping(read.shape, read.stride())):
+        return False
+    if isinstance(written, PagedTensor):
+        if written.allocation is None or written.allocation is not read.allocation:
+            return False
+        written_start, read_start = written._offset * written.dtype.itemsize, read._offset * read.dtype.itemsize
+    else:
+        if written.device != read.device or written.untyped_storage().data_ptr() != read.untyped_storage().data_ptr():
+            return False
+        written_start, read_start = written.data_ptr(), read.data_ptr()
+    return written_start < read_start + read.nbytes and read_start < written_start + written.nbytes
+
+
+def refuse_overlap_with_input(func: OpOverload, written: torch.Tensor, read: Any) -> None:
+    """torch's error for a written tensor sharing memory with an input (:func:`overlaps_as_torch_checks`)."""
+    if isinstance(read, torch.Tensor) and read.layout == torch.strided and overlaps_as_torch_checks(written, read):
+        raise RuntimeError(f"PagedTensor: {func}: {OVERLAP_WITH_INPUT}")
+
+
 def _torchs_overlap_error(func: OpOverload, args: tuple, kwargs: dict, written: list[PagedTensor]) -> Optional[RuntimeError]:
     """torch's error for an op writing a PagedTensor whose elements overlap each other
     (``t.expand(2, n).add_(1)``), where the op's kernel raises it: found by running that kernel on
@@ -1433,12 +1471,25 @@ def _holding(locks: Sequence[Any], run: Callable[[], Any]) -> Any:
         return _holding(locks[1:], run)
 
 
+# The forms matmul(out=) writes its folded ``out`` with (``out.reshape(-1, n)``), then copies that
+# reshape back onto ``out`` unless the two share a storage, which a wrapper subclass's views do not.
+_MATMUL_OUT_FORMS = frozenset({aten.mm.out, aten.mv.out})
+_last_matmul_out = threading.local()
+
+
+def _note_matmul_out(out: Any) -> None:
+    """Remember (weakly, per thread) the PagedTensor ``out`` of the latest mm/mv ``out=`` form: the
+    one folded view whose copy onto its own bytes :func:`_same_data` lets through."""
+    _last_matmul_out.ref = weakref.ref(out) if isinstance(out, PagedTensor) else None
+
+
 def _same_data(target: Any, source: Any) -> bool:
     """Whether a copy between two PagedTensors would leave every byte as it is: views of the same
     bytes the same way (torch's copy_ returns early for those), or ``target`` with its leading dims
-    folded into one, both contiguous (``matmul(out=)`` copies such a reshape of ``out`` back onto
-    ``out`` unless the two share a storage, which a wrapper subclass's views do not). Any other view
-    of the same bytes (``t.copy_(t.view(3, 4))``) runs, and torch refuses it, as for plain tensors."""
+    folded into one, both contiguous, where ``source`` is what mm/mv ``out=`` last wrote in this
+    thread (``matmul(out=)`` copies that reshape of ``out`` back onto ``out``: see
+    :data:`_MATMUL_OUT_FORMS`). Any other view of the same bytes (``t.copy_(t.view(3, 4))``,
+    ``t.copy_(t.view(-1, n))`` of a user) runs, and torch refuses it, as for plain tensors."""
     if not (isinstance(target, PagedTensor) and isinstance(source, PagedTensor)):
         return False
     if target._paged is None or target._paged is not source._paged or target._offset != source._offset or target.dtype != source.dtype:
@@ -1448,7 +1499,11 @@ def _same_data(target: Any, source: Any) -> bool:
     if target.shape == source.shape and target.stride() == source.stride():
         return True
     folded = 0 < source.dim() < target.dim() and source.shape[1:] == target.shape[target.dim() - source.dim() + 1 :]
-    return folded and target.numel() == source.numel() and target.is_contiguous() and source.is_contiguous()
+    if not (folded and target.numel() == source.numel() and target.is_contiguous() and source.is_contiguous()):
+        return False
+    noted = getattr(_last_matmul_out, "ref", None)
+    _last_matmul_out.ref = None
+    return noted is not None and noted() is source
 
 
 # ---------------------------------------------------------------------- arguments

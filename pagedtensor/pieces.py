@@ -152,7 +152,9 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     stride = reference.stride()
     broadcast = [t for t in shaped if tuple(t.shape) != shape]
     if any(t is target for t in broadcast):
-        return NotImplemented  # torch writes in place or into out= of the result's shape only
+        if target_name == 0:
+            _raise_torchs_error(func, args, kwargs)  # torch writes in place into a tensor of the result's shape only
+        return NotImplemented  # (and into an out= of it, resized above)
     # Tensors of one layout whose elements fill their span run in 1-D pieces of consecutive elements
     # where the layout is row-major (the kernel's own loop over the whole is then one run of
     # consecutive elements too). Of another such layout (transposed, permuted) a kernel may take
@@ -186,12 +188,16 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     result_layout = None
     if target is None:
         result_layout = _result_layout(func, args, kwargs)
+        if result_layout is None:
+            _raise_torchs_error_on_one_element(func, args, kwargs)  # (where of an int condition), not the pager's
         if result_layout is None or tuple(result_layout.shape) != shape or (row_major and not same_strides(shape, result_layout.stride(), stride)):
             return NotImplemented
     read_whole = any(isinstance(t, PagedTensor) for t in broadcast)
     if broadcast:
         if any(isinstance(t, PagedTensor) and span_elements(t) > (piece_elements_of([t]) or 0) for t in broadcast):
             return NotImplemented  # it could not be read whole
+        if target is not None:
+            _raise_torchs_error(func, args, kwargs)  # before the operands are expanded (fill_ of a 1-D value)
         args = tuple(_expanded_if_broadcast(value, shape) for value in args)
         kwargs = {name: _expanded_if_broadcast(value, shape) for name, value in kwargs.items()}
         tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
@@ -712,6 +718,22 @@ def _raise_torchs_error(func: OpOverload, args: tuple, kwargs: dict) -> None:
         _on_meta(func, args, kwargs)
     except (NotImplementedError, KeyError):  # KeyError: a pair the meta promotion table lacks (float8 with complex)
         return
+
+
+def _raise_torchs_error_on_one_element(func: OpOverload, args: tuple, kwargs: dict) -> None:
+    """Raise the error torch raises for ``func``'s operands as they are, not their shapes (a dtype
+    it refuses), where the meta kernel could not lay out the result: ``func`` on one-element stand-ins
+    of each tensor (of its dtype, device and dims), no memory of their sizes. Ops that write one of
+    their operands are left alone (their stand-in would be written)."""
+    if func._schema.is_mutable:
+        return
+
+    def stand_in(value: Any) -> Any:
+        return torch.zeros((1,) * value.dim(), dtype=value.dtype, device=value.device) if isinstance(value, torch.Tensor) else value
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        func(*(stand_in(value) for value in args), **{name: stand_in(value) for name, value in kwargs.items()})
 
 
 def piece_elements_of(tensors: list[torch.Tensor]) -> Optional[int]:

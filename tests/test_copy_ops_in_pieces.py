@@ -645,3 +645,54 @@ def test_cat_and_stack_past_the_tier_beside_another_device_raise_torchs_device_e
             op([paged, x.to("meta")])
         assert type(paged_error.value) is type(dense_error.value) and str(paged_error.value) == str(dense_error.value)
         assert pager.stats()["faults"] == faults
+
+
+def _torchs_outcome(run: Callable[[], object]) -> str:
+    """``"ok"`` or the message of the RuntimeError ``run`` raises (the pager's "PagedTensor: <op>: " prefix dropped)."""
+    try:
+        run()
+    except RuntimeError as error:
+        return str(error).split(": ", 2)[-1] if str(error).startswith("PagedTensor:") else str(error)
+    return "ok"
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["cat into an out whose first rows an input views", "cat into an out overlapping an input", "stack into an expanded out", "cat into an expanded out"],
+)
+def test_cat_and_stack_past_the_tier_into_an_overlapping_plain_out_raise_torchs_error(case):
+    """A plain ``out`` sharing memory with a plain input, or reaching an element twice (an expanded
+    tensor), raises torch's overlap error past the tier as when the inputs fit, before anything is
+    written: the pieces would write rows of ``out`` a later piece reads as an input."""
+    values = torch.randn(64, 256)
+    with make_pager() as pager:
+        paged = PagedTensor.wrap(values.clone(), pager)
+
+        def run(first: torch.Tensor) -> tuple[str, torch.Tensor]:
+            buffer = torch.arange(80 * 256.0).view(80, 256)
+            if case == "cat into an out whose first rows an input views":
+                return _torchs_outcome(lambda: torch.cat([first, buffer[:16]], out=buffer)), buffer
+            if case == "cat into an out overlapping an input":
+                return _torchs_outcome(lambda: torch.cat([first, buffer[40:56]], out=buffer)), buffer
+            if case == "stack into an expanded out":
+                out = torch.zeros(64, 256).expand(2, 64, 256)
+                return _torchs_outcome(lambda: torch.stack([first, first], out=out)), out[0]
+            out = torch.zeros(256).expand(128, 256)
+            return _torchs_outcome(lambda: torch.cat([first, first], out=out)), out[0]
+
+        expected, expected_buffer = run(values)
+        got, buffer = run(paged)
+        assert expected != "ok" and got == expected
+        assert torch.equal(buffer, expected_buffer)  # nothing written
+
+
+def test_copy_past_the_tier_into_an_expanded_plain_target_raises_torchs_error():
+    """``plain.expand(4, n).copy_(paged)``, a source row wider than a piece: torch's internal-overlap
+    error, as for plain tensors, where the parts (a row each) used to be written one after another."""
+    values = torch.randn(4, 8192)  # a row is 8 pages, past a piece of the 8-page tier
+    with make_pager() as pager:
+        paged = PagedTensor.wrap(values.clone(), pager)
+        expected = _torchs_outcome(lambda: torch.zeros(8192).expand(4, 8192).copy_(values))
+        target = torch.zeros(8192)
+        assert expected != "ok" and _torchs_outcome(lambda: target.expand(4, 8192).copy_(paged)) == expected
+        assert not target.any()

@@ -1344,6 +1344,39 @@ def test_ops_writing_no_operand_that_do_not_broadcast_raise_torchs_own_message_p
         assert same_bits(table.materialize(), base)
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_bad_operands_past_the_tier_raise_torchs_own_message(device):
+    """Operands torch refuses for what they are, not their size, past the tier: the dense op's
+    error, message and all, and nothing written (an in-place op into a tensor smaller than the
+    broadcast shape raised DeviceTierFullError, so did ``where`` of an int condition, and
+    ``fill_`` of a 1-D value named the value expanded to 2 dims). The in-place ops' message is the
+    meta kernel's, which writes the shapes as ``torch.Size([256])`` and ``(384, 256)``."""
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(384, 256, generator=generator).to(device)
+    small = torch.randn(256, generator=generator).to(device)
+    condition = torch.randint(0, 2, (384, 256), generator=generator, dtype=torch.int32).to(device)
+    cases = {
+        "add_ into a row": lambda table, wrap: wrap(small).add_(table),
+        "mul_ into a column": lambda table, wrap: wrap(base[:, :1].contiguous()).mul_(table),
+        "where of an int condition": lambda table, wrap: torch.where(wrap(condition), table, 0.0),
+        "fill_ of a 1-D value": lambda table, wrap: table.fill_(torch.ones(1, device=device)),
+    }
+    with make_pager(device) as pager:
+        table = PagedTensor.wrap(base.clone(), pager)
+        for name, case in cases.items():
+            with pytest.raises(RuntimeError) as dense_error:
+                case(base.clone(), lambda t: t.clone())
+            for wrap in (lambda t: t.clone(), lambda t: PagedTensor.wrap(t.clone(), pager)):
+                with pytest.raises(RuntimeError) as paged_error:
+                    case(table, wrap)
+                assert type(paged_error.value) is type(dense_error.value), name
+                if "broadcast shape" in str(dense_error.value):
+                    assert "doesn't match the broadcast shape" in str(paged_error.value), name
+                else:
+                    assert str(paged_error.value) == str(dense_error.value), name
+        assert same_bits(table.materialize(), base)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pages=st.integers(4, 24), spare=st.integers(0, 3), op=st.sampled_from(["copy_", "add_", "add", "where"]))
 @example(pages=16, spare=1, op="copy_")  # read b 1.5 times

@@ -270,6 +270,21 @@ def test_matmul_out_still_copies_its_folded_view_back(pager):
         assert_same(out, torch.matmul(a, b))
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 8), (4, 1, 8)])
+def test_a_copy_from_a_folded_view_of_the_same_bytes_raises_torchs_error(pager, shape):
+    """``t.copy_(t.view(-1, n))`` outside matmul: the source does not broadcast to ``t``, and torch
+    raises; only matmul's own copy of the ``out`` it folded (the view mm ``out=`` just wrote) is
+    let through as the no-op it is (it returned silently for any such view)."""
+    plain = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    paged = PagedTensor.wrap(plain.clone(), pager)
+    with pytest.raises(RuntimeError) as dense_error:
+        plain.copy_(plain.view(-1, shape[-1]))
+    with pytest.raises(RuntimeError) as paged_error:
+        paged.copy_(paged.view(-1, shape[-1]))
+    assert str(paged_error.value) == str(dense_error.value)
+    assert_same(paged, plain)
+
+
 def test_an_out_kernel_that_conjugates_its_out_in_place_writes_the_values(pager):
     """linalg.lu_solve(left=False, out=) of complex tensors sets the conjugate bit of its out= in place
     (the bytes hold the conjugated values): a PagedTensor out keeps its own bits and holds the values."""

@@ -14,7 +14,7 @@ from torch._ops import OpOverload
 from torch._prims_common.wrappers import _maybe_resize_out
 
 from pagedtensor.config import normalize_device
-from pagedtensor.dispatch import DISPATCHER, aten, implements, resize_refused
+from pagedtensor.dispatch import DISPATCHER, aten, implements, refuse_internal_overlap, refuse_overlap_with_input, resize_refused
 from pagedtensor.errors import DeviceTierFullError
 from pagedtensor.handlers.parts import (
     _arguments_by_name,
@@ -69,6 +69,7 @@ def copy_in_parts_of_any_layouts(func: OpOverload, types: tuple, args: tuple, kw
         target, source = args[0], args[1]
         if not isinstance(source, torch.Tensor) or broadcast_shape([source, target]) != tuple(target.shape):
             raise  # copy_'s rule: the source broadcasts to the target
+        refuse_internal_overlap(func, target)  # (parts of an expanded target would each be written whole)
         if not isinstance(target, PagedTensor):
             if not isinstance(source, PagedTensor) or not _copies_in_parts([target, source]) or not _cut_in_parts(source):
                 raise
@@ -132,14 +133,20 @@ def concatenate_into_out_in_pieces(func: OpOverload, types: tuple, args: tuple, 
     the bound, each input is copied into its slice of ``out`` a part of pages at a time (``copy_``
     converts to ``out``'s dtype, as the dense op does), after torch's checks on the layouts (its
     errors, the casts it refuses) and before any page is read. A plain ``out`` of another shape is
-    resized as torch resizes it; a PagedTensor one raises (its pages are fixed); one sharing an allocation with an
-    input keeps the pager's error (a slice written could be read later as an input)."""
+    resized as torch resizes it; a PagedTensor one raises (its pages are fixed). An ``out`` reaching an
+    element twice, or sharing memory with an input as torch's checks see it, raises torch's error;
+    any other sharing an allocation with an input keeps the pager's error (a slice written could be
+    read later as an input)."""
     try:
         return DISPATCHER.run_generic(func, types, args, kwargs)
     except DeviceTierFullError:
         bound = _arguments_by_name(func, args, kwargs)
         tensors, dim, out = list(bound["tensors"]), bound["dim"], bound["out"]
         _raise_if_on_devices_apart(func, tensors, dim, out)
+        # torch's overlap checks of out, before a slice is written that a later slice would read
+        refuse_internal_overlap(func, out)
+        for tensor in tensors:
+            refuse_overlap_with_input(func, out, tensor)
         if not _copies_in_parts([*tensors, out]) or (
             isinstance(out, PagedTensor) and any(isinstance(t, PagedTensor) and t._paged is out._paged for t in tensors)
         ):

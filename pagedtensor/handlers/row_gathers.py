@@ -19,11 +19,11 @@ import torch
 from torch._ops import OpOverload
 from torch._prims_common import make_contiguous_strides_for
 
-from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, _row_byte_spans, _Window, aten, implements, refuse_internal_overlap, resize_refused
+from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, _row_byte_spans, _Window, aten, implements, refuse_internal_overlap, refuse_overlap_with_input, resize_refused
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.handlers.parts import _arguments_by_name, _larger_than_a_piece
 from pagedtensor.pieces import broadcast_shape, piece_elements_of
-from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping, element_span, meta_layout, meta_like, plain_copy
+from pagedtensor.tensor import PagedTensor, element_span, meta_layout, meta_like, plain_copy
 
 
 @implements([aten.index_select.default, aten.embedding.default, aten.index.Tensor])
@@ -893,27 +893,10 @@ def _check_out_dtype_and_device(func: OpOverload, args: tuple, kwargs: dict, out
         func(*(stand_in(value) for value in args), **kwargs, out=torch.empty(0, dtype=out.dtype, device=out.device))
 
 
-_OVERLAP_WITH_INPUT = (
-    "unsupported operation: some elements of the input tensor and the written-to tensor refer to a single memory "
-    "location. Please clone() the tensor before performing the operation."
-)
-
-
 def _check_out_overlaps(func: OpOverload, out: torch.Tensor, table: Any, checks_table_overlap: bool = True) -> None:
     """torch's errors for an ``out`` whose elements overlap each other (a dim of stride 0) or, where
     ``checks_table_overlap`` (not for ops torch runs into a temporary, such as ``embedding``), the
-    table's elements: the very tensor (any layout, as torch's check of one tensor passed as both),
-    or both PagedTensors of one allocation, dense, their spans meeting (torch checks other dense
-    layouts only)."""
+    table's elements (:func:`~pagedtensor.dispatch.overlaps_as_torch_checks`)."""
     refuse_internal_overlap(func, out)
-    if checks_table_overlap and out is table:
-        raise RuntimeError(f"PagedTensor: {func}: {_OVERLAP_WITH_INPUT}")
-    if not checks_table_overlap or not isinstance(out, PagedTensor) or not isinstance(table, PagedTensor):
-        return
-    if out.allocation is None or out.allocation is not table.allocation or out.numel() == 0 or table.numel() == 0:
-        return
-    if not (dense_and_non_overlapping(out.shape, out.stride()) and dense_and_non_overlapping(table.shape, table.stride())):
-        return
-    out_start, table_start = out._offset * out.dtype.itemsize, table._offset * table.dtype.itemsize
-    if out_start < table_start + table.nbytes and table_start < out_start + out.nbytes:
-        raise RuntimeError(f"PagedTensor: {func}: {_OVERLAP_WITH_INPUT}")
+    if checks_table_overlap:
+        refuse_overlap_with_input(func, out, table)
