@@ -412,12 +412,22 @@ class PagedKVCache(Cache):
             layer.lazy_initialization(key_states, value_states)
         self._check_states(layer, key_states, value_states)
         q_len = key_states.shape[2]
+        cursor = layer.cursor
         counts = self._take_valid(layer, q_len)
-        layer.len_before = [seq.length for seq in layer.seqs]
-        for b, seq in enumerate(layer.seqs):
-            n = counts[b]
-            if n:
-                self._write_tokens(layer, seq, key_states[b], value_states[b], q_len - n, n)
+        len_before = [seq.length for seq in layer.seqs]
+        try:
+            for b, seq in enumerate(layer.seqs):
+                n = counts[b]
+                if n:
+                    self._write_tokens(layer, seq, key_states[b], value_states[b], q_len - n, n)
+        except BaseException:
+            # All or nothing, as DynamicCache's update: the sequences written keep none of the new
+            # tokens, and every page taken for them goes.
+            layer.cursor = cursor
+            for seq, length in zip(layer.seqs, len_before):
+                self._cut_sequence(seq, length)
+            raise
+        layer.len_before = len_before
         layer.total += q_len
         layer.last_q_len = q_len
         self._keep_window(layer_idx)
@@ -1315,16 +1325,21 @@ class PagedKVCache(Cache):
         if remove == 0:
             return
         for seq in layer.seqs:
-            pinned = bool(seq.hot)  # a cache between forwards holds no pins: a crop there takes none
-            seq.length = max(0, seq.length - remove)
-            for index in [index for index in seq.hot if index >= seq.geometry.page_count(seq.length)]:
-                pin = seq.hot.pop(index)
-                self._hot_pins.pop(id(pin), None)
-                pin.release()
-            self._unrefer(seq, seq.geometry.page_count(seq.length))  # pages past the end (the partial page stays)
-            if pinned:
-                self._update_hot(seq)
+            self._cut_sequence(seq, max(0, seq.length - remove))
         layer.total -= remove
+
+    def _cut_sequence(self, seq: _SequencePages, length: int) -> None:
+        """``seq`` keeps its first ``length`` tokens: its pins and pages past them go (the partial
+        page stays), and a sequence that held pins pins its newest page again."""
+        pinned = bool(seq.hot)  # a cache between forwards holds no pins: a cut there takes none
+        seq.length = length
+        for index in [index for index in seq.hot if index >= seq.geometry.page_count(seq.length)]:
+            pin = seq.hot.pop(index)
+            self._hot_pins.pop(id(pin), None)
+            pin.release()
+        self._unrefer(seq, seq.geometry.page_count(seq.length))
+        if pinned:
+            self._update_hot(seq)
 
     @deferring
     def _reorder_layer(self, layer: PagedLayer, beam_idx: torch.LongTensor) -> None:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pagedtensor import MemoryConfig, Pager
+from pagedtensor import MemoryConfig, OutOfPagesError, Pager
 from pagedtensor.hf import PagedKVCache
 from pagedtensor.hf.attention import merge_partials, paged_attention
 from pagedtensor.hf.cache import ACTIVE_UPDATE, streaming_config
@@ -524,3 +524,31 @@ def test_a_cache_used_directly_under_the_paged_attention_is_freed_when_dropped(n
         assert pager.stats()["allocations"] == 0
         assert ACTIVE_UPDATE.get() is None or ACTIVE_UPDATE.get().cache is None
     ACTIVE_UPDATE.set(None)
+
+
+def test_an_update_that_runs_out_of_pages_leaves_the_layer_as_it_was():
+    """An update that raises part way through the batch (the pager out of pages, no disk tier) is
+    all or nothing, as DynamicCache's: the sequences written before the failing one kept their new
+    tokens (lengths [96, 16] against a layer total of 16, the stored keys read back as others,
+    silently) and the failing one kept its new pages. After it the cache holds what it held, drops
+    every page it wrote, and takes the next update."""
+    pager = Pager(streaming_config(MemoryConfig(vram_limit=4 * PAGE, host_memory=4 * PAGE, page_size=PAGE, device="cpu",
+                                                slab_size=PAGE)))  # fmt: skip
+    with pager:
+        cache = PagedKVCache(pager=pager, num_layers=1, max_tokens=16)
+        keys, values = _states(2, 16, seed=0)
+        cache.update(keys, values, 0)
+        held = sum(pager.stats()["resident_bytes"].values())
+        more_keys, more_values = _states(2, 80, seed=1)  # 5 pages more a sequence: 12 pages, 8 in the tiers
+        with pytest.raises(OutOfPagesError):
+            cache.update(more_keys, more_values, 0)
+        assert [seq.length for seq in cache.layers[0].seqs] == [16, 16] and cache.get_seq_length() == 16
+        assert sum(pager.stats()["resident_bytes"].values()) == held  # the new pages' bytes dropped (their segments stay, as after a crop)
+        stored_keys, stored_values = cache.dense_kv(0)
+        assert torch.equal(stored_keys, keys) and torch.equal(stored_values, values)
+        next_keys, next_values = _states(2, 8, seed=2)
+        cache.update(next_keys, next_values, 0)
+        stored_keys, stored_values = cache.dense_kv(0)
+        assert torch.equal(stored_keys, torch.cat([keys, next_keys], dim=2))
+        assert torch.equal(stored_values, torch.cat([values, next_values], dim=2))
+        cache.close()
