@@ -139,11 +139,12 @@ COLLECTIVE_NAMESPACES = frozenset({"c10d", "_c10d_functional"})
 _RESIZING_OPS = frozenset({"_resize_output_", "resize_as_sparse_", "sparse_resize_", "sparse_resize_and_clear_"})
 
 # Ops that write arguments their schema does not mark ``(a!)``: batch norm updates its running
-# statistics in place in training (CPU: native_batch_norm; CUDA: cudnn_/miopen_batch_norm).
+# statistics in place in training (CPU: native_batch_norm; CUDA: cudnn_/miopen_batch_norm), and so
+# do the composite batch_norm and instance_norm, which reach a PagedTensor whole under inference_mode.
 _UNMARKED_WRITES: dict[str, frozenset[str]] = {
     name: frozenset({"running_mean", "running_var"})
     for name in ("native_batch_norm", "_batch_norm_impl_index", "cudnn_batch_norm", "miopen_batch_norm",
-                 "batch_norm_update_stats")
+                 "batch_norm_update_stats", "batch_norm", "instance_norm")
 }
 
 

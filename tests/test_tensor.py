@@ -3,6 +3,8 @@ nn.Parameter, save/load, residency and repr. CPU pagers with 4 KiB pages and bud
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import gc
 import io
@@ -1210,15 +1212,22 @@ def test_numpy_is_a_read_only_copy(pager):
     assert grad.numpy(force=True).tolist() == [0.0, 0.0]
 
 
-def test_batch_norm_training_updates_paged_running_statistics(pager):
-    """batch norm writes its running statistics in place though its schema does not mark them."""
+@pytest.mark.parametrize("module", ["BatchNorm2d", "InstanceNorm2d"])
+@pytest.mark.parametrize("grad_mode", ["grad", "no_grad", "inference_mode"])
+def test_batch_norm_training_updates_paged_running_statistics(pager, module, grad_mode):
+    """batch norm writes its running statistics in place though its schema does not mark them, and
+    so does instance norm; under inference_mode both reach the PagedTensor whole (aten.batch_norm,
+    aten.instance_norm), whose updates stayed in the device slots, unmarked, lost at the eviction."""
     torch.manual_seed(0)
     x = torch.randn(4, 3, 5, 5, device=pager.device)
-    dense, paged = torch.nn.BatchNorm2d(3).to(pager.device), torch.nn.BatchNorm2d(3).to(pager.device)
+    make = lambda: getattr(torch.nn, module)(3, track_running_stats=True).to(pager.device)  # noqa: E731
+    dense, paged = make(), make()
     paged.running_mean = PagedTensor.wrap(torch.zeros(3), pager)
     paged.running_var = PagedTensor.wrap(torch.ones(3), pager)
+    context = {"grad": contextlib.nullcontext, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[grad_mode]
     for _ in range(2):
-        assert torch.equal(paged(x), dense(x))
+        with context():
+            assert torch.equal(paged(x), dense(x))
         pager.evict_all()
     assert torch.equal(paged.running_mean.materialize(), dense.running_mean)
     assert torch.equal(paged.running_var.materialize(), dense.running_var)
