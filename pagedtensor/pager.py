@@ -1086,7 +1086,8 @@ class Pager:
 
     @pager_call
     def write(self, allocation: Allocation, data: torch.Tensor, offset: int = 0) -> None:
-        """Copy ``data``'s bytes into ``allocation`` at byte ``offset`` (blocking the current stream's order).
+        """Copy ``data``'s bytes into ``allocation`` at byte ``offset`` (blocking the current stream's order);
+        ``data`` may be a PagedTensor of ``allocation`` itself (its bytes are read first).
 
         Pages the write covers completely are not faulted in first: their old bytes are discarded.
         The write goes in chunks of half the device tier; if one fails (``OutOfPagesError``, a disk
@@ -1098,6 +1099,11 @@ class Pager:
         self._check_allocation(allocation)
         offset = _int_argument(offset, "offset")
         source = _as_bytes(data)
+        if getattr(source, "allocation", None) is allocation:
+            # The allocation's own bytes (a PagedTensor of it): read whole first, as a copy between
+            # overlapping buffers reads them; the chunks below would zero-fill or overwrite pages
+            # before reading them as the source.
+            source = source.materialize()
         first, stop = allocation.page_range(offset, offset + source.numel())
         # From pinned host memory the copies run on the GPU's schedule, not the host's: the write
         # returns (or raises) only once they have read ``data``, which the caller may change next.
@@ -1387,8 +1393,9 @@ class Pager:
                 if None in map(_DEVICE_SLOT, pages):  # pages never written stay: a fault zero-fills them
                     pages = [page for page in pages if page.device_slot is not None or page.host_slot is not None or page.disk_slot is not None]
                 return len(self._bring_to_device(pages, counter="prefetched_pages", touch=False))
-            except OutOfPagesError as error:
-                log.info("prefetch of pages %s skipped: %s", [(allocation.id, start, stop) for allocation, start, stop in ranges], error)
+            except (OutOfPagesError, OSError) as error:
+                if _lower_tier_full(error):  # (a full file system under the disk tier as disk_limit)
+                    log.info("prefetch of pages %s skipped: %s", [(allocation.id, start, stop) for allocation, start, stop in ranges], error)
                 raise
             finally:
                 for allocation, start, stop in ranges:
@@ -1396,20 +1403,22 @@ class Pager:
                     self._free_once_unpinned(allocation)
 
     def _prefetch_together_now(self, allocations: list[Allocation]) -> int:
-        """:meth:`_prefetch_now` of every allocation whole; if they do not fit together, of each
-        on its own, as far as each fits."""
+        """:meth:`_prefetch_now` of every allocation whole; if they do not fit together (a lower
+        tier full, by its limit or its file system), of each on its own, as far as each fits."""
         ranges = [(allocation, 0, allocation.num_pages) for allocation in allocations]
         with self._lock:
             try:
                 return self._prefetch_now(ranges)
-            except OutOfPagesError:
-                pass
+            except (OutOfPagesError, OSError) as error:
+                if not _lower_tier_full(error):
+                    raise
             brought = 0
             for one in ranges:
                 try:
                     brought += self._prefetch_now([one])
-                except OutOfPagesError:
-                    pass  # logged
+                except (OutOfPagesError, OSError) as error:
+                    if not _lower_tier_full(error):
+                        raise  # (the tiers' room is logged by _prefetch_now)
             return brought
 
     # ------------------------------------------------------------------ internals: eviction

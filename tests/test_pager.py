@@ -594,6 +594,26 @@ def test_writes_to_a_remembered_resident_range_drop_every_stale_lower_copy():
         assert torch.equal(pager.read(allocation), torch.full((2 * PAGE,), 9, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("shift", [0, PAGE, -PAGE, 100])
+def test_a_write_from_a_paged_tensor_of_the_same_allocation_reads_it_first(shift):
+    """``pager.write(t.allocation, t[...], offset)``: the source is the allocation's own bytes, read
+    before any is written (as a copy between overlapping plain buffers, memmove). The pages the
+    write covers whole were zero-filled for it before the source, off the device, was read from
+    them: every byte came back 0."""
+    values = random_bytes(8 * PAGE, seed=3)
+    with make_pager(device_pages=4, host_pages=16) as pager:
+        paged = PagedTensor.wrap(values.clone(), pager)
+        pager.evict_all()
+        source_start, target_start = max(0, -shift), max(0, shift)
+        length = 8 * PAGE - abs(shift)
+        pager.write(paged.allocation, paged[source_start : source_start + length], offset=target_start)
+        expected = values.clone()
+        expected[target_start : target_start + length] = values[source_start : source_start + length].clone()
+        assert torch.equal(pager.read(paged.allocation), expected)
+        pager.evict_all()
+        assert torch.equal(pager.read(paged.allocation), expected)
+
+
 # ---------------------------------------------------------------------- overwrites that fail
 
 
@@ -697,6 +717,28 @@ def test_on_a_full_file_system_room_comes_from_clean_copies_as_under_disk_limit(
         assert pager.write_back(extra) in (0, 1)
         for allocation, seed in [*allocations, (extra, 99)]:
             assert torch.equal(pager.read(allocation), random_bytes(PAGE, seed)), seed
+
+
+@pytest.mark.parametrize("disk_limit", [None, 2 * PAGE])
+def test_a_batched_prefetch_on_a_full_file_system_brings_what_fits_as_under_disk_limit(nvme_dir, monkeypatch, disk_limit):
+    """Every tier full of pages that are their only copies (2 device, 2 host, a file system of 2
+    pages under the disk tier): ``prefetch_together`` of the two disk pages finds no room and
+    returns 0, as under ``disk_limit`` (its future raised the file system's OSError, the one-by-one
+    way round never tried), every page where it was."""
+    with make_pager(nvme_dir, device_pages=2, host_pages=2, slab_size=2 * PAGE, disk_limit=disk_limit) as pager:
+        if disk_limit is None:
+            _disk_full_after(pager, 2, monkeypatch)
+        allocations = []
+        for seed in range(6):
+            allocation = pager.allocate(PAGE)
+            pager.write(allocation, random_bytes(PAGE, seed))
+            allocations.append(allocation)
+        tiers = [info.tier for allocation in allocations for info in pager.page_table(allocation)]
+        assert tiers == ["disk", "disk", "host", "host", "device", "device"]
+        assert pager.prefetch_together(allocations[:2]).result() == 0
+        assert [info.tier for allocation in allocations for info in pager.page_table(allocation)] == tiers
+        for seed in (4, 5):  # (a page off the device has no room to come back: every tier is full of only copies)
+            assert torch.equal(pager.read(allocations[seed]), random_bytes(PAGE, seed)), seed
 
 
 @pytest.mark.parametrize("disk_limit", [None, 16 * PAGE])
