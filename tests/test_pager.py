@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 import weakref
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy
 import pytest
@@ -687,6 +687,15 @@ def _disk_full_after(pager: Pager, slots: int, monkeypatch) -> None:
     monkeypatch.setattr(pager.disk_tier._engine, "submit", full)
 
 
+def _two_pages_a_tier(nvme_dir: str, disk_limit: Optional[int], file_system_pages: int, monkeypatch) -> Pager:
+    """A pager of 2 device and 2 host pages whose disk tier holds ``file_system_pages`` pages: by
+    ``disk_limit`` of that size, or (``disk_limit`` None) a file system full past them."""
+    pager = make_pager(nvme_dir, device_pages=2, host_pages=2, slab_size=2 * PAGE, disk_limit=disk_limit)
+    if disk_limit is None:
+        _disk_full_after(pager, file_system_pages, monkeypatch)
+    return pager
+
+
 @pytest.mark.parametrize("disk_limit", [None, 4 * PAGE])
 def test_on_a_full_file_system_room_comes_from_clean_copies_as_under_disk_limit(nvme_dir, monkeypatch, disk_limit):
     """A file system of 4 pages under the disk tier, 2 device and 2 host pages, eight 1-page
@@ -695,9 +704,7 @@ def test_on_a_full_file_system_room_comes_from_clean_copies_as_under_disk_limit(
     spilled a host-only page to a slot past the file system's end, raising ENOSPC on every read,
     where a host or disk copy of a page also on the device could go). ``write_back`` on the full file
     system writes back what room allows and returns the count, as under ``disk_limit``."""
-    with make_pager(nvme_dir, device_pages=2, host_pages=2, slab_size=2 * PAGE, disk_limit=disk_limit) as pager:
-        if disk_limit is None:
-            _disk_full_after(pager, 4, monkeypatch)
+    with _two_pages_a_tier(nvme_dir, disk_limit, 4, monkeypatch) as pager:
         allocations = []
         for seed in range(9):
             allocation = pager.allocate(PAGE)
@@ -725,9 +732,7 @@ def test_a_batched_prefetch_on_a_full_file_system_brings_what_fits_as_under_disk
     pages under the disk tier): ``prefetch_together`` of the two disk pages finds no room and
     returns 0, as under ``disk_limit`` (its future raised the file system's OSError, the one-by-one
     way round never tried), every page where it was."""
-    with make_pager(nvme_dir, device_pages=2, host_pages=2, slab_size=2 * PAGE, disk_limit=disk_limit) as pager:
-        if disk_limit is None:
-            _disk_full_after(pager, 2, monkeypatch)
+    with _two_pages_a_tier(nvme_dir, disk_limit, 2, monkeypatch) as pager:
         allocations = []
         for seed in range(6):
             allocation = pager.allocate(PAGE)
