@@ -198,6 +198,8 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
             return NotImplemented  # it could not be read whole
         if target is not None:
             _raise_torchs_error(func, args, kwargs)  # before the operands are expanded (fill_ of a 1-D value)
+            if func is aten.fill_.Tensor:  # (torch 2.11's meta kernel lets a 1-D value through): its own kernel's check
+                torch.empty((), dtype=target.dtype, device=target.device).fill_(args[1])
         args = tuple(_expanded_if_broadcast(value, shape) for value in args)
         kwargs = {name: _expanded_if_broadcast(value, shape) for name, value in kwargs.items()}
         tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
