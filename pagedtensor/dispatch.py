@@ -1093,31 +1093,36 @@ OVERLAP_WITH_INPUT = (
 )
 
 
-def overlaps_as_torch_checks(written: torch.Tensor, read: torch.Tensor) -> bool:
-    """Whether torch's check of a written tensor against an input (``at::assert_no_overlap``) finds
-    them sharing memory: the very tensor (any layout); else both non-empty, dense without overlap of
-    their own (torch finds other layouts too hard to tell, and lets them be), of one memory (one
-    storage; one allocation for PagedTensors), their bytes meeting. No page is read."""
-    if written is read:
-        return True
-    if written.numel() == 0 or read.numel() == 0 or isinstance(written, PagedTensor) != isinstance(read, PagedTensor):
-        return False
-    if not (dense_and_non_overlapping(written.shape, written.stride()) and dense_and_non_overlapping(read.shape, read.stride())):
-        return False
-    if isinstance(written, PagedTensor):
-        if written.allocation is None or written.allocation is not read.allocation:
-            return False
-        written_start, read_start = written._offset * written.dtype.itemsize, read._offset * read.dtype.itemsize
+def torchs_overlap_status(a: torch.Tensor, b: torch.Tensor) -> Optional[str]:
+    """torch's ``at::get_overlap_status`` of two tensors, read from their layouts (no page):
+    ``"full"`` for the very tensor, or the same bytes in the same strides; ``"partial"`` for bytes
+    that meet otherwise; ``None`` where they share none, or where torch finds it too hard to tell and
+    lets them be (one is empty, or not dense without overlap of its own). Memory is shared only
+    within one storage (one allocation for PagedTensors)."""
+    if a is b:
+        return "full"
+    if a.numel() == 0 or b.numel() == 0 or isinstance(a, PagedTensor) != isinstance(b, PagedTensor):
+        return None
+    if not (dense_and_non_overlapping(a.shape, a.stride()) and dense_and_non_overlapping(b.shape, b.stride())):
+        return None
+    if isinstance(a, PagedTensor):
+        if a.allocation is None or a.allocation is not b.allocation:
+            return None
+        a_start, b_start = a._offset * a.dtype.itemsize, b._offset * b.dtype.itemsize
     else:
-        if written.device != read.device or written.untyped_storage().data_ptr() != read.untyped_storage().data_ptr():
-            return False
-        written_start, read_start = written.data_ptr(), read.data_ptr()
-    return written_start < read_start + read.nbytes and read_start < written_start + written.nbytes
+        if a.device != b.device or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+            return None
+        a_start, b_start = a.data_ptr(), b.data_ptr()
+    a_end, b_end = a_start + a.nbytes, b_start + b.nbytes
+    if (a_start, a_end) == (b_start, b_end):
+        return "full" if a.stride() == b.stride() else "partial"
+    return "partial" if a_start < b_end and b_start < a_end else None
 
 
 def refuse_overlap_with_input(func: OpOverload, written: torch.Tensor, read: Any) -> None:
-    """torch's error for a written tensor sharing memory with an input (:func:`overlaps_as_torch_checks`)."""
-    if isinstance(read, torch.Tensor) and read.layout == torch.strided and overlaps_as_torch_checks(written, read):
+    """torch's error for a written tensor sharing memory with an input (``at::assert_no_overlap``:
+    a full or partial overlap, :func:`torchs_overlap_status`)."""
+    if isinstance(read, torch.Tensor) and read.layout == torch.strided and torchs_overlap_status(written, read) is not None:
         raise RuntimeError(f"PagedTensor: {func}: {OVERLAP_WITH_INPUT}")
 
 
@@ -1202,7 +1207,7 @@ def _as_pagers_error(error: "_OpTooLarge", func: OpOverload, info: OpInfo, args:
     tier was the bound), for the caller, or torch's overlap error where the op writes a PagedTensor
     whose elements overlap each other and its kernel refuses that (within the tier it raises it, past
     it no view runs the kernel: :func:`_torchs_overlap_error`); its message says so where the op writes a PagedTensor
-    that partly overlaps another of its arguments (:func:`_partly_overlapping`), which torch's
+    that partly overlaps another of its arguments (:func:`torchs_overlap_status`), which torch's
     elementwise, copy and index kernels refuse on any tensor (``torch.add(t[1:], 1, out=t[:-1])``):
     within the tier the op runs on views of one storage and raises torch's own error; past it
     there is no such view to run it on, and the error names the overlap beside the tier. For a
@@ -1219,7 +1224,7 @@ def _as_pagers_error(error: "_OpTooLarge", func: OpOverload, info: OpInfo, args:
         return refused
     overlapped = next(
         ((target, other) for target in written for other in leaves
-         if other is not target and other._paged is target._paged and _partly_overlapping(target, other)),
+         if other is not target and torchs_overlap_status(target, other) == "partial"),
         None,
     )  # fmt: skip
     if overlapped is not None:
@@ -1265,20 +1270,6 @@ def _tier_outgrown(leaves: Sequence[PagedTensor]) -> Optional[tuple[int, int, in
         if arguments[pager] > 1 and len(reached) > pager.device_tier.capacity_pages:  # one argument's own request says so
             return arguments[pager], len(reached), pager.device_tier.capacity_pages
     return None
-
-
-def _partly_overlapping(a: PagedTensor, b: PagedTensor) -> bool:
-    """torch's partial overlap (``at::get_overlap_status``) of two views of one allocation: both
-    dense without overlap of their own, their bytes meet, and they are not the same bytes in the
-    same layout."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    if not (dense_and_non_overlapping(a.shape, a.stride()) and dense_and_non_overlapping(b.shape, b.stride())):
-        return False  # torch's "too hard" to tell: not refused
-    (a_lo, a_hi), (b_lo, b_hi) = byte_span(a), byte_span(b)
-    if (a_lo, a_hi) == (b_lo, b_hi):
-        return a.stride() != b.stride()
-    return a_lo < b_hi and b_lo < a_hi
 
 
 def _too_many_pages(func: OpOverload, error: OutOfPagesError) -> OutOfPagesError:

@@ -729,13 +729,20 @@ def _raise_torchs_error_on_one_element(func: OpOverload, args: tuple, kwargs: di
     their operands are left alone (their stand-in would be written)."""
     if func._schema.is_mutable:
         return
-
-    def stand_in(value: Any) -> Any:
-        return torch.zeros((1,) * value.dim(), dtype=value.dtype, device=value.device) if isinstance(value, torch.Tensor) else value
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        func(*(stand_in(value) for value in args), **{name: stand_in(value) for name, value in kwargs.items()})
+        func(*(one_element_stand_in(value) for value in args), **{name: one_element_stand_in(value) for name, value in kwargs.items()})
+
+
+def one_element_stand_in(value: Any) -> Any:
+    """A tensor as a zero tensor of one element of its dtype, device and dims (in lists and tuples
+    too), for torch's checks of dtypes, devices and ranks without memory of its size; anything else
+    as it is."""
+    if isinstance(value, torch.Tensor):
+        return torch.zeros((1,) * value.dim(), dtype=value.dtype, device=value.device)
+    if type(value) in (list, tuple):
+        return type(value)(one_element_stand_in(item) for item in value)
+    return value
 
 
 def piece_elements_of(tensors: list[torch.Tensor]) -> Optional[int]:

@@ -986,10 +986,10 @@ def test_a_random_op_past_the_tier_refuses_arguments_in_torchs_words(device, nam
 
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
-def test_partly_overlapping_is_torchs_own_refusal_of_a_written_view(data):
-    """``_partly_overlapping`` of two views of one table (same shape, any offsets, steps and
-    transposes) holds exactly where torch refuses ``torch.add(b, 0, out=a)`` on the dense table's
-    views for a partial overlap."""
+def test_a_partial_overlap_status_is_torchs_own_refusal_of_a_written_view(data):
+    """``torchs_overlap_status`` of two views of one table (same shape, any offsets, steps and
+    transposes) is ``"partial"`` exactly where torch refuses ``torch.add(b, 0, out=a)`` on the dense
+    table's views for a partial overlap, for the PagedTensor's views and the dense table's alike."""
     height, width = data.draw(st.integers(1, 4), label="height"), data.draw(st.integers(1, 4), label="width")
     dense_table = torch.arange(144.0).reshape(12, 12)
     with make_pager(device_pages=64) as pager:
@@ -1016,7 +1016,8 @@ def test_partly_overlapping_is_torchs_own_refusal_of_a_written_view(data):
         except RuntimeError as error:
             assert "some elements of the input tensor and the written-to tensor" in str(error)
             refused = True
-        assert pagedtensor.dispatch._partly_overlapping(paged_a, paged_b) == refused
+        assert (pagedtensor.dispatch.torchs_overlap_status(paged_a, paged_b) == "partial") == refused
+        assert (pagedtensor.dispatch.torchs_overlap_status(dense_a, dense_b) == "partial") == refused
 
 
 @settings(max_examples=300, deadline=None)

@@ -22,7 +22,7 @@ from torch._prims_common import make_contiguous_strides_for
 from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, _row_byte_spans, _Window, aten, implements, refuse_internal_overlap, refuse_overlap_with_input, resize_refused
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.handlers.parts import _arguments_by_name, _larger_than_a_piece
-from pagedtensor.pieces import broadcast_shape, piece_elements_of
+from pagedtensor.pieces import broadcast_shape, one_element_stand_in, piece_elements_of
 from pagedtensor.tensor import PagedTensor, element_span, meta_layout, meta_like, plain_copy
 
 
@@ -880,23 +880,15 @@ def _check_out_dtype_and_device(func: OpOverload, args: tuple, kwargs: dict, out
     """torch's own errors for an ``out`` of the wrong dtype or device (and for arguments of the
     wrong dtype or rank), raised by ``func`` itself run on one-element zero stand-ins of its tensor
     arguments into an empty tensor of ``out``'s dtype and device. No page is read."""
-
-    def stand_in(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return torch.zeros((1,) * value.dim(), dtype=value.dtype, device=value.device)
-        if type(value) in (list, tuple):
-            return type(value)(stand_in(item) for item in value)
-        return value
-
     with warnings.catch_warnings():  # the gather itself warns as torch does (a uint8 mask, say), once
         warnings.simplefilter("ignore")
-        func(*(stand_in(value) for value in args), **kwargs, out=torch.empty(0, dtype=out.dtype, device=out.device))
+        func(*map(one_element_stand_in, args), **kwargs, out=torch.empty(0, dtype=out.dtype, device=out.device))
 
 
 def _check_out_overlaps(func: OpOverload, out: torch.Tensor, table: Any, checks_table_overlap: bool = True) -> None:
     """torch's errors for an ``out`` whose elements overlap each other (a dim of stride 0) or, where
     ``checks_table_overlap`` (not for ops torch runs into a temporary, such as ``embedding``), the
-    table's elements (:func:`~pagedtensor.dispatch.overlaps_as_torch_checks`)."""
+    table's elements (:func:`~pagedtensor.dispatch.refuse_overlap_with_input`)."""
     refuse_internal_overlap(func, out)
     if checks_table_overlap:
         refuse_overlap_with_input(func, out, table)
