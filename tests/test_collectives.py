@@ -1,7 +1,8 @@
 """torch.distributed's collectives with PagedTensor arguments, two gloo processes on the CPU: each
 in-place collective's result lands in the pages (it was dropped, or reverted when a clean page was
 evicted), and asynchronous ones send and receive the tensor's own bytes (the pager gave the slots
-to other pages before the queued work ran), compared with the same calls on plain tensors."""
+to other pages before the queued work ran); their work tells what torch's tells (a future of the
+results, a receive's source rank), compared with the same calls on plain tensors."""
 
 from __future__ import annotations
 
@@ -67,11 +68,36 @@ def _collectives(rank: int, make) -> dict[str, torch.Tensor]:
         received = make(torch.zeros(1024))
         dist.recv(received, src=0)
         results["isend/recv"] = plain(received)
+    if rank == 0:
+        dist.send(sent, dst=1)
+    else:
+        received = make(torch.zeros(1024))
+        source = dist.recv(received, src=None)  # from any source: the work tells the sender's rank
+        results["recv from any source"] = torch.cat([plain(received), torch.tensor([float(source)])])
+    functional = torch.ops._c10d_functional
+    if hasattr(functional, "irecv") and hasattr(functional, "batch_p2p_ops"):  # they write in place, unmarked
+        group = dist.group.WORLD.group_name
+        if rank == 0:
+            functional.wait_tensor(functional.isend(make(torch.arange(512.0) * 3), 1, 0, group))
+            sends = functional.batch_p2p_ops(["isend"], [1], [0], [make(torch.arange(256.0) - 7)], group)
+            functional.wait_tensor(sends[0])
+        else:
+            received = make(torch.zeros(512))
+            functional.wait_tensor(functional.irecv(received, 0, 0, group))
+            results["functional irecv"] = plain(received)
+            received = make(torch.zeros(256))
+            functional.wait_tensor(functional.batch_p2p_ops(["irecv"], [0], [0], [received], group)[0])
+            results["functional batch_p2p_ops irecv"] = plain(received)
     tensor = make(torch.arange(1024.0) + rank)
     work = dist.all_reduce(tensor, async_op=True)
     traffic()
     work.wait()
     results["all_reduce async"] = plain(tensor)
+    tensor = make(torch.arange(1024.0) - rank)
+    # A communication hook's way: the work's future gives the reduced tensor.
+    value = dist.all_reduce(tensor, async_op=True).get_future().then(lambda done: done.value()[0] * 2).wait()
+    results["all_reduce async future"] = plain(value)
+    results["all_reduce async future's tensor"] = plain(tensor)
     return results
 
 

@@ -10,17 +10,20 @@ pages (``isend`` sent another tensor's bytes).
 
 Note:
     A collective that writes a PagedTensor is synchronous: its work is waited for before it returns
-    (``async_op=True`` and ``irecv`` return work that is already complete), on the calling thread,
-    and its results are then copied in. One that only reads (``isend``) runs as torch's, on the
-    copies, which its work keeps. What a ``c10d`` op writes: its tensor arguments but those named
-    ``input*`` (and none of ``send``'s or a barrier's); a ``_c10d_functional`` op's: those its
-    schema marks.
+    (``async_op=True`` and ``irecv`` return work that is already complete, and that tells what
+    torch's tells: its future's value and ``result()`` with the PagedTensors in place of the copies,
+    a receive's source rank), on the calling thread, and its results are then copied in. One that
+    only reads (``isend``) runs as torch's, on the copies, which its work keeps. What a ``c10d`` op
+    writes: its tensor arguments but those named ``input*`` (and none of ``send``'s or a barrier's);
+    a ``_c10d_functional`` op's: those its schema marks, and the receives of ``irecv`` and
+    ``batch_p2p_ops``, whose schemas mark none.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import torch
 from torch._ops import OpOverload
@@ -30,17 +33,31 @@ from pagedtensor.list_ops import _written_names as _schema_written_names
 from pagedtensor.tensor import PagedTensor
 
 _READ_ONLY_OPS = frozenset({"c10d::send", "c10d::barrier", "c10d::monitored_barrier_"})
+# Functional receives that write their tensors in place though their schemas mark no argument written.
+_UNMARKED_FUNCTIONAL_RECEIVES = frozenset({"_c10d_functional::irecv", "_c10d_functional::batch_p2p_ops"})
 
 
 @functools.cache
 def _written_names(func: OpOverload) -> frozenset[str]:
-    """The arguments of the collective ``func`` that it writes (see the module docstring)."""
+    """The arguments of the collective ``func`` that it writes (see the module docstring; for
+    ``batch_p2p_ops``, its ``tensors`` of which :func:`_written_leaves` keeps the received ones)."""
     schema = func._schema
+    if schema.name in _UNMARKED_FUNCTIONAL_RECEIVES:
+        return frozenset({"tensor", "tensors"})
     if func.namespace == "_c10d_functional":
         return _schema_written_names(func)
     if schema.name in _READ_ONLY_OPS:
         return frozenset()
     return frozenset(a.name for a in schema.arguments if "Tensor" in str(a.type) and not a.name.startswith("input"))
+
+
+def _written_leaves(func: OpOverload, bound: dict[str, Any]) -> list[PagedTensor]:
+    """The PagedTensors the collective ``func`` called with the arguments ``bound`` writes."""
+    written_names = _written_names(func)
+    if func._schema.name == "_c10d_functional::batch_p2p_ops":  # only the tensors of its "irecv"s
+        received = [t for op, t in zip(bound["op_list"], bound["tensors"]) if op == "irecv"]
+        return [t for t in received if isinstance(t, PagedTensor)]
+    return [leaf for name, value in bound.items() if name in written_names for leaf in tree_leaves(value) if isinstance(leaf, PagedTensor)]
 
 
 def run_collective(func: OpOverload, args: tuple, kwargs: dict) -> Any:
@@ -67,17 +84,20 @@ def run_collective(func: OpOverload, args: tuple, kwargs: dict) -> Any:
     dense_args = tree_map(to_dense, tuple(args))
     dense_kwargs = tree_map(to_dense, dict(kwargs))
     out = func(*dense_args, **dense_kwargs)
-    written_names = _written_names(func)
-    written = [leaf for name, value in bound.items() if name in written_names for leaf in tree_leaves(value) if isinstance(leaf, PagedTensor)]
+    written = _written_leaves(func, bound)
+
+    def to_original(value: Any) -> Any:
+        return tree_map(lambda leaf: originals.get(id(leaf), leaf) if isinstance(leaf, torch.Tensor) else leaf, value)
+
     if written:
         # Waited for here, its results copied in; the caller gets work already complete (a gloo
         # send's or recv's own work cannot be waited for twice).
         _wait(func, out)
         for leaf in written:
             leaf.copy_(dense[id(leaf)])
-        out = tree_map(lambda value: _completed_work() if _is_work(value) else value, out)
+        out = tree_map(lambda value: _completed_work(func, torch.distributed.Work.unbox(value), to_original) if _is_work(value) else value, out)
     # (else the work reads the dense copies, which it keeps alive: not waited for, as torch's)
-    return tree_map(lambda value: originals.get(id(value), value) if isinstance(value, torch.Tensor) else value, out)
+    return to_original(out)
 
 
 def _is_work(value: Any) -> bool:
@@ -85,11 +105,58 @@ def _is_work(value: Any) -> bool:
     return not isinstance(value, torch.Tensor) and hasattr(value, "wait")
 
 
-def _completed_work() -> Any:
-    """A ``Work`` that is already complete (boxed, as the dispatcher passes one)."""
+def _completed_work(func: OpOverload, work: Any, to_original: Callable[[Any], Any]) -> Any:
+    """A ``Work`` that is already complete, in place of ``func``'s ``work`` (waited for), boxed as
+    the dispatcher passes one. It answers as ``work`` does: its future's value and ``result()`` (the
+    dense copies in them given as their PagedTensors by ``to_original``), or, for a receive from any
+    source, the sender's rank."""
+    if func._schema.name == "c10d::recv_any_source_":
+        return _source_rank_work(work._source_rank())
     future: torch.futures.Future = torch.futures.Future()
-    future.set_result(None)
+    try:
+        future.set_result(to_original(work.get_future().value()))
+    except RuntimeError:  # no future (a gloo send's or recv's work): as before, none to give
+        future.set_result(None)
     return torch._C._distributed_c10d._create_work_from_future(future).boxed()
+
+
+def _source_rank_work(source_rank: int) -> Any:
+    """A complete ``Work`` (boxed) whose ``_source_rank()`` is ``source_rank``: a Python subclass of
+    ``Work``, the one way to answer it (torch's own complete work, made from a future, raises there).
+    Its Python object must outlive the dispatcher's return, or the caller would get a bare ``Work``
+    of it (whose ``wait`` never returns): the thread keeps the last one until its next."""
+    work = _source_rank_work_class()(source_rank)
+    _kept.source_rank_work = work
+    return work.boxed()
+
+
+_kept = threading.local()
+
+
+@functools.cache
+def _source_rank_work_class() -> type:
+    """The class of :func:`_source_rank_work` (made on first use: torch.distributed may be absent)."""
+
+    class SourceRankWork(torch.distributed.Work):
+        """A receive's work after its wait, which tells the rank it received from."""
+
+        def __init__(self, source_rank: int) -> None:
+            super().__init__()
+            self.source_rank = source_rank
+
+        def wait(self, timeout: Any = None) -> bool:
+            return True
+
+        def is_completed(self) -> bool:
+            return True
+
+        def is_success(self) -> bool:
+            return True
+
+        def _source_rank(self) -> int:
+            return self.source_rank
+
+    return SourceRankWork
 
 
 def _wait(func: OpOverload, out: Any) -> None:
