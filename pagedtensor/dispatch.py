@@ -109,7 +109,7 @@ from pagedtensor.errors import OutOfPagesError, PagerClosedError, SlabAllocation
 from pagedtensor.interrupts import deferring, pager_call
 from pagedtensor.list_ops import bump_written_versions, run_list_op
 from pagedtensor.pager import Pager, ResidentPages, WrittenPages
-from pagedtensor.pieces import is_elementwise, pages_reached, run_in_pieces
+from pagedtensor.pieces import is_elementwise, one_element_stand_in, pages_reached, run_in_pieces
 from pagedtensor.tensor import (
     PagedStorage,
     PagedTensor,
@@ -1153,6 +1153,23 @@ def _torchs_overlap_error(func: OpOverload, args: tuple, kwargs: dict, written: 
     return None
 
 
+def _torchs_reduction_dtype_error(func: OpOverload, args: tuple, kwargs: dict) -> Optional[Exception]:
+    """torch's error for a reduction that refuses its operands' dtypes (``mean`` or ``std`` of an int
+    tensor, ``sum`` of a float8 one), which its kernel raises whatever the size: found by running
+    that kernel on one-element stand-ins of each tensor (their dtypes, devices and dims, so every
+    ``dim`` argument stands). None for an op that is not a reduction, one that writes its operands,
+    or one the stand-ins run without complaint."""
+    if torch.Tag.reduction not in func.tags or func._schema.is_mutable:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            func(*one_element_stand_in(args), **{name: one_element_stand_in(value) for name, value in kwargs.items()})
+    except Exception as error:  # noqa: BLE001 - torch's own complaint about the operands, for the caller
+        return error
+    return None
+
+
 # Random ops whose argument checks a stand-in run finds (:func:`_torchs_random_argument_error`):
 # fills of ``self`` alone, and ``multinomial`` (on one row).
 _RANDOM_FILLS = frozenset(
@@ -1220,6 +1237,8 @@ def _as_pagers_error(error: "_OpTooLarge", func: OpOverload, info: OpInfo, args:
     leaves = _paged_leaves(args, kwargs)
     written = _written_leaves(info, args, kwargs)
     refused = _torchs_random_argument_error(func, args, kwargs) if info.random else _torchs_overlap_error(func, args, kwargs, written)
+    if refused is None:
+        refused = _torchs_reduction_dtype_error(func, args, kwargs)
     if refused is not None:
         return refused
     overlapped = next(

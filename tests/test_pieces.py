@@ -1378,6 +1378,32 @@ def test_bad_operands_past_the_tier_raise_torchs_own_message(device):
         assert same_bits(table.materialize(), base)
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_reductions_of_a_dtype_torch_refuses_past_the_tier_raise_torchs_own_message(device):
+    """A reduction torch refuses for its operand's dtype (the mean of an int table, its std, var or
+    norm, the sum of a float8 one), past the tier: the dense op's error, message and all (it was
+    DeviceTierFullError: a user who raised vram_limit only then learnt the operand was refused)."""
+    table = torch.randint(-5, 5, (384, 256), generator=torch.Generator().manual_seed(3)).to(device)
+    cases = {
+        "mean()": lambda t: t.mean(),
+        "mean(1)": lambda t: t.mean(1),
+        "std()": lambda t: t.std(),
+        "var(0)": lambda t: t.var(0),
+        "norm()": lambda t: t.norm(),
+        "sum of float8": lambda t: t.to(torch.float8_e4m3fn).sum(),
+    }
+    with make_pager(device) as pager:
+        paged = PagedTensor.wrap(table.clone(), pager)
+        for name, case in cases.items():
+            with pytest.raises(Exception) as dense_error:
+                case(table)
+            with pytest.raises(Exception) as paged_error:
+                case(paged)
+            assert type(paged_error.value) is type(dense_error.value), (name, paged_error.value)
+            assert str(paged_error.value) == str(dense_error.value), name
+        assert same_bits(paged.materialize(), table)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pages=st.integers(4, 24), spare=st.integers(0, 3), op=st.sampled_from(["copy_", "add_", "add", "where"]))
 @example(pages=16, spare=1, op="copy_")  # read b 1.5 times
