@@ -13,8 +13,9 @@ The handler is installed by a :class:`~pagedtensor.Pager` made on the main threa
 such call that finds Python's default handler back (a notebook kernel sets it for each cell), only
 where SIGINT has Python's default handler (``KeyboardInterrupt``). A handler of the program's own
 is left alone: its exceptions then land wherever the signal does, as without the pager. A free run
-by the garbage collector (a PagedTensor dropped) is done whole; a Ctrl-C landing in it is lost, as
-Python loses whatever a finalizer raises.
+by the garbage collector (a PagedTensor dropped: a callback marked :func:`runs_whole`) is done
+whole; a Ctrl-C landing in it, before its pager call began too, is lost, as Python loses whatever a
+finalizer raises.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import _signal
 import functools
 import signal
 import threading
+import types
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from pagedtensor.outside_transforms import _dispatch_modes, _peek_interpreter_stack, outside_transforms
@@ -56,13 +58,36 @@ def install() -> None:
         pass
 
 
-def _note_or_raise(signum: int, frame: object) -> None:
-    """The SIGINT handler (it runs on the main thread): noted inside a deferring call, else raised."""
+def _note_or_raise(signum: int, frame: Optional[types.FrameType]) -> None:
+    """The SIGINT handler (it runs on the main thread): noted inside a deferring call, dropped inside
+    a finalizer that runs whole, else raised."""
     global _pending
     if _local.depth:
         _pending = True
         return
+    if _inside_a_whole_finalizer(frame):
+        return  # lost, as Python loses what a finalizer raises: the free it landed in runs whole
     signal.default_int_handler(signum, frame)
+
+
+_WHOLE_FINALIZER_CODES: set[types.CodeType] = set()
+
+
+def runs_whole(finalizer: Function) -> Function:
+    """Mark ``finalizer`` (a weak reference's callback, which the garbage collector calls with no
+    Python frame before it) as run whole: a Ctrl-C landing in it, before its pager call defers
+    interrupts too, is dropped, not raised there (which lost the free for good: it runs once)."""
+    _WHOLE_FINALIZER_CODES.add(finalizer.__code__)
+    return finalizer
+
+
+def _inside_a_whole_finalizer(frame: Optional[types.FrameType]) -> bool:
+    """Whether ``frame`` or a caller of it runs a :func:`runs_whole` finalizer."""
+    while frame is not None:
+        if frame.f_code in _WHOLE_FINALIZER_CODES:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _raise_pending() -> None:

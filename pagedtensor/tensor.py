@@ -42,7 +42,7 @@ import torch
 from torch._ops import OpOverload
 
 from pagedtensor.default_pager import get_default_pager
-from pagedtensor.interrupts import pager_call
+from pagedtensor.interrupts import deferring, pager_call, runs_whole
 from pagedtensor.outside_transforms import in_a_transform_or_mode, outside_transforms
 from pagedtensor.pager import Allocation, Pager, unpageable_reason
 from pagedtensor.errors import PagerClosedError
@@ -87,7 +87,9 @@ class PagedStorage:
         # reentrant for that write).
         self.write_lock = threading.RLock()
         if allocation is not None:
-            weakref.finalize(self, _free_allocation, pager, allocation)
+            # Not weakref.finalize: its __call__ runs Python code before the callback, where a Ctrl-C
+            # lost the free for good; a partial is called with no Python frame before it.
+            _STORAGE_REFS.add(weakref.ref(self, functools.partial(_free_allocation, pager, allocation)))
 
     @property
     def nbytes(self) -> int:
@@ -99,13 +101,13 @@ class PagedStorage:
         again if ``fill`` raises, so a failed fill leaves nothing allocated."""
         if nbytes == 0:
             return cls(pager, None)
-        allocation = pager.allocate(nbytes, name=name)
+        storage = _new_storage(cls, pager, nbytes, name)  # from here on, dropping it frees the allocation
         try:
-            fill(allocation)
+            fill(storage.allocation)
         except BaseException:
-            pager.free(allocation)
+            pager.free(storage.allocation)  # at once (its finalizer then finds it freed)
             raise
-        return cls(pager, allocation)
+        return storage
 
     def copy(self, start: int = 0, stop: Optional[int] = None, pager: Optional[Pager] = None, name: Optional[str] = None) -> "PagedStorage":
         """A new allocation of ``pager`` (default: this storage's own) holding these bytes, or those of
@@ -151,10 +153,25 @@ class PagedStorage:
         return _rebuild_paged_storage, (data,)
 
 
-def _free_allocation(pager: Pager, allocation: Allocation) -> None:
-    """Finalizer of a PagedStorage: free its allocation, or have the pager free it at its next call
-    when this thread is inside one (a garbage collection may run anywhere, including halfway through
-    a pager method): :meth:`Pager.free_when_unlocked`."""
+@deferring
+def _new_storage(cls: type[PagedStorage], pager: Pager, nbytes: int, name: Optional[str]) -> PagedStorage:
+    """A PagedStorage of a new allocation of ``nbytes``: allocated and given its finalizer in one
+    deferring call, so a Ctrl-C between the two cannot keep the allocation for good (raised as this
+    returns, the storage dropped frees it)."""
+    return cls(pager, pager.allocate(nbytes, name=name))
+
+
+# The weak reference of each live PagedStorage with an allocation, whose callback frees it.
+_STORAGE_REFS: set[weakref.ref] = set()
+
+
+@runs_whole
+def _free_allocation(pager: Pager, allocation: Allocation, storage_ref: weakref.ref) -> None:
+    """Finalizer of a PagedStorage (its weak reference's callback): free its allocation, or have the
+    pager free it at its next call when this thread is inside one (a garbage collection may run
+    anywhere, including halfway through a pager method): :meth:`Pager.free_when_unlocked`. Run whole:
+    a Ctrl-C landing in it is dropped (:func:`~pagedtensor.interrupts.runs_whole`)."""
+    _STORAGE_REFS.discard(storage_ref)
     pager.free_when_unlocked(allocation)
 
 
@@ -849,13 +866,14 @@ class PagedTensor(torch.Tensor):
         return torch._C.TensorBase.data.__get__(self)
 
     @data.setter
+    @deferring  # a Ctrl-C between torch's set_data and the pages following it left old pages read as the new dtype
     def data(self, value: torch.Tensor) -> None:
         """``t.data = value``: ``t`` takes ``value``'s shape, strides, dtype and values, and stays paged.
 
         A PagedTensor on the same pager is shared (its pages, as torch shares storage); any other
         tensor is copied into this tensor's pager (a PagedTensor cannot share a plain tensor's memory),
         into pages advised as this tensor's were (:meth:`Pager.advise`: model weights stay ``"loop"``
-        through ``model.half()``).
+        through ``model.half()``). Whole or not at all: a Ctrl-C is raised as it returns.
 
         Raises:
             TypeError: ``value`` is not a tensor.

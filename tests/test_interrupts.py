@@ -660,3 +660,108 @@ def test_a_ctrl_c_while_waiting_for_another_threads_overwrite_raises_at_once(pag
             thread.join()
             timer.cancel()
         assert not allocation.pins and torch.equal(pager.read(allocation), torch.full((2 * PAGE,), 3, dtype=torch.uint8))
+
+
+def _small_pager() -> Pager:
+    return Pager(MemoryConfig(vram_limit=4 * PAGE, host_memory=64 * PAGE, page_size=PAGE, slab_size=8 * PAGE, prefetch_strategy="none",
+                              device="cpu"))  # fmt: skip
+
+
+def _allocations_once_collected(pager: Pager) -> int:
+    """The pager's live allocations, after a collection where reference counting left some (a
+    traceback's frames in a cycle): what a leak is not."""
+    import gc
+
+    if pager.stats()["allocations"]:
+        gc.collect()
+    return pager.stats()["allocations"]
+
+
+def test_a_ctrl_c_at_any_call_of_dropping_a_paged_tensor_still_frees_it(pagers_sigint_handler):
+    """A Ctrl-C landing at each Python call, in turn, of the free run as the last reference to a
+    PagedTensor goes: the free is done whole (the interrupt is lost, as Python loses what a finalizer
+    raises). Raised where it landed, before the free's pager call began (weakref.finalize's own
+    code, the finalizer's first lines), it lost the free for good: the allocation stayed."""
+    with _small_pager() as pager:
+        for number in range(1, 40):
+            holder = [PagedTensor.wrap(torch.arange(3 * 1024, dtype=torch.float32), pager)]
+            _run_with_ctrl_c_at_call(number, holder.clear)
+            assert _allocations_once_collected(pager) == 0, number
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.load"])
+def test_a_ctrl_c_as_a_copy_of_a_paged_tensor_makes_its_storage_leaks_nothing(pagers_sigint_handler, how):
+    """A Ctrl-C landing in ``copy.deepcopy`` or ``torch.load`` of a PagedTensor as the copy's
+    storage is made, its pages allocated: it is raised, and the allocation goes (it was kept for
+    good: the storage that frees it was never made); a copy run again is whole."""
+    import copy
+    import io
+    import sys
+
+    from pagedtensor import set_default_pager
+    from pagedtensor.tensor import PagedStorage
+
+    with _small_pager() as pager:
+        previous = set_default_pager(pager)
+        try:
+            source = PagedTensor.wrap(torch.arange(3 * 1024, dtype=torch.float32), pager)
+            saved = io.BytesIO()
+            torch.save(source, saved)
+            copy_of = {"deepcopy": lambda: copy.deepcopy(source),
+                       "torch.load": lambda: torch.load(io.BytesIO(saved.getvalue()))}[how]  # fmt: skip
+            sys.settrace(_ctrl_c_on_entering(PagedStorage.__init__.__code__))
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    copy_of()
+            finally:
+                sys.settrace(None)
+            assert _allocations_once_collected(pager) == 1
+            assert torch.equal(copy_of().materialize(), source.materialize())
+        finally:
+            set_default_pager(previous)
+
+
+def _ctrl_c_at_line(code, text: str) -> Callable:
+    """A ``sys.settrace`` tracer that sends SIGINT to this process as the line of ``code`` holding
+    ``text`` starts (Python runs the handler at its next check, as for a real Ctrl-C)."""
+    import inspect
+    import os
+
+    lines, first = inspect.getsourcelines(code)
+    target = first + next(number for number, line in enumerate(lines) if text in line)
+
+    def on_lines(frame, event, arg):
+        if event == "line" and frame.f_lineno == target:
+            os.kill(os.getpid(), signal.SIGINT)
+        return on_lines
+
+    def tracer(frame, event, arg):
+        return on_lines if event == "call" and frame.f_code is code else None
+
+    return tracer
+
+
+def test_a_ctrl_c_as_data_is_assigned_leaves_the_old_tensor_or_the_new(pagers_sigint_handler):
+    """``t.data = value`` (what ``module.half()`` does to each parameter) with a Ctrl-C landing at
+    each line of the assignment in turn: ``t`` is the old tensor or the new one. Landing after
+    torch's set_data gave ``t`` the new dtype, before ``t`` took the new pages, it read the old
+    float64 bytes as float32."""
+    import inspect
+    import sys
+
+    setter = inspect.unwrap(PagedTensor.data.fset)
+    lines = [line.strip() for line in inspect.getsourcelines(setter.__code__)[0]]
+    body = [line for line in lines[lines.index('"""', 2) + 1 :] if line and not line.startswith("#")]
+    with _small_pager() as pager:
+        new = PagedTensor.wrap(torch.arange(1000, dtype=torch.float32), pager)
+        for line in body:
+            t = PagedTensor.wrap(torch.arange(1000, dtype=torch.float64) * 2, pager)
+            sys.settrace(_ctrl_c_at_line(setter.__code__, line))
+            try:
+                t.data = new
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+            assert (t.dtype, t.materialize().tolist()) in ((torch.float64, (torch.arange(1000.0) * 2).tolist()),
+                                                           (torch.float32, torch.arange(1000.0).tolist())), line  # fmt: skip
