@@ -46,7 +46,7 @@ import threading
 import time
 import types
 import weakref
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -942,14 +942,12 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
                     "pagedtensor.hf.distributed.shard_by_heads to page weights, or keep page_weights=False"
                 )
     weights: dict[int, tuple[str, torch.nn.Module, torch.Tensor]] = {}  # a parameter several modules hold: once, named by its first
-    for index, layer in enumerate(layers):
-        for module_name, module in layer.named_modules():
-            for name, parameter in module._parameters.items():
-                if parameter is not None and (isinstance(parameter, PagedTensor) or pages_as_weight(parameter, pager.page_size)):
-                    weights.setdefault(id(parameter), (f"layers.{index}.{module_name + '.' if module_name else ''}{name}", module, parameter))
+    for prefix, module, to_page in _parameters_to_page(layers, pager.page_size):
+        for name, parameter in to_page:
+            weights.setdefault(id(parameter), (prefix + name, module, parameter))
     paged = list(weights.values())
     check_tiers_hold_weights(pager, [parameter.numel() * parameter.element_size() for _, _, parameter in paged])
-    check_device_holds_each_weight(pager, [(name, _pages_read_at_once(module, parameter, pager.page_size)) for name, module, parameter in paged])
+    check_device_holds_each_weight(pager, _pages_each_op_reads(layers, pager.page_size))
     replaced: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
     replacements: dict[int, torch.nn.Parameter] = {}  # id of a parameter -> its paged one: modules that share a parameter share it paged
     try:
@@ -978,6 +976,13 @@ def _page_layer_weights(model: torch.nn.Module, layers: list, state: PagingState
                     pager.advise(paged.allocation, access)
                     _write_back_weight(pager, paged.allocation)
                     module._parameters[name] = replacements[id(parameter)] = torch.nn.Parameter(paged, requires_grad=False)
+                    replaced.append((module, name, parameter))
+        # A module outside the layers that holds a parameter paged here (lm_head tied to a layer's
+        # weight) holds the paged one too, as model.to() keeps a tie: else it kept the dense tensor.
+        for module in model.modules():
+            for name, parameter in list(module._parameters.items()):
+                if parameter is not None and id(parameter) in replacements:
+                    module._parameters[name] = replacements[id(parameter)]
                     replaced.append((module, name, parameter))
         # A model loaded on the CPU: its paged weights came from there, page by page, and only what
         # stays dense goes to the device, so the device never holds the whole model.
@@ -1029,9 +1034,10 @@ def check_tiers_hold_weights(pager: Pager, weights: list[int]) -> None:
 
 def check_device_holds_each_weight(pager: Pager, weights: list[tuple[str, int]]) -> None:
     """Check that ``pager``'s device tier can hold each weight an op reads, ``weights`` being
-    ``(name, pages an op reads at once)`` (:func:`_pages_read_at_once`): an op faults in the pages it
-    reads together, so a weight larger than the tier could never be read (a float matmul does not
-    run a piece at a time: its order of additions may change with the piece's shape).
+    ``(name, pages an op reads at once)`` (:func:`_pages_each_op_reads`: a weight, or a linear's
+    weight and bias together): an op faults in the pages it reads together, so a weight larger than
+    the tier could never be read (a float matmul does not run a piece at a time: its order of
+    additions may change with the piece's shape).
 
     Raises:
         DeviceTierFullError: naming the largest such weight, its pages and ``vram_limit``.
@@ -1047,6 +1053,50 @@ def check_device_holds_each_weight(pager: Pager, weights: list[tuple[str, int]])
             f"({format_size(pages * page_size)}) at once, but vram_limit={pager.config.vram_limit} bytes hold {capacity} pages; "
             f"raise vram_limit above {format_size(pages * page_size)} (and the keys and values a step reads beside it)"
         )
+
+
+def _pages_each_op_reads(layers: list, page_size: int) -> list[tuple[str, int]]:
+    """``(name, pages)`` for what one op reads at once of the parameters of ``layers`` that
+    :func:`_page_layer_weights` pages (a page or more, or paged already), for
+    :func:`check_device_holds_each_weight`: each parameter alone (:func:`_pages_read_at_once`), but
+    those of a module whose forward is one op on all of them (:func:`_reads_its_parameters_at_once`:
+    a linear's ``addmm`` reads a paged bias beside its weight) together, named
+    ``layers.0.mlp.gate_proj.weight and .bias``."""
+    reads: list[tuple[str, int]] = []
+    for prefix, module, to_page in _parameters_to_page(layers, page_size):
+        paged = [(name, _pages_read_at_once(module, parameter, page_size)) for name, parameter in to_page]
+        if len(paged) > 1 and _reads_its_parameters_at_once(module):
+            reads.append((prefix + " and .".join(name for name, _ in paged), sum(pages for _, pages in paged)))
+        else:
+            reads.extend((prefix + name, pages) for name, pages in paged)
+    return reads
+
+
+def _parameters_to_page(layers: list, page_size: int) -> Iterator[tuple[str, torch.nn.Module, list[tuple[str, torch.Tensor]]]]:
+    """Each module of ``layers`` with the parameters :func:`_page_layer_weights` pages (a page or
+    more, or paged already): ``(name prefix such as "layers.0.mlp.gate_proj.", module, [(name,
+    parameter), ...])``; a parameter several modules hold comes with each."""
+    from pagedtensor.tensor import PagedTensor
+
+    for index, layer in enumerate(layers):
+        for module_name, module in layer.named_modules():
+            to_page = [
+                (name, parameter)
+                for name, parameter in module._parameters.items()
+                if parameter is not None and (isinstance(parameter, PagedTensor) or pages_as_weight(parameter, page_size))
+            ]
+            if to_page:
+                yield f"layers.{index}.{module_name + '.' if module_name else ''}", module, to_page
+
+
+def _reads_its_parameters_at_once(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s forward is one op on its weight and bias together: ``nn.Linear``'s
+    (``F.linear``: ``addmm``), transformers' ``Conv1D`` (GPT-2: ``addmm``), ``nn.LayerNorm``'s and
+    ``nn.Conv1d``'s, and their subclasses that keep that forward (Falcon's ``FalconLinear`` adds its
+    bias after the matmul: a second op)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return type(module).forward in (torch.nn.Linear.forward, Conv1D.forward, torch.nn.LayerNorm.forward, torch.nn.Conv1d.forward)
 
 
 def _pages_read_at_once(module: torch.nn.Module, parameter: torch.Tensor, page_size: int) -> int:

@@ -8,6 +8,7 @@ and come back (through host and disk), and the layer-ahead prefetch hook issues 
 from __future__ import annotations
 
 import copy
+import re
 import threading
 
 import pytest
@@ -410,6 +411,43 @@ def test_a_device_tier_smaller_than_a_weight_is_named_when_paging_is_enabled(nvm
     _, model = tiny_pair("llama", attn="sdpa")
     enable_paging(model, tiny_budget(nvme_dir, vram_pages=largest, host_pages=HOST_PAGES), attn_implementation="sdpa", page_weights=True)
     assert isinstance(model.model.layers[0].mlp.gate_proj.weight, PagedTensor)
+
+
+def _linear_reading_weight_and_bias(family: str):
+    """``(reference, copy)`` whose layers hold a linear with a 64-page weight and a 1-page paged bias,
+    read by one ``addmm``: Llama's ``gate_proj`` (``mlp_bias``), GPT-2's ``c_fc`` (a ``Conv1D``)."""
+    import transformers
+
+    from tests.hf.test_model_support import _pair
+
+    if family == "llama":
+        return tiny_pair("llama", attn="sdpa", intermediate_size=1024, mlp_bias=True), "layers.0.mlp.gate_proj"
+    fields = dict(n_layer=2, n_embd=64, n_head=4, n_inner=1024, n_positions=256, vocab_size=128, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2)  # fmt: skip
+    return _pair(transformers.GPT2Config, transformers.GPT2LMHeadModel, "sdpa", **fields), "layers.0.mlp.c_fc"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_linear_reading_its_paged_weight_and_bias_at_once_is_counted_when_paging_is_enabled(nvme_dir, family):
+    """A linear whose weight (64 pages) and bias (1 page) are both paged: its op (``addmm``, through
+    ``F.linear`` or GPT-2's ``Conv1D``) reads the 65 pages at once. The check counted each parameter
+    alone: a 64-page device tier was accepted, and every forward then raised DeviceTierFullError. It
+    is refused at ``enable_paging``, naming the linear and the 65 pages, with the dense weights kept;
+    65 pages run the unpaged logits."""
+    (reference, model), linear = _linear_reading_weight_and_bias(family)
+    ids, _ = prompts(1, length=16)
+    with torch.no_grad():
+        expected = reference(ids, use_cache=False).logits
+    dense = list(model.parameters())
+    message = (rf"page_weights=True: an op reads {re.escape(linear)}\.weight and \.bias's 65 pages of 4\.00 KiB \(260\.00 KiB\) "
+               rf"at once, but vram_limit={64 * PAGE} bytes hold 64 pages; raise vram_limit above 260\.00 KiB")
+    with pytest.raises(DeviceTierFullError, match=message):
+        enable_paging(model, tiny_budget(nvme_dir, vram_pages=64, host_pages=512), attn_implementation="sdpa", page_weights=True)
+    assert paging_state(model) is None and all(now is before for now, before in zip(model.parameters(), dense, strict=True))
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=65, host_pages=512), attn_implementation="sdpa", page_weights=True)
+    assert isinstance(model.get_submodule(linear.replace("layers", "model.layers" if family == "llama" else "transformer.h")).bias, PagedTensor)
+    with torch.no_grad():
+        assert torch.equal(model(ids, use_cache=False).logits, expected)
 
 
 def test_threads_generating_at_once_under_a_budget_of_two_weights_wait_for_each_others_pins(nvme_dir):
@@ -838,6 +876,26 @@ def test_a_parameter_that_layers_share_is_paged_once_and_stays_shared(nvme_dir):
     expected, got = reference.state_dict(), model.state_dict()
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
+
+
+@pytest.mark.parametrize("through", ["lm_head", "layer"])
+def test_a_parameter_a_layer_shares_with_a_module_outside_the_layers_stays_shared(nvme_dir, through):
+    """``lm_head`` tied to a layer's weight (``model.to()`` keeps them one parameter): paging replaced
+    the layer's holder only, and ``lm_head`` kept the dense tensor: one more parameter, the weight
+    twice, and an in-place update through one no longer reached the other. ``lm_head`` now holds the
+    same PagedTensor, and after an update through either holder the logits are the unpaged model's."""
+    reference, model = tiny_pair("llama", attn="sdpa")
+    for each in (reference, model):
+        each.lm_head.weight = each.model.layers[0].mlp.up_proj.weight
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=40, host_pages=40), attn_implementation="sdpa", page_weights=True)
+    shared = model.model.layers[0].mlp.up_proj.weight
+    assert isinstance(shared, PagedTensor) and model.lm_head.weight is shared
+    assert len(list(model.parameters())) == len(list(reference.parameters()))
+    ids, _ = prompts(1, length=16)
+    with torch.no_grad():
+        for each in (reference, model):
+            (each.lm_head if through == "lm_head" else each.model.layers[0].mlp.up_proj).weight.mul_(0.5)
+        assert torch.equal(model(ids).logits, reference(ids).logits)
 
 
 @pytest.mark.parametrize("evicted", [False, True])
