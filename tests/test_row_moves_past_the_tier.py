@@ -289,6 +289,30 @@ def test_each_layout_with_dims_of_one_element_keeps_the_dense_strides(shape, mem
                 assert within_tier(pager)
 
 
+ROLLS_OF_A_BATCH = [(0, 0), (2, 0), (3, 0), (5, 0), (-5, 0), (7, 0), (10, 0), (4, 1), (8, 1), (-3, 3), (30, 3), ((5, 2), (0, 3)),
+                    ((2, 5), (0, 3)), ((5, 30), (0, 3)), ((1, 4), (0, 0)), ((3, 2), (0, 0)), ((2, 3), (1, 0)), ((8, 5), (1, 0))]  # fmt: skip
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last, "batch last"])
+@pytest.mark.parametrize("shifts, dims", ROLLS_OF_A_BATCH)
+def test_a_roll_of_a_batch_past_the_tier_keeps_the_dense_strides(memory_format, shifts, dims):
+    """torch's CPU ``roll`` along one dim clones (contiguous) where the shift is a multiple of the
+    dim's size, else concatenates the two parts (a channels_last table's layout kept), and rolls
+    along several dims one after another: a batch of 5 images (a stand-in of 2 would tell shifts
+    of 2 and 3 otherwise), channels_last or its batch dim the innermost but for the channels'
+    (dim 0 not the outermost: the op on its dims ordered outermost first), rolled along dim 0
+    and others: the dense op's values and strides."""
+    values = torch.randn(5, 8, 20, 30, generator=torch.Generator().manual_seed(7))
+    if memory_format == "batch last":
+        values = values.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+    else:
+        values = values.contiguous(memory_format=memory_format)
+    with make_pager() as pager:
+        t = PagedTensor.wrap(values, pager)
+        assert same_bits(t.roll(shifts, dims), values.roll(shifts, dims)), values.roll(shifts, dims).stride()
+        assert within_tier(pager)
+
+
 # ------------------------------------------------------------------ tril_/triu_ in place past the tier
 
 TRIANGLES_IN_PLACE: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {

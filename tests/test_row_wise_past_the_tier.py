@@ -149,11 +149,41 @@ def test_softmax_and_layer_norm_of_rows_past_the_tier_equal_dense(device, dtype)
             assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
 
 
+ONE_ELEMENT_DIM_CALLS = {
+    "sort": lambda t: torch.sort(t, -1), "argsort": lambda t: torch.argsort(t, -1), "topk": lambda t: t.topk(1, -1),
+    "kthvalue": lambda t: t.kthvalue(1, -1, keepdim=True), "median": lambda t: t.median(-1), "cumsum": lambda t: t.cumsum(-1),
+    "cummax": lambda t: t.cummax(-1), "softmax": lambda t: t.softmax(-1), "layer_norm": lambda t: F.layer_norm(t, t.shape[-1:]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(ONE_ELEMENT_DIM_CALLS))
+@pytest.mark.parametrize("order", [(1, 2, 0), (1, 0, 2), (0, 2, 1)])
+def test_dims_of_one_element_past_the_tier_keep_the_dense_strides(name, order):
+    """A 1 x 128 x 150 table (75 KiB, the tier 32) with its dim of one element moved last or into
+    the middle (a stride larger than a row's, which the stand-in of two rows would scale by the
+    rows), or 128 x 1 x 150 with its last dims swapped: the dense op's values and strides, the
+    one-element dim's stride included."""
+    shape = (1, 128, 150) if order != (0, 2, 1) else (128, 150, 1)
+    base = torch.randn(shape, generator=torch.Generator().manual_seed(4)).round()
+    call, dense = ONE_ELEMENT_DIM_CALLS[name], base.permute(order)
+    with make_pager() as pager:
+        table = PagedTensor.wrap(base.clone(), pager).permute(order)
+        result, expected = call(table), call(dense)
+        for got, want in zip(result if isinstance(result, tuple) else (result,), expected if isinstance(expected, tuple) else (expected,)):
+            assert type(got) is torch.Tensor and got.stride() == want.stride(), (name, got.stride(), want.stride())
+            assert same_bits(got, want), name
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+
+
 BAD_CALLS = {  # on a 64 x 256 table (rows_tensor): torch's checks
     "softmax along a dim out of range": lambda t: t.softmax(2),
     "cumsum along a dim out of range": lambda t: t.cumsum(-3),
     "a reflection pad as wide as the row": lambda t: F.pad(t, (256, 0), mode="reflect"),
     "upsampling to no element": lambda t: torch.ops.aten.upsample_nearest1d(t[:, None], [0]),
+    # errors naming the result's shape, rows included
+    "a replication pad to a negative width": lambda t: F.pad(t.view(16, 4, 16, 16), (-25, 1, 1, 1), mode="replicate"),
+    "a 3-D reflection pad to a negative width": lambda t: F.pad(t.view(16, 4, 4, 4, 16), (-25, 1, 1, 1, 1, 1), mode="reflect"),
+    "a 2-D reflection pad to a negative width": lambda t: F.pad(t.view(16, 4, 16, 16), (-25, 1, 1, 1), mode="reflect"),
     "layer_norm of another normalized shape": lambda t: F.layer_norm(t, (255,)),
     "layer_norm with a weight of another shape": lambda t: F.layer_norm(t, (256,), torch.ones(4)),
     "layer_norm with a bias of another dtype": lambda t: torch.native_layer_norm(t, [256], None, torch.ones(256, dtype=torch.float64), 1e-5),

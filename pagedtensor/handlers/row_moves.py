@@ -19,7 +19,8 @@ outermost dim's indices at a time. torch's own errors (a bad dim, too few repeat
 of a 1-D tensor) come first, before any page is read (:func:`_check_as_torch_does`); a result of no
 elements (``repeat`` by 0) reads no page. The result has the dense op's dtype, shape and strides
 (:func:`~pagedtensor.handlers.row_gathers._empty_laid_out_as` from the op on a small plain stand-in,
-dims of one element as :func:`_one_element_dims_as_dense` says). Other forms past the tier raise
+``roll``'s shifts as :func:`_stand_in_arguments` makes them, dims of one element as
+:func:`_one_element_dims_as_dense` says). Other forms past the tier raise
 :class:`~pagedtensor.errors.OutOfPagesError`: ``roll`` without dims of a non-contiguous table of
 several dims (the flattened roll of a copy), a table whose outermost dim's indices each span more than a piece, or whose rows
 do not advance (stride 0), conjugate or negative bits.
@@ -38,7 +39,7 @@ Note:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch._ops import OpOverload
@@ -85,14 +86,15 @@ def move_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
         lead = len(shape) - table.dim()  # the dims repeat adds before the table's
         if math.prod(shape) == 0:  # no element to read
             outermost = _outermost_first(table)[0]
-            moved = _empty_laid_out_as(func(_stand_in_of_outermost(table), *rest), shape, lead + outermost)
+            moved = _empty_laid_out_as(_probe_of_outermost(func, table, rest), shape, lead + outermost)
         elif _runs_in_row_pieces(table):
-            moved = _MOVES[func.overloadpacket](func, table, bound, func(_stand_in_of_rows(table, 2), *rest))
+            moved = _MOVES[func.overloadpacket](func, table, bound, func(_stand_in_of_rows(table, 2), *_stand_in_arguments(func, table, rest, 0)))
         else:
             moved = _moved_outermost_first(func, table, bound, rest, shape, lead)
         if moved is None:
             raise
-    return _one_element_dims_as_dense(func, table, rest, moved, lead)
+    _one_element_dims_as_dense(table, _stand_in_of_outermost(table), lambda stand_in: _probe_of_outermost(func, table, rest, stand_in), [moved], lead)
+    return moved
 
 
 ONE_ELEMENT_MARK = 2**40 + 7
@@ -100,35 +102,59 @@ ONE_ELEMENT_MARK = 2**40 + 7
 layout computes)."""
 
 
-def _stand_in_of_outermost(table: PagedTensor, one_element_stride: Optional[int] = None) -> torch.Tensor:
+def _stand_in_of_outermost(table: PagedTensor) -> torch.Tensor:
     """A plain stand-in (values unset) of ``table``'s shape and strides but for its outermost dim in
-    memory, of two indices (as small as a layout the dense op reads alike allows); its dims of one
-    element of stride ``one_element_stride`` where given."""
+    memory, of two indices (as small as a layout the dense op reads alike allows)."""
     order = _outermost_first(table)
-    stand_in = _stand_in_of_rows(table.permute(order), 2).permute(_inverse(order))
-    if one_element_stride is None:
-        return stand_in
-    strides = [one_element_stride if size == 1 else s for size, s in zip(stand_in.shape, stand_in.stride())]
-    return stand_in.as_strided(stand_in.shape, strides)
+    return _stand_in_of_rows(table.permute(order), 2).permute(_inverse(order))
 
 
-def _one_element_dims_as_dense(func: OpOverload, table: PagedTensor, rest: list, result: torch.Tensor, lead: int) -> torch.Tensor:
-    """``result`` with each of its dims of one element made from a dim of the table given the stride
-    the dense op gives it: the table's own where the op keeps the table's strides (``flip`` of a
-    dense table: torch's ``empty_like``), seen by the op on a stand-in whose such dims have a
-    stride of :data:`ONE_ELEMENT_MARK`; as it is otherwise. A dim of one element is never stepped
-    along: its stride changes in place, no byte moves."""
+def _stand_in_arguments(func: OpOverload, table: PagedTensor, rest: list, shrunk: int) -> list:
+    """``rest``, the op's arguments after the table, for the op on a stand-in of the table whose dim
+    ``shrunk`` holds two indices: ``roll``'s shifts along that dim made 0 where a multiple of the
+    table's size along it, else 1. torch's CPU ``roll`` along one dim clones the table (contiguous)
+    for a shift that is a multiple of the dim's size, else concatenates its two parts (keeping a
+    channels_last layout), and rolls along several dims one after another: the stand-in's result is
+    laid out as the table's where each shift's is a multiple of the size on both or on neither."""
+    size = table.shape[shrunk]
+    if func.overloadpacket is not aten.roll or not rest[1] or size == 0:
+        return rest  # without dims: a flattened roll, viewed back contiguous
+    shifts, dims = rest
+    along = [d % table.dim() == shrunk for d in dims]
+    return [[int(shift % size != 0) if on else shift for shift, on in zip(shifts, along)], dims]
+
+
+def _probe_of_outermost(func: OpOverload, table: PagedTensor, rest: list, stand_in: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The op on ``stand_in`` (by default :func:`_stand_in_of_outermost`, or one with its layout),
+    its arguments as :func:`_stand_in_arguments` gives them: laid out as the dense op's result, but
+    for the outermost dim's indices."""
+    stand_in = _stand_in_of_outermost(table) if stand_in is None else stand_in
+    return func(stand_in, *_stand_in_arguments(func, table, rest, _outermost_first(table)[0]))
+
+
+def _one_element_dims_as_dense(
+    table: PagedTensor, stand_in: torch.Tensor, op: Callable[[torch.Tensor], Any], results: Sequence[torch.Tensor], lead: int = 0
+) -> None:
+    """Gives each dim of one element of each of ``results`` (the op's results past the tier, laid out
+    from a stand-in of a few rows, which scales a large stride of such a dim with the rows) made from
+    a dim of the table (``lead`` dims on) the stride the dense op gives it: the table's own where the
+    op keeps the table's strides (``flip`` of a dense table, ``sort``: torch's ``empty_like``), seen
+    by ``op`` (the op, its other arguments bound) on ``stand_in`` (a plain stand-in of the table, of
+    fewer indices along a dim of more) with such dims given a stride of :data:`ONE_ELEMENT_MARK`; as
+    it is otherwise. A dim of one element is never stepped along: its stride changes in place, no
+    byte moves. A result of fewer dims (a reduction without ``keepdim``) is matched dim by dim from
+    its first."""
     ones = [d for d in range(table.dim()) if table.shape[d] == 1]
     if not ones:
-        return result
-    marked = func(_stand_in_of_outermost(table, ONE_ELEMENT_MARK), *rest)
-    strides = list(result.stride())
-    for d in ones:
-        if marked.stride(lead + d) == ONE_ELEMENT_MARK:
-            strides[lead + d] = table.stride(d)
-    if strides != list(result.stride()):
-        result.as_strided_(result.shape, strides)
-    return result
+        return
+    marked = op(stand_in.as_strided(stand_in.shape, [ONE_ELEMENT_MARK if size == 1 else s for size, s in zip(stand_in.shape, stand_in.stride())]))
+    for result, probe in zip(results, marked if isinstance(marked, tuple) else (marked,)):
+        strides = list(result.stride())
+        for d in ones:
+            if lead + d < probe.dim() and probe.stride(lead + d) == ONE_ELEMENT_MARK:
+                strides[lead + d] = table.stride(d)
+        if strides != list(result.stride()):
+            result.as_strided_(result.shape, strides)
 
 
 def _check_as_torch_does(func: OpOverload, table: PagedTensor, rest: list) -> tuple[int, ...]:
@@ -178,7 +204,7 @@ def _moved_outermost_first(func: OpOverload, table: PagedTensor, bound: dict, re
     else:
         got = _triangle_along(func, permuted, order, bound["diagonal"])
     put_back = [*range(lead), *(lead + d for d in _inverse(order))]
-    probe = func(_stand_in_of_outermost(table), *rest)
+    probe = _probe_of_outermost(func, table, rest)
     return _laid_out_as(got.permute(put_back), _empty_laid_out_as(probe, shape, lead + order[0]))
 
 
@@ -211,7 +237,7 @@ def _roll(func: OpOverload, table: PagedTensor, bound: dict, probe: torch.Tensor
             return None  # torch rolls a flattened copy
         # torch rolls the flattened view along its one dim and views the result back (contiguous)
         flat = table.view(-1)
-        rolled = _roll(func, flat, {"shifts": shifts, "dims": [0]}, func(_stand_in_of_rows(flat, 2), shifts, [0]))
+        rolled = _roll(func, flat, {"shifts": shifts, "dims": [0]}, func(_stand_in_of_rows(flat, 2), *_stand_in_arguments(func, flat, [shifts, [0]], 0)))
         return None if rolled is None else rolled.view(table.shape)
     if not dims:
         dims = [0]  # a 1-D table's flattened roll is its roll along dim 0

@@ -9,7 +9,8 @@ trailing dims: the reflection and replication pads and nearest-neighbour upsampl
 it, on a table whose dim 0 is its outermost in memory (and not a dim the op computes along), a piece
 of rows along dim 0 at a time (:func:`~pagedtensor.handlers.row_gathers._rows_a_piece`), each piece
 torch's own kernel on a PagedTensor view of those rows, copied into its rows of plain results laid
-out as the dense op's.
+out as the dense op's (dims of one element as
+:func:`~pagedtensor.handlers.row_moves._one_element_dims_as_dense` says).
 
 Each result row of these kernels is computed from its input row alone, the same way whatever rows
 are beside it: on the CPU a row's loop (the last dim's vectorized loop of ``softmax``, the row's
@@ -43,7 +44,7 @@ from torch._ops import OpOverload
 from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, aten, implements
 from pagedtensor.handlers.parts import _arguments_by_name, _meta
 from pagedtensor.handlers.row_gathers import _empty_laid_out_as, _rows_a_piece, _stand_in_of_rows
-from pagedtensor.handlers.row_moves import _runs_in_row_pieces
+from pagedtensor.handlers.row_moves import _one_element_dims_as_dense, _runs_in_row_pieces
 from pagedtensor.tensor import PagedTensor, plain_copy
 
 _SOFTMAXES = (aten._softmax.default, aten._log_softmax.default)
@@ -102,6 +103,7 @@ def run_by_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
             raise
     rows = table.shape[0]
     results = [_empty_laid_out_as(probe, (rows, *probe.shape[1:])) for probe in probes]
+    _one_element_dims_as_dense(table, _stand_in_of_rows(table, 2), lambda stand_in: func(stand_in, *rest, **options), results)
     for start, stop in _row_ranges(rows, count, at_least=2 if func in _TWO_ROWS_A_PIECE else 1):
         pieces = func(table[start:stop], *rest, **options)
         for result, piece in zip(results, pieces if isinstance(pieces, tuple) else (pieces,)):
@@ -122,15 +124,23 @@ def _row_ranges(rows: int, count: int, at_least: int) -> list[tuple[int, int]]:
 
 def _probe(func: OpOverload, table: PagedTensor, rest: list, options: dict) -> list[torch.Tensor]:
     """The op's results on a plain stand-in of two of the table's rows (values unset, no page read):
-    torch's own checks and errors (the stand-in's shape in a message named as the table's: the op
-    computes along dims other than dim 0, so its checks are the table's), and the dtypes and layouts
-    of the dense op's results, but for their row count."""
+    torch's own checks (the op computes along dims other than dim 0, so its checks are the table's),
+    and the dtypes and layouts of the dense op's results, but for their row count. Where the
+    stand-in fails (but for a dtype the kernel lacks), torch's own kernel on a stand-in of the table's
+    shape holding one element (expanded) on its device raises torch's own error, whose text names
+    the table's shape and the result's (``F.pad`` to a negative width), no page read; should it not
+    fail, the stand-in's error, its shape named as the table's."""
     stand_in = _stand_in_of_rows(table, 2)
     try:
         probe = func(stand_in, *rest, **options)
     except Exception as error:
-        raise type(error)(str(error).replace(str(list(stand_in.shape)), str(list(table.shape)))) from None
-    return list(probe) if isinstance(probe, tuple) else [probe]
+        failed = error
+    else:
+        return list(probe) if isinstance(probe, tuple) else [probe]
+    if "not implemented for" in str(failed):
+        raise failed  # a dtype the kernel lacks, whatever the shape: no run of the table's size to find it
+    func(torch.zeros((), dtype=table.dtype, device=table.device).expand(table.shape), *rest, **options)
+    raise type(failed)(str(failed).replace(str(list(stand_in.shape)), str(list(table.shape)))) from None
 
 
 def _exact_in_any_order(table: PagedTensor, bound: dict) -> bool:
