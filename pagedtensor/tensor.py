@@ -802,7 +802,8 @@ class PagedTensor(torch.Tensor):
     def _numpy_copy(self, writeable: bool, force: bool = False):  # noqa: ANN202
         """The values as an array, refused as torch's ``numpy()`` refuses (unless ``force``): a tensor
         off the CPU, one that requires grad while grad mode is on, a conjugate or negative view. The
-        array has the view's strides, as torch's shares them; a ``writeable`` one (NumPy's copy) is
+        array has the view's strides, as torch's shares them (a conjugate or negative view's, forced:
+        those of torch's copy resolving the bits); a ``writeable`` one (NumPy's copy) is
         then laid out as NumPy copies such an array, so no two of its elements share memory."""
         if not force:
             if self.device.type != "cpu":
@@ -813,7 +814,10 @@ class PagedTensor(torch.Tensor):
                 raise RuntimeError("Can't call numpy() on Tensor that has conjugate bit set. Use tensor.resolve_conj().numpy() instead.")
             if self.is_neg():
                 raise RuntimeError("Can't call numpy() on Tensor that has negative bit set. Use tensor.resolve_neg().numpy() instead.")
-        array = self.materialize("cpu").detach().numpy()
+        dense = self.materialize("cpu").detach()
+        if self.is_conj() or self.is_neg():  # (force) torch resolves the bits into a copy laid out as empty_like's
+            dense = dense.clone()
+        array = dense.numpy()
         if not writeable:
             array.flags.writeable = False
         elif not (array.flags.c_contiguous or array.flags.f_contiguous):  # stride 0, overlapping or strided

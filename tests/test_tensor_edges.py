@@ -110,8 +110,8 @@ def test_numpy_of_views_and_math_bits_as_torch(device):
     not share memory, laid out as NumPy copies torch's array (it kept stride 0: a write to one element
     changed others). ``numpy()``/``np.asarray`` of a view with the conjugate or negative bit, of a tensor
     on another device than the CPU, or that requires grad with grad mode on, raise torch's errors
-    (they returned arrays); ``force=True`` resolves them, and under ``no_grad`` a tensor that requires
-    grad converts, as torch's do."""
+    (they returned arrays); ``force=True`` resolves them (into a copy laid out as torch's: it kept a
+    strided view's gaps), and under ``no_grad`` a tensor that requires grad converts, as torch's do."""
     plain = torch.arange(12.0, device=device).reshape(3, 4)
     complex_plain = torch.complex(plain, -plain)
     with (make_pager(8, device=device) if device == "cpu" else _cuda_pager(8)) as pager:
@@ -139,8 +139,11 @@ def test_numpy_of_views_and_math_bits_as_torch(device):
         with torch.no_grad():
             assert np.array_equal(paged.detach().requires_grad_().cpu().numpy(), plain.cpu().numpy())
         for forced in (lambda t, c: c.conj().numpy(force=True), lambda t, c: torch._neg_view(t).numpy(force=True),
-                       lambda t, c: t.detach().requires_grad_().numpy(force=True)):  # fmt: skip
-            assert np.array_equal(forced(paged, complex_paged), forced(plain, complex_plain))
+                       lambda t, c: t.detach().requires_grad_().numpy(force=True),
+                       lambda t, c: c[:, ::2].conj().numpy(force=True), lambda t, c: c.conj().imag.numpy(force=True),
+                       lambda t, c: t[:, ::2].numpy(force=True)):  # fmt: skip
+            got, expected = forced(paged, complex_paged), forced(plain, complex_plain)
+            assert np.array_equal(got, expected) and got.strides == expected.strides  # resolved bits: torch's compact copy
 
 
 # ---------------------------------------------------------------------- the pager's release path
