@@ -1065,8 +1065,9 @@ def _run_composite(func: OpOverload, args: tuple, kwargs: dict) -> Any:
         raise
 
 
-# torch's errors where a kernel reads the memory of a tensor without storage (a PagedTensor).
-_READ_A_PAGED_TENSORS_MEMORY = ("data is not allocated", "doesn't have storage")
+# torch's errors where a kernel reads the memory of a tensor without storage (a PagedTensor), and
+# Triton's (a custom op's kernel: its interpreter's, and PagedTensor.data_ptr's own on a GPU).
+_READ_A_PAGED_TENSORS_MEMORY = ("data is not allocated", "doesn't have storage", "invalid python storage", "PagedTensor.data_ptr:")
 
 
 _INTERNAL_OVERLAP = (

@@ -292,13 +292,27 @@ def check_table_entries(block_table: torch.Tensor, num_pages: int, page_tokens: 
 
 
 def optional_int(name: str, value: object, minimum: int) -> int | None:
-    """``value`` None or an integer (a NumPy one too, as torch takes) of at least ``minimum``, as an int."""
+    """``value`` None or an integer (a NumPy one too, as torch takes) of at least ``minimum``, as an int:
+    ``TypeError`` for another type (a float, a string, a bool), ``ValueError`` for one too small."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        kind = "positive" if minimum == 1 else "non-negative"
+    kind = "positive" if minimum == 1 else "non-negative"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a {kind} int or None, got {type(value).__name__} {value!r}")
+    if value < minimum:
         raise ValueError(f"{name} must be a {kind} int or None, got {value!r}")
     return int(value)
+
+
+def refuse_internal_overlap(written: torch.Tensor, name: str) -> None:
+    """Raise torch's in-place error where elements of ``written`` share memory (``expand``: programs
+    writing different elements would write the same bytes; on a GPU, a race), as torch's kernels
+    refuse such a written tensor. Plain tensors only: a PagedTensor's op runs this on its dense one."""
+    if type(written) is torch.Tensor and not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(written) == 1:
+        raise RuntimeError(
+            f"unsupported operation: more than one element of {name} refers to a single memory location "
+            f"(strides {written.stride()} of shape {tuple(written.shape)}). Please clone() the tensor before performing the operation."
+        )
 
 
 def refuse_shared_memory(written: torch.Tensor, read: torch.Tensor, written_name: str, read_name: str) -> None:

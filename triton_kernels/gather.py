@@ -29,6 +29,7 @@ from pagedtensor.triton_kernels._common import (
     new_buffer,
     next_power_of_2,
     optional_int,
+    refuse_internal_overlap,
     refuse_shared_memory,
 )
 
@@ -266,6 +267,7 @@ def _check_scatter_args(src: object, pages: object, block_table: object,
     check_grid_batch(batch)
     start_pos = check_positions("start_pos", start_pos, batch, pages.device, span=src.shape[1])
     check_device(pages.device, src=src, block_table=block_table)
+    refuse_internal_overlap(pages, "pages")
     refuse_shared_memory(pages, src, "pages", "src")
     if src.stride(-1) != 1:
         src = src.contiguous()

@@ -265,7 +265,7 @@ def test_decode_takes_numpy_scalars():
     assert torch.equal(paged_decode_attention(q, *args, scale=np.float32(0.25), num_splits=np.int64(2)), expected)
     with pytest.raises(ValueError, match=r"num_splits must be a positive int or None, got np.int64\(0\)"):
         paged_decode_attention(q, *args, num_splits=np.int64(0))
-    with pytest.raises(ValueError, match="num_splits must be a positive int or None, got 2.0"):
+    with pytest.raises(TypeError, match="num_splits must be a positive int or None, got float 2.0"):  # a wrong type: TypeError
         paged_decode_attention(q, *args, num_splits=2.0)
     with pytest.raises(TypeError, match="scale must be a float or None, got str"):
         paged_decode_attention(q, *args, scale="0.25")

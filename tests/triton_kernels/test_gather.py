@@ -230,8 +230,9 @@ def test_gather_and_scatter_take_numpy_integers():
                 paged_gather(kv.k_pages, kv.block_table, kv.seq_lens, max_len=3), "max_len=np.int64(3)")  # fmt: skip
     with pytest.raises(ValueError, match=r"max_len must be a non-negative int or None, got np.int64\(-1\)"):
         paged_gather(kv.k_pages, kv.block_table, kv.seq_lens, max_len=np.int64(-1))
-    with pytest.raises(ValueError, match="max_len must be a non-negative int or None, got 3.0"):
-        paged_gather(kv.k_pages, kv.block_table, kv.seq_lens, max_len=3.0)
+    for wrong in (3.0, "3", True):  # a wrong type is a TypeError, as torch's (and the other arguments') are
+        with pytest.raises(TypeError, match=f"max_len must be a non-negative int or None, got {type(wrong).__name__} {wrong!r}"):
+            paged_gather(kv.k_pages, kv.block_table, kv.seq_lens, max_len=wrong)
     with pytest.raises(TypeError, match="start_pos must be an int or an int32 tensor, got float"):
         paged_scatter(kv.k_pages[:1, :2], kv.k_pages.clone(), kv.block_table, 1.5)
 
@@ -257,3 +258,43 @@ def test_gather_and_scatter_under_torch_func_transforms():
     # torch functionalizes no custom op that mutates an argument: its words, naming the op
     with pytest.raises(RuntimeError, match="pagedllm::paged_scatter"):
         torch.func.functionalize(write)(kv.k_pages.clone())
+
+
+def test_scatter_refuses_pages_whose_elements_share_memory():
+    """A pool whose elements share memory (heads expanded from one) would have one head's keys
+    overwrite the other's (on a GPU, a race): refused with torch's in-place words, as copy_ into it
+    is, nothing written."""
+    pool = torch.zeros(4, 16, 1, 16, dtype=torch.float32, device=DEVICE)
+    expanded = pool.expand(4, 16, 2, 16)
+    table = torch.tensor([[0, 1]], dtype=torch.int32, device=DEVICE)
+    src = torch.randn(1, 3, 2, 16, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"more than one element of pages refers to a single memory location.*clone"):
+        paged_scatter(src, expanded, table, 0)
+    assert not pool.any(), "a refused scatter wrote"
+
+
+def test_kernels_on_a_paged_pool_past_the_device_tier_raise_the_tier_error():
+    """A PagedTensor pool larger than the device tier: paged_gather and paged_decode_attention raise
+    the pager's DeviceTierFullError naming the op, as paged_scatter does (the interpreter's "invalid
+    python storage" came through, and on a GPU PagedTensor.data_ptr's error would have); a pool that
+    fits gives the plain pool's results."""
+    from pagedtensor import DeviceTierFullError, MemoryConfig, PagedTensor, Pager
+    from pagedtensor.triton_kernels import paged_decode_attention
+
+    page = 4096
+    config = MemoryConfig(page_size=page, vram_limit=8 * page, host_memory=256 * page, slab_size=256 * page, prefetch_strategy="none",
+                          device=DEVICE)  # fmt: skip
+    generator = torch.Generator().manual_seed(4)
+    k, v = (torch.randn(16, 16, 2, 32, generator=generator).to(DEVICE) for _ in range(2))  # 16 pages each
+    table = torch.tensor([[3, 15, 7]], dtype=torch.int32, device=DEVICE)
+    lengths = torch.tensor([40], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(1, 4, 32, generator=generator).to(DEVICE)
+    with Pager(config) as pager:
+        paged_k, paged_v = PagedTensor.wrap(k, pager), PagedTensor.wrap(v, pager)
+        with pytest.raises(DeviceTierFullError, match="paged_gather"):
+            paged_gather(paged_k, table, lengths)
+        with pytest.raises(DeviceTierFullError, match="paged_decode_attention"):
+            paged_decode_attention(q, paged_k, paged_v, table, lengths)
+        small = PagedTensor.wrap(k[:4].clone(), pager)  # 4 pages: fits
+        small_table = torch.tensor([[3, 0, 2]], dtype=torch.int32, device=DEVICE)
+        assert_same(paged_gather(small, small_table, lengths), paged_gather(k[:4].clone(), small_table, lengths), "gather of a pool that fits")
