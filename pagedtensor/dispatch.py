@@ -90,6 +90,7 @@ directly (what a paged model's ``nn.Linear`` calls), and :func:`paged_conv1d` tr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -108,6 +109,7 @@ from pagedtensor.config import normalize_device
 from pagedtensor.errors import OutOfPagesError, PagerClosedError, SlabAllocationError, out_of_pages_for
 from pagedtensor.interrupts import deferring, pager_call
 from pagedtensor.list_ops import bump_written_versions, run_list_op
+from pagedtensor.outside_transforms import below_transforms_and_modes, in_a_transform_or_mode
 from pagedtensor.pager import Pager, ResidentPages, WrittenPages
 from pagedtensor.pieces import is_elementwise, one_element_stand_in, pages_reached, run_in_pieces
 from pagedtensor.tensor import (
@@ -896,6 +898,8 @@ class _Window:
         result of another layout (sparse: no single data pointer) counts as sharing it."""
         if tensor.layout != torch.strided:
             return True
+        if type(tensor) is not torch.Tensor and _is_fake(tensor):
+            return False  # a FakeTensorMode's result (real inputs allowed): no memory, in no slab
         lo, hi = self.slab_span
         return lo <= tensor.data_ptr() < hi
 
@@ -936,8 +940,11 @@ class _Window:
                     # That storage does not own its memory: the window keeps the slab alive while it lives
                     # (the pager closed by another thread drops its own reference).
                     self._bounded_slab = slab
-                view = torch.empty(0, dtype=tensor.dtype, device=slab.device)
-                return view.set_(self._bounded, tensor._offset - self.first_byte // itemsize, tensor.shape, tensor.stride())
+                with below_transforms_and_modes() if in_a_transform_or_mode() else contextlib.nullcontext():
+                    # A real view of the real slab, also under a dispatch mode (a FakeTensorMode's empty
+                    # is a fake tensor on "meta", which set_ to the slab's storage refused).
+                    view = torch.empty(0, dtype=tensor.dtype, device=slab.device)
+                    return view.set_(self._bounded, tensor._offset - self.first_byte // itemsize, tensor.shape, tensor.stride())
             # Slabs and pages are whole multiples of every itemsize (a page is a power of two >= 4 KiB).
             typed = self.tier.typed_slab(self.slab, tensor.dtype)
         except IndexError:
@@ -1074,6 +1081,13 @@ _INTERNAL_OVERLAP = (
     "unsupported operation: more than one element of the written-to tensor refers to a single memory location. "
     "Please clone() the tensor before performing the operation."
 )
+
+
+def _is_fake(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a FakeTensor (its data pointer is no memory's: reading it warns)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(tensor)
 
 
 def overlaps_itself(tensor: torch.Tensor) -> bool:

@@ -76,3 +76,25 @@ def test_from_tensor_and_cross_ref_fake_mode_take_a_paged_tensor():
         with CrossRefFakeMode():
             result = paged * 2 + 1
     assert torch.equal(result.materialize() if isinstance(result, PagedTensor) else result, x * 2 + 1)
+
+
+def test_in_place_and_foreach_ops_under_a_fake_mode_taking_real_inputs_leave_the_pages_alone():
+    """Under ``FakeTensorMode(allow_non_fake_inputs=True)`` an optimizer step over paged parameters
+    (``_foreach_add_``), ``index_put_`` and ``add`` run as on plain tensors: fake results, the real
+    values untouched, no warning (a bounded write view was made under the mode, a fake tensor that
+    ``set_`` to the slab refused; a result's data pointer was read: FakeTensor's warning)."""
+    pager = make_pager(device_pages=64, slab_pages=64)
+    a0 = torch.randn(24, 256)
+    weight = torch.nn.Parameter(PagedTensor.wrap(a0.clone(), pager))
+    weight.grad = torch.ones_like(a0)
+    optimizer = torch.optim.SGD([weight], lr=0.1, foreach=True)
+    table = PagedTensor.wrap(a0.clone(), pager)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            optimizer.step()
+            table.index_put_((torch.tensor([1]),), torch.tensor(1.0))
+            torch._foreach_add_([table], 1.0)
+            added = table.add(1)
+    assert isinstance(added, FakeTensor) and added.shape == a0.shape
+    assert torch.equal(weight.detach().materialize(), a0) and torch.equal(table.materialize(), a0)
