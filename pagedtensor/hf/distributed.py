@@ -41,13 +41,19 @@ import torch
 import torch.distributed as dist
 
 from pagedtensor.config import MemoryConfig, normalize_device
-from pagedtensor.hf.model import PagedModel, enable_paging
+from pagedtensor.hf.model import PagedModel, enable_paging, paging_state
+from pagedtensor.tensor import PagedTensor
 
 log = logging.getLogger(__name__)
 
 TENSOR_PARALLEL_ATTRIBUTE = "_pagedllm_tensor_parallel"
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split output features
 ROW_PARALLEL = ("o_proj", "down_proj")  # split input features, all-reduce the output
+# Attention classes (by name, anywhere in the module's class hierarchy) whose heads are not independent
+# until o_proj: sharded by heads, each rank would combine its own heads with each other instead.
+HEAD_MIXING_ATTENTIONS = {
+    "DiffLlamaAttention": "its differential attention pairs head i with head i + H/2 (torch.chunk over the head axis)",
+}
 # Environment every process of a multi-GPU run gets: NVLink multicast stays off on the lent machines.
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -175,12 +181,27 @@ def shard_by_heads(model: torch.nn.Module, group: Optional[Any] = None) -> torch
     ``v_proj`` to ``None`` (Gemma 4's ``attention_k_eq_v``: values are its keys) shards its keys only.
     Every layer is checked before any is changed: an error leaves the model as it was.
 
+    Shard first, then page: ``enable_tensor_parallel_paging(model, ..., page_weights=True)`` pages
+    the rank's shard. A model already sharded (here, or by transformers' ``tp_plan``: DTensor
+    weights) or already paged is refused, and so is attention that combines heads with each other
+    before ``o_proj`` (:data:`HEAD_MIXING_ATTENTIONS`: DiffLlama).
+
     Note:
         Every rank must run every forward (the all-reduce is a collective): call ``generate`` with
         the same inputs on every rank.
     """
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model: expected a transformers model (a PreTrainedModel with a config), got {type(model).__name__}")
     if getattr(model, TENSOR_PARALLEL_ATTRIBUTE, None) is not None:
         raise ValueError("shard_by_heads: the model is already sharded")
+    distributed = next((name for name, parameter in model.named_parameters() if _local(parameter) is not parameter), None)
+    if distributed is not None:
+        raise ValueError(f"shard_by_heads: the model is already sharded (its {distributed} is a DTensor: loaded with transformers' "
+                         "tp_plan): page it with enable_tensor_parallel_paging as it is, or load it without tp_plan and shard it here "
+                         "(needed for page_weights=True)")  # fmt: skip
+    if paging_state(model) is not None or any(isinstance(parameter, PagedTensor) for parameter in model.parameters()):
+        raise ValueError("shard_by_heads: paging is already enabled on the model (sharding would replace paged weights by dense "
+                         "copies): call shard_by_heads first, then enable_tensor_parallel_paging(model, ..., page_weights=True)")  # fmt: skip
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("shard_by_heads: torch.distributed is not initialized (call init_tensor_parallel first)")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -212,11 +233,22 @@ def _layer_shards(layer: torch.nn.Module, config: Any, world: int) -> tuple[dict
     attention's ``head_dim``, else the config's), gate/up and o/down into equal slices. Changes nothing.
 
     Raises:
-        TypeError: a projection is missing or not a Linear (fused layouts).
+        TypeError: the attention mixes heads (:data:`HEAD_MIXING_ATTENTIONS`), the layer has no
+            ``mlp``, or a projection is missing or not a Linear (fused layouts).
         ValueError: a projection is not whole heads, or ``world`` does not divide them.
     """
     attention, mlp = layer.self_attn, getattr(layer, "mlp", None)
     where = f"shard_by_heads: layer {attention.layer_idx}"
+    supported = ("shard_by_heads splits attention whose heads are independent until o_proj, with separate q/k/v and gate/up "
+                 "projections (Llama, Mistral, Qwen2, Gemma layouts)")  # fmt: skip
+    mixing = next((cls.__name__ for cls in type(attention).__mro__ if cls.__name__ in HEAD_MIXING_ATTENTIONS), None)
+    if mixing is not None:
+        raise TypeError(f"{where}: {type(attention).__name__} mixes heads across the split: {HEAD_MIXING_ATTENTIONS[mixing]}, so "
+                        f"each rank would combine only its own heads; {supported}; keep one process")  # fmt: skip
+    if not isinstance(mlp, torch.nn.Module):
+        children = ", ".join(name for name, _ in layer.named_children())
+        raise TypeError(f"{where}: {type(layer).__name__} has no mlp module (its children: {children}; a mixture of experts?); "
+                        f"{supported}; load with tp_plan='auto' for other models")  # fmt: skip
     owners = {"q_proj": attention, "k_proj": attention, "v_proj": attention, "o_proj": attention,
               "gate_proj": mlp, "up_proj": mlp, "down_proj": mlp}  # fmt: skip
     linears: dict[str, torch.nn.Linear] = {}
@@ -225,10 +257,8 @@ def _layer_shards(layer: torch.nn.Module, config: Any, world: int) -> tuple[dict
         if linear is None and name == "v_proj" and hasattr(attention, "v_proj"):
             continue  # values are the keys (attention_k_eq_v): sharding k_proj shards them
         if not isinstance(linear, torch.nn.Linear):
-            raise TypeError(
-                f"shard_by_heads: expected a Linear {name} in {type(owners[name]).__name__} (layouts with separate q/k/v and "
-                f"gate/up projections: Llama, Mistral, Qwen2, Gemma); load with tp_plan='auto' for other models"
-            )
+            raise TypeError(f"{where}: expected a Linear {name} in {type(owners[name]).__name__}; {supported}; "
+                            "load with tp_plan='auto' for other models")  # fmt: skip
         linears[name] = linear
     head_dim = _head_dim(attention, config)
     counts = []
@@ -256,9 +286,10 @@ def _check_nothing_else_split(attention: torch.nn.Module, mlp: torch.nn.Module, 
     """Refuse a layer whose attention or MLP holds state beside the split projections that depends on
     how they are split, which sharding would leave whole: a norm over all heads' features at once
     (OLMo 2's ``q_norm`` of ``heads * head_dim``), one per head (Cohere's ``(heads, head_dim)`` weight,
-    StableLM's ``qk_layernorm`` list of norms), or statistics over the whole intermediate size (Gemma
-    3n's activation sparsity). A norm over ``head_dim`` that every head shares (Qwen 3's, Gemma 3's)
-    is the same on every rank.
+    StableLM's ``qk_layernorm`` list of norms), a value per head held by the attention itself (the
+    attention sinks of GPT-OSS, Granite SWA, Flint: ``(heads,)``), or statistics over the whole
+    intermediate size (Gemma 3n's activation sparsity). A norm over ``head_dim`` that every head
+    shares (Qwen 3's, Gemma 3's: the weight of a child module) is the same on every rank.
 
     Raises:
         TypeError: naming the parameter, buffer or setting (the model is left as it was).
@@ -276,7 +307,8 @@ def _check_nothing_else_split(attention: torch.nn.Module, mlp: torch.nn.Module, 
             if id(tensor) in split:
                 continue
             shape = tuple(tensor.shape)
-            per_head = module is attention and len(shape) >= 2 and shape[0] in (heads, kv_heads) and shape[1] == head_dim
+            by_head = module is attention and shape[:1] in ((heads,), (kv_heads,))
+            per_head = by_head and (shape[1:2] == (head_dim,) or (len(shape) == 1 and "." not in name))  # (heads, head_dim), or a sink
             if per_head or sizes.intersection(shape):
                 raise refuse(f"{name} of shape {shape}", owner)
     for name, child in attention.named_modules():
@@ -350,8 +382,11 @@ def enable_tensor_parallel_paging(
     ``memory_config`` is this rank's own budget (``vram_limit`` per GPU); its device becomes the
     rank's (``cuda:{local_rank}`` or ``cpu``, read from the model's parameters). The rank's
     :class:`~pagedtensor.hf.cache.PagedKVCache` pages only its ``num_key_value_heads / world`` heads.
-    ``paging`` holds further :func:`enable_paging` options. Returns ``model``.
+    ``paging`` holds further :func:`enable_paging` options (``pager=`` instead of ``memory_config``:
+    a pager built for this rank's device; ``page_weights=True`` pages the rank's shard). Returns ``model``.
     """
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "generate") or not hasattr(model, "config"):
+        raise TypeError(f"model: expected a transformers causal LM (a PreTrainedModel with generate), got {type(model).__name__}")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("enable_tensor_parallel_paging: torch.distributed is not initialized (call init_tensor_parallel first)")
     world = dist.get_world_size(group)
@@ -368,8 +403,9 @@ def enable_tensor_parallel_paging(
         setattr(model, TENSOR_PARALLEL_ATTRIBUTE, TensorParallelShard(
             dist.get_rank(group), world, text.num_attention_heads // world, kv_heads // world, "tp_plan"))
     _check_ranks_agree(group, attn_implementation=paging.get("attn_implementation", "auto"), prefill_chunk_size=paging.get("prefill_chunk_size"))
-    device = _parameter_device(model)
-    enable_paging(model, rank_memory_config(memory_config, device), **paging)
+    if paging.get("pager") is None:  # a pager given brings its own device and budget (enable_paging checks the model's)
+        memory_config = rank_memory_config(memory_config, _parameter_device(model))
+    enable_paging(model, memory_config, **paging)
     return model
 
 

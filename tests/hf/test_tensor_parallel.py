@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pagedtensor.hf import enable_paging
+from pagedtensor.hf import enable_paging, paging_state
 from pagedtensor.hf.distributed import (
     check_tensor_parallel_heads,
     enable_tensor_parallel_paging,
@@ -230,9 +230,9 @@ def test_one_rank_is_plain_paging(one_rank_group, nvme_dir):
     assert torch.equal(got.sequences, expected.sequences)
 
 
-def _tiny_model(config_class, model_class, **extra):
+def _tiny_model(config_class, model_class, attn: str = "sdpa", **extra):
     config = config_class(**{**TINY, **extra})
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn
     torch.manual_seed(0)
     return model_class(config).eval()
 
@@ -256,6 +256,9 @@ def test_shard_by_heads_refuses_norms_and_statistics_it_cannot_split(one_rank_gr
                       {"num_kv_shared_layers": 0, "layer_types": ["sliding_attention", "full_attention"], "hidden_size_per_layer_input": 8,
                        "vocab_size_per_layer_input": TINY["vocab_size"], "activation_sparsity_pattern": [0.95, 0.0]},
                       "activation_sparsity=0.95"))  # fmt: skip
+    if hasattr(transformers, "GraniteSWAForCausalLM"):  # one attention sink per query head: a bare broadcast error at the first forward
+        cases.append((transformers.GraniteSWAConfig, transformers.GraniteSWAForCausalLM, {"sliding_window": 8, "attn": "eager"},
+                      "sinks of shape \\(4,\\)"))  # fmt: skip
     for config_class, model_class, extra, named in cases:
         model = _tiny_model(config_class, model_class, **extra)
         parameters = dict(model.named_parameters())
@@ -263,5 +266,68 @@ def test_shard_by_heads_refuses_norms_and_statistics_it_cannot_split(one_rank_gr
             shard_by_heads(model)
         assert dict(model.named_parameters()) == parameters and not hasattr(model, "_pagedllm_tensor_parallel")
     for config_class, model_class, extra in ((transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {}),
-                                             (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, {})):  # fmt: skip
+                                             (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, {}),
+                                             (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,  # as many heads as head_dim
+                                              {"num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 16})):  # fmt: skip
         shard_by_heads(_tiny_model(config_class, model_class, **extra))  # q/k norms over head_dim, shared by every head
+
+
+def test_shard_by_heads_refuses_attention_that_mixes_heads(one_rank_group):
+    """DiffLlama's differential attention pairs head i with head i + H/2: sharded, each rank paired
+    its own heads, and 2 ranks silently gave other logits. Refused naming the class, the model as it was."""
+    import transformers
+
+    model = _tiny_model(transformers.DiffLlamaConfig, transformers.DiffLlamaForCausalLM)
+    parameters = dict(model.named_parameters())
+    with pytest.raises(TypeError, match="layer 0: DiffLlamaAttention mixes heads"):
+        shard_by_heads(model)
+    assert dict(model.named_parameters()) == parameters and not hasattr(model, "_pagedllm_tensor_parallel")
+
+
+def test_shard_by_heads_refuses_a_model_sharded_or_paged_already(one_rank_group, nvme_dir):
+    """A model whose weights are DTensors (transformers' tp_plan="auto") was split again, silently
+    giving other logits; one whose weights were paged (enable_paging(page_weights=True)) got dense
+    copies of them, paging dropped. Both refused, the model as it was."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    _, model = tiny_pair("llama")
+    projection = model.model.layers[0].self_attn.q_proj
+    projection.weight = torch.nn.Parameter(distribute_tensor(projection.weight.detach(), init_device_mesh("cpu", (1,)), [Shard(0)]))
+    with pytest.raises(ValueError, match="already sharded .*q_proj.weight is a DTensor"):
+        shard_by_heads(model)
+    assert not any(module._forward_hooks for module in model.modules())
+
+    _, model = tiny_pair("llama")
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=16, host_pages=16), attn_implementation="sdpa", page_weights=True)
+    parameters = dict(model.named_parameters())
+    with pytest.raises(ValueError, match=r"paging is already enabled.*shard_by_heads first, then enable_tensor_parallel_paging\(.*page_weights=True\)"):
+        shard_by_heads(model)
+    assert dict(model.named_parameters()) == parameters and not hasattr(model, "_pagedllm_tensor_parallel")
+
+
+def test_enable_tensor_parallel_paging_takes_a_pager(one_rank_group, nvme_dir):
+    """``pager=`` alone (an enable_paging option) was refused as if a memory_config were given too."""
+    from pagedtensor import Pager
+
+    reference, model = tiny_pair("llama")
+    pager = Pager(tiny_budget(nvme_dir))
+    try:
+        enable_tensor_parallel_paging(shard_by_heads(model), attn_implementation="sdpa", pager=pager)
+        assert paging_state(model).pager is pager
+        assert torch.equal(_generate(model, 1).sequences, _generate(reference, 1).sequences)
+    finally:
+        pager.close()
+
+
+def test_refusals_name_what_they_refuse(one_rank_group):
+    """A non-model raised a bare AttributeError (enable_paging's TypeError now), and GraniteMoe's
+    layers (their MLP is ``block_sparse_moe``) were refused as "a Linear gate_proj in NoneType"."""
+    import transformers
+
+    for function in (shard_by_heads, enable_tensor_parallel_paging):
+        with pytest.raises(TypeError, match="model: expected a transformers .*got Linear"):
+            function(torch.nn.Linear(2, 2))
+    model = _tiny_model(transformers.GraniteMoeConfig, transformers.GraniteMoeForCausalLM)
+    with pytest.raises(TypeError, match="layer 0: GraniteMoeDecoderLayer has no mlp .*block_sparse_moe"):
+        shard_by_heads(model)
