@@ -802,8 +802,8 @@ class PagedTensor(torch.Tensor):
     def _numpy_copy(self, writeable: bool, force: bool = False):  # noqa: ANN202
         """The values as an array, refused as torch's ``numpy()`` refuses (unless ``force``): a tensor
         off the CPU, one that requires grad while grad mode is on, a conjugate or negative view. The
-        array has the view's strides, as torch's shares them (a conjugate or negative view's, forced:
-        those of torch's copy resolving the bits); a ``writeable`` one (NumPy's copy) is
+        array has the view's strides, as torch's shares them (forced, a conjugate or negative view's
+        or one off the CPU: those of torch's copy, laid out as ``empty_like``); a ``writeable`` one (NumPy's copy) is
         then laid out as NumPy copies such an array, so no two of its elements share memory."""
         if not force:
             if self.device.type != "cpu":
@@ -815,7 +815,8 @@ class PagedTensor(torch.Tensor):
             if self.is_neg():
                 raise RuntimeError("Can't call numpy() on Tensor that has negative bit set. Use tensor.resolve_neg().numpy() instead.")
         dense = self.materialize("cpu").detach()
-        if self.is_conj() or self.is_neg():  # (force) torch resolves the bits into a copy laid out as empty_like's
+        if self.device.type != "cpu" or self.is_conj() or self.is_neg():
+            # (force) torch's cpu() copy and its resolving of the bits are laid out as empty_like's
             dense = dense.clone()
         array = dense.numpy()
         if not writeable:
