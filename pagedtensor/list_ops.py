@@ -24,6 +24,11 @@ memory order, as the kernels walk them), as :mod:`pagedtensor.pieces` runs a sin
 (``_foreach_sqrt``) fills plain results of the dense op's dtype and layout piece by piece through its
 ``out=`` overload.
 
+torch's checks of the arguments (lists of one length, a ``scalars`` of one number an index, operands
+that broadcast to the tensors written) run first, on meta stand-ins, and a one-element argument
+sharing a byte with a tensor the op writes is first shown to torch's kernel on small stand-ins: an op
+torch refuses raises torch's error and writes nothing.
+
 Note:
     Stream order is each call's (see :mod:`pagedtensor.dispatch`): the indices and the pieces run one
     after another on the current stream. An in-place op that fails at an index or a piece (one
@@ -35,6 +40,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import warnings
+from contextvars import ContextVar
 from typing import Any, Callable, Optional
 
 import torch
@@ -48,6 +55,9 @@ _FUSED_STEPS = frozenset({"_fused_adam", "_fused_adamw", "_fused_sgd", "_fused_a
 _NOT_ELEMENTWISE = frozenset({"_foreach_norm", "_foreach_max", "_foreach_powsum", "_foreach_mm"})
 # A ``Tensor`` argument holding one number per index (``_foreach_addcmul_.Tensor``'s ``scalars``).
 _PER_INDEX_TENSORS = frozenset({"scalars"})
+# True while :func:`_run_by_index` runs an index's op: the list's op bumps the versions of the tensors
+# written at every index, once (:func:`bump_written_versions`), not the index's op besides.
+_RUNNING_AN_INDEX: ContextVar[bool] = ContextVar("_RUNNING_AN_INDEX", default=False)
 
 
 def _base_name(func: OpOverload) -> str:
@@ -89,7 +99,8 @@ def _per_index_lists(func: OpOverload, args: tuple, kwargs: dict) -> list[Any]:
 
 def _index_count(func: OpOverload, args: tuple, kwargs: dict) -> Optional[int]:
     """The length of ``func``'s non-empty per-index lists (``max_exp_avg_sqs`` is empty without
-    amsgrad); None where they differ (torch's error, raised by the caller) or none is given."""
+    amsgrad); None where they differ (where the op has no meta kernel to raise torch's error:
+    :func:`_meta_result`) or none is given."""
     lengths = {len(value) for value in _per_index_lists(func, args, kwargs) if isinstance(value, (list, tuple)) and value}
     return lengths.pop() if len(lengths) == 1 else None
 
@@ -100,6 +111,7 @@ def run_list_op(func: OpOverload, args: tuple, kwargs: dict) -> Any:
     an op, or its one index cannot run in pieces (the caller raises the pager's error)."""
     if not is_list_op(func):
         return NotImplemented
+    meta = _meta_result(func, args, kwargs)
     count = _index_count(func, args, kwargs)
     if count is None:
         return NotImplemented
@@ -107,7 +119,30 @@ def run_list_op(func: OpOverload, args: tuple, kwargs: dict) -> Any:
         if _written_at_another_index(func, args, kwargs, count):
             return NotImplemented
         return _run_by_index(func, args, kwargs, count)
-    return _run_one_index_in_pieces(func, args, kwargs)
+    return _run_one_index_in_pieces(func, args, kwargs, meta)
+
+
+def _meta_result(func: OpOverload, args: tuple, kwargs: dict) -> Any:
+    """``func`` run on meta stand-ins of its tensors (new ones, of their layouts; the per-index
+    ``scalars`` as they are, whose numbers torch reads on the CPU), raising torch's own error for the
+    arguments (lists of other lengths, a ``scalars`` of the wrong length or dimension, an operand that
+    does not broadcast to the tensor written) before any index or piece runs, as torch checks them
+    before it writes; the op's meta results, None where it returns none or has no meta kernel."""
+
+    def stand_in(name: str, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return type(value)(stand_in(name, item) for item in value)
+        if not isinstance(value, torch.Tensor):
+            return value
+        if name in _PER_INDEX_TENSORS:
+            return value.materialize() if isinstance(value, PagedTensor) else value
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+
+    meta_args, meta_kwargs = _map_all(func, args, kwargs, stand_in)
+    try:
+        return func(*meta_args, **meta_kwargs)
+    except NotImplementedError:  # no meta kernel (``_fused_adam_.tensor_lr``): the run finds what torch would
+        return None
 
 
 def _written_at_another_index(func: OpOverload, args: tuple, kwargs: dict, count: int) -> bool:
@@ -137,12 +172,15 @@ def bump_written_versions(func: OpOverload, names: frozenset[str], args: tuple, 
     as torch's kernels bump each tensor they write (the CPU's per-tensor in-place ops, CUDA's
     multi-tensor kernels increment them): the op of a PagedTensor runs none of them on it, and a
     backward that saved one would silently read the new values (after an optimizer step with
-    ``foreach=True``). Inference tensors keep none."""
+    ``foreach=True``). Inference tensors keep none. Once for the list's op: not for the op of each
+    index that :func:`_run_by_index` runs."""
     from pagedtensor.handlers.parts import _arguments_by_name  # the handlers import after dispatch, which imports this module
 
+    if _RUNNING_AN_INDEX.get():
+        return
     for name, value in _arguments_by_name(func, args, kwargs).items():
         if name in names:
-            for item in value if isinstance(value, (list, tuple)) else (value,):
+            for item in _tensors_in(value):
                 if isinstance(item, PagedTensor) and not item.is_inference():
                     torch.autograd.graph.increment_version(item)
 
@@ -155,7 +193,9 @@ def _written_names(func: OpOverload) -> frozenset[str]:
 
 def _run_by_index(func: OpOverload, args: tuple, kwargs: dict, count: int) -> Any:
     """``func`` called on each index's one-element lists in turn (each dispatched as any op); the
-    results, lists of tensors, joined back into the dense op's lists."""
+    results that are lists joined back into the dense op's lists, and one that is a tensor (the
+    functional unscale's ``found_inf_out``) the value of its argument (``found_inf``) at the next
+    index, as the in-place op updates that argument index by index: the last index's is the list's."""
 
     def at(index: int) -> Callable[[str, Any], Any]:
         def select(name: str, value: Any) -> Any:
@@ -167,20 +207,35 @@ def _run_by_index(func: OpOverload, args: tuple, kwargs: dict, count: int) -> An
 
         return select
 
-    results = [func(*index_args, **index_kwargs) for index_args, index_kwargs in (_map_per_index(func, args, kwargs, at(i)) for i in range(count))]
     returns = func._schema.returns
+    carried = {position: r.name.removesuffix("_out") for position, r in enumerate(returns) if not isinstance(r.type, torch.ListType)}
+    results: list[tuple] = []
+    running = _RUNNING_AN_INDEX.set(True)
+    try:
+        for index in range(count):
+            index_args, index_kwargs = _map_per_index(func, args, kwargs, at(index))
+            result = func(*index_args, **index_kwargs)
+            results.append(result if len(returns) > 1 else (result,))
+            if carried:
+                following = {name: result[position] for position, name in carried.items()}
+                args, kwargs = _map_all(func, args, kwargs, lambda name, value: following.get(name, value))
+    finally:
+        _RUNNING_AN_INDEX.reset(running)
     if not returns:
         return None
-    if len(returns) == 1:
-        return [tensor for result in results for tensor in result]
-    return tuple([tensor for result in results for tensor in result[position]] for position in range(len(returns)))
+    joined = tuple(
+        results[-1][position] if position in carried else [tensor for result in results for tensor in result[position]]
+        for position in range(len(returns))
+    )
+    return joined if len(returns) > 1 else joined[0]
 
 
-def _run_one_index_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any:
+def _run_one_index_in_pieces(func: OpOverload, args: tuple, kwargs: dict, meta: Any) -> Any:
     """``func`` on one index, a piece of consecutive elements of its tensors' spans at a time (tensors of
     one shape and one dense layout: row-major, channels-last, transposed); ``NotImplemented`` where
-    it is not elementwise or its tensors do not allow pieces."""
-    from pagedtensor.handlers.parts import _arguments_by_name, _meta  # the handlers import after dispatch, which imports this module
+    it is not elementwise or its tensors do not allow pieces. ``meta``: its results on meta
+    stand-ins (:func:`_meta_result`)."""
+    from pagedtensor.handlers.parts import _arguments_by_name  # the handlers import after dispatch, which imports this module
 
     if _base_name(func) in _NOT_ELEMENTWISE:
         return NotImplemented
@@ -188,22 +243,15 @@ def _run_one_index_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any
     out_overload = None
     if returns:  # functional: its results filled piece by piece through the out= overload
         out_overload = _out_overload(func)
-        if out_overload is None or len(returns) != 1:
+        if out_overload is None or len(returns) != 1 or meta is None:
             return NotImplemented
-    tensors = [item for value in _per_index_lists(func, args, kwargs) if isinstance(value, (list, tuple)) for item in value if isinstance(item, torch.Tensor)]
+    tensors = [item for value in _per_index_lists(func, args, kwargs) if isinstance(value, (list, tuple)) for item in _tensors_in(value)]
     shaped = [t for t in tensors if t.numel() > 1]
     if not shaped or not any(isinstance(t, PagedTensor) for t in shaped):
         return NotImplemented
     shape, order = shaped[0].shape, _memory_order(shaped[0])
     if any(t.shape != shape or t.layout != torch.strided or _memory_order(t) != order or not dense_and_non_overlapping(t.shape, t.stride()) for t in shaped):
         return NotImplemented
-    # A PagedTensor of one element that every piece reads whole (a paged step count, ``lr``) is read
-    # once, as a plain tensor, so that no piece's window needs its page; one the op writes
-    # (``found_inf``) is left to the pager's error.
-    written = _written_names(func)
-    if any(_whole_paged(value) for name, value in _arguments_by_name(func, args, kwargs).items() if name in written):
-        return NotImplemented
-    args, kwargs = _map_all(func, args, kwargs, lambda name, value: _read_whole(value))
     first_view: dict[int, PagedTensor] = {}
     for t in shaped:
         if isinstance(t, PagedTensor) and not same_view(t, first_view.setdefault(id(t._paged), t)):
@@ -212,33 +260,89 @@ def _run_one_index_in_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Any
     numel = shaped[0].numel()
     if piece_elements is None or piece_elements >= numel:
         return NotImplemented
+    # A PagedTensor of one element that every piece reads whole (a paged step count, ``lr``) is read
+    # once, as a plain tensor, so that no piece's window needs its page; one the op writes
+    # (``found_inf``) is left to the pager's error, and one sharing a byte with a tensor the op writes
+    # is first shown to torch's kernel.
+    by_name = _arguments_by_name(func, args, kwargs)
+    written = [t for name, value in by_name.items() if name in _written_names(func) for t in _tensors_in(value)]
+    if any(_whole_paged(t) for t in written):
+        return NotImplemented
+    overlapping = [
+        t for value in by_name.values() for t in _tensors_in(value)
+        if _whole_paged(t) and any(isinstance(w, PagedTensor) and w._paged is t._paged and may_share_bytes(w, t) for w in written)
+    ]  # fmt: skip
+    if overlapping and not _check_overlaps_on_stand_ins(func, args, kwargs, shaped, overlapping):
+        return NotImplemented
+    args, kwargs = _map_all(func, args, kwargs, lambda name, value: _read_whole(value))
     results = None
     if out_overload is not None:
-        try:
-            meta = func(*_meta(args), **_meta(kwargs))
-        except (NotImplementedError, RuntimeError):
-            return NotImplemented
         device = next(t for t in shaped if isinstance(t, PagedTensor)).device
         if any(tuple(m.shape) != tuple(shape) or _memory_order(m) != order for m in meta):
             return NotImplemented
         results = [torch.empty_strided(m.shape, m.stride(), dtype=m.dtype, device=device) for m in meta]
-
-    def cut(start: int, stop: int) -> Callable[[str, Any], Any]:
-        def select(name: str, value: Any) -> Any:
-            if isinstance(value, (list, tuple)):
-                return type(value)(flat_piece(item, start, stop) if isinstance(item, torch.Tensor) and item.numel() > 1 else item for item in value)
-            return value
-
-        return select
-
     for start in range(0, numel, piece_elements):
         stop = min(numel, start + piece_elements)
-        piece_args, piece_kwargs = _map_per_index(func, args, kwargs, cut(start, stop))
+        piece_args, piece_kwargs = _map_per_index(func, args, kwargs, functools.partial(_piece_of, start=start, stop=stop))
         if results is None:
             func(*piece_args, **piece_kwargs)
         else:
             out_overload(*piece_args, **piece_kwargs, out=[flat_piece(result, start, stop) for result in results])
     return results
+
+
+def _piece_of(name: str, value: Any, start: int, stop: int) -> Any:
+    """A per-index argument's ``value`` as a piece reads it: a list's entries elements ``[start, stop)``
+    of the span of each tensor of the index's shape, as a 1-D view, and a one-element tensor of dims as
+    one of one dim (``(1, 1)`` broadcasts over a 1-D piece as over the index's shape; one of no dim
+    stays so, as type promotion tells them apart); any other value (``scalars``) as it is. ``name``:
+    unused (:func:`_map_per_index` passes it)."""
+    if not isinstance(value, (list, tuple)):
+        return value
+
+    def entry(item: Any) -> Any:
+        if not isinstance(item, torch.Tensor):
+            return item
+        if item.numel() > 1:
+            return flat_piece(item, start, stop)
+        return item.reshape(1) if item.numel() == 1 and item.dim() > 1 else item
+
+    return type(value)(entry(item) for item in value)
+
+
+def _check_overlaps_on_stand_ins(
+    func: OpOverload, args: tuple, kwargs: dict, shaped: list[torch.Tensor], overlapping: list[PagedTensor]
+) -> bool:
+    """Raise torch's error where the op refuses to read one of ``overlapping``, one-element PagedTensors
+    sharing a byte with a PagedTensor it writes (``torch._foreach_mul_([t], t[i, j])``: "some elements
+    of the input tensor and the written-to tensor refer to a single memory location", from the CPU's
+    per-tensor kernels; CUDA's multi-tensor kernels, and a kernel that reads the number once, as of a
+    ``scalars``, take it), before any piece is written: found by running the op on a piece of small
+    plain stand-ins on the tensors' devices, each tensor of the index's shape two elements (one pair
+    for each allocation, of its view in ``shaped``), each of ``overlapping`` the second element of its
+    allocation's pair, and every other tensor a copy (nothing the op writes is a caller's). False where
+    a stand-in cannot share its pair's bytes (a view of another item size): the pager's error stands."""
+    pairs = {id(t._paged): torch.ones(2, dtype=t.dtype, device=t.device) for t in shaped if isinstance(t, PagedTensor)}
+    if any(id(t._paged) not in pairs or pairs[id(t._paged)].dtype.itemsize != t.dtype.itemsize for t in overlapping):
+        return False
+
+    def stand_in(name: str, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return type(value)(stand_in(name, item) for item in value)
+        if not isinstance(value, torch.Tensor):
+            return value
+        if any(value is t for t in overlapping):
+            return pairs[id(value._paged)][1:].view(value.dtype).reshape(value.shape)
+        if value.numel() > 1:
+            return pairs[id(value._paged)] if isinstance(value, PagedTensor) else torch.ones(2, dtype=value.dtype, device=value.device)
+        return value.materialize() if isinstance(value, PagedTensor) else value.clone()
+
+    stand_in_args, stand_in_kwargs = _map_all(func, args, kwargs, stand_in)
+    piece_args, piece_kwargs = _map_per_index(func, stand_in_args, stand_in_kwargs, functools.partial(_piece_of, start=0, stop=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the pieces warn as the op does
+        func(*piece_args, **piece_kwargs)
+    return True
 
 
 def _memory_order(t: torch.Tensor) -> tuple[int, ...]:
@@ -259,6 +363,11 @@ def _whole_paged(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return any(_whole_paged(item) for item in value)
     return isinstance(value, PagedTensor) and value.numel() <= 1
+
+
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors ``value`` is or, as a list, holds."""
+    return [item for item in (value if isinstance(value, (list, tuple)) else (value,)) if isinstance(item, torch.Tensor)]
 
 
 def _read_whole(value: Any) -> Any:

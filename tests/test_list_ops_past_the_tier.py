@@ -6,6 +6,8 @@ device tier to the dense run's bits, with the tier never over its budget (they r
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Callable, Optional
 
 import pytest
@@ -292,3 +294,108 @@ def test_a_grad_scaler_step_skips_and_steps_as_the_dense_run_past_the_tier(fused
         got, scale = run(lambda t: PagedTensor.wrap(t, pager))
         assert_same_bits(got, expected)
         assert scale == expected_scale == 2.0**7
+
+
+def test_a_one_element_operand_of_several_dims_broadcasts_over_the_pieces():
+    """``torch._foreach_add_([t], [s])`` with ``t`` past the tier and ``s`` of shape ``(1, 1)``: ``s``
+    broadcasts over each 1-D piece as over ``t`` (it raised a piece's shape error), the functional form
+    without torch's warning of a resized output; an ``s`` of more dims than ``t`` raises torch's
+    broadcast error (its meta kernel's words) before any piece is written."""
+    table, one = torch.randn(96, 512, generator=torch.Generator().manual_seed(0)), torch.tensor([[2.5]], dtype=torch.float64)
+    expected = [table.clone()]
+    torch._foreach_add_(expected, [one])
+    with make_pager() as pager:
+        paged = PagedTensor.wrap(table.clone(), pager)
+        torch._foreach_add_([paged], [one])
+        assert_same_bits(paged, expected[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert_same_bits(torch._foreach_mul([PagedTensor.wrap(table.clone(), pager)], [one]), torch._foreach_mul([table], [one]))
+        with pytest.raises(RuntimeError, match="doesn't match the broadcast shape"):
+            torch._foreach_add_([table.clone()], [one.reshape(1, 1, 1)])
+        paged = PagedTensor.wrap(table.clone(), pager)
+        with pytest.raises(RuntimeError, match=r"doesn't match the broadcast shape \(?\[?1, 96, 512"):
+            torch._foreach_add_([paged], [one.reshape(1, 1, 1)])
+        assert_same_bits(paged, table)
+
+
+@pytest.mark.parametrize("found_inf", [0.0, 2.0])
+@pytest.mark.parametrize("with_inf", [False, True], ids=["finite", "an inf"])
+def test_the_functional_unscale_runs_by_index_past_the_tier(with_inf, found_inf):
+    """``aten._amp_foreach_non_finite_check_and_unscale`` (the functional ``GradScaler.unscale_``) on
+    gradients each within the tier, together past it: it runs index by index (it raised a cast
+    error), each index reading the ``found_inf`` the index before gave, as the dense op updates it."""
+    grads = [torch.randn(24, 256, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    if with_inf:
+        grads[1][3, 3] = float("inf")
+    op = aten._amp_foreach_non_finite_check_and_unscale.default
+    expected = op(grads, torch.tensor([found_inf]), torch.tensor(0.5))
+    with make_pager() as pager:
+        paged = [PagedTensor.wrap(g.clone(), pager) for g in grads]
+        got = op(paged, torch.tensor([found_inf]), torch.tensor(0.5))
+        assert_same_bits(list(got[0]), list(expected[0]))
+        assert_same_bits(got[1], expected[1])
+        assert_same_bits(paged, grads)
+
+
+# name: a list op on the two-element list it is given, with an argument torch refuses
+BAD_ARGUMENTS: dict[str, Callable[[list], object]] = {
+    "scalars longer than the list": lambda lists: torch._foreach_addcmul_(lists[0], lists[1], lists[0], torch.tensor([1.0, 2.0, 3.0])),
+    "scalars shorter than the list": lambda lists: torch._foreach_addcmul_(lists[0], lists[1], lists[0], torch.tensor([1.0])),
+    "0-dim scalars": lambda lists: torch._foreach_addcmul_(lists[0], lists[1], lists[0], torch.tensor(2.0)),
+    "a Scalar[] longer than the list": lambda lists: torch._foreach_add_(lists[0], [1.0, 2.0, 3.0]),
+    "a Tensor[] shorter than the list": lambda lists: torch._foreach_add_(lists[0], lists[1][:1]),
+}
+
+
+@pytest.mark.parametrize("call", BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
+def test_bad_per_index_arguments_raise_torchs_error_before_any_index_runs(call):
+    """Per-index arguments of the wrong length or dimension to an op past the tier run index by index:
+    torch's own error, with its message, and nothing written (a longer ``scalars`` ran, a shorter
+    one wrote index 0, a wrong Scalar[] raised ``DeviceTierFullError``)."""
+    values = [[torch.randn(48, 256, generator=torch.Generator().manual_seed(2 * i + j)) for j in range(2)] for i in range(2)]
+    with pytest.raises(RuntimeError) as dense_error:
+        call([[t.clone() for t in entries] for entries in values])
+    with make_pager() as pager:
+        lists = [[PagedTensor.wrap(t.clone(), pager) for t in entries] for entries in values]
+        with pytest.raises(RuntimeError, match=re.escape(str(dense_error.value).splitlines()[0])):
+            call(lists)
+        assert_same_bits(lists, values)
+
+
+def test_a_one_element_view_of_the_written_tensor_raises_torchs_overlap_error_past_the_tier():
+    """``torch._foreach_mul_([t], t[i, j])`` with ``t`` past the tier: torch's error that the input and
+    the written tensor share memory, as plain torch and the op within the tier raise, and ``t``
+    unchanged (the 0-dim view was read as a copy, and ``t`` written)."""
+    table = torch.randn(96, 512, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError) as dense_error:
+        plain = table.clone()
+        torch._foreach_mul_([plain], plain[95, 511])
+    with make_pager() as pager:
+        paged = PagedTensor.wrap(table.clone(), pager)
+        with pytest.raises(RuntimeError, match=re.escape(str(dense_error.value))):
+            torch._foreach_mul_([paged], paged[95, 511])
+        assert_same_bits(paged, table)
+        elsewhere = PagedTensor.wrap(torch.cat([table.flatten(), torch.tensor([3.0])]), pager)
+        written = elsewhere[:-1].view(96, 512)
+        torch._foreach_mul_([written], elsewhere[-1])  # a view of the allocation beside the written tensor
+        assert_same_bits(written, table * 3.0)
+
+
+# name: the lists of an in-place op, and how it runs (the device tier holds 16,384 fp32 elements)
+RUNS = {
+    "within the tier": [(24, 256), (256,)],
+    "index by index": [(24, 256), (24, 256), (24, 256)],
+    "one index in pieces": [(96, 512)],
+}
+
+
+@pytest.mark.parametrize("shapes", RUNS.values(), ids=RUNS.keys())
+def test_an_in_place_list_op_bumps_each_written_version_once(shapes):
+    """``torch._foreach_add_`` bumps each PagedTensor it writes by one, as plain torch (run index by index,
+    the index's op and the list's both bumped it)."""
+    with make_pager() as pager:
+        paged = [PagedTensor.wrap(torch.zeros(shape), pager) for shape in shapes]
+        before = [t._version for t in paged]
+        torch._foreach_add_(paged, 1.0)
+        assert [t._version - v for t, v in zip(paged, before)] == [1] * len(shapes)
