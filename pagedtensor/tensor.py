@@ -803,8 +803,9 @@ class PagedTensor(torch.Tensor):
         """The values as an array, refused as torch's ``numpy()`` refuses (unless ``force``): a tensor
         off the CPU, one that requires grad while grad mode is on, a conjugate or negative view. The
         array has the view's strides, as torch's shares them (forced, a conjugate or negative view's
-        or one off the CPU: those of torch's copy, laid out as ``empty_like``); a ``writeable`` one (NumPy's copy) is
-        then laid out as NumPy copies such an array, so no two of its elements share memory."""
+        or one off the CPU: those of torch's copy, laid out as ``empty_like``); a ``writeable`` one
+        (NumPy's copy) is then laid out as NumPy copies such an array, so no two of its elements share
+        memory."""
         if not force:
             if self.device.type != "cpu":
                 raise TypeError(f"can't convert {self.device} device type tensor to numpy. Use Tensor.cpu() to copy the tensor to host memory first.")
