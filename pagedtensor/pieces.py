@@ -689,10 +689,12 @@ def _result_layout(func: OpOverload, args: tuple, kwargs: dict) -> Optional[torc
     """The op's result on meta tensors of its arguments' layouts (None if not one tensor). Where the
     meta kernel's promotion table lacks a pair (float8 with complex: a KeyError), the layout with the
     float8 operands as float32: the result's dtype is the op's own kernel's (:func:`_result_like`),
-    which raises torch's error where torch refuses the promotion."""
+    which raises torch's error where torch refuses the promotion. A Python meta kernel's own
+    complaint (``torch._refs``' ValueError for ``leaky_relu`` of an int tensor, where the kernel
+    raises NotImplementedError) is not torch's error: None, and the kernel's check decides."""
     try:
         result = _on_meta(func, args, kwargs)
-    except (NotImplementedError, RuntimeError):
+    except (NotImplementedError, RuntimeError, ValueError, TypeError):
         return None
     except KeyError:
         try:

@@ -206,6 +206,30 @@ def test_cat_into_a_plain_out_of_another_shape_resizes_it_as_torch_does():
         assert within_tier(pager)
 
 
+def test_cat_and_stack_into_a_resized_plain_out_restride_it_as_torch_does():
+    """A plain ``out=`` that torch resizes (empty, or of another shape) it restrides to the inputs'
+    one memory format (channels_last inputs: a channels_last ``out``; it stayed contiguous); an
+    ``out`` of the result's shape keeps its strides."""
+    cl = torch.randn(8, 16, 16, 16).contiguous(memory_format=torch.channels_last)  # 128 KiB: past the tier
+    with make_pager() as pager:
+        paged_cl, paged = PagedTensor.wrap(cl.clone(), pager), PagedTensor.wrap(cl.contiguous(), pager)
+        cases = [
+            (torch.cat, [cl, cl], [paged_cl, paged_cl], 0), (torch.cat, [cl, cl], [paged_cl, paged_cl], 1),
+            (torch.cat, [cl, cl.contiguous()], [paged_cl, paged], 0), (torch.stack, [cl, cl], [paged_cl, paged_cl], 0),
+            (torch.stack, [cl[:, 0], cl[:, 0]], [paged_cl[:, 0], paged_cl[:, 0]], 1),
+        ]  # fmt: skip
+        for op, dense_inputs, paged_inputs, dim in cases:
+            shape = op(dense_inputs, dim).shape
+            for make_out in (lambda: torch.empty(0), lambda: torch.zeros(3, 3), lambda: torch.zeros(shape)):
+                dense_out, out = make_out(), make_out()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    op(dense_inputs, dim, out=dense_out)
+                    assert op(paged_inputs, dim, out=out) is out
+                assert out.stride() == dense_out.stride() and same_bits(out, dense_out), (op, dim)
+        assert within_tier(pager)
+
+
 def test_cat_skips_one_dimensional_empty_inputs_as_torch_does():
     with make_pager() as pager:
         x = torch.randn(64, 256)

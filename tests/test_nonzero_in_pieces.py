@@ -111,6 +111,22 @@ def test_nonzero_of_rows_wider_than_a_piece_and_into_out(device):
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_nonzero_past_the_tier_into_an_out_of_another_dtype_raises_torchs_error(device):
+    """``torch.nonzero(t, out=o)`` past the tier with an ``o`` not of int64 raises torch's error (it
+    raised DeviceTierFullError, having sent ``o`` the generic way), and writes nothing."""
+    values = (torch.rand(64, 256, generator=torch.Generator().manual_seed(5)) > 0.5).float().to(device)  # 16 pages
+    with make_pager(device) as pager:
+        paged = PagedTensor.wrap(values.clone(), pager)
+        for dtype in (torch.int32, torch.float32):
+            with pytest.raises(RuntimeError) as error:
+                torch.nonzero(values, out=torch.empty(0, dtype=dtype, device=device))
+            out = torch.full((2, 3), 7, dtype=dtype, device=device)
+            with pytest.raises(RuntimeError) as caught:
+                torch.nonzero(paged, out=out)
+            assert str(caught.value) == str(error.value) and torch.equal(out, torch.full((2, 3), 7, dtype=dtype, device=device))
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_nonzero_past_the_tier_of_a_table_of_many_dims_probes_a_small_stand_in(device):
     """The kernel's layout was probed on a stand-in of two elements along every dim: 2**24
     elements (3.6 GB and seconds) for a 40 KB table of 24 dims, and an allocation error at 40.

@@ -948,6 +948,22 @@ def test_random_ops_that_draw_nothing_run_past_the_tier(device):
         assert same_bits(table.materialize(), base)
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_native_dropout_of_an_empty_tensor_returns_what_torchs_does(device):
+    """``native_dropout`` of an empty input: torch's CPU kernel returns the input itself and an
+    ``empty_like`` of it (a mask of the input's dtype), whatever ``train``; it gave a clone and a bool
+    mask for ``train=False``."""
+    with make_pager(device) as pager:
+        for dense in (torch.randn(0, 4, device=device), torch.randn(0, 4, device=device).t()):
+            paged = PagedTensor.wrap(dense, pager)
+            for train in (False, True, None):
+                dense_out, dense_mask = torch.ops.aten.native_dropout(dense, 0.5, train)
+                out, mask = torch.ops.aten.native_dropout(paged, 0.5, train)
+                assert (out is paged) == (dense_out is dense), train
+                assert (out.dtype, out.shape, out.stride()) == (dense_out.dtype, dense_out.shape, dense_out.stride())
+                assert (mask.dtype, mask.shape, mask.stride()) == (dense_mask.dtype, dense_mask.shape, dense_mask.stride())
+
+
 RANDOM_OPS_REFUSED = {
     "normal_(0, -1)": lambda t: t.normal_(0, -1),
     "uniform_(2, 1)": lambda t: t.uniform_(2, 1),
@@ -1379,10 +1395,11 @@ def test_bad_operands_past_the_tier_raise_torchs_own_message(device):
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
-def test_reductions_of_a_dtype_torch_refuses_past_the_tier_raise_torchs_own_message(device):
+def test_ops_of_a_dtype_torch_refuses_past_the_tier_raise_torchs_own_message(device):
     """A reduction torch refuses for its operand's dtype (the mean of an int table, its std, var or
     norm, the sum of a float8 one), past the tier: the dense op's error, message and all (it was
-    DeviceTierFullError: a user who raised vram_limit only then learnt the operand was refused)."""
+    DeviceTierFullError: a user who raised vram_limit only then learnt the operand was refused); an
+    elementwise one (``leaky_relu`` of an int table) too (it was torch._refs' ValueError)."""
     table = torch.randint(-5, 5, (384, 256), generator=torch.Generator().manual_seed(3)).to(device)
     cases = {
         "mean()": lambda t: t.mean(),
@@ -1391,6 +1408,7 @@ def test_reductions_of_a_dtype_torch_refuses_past_the_tier_raise_torchs_own_mess
         "var(0)": lambda t: t.var(0),
         "norm()": lambda t: t.norm(),
         "sum of float8": lambda t: t.to(torch.float8_e4m3fn).sum(),
+        "leaky_relu": lambda t: torch.nn.functional.leaky_relu(t, 0.2),
     }
     with make_pager(device) as pager:
         paged = PagedTensor.wrap(table.clone(), pager)

@@ -537,6 +537,17 @@ def test_view_copy_ops_fault_only_the_pages_of_their_view(pager, copy_op, rows):
         assert torch.equal(torch.diag(PagedTensor.wrap(x.clone(), small)), torch.diag(x))
 
 
+def test_view_copy_of_a_layout_no_view_can_take_copies_as_reshape(pager):
+    """``view_copy`` to a shape no view of the layout can take is, as torch's, ``reshape`` then a
+    contiguous copy (the strict ``view`` raised), within the device tier and past it."""
+    x = rows_tensor(device=pager.device)
+    expected = torch.view_copy(x.t(), (-1,))
+    for device_pages in (64, 2):
+        with make_pager(device_pages=device_pages, device=pager.device) as small:
+            got = torch.view_copy(PagedTensor.wrap(x.clone(), small).t(), (-1,))
+            assert type(got) is torch.Tensor and got.is_contiguous() and torch.equal(got, expected)
+
+
 def test_view_copy_out_forms_write_out_as_torch_does(pager, recwarn):
     """``out=`` forms: the copy, then ``out`` resized to the result's shape (contiguous, with
     torch's warning where it had elements) and written; an ``out`` of another dtype raises torch's
@@ -575,6 +586,20 @@ def test_view_copy_out_forms_write_out_as_torch_does(pager, recwarn):
     with pytest.raises(IndexError, match="out of range"):
         torch.select_copy(t, 0, 16)
     assert torch.equal(t.materialize(), x)
+
+
+def test_narrow_copy_into_an_out_of_another_dtype_checks_the_dtype_before_the_range():
+    """``narrow_copy`` of a range past the end into an ``out`` of another dtype raises torch's CPU
+    kernel's dtype error, which it checks first (it raised the range error)."""
+    x = rows_tensor()
+    with make_pager() as small:
+        t = PagedTensor.wrap(x, small)
+        for start, length in ((14, 5), (0, 2)):
+            with pytest.raises(RuntimeError) as plain_error:
+                torch.narrow_copy(x, 0, start, length, out=torch.empty(0, dtype=torch.int32))
+            with pytest.raises(RuntimeError) as paged_error:
+                torch.narrow_copy(t, 0, start, length, out=torch.empty(0, dtype=torch.int32))
+            assert str(paged_error.value) == str(plain_error.value)
 
 
 def test_views_alias_their_base(pager):

@@ -936,6 +936,33 @@ def test_factories_into_a_paged_out_run_in_pieces_past_the_tier(device):
                     assert_same(got.to("cpu"), expected.to("cpu"), f"{name} {dtype} {shape}")
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_eye_into_a_paged_out_raises_torchs_errors(device):
+    """``torch.eye(n, out=t)`` into a PagedTensor of a dtype torch's ``eye`` refuses (``uint16``,
+    ``complex32`` on the CPU) raises torch's error (it wrote an identity), having zeroed ``t`` as
+    torch's kernel does; a negative ``n`` raises torch's error, not ``DeviceTierFullError`` past the
+    tier."""
+    with (make_pager(4) if device == "cpu" else _cuda_pager(4)) as pager:
+        for dtype in (torch.uint16, torch.complex32):
+            dense, paged = torch.ones(4, 4, dtype=dtype, device=device), PagedTensor.wrap(torch.ones(4, 4, dtype=dtype, device=device), pager)
+            try:
+                torch.eye(4, out=dense)
+            except NotImplementedError as error:
+                with pytest.raises(NotImplementedError) as caught:
+                    torch.eye(4, out=paged)
+                assert str(caught.value) == str(error)
+            else:
+                torch.eye(4, out=paged)
+            assert_same(paged.to("cpu"), dense.to("cpu"), str(dtype))
+        big = PagedTensor.wrap(torch.zeros(64, 256, device=device), pager)  # 16 pages, past the 4-page tier
+        for eye in (lambda o: torch.eye(-1, 256, out=o), lambda o: torch.eye(64, -2, out=o), lambda o: torch.eye(-3, out=o)):
+            with pytest.raises(RuntimeError) as error:
+                eye(torch.zeros(64, 256, device=device))
+            with pytest.raises(RuntimeError) as caught:
+                eye(big)
+            assert not isinstance(caught.value, pagedtensor.DeviceTierFullError) and str(caught.value) == str(error.value)
+
+
 def test_make_fx_and_linearize_capture_a_paged_tensor_as_a_constant_of_its_values():
     """A function that reads a PagedTensor it captures (not an input), traced by ``make_fx`` or
     ``torch.func.linearize``: the graph holds the tensor's values as a constant, as it holds a plain

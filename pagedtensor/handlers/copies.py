@@ -11,6 +11,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 from torch._ops import OpOverload
+from torch._prims_common import suggest_memory_format
 from torch._prims_common.wrappers import _maybe_resize_out
 
 from pagedtensor.config import normalize_device
@@ -133,10 +134,10 @@ def concatenate_into_out_in_pieces(func: OpOverload, types: tuple, args: tuple, 
     the bound, each input is copied into its slice of ``out`` a part of pages at a time (``copy_``
     converts to ``out``'s dtype, as the dense op does), after torch's checks on the layouts (its
     errors, the casts it refuses) and before any page is read. A plain ``out`` of another shape is
-    resized as torch resizes it; a PagedTensor one raises (its pages are fixed). An ``out`` reaching an
-    element twice, or sharing memory with an input as torch's checks see it, raises torch's error;
-    any other sharing an allocation with an input keeps the pager's error (a slice written could be
-    read later as an input)."""
+    resized and restrided as torch does (:func:`_concatenated_memory_format`); a PagedTensor one
+    raises (its pages are fixed). An ``out`` reaching an element twice, or sharing memory with an
+    input as torch's checks see it, raises torch's error; any other sharing an allocation with an
+    input keeps the pager's error (a slice written could be read later as an input)."""
     try:
         return DISPATCHER.run_generic(func, types, args, kwargs)
     except DeviceTierFullError:
@@ -156,6 +157,8 @@ def concatenate_into_out_in_pieces(func: OpOverload, types: tuple, args: tuple, 
             if isinstance(out, PagedTensor):
                 raise resize_refused(func, out.shape, layout.shape, args, kwargs) from None
             _maybe_resize_out(out, layout.shape)  # a plain out= resized as torch resizes it (its warning too)
+            memory_format = _concatenated_memory_format(func, tensors, dim)  # and restrided (the meta kernel does not)
+            out.as_strided_(layout.shape, torch.empty(layout.shape, device="meta", memory_format=memory_format).stride())
         slices = _stacked_slices(out, tensors, dim) if func is aten.stack.out else _concatenated_slices(out, tensors, dim)
         for target, source in slices:
             copy_in_parts(target, source)
@@ -203,6 +206,16 @@ def _concatenated_layout(func: OpOverload, tensors: list[torch.Tensor], dim: int
     except (RuntimeError, IndexError, ValueError, TypeError) as error:
         _run_on_stand_ins(func, tensors, dim, out)
         raise error
+
+
+def _concatenated_memory_format(func: OpOverload, tensors: list[torch.Tensor], dim: int) -> torch.memory_format:
+    """The memory format torch's ``cat`` gives an ``out`` it resizes: the one its inputs suggest, else
+    contiguous (where they suggest several); ``stack`` is ``cat`` of its inputs unsqueezed at ``dim``."""
+    layouts = [meta_layout(t) for t in tensors]
+    if func is aten.stack.out:
+        layouts = [t.unsqueeze(dim) for t in layouts]
+    formats = {suggest_memory_format(t) for t in layouts}
+    return formats.pop() if len(formats) == 1 else torch.contiguous_format
 
 
 def _run_on_stand_ins(func: OpOverload, tensors: list[torch.Tensor], dim: int, out: Optional[torch.Tensor] = None) -> None:

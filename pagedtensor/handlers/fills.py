@@ -29,16 +29,29 @@ def factory_into_paged_out(func: OpOverload, types: tuple, args: tuple, kwargs: 
     """``torch.zeros(size, out=t)``, ``ones``, ``full(size, value)``, ``eye(n[, m])`` into a PagedTensor
     ``t`` of the result's shape: ``zero_``, ``fill_`` (and for ``eye`` the diagonal's ``fill_(1)``),
     as torch's own ``*_out`` kernels run after resizing ``out`` (which is then a no-op). Each of those
-    runs on its pages, a piece at a time past the device tier. Any other ``out`` (of another shape,
-    which torch would resize) runs the generic way."""
+    runs on its pages, a piece at a time past the device tier. ``eye`` raises torch's errors
+    (:func:`_check_eye`). Any other ``out`` (of another shape, which torch would resize) runs the
+    generic way."""
     out = kwargs.get("out")
+    eye = func in (aten.eye.out, aten.eye.m_out)
     if not isinstance(out, PagedTensor) or tuple(out.shape) != _result_shape(func, args):
+        if eye and isinstance(out, PagedTensor):
+            _check_eye(func, args, out)  # before the generic way faults ``out`` in
         return DISPATCHER.run_generic(func, types, args, kwargs)
     if func is aten.full.out:
         return out.fill_(args[1])
     if func is aten.ones.out:
         return out.fill_(1)
     out.zero_()
-    if func in (aten.eye.out, aten.eye.m_out) and out.numel():
-        torch.diagonal(out).fill_(1)
+    if eye:
+        _check_eye(func, args, out)  # torch's kernel zeroes ``out``, then refuses its dtype
+        if out.numel():
+            torch.diagonal(out).fill_(1)
     return out
+
+
+def _check_eye(func: OpOverload, args: tuple, out: PagedTensor) -> None:
+    """torch's errors of ``eye`` into ``out``: a negative ``n`` or ``m``, a dtype its kernel on
+    ``out``'s device refuses (``uint16``, ``complex32`` on the CPU). From torch's own kernel, into an
+    empty tensor of ``out``'s dtype and device (the sizes clamped to at most 0: nothing is made)."""
+    func(*(min(size, 0) for size in args), out=torch.empty(0, dtype=out.dtype, device=out.device))

@@ -68,15 +68,16 @@ def _stand_in(table: PagedTensor) -> torch.Tensor:
 def nonzero_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
     """``torch.nonzero(t, out=o)`` of a PagedTensor larger than a piece: :func:`nonzero_in_row_pieces`,
     then ``o`` resized as torch's kernel resizes it (with its warning where ``o`` has elements of
-    another shape) and written. Any other call runs the generic way."""
+    another shape) and written; an ``o`` of another dtype or device raises torch's error first. Any
+    other call runs the generic way."""
     table, out = args[0], kwargs.get("out")
     if (not isinstance(table, PagedTensor) or isinstance(out, PagedTensor) or not isinstance(out, torch.Tensor)
             or len(args) != 1 or set(kwargs) != {"out"} or not _larger_than_a_piece([table])):  # fmt: skip
         return DISPATCHER.run_paged(func, types, args, kwargs)
-    if out.dtype != torch.int64 or out.device != table.device:
-        return DISPATCHER.run_paged(func, types, args, kwargs)  # torch's own error, from its kernel on a view of the pages
-    result = nonzero_in_row_pieces(aten.nonzero.default, types, (table,), {})
-    probe = torch.empty(0, dtype=out.dtype, device=out.device)  # how the kernel lays out an out= (the CPU's: column-major)
+    # The kernel on a stand-in: torch's error for an ``out`` of another dtype or device, before anything
+    # is read; else how it lays out an out= (the CPU's: column-major).
+    probe = torch.empty(0, dtype=out.dtype, device=out.device)
     func(_stand_in(table), out=probe)
+    result = nonzero_in_row_pieces(aten.nonzero.default, types, (table,), {})
     resize_out_as(out, _empty_laid_out_as(probe, tuple(result.shape)))
     return out.copy_(result)

@@ -25,16 +25,19 @@ def random_op_drawing_nothing(func: OpOverload, types: tuple, args: tuple, kwarg
     - ``rrelu_with_noise(self, noise, lower, upper, training=False)``: ``leaky_relu``, made
       contiguous (torch's result is an ``empty_like`` of the legacy contiguous format), or in place
       for ``rrelu_with_noise_``;
-    - ``native_dropout(input, p, train=False)``: ``input.clone()`` and a bool mask of ones.
+    - ``native_dropout(input, p, train=False)``: ``input.clone()`` and a bool mask of ones; of an
+      empty ``input`` on the CPU, whatever ``train``, ``input`` itself and an ``empty_like`` of it.
 
     A form that draws (``training=True``, ``train`` True or None), or a ``noise`` of another shape
     than ``self`` (torch's error within the tier), goes the generic way: past the tier it raises the
     pager's error."""
     bound = _arguments_by_name(func, args, kwargs)
     if func is aten.native_dropout.default:
+        source = bound["input"]
+        if source.numel() == 0 and source.device.type == "cpu":  # torch's CPU kernel, whatever ``train``
+            return source, torch.empty_like(source)
         if bound["train"] is not False:
             return DISPATCHER.run_generic(func, types, args, kwargs)
-        source = bound["input"]
         return source.clone(), torch.ones_like(source, dtype=torch.bool)
     if bound["training"] or tuple(bound["noise"].shape) != tuple(bound["self"].shape):
         return DISPATCHER.run_generic(func, types, args, kwargs)

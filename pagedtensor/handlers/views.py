@@ -112,9 +112,11 @@ def _functional_overload(func: OpOverload) -> OpOverload:
 def copy_of_a_view(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
     """A view-copy op (``diagonal_copy``, ``select_copy``, ``as_strided_copy``, ...) of a PagedTensor:
     the view (a PagedTensor over the same pages, nothing faulted in), then ``clone`` in the
-    contiguous format, as torch's own kernels run them: only the view's pages fault in, a piece at a
-    time where they are more than a piece (:func:`~pagedtensor.handlers.copies.clone_in_pieces`).
-    ``torch.diag(t)`` of a matrix larger than the device tier runs so. A view op that returns a list
+    contiguous format (``view_copy`` to a shape no view of the layout takes: the clone, then the
+    shape, as torch's ``reshape`` then copy), as torch's own kernels run them: only the view's pages
+    fault in, a piece at a time where they are more than a piece
+    (:func:`~pagedtensor.handlers.copies.clone_in_pieces`). ``torch.diag(t)`` of a matrix larger
+    than the device tier runs so. A view op that returns a list
     (``split_copy``, ``unbind_copy``) gives a list of copies. The result is plain.
 
     ``as_strided_copy`` places elements by storage offset, which for a PagedTensor counts from the
@@ -131,10 +133,23 @@ def copy_of_a_view(func: OpOverload, types: tuple, args: tuple, kwargs: dict) ->
         return DISPATCHER.run_paged(func, types, args, kwargs)
     if func is not functional:
         return _copy_into_out(func, types, args, kwargs, copy_of_a_view)
+    clone = lambda tensor: aten.clone.default(tensor, memory_format=torch.contiguous_format)
+    if func is aten.view_copy.default and not _can_view(source, args[1]):
+        # torch's ``view_copy`` is ``reshape`` then a copy where no view of the layout takes the shape
+        shape = meta_like(source).reshape(args[1]).shape  # torch's error for a size of another numel
+        return aten._unsafe_view.default(clone(source), shape)
     view_op = getattr(_VIEW_OF_COPY[func.overloadpacket], func._overloadname)
     view = view_op(*args, **kwargs)
-    clone = lambda tensor: aten.clone.default(tensor, memory_format=torch.contiguous_format)
     return clone(view) if isinstance(view, torch.Tensor) else [clone(tensor) for tensor in view]
+
+
+def _can_view(source: PagedTensor, size: list[int]) -> bool:
+    """Whether a view of ``source``'s layout takes the shape ``size`` (torch's ``view`` runs on it)."""
+    try:
+        meta_like(source).view(size)
+    except RuntimeError:
+        return False
+    return True
 
 
 @implements([aten.as_strided_scatter])
@@ -160,12 +175,14 @@ def _copy_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict, ha
     result's shape, contiguous (a plain ``out`` that had elements with torch's warning; a PagedTensor ``out`` of
     another shape raises, its pages are fixed) and written with ``copy_`` (a PagedTensor ``out``
     larger than the tier a piece at a time). An ``out`` of another dtype or device raises torch's
-    error, as its kernels check them before writing. Returns ``out``."""
+    error, as its kernels check them before writing (``narrow_copy``'s before its range). Returns
+    ``out``."""
     out = kwargs["out"]
+    source = args[0] if args else kwargs["self"]
+    if func.overloadpacket is aten.narrow_copy and source.dim() > 0:  # its kernel checks the dtype before the range
+        _check_out_dtype_and_device(func, out, source)
     functional_kwargs = {key: value for key, value in kwargs.items() if key != "out"}
     result = handler(_functional_overload(func), types, args, functional_kwargs)
-    if func.overloadpacket is aten.narrow_copy:  # its kernel checks the dtype before it resizes
-        _check_out_dtype_and_device(func, out, result)
     if out.shape != result.shape:
         if isinstance(out, PagedTensor):
             raise resize_refused(func, out.shape, result.shape, args, kwargs)
