@@ -803,7 +803,9 @@ def _groups_apart(groups: dict[Any, _Group]) -> Optional[tuple[dict[Any, _Group]
             else:
                 runs.append(_Group(group.storage, lo, hi, leaf))
         page_size = group.storage.allocation.page_size
-        pages = sum(-(-run.hi // page_size) - run.lo // page_size for run in runs)
+        # Pages the runs' windows hold in all, a page two runs share once (it takes one slot, pinned
+        # by both: rows of 1 KiB side by side are runs of their own, four to a page).
+        pages = len(set().union(*(range(run.lo // page_size, -(-run.hi // page_size)) for run in runs)))
         if len(runs) > 1 and pages < -(-group.hi // page_size) - group.lo // page_size:
             cut = True
         else:

@@ -643,6 +643,7 @@ def test_allclose_of_shapes_that_do_not_broadcast_raises_torchs_error():
 @SETTINGS
 @given(rows=st.lists(st.integers(0, 63), min_size=1, max_size=40), stack=st.booleans(), row_elements=st.sampled_from([64, 256, 512]))
 @example(rows=list(range(0, 36, 4)), stack=True, row_elements=256)  # 9 rows of 1 KiB, one on each of 9 pages: raised DeviceTierFullError
+@example(rows=[*range(8), 32], stack=False, row_elements=256)  # 3 pages reached, 9 spanned: side-by-side rows' shared pages were counted once a row
 def test_cat_and_stack_of_rows_on_more_pages_than_the_tier_give_the_dense_result(rows, stack, row_elements):
     """``stack``/``cat`` of a table's rows (what ``default_collate`` runs for a shuffled DataLoader):
     few bytes, but on more pages in all than the device tier holds. The dense result, within the
