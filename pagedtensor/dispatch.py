@@ -111,7 +111,7 @@ from pagedtensor.interrupts import deferring, pager_call
 from pagedtensor.list_ops import bump_written_versions, run_list_op
 from pagedtensor.outside_transforms import below_transforms_and_modes, in_a_transform_or_mode
 from pagedtensor.pager import Pager, ResidentPages, WrittenPages
-from pagedtensor.pieces import is_elementwise, one_element_stand_in, pages_reached, run_in_pieces
+from pagedtensor.pieces import _raise_torchs_error_on_one_element, is_elementwise, pages_reached, run_in_pieces
 from pagedtensor.tensor import (
     PagedStorage,
     PagedTensor,
@@ -1174,14 +1174,13 @@ def _torchs_reduction_dtype_error(func: OpOverload, args: tuple, kwargs: dict) -
     """torch's error for a reduction that refuses its operands' dtypes (``mean`` or ``std`` of an int
     tensor, ``sum`` of a float8 one), which its kernel raises whatever the size: found by running
     that kernel on one-element stand-ins of each tensor (their dtypes, devices and dims, so every
-    ``dim`` argument stands). None for an op that is not a reduction, one that writes its operands,
-    or one the stand-ins run without complaint."""
-    if torch.Tag.reduction not in func.tags or func._schema.is_mutable:
+    ``dim`` argument stands: :func:`~pagedtensor.pieces._raise_torchs_error_on_one_element`). None
+    for an op that is not a reduction, one that writes its operands, or one the stand-ins run without
+    complaint."""
+    if torch.Tag.reduction not in func.tags:
         return None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            func(*one_element_stand_in(args), **{name: one_element_stand_in(value) for name, value in kwargs.items()})
+        _raise_torchs_error_on_one_element(func, args, kwargs)
     except Exception as error:  # noqa: BLE001 - torch's own complaint about the operands, for the caller
         return error
     return None

@@ -17,6 +17,7 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
+from pagedtensor.dispatch import overlaps_itself
 from pagedtensor.tensor import dense_and_non_overlapping
 
 KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -308,7 +309,7 @@ def refuse_internal_overlap(written: torch.Tensor, name: str) -> None:
     """Raise torch's in-place error where elements of ``written`` share memory (``expand``: programs
     writing different elements would write the same bytes; on a GPU, a race), as torch's kernels
     refuse such a written tensor. Plain tensors only: a PagedTensor's op runs this on its dense one."""
-    if type(written) is torch.Tensor and not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(written) == 1:
+    if type(written) is torch.Tensor and not torch.compiler.is_compiling() and overlaps_itself(written):
         raise RuntimeError(
             f"unsupported operation: more than one element of {name} refers to a single memory location "
             f"(strides {written.stride()} of shape {tuple(written.shape)}). Please clone() the tensor before performing the operation."

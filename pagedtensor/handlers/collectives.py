@@ -33,17 +33,15 @@ from pagedtensor.list_ops import _written_names as _schema_written_names
 from pagedtensor.tensor import PagedTensor
 
 _READ_ONLY_OPS = frozenset({"c10d::send", "c10d::barrier", "c10d::monitored_barrier_"})
-# Functional receives that write their tensors in place though their schemas mark no argument written.
-_UNMARKED_FUNCTIONAL_RECEIVES = frozenset({"_c10d_functional::irecv", "_c10d_functional::batch_p2p_ops"})
 
 
 @functools.cache
 def _written_names(func: OpOverload) -> frozenset[str]:
     """The arguments of the collective ``func`` that it writes (see the module docstring; for
-    ``batch_p2p_ops``, its ``tensors`` of which :func:`_written_leaves` keeps the received ones)."""
+    ``batch_p2p_ops``, :func:`_written_leaves` picks its received tensors)."""
     schema = func._schema
-    if schema.name in _UNMARKED_FUNCTIONAL_RECEIVES:
-        return frozenset({"tensor", "tensors"})
+    if schema.name == "_c10d_functional::irecv":  # writes its tensor in place, unmarked in its schema
+        return frozenset({"tensor"})
     if func.namespace == "_c10d_functional":
         return _schema_written_names(func)
     if schema.name in _READ_ONLY_OPS:
@@ -53,10 +51,10 @@ def _written_names(func: OpOverload) -> frozenset[str]:
 
 def _written_leaves(func: OpOverload, bound: dict[str, Any]) -> list[PagedTensor]:
     """The PagedTensors the collective ``func`` called with the arguments ``bound`` writes."""
-    written_names = _written_names(func)
-    if func._schema.name == "_c10d_functional::batch_p2p_ops":  # only the tensors of its "irecv"s
+    if func._schema.name == "_c10d_functional::batch_p2p_ops":  # the tensors of its "irecv"s, unmarked in its schema
         received = [t for op, t in zip(bound["op_list"], bound["tensors"]) if op == "irecv"]
         return [t for t in received if isinstance(t, PagedTensor)]
+    written_names = _written_names(func)
     return [leaf for name, value in bound.items() if name in written_names for leaf in tree_leaves(value) if isinstance(leaf, PagedTensor)]
 
 

@@ -45,6 +45,7 @@ from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, aten, implements
 from pagedtensor.handlers.parts import _arguments_by_name, _meta
 from pagedtensor.handlers.row_gathers import _empty_laid_out_as, _rows_a_piece, _stand_in_of_rows
 from pagedtensor.handlers.row_moves import _one_element_dims_as_dense, _runs_in_row_pieces
+from pagedtensor.pieces import _stand_in
 from pagedtensor.tensor import PagedTensor, plain_copy
 
 _SOFTMAXES = (aten._softmax.default, aten._log_softmax.default)
@@ -139,7 +140,7 @@ def _probe(func: OpOverload, table: PagedTensor, rest: list, options: dict) -> l
         return list(probe) if isinstance(probe, tuple) else [probe]
     if "not implemented for" in str(failed):
         raise failed  # a dtype the kernel lacks, whatever the shape: no run of the table's size to find it
-    func(torch.zeros((), dtype=table.dtype, device=table.device).expand(table.shape), *rest, **options)
+    func(_stand_in(table), *rest, **options)
     raise type(failed)(str(failed).replace(str(list(stand_in.shape)), str(list(table.shape)))) from None
 
 
