@@ -7,7 +7,6 @@ argparse reports an ``ArgumentTypeError`` raised by a ``type`` function as
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import tempfile
 from typing import Callable, Optional
@@ -15,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from pagedtensor.config import MemoryConfig, format_size, machine_memory_bytes, parse_size
-from pagedtensor.tiers.disk import make_folder
+from pagedtensor.tiers.disk import FILE_SYSTEM_FULL_ERRNOS, make_folder
 
 
 def size_type(option: str) -> Callable[[str], int]:
@@ -83,12 +82,12 @@ def config_error(**settings: object) -> Optional[str]:
 
 
 def disk_full_error(error: OSError, nvme_path: Optional[str], command: str, smaller: str) -> Optional[str]:
-    """The usage error of a full file system under the disk tier (``ENOSPC``, ``EDQUOT`` from its
+    """The usage error of a full file system under the disk tier (``ENOSPC``, ``EDQUOT``, ``EFBIG`` from its
     writes, whose errors begin ``"disk tier:"``), naming ``--nvme-path`` and what to change
     (``smaller``: the option that spills less); None for any other ``OSError`` (raised as it is: a
     full stdout is no fault of ``--nvme-path``). The pager's own advice,
     ``MemoryConfig(disk_limit=...)``, is no option of the command line."""
-    if error.errno not in (errno.ENOSPC, errno.EDQUOT) or not str(error.strerror or "").startswith("disk tier:"):
+    if error.errno not in FILE_SYSTEM_FULL_ERRNOS or not str(error.strerror or "").startswith("disk tier:"):
         return None
     folder = nvme_path if nvme_path else f"{tempfile.gettempdir()} (the {command}'s temporary folder)"
     return (f"argument --nvme-path: the file system under {folder} has no room for the pages the {command} spills "

@@ -41,7 +41,6 @@ Thread-safety: every public method takes the pager's lock; prefetches run on one
 from __future__ import annotations
 
 import concurrent.futures
-import errno
 import functools
 import gc
 import itertools
@@ -63,6 +62,7 @@ from pagedtensor.metrics import TIERS, PagerMetrics
 from pagedtensor.interrupts import deferring, install as install_interrupt_deferral, interruptible, pager_call
 from pagedtensor.policies import DeferredTouches, make_policy
 from pagedtensor.tiers import DeviceTier, DiskTier, HostTier
+from pagedtensor.tiers.disk import FILE_SYSTEM_FULL_ERRNOS
 from pagedtensor.transfer import Event, TransferEngine, coalesce_runs
 
 log = logging.getLogger(__name__)
@@ -1738,7 +1738,7 @@ class Pager:
         ``spare_copies`` (:meth:`write_back`) only the first pass runs.
 
         The disk tier has room for ``disk_limit``'s free slots, or, without a limit, for every spill;
-        where a spill then meets a full file system (ENOSPC, EDQUOT) the call runs again with room
+        where a spill then meets a full file system (ENOSPC, EDQUOT, EFBIG) the call runs again with room
         ``disk_room``: the free slots below the first that failed, the file already reaching past
         them (where that is not room enough, the write's OSError is raised). So the full file system
         is a limit as ``disk_limit`` is, met afresh by each call (space freed there is used again).
@@ -1818,7 +1818,7 @@ class Pager:
                 for slot in disk_slots:
                     disk.free_slot(slot)
                 failed = getattr(error, "failed_slots", ())
-                if known_room is None and failed and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                if known_room is None and failed and error.errno in FILE_SYSTEM_FULL_ERRNOS:
                     # The file system is full: room only below the first slot it could not hold. Where
                     # that is not room enough, the file system's error says why.
                     try:

@@ -206,6 +206,46 @@ def test_a_folder_that_keeps_the_page_files_name_leaves_no_open_file(tmp_path, m
     assert all(entry.stat().st_size == 0 for entry in folder.iterdir())
 
 
+@pytest.mark.parametrize("swap", ["symlink", "another file"])
+def test_a_page_file_name_swapped_before_the_reopen_is_refused_and_its_target_untouched(tmp_path, monkeypatch, swap) -> None:
+    """The page file is made by mkstemp and opened again by name for O_DIRECT. Whoever may rename
+    entries in the folder could swap the name meanwhile: for a link to another file, the pager wrote a
+    block into the link's target, truncated it to 0 bytes and kept its pages there. Now a link is not
+    followed and a file other than mkstemp's is refused, naming the folder's problem; the target keeps
+    its bytes and no fd stays open. (Where the file system refuses O_DIRECT, the reopen of another
+    regular file fails on O_DIRECT and the tier keeps mkstemp's fd: it then works and the other file
+    is untouched too.)"""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("important data\n" * 1000)
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    mkstemp = tempfile.mkstemp
+
+    def swapped_mkstemp(*args, **kwargs):
+        fd, path = mkstemp(*args, **kwargs)
+        os.unlink(path)
+        if swap == "symlink":
+            os.symlink(victim, path)
+        else:
+            os.link(victim, path)
+        return fd, path
+
+    fds = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(disk.tempfile, "mkstemp", swapped_mkstemp)
+    try:
+        tier = DiskTier(path=str(folder), page_size=PAGE, capacity_pages=None)
+    except FileExistsError as error:
+        assert "was replaced by another file before the pager opened it again" in str(error)
+        assert str(folder) in str(error)
+    else:
+        assert swap == "another file" and not tier.direct_io, "a swapped page file was used"
+        tier.close()
+    monkeypatch.undo()
+    gc.collect()
+    assert victim.read_text() == "important data\n" * 1000
+    assert set(os.listdir("/proc/self/fd")) <= fds, "the page file's fds stayed open"
+
+
 def test_a_ctrl_c_in_the_o_direct_probe_leaves_no_open_file(tmp_path, monkeypatch) -> None:
     """A KeyboardInterrupt in the one aligned write that proves O_DIRECT left both of the page file's
     fds open (only an OSError closed them)."""

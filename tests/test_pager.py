@@ -9,7 +9,10 @@ import gc
 import itertools
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import textwrap
 import threading
 import time
 import weakref
@@ -674,14 +677,15 @@ def test_a_full_file_system_under_the_disk_tier_raises_and_loses_no_page(nvme_di
             assert torch.equal(pager.read(allocation), data)
 
 
-def _disk_full_after(pager: Pager, slots: int, monkeypatch) -> None:
-    """The disk tier's file system holds ``slots`` pages: a write from the next slot on fails with ENOSPC."""
+def _disk_full_after(pager: Pager, slots: int, monkeypatch, code: int = errno.ENOSPC) -> None:
+    """The disk tier's file system holds ``slots`` pages: a write from the next slot on fails with
+    ``code`` (ENOSPC: a full file system, EDQUOT: a quota, EFBIG: a file-size limit)."""
     from pagedtensor.tiers.diskio import OP_WRITE
 
     real_submit = pager.disk_tier._engine.submit
 
     def full(requests):
-        return [-errno.ENOSPC if request.op == OP_WRITE and request.offset >= slots * PAGE else real_submit([request])[0]
+        return [-code if request.op == OP_WRITE and request.offset >= slots * PAGE else real_submit([request])[0]
                 for request in requests]  # fmt: skip
 
     monkeypatch.setattr(pager.disk_tier._engine, "submit", full)
@@ -746,24 +750,48 @@ def test_a_batched_prefetch_on_a_full_file_system_brings_what_fits_as_under_disk
             assert torch.equal(pager.read(allocations[seed]), random_bytes(PAGE, seed)), seed
 
 
-@pytest.mark.parametrize("disk_limit", [None, 16 * PAGE])
-def test_allocations_larger_than_a_tier_read_back_from_a_full_file_system_as_under_disk_limit(nvme_dir, monkeypatch, disk_limit):
+def _five_allocations_of_six_pages_read_back_twice(pager: Pager) -> None:
+    """Writes five 6-page allocations (30 pages) and reads each back whole, twice."""
+    allocations = []
+    for seed in range(5):
+        allocation = pager.allocate(6 * PAGE)
+        pager.write(allocation, random_bytes(6 * PAGE, seed))
+        allocations.append((allocation, seed))
+    for _ in range(2):
+        for allocation, seed in allocations:
+            assert torch.equal(pager.read(allocation), random_bytes(6 * PAGE, seed)), seed
+    assert not pager._pinned_ranges
+
+
+@pytest.mark.parametrize(("disk_limit", "code"), [(None, errno.ENOSPC), (None, errno.EDQUOT), (None, errno.EFBIG), (16 * PAGE, None)])
+def test_allocations_larger_than_a_tier_read_back_from_a_full_file_system_as_under_disk_limit(nvme_dir, monkeypatch, disk_limit, code):
     """8 device and 8 host pages, a file system of 16 pages under the disk tier, five 6-page
     allocations (30 pages): each reads back whole, as with ``disk_limit`` of 16 pages. A read whose
     room the full file system refused raised its OSError, so the pager's way round a full lower tier
-    (bring the pages half at a time, a swap at a time) never ran: four of the five raised ENOSPC."""
+    (bring the pages half at a time, a swap at a time) never ran: four of the five raised ENOSPC. A
+    quota (EDQUOT) and a file-size limit (EFBIG: ``ulimit -f``, FAT32's 4 GiB) end the page file as a
+    full file system does (EFBIG was raised)."""
     with make_pager(nvme_dir, device_pages=8, host_pages=8, slab_size=8 * PAGE, disk_limit=disk_limit) as pager:
         if disk_limit is None:
-            _disk_full_after(pager, 16, monkeypatch)
-        allocations = []
-        for seed in range(5):
-            allocation = pager.allocate(6 * PAGE)
-            pager.write(allocation, random_bytes(6 * PAGE, seed))
-            allocations.append((allocation, seed))
-        for _ in range(2):
-            for allocation, seed in allocations:
-                assert torch.equal(pager.read(allocation), random_bytes(6 * PAGE, seed)), seed
-        assert not pager._pinned_ranges
+            _disk_full_after(pager, 16, monkeypatch, code)
+        _five_allocations_of_six_pages_read_back_twice(pager)
+
+
+def test_a_real_file_size_limit_under_the_disk_tier_acts_as_disk_limit(nvme_dir):
+    """As above under a real ``RLIMIT_FSIZE`` of 16 pages (``ulimit -f``), set in a child process:
+    the page file's writes past it fail with EFBIG (Python ignores SIGXFSZ), and every allocation
+    reads back whole."""
+    script = textwrap.dedent(f"""
+        import resource
+        from tests.test_pager import PAGE, _five_allocations_of_six_pages_read_back_twice, make_pager
+        pager = make_pager({nvme_dir!r}, device_pages=8, host_pages=8, slab_size=8 * PAGE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * PAGE, resource.RLIM_INFINITY))
+        _five_allocations_of_six_pages_read_back_twice(pager)
+        print("read back")
+    """)
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=repository)
+    assert result.returncode == 0 and "read back" in result.stdout, result.stderr[-3000:]
 
 
 @settings(max_examples=25, deadline=None)

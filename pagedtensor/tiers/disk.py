@@ -56,6 +56,10 @@ QUEUE_DEPTH = 64
 """Requests in flight per batch (io_uring entries, or thread pool size up to diskio.MAX_THREADS)."""
 COMPRESSIONS = (None, "zstd")
 ZSTD_LEVEL = 1
+FILE_SYSTEM_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""Write errors that mean the page file can grow no further: a full file system (ENOSPC), a quota
+(EDQUOT), a file-size limit (EFBIG: ``ulimit -f``, or the file system's largest file, FAT32's 4 GiB).
+The pager meets each as it meets ``disk_limit``."""
 
 
 @dataclass(frozen=True)
@@ -132,14 +136,22 @@ def _direct_fd(fd: int, file_path: str) -> tuple[int, bool]:
     if not o_direct:
         log.info("disk tier: O_DIRECT does not exist on this platform; using buffered I/O for %s", file_path)
         return fd, False
-    try:
-        direct_fd = os.open(file_path, os.O_RDWR | o_direct)
+    replaced = FileExistsError(errno.EEXIST, f"nvme_path: the disk tier's new page file {file_path!r} was replaced by "
+                                             f"another file before the pager opened it again (someone else renames files "
+                                             f"in that folder): choose a folder only this process writes to")  # fmt: skip
+    try:  # by name, not following a link: whoever may rename entries in the folder could swap it meanwhile
+        direct_fd = os.open(file_path, os.O_RDWR | o_direct | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             os.close(fd)
-            raise
+            raise (replaced if exc.errno == errno.ELOOP else exc) from None
         log.info("disk tier: the file system refuses O_DIRECT for %s; using buffered I/O", file_path)
         return fd, False
+    made, opened = os.fstat(fd), os.fstat(direct_fd)
+    if (made.st_dev, made.st_ino) != (opened.st_dev, opened.st_ino):
+        os.close(direct_fd)
+        os.close(fd)
+        raise replaced
     probe = mmap.mmap(-1, BLOCK)  # page-aligned anonymous memory
     try:
         os.pwrite(direct_fd, probe, 0)
@@ -408,8 +420,12 @@ class DiskTier:
         if failures:
             slot, code, text = failures[0]
             more = f" (and {len(failures) - 1} more failed writes in this batch)" if len(failures) > 1 else ""
-            full = ("; its file system is full: free space there, or set MemoryConfig(disk_limit=...) to what it can hold"
-                    if code in (errno.ENOSPC, errno.EDQUOT) else "")  # fmt: skip
+            full = ""
+            if code in FILE_SYSTEM_FULL_ERRNOS:
+                full = ("; the page file reached the largest file its file system or the process's file-size limit "
+                        "(ulimit -f) allows: set MemoryConfig(disk_limit=...) to what it can hold"
+                        if code == errno.EFBIG else
+                        "; its file system is full: free space there, or set MemoryConfig(disk_limit=...) to what it can hold")  # fmt: skip
             error = OSError(code, f"disk tier: writing slot {slot} of {self.file_path} failed: {text}{more}{full}")
             error.failed_slots = tuple(failed for failed, _, _ in failures)  # for the pager's retry on a full file system
             raise error
