@@ -126,10 +126,12 @@ def format_size(nbytes: int) -> str:
     nbytes = operator.index(nbytes)
     if nbytes < 0:
         raise ValueError(f"format_size: a size must not be negative, got {nbytes!r}")
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= scale:
+    if nbytes < 2**10:
+        return f"{nbytes} B"
+    for unit, scale in (("KiB", 2**10), ("MiB", 2**20), ("GiB", 2**30)):
+        if round(nbytes / scale, 2) < 1024:  # rounded as printed: 2**30 - 1 is 1.00 GiB, not 1024.00 MiB
             return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes} B"
+    return f"{nbytes / 2**40:.2f} TiB"
 
 
 def default_device() -> torch.device:

@@ -36,6 +36,14 @@ def test_format_size():
     assert format_size(3 * 2**30) == "3.00 GiB" and format_size(512) == "512 B" and format_size(1536) == "1.50 KiB"
 
 
+@pytest.mark.parametrize(("nbytes", "text"), [(0, "0 B"), (1023, "1023 B"), (1024, "1.00 KiB"), (2**20 - 1, "1.00 MiB"),
+                                              (2**20 - 6000, "1018.14 KiB"), (2**30 - 1, "1.00 GiB"), (2**40 - 1, "1.00 TiB"),
+                                              (2**50, "1024.00 TiB")])  # fmt: skip
+def test_format_size_picks_the_unit_after_rounding(nbytes, text):
+    """A size just under a unit rounds up into it: 2**30 - 1 bytes printed as '1024.00 MiB'."""
+    assert format_size(nbytes) == text
+
+
 def test_decimal_and_binary_units_differ():
     assert parse_size("24GB") == 24 * 10**9
     assert parse_size("24GiB") == 24 * 2**30
