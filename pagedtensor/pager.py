@@ -1225,7 +1225,8 @@ class Pager:
     # ------------------------------------------------------------------ internals: faults
 
     def _bring_to_device(
-        self, pages: Sequence[Page], discard: frozenset[int] = frozenset(), *, counter: str, touch: bool = True
+        self, pages: Sequence[Page], discard: frozenset[int] = frozenset(), *, counter: str, touch: bool = True,
+        tally: Optional[list[int]] = None,
     ) -> list[Page]:
         """Give every page of ``pages`` (all pinned by the caller) a filled device slot.
 
@@ -1235,6 +1236,8 @@ class Pager:
         those that stay filled in the metric ``counter`` (on error too). On error, pages not yet
         filled keep no device slot. The pages resident already are touched unless ``touch`` is
         False (pages of a loop allocation: their use is a demote, which reads their last use first).
+        With ``tally`` (a one-element list) the count is added there instead, for the caller to count
+        once it knows which pages stay.
         """
         missing = [page for page in pages if page.device_slot is None]
         if not missing:  # all resident, the common case: one batched touch, no per-page test
@@ -1258,16 +1261,21 @@ class Pager:
             # pages, which the next half's room may drop (its pages dirty again), so a single free
             # slot in either tier is enough to bring any number in, a swap at a time.
             half = len(missing) // 2
-            brought = self._bring_to_device(missing[:half], discard, counter=counter, touch=False)
+            first_half_kept = [0]
             try:
-                return brought + self._bring_to_device(missing[half:], discard, counter=counter, touch=False)
-            except BaseException:  # as the request whole would fail: the first half's pages to overwrite go
-                for page in brought:  # (zero-filled: their lower copies are their bytes); the others stay
-                    if page.index in discard:
-                        self.device_policy.remove(page)
-                        self._overwriting.discard(page)
-                        self._free_device_slot(page)
-                raise
+                brought = self._bring_to_device(missing[:half], discard, counter=counter, touch=False, tally=first_half_kept)
+                try:
+                    return brought + self._bring_to_device(missing[half:], discard, counter=counter, touch=False, tally=tally)
+                except BaseException:  # as the request whole would fail: the first half's pages to overwrite go
+                    for page in brought:  # (zero-filled: their lower copies are their bytes); the others stay
+                        if page.index in discard:
+                            self.device_policy.remove(page)
+                            self._overwriting.discard(page)
+                            self._free_device_slot(page)
+                            first_half_kept[0] -= 1
+                    raise
+            finally:
+                self._count_filled(counter, first_half_kept[0], tally)
         for page, slot in zip(missing, self.device_tier.allocate(len(missing), _page_runs(missing))):
             page.device_slot = slot
         self._filling.update(missing)
@@ -1302,8 +1310,15 @@ class Pager:
                 else:  # on error a zero-filled page to overwrite goes too: its lower copy is its bytes
                     self._overwriting.discard(page)
                     self._free_device_slot(page)
-            self.metrics.count(counter, kept)
+            self._count_filled(counter, kept, tally)
         return missing
+
+    def _count_filled(self, counter: str, pages: int, tally: Optional[list[int]]) -> None:
+        """Counts ``pages`` filled device pages in the metric ``counter``, or in ``tally`` where given."""
+        if tally is None:
+            self.metrics.count(counter, pages)
+        else:
+            tally[0] += pages
 
     def _copy_host_to_device(self, pages: Sequence[Page]) -> None:
         if not pages:

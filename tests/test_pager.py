@@ -1350,6 +1350,25 @@ def test_a_fault_that_fails_part_way_counts_the_pages_it_brought_in(nvme_dir):
         assert after["faults"] - before["faults"] == resident
 
 
+def test_a_write_that_fails_after_half_its_pages_counts_only_the_pages_that_stay():
+    """No disk tier, the host tier full of only copies, one free device slot: a 2-page write brings
+    its pages half at a time, the second half finds no room, and the first half's page (to be
+    overwritten: zero-filled) goes again. It was counted a fault all the same, so faults less
+    evictions no longer matched the device pages filled."""
+    with make_pager(device_pages=4, host_pages=2, slab_size=4 * PAGE) as pager:
+        spilled, full, target = pager.allocate(2 * PAGE), pager.allocate(4 * PAGE), pager.allocate(2 * PAGE)
+        pager.write(spilled, random_bytes(2 * PAGE, 1))
+        pager.write(full, random_bytes(4 * PAGE, 2))  # spilled's pages go to the host tier: it is full
+        pager.discard(full, 0, 1)  # one free device slot
+        before, used_before = pager.stats(), pager.device_tier.used_pages
+        with pytest.raises(OutOfPagesError):
+            pager.write(target, random_bytes(2 * PAGE, 3))
+        after = pager.stats()
+        assert [info.tier for info in pager.page_table(target)] == [None, None]
+        assert after["faults"] - before["faults"] - (after["evictions"] - before["evictions"]) == pager.device_tier.used_pages - used_before
+        assert torch.equal(pager.read(spilled), random_bytes(2 * PAGE, 1))
+
+
 def test_a_closed_pager_reports_no_resident_bytes_on_any_tier(nvme_dir):
     pager = make_pager(nvme_dir, device_pages=2, host_pages=2)
     allocation = pager.allocate(6 * PAGE)
