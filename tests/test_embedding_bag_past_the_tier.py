@@ -87,15 +87,18 @@ def test_an_embedding_bag_faults_in_only_the_pages_of_its_rows_and_trains_as_den
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("padding_idx", [None, 130, 7])
-def test_per_sample_weights_train_past_the_tier_as_dense(device, padding_idx):
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int16, torch.uint8], ids=str)
+def test_per_sample_weights_train_past_the_tier_as_dense(device, padding_idx, index_dtype):
     """``nn.EmbeddingBag(mode="sum")`` with ``per_sample_weights`` that require grad, on a weight of
     16 pages (the device tier 8): the backward's ``_embedding_bag_per_sample_weights_backward``
     reads only the rows the indices name (it raised DeviceTierFullError), and both gradients are
-    the dense module's bit for bit, with a padding row named by an index or by none."""
+    the dense module's bit for bit, with a padding row named by an index or by none, and indices
+    of a dtype torch's kernel promotes with the offsets' (int16, uint8: past the tier they raised
+    DeviceTierFullError)."""
     torch.manual_seed(0)
     dense = torch.nn.EmbeddingBag(256, 64, mode="sum", padding_idx=padding_idx, device=device)
     paged = copy.deepcopy(dense)
-    indices = torch.tensor([3, 130, 3, 250, 130, 17, 255], device=device)
+    indices = torch.tensor([3, 130, 3, 250, 130, 17, 255], device=device).to(index_dtype)
     offsets = torch.tensor([0, 3, 3, 5], device=device)
     sample_weights = torch.rand(7, device=device)
     with make_pager(device=device) as pager:
@@ -128,3 +131,41 @@ def test_an_index_out_of_range_raises_before_any_page_faults_in():
                     F.embedding_bag(torch.tensor([1, bad]), paged, torch.tensor([0]), mode=mode)
                 assert str(got.value).endswith(str(dense.value)), (mode, bad)
         assert pager.stats()["faults"] == before
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int8, torch.uint8, torch.bool, torch.uint16, torch.float32], ids=str)
+@pytest.mark.parametrize("offsets_dtype", [torch.int64, torch.int32, "the indices'"], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_an_embedding_bag_past_the_tier_takes_the_index_dtypes_torch_takes(index_dtype, offsets_dtype, mode, transposed):
+    """torch's CPU kernel promotes the indices and offsets to their common dtype and takes it where it
+    is int64 or int32: int16, int8, uint8 or bool indices with int64 or int32 offsets. Past the tier
+    such indices raised DeviceTierFullError (a weight that fits ran them); now the dense op's four
+    results bit for bit (``per_sample_weights`` in ``"sum"``, a padding row), only the pages of the
+    named rows faulting in. Indices and offsets torch refuses (int16 with int16, uint16, float) raise
+    torch's error."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 256, generator=generator)  # 16 pages, the device tier 8
+    stored = weight.t().contiguous() if transposed else weight
+    indices = torch.tensor([1, 5, 7, 1, 0, 63, 5, 1]).to(index_dtype)
+    offsets = torch.tensor([0, 2, 2, 5]).to(index_dtype if offsets_dtype == "the indices'" else offsets_dtype)
+    weights = torch.rand(8, generator=generator) if mode == "sum" else None
+    call = lambda w: torch.ops.aten._embedding_bag.default(w, indices, offsets, False, MODES.index(mode), False, weights, False, 5)
+    with make_pager() as pager:
+        paged = PagedTensor.wrap(stored.clone(), pager)
+        paged = paged.t() if transposed else paged
+        try:
+            expected, expected_error = call(weight), None
+        except RuntimeError as error:
+            expected, expected_error = None, error
+        pager.evict_all()
+        before = pager.stats()["faults"]
+        if expected_error is not None:
+            with pytest.raises(RuntimeError) as got_error:
+                call(paged)
+            assert str(expected_error).splitlines()[0] in str(got_error.value)
+            assert pager.stats()["faults"] == before
+            return
+        for got, want in zip(call(paged), expected):
+            assert type(got) is torch.Tensor and same_bits(got, want)
+        assert pager.stats()["resident_bytes"]["device"] <= DEVICE_PAGES * PAGE

@@ -430,3 +430,106 @@ def test_a_gather_past_the_tier_takes_an_int32_index(transposed):
         paged = PagedTensor.wrap(table, pager)
         for dim, positions in ((0, index), (1, index.remainder(64))):
             assert same_bits(paged.gather(dim, positions.int()), table.gather(dim, positions.int()))
+
+
+_INT16 = torch.tensor([1, 2], dtype=torch.int16)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda t: t.index_select(0, _INT16),
+        lambda t: t.index_select(1, _INT16),
+        lambda t: t[_INT16],
+        lambda t: t[torch.tensor([1.0])],
+        lambda t: t[:, _INT16],
+        lambda t: t[torch.tensor([1, 2]), _INT16],
+        lambda t: torch.nn.functional.embedding(_INT16, t),
+        lambda t: t.take(torch.tensor([1], dtype=torch.int32)),
+        lambda t: t.gather(0, torch.tensor([[1]], dtype=torch.int16)),
+        lambda t: t.gather(1, torch.tensor([[1]], dtype=torch.int16)),
+        lambda t: t.gather(1, torch.zeros(3, dtype=torch.long)),
+        lambda t: t.gather(0, torch.zeros(3, dtype=torch.long)),
+        lambda t: torch.masked_select(t, torch.ones(64, 256, dtype=torch.uint8)),
+        lambda t: torch.masked_select(t, torch.ones(64, 256)),
+        lambda t: torch.masked_select(t, torch.ones(3, dtype=torch.bool)),
+        lambda t: t[torch.tensor([0, 1, 2]), torch.tensor([0, 1])],
+    ],
+    ids=["index_select int16", "index_select along dim 1 int16", "t[int16]", "t[float]", "t[:, int16]", "t[i, int16]",
+         "embedding int16", "take int32", "gather int16", "gather along dim 1 int16", "gather along dim 1, an index of another rank",
+         "gather along dim 0, an index of another rank", "masked_select uint8 mask", "masked_select float mask",
+         "masked_select mask not broadcastable", "t[i, j] not broadcastable"],  # fmt: skip
+)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_an_index_of_a_dtype_or_shape_torch_refuses_past_the_tier_raises_the_dense_error(op, transposed):
+    """A 16-page table on an 8-page tier: an index (or mask) of a dtype, rank or shape torch refuses
+    raised DeviceTierFullError where the dense op, and the paged one within the tier, raise torch's
+    own error; now torch's error (its type, its words), before any page faults in."""
+    values = torch.randn(64, 256) if not transposed else torch.randn(256, 64).T
+    with make_pager() as pager:
+        t = PagedTensor.wrap(values.contiguous() if not transposed else values.T.contiguous(), pager)
+        t = t.T if transposed else t
+        with pytest.raises(Exception) as dense_error:
+            op(values)
+        pager.evict_all()
+        before = pager.stats()["faults"]
+        with pytest.raises(dense_error.type) as paged_error:
+            op(t)
+        assert str(dense_error.value).splitlines()[0] in str(paged_error.value)
+        assert pager.stats()["faults"] == before
+        assert within_tier(pager)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda t: t[:, torch.tensor([3]), :, torch.tensor([0])],
+        lambda t: t[:, torch.tensor([0]), :, torch.tensor([-9])],
+        lambda t: t[:, torch.tensor([0, 1, 2]), :, torch.tensor([0, 1])],
+        lambda t: t[:, torch.tensor([0, 1], dtype=torch.int16), :, torch.tensor([0, 1])],
+        lambda t: t[:, torch.ones(2, dtype=torch.bool), :, torch.tensor([0])],
+    ],
+    ids=["out of range", "before the start", "not broadcastable", "int16", "mask of another shape"],
+)
+def test_bad_indices_apart_past_the_tier_raise_the_dense_error(op):
+    """``t[:, i, :, j]`` (index tensors apart, a leading ``:``) of a 15-page table on an 8-page
+    tier: an index out of range or not broadcastable raised DeviceTierFullError; now torch's
+    error, before any page faults in."""
+    values = torch.randn(40, 3, 16, 8)
+    with make_pager() as pager:
+        t = PagedTensor.wrap(values.clone(), pager)
+        with pytest.raises(Exception) as dense_error:
+            op(values)
+        pager.evict_all()
+        before = pager.stats()["faults"]
+        with pytest.raises(dense_error.type) as paged_error:
+            op(t)
+        assert str(dense_error.value).splitlines()[0] in str(paged_error.value)
+        assert pager.stats()["faults"] == before
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda t: t[torch.tensor([1, 5, 9]), torch.tensor([0, 1, 1])],
+        lambda t: t[torch.tensor([[1], [63]]), torch.tensor([0, 1, 1])],
+        lambda t: t[torch.tensor([1, -5]), :, torch.tensor([3, 15])],
+        lambda t: t[:, torch.tensor([0, 1, 1]), :, torch.tensor([7, 0, 2])],
+        lambda t: t[:, torch.tensor([1, 0]), :, torch.tensor([[7], [0]])],
+        lambda t: t[:, torch.tensor([True, False]), :, torch.tensor([7, 0, 2])],
+    ],
+    ids=["t[i, j]", "t[i, j] broadcast", "t[i, :, j]", "t[:, i, :, j]", "t[:, i, :, j] broadcast", "t[:, mask, :, j]"],
+)
+@pytest.mark.parametrize("permuted", [True, False])
+def test_index_tensors_apart_past_the_tier_give_the_dense_result(op, permuted):
+    """A 16-page 4-D table on an 8-page tier, dim 3 outermost in memory (``permute(3, 1, 2, 0)`` of
+    a contiguous ``(8, 2, 16, 64)``, each outermost row 2 pages) or contiguous: ``t[i, j]`` runs on
+    the dims outermost first, where the index tensors stand apart (``[:, j, :, i]``), which raised
+    DeviceTierFullError; now the op runs a piece of rows at a time, bitwise the dense result."""
+    base = torch.randn(8, 2, 16, 64) if permuted else torch.randn(64, 2, 16, 8)
+    values = base.permute(3, 1, 2, 0) if permuted else base
+    with make_pager() as pager:
+        t = PagedTensor.wrap(base.clone(), pager)
+        t = t.permute(3, 1, 2, 0) if permuted else t
+        assert same_bits(op(t), op(values))
+        assert within_tier(pager)

@@ -11,7 +11,6 @@ Their ``out=`` forms past the tier run the gather, then copy its result into ``o
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from typing import Any, Callable, Optional
 
@@ -46,8 +45,9 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
         raise IndexError(f"PagedTensor: {func}: index_select(): Index is supposed to be a vector, got {index.dim()} dims")
     if index.dtype not in (torch.int64, torch.int32):
         # torch's own kernel raises torch's own error (an IndexError for aten.index; the meta
-        # kernel raises a RuntimeError) or takes the dtype after all.
-        return DISPATCHER.run_paged(func, types, args, kwargs)
+        # kernel raises a RuntimeError) or takes the dtype after all; past the tier, gather_elements
+        # raises torch's error before the pager's.
+        return gather_elements(func, types, args, kwargs)
     if index.numel() == 0:
         return _gather_of_no_rows(func, table, index)
     flat = _positions_in_range(func, index, table.shape[0], table.shape[0])
@@ -85,7 +85,7 @@ def embedding_bag_of_rows(func: OpOverload, types: tuple, args: tuple, kwargs: d
     """
     on_rows = _bag_on_rows(func, args, kwargs)
     if on_rows is None:
-        return DISPATCHER.run_paged(func, types, args, kwargs)
+        return _bag_the_generic_way(func, types, args, kwargs)
     weight, compact, renumbered, options, rows = on_rows
     if weight.shape[1] > 1 and weight.stride(1) != 1:
         # A weight whose rows' elements are not adjacent (``t.T``): torch's CPU kernel takes its slow
@@ -110,9 +110,22 @@ def embedding_bag_per_sample_weights_backward_of_rows(func: OpOverload, types: t
     dense gradient. Other forms run the generic way."""
     on_rows = _bag_on_rows(func, args, kwargs)
     if on_rows is None:
-        return DISPATCHER.run_paged(func, types, args, kwargs)
+        return _bag_the_generic_way(func, types, args, kwargs)
     _, compact, renumbered, options, _ = on_rows
     return func(weight=compact, indices=renumbered, **options)
+
+
+def _bag_the_generic_way(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """An embedding bag op the generic way; past the tier, torch's own error where its kernel
+    refuses the arguments (indices and offsets whose common dtype is not int64 or int32,
+    :func:`_raise_the_dense_error`) before the pager's."""
+    try:
+        return DISPATCHER.run_paged(func, types, args, kwargs)
+    except _OpTooLarge:
+        weight = _arguments_by_name(func, args, kwargs)["weight"]
+        if isinstance(weight, PagedTensor):
+            _raise_the_dense_error(func, args, kwargs, weight, whole=True)
+        raise
 
 
 def _bag_on_rows(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple]:
@@ -122,21 +135,32 @@ def _bag_on_rows(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple]
     ``padding_idx`` renumbered); else None."""
     bound = _arguments_by_name(func, args, kwargs)
     weight, indices = bound["weight"], bound["indices"]
-    if not _bag_reads_rows(weight, indices):
+    if not _bag_reads_rows(weight, indices, bound["offsets"]):
         return None
     compact, renumbered, compact_padding, rows = _bag_rows_compacted(func, weight, indices, bound["mode"], bound["padding_idx"])
     options = {**{name: plain_copy(value) for name, value in bound.items() if name not in ("weight", "indices")}, "padding_idx": compact_padding}
     return weight, compact, renumbered, options, rows
 
 
-def _bag_reads_rows(weight: Any, indices: Any) -> bool:
-    """Whether an embedding bag op of ``weight`` and ``indices`` runs on the rows they name
-    (:func:`_bag_rows_compacted`): a paged 2-D weight larger than a piece whose rows can be
-    copied, 1-D integer indices on its device that are not its own pages."""
+def _bag_reads_rows(weight: Any, indices: Any, offsets: Any) -> bool:
+    """Whether an embedding bag op of ``weight``, ``indices`` and ``offsets`` runs on the rows they
+    name (:func:`_bag_rows_compacted`): a paged 2-D weight larger than a piece whose rows can be
+    copied, 1-D indices on its device that are not its own pages, of a dtype torch's kernel takes
+    (:func:`_bag_index_dtypes_taken`)."""
     return (isinstance(weight, PagedTensor) and weight.dim() == 2 and _rows_can_be_copied(weight)
-            and isinstance(indices, torch.Tensor) and indices.dim() == 1 and indices.dtype in (torch.int64, torch.int32)
+            and isinstance(indices, torch.Tensor) and indices.dim() == 1 and _bag_index_dtypes_taken(indices, offsets)
             and indices.device == weight.device and not (isinstance(indices, PagedTensor) and indices._paged is weight._paged)
             and _larger_than_a_piece([weight]))  # fmt: skip
+
+
+def _bag_index_dtypes_taken(indices: torch.Tensor, offsets: Any) -> bool:
+    """Whether torch's embedding bag kernel takes ``indices`` with ``offsets``: it promotes both to
+    their common dtype (int16, int8, uint8 or bool indices with int64 or int32 offsets), which must
+    be int64 or int32 (else its own error: int16 with int16, a float, uint16 with anything)."""
+    dtypes = [indices.dtype, *([offsets.dtype] if isinstance(offsets, torch.Tensor) else [])]
+    if any(dtype.is_floating_point or dtype.is_complex or dtype in (torch.uint16, torch.uint32, torch.uint64) for dtype in dtypes):
+        return False
+    return torch.promote_types(*dtypes) in (torch.int64, torch.int32) if len(dtypes) == 2 else dtypes[0] in (torch.int64, torch.int32)
 
 
 def _bag_rows_compacted(func: OpOverload, weight: PagedTensor, indices: torch.Tensor, mode: int, padding: int) -> tuple:
@@ -187,7 +211,7 @@ def gather_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
         return DISPATCHER.run_paged(func, types, args, kwargs)
     except _OpTooLarge:
         _check_index_select_bounds(func, args, kwargs)  # torch's error before the pager's
-        _check_gather_shapes(func, args, kwargs)
+        _check_form_as_dense(func, args, kwargs)
         permuted = _gather_of_outermost_first(func, args, kwargs)
         if permuted is not None:
             return permuted
@@ -196,6 +220,7 @@ def gather_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
             return _run_in_row_pieces(*in_pieces)
         by_rows = _elements_by_rows(func, args, kwargs)
         if by_rows is None:
+            _raise_the_dense_error(func, args, kwargs, args[0])
             raise
     table, row_index, bound, run = by_rows
     flat = _positions_in_range(func, row_index, bound, table.shape[0])
@@ -206,17 +231,91 @@ def gather_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
     return _laid_out_as(result, run(_stand_in_of_rows(table), _zeros_laid_out_as(row_index)))
 
 
-def _check_gather_shapes(func: OpOverload, args: tuple, kwargs: dict) -> None:
-    """torch's error for a ``gather`` whose index does not fit the table's shape, naming the table's
-    shape (the parts it runs on past the tier would name theirs): from the meta kernel, its sizes
-    written as the CPU kernel writes them."""
-    if func is not aten.gather.default:
+def _check_form_as_dense(func: OpOverload, args: tuple, kwargs: dict) -> None:
+    """torch's own error for a gather past the tier whose index the dense op refuses by its dtype,
+    rank or shape (an int16 index, a float one, a ``gather`` index of another rank or larger than
+    the table, index tensors that do not broadcast, a mask of another shape), before any page
+    moves and with no memory of the table's size: the op on meta stand-ins (the table's layout,
+    the indices', a mask as the positions it holds), and where that raises, torch's CPU kernel on
+    the stand-ins of :func:`_dense_stand_ins` for its words (the meta kernel's differ; the CPU
+    kernel raises them before it reads an element). A form the meta kernel lacks (``masked_select``)
+    or takes (``index_select`` of an int16 index) is left to its path, which ends in
+    :func:`_raise_the_dense_error` where it cannot run."""
+    table = args[0]
+    if not isinstance(table, PagedTensor):
         return
     try:
-        func(*(meta_layout(value) if isinstance(value, torch.Tensor) else value for value in args), **kwargs)
-    except RuntimeError as error:
-        if str(error).startswith("Size does not match"):  # the meta kernel's other words are not the CPU's
-            raise RuntimeError(re.sub(r"torch\.Size\((\[[^\]]*\])\)", r"\1", str(error))) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (a uint8 mask warns; the op itself warns once)
+            func(*_meta_stand_ins(func, table, args), **kwargs)
+    except NotImplementedError:
+        return
+    except (RuntimeError, IndexError, ValueError, TypeError):
+        _raise_the_dense_error(func, args, kwargs, table, whole=True)
+
+
+def _meta_stand_ins(func: OpOverload, table: PagedTensor, args: tuple) -> list:
+    """``args`` as meta tensors of their layouts; ``aten.index``'s masks as the positions they
+    hold (the meta kernel lacks masks), a mask of another shape than the dims it covers raising
+    ``ValueError`` (torch's error for it comes from the CPU kernel)."""
+    stand_ins = [meta_layout(value) for value in args]
+    if func is aten.index.Tensor and isinstance(args[1], (list, tuple)):
+        indices, start = [], 0
+        for item in args[1]:
+            if isinstance(item, torch.Tensor) and item.dtype in (torch.bool, torch.uint8):
+                if tuple(item.shape) != tuple(table.shape[start : start + item.dim()]):
+                    raise ValueError("a mask of another shape")
+                count = int(plain_copy(item).count_nonzero())
+                indices += [torch.empty(count, dtype=torch.int64, device="meta")] * item.dim()
+                start += item.dim()
+                continue
+            indices.append(meta_layout(item))
+            start += 1
+        stand_ins[1] = indices
+    return stand_ins
+
+
+def _raise_the_dense_error(func: OpOverload, args: tuple, kwargs: dict, table: PagedTensor, whole: bool = False) -> None:
+    """torch's own error where the dense op refuses ``args`` (an index dtype, rank or shape, an
+    index out of range), for a gather (or embedding bag) of ``table`` about to raise the pager's
+    error past the tier: the op itself, torch's CPU kernel, run on :func:`_dense_stand_ins` (the
+    indices' values, the table a zero broadcast to its shape: no page read, no memory of its
+    size). Returns where the op takes them. Called on the way to the pager's error alone."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        func(*_dense_stand_ins(func, args, table, whole), **{key: _dense_stand_in(value, table, None) for key, value in kwargs.items()})
+
+
+def _dense_stand_ins(func: OpOverload, args: tuple, table: PagedTensor, whole: bool) -> list:
+    """``args`` on the CPU for :func:`_raise_the_dense_error`: ``table`` a zero broadcast to its
+    shape, the other tensors (indices, masks, offsets) their values. Unless ``whole``, the table's
+    dims whose size the result takes but no index reads are of one element (``index``'s dims no
+    index tensor names, ``index_select``'s other dims, ``embedding``'s row), so the result is as
+    small as the indices: torch's checks of their values see the same sizes."""
+    shape = list(table.shape)
+    if not whole and func is aten.index.Tensor and isinstance(args[1], (list, tuple)):
+        named, start = set(), 0
+        for item in args[1]:
+            width = item.dim() if isinstance(item, torch.Tensor) and item.dtype in (torch.bool, torch.uint8) else 1
+            if item is not None:
+                named.update(range(start, start + width))
+            start += width
+        shape = [size if d in named else min(size, 1) for d, size in enumerate(shape)]
+    elif not whole and func is aten.index_select.default and isinstance(args[1], int) and -len(shape) <= args[1] < len(shape):
+        shape = [size if d == args[1] % len(shape) else min(size, 1) for d, size in enumerate(shape)]
+    elif not whole and func is aten.embedding.default and len(shape) == 2:
+        shape[1] = min(shape[1], 1)
+    return [_dense_stand_in(value, table, shape) for value in args]
+
+
+def _dense_stand_in(value: Any, table: PagedTensor, shape: Optional[list[int]]) -> Any:
+    if value is table:
+        return torch.zeros((), dtype=table.dtype).expand(shape)
+    if isinstance(value, torch.Tensor):
+        return plain_copy(value).to("cpu")
+    if type(value) in (list, tuple):
+        return type(value)(_dense_stand_in(item, table, shape) for item in value)
+    return value
 
 
 def _reads_no_element(func: OpOverload, args: tuple) -> bool:
@@ -279,12 +378,13 @@ RowPiece = Callable[[torch.Tensor, int, int], torch.Tensor]
 """``piece(rows_of_table, start, stop)``: the op's result rows ``[start, stop)`` from the table's."""
 
 
-def _row_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[PagedTensor, int, int, RowPiece]]:
-    """``(table, rows, rows_a_piece, piece)`` when row ``r`` of ``func``'s result (of ``rows`` rows)
-    is read from row ``r`` of its PagedTensor table alone (a piece of ``rows_a_piece`` table rows at
-    a time, :func:`_rows_a_piece`): ``gather`` or ``index_select`` along a dim other
-    than 0, ``index`` whose first index is ``None`` and whose index tensors stand side by side
-    (``t[:, i]``; tensors apart move the indexed dims first). ``None`` for any other form."""
+def _row_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[PagedTensor, int, int, RowPiece, int]]:
+    """``(table, rows, rows_a_piece, piece, row_dim)`` when row ``r`` along ``row_dim`` of ``func``'s
+    result (of ``rows`` rows) is read from row ``r`` of its PagedTensor table alone (a piece of
+    ``rows_a_piece`` table rows at a time, :func:`_rows_a_piece`): ``gather`` or ``index_select``
+    along a dim other than 0, ``index`` whose first index is ``None`` (``t[:, i]``, along dim 0;
+    ``t[:, i, :, j]``, whose index tensors stand apart, along the dim after the indices' broadcast
+    dims, which torch puts first). ``None`` for any other form."""
     table = args[0]
     if not isinstance(table, PagedTensor) or table.dim() < 2 or table.numel() == 0 or table._inner is not None:
         return None
@@ -299,33 +399,39 @@ def _row_pieces(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[P
         sparse_grad = kwargs.get("sparse_grad", args[3] if len(args) > 3 else False)
         if index.shape[0] > table.shape[0]:
             return None  # torch's size error, from the generic way
-        return table, index.shape[0], count, lambda rows, a, b: func(rows, dim, index[a:b], sparse_grad=sparse_grad)
+        return table, index.shape[0], count, lambda rows, a, b: func(rows, dim, index[a:b], sparse_grad=sparse_grad), 0
     if func is aten.index_select.default:
         dim, index = args[1], args[2]
         if kwargs or dim in (0, -table.dim()) or not isinstance(index, torch.Tensor):
             return None
         index = plain_copy(index)
-        return table, table.shape[0], count, lambda rows, a, b: func(rows, dim, index)
+        return table, table.shape[0], count, lambda rows, a, b: func(rows, dim, index), 0
     if func is not aten.index.Tensor or kwargs or not args[1] or args[1][0] is not None:
         return None
     indices = [plain_copy(item) if isinstance(item, torch.Tensor) else item for item in args[1]]
     places = [place for place, item in enumerate(indices) if item is not None]
-    if not places or places != list(range(places[0], places[-1] + 1)):
+    if not places:
         return None
-    return table, table.shape[0], count, lambda rows, a, b: func(rows, indices)
+    row_dim = 0
+    if places != list(range(places[0], places[-1] + 1)):  # the broadcast dims first: a mask's positions are 1-D
+        row_dim = max(1 if item.dtype in (torch.bool, torch.uint8) else item.dim() for item in indices if item is not None)
+    return table, table.shape[0], count, lambda rows, a, b: func(rows, indices), row_dim
 
 
-def _run_in_row_pieces(table: PagedTensor, rows: int, count: int, piece: RowPiece) -> torch.Tensor:
-    """The op's result, its rows computed a piece of the table's rows at a time (each piece spans at
-    most :func:`~pagedtensor.pieces.piece_elements_of` elements: ``count`` rows), laid out as the
-    dense op lays it (the op run on a plain stand-in of two rows with the table's strides)."""
+def _run_in_row_pieces(table: PagedTensor, rows: int, count: int, piece: RowPiece, row_dim: int = 0) -> torch.Tensor:
+    """The op's result, its rows along ``row_dim`` computed a piece of the table's rows at a time
+    (each piece spans at most :func:`~pagedtensor.pieces.piece_elements_of` elements: ``count``
+    rows), laid out as the dense op lays it (the op run on a plain stand-in of two rows with the
+    table's strides)."""
     if rows == 0:
         return piece(_stand_in_of_rows(table, 0), 0, 0)
     probe = piece(_stand_in_of_rows(table, min(rows, 2)), 0, min(rows, 2))
-    result = _empty_laid_out_as(probe, (rows, *probe.shape[1:]))
+    shape = list(probe.shape)
+    shape[row_dim] = rows
+    result = _empty_laid_out_as(probe, tuple(shape), row_dim)
     for start in range(0, rows, count):
         stop = min(rows, start + count)
-        result[start:stop] = piece(table[start:stop], start, stop)
+        result.narrow(row_dim, start, stop - start).copy_(piece(table[start:stop], start, stop))
     return result
 
 
@@ -771,6 +877,11 @@ def masked_select(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> 
         if kwargs or not isinstance(table, PagedTensor) or not isinstance(mask, torch.Tensor):
             raise
         if mask.dtype != torch.bool or mask.device != table.device or broadcast_shape([mask, table]) != tuple(table.shape):
+            # torch's error (a uint8 mask, shapes that do not broadcast); the mask's values no check
+            # reads: all False, the stand-in selects nothing (a mask broadcast past the table would
+            # otherwise select as many elements as the refused op)
+            no_elements = torch.zeros((), dtype=mask.dtype).expand(mask.shape)
+            _raise_the_dense_error(func, (table, no_elements), kwargs, table)
             raise
     mask = plain_copy(mask)
     try:  # torch's checks of the dtype: the dense op on a one-element stand-in selecting its element
