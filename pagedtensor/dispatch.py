@@ -111,7 +111,7 @@ from pagedtensor.interrupts import deferring, pager_call
 from pagedtensor.list_ops import bump_written_versions, run_list_op
 from pagedtensor.outside_transforms import below_transforms_and_modes, in_a_transform_or_mode
 from pagedtensor.pager import Pager, ResidentPages, WrittenPages
-from pagedtensor.pieces import _raise_torchs_error_on_one_element, is_elementwise, pages_reached, run_in_pieces
+from pagedtensor.pieces import _raise_torchs_error_on_stand_ins, is_elementwise, pages_reached, run_in_pieces
 from pagedtensor.tensor import (
     PagedStorage,
     PagedTensor,
@@ -1170,17 +1170,20 @@ def _torchs_overlap_error(func: OpOverload, args: tuple, kwargs: dict, written: 
     return None
 
 
-def _torchs_reduction_dtype_error(func: OpOverload, args: tuple, kwargs: dict) -> Optional[Exception]:
-    """torch's error for a reduction that refuses its operands' dtypes (``mean`` or ``std`` of an int
-    tensor, ``sum`` of a float8 one), which its kernel raises whatever the size: found by running
-    that kernel on one-element stand-ins of each tensor (their dtypes, devices and dims, so every
-    ``dim`` argument stands: :func:`~pagedtensor.pieces._raise_torchs_error_on_one_element`). None
-    for an op that is not a reduction, one that writes its operands, or one the stand-ins run without
-    complaint."""
-    if torch.Tag.reduction not in func.tags:
+def _torchs_dtype_error(func: OpOverload, info: OpInfo, args: tuple, kwargs: dict) -> Optional[Exception]:
+    """torch's error for an elementwise op or a reduction that refuses its operands' dtypes (``gt`` or
+    ``clamp`` of a complex tensor, ``gcd`` of a float one, a float result into an int ``out=`` or in
+    place into an int tensor; ``mean`` or ``std`` of an int tensor, ``sum`` of a float8 one), which
+    its kernel raises whatever the size: within the tier, or in pieces, the kernel raises it itself;
+    where the pieces cannot follow the layout (a row wider than a piece) they stop before any kernel
+    runs. Found by running that kernel on small stand-ins of each tensor (their dtypes, devices and
+    dims, so every ``dim`` argument stands: :func:`~pagedtensor.pieces._raise_torchs_error_on_stand_ins`),
+    on the error path only. None for any other op, a random one (it would draw from the caller's
+    generator), or one the stand-ins run without complaint."""
+    if info.random or not (info.elementwise or torch.Tag.reduction in func.tags):
         return None
     try:
-        _raise_torchs_error_on_one_element(func, args, kwargs)
+        _raise_torchs_error_on_stand_ins(func, args, kwargs)
     except Exception as error:  # noqa: BLE001 - torch's own complaint about the operands, for the caller
         return error
     return None
@@ -1247,14 +1250,15 @@ def _as_pagers_error(error: "_OpTooLarge", func: OpOverload, info: OpInfo, args:
     random op (``normal_``, ``uniform_``: :attr:`OpInfo.random`) it is torch's error where torch
     refuses the arguments (:func:`_torchs_random_argument_error`), else it names the way round: a
     plain tensor filled and copied in, or for one that writes no PagedTensor (``torch.bernoulli(t)``)
-    the op on a plain copy."""
+    the op on a plain copy. An elementwise op or a reduction whose operands' dtypes torch refuses
+    gives torch's error (:func:`_torchs_dtype_error`), as it does within the tier."""
     pagers_type = type(error.__cause__) if isinstance(error.__cause__, OutOfPagesError) else OutOfPagesError
     message = str(error)
     leaves = _paged_leaves(args, kwargs)
     written = _written_leaves(info, args, kwargs)
     refused = _torchs_random_argument_error(func, args, kwargs) if info.random else _torchs_overlap_error(func, args, kwargs, written)
     if refused is None:
-        refused = _torchs_reduction_dtype_error(func, args, kwargs)
+        refused = _torchs_dtype_error(func, info, args, kwargs)
     if refused is not None:
         return refused
     overlapped = next(

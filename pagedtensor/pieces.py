@@ -111,6 +111,8 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
             raise resize_refused(func, target.shape, broadcast_shape(_shaped_operands(target, args, kwargs)), args, kwargs)
         if not _resize_as_torch(func, args, kwargs, target):
             return NotImplemented
+    if target is not None:
+        _refuse_a_target_overlapping_itself(func, args, kwargs, target)
     if target is not None and target.dim() == 0:
         return NotImplemented  # the shaped arguments would be written into one element: torch's error, or a resize
     # A tensor read through an expanded view (``t.expand(...)``: a dim of stride 0) is a broadcast
@@ -189,7 +191,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     if target is None:
         result_layout = _result_layout(func, args, kwargs)
         if result_layout is None:
-            _raise_torchs_error_on_one_element(func, args, kwargs)  # (where of an int condition), not the pager's
+            _raise_torchs_error_on_stand_ins(func, args, kwargs)  # (where of an int condition), not the pager's
         if result_layout is None or tuple(result_layout.shape) != shape or (row_major and not same_strides(shape, result_layout.stride(), stride)):
             return NotImplemented
     read_whole = any(isinstance(t, PagedTensor) for t in broadcast)
@@ -252,6 +254,20 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     if result_layout is not None and out is None:  # no piece ran (no elements)
         out = torch.empty_strided(shape, result_layout.stride(), dtype=result_layout.dtype, device=reference.device)
     return target if target is not None else out
+
+
+def _refuse_a_target_overlapping_itself(func: OpOverload, args: tuple, kwargs: dict, target: torch.Tensor) -> None:
+    """Raise torch's error for a written ``target`` whose elements share memory (an expanded view:
+    ``acc.expand(n, m).add_(t)``, ``torch.add(t, 1, out=row.expand(n, m))``), where the op's kernel
+    refuses it, before anything is written: a piece of one index along the expanded dim overlaps
+    nothing, so no piece would raise it, and the pieces would write the shared elements in turn (a
+    sum of the rows). Ops whose kernel writes such a tensor (``fill_``, ``zero_``) run on."""
+    from pagedtensor.dispatch import _torchs_overlap_error, overlaps_itself  # the dispatcher imports this module
+
+    if overlaps_itself(target):
+        refused = _torchs_overlap_error(func, args, kwargs, [target])
+        if refused is not None:
+            raise refused
 
 
 def _shaped_operands(out: torch.Tensor, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -724,16 +740,47 @@ def _raise_torchs_error(func: OpOverload, args: tuple, kwargs: dict) -> None:
         return
 
 
-def _raise_torchs_error_on_one_element(func: OpOverload, args: tuple, kwargs: dict) -> None:
-    """Raise the error torch raises for ``func``'s operands as they are, not their shapes (a dtype
-    it refuses), where the meta kernel could not lay out the result: ``func`` on one-element stand-ins
-    of each tensor (of its dtype, device and dims), no memory of their sizes. Ops that write one of
-    their operands are left alone (their stand-in would be written)."""
-    if func._schema.is_mutable:
-        return
+def _raise_torchs_error_on_stand_ins(func: OpOverload, args: tuple, kwargs: dict) -> None:
+    """Raise the error torch raises for ``func``'s operands as they are, not their sizes (a dtype it
+    refuses: ``gt`` of a complex tensor, ``gcd`` of a float one, ``mean`` of an int one, a float
+    result into an int ``out=`` or in place into an int tensor), before any page is read: ``func`` on
+    small stand-ins (:func:`small_stand_in`), no memory of the tensors' sizes. Every stand-in is a
+    tensor of its own, so the op may write it: an ``out=`` one is empty (resized as torch resizes
+    it, silently). A number the schema types as a Tensor (a composite kernel's wrapped number:
+    ``bitwise_and.Scalar`` calls ``bitwise_and.Tensor`` with it, which reaches ``__torch_dispatch__``
+    as a Python number, where the op itself refuses one) stands as a 0-dim tensor of its kind.
+
+    The stand-ins keep two indices of each dim of more than one, so that a reduction over them
+    warns as the whole would, not as torch warns on one element (``var``'s "degrees of freedom is
+    <= 0"): a C++ warning of an op called inside ``__torch_dispatch__`` goes to the outer op's
+    warning handler, surfacing after it returns, which ``warnings.catch_warnings`` here does not
+    reach (torch offers no Python way to silence it)."""
+    arguments = func._schema.arguments
+    by_name = {argument.name: argument for argument in arguments}
+
+    def stand_in(argument: Any, value: Any) -> Any:
+        if argument is not None and argument.is_out and isinstance(value, torch.Tensor):
+            return torch.empty(0, dtype=value.dtype, device=value.device)
+        if argument is not None and isinstance(argument.type, torch.TensorType) and type(value) in (bool, int, float, complex):
+            return torch.tensor(value)
+        return small_stand_in(value)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        func(*(one_element_stand_in(value) for value in args), **{name: one_element_stand_in(value) for name, value in kwargs.items()})
+        func(*(stand_in(arguments[i] if i < len(arguments) else None, value) for i, value in enumerate(args)),
+             **{name: stand_in(by_name.get(name), value) for name, value in kwargs.items()})  # fmt: skip
+
+
+def small_stand_in(value: Any) -> Any:
+    """A tensor as a zero tensor of its dtype, device and dims with at most two indices along each
+    (in lists and tuples too: tensors that broadcast together still do, and ones of one shape keep
+    one), for torch's checks of dtypes, devices and ranks without memory of its size; anything
+    else as it is."""
+    if isinstance(value, torch.Tensor):
+        return torch.zeros(tuple(min(size, 2) for size in value.shape), dtype=value.dtype, device=value.device)
+    if type(value) in (list, tuple):
+        return type(value)(small_stand_in(item) for item in value)
+    return value
 
 
 def one_element_stand_in(value: Any) -> Any:

@@ -11,6 +11,7 @@ import torch
 from torch._ops import OpOverload
 
 from pagedtensor.config import normalize_device
+from pagedtensor.dispatch import aten, refuse_internal_overlap
 from pagedtensor.pieces import pages_reached, piece_elements_of, span_elements
 from pagedtensor.tensor import PagedTensor, meta_layout
 
@@ -70,10 +71,13 @@ def _cut_in_parts(tensor: PagedTensor) -> bool:
 
 def copy_in_parts(target: torch.Tensor, source: torch.Tensor) -> None:
     """``target.copy_(source)`` (same shape), a part of ``source``'s pages at a time: each part spans
-    at most a piece (:func:`_parts`), whatever the two layouts are."""
+    at most a piece (:func:`_parts`), whatever the two layouts are. A ``target`` whose elements share
+    memory (an expanded view) raises torch's error first, as ``copy_`` does: a part of one index
+    along the expanded dim overlaps nothing, and the parts would write the shared elements in turn."""
     if not isinstance(source, PagedTensor):
         target.copy_(source)
         return
+    refuse_internal_overlap(aten.copy_.default, target)
     for narrowings in _parts(source, piece_elements_of([source]) or 1):
         _narrowed(target, narrowings).copy_(_narrowed(source, narrowings))
 

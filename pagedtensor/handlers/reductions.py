@@ -12,12 +12,11 @@ from typing import Any, Optional, Sequence
 import torch
 from torch._ops import OpOverload
 from torch._prims_common import make_contiguous_strides_for
-from torch._prims_common.wrappers import _maybe_resize_out
 
 from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, aten, implements, resize_refused
 from pagedtensor.handlers.parts import Narrowing, _copies_in_parts, _larger_than_a_piece, _narrowed, _parts, _plain_copy
 from pagedtensor.errors import OutOfPagesError
-from pagedtensor.pieces import piece_elements_of
+from pagedtensor.pieces import piece_elements_of, resize_out_as
 from pagedtensor.tensor import PagedTensor, meta_like
 
 
@@ -366,7 +365,7 @@ def reduce_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
             values = values if isinstance(values, tuple) else (values,)
         for out, meta, value in zip(outs, metas, values):
             if out.shape != meta.shape:
-                _maybe_resize_out(out, meta.shape)  # torch's resize of an out= tensor, with its warning
+                resize_out_as(out, meta)  # torch's resize of an out= tensor, with its warning's text
             out.copy_(value)
         return tuple(outs) if len(outs) > 1 else outs[0]
 

@@ -1,0 +1,138 @@
+"""Ops past the device tier that torch refuses, or warns about, give torch's own errors and warnings:
+a written tensor that overlaps itself, dtypes torch's kernels refuse, a composite kernel's wrapped
+number, a reduction's resized ``out=``; and no warning torch does not give."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from pagedtensor import DeviceTierFullError, MemoryConfig, OutOfPagesError, PagedTensor, Pager
+
+PAGE = 4096
+
+
+def make_pager(device_pages: int) -> Pager:
+    return Pager(MemoryConfig(page_size=PAGE, vram_limit=device_pages * PAGE, host_memory=256 * PAGE, slab_size=256 * PAGE,
+                              prefetch_strategy="none", device="cpu"))  # fmt: skip
+
+
+def raised(f: Callable[[], Any]) -> Exception | None:
+    try:
+        f()
+    except Exception as error:  # noqa: BLE001 - the error compared
+        return error
+    return None
+
+
+def assert_same_error(dense: Callable[[], Any], paged: Callable[[], Any]) -> None:
+    expected, got = raised(dense), raised(paged)
+    assert expected is not None
+    assert type(got) is type(expected), f"{type(got).__name__}: {got}"
+    assert str(expected).splitlines()[0] in str(got)
+
+
+def test_a_written_tensor_overlapping_itself_past_the_tier_raises_torchs_error_before_writing():
+    x = torch.randn(64, 1024)
+    with make_pager(4) as pager:  # a row a piece
+        X = PagedTensor.wrap(x, pager=pager)
+        ACC = PagedTensor.wrap(torch.zeros(1024), pager=pager)
+        assert_same_error(lambda: torch.zeros(1024).expand(64, 1024).add_(x), lambda: ACC.expand(64, 1024).add_(X))
+        assert torch.equal(ACC.materialize(), torch.zeros(1024))  # nothing written
+        out = torch.zeros(1024)
+        assert_same_error(lambda: torch.add(x, 1, out=torch.zeros(1024).expand(64, 1024)), lambda: torch.add(X, 1, out=out.expand(64, 1024)))
+        target = torch.zeros(1024)
+        assert_same_error(lambda: torch.zeros(1024).expand(64, 1024).copy_(x), lambda: target.expand(64, 1024).copy_(X))
+        assert torch.equal(out, torch.zeros(1024)) and torch.equal(target, torch.zeros(1024))
+        # copy_ in parts of any layouts (a transposed source, which the pieces do not follow)
+        XT = PagedTensor.wrap(x.t().contiguous(), pager=pager).t()
+        assert_same_error(lambda: torch.zeros(1024).expand(64, 1024).copy_(x), lambda: target.expand(64, 1024).copy_(XT))
+        assert torch.equal(target, torch.zeros(1024))
+        ACC.expand(64, 1024).fill_(2.0)  # torch fills an expanded tensor: so do the pieces
+        assert torch.equal(ACC.materialize(), torch.full((1024,), 2.0))
+
+
+def test_copy_in_parts_refuses_a_target_overlapping_itself():
+    from pagedtensor.handlers.parts import copy_in_parts
+
+    x = torch.randn(64, 1024)
+    with make_pager(2) as pager:  # a row a part
+        X = PagedTensor.wrap(x, pager=pager)
+        target = torch.zeros(1024)
+        assert_same_error(lambda: torch.zeros(1024).expand(64, 1024).copy_(x), lambda: copy_in_parts(target.expand(64, 1024), X))
+        assert torch.equal(target, torch.zeros(1024))
+
+
+@pytest.mark.parametrize("op", [lambda t: t.var(), lambda t: t.std(0), lambda t: torch.var_mean(t), lambda t: t.var(1, correction=0)])
+def test_a_reduction_past_the_tier_warns_nothing_torch_does_not(op):
+    x = torch.randn(64, 256)
+    with make_pager(8) as pager:
+        X = PagedTensor.wrap(x, pager=pager)  # 16 pages
+        with warnings.catch_warnings(record=True) as dense:
+            warnings.simplefilter("always")
+            op(x)
+        with warnings.catch_warnings(record=True) as paged:
+            warnings.simplefilter("always")
+            with pytest.raises(DeviceTierFullError):
+                op(X)
+        assert [str(w.message) for w in paged] == [str(w.message) for w in dense] == []
+
+
+@pytest.mark.parametrize(
+    "op",
+    [lambda t: t & 1, lambda t: t | 1, lambda t: torch.fmod(t, 3), lambda t: t % 3, lambda t: torch.xlogy(t, 2), lambda t: torch.copysign(t, -1)],
+)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32])
+def test_a_composite_scalar_op_on_a_view_past_the_tier_gives_torchs_error_or_the_pagers(op, dtype):
+    x = torch.randint(-100, 100, (4, 16384), dtype=torch.int32).to(dtype)
+    with make_pager(8) as pager:
+        X = PagedTensor.wrap(x, pager=pager)  # 64 pages; a row of X[:, ::2] spans 16
+        expected = raised(lambda: op(x[:, ::2]))
+        if expected is None:
+            with pytest.raises(OutOfPagesError):
+                op(X[:, ::2])
+        else:
+            assert_same_error(lambda: op(x[:, ::2]), lambda: op(X[:, ::2]))
+
+
+def test_a_reductions_resized_out_past_the_tier_warns_torchs_text():
+    xi = torch.randint(-9, 9, (64, 256), dtype=torch.int32)
+    with make_pager(8) as pager:
+        XI = PagedTensor.wrap(xi, pager=pager)  # 16 pages
+        with warnings.catch_warnings(record=True) as dense:
+            warnings.simplefilter("always")
+            expected = torch.sum(xi, 1, out=torch.empty(5, dtype=torch.int64))
+        with warnings.catch_warnings(record=True) as paged:
+            warnings.simplefilter("always")
+            got = torch.sum(XI, 1, out=torch.empty(5, dtype=torch.int64))
+        assert torch.equal(got, expected)
+        assert len(dense) == len(paged) == 1
+        assert str(dense[0].message).split(" (Triggered internally")[0] == str(paged[0].message)  # (the C++ warning's source line)
+
+
+@pytest.mark.parametrize(
+    "dtype, op",
+    [
+        (torch.complex64, lambda t: t[:, ::2] > 0),
+        (torch.complex64, lambda t: t[:, ::2].clamp(0, 1)),
+        (torch.complex64, lambda t: torch.hypot(t[:, ::2], t[:, ::2])),
+        (torch.float32, lambda t: torch.gcd(t[:, ::2], t[:, ::2])),
+        (torch.float32, lambda t: torch.add(t[:, ::2], 1, out=torch.empty(4, 8192, dtype=torch.int32))),
+    ],
+)
+def test_torchs_dtype_errors_of_elementwise_ops_past_the_tier(dtype, op):
+    x = torch.randn(4, 16384 if dtype == torch.float32 else 8192, dtype=dtype)
+    with make_pager(8) as pager:
+        X = PagedTensor.wrap(x, pager=pager)  # 64 pages; a row of X[:, ::2] spans 8 or more
+        assert_same_error(lambda: op(x), lambda: op(X))
+
+
+def test_an_in_place_op_past_the_tier_torch_refuses_for_its_dtype():
+    xi = torch.randint(-9, 9, (4, 16384), dtype=torch.int32)
+    with make_pager(8) as pager:
+        XI = PagedTensor.wrap(xi.clone(), pager=pager)
+        assert_same_error(lambda: xi.clone()[:, ::2].add_(1.5), lambda: XI[:, ::2].add_(1.5))
+        assert torch.equal(XI.materialize(), xi)
