@@ -1215,6 +1215,15 @@ BAD_CALLS = {
     "index_fill negative out of bounds": lambda t: t.index_fill_(0, torch.tensor([-65]), 1.0),
     "index_fill value of one dim": lambda t: t.index_fill_(0, torch.tensor([1]), torch.ones(1)),
     "index_fill int32": lambda t: t.index_fill_(0, torch.tensor([1], dtype=torch.int32), 1.0),
+    "index_put more indices than dims": lambda t: t.index_put_((torch.tensor([1]),) * 3, torch.tensor(1.0)),
+    "index_put more indices than dims, accumulate": lambda t: t.index_put_((torch.tensor([1]),) * 3, torch.tensor(1.0), accumulate=True),
+    "index_put more indices than dims, masks": lambda t: t.index_put_((torch.tensor([True] * 64), None, torch.tensor(True)), torch.tensor(1.0)),
+    "fill_ of a value of 2 dims": lambda t: t.fill_(torch.ones(2, 2)),
+    "fill_ of a value of 1 dim": lambda t: t.fill_(torch.ones(1)),
+    "fill_ of a value of [1, 1] into a column": lambda t: t[:, 0].fill_(torch.tensor([[3.0]])),
+    "fill_ of a value of [1, 1] into the diagonal": lambda t: t.diagonal().fill_(torch.tensor([[3.0]])),
+    "fill_ of a value of [1, 1] into every 7th element": lambda t: t.view(-1)[::7].fill_(torch.tensor([[3.0]])),
+    "fill_ of a value of [1, 1] into a column of t.T": lambda t: t.T[3].fill_(torch.tensor([[3.0]])),
     **{f"{name} along dim 1": call for name, call in BAD_INDEX_OPS_ALONG_A_DIM.items()},
 }
 
@@ -1515,3 +1524,114 @@ def test_a_masked_write_of_one_element_of_the_table_itself_past_the_tier(device,
         write(table)
         assert torch.equal(table.materialize(), dense)
         assert not pager._pinned_ranges
+
+
+@pytest.mark.parametrize("mask_form", ["mask", "row mask"])
+def test_a_masked_fill_of_a_plain_tensor_by_a_paged_value(mask_form):
+    """``plain.masked_fill_(mask, value)`` with ``value`` a 0-dim PagedTensor raised ValueError ("min()
+    arg is an empty sequence": the row path asked for the piece of the plain table; found by a
+    helper's probe): torch's fill, the value read first."""
+    dense = rows_tensor(8, 4)
+    mask = dense > 13 if mask_form == "mask" else (torch.arange(8) % 3 == 0)[:, None]
+    expected = dense.clone().masked_fill_(mask, 5.0)
+    with make_pager() as pager:
+        value = PagedTensor.wrap(torch.tensor(5.0), pager)
+        plain = dense.clone()
+        plain.masked_fill_(mask, value)
+        assert type(plain) is torch.Tensor
+        assert same_bits(plain, expected)
+
+
+PUTS_BY_A_0_DIM_MASK = {  # (t: the table, m: a 0-dim bool mask)
+    "t.index_put_((m,), v)": lambda t, m: t.index_put_((m,), torch.tensor(7.0)),
+    "t.index_put_((m,), v of [1, 1])": lambda t, m: t.index_put_((m,), torch.tensor([[7.0]])),
+    "t.index_put_((m,), v of float64)": lambda t, m: t.index_put_((m,), torch.tensor(7.0, dtype=torch.float64)),
+    "t.index_put_((None, m), v)": lambda t, m: torch.ops.aten.index_put_.default(t, [None, m], torch.tensor(7.0)),
+    "t[m] = v": lambda t, m: t.__setitem__(m, torch.tensor(7.0)),
+    "t.index_put_((m, j), v)": lambda t, m: t.index_put_((m, torch.tensor([1, 3])), torch.tensor(7.0)),
+    "t.index_put_((j, m), v, accumulate=True)": lambda t, m: t.index_put_((torch.tensor([1, 3]), m), torch.tensor(7.0), accumulate=True),
+    # no index tensor left: torch's kernel raises (an internal assert in torch 2.13)
+    "t.index_put_((m,), v of a row)": lambda t, m: t.index_put_((m,), torch.ones(256)),
+    "t.index_put_((m,), v, accumulate=True)": lambda t, m: t.index_put_((m,), torch.tensor(7.0), accumulate=True),
+}
+
+
+@pytest.mark.parametrize("marked", [True, False])
+@pytest.mark.parametrize("form", sorted(PUTS_BY_A_0_DIM_MASK))
+def test_a_put_by_a_0_dim_mask_past_the_tier(marked, form):
+    """``index_put_`` by a 0-dim bool mask (``torch.tensor(True)``) into a table past the device tier
+    raised IndexError ("list index out of range": its marks' positions have no dims; found by a
+    helper's probe): torch's outcome, the same bits or the same error before any page faults in.
+    torch fills by one value every element (or none: the mask broadcast), and otherwise takes no
+    index tensor from the mask."""
+    write = PUTS_BY_A_0_DIM_MASK[form]
+    mask = torch.tensor(marked)
+    dense = rows_tensor()  # 16 pages, the tier holds 8
+    try:
+        write(dense, mask)
+        dense_error = None
+    except Exception as error:  # noqa: BLE001 - compared below
+        dense_error = error
+    with make_pager() as pager:
+        table = PagedTensor.wrap(rows_tensor(), pager)
+        if dense_error is None:
+            write(table, mask)
+        else:
+            pager.evict_all()
+            faults = pager.stats()["faults"]
+            with pytest.raises(type(dense_error), match=re.escape(str(dense_error).splitlines()[0])):
+                write(table, mask)
+            assert pager.stats()["faults"] == faults
+        assert same_bits(table.materialize(), dense)
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+
+
+FILLS_BY_AN_ELEMENT_OF_THE_TABLE = {  # (t: the table, plain: a plain 16 x 8 tensor, rows, cols: index tensors on the device)
+    "t.fill_(t[5, 3])": lambda t, plain, rows, cols: t.fill_(t[5, 3]),
+    "t.T.fill_(t[5, 3])": lambda t, plain, rows, cols: t.T.fill_(t[5, 3]),
+    "t[:, 1].fill_(t[5, 3])": lambda t, plain, rows, cols: t[:, 1].fill_(t[5, 3]),
+    "t[1:].fill_(t[63, 255])": lambda t, plain, rows, cols: t[1:].fill_(t[63, 255]),
+    "t.index_fill_(0, rows, t[5, 3])": lambda t, plain, rows, cols: t.index_fill_(0, rows, t[5, 3]),
+    "t.index_fill_(-2, rows, t[5, 3])": lambda t, plain, rows, cols: t.index_fill_(-2, rows, t[5, 3]),
+    "t.index_fill_(1, cols, t[5, 3])": lambda t, plain, rows, cols: t.index_fill_(1, cols, t[5, 3]),
+    "t.T.index_fill_(1, rows, t[5, 3])": lambda t, plain, rows, cols: t.T.index_fill_(1, rows, t[5, 3]),
+    "plain.fill_(t[5, 3])": lambda t, plain, rows, cols: plain.fill_(t[5, 3]),
+    "plain.index_fill_(0, rows[::2], t[5, 3])": lambda t, plain, rows, cols: plain.index_fill_(0, rows[::2], t[5, 3]),
+}
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("form", sorted(FILLS_BY_AN_ELEMENT_OF_THE_TABLE))
+def test_a_fill_by_one_element_of_the_table_itself_past_the_tier(device, form):
+    """``fill_`` and ``index_fill_`` of a table past the device tier by one element of the table
+    itself (a 0-dim view of it) raised DeviceTierFullError (the view overlaps what is written, and
+    the op was left to take the whole table at once; found by a helper's probe): torch reads the
+    value first (``fill_`` a clone of it, ``index_fill_`` its ``item()``), and so does this. A plain
+    tensor filled by such a value takes it as torch does."""
+    write = FILLS_BY_AN_ELEMENT_OF_THE_TABLE[form]
+    generator = torch.Generator().manual_seed(3)
+    dense = torch.randn(64, 256, generator=generator).to(device)  # 16 pages, the tier holds 8
+    plain = torch.randn(16, 8, generator=generator).to(device)
+    expected_plain = plain.clone()
+    rows, cols = torch.tensor([1, 40, 5], device=device), torch.tensor([0, 3, 200], device=device)
+    with make_pager(device=device) as pager:
+        table = PagedTensor.wrap(dense.clone(), pager)
+        write(dense, expected_plain, rows, cols)
+        write(table, plain, rows, cols)
+        assert torch.equal(table.materialize(), dense)
+        assert type(plain) is torch.Tensor and torch.equal(plain, expected_plain)
+        assert not pager._pinned_ranges
+        assert pager.stats()["resident_bytes"]["device"] <= 8 * PAGE
+
+
+def test_a_put_by_a_0_dim_mask_into_a_0_dim_table_raises_torchs_error():
+    """``index_put_`` by a 0-dim bool mask into a 0-dim PagedTensor raised TypeError (``reshape()``
+    of the mask with no sizes; found by a helper's probe): torch's IndexError "too many indices for
+    tensor of dimension 0 (got 1)"."""
+    with pytest.raises(IndexError) as dense_error:
+        torch.tensor(1.5).index_put_((torch.tensor(True),), torch.tensor(5.0))
+    with make_pager() as pager:
+        table = PagedTensor.wrap(torch.tensor(1.5), pager)
+        with pytest.raises(IndexError, match=re.escape(str(dense_error.value))):
+            table.index_put_((torch.tensor(True),), torch.tensor(5.0))
+        assert same_bits(table.materialize(), torch.tensor(1.5))

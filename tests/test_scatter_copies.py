@@ -117,6 +117,7 @@ BAD_CALLS = {  # on a 64 x 256 table (rows_tensor): torch's checks, each its own
     "scatter along a dim out of range": lambda t: t.scatter(2, torch.zeros(1, 1, dtype=torch.long), 1.0),
     "masked_scatter of another source dtype": lambda t: t.masked_scatter(torch.ones(64, 256, dtype=torch.bool), torch.ones(10, dtype=torch.int64)),
     "index_put of values of another shape": lambda t: t.index_put((torch.tensor([0, 1]),), torch.ones(3, 256)),
+    "index_put of more indices than dims": lambda t: t.index_put((torch.tensor([1]),) * 3, torch.tensor(1.0)),
     "index_copy out of bounds": lambda t: t.index_copy(0, torch.tensor([64]), torch.ones(1, 256)),
     "put out of range": lambda t: t.put(torch.tensor([64 * 256]), torch.ones(1)),
     "masked_scatter by a mask that does not broadcast": lambda t: t.masked_scatter(torch.ones(3, dtype=torch.bool), torch.ones(64 * 256)),
@@ -162,3 +163,20 @@ def test_an_out_of_place_scatter_past_the_tier_reads_a_source_larger_than_the_ti
         expected = calls[op](table, source)
         got = calls[op](PagedTensor.wrap(table, pager), PagedTensor.wrap(source, pager))
         assert same_bits(got, expected)
+
+
+@pytest.mark.parametrize("form", ["t.index_put((torch.tensor(True),), v)", "t.index_put((torch.tensor(False),), v)",
+                                  "t.index_put((rows,), t[5, 3])", "t.index_fill(0, rows, t[5, 3])", "t.index_fill(1, cols, t[5, 3])"])  # fmt: skip
+def test_out_of_place_fills_by_a_0_dim_mask_or_an_element_of_the_table_past_the_tier(form):
+    """The out-of-place forms of the in-place fills that raised past the tier (a 0-dim bool mask:
+    IndexError; a value that is an element of the table itself: DeviceTierFullError; found by a
+    helper's probe): the dense op's bits, the table unchanged."""
+    rows, cols = torch.tensor([1, 40, 5]), torch.tensor([0, 3, 200])
+    calls = {
+        "t.index_put((torch.tensor(True),), v)": lambda t: t.index_put((torch.tensor(True),), torch.tensor(7.0)),
+        "t.index_put((torch.tensor(False),), v)": lambda t: t.index_put((torch.tensor(False),), torch.tensor(7.0)),
+        "t.index_put((rows,), t[5, 3])": lambda t: t.index_put((rows,), t[5, 3]),
+        "t.index_fill(0, rows, t[5, 3])": lambda t: t.index_fill(0, rows, t[5, 3]),
+        "t.index_fill(1, cols, t[5, 3])": lambda t: t.index_fill(1, cols, t[5, 3]),
+    }
+    assert_plain_result_equals_dense(rows_tensor(), [0, 1], calls[form])

@@ -1,7 +1,8 @@
 """The handler of factories written into a PagedTensor ``out=`` (``torch.zeros``, ``torch.ones``,
 ``torch.full``, ``torch.eye``; ``nn.init.eye_`` runs ``eye.m_out``): torch's own decomposition of
 each, ``out.zero_()`` / ``out.fill_(value)`` and for ``eye`` the diagonal's ``fill_(1)``, so past the
-device tier they run a piece of pages at a time as those ops do.
+device tier they run a piece of pages at a time as those ops do. And of ``fill_`` by a tensor value
+(:func:`fill_by_a_tensor`): its value read first, as torch's kernel reads it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import torch
 from torch._ops import OpOverload
 
 from pagedtensor.dispatch import DISPATCHER, aten, implements
-from pagedtensor.tensor import PagedTensor
+from pagedtensor.handlers.parts import _arguments_by_name
+from pagedtensor.tensor import PagedTensor, plain_copy
 
 
 def _result_shape(func: OpOverload, args: tuple) -> tuple[int, ...]:
@@ -55,3 +57,31 @@ def _check_eye(func: OpOverload, args: tuple, out: PagedTensor) -> None:
     ``out``'s device refuses (``uint16``, ``complex32`` on the CPU). From torch's own kernel, into an
     empty tensor of ``out``'s dtype and device (the sizes clamped to at most 0: nothing is made)."""
     func(*(min(size, 0) for size in args), out=torch.empty(0, dtype=out.dtype, device=out.device))
+
+
+@implements([aten.fill_.Tensor])
+def fill_by_a_tensor(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
+    """``t.fill_(value)`` with ``value`` a tensor: torch's check of its dims first, then a 0-dim
+    PagedTensor value read into a plain one, and the op the generic way (a piece of pages at a
+    time past the device tier).
+
+    torch's kernel refuses a value of one or more dims before anything ("fill_ only supports
+    0-dimension value tensor"), and fills by a copy of the value where it is a view of ``t``
+    (``t.fill_(t[0, 0])``): the value is read before any element is written. Read here first, the
+    value is no view of the pages written, so the pieces run (they refuse a view that may share a
+    byte they write, and the whole table at once does not fit). The check runs on one-element
+    stand-ins of the dtypes, devices and dims (no page read); the generic way of a strided view
+    (``t[:, 0].fill_(torch.tensor([[3.0]]))``, ``t.diagonal()``) raised the pager's error before
+    torch's.
+    """
+    bound = _arguments_by_name(func, args, kwargs)
+    table, value = bound["self"], bound["value"]
+    if isinstance(value, torch.Tensor) and value.dim() != 0:
+        stand_in = torch.zeros((1,) * value.dim(), dtype=value.dtype, device=value.device)
+        func(torch.empty((), dtype=table.dtype, device=table.device), stand_in)  # torch's error
+    if isinstance(value, PagedTensor):  # (0-dim: one number)
+        value = plain_copy(value)
+        if not isinstance(table, PagedTensor):
+            return func(table, value)  # a plain table: torch's own op
+        args, kwargs = (table, value), {}
+    return DISPATCHER.run_generic(func, types, args, kwargs)

@@ -103,6 +103,8 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
         A run that fails (the device tier filled by pins of another thread) leaves the runs before it
         written.
     """
+    _check_index_count(func, args, kwargs)
+    args, kwargs = _index_fill_value_read(func, args, kwargs)
     fill = _torchs_masked_fill(func, args, kwargs)
     if fill is not None:
         # torch's kernel runs masked_fill_(mask, value.item()). A mask of some of the table's dims
@@ -110,7 +112,8 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
         # to the table's dtype as masked_fill_ casts it (its overflow errors too) on a one-element
         # stand-in (only the rows the mask marks fault in).
         table, indices, mask, value = fill
-        rows = mask.dtype == torch.bool and indices[0] is not None and all(index is None for index in indices[1:])
+        # (a 0-dim mask, t[torch.tensor(True)] = v, marks no dim: every element, or none, by the mask broadcast)
+        rows = mask.dtype == torch.bool and indices[0] is not None and indices[0].dim() > 0 and all(index is None for index in indices[1:])
         if (mask.shape != table.shape and not rows) or mask.dtype != torch.bool:
             return table.masked_fill_(mask, value.item())
         # A mask of the leading dims (t[row_mask] = v) goes on as a put of its rows, as one of all dims,
@@ -195,7 +198,46 @@ def _torchs_masked_fill(func: OpOverload, args: tuple, kwargs: dict) -> Optional
         if dims + index.dim() > table.dim() or any(index.shape[j] != table.shape[dims + j] for j in range(index.dim())):
             return None  # torch's own error, from the generic way
         mask, dims = index, dims + index.dim()
-    return None if mask is None else (table, indices, mask.reshape(*mask.shape, *([1] * (table.dim() - dims))), values)
+    # (sizes as one tuple: a 0-dim mask of a 0-dim table would call reshape() with none)
+    return None if mask is None else (table, indices, mask.reshape((*mask.shape, *([1] * (table.dim() - dims)))), values)
+
+
+def _check_index_count(func: OpOverload, args: tuple, kwargs: dict) -> None:
+    """torch's IndexError for an ``index_put_`` of more indices than the table has dims ("too many
+    indices for tensor of dimension 2 (got 3)"), its kernel's first check: from the kernel itself,
+    on one-element stand-ins of the table, the indices and the values (their dtypes, devices and
+    dims; no page read). The paths by rows leave such a call to the generic way, which faults in
+    every page first (DeviceTierFullError past the tier); the masked fill's would reshape a mask
+    past the table's dims. (A meta stand-in runs another check first: ``item()`` of its values.)"""
+    if func is not aten.index_put_.default:
+        return
+    bound = _arguments_by_name(func, args, kwargs)
+    table, indices = bound["self"], bound["indices"]
+    if not isinstance(table, torch.Tensor) or len(indices) <= table.dim():
+        return
+
+    def stand_in(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        return torch.zeros((1,) * value.dim(), dtype=value.dtype, device=value.device)
+
+    func(stand_in(table), [stand_in(index) for index in indices], stand_in(bound["values"]), bound["accumulate"])
+
+
+def _index_fill_value_read(func: OpOverload, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of ``index_fill_`` by a 0-dim PagedTensor value with the value read into a
+    plain tensor, positionally; any other call's as they are. torch's kernel fills by
+    ``value.item()``, read before any row is written; a value that views the table's own pages
+    (``t.index_fill_(0, i, t[0, 0])``) would keep the op off the paths by rows (the generic way:
+    the whole table at once, DeviceTierFullError past the tier), as it does ``masked_fill_``'s
+    (:func:`masked_fill_rows` reads it first too)."""
+    if func is not aten.index_fill_.int_Tensor:
+        return args, kwargs
+    bound = _arguments_by_name(func, args, kwargs)
+    value = bound["value"]
+    if not (isinstance(value, PagedTensor) and value.dim() == 0):
+        return args, kwargs
+    return (bound["self"], bound["dim"], bound["index"], plain_copy(value)), {}
 
 
 def _as_a_masked_fill(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple]:
@@ -240,7 +282,8 @@ def masked_fill_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
     the table past the device tier, every page faulted in): a table that fits in one piece, a mask
     broadcast to ``t``, not bool, on another device or paged, a paged value of more than 0 dims (a 0-dim one
     is read first), a table with a dim of
-    stride 0 or the conjugate or negative bit (as :func:`scatter_rows` takes them).
+    stride 0 or the conjugate or negative bit (as :func:`scatter_rows` takes them), and a plain
+    table (here for a PagedTensor mask or value; it has no pages and no piece).
     """
     bound = _arguments_by_name(func, args, kwargs)
     table, mask, value = bound["self"], bound["mask"], bound["value"]
@@ -248,7 +291,8 @@ def masked_fill_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
         value = plain_copy(value)  # the table itself overlapped what is written)
         args, kwargs = (table, mask, value), {}
     marks = _put_mask(table, mask)
-    if not (marks is not None and table.dim() >= 1 and not isinstance(value, PagedTensor) and not table.is_conj() and not table.is_neg()
+    if not (isinstance(table, PagedTensor) and marks is not None and table.dim() >= 1 and not isinstance(value, PagedTensor)
+            and not table.is_conj() and not table.is_neg()
             and all(stride != 0 for size, stride in zip(table.shape, table.stride()) if size > 1)
             and _larger_than_a_piece([table])):  # fmt: skip
         return DISPATCHER.run_generic(func, types, args, kwargs)
@@ -638,8 +682,11 @@ def _mask_as_positions(request: _RowScatter) -> _RowScatter:
     """``index_put_`` by bool masks (over two or more leading dims, ``t[t > 0] = 0``, or among other
     indices, ``t[mask, j] = v``, ``t[i, mask] = v``) with each mask replaced by the index tensors of
     its positions, as torch takes it (row-major, one per dim it covers); torch's IndexError for a
-    mask of another shape than the dims it covers. A 1-D mask alone (its positions are read by
-    :func:`_index_values`) and any other request as it is."""
+    mask of another shape than the dims it covers. A 0-dim mask covers no dim and gives no index
+    tensor, as in torch's own expansion (its ``nonzero()`` has no columns); where then no index
+    tensor is left, torch's kernel's error (an internal assert in torch 2.13) from a one-row stand-in,
+    and where the first is a dim taken whole, the request as it is (the generic way). A 1-D mask
+    alone (its positions are read by :func:`_index_values`) and any other request as it is."""
     items = [request.index, *request.rest]
     if request.func is not aten.index_put_.default or not any(item is not None and item.dtype == torch.bool for item in items):
         return request
@@ -655,12 +702,18 @@ def _mask_as_positions(request: _RowScatter) -> _RowScatter:
             continue
         if dim + item.dim() > table.dim():
             return request  # torch's own error, the generic way
+        if item.dim() == 0:
+            continue
         for d in range(item.dim()):
             if item.shape[d] != table.shape[dim + d]:
                 raise IndexError(f"The shape of the mask {list(item.shape)} at index {d} does not match the shape of the "
                                  f"indexed tensor {list(table.shape)} at index {dim + d}")  # fmt: skip
         expanded += [column.to(table.device) for column in item.nonzero().unbind(1)]
         dim += item.dim()
+    if all(item is None for item in expanded):
+        _check_on_a_stand_in(request, request.index, 1)
+    if not expanded or expanded[0] is None:
+        return request
     return replace(request, index=expanded[0], rest=tuple(expanded[1:]))
 
 
