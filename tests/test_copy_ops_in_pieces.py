@@ -202,7 +202,8 @@ def test_cat_into_a_plain_out_of_another_shape_resizes_it_as_torch_does():
                 warnings.simplefilter("always")
                 assert torch.cat([paged, paged], out=out) is out
             assert same_bits(out, dense_out)
-            assert len(paged_warnings) == len(dense_warnings)
+            assert [str(w.message).split(" (Triggered internally at ")[0] for w in paged_warnings] == [
+                str(w.message).split(" (Triggered internally at ")[0] for w in dense_warnings]  # torch's text ('{str(shape)}' came)
         assert within_tier(pager)
 
 

@@ -12,7 +12,6 @@ from typing import Any, Iterator, Optional
 import torch
 from torch._ops import OpOverload
 from torch._prims_common import suggest_memory_format
-from torch._prims_common.wrappers import _maybe_resize_out
 
 from pagedtensor.config import normalize_device
 from pagedtensor.dispatch import DISPATCHER, aten, implements, refuse_internal_overlap, refuse_overlap_with_input, resize_refused
@@ -27,7 +26,7 @@ from pagedtensor.handlers.parts import (
     _plain_copy,
     copy_in_parts,
 )
-from pagedtensor.pieces import broadcast_shape, elements_apart, piece_elements_of
+from pagedtensor.pieces import broadcast_shape, elements_apart, piece_elements_of, resize_out_as
 from pagedtensor.tensor import PagedTensor, meta_layout, meta_like
 
 
@@ -156,9 +155,10 @@ def concatenate_into_out_in_pieces(func: OpOverload, types: tuple, args: tuple, 
         if layout.shape != out.shape:
             if isinstance(out, PagedTensor):
                 raise resize_refused(func, out.shape, layout.shape, args, kwargs) from None
-            _maybe_resize_out(out, layout.shape)  # a plain out= resized as torch resizes it (its warning too)
-            memory_format = _concatenated_memory_format(func, tensors, dim)  # and restrided (the meta kernel does not)
-            out.as_strided_(layout.shape, torch.empty(layout.shape, device="meta", memory_format=memory_format).stride())
+            # a plain out= resized as torch resizes it (its warning's text too), and restrided to the
+            # inputs' one memory format (the meta kernel does not restride)
+            memory_format = _concatenated_memory_format(func, tensors, dim)
+            resize_out_as(out, torch.empty(layout.shape, device="meta", memory_format=memory_format))
         slices = _stacked_slices(out, tensors, dim) if func is aten.stack.out else _concatenated_slices(out, tensors, dim)
         for target, source in slices:
             copy_in_parts(target, source)
