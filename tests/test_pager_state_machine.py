@@ -83,6 +83,9 @@ class PagerMachine(RuleBasedStateMachine):
         self.inserted: dict[tuple[int, int], int] = {}  # page -> the tick of its insert
         self.block: list[tuple[int, int]] = []  # their pages used since, the most recently used first
         self.pass_start = -1  # the use before the last of the loop page used last
+        # Page -> the tick of its last use in a loop, kept while it is off the device (until freed or
+        # advised "normal"): a loop page faulted back has it as its use before.
+        self.demoted: dict[tuple[int, int], int] = {}
         # The pages the pager sent off with each eviction's victims as the rest of their loop
         # allocations, in order: which of them may go depends on the host tier's room and the
         # pages' lower copies, which the model does not follow; it checks they are allowed.
@@ -129,10 +132,12 @@ class PagerMachine(RuleBasedStateMachine):
         self.with_bytes.update(missing)
         if use and loop:  # a block of its own, the last page used first, after the stale pages
             previous = {key: self.lru[key] for key in keys}
+            before = {key: previous[key] if previous[key] != self.inserted[key] else self.demoted.get(key) for key in keys}
             self._model_touch(keys)
             for key in keys:
-                if previous[key] != self.inserted[key]:
-                    self.pass_start = previous[key]
+                if before[key] is not None:
+                    self.pass_start = before[key]
+                self.demoted[key] = self.clock
                 if key in self.block:
                     self.block.remove(key)
                 self.block.insert(0, key)
@@ -276,6 +281,7 @@ class PagerMachine(RuleBasedStateMachine):
         (self.loop.add if loop else self.loop.discard)(allocation.id)
         if not loop:
             self.block = [key for key in self.block if key[0] != allocation.id]
+            self.demoted = {key: tick for key, tick in self.demoted.items() if key[0] != allocation.id}
 
     @precondition(lambda self: len(self.pinned) < 2)
     @rule(allocation=allocations, overwrite=st.booleans(), data=st.data())
@@ -381,6 +387,7 @@ class PagerMachine(RuleBasedStateMachine):
         self.with_bytes = {key for key in self.with_bytes if key[0] != allocation.id}
         self.inserted = {key: tick for key, tick in self.inserted.items() if key[0] != allocation.id}
         self.block = [key for key in self.block if key[0] != allocation.id]
+        self.demoted = {key: tick for key, tick in self.demoted.items() if key[0] != allocation.id}
 
     # ------------------------------------------------------------------ invariants
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pagedtensor.policies import DeferredTouches, LRUPolicy, TwoQPolicy, make_policy
@@ -113,12 +113,17 @@ def _model_victims(own: list, block: list, anchor: int, evictable) -> list:
 @pytest.mark.parametrize("name", ["lru", "2q"])
 @given(ops=st.lists(st.tuples(st.sampled_from(["insert", "touch_all", "demote_all", "end_loop", "remove", "forget"]),
                               st.lists(st.integers(0, 9), max_size=6)), max_size=40))  # fmt: skip
+# A loop key evicted and brought back: its demote before the eviction is its use before, so key 1
+# (last used before it) is stale and leaves before the block.
+@example(ops=[("insert", [0, 1]), ("demote_all", [0]), ("remove", [0]), ("insert", [0]), ("demote_all", [0])])
 def test_keys_used_in_a_loop_leave_as_a_block_after_the_stale_keys(name, ops):
     """``demote_all`` (keys used in a loop) touches the keys in the policy's own order and makes
     them a block that leaves the most recently used first, after the stale keys and before every
     other key. Stale: last used before the use before the last of the loop key demoted last (about
-    a pass of the loop ago; a key's insert is no use before). ``end_loop``, ``remove`` and
-    ``forget`` take keys out of the block. LRU is checked against a model of its order and use
+    a pass of the loop ago; a key's insert is no use before, and a key removed and inserted again
+    since its last demote counts that demote as its use before). ``end_loop``, ``remove`` and
+    ``forget`` take keys out of the block; ``end_loop`` and ``forget`` (not ``remove``) also drop
+    the key's last demote. LRU is checked against a model of its order and use
     ticks (one tick an insert, one a touch call); 2Q against its own order and ticks, with the
     block placed by the same rule."""
     policy = make_policy(name, 8)
@@ -126,6 +131,7 @@ def test_keys_used_in_a_loop_leave_as_a_block_after_the_stale_keys(name, ops):
     recency: dict[int, int] = {}  # LRU's order, least recent first -> tick of the last use
     inserted: dict[int, int] = {}  # key -> tick of its insert
     block: list[int] = []  # the loop block, the most recently used first
+    demoted: dict[int, int] = {}  # key -> tick of its last demote, kept while it is removed
     anchor = -1
     evictable = lambda key: key % 4 != 3  # noqa: E731 - some keys pinned
     for op, keys in ops:
@@ -142,21 +148,29 @@ def test_keys_used_in_a_loop_leave_as_a_block_after_the_stale_keys(name, ops):
                     del recency[key], inserted[key]
                     if key in block:
                         block.remove(key)
+                elif op == "forget":
+                    policy.forget(key)  # not resident: what the policy remembers of it goes all the same
+                if op == "forget":
+                    demoted.pop(key, None)
         elif op == "end_loop":
             policy.end_loop(keys)
             block = [key for key in block if key not in keys]
+            for key in keys:
+                demoted.pop(key, None)
         elif not all(key in recency for key in keys):
             with pytest.raises(KeyError):
                 getattr(policy, op)([key for key in keys if key not in recency][:1])
             clock += op == "touch_all"  # a touch call takes its tick before it finds the key missing
         else:
             previous = {key: recency[key] for key in keys}
+            before = {key: previous[key] if previous[key] != inserted[key] else demoted.get(key) for key in keys}
             getattr(policy, op)(keys)
             clock += 1
             for key in keys:
                 if op == "demote_all":
-                    if previous[key] != inserted[key]:
-                        anchor = previous[key]
+                    if before[key] is not None:
+                        anchor = before[key]
+                    demoted[key] = clock
                     if key in block:
                         block.remove(key)
                     block.insert(0, key)
@@ -348,3 +362,70 @@ def test_a_freed_or_discarded_page_leaves_no_ghost_in_two_q(how):
         pager.write(allocations["a"], torch.ones(page, dtype=torch.uint8))
         assert dead in pager.device_policy.policy.a1in, "a discarded page written again came back hot"
     pager.close()
+
+
+def _loop_beside_stale_faults(policy: str, loop_pages: int, device_pages: int, stale_pages: int, warm_passes: int,
+                              advise_first: bool, passes: int) -> tuple[list[int], list[int], int]:  # fmt: skip
+    """A real pager (CPU tiers, no prefetch): ``loop_pages`` one-page allocations advised "loop" (before
+    or after they are written), used ``warm_passes`` times, then ``stale_pages`` one-page allocations
+    written once and never used again; then ``passes`` passes over the loop. The faults of each warm
+    pass and of each pass after the stale writes, and how many stale pages are still on the device."""
+    import torch
+
+    from pagedtensor import MemoryConfig, Pager
+
+    page = 4096
+    pager = Pager(MemoryConfig(page_size=page, vram_limit=device_pages * page, host_memory=256 * page, slab_size=256 * page,
+                               prefetch_strategy="none", eviction_policy=policy, device="cpu"))  # fmt: skip
+    loop = [pager.allocate(page) for _ in range(loop_pages)]
+    for index, allocation in enumerate(loop):
+        if advise_first:
+            pager.advise(allocation, "loop")
+        pager.write(allocation, torch.full((page,), index, dtype=torch.uint8))
+    if not advise_first:
+        for allocation in loop:
+            pager.advise(allocation, "loop")
+
+    def one_pass() -> int:
+        before = pager.stats()["faults"]
+        for allocation in loop:
+            with pager.ensure_resident(allocation):
+                pass
+        return pager.stats()["faults"] - before
+
+    warm = [one_pass() for _ in range(warm_passes)]
+    stale = [pager.allocate(page) for _ in range(stale_pages)]
+    for allocation in stale:
+        pager.write(allocation, torch.full((page,), 200, dtype=torch.uint8))
+    faults = [one_pass() for _ in range(passes)]
+    stale_left = sum(pager.page_table(allocation)[0].tier == "device" for allocation in stale)
+    for index, allocation in enumerate(loop):
+        assert torch.equal(pager.read(allocation), torch.full((page,), index, dtype=torch.uint8))
+    pager.close()
+    return warm, faults, stale_left
+
+
+@pytest.mark.parametrize("policy", ["lru", "2q"])
+@pytest.mark.parametrize("warm_passes", [0, 2])
+def test_a_loop_that_fits_stops_faulting_when_stale_pages_filled_the_tier_after_it(policy, warm_passes):
+    """Four one-page allocations advised "loop" on an eight-page device tier, then eight pages written
+    once and never used again, which push the loop out. By recency the loop faults once and then stays
+    resident. Advised, a faulted loop page's use before (a pass ago, before it was evicted) must count
+    too: when only a resident loop page's did, no loop page was ever found used a pass ago, no page
+    ever counted as stale, and each faulted loop page evicted the one used just before it: 4 faults
+    every pass, forever, while 7 stale pages kept their slots."""
+    _, faults, stale_left = _loop_beside_stale_faults(policy, 4, 8, 8, warm_passes, True, 5)
+    assert faults[2:] == [0, 0, 0], faults
+    assert stale_left == 4
+
+
+@pytest.mark.parametrize("policy", ["lru", "2q"])
+@given(loop_pages=st.integers(1, 6), spare=st.integers(0, 4), stale_pages=st.integers(0, 20), warm_passes=st.integers(0, 2),
+       advise_first=st.booleans())  # fmt: skip
+@settings(max_examples=40, deadline=None)
+def test_a_loop_that_fits_beside_any_number_of_stale_pages_stops_faulting(policy, loop_pages, spare, stale_pages, warm_passes, advise_first):
+    """A loop of L one-page allocations on a device tier of L pages or more, beside any number
+    of pages written once and never used again after the loop's writes and passes: it faults in at
+    most its first two passes after them, then never again (as by recency)."""
+    _, faults, _ = _loop_beside_stale_faults(policy, loop_pages, loop_pages + spare, stale_pages, warm_passes, advise_first, 5)
+    assert faults[2:] == [0, 0, 0], faults

@@ -28,6 +28,10 @@ class EvictionPolicy(abc.ABC, Generic[K]):
         # The use before the last of the loop key used last (about a pass of the loop ago): keys
         # last used before it are stale, and leave before the loop block.
         self._pass_start: Optional[int] = None
+        # Loop key -> the tick of its last use as one (demote_all), kept while the key is off the
+        # tier (remove) and dropped only by forget and end_loop: a loop key evicted and brought back
+        # (faulted or prefetched) still has its use before, a pass ago, to tell the pass start by.
+        self._loop_uses: dict[K, int] = {}
 
     def _tick(self) -> int:
         """The next use's tick (a counter: only the order of ticks matters)."""
@@ -63,36 +67,60 @@ class EvictionPolicy(abc.ABC, Generic[K]):
         The block's place among the other keys: those last used before the loop key used last was
         used the time before (about a pass of the loop ago) are stale and leave before the block
         (pages written once and never used again); every other key leaves after it (a KV cache's
-        pages, used once a pass too). A key just inserted has no use before this one to tell."""
+        pages, used once a pass too).
+
+        A key's use before this one is its last use in the tier, or, if it arrived since (an insert
+        is no use: a fault or a prefetch brought it back), its last use as a loop key before it
+        left, which the policy remembers; a key with neither (used in a loop for the first time)
+        has none to tell. Remembering matters: were only resident keys' uses counted, a loop that
+        fits, pushed out by pages written after its last pass, would fault every key back in with
+        no use before, so no key would ever count as stale, each faulted key would evict the one
+        used just before it, and the loop would fault whole every pass while the stale pages kept
+        their slots."""
         keys = list(keys)
         previous = list(map(self._last_use, keys))  # KeyError for a key not resident, before any change
         self.touch_all(keys)
+        now = self._clock  # this use's tick (LRU's and 2Q's touch_all take one tick for all the keys)
         inserted = self._inserted
+        uses = self._loop_uses
         for key, tick in zip(reversed(keys), reversed(previous)):  # the last key with a use before this one
-            if inserted.get(key) != tick:  # a use before this one, not this use's own insert
+            if inserted.get(key) != tick:  # a use before this one since it arrived, not its insert
                 self._pass_start = tick
+                break
+            before = uses.get(key)  # arrived since: its last use as a loop key before it left
+            if before is not None:
+                self._pass_start = before
                 break
         loop = self._loop
         move_to_end = loop.move_to_end
         for key in keys:
             loop[key] = None
             move_to_end(key, last=False)
+        uses.update(dict.fromkeys(keys, now))  # in C, not a store a key in the loop above
 
     def end_loop(self, keys: Iterable[K]) -> None:
         """``keys`` are no longer used in a loop: they leave by the policy's own order again."""
-        loop = self._loop
+        loop, uses = self._loop, self._loop_uses
         for key in keys:
             loop.pop(key, None)
+            uses.pop(key, None)
 
     @abc.abstractmethod
     def remove(self, key: K) -> None:
-        """``key`` left the tier (evicted or freed). Implementations also drop it from the loop block."""
+        """``key`` left the tier (evicted or freed). Implementations also drop it from the loop block
+        (not its last use as a loop key: :meth:`demote_all` reads it if the key comes back)."""
 
     def forget(self, key: K) -> None:
         """``key``'s page was freed or its bytes discarded: keep no history of it. The key may be
-        resident (it leaves the tier) or not (a policy that remembers evicted keys drops it)."""
+        resident (it leaves the tier) or not (a policy that remembers evicted keys drops it).
+        Overrides drop its last use as a loop key too (:meth:`_forget_loop_use`)."""
+        self._forget_loop_use(key)
         if key in self:
             self.remove(key)
+
+    def _forget_loop_use(self, key: K) -> None:
+        """Drop the last use as a loop key that :meth:`demote_all` remembers of ``key``."""
+        self._loop_uses.pop(key, None)
 
     def remembered(self) -> list[K]:
         """The keys this policy remembers that are not resident (2Q's ghosts); none by default."""

@@ -65,8 +65,10 @@ class TwoQPolicy(EvictionPolicy[K]):
             del self.am[key]
 
     def forget(self, key: K) -> None:
-        """Drop every trace of ``key``, ghost included (the page was freed, not evicted)."""
+        """Drop every trace of ``key``, ghost and last use as a loop key included (the page was
+        freed, not evicted)."""
         self._forget_key(key)
+        self._forget_loop_use(key)
         self.a1in.pop(key, None)
         self.am.pop(key, None)
         self.a1out.pop(key, None)
