@@ -111,6 +111,25 @@ def test_nonzero_of_rows_wider_than_a_piece_and_into_out(device):
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_nonzero_past_the_tier_into_an_out_of_the_results_shape_keeps_its_strides(device):
+    """An ``o`` of the result's shape is written as it is laid out, as torch writes it: it was
+    restrided column-major, so a row-major ``o`` came back with other strides and an ``o`` viewing
+    columns of a larger buffer had its indices written over other elements of the buffer."""
+    values = (torch.rand(64, 256, generator=torch.Generator().manual_seed(1)) > 0.9).float().to(device)  # 16 pages
+    count = int(values.count_nonzero())
+    with make_pager(device) as pager:
+        paged = PagedTensor.wrap(values.clone(), pager)
+        out, expected = (torch.empty(count, 2, dtype=torch.long, device=device) for _ in range(2))
+        torch.nonzero(values, out=expected)
+        assert torch.nonzero(paged, out=out) is out
+        assert out.stride() == expected.stride() and torch.equal(out, expected)
+        buffer, expected_buffer = (torch.full((count, 4), -1, dtype=torch.long, device=device) for _ in range(2))
+        torch.nonzero(values, out=expected_buffer[:, 1:3])
+        torch.nonzero(paged, out=buffer[:, 1:3])
+        assert torch.equal(buffer, expected_buffer)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_nonzero_past_the_tier_into_an_out_of_another_dtype_raises_torchs_error(device):
     """``torch.nonzero(t, out=o)`` past the tier with an ``o`` not of int64 raises torch's error (it
     raised DeviceTierFullError, having sent ``o`` the generic way), and writes nothing."""

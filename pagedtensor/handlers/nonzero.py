@@ -67,8 +67,8 @@ def _stand_in(table: PagedTensor) -> torch.Tensor:
 @implements([aten.nonzero.out])
 def nonzero_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> Any:
     """``torch.nonzero(t, out=o)`` of a PagedTensor larger than a piece: :func:`nonzero_in_row_pieces`,
-    then ``o`` resized as torch's kernel resizes it (with its warning where ``o`` has elements of
-    another shape) and written; an ``o`` of another dtype or device raises torch's error first. Any
+    then ``o``, where its shape is not the result's, resized as torch's kernel resizes it (with its
+    warning where it has elements), and written; an ``o`` of another dtype or device raises torch's error first. Any
     other call runs the generic way."""
     table, out = args[0], kwargs.get("out")
     if (not isinstance(table, PagedTensor) or isinstance(out, PagedTensor) or not isinstance(out, torch.Tensor)
@@ -79,5 +79,6 @@ def nonzero_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
     probe = torch.empty(0, dtype=out.dtype, device=out.device)
     func(_stand_in(table), out=probe)
     result = nonzero_in_row_pieces(aten.nonzero.default, types, (table,), {})
-    resize_out_as(out, _empty_laid_out_as(probe, tuple(result.shape)))
+    if out.shape != result.shape:  # an out= of the result's shape keeps its strides (a view of a larger buffer)
+        resize_out_as(out, _empty_laid_out_as(probe, tuple(result.shape)))
     return out.copy_(result)
