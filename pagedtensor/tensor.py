@@ -981,6 +981,17 @@ class PagedTensor(torch.Tensor):
         return copied
 
 
+# Frames torch.compile's frame hook meets at run time, outside any graph, that it must not compile:
+# ``__torch_dispatch__`` of an op run eagerly at a graph break (``a[a > 0]``): compiled, it and its
+# resume functions were a dozen frames guarded on the op and its arguments, recompiled for new
+# PagedTensors of the same shapes (a warmed-up function failed under ``set_stance("fail_on_recompile")``);
+# and the numpy conversions Dynamo calls for a graph's numpy outputs (``a.numpy()`` returned): compiled,
+# they were traced on a tensor with no pages ("numpy() is not supported for tensor subclasses").
+for _method in (PagedTensor.__torch_dispatch__, PagedTensor.numpy, PagedTensor.__array__, PagedTensor._numpy_copy):
+    _skip_frame(getattr(_method, "__func__", _method).__code__)
+del _method
+
+
 # Attributes PagedTensor itself keeps in ``__dict__`` (a deep copy rebuilds them; the rest are users').
 _OWN_ATTRIBUTES = frozenset({"_paged", "_offset", "_inner", "_materialized", "_span", "_meta", "_view_root", "_owner_storage", "_is_param"})
 

@@ -438,6 +438,46 @@ def test_an_op_run_at_a_graph_break_dispatches_with_the_frame_hook_off(pager, ba
     assert hooks_seen and not any(hooks_seen), "the dispatcher ran with torch.compile's frame hook on"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_warmed_up_function_with_a_graph_break_does_not_recompile_for_new_paged_tensors(pager, backend):
+    """The op run at the graph break reached ``PagedTensor.__torch_dispatch__`` with the frame hook
+    on, which compiled that frame and its resume functions, guarded on the op's arguments: new
+    PagedTensors of the same shapes recompiled them, so ``set_stance("fail_on_recompile")`` raised
+    after any warm-up, where plain tensors run on. Those frames are skipped now."""
+
+    def fn(a):
+        return a.sin().sum() + a[a > 0].sum()
+
+    compiled = torch.compile(fn, backend=backend)
+    for _ in range(3):
+        compiled(PagedTensor.wrap(torch.randn(4, 5), pager))
+    xs = [torch.randn(4, 5) for _ in range(3)]
+    expected = [compiled(x) for x in xs]  # the compiled plain function (inductor's sums are its own)
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        for x, plain in zip(xs, expected):
+            assert torch.equal(compiled(PagedTensor.wrap(x.clone(), pager)), plain)
+    finally:
+        torch.compiler.set_stance("default")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_of_a_paged_tensor_in_a_function_compiled_with_graph_breaks(pager, backend):
+    """``a.numpy()`` (and ``np.asarray(a)``) returned by a function compiled without ``fullgraph``:
+    Dynamo converts the output with ``numpy(force=True)`` while its frame hook is on, which traced
+    PagedTensor's numpy methods on a stand-in with no pages (TorchRuntimeError: "numpy() is not
+    supported for tensor subclasses"); the ndarray comes back as for a plain tensor."""
+    import numpy
+
+    x = torch.randn(4, 5)
+    for fn in (lambda a: (a * 2, a.numpy()), lambda a: (a * 2, a[1:].numpy()), lambda a: (a.sum(), numpy.asarray(a))):
+        torch._dynamo.reset()
+        expected = torch.compile(fn, backend=backend)(x)
+        torch._dynamo.reset()
+        got = torch.compile(fn, backend=backend)(PagedTensor.wrap(x.clone(), pager))
+        assert isinstance(got[1], numpy.ndarray) and numpy.array_equal(got[1], expected[1])
+
+
 FUNC_TRANSFORMS = {
     "grad": lambda a, w: torch.func.grad(lambda r: (r * w).sin().sum())(a),
     "grad_and_value": lambda a, w: torch.func.grad_and_value(lambda r: (r * w).sin().sum())(a)[0],
