@@ -111,7 +111,7 @@ from pagedtensor.interrupts import deferring, pager_call
 from pagedtensor.list_ops import bump_written_versions, run_list_op
 from pagedtensor.outside_transforms import below_transforms_and_modes, in_a_transform_or_mode
 from pagedtensor.pager import Pager, ResidentPages, WrittenPages
-from pagedtensor.pieces import _raise_torchs_error_on_stand_ins, is_elementwise, pages_reached, run_in_pieces
+from pagedtensor.pieces import _raise_torchs_error_on_stand_ins, is_elementwise, pages_reached, run_in_pieces, small_stand_in
 from pagedtensor.tensor import (
     PagedStorage,
     PagedTensor,
@@ -1238,6 +1238,148 @@ def _torchs_random_argument_error(func: OpOverload, args: tuple, kwargs: dict) -
     return None
 
 
+def _fresh_meta_stand_in(value: Any) -> Any:
+    """A tensor as a new meta tensor of its shape, strides, dtype and math bits (its own storage, so
+    an op that resizes or writes it touches no PagedTensor's cached meta view); anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return with_math_bits(torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta"), math_bits(value))
+    return value
+
+
+def _cpu_stand_in(value: Any) -> Any:
+    """A tensor as a CPU tensor for :func:`torchs_argument_error`'s run of torch's kernel: a
+    PagedTensor a zero of its dtype broadcast to its shape (``expand``: one element of memory, no
+    page read), a plain tensor a CPU copy of its values (an index or ``offs`` may be checked by value;
+    a copy, so that nothing the op writes is the caller's); anything else as it is."""
+    if isinstance(value, PagedTensor):
+        return with_math_bits(torch.zeros((), dtype=value.dtype).expand(value.shape), math_bits(value))
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    return value
+
+
+def torchs_argument_error(op: Callable[..., Any], args: tuple, kwargs: dict, dtypes: bool = False) -> Optional[Exception]:
+    """torch's own error where ``op`` refuses its arguments' shapes (``mm`` of ``3x30`` by
+    ``32x512``, ``nonzero_static`` of a negative ``size``, ``split_copy`` into outputs of the wrong
+    shape), for an op about to raise the pager's error past the tier: within the tier the kernel
+    raises it on the dense views, past it no kernel runs, and the README promises torch's error for
+    bad input. On the error path only, never a resident run's. ``op`` an aten op or a function of
+    them (:func:`~pagedtensor.handlers.linear.paged_linear`'s ``F.linear``).
+
+    1. ``op`` on new meta tensors of the arguments' layouts (:func:`_fresh_meta_stand_in`): torch's
+       shape checks, no memory. A meta kernel that is missing, or needs values (``NotImplementedError``,
+       or its message names meta tensors: ``item``, ``nonzero``), says nothing: None.
+    2. Where the meta kernel raises, its wording is often not the kernel's (``a and b must have same
+       reduction dim`` for ``mat1 and mat2 shapes cannot be multiplied``), so torch's CPU kernel runs
+       on :func:`_cpu_stand_in`\ s (PagedTensors as zeros broadcast to their shapes: no page read) and
+       its error is returned, unless it is about the stand-ins' broadcast layout rather than the
+       caller's (:func:`_unless_the_stand_ins`). Where the CPU kernel
+       takes them (a meta kernel stricter than it: ``_grouped_mm``'s bf16 check) the pager's error
+       stands: None (that run computed the op on zeros, a cost paid on this error path only).
+    3. With ``dtypes`` (an op taking no sizes, only tensors: ``mm``, ``F.linear``, whose meta
+       kernels do not check dtypes), where the meta run passes: ``op`` on small stand-ins of the
+       tensors' devices (at most two indices a dim: their shapes stay consistent), for torch's dtype
+       errors (``expected m1 and m2 to have the same dtype``), in the wording of their device's kernel.
+
+    Only for ops without side effects beyond their arguments: the caller leaves out random ops
+    (they would draw from the caller's generator) and ops outside torch's own namespaces."""
+    if any(isinstance(value, torch.Tensor) and (value.layout != torch.strided or value.is_nested) for value in tree_leaves((args, kwargs))):
+        return None  # no strides to stand in for
+    if isinstance(op, OpOverload) and _holds_a_wrapped_number(op, args, kwargs):
+        return None  # a composite kernel's wrapped number, which the op refuses only as it reaches us
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            op(*tree_map(_fresh_meta_stand_in, args), **tree_map(_fresh_meta_stand_in, kwargs))
+        except NotImplementedError:
+            return None
+        except Exception as meta_error:  # noqa: BLE001 - torch's check, in the meta kernel's words
+            if "meta" in str(meta_error).lower():  # the meta kernel needs values it does not have
+                return None
+            try:
+                op(*tree_map(_cpu_stand_in, args), **tree_map(_cpu_stand_in, kwargs))
+            except Exception as error:  # noqa: BLE001 - torch's own error, for the caller
+                return _unless_the_stand_ins(error, meta_error, args, kwargs)
+            return None
+        if not dtypes:
+            return None
+        try:
+            if isinstance(op, OpOverload):
+                _raise_torchs_error_on_stand_ins(op, args, kwargs)
+            else:
+                op(*tree_map(small_stand_in, args), **tree_map(small_stand_in, kwargs))
+        except Exception as error:  # noqa: BLE001 - torch's own complaint about the dtypes, for the caller
+            return error
+    return None
+
+
+def _holds_a_wrapped_number(func: OpOverload, args: tuple, kwargs: dict) -> bool:
+    """Whether a Python number stands where ``func``'s schema types a Tensor (``bitwise_and.Scalar``'s
+    composite kernel calls ``bitwise_and.Tensor`` with one, which reaches ``__torch_dispatch__`` as a
+    number): the op called again with it refuses its type, an error torch never shows the caller
+    (:func:`~pagedtensor.pieces._raise_torchs_error_on_stand_ins` makes it a tensor for the dtype checks)."""
+    arguments = func._schema.arguments
+    by_name = {argument.name: argument for argument in arguments}
+    pairs = [*zip(arguments, args), *((by_name.get(name), value) for name, value in kwargs.items())]
+    return any(argument is not None and isinstance(argument.type, torch.TensorType) and type(value) in (bool, int, float, complex)
+               for argument, value in pairs)  # fmt: skip
+
+
+def _unless_the_stand_ins(error: Exception, meta_error: Exception, args: tuple, kwargs: dict) -> Optional[Exception]:
+    """``error``, the CPU kernel's on :func:`_cpu_stand_in`\ s, unless it is about the stand-ins'
+    own layout rather than the caller's: a PagedTensor's stand-in is broadcast, every stride 0, which
+    a kernel may refuse (overlapping elements of a written tensor; ``_grouped_mm``'s ``Invalid
+    strides/sizes``) where the real tensor has none. Then the meta kernel's error (on the real
+    layouts) stands where it names the same complaint, else None (the meta kernel refused something
+    else, which the CPU kernel's checks may not: the pager's error stands)."""
+    message = str(error)
+    paged = [value for value in tree_leaves((args, kwargs)) if isinstance(value, PagedTensor)]
+    if "single memory location" in message and not any(map(overlaps_itself, paged)):
+        return meta_error if "single memory location" in str(meta_error) else None
+    if "stride" in message.lower() and any(any(value.stride()) for value in paged):
+        return meta_error if "stride" in str(meta_error).lower() else None
+    return error
+
+
+# Ops whose arguments are tensors alone, no sizes (matrix products): stand-ins of at most two
+# indices a dim keep their shapes consistent, so a run on them finds the dtype errors that their
+# meta kernels do not check (:func:`torchs_argument_error` with ``dtypes``).
+_SIZELESS_PRODUCTS = frozenset(
+    getattr(packet, name)
+    for packet in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.addbmm, aten.mv, aten.addmv, aten.dot,
+                   aten.vdot, aten.addr, aten.linear)
+    for name in packet.overloads()
+)  # fmt: skip
+
+
+def _torchs_noise_shape_error(func: OpOverload, args: tuple, kwargs: dict) -> Optional[Exception]:
+    """torch's error for ``rrelu_with_noise`` (a random op) with a ``noise`` of another shape than
+    ``self`` (``noise tensor shape must match self tensor shape``), which its kernel checks before it
+    draws or writes: the kernel run on CPU zeros broadcast to both shapes (no page read, no memory
+    of their sizes, nothing of the caller's written) with a generator of its own, so no number is
+    drawn from the caller's. None where the shapes match (the pager's error stands)."""
+    if func.overloadpacket not in (aten.rrelu_with_noise, aten.rrelu_with_noise_):
+        return None
+    names = [argument.name for argument in func._schema.arguments]
+    bound = {**dict(zip(names, args)), **kwargs}
+    self, noise = bound.get("self"), bound.get("noise")
+    if not isinstance(self, torch.Tensor) or not isinstance(noise, torch.Tensor) or self.shape == noise.shape:
+        return None
+    stand_ins = {name: torch.zeros((), dtype=value.dtype).expand(value.shape) if isinstance(value, torch.Tensor) else value
+                 for name, value in bound.items()}  # fmt: skip
+    stand_ins["generator"] = torch.Generator()
+    stand_ins["out"] = torch.empty(0, dtype=self.dtype) if "out" in stand_ins else None
+    if stand_ins["out"] is None:
+        del stand_ins["out"]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            func(**stand_ins)
+    except Exception as error:  # noqa: BLE001 - torch's own error, for the caller
+        return error
+    return None
+
+
 def _as_pagers_error(error: "_OpTooLarge", func: OpOverload, info: OpInfo, args: tuple, kwargs: dict) -> Exception:
     """``error`` as the pager's error type that caused it (DeviceTierFullError where the device
     tier was the bound), for the caller, or torch's overlap error where the op writes a PagedTensor
@@ -1251,12 +1393,20 @@ def _as_pagers_error(error: "_OpTooLarge", func: OpOverload, info: OpInfo, args:
     refuses the arguments (:func:`_torchs_random_argument_error`), else it names the way round: a
     plain tensor filled and copied in, or for one that writes no PagedTensor (``torch.bernoulli(t)``)
     the op on a plain copy. An elementwise op or a reduction whose operands' dtypes torch refuses
-    gives torch's error (:func:`_torchs_dtype_error`), as it does within the tier."""
+    gives torch's error (:func:`_torchs_dtype_error`), as it does within the tier; so does any other
+    aten op whose shapes (or, for a matrix product, dtypes) torch refuses (:func:`torchs_argument_error`:
+    ``mm`` of ``3x30`` by ``32x512``, ``nonzero_static`` of a negative size, ``split_copy`` into
+    outputs of the wrong shape), and ``rrelu_with_noise`` of a noise of another shape
+    (:func:`_torchs_noise_shape_error`), all checked on stand-ins on this error path only."""
     pagers_type = type(error.__cause__) if isinstance(error.__cause__, OutOfPagesError) else OutOfPagesError
     message = str(error)
     leaves = _paged_leaves(args, kwargs)
     written = _written_leaves(info, args, kwargs)
     refused = _torchs_random_argument_error(func, args, kwargs) if info.random else _torchs_overlap_error(func, args, kwargs, written)
+    if refused is None and info.random:
+        refused = _torchs_noise_shape_error(func, args, kwargs)
+    if refused is None and not info.random and not info.collective and func.namespace in ("aten", "prims"):
+        refused = torchs_argument_error(func, args, kwargs, dtypes=func in _SIZELESS_PRODUCTS)
     if refused is None:
         refused = _torchs_dtype_error(func, info, args, kwargs)
     if refused is not None:

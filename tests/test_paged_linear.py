@@ -217,3 +217,26 @@ def test_paged_linear_keeps_a_forward_mode_tangent_of_its_weight():
         got = forward_ad.unpack_dual(paged_linear(x, forward_ad.make_dual(PagedTensor.wrap(weight, pager), tangent), bias))
         assert got.tangent is not None and torch.equal(got.tangent, expected.tangent)
         assert torch.equal(got.primal, expected.primal)
+
+
+@pytest.mark.parametrize("x", [torch.randn(3, 30), torch.randn(3, 512, dtype=torch.float64)], ids=["inner_dim", "dtype"])
+def test_paged_linear_past_the_tier_with_bad_arguments_raises_torchs_error(x):
+    """paged_linear of a weight past the tier, with an input torch refuses (another inner dim or
+    dtype): torch's own error, as F.linear gives, no page faulted in; not the pager's."""
+    from pagedtensor import MemoryConfig, Pager
+
+    w = torch.randn(32, 512)
+    config = MemoryConfig(page_size=4096, vram_limit=2 * 4096, host_memory=256 * 4096, slab_size=256 * 4096,
+                          prefetch_strategy="none", device="cpu")  # fmt: skip
+    with Pager(config) as pager:
+        W = PagedTensor.wrap(w, pager=pager)
+        with pytest.raises(RuntimeError) as expected:
+            F.linear(x, w)
+        before = pager.stats()["faults"]
+        with pytest.raises(RuntimeError) as got:
+            paged_linear(x, W)
+        assert type(got.value) is type(expected.value)
+        assert str(expected.value).splitlines()[0] in str(got.value)
+        assert pager.stats()["faults"] == before
+        with pytest.raises(DeviceTierFullError):  # valid arguments: the pager's error stands
+            paged_linear(torch.randn(3, 512), W)

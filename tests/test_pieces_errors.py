@@ -136,3 +136,74 @@ def test_an_in_place_op_past_the_tier_torch_refuses_for_its_dtype():
         XI = PagedTensor.wrap(xi.clone(), pager=pager)
         assert_same_error(lambda: xi.clone()[:, ::2].add_(1.5), lambda: XI[:, ::2].add_(1.5))
         assert torch.equal(XI.materialize(), xi)
+
+
+def _faults(pager: Pager) -> int:
+    return pager.stats()["faults"]
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda x, w: torch.mm(x, w.t()),
+        lambda x, w: torch.addmm(torch.zeros(3, 32), x, w.t()),
+        lambda x, w: torch.nn.functional.linear(x, w),
+    ],
+    ids=["mm", "addmm", "linear"],
+)
+@pytest.mark.parametrize("x", [torch.randn(3, 30), torch.randn(3, 512, dtype=torch.float64)], ids=["inner_dim", "dtype"])
+def test_a_matrix_product_past_the_tier_with_bad_arguments_raises_torchs_error(op, x):
+    """Past the tier, a product whose inner dims or dtypes torch refuses gives torch's error (its
+    meta kernel finds the shapes, its kernel on stand-ins the words; small stand-ins the dtypes), no
+    page faulted in, as within the tier; not DeviceTierFullError."""
+    w = torch.randn(32, 512)  # 16 pages, past the 2-page tier
+    with make_pager(2) as pager:
+        W = PagedTensor.wrap(w, pager=pager)
+        before = _faults(pager)
+        assert_same_error(lambda: op(x, w), lambda: op(x, W))
+        assert _faults(pager) == before
+
+
+def test_nonzero_static_of_a_negative_size_past_the_tier_raises_torchs_error():
+    w = torch.randn(32, 512)
+    with make_pager(2) as pager:
+        W = PagedTensor.wrap(w, pager=pager)
+        before = _faults(pager)
+        assert_same_error(lambda: torch.nonzero_static(w, size=-1), lambda: torch.nonzero_static(W, size=-1))
+        assert _faults(pager) == before
+
+
+def test_rrelu_with_a_noise_of_another_shape_past_the_tier_raises_torchs_error_writing_nothing():
+    """A random op's argument check (the noise's shape) on stand-ins with a generator of its own:
+    torch's error, the caller's noise and generator untouched."""
+    x = torch.randn(32, 512)
+    with make_pager(2) as pager:
+        X = PagedTensor.wrap(x, pager=pager)
+        for training in (True, False):
+            noise = torch.zeros(5)
+            state = torch.get_rng_state()
+            before = _faults(pager)
+            assert_same_error(lambda: torch.ops.aten.rrelu_with_noise(x, torch.zeros(5), 0.1, 0.3, training),
+                              lambda: torch.ops.aten.rrelu_with_noise(X, noise, 0.1, 0.3, training))  # fmt: skip
+            assert _faults(pager) == before
+            assert torch.equal(noise, torch.zeros(5)) and torch.equal(torch.get_rng_state(), state)
+
+
+def test_split_copy_into_outputs_of_the_wrong_shape_past_the_tier_raises_torchs_error_writing_nothing():
+    x = torch.randn(32, 512)
+    with make_pager(2) as pager:
+        X = PagedTensor.wrap(x, pager=pager)
+        outs = [torch.zeros(3), torch.zeros(3)]
+        before = _faults(pager)
+        assert_same_error(lambda: torch.split_copy(x, 16, out=[torch.zeros(3), torch.zeros(3)]), lambda: torch.split_copy(X, 16, out=outs))
+        assert _faults(pager) == before
+        assert all(torch.equal(out, torch.zeros(3)) for out in outs)
+        assert torch.equal(X.materialize(), x)
+
+
+def test_a_valid_matrix_product_past_the_tier_still_raises_the_pagers_error():
+    """The stand-in check says nothing where torch takes the arguments: the pager's error stands."""
+    with make_pager(2) as pager:
+        W = PagedTensor.wrap(torch.randn(32, 512), pager=pager)
+        with pytest.raises(DeviceTierFullError):
+            torch.mm(torch.randn(3, 32), W)

@@ -190,3 +190,19 @@ def test_arguments_torch_refuses_raise_its_error_before_any_page_is_read(offs, e
         with pytest.raises(RuntimeError, match=error):
             torch._grouped_mm(torch.randn(12, 32) if mat_a is None else mat_a, paged.transpose(-2, -1), offs=offs, bias=bias)
         assert pager.stats()["faults"] == before
+
+
+@pytest.mark.parametrize("offs", [[8, 4, 12], [4, 8, 20], [8, 4, 6], [20, 2, 5], [12, 0, 12]])
+def test_offs_out_of_order_or_past_mat_a_past_the_tier_give_torchs_cpu_result(offs):
+    """torch's CPU kernel takes ``offs`` out of order or past ``mat_a`` (each group a clamped slice of
+    rows, written in order): past the tier so does the paged stack, the rows of some group the
+    dense op's bits (it raised DeviceTierFullError)."""
+    stack, a = torch.randn(3, 64, 128), torch.randn(12, 64)
+    o = torch.tensor(offs, dtype=torch.int32)
+    with make_pager(2) as pager:  # one expert is 8 pages
+        got = torch._grouped_mm(a, PagedTensor.wrap(stack, pager), offs=o)
+    expected = torch._grouped_mm(a, stack, offs=o)
+    starts = [0, *offs[:-1]]
+    covered = sorted({row for start, end in zip(starts, offs) for row in range(min(start, 12), min(max(end, start), 12))})
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert torch.equal(got[covered], expected[covered])

@@ -39,10 +39,9 @@ def grouped_mm_of_routed_experts(func: OpOverload, types: tuple, args: tuple, kw
     routed = _routed_experts(args, kwargs)
     if routed is None:
         return DISPATCHER.run_paged(func, types, args, kwargs)
-    mat_a, mat_b, offs, ends = routed
+    mat_a, mat_b, offs, starts, ends = routed
     out_dtype = args[4] if len(args) > 4 else kwargs.get("out_dtype")
     experts = mat_b.shape[0]
-    starts = [0, *ends[:-1]]
     routed_experts = [expert for expert in range(experts) if ends[expert] > starts[expert]]
     if not routed_experts:  # no row at all: the dense op's layout, its values unspecified, no page read
         return func(mat_a, _unread_stack(mat_b), torch.zeros_like(offs), out_dtype=out_dtype)
@@ -125,9 +124,16 @@ def _check_as_torch(args: tuple, kwargs: dict) -> None:
     torch.ops.aten._grouped_mm.default(args[0], _unread_stack(args[1]), *args[2:], **kwargs)
 
 
-def _routed_experts(args: tuple, kwargs: dict) -> Optional[tuple[torch.Tensor, PagedTensor, torch.Tensor, list[int]]]:
-    """``(mat_a, mat_b, offs, offs as a list)`` when ``_grouped_mm``'s ``mat_b`` is a paged stack of
-    expert matrices and ``offs`` their groups' row ends (int32, one per expert), else ``None``."""
+def _routed_experts(args: tuple, kwargs: dict) -> Optional[tuple[torch.Tensor, PagedTensor, torch.Tensor, list[int], list[int]]]:
+    """``(mat_a, mat_b, offs, starts, ends)`` when ``_grouped_mm``'s ``mat_b`` is a paged stack of
+    expert matrices and ``offs`` their groups' row ends (int32, one per expert), each expert's rows
+    ``starts[e]:ends[e]`` of ``mat_a``, else ``None``.
+
+    ``offs`` out of order or past ``mat_a``'s rows: torch's CPU kernel (``_grouped_mm_fallback``)
+    takes them, each group ``e`` the rows ``mat_a[offs[e - 1]:offs[e]]`` as a slice clamps them
+    (none where the end comes first, none past the last row), the groups written in order (a later
+    group's rows over an earlier's); on the CPU so do these. Elsewhere (CUDA's kernels assume ordered
+    ``offs``) and for a negative ``offs``, the generic way: torch's own behaviour within the tier."""
     mat_a, mat_b = args[0], args[1]
     offs = args[2] if len(args) > 2 else kwargs.get("offs")
     if not isinstance(mat_b, PagedTensor) or mat_b._inner is not None or mat_b.dim() != 3 or mat_b.numel() == 0 or mat_b.is_conj():
@@ -143,5 +149,9 @@ def _routed_experts(args: tuple, kwargs: dict) -> Optional[tuple[torch.Tensor, P
     ends = offs.tolist()
     starts = [0, *ends[:-1]]
     if any(end < start for start, end in zip(starts, ends)) or ends[-1] > mat_a.shape[0]:
-        return None  # offs out of order or past mat_a: torch's own behaviour, the generic way
-    return mat_a, mat_b, offs, ends
+        if offs.device.type != "cpu" or mat_a.device.type != "cpu" or min(ends) < 0:
+            return None  # torch's own behaviour, the generic way
+        rows = mat_a.shape[0]
+        starts = [min(start, rows) for start in starts]  # as the CPU kernel's slices clamp them
+        ends = [max(min(end, rows), start) for start, end in zip(starts, ends)]
+    return mat_a, mat_b, offs, starts, ends

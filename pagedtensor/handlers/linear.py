@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 from torch.autograd import forward_ad
 
-from pagedtensor.dispatch import _empty_like_leaf, _Window
+from pagedtensor.dispatch import _empty_like_leaf, _Window, torchs_argument_error
 from pagedtensor.errors import OutOfPagesError, SlabAllocationError, out_of_pages_for
 from pagedtensor.interrupts import deferring
 from pagedtensor.tensor import PagedTensor, byte_span
@@ -36,6 +36,8 @@ def paged_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     on it after ``linear``, so a slot is reused only after the read.
 
     Raises:
+        RuntimeError: torch's own error where ``linear`` refuses the arguments (shapes, dtypes), also
+            where the weight does not fit, as within the tier.
         OutOfPagesError: the weight does not fit on the device tier beside the pinned pages.
     """
     return _with_resident_weight(torch.nn.functional.linear, input, weight, bias)
@@ -89,6 +91,12 @@ def _on_the_weights_pages(op: Callable[..., torch.Tensor], input: torch.Tensor, 
     except SlabAllocationError:  # the machine's memory, not the weight's size: raised as it is
         raise
     except OutOfPagesError as error:
+        # The weight does not fit: where torch refuses the arguments (an input of another inner dim
+        # or dtype), its own error, as within the tier, before the pager's (checked on stand-ins,
+        # no page read: torchs_argument_error).
+        refused = torchs_argument_error(op, (input, weight, bias), {}, dtypes=True)
+        if refused is not None:
+            raise refused from None
         raise type(error)(out_of_pages_for(f"{op.__name__}: its PagedTensor weight", error, plural=False)) from error
     try:
         return op(input, window.dense(weight), bias)  # a new tensor: never a view of the slots
