@@ -1052,6 +1052,9 @@ class PagedKVCache(Cache):
         pads, first, are zeros). Pages holding no position from ``start`` on are not read."""
         layer = self.layers[layer_idx]
         geometry = layer.geometry
+        if geometry is None:  # its shapes come with its first update
+            raise ValueError(f"PagedKVCache.dense_kv: layer {layer_idx} holds no keys and values yet (no update since "
+                             f"the cache was made or reset)")  # fmt: skip
         shape = (len(layer.seqs), geometry.kv_heads, layer.total - start)
         keys = torch.zeros((*shape, geometry.head_dim), dtype=self.dtype, device=self.device)
         values = torch.zeros((*shape, geometry.value_dim), dtype=self.dtype, device=self.device)

@@ -67,6 +67,19 @@ def test_dense_kv_round_trips_through_host_and_disk(nvme_dir):
     assert pager.stats()["allocations"] == 0
 
 
+def test_dense_kv_of_a_layer_with_no_update_yet_names_the_layer(nvme_dir):
+    """A layer gets its shapes with its first update: ``dense_kv`` of one before it (a new cache, or
+    one reset) raised ``AttributeError: 'NoneType' object has no attribute 'kv_heads'``."""
+    cache = PagedKVCache(pager=_pager(nvme_dir), num_layers=2)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="layer 1 holds no keys and values yet"):
+            cache.dense_kv(1)
+        _fill(cache, 2, 1, [3])
+        assert cache.dense_kv(1)[0].shape == (1, KV_HEADS, 3, HEAD_DIM)
+        cache.reset()
+    cache.close()
+
+
 def test_left_padding_stores_real_tokens_only(nvme_dir):
     cache = PagedKVCache(pager=_pager(nvme_dir, vram_pages=8), num_layers=1)
     written = _fill(cache, 1, 3, [30, 1], pads=[0, 5, 29])
