@@ -469,15 +469,21 @@ def test_an_index_of_a_dtype_or_shape_torch_refuses_past_the_tier_raises_the_den
     with make_pager() as pager:
         t = PagedTensor.wrap(values.contiguous() if not transposed else values.T.contiguous(), pager)
         t = t.T if transposed else t
-        with pytest.raises(Exception) as dense_error:
-            op(values)
-        pager.evict_all()
-        before = pager.stats()["faults"]
-        with pytest.raises(dense_error.type) as paged_error:
-            op(t)
-        assert str(dense_error.value).splitlines()[0] in str(paged_error.value)
-        assert pager.stats()["faults"] == before
+        _assert_raises_the_dense_error_with_no_fault(op, values, t, pager)
         assert within_tier(pager)
+
+
+def _assert_raises_the_dense_error_with_no_fault(op: Callable, values: torch.Tensor, t: PagedTensor, pager: Pager) -> None:
+    """``op`` of the PagedTensor ``t`` raises the error ``op`` of ``values`` raises (its type, its first
+    line), with every page evicted first and none faulted in."""
+    with pytest.raises(Exception) as dense_error:
+        op(values)
+    pager.evict_all()
+    before = pager.stats()["faults"]
+    with pytest.raises(dense_error.type) as paged_error:
+        op(t)
+    assert str(dense_error.value).splitlines()[0] in str(paged_error.value)
+    assert pager.stats()["faults"] == before
 
 
 @pytest.mark.parametrize(
@@ -497,15 +503,7 @@ def test_bad_indices_apart_past_the_tier_raise_the_dense_error(op):
     error, before any page faults in."""
     values = torch.randn(40, 3, 16, 8)
     with make_pager() as pager:
-        t = PagedTensor.wrap(values.clone(), pager)
-        with pytest.raises(Exception) as dense_error:
-            op(values)
-        pager.evict_all()
-        before = pager.stats()["faults"]
-        with pytest.raises(dense_error.type) as paged_error:
-            op(t)
-        assert str(dense_error.value).splitlines()[0] in str(paged_error.value)
-        assert pager.stats()["faults"] == before
+        _assert_raises_the_dense_error_with_no_fault(op, values, PagedTensor.wrap(values.clone(), pager), pager)
 
 
 @pytest.mark.parametrize(
