@@ -338,6 +338,9 @@ class PagerMachine(RuleBasedStateMachine):
             self.data[key[0]][key[1] * PAGE : key[1] * PAGE + page.nbytes] = old
             if key not in still_pinned:  # the zero-filled slot is dropped; a pinned one is refilled
                 self._model_drop(key)
+                # (forgotten by the policy, as a page whose bytes were to go: its last use as a loop
+                # page with it)
+                self.demoted.pop(key, None)
 
     @rule(allocation=allocations, data=st.data())
     def write_back(self, allocation, data):
