@@ -855,7 +855,7 @@ class _Window:
                 self.gathered = False
                 self.slab, slot_in_slab = divmod(first_slot, tier.slab_pages)
                 self.slab_byte = slot_in_slab * page_size  # where byte ``first_byte`` sits in the slab
-                self.slab_span = tier.slab_spans[self.slab]
+                self.slab_span = self._of_the_open_pager(lambda: tier.slab_spans[self.slab])
                 self.runs: Optional[list[tuple[int, torch.Tensor]]] = None
                 self._buf: Optional[torch.Tensor] = None
                 self._bounded: Optional[torch.UntypedStorage] = None
@@ -879,8 +879,18 @@ class _Window:
         if self._buf is None:
             if self.gathered:
                 raise RuntimeError("a window made with gather=False has no buffer: read it with copy_into")
-            self._buf = self.tier.slabs[self.slab][self.slab_byte : self.slab_byte + self.nbytes]
+            slab = self._of_the_open_pager(lambda: self.tier.slabs[self.slab])
+            self._buf = slab[self.slab_byte : self.slab_byte + self.nbytes]
         return self._buf
+
+    def _of_the_open_pager(self, read: Callable[[], Any]) -> Any:
+        """``read()`` of the device tier's slab tables; where another thread closed the pager
+        meanwhile (its slabs are gone: an IndexError), its PagerClosedError."""
+        try:
+            return read()
+        except IndexError:
+            self.resident.pager._check_open()
+            raise
 
     def copy_into(self, lo: int, hi: int, target: torch.Tensor) -> None:
         """Copy bytes ``[lo, hi)`` of the allocation into the uint8 tensor ``target`` (current
