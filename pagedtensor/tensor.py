@@ -29,6 +29,7 @@ import contextlib
 import copy
 import functools
 import logging
+import os
 import multiprocessing.context
 import multiprocessing.reduction
 import pickle
@@ -163,6 +164,26 @@ def _new_storage(cls: type[PagedStorage], pager: Pager, nbytes: int, name: Optio
 
 # The weak reference of each live PagedStorage with an allocation, whose callback frees it.
 _STORAGE_REFS: set[weakref.ref] = set()
+
+
+def _write_locks_after_fork_in_child() -> None:
+    """A forked child gets each storage's write lock as it was at the fork: held for good where
+    another thread of the parent was inside an op writing it (that thread does not run in the
+    child), so the child's first write to the tensor waited forever. Each such storage gets a fresh
+    lock: its pages are as that op left them at the fork, as a plain tensor's bytes would be (the
+    pager drops that thread's pins in the child, :func:`pagedtensor.pager._after_fork_in_child`). A
+    lock this thread holds (a fork from inside an op) stays."""
+    for storage_ref in list(_STORAGE_REFS):
+        storage = storage_ref()
+        if storage is None:
+            continue
+        if storage.write_lock.acquire(blocking=False):  # free, or held by this thread: it stays
+            storage.write_lock.release()
+        else:
+            storage.write_lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_write_locks_after_fork_in_child)
 
 
 @runs_whole

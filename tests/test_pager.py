@@ -2146,7 +2146,8 @@ def test_free_called_by_a_finalizer_inside_a_pager_call_waits_for_the_next_call(
 
 def _in_a_forked_child(check: Callable[[], int], then: Callable[[], object] = lambda: None) -> int:
     """The code ``check()`` returns in a forked child (run there, reported through a pipe; 9 where it
-    raised); ``then()`` runs in the parent once the child is done, whatever happened."""
+    raised, -1 where the child ended with none: a signal killed it); ``then()`` runs in the parent
+    once the child is done, whatever happened."""
     import os
 
     try:
@@ -2161,9 +2162,9 @@ def _in_a_forked_child(check: Callable[[], int], then: Callable[[], object] = la
                 os._exit(0)
         os.close(write_end)
         os.waitpid(pid, 0)
-        code = os.read(read_end, 1)[0]
+        reported = os.read(read_end, 1)
         os.close(read_end)
-        return code
+        return reported[0] if reported else -1
     finally:
         then()
 
@@ -2189,6 +2190,36 @@ def test_a_forked_child_lets_go_of_the_pins_of_the_parents_other_threads():
                               then=lambda: (done.set(), thread.join()))  # fmt: skip
     assert code == 0
     assert torch.equal(pager.read(read_allocation), random_bytes(2 * PAGE, 4))
+    pager.close()
+
+
+def test_a_child_forked_while_another_thread_writes_a_paged_tensor_can_write_it():
+    """A fork while another thread is inside an op writing a PagedTensor (past its fault-in, not in
+    the pager): the child's copy of the storage's write lock stayed held by a thread that does not
+    run there, and the child's first write to the tensor waited for good (11 of 30 forks of a worker
+    looping ``x[r].add_(0)``). The child now writes it, as it would a plain tensor."""
+    import signal
+
+    pager = make_pager(device_pages=8)
+    values = torch.randn(8, 256)
+    tensor = PagedTensor.wrap(values.clone(), pager)
+    inside, done = threading.Event(), threading.Event()
+
+    def writer() -> None:  # holds the write lock as an op writing the tensor does, from fault-in to write-back
+        with tensor._paged.write_lock:
+            inside.set()
+            done.wait(30)
+
+    def in_the_child() -> int:
+        signal.alarm(30)  # a child that waits for good ends, and its code is never written
+        tensor.add_(1)
+        return 0 if torch.equal(tensor.materialize(), values + 1) else 3
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    inside.wait()
+    assert _in_a_forked_child(in_the_child, then=lambda: (done.set(), thread.join())) == 0
+    assert torch.equal(tensor.materialize(), values)
     pager.close()
 
 
