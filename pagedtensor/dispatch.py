@@ -1378,9 +1378,8 @@ def _torchs_noise_shape_error(func: OpOverload, args: tuple, kwargs: dict) -> Op
     stand_ins = {name: torch.zeros((), dtype=value.dtype).expand(value.shape) if isinstance(value, torch.Tensor) else value
                  for name, value in bound.items()}  # fmt: skip
     stand_ins["generator"] = torch.Generator()
-    stand_ins["out"] = torch.empty(0, dtype=self.dtype) if "out" in stand_ins else None
-    if stand_ins["out"] is None:
-        del stand_ins["out"]
+    if "out" in stand_ins:
+        stand_ins["out"] = torch.empty(0, dtype=self.dtype)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

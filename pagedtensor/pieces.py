@@ -301,8 +301,11 @@ def _resize_as_torch(func: OpOverload, args: tuple, kwargs: dict, out: torch.Ten
 
 def resize_out_as(out: torch.Tensor, result: torch.Tensor) -> None:
     """Resize the plain ``out`` to ``result``'s shape and strides, as a dense kernel's
-    ``resize_output`` does, with its warning where ``out`` has elements and another shape."""
-    if out.numel() and out.shape != result.shape:  # the dense kernel's resize_output warns so (a C++ warning; this one is Python's)
+    ``resize_output`` does, with its warning where ``out`` has elements; an ``out`` of ``result``'s
+    shape is left as it is (its strides too: a view of a larger buffer is written where it lies)."""
+    if out.shape == result.shape:
+        return
+    if out.numel():  # the dense kernel's resize_output warns so (a C++ warning; this one is Python's)
         warnings.warn(
             f"An output with one or more elements was resized since it had shape {list(out.shape)}, which does not match the "
             f"required output shape {list(result.shape)}. This behavior is deprecated, and in a future PyTorch release outputs "

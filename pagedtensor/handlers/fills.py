@@ -14,6 +14,7 @@ from torch._ops import OpOverload
 
 from pagedtensor.dispatch import DISPATCHER, aten, implements
 from pagedtensor.handlers.parts import _arguments_by_name
+from pagedtensor.pieces import one_element_stand_in
 from pagedtensor.tensor import PagedTensor, plain_copy
 
 
@@ -77,8 +78,7 @@ def fill_by_a_tensor(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
     bound = _arguments_by_name(func, args, kwargs)
     table, value = bound["self"], bound["value"]
     if isinstance(value, torch.Tensor) and value.dim() != 0:
-        stand_in = torch.zeros((1,) * value.dim(), dtype=value.dtype, device=value.device)
-        func(torch.empty((), dtype=table.dtype, device=table.device), stand_in)  # torch's error
+        func(torch.empty((), dtype=table.dtype, device=table.device), one_element_stand_in(value))  # torch's error
     if isinstance(value, PagedTensor):  # (0-dim: one number)
         value = plain_copy(value)
         if not isinstance(table, PagedTensor):

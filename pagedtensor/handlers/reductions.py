@@ -364,8 +364,7 @@ def reduce_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
                 raise too_large
             values = values if isinstance(values, tuple) else (values,)
         for out, meta, value in zip(outs, metas, values):
-            if out.shape != meta.shape:
-                resize_out_as(out, meta)  # torch's resize of an out= tensor, with its warning's text
+            resize_out_as(out, meta)  # torch's resize of an out= tensor of another shape, with its warning's text
             out.copy_(value)
         return tuple(outs) if len(outs) > 1 else outs[0]
 

@@ -27,7 +27,7 @@ from pagedtensor.handlers.row_gathers import (
     _rows_can_be_copied,
     _rows_compacted,
 )
-from pagedtensor.pieces import piece_elements_of
+from pagedtensor.pieces import one_element_stand_in, piece_elements_of
 from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping, plain_copy
 
 
@@ -215,13 +215,7 @@ def _check_index_count(func: OpOverload, args: tuple, kwargs: dict) -> None:
     table, indices = bound["self"], bound["indices"]
     if not isinstance(table, torch.Tensor) or len(indices) <= table.dim():
         return
-
-    def stand_in(value: Any) -> Any:
-        if not isinstance(value, torch.Tensor):
-            return value
-        return torch.zeros((1,) * value.dim(), dtype=value.dtype, device=value.device)
-
-    func(stand_in(table), [stand_in(index) for index in indices], stand_in(bound["values"]), bound["accumulate"])
+    func(*map(one_element_stand_in, (table, list(indices), bound["values"])), bound["accumulate"])
 
 
 def _index_fill_value_read(func: OpOverload, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
