@@ -1281,7 +1281,7 @@ def torchs_argument_error(op: Callable[..., Any], args: tuple, kwargs: dict, dty
        or its message names meta tensors: ``item``, ``nonzero``), says nothing: None.
     2. Where the meta kernel raises, its wording is often not the kernel's (``a and b must have same
        reduction dim`` for ``mat1 and mat2 shapes cannot be multiplied``), so torch's CPU kernel runs
-       on :func:`_cpu_stand_in`\ s (PagedTensors as zeros broadcast to their shapes: no page read) and
+       on :func:`_cpu_stand_in` stand-ins (PagedTensors as zeros broadcast to their shapes: no page read) and
        its error is returned, unless it is about the stand-ins' broadcast layout rather than the
        caller's (:func:`_unless_the_stand_ins`). Where the CPU kernel
        takes them (a meta kernel stricter than it: ``_grouped_mm``'s bf16 check) the pager's error
@@ -1336,7 +1336,7 @@ def _holds_a_wrapped_number(func: OpOverload, args: tuple, kwargs: dict) -> bool
 
 
 def _unless_the_stand_ins(error: Exception, meta_error: Exception, args: tuple, kwargs: dict) -> Optional[Exception]:
-    """``error``, the CPU kernel's on :func:`_cpu_stand_in`\ s, unless it is about the stand-ins'
+    """``error``, the CPU kernel's on :func:`_cpu_stand_in` stand-ins, unless it is about the stand-ins'
     own layout rather than the caller's: a PagedTensor's stand-in is broadcast, every stride 0, which
     a kernel may refuse (overlapping elements of a written tensor; ``_grouped_mm``'s ``Invalid
     strides/sizes``) where the real tensor has none. Then the meta kernel's error (on the real
