@@ -8,6 +8,7 @@ registry is collected (``PagerCollector``), so the fault-in path never takes the
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -59,10 +60,29 @@ class PagerMetrics:
         self._collector: Optional[PagerCollector] = collector
 
     def close(self) -> None:
-        """Take this pager's metrics out of the registry (a closed pager's names are free again)."""
-        if self._collector is not None:
-            self.registry.unregister(self._collector)
-            self._collector = None
+        """Take this pager's metrics out of the registry (a closed pager's names are free again).
+
+        The registry's lock is not reentrant, and a garbage collection may run this (the pager's
+        finalizer) on a thread inside a call of the registry (``register``, a scrape) that holds
+        it, where ``unregister`` would wait for ever. So where the lock is held, by this thread or
+        another, a thread of its own unregisters once the lock is free: the names are free again
+        a moment later, never while the registry's call is still running.
+        """
+        collector, self._collector = self._collector, None
+        if collector is None:
+            return
+        lock = getattr(self.registry, "_lock", None)  # prometheus_client's CollectorRegistry's
+        if lock is None or not hasattr(lock, "acquire"):
+            self.registry.unregister(collector)
+            return
+        if lock.acquire(blocking=False):
+            lock.release()
+            self.registry.unregister(collector)  # may wait for another thread's call, never on this thread
+            return
+        try:
+            threading.Thread(target=_unregister, args=(self.registry, collector), name="pagedllm-metrics-unregister", daemon=True).start()
+        except RuntimeError:  # no new threads at interpreter shutdown: the registry goes with it
+            pass
 
     def count(self, name: str, amount: int = 1) -> None:
         """Add ``amount`` to counter ``name`` (the caller holds the pager's lock)."""
@@ -75,6 +95,14 @@ class PagerMetrics:
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)
+
+
+def _unregister(registry: CollectorRegistry, collector: "PagerCollector") -> None:
+    """``registry.unregister(collector)``, on a thread of its own: waits for the registry's lock."""
+    try:
+        registry.unregister(collector)
+    except KeyError:  # unregistered by someone else meanwhile
+        pass
 
 
 class PagerCollector:

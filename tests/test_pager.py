@@ -1788,6 +1788,51 @@ def test_a_forked_child_cannot_use_the_disk_tier_and_leaves_the_page_file(tmp_pa
     pager.close()
 
 
+def test_a_pager_finalized_inside_a_registry_call_does_not_hang_it():
+    """A pager dropped without close() in a reference cycle is finalized by whichever garbage
+    collection runs next. One that ran inside a call of the pager's registry (``register`` of a new
+    pager's metrics, a scrape) holds the registry's lock, which is not reentrant: the finalizer's
+    ``unregister`` waited on it for ever, and ``Pager(...)`` never returned."""
+    registry = CollectorRegistry()
+    config = MemoryConfig(vram_limit=4 * PAGE, host_memory=4 * PAGE, page_size=PAGE, device="cpu", prefetch_strategy="none")
+
+    class CollectsGarbageWhenDescribed:
+        """A collector whose ``describe`` (run by ``register`` under the registry's lock) collects garbage."""
+
+        def describe(self):
+            gc.collect()
+            return []
+
+        def collect(self):
+            return []
+
+    def register_while_a_dropped_pager_is_collected() -> None:
+        gc.disable()
+        try:
+            pager = Pager(config, registry=registry)
+            pager.itself = pager  # a cycle: only a garbage collection frees it
+            dropped.append(weakref.ref(pager))
+            del pager
+        finally:
+            gc.enable()
+        registry.register(CollectsGarbageWhenDescribed())
+
+    dropped: list = []
+    worker = threading.Thread(target=register_while_a_dropped_pager_is_collected, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "register() hung: the dropped pager's finalizer waited on the registry's lock"
+    assert dropped[0]() is None
+    deadline = time.monotonic() + 10  # its names leave the registry once the lock is free
+    while True:
+        try:
+            Pager(config, registry=registry).close()
+            break
+        except ValueError:
+            assert time.monotonic() < deadline, "the dropped pager's metrics stayed in the registry"
+            time.sleep(0.01)
+
+
 def test_a_closed_pager_frees_its_metric_names_and_a_bad_registry_is_named():
     from prometheus_client import CollectorRegistry
 
