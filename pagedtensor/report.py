@@ -26,6 +26,6 @@ def traffic_rows(stats: dict, disk_engine: str = "") -> list[Row]:
 def print_rows(rows: Iterable[Row], out: TextIO) -> None:
     """One indented line per ``(name, value, note)``, names and values aligned."""
     rows = list(rows)
-    width = max(len(name) for name, _, _ in rows)
+    width = max((len(name) for name, _, _ in rows), default=0)
     for name, value, note in rows:
         print(f"  {name.ljust(width)}  {value:>14}  {note}".rstrip(), file=out)

@@ -244,3 +244,13 @@ def test_python_dash_m_pagedtensor_runs_the_command():
     assert "every byte came back" in done.stdout
     wrong = subprocess.run([sys.executable, "-m", "pagedtensor", "demo", "--size", "12 parsecs"], capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and "pagedllm demo: error: argument --size" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_print_rows_aligns_names_and_prints_nothing_for_no_rows():
+    from pagedtensor.report import print_rows
+
+    out = io.StringIO()
+    print_rows([], out)  # raised "max() arg is an empty sequence"
+    assert out.getvalue() == ""
+    print_rows([("faults", 3, "pages"), ("evictions", 12, "")], out)
+    assert out.getvalue().splitlines() == ["  faults                  3  pages", "  evictions              12"]
