@@ -305,11 +305,22 @@ def optional_int(name: str, value: object, minimum: int) -> int | None:
     return int(value)
 
 
+def _has_storage_to_check(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s memory can be checked for overlap here: a plain tensor outside tracing,
+    not wrapped by a ``torch.func`` transform (a vmap-batched tensor's type is ``torch.Tensor`` but it
+    has no storage; the op then sees the dense items, or torch refuses the op naming it)."""
+    return (
+        type(tensor) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+    )
+
+
 def refuse_internal_overlap(written: torch.Tensor, name: str) -> None:
     """Raise torch's in-place error where elements of ``written`` share memory (``expand``: programs
     writing different elements would write the same bytes; on a GPU, a race), as torch's kernels
     refuse such a written tensor. Plain tensors only: a PagedTensor's op runs this on its dense one."""
-    if type(written) is torch.Tensor and not torch.compiler.is_compiling() and overlaps_itself(written):
+    if _has_storage_to_check(written) and overlaps_itself(written):
         raise RuntimeError(
             f"unsupported operation: more than one element of {name} refers to a single memory location "
             f"(strides {written.stride()} of shape {tuple(written.shape)}). Please clone() the tensor before performing the operation."
@@ -320,8 +331,8 @@ def refuse_shared_memory(written: torch.Tensor, read: torch.Tensor, written_name
     """Raise torch's in-place error where ``read`` shares memory with ``written`` (a kernel would read
     elements other programs already wrote; on a GPU, a race), as torch's ``assert_no_overlap`` does:
     only for two non-empty tensors that are each non-overlapping and dense (others it cannot tell)."""
-    if type(written) is not torch.Tensor or type(read) is not torch.Tensor or torch.compiler.is_compiling():
-        return  # subclasses and fake tensors: their ops run this on the dense tensors
+    if not (_has_storage_to_check(written) and _has_storage_to_check(read)):
+        return  # subclasses, fake and functorch-wrapped tensors: their ops run this on the dense tensors
     if written.numel() == 0 or read.numel() == 0:
         return
     if not (dense_and_non_overlapping(written.shape, written.stride()) and dense_and_non_overlapping(read.shape, read.stride())):

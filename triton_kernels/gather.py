@@ -286,6 +286,31 @@ def _paged_scatter_fake(src, pages, block_table, start_pos):
     return None
 
 
+def _paged_scatter_vmap(info, in_dims, src, pages, block_table, start_pos):
+    """vmap of the scatter: each item written into its own pool, as a loop of calls would.
+
+    ``pages`` must be batched where any other argument is (as torch's in-place ops under vmap
+    require of the tensor they write): items writing different tokens into one pool would race for
+    its slots.
+    """
+    if in_dims[1] is None:
+        batched = [name for name, dim in zip(("src", "pages", "block_table", "start_pos"), in_dims) if dim is not None]
+        raise RuntimeError(
+            f"vmap: paged_scatter writes pages in place, but pages is not batched while {', '.join(batched)} is: "
+            "every item would write the one pool. Batch pages too (one pool an item), or run the items as a loop"
+        )
+
+    def item(value, dim, index):
+        return value if dim is None else value.select(dim, index)
+
+    for index in range(info.batch_size):
+        _paged_scatter_op(*(item(value, dim, index) for value, dim in zip((src, pages, block_table, start_pos), in_dims)))
+    return None, None
+
+
+_paged_scatter_op.register_vmap(_paged_scatter_vmap)
+
+
 def paged_scatter(
     src: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, start_pos: int | torch.Tensor
 ) -> None:

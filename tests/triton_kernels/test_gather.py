@@ -260,6 +260,35 @@ def test_gather_and_scatter_under_torch_func_transforms():
         torch.func.functionalize(write)(kv.k_pages.clone())
 
 
+def test_scatter_under_vmap_writes_each_item_into_its_pool():
+    """vmap of a scatter over pools (and over their new tokens, or the same tokens into each pool)
+    writes each item as a loop of calls does; one pool under batched tokens is refused with torch's
+    in-place vmap words. It raised naming an internal aten op (the overlap check on vmap's wrapped
+    tensors), then torch's 'Batching rule not implemented for pagedllm::paged_scatter'."""
+    gen = torch.Generator().manual_seed(13)
+    pools = torch.randn((3, 4, 16, 1, 16), generator=gen).to(DEVICE)
+    table = torch.tensor([[2, 0], [1, 3]], dtype=torch.int32, device=DEVICE)
+    start = torch.tensor([14, 0], dtype=torch.int32, device=DEVICE)
+    srcs = torch.randn((3, 2, 5, 1, 16), generator=gen).to(DEVICE)
+
+    def write(pages, src):
+        paged_scatter(src, pages, table, start)
+        return pages
+
+    for in_dims in ((0, 0), (0, None)):
+        written = pools.clone()
+        out = torch.func.vmap(write, in_dims=in_dims)(written, srcs if in_dims[1] == 0 else srcs[0])
+        for i in range(3):
+            expected = pools[i].clone()
+            paged_scatter(srcs[i] if in_dims[1] == 0 else srcs[0], expected, table, start)
+            assert_same(written[i], expected, f"vmap scatter in_dims {in_dims} item {i}")
+            assert_same(out[i], expected, f"vmap scatter in_dims {in_dims} result {i}")
+    one_pool = pools[0].clone()
+    with pytest.raises(RuntimeError, match="vmap.*paged_scatter.*pages"):
+        torch.func.vmap(write, in_dims=(None, 0))(one_pool, srcs)
+    assert torch.equal(one_pool, pools[0]), "a refused scatter wrote"
+
+
 def test_scatter_refuses_pages_whose_elements_share_memory():
     """A pool whose elements share memory (heads expanded from one) would have one head's keys
     overwrite the other's (on a GPU, a race): refused with torch's in-place words, as copy_ into it
