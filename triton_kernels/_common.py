@@ -406,7 +406,7 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
         # the kernels take scale * log2(e) as an fp32 argument: past the fp32 range it is inf, the output NaN
         raise ValueError(f"scale must be at most {_FP32_MAX / _LOG2_E:.6g} "
                          f"(scale * log2(e) must fit fp32, as the kernels compute it), got {scale}")  # fmt: skip
-    if not math.isfinite(value) or value <= 0:
+    if not 0 < value < math.inf:  # NaN too; comparisons (not math.isfinite) also trace a symbolic scale (1 / x.shape[0])
         raise ValueError(f"scale must be a positive finite float, got {scale}")
     return value
 

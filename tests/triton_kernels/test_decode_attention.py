@@ -228,6 +228,21 @@ def test_decode_op_passes_opcheck_and_compiles():
     torch.testing.assert_close(lse, ref_lse, atol=0, rtol=0, msg=lambda m: f"compiled decode lse: {m}")
 
 
+def test_decode_compiles_with_a_scale_computed_from_a_dynamic_shape():
+    """``scale=1 / x.shape[0]`` under ``dynamic=True`` is a symbolic float: the scale's check
+    (``math.isfinite``) stopped a fullgraph trace."""
+    kv, q = make_case([20, 5], num_heads=4, num_kv_heads=2, head_dim=16, page_tokens=16, dtype=torch.float32, seed=16)
+    pages = (kv.k_pages.nan_to_num(), kv.v_pages.nan_to_num())
+
+    def attend(q, divisor):
+        return paged_decode_attention(q, *pages, kv.block_table, kv.seq_lens, scale=1.0 / divisor.shape[0])
+
+    compiled = torch.compile(attend, backend="eager", dynamic=True, fullgraph=True)
+    for size in (8, 5):
+        divisor = torch.zeros(size)
+        torch.testing.assert_close(compiled(q, divisor), attend(q, divisor), atol=0, rtol=0, msg=lambda m: f"scale 1/{size}: {m}")
+
+
 def test_decode_bad_arguments_name_the_argument():
     kv, q = make_case([20], num_heads=4, num_kv_heads=2, head_dim=16, page_tokens=16, dtype=torch.float16, seed=15)
     args = (kv.k_pages, kv.v_pages, kv.block_table, kv.seq_lens)
