@@ -362,7 +362,7 @@ def dim_cases(draw) -> tuple[tuple[int, ...], torch.dtype, str, str, int, str, D
     ndim = len(shape)
     negative = st.booleans()
     if DIM_REDUCTIONS[name][2]:  # one or several distinct dims, in any order, some counted from the end
-        dims = draw(st.lists(st.integers(0, ndim - 1), min_size=1, max_size=ndim, unique=True))
+        dims = draw(st.lists(st.integers(0, ndim - 1), min_size=0, max_size=ndim, unique=True))  # [] too: all or no dims, by the op
     else:
         dims = [draw(st.integers(0, ndim - 1))]
     dims = tuple(d - ndim if draw(negative) else d for d in dims)
@@ -385,10 +385,12 @@ def test_reductions_along_dims_give_the_dense_result(case, seed):
 
 def dims_of(name: str, ndim: int) -> list[Dims]:
     """Every single dim (and the last counted from the end) for an op of one dim; for an op of
-    several, pairs, a reversed pair with a negative dim, and all but the first."""
+    several, pairs, a reversed pair with a negative dim, all but the first, and none (``()``: every
+    dim for ``amax`` / ``sum`` / ``count_nonzero``, no dim for ``any`` / ``all``, whose results
+    torch's kernels lay out contiguous, not as the input)."""
     if not DIM_REDUCTIONS[name][2]:
         return [(d,) for d in range(ndim)] + [(-1,)]
-    return [(0,), (1,), (0, 2), (-1, 1), tuple(range(1, ndim))]
+    return [(0,), (1,), (0, 2), (-1, 1), tuple(range(1, ndim)), ()]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "row steps", "expanded"])

@@ -69,6 +69,10 @@ def reduce_in_parts(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
     if not _reduces_in_parts(func, args, kwargs):
         return DISPATCHER.run_paged(func, types, args, kwargs)
     layout = func(meta_like(source), *args[1:], **kwargs)  # torch's errors (a dim out of range) first
+    if func in (aten.any.dims, aten.all.dims):
+        # torch's kernels lay the result out contiguous (ATen's reduction meta); the Python meta
+        # kernel keeps the input's layout for no dim (dim=())
+        layout = torch.empty(layout.shape, dtype=layout.dtype, device="meta")
     reduced = _reduced_dims(func, args, kwargs, source.dim())
     if reduced is not None:
         return _reduce_along_dims(func, source, reduced, kwargs, layout)
