@@ -512,7 +512,7 @@ def test_gpu_reductions_along_dims_run_in_parts_on_cuda():
                 if not applies(dense.dtype):
                     continue
                 for view in (lambda t: t, lambda t: t.t()):
-                    for dims in ((0,), (-1,), (0, 1)) if several else ((0,), (-1,)):
+                    for dims in ((0,), (-1,), (0, 1), ()) if several else ((0,), (-1,)):
                         for keepdim in (False, True):
                             got, want = op(view(paged), dims, keepdim), op(view(dense), dims, keepdim)
                             assert same_result(got, want, nan_as_value=name in DIM_KERNEL_NAN_BITS), (name, dims, keepdim)
