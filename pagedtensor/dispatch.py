@@ -1209,20 +1209,30 @@ _RANDOM_FILLS = frozenset(
 )  # fmt: skip
 
 
+def _draws_a_new_tensor_from_self(func: OpOverload) -> bool:
+    """Whether ``func`` is a functional random op that takes a generator (``normal`` of a mean
+    tensor, ``bernoulli``, ``poisson``, ``_standard_gamma``): it writes no argument, so its kernel is
+    safe on a one-element stand-in of ``self`` (its result, one element, is dropped)."""
+    schema = func._schema
+    return not schema.is_mutable and any(argument.name == "generator" for argument in schema.arguments)
+
+
 def _torchs_random_argument_error(func: OpOverload, args: tuple, kwargs: dict) -> Optional[Exception]:
     """torch's error for a random op's arguments (``uniform_(2, 1)``, ``bernoulli_(1.5)``,
     ``random_(5, 5)``, ``multinomial`` of a 3-D input or of more samples than categories), which its
-    kernel checks before it draws: found by running that kernel on a small stand-in with a
-    generator of its own, so that no number is drawn from the caller's. Only where the kernel is
-    safe on it: a fill whose one tensor is ``self`` (filled as one element) and ``multinomial``
-    (one row of ones over the input's categories, in as many dims).
+    kernel checks before it draws (a dtype it has no kernel for too: ``normal`` or ``bernoulli`` of an
+    int tensor): found by running that kernel on a small stand-in with a generator of its own, so
+    that no number is drawn from the caller's. Only where the kernel is safe on it: a fill whose one
+    tensor is ``self`` (filled as one element), a functional op whose one tensor is ``self``
+    (:func:`_draws_a_new_tensor_from_self`, on one element) and ``multinomial`` (one row of ones over
+    the input's categories, in as many dims).
     None where the kernel takes the arguments (the pager's error stands; a check of the values, as
     ``multinomial``'s of its probabilities, is not made) and for every other random op (a kernel
     that writes a tensor other than ``self``, as ``rrelu``'s noise, may assume it full-size)."""
     tensors = [value for value in tree_leaves((args, kwargs)) if isinstance(value, torch.Tensor)]
-    if func in _RANDOM_FILLS and len(tensors) == 1 and tensors[0] is args[0]:
+    if (func in _RANDOM_FILLS or _draws_a_new_tensor_from_self(func)) and len(tensors) == 1 and tensors[0] is args[0]:
         self = args[0]
-        stand_in = torch.empty((1,) * self.dim(), dtype=self.dtype, device=self.device)
+        stand_in = torch.zeros((1,) * self.dim(), dtype=self.dtype, device=self.device)
     elif func is aten.multinomial.default and len(tensors) == 1 and tensors[0] is args[0] and args[0].layout == torch.strided:
         # One row of its categories: the kernel makes temporaries of its input's size.
         probabilities = args[0]
@@ -1364,22 +1374,31 @@ _SIZELESS_PRODUCTS = frozenset(
 
 def _torchs_noise_shape_error(func: OpOverload, args: tuple, kwargs: dict) -> Optional[Exception]:
     """torch's error for ``rrelu_with_noise`` (a random op) with a ``noise`` of another shape than
-    ``self`` (``noise tensor shape must match self tensor shape``), which its kernel checks before it
-    draws or writes: the kernel run on CPU zeros broadcast to both shapes (no page read, no memory
-    of their sizes, nothing of the caller's written) with a generator of its own, so no number is
-    drawn from the caller's. None where the shapes match (the pager's error stands)."""
+    ``self`` (``noise tensor shape must match self tensor shape``) or of a dtype it has no kernel for
+    (an int ``self``), which its kernel checks before it draws or writes: the kernel run, with a
+    generator of its own (so no number is drawn from the caller's), on stand-ins that hold nothing
+    of the caller's: for shapes that differ, CPU zeros broadcast to each shape (no memory of their
+    sizes); for shapes that match, one element each on the tensors' device (the kernel writes the
+    noise). None where the kernel takes them (the pager's error stands)."""
     if func.overloadpacket not in (aten.rrelu_with_noise, aten.rrelu_with_noise_):
         return None
     names = [argument.name for argument in func._schema.arguments]
     bound = {**dict(zip(names, args)), **kwargs}
     self, noise = bound.get("self"), bound.get("noise")
-    if not isinstance(self, torch.Tensor) or not isinstance(noise, torch.Tensor) or self.shape == noise.shape:
+    if not isinstance(self, torch.Tensor) or not isinstance(noise, torch.Tensor):
         return None
-    stand_ins = {name: torch.zeros((), dtype=value.dtype).expand(value.shape) if isinstance(value, torch.Tensor) else value
-                 for name, value in bound.items()}  # fmt: skip
-    stand_ins["generator"] = torch.Generator()
+    shapes_match = self.shape == noise.shape
+    device = self.device if shapes_match else torch.device("cpu")
+
+    def stand_in(value: torch.Tensor) -> torch.Tensor:
+        if shapes_match:
+            return torch.zeros((1,) * value.dim(), dtype=value.dtype, device=device)
+        return torch.zeros((), dtype=value.dtype).expand(value.shape)
+
+    stand_ins = {name: stand_in(value) if isinstance(value, torch.Tensor) else value for name, value in bound.items()}
+    stand_ins["generator"] = torch.Generator(device=device)
     if "out" in stand_ins:
-        stand_ins["out"] = torch.empty(0, dtype=self.dtype)
+        stand_ins["out"] = torch.empty(0, dtype=self.dtype, device=device)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

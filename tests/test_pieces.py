@@ -975,6 +975,10 @@ RANDOM_OPS_REFUSED = {
     "multinomial of 3 dims": lambda t: torch.multinomial(t.view(16, 16, 128).abs(), 2),
     "multinomial of more samples than categories": lambda t: torch.multinomial(t.abs(), 200),
     "uniform_ of int64": lambda t: t.view(torch.int64).uniform_(),
+    "normal of an int32 mean": lambda t: torch.normal(t.view(torch.int32), 1.0),
+    "bernoulli of int32": lambda t: torch.bernoulli(t.view(torch.int32)),
+    "poisson of int32": lambda t: torch.poisson(t.view(torch.int32)),
+    "rrelu of int32": lambda t: torch.nn.functional.rrelu(t.view(torch.int32), training=True),
 }
 
 
