@@ -26,7 +26,7 @@ from typing import Optional, Sequence, TextIO
 
 import torch
 
-from pagedtensor.cli_args import config_error, disk_full_error, positive_int, size_type
+from pagedtensor.cli_args import config_error, disk_full_error, negative_values_joined, positive_int, size_type
 from pagedtensor.config import MemoryConfig, format_size, parse_size
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.report import print_rows, traffic_rows
@@ -234,7 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="pagedllm ask", description="Answer a question with SmolLM2 under a small paged budget.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     add_ask_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(negative_values_joined(argv))
     error = ask_arguments_error(args)
     if error is not None:
         parser.error(error)

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from pagedtensor.cli_args import config_error, disk_full_error, size_type
+from pagedtensor.cli_args import config_error, disk_full_error, negative_values_joined, size_type
 from pagedtensor.config import MemoryConfig, format_size, machine_memory_bytes
 from pagedtensor.errors import SlabAllocationError
 from pagedtensor.ask import add_ask_arguments, ask_arguments_error, main_from_args
@@ -121,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo.add_argument("--device", default=None, help="device tier (default: cuda if available, else cpu)")
     ask = commands.add_parser("ask", help="answer a question with paged weights and a paged KV cache (SmolLM2-135M-Instruct)")
     add_ask_arguments(ask)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(negative_values_joined(argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.command == "demo":
         # The disk tier's folder is a temporary one unless given: check compression against a given one only.

@@ -8,13 +8,40 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import sys
 import tempfile
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from pagedtensor.config import MemoryConfig, format_size, machine_memory_bytes, parse_size
 from pagedtensor.tiers.disk import FILE_SYSTEM_FULL_ERRNOS, make_folder
+
+
+NUMBER_OPTIONS = ("--size", "--vram-limit", "--host-memory", "--page-size", "--max-new-tokens")
+"""The options of ``pagedllm`` that take a size or a count."""
+
+_NEGATIVE_WORD = re.compile(r"-[0-9.]")
+
+
+def negative_values_joined(argv: Optional[Sequence[str]]) -> list[str]:
+    """``argv`` (``sys.argv[1:]`` for None) with a value that starts with ``-`` and a digit joined to
+    its option (``--size -1GiB`` as ``--size=-1GiB``). argparse takes such a word, unless it is a
+    plain number, for an option of its own and says ``expected one argument``; joined, the option's
+    check names the bad value."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    joined: list[str] = []
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word in NUMBER_OPTIONS and index + 1 < len(words) and _NEGATIVE_WORD.match(words[index + 1]):
+            joined.append(f"{word}={words[index + 1]}")
+            index += 2
+        else:
+            joined.append(word)
+            index += 1
+    return joined
 
 
 def size_type(option: str) -> Callable[[str], int]:

@@ -52,6 +52,10 @@ SMALL_DEMO = ["demo", "--size", "1MiB", "--vram-limit", "128KiB", "--host-memory
         (["demo", "--page-size", "3KiB"], ["page_size", "power of two", "3072"]),
         (["demo", "--vram-limit", "1"], ["vram_limit", "smaller than one page"]),
         (["demo", "--host-memory=-5MiB"], ["--host-memory", "negative"]),
+        (["demo", "--size", "-1GiB"], ["--size", "negative", "'-1GiB'"]),  # argparse took -1GiB for an option
+        (["demo", "--vram-limit", "-.5MiB"], ["--vram-limit", "negative", "'-.5MiB'"]),
+        (["ask", "--host-memory", "-512MiB"], ["--host-memory", "negative", "'-512MiB'"]),
+        (["ask", "--max-new-tokens", "-1e3"], ["--max-new-tokens", "'-1e3'"]),
         (["demo", "--device", "tpu"], ["device", "'tpu'"]),
         (["ask", "--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"]),
         (["ask", "--page-size", "3KiB"], ["page_size", "3072"]),
