@@ -230,7 +230,8 @@ class MemoryConfig:
                 raise ValueError("nvme_path: expected a folder path (or None for no disk tier), got ''")
             if "\0" in path:
                 raise ValueError(f"nvme_path: a path cannot contain a NUL byte, got {path!r}")
-            if os.path.exists(path) and not os.path.isdir(path):
+            named = path.rstrip(os.sep) or os.sep  # "file/": os.path.exists says False (not a directory)
+            if os.path.exists(named) and not os.path.isdir(named):
                 raise ValueError(f"nvme_path: {path!r} exists and is not a directory")
             ancestor = os.path.dirname(os.path.abspath(path))
             while not os.path.exists(ancestor):

@@ -121,6 +121,9 @@ def test_nvme_path_that_is_a_file(tmp_path):
         MemoryConfig(nvme_path=str(path), device="cpu")
     with pytest.raises(ValueError, match=r"nvme_path: cannot create '.*/file/sub/pages': '.*/file' is not a directory"):
         MemoryConfig(nvme_path=str(path / "sub" / "pages"), device="cpu")
+    for trailing in ("/", "//"):  # passed: os.path.exists("file/") is False; Pager() then raised FileExistsError
+        with pytest.raises(ValueError, match=r"nvme_path: '.*/file/+' exists and is not a directory"):
+            MemoryConfig(nvme_path=str(path) + trailing, device="cpu")
     with pytest.raises(ValueError, match="nvme_path: expected a folder path .* got ''"):
         MemoryConfig(nvme_path="", device="cpu")
 
