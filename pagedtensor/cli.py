@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import importlib.util
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -108,6 +109,20 @@ def demo_size_error(size: int) -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``pagedllm`` command. A reader of its output that goes away (``pagedllm demo | head -1``)
+    ends it quietly with status 1, as Python's documentation advises, not with a traceback."""
+    try:
+        status = run_command(argv)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+        return status
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush of stdout then writes nowhere
+        return 1
+
+
+def run_command(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` and run its command; the status to exit with."""
     parser = argparse.ArgumentParser(prog="pagedllm", description="PagedLLM: paged memory for PyTorch inference.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)

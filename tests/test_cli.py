@@ -258,3 +258,13 @@ def test_print_rows_aligns_names_and_prints_nothing_for_no_rows():
     assert out.getvalue() == ""
     print_rows([("faults", 3, "pages"), ("evictions", 12, "")], out)
     assert out.getvalue().splitlines() == ["  faults                  3  pages", "  evictions              12"]
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """``pagedllm demo | head -1``: the demo's output to a closed pipe ended in a BrokenPipeError traceback."""
+    command = [sys.executable, "-m", "pagedtensor", *SMALL_DEMO]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader goes before anything is written
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 1, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()
