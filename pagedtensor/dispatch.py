@@ -108,7 +108,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from pagedtensor.config import normalize_device
 from pagedtensor.errors import OutOfPagesError, PagerClosedError, SlabAllocationError, out_of_pages_for
 from pagedtensor.interrupts import deferring, pager_call
-from pagedtensor.list_ops import bump_written_versions, run_list_op
+from pagedtensor.list_ops import bump_written_versions, refuse_inference_writes, run_list_op
 from pagedtensor.outside_transforms import below_transforms_and_modes, in_a_transform_or_mode
 from pagedtensor.pager import Pager, ResidentPages, WrittenPages
 from pagedtensor.pieces import _raise_torchs_error_on_stand_ins, is_elementwise, pages_reached, run_in_pieces, small_stand_in
@@ -363,6 +363,8 @@ class PagedDispatcher:
             if handler is view_of_pages:
                 return view_of_pages(func, types, args, kwargs, leaves)
             info = self.info(func)
+            if info.foreach_written:
+                refuse_inference_writes(func, info.foreach_written, args, kwargs)
             if handler is None:
                 if info.collective:
                     return run_collective(func, args, kwargs)  # torch.distributed's: on dense copies

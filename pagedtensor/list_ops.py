@@ -42,7 +42,7 @@ import functools
 import itertools
 import warnings
 from contextvars import ContextVar
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch._ops import OpOverload
@@ -168,21 +168,45 @@ def _written_at_another_index(func: OpOverload, args: tuple, kwargs: dict, count
 
 
 def bump_written_versions(func: OpOverload, names: frozenset[str], args: tuple, kwargs: dict) -> None:
-    """Bump the version of each PagedTensor a ``torch._foreach_*`` op wrote (its arguments ``names``),
-    as torch's kernels bump each tensor they write (the CPU's per-tensor in-place ops, CUDA's
-    multi-tensor kernels increment them): the op of a PagedTensor runs none of them on it, and a
+    """Bump the version of each tensor a ``torch._foreach_*`` op wrote (its arguments ``names``),
+    PagedTensors and plain tensors beside them, as torch's kernels bump each tensor they write (the
+    CPU's per-tensor in-place ops, CUDA's multi-tensor kernels increment them): the op of a
+    PagedTensor runs none of them (a plain tensor's kernel runs here below autograd's keys), and a
     backward that saved one would silently read the new values (after an optimizer step with
     ``foreach=True``). Inference tensors keep none. Once for the list's op: not for the op of each
     index that :func:`_run_by_index` runs."""
-    from pagedtensor.handlers.parts import _arguments_by_name  # the handlers import after dispatch, which imports this module
-
     if _RUNNING_AN_INDEX.get():
         return
+    for item in _written_tensors(func, names, args, kwargs):
+        if not item.is_inference():
+            torch.autograd.graph.increment_version(item)
+
+
+INFERENCE_WRITE_ERROR = (
+    "Inplace update to inference tensor outside InferenceMode is not allowed.You can make a clone to get a normal tensor "
+    "before doing inplace update.See https://github.com/pytorch/rfcs/pull/17 for more details."
+)
+"""torch's error for an in-place write of an inference tensor outside inference mode (its words)."""
+
+
+def refuse_inference_writes(func: OpOverload, names: frozenset[str], args: tuple, kwargs: dict) -> None:
+    """Raise torch's error where a ``torch._foreach_*`` op would write an inference tensor (its
+    arguments ``names``) outside inference mode, before any index is written. torch's kernels raise
+    it from each written tensor's version bump (after the tensors before it are written); the op of
+    a PagedTensor runs below autograd's keys, where nothing checks."""
+    if _RUNNING_AN_INDEX.get() or torch.is_inference_mode_enabled():
+        return
+    if any(item.is_inference() for item in _written_tensors(func, names, args, kwargs)):
+        raise RuntimeError(INFERENCE_WRITE_ERROR)
+
+
+def _written_tensors(func: OpOverload, names: frozenset[str], args: tuple, kwargs: dict) -> Iterator[torch.Tensor]:
+    """The tensors of ``func``'s arguments ``names``, in order."""
+    from pagedtensor.handlers.parts import _arguments_by_name  # the handlers import after dispatch, which imports this module
+
     for name, value in _arguments_by_name(func, args, kwargs).items():
         if name in names:
-            for item in _tensors_in(value):
-                if isinstance(item, PagedTensor) and not item.is_inference():
-                    torch.autograd.graph.increment_version(item)
+            yield from _tensors_in(value)
 
 
 @functools.cache

@@ -399,3 +399,56 @@ def test_an_in_place_list_op_bumps_each_written_version_once(shapes):
         before = [t._version for t in paged]
         torch._foreach_add_(paged, 1.0)
         assert [t._version - v for t, v in zip(paged, before)] == [1] * len(shapes)
+
+
+MIXED_WRITES: dict[str, Callable[[list[torch.Tensor], list[torch.Tensor]], object]] = {
+    "_foreach_add_": lambda written, other: torch._foreach_add_(written, 1.0),
+    "_foreach_mul_ by a list": lambda written, other: torch._foreach_mul_(written, other),
+    "_foreach_copy_": lambda written, other: torch._foreach_copy_(written, other),
+    "_foreach_zero_": lambda written, other: torch._foreach_zero_(written),
+    "_foreach_add Scalar_out": lambda written, other: aten._foreach_add.Scalar_out(other, 2.0, out=written),
+}
+
+
+@pytest.mark.parametrize("shapes", RUNS.values(), ids=RUNS.keys())
+@pytest.mark.parametrize("name", MIXED_WRITES)
+def test_a_list_op_bumps_the_plain_tensors_it_writes_beside_paged_ones(name, shapes):
+    """A plain tensor a list op writes beside PagedTensors (a mixed list, or paged sources) was not
+    bumped (torch's kernel ran it below autograd's keys): a backward that saved it silently read the
+    new values, where torch raises that it was modified by an in-place operation."""
+    op = MIXED_WRITES[name]
+    with make_pager() as pager:
+        for paged_written in (True, False):  # a mixed list written; plain tensors written from paged ones
+            written = [torch.ones(shape) for shape in shapes]
+            other = [PagedTensor.wrap(torch.full(shape, 3.0), pager) for shape in shapes]
+            if paged_written:
+                written[0] = PagedTensor.wrap(written[0], pager)
+            before = [t._version for t in written]
+            op(written, other)
+            assert [t._version - v for t, v in zip(written, before)] == [1] * len(shapes), paged_written
+    x = torch.ones(4, requires_grad=True)
+    with make_pager() as pager:
+        weight = torch.full((4,), 2.0)
+        loss = (x * weight).sum()  # saves weight
+        torch._foreach_mul_([PagedTensor.wrap(torch.ones(4), pager), weight], 3.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+@pytest.mark.parametrize("shapes", RUNS.values(), ids=RUNS.keys())
+def test_a_list_op_refuses_to_write_an_inference_tensor_outside_inference_mode(shapes):
+    """torch refuses an in-place update of an inference tensor outside inference mode; a list op
+    with a PagedTensor wrote it (paged or plain). Refused now, before any index is written."""
+    with make_pager() as pager:
+        with torch.inference_mode():
+            values = [torch.rand(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(shapes)]
+            paged = [PagedTensor.wrap(value.clone(), pager) for value in values]
+            plain_beside = [torch.zeros(shapes[0])]
+        for written in (paged, [PagedTensor.wrap(torch.zeros(shapes[0]), pager), *plain_beside]):
+            with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+                torch._foreach_add_(written, 1.0)
+        assert all(torch.equal(t.materialize(), v) for t, v in zip(paged, values)), "a refused op wrote"
+        assert not plain_beside[0].any(), "a refused op wrote"
+        with torch.inference_mode():
+            torch._foreach_add_(paged, 1.0)  # inside inference mode: written
+        assert all(torch.equal(t.materialize(), v + 1) for t, v in zip(paged, values))
