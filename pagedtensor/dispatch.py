@@ -1183,16 +1183,17 @@ def _torchs_overlap_error(func: OpOverload, args: tuple, kwargs: dict, written: 
 
 
 def _torchs_dtype_error(func: OpOverload, info: OpInfo, args: tuple, kwargs: dict) -> Optional[Exception]:
-    """torch's error for an elementwise op or a reduction that refuses its operands' dtypes (``gt`` or
-    ``clamp`` of a complex tensor, ``gcd`` of a float one, a float result into an int ``out=`` or in
-    place into an int tensor; ``mean`` or ``std`` of an int tensor, ``sum`` of a float8 one), which
+    """torch's error for an elementwise op, a reduction or a ``torch._foreach_*`` op that refuses its
+    operands' dtypes (``gt`` or ``clamp`` of a complex tensor, ``gcd`` of a float one, a float result
+    into an int ``out=`` or in place into an int tensor; ``mean`` or ``std`` of an int tensor, ``sum``
+    of a float8 one, ``_foreach_max`` of a complex one, ``_foreach_powsum`` of an int one), which
     its kernel raises whatever the size: within the tier, or in pieces, the kernel raises it itself;
     where the pieces cannot follow the layout (a row wider than a piece) they stop before any kernel
     runs. Found by running that kernel on small stand-ins of each tensor (their dtypes, devices and
     dims, so every ``dim`` argument stands: :func:`~pagedtensor.pieces._raise_torchs_error_on_stand_ins`),
     on the error path only. None for any other op, a random one (it would draw from the caller's
     generator), or one the stand-ins run without complaint."""
-    if info.random or not (info.elementwise or torch.Tag.reduction in func.tags):
+    if info.random or not (info.elementwise or torch.Tag.reduction in func.tags or func._schema.name.startswith("aten::_foreach_")):
         return None
     try:
         _raise_torchs_error_on_stand_ins(func, args, kwargs)

@@ -204,6 +204,25 @@ def test_a_list_reduction_runs_by_index_and_one_index_past_the_tier_is_refused()
             torch._foreach_norm([large])
 
 
+@pytest.mark.parametrize(
+    "name, op, dtype",
+    [
+        ("_foreach_max of complex64", lambda tensors: torch._foreach_max(tensors), torch.complex64),
+        ("_foreach_powsum of int64", lambda tensors: torch._foreach_powsum(tensors, 2), torch.int64),
+        ("_foreach_norm of int64", lambda tensors: torch._foreach_norm(tensors), torch.int64),
+    ],
+)
+def test_a_list_reduction_past_the_tier_of_a_dtype_torch_refuses_raises_torchs_error(name, op, dtype):
+    """A dtype torch's kernel has no reduction for gave the pager's DeviceTierFullError past the tier."""
+    large = torch.ones(96, 512, dtype=dtype)
+    with pytest.raises((RuntimeError, NotImplementedError)) as dense:
+        op([large])
+    with make_pager() as pager:
+        with pytest.raises(type(dense.value)) as paged:
+            op([PagedTensor.wrap(large.clone(), pager)])
+    assert str(dense.value) in str(paged.value) and not isinstance(paged.value, DeviceTierFullError), name
+
+
 def test_grad_scaler_unscale_finds_an_inf_in_a_paged_gradient_past_the_tier():
     """``_amp_foreach_non_finite_check_and_unscale_`` (what ``GradScaler.unscale_`` runs) over paged
     gradients larger than the tier together: each unscaled to the dense bits, and an inf in the
