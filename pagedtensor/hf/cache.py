@@ -397,8 +397,7 @@ class PagedKVCache(Cache):
         Under ``torch.compile`` it runs eagerly, never traced (the pager's work is Python: locks,
         streams, page tables): one graph break a call.
         """
-        if self.closed:
-            raise RuntimeError("this PagedKVCache is closed")
+        self._refuse_closed()
         _refuse_fake_run(key_states, value_states)
         if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
             raise RuntimeError(
@@ -420,6 +419,7 @@ class PagedKVCache(Cache):
                 n = counts[b]
                 if n:
                     self._write_tokens(layer, seq, key_states[b], value_states[b], q_len - n, n)
+            self._keep_window(layer_idx)  # room for the next streamed pages (evictions: no byte lost if it fails)
         except BaseException:
             # All or nothing, as DynamicCache's update: the sequences written keep none of the new
             # tokens, and every page taken for them goes.
@@ -430,7 +430,6 @@ class PagedKVCache(Cache):
         layer.len_before = len_before
         layer.total += q_len
         layer.last_q_len = q_len
-        self._keep_window(layer_idx)
         if self.uses_paged_attention:
             ACTIVE_UPDATE.set(ActiveUpdate(self, layer_idx, key_states, value_states))
             return key_states, value_states
@@ -1320,11 +1319,23 @@ class PagedKVCache(Cache):
             seq.segments = []
         seq.length = 0
 
+    def _refuse_closed(self) -> None:
+        """Raise where the cache is closed (its pages are freed: an update or a batch edit has none to use)."""
+        if self.closed:
+            raise RuntimeError("this PagedKVCache is closed")
+
     @deferring
     def _crop_layer(self, layer: PagedLayer, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
+        try:
+            count = operator.index(tokens_to_remove)  # any integer, a NumPy one too
+        except TypeError:
+            count = None
+        if isinstance(tokens_to_remove, bool) or count is None:
+            raise TypeError(f"crop: expected an int (minus the number of tokens to remove), got {tokens_to_remove!r}")
+        if count > 0:
             raise ValueError(f"crop: pass a negative number of tokens to remove, got {tokens_to_remove}")
-        remove = min(-tokens_to_remove, layer.total)
+        self._refuse_closed()
+        remove = min(-count, layer.total)
         if remove == 0:
             return
         for seq in layer.seqs:
@@ -1349,6 +1360,7 @@ class PagedKVCache(Cache):
         """Sequence ``b`` becomes sequence ``beam_idx[b]``, as ``DynamicCache.reorder_cache`` does (beam
         search): a sequence kept once keeps its pages, one kept more than once shares them with its
         copies (:meth:`_share_sequence`; a shared page is copied only when written), one not kept is freed."""
+        self._refuse_closed()
         if not layer.is_initialized:
             return  # a layer no forward updates (one reusing another's keys and values), as DynamicCache's
         order = _batch_positions(beam_idx, len(layer.seqs), "reorder_cache: beam_idx")
@@ -1366,6 +1378,7 @@ class PagedKVCache(Cache):
             count = None
         if isinstance(repeats, bool) or count is None or count < 1:
             raise ValueError(f"batch_repeat_interleave: repeats must be a positive int, got {repeats!r}")
+        self._refuse_closed()
         if count != 1 and layer.is_initialized and layer.total:  # an empty layer stays, as DynamicCache's
             self._rebuild_batch(layer, [b for b in range(len(layer.seqs)) for _ in range(count)])
 
@@ -1400,13 +1413,14 @@ class PagedKVCache(Cache):
     def _select_layer(self, layer: PagedLayer, indices: torch.Tensor) -> None:
         """Keep the sequences at ``indices`` (positions, or a boolean mask over the batch, as
         ``DynamicCache`` takes them), in that order; an empty layer stays, as DynamicCache's."""
+        self._refuse_closed()
         if not layer.is_initialized or layer.total == 0:
             return
         indices = torch.as_tensor(indices)
         if indices.dtype == torch.bool:
             if indices.numel() != len(layer.seqs):
                 raise ValueError(f"batch_select_indices: a boolean mask of {indices.numel()} for a batch of {len(layer.seqs)}")
-            indices = indices.nonzero()
+            indices = indices.nonzero().reshape(-1)
         self._rebuild_batch(layer, _batch_positions(indices, len(layer.seqs), "batch_select_indices: indices"))
 
     # ------------------------------------------------------------------ inspection
@@ -1436,8 +1450,14 @@ class PagedKVCache(Cache):
 
 def _batch_positions(indices: torch.Tensor, batch: int, what: str) -> list[int]:
     """``indices`` (a tensor or sequence of ints, negative ones counted from the end, as tensor
-    indexing takes them) as positions in a batch of ``batch``; IndexError naming ``what`` if one is outside it."""
-    positions = [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
+    indexing takes them) as positions in a batch of ``batch``; IndexError naming ``what`` for positions
+    that are not integers, not a vector (as ``index_select`` refuses them in DynamicCache) or outside the batch."""
+    indices = torch.as_tensor(indices)
+    if indices.dtype == torch.bool or indices.dtype.is_floating_point or indices.dtype.is_complex:
+        raise IndexError(f"{what}: expected integer positions (int64 or int32), got dtype {indices.dtype}")
+    if indices.dim() > 1:
+        raise IndexError(f"{what}: expected a vector of positions, got shape {tuple(indices.shape)}")
+    positions = [int(i) for i in indices.reshape(-1).tolist()]
     if any(not -batch <= i < batch for i in positions):
         raise IndexError(f"{what} {positions} name sequences outside the batch of {batch}")
     return [i % batch for i in positions]

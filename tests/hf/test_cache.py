@@ -539,6 +539,66 @@ def test_a_cache_used_directly_under_the_paged_attention_is_freed_when_dropped(n
     ACTIVE_UPDATE.set(None)
 
 
+def test_an_update_whose_room_making_runs_out_of_pages_leaves_the_layer_as_it_was():
+    """The update's last step makes room for the next streamed pages (evicts to the host); where
+    that ran out of pages, after the tokens were written, the layer kept them (lengths 10 to 20):
+    a retry would have stored them twice."""
+    config = MemoryConfig(vram_limit=2 * PAGE, host_memory=6 * PAGE, page_size=PAGE, device="cpu", slab_size=PAGE)
+    cache = PagedKVCache(num_layers=2, memory_config=config)
+    keys, values = _states(2, 10, seed=0)
+    for layer in range(2):
+        cache.update(keys, values, layer)
+    more_keys, more_values = _states(2, 10, seed=1)
+    cache.update(more_keys, more_values, 0)
+    with pytest.raises(OutOfPagesError):
+        cache.update(more_keys, more_values, 1)
+    assert cache.get_seq_length(1) == 10 and [seq.length for seq in cache.layers[1].seqs] == [10, 10]
+    stored_keys, stored_values = cache.dense_kv(1)
+    assert torch.equal(stored_keys, keys) and torch.equal(stored_values, values)
+    cache.close()
+
+
+@pytest.mark.parametrize(
+    "edit, error, match",
+    [
+        (lambda cache: cache.crop(-2.5), TypeError, r"crop: .*an int.* got -2\.5"),
+        (lambda cache: cache.crop(-2.0), TypeError, r"crop: .*an int.* got -2\.0"),
+        (lambda cache: cache.crop(True), TypeError, r"crop: .*an int.* got True"),
+        (lambda cache: cache.reorder_cache(torch.tensor([0.7, 1.2, 2.9])), IndexError, r"reorder_cache: beam_idx.*torch\.float32"),
+        (lambda cache: cache.reorder_cache(torch.tensor([True, False, True])), IndexError, r"reorder_cache: beam_idx.*torch\.bool"),
+        (lambda cache: cache.reorder_cache(torch.tensor([[0, 1], [2, 0]])), IndexError, r"reorder_cache: beam_idx.*shape \(2, 2\)"),
+        (lambda cache: cache.batch_select_indices(torch.tensor([0.5, 2.2])), IndexError, r"batch_select_indices: indices.*torch\.float32"),
+        (lambda cache: cache.batch_select_indices([0.5, 2.2]), IndexError, r"batch_select_indices: indices.*torch\.float32"),
+        (lambda cache: cache.batch_select_indices(torch.tensor([[0], [2]])), IndexError, r"batch_select_indices: indices.*shape \(2, 1\)"),
+    ],
+)
+def test_a_bad_batch_edit_names_its_argument_and_leaves_the_cache_as_it_was(nvme_dir, edit, error, match):
+    """A float crop set a sequence's length to 2.5 and then failed (the cache broken for good); float
+    positions were truncated ([0.7, 1.2, 2.9] as [0, 1, 2]) and a 2-D index flattened, where
+    DynamicCache refuses them."""
+    cache = PagedKVCache(pager=_pager(nvme_dir, vram_pages=8), num_layers=1)
+    written = _fill(cache, 1, 3, [20])
+    with pytest.raises(error, match=match):
+        edit(cache)
+    assert [seq.length for seq in cache.layers[0].seqs] == [20, 20, 20] and cache.get_seq_length() == 20
+    keys, values = cache.dense_kv(0)
+    assert torch.equal(keys, written[0][0]) and torch.equal(values, written[0][1])
+    cache.crop(-3)  # and it works on
+    assert torch.equal(cache.dense_kv(0)[0], written[0][0][:, :, :17])
+
+
+def test_batch_edits_of_a_closed_cache_say_it_is_closed(nvme_dir):
+    """crop of a closed cache on a shared pager raised a bare KeyError of its page references."""
+    pager = _pager(nvme_dir, vram_pages=8)
+    cache = PagedKVCache(pager=pager, num_layers=1)
+    _fill(cache, 1, 2, [20])
+    cache.close()
+    for edit in (lambda: cache.crop(-10), lambda: cache.reorder_cache(torch.tensor([1, 1])),
+                 lambda: cache.batch_repeat_interleave(2), lambda: cache.batch_select_indices(torch.tensor([1]))):  # fmt: skip
+        with pytest.raises(RuntimeError, match="this PagedKVCache is closed"):
+            edit()
+
+
 def test_an_update_that_runs_out_of_pages_leaves_the_layer_as_it_was():
     """An update that raises part way through the batch (the pager out of pages, no disk tier) is
     all or nothing, as DynamicCache's: the sequences written before the failing one kept their new
