@@ -120,13 +120,20 @@ def init_tensor_parallel(backend: Optional[str] = None) -> RankInfo:
 # ---------------------------------------------------------------------- validation
 
 
+def _head_counts(config: Any) -> tuple[Any, Any]:
+    """``(num_attention_heads, num_key_value_heads)`` of a model config's text config; the KV heads
+    are the attention heads where the config names none (GPT-NeoX, GPT-J, GPT-2: no grouped query
+    attention). Either is None where the config has no such field."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", None)
+    return heads, getattr(text, "num_key_value_heads", None) or heads
+
+
 def check_tensor_parallel_heads(config: Any, world_size: int) -> None:
     """Raise ``ValueError`` unless ``world_size`` divides both ``num_key_value_heads`` and ``num_attention_heads``."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size: expected a positive int, got {world_size!r}")
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    heads = getattr(text, "num_attention_heads", None)
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    heads, kv_heads = _head_counts(config)
     if not isinstance(heads, int) or not isinstance(kv_heads, int):
         raise ValueError(f"config: expected num_attention_heads and num_key_value_heads, got {heads!r} and {kv_heads!r}")
     if kv_heads % world_size:
@@ -207,8 +214,7 @@ def shard_by_heads(model: torch.nn.Module, group: Optional[Any] = None) -> torch
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     config = model.config
     check_tensor_parallel_heads(config, world)
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads or text.num_attention_heads
+    heads, kv_heads = _head_counts(config)
     layers = [module for module in model.modules() if hasattr(getattr(module, "self_attn", None), "layer_idx")]
     if not layers:
         raise TypeError(f"shard_by_heads: {type(model).__name__} has no decoder layers with a self_attn")
@@ -391,8 +397,7 @@ def enable_tensor_parallel_paging(
         raise RuntimeError("enable_tensor_parallel_paging: torch.distributed is not initialized (call init_tensor_parallel first)")
     world = dist.get_world_size(group)
     check_tensor_parallel_heads(model.config, world)
-    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    kv_heads = text.num_key_value_heads or text.num_attention_heads
+    heads, kv_heads = _head_counts(model.config)
     local = _local_kv_heads(model)
     if world > 1 and local is not None and local != kv_heads // world:
         raise ValueError(
@@ -401,7 +406,7 @@ def enable_tensor_parallel_paging(
         )
     if getattr(model, TENSOR_PARALLEL_ATTRIBUTE, None) is None:
         setattr(model, TENSOR_PARALLEL_ATTRIBUTE, TensorParallelShard(
-            dist.get_rank(group), world, text.num_attention_heads // world, kv_heads // world, "tp_plan"))
+            dist.get_rank(group), world, heads // world, kv_heads // world, "tp_plan"))
     _check_ranks_agree(group, attn_implementation=paging.get("attn_implementation", "auto"), prefill_chunk_size=paging.get("prefill_chunk_size"))
     if paging.get("pager") is None:  # a pager given brings its own device and budget (enable_paging checks the model's)
         memory_config = rank_memory_config(memory_config, _parameter_device(model))

@@ -331,3 +331,23 @@ def test_refusals_name_what_they_refuse(one_rank_group):
     model = _tiny_model(transformers.GraniteMoeConfig, transformers.GraniteMoeForCausalLM)
     with pytest.raises(TypeError, match="layer 0: GraniteMoeDecoderLayer has no mlp .*block_sparse_moe"):
         shard_by_heads(model)
+
+
+def test_a_config_without_num_key_value_heads_is_paged_on_one_rank_and_refused_by_name_for_sharding(one_rank_group, nvme_dir):
+    """GPT-NeoX (transformers ships its tp_plan) names no num_key_value_heads: both entry points
+    raised a bare AttributeError reading it, where the head check counts the attention heads."""
+    import copy
+
+    import transformers
+
+    config = transformers.GPTNeoXConfig(**{name: value for name, value in TINY.items() if name != "num_key_value_heads"})
+    config._attn_implementation = "sdpa"
+    assert getattr(config, "num_key_value_heads", None) is None
+    torch.manual_seed(0)
+    reference = transformers.GPTNeoXForCausalLM(config).eval()
+    model = copy.deepcopy(reference)
+    with pytest.raises(TypeError, match="GPTNeoXForCausalLM has no decoder layers with a self_attn"):
+        shard_by_heads(model)
+    enable_tensor_parallel_paging(model, tiny_budget(nvme_dir), attn_implementation="sdpa")
+    expected, got = _generate(reference, 2), _generate(model, 2)
+    assert torch.equal(got.sequences, expected.sequences)
