@@ -542,6 +542,20 @@ def _signature(function: Any) -> Optional[inspect.Signature]:
         return None
 
 
+def _forward_arguments(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A forward call's arguments by name (:func:`_call_arguments`). Under ``torch.compile(model)``,
+    which traces this pre-hook, by the class's ``forward`` (``self`` bound to ``module``): of a
+    forward replaced by its compiled self (``model.forward = torch.compile(model.forward)``, as the
+    README shows), Dynamo failed following the compiled function's ``__wrapped__``."""
+    if torch.compiler.is_compiling():
+        signature = _signature(type(module).forward)
+        arguments = _call_arguments(signature, (module, *args), kwargs)
+        if signature is not None and signature.parameters:
+            arguments.pop(next(iter(signature.parameters)), None)  # self
+        return arguments
+    return _call_arguments(_signature(module.forward), args, kwargs)
+
+
 def _call_arguments(signature: Optional[inspect.Signature], args: tuple, kwargs: dict) -> dict:
     """A call's arguments by name, those passed by position included (``generate(ids,
     GenerationConfig(...))``, ``model(ids, mask)``), with its ``**kwargs`` merged in. A call that
@@ -667,7 +681,7 @@ def _no_hook(module: torch.nn.Module, args: tuple, kwargs_or_output: Any) -> Non
 
 def _begin_forward(module: torch.nn.Module, args: tuple, kwargs: dict, state: Optional[PagingState]) -> None:
     if args:  # model(ids, mask, ...): the mask (and a cache) may come by position
-        kwargs = _call_arguments(_signature(module.forward), args, kwargs)
+        kwargs = _forward_arguments(module, args, kwargs)
     inputs = kwargs.get("input_ids")
     if inputs is None and args:
         inputs = args[0]

@@ -375,6 +375,21 @@ def test_a_compiled_forward_runs_the_paged_cache_eagerly_with_the_same_tokens(at
     assert compiling and not any(compiling)
 
 
+def test_a_compiled_model_whose_forward_is_compiled_gives_the_unpaged_logits(nvme_dir):
+    """``torch.compile(model)`` of a paged model whose forward is already compiled: Dynamo, tracing the
+    paging pre-hook, failed reading the compiled forward's signature (``'method' object has no
+    attribute '__dict__'``) for a forward called with positional arguments; the plain model runs."""
+    reference, model = tiny_pair("llama")
+    ids, mask = prompts(2)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=24, host_pages=16), attn_implementation="sdpa")
+    with torch.no_grad():
+        reference.forward = torch.compile(reference.forward, backend="eager")
+        model.forward = torch.compile(model.forward, backend="eager")
+        expected = torch.compile(reference, backend="eager")(ids, mask).logits
+        got = torch.compile(model, backend="eager")(ids, mask).logits
+    assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "pagedllm"])
 def test_a_compiled_forward_compiles_the_attention_of_every_layer(attn, nvme_dir, caplog):
     """Each layer's attention compiles its own entries: transformers hands the cache update (run
