@@ -492,6 +492,24 @@ def test_gathers_of_rows_of_a_page_or_more_take_one_copy_a_row(monkeypatch):
         assert torch.equal(t[index], x[index])
 
 
+def test_a_row_gather_of_a_dtype_torchs_kernel_refuses_raises_its_error():
+    """Rows of a page or more are copied as bytes, which ran no kernel: a float4 table's rows were
+    gathered where torch's index kernels have no implementation for the dtype."""
+    dense = torch.randint(0, 256, (8, PAGE), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)).view(torch.float4_e2m1fn_x2)
+    index = torch.tensor([1, 2])
+    with make_pager(device_pages=16) as pager:
+        table = PagedTensor.wrap(dense, pager)
+        with pytest.raises(NotImplementedError) as expected:
+            dense[index]
+        with pytest.raises(NotImplementedError) as got:
+            table[index]
+        assert str(expected.value) in str(got.value)
+        # index_select takes the dtype: the rows, as before
+        assert torch.equal(table.index_select(0, index).view(torch.uint8), dense.index_select(0, index).view(torch.uint8))
+        bytes_table = PagedTensor.wrap(dense.view(torch.uint8), pager)  # a dtype the kernels take: rows as before
+        assert torch.equal(bytes_table[index], dense.view(torch.uint8)[index])
+
+
 def test_view_ops_fault_nothing_and_share_pages(pager):
     t = PagedTensor.wrap(rows_tensor(device=pager.device), pager)
     pager.evict_all()

@@ -10,6 +10,7 @@ Their ``out=`` forms past the tier run the gather, then copy its result into ``o
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, Callable, Optional
@@ -48,6 +49,9 @@ def gather_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
         # kernel raises a RuntimeError) or takes the dtype after all; past the tier, gather_elements
         # raises torch's error before the pager's.
         return gather_elements(func, types, args, kwargs)
+    refusal = _kernel_dtype_refusal(func, table.dtype, table.device, index.dtype)
+    if refusal is not None:  # the rows' bytes copied whole would run no kernel to refuse it
+        raise NotImplementedError(refusal)
     if index.numel() == 0:
         return _gather_of_no_rows(func, table, index)
     flat = _positions_in_range(func, index, table.shape[0], table.shape[0])
@@ -826,6 +830,29 @@ def _call_with_table(func: OpOverload, table: torch.Tensor, index: torch.Tensor)
     if func is aten.embedding.default:
         return func(table, index)
     return func(table, [index])
+
+
+@functools.cache
+def _kernel_dtype_refusal(func: OpOverload, dtype: torch.dtype, device: torch.device, index_dtype: torch.dtype) -> Optional[str]:
+    """torch's message where its kernel of the row gather ``func`` has no implementation for a
+    table of ``dtype`` (``"index_cpu" not implemented for 'Float4_e2m1fn_x2'``), found once for each
+    op, dtype and device by the op on a one-row stand-in; None where it takes the dtype."""
+    table = torch.zeros((1, 1), dtype=torch.uint8, device=device).view(dtype) if dtype.itemsize == 1 else torch.zeros((1, 1), dtype=dtype, device=device)
+    index = torch.zeros(1, dtype=index_dtype, device=device)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if func is aten.index_select.default:
+                func(table, 0, index)
+            elif func is aten.embedding.default:
+                func(table, index)
+            else:
+                func(table, [index])
+    except NotImplementedError as error:
+        return f"PagedTensor: {func}: {error}"
+    except Exception:  # noqa: BLE001 - any other complaint is not about the dtype: the gather's own path decides
+        return None
+    return None
 
 
 def _row_request(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[PagedTensor, torch.Tensor]]:
