@@ -118,23 +118,29 @@ def _worker(rank: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
-def test_collectives_on_paged_tensors_equal_those_on_plain_tensors():
+def _run_two_ranks(worker, result_timeout: float, join_timeout: float) -> None:
+    """``worker(rank, port, queue)`` in two spawned processes; each rank's ``{check: passed}`` (put
+    on the queue) all true, and both processes ended cleanly."""
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = _free_port()
-    processes = [context.Process(target=_worker, args=(rank, port, queue)) for rank in range(2)]
+    processes = [context.Process(target=worker, args=(rank, port, queue)) for rank in range(2)]
     for process in processes:
         process.start()
     try:
-        results = dict(queue.get(timeout=240) for _ in processes)
+        results = dict(queue.get(timeout=result_timeout) for _ in processes)
     finally:
         for process in processes:
-            process.join(60)
+            process.join(join_timeout)
             if process.is_alive():
                 process.kill()
     for rank, same in sorted(results.items()):
-        assert all(same.values()), f"rank {rank}: {same}"
+        assert same and all(same.values()), f"rank {rank}: {same}"
     assert all(process.exitcode == 0 for process in processes)
+
+
+def test_collectives_on_paged_tensors_equal_those_on_plain_tensors():
+    _run_two_ranks(_worker, result_timeout=240, join_timeout=60)
 
 
 def _deferred_receives(rank: int, make) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
@@ -264,22 +270,7 @@ def test_receives_into_paged_tensors_are_waited_for_by_the_caller():
     """A receive into a PagedTensor returns before its peer sends (batch_isend_irecv with the
     receive first, irecv then send, the functional forms); its work's wait (or is_completed, or its
     future) puts the received bytes in the pages; async all_reduce likewise."""
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = _free_port()
-    processes = [context.Process(target=_deferred_worker, args=(rank, port, queue)) for rank in range(2)]
-    for process in processes:
-        process.start()
-    try:
-        results = dict(queue.get(timeout=150) for _ in processes)
-    finally:
-        for process in processes:
-            process.join(30)
-            if process.is_alive():
-                process.kill()
-    for rank, same in sorted(results.items()):
-        assert same and all(same.values()), f"rank {rank}: {same}"
-    assert all(process.exitcode == 0 for process in processes)
+    _run_two_ranks(_deferred_worker, result_timeout=150, join_timeout=30)
 
 
 def test_a_paged_write_inside_coalesced_collectives_is_refused_before_it_runs():
