@@ -59,20 +59,22 @@ class PagerMetrics:
             ) from error
         self._collector: Optional[PagerCollector] = collector
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         """Take this pager's metrics out of the registry (a closed pager's names are free again).
 
-        The registry's lock is not reentrant, and a garbage collection may run this (the pager's
-        finalizer) on a thread inside a call of the registry (``register``, a scrape) that holds
-        it, where ``unregister`` would wait for ever. So where the lock is held, by this thread or
-        another, a thread of its own unregisters once the lock is free: the names are free again
-        a moment later, never while the registry's call is still running.
+        Args:
+            wait: unregister now, waiting for a call of the registry on another thread (a scrape):
+                :meth:`Pager.close`. False for the pager's finalizer, which a garbage collection may
+                run on a thread inside a call of the registry (``register``, a scrape) holding its
+                lock, which is not reentrant: ``unregister`` there would wait for ever. So where the
+                lock is held then, a thread of its own unregisters once it is free (the names are
+                free again a moment later, never while the registry's call is still running).
         """
         collector, self._collector = self._collector, None
         if collector is None:
             return
         lock = getattr(self.registry, "_lock", None)  # prometheus_client's CollectorRegistry's
-        if lock is None or not hasattr(lock, "acquire"):
+        if wait or lock is None or not hasattr(lock, "acquire"):
             self.registry.unregister(collector)
             return
         if lock.acquire(blocking=False):

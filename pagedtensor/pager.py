@@ -544,7 +544,7 @@ class Pager:
             raise
         # A pager dropped without close(): its metrics leave the registry (which would otherwise keep
         # reporting it, and refuse another pager's metrics of the same names).
-        weakref.finalize(self, self.metrics.close)
+        weakref.finalize(self, self.metrics.close, wait=False)  # a collection may run it inside a registry call
         # And its slabs go back to torch's allocator only once its copies and every fenced use of a
         # slot have run (as at close()): the allocator could hand the memory to another stream at once.
         weakref.finalize(self, _finish_device_work, self.engine, self._device_fences, os.getpid()).atexit = False
