@@ -101,15 +101,22 @@ def _collectives(rank: int, make) -> dict[str, torch.Tensor]:
     return results
 
 
-def _worker(rank: int, port: int, queue) -> None:
+def _join_two_ranks(rank: int, port: int, timeout_s: int):
+    """This process as ``rank`` of a 2-process gloo group; a pager of a 6-page device tier for it."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
-    try:
-        from pagedtensor import MemoryConfig, PagedTensor, Pager
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=timeout_s))
+    from pagedtensor import MemoryConfig, Pager
 
-        pager = Pager(MemoryConfig(page_size=PAGE, vram_limit=6 * PAGE, host_memory=256 * PAGE, slab_size=6 * PAGE,
-                                   prefetch_strategy="none", device="cpu"))  # fmt: skip
+    return Pager(MemoryConfig(page_size=PAGE, vram_limit=6 * PAGE, host_memory=256 * PAGE, slab_size=6 * PAGE,
+                              prefetch_strategy="none", device="cpu"))  # fmt: skip
+
+
+def _worker(rank: int, port: int, queue) -> None:
+    pager = _join_two_ranks(rank, port, timeout_s=60)
+    try:
+        from pagedtensor import PagedTensor
+
         expected = _collectives(rank, lambda t: t.clone())
         got = _collectives(rank, lambda t: PagedTensor.wrap(t.clone(), pager))
         queue.put((rank, {name: torch.equal(got[name], value) for name, value in expected.items()}))
@@ -244,15 +251,11 @@ def _deferred_receives(rank: int, make) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def _deferred_worker(rank: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     # A short timeout: a receive that waits for its peer's send inside the op fails, not hangs long.
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20))
+    pager = _join_two_ranks(rank, port, timeout_s=20)
     try:
-        from pagedtensor import MemoryConfig, PagedTensor, Pager
+        from pagedtensor import PagedTensor
 
-        pager = Pager(MemoryConfig(page_size=PAGE, vram_limit=6 * PAGE, host_memory=256 * PAGE, slab_size=6 * PAGE,
-                                   prefetch_strategy="none", device="cpu"))  # fmt: skip
         try:
             expected, _ = _deferred_receives(rank, lambda t: t.clone())
             got, checks = _deferred_receives(rank, lambda t: PagedTensor.wrap(t.clone(), pager))
