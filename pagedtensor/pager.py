@@ -578,6 +578,8 @@ class Pager:
         nbytes = _int_argument(nbytes, "nbytes")
         if nbytes <= 0:
             raise ValueError(f"nbytes: expected a positive size, got {nbytes!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name: expected a str or None, got {name!r}")
         with self._lock:
             self._check_open()
             count = -(-nbytes // self.page_size)
@@ -831,8 +833,10 @@ class Pager:
             if self.closed:  # closed by another thread while this one waited for the lock
                 self._check_open()
             if (stop is None or type(start) is not int or type(stop) is not int or type(allocation) is not Allocation
-                    or self._allocations.get(allocation.id) is not allocation):  # fmt: skip
+                    or self._allocations.get(allocation.id) is not allocation or type(prefetch) is not bool):  # fmt: skip
                 start, stop = self._check_range(allocation, start, stop)  # raises naming what is wrong
+                if type(prefetch) is not bool:
+                    raise TypeError(f"prefetch: expected a bool, got {prefetch!r}")
             elif not 0 <= start <= stop <= len(allocation.pages):
                 self._check_range(allocation, start, stop)
             if self._woken:  # threads a release woke have not tried again yet: they go first

@@ -1263,6 +1263,9 @@ def test_pager_methods_name_their_bad_arguments():
             (lambda: pager.ensure_resident(allocation, "0", 1), "start: expected an int, got '0'"),
             (lambda: pager.evict(allocation, 0, 1.5), "stop: expected an int, got 1.5"),
             (lambda: pager.prefetch(allocation, 0.5, 1), "start: expected an int, got 0.5"),  # not left to the future
+            (lambda: pager.ensure_resident(allocation, 0, 1, prefetch="x"), "prefetch: expected a bool, got 'x'"),
+            (lambda: pager.ensure_resident(allocation, prefetch=None), "prefetch: expected a bool, got None"),
+            (lambda: pager.allocate(PAGE, name=5), "name: expected a str or None, got 5"),
         ]
         for call, message in cases:
             with pytest.raises(TypeError, match=message):
