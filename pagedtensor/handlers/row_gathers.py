@@ -835,7 +835,7 @@ def _call_with_table(func: OpOverload, table: torch.Tensor, index: torch.Tensor)
 @functools.cache
 def _kernel_dtype_refusal(func: OpOverload, dtype: torch.dtype, device: torch.device, index_dtype: torch.dtype) -> Optional[str]:
     """torch's message where its kernel of the row gather ``func`` has no implementation for a
-    table of ``dtype`` (``"index_cpu" not implemented for 'Float4_e2m1fn_x2'``), found once for each
+    table of ``dtype`` (``"index_cpu" not implemented for 'Float4_e2m1fn_x2'``, word for word), found once for each
     op, dtype and device by the op on a one-row stand-in; None where it takes the dtype."""
     table = torch.zeros((1, 1), dtype=torch.uint8, device=device).view(dtype) if dtype.itemsize == 1 else torch.zeros((1, 1), dtype=dtype, device=device)
     index = torch.zeros(1, dtype=index_dtype, device=device)
@@ -849,7 +849,7 @@ def _kernel_dtype_refusal(func: OpOverload, dtype: torch.dtype, device: torch.de
             else:
                 func(table, [index])
     except NotImplementedError as error:
-        return f"PagedTensor: {func}: {error}"
+        return str(error)  # torch's words, as the dense op raises them (no "PagedTensor:" prefix)
     except Exception:  # noqa: BLE001 - any other complaint is not about the dtype: the gather's own path decides
         return None
     return None
