@@ -195,6 +195,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
         if result_layout is None or tuple(result_layout.shape) != shape or (row_major and not same_strides(shape, result_layout.stride(), stride)):
             return NotImplemented
     read_whole = any(isinstance(t, PagedTensor) for t in broadcast)
+    given: dict[int, torch.Tensor] = {}  # each expanded operand's id: the tensor it expands, whose tiles the pieces take
     if broadcast:
         if any(isinstance(t, PagedTensor) and span_elements(t) > (piece_elements_of([t]) or 0) for t in broadcast):
             return NotImplemented  # it could not be read whole
@@ -202,8 +203,10 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
             _raise_torchs_error(func, args, kwargs)  # before the operands are expanded (fill_ of a 1-D value)
             if func is aten.fill_.Tensor:  # (torch 2.11's meta kernel lets a 1-D value through): its own kernel's check
                 torch.empty((), dtype=target.dtype, device=target.device).fill_(args[1])
-        args = tuple(_expanded_if_broadcast(value, shape) for value in args)
-        kwargs = {name: _expanded_if_broadcast(value, shape) for name, value in kwargs.items()}
+        # (an operand given expanded, compacted above, runs expanded, as torch ran it: not recorded in ``given``)
+        compacted = {id(value) for value, as_given in zip((*args, *kwargs.values()), (*given_args, *given_kwargs.values())) if value is not as_given}
+        args = tuple(_expanded_if_broadcast(value, shape, {} if id(value) in compacted else given) for value in args)
+        kwargs = {name: _expanded_if_broadcast(value, shape, {} if id(value) in compacted else given) for name, value in kwargs.items()}
         tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
     piece_elements = piece_elements_of(tensors)
     if piece_elements is None:
@@ -221,11 +224,11 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
             if isinstance(t, PagedTensor) and t.dim() > 0 and span_elements(t) > piece_elements
         }
         if not splits and (read_whole or copied):  # with those read whole or copied, the rest fits at once: one piece
-            out = _run_in_tiles(func, args, kwargs, result_layout, reference.device, shape, {}, copied)
+            out = _run_in_tiles(func, args, kwargs, result_layout, reference.device, shape, {}, copied, given)
             return target if target is not None else out
         counts = _tile_plan(splits)
         if counts is not None:
-            out = _run_in_tiles(func, args, kwargs, result_layout, reference.device, shape, counts, copied)
+            out = _run_in_tiles(func, args, kwargs, result_layout, reference.device, shape, counts, copied, given)
             return target if target is not None else out
         if not fills_span or (result_layout is not None and not same_strides(shape, result_layout.stride(), stride)):
             return NotImplemented
@@ -411,14 +414,31 @@ def _compacted_if_expanded(value: Any, target: Any) -> Any:
     return value.as_strided(shape, value.stride(), value.storage_offset())
 
 
-def _expanded_if_broadcast(value: Any, shape: tuple[int, ...]) -> Any:
+def _expanded_if_broadcast(value: Any, shape: tuple[int, ...], given: dict[int, torch.Tensor]) -> Any:
     """A shaped tensor of another shape than ``shape`` expanded to it (a PagedTensor one read once,
-    as a plain tensor: every piece reads it whole); anything else as it is."""
+    as a plain tensor: every piece reads it whole), the tensor it expands recorded in ``given`` by
+    the expanded view's id (the pieces' tiles of it: :func:`_tile_of_broadcast`); anything else as it is."""
     if not isinstance(value, torch.Tensor) or value.dim() == 0 or tuple(value.shape) == shape:
         return value
     if isinstance(value, PagedTensor):
         value = value.materialize()
-    return value.expand(shape)
+    expanded = value.expand(shape)
+    given[id(expanded)] = value
+    return expanded
+
+
+def _tile_of_broadcast(value: torch.Tensor, ndim: int, cuts: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+    """The tile ``cuts`` (of a result of ``ndim`` dims) of the operand ``value`` broadcast to the
+    result, as an operand that still broadcasts: narrowed along the cut dims it has with more than
+    one index, its own shape elsewhere. The op's kernel then broadcasts it as it does for the whole:
+    on the CPU an operand expanded to the tile's shape may take another loop (``atan2`` of a float32
+    table by an int32 row rounded some elements otherwise)."""
+    lead = ndim - value.dim()
+    for dim, start, length in cuts:
+        own = dim - lead
+        if own >= 0 and value.shape[own] != 1:
+            value = value.narrow(own, start, length)
+    return value
 
 
 def _outer_split(shape: tuple[int, ...], stride: tuple[int, ...], piece_elements: int) -> Optional[tuple[int, int]]:
@@ -516,17 +536,26 @@ def _a_difference_of_elements(delta: int, dims: Sequence[tuple[int, int]]) -> bo
 
 
 def _run_in_tiles(func: OpOverload, args: tuple, kwargs: dict, result_layout: Optional[torch.Tensor], device: torch.device,
-                  shape: tuple[int, ...], counts: dict[int, int], copied: frozenset[int] = frozenset()) -> Any:  # fmt: skip
+                  shape: tuple[int, ...], counts: dict[int, int], copied: frozenset[int] = frozenset(),
+                  given: Optional[dict[int, torch.Tensor]] = None) -> Any:  # fmt: skip
     """``func`` run on tiles of every shaped tensor argument: ``counts[dim]`` consecutive indices
     along each ``dim`` of ``counts`` (of ``shape``), the tiles in row-major order of their dims, one
     tile of everything where ``counts`` is empty, the PagedTensors whose ids ``copied`` holds read as
-    a plain copy of their tile (its layout) first; with ``result_layout``, a plain tensor on
-    ``device`` of its layout filled by the tiles, else ``None`` (the op wrote an argument)."""
+    a plain copy of their tile (its layout) first, an operand expanded to ``shape`` whose id
+    ``given`` holds as its tile of the tensor it expands (:func:`_tile_of_broadcast`); with
+    ``result_layout``, a plain tensor on ``device`` of its layout filled by the tiles, else ``None``
+    (the op wrote an argument)."""
     out = None
     dims = sorted(counts)
+    given = given or {}
     for spans in itertools.product(*(_tile_spans(shape[dim], counts[dim]) for dim in dims)):
         cuts = [(dim, start, length) for dim, (start, length) in zip(dims, spans)]
-        tile = lambda value: _narrow(value, cuts).materialize() if id(value) in copied else _narrow(value, cuts)  # noqa: E731
+
+        def tile(value: Any) -> Any:
+            if id(value) in given:
+                return _tile_of_broadcast(given[id(value)], len(shape), cuts)
+            return _narrow(value, cuts).materialize() if id(value) in copied else _narrow(value, cuts)
+
         result = func(*(tile(value) for value in args), **{name: tile(value) for name, value in kwargs.items()})
         if result_layout is not None:
             if out is None:
