@@ -381,6 +381,32 @@ def test_failed_write_forgets_the_page_and_raises(make_tier, monkeypatch) -> Non
         tier.read_pages([(slots[1], out)])
 
 
+@pytest.mark.skipif(not HAVE_ZSTD, reason="zstandard is not installed")
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_freed_slot_counts_as_room_only_with_all_its_blocks(make_tier, engine) -> None:
+    """A compressed page stores a block or a few, the rest of its slot a hole in the file. Freed,
+    such a slot counted as room on a full file system (the pager's retry after ENOSPC takes the
+    free slots below the one that failed), yet a raw page written there needs the missing blocks,
+    and its few blocks stayed taken: on a full tmpfs, pages freed after holding compressed ones left
+    no room for three raw pages, the file system holding four. A freed slot now gives its blocks
+    back unless it holds them all, and only one that holds them all counts as room."""
+    tier = make_tier(engine=engine, compression="zstd")
+    slots = [tier.allocate_slot() for _ in range(4)]
+    random = random_page(torch.Generator().manual_seed(0), aligned=True, compressible=False)
+    tier.write_pages([(slots[0], random)] + [(slot, aligned_page().zero_()) for slot in slots[1:]])  # raw, then compressed
+    assert [tier._pages[slot].stored_length for slot in slots] == [PAGE] + 3 * [disk.BLOCK]
+    assert os.fstat(tier._fd).st_blocks * 512 == PAGE + 3 * disk.BLOCK
+    for slot in slots:
+        tier.free_slot(slot)
+    assert os.fstat(tier._fd).st_blocks * 512 == PAGE  # the compressed pages' blocks went back
+    assert tier.free_slots_below(4) == 1  # only the slot that holds all its blocks is room
+    slot = tier.allocate_slot()
+    tier.write_pages([(slot, random)])  # reused slots read back what was written
+    out = aligned_page()
+    tier.read_pages([(slot, out)])
+    assert torch.equal(out, random)
+
+
 def test_read_io_error_raises_oserror_and_zeroes(make_tier, monkeypatch) -> None:
     tier = make_tier()
     slot = tier.allocate_slot()

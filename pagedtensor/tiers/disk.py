@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import heapq
 import logging
 import mmap
@@ -60,6 +61,35 @@ FILE_SYSTEM_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 """Write errors that mean the page file can grow no further: a full file system (ENOSPC), a quota
 (EDQUOT), a file-size limit (EFBIG: ``ulimit -f``, or the file system's largest file, FAT32's 4 GiB).
 The pager meets each as it meets ``disk_limit``."""
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+@functools.cache
+def _fallocate() -> Any:
+    """glibc's ``fallocate`` (errno kept), or None where the C library lacks it."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).fallocate64
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    function.restype = ctypes.c_int
+    return function
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Give the file system back the blocks of bytes ``[offset, offset + length)`` of the file ``fd``
+    (they read as zeros from then on; the file keeps its size). False where the file system or the
+    C library cannot (the blocks stay)."""
+    fallocate = _fallocate()
+    if fallocate is None:
+        return False
+    if fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    log.debug("disk tier: could not free the blocks of bytes [%d, %d): %s", offset, offset + length, os.strerror(ctypes.get_errno()))
+    return False
 
 
 @dataclass(frozen=True)
@@ -275,6 +305,9 @@ class DiskTier:
         self._free: list[int] = []  # heap of freed slots below _next_slot
         self._next_slot = 0
         self._pages: dict[int, _PageRecord] = {}
+        # Slots whose every block is in the file: written whole (a raw page) since their blocks were
+        # last given back. Freed, only these are room on a full file system (see free_slot).
+        self._whole_slots: set[int] = set()
         _LIVE_TIERS.add(self)
         log.info(
             "disk tier: %s, engine %s, %s I/O, page %d bytes, capacity %s, compression %s, checksum %s",
@@ -322,11 +355,12 @@ class DiskTier:
             return bool(self._free) or self.capacity_pages is None or self._next_slot < self.capacity_pages
 
     def free_slots_below(self, slot: int) -> int:
-        """How many free slots lie below ``slot``, an allocated or freed one (the slots a write on a
-        file system that could not hold ``slot`` still fits: the file reaches past them, and
-        :meth:`allocate_slot` hands out the lowest first). Never blocks."""
+        """How many free slots that hold all their blocks lie below ``slot``, an allocated or freed
+        one (the slots a write on a file system that could not hold ``slot`` still fits: the file
+        reaches past them, and :meth:`allocate_slot` hands out the lowest first; a slot that held a
+        compressed page gave its blocks back, see :meth:`free_slot`). Never blocks."""
         with self._lock:
-            return sum(1 for free in self._free if free < slot)
+            return sum(1 for free in self._free if free < slot and free in self._whole_slots)
 
     def allocate_slot(self) -> int:
         """The lowest free slot, now allocated; OutOfPagesError when the tier is full. Never blocks."""
@@ -346,11 +380,16 @@ class DiskTier:
             return slot
 
     def free_slot(self, slot: int) -> None:
-        """Returns ``slot`` to the free list and forgets its page. The file is not touched."""
+        """Returns ``slot`` to the free list and forgets its page. A slot that holds all its blocks
+        keeps them (the next page written there needs none); one that does not (it held a compressed
+        page: the blocks of its frame, holes after them) gives them back to the file system, where
+        they would stay taken for a page that may need them all."""
         with self._lock:
             self._check_allocated(slot)
             self._allocated.discard(slot)
             self._pages.pop(slot, None)
+            if slot not in self._whole_slots:
+                punch_hole(self._fd, slot * self.page_size, self.page_size)
             heapq.heappush(self._free, slot)
 
     # ---- I/O ----------------------------------------------------------------------------------
@@ -411,6 +450,8 @@ class DiskTier:
                 if result == record.stored_length:
                     if slot in self._allocated:
                         self._pages[slot] = record
+                    if result == self.page_size:
+                        self._whole_slots.add(slot)
                     continue
                 self._pages.pop(slot, None)
                 if result < 0:
