@@ -154,8 +154,8 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     stride = reference.stride()
     broadcast = [t for t in shaped if tuple(t.shape) != shape]
     if any(t is target for t in broadcast):
-        if target_name == 0:
-            _raise_torchs_error(func, args, kwargs)  # torch writes in place into a tensor of the result's shape only
+        if target_name == 0:  # torch writes in place into a tensor of the result's shape only: its kernel's error
+            _raise_torchs_error_on_stand_ins(func, given_args, given_kwargs)
         return NotImplemented  # (and into an out= of it, resized above)
     # Tensors of one layout whose elements fill their span run in 1-D pieces of consecutive elements
     # where the layout is row-major (the kernel's own loop over the whole is then one run of
@@ -200,7 +200,9 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
         if any(isinstance(t, PagedTensor) and span_elements(t) > (piece_elements_of([t]) or 0) for t in broadcast):
             return NotImplemented  # it could not be read whole
         if target is not None:
-            _raise_torchs_error(func, args, kwargs)  # before the operands are expanded (fill_ of a 1-D value)
+            # before the operands are expanded (fill_ of a 1-D value): the kernel's check on stand-ins
+            # (a meta kernel may refuse what the kernel takes: int64 ``<<=`` a bool row)
+            _raise_torchs_error_on_stand_ins(func, given_args, given_kwargs)
             if func is aten.fill_.Tensor:  # (torch 2.11's meta kernel lets a 1-D value through): its own kernel's check
                 torch.empty((), dtype=target.dtype, device=target.device).fill_(args[1])
         # (an operand given expanded, compacted above, runs expanded, as torch ran it: not recorded in ``given``)
@@ -742,7 +744,7 @@ def _result_layout(func: OpOverload, args: tuple, kwargs: dict) -> Optional[torc
     raises NotImplementedError) is not torch's error: None, and the kernel's check decides."""
     try:
         result = _on_meta(func, args, kwargs)
-    except (NotImplementedError, RuntimeError, ValueError, TypeError):
+    except (NotImplementedError, RuntimeError, ValueError, TypeError, AssertionError):  # (meta_complex's assert)
         return None
     except KeyError:
         try:
@@ -786,7 +788,10 @@ def _raise_torchs_error_on_stand_ins(func: OpOverload, args: tuple, kwargs: dict
     warns as the whole would, not as torch warns on one element (``var``'s "degrees of freedom is
     <= 0"): a C++ warning of an op called inside ``__torch_dispatch__`` goes to the outer op's
     warning handler, surfacing after it returns, which ``warnings.catch_warnings`` here does not
-    reach (torch offers no Python way to silence it)."""
+    reach (torch offers no Python way to silence it). They keep each dim of size 0 or 1, so they
+    broadcast as the tensors do: the kernel's error for a tensor written in place of another shape
+    than the operands broadcast to names the real shapes (:func:`_in_real_shapes`). Where no stand-in
+    can be made (a quantized dtype) nothing is raised."""
     arguments = func._schema.arguments
     by_name = {argument.name: argument for argument in arguments}
 
@@ -797,19 +802,70 @@ def _raise_torchs_error_on_stand_ins(func: OpOverload, args: tuple, kwargs: dict
             return torch.tensor(value)
         return small_stand_in(value)
 
+    try:
+        stand_in_args = tuple(stand_in(arguments[i] if i < len(arguments) else None, value) for i, value in enumerate(args))
+        stand_in_kwargs = {name: stand_in(by_name.get(name), value) for name, value in kwargs.items()}
+    except Exception:  # noqa: BLE001 - no stand-in of such a dtype (a quantized one): nothing found
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        func(*(stand_in(arguments[i] if i < len(arguments) else None, value) for i, value in enumerate(args)),
-             **{name: stand_in(by_name.get(name), value) for name, value in kwargs.items()})  # fmt: skip
+        try:
+            func(*stand_in_args, **stand_in_kwargs)
+        except RuntimeError as error:
+            real = _in_real_shapes(error, func, (args, kwargs), (stand_in_args, stand_in_kwargs))
+            if real is None:
+                raise
+            raise real from None
+
+
+def _in_real_shapes(error: RuntimeError, func: OpOverload, given: tuple, stand_ins: tuple) -> Optional[RuntimeError]:
+    """TensorIterator's error for a tensor written in place of another shape than its operands
+    broadcast to, raised by the kernel on stand-ins (``output with shape [2, 2] doesn't match the
+    broadcast shape [2, 2, 2]``), naming the real shapes as torch does (``[64, 256]``, ``[2, 64,
+    256]``); None for any other error. The stand-ins keep each dim of size 0 or 1 (:func:`small_stand_in`),
+    so they broadcast as the real tensors do."""
+    written = next((argument.name for argument in func._schema.arguments
+                    if argument.alias_info is not None and argument.alias_info.is_write and not argument.is_out), None)  # fmt: skip
+    if written is None:
+        return None
+    pairs = []
+    for values, small in zip(given, stand_ins):
+        if isinstance(values, dict):
+            values, small = list(values.values()), list(small.values())
+        pairs += [(value, stand_in) for value, stand_in in zip(values, small) if isinstance(value, torch.Tensor) and isinstance(stand_in, torch.Tensor)]
+    if not pairs:
+        return None
+    given_args, given_kwargs = given
+    position = [argument.name for argument in func._schema.arguments].index(written)
+    target = given_args[position] if position < len(given_args) else given_kwargs.get(written)
+    pair = next(((value, stand_in) for value, stand_in in pairs if value is target), None)
+    if pair is None:
+        return None
+
+    def message(out: torch.Tensor, operands: list) -> str:
+        return f"output with shape {list(out.shape)} doesn't match the broadcast shape {list(torch.broadcast_shapes(*(t.shape for t in operands)))}"
+
+    try:
+        if str(error) != message(pair[1], [stand_in for _, stand_in in pairs]):
+            return None
+        return type(error)(message(pair[0], [value for value, _ in pairs]))
+    except RuntimeError:  # shapes that do not broadcast
+        return None
 
 
 def small_stand_in(value: Any) -> Any:
-    """A tensor as a zero tensor of its dtype, device and dims with at most two indices along each
-    (in lists and tuples too: tensors that broadcast together still do, and ones of one shape keep
-    one), for torch's checks of dtypes, devices and ranks without memory of its size; anything
-    else as it is."""
+    """A tensor as a tensor of ones (zeros for a dtype torch cannot fill: ``bits8``, ``uint4``) of
+    its dtype, device and dims with at most two indices along each (in lists and tuples too: tensors
+    that broadcast together still do, and ones of one shape keep one), for torch's checks of dtypes,
+    devices and ranks without memory of its size; anything else as it is. Ones, not zeros: an int
+    divisor of zeros makes the kernel raise ``ZeroDivisionError``, which the real one need not."""
     if isinstance(value, torch.Tensor):
-        return torch.zeros(tuple(min(size, 2) for size in value.shape), dtype=value.dtype, device=value.device)
+        stand_in = torch.zeros(tuple(min(size, 2) for size in value.shape), dtype=value.dtype, device=value.device)
+        try:
+            stand_in.fill_(1)
+        except (RuntimeError, NotImplementedError):  # a dtype with no fill kernel: zeros
+            pass
+        return stand_in
     if type(value) in (list, tuple):
         return type(value)(small_stand_in(item) for item in value)
     return value

@@ -207,3 +207,87 @@ def test_a_valid_matrix_product_past_the_tier_still_raises_the_pagers_error():
         W = PagedTensor.wrap(torch.randn(32, 512), pager=pager)
         with pytest.raises(DeviceTierFullError):
             torch.mm(torch.randn(3, 32), W)
+
+
+_BROADCAST_IN_PLACE = [
+    lambda t, b: t.add_(b),
+    lambda t, b: t.mul_(b),
+    lambda t, b: t.copy_(b),
+    lambda t, b: t.addcmul_(b, b),
+    lambda t, b: t.clamp_(b, None),
+    lambda t, b: t.lerp_(b, 0.5),
+]
+
+
+@pytest.mark.parametrize("op", _BROADCAST_IN_PLACE, ids=["add_", "mul_", "copy_", "addcmul_", "clamp_", "lerp_"])
+@pytest.mark.parametrize("paged_operand", [False, True], ids=["plain_operand", "paged_operand"])
+def test_an_in_place_op_past_the_tier_whose_operand_broadcasts_to_a_larger_shape_raises_torchs_error(op, paged_operand):
+    """torch's own words, naming the real shapes (``output with shape [64, 256] doesn't match the
+    broadcast shape [2, 64, 256]``), not the small stand-ins' or the meta kernel's; nothing written."""
+    x, b = torch.randn(64, 256), torch.randn(2, 64, 256)
+    with make_pager(8) as pager:
+        X = PagedTensor.wrap(x.clone(), pager=pager)  # 16 pages
+        B = PagedTensor.wrap(b, pager=pager) if paged_operand else b  # 32 pages
+        assert_same_error(lambda: op(x.clone(), b), lambda: op(X, B))
+        assert "[64, 256]" in str(raised(lambda: op(X, B))) and "[2, 64, 256]" in str(raised(lambda: op(X, B)))
+        assert torch.equal(X.materialize(), x)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [torch.remainder, torch.fmod, torch.floor_divide, lambda a, d: torch.div(a, d, rounding_mode="trunc"),
+     lambda a, d: torch.div(a, d, rounding_mode="floor")],
+    ids=["remainder", "fmod", "floor_divide", "div_trunc", "div_floor"],
+)  # fmt: skip
+def test_an_int_division_past_the_tier_that_cannot_run_in_pieces_raises_the_pagers_error(op):
+    """No divisor is zero and torch takes the operands: the stand-ins of the dtype check (ones, not
+    zeros) raise no ``ZeroDivisionError``; the pager's error stands."""
+    a, d = torch.randint(1, 100, (64, 256)), torch.randint(1, 9, (1, 64, 256))
+    op(a, d)  # torch takes them
+    with make_pager(8) as pager:
+        A = PagedTensor.wrap(a, pager=pager)  # 32 pages; the result's shape is no PagedTensor's
+        with pytest.raises(DeviceTierFullError):
+            op(A, d)
+
+
+@pytest.mark.parametrize("op", [lambda t, s: t.__ilshift__(s), lambda t, s: t.__irshift__(s)], ids=["ilshift", "irshift"])
+def test_an_in_place_op_past_the_tier_with_a_broadcast_operand_torch_takes_runs(op):
+    """``int64 <<= bool_row`` runs in torch's kernel (its meta kernel refuses it): it runs in pieces."""
+    x, s = torch.randint(0, 9, (64, 256)), torch.rand(256) > 0.5
+    with make_pager(8) as pager:
+        X = PagedTensor.wrap(x.clone(), pager=pager)  # 32 pages
+        op(X, s)
+        assert torch.equal(X.materialize(), op(x.clone(), s))
+
+
+@pytest.mark.parametrize(
+    "op, x, row",
+    [
+        (lambda t, r: t.__ilshift__(r), torch.randn(64, 256), torch.randint(0, 3, (256,))),
+        (lambda t, r: t.__irshift__(r), torch.randn(64, 256), torch.randint(0, 3, (256,))),
+        (lambda t, r: t.igamma_(r), torch.randint(1, 9, (64, 256)), torch.randint(1, 3, (256,))),
+        (lambda t, r: t.floor_divide_(r), torch.randn(64, 256, dtype=torch.complex64), torch.randn(256)),
+        (lambda t, r: t.add_(r), torch.randint(0, 9, (64, 256)), torch.randn(256)),
+    ],
+    ids=["float_ilshift_int", "float_irshift_int", "int_igamma_", "complex_floor_divide_", "int_add_float"],
+)
+def test_an_in_place_op_past_the_tier_with_a_broadcast_operand_raises_torchs_kernels_error(op, x, row):
+    """torch's kernel's error (type and words), not its meta kernel's (a RuntimeError where the
+    kernel raises NotImplementedError); nothing written."""
+    with make_pager(8) as pager:
+        X = PagedTensor.wrap(x.clone(), pager=pager)  # 16 or more pages
+        assert_same_error(lambda: op(x.clone(), row), lambda: op(X, row))
+        assert torch.equal(X.materialize(), x)
+
+
+@pytest.mark.parametrize("op", [torch.complex, torch.polar], ids=["complex", "polar"])
+@pytest.mark.parametrize("paged_first", [True, False], ids=["paged_real", "paged_imag"])
+def test_complex_or_polar_past_the_tier_of_a_non_float_operand_raises_torchs_error(op, paged_first):
+    """torch's RuntimeError (``Expected both inputs to be Half, Float or Double tensors ...``), not
+    the meta kernel's AssertionError."""
+    re, im = torch.randn(64, 256), torch.randint(0, 3, (64, 256))
+    with make_pager(8) as pager:
+        if paged_first:
+            assert_same_error(lambda: op(re, im), lambda: op(PagedTensor.wrap(re, pager=pager), im))
+        else:
+            assert_same_error(lambda: op(re, im), lambda: op(re, PagedTensor.wrap(im, pager=pager)))
