@@ -76,6 +76,11 @@ SUBCLASS_BACKWARD = {"prod", "cumprod", "masked.prod", "linalg.vander"}
 # a deterministic implementation: its results may differ from run to run, so they are compared to
 # their accuracy.
 NONDETERMINISTIC_WARNING = "does not have a deterministic implementation"
+NONDETERMINISTIC_CUDA_BACKWARD = {"nn.functional.grid_sample"}
+"""Ops whose CUDA backward uses atomics (grid_sampler_2d_backward_cuda), compared to their accuracy
+even where the warning above was not caught and a second dense run happened to give the same bits:
+the CUDA sweep failed so three times so far (f6cb276 and 2b372e6 on an H100, 0173f95 on an H200), the paged
+gradient off in the last bits."""
 
 # The write paths: 3 samples an op in 4 dtypes, about a minute on the CPU.
 WRITE_SAMPLES_PER_OP = 3
@@ -319,7 +324,9 @@ def check_backward(pager: Pager, op: object, dtype: torch.dtype, device: str) ->
             continue
         # torch warns (deterministic algorithms on, warn only: the CUDA sweep) where a kernel it ran
         # has no deterministic implementation (atomics: grid_sampler_2d_backward_cuda, index_add).
-        nondeterministic = any(NONDETERMINISTIC_WARNING in str(warning.message) for warning in caught)
+        nondeterministic = any(NONDETERMINISTIC_WARNING in str(warning.message) for warning in caught) or (
+            device == "cuda" and _name(op) in NONDETERMINISTIC_CUDA_BACKWARD
+        )
         if reference is not _dense_leaf:
             expected = _gradients(op, sample, index, reference)
         try:
