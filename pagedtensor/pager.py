@@ -563,6 +563,7 @@ class Pager:
         # Pages _bring_to_device has given device slots it has not filled yet: that slot is no copy.
         self._filling: set[Page] = set()
         self._prefetcher: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._prefetch_thread: Optional[int] = None  # the prefetch thread's ident, once it runs
         self.closed = False
         self._closed_because = ""  # why, where it was not closed by close() (a fork amid another thread's call)
         self._released = False  # close() has released the tiers (``closed`` is set first)
@@ -991,7 +992,8 @@ class Pager:
         if self.disk_tier is not None and (self.host_tier.free_pages < len(missing)
                                            or any(page.host_slot is None and page.disk_slot is not None for page in missing)):  # fmt: skip
             if self._prefetcher is None:
-                self._prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedllm-prefetch")
+                self._prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedllm-prefetch",
+                                                                         initializer=_note_prefetch_thread, initargs=(weakref.ref(self),))  # fmt: skip
             return self._prefetcher.submit(work, *args)
         future: concurrent.futures.Future = concurrent.futures.Future()
         try:
@@ -1010,9 +1012,10 @@ class Pager:
     def evict_all(self) -> None:
         """Move every unpinned page off the device tier (host overflow goes to disk).
 
-        Prefetches queued before the call finish first, so none of them lands after it.
+        Prefetches queued before the call finish first, so none of them lands after it (so a
+        prefetch future's done-callback, which runs on the prefetch thread, cannot call it: RuntimeError).
         """
-        self._drain_prefetches()
+        self._drain_prefetches("evict_all")
         with self._lock:
             self._check_open()
             victims = self.device_policy.victims(self.device_tier.used_pages, self._device_evictable)
@@ -1071,20 +1074,33 @@ class Pager:
 
     @pager_call
     def synchronize(self) -> None:
-        """Block until every enqueued transfer has finished (prefetches included)."""
-        self._drain_prefetches()
+        """Block until every enqueued transfer has finished (prefetches included; so a prefetch
+        future's done-callback, which runs on the prefetch thread, cannot call it: RuntimeError)."""
+        self._drain_prefetches("synchronize")
         self.engine.synchronize()
 
-    def _drain_prefetches(self) -> None:
-        """Wait until the prefetches queued so far have run (never call it holding the lock)."""
+    def _drain_prefetches(self, caller: str = "synchronize") -> None:
+        """Wait until the prefetches queued so far have run (never call it holding the lock); on
+        the prefetch thread, a RuntimeError naming ``caller``."""
         with self._lock:
             prefetcher = self._prefetcher
         if prefetcher is not None:
+            self._refuse_on_the_prefetch_thread(caller)
             try:
                 drained = prefetcher.submit(lambda: None)
             except RuntimeError:  # another thread's close() shut it down meanwhile, after its prefetches
                 return
             drained.result()
+
+    def _refuse_on_the_prefetch_thread(self, caller: str) -> None:
+        """Raise naming ``Pager.<caller>()`` where this thread is the pager's prefetch thread (a
+        prefetch future's done-callback runs there): waiting for the prefetches, or for the thread's
+        end, it would wait for itself for ever."""
+        if threading.get_ident() == self._prefetch_thread:
+            raise RuntimeError(
+                f"Pager.{caller}() called on the pager's prefetch thread (from a prefetch future's done-callback): "
+                f"it waits for that thread's prefetches, so it would wait for itself; call it from another thread"
+            )
 
     # ------------------------------------------------------------------ bytes in and out
 
@@ -1183,12 +1199,15 @@ class Pager:
     def close(self) -> None:
         """Finish pending transfers and release every tier. The pager cannot be used afterwards.
 
-        Idempotent. A close interrupted while it waits (Ctrl-C while the prefetch thread finishes a
+        Idempotent. It waits for the prefetch thread, so a prefetch future's done-callback (which runs
+        there) cannot call it (RuntimeError; the pager stays open). A close interrupted while it waits (Ctrl-C while the prefetch thread finishes a
         disk read, or while copies finish) leaves the pager closed, and the next call releases the tiers.
         """
         with self._lock:
             if self._released:
                 return
+            if self._prefetcher is not None:
+                self._refuse_on_the_prefetch_thread("close")
             self.closed = True
             prefetcher, self._prefetcher = self._prefetcher, None
             self._wake_pin_waiters()  # they find the pager closed
@@ -2199,6 +2218,14 @@ def _int_argument(value: object, name: str) -> int:
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{name}: expected an int, got {value!r}") from None
+
+
+def _note_prefetch_thread(pager_ref: "weakref.ref[Pager]") -> None:
+    """The prefetch thread's first step: its ident, for the pager's waits to refuse to run on it
+    (through a weak reference: the thread must not keep a dropped pager alive)."""
+    pager = pager_ref()
+    if pager is not None:
+        pager._prefetch_thread = threading.get_ident()
 
 
 def _weak_resident_bytes(pager: Pager) -> Callable[[], dict[str, int]]:

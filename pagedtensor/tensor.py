@@ -933,6 +933,8 @@ class PagedTensor(torch.Tensor):
             return f"{head}, pages=0)"
         if self.pager.closed:
             return f"{head}, pager closed)"
+        if self.allocation.freed:  # (``pager.free(t.allocation)``)
+            return f"{head}, allocation freed)"
         first, stop = self.page_range()
         residency = ", ".join(f"{tier}={count}" for tier, count in self.residency().items() if count or tier != "unwritten")
         grad = ", requires_grad=True" if self.requires_grad else ""

@@ -3,6 +3,7 @@ write-back of dirty pages only, prefetch, threads, metrics."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import errno
 import gc
@@ -1479,6 +1480,38 @@ def test_waiting_for_the_prefetches_while_another_thread_closes_the_pager_names_
     else:
         pager.synchronize()
     assert pager.closed and pager._lock is lock
+
+
+@pytest.mark.parametrize("method", ["synchronize", "evict_all", "close"])
+def test_a_prefetch_callback_that_waits_for_the_prefetches_is_refused_by_name(nvme_dir, method: str):
+    """A done-callback of a prefetch that read from disk runs on the pager's prefetch thread, whose
+    prefetches synchronize() and evict_all() wait for, as close() waits for the thread: called there,
+    synchronize() and evict_all() waited for ever on their own thread (and every later wait with
+    them, interpreter exit too), close() raised "cannot join current thread" and left the pager half
+    closed. Each now raises a RuntimeError naming the call and the thread, and the pager works on."""
+    pager = make_pager(nvme_dir, device_pages=2, host_pages=1)
+    allocation = pager.allocate(4 * PAGE)
+    data = random_bytes(4 * PAGE)
+    pager.write(allocation, data)
+    pager.evict_all()
+    outcome: concurrent.futures.Future = concurrent.futures.Future()
+
+    def call_it(_: concurrent.futures.Future) -> None:
+        try:
+            getattr(pager, method)()
+            outcome.set_result(None)
+        except BaseException as error:  # noqa: BLE001 - handed to the test's thread
+            outcome.set_exception(error)
+
+    future = pager.prefetch(allocation, 0, 1)  # its page is only on disk: the prefetch thread runs it
+    future.add_done_callback(call_it)
+    with pytest.raises(RuntimeError, match=rf"Pager.{method}\(\) called on the pager's prefetch thread .*would wait for itself"):
+        outcome.result(timeout=20)
+    assert not pager.closed
+    assert torch.equal(pager.read(allocation), data)
+    getattr(pager, method)()  # from this thread, as ever
+    if method != "close":
+        pager.close()
 
 
 def test_a_dropped_pager_is_freed_at_once_and_leaves_a_shared_registry(nvme_dir):

@@ -970,6 +970,13 @@ def test_ops_after_the_pager_closed_raise_naming_the_op_and_the_pager():
     assert "pager closed" in repr(t)
 
 
+def test_repr_of_a_tensor_whose_allocation_was_freed_says_so(pager):
+    """``pager.free(t.allocation)`` on a live tensor: its repr raised the page table's ValueError."""
+    t = PagedTensor.wrap(torch.randn(1024), pager)
+    pager.free(t.allocation)
+    assert repr(t) == "PagedTensor(shape=[1024], dtype=torch.float32, device=cpu, allocation freed)"
+
+
 
 @pytest.mark.parametrize("bounded", [False, True])
 def test_an_op_whose_pager_another_thread_closes_amid_it_names_the_closed_pager(bounded):
