@@ -629,7 +629,9 @@ class PagedTensor(torch.Tensor):
         version = self._paged.version
         cached = self._materialized
         if cached is not None and cached[0] == version:
-            return cached[1]
+            if not (self._paged.pager.closed or self._paged.allocation.freed):
+                return cached[1]
+            self._materialized = None  # the pages are gone: the copy too, and materialize() below names why
         if in_a_transform_or_mode():
             # Read by Dynamo inside a torch.func transform (``torch.func.grad`` of this tensor in a
             # compiled function): made there, the data came back wrapped at the transform's level,

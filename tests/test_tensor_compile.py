@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
+import pagedtensor
 import pagedtensor.tensor
 from pagedtensor import MemoryConfig, PagedTensor, Pager
 
@@ -74,6 +75,32 @@ def test_flatten_metadata_is_static_and_dense_is_cached_until_written(pager):
     assert again is not first and torch.equal(again, x)
     t.drop_materialized()
     assert t._materialized is None
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("gone", ["closed", "freed"])
+def test_a_compiled_call_on_a_tensor_whose_pages_are_gone_names_it(backend, gone):
+    """A compiled graph runs on the dense copy the first call cached on the tensor; after the pager
+    closed (or the allocation was freed) the next call, and a fresh compile, returned values from
+    that copy, which also kept its memory, where any eager use raises. They raise as eager use does."""
+    pager = Pager(MemoryConfig(page_size=PAGE, vram_limit=16 * PAGE, host_memory=256 * PAGE, slab_size=16 * PAGE,
+                               prefetch_strategy="none", device="cpu"))  # fmt: skip
+    x = torch.randn(4, 4)
+    t = PagedTensor.wrap(x, pager)
+    compiled = torch.compile(lambda a: a * 2, backend=backend, fullgraph=True)
+    assert torch.equal(compiled(t), x * 2)
+    error = pagedtensor.PagerClosedError if gone == "closed" else ValueError
+    match = "pager is closed" if gone == "closed" else "freed"
+    pager.close() if gone == "closed" else pager.free(t.allocation)
+    with pytest.raises(error, match=match):
+        t * 2
+    # (Dynamo, reading the input as it checks its guards or traces, raises its wrapper of the error)
+    for call in (lambda: compiled(t), lambda: (torch._dynamo.reset(), torch.compile(lambda a: a + 1, backend=backend, fullgraph=True)(t))):
+        with pytest.raises(RuntimeError if gone == "closed" else Exception, match=match) as raised:
+            call()
+        assert isinstance(raised.value, error) or str(raised.value).startswith(f"{error.__name__}: "), repr(raised.value)
+    assert t._materialized is None  # the copy went with the pages
+    pager.close()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
