@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import sys
 from typing import Optional
 
 import torch
@@ -261,7 +262,7 @@ def _sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: O
 def _needs_model_eager(kwargs: dict) -> Optional[str]:
     """What the call asks for that neither the kernels nor SDPA apply (logit soft-capping,
     attention-sink logits, the attention weights of ``output_attentions=True``), or None."""
-    if kwargs.get("output_attentions"):
+    if kwargs.get("output_attentions") or _records_attentions():
         return "output_attentions (the attention weights)"
     if kwargs.get("softcap") is not None:
         return "logit soft-capping"
@@ -270,14 +271,28 @@ def _needs_model_eager(kwargs: dict) -> Optional[str]:
     return None
 
 
+_OUTPUT_COLLECTOR_MODULES = ("transformers.utils.output_capturing", "transformers.utils.generic")
+"""Where transformers keeps the forward's output collector (``_active_collector``), by version."""
+
+
+def _records_attentions() -> bool:
+    """Whether transformers records this forward's attention weights from the attention modules'
+    outputs (``output_attentions=True``, read by its output-capturing hooks, which a model whose
+    attention module takes the flag by name, GPT-2, does not hand the attention function)."""
+    for name in _OUTPUT_COLLECTOR_MODULES:
+        collector = getattr(sys.modules.get(name), "_active_collector", None)
+        if collector is not None:
+            collected = collector.get()
+            return bool(collected) and "attentions" in collected
+    return False
+
+
 def _model_eager_attention(module: torch.nn.Module, kwargs: dict):
     """The model's own ``eager_attention_forward`` when :func:`_needs_model_eager` names something,
     else None: it applies it exactly as the unpaged model's eager attention does."""
     needs = _needs_model_eager(kwargs)
     if needs is None:
         return None
-    import sys
-
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if eager is None:
         raise NotImplementedError(f"pagedllm attention: {type(module).__name__} needs {needs}, "

@@ -113,6 +113,38 @@ def test_output_attentions_under_the_pagedllm_attention(nvme_dir):
     assert torch.equal(_generate(model, ids, mask).sequences, expected.sequences)  # chunked again without them
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_output_attentions_of_a_model_whose_attention_takes_the_flag_by_name(nvme_dir, use_cache):
+    """GPT-2's attention module takes ``output_attentions`` as a parameter of its own and hands the
+    attention function none of it (transformers records the weights from the module's output): the
+    pagedllm attention returned no weights, silently, with the cache and without. It now asks
+    transformers whether the call records attentions."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=TINY["vocab_size"], n_positions=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    reference = GPT2LMHeadModel(config).eval()
+    model = GPT2LMHeadModel(copy.deepcopy(config)).eval()
+    model.load_state_dict(reference.state_dict())
+    enable_paging(model, tiny_budget(nvme_dir), attn_implementation="pagedllm")
+    ids, mask = prompts(1, length=12)
+    with torch.no_grad():
+        want = reference(ids, output_attentions=True, use_cache=use_cache).attentions
+        got = model(ids, output_attentions=True, use_cache=use_cache).attentions
+    assert got is not None and len(got) == len(want) == config.n_layer
+    for have, expected in zip(got, want):
+        torch.testing.assert_close(have, expected, atol=1e-5, rtol=1e-5)
+    if use_cache:
+        expected = _generate(reference, ids, mask, output_attentions=True)
+        generated = _generate(model, ids, mask, output_attentions=True)
+        assert torch.equal(generated.sequences, expected.sequences)
+        assert [len(step) for step in generated.attentions] == [len(step) for step in expected.attentions]
+        for got_step, expected_step in zip(generated.attentions, expected.attentions):
+            for have, want_step in zip(got_step, expected_step):
+                torch.testing.assert_close(have, want_step, atol=1e-5, rtol=1e-5)
+
+
 def test_output_router_logits_under_the_pagedllm_attention(nvme_dir):
     """transformers records a mixture of experts' router logits from the router inside each layer:
     a forward asking for them runs its prefill in one piece, as one asking for attentions does (in
