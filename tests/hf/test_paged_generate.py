@@ -104,13 +104,17 @@ def test_output_attentions_under_the_pagedllm_attention(nvme_dir):
     ids, mask = prompts(3)
     expected = _generate(reference, ids, mask, output_attentions=True)
     enable_paging(model, tiny_budget(nvme_dir), attn_implementation="pagedllm", prefill_chunk_size=16)
-    got = _generate(model, ids, mask, output_attentions=True)
+    _assert_same_generation_with_attentions(_generate(model, ids, mask, output_attentions=True), expected)
+    assert torch.equal(_generate(model, ids, mask).sequences, expected.sequences)  # chunked again without them
+
+
+def _assert_same_generation_with_attentions(got, expected) -> None:
+    """The same tokens, and at each step each layer's attention weights (to fp32 tolerance)."""
     assert torch.equal(got.sequences, expected.sequences)
     assert [len(step) for step in got.attentions] == [len(step) for step in expected.attentions]
     for got_step, expected_step in zip(got.attentions, expected.attentions):
         for have, want in zip(got_step, expected_step):
             torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
-    assert torch.equal(_generate(model, ids, mask).sequences, expected.sequences)  # chunked again without them
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -136,13 +140,8 @@ def test_output_attentions_of_a_model_whose_attention_takes_the_flag_by_name(nvm
     for have, expected in zip(got, want):
         torch.testing.assert_close(have, expected, atol=1e-5, rtol=1e-5)
     if use_cache:
-        expected = _generate(reference, ids, mask, output_attentions=True)
-        generated = _generate(model, ids, mask, output_attentions=True)
-        assert torch.equal(generated.sequences, expected.sequences)
-        assert [len(step) for step in generated.attentions] == [len(step) for step in expected.attentions]
-        for got_step, expected_step in zip(generated.attentions, expected.attentions):
-            for have, want_step in zip(got_step, expected_step):
-                torch.testing.assert_close(have, want_step, atol=1e-5, rtol=1e-5)
+        _assert_same_generation_with_attentions(_generate(model, ids, mask, output_attentions=True),
+                                                _generate(reference, ids, mask, output_attentions=True))  # fmt: skip
 
 
 def test_output_router_logits_under_the_pagedllm_attention(nvme_dir):
