@@ -393,14 +393,16 @@ def test_a_freed_slot_counts_as_room_only_with_all_its_blocks(make_tier, engine)
     tier = make_tier(engine=engine, compression="zstd")
     slots = [tier.allocate_slot() for _ in range(4)]
     random = random_page(torch.Generator().manual_seed(0), aligned=True, compressible=False)
-    tier.write_pages([(slots[0], random)] + [(slot, aligned_page().zero_()) for slot in slots[1:]])  # raw, then compressed
-    assert [tier._pages[slot].stored_length for slot in slots] == [PAGE] + 3 * [disk.BLOCK]
+    tier.write_pages([(slot, aligned_page().zero_()) for slot in slots[:3]] + [(slots[3], random)])  # compressed, then raw
+    assert [tier._pages[slot].stored_length for slot in slots] == 3 * [disk.BLOCK] + [PAGE]
     assert os.fstat(tier._fd).st_blocks * 512 == PAGE + 3 * disk.BLOCK
     for slot in slots:
         tier.free_slot(slot)
     assert os.fstat(tier._fd).st_blocks * 512 == PAGE  # the compressed pages' blocks went back
     assert tier.free_slots_below(4) == 1  # only the slot that holds all its blocks is room
+    assert tier.allocate_slot() == slots[3]  # and it is handed out first, then the lowest of the others
     slot = tier.allocate_slot()
+    assert slot == slots[0]
     tier.write_pages([(slot, random)])  # reused slots read back what was written
     out = aligned_page()
     tier.read_pages([(slot, out)])

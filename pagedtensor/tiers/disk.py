@@ -302,7 +302,8 @@ class DiskTier:
         self._finalizer = weakref.finalize(self, _release, self._engine, self._fd)
         self._lock = threading.Lock()
         self._allocated: set[int] = set()
-        self._free: list[int] = []  # heap of freed slots below _next_slot
+        self._free: list[int] = []  # heap of freed slots below _next_slot that hold all their blocks
+        self._free_holes: list[int] = []  # heap of the other freed slots (their blocks given back)
         self._next_slot = 0
         self._pages: dict[int, _PageRecord] = {}
         # Slots whose every block is in the file: written whole (a raw page) since their blocks were
@@ -352,22 +353,25 @@ class DiskTier:
     def has_free_slot(self) -> bool:
         """Whether :meth:`allocate_slot` would succeed. Never blocks."""
         with self._lock:
-            return bool(self._free) or self.capacity_pages is None or self._next_slot < self.capacity_pages
+            return bool(self._free or self._free_holes) or self.capacity_pages is None or self._next_slot < self.capacity_pages
 
     def free_slots_below(self, slot: int) -> int:
         """How many free slots that hold all their blocks lie below ``slot``, an allocated or freed
         one (the slots a write on a file system that could not hold ``slot`` still fits: the file
-        reaches past them, and :meth:`allocate_slot` hands out the lowest first; a slot that held a
-        compressed page gave its blocks back, see :meth:`free_slot`). Never blocks."""
+        reaches past them, and :meth:`allocate_slot` hands out such slots first, the lowest first; a
+        slot that held a compressed page gave its blocks back, see :meth:`free_slot`). Never blocks."""
         with self._lock:
-            return sum(1 for free in self._free if free < slot and free in self._whole_slots)
+            return sum(1 for free in self._free if free < slot)
 
     def allocate_slot(self) -> int:
-        """The lowest free slot, now allocated; OutOfPagesError when the tier is full. Never blocks."""
+        """A free slot, now allocated: the lowest of those that hold all their blocks, else the lowest
+        free one, else a new one at the end of the file; OutOfPagesError when the tier is full. Never blocks."""
         self._check_open()
         with self._lock:
-            if self._free:
+            if self._free:  # a slot that holds all its blocks first: a write there needs none
                 slot = heapq.heappop(self._free)
+            elif self._free_holes:
+                slot = heapq.heappop(self._free_holes)
             elif self.capacity_pages is None or self._next_slot < self.capacity_pages:
                 slot = self._next_slot
                 self._next_slot += 1
@@ -388,9 +392,11 @@ class DiskTier:
             self._check_allocated(slot)
             self._allocated.discard(slot)
             self._pages.pop(slot, None)
-            if slot not in self._whole_slots:
+            if slot in self._whole_slots:
+                heapq.heappush(self._free, slot)
+            else:
                 punch_hole(self._fd, slot * self.page_size, self.page_size)
-            heapq.heappush(self._free, slot)
+                heapq.heappush(self._free_holes, slot)
 
     # ---- I/O ----------------------------------------------------------------------------------
 
