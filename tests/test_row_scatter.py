@@ -1263,6 +1263,22 @@ def test_an_index_out_of_bounds_of_a_one_dim_table_raises_torchs_error(op):
         assert torch.equal(table.materialize(), x)
 
 
+@pytest.mark.parametrize("alpha", [1, 2, 1.0, 0.5])
+def test_an_index_add_out_of_bounds_with_alpha_raises_torchs_error(alpha):
+    """torch's CPU ``index_add_`` of a table of 2 dims or more raises ``RuntimeError`` for an index out
+    of bounds with ``alpha`` 1, ``IndexError`` ("index out of range in self") with any other: the
+    paged op past the tier raised the first for both."""
+    x = torch.arange(64 * 256, dtype=torch.float32).reshape(64, 256)
+    call = lambda t: t.index_add_(0, torch.tensor([3, 99999]), torch.ones(2, 256), alpha=alpha)  # noqa: E731
+    with pytest.raises(Exception) as dense_error:
+        call(x.clone())
+    with make_pager() as pager:
+        table = PagedTensor.wrap(x.clone(), pager)
+        with pytest.raises(dense_error.type, match=re.escape(str(dense_error.value).splitlines()[0])):
+            call(table)
+        assert torch.equal(table.materialize(), x)
+
+
 @pytest.mark.parametrize("op", ["put_", "masked_scatter_"])
 def test_writes_into_an_expanded_view_raise_torchs_overlap_error(op):
     """``put_`` and ``masked_scatter_`` past the tier checked torch's errors on a stand-in without

@@ -146,7 +146,7 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
     index_dtype = torch.int64 if request.index.dtype == torch.bool else request.index.dtype
     _check_on_a_stand_in(request, renumbered.to(request.table.device, index_dtype), rows.numel())  # torch's shape and dtype checks
     if not bool(in_bounds.all()):
-        raise _index_out_of_bounds(func, int(given[~in_bounds][0]), rows_total, request.table.dim())
+        raise _index_out_of_bounds(func, int(given[~in_bounds][0]), rows_total, request.table.dim(), request.options.get("alpha", 1))
     # Several index tensors (index_put_) broadcast together: one place per element of their shape.
     places_shape = torch.broadcast_shapes(positions.shape, *(index.shape for index in request.rest if index is not None))
     if math.prod(places_shape) == 0:
@@ -726,15 +726,15 @@ def _check_on_a_stand_in(request: _RowScatter, index: torch.Tensor, rows: int) -
         raise type(error)(str(error).replace(stand_in_shape, table_shape)) from None
 
 
-def _index_out_of_bounds(func: OpOverload, index: int, rows_total: int, table_dims: int) -> Exception:
+def _index_out_of_bounds(func: OpOverload, index: int, rows_total: int, table_dims: int, alpha: Any = 1) -> Exception:
     """The error torch's CPU kernel of ``func`` raises for ``index`` out of dim 0's bounds of a table
-    of ``table_dims`` dims."""
+    of ``table_dims`` dims (for ``index_add_``, with ``alpha``)."""
     message = f"index {index} is out of bounds for dimension 0 with size {rows_total}"
     if func is aten.index_copy_.default:
         return IndexError(f"index_copy_(): {message}")
-    if func is aten.index_add_.default and table_dims > 1:
+    if func is aten.index_add_.default and table_dims > 1 and alpha == 1:
         return RuntimeError(message)
-    if func in (aten.index_reduce_.default, aten.index_add_.default):  # a 1-D table's index_add_ too
+    if func in (aten.index_reduce_.default, aten.index_add_.default):  # a 1-D table's index_add_, or alpha not 1, too
         return IndexError("index out of range in self")
     return IndexError(message)
 
