@@ -768,10 +768,35 @@ def _raise_torchs_error(func: OpOverload, args: tuple, kwargs: dict) -> None:
     if that raises an error other than a missing meta kernel's."""
     if not func._schema.is_mutable:
         func(*(_stand_in(value) for value in args), **{name: _stand_in(value) for name, value in kwargs.items()})
+    else:
+        _raise_the_functional_forms_shape_error(func, args, kwargs)
     try:
         _on_meta(func, args, kwargs)
     except (NotImplementedError, KeyError):  # KeyError: a pair the meta promotion table lacks (float8 with complex)
         return
+
+
+def _raise_the_functional_forms_shape_error(func: OpOverload, args: tuple, kwargs: dict) -> None:
+    """For an op that writes an argument in place or ``out=``, whose operands' shapes do not
+    broadcast: the error its functional form raises on zero-stride stand-ins of them, where it is
+    TensorIterator's shape error, the words the in-place kernel uses too ("The size of tensor a (256)
+    must match the size of tensor b (3) at non-singleton dimension 1", where the meta kernel says
+    "Attempting to broadcast a dimension of length 3"); nothing otherwise (nor where the operands but
+    ``out=`` broadcast: the functional form would compute their whole result)."""
+    functional = _functional_of_out(func) or functional_form(func)
+    if functional is None:
+        return
+    outs = {argument.name for argument in func._schema.arguments if argument.is_out}
+    kwargs = {name: value for name, value in kwargs.items() if name not in outs}
+    if broadcast_shape([value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]) is not None:
+        return
+    try:
+        functional(*(_stand_in(value) for value in args), **{name: _stand_in(value) for name, value in kwargs.items()})
+    except RuntimeError as error:
+        if str(error).startswith("The size of tensor "):
+            raise
+    except Exception:  # noqa: BLE001 - any other complaint: the meta kernel's check decides
+        pass
 
 
 def _raise_torchs_error_on_stand_ins(func: OpOverload, args: tuple, kwargs: dict) -> None:

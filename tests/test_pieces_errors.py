@@ -233,6 +233,19 @@ def test_an_in_place_op_past_the_tier_whose_operand_broadcasts_to_a_larger_shape
         assert torch.equal(X.materialize(), x)
 
 
+@pytest.mark.parametrize("op", [*_BROADCAST_IN_PLACE, lambda t, b: torch.add(t, b, out=t)],
+                         ids=["add_", "mul_", "copy_", "addcmul_", "clamp_", "lerp_", "add_out"])  # fmt: skip
+def test_an_in_place_op_past_the_tier_whose_operand_does_not_broadcast_raises_torchs_error(op):
+    """``t.add_(row_of_3)`` of a (64, 256) table: torch says "The size of tensor a (256) must match the
+    size of tensor b (3) at non-singleton dimension 1"; past the tier the meta kernel's words came
+    ("Attempting to broadcast a dimension of length 3 at -1!"). Nothing written."""
+    x, b = torch.randn(64, 256), torch.randn(3)
+    with make_pager(8) as pager:
+        X = PagedTensor.wrap(x.clone(), pager=pager)  # 16 pages
+        assert_same_error(lambda: op(x.clone(), b), lambda: op(X, b))
+        assert torch.equal(X.materialize(), x)
+
+
 @pytest.mark.parametrize(
     "op",
     [torch.remainder, torch.fmod, torch.floor_divide, lambda a, d: torch.div(a, d, rounding_mode="trunc"),
