@@ -1182,6 +1182,12 @@ def _torchs_overlap_error(func: OpOverload, args: tuple, kwargs: dict, written: 
     return None
 
 
+_SCANS = frozenset({aten.cumsum, aten.cumsum_, aten.cumprod, aten.cumprod_, aten.cummax, aten.cummin, aten.logcumsumexp,
+                    aten._logcumsumexp})  # fmt: skip
+"""Scans, whose kernels refuse some dtypes (``cummax`` of a complex tensor, ``logcumsumexp`` of an int
+one) and whose meta kernels do not: :func:`_torchs_dtype_error` checks them as it checks reductions."""
+
+
 def _torchs_dtype_error(func: OpOverload, info: OpInfo, args: tuple, kwargs: dict) -> Optional[Exception]:
     """torch's error for an elementwise op, a reduction or a ``torch._foreach_*`` op that refuses its
     operands' dtypes (``gt`` or ``clamp`` of a complex tensor, ``gcd`` of a float one, a float result
@@ -1193,7 +1199,8 @@ def _torchs_dtype_error(func: OpOverload, info: OpInfo, args: tuple, kwargs: dic
     dims, so every ``dim`` argument stands: :func:`~pagedtensor.pieces._raise_torchs_error_on_stand_ins`),
     on the error path only. None for any other op, a random one (it would draw from the caller's
     generator), or one the stand-ins run without complaint."""
-    if info.random or not (info.elementwise or torch.Tag.reduction in func.tags or func._schema.name.startswith("aten::_foreach_")):
+    if info.random or not (info.elementwise or torch.Tag.reduction in func.tags or func._schema.name.startswith("aten::_foreach_")
+                           or func.overloadpacket in _SCANS):  # fmt: skip
         return None
     try:
         _raise_torchs_error_on_stand_ins(func, args, kwargs)

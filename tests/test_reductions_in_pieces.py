@@ -519,3 +519,31 @@ def test_gpu_reductions_along_dims_run_in_parts_on_cuda():
             assert within_tier(pager)
         with pytest.raises(OutOfPagesError, match="aten.sum.dim_IntList"):
             PagedTensor.wrap(x.clone(), pager).sum(0)
+
+
+_REFUSED_PAST_THE_TIER = {
+    "logcumsumexp of int32": (torch.int32, lambda t: torch.logcumsumexp(t, 0)),
+    "cummax of complex64": (torch.complex64, lambda t: torch.cummax(t, 0)),
+    "cummin of complex64": (torch.complex64, lambda t: torch.cummin(t, 0)),
+    "amax over a repeated dim": (torch.float32, lambda t: t.amax((0, 0))),
+    "sum over a repeated dim of int64": (torch.int64, lambda t: t.sum((0, 0))),
+    "count_nonzero over a repeated dim": (torch.float32, lambda t: torch.count_nonzero(t, (0, 0))),
+    "any over a repeated dim": (torch.float32, lambda t: torch.any(t, (0, 0))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_REFUSED_PAST_THE_TIER))
+def test_reductions_and_scans_torch_refuses_raise_torchs_error_past_the_tier(name):
+    """Past the tier a scan along dim 0 of a dtype its kernel refuses raised the pager's
+    DeviceTierFullError (torch: NotImplementedError, "cummax_cpu" not implemented for 'ComplexFloat'),
+    and a reduction over a repeated dim the meta kernel's words ("duplicate value in the list of
+    dims"; torch: "dim 0 appears multiple times in the list of dims"). torch's own error now."""
+    dtype, op = _REFUSED_PAST_THE_TIER[name]
+    x = (torch.randn(64, 256) * 4).to(dtype)
+    with pytest.raises(Exception) as dense_error:
+        op(x)
+    with make_pager() as pager:
+        table = PagedTensor.wrap(x, pager)  # past the tier
+        with pytest.raises(dense_error.type) as paged_error:
+            op(table)
+        assert str(paged_error.value) == str(dense_error.value)

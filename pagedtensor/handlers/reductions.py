@@ -16,7 +16,7 @@ from torch._prims_common import make_contiguous_strides_for
 from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, aten, implements, resize_refused
 from pagedtensor.handlers.parts import Narrowing, _copies_in_parts, _larger_than_a_piece, _narrowed, _parts, _plain_copy
 from pagedtensor.errors import OutOfPagesError
-from pagedtensor.pieces import piece_elements_of, resize_out_as
+from pagedtensor.pieces import _raise_torchs_error_on_stand_ins, piece_elements_of, resize_out_as
 from pagedtensor.tensor import PagedTensor, meta_like
 
 
@@ -68,7 +68,8 @@ def reduce_in_parts(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
     source = args[0]
     if not _reduces_in_parts(func, args, kwargs):
         return DISPATCHER.run_paged(func, types, args, kwargs)
-    layout = func(meta_like(source), *args[1:], **kwargs)  # torch's errors (a dim out of range) first
+    _raise_torchs_error_on_stand_ins(func, args, kwargs)  # torch's errors in its kernel's words ("dim 0 appears multiple times")
+    layout = func(meta_like(source), *args[1:], **kwargs)  # then the meta kernel's (a dim out of range)
     if func in (aten.any.dims, aten.all.dims):
         # torch's kernels lay the result out contiguous (ATen's reduction meta); the Python meta
         # kernel keeps the input's layout for no dim (dim=())
