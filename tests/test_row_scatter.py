@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Callable
 
 import pytest
 import torch
@@ -1254,6 +1255,12 @@ def test_an_index_out_of_bounds_of_a_one_dim_table_raises_torchs_error(op):
     call = {"index_add_": lambda t: t.index_add_(0, torch.tensor([99999, 3]), torch.ones(2)),
             "index_copy_": lambda t: t.index_copy_(0, torch.tensor([99999, 3]), torch.ones(2)),
             "index_reduce_": lambda t: t.index_reduce_(0, torch.tensor([99999, 3]), torch.ones(2), "prod")}[op]  # fmt: skip
+    _assert_torchs_error_and_table_unchanged(x, call)
+
+
+def _assert_torchs_error_and_table_unchanged(x: torch.Tensor, call: Callable[[torch.Tensor], object]) -> None:
+    """``call`` of a PagedTensor of ``x`` raises the dense call's exception type and first line, and
+    leaves the table as it was."""
     with pytest.raises(Exception) as dense_error:
         call(x.clone())
     with make_pager() as pager:
@@ -1269,14 +1276,7 @@ def test_an_index_add_out_of_bounds_with_alpha_raises_torchs_error(alpha):
     of bounds with ``alpha`` 1, ``IndexError`` ("index out of range in self") with any other: the
     paged op past the tier raised the first for both."""
     x = torch.arange(64 * 256, dtype=torch.float32).reshape(64, 256)
-    call = lambda t: t.index_add_(0, torch.tensor([3, 99999]), torch.ones(2, 256), alpha=alpha)  # noqa: E731
-    with pytest.raises(Exception) as dense_error:
-        call(x.clone())
-    with make_pager() as pager:
-        table = PagedTensor.wrap(x.clone(), pager)
-        with pytest.raises(dense_error.type, match=re.escape(str(dense_error.value).splitlines()[0])):
-            call(table)
-        assert torch.equal(table.materialize(), x)
+    _assert_torchs_error_and_table_unchanged(x, lambda t: t.index_add_(0, torch.tensor([3, 99999]), torch.ones(2, 256), alpha=alpha))
 
 
 @pytest.mark.parametrize("op", ["put_", "masked_scatter_"])
