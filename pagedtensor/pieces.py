@@ -207,8 +207,8 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
                 torch.empty((), dtype=target.dtype, device=target.device).fill_(args[1])
         # (an operand given expanded, compacted above, runs expanded, as torch ran it: not recorded in ``given``)
         compacted = {id(value) for value, as_given in zip((*args, *kwargs.values()), (*given_args, *given_kwargs.values())) if value is not as_given}
-        args = tuple(_expanded_if_broadcast(value, shape, {} if id(value) in compacted else given) for value in args)
-        kwargs = {name: _expanded_if_broadcast(value, shape, {} if id(value) in compacted else given) for name, value in kwargs.items()}
+        args = tuple(_expanded_if_broadcast(value, shape, None if id(value) in compacted else given) for value in args)
+        kwargs = {name: _expanded_if_broadcast(value, shape, None if id(value) in compacted else given) for name, value in kwargs.items()}
         tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
     piece_elements = piece_elements_of(tensors)
     if piece_elements is None:
@@ -416,16 +416,18 @@ def _compacted_if_expanded(value: Any, target: Any) -> Any:
     return value.as_strided(shape, value.stride(), value.storage_offset())
 
 
-def _expanded_if_broadcast(value: Any, shape: tuple[int, ...], given: dict[int, torch.Tensor]) -> Any:
+def _expanded_if_broadcast(value: Any, shape: tuple[int, ...], given: Optional[dict[int, torch.Tensor]]) -> Any:
     """A shaped tensor of another shape than ``shape`` expanded to it (a PagedTensor one read once,
-    as a plain tensor: every piece reads it whole), the tensor it expands recorded in ``given`` by
-    the expanded view's id (the pieces' tiles of it: :func:`_tile_of_broadcast`); anything else as it is."""
+    as a plain tensor: every piece reads it whole), the tensor it expands recorded in ``given`` (where
+    not None) by the expanded view's id (the pieces' tiles of it: :func:`_tile_of_broadcast`);
+    anything else as it is."""
     if not isinstance(value, torch.Tensor) or value.dim() == 0 or tuple(value.shape) == shape:
         return value
     if isinstance(value, PagedTensor):
         value = value.materialize()
     expanded = value.expand(shape)
-    given[id(expanded)] = value
+    if given is not None:
+        given[id(expanded)] = value
     return expanded
 
 
@@ -837,45 +839,26 @@ def _raise_torchs_error_on_stand_ins(func: OpOverload, args: tuple, kwargs: dict
         try:
             func(*stand_in_args, **stand_in_kwargs)
         except RuntimeError as error:
-            real = _in_real_shapes(error, func, (args, kwargs), (stand_in_args, stand_in_kwargs))
+            real = _in_real_shapes(error, func, args, kwargs)
             if real is None:
                 raise
             raise real from None
 
 
-def _in_real_shapes(error: RuntimeError, func: OpOverload, given: tuple, stand_ins: tuple) -> Optional[RuntimeError]:
-    """TensorIterator's error for a tensor written in place of another shape than its operands
-    broadcast to, raised by the kernel on stand-ins (``output with shape [2, 2] doesn't match the
-    broadcast shape [2, 2, 2]``), naming the real shapes as torch does (``[64, 256]``, ``[2, 64,
-    256]``); None for any other error. The stand-ins keep each dim of size 0 or 1 (:func:`small_stand_in`),
-    so they broadcast as the real tensors do."""
-    written = next((argument.name for argument in func._schema.arguments
-                    if argument.alias_info is not None and argument.alias_info.is_write and not argument.is_out), None)  # fmt: skip
-    if written is None:
+def _in_real_shapes(error: RuntimeError, func: OpOverload, args: tuple, kwargs: dict) -> Optional[RuntimeError]:
+    """TensorIterator's error for a tensor written in place (``func``'s first argument) of another
+    shape than its operands broadcast to, raised by the kernel on stand-ins (``output with shape [2,
+    2] doesn't match the broadcast shape [2, 2, 2]``), naming the real shapes as torch does (``[64,
+    256]``, ``[2, 64, 256]``); None for any other error. The stand-ins keep each dim of size 0 or 1
+    (:func:`small_stand_in`), so they broadcast as the real tensors do."""
+    first = func._schema.arguments[0] if func._schema.arguments else None
+    if not (str(error).startswith("output with shape ") and args and isinstance(args[0], torch.Tensor)
+            and first.alias_info is not None and first.alias_info.is_write):  # fmt: skip
         return None
-    pairs = []
-    for values, small in zip(given, stand_ins):
-        if isinstance(values, dict):
-            values, small = list(values.values()), list(small.values())
-        pairs += [(value, stand_in) for value, stand_in in zip(values, small) if isinstance(value, torch.Tensor) and isinstance(stand_in, torch.Tensor)]
-    if not pairs:
+    shape = broadcast_shape([value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)])
+    if shape is None:
         return None
-    given_args, given_kwargs = given
-    position = [argument.name for argument in func._schema.arguments].index(written)
-    target = given_args[position] if position < len(given_args) else given_kwargs.get(written)
-    pair = next(((value, stand_in) for value, stand_in in pairs if value is target), None)
-    if pair is None:
-        return None
-
-    def message(out: torch.Tensor, operands: list) -> str:
-        return f"output with shape {list(out.shape)} doesn't match the broadcast shape {list(torch.broadcast_shapes(*(t.shape for t in operands)))}"
-
-    try:
-        if str(error) != message(pair[1], [stand_in for _, stand_in in pairs]):
-            return None
-        return type(error)(message(pair[0], [value for value, _ in pairs]))
-    except RuntimeError:  # shapes that do not broadcast
-        return None
+    return type(error)(f"output with shape {list(args[0].shape)} doesn't match the broadcast shape {list(shape)}")
 
 
 def small_stand_in(value: Any) -> Any:
