@@ -207,6 +207,29 @@ def test_cat_into_a_plain_out_of_another_shape_resizes_it_as_torch_does():
         assert within_tier(pager)
 
 
+@pytest.mark.parametrize("op", [torch.cat, torch.stack])
+@pytest.mark.parametrize("unreadable", ["closed pager", "freed allocation"])
+@pytest.mark.parametrize("paged_out", [True, False])
+def test_cat_and_stack_into_out_with_an_unreadable_input_raise_before_writing_a_slice(op, unreadable, paged_out):
+    """An input on a closed pager, or whose allocation was freed, after one that is readable: the
+    op raises that input's error, naming the op, and ``out`` keeps every element (the first input's
+    slice was written before the second's pages were met)."""
+    with make_pager(device_pages=64) as other, make_pager() as pager:
+        readable = PagedTensor.wrap(torch.randn(64, 256), other)
+        broken = PagedTensor.wrap(torch.randn(64, 256), pager)  # 16 pages: past its pager's tier
+        shape = op([torch.empty(64, 256), torch.empty(64, 256)]).shape
+        out = PagedTensor.wrap(torch.full(shape, 7.0), other) if paged_out else torch.full(shape, 7.0)
+        if unreadable == "closed pager":
+            pager.close()
+            expected = (RuntimeError, r"aten\.(cat|stack)\.out.*closed")
+        else:
+            pager.free(broken.allocation)
+            expected = (ValueError, r"is freed")
+        with pytest.raises(expected[0], match=expected[1]):
+            op([readable, broken], out=out)
+        assert torch.equal(out.materialize() if paged_out else out, torch.full(shape, 7.0))
+
+
 def test_cat_and_stack_into_a_resized_plain_out_restride_it_as_torch_does():
     """A plain ``out=`` that torch resizes (empty, or of another shape) it restrides to the inputs'
     one memory format (channels_last inputs: a channels_last ``out``; it stayed contiguous); an

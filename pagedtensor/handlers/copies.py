@@ -151,6 +151,7 @@ def concatenate_into_out_in_pieces(func: OpOverload, types: tuple, args: tuple, 
             isinstance(out, PagedTensor) and any(isinstance(t, PagedTensor) and t._paged is out._paged for t in tensors)
         ):
             raise
+        _refuse_unreadable([*tensors, out])
         layout = _concatenated_layout(func, tensors, dim, out)
         if layout.shape != out.shape:
             if isinstance(out, PagedTensor):
@@ -188,6 +189,15 @@ def compare_in_pieces(func: OpOverload, types: tuple, args: tuple, kwargs: dict)
             return func(*stand_ins, *args[2:], **kwargs)  # raises torch's error
         a, b = a.expand(shape), b.expand(shape)
     return all(func(_plain_copy(part_a), _plain_copy(part_b), *args[2:], **kwargs) for part_a, part_b in _matching_parts(a, b))
+
+
+def _refuse_unreadable(tensors: list[torch.Tensor]) -> None:
+    """The error of a PagedTensor on a closed pager, or whose allocation was freed, before ``out``
+    is resized or a slice of it written (each input is copied in turn: a later one's pages are met
+    after the earlier ones' slices are written)."""
+    for tensor in tensors:
+        if isinstance(tensor, PagedTensor) and tensor._paged.allocation is not None:
+            tensor._paged.pager._check_allocation(tensor._paged.allocation)
 
 
 def _concatenated_layout(func: OpOverload, tensors: list[torch.Tensor], dim: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
