@@ -260,6 +260,11 @@ def _returns_an_input(func: OpOverload, args: tuple, kwargs: dict) -> Optional[b
     return answer
 
 
+def has_no_strides(value: object) -> bool:
+    """Whether ``value`` is a tensor without strides to stand in for (sparse, nested)."""
+    return isinstance(value, torch.Tensor) and (value.layout != torch.strided or value.is_nested)
+
+
 def _layout_key(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple]:
     """What a meta run of ``func`` sees: each tensor's layout (and which PagedTensors share an
     allocation), every other value, in their lists; None if a value cannot be a key."""
@@ -267,7 +272,7 @@ def _layout_key(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple]:
 
     def part(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            if value.layout != torch.strided or value.is_nested:  # no strides (sparse, nested): no key
+            if has_no_strides(value):  # (sparse, nested): no key
                 raise _NotAKey
             allocation = allocations.setdefault(id(value._paged), len(allocations)) if isinstance(value, PagedTensor) else -1
             return allocation, tuple(value.shape), value.stride(), value.storage_offset(), value.dtype, value.device
@@ -292,7 +297,7 @@ def _meta_run_returns_an_input(func: OpOverload, args: tuple, kwargs: dict) -> O
     allocation's meta base) returns a tensor sharing a PagedTensor argument's storage; None when that
     run fails (it needed a value, such as narrow's tensor start) or an argument or result has no
     strides (a sparse or nested tensor: no storage to compare)."""
-    if any(isinstance(t, torch.Tensor) and (t.layout != torch.strided or t.is_nested) for t in tree_leaves((args, kwargs))):
+    if any(has_no_strides(t) for t in tree_leaves((args, kwargs))):
         return None
     meta_args, meta_kwargs = tree_map(meta_layout, (args, kwargs))
     try:
@@ -300,7 +305,7 @@ def _meta_run_returns_an_input(func: OpOverload, args: tuple, kwargs: dict) -> O
     except Exception:  # noqa: BLE001 - e.g. a PagedTensor read as a number (narrow's tensor start)
         return None
     results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-    if any(t.layout != torch.strided or t.is_nested for t in results):
+    if any(has_no_strides(t) for t in results):
         return None
     inputs = {meta_like(t).untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, PagedTensor)}
     return any(t.untyped_storage()._cdata in inputs for t in results)
@@ -1313,7 +1318,7 @@ def torchs_argument_error(op: Callable[..., Any], args: tuple, kwargs: dict, dty
 
     Only for ops without side effects beyond their arguments: the caller leaves out random ops
     (they would draw from the caller's generator) and ops outside torch's own namespaces."""
-    if any(isinstance(value, torch.Tensor) and (value.layout != torch.strided or value.is_nested) for value in tree_leaves((args, kwargs))):
+    if any(has_no_strides(value) for value in tree_leaves((args, kwargs))):
         return None  # no strides to stand in for
     if isinstance(op, OpOverload) and _holds_a_wrapped_number(op, args, kwargs):
         return None  # a composite kernel's wrapped number, which the op refuses only as it reaches us

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pagedtensor
-from pagedtensor import MemoryConfig, OutOfPagesError, PagedTensor, Pager
+from pagedtensor import DeviceTierFullError, MemoryConfig, OutOfPagesError, PagedTensor, Pager
 from tests.support import CPU_AND_CUDA
 
 PAGE = 4096
@@ -1046,6 +1047,24 @@ def test_composite_ops_with_sparse_or_nested_operands_run_as_on_plain_tensors(pa
         assert torch.equal(torch.matmul(csr, PagedTensor.wrap(right, pager)), torch.matmul(csr, right))
         built = torch.sparse_coo_tensor(coo.indices(), PagedTensor.wrap(coo.values(), pager), (4, 5))
         assert torch.equal(built.to_dense(), dense)
+
+
+@pytest.mark.parametrize("layout", [torch.jagged, torch.strided])
+def test_an_embedding_of_a_paged_weight_by_a_nested_index_is_the_plain_one_and_past_the_tier_the_pagers_error(layout):
+    """The row gather reshaped the index to renumber its rows, which a nested index refuses in
+    torch's internal words ("cannot view shape (2, j1)"); it runs the generic way (found by a
+    helper's probe). Past the tier, where no rows can be named in its shape, the pager's error."""
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    index = torch.nested.nested_tensor([torch.tensor([0, 1, 2]), torch.tensor([63])], layout=layout)
+    expected = torch.nn.functional.embedding(index, weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's prototype warning for the strided layout
+        with make_pager(device_pages=32) as pager:
+            got = torch.nn.functional.embedding(index, PagedTensor.wrap(weight, pager))
+            assert got.is_nested and all(torch.equal(a, b) for a, b in zip(got.unbind(), expected.unbind()))
+        with make_pager(device_pages=8) as pager:  # the 16 pages of the weight: past the tier
+            with pytest.raises(DeviceTierFullError, match=r"aten\.embedding\.default: .*more pages at once than the device tier"):
+                torch.nn.functional.embedding(index, PagedTensor.wrap(weight, pager))
 
 
 def test_dequantize_of_a_float_tensor_is_the_tensor_itself(pager):

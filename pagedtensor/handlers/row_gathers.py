@@ -18,8 +18,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch._ops import OpOverload
 from torch._prims_common import make_contiguous_strides_for
+from torch.utils._pytree import tree_leaves
 
-from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, _row_byte_spans, _Window, aten, implements, refuse_internal_overlap, refuse_overlap_with_input, resize_refused
+from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, _row_byte_spans, _Window, aten, has_no_strides, implements, refuse_internal_overlap, refuse_overlap_with_input, resize_refused
 from pagedtensor.errors import OutOfPagesError
 from pagedtensor.handlers.parts import _arguments_by_name, _larger_than_a_piece
 from pagedtensor.pieces import broadcast_shape, one_element_stand_in, piece_elements_of
@@ -214,6 +215,8 @@ def gather_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
     try:
         return DISPATCHER.run_paged(func, types, args, kwargs)
     except _OpTooLarge:
+        if any(has_no_strides(value) for value in tree_leaves((args, kwargs))):
+            raise  # a nested or sparse index: no rows to name past the tier, the pager's error
         _check_index_select_bounds(func, args, kwargs)  # torch's error before the pager's
         _check_form_as_dense(func, args, kwargs)
         permuted = _gather_of_outermost_first(func, args, kwargs)
@@ -879,6 +882,8 @@ def _row_request(func: OpOverload, args: tuple, kwargs: dict) -> Optional[tuple[
         if any(item is not None for item in indices[1:]):
             return None
         index = indices[0]
+    if has_no_strides(index):
+        return None  # a nested or sparse index: no rows to renumber in its shape
     if not _rows_can_be_copied(table):
         return None
     if isinstance(index, PagedTensor):
