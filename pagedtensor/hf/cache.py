@@ -1049,11 +1049,16 @@ class PagedKVCache(Cache):
         """The layer's keys ``[batch, kv_heads, total - start, head_dim]`` and values ``[..., value_dim]``
         of positions ``[start, total)``; sequence ``b`` fills the last ``length[b]`` positions (its
         pads, first, are zeros). Pages holding no position from ``start`` on are not read."""
+        self._refuse_closed()
         layer = self.layers[layer_idx]
         geometry = layer.geometry
         if geometry is None:  # its shapes come with its first update
             raise ValueError(f"PagedKVCache.dense_kv: layer {layer_idx} holds no keys and values yet (no update since "
                              f"the cache was made or reset)")  # fmt: skip
+        if isinstance(start, bool) or not isinstance(start, int):
+            raise TypeError(f"PagedKVCache.dense_kv: start: expected an int, got {start!r}")
+        if not 0 <= start <= layer.total:
+            raise ValueError(f"PagedKVCache.dense_kv: start={start} is outside the layer's positions [0, {layer.total}]")
         shape = (len(layer.seqs), geometry.kv_heads, layer.total - start)
         keys = torch.zeros((*shape, geometry.head_dim), dtype=self.dtype, device=self.device)
         values = torch.zeros((*shape, geometry.value_dim), dtype=self.dtype, device=self.device)
@@ -1309,7 +1314,8 @@ class PagedKVCache(Cache):
     def _free_sequence(self, seq: _SequencePages) -> None:
         for pin in seq.hot.values():
             self._hot_pins.pop(id(pin), None)
-            pin.release()
+            if not pin.released:  # (close() released every pin)
+                pin.release()
         seq.hot.clear()
         if self.closed:  # close() freed every allocation
             seq.owners, seq.segments = [], []

@@ -599,6 +599,43 @@ def test_batch_edits_of_a_closed_cache_say_it_is_closed(nvme_dir):
             edit()
 
 
+def test_a_closed_cache_resets_to_empty_and_its_reads_say_it_is_closed(nvme_dir):
+    """After ``close()``, ``reset()`` raised the pager's "pages [0, 1) of allocation 0 were already
+    released" where an update had left its sink and newest pages pinned (close released them, the
+    reset again), and ``dense_kv`` raised "allocation 0 is freed" (found by a helper's probe). The
+    reset empties the closed cache; a read says the cache is closed."""
+    pager = _pager(nvme_dir, vram_pages=8)
+    cache = PagedKVCache(pager=pager, num_layers=2)
+    keys, values = torch.randn(1, KV_HEADS, 3, HEAD_DIM), torch.randn(1, KV_HEADS, 3, HEAD_DIM)
+    for layer in range(2):
+        cache.update(keys, values, layer)  # direct use: the hot pages stay pinned
+    cache.close()
+    with pytest.raises(RuntimeError, match="this PagedKVCache is closed"):
+        cache.dense_kv(0)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and pager.stats()["allocations"] == 0
+    with pytest.raises(RuntimeError, match="this PagedKVCache is closed"):
+        cache.update(keys, values, 0)
+
+
+def test_dense_kv_names_a_start_outside_the_layers_positions(nvme_dir):
+    """``dense_kv(layer, start)`` took any start: -2 gave two positions of zeros before the first
+    token, one past the layer's total raised torch's "Dimension size must be non-negative" (found
+    by a helper's probe). A start from 0 to the total is taken; any other is named."""
+    cache = PagedKVCache(pager=_pager(nvme_dir), num_layers=1)
+    written = _fill(cache, 1, 2, [5])
+    for start in range(6):
+        keys, values = cache.dense_kv(0, start)
+        assert torch.equal(keys, written[0][0][:, :, start:]) and torch.equal(values, written[0][1][:, :, start:])
+    for start in (-2, 6):
+        with pytest.raises(ValueError, match=rf"dense_kv: start={start} is outside the layer's positions \[0, 5\]"):
+            cache.dense_kv(0, start)
+    for start in (1.0, True):
+        with pytest.raises(TypeError, match=rf"dense_kv: start: expected an int, got {start!r}"):
+            cache.dense_kv(0, start)
+    cache.close()
+
+
 def test_an_update_that_runs_out_of_pages_leaves_the_layer_as_it_was():
     """An update that raises part way through the batch (the pager out of pages, no disk tier) is
     all or nothing, as DynamicCache's: the sequences written before the failing one kept their new
