@@ -737,6 +737,15 @@ def _as_float32_if_float8(value: Any) -> Any:
     return value
 
 
+# Operators whose Python meta kernel refuses what their kernel takes (``bool_t << 1``: "Expected input
+# tensor to have an integral dtype"), beside the op of the same kernel (the shift stub, one
+# TensorIterator over the same operands) whose meta kernel takes it: the layout is read from that one.
+_SAME_KERNEL_WITH_A_META = {
+    aten.__lshift__.Tensor: aten.bitwise_left_shift.Tensor, aten.__lshift__.Scalar: aten.bitwise_left_shift.Tensor_Scalar,
+    aten.__rshift__.Tensor: aten.bitwise_right_shift.Tensor, aten.__rshift__.Scalar: aten.bitwise_right_shift.Tensor_Scalar,
+}  # fmt: skip
+
+
 def _result_layout(func: OpOverload, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     """The op's result on meta tensors of its arguments' layouts (None if not one tensor). Where the
     meta kernel's promotion table lacks a pair (float8 with complex: a KeyError), the layout with the
@@ -745,8 +754,8 @@ def _result_layout(func: OpOverload, args: tuple, kwargs: dict) -> Optional[torc
     complaint (``torch._refs``' ValueError for ``leaky_relu`` of an int tensor, where the kernel
     raises NotImplementedError) is not torch's error: None, and the kernel's check decides."""
     try:
-        result = _on_meta(func, args, kwargs)
-    except (NotImplementedError, RuntimeError, ValueError, TypeError, AssertionError):  # (meta_complex's assert)
+        result = _on_meta(_SAME_KERNEL_WITH_A_META.get(func, func), args, kwargs)
+    except (NotImplementedError, RuntimeError, ValueError, TypeError, AssertionError, OverflowError):  # (meta_complex's assert; int() of inf)
         return None
     except KeyError:
         try:
@@ -826,7 +835,8 @@ def _raise_torchs_error_on_stand_ins(func: OpOverload, args: tuple, kwargs: dict
         if argument is not None and argument.is_out and isinstance(value, torch.Tensor):
             return torch.empty(0, dtype=value.dtype, device=value.device)
         if argument is not None and isinstance(argument.type, torch.TensorType) and type(value) in (bool, int, float, complex):
-            return torch.tensor(value)
+            # (an int past int64's range, up to 2**64 - 1, as torch takes it: a uint64)
+            return torch.tensor(value, dtype=torch.uint64 if type(value) is int and value > 2**63 - 1 else None)
         return small_stand_in(value)
 
     try:

@@ -274,6 +274,48 @@ def test_an_in_place_op_past_the_tier_with_a_broadcast_operand_torch_takes_runs(
 
 
 @pytest.mark.parametrize(
+    "op, x",
+    [
+        (lambda t: t << 1, torch.rand(64, 1024) > 0.5),
+        (lambda t: t >> 1, torch.rand(64, 1024) > 0.5),
+        (lambda t: t.T << (torch.arange(64) % 3 == 0), torch.randint(0, 9, (64, 256), dtype=torch.int32)),
+        (lambda t: t >> (torch.arange(256) % 3 == 0), torch.randint(0, 9, (64, 256), dtype=torch.int32)),
+    ],
+    ids=["bool_lshift_1", "bool_rshift_1", "int_T_lshift_bool", "int_rshift_bool_row"],
+)
+def test_a_shift_past_the_tier_that_its_meta_kernel_refuses_runs_as_torch_does(op, x):
+    """``bool_t << 1`` runs in torch's kernel; its Python meta kernel refuses a bool operand ("Expected
+    input tensor to have an integral dtype"), so no layout was found and the pager raised
+    DeviceTierFullError (found by a helper's probe). The layout is read from ``bitwise_left_shift``'s,
+    the same kernel's: dtype, strides and bits of the dense op."""
+    with make_pager(8) as pager:
+        X = PagedTensor.wrap(x.clone(), pager=pager)  # 16 pages or more
+        got, expected = op(X), op(x)
+        got = got.materialize() if isinstance(got, PagedTensor) else got
+        assert got.dtype == expected.dtype and got.stride() == expected.stride() and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "op, x",
+    [
+        (lambda t: t.masked_fill(torch.ones(256, dtype=torch.bool), float("inf")), torch.randint(0, 9, (64, 256), dtype=torch.int32)),
+        (lambda t: t.masked_fill(torch.ones(256, dtype=torch.bool), 1e300), torch.randint(0, 9, (64, 256))),
+        (lambda t: torch.nn.functional.hardtanh(t, float("-inf"), 5.0), torch.randint(0, 9, (64, 256))),
+        (lambda t: t // (2**64 - 1), torch.randn(64, 256, dtype=torch.complex64)),
+    ],
+    ids=["int_masked_fill_inf", "int64_masked_fill_1e300", "int_hardtanh_-inf", "complex_floor_divide_2**64-1"],
+)
+def test_an_op_past_the_tier_with_a_number_its_stand_ins_cannot_take_raises_torchs_error(op, x):
+    """A number torch refuses for the tensor's dtype, or one past int64 (torch takes it as a uint64),
+    gave Python's OverflowError from the meta kernel's ``int(inf)``, or the pager's
+    DeviceTierFullError where the stand-in's ``torch.tensor(2**64 - 1)`` overflowed (found by a
+    helper's probe): torch's own error."""
+    with make_pager(8) as pager:
+        X = PagedTensor.wrap(x.clone(), pager=pager)  # 16 pages or more
+        assert_same_error(lambda: op(x), lambda: op(X))
+
+
+@pytest.mark.parametrize(
     "op, x, row",
     [
         (lambda t, r: t.__ilshift__(r), torch.randn(64, 256), torch.randint(0, 3, (256,))),
