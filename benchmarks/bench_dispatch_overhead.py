@@ -1,8 +1,8 @@
 """Dispatch overhead of PagedTensor on a fully resident tensor, per op, against the same op on a plain tensor.
 
-Question (PagedTensor issue): for 4 KB, 1 MB and 256 MB fp32 tensors whose pages all sit on the
+Question (PagedTensor issue): for 4 KiB, 1 MiB and 256 MiB fp32 tensors whose pages all sit on the
 GPU, how many µs does an op take on the PagedTensor and on a plain CUDA tensor, measured in the same
-run? Target: at 1 MB and above the paged op costs at most 1.05x the plain one.
+run? Target: at 1 MiB and above the paged op costs at most 1.05x the plain one.
 
 Three timings per op, all medians:
 
@@ -19,7 +19,7 @@ Three timings per op, all medians:
   the flush's ~67 µs of device time, the GPU waits for the host inside the timed interval
   (``--gap-probe`` shows it: results/dispatch_gap_probe_c22af56_h200.json).
 
-The target is checked on the first two: ``pass`` when, at 1 MB and above, the results are bitwise
+The target is checked on the first two: ``pass`` when, at 1 MiB and above, the results are bitwise
 equal and the paged op is within 1.05x of the plain one both in device time (``device_ok``) and by
 wall (``wall_ok``).
 
@@ -34,8 +34,12 @@ results are checked bitwise against the plain ones before timing.
 ``--device cpu`` runs the same code with the CPU as the device tier (``gpu_us`` and ``device_us`` are then wall time):
 a smoke check of the script, not a measurement.
 
-Usage: python benchmarks/bench_dispatch_overhead.py [--page-size 2MiB] [--sizes 4KB,1MB,256MB,1GB] [--out FILE]
-       python benchmarks/bench_dispatch_overhead.py --gap-probe mul_scalar,sum [--profile-size 1MB] --out FILE
+The sizes are labelled in binary units (4KiB = 4096 bytes, 1MiB = 2**20, 256MiB, 1GiB = 2**30); result
+files written before the relabelling say 4KB, 1MB, 256MB and 1GB for the same sizes, and
+``--sizes`` / ``--profile-size`` still accept those spellings (read as the binary labels).
+
+Usage: python benchmarks/bench_dispatch_overhead.py [--page-size 2MiB] [--sizes 4KiB,1MiB,256MiB,1GiB] [--out FILE]
+       python benchmarks/bench_dispatch_overhead.py --gap-probe mul_scalar,sum [--profile-size 1MiB] --out FILE
 """
 
 from __future__ import annotations
@@ -52,10 +56,12 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import add_device_argument, cuda_missing, kernel_profile, print_table, write_results  # noqa: E402
+from benchmarks.common import add_device_argument, cuda_missing, kernel_profile, name_list, print_table, write_results  # noqa: E402
 from pagedtensor import MemoryConfig, PagedTensor, Pager, parse_size  # noqa: E402
 
-SIZES = {"4KB": 4 * 1024, "1MB": 2**20, "256MB": 256 * 2**20, "1GB": 2**30}
+SIZES = {"4KiB": 4 * 1024, "1MiB": 2**20, "256MiB": 256 * 2**20, "1GiB": 2**30}
+SIZE_ALIASES = {"4KB": "4KiB", "1MB": "1MiB", "256MB": "256MiB", "1GB": "1GiB"}
+"""The labels of results written before the relabelling (the same sizes), still accepted by ``--sizes``."""
 TARGET_RATIO = 1.05
 TARGET_FROM_BYTES = 2**20
 
@@ -374,34 +380,54 @@ def gap_probe(nbytes: int, page_size: int, ops: list[str]) -> dict:
     return report
 
 
-def main() -> int:
+def size_label(text: str) -> str:
+    """argparse ``type=`` of ``--profile-size``: one label of :data:`SIZES` (or an old spelling of one)."""
+    labels = name_list(SIZES, SIZE_ALIASES)(text)
+    if len(labels) != 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one size; choose from {', '.join(SIZES)}")
+    return labels[0]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``argv``, default ``sys.argv[1:]``): sizes and ops checked against
+    :data:`SIZES` and :data:`OPS` before any pager is built; ``--sizes`` and the op lists as lists."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--page-size", default="2MiB", help="pager page size (default 2MiB, MemoryConfig's default)")
-    parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated subset of {list(SIZES)}")
+    parser.add_argument("--sizes", type=name_list(SIZES, SIZE_ALIASES), default=",".join(SIZES),
+                        help=f"comma-separated subset of {','.join(SIZES)} (4KB, 1MB, 256MB, 1GB: the same sizes)")
     add_device_argument(parser)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dispatch_overhead.json"))
-    parser.add_argument("--profile", default="", help="comma-separated ops to profile at 1 MB instead of the timing run (e.g. mul_scalar,add)")
-    parser.add_argument("--host-profile", default="", help="comma-separated ops whose Python host time to profile (cProfile) instead")
-    parser.add_argument("--profile-size", default="1MB", choices=list(SIZES), help="tensor size of --profile / --host-profile / --gap-probe")
-    parser.add_argument("--gap-probe", default="", help="comma-separated ops: explain their extra do_bench time instead (CUDA only)")
-    args = parser.parse_args()
+    ops = name_list(OPS)
+    parser.add_argument("--profile", type=ops, default="",
+                        help=f"comma-separated ops ({','.join(OPS)}) to profile at --profile-size instead of the timing run (e.g. mul_scalar,add)")
+    parser.add_argument("--host-profile", type=ops, default="", help="comma-separated ops whose Python host time to profile (cProfile) instead")
+    parser.add_argument("--profile-size", type=size_label, default="1MiB", help="tensor size of --profile / --host-profile / --gap-probe (default 1MiB)")
+    parser.add_argument("--gap-probe", type=ops, default="", help="comma-separated ops: explain their extra do_bench time instead (CUDA only)")
+    args = parser.parse_args(argv)
+    if not args.sizes:
+        parser.error(f"argument --sizes: no size in {','.join(SIZES)} given")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if cuda_missing("bench_dispatch_overhead", args.device):
         return 2
     page_size = parse_size(args.page_size, "--page-size")
     if args.host_profile:
         write_results(args.out, {"benchmark": "dispatch_overhead_host_profile", "page_size": page_size,
-                                 "profiles": host_profile_ops(SIZES[args.profile_size], page_size, args.host_profile.split(","), args.device)})  # fmt: skip
+                                 "profiles": host_profile_ops(SIZES[args.profile_size], page_size, args.host_profile, args.device)})  # fmt: skip
         return 0
     if args.gap_probe:
         write_results(args.out, {"benchmark": "dispatch_overhead_gap_probe", "page_size": page_size, "bytes": SIZES[args.profile_size],
-                                 **gap_probe(SIZES[args.profile_size], page_size, args.gap_probe.split(","))})  # fmt: skip
+                                 **gap_probe(SIZES[args.profile_size], page_size, args.gap_probe)})  # fmt: skip
         return 0
     if args.profile:
         write_results(args.out, {"benchmark": "dispatch_overhead_profile", "page_size": page_size,
-                                 "profiles": profile_ops(SIZES[args.profile_size], page_size, args.profile.split(","), args.device)})  # fmt: skip
+                                 "profiles": profile_ops(SIZES[args.profile_size], page_size, args.profile, args.device)})  # fmt: skip
         return 0
     rows = []
-    for label in args.sizes.split(","):
+    for label in args.sizes:
         rows.extend(measure_size(label, SIZES[label], page_size, args.device))
     passed = all(row["pass"] for row in rows)
     write_results(
@@ -410,7 +436,7 @@ def main() -> int:
             "benchmark": "dispatch_overhead",
             "device_tier": args.device,
             "page_size": page_size,
-            "target": f"paged op <= {TARGET_RATIO}x plain op in device time (device_us) and by wall (wall_us) for tensors of 1 MB and above",
+            "target": f"paged op <= {TARGET_RATIO}x plain op in device time (device_us) and by wall (wall_us) for tensors of 1 MiB and above",
             "pass": passed,
             "device_ok": all(row["device_ok"] is not False for row in rows),
             "wall_ok": all(row["wall_ok"] is not False for row in rows),

@@ -32,7 +32,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import add_device_argument, cuda_missing, print_table, write_results  # noqa: E402
+from benchmarks.common import add_device_argument, cuda_missing, positive_float, positive_int, print_table, write_results  # noqa: E402
 from pagedtensor import MemoryConfig, PagedTensor, Pager, parse_size  # noqa: E402
 
 PLAN_OVERHEAD = 0.50
@@ -56,19 +56,21 @@ def timed_sum(fn, cuda: bool) -> tuple[float, float, torch.Tensor]:
     return time.perf_counter() - begin, start.elapsed_time(end) / 1e3, result
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gib", type=float, default=1.0, help="tensor size in GiB (default 1)")
+    parser.add_argument("--gib", type=positive_float, default=1.0, help="tensor size in GiB (default 1)")
     parser.add_argument("--page-size", default="2MiB")
-    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--repeat", type=positive_int, default=10, help="timed runs of each method (default 10)")
     add_device_argument(parser)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "host_sum.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda_missing("bench_host_sum", args.device):
         return 2
     page_size = parse_size(args.page_size, "--page-size")
     nbytes = int(args.gib * 2**30) // 4 * 4
+    if nbytes == 0:
+        parser.error(f"argument --gib: {args.gib:g} GiB holds not one 4-byte element")
     numel = nbytes // 4
     budget = int(nbytes * 1.15) // page_size * page_size + 4 * page_size  # >= 1.1x the tensor
     config = MemoryConfig(vram_limit=budget, host_memory=budget, page_size=page_size, prefetch_strategy="none", device=args.device)

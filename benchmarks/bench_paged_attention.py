@@ -54,7 +54,7 @@ import triton.testing
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import run_metadata  # noqa: E402
+from benchmarks.common import name_list, positive_int, run_metadata  # noqa: E402
 
 from pagedtensor.triton_kernels import decode_attention, paged_decode_attention, paged_prefill_attention, prefill_attention
 from pagedtensor.triton_kernels._common import programs_per_sm
@@ -714,9 +714,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "paged_attention_h100.json"))  # fmt: skip
-    parser.add_argument("--page-tokens", type=int, default=16)
+    parser.add_argument("--page-tokens", type=positive_int, default=16, help="tokens a KV page holds (default 16)")
     parser.add_argument("--tune", action="store_true", help="also sweep launch parameters")
-    parser.add_argument("--tune-kernels", default="decode,prefill", help="kernels --tune sweeps (default decode,prefill)")
+    parser.add_argument("--tune-kernels", type=name_list(("decode", "prefill")), default="decode,prefill",
+                        help="kernels --tune sweeps (default decode,prefill)")
     parser.add_argument("--breakdown", action="store_true",
                         help="device time per kernel (split vs merge) of decode on the shapes furthest from the target")
     parser.add_argument("--skip-main", action="store_true", help="only the --tune / --profile-launch parts")
@@ -814,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         split_sweep(args.page_tokens, dtype, copy_gbs, report, save)
     if args.tune:
         report["tuning"] = []
-        tune(args.page_tokens, dtype, copy_gbs, report["tuning"], save, tuple(args.tune_kernels.split(",")))
+        tune(args.page_tokens, dtype, copy_gbs, report["tuning"], save, tuple(args.tune_kernels))
         save()
     report["all_pass"] = bool(rows) and not errors and all(
         r["correct"] and r.get("pass_bandwidth", True) and r.get("pass_vs_sdpa", True) for r in rows

@@ -33,7 +33,16 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import add_device_argument, cuda_missing, print_result_line, print_table, run_configuration_process, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_device_argument,
+    cuda_missing,
+    positive_int,
+    print_result_line,
+    print_table,
+    run_configuration_process,
+    selected_runs,
+    write_results,
+)
 
 RUNS = ("plain", "paged")
 NEW_TOKENS = 8
@@ -113,26 +122,27 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_device_argument(parser)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--intermediate", type=int, default=4096)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=1000)
+    parser.add_argument("--layers", type=positive_int, default=8)
+    parser.add_argument("--hidden", type=positive_int, default=1024)
+    parser.add_argument("--intermediate", type=positive_int, default=4096)
+    parser.add_argument("--heads", type=positive_int, default=8)
+    parser.add_argument("--kv-heads", type=positive_int, default=8)
+    parser.add_argument("--vocab", type=positive_int, default=1000)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vram-limit", default="48MiB")
     parser.add_argument("--host-memory", default="32MiB")
     parser.add_argument("--page-size", default="1MiB")
     parser.add_argument("--checkpoint", default="", help="folder of the random checkpoint (made there once; default: a temporary folder)")
-    parser.add_argument("--runs", default=",".join(RUNS))
-    parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"configurations to run (default {','.join(RUNS)})")
+    parser.add_argument("--timeout", type=positive_int, default=900, help="seconds per configuration subprocess (default 900)")
     parser.add_argument("--child", choices=RUNS, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "paged_load.json"))
     args = parser.parse_args(argv)
     if args.child:
         print_result_line(run_child(args))
         return 0
+    kinds = selected_runs(args.runs, RUNS)
     if cuda_missing("bench_paged_load.py", args.device):
         return 1
     with tempfile.TemporaryDirectory(prefix="pagedllm-checkpoint-") as default_folder:
@@ -142,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         child = [sys.executable, os.path.abspath(__file__), "--device", args.device,
                  *[item for name in shape for item in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]]  # fmt: skip
         rows = []
-        for run in [run for run in args.runs.split(",") if run]:
+        for run in kinds:
             command = [*child, "--child", run, "--checkpoint", checkpoint]
             rows.append(run_configuration_process(command, args.timeout, {"run": run}))
     by_run = {row["run"]: row for row in rows}
@@ -165,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, ["run", "status", "load_s", "weight_bytes", "layer_weight_bytes", "host_anon_growth_bytes", "device_peak_bytes"])
     write_results(args.out, results)
     print(f"pass: {results['pass']}  (results in {args.out})")
-    return 0
+    # Exit 1 where a run failed (status other than "ok"), or where both runs ran and the results do
+    # not pass (tokens differ, or the device peak reached the layers' weights), as the other
+    # benchmarks do: gpu_suite.sh's `|| status=1` relies on it.
+    return 0 if ok and (results["pass"] or not (plain and paged)) else 1
 
 
 if __name__ == "__main__":

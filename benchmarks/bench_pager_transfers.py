@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from benchmarks.common import print_table, write_results
+from benchmarks.common import positive_float, positive_int, print_table, write_results
 from pagedtensor import MemoryConfig, Pager, format_size, parse_size
 
 GiB = 2**30
@@ -178,13 +178,13 @@ def overlap(nbytes: int, page_size: int, repeat: int) -> dict[str, float]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gib", type=float, default=4.0, help="allocation size in GiB (default 4)")
+    parser.add_argument("--gib", type=positive_float, default=4.0, help="allocation size in GiB (default 4)")
     parser.add_argument("--page-sizes", default="2MiB,4MiB,1MiB", help="comma-separated page sizes")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=positive_int, default=5, help="timed runs of each transfer (default 5)")
     parser.add_argument("--out", default="benchmarks/results/pager_transfers_h100.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA device")
     nbytes = int(args.gib * GiB)

@@ -33,7 +33,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import add_device_argument, cuda_missing, print_table, write_results  # noqa: E402
+from benchmarks.common import add_device_argument, cuda_missing, positive_float, positive_int, print_table, write_results  # noqa: E402
 from pagedtensor import MemoryConfig, PagedTensor, Pager, parse_size  # noqa: E402
 
 
@@ -51,21 +51,24 @@ def timed(fn, cuda: bool) -> float:
     return time.perf_counter() - begin
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gib", type=float, default=4.0, help="tensor size in GiB (default 4)")
-    parser.add_argument("--budget-gib", type=float, default=1.0, help="the pager's device budget in GiB (default 1)")
+    parser.add_argument("--gib", type=positive_float, default=4.0, help="tensor size in GiB (default 4)")
+    parser.add_argument("--budget-gib", type=positive_float, default=1.0, help="the pager's device budget in GiB (default 1)")
     parser.add_argument("--page-size", default="2MiB")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=positive_int, default=5, help="timed runs of each method (default 5)")
     add_device_argument(parser)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "pieces.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda_missing("bench_pieces", args.device):
         return 2
     page_size = parse_size(args.page_size, "--page-size")
     nbytes = int(args.gib * 2**30) // page_size * page_size
     budget = int(args.budget_gib * 2**30) // page_size * page_size
+    for name, value, rounded in (("--gib", args.gib, nbytes), ("--budget-gib", args.budget_gib, budget)):
+        if rounded == 0:
+            parser.error(f"argument {name}: {value:g} GiB is less than one page (--page-size {args.page_size})")
     numel = nbytes // 4
     config = MemoryConfig(vram_limit=budget, host_memory=nbytes + 8 * page_size, page_size=page_size,
                           prefetch_strategy="none", device=args.device)  # fmt: skip

@@ -43,7 +43,7 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import common_prefix, meta_llama, repo_root  # noqa: E402
+from benchmarks.common import common_prefix, meta_llama, nonnegative_float, positive_float, positive_int, positive_int_list, repo_root  # noqa: E402
 
 from pagedtensor.hf.distributed import COLUMN_PARALLEL, NCCL_SAFE_ENV, ROW_PARALLEL
 
@@ -53,25 +53,25 @@ SCALING_TARGET = 0.9  # decode tok/s on N GPUs >= 0.9 x N x one GPU's
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gpus", default="1,2,4", help="world sizes the driver runs, comma-separated (default 1,2,4)")
-    parser.add_argument("--context", type=int, default=65536, help="prompt tokens (default 65536)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated (default 32)")
-    parser.add_argument("--cap-gib", type=float, default=24.0, help="GPU memory cap per rank, GiB (default 24)")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--heads", type=int, default=32, help="attention heads = KV heads (default 32, MHA)")
-    parser.add_argument("--intermediate", type=int, default=11008)
-    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--gpus", type=positive_int_list, default="1,2,4", help="world sizes the driver runs, comma-separated (default 1,2,4)")
+    parser.add_argument("--context", type=positive_int, default=65536, help="prompt tokens (default 65536)")
+    parser.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated (default 32)")
+    parser.add_argument("--cap-gib", type=positive_float, default=24.0, help="GPU memory cap per rank, GiB (default 24)")
+    parser.add_argument("--layers", type=positive_int, default=32)
+    parser.add_argument("--hidden", type=positive_int, default=4096)
+    parser.add_argument("--heads", type=positive_int, default=32, help="attention heads = KV heads (default 32, MHA)")
+    parser.add_argument("--intermediate", type=positive_int, default=11008)
+    parser.add_argument("--vocab", type=positive_int, default=32000)
     parser.add_argument("--page-size", default="4MiB", help="pager page size (default 4MiB)")
-    parser.add_argument("--chunk", type=int, default=2048, help="prefill chunk, tokens (default 2048)")
-    parser.add_argument("--margin-gib", type=float, default=1.0, help="headroom under the cap per rank (default 1.0)")
-    parser.add_argument("--kv-vram-gib", type=float, default=None, help="KV device budget per rank, GiB (default: cap - weights - activations - margin)")
-    parser.add_argument("--host-gib", type=float, default=32.0, help="pinned host budget per rank, GiB (default 32)")
+    parser.add_argument("--chunk", type=positive_int, default=2048, help="prefill chunk, tokens (default 2048)")
+    parser.add_argument("--margin-gib", type=nonnegative_float, default=1.0, help="headroom under the cap per rank (default 1.0)")
+    parser.add_argument("--kv-vram-gib", type=positive_float, default=None, help="KV device budget per rank, GiB (default: cap - weights - activations - margin)")
+    parser.add_argument("--host-gib", type=positive_float, default=32.0, help="pinned host budget per rank, GiB (default 32)")
     parser.add_argument("--stream-group", default="128MiB", help="bytes streamed per attention call (default 128MiB)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", default=None, help="load this checkpoint with tp_plan='auto' instead of random weights")
-    parser.add_argument("--device", default="cuda", help="cuda (default; nccl) or cpu (gloo, plumbing check on tiny shapes)")
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per world size (default 900)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cuda (default; nccl) or cpu (gloo, plumbing check on tiny shapes)")
+    parser.add_argument("--timeout", type=positive_int, default=900, help="seconds per world size (default 900)")
     parser.add_argument("--out", default="benchmarks/results/tensor_parallel_h200.json", help="JSON results file")
     parser.add_argument("--child", action="store_true", help="run as one rank under torchrun; rank 0 writes --out")
     return parser.parse_args(argv)
@@ -309,8 +309,9 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]], starte
                   "layers": args.layers, "hidden": args.hidden, "heads": args.heads, "kv_heads": args.heads,
                   "intermediate": args.intermediate, "vocab": args.vocab, "dtype": "float16",
                   "weights": args.checkpoint or f"random, seed {args.seed}, sharded by heads"},
-        "settings": {k: getattr(args, k) for k in ("gpus", "context", "new_tokens", "cap_gib", "page_size", "chunk",
-                                                   "margin_gib", "kv_vram_gib", "host_gib", "stream_group", "device")},
+        "settings": {"gpus": ",".join(map(str, args.gpus)),  # as given on the command line ("1,2,4")
+                     **{k: getattr(args, k) for k in ("context", "new_tokens", "cap_gib", "page_size", "chunk",
+                                                      "margin_gib", "kv_vram_gib", "host_gib", "stream_group", "device")}},
         "targets": {"scaling_vs_linear": SCALING_TARGET, "peak_gib_per_gpu": args.cap_gib},
         "notes": [
             "each world size runs under torchrun in its own subprocess, NCCL multicast off (NCCL_NVLS_ENABLE=0, "
@@ -343,7 +344,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_tensor_parallel needs CUDA devices (--device cpu only checks the plumbing)", file=sys.stderr)
         return 2
-    worlds = [int(n) for n in args.gpus.split(",") if n]
+    worlds = args.gpus
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     for world in worlds:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -99,12 +101,79 @@ def run_configuration_process(command: list[str], timeout: int, identity: dict[s
 
 
 def selected_runs(runs: str, known: tuple[str, ...]) -> list[str]:
-    """The configurations named in a comma-separated ``--runs`` value; exits naming any unknown one."""
+    """The configurations named in a comma-separated ``--runs`` value.
+
+    An unknown name, or none at all, ends the program as argparse does with a bad argument: the
+    message names ``--runs`` and the value on stderr, exit status 2.
+    """
     kinds = [kind for kind in runs.split(",") if kind]
-    unknown = set(kinds) - set(known)
-    if unknown:
-        raise SystemExit(f"--runs: unknown configurations {sorted(unknown)}; choose from {known}")
+    unknown = [kind for kind in kinds if kind not in known]
+    if unknown or not kinds:
+        problem = f"unknown configuration(s) {', '.join(map(repr, unknown))}" if unknown else "names no configuration"
+        print(f"{os.path.basename(sys.argv[0])}: error: argument --runs: {problem} in {runs!r}; choose from {', '.join(known)}",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
     return kinds
+
+
+# argparse ``type=`` functions: a bad value ends the program with argparse's message, which names the
+# argument and the value (exit status 2), before any pager or model is built.
+
+
+def _number_type(convert: Callable[[str], Any], noun: str, lowest: float, above: bool, use: str) -> Callable[[str], Any]:
+    """An argparse ``type=`` reading ``convert(text)``: a finite number at least ``lowest`` (above
+    it where ``above``), else argparse's error naming the value."""
+    bound = f"above {lowest:g}" if above else f"at least {lowest:g}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not math.isfinite(value) or value < lowest or (above and value == lowest):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun} {bound}")
+        return value
+
+    parse.__name__ = f"{noun} {bound}"  # argparse's own messages name the type by it
+    parse.__doc__ = f"{noun.capitalize()} {bound} ({use})."
+    return parse
+
+
+positive_int = _number_type(int, "a whole number", 1, False, "a count: repeats, layers, tokens, seconds")
+nonnegative_int = _number_type(int, "a whole number", 0, False, "a count that may be none")
+positive_float = _number_type(float, "a number", 0, True, "a size in GiB, a memory cap")
+nonnegative_float = _number_type(float, "a number", 0, False, "a margin in GiB")
+
+
+def positive_int_list(text: str) -> list[int]:
+    """Comma-separated whole numbers, each at least 1, at least one of them ("1,2,4")."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r} names no number")
+    values = []
+    for item in items:
+        try:
+            values.append(positive_int(item))
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(f"{error} (in {text!r})") from None
+    return values
+
+
+def name_list(known: Iterable[str], aliases: Optional[dict[str, str]] = None) -> Callable[[str], list[str]]:
+    """An argparse ``type=`` for a comma-separated subset of ``known`` ("" is none); a name in
+    ``aliases`` is read as the name it maps to (an older spelling)."""
+    known = tuple(known)
+    aliases = dict(aliases or {})
+
+    def parse(text: str) -> list[str]:
+        names = [aliases.get(name, name) for name in (item.strip() for item in text.split(",")) if name]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))} in {text!r}; choose from {', '.join(known)}")
+        return names
+
+    parse.__name__ = "name list"  # argparse's own messages name the type by it
+    return parse
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -141,15 +210,15 @@ def add_llama_shape_arguments(parser: Any, experts: bool = False) -> None:
     """``--layers``, ``--hidden``, ``--heads``, ``--intermediate``, ``--vocab``: the model of
     :func:`meta_llama`, Llama-2-7B's shape by default; with ``experts``, also ``--experts``,
     ``--experts-per-token`` and ``--kv-heads`` (a Mixtral shape)."""
-    parser.add_argument("--layers", type=int, default=32, help="decoder layers (default 32: Llama-2-7B)")
-    parser.add_argument("--hidden", type=int, default=4096, help="hidden size (default 4096)")
-    parser.add_argument("--heads", type=int, default=32, help="attention heads = kv heads (default 32)")
-    parser.add_argument("--intermediate", type=int, default=11008, help="MLP size (default 11008)")
-    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary (default 32000)")
+    parser.add_argument("--layers", type=positive_int, default=32, help="decoder layers (default 32: Llama-2-7B)")
+    parser.add_argument("--hidden", type=positive_int, default=4096, help="hidden size (default 4096)")
+    parser.add_argument("--heads", type=positive_int, default=32, help="attention heads = kv heads (default 32)")
+    parser.add_argument("--intermediate", type=positive_int, default=11008, help="MLP size (default 11008)")
+    parser.add_argument("--vocab", type=positive_int, default=32000, help="vocabulary (default 32000)")
     if experts:
-        parser.add_argument("--experts", type=int, default=0, help="experts per layer: a Mixtral (default 0: a dense Llama)")
-        parser.add_argument("--experts-per-token", type=int, default=2, help="experts a token is routed to (default 2)")
-        parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
+        parser.add_argument("--experts", type=nonnegative_int, default=0, help="experts per layer: a Mixtral (default 0: a dense Llama)")
+        parser.add_argument("--experts-per-token", type=positive_int, default=2, help="experts a token is routed to (default 2)")
+        parser.add_argument("--kv-heads", type=positive_int, default=None, help="key/value heads (default: --heads)")
 
 
 def meta_llama(args: Any, max_positions: int):

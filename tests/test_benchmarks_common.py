@@ -53,7 +53,7 @@ def test_dispatch_overhead_rows_on_a_cpu_device_tier():
     is bitwise equal to the plain one, every timing is there, and the verdict follows the ratios."""
     from benchmarks.bench_dispatch_overhead import OPS, TARGET_RATIO, measure_size
 
-    rows = measure_size("1MB", 2**20, 2**20, "cpu")
+    rows = measure_size("1MiB", 2**20, 2**20, "cpu")
     assert [row["op"] for row in rows] == list(OPS)
     for row in rows:
         assert row["bitwise_equal"], row["op"]
