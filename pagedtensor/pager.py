@@ -1972,18 +1972,7 @@ class Pager:
                 else:
                     self._device_fences.record_slots(stream_id, resident.slots, event)
             if dirty:
-                allocation = resident.allocation
-                allocation.version += 1
-                if self._overwriting:  # an overwrite is done: the device copy is the page's bytes now
-                    self._overwriting.difference_update(page for page in resident.pages if page.index in dirty)
-                run = self._current_run(allocation, resident.start, resident.stop)
-                if run is None or run.lower_copies:
-                    for page in resident.pages:
-                        if page.index in dirty:
-                            self._drop_host_copy(page, forget=True)
-                            self._drop_disk_copy(page)
-                    if run is not None and dirty.issuperset(range(run.start, run.stop)):  # every lower copy is gone
-                        allocation.resident_run = replace(run, lower_copies=False)
+                self._take_written(resident, dirty)
             # ``_unpin`` inlined, with the flag set among its steps: no call, so a Ctrl-C cannot land
             # between the unpin and the flag (a release retried after it would unpin twice).
             pins, key = resident.allocation.pins, (resident.start, resident.stop)
@@ -2002,6 +1991,22 @@ class Pager:
                 orphans = [page for page in resident.pages if page in self._overwriting and not page.pin_count]
                 if orphans:
                     self._restore_overwritten(orphans)
+
+    def _take_written(self, resident: ResidentPages, dirty: set[int]) -> None:
+        """Under the lock: the device copies of ``resident``'s pages numbered in ``dirty`` are those
+        pages' bytes now (an overwrite of them is done; their host and disk copies go)."""
+        allocation = resident.allocation
+        allocation.version += 1
+        if self._overwriting:  # an overwrite is done: the device copy is the page's bytes now
+            self._overwriting.difference_update(page for page in resident.pages if page.index in dirty)
+        run = self._current_run(allocation, resident.start, resident.stop)
+        if run is None or run.lower_copies:
+            for page in resident.pages:
+                if page.index in dirty:
+                    self._drop_host_copy(page, forget=True)
+                    self._drop_disk_copy(page)
+            if run is not None and dirty.issuperset(range(run.start, run.stop)):  # every lower copy is gone
+                allocation.resident_run = replace(run, lower_copies=False)
 
     def _restore_overwritten(self, pages: Sequence[Page]) -> None:
         """Give pages whose overwrite was released without a write (it failed) their old bytes back:
@@ -2061,9 +2066,17 @@ class Pager:
         if dropped:
             # Their holders' objects live on in the child (a cache's pins a worker thread took): a
             # release of one there would let go of a pin a second time, perhaps the forking thread's.
+            # What such a holder may have written stays, as a plain tensor's bytes at the fork: its
+            # pages' device copies are their bytes (an op marks its writes only as it releases),
+            # but for pages it was overwriting whole and had not marked, which get their old bytes
+            # back below. (Its slots were filled: a fault halfway closes the child's pager.)
             for holder in gc.get_objects():
                 if type(holder) is ResidentPages and holder.pager is self and holder.owner != me and not holder.released:
                     holder._let_go_at_fork = True
+                    overwriting = {page.index for page in holder.pages if page in self._overwriting} - holder._dirty
+                    written = set(range(holder.start, holder.stop)) - overwriting
+                    if written and holder.allocation.id in self._allocations:
+                        self._take_written(holder, written)
         orphans = [page for page in self._overwriting if not page.pin_count]
         if orphans:
             self._restore_overwritten(orphans)

@@ -2304,6 +2304,41 @@ def test_a_child_forked_while_another_thread_writes_a_paged_tensor_can_write_it(
     pager.close()
 
 
+@pytest.mark.parametrize("marked", [True, False], ids=["marked_dirty", "written_not_yet_marked"])
+def test_a_child_forked_while_another_thread_holds_written_pages_keeps_their_bytes(marked):
+    """A fork while another thread has written pinned pages (marked dirty or not: an op marks them
+    as it releases them) and not released them: the child read the new bytes while the pages stayed
+    on the device tier, then the old ones, its clean host copies, once they were evicted (found by
+    a helper's probe: 46 of 100 forks beside a thread looping ``w.add_(1)``). The child keeps the
+    bytes as the fork left them, as a plain tensor's."""
+    pager = make_pager(device_pages=8, host_pages=16, slab_size=16 * PAGE)
+    allocation = pager.allocate(4 * PAGE)
+    pager.write(allocation, torch.zeros(4 * PAGE, dtype=torch.uint8))
+    pager.evict_all()  # its pages have host copies
+    written, done = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with pager.ensure_resident(allocation) as resident:
+            for view in resident.views():
+                view.fill_(1)
+            if marked:
+                resident.mark_dirty()
+            written.set()
+            done.wait(30)
+
+    def in_the_child() -> int:
+        before = pager.read(allocation)
+        pager.evict_all()
+        after = pager.read(allocation)
+        return 0 if bool((before == 1).all()) and torch.equal(after, before) else 3
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    written.wait(30)
+    assert _in_a_forked_child(in_the_child, then=lambda: (done.set(), thread.join())) == 0
+    pager.close()
+
+
 def test_a_child_forked_while_another_thread_moves_pages_refuses_the_pager(monkeypatch):
     """A fork while another thread is inside a fault (a page given a device slot, its copy not made
     yet): the child read that page from the unfilled slot (another tensor's bytes), silently. Its
