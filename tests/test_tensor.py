@@ -1817,6 +1817,44 @@ def test_as_strided_past_the_allocation_raises_like_torch(pager):
     assert torch.equal(t.as_strided((5,), (5,), 0).materialize(), torch.arange(0.0, 25.0, 5.0, device=pager.device))
 
 
+@pytest.mark.parametrize("op", ["select_scatter", "slice_scatter", "diagonal_scatter"])
+def test_scatters_cloning_the_storage_clone_the_allocation_not_the_device_slab(pager, op):
+    """``select_scatter``, ``slice_scatter`` and ``diagonal_scatter`` clone their input's whole
+    storage (``clone_preserve_strides``): run dense on the device slab, the result's storage was a
+    copy of the whole slab, another tensor's bytes in it, at the slab's offset (found by a helper's
+    probe: 64 MiB for a 1,920-byte result). It is a clone of the allocation, as torch's of the storage."""
+    other = PagedTensor.wrap(torch.full((1024,), 99.0, device=pager.device), pager)
+    base = torch.arange(2400.0, device=pager.device)
+    x = base[5:].reshape(-1, 5)[1:, 1:]  # offset 11 into its storage, not contiguous
+    paged = PagedTensor.wrap(base.clone(), pager)[5:].reshape(-1, 5)[1:, 1:]
+    _ = other + 1, paged + 1  # both fault in, to different slots
+    call = {
+        "select_scatter": lambda t: torch.select_scatter(t, -torch.arange(4.0, device=pager.device), 0, 2),
+        "slice_scatter": lambda t: torch.slice_scatter(t, -torch.ones(2, 4, device=pager.device), 0, 1, 3),
+        "diagonal_scatter": lambda t: torch.diagonal_scatter(t, -torch.arange(4.0, device=pager.device)),
+    }[op]
+    expected, got = call(x), call(paged)
+    assert type(got) is torch.Tensor and got.stride() == expected.stride() and torch.equal(got, expected)
+    assert got.storage_offset() == expected.storage_offset()
+    assert got.untyped_storage().nbytes() == expected.untyped_storage().nbytes()
+    whole = (base.numel(),), (1,), 0
+    assert torch.equal(got.as_strided(*whole), expected.as_strided(*whole))
+
+
+@pytest.mark.parametrize("view", [lambda t: t.t(), lambda t: t[3:, 2:]], ids=["transposed", "offset slice"])
+def test_as_strided_scatter_of_a_non_contiguous_view_requiring_grad_raises_torchs_error(pager, view):
+    """torch refuses it (its autograd supports contiguous inputs only); run on the materialized
+    allocation, which requires no grad, it passed, and its backward gave a wrong gradient or
+    "setStorage: sizes ... out of bounds" (found by a helper's probe)."""
+    x = torch.randn(24, 20, device=pager.device)
+    src = torch.ones(3, 4, device=pager.device)
+    with pytest.raises(RuntimeError) as expected:
+        torch.as_strided_scatter(view(x.clone().requires_grad_()), src, (3, 4), (2, 1), 3)
+    with pytest.raises(RuntimeError) as got:
+        torch.as_strided_scatter(view(PagedTensor.wrap(x.clone(), pager).requires_grad_()), src, (3, 4), (2, 1), 3)
+    assert str(got.value).splitlines()[0] == str(expected.value).splitlines()[0]
+
+
 @pytest.mark.parametrize("offset", [None, 0, 7, 1100])
 def test_as_strided_copy_and_scatter_count_the_offset_from_the_allocation(pager, offset):
     """Their storage offset counts from the start of the tensor's storage: for a PagedTensor its

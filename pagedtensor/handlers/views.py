@@ -152,18 +152,27 @@ def _can_view(source: PagedTensor, size: list[int]) -> bool:
     return True
 
 
-@implements([aten.as_strided_scatter])
+@implements([aten.as_strided_scatter, aten.select_scatter, aten.slice_scatter, aten.diagonal_scatter])
 def strided_scatter_over_the_allocation(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> torch.Tensor:
     """``as_strided_scatter`` places elements by storage offset, which for a PagedTensor counts from
     the start of its allocation (its storage), not from the device slab its pages sit in (run dense
     on the slab, it read and wrote other tensors' slots). It runs on the allocation materialized
     whole, as torch runs it on a clone of the whole storage, and returns a plain tensor; its
-    ``out=`` form copies that result into ``out`` (:func:`_copy_into_out`), as torch's does."""
+    ``out=`` form copies that result into ``out`` (:func:`_copy_into_out`), as torch's does.
+    ``select_scatter``, ``slice_scatter`` and ``diagonal_scatter`` clone the whole storage too
+    (``clone_preserve_strides``): run dense on the slab, their result's storage was a copy of the
+    whole slab, other tensors' bytes with it, at the slab's offset."""
     source = args[0]
     if not isinstance(source, PagedTensor):  # a PagedTensor ``src`` or ``out`` only: the storage is a plain one
         return DISPATCHER.run_paged(func, types, args, kwargs)
     if "out" in kwargs:
         return _copy_into_out(func, types, args, kwargs, strided_scatter_over_the_allocation)
+    if source.requires_grad and func.overloadpacket is aten.as_strided_scatter and not source.is_contiguous():
+        # torch's check of the input (its autograd supports contiguous ones only), which the
+        # materialized copy, requiring no grad, would pass: on a stand-in of its layout that does
+        stand_in = torch.empty_strided(source.shape, source.stride(), dtype=source.dtype, device="meta").requires_grad_()
+        src = args[1]
+        func(stand_in, torch.empty(src.shape, dtype=src.dtype, device="meta") if isinstance(src, torch.Tensor) else src, *args[2:], **kwargs)
     whole = PagedTensor._make(source._paged, 0, (source._paged.nbytes // source.dtype.itemsize,), (1,), source.dtype)
     dense = whole.materialize().as_strided(source.shape, source.stride(), source._offset)
     return func(dense, *args[1:], **kwargs)
