@@ -2,7 +2,8 @@
 ``diagonal_scatter``, ``as_strided_scatter``, ``constant_pad_nd``) on PagedTensors larger than the
 device tier: ``_run_composite`` in ``pagedtensor/dispatch.py`` runs that kernel on the PagedTensors,
 each op in it paged, so the result has the dense op's bits and layout; an op in it that does not fit
-either leaves the op's own error."""
+either leaves the op's own error. The four scatters, whose kernels clone the whole storage, run on the
+allocation materialized (``strided_scatter_over_the_allocation`` in ``pagedtensor/handlers/views.py``)."""
 
 from __future__ import annotations
 
