@@ -368,7 +368,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     } for r in results]
     print_table(rows, ["gpus", "status", "ttft_s", "decode_tok_s", "peak_GiB_max", "scaling", "tokens_eq_1"])
     print(f"wrote {args.out}")
-    return 0
+    # Exit 1 where a world size ran and failed (an error, out of memory, a timeout) or its ranks
+    # generated different tokens, as the other benchmarks do; one skipped for want of GPUs is no failure.
+    failed = [r for r in results if r.get("status") not in ("ok", "skipped")]
+    split = [world for world, verdict in verdicts.items() if verdict.get("tokens_equal_across_ranks") is False]
+    return 1 if failed or split else 0
 
 
 if __name__ == "__main__":

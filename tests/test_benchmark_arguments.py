@@ -175,6 +175,35 @@ def test_bench_paged_load_exits_1_when_a_run_failed(runs, statuses, tokens, code
     assert json.loads(out.read_text())["pass"] is passed
 
 
+@pytest.mark.parametrize(
+    "outcomes, code",
+    [
+        ({1: "ok", 2: "ok"}, 0),
+        ({1: "ok", 2: "error"}, 1),
+        ({1: "oom"}, 1),
+        ({1: "ok", 2: "timeout"}, 1),
+        ({1: "ok", 2: "split"}, 1),  # ok, but its ranks generated different tokens
+        ({1: "ok", 3: "never run"}, 0),  # 3 does not divide the 4 KV heads: skipped, not run
+    ],
+)
+def test_bench_tensor_parallel_exits_1_when_a_world_size_failed(outcomes, code, tmp_path, monkeypatch):
+    """It exited 0 whatever its world sizes gave (gpu_suite.sh's ``|| status=1`` relies on the exit
+    status, as for its siblings); a world size skipped for want of GPUs is no failure (run_world
+    stubbed: no process started)."""
+
+    def fake_world(args, world):
+        status = outcomes[world]
+        if status in ("ok", "split"):
+            return {"world_size": world, "status": "ok", "tokens": [1, 2], "tokens_equal_across_ranks": status == "ok",
+                    "decode_tokens_per_s": 10.0 * world, "ranks": [{"peak_gib": 0.0}]}  # fmt: skip
+        return {"world_size": world, "status": status, "error": "stubbed"}
+
+    monkeypatch.setattr(bench_tensor_parallel, "run_world", fake_world)
+    gpus = ",".join(map(str, outcomes))
+    argv = ["--device", "cpu", "--heads", "4", "--gpus", gpus, "--out", str(tmp_path / "tp.json")]
+    assert bench_tensor_parallel.main(argv) == code
+
+
 def test_dispatch_overhead_size_labels_say_their_bytes():
     """The labels are binary units (pagedtensor's parse_size reads "1MB" as 10**6 bytes); the old
     spellings are still accepted on the command line and read as the new labels."""
