@@ -51,6 +51,7 @@ from benchmarks.common import (  # noqa: E402
     common_prefix,
     kernel_profile,
     meta_llama,
+    name_list,
     nonnegative_float,
     pinned_h2d_gb_per_s,
     positive_float,
@@ -58,7 +59,6 @@ from benchmarks.common import (  # noqa: E402
     positive_int_list,
     print_result_line,
     run_configuration_process,
-    selected_runs,
 )
 
 PCIE_H2D_BYTES_PER_S = 54e9  # pinned host→device, one large copy, H100 PCIe Gen5 (DESIGN.md)
@@ -74,7 +74,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated per run (default 32)")
     parser.add_argument("--offload-new-tokens", type=positive_int, default=4, help="tokens for the slow HF offloaded run (default 4)")
     parser.add_argument("--cap-gib", type=positive_float, default=24.0, help="GPU memory cap of the capped runs, GiB (default 24)")
-    parser.add_argument("--runs", default=",".join(RUN_KINDS), help=f"configurations to run (default {','.join(RUN_KINDS)})")
+    parser.add_argument("--runs", type=name_list(RUN_KINDS, at_least_one=True), default=",".join(RUN_KINDS), help=f"configurations to run (default {','.join(RUN_KINDS)})")
     parser.add_argument("--out", default="benchmarks/results/long_context_h100.json", help="JSON results file")
     add_llama_shape_arguments(parser)
     parser.add_argument("--page-size", default="4MiB", help="pager page size (default 4MiB: 256 tokens of K+V at this shape)")
@@ -367,7 +367,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if cuda_missing("bench_long_context", args.device):
         return 2
     contexts = args.contexts
-    kinds = selected_runs(args.runs, RUN_KINDS)
+    kinds = args.runs
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     for context in contexts:

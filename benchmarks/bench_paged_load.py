@@ -36,11 +36,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from benchmarks.common import (  # noqa: E402
     add_device_argument,
     cuda_missing,
+    name_list,
     positive_int,
     print_result_line,
     print_table,
     run_configuration_process,
-    selected_runs,
     write_results,
 )
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-memory", default="32MiB")
     parser.add_argument("--page-size", default="1MiB")
     parser.add_argument("--checkpoint", default="", help="folder of the random checkpoint (made there once; default: a temporary folder)")
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"configurations to run (default {','.join(RUNS)})")
+    parser.add_argument("--runs", type=name_list(RUNS, at_least_one=True), default=",".join(RUNS), help=f"configurations to run (default {','.join(RUNS)})")
     parser.add_argument("--timeout", type=positive_int, default=900, help="seconds per configuration subprocess (default 900)")
     parser.add_argument("--child", choices=RUNS, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "paged_load.json"))
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print_result_line(run_child(args))
         return 0
-    kinds = selected_runs(args.runs, RUNS)
+    kinds = args.runs
     if cuda_missing("bench_paged_load.py", args.device):
         return 1
     with tempfile.TemporaryDirectory(prefix="pagedllm-checkpoint-") as default_folder:

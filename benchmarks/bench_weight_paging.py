@@ -59,13 +59,13 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks.common import (  # noqa: E402
     add_llama_shape_arguments,
     common_prefix,
+    name_list,
     nonnegative_float,
     pinned_h2d_gb_per_s,
     positive_float,
     positive_int,
     print_result_line,
     run_configuration_process,
-    selected_runs,
 )
 
 RUN_KINDS = ("native", "paged", "paged_recency", "accelerate")
@@ -74,7 +74,7 @@ GIB = 2**30
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", default=",".join(RUN_KINDS), help=f"configurations to run (default {','.join(RUN_KINDS)})")
+    parser.add_argument("--runs", type=name_list(RUN_KINDS, at_least_one=True), default=",".join(RUN_KINDS), help=f"configurations to run (default {','.join(RUN_KINDS)})")
     parser.add_argument("--out", default="benchmarks/results/weight_paging_h200.json", help="JSON results file")
     parser.add_argument("--cap-gib", type=positive_float, default=8.0, help="GPU memory cap of every run but native, GiB (default 8)")
     parser.add_argument("--prompt", type=positive_int, default=1024, help="prompt tokens (default 1024)")
@@ -270,7 +270,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if cuda_missing("bench_weight_paging", args.device):
         return 2
-    kinds = selected_runs(args.runs, RUN_KINDS)
+    kinds = args.runs
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     for kind in kinds:

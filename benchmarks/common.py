@@ -100,22 +100,6 @@ def run_configuration_process(command: list[str], timeout: int, identity: dict[s
     return {**identity, "status": status, "returncode": completed.returncode, "error": "\n".join(tail)[-2000:]}
 
 
-def selected_runs(runs: str, known: tuple[str, ...]) -> list[str]:
-    """The configurations named in a comma-separated ``--runs`` value.
-
-    An unknown name, or none at all, ends the program as argparse does with a bad argument: the
-    message names ``--runs`` and the value on stderr, exit status 2.
-    """
-    kinds = [kind for kind in runs.split(",") if kind]
-    unknown = [kind for kind in kinds if kind not in known]
-    if unknown or not kinds:
-        problem = f"unknown configuration(s) {', '.join(map(repr, unknown))}" if unknown else "names no configuration"
-        print(f"{os.path.basename(sys.argv[0])}: error: argument --runs: {problem} in {runs!r}; choose from {', '.join(known)}",
-              file=sys.stderr)  # fmt: skip
-        raise SystemExit(2)
-    return kinds
-
-
 # argparse ``type=`` functions: a bad value ends the program with argparse's message, which names the
 # argument and the value (exit status 2), before any pager or model is built.
 
@@ -159,9 +143,9 @@ def positive_int_list(text: str) -> list[int]:
     return values
 
 
-def name_list(known: Iterable[str], aliases: Optional[dict[str, str]] = None) -> Callable[[str], list[str]]:
-    """An argparse ``type=`` for a comma-separated subset of ``known`` ("" is none); a name in
-    ``aliases`` is read as the name it maps to (an older spelling)."""
+def name_list(known: Iterable[str], aliases: Optional[dict[str, str]] = None, at_least_one: bool = False) -> Callable[[str], list[str]]:
+    """An argparse ``type=`` for a comma-separated subset of ``known`` ("" is none, refused where
+    ``at_least_one``: ``--runs``); a name in ``aliases`` is read as the name it maps to (an older spelling)."""
     known = tuple(known)
     aliases = dict(aliases or {})
 
@@ -170,6 +154,8 @@ def name_list(known: Iterable[str], aliases: Optional[dict[str, str]] = None) ->
         unknown = [name for name in names if name not in known]
         if unknown:
             raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))} in {text!r}; choose from {', '.join(known)}")
+        if at_least_one and not names:
+            raise argparse.ArgumentTypeError(f"{text!r} names none; choose from {', '.join(known)}")
         return names
 
     parse.__name__ = "name list"  # argparse's own messages name the type by it

@@ -878,12 +878,11 @@ def small_stand_in(value: Any) -> Any:
     devices and ranks without memory of its size; anything else as it is. Ones, not zeros: an int
     divisor of zeros makes the kernel raise ``ZeroDivisionError``, which the real one need not."""
     if isinstance(value, torch.Tensor):
-        stand_in = torch.zeros(tuple(min(size, 2) for size in value.shape), dtype=value.dtype, device=value.device)
+        shape = tuple(min(size, 2) for size in value.shape)
         try:
-            stand_in.fill_(1)
+            return torch.ones(shape, dtype=value.dtype, device=value.device)
         except (RuntimeError, NotImplementedError):  # a dtype with no fill kernel: zeros
-            pass
-        return stand_in
+            return torch.zeros(shape, dtype=value.dtype, device=value.device)
     if type(value) in (list, tuple):
         return type(value)(small_stand_in(item) for item in value)
     return value

@@ -235,13 +235,19 @@ def test_dispatch_overhead_rows_carry_the_new_label(monkeypatch, tmp_path):
     assert [row["size"] for row in results["rows"]] == ["4KiB", "1MiB"] and "1 MiB" in results["target"]
 
 
-def test_selected_runs_exits_2_naming_the_value(capsys, monkeypatch):
-    from benchmarks.common import selected_runs
+def test_runs_lists_exit_2_naming_the_value(capsys):
+    """``--runs`` (``name_list(..., at_least_one=True)``): the names given, in order; an unknown name,
+    or none at all, ends the program with argparse's message naming ``--runs`` and the value."""
+    import argparse
 
-    monkeypatch.setattr(sys, "argv", ["bench_x.py"])
-    assert selected_runs("a,b", ("a", "b", "c")) == ["a", "b"]
-    with pytest.raises(SystemExit) as exited:
-        selected_runs("a,zz", ("a", "b"))
-    assert exited.value.code == 2
-    err = capsys.readouterr().err
-    assert "--runs" in err and "'zz'" in err and "bench_x.py: error:" in err
+    from benchmarks.common import name_list
+
+    parser = argparse.ArgumentParser(prog="bench_x.py")
+    parser.add_argument("--runs", type=name_list(("a", "b", "c"), at_least_one=True), default="a,b,c")
+    assert parser.parse_args(["--runs", "b,a"]).runs == ["b", "a"] and parser.parse_args([]).runs == ["a", "b", "c"]
+    for bad, named in (("a,zz", "'zz'"), (",", "','")):
+        with pytest.raises(SystemExit) as exited:
+            parser.parse_args(["--runs", bad])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert "bench_x.py: error: argument --runs" in err and named in err
