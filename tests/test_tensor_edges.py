@@ -657,6 +657,24 @@ def test_conversions_stay_paged_on_the_same_pager(pager):
         assert_same(large, large.materialize())
 
 
+@pytest.mark.parametrize("dtype", [torch.quint8, torch.qint8, torch.qint32, torch.quint4x2], ids=str)
+@pytest.mark.parametrize("rows", [4, 64], ids=["fitting", "past_the_tier"])
+def test_a_conversion_to_a_quantized_dtype_raises_torchs_error(pager, dtype, rows):
+    """``t.to(torch.quint8)`` raises torch's ``empty_strided not supported on quantized tensors``
+    (quantize with ``torch.quantize_per_tensor``), not the missing ``QuantizedMeta`` kernel of the
+    meta run that lays the result out, and leaves nothing allocated."""
+    x = torch.randn(rows, 256)
+    paged = PagedTensor.wrap(x.clone(), pager)
+    allocations = pager.stats()["allocations"]
+    with pytest.raises(RuntimeError) as expected:
+        x.to(dtype)
+    with pytest.raises(RuntimeError) as got:
+        paged.to(dtype)
+    assert type(got.value) is type(expected.value) and str(expected.value) in str(got.value)
+    assert pager.stats()["allocations"] == allocations
+    assert_same(paged, x)
+
+
 # ---------------------------------------------------------------------- complex parameters
 
 

@@ -97,8 +97,16 @@ def _convert_into_plain_tensor(func: OpOverload, types: tuple, args: tuple, kwar
 
 
 def _meta_layout(func: OpOverload, source: PagedTensor, kwargs: dict) -> torch.Tensor:
-    """The conversion's result as the meta kernel lays it out (shape, strides, dtype), device aside."""
-    return func(meta_like(source), **{name: value for name, value in kwargs.items() if name not in ("device", "pin_memory")})
+    """The conversion's result as the meta kernel lays it out (shape, strides, dtype), device aside.
+    Where the meta kernel is missing (a quantized dtype: ``QuantizedMeta`` has no ``empty_strided``),
+    torch's own error, from its kernel on an empty tensor of the source's dtype (no page read), is
+    raised instead; where that kernel takes it, the meta kernel's error stands."""
+    layout_kwargs = {name: value for name, value in kwargs.items() if name not in ("device", "pin_memory")}
+    try:
+        return func(meta_like(source), **layout_kwargs)
+    except NotImplementedError:
+        func(torch.empty(0, dtype=source.dtype), **layout_kwargs)  # torch's error, if its kernel refuses too
+        raise
 
 
 def _inside_autocast() -> bool:
