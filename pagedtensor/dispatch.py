@@ -846,12 +846,6 @@ class _Window:
         self.page_size = page_size = allocation.page_size
         first, stop = lo // page_size, -(-hi // page_size)
         self.first_byte = first * page_size
-        if storage.pager.engine.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "PagedTensor ops cannot be captured in a CUDA graph: a replay would read the device slots the pages "
-                "held during capture, which the pager reuses once the op is done; capture dense tensors instead "
-                "(PagedTensor.materialize())"
-            )
         self.resident: ResidentPages = storage.pager.ensure_resident(allocation, first, stop, discard=discard, prefetch=prefetch)
         try:
             self.resident.wait()

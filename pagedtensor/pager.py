@@ -480,13 +480,13 @@ def _slab_fencer(engine: TransferEngine, fences: SlotFences) -> Callable[[int, i
     return fence_slab
 
 
-def _finish_device_work(engine: TransferEngine, fences: SlotFences, pid: Optional[int] = None) -> None:
+def _finish_device_work(engine: TransferEngine, fences: SlotFences, pid: int) -> None:
     """Before a pager's slabs go back to torch's allocator (at :meth:`Pager.close`, or at the
     collection of a pager never closed): wait for its side streams' copies and for every fenced use
     of a device slot, since kernels still queued on other streams may use the slabs and the
-    allocator could hand the memory out at once. With ``pid`` (at collection), nothing in another
-    process: a forked child has no CUDA (and never hands the memory out again)."""
-    if pid is not None and os.getpid() != pid:
+    allocator could hand the memory out at once. Nothing in another process than ``pid``, the
+    pager's maker's: a forked child has no CUDA (and never hands the memory out again)."""
+    if os.getpid() != pid:
         return
     engine.synchronize()
     for event in fences.take_all():
@@ -547,7 +547,8 @@ class Pager:
         weakref.finalize(self, self.metrics.close, wait=False)  # a collection may run it inside a registry call
         # And its slabs go back to torch's allocator only once its copies and every fenced use of a
         # slot have run (as at close()): the allocator could hand the memory to another stream at once.
-        weakref.finalize(self, _finish_device_work, self.engine, self._device_fences, os.getpid()).atexit = False
+        self._pid = os.getpid()  # a forked child, which has no CUDA, makes no CUDA call for this pager
+        weakref.finalize(self, _finish_device_work, self.engine, self._device_fences, self._pid).atexit = False
         self._allocations: dict[int, Allocation] = {}
         self._ids = itertools.count()
         self._host_fences: dict[int, Event] = {}  # slot -> last copy touching it
@@ -828,6 +829,7 @@ class Pager:
             OutOfPagesError: the pages do not fit on the device tier beside the pinned pages
                 (:class:`DeviceTierFullError`; after any wait), or a lower tier is full.
         """
+        self.refuse_cuda_graph_capture()
         if self._deferred_frees:  # collected tensors' pages go before these need room
             self._drain_deferred_frees()
         with self._lock:
@@ -1102,6 +1104,20 @@ class Pager:
                 f"it waits for that thread's prefetches, so it would wait for itself; call it from another thread"
             )
 
+    def refuse_cuda_graph_capture(self) -> None:
+        """Raise ``RuntimeError`` where this CUDA pager is used while the current stream captures a
+        CUDA graph: a replay would read and write the device slots the pages held during capture,
+        which the pager gives other pages once the call is done, and would repeat none of the
+        pager's own work (faults, the KV cache's page table and lengths). Called before any state
+        changes, so a refused call leaves the pager and its pages as they were."""
+        if self.engine.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "PagedTensor ops cannot be captured in a CUDA graph, nor PagedKVCache updates and paged attention: "
+                "a replay would read the device slots the pages held during capture, which the pager reuses once "
+                "the call is done; capture dense tensors instead (PagedTensor.materialize(), a transformers "
+                "StaticCache)"
+            )
+
     # ------------------------------------------------------------------ bytes in and out
 
     @pager_call
@@ -1216,7 +1232,7 @@ class Pager:
         with self._lock:
             if self._released:
                 return
-            _finish_device_work(self.engine, self._device_fences)
+            _finish_device_work(self.engine, self._device_fences, self._pid)
             for allocation in list(self._allocations.values()):
                 allocation.freed = True
             self._allocations.clear()

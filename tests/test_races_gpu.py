@@ -585,6 +585,47 @@ def test_probe_two_threads_two_streams_share_one_pager():
             assert torch.equal(tensor.materialize(), shadow)
 
 
+
+_FORKED_CHILD_OF_A_CUDA_PAGER = """
+import os, sys
+import torch
+from pagedtensor import MemoryConfig, PagedTensor, Pager
+
+PAGE = 64 * 1024
+pager = Pager(MemoryConfig(page_size=PAGE, vram_limit=8 * PAGE, host_memory=64 * PAGE, slab_size=8 * PAGE,
+                           prefetch_strategy="none", device="cuda"))
+x = torch.randn(16 * PAGE // 4)
+t = PagedTensor.wrap(x, pager)  # 16 pages: the host tier holds some, in registered (pinned) slabs
+pager.evict_all()
+pager.synchronize()
+assert pager.stats()["host_slab_bytes"] > 0
+for close in (True, False):
+    pid = os.fork()
+    if pid == 0:  # the child: no CUDA here; a normal exit runs the finalizers
+        if close:
+            pager.close()
+        sys.exit(0)
+    _, status = os.waitpid(pid, 0)
+    print("child", "closed" if close else "exited", os.waitstatus_to_exitcode(status), flush=True)
+assert torch.equal(t.materialize().cpu(), x), "the parent's pages are intact"
+pager.close()
+print("parent done")
+"""
+
+
+def test_race_a_forked_child_of_a_cuda_pager_closes_and_exits_quietly():
+    """A forked child has no CUDA (torch refuses to initialize it again). ``Pager.close()`` there
+    and the child's exit (the host tier's finalizer) make no CUDA call: they raised or printed
+    "Cannot re-initialize CUDA in forked subprocess". The parent's pages are untouched."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FORKED_CHILD_OF_A_CUDA_PAGER], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:3] == ["child closed 0", "child exited 0", "parent done"], done.stdout + done.stderr
+    assert "CUDA" not in done.stderr and "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+
+
 # Last: a CUDA-graph capture error could disturb the tests after it.
 def test_race_cuda_graph_capture_of_a_paged_op_is_refused():
     """A CUDA graph captured over a PagedTensor op would bake in the pages' device slots, which the
@@ -602,3 +643,34 @@ def test_race_cuda_graph_capture_of_a_paged_op_is_refused():
         torch.cuda.synchronize()
         assert torch.equal(x * 2.0, xd * 2.0), "the pager works after the refused capture"
         assert all(info.pin_count == 0 for info in pager.page_table(x.allocation))
+
+
+def test_race_cuda_graph_capture_of_a_kv_cache_update_or_paged_attention_is_refused():
+    """``PagedKVCache.update`` and the paged attention call the pager directly, not through an op's
+    dispatch: under capture they too raise, before the cache's pages or lengths change, and the cache
+    works after the refused capture. So does ``Pager.write``."""
+    from pagedtensor.hf.attention import paged_attention
+    from pagedtensor.hf.cache import PagedKVCache
+
+    g = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(1, 2, 40, 64, generator=g).to("cuda", torch.float16) for _ in range(2))
+    new_keys, new_values = (torch.randn(1, 2, 1, 64, generator=g).to("cuda", torch.float16) for _ in range(2))
+    query = torch.randn(1, 4, 1, 64, generator=g).to("cuda", torch.float16)
+    with _pager(16, page=64 * 1024) as pager, torch.no_grad():
+        cache = PagedKVCache(pager=pager, num_layers=1)
+        cache.update(keys, values, 0)
+        torch.cuda.synchronize()
+        for captured in (lambda: cache.update(new_keys, new_values, 0), lambda: paged_attention(cache, 0, query),
+                         lambda: pager.write(cache.layers[0].seqs[0].owners[0], torch.zeros(8, dtype=torch.uint8, device="cuda"))):  # fmt: skip
+            graph = torch.cuda.CUDAGraph()
+            with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+                with torch.cuda.graph(graph):
+                    captured()
+            torch.cuda.synchronize()
+            assert cache.get_seq_length(0) == 40
+            dense_keys, dense_values = cache.dense_kv(0)
+            assert torch.equal(dense_keys, keys) and torch.equal(dense_values, values)
+        cache.update(new_keys, new_values, 0)
+        dense_keys, _ = cache.dense_kv(0)
+        assert torch.equal(dense_keys, torch.cat([keys, new_keys], 2))
+        cache.close()

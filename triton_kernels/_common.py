@@ -12,6 +12,7 @@ import functools
 import math
 import numbers
 import os
+from typing import Any, Callable, TypeVar
 
 import torch
 import triton
@@ -19,6 +20,8 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from pagedtensor.dispatch import overlaps_itself
 from pagedtensor.tensor import dense_and_non_overlapping
+
+T = TypeVar("T")
 
 KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -118,6 +121,25 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda" or interpreting():
         return 1
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def on_its_tensors_device(launch: Callable[..., T]) -> Callable[..., T]:
+    """``launch`` (a function that launches kernels on tensors of one device, its first argument's)
+    run with that device current. Triton launches on the current CUDA device and its current
+    stream: a tensor on ``cuda:1`` while ``cuda:0`` is current (a model moved with ``.to("cuda:1")``)
+    would be launched on the wrong device, outside the stream order of its producers and of the
+    pager's fences. Plain torch ops run on their tensors' device whatever is current; so does this.
+    Costs one device query where the device is already current (the common case)."""
+
+    @functools.wraps(launch)
+    def on_the_device(first: torch.Tensor, *args: Any, **kwargs: Any) -> T:
+        device = first.device
+        if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                return launch(first, *args, **kwargs)
+        return launch(first, *args, **kwargs)
+
+    return on_the_device
 
 
 def call_kernel_directly(*tensors: torch.Tensor) -> bool:

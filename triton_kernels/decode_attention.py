@@ -41,6 +41,7 @@ import triton.language as tl
 from pagedtensor.triton_kernels._common import (
     MAX_GRID_Y,
     call_kernel_directly,
+    on_its_tensors_device,
     check_block_table,
     check_device,
     check_query,
@@ -335,6 +336,7 @@ def merge_launch(num_splits: int, head_dim: int) -> tuple[int, int, int]:
     return block_splits, chunk_splits, block_d
 
 
+@on_its_tensors_device
 def merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Launch the merge of split partials ``part_out`` ``[batch, num_heads, num_splits, head_dim]`` (fp32)
     and ``part_lse`` ``[batch, num_heads, num_splits]`` into ``out`` ``[batch, num_heads, head_dim]`` and
@@ -442,6 +444,7 @@ def decode_geometry(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     return launch, tokens_per_split, num_splits
 
 
+@on_its_tensors_device
 def _launch_decode(
     q: torch.Tensor,
     k_pages: torch.Tensor,

@@ -18,6 +18,7 @@ import triton.language as tl
 from pagedtensor.triton_kernels._common import (
     MAX_GRID_Y,
     call_kernel_directly,
+    on_its_tensors_device,
     check_block_table,
     check_device,
     check_pages,
@@ -128,6 +129,7 @@ def _paged_scatter_kernel(
         tl.store(pages_ptr + dst_row[:, None] + (head * stride_p_head + dim)[None, :], x, mask=mask)
 
 
+@on_its_tensors_device
 def _launch_gather(pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, max_len: int) -> torch.Tensor:
     _, page_tokens, num_heads, head_dim = pages.shape
     batch, max_pages = block_table.shape
@@ -210,6 +212,7 @@ def paged_gather(
     return _paged_gather_op(pages, block_table, seq_lens, max_len)
 
 
+@on_its_tensors_device
 def _launch_scatter(src: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, start_pos: torch.Tensor) -> None:
     batch, num_new, num_heads, head_dim = src.shape
     check_position_values("start_pos", start_pos, num_new)

@@ -39,6 +39,7 @@ except ImportError:  # Triton without host-side tensor descriptors: every launch
 from pagedtensor.triton_kernels._common import (
     MAX_GRID_Y,
     call_kernel_directly,
+    on_its_tensors_device,
     check_block_table,
     check_device,
     check_query,
@@ -326,6 +327,7 @@ def _prefill_kernel(
     )
 
 
+@on_its_tensors_device
 def _launch_prefill(
     q: torch.Tensor,
     k_pages: torch.Tensor,

@@ -147,6 +147,7 @@ def paged_attention(cache: PagedKVCache, layer_idx: int, query: torch.Tensor, sc
     update included); returns ``[batch, q_len, heads, head_dim]``."""
     from pagedtensor.triton_kernels import paged_decode_attention, paged_prefill_attention
 
+    cache.pager.refuse_cuda_graph_capture()
     batch, heads, q_len, head_dim = query.shape
     q = query.transpose(1, 2)  # [batch, q_len, heads, head_dim], unit last stride
     decode = cache.is_decode(layer_idx)

@@ -398,6 +398,7 @@ class PagedKVCache(Cache):
         streams, page tables): one graph break a call.
         """
         self._refuse_closed()
+        self.pager.refuse_cuda_graph_capture()  # before any page or length changes
         _refuse_fake_run(key_states, value_states)
         if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
             raise RuntimeError(

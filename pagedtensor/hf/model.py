@@ -1557,7 +1557,8 @@ def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = Non
     given_cache = next((kwargs[name] for name in ("cache", "past_key_values") if kwargs.get(name) is not None), None)
     cached = given_cache.get_seq_length() if hasattr(given_cache, "get_seq_length") else 0
     to_prefill = max(1, prompt_len - cached)  # a cache given with the prompt's start: only the rest is forwarded
-    cuda = torch.cuda.is_available() and _model_device(model) is not None and _model_device(model).type == "cuda"
+    device = _model_device(model)
+    cuda = torch.cuda.is_available() and device is not None and device.type == "cuda"  # then measured on that device
     marks: dict[str, Any] = {}
 
     def first_token() -> None:
@@ -1578,9 +1579,9 @@ def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = Non
         first_token()
 
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        retries_before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        retries_before = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
     before = pager.stats() if pager is not None else None
     hook = model.register_forward_hook(first_forward, with_kwargs=True)
     start = time.perf_counter()
@@ -1589,7 +1590,7 @@ def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = Non
     finally:
         hook.remove()
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     end = time.perf_counter()
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
     new_tokens = sequences.shape[1] - prompt_len
@@ -1613,9 +1614,9 @@ def measure_generate(model: torch.nn.Module, *args, pager: Optional[Pager] = Non
         time_to_first_token_s=first - start,
         tokens_per_second=(new_tokens - 1) / (end - first) if new_tokens > 1 and end > first else None,
         total_s=end - start,
-        peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         paging=paging,
-        allocator_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries_before if cuda else None,
+        allocator_retries=torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries_before if cuda else None,
     )
 
 

@@ -160,7 +160,8 @@ class HostTier(SlabPool):
         )
         self._next_slab: Optional[SlabInProgress] = None
         # The finalizer holds the slabs too, so their memory outlives its registration.
-        self._finalizer = weakref.finalize(self, HostTier._unregister_all, self._registered, self.slabs)
+        self._pid = os.getpid()
+        self._finalizer = weakref.finalize(self, HostTier._unregister_all, self._registered, self._pid, self.slabs)
 
     def _prepare(self, nbytes: int) -> None:
         """Start making the next slab, of ``nbytes``, on a background thread (one at a time)."""
@@ -181,12 +182,17 @@ class HostTier(SlabPool):
         return slab
 
     @staticmethod
-    def _unregister_all(pointers: list[int], slabs: object = None) -> None:
+    def _unregister_all(pointers: list[int], pid: int, slabs: object = None) -> None:
+        """Unregister the slabs at ``pointers`` with CUDA; in a forked child (not process ``pid``, the
+        tier's maker's), which has no CUDA, only forget them (its memory is a copy the child frees)."""
+        if os.getpid() != pid:
+            pointers.clear()
+            return
         while pointers:
             _unregister(pointers.pop())
 
     def close(self) -> None:
         """Unregister and drop every slab. Callers must have synchronized the copies that use them."""
-        self._unregister_all(self._registered)
+        self._unregister_all(self._registered, self._pid)
         self._next_slab = None  # its thread finishes and drops it
         super().close()
