@@ -29,11 +29,18 @@ that broadcast to the tensors written) run first, on meta stand-ins, and a one-e
 sharing a byte with a tensor the op writes is first shown to torch's kernel on small stand-ins: an op
 torch refuses raises torch's error and writes nothing.
 
+An op that writes (in place, ``out=``) writes nothing where an index is refused whatever runs before
+it, found before any index runs (:func:`_refused_indices`): a PagedTensor of a closed pager or a freed
+allocation, pages more than the device tier holds that cannot run in pieces (operands of other
+layouts, a strided view), torch's error for a one-element operand sharing a byte with the tensor
+written. That index runs first and raises the error it raised in its turn.
+
 Note:
     Stream order is each call's (see :mod:`pagedtensor.dispatch`): the indices and the pieces run one
-    after another on the current stream. An in-place op that fails at an index or a piece (one
-    whose pages do not fit, and cannot run in pieces) leaves the indices and pieces before it
-    written, as :func:`~pagedtensor.pieces.run_in_pieces` does.
+    after another on the current stream. An in-place op that fails at an index or a piece for what
+    no check before the run can know (another thread's pins leaving too little of the device tier, a
+    lower tier full, a Ctrl-C, a page failing its checksum, an error of torch's kernel on the values)
+    leaves the indices and pieces before it written, as :func:`~pagedtensor.pieces.run_in_pieces` does.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import functools
 import itertools
 import warnings
 from contextvars import ContextVar
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
 from torch._ops import OpOverload
@@ -219,27 +226,27 @@ def _run_by_index(func: OpOverload, args: tuple, kwargs: dict, count: int) -> An
     """``func`` called on each index's one-element lists in turn (each dispatched as any op); the
     results that are lists joined back into the dense op's lists, and one that is a tensor (the
     functional unscale's ``found_inf_out``) the value of its argument (``found_inf``) at the next
-    index, as the in-place op updates that argument index by index: the last index's is the list's."""
+    index, as the in-place op updates that argument index by index: the last index's is the list's.
 
-    def at(index: int) -> Callable[[str, Any], Any]:
-        def select(name: str, value: Any) -> Any:
-            if isinstance(value, (list, tuple)):
-                return type(value)(value[index : index + 1])
-            if isinstance(value, torch.Tensor):  # ``scalars``: one number per index
-                return value[index : index + 1]
-            return value
-
-        return select
-
+    An op that writes (in place, ``out=``) runs first the indices :func:`_refused_indices` finds refused
+    whatever runs before them, lowest first: the first raises its error (the one it raised in its turn)
+    before any index is written. (Should one run after all, it has run once, before the others: the
+    indices are independent.)"""
     returns = func._schema.returns
     carried = {position: r.name.removesuffix("_out") for position, r in enumerate(returns) if not isinstance(r.type, torch.ListType)}
-    results: list[tuple] = []
+    order: list[int] = list(range(count))
+    if not carried and _written_names(func):  # (no op that writes carries a result: each returns nothing)
+        refused = _refused_indices(func, args, kwargs, count)
+        if refused:
+            first = set(refused)
+            order = refused + [index for index in order if index not in first]
+    results: list[tuple] = [()] * count
     running = _RUNNING_AN_INDEX.set(True)
     try:
-        for index in range(count):
-            index_args, index_kwargs = _map_per_index(func, args, kwargs, at(index))
+        for index in order:
+            index_args, index_kwargs = _map_per_index(func, args, kwargs, functools.partial(_at_index, index=index))
             result = func(*index_args, **index_kwargs)
-            results.append(result if len(returns) > 1 else (result,))
+            results[index] = result if len(returns) > 1 else (result,)
             if carried:
                 following = {name: result[position] for position, name in carried.items()}
                 args, kwargs = _map_all(func, args, kwargs, lambda name, value: following.get(name, value))
@@ -254,36 +261,100 @@ def _run_by_index(func: OpOverload, args: tuple, kwargs: dict, count: int) -> An
     return joined if len(returns) > 1 else joined[0]
 
 
-def _run_one_index_in_pieces(func: OpOverload, args: tuple, kwargs: dict, meta: Any) -> Any:
-    """``func`` on one index, a piece of consecutive elements of its tensors' spans at a time (tensors of
-    one shape and one dense layout: row-major, channels-last, transposed); ``NotImplemented`` where
-    it is not elementwise or its tensors do not allow pieces. ``meta``: its results on meta
-    stand-ins (:func:`_meta_result`)."""
+def _at_index(name: str, value: Any, index: int) -> Any:
+    """A per-index argument's ``value`` at ``index``: a list's one-element list, the per-index
+    ``scalars``' one number. ``name``: unused (:func:`_map_per_index` passes it)."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(value[index : index + 1])
+    if isinstance(value, torch.Tensor):  # ``scalars``: one number per index
+        return value[index : index + 1]
+    return value
+
+
+def _refused_indices(func: OpOverload, args: tuple, kwargs: dict, count: int) -> list[int]:
+    """The indices, in order, whose op is refused whatever the indices before it do, found without
+    running any: one reaching a PagedTensor of a closed pager (``PagerClosedError``) or of a freed
+    allocation (the pager's ``ValueError``), and one whose pages are more than a device tier holds at
+    once and that cannot run in pieces (``DeviceTierFullError``: operands of other layouts, a strided
+    view, a reduction; :func:`_plan_pieces`). Raises torch's error where an index that runs in pieces
+    has a one-element operand sharing a byte with a tensor it writes that torch refuses
+    (:func:`_check_overlaps_on_stand_ins`). Reads no page but such an operand's."""
+    refused = []
+    for index in range(count):
+        index_args, index_kwargs = _map_per_index(func, args, kwargs, functools.partial(_at_index, index=index))
+        leaves = [t for value in (*index_args, *index_kwargs.values()) for t in _tensors_in(value) if isinstance(t, PagedTensor)]
+        if any(leaf.pager.closed or (leaf.allocation is not None and leaf.allocation.freed) for leaf in leaves):
+            refused.append(index)
+        elif _more_pages_than_the_tier(leaves):
+            meta = _meta_result(func, index_args, index_kwargs) if func._schema.returns else None
+            if _plan_pieces(func, index_args, index_kwargs, meta) is None:
+                refused.append(index)
+    return refused
+
+
+def _more_pages_than_the_tier(leaves: list[PagedTensor]) -> bool:
+    """Whether the pages ``leaves`` reach in all (each once, as :func:`~pagedtensor.pieces.pages_reached`
+    counts them, here by runs of pages) are more, on some pager, than its device tier holds: an op on
+    them at once cannot have them resident, whatever else is."""
+    runs: dict[int, list[tuple[int, int, int]]] = {}
+    pagers: dict[int, Any] = {}
+    for leaf in leaves:
+        if leaf.allocation is not None:
+            runs.setdefault(id(leaf.pager), []).append((leaf.allocation.id, *leaf.page_range()))
+            pagers[id(leaf.pager)] = leaf.pager
+    for key, spans in runs.items():
+        reached, allocation, reached_to = 0, None, 0
+        for span_allocation, first, stop in sorted(spans):
+            if span_allocation != allocation:
+                allocation, reached_to = span_allocation, 0
+            reached += max(0, stop - max(first, reached_to))
+            reached_to = max(reached_to, stop)
+        if reached > pagers[key].device_tier.capacity_pages:
+            return True
+    return False
+
+
+class _Pieces(NamedTuple):
+    """How one index runs in pieces (:func:`_plan_pieces`)."""
+
+    shaped: list[torch.Tensor]
+    """The index's tensors of more than one element: one shape, one dense layout."""
+    piece_elements: int
+    """Elements of each tensor a piece holds (fewer than they have)."""
+    out_overload: Optional[OpOverload]
+    """A functional op's ``out=`` overload, which fills its results piece by piece; None for one that writes."""
+
+
+def _plan_pieces(func: OpOverload, args: tuple, kwargs: dict, meta: Any) -> Optional[_Pieces]:
+    """How ``func`` runs on one index a piece of consecutive elements of its tensors' spans at a time
+    (tensors of one shape and one dense layout: row-major, channels-last, transposed); None where it
+    is not elementwise or its tensors do not allow pieces. Reads no page and writes nothing; raises
+    torch's error for a one-element operand sharing a byte with a tensor written that torch refuses.
+    ``meta``: its results on meta stand-ins (:func:`_meta_result`)."""
     from pagedtensor.handlers.parts import _arguments_by_name  # the handlers import after dispatch, which imports this module
 
     if _base_name(func) in _NOT_ELEMENTWISE:
-        return NotImplemented
+        return None
     returns = func._schema.returns
     out_overload = None
     if returns:  # functional: its results filled piece by piece through the out= overload
         out_overload = _out_overload(func)
         if out_overload is None or len(returns) != 1 or meta is None:
-            return NotImplemented
+            return None
     tensors = [item for value in _per_index_lists(func, args, kwargs) if isinstance(value, (list, tuple)) for item in _tensors_in(value)]
     shaped = [t for t in tensors if t.numel() > 1]
     if not shaped or not any(isinstance(t, PagedTensor) for t in shaped):
-        return NotImplemented
+        return None
     shape, order = shaped[0].shape, _memory_order(shaped[0])
     if any(t.shape != shape or t.layout != torch.strided or _memory_order(t) != order or not dense_and_non_overlapping(t.shape, t.stride()) for t in shaped):
-        return NotImplemented
+        return None
     first_view: dict[int, PagedTensor] = {}
     for t in shaped:
         if isinstance(t, PagedTensor) and not same_view(t, first_view.setdefault(id(t._paged), t)):
-            return NotImplemented  # two views of one allocation: a piece could read bytes another wrote
+            return None  # two views of one allocation: a piece could read bytes another wrote
     piece_elements = piece_elements_of(shaped)
-    numel = shaped[0].numel()
-    if piece_elements is None or piece_elements >= numel:
-        return NotImplemented
+    if piece_elements is None or piece_elements >= shaped[0].numel():
+        return None
     # A PagedTensor of one element that every piece reads whole (a paged step count, ``lr``) is read
     # once, as a plain tensor, so that no piece's window needs its page; one the op writes
     # (``found_inf``) is left to the pager's error, and one sharing a byte with a tensor the op writes
@@ -291,27 +362,37 @@ def _run_one_index_in_pieces(func: OpOverload, args: tuple, kwargs: dict, meta: 
     by_name = _arguments_by_name(func, args, kwargs)
     written = [t for name, value in by_name.items() if name in _written_names(func) for t in _tensors_in(value)]
     if any(_whole_paged(t) for t in written):
-        return NotImplemented
+        return None
     overlapping = [
         t for value in by_name.values() for t in _tensors_in(value)
         if _whole_paged(t) and any(isinstance(w, PagedTensor) and w._paged is t._paged and may_share_bytes(w, t) for w in written)
     ]  # fmt: skip
     if overlapping and not _check_overlaps_on_stand_ins(func, args, kwargs, shaped, overlapping):
+        return None
+    if out_overload is not None and any(tuple(m.shape) != tuple(shape) or _memory_order(m) != order for m in meta):
+        return None
+    return _Pieces(shaped, piece_elements, out_overload)
+
+
+def _run_one_index_in_pieces(func: OpOverload, args: tuple, kwargs: dict, meta: Any) -> Any:
+    """``func`` on one index a piece at a time as :func:`_plan_pieces` plans it; ``NotImplemented``
+    where it plans none. ``meta``: its results on meta stand-ins (:func:`_meta_result`)."""
+    plan = _plan_pieces(func, args, kwargs, meta)
+    if plan is None:
         return NotImplemented
     args, kwargs = _map_all(func, args, kwargs, lambda name, value: _read_whole(value))
     results = None
-    if out_overload is not None:
-        device = next(t for t in shaped if isinstance(t, PagedTensor)).device
-        if any(tuple(m.shape) != tuple(shape) or _memory_order(m) != order for m in meta):
-            return NotImplemented
+    if plan.out_overload is not None:
+        device = next(t for t in plan.shaped if isinstance(t, PagedTensor)).device
         results = [torch.empty_strided(m.shape, m.stride(), dtype=m.dtype, device=device) for m in meta]
-    for start in range(0, numel, piece_elements):
-        stop = min(numel, start + piece_elements)
+    numel = plan.shaped[0].numel()
+    for start in range(0, numel, plan.piece_elements):
+        stop = min(numel, start + plan.piece_elements)
         piece_args, piece_kwargs = _map_per_index(func, args, kwargs, functools.partial(_piece_of, start=start, stop=stop))
         if results is None:
             func(*piece_args, **piece_kwargs)
         else:
-            out_overload(*piece_args, **piece_kwargs, out=[flat_piece(result, start, stop) for result in results])
+            plan.out_overload(*piece_args, **piece_kwargs, out=[flat_piece(result, start, stop) for result in results])
     return results
 
 
