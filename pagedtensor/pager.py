@@ -1126,8 +1126,9 @@ class Pager:
         ``data`` may be a PagedTensor of ``allocation`` itself (its bytes are read first).
 
         Pages the write covers completely are not faulted in first: their old bytes are discarded.
-        The write goes in chunks of half the device tier; if one fails (``OutOfPagesError``, a disk
-        error reading a page it covers in part, an error reading ``data``), the chunks before it hold
+        The write goes in chunks of at most half the device tier, and at most its pages not pinned
+        when it starts; if one fails (``OutOfPagesError``, a disk error reading a page it covers in
+        part, an error reading ``data``), the chunks before it hold
         the new bytes and the chunks after it their old bytes. In the failed chunk, covered pages
         that were off the device keep their old bytes; every other page of it may hold part of the
         new bytes, and counts as written (its lower copies go), so it reads the same after eviction.
@@ -2117,10 +2118,59 @@ class Pager:
         return start, stop
 
     def _chunks(self, first: int, stop: int) -> Iterator[tuple[int, int]]:
-        """Split pages ``[first, stop)`` into ranges that fit on the device tier at once."""
-        size = max(1, self.device_tier.capacity_pages // 2)
+        """Split pages ``[first, stop)`` into ranges that fit on the device tier at once beside the
+        pages pinned when it starts (any thread's): half the tier at most, the unpinned pages at
+        most, one page at least. (Pins other threads take later may still fill the tier.)"""
+        size = max(1, min(self.device_tier.capacity_pages // 2, self.device_tier.capacity_pages - self.pinned_pages()[0]))
         for start in range(first, stop, size):
             yield start, min(stop, start + size)
+
+    def any_pinned(self) -> bool:
+        """Whether any thread holds pinned pages now (a snapshot; one step, no lock)."""
+        return bool(self._pinned_ranges)
+
+    def pinned_pages(self, within: Sequence[tuple[int, int, int]] = ()) -> tuple[int, int]:
+        """``(pinned, inside)``: how many pages of the device tier unreleased ``ensure_resident`` calls
+        of any thread pin now, each page once however many pins hold it, and how many of those lie in
+        the page ranges ``within`` (``(allocation id, start, stop)``). A snapshot: other threads may
+        pin or release pages right after it. No pins: ``(0, 0)`` at once."""
+        if not self._pinned_ranges:
+            return 0, 0
+        with self._lock:
+            ranges = [key[1:] for key in self._pinned_ranges]
+        wanted: dict[int, list[tuple[int, int]]] = {}
+        for allocation_id, lo, hi in within:
+            wanted.setdefault(allocation_id, []).append((lo, hi))
+        inside = [
+            (allocation_id, max(start, lo), min(stop, hi))
+            for allocation_id, start, stop in ranges
+            if allocation_id in wanted
+            for lo, hi in wanted[allocation_id]
+            if start < hi and lo < stop
+        ]
+        return _distinct_pages(ranges), _distinct_pages(inside)
+
+    def room_for_new_pages(self, wanted: int) -> Optional[int]:
+        """How many pages that hold no copy now (never written, or discarded) the tiers can still take
+        once written, ``wanted`` or more where at least that many: their capacities in pages less
+        the pages holding a copy in some tier, each page once (a page with copies in two tiers needs
+        only one). None where the disk tier has no limit. The page table is walked only where the
+        free slots alone are fewer than ``wanted``. A snapshot, as :meth:`pinned_pages`; the pages of
+        collected tensors whose free is deferred still count as held."""
+        disk = self.disk_tier
+        if disk is not None and disk.capacity_pages is None:
+            return None
+        with self._lock:
+            disk_capacity = 0 if disk is None else disk.capacity_pages
+            free = self.device_tier.free_pages + self.host_tier.free_pages + (0 if disk is None else disk_capacity - disk.used_pages)
+            if free >= wanted:
+                return free
+            held = 0
+            for allocation in self._allocations.values():
+                pages = allocation.pages
+                copies = zip(map(_DEVICE_SLOT, pages), map(_HOST_SLOT, pages), map(_DISK_SLOT, pages))
+                held += len(pages) - list(copies).count((None, None, None))
+            return self.device_tier.capacity_pages + self.host_tier.capacity_pages + disk_capacity - held
 
     def _resident_bytes(self) -> dict[str, int]:
         return {

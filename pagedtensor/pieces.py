@@ -47,6 +47,7 @@ import torch
 from torch._ops import OpOverload
 from torch._prims_common import compute_elementwise_output_strides, make_contiguous_strides_for
 
+from pagedtensor.errors import DeviceTierFullError, OutOfPagesError, PagerClosedError, out_of_pages_for
 from pagedtensor.tensor import PagedTensor, byte_span, dense_and_non_overlapping, element_span, math_bits, meta_layout
 
 if TYPE_CHECKING:
@@ -88,7 +89,22 @@ def same_strides(shape: Sequence[int], strides: Sequence[int], others: Sequence[
 def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -> Any:
     """Run the elementwise ``func`` piece by piece (see the module docstring); ``NotImplemented``
     when it is not such an op, its tensors' layouts differ, or its tensors are no larger than a piece.
-    ``info``: what the dispatcher read from ``func``'s schema."""
+    ``info``: what the dispatcher read from ``func``'s schema. A closed pager met reading an operand
+    whole (a broadcast row, a 0-dim tensor, on another pager) raises naming ``func``, as any op's
+    closed pager does, not the read's ``PagedTensor.materialize``."""
+    try:
+        return _run_in_pieces(func, args, kwargs, info)
+    except PagerClosedError as error:
+        if error.subject != _MATERIALIZE:
+            raise
+        raise error.met_by(str(func)) from error
+
+
+_MATERIALIZE = "PagedTensor.materialize"  # what a closed pager met by PagedTensor.materialize names
+
+
+def _run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -> Any:
+    """:func:`run_in_pieces`, a closed pager met by a read named as the read names it."""
     if not info.elementwise:
         return NotImplemented
     target_name = written_target(info, args)
@@ -197,7 +213,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     read_whole = any(isinstance(t, PagedTensor) for t in broadcast)
     given: dict[int, torch.Tensor] = {}  # each expanded operand's id: the tensor it expands, whose tiles the pieces take
     if broadcast:
-        if any(isinstance(t, PagedTensor) and span_elements(t) > (piece_elements_of([t]) or 0) for t in broadcast):
+        if any(isinstance(t, PagedTensor) and span_elements(t) > (piece_elements_of([t], func) or 0) for t in broadcast):
             return NotImplemented  # it could not be read whole
         if target is not None:
             # before the operands are expanded (fill_ of a 1-D value): the kernel's check on stand-ins
@@ -210,9 +226,11 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
         args = tuple(_expanded_if_broadcast(value, shape, None if id(value) in compacted else given) for value in args)
         kwargs = {name: _expanded_if_broadcast(value, shape, None if id(value) in compacted else given) for name, value in kwargs.items()}
         tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
-    piece_elements = piece_elements_of(tensors)
+    piece_elements = piece_elements_of(tensors, func)
     if piece_elements is None:
         return NotImplemented
+    _refuse_without_room_for_new_pages(func, target)
+    piece_elements = _overwrites_fitting_host_room(func, target, piece_elements)
     # One allocation's views are read through one window spanning them, which pieces of views lying
     # apart (``t[:n] + t[n:]``) would fill: each piece reads the views other than its allocation's
     # first (the written one first) as plain copies of the piece.
@@ -259,6 +277,52 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     if result_layout is not None and out is None:  # no piece ran (no elements)
         out = torch.empty_strided(shape, result_layout.stride(), dtype=result_layout.dtype, device=reference.device)
     return target if target is not None else out
+
+
+# Ops the dispatcher may run as overwrites of their target's pages (not faulted in: see
+# ``ensure_resident``'s ``discard``), whose old host copies stay until the op's release.
+_OVERWRITES = frozenset({aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default})
+
+
+def _overwrites_fitting_host_room(func: OpOverload, target: Any, piece_elements: int) -> int:
+    """``piece_elements``, fewer where ``func`` may overwrite the PagedTensor ``target``'s pages whole
+    (``copy_``, ``fill_``, ``zero_``) on a pager without a disk tier: such a piece's pages keep their
+    host copies until it is done (a failed write gives them back), so the device pages leaving to
+    make room for it need free host slots beside those copies, where a read-modify-write's pages
+    read in leave copies that room may drop. Such a piece then spans at most the free slots of both
+    tiers at the op's start, less one (a piece straddles a page more), one page at least; unchanged
+    where those slots are more."""
+    if func not in _OVERWRITES or not isinstance(target, PagedTensor) or target.pager.disk_tier is not None:
+        return piece_elements
+    pager = target.pager
+    pages = max(1, pager.device_tier.free_pages + pager.host_tier.free_pages - 1)
+    return min(piece_elements, max(1, pages * pager.page_size // target.dtype.itemsize))
+
+
+def _refuse_without_room_for_new_pages(func: OpOverload, target: Any) -> None:
+    """Raise :class:`OutOfPagesError` before any piece runs where ``func`` writes pages of the
+    PagedTensor ``target`` that hold no bytes in any tier (never written, or discarded: they read as
+    zeros) and the pager's tiers lack room for all of them once written (:meth:`Pager.room_for_new_pages`):
+    a piece would fail part-way, the pieces before it written. Pages other threads write meanwhile
+    may still fill the tiers. One step per page the target reaches, no more than a piece's fault."""
+    if not isinstance(target, PagedTensor) or target.allocation is None:
+        return
+    from pagedtensor.dispatch import touched_pages  # the dispatcher imports this module
+
+    pager, pages = target.pager, target.allocation.pages
+    reached = touched_pages(tuple(target.shape), target.stride(), target._offset, target.dtype.itemsize, pager.page_size)
+    new = sum(1 for index in reached if pages[index].device_slot is None and pages[index].host_slot is None and pages[index].disk_slot is None)
+    if not new:
+        return
+    room = pager.room_for_new_pages(new)
+    if room is not None and new > room:
+        config = pager.config
+        raise OutOfPagesError(
+            f"{func}: it writes {new} pages of its PagedTensor that hold no bytes yet (never written, or discarded), but the "
+            f"tiers have room for {room} more pages (vram_limit={config.vram_limit} + host_memory={config.host_memory} bytes"
+            f"{'' if pager.disk_tier is None else ' + the disk tier'}, in pages of {pager.page_size}); nothing was written. "
+            f"Free an allocation, raise host_memory{'' if pager.disk_tier is not None else ', or set nvme_path'}"
+        )
 
 
 def _refuse_a_target_overlapping_itself(func: OpOverload, args: tuple, kwargs: dict, target: torch.Tensor) -> None:
@@ -899,19 +963,65 @@ def one_element_stand_in(value: Any) -> Any:
     return value
 
 
-def piece_elements_of(tensors: list[torch.Tensor]) -> Optional[int]:
+def piece_elements_of(tensors: list[torch.Tensor], op: Optional[OpOverload] = None) -> Optional[int]:
     """Elements a piece holds: as many pages of the widest paged dtype as the device tier holds for
-    each allocation the op reaches at once, less one (a piece not starting on a page boundary
-    straddles one more); None when the device tier cannot hold two pages of each."""
+    each allocation the op reaches at once beside the pages pinned now (by any thread: an
+    ``ensure_resident`` the caller holds, a KV cache's hot pins), less one (a piece not starting on a
+    page boundary straddles one more); None when the device tier cannot hold two pages of each.
+    Where pages are pinned but the tensors' pages fit at once beside them (their own pinned pages
+    need no room), a piece holds all of them. So every piece fits beside the pins of the op's
+    start (pins other threads take later may still fill the tier).
+
+    Raises:
+        DeviceTierFullError: the tier could hold pieces, but the pinned pages leave room for fewer
+            than two pages of each allocation, and the tensors' pages do not fit at once beside
+            them: nothing has been written, and no piece would fit. Its message names ``op``, where given.
+    """
     paged = [t for t in tensors if isinstance(t, PagedTensor)]
     allocations: dict[int, set[int]] = {}  # per pager
     for t in paged:
         allocations.setdefault(id(t.pager), set()).add(id(t._paged))
     pagers = {id(t.pager): t.pager for t in paged}
-    piece_bytes = min((pager.device_tier.capacity_pages // len(allocations[key]) - 1) * pager.page_size for key, pager in pagers.items())
+    try:
+        piece_bytes = min(_piece_bytes(pager, len(allocations[key]), [t for t in paged if t.pager is pager], paged) for key, pager in pagers.items())
+    except DeviceTierFullError as error:
+        if op is None:
+            raise
+        raise DeviceTierFullError(out_of_pages_for(f"{op}: its PagedTensor arguments", error)) from None
     if piece_bytes < 1:
         return None
     return max(1, piece_bytes // max(t.dtype.itemsize for t in paged))
+
+
+def _piece_bytes(pager: "Pager", allocations: int, paged: list[PagedTensor], every: list[PagedTensor]) -> int:
+    """Bytes of a piece on ``pager`` of ``paged`` (the op's PagedTensors there, of ``allocations``
+    allocations), as :func:`piece_elements_of` says; ``every``: all the op's PagedTensors (a piece
+    of all of them where those on ``pager`` fit at once beside its pins). Without pins no step
+    beyond the tier's size."""
+    capacity, page_size = pager.device_tier.capacity_pages, pager.page_size
+    unpinned_piece = (capacity // allocations - 1) * page_size
+    if not pager.any_pinned():
+        return unpinned_piece
+    spans: dict[int, tuple[int, int]] = {}  # allocation id: pages from its views' first to their last (a window's)
+    for t in paged:
+        if t.allocation is not None:
+            first, stop = t.page_range()
+            lo, hi = spans.get(t.allocation.id, (first, stop))
+            spans[t.allocation.id] = (min(lo, first), max(hi, stop))
+    pinned, inside = pager.pinned_pages([(key, lo, hi) for key, (lo, hi) in spans.items()])
+    reached = sum(hi - lo for lo, hi in spans.values())
+    if reached - inside <= capacity - pinned:
+        whole = sum(span_elements(t) * t.dtype.itemsize for t in every)  # elements enough for each, in any dtype
+        return max(unpinned_piece, whole * max(t.dtype.itemsize for t in every))
+    pages = (capacity - pinned) // allocations - 1
+    if pages < 1 <= unpinned_piece:
+        raise DeviceTierFullError(
+            f"device tier: {pinned} of its {capacity} pages are pinned (unreleased ensure_resident calls, of any thread), leaving "
+            f"room for {capacity - pinned}: a piece of the op needs 2 pages of each of its {allocations} allocations at once, and "
+            f"its {reached} pages ({inside} of them pinned) do not fit at once; nothing was written. Release pins first, or raise "
+            f"vram_limit ({pager.config.vram_limit} bytes = {capacity} pages of {page_size})"
+        )
+    return pages * page_size
 
 
 def pages_reached(paged: Sequence[PagedTensor]) -> dict["Pager", set[tuple[int, int]]]:
