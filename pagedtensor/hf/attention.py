@@ -41,6 +41,13 @@ log = logging.getLogger(__name__)
 # of a [batch, 1, q_len, kv_len] mask (which would not fit at long context).
 PAGED_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("pagedllm_paged_forward", default=False)
 
+# The sliding windows the model's own masks asked for in the running forward (transformers'
+# ``create_sliding_window_causal_mask`` hands the mask function ``local_size``), set by
+# :func:`pagedllm_mask` and emptied as each paged forward begins: a window the cache alone keeps
+# (:attr:`PagedKVCache.windows`) that the model also masks by slides over a prompt too (Phimoe), one it
+# does not mask by (Moshi) limits only the keys the cache keeps.
+MASKED_WINDOWS: contextvars.ContextVar[frozenset] = contextvars.ContextVar("pagedllm_masked_windows", default=frozenset())
+
 _registered = False
 
 
@@ -62,6 +69,9 @@ def pagedllm_mask(**kwargs) -> Optional[torch.Tensor]:
     """transformers mask function for ``"pagedllm"``: the 2D padding mask as it is when a
     :class:`PagedKVCache` is being filled (the cache keeps the padding), else SDPA's mask."""
     if PAGED_FORWARD.get():
+        window = kwargs.get("local_size")
+        if isinstance(window, int) and window > 0:
+            MASKED_WINDOWS.set(MASKED_WINDOWS.get() | {window})
         return kwargs.get("attention_mask")
     from transformers.masking_utils import sdpa_mask
 
@@ -114,10 +124,25 @@ def pagedllm_attention(
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         attention_mask = None  # padding: the cache stored real tokens only and knows where they start
     window = _layer_window(module, kwargs)
+    kept_start = None
+    if window is None and "sliding_window" not in kwargs and attention_mask is None and cache.windows[layer_idx] is not None:
+        # A window only the cache keeps (DynamicCache(config=...)'s window layer; the model passes its
+        # attention none). One query sees the last ``window`` positions, the window's own; so do several
+        # where the model's mask slides by it too (Phimoe). Where it masks causally (Moshi), the forward's
+        # queries see, causally, the keys the window layer hands it (the last ``window - 1`` before the
+        # forward's tokens; a prompt's chunk sees the chunks before it, as the whole prompt would), which
+        # the kernels' sliding window is not: the dense attention on those, where they do not start at 0.
+        layer = cache.layers[layer_idx]
+        if (query.shape[2] == 1 and layer.cursor == 1) or cache.windows[layer_idx] in MASKED_WINDOWS.get():  # a decode step, or a sliding mask
+            window = cache.windows[layer_idx]
+        else:
+            kept_start = max(layer.total - layer.cursor - cache.windows[layer_idx] + 1, 0)
     reason = _fallback_reason(cache, layer_idx, query, attention_mask, dropout if module.training else 0.0, window, kwargs)
+    if reason is None and kept_start:
+        reason = "several queries after a window the cache alone keeps"
     if reason is not None:
         log.debug("pagedllm attention, layer %s: dense attention on the pages (%s)", layer_idx, reason)
-        start = _window_keys_start(cache, layer_idx, query.shape[2], window, attention_mask)
+        start = kept_start if kept_start is not None else _window_keys_start(cache, layer_idx, query.shape[2], window, attention_mask)
         keys, values = cache.dense_kv(layer_idx, start)
         mask = attention_mask if attention_mask is not None else cache.dense_mask(layer_idx, query.shape[2], window)[..., start:]
         eager = _model_eager_attention(module, kwargs)

@@ -52,7 +52,7 @@ import torch
 
 from pagedtensor.config import MemoryConfig, SizeLike, check_memory_config, format_size, normalize_device
 from pagedtensor.handlers.linear import paged_conv1d, paged_linear
-from pagedtensor.hf.attention import PAGED_FORWARD, register_attention
+from pagedtensor.hf.attention import MASKED_WINDOWS, PAGED_FORWARD, register_attention
 from pagedtensor.hf.cache import ACTIVE_UPDATE, ATTENTION_NAME, DEFAULT_STREAM_GROUP_BYTES, PagedKVCache, check_cache_settings, streaming_config
 from pagedtensor.errors import DeviceTierFullError, OutOfPagesError, SlabAllocationError
 from pagedtensor.pager import Allocation, Pager
@@ -692,6 +692,7 @@ def _begin_forward(module: torch.nn.Module, args: tuple, kwargs: dict, state: Op
     if cache is not None:
         _refuse_cross_attention(module, kwargs)
     PAGED_FORWARD.set(False)  # until begin_forward below has accepted the padding
+    MASKED_WINDOWS.set(frozenset())  # the masks this forward makes say theirs
     if state is not None:
         calls = state.calls
         if calls.forward_cache is not None:  # the last forward on this thread ended in a KeyboardInterrupt, skipping the forward hook

@@ -178,6 +178,37 @@ def test_more_families_generate_the_unpaged_tokens(family, nvme_dir):
     assert paging_state(model).pager.stats()["bytes_d2h"] > 0
 
 
+# Windows the models pass their attention no sliding_window for, nor keep on it: the cache keeps the
+# config's window (transformers' DynamicCache(config=...)). Phimoe's masks slide by it over the prompt
+# too; Moshi's mask causally, so its prompt sees every token and only the cache's window limits later keys.
+CACHE_KEPT_WINDOWS = {
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", {**TINY, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 8}),
+    "moshi": ("MoshiConfig", "MoshiForCausalLM", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                                                      vocab_size=128, audio_vocab_size=64, num_codebooks=2, depth_num_hidden_layers=1,
+                                                      depth_hidden_size=32, depth_num_attention_heads=2, ffn_dim=128, depth_ffn_dim=64,
+                                                      sliding_window=8)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("chunk", [None, 8], ids=["whole-prompt", "chunked-prompt"])
+@pytest.mark.parametrize("attn", ["auto", ATTENTION_NAME])
+@pytest.mark.parametrize("family", sorted(CACHE_KEPT_WINDOWS))
+def test_a_window_only_the_cache_keeps_is_the_unpaged_models(family, attn, chunk, nvme_dir):
+    """A prompt and a decode longer than a window the model names only in its config: the paged kernels
+    (the Triton interpreter here) and the dense attention on the pages give the unpaged model's tokens
+    and logits. They attended to every token: the window reached neither."""
+    config_name, model_name, fields = CACHE_KEPT_WINDOWS[family]
+    reference, model = _pair(getattr(transformers, config_name), getattr(transformers, model_name), "sdpa", **fields)
+    ids = torch.randint(3, 128, (1, 17), generator=torch.Generator().manual_seed(1))  # in chunks: 8, 8 and 1 token
+    mask = torch.ones_like(ids)
+    expected = _generate(reference, ids, mask, new_tokens=6)
+    enable_paging(model, tiny_budget(nvme_dir, vram_pages=4, host_pages=2), prefill_chunk_size=chunk, attn_implementation=attn)
+    got = _generate(model, ids, mask, new_tokens=6)
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
+
+
 @pytest.mark.skipif(not hasattr(transformers, "Gemma4TextConfig"), reason="transformers before Gemma 4")
 @pytest.mark.parametrize("attn", ["auto", ATTENTION_NAME])
 @pytest.mark.parametrize("global_kv_heads", [None, 1], ids=["same-kv-heads", "one-global-kv-head"])
