@@ -106,12 +106,12 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_leaves, tree_map
 
 from pagedtensor.config import normalize_device
-from pagedtensor.errors import OutOfPagesError, PagerClosedError, SlabAllocationError, out_of_pages_for
+from pagedtensor.errors import DeviceTierFullError, OutOfPagesError, PagerClosedError, SlabAllocationError, out_of_pages_for
 from pagedtensor.interrupts import deferring, pager_call
 from pagedtensor.list_ops import bump_written_versions, refuse_inference_writes, run_list_op
 from pagedtensor.outside_transforms import below_transforms_and_modes, in_a_transform_or_mode
 from pagedtensor.pager import Pager, ResidentPages, WrittenPages
-from pagedtensor.pieces import _raise_torchs_error_on_stand_ins, is_elementwise, pages_reached, run_in_pieces, small_stand_in
+from pagedtensor.pieces import NoPieceBesidePins, _raise_torchs_error_on_stand_ins, is_elementwise, pages_reached, run_in_pieces, small_stand_in
 from pagedtensor.tensor import (
     PagedStorage,
     PagedTensor,
@@ -400,6 +400,8 @@ class PagedDispatcher:
             if error.subject is not None:  # a nested op's, naming it
                 raise
             raise error.met_by(str(func)) from error  # which op met the closed pager, and which pager
+        except NoPieceBesidePins as error:  # a handler sizing its parts (cat, copy_): named here, once
+            raise DeviceTierFullError(out_of_pages_for(f"{func}: its PagedTensor arguments", error)) from None
 
     def run_generic(self, func: OpOverload, types: tuple, args: tuple, kwargs: dict, leaves: Optional[list[PagedTensor]] = None) -> Any:
         """Step 2 (:meth:`run_paged`); where the pages do not fit at once, an elementwise op runs a

@@ -1126,8 +1126,8 @@ class Pager:
         ``data`` may be a PagedTensor of ``allocation`` itself (its bytes are read first).
 
         Pages the write covers completely are not faulted in first: their old bytes are discarded.
-        The write goes in chunks of at most half the device tier, and at most its pages not pinned
-        when it starts; if one fails (``OutOfPagesError``, a disk error reading a page it covers in
+        The write goes in chunks of at most half the device tier, and at most its pages the calling
+        thread does not pin when it starts; if one fails (``OutOfPagesError``, a disk error reading a page it covers in
         part, an error reading ``data``), the chunks before it hold
         the new bytes and the chunks after it their old bytes. In the failed chunk, covered pages
         that were off the device keep their old bytes; every other page of it may hold part of the
@@ -2119,8 +2119,8 @@ class Pager:
 
     def _chunks(self, first: int, stop: int) -> Iterator[tuple[int, int]]:
         """Split pages ``[first, stop)`` into ranges that fit on the device tier at once beside the
-        pages pinned when it starts (any thread's): half the tier at most, the unpinned pages at
-        most, one page at least. (Pins other threads take later may still fill the tier.)"""
+        pages the calling thread pins when it starts (:meth:`pinned_pages`): half the tier at most,
+        the pages it does not pin at most, one page at least."""
         size = max(1, min(self.device_tier.capacity_pages // 2, self.device_tier.capacity_pages - self.pinned_pages()[0]))
         for start in range(first, stop, size):
             yield start, min(stop, start + size)
@@ -2130,14 +2130,17 @@ class Pager:
         return bool(self._pinned_ranges)
 
     def pinned_pages(self, within: Sequence[tuple[int, int, int]] = ()) -> tuple[int, int]:
-        """``(pinned, inside)``: how many pages of the device tier unreleased ``ensure_resident`` calls
-        of any thread pin now, each page once however many pins hold it, and how many of those lie in
-        the page ranges ``within`` (``(allocation id, start, stop)``). A snapshot: other threads may
-        pin or release pages right after it. No pins: ``(0, 0)`` at once."""
+        """``(pinned, inside)``: how many pages of the device tier the calling thread's unreleased
+        ``ensure_resident`` calls pin now (its own ``ensure_resident`` context, a KV cache's hot pins
+        it took), each page once however many pins hold it, and how many of those lie in the page
+        ranges ``within`` (``(allocation id, start, stop)``). Other threads' pins are left out: they
+        are let go as their ops end, and a request that needs their room waits for that (up to
+        ``pin_wait_s``); this thread's stay until it lets them go. No pins: ``(0, 0)`` at once."""
         if not self._pinned_ranges:
             return 0, 0
+        me = threading.get_ident()
         with self._lock:
-            ranges = [key[1:] for key in self._pinned_ranges]
+            ranges = [key[1:] for key in self._pinned_ranges if key[0] == me]
         wanted: dict[int, list[tuple[int, int]]] = {}
         for allocation_id, lo, hi in within:
             wanted.setdefault(allocation_id, []).append((lo, hi))

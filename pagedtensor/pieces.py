@@ -965,15 +965,16 @@ def one_element_stand_in(value: Any) -> Any:
 
 def piece_elements_of(tensors: list[torch.Tensor], op: Optional[OpOverload] = None) -> Optional[int]:
     """Elements a piece holds: as many pages of the widest paged dtype as the device tier holds for
-    each allocation the op reaches at once beside the pages pinned now (by any thread: an
-    ``ensure_resident`` the caller holds, a KV cache's hot pins), less one (a piece not starting on a
-    page boundary straddles one more); None when the device tier cannot hold two pages of each.
-    Where pages are pinned but the tensors' pages fit at once beside them (their own pinned pages
-    need no room), a piece holds all of them. So every piece fits beside the pins of the op's
-    start (pins other threads take later may still fill the tier).
+    each allocation the op reaches at once beside the pages the calling thread pins now (an
+    ``ensure_resident`` it holds, a KV cache's hot pins it took: :meth:`Pager.pinned_pages`), less
+    one (a piece not starting on a page boundary straddles one more); None when the device tier
+    cannot hold two pages of each. Where pages are pinned but the tensors' pages fit at once beside
+    them (their own pinned pages need no room), a piece holds all of them. So every piece fits
+    beside the thread's pins; other threads' pins are let go as their ops end, and a piece that
+    needs their room waits for that (``pin_wait_s``).
 
     Raises:
-        DeviceTierFullError: the tier could hold pieces, but the pinned pages leave room for fewer
+        DeviceTierFullError: the tier could hold pieces, but the thread's pinned pages leave room for fewer
             than two pages of each allocation, and the tensors' pages do not fit at once beside
             them: nothing has been written, and no piece would fit. Its message names ``op``, where given.
     """
@@ -991,6 +992,11 @@ def piece_elements_of(tensors: list[torch.Tensor], op: Optional[OpOverload] = No
     if piece_bytes < 1:
         return None
     return max(1, piece_bytes // max(t.dtype.itemsize for t in paged))
+
+
+class NoPieceBesidePins(DeviceTierFullError):
+    """:func:`piece_elements_of`'s error where the thread's pinned pages leave no piece room, raised
+    without an op's name (a handler sizing its parts passes none): the dispatcher names the op."""
 
 
 def _piece_bytes(pager: "Pager", allocations: int, paged: list[PagedTensor], every: list[PagedTensor]) -> int:
@@ -1015,8 +1021,8 @@ def _piece_bytes(pager: "Pager", allocations: int, paged: list[PagedTensor], eve
         return max(unpinned_piece, whole * max(t.dtype.itemsize for t in every))
     pages = (capacity - pinned) // allocations - 1
     if pages < 1 <= unpinned_piece:
-        raise DeviceTierFullError(
-            f"device tier: {pinned} of its {capacity} pages are pinned (unreleased ensure_resident calls, of any thread), leaving "
+        raise NoPieceBesidePins(
+            f"device tier: {pinned} of its {capacity} pages are pinned by this thread (its unreleased ensure_resident calls), leaving "
             f"room for {capacity - pinned}: a piece of the op needs 2 pages of each of its {allocations} allocations at once, and "
             f"its {reached} pages ({inside} of them pinned) do not fit at once; nothing was written. Release pins first, or raise "
             f"vram_limit ({pager.config.vram_limit} bytes = {capacity} pages of {page_size})"

@@ -184,3 +184,54 @@ def test_a_broadcast_operand_on_a_closed_pager_raises_naming_the_op():
             t.add_(row)
         with pytest.raises(PagerClosedError, match=r"^aten\.mul_\.Tensor: the pager is closed"):
             t.mul_(scalar)
+
+
+def test_other_threads_pieces_are_waited_for_not_counted_as_lasting_pins():
+    """Two threads each run an in-place op past the tier on their own tensor of one pager: each
+    piece's pins are another's for a moment, which a piece waits for (``pin_wait_s``). Pieces
+    sized beside every thread's pins took those for lasting ones: half the ops raised
+    DeviceTierFullError at once."""
+    import threading
+
+    with Pager(MemoryConfig(page_size=PAGE, vram_limit=16 * PAGE, host_memory=512 * PAGE, slab_size=512 * PAGE,
+                            prefetch_strategy="none", device="cpu", pin_wait_s=10.0)) as pager:  # fmt: skip
+        g = torch.Generator().manual_seed(0)
+        expected = [torch.randn(640, 64, generator=g) for _ in range(2)]  # 40 pages each
+        tensors = [PagedTensor.wrap(x.clone(), pager=pager) for x in expected]
+        errors: list[BaseException] = []
+
+        def work(t: PagedTensor, x: torch.Tensor) -> None:
+            for _ in range(15):
+                try:
+                    t.add_(1.0)
+                except BaseException as error:  # noqa: BLE001 - reported below
+                    errors.append(error)
+                    return
+                x.add_(1.0)
+
+        threads = [threading.Thread(target=work, args=pair) for pair in zip(tensors, expected)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert not errors, errors[0]
+        for t, x in zip(tensors, expected):
+            assert torch.equal(t.materialize(), x)
+
+
+@pytest.mark.parametrize("name", ["_foreach_add_", "cat", "plain copy_"])
+def test_no_piece_beside_the_threads_pins_names_the_op(name):
+    """3 of 4 device pages pinned by this thread: list ops, ``torch.cat`` and a copy into a plain
+    tensor, which size their parts without the op's name, raise DeviceTierFullError naming the op."""
+    with make_pager(device_pages=4) as pager:
+        a = PagedTensor.wrap(torch.randn(160, 64), pager=pager)  # 10 pages
+        b = PagedTensor.wrap(torch.randn(160, 64), pager=pager)
+        other = PagedTensor.wrap(torch.randn(64, 64), pager=pager)
+        op, words = {
+            "_foreach_add_": (lambda: torch._foreach_add_([a], [b]), "aten._foreach_add_.List"),
+            "cat": (lambda: torch.cat([a, b]), "aten.cat.default"),
+            "plain copy_": (lambda: torch.empty(160, 64).copy_(a), "aten.copy_.default"),
+        }[name]
+        with pager.ensure_resident(other.allocation, 0, 3):
+            with pytest.raises(DeviceTierFullError, match=words + r": its PagedTensor arguments need more pages"):
+                op()
