@@ -915,16 +915,16 @@ def test_is_set_to_reads_no_page_and_answers_as_torch(device):
 
 def test_a_conversion_with_the_lower_tiers_full_names_them():
     """``t.to(dtype)`` / ``t.to(copy=True)`` of a table larger than the device tier when the host
-    tier has no room for the result and there is no disk tier: the pieces' error names the full host
-    tier. The conversion then fell back to the whole dense op and raised ``DeviceTierFullError``
-    ("larger than the whole tier"), pointing at the wrong budget. Nothing is left allocated, and the
-    source keeps its values."""
+    tier has no room for the result and there is no disk tier: the pieces' error, raised before any
+    piece is written, names the host budget. The conversion then fell back to the whole dense op and
+    raised ``DeviceTierFullError`` ("larger than the whole tier"), pointing at the wrong budget.
+    Nothing is left allocated, and the source keeps its values."""
     dense = torch.arange(256 * 64, dtype=torch.int64).reshape(256, 64)  # 32 pages
     with make_pager(4, host_pages=40) as pager:
         paged = PagedTensor.wrap(dense, pager)
         used = pager.stats()["allocations"]
         for convert in (lambda t: t.to(torch.float64), lambda t: t.to(copy=True)):
-            with pytest.raises(OutOfPagesError, match="host tier full") as caught:
+            with pytest.raises(OutOfPagesError, match=r"nothing was written\. Free an allocation, raise host_memory") as caught:
                 convert(paged)
             assert not isinstance(caught.value, pagedtensor.DeviceTierFullError), caught.value
             assert pager.stats()["allocations"] == used
