@@ -352,7 +352,7 @@ def _plan_pieces(func: OpOverload, args: tuple, kwargs: dict, meta: Any) -> Opti
     for t in shaped:
         if isinstance(t, PagedTensor) and not same_view(t, first_view.setdefault(id(t._paged), t)):
             return None  # two views of one allocation: a piece could read bytes another wrote
-    piece_elements = piece_elements_of(shaped, func)
+    piece_elements = piece_elements_of(shaped)
     if piece_elements is None or piece_elements >= shaped[0].numel():
         return None
     # A PagedTensor of one element that every piece reads whole (a paged step count, ``lr``) is read

@@ -47,7 +47,7 @@ import torch
 from torch._ops import OpOverload
 from torch._prims_common import compute_elementwise_output_strides, make_contiguous_strides_for
 
-from pagedtensor.errors import DeviceTierFullError, OutOfPagesError, PagerClosedError, out_of_pages_for
+from pagedtensor.errors import DeviceTierFullError, OutOfPagesError, PagerClosedError
 from pagedtensor.tensor import PagedTensor, byte_span, dense_and_non_overlapping, element_span, math_bits, meta_layout
 
 if TYPE_CHECKING:
@@ -213,7 +213,7 @@ def _run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") 
     read_whole = any(isinstance(t, PagedTensor) for t in broadcast)
     given: dict[int, torch.Tensor] = {}  # each expanded operand's id: the tensor it expands, whose tiles the pieces take
     if broadcast:
-        if any(isinstance(t, PagedTensor) and span_elements(t) > (piece_elements_of([t], func) or 0) for t in broadcast):
+        if any(isinstance(t, PagedTensor) and span_elements(t) > (piece_elements_of([t]) or 0) for t in broadcast):
             return NotImplemented  # it could not be read whole
         if target is not None:
             # before the operands are expanded (fill_ of a 1-D value): the kernel's check on stand-ins
@@ -226,7 +226,7 @@ def _run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") 
         args = tuple(_expanded_if_broadcast(value, shape, None if id(value) in compacted else given) for value in args)
         kwargs = {name: _expanded_if_broadcast(value, shape, None if id(value) in compacted else given) for name, value in kwargs.items()}
         tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
-    piece_elements = piece_elements_of(tensors, func)
+    piece_elements = piece_elements_of(tensors)
     if piece_elements is None:
         return NotImplemented
     _refuse_without_room_for_new_pages(func, target)
@@ -963,7 +963,7 @@ def one_element_stand_in(value: Any) -> Any:
     return value
 
 
-def piece_elements_of(tensors: list[torch.Tensor], op: Optional[OpOverload] = None) -> Optional[int]:
+def piece_elements_of(tensors: list[torch.Tensor]) -> Optional[int]:
     """Elements a piece holds: as many pages of the widest paged dtype as the device tier holds for
     each allocation the op reaches at once beside the pages the calling thread pins now (an
     ``ensure_resident`` it holds, a KV cache's hot pins it took: :meth:`Pager.pinned_pages`), less
@@ -976,19 +976,15 @@ def piece_elements_of(tensors: list[torch.Tensor], op: Optional[OpOverload] = No
     Raises:
         DeviceTierFullError: the tier could hold pieces, but the thread's pinned pages leave room for fewer
             than two pages of each allocation, and the tensors' pages do not fit at once beside
-            them: nothing has been written, and no piece would fit. Its message names ``op``, where given.
+            them: nothing has been written, and no piece would fit (:class:`NoPieceBesidePins`, which
+            the dispatcher names the op in).
     """
     paged = [t for t in tensors if isinstance(t, PagedTensor)]
     allocations: dict[int, set[int]] = {}  # per pager
     for t in paged:
         allocations.setdefault(id(t.pager), set()).add(id(t._paged))
     pagers = {id(t.pager): t.pager for t in paged}
-    try:
-        piece_bytes = min(_piece_bytes(pager, len(allocations[key]), [t for t in paged if t.pager is pager], paged) for key, pager in pagers.items())
-    except DeviceTierFullError as error:
-        if op is None:
-            raise
-        raise DeviceTierFullError(out_of_pages_for(f"{op}: its PagedTensor arguments", error)) from None
+    piece_bytes = min(_piece_bytes(pager, len(allocations[key]), [t for t in paged if t.pager is pager], paged) for key, pager in pagers.items())
     if piece_bytes < 1:
         return None
     return max(1, piece_bytes // max(t.dtype.itemsize for t in paged))
@@ -996,7 +992,8 @@ def piece_elements_of(tensors: list[torch.Tensor], op: Optional[OpOverload] = No
 
 class NoPieceBesidePins(DeviceTierFullError):
     """:func:`piece_elements_of`'s error where the thread's pinned pages leave no piece room, raised
-    without an op's name (a handler sizing its parts passes none): the dispatcher names the op."""
+    without an op's name (the pieces, list ops and handlers sizing their parts call it alike): the
+    dispatcher names the op it ran."""
 
 
 def _piece_bytes(pager: "Pager", allocations: int, paged: list[PagedTensor], every: list[PagedTensor]) -> int:
