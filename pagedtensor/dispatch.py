@@ -113,6 +113,7 @@ from pagedtensor.outside_transforms import below_transforms_and_modes, in_a_tran
 from pagedtensor.pager import Pager, ResidentPages, WrittenPages
 from pagedtensor.pieces import NoPieceBesidePins, _raise_torchs_error_on_stand_ins, is_elementwise, pages_reached, run_in_pieces, small_stand_in
 from pagedtensor.tensor import (
+    MATERIALIZE,
     PagedStorage,
     PagedTensor,
     byte_span,
@@ -397,9 +398,11 @@ class PagedDispatcher:
                 bump_written_versions(func, info.foreach_written, args, kwargs)
             return result
         except PagerClosedError as error:
-            if error.subject is not None:  # a nested op's, naming it
+            if error.subject is not None and error.subject != MATERIALIZE:  # a nested op's, naming it
                 raise
-            raise error.met_by(str(func)) from error  # which op met the closed pager, and which pager
+            # Which op met the closed pager (a handler's read of an operand whole, a broadcast row or
+            # an index_add_ source, names the op, not the read's PagedTensor.materialize), and which pager.
+            raise error.met_by(str(func)) from error
         except NoPieceBesidePins as error:  # a handler sizing its parts (cat, copy_): named here, once
             raise DeviceTierFullError(out_of_pages_for(f"{func}: its PagedTensor arguments", error)) from None
 

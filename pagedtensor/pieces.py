@@ -47,7 +47,7 @@ import torch
 from torch._ops import OpOverload
 from torch._prims_common import compute_elementwise_output_strides, make_contiguous_strides_for
 
-from pagedtensor.errors import DeviceTierFullError, OutOfPagesError, PagerClosedError
+from pagedtensor.errors import DeviceTierFullError, OutOfPagesError
 from pagedtensor.tensor import PagedTensor, byte_span, dense_and_non_overlapping, element_span, math_bits, meta_layout
 
 if TYPE_CHECKING:
@@ -89,22 +89,7 @@ def same_strides(shape: Sequence[int], strides: Sequence[int], others: Sequence[
 def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -> Any:
     """Run the elementwise ``func`` piece by piece (see the module docstring); ``NotImplemented``
     when it is not such an op, its tensors' layouts differ, or its tensors are no larger than a piece.
-    ``info``: what the dispatcher read from ``func``'s schema. A closed pager met reading an operand
-    whole (a broadcast row, a 0-dim tensor, on another pager) raises naming ``func``, as any op's
-    closed pager does, not the read's ``PagedTensor.materialize``."""
-    try:
-        return _run_in_pieces(func, args, kwargs, info)
-    except PagerClosedError as error:
-        if error.subject != _MATERIALIZE:
-            raise
-        raise error.met_by(str(func)) from error
-
-
-_MATERIALIZE = "PagedTensor.materialize"  # what a closed pager met by PagedTensor.materialize names
-
-
-def _run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -> Any:
-    """:func:`run_in_pieces`, a closed pager met by a read named as the read names it."""
+    ``info``: what the dispatcher read from ``func``'s schema."""
     if not info.elementwise:
         return NotImplemented
     target_name = written_target(info, args)

@@ -271,6 +271,11 @@ def _skip_frame(code: Any) -> None:
         eval_frame.set_code_exec_strategy(code, eval_frame._FrameExecStrategy(skip, default))
 
 
+# What a closed pager met by PagedTensor.materialize names; the dispatcher names the op instead where
+# a handler's read met it.
+MATERIALIZE = "PagedTensor.materialize"
+
+
 @contextlib.contextmanager
 def _naming_closed_pager(subject: str) -> Iterator[None]:
     """A :class:`PagerClosedError` raised inside names ``subject`` (a method of PagedTensor), where
@@ -738,7 +743,7 @@ class PagedTensor(torch.Tensor):
         the pager in chunks, so any size works. Inside a ``torch.func`` transform it is a constant of
         the transform, as a tensor captured from outside is.
         """
-        with _naming_closed_pager("PagedTensor.materialize"):
+        with _naming_closed_pager(MATERIALIZE):
             return _DISPATCHER.materialize(self, device)
 
     @run_outside_compile

@@ -184,6 +184,12 @@ def test_a_broadcast_operand_on_a_closed_pager_raises_naming_the_op():
             t.add_(row)
         with pytest.raises(PagerClosedError, match=r"^aten\.mul_\.Tensor: the pager is closed"):
             t.mul_(scalar)
+        source = PagedTensor.wrap(torch.randn(8, 256), pager=pager)
+        with make_pager() as other:
+            closed_source = PagedTensor.wrap(torch.randn(8, 256), pager=other)
+        with pytest.raises(PagerClosedError, match=r"^aten\.index_add_\.default: the pager is closed"):
+            t.index_add_(0, torch.arange(8), closed_source)  # a handler's read of the source whole
+        t.index_add_(0, torch.arange(8), source)
 
 
 def test_other_threads_pieces_are_waited_for_not_counted_as_lasting_pins():
