@@ -54,7 +54,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 import torch
 from torch._ops import OpOverload
 
-from pagedtensor.pieces import flat_piece, may_share_bytes, piece_elements_of, same_view
+from pagedtensor.pieces import flat_piece, may_share_bytes, pages_reached, piece_elements_of, same_view
 from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping
 
 _FUSED_STEPS = frozenset({"_fused_adam", "_fused_adamw", "_fused_sgd", "_fused_adagrad", "_amp_foreach_non_finite_check_and_unscale"})
@@ -285,33 +285,11 @@ def _refused_indices(func: OpOverload, args: tuple, kwargs: dict, count: int) ->
         leaves = [t for value in (*index_args, *index_kwargs.values()) for t in _tensors_in(value) if isinstance(t, PagedTensor)]
         if any(leaf.pager.closed or (leaf.allocation is not None and leaf.allocation.freed) for leaf in leaves):
             refused.append(index)
-        elif _more_pages_than_the_tier(leaves):
+        elif any(len(pages) > pager.device_tier.capacity_pages for pager, pages in pages_reached(leaves).items()):
             meta = _meta_result(func, index_args, index_kwargs) if func._schema.returns else None
             if _plan_pieces(func, index_args, index_kwargs, meta) is None:
                 refused.append(index)
     return refused
-
-
-def _more_pages_than_the_tier(leaves: list[PagedTensor]) -> bool:
-    """Whether the pages ``leaves`` reach in all (each once, as :func:`~pagedtensor.pieces.pages_reached`
-    counts them, here by runs of pages) are more, on some pager, than its device tier holds: an op on
-    them at once cannot have them resident, whatever else is."""
-    runs: dict[int, list[tuple[int, int, int]]] = {}
-    pagers: dict[int, Any] = {}
-    for leaf in leaves:
-        if leaf.allocation is not None:
-            runs.setdefault(id(leaf.pager), []).append((leaf.allocation.id, *leaf.page_range()))
-            pagers[id(leaf.pager)] = leaf.pager
-    for key, spans in runs.items():
-        reached, allocation, reached_to = 0, None, 0
-        for span_allocation, first, stop in sorted(spans):
-            if span_allocation != allocation:
-                allocation, reached_to = span_allocation, 0
-            reached += max(0, stop - max(first, reached_to))
-            reached_to = max(reached_to, stop)
-        if reached > pagers[key].device_tier.capacity_pages:
-            return True
-    return False
 
 
 class _Pieces(NamedTuple):
