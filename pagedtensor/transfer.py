@@ -19,6 +19,9 @@ Note:
 
 from __future__ import annotations
 
+import ctypes
+import os
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -27,6 +30,22 @@ import torch
 from pagedtensor.tiers.slab_pool import SlabPool
 
 Event = Optional[torch.cuda.Event]
+
+_RECORDED_EVENTS: "weakref.WeakSet[torch.cuda.Event]" = weakref.WeakSet()
+"""Every event :meth:`TransferEngine.record` made that is still referenced, for the fork hook below."""
+
+
+def _keep_events_after_fork_in_child() -> None:
+    """A forked child has no CUDA, and torch's event destructor calls the CUDA runtime through a
+    device guard that throws there, which aborts the process (``terminate called``, exit -6) when
+    the child drops a page's event or exits. The child keeps every event the parent recorded: one
+    more reference each, never released, so no destructor runs in it."""
+    for event in list(_RECORDED_EVENTS):
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(event))
+    _RECORDED_EVENTS.clear()
+
+
+os.register_at_fork(after_in_child=_keep_events_after_fork_in_child)
 
 
 @dataclass(frozen=True)
@@ -165,4 +184,5 @@ class TransferEngine:
             return None
         event = torch.cuda.Event()
         event.record(stream if stream is not None else self.current_stream())
+        _RECORDED_EVENTS.add(event)
         return event
