@@ -634,7 +634,8 @@ class PagedTensor(torch.Tensor):
         version = self._paged.version
         cached = self._materialized
         if cached is not None and cached[0] == version:
-            if not (self._paged.pager.closed or self._paged.allocation.freed):
+            allocation = self._paged.allocation  # (None for an empty tensor: no pages to lose)
+            if not (self._paged.pager.closed or (allocation is not None and allocation.freed)):
                 return cached[1]
             self._materialized = None  # the pages are gone: the copy too, and materialize() below names why
         if in_a_transform_or_mode():

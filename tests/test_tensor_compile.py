@@ -271,6 +271,23 @@ def test_an_empty_view_compiles_and_matches_dense(pager, backend, start):
     assert paged[start:start].untyped_storage().nbytes() == paged.untyped_storage().nbytes() == base.nbytes
 
 
+@pytest.mark.parametrize("shape", [(0,), (5, 0), (0, 64)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_wrapped_empty_tensor_compiles_and_matches_dense(pager, backend, shape):
+    """A PagedTensor wrapped from an empty tensor has no allocation. Dynamo reads its dense form more
+    than once, and the second read (the cached copy's check for freed pages) raised AttributeError
+    on the missing allocation."""
+    base = torch.randn(shape)
+    paged = PagedTensor.wrap(base.clone(), pager)
+    assert paged.allocation is None
+
+    def fn(t):
+        return t.sum(0), t * 2
+
+    got = torch.compile(fn, backend=backend, fullgraph=True)(paged)
+    assert_bitwise(got, fn(base))
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_a_returned_view_in_a_dtype_of_another_item_size_is_refused(pager, backend):
     """torch rebuilds a view of an input returned from an ``aot_eager``/``inductor`` graph from the
