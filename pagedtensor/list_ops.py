@@ -54,7 +54,15 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 import torch
 from torch._ops import OpOverload
 
-from pagedtensor.pieces import flat_piece, may_share_bytes, pages_reached, piece_elements_of, same_view
+from pagedtensor.pieces import (
+    fits_beside_pins,
+    flat_piece,
+    may_share_bytes,
+    pages_reached,
+    piece_elements_of,
+    refuse_without_room_for_new_pages,
+    same_view,
+)
 from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping
 
 _FUSED_STEPS = frozenset({"_fused_adam", "_fused_adamw", "_fused_sgd", "_fused_adagrad", "_amp_foreach_non_finite_check_and_unscale"})
@@ -231,19 +239,24 @@ def _run_by_index(func: OpOverload, args: tuple, kwargs: dict, count: int) -> An
     An op that writes (in place, ``out=``) runs first the indices :func:`_refused_indices` finds refused
     whatever runs before them, lowest first: the first raises its error (the one it raised in its turn)
     before any index is written. (Should one run after all, it has run once, before the others: the
-    indices are independent.)"""
+    indices are independent.) Then, before the first other index, the tiers' room for the pages the
+    op writes that hold no bytes yet, at every index (:func:`~pagedtensor.pieces.refuse_without_room_for_new_pages`):
+    an index past that room would raise after the indices before it were written."""
     returns = func._schema.returns
     carried = {position: r.name.removesuffix("_out") for position, r in enumerate(returns) if not isinstance(r.type, torch.ListType)}
-    order: list[int] = list(range(count))
+    refused: list[int] = []
+    written: list[torch.Tensor] = []
     if not carried and _written_names(func):  # (no op that writes carries a result: each returns nothing)
         refused = _refused_indices(func, args, kwargs, count)
-        if refused:
-            first = set(refused)
-            order = refused + [index for index in order if index not in first]
+        written = list(_written_tensors(func, _written_names(func), args, kwargs))
+    first = set(refused)
+    order = refused + [index for index in range(count) if index not in first]
     results: list[tuple] = [()] * count
     running = _RUNNING_AN_INDEX.set(True)
     try:
-        for index in order:
+        for step, index in enumerate(order):
+            if step == len(refused):  # the refused indices have raised their errors: nothing written yet
+                refuse_without_room_for_new_pages(func, written)
             index_args, index_kwargs = _map_per_index(func, args, kwargs, functools.partial(_at_index, index=index))
             result = func(*index_args, **index_kwargs)
             results[index] = result if len(returns) > 1 else (result,)
@@ -275,8 +288,9 @@ def _refused_indices(func: OpOverload, args: tuple, kwargs: dict, count: int) ->
     """The indices, in order, whose op is refused whatever the indices before it do, found without
     running any: one reaching a PagedTensor of a closed pager (``PagerClosedError``) or of a freed
     allocation (the pager's ``ValueError``), and one whose pages are more than a device tier holds at
-    once and that cannot run in pieces (``DeviceTierFullError``: operands of other layouts, a strided
-    view, a reduction; :func:`_plan_pieces`). Raises torch's error where an index that runs in pieces
+    once beside the pages the calling thread pins (its ``ensure_resident``, which outlasts the op:
+    :func:`~pagedtensor.pieces.fits_beside_pins`) and that cannot run in pieces (``DeviceTierFullError``:
+    operands of other layouts, a strided view, a reduction; :func:`_plan_pieces`). Raises torch's error where an index that runs in pieces
     has a one-element operand sharing a byte with a tensor it writes that torch refuses
     (:func:`_check_overlaps_on_stand_ins`). Reads no page but such an operand's."""
     refused = []
@@ -285,7 +299,7 @@ def _refused_indices(func: OpOverload, args: tuple, kwargs: dict, count: int) ->
         leaves = [t for value in (*index_args, *index_kwargs.values()) for t in _tensors_in(value) if isinstance(t, PagedTensor)]
         if any(leaf.pager.closed or (leaf.allocation is not None and leaf.allocation.freed) for leaf in leaves):
             refused.append(index)
-        elif any(len(pages) > pager.device_tier.capacity_pages for pager, pages in pages_reached(leaves).items()):
+        elif any(not fits_beside_pins(pager, pages) for pager, pages in pages_reached(leaves).items()):
             meta = _meta_result(func, index_args, index_kwargs) if func._schema.returns else None
             if _plan_pieces(func, index_args, index_kwargs, meta) is None:
                 refused.append(index)
@@ -354,10 +368,14 @@ def _plan_pieces(func: OpOverload, args: tuple, kwargs: dict, meta: Any) -> Opti
 
 def _run_one_index_in_pieces(func: OpOverload, args: tuple, kwargs: dict, meta: Any) -> Any:
     """``func`` on one index a piece at a time as :func:`_plan_pieces` plans it; ``NotImplemented``
-    where it plans none. ``meta``: its results on meta stand-ins (:func:`_meta_result`)."""
+    where it plans none. ``meta``: its results on meta stand-ins (:func:`_meta_result`). Where the
+    tiers lack room for the pages it writes that hold no bytes yet, OutOfPagesError before the first
+    piece (:func:`~pagedtensor.pieces.refuse_without_room_for_new_pages`)."""
     plan = _plan_pieces(func, args, kwargs, meta)
     if plan is None:
         return NotImplemented
+    # no room in the tiers for the pages it writes that hold no bytes yet: refused before the first piece
+    refuse_without_room_for_new_pages(func, list(_written_tensors(func, _written_names(func), args, kwargs)))
     args, kwargs = _map_all(func, args, kwargs, lambda name, value: _read_whole(value))
     results = None
     if plan.out_overload is not None:

@@ -214,7 +214,7 @@ def run_in_pieces(func: OpOverload, args: tuple, kwargs: dict, info: "OpInfo") -
     piece_elements = piece_elements_of(tensors)
     if piece_elements is None:
         return NotImplemented
-    _refuse_without_room_for_new_pages(func, target)
+    refuse_without_room_for_new_pages(func, [target])
     piece_elements = _overwrites_fitting_host_room(func, target, piece_elements)
     # One allocation's views are read through one window spanning them, which pieces of views lying
     # apart (``t[:n] + t[n:]``) would fill: each piece reads the views other than its allocation's
@@ -284,30 +284,64 @@ def _overwrites_fitting_host_room(func: OpOverload, target: Any, piece_elements:
     return min(piece_elements, max(1, pages * pager.page_size // target.dtype.itemsize))
 
 
-def _refuse_without_room_for_new_pages(func: OpOverload, target: Any) -> None:
-    """Raise :class:`OutOfPagesError` before any piece runs where ``func`` writes pages of the
-    PagedTensor ``target`` that hold no bytes in any tier (never written, or discarded: they read as
-    zeros) and the pager's tiers lack room for all of them once written (:meth:`Pager.room_for_new_pages`):
-    a piece would fail part-way, the pieces before it written. Pages other threads write meanwhile
-    may still fill the tiers. One step per page the target reaches, no more than a piece's fault."""
-    if not isinstance(target, PagedTensor) or target.allocation is None:
-        return
+def refuse_without_room_for_new_pages(func: OpOverload, written: Sequence[Any]) -> None:
+    """Raise :class:`OutOfPagesError` before anything is written where ``func`` writes pages of the
+    PagedTensors among ``written`` (the views it writes: its target, each index's tensors of a list
+    op, a row scatter's runs of rows) that hold no bytes in any tier (never written, or discarded:
+    they read as zeros) and a pager's tiers lack room for all of them once written
+    (:meth:`Pager.room_for_new_pages`): a piece, part or index would fail part-way, those before it
+    written. Every path that writes in pieces or parts calls this one check first: the elementwise
+    pieces, list ops, row and mask scatters, copies in parts. Each page counts once however many
+    views reach it; a view of a closed pager or a freed allocation is left to the op's own error.
+    Pages other threads write meanwhile may still fill the tiers. One step per page the views reach,
+    no more than a piece's fault."""
     from pagedtensor.dispatch import touched_pages  # the dispatcher imports this module
 
-    pager, pages = target.pager, target.allocation.pages
-    reached = touched_pages(tuple(target.shape), target.stride(), target._offset, target.dtype.itemsize, pager.page_size)
-    new = sum(1 for index in reached if pages[index].device_slot is None and pages[index].host_slot is None and pages[index].disk_slot is None)
-    if not new:
-        return
-    room = pager.room_for_new_pages(new)
-    if room is not None and new > room:
-        config = pager.config
-        raise OutOfPagesError(
-            f"{func}: it writes {new} pages of its PagedTensor that hold no bytes yet (never written, or discarded), but the "
-            f"tiers have room for {room} more pages (vram_limit={config.vram_limit} + host_memory={config.host_memory} bytes"
-            f"{'' if pager.disk_tier is None else ' + the disk tier'}, in pages of {pager.page_size}); nothing was written. "
-            f"Free an allocation, raise host_memory{'' if pager.disk_tier is not None else ', or set nvme_path'}"
+    new: dict[int, tuple["Pager", set[tuple[int, int]]]] = {}  # per pager: (allocation id, page) of the pages holding no bytes
+    for t in written:
+        if not isinstance(t, PagedTensor) or t.allocation is None or t.pager.closed or t.allocation.freed:
+            continue
+        pager, allocation = t.pager, t.allocation
+        pages = allocation.pages
+        reached = touched_pages(tuple(t.shape), t.stride(), t._offset, t.dtype.itemsize, pager.page_size)
+        pager_new = new.setdefault(id(pager), (pager, set()))[1]
+        pager_new.update(
+            (allocation.id, index)
+            for index in reached
+            if pages[index].device_slot is None and pages[index].host_slot is None and pages[index].disk_slot is None
         )
+    for pager, pages_new in new.values():
+        if not pages_new:
+            continue
+        room = pager.room_for_new_pages(len(pages_new))
+        if room is not None and len(pages_new) > room:
+            config = pager.config
+            raise OutOfPagesError(
+                f"{func}: it writes {len(pages_new)} pages of its PagedTensors that hold no bytes yet (never written, or discarded), "
+                f"but the tiers have room for {room} more pages (vram_limit={config.vram_limit} + host_memory={config.host_memory} "
+                f"bytes{'' if pager.disk_tier is None else ' + the disk tier'}, in pages of {pager.page_size}); nothing was written. "
+                f"Free an allocation, raise host_memory{'' if pager.disk_tier is not None else ', or set nvme_path'}"
+            )
+
+
+def fits_beside_pins(pager: "Pager", pages: set[tuple[int, int]]) -> bool:
+    """Whether ``pages`` (``(allocation id, page)`` pairs on ``pager``, each once: :func:`pages_reached`)
+    fit on its device tier at once beside the pages the calling thread pins now (its unreleased
+    ``ensure_resident`` calls, a KV cache's hot pins: :meth:`Pager.pinned_pages`), those pinned among
+    them needing no room of their own. The thread's pins stay until it lets them go, so an op on
+    pages that do not fit beside them cannot run; other threads' pins are let go as their ops end
+    (as :func:`piece_elements_of` counts them)."""
+    capacity = pager.device_tier.capacity_pages
+    if not pager.any_pinned():
+        return len(pages) <= capacity
+    runs: list[tuple[int, int, int]] = []  # (allocation id, start, stop): the pages as runs of consecutive ones
+    for allocation_id, page in sorted(pages):
+        if runs and runs[-1][0] == allocation_id and runs[-1][2] == page:
+            runs[-1] = (allocation_id, runs[-1][1], page + 1)
+        else:
+            runs.append((allocation_id, page, page + 1))
+    pinned, inside = pager.pinned_pages(runs)
+    return len(pages) - inside <= capacity - pinned
 
 
 def _refuse_a_target_overlapping_itself(func: OpOverload, args: tuple, kwargs: dict, target: torch.Tensor) -> None:
@@ -958,11 +992,15 @@ def piece_elements_of(tensors: list[torch.Tensor]) -> Optional[int]:
     beside the thread's pins; other threads' pins are let go as their ops end, and a piece that
     needs their room waits for that (``pin_wait_s``).
 
+    Where the pins leave room for two pages of one allocation but not of each, there is no piece
+    (None), as on a tier of that room without pins: a caller may then go an allocation at a time
+    (``cat`` of two tensors, :func:`~pagedtensor.handlers.parts._larger_than_a_piece`).
+
     Raises:
         DeviceTierFullError: the tier could hold pieces, but the thread's pinned pages leave room for fewer
-            than two pages of each allocation, and the tensors' pages do not fit at once beside
-            them: nothing has been written, and no piece would fit (:class:`NoPieceBesidePins`, which
-            the dispatcher names the op in).
+            than two pages, and the tensors' pages do not fit at once beside them: nothing has been
+            written, and no piece would fit, not even of one allocation (:class:`NoPieceBesidePins`,
+            which the dispatcher names the op in).
     """
     paged = [t for t in tensors if isinstance(t, PagedTensor)]
     allocations: dict[int, set[int]] = {}  # per pager
@@ -1002,6 +1040,10 @@ def _piece_bytes(pager: "Pager", allocations: int, paged: list[PagedTensor], eve
         whole = sum(span_elements(t) * t.dtype.itemsize for t in every)  # elements enough for each, in any dtype
         return max(unpinned_piece, whole * max(t.dtype.itemsize for t in every))
     pages = (capacity - pinned) // allocations - 1
+    if pages < 1 and capacity - pinned - 1 >= 1:
+        # Room for a piece of one allocation, not of each at once: no piece, as on a tier of that
+        # room without pins (a caller may go an allocation at a time: cat, stack).
+        return 0
     if pages < 1 <= unpinned_piece:
         raise NoPieceBesidePins(
             f"device tier: {pinned} of its {capacity} pages are pinned by this thread (its unreleased ensure_resident calls), leaving "

@@ -241,3 +241,109 @@ def test_no_piece_beside_the_threads_pins_names_the_op(name):
         with pager.ensure_resident(other.allocation, 0, 3):
             with pytest.raises(DeviceTierFullError, match=words + r": its PagedTensor arguments need more pages"):
                 op()
+
+
+# Ops writing a whole (48, 256) float32 table (12 pages) by the paths past the tier that write in
+# pieces or parts other than the elementwise pieces: list ops, row and mask scatters, copies in parts.
+# Each takes the table and a plain source of its shape.
+WRITING_NEW_PAGES: dict[str, Callable[[torch.Tensor, torch.Tensor], object]] = {
+    "_foreach_copy_": lambda t, s: torch._foreach_copy_([t], [s]),
+    "_foreach_add_": lambda t, s: torch._foreach_add_([t], [s]),
+    "index_copy_": lambda t, s: t.index_copy_(0, torch.arange(48, device=s.device), s),
+    "t[idx] = v": lambda t, s: t.__setitem__(torch.arange(48, device=s.device), s),
+    "masked_fill_": lambda t, s: t.masked_fill_(torch.ones(48, 256, dtype=torch.bool, device=s.device), 2.0),
+    "masked_scatter_": lambda t, s: t.masked_scatter_(torch.ones(48, 256, dtype=torch.bool, device=s.device), s),
+    "scatter_ dim 0": lambda t, s: t.scatter_(0, torch.arange(48, device=s.device)[:, None].expand(48, 256), s),
+    "scatter_ dim 1": lambda t, s: t.scatter_(1, torch.arange(256, device=s.device).expand(48, 256), s),
+    "cat(out=)": lambda t, s: torch.cat([s[:24], s[24:]], out=t),
+    "stack(out=)": lambda t, s: torch.stack([s[:24], s[24:]], out=t.view(2, 24, 256)),
+    "copy_ transposed": lambda t, s: t.copy_(s.T.contiguous().T),
+    "index_copy_ dim 1": lambda t, s: t.index_copy_(1, torch.arange(256, device=s.device), s),
+    "t[:, idx] = v": lambda t, s: t.__setitem__((slice(None), torch.arange(256, device=s.device)), s),
+    "tril_": lambda t, s: t.tril_(),
+}
+
+
+def discarded_target(device: str, other_pages: int) -> tuple[Pager, PagedTensor, PagedTensor]:
+    """A 12-page table whose pages hold no bytes (discarded: it reads as zeros) on a pager of 4 device
+    and 12 host pages, no disk tier, beside another allocation of ``other_pages`` pages (room for
+    ``16 - other_pages`` new pages): the pager, the table, and that one."""
+    pager = make_pager(device, device_pages=4, host_pages=12)
+    t = PagedTensor.wrap(torch.randn(48, 256, device=device), pager=pager)
+    pager.discard(t.allocation)
+    return pager, t, PagedTensor.wrap(torch.randn(other_pages * 1024, device=device), pager=pager)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("name", sorted(WRITING_NEW_PAGES))
+def test_a_path_writing_in_parts_refuses_new_pages_without_room_before_writing(device, name):
+    """12 pages holding no bytes to write, room for 6 (another allocation of 10 pages): every path
+    that writes in pieces or parts raises OutOfPagesError before its first part, the table holding
+    no page and reading as zeros, its version as it was (list ops, row and mask scatters and
+    ``cat(out=)`` wrote 6 pages, then raised)."""
+    op = WRITING_NEW_PAGES[name]
+    source = torch.randn(48, 256, device=device)
+    pager, t, other = discarded_target(device, other_pages=10)
+    with pager:
+        version = t._version
+        with pytest.raises(OutOfPagesError, match="hold no bytes yet"):
+            op(t, source)
+        held = [page for page in t.allocation.pages if (page.device_slot, page.host_slot, page.disk_slot) != (None, None, None)]
+        assert not held, f"{name}: {len(held)} pages written before the refusal"
+        assert t._version == version
+        del other
+        gc.collect()
+        assert torch.equal(t.materialize(), torch.zeros(48, 256, device=device))
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("name", sorted(WRITING_NEW_PAGES))
+def test_a_path_writing_in_parts_with_room_for_its_new_pages_runs_as_dense(device, name):
+    """The same table with room for 12 new pages (another allocation of 3 pages: 13 free) and no more
+    refused: the op runs, the table equal bit for bit to the dense op's on zeros."""
+    op = WRITING_NEW_PAGES[name]
+    source = torch.randn(48, 256, device=device)
+    pager, t, other = discarded_target(device, other_pages=3)
+    with pager:
+        expected = torch.zeros(48, 256, device=device)
+        op(expected, source)
+        op(t, source)
+        del other
+        gc.collect()
+        assert torch.equal(t.materialize(), expected)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_a_row_scatter_counts_only_the_new_pages_of_the_rows_it_writes(device):
+    """Room for 6 new pages: ``index_copy_`` of 8 rows (2 pages) and ``t[rows] = v`` of 12 rows (3
+    pages) into the discarded table run (only the written rows' pages are new, not its 12), bit for
+    bit as dense."""
+    pager, t, other = discarded_target(device, other_pages=10)
+    with pager:
+        expected = torch.zeros(48, 256, device=device)
+        rows, values = torch.arange(8, 16, device=device), torch.randn(8, 256, device=device)
+        t.index_copy_(0, rows, values)
+        expected.index_copy_(0, rows, values)
+        rows, values = torch.arange(24, 36, device=device), torch.randn(12, 256, device=device)
+        t[rows] = values
+        expected[rows] = values
+        del other
+        gc.collect()
+        assert torch.equal(t.materialize(), expected)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("name", ["cat 1", "cat 0", "stack"])
+def test_cat_beside_the_threads_pins_copies_one_input_at_a_time(device, name):
+    """Two 16-page tensors on an 8-page tier of which this thread pins 5 (3 free: no piece of each at
+    once): ``torch.cat``/``torch.stack`` copy one input at a time, as on a 3-page tier, equal bit for
+    bit to the dense op (it raised DeviceTierFullError)."""
+    op = {"cat 1": lambda a, b: torch.cat([a, b], 1), "cat 0": lambda a, b: torch.cat([a, b]), "stack": lambda a, b: torch.stack([a, b])}[name]
+    a, b = torch.randn(64, 256, device=device), torch.randn(64, 256, device=device)
+    with make_pager(device) as pager:
+        pa, pb = PagedTensor.wrap(a.clone(), pager=pager), PagedTensor.wrap(b.clone(), pager=pager)
+        other = PagedTensor.wrap(torch.randn(32, 256, device=device), pager=pager)
+        with pager.ensure_resident(other.allocation, 0, 5):
+            got = op(pa, pb)
+        assert torch.equal(got, op(a, b))
+        assert torch.equal(pa.materialize(), a) and torch.equal(pb.materialize(), b)

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pagedtensor import MemoryConfig, PagedTensor, Pager
+from pagedtensor import DeviceTierFullError, MemoryConfig, PagedTensor, Pager
 from tests.support import CPU_AND_CUDA
 
 PAGE = 4096
@@ -147,3 +147,34 @@ def test_a_refused_index_anywhere_in_the_list_writes_nothing_and_the_rest_runs_a
         torch._foreach_add_(expected, operands)
         for got, want in zip(snapshot(written), expected):
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("pins", [2, 4])
+def test_an_index_that_does_not_fit_beside_the_threads_pins_is_refused_before_any_index_is_written(pins):
+    """This thread pins ``pins`` of 8 device pages (an ``ensure_resident`` it holds) while
+    ``torch._foreach_add_([x0, x1.T], [y0, y1])`` runs: index 1 (6 pages, operands of two layouts: no
+    run in pieces) fits beside 2 pinned pages, and the op gives the dense bits; beside 4 it does not,
+    and the op raises DeviceTierFullError before index 0 is written (values and versions as they were).
+    Index 1 was compared with the whole tier, not the room beside the pins: index 0 was written first."""
+    generator = torch.Generator().manual_seed(0)
+    x0, y0 = torch.randn(4, 256, generator=generator), torch.randn(4, 256, generator=generator)  # 1 page each
+    x1, y1 = torch.randn(256, 12, generator=generator), torch.randn(12, 256, generator=generator)  # 3 pages each
+    with Pager(MemoryConfig(vram_limit=DEVICE_PAGES * PAGE, host_memory=512 * PAGE, page_size=PAGE, slab_size=512 * PAGE,
+                            prefetch_strategy="none", device="cpu", pin_wait_s=0)) as pager:  # fmt: skip
+        other = PagedTensor.wrap(torch.randn(16, 256, generator=generator), pager)  # 4 pages
+        X0, Y0, X1, Y1 = (PagedTensor.wrap(t.clone(), pager) for t in (x0, y0, x1, y1))
+        versions = [X0._version, X1._version]
+        with pager.ensure_resident(other.allocation, 0, pins):
+            if pins == 4:
+                with pytest.raises(DeviceTierFullError):
+                    torch._foreach_add_([X0, X1.T], [Y0, Y1])
+            else:
+                torch._foreach_add_([X0, X1.T], [Y0, Y1])
+        if pins == 4:
+            assert torch.equal(X0.materialize(), x0) and torch.equal(X1.materialize(), x1)
+            assert [X0._version, X1._version] == versions
+        else:
+            expected = [x0.clone(), x1.clone().T]
+            torch._foreach_add_(expected, [y0, y1])
+            assert torch.equal(X0.materialize(), expected[0]) and torch.equal(X1.materialize(), expected[1].T)
+            assert X0._version > versions[0] and X1._version > versions[1]

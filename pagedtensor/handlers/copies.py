@@ -26,7 +26,7 @@ from pagedtensor.handlers.parts import (
     _plain_copy,
     copy_in_parts,
 )
-from pagedtensor.pieces import broadcast_shape, elements_apart, piece_elements_of, resize_out_as
+from pagedtensor.pieces import broadcast_shape, elements_apart, piece_elements_of, refuse_without_room_for_new_pages, resize_out_as
 from pagedtensor.tensor import PagedTensor, meta_layout, meta_like
 
 
@@ -81,6 +81,7 @@ def copy_in_parts_of_any_layouts(func: OpOverload, types: tuple, args: tuple, kw
             readable = source.layout == torch.strided and _cut_in_parts(target)  # on any device: each part's copy_ moves it
         if not readable or not _copies_in_parts([target]) or not elements_apart(tuple(target.shape), target.stride()):
             raise  # (a target reaching an element twice: torch's overlap error, from the dense op)
+        refuse_without_room_for_new_pages(func, [target])  # before the first part
         _copy_into_paged_in_parts(target, source.expand(target.shape))
         return target
 
@@ -160,6 +161,7 @@ def concatenate_into_out_in_pieces(func: OpOverload, types: tuple, args: tuple, 
             # inputs' one memory format (the meta kernel does not restride)
             memory_format = _concatenated_memory_format(func, tensors, dim)
             resize_out_as(out, torch.empty(layout.shape, device="meta", memory_format=memory_format))
+        refuse_without_room_for_new_pages(func, [out])  # each slice is a copy of its own: before the first
         slices = _stacked_slices(out, tensors, dim) if func is aten.stack.out else _concatenated_slices(out, tensors, dim)
         for target, source in slices:
             copy_in_parts(target, source)

@@ -16,7 +16,7 @@ from torch._prims_common import make_contiguous_strides_for
 from pagedtensor.dispatch import DISPATCHER, _OpTooLarge, aten, implements, resize_refused
 from pagedtensor.handlers.parts import Narrowing, _copies_in_parts, _larger_than_a_piece, _narrowed, _parts, _plain_copy
 from pagedtensor.errors import OutOfPagesError
-from pagedtensor.pieces import _raise_torchs_error_on_stand_ins, piece_elements_of, resize_out_as
+from pagedtensor.pieces import _raise_torchs_error_on_stand_ins, piece_elements_of, refuse_without_room_for_new_pages, resize_out_as
 from pagedtensor.tensor import PagedTensor, meta_like
 
 
@@ -368,6 +368,7 @@ def reduce_into_out(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -
             if values is None:
                 raise too_large
             values = values if isinstance(values, tuple) else (values,)
+        refuse_without_room_for_new_pages(func, outs)  # each output is a copy of its own: before the first
         for out, meta, value in zip(outs, metas, values):
             resize_out_as(out, meta)  # torch's resize of an out= tensor of another shape, with its warning's text
             out.copy_(value)

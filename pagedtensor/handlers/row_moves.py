@@ -57,7 +57,7 @@ from pagedtensor.handlers.row_gathers import (
     _stand_in_of_rows,
     run_into_out,
 )
-from pagedtensor.pieces import elements_apart
+from pagedtensor.pieces import elements_apart, refuse_without_room_for_new_pages
 from pagedtensor.tensor import PagedTensor, element_span, meta_like
 
 RowMoves = Callable[[int, int], list[tuple[int, int, int]]]
@@ -369,6 +369,7 @@ def _triangle_in_pieces(func: OpOverload, table: PagedTensor, diagonal: int) -> 
     if not elements_apart(table.shape, table.stride()) or not _runs_in_row_pieces(permuted):
         return False
     piece = _triangle_piece(func, order, diagonal)
+    refuse_without_room_for_new_pages(func, [table])  # every piece of rows is written: before the first
     n, count = permuted.shape[0], _rows_a_piece(permuted)
     for start in range(0, n, count):
         stop = min(n, start + count)

@@ -27,7 +27,7 @@ from pagedtensor.handlers.row_gathers import (
     _rows_can_be_copied,
     _rows_compacted,
 )
-from pagedtensor.pieces import one_element_stand_in, piece_elements_of
+from pagedtensor.pieces import one_element_stand_in, piece_elements_of, refuse_without_room_for_new_pages
 from pagedtensor.tensor import PagedTensor, dense_and_non_overlapping, plain_copy
 
 
@@ -163,6 +163,7 @@ def scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> A
     rest = [None if index is None else index.expand(places_shape).reshape(-1) for index in request.rest]
     order = torch.argsort(flat, stable=True)  # index places by row, each row's in the index's order
     by_row = flat[order]
+    refuse_without_room_for_new_pages(func, [request.table.narrow(0, lo, hi - lo) for lo, hi in runs])  # before the first run
     for lo, hi in runs:
         first, stop = torch.searchsorted(by_row, torch.tensor([lo, hi], device=by_row.device)).tolist()
         places = order[first:stop].sort().values  # the run's places, in the index's order
@@ -391,6 +392,7 @@ def _put_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: dict) 
                            f"result of shape {result_shape}")  # fmt: skip
     by_row = values.dim() == len(result_shape) and values.shape[0] == rows != 1
     func(stand_in, indices, values[:1] if by_row else values)  # dtypes, bounds: torch's errors, no page read
+    refuse_without_room_for_new_pages(func, [table])  # every piece of rows is written: before the first
     for lo in range(0, rows, count):
         hi = min(rows, lo + count)
         func(table[lo:hi], indices, values[lo:hi] if by_row else values)
@@ -451,6 +453,7 @@ def _index_op_a_piece_of_rows_at_a_time(func: OpOverload, args: tuple, kwargs: d
     func(_overlapping_stand_in(table), dim, index, source, **options)  # torch's checks and errors; no page read
     if not filling and (source.dim() != table.dim() or source.shape[0] != table.shape[0]):
         return NotImplemented
+    refuse_without_room_for_new_pages(func, [table])  # every piece of rows is written: before the first
     rows = table.shape[0]
     for lo in range(0, rows, count):
         hi = min(rows, lo + count)
@@ -828,6 +831,7 @@ def renorm_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dict) -> An
     runs = _runs_of_rows(table, torch.unique(rows))
     if runs is None:
         return DISPATCHER.run_paged(func, types, args, kwargs)
+    refuse_without_room_for_new_pages(func, [table.narrow(0, lo, hi - lo) for lo, hi in runs])  # before the first run
     for lo, hi in runs:
         in_run = (rows >= lo) & (rows < hi)
         local = torch.where(values[in_run] < 0, values[in_run] + rows_total - hi, values[in_run] - lo)
@@ -881,6 +885,7 @@ def masked_scatter_rows(func: OpOverload, types: tuple, args: tuple, kwargs: dic
         return DISPATCHER.run_paged(func, types, args, kwargs)
     starts = torch.cumsum(per_row, 0) - per_row  # the source element each row's marks begin at
     flat = source.reshape(-1)
+    refuse_without_room_for_new_pages(func, [table.narrow(0, lo, hi - lo) for lo, hi in runs])  # before the first run
     for lo, hi in runs:
         begin, end = int(starts[lo]), int(starts[hi - 1] + per_row[hi - 1])
         DISPATCHER.run_paged(func, types, (table.narrow(0, lo, hi - lo), marks.narrow(0, lo, hi - lo), flat[begin:end]), {})
@@ -964,11 +969,14 @@ def scatter_elements(func: OpOverload, types: tuple, args: tuple, kwargs: dict) 
         return DISPATCHER.run_paged(func, types, args, kwargs)
     if dim == 0:
         rows, renumbered = torch.unique(given, sorted=True, return_inverse=True)
+        runs = _runs_of_rows(table, rows)  # the runs the write-back's index_copy_ writes: checked before the rows are read
+        refuse_without_room_for_new_pages(func, [table] if runs is None else [table.narrow(0, lo, hi - lo) for lo, hi in runs])
         with table._paged.write_lock:  # from the read of the rows to their write-back: writers take turns
             compact = _rows_compacted(table, rows)
             func(compact, 0, renumbered.reshape(index.shape).to(index.device), source, *reduction, **kwargs)
             aten.index_copy_.default(table, 0, rows.to(table.device), compact)
         return table
+    refuse_without_room_for_new_pages(func, [table.narrow(0, 0, index.shape[0])])  # its pieces of rows: before the first
     for lo in range(0, index.shape[0], count):
         hi = min(index.shape[0], lo + count)
         piece_source = source[lo:hi] if isinstance(source, torch.Tensor) and source.dim() > 0 else source
