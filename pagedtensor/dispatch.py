@@ -94,6 +94,7 @@ import contextlib
 import functools
 import math
 import threading
+import time
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -110,7 +111,7 @@ from pagedtensor.errors import DeviceTierFullError, OutOfPagesError, PagerClosed
 from pagedtensor.interrupts import deferring, pager_call
 from pagedtensor.list_ops import bump_written_versions, refuse_inference_writes, run_list_op
 from pagedtensor.outside_transforms import below_transforms_and_modes, in_a_transform_or_mode
-from pagedtensor.pager import Pager, ResidentPages, WrittenPages
+from pagedtensor.pager import Pager, PinnedByWaitingThreads, ResidentPages, WrittenPages
 from pagedtensor.pieces import NoPieceBesidePins, _raise_torchs_error_on_stand_ins, is_elementwise, pages_reached, run_in_pieces, small_stand_in
 from pagedtensor.tensor import (
     MATERIALIZE,
@@ -534,13 +535,21 @@ class PagedDispatcher:
                 opened.append(group)
         except OutOfPagesError as error:
             _release_all(opened)
-            if isinstance(error, SlabAllocationError):  # the machine's memory, not the op's size: raised as it is
-                raise
-            apart = None if discard or group_of_leaf is not None else _groups_apart(groups)
-            if apart is not None:
-                apart_groups, group_of_leaf = apart
-                return self._run_in_windows(func, info, args, kwargs, leaves, written, apart_groups, discard, group_of_leaf)
-            raise _too_many_pages(func, error) from error
+            if isinstance(error, PinnedByWaitingThreads) and opened:
+                # A later window refused while other threads, each waiting for room, pin the tier
+                # (hold-and-wait): every window again after a wait, or the refusal to raise (none open).
+                # (``error``, not a name of its own: the handler's end drops it, no frame-traceback cycle.)
+                failed = len(opened)
+                opened.clear()
+                error = _open_windows_after_waits(list(order), failed, discard, error, opened)
+            if error is not None:
+                if isinstance(error, SlabAllocationError):  # the machine's memory, not the op's size: raised as it is
+                    raise error
+                apart = None if discard or group_of_leaf is not None else _groups_apart(groups)
+                if apart is not None:
+                    apart_groups, group_of_leaf = apart
+                    return self._run_in_windows(func, info, args, kwargs, leaves, written, apart_groups, discard, group_of_leaf)
+                raise _too_many_pages(func, error) from error
         except BaseException:
             _release_all(opened)
             raise
@@ -983,6 +992,63 @@ class _Window:
     def release(self, dirty: Iterable[int] = ()) -> None:
         """Unpin the pages (``dirty``: the pages written); see :meth:`ResidentPages.release`."""
         self.resident.release(dirty=dirty if dirty else False)
+
+
+def _open_windows_after_waits(
+    order: list[_Group], failed: int, discard: dict[int, list[int]], error: PinnedByWaitingThreads, opened: list[_Group],
+) -> Optional[OutOfPagesError]:  # fmt: skip
+    """Open the windows of ``order`` (appending each to ``opened``) once more, after the first try
+    opened them up to window ``failed``, which was refused with ``error``, and let them go.
+
+    The refusal came because other threads pin the device tier, each waiting for room itself:
+    thread 1 holding its op's first window and waiting for room for its second, thread 2 the same,
+    each would wait for the other for ever (hold-and-wait), and the pager refused the last to come.
+    Let go, the other thread's op goes on; this one waits for a release on the refused window's
+    pager (:meth:`Pager.wait_to_pin_again`, at once where the windows fit now) and opens every
+    window again, first among the requests of other threads until it has. Refused so again, it
+    lets go and waits again, up to ``pin_wait_s`` after the first refusal in all.
+
+    Returns None with every window open, else the refusal to raise, nothing open: where this
+    thread's own pins leave the windows too little room, no other thread's pins may go, or the
+    time is up (any other refusal of a window: that one)."""
+    started = error.since
+    last = len(order) - 1
+    try:
+        while True:
+            pager = order[failed].storage.pager
+            ranges = [
+                (group.storage.allocation.id, group.lo // group.storage.allocation.page_size,
+                 -(-group.hi // group.storage.allocation.page_size))
+                for group in order if group.storage.pager is pager
+            ]  # fmt: skip
+            deadline = started + pager.config.pin_wait_s
+            try:
+                if not pager.wait_to_pin_again(ranges, deadline):
+                    if time.monotonic() >= deadline:
+                        return DeviceTierFullError(f"{error}; waited {time.monotonic() - started:.3f} s for other threads' pins")
+                    return error
+                for index, group in enumerate(order):
+                    group.window = _Window(group.storage, group.lo, group.hi, discard.get(id(group.storage), ()), group.private,
+                                           prefetch=index == last)  # fmt: skip
+                    opened.append(group)
+                return None
+            except PinnedByWaitingThreads as refused:  # another thread took the room meanwhile: let go, wait again
+                _release_all(opened)
+                failed = len(opened)
+                opened.clear()
+                error = refused
+            except OutOfPagesError as refused:
+                _release_all(opened)
+                opened.clear()
+                return refused
+            except BaseException:
+                _release_all(opened)
+                opened.clear()
+                raise
+            finally:
+                pager.done_pinning_again()
+    finally:
+        error = None  # noqa: F841 - returned or raised already: no frame-traceback cycle keeping the op's tensors
 
 
 def _release_windows(groups: Sequence[_Group]) -> None:

@@ -404,6 +404,19 @@ class ResidentPages:
 _LIVE_PAGERS: "weakref.WeakSet[Pager]" = weakref.WeakSet()
 
 
+class PinnedByWaitingThreads(DeviceTierFullError):
+    """:meth:`Pager.ensure_resident`'s DeviceTierFullError where the pages that would make room are
+    pinned by other threads that each wait for pins themselves, so it did not wait for them. An op
+    that pinned other windows before this request (a hold-and-wait: each thread holding one window
+    and waiting for room for the next) lets go of them, waits for a release and pins them all again
+    (:meth:`Pager.wait_to_pin_again`). ``since``: when the request was first refused
+    (``time.monotonic()``), from which such retries wait up to ``pin_wait_s`` in all."""
+
+    def __init__(self, message: str, since: float) -> None:
+        super().__init__(message)
+        self.since = since
+
+
 # The threads waiting for pins, on any pager, by the pager each waits on (each also in that
 # pager's ``_pin_waiters``): a thread whose request waits on one pager's pins may hold pins on
 # another (:func:`_may_let_pins_go`). Changed under the lock of the pager waited on (dict operations,
@@ -1495,24 +1508,33 @@ class Pager:
                     started = time.monotonic() if started is None else started
                     if waited:  # a try after a wake failed: woken again, but not let go first
                         self._no_priority.add(threading.get_ident())
-                    if self._wait_for_other_threads_pins(started + self.config.pin_wait_s, letting_go=pinned):
+                    outcome = self._wait_for_other_threads_pins(started + self.config.pin_wait_s, letting_go=pinned)
+                    if outcome:
                         waited = True
                         continue
+                    message = f"{error}; waited {time.monotonic() - started:.3f} s for other threads' pins" if waited else str(error)
+                    if outcome is None:  # every holder waits itself: a caller holding other pins may let them go and retry
+                        raise PinnedByWaitingThreads(message, started) from None
                     if not waited:
                         raise
-                    raise DeviceTierFullError(f"{error}; waited {time.monotonic() - started:.3f} s for other threads' pins") from None
+                    raise DeviceTierFullError(message) from None
         finally:
             if waited:
                 self._no_priority.discard(threading.get_ident())
 
-    def _wait_for_other_threads_pins(self, deadline: float, letting_go: Optional[tuple[Allocation, int, int]] = None) -> bool:
+    def _wait_for_other_threads_pins(
+        self, deadline: float, letting_go: Optional[tuple[Allocation, int, int]] = None, keep_priority: bool = False,
+    ) -> Optional[bool]:  # fmt: skip
         """Wait (under the lock, which the wait lets go) until a thread lets pins go, the pager
-        frees pages or closes, or ``deadline`` (``time.monotonic()``) passes; False without waiting
-        where no wait can help: this thread pins more pages than the tier holds, no other living
-        thread pins pages, or every such thread waits too (all waiting on each other's pins would
-        never end: this one raises, and its caller's pins go). Raises if the pager was closed meanwhile.
-        ``letting_go`` (allocation, start, stop): a pin of this thread's request let go for the
-        wait and taken again after it (also where it raises).
+        frees pages or closes, or ``deadline`` (``time.monotonic()``) passes; True after the wait.
+        False without waiting where no wait can help: this thread pins more pages than the tier
+        holds, no other living thread pins pages, or the deadline has passed; None where every
+        such thread waits too (all waiting on each other's pins would never end: this one raises,
+        and its caller's pins go: :class:`PinnedByWaitingThreads`). Raises if the pager was closed
+        meanwhile. ``letting_go`` (allocation, start, stop): a pin of this thread's request let go
+        for the wait and taken again after it (also where it raises). ``keep_priority``: woken by
+        a release, this thread stays among those other requests let go first until it calls
+        :meth:`done_pinning_again` (it pins several windows next, not one request under the lock).
 
         Stream order: none; a wait is on the host."""
         self._check_open()
@@ -1524,16 +1546,19 @@ class Pager:
         # Announced before looking: two threads looking at once, each under another pager's lock,
         # each see the other waiting (both raise), where neither might (both waiting for nothing).
         _THREADS_WAITING_FOR_PINS[me] = self
+        held_by_waiters = False
         if others:
             alive = {thread.ident for thread in threading.enumerate()}
+            others = [owner for owner in others if owner in alive]
             # A holder that waits for pins itself, on this pager or another, lets go only if a
             # holder it waits for may (:func:`_may_let_pins_go`).
             seen = {me}
-            others = [owner for owner in others if owner in alive and _may_let_pins_go(owner, me, alive, seen)]
+            held_by_waiters = bool(others)
+            others = [owner for owner in others if _may_let_pins_go(owner, me, alive, seen)]
         remaining = deadline - time.monotonic()
         if not others or remaining <= 0:
             _THREADS_WAITING_FOR_PINS.pop(me, None)
-            return False
+            return None if held_by_waiters and remaining > 0 else False
         if letting_go is not None:
             allocation, start, stop = letting_go
             waiting = self._waiting_requests
@@ -1542,6 +1567,7 @@ class Pager:
             # Not waking the other waiters: each let go of its own for its wait (woken, they would
             # wake each other in turn until the deadline); a release wakes them all.
             self._count_pins(me, allocation, start, stop, -1, wake=False)
+        self._give_up_priority(me)
         self._pin_waiters.add(me)
         try:
             with interruptible():  # Ctrl-C raises at once here (a wait of up to pin_wait_s)
@@ -1553,7 +1579,11 @@ class Pager:
                 # (a zero-filled slot until that holder's release): waited for, as before the pin.
                 self._wait_for_other_threads_overwrites(allocation, start, stop)
         finally:
-            self._done_waiting(me)
+            if keep_priority:  # waits no more, but stays woken until done_pinning_again
+                self._pin_waiters.discard(me)
+                _THREADS_WAITING_FOR_PINS.pop(me, None)
+            else:
+                self._done_waiting(me)
             if letting_go is not None:
                 _pin(allocation.pins, start, stop)
                 self._count_pins(me, allocation, start, stop, 1)
@@ -1589,6 +1619,7 @@ class Pager:
             if now >= deadline:
                 raise RuntimeError(f"pages {busy[0].index}..{busy[-1].index} of allocation {allocation.id} are being overwritten "
                                    f"by another thread, whose holder was not released within pin_wait_s={self.config.pin_wait_s} s")
+            self._give_up_priority(me)
             self._pin_waiters.add(me)  # a release wakes the waiters
             _THREADS_WAITING_FOR_PINS[me] = self
             try:
@@ -1619,6 +1650,55 @@ class Pager:
             woken.discard(me)
             if not woken and self._held_back:
                 self._unpinned.notify_all()
+
+    def _give_up_priority(self, me: int) -> None:
+        """Before this thread waits (under the lock): where it is still among the woken threads that
+        other requests let go first (:meth:`wait_to_pin_again` keeps it there while it pins its
+        windows), it is no more, and the requests held back for it go on. Held back, they could
+        hold the pins this wait is for."""
+        woken = self._woken
+        if woken and me in woken:
+            woken.discard(me)
+            if not woken and self._held_back:
+                self._unpinned.notify_all()
+
+    @pager_call
+    def wait_to_pin_again(self, ranges: Sequence[tuple[int, int, int]], deadline: float) -> bool:
+        """For an op that let go of the windows it had pinned because a later one was refused with
+        :class:`PinnedByWaitingThreads`: wait (the lock let go) until another thread lets pins go,
+        or ``deadline`` (``time.monotonic()``) passes, before it pins ``ranges`` (``(allocation id,
+        start, stop)``: its windows' pages on this pager) again. Each op holding one window and
+        waiting for room for the next, the threads would wait on each other for ever; let go, the
+        other thread's op goes on, and its release wakes this one. No wait where the ranges fit
+        beside every thread's pins now. Woken by a release, this thread is let go first by other
+        threads' requests (:meth:`_let_woken_waiters_go_first`) until it calls
+        :meth:`done_pinning_again`, which it must (in a ``finally``): so they do not take the room
+        back between its windows.
+
+        Returns False where no wait can help, for the caller to raise its refusal: this thread's
+        own pins leave too little room for the ranges, no other living thread holds pins that it
+        may let go, or the deadline has passed.
+
+        Raises:
+            PagerClosedError: the pager is closed (also by another thread during the wait).
+        """
+        with self._lock:
+            self._check_open()
+            me = threading.get_ident()
+            capacity = self.device_tier.capacity_pages
+            pinned = [key[1:] for key in self._pinned_ranges]
+            if _distinct_pages([key[1:] for key in self._pinned_ranges if key[0] == me] + list(ranges)) > capacity:
+                return False
+            if _distinct_pages(pinned + list(ranges)) <= capacity:
+                return True  # room beside every pin now (a holder let go meanwhile): no wait
+            return bool(self._wait_for_other_threads_pins(deadline, keep_priority=True))
+
+    @pager_call
+    def done_pinning_again(self) -> None:
+        """After :meth:`wait_to_pin_again` (whatever it returned, and whether the windows were
+        pinned or not): other threads' requests no longer let this one go first."""
+        with self._lock:
+            self._done_waiting(threading.get_ident())
 
     def _let_woken_waiters_go_first(self) -> None:
         """Wait (under the lock, which the wait lets go) until the threads a release of pins woke have

@@ -855,8 +855,9 @@ def test_threads_waiting_on_each_others_pins_across_two_pagers_do_not_wait_for_n
     op: each op pins its first operand, a whole device tier, and needs the other's, which the other
     thread may pin. Each pager counted only its own waiters, so it took the other thread, waiting on
     the other pager, for a holder that may let go: both waited the whole pin_wait_s (found by a
-    helper's probe). As on one pager, the last to come raises at once and the other goes on; every
-    op that went through added its operand (one that raised partway, its first pieces)."""
+    helper's probe). As on one pager, the last to come is refused at once and the other goes on (the
+    refused op lets go of its first window, waits for a release and tries again); every op that went
+    through added its operand (one that raised partway, its first pieces)."""
     from pagedtensor import PagedTensor
 
     wait_s, run_s = 6.0, 2.0
@@ -941,3 +942,46 @@ def test_a_request_waits_for_a_holder_that_waits_on_another_pager_for_a_working_
     for each in (first, second):
         assert not each._pinned_ranges
         each.close()
+
+
+@pytest.mark.parametrize("op", ["add_", "mul_"])
+def test_two_operand_ops_past_the_tier_in_two_threads_both_finish(op: str) -> None:
+    """Two threads each run an in-place op of two operands past the device tier (``a.add_(b)``,
+    ``a.mul_(b)``) on their own tensors of one pager. Each piece opens one window per operand in
+    turn: thread 1 held a piece of ``a`` and waited for room for ``b``, thread 2 held one of ``c``
+    and waited for ``d``; the pager found each waiting on the other and the last raised
+    DeviceTierFullError at once, often after writing its first pieces (hold-and-wait). An op whose
+    later window is refused so now lets go of those it opened, waits for a release and opens them
+    all again: both threads finish, with plain torch's values."""
+    from pagedtensor import PagedTensor
+
+    config = MemoryConfig(page_size=PAGE, vram_limit=16 * PAGE, host_memory=512 * PAGE, slab_size=512 * PAGE, prefetch_strategy="none",
+                          device="cpu", pin_wait_s=10.0)  # fmt: skip
+    with Pager(config) as pager:
+        g = torch.Generator().manual_seed(0)
+        plain = [(torch.randn(640, 64, generator=g), torch.randn(640, 64, generator=g)) for _ in range(2)]  # 40 pages each
+        paged = [(PagedTensor.wrap(a.clone(), pager), PagedTensor.wrap(b.clone(), pager)) for a, b in plain]
+        barrier = threading.Barrier(2)
+        errors: list[str] = []
+
+        def work(index: int) -> None:
+            (a, b), (pa, pb) = plain[index], paged[index]
+            barrier.wait()
+            for round in range(10):
+                try:
+                    getattr(pa, op)(pb)
+                except Exception as error:  # noqa: BLE001 - reported below
+                    errors.append(f"thread {index}, round {round}: {type(error).__name__}: {error}")
+                    return
+                getattr(a, op)(b)
+
+        threads = [threading.Thread(target=work, args=(index,), daemon=True) for index in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(JOIN_TIMEOUT_S)
+        assert not any(thread.is_alive() for thread in threads), "deadlock:\n" + thread_stacks(threads)
+        assert not errors, errors
+        for (a, b), (pa, pb) in zip(plain, paged):
+            assert torch.equal(pa.materialize(), a) and torch.equal(pb.materialize(), b)
+        assert not pager._pinned_ranges and not pager._woken and not pager._pin_waiters
