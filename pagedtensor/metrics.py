@@ -43,8 +43,10 @@ class PagerMetrics:
     def __init__(
         self, registry: Optional[CollectorRegistry] = None, namespace: str = "pagedllm", resident_bytes: Optional[ResidentBytes] = None
     ) -> None:
-        if registry is not None and not (callable(getattr(registry, "register", None)) and callable(getattr(registry, "unregister", None))):
-            raise TypeError(f"registry: expected a prometheus_client CollectorRegistry or None, got {type(registry).__name__}")
+        if registry is not None and (isinstance(registry, type)  # the class, not a registry: its methods are plain functions
+                                     or not (callable(getattr(registry, "register", None)) and callable(getattr(registry, "unregister", None)))):  # fmt: skip
+            got = f"the class {registry.__name__} (pass an instance)" if isinstance(registry, type) else type(registry).__name__
+            raise TypeError(f"registry: expected a prometheus_client CollectorRegistry or None, got {got}")
         self.registry = registry if registry is not None else CollectorRegistry()
         self.values: dict[str, int] = dict.fromkeys(COUNTER_HELP, 0)
         self.namespace = namespace

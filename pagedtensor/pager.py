@@ -992,6 +992,8 @@ class Pager:
         """
         with self._lock:
             self._check_open()
+            if isinstance(allocations, (Allocation, str, bytes)) or not isinstance(allocations, Iterable):
+                raise TypeError(f"allocations: expected a sequence of Allocations, got {type(allocations).__name__}")
             batch = list(dict.fromkeys(allocations))  # each once (allocations compare by identity)
             for allocation in batch:
                 self._check_allocation(allocation)

@@ -1881,6 +1881,20 @@ def test_a_closed_pager_frees_its_metric_names_and_a_bad_registry_is_named():
         assert pager.metrics.registry is registry
     with pytest.raises(TypeError, match="registry"):
         Pager(config, registry="x")
+    # The class, not an instance: its register is a plain function, which raised prometheus_client's
+    # "missing 1 required positional argument" naming neither the argument nor the value.
+    with pytest.raises(TypeError, match=r"registry: expected a prometheus_client CollectorRegistry or None, got the class CollectorRegistry"):
+        Pager(config, registry=CollectorRegistry)
+
+
+@pytest.mark.parametrize("allocations", ["one", None, 3, "text"])
+def test_prefetch_together_names_an_argument_that_is_not_a_sequence_of_allocations(allocations):
+    """An Allocation, None or an int raised a bare "'Allocation' object is not iterable"."""
+    config = MemoryConfig(vram_limit=4 * PAGE, host_memory=4 * PAGE, page_size=PAGE, device="cpu")
+    with Pager(config) as pager:
+        value = pager.allocate(PAGE) if allocations == "one" else allocations
+        with pytest.raises(TypeError, match=r"allocations: expected a sequence of Allocations, got (Allocation|NoneType|int|str)"):
+            pager.prefetch_together(value)
 
 
 def _faults_per_pass(pager: Pager, allocations: list, passes: int) -> list[int]:
