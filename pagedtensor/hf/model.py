@@ -349,12 +349,12 @@ def _install(
     setattr(model, STATE_ATTRIBUTE, state)
     model.generate = _paged_generate(weakref.ref(model), state)
     model.__reduce_ex__ = _refuse_to_copy_or_save  # pickle and deepcopy look it up on the instance first
-    from transformers import PreTrainedModel
+    if page_weights:
+        from transformers import PreTrainedModel
 
-    # Also without paged layer weights: a weight the user wrapped on the pager saves dense too.
-    for module in model.modules():  # the model and each PreTrainedModel in it (its decoder, model.model, saves alone too)
-        if module is model or isinstance(module, PreTrainedModel):
-            module.save_pretrained = DenseSavePretrained(module, bound_weakly(module.save_pretrained, module))
+        for module in model.modules():  # the model and each PreTrainedModel in it (its decoder, model.model, saves alone too)
+            if module is model or isinstance(module, PreTrainedModel):
+                module.save_pretrained = DenseSavePretrained(module, bound_weakly(module.save_pretrained, module))
 
 
 def _alive(refs: list) -> list:
@@ -441,9 +441,8 @@ def cache_keyword(model: torch.nn.Module) -> str:
 
 
 class DenseSavePretrained:
-    """``save_pretrained`` of a paged model (with paged weights or not: a weight the user wrapped on
-    its pager), and of each ``PreTrainedModel`` in it (its decoder, ``model.model``), set on each by
-    :func:`_install`: the state dict it saves holds dense CPU
+    """``save_pretrained`` of a model with paged weights, and of each ``PreTrainedModel`` in it (its
+    decoder, ``model.model``), set on each by :func:`_install`: the state dict it saves holds dense CPU
     copies of the PagedTensors (read through the pager), so the files load anywhere, without
     pagedtensor; so does a ``state_dict`` passed in. (transformers tells tensors apart by their
     storage, which every PagedTensor's wrapper shares, and would refuse them as shared tensors;

@@ -141,20 +141,6 @@ def test_save_pretrained_with_paged_weights_writes_dense_files(nvme_dir, tmp_pat
             assert torch.equal(reloaded.state_dict()[name], tensor), f"{folder}: {name}"
 
 
-def test_save_pretrained_without_paged_weights_writes_a_hand_paged_weight_dense(nvme_dir, tmp_path):
-    """A model paged with ``page_weights=False`` (the KV cache only) holding a PagedTensor weight the
-    user put there (an embedding wrapped on the model's pager) raised from ``PagedTensor.data_ptr`` in
-    ``save_pretrained``: the dense save was installed only with ``page_weights=True``."""
-    reference, paged = tiny_pair("llama")
-    enable_paging(paged, tiny_budget(nvme_dir, vram_pages=24, host_pages=16))
-    embeddings = paged.model.embed_tokens
-    embeddings.weight = torch.nn.Parameter(PagedTensor.wrap(embeddings.weight.detach(), paging_state(paged).pager), requires_grad=False)
-    paged.save_pretrained(tmp_path / "saved")
-    reloaded = type(reference).from_pretrained(tmp_path / "saved").eval()
-    for name, tensor in reference.state_dict().items():
-        assert torch.equal(reloaded.state_dict()[name], tensor), name
-
-
 def test_save_pretrained_with_paged_weights_takes_a_state_dict_by_position(nvme_dir, tmp_path):
     """``save_pretrained(path, True, state_dict)``, transformers' order: the wrapper took ``state_dict``
     by keyword only and passed its own beside the positional one ("got multiple values for argument
