@@ -141,6 +141,40 @@ def test_save_pretrained_with_paged_weights_writes_dense_files(nvme_dir, tmp_pat
             assert torch.equal(reloaded.state_dict()[name], tensor), f"{folder}: {name}"
 
 
+def test_without_paged_weights_save_pretrained_stays_transformers_own(nvme_dir, tmp_path):
+    """With ``page_weights=False`` no weight is paged, and ``save_pretrained`` stays transformers'
+    own: a temporary copy of the decoder saves in one expression (the dense save, holding its
+    module weakly, raised ReferenceError there), and a module without ``save_pretrained`` (a
+    wrapper around a PreTrainedModel) is paged and generates as unpaged (it raised AttributeError)."""
+    from safetensors.torch import load_file
+
+    reference, paged = tiny_pair("llama")
+    enable_paging(paged, tiny_budget(nvme_dir))
+    assert "save_pretrained" not in vars(paged)
+    copy.deepcopy(paged.model).save_pretrained(tmp_path / "copy")
+    expected = reference.model.state_dict()
+    got = load_file(tmp_path / "copy" / "model.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[name], expected[name]) for name in expected)
+
+    class Wrapper(torch.nn.Module):  # generate and config, no save_pretrained
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+        def generate(self, *args, **kwargs):
+            return self.inner.generate(*args, **kwargs)
+
+    reference, inner = tiny_pair("llama")
+    wrapper = Wrapper(inner)
+    enable_paging(wrapper, tiny_budget(nvme_dir))
+    ids, mask = prompts(1)
+    assert torch.equal(wrapper.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False),
+                       reference.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False))
+
+
 def test_save_pretrained_with_paged_weights_takes_a_state_dict_by_position(nvme_dir, tmp_path):
     """``save_pretrained(path, True, state_dict)``, transformers' order: the wrapper took ``state_dict``
     by keyword only and passed its own beside the positional one ("got multiple values for argument
