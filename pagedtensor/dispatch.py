@@ -98,7 +98,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Collection, Iterable, Optional, Sequence, Union
 
 import torch
 from torch._C import DispatchKey
@@ -528,11 +528,7 @@ class PagedDispatcher:
         try:
             if len(groups) > 1 and group_of_leaf is None:  # (windows apart may share a page, pinned once)
                 _refuse_windows_past_the_tier(groups.values())
-            last = len(groups) - 1
-            for index, group in enumerate(order):  # only the last window prefetches: see Pager.ensure_resident
-                group.window = _Window(group.storage, group.lo, group.hi, discard.get(id(group.storage), ()), group.private,
-                                       prefetch=index == last)  # fmt: skip
-                opened.append(group)
+            _open_windows(order, discard, opened)
         except OutOfPagesError as error:
             _release_all(opened)
             if isinstance(error, PinnedByWaitingThreads) and opened:
@@ -994,6 +990,17 @@ class _Window:
         self.resident.release(dirty=dirty if dirty else False)
 
 
+def _open_windows(order: Collection[_Group], discard: dict[int, list[int]], opened: list[_Group]) -> None:
+    """Open (pin) each group's window in ``order``, appending each to ``opened`` as it opens (for the
+    caller to release where a later one is refused). Only the last window prefetches: see
+    :meth:`Pager.ensure_resident`'s ``prefetch``."""
+    last = len(order) - 1
+    for index, group in enumerate(order):
+        group.window = _Window(group.storage, group.lo, group.hi, discard.get(id(group.storage), ()), group.private,
+                               prefetch=index == last)  # fmt: skip
+        opened.append(group)
+
+
 def _open_windows_after_waits(
     order: list[_Group], failed: int, discard: dict[int, list[int]], error: PinnedByWaitingThreads, opened: list[_Group],
 ) -> Optional[OutOfPagesError]:  # fmt: skip
@@ -1012,7 +1019,6 @@ def _open_windows_after_waits(
     thread's own pins leave the windows too little room, no other thread's pins may go, or the
     time is up (any other refusal of a window: that one)."""
     started = error.since
-    last = len(order) - 1
     try:
         while True:
             pager = order[failed].storage.pager
@@ -1027,10 +1033,7 @@ def _open_windows_after_waits(
                     if time.monotonic() >= deadline:
                         return DeviceTierFullError(f"{error}; waited {time.monotonic() - started:.3f} s for other threads' pins")
                     return error
-                for index, group in enumerate(order):
-                    group.window = _Window(group.storage, group.lo, group.hi, discard.get(id(group.storage), ()), group.private,
-                                           prefetch=index == last)  # fmt: skip
-                    opened.append(group)
+                _open_windows(order, discard, opened)
                 return None
             except PinnedByWaitingThreads as refused:  # another thread took the room meanwhile: let go, wait again
                 _release_all(opened)
